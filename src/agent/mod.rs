@@ -1,0 +1,125 @@
+//! The storage calls the controller makes on a node, as one trait. All-in-one holds the in-process
+//! implementation ([`LocalAgent`]); split mode holds a remote client. The controller never knows which.
+
+use std::sync::Arc;
+
+use crate::storage::engine::{CapacityRange, Condition, LocalEngine, NewVolume, PoolStatus};
+use crate::storage::id::{NodeId, SnapshotId, VolumeId};
+use crate::storage::record::{SnapshotRecord, VolumeRecord};
+use crate::storage::StorageError;
+
+#[tonic::async_trait]
+pub trait Agent: Send + Sync {
+    fn node(&self) -> &NodeId;
+    async fn create_volume(&self, req: NewVolume) -> Result<VolumeRecord, StorageError>;
+    async fn delete_volume(&self, id: VolumeId) -> Result<(), StorageError>;
+    async fn expand_volume(&self, id: VolumeId, range: CapacityRange) -> Result<VolumeRecord, StorageError>;
+    async fn volume(&self, id: VolumeId) -> Result<Option<(VolumeRecord, Condition)>, StorageError>;
+    /// Every volume with its condition, in volume-id order.
+    async fn volumes(&self) -> Result<Vec<(VolumeRecord, Condition)>, StorageError>;
+    /// The volume created under a CSI name, in any pool of the node.
+    async fn volume_named(&self, name: String) -> Result<Option<VolumeRecord>, StorageError>;
+    /// The snapshot created under a CSI name, in any pool of the node.
+    async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError>;
+    async fn create_snapshot(&self, name: String, source: VolumeId) -> Result<SnapshotRecord, StorageError>;
+    async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError>;
+    async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError>;
+    async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError>;
+}
+
+/// The node's own engine, called in-process. Disk work runs on the blocking pool so slow copies
+/// never stall other calls.
+pub struct LocalAgent {
+    engine: Arc<LocalEngine>,
+}
+
+impl LocalAgent {
+    pub fn new(engine: Arc<LocalEngine>) -> Self {
+        LocalAgent { engine }
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&LocalEngine) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let engine = self.engine.clone();
+        match tokio::task::spawn_blocking(move || f(&engine)).await {
+            Ok(r) => r,
+            Err(e) => Err(StorageError::Sys(crate::sys::SysError::io(
+                "storage task",
+                "",
+                std::io::Error::other(e.to_string()),
+            ))),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for LocalAgent {
+    fn node(&self) -> &NodeId {
+        self.engine.node()
+    }
+
+    async fn create_volume(&self, req: NewVolume) -> Result<VolumeRecord, StorageError> {
+        self.blocking(move |e| e.create_volume(req)).await
+    }
+
+    async fn delete_volume(&self, id: VolumeId) -> Result<(), StorageError> {
+        self.blocking(move |e| e.delete_volume(&id)).await
+    }
+
+    async fn expand_volume(&self, id: VolumeId, range: CapacityRange) -> Result<VolumeRecord, StorageError> {
+        self.blocking(move |e| e.expand_volume(&id, range)).await
+    }
+
+    async fn volume(&self, id: VolumeId) -> Result<Option<(VolumeRecord, Condition)>, StorageError> {
+        self.blocking(move |e| Ok(e.volume(&id).map(|r| (r, e.condition(&id)))))
+            .await
+    }
+
+    async fn volumes(&self) -> Result<Vec<(VolumeRecord, Condition)>, StorageError> {
+        self.blocking(|e| Ok(e.volumes_with_condition())).await
+    }
+
+    async fn volume_named(&self, name: String) -> Result<Option<VolumeRecord>, StorageError> {
+        Ok(self.engine.volume_named(&name))
+    }
+
+    async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError> {
+        Ok(self.engine.snapshot_named(&name))
+    }
+
+    async fn create_snapshot(&self, name: String, source: VolumeId) -> Result<SnapshotRecord, StorageError> {
+        self.blocking(move |e| e.create_snapshot(&name, &source)).await
+    }
+
+    async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError> {
+        self.blocking(move |e| e.delete_snapshot(&id)).await
+    }
+
+    async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError> {
+        Ok(self.engine.snapshots())
+    }
+
+    async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError> {
+        self.blocking(|e| e.pool_status()).await
+    }
+}
+
+/// The nodes the controller can reach, by node id.
+pub trait Directory: Send + Sync {
+    fn agent(&self, node: &NodeId) -> Option<Arc<dyn Agent>>;
+    fn agents(&self) -> Vec<Arc<dyn Agent>>;
+}
+
+/// All-in-one: exactly one node, in-process.
+pub struct SingleNode(pub Arc<dyn Agent>);
+
+impl Directory for SingleNode {
+    fn agent(&self, node: &NodeId) -> Option<Arc<dyn Agent>> {
+        (self.0.node() == node).then(|| self.0.clone())
+    }
+    fn agents(&self) -> Vec<Arc<dyn Agent>> {
+        vec![self.0.clone()]
+    }
+}

@@ -1,0 +1,264 @@
+//! `cellar csi bench`: the per-RPC latency and throughput of a driver's volume lifecycle.
+//!
+//! Optionally publishes `--background` volumes first (not measured) so that the measured calls run
+//! on a node that already carries many mounts, as a busy node does.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use tonic::transport::Channel;
+
+use crate::csi::v1::controller_client::ControllerClient;
+use crate::csi::v1::node_client::NodeClient;
+use crate::csi::v1::volume_capability::access_mode::Mode;
+use crate::csi::v1::*;
+
+use super::{mount_capability, parse_size};
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Volumes driven through the measured lifecycle.
+    #[arg(long, default_value_t = 200)]
+    pub volumes: usize,
+    /// Concurrent clients (the volumes are split between them).
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Volumes created, staged and published before measuring, and cleaned up after.
+    #[arg(long, default_value_t = 0)]
+    pub background: usize,
+    /// Where staging and target directories are made (a fresh directory under it is used).
+    #[arg(long, default_value = "/tmp")]
+    pub work_dir: PathBuf,
+    #[arg(long, default_value = "64M")]
+    pub size: String,
+    /// A StorageClass parameter for every volume, key=value (repeatable).
+    #[arg(long = "param", value_parser = super::key_value)]
+    pub params: Vec<(String, String)>,
+    /// The driver's pid: its peak RSS (VmHWM) is reported.
+    #[arg(long)]
+    pub driver_pid: Option<u32>,
+    /// Prefix of the volume names (so parallel runs do not collide).
+    #[arg(long, default_value = "bench")]
+    pub prefix: String,
+}
+
+const STEPS: [&str; 6] = [
+    "CreateVolume",
+    "NodeStageVolume",
+    "NodePublishVolume",
+    "NodeUnpublishVolume",
+    "NodeUnstageVolume",
+    "DeleteVolume",
+];
+
+#[derive(Clone)]
+struct Lifecycle {
+    ctl: ControllerClient<Channel>,
+    node: NodeClient<Channel>,
+    dir: PathBuf,
+    size: i64,
+    params: std::collections::HashMap<String, String>,
+}
+
+impl Lifecycle {
+    fn paths(&self, name: &str) -> (String, String) {
+        let base = self.dir.join(name);
+        (
+            base.join("staging").display().to_string(),
+            base.join("target").display().to_string(),
+        )
+    }
+
+    fn cap() -> VolumeCapability {
+        mount_capability(Mode::SingleNodeWriter, vec![])
+    }
+
+    async fn up(&mut self, name: &str, times: &mut [Vec<Duration>; 6]) -> Result<String, String> {
+        let (staging, target) = self.paths(name);
+        std::fs::create_dir_all(&staging).map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        let vol = self
+            .ctl
+            .create_volume(CreateVolumeRequest {
+                name: name.to_string(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: self.size,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![Self::cap()],
+                parameters: self.params.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| format!("CreateVolume {name}: {s}"))?
+            .into_inner()
+            .volume
+            .ok_or("CreateVolume returned no volume")?;
+        times[0].push(t.elapsed());
+        let id = vol.volume_id;
+        let t = Instant::now();
+        self.node
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging.clone(),
+                volume_capability: Some(Self::cap()),
+                volume_context: vol.volume_context.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| format!("NodeStageVolume {id}: {s}"))?;
+        times[1].push(t.elapsed());
+        let t = Instant::now();
+        self.node
+            .node_publish_volume(NodePublishVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging,
+                target_path: target,
+                volume_capability: Some(Self::cap()),
+                volume_context: vol.volume_context,
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| format!("NodePublishVolume {id}: {s}"))?;
+        times[2].push(t.elapsed());
+        Ok(id)
+    }
+
+    async fn down(&mut self, name: &str, id: &str, times: &mut [Vec<Duration>; 6]) -> Result<(), String> {
+        let (staging, target) = self.paths(name);
+        let t = Instant::now();
+        self.node
+            .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                volume_id: id.to_string(),
+                target_path: target,
+            })
+            .await
+            .map_err(|s| format!("NodeUnpublishVolume {id}: {s}"))?;
+        times[3].push(t.elapsed());
+        let t = Instant::now();
+        self.node
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: id.to_string(),
+                staging_target_path: staging.clone(),
+            })
+            .await
+            .map_err(|s| format!("NodeUnstageVolume {id}: {s}"))?;
+        times[4].push(t.elapsed());
+        let t = Instant::now();
+        self.ctl
+            .delete_volume(DeleteVolumeRequest {
+                volume_id: id.to_string(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| format!("DeleteVolume {id}: {s}"))?;
+        times[5].push(t.elapsed());
+        let _ = std::fs::remove_dir(&staging);
+        let _ = std::fs::remove_dir(self.dir.join(name));
+        Ok(())
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+pub async fn run(channel: Channel, a: BenchArgs) -> Result<(), String> {
+    let dir = a.work_dir.join(format!("cellar-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let base = Lifecycle {
+        ctl: ControllerClient::new(channel.clone()),
+        node: NodeClient::new(channel),
+        dir: dir.clone(),
+        size: parse_size(&a.size)?,
+        params: a.params.iter().cloned().collect(),
+    };
+    let result = measure(&base, &a).await;
+    let _ = std::fs::remove_dir(Path::new(&dir));
+    result
+}
+
+async fn measure(base: &Lifecycle, a: &BenchArgs) -> Result<(), String> {
+    let mut bg = base.clone();
+    let mut bg_ids = Vec::new();
+    let mut scratch: [Vec<Duration>; 6] = Default::default();
+    for i in 0..a.background {
+        let name = format!("{}-bg-{i}", a.prefix);
+        bg_ids.push((name.clone(), bg.up(&name, &mut scratch).await?));
+    }
+    eprintln!(
+        "{} background volumes published; measuring {} volumes with {} clients",
+        a.background, a.volumes, a.concurrency
+    );
+
+    let clients = a.concurrency.max(1);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let mut lc = base.clone();
+        let names: Vec<String> = (0..a.volumes)
+            .filter(|i| i % clients == c)
+            .map(|i| format!("{}-{i}", a.prefix))
+            .collect();
+        tasks.push(tokio::spawn(async move {
+            let mut times: [Vec<Duration>; 6] = Default::default();
+            for name in names {
+                let id = lc.up(&name, &mut times).await?;
+                lc.down(&name, &id, &mut times).await?;
+            }
+            Ok::<_, String>(times)
+        }));
+    }
+    let mut all: [Vec<Duration>; 6] = Default::default();
+    for t in tasks {
+        let times = t.await.map_err(|e| e.to_string())??;
+        for (acc, mut v) in all.iter_mut().zip(times) {
+            acc.append(&mut v);
+        }
+    }
+    let wall = start.elapsed();
+
+    for (name, id) in &bg_ids {
+        bg.down(name, id, &mut scratch).await?;
+    }
+
+    let ops: usize = all.iter().map(Vec::len).sum();
+    println!("rpc                      count    p50_ms    p99_ms");
+    for (step, v) in STEPS.iter().zip(all.iter_mut()) {
+        v.sort();
+        println!(
+            "{step:<24} {:>5} {:>9.3} {:>9.3}",
+            v.len(),
+            percentile(v, 0.50).as_secs_f64() * 1e3,
+            percentile(v, 0.99).as_secs_f64() * 1e3
+        );
+    }
+    println!(
+        "total: {ops} rpcs in {:.3} s = {:.0} rpc/s, {:.1} volume lifecycles/s ({} clients, {} background volumes)",
+        wall.as_secs_f64(),
+        ops as f64 / wall.as_secs_f64(),
+        a.volumes as f64 / wall.as_secs_f64(),
+        clients,
+        a.background
+    );
+    if let Some(pid) = a.driver_pid {
+        match peak_rss_kib(pid) {
+            Some(k) => println!("driver peak RSS (VmHWM): {:.1} MiB", k as f64 / 1024.0),
+            None => println!("driver peak RSS: pid {pid} not readable"),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,531 @@
+//! The Controller service: validates requests, picks the node and pool, and routes each call to the
+//! agent of the node that owns the volume.
+
+pub mod page;
+pub mod request;
+
+use std::sync::Arc;
+
+use prost_types::Timestamp;
+use tonic::{Request, Response, Status};
+
+use crate::agent::{Agent, Directory};
+use crate::csi::caps;
+use crate::csi::status::missing;
+use crate::csi::v1::controller_server::Controller;
+use crate::csi::v1::controller_service_capability::{rpc, Rpc, Type as CapType};
+use crate::csi::v1::*;
+use crate::server::traced;
+use crate::storage::engine::{Condition, NewVolume};
+use crate::storage::id::{NodeId, SnapshotId, VolumeId};
+use crate::storage::record::{ContentSource, SnapshotRecord, VolumeRecord};
+
+pub struct ControllerService {
+    pub directory: Arc<dyn Directory>,
+}
+
+/// What this controller offers. GET_SNAPSHOT is served but not advertised: csi-sanity v5.4 rejects
+/// the capability, and nothing in Kubernetes needs it.
+pub const CAPABILITIES: &[rpc::Type] = &[
+    rpc::Type::CreateDeleteVolume,
+    rpc::Type::ListVolumes,
+    rpc::Type::GetCapacity,
+    rpc::Type::CreateDeleteSnapshot,
+    rpc::Type::ListSnapshots,
+    rpc::Type::CloneVolume,
+    rpc::Type::ExpandVolume,
+    rpc::Type::VolumeCondition,
+    rpc::Type::GetVolume,
+    rpc::Type::SingleNodeMultiWriter,
+];
+
+fn csi_volume(r: &VolumeRecord, node: &NodeId) -> Volume {
+    use volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let content_source = r.source.as_ref().map(|s| VolumeContentSource {
+        r#type: Some(match s {
+            ContentSource::Snapshot(id) => Type::Snapshot(SnapshotSource {
+                snapshot_id: id.clone(),
+            }),
+            ContentSource::Volume(id) => Type::Volume(VolumeSource { volume_id: id.clone() }),
+        }),
+    });
+    let pool = VolumeId::parse(&r.id)
+        .map(|id| id.0.pool.as_str().to_string())
+        .unwrap_or_default();
+    Volume {
+        capacity_bytes: r.capacity_bytes as i64,
+        volume_id: r.id.clone(),
+        volume_context: [
+            ("pool".to_string(), pool),
+            ("layout".to_string(), r.layout.as_str().to_string()),
+        ]
+        .into(),
+        content_source,
+        accessible_topology: vec![request::node_topology(node)],
+    }
+}
+
+fn csi_snapshot(r: &SnapshotRecord) -> Snapshot {
+    Snapshot {
+        size_bytes: r.size_bytes as i64,
+        snapshot_id: r.id.clone(),
+        source_volume_id: r.source_volume_id.clone(),
+        creation_time: Some(Timestamp {
+            seconds: r.created_unix_secs,
+            nanos: r.created_nanos,
+        }),
+        ready_to_use: true,
+        group_snapshot_id: String::new(),
+    }
+}
+
+fn csi_condition(c: &Condition) -> VolumeCondition {
+    VolumeCondition {
+        abnormal: c.abnormal,
+        message: c.message.clone(),
+    }
+}
+
+impl ControllerService {
+    fn agent_of(&self, node: Option<&NodeId>) -> Option<Arc<dyn Agent>> {
+        node.and_then(|n| self.directory.agent(n))
+    }
+
+    async fn create(&self, r: CreateVolumeRequest) -> Result<CreateVolumeResponse, Status> {
+        if r.name.is_empty() {
+            return Err(missing("name"));
+        }
+        let capabilities = caps::capabilities(&r.volume_capabilities)?;
+        let (mode, access_modes, fs_type) = caps::summarize(&capabilities)?;
+        let params = request::volume_params(&r.parameters)?;
+        if let Some(k) = r.mutable_parameters.keys().next() {
+            return Err(Status::invalid_argument(format!(
+                "mutable parameter '{k}' is not supported: this driver has no mutable parameters yet"
+            )));
+        }
+        let capacity = request::capacity(r.capacity_range.as_ref())?;
+        let source = request::source(r.volume_content_source.as_ref())?;
+        let spec = NewVolume {
+            name: r.name.clone(),
+            pool: params.pool,
+            layout: params.layout,
+            capacity,
+            mode,
+            access_modes,
+            fs_type,
+            parameters: params.all,
+            source: source.clone(),
+        };
+
+        // A name already taken anywhere answers for itself: the same request gets the same volume.
+        for agent in self.directory.agents() {
+            if let Some(existing) = agent.volume_named(r.name.clone()).await? {
+                let existing_pool = VolumeId::parse(&existing.id).map(|id| id.0.pool).ok();
+                let mut spec = spec;
+                match (&spec.pool, existing_pool) {
+                    (Some(asked), Some(has)) if *asked != has => {
+                        return Err(Status::already_exists(format!(
+                            "volume '{}' already exists in pool '{}', not '{}'",
+                            r.name,
+                            has.as_str(),
+                            asked.as_str()
+                        )))
+                    }
+                    (None, has) => spec.pool = has,
+                    _ => {}
+                }
+                let rec = agent.create_volume(spec).await?;
+                return Ok(CreateVolumeResponse {
+                    volume: Some(csi_volume(&rec, agent.node())),
+                });
+            }
+        }
+
+        let nodes: Vec<NodeId> = match &source {
+            // A copy is made where its source lives.
+            Some(s) => {
+                let owner = match s {
+                    crate::storage::engine::Source::Snapshot(id) => id.0.node(),
+                    crate::storage::engine::Source::Volume(id) => id.0.node(),
+                };
+                match self.agent_of(owner) {
+                    Some(a) => vec![a.node().clone()],
+                    None => return Err(Status::not_found("the content source is not on any known node")),
+                }
+            }
+            None => self.directory.agents().iter().map(|a| a.node().clone()).collect(),
+        };
+        let ranked = request::rank_nodes(r.accessibility_requirements.as_ref(), &nodes);
+        let Some(node) = ranked.first() else {
+            return Err(Status::resource_exhausted(
+                "no node in the requisite topology can hold this volume (or its content source is elsewhere)",
+            ));
+        };
+        let agent = self
+            .directory
+            .agent(node)
+            .ok_or_else(|| Status::unavailable(format!("node {} is not reachable", node.as_str())))?;
+        let rec = agent.create_volume(spec).await?;
+        Ok(CreateVolumeResponse {
+            volume: Some(csi_volume(&rec, agent.node())),
+        })
+    }
+
+    /// The agent owning a volume id that came from outside, or NOT_FOUND.
+    fn volume_owner(&self, raw: &str) -> Result<(VolumeId, Arc<dyn Agent>), Status> {
+        let id = VolumeId::parse(raw).map_err(|_| Status::not_found(format!("volume {raw} not found")))?;
+        let agent = self
+            .agent_of(id.0.node())
+            .ok_or_else(|| Status::not_found(format!("volume {raw} not found (no such node)")))?;
+        Ok((id, agent))
+    }
+
+    async fn all_volumes(&self) -> Result<Vec<(VolumeRecord, Condition, NodeId)>, Status> {
+        let mut all = Vec::new();
+        for a in self.directory.agents() {
+            for (r, c) in a.volumes().await? {
+                all.push((r, c, a.node().clone()));
+            }
+        }
+        all.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        Ok(all)
+    }
+
+    async fn all_snapshots(&self) -> Result<Vec<SnapshotRecord>, Status> {
+        let mut all = Vec::new();
+        for a in self.directory.agents() {
+            all.extend(a.snapshots().await?);
+        }
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(all)
+    }
+}
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Result<Response<CreateVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let name = r.name.clone();
+        traced("CreateVolume", &name, self.create(r)).await.map(Response::new)
+    }
+
+    async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
+        let r = req.into_inner();
+        traced("DeleteVolume", &r.volume_id, async {
+            if r.volume_id.is_empty() {
+                return Err(missing("volume_id"));
+            }
+            // An id that is not ours, or names no node we know, has nothing here to delete.
+            if let Ok((id, agent)) = self.volume_owner(&r.volume_id) {
+                agent.delete_volume(id).await?;
+            }
+            Ok(DeleteVolumeResponse {})
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        _: Request<ControllerPublishVolumeRequest>,
+    ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "cellar volumes need no attach step: ControllerPublishVolume is not offered",
+        ))
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        _: Request<ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "cellar volumes need no detach step: ControllerUnpublishVolume is not offered",
+        ))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        req: Request<ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        let r = req.into_inner();
+        traced("ValidateVolumeCapabilities", &r.volume_id, async {
+            if r.volume_id.is_empty() {
+                return Err(missing("volume_id"));
+            }
+            if r.volume_capabilities.is_empty() {
+                return Err(missing("volume_capabilities"));
+            }
+            let (id, agent) = self.volume_owner(&r.volume_id)?;
+            let Some((rec, _)) = agent.volume(id).await? else {
+                return Err(Status::not_found(format!("volume {} not found", r.volume_id)));
+            };
+            let wanted = caps::capabilities(&r.volume_capabilities)?;
+            let refused = wanted
+                .iter()
+                .find(|c| c.mode != rec.mode || !c.access.served_by_local_pool());
+            if let Some(c) = refused {
+                return Ok(ValidateVolumeCapabilitiesResponse {
+                    confirmed: None,
+                    message: format!(
+                        "volume {} is a {:?} volume on a local pool; it cannot serve {:?} with access {:?}",
+                        rec.id, rec.mode, c.mode, c.access
+                    ),
+                });
+            }
+            Ok(ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(validate_volume_capabilities_response::Confirmed {
+                    volume_context: r.volume_context.clone(),
+                    volume_capabilities: r.volume_capabilities.clone(),
+                    parameters: r.parameters.clone(),
+                    mutable_parameters: Default::default(),
+                }),
+                message: String::new(),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn list_volumes(&self, req: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
+        let r = req.into_inner();
+        traced("ListVolumes", "", async {
+            let all = self.all_volumes().await?;
+            let (items, next_token) = page::page(all, |(v, _, _)| v.id.as_str(), &r.starting_token, r.max_entries)?;
+            let entries = items
+                .into_iter()
+                .map(|(v, c, node)| list_volumes_response::Entry {
+                    volume: Some(csi_volume(&v, &node)),
+                    status: Some(list_volumes_response::VolumeStatus {
+                        published_node_ids: vec![],
+                        volume_condition: Some(csi_condition(&c)),
+                    }),
+                })
+                .collect();
+            Ok(ListVolumesResponse { entries, next_token })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn get_capacity(&self, req: Request<GetCapacityRequest>) -> Result<Response<GetCapacityResponse>, Status> {
+        let r = req.into_inner();
+        traced("GetCapacity", "", async {
+            let params = request::volume_params(&r.parameters)?;
+            let wanted = r
+                .volume_capabilities
+                .iter()
+                .map(caps::capability)
+                .collect::<Result<Vec<_>, _>>()?;
+            if wanted.iter().any(|c| !c.access.served_by_local_pool()) {
+                return Ok(GetCapacityResponse::default()); // no local pool can serve these modes
+            }
+            let mut total: u64 = 0;
+            let mut largest: u64 = 0;
+            for agent in self.directory.agents() {
+                let on_node = r
+                    .accessible_topology
+                    .as_ref()
+                    .and_then(request::topology_node)
+                    .is_none_or(|n| n == agent.node().as_str());
+                if !on_node {
+                    continue;
+                }
+                for p in agent.pools().await? {
+                    let pool_ok = match &params.pool {
+                        Some(name) => *name == p.name,
+                        None => true,
+                    };
+                    let layout_ok = params.layout.is_none_or(|l| p.layouts.contains(&l));
+                    if pool_ok && layout_ok {
+                        total = total.saturating_add(p.available_bytes);
+                        largest = largest.max(p.available_bytes);
+                    }
+                }
+            }
+            Ok(GetCapacityResponse {
+                available_capacity: total.min(i64::MAX as u64) as i64,
+                maximum_volume_size: Some(largest.min(i64::MAX as u64) as i64),
+                minimum_volume_size: None,
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+        let capabilities = CAPABILITIES
+            .iter()
+            .map(|t| ControllerServiceCapability {
+                r#type: Some(CapType::Rpc(Rpc { r#type: *t as i32 })),
+            })
+            .collect();
+        Ok(Response::new(ControllerGetCapabilitiesResponse { capabilities }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<CreateSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let name = r.name.clone();
+        traced("CreateSnapshot", &name, async {
+            if r.name.is_empty() {
+                return Err(missing("name"));
+            }
+            if r.source_volume_id.is_empty() {
+                return Err(missing("source_volume_id"));
+            }
+            request::snapshot_params(&r.parameters)?;
+            let (source, agent) = self.volume_owner(&r.source_volume_id)?;
+            for a in self.directory.agents() {
+                if let Some(existing) = a.snapshot_named(r.name.clone()).await? {
+                    if existing.source_volume_id != r.source_volume_id {
+                        return Err(Status::already_exists(format!(
+                            "snapshot '{}' already exists for volume {}, not {}",
+                            r.name, existing.source_volume_id, r.source_volume_id
+                        )));
+                    }
+                }
+            }
+            let rec = agent.create_snapshot(r.name.clone(), source).await?;
+            Ok(CreateSnapshotResponse {
+                snapshot: Some(csi_snapshot(&rec)),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        traced("DeleteSnapshot", &r.snapshot_id, async {
+            if r.snapshot_id.is_empty() {
+                return Err(missing("snapshot_id"));
+            }
+            if let Ok(id) = SnapshotId::parse(&r.snapshot_id) {
+                if let Some(agent) = self.agent_of(id.0.node()) {
+                    agent.delete_snapshot(id).await?;
+                }
+            }
+            Ok(DeleteSnapshotResponse {})
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        let r = req.into_inner();
+        traced("ListSnapshots", &r.snapshot_id, async {
+            let mut all = self.all_snapshots().await?;
+            if !r.snapshot_id.is_empty() {
+                all.retain(|s| s.id == r.snapshot_id);
+            }
+            if !r.source_volume_id.is_empty() {
+                all.retain(|s| s.source_volume_id == r.source_volume_id);
+            }
+            let (items, next_token) = page::page(all, |s| s.id.as_str(), &r.starting_token, r.max_entries)?;
+            Ok(ListSnapshotsResponse {
+                entries: items
+                    .iter()
+                    .map(|s| list_snapshots_response::Entry {
+                        snapshot: Some(csi_snapshot(s)),
+                    })
+                    .collect(),
+                next_token,
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn get_snapshot(&self, req: Request<GetSnapshotRequest>) -> Result<Response<GetSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        traced("GetSnapshot", &r.snapshot_id, async {
+            if r.snapshot_id.is_empty() {
+                return Err(missing("snapshot_id"));
+            }
+            let not_found = || Status::not_found(format!("snapshot {} not found", r.snapshot_id));
+            let id = SnapshotId::parse(&r.snapshot_id).map_err(|_| not_found())?;
+            let agent = self.agent_of(id.0.node()).ok_or_else(not_found)?;
+            let snap = agent
+                .snapshots()
+                .await?
+                .into_iter()
+                .find(|s| s.id == r.snapshot_id)
+                .ok_or_else(not_found)?;
+            Ok(GetSnapshotResponse {
+                snapshot: Some(csi_snapshot(&snap)),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        req: Request<ControllerExpandVolumeRequest>,
+    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        let r = req.into_inner();
+        traced("ControllerExpandVolume", &r.volume_id, async {
+            if r.volume_id.is_empty() {
+                return Err(missing("volume_id"));
+            }
+            let Some(range) = r.capacity_range.as_ref() else {
+                return Err(missing("capacity_range"));
+            };
+            let range = request::capacity(Some(range))?;
+            let (id, agent) = self.volume_owner(&r.volume_id)?;
+            let rec = agent.expand_volume(id, range).await?;
+            Ok(ControllerExpandVolumeResponse {
+                capacity_bytes: rec.capacity_bytes as i64,
+                // A dir volume has nothing to grow on the node.
+                node_expansion_required: false,
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn controller_get_volume(
+        &self,
+        req: Request<ControllerGetVolumeRequest>,
+    ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
+        let r = req.into_inner();
+        traced("ControllerGetVolume", &r.volume_id, async {
+            if r.volume_id.is_empty() {
+                return Err(missing("volume_id"));
+            }
+            let (id, agent) = self.volume_owner(&r.volume_id)?;
+            let Some((rec, cond)) = agent.volume(id).await? else {
+                return Err(Status::not_found(format!("volume {} not found", r.volume_id)));
+            };
+            Ok(ControllerGetVolumeResponse {
+                volume: Some(csi_volume(&rec, agent.node())),
+                status: Some(controller_get_volume_response::VolumeStatus {
+                    published_node_ids: vec![],
+                    volume_condition: Some(csi_condition(&cond)),
+                }),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        _: Request<ControllerModifyVolumeRequest>,
+    ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "ControllerModifyVolume is not offered: no layout of this version has mutable parameters",
+        ))
+    }
+}

@@ -1,0 +1,166 @@
+//! Parsing of Controller requests into typed values: parameters, capacity, topology, sources.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tonic::Status;
+
+use crate::csi::status::invalid;
+use crate::csi::v1::{self, Topology, TopologyRequirement};
+use crate::csi::TOPOLOGY_NODE_KEY;
+use crate::storage::engine::{CapacityRange, Source};
+use crate::storage::id::{NodeId, PoolName, SnapshotId, VolumeId};
+use crate::storage::record::Layout;
+
+/// StorageClass parameters we understand.
+pub const PARAM_POOL: &str = "pool";
+pub const PARAM_LAYOUT: &str = "layout";
+/// Keys the Kubernetes sidecars add (PVC/PV names with --extra-create-metadata); kept, not interpreted.
+const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
+
+#[derive(Debug, Clone, Default)]
+pub struct VolumeParams {
+    pub pool: Option<PoolName>,
+    pub layout: Option<Layout>,
+    /// Every parameter as given, so a repeated request can be compared with the first.
+    pub all: BTreeMap<String, String>,
+}
+
+pub fn volume_params(p: &HashMap<String, String>) -> Result<VolumeParams, Status> {
+    let mut out = VolumeParams {
+        all: p.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        ..Default::default()
+    };
+    for (k, v) in p {
+        match k.as_str() {
+            PARAM_POOL => out.pool = Some(PoolName::parse(v).map_err(|e| invalid(format!("parameter pool: {e}")))?),
+            PARAM_LAYOUT => {
+                out.layout = Some(
+                    Layout::parse(v)
+                        .ok_or_else(|| invalid(format!("parameter layout '{v}' is unknown (known: dir, btrfs, image)")))?,
+                )
+            }
+            k if k.starts_with(SIDECAR_PREFIX) => {}
+            other => {
+                return Err(invalid(format!(
+                    "unknown parameter '{other}' (known: {PARAM_POOL}, {PARAM_LAYOUT}, and the {SIDECAR_PREFIX}* keys of the sidecars)"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Snapshot parameters: only the sidecars' metadata keys are accepted.
+pub fn snapshot_params(p: &HashMap<String, String>) -> Result<(), Status> {
+    match p.keys().find(|k| !k.starts_with(SIDECAR_PREFIX)) {
+        Some(k) => Err(invalid(format!(
+            "unknown snapshot parameter '{k}' (snapshots take no parameters)"
+        ))),
+        None => Ok(()),
+    }
+}
+
+pub fn capacity(r: Option<&v1::CapacityRange>) -> Result<CapacityRange, Status> {
+    let Some(r) = r else {
+        return Ok(CapacityRange::default());
+    };
+    if r.required_bytes < 0 || r.limit_bytes < 0 {
+        return Err(Status::out_of_range(format!(
+            "capacity must not be negative (required {}, limit {})",
+            r.required_bytes, r.limit_bytes
+        )));
+    }
+    Ok(CapacityRange {
+        required: r.required_bytes as u64,
+        limit: r.limit_bytes as u64,
+    })
+}
+
+/// A content source; an ID that is not ours cannot exist here, so it is NOT_FOUND.
+pub fn source(s: Option<&v1::VolumeContentSource>) -> Result<Option<Source>, Status> {
+    use v1::volume_content_source::Type;
+    match s.and_then(|s| s.r#type.as_ref()) {
+        None => Ok(None),
+        Some(Type::Snapshot(s)) => SnapshotId::parse(&s.snapshot_id)
+            .map(|id| Some(Source::Snapshot(id)))
+            .map_err(|_| Status::not_found(format!("source snapshot {} not found", s.snapshot_id))),
+        Some(Type::Volume(v)) => VolumeId::parse(&v.volume_id)
+            .map(|id| Some(Source::Volume(id)))
+            .map_err(|_| Status::not_found(format!("source volume {} not found", v.volume_id))),
+    }
+}
+
+/// The node a topology segment set pins, if it names one.
+pub fn topology_node(t: &Topology) -> Option<&str> {
+    t.segments.get(TOPOLOGY_NODE_KEY).map(String::as_str)
+}
+
+pub fn node_topology(node: &NodeId) -> Topology {
+    Topology {
+        segments: [(TOPOLOGY_NODE_KEY.to_string(), node.as_str().to_string())].into(),
+    }
+}
+
+/// Orders the candidate nodes by the request's topology: preferred first (in order), then the rest
+/// of the requisite set. With no requirement every node is a candidate.
+pub fn rank_nodes(req: Option<&TopologyRequirement>, nodes: &[NodeId]) -> Vec<NodeId> {
+    let Some(req) = req.filter(|r| !r.requisite.is_empty() || !r.preferred.is_empty()) else {
+        return nodes.to_vec();
+    };
+    let admits = |t: &Topology, n: &NodeId| topology_node(t).is_none_or(|x| x == n.as_str());
+    let allowed: Vec<&NodeId> = if req.requisite.is_empty() {
+        nodes.iter().collect()
+    } else {
+        nodes
+            .iter()
+            .filter(|n| req.requisite.iter().any(|t| admits(t, n)))
+            .collect()
+    };
+    let mut out: Vec<NodeId> = Vec::new();
+    for t in &req.preferred {
+        for n in allowed.iter().filter(|n| admits(t, n)) {
+            if !out.contains(n) {
+                out.push((*n).clone());
+            }
+        }
+    }
+    for n in allowed {
+        if !out.contains(n) {
+            out.push(n.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> NodeId {
+        NodeId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn requisite_limits_and_preferred_orders() {
+        let nodes = [n("a"), n("b"), n("c")];
+        let req = TopologyRequirement {
+            requisite: vec![node_topology(&n("b")), node_topology(&n("c"))],
+            preferred: vec![node_topology(&n("c"))],
+        };
+        assert_eq!(rank_nodes(Some(&req), &nodes), vec![n("c"), n("b")]);
+        let other = TopologyRequirement {
+            requisite: vec![node_topology(&n("z"))],
+            preferred: vec![],
+        };
+        assert!(rank_nodes(Some(&other), &nodes).is_empty());
+        assert_eq!(rank_nodes(None, &nodes).len(), 3);
+    }
+
+    #[test]
+    fn unknown_parameters_are_refused() {
+        let p: HashMap<String, String> = [("colour".to_string(), "blue".to_string())].into();
+        assert_eq!(volume_params(&p).unwrap_err().code(), tonic::Code::InvalidArgument);
+        let ok: HashMap<String, String> = [("csi.storage.k8s.io/pvc/name".to_string(), "data".to_string())].into();
+        assert!(volume_params(&ok).is_ok());
+    }
+}

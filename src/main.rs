@@ -1,0 +1,116 @@
+//! The `cellar` command: parses flags and starts a role.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "cellar",
+    version,
+    about = "A Kubernetes CSI driver for node-local disks and shared filesystems"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CELLAR_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Identity, Controller and Node on one socket, for one machine (development, edge, csi-sanity).
+    AllInOne {
+        #[arg(long, default_value = "unix:///run/cellar/csi.sock")]
+        endpoint: String,
+        /// This node's name (Kubernetes node name). Defaults to the host name.
+        #[arg(long, env = "NODE_NAME")]
+        node_id: Option<String>,
+        #[arg(long, default_value = "/var/lib/cellar")]
+        data_dir: PathBuf,
+        /// Pool configuration (YAML); without it one local `dir` pool `default` under the data dir.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value = "cellar.csi.dev")]
+        driver_name: String,
+        /// Reported to the scheduler in NodeGetInfo; 0 means no limit.
+        #[arg(long, default_value_t = 0)]
+        max_volumes_per_node: i64,
+    },
+    /// A CSI client for any driver: operate and benchmark it from a shell.
+    Csi(cellar::client::CsiArgs),
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CELLAR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(64)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cellar: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result: Result<(), String> = match cli.command {
+        Command::AllInOne {
+            endpoint,
+            node_id,
+            data_dir,
+            config,
+            driver_name,
+            max_volumes_per_node,
+        } => {
+            init_logging(cli.log_format);
+            let opts = cellar::roles::AllInOne {
+                endpoint,
+                node_id: node_id.unwrap_or_else(hostname),
+                data_dir,
+                config,
+                driver_name,
+                max_volumes_per_node,
+            };
+            runtime
+                .block_on(cellar::roles::all_in_one(opts))
+                .map_err(|e| e.to_string())
+        }
+        Command::Csi(args) => runtime.block_on(cellar::client::run(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cellar: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

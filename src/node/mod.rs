@@ -1,0 +1,483 @@
+//! The Node service: stages a volume's data at kubelet's staging path and bind-mounts it into pods.
+
+pub mod state;
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::crash;
+use crate::csi::caps::{self, Capability};
+use crate::csi::status::{invalid, missing};
+use crate::csi::v1::node_server::Node;
+use crate::csi::v1::node_service_capability::{rpc, Rpc, Type as CapType};
+use crate::csi::v1::*;
+use crate::server::traced;
+use crate::storage::engine::LocalEngine;
+use crate::storage::id::{NodeId, VolumeId};
+use crate::storage::locks::{Held, InFlight};
+use crate::storage::record::{AccessMode, VolumeMode, VolumeRecord};
+use crate::sys::files::{self, Entry};
+use crate::sys::mount::{BindFlags, Mounter};
+use crate::sys::statfs;
+use state::{NodeState, Published, Staged};
+
+/// How many stacked mounts an unmount loop removes before it gives up.
+const MAX_STACKED: usize = 16;
+
+pub struct NodeService {
+    pub node: NodeId,
+    pub engine: Arc<LocalEngine>,
+    pub mounter: Arc<dyn Mounter>,
+    pub state: Arc<NodeState>,
+    pub in_flight: InFlight,
+    pub max_volumes: i64,
+}
+
+pub const CAPABILITIES: &[rpc::Type] = &[
+    rpc::Type::StageUnstageVolume,
+    rpc::Type::GetVolumeStats,
+    rpc::Type::ExpandVolume,
+    rpc::Type::VolumeCondition,
+    rpc::Type::SingleNodeMultiWriter,
+];
+
+/// A path from the CO: absolute and without `.`/`..` parts, so it means exactly what it says.
+fn co_path(field: &str, p: &str) -> Result<PathBuf, Status> {
+    if p.is_empty() {
+        return Err(missing(field));
+    }
+    let path = PathBuf::from(p);
+    if !path.is_absolute()
+        || path
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(invalid(format!(
+            "{field} '{p}' must be an absolute path without '.' or '..' parts"
+        )));
+    }
+    Ok(path)
+}
+
+impl NodeService {
+    fn hold(&self, volume_id: &str) -> Result<Held, Status> {
+        self.in_flight.try_take(volume_id.to_string()).ok_or_else(|| {
+            Status::aborted(format!(
+                "an operation on volume {volume_id} is already in progress; retry later"
+            ))
+        })
+    }
+
+    fn volume(&self, raw: &str) -> Result<(VolumeRecord, PathBuf), Status> {
+        let id = VolumeId::parse(raw).map_err(|_| Status::not_found(format!("volume {raw} not found")))?;
+        Ok(self.engine.volume_data(&id)?)
+    }
+
+    fn check_mode(rec: &VolumeRecord, cap: &Capability) -> Result<(), Status> {
+        if rec.mode != cap.mode {
+            return Err(invalid(format!(
+                "volume {} is a {:?} volume; the capability asks for {:?}",
+                rec.id, rec.mode, cap.mode
+            )));
+        }
+        if !cap.access.served_by_local_pool() {
+            return Err(invalid(format!(
+                "access mode {:?} needs a shared pool; volume {} is on a local pool",
+                cap.access, rec.id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Removes every mount stacked at `path`.
+    fn unmount_all(&self, path: &Path) -> Result<(), Status> {
+        for _ in 0..MAX_STACKED {
+            match self.mounter.is_mountpoint(path) {
+                Ok(true) => self.mounter.unmount(path)?,
+                Ok(false) => return Ok(()),
+                Err(e) if e.is_not_found() => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Status::internal(format!(
+            "{} still mounted after {MAX_STACKED} unmounts",
+            path.display()
+        )))
+    }
+
+    fn is_mounted(&self, path: &Path) -> Result<bool, Status> {
+        match self.mounter.is_mountpoint(path) {
+            Ok(m) => Ok(m),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Makes the directory a mount goes on; `true` when we created it.
+    fn mount_dir(&self, field: &str, path: &Path) -> Result<bool, Status> {
+        match files::entry(path)? {
+            Entry::Missing => {
+                files::ensure_dir(path, 0o750)?;
+                Ok(true)
+            }
+            Entry::Dir => Ok(false),
+            other => Err(invalid(format!(
+                "{field} {} is a {other:?}, expected a directory",
+                path.display()
+            ))),
+        }
+    }
+
+    fn stage(&self, r: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse, Status> {
+        if r.volume_id.is_empty() {
+            return Err(missing("volume_id"));
+        }
+        let staging = co_path("staging_target_path", &r.staging_target_path)?;
+        let cap = caps::capability(
+            r.volume_capability
+                .as_ref()
+                .ok_or_else(|| missing("volume_capability"))?,
+        )?;
+        let _held = self.hold(&r.volume_id)?;
+        let (rec, data) = self.volume(&r.volume_id)?;
+        Self::check_mode(&rec, &cap)?;
+        let read_only = cap.access.read_only();
+        let mut m = self.state.get(&r.volume_id);
+        if let Some(s) = &m.staged {
+            if s.path != staging && self.is_mounted(&s.path)? {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} is already staged at {}",
+                    r.volume_id,
+                    s.path.display()
+                )));
+            }
+            if s.path == staging && self.is_mounted(&staging)? {
+                return Ok(NodeStageVolumeResponse {});
+            }
+        }
+        self.mount_dir("staging_target_path", &staging)?;
+        if self.is_mounted(&staging)? {
+            return Err(Status::failed_precondition(format!(
+                "staging path {} already holds another mount",
+                staging.display()
+            )));
+        }
+        files::require_real_dir(&data)?;
+        m.staged = Some(Staged {
+            path: staging.clone(),
+            read_only,
+        });
+        self.state.put(m)?;
+        crash::point("stage:before-mount");
+        let flags = BindFlags {
+            read_only,
+            ..Default::default()
+        };
+        self.mounter.bind(&data, &staging, flags)?;
+        Ok(NodeStageVolumeResponse {})
+    }
+
+    fn unstage(&self, r: NodeUnstageVolumeRequest) -> Result<NodeUnstageVolumeResponse, Status> {
+        if r.volume_id.is_empty() {
+            return Err(missing("volume_id"));
+        }
+        let staging = co_path("staging_target_path", &r.staging_target_path)?;
+        let _held = self.hold(&r.volume_id)?;
+        let mut m = self.state.get(&r.volume_id);
+        // Only what we staged is ever unmounted; anything else at that path is not ours.
+        if m.staged.as_ref().is_some_and(|s| s.path == staging) {
+            self.unmount_all(&staging)?;
+            m.staged = None;
+            self.state.put(m)?;
+        }
+        Ok(NodeUnstageVolumeResponse {})
+    }
+
+    fn publish(&self, r: NodePublishVolumeRequest) -> Result<NodePublishVolumeResponse, Status> {
+        if r.volume_id.is_empty() {
+            return Err(missing("volume_id"));
+        }
+        let target = co_path("target_path", &r.target_path)?;
+        let cap = caps::capability(
+            r.volume_capability
+                .as_ref()
+                .ok_or_else(|| missing("volume_capability"))?,
+        )?;
+        let staging = co_path("staging_target_path", &r.staging_target_path)?;
+        let _held = self.hold(&r.volume_id)?;
+        let (rec, _) = self.volume(&r.volume_id)?;
+        Self::check_mode(&rec, &cap)?;
+        if rec.mode == VolumeMode::Block {
+            return Err(invalid("block volumes are not offered by this layout"));
+        }
+        let flags = BindFlags {
+            read_only: r.readonly || cap.access.read_only() || cap.flags.read_only,
+            ..cap.flags
+        };
+        let mut m = self.state.get(&r.volume_id);
+        if let Some(p) = m.published.get(&target) {
+            if p.flags != flags || p.access != cap.access {
+                return Err(Status::already_exists(format!(
+                    "volume {} is already published at {} with other options (read-only {}, access {:?})",
+                    r.volume_id,
+                    target.display(),
+                    p.flags.read_only,
+                    p.access
+                )));
+            }
+            if self.is_mounted(&target)? {
+                return Ok(NodePublishVolumeResponse {});
+            }
+        }
+        let single_writer = |a: AccessMode| a == AccessMode::SingleNodeSingleWriter;
+        for (other, p) in m.published.iter().filter(|(t, _)| **t != target) {
+            if (single_writer(cap.access) || single_writer(p.access)) && self.is_mounted(other)? {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} is SINGLE_NODE_SINGLE_WRITER and already published at {}",
+                    r.volume_id,
+                    other.display()
+                )));
+            }
+        }
+        if !(m.staged.as_ref().is_some_and(|s| s.path == staging) && self.is_mounted(&staging)?) {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is not staged at {}; call NodeStageVolume first",
+                r.volume_id,
+                staging.display()
+            )));
+        }
+        let already_ours = m.published.get(&target).map(|p| p.created);
+        let created = self.mount_dir("target_path", &target)? || already_ours.unwrap_or(false);
+        if already_ours.is_none() && self.is_mounted(&target)? {
+            return Err(Status::failed_precondition(format!(
+                "target path {} already holds another mount",
+                target.display()
+            )));
+        }
+        m.published.insert(
+            target.clone(),
+            Published {
+                access: cap.access,
+                flags,
+                created,
+            },
+        );
+        self.state.put(m.clone())?;
+        crash::point("publish:before-mount");
+        if let Err(e) = self.mounter.bind(&staging, &target, flags) {
+            // Leave nothing behind: forget the intent and the directory we made.
+            m.published.remove(&target);
+            self.state.put(m)?;
+            if created {
+                let _ = std::fs::remove_dir(&target);
+            }
+            return Err(e.into());
+        }
+        Ok(NodePublishVolumeResponse {})
+    }
+
+    fn unpublish(&self, r: NodeUnpublishVolumeRequest) -> Result<NodeUnpublishVolumeResponse, Status> {
+        if r.volume_id.is_empty() {
+            return Err(missing("volume_id"));
+        }
+        let target = co_path("target_path", &r.target_path)?;
+        let _held = self.hold(&r.volume_id)?;
+        let mut m = self.state.get(&r.volume_id);
+        let Some(p) = m.published.get(&target).cloned() else {
+            return Ok(NodeUnpublishVolumeResponse {}); // not published there by us: nothing to undo
+        };
+        self.unmount_all(&target)?;
+        crash::point("unpublish:after-unmount");
+        if p.created || files::entry(&target)? == Entry::Dir {
+            match std::fs::remove_dir(&target) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(crate::sys::SysError::io("remove target directory", &target, e).into()),
+            }
+        }
+        m.published.remove(&target);
+        self.state.put(m)?;
+        Ok(NodeUnpublishVolumeResponse {})
+    }
+
+    fn stats(&self, r: NodeGetVolumeStatsRequest) -> Result<NodeGetVolumeStatsResponse, Status> {
+        if r.volume_id.is_empty() {
+            return Err(missing("volume_id"));
+        }
+        if r.volume_path.is_empty() {
+            return Err(missing("volume_path"));
+        }
+        let (_, data) = self.volume(&r.volume_id)?;
+        let path = PathBuf::from(&r.volume_path);
+        if !path.is_absolute() || files::entry(&path)? == Entry::Missing {
+            return Err(Status::not_found(format!(
+                "volume path {} does not exist",
+                r.volume_path
+            )));
+        }
+        let u = statfs::usage(&path)?;
+        let id = VolumeId::parse(&r.volume_id).map_err(|e| invalid(e.0))?;
+        let cond = self.engine.condition(&id);
+        let condition = if cond.abnormal {
+            VolumeCondition {
+                abnormal: true,
+                message: cond.message,
+            }
+        } else if !self.is_mounted(&path)? {
+            VolumeCondition {
+                abnormal: true,
+                message: format!("{} is not a mount of volume {}", path.display(), r.volume_id),
+            }
+        } else {
+            VolumeCondition {
+                abnormal: false,
+                message: format!("data at {} is present and mounted", data.display()),
+            }
+        };
+        let usage = |unit: volume_usage::Unit, total: u64, avail: u64, used: u64| VolumeUsage {
+            available: avail as i64,
+            total: total as i64,
+            used: used as i64,
+            unit: unit as i32,
+        };
+        Ok(NodeGetVolumeStatsResponse {
+            usage: vec![
+                usage(
+                    volume_usage::Unit::Bytes,
+                    u.total_bytes,
+                    u.available_bytes,
+                    u.used_bytes,
+                ),
+                usage(volume_usage::Unit::Inodes, u.total_inodes, u.free_inodes, u.used_inodes),
+            ],
+            volume_condition: Some(condition),
+        })
+    }
+
+    fn expand(&self, r: NodeExpandVolumeRequest) -> Result<NodeExpandVolumeResponse, Status> {
+        if r.volume_id.is_empty() {
+            return Err(missing("volume_id"));
+        }
+        if r.volume_path.is_empty() {
+            return Err(missing("volume_path"));
+        }
+        let (rec, _) = self.volume(&r.volume_id)?;
+        let path = PathBuf::from(&r.volume_path);
+        if !path.is_absolute() || files::entry(&path)? == Entry::Missing {
+            return Err(Status::not_found(format!(
+                "volume path {} does not exist",
+                r.volume_path
+            )));
+        }
+        // A dir volume's capacity lives in its record; there is no filesystem to grow.
+        Ok(NodeExpandVolumeResponse {
+            capacity_bytes: rec.capacity_bytes as i64,
+        })
+    }
+}
+
+/// Runs blocking node work (mounts, fsyncs) off the async runtime.
+async fn blocking<T: Send + 'static>(
+    svc: &Arc<NodeService>,
+    f: impl FnOnce(&NodeService) -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    let svc = svc.clone();
+    tokio::task::spawn_blocking(move || f(&svc))
+        .await
+        .map_err(|e| Status::internal(format!("node task failed: {e}")))?
+}
+
+/// The tonic-facing wrapper: one Arc so each call can move onto the blocking pool.
+pub struct NodeServer(pub Arc<NodeService>);
+
+#[tonic::async_trait]
+impl Node for NodeServer {
+    async fn node_stage_volume(
+        &self,
+        req: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let v = r.volume_id.clone();
+        traced("NodeStageVolume", &v, blocking(&self.0, move |s| s.stage(r)))
+            .await
+            .map(Response::new)
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        req: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let v = r.volume_id.clone();
+        traced("NodeUnstageVolume", &v, blocking(&self.0, move |s| s.unstage(r)))
+            .await
+            .map(Response::new)
+    }
+
+    async fn node_publish_volume(
+        &self,
+        req: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let v = r.volume_id.clone();
+        traced("NodePublishVolume", &v, blocking(&self.0, move |s| s.publish(r)))
+            .await
+            .map(Response::new)
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        req: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let v = r.volume_id.clone();
+        traced("NodeUnpublishVolume", &v, blocking(&self.0, move |s| s.unpublish(r)))
+            .await
+            .map(Response::new)
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        req: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let r = req.into_inner();
+        let v = r.volume_id.clone();
+        traced("NodeGetVolumeStats", &v, blocking(&self.0, move |s| s.stats(r)))
+            .await
+            .map(Response::new)
+    }
+
+    async fn node_expand_volume(
+        &self,
+        req: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let v = r.volume_id.clone();
+        traced("NodeExpandVolume", &v, blocking(&self.0, move |s| s.expand(r)))
+            .await
+            .map(Response::new)
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        let capabilities = CAPABILITIES
+            .iter()
+            .map(|t| NodeServiceCapability {
+                r#type: Some(CapType::Rpc(Rpc { r#type: *t as i32 })),
+            })
+            .collect();
+        Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
+    }
+
+    async fn node_get_info(&self, _: Request<NodeGetInfoRequest>) -> Result<Response<NodeGetInfoResponse>, Status> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.0.node.as_str().to_string(),
+            max_volumes_per_node: self.0.max_volumes,
+            accessible_topology: Some(crate::controller::request::node_topology(&self.0.node)),
+        }))
+    }
+}

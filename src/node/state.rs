@@ -1,0 +1,105 @@
+//! What this node has staged and published, per volume.
+//!
+//! Written before each mount (the intent) and after each unmount, so a crash at any point leaves a
+//! state the retried call converges from, and nothing is ever unmounted that we did not mount.
+//! Durable against a crash of the process only: a reboot clears the mounts it describes anyway.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::storage::record::AccessMode;
+use crate::sys::files::{self, Durability};
+use crate::sys::mount::BindFlags;
+use crate::sys::{Step, SysError};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Staged {
+    pub path: PathBuf,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Published {
+    pub access: AccessMode,
+    pub flags: BindFlags,
+    /// We made the target directory, so we remove it on unpublish.
+    pub created: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMounts {
+    pub volume_id: String,
+    pub staged: Option<Staged>,
+    pub published: BTreeMap<PathBuf, Published>,
+}
+
+impl VolumeMounts {
+    fn is_empty(&self) -> bool {
+        self.staged.is_none() && self.published.is_empty()
+    }
+}
+
+pub struct NodeState {
+    dir: PathBuf,
+    cache: Mutex<HashMap<String, VolumeMounts>>,
+}
+
+impl NodeState {
+    pub fn open(dir: &Path) -> Result<NodeState, SysError> {
+        std::fs::create_dir_all(dir).step("mkdir", dir)?;
+        let mut cache = HashMap::new();
+        for e in std::fs::read_dir(dir).step("read directory", dir)?.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "json") {
+                if let Some(bytes) = files::read_optional(&p)? {
+                    if let Ok(m) = serde_json::from_slice::<VolumeMounts>(&bytes) {
+                        cache.insert(m.volume_id.clone(), m);
+                    }
+                }
+            }
+        }
+        Ok(NodeState {
+            dir: dir.to_path_buf(),
+            cache: Mutex::new(cache),
+        })
+    }
+
+    fn file(&self, volume_id: &str) -> PathBuf {
+        let h = hex::encode(Sha256::digest(volume_id.as_bytes()));
+        self.dir.join(format!("{}.json", &h[..32]))
+    }
+
+    pub fn get(&self, volume_id: &str) -> VolumeMounts {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.get(volume_id).cloned().unwrap_or_else(|| VolumeMounts {
+            volume_id: volume_id.to_string(),
+            ..Default::default()
+        })
+    }
+
+    pub fn all(&self) -> Vec<VolumeMounts> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.values().cloned().collect()
+    }
+
+    pub fn put(&self, m: VolumeMounts) -> Result<(), SysError> {
+        let path = self.file(&m.volume_id);
+        if m.is_empty() {
+            files::remove_file_if_exists(&path)?;
+        } else {
+            let bytes = serde_json::to_vec(&m).map_err(|e| SysError::io("encode", &path, std::io::Error::other(e)))?;
+            files::write_atomic(&path, &bytes, Durability::ProcessCrash)?;
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if m.is_empty() {
+            cache.remove(&m.volume_id);
+        } else {
+            cache.insert(m.volume_id.clone(), m);
+        }
+        Ok(())
+    }
+}

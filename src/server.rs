@@ -1,0 +1,95 @@
+//! Serving gRPC on a Unix socket: stale-socket removal, graceful shutdown on SIGTERM/SIGINT, and
+//! the one log line every RPC gets.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::Status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("endpoint '{0}' must be unix:///absolute/path.sock")]
+    Endpoint(String),
+    #[error("socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving gRPC: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The socket path of a `unix://` endpoint (also accepts `unix:/path` and a bare absolute path).
+pub fn socket_path(endpoint: &str) -> Result<PathBuf, ServeError> {
+    let p = endpoint
+        .strip_prefix("unix://")
+        .or_else(|| endpoint.strip_prefix("unix:"))
+        .unwrap_or(endpoint);
+    let path = PathBuf::from(p);
+    if !path.is_absolute() {
+        return Err(ServeError::Endpoint(endpoint.to_string()));
+    }
+    Ok(path)
+}
+
+/// Binds the socket, replacing a stale one left by a crash (only a socket is ever removed).
+pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
+    use std::os::unix::fs::FileTypeExt;
+    let err = |source| ServeError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(md) if md.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
+        Ok(_) => {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            )))
+        }
+        Err(_) => {}
+    }
+    UnixListener::bind(path).map_err(err)
+}
+
+pub fn incoming(listener: UnixListener) -> UnixListenerStream {
+    UnixListenerStream::new(listener)
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers we can only run until killed.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight calls"),
+        _ = int.recv() => tracing::info!("SIGINT: finishing in-flight calls"),
+    }
+}
+
+/// Runs one RPC and logs it once: method, volume (or name), duration and code. Request bodies, and
+/// so secrets, are never logged.
+pub async fn traced<T>(
+    method: &'static str,
+    object: &str,
+    fut: impl Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    let start = Instant::now();
+    let result = fut.await;
+    let micros = start.elapsed().as_micros() as u64;
+    match &result {
+        Ok(_) => tracing::info!(method, volume = object, micros, code = "OK", "rpc"),
+        Err(s) => tracing::warn!(method, volume = object, micros, code = ?s.code(), message = s.message(), "rpc"),
+    }
+    result
+}

@@ -1,0 +1,241 @@
+//! Self-describing volume and snapshot IDs, and the names they are built from.
+//!
+//! Volumes: `local:<node>:<pool>:<key>` and `shared:<pool>:<key>`.
+//! Snapshots: the same with a `snap:` prefix. Every part is checked against a narrow grammar, so a
+//! key is always exactly one safe path component and can never leave its pool.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct IdError(pub String);
+
+fn check(kind: &str, s: &str, max: usize, ok: impl Fn(usize, char) -> bool) -> Result<(), IdError> {
+    if s.is_empty() || s.len() > max {
+        return Err(IdError(format!("{kind} must be 1 to {max} bytes, got {}", s.len())));
+    }
+    match s.char_indices().find(|(i, c)| !ok(*i, *c)) {
+        Some((_, c)) => Err(IdError(format!(
+            "{kind} '{s}' has a character that is not allowed: {c:?}"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A Kubernetes node name (DNS subdomain characters; never a ':').
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(String);
+
+impl NodeId {
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        check("node id", s, 253, |i, c| {
+            c.is_ascii_alphanumeric() || (i > 0 && matches!(c, '-' | '.' | '_'))
+        })?;
+        Ok(NodeId(s.to_string()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A pool name: lower-case letters, digits and '-'.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolName(String);
+
+impl PoolName {
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        check("pool name", s, 63, |i, c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || (i > 0 && c == '-')
+        })?;
+        Ok(PoolName(s.to_string()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The on-disk name of a volume or snapshot inside its pool: one path component.
+///
+/// A CSI name that is already a safe component (`pvc-<uid>`, the Kubernetes case) is used as is, so
+/// an operator recognises it on disk. Any other name maps to `_h` + 32 hex digits of its SHA-256;
+/// plain keys never start with '_', so the two forms cannot collide.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(String);
+
+const MAX_PLAIN_KEY: usize = 128;
+
+impl Key {
+    pub fn from_name(name: &str) -> Key {
+        if Self::is_plain(name) {
+            Key(name.to_string())
+        } else {
+            let digest = Sha256::digest(name.as_bytes());
+            Key(format!("_h{}", &hex::encode(digest)[..32]))
+        }
+    }
+
+    fn is_plain(s: &str) -> bool {
+        !s.is_empty()
+            && s.len() <= MAX_PLAIN_KEY
+            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    }
+
+    fn is_hashed(s: &str) -> bool {
+        s.len() == 34 && s.starts_with("_h") && s[2..].chars().all(|c| matches!(c, '0'..='9' | 'a'..='f'))
+    }
+
+    pub fn parse(s: &str) -> Result<Key, IdError> {
+        if Self::is_plain(s) || Self::is_hashed(s) {
+            Ok(Key(s.to_string()))
+        } else {
+            Err(IdError(format!(
+                "'{s}' is not a volume key: expected letters, digits, '-', '_' or '.' (at most {MAX_PLAIN_KEY}, starting with a letter or digit)"
+            )))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Where a volume's pool lives.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Location {
+    Local(NodeId),
+    Shared,
+}
+
+/// The parts common to volume and snapshot IDs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectId {
+    pub location: Location,
+    pub pool: PoolName,
+    pub key: Key,
+}
+
+impl ObjectId {
+    fn parse(s: &str, what: &str) -> Result<Self, IdError> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let bad = || {
+            IdError(format!(
+                "'{s}' is not a cellar {what} ID: expected local:<node>:<pool>:<name> or shared:<pool>:<name>"
+            ))
+        };
+        let (location, pool, key) = match parts.as_slice() {
+            ["local", node, pool, key] => (Location::Local(NodeId::parse(node).map_err(|_| bad())?), pool, key),
+            ["shared", pool, key] => (Location::Shared, pool, key),
+            _ => return Err(bad()),
+        };
+        Ok(ObjectId {
+            location,
+            pool: PoolName::parse(pool).map_err(|_| bad())?,
+            key: Key::parse(key).map_err(|_| bad())?,
+        })
+    }
+
+    pub fn node(&self) -> Option<&NodeId> {
+        match &self.location {
+            Location::Local(n) => Some(n),
+            Location::Shared => None,
+        }
+    }
+}
+
+impl fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.location {
+            Location::Local(n) => write!(f, "local:{}:{}:{}", n.0, self.pool.0, self.key.0),
+            Location::Shared => write!(f, "shared:{}:{}", self.pool.0, self.key.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VolumeId(pub ObjectId);
+
+impl VolumeId {
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        ObjectId::parse(s, "volume").map(VolumeId)
+    }
+}
+
+impl fmt::Display for VolumeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SnapshotId(pub ObjectId);
+
+impl SnapshotId {
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        let rest = s.strip_prefix("snap:").ok_or_else(|| {
+            IdError(format!(
+                "'{s}' is not a cellar snapshot ID: expected snap:local:<node>:<pool>:<name>"
+            ))
+        })?;
+        ObjectId::parse(rest, "snapshot").map(SnapshotId)
+    }
+}
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "snap:{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubernetes_names_are_kept_on_disk() {
+        assert_eq!(Key::from_name("pvc-0a1b-2c3d").as_str(), "pvc-0a1b-2c3d");
+    }
+
+    #[test]
+    fn unsafe_names_are_hashed_into_one_component() {
+        for name in ["../etc", "a/b", "/abs", ".hidden", "", "x y", "ü", &"n".repeat(300)] {
+            let k = Key::from_name(name);
+            assert!(k.as_str().starts_with("_h"), "{name}");
+            assert!(!k.as_str().contains('/'));
+            assert_eq!(Key::parse(k.as_str()).unwrap(), k);
+        }
+        assert_ne!(Key::from_name("a/b"), Key::from_name("a/c"));
+    }
+
+    #[test]
+    fn ids_round_trip() {
+        let id = VolumeId::parse("local:node-1:default:pvc-1").unwrap();
+        assert_eq!(id.to_string(), "local:node-1:default:pvc-1");
+        assert_eq!(id.0.node().unwrap().as_str(), "node-1");
+        let s = SnapshotId::parse("snap:shared:nfs:snap-1").unwrap();
+        assert_eq!(s.to_string(), "snap:shared:nfs:snap-1");
+    }
+
+    #[test]
+    fn ids_that_try_to_escape_are_rejected() {
+        for bad in [
+            "local:n:default:..",
+            "local:n:default:.",
+            "local:n:default:a/b",
+            "local:n:default:/etc",
+            "local:n:../x:v",
+            "local:n:default:v:extra",
+            "shared:default",
+            "nfs:default:v",
+            "",
+            "local:n:Default:v",
+            "local::default:v",
+        ] {
+            assert!(VolumeId::parse(bad).is_err(), "{bad}");
+        }
+        assert!(SnapshotId::parse("local:n:default:v").is_err());
+    }
+}

@@ -1,0 +1,53 @@
+//! Per-object in-flight locks. A second call on a busy volume is refused at once (ABORTED, which the
+//! CO retries) instead of queueing behind it; calls on different volumes never wait for each other.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, Default, Clone)]
+pub struct InFlight {
+    keys: Arc<Mutex<HashSet<String>>>,
+}
+
+/// Held while an operation runs; releases its key when dropped, also on error or panic.
+#[derive(Debug)]
+pub struct Held {
+    keys: Arc<Mutex<HashSet<String>>>,
+    key: String,
+}
+
+impl InFlight {
+    /// Takes `key`, or `None` when another operation holds it.
+    pub fn try_take(&self, key: String) -> Option<Held> {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if !keys.insert(key.clone()) {
+            return None;
+        }
+        Some(Held {
+            keys: self.keys.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        keys.remove(&self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn second_taker_is_refused_until_release() {
+        let f = InFlight::default();
+        let a = f.try_take("v1".into()).unwrap();
+        assert!(f.try_take("v1".into()).is_none());
+        assert!(f.try_take("v2".into()).is_some());
+        drop(a);
+        assert!(f.try_take("v1".into()).is_some());
+    }
+}

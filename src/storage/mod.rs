@@ -1,0 +1,45 @@
+//! Pools, layouts and volume records: everything about where a volume's bytes live.
+
+pub mod config;
+pub mod engine;
+pub mod id;
+pub mod locks;
+pub mod pool;
+pub mod record;
+
+use std::path::PathBuf;
+
+use crate::sys::SysError;
+
+/// What can go wrong in the storage layer. Mapped to a gRPC code in one place (`csi::status`).
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("unknown pool '{name}' (pools here: {known})")]
+    UnknownPool { name: String, known: String },
+    #[error("layout '{layout}' is not available in pool '{pool}' (allowed: {allowed})")]
+    LayoutNotAllowed {
+        layout: String,
+        pool: String,
+        allowed: String,
+    },
+    #[error("volume {0} not found")]
+    VolumeNotFound(String),
+    #[error("snapshot {0} not found")]
+    SnapshotNotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("{0}")]
+    Exhausted(String),
+    #[error("an operation on {0} is already in progress; retry later")]
+    Busy(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("pool '{pool}' is not on this node (it lives on {owner})")]
+    WrongNode { pool: String, owner: String },
+    #[error("corrupt record {path}: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Sys(#[from] SysError),
+}

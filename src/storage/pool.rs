@@ -1,0 +1,109 @@
+//! A pool: a named directory where volumes live, and its fixed inner layout:
+//!
+//! ```text
+//! <pool>/volumes/<key>/        a volume's data (dir layout)
+//! <pool>/volumes/<key>.json    its record
+//! <pool>/snapshots/<key>/      a snapshot's data
+//! <pool>/snapshots/<key>.json  its record
+//! <pool>/.work/                copies being built (renamed into place when whole)
+//! <pool>/.trash/               data being deleted (renamed out of place first)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use crate::sys::files;
+
+use super::config::PoolConfig;
+use super::id::Key;
+use super::StorageError;
+
+#[derive(Debug)]
+pub struct Pool {
+    pub config: PoolConfig,
+}
+
+/// Which of the pool's two collections an object belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Volume,
+    Snapshot,
+}
+
+impl Kind {
+    fn dir(self) -> &'static str {
+        match self {
+            Kind::Volume => "volumes",
+            Kind::Snapshot => "snapshots",
+        }
+    }
+}
+
+impl Pool {
+    /// Opens (creating if needed) the pool's directories and clears what a crash left in `.work` and
+    /// `.trash`: half-built copies and half-deleted data, neither of which any record points at.
+    pub fn open(config: PoolConfig) -> Result<Pool, StorageError> {
+        std::fs::create_dir_all(&config.path).map_err(|e| crate::sys::SysError::io("mkdir", &config.path, e))?;
+        files::require_real_dir(&config.path)?;
+        let pool = Pool { config };
+        for d in ["volumes", "snapshots", ".work", ".trash"] {
+            files::ensure_dir(&pool.config.path.join(d), 0o700)?;
+        }
+        pool.purge(&pool.work_dir())?;
+        pool.purge(&pool.trash_dir())?;
+        Ok(pool)
+    }
+
+    fn purge(&self, dir: &Path) -> Result<(), StorageError> {
+        let entries = std::fs::read_dir(dir).map_err(|e| crate::sys::SysError::io("read directory", dir, e))?;
+        for e in entries.flatten() {
+            files::remove_tree(&e.path())?;
+        }
+        Ok(())
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.config.path
+    }
+
+    pub fn data_path(&self, kind: Kind, key: &Key) -> PathBuf {
+        self.config.path.join(kind.dir()).join(key.as_str())
+    }
+
+    pub fn record_path(&self, kind: Kind, key: &Key) -> PathBuf {
+        self.config.path.join(kind.dir()).join(format!("{}.json", key.as_str()))
+    }
+
+    pub fn collection_dir(&self, kind: Kind) -> PathBuf {
+        self.config.path.join(kind.dir())
+    }
+
+    pub fn work_path(&self, kind: Kind, key: &Key) -> PathBuf {
+        self.work_dir().join(format!("{}-{}", kind.dir(), key.as_str()))
+    }
+
+    pub fn work_dir(&self) -> PathBuf {
+        self.config.path.join(".work")
+    }
+
+    pub fn trash_dir(&self) -> PathBuf {
+        self.config.path.join(".trash")
+    }
+
+    /// Keys of every record of a kind, read from disk (startup and reports only).
+    pub fn record_keys(&self, kind: Kind) -> Result<Vec<Key>, StorageError> {
+        let dir = self.collection_dir(kind);
+        let entries = std::fs::read_dir(&dir).map_err(|e| crate::sys::SysError::io("read directory", &dir, e))?;
+        let mut keys = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if let Some(stem) = name.strip_suffix(".json") {
+                if let Ok(k) = Key::parse(stem) {
+                    keys.push(k);
+                }
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+}

@@ -1,0 +1,130 @@
+//! The per-volume and per-snapshot records kept next to their data, written atomically and durably.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::sys::files::{self, Durability};
+
+use super::StorageError;
+
+pub const RECORD_VERSION: u32 = 1;
+
+/// How a volume may be used, in our own terms (the CSI enum is translated at the edge).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AccessMode {
+    SingleNodeWriter,
+    SingleNodeReaderOnly,
+    SingleNodeSingleWriter,
+    SingleNodeMultiWriter,
+    MultiNodeReaderOnly,
+    MultiNodeSingleWriter,
+    MultiNodeMultiWriter,
+}
+
+impl AccessMode {
+    pub fn read_only(self) -> bool {
+        matches!(self, AccessMode::SingleNodeReaderOnly | AccessMode::MultiNodeReaderOnly)
+    }
+    /// Modes a pool on one node's disk can serve.
+    pub fn served_by_local_pool(self) -> bool {
+        !matches!(
+            self,
+            AccessMode::MultiNodeSingleWriter | AccessMode::MultiNodeMultiWriter
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeMode {
+    Filesystem,
+    Block,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    Dir,
+    Btrfs,
+    Image,
+}
+
+impl Layout {
+    pub fn parse(s: &str) -> Option<Layout> {
+        match s {
+            "dir" => Some(Layout::Dir),
+            "btrfs" => Some(Layout::Btrfs),
+            "image" => Some(Layout::Image),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layout::Dir => "dir",
+            Layout::Btrfs => "btrfs",
+            Layout::Image => "image",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind", content = "id")]
+pub enum ContentSource {
+    Snapshot(String),
+    Volume(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub version: u32,
+    /// The CSI name the volume was created with (its idempotency key).
+    pub name: String,
+    pub id: String,
+    pub layout: Layout,
+    pub capacity_bytes: u64,
+    pub mode: VolumeMode,
+    pub access_modes: Vec<AccessMode>,
+    #[serde(default)]
+    pub fs_type: String,
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    #[serde(default)]
+    pub source: Option<ContentSource>,
+    pub created_unix_secs: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub version: u32,
+    pub name: String,
+    pub id: String,
+    pub source_volume_id: String,
+    /// The capacity of the source volume: the smallest volume this snapshot can be restored into.
+    pub size_bytes: u64,
+    pub created_unix_secs: i64,
+    pub created_nanos: i32,
+}
+
+pub fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, StorageError> {
+    match files::read_optional(path)? {
+        None => Ok(None),
+        Some(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StorageError::Corrupt {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }),
+    }
+}
+
+pub fn store<T: Serialize>(path: &Path, record: &T) -> Result<(), StorageError> {
+    let bytes = serde_json::to_vec_pretty(record).map_err(|e| StorageError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    files::write_atomic(path, &bytes, Durability::PowerLoss)?;
+    Ok(())
+}

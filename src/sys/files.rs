@@ -1,0 +1,151 @@
+//! Small file operations with the durability and containment rules the storage layer relies on.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+
+use super::{Step, SysError};
+
+/// How much a write must survive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync the file and its directory: survives power loss (volume and snapshot records).
+    PowerLoss,
+    /// rename only: survives a crash of the process but not of the machine. Right for state that a
+    /// reboot makes void anyway, such as which mounts exist.
+    ProcessCrash,
+}
+
+/// Replaces `path` with `bytes` atomically: temp file, (fsync), rename, (fsync of the directory).
+pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> Result<(), SysError> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .step("create", &tmp)?;
+        f.write_all(bytes).step("write", &tmp)?;
+        if durability == Durability::PowerLoss {
+            f.sync_all().step("fsync", &tmp)?;
+        }
+    }
+    fs::rename(&tmp, path).step("rename", path)?;
+    if durability == Durability::PowerLoss {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// fsyncs a directory so that entries created, renamed or removed in it are durable.
+pub fn sync_dir(dir: &Path) -> Result<(), SysError> {
+    File::open(dir).and_then(|d| d.sync_all()).step("fsync", dir)
+}
+
+/// Reads a file, `None` when it does not exist.
+pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, SysError> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(SysError::io("read", path, e)),
+    }
+}
+
+/// Removes a file; a file that is already gone is fine.
+pub fn remove_file_if_exists(path: &Path) -> Result<(), SysError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(SysError::io("unlink", path, e)),
+    }
+}
+
+/// Creates a directory; one that already exists is fine, but a symlink or a file in its place is
+/// an error, so nothing is ever created through a planted link.
+pub fn ensure_dir(path: &Path, mode: u32) -> Result<(), SysError> {
+    use std::os::unix::fs::DirBuilderExt;
+    match fs::DirBuilder::new().mode(mode).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => require_real_dir(path),
+        Err(e) => Err(SysError::io("mkdir", path, e)),
+    }
+}
+
+/// Fails unless `path` is a directory itself, not a symlink to one.
+pub fn require_real_dir(path: &Path) -> Result<(), SysError> {
+    let md = fs::symlink_metadata(path).step("lstat", path)?;
+    if md.file_type().is_dir() {
+        Ok(())
+    } else {
+        Err(SysError::io(
+            "expect a directory (not a symlink or file) at",
+            path,
+            std::io::Error::from_raw_os_error(libc::ENOTDIR),
+        ))
+    }
+}
+
+/// What is at a path, without following a symlink there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    Missing,
+    Dir,
+    File,
+    Symlink,
+    Other,
+}
+
+pub fn entry(path: &Path) -> Result<Entry, SysError> {
+    match fs::symlink_metadata(path) {
+        Ok(md) => {
+            let ft = md.file_type();
+            Ok(if ft.is_dir() {
+                Entry::Dir
+            } else if ft.is_file() {
+                Entry::File
+            } else if ft.is_symlink() {
+                Entry::Symlink
+            } else {
+                Entry::Other
+            })
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(Entry::Missing),
+        Err(e) => Err(SysError::io("lstat", path, e)),
+    }
+}
+
+/// Removes a whole tree without following symlinks (std's remove_dir_all never follows them).
+/// A tree that is already gone is fine.
+pub fn remove_tree(path: &Path) -> Result<(), SysError> {
+    match entry(path)? {
+        Entry::Missing => Ok(()),
+        Entry::Dir => match fs::remove_dir_all(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(SysError::io("remove tree", path, e)),
+        },
+        _ => remove_file_if_exists(path),
+    }
+}
+
+/// Bytes the files of a tree occupy on disk (allocated blocks, so holes do not count).
+pub fn allocated_bytes(path: &Path) -> Result<u64, SysError> {
+    let mut total = 0u64;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = fs::symlink_metadata(&p).step("lstat", &p)?;
+        total += md.blocks() * 512;
+        if md.file_type().is_dir() {
+            for e in fs::read_dir(&p).step("readdir", &p)? {
+                stack.push(e.step("readdir", &p)?.path());
+            }
+        }
+    }
+    Ok(total)
+}

@@ -1,0 +1,180 @@
+//! mount(2), umount(2) and the mountpoint check, behind a trait so node logic is testable without root.
+
+use std::ffi::CString;
+use std::mem::MaybeUninit;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use nix::mount::{MntFlags, MsFlags};
+
+use super::{Step, SysError};
+
+/// Per-mount flags that a bind mount can carry (set by a remount after the bind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct BindFlags {
+    pub read_only: bool,
+    pub nosuid: bool,
+    pub nodev: bool,
+    pub noexec: bool,
+    pub noatime: bool,
+    pub nodiratime: bool,
+    pub relatime: bool,
+    pub strictatime: bool,
+}
+
+impl BindFlags {
+    /// True when a remount is needed after the bind to apply these flags.
+    pub fn needs_remount(&self) -> bool {
+        *self != BindFlags::default()
+    }
+
+    fn ms_flags(&self) -> MsFlags {
+        let mut f = MsFlags::empty();
+        f.set(MsFlags::MS_RDONLY, self.read_only);
+        f.set(MsFlags::MS_NOSUID, self.nosuid);
+        f.set(MsFlags::MS_NODEV, self.nodev);
+        f.set(MsFlags::MS_NOEXEC, self.noexec);
+        f.set(MsFlags::MS_NOATIME, self.noatime);
+        f.set(MsFlags::MS_NODIRATIME, self.nodiratime);
+        f.set(MsFlags::MS_RELATIME, self.relatime);
+        f.set(MsFlags::MS_STRICTATIME, self.strictatime);
+        f
+    }
+}
+
+pub trait Mounter: Send + Sync {
+    /// Bind-mounts `source` on `target` and applies `flags` (a read-only bind is bind + remount).
+    fn bind(&self, source: &Path, target: &Path, flags: BindFlags) -> Result<(), SysError>;
+    /// Unmounts the topmost mount at `target`.
+    fn unmount(&self, target: &Path) -> Result<(), SysError>;
+    /// Whether `path` is the root of a mount, including a bind mount from the same filesystem.
+    fn is_mountpoint(&self, path: &Path) -> Result<bool, SysError>;
+}
+
+/// The real thing: direct syscalls, never mount(8).
+#[derive(Debug, Default, Clone)]
+pub struct LinuxMounter {
+    /// Where to read mounts when the kernel cannot answer with statx (kernels before 5.8).
+    pub mountinfo: Option<PathBuf>,
+}
+
+impl Mounter for LinuxMounter {
+    fn bind(&self, source: &Path, target: &Path, flags: BindFlags) -> Result<(), SysError> {
+        nix::mount::mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .step("bind mount onto", target)?;
+        if flags.needs_remount() {
+            let remount = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags.ms_flags();
+            if let Err(e) = nix::mount::mount(None::<&str>, target, None::<&str>, remount, None::<&str>) {
+                // Never leave a read-write bind behind when read-only was asked for.
+                let _ = nix::mount::umount2(target, MntFlags::MNT_DETACH);
+                return Err(SysError::io("remount bind with flags", target, e.into()));
+            }
+        }
+        Ok(())
+    }
+
+    fn unmount(&self, target: &Path) -> Result<(), SysError> {
+        nix::mount::umount2(target, MntFlags::empty()).step("unmount", target)
+    }
+
+    fn is_mountpoint(&self, path: &Path) -> Result<bool, SysError> {
+        match statx_mount_root(path)? {
+            Some(root) => Ok(root),
+            None => {
+                let table = self
+                    .mountinfo
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(super::mountinfo::SELF));
+                Ok(super::mountinfo::read(&table)?.iter().any(|m| m.mount_point == path))
+            }
+        }
+    }
+}
+
+/// Asks statx whether `path` is a mount root. `None` when the kernel does not report the attribute.
+/// This costs one syscall, where a scan of /proc/self/mountinfo grows with every mount on the node.
+pub fn statx_mount_root(path: &Path) -> Result<Option<bool>, SysError> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| SysError::io("statx", path, std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    let mut stx = MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call, and `stx` is writable memory of
+    // exactly the size statx(2) fills.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT,
+            libc::STATX_BASIC_STATS,
+            stx.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(SysError::io("statx", path, std::io::Error::last_os_error()));
+    }
+    // SAFETY: statx returned 0, so the kernel has initialised the struct.
+    let stx = unsafe { stx.assume_init() };
+    let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    if stx.stx_attributes_mask & bit == 0 {
+        return Ok(None);
+    }
+    Ok(Some(stx.stx_attributes & bit != 0))
+}
+
+/// A mounter that records calls and keeps a set of "mounted" paths, for unit tests of the logic
+/// above `sys`.
+#[derive(Debug, Default)]
+pub struct RecordingMounter {
+    state: Mutex<RecordingState>,
+}
+
+#[derive(Debug, Default)]
+struct RecordingState {
+    mounted: Vec<(PathBuf, PathBuf, BindFlags)>,
+    calls: Vec<String>,
+}
+
+impl RecordingMounter {
+    pub fn calls(&self) -> Vec<String> {
+        self.lock().calls.clone()
+    }
+
+    pub fn mounted(&self) -> Vec<(PathBuf, PathBuf, BindFlags)> {
+        self.lock().mounted.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RecordingState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Mounter for RecordingMounter {
+    fn bind(&self, source: &Path, target: &Path, flags: BindFlags) -> Result<(), SysError> {
+        let mut s = self.lock();
+        s.calls
+            .push(format!("bind {} {} {:?}", source.display(), target.display(), flags));
+        s.mounted.push((source.to_path_buf(), target.to_path_buf(), flags));
+        Ok(())
+    }
+
+    fn unmount(&self, target: &Path) -> Result<(), SysError> {
+        let mut s = self.lock();
+        s.calls.push(format!("unmount {}", target.display()));
+        match s.mounted.iter().rposition(|m| m.1 == target) {
+            Some(i) => {
+                s.mounted.remove(i);
+                Ok(())
+            }
+            None => Err(SysError::io(
+                "unmount",
+                target,
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            )),
+        }
+    }
+
+    fn is_mountpoint(&self, path: &Path) -> Result<bool, SysError> {
+        Ok(self.lock().mounted.iter().any(|m| m.1 == path))
+    }
+}

@@ -1,0 +1,96 @@
+//! Parsing of /proc/<pid>/mountinfo. Read at startup and by the report, never on a per-call path.
+
+use std::path::{Path, PathBuf};
+
+use super::{Step, SysError};
+
+pub const SELF: &str = "/proc/self/mountinfo";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub mount_id: u32,
+    /// The directory of the source filesystem that is mounted (differs from "/" for bind mounts).
+    pub root: PathBuf,
+    pub mount_point: PathBuf,
+    pub options: String,
+    pub fs_type: String,
+    pub source: String,
+}
+
+impl MountEntry {
+    pub fn read_only(&self) -> bool {
+        self.options.split(',').any(|o| o == "ro")
+    }
+}
+
+pub fn read(path: &Path) -> Result<Vec<MountEntry>, SysError> {
+    let text = std::fs::read_to_string(path).step("read", path)?;
+    Ok(parse(&text))
+}
+
+pub fn parse(text: &str) -> Vec<MountEntry> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+fn parse_line(line: &str) -> Option<MountEntry> {
+    // 36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue
+    let (left, right) = line.split_once(" - ")?;
+    let mut l = left.split(' ');
+    let mount_id = l.next()?.parse().ok()?;
+    let _parent = l.next()?;
+    let _devno = l.next()?;
+    let root = unescape(l.next()?);
+    let mount_point = unescape(l.next()?);
+    let options = l.next()?.to_string();
+    let mut r = right.split(' ');
+    let fs_type = r.next()?.to_string();
+    let source = unescape(r.next().unwrap_or("")).to_string_lossy().into_owned();
+    Some(MountEntry {
+        mount_id,
+        root: root.into(),
+        mount_point: mount_point.into(),
+        options,
+        fs_type,
+        source,
+    })
+}
+
+/// The kernel writes space, tab, newline and backslash as three-digit octal escapes.
+fn unescape(s: &str) -> std::ffi::OsString {
+    use std::os::unix::ffi::OsStringExt;
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    std::ffi::OsString::from_vec(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bind_mount_with_escaped_space() {
+        let t = "36 35 98:0 /pools/a\\040b /var/lib/kubelet/x rw,noatime master:1 - ext4 /dev/vda rw\n";
+        let m = parse(t);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].root, PathBuf::from("/pools/a b"));
+        assert_eq!(m[0].mount_point, PathBuf::from("/var/lib/kubelet/x"));
+        assert_eq!(m[0].fs_type, "ext4");
+        assert!(!m[0].read_only());
+    }
+
+    #[test]
+    fn skips_garbage_lines() {
+        assert!(parse("not a mountinfo line\n").is_empty());
+    }
+}
