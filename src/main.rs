@@ -106,6 +106,8 @@ fn main() -> ExitCode {
         }
         Command::Csi(args) => runtime.block_on(cellar::client::run(args)),
     };
+    // Blocking storage work still running after the grace period is abandoned, not awaited.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -87,13 +87,9 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
         in_flight: InFlight::default(),
         max_volumes: o.max_volumes_per_node,
     };
-    let result = Server::builder()
+    let router = Server::builder()
         .add_service(IdentityServer::new(identity))
         .add_service(ControllerServer::new(controller))
-        .add_service(NodeGrpc::new(NodeServer(Arc::new(node_svc))))
-        .serve_with_incoming_shutdown(server::incoming(listener), server::shutdown_signal())
-        .await;
-    let _ = std::fs::remove_file(&socket);
-    tracing::info!("stopped; socket removed");
-    result.map_err(|e| RoleError::Serve(e.into()))
+        .add_service(NodeGrpc::new(NodeServer(Arc::new(node_svc))));
+    Ok(server::serve_until_signal(router, listener, &socket).await?)
 }

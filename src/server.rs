@@ -77,6 +77,41 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// How long in-flight calls may take to finish after SIGTERM. Clients such as kubelet keep their
+/// connection open, so waiting for connections to close would never end; storage steps are
+/// crash-safe, so a call cut off here is simply retried.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `router` on `listener` until SIGTERM/SIGINT, lets in-flight calls finish (bounded), and
+/// removes the socket.
+pub async fn serve_until_signal(
+    router: tonic::transport::server::Router,
+    listener: UnixListener,
+    socket: &Path,
+) -> Result<(), ServeError> {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = router.serve_with_incoming_shutdown(incoming(listener), async {
+        let _ = stop_rx.await;
+    });
+    tokio::pin!(server);
+    let result = tokio::select! {
+        r = &mut server => r,
+        _ = shutdown_signal() => {
+            let _ = stop_tx.send(());
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!("in-flight calls did not finish within {SHUTDOWN_GRACE:?}; exiting");
+                    Ok(())
+                }
+            }
+        }
+    };
+    let _ = std::fs::remove_file(socket);
+    tracing::info!(socket = %socket.display(), "stopped; socket removed");
+    result.map_err(ServeError::from)
+}
+
 /// Runs one RPC and logs it once: method, volume (or name), duration and code. Request bodies, and
 /// so secrets, are never logged.
 pub async fn traced<T>(
