@@ -644,10 +644,7 @@ async fn controller_capabilities_are_the_documented_set() {
     let got: Vec<i32> = caps
         .capabilities
         .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(Type::Rpc(r)) => Some(r.r#type),
-            None => None,
-        })
+        .filter_map(|c| c.r#type.as_ref().map(|Type::Rpc(r)| r.r#type))
         .collect();
     for t in [
         T::CreateDeleteVolume,
@@ -1273,10 +1270,7 @@ async fn node_capabilities_include_stage_stats_expand_condition() {
     let got: Vec<i32> = caps
         .capabilities
         .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(Type::Rpc(r)) => Some(r.r#type),
-            None => None,
-        })
+        .filter_map(|c| c.r#type.as_ref().map(|Type::Rpc(r)| r.r#type))
         .collect();
     for t in [
         T::StageUnstageVolume,

@@ -11,10 +11,9 @@ use common::*;
 
 /// Restarts the driver so that it dies when it reaches `point`.
 async fn arm(d: &mut Driver, point: &str) {
-    assert!(
-        cfg!(feature = "crash-points"),
-        "crash tests need the crash points: run the suite with `cargo test --features crash-points` (the README's test command)"
-    );
+    if !cfg!(feature = "crash-points") {
+        panic!("crash tests need the crash points: run the suite with `cargo test --features crash-points` (the README's test command)");
+    }
     d.kill();
     d.spawn(&[("CELLAR_CRASH_AT", point)]).await;
 }
@@ -29,8 +28,8 @@ async fn recover(d: &mut Driver, point: &str) {
 
 fn entries(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .expect("read dir")
+        .map(|e| e.expect("dir entry").file_name().to_string_lossy().into_owned())
         .collect();
     v.sort();
     v
