@@ -164,7 +164,8 @@ impl NodeService {
                 staging.display()
             )));
         }
-        files::require_real_dir(&data)?;
+        // Pinning the directory first means a symlink planted in its place is refused, not followed.
+        let pinned = files::PinnedDir::open(&data)?;
         m.staged = Some(Staged {
             path: staging.clone(),
             read_only,
@@ -175,7 +176,7 @@ impl NodeService {
             read_only,
             ..Default::default()
         };
-        self.mounter.bind(&data, &staging, flags)?;
+        self.mounter.bind(&pinned.proc_path(), &staging, flags)?;
         Ok(NodeStageVolumeResponse {})
     }
 

@@ -128,6 +128,12 @@ impl Config {
                     p.name
                 )));
             }
+            if p.delete_policy != DeletePolicy::Delete {
+                return Err(invalid(format!(
+                    "pool '{}': deletePolicy {:?} is not available in this version (only delete)",
+                    p.name, p.delete_policy
+                )));
+            }
             let parse_layout = |s: &str| {
                 Layout::parse(s)
                     .filter(|l| SUPPORTED_LAYOUTS.contains(l))
@@ -209,5 +215,6 @@ mod tests {
         assert!(parse("pools:\n  - name: a\n    path: rel\n").is_err());
         assert!(parse("pools:\n  - name: a\n  - name: a\n").is_err());
         assert!(parse("pools:\n  - name: a\n    layout: zfs\n").is_err());
+        assert!(parse("pools:\n  - name: a\n    deletePolicy: retain\n").is_err());
     }
 }

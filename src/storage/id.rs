@@ -60,7 +60,8 @@ impl PoolName {
 ///
 /// A CSI name that is already a safe component (`pvc-<uid>`, the Kubernetes case) is used as is, so
 /// an operator recognises it on disk. Any other name maps to `_h` + 32 hex digits of its SHA-256;
-/// plain keys never start with '_', so the two forms cannot collide.
+/// plain keys never start with '_', so the two forms cannot collide. Names ending in `.json` are
+/// hashed too, so a key never looks like another key's record file.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key(String);
 
@@ -76,8 +77,10 @@ impl Key {
         }
     }
 
+    /// A plain key never ends in `.json`, so `<key>.json` (its record) can never be another key's data.
     fn is_plain(s: &str) -> bool {
         !s.is_empty()
+            && !s.ends_with(".json")
             && s.len() <= MAX_PLAIN_KEY
             && s.starts_with(|c: char| c.is_ascii_alphanumeric())
             && s.chars()
@@ -201,7 +204,17 @@ mod tests {
 
     #[test]
     fn unsafe_names_are_hashed_into_one_component() {
-        for name in ["../etc", "a/b", "/abs", ".hidden", "", "x y", "ü", &"n".repeat(300)] {
+        for name in [
+            "../etc",
+            "a/b",
+            "/abs",
+            ".hidden",
+            "",
+            "x y",
+            "ü",
+            "x.json",
+            &"n".repeat(300),
+        ] {
             let k = Key::from_name(name);
             assert!(k.as_str().starts_with("_h"), "{name}");
             assert!(!k.as_str().contains('/'));

@@ -97,7 +97,8 @@ impl Pool {
         for e in entries.flatten() {
             let name = e.file_name();
             let name = name.to_string_lossy();
-            if let Some(stem) = name.strip_suffix(".json") {
+            let is_file = e.file_type().map(|t| t.is_file()).unwrap_or(false);
+            if let (true, Some(stem)) = (is_file, name.strip_suffix(".json")) {
                 if let Ok(k) = Key::parse(stem) {
                     keys.push(k);
                 }

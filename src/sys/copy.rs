@@ -86,7 +86,7 @@ impl Copier {
                 }
                 libc::S_IFREG => self.file(src, dst, &cname, &st, &child)?,
                 libc::S_IFLNK => self.symlink(src, dst, &cname, &st, &child)?,
-                _ => self.special(dst, &cname, &st, &child)?,
+                _ => self.special(src, dst, &cname, &st, &child)?,
             }
         }
         Ok(())
@@ -147,14 +147,21 @@ impl Copier {
         // SAFETY: both strings are NUL-terminated; dst is a valid directory fd.
         cvt(unsafe { libc::symlinkat(target.as_ptr(), dst.as_raw_fd(), name.as_ptr()) })
             .map_err(|e| self.err("symlink", rel, e))?;
-        self.meta_at(dst, name, st, rel, false)
+        self.meta_at(src, dst, name, st, rel, false)
     }
 
-    fn special(&mut self, dst: &OwnedFd, name: &CStr, st: &libc::stat, rel: &Path) -> Result<(), SysError> {
+    fn special(
+        &mut self,
+        src: &OwnedFd,
+        dst: &OwnedFd,
+        name: &CStr,
+        st: &libc::stat,
+        rel: &Path,
+    ) -> Result<(), SysError> {
         // SAFETY: name is NUL-terminated; dst is a valid directory fd.
         cvt(unsafe { libc::mknodat(dst.as_raw_fd(), name.as_ptr(), st.st_mode, st.st_rdev) })
             .map_err(|e| self.err("mknod", rel, e))?;
-        self.meta_at(dst, name, st, rel, true)
+        self.meta_at(src, dst, name, st, rel, true)
     }
 
     /// Owner, mode, xattrs and times of an open file or directory; owner first because chown clears
@@ -171,7 +178,15 @@ impl Copier {
     }
 
     /// The same for entries that cannot be opened (symlinks, devices, fifos, sockets).
-    fn meta_at(&self, dir: &OwnedFd, name: &CStr, st: &libc::stat, rel: &Path, chmod: bool) -> Result<(), SysError> {
+    fn meta_at(
+        &self,
+        src_dir: &OwnedFd,
+        dir: &OwnedFd,
+        name: &CStr,
+        st: &libc::stat,
+        rel: &Path,
+        chmod: bool,
+    ) -> Result<(), SysError> {
         let fd = dir.as_raw_fd();
         let nofollow = libc::AT_SYMLINK_NOFOLLOW;
         // SAFETY: fd is a valid directory fd and name is NUL-terminated for all calls below.
@@ -181,6 +196,15 @@ impl Copier {
             cvt(unsafe { libc::fchmodat(fd, name.as_ptr(), st.st_mode & 0o7777, 0) })
                 .map_err(|e| self.err("chmod", rel, e))?;
         }
+        // The directory fds pin both parents, so these names resolve inside them and nowhere else.
+        let at = |d: &OwnedFd| {
+            let mut p = format!("/proc/self/fd/{}/", d.as_raw_fd()).into_bytes();
+            p.extend_from_slice(name.to_bytes());
+            CString::new(p).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+        };
+        let (sp, dp) = (at(src_dir), at(dir));
+        sp.and_then(|sp| dp.and_then(|dp| copy_xattrs_path(&sp, &dp)))
+            .map_err(|e| self.err("copy xattrs", rel, e))?;
         let times = times_of(st);
         cvt(unsafe { libc::utimensat(fd, name.as_ptr(), times.as_ptr(), nofollow) })
             .map_err(|e| self.err("set times", rel, e))?;
@@ -318,6 +342,45 @@ fn copy_xattrs(src: RawFd, dst: RawFd) -> io::Result<()> {
         }
         // SAFETY: value[..len] is initialised; cname is NUL-terminated.
         let rc = unsafe { libc::fsetxattr(dst, cname.as_ptr(), value.as_ptr().cast(), len as usize, 0) };
+        if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::ENOTSUP) {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn copy_xattrs_path(src: &CStr, dst: &CStr) -> io::Result<()> {
+    // SAFETY: a null buffer with size 0 asks for the needed size; src is NUL-terminated.
+    let size = unsafe { libc::llistxattr(src.as_ptr(), std::ptr::null_mut(), 0) };
+    if size <= 0 {
+        return match io::Error::last_os_error().raw_os_error() {
+            _ if size == 0 => Ok(()),
+            Some(libc::ENOTSUP) => Ok(()),
+            _ => Err(io::Error::last_os_error()),
+        };
+    }
+    let mut names = vec![0u8; size as usize];
+    // SAFETY: names has `size` writable bytes.
+    let size = unsafe { libc::llistxattr(src.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+    if size < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    names.truncate(size as usize);
+    for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+        let cname = CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        // SAFETY: size query with a null buffer; both strings are NUL-terminated.
+        let len = unsafe { libc::lgetxattr(src.as_ptr(), cname.as_ptr(), std::ptr::null_mut(), 0) };
+        if len < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut value = vec![0u8; len as usize];
+        // SAFETY: value has `len` writable bytes.
+        let len = unsafe { libc::lgetxattr(src.as_ptr(), cname.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+        if len < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: value[..len] is initialised; the strings are NUL-terminated.
+        let rc = unsafe { libc::lsetxattr(dst.as_ptr(), cname.as_ptr(), value.as_ptr().cast(), len as usize, 0) };
         if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::ENOTSUP) {
             return Err(io::Error::last_os_error());
         }

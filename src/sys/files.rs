@@ -149,3 +149,26 @@ pub fn allocated_bytes(path: &Path) -> Result<u64, SysError> {
     }
     Ok(total)
 }
+
+/// A directory pinned by an `O_PATH` descriptor opened without following a symlink at `path`.
+/// `proc_path()` names exactly that directory for calls that take a path (mount(2)).
+#[derive(Debug)]
+pub struct PinnedDir {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl PinnedDir {
+    pub fn open(path: &Path) -> Result<PinnedDir, SysError> {
+        let fd = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY)
+            .open(path)
+            .step("open directory (not following symlinks)", path)?;
+        Ok(PinnedDir { fd: fd.into() })
+    }
+
+    pub fn proc_path(&self) -> std::path::PathBuf {
+        use std::os::fd::AsRawFd;
+        std::path::PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
