@@ -176,7 +176,9 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-pub async fn run(channel: Channel, a: BenchArgs) -> Result<(), String> {
+/// Each client gets its own connection, as kubelet and each sidecar have theirs.
+pub async fn run(endpoint: &str, a: BenchArgs) -> Result<(), String> {
+    let channel = super::connect(endpoint).await?;
     let dir = a.work_dir.join(format!("cellar-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let base = Lifecycle {
@@ -186,12 +188,16 @@ pub async fn run(channel: Channel, a: BenchArgs) -> Result<(), String> {
         size: parse_size(&a.size)?,
         params: a.params.iter().cloned().collect(),
     };
-    let result = measure(&base, &a).await;
+    let mut channels = Vec::new();
+    for _ in 0..a.concurrency.max(1) {
+        channels.push(super::connect(endpoint).await?);
+    }
+    let result = measure(&base, &a, channels).await;
     let _ = std::fs::remove_dir(Path::new(&dir));
     result
 }
 
-async fn measure(base: &Lifecycle, a: &BenchArgs) -> Result<(), String> {
+async fn measure(base: &Lifecycle, a: &BenchArgs, channels: Vec<Channel>) -> Result<(), String> {
     let mut bg = base.clone();
     let mut bg_ids = Vec::new();
     let mut scratch: [Vec<Duration>; 6] = Default::default();
@@ -207,8 +213,12 @@ async fn measure(base: &Lifecycle, a: &BenchArgs) -> Result<(), String> {
     let clients = a.concurrency.max(1);
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for c in 0..clients {
-        let mut lc = base.clone();
+    for (c, channel) in channels.into_iter().enumerate().take(clients) {
+        let mut lc = Lifecycle {
+            ctl: ControllerClient::new(channel.clone()),
+            node: NodeClient::new(channel),
+            ..base.clone()
+        };
         let names: Vec<String> = (0..a.volumes)
             .filter(|i| i % clients == c)
             .map(|i| format!("{}-{i}", a.prefix))

@@ -394,6 +394,6 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
                 token = r.next_token;
             }
         }
-        CsiCommand::Bench(b) => bench::run(channel, b).await,
+        CsiCommand::Bench(b) => bench::run(&args.endpoint, b).await,
     }
 }
