@@ -44,6 +44,61 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<CopyStats, SysError> {
     Ok(c.stats)
 }
 
+/// Copies one regular file (an image volume) to `dst`, which must not exist: shared extents where
+/// the filesystem can (reflink), otherwise only the data extents, so holes stay holes.
+pub fn copy_file(src: &Path, dst: &Path) -> Result<CopyStats, SysError> {
+    let s =
+        open_path(src, libc::O_RDONLY | libc::O_NOFOLLOW, 0).map_err(|e| SysError::io("open copy source", src, e))?;
+    let st = fstatat(s.as_raw_fd(), c"", libc::AT_EMPTY_PATH).map_err(|e| SysError::io("stat", src, e))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(SysError::io(
+            "copy (not a regular file)",
+            src,
+            io::Error::from_raw_os_error(libc::EINVAL),
+        ));
+    }
+    let d = open_path(
+        dst,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+        0o600,
+    )
+    .map_err(|e| SysError::io("create", dst, e))?;
+    let size = st.st_size as u64;
+    let mut stats = CopyStats {
+        files: 1,
+        bytes: size,
+        reflinked: 0,
+    };
+    if reflink(&s, &d).is_ok() {
+        stats.reflinked = 1;
+    } else {
+        copy_data(&s, &d, size).map_err(|e| SysError::io("copy data", dst, e))?;
+    }
+    // SAFETY: d is a valid fd.
+    cvt(unsafe { libc::fsync(d.as_raw_fd()) }).map_err(|e| SysError::io("fsync", dst, e))?;
+    Ok(stats)
+}
+
+/// Whether the filesystem holding `dir` can share extents between files (btrfs, xfs with reflink).
+pub fn supports_reflink(dir: &Path) -> bool {
+    let a = dir.join(format!(".reflink-probe-{}", std::process::id()));
+    let b = dir.join(format!(".reflink-probe-{}-copy", std::process::id()));
+    let result = (|| -> io::Result<()> {
+        std::fs::write(&a, b"probe")?;
+        let s = open_path(&a, libc::O_RDONLY, 0)?;
+        let d = open_path(&b, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)?;
+        reflink(&s, &d)
+    })();
+    let _ = std::fs::remove_file(&a);
+    let _ = std::fs::remove_file(&b);
+    result.is_ok()
+}
+
+fn open_path(p: &Path, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+    let c = cstr(p.as_os_str())?;
+    openat(libc::AT_FDCWD, &c, flags, mode)
+}
+
 struct Copier {
     dst_root: PathBuf,
     /// (dev, ino) of a multiply-linked source file → where its first copy went.

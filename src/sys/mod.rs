@@ -1,8 +1,11 @@
 //! The only place that makes syscalls or runs tools. Everything above it goes through these
 //! functions and the [`mount::Mounter`] trait, so storage and node logic can be tested without root.
 
+pub mod btrfs;
 pub mod copy;
 pub mod files;
+pub mod fstools;
+pub mod loopdev;
 pub mod mount;
 pub mod mountinfo;
 pub mod statfs;

@@ -47,6 +47,8 @@ impl BindFlags {
 pub trait Mounter: Send + Sync {
     /// Bind-mounts `source` on `target` and applies `flags` (a read-only bind is bind + remount).
     fn bind(&self, source: &Path, target: &Path, flags: BindFlags) -> Result<(), SysError>;
+    /// Mounts the filesystem on `device` (a loop device) at `target`.
+    fn mount_fs(&self, device: &Path, target: &Path, fs_type: &str, flags: BindFlags) -> Result<(), SysError>;
     /// Unmounts the topmost mount at `target`.
     fn unmount(&self, target: &Path) -> Result<(), SysError>;
     /// Whether `path` is the root of a mount, including a bind mount from the same filesystem.
@@ -73,6 +75,11 @@ impl Mounter for LinuxMounter {
             }
         }
         Ok(())
+    }
+
+    fn mount_fs(&self, device: &Path, target: &Path, fs_type: &str, flags: BindFlags) -> Result<(), SysError> {
+        nix::mount::mount(Some(device), target, Some(fs_type), flags.ms_flags(), None::<&str>)
+            .step("mount filesystem onto", target)
     }
 
     fn unmount(&self, target: &Path) -> Result<(), SysError> {
@@ -155,6 +162,18 @@ impl Mounter for RecordingMounter {
         s.calls
             .push(format!("bind {} {} {:?}", source.display(), target.display(), flags));
         s.mounted.push((source.to_path_buf(), target.to_path_buf(), flags));
+        Ok(())
+    }
+
+    fn mount_fs(&self, device: &Path, target: &Path, fs_type: &str, flags: BindFlags) -> Result<(), SysError> {
+        let mut s = self.lock();
+        s.calls.push(format!(
+            "mount {} {} {fs_type} {:?}",
+            device.display(),
+            target.display(),
+            flags
+        ));
+        s.mounted.push((device.to_path_buf(), target.to_path_buf(), flags));
         Ok(())
     }
 

@@ -1,0 +1,481 @@
+//! Filesystems inside image files: make, grow, recognise, freeze.
+//!
+//! mkfs, e2fsck, resize2fs and xfs_growfs have no syscall equivalent and run through
+//! [`super::run_tool`]; recognising a filesystem and freezing one are done here directly.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::process::Command;
+
+use super::{run_tool, Step, SysError};
+
+// linux/fs.h: #define FIFREEZE _IOWR('X', 119, int), #define FITHAW _IOWR('X', 120, int)
+const FIFREEZE: libc::Ioctl = libc::_IOWR::<libc::c_int>(b'X' as u32, 119);
+const FITHAW: libc::Ioctl = libc::_IOWR::<libc::c_int>(b'X' as u32, 120);
+
+/// A filesystem cellar makes inside `image` volumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsType {
+    Ext4,
+    Xfs,
+}
+
+impl FsType {
+    pub fn parse(s: &str) -> Option<FsType> {
+        match s {
+            "ext4" => Some(FsType::Ext4),
+            "xfs" => Some(FsType::Xfs),
+            _ => None,
+        }
+    }
+
+    /// The name mount(2) and mkfs know it by.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+        }
+    }
+}
+
+impl std::fmt::Display for FsType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Makes a filesystem on a file or block device, quickly: nothing is discarded (a new sparse image
+/// has nothing to discard) and ext4 initialises inode tables and journal lazily after mount.
+///
+/// ext4 gets `-m 0`: the 5% reserved for root exists to keep a system disk usable, but in a volume
+/// it would make `df` show less than the requested capacity to the (usually non-root) workload,
+/// and a pod with CAP_SYS_RESOURCE could use it while others could not.
+/// xfs: xfsprogs ≥ 5.1 makes reflink=1 by default, so no option is needed.
+pub fn mkfs(fs: FsType, target: &Path) -> Result<(), SysError> {
+    let t = target.to_string_lossy();
+    match fs {
+        FsType::Ext4 => run_tool(
+            "mkfs.ext4",
+            &[
+                "-F",
+                "-q",
+                // 4 KiB blocks: a loop device with direct I/O takes the 4 KiB logical block size of
+                // the disk under the pool, and a 1 KiB-block ext4 (mke2fs's choice for small
+                // filesystems) then refuses to mount ("bad block size").
+                "-b",
+                "4096",
+                "-m",
+                "0",
+                "-E",
+                "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+                &t,
+            ],
+        ),
+        FsType::Xfs => run_tool("mkfs.xfs", &["-f", "-q", "-K", "-s", "size=4096", &t]),
+    }
+    .map(|_| ())
+}
+
+/// Grows a mounted filesystem to the size of its device (after the image grew and the loop device
+/// took the new size). xfs grows through its mountpoint, ext4 through its device.
+///
+/// Online ext4 growth needs CAP_SYS_RESOURCE (the kernel's EXT4_IOC_RESIZE_FS checks it): a
+/// privileged pod has it, a sandbox without it gets resize2fs's "Operation not permitted".
+pub fn grow_online(fs: FsType, device: &Path, mountpoint: &Path) -> Result<(), SysError> {
+    match fs {
+        FsType::Xfs => run_tool("xfs_growfs", &["-d", &mountpoint.to_string_lossy()]),
+        FsType::Ext4 => run_tool("resize2fs", &[&device.to_string_lossy()]),
+    }
+    .map(|_| ())
+}
+
+/// Grows an unmounted filesystem on `device` (a loop device or the image file itself) to its
+/// size. ext4: a forced check first, because resize2fs refuses a filesystem not checked since its
+/// last mount. xfs can only grow while mounted: that is an error here.
+///
+/// The check runs with `-p` (preen): it repairs what is safe to repair unattended and fails on
+/// anything worse, rather than `-y`, which answers yes to every repair and can throw data away.
+pub fn grow_offline(fs: FsType, device: &Path) -> Result<(), SysError> {
+    match fs {
+        FsType::Xfs => Err(SysError::io(
+            "grow xfs (xfs grows only while mounted: use grow_online)",
+            device,
+            io::Error::from_raw_os_error(libc::EOPNOTSUPP),
+        )),
+        FsType::Ext4 => {
+            let d = device.to_string_lossy();
+            e2fsck_preen(&d)?;
+            run_tool("resize2fs", &[&d]).map(|_| ())
+        }
+    }
+}
+
+/// `e2fsck -f -p`: exit status 0 is clean and 1 is "errors corrected"; both are fine. Anything
+/// else (4: left uncorrected, 8: operational error ...) fails with e2fsck's output.
+fn e2fsck_preen(device: &str) -> Result<(), SysError> {
+    let args = ["-f", "-p", device];
+    let out = Command::new("e2fsck").args(args).output().map_err(|e| SysError::Tool {
+        tool: "e2fsck".into(),
+        status: "not started".into(),
+        stderr: e.to_string(),
+    })?;
+    match out.status.code() {
+        Some(0) | Some(1) => Ok(()),
+        _ => {
+            // e2fsck -p explains itself on stdout as much as on stderr.
+            let mut msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            if !stdout.trim().is_empty() {
+                if !msg.is_empty() {
+                    msg.push('\n');
+                }
+                msg.push_str(stdout.trim());
+            }
+            Err(SysError::Tool {
+                tool: format!("e2fsck {}", args.join(" ")),
+                status: out.status.to_string(),
+                stderr: msg,
+            })
+        }
+    }
+}
+
+/// Which filesystem an unmounted file or device holds, read from the superblock magic itself:
+/// xfs has "XFSB" at offset 0, ext2/3/4 have 0xEF53 (little endian) at 1080. ext2 and ext3 count
+/// as ext4, which mounts them.
+///
+/// `None` only when neither is there and nothing else is recognised either. A known signature of
+/// something else (btrfs, LUKS, swap, a partition table), or both xfs and ext magics at once, is an
+/// error: the caller must never take such a device for empty and format it.
+pub fn probe(target: &Path) -> Result<Option<FsType>, SysError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(target)
+        .step("open", target)?;
+    let xfs = read_at(&f, target, 0, 4)?.is_some_and(|m| m == b"XFSB");
+    let ext = read_at(&f, target, 1080, 2)?.is_some_and(|m| m == [0x53, 0xEF]);
+    match (xfs, ext) {
+        (true, true) => Err(SysError::io(
+            "probe (both xfs and ext4 superblocks found; refusing to guess)",
+            target,
+            io::Error::from_raw_os_error(libc::EUCLEAN),
+        )),
+        (true, false) => Ok(Some(FsType::Xfs)),
+        (false, true) => Ok(Some(FsType::Ext4)),
+        (false, false) => match foreign_signature(&f, target)? {
+            Some(step) => Err(SysError::io(
+                step,
+                target,
+                io::Error::from_raw_os_error(libc::EMEDIUMTYPE),
+            )),
+            None => Ok(None),
+        },
+    }
+}
+
+/// Signatures of content that is neither ext4 nor xfs but must not be formatted over.
+fn foreign_signature(f: &File, target: &Path) -> Result<Option<&'static str>, SysError> {
+    const CHECKS: &[(u64, &[u8], &str)] = &[
+        (
+            0x10040,
+            b"_BHRfS_M",
+            "probe (found a btrfs filesystem, neither ext4 nor xfs)",
+        ),
+        (0, b"LUKS\xba\xbe", "probe (found a LUKS header, neither ext4 nor xfs)"),
+        (
+            4096 - 10,
+            b"SWAPSPACE2",
+            "probe (found swap space, neither ext4 nor xfs)",
+        ),
+        (
+            512,
+            b"EFI PART",
+            "probe (found a GPT partition table, neither ext4 nor xfs)",
+        ),
+        (
+            510,
+            &[0x55, 0xAA],
+            "probe (found an MBR boot sector, neither ext4 nor xfs)",
+        ),
+    ];
+    for (offset, magic, step) in CHECKS {
+        if read_at(f, target, *offset, magic.len())?.is_some_and(|m| m == *magic) {
+            return Ok(Some(step));
+        }
+    }
+    Ok(None)
+}
+
+/// `len` bytes at `offset`, `None` when the file is shorter.
+fn read_at(f: &File, target: &Path, offset: u64, len: usize) -> Result<Option<Vec<u8>>, SysError> {
+    let mut buf = vec![0u8; len];
+    match f.read_exact_at(&mut buf, offset) {
+        Ok(()) => Ok(Some(buf)),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(SysError::io("read superblock", target, e)),
+    }
+}
+
+/// Freezes the filesystem mounted at `mountpoint` (FIFREEZE): writes block until [`thaw`], and the
+/// filesystem on disk is consistent, so a copy of the image taken now is too.
+/// Freezing a filesystem that is already frozen fails with EBUSY: someone else holds that freeze.
+pub fn freeze(mountpoint: &Path) -> Result<(), SysError> {
+    let d = open_dir(mountpoint)?;
+    // SAFETY: FIFREEZE ignores its argument; `d` is an open fd.
+    cvt(unsafe { libc::ioctl(d.as_raw_fd(), FIFREEZE, 0) })
+        .step("freeze (FIFREEZE)", mountpoint)
+        .map(|_| ())
+}
+
+/// Thaws a filesystem frozen by [`freeze`] (FITHAW). One that is not frozen is fine, so a thaw
+/// can be repeated after a crash.
+pub fn thaw(mountpoint: &Path) -> Result<(), SysError> {
+    let d = open_dir(mountpoint)?;
+    // SAFETY: FITHAW ignores its argument; `d` is an open fd.
+    match cvt(unsafe { libc::ioctl(d.as_raw_fd(), FITHAW, 0) }) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+        Err(e) => Err(SysError::io("thaw (FITHAW)", mountpoint, e)),
+    }
+}
+
+fn open_dir(path: &Path) -> Result<File, SysError> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_DIRECTORY)
+        .open(path)
+        .step("open", path)
+}
+
+fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::sys::loopdev::{self, fixture::Image};
+    use crate::sys::statfs;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn fs_type_names_round_trip() {
+        for fs in [FsType::Ext4, FsType::Xfs] {
+            assert_eq!(FsType::parse(fs.as_str()), Some(fs));
+        }
+        assert_eq!(FsType::parse("btrfs"), None);
+        assert_eq!(FsType::parse("EXT4"), None);
+    }
+
+    #[test]
+    // libc::Ioctl is c_ulong on glibc and c_int on musl: the cast is a no-op only on some targets.
+    #[allow(clippy::unnecessary_cast)]
+    fn freeze_ioctl_numbers_match_linux_fs_h() {
+        assert_eq!(FIFREEZE as u64, 0xc004_5877);
+        assert_eq!(FITHAW as u64, 0xc004_5878);
+    }
+
+    #[test]
+    fn probe_of_a_zeroed_or_short_file_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, b"XFS").unwrap();
+        assert_eq!(probe(&short).unwrap(), None);
+        let zero = dir.path().join("zero");
+        std::fs::File::create(&zero).unwrap().set_len(MIB).unwrap();
+        assert_eq!(probe(&zero).unwrap(), None);
+    }
+
+    #[test]
+    fn probe_refuses_other_signatures_and_both_magics() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        let file = std::fs::File::create(&f).unwrap();
+        file.set_len(MIB).unwrap();
+        file.write_all_at(b"SWAPSPACE2", 4086).unwrap();
+        assert_eq!(probe(&f).unwrap_err().errno(), Some(libc::EMEDIUMTYPE));
+        file.write_all_at(b"XFSB", 0).unwrap();
+        assert_eq!(probe(&f).unwrap(), Some(FsType::Xfs));
+        file.write_all_at(&[0x53, 0xEF], 1080).unwrap();
+        assert_eq!(probe(&f).unwrap_err().errno(), Some(libc::EUCLEAN));
+    }
+
+    #[test]
+    fn mkfs_failure_carries_the_tools_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = mkfs(FsType::Xfs, &dir.path().join("missing/image")).unwrap_err();
+        assert!(
+            matches!(err, SysError::Tool { ref stderr, .. } if !stderr.is_empty()),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ext4_on_a_file_probes_mounts_and_has_no_reserved_blocks() {
+        let mut img = Image::new(256 * MIB);
+        assert_eq!(probe(&img.file).unwrap(), None);
+        mkfs(FsType::Ext4, &img.file).unwrap();
+        assert_eq!(probe(&img.file).unwrap(), Some(FsType::Ext4));
+        // s_r_blocks_count_lo, 8 bytes into the superblock at 1024: -m 0 reserves nothing for root.
+        let mut reserved = [0u8; 4];
+        std::fs::File::open(&img.file)
+            .unwrap()
+            .read_exact_at(&mut reserved, 1032)
+            .unwrap();
+        assert_eq!(u32::from_le_bytes(reserved), 0);
+        img.attach();
+        assert_eq!(probe(&img.dev_path()).unwrap(), Some(FsType::Ext4));
+        img.mount("ext4");
+        std::fs::write(img.mnt.join("hello"), b"world").unwrap();
+        let total = statfs::usage(&img.mnt).unwrap().total_bytes;
+        assert!(total > 200 * MIB && total <= 256 * MIB, "{total}");
+        img.finish();
+    }
+
+    #[test]
+    fn xfs_on_a_device_probes_and_mounts() {
+        let mut img = Image::new(512 * MIB);
+        img.attach();
+        mkfs(FsType::Xfs, &img.dev_path()).unwrap();
+        assert_eq!(probe(&img.dev_path()).unwrap(), Some(FsType::Xfs));
+        assert_eq!(probe(&img.file).unwrap(), Some(FsType::Xfs));
+        img.mount("xfs");
+        std::fs::write(img.mnt.join("hello"), b"world").unwrap();
+        assert_eq!(std::fs::read(img.mnt.join("hello")).unwrap(), b"world");
+        img.finish();
+    }
+
+    #[test]
+    fn xfs_grows_online_after_the_image_grew() {
+        let mut img = Image::new(512 * MIB);
+        let dev = img.attach();
+        mkfs(FsType::Xfs, &dev.path).unwrap();
+        img.mount("xfs");
+        let before = statfs::usage(&img.mnt).unwrap().total_bytes;
+        img.grow_file(1024 * MIB);
+        loopdev::refresh_capacity(&dev).unwrap();
+        grow_online(FsType::Xfs, &dev.path, &img.mnt).unwrap();
+        let after = statfs::usage(&img.mnt).unwrap().total_bytes;
+        assert!(after > before + 400 * MIB, "before {before} after {after}");
+        img.finish();
+    }
+
+    /// The kernel lets only CAP_SYS_RESOURCE resize a mounted ext4; without it the tool's message
+    /// must come through.
+    #[test]
+    fn ext4_grows_online_when_cap_sys_resource_is_held() {
+        let mut img = Image::new(256 * MIB);
+        let dev = img.attach();
+        mkfs(FsType::Ext4, &dev.path).unwrap();
+        img.mount("ext4");
+        let before = statfs::usage(&img.mnt).unwrap().total_bytes;
+        img.grow_file(512 * MIB);
+        loopdev::refresh_capacity(&dev).unwrap();
+        let result = grow_online(FsType::Ext4, &dev.path, &img.mnt);
+        let after = statfs::usage(&img.mnt).unwrap().total_bytes;
+        if has_cap_sys_resource() {
+            result.unwrap();
+            assert!(after > before + 200 * MIB, "before {before} after {after}");
+        } else {
+            let err = result.unwrap_err();
+            assert!(matches!(err, SysError::Tool { .. }), "{err}");
+            assert_eq!(after, before);
+            eprintln!("online ext4 grow without CAP_SYS_RESOURCE: {err}");
+        }
+        img.finish();
+    }
+
+    fn has_cap_sys_resource() -> bool {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let eff = status
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap();
+        eff & (1 << 24) != 0
+    }
+
+    #[test]
+    fn ext4_grows_offline_on_its_device() {
+        let mut img = Image::new(256 * MIB);
+        let dev = img.attach();
+        mkfs(FsType::Ext4, &dev.path).unwrap();
+        img.mount("ext4");
+        std::fs::write(img.mnt.join("keep"), b"data").unwrap();
+        let before = statfs::usage(&img.mnt).unwrap().total_bytes;
+        img.unmount();
+        img.grow_file(512 * MIB);
+        loopdev::refresh_capacity(&dev).unwrap();
+        grow_offline(FsType::Ext4, &dev.path).unwrap();
+        img.mount("ext4");
+        let after = statfs::usage(&img.mnt).unwrap().total_bytes;
+        assert!(after > before + 200 * MIB, "before {before} after {after}");
+        assert_eq!(std::fs::read(img.mnt.join("keep")).unwrap(), b"data");
+        img.finish();
+    }
+
+    #[test]
+    fn xfs_cannot_grow_offline() {
+        let err = grow_offline(FsType::Xfs, Path::new("/dev/null")).unwrap_err();
+        assert_eq!(err.errno(), Some(libc::EOPNOTSUPP));
+        assert!(err.to_string().contains("only while mounted"), "{err}");
+    }
+
+    #[test]
+    fn freeze_blocks_writes_until_thaw() {
+        let mut img = Image::new(256 * MIB);
+        img.attach();
+        mkfs(FsType::Ext4, &img.dev_path()).unwrap();
+        img.mount("ext4");
+        freeze(&img.mnt).unwrap();
+        assert_eq!(freeze(&img.mnt).unwrap_err().errno(), Some(libc::EBUSY));
+        let (tx, rx) = mpsc::channel();
+        let file = img.mnt.join("written-while-frozen");
+        let writer = std::thread::spawn(move || {
+            let r = std::fs::write(&file, b"late");
+            let _ = tx.send(r.map(|_| Instant::now()));
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "a write went through a frozen filesystem"
+        );
+        let thawed = Instant::now();
+        thaw(&img.mnt).unwrap();
+        let done = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("write still blocked after thaw");
+        assert!(done.unwrap() >= thawed);
+        writer.join().unwrap();
+        thaw(&img.mnt).unwrap(); // not frozen: fine
+        img.finish();
+    }
+
+    #[test]
+    #[ignore = "timing, run by hand with --nocapture"]
+    fn bench_mkfs_1gib() {
+        for fs in [FsType::Ext4, FsType::Xfs] {
+            let mut times = Vec::new();
+            for _ in 0..10 {
+                let img = Image::new(1 << 30);
+                let t = Instant::now();
+                mkfs(fs, &img.file).unwrap();
+                times.push(t.elapsed());
+                img.finish();
+            }
+            times.sort();
+            eprintln!("mkfs {fs} of a 1 GiB file: p50 {:?} max {:?}", times[5], times[9]);
+        }
+    }
+}
