@@ -62,7 +62,11 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
 
     let engine = Arc::new(LocalEngine::open(node.clone(), &config)?);
     let state = Arc::new(NodeState::open(&o.data_dir.join("node"))?);
-    ready.store(true, Ordering::Release);
+    // A pool that could not be opened keeps Probe not-ready; the others still serve.
+    ready.store(engine.ready(), Ordering::Release);
+    for (pool, reason) in engine.broken_pools() {
+        tracing::error!(pool = pool.as_str(), reason, "pool not open");
+    }
     tracing::info!(
         node = node.as_str(),
         socket = %socket.display(),

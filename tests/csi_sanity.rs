@@ -6,9 +6,10 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::fs::TestFs;
 use common::*;
 
 /// The skip reasons csi-sanity prints for capabilities cellar deliberately does not advertise.
@@ -17,9 +18,6 @@ const HONEST_SKIPS: &[&str] = &[
     "ControllerUnpublishVolume not supported",
     "Controller Publish, UnpublishVolume not supported",
     "GroupControllerService not supported",
-    "ControllerModifyVolume not supported",
-    "Modify Volume not supported",
-    "Modify volume not supported",
     "GetSnapshot not supported",
 ];
 
@@ -34,9 +32,9 @@ fn find_sanity() -> Option<PathBuf> {
     })
 }
 
-#[tokio::test]
-async fn csi_sanity_passes_against_all_in_one() {
-    let Some(sanity) = find_sanity() else {
+fn sanity_or_note() -> Option<PathBuf> {
+    let found = find_sanity();
+    if found.is_none() {
         assert!(
             std::env::var("CELLAR_REQUIRE_CSI_SANITY").is_err(),
             "CELLAR_REQUIRE_CSI_SANITY is set but no csi-sanity is on PATH"
@@ -44,17 +42,23 @@ async fn csi_sanity_passes_against_all_in_one() {
         eprintln!(
             "csi-sanity not on PATH: upstream conformance run not done here (tests/conformance.rs covers its cases)"
         );
-        return;
-    };
-    let d = Driver::start().await;
+    }
+    found
+}
+
+/// Runs csi-sanity against `d` with `params` as the StorageClass parameters of every volume.
+fn run_sanity(sanity: &Path, d: &Driver, params: &str, size: i64, expand: i64) {
+    let params_file = d.path("sanity-params.yaml");
+    std::fs::write(&params_file, params).expect("params file");
     let out = Command::new("timeout")
         .arg("600")
-        .arg(&sanity)
+        .arg(sanity)
         .arg(format!("--csi.endpoint={}", d.endpoint()))
         .arg(format!("--csi.mountdir={}", d.path("sanity-mnt").display()))
         .arg(format!("--csi.stagingdir={}", d.path("sanity-stg").display()))
-        .arg(format!("--csi.testvolumesize={}", 64 * MIB))
-        .arg(format!("--csi.testvolumeexpandsize={}", 96 * MIB))
+        .arg(format!("--csi.testvolumesize={size}"))
+        .arg(format!("--csi.testvolumeexpandsize={expand}"))
+        .arg(format!("--csi.testvolumeparameters={}", params_file.display()))
         .args(["--ginkgo.no-color", "--ginkgo.v"])
         .output()
         .expect("run csi-sanity");
@@ -63,7 +67,7 @@ async fn csi_sanity_passes_against_all_in_one() {
         .lines()
         .filter(|l| l.contains("Passed") && l.contains("Failed"))
         .collect();
-    assert!(out.status.success(), "csi-sanity failed:\n{}", tail(&text, 120));
+    assert!(out.status.success(), "csi-sanity failed:\n{}", tail(&text, 150));
     assert!(!summary.is_empty(), "no csi-sanity summary line:\n{}", tail(&text, 40));
     let bad_skips: Vec<&str> = text
         .lines()
@@ -75,7 +79,43 @@ async fn csi_sanity_passes_against_all_in_one() {
         bad_skips.is_empty(),
         "csi-sanity skipped specs for capabilities we offer: {bad_skips:?}"
     );
-    eprintln!("csi-sanity: {}", summary.join(" | "));
+    eprintln!("csi-sanity ({params:?}): {}", summary.join(" | "));
+}
+
+#[tokio::test]
+async fn csi_sanity_passes_against_all_in_one() {
+    let Some(sanity) = sanity_or_note() else { return };
+    let d = Driver::start().await;
+    run_sanity(&sanity, &d, "{}\n", 64 * MIB, 96 * MIB);
+}
+
+async fn with_pool(kind: &str, layout: &str) -> (TestFs, Driver) {
+    let fs = TestFs::new(kind, 2048);
+    let cfg = fs.dir.path().join("pools.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "pools:\n  - name: p\n    path: {}\n    layout: {layout}\n",
+            fs.path("pool").display()
+        ),
+    )
+    .expect("config");
+    let d = Driver::start_with(&["--config", cfg.to_str().expect("utf-8")], &[]).await;
+    (fs, d)
+}
+
+#[tokio::test]
+async fn csi_sanity_passes_on_a_btrfs_pool() {
+    let Some(sanity) = sanity_or_note() else { return };
+    let (_fs, d) = with_pool("btrfs", "btrfs").await;
+    run_sanity(&sanity, &d, "pool: p\nlayout: btrfs\n", 64 * MIB, 96 * MIB);
+}
+
+#[tokio::test]
+async fn csi_sanity_passes_on_an_image_pool() {
+    let Some(sanity) = sanity_or_note() else { return };
+    let (_fs, d) = with_pool("xfs", "image").await;
+    run_sanity(&sanity, &d, "pool: p\nlayout: image\n", 64 * MIB, 96 * MIB);
 }
 
 fn tail(s: &str, n: usize) -> String {

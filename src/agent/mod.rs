@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::storage::engine::{CapacityRange, Condition, LocalEngine, NewVolume, PoolStatus};
+use crate::storage::engine::{CapacityRange, Condition, LocalEngine, Mutable, NewVolume, PoolStatus};
 use crate::storage::id::{NodeId, SnapshotId, VolumeId};
 use crate::storage::record::{SnapshotRecord, VolumeRecord};
 use crate::storage::StorageError;
@@ -13,7 +13,9 @@ pub trait Agent: Send + Sync {
     fn node(&self) -> &NodeId;
     async fn create_volume(&self, req: NewVolume) -> Result<VolumeRecord, StorageError>;
     async fn delete_volume(&self, id: VolumeId) -> Result<(), StorageError>;
-    async fn expand_volume(&self, id: VolumeId, range: CapacityRange) -> Result<VolumeRecord, StorageError>;
+    /// Grows a volume; the flag says whether the node must grow a filesystem too.
+    async fn expand_volume(&self, id: VolumeId, range: CapacityRange) -> Result<(VolumeRecord, bool), StorageError>;
+    async fn modify_volume(&self, id: VolumeId, m: Mutable) -> Result<VolumeRecord, StorageError>;
     async fn volume(&self, id: VolumeId) -> Result<Option<(VolumeRecord, Condition)>, StorageError>;
     /// Every volume with its condition, in volume-id order.
     async fn volumes(&self) -> Result<Vec<(VolumeRecord, Condition)>, StorageError>;
@@ -68,8 +70,12 @@ impl Agent for LocalAgent {
         self.blocking(move |e| e.delete_volume(&id)).await
     }
 
-    async fn expand_volume(&self, id: VolumeId, range: CapacityRange) -> Result<VolumeRecord, StorageError> {
+    async fn expand_volume(&self, id: VolumeId, range: CapacityRange) -> Result<(VolumeRecord, bool), StorageError> {
         self.blocking(move |e| e.expand_volume(&id, range)).await
+    }
+
+    async fn modify_volume(&self, id: VolumeId, m: Mutable) -> Result<VolumeRecord, StorageError> {
+        self.blocking(move |e| e.modify_volume(&id, &m)).await
     }
 
     async fn volume(&self, id: VolumeId) -> Result<Option<(VolumeRecord, Condition)>, StorageError> {

@@ -37,6 +37,7 @@ pub const CAPABILITIES: &[rpc::Type] = &[
     rpc::Type::VolumeCondition,
     rpc::Type::GetVolume,
     rpc::Type::SingleNodeMultiWriter,
+    rpc::Type::ModifyVolume,
 ];
 
 fn csi_volume(r: &VolumeRecord, node: &NodeId) -> Volume {
@@ -96,13 +97,18 @@ impl ControllerService {
             return Err(missing("name"));
         }
         let capabilities = caps::capabilities(&r.volume_capabilities)?;
-        let (mode, access_modes, fs_type) = caps::summarize(&capabilities)?;
+        let (mode, access_modes, cap_fs_type) = caps::summarize(&capabilities)?;
         let params = request::volume_params(&r.parameters)?;
-        if let Some(k) = r.mutable_parameters.keys().next() {
-            return Err(Status::invalid_argument(format!(
-                "mutable parameter '{k}' is not supported: this driver has no mutable parameters yet"
-            )));
-        }
+        let fs_type = match (cap_fs_type.as_str(), &params.fs_type) {
+            ("", Some(p)) => p.clone(),
+            (c, Some(p)) if c != p => {
+                return Err(Status::invalid_argument(format!(
+                    "the capability asks for filesystem '{c}' but the parameters for '{p}'"
+                )))
+            }
+            _ => cap_fs_type,
+        };
+        let mutable = request::mutable_params(&r.mutable_parameters)?;
         let capacity = request::capacity(r.capacity_range.as_ref())?;
         let source = request::source(r.volume_content_source.as_ref())?;
         let spec = NewVolume {
@@ -115,6 +121,8 @@ impl ControllerService {
             fs_type,
             parameters: params.all,
             source: source.clone(),
+            delete_policy: params.delete_policy,
+            mutable,
         };
 
         // A name already taken anywhere answers for itself: the same request gets the same volume.
@@ -333,12 +341,19 @@ impl Controller for ControllerService {
                 for p in agent.pools().await? {
                     let pool_ok = match &params.pool {
                         Some(name) => *name == p.name,
-                        None => true,
+                        None => p.is_default,
                     };
-                    let layout_ok = params.layout.is_none_or(|l| p.layouts.contains(&l));
+                    let layout = params.layout.unwrap_or(p.default_layout);
+                    let layout_ok = p.layouts.contains(&layout);
+                    let image = layout == crate::storage::record::Layout::Image;
+                    let room = if image {
+                        p.image_allocatable_bytes
+                    } else {
+                        p.available_bytes
+                    };
                     if pool_ok && layout_ok {
-                        total = total.saturating_add(p.available_bytes);
-                        largest = largest.max(p.available_bytes);
+                        total = total.saturating_add(room);
+                        largest = largest.max(room);
                     }
                 }
             }
@@ -484,11 +499,11 @@ impl Controller for ControllerService {
             };
             let range = request::capacity(Some(range))?;
             let (id, agent) = self.volume_owner(&r.volume_id)?;
-            let rec = agent.expand_volume(id, range).await?;
+            let (rec, node_step) = agent.expand_volume(id, range).await?;
             Ok(ControllerExpandVolumeResponse {
                 capacity_bytes: rec.capacity_bytes as i64,
-                // A dir volume has nothing to grow on the node.
-                node_expansion_required: false,
+                // Only an image volume has a filesystem (or loop device) for the node to grow.
+                node_expansion_required: node_step,
             })
         })
         .await
@@ -522,10 +537,24 @@ impl Controller for ControllerService {
 
     async fn controller_modify_volume(
         &self,
-        _: Request<ControllerModifyVolumeRequest>,
+        req: Request<ControllerModifyVolumeRequest>,
     ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerModifyVolume is not offered: no layout of this version has mutable parameters",
-        ))
+        let r = req.into_inner();
+        traced("ControllerModifyVolume", &r.volume_id, async {
+            if r.volume_id.is_empty() {
+                return Err(missing("volume_id"));
+            }
+            let (id, agent) = self.volume_owner(&r.volume_id)?;
+            if agent.volume(id.clone()).await?.is_none() {
+                return Err(Status::not_found(format!("volume {} not found", r.volume_id)));
+            }
+            let m = request::mutable_params(&r.mutable_parameters)?;
+            if !m.is_empty() {
+                agent.modify_volume(id, m).await?;
+            }
+            Ok(ControllerModifyVolumeResponse {})
+        })
+        .await
+        .map(Response::new)
     }
 }

@@ -7,13 +7,19 @@ use tonic::Status;
 use crate::csi::status::invalid;
 use crate::csi::v1::{self, Topology, TopologyRequirement};
 use crate::csi::TOPOLOGY_NODE_KEY;
-use crate::storage::engine::{CapacityRange, Source};
+use crate::storage::config::DeletePolicy;
+use crate::storage::engine::{CapacityRange, Mutable, Source};
 use crate::storage::id::{NodeId, PoolName, SnapshotId, VolumeId};
 use crate::storage::record::Layout;
 
 /// StorageClass parameters we understand.
 pub const PARAM_POOL: &str = "pool";
 pub const PARAM_LAYOUT: &str = "layout";
+pub const PARAM_DELETE_POLICY: &str = "deletePolicy";
+/// The filesystem type; the sidecar normally moves it into the capability, but it may arrive here.
+pub const PARAM_FS_TYPE: &str = "csi.storage.k8s.io/fstype";
+/// Mutable parameters (VolumeAttributesClass).
+pub const MUTABLE_COMPRESSION: &str = "compression";
 /// Keys the Kubernetes sidecars add (PVC/PV names with --extra-create-metadata); kept, not interpreted.
 const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
 
@@ -21,6 +27,8 @@ const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
 pub struct VolumeParams {
     pub pool: Option<PoolName>,
     pub layout: Option<Layout>,
+    pub delete_policy: Option<DeletePolicy>,
+    pub fs_type: Option<String>,
     /// Every parameter as given, so a repeated request can be compared with the first.
     pub all: BTreeMap<String, String>,
 }
@@ -39,15 +47,47 @@ pub fn volume_params(p: &HashMap<String, String>) -> Result<VolumeParams, Status
                         .ok_or_else(|| invalid(format!("parameter layout '{v}' is unknown (known: dir, btrfs, image)")))?,
                 )
             }
+            PARAM_DELETE_POLICY => out.delete_policy = Some(delete_policy(v)?),
+            PARAM_FS_TYPE => out.fs_type = Some(v.clone()),
             k if k.starts_with(SIDECAR_PREFIX) => {}
             other => {
                 return Err(invalid(format!(
-                    "unknown parameter '{other}' (known: {PARAM_POOL}, {PARAM_LAYOUT}, and the {SIDECAR_PREFIX}* keys of the sidecars)"
+                    "unknown parameter '{other}' (known: {PARAM_POOL}, {PARAM_LAYOUT}, {PARAM_DELETE_POLICY}, {PARAM_FS_TYPE}, and the {SIDECAR_PREFIX}* keys of the sidecars)"
                 )))
             }
         }
     }
     Ok(out)
+}
+
+fn delete_policy(v: &str) -> Result<DeletePolicy, Status> {
+    DeletePolicy::parse(v).ok_or_else(|| {
+        invalid(format!(
+            "deletePolicy '{v}' is unknown (known: delete, retain, archive)"
+        ))
+    })
+}
+
+/// Mutable parameters: `compression` (btrfs: zstd, lzo, zlib or none) and `deletePolicy`.
+pub fn mutable_params(p: &HashMap<String, String>) -> Result<Mutable, Status> {
+    let mut m = Mutable::default();
+    for (k, v) in p {
+        match k.as_str() {
+            MUTABLE_COMPRESSION => {
+                if !matches!(v.as_str(), "zstd" | "lzo" | "zlib" | "none") {
+                    return Err(invalid(format!(
+                        "compression '{v}' is unknown (known: zstd, lzo, zlib, none)"
+                    )));
+                }
+                m.compression = Some(v.clone());
+            }
+            PARAM_DELETE_POLICY => m.delete_policy = Some(delete_policy(v)?),
+            other => return Err(invalid(format!(
+                "mutable parameter '{other}' is not supported (mutable: {MUTABLE_COMPRESSION}, {PARAM_DELETE_POLICY})"
+            ))),
+        }
+    }
+    Ok(m)
 }
 
 /// Snapshot parameters: only the sidecars' metadata keys are accepted.

@@ -18,6 +18,8 @@ impl From<StorageError> for Status {
             StorageError::Busy(_) => Code::Aborted,
             StorageError::WrongNode { .. } => Code::NotFound,
             StorageError::Corrupt { .. } => Code::Internal,
+            StorageError::PoolUnusable(_) | StorageError::PoolBroken { .. } => Code::FailedPrecondition,
+            StorageError::InUse(_) => Code::FailedPrecondition,
             StorageError::Sys(s) => return sys_status(s),
         };
         Status::new(code, e.to_string())

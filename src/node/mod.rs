@@ -17,10 +17,12 @@ use crate::server::traced;
 use crate::storage::engine::LocalEngine;
 use crate::storage::id::{NodeId, VolumeId};
 use crate::storage::locks::{Held, InFlight};
-use crate::storage::record::{AccessMode, VolumeMode, VolumeRecord};
+use crate::storage::record::{AccessMode, Layout, VolumeMode, VolumeRecord};
 use crate::sys::files::{self, Entry};
+use crate::sys::fstools::{self, FsType};
 use crate::sys::mount::{BindFlags, Mounter};
 use crate::sys::statfs;
+use crate::sys::{btrfs, loopdev};
 use state::{NodeState, Published, Staged};
 
 /// How many stacked mounts an unmount loop removes before it gives up.
@@ -95,7 +97,7 @@ impl NodeService {
     fn unmount_all(&self, path: &Path) -> Result<(), Status> {
         for _ in 0..MAX_STACKED {
             match self.mounter.is_mountpoint(path) {
-                Ok(true) => self.mounter.unmount(path)?,
+                Ok(true) => self.unmount_once(path)?,
                 Ok(false) => return Ok(()),
                 Err(e) if e.is_not_found() => return Ok(()),
                 Err(e) => return Err(e.into()),
@@ -105,6 +107,21 @@ impl NodeService {
             "{} still mounted after {MAX_STACKED} unmounts",
             path.display()
         )))
+    }
+
+    /// One unmount, retried briefly on EBUSY: a tool spawned at that moment (mkfs, resize2fs) holds
+    /// copies of our descriptors until it execs, which can keep a mount busy for a few milliseconds.
+    fn unmount_once(&self, path: &Path) -> Result<(), Status> {
+        let mut tries = 0;
+        loop {
+            match self.mounter.unmount(path) {
+                Err(e) if e.errno() == Some(libc::EBUSY) && tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => return Ok(other?),
+            }
+        }
     }
 
     fn is_mounted(&self, path: &Path) -> Result<bool, Status> {
@@ -145,39 +162,94 @@ impl NodeService {
         Self::check_mode(&rec, &cap)?;
         let read_only = cap.access.read_only();
         let mut m = self.state.get(&r.volume_id);
+        let block = rec.mode == VolumeMode::Block;
         if let Some(s) = &m.staged {
-            if s.path != staging && self.is_mounted(&s.path)? {
+            let here = if block {
+                !loopdev::find_by_backing(&data)?.is_empty()
+            } else {
+                self.is_mounted(&s.path)?
+            };
+            if s.path != staging && here {
                 return Err(Status::failed_precondition(format!(
                     "volume {} is already staged at {}",
                     r.volume_id,
                     s.path.display()
                 )));
             }
-            if s.path == staging && self.is_mounted(&staging)? {
+            if s.path == staging && here {
                 return Ok(NodeStageVolumeResponse {});
             }
         }
-        self.mount_dir("staging_target_path", &staging)?;
-        if self.is_mounted(&staging)? {
-            return Err(Status::failed_precondition(format!(
-                "staging path {} already holds another mount",
-                staging.display()
-            )));
+        if !block {
+            self.mount_dir("staging_target_path", &staging)?;
+            if self.is_mounted(&staging)? {
+                return Err(Status::failed_precondition(format!(
+                    "staging path {} already holds another mount",
+                    staging.display()
+                )));
+            }
         }
-        // Pinning the directory first means a symlink planted in its place is refused, not followed.
-        let pinned = files::PinnedDir::open(&data)?;
+        if rec.layout != Layout::Image {
+            // Pinning the directory first means a symlink planted in its place is refused, not followed.
+            let pinned = files::PinnedDir::open(&data)?;
+            m.staged = Some(Staged {
+                path: staging.clone(),
+                read_only,
+                backing: None,
+            });
+            self.state.put(m)?;
+            crash::point("stage:before-mount");
+            let flags = BindFlags {
+                read_only,
+                ..Default::default()
+            };
+            self.mounter.bind(&pinned.proc_path(), &staging, flags)?;
+            return Ok(NodeStageVolumeResponse {});
+        }
+        // image: the intent names the backing file, so a crash after the attach finds the device again.
         m.staged = Some(Staged {
             path: staging.clone(),
             read_only,
+            backing: Some(data.clone()),
         });
         self.state.put(m)?;
-        crash::point("stage:before-mount");
-        let flags = BindFlags {
-            read_only,
-            ..Default::default()
-        };
-        self.mounter.bind(&pinned.proc_path(), &staging, flags)?;
+        let device = self.attach(&data, read_only)?;
+        crash::point("stage:after-attach");
+        if block {
+            return Ok(NodeStageVolumeResponse {});
+        }
+        let fs = FsType::parse(&rec.fs_type).ok_or_else(|| {
+            Status::internal(format!(
+                "volume {} records an unknown filesystem '{}'",
+                rec.id, rec.fs_type
+            ))
+        })?;
+        let id = VolumeId::parse(&r.volume_id).map_err(|e| invalid(e.0))?;
+        let grow = rec.capacity_bytes > rec.fs_bytes && !read_only;
+        if grow && fs == FsType::Ext4 {
+            // ext4 cannot always grow online (it needs CAP_SYS_RESOURCE); unmounted it always can.
+            fstools::grow_offline(fs, &device.path)?;
+            self.engine.set_fs_bytes(&id, rec.capacity_bytes)?;
+        }
+        let flags = BindFlags { read_only, ..cap.flags };
+        self.mounter.mount_fs(&device.path, &staging, fs.as_str(), flags)?;
+        if grow && fs == FsType::Xfs {
+            fstools::grow_online(fs, &device.path, &staging)?;
+            self.engine.set_fs_bytes(&id, rec.capacity_bytes)?;
+        }
         Ok(NodeStageVolumeResponse {})
+    }
+
+    /// The loop device of an image, attached now or found from an earlier attach (after a restart),
+    /// sized to the file as it is now.
+    fn attach(&self, data: &Path, read_only: bool) -> Result<loopdev::LoopDevice, Status> {
+        if let Some(d) = loopdev::find_by_backing(data)?.into_iter().next() {
+            loopdev::refresh_capacity(&d)?;
+            return Ok(d);
+        }
+        let (d, direct) = loopdev::attach(data, read_only, true)?;
+        tracing::debug!(device = %d.path.display(), direct_io = direct, "attached image");
+        Ok(d)
     }
 
     fn unstage(&self, r: NodeUnstageVolumeRequest) -> Result<NodeUnstageVolumeResponse, Status> {
@@ -188,11 +260,30 @@ impl NodeService {
         let _held = self.hold(&r.volume_id)?;
         let mut m = self.state.get(&r.volume_id);
         // Only what we staged is ever unmounted; anything else at that path is not ours.
-        if m.staged.as_ref().is_some_and(|s| s.path == staging) {
+        let Some(staged) = m.staged.clone().filter(|s| s.path == staging) else {
+            return Ok(NodeUnstageVolumeResponse {});
+        };
+        if let Some(backing) = &staged.backing {
+            // A loop device is never detached while a publish of it still exists.
+            for (target, _) in m.published.iter() {
+                if self.is_mounted(target)? {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {} is still published at {}; unpublish it first",
+                        r.volume_id,
+                        target.display()
+                    )));
+                }
+            }
             self.unmount_all(&staging)?;
-            m.staged = None;
-            self.state.put(m)?;
+            crash::point("unstage:before-detach");
+            for d in loopdev::find_by_backing(backing)? {
+                loopdev::detach(&d)?;
+            }
+        } else {
+            self.unmount_all(&staging)?;
         }
+        m.staged = None;
+        self.state.put(m)?;
         Ok(NodeUnstageVolumeResponse {})
     }
 
@@ -208,11 +299,9 @@ impl NodeService {
         )?;
         let staging = co_path("staging_target_path", &r.staging_target_path)?;
         let _held = self.hold(&r.volume_id)?;
-        let (rec, _) = self.volume(&r.volume_id)?;
+        let (rec, data) = self.volume(&r.volume_id)?;
         Self::check_mode(&rec, &cap)?;
-        if rec.mode == VolumeMode::Block {
-            return Err(invalid("block volumes are not offered by this layout"));
-        }
+        let block = rec.mode == VolumeMode::Block;
         let flags = BindFlags {
             read_only: r.readonly || cap.access.read_only() || cap.flags.read_only,
             ..cap.flags
@@ -242,15 +331,35 @@ impl NodeService {
                 )));
             }
         }
-        if !(m.staged.as_ref().is_some_and(|s| s.path == staging) && self.is_mounted(&staging)?) {
-            return Err(Status::failed_precondition(format!(
-                "volume {} is not staged at {}; call NodeStageVolume first",
-                r.volume_id,
-                staging.display()
-            )));
-        }
+        let staged_here = m.staged.as_ref().is_some_and(|s| s.path == staging);
+        let source = if block {
+            let device = loopdev::find_by_backing(&data)?.into_iter().next();
+            match device {
+                Some(d) if staged_here => d.path,
+                _ => {
+                    return Err(Status::failed_precondition(format!(
+                        "block volume {} is not staged at {}; call NodeStageVolume first",
+                        r.volume_id,
+                        staging.display()
+                    )))
+                }
+            }
+        } else {
+            if !(staged_here && self.is_mounted(&staging)?) {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} is not staged at {}; call NodeStageVolume first",
+                    r.volume_id,
+                    staging.display()
+                )));
+            }
+            staging.clone()
+        };
         let already_ours = m.published.get(&target).map(|p| p.created);
-        let created = self.mount_dir("target_path", &target)? || already_ours.unwrap_or(false);
+        let created = if block {
+            self.mount_file(&target)?
+        } else {
+            self.mount_dir("target_path", &target)?
+        } || already_ours.unwrap_or(false);
         if already_ours.is_none() && self.is_mounted(&target)? {
             return Err(Status::failed_precondition(format!(
                 "target path {} already holds another mount",
@@ -267,16 +376,35 @@ impl NodeService {
         );
         self.state.put(m.clone())?;
         crash::point("publish:before-mount");
-        if let Err(e) = self.mounter.bind(&staging, &target, flags) {
-            // Leave nothing behind: forget the intent and the directory we made.
+        if let Err(e) = self.mounter.bind(&source, &target, flags) {
+            // Leave nothing behind: forget the intent and the file or directory we made.
             m.published.remove(&target);
             self.state.put(m)?;
             if created {
-                let _ = std::fs::remove_dir(&target);
+                let _ = files::remove_tree(&target);
             }
             return Err(e.into());
         }
         Ok(NodePublishVolumeResponse {})
+    }
+
+    /// Makes the file a raw block device is bound onto; `true` when we created it.
+    fn mount_file(&self, path: &Path) -> Result<bool, Status> {
+        match files::entry(path)? {
+            Entry::Missing => {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .map_err(|e| crate::sys::SysError::io("create block target", path, e))?;
+                Ok(true)
+            }
+            Entry::File | Entry::Other => Ok(false),
+            other => Err(invalid(format!(
+                "target_path {} is a {other:?}; a block volume is published on a file",
+                path.display()
+            ))),
+        }
     }
 
     fn unpublish(&self, r: NodeUnpublishVolumeRequest) -> Result<NodeUnpublishVolumeResponse, Status> {
@@ -291,11 +419,21 @@ impl NodeService {
         };
         self.unmount_all(&target)?;
         crash::point("unpublish:after-unmount");
-        if p.created || files::entry(&target)? == Entry::Dir {
-            match std::fs::remove_dir(&target) {
+        let removable = match files::entry(&target)? {
+            Entry::Dir => true,
+            Entry::File => p.created,
+            _ => false,
+        };
+        if removable {
+            let res = if files::entry(&target)? == Entry::Dir {
+                std::fs::remove_dir(&target)
+            } else {
+                std::fs::remove_file(&target)
+            };
+            match res {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(crate::sys::SysError::io("remove target directory", &target, e).into()),
+                Err(e) => return Err(crate::sys::SysError::io("remove target", &target, e).into()),
             }
         }
         m.published.remove(&target);
@@ -310,7 +448,7 @@ impl NodeService {
         if r.volume_path.is_empty() {
             return Err(missing("volume_path"));
         }
-        let (_, data) = self.volume(&r.volume_id)?;
+        let (rec, data) = self.volume(&r.volume_id)?;
         let path = PathBuf::from(&r.volume_path);
         if !path.is_absolute() || files::entry(&path)? == Entry::Missing {
             return Err(Status::not_found(format!(
@@ -318,42 +456,91 @@ impl NodeService {
                 r.volume_path
             )));
         }
-        let u = statfs::usage(&path)?;
-        let id = VolumeId::parse(&r.volume_id).map_err(|e| invalid(e.0))?;
-        let cond = self.engine.condition(&id);
-        let condition = if cond.abnormal {
-            VolumeCondition {
-                abnormal: true,
-                message: cond.message,
-            }
-        } else if !self.is_mounted(&path)? {
-            VolumeCondition {
-                abnormal: true,
-                message: format!("{} is not a mount of volume {}", path.display(), r.volume_id),
-            }
-        } else {
-            VolumeCondition {
-                abnormal: false,
-                message: format!("data at {} is present and mounted", data.display()),
-            }
-        };
         let usage = |unit: volume_usage::Unit, total: u64, avail: u64, used: u64| VolumeUsage {
             available: avail as i64,
             total: total as i64,
             used: used as i64,
             unit: unit as i32,
         };
+        let condition = Some(self.node_condition(&r.volume_id, &rec, &data, &path)?);
+        if rec.mode == VolumeMode::Block {
+            let size = loopdev::device_size(&path).unwrap_or(rec.capacity_bytes);
+            return Ok(NodeGetVolumeStatsResponse {
+                usage: vec![usage(volume_usage::Unit::Bytes, size, 0, 0)],
+                volume_condition: condition,
+            });
+        }
+        let u = statfs::usage(&path)?;
+        let bytes = if rec.layout == Layout::Btrfs {
+            // statfs shows the whole pool; the qgroup holds the volume's own figures.
+            let q = btrfs::usage(&data)?;
+            let limit = q.max_referenced.unwrap_or(rec.capacity_bytes);
+            let avail = limit.saturating_sub(q.referenced).min(u.available_bytes);
+            usage(volume_usage::Unit::Bytes, limit, avail, q.referenced)
+        } else {
+            usage(
+                volume_usage::Unit::Bytes,
+                u.total_bytes,
+                u.available_bytes,
+                u.used_bytes,
+            )
+        };
         Ok(NodeGetVolumeStatsResponse {
             usage: vec![
-                usage(
-                    volume_usage::Unit::Bytes,
-                    u.total_bytes,
-                    u.available_bytes,
-                    u.used_bytes,
-                ),
+                bytes,
                 usage(volume_usage::Unit::Inodes, u.total_inodes, u.free_inodes, u.used_inodes),
             ],
-            volume_condition: Some(condition),
+            volume_condition: condition,
+        })
+    }
+
+    /// The volume's health as this node sees it: its data, its loop device, and whether the
+    /// filesystem at `path` is mounted as it was asked to be (not turned read-only by errors).
+    fn node_condition(
+        &self,
+        raw: &str,
+        rec: &VolumeRecord,
+        data: &Path,
+        path: &Path,
+    ) -> Result<VolumeCondition, Status> {
+        let abnormal = |message: String| VolumeCondition {
+            abnormal: true,
+            message,
+        };
+        let id = VolumeId::parse(raw).map_err(|e| invalid(e.0))?;
+        let cond = self.engine.condition(&id);
+        if cond.abnormal {
+            return Ok(abnormal(cond.message));
+        }
+        let m = self.state.get(raw);
+        if rec.layout == Layout::Image && m.staged.is_some() && loopdev::find_by_backing(data)?.is_empty() {
+            return Ok(abnormal(format!("the loop device of {} is gone", data.display())));
+        }
+        if rec.mode == VolumeMode::Filesystem {
+            if !self.is_mounted(path)? {
+                return Ok(abnormal(format!("{} is not a mount of volume {raw}", path.display())));
+            }
+            let asked_ro = m
+                .published
+                .get(path)
+                .map(|p| p.flags.read_only)
+                .or(m.staged.as_ref().map(|s| s.read_only));
+            let table = crate::sys::mountinfo::read(Path::new(crate::sys::mountinfo::SELF))?;
+            let now_ro = table
+                .iter()
+                .rev()
+                .find(|e| e.mount_point == path)
+                .is_some_and(|e| e.read_only());
+            if now_ro && asked_ro == Some(false) {
+                return Ok(abnormal(format!(
+                    "{} is mounted read-only although it was published read-write: the filesystem may have hit errors",
+                    path.display()
+                )));
+            }
+        }
+        Ok(VolumeCondition {
+            abnormal: false,
+            message: format!("data at {} is present and mounted", data.display()),
         })
     }
 
@@ -364,7 +551,7 @@ impl NodeService {
         if r.volume_path.is_empty() {
             return Err(missing("volume_path"));
         }
-        let (rec, _) = self.volume(&r.volume_id)?;
+        let (rec, data) = self.volume(&r.volume_id)?;
         let path = PathBuf::from(&r.volume_path);
         if !path.is_absolute() || files::entry(&path)? == Entry::Missing {
             return Err(Status::not_found(format!(
@@ -372,10 +559,45 @@ impl NodeService {
                 r.volume_path
             )));
         }
-        // A dir volume's capacity lives in its record; there is no filesystem to grow.
-        Ok(NodeExpandVolumeResponse {
-            capacity_bytes: rec.capacity_bytes as i64,
-        })
+        if rec.layout != Layout::Image {
+            // dir and btrfs volumes have no filesystem of their own to grow.
+            return Ok(NodeExpandVolumeResponse {
+                capacity_bytes: rec.capacity_bytes as i64,
+            });
+        }
+        let _held = self.hold(&r.volume_id)?;
+        let Some(device) = loopdev::find_by_backing(&data)?.into_iter().next() else {
+            return Err(Status::failed_precondition(format!(
+                "volume {} is not staged on this node; it grows when it is staged",
+                r.volume_id
+            )));
+        };
+        loopdev::refresh_capacity(&device)?;
+        if rec.mode == VolumeMode::Block {
+            return Ok(NodeExpandVolumeResponse {
+                capacity_bytes: loopdev::device_size(&device.path)? as i64,
+            });
+        }
+        let fs = FsType::parse(&rec.fs_type).unwrap_or(FsType::Ext4);
+        let id = VolumeId::parse(&r.volume_id).map_err(|e| invalid(e.0))?;
+        match fstools::grow_online(fs, &device.path, &path) {
+            Ok(()) => {
+                self.engine.set_fs_bytes(&id, rec.capacity_bytes)?;
+                Ok(NodeExpandVolumeResponse {
+                    capacity_bytes: rec.capacity_bytes as i64,
+                })
+            }
+            Err(e) if fs == FsType::Ext4 => {
+                // The response carries the size the filesystem really has now; it grows offline
+                // at the next stage (the record still says it is smaller than its capacity).
+                let now = statfs::usage(&path)?.total_bytes;
+                tracing::warn!(volume = r.volume_id, error = %e, size = now, "ext4 cannot grow online here; it will grow at the next stage");
+                Ok(NodeExpandVolumeResponse {
+                    capacity_bytes: now as i64,
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

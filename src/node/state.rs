@@ -20,6 +20,9 @@ use crate::sys::{Step, SysError};
 pub struct Staged {
     pub path: PathBuf,
     pub read_only: bool,
+    /// image layout: the file the loop device is attached to, found again after a restart.
+    #[serde(default)]
+    pub backing: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

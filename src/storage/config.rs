@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use super::id::PoolName;
 use super::record::Layout;
+use crate::sys::fstools::FsType;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -15,13 +16,25 @@ pub enum Backend {
     Shared,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+/// What DeleteVolume does with a volume's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum DeletePolicy {
     #[default]
     Delete,
     Retain,
     Archive,
+}
+
+impl DeletePolicy {
+    pub fn parse(s: &str) -> Option<DeletePolicy> {
+        match s {
+            "delete" => Some(DeletePolicy::Delete),
+            "retain" => Some(DeletePolicy::Retain),
+            "archive" => Some(DeletePolicy::Archive),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +45,8 @@ pub struct PoolConfig {
     pub default_layout: Layout,
     pub layouts: Vec<Layout>,
     pub delete_policy: DeletePolicy,
+    /// Filesystem made inside `image` volumes when the request names none.
+    pub fs_type: FsType,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,14 +89,13 @@ struct FilePool {
     layouts: Vec<String>,
     #[serde(default)]
     delete_policy: DeletePolicy,
+    #[serde(default)]
+    fs_type: Option<String>,
 }
 
 fn local() -> Backend {
     Backend::Local
 }
-
-/// Layouts this build can serve; the others are refused with a clear message.
-pub const SUPPORTED_LAYOUTS: &[Layout] = &[Layout::Dir];
 
 impl Config {
     pub fn default_for(data_dir: &Path) -> Config {
@@ -94,6 +108,7 @@ impl Config {
                 default_layout: Layout::Dir,
                 layouts: vec![Layout::Dir],
                 delete_policy: DeletePolicy::Delete,
+                fs_type: FsType::Ext4,
             }],
             default_pool: name,
         }
@@ -128,16 +143,13 @@ impl Config {
                     p.name
                 )));
             }
-            if p.delete_policy != DeletePolicy::Delete {
-                return Err(invalid(format!(
-                    "pool '{}': deletePolicy {:?} is not available in this version (only delete)",
-                    p.name, p.delete_policy
-                )));
-            }
             let parse_layout = |s: &str| {
-                Layout::parse(s)
-                    .filter(|l| SUPPORTED_LAYOUTS.contains(l))
-                    .ok_or_else(|| invalid(format!("pool '{}': unknown layout '{s}' (known: dir)", p.name)))
+                Layout::parse(s).ok_or_else(|| {
+                    invalid(format!(
+                        "pool '{}': unknown layout '{s}' (known: dir, btrfs, image)",
+                        p.name
+                    ))
+                })
             };
             let mut layouts = p
                 .layouts
@@ -162,7 +174,13 @@ impl Config {
                 }
                 None => data_dir.join("pools").join(name.as_str()),
             };
+            let fs_type = match &p.fs_type {
+                None => FsType::Ext4,
+                Some(f) => FsType::parse(f)
+                    .ok_or_else(|| invalid(format!("pool '{}': unknown fsType '{f}' (known: ext4, xfs)", p.name)))?,
+            };
             pools.push(PoolConfig {
+                fs_type,
                 name,
                 backend: p.backend,
                 path,
@@ -202,6 +220,18 @@ mod tests {
     }
 
     #[test]
+    fn full_pool_entry_parses() {
+        let c = parse(
+            "defaultPool: img\npools:\n  - name: fast\n    layout: btrfs\n    layouts: [btrfs, dir]\n  - name: img\n    path: /srv/img\n    layout: image\n    fsType: xfs\n    deletePolicy: archive\n",
+        )
+        .unwrap();
+        assert_eq!(c.default_pool.as_str(), "img");
+        assert_eq!(c.pools[0].layouts, vec![Layout::Btrfs, Layout::Dir]);
+        assert_eq!(c.pools[1].fs_type, FsType::Xfs);
+        assert_eq!(c.pools[1].delete_policy, DeletePolicy::Archive);
+    }
+
+    #[test]
     fn errors_name_the_line() {
         let e = parse("pools:\n  - name: fast\n    colour: blue\n")
             .unwrap_err()
@@ -215,6 +245,7 @@ mod tests {
         assert!(parse("pools:\n  - name: a\n    path: rel\n").is_err());
         assert!(parse("pools:\n  - name: a\n  - name: a\n").is_err());
         assert!(parse("pools:\n  - name: a\n    layout: zfs\n").is_err());
-        assert!(parse("pools:\n  - name: a\n    deletePolicy: retain\n").is_err());
+        assert!(parse("pools:\n  - name: a\n    deletePolicy: keep\n").is_err());
+        assert!(parse("pools:\n  - name: a\n    fsType: zfs\n").is_err());
     }
 }

@@ -10,10 +10,12 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::crash;
-use crate::sys::{copy, files, statfs};
+use crate::sys::fstools::FsType;
+use crate::sys::{btrfs, files, loopdev, statfs};
 
-use super::config::{Backend, Config};
+use super::config::{Backend, Config, DeletePolicy};
 use super::id::{Key, Location, NodeId, ObjectId, PoolName, SnapshotId, VolumeId};
+use super::layout;
 use super::locks::{Held, InFlight};
 use super::pool::{Kind, Pool};
 use super::record::{
@@ -60,6 +62,20 @@ pub enum Source {
     Volume(VolumeId),
 }
 
+/// The parameters a volume may change after creation (ControllerModifyVolume, VolumeAttributesClass).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mutable {
+    /// btrfs compression for new writes: `Some("none")` removes it.
+    pub compression: Option<String>,
+    pub delete_policy: Option<DeletePolicy>,
+}
+
+impl Mutable {
+    pub fn is_empty(&self) -> bool {
+        self.compression.is_none() && self.delete_policy.is_none()
+    }
+}
+
 /// A CreateVolume request, already parsed and validated at the edge.
 #[derive(Debug, Clone)]
 pub struct NewVolume {
@@ -72,6 +88,9 @@ pub struct NewVolume {
     pub fs_type: String,
     pub parameters: BTreeMap<String, String>,
     pub source: Option<Source>,
+    /// Overrides the pool's delete policy (StorageClass parameter `deletePolicy`).
+    pub delete_policy: Option<DeletePolicy>,
+    pub mutable: Mutable,
 }
 
 /// Whether a volume's data is where its record says.
@@ -85,14 +104,33 @@ pub struct Condition {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolStatus {
     pub name: PoolName,
+    /// Where a volume goes when its StorageClass names no pool.
+    pub is_default: bool,
+    pub default_layout: Layout,
     pub layouts: Vec<Layout>,
     pub total_bytes: u64,
     pub available_bytes: u64,
+    /// What new image volumes can still take: free space minus what existing images may grow into.
+    pub image_allocatable_bytes: u64,
+    /// Sum of the capacities of the pool's volumes.
+    pub provisioned_bytes: u64,
+}
+
+/// A source's data and what a copy of it must agree with.
+struct SourceData {
+    path: PathBuf,
+    size: u64,
+    layout: Layout,
+    mode: VolumeMode,
+    fs_bytes: u64,
+    _held: Held,
 }
 
 pub struct LocalEngine {
     node: NodeId,
     pools: BTreeMap<PoolName, Pool>,
+    /// Pools that could not be opened, with the reason; Probe is not ready while there are any.
+    broken: BTreeMap<PoolName, String>,
     default_pool: PoolName,
     volumes: Mutex<BTreeMap<String, VolumeRecord>>,
     snapshots: Mutex<BTreeMap<String, SnapshotRecord>>,
@@ -108,12 +146,22 @@ impl LocalEngine {
     /// Opens every local pool of the configuration and loads their records.
     pub fn open(node: NodeId, config: &Config) -> Result<LocalEngine, StorageError> {
         let mut pools = BTreeMap::new();
+        let mut broken = BTreeMap::new();
         for pc in config.pools.iter().filter(|p| p.backend == Backend::Local) {
-            pools.insert(pc.name.clone(), Pool::open(pc.clone())?);
+            match Pool::open(pc.clone()) {
+                Ok(p) => {
+                    pools.insert(pc.name.clone(), p);
+                }
+                Err(e) => {
+                    tracing::error!(pool = pc.name.as_str(), error = %e, "pool cannot be opened; not ready");
+                    broken.insert(pc.name.clone(), e.to_string());
+                }
+            }
         }
         let engine = LocalEngine {
             node,
             pools,
+            broken,
             default_pool: config.default_pool.clone(),
             volumes: Mutex::new(BTreeMap::new()),
             snapshots: Mutex::new(BTreeMap::new()),
@@ -147,6 +195,15 @@ impl LocalEngine {
         &self.node
     }
 
+    /// True when every configured pool is open.
+    pub fn ready(&self) -> bool {
+        self.broken.is_empty()
+    }
+
+    pub fn broken_pools(&self) -> Vec<(PoolName, String)> {
+        self.broken.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
     pub fn pool_names(&self) -> Vec<PoolName> {
         self.pools.keys().cloned().collect()
     }
@@ -156,6 +213,12 @@ impl LocalEngine {
     }
 
     fn pool(&self, name: &PoolName) -> Result<&Pool, StorageError> {
+        if let Some(reason) = self.broken.get(name) {
+            return Err(StorageError::PoolBroken {
+                pool: name.as_str().to_string(),
+                reason: reason.clone(),
+            });
+        }
         self.pools.get(name).ok_or_else(|| StorageError::UnknownPool {
             name: name.as_str().to_string(),
             known: self.known_pools(),
@@ -208,10 +271,34 @@ impl LocalEngine {
                 pool_name.as_str()
             )));
         }
-        if req.mode == VolumeMode::Block && layout == Layout::Dir {
-            return Err(StorageError::Unsupported(
-                "volume mode Block needs layout 'image'; layout 'dir' serves Filesystem volumes only".into(),
-            ));
+        if req.mode == VolumeMode::Block && layout != Layout::Image {
+            return Err(StorageError::Unsupported(format!(
+                "volume mode Block needs layout 'image'; layout '{}' serves Filesystem volumes only",
+                layout.as_str()
+            )));
+        }
+        let fs_type = match (layout, req.mode) {
+            (Layout::Image, VolumeMode::Filesystem) => {
+                let fs = if req.fs_type.is_empty() {
+                    pool.config.fs_type
+                } else {
+                    FsType::parse(&req.fs_type).ok_or_else(|| {
+                        StorageError::Unsupported(format!(
+                            "filesystem type '{}' cannot be made inside an image volume (use ext4 or xfs)",
+                            req.fs_type
+                        ))
+                    })?
+                };
+                fs.as_str().to_string()
+            }
+            (Layout::Image, VolumeMode::Block) => String::new(),
+            _ => req.fs_type.clone(),
+        };
+        if req.mutable.compression.is_some() && layout != Layout::Btrfs {
+            return Err(StorageError::Unsupported(format!(
+                "compression applies to btrfs volumes; this volume's layout is '{}'",
+                layout.as_str()
+            )));
         }
         let capacity = req.capacity.choose()?;
         let key = Key::from_name(&req.name);
@@ -224,34 +311,48 @@ impl LocalEngine {
             Some(Source::Volume(v)) => Some(ContentSource::Volume(v.to_string())),
         };
         if let Some(existing) = lock(&self.volumes).get(&id.to_string()) {
-            return same_volume(existing, &req, layout, &source).map(|()| existing.clone());
+            return same_volume(existing, &req, layout, &fs_type, &source).map(|()| existing.clone());
         }
 
-        let avail = statfs::usage(pool.root())?.available_bytes;
-        if capacity > avail {
+        let room = self.room(pool, layout)?;
+        if capacity > room {
             return Err(StorageError::Exhausted(format!(
-                "pool '{}' has {avail} bytes free, the volume needs {capacity}",
-                pool_name.as_str()
+                "pool '{}' can give {room} more bytes to {} volumes, the volume needs {capacity}",
+                pool_name.as_str(),
+                layout.as_str()
             )));
         }
 
         let data = pool.data_path(Kind::Volume, &key);
-        match &req.source {
+        let fs_bytes = match &req.source {
             None => {
-                files::ensure_dir(&data, 0o777)?;
-                // The mode must not be narrowed by the process umask: workloads run as any user.
-                std::fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-                    .map_err(|e| crate::sys::SysError::io("chmod", &data, e))?;
+                let fs = FsType::parse(&fs_type).unwrap_or(pool.config.fs_type);
+                layout::create_empty(pool, &key, layout, capacity, req.mode, fs)?
             }
             Some(src) => {
-                let (src_path, src_size, _src_held) = self.source_data(src)?;
-                if src_size > capacity {
-                    return Err(StorageError::OutOfRange(format!(
-                        "the source holds {src_size} bytes of capacity but the new volume asks for {capacity}"
+                let from = self.source_data(src)?;
+                if from.layout != layout || from.mode != req.mode {
+                    return Err(StorageError::Unsupported(format!(
+                        "a {} {:?} volume can only be made from a source of the same layout and mode; the source is a {} {:?} volume",
+                        layout.as_str(),
+                        req.mode,
+                        from.layout.as_str(),
+                        from.mode
                     )));
                 }
-                self.build_copy(pool, Kind::Volume, &key, &src_path)?;
+                if from.size > capacity {
+                    return Err(StorageError::OutOfRange(format!(
+                        "the source holds {} bytes of capacity but the new volume asks for {capacity}",
+                        from.size
+                    )));
+                }
+                layout::create_copy(pool, Kind::Volume, &key, layout, &from.path, true)?;
+                layout::set_capacity(layout, &data, capacity)?;
+                from.fs_bytes
             }
+        };
+        if let Some(c) = &req.mutable.compression {
+            btrfs::set_compression(&data, Some(c.as_str()).filter(|c| *c != "none"))?;
         }
         crash::point("create-volume:before-record");
         let (secs, _) = now();
@@ -263,18 +364,47 @@ impl LocalEngine {
             capacity_bytes: capacity,
             mode: req.mode,
             access_modes: req.access_modes.clone(),
-            fs_type: req.fs_type.clone(),
+            fs_type,
             parameters: req.parameters.clone(),
             source,
             created_unix_secs: secs,
+            delete_policy: req.mutable.delete_policy.or(req.delete_policy),
+            compression: req.mutable.compression.clone().filter(|c| c != "none"),
+            fs_bytes,
         };
         record::store(&pool.record_path(Kind::Volume, &key), &rec)?;
         lock(&self.volumes).insert(rec.id.clone(), rec.clone());
         Ok(rec)
     }
 
-    /// The data of a content source, its size, and a lock that keeps it from being deleted mid-copy.
-    fn source_data(&self, src: &Source) -> Result<(PathBuf, u64, Held), StorageError> {
+    /// Bytes a new volume of `layout` can still take in `pool`. Image volumes may grow into all of
+    /// their capacity, so what existing images have not yet allocated is held back for them.
+    fn room(&self, pool: &Pool, layout: Layout) -> Result<u64, StorageError> {
+        let avail = statfs::usage(pool.root())?.available_bytes;
+        if layout != Layout::Image {
+            return Ok(avail);
+        }
+        Ok(avail.saturating_sub(self.image_reserve(pool)))
+    }
+
+    fn image_reserve(&self, pool: &Pool) -> u64 {
+        let prefix = format!("local:{}:{}:", self.node.as_str(), pool.config.name.as_str());
+        lock(&self.volumes)
+            .range(prefix.clone()..)
+            .take_while(|(id, _)| id.starts_with(&prefix))
+            .filter(|(_, r)| r.layout == Layout::Image)
+            .filter_map(|(id, r)| {
+                let key = VolumeId::parse(id).ok()?.0.key;
+                Some(
+                    r.capacity_bytes
+                        .saturating_sub(layout::allocated(&pool.data_path(Kind::Volume, &key))),
+                )
+            })
+            .sum()
+    }
+
+    /// The data of a content source, with a lock that keeps it from being deleted mid-copy.
+    fn source_data(&self, src: &Source) -> Result<SourceData, StorageError> {
         match src {
             Source::Snapshot(s) => {
                 let shown = s.to_string();
@@ -286,7 +416,14 @@ impl LocalEngine {
                     .get(&shown)
                     .cloned()
                     .ok_or_else(|| StorageError::SnapshotNotFound(shown.clone()))?;
-                Ok((pool.data_path(Kind::Snapshot, &s.0.key), rec.size_bytes, held))
+                Ok(SourceData {
+                    path: pool.data_path(Kind::Snapshot, &s.0.key),
+                    size: rec.size_bytes,
+                    layout: rec.layout,
+                    mode: rec.mode,
+                    fs_bytes: rec.fs_bytes,
+                    _held: held,
+                })
             }
             Source::Volume(v) => {
                 let shown = v.to_string();
@@ -298,33 +435,42 @@ impl LocalEngine {
                     .get(&shown)
                     .cloned()
                     .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
-                Ok((pool.data_path(Kind::Volume, &v.0.key), rec.capacity_bytes, held))
+                Ok(SourceData {
+                    path: pool.data_path(Kind::Volume, &v.0.key),
+                    size: rec.capacity_bytes,
+                    layout: rec.layout,
+                    mode: rec.mode,
+                    fs_bytes: rec.fs_bytes,
+                    _held: held,
+                })
             }
         }
-    }
-
-    /// Copies `src` into `.work` and renames it into place, so the data path only ever holds a whole
-    /// copy. A copy already in place (a crash after the rename) is kept as it is.
-    fn build_copy(&self, pool: &Pool, kind: Kind, key: &Key, src: &std::path::Path) -> Result<(), StorageError> {
-        let data = pool.data_path(kind, key);
-        if files::entry(&data)? == files::Entry::Dir {
-            return Ok(());
-        }
-        let work = pool.work_path(kind, key);
-        files::remove_tree(&work)?;
-        copy::copy_tree(src, &work)?;
-        crash::point("copy:before-rename");
-        std::fs::rename(&work, &data).map_err(|e| crate::sys::SysError::io("rename", &data, e))?;
-        Ok(())
     }
 
     pub fn delete_volume(&self, id: &VolumeId) -> Result<(), StorageError> {
         let Some(pool) = self.locate(&id.0) else {
             return Ok(()); // not ours and not a pool here: nothing to delete
         };
-        let _held = self.take(Kind::Volume, &id.0.pool, &id.0.key, &id.to_string())?;
-        self.remove_object(pool, Kind::Volume, &id.0.key)?;
-        lock(&self.volumes).remove(&id.to_string());
+        let shown = id.to_string();
+        let _held = self.take(Kind::Volume, &id.0.pool, &id.0.key, &shown)?;
+        let data = pool.data_path(Kind::Volume, &id.0.key);
+        if let Some(dev) = self.attached(&data)?.first() {
+            return Err(StorageError::InUse(format!(
+                "volume {shown} is still attached as {}; unstage it before deleting",
+                dev.path.display()
+            )));
+        }
+        let rec = lock(&self.volumes).get(&shown).cloned();
+        let policy = rec
+            .as_ref()
+            .and_then(|r| r.delete_policy)
+            .unwrap_or(pool.config.delete_policy);
+        match (policy, rec) {
+            (DeletePolicy::Retain, Some(rec)) => self.keep(pool, &id.0.key, &rec, &pool.retained_dir(), false)?,
+            (DeletePolicy::Archive, Some(rec)) => self.keep(pool, &id.0.key, &rec, &pool.archive_dir(), true)?,
+            _ => self.remove_object(pool, Kind::Volume, &id.0.key)?,
+        }
+        lock(&self.volumes).remove(&shown);
         Ok(())
     }
 
@@ -337,6 +483,12 @@ impl LocalEngine {
             .join(format!("{}-{}", key.as_str(), uuid::Uuid::new_v4().simple()));
         let moved = match files::entry(&data)? {
             files::Entry::Missing => false,
+            // A read-only subvolume cannot move (its '..' cannot change); btrfs drops it atomically
+            // in place instead.
+            files::Entry::Dir if btrfs::is_subvolume(&data).unwrap_or(false) => {
+                btrfs::delete_subvolume(&data)?;
+                false
+            }
             _ => {
                 std::fs::rename(&data, &trashed).map_err(|e| crate::sys::SysError::io("rename", &data, e))?;
                 true
@@ -346,12 +498,54 @@ impl LocalEngine {
         files::remove_file_if_exists(&pool.record_path(kind, key))?;
         files::sync_dir(&pool.collection_dir(kind))?;
         if moved {
-            files::remove_tree(&trashed)?;
+            layout::purge(&trashed)?;
         }
         Ok(())
     }
 
-    pub fn expand_volume(&self, id: &VolumeId, range: CapacityRange) -> Result<VolumeRecord, StorageError> {
+    /// Loop devices attached to an image's file (none for other layouts).
+    fn attached(&self, data: &std::path::Path) -> Result<Vec<loopdev::LoopDevice>, StorageError> {
+        if files::entry(data)? != files::Entry::File {
+            return Ok(Vec::new());
+        }
+        Ok(loopdev::find_by_backing(data)?)
+    }
+
+    /// Moves a volume's data and a copy of its record out of the live namespace, for `retain` (same
+    /// name, a suffix only if that name is taken) and `archive` (always a UTC time suffix).
+    fn keep(
+        &self,
+        pool: &Pool,
+        key: &Key,
+        rec: &VolumeRecord,
+        dir: &std::path::Path,
+        stamp: bool,
+    ) -> Result<(), StorageError> {
+        files::ensure_dir(dir, 0o700)?;
+        let (secs, _) = now();
+        let mut name = if stamp {
+            format!("{}-{}", key.as_str(), secs)
+        } else {
+            key.as_str().to_string()
+        };
+        if files::entry(&dir.join(&name))? != files::Entry::Missing {
+            name = format!("{}-{}-{}", key.as_str(), secs, uuid::Uuid::new_v4().simple());
+        }
+        let data = pool.data_path(Kind::Volume, key);
+        let dest = dir.join(&name);
+        record::store(&dir.join(format!("{name}.json")), rec)?;
+        if files::entry(&data)? != files::Entry::Missing {
+            std::fs::rename(&data, &dest).map_err(|e| crate::sys::SysError::io("rename", &data, e))?;
+        }
+        files::remove_file_if_exists(&pool.record_path(Kind::Volume, key))?;
+        files::sync_dir(&pool.collection_dir(Kind::Volume))?;
+        files::sync_dir(dir)?;
+        tracing::info!(volume = %rec.id, kept_at = %dest.display(), "volume data kept by delete policy");
+        Ok(())
+    }
+
+    /// Grows a volume; the flag says whether the node must grow a filesystem too.
+    pub fn expand_volume(&self, id: &VolumeId, range: CapacityRange) -> Result<(VolumeRecord, bool), StorageError> {
         let shown = id.to_string();
         let pool = self
             .locate(&id.0)
@@ -360,23 +554,79 @@ impl LocalEngine {
         let mut rec = self
             .volume(id)
             .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
+        let node_step = rec.layout == Layout::Image;
         let wanted = range.choose()?;
-        if wanted < rec.capacity_bytes {
-            if range.admits(rec.capacity_bytes) {
-                return Ok(rec); // already at least as large and within the limit
+        if wanted <= rec.capacity_bytes {
+            if wanted == rec.capacity_bytes || range.admits(rec.capacity_bytes) {
+                return Ok((rec, node_step)); // already at least as large and within the limit
             }
             return Err(StorageError::OutOfRange(format!(
                 "volume {shown} has {} bytes; volumes cannot shrink (asked for {wanted})",
                 rec.capacity_bytes
             )));
         }
-        if wanted == rec.capacity_bytes {
-            return Ok(rec);
+        if rec.layout == Layout::Image {
+            let room = self.room(pool, Layout::Image)?;
+            let more = wanted - rec.capacity_bytes;
+            if more > room {
+                return Err(StorageError::Exhausted(format!(
+                    "pool '{}' can give {room} more bytes to image volumes; growing {shown} needs {more}",
+                    id.0.pool.as_str()
+                )));
+            }
         }
+        layout::set_capacity(rec.layout, &pool.data_path(Kind::Volume, &id.0.key), wanted)?;
+        crash::point("expand:before-record");
         rec.capacity_bytes = wanted;
         record::store(&pool.record_path(Kind::Volume, &id.0.key), &rec)?;
         lock(&self.volumes).insert(shown, rec.clone());
+        Ok((rec, node_step))
+    }
+
+    /// Changes a volume's mutable parameters (ControllerModifyVolume).
+    pub fn modify_volume(&self, id: &VolumeId, m: &Mutable) -> Result<VolumeRecord, StorageError> {
+        let shown = id.to_string();
+        let pool = self
+            .locate(&id.0)
+            .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
+        let _held = self.take(Kind::Volume, &id.0.pool, &id.0.key, &shown)?;
+        let mut rec = self
+            .volume(id)
+            .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
+        if let Some(c) = &m.compression {
+            if rec.layout != Layout::Btrfs {
+                return Err(StorageError::Unsupported(format!(
+                    "compression applies to btrfs volumes; volume {shown} has layout '{}'",
+                    rec.layout.as_str()
+                )));
+            }
+            let data = pool.data_path(Kind::Volume, &id.0.key);
+            btrfs::set_compression(&data, Some(c.as_str()).filter(|c| *c != "none"))?;
+            rec.compression = Some(c.clone()).filter(|c| c != "none");
+        }
+        if let Some(p) = m.delete_policy {
+            rec.delete_policy = Some(p);
+        }
+        record::store(&pool.record_path(Kind::Volume, &id.0.key), &rec)?;
+        lock(&self.volumes).insert(shown, rec.clone());
         Ok(rec)
+    }
+
+    /// Records the size the filesystem inside an image volume now has (the node grew it).
+    pub fn set_fs_bytes(&self, id: &VolumeId, bytes: u64) -> Result<(), StorageError> {
+        let shown = id.to_string();
+        let pool = self
+            .locate(&id.0)
+            .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
+        let _held = self.take(Kind::Volume, &id.0.pool, &id.0.key, &shown)?;
+        let mut rec = self.volume(id).ok_or(StorageError::VolumeNotFound(shown.clone()))?;
+        if rec.fs_bytes == bytes {
+            return Ok(());
+        }
+        rec.fs_bytes = bytes;
+        record::store(&pool.record_path(Kind::Volume, &id.0.key), &rec)?;
+        lock(&self.volumes).insert(shown, rec);
+        Ok(())
     }
 
     pub fn volume(&self, id: &VolumeId) -> Option<VolumeRecord> {
@@ -437,24 +687,20 @@ impl LocalEngine {
     }
 
     pub fn condition(&self, id: &VolumeId) -> Condition {
-        let Ok((_, data)) = self.volume_data(id) else {
+        let Ok((rec, data)) = self.volume_data(id) else {
             return Condition {
                 abnormal: true,
                 message: format!("volume {id} has no record on node {}", self.node.as_str()),
             };
         };
-        match files::entry(&data) {
-            Ok(files::Entry::Dir) => Condition {
+        match layout::fault(rec.layout, &data) {
+            Some(message) => Condition {
+                abnormal: true,
+                message,
+            },
+            None => Condition {
                 abnormal: false,
                 message: "volume data is present".into(),
-            },
-            Ok(other) => Condition {
-                abnormal: true,
-                message: format!("volume data {} is {other:?}, expected a directory", data.display()),
-            },
-            Err(e) => Condition {
-                abnormal: true,
-                message: format!("volume data {} cannot be read: {e}", data.display()),
             },
         }
     }
@@ -480,8 +726,8 @@ impl LocalEngine {
                 existing.source_volume_id
             )));
         }
-        let (src_path, size, _src_held) = self.source_data(&Source::Volume(source.clone()))?;
-        self.build_copy(pool, Kind::Snapshot, &key, &src_path)?;
+        let from = self.source_data(&Source::Volume(source.clone()))?;
+        layout::create_copy(pool, Kind::Snapshot, &key, from.layout, &from.path, false)?;
         crash::point("create-snapshot:before-record");
         let (secs, nanos) = now();
         let rec = SnapshotRecord {
@@ -489,9 +735,12 @@ impl LocalEngine {
             name: name.to_string(),
             id: id.to_string(),
             source_volume_id: shown_src,
-            size_bytes: size,
+            size_bytes: from.size,
             created_unix_secs: secs,
             created_nanos: nanos,
+            layout: from.layout,
+            mode: from.mode,
+            fs_bytes: from.fs_bytes,
         };
         record::store(&pool.record_path(Kind::Snapshot, &key), &rec)?;
         lock(&self.snapshots).insert(rec.id.clone(), rec.clone());
@@ -521,11 +770,21 @@ impl LocalEngine {
             .values()
             .map(|p| {
                 let u = statfs::usage(p.root())?;
+                let prefix = format!("local:{}:{}:", self.node.as_str(), p.config.name.as_str());
+                let provisioned = lock(&self.volumes)
+                    .range(prefix.clone()..)
+                    .take_while(|(id, _)| id.starts_with(&prefix))
+                    .map(|(_, r)| r.capacity_bytes)
+                    .sum();
                 Ok(PoolStatus {
                     name: p.config.name.clone(),
+                    is_default: p.config.name == self.default_pool,
+                    default_layout: p.config.default_layout,
                     layouts: p.config.layouts.clone(),
                     total_bytes: u.total_bytes,
                     available_bytes: u.available_bytes,
+                    image_allocatable_bytes: u.available_bytes.saturating_sub(self.image_reserve(p)),
+                    provisioned_bytes: provisioned,
                 })
             })
             .collect()
@@ -541,6 +800,7 @@ fn same_volume(
     existing: &VolumeRecord,
     req: &NewVolume,
     layout: Layout,
+    fs_type: &str,
     source: &Option<ContentSource>,
 ) -> Result<(), StorageError> {
     let conflict = |what: &str| {
@@ -561,7 +821,7 @@ fn same_volume(
     a.dedup();
     b.sort();
     b.dedup();
-    if a != b || existing.mode != req.mode || existing.fs_type != req.fs_type {
+    if a != b || existing.mode != req.mode || existing.fs_type != fs_type {
         return conflict("capability");
     }
     if existing.layout != layout || existing.parameters != req.parameters {

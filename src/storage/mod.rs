@@ -3,6 +3,7 @@
 pub mod config;
 pub mod engine;
 pub mod id;
+pub mod layout;
 pub mod locks;
 pub mod pool;
 pub mod record;
@@ -38,6 +39,12 @@ pub enum StorageError {
     Unsupported(String),
     #[error("pool '{pool}' is not on this node (it lives on {owner})")]
     WrongNode { pool: String, owner: String },
+    #[error("{0}")]
+    PoolUnusable(String),
+    #[error("pool '{pool}' is not usable: {reason}")]
+    PoolBroken { pool: String, reason: String },
+    #[error("{0}")]
+    InUse(String),
     #[error("corrupt record {path}: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error(transparent)]

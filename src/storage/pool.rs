@@ -7,7 +7,11 @@
 //! <pool>/snapshots/<key>.json  its record
 //! <pool>/.work/                copies being built (renamed into place when whole)
 //! <pool>/.trash/               data being deleted (renamed out of place first)
+//! <pool>/retained/<key>[.json] volumes deleted under the `retain` policy
+//! <pool>/archive/<key>-<time>  volumes deleted under the `archive` policy
 //! ```
+//!
+//! For the `image` layout the data is a file, `<pool>/volumes/<key>`; for `btrfs` a subvolume.
 
 use std::path::{Path, PathBuf};
 
@@ -15,11 +19,13 @@ use crate::sys::files;
 
 use super::config::PoolConfig;
 use super::id::Key;
+use super::layout::PoolFeatures;
 use super::StorageError;
 
 #[derive(Debug)]
 pub struct Pool {
     pub config: PoolConfig,
+    pub features: PoolFeatures,
 }
 
 /// Which of the pool's two collections an object belongs to.
@@ -44,7 +50,8 @@ impl Pool {
     pub fn open(config: PoolConfig) -> Result<Pool, StorageError> {
         std::fs::create_dir_all(&config.path).map_err(|e| crate::sys::SysError::io("mkdir", &config.path, e))?;
         files::require_real_dir(&config.path)?;
-        let pool = Pool { config };
+        let features = super::layout::check_pool(&config)?;
+        let pool = Pool { config, features };
         for d in ["volumes", "snapshots", ".work", ".trash"] {
             files::ensure_dir(&pool.config.path.join(d), 0o700)?;
         }
@@ -56,7 +63,7 @@ impl Pool {
     fn purge(&self, dir: &Path) -> Result<(), StorageError> {
         let entries = std::fs::read_dir(dir).map_err(|e| crate::sys::SysError::io("read directory", dir, e))?;
         for e in entries.flatten() {
-            files::remove_tree(&e.path())?;
+            super::layout::purge(&e.path())?;
         }
         Ok(())
     }
@@ -87,6 +94,16 @@ impl Pool {
 
     pub fn trash_dir(&self) -> PathBuf {
         self.config.path.join(".trash")
+    }
+
+    /// Where DeleteVolume moves a volume kept by the `retain` policy.
+    pub fn retained_dir(&self) -> PathBuf {
+        self.config.path.join("retained")
+    }
+
+    /// Where DeleteVolume moves a volume kept by the `archive` policy.
+    pub fn archive_dir(&self) -> PathBuf {
+        self.config.path.join("archive")
     }
 
     /// Keys of every record of a kind, read from disk (startup and reports only).

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::config::DeletePolicy;
 use crate::sys::files::{self, Durability};
 
 use super::StorageError;
@@ -94,6 +95,15 @@ pub struct VolumeRecord {
     #[serde(default)]
     pub source: Option<ContentSource>,
     pub created_unix_secs: i64,
+    /// The data's fate on DeleteVolume when it differs from the pool's (StorageClass or modify).
+    #[serde(default)]
+    pub delete_policy: Option<DeletePolicy>,
+    /// btrfs compression applied to new writes (mutable).
+    #[serde(default)]
+    pub compression: Option<String>,
+    /// image layout: the size the filesystem inside was last grown to (0 when unknown or raw).
+    #[serde(default)]
+    pub fs_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +116,22 @@ pub struct SnapshotRecord {
     pub size_bytes: u64,
     pub created_unix_secs: i64,
     pub created_nanos: i32,
+    /// The layout of the source volume, which a restore must match.
+    #[serde(default = "dir_layout")]
+    pub layout: Layout,
+    #[serde(default = "filesystem_mode")]
+    pub mode: VolumeMode,
+    /// image layout: the size of the filesystem inside the snapshot.
+    #[serde(default)]
+    pub fs_bytes: u64,
+}
+
+fn filesystem_mode() -> VolumeMode {
+    VolumeMode::Filesystem
+}
+
+fn dir_layout() -> Layout {
+    Layout::Dir
 }
 
 pub fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, StorageError> {

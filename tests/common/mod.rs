@@ -2,6 +2,8 @@
 //! directory and socket, the three CSI clients, and a check on drop that it left no mount behind.
 #![allow(dead_code)]
 
+pub mod fs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
