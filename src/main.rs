@@ -1,5 +1,6 @@
 //! The `cellar` command: parses flags and starts a role.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -12,7 +13,8 @@ use clap::{Parser, Subcommand, ValueEnum};
     about = "A Kubernetes CSI driver for node-local disks and shared filesystems"
 )]
 struct Cli {
-    /// Log format.
+    /// Log format: `text` (human-readable) or `json` (one object per line). The level comes from
+    /// CELLAR_LOG (default `info`; e.g. `debug`, `cellar=debug,h2=info`).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "CELLAR_LOG_FORMAT")]
     log_format: LogFormat,
     #[command(subcommand)]
@@ -44,16 +46,27 @@ enum Command {
         /// Reported to the scheduler in NodeGetInfo; 0 means no limit.
         #[arg(long, default_value_t = 0)]
         max_volumes_per_node: i64,
+        /// Serve /metrics (Prometheus), /healthz and /readyz over HTTP on ADDR:PORT, e.g. 0.0.0.0:9811.
+        /// Off when absent.
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// A CSI client for any driver: operate and benchmark it from a shell.
     Csi(cellar::client::CsiArgs),
+    /// This node's pools, volumes and snapshots, and what no record or node state explains: orphan
+    /// entries, leftovers, stray loop devices and mounts. Read-only unless --fix. Exit code 0: nothing
+    /// found (or all fixed); 2: findings remain; 1: the report failed.
+    Report(cellar::report::ReportArgs),
 }
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CELLAR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal; never escape codes in a pod's log or a file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -70,6 +83,20 @@ fn hostname() -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The report reads the disk and the kernel's tables; it needs no async runtime.
+    let command = match cli.command {
+        Command::Report(args) => {
+            return match cellar::report::run(args) {
+                Ok(cellar::report::Outcome::Clean) => ExitCode::SUCCESS,
+                Ok(cellar::report::Outcome::FindingsRemain) => ExitCode::from(2),
+                Err(e) => {
+                    eprintln!("cellar report: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        other => other,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(64)
@@ -82,7 +109,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result: Result<(), String> = match cli.command {
+    let result: Result<(), String> = match command {
         Command::AllInOne {
             endpoint,
             node_id,
@@ -90,6 +117,7 @@ fn main() -> ExitCode {
             config,
             driver_name,
             max_volumes_per_node,
+            metrics_listen,
         } => {
             init_logging(cli.log_format);
             let opts = cellar::roles::AllInOne {
@@ -99,12 +127,14 @@ fn main() -> ExitCode {
                 config,
                 driver_name,
                 max_volumes_per_node,
+                metrics_listen,
             };
             runtime
                 .block_on(cellar::roles::all_in_one(opts))
                 .map_err(|e| e.to_string())
         }
         Command::Csi(args) => runtime.block_on(cellar::client::run(args)),
+        Command::Report(_) => Ok(()), // answered above
     };
     // Blocking storage work still running after the grace period is abandoned, not awaited.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

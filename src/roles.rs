@@ -1,9 +1,12 @@
 //! Starting a role: open the pools, build the services, serve until a signal.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use nix::fcntl::{Flock, FlockArg};
 use tonic::transport::Server;
 
 use crate::agent::{LocalAgent, SingleNode};
@@ -12,6 +15,7 @@ use crate::csi::v1::controller_server::ControllerServer;
 use crate::csi::v1::identity_server::IdentityServer;
 use crate::csi::v1::node_server::NodeServer as NodeGrpc;
 use crate::identity::IdentityService;
+use crate::metrics::{Exporter, MetricsError, NodeCollector, NodeSources};
 use crate::node::state::NodeState;
 use crate::node::{NodeServer, NodeService};
 use crate::server::{self, ServeError};
@@ -30,6 +34,8 @@ pub struct AllInOne {
     pub config: Option<PathBuf>,
     pub driver_name: String,
     pub max_volumes_per_node: i64,
+    /// Where to serve /metrics, /healthz and /readyz; off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +50,55 @@ pub enum RoleError {
     State(#[from] crate::sys::SysError),
     #[error(transparent)]
     Serve(#[from] ServeError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("data dir {0} is in use by another cellar process (it holds {1}); stop it first")]
+    DataDirInUse(PathBuf, PathBuf),
+    #[error("opening pools: {0}")]
+    Task(String),
+    #[error("locking the data dir: {0}")]
+    Lock(crate::sys::SysError),
+}
+
+/// The file under the data dir that a running driver keeps locked (flock) for its whole life, so a
+/// second driver cannot start on the same pools and `cellar report` knows whether one is running.
+pub const LOCK_FILE: &str = "cellar.lock";
+
+/// Whether the data dir's lock could be taken.
+#[derive(Debug)]
+pub enum DataDirLock {
+    /// Taken: held until dropped (the kernel also releases it when the process dies).
+    Held(Flock<File>),
+    /// Another process holds it: a driver is running on this data dir.
+    InUse,
+    /// There is no lock file (and it was not to be created): no driver has run here since locks came.
+    NoLockFile,
+}
+
+/// Takes the data dir's lock without waiting. `create` makes the lock file (and the data dir) when
+/// missing; the report passes `false`, so it never creates anything.
+pub fn lock_data_dir(data_dir: &Path, create: bool) -> Result<DataDirLock, crate::sys::SysError> {
+    use crate::sys::SysError;
+    let path = data_dir.join(LOCK_FILE);
+    if create {
+        std::fs::create_dir_all(data_dir).map_err(|e| SysError::io("mkdir", data_dir, e))?;
+    }
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(create)
+        .create(create)
+        .truncate(false)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => return Ok(DataDirLock::NoLockFile),
+        Err(e) => return Err(SysError::io("open lock file", &path, e)),
+    };
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(held) => Ok(DataDirLock::Held(held)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(DataDirLock::InUse),
+        Err((_, errno)) => Err(SysError::io("flock", &path, errno.into())),
+    }
 }
 
 pub fn load_config(config: Option<&PathBuf>, data_dir: &std::path::Path) -> Result<Config, ConfigError> {
@@ -56,17 +111,41 @@ pub fn load_config(config: Option<&PathBuf>, data_dir: &std::path::Path) -> Resu
 pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
     let node = NodeId::parse(&o.node_id).map_err(|e| RoleError::NodeId(e.0))?;
     let config = load_config(o.config.as_ref(), &o.data_dir)?;
+    // Taken before the socket: a second driver must not replace the first one's socket.
+    let _lock = hold_data_dir(&o.data_dir).await?;
     let socket = server::socket_path(&o.endpoint)?;
     let listener = server::bind(&socket)?;
     let ready = Arc::new(AtomicBool::new(false));
 
-    let engine = Arc::new(LocalEngine::open(node.clone(), &config)?);
+    // Served before the pools open: /healthz answers and /readyz says 503 during a long start-up purge.
+    let node_metrics = NodeCollector::default();
+    let metrics = match o.metrics_listen {
+        Some(addr) => {
+            let mut exporter = Exporter::new("all-in-one", ready.clone());
+            exporter.register(node_metrics.clone());
+            let listener = crate::metrics::bind(addr).await?;
+            Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
+                listener,
+                Arc::new(exporter),
+            ))))
+        }
+        None => None,
+    };
+
+    let engine = {
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || LocalEngine::open(node, &config))
+            .await
+            .map_err(|e| RoleError::Task(e.to_string()))??
+    };
+    let engine = Arc::new(engine);
     let state = Arc::new(NodeState::open(&o.data_dir.join("node"))?);
-    // A pool that could not be opened keeps Probe not-ready; the others still serve.
+    node_metrics.attach(NodeSources {
+        engine: engine.clone(),
+        state: state.clone(),
+    });
+    // A pool that could not be opened keeps the driver unready (Probe and /readyz) until it is fixed.
     ready.store(engine.ready(), Ordering::Release);
-    for (pool, reason) in engine.broken_pools() {
-        tracing::error!(pool = pool.as_str(), reason, "pool not open");
-    }
     tracing::info!(
         node = node.as_str(),
         socket = %socket.display(),
@@ -95,5 +174,32 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
         .add_service(IdentityServer::new(identity))
         .add_service(ControllerServer::new(controller))
         .add_service(NodeGrpc::new(NodeServer(Arc::new(node_svc))));
-    Ok(server::serve_until_signal(router, listener, &socket).await?)
+    let served = server::serve_until_signal(router, listener, &socket).await;
+    drop(metrics);
+    Ok(served?)
+}
+
+/// Takes the data dir's lock, retrying briefly: `cellar report` tries it for an instant to learn
+/// whether a driver runs, and a driver starting in that instant must not fail for it.
+async fn hold_data_dir(data_dir: &Path) -> Result<Flock<File>, RoleError> {
+    const TRIES: u32 = 20;
+    for _ in 0..TRIES {
+        match lock_data_dir(data_dir, true).map_err(RoleError::Lock)? {
+            DataDirLock::Held(lock) => return Ok(lock),
+            _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+    Err(RoleError::DataDirInUse(
+        data_dir.to_path_buf(),
+        data_dir.join(LOCK_FILE),
+    ))
+}
+
+/// A background task that ends with its owner (the metrics listener ends with the role).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
-use tonic::Status;
+use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -112,19 +112,60 @@ pub async fn serve_until_signal(
     result.map_err(ServeError::from)
 }
 
-/// Runs one RPC and logs it once: method, volume (or name), duration and code. Request bodies, and
-/// so secrets, are never logged.
+/// Runs one RPC, logs it once (method, volume or name, duration, code) and counts it in the
+/// metrics. Request bodies, and so secrets, are never logged. A call the client gives up on (its
+/// future is dropped mid-way) is logged and counted as `Canceled`.
 pub async fn traced<T>(
     method: &'static str,
     object: &str,
     fut: impl Future<Output = Result<T, Status>>,
 ) -> Result<T, Status> {
-    let start = Instant::now();
+    let mut call = Call {
+        method,
+        object,
+        start: Instant::now(),
+        done: false,
+    };
     let result = fut.await;
-    let micros = start.elapsed().as_micros() as u64;
+    call.done = true;
+    let elapsed = call.start.elapsed();
+    let micros = elapsed.as_micros() as u64;
     match &result {
-        Ok(_) => tracing::info!(method, volume = object, micros, code = "OK", "rpc"),
-        Err(s) => tracing::warn!(method, volume = object, micros, code = ?s.code(), message = s.message(), "rpc"),
+        Ok(_) => {
+            crate::metrics::record_rpc(method, Code::Ok, elapsed);
+            tracing::info!(method, volume = object, micros, code = "OK", "rpc");
+        }
+        Err(s) => {
+            crate::metrics::record_rpc(method, s.code(), elapsed);
+            let code = crate::metrics::code_name(s.code());
+            tracing::warn!(method, volume = object, micros, code, error = s.message(), "rpc");
+        }
     }
     result
+}
+
+/// One call in flight; dropped before it is done means the client cancelled it.
+struct Call<'a> {
+    method: &'static str,
+    object: &'a str,
+    start: Instant,
+    done: bool,
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let elapsed = self.start.elapsed();
+            crate::metrics::record_rpc(self.method, Code::Cancelled, elapsed);
+            let micros = elapsed.as_micros() as u64;
+            tracing::warn!(
+                method = self.method,
+                volume = self.object,
+                micros,
+                code = crate::metrics::code_name(Code::Cancelled),
+                error = "the client gave up on the call",
+                "rpc"
+            );
+        }
+    }
 }

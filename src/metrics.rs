@@ -1,0 +1,614 @@
+//! Prometheus metrics, and the HTTP listener (`--metrics-listen`) that serves them beside the health
+//! checks.
+//!
+//! Two sources feed `/metrics`. Per-RPC counters and latency histograms are recorded as each call
+//! ends, in [`crate::server::traced`]. Everything about pools, volumes and mounts is computed when
+//! Prometheus scrapes ([`NodeCollector`]), from the engine's in-memory index, the node state and a few
+//! syscalls: the call paths pay nothing for it, and a figure can never drift from what the driver
+//! would answer, however the process was stopped or restarted.
+//!
+//! Label sets are bounded by design: RPC series by method × gRPC code, pool series by pool × layout,
+//! and per-volume series only for the volumes staged or published on this node.
+//!
+//! Split mode will register its own collector on the same [`Exporter`]: the controller's agent
+//! registry size, heartbeat age per node and agent call errors (see docs/operations.md).
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+use tonic::Code;
+
+use crate::node::state::NodeState;
+use crate::storage::engine::LocalEngine;
+use crate::storage::id::{SnapshotId, VolumeId};
+use crate::sys::files;
+use crate::sys::mount::{LinuxMounter, Mounter};
+
+/// The content type of the OpenMetrics text format that `prometheus-client` writes; Prometheus
+/// negotiates and parses it natively.
+pub const CONTENT_TYPE_OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("--metrics-listen {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+// ---------------------------------------------------------------- per-RPC series
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RpcLabels {
+    method: &'static str,
+    code: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    method: &'static str,
+}
+
+/// Upper bounds of the latency buckets, in seconds: from sub-millisecond record writes up to copies
+/// of large volumes that take minutes.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0, 120.0, 600.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+struct RpcMetrics {
+    requests: Family<RpcLabels, Counter>,
+    duration: Family<MethodLabels, Histogram, fn() -> Histogram>,
+}
+
+/// One set per process: every service reports through the free function [`crate::server::traced`],
+/// and each [`Exporter`] registers clones that share these very counters.
+static RPC: LazyLock<RpcMetrics> = LazyLock::new(|| RpcMetrics {
+    requests: Family::default(),
+    duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+});
+
+/// Counts one finished RPC and its latency.
+pub fn record_rpc(method: &'static str, code: Code, elapsed: Duration) {
+    RPC.requests
+        .get_or_create(&RpcLabels {
+            method,
+            code: code_name(code),
+        })
+        .inc();
+    RPC.duration
+        .get_or_create(&MethodLabels { method })
+        .observe(elapsed.as_secs_f64());
+}
+
+/// The canonical gRPC code names (as grpc-go and every gRPC dashboard spell them).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
+// ---------------------------------------------------------------- the exporter
+
+/// What one process exposes: the RPC series, its build info, and the collectors of its role.
+pub struct Exporter {
+    registry: Registry,
+    ready: Arc<AtomicBool>,
+}
+
+impl Exporter {
+    /// `ready` is the flag the role sets once its pools are open (the one Identity's Probe reads).
+    pub fn new(role: &'static str, ready: Arc<AtomicBool>) -> Exporter {
+        let mut registry = Registry::default();
+        registry.register(
+            "cellar_build",
+            "Version and role of this cellar process",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION")), ("role", role)]),
+        );
+        registry.register(
+            "cellar_csi_requests",
+            "CSI calls answered, by method and gRPC code",
+            RPC.requests.clone(),
+        );
+        registry.register_with_unit(
+            "cellar_csi_request_duration",
+            "Time taken to answer a CSI call, by method",
+            Unit::Seconds,
+            RPC.duration.clone(),
+        );
+        Exporter { registry, ready }
+    }
+
+    /// Adds the scrape-time figures of a role (a node's pools; later the controller's registry).
+    pub fn register(&mut self, collector: impl Collector) {
+        self.registry.register_collector(Box::new(collector));
+    }
+
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The whole exposition. Blocking: collectors read the disk.
+    pub fn encode(&self) -> Result<String, fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+// ---------------------------------------------------------------- the node's figures
+
+/// How long a volume's used-bytes figure is reused. Measuring a `dir` volume costs one lstat per
+/// file, so each attached volume is walked at most once a minute, whatever the scrape interval.
+pub const USAGE_TTL: Duration = Duration::from_secs(60);
+
+/// What the node collector reads, available once the pools are open.
+pub struct NodeSources {
+    pub engine: Arc<LocalEngine>,
+    pub state: Arc<NodeState>,
+}
+
+#[derive(Default)]
+struct NodeInner {
+    sources: OnceLock<NodeSources>,
+    /// Volume id → when it was measured and its used bytes.
+    usage: Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+/// Pools, volumes and mounts of this node, computed at each scrape. Registered before the pools
+/// open (so `/metrics` answers during a long start-up purge) and given its sources afterwards.
+#[derive(Clone, Default)]
+pub struct NodeCollector(Arc<NodeInner>);
+
+impl fmt::Debug for NodeCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeCollector")
+            .field("attached", &self.0.sources.get().is_some())
+            .finish()
+    }
+}
+
+impl NodeCollector {
+    /// Gives the collector what it reads; until then it reports nothing. Only the first call counts.
+    pub fn attach(&self, sources: NodeSources) {
+        let _ = self.0.sources.set(sources);
+    }
+
+    /// The figures of one scrape, or `None` before the pools are open.
+    pub fn figures(&self) -> Option<NodeFigures> {
+        let src = self.0.sources.get()?;
+        Some(NodeFigures::gather(src, &self.0.usage, &LinuxMounter::default()))
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolFigures {
+    pub name: String,
+    /// `None` when the pool's filesystem could not be read (statvfs failed).
+    pub total_bytes: Option<u64>,
+    pub free_bytes: Option<u64>,
+    pub provisioned_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedVolume {
+    pub volume_id: String,
+    pub capacity_bytes: u64,
+    /// `None` when the data could not be measured (it is missing, or changed under the walk).
+    pub used_bytes: Option<u64>,
+}
+
+/// One scrape's worth of node figures.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeFigures {
+    pub pools: Vec<PoolFigures>,
+    /// (pool, layout) → number of volume records. Every layout a pool allows is present, even at 0.
+    pub volumes: BTreeMap<(String, String), u64>,
+    /// (pool, layout) → number of snapshot records.
+    pub snapshots: BTreeMap<(String, String), u64>,
+    /// pool → volumes whose condition is abnormal (their data is missing or not a directory).
+    pub abnormal: BTreeMap<String, u64>,
+    /// Volumes staged or published on this node, in volume-id order.
+    pub attached: Vec<AttachedVolume>,
+    /// Staging paths the node state records but the kernel has no mount at.
+    pub stale_staged: u64,
+    /// Publish targets the node state records but the kernel has no mount at.
+    pub stale_published: u64,
+}
+
+fn pool_of(id: &str) -> Option<String> {
+    VolumeId::parse(id).ok().map(|v| v.0.pool.as_str().to_string())
+}
+
+impl NodeFigures {
+    fn gather(src: &NodeSources, usage: &Mutex<HashMap<String, (Instant, u64)>>, mounter: &dyn Mounter) -> Self {
+        let mut f = NodeFigures::default();
+        let volumes = src.engine.volumes_with_condition();
+        let mut provisioned: BTreeMap<String, u64> = BTreeMap::new();
+        for (rec, cond) in &volumes {
+            let pool = pool_of(&rec.id).unwrap_or_default();
+            *provisioned.entry(pool.clone()).or_default() += rec.capacity_bytes;
+            *f.abnormal.entry(pool.clone()).or_default() += u64::from(cond.abnormal);
+            *f.volumes.entry((pool, rec.layout.as_str().to_string())).or_default() += 1;
+        }
+        for snap in src.engine.snapshots() {
+            let pool = SnapshotId::parse(&snap.id)
+                .map(|s| s.0.pool.as_str().to_string())
+                .unwrap_or_default();
+            *f.snapshots.entry((pool, snap.layout.as_str().to_string())).or_default() += 1;
+        }
+        let statuses = match src.engine.pool_status() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: reading pool usage");
+                Vec::new()
+            }
+        };
+        for name in src.engine.pool_names() {
+            let name = name.as_str().to_string();
+            let status = statuses.iter().find(|s| s.name.as_str() == name);
+            for layout in status.map(|s| s.layouts.as_slice()).unwrap_or_default() {
+                f.volumes
+                    .entry((name.clone(), layout.as_str().to_string()))
+                    .or_default();
+            }
+            f.abnormal.entry(name.clone()).or_default();
+            f.pools.push(PoolFigures {
+                total_bytes: status.map(|s| s.total_bytes),
+                free_bytes: status.map(|s| s.available_bytes),
+                provisioned_bytes: provisioned.get(&name).copied().unwrap_or(0),
+                name,
+            });
+        }
+
+        let mounted = |p: &std::path::Path| match mounter.is_mountpoint(p) {
+            Ok(m) => m,
+            Err(e) if e.is_not_found() => false,
+            // A broken mount (ENOTCONN, EIO ...) is still a mount; its volume's condition says more.
+            Err(_) => true,
+        };
+        let mut attached: Vec<(String, PathBuf, u64)> = Vec::new();
+        for m in src.state.all() {
+            if let Some(s) = &m.staged {
+                f.stale_staged += u64::from(!mounted(&s.path));
+            }
+            f.stale_published += m.published.keys().filter(|t| !mounted(t)).count() as u64;
+            if m.staged.is_none() && m.published.is_empty() {
+                continue;
+            }
+            let Ok(id) = VolumeId::parse(&m.volume_id) else {
+                continue;
+            };
+            if let Ok((rec, data)) = src.engine.volume_data(&id) {
+                attached.push((m.volume_id.clone(), data, rec.capacity_bytes));
+            }
+        }
+        attached.sort();
+        f.attached = measure(attached, usage);
+        f
+    }
+}
+
+/// Used bytes of each attached volume, walking only those not measured within [`USAGE_TTL`].
+/// Entries of volumes no longer attached are dropped, so the cache stays as small as the node.
+fn measure(
+    attached: Vec<(String, PathBuf, u64)>,
+    usage: &Mutex<HashMap<String, (Instant, u64)>>,
+) -> Vec<AttachedVolume> {
+    // Held across the walks: concurrent scrapes wait for one walk instead of repeating it.
+    let mut cache = usage.lock().unwrap_or_else(|p| p.into_inner());
+    cache.retain(|id, _| attached.iter().any(|(a, _, _)| a == id));
+    attached
+        .into_iter()
+        .map(|(volume_id, data, capacity_bytes)| {
+            let fresh = cache
+                .get(&volume_id)
+                .filter(|(at, _)| at.elapsed() < USAGE_TTL)
+                .map(|(_, used)| *used);
+            let used_bytes = fresh.or_else(|| match files::allocated_bytes(&data) {
+                Ok(used) => {
+                    cache.insert(volume_id.clone(), (Instant::now(), used));
+                    Some(used)
+                }
+                Err(e) => {
+                    tracing::debug!(volume = %volume_id, error = %e, "metrics: measuring used bytes");
+                    cache.remove(&volume_id);
+                    None
+                }
+            });
+            AttachedVolume {
+                volume_id,
+                capacity_bytes,
+                used_bytes,
+            }
+        })
+        .collect()
+}
+
+fn gauges<L: EncodeLabelSet>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    series: impl IntoIterator<Item = (L, u64)>,
+) -> fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    for (labels, value) in series {
+        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for NodeCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let Some(f) = self.figures() else {
+            return Ok(());
+        };
+        let bytes = Some(&Unit::Bytes);
+        let pool = |p: &PoolFigures| [("pool", p.name.clone())];
+        gauges(
+            &mut enc,
+            "cellar_pool_total",
+            "Size of the filesystem holding the pool.",
+            bytes,
+            f.pools.iter().filter_map(|p| Some((pool(p), p.total_bytes?))),
+        )?;
+        gauges(
+            &mut enc,
+            "cellar_pool_free",
+            "Bytes of the pool's filesystem still available to new data.",
+            bytes,
+            f.pools.iter().filter_map(|p| Some((pool(p), p.free_bytes?))),
+        )?;
+        gauges(
+            &mut enc,
+            "cellar_pool_provisioned",
+            "Sum of the capacities of the pool's volumes.",
+            bytes,
+            f.pools.iter().map(|p| (pool(p), p.provisioned_bytes)),
+        )?;
+        let pool_layout = |(p, l): &(String, String), n: &u64| ([("pool", p.clone()), ("layout", l.clone())], *n);
+        gauges(
+            &mut enc,
+            "cellar_volumes",
+            "Volume records in the pool, by layout.",
+            None,
+            f.volumes.iter().map(|(k, n)| pool_layout(k, n)),
+        )?;
+        gauges(
+            &mut enc,
+            "cellar_snapshots",
+            "Snapshot records in the pool, by layout.",
+            None,
+            f.snapshots.iter().map(|(k, n)| pool_layout(k, n)),
+        )?;
+        gauges(
+            &mut enc,
+            "cellar_volumes_abnormal",
+            "Volumes of the pool whose condition is abnormal (data missing or of the wrong type).",
+            None,
+            f.abnormal.iter().map(|(p, n)| ([("pool", p.clone())], *n)),
+        )?;
+        let volume = |v: &AttachedVolume| [("volume_id", v.volume_id.clone())];
+        gauges(
+            &mut enc,
+            "cellar_volume_capacity",
+            "Capacity of a volume staged or published on this node.",
+            bytes,
+            f.attached.iter().map(|v| (volume(v), v.capacity_bytes)),
+        )?;
+        gauges(
+            &mut enc,
+            "cellar_volume_used",
+            "Bytes allocated by the data of a volume staged or published on this node.",
+            bytes,
+            f.attached.iter().filter_map(|v| Some((volume(v), v.used_bytes?))),
+        )?;
+        gauges(
+            &mut enc,
+            "cellar_node_stale_mounts",
+            "Mounts the node state records that the kernel does not have, by kind (staged, published).",
+            None,
+            [
+                ([("kind", "staged")], f.stale_staged),
+                ([("kind", "published")], f.stale_published),
+            ],
+        )
+    }
+}
+
+// ---------------------------------------------------------------- the HTTP listener
+
+/// Binds the metrics address (port 0 picks a free port; the log says which).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    let local = listener.local_addr().unwrap_or(addr);
+    tracing::info!(addr = %local, "metrics listening: /metrics /healthz /readyz");
+    Ok(listener)
+}
+
+/// How long a client may take to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `/metrics`, `/healthz` and `/readyz` over HTTP/1 until the task is dropped.
+pub async fn serve(listener: TcpListener, exporter: Arc<Exporter>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "metrics: accepting a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let exporter = exporter.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| respond(req, exporter.clone()));
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+            if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
+                tracing::debug!(error = %e, "metrics: connection ended");
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+async fn respond(req: Request<Incoming>, exporter: Arc<Exporter>) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD are served\n"));
+    }
+    Ok(match req.uri().path() {
+        "/metrics" => match tokio::task::spawn_blocking(move || exporter.encode()).await {
+            Ok(Ok(body)) => {
+                let mut r = text(StatusCode::OK, body);
+                r.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE_OPENMETRICS));
+                r
+            }
+            Ok(Err(_)) | Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding the metrics failed\n"),
+        },
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if exporter.ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the pools are not open yet\n",
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: /metrics, /healthz and /readyz are served\n",
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::config::Config;
+    use crate::storage::id::NodeId;
+    use crate::sys::mount::RecordingMounter;
+
+    #[test]
+    fn code_names_are_the_canonical_grpc_spellings() {
+        assert_eq!(code_name(Code::Ok), "OK");
+        assert_eq!(code_name(Code::Cancelled), "Canceled");
+        assert_eq!(code_name(Code::NotFound), "NotFound");
+    }
+
+    #[test]
+    fn an_rpc_is_counted_by_method_and_code_and_timed_by_method() {
+        record_rpc("UnitTestCall", Code::NotFound, Duration::from_millis(3));
+        let out = Exporter::new("test", Arc::new(AtomicBool::new(true))).encode().unwrap();
+        assert!(
+            out.contains("cellar_csi_requests_total{method=\"UnitTestCall\",code=\"NotFound\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("cellar_csi_request_duration_seconds_bucket{le=\"0.005\",method=\"UnitTestCall\"} 1\n"),
+            "{out}"
+        );
+    }
+
+    /// Writes a record as the driver would have (JSON, so fields added later take their defaults).
+    fn record(path: &std::path::Path, json: serde_json::Value) {
+        std::fs::write(path, serde_json::to_vec(&json).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn figures_count_volumes_snapshots_abnormal_and_stale_mounts() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = dir.path().join("pools/default");
+        for d in ["volumes/a", "volumes/b", "snapshots/s"] {
+            std::fs::create_dir_all(pool.join(d)).unwrap();
+        }
+        for name in ["a", "b"] {
+            let json = serde_json::json!({
+                "version": 1, "name": name, "id": format!("local:n1:default:{name}"), "layout": "dir",
+                "capacity_bytes": 1 << 20, "mode": "filesystem", "access_modes": ["single-node-writer"],
+                "created_unix_secs": 0,
+            });
+            record(&pool.join(format!("volumes/{name}.json")), json);
+        }
+        let json = serde_json::json!({
+            "version": 1, "name": "s", "id": "snap:local:n1:default:s", "source_volume_id": "local:n1:default:a",
+            "size_bytes": 1 << 20, "created_unix_secs": 0, "created_nanos": 0,
+        });
+        record(&pool.join("snapshots/s.json"), json);
+        std::fs::remove_dir(pool.join("volumes/b")).unwrap();
+        std::fs::write(pool.join("volumes/a/f"), vec![1u8; 8192]).unwrap();
+        let config = Config::default_for(dir.path());
+        let engine = Arc::new(LocalEngine::open(NodeId::parse("n1").unwrap(), &config).unwrap());
+        let state = Arc::new(NodeState::open(&dir.path().join("node")).unwrap());
+        let a = "local:n1:default:a";
+        let mut m = state.get(a);
+        m.staged = Some(
+            serde_json::from_value(serde_json::json!({"path": dir.path().join("never-mounted"), "read_only": false}))
+                .unwrap(),
+        );
+        state.put(m).unwrap();
+
+        let src = NodeSources { engine, state };
+        let f = NodeFigures::gather(&src, &Mutex::default(), &RecordingMounter::default());
+        let key = |l: &str| ("default".to_string(), l.to_string());
+        assert_eq!(f.volumes, BTreeMap::from([(key("dir"), 2)]));
+        assert_eq!(f.snapshots, BTreeMap::from([(key("dir"), 1)]));
+        assert_eq!(f.abnormal, BTreeMap::from([("default".to_string(), 1)]));
+        assert_eq!(f.pools[0].provisioned_bytes, 2 << 20);
+        assert_eq!((f.stale_staged, f.stale_published), (1, 0));
+        assert_eq!(f.attached.len(), 1);
+        assert_eq!(f.attached[0].volume_id, a);
+        assert!(f.attached[0].used_bytes.unwrap() >= 8192, "{:?}", f.attached[0]);
+    }
+}

@@ -1,0 +1,413 @@
+//! `cellar report`, run on the node as an operator would: it finds a planted orphan of every kind,
+//! changes nothing without --fix, and `--fix` removes exactly what it listed, whether the driver runs
+//! or not, while the real volumes and their data keep working.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use cellar::csi::v1::*;
+use common::*;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// A loop device the test attached; detached on drop, also when the test fails.
+struct LoopGuard(String);
+
+impl Drop for LoopGuard {
+    fn drop(&mut self) {
+        if attached(&self.0).is_some() {
+            let _ = Command::new("losetup").args(["--detach", &self.0]).status();
+        }
+    }
+}
+
+/// The backing file of a loop device, while it is attached.
+fn attached(dev: &str) -> Option<String> {
+    let name = dev.trim_start_matches("/dev/");
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()
+}
+
+/// A mount the test made; lazily unmounted on drop when still there.
+struct MountGuard(PathBuf);
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        if mounts_under(&self.0).contains(&self.0) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// What a node looks like in use: a volume staged and published at kubelet's paths (with data), a
+/// second volume, and a snapshot.
+struct Scene {
+    live: String,
+    kubelet: PathBuf,
+    staging: PathBuf,
+    target: PathBuf,
+}
+
+async fn scene(d: &mut Driver) -> Scene {
+    let kubelet = d.path("kubelet");
+    let live = d.create("pvc-live").await.volume_id;
+    d.create("pvc-gone").await;
+    d.snapshot("snap-live", &live).await.expect("snapshot");
+    let hash = hex::encode(Sha256::digest(live.as_bytes()));
+    let staging = kubelet.join(format!("plugins/kubernetes.io/csi/cellar.csi.dev/{hash}/globalmount"));
+    let target = kubelet.join("pods/pod-1/volumes/kubernetes.io~csi/pv-live/mount");
+    std::fs::create_dir_all(&staging).expect("staging dir");
+    std::fs::create_dir_all(target.parent().expect("parent")).expect("pod dir");
+    d.stage(&live, &staging).await.expect("stage");
+    d.publish(&live, &staging, &target, rwo(), false)
+        .await
+        .expect("publish");
+    std::fs::write(target.join("greeting"), b"hello").expect("write through the pod's mount");
+    Scene {
+        live,
+        kubelet,
+        staging,
+        target,
+    }
+}
+
+/// One orphan of every kind, planted as a crash or a careless hand would leave it.
+struct Planted {
+    /// (kind, path) of every finding the report must list.
+    expected: BTreeSet<(String, PathBuf)>,
+    /// Pool entries `--fix` must remove, and nothing else.
+    entries: Vec<PathBuf>,
+    stray_mount: PathBuf,
+    loop_dev: String,
+    _loop: LoopGuard,
+    _mount: MountGuard,
+}
+
+fn plant(d: &Driver, s: &Scene) -> Planted {
+    let pool = d.pool_dir();
+    let orphan_dir = pool.join("volumes/orphan-dir");
+    std::fs::create_dir(&orphan_dir).expect("plant orphan dir");
+    std::fs::write(orphan_dir.join("data"), b"left behind").expect("plant orphan data");
+    let orphan_file = pool.join("volumes/orphan-file");
+    std::fs::write(&orphan_file, vec![0u8; 4096]).expect("plant orphan file");
+    let orphan_snap = pool.join("snapshots/orphan-snap");
+    std::fs::create_dir(&orphan_snap).expect("plant orphan snapshot");
+    std::fs::remove_dir_all(pool.join("volumes/pvc-gone")).expect("remove a volume's data");
+    let backing = pool.join("volumes/loop-backing");
+    std::fs::File::create(&backing)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("plant a backing file");
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&backing)
+        .output()
+        .expect("losetup (util-linux) is needed by this test");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let loop_dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let loop_guard = LoopGuard(loop_dev.clone());
+    let stray_mount = s.kubelet.join("pods/pod-2/volumes/kubernetes.io~csi/pv-stray/mount");
+    std::fs::create_dir_all(&stray_mount).expect("stray mount point");
+    nix::mount::mount(
+        Some(&pool.join("volumes/pvc-live")),
+        &stray_mount,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .expect("bind mount");
+    let mount_guard = MountGuard(stray_mount.clone());
+    let work = pool.join(".work/volumes-half");
+    std::fs::create_dir(&work).expect("plant .work leftover");
+    std::fs::write(work.join("part"), b"half a copy").expect("plant .work data");
+    let trash = pool.join(".trash/pvc-old-0123");
+    std::fs::create_dir(&trash).expect("plant .trash leftover");
+    let record = pool.join("volumes/pvc-gone.json");
+
+    let e = |kind: &str, p: &Path| (kind.to_string(), p.to_path_buf());
+    Planted {
+        expected: BTreeSet::from([
+            e("orphan-directory", &orphan_dir),
+            e("orphan-file", &orphan_file),
+            e("orphan-file", &backing),
+            e("orphan-directory", &orphan_snap),
+            e("record-without-data", &record),
+            e("stray-loop-device", Path::new(&loop_dev)),
+            e("stray-mount", &stray_mount),
+            e("work-leftover", &work),
+            e("trash-leftover", &trash),
+        ]),
+        entries: vec![orphan_dir, orphan_file, backing, orphan_snap, record, work, trash],
+        stray_mount,
+        loop_dev,
+        _loop: loop_guard,
+        _mount: mount_guard,
+    }
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", self.stdout))
+    }
+}
+
+fn report(d: &Driver, args: &[&str], stdin: &str) -> Run {
+    let mut child = Command::new(bin())
+        .arg("report")
+        .arg("--data-dir")
+        .arg(d.data_dir())
+        .arg("--kubelet-dir")
+        .arg(d.path("kubelet"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run cellar report");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("answer");
+    let out = child.wait_with_output().expect("report output");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn findings(v: &Value) -> BTreeSet<(String, PathBuf)> {
+    v["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .map(|f| {
+            (
+                f["kind"].as_str().expect("kind").to_string(),
+                PathBuf::from(f["path"].as_str().expect("path")),
+            )
+        })
+        .collect()
+}
+
+/// Every entry under a directory, never following a link.
+fn tree(dir: &Path) -> BTreeSet<PathBuf> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        if std::fs::symlink_metadata(&p).expect("lstat").is_dir() {
+            for e in std::fs::read_dir(&p).expect("readdir") {
+                stack.push(e.expect("entry").path());
+            }
+        }
+        out.insert(p);
+    }
+    out
+}
+
+/// Restarts the driver if needed and takes the live volume down the way kubelet would.
+async fn finish(d: &mut Driver, s: &Scene, restart: bool) {
+    if restart {
+        d.spawn(&[]).await;
+    }
+    d.unmount_all(&s.live, &s.staging, &s.target).await;
+}
+
+#[tokio::test]
+async fn report_lists_a_planted_orphan_of_every_kind_and_changes_nothing() {
+    let mut d = Driver::start().await;
+    let s = scene(&mut d).await;
+    d.kill();
+    let p = plant(&d, &s);
+    let before = tree(&d.pool_dir());
+
+    let r = report(&d, &["--json"], "");
+    assert_eq!(r.code, 2, "findings are exit code 2: {}", r.stderr);
+    let v = r.json();
+    assert_eq!(findings(&v), p.expected);
+    assert_eq!(v["driver_running"], false);
+    assert_eq!(tree(&d.pool_dir()), before, "a report without --fix changed the pool");
+    assert!(mounts_under(&p.stray_mount).contains(&p.stray_mount));
+    assert!(attached(&p.loop_dev).is_some());
+    drop(p);
+    finish(&mut d, &s, true).await;
+}
+
+#[tokio::test]
+async fn report_shows_volumes_snapshots_and_findings_in_tables() {
+    let mut d = Driver::start().await;
+    let s = scene(&mut d).await;
+    d.kill();
+    let p = plant(&d, &s);
+
+    let r = report(&d, &[], "");
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let pool_line = format!("pool default ({}): 2 volume(s), 1 snapshot(s)", d.pool_dir().display());
+    assert!(r.stdout.contains(&pool_line), "{}", r.stdout);
+    assert!(r.stdout.contains("findings: 9\n"), "{}", r.stdout);
+    for (kind, path) in &p.expected {
+        let row = r
+            .stdout
+            .lines()
+            .find(|l| l.contains(&format!(" {} ", path.display())))
+            .unwrap_or_else(|| panic!("no row for {}:\n{}", path.display(), r.stdout));
+        assert!(row.trim_start().starts_with(kind.as_str()), "{row}");
+    }
+    drop(p);
+    finish(&mut d, &s, true).await;
+}
+
+#[tokio::test]
+async fn fix_yes_removes_exactly_the_orphans_and_the_volumes_keep_working() {
+    let mut d = Driver::start().await;
+    let s = scene(&mut d).await;
+    d.kill();
+    let p = plant(&d, &s);
+    let before = tree(&d.pool_dir());
+
+    let r = report(&d, &["--fix", "--yes", "--json"], "");
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let fixed = r.json()["fix"].as_array().expect("fix results").clone();
+    assert_eq!(fixed.len(), 9, "{fixed:?}");
+    assert!(fixed.iter().all(|f| f["outcome"] == "done"), "{fixed:?}");
+
+    let gone: BTreeSet<PathBuf> = before
+        .iter()
+        .filter(|q| p.entries.iter().any(|e| q.starts_with(e)))
+        .cloned()
+        .collect();
+    let expected: BTreeSet<PathBuf> = before.difference(&gone).cloned().collect();
+    assert_eq!(
+        tree(&d.pool_dir()),
+        expected,
+        "--fix removed more or less than it listed"
+    );
+    assert_eq!(attached(&p.loop_dev), None, "the stray loop device is still attached");
+    assert_eq!(
+        mounts_under(&s.kubelet).into_iter().collect::<BTreeSet<_>>(),
+        BTreeSet::from([s.staging.clone(), s.target.clone()]),
+        "only the stray mount is gone"
+    );
+    let again = report(&d, &["--json"], "");
+    assert_eq!((again.code, findings(&again.json()).len()), (0, 0), "{}", again.stdout);
+
+    d.spawn(&[]).await;
+    assert_eq!(std::fs::read(s.target.join("greeting")).unwrap(), b"hello");
+    let stats = d
+        .node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: s.live.clone(),
+            volume_path: s.target.display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(stats.volume_condition.map(|c| c.abnormal), Some(false));
+    finish(&mut d, &s, false).await;
+    d.delete(&s.live).await.expect("delete the live volume");
+}
+
+#[tokio::test]
+async fn fix_asks_first_and_an_answer_other_than_yes_changes_nothing() {
+    let mut d = Driver::start().await;
+    d.create("pvc-kept").await;
+    d.kill();
+    let orphan = d.pool_dir().join("volumes/orphan-asked");
+    std::fs::create_dir(&orphan).unwrap();
+
+    let r = report(&d, &["--fix"], "n\n");
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("[y/N]"), "{}", r.stderr);
+    assert!(orphan.is_dir(), "removed without a yes");
+}
+
+#[tokio::test]
+async fn while_the_driver_runs_fix_leaves_work_trash_and_records_to_it() {
+    let mut d = Driver::start().await;
+    d.create("pvc-gone").await;
+    let pool = d.pool_dir();
+    std::fs::remove_dir(pool.join("volumes/pvc-gone")).unwrap();
+    let work = pool.join(".work/volumes-busy");
+    std::fs::create_dir(&work).unwrap();
+    let trash = pool.join(".trash/pvc-busy-0123");
+    std::fs::create_dir(&trash).unwrap();
+
+    let r = report(&d, &["--fix", "--yes", "--json", "--min-age", "0"], "");
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let v = r.json();
+    assert_eq!(v["driver_running"], true);
+    let kept: Vec<&str> = v["findings"]
+        .as_array()
+        .expect("findings")
+        .iter()
+        .filter(|f| f["kept"].is_string())
+        .map(|f| f["kind"].as_str().expect("kind"))
+        .collect();
+    assert_eq!(kept, ["record-without-data", "work-leftover", "trash-leftover"]);
+    assert!(pool.join("volumes/pvc-gone.json").is_file() && work.is_dir() && trash.is_dir());
+}
+
+#[tokio::test]
+async fn while_the_driver_runs_an_orphan_is_kept_until_it_is_older_than_min_age() {
+    let d = Driver::start().await;
+    let orphan = d.pool_dir().join("volumes/orphan-young");
+    std::fs::create_dir(&orphan).unwrap();
+
+    let young = report(&d, &["--fix", "--yes", "--json"], "");
+    assert_eq!(young.code, 2, "{}", young.stderr);
+    assert!(
+        orphan.is_dir(),
+        "an entry changed moments ago was removed while the driver runs"
+    );
+
+    let old_enough = report(&d, &["--fix", "--yes", "--json", "--min-age", "0"], "");
+    assert_eq!(old_enough.code, 0, "{}", old_enough.stdout);
+    assert!(!orphan.exists());
+}
+
+#[tokio::test]
+async fn a_second_driver_on_the_same_data_dir_refuses_to_start() {
+    let d = Driver::start().await;
+    let out = Command::new(bin())
+        .args(["all-in-one", "--node-id", NODE, "--endpoint"])
+        .arg(format!("unix://{}", d.path("second.sock").display()))
+        .arg("--data-dir")
+        .arg(d.data_dir())
+        .output()
+        .expect("run a second driver");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is in use by another cellar process"), "{err}");
+}
+
+#[tokio::test]
+async fn fix_removes_a_planted_symlink_and_never_what_it_points_to() {
+    let mut d = Driver::start().await;
+    d.create("pvc-kept").await;
+    d.kill();
+    let outside = d.path("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("keep"), b"not the pool's").unwrap();
+    let link = d.pool_dir().join("volumes/evil");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+
+    let r = report(&d, &["--fix", "--yes", "--json"], "");
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    assert_eq!(
+        findings(&r.json()),
+        BTreeSet::from([("orphan-symlink".to_string(), link.clone())])
+    );
+    assert!(std::fs::symlink_metadata(&link).is_err(), "the symlink is still there");
+    assert_eq!(std::fs::read(outside.join("keep")).unwrap(), b"not the pool's");
+}
