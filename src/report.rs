@@ -856,9 +856,14 @@ fn act(f: &Finding, sites: &[PoolSite]) -> Result<String, String> {
             Ok(format!("unmounted {}", f.path.display()))
         }
         Action::Detach => {
-            let dev = f.path.to_string_lossy();
-            crate::sys::run_tool("losetup", &["--detach", &dev]).map_err(err)?;
-            Ok(format!("detached {dev}"))
+            let dev = crate::sys::loopdev::attachments()
+                .map_err(err)?
+                .into_iter()
+                .map(|a| a.device)
+                .find(|d| d.path == f.path)
+                .ok_or_else(|| format!("{} is no longer attached", f.path.display()))?;
+            crate::sys::loopdev::detach(&dev).map_err(err)?;
+            Ok(format!("detached {}", f.path.display()))
         }
         Action::Remove => {
             // Only what lies in one of the four directories of a pool, never the pool or above it.
@@ -870,8 +875,7 @@ fn act(f: &Finding, sites: &[PoolSite]) -> Result<String, String> {
                 return Err(format!("{} is not inside a pool: refused", f.path.display()));
             }
             if f.kind == FindingKind::OrphanSubvolume {
-                let p = f.path.to_string_lossy();
-                crate::sys::run_tool("btrfs", &["subvolume", "delete", &p]).map_err(err)?;
+                crate::sys::btrfs::delete_subvolume(&f.path).map_err(err)?;
             } else {
                 files::remove_tree(&f.path).map_err(err)?;
             }

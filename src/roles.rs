@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::Flock;
 use tonic::transport::Server;
 
 use crate::agent::{LocalAgent, SingleNode};
@@ -64,41 +64,15 @@ pub enum RoleError {
 /// second driver cannot start on the same pools and `cellar report` knows whether one is running.
 pub const LOCK_FILE: &str = "cellar.lock";
 
-/// Whether the data dir's lock could be taken.
-#[derive(Debug)]
-pub enum DataDirLock {
-    /// Taken: held until dropped (the kernel also releases it when the process dies).
-    Held(Flock<File>),
-    /// Another process holds it: a driver is running on this data dir.
-    InUse,
-    /// There is no lock file (and it was not to be created): no driver has run here since locks came.
-    NoLockFile,
-}
+pub use crate::sys::files::FileLock as DataDirLock;
 
 /// Takes the data dir's lock without waiting. `create` makes the lock file (and the data dir) when
 /// missing; the report passes `false`, so it never creates anything.
 pub fn lock_data_dir(data_dir: &Path, create: bool) -> Result<DataDirLock, crate::sys::SysError> {
-    use crate::sys::SysError;
-    let path = data_dir.join(LOCK_FILE);
     if create {
-        std::fs::create_dir_all(data_dir).map_err(|e| SysError::io("mkdir", data_dir, e))?;
+        std::fs::create_dir_all(data_dir).map_err(|e| crate::sys::SysError::io("mkdir", data_dir, e))?;
     }
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(create)
-        .create(create)
-        .truncate(false)
-        .open(&path)
-    {
-        Ok(f) => f,
-        Err(e) if !create && e.kind() == std::io::ErrorKind::NotFound => return Ok(DataDirLock::NoLockFile),
-        Err(e) => return Err(SysError::io("open lock file", &path, e)),
-    };
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(held) => Ok(DataDirLock::Held(held)),
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(DataDirLock::InUse),
-        Err((_, errno)) => Err(SysError::io("flock", &path, errno.into())),
-    }
+    crate::sys::files::try_lock(&data_dir.join(LOCK_FILE), create)
 }
 
 pub fn load_config(config: Option<&PathBuf>, data_dir: &std::path::Path) -> Result<Config, ConfigError> {

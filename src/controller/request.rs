@@ -82,9 +82,11 @@ pub fn mutable_params(p: &HashMap<String, String>) -> Result<Mutable, Status> {
                 m.compression = Some(v.clone());
             }
             PARAM_DELETE_POLICY => m.delete_policy = Some(delete_policy(v)?),
-            other => return Err(invalid(format!(
+            other => {
+                return Err(invalid(format!(
                 "mutable parameter '{other}' is not supported (mutable: {MUTABLE_COMPRESSION}, {PARAM_DELETE_POLICY})"
-            ))),
+            )))
+            }
         }
     }
     Ok(m)

@@ -172,3 +172,35 @@ impl PinnedDir {
         std::path::PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
     }
 }
+
+/// Whether an exclusive advisory lock (flock) on a file could be taken.
+#[derive(Debug)]
+pub enum FileLock {
+    /// Taken: held until dropped (the kernel also releases it when the process dies).
+    Held(nix::fcntl::Flock<File>),
+    /// Another process holds it.
+    InUse,
+    /// There is no such file (and it was not to be created).
+    NoLockFile,
+}
+
+/// Takes an exclusive flock on `path` without waiting; `create` makes the file when missing.
+pub fn try_lock(path: &Path, create: bool) -> Result<FileLock, SysError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let file = match OpenOptions::new()
+        .read(true)
+        .write(create)
+        .create(create)
+        .truncate(false)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if !create && e.kind() == ErrorKind::NotFound => return Ok(FileLock::NoLockFile),
+        Err(e) => return Err(SysError::io("open lock file", path, e)),
+    };
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(held) => Ok(FileLock::Held(held)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(FileLock::InUse),
+        Err((_, errno)) => Err(SysError::io("flock", path, errno.into())),
+    }
+}
