@@ -88,7 +88,6 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
     // Taken before the socket: a second driver must not replace the first one's socket.
     let _lock = hold_data_dir(&o.data_dir).await?;
     let socket = server::socket_path(&o.endpoint)?;
-    let listener = server::bind(&socket)?;
     let ready = Arc::new(AtomicBool::new(false));
 
     // Served before the pools open: /healthz answers and /readyz says 503 during a long start-up purge.
@@ -144,6 +143,9 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
         in_flight: InFlight::default(),
         max_volumes: o.max_volumes_per_node,
     };
+    // The socket appears only now: whoever finds it (kubelet's registrar, a test) finds a driver
+    // whose pools and node state are open.
+    let listener = server::bind(&socket)?;
     let router = Server::builder()
         .add_service(IdentityServer::new(identity))
         .add_service(ControllerServer::new(controller))

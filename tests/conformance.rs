@@ -1349,7 +1349,7 @@ async fn a_busy_volume_answers_aborted() {
                 saw_aborted = true;
                 break;
             }
-            Err(s) => panic!("unexpected {s}"),
+            Err(s) => panic!("unexpected {:?}: {}", s.code(), s.message()),
             Ok(_) => {}
         }
     }

@@ -279,6 +279,7 @@ impl NodeService {
             for d in loopdev::find_by_backing(backing)? {
                 loopdev::detach(&d)?;
             }
+            self.await_detached(backing)?;
         } else {
             self.unmount_all(&staging)?;
         }
@@ -405,6 +406,22 @@ impl NodeService {
                 path.display()
             ))),
         }
+    }
+
+    /// A detach completes when the last opener of the device closes it, which a tool spawned at
+    /// that moment (holding a copy of our descriptors until it execs) can delay a little. Wait for
+    /// it, so that an unstaged volume has no loop device left when the call returns.
+    fn await_detached(&self, backing: &Path) -> Result<(), Status> {
+        for _ in 0..200 {
+            if loopdev::find_by_backing(backing)?.is_empty() {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Err(Status::internal(format!(
+            "the loop device of {} is still attached 2 s after its detach",
+            backing.display()
+        )))
     }
 
     fn unpublish(&self, r: NodeUnpublishVolumeRequest) -> Result<NodeUnpublishVolumeResponse, Status> {

@@ -544,16 +544,28 @@ impl LocalEngine {
         Ok(())
     }
 
-    /// Grows a volume; the flag says whether the node must grow a filesystem too.
-    pub fn expand_volume(&self, id: &VolumeId, range: CapacityRange) -> Result<(VolumeRecord, bool), StorageError> {
+    /// A volume of this node, locked for a change: its pool, the lock, and its record.
+    fn for_change(&self, id: &VolumeId) -> Result<(&Pool, Held, VolumeRecord), StorageError> {
         let shown = id.to_string();
         let pool = self
             .locate(&id.0)
             .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
-        let _held = self.take(Kind::Volume, &id.0.pool, &id.0.key, &shown)?;
-        let mut rec = self
-            .volume(id)
-            .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
+        let held = self.take(Kind::Volume, &id.0.pool, &id.0.key, &shown)?;
+        let rec = self.volume(id).ok_or(StorageError::VolumeNotFound(shown))?;
+        Ok((pool, held, rec))
+    }
+
+    /// Writes a changed volume record durably, then updates the index.
+    fn save(&self, pool: &Pool, id: &VolumeId, rec: &VolumeRecord) -> Result<(), StorageError> {
+        record::store(&pool.record_path(Kind::Volume, &id.0.key), rec)?;
+        lock(&self.volumes).insert(id.to_string(), rec.clone());
+        Ok(())
+    }
+
+    /// Grows a volume; the flag says whether the node must grow a filesystem too.
+    pub fn expand_volume(&self, id: &VolumeId, range: CapacityRange) -> Result<(VolumeRecord, bool), StorageError> {
+        let shown = id.to_string();
+        let (pool, _held, mut rec) = self.for_change(id)?;
         let node_step = rec.layout == Layout::Image;
         let wanted = range.choose()?;
         if wanted <= rec.capacity_bytes {
@@ -578,21 +590,14 @@ impl LocalEngine {
         layout::set_capacity(rec.layout, &pool.data_path(Kind::Volume, &id.0.key), wanted)?;
         crash::point("expand:before-record");
         rec.capacity_bytes = wanted;
-        record::store(&pool.record_path(Kind::Volume, &id.0.key), &rec)?;
-        lock(&self.volumes).insert(shown, rec.clone());
+        self.save(pool, id, &rec)?;
         Ok((rec, node_step))
     }
 
     /// Changes a volume's mutable parameters (ControllerModifyVolume).
     pub fn modify_volume(&self, id: &VolumeId, m: &Mutable) -> Result<VolumeRecord, StorageError> {
         let shown = id.to_string();
-        let pool = self
-            .locate(&id.0)
-            .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
-        let _held = self.take(Kind::Volume, &id.0.pool, &id.0.key, &shown)?;
-        let mut rec = self
-            .volume(id)
-            .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
+        let (pool, _held, mut rec) = self.for_change(id)?;
         if let Some(c) = &m.compression {
             if rec.layout != Layout::Btrfs {
                 return Err(StorageError::Unsupported(format!(
@@ -607,26 +612,18 @@ impl LocalEngine {
         if let Some(p) = m.delete_policy {
             rec.delete_policy = Some(p);
         }
-        record::store(&pool.record_path(Kind::Volume, &id.0.key), &rec)?;
-        lock(&self.volumes).insert(shown, rec.clone());
+        self.save(pool, id, &rec)?;
         Ok(rec)
     }
 
     /// Records the size the filesystem inside an image volume now has (the node grew it).
     pub fn set_fs_bytes(&self, id: &VolumeId, bytes: u64) -> Result<(), StorageError> {
-        let shown = id.to_string();
-        let pool = self
-            .locate(&id.0)
-            .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
-        let _held = self.take(Kind::Volume, &id.0.pool, &id.0.key, &shown)?;
-        let mut rec = self.volume(id).ok_or(StorageError::VolumeNotFound(shown.clone()))?;
+        let (pool, _held, mut rec) = self.for_change(id)?;
         if rec.fs_bytes == bytes {
             return Ok(());
         }
         rec.fs_bytes = bytes;
-        record::store(&pool.record_path(Kind::Volume, &id.0.key), &rec)?;
-        lock(&self.volumes).insert(shown, rec);
-        Ok(())
+        self.save(pool, id, &rec)
     }
 
     pub fn volume(&self, id: &VolumeId) -> Option<VolumeRecord> {

@@ -16,7 +16,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::{run_tool, Step, SysError};
+use super::{cvt, run_tool, Step, SysError};
 
 /// Where the kernel shows each mounted btrfs, by fsid.
 pub const SYS_FS_BTRFS: &str = "/sys/fs/btrfs";
@@ -647,14 +647,6 @@ fn require_btrfs_fd(f: &File, path: &Path, step: &'static str) -> Result<(), Sys
 fn cpath(path: &Path) -> Result<CString, SysError> {
     CString::new(path.as_os_str().as_bytes())
         .map_err(|e| SysError::io("path", path, io::Error::new(io::ErrorKind::InvalidInput, e)))
-}
-
-fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use super::{run_tool, Step, SysError};
+use super::{cvt, run_tool, Step, SysError};
 
 // linux/fs.h: #define FIFREEZE _IOWR('X', 119, int), #define FITHAW _IOWR('X', 120, int)
 const FIFREEZE: libc::Ioctl = libc::_IOWR::<libc::c_int>(b'X' as u32, 119);
@@ -249,14 +249,6 @@ fn open_dir(path: &Path) -> Result<File, SysError> {
         .custom_flags(libc::O_CLOEXEC | libc::O_DIRECTORY)
         .open(path)
         .step("open", path)
-}
-
-fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
 }
 
 #[cfg(test)]

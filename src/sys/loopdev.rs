@@ -13,7 +13,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{Step, SysError};
+use super::{cvt, Step, SysError};
 
 /// Where the kernel lists block devices.
 pub const SYS_BLOCK: &str = "/sys/block";
@@ -378,14 +378,6 @@ pub fn device_size(dev: &Path) -> Result<u64, SysError> {
     cvt(unsafe { libc::ioctl(f.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) })
         .step("read block device size (BLKGETSIZE64)", dev)?;
     Ok(size)
-}
-
-fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(rc)
-    }
 }
 
 /// Real images, devices and mounts for the tests of `sys`, undone on drop even when a test fails.

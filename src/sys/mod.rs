@@ -54,6 +54,15 @@ impl SysError {
     }
 }
 
+/// Turns a C return code into an `io::Result`, taking errno on failure.
+pub(crate) fn cvt(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
 /// Adds the step and path to an `io::Result`.
 pub trait Step<T> {
     fn step(self, step: &'static str, path: &Path) -> Result<T, SysError>;
