@@ -785,3 +785,47 @@ async fn crash_during_expand_then_retry_converges() {
     assert!(total_bytes(&tg) > 48 << 20, "the filesystem grew at stage");
     d.unmount_all(&v.volume_id, &st, &tg).await;
 }
+
+#[tokio::test]
+async fn snapshot_freeze_parameter_makes_a_filesystem_consistent_copy_and_is_validated() {
+    let fs = TestFs::new("xfs", 512);
+    let (mut d, _c) = driver(&[("img", &fs.path("pool"), "image", IMAGE_EXT4)]).await;
+    let v = d
+        .ctl
+        .create_volume(req("pvc-fz", 64 * MIB, "img"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let (st, tg) = d.mount_rw(&v.volume_id, "fz").await;
+    std::fs::write(tg.join("f"), b"frozen").unwrap();
+    let snap = |name: &str, freeze: &str| CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: v.volume_id.clone(),
+        parameters: [("freeze".to_string(), freeze.to_string())].into(),
+        ..Default::default()
+    };
+    let s = d
+        .ctl
+        .create_snapshot(snap("snap-fz", "true"))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    std::fs::write(tg.join("after"), b"the filesystem is thawed again").unwrap();
+    assert_eq!(
+        code(d.ctl.create_snapshot(snap("snap-bad", "banana")).await),
+        Code::InvalidArgument
+    );
+    d.unmount_all(&v.volume_id, &st, &tg).await;
+    // A frozen copy is clean: e2fsck finds nothing to recover or repair.
+    let copy = fs.path("pool/snapshots/snap-fz");
+    let out = Command::new("e2fsck").args(["-n", "-f"]).arg(&copy).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let r = restore(&mut d, "pvc-fzr", 64 * MIB, "img", snap_src(&s.snapshot_id)).await;
+    let (st2, tg2) = d.mount_rw(&r.volume_id, "fzr").await;
+    assert_eq!(std::fs::read(tg2.join("f")).unwrap(), b"frozen");
+    d.unmount_all(&r.volume_id, &st2, &tg2).await;
+}

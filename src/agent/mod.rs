@@ -23,7 +23,12 @@ pub trait Agent: Send + Sync {
     async fn volume_named(&self, name: String) -> Result<Option<VolumeRecord>, StorageError>;
     /// The snapshot created under a CSI name, in any pool of the node.
     async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError>;
-    async fn create_snapshot(&self, name: String, source: VolumeId) -> Result<SnapshotRecord, StorageError>;
+    async fn create_snapshot(
+        &self,
+        name: String,
+        source: VolumeId,
+        freeze: bool,
+    ) -> Result<SnapshotRecord, StorageError>;
     async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError>;
     async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError>;
     async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError>;
@@ -95,8 +100,13 @@ impl Agent for LocalAgent {
         Ok(self.engine.snapshot_named(&name))
     }
 
-    async fn create_snapshot(&self, name: String, source: VolumeId) -> Result<SnapshotRecord, StorageError> {
-        self.blocking(move |e| e.create_snapshot(&name, &source)).await
+    async fn create_snapshot(
+        &self,
+        name: String,
+        source: VolumeId,
+        freeze: bool,
+    ) -> Result<SnapshotRecord, StorageError> {
+        self.blocking(move |e| e.create_snapshot(&name, &source, freeze)).await
     }
 
     async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError> {

@@ -41,15 +41,21 @@ pub struct BenchArgs {
     /// Prefix of the volume names (so parallel runs do not collide).
     #[arg(long, default_value = "bench")]
     pub prefix: String,
+    /// Write this much data into each published volume (e.g. 1G), then time CreateSnapshot and
+    /// DeleteSnapshot of it.
+    #[arg(long)]
+    pub fill: Option<String>,
 }
 
-const STEPS: [&str; 6] = [
+const STEPS: [&str; 8] = [
     "CreateVolume",
     "NodeStageVolume",
     "NodePublishVolume",
     "NodeUnpublishVolume",
     "NodeUnstageVolume",
     "DeleteVolume",
+    "CreateSnapshot",
+    "DeleteSnapshot",
 ];
 
 #[derive(Clone)]
@@ -58,6 +64,7 @@ struct Lifecycle {
     node: NodeClient<Channel>,
     dir: PathBuf,
     size: i64,
+    fill: u64,
     params: std::collections::HashMap<String, String>,
 }
 
@@ -74,7 +81,7 @@ impl Lifecycle {
         mount_capability(Mode::SingleNodeWriter, vec![])
     }
 
-    async fn up(&mut self, name: &str, times: &mut [Vec<Duration>; 6]) -> Result<String, String> {
+    async fn up(&mut self, name: &str, times: &mut [Vec<Duration>; 8]) -> Result<String, String> {
         let (staging, target) = self.paths(name);
         std::fs::create_dir_all(&staging).map_err(|e| e.to_string())?;
         let t = Instant::now();
@@ -122,10 +129,43 @@ impl Lifecycle {
             .await
             .map_err(|s| format!("NodePublishVolume {id}: {s}"))?;
         times[2].push(t.elapsed());
+        if self.fill > 0 {
+            self.snapshot_round(name, &id, times).await?;
+        }
         Ok(id)
     }
 
-    async fn down(&mut self, name: &str, id: &str, times: &mut [Vec<Duration>; 6]) -> Result<(), String> {
+    /// Fills the published volume, then times a snapshot of it and its deletion.
+    async fn snapshot_round(&mut self, name: &str, id: &str, times: &mut [Vec<Duration>; 8]) -> Result<(), String> {
+        let (_, target) = self.paths(name);
+        write_fill(&PathBuf::from(&target).join("fill"), self.fill).map_err(|e| format!("fill {target}: {e}"))?;
+        let t = Instant::now();
+        let snap = self
+            .ctl
+            .create_snapshot(CreateSnapshotRequest {
+                name: format!("{name}-snap"),
+                source_volume_id: id.to_string(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| format!("CreateSnapshot {id}: {s}"))?
+            .into_inner()
+            .snapshot
+            .ok_or("CreateSnapshot returned no snapshot")?;
+        times[6].push(t.elapsed());
+        let t = Instant::now();
+        self.ctl
+            .delete_snapshot(DeleteSnapshotRequest {
+                snapshot_id: snap.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| format!("DeleteSnapshot {}: {s}", snap.snapshot_id))?;
+        times[7].push(t.elapsed());
+        Ok(())
+    }
+
+    async fn down(&mut self, name: &str, id: &str, times: &mut [Vec<Duration>; 8]) -> Result<(), String> {
         let (staging, target) = self.paths(name);
         let t = Instant::now();
         self.node
@@ -160,6 +200,20 @@ impl Lifecycle {
     }
 }
 
+/// Writes `bytes` of non-zero data (so nothing is stored as holes) and syncs it.
+fn write_fill(path: &std::path::Path, bytes: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    let chunk = vec![0xa5u8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -186,6 +240,10 @@ pub async fn run(endpoint: &str, a: BenchArgs) -> Result<(), String> {
         node: NodeClient::new(channel),
         dir: dir.clone(),
         size: parse_size(&a.size)?,
+        fill: match &a.fill {
+            Some(f) => parse_size(f)? as u64,
+            None => 0,
+        },
         params: a.params.iter().cloned().collect(),
     };
     let mut channels = Vec::new();
@@ -199,8 +257,9 @@ pub async fn run(endpoint: &str, a: BenchArgs) -> Result<(), String> {
 
 async fn measure(base: &Lifecycle, a: &BenchArgs, channels: Vec<Channel>) -> Result<(), String> {
     let mut bg = base.clone();
+    bg.fill = 0; // only the measured volumes are filled and snapshotted
     let mut bg_ids = Vec::new();
-    let mut scratch: [Vec<Duration>; 6] = Default::default();
+    let mut scratch: [Vec<Duration>; 8] = Default::default();
     for i in 0..a.background {
         let name = format!("{}-bg-{i}", a.prefix);
         bg_ids.push((name.clone(), bg.up(&name, &mut scratch).await?));
@@ -224,7 +283,7 @@ async fn measure(base: &Lifecycle, a: &BenchArgs, channels: Vec<Channel>) -> Res
             .map(|i| format!("{}-{i}", a.prefix))
             .collect();
         tasks.push(tokio::spawn(async move {
-            let mut times: [Vec<Duration>; 6] = Default::default();
+            let mut times: [Vec<Duration>; 8] = Default::default();
             for name in names {
                 let id = lc.up(&name, &mut times).await?;
                 lc.down(&name, &id, &mut times).await?;
@@ -232,7 +291,7 @@ async fn measure(base: &Lifecycle, a: &BenchArgs, channels: Vec<Channel>) -> Res
             Ok::<_, String>(times)
         }));
     }
-    let mut all: [Vec<Duration>; 6] = Default::default();
+    let mut all: [Vec<Duration>; 8] = Default::default();
     for t in tasks {
         let times = t.await.map_err(|e| e.to_string())??;
         for (acc, mut v) in all.iter_mut().zip(times) {
@@ -247,7 +306,7 @@ async fn measure(base: &Lifecycle, a: &BenchArgs, channels: Vec<Channel>) -> Res
 
     let ops: usize = all.iter().map(Vec::len).sum();
     println!("rpc                      count    p50_ms    p99_ms");
-    for (step, v) in STEPS.iter().zip(all.iter_mut()) {
+    for (step, v) in STEPS.iter().zip(all.iter_mut()).filter(|(_, v)| !v.is_empty()) {
         v.sort();
         println!(
             "{step:<24} {:>5} {:>9.3} {:>9.3}",

@@ -393,7 +393,7 @@ impl Controller for ControllerService {
             if r.source_volume_id.is_empty() {
                 return Err(missing("source_volume_id"));
             }
-            request::snapshot_params(&r.parameters)?;
+            let freeze = request::snapshot_params(&r.parameters)?;
             let (source, agent) = self.volume_owner(&r.source_volume_id)?;
             for a in self.directory.agents() {
                 if let Some(existing) = a.snapshot_named(r.name.clone()).await? {
@@ -405,7 +405,7 @@ impl Controller for ControllerService {
                     }
                 }
             }
-            let rec = agent.create_snapshot(r.name.clone(), source).await?;
+            let rec = agent.create_snapshot(r.name.clone(), source, freeze).await?;
             Ok(CreateSnapshotResponse {
                 snapshot: Some(csi_snapshot(&rec)),
             })

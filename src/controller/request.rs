@@ -92,14 +92,30 @@ pub fn mutable_params(p: &HashMap<String, String>) -> Result<Mutable, Status> {
     Ok(m)
 }
 
-/// Snapshot parameters: only the sidecars' metadata keys are accepted.
-pub fn snapshot_params(p: &HashMap<String, String>) -> Result<(), Status> {
-    match p.keys().find(|k| !k.starts_with(SIDECAR_PREFIX)) {
-        Some(k) => Err(invalid(format!(
-            "unknown snapshot parameter '{k}' (snapshots take no parameters)"
-        ))),
-        None => Ok(()),
+/// VolumeSnapshotClass parameter: freeze a mounted image's filesystem around the copy.
+pub const SNAPSHOT_FREEZE: &str = "freeze";
+
+/// Snapshot parameters: `freeze` ("true" or "false") and the sidecars' metadata keys. Returns freeze.
+pub fn snapshot_params(p: &HashMap<String, String>) -> Result<bool, Status> {
+    let mut freeze = false;
+    for (k, v) in p {
+        match k.as_str() {
+            SNAPSHOT_FREEZE => {
+                freeze = match v.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    other => return Err(invalid(format!("snapshot parameter freeze must be true or false, not '{other}'"))),
+                }
+            }
+            k if k.starts_with(SIDECAR_PREFIX) => {}
+            other => {
+                return Err(invalid(format!(
+                    "unknown snapshot parameter '{other}' (known: {SNAPSHOT_FREEZE}, and the {SIDECAR_PREFIX}* keys of the sidecars)"
+                )))
+            }
+        }
     }
+    Ok(freeze)
 }
 
 pub fn capacity(r: Option<&v1::CapacityRange>) -> Result<CapacityRange, Status> {

@@ -346,7 +346,7 @@ impl LocalEngine {
                         from.size
                     )));
                 }
-                layout::create_copy(pool, Kind::Volume, &key, layout, &from.path, true)?;
+                layout::create_copy(pool, Kind::Volume, &key, layout, &from.path, true, false)?;
                 layout::set_capacity(layout, &data, capacity)?;
                 from.fs_bytes
             }
@@ -702,7 +702,8 @@ impl LocalEngine {
         }
     }
 
-    pub fn create_snapshot(&self, name: &str, source: &VolumeId) -> Result<SnapshotRecord, StorageError> {
+    /// Snapshots a volume; `freeze` makes the snapshot of a mounted image filesystem-consistent.
+    pub fn create_snapshot(&self, name: &str, source: &VolumeId, freeze: bool) -> Result<SnapshotRecord, StorageError> {
         let shown_src = source.to_string();
         let pool = self
             .locate(&source.0)
@@ -724,7 +725,7 @@ impl LocalEngine {
             )));
         }
         let from = self.source_data(&Source::Volume(source.clone()))?;
-        layout::create_copy(pool, Kind::Snapshot, &key, from.layout, &from.path, false)?;
+        layout::create_copy(pool, Kind::Snapshot, &key, from.layout, &from.path, false, freeze)?;
         crash::point("create-snapshot:before-record");
         let (secs, nanos) = now();
         let rec = SnapshotRecord {

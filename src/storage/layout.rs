@@ -106,7 +106,9 @@ pub fn create_empty(
 }
 
 /// Makes a new volume (or, with `Kind::Snapshot`, a snapshot) from `src`, the data of a volume or
-/// snapshot of the same layout.
+/// snapshot of the same layout. The copy of an image in use is crash-consistent (what a power cut
+/// would leave, which the filesystem's journal recovers); `freeze` makes it filesystem-consistent by
+/// freezing the mounted filesystem around the copy, at the cost of flushing it.
 pub fn create_copy(
     pool: &Pool,
     kind: Kind,
@@ -114,6 +116,7 @@ pub fn create_copy(
     layout: Layout,
     src: &Path,
     writable: bool,
+    freeze: bool,
 ) -> Result<(), StorageError> {
     let data = pool.data_path(kind, key);
     match layout {
@@ -133,7 +136,7 @@ pub fn create_copy(
             if layout == Layout::Dir {
                 copy::copy_tree(src, &work)?;
             } else {
-                let _frozen = Frozen::image(src)?;
+                let _frozen = if freeze { Some(Frozen::image(src)?) } else { None };
                 copy::copy_file(src, &work)?;
             }
             crash::point("copy:before-rename");

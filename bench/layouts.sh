@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# Reproduces the layout figures of docs/benchmarks.md on this machine: loop-backed btrfs and xfs
+# pools, CreateVolume per layout (and bare mkfs for comparison), snapshots of volumes holding 1 GiB,
+# and fio through an image volume against the pool's own filesystem. Run as root; needs fio
+# (apt-get install fio). Cleans up after itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v fio >/dev/null || { echo "fio is needed: apt-get install fio" >&2; exit 1; }
+cargo build --release --quiet
+bin=$PWD/target/release/cellar
+dir=$(mktemp -d /var/tmp/cellar-layouts-XXXXXX)
+loops=()
+pid=
+cleanup() {
+  set +e
+  [ -n "$pid" ] && kill "$pid" && wait "$pid" 2>/dev/null
+  for m in $(findmnt -rn -o TARGET | grep "^$dir" | sort -r); do umount "$m"; done
+  # Image volumes still attached (a failed run) keep the pool busy: detach them, then unmount again.
+  for l in $(losetup -a | grep "$dir/.*/pool" | cut -d: -f1); do losetup -d "$l"; done
+  sleep 0.2
+  for m in $(findmnt -rn -o TARGET | grep "^$dir" | sort -r); do umount "$m"; done
+  for l in "${loops[@]}"; do losetup -d "$l"; done
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+mkpool() { # kind size_gib
+  truncate -s "$2G" "$dir/$1.img"
+  case $1 in btrfs) mkfs.btrfs -q -f "$dir/$1.img" ;; xfs) mkfs.xfs -q -f "$dir/$1.img" ;; esac
+  local dev; dev=$(losetup --find --show "$dir/$1.img"); loops+=("$dev")
+  mkdir -p "$dir/$1"; mount "$dev" "$dir/$1"
+}
+mkpool btrfs 24
+mkpool xfs 24
+cat > "$dir/pools.yaml" <<YAML
+pools:
+  - name: b
+    path: $dir/btrfs/pool
+    layout: btrfs
+  - name: i
+    path: $dir/xfs/pool
+    layout: image
+    fsType: ext4
+  - name: d
+    path: $dir/xfs/dirpool
+    layout: dir
+YAML
+CELLAR_LOG=warn "$bin" all-in-one --endpoint "unix://$dir/csi.sock" --node-id bench --data-dir "$dir/data" \
+  --config "$dir/pools.yaml" 2>"$dir/driver.log" &
+pid=$!
+for _ in $(seq 100); do [ -S "$dir/csi.sock" ] && break; sleep 0.05; done
+csi() { "$bin" csi --endpoint "unix://$dir/csi.sock" "$@"; }
+
+echo "== CreateVolume and lifecycle per layout (200 volumes of 64 MiB, 1 client)"
+for p in d b i; do
+  echo "-- pool $p"; csi bench --volumes 200 --size 64M --param pool=$p --work-dir "$dir" --prefix lc$p | grep -E "CreateVolume|DeleteVolume|total"
+done
+
+echo "== bare mkfs.ext4 of a 64 MiB file (the same options cellar uses), 50 runs"
+times=()
+for i in $(seq 50); do
+  f="$dir/xfs/mkfs-$i.img"; truncate -s 64M "$f"
+  s=$(date +%s%N); mkfs.ext4 -q -F -b 4096 -m 0 -E nodiscard,lazy_itable_init=1,lazy_journal_init=1 "$f"; e=$(date +%s%N)
+  times+=($(( (e - s) / 1000 ))); rm -f "$f"
+done
+printf '%s\n' "${times[@]}" | sort -n | awk '{a[NR]=$1} END {printf "mkfs.ext4 p50 %.3f ms\n", a[int(NR/2)+1]/1000}'
+
+echo "== snapshots of volumes holding 1 GiB (4 volumes of 1.5 GiB)"
+for p in b i d; do
+  echo "-- pool $p"; csi bench --volumes 4 --size 1536M --fill 1G --param pool=$p --work-dir "$dir" --prefix sn$p | grep -E "Snapshot"
+done
+
+echo "== fio: the pool's own filesystem (xfs) vs an image volume (ext4 in a file on it)"
+csi create io --size 3G --param pool=i >/dev/null
+id="local:bench:i:io"
+mkdir -p "$dir/io-stage"
+csi stage "$id" "$dir/io-stage" >/dev/null
+csi publish "$id" --staging-path "$dir/io-stage" --target "$dir/io-target" >/dev/null
+mkdir -p "$dir/xfs/direct"
+run_fio() { # dir label
+  local where=$1 label=$2 rw bs
+  for job in "write 1M" "read 1M" "randwrite 4k" "randread 4k"; do
+    read -r rw bs <<< "$job"
+    fio --name=b --directory="$where" --filename=fio.dat --size=1G --direct=1 --ioengine=libaio --iodepth=16 \
+      --rw="$rw" --bs="$bs" --runtime=8 --time_based --output-format=terse --terse-version=3 > "$dir/fio.out"
+    awk -F';' -v label="$label" -v rw="$rw" '{ r_bw=$7; r_iops=$8; w_bw=$48; w_iops=$49;
+      if (rw ~ /read/) printf "%-6s %-10s %8.1f MiB/s %9d IOPS\n", label, rw, r_bw/1024, r_iops;
+      else printf "%-6s %-10s %8.1f MiB/s %9d IOPS\n", label, rw, w_bw/1024, w_iops }' "$dir/fio.out"
+  done
+  rm -f "$where/fio.dat"
+}
+run_fio "$dir/xfs/direct" pool
+run_fio "$dir/io-target" image
+csi unpublish "$id" "$dir/io-target" >/dev/null
+csi unstage "$id" "$dir/io-stage" >/dev/null
+csi delete "$id" >/dev/null
