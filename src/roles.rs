@@ -112,6 +112,7 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
             .map_err(|e| RoleError::Task(e.to_string()))??
     };
     let engine = Arc::new(engine);
+    engine.start_purger();
     let state = Arc::new(NodeState::open(&o.data_dir.join("node"))?);
     node_metrics.attach(NodeSources {
         engine: engine.clone(),

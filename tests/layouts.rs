@@ -59,6 +59,12 @@ fn fill(file: &Path, limit: u64) -> (u64, Option<i32>) {
     (written, None)
 }
 
+fn write_synced(path: &Path, bytes: &[u8]) {
+    let mut f = std::fs::File::create(path).expect("create");
+    f.write_all(bytes).expect("write");
+    f.sync_all().expect("fsync");
+}
+
 fn total_bytes(path: &Path) -> u64 {
     cellar::sys::statfs::usage(path).expect("statfs").total_bytes
 }
@@ -511,9 +517,10 @@ async fn image_snapshot_restore_and_clone_keep_content_with_reflink() {
         .volume
         .unwrap();
     let (st, tg) = d.mount_rw(&v.volume_id, "is").await;
-    std::fs::write(tg.join("f"), b"at snapshot time").unwrap();
+    // Snapshots are crash-consistent: what is synced is in them, as after a power cut.
+    write_synced(&tg.join("f"), b"at snapshot time");
     let snap = d.snapshot("snap-is", &v.volume_id).await.unwrap();
-    std::fs::write(tg.join("f"), b"later").unwrap();
+    write_synced(&tg.join("f"), b"later");
     let r = restore(&mut d, "pvc-isr", 96 * MIB, "img", snap_src(&snap.snapshot_id)).await;
     let c = restore(&mut d, "pvc-isc", 64 * MIB, "img", vol_src(&v.volume_id)).await;
     d.unmount_all(&v.volume_id, &st, &tg).await;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::storage::engine::{CapacityRange, Condition, LocalEngine, Mutable, NewVolume, PoolStatus};
-use crate::storage::id::{NodeId, SnapshotId, VolumeId};
+use crate::storage::id::{NodeId, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{SnapshotRecord, VolumeRecord};
 use crate::storage::StorageError;
 
@@ -32,6 +32,8 @@ pub trait Agent: Send + Sync {
     async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError>;
     async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError>;
     async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError>;
+    /// Whether a static volume's directory exists (and is reachable without symlinks).
+    async fn static_exists(&self, id: StaticId) -> Result<bool, StorageError>;
 }
 
 /// The node's own engine, called in-process. Disk work runs on the blocking pool so slow copies
@@ -120,12 +122,26 @@ impl Agent for LocalAgent {
     async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError> {
         self.blocking(|e| e.pool_status()).await
     }
+
+    async fn static_exists(&self, id: StaticId) -> Result<bool, StorageError> {
+        self.blocking(move |e| match e.static_dir(&id.pool, &id.path) {
+            Ok(_) => Ok(true),
+            Err(StorageError::VolumeNotFound(_)) => Ok(false),
+            Err(other) => Err(other),
+        })
+        .await
+    }
 }
 
-/// The nodes the controller can reach, by node id.
+/// The nodes the controller can reach, by node id, and the agent of the shared pools.
 pub trait Directory: Send + Sync {
     fn agent(&self, node: &NodeId) -> Option<Arc<dyn Agent>>;
+    /// The nodes, for local volumes.
     fn agents(&self) -> Vec<Arc<dyn Agent>>;
+    /// Who serves the shared pools (the controller itself in split mode).
+    fn shared(&self) -> Option<Arc<dyn Agent>>;
+    /// Every distinct agent, local and shared, for listings.
+    fn all(&self) -> Vec<Arc<dyn Agent>>;
 }
 
 /// All-in-one: exactly one node, in-process.
@@ -136,6 +152,12 @@ impl Directory for SingleNode {
         (self.0.node() == node).then(|| self.0.clone())
     }
     fn agents(&self) -> Vec<Arc<dyn Agent>> {
+        vec![self.0.clone()]
+    }
+    fn shared(&self) -> Option<Arc<dyn Agent>> {
+        Some(self.0.clone())
+    }
+    fn all(&self) -> Vec<Arc<dyn Agent>> {
         vec![self.0.clone()]
     }
 }

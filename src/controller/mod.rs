@@ -17,7 +17,7 @@ use crate::csi::v1::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::v1::*;
 use crate::server::traced;
 use crate::storage::engine::{Condition, NewVolume};
-use crate::storage::id::{NodeId, SnapshotId, VolumeId};
+use crate::storage::id::{NodeId, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{ContentSource, SnapshotRecord, VolumeRecord};
 
 pub struct ControllerService {
@@ -62,7 +62,26 @@ fn csi_volume(r: &VolumeRecord, node: &NodeId) -> Volume {
         ]
         .into(),
         content_source,
-        accessible_topology: vec![request::node_topology(node)],
+        // A shared volume is reachable from every node: no topology pins it.
+        accessible_topology: if r.id.starts_with("shared:") {
+            vec![]
+        } else {
+            vec![request::node_topology(node)]
+        },
+    }
+}
+
+/// Whether a volume (its record; `None` for a static volume) can serve a capability: local pools
+/// serve one node, image volumes one node at a time, shared directories every mode.
+fn serves(rec: Option<&VolumeRecord>, c: &caps::Capability) -> bool {
+    use crate::storage::record::{Layout, VolumeMode};
+    let multi_node =
+        !c.access.served_by_local_pool() || c.access == crate::storage::record::AccessMode::MultiNodeReaderOnly;
+    match rec {
+        None => c.mode == VolumeMode::Filesystem,
+        Some(r) if r.mode != c.mode => false,
+        Some(r) if r.id.starts_with("shared:") => !(multi_node && r.layout == Layout::Image),
+        Some(_) => c.access.served_by_local_pool(),
     }
 }
 
@@ -89,7 +108,26 @@ fn csi_condition(c: &Condition) -> VolumeCondition {
 
 impl ControllerService {
     fn agent_of(&self, node: Option<&NodeId>) -> Option<Arc<dyn Agent>> {
-        node.and_then(|n| self.directory.agent(n))
+        match node {
+            Some(n) => self.directory.agent(n),
+            None => self.directory.shared(),
+        }
+    }
+
+    /// The agent of the shared pool a request names (or defaults to), if it names a shared pool.
+    async fn shared_pool_agent(
+        &self,
+        pool: Option<&crate::storage::id::PoolName>,
+    ) -> Result<Option<Arc<dyn Agent>>, Status> {
+        let Some(agent) = self.directory.shared() else {
+            return Ok(None);
+        };
+        let pools = agent.pools().await?;
+        let target = match pool {
+            Some(name) => pools.iter().find(|p| p.name == *name),
+            None => pools.iter().find(|p| p.is_default),
+        };
+        Ok(target.filter(|p| p.shared).map(|_| agent))
     }
 
     async fn create(&self, r: CreateVolumeRequest) -> Result<CreateVolumeResponse, Status> {
@@ -123,10 +161,11 @@ impl ControllerService {
             source: source.clone(),
             delete_policy: params.delete_policy,
             mutable,
+            owner: params.owner,
         };
 
         // A name already taken anywhere answers for itself: the same request gets the same volume.
-        for agent in self.directory.agents() {
+        for agent in self.directory.all() {
             if let Some(existing) = agent.volume_named(r.name.clone()).await? {
                 let existing_pool = VolumeId::parse(&existing.id).map(|id| id.0.pool).ok();
                 let mut spec = spec;
@@ -149,6 +188,13 @@ impl ControllerService {
             }
         }
 
+        if let Some(agent) = self.shared_pool_agent(spec.pool.as_ref()).await? {
+            // Shared pools live on every node: no node to choose, no topology to honour.
+            let rec = agent.create_volume(spec).await?;
+            return Ok(CreateVolumeResponse {
+                volume: Some(csi_volume(&rec, agent.node())),
+            });
+        }
         let nodes: Vec<NodeId> = match &source {
             // A copy is made where its source lives.
             Some(s) => {
@@ -190,7 +236,7 @@ impl ControllerService {
 
     async fn all_volumes(&self) -> Result<Vec<(VolumeRecord, Condition, NodeId)>, Status> {
         let mut all = Vec::new();
-        for a in self.directory.agents() {
+        for a in self.directory.all() {
             for (r, c) in a.volumes().await? {
                 all.push((r, c, a.node().clone()));
             }
@@ -201,7 +247,7 @@ impl ControllerService {
 
     async fn all_snapshots(&self) -> Result<Vec<SnapshotRecord>, Status> {
         let mut all = Vec::new();
-        for a in self.directory.agents() {
+        for a in self.directory.all() {
             all.extend(a.snapshots().await?);
         }
         all.sort_by(|a, b| a.id.cmp(&b.id));
@@ -222,6 +268,11 @@ impl Controller for ControllerService {
         traced("DeleteVolume", &r.volume_id, async {
             if r.volume_id.is_empty() {
                 return Err(missing("volume_id"));
+            }
+            if StaticId::parse(&r.volume_id).is_ok() {
+                // A static volume's directory was there before Kubernetes and stays after it.
+                tracing::info!(volume = r.volume_id, "static volume released; its data is kept");
+                return Ok(DeleteVolumeResponse {});
             }
             // An id that is not ours, or names no node we know, has nothing here to delete.
             if let Ok((id, agent)) = self.volume_owner(&r.volume_id) {
@@ -263,20 +314,30 @@ impl Controller for ControllerService {
             if r.volume_capabilities.is_empty() {
                 return Err(missing("volume_capabilities"));
             }
-            let (id, agent) = self.volume_owner(&r.volume_id)?;
-            let Some((rec, _)) = agent.volume(id).await? else {
-                return Err(Status::not_found(format!("volume {} not found", r.volume_id)));
-            };
             let wanted = caps::capabilities(&r.volume_capabilities)?;
-            let refused = wanted
-                .iter()
-                .find(|c| c.mode != rec.mode || !c.access.served_by_local_pool());
+            let rec = match StaticId::parse(&r.volume_id) {
+                Ok(sid) => {
+                    let agent = self.directory.shared().ok_or_else(|| Status::not_found("no shared pools here"))?;
+                    if !agent.static_exists(sid).await? {
+                        return Err(Status::not_found(format!("volume {} not found", r.volume_id)));
+                    }
+                    None
+                }
+                Err(_) => {
+                    let (id, agent) = self.volume_owner(&r.volume_id)?;
+                    let Some((rec, _)) = agent.volume(id).await? else {
+                        return Err(Status::not_found(format!("volume {} not found", r.volume_id)));
+                    };
+                    Some(rec)
+                }
+            };
+            let refused = wanted.iter().find(|c| !serves(rec.as_ref(), c));
             if let Some(c) = refused {
                 return Ok(ValidateVolumeCapabilitiesResponse {
                     confirmed: None,
                     message: format!(
-                        "volume {} is a {:?} volume on a local pool; it cannot serve {:?} with access {:?}",
-                        rec.id, rec.mode, c.mode, c.access
+                        "volume {} cannot serve {:?} with access {:?} (local pools serve one node, image volumes one node at a time, static volumes Filesystem only)",
+                        r.volume_id, c.mode, c.access
                     ),
                 });
             }
@@ -324,27 +385,27 @@ impl Controller for ControllerService {
                 .iter()
                 .map(caps::capability)
                 .collect::<Result<Vec<_>, _>>()?;
-            if wanted.iter().any(|c| !c.access.served_by_local_pool()) {
-                return Ok(GetCapacityResponse::default()); // no local pool can serve these modes
-            }
+            let multi_node = wanted.iter().any(|c| !c.access.served_by_local_pool());
             let mut total: u64 = 0;
             let mut largest: u64 = 0;
-            for agent in self.directory.agents() {
+            for agent in self.directory.all() {
                 let on_node = r
                     .accessible_topology
                     .as_ref()
                     .and_then(request::topology_node)
                     .is_none_or(|n| n == agent.node().as_str());
-                if !on_node {
-                    continue;
-                }
                 for p in agent.pools().await? {
+                    // Shared pools are everywhere; local ones only on their node and for one node.
+                    if !p.shared && (!on_node || multi_node) {
+                        continue;
+                    }
                     let pool_ok = match &params.pool {
                         Some(name) => *name == p.name,
                         None => p.is_default,
                     };
                     let layout = params.layout.unwrap_or(p.default_layout);
-                    let layout_ok = p.layouts.contains(&layout);
+                    let layout_ok =
+                        p.layouts.contains(&layout) && !(multi_node && layout == crate::storage::record::Layout::Image);
                     let image = layout == crate::storage::record::Layout::Image;
                     let room = if image {
                         p.image_allocatable_bytes
@@ -395,7 +456,7 @@ impl Controller for ControllerService {
             }
             let freeze = request::snapshot_params(&r.parameters)?;
             let (source, agent) = self.volume_owner(&r.source_volume_id)?;
-            for a in self.directory.agents() {
+            for a in self.directory.all() {
                 if let Some(existing) = a.snapshot_named(r.name.clone()).await? {
                     if existing.source_volume_id != r.source_volume_id {
                         return Err(Status::already_exists(format!(
@@ -518,6 +579,28 @@ impl Controller for ControllerService {
         traced("ControllerGetVolume", &r.volume_id, async {
             if r.volume_id.is_empty() {
                 return Err(missing("volume_id"));
+            }
+            if let Ok(sid) = StaticId::parse(&r.volume_id) {
+                let agent = self
+                    .directory
+                    .shared()
+                    .ok_or_else(|| Status::not_found("no shared pools here"))?;
+                if !agent.static_exists(sid).await? {
+                    return Err(Status::not_found(format!("volume {} not found", r.volume_id)));
+                }
+                return Ok(ControllerGetVolumeResponse {
+                    volume: Some(Volume {
+                        volume_id: r.volume_id.clone(),
+                        ..Default::default()
+                    }),
+                    status: Some(controller_get_volume_response::VolumeStatus {
+                        published_node_ids: vec![],
+                        volume_condition: Some(VolumeCondition {
+                            abnormal: false,
+                            message: "the static volume's directory is present".into(),
+                        }),
+                    }),
+                });
             }
             let (id, agent) = self.volume_owner(&r.volume_id)?;
             let Some((rec, cond)) = agent.volume(id).await? else {

@@ -8,7 +8,7 @@ use crate::csi::status::invalid;
 use crate::csi::v1::{self, Topology, TopologyRequirement};
 use crate::csi::TOPOLOGY_NODE_KEY;
 use crate::storage::config::DeletePolicy;
-use crate::storage::engine::{CapacityRange, Mutable, Source};
+use crate::storage::engine::{CapacityRange, Mutable, Ownership, Source};
 use crate::storage::id::{NodeId, PoolName, SnapshotId, VolumeId};
 use crate::storage::record::Layout;
 
@@ -16,6 +16,10 @@ use crate::storage::record::Layout;
 pub const PARAM_POOL: &str = "pool";
 pub const PARAM_LAYOUT: &str = "layout";
 pub const PARAM_DELETE_POLICY: &str = "deletePolicy";
+/// Owner and mode of a new directory volume.
+pub const PARAM_UID: &str = "uid";
+pub const PARAM_GID: &str = "gid";
+pub const PARAM_MODE: &str = "mode";
 /// The filesystem type; the sidecar normally moves it into the capability, but it may arrive here.
 pub const PARAM_FS_TYPE: &str = "csi.storage.k8s.io/fstype";
 /// Mutable parameters (VolumeAttributesClass).
@@ -29,6 +33,7 @@ pub struct VolumeParams {
     pub layout: Option<Layout>,
     pub delete_policy: Option<DeletePolicy>,
     pub fs_type: Option<String>,
+    pub owner: Ownership,
     /// Every parameter as given, so a repeated request can be compared with the first.
     pub all: BTreeMap<String, String>,
 }
@@ -49,10 +54,19 @@ pub fn volume_params(p: &HashMap<String, String>) -> Result<VolumeParams, Status
             }
             PARAM_DELETE_POLICY => out.delete_policy = Some(delete_policy(v)?),
             PARAM_FS_TYPE => out.fs_type = Some(v.clone()),
+            PARAM_UID => out.owner.uid = Some(v.parse().map_err(|_| invalid(format!("uid '{v}' is not a number")))?),
+            PARAM_GID => out.owner.gid = Some(v.parse().map_err(|_| invalid(format!("gid '{v}' is not a number")))?),
+            PARAM_MODE => {
+                let m = u32::from_str_radix(v.trim_start_matches("0o"), 8)
+                    .ok()
+                    .filter(|m| *m <= 0o7777)
+                    .ok_or_else(|| invalid(format!("mode '{v}' is not an octal mode such as 0775")))?;
+                out.owner.mode = Some(m);
+            }
             k if k.starts_with(SIDECAR_PREFIX) => {}
             other => {
                 return Err(invalid(format!(
-                    "unknown parameter '{other}' (known: {PARAM_POOL}, {PARAM_LAYOUT}, {PARAM_DELETE_POLICY}, {PARAM_FS_TYPE}, and the {SIDECAR_PREFIX}* keys of the sidecars)"
+                    "unknown parameter '{other}' (known: {PARAM_POOL}, {PARAM_LAYOUT}, {PARAM_DELETE_POLICY}, {PARAM_FS_TYPE}, {PARAM_UID}, {PARAM_GID}, {PARAM_MODE}, and the {SIDECAR_PREFIX}* keys of the sidecars)"
                 )))
             }
         }

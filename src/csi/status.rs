@@ -30,7 +30,9 @@ impl From<StorageError> for Status {
 /// is INTERNAL with the step and path in the message.
 pub fn sys_status(e: &SysError) -> Status {
     let code = match e.errno() {
-        Some(libc::ENOTCONN) | Some(libc::ESTALE) | Some(libc::EIO) | Some(libc::EHOSTDOWN) => Code::Unavailable,
+        Some(libc::ENOTCONN) | Some(libc::ESTALE) | Some(libc::EIO) | Some(libc::EHOSTDOWN) | Some(libc::ETIMEDOUT) => {
+            Code::Unavailable
+        }
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => Code::ResourceExhausted,
         _ => Code::Internal,
     };

@@ -15,14 +15,14 @@ use crate::csi::v1::node_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::v1::*;
 use crate::server::traced;
 use crate::storage::engine::LocalEngine;
-use crate::storage::id::{NodeId, VolumeId};
+use crate::storage::id::{NodeId, StaticId, VolumeId};
 use crate::storage::locks::{Held, InFlight};
 use crate::storage::record::{AccessMode, Layout, VolumeMode, VolumeRecord};
 use crate::sys::files::{self, Entry};
 use crate::sys::fstools::{self, FsType};
 use crate::sys::mount::{BindFlags, Mounter};
 use crate::sys::statfs;
-use crate::sys::{btrfs, loopdev};
+use crate::sys::{btrfs, loopdev, share};
 use state::{NodeState, Published, Staged};
 
 /// How many stacked mounts an unmount loop removes before it gives up.
@@ -73,8 +73,74 @@ impl NodeService {
     }
 
     fn volume(&self, raw: &str) -> Result<(VolumeRecord, PathBuf), Status> {
+        if let Ok(sid) = StaticId::parse(raw) {
+            return self.static_volume(&sid);
+        }
         let id = VolumeId::parse(raw).map_err(|_| Status::not_found(format!("volume {raw} not found")))?;
         Ok(self.engine.volume_data(&id)?)
+    }
+
+    /// A static volume as a record of its own: a Filesystem directory of a shared pool, any mode.
+    fn static_volume(&self, sid: &StaticId) -> Result<(VolumeRecord, PathBuf), Status> {
+        let pool = self.engine.pool_config(&sid.pool).ok_or_else(|| {
+            Status::not_found(format!(
+                "volume {sid} not found: no shared pool '{}'",
+                sid.pool.as_str()
+            ))
+        })?;
+        let rec = VolumeRecord {
+            version: crate::storage::record::RECORD_VERSION,
+            name: sid.to_string(),
+            id: sid.to_string(),
+            layout: Layout::Dir,
+            capacity_bytes: 0,
+            mode: VolumeMode::Filesystem,
+            access_modes: vec![],
+            fs_type: String::new(),
+            parameters: Default::default(),
+            source: None,
+            created_unix_secs: 0,
+            delete_policy: None,
+            compression: None,
+            fs_bytes: 0,
+        };
+        Ok((rec, pool.path.join(&sid.path)))
+    }
+
+    /// Checks the share under a shared pool and, when cellar mounts it and it has gone stale
+    /// (server restarted, network cut), mounts it again, so nothing stacks on a dead mount.
+    fn ensure_share(&self, volume_id: &str) -> Result<(), Status> {
+        let pool = match (VolumeId::parse(volume_id), StaticId::parse(volume_id)) {
+            (Ok(id), _) if id.0.node().is_none() => id.0.pool,
+            (_, Ok(sid)) => sid.pool,
+            _ => return Ok(()),
+        };
+        let Some(cfg) = self.engine.pool_config(&pool) else {
+            return Ok(());
+        };
+        match share::usage(&cfg.path) {
+            Ok(_) => Ok(()),
+            Err(e) if share::is_stale(&e) => {
+                let Some(s) = &cfg.share else {
+                    return Err(Status::unavailable(format!(
+                        "the share of pool '{}' at {} is not reachable: {e}",
+                        pool.as_str(),
+                        cfg.path.display()
+                    )));
+                };
+                tracing::warn!(pool = pool.as_str(), source = s.source, error = %e, "share stale; mounting it again");
+                share::detach(&cfg.path)?;
+                share::mount(&s.source, &s.fs_type, &s.options, &cfg.path).map_err(|e| {
+                    Status::unavailable(format!(
+                        "share {} of pool '{}' cannot be mounted again: {e}",
+                        s.source,
+                        pool.as_str()
+                    ))
+                })?;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn check_mode(rec: &VolumeRecord, cap: &Capability) -> Result<(), Status> {
@@ -84,7 +150,8 @@ impl NodeService {
                 rec.id, rec.mode, cap.mode
             )));
         }
-        if !cap.access.served_by_local_pool() {
+        let shared = rec.id.starts_with("shared:") || rec.id.starts_with("static:");
+        if !shared && !cap.access.served_by_local_pool() {
             return Err(invalid(format!(
                 "access mode {:?} needs a shared pool; volume {} is on a local pool",
                 cap.access, rec.id
@@ -160,14 +227,17 @@ impl NodeService {
         let _held = self.hold(&r.volume_id)?;
         let (rec, data) = self.volume(&r.volume_id)?;
         Self::check_mode(&rec, &cap)?;
-        let read_only = cap.access.read_only();
+        self.ensure_share(&r.volume_id)?;
+        let static_id = StaticId::parse(&r.volume_id).ok();
+        let attrs = StaticAttrs::parse(static_id.is_some(), &r.volume_context)?;
+        let read_only = cap.access.read_only() || attrs.read_only;
         let mut m = self.state.get(&r.volume_id);
         let block = rec.mode == VolumeMode::Block;
         if let Some(s) = &m.staged {
             let here = if block {
                 !loopdev::find_by_backing(&data)?.is_empty()
             } else {
-                self.is_mounted(&s.path)?
+                self.mounted_or_clear_stale(&s.path)?
             };
             if s.path != staging && here {
                 return Err(Status::failed_precondition(format!(
@@ -191,7 +261,10 @@ impl NodeService {
         }
         if rec.layout != Layout::Image {
             // Pinning the directory first means a symlink planted in its place is refused, not followed.
-            let pinned = files::PinnedDir::open(&data)?;
+            let pinned = match &static_id {
+                Some(sid) => self.engine.static_dir(&sid.pool, &sid.path.join(&attrs.subdir))?,
+                None => files::PinnedDir::open(&data)?,
+            };
             m.staged = Some(Staged {
                 path: staging.clone(),
                 read_only,
@@ -201,7 +274,7 @@ impl NodeService {
             crash::point("stage:before-mount");
             let flags = BindFlags {
                 read_only,
-                ..Default::default()
+                ..attrs.flags
             };
             self.mounter.bind(&pinned.proc_path(), &staging, flags)?;
             return Ok(NodeStageVolumeResponse {});
@@ -308,6 +381,11 @@ impl NodeService {
             ..cap.flags
         };
         let mut m = self.state.get(&r.volume_id);
+        // A read-only stage (a static volume's readOnly) makes every publish of it read-only too.
+        let flags = BindFlags {
+            read_only: flags.read_only || m.staged.as_ref().is_some_and(|s| s.path == staging && s.read_only),
+            ..flags
+        };
         if let Some(p) = m.published.get(&target) {
             if p.flags != flags || p.access != cap.access {
                 return Err(Status::already_exists(format!(
@@ -346,7 +424,7 @@ impl NodeService {
                 }
             }
         } else {
-            if !(staged_here && self.is_mounted(&staging)?) {
+            if !(staged_here && self.staging_alive(&r.volume_id, &rec, &data, &staging)?) {
                 return Err(Status::failed_precondition(format!(
                     "volume {} is not staged at {}; call NodeStageVolume first",
                     r.volume_id,
@@ -387,6 +465,51 @@ impl NodeService {
             return Err(e.into());
         }
         Ok(NodePublishVolumeResponse {})
+    }
+
+    /// Whether a path is mounted; a mount whose share went stale is detached and counts as not
+    /// mounted, so the caller mounts afresh instead of stacking on a dead mount.
+    fn mounted_or_clear_stale(&self, path: &Path) -> Result<bool, Status> {
+        match self.mounter.is_mountpoint(path) {
+            Ok(m) => Ok(m),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) if share::is_stale(&e) => {
+                tracing::warn!(path = %path.display(), error = %e, "stale mount; detaching it");
+                self.mounter.detach(path)?;
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether the staging mount is usable; one gone stale (its share was remounted or came back)
+    /// is bound again from the volume's data before publishing from it.
+    fn staging_alive(&self, volume_id: &str, rec: &VolumeRecord, data: &Path, staging: &Path) -> Result<bool, Status> {
+        match self.mounter.is_mountpoint(staging) {
+            Ok(m) => Ok(m),
+            Err(e) if share::is_stale(&e) && rec.layout != Layout::Image => {
+                tracing::warn!(volume = volume_id, error = %e, "staging mount stale; binding it again");
+                self.ensure_share(volume_id)?;
+                self.mounter.detach(staging)?;
+                let m = self.state.get(volume_id);
+                let read_only = m.staged.as_ref().is_some_and(|s| s.read_only);
+                let pinned = match StaticId::parse(volume_id) {
+                    Ok(sid) => self.engine.static_dir(&sid.pool, &sid.path)?,
+                    Err(_) => files::PinnedDir::open(data)?,
+                };
+                self.mounter.bind(
+                    &pinned.proc_path(),
+                    staging,
+                    BindFlags {
+                        read_only,
+                        ..Default::default()
+                    },
+                )?;
+                Ok(true)
+            }
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Makes the file a raw block device is bound onto; `true` when we created it.
@@ -524,10 +647,11 @@ impl NodeService {
             abnormal: true,
             message,
         };
-        let id = VolumeId::parse(raw).map_err(|e| invalid(e.0))?;
-        let cond = self.engine.condition(&id);
-        if cond.abnormal {
-            return Ok(abnormal(cond.message));
+        if let Ok(id) = VolumeId::parse(raw) {
+            let cond = self.engine.condition(&id);
+            if cond.abnormal {
+                return Ok(abnormal(cond.message));
+            }
         }
         let m = self.state.get(raw);
         if rec.layout == Layout::Image && m.staged.is_some() && loopdev::find_by_backing(data)?.is_empty() {
@@ -719,5 +843,43 @@ impl Node for NodeServer {
             max_volumes_per_node: self.0.max_volumes,
             accessible_topology: Some(crate::controller::request::node_topology(&self.0.node)),
         }))
+    }
+}
+
+/// What a static volume's PV may say in its volumeAttributes.
+#[derive(Debug, Default)]
+struct StaticAttrs {
+    /// A directory below the handle's path to stage instead.
+    subdir: PathBuf,
+    read_only: bool,
+    flags: BindFlags,
+}
+
+impl StaticAttrs {
+    fn parse(is_static: bool, ctx: &std::collections::HashMap<String, String>) -> Result<StaticAttrs, Status> {
+        let mut a = StaticAttrs::default();
+        if !is_static {
+            return Ok(a);
+        }
+        if let Some(s) = ctx.get("subdir").filter(|s| !s.is_empty()) {
+            a.subdir = crate::storage::id::relative_path(s)
+                .map_err(|e| invalid(format!("volumeAttributes subdir '{s}': {e}")))?;
+        }
+        if let Some(r) = ctx.get("readOnly") {
+            a.read_only = match r.as_str() {
+                "true" => true,
+                "false" => false,
+                other => {
+                    return Err(invalid(format!(
+                        "volumeAttributes readOnly must be true or false, not '{other}'"
+                    )))
+                }
+            };
+        }
+        if let Some(o) = ctx.get("mountOptions") {
+            a.flags = caps::bind_flags(std::slice::from_ref(o))?;
+        }
+        a.read_only |= a.flags.read_only;
+        Ok(a)
     }
 }

@@ -47,6 +47,19 @@ pub struct PoolConfig {
     pub delete_policy: DeletePolicy,
     /// Filesystem made inside `image` volumes when the request names none.
     pub fs_type: FsType,
+    /// Shared pools that cellar mounts itself (on the controller and on every node, always with
+    /// these options), at `path`.
+    pub share: Option<Share>,
+    /// Shared pools: how a volume's directory is named from the PVC (see docs/shared.md).
+    pub name_template: Option<String>,
+}
+
+/// A shared filesystem cellar mounts: `mount -t <fs_type> -o <options> <source> <path>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Share {
+    pub source: String,
+    pub fs_type: String,
+    pub options: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +104,16 @@ struct FilePool {
     delete_policy: DeletePolicy,
     #[serde(default)]
     fs_type: Option<String>,
+    /// Shared pools mounted by cellar: what to mount.
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    mount_options: Vec<String>,
+    /// Shared pools: the filesystem made inside image volumes (fsType names the share's type there).
+    #[serde(default)]
+    image_fs_type: Option<String>,
+    #[serde(default)]
+    name_template: Option<String>,
 }
 
 fn local() -> Backend {
@@ -109,6 +132,8 @@ impl Config {
                 layouts: vec![Layout::Dir],
                 delete_policy: DeletePolicy::Delete,
                 fs_type: FsType::Ext4,
+                share: None,
+                name_template: None,
             }],
             default_pool: name,
         }
@@ -137,9 +162,10 @@ impl Config {
             if pools.iter().any(|q| q.name == name) {
                 return Err(invalid(format!("pool '{}' is listed twice", p.name)));
             }
-            if p.backend == Backend::Shared {
+            let shared = p.backend == Backend::Shared;
+            if !shared && (p.source.is_some() || !p.mount_options.is_empty() || p.name_template.is_some()) {
                 return Err(invalid(format!(
-                    "pool '{}': the shared backend is not available in this version",
+                    "pool '{}': source, mountOptions and nameTemplate belong to shared pools (backend: shared)",
                     p.name
                 )));
             }
@@ -163,6 +189,38 @@ impl Config {
             if !layouts.contains(&default_layout) {
                 layouts.push(default_layout);
             }
+            let share = match (&p.source, shared) {
+                (Some(source), true) => {
+                    let fs = p.fs_type.clone().ok_or_else(|| {
+                        invalid(format!(
+                            "pool '{}': a source needs its fsType (nfs, glusterfs, ceph ...)",
+                            p.name
+                        ))
+                    })?;
+                    Some(Share {
+                        source: source.clone(),
+                        fs_type: fs,
+                        options: p.mount_options.join(","),
+                    })
+                }
+                (None, true) if p.path.is_none() => {
+                    return Err(invalid(format!(
+                        "pool '{}': a shared pool needs a path (already mounted on every node) or a source to mount",
+                        p.name
+                    )))
+                }
+                _ => None,
+            };
+            if let Some(t) = &p.name_template {
+                super::naming::check_template(t)
+                    .map_err(|e| invalid(format!("pool '{}': nameTemplate: {e}", p.name)))?;
+            }
+            if shared && layouts.contains(&Layout::Btrfs) {
+                return Err(invalid(format!(
+                    "pool '{}': shared pools serve the dir and image layouts (btrfs is local only)",
+                    p.name
+                )));
+            }
             let path = match p.path {
                 Some(path) if path.is_absolute() => path,
                 Some(path) => {
@@ -172,15 +230,19 @@ impl Config {
                         path.display()
                     )))
                 }
+                None if share.is_some() => data_dir.join("shares").join(name.as_str()),
                 None => data_dir.join("pools").join(name.as_str()),
             };
-            let fs_type = match &p.fs_type {
+            let image_fs = if shared { &p.image_fs_type } else { &p.fs_type };
+            let fs_type = match image_fs {
                 None => FsType::Ext4,
                 Some(f) => FsType::parse(f)
                     .ok_or_else(|| invalid(format!("pool '{}': unknown fsType '{f}' (known: ext4, xfs)", p.name)))?,
             };
             pools.push(PoolConfig {
                 fs_type,
+                share,
+                name_template: p.name_template.clone(),
                 name,
                 backend: p.backend,
                 path,
@@ -229,6 +291,35 @@ mod tests {
         assert_eq!(c.pools[0].layouts, vec![Layout::Btrfs, Layout::Dir]);
         assert_eq!(c.pools[1].fs_type, FsType::Xfs);
         assert_eq!(c.pools[1].delete_policy, DeletePolicy::Archive);
+    }
+
+    #[test]
+    fn shared_pools_take_a_path_or_a_source() {
+        let c = parse(
+            "pools:\n  - name: nfs\n    backend: shared\n    source: 10.0.0.1:/export\n    fsType: nfs\n    mountOptions: [nfsvers=4.1, hard]\n    nameTemplate: \"${pvc.namespace}-${pvc.name}\"\n  - name: cephfs\n    backend: shared\n    path: /mnt/cephfs/k8s\n",
+        )
+        .unwrap();
+        let share = c.pools[0].share.clone().unwrap();
+        assert_eq!(share.options, "nfsvers=4.1,hard");
+        assert_eq!(c.pools[0].path, PathBuf::from("/var/lib/cellar/shares/nfs"));
+        assert!(c.pools[1].share.is_none());
+        assert!(
+            parse("pools:\n  - name: s\n    backend: shared\n").is_err(),
+            "path or source"
+        );
+        assert!(
+            parse("pools:\n  - name: s\n    backend: shared\n    source: x:/y\n").is_err(),
+            "fsType"
+        );
+        assert!(
+            parse("pools:\n  - name: s\n    source: x:/y\n    fsType: nfs\n").is_err(),
+            "local"
+        );
+        assert!(parse("pools:\n  - name: s\n    backend: shared\n    path: /x\n    layout: btrfs\n").is_err());
+        assert!(
+            parse("pools:\n  - name: s\n    backend: shared\n    path: /x\n    nameTemplate: \"a/${pvc.name}\"\n")
+                .is_err()
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::crash;
 use crate::sys::fstools::FsType;
 use crate::sys::{btrfs, files, loopdev, statfs};
 
-use super::config::{Backend, Config, DeletePolicy};
+use super::config::{Config, DeletePolicy};
 use super::id::{Key, Location, NodeId, ObjectId, PoolName, SnapshotId, VolumeId};
 use super::layout;
 use super::locks::{Held, InFlight};
@@ -91,6 +91,16 @@ pub struct NewVolume {
     /// Overrides the pool's delete policy (StorageClass parameter `deletePolicy`).
     pub delete_policy: Option<DeletePolicy>,
     pub mutable: Mutable,
+    /// Owner and mode of a new directory volume (StorageClass `uid`, `gid`, `mode`): lets pods that
+    /// are not root write to shares that squash root, without fsGroup.
+    pub owner: Ownership,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ownership {
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub mode: Option<u32>,
 }
 
 /// Whether a volume's data is where its record says.
@@ -114,6 +124,8 @@ pub struct PoolStatus {
     pub image_allocatable_bytes: u64,
     /// Sum of the capacities of the pool's volumes.
     pub provisioned_bytes: u64,
+    /// A shared pool (every node sees it) rather than this node's own.
+    pub shared: bool,
 }
 
 /// A source's data and what a copy of it must agree with.
@@ -133,8 +145,12 @@ pub struct LocalEngine {
     broken: BTreeMap<PoolName, String>,
     default_pool: PoolName,
     volumes: Mutex<BTreeMap<String, VolumeRecord>>,
+    /// CSI name → volume id, for names whose key is not derived from the name alone (templates).
+    names: Mutex<std::collections::HashMap<String, String>>,
     snapshots: Mutex<BTreeMap<String, SnapshotRecord>>,
     in_flight: InFlight,
+    /// Wakes the background purger of shared pools' trash.
+    purge_wake: Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
 
 fn now() -> (i64, i32) {
@@ -147,7 +163,7 @@ impl LocalEngine {
     pub fn open(node: NodeId, config: &Config) -> Result<LocalEngine, StorageError> {
         let mut pools = BTreeMap::new();
         let mut broken = BTreeMap::new();
-        for pc in config.pools.iter().filter(|p| p.backend == Backend::Local) {
+        for pc in &config.pools {
             match Pool::open(pc.clone()) {
                 Ok(p) => {
                     pools.insert(pc.name.clone(), p);
@@ -164,11 +180,35 @@ impl LocalEngine {
             broken,
             default_pool: config.default_pool.clone(),
             volumes: Mutex::new(BTreeMap::new()),
+            names: Mutex::new(std::collections::HashMap::new()),
             snapshots: Mutex::new(BTreeMap::new()),
             in_flight: InFlight::default(),
+            purge_wake: Mutex::new(None),
         };
         engine.load()?;
         Ok(engine)
+    }
+
+    /// Starts the purge of shared pools' trash in the background: now (resuming one a restart cut
+    /// short), after each delete, and every minute. It ends when the engine is dropped.
+    pub fn start_purger(self: &std::sync::Arc<Self>) {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        *lock(&self.purge_wake) = Some(tx);
+        let weak = std::sync::Arc::downgrade(self);
+        let _ = std::thread::Builder::new()
+            .name("cellar-purge".into())
+            .spawn(move || loop {
+                let Some(engine) = weak.upgrade() else { return };
+                for p in engine.pools.values().filter(|p| p.shared()) {
+                    if let Err(e) = p.purge_trash() {
+                        tracing::warn!(pool = p.config.name.as_str(), error = %e, "trash purge failed; retrying later");
+                    }
+                }
+                drop(engine);
+                if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = rx.recv_timeout(std::time::Duration::from_secs(60)) {
+                    return;
+                }
+            });
     }
 
     fn load(&self) -> Result<(), StorageError> {
@@ -186,6 +226,7 @@ impl LocalEngine {
                 }
             }
         }
+        *lock(&self.names) = vols.values().map(|r| (r.name.clone(), r.id.clone())).collect();
         *lock(&self.volumes) = vols;
         *lock(&self.snapshots) = snaps;
         Ok(())
@@ -225,11 +266,21 @@ impl LocalEngine {
         })
     }
 
-    /// The pool of an object ID, if the ID names this node and one of its pools.
+    /// The pool of an object ID, if the ID names one of this engine's pools: a local pool of this
+    /// node, or a shared pool.
     fn locate(&self, id: &ObjectId) -> Option<&Pool> {
+        let pool = self.pools.get(&id.pool)?;
         match &id.location {
-            Location::Local(n) if *n == self.node => self.pools.get(&id.pool),
+            Location::Local(n) if *n == self.node && !pool.shared() => Some(pool),
+            Location::Shared if pool.shared() => Some(pool),
             _ => None,
+        }
+    }
+
+    fn location_of(&self, pool: &PoolName) -> Location {
+        match self.pools.get(pool) {
+            Some(p) if p.shared() => Location::Shared,
+            _ => Location::Local(self.node.clone()),
         }
     }
 
@@ -242,7 +293,7 @@ impl LocalEngine {
 
     fn volume_id(&self, pool: &PoolName, key: &Key) -> VolumeId {
         VolumeId(ObjectId {
-            location: Location::Local(self.node.clone()),
+            location: self.location_of(pool),
             pool: pool.clone(),
             key: key.clone(),
         })
@@ -265,7 +316,21 @@ impl LocalEngine {
                     .join(", "),
             });
         }
-        if let Some(m) = req.access_modes.iter().find(|m| !m.served_by_local_pool()) {
+        if pool.shared() {
+            let multi = |m: &&AccessMode| {
+                matches!(
+                    m,
+                    AccessMode::MultiNodeReaderOnly
+                        | AccessMode::MultiNodeSingleWriter
+                        | AccessMode::MultiNodeMultiWriter
+                )
+            };
+            if let Some(m) = req.access_modes.iter().find(multi).filter(|_| layout == Layout::Image) {
+                return Err(StorageError::Unsupported(format!(
+                    "access mode {m:?} needs layout 'dir': an image volume is attached on one node at a time"
+                )));
+            }
+        } else if let Some(m) = req.access_modes.iter().find(|m| !m.served_by_local_pool()) {
             return Err(StorageError::Unsupported(format!(
                 "access mode {m:?} needs a shared pool; pool '{}' is local (local pools serve single-node modes and MULTI_NODE_READER_ONLY)",
                 pool_name.as_str()
@@ -301,7 +366,7 @@ impl LocalEngine {
             )));
         }
         let capacity = req.capacity.choose()?;
-        let key = Key::from_name(&req.name);
+        let key = self.key_for(pool, &req)?;
         let id = self.volume_id(&pool_name, &key);
         let _held = self.take(Kind::Volume, &pool_name, &key, &id.to_string())?;
 
@@ -327,7 +392,11 @@ impl LocalEngine {
         let fs_bytes = match &req.source {
             None => {
                 let fs = FsType::parse(&fs_type).unwrap_or(pool.config.fs_type);
-                layout::create_empty(pool, &key, layout, capacity, req.mode, fs)?
+                let made = layout::create_empty(pool, &key, layout, capacity, req.mode, fs)?;
+                if layout != Layout::Image {
+                    set_owner(&data, req.owner)?;
+                }
+                made
             }
             Some(src) => {
                 let from = self.source_data(src)?;
@@ -373,22 +442,62 @@ impl LocalEngine {
             fs_bytes,
         };
         record::store(&pool.record_path(Kind::Volume, &key), &rec)?;
+        lock(&self.names).insert(rec.name.clone(), rec.id.clone());
         lock(&self.volumes).insert(rec.id.clone(), rec.clone());
         Ok(rec)
+    }
+
+    /// The key a new volume is stored under. A name seen before keeps its key; a local volume's key
+    /// is its name's; a shared volume's comes from the pool's name template, told apart from any
+    /// other volume's that the template would give the same name.
+    fn key_for(&self, pool: &Pool, req: &NewVolume) -> Result<Key, StorageError> {
+        if let Some(id) = lock(&self.names).get(&req.name) {
+            let id = VolumeId::parse(id).map_err(|e| StorageError::Conflict(e.0))?;
+            if id.0.pool != pool.config.name {
+                return Err(StorageError::Conflict(format!(
+                    "volume '{}' already exists in pool '{}'",
+                    req.name,
+                    id.0.pool.as_str()
+                )));
+            }
+            return Ok(id.0.key);
+        }
+        if !pool.shared() {
+            return Ok(Key::from_name(&req.name));
+        }
+        let key = super::naming::key_for(&req.name, pool.config.name_template.as_deref(), &req.parameters);
+        let taken = |k: &Key| {
+            lock(&self.volumes)
+                .get(&self.volume_id(&pool.config.name, k).to_string())
+                .is_some_and(|r| r.name != req.name)
+        };
+        Ok(if taken(&key) {
+            super::naming::disambiguate(&key, &req.name)
+        } else {
+            key
+        })
     }
 
     /// Bytes a new volume of `layout` can still take in `pool`. Image volumes may grow into all of
     /// their capacity, so what existing images have not yet allocated is held back for them.
     fn room(&self, pool: &Pool, layout: Layout) -> Result<u64, StorageError> {
-        let avail = statfs::usage(pool.root())?.available_bytes;
+        let avail = usage(pool)?.available_bytes;
         if layout != Layout::Image {
             return Ok(avail);
         }
         Ok(avail.saturating_sub(self.image_reserve(pool)))
     }
 
+    /// The common start of the ids of a pool's volumes.
+    fn id_prefix(&self, pool: &Pool) -> String {
+        match self.location_of(&pool.config.name) {
+            Location::Shared => format!("shared:{}:", pool.config.name.as_str()),
+            Location::Local(n) => format!("local:{}:{}:", n.as_str(), pool.config.name.as_str()),
+        }
+    }
+
     fn image_reserve(&self, pool: &Pool) -> u64 {
-        let prefix = format!("local:{}:{}:", self.node.as_str(), pool.config.name.as_str());
+        let prefix = self.id_prefix(pool);
         lock(&self.volumes)
             .range(prefix.clone()..)
             .take_while(|(id, _)| id.starts_with(&prefix))
@@ -470,7 +579,9 @@ impl LocalEngine {
             (DeletePolicy::Archive, Some(rec)) => self.keep(pool, &id.0.key, &rec, &pool.archive_dir(), true)?,
             _ => self.remove_object(pool, Kind::Volume, &id.0.key)?,
         }
-        lock(&self.volumes).remove(&shown);
+        if let Some(r) = lock(&self.volumes).remove(&shown) {
+            lock(&self.names).remove(&r.name);
+        }
         Ok(())
     }
 
@@ -498,7 +609,14 @@ impl LocalEngine {
         files::remove_file_if_exists(&pool.record_path(kind, key))?;
         files::sync_dir(&pool.collection_dir(kind))?;
         if moved {
-            layout::purge(&trashed)?;
+            if pool.shared() {
+                // A shared volume may be a huge tree on a slow share: the purge runs in the background.
+                if let Some(tx) = lock(&self.purge_wake).as_ref() {
+                    let _ = tx.send(());
+                }
+            } else {
+                layout::purge(&trashed)?;
+            }
         }
         Ok(())
     }
@@ -649,15 +767,10 @@ impl LocalEngine {
             .collect()
     }
 
-    /// Looks a CSI name up in every pool (one map lookup per pool).
+    /// The volume created under a CSI name, in any pool.
     pub fn volume_named(&self, name: &str) -> Option<VolumeRecord> {
-        let key = Key::from_name(name);
-        let vols = lock(&self.volumes);
-        self.pools.keys().find_map(|p| {
-            vols.get(&self.volume_id(p, &key).to_string())
-                .filter(|r| r.name == name)
-                .cloned()
-        })
+        let id = lock(&self.names).get(name).cloned()?;
+        lock(&self.volumes).get(&id).cloned()
     }
 
     pub fn snapshot_named(&self, name: &str) -> Option<SnapshotRecord> {
@@ -665,7 +778,7 @@ impl LocalEngine {
         let snaps = lock(&self.snapshots);
         self.pools.keys().find_map(|p| {
             let id = SnapshotId(ObjectId {
-                location: Location::Local(self.node.clone()),
+                location: self.location_of(p),
                 pool: p.clone(),
                 key: key.clone(),
             });
@@ -710,7 +823,7 @@ impl LocalEngine {
             .ok_or_else(|| StorageError::VolumeNotFound(shown_src.clone()))?;
         let key = Key::from_name(name);
         let id = SnapshotId(ObjectId {
-            location: Location::Local(self.node.clone()),
+            location: self.location_of(&source.0.pool),
             pool: source.0.pool.clone(),
             key: key.clone(),
         });
@@ -767,8 +880,8 @@ impl LocalEngine {
         self.pools
             .values()
             .map(|p| {
-                let u = statfs::usage(p.root())?;
-                let prefix = format!("local:{}:{}:", self.node.as_str(), p.config.name.as_str());
+                let u = usage(p)?;
+                let prefix = self.id_prefix(p);
                 let provisioned = lock(&self.volumes)
                     .range(prefix.clone()..)
                     .take_while(|(id, _)| id.starts_with(&prefix))
@@ -783,6 +896,7 @@ impl LocalEngine {
                     available_bytes: u.available_bytes,
                     image_allocatable_bytes: u.available_bytes.saturating_sub(self.image_reserve(p)),
                     provisioned_bytes: provisioned,
+                    shared: p.shared(),
                 })
             })
             .collect()
@@ -833,4 +947,63 @@ fn same_volume(
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Gives a new directory volume the owner and mode a StorageClass asked for.
+fn set_owner(dir: &std::path::Path, o: Ownership) -> Result<(), StorageError> {
+    use std::os::unix::fs::PermissionsExt;
+    if o.uid.is_some() || o.gid.is_some() {
+        std::os::unix::fs::chown(dir, o.uid, o.gid).map_err(|e| crate::sys::SysError::io("chown", dir, e))?;
+    }
+    if let Some(mode) = o.mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| crate::sys::SysError::io("chmod", dir, e))?;
+    }
+    Ok(())
+}
+
+/// statfs of a pool; on a share it is bounded in time, so a server that is gone answers UNAVAILABLE
+/// instead of hanging the call.
+fn usage(pool: &Pool) -> Result<statfs::FsUsage, StorageError> {
+    Ok(if pool.shared() {
+        crate::sys::share::usage(pool.root())?
+    } else {
+        statfs::usage(pool.root())?
+    })
+}
+
+impl LocalEngine {
+    /// A directory of a shared pool named by a static volume handle (`static:<pool>:<path>`),
+    /// opened below the pool without following symlinks.
+    pub fn static_dir(&self, pool: &PoolName, rel: &std::path::Path) -> Result<files::PinnedDir, StorageError> {
+        let p = self.pool(pool)?;
+        if !p.shared() {
+            return Err(StorageError::VolumeNotFound(format!(
+                "static:{}:{} (static volumes name directories of shared pools; pool '{}' is local)",
+                pool.as_str(),
+                rel.display(),
+                pool.as_str()
+            )));
+        }
+        let root = p.root().to_path_buf();
+        let rel = rel.to_path_buf();
+        crate::sys::share::within(
+            crate::sys::share::SHARE_TIMEOUT,
+            "open static volume",
+            &root.clone(),
+            move || files::PinnedDir::open_beneath(&root, &rel),
+        )
+        .map_err(|e| {
+            if e.is_not_found() {
+                StorageError::VolumeNotFound(format!("static:{}:{}", pool.as_str(), e))
+            } else {
+                StorageError::Sys(e)
+            }
+        })
+    }
+
+    /// The root of a pool (for node-side share health checks).
+    pub fn pool_config(&self, pool: &PoolName) -> Option<&super::config::PoolConfig> {
+        self.pools.get(pool).map(|p| &p.config)
+    }
 }

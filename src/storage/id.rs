@@ -252,3 +252,74 @@ mod tests {
         assert!(SnapshotId::parse("local:n:default:v").is_err());
     }
 }
+
+/// A static volume: an existing directory of a shared pool, named in a PV's volumeHandle as
+/// `static:<pool>:<relative/path>` (no `..`, no `.`, no empty or absolute part).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StaticId {
+    pub pool: PoolName,
+    pub path: std::path::PathBuf,
+}
+
+impl StaticId {
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        let bad = |why: &str| {
+            IdError(format!(
+                "'{s}' is not a static volume handle ({why}): expected static:<pool>:<relative/path>"
+            ))
+        };
+        let rest = s.strip_prefix("static:").ok_or_else(|| bad("no static: prefix"))?;
+        let (pool, path) = rest.split_once(':').ok_or_else(|| bad("no pool"))?;
+        let pool = PoolName::parse(pool).map_err(|_| bad("bad pool name"))?;
+        Ok(StaticId {
+            pool,
+            path: relative_path(path).map_err(|e| bad(&e))?,
+        })
+    }
+}
+
+impl fmt::Display for StaticId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "static:{}:{}", self.pool.0, self.path.display())
+    }
+}
+
+/// A relative path whose every part is a plain name: what a user may name below a pool.
+pub fn relative_path(p: &str) -> Result<std::path::PathBuf, String> {
+    if p.is_empty() || p.len() > 1024 {
+        return Err("the path must be 1 to 1024 bytes".into());
+    }
+    if p.contains('\0') {
+        return Err("the path contains a NUL byte".into());
+    }
+    let parts: Vec<&str> = p.split('/').collect();
+    if parts.iter().any(|c| c.is_empty() || *c == "." || *c == "..") {
+        return Err("every part must be a plain name (no '', '.', '..' or leading '/')".into());
+    }
+    Ok(std::path::PathBuf::from(p))
+}
+
+#[cfg(test)]
+mod static_tests {
+    use super::*;
+
+    #[test]
+    fn static_handles_name_paths_below_their_pool() {
+        let s = StaticId::parse("static:nfs:datasets/imagenet").unwrap();
+        assert_eq!(s.pool.as_str(), "nfs");
+        assert_eq!(s.path, std::path::PathBuf::from("datasets/imagenet"));
+        assert_eq!(s.to_string(), "static:nfs:datasets/imagenet");
+        for bad in [
+            "static:nfs:",
+            "static:nfs:/etc",
+            "static:nfs:a/../b",
+            "static:nfs:a//b",
+            "static:nfs:.",
+            "static:NFS:a",
+            "nfs:a",
+            "static:nfs",
+        ] {
+            assert!(StaticId::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -5,6 +5,7 @@ pub mod engine;
 pub mod id;
 pub mod layout;
 pub mod locks;
+pub mod naming;
 pub mod pool;
 pub mod record;
 

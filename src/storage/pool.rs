@@ -17,7 +17,10 @@ use std::path::{Path, PathBuf};
 
 use crate::sys::files;
 
-use super::config::PoolConfig;
+use super::config::{Backend, PoolConfig};
+
+/// How long opening a shared pool (mounting it included) may take before it counts as unreachable.
+const SHARE_OPEN: std::time::Duration = std::time::Duration::from_secs(60);
 use super::id::Key;
 use super::layout::PoolFeatures;
 use super::StorageError;
@@ -48,6 +51,31 @@ impl Pool {
     /// Opens (creating if needed) the pool's directories and clears what a crash left in `.work` and
     /// `.trash`: half-built copies and half-deleted data, neither of which any record points at.
     pub fn open(config: PoolConfig) -> Result<Pool, StorageError> {
+        if config.backend == Backend::Shared {
+            // Every step on a share may hang when its server is gone: bound the whole opening.
+            let path = config.path.clone();
+            return crate::sys::share::within(SHARE_OPEN, "open shared pool", &path, move || {
+                Ok(Self::open_here(config).map_err(|e| crate::sys::SysError::Tool {
+                    tool: "open shared pool".into(),
+                    status: "failed".into(),
+                    stderr: e.to_string(),
+                }))
+            })?
+            .map_err(|e| StorageError::PoolUnusable(e.to_string()));
+        }
+        Self::open_here(config)
+    }
+
+    fn open_here(config: PoolConfig) -> Result<Pool, StorageError> {
+        if let Some(share) = &config.share {
+            let mounted = crate::sys::mount::statx_mount_root(&config.path)
+                .ok()
+                .flatten()
+                .unwrap_or(false);
+            if !mounted {
+                crate::sys::share::mount(&share.source, &share.fs_type, &share.options, &config.path)?;
+            }
+        }
         std::fs::create_dir_all(&config.path).map_err(|e| crate::sys::SysError::io("mkdir", &config.path, e))?;
         files::require_real_dir(&config.path)?;
         let features = super::layout::check_pool(&config)?;
@@ -56,8 +84,20 @@ impl Pool {
             files::ensure_dir(&pool.config.path.join(d), 0o700)?;
         }
         pool.purge(&pool.work_dir())?;
-        pool.purge(&pool.trash_dir())?;
+        // Shared pools purge their trash in the background (it may hold huge trees).
+        if !pool.shared() {
+            pool.purge(&pool.trash_dir())?;
+        }
         Ok(pool)
+    }
+
+    pub fn shared(&self) -> bool {
+        self.config.backend == Backend::Shared
+    }
+
+    /// Removes everything in the trash (deleted volumes); a purge cut short by a restart resumes.
+    pub fn purge_trash(&self) -> Result<(), StorageError> {
+        self.purge(&self.trash_dir())
     }
 
     fn purge(&self, dir: &Path) -> Result<(), StorageError> {

@@ -167,6 +167,45 @@ impl PinnedDir {
         Ok(PinnedDir { fd: fd.into() })
     }
 
+    /// Opens `rel` below `root` one component at a time, never following a symlink and never
+    /// leaving `root` (no `..`, no absolute part): the way to reach a directory a user named.
+    pub fn open_beneath(root: &Path, rel: &Path) -> Result<PinnedDir, SysError> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        use std::path::Component;
+        let mut dir = PinnedDir::open(root)?;
+        for c in rel.components() {
+            let Component::Normal(name) = c else {
+                return Err(SysError::io(
+                    "open (only plain names below the pool)",
+                    root.join(rel),
+                    std::io::Error::from_raw_os_error(libc::EINVAL),
+                ));
+            };
+            let cname = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(name))
+                .map_err(|e| SysError::io("open", root.join(rel), std::io::Error::new(ErrorKind::InvalidInput, e)))?;
+            // SAFETY: dir.fd is an open directory descriptor and cname is NUL-terminated.
+            let fd = unsafe {
+                libc::openat(
+                    dir.fd.as_raw_fd(),
+                    cname.as_ptr(),
+                    libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                return Err(SysError::io(
+                    "open directory (not following symlinks)",
+                    root.join(rel),
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            // SAFETY: fd was just returned by openat and is owned by nobody else.
+            dir = PinnedDir {
+                fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+            };
+        }
+        Ok(dir)
+    }
+
     pub fn proc_path(&self) -> std::path::PathBuf {
         use std::os::fd::AsRawFd;
         std::path::PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))

@@ -8,6 +8,7 @@ pub mod fstools;
 pub mod loopdev;
 pub mod mount;
 pub mod mountinfo;
+pub mod share;
 pub mod statfs;
 
 use std::io;

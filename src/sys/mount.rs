@@ -51,6 +51,8 @@ pub trait Mounter: Send + Sync {
     fn mount_fs(&self, device: &Path, target: &Path, fs_type: &str, flags: BindFlags) -> Result<(), SysError>;
     /// Unmounts the topmost mount at `target`.
     fn unmount(&self, target: &Path) -> Result<(), SysError>;
+    /// Detaches the mount at `target` at once even if busy or stale (a share whose server is gone).
+    fn detach(&self, target: &Path) -> Result<(), SysError>;
     /// Whether `path` is the root of a mount, including a bind mount from the same filesystem.
     fn is_mountpoint(&self, path: &Path) -> Result<bool, SysError>;
 }
@@ -84,6 +86,10 @@ impl Mounter for LinuxMounter {
 
     fn unmount(&self, target: &Path) -> Result<(), SysError> {
         nix::mount::umount2(target, MntFlags::empty()).step("unmount", target)
+    }
+
+    fn detach(&self, target: &Path) -> Result<(), SysError> {
+        nix::mount::umount2(target, MntFlags::MNT_DETACH).step("detach mount", target)
     }
 
     fn is_mountpoint(&self, path: &Path) -> Result<bool, SysError> {
@@ -191,6 +197,10 @@ impl Mounter for RecordingMounter {
                 std::io::Error::from_raw_os_error(libc::EINVAL),
             )),
         }
+    }
+
+    fn detach(&self, target: &Path) -> Result<(), SysError> {
+        self.unmount(target)
     }
 
     fn is_mountpoint(&self, path: &Path) -> Result<bool, SysError> {

@@ -1,0 +1,88 @@
+//! Shared filesystems (NFS, CephFS, GlusterFS ...) that cellar mounts itself, and calls on them that
+//! must not hang when the share is gone.
+//!
+//! Network filesystems are mounted through mount(8): their kernel or FUSE drivers need the userspace
+//! helper (mount.nfs, mount.glusterfs, mount.ceph) to resolve servers and pass options. That is the
+//! one place cellar spawns mount(8); local mounts use mount(2) directly.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use super::{run_tool, statfs, SysError};
+
+/// How long a call on a share may take before the share counts as unreachable.
+pub const SHARE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs `f` on its own thread and waits at most `timeout`. A call stuck in the kernel (a hard NFS
+/// mount whose server is gone) cannot be cancelled; its thread is left to finish or hang alone, and
+/// the caller gets ETIMEDOUT.
+pub fn within<T: Send + 'static>(
+    timeout: Duration,
+    step: &'static str,
+    path: &Path,
+    f: impl FnOnce() -> Result<T, SysError> + Send + 'static,
+) -> Result<T, SysError> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("cellar-share-call".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| SysError::io(step, path, e))?;
+    match rx.recv_timeout(timeout) {
+        Ok(r) => r,
+        Err(_) => Err(SysError::io(
+            step,
+            path,
+            std::io::Error::from_raw_os_error(libc::ETIMEDOUT),
+        )),
+    }
+}
+
+/// statfs of a share, bounded in time: the health check of a share.
+pub fn usage(path: &Path) -> Result<statfs::FsUsage, SysError> {
+    let p = path.to_path_buf();
+    within(SHARE_TIMEOUT, "statfs (share)", path, move || statfs::usage(&p))
+}
+
+/// Whether an error says the share is gone or stale (and a remount may bring it back).
+pub fn is_stale(e: &SysError) -> bool {
+    matches!(
+        e.errno(),
+        Some(libc::ENOTCONN) | Some(libc::ESTALE) | Some(libc::EIO) | Some(libc::ETIMEDOUT) | Some(libc::EHOSTDOWN)
+    )
+}
+
+/// Mounts `source` of type `fs_type` with `options` at `target` (created if missing).
+pub fn mount(source: &str, fs_type: &str, options: &str, target: &Path) -> Result<(), SysError> {
+    std::fs::create_dir_all(target).map_err(|e| SysError::io("mkdir", target, e))?;
+    let t = target.to_string_lossy().into_owned();
+    let mut args = vec!["-t", fs_type];
+    if !options.is_empty() {
+        args.extend(["-o", options]);
+    }
+    args.extend([source, t.as_str()]);
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let target_buf: PathBuf = target.to_path_buf();
+    within(SHARE_TIMEOUT * 3, "mount share", target, move || {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_tool("mount", &a).map(|_| ())
+    })
+    .map_err(|e| match e {
+        SysError::Tool { stderr, status, .. } => SysError::Tool {
+            tool: format!("mount -t {fs_type} {source} {}", target_buf.display()),
+            status,
+            stderr,
+        },
+        other => other,
+    })
+}
+
+/// Detaches a stale share (or a bind of it) at once, whatever still uses it.
+pub fn detach(target: &Path) -> Result<(), SysError> {
+    match nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) => Ok(()),
+        Err(e) => Err(SysError::io("detach mount", target, e.into())),
+    }
+}
