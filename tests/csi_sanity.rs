@@ -122,3 +122,20 @@ fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+#[tokio::test]
+async fn csi_sanity_passes_on_a_shared_pool() {
+    let Some(sanity) = sanity_or_note() else { return };
+    let share = tempfile::tempdir().expect("tempdir");
+    let cfg = share.path().join("pools.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "pools:\n  - name: default\n  - name: s\n    backend: shared\n    path: {}\n",
+            share.path().join("pool").display()
+        ),
+    )
+    .expect("config");
+    let d = Driver::start_with(&["--config", cfg.to_str().expect("utf-8")], &[]).await;
+    run_sanity(&sanity, &d, "pool: s\n", 64 * MIB, 96 * MIB);
+}
