@@ -51,12 +51,87 @@ enum Command {
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_listen: Option<SocketAddr>,
     },
+    /// The controller of split mode: Identity + Controller for the sidecars, the registry nodes
+    /// report to over mutual TLS, and the shared pools.
+    Controller {
+        #[arg(long, default_value = "unix:///csi/csi.sock")]
+        endpoint: String,
+        /// Where nodes register and heartbeat (mutual TLS).
+        #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:9820")]
+        agent_listen: SocketAddr,
+        #[arg(long, default_value = "/var/lib/cellar")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value = "cellar.csi.dev")]
+        driver_name: String,
+        /// The controller's name in records of shared pools (its pod name).
+        #[arg(long, env = "POD_NAME", default_value = "controller")]
+        name: String,
+        #[command(flatten)]
+        tls: TlsArgs,
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics_listen: Option<SocketAddr>,
+    },
+    /// A node of split mode: Identity + Node for kubelet, and the agent the controller calls.
+    Node {
+        #[arg(long, default_value = "unix:///csi/csi.sock")]
+        endpoint: String,
+        #[arg(long, env = "NODE_NAME")]
+        node_id: Option<String>,
+        #[arg(long, default_value = "/var/lib/cellar")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value = "cellar.csi.dev")]
+        driver_name: String,
+        /// The controller's registry, HOST:PORT; every address the host resolves to gets heartbeats.
+        #[arg(long)]
+        controller: String,
+        #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:9821")]
+        agent_listen: SocketAddr,
+        /// The address the controller should call this node's agent at (e.g. $(POD_IP):9821).
+        #[arg(long)]
+        agent_advertise: String,
+        #[command(flatten)]
+        tls: TlsArgs,
+        #[arg(long, default_value_t = 0)]
+        max_volumes_per_node: i64,
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics_listen: Option<SocketAddr>,
+    },
     /// A CSI client for any driver: operate and benchmark it from a shell.
     Csi(cellar::client::CsiArgs),
     /// This node's pools, volumes and snapshots, and what no record or node state explains: orphan
     /// entries, leftovers, stray loop devices and mounts. Read-only unless --fix. Exit code 0: nothing
     /// found (or all fixed); 2: findings remain; 1: the report failed.
     Report(cellar::report::ReportArgs),
+}
+
+/// Mutual TLS between the controller and the nodes.
+#[derive(clap::Args)]
+struct TlsArgs {
+    /// The CA that signs every controller and node certificate.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Plaintext between controller and nodes: for development only.
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl TlsArgs {
+    fn flags(self) -> cellar::roles::TlsFlags {
+        cellar::roles::TlsFlags {
+            ca: self.tls_ca,
+            cert: self.tls_cert,
+            key: self.tls_key,
+            insecure: self.insecure,
+        }
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -132,6 +207,60 @@ fn main() -> ExitCode {
             runtime
                 .block_on(cellar::roles::all_in_one(opts))
                 .map_err(|e| e.to_string())
+        }
+        Command::Controller {
+            endpoint,
+            agent_listen,
+            data_dir,
+            config,
+            driver_name,
+            name,
+            tls,
+            metrics_listen,
+        } => {
+            init_logging(cli.log_format);
+            let opts = cellar::roles::ControllerRole {
+                endpoint,
+                agent_listen,
+                data_dir,
+                config,
+                driver_name,
+                tls: tls.flags(),
+                metrics_listen,
+                name,
+            };
+            runtime
+                .block_on(cellar::roles::controller(opts))
+                .map_err(|e| e.to_string())
+        }
+        Command::Node {
+            endpoint,
+            node_id,
+            data_dir,
+            config,
+            driver_name,
+            controller,
+            agent_listen,
+            agent_advertise,
+            tls,
+            max_volumes_per_node,
+            metrics_listen,
+        } => {
+            init_logging(cli.log_format);
+            let opts = cellar::roles::NodeRole {
+                endpoint,
+                node_id: node_id.unwrap_or_else(hostname),
+                data_dir,
+                config,
+                driver_name,
+                controller,
+                agent_listen,
+                agent_advertise,
+                tls: tls.flags(),
+                max_volumes_per_node,
+                metrics_listen,
+            };
+            runtime.block_on(cellar::roles::node(opts)).map_err(|e| e.to_string())
         }
         Command::Csi(args) => runtime.block_on(cellar::client::run(args)),
         Command::Report(_) => Ok(()), // answered above

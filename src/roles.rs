@@ -20,7 +20,7 @@ use crate::node::state::NodeState;
 use crate::node::{NodeServer, NodeService};
 use crate::server::{self, ServeError};
 use crate::storage::config::{Config, ConfigError};
-use crate::storage::engine::LocalEngine;
+use crate::storage::engine::{LocalEngine, Role};
 use crate::storage::id::NodeId;
 use crate::storage::locks::InFlight;
 use crate::storage::StorageError;
@@ -58,6 +58,8 @@ pub enum RoleError {
     Task(String),
     #[error("locking the data dir: {0}")]
     Lock(crate::sys::SysError),
+    #[error("{0}")]
+    Split(String),
 }
 
 /// The file under the data dir that a running driver keeps locked (flock) for its whole life, so a
@@ -179,4 +181,199 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// TLS material for the controller ↔ node channel.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFlags {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub insecure: bool,
+}
+
+impl TlsFlags {
+    fn load(&self) -> Result<crate::agent::tls::Tls, RoleError> {
+        crate::agent::tls::TlsOptions {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            insecure: self.insecure,
+        }
+        .load()
+        .map_err(|e| RoleError::Split(e.to_string()))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ControllerRole {
+    pub endpoint: String,
+    pub agent_listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub config: Option<PathBuf>,
+    pub driver_name: String,
+    pub tls: TlsFlags,
+    pub metrics_listen: Option<SocketAddr>,
+    /// The name this controller goes by in volume records of shared pools (its pod name).
+    pub name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeRole {
+    pub endpoint: String,
+    pub node_id: String,
+    pub data_dir: PathBuf,
+    pub config: Option<PathBuf>,
+    pub driver_name: String,
+    pub controller: String,
+    pub agent_listen: SocketAddr,
+    pub agent_advertise: String,
+    pub tls: TlsFlags,
+    pub max_volumes_per_node: i64,
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// `cellar controller`: Identity + Controller for the sidecars, the registry the nodes report to,
+/// and the shared pools, which it creates and deletes volumes in itself.
+pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
+    let tls = o.tls.load()?;
+    let name = NodeId::parse(&o.name).map_err(|e| RoleError::NodeId(e.0))?;
+    let config = load_config(o.config.as_ref(), &o.data_dir)?;
+    let socket = server::socket_path(&o.endpoint)?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let metrics = match o.metrics_listen {
+        Some(addr) => {
+            let exporter = Exporter::new("controller", ready.clone());
+            let listener = crate::metrics::bind(addr).await?;
+            Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
+                listener,
+                Arc::new(exporter),
+            ))))
+        }
+        None => None,
+    };
+    let engine = {
+        let cfg = config.clone();
+        tokio::task::spawn_blocking(move || LocalEngine::open_for(name, &cfg, Role::Controller))
+            .await
+            .map_err(|e| RoleError::Task(e.to_string()))??
+    };
+    let engine = Arc::new(engine);
+    engine.start_purger();
+    let shared: Arc<dyn crate::agent::Agent> = Arc::new(LocalAgent::new(engine.clone()));
+    let registry = crate::agent::registry::Registry::new(
+        crate::agent::registry::RegistryConfig::default(),
+        tls.clone(),
+        Some(shared),
+    );
+    let sweeper = AbortOnDrop(tokio::spawn(registry.clone().run_sweeper()));
+    let listener = tokio::net::TcpListener::bind(o.agent_listen)
+        .await
+        .map_err(|e| RoleError::Split(format!("--agent-listen {}: {e}", o.agent_listen)))?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let routes = tonic::service::Routes::new(registry.service());
+    let registry_server = tokio::spawn(crate::agent::server::serve(listener, tls, routes, async {
+        let _ = stop_rx.await;
+    }));
+    ready.store(engine.ready(), Ordering::Release);
+    tracing::info!(agent_listen = %o.agent_listen, socket = %socket.display(), "controller ready");
+    let identity = IdentityService {
+        name: o.driver_name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        ready,
+        controller: true,
+    };
+    let controller = ControllerService {
+        directory: Arc::new(registry),
+    };
+    let listener = server::bind(&socket)?;
+    let router = Server::builder()
+        .add_service(IdentityServer::new(identity))
+        .add_service(ControllerServer::new(controller));
+    let served = server::serve_until_signal(router, listener, &socket).await;
+    let _ = stop_tx.send(());
+    let _ = registry_server.await;
+    drop((metrics, sweeper));
+    Ok(served?)
+}
+
+/// `cellar node`: Identity + Node for kubelet, the agent the controller calls, and the heartbeat
+/// that keeps this node in the controller's registry.
+pub async fn node(o: NodeRole) -> Result<(), RoleError> {
+    use crate::agent::heartbeat::{Heartbeat, HeartbeatConfig};
+    use crate::agent::remote::HostPort;
+    let tls = o.tls.load()?;
+    let node = NodeId::parse(&o.node_id).map_err(|e| RoleError::NodeId(e.0))?;
+    let controller = HostPort::parse(&o.controller).map_err(|e| RoleError::Split(format!("--controller: {e}")))?;
+    let advertise =
+        HostPort::parse(&o.agent_advertise).map_err(|e| RoleError::Split(format!("--agent-advertise: {e}")))?;
+    let config = load_config(o.config.as_ref(), &o.data_dir)?;
+    let _lock = hold_data_dir(&o.data_dir).await?;
+    let socket = server::socket_path(&o.endpoint)?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let node_metrics = NodeCollector::default();
+    let metrics = match o.metrics_listen {
+        Some(addr) => {
+            let mut exporter = Exporter::new("node", ready.clone());
+            exporter.register(node_metrics.clone());
+            let listener = crate::metrics::bind(addr).await?;
+            Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
+                listener,
+                Arc::new(exporter),
+            ))))
+        }
+        None => None,
+    };
+    let engine = {
+        let node = node.clone();
+        tokio::task::spawn_blocking(move || LocalEngine::open_for(node, &config, Role::Node))
+            .await
+            .map_err(|e| RoleError::Task(e.to_string()))??
+    };
+    let engine = Arc::new(engine);
+    let state = Arc::new(NodeState::open(&o.data_dir.join("node"))?);
+    node_metrics.attach(NodeSources {
+        engine: engine.clone(),
+        state: state.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(o.agent_listen)
+        .await
+        .map_err(|e| RoleError::Split(format!("--agent-listen {}: {e}", o.agent_listen)))?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let routes = tonic::service::Routes::new(crate::agent::server::AgentService::new(engine.clone()).into_server());
+    let agent_server = tokio::spawn(crate::agent::server::serve(listener, tls.clone(), routes, async {
+        let _ = stop_rx.await;
+    }));
+    let topology = [(crate::csi::TOPOLOGY_NODE_KEY.to_string(), node.as_str().to_string())].into();
+    let beat = Heartbeat::new(
+        HeartbeatConfig::new(controller, node.clone(), topology, advertise),
+        tls,
+        Arc::new(LocalAgent::new(engine.clone())),
+    );
+    let heartbeat = AbortOnDrop(tokio::spawn(beat.run()));
+    ready.store(engine.ready(), Ordering::Release);
+    tracing::info!(node = node.as_str(), agent_listen = %o.agent_listen, socket = %socket.display(), "node ready");
+    let identity = IdentityService {
+        name: o.driver_name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        ready,
+        controller: false,
+    };
+    let node_svc = NodeService {
+        node,
+        engine,
+        mounter: Arc::new(LinuxMounter::default()),
+        state,
+        in_flight: InFlight::default(),
+        max_volumes: o.max_volumes_per_node,
+    };
+    let listener = server::bind(&socket)?;
+    let router = Server::builder()
+        .add_service(IdentityServer::new(identity))
+        .add_service(NodeGrpc::new(NodeServer(Arc::new(node_svc))));
+    let served = server::serve_until_signal(router, listener, &socket).await;
+    let _ = stop_tx.send(());
+    let _ = agent_server.await;
+    drop((metrics, heartbeat));
+    Ok(served?)
 }

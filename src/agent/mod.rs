@@ -1,6 +1,13 @@
 //! The storage calls the controller makes on a node, as one trait. All-in-one holds the in-process
 //! implementation ([`LocalAgent`]); split mode holds a remote client. The controller never knows which.
 
+pub mod heartbeat;
+pub mod registry;
+pub mod remote;
+pub mod server;
+pub mod tls;
+pub mod wire;
+
 use std::sync::Arc;
 
 use crate::storage::engine::{CapacityRange, Condition, LocalEngine, Mutable, NewVolume, PoolStatus};

@@ -71,6 +71,24 @@ fn csi_volume(r: &VolumeRecord, node: &NodeId) -> Volume {
     }
 }
 
+/// Bytes a node's pool can still give a volume of the requested layout, or `None` when the node has
+/// no such pool or it does not allow that layout.
+fn room_for(pools: &[crate::storage::engine::PoolStatus], spec: &NewVolume) -> Option<u64> {
+    let p = pools.iter().find(|p| match &spec.pool {
+        Some(name) => *name == p.name,
+        None => p.is_default,
+    })?;
+    let layout = spec.layout.unwrap_or(p.default_layout);
+    if !p.layouts.contains(&layout) {
+        return None;
+    }
+    Some(if layout == crate::storage::record::Layout::Image {
+        p.image_allocatable_bytes
+    } else {
+        p.available_bytes
+    })
+}
+
 /// Whether a volume (its record; `None` for a static volume) can serve a capability: local pools
 /// serve one node, image volumes one node at a time, shared directories every mode.
 fn serves(rec: Option<&VolumeRecord>, c: &caps::Capability) -> bool {
@@ -166,7 +184,16 @@ impl ControllerService {
 
         // A name already taken anywhere answers for itself: the same request gets the same volume.
         for agent in self.directory.all() {
-            if let Some(existing) = agent.volume_named(r.name.clone()).await? {
+            // A node that cannot answer right now is skipped: provisioning must not stop for one
+            // dead node. (A retry for a volume made there goes back there by its topology.)
+            let found = match agent.volume_named(r.name.clone()).await {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(node = agent.node().as_str(), error = %e, "name lookup skipped an unreachable node");
+                    None
+                }
+            };
+            if let Some(existing) = found {
                 let existing_pool = VolumeId::parse(&existing.id).map(|id| id.0.pool).ok();
                 let mut spec = spec;
                 match (&spec.pool, existing_pool) {
@@ -210,19 +237,75 @@ impl ControllerService {
             None => self.directory.agents().iter().map(|a| a.node().clone()).collect(),
         };
         let ranked = request::rank_nodes(r.accessibility_requirements.as_ref(), &nodes);
-        let Some(node) = ranked.first() else {
+        if ranked.is_empty() {
             return Err(Status::resource_exhausted(
                 "no node in the requisite topology can hold this volume (or its content source is elsewhere)",
             ));
-        };
+        }
+        let node = self
+            .place(&ranked, r.accessibility_requirements.as_ref(), &spec)
+            .await?;
         let agent = self
             .directory
-            .agent(node)
+            .agent(&node)
             .ok_or_else(|| Status::unavailable(format!("node {} is not reachable", node.as_str())))?;
         let rec = agent.create_volume(spec).await?;
         Ok(CreateVolumeResponse {
             volume: Some(csi_volume(&rec, agent.node())),
         })
+    }
+
+    /// Chooses the node for a local volume: the first preferred node with room (WaitForFirstConsumer
+    /// puts the scheduler's choice first), else, with no preference, the candidate with the most room
+    /// in the pool. No room where it must go is RESOURCE_EXHAUSTED, so the scheduler tries elsewhere.
+    async fn place(
+        &self,
+        ranked: &[NodeId],
+        req: Option<&TopologyRequirement>,
+        spec: &NewVolume,
+    ) -> Result<NodeId, Status> {
+        let wanted = spec.capacity.choose()?;
+        let mut rooms = Vec::new();
+        for n in ranked {
+            let room = match self.directory.agent(n) {
+                Some(a) => match a.pools().await {
+                    Ok(pools) => room_for(&pools, spec),
+                    Err(_) => None, // unreachable: not a candidate
+                },
+                None => None,
+            };
+            rooms.push((n.clone(), room));
+        }
+        let preferred: Vec<&Topology> = req.map(|r| r.preferred.iter().collect()).unwrap_or_default();
+        if preferred.is_empty() {
+            rooms.sort_by_key(|r| std::cmp::Reverse(r.1));
+        } else {
+            // The scheduler chose: only a preferred node may take the volume, in the order given.
+            rooms.retain(|(n, _)| {
+                preferred
+                    .iter()
+                    .any(|t| request::topology_node(t).is_none_or(|x| x == n.as_str()))
+            });
+        }
+        if let Some((n, _)) = rooms.iter().find(|(_, room)| room.is_some_and(|r| r >= wanted)) {
+            return Ok(n.clone());
+        }
+        // A pool that does not exist or a layout it does not allow is the node's to explain.
+        if let Some((n, None)) = rooms.first() {
+            return Ok(n.clone());
+        }
+        Err(Status::resource_exhausted(format!(
+            "no candidate node has {wanted} bytes free in the pool ({})",
+            rooms
+                .iter()
+                .map(|(n, r)| format!(
+                    "{}: {}",
+                    n.as_str(),
+                    r.map(|r| r.to_string()).unwrap_or_else(|| "unknown".into())
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
     }
 
     /// The agent owning a volume id that came from outside, or NOT_FOUND.

@@ -138,8 +138,17 @@ struct SourceData {
     _held: Held,
 }
 
+/// Which process an engine serves, and so which pools it opens and owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    All,
+    Controller,
+    Node,
+}
+
 pub struct LocalEngine {
     node: NodeId,
+    role: Role,
     pools: BTreeMap<PoolName, Pool>,
     /// Pools that could not be opened, with the reason; Probe is not ready while there are any.
     broken: BTreeMap<PoolName, String>,
@@ -159,12 +168,22 @@ fn now() -> (i64, i32) {
 }
 
 impl LocalEngine {
-    /// Opens every local pool of the configuration and loads their records.
+    /// Opens every pool of the configuration (all-in-one) and loads their records.
     pub fn open(node: NodeId, config: &Config) -> Result<LocalEngine, StorageError> {
+        Self::open_for(node, config, Role::All)
+    }
+
+    /// Opens the pools a role serves: the controller the shared pools, a node its local pools and
+    /// the shared ones (to publish their volumes), all-in-one everything.
+    pub fn open_for(node: NodeId, config: &Config, role: Role) -> Result<LocalEngine, StorageError> {
         let mut pools = BTreeMap::new();
         let mut broken = BTreeMap::new();
         for pc in &config.pools {
-            match Pool::open(pc.clone()) {
+            let shared = pc.backend == super::config::Backend::Shared;
+            if role == Role::Controller && !shared {
+                continue;
+            }
+            match Pool::open_as(pc.clone(), !(role == Role::Node && shared)) {
                 Ok(p) => {
                     pools.insert(pc.name.clone(), p);
                 }
@@ -176,6 +195,7 @@ impl LocalEngine {
         }
         let engine = LocalEngine {
             node,
+            role,
             pools,
             broken,
             default_pool: config.default_pool.clone(),
@@ -205,7 +225,9 @@ impl LocalEngine {
                     }
                 }
                 drop(engine);
-                if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = rx.recv_timeout(std::time::Duration::from_secs(60)) {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) =
+                    rx.recv_timeout(std::time::Duration::from_secs(60))
+                {
                     return;
                 }
             });
@@ -745,6 +767,13 @@ impl LocalEngine {
     }
 
     pub fn volume(&self, id: &VolumeId) -> Option<VolumeRecord> {
+        if self.role == Role::Node && id.0.node().is_none() {
+            // The controller creates and deletes shared volumes: a node reads their records afresh.
+            let pool = self.locate(&id.0)?;
+            return record::load::<VolumeRecord>(&pool.record_path(Kind::Volume, &id.0.key))
+                .ok()
+                .flatten();
+        }
         lock(&self.volumes).get(&id.to_string()).cloned()
     }
 

@@ -50,12 +50,19 @@ impl Kind {
 impl Pool {
     /// Opens (creating if needed) the pool's directories and clears what a crash left in `.work` and
     /// `.trash`: half-built copies and half-deleted data, neither of which any record points at.
+    /// Opens a pool. The `owner` of a pool clears what a crash left in its `.work` (and, for local
+    /// pools, `.trash`): every local pool is its node's; a shared pool is the controller's, and a
+    /// node that opens it to publish its volumes must not touch a copy the controller is making.
     pub fn open(config: PoolConfig) -> Result<Pool, StorageError> {
+        Self::open_as(config, true)
+    }
+
+    pub fn open_as(config: PoolConfig, owner: bool) -> Result<Pool, StorageError> {
         if config.backend == Backend::Shared {
             // Every step on a share may hang when its server is gone: bound the whole opening.
             let path = config.path.clone();
             return crate::sys::share::within(SHARE_OPEN, "open shared pool", &path, move || {
-                Ok(Self::open_here(config).map_err(|e| crate::sys::SysError::Tool {
+                Ok(Self::open_here(config, owner).map_err(|e| crate::sys::SysError::Tool {
                     tool: "open shared pool".into(),
                     status: "failed".into(),
                     stderr: e.to_string(),
@@ -63,10 +70,10 @@ impl Pool {
             })?
             .map_err(|e| StorageError::PoolUnusable(e.to_string()));
         }
-        Self::open_here(config)
+        Self::open_here(config, owner)
     }
 
-    fn open_here(config: PoolConfig) -> Result<Pool, StorageError> {
+    fn open_here(config: PoolConfig, owner: bool) -> Result<Pool, StorageError> {
         if let Some(share) = &config.share {
             let mounted = crate::sys::mount::statx_mount_root(&config.path)
                 .ok()
@@ -83,9 +90,11 @@ impl Pool {
         for d in ["volumes", "snapshots", ".work", ".trash"] {
             files::ensure_dir(&pool.config.path.join(d), 0o700)?;
         }
-        pool.purge(&pool.work_dir())?;
+        if owner {
+            pool.purge(&pool.work_dir())?;
+        }
         // Shared pools purge their trash in the background (it may hold huge trees).
-        if !pool.shared() {
+        if owner && !pool.shared() {
             pool.purge(&pool.trash_dir())?;
         }
         Ok(pool)

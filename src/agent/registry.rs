@@ -1,0 +1,726 @@
+//! The controller's registry of nodes, in memory, filled by the nodes' heartbeats.
+//!
+//! A node is available while its last heartbeat is younger than `missed_heartbeats` intervals;
+//! after that it is still listed (with its topology and last pools) but every call to it answers
+//! UNAVAILABLE naming it, until a heartbeat revives it. Nothing is persisted: after a controller
+//! restart every live node is back within one heartbeat, and until then (the settling window) an
+//! unknown node is "not registered yet" (UNAVAILABLE), never "no such node" (NOT_FOUND), so no
+//! DeleteVolume succeeds for a volume whose node simply has not called in yet.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use tonic::{Request, Response, Status};
+
+use super::remote::{unavailable, HostPort, RemoteAgent, Timeouts, MAX_MESSAGE_BYTES};
+use super::tls::{Tls, AGENT_SERVER_NAME};
+use super::wire::{self, v1};
+use super::{Agent, Directory};
+use crate::storage::engine::{CapacityRange, Condition, Mutable, NewVolume, PoolStatus};
+use crate::storage::id::{NodeId, SnapshotId, StaticId, VolumeId};
+use crate::storage::record::{SnapshotRecord, VolumeRecord};
+use crate::storage::StorageError;
+
+/// Where time comes from; tests pass a clock they move by hand.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Instant;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// How often nodes are told to send a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A node whose last heartbeat is older than this many intervals is unavailable.
+    pub missed_heartbeats: u32,
+    /// After a start, how long an unknown node counts as "not registered yet" rather than absent.
+    pub settle: Duration,
+    /// The SAN the controller expects on agents' certificates.
+    pub agent_server_name: String,
+    pub agent_timeouts: Timeouts,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        let heartbeat_interval = Duration::from_secs(5);
+        RegistryConfig {
+            heartbeat_interval,
+            missed_heartbeats: 3,
+            settle: 2 * heartbeat_interval,
+            agent_server_name: AGENT_SERVER_NAME.to_string(),
+            agent_timeouts: Timeouts::default(),
+        }
+    }
+}
+
+impl RegistryConfig {
+    /// How long after its last heartbeat a node stays available.
+    pub fn expiry(&self) -> Duration {
+        self.heartbeat_interval * self.missed_heartbeats.max(1)
+    }
+}
+
+/// What a node says about itself in every heartbeat, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeReport {
+    pub node: NodeId,
+    pub topology: BTreeMap<String, String>,
+    pub agent_address: HostPort,
+    pub pools: Vec<PoolStatus>,
+    pub version: String,
+}
+
+impl TryFrom<v1::NodeStatus> for NodeReport {
+    type Error = wire::WireError;
+    fn try_from(m: v1::NodeStatus) -> Result<Self, Self::Error> {
+        Ok(NodeReport {
+            node: wire::node_id("node_id", &m.node_id)?,
+            agent_address: HostPort::parse(&m.agent_address)
+                .map_err(|e| wire::WireError(format!("agent_address: {e}")))?,
+            pools: wire::pools(m.pools)?,
+            topology: m.topology,
+            version: m.version,
+        })
+    }
+}
+
+impl From<&NodeReport> for v1::NodeStatus {
+    fn from(r: &NodeReport) -> Self {
+        v1::NodeStatus {
+            node_id: r.node.as_str().to_string(),
+            topology: r.topology.clone(),
+            agent_address: r.agent_address.to_string(),
+            pools: r.pools.iter().map(Into::into).collect(),
+            version: r.version.clone(),
+        }
+    }
+}
+
+/// A node as the registry sees it now.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub report: NodeReport,
+    pub last_heartbeat_age: Duration,
+    pub available: bool,
+}
+
+/// What a heartbeat changed, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    New,
+    Revived { silent_for: Duration },
+    Moved { from: HostPort },
+    Same,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("heartbeat refused: {0}")]
+    Invalid(#[from] wire::WireError),
+    #[error("cannot make a client for node {node}'s agent at {address}: {reason}")]
+    Client {
+        node: String,
+        address: String,
+        reason: String,
+    },
+}
+
+impl From<RegistryError> for Status {
+    fn from(e: RegistryError) -> Status {
+        match e {
+            RegistryError::Invalid(_) => Status::invalid_argument(e.to_string()),
+            RegistryError::Client { .. } => Status::internal(e.to_string()),
+        }
+    }
+}
+
+struct Entry {
+    report: NodeReport,
+    last_heartbeat: Instant,
+    agent: Arc<RemoteAgent>,
+    /// Whether the sweeper has already logged this node as unavailable.
+    reported_down: bool,
+}
+
+struct Shared {
+    config: RegistryConfig,
+    tls: Tls,
+    /// The controller's own agent for the shared pools, if it serves any.
+    shared_pools: Option<Arc<dyn Agent>>,
+    clock: Arc<dyn Clock>,
+    started: Instant,
+    nodes: RwLock<BTreeMap<NodeId, Entry>>,
+}
+
+impl Shared {
+    fn read(&self) -> RwLockReadGuard<'_, BTreeMap<NodeId, Entry>> {
+        self.nodes.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, BTreeMap<NodeId, Entry>> {
+        self.nodes.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn age(&self, e: &Entry) -> Duration {
+        self.clock.now().saturating_duration_since(e.last_heartbeat)
+    }
+
+    fn is_fresh(&self, e: &Entry) -> bool {
+        self.age(e) <= self.config.expiry()
+    }
+
+    fn settled(&self) -> bool {
+        self.clock.now().saturating_duration_since(self.started) >= self.config.settle
+    }
+
+    /// The node's client, or why it cannot be called now.
+    fn reachable(&self, node: &NodeId) -> Result<Arc<RemoteAgent>, StorageError> {
+        let nodes = self.read();
+        match nodes.get(node) {
+            Some(e) if self.is_fresh(e) => Ok(e.agent.clone()),
+            Some(e) => Err(unavailable(
+                node,
+                format!(
+                    "no heartbeat for {}s; expected every {}s",
+                    self.age(e).as_secs(),
+                    self.config.heartbeat_interval.as_secs_f32()
+                ),
+            )),
+            None => Err(unavailable(
+                node,
+                "it has not registered with this controller since it started",
+            )),
+        }
+    }
+}
+
+/// The registry; cheap to clone (all clones share the same nodes).
+#[derive(Clone)]
+pub struct Registry {
+    shared: Arc<Shared>,
+}
+
+impl Registry {
+    /// `shared_pools`: the controller's own agent for the shared pools ([`Directory::shared`]).
+    pub fn new(config: RegistryConfig, tls: Tls, shared_pools: Option<Arc<dyn Agent>>) -> Registry {
+        Registry::with_clock(config, tls, shared_pools, Arc::new(SystemClock))
+    }
+
+    pub fn with_clock(
+        config: RegistryConfig,
+        tls: Tls,
+        shared_pools: Option<Arc<dyn Agent>>,
+        clock: Arc<dyn Clock>,
+    ) -> Registry {
+        let started = clock.now();
+        Registry {
+            shared: Arc::new(Shared {
+                config,
+                tls,
+                shared_pools,
+                clock,
+                started,
+                nodes: RwLock::new(BTreeMap::new()),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &RegistryConfig {
+        &self.shared.config
+    }
+
+    /// Records a heartbeat (or a registration: they are the same upsert). Runs inside a Tokio
+    /// runtime: a new node's client spawns its connection worker there.
+    pub fn heartbeat(&self, report: NodeReport) -> Result<Change, RegistryError> {
+        let s = &self.shared;
+        let now = s.clock.now();
+        let mut nodes = s.write();
+        let (change, agent) = match nodes.get(&report.node) {
+            Some(e) if e.report.agent_address == report.agent_address => {
+                let change = if s.is_fresh(e) {
+                    Change::Same
+                } else {
+                    Change::Revived { silent_for: s.age(e) }
+                };
+                (change, e.agent.clone())
+            }
+            old => {
+                let agent = RemoteAgent::new(
+                    report.node.clone(),
+                    report.agent_address.clone(),
+                    &s.tls,
+                    &s.config.agent_server_name,
+                    s.config.agent_timeouts,
+                )
+                .map_err(|e| RegistryError::Client {
+                    node: report.node.as_str().to_string(),
+                    address: report.agent_address.to_string(),
+                    reason: e.to_string(),
+                })?;
+                let change = match old {
+                    Some(e) => Change::Moved {
+                        from: e.report.agent_address.clone(),
+                    },
+                    None => Change::New,
+                };
+                (change, Arc::new(agent))
+            }
+        };
+        nodes.insert(
+            report.node.clone(),
+            Entry {
+                report,
+                last_heartbeat: now,
+                agent,
+                reported_down: false,
+            },
+        );
+        Ok(change)
+    }
+
+    fn info(&self, e: &Entry) -> NodeInfo {
+        NodeInfo {
+            report: e.report.clone(),
+            last_heartbeat_age: self.shared.age(e),
+            available: self.shared.is_fresh(e),
+        }
+    }
+
+    /// Every node that ever registered since the start, available or not, by node id.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        self.shared.read().values().map(|e| self.info(e)).collect()
+    }
+
+    pub fn node(&self, node: &NodeId) -> Option<NodeInfo> {
+        self.shared.read().get(node).map(|e| self.info(e))
+    }
+
+    pub fn is_available(&self, node: &NodeId) -> bool {
+        self.shared.read().get(node).is_some_and(|e| self.shared.is_fresh(e))
+    }
+
+    /// The node's topology segments from its last heartbeat.
+    pub fn topology(&self, node: &NodeId) -> Option<BTreeMap<String, String>> {
+        self.shared.read().get(node).map(|e| e.report.topology.clone())
+    }
+
+    /// The node's pools (free and total bytes) from its last heartbeat.
+    pub fn pools(&self, node: &NodeId) -> Option<Vec<PoolStatus>> {
+        self.shared.read().get(node).map(|e| e.report.pools.clone())
+    }
+
+    pub fn last_heartbeat_age(&self, node: &NodeId) -> Option<Duration> {
+        self.shared.read().get(node).map(|e| self.shared.age(e))
+    }
+
+    /// True once every live node has had time to register since the start; until then an unknown
+    /// node may simply not have called in yet. A readiness probe may wait for it.
+    pub fn settled(&self) -> bool {
+        self.shared.settled()
+    }
+
+    /// Logs each node that has just become unavailable; returns them.
+    pub fn sweep(&self) -> Vec<NodeId> {
+        let s = &self.shared;
+        let mut down = Vec::new();
+        for (id, e) in s.write().iter_mut() {
+            if !e.reported_down && !s.is_fresh(e) {
+                e.reported_down = true;
+                tracing::warn!(
+                    node = id.as_str(),
+                    silent_secs = s.age(e).as_secs(),
+                    missed = s.config.missed_heartbeats,
+                    "node missed its heartbeats; calls to it answer UNAVAILABLE until it is back"
+                );
+                down.push(id.clone());
+            }
+        }
+        down
+    }
+
+    /// Sweeps once per heartbeat interval, forever (spawn it, abort it at shutdown).
+    pub async fn run_sweeper(self) {
+        let mut tick = tokio::time::interval(self.shared.config.heartbeat_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.sweep();
+        }
+    }
+
+    /// The gRPC Registry service over this registry, ready to add to a server.
+    pub fn service(&self) -> v1::registry_server::RegistryServer<RegistryService> {
+        v1::registry_server::RegistryServer::new(RegistryService { registry: self.clone() })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn gated(&self, node: NodeId) -> Arc<dyn Agent> {
+        Arc::new(RegisteredAgent {
+            node,
+            shared: self.shared.clone(),
+        })
+    }
+}
+
+impl Directory for Registry {
+    /// Any node that registered (calls to an unavailable one answer UNAVAILABLE naming it); while
+    /// the registry settles after a start, also a node that has not registered yet.
+    fn agent(&self, node: &NodeId) -> Option<Arc<dyn Agent>> {
+        let known = self.shared.read().contains_key(node);
+        (known || !self.settled()).then(|| self.gated(node.clone()))
+    }
+
+    /// The available nodes, by node id.
+    fn agents(&self) -> Vec<Arc<dyn Agent>> {
+        let s = &self.shared;
+        let fresh: Vec<NodeId> = s
+            .read()
+            .iter()
+            .filter(|(_, e)| s.is_fresh(e))
+            .map(|(id, _)| id.clone())
+            .collect();
+        fresh.into_iter().map(|n| self.gated(n)).collect()
+    }
+
+    fn shared(&self) -> Option<Arc<dyn Agent>> {
+        self.shared.shared_pools.clone()
+    }
+
+    /// The available nodes, then the shared pools' agent.
+    fn all(&self) -> Vec<Arc<dyn Agent>> {
+        let mut all = self.agents();
+        all.extend(self.shared.shared_pools.clone());
+        all
+    }
+}
+
+/// A registered node's agent as the controller holds it: each call first checks the node is
+/// available and uses its latest address.
+struct RegisteredAgent {
+    node: NodeId,
+    shared: Arc<Shared>,
+}
+
+impl RegisteredAgent {
+    fn remote(&self) -> Result<Arc<RemoteAgent>, StorageError> {
+        self.shared.reachable(&self.node)
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for RegisteredAgent {
+    fn node(&self) -> &NodeId {
+        &self.node
+    }
+    async fn create_volume(&self, req: NewVolume) -> Result<VolumeRecord, StorageError> {
+        self.remote()?.create_volume(req).await
+    }
+    async fn delete_volume(&self, id: VolumeId) -> Result<(), StorageError> {
+        self.remote()?.delete_volume(id).await
+    }
+    async fn expand_volume(&self, id: VolumeId, range: CapacityRange) -> Result<(VolumeRecord, bool), StorageError> {
+        self.remote()?.expand_volume(id, range).await
+    }
+    async fn modify_volume(&self, id: VolumeId, m: Mutable) -> Result<VolumeRecord, StorageError> {
+        self.remote()?.modify_volume(id, m).await
+    }
+    async fn volume(&self, id: VolumeId) -> Result<Option<(VolumeRecord, Condition)>, StorageError> {
+        self.remote()?.volume(id).await
+    }
+    async fn volumes(&self) -> Result<Vec<(VolumeRecord, Condition)>, StorageError> {
+        self.remote()?.volumes().await
+    }
+    async fn volume_named(&self, name: String) -> Result<Option<VolumeRecord>, StorageError> {
+        self.remote()?.volume_named(name).await
+    }
+    async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError> {
+        self.remote()?.snapshot_named(name).await
+    }
+    async fn create_snapshot(
+        &self,
+        name: String,
+        source: VolumeId,
+        freeze: bool,
+    ) -> Result<SnapshotRecord, StorageError> {
+        self.remote()?.create_snapshot(name, source, freeze).await
+    }
+    async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError> {
+        self.remote()?.delete_snapshot(id).await
+    }
+    async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError> {
+        self.remote()?.snapshots().await
+    }
+    async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError> {
+        self.remote()?.pools().await
+    }
+    async fn static_exists(&self, id: StaticId) -> Result<bool, StorageError> {
+        self.remote()?.static_exists(id).await
+    }
+}
+
+/// The gRPC face of the registry.
+pub struct RegistryService {
+    registry: Registry,
+}
+
+impl RegistryService {
+    fn record(&self, rpc: &str, req: Request<v1::NodeStatus>) -> Result<Response<v1::RegistryAck>, Status> {
+        let report = NodeReport::try_from(req.into_inner()).map_err(RegistryError::from)?;
+        let (node, address) = (report.node.clone(), report.agent_address.clone());
+        let change = self.registry.heartbeat(report)?;
+        let (node, address) = (node.as_str(), address.to_string());
+        match change {
+            Change::New => tracing::info!(node, address, rpc, "node registered"),
+            Change::Revived { silent_for } => {
+                tracing::info!(node, address, silent_secs = silent_for.as_secs(), "node is back")
+            }
+            Change::Moved { from } => tracing::info!(node, address, from = %from, "node's agent moved"),
+            Change::Same => tracing::debug!(node, "heartbeat"),
+        }
+        Ok(Response::new(v1::RegistryAck {
+            heartbeat_interval_millis: self.registry.config().heartbeat_interval.as_millis() as u64,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::registry_server::Registry for RegistryService {
+    async fn register(&self, req: Request<v1::NodeStatus>) -> Result<Response<v1::RegistryAck>, Status> {
+        self.record("Register", req)
+    }
+
+    async fn heartbeat(&self, req: Request<v1::NodeStatus>) -> Result<Response<v1::RegistryAck>, Status> {
+        self.record("Heartbeat", req)
+    }
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("nodes", &self.shared.read().keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use tonic::Code;
+
+    use super::*;
+    use crate::storage::id::PoolName;
+    use crate::storage::record::Layout;
+
+    /// A clock the test moves by hand.
+    struct ManualClock(Mutex<Instant>);
+
+    impl ManualClock {
+        fn new() -> Arc<ManualClock> {
+            Arc::new(ManualClock(Mutex::new(Instant::now())))
+        }
+        fn advance(&self, d: Duration) {
+            *self.0.lock().unwrap() += d;
+        }
+    }
+
+    impl Clock for ManualClock {
+        fn now(&self) -> Instant {
+            *self.0.lock().unwrap()
+        }
+    }
+
+    const INTERVAL: Duration = Duration::from_secs(5);
+
+    fn registry(clock: &Arc<ManualClock>) -> Registry {
+        let config = RegistryConfig {
+            heartbeat_interval: INTERVAL,
+            missed_heartbeats: 3,
+            settle: 2 * INTERVAL,
+            ..Default::default()
+        };
+        Registry::with_clock(config, Tls::Insecure, None, clock.clone())
+    }
+
+    fn node(n: &str) -> NodeId {
+        NodeId::parse(n).unwrap()
+    }
+
+    fn report(n: &str, port: u16, free: u64) -> NodeReport {
+        NodeReport {
+            node: node(n),
+            topology: BTreeMap::from([("topology.cellar.csi.dev/node".into(), n.into())]),
+            // Nothing listens there: every call that gets through the registry fails fast.
+            agent_address: HostPort::parse(&format!("127.0.0.1:{port}")).unwrap(),
+            pools: vec![PoolStatus {
+                name: PoolName::parse("default").unwrap(),
+                is_default: true,
+                default_layout: Layout::Dir,
+                layouts: vec![Layout::Dir],
+                total_bytes: 100,
+                available_bytes: free,
+                image_allocatable_bytes: free,
+                provisioned_bytes: 0,
+                shared: false,
+            }],
+            version: "0.1.0".into(),
+        }
+    }
+
+    fn names(agents: Vec<Arc<dyn Agent>>) -> Vec<String> {
+        agents.iter().map(|a| a.node().as_str().to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn heartbeat_registers_a_node_with_its_topology_and_pools() {
+        let clock = ManualClock::new();
+        let r = registry(&clock);
+        assert_eq!(r.heartbeat(report("node-1", 9, 40)).unwrap(), Change::New);
+        assert!(r.is_available(&node("node-1")));
+        assert_eq!(names(r.agents()), ["node-1"]);
+        assert_eq!(
+            r.topology(&node("node-1")).unwrap()["topology.cellar.csi.dev/node"],
+            "node-1"
+        );
+        assert_eq!(r.pools(&node("node-1")).unwrap()[0].available_bytes, 40);
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(r.last_heartbeat_age(&node("node-1")), Some(Duration::from_secs(2)));
+    }
+
+    #[tokio::test]
+    async fn later_heartbeat_replaces_pools() {
+        let clock = ManualClock::new();
+        let r = registry(&clock);
+        r.heartbeat(report("node-1", 9, 40)).unwrap();
+        assert_eq!(r.heartbeat(report("node-1", 9, 10)).unwrap(), Change::Same);
+        assert_eq!(r.pools(&node("node-1")).unwrap()[0].available_bytes, 10);
+    }
+
+    #[tokio::test]
+    async fn missed_heartbeats_mark_a_node_unavailable_but_keep_it_listed() {
+        let clock = ManualClock::new();
+        let r = registry(&clock);
+        r.heartbeat(report("node-1", 9, 40)).unwrap();
+        r.heartbeat(report("node-2", 9, 40)).unwrap();
+        clock.advance(3 * INTERVAL);
+        r.heartbeat(report("node-2", 9, 40)).unwrap();
+        assert!(
+            r.is_available(&node("node-1")),
+            "exactly three intervals is not yet a miss"
+        );
+        clock.advance(Duration::from_millis(1));
+
+        assert!(!r.is_available(&node("node-1")));
+        assert_eq!(names(r.agents()), ["node-2"]);
+        let listed: Vec<_> = r.nodes().iter().map(|n| (n.report.node.clone(), n.available)).collect();
+        assert_eq!(listed, [(node("node-1"), false), (node("node-2"), true)]);
+        assert_eq!(r.sweep(), [node("node-1")]);
+        assert!(r.sweep().is_empty(), "a node is reported down once");
+
+        let agent = r.agent(&node("node-1")).expect("an unavailable node is still known");
+        let s = Status::from(agent.volumes().await.unwrap_err());
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(s.message().contains("node-1 is unavailable"), "{}", s.message());
+        assert!(s.message().contains("no heartbeat for 15s"), "{}", s.message());
+    }
+
+    #[tokio::test]
+    async fn a_new_heartbeat_revives_an_unavailable_node() {
+        let clock = ManualClock::new();
+        let r = registry(&clock);
+        r.heartbeat(report("node-1", 9, 40)).unwrap();
+        clock.advance(10 * INTERVAL);
+        assert!(!r.is_available(&node("node-1")));
+        assert_eq!(
+            r.heartbeat(report("node-1", 9, 40)).unwrap(),
+            Change::Revived {
+                silent_for: 10 * INTERVAL
+            }
+        );
+        assert!(r.is_available(&node("node-1")));
+        assert_eq!(names(r.agents()), ["node-1"]);
+    }
+
+    #[tokio::test]
+    async fn a_restarted_registry_refills_from_one_heartbeat_each() {
+        let clock = ManualClock::new();
+        let before = registry(&clock);
+        for n in ["node-1", "node-2", "node-3"] {
+            before.heartbeat(report(n, 9, 40)).unwrap();
+        }
+        drop(before);
+        let after = registry(&clock);
+        assert!(after.nodes().is_empty());
+        for n in ["node-1", "node-2", "node-3"] {
+            assert_eq!(after.heartbeat(report(n, 9, 40)).unwrap(), Change::New);
+        }
+        assert_eq!(names(after.agents()), ["node-1", "node-2", "node-3"]);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_node_is_unavailable_while_settling_then_absent() {
+        let clock = ManualClock::new();
+        let r = registry(&clock);
+        let early = r.agent(&node("node-9")).expect("may still register");
+        let s = Status::from(early.volume_named("pvc-1".into()).await.unwrap_err());
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(s.message().contains("node-9"), "{}", s.message());
+        assert!(!r.settled());
+        clock.advance(2 * INTERVAL);
+        assert!(r.settled());
+        assert!(r.agent(&node("node-9")).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_moved_agent_gets_a_new_client() {
+        let clock = ManualClock::new();
+        let r = registry(&clock);
+        r.heartbeat(report("node-1", 9, 40)).unwrap();
+        assert_eq!(
+            r.heartbeat(report("node-1", 10, 40)).unwrap(),
+            Change::Moved {
+                from: HostPort::parse("127.0.0.1:9").unwrap()
+            }
+        );
+        let remote = r.shared.reachable(&node("node-1")).unwrap();
+        assert_eq!(remote.address().to_string(), "127.0.0.1:10");
+    }
+
+    #[tokio::test]
+    async fn calls_to_an_available_node_go_to_its_agent() {
+        let clock = ManualClock::new();
+        let r = registry(&clock);
+        // A port nothing listens on: the call gets through the registry and fails at the node.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        r.heartbeat(report("node-1", port, 40)).unwrap();
+        let s = Status::from(r.agent(&node("node-1")).unwrap().pools().await.unwrap_err());
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(
+            s.message().contains(&format!("agent at 127.0.0.1:{port}, Pools")),
+            "{}",
+            s.message()
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_with_a_bad_address_is_invalid_argument() {
+        let mut m = v1::NodeStatus::from(&report("node-1", 9, 40));
+        m.agent_address = "0.0.0.0:7070".into();
+        let e = NodeReport::try_from(m).unwrap_err();
+        let s = Status::from(RegistryError::from(e));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("agent_address"), "{}", s.message());
+    }
+}

@@ -1,0 +1,543 @@
+//! The controller's client for one node's agent: the [`Agent`] trait over gRPC.
+//!
+//! Every call is bounded by a timeout, so a hung node costs the controller at most that long. A node
+//! that cannot be reached, or does not answer in time, is a `StorageError` that maps to UNAVAILABLE
+//! and names the node (Kubernetes retries it); every other failure comes back as the very error the
+//! node's engine returned.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+
+use super::tls::{Tls, TlsError};
+use super::wire::{self, v1, v1::agent_client::AgentClient};
+use super::Agent;
+use crate::storage::engine::{CapacityRange, Condition, Mutable, NewVolume, PoolStatus};
+use crate::storage::id::{NodeId, SnapshotId, StaticId, VolumeId};
+use crate::storage::record::{SnapshotRecord, VolumeRecord};
+use crate::storage::StorageError;
+use crate::sys::SysError;
+
+/// The request header naming the node a call is meant for; an agent serving another node refuses
+/// it, so a stale address never sends a call to the wrong node.
+pub const NODE_HEADER: &str = "cellar-node";
+
+/// Replies (ListVolumes of a node with many volumes) may be far larger than gRPC's 4 MiB default.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// `HOST:PORT` where a peer listens: a DNS name, an IPv4 address or a bracketed IPv6 address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostPort {
+    host: String,
+    port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("address '{given}' {why}")]
+pub struct AddressError {
+    given: String,
+    why: String,
+}
+
+impl HostPort {
+    pub fn parse(s: &str) -> Result<HostPort, AddressError> {
+        let err = |why: &str| AddressError {
+            given: s.to_string(),
+            why: why.to_string(),
+        };
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| err("is not HOST:PORT (e.g. 10.0.0.5:7070 or cellar-controller:7070)"))?;
+        let port: u16 = port.parse().map_err(|_| err("has no valid port (1-65535)"))?;
+        if port == 0 {
+            return Err(err("has port 0; give the port peers can reach"));
+        }
+        let ip = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(v6) => Some(IpAddr::V6(v6.parse().map_err(|_| err("has a bad IPv6 address"))?)),
+            None => host.parse::<IpAddr>().ok(),
+        };
+        match ip {
+            Some(IpAddr::V6(_)) if !host.starts_with('[') => {
+                return Err(err("needs brackets around an IPv6 address ([::1]:7070)"))
+            }
+            Some(ip) if ip.is_unspecified() => {
+                return Err(err("is unspecified; give an address peers can reach"));
+            }
+            Some(_) => {}
+            None => {
+                let dns_ok = !host.is_empty()
+                    && host.len() <= 253
+                    && host
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.'));
+                if !dns_ok {
+                    return Err(err("has a host that is neither an IP address nor a DNS name"));
+                }
+            }
+        }
+        Ok(HostPort {
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    /// The host as given (IPv6 keeps its brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The host without IPv6 brackets, for DNS lookups and TLS names.
+    pub fn bare_host(&self) -> &str {
+        self.host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(&self.host)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// How long the controller waits for a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connect (the TLS handshake has its own bound).
+    pub connect: Duration,
+    /// Reads: get, list, look up by name, pools.
+    pub call: Duration,
+    /// Calls that change storage and may copy data: create, delete, expand, modify, snapshot.
+    /// When one runs out the node still finishes the work; the retry finds it done (or ABORTED
+    /// while it is still running).
+    pub storage: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            call: Duration::from_secs(15),
+            storage: Duration::from_secs(120),
+        }
+    }
+}
+
+/// A node is unavailable: UNAVAILABLE (through ENOTCONN in `csi::status`), naming the node and why.
+pub fn unavailable(node: &NodeId, why: impl fmt::Display) -> StorageError {
+    StorageError::Sys(SysError::io(
+        "node",
+        format!("{} is unavailable ({why})", node.as_str()),
+        io::Error::from_raw_os_error(libc::ENOTCONN),
+    ))
+}
+
+/// The status and the chain of errors under it, in one line.
+fn status_text(s: &Status) -> String {
+    let mut text = s.message().to_string();
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        source = e.source();
+    }
+    text
+}
+
+pub struct RemoteAgent {
+    node: NodeId,
+    address: HostPort,
+    client: AgentClient<Channel>,
+    timeouts: Timeouts,
+}
+
+impl RemoteAgent {
+    /// A client for `node`'s agent at `address`, expecting `server_name` on its certificate. Does
+    /// not connect: the first call does, and every call reconnects if it must. Runs inside a Tokio
+    /// runtime (the channel's worker is spawned there).
+    pub fn new(
+        node: NodeId,
+        address: HostPort,
+        tls: &Tls,
+        server_name: &str,
+        timeouts: Timeouts,
+    ) -> Result<RemoteAgent, TlsError> {
+        let channel = tls
+            .endpoint(&address.to_string(), server_name)?
+            .connect_timeout(timeouts.connect)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let client = AgentClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(RemoteAgent {
+            node,
+            address,
+            client,
+            timeouts,
+        })
+    }
+
+    pub fn address(&self) -> &HostPort {
+        &self.address
+    }
+
+    /// One call: bounded, addressed to this node, its failure turned back into a `StorageError`.
+    async fn call<Q, A, F, Fut>(&self, rpc: &'static str, limit: Duration, msg: Q, f: F) -> Result<A, StorageError>
+    where
+        F: FnOnce(AgentClient<Channel>, Request<Q>) -> Fut,
+        Fut: Future<Output = Result<Response<A>, Status>>,
+    {
+        let mut req = Request::new(msg);
+        req.set_timeout(limit);
+        if let Ok(v) = MetadataValue::try_from(self.node.as_str()) {
+            req.metadata_mut().insert(NODE_HEADER, v);
+        }
+        match tokio::time::timeout(limit, f(self.client.clone(), req)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(self.error(rpc, limit, s)),
+            Err(_) => Err(self.unreachable(rpc, format!("no answer within {limit:?}"))),
+        }
+    }
+
+    fn unreachable(&self, rpc: &str, why: impl fmt::Display) -> StorageError {
+        unavailable(&self.node, format!("agent at {}, {rpc}: {why}", self.address))
+    }
+
+    /// The error behind a failed call. The agent packs its engine's error into the status; a status
+    /// without one came from the transport (or a foreign server) and is mapped by its code.
+    fn error(&self, rpc: &str, limit: Duration, s: Status) -> StorageError {
+        if let Some(e) = wire::failure(&s).and_then(|f| wire::storage_error(&self.node, f)) {
+            return e;
+        }
+        let text = status_text(&s);
+        // A status with a cause attached was made here, from a failed connection (a refused TLS
+        // handshake, a reset stream); one the agent sent has none.
+        let local = std::error::Error::source(&s).is_some();
+        match s.code() {
+            Code::DeadlineExceeded => self.unreachable(rpc, format!("no answer within {limit:?}")),
+            c if wire::is_unreachable(c) || (c == Code::Unknown && local) => self.unreachable(rpc, text),
+            Code::InvalidArgument => StorageError::Unsupported(text),
+            Code::AlreadyExists => StorageError::Conflict(text),
+            Code::OutOfRange => StorageError::OutOfRange(text),
+            Code::ResourceExhausted => StorageError::Exhausted(text),
+            Code::FailedPrecondition => StorageError::PoolUnusable(text),
+            Code::NotFound => StorageError::VolumeNotFound(text),
+            Code::Aborted => StorageError::Busy(text),
+            // Internal, Unknown, Unimplemented, Unauthenticated, PermissionDenied, DataLoss: a
+            // fault of the deployment, not of the request; INTERNAL with the node's words.
+            c => self.malformed(rpc, format!("{c:?}: {text}")),
+        }
+    }
+
+    /// The agent answered something this controller cannot use: INTERNAL naming the node.
+    fn malformed(&self, rpc: &str, why: impl fmt::Display) -> StorageError {
+        StorageError::Sys(SysError::Tool {
+            tool: format!("{rpc} on node {} (agent at {})", self.node.as_str(), self.address),
+            status: "bad answer".into(),
+            stderr: why.to_string(),
+        })
+    }
+
+    fn decode<T, E: fmt::Display>(&self, rpc: &str, r: Result<T, E>) -> Result<T, StorageError> {
+        r.map_err(|e| self.malformed(rpc, e))
+    }
+
+    fn present<T>(&self, rpc: &str, field: &str, m: Option<T>) -> Result<T, StorageError> {
+        m.ok_or_else(|| self.malformed(rpc, format!("the reply has no {field}")))
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for RemoteAgent {
+    fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    async fn create_volume(&self, req: NewVolume) -> Result<VolumeRecord, StorageError> {
+        const RPC: &str = "CreateVolume";
+        let msg = v1::CreateVolumeRequest::from(&req);
+        let r = self
+            .call(RPC, self.timeouts.storage, msg, |mut c, r| async move {
+                c.create_volume(r).await
+            })
+            .await?;
+        let v = self.present(RPC, "volume", r.volume)?;
+        self.decode(RPC, v.try_into())
+    }
+
+    async fn delete_volume(&self, id: VolumeId) -> Result<(), StorageError> {
+        let msg = v1::DeleteVolumeRequest {
+            volume_id: id.to_string(),
+        };
+        self.call("DeleteVolume", self.timeouts.storage, msg, |mut c, r| async move {
+            c.delete_volume(r).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn expand_volume(&self, id: VolumeId, range: CapacityRange) -> Result<(VolumeRecord, bool), StorageError> {
+        const RPC: &str = "ExpandVolume";
+        let msg = v1::ExpandVolumeRequest {
+            volume_id: id.to_string(),
+            capacity: Some(range.into()),
+        };
+        let r = self
+            .call(RPC, self.timeouts.storage, msg, |mut c, r| async move {
+                c.expand_volume(r).await
+            })
+            .await?;
+        let v = self.present(RPC, "volume", r.volume)?;
+        Ok((self.decode(RPC, v.try_into())?, r.node_expansion_required))
+    }
+
+    async fn modify_volume(&self, id: VolumeId, m: Mutable) -> Result<VolumeRecord, StorageError> {
+        const RPC: &str = "ModifyVolume";
+        let msg = v1::ModifyVolumeRequest {
+            volume_id: id.to_string(),
+            mutable_parameters: Some((&m).into()),
+        };
+        let r = self
+            .call(RPC, self.timeouts.storage, msg, |mut c, r| async move {
+                c.modify_volume(r).await
+            })
+            .await?;
+        let v = self.present(RPC, "volume", r.volume)?;
+        self.decode(RPC, v.try_into())
+    }
+
+    async fn volume(&self, id: VolumeId) -> Result<Option<(VolumeRecord, Condition)>, StorageError> {
+        const RPC: &str = "GetVolume";
+        let msg = v1::GetVolumeRequest {
+            volume_id: id.to_string(),
+        };
+        let r = self
+            .call(
+                RPC,
+                self.timeouts.call,
+                msg,
+                |mut c, r| async move { c.get_volume(r).await },
+            )
+            .await?;
+        r.volume
+            .map(|v| self.decode(RPC, wire::volume_and_condition(v)))
+            .transpose()
+    }
+
+    async fn volumes(&self) -> Result<Vec<(VolumeRecord, Condition)>, StorageError> {
+        const RPC: &str = "ListVolumes";
+        let r = self
+            .call(
+                RPC,
+                self.timeouts.call,
+                v1::ListVolumesRequest {},
+                |mut c, r| async move { c.list_volumes(r).await },
+            )
+            .await?;
+        r.volumes
+            .into_iter()
+            .map(|v| self.decode(RPC, wire::volume_and_condition(v)))
+            .collect()
+    }
+
+    async fn volume_named(&self, name: String) -> Result<Option<VolumeRecord>, StorageError> {
+        const RPC: &str = "VolumeNamed";
+        let r = self
+            .call(
+                RPC,
+                self.timeouts.call,
+                v1::VolumeNamedRequest { name },
+                |mut c, r| async move { c.volume_named(r).await },
+            )
+            .await?;
+        r.volume.map(|v| self.decode(RPC, v.try_into())).transpose()
+    }
+
+    async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError> {
+        const RPC: &str = "SnapshotNamed";
+        let r = self
+            .call(
+                RPC,
+                self.timeouts.call,
+                v1::SnapshotNamedRequest { name },
+                |mut c, r| async move { c.snapshot_named(r).await },
+            )
+            .await?;
+        r.snapshot.map(|s| self.decode(RPC, s.try_into())).transpose()
+    }
+
+    async fn create_snapshot(
+        &self,
+        name: String,
+        source: VolumeId,
+        freeze: bool,
+    ) -> Result<SnapshotRecord, StorageError> {
+        const RPC: &str = "CreateSnapshot";
+        let msg = v1::CreateSnapshotRequest {
+            name,
+            source_volume_id: source.to_string(),
+            freeze,
+        };
+        let r = self
+            .call(RPC, self.timeouts.storage, msg, |mut c, r| async move {
+                c.create_snapshot(r).await
+            })
+            .await?;
+        let s = self.present(RPC, "snapshot", r.snapshot)?;
+        self.decode(RPC, s.try_into())
+    }
+
+    async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError> {
+        let msg = v1::DeleteSnapshotRequest {
+            snapshot_id: id.to_string(),
+        };
+        self.call("DeleteSnapshot", self.timeouts.storage, msg, |mut c, r| async move {
+            c.delete_snapshot(r).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError> {
+        const RPC: &str = "ListSnapshots";
+        let r = self
+            .call(
+                RPC,
+                self.timeouts.call,
+                v1::ListSnapshotsRequest {},
+                |mut c, r| async move { c.list_snapshots(r).await },
+            )
+            .await?;
+        r.snapshots
+            .into_iter()
+            .map(|s| self.decode(RPC, s.try_into()))
+            .collect()
+    }
+
+    async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError> {
+        const RPC: &str = "Pools";
+        let r = self
+            .call(RPC, self.timeouts.call, v1::PoolsRequest {}, |mut c, r| async move {
+                c.pools(r).await
+            })
+            .await?;
+        self.decode(RPC, wire::pools(r.pools))
+    }
+
+    async fn static_exists(&self, id: StaticId) -> Result<bool, StorageError> {
+        let msg = v1::StaticExistsRequest {
+            static_id: id.to_string(),
+        };
+        let r = self
+            .call("StaticExists", self.timeouts.call, msg, |mut c, r| async move {
+                c.static_exists(r).await
+            })
+            .await?;
+        Ok(r.exists)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_accepts_names_and_addresses() {
+        for ok in [
+            "cellar-controller.cellar.svc:7070",
+            "10.0.0.5:7070",
+            "[fd00::5]:7070",
+            "node-1:1",
+        ] {
+            assert_eq!(HostPort::parse(ok).unwrap().to_string(), ok);
+        }
+        assert_eq!(HostPort::parse("[::1]:9").unwrap().bare_host(), "::1");
+    }
+
+    #[test]
+    fn host_port_refuses_what_no_peer_can_dial() {
+        for bad in [
+            "",
+            "host",
+            "host:",
+            ":7070",
+            "host:0",
+            "host:70000",
+            "0.0.0.0:7070",
+            "[::]:7070",
+            "::1:7070",
+            "[zz]:1",
+            "a b:1",
+            "http://x:1",
+        ] {
+            assert!(HostPort::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unavailable_names_the_node_and_is_unavailable() {
+        let s = Status::from(unavailable(&NodeId::parse("node-7").unwrap(), "gone"));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(s.message().contains("node-7 is unavailable (gone)"), "{}", s.message());
+    }
+
+    fn agent() -> RemoteAgent {
+        RemoteAgent::new(
+            NodeId::parse("node-1").unwrap(),
+            HostPort::parse("127.0.0.1:9").unwrap(),
+            &Tls::Insecure,
+            "cellar-agent",
+            Timeouts::default(),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn statuses_without_details_keep_their_code() {
+        let a = agent();
+        for code in [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::AlreadyExists,
+            Code::OutOfRange,
+            Code::ResourceExhausted,
+            Code::Aborted,
+            Code::FailedPrecondition,
+            Code::Unavailable,
+            Code::Internal,
+        ] {
+            let e = a.error("GetVolume", Duration::from_secs(1), Status::new(code, "why"));
+            assert_eq!(Status::from(e).code(), code);
+        }
+        for code in [Code::DeadlineExceeded, Code::Cancelled] {
+            let e = a.error("GetVolume", Duration::from_secs(1), Status::new(code, "why"));
+            let s = Status::from(e);
+            assert_eq!(s.code(), Code::Unavailable);
+            assert!(s.message().contains("node-1"), "{}", s.message());
+        }
+        let e = a.error("GetVolume", Duration::from_secs(1), Status::unimplemented("old agent"));
+        let s = Status::from(e);
+        assert_eq!(s.code(), Code::Internal);
+        assert!(
+            s.message().contains("node node-1") && s.message().contains("old agent"),
+            "{}",
+            s.message()
+        );
+    }
+}

@@ -1,0 +1,218 @@
+//! The node's agent service: the `cellar.agent.v1.Agent` RPCs over the node's own engine.
+//!
+//! Requests are decoded at the edge (a bad one is INVALID_ARGUMENT naming the field), the work
+//! runs through [`LocalAgent`] on the blocking pool, and a failure answers with the same code and
+//! message as everywhere else in cellar plus the failure itself in the status details, for the
+//! controller to rebuild. A call that gives up (timeout, cancelled) does not stop the disk work it
+//! started: the engine finishes it, and the controller's retry finds it done.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::{Interceptor, Routes};
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+use super::remote::{MAX_MESSAGE_BYTES, NODE_HEADER};
+use super::tls::{Tls, TlsError};
+use super::wire::{self, v1, WireError};
+use super::{Agent, LocalAgent};
+use crate::storage::engine::{LocalEngine, NewVolume};
+use crate::storage::id::NodeId;
+use crate::storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A request that does not decode is the caller's mistake.
+fn invalid(e: WireError) -> Status {
+    wire::status(StorageError::Unsupported(e.to_string()))
+}
+
+pub struct AgentService {
+    agent: Arc<dyn Agent>,
+}
+
+impl AgentService {
+    pub fn new(engine: Arc<LocalEngine>) -> AgentService {
+        AgentService::over(Arc::new(LocalAgent::new(engine)))
+    }
+
+    /// Serves any agent (tests, or a wrapper around the local one).
+    pub fn over(agent: Arc<dyn Agent>) -> AgentService {
+        AgentService { agent }
+    }
+
+    /// The service ready to add to a server: refuses calls addressed to another node, and takes
+    /// messages as large as the controller may send.
+    pub fn into_server(self) -> InterceptedService<v1::agent_server::AgentServer<AgentService>, AddressedTo> {
+        let node = self.agent.node().clone();
+        let server = v1::agent_server::AgentServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        InterceptedService::new(server, AddressedTo(node))
+    }
+}
+
+/// Refuses a call whose `cellar-node` header names another node: the controller holds a stale
+/// address (the node moved, another took its IP). UNAVAILABLE, so the controller retries after
+/// the right node's next heartbeat.
+#[derive(Clone)]
+pub struct AddressedTo(NodeId);
+
+impl Interceptor for AddressedTo {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        match req.metadata().get(NODE_HEADER).map(|v| v.to_str()) {
+            None => Ok(req),
+            Some(Ok(n)) if n == self.0.as_str() => Ok(req),
+            Some(n) => Err(Status::unavailable(format!(
+                "this agent serves node {}, not {}",
+                self.0.as_str(),
+                n.unwrap_or("(unreadable)")
+            ))),
+        }
+    }
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl v1::agent_server::Agent for AgentService {
+    async fn create_volume(&self, req: Request<v1::CreateVolumeRequest>) -> Reply<v1::CreateVolumeResponse> {
+        let spec = NewVolume::try_from(req.into_inner()).map_err(invalid)?;
+        let rec = self.agent.create_volume(spec).await.map_err(wire::status)?;
+        Ok(Response::new(v1::CreateVolumeResponse {
+            volume: Some((&rec).into()),
+        }))
+    }
+
+    async fn delete_volume(&self, req: Request<v1::DeleteVolumeRequest>) -> Reply<v1::DeleteVolumeResponse> {
+        let id = wire::volume_id("volume_id", &req.into_inner().volume_id).map_err(invalid)?;
+        self.agent.delete_volume(id).await.map_err(wire::status)?;
+        Ok(Response::new(v1::DeleteVolumeResponse {}))
+    }
+
+    async fn expand_volume(&self, req: Request<v1::ExpandVolumeRequest>) -> Reply<v1::ExpandVolumeResponse> {
+        let r = req.into_inner();
+        let id = wire::volume_id("volume_id", &r.volume_id).map_err(invalid)?;
+        let (rec, node_expansion_required) = self
+            .agent
+            .expand_volume(id, wire::capacity(r.capacity))
+            .await
+            .map_err(wire::status)?;
+        Ok(Response::new(v1::ExpandVolumeResponse {
+            volume: Some((&rec).into()),
+            node_expansion_required,
+        }))
+    }
+
+    async fn modify_volume(&self, req: Request<v1::ModifyVolumeRequest>) -> Reply<v1::ModifyVolumeResponse> {
+        let r = req.into_inner();
+        let id = wire::volume_id("volume_id", &r.volume_id).map_err(invalid)?;
+        let m = wire::mutable(r.mutable_parameters).map_err(invalid)?;
+        let rec = self.agent.modify_volume(id, m).await.map_err(wire::status)?;
+        Ok(Response::new(v1::ModifyVolumeResponse {
+            volume: Some((&rec).into()),
+        }))
+    }
+
+    async fn get_volume(&self, req: Request<v1::GetVolumeRequest>) -> Reply<v1::GetVolumeResponse> {
+        let id = wire::volume_id("volume_id", &req.into_inner().volume_id).map_err(invalid)?;
+        let found = self.agent.volume(id).await.map_err(wire::status)?;
+        Ok(Response::new(v1::GetVolumeResponse {
+            volume: found.map(|(r, c)| wire::volume_with_condition(&r, &c)),
+        }))
+    }
+
+    async fn list_volumes(&self, _: Request<v1::ListVolumesRequest>) -> Reply<v1::ListVolumesResponse> {
+        let all = self.agent.volumes().await.map_err(wire::status)?;
+        Ok(Response::new(v1::ListVolumesResponse {
+            volumes: all.iter().map(|(r, c)| wire::volume_with_condition(r, c)).collect(),
+        }))
+    }
+
+    async fn volume_named(&self, req: Request<v1::VolumeNamedRequest>) -> Reply<v1::VolumeNamedResponse> {
+        let name = wire::name("name", req.into_inner().name).map_err(invalid)?;
+        let found = self.agent.volume_named(name).await.map_err(wire::status)?;
+        Ok(Response::new(v1::VolumeNamedResponse {
+            volume: found.as_ref().map(Into::into),
+        }))
+    }
+
+    async fn snapshot_named(&self, req: Request<v1::SnapshotNamedRequest>) -> Reply<v1::SnapshotNamedResponse> {
+        let name = wire::name("name", req.into_inner().name).map_err(invalid)?;
+        let found = self.agent.snapshot_named(name).await.map_err(wire::status)?;
+        Ok(Response::new(v1::SnapshotNamedResponse {
+            snapshot: found.as_ref().map(Into::into),
+        }))
+    }
+
+    async fn create_snapshot(&self, req: Request<v1::CreateSnapshotRequest>) -> Reply<v1::CreateSnapshotResponse> {
+        let r = req.into_inner();
+        let name = wire::name("name", r.name).map_err(invalid)?;
+        let source = wire::volume_id("source_volume_id", &r.source_volume_id).map_err(invalid)?;
+        let snap = self
+            .agent
+            .create_snapshot(name, source, r.freeze)
+            .await
+            .map_err(wire::status)?;
+        Ok(Response::new(v1::CreateSnapshotResponse {
+            snapshot: Some((&snap).into()),
+        }))
+    }
+
+    async fn delete_snapshot(&self, req: Request<v1::DeleteSnapshotRequest>) -> Reply<v1::DeleteSnapshotResponse> {
+        let id = wire::snapshot_id("snapshot_id", &req.into_inner().snapshot_id).map_err(invalid)?;
+        self.agent.delete_snapshot(id).await.map_err(wire::status)?;
+        Ok(Response::new(v1::DeleteSnapshotResponse {}))
+    }
+
+    async fn list_snapshots(&self, _: Request<v1::ListSnapshotsRequest>) -> Reply<v1::ListSnapshotsResponse> {
+        let all = self.agent.snapshots().await.map_err(wire::status)?;
+        Ok(Response::new(v1::ListSnapshotsResponse {
+            snapshots: all.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn pools(&self, _: Request<v1::PoolsRequest>) -> Reply<v1::PoolsResponse> {
+        let pools = self.agent.pools().await.map_err(wire::status)?;
+        Ok(Response::new(v1::PoolsResponse {
+            pools: pools.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn static_exists(&self, req: Request<v1::StaticExistsRequest>) -> Reply<v1::StaticExistsResponse> {
+        let id = wire::static_id("static_id", &req.into_inner().static_id).map_err(invalid)?;
+        let exists = self.agent.static_exists(id).await.map_err(wire::status)?;
+        Ok(Response::new(v1::StaticExistsResponse { exists }))
+    }
+}
+
+/// Serves gRPC services on a TCP listener with our TLS (mutual, or plaintext when insecure) until
+/// `shutdown` resolves, then waits for calls in flight. Used for the node's agent and for the
+/// controller's registry.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Tls,
+    routes: Routes,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
+    tls.server_builder()?
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! Mutual TLS between the controller and the nodes, in both directions (rustls, through tonic).
+//!
+//! Every process holds one CA, one certificate and its key. Servers (the node's agent, the
+//! controller's registry) require a client certificate issued by the CA; clients verify the
+//! server's certificate against the CA and a DNS name (SAN) fixed per direction, not against the
+//! address they dial, because the addresses are pod or node IPs that no certificate issued at
+//! install time can name:
+//!
+//! - the controller calls agents expecting the SAN [`AGENT_SERVER_NAME`] on every node's
+//!   certificate (one certificate may serve all nodes);
+//! - nodes call the registry expecting the host name they were given in `--controller`
+//!   (the controller's Service name), which the controller's certificate carries as a SAN.
+//!
+//! Each certificate is used both as a server and as a client certificate, so it needs the
+//! serverAuth and clientAuth extended key usages (or no EKU extension at all).
+//! Plaintext is only possible with an explicit `insecure` flag.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+/// The SAN the controller expects on agents' certificates unless told otherwise.
+pub const AGENT_SERVER_NAME: &str = "cellar-agent";
+
+/// How long a TLS handshake may take before the peer is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(
+        "TLS needs --tls-ca, --tls-cert and --tls-key ({missing} missing); --insecure turns TLS off for development"
+    )]
+    Missing { missing: String },
+    #[error("--insecure cannot be combined with --tls-ca, --tls-cert or --tls-key: choose one")]
+    Conflict,
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} {path} is not usable: {reason}")]
+    Pem {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("TLS setup failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The TLS flags as given: `--tls-ca`, `--tls-cert`, `--tls-key`, `--insecure`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsOptions {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Plaintext gRPC, for development only.
+    pub insecure: bool,
+}
+
+impl TlsOptions {
+    /// Reads and checks the PEM files, so a bad file fails at startup naming its path.
+    pub fn load(&self) -> Result<Tls, TlsError> {
+        match (&self.ca, &self.cert, &self.key, self.insecure) {
+            (None, None, None, true) => Ok(Tls::Insecure),
+            (_, _, _, true) => Err(TlsError::Conflict),
+            (Some(ca), Some(cert), Some(key), false) => {
+                let ca_pem = read("CA file", ca)?;
+                let cert_pem = read("certificate file", cert)?;
+                let key_pem = read("key file", key)?;
+                check_certs("CA file", ca, &ca_pem)?;
+                check_certs("certificate file", cert, &cert_pem)?;
+                PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Pem {
+                    what: "key file",
+                    path: key.clone(),
+                    reason: format!("no PEM private key in it ({e})"),
+                })?;
+                Ok(Tls::from_checked_pem(ca_pem, cert_pem, key_pem))
+            }
+            (ca, cert, key, false) => {
+                let missing = [("--tls-ca", ca), ("--tls-cert", cert), ("--tls-key", key)]
+                    .iter()
+                    .filter(|(_, p)| p.is_none())
+                    .map(|(f, _)| *f)
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                Err(TlsError::Missing { missing })
+            }
+        }
+    }
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn check_certs(what: &'static str, path: &Path, pem: &[u8]) -> Result<(), TlsError> {
+    let bad = |reason: String| TlsError::Pem {
+        what,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("bad PEM ({e})")))?;
+    if certs.is_empty() {
+        return Err(bad("no PEM certificate in it".into()));
+    }
+    Ok(())
+}
+
+/// The loaded TLS material, or the explicit choice of plaintext.
+#[derive(Clone)]
+pub enum Tls {
+    Insecure,
+    Mutual(Arc<Material>),
+}
+
+pub struct Material {
+    ca: Certificate,
+    identity: Identity,
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the key.
+        match self {
+            Tls::Insecure => f.write_str("Tls::Insecure"),
+            Tls::Mutual(_) => f.write_str("Tls::Mutual"),
+        }
+    }
+}
+
+impl Tls {
+    /// Mutual TLS from PEM text: the CA, this process's certificate (chain) and its private key.
+    pub fn from_pem(ca: &[u8], cert: &[u8], key: &[u8]) -> Result<Tls, TlsError> {
+        let here = Path::new("(in memory)");
+        check_certs("CA", here, ca)?;
+        check_certs("certificate", here, cert)?;
+        PrivateKeyDer::from_pem_slice(key).map_err(|e| TlsError::Pem {
+            what: "key",
+            path: here.to_path_buf(),
+            reason: format!("no PEM private key in it ({e})"),
+        })?;
+        Ok(Tls::from_checked_pem(ca.to_vec(), cert.to_vec(), key.to_vec()))
+    }
+
+    fn from_checked_pem(ca: Vec<u8>, cert: Vec<u8>, key: Vec<u8>) -> Tls {
+        Tls::Mutual(Arc::new(Material {
+            ca: Certificate::from_pem(ca),
+            identity: Identity::from_pem(cert, key),
+        }))
+    }
+
+    pub fn is_insecure(&self) -> bool {
+        matches!(self, Tls::Insecure)
+    }
+
+    /// The URI scheme to dial peers with.
+    pub fn scheme(&self) -> &'static str {
+        match self {
+            Tls::Insecure => "http",
+            Tls::Mutual(_) => "https",
+        }
+    }
+
+    /// Server side: present our certificate, require one from the CA.
+    pub fn server_config(&self) -> Option<ServerTlsConfig> {
+        match self {
+            Tls::Insecure => None,
+            Tls::Mutual(m) => Some(
+                ServerTlsConfig::new()
+                    .identity(m.identity.clone())
+                    .client_ca_root(m.ca.clone())
+                    .client_auth_optional(false)
+                    .timeout(HANDSHAKE_TIMEOUT),
+            ),
+        }
+    }
+
+    /// Client side: present our certificate, accept a server whose certificate the CA issued
+    /// for `server_name`.
+    pub fn client_config(&self, server_name: &str) -> Option<ClientTlsConfig> {
+        match self {
+            Tls::Insecure => None,
+            Tls::Mutual(m) => Some(
+                ClientTlsConfig::new()
+                    .ca_certificate(m.ca.clone())
+                    .identity(m.identity.clone())
+                    .domain_name(server_name)
+                    .timeout(HANDSHAKE_TIMEOUT),
+            ),
+        }
+    }
+
+    /// A tonic server builder with our TLS (or none, when insecure).
+    pub fn server_builder(&self) -> Result<tonic::transport::Server, TlsError> {
+        let builder = tonic::transport::Server::builder();
+        Ok(match self.server_config() {
+            Some(c) => builder.tls_config(c)?,
+            None => builder,
+        })
+    }
+
+    /// A channel endpoint for `authority` (HOST:PORT or IP:PORT), verifying `server_name`.
+    pub fn endpoint(&self, authority: &str, server_name: &str) -> Result<tonic::transport::Endpoint, TlsError> {
+        let uri = format!("{}://{authority}", self.scheme());
+        let endpoint = tonic::transport::Endpoint::from_shared(uri)?;
+        Ok(match self.client_config(server_name) {
+            Some(c) => endpoint.tls_config(c)?,
+            None => endpoint,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_without_files_or_insecure_is_refused() {
+        let e = TlsOptions::default().load().unwrap_err();
+        assert!(e.to_string().contains("--tls-ca, --tls-cert, --tls-key missing"), "{e}");
+        let half = TlsOptions {
+            ca: Some("/ca.pem".into()),
+            ..Default::default()
+        };
+        let e = half.load().unwrap_err();
+        assert!(e.to_string().contains("(--tls-cert, --tls-key missing)"), "{e}");
+    }
+
+    #[test]
+    fn insecure_with_files_is_refused() {
+        let both = TlsOptions {
+            ca: Some("/ca.pem".into()),
+            insecure: true,
+            ..Default::default()
+        };
+        assert!(matches!(both.load(), Err(TlsError::Conflict)));
+    }
+
+    #[test]
+    fn insecure_alone_is_plaintext() {
+        let t = TlsOptions {
+            insecure: true,
+            ..Default::default()
+        }
+        .load()
+        .unwrap();
+        assert!(t.is_insecure());
+        assert_eq!(t.scheme(), "http");
+        assert!(t.server_config().is_none());
+    }
+
+    #[test]
+    fn unreadable_or_non_pem_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a pem").unwrap();
+        let opts = TlsOptions {
+            ca: Some(dir.path().join("absent.pem")),
+            cert: Some(junk.clone()),
+            key: Some(junk.clone()),
+            insecure: false,
+        };
+        let e = opts.load().unwrap_err();
+        assert!(e.to_string().contains("absent.pem"), "{e}");
+        let opts = TlsOptions {
+            ca: Some(junk.clone()),
+            ..opts
+        };
+        let e = opts.load().unwrap_err();
+        assert!(
+            e.to_string().contains("junk.pem") && e.to_string().contains("no PEM certificate"),
+            "{e}"
+        );
+    }
+}

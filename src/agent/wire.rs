@@ -1,0 +1,895 @@
+//! The agent protocol on the wire: the generated `cellar.agent.v1` types, and the one place where
+//! records, requests, pool statuses and storage errors turn into messages and back.
+//!
+//! Encoding never fails. Decoding checks what our own types guarantee (known enum values, valid
+//! pool names and IDs) and says which field was wrong; the server answers such a request with
+//! INVALID_ARGUMENT, the client treats such a reply as an internal error naming the node.
+
+use std::io;
+use std::path::PathBuf;
+
+use prost::Message;
+use tonic::codegen::Bytes;
+use tonic::{Code, Status};
+
+use crate::storage::config::DeletePolicy;
+use crate::storage::engine::{CapacityRange, Condition, Mutable, NewVolume, Ownership, PoolStatus, Source};
+use crate::storage::id::{NodeId, PoolName, SnapshotId, StaticId, VolumeId};
+use crate::storage::record::{AccessMode, ContentSource, Layout, SnapshotRecord, VolumeMode, VolumeRecord};
+use crate::storage::StorageError;
+use crate::sys::SysError;
+
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("cellar.agent.v1");
+}
+
+use v1::storage_failure::{self as failure, Kind};
+
+/// A message that does not hold what it must, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct WireError(pub String);
+
+fn bad(field: &str, why: impl std::fmt::Display) -> WireError {
+    WireError(format!("{field}: {why}"))
+}
+
+fn required<T>(field: &str, m: Option<T>) -> Result<T, WireError> {
+    m.ok_or_else(|| bad(field, "is required"))
+}
+
+// --- enums -------------------------------------------------------------------------------------
+
+impl From<Layout> for v1::Layout {
+    fn from(l: Layout) -> Self {
+        match l {
+            Layout::Dir => v1::Layout::Dir,
+            Layout::Btrfs => v1::Layout::Btrfs,
+            Layout::Image => v1::Layout::Image,
+        }
+    }
+}
+
+/// A layout field where UNSPECIFIED means "not set".
+fn optional_layout(field: &str, raw: i32) -> Result<Option<Layout>, WireError> {
+    match v1::Layout::try_from(raw) {
+        Ok(v1::Layout::Unspecified) => Ok(None),
+        Ok(v1::Layout::Dir) => Ok(Some(Layout::Dir)),
+        Ok(v1::Layout::Btrfs) => Ok(Some(Layout::Btrfs)),
+        Ok(v1::Layout::Image) => Ok(Some(Layout::Image)),
+        Err(_) => Err(bad(field, format!("{raw} is not a layout"))),
+    }
+}
+
+fn layout(field: &str, raw: i32) -> Result<Layout, WireError> {
+    optional_layout(field, raw)?.ok_or_else(|| bad(field, "is required"))
+}
+
+impl From<VolumeMode> for v1::VolumeMode {
+    fn from(m: VolumeMode) -> Self {
+        match m {
+            VolumeMode::Filesystem => v1::VolumeMode::Filesystem,
+            VolumeMode::Block => v1::VolumeMode::Block,
+        }
+    }
+}
+
+fn volume_mode(field: &str, raw: i32) -> Result<VolumeMode, WireError> {
+    match v1::VolumeMode::try_from(raw) {
+        Ok(v1::VolumeMode::Filesystem) => Ok(VolumeMode::Filesystem),
+        Ok(v1::VolumeMode::Block) => Ok(VolumeMode::Block),
+        Ok(v1::VolumeMode::Unspecified) => Err(bad(field, "is required")),
+        Err(_) => Err(bad(field, format!("{raw} is not a volume mode"))),
+    }
+}
+
+impl From<AccessMode> for v1::AccessMode {
+    fn from(m: AccessMode) -> Self {
+        match m {
+            AccessMode::SingleNodeWriter => v1::AccessMode::SingleNodeWriter,
+            AccessMode::SingleNodeReaderOnly => v1::AccessMode::SingleNodeReaderOnly,
+            AccessMode::SingleNodeSingleWriter => v1::AccessMode::SingleNodeSingleWriter,
+            AccessMode::SingleNodeMultiWriter => v1::AccessMode::SingleNodeMultiWriter,
+            AccessMode::MultiNodeReaderOnly => v1::AccessMode::MultiNodeReaderOnly,
+            AccessMode::MultiNodeSingleWriter => v1::AccessMode::MultiNodeSingleWriter,
+            AccessMode::MultiNodeMultiWriter => v1::AccessMode::MultiNodeMultiWriter,
+        }
+    }
+}
+
+fn access_modes(field: &str, raw: &[i32]) -> Result<Vec<AccessMode>, WireError> {
+    raw.iter()
+        .map(|&m| match v1::AccessMode::try_from(m) {
+            Ok(v1::AccessMode::SingleNodeWriter) => Ok(AccessMode::SingleNodeWriter),
+            Ok(v1::AccessMode::SingleNodeReaderOnly) => Ok(AccessMode::SingleNodeReaderOnly),
+            Ok(v1::AccessMode::SingleNodeSingleWriter) => Ok(AccessMode::SingleNodeSingleWriter),
+            Ok(v1::AccessMode::SingleNodeMultiWriter) => Ok(AccessMode::SingleNodeMultiWriter),
+            Ok(v1::AccessMode::MultiNodeReaderOnly) => Ok(AccessMode::MultiNodeReaderOnly),
+            Ok(v1::AccessMode::MultiNodeSingleWriter) => Ok(AccessMode::MultiNodeSingleWriter),
+            Ok(v1::AccessMode::MultiNodeMultiWriter) => Ok(AccessMode::MultiNodeMultiWriter),
+            Ok(v1::AccessMode::Unspecified) | Err(_) => Err(bad(field, format!("{m} is not an access mode"))),
+        })
+        .collect()
+}
+
+fn delete_policy_to(p: Option<DeletePolicy>) -> i32 {
+    let p = match p {
+        None => v1::DeletePolicy::Unspecified,
+        Some(DeletePolicy::Delete) => v1::DeletePolicy::Delete,
+        Some(DeletePolicy::Retain) => v1::DeletePolicy::Retain,
+        Some(DeletePolicy::Archive) => v1::DeletePolicy::Archive,
+    };
+    p as i32
+}
+
+fn delete_policy(field: &str, raw: i32) -> Result<Option<DeletePolicy>, WireError> {
+    match v1::DeletePolicy::try_from(raw) {
+        Ok(v1::DeletePolicy::Unspecified) => Ok(None),
+        Ok(v1::DeletePolicy::Delete) => Ok(Some(DeletePolicy::Delete)),
+        Ok(v1::DeletePolicy::Retain) => Ok(Some(DeletePolicy::Retain)),
+        Ok(v1::DeletePolicy::Archive) => Ok(Some(DeletePolicy::Archive)),
+        Err(_) => Err(bad(field, format!("{raw} is not a delete policy"))),
+    }
+}
+
+// --- IDs and names -----------------------------------------------------------------------------
+
+pub fn volume_id(field: &str, raw: &str) -> Result<VolumeId, WireError> {
+    if raw.is_empty() {
+        return Err(bad(field, "is required"));
+    }
+    VolumeId::parse(raw).map_err(|e| bad(field, e))
+}
+
+pub fn snapshot_id(field: &str, raw: &str) -> Result<SnapshotId, WireError> {
+    if raw.is_empty() {
+        return Err(bad(field, "is required"));
+    }
+    SnapshotId::parse(raw).map_err(|e| bad(field, e))
+}
+
+pub fn static_id(field: &str, raw: &str) -> Result<StaticId, WireError> {
+    StaticId::parse(raw).map_err(|e| bad(field, e))
+}
+
+pub fn node_id(field: &str, raw: &str) -> Result<NodeId, WireError> {
+    NodeId::parse(raw).map_err(|e| bad(field, e))
+}
+
+fn pool_name(field: &str, raw: &str) -> Result<PoolName, WireError> {
+    PoolName::parse(raw).map_err(|e| bad(field, e))
+}
+
+/// A CSI name, the idempotency key of creates.
+pub fn name(field: &str, raw: String) -> Result<String, WireError> {
+    if raw.is_empty() {
+        return Err(bad(field, "is required"));
+    }
+    Ok(raw)
+}
+
+// --- records -----------------------------------------------------------------------------------
+
+impl From<&ContentSource> for v1::ContentSource {
+    fn from(s: &ContentSource) -> Self {
+        use v1::content_source::Kind;
+        v1::ContentSource {
+            kind: Some(match s {
+                ContentSource::Snapshot(id) => Kind::SnapshotId(id.clone()),
+                ContentSource::Volume(id) => Kind::VolumeId(id.clone()),
+            }),
+        }
+    }
+}
+
+fn content_source(field: &str, m: v1::ContentSource) -> Result<ContentSource, WireError> {
+    use v1::content_source::Kind;
+    match m.kind {
+        Some(Kind::SnapshotId(id)) => Ok(ContentSource::Snapshot(id)),
+        Some(Kind::VolumeId(id)) => Ok(ContentSource::Volume(id)),
+        None => Err(bad(field, "names neither a snapshot nor a volume")),
+    }
+}
+
+impl From<&VolumeRecord> for v1::VolumeRecord {
+    fn from(r: &VolumeRecord) -> Self {
+        v1::VolumeRecord {
+            version: r.version,
+            name: r.name.clone(),
+            id: r.id.clone(),
+            layout: v1::Layout::from(r.layout) as i32,
+            capacity_bytes: r.capacity_bytes,
+            mode: v1::VolumeMode::from(r.mode) as i32,
+            access_modes: r.access_modes.iter().map(|&m| v1::AccessMode::from(m) as i32).collect(),
+            fs_type: r.fs_type.clone(),
+            parameters: r.parameters.clone(),
+            source: r.source.as_ref().map(v1::ContentSource::from),
+            created_unix_secs: r.created_unix_secs,
+            delete_policy: delete_policy_to(r.delete_policy),
+            compression: r.compression.clone(),
+            fs_bytes: r.fs_bytes,
+        }
+    }
+}
+
+impl TryFrom<v1::VolumeRecord> for VolumeRecord {
+    type Error = WireError;
+    fn try_from(m: v1::VolumeRecord) -> Result<Self, WireError> {
+        Ok(VolumeRecord {
+            version: m.version,
+            layout: layout("volume.layout", m.layout)?,
+            mode: volume_mode("volume.mode", m.mode)?,
+            access_modes: access_modes("volume.access_modes", &m.access_modes)?,
+            source: m.source.map(|s| content_source("volume.source", s)).transpose()?,
+            delete_policy: delete_policy("volume.delete_policy", m.delete_policy)?,
+            name: m.name,
+            id: m.id,
+            capacity_bytes: m.capacity_bytes,
+            fs_type: m.fs_type,
+            parameters: m.parameters,
+            created_unix_secs: m.created_unix_secs,
+            compression: m.compression,
+            fs_bytes: m.fs_bytes,
+        })
+    }
+}
+
+impl From<&SnapshotRecord> for v1::SnapshotRecord {
+    fn from(r: &SnapshotRecord) -> Self {
+        v1::SnapshotRecord {
+            version: r.version,
+            name: r.name.clone(),
+            id: r.id.clone(),
+            source_volume_id: r.source_volume_id.clone(),
+            size_bytes: r.size_bytes,
+            created_unix_secs: r.created_unix_secs,
+            created_nanos: r.created_nanos,
+            layout: v1::Layout::from(r.layout) as i32,
+            mode: v1::VolumeMode::from(r.mode) as i32,
+            fs_bytes: r.fs_bytes,
+        }
+    }
+}
+
+impl TryFrom<v1::SnapshotRecord> for SnapshotRecord {
+    type Error = WireError;
+    fn try_from(m: v1::SnapshotRecord) -> Result<Self, WireError> {
+        Ok(SnapshotRecord {
+            version: m.version,
+            layout: layout("snapshot.layout", m.layout)?,
+            mode: volume_mode("snapshot.mode", m.mode)?,
+            name: m.name,
+            id: m.id,
+            source_volume_id: m.source_volume_id,
+            size_bytes: m.size_bytes,
+            created_unix_secs: m.created_unix_secs,
+            created_nanos: m.created_nanos,
+            fs_bytes: m.fs_bytes,
+        })
+    }
+}
+
+impl From<&Condition> for v1::Condition {
+    fn from(c: &Condition) -> Self {
+        v1::Condition {
+            abnormal: c.abnormal,
+            message: c.message.clone(),
+        }
+    }
+}
+
+impl From<v1::Condition> for Condition {
+    fn from(c: v1::Condition) -> Self {
+        Condition {
+            abnormal: c.abnormal,
+            message: c.message,
+        }
+    }
+}
+
+pub fn volume_with_condition(r: &VolumeRecord, c: &Condition) -> v1::VolumeWithCondition {
+    v1::VolumeWithCondition {
+        volume: Some(r.into()),
+        condition: Some(c.into()),
+    }
+}
+
+pub fn volume_and_condition(m: v1::VolumeWithCondition) -> Result<(VolumeRecord, Condition), WireError> {
+    let r = required("volume", m.volume)?.try_into()?;
+    let c = required("condition", m.condition)?.into();
+    Ok((r, c))
+}
+
+impl From<&PoolStatus> for v1::PoolStatus {
+    fn from(p: &PoolStatus) -> Self {
+        v1::PoolStatus {
+            name: p.name.as_str().to_string(),
+            is_default: p.is_default,
+            default_layout: v1::Layout::from(p.default_layout) as i32,
+            layouts: p.layouts.iter().map(|&l| v1::Layout::from(l) as i32).collect(),
+            total_bytes: p.total_bytes,
+            available_bytes: p.available_bytes,
+            image_allocatable_bytes: p.image_allocatable_bytes,
+            provisioned_bytes: p.provisioned_bytes,
+            shared: p.shared,
+        }
+    }
+}
+
+impl TryFrom<v1::PoolStatus> for PoolStatus {
+    type Error = WireError;
+    fn try_from(m: v1::PoolStatus) -> Result<Self, WireError> {
+        Ok(PoolStatus {
+            name: pool_name("pool.name", &m.name)?,
+            is_default: m.is_default,
+            default_layout: layout("pool.default_layout", m.default_layout)?,
+            layouts: m
+                .layouts
+                .iter()
+                .map(|&l| layout("pool.layouts", l))
+                .collect::<Result<_, _>>()?,
+            total_bytes: m.total_bytes,
+            available_bytes: m.available_bytes,
+            image_allocatable_bytes: m.image_allocatable_bytes,
+            provisioned_bytes: m.provisioned_bytes,
+            shared: m.shared,
+        })
+    }
+}
+
+pub fn pools(m: Vec<v1::PoolStatus>) -> Result<Vec<PoolStatus>, WireError> {
+    m.into_iter().map(PoolStatus::try_from).collect()
+}
+
+// --- requests ----------------------------------------------------------------------------------
+
+impl From<CapacityRange> for v1::CapacityRange {
+    fn from(c: CapacityRange) -> Self {
+        v1::CapacityRange {
+            required_bytes: c.required,
+            limit_bytes: c.limit,
+        }
+    }
+}
+
+/// An absent range asks for nothing in particular, like an empty CSI capacity range.
+pub fn capacity(m: Option<v1::CapacityRange>) -> CapacityRange {
+    m.map(|c| CapacityRange {
+        required: c.required_bytes,
+        limit: c.limit_bytes,
+    })
+    .unwrap_or_default()
+}
+
+impl From<&Mutable> for v1::MutableParameters {
+    fn from(m: &Mutable) -> Self {
+        v1::MutableParameters {
+            compression: m.compression.clone(),
+            delete_policy: delete_policy_to(m.delete_policy),
+        }
+    }
+}
+
+pub fn mutable(m: Option<v1::MutableParameters>) -> Result<Mutable, WireError> {
+    let Some(m) = m else {
+        return Ok(Mutable::default());
+    };
+    Ok(Mutable {
+        delete_policy: delete_policy("mutable_parameters.delete_policy", m.delete_policy)?,
+        compression: m.compression,
+    })
+}
+
+impl From<Ownership> for v1::Ownership {
+    fn from(o: Ownership) -> Self {
+        v1::Ownership {
+            uid: o.uid,
+            gid: o.gid,
+            mode: o.mode,
+        }
+    }
+}
+
+/// An absent ownership leaves every field to the default.
+pub fn ownership(m: Option<v1::Ownership>) -> Ownership {
+    m.map(|o| Ownership {
+        uid: o.uid,
+        gid: o.gid,
+        mode: o.mode,
+    })
+    .unwrap_or_default()
+}
+
+impl From<&Source> for v1::ContentSource {
+    fn from(s: &Source) -> Self {
+        use v1::content_source::Kind;
+        v1::ContentSource {
+            kind: Some(match s {
+                Source::Snapshot(id) => Kind::SnapshotId(id.to_string()),
+                Source::Volume(id) => Kind::VolumeId(id.to_string()),
+            }),
+        }
+    }
+}
+
+fn source(m: v1::ContentSource) -> Result<Source, WireError> {
+    use v1::content_source::Kind;
+    match m.kind {
+        Some(Kind::SnapshotId(id)) => Ok(Source::Snapshot(snapshot_id("source.snapshot_id", &id)?)),
+        Some(Kind::VolumeId(id)) => Ok(Source::Volume(volume_id("source.volume_id", &id)?)),
+        None => Err(bad("source", "names neither a snapshot nor a volume")),
+    }
+}
+
+impl From<&NewVolume> for v1::CreateVolumeRequest {
+    fn from(v: &NewVolume) -> Self {
+        v1::CreateVolumeRequest {
+            name: v.name.clone(),
+            pool: v.pool.as_ref().map(|p| p.as_str().to_string()),
+            layout: v.layout.map_or(v1::Layout::Unspecified, v1::Layout::from) as i32,
+            capacity: Some(v.capacity.into()),
+            mode: v1::VolumeMode::from(v.mode) as i32,
+            access_modes: v.access_modes.iter().map(|&m| v1::AccessMode::from(m) as i32).collect(),
+            fs_type: v.fs_type.clone(),
+            parameters: v.parameters.clone(),
+            source: v.source.as_ref().map(v1::ContentSource::from),
+            delete_policy: delete_policy_to(v.delete_policy),
+            mutable_parameters: Some((&v.mutable).into()),
+            owner: Some(v.owner.into()),
+        }
+    }
+}
+
+impl TryFrom<v1::CreateVolumeRequest> for NewVolume {
+    type Error = WireError;
+    fn try_from(m: v1::CreateVolumeRequest) -> Result<Self, WireError> {
+        Ok(NewVolume {
+            name: name("name", m.name)?,
+            pool: m.pool.as_deref().map(|p| pool_name("pool", p)).transpose()?,
+            layout: optional_layout("layout", m.layout)?,
+            capacity: capacity(m.capacity),
+            mode: volume_mode("mode", m.mode)?,
+            access_modes: access_modes("access_modes", &m.access_modes)?,
+            fs_type: m.fs_type,
+            parameters: m.parameters,
+            source: m.source.map(source).transpose()?,
+            delete_policy: delete_policy("delete_policy", m.delete_policy)?,
+            mutable: mutable(m.mutable_parameters)?,
+            owner: ownership(m.owner),
+        })
+    }
+}
+
+// --- errors ------------------------------------------------------------------------------------
+
+/// The `type_url` of a [`v1::StorageFailure`] packed in a `google.protobuf.Any`.
+pub const STORAGE_FAILURE_TYPE: &str = "type.googleapis.com/cellar.agent.v1.StorageFailure";
+
+/// `google.rpc.Status`, the conventional content of grpc-status-details-bin, so that generic tools
+/// (grpcurl) can read our details too.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<prost_types::Any>,
+}
+
+impl From<&StorageError> for v1::StorageFailure {
+    fn from(e: &StorageError) -> Self {
+        let kind = match e {
+            StorageError::UnknownPool { name, known } => Kind::UnknownPool(failure::UnknownPool {
+                name: name.clone(),
+                known: known.clone(),
+            }),
+            StorageError::LayoutNotAllowed { layout, pool, allowed } => {
+                Kind::LayoutNotAllowed(failure::LayoutNotAllowed {
+                    layout: layout.clone(),
+                    pool: pool.clone(),
+                    allowed: allowed.clone(),
+                })
+            }
+            StorageError::VolumeNotFound(s) => Kind::VolumeNotFound(s.clone()),
+            StorageError::SnapshotNotFound(s) => Kind::SnapshotNotFound(s.clone()),
+            StorageError::Conflict(s) => Kind::Conflict(s.clone()),
+            StorageError::OutOfRange(s) => Kind::OutOfRange(s.clone()),
+            StorageError::Exhausted(s) => Kind::Exhausted(s.clone()),
+            StorageError::Busy(s) => Kind::Busy(s.clone()),
+            StorageError::Unsupported(s) => Kind::Unsupported(s.clone()),
+            StorageError::WrongNode { pool, owner } => Kind::WrongNode(failure::WrongNode {
+                pool: pool.clone(),
+                owner: owner.clone(),
+            }),
+            StorageError::PoolUnusable(s) => Kind::PoolUnusable(s.clone()),
+            StorageError::PoolBroken { pool, reason } => Kind::PoolBroken(failure::PoolBroken {
+                pool: pool.clone(),
+                reason: reason.clone(),
+            }),
+            StorageError::InUse(s) => Kind::InUse(s.clone()),
+            StorageError::Corrupt { path, reason } => Kind::Corrupt(failure::Corrupt {
+                path: path.to_string_lossy().into_owned(),
+                reason: reason.clone(),
+            }),
+            StorageError::Sys(SysError::Io { step, path, source }) => Kind::SysIo(failure::SysIo {
+                step: step.to_string(),
+                path: path.to_string_lossy().into_owned(),
+                errno: source.raw_os_error().unwrap_or(0),
+                detail: source.to_string(),
+            }),
+            StorageError::Sys(SysError::Tool { tool, status, stderr }) => Kind::SysTool(failure::SysTool {
+                tool: tool.clone(),
+                status: status.clone(),
+                stderr: stderr.clone(),
+            }),
+        };
+        v1::StorageFailure { kind: Some(kind) }
+    }
+}
+
+/// Rebuilds the node's error. A failed syscall keeps its errno (so its gRPC code) and gains the
+/// node's name, since the controller's operator reads it far from the node.
+pub fn storage_error(node: &NodeId, f: v1::StorageFailure) -> Option<StorageError> {
+    Some(match f.kind? {
+        Kind::UnknownPool(p) => StorageError::UnknownPool {
+            name: p.name,
+            known: p.known,
+        },
+        Kind::LayoutNotAllowed(l) => StorageError::LayoutNotAllowed {
+            layout: l.layout,
+            pool: l.pool,
+            allowed: l.allowed,
+        },
+        Kind::VolumeNotFound(s) => StorageError::VolumeNotFound(s),
+        Kind::SnapshotNotFound(s) => StorageError::SnapshotNotFound(s),
+        Kind::Conflict(s) => StorageError::Conflict(s),
+        Kind::OutOfRange(s) => StorageError::OutOfRange(s),
+        Kind::Exhausted(s) => StorageError::Exhausted(s),
+        Kind::Busy(s) => StorageError::Busy(s),
+        Kind::Unsupported(s) => StorageError::Unsupported(s),
+        Kind::WrongNode(w) => StorageError::WrongNode {
+            pool: w.pool,
+            owner: w.owner,
+        },
+        Kind::PoolUnusable(s) => StorageError::PoolUnusable(s),
+        Kind::PoolBroken(p) => StorageError::PoolBroken {
+            pool: p.pool,
+            reason: p.reason,
+        },
+        Kind::InUse(s) => StorageError::InUse(s),
+        Kind::Corrupt(c) => StorageError::Corrupt {
+            path: PathBuf::from(c.path),
+            reason: c.reason,
+        },
+        Kind::SysIo(s) => {
+            let source = if s.errno != 0 {
+                io::Error::from_raw_os_error(s.errno)
+            } else {
+                io::Error::other(s.detail)
+            };
+            let path = format!("{}: {} {}", node.as_str(), s.step, s.path);
+            StorageError::Sys(SysError::io("on node", path, source))
+        }
+        Kind::SysTool(t) => StorageError::Sys(SysError::Tool {
+            tool: format!("{} on node {}", t.tool, node.as_str()),
+            status: t.status,
+            stderr: t.stderr,
+        }),
+    })
+}
+
+/// The status the agent answers a failed call with: the code and message every other cellar
+/// service gives (`csi::status`), plus the failure itself for the controller to rebuild.
+pub fn status(e: StorageError) -> Status {
+    let failure = v1::StorageFailure::from(&e);
+    let plain = Status::from(e);
+    let details = RpcStatus {
+        code: plain.code() as i32,
+        message: plain.message().to_string(),
+        details: vec![prost_types::Any {
+            type_url: STORAGE_FAILURE_TYPE.to_string(),
+            value: failure.encode_to_vec(),
+        }],
+    };
+    Status::with_details(plain.code(), plain.message(), Bytes::from(details.encode_to_vec()))
+}
+
+/// The failure an agent packed into a status, if it packed one.
+pub fn failure(s: &Status) -> Option<v1::StorageFailure> {
+    if s.details().is_empty() {
+        return None;
+    }
+    let rpc = RpcStatus::decode(s.details()).ok()?;
+    rpc.details
+        .iter()
+        .find(|a| a.type_url == STORAGE_FAILURE_TYPE)
+        .and_then(|a| v1::StorageFailure::decode(a.value.as_slice()).ok())
+}
+
+/// Whether a code says the node could not be reached or did not answer in time; every other code
+/// is an answer.
+pub fn is_unreachable(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn node() -> NodeId {
+        NodeId::parse("node-1").unwrap()
+    }
+
+    fn full_volume() -> VolumeRecord {
+        VolumeRecord {
+            version: 1,
+            name: "pvc-1".into(),
+            id: "local:node-1:fast:pvc-1".into(),
+            layout: Layout::Btrfs,
+            capacity_bytes: 5 << 30,
+            mode: VolumeMode::Filesystem,
+            access_modes: vec![AccessMode::SingleNodeSingleWriter, AccessMode::MultiNodeReaderOnly],
+            fs_type: "btrfs".into(),
+            parameters: BTreeMap::from([("pool".into(), "fast".into()), ("layout".into(), "btrfs".into())]),
+            source: Some(ContentSource::Snapshot("snap:local:node-1:fast:s1".into())),
+            created_unix_secs: 1_700_000_000,
+            delete_policy: Some(DeletePolicy::Archive),
+            compression: Some("zstd".into()),
+            fs_bytes: 123,
+        }
+    }
+
+    #[test]
+    fn volume_record_round_trips() {
+        let r = full_volume();
+        let back = VolumeRecord::try_from(v1::VolumeRecord::from(&r)).unwrap();
+        assert_eq!(back, r);
+        let bare = VolumeRecord {
+            source: Some(ContentSource::Volume("local:node-1:fast:pvc-0".into())),
+            delete_policy: None,
+            compression: None,
+            parameters: BTreeMap::new(),
+            access_modes: vec![],
+            mode: VolumeMode::Block,
+            layout: Layout::Image,
+            ..r
+        };
+        assert_eq!(VolumeRecord::try_from(v1::VolumeRecord::from(&bare)).unwrap(), bare);
+    }
+
+    #[test]
+    fn volume_record_round_trips_through_bytes() {
+        let r = full_volume();
+        let bytes = v1::VolumeRecord::from(&r).encode_to_vec();
+        let m = v1::VolumeRecord::decode(bytes.as_slice()).unwrap();
+        assert_eq!(VolumeRecord::try_from(m).unwrap(), r);
+    }
+
+    #[test]
+    fn snapshot_record_round_trips() {
+        let s = SnapshotRecord {
+            version: 1,
+            name: "snapshot-1".into(),
+            id: "snap:local:node-1:fast:snapshot-1".into(),
+            source_volume_id: "local:node-1:fast:pvc-1".into(),
+            size_bytes: 1 << 30,
+            created_unix_secs: 1_700_000_001,
+            created_nanos: 999_999_999,
+            layout: Layout::Image,
+            mode: VolumeMode::Block,
+            fs_bytes: 77,
+        };
+        assert_eq!(SnapshotRecord::try_from(v1::SnapshotRecord::from(&s)).unwrap(), s);
+    }
+
+    #[test]
+    fn volume_with_condition_round_trips() {
+        let r = full_volume();
+        let c = Condition {
+            abnormal: true,
+            message: "data directory is missing".into(),
+        };
+        let (r2, c2) = volume_and_condition(volume_with_condition(&r, &c)).unwrap();
+        assert_eq!((r2, c2), (r, c));
+    }
+
+    #[test]
+    fn pool_status_round_trips() {
+        let p = PoolStatus {
+            name: PoolName::parse("fast").unwrap(),
+            is_default: true,
+            default_layout: Layout::Image,
+            layouts: vec![Layout::Dir, Layout::Image],
+            total_bytes: 100,
+            available_bytes: 40,
+            image_allocatable_bytes: 30,
+            provisioned_bytes: 70,
+            shared: true,
+        };
+        assert_eq!(PoolStatus::try_from(v1::PoolStatus::from(&p)).unwrap(), p);
+    }
+
+    #[test]
+    fn new_volume_round_trips_with_every_field() {
+        let v = NewVolume {
+            name: "pvc-9".into(),
+            pool: Some(PoolName::parse("fast").unwrap()),
+            layout: Some(Layout::Image),
+            capacity: CapacityRange {
+                required: 1 << 30,
+                limit: 2 << 30,
+            },
+            mode: VolumeMode::Block,
+            access_modes: vec![AccessMode::SingleNodeWriter],
+            fs_type: "xfs".into(),
+            parameters: BTreeMap::from([("layout".into(), "image".into())]),
+            source: Some(Source::Volume(VolumeId::parse("local:node-1:fast:pvc-1").unwrap())),
+            delete_policy: Some(DeletePolicy::Retain),
+            mutable: Mutable {
+                compression: Some("none".into()),
+                delete_policy: Some(DeletePolicy::Delete),
+            },
+            owner: Ownership {
+                uid: Some(1000),
+                gid: Some(0),
+                mode: Some(0o2775),
+            },
+        };
+        let back = NewVolume::try_from(v1::CreateVolumeRequest::from(&v)).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{v:?}"));
+
+        let defaults = NewVolume {
+            pool: None,
+            layout: None,
+            capacity: CapacityRange::default(),
+            source: Some(Source::Snapshot(SnapshotId::parse("snap:local:node-1:fast:s").unwrap())),
+            delete_policy: None,
+            mutable: Mutable::default(),
+            owner: Ownership::default(),
+            ..v
+        };
+        let back = NewVolume::try_from(v1::CreateVolumeRequest::from(&defaults)).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn create_request_with_bad_fields_names_the_field() {
+        let ok = v1::CreateVolumeRequest {
+            name: "pvc-1".into(),
+            mode: v1::VolumeMode::Filesystem as i32,
+            ..Default::default()
+        };
+        assert!(NewVolume::try_from(ok.clone()).is_ok());
+        let cases = [
+            (
+                v1::CreateVolumeRequest {
+                    name: String::new(),
+                    ..ok.clone()
+                },
+                "name",
+            ),
+            (v1::CreateVolumeRequest { mode: 0, ..ok.clone() }, "mode"),
+            (
+                v1::CreateVolumeRequest {
+                    layout: 42,
+                    ..ok.clone()
+                },
+                "layout",
+            ),
+            (
+                v1::CreateVolumeRequest {
+                    access_modes: vec![0],
+                    ..ok.clone()
+                },
+                "access_modes",
+            ),
+            (
+                v1::CreateVolumeRequest {
+                    pool: Some("../x".into()),
+                    ..ok.clone()
+                },
+                "pool",
+            ),
+            (
+                v1::CreateVolumeRequest {
+                    source: Some(v1::ContentSource {
+                        kind: Some(v1::content_source::Kind::VolumeId("local:n:p:..".into())),
+                    }),
+                    ..ok.clone()
+                },
+                "source.volume_id",
+            ),
+            (
+                v1::CreateVolumeRequest {
+                    delete_policy: 9,
+                    ..ok.clone()
+                },
+                "delete_policy",
+            ),
+        ];
+        for (m, field) in cases {
+            let e = NewVolume::try_from(m).unwrap_err();
+            assert!(e.0.starts_with(field), "{e} should name {field}");
+        }
+    }
+
+    fn every_error() -> Vec<StorageError> {
+        vec![
+            StorageError::UnknownPool {
+                name: "x".into(),
+                known: "default, fast".into(),
+            },
+            StorageError::LayoutNotAllowed {
+                layout: "btrfs".into(),
+                pool: "default".into(),
+                allowed: "dir".into(),
+            },
+            StorageError::VolumeNotFound("local:node-1:default:v".into()),
+            StorageError::SnapshotNotFound("snap:local:node-1:default:s".into()),
+            StorageError::Conflict("other size".into()),
+            StorageError::OutOfRange("too big".into()),
+            StorageError::Exhausted("pool full".into()),
+            StorageError::Busy("pvc-1".into()),
+            StorageError::Unsupported("Block needs image".into()),
+            StorageError::WrongNode {
+                pool: "fast".into(),
+                owner: "node-2".into(),
+            },
+            StorageError::PoolUnusable("not btrfs".into()),
+            StorageError::PoolBroken {
+                pool: "fast".into(),
+                reason: "gone".into(),
+            },
+            StorageError::InUse("published".into()),
+            StorageError::Corrupt {
+                path: "/data/x.json".into(),
+                reason: "eof".into(),
+            },
+            StorageError::Sys(SysError::io(
+                "statfs",
+                "/mnt/share",
+                io::Error::from_raw_os_error(libc::ESTALE),
+            )),
+            StorageError::Sys(SysError::io(
+                "mkdir",
+                "/data/v",
+                io::Error::from_raw_os_error(libc::ENOSPC),
+            )),
+            StorageError::Sys(SysError::io("copy", "/data/v", io::Error::other("short read"))),
+            StorageError::Sys(SysError::Tool {
+                tool: "mkfs.xfs".into(),
+                status: "exit status: 1".into(),
+                stderr: "bad".into(),
+            }),
+        ]
+    }
+
+    #[test]
+    fn every_storage_error_comes_back_with_its_code() {
+        for e in every_error() {
+            let shown = e.to_string();
+            let sent = status(e);
+            let back = storage_error(&node(), failure(&sent).expect("failure in details")).unwrap();
+            let again = Status::from(back);
+            assert_eq!(again.code(), sent.code(), "{shown}");
+            if !matches!(
+                failure(&sent).and_then(|f| f.kind),
+                Some(Kind::SysIo(_) | Kind::SysTool(_))
+            ) {
+                assert_eq!(again.message(), shown);
+            } else {
+                assert!(again.message().contains("node-1"), "{}", again.message());
+            }
+        }
+    }
+
+    #[test]
+    fn status_without_details_has_no_failure() {
+        assert!(failure(&Status::not_found("x")).is_none());
+        assert!(failure(&Status::with_details(Code::Internal, "x", Bytes::from_static(b"\xff"))).is_none());
+    }
+}

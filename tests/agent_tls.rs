@@ -1,0 +1,501 @@
+//! Split mode's channel between the controller and a node's agent, over mutual TLS with a CA and
+//! certificates made here: who is let in, who is refused, and what an unreachable or hung node
+//! costs. Everything listens on 127.0.0.1 only.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cellar::agent::heartbeat::{Heartbeat, HeartbeatConfig, Resolve};
+use cellar::agent::registry::{Registry, RegistryConfig};
+use cellar::agent::remote::{HostPort, RemoteAgent, Timeouts};
+use cellar::agent::server::{serve, AgentService};
+use cellar::agent::tls::{Tls, TlsOptions, AGENT_SERVER_NAME};
+use cellar::agent::wire::v1;
+use cellar::agent::{Agent, Directory, LocalAgent};
+use cellar::storage::config::Config;
+use cellar::storage::engine::{CapacityRange, LocalEngine, Mutable, NewVolume, Ownership};
+use cellar::storage::id::{NodeId, VolumeId};
+use cellar::storage::record::{AccessMode, VolumeMode};
+use cellar::storage::StorageError;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::service::Routes;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::{Code, Status};
+
+const NODE: &str = "node-1";
+
+/// A certificate authority made for one test.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A certificate and its key, PEM.
+struct Leaf {
+    cert: String,
+    key: String,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA");
+        Ca { issuer }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A certificate for both directions (serverAuth and clientAuth) with one DNS SAN.
+    fn leaf(&self, san: &str) -> Leaf {
+        let mut params = CertificateParams::new(vec![san.to_string()]).expect("params");
+        params.distinguished_name.push(DnType::CommonName, san);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign");
+        Leaf {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+
+    /// TLS material for a process trusting this CA and presenting `leaf`.
+    fn tls(&self, leaf: &Leaf) -> Tls {
+        Tls::from_pem(self.pem().as_bytes(), leaf.cert.as_bytes(), leaf.key.as_bytes()).expect("tls")
+    }
+}
+
+fn node() -> NodeId {
+    NodeId::parse(NODE).expect("node id")
+}
+
+/// A node's agent on 127.0.0.1 over an engine with one `dir` pool in a temp dir.
+struct AgentUnderTest {
+    addr: SocketAddr,
+    engine: Arc<LocalEngine>,
+    _stop: oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_agent(tls: Tls) -> AgentUnderTest {
+    let dir = tempfile::Builder::new()
+        .prefix("cellar-agent-tls-")
+        .tempdir()
+        .expect("tempdir");
+    let engine = Arc::new(LocalEngine::open(node(), &Config::default_for(dir.path())).expect("engine"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let routes = Routes::new(AgentService::new(engine.clone()).into_server());
+    tokio::spawn(async move {
+        serve(listener, tls, routes, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("agent server");
+    });
+    AgentUnderTest {
+        addr,
+        engine,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+fn timeouts() -> Timeouts {
+    Timeouts {
+        connect: Duration::from_secs(2),
+        call: Duration::from_secs(3),
+        storage: Duration::from_secs(10),
+    }
+}
+
+fn remote(node: &str, addr: SocketAddr, tls: &Tls, t: Timeouts) -> RemoteAgent {
+    let address = HostPort::parse(&addr.to_string()).expect("address");
+    RemoteAgent::new(NodeId::parse(node).expect("node"), address, tls, AGENT_SERVER_NAME, t).expect("client")
+}
+
+fn new_volume(name: &str, bytes: u64) -> NewVolume {
+    NewVolume {
+        name: name.into(),
+        pool: None,
+        layout: None,
+        capacity: CapacityRange {
+            required: bytes,
+            limit: 0,
+        },
+        mode: VolumeMode::Filesystem,
+        access_modes: vec![AccessMode::SingleNodeWriter],
+        fs_type: String::new(),
+        parameters: BTreeMap::new(),
+        source: None,
+        delete_policy: None,
+        mutable: Mutable::default(),
+        owner: Ownership::default(),
+    }
+}
+
+fn status(e: StorageError) -> Status {
+    Status::from(e)
+}
+
+#[tokio::test]
+async fn a_client_with_a_certificate_from_the_ca_creates_lists_and_deletes() {
+    let ca = Ca::new("cellar test CA");
+    let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
+    let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf("cellar-controller")), timeouts());
+
+    let created = controller
+        .create_volume(new_volume("pvc-1", 1 << 20))
+        .await
+        .expect("create");
+    assert_eq!(created.id, "local:node-1:default:pvc-1");
+    assert_eq!(created.capacity_bytes, 1 << 20);
+    let again = controller
+        .create_volume(new_volume("pvc-1", 1 << 20))
+        .await
+        .expect("create again");
+    assert_eq!(again, created, "create is idempotent by name");
+
+    let listed = controller.volumes().await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].0, created);
+    assert!(!listed[0].1.abnormal);
+    assert_eq!(
+        controller.volume_named("pvc-1".into()).await.expect("named"),
+        Some(created.clone())
+    );
+    assert_eq!(controller.pools().await.expect("pools").len(), 1);
+
+    let id = VolumeId::parse(&created.id).expect("id");
+    controller.delete_volume(id.clone()).await.expect("delete");
+    controller
+        .delete_volume(id.clone())
+        .await
+        .expect("delete is idempotent");
+    assert!(controller.volumes().await.expect("list").is_empty());
+    assert_eq!(controller.volume(id).await.expect("get"), None);
+    assert!(agent.engine.volumes().is_empty());
+}
+
+#[tokio::test]
+async fn a_node_error_comes_back_with_its_code_and_message() {
+    let ca = Ca::new("cellar test CA");
+    let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
+    let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf("cellar-controller")), timeouts());
+    let local = LocalAgent::new(agent.engine.clone());
+
+    controller
+        .create_volume(new_volume("pvc-1", 1 << 20))
+        .await
+        .expect("create");
+    let remote_err = status(
+        controller
+            .create_volume(new_volume("pvc-1", 2 << 20))
+            .await
+            .unwrap_err(),
+    );
+    let local_err = status(local.create_volume(new_volume("pvc-1", 2 << 20)).await.unwrap_err());
+    assert_eq!(remote_err.code(), Code::AlreadyExists);
+    assert_eq!(remote_err.message(), local_err.message());
+
+    let mut elsewhere = new_volume("pvc-2", 1 << 20);
+    elsewhere.pool = Some(cellar::storage::id::PoolName::parse("nope").expect("pool"));
+    let e = status(controller.create_volume(elsewhere).await.unwrap_err());
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("unknown pool 'nope'"), "{}", e.message());
+
+    let missing = VolumeId::parse("local:node-1:default:pvc-9").expect("id");
+    let e = status(
+        controller
+            .expand_volume(
+                missing,
+                CapacityRange {
+                    required: 1 << 30,
+                    limit: 0,
+                },
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(e.message(), "volume local:node-1:default:pvc-9 not found");
+}
+
+/// A client with the CA and the right server name but no certificate of its own.
+async fn anonymous_list(ca: &Ca, addr: SocketAddr) -> Result<(), Status> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca.pem()))
+        .domain_name(AGENT_SERVER_NAME);
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let mut client = v1::agent_client::AgentClient::new(channel);
+    client
+        .create_volume(v1::CreateVolumeRequest {
+            name: "pvc-anon".into(),
+            mode: v1::VolumeMode::Filesystem as i32,
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_without_a_certificate_is_refused() {
+    let ca = Ca::new("cellar test CA");
+    let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
+    let refused = anonymous_list(&ca, agent.addr).await.expect_err("must be refused");
+    assert_ne!(refused.code(), Code::Ok);
+    assert!(agent.engine.volumes().is_empty(), "nothing was created");
+}
+
+#[tokio::test]
+async fn a_plaintext_client_is_refused() {
+    let ca = Ca::new("cellar test CA");
+    let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
+    let controller = remote(NODE, agent.addr, &Tls::Insecure, timeouts());
+    let e = status(
+        controller
+            .create_volume(new_volume("pvc-1", 1 << 20))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(agent.engine.volumes().is_empty());
+}
+
+#[tokio::test]
+async fn a_client_with_a_certificate_from_another_ca_is_refused() {
+    let ca = Ca::new("cellar test CA");
+    let rogue = Ca::new("someone else's CA");
+    let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
+    // It trusts the right CA, so it would accept the server; its own certificate is the rogue's.
+    let leaf = rogue.leaf("cellar-controller");
+    let tls = Tls::from_pem(ca.pem().as_bytes(), leaf.cert.as_bytes(), leaf.key.as_bytes()).expect("tls");
+    let controller = remote(NODE, agent.addr, &tls, timeouts());
+    let e = status(
+        controller
+            .create_volume(new_volume("pvc-1", 1 << 20))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(e.message().contains(NODE), "{}", e.message());
+    assert!(agent.engine.volumes().is_empty(), "nothing was created");
+}
+
+#[tokio::test]
+async fn a_server_with_a_certificate_from_another_ca_is_refused_by_the_client() {
+    let ca = Ca::new("cellar test CA");
+    let rogue = Ca::new("someone else's CA");
+    // The impostor accepts our clients (it trusts our CA) but presents the rogue's certificate.
+    let leaf = rogue.leaf(AGENT_SERVER_NAME);
+    let server_tls = Tls::from_pem(ca.pem().as_bytes(), leaf.cert.as_bytes(), leaf.key.as_bytes()).expect("tls");
+    let agent = start_agent(server_tls).await;
+    let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf("cellar-controller")), timeouts());
+    let e = status(
+        controller
+            .create_volume(new_volume("pvc-1", 1 << 20))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(e.message().contains(NODE), "{}", e.message());
+    assert!(agent.engine.volumes().is_empty(), "nothing was sent");
+}
+
+#[tokio::test]
+async fn a_server_certificate_for_another_name_is_refused_by_the_client() {
+    let ca = Ca::new("cellar test CA");
+    let agent = start_agent(ca.tls(&ca.leaf("not-the-agent"))).await;
+    let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf("cellar-controller")), timeouts());
+    let e = status(controller.volumes().await.unwrap_err());
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+}
+
+#[tokio::test]
+async fn a_call_meant_for_another_node_is_refused() {
+    let ca = Ca::new("cellar test CA");
+    let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
+    let stale = remote("node-2", agent.addr, &ca.tls(&ca.leaf("cellar-controller")), timeouts());
+    let e = status(stale.create_volume(new_volume("pvc-1", 1 << 20)).await.unwrap_err());
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(
+        e.message().contains("serves node node-1, not node-2"),
+        "{}",
+        e.message()
+    );
+    assert!(agent.engine.volumes().is_empty());
+}
+
+#[tokio::test]
+async fn an_unreachable_node_is_unavailable_naming_it_within_the_timeout() {
+    let ca = Ca::new("cellar test CA");
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let t = timeouts();
+    let controller = remote(NODE, closed, &ca.tls(&ca.leaf("cellar-controller")), t);
+    let start = Instant::now();
+    let e = status(controller.volumes().await.unwrap_err());
+    assert!(start.elapsed() <= t.call, "took {:?}", start.elapsed());
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(e.message().contains("node-1 is unavailable"), "{}", e.message());
+    assert!(e.message().contains(&closed.to_string()), "{}", e.message());
+}
+
+#[tokio::test]
+async fn a_hung_node_is_unavailable_within_the_call_timeout() {
+    let ca = Ca::new("cellar test CA");
+    // Accepts TCP connections (the kernel's backlog) and never says a word.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = hung.local_addr().expect("addr");
+    let t = Timeouts {
+        connect: Duration::from_secs(1),
+        call: Duration::from_secs(1),
+        storage: Duration::from_secs(2),
+    };
+    let controller = remote(NODE, addr, &ca.tls(&ca.leaf("cellar-controller")), t);
+
+    let start = Instant::now();
+    let e = status(controller.volumes().await.unwrap_err());
+    let took = start.elapsed();
+    assert!(took < t.call + Duration::from_millis(500), "took {took:?}");
+    assert_eq!(e.code(), Code::Unavailable);
+    assert!(e.message().contains("node-1 is unavailable"), "{}", e.message());
+
+    let start = Instant::now();
+    let e = status(
+        controller
+            .create_volume(new_volume("pvc-1", 1 << 20))
+            .await
+            .unwrap_err(),
+    );
+    let took = start.elapsed();
+    assert!(took < t.storage + Duration::from_millis(500), "took {took:?}");
+    assert_eq!(e.code(), Code::Unavailable);
+    drop(hung);
+}
+
+/// The controller's name resolves to one loopback address.
+struct Fixed(SocketAddr);
+
+#[tonic::async_trait]
+impl Resolve for Fixed {
+    async fn resolve(&self, _: &HostPort) -> std::io::Result<Vec<SocketAddr>> {
+        Ok(vec![self.0])
+    }
+}
+
+#[tokio::test]
+async fn a_node_registers_over_mtls_and_the_controller_reaches_its_disk() {
+    let ca = Ca::new("cellar test CA");
+    let node_tls = ca.tls(&ca.leaf(AGENT_SERVER_NAME));
+    let controller_tls = ca.tls(&ca.leaf("cellar-controller"));
+    let agent = start_agent(node_tls.clone()).await;
+
+    let registry = Registry::new(
+        RegistryConfig {
+            heartbeat_interval: Duration::from_millis(200),
+            agent_timeouts: timeouts(),
+            ..Default::default()
+        },
+        controller_tls.clone(),
+        None,
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let registry_addr = listener.local_addr().expect("addr");
+    let (_stop, stopped) = oneshot::channel::<()>();
+    let routes = Routes::new(registry.service());
+    tokio::spawn(async move {
+        serve(listener, controller_tls, routes, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("registry server");
+    });
+
+    let config = HeartbeatConfig::new(
+        HostPort::parse(&format!("cellar-controller:{}", registry_addr.port())).expect("controller"),
+        node(),
+        BTreeMap::from([("topology.cellar.csi.dev/node".to_string(), NODE.to_string())]),
+        HostPort::parse(&agent.addr.to_string()).expect("agent address"),
+    );
+    let local: Arc<dyn Agent> = Arc::new(LocalAgent::new(agent.engine.clone()));
+    let mut heartbeat =
+        Heartbeat::with_resolver(config.clone(), node_tls, local.clone(), Arc::new(Fixed(registry_addr)));
+    let round = heartbeat.beat().await;
+    assert_eq!(round.acked, [registry_addr], "{round:?}");
+    assert_eq!(heartbeat.interval(), Duration::from_millis(200));
+
+    let info = registry.node(&node()).expect("registered");
+    assert!(info.available);
+    assert_eq!(info.report.pools.len(), 1);
+    let node_agent = registry.agent(&node()).expect("known node");
+    let rec = node_agent
+        .create_volume(new_volume("pvc-7", 1 << 20))
+        .await
+        .expect("create");
+    assert!(agent.engine.volume(&VolumeId::parse(&rec.id).expect("id")).is_some());
+
+    // A node whose certificate is not from the CA cannot register.
+    let rogue = Ca::new("someone else's CA");
+    let rogue_leaf = rogue.leaf(AGENT_SERVER_NAME);
+    let rogue_tls = Tls::from_pem(
+        ca.pem().as_bytes(),
+        rogue_leaf.cert.as_bytes(),
+        rogue_leaf.key.as_bytes(),
+    )
+    .expect("tls");
+    let mut impostor = HeartbeatConfig {
+        node: NodeId::parse("node-evil").expect("node"),
+        ..config
+    };
+    impostor.topology.clear();
+    let mut heartbeat = Heartbeat::with_resolver(impostor, rogue_tls, local, Arc::new(Fixed(registry_addr)));
+    assert_eq!(heartbeat.beat().await.failed, [registry_addr]);
+    assert!(registry.node(&NodeId::parse("node-evil").expect("node")).is_none());
+}
+
+#[test]
+fn tls_files_load_from_disk() {
+    let ca = Ca::new("cellar test CA");
+    let leaf = ca.leaf(AGENT_SERVER_NAME);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    };
+    let opts = TlsOptions {
+        ca: Some(write("ca.pem", &ca.pem())),
+        cert: Some(write("tls.crt", &leaf.cert)),
+        key: Some(write("tls.key", &leaf.key)),
+        insecure: false,
+    };
+    let tls = opts.load().expect("load");
+    assert_eq!(tls.scheme(), "https");
+    let swapped = TlsOptions {
+        key: opts.cert.clone(),
+        ..opts
+    };
+    let e = swapped.load().unwrap_err();
+    assert!(e.to_string().contains("tls.crt"), "{e}");
+}
