@@ -649,7 +649,19 @@ mod tests {
         let mut img = Image::new(16 * MIB);
         let (dev, dio) = attach(&img.file, false, true).unwrap();
         img.dev = Some(dev.clone());
-        let sys = fs::read_to_string(Path::new(SYS_BLOCK).join(format!("loop{}/loop/dio", dev.number))).unwrap();
+        // The attribute appears with the device's sysfs entry, which can lag the ioctl under load.
+        let attr = Path::new(SYS_BLOCK).join(format!("loop{}/loop/dio", dev.number));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let sys = loop {
+            match fs::read_to_string(&attr) {
+                Ok(s) => break s,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("{}: {e}", attr.display()),
+            }
+        };
         assert_eq!(sys.trim() == "1", dio);
         eprintln!("direct I/O on a file in {}: {dio}", img.dir.path().display());
         img.finish();
