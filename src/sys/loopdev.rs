@@ -404,11 +404,26 @@ pub(crate) mod fixture {
         pub dev: Option<LoopDevice>,
         pub mnt: PathBuf,
         pub mounted: bool,
+        /// Tests that own loop devices run one at a time: a device number freed by one test is
+        /// handed to the next attacher at once, and a test that detaches "its" number again would
+        /// detach another test's device. Held by a test's first image only (a test may make two).
+        _serial: Option<std::sync::MutexGuard<'static, ()>>,
+    }
+
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    thread_local! {
+        static IMAGES: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
     }
 
     impl Image {
         pub fn new(size: u64) -> Image {
             require_root();
+            let first = IMAGES.with(|n| {
+                n.set(n.get() + 1);
+                n.get() == 1
+            });
+            let serial = first.then(|| SERIAL.lock().unwrap_or_else(|p| p.into_inner()));
             let dir = tempfile::tempdir().expect("tempdir");
             let file = dir.path().join("image");
             std::fs::File::create(&file)
@@ -422,6 +437,7 @@ pub(crate) mod fixture {
                 dev: None,
                 mnt,
                 mounted: false,
+                _serial: serial,
             }
         }
 
@@ -492,6 +508,7 @@ pub(crate) mod fixture {
 
     impl Drop for Image {
         fn drop(&mut self) {
+            IMAGES.with(|n| n.set(n.get().saturating_sub(1)));
             self.teardown();
         }
     }
