@@ -165,6 +165,8 @@ impl NodeService {
         for _ in 0..MAX_STACKED {
             match self.mounter.is_mountpoint(path) {
                 Ok(true) => self.unmount_once(path)?,
+                // A mount whose share is gone cannot even be looked at; it is detached as it is.
+                Err(e) if share::is_stale(&e) => self.mounter.detach(path)?,
                 Ok(false) => return Ok(()),
                 Err(e) if e.is_not_found() => return Ok(()),
                 Err(e) => return Err(e.into()),

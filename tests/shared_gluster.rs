@@ -1,0 +1,165 @@
+//! Shared pools on a real network filesystem (GlusterFS on loopback): cellar mounts the share itself,
+//! a second client mount stands for another node, and a share that goes away gives errors in
+//! bounded time, not hangs, and is mounted again when it comes back.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cellar::csi::v1::volume_capability::access_mode::Mode;
+use cellar::csi::v1::*;
+use common::gluster::Gluster;
+use common::*;
+use tonic::Code;
+
+async fn driver(g: &Gluster) -> (Driver, tempfile::TempDir) {
+    let cfgdir = tempfile::tempdir().expect("tempdir");
+    let cfg = cfgdir.path().join("pools.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "pools:\n  - name: default\n  - name: share\n    backend: shared\n    source: \"{}\"\n    fsType: {}\n    mountOptions: [\"{}\"]\n    nameTemplate: \"${{pvc.namespace}}-${{pvc.name}}\"\n",
+            g.source(),
+            g.fs_type(),
+            g.options()
+        ),
+    )
+    .expect("config");
+    let d = Driver::start_with(&["--config", cfg.to_str().expect("utf-8")], &[]).await;
+    (d, cfgdir)
+}
+
+fn rwx(name: &str, pvc: &str) -> CreateVolumeRequest {
+    let mut r = create_req(name, 64 * MIB);
+    r.volume_capabilities = vec![mount_cap(Mode::MultiNodeMultiWriter)];
+    r.parameters.insert("pool".into(), "share".into());
+    r.parameters
+        .insert("csi.storage.k8s.io/pvc/namespace".into(), "ns".into());
+    r.parameters.insert("csi.storage.k8s.io/pvc/name".into(), pvc.into());
+    r
+}
+
+async fn publish(d: &mut Driver, id: &str, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let st = d.path(&format!("{name}-st"));
+    let tg = d.path(&format!("{name}-tg"));
+    std::fs::create_dir_all(&st).expect("staging");
+    let cap = mount_cap(Mode::MultiNodeMultiWriter);
+    d.stage_as(id, &st, cap.clone()).await.expect("stage");
+    d.publish(id, &st, &tg, cap, false).await.expect("publish");
+    (st, tg)
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn rwx_writes_renames_and_deletes_are_seen_by_another_node() {
+    let g = Gluster::start();
+    let (mut d, _c) = driver(&g).await;
+    let v = d
+        .ctl
+        .create_volume(rwx("pvc-g1", "shared"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v.volume_id, "shared:share:ns-shared");
+    let (st, tg) = publish(&mut d, &v.volume_id, "g1").await;
+    // Another node: its own client mount of the same share.
+    let other = g.mount(None);
+    let there = other.join("volumes/ns-shared");
+    std::fs::write(tg.join("from-node-a"), b"hello").unwrap();
+    wait_for("a write on one node is seen on the other", || {
+        std::fs::read(there.join("from-node-a")).is_ok_and(|b| b == b"hello")
+    });
+    std::fs::write(there.join("from-node-b"), b"back").unwrap();
+    wait_for("and the other way", || tg.join("from-node-b").exists());
+    std::fs::rename(tg.join("from-node-a"), tg.join("renamed")).unwrap();
+    wait_for("a rename is seen", || {
+        there.join("renamed").exists() && !there.join("from-node-a").exists()
+    });
+    std::fs::remove_file(there.join("from-node-b")).unwrap();
+    wait_for("a delete is seen", || !tg.join("from-node-b").exists());
+    d.unmount_all(&v.volume_id, &st, &tg).await;
+    d.delete(&v.volume_id).await.unwrap();
+    wait_for("the volume's directory leaves the share", || !there.exists());
+    g.unmount(&other);
+    d.kill();
+    unmount_share(&d);
+}
+
+#[tokio::test]
+async fn a_share_that_goes_away_gives_unavailable_in_bounded_time_and_comes_back() {
+    let g = Gluster::start();
+    let (mut d, _c) = driver(&g).await;
+    let v = d
+        .ctl
+        .create_volume(rwx("pvc-g2", "outage"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let (st, tg) = publish(&mut d, &v.volume_id, "g2").await;
+    g.stop_server();
+    let start = Instant::now();
+    let stats = d.node.node_get_volume_stats(NodeGetVolumeStatsRequest {
+        volume_id: v.volume_id.clone(),
+        volume_path: tg.display().to_string(),
+        ..Default::default()
+    });
+    let got = code(stats.await);
+    assert!(
+        matches!(got, Code::Unavailable | Code::NotFound),
+        "stats on a dead share: {got:?}"
+    );
+    let r = d.ctl.create_volume(rwx("pvc-g3", "during")).await;
+    assert_eq!(code(r), Code::Unavailable, "a create on a dead share");
+    let cap = d
+        .ctl
+        .get_capacity(GetCapacityRequest {
+            parameters: [("pool".to_string(), "share".to_string())].into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(cap), Code::Unavailable);
+    assert!(
+        start.elapsed() < Duration::from_secs(40),
+        "errors, not hangs: {:?}",
+        start.elapsed()
+    );
+    g.restart_server();
+    // Publishing again after the outage works: a stale share or staging is mounted again, not stacked.
+    let tg2 = d.path("g2-tg2");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match d
+            .publish(&v.volume_id, &st, &tg2, mount_cap(Mode::MultiNodeMultiWriter), false)
+            .await
+        {
+            Ok(()) => break,
+            Err(s) => assert!(Instant::now() < deadline, "publish after the share came back: {s}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    std::fs::write(tg2.join("after"), b"the share is back").unwrap();
+    d.unpublish(&v.volume_id, &tg2).await.unwrap();
+    d.unmount_all(&v.volume_id, &st, &tg).await;
+    d.kill();
+    unmount_share(&d);
+}
+
+/// The share cellar mounted for its pool lives under the driver's data dir; it goes before the fixture.
+fn unmount_share(d: &Driver) {
+    let share = d.data_dir().join("shares/share");
+    if mounts_under(&share).iter().any(|m| m == Path::new(&share)) {
+        let _ = nix::mount::umount2(&share, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
