@@ -612,3 +612,42 @@ mod tests {
         assert!(f.attached[0].used_bytes.unwrap() >= 8192, "{:?}", f.attached[0]);
     }
 }
+
+/// The controller's view of its nodes, computed at scrape time from the registry.
+#[derive(Clone)]
+pub struct RegistryCollector(pub crate::agent::registry::Registry);
+
+impl fmt::Debug for RegistryCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RegistryCollector")
+    }
+}
+
+impl Collector for RegistryCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let nodes = self.0.nodes();
+        let available = nodes.iter().filter(|n| n.available).count() as u64;
+        gauges(
+            &mut enc,
+            "cellar_agent_registry_nodes",
+            "Nodes registered with this controller, by whether their heartbeats are current.",
+            None,
+            [
+                ([("available", "true".to_string())], available),
+                ([("available", "false".to_string())], nodes.len() as u64 - available),
+            ],
+        )?;
+        gauges(
+            &mut enc,
+            "cellar_agent_heartbeat_age_seconds",
+            "Whole seconds since each registered node's last heartbeat (one series per node).",
+            None,
+            nodes.iter().map(|n| {
+                (
+                    [("node", n.report.node.as_str().to_string())],
+                    n.last_heartbeat_age.as_secs(),
+                )
+            }),
+        )
+    }
+}

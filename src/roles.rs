@@ -241,17 +241,6 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     let config = load_config(o.config.as_ref(), &o.data_dir)?;
     let socket = server::socket_path(&o.endpoint)?;
     let ready = Arc::new(AtomicBool::new(false));
-    let metrics = match o.metrics_listen {
-        Some(addr) => {
-            let exporter = Exporter::new("controller", ready.clone());
-            let listener = crate::metrics::bind(addr).await?;
-            Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
-                listener,
-                Arc::new(exporter),
-            ))))
-        }
-        None => None,
-    };
     let engine = {
         let cfg = config.clone();
         tokio::task::spawn_blocking(move || LocalEngine::open_for(name, &cfg, Role::Controller))
@@ -267,6 +256,18 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
         Some(shared),
     );
     let sweeper = AbortOnDrop(tokio::spawn(registry.clone().run_sweeper()));
+    let metrics = match o.metrics_listen {
+        Some(addr) => {
+            let mut exporter = Exporter::new("controller", ready.clone());
+            exporter.register(crate::metrics::RegistryCollector(registry.clone()));
+            let listener = crate::metrics::bind(addr).await?;
+            Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
+                listener,
+                Arc::new(exporter),
+            ))))
+        }
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(o.agent_listen)
         .await
         .map_err(|e| RoleError::Split(format!("--agent-listen {}: {e}", o.agent_listen)))?;

@@ -48,6 +48,7 @@ fn write_certs(dir: &Path) {
 struct Cluster {
     dir: tempfile::TempDir,
     registry: u16,
+    metrics: u16,
     controller: Option<Child>,
     nodes: Vec<(String, Option<Child>, u16)>,
     pools: Vec<Option<PathBuf>>,
@@ -65,6 +66,7 @@ impl Cluster {
         let mut c = Cluster {
             dir,
             registry: free_port(),
+            metrics: free_port(),
             controller: None,
             nodes: Vec::new(),
             pools: pools.clone(),
@@ -117,6 +119,8 @@ impl Cluster {
             format!("127.0.0.1:{}", self.registry),
             "--data-dir".into(),
             d.join("controller").display().to_string(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", self.metrics),
         ];
         args.extend(self.tls_args());
         self.controller = Some(self.spawn("controller", args));
@@ -516,4 +520,44 @@ async fn csi_sanity_passes_in_split_mode() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// One plain HTTP GET on loopback.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").expect("request");
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("response");
+    body
+}
+
+#[tokio::test]
+async fn the_controller_exports_its_registry_size_and_heartbeat_ages() {
+    let mut c = Cluster::start(vec![None, None]).await;
+    let text = http_get(c.metrics, "/metrics");
+    assert!(
+        text.contains("cellar_agent_registry_nodes{available=\"true\"} 2"),
+        "{text}"
+    );
+    for node in ["node-1", "node-2"] {
+        assert!(
+            text.contains(&format!("cellar_agent_heartbeat_age_seconds{{node=\"{node}\"}}")),
+            "{text}"
+        );
+    }
+    c.kill_node(1);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let text = http_get(c.metrics, "/metrics");
+        if text.contains("cellar_agent_registry_nodes{available=\"false\"} 1") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a silent node was never marked unavailable:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
