@@ -94,6 +94,27 @@ static RPC: LazyLock<RpcMetrics> = LazyLock::new(|| RpcMetrics {
     duration: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
 });
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AgentErrorLabels {
+    node: String,
+    call: &'static str,
+    code: &'static str,
+}
+
+/// Failed calls from the controller to node agents (bounded by nodes × calls × codes).
+static AGENT_ERRORS: LazyLock<Family<AgentErrorLabels, Counter>> = LazyLock::new(Family::default);
+
+/// Counts one failed agent call (controller side).
+pub fn record_agent_error(node: &str, call: &'static str, code: Code) {
+    AGENT_ERRORS
+        .get_or_create(&AgentErrorLabels {
+            node: node.to_string(),
+            call,
+            code: code_name(code),
+        })
+        .inc();
+}
+
 /// Counts one finished RPC and its latency.
 pub fn record_rpc(method: &'static str, code: Code, elapsed: Duration) {
     RPC.requests
@@ -158,6 +179,13 @@ impl Exporter {
             Unit::Seconds,
             RPC.duration.clone(),
         );
+        if role == "controller" {
+            registry.register(
+                "cellar_agent_call_errors",
+                "Failed calls from the controller to node agents, by node, call and gRPC code",
+                AGENT_ERRORS.clone(),
+            );
+        }
         Exporter { registry, ready }
     }
 

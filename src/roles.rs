@@ -351,8 +351,19 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
         tls,
         Arc::new(LocalAgent::new(engine.clone())),
     );
-    let heartbeat = AbortOnDrop(tokio::spawn(beat.run()));
-    ready.store(engine.ready(), Ordering::Release);
+    // Ready once the pools are open and a controller has acknowledged this node.
+    let pools_open = engine.ready();
+    let registered = ready.clone();
+    let heartbeat = AbortOnDrop(tokio::spawn(async move {
+        let mut beat = beat;
+        loop {
+            let round = beat.beat().await;
+            if !round.acked.is_empty() {
+                registered.store(pools_open, Ordering::Release);
+            }
+            tokio::time::sleep(beat.interval()).await;
+        }
+    }));
     tracing::info!(node = node.as_str(), agent_listen = %o.agent_listen, socket = %socket.display(), "node ready");
     let identity = IdentityService {
         name: o.driver_name.clone(),

@@ -547,7 +547,27 @@ async fn the_controller_exports_its_registry_size_and_heartbeat_ages() {
             "{text}"
         );
     }
+    let mut ctl = c.ctl().await;
+    let on2 = ctl
+        .create_volume(wffc("pvc-m", 16 * MIB, "node-2", &["node-2"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     c.kill_node(1);
+    let e = ctl
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: on2.volume_id,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(e), Code::Unavailable);
+    let text = http_get(c.metrics, "/metrics");
+    assert!(
+        text.contains("cellar_agent_call_errors_total{node=\"node-2\""),
+        "a failed agent call is counted:\n{text}"
+    );
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         let text = http_get(c.metrics, "/metrics");

@@ -210,8 +210,14 @@ impl RemoteAgent {
         }
         match tokio::time::timeout(limit, f(self.client.clone(), req)).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(s)) => Err(self.error(rpc, limit, s)),
-            Err(_) => Err(self.unreachable(rpc, format!("no answer within {limit:?}"))),
+            Ok(Err(s)) => {
+                crate::metrics::record_agent_error(self.node.as_str(), rpc, s.code());
+                Err(self.error(rpc, limit, s))
+            }
+            Err(_) => {
+                crate::metrics::record_agent_error(self.node.as_str(), rpc, Code::Unavailable);
+                Err(self.unreachable(rpc, format!("no answer within {limit:?}")))
+            }
         }
     }
 
