@@ -94,18 +94,7 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
 
     // Served before the pools open: /healthz answers and /readyz says 503 during a long start-up purge.
     let node_metrics = NodeCollector::default();
-    let metrics = match o.metrics_listen {
-        Some(addr) => {
-            let mut exporter = Exporter::new("all-in-one", ready.clone());
-            exporter.register(node_metrics.clone());
-            let listener = crate::metrics::bind(addr).await?;
-            Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
-                listener,
-                Arc::new(exporter),
-            ))))
-        }
-        None => None,
-    };
+    let metrics = serve_metrics(o.metrics_listen, "all-in-one", ready.clone(), node_metrics.clone()).await?;
 
     let engine = {
         let node = node.clone();
@@ -172,6 +161,26 @@ async fn hold_data_dir(data_dir: &Path) -> Result<Flock<File>, RoleError> {
         data_dir.to_path_buf(),
         data_dir.join(LOCK_FILE),
     ))
+}
+
+/// Starts /metrics, /healthz and /readyz on `addr` (when given) with a role's collector; the
+/// listener ends when the returned guard is dropped.
+async fn serve_metrics(
+    addr: Option<SocketAddr>,
+    role: &'static str,
+    ready: Arc<AtomicBool>,
+    collector: impl prometheus_client::collector::Collector,
+) -> Result<Option<AbortOnDrop>, RoleError> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let mut exporter = Exporter::new(role, ready);
+    exporter.register(collector);
+    let listener = crate::metrics::bind(addr).await?;
+    Ok(Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
+        listener,
+        Arc::new(exporter),
+    )))))
 }
 
 /// A background task that ends with its owner (the metrics listener ends with the role).
@@ -256,18 +265,13 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
         Some(shared),
     );
     let sweeper = AbortOnDrop(tokio::spawn(registry.clone().run_sweeper()));
-    let metrics = match o.metrics_listen {
-        Some(addr) => {
-            let mut exporter = Exporter::new("controller", ready.clone());
-            exporter.register(crate::metrics::RegistryCollector(registry.clone()));
-            let listener = crate::metrics::bind(addr).await?;
-            Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
-                listener,
-                Arc::new(exporter),
-            ))))
-        }
-        None => None,
-    };
+    let metrics = serve_metrics(
+        o.metrics_listen,
+        "controller",
+        ready.clone(),
+        crate::metrics::RegistryCollector(registry.clone()),
+    )
+    .await?;
     let listener = tokio::net::TcpListener::bind(o.agent_listen)
         .await
         .map_err(|e| RoleError::Split(format!("--agent-listen {}: {e}", o.agent_listen)))?;
@@ -313,18 +317,7 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     let socket = server::socket_path(&o.endpoint)?;
     let ready = Arc::new(AtomicBool::new(false));
     let node_metrics = NodeCollector::default();
-    let metrics = match o.metrics_listen {
-        Some(addr) => {
-            let mut exporter = Exporter::new("node", ready.clone());
-            exporter.register(node_metrics.clone());
-            let listener = crate::metrics::bind(addr).await?;
-            Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
-                listener,
-                Arc::new(exporter),
-            ))))
-        }
-        None => None,
-    };
+    let metrics = serve_metrics(o.metrics_listen, "node", ready.clone(), node_metrics.clone()).await?;
     let engine = {
         let node = node.clone();
         tokio::task::spawn_blocking(move || LocalEngine::open_for(node, &config, Role::Node))
