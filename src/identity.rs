@@ -21,6 +21,19 @@ pub struct IdentityService {
     pub controller: bool,
 }
 
+impl IdentityService {
+    /// The Identity service of this build, named `name`; `controller` says whether this process also
+    /// serves the Controller service.
+    pub fn new(name: &str, ready: Arc<AtomicBool>, controller: bool) -> IdentityService {
+        IdentityService {
+            name: name.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ready,
+            controller,
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Identity for IdentityService {
     async fn get_plugin_info(

@@ -22,9 +22,7 @@ use crate::server::{self, ServeError};
 use crate::storage::config::{Config, ConfigError};
 use crate::storage::engine::{LocalEngine, Role};
 use crate::storage::id::NodeId;
-use crate::storage::locks::InFlight;
 use crate::storage::StorageError;
-use crate::sys::mount::LinuxMounter;
 
 #[derive(Debug, Clone)]
 pub struct AllInOne {
@@ -118,23 +116,11 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
         "all-in-one ready"
     );
 
-    let identity = IdentityService {
-        name: o.driver_name.clone(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        ready,
-        controller: true,
-    };
+    let identity = IdentityService::new(&o.driver_name, ready, true);
     let controller = ControllerService {
         directory: Arc::new(SingleNode(Arc::new(LocalAgent::new(engine.clone())))),
     };
-    let node_svc = NodeService {
-        node,
-        engine,
-        mounter: Arc::new(LinuxMounter::default()),
-        state,
-        in_flight: InFlight::default(),
-        max_volumes: o.max_volumes_per_node,
-    };
+    let node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
     // The socket appears only now: whoever finds it (kubelet's registrar, a test) finds a driver
     // whose pools and node state are open.
     let listener = server::bind(&socket)?;
@@ -282,12 +268,7 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     }));
     ready.store(engine.ready(), Ordering::Release);
     tracing::info!(agent_listen = %o.agent_listen, socket = %socket.display(), "controller ready");
-    let identity = IdentityService {
-        name: o.driver_name.clone(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        ready,
-        controller: true,
-    };
+    let identity = IdentityService::new(&o.driver_name, ready, true);
     let controller = ControllerService {
         directory: Arc::new(registry),
     };
@@ -358,20 +339,8 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
         }
     }));
     tracing::info!(node = node.as_str(), agent_listen = %o.agent_listen, socket = %socket.display(), "node ready");
-    let identity = IdentityService {
-        name: o.driver_name.clone(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        ready,
-        controller: false,
-    };
-    let node_svc = NodeService {
-        node,
-        engine,
-        mounter: Arc::new(LinuxMounter::default()),
-        state,
-        in_flight: InFlight::default(),
-        max_volumes: o.max_volumes_per_node,
-    };
+    let identity = IdentityService::new(&o.driver_name, ready, false);
+    let node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
     let listener = server::bind(&socket)?;
     let router = Server::builder()
         .add_service(IdentityServer::new(identity))

@@ -45,6 +45,20 @@ pub const CAPABILITIES: &[rpc::Type] = &[
     rpc::Type::SingleNodeMultiWriter,
 ];
 
+impl NodeService {
+    /// The Node service over this node's engine and mount state, mounting with real syscalls.
+    pub fn new(node: NodeId, engine: Arc<LocalEngine>, state: Arc<NodeState>, max_volumes: i64) -> NodeService {
+        NodeService {
+            node,
+            engine,
+            mounter: Arc::new(crate::sys::mount::LinuxMounter::default()),
+            state,
+            in_flight: InFlight::default(),
+            max_volumes,
+        }
+    }
+}
+
 /// A path from the CO: absolute and without `.`/`..` parts, so it means exactly what it says.
 fn co_path(field: &str, p: &str) -> Result<PathBuf, Status> {
     if p.is_empty() {
