@@ -453,21 +453,4 @@ mod tests {
         thaw(&img.mnt).unwrap(); // not frozen: fine
         img.finish();
     }
-
-    #[test]
-    #[ignore = "timing, run by hand with --nocapture"]
-    fn bench_mkfs_1gib() {
-        for fs in [FsType::Ext4, FsType::Xfs] {
-            let mut times = Vec::new();
-            for _ in 0..10 {
-                let img = Image::new(1 << 30);
-                let t = Instant::now();
-                mkfs(fs, &img.file).unwrap();
-                times.push(t.elapsed());
-                img.finish();
-            }
-            times.sort();
-            eprintln!("mkfs {fs} of a 1 GiB file: p50 {:?} max {:?}", times[5], times[9]);
-        }
-    }
 }

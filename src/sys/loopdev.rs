@@ -722,25 +722,4 @@ mod tests {
             img.finish();
         }
     }
-
-    #[test]
-    #[ignore = "timing, run by hand with --nocapture"]
-    fn bench_attach_detach() {
-        let img = Image::new(1 << 30);
-        for direct_io in [false, true] {
-            let mut times = Vec::new();
-            for _ in 0..50 {
-                let t = std::time::Instant::now();
-                let (dev, _) = attach(&img.file, false, direct_io).unwrap();
-                detach(&dev).unwrap();
-                times.push(t.elapsed());
-            }
-            times.sort();
-            eprintln!(
-                "attach+detach (direct I/O asked: {direct_io}) p50 {:?} p90 {:?}",
-                times[25], times[45]
-            );
-        }
-        img.finish();
-    }
 }
