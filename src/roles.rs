@@ -120,6 +120,7 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
     let controller = ControllerService {
         directory: Arc::new(SingleNode(Arc::new(LocalAgent::new(engine.clone())))),
     };
+    crate::node::start_lease_renewer(engine.clone(), state.clone());
     let node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
     // The socket appears only now: whoever finds it (kubelet's registrar, a test) finds a driver
     // whose pools and node state are open.
@@ -340,6 +341,7 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     }));
     tracing::info!(node = node.as_str(), agent_listen = %o.agent_listen, socket = %socket.display(), "node ready");
     let identity = IdentityService::new(&o.driver_name, ready, false);
+    crate::node::start_lease_renewer(engine.clone(), state.clone());
     let node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
     let listener = server::bind(&socket)?;
     let router = Server::builder()

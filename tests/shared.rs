@@ -411,16 +411,7 @@ async fn capacity_of_a_shared_pool_is_the_shares_and_serves_rwx() {
     assert_eq!(l.available_capacity, 0, "a local pool cannot serve RWX");
     let v = create(&mut d, pvc("pvc-st", "ns", "stats", Mode::MultiNodeMultiWriter)).await;
     let (st, tg) = stage_publish(&mut d, &v.volume_id, "stats", Mode::MultiNodeMultiWriter, false).await;
-    let stats = d
-        .node
-        .node_get_volume_stats(NodeGetVolumeStatsRequest {
-            volume_id: v.volume_id.clone(),
-            volume_path: tg.display().to_string(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let stats = d.stats(&v.volume_id, &tg).await.unwrap();
     assert!(stats.usage[0].total > 0);
     d.unmount_all(&v.volume_id, &st, &tg).await;
 }

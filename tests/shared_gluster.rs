@@ -96,7 +96,7 @@ async fn rwx_writes_renames_and_deletes_are_seen_by_another_node() {
 }
 
 #[tokio::test]
-async fn a_share_that_goes_away_gives_unavailable_in_bounded_time_and_comes_back() {
+async fn a_share_that_goes_away_gives_errors_in_bounded_time_and_comes_back() {
     let g = Gluster::start();
     let (mut d, _c) = driver(&g).await;
     let v = d
@@ -110,16 +110,14 @@ async fn a_share_that_goes_away_gives_unavailable_in_bounded_time_and_comes_back
     let (st, tg) = publish(&mut d, &v.volume_id, "g2").await;
     g.stop_server();
     let start = Instant::now();
-    let stats = d.node.node_get_volume_stats(NodeGetVolumeStatsRequest {
-        volume_id: v.volume_id.clone(),
-        volume_path: tg.display().to_string(),
-        ..Default::default()
-    });
-    let got = code(stats.await);
-    assert!(
-        matches!(got, Code::Unavailable | Code::NotFound),
-        "stats on a dead share: {got:?}"
-    );
+    let stats = d.stats(&v.volume_id, &tg).await;
+    // Stats answer, with the volume abnormal and the share named: kubelet shows it on the pod.
+    let cond = stats
+        .expect("stats on a dead share answer")
+        .volume_condition
+        .expect("condition");
+    assert!(cond.abnormal, "{cond:?}");
+    assert!(cond.message.contains(&g.source()), "names the share: {cond:?}");
     let r = d.ctl.create_volume(rwx("pvc-g3", "during")).await;
     assert_eq!(code(r), Code::Unavailable, "a create on a dead share");
     let cap = d
@@ -150,6 +148,14 @@ async fn a_share_that_goes_away_gives_unavailable_in_bounded_time_and_comes_back
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     std::fs::write(tg2.join("after"), b"the share is back").unwrap();
+    // The old publish still sits on the dead mount: abnormal, and saying so, until it is republished.
+    let cond = d
+        .stats(&v.volume_id, &tg)
+        .await
+        .expect("stats")
+        .volume_condition
+        .expect("condition");
+    assert!(cond.abnormal && cond.message.contains("stale"), "{cond:?}");
     d.unpublish(&v.volume_id, &tg2).await.unwrap();
     d.unmount_all(&v.volume_id, &st, &tg).await;
     d.kill();

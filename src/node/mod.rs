@@ -14,8 +14,10 @@ use crate::csi::v1::node_server::Node;
 use crate::csi::v1::node_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::v1::*;
 use crate::server::traced;
+use crate::storage::config::PoolConfig;
 use crate::storage::engine::LocalEngine;
-use crate::storage::id::{NodeId, StaticId, VolumeId};
+use crate::storage::id::{NodeId, PoolName, StaticId, VolumeId};
+use crate::storage::lease::{Claim, Renewal};
 use crate::storage::locks::{Held, InFlight};
 use crate::storage::record::{AccessMode, Layout, VolumeMode, VolumeRecord};
 use crate::sys::files::{self, Entry};
@@ -56,6 +58,48 @@ impl NodeService {
             in_flight: InFlight::default(),
             max_volumes,
         }
+    }
+}
+
+/// Renews the leases of the shared image volumes this node has staged, each once a third of its
+/// lease time has passed.
+pub fn renew_leases(engine: &LocalEngine, state: &NodeState) {
+    for m in state.all() {
+        let Some(backing) = m.staged.as_ref().and_then(|s| s.backing.clone()) else {
+            continue;
+        };
+        let Some((lease, ttl)) = VolumeId::parse(&m.volume_id)
+            .ok()
+            .and_then(|id| engine.shared_lease(&id))
+        else {
+            continue;
+        };
+        if !engine.leases.due(&lease, ttl) {
+            continue;
+        }
+        // A volume deleted under a stage has nothing left to lease.
+        if !matches!(files::entry(&backing), Ok(Entry::File)) {
+            continue;
+        }
+        match engine.leases.renew(&lease, &m.volume_id) {
+            Ok(Renewal::Renewed) | Ok(Renewal::Gone) => {}
+            Ok(Renewal::Lost(_)) => {} // logged once, and shown as the volume's condition
+            Err(e) => tracing::warn!(volume = m.volume_id, error = %e, "cannot renew lease"),
+        }
+    }
+}
+
+/// Starts the lease renewer on a thread of its own (a dead share may block it; it blocks nothing
+/// else): every second it renews what is due.
+pub fn start_lease_renewer(engine: Arc<LocalEngine>, state: Arc<NodeState>) {
+    let spawned = std::thread::Builder::new()
+        .name("cellar-leases".into())
+        .spawn(move || loop {
+            renew_leases(&engine, &state);
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the lease renewer");
     }
 }
 
@@ -121,15 +165,42 @@ impl NodeService {
         Ok((rec, pool.path.join(&sid.path)))
     }
 
-    /// Checks the share under a shared pool and, when cellar mounts it and it has gone stale
-    /// (server restarted, network cut), mounts it again, so nothing stacks on a dead mount.
-    fn ensure_share(&self, volume_id: &str) -> Result<(), Status> {
+    /// The shared pool a volume lives in (None for local volumes and unknown pools).
+    fn shared_pool(&self, volume_id: &str) -> Option<(PoolName, &PoolConfig)> {
         let pool = match (VolumeId::parse(volume_id), StaticId::parse(volume_id)) {
             (Ok(id), _) if id.0.node().is_none() => id.0.pool,
             (_, Ok(sid)) => sid.pool,
-            _ => return Ok(()),
+            _ => return None,
         };
-        let Some(cfg) = self.engine.pool_config(&pool) else {
+        let cfg = self.engine.pool_config(&pool)?;
+        Some((pool, cfg))
+    }
+
+    /// When the share under a volume (or its mount at `path`) is gone or stale, what to say about it.
+    fn share_down(&self, volume_id: &str, path: &Path) -> Option<String> {
+        let (pool, cfg) = self.shared_pool(volume_id)?;
+        let what = match &cfg.share {
+            Some(s) => format!("share {} of pool '{}'", s.source, pool.as_str()),
+            None => format!("the share of pool '{}' at {}", pool.as_str(), cfg.path.display()),
+        };
+        match share::usage(&cfg.path) {
+            Err(e) if share::is_stale(&e) => return Some(format!("{what} is not reachable: {e}")),
+            _ => {}
+        }
+        match share::usage(path) {
+            Err(e) if share::is_stale(&e) => Some(format!(
+                "the mount of volume {volume_id} at {} is stale ({e}); {what} is reachable again and is \
+                 mounted afresh at the next publish",
+                path.display()
+            )),
+            _ => None,
+        }
+    }
+
+    /// Checks the share under a shared pool and, when cellar mounts it and it has gone stale
+    /// (server restarted, network cut), mounts it again, so nothing stacks on a dead mount.
+    fn ensure_share(&self, volume_id: &str) -> Result<(), Status> {
+        let Some((pool, cfg)) = self.shared_pool(volume_id) else {
             return Ok(());
         };
         match share::usage(&cfg.path) {
@@ -295,6 +366,18 @@ impl NodeService {
             self.mounter.bind(&pinned.proc_path(), &staging, flags)?;
             return Ok(NodeStageVolumeResponse {});
         }
+        let id = VolumeId::parse(&r.volume_id).map_err(|e| invalid(e.0))?;
+        if let Some((lease, ttl)) = self.engine.shared_lease(&id) {
+            if let Claim::HeldBy { node, wait } = self.engine.leases.acquire(&lease, &r.volume_id, ttl)? {
+                return Err(Status::failed_precondition(format!(
+                    "volume {} is staged on node {node}, which holds its lease: an image volume is \
+                     mounted on one node at a time. Unstage it there; if that node is gone, this node \
+                     takes the lease over once it has gone {} s without renewal",
+                    r.volume_id,
+                    wait.as_secs().max(1)
+                )));
+            }
+        }
         // image: the intent names the backing file, so a crash after the attach finds the device again.
         m.staged = Some(Staged {
             path: staging.clone(),
@@ -313,7 +396,6 @@ impl NodeService {
                 rec.id, rec.fs_type
             ))
         })?;
-        let id = VolumeId::parse(&r.volume_id).map_err(|e| invalid(e.0))?;
         let grow = rec.capacity_bytes > rec.fs_bytes && !read_only;
         if grow && fs == FsType::Ext4 {
             // ext4 cannot always grow online (it needs CAP_SYS_RESOURCE); unmounted it always can.
@@ -369,6 +451,12 @@ impl NodeService {
                 loopdev::detach(&d)?;
             }
             self.await_detached(backing)?;
+            if let Some((lease, _)) = VolumeId::parse(&r.volume_id)
+                .ok()
+                .and_then(|id| self.engine.shared_lease(&id))
+            {
+                self.engine.leases.release(&lease, &r.volume_id)?;
+            }
         } else {
             self.unmount_all(&staging)?;
         }
@@ -604,8 +692,18 @@ impl NodeService {
         if r.volume_path.is_empty() {
             return Err(missing("volume_path"));
         }
-        let (rec, data) = self.volume(&r.volume_id)?;
         let path = PathBuf::from(&r.volume_path);
+        if let Some(message) = self.share_down(&r.volume_id, &path) {
+            // Nothing can be measured; kubelet shows the condition on the pod's events.
+            return Ok(NodeGetVolumeStatsResponse {
+                usage: vec![],
+                volume_condition: Some(VolumeCondition {
+                    abnormal: true,
+                    message,
+                }),
+            });
+        }
+        let (rec, data) = self.volume(&r.volume_id)?;
         if !path.is_absolute() || files::entry(&path)? == Entry::Missing {
             return Err(Status::not_found(format!(
                 "volume path {} does not exist",
@@ -668,6 +766,12 @@ impl NodeService {
             if cond.abnormal {
                 return Ok(abnormal(cond.message));
             }
+        }
+        if let Some(holder) = self.engine.leases.lost(raw) {
+            return Ok(abnormal(format!(
+                "node {holder} took over the lease of volume {raw} while it is staged here (this node \
+                 could not renew it in time): another node may be using it; unstage it here"
+            )));
         }
         let m = self.state.get(raw);
         if rec.layout == Layout::Image && m.staged.is_some() && loopdev::find_by_backing(data)?.is_empty() {

@@ -52,7 +52,13 @@ pub struct PoolConfig {
     pub share: Option<Share>,
     /// Shared pools: how a volume's directory is named from the PVC (see docs/shared.md).
     pub name_template: Option<String>,
+    /// Shared pools: how long an image volume's lease lasts unrenewed before another node may take
+    /// the volume over (see storage/lease.rs).
+    pub lease_seconds: u64,
 }
+
+/// Default lease time of image volumes on shared pools.
+pub const DEFAULT_LEASE_SECONDS: u64 = 30;
 
 /// A shared filesystem cellar mounts: `mount -t <fs_type> -o <options> <source> <path>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +120,8 @@ struct FilePool {
     image_fs_type: Option<String>,
     #[serde(default)]
     name_template: Option<String>,
+    #[serde(default)]
+    lease_seconds: Option<u64>,
 }
 
 fn local() -> Backend {
@@ -134,6 +142,7 @@ impl Config {
                 fs_type: FsType::Ext4,
                 share: None,
                 name_template: None,
+                lease_seconds: DEFAULT_LEASE_SECONDS,
             }],
             default_pool: name,
         }
@@ -163,9 +172,14 @@ impl Config {
                 return Err(invalid(format!("pool '{}' is listed twice", p.name)));
             }
             let shared = p.backend == Backend::Shared;
-            if !shared && (p.source.is_some() || !p.mount_options.is_empty() || p.name_template.is_some()) {
+            if !shared
+                && (p.source.is_some()
+                    || !p.mount_options.is_empty()
+                    || p.name_template.is_some()
+                    || p.lease_seconds.is_some())
+            {
                 return Err(invalid(format!(
-                    "pool '{}': source, mountOptions and nameTemplate belong to shared pools (backend: shared)",
+                    "pool '{}': source, mountOptions, nameTemplate and leaseSeconds belong to shared pools (backend: shared)",
                     p.name
                 )));
             }
@@ -239,7 +253,15 @@ impl Config {
                 Some(f) => FsType::parse(f)
                     .ok_or_else(|| invalid(format!("pool '{}': unknown fsType '{f}' (known: ext4, xfs)", p.name)))?,
             };
+            let lease_seconds = p.lease_seconds.unwrap_or(DEFAULT_LEASE_SECONDS);
+            if !(3..=3600).contains(&lease_seconds) {
+                return Err(invalid(format!(
+                    "pool '{}': leaseSeconds {lease_seconds} is out of range (3 to 3600)",
+                    p.name
+                )));
+            }
             pools.push(PoolConfig {
+                lease_seconds,
                 fs_type,
                 share,
                 name_template: p.name_template.clone(),
@@ -303,6 +325,22 @@ mod tests {
         assert_eq!(share.options, "nfsvers=4.1,hard");
         assert_eq!(c.pools[0].path, PathBuf::from("/var/lib/cellar/shares/nfs"));
         assert!(c.pools[1].share.is_none());
+        assert_eq!(c.pools[1].lease_seconds, DEFAULT_LEASE_SECONDS);
+        let c = parse("pools:\n  - name: s\n    backend: shared\n    path: /x\n    leaseSeconds: 5\n").unwrap();
+        assert_eq!(c.pools[0].lease_seconds, 5);
+        for bad in ["leaseSeconds: 1", "leaseSeconds: 100000", "leaseSeconds: -3"] {
+            assert!(
+                parse(&format!(
+                    "pools:\n  - name: s\n    backend: shared\n    path: /x\n    {bad}\n"
+                ))
+                .is_err(),
+                "{bad}"
+            );
+        }
+        assert!(
+            parse("pools:\n  - name: s\n    path: /x\n    leaseSeconds: 5\n").is_err(),
+            "a lease time on a local pool"
+        );
         assert!(
             parse("pools:\n  - name: s\n    backend: shared\n").is_err(),
             "path or source"

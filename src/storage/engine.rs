@@ -160,6 +160,8 @@ pub struct LocalEngine {
     in_flight: InFlight,
     /// Wakes the background purger of shared pools' trash.
     purge_wake: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    /// Leases of image volumes on shared pools, held or watched by this process.
+    pub leases: super::lease::Leases,
 }
 
 fn now() -> (i64, i32) {
@@ -194,7 +196,7 @@ impl LocalEngine {
             }
         }
         let engine = LocalEngine {
-            node,
+            node: node.clone(),
             role,
             pools,
             broken,
@@ -204,6 +206,7 @@ impl LocalEngine {
             snapshots: Mutex::new(BTreeMap::new()),
             in_flight: InFlight::default(),
             purge_wake: Mutex::new(None),
+            leases: super::lease::Leases::new(node.as_str()),
         };
         engine.load()?;
         Ok(engine)
@@ -591,6 +594,16 @@ impl LocalEngine {
                 dev.path.display()
             )));
         }
+        if pool.shared() {
+            let (lease, ttl) = Self::lease_at(pool, id);
+            if let Err(holder) = self.leases.clear_if_stale(&lease, ttl)? {
+                return Err(StorageError::InUse(format!(
+                    "volume {shown} is staged on node {holder}, which holds its lease; unstage it there first \
+                     (a lease its node stops renewing expires after {} s)",
+                    ttl.as_secs()
+                )));
+            }
+        }
         let rec = lock(&self.volumes).get(&shown).cloned();
         let policy = rec
             .as_ref()
@@ -641,6 +654,21 @@ impl LocalEngine {
             }
         }
         Ok(())
+    }
+
+    /// Where the lease of a volume of a shared pool lives, and how long it lasts unrenewed.
+    fn lease_at(pool: &Pool, id: &VolumeId) -> (PathBuf, std::time::Duration) {
+        let path = pool
+            .collection_dir(Kind::Volume)
+            .join(format!("{}.lease", id.0.key.as_str()));
+        (path, std::time::Duration::from_secs(pool.config.lease_seconds))
+    }
+
+    /// Where the lease of a volume of a shared pool lives (only `image` volumes take one), and how
+    /// long it lasts; `None` for volumes of local pools.
+    pub fn shared_lease(&self, id: &VolumeId) -> Option<(PathBuf, std::time::Duration)> {
+        let pool = self.locate(&id.0)?;
+        pool.shared().then(|| Self::lease_at(pool, id))
     }
 
     /// Loop devices attached to an image's file (none for other layouts).

@@ -4,6 +4,7 @@ pub mod config;
 pub mod engine;
 pub mod id;
 pub mod layout;
+pub mod lease;
 pub mod locks;
 pub mod naming;
 pub mod pool;

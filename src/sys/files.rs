@@ -57,6 +57,46 @@ pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, SysError> {
     }
 }
 
+/// Creates `path` holding `bytes` only if nothing is there yet, atomically even on a network
+/// filesystem: the bytes go to a private temp file (fsynced), which is then hard-linked to `path`
+/// (link(2) fails with EEXIST rather than replace). `true` when we created it.
+pub fn create_exclusive(path: &Path, bytes: &[u8]) -> Result<bool, SysError> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+    let written = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .step("create", &tmp)?;
+        f.write_all(bytes).step("write", &tmp)?;
+        f.sync_all().step("fsync", &tmp)
+    })();
+    let linked = written.and_then(|()| match fs::hard_link(&tmp, path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(SysError::io("link", path, e)),
+    });
+    let removed = remove_file_if_exists(&tmp);
+    let created = linked?;
+    removed?;
+    if created {
+        sync_dir(dir)?;
+    }
+    Ok(created)
+}
+
+/// Renames `from` to `to`; `false` when `from` was already gone (someone else moved it first).
+pub fn rename_if_exists(from: &Path, to: &Path) -> Result<bool, SysError> {
+    match fs::rename(from, to) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(SysError::io("rename", from, e)),
+    }
+}
+
 /// Removes a file; a file that is already gone is fine.
 pub fn remove_file_if_exists(path: &Path) -> Result<(), SysError> {
     match fs::remove_file(path) {

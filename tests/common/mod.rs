@@ -165,6 +165,20 @@ impl Driver {
 }
 
 /// Mount points at or below `dir`, read from the kernel's table.
+/// A channel to a driver's Unix socket, once the socket is there and answers (at most 30 s).
+pub async fn connect_socket(path: &Path) -> tonic::transport::Channel {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if path.exists() {
+            if let Ok(ch) = cellar::client::connect(&format!("unix://{}", path.display())).await {
+                return ch;
+            }
+        }
+        assert!(Instant::now() < deadline, "{} did not open", path.display());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let table = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     cellar::sys::mountinfo::parse(&table)
@@ -322,6 +336,17 @@ impl Driver {
             })
             .await
             .map(|_| ())
+    }
+
+    pub async fn stats(&mut self, volume_id: &str, path: &Path) -> Result<NodeGetVolumeStatsResponse, tonic::Status> {
+        self.node
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: volume_id.to_string(),
+                volume_path: path.display().to_string(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
     }
 
     pub async fn delete(&mut self, volume_id: &str) -> Result<(), tonic::Status> {

@@ -1,0 +1,366 @@
+//! An `image` volume on a shared pool is staged on one node at a time, in split mode: a controller
+//! and two node processes, each mounting the same GlusterFS share itself, as they would on three
+//! machines. The volume's lease keeps the second node out while the first holds it, gives the volume
+//! over on unstage, and is taken over when its node dies.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cellar::csi::v1::controller_client::ControllerClient;
+use cellar::csi::v1::node_client::NodeClient;
+use cellar::csi::v1::*;
+use common::gluster::Gluster;
+use common::*;
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// Lease time in the test pool: short, so that a take-over is seen in seconds.
+const LEASE_SECONDS: u64 = 3;
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    port: u16,
+    controller: Option<Child>,
+    nodes: Vec<Option<Child>>,
+    /// Staging paths in use, per node: unmounted (and their loop devices detached) on drop.
+    staged: Vec<PathBuf>,
+}
+
+const NODES: [&str; 2] = ["node-1", "node-2"];
+
+impl Cluster {
+    async fn start(g: &Gluster) -> Cluster {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("cellar-test-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::write(
+            dir.path().join("pools.yaml"),
+            format!(
+                "pools:\n  - name: default\n  - name: share\n    backend: shared\n    source: \"{}\"\n    fsType: {}\n    mountOptions: [\"{}\"]\n    layouts: [dir, image]\n    leaseSeconds: {LEASE_SECONDS}\n",
+                g.source(),
+                g.fs_type(),
+                g.options()
+            ),
+        )
+        .expect("config");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut c = Cluster {
+            dir,
+            port,
+            controller: None,
+            nodes: vec![None, None],
+            staged: Vec::new(),
+        };
+        let d = c.dir.path().to_path_buf();
+        c.controller = Some(c.spawn(
+            "controller",
+            &[
+                "controller",
+                "--endpoint",
+                &format!("unix://{}", d.join("controller.sock").display()),
+                "--agent-listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+                &d.join("controller").display().to_string(),
+            ],
+        ));
+        for i in 0..NODES.len() {
+            c.start_node(i);
+        }
+        c
+    }
+
+    fn spawn(&self, name: &str, args: &[&str]) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .expect("log");
+        let cfg = self.dir.path().join("pools.yaml");
+        Command::new(bin())
+            .args(args)
+            .args(["--config", cfg.to_str().expect("utf-8"), "--insecure"])
+            .env("CELLAR_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn")
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let d = self.dir.path().to_path_buf();
+        let name = NODES[i];
+        let agent = format!("127.0.0.{}:{}", 10 + i, self.port);
+        self.nodes[i] = Some(self.spawn(
+            name,
+            &[
+                "node",
+                "--endpoint",
+                &format!("unix://{}", d.join(format!("{name}.sock")).display()),
+                "--node-id",
+                name,
+                "--data-dir",
+                &d.join(name).display().to_string(),
+                "--controller",
+                &format!("127.0.0.1:{}", self.port),
+                "--agent-listen",
+                &agent,
+                "--agent-advertise",
+                &agent,
+            ],
+        ));
+    }
+
+    /// SIGKILL a node process: its mounts and loop devices stay, as they would on a machine whose
+    /// driver died.
+    fn kill_node(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    async fn channel(&self, sock: &str) -> Channel {
+        connect_socket(&self.dir.path().join(sock)).await
+    }
+
+    async fn ctl(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.channel("controller.sock").await)
+    }
+
+    async fn node(&self, i: usize) -> NodeClient<Channel> {
+        NodeClient::new(self.channel(&format!("{}.sock", NODES[i])).await)
+    }
+
+    /// A staging path for node `i`, remembered for cleanup.
+    fn staging(&mut self, i: usize, name: &str) -> PathBuf {
+        let p = self.dir.path().join(format!("{}-{name}-st", NODES[i]));
+        std::fs::create_dir_all(&p).expect("staging dir");
+        self.staged.push(p.clone());
+        p
+    }
+
+    /// The share as node `i` mounted it.
+    fn share_of(&self, i: usize) -> PathBuf {
+        self.dir.path().join(NODES[i]).join("shares/share")
+    }
+
+    fn lease_holder(&self, key: &str) -> Option<String> {
+        let bytes = std::fs::read(self.share_of(1).join(format!("volumes/{key}.lease"))).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes).expect("lease JSON");
+        Some(v["node"].as_str().expect("node").to_string())
+    }
+
+    /// A 64 MiB image volume on the share; its id.
+    async fn create_image(&self, name: &str) -> String {
+        let mut r = create_req(name, 64 * MIB);
+        r.volume_capabilities = vec![rwo()];
+        r.parameters.insert("pool".into(), "share".into());
+        r.parameters.insert("layout".into(), "image".into());
+        let v = self.ctl().await.create_volume(r).await.expect("create").into_inner();
+        v.volume.expect("volume").volume_id
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), tonic::Status> {
+        let r = DeleteVolumeRequest {
+            volume_id: id.into(),
+            ..Default::default()
+        };
+        self.ctl().await.delete_volume(r).await.map(|_| ())
+    }
+
+    async fn stage(&self, i: usize, id: &str, staging: &Path) -> Result<(), tonic::Status> {
+        let mut n = self.node(i).await;
+        n.node_stage_volume(NodeStageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(rwo()),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn unstage(&self, i: usize, id: &str, staging: &Path) -> Result<(), tonic::Status> {
+        let mut n = self.node(i).await;
+        n.node_unstage_volume(NodeUnstageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.display().to_string(),
+        })
+        .await
+        .map(|_| ())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in self.nodes.iter_mut().chain(std::iter::once(&mut self.controller)) {
+            if let Some(mut c) = c.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        for st in &self.staged {
+            let _ = nix::mount::umount2(st, nix::mount::MntFlags::MNT_DETACH);
+        }
+        // Loop devices over image files on any of the shares, then the shares themselves.
+        for share in ["controller", NODES[0], NODES[1]].map(|n| self.dir.path().join(n).join("shares/share")) {
+            let _ = Command::new("sh")
+                .arg("-c")
+                .arg(format!(
+                    "losetup -l -n -O NAME,BACK-FILE | awk -v p='{}/' 'index($2, p) == 1 {{print $1}}' | xargs -r -n1 losetup -d",
+                    share.display()
+                ))
+                .status();
+            if mounts_under(&share).iter().any(|m| m == &share) {
+                let _ = nix::mount::umount2(&share, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
+
+/// The key of a shared volume: the last part of `shared:<pool>:<key>`.
+fn key_of(id: &str) -> &str {
+    id.rsplit(':').next().expect("key")
+}
+
+#[tokio::test]
+async fn an_image_volume_on_a_share_is_staged_on_one_node_at_a_time() {
+    let g = Gluster::start();
+    let mut c = Cluster::start(&g).await;
+    let id = c.create_image("pvc-lease-1").await;
+    let st1 = c.staging(0, "v1");
+    let st2 = c.staging(1, "v1");
+    c.stage(0, &id, &st1).await.expect("stage on node-1");
+    std::fs::write(st1.join("written-on-node-1"), b"one").expect("write");
+    assert_eq!(c.lease_holder(key_of(&id)).as_deref(), Some("node-1"));
+
+    let e = c
+        .stage(1, &id, &st2)
+        .await
+        .expect_err("a second node must not stage it");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("node-1"), "the refusal names the holder: {e}");
+    assert!(mounts_under(&st2).is_empty(), "nothing mounted on the refused node");
+
+    // node-1 keeps renewing: two whole lease times later node-2 is still refused.
+    tokio::time::sleep(Duration::from_secs(2 * LEASE_SECONDS + 1)).await;
+    let e = c
+        .stage(1, &id, &st2)
+        .await
+        .expect_err("a renewed lease is never taken over");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+
+    // Deleting a volume another node has staged is refused too.
+    let e = c.delete(&id).await.expect_err("delete while staged");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(e.message().contains("node-1"), "{e}");
+
+    // Unstage gives the lease back at once; the volume moves to node-2 with its data.
+    c.unstage(0, &id, &st1).await.expect("unstage on node-1");
+    assert_eq!(c.lease_holder(key_of(&id)), None, "unstage gives the lease back");
+    c.stage(1, &id, &st2)
+        .await
+        .expect("stage on node-2 after node-1 let go");
+    assert_eq!(
+        std::fs::read(st2.join("written-on-node-1")).expect("data moved"),
+        b"one"
+    );
+    assert_eq!(c.lease_holder(key_of(&id)).as_deref(), Some("node-2"));
+    c.unstage(1, &id, &st2).await.expect("unstage on node-2");
+    c.delete(&id).await.expect("delete once unstaged");
+    let left: Vec<_> = std::fs::read_dir(c.share_of(1).join("volumes"))
+        .expect("volumes dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(key_of(&id)) || n.contains(".lease"))
+        .collect();
+    assert!(left.is_empty(), "nothing of the volume or its lease is left: {left:?}");
+}
+
+#[tokio::test]
+async fn the_lease_of_a_dead_node_is_taken_over_and_the_old_node_reports_it() {
+    let g = Gluster::start();
+    let mut c = Cluster::start(&g).await;
+    let id = c.create_image("pvc-lease-2").await;
+    let st1 = c.staging(0, "v2");
+    let st2 = c.staging(1, "v2");
+    c.stage(0, &id, &st1).await.expect("stage on node-1");
+    std::fs::write(st1.join("before-the-crash"), b"kept").expect("write");
+    nix::unistd::sync();
+
+    // node-1's machine dies: its driver is gone, and with the machine its mount and loop device.
+    c.kill_node(0);
+    nix::mount::umount2(&st1, nix::mount::MntFlags::empty()).expect("unmount node-1's staging");
+    let backing = c.share_of(0).join("volumes").join(key_of(&id));
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "losetup -j '{}' -n -O NAME | xargs -r -n1 losetup -d",
+            backing.display()
+        ))
+        .status()
+        .expect("losetup");
+    assert!(status.success());
+
+    // node-2 is refused while the lease may still be alive, then takes it over.
+    let first = c.stage(1, &id, &st2).await.expect_err("the lease is not yet stale");
+    assert_eq!(first.code(), Code::FailedPrecondition, "{first}");
+    let deadline = Instant::now() + Duration::from_secs(10 * LEASE_SECONDS);
+    loop {
+        match c.stage(1, &id, &st2).await {
+            Ok(()) => break,
+            Err(e) => {
+                assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+                assert!(Instant::now() < deadline, "the lease was never taken over: {e}");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(c.lease_holder(key_of(&id)).as_deref(), Some("node-2"));
+    assert_eq!(std::fs::read(st2.join("before-the-crash")).expect("data"), b"kept");
+
+    // node-1 comes back believing it has the volume staged: it finds the lease lost and says so.
+    c.start_node(0);
+    let mut n1 = c.node(0).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let condition = loop {
+        let req = NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: st1.display().to_string(),
+            ..Default::default()
+        };
+        let stats = n1
+            .node_get_volume_stats(req)
+            .await
+            .expect("stats on node-1")
+            .into_inner();
+        let cond = stats.volume_condition.expect("condition");
+        if cond.message.contains("lease") || Instant::now() > deadline {
+            break cond;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(condition.abnormal, "{condition:?}");
+    assert!(
+        condition.message.contains("node-2"),
+        "names the new holder: {condition:?}"
+    );
+    // Kubelet's teardown on node-1 leaves node-2's lease alone.
+    c.unstage(0, &id, &st1).await.expect("unstage on node-1");
+    assert_eq!(c.lease_holder(key_of(&id)).as_deref(), Some("node-2"));
+    let e = c.stage(0, &id, &st1).await.expect_err("node-1 cannot take it back");
+    assert!(e.message().contains("node-2"), "{e}");
+
+    c.unstage(1, &id, &st2).await.expect("unstage on node-2");
+    c.delete(&id).await.expect("delete");
+}
