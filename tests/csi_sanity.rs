@@ -126,16 +126,20 @@ fn tail(s: &str, n: usize) -> String {
 #[tokio::test]
 async fn csi_sanity_passes_on_a_shared_pool() {
     let Some(sanity) = sanity_or_note() else { return };
-    let share = tempfile::tempdir().expect("tempdir");
-    let cfg = share.path().join("pools.yaml");
+    // A real network filesystem, mounted on the "node" by the operator (`path`).
+    let g = common::gluster::Gluster::start();
+    let share = g.mount(None);
+    let cfgdir = tempfile::tempdir().expect("tempdir");
+    let cfg = cfgdir.path().join("pools.yaml");
     std::fs::write(
         &cfg,
         format!(
-            "pools:\n  - name: default\n  - name: s\n    backend: shared\n    path: {}\n",
-            share.path().join("pool").display()
+            "pools:\n  - name: default\n  - name: s\n    backend: shared\n    path: {}\n    layouts: [dir, image]\n",
+            share.join("pool").display()
         ),
     )
     .expect("config");
     let d = Driver::start_with(&["--config", cfg.to_str().expect("utf-8")], &[]).await;
     run_sanity(&sanity, &d, "pool: s\n", 64 * MIB, 96 * MIB);
+    drop(d);
 }

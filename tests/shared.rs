@@ -1,7 +1,8 @@
 //! Shared pools: volumes every node can use at once, named from the PVC, deleted safely, and static
-//! volumes for directories that already exist. These tests use a shared pool on a plain directory
-//! (a `path` the operator mounted); tests/shared_gluster.rs runs the same backend on a real
-//! network filesystem.
+//! volumes for directories that already exist. Each test runs on a real network filesystem: its own
+//! GlusterFS server on loopback, mounted by the test (a `path` the operator mounted on every node);
+//! the test looks at the share through that same mount. tests/shared_gluster.rs covers pools whose
+//! share cellar mounts itself, a second node's view and outages.
 
 mod common;
 
@@ -11,8 +12,29 @@ use std::time::{Duration, Instant};
 
 use cellar::csi::v1::volume_capability::access_mode::Mode;
 use cellar::csi::v1::*;
+use common::gluster::Gluster;
 use common::*;
 use tonic::Code;
+
+/// A GlusterFS volume mounted at a directory of its own: the share every node has mounted.
+struct Share {
+    mnt: PathBuf,
+    _g: Gluster,
+}
+
+impl Share {
+    fn new() -> Share {
+        let g = Gluster::start();
+        Share {
+            mnt: g.mount(None),
+            _g: g,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        &self.mnt
+    }
+}
 
 const TEMPLATE: &str = "${pvc.namespace}-${pvc.name}";
 
@@ -78,7 +100,7 @@ async fn stage_publish(d: &mut Driver, id: &str, name: &str, mode: Mode, readonl
 
 #[tokio::test]
 async fn shared_volume_is_named_from_the_pvc_and_pinned_to_no_node() {
-    let share = tempfile::tempdir().unwrap();
+    let share = Share::new();
     let (mut d, _c) = driver(share.path(), "").await;
     let v = create(&mut d, pvc("pvc-1", "team-a", "data", Mode::MultiNodeMultiWriter)).await;
     assert_eq!(v.volume_id, "shared:share:team-a-data");
@@ -93,7 +115,7 @@ async fn shared_volume_is_named_from_the_pvc_and_pinned_to_no_node() {
 
 #[tokio::test]
 async fn hostile_and_colliding_pvc_names_stay_inside_the_pool_and_apart() {
-    let share = tempfile::tempdir().unwrap();
+    let share = Share::new();
     let (mut d, _c) = driver(share.path(), "").await;
     let hostile = [
         "../x",
@@ -137,7 +159,7 @@ async fn hostile_and_colliding_pvc_names_stay_inside_the_pool_and_apart() {
 
 #[tokio::test]
 async fn rwx_volume_is_written_through_two_publishes_at_once() {
-    let share = tempfile::tempdir().unwrap();
+    let share = Share::new();
     let (mut d, _c) = driver(share.path(), "").await;
     let v = create(&mut d, pvc("pvc-rwx", "ns", "shared", Mode::MultiNodeMultiWriter)).await;
     let (st, t1) = stage_publish(&mut d, &v.volume_id, "rwx", Mode::MultiNodeMultiWriter, false).await;
@@ -156,7 +178,7 @@ async fn rwx_volume_is_written_through_two_publishes_at_once() {
 
 #[tokio::test]
 async fn rox_volume_is_read_only_on_every_publish() {
-    let share = tempfile::tempdir().unwrap();
+    let share = Share::new();
     let (mut d, _c) = driver(share.path(), "").await;
     let v = create(&mut d, pvc("pvc-rox", "ns", "ro", Mode::MultiNodeReaderOnly)).await;
     std::fs::write(share.path().join("volumes/ns-ro/dataset"), b"shared data").unwrap();
@@ -171,7 +193,7 @@ async fn rox_volume_is_read_only_on_every_publish() {
 
 #[tokio::test]
 async fn uid_gid_and_mode_parameters_set_the_directory_owner() {
-    let share = tempfile::tempdir().unwrap();
+    let share = Share::new();
     let (mut d, _c) = driver(share.path(), "").await;
     let mut r = pvc("pvc-own", "ns", "owned", Mode::MultiNodeMultiWriter);
     r.parameters.insert("uid".into(), "1001".into());
@@ -190,7 +212,7 @@ async fn uid_gid_and_mode_parameters_set_the_directory_owner() {
 
 #[tokio::test]
 async fn delete_moves_to_trash_returns_at_once_and_purges_in_the_background() {
-    let share = tempfile::tempdir().unwrap();
+    let share = Share::new();
     let (mut d, _c) = driver(share.path(), "").await;
     let v = create(&mut d, pvc("pvc-del", "ns", "big", Mode::MultiNodeMultiWriter)).await;
     let data = share.path().join("volumes/ns-big");
@@ -221,7 +243,7 @@ async fn delete_moves_to_trash_returns_at_once_and_purges_in_the_background() {
 
 #[tokio::test]
 async fn a_purge_cut_short_by_a_restart_resumes() {
-    let share = tempfile::tempdir().unwrap();
+    let share = Share::new();
     let (mut d, _c) = driver(share.path(), "").await;
     // A volume moved into the trash whose purge never ran: what a crash right after the move leaves.
     let left = share.path().join(".trash/ns-old-0123");
@@ -238,7 +260,7 @@ async fn a_purge_cut_short_by_a_restart_resumes() {
 
 #[tokio::test]
 async fn retain_and_archive_policies_keep_shared_data() {
-    let share = tempfile::tempdir().unwrap();
+    let share = Share::new();
     let (mut d, _c) = driver(share.path(), "deletePolicy: retain").await;
     let v = create(&mut d, pvc("pvc-r", "ns", "keep", Mode::MultiNodeMultiWriter)).await;
     std::fs::write(share.path().join("volumes/ns-keep/f"), b"kept").unwrap();
@@ -255,7 +277,7 @@ async fn retain_and_archive_policies_keep_shared_data() {
 
 #[tokio::test]
 async fn shared_snapshots_restore_and_clone_with_equal_content() {
-    let share = tempfile::tempdir().unwrap();
+    let share = Share::new();
     let (mut d, _c) = driver(share.path(), "").await;
     let v = create(&mut d, pvc("pvc-s", "ns", "src", Mode::MultiNodeMultiWriter)).await;
     std::fs::write(share.path().join("volumes/ns-src/f"), b"v1").unwrap();
@@ -289,7 +311,7 @@ async fn shared_snapshots_restore_and_clone_with_equal_content() {
 
 #[tokio::test]
 async fn static_volume_publishes_an_existing_directory_and_delete_keeps_it() {
-    let share = tempfile::tempdir().unwrap();
+    let share = Share::new();
     std::fs::create_dir_all(share.path().join("datasets/imagenet/train")).unwrap();
     std::fs::write(share.path().join("datasets/imagenet/train/1.jpg"), b"jpeg").unwrap();
     let (mut d, _c) = driver(share.path(), "").await;
@@ -339,7 +361,7 @@ async fn static_volume_publishes_an_existing_directory_and_delete_keeps_it() {
 
 #[tokio::test]
 async fn static_handles_that_leave_the_pool_or_follow_symlinks_are_refused() {
-    let share = tempfile::tempdir().unwrap();
+    let share = Share::new();
     let outside = tempfile::tempdir().unwrap();
     std::fs::write(outside.path().join("secret"), b"no").unwrap();
     std::os::unix::fs::symlink(outside.path(), share.path().join("link")).unwrap();
@@ -373,7 +395,7 @@ async fn static_handles_that_leave_the_pool_or_follow_symlinks_are_refused() {
 
 #[tokio::test]
 async fn image_volume_on_a_shared_pool_is_single_node() {
-    let share = tempfile::tempdir().unwrap();
+    let share = Share::new();
     let (mut d, _c) = driver(share.path(), "layouts: [dir, image]").await;
     let mut r = pvc("pvc-img", "ns", "img", Mode::SingleNodeWriter);
     r.parameters.insert("layout".into(), "image".into());
@@ -388,7 +410,7 @@ async fn image_volume_on_a_shared_pool_is_single_node() {
 
 #[tokio::test]
 async fn capacity_of_a_shared_pool_is_the_shares_and_serves_rwx() {
-    let share = tempfile::tempdir().unwrap();
+    let share = Share::new();
     let (mut d, _c) = driver(share.path(), "").await;
     let req = |pool: &str, mode: Mode| GetCapacityRequest {
         parameters: [("pool".to_string(), pool.to_string())].into(),
