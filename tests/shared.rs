@@ -435,5 +435,11 @@ async fn capacity_of_a_shared_pool_is_the_shares_and_serves_rwx() {
     let (st, tg) = stage_publish(&mut d, &v.volume_id, "stats", Mode::MultiNodeMultiWriter, false).await;
     let stats = d.stats(&v.volume_id, &tg).await.unwrap();
     assert!(stats.usage[0].total > 0);
+    let cond = stats.volume_condition.expect("condition");
+    assert!(!cond.abnormal, "{cond:?}");
+    assert!(
+        cond.message.contains("the whole share's"),
+        "GlusterFS has no directory quota here: the figures are labelled as the share's: {cond:?}"
+    );
     d.unmount_all(&v.volume_id, &st, &tg).await;
 }

@@ -725,6 +725,19 @@ impl NodeService {
             });
         }
         let u = statfs::usage(&path)?;
+        let mut condition = condition;
+        if let (Some(c), Some((_, cfg)), Layout::Dir) = (&mut condition, self.shared_pool(&r.volume_id), rec.layout) {
+            // A share that enforces directory quotas (CephFS, Weka, NFS with project quotas) shows
+            // the directory's own size; otherwise statfs gives the whole share: say which it is.
+            let whole = share::usage(&cfg.path)?;
+            if !c.abnormal {
+                c.message += if whole.total_bytes == u.total_bytes && whole.available_bytes == u.available_bytes {
+                    "; usage figures are the whole share's (no directory quota seen)"
+                } else {
+                    "; usage figures are the volume directory's own quota"
+                };
+            }
+        }
         let bytes = if rec.layout == Layout::Btrfs {
             // statfs shows the whole pool; the qgroup holds the volume's own figures.
             let q = btrfs::usage(&data)?;
