@@ -461,7 +461,7 @@ pub struct Import {
 enum Target {
     Image(OwnedFd),
     Tree {
-        writer: TreeWriter,
+        writer: Box<TreeWriter>,
         /// The file being filled: its descriptor, path, size and metadata (applied once full).
         open: Option<(OwnedFd, std::path::PathBuf, u64, Meta)>,
     },
@@ -473,13 +473,16 @@ impl Import {
         let target = match header.layout {
             Layout::Image => Target::Image(copy::create_image(work)?),
             Layout::Dir => Target::Tree {
-                writer: TreeWriter::create(work)?,
+                writer: Box::new(TreeWriter::create(work)?),
                 open: None,
             },
             Layout::Btrfs => {
                 crate::sys::btrfs::create_subvolume(work)?;
                 match TreeWriter::into_existing(work) {
-                    Ok(writer) => Target::Tree { writer, open: None },
+                    Ok(writer) => Target::Tree {
+                        writer: Box::new(writer),
+                        open: None,
+                    },
                     Err(e) => {
                         let _ = super::layout::purge(work);
                         return Err(e.into());
