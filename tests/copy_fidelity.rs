@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use cellar::csi::v1::volume_content_source::Type;
 use cellar::csi::v1::{DeleteSnapshotRequest, Volume, VolumeContentSource};
-use nix::sys::stat::{Mode, SFlag};
+use nix::sys::stat::Mode;
 
 // ---------------------------------------------------------------------------------------------
 // CSI steps

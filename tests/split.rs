@@ -103,11 +103,7 @@ impl Cluster {
         ]
     }
 
-    fn spawn(&self, name: &str, args: Vec<String>) -> Child {
-        self.spawn_with(name, args, &[])
-    }
-
-    fn spawn_with(&self, name: &str, args: Vec<String>, envs: &[(&str, &str)]) -> Child {
+    fn spawn(&self, name: &str, args: Vec<String>, envs: &[(&str, &str)]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -125,6 +121,11 @@ impl Cluster {
     }
 
     fn start_controller(&mut self) {
+        self.start_controller_with(&[]);
+    }
+
+    /// Starts the controller with extra environment, such as a crash point.
+    fn start_controller_with(&mut self, envs: &[(&str, &str)]) {
         let d = self.dir.path();
         let mut args = vec![
             "controller".into(),
@@ -138,7 +139,7 @@ impl Cluster {
             format!("127.0.0.1:{}", self.metrics),
         ];
         args.extend(self.tls_args());
-        self.controller = Some(self.spawn("controller", args));
+        self.controller = Some(self.spawn("controller", args, envs));
     }
 
     fn start_node(&mut self, i: usize) {
@@ -178,7 +179,7 @@ impl Cluster {
             args.extend(["--config".into(), cfg.display().to_string()]);
         }
         args.extend(self.tls_args());
-        self.nodes[i].1 = Some(self.spawn_with(&name, args, envs));
+        self.nodes[i].1 = Some(self.spawn(&name, args, envs));
     }
 
     fn kill_node(&mut self, i: usize) {
@@ -863,33 +864,44 @@ async fn btrfs_restore_and_clone_onto_another_node_keep_every_property() {
     assert!(work.is_empty(), "the export's read-only snapshot was left: {work:?}");
 }
 
-#[tokio::test]
-async fn a_transfer_broken_by_the_source_node_dying_leaves_nothing_and_the_retry_starts_over() {
+/// A cluster of two nodes whose pools allow images, with a filled image volume on node-1 and the
+/// request that clones it onto node-2.
+async fn image_to_clone() -> (Cluster, PathBuf, CreateVolumeRequest) {
     if !cfg!(feature = "crash-points") {
         panic!("this test needs the crash points: run it with `cargo test --features crash-points`");
     }
-    let mut c = Cluster::start_with(vec![None, None], Some("dir, image")).await;
-    let mut ctl = c.ctl().await;
-    let src = made(&mut ctl, image(wffc("src", IMAGE_BYTES, "node-1", BOTH))).await;
+    let c = Cluster::start_with(vec![None, None], Some("dir, image")).await;
+    let src = made(&mut c.ctl().await, image(wffc("src", IMAGE_BYTES, "node-1", BOTH))).await;
     let img = c.pool_dir(0).join("volumes/src");
     fill_image(&img);
-    c.kill_node(0);
-    c.start_node_with(0, &[("CELLAR_CRASH_AT", "export:mid-stream")]);
-
     let req = image(copy_req("cloned", IMAGE_BYTES, "node-2", from_volume(&src.volume_id)));
+    (c, img, req)
+}
+
+/// Repeats `req` until node `i` has died at its crash point `point` (while it starts, its agent
+/// refuses connections: UNAVAILABLE); the answer of the call it died in.
+async fn crashed_by(c: &Cluster, i: usize, point: &str, req: &CreateVolumeRequest) -> tonic::Status {
+    let mut ctl = c.ctl().await;
     let deadline = Instant::now() + Duration::from_secs(40);
-    let broken = loop {
+    loop {
         let e = ctl
             .create_volume(req.clone())
             .await
-            .expect_err("the source dies mid-transfer");
-        if c.log_of(0).contains("crash point export:mid-stream reached") {
-            break e;
+            .expect_err("a node dies mid-transfer");
+        if c.log_of(i).contains(&format!("crash point {point} reached")) {
+            return e;
         }
-        // node-1 is still starting: its agent refuses the connection.
         assert!(Instant::now() < deadline && e.code() == Code::Unavailable, "{e}");
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    }
+}
+
+#[tokio::test]
+async fn a_transfer_broken_by_the_source_node_dying_leaves_nothing_and_the_retry_starts_over() {
+    let (mut c, img, req) = image_to_clone().await;
+    c.kill_node(0);
+    c.start_node_with(0, &[("CELLAR_CRASH_AT", "export:mid-stream")]);
+    let broken = crashed_by(&c, 0, "export:mid-stream", &req).await;
     assert_eq!(broken.code(), Code::Unavailable, "{broken}");
     assert!(broken.message().contains("node-1"), "{}", broken.message());
     assert!(
@@ -901,18 +913,11 @@ async fn a_transfer_broken_by_the_source_node_dying_leaves_nothing_and_the_retry
 
     c.kill_node(0);
     c.start_node(0);
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let cloned = loop {
-        match ctl.create_volume(req.clone()).await {
-            Ok(r) => break r.into_inner().volume.expect("volume"),
-            Err(e) => assert!(Instant::now() < deadline && e.code() == Code::Unavailable, "{e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let cloned = retried(&c, req.clone()).await;
     assert_eq!(cloned.volume_id, "local:node-2:default:cloned");
     assert_same_image(&img, &c.pool_dir(1).join("volumes/cloned"));
     assert_eq!(
-        made(&mut ctl, req).await.volume_id,
+        made(&mut c.ctl().await, req).await.volume_id,
         cloned.volume_id,
         "a retry returns the same volume"
     );
@@ -1066,4 +1071,92 @@ mod import {
             "a retry returns the volume without reading a stream"
         );
     }
+}
+
+/// Waits until a copy made after a crash succeeds; until the restarted process is up, the calls
+/// answer UNAVAILABLE (or ABORTED while the broken transfer still unwinds).
+async fn retried(c: &Cluster, req: CreateVolumeRequest) -> Volume {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        match c.ctl().await.create_volume(req.clone()).await {
+            Ok(r) => return r.into_inner().volume.expect("volume"),
+            Err(e) => assert!(
+                Instant::now() < deadline && matches!(e.code(), Code::Unavailable | Code::Aborted),
+                "{e}\n{}",
+                c.logs()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until `check` holds; a broken connection is noticed by the far end a moment later.
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn nothing_of(pool: &Path, name: &str) -> bool {
+    !pool.join(format!("volumes/{name}")).exists()
+        && !pool.join(format!("volumes/{name}.json")).exists()
+        && std::fs::read_dir(pool.join(".work")).is_ok_and(|mut d| d.next().is_none())
+}
+
+#[tokio::test]
+async fn a_transfer_broken_by_the_controller_dying_leaves_nothing_and_the_retry_starts_over() {
+    let (mut c, img, req) = image_to_clone().await;
+    c.kill_controller();
+    c.start_controller_with(&[("CELLAR_CRASH_AT", "transfer:mid-pipe")]);
+    c.wait_registered().await;
+    let e = c
+        .ctl()
+        .await
+        .create_volume(req.clone())
+        .await
+        .expect_err("the controller dies mid-transfer");
+    let log = std::fs::read_to_string(c.dir.path().join("controller.log")).unwrap_or_default();
+    assert!(log.contains("crash point transfer:mid-pipe reached"), "{e}\n{log}");
+    assert!(
+        c.log_of(1).contains("import from another node started"),
+        "node-2 had begun the import"
+    );
+    let pool = c.pool_dir(1);
+    eventually("node-2 removes the broken import", || nothing_of(&pool, "cloned")).await;
+    assert_nothing_of(&pool, "cloned");
+
+    c.kill_controller();
+    c.start_controller();
+    c.wait_registered().await;
+    let cloned = retried(&c, req).await;
+    assert_eq!(cloned.volume_id, "local:node-2:default:cloned");
+    assert_same_image(&img, &c.pool_dir(1).join("volumes/cloned"));
+}
+
+#[tokio::test]
+async fn a_transfer_broken_by_the_target_node_dying_leaves_nothing_once_it_restarts() {
+    let (mut c, img, req) = image_to_clone().await;
+    c.kill_node(1);
+    c.start_node_with(1, &[("CELLAR_CRASH_AT", "import:mid-stream")]);
+    let broken = crashed_by(&c, 1, "import:mid-stream", &req).await;
+    assert_eq!(broken.code(), Code::Unavailable, "{broken}");
+    assert!(broken.message().contains("node-2"), "{}", broken.message());
+    assert!(
+        !c.pool_dir(1).join("volumes/cloned.json").exists(),
+        "no record of a volume that was not made"
+    );
+
+    c.kill_node(1);
+    c.start_node(1);
+    let pool = c.pool_dir(1);
+    eventually("node-2 clears the half-made copy at its start", || {
+        nothing_of(&pool, "cloned")
+    })
+    .await;
+    assert_nothing_of(&pool, "cloned");
+    let cloned = retried(&c, req).await;
+    assert_eq!(cloned.volume_id, "local:node-2:default:cloned");
+    assert_same_image(&img, &c.pool_dir(1).join("volumes/cloned"));
 }

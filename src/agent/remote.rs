@@ -513,11 +513,20 @@ impl Agent for RemoteAgent {
             if tx.send(first).await.is_err() {
                 return None;
             }
+            let mut chunks = 0;
             while let Some(item) = frames.next().await {
                 let m = match item {
-                    Ok(f) => v1::ImportVolumeRequest {
-                        kind: Some(Kind::Frame(f.into())),
-                    },
+                    Ok(f) => {
+                        if matches!(f, Frame::Chunk { .. }) {
+                            chunks += 1;
+                            if chunks == 8 {
+                                crate::crash::point("transfer:mid-pipe");
+                            }
+                        }
+                        v1::ImportVolumeRequest {
+                            kind: Some(Kind::Frame(f.into())),
+                        }
+                    }
                     Err(e) => return Some(e),
                 };
                 if tx.send(m).await.is_err() {
