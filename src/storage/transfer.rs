@@ -7,7 +7,7 @@
 //! - one [`Header`]: the source's layout, mode, capacity, filesystem size and (image) file length;
 //! - `image`: [`Frame::Chunk`]s of the image file's data extents, at their offsets (holes are not
 //!   sent, and stay holes);
-//! - `dir`, `btrfs`: the tree's entries as [`super::super::sys::tree::walk`] reports them — `Dir`
+//! - `dir`, `btrfs`: the tree's entries as [`crate::sys::tree::walk`] reports them — `Dir`
 //!   (entered), `Leave` (with the directory's metadata), `File` followed by its data extents as
 //!   `Chunk`s at offsets within the file, `HardLink`, `Symlink`, `Special`;
 //! - one [`Frame::End`] with the number of frames, the number of data bytes and the digest.
