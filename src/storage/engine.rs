@@ -552,6 +552,12 @@ impl LocalEngine {
             header.mode,
             header.capacity_bytes,
         )?;
+        if header.length > p.capacity {
+            return Err(StorageError::OutOfRange(format!(
+                "the source's image is {} bytes long but the new volume asks for {}",
+                header.length, p.capacity
+            )));
+        }
         let data = p.pool.data_path(Kind::Volume, &p.key);
         // Data in place without a record is a whole import that crashed before its record.
         if layout::fault(p.layout, &data).is_some() {
@@ -573,6 +579,7 @@ impl LocalEngine {
             crash::point("import:before-rename");
             std::fs::rename(&work, &data).map_err(|e| crate::sys::SysError::io("rename", &data, e))?;
             files::sync_dir(&p.pool.collection_dir(Kind::Volume))?;
+            tracing::info!(volume = %p.id, "import from another node checked and in place");
         }
         layout::set_capacity(p.layout, &data, p.capacity)?;
         self.record_new(p, &req, header.fs_bytes)

@@ -204,7 +204,7 @@ fn broken(why: impl std::fmt::Display) -> StorageError {
     StorageError::Transfer(why.to_string())
 }
 
-/// Why the sender stopped: the receiver went away, or reading the source failed.
+/// Takes each frame of an export; an error (the receiver went away) stops the export.
 pub type SendFrame<'a> = dyn FnMut(Frame) -> Result<(), StorageError> + 'a;
 
 /// Sends frames, keeping the tally; the crash point fires once a few chunks are out, so a test can

@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use super::cvt;
-use super::tree::{self, cstr, fstatat, openat, TreeWriter};
+use super::tree::{self, cstr, fstatat, openat, SourceTree, TreeWriter};
 use super::SysError;
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -23,8 +23,10 @@ pub struct CopyStats {
 
 /// Copies the tree at `src` to `dst`, which must not exist yet.
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<(), SysError> {
+    // The source first: a source that cannot be read (a planted symlink) leaves no target behind.
+    let source = SourceTree::open(src)?;
     let mut w = TreeWriter::create(dst)?;
-    tree::walk(src, &mut w)
+    source.walk(&mut w)
 }
 
 /// Copies one regular file (an image volume) to `dst`, which must not exist: shared extents where

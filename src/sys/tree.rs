@@ -58,15 +58,37 @@ pub trait TreeVisitor {
 
 /// Reads the tree at `src` into `v`.
 pub fn walk(src: &Path, v: &mut impl TreeVisitor) -> Result<(), SysError> {
-    let fd = open_dir_at(libc::AT_FDCWD, src).map_err(|e| SysError::io("open copy source", src, e))?;
-    let st = fstatat(fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH).map_err(|e| SysError::io("stat", src, e))?;
-    let mut w = Walker {
-        root: src.to_path_buf(),
-        links: HashMap::new(),
-    };
-    w.dir(&fd, Path::new(""), 0, v)?;
-    let meta = w.meta_of(&st, Xattrs::Fd(fd.as_raw_fd()), Path::new(""))?;
-    v.leave(meta)
+    SourceTree::open(src)?.walk(v)
+}
+
+/// A tree opened for reading: its root is pinned (and known not to be a symlink) before anything
+/// is made from it.
+pub struct SourceTree {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl SourceTree {
+    pub fn open(src: &Path) -> Result<SourceTree, SysError> {
+        let fd = open_dir_at(libc::AT_FDCWD, src).map_err(|e| SysError::io("open copy source", src, e))?;
+        Ok(SourceTree {
+            fd,
+            path: src.to_path_buf(),
+        })
+    }
+
+    /// Reports every entry to `v`, the root's `leave` last.
+    pub fn walk(self, v: &mut impl TreeVisitor) -> Result<(), SysError> {
+        let (fd, src) = (self.fd, self.path);
+        let st = fstatat(fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH).map_err(|e| SysError::io("stat", &src, e))?;
+        let mut w = Walker {
+            root: src,
+            links: HashMap::new(),
+        };
+        w.dir(&fd, Path::new(""), 0, v)?;
+        let meta = w.meta_of(&st, Xattrs::Fd(fd.as_raw_fd()), Path::new(""))?;
+        v.leave(meta)
+    }
 }
 
 struct Walker {
