@@ -964,14 +964,15 @@ mod import {
     //! The target's side of a transfer, on one engine: every check refuses a stream that is not
     //! the source's whole, and leaves nothing behind.
 
-    use std::path::Path;
+    use std::path::{Path, PathBuf};
 
     use cellar::storage::config::Config;
     use cellar::storage::engine::{LocalEngine, NewVolume, Source};
     use cellar::storage::id::{NodeId, VolumeId};
-    use cellar::storage::record::VolumeMode;
-    use cellar::storage::transfer::Frame;
+    use cellar::storage::record::{Layout, VolumeMode};
+    use cellar::storage::transfer::{Frame, Header};
     use cellar::storage::StorageError;
+    use cellar::sys::tree::Meta;
     use tonic::{Code, Status};
 
     use super::{assert_nothing_of, pattern, require_root};
@@ -1000,13 +1001,17 @@ mod import {
             .map(|r| r.id)
     }
 
-    fn aborted(r: Result<String, StorageError>, why: &str) {
+    /// Refused by the stream's checks (ABORTED) or by the tree writer (INTERNAL, EINVAL: a name
+    /// that is not one path component, a link to no file, an entry after the root).
+    fn aborted_or_refused(r: Result<String, StorageError>, why: &str) {
         let e = r.expect_err(why);
-        assert_eq!(Status::from(e).code(), Code::Aborted, "{why}");
+        let code = Status::from(e).code();
+        assert!(matches!(code, Code::Aborted | Code::Internal), "{why}: {code:?}");
     }
 
-    #[test]
-    fn a_stream_altered_or_cut_short_is_refused_and_leaves_nothing() {
+    /// An engine with the default pool in a test directory (kept while the directory lives), and
+    /// the pool's path.
+    fn engine() -> (tempfile::TempDir, LocalEngine, PathBuf) {
         require_root();
         let dir = tempfile::Builder::new()
             .prefix("cellar-test-")
@@ -1015,6 +1020,59 @@ mod import {
         let engine = LocalEngine::open(NodeId::parse("node-1").expect("node"), &Config::default_for(dir.path()))
             .expect("engine");
         let pool = dir.path().join("pools/default");
+        (dir, engine, pool)
+    }
+
+    fn aborted(r: Result<String, StorageError>, why: &str) {
+        let e = r.expect_err(why);
+        assert_eq!(Status::from(e).code(), Code::Aborted, "{why}");
+    }
+
+    #[test]
+    fn a_stream_naming_anything_outside_the_new_volume_is_refused() {
+        let (_dir, engine, pool) = engine();
+        let src = Source::Volume(VolumeId::parse("local:node-2:default:elsewhere").expect("id"));
+        let header = Frame::Header(Header {
+            layout: Layout::Dir,
+            mode: VolumeMode::Filesystem,
+            capacity_bytes: 1 << 20,
+            fs_bytes: 0,
+            length: 0,
+        });
+        let file = |name: &[u8]| Frame::File {
+            name: name.to_vec(),
+            meta: Meta::default(),
+            size: 0,
+            link: None,
+        };
+        for bad in [
+            vec![header.clone(), Frame::Dir { name: b"..".to_vec() }],
+            vec![header.clone(), file(b"../escaped")],
+            vec![header.clone(), file(b"/tmp/escaped")],
+            vec![header.clone(), file(b"")],
+            vec![
+                header.clone(),
+                Frame::HardLink {
+                    name: b"x".to_vec(),
+                    link: 7,
+                },
+            ],
+            vec![
+                header.clone(),
+                Frame::Leave { meta: Meta::default() },
+                file(b"after-the-root"),
+            ],
+        ] {
+            let what = format!("{:?}", &bad[1..]);
+            aborted_or_refused(import(&engine, "copy", &src, bad), &what);
+            assert_nothing_of(&pool, "copy");
+            assert!(!pool.join("volumes/escaped").exists(), "{what}");
+        }
+    }
+
+    #[test]
+    fn a_stream_altered_or_cut_short_is_refused_and_leaves_nothing() {
+        let (_dir, engine, pool) = engine();
         let src = engine.create_volume(request("src", None)).expect("source");
         let root = pool.join("volumes/src");
         std::fs::write(root.join("big"), pattern(3 << 20, 4)).expect("write");
