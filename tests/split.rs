@@ -846,6 +846,37 @@ async fn image_restore_and_clone_onto_another_node_keep_bytes_holes_and_length()
 }
 
 #[tokio::test]
+async fn an_image_filesystem_cloned_onto_another_node_mounts_there_with_its_files() {
+    let c = Cluster::start_with(vec![None, None], Some("dir, image")).await;
+    let mut ctl = c.ctl().await;
+    let with_image = |mut r: CreateVolumeRequest| {
+        r.parameters.insert("layout".into(), "image".into());
+        r
+    };
+    let src = made(&mut ctl, with_image(wffc("src", 64 * MIB, "node-1", BOTH))).await;
+    let (mut n1, mut n2) = (c.node(0).await, c.node(1).await);
+    let st1 = c.dir.path().join("staging-1");
+    stage(&mut n1, &src.volume_id, &st1).await.expect("stage on node-1");
+    std::fs::write(st1.join("greeting"), b"written on node-1\n").expect("write");
+    unstage(&mut n1, &src.volume_id, &st1).await;
+
+    let cloned = made(
+        &mut ctl,
+        with_image(copy_req("cloned", 64 * MIB, "node-2", from_volume(&src.volume_id))),
+    )
+    .await;
+    assert_eq!(cloned.volume_id, "local:node-2:default:cloned");
+    let st2 = c.dir.path().join("staging-2");
+    stage(&mut n2, &cloned.volume_id, &st2)
+        .await
+        .expect("stage the copy on node-2");
+    let read = std::fs::read(st2.join("greeting"));
+    unstage(&mut n2, &cloned.volume_id, &st2).await;
+    assert_eq!(read.expect("the file is in the copy"), b"written on node-1\n");
+    assert_eq!(loops_under(c.dir.path()), Vec::<String>::new(), "loop devices left");
+}
+
+#[tokio::test]
 async fn btrfs_restore_and_clone_onto_another_node_keep_every_property() {
     let (a, b) = (TestFs::new("btrfs", 320), TestFs::new("btrfs", 320));
     let c = Cluster::start_with(vec![Some(a.path("pool")), Some(b.path("pool"))], Some("btrfs")).await;
