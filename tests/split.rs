@@ -53,6 +53,8 @@ struct Cluster {
     metrics: u16,
     controller: Option<Child>,
     nodes: Vec<(String, Option<Child>, u16)>,
+    /// Each node's metrics port.
+    node_metrics: Vec<u16>,
     pools: Vec<Option<PathBuf>>,
     /// The layouts every node's pool allows (None: the default, dir).
     layouts: Option<&'static str>,
@@ -78,6 +80,7 @@ impl Cluster {
             metrics: free_port(),
             controller: None,
             nodes: Vec::new(),
+            node_metrics: Vec::new(),
             pools: pools.clone(),
             layouts,
         };
@@ -85,6 +88,7 @@ impl Cluster {
         for i in 0..pools.len() {
             let name = format!("node-{}", i + 1);
             c.nodes.push((name, None, free_port()));
+            c.node_metrics.push(free_port());
             c.start_node(i);
         }
         c.wait_registered().await;
@@ -165,6 +169,8 @@ impl Cluster {
             format!("127.0.0.1:{port}"),
             "--agent-advertise".into(),
             format!("127.0.0.1:{port}"),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", self.node_metrics[i]),
         ];
         if self.pools[i].is_some() || self.layouts.is_some() {
             let mut yaml = "pools:\n  - name: default\n".to_string();
@@ -661,6 +667,14 @@ async fn snapshot(ctl: &mut ControllerClient<Channel>, name: &str, source: &str)
     .expect("snapshot")
 }
 
+/// The value of one counter in a metrics exposition.
+fn counter(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
 /// Nothing of volume `name` in a pool: no data, no record, nothing being built, no loop device.
 fn assert_nothing_of(pool: &Path, name: &str) {
     for p in [format!("volumes/{name}"), format!("volumes/{name}.json")] {
@@ -755,6 +769,23 @@ async fn restore_tree_onto_node_2(c: &Cluster, ctl: &mut ControllerClient<Channe
     );
     let again = made(ctl, req).await;
     assert_eq!(again.volume_id, restored.volume_id, "a retry returns the same volume");
+    let exported = http_get(c.node_metrics[0], "/metrics");
+    assert!(
+        exported.contains("cellar_transfers_total{direction=\"export\",result=\"complete\"} 1"),
+        "{exported}"
+    );
+    let imported = http_get(c.node_metrics[1], "/metrics");
+    assert!(
+        imported.contains("cellar_transfers_total{direction=\"import\",result=\"complete\"} 1"),
+        "{imported}"
+    );
+    let sent = counter(&exported, "cellar_transfer_bytes_total{direction=\"export\"}");
+    let received = counter(&imported, "cellar_transfer_bytes_total{direction=\"import\"}");
+    assert_eq!(sent, received, "bytes sent and received");
+    assert!(
+        (4096..1 << 20).contains(&received),
+        "the data of the files, without the 1 GiB file's hole: {received} bytes"
+    );
     (snap, copy)
 }
 

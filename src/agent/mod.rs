@@ -160,10 +160,15 @@ impl Agent for LocalAgent {
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || {
             let mut send = |f: Frame| {
+                if let Frame::Chunk { data, .. } = &f {
+                    crate::metrics::record_transfer_bytes("export", data.len() as u64);
+                }
                 tx.blocking_send(Ok(f))
                     .map_err(|_| StorageError::Transfer("the receiver of the export went away".into()))
             };
-            if let Err(e) = engine.export(&source, &mut send) {
+            let sent = engine.export(&source, &mut send);
+            crate::metrics::record_transfer_end("export", sent.is_ok());
+            if let Err(e) = sent {
                 let _ = tx.blocking_send(Err(e));
             }
         });
@@ -176,6 +181,9 @@ impl Agent for LocalAgent {
         // them through the channel. When it stops early the channel closes and the pump ends.
         let pump = tokio::spawn(async move {
             while let Some(item) = frames.next().await {
+                if let Ok(Frame::Chunk { data, .. }) = &item {
+                    crate::metrics::record_transfer_bytes("import", data.len() as u64);
+                }
                 let failed = item.is_err();
                 if tx.send(item).await.is_err() || failed {
                     break;
@@ -186,6 +194,7 @@ impl Agent for LocalAgent {
             .blocking(move |e| e.import_volume(req, &mut std::iter::from_fn(|| rx.blocking_recv())))
             .await;
         pump.abort();
+        crate::metrics::record_transfer_end("import", made.is_ok());
         made
     }
 }
