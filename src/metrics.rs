@@ -115,6 +115,37 @@ pub fn record_agent_error(node: &str, call: &'static str, code: Code) {
         .inc();
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransferLabels {
+    /// `export` (this node sent) or `import` (this node received).
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransferEndLabels {
+    direction: &'static str,
+    /// `complete`, or `broken` (a check failed, the peer went away, or the disk failed).
+    result: &'static str,
+}
+
+/// Data bytes of copies between nodes (node side).
+static TRANSFER_BYTES: LazyLock<Family<TransferLabels, Counter>> = LazyLock::new(Family::default);
+/// Copies between nodes that ended (node side).
+static TRANSFERS: LazyLock<Family<TransferEndLabels, Counter>> = LazyLock::new(Family::default);
+
+/// Counts data bytes of a copy between nodes as they pass.
+pub fn record_transfer_bytes(direction: &'static str, bytes: u64) {
+    TRANSFER_BYTES
+        .get_or_create(&TransferLabels { direction })
+        .inc_by(bytes);
+}
+
+/// Counts a copy between nodes that ended, whole or broken.
+pub fn record_transfer_end(direction: &'static str, complete: bool) {
+    let result = if complete { "complete" } else { "broken" };
+    TRANSFERS.get_or_create(&TransferEndLabels { direction, result }).inc();
+}
+
 /// Counts one finished RPC and its latency.
 pub fn record_rpc(method: &'static str, code: Code, elapsed: Duration) {
     RPC.requests
@@ -184,6 +215,18 @@ impl Exporter {
                 "cellar_agent_call_errors",
                 "Failed calls from the controller to node agents, by node, call and gRPC code",
                 AGENT_ERRORS.clone(),
+            );
+        }
+        if role == "node" {
+            registry.register(
+                "cellar_transfer_bytes",
+                "Data bytes of restores and clones copied between nodes, by direction (export, import)",
+                TRANSFER_BYTES.clone(),
+            );
+            registry.register(
+                "cellar_transfers",
+                "Restores and clones copied between nodes that ended, by direction and result",
+                TRANSFERS.clone(),
             );
         }
         Exporter { registry, ready }

@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use cellar::csi::v1::controller_client::ControllerClient;
 use cellar::csi::v1::node_client::NodeClient;
+use cellar::csi::v1::volume_content_source::Type;
 use cellar::csi::v1::*;
-use common::fs::TestFs;
+use common::fs::{loops_under, TestFs};
+use common::tree::{assert_is_the_built_tree, assert_same_tree, build_tree, finish, observe, scan};
 use common::*;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
@@ -51,12 +53,21 @@ struct Cluster {
     metrics: u16,
     controller: Option<Child>,
     nodes: Vec<(String, Option<Child>, u16)>,
+    /// Each node's metrics port.
+    node_metrics: Vec<u16>,
     pools: Vec<Option<PathBuf>>,
+    /// The layouts every node's pool allows (None: the default, dir).
+    layouts: Option<&'static str>,
 }
 
 impl Cluster {
     /// A controller and one node per entry; an entry names the node's pool path (None: the default).
     async fn start(pools: Vec<Option<PathBuf>>) -> Cluster {
+        Self::start_with(pools, None).await
+    }
+
+    /// The same, with pools that allow `layouts` (e.g. "dir, image").
+    async fn start_with(pools: Vec<Option<PathBuf>>, layouts: Option<&'static str>) -> Cluster {
         require_root();
         let dir = tempfile::Builder::new()
             .prefix("cellar-test-")
@@ -69,12 +80,15 @@ impl Cluster {
             metrics: free_port(),
             controller: None,
             nodes: Vec::new(),
+            node_metrics: Vec::new(),
             pools: pools.clone(),
+            layouts,
         };
         c.start_controller();
         for i in 0..pools.len() {
             let name = format!("node-{}", i + 1);
             c.nodes.push((name, None, free_port()));
+            c.node_metrics.push(free_port());
             c.start_node(i);
         }
         c.wait_registered().await;
@@ -93,7 +107,7 @@ impl Cluster {
         ]
     }
 
-    fn spawn(&self, name: &str, args: Vec<String>) -> Child {
+    fn spawn(&self, name: &str, args: Vec<String>, envs: &[(&str, &str)]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -102,6 +116,7 @@ impl Cluster {
         Command::new(bin())
             .args(args)
             .env("CELLAR_LOG", "info")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -110,6 +125,11 @@ impl Cluster {
     }
 
     fn start_controller(&mut self) {
+        self.start_controller_with(&[]);
+    }
+
+    /// Starts the controller with extra environment, such as a crash point.
+    fn start_controller_with(&mut self, envs: &[(&str, &str)]) {
         let d = self.dir.path();
         let mut args = vec![
             "controller".into(),
@@ -123,10 +143,15 @@ impl Cluster {
             format!("127.0.0.1:{}", self.metrics),
         ];
         args.extend(self.tls_args());
-        self.controller = Some(self.spawn("controller", args));
+        self.controller = Some(self.spawn("controller", args, envs));
     }
 
     fn start_node(&mut self, i: usize) {
+        self.start_node_with(i, &[]);
+    }
+
+    /// Starts node `i` with extra environment, such as a crash point.
+    fn start_node_with(&mut self, i: usize, envs: &[(&str, &str)]) {
         let d = self.dir.path().to_path_buf();
         let (name, port) = (self.nodes[i].0.clone(), self.nodes[i].2);
         let data = d.join(&name);
@@ -144,18 +169,23 @@ impl Cluster {
             format!("127.0.0.1:{port}"),
             "--agent-advertise".into(),
             format!("127.0.0.1:{port}"),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", self.node_metrics[i]),
         ];
-        if let Some(pool) = &self.pools[i] {
+        if self.pools[i].is_some() || self.layouts.is_some() {
+            let mut yaml = "pools:\n  - name: default\n".to_string();
+            if let Some(pool) = &self.pools[i] {
+                yaml += &format!("    path: {}\n", pool.display());
+            }
+            if let Some(layouts) = self.layouts {
+                yaml += &format!("    layouts: [{layouts}]\n");
+            }
             let cfg = d.join(format!("{name}-pools.yaml"));
-            std::fs::write(
-                &cfg,
-                format!("pools:\n  - name: default\n    path: {}\n", pool.display()),
-            )
-            .expect("config");
+            std::fs::write(&cfg, yaml).expect("config");
             args.extend(["--config".into(), cfg.display().to_string()]);
         }
         args.extend(self.tls_args());
-        self.nodes[i].1 = Some(self.spawn(&name, args));
+        self.nodes[i].1 = Some(self.spawn(&name, args, envs));
     }
 
     fn kill_node(&mut self, i: usize) {
@@ -215,6 +245,17 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+
+    /// Where node `i` keeps its pool's volumes.
+    fn pool_dir(&self, i: usize) -> PathBuf {
+        self.pools[i]
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join(&self.nodes[i].0).join("pools/default"))
+    }
+
+    fn log_of(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.nodes[i].0))).unwrap_or_default()
     }
 
     fn logs(&self) -> String {
@@ -580,4 +621,662 @@ async fn the_controller_exports_its_registry_size_and_heartbeat_ages() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Copies between nodes: restore a snapshot, or clone a volume, onto a node other than the source's.
+
+const BOTH: &[&str] = &["node-1", "node-2"];
+
+/// A WaitForFirstConsumer CreateVolume on `selected` with a content source.
+fn copy_req(name: &str, bytes: i64, selected: &str, source: Type) -> CreateVolumeRequest {
+    let mut r = wffc(name, bytes, selected, BOTH);
+    r.volume_content_source = Some(VolumeContentSource { r#type: Some(source) });
+    r
+}
+
+/// The same request for a raw block volume of the image layout.
+fn image(mut r: CreateVolumeRequest) -> CreateVolumeRequest {
+    r.volume_capabilities = vec![block_cap(
+        cellar::csi::v1::volume_capability::access_mode::Mode::SingleNodeWriter,
+    )];
+    r.parameters.insert("layout".into(), "image".into());
+    r
+}
+
+async fn made(ctl: &mut ControllerClient<Channel>, r: CreateVolumeRequest) -> Volume {
+    let name = r.name.clone();
+    ctl.create_volume(r)
+        .await
+        .unwrap_or_else(|e| panic!("CreateVolume {name}: {e}"))
+        .into_inner()
+        .volume
+        .expect("volume")
+}
+
+async fn snapshot(ctl: &mut ControllerClient<Channel>, name: &str, source: &str) -> Snapshot {
+    ctl.create_snapshot(CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: source.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("CreateSnapshot")
+    .into_inner()
+    .snapshot
+    .expect("snapshot")
+}
+
+/// The value of one counter in a metrics exposition.
+fn counter(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+/// Nothing of volume `name` in a pool: no data, no record, nothing being built, no loop device.
+fn assert_nothing_of(pool: &Path, name: &str) {
+    for p in [format!("volumes/{name}"), format!("volumes/{name}.json")] {
+        assert!(!pool.join(&p).exists(), "{p} was left in {}", pool.display());
+    }
+    let work: Vec<_> = std::fs::read_dir(pool.join(".work"))
+        .expect(".work")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(work.is_empty(), "left in .work: {work:?}");
+    assert_eq!(loops_under(pool), Vec::<String>::new(), "loop devices left");
+}
+
+/// Bytes that differ from offset to offset, so a chunk written at the wrong place is caught.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| ((i * 31 + seed as usize) % 251) as u8 + 1).collect()
+}
+
+fn write_at(path: &Path, offset: u64, data: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open image")
+        .write_all_at(data, offset)
+        .expect("write image");
+}
+
+/// Where the first data at or after `offset` starts (SEEK_DATA).
+fn next_data(path: &Path, offset: i64) -> i64 {
+    use std::os::fd::AsFd;
+    let f = std::fs::File::open(path).expect("open");
+    nix::unistd::lseek(f.as_fd(), offset, nix::unistd::Whence::SeekData).expect("SEEK_DATA")
+}
+
+fn blocks(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks()
+}
+
+const IMAGE_BYTES: i64 = 64 * MIB;
+/// Image data: 9 MiB at the start (more chunks than the crash point waits for), a hole, 4 KiB at 40 MiB.
+const HEAD: usize = 9 << 20;
+const TAIL_AT: u64 = 40 << 20;
+
+fn fill_image(path: &Path) {
+    write_at(path, 0, &pattern(HEAD, 1));
+    write_at(path, TAIL_AT, &pattern(4096, 2));
+}
+
+/// A copy of `fill_image`'s image: the same length, the same bytes, and the hole still a hole.
+fn assert_same_image(source: &Path, copy: &Path) {
+    let (a, b) = (
+        std::fs::read(source).expect("source"),
+        std::fs::read(copy).expect("copy"),
+    );
+    assert_eq!(b.len() as i64, IMAGE_BYTES, "the copy's length");
+    assert!(a == b, "the copy's bytes differ from the source's");
+    assert_eq!(&b[..HEAD], pattern(HEAD, 1).as_slice(), "the source was filled");
+    assert_eq!(
+        next_data(copy, HEAD as i64),
+        TAIL_AT as i64,
+        "the hole was filled in the copy"
+    );
+    let (src, dst) = (blocks(source), blocks(copy));
+    assert!(
+        dst <= src + 64,
+        "the copy has {dst} blocks allocated, its source {src}: holes were not kept"
+    );
+}
+
+/// Builds the full tree in a new volume on node-1, snapshots it, restores the snapshot onto
+/// node-2, and checks the copy entry by entry. Returns the snapshot and the copy's data.
+async fn restore_tree_onto_node_2(c: &Cluster, ctl: &mut ControllerClient<Channel>) -> (Snapshot, PathBuf) {
+    let src = made(ctl, wffc("src", 64 * MIB, "node-1", BOTH)).await;
+    let root = c.pool_dir(0).join("volumes/src");
+    build_tree(&root);
+    let tree = scan(&root);
+    let snap = snapshot(ctl, "snap", &src.volume_id).await;
+    let expected = finish(&root, tree);
+    assert_is_the_built_tree(&expected);
+    let req = copy_req("restored", 64 * MIB, "node-2", from_snapshot(&snap.snapshot_id));
+    let restored = made(ctl, req.clone()).await;
+    assert_eq!(restored.volume_id, "local:node-2:default:restored");
+    assert_eq!(restored.accessible_topology, vec![node_topology("node-2")]);
+    let copy = c.pool_dir(1).join("volumes/restored");
+    assert_same_tree(&expected, &observe(&copy));
+    assert!(
+        c.log_of(1).contains("import from another node started"),
+        "the copy was streamed to node-2"
+    );
+    let again = made(ctl, req).await;
+    assert_eq!(again.volume_id, restored.volume_id, "a retry returns the same volume");
+    let exported = http_get(c.node_metrics[0], "/metrics");
+    assert!(
+        exported.contains("cellar_transfers_total{direction=\"export\",result=\"complete\"} 1"),
+        "{exported}"
+    );
+    let imported = http_get(c.node_metrics[1], "/metrics");
+    assert!(
+        imported.contains("cellar_transfers_total{direction=\"import\",result=\"complete\"} 1"),
+        "{imported}"
+    );
+    let sent = counter(&exported, "cellar_transfer_bytes_total{direction=\"export\"}");
+    let received = counter(&imported, "cellar_transfer_bytes_total{direction=\"import\"}");
+    assert_eq!(sent, received, "bytes sent and received");
+    assert!(
+        (4096..1 << 20).contains(&received),
+        "the data of the files, without the 1 GiB file's hole: {received} bytes"
+    );
+    (snap, copy)
+}
+
+/// Builds the full tree in a new volume on node-1 and clones the live volume (read without
+/// unmounting it) onto node-2, checking the copy entry by entry.
+async fn clone_tree_onto_node_2(c: &Cluster, ctl: &mut ControllerClient<Channel>) {
+    let live = made(ctl, wffc("live", 64 * MIB, "node-1", BOTH)).await;
+    let root = c.pool_dir(0).join("volumes/live");
+    build_tree(&root);
+    let tree = scan(&root);
+    let cloned = made(
+        ctl,
+        copy_req("cloned", 64 * MIB, "node-2", from_volume(&live.volume_id)),
+    )
+    .await;
+    let expected = finish(&root, tree);
+    assert_eq!(cloned.volume_id, "local:node-2:default:cloned");
+    assert_same_tree(&expected, &observe(&c.pool_dir(1).join("volumes/cloned")));
+}
+
+#[tokio::test]
+async fn dir_restore_and_clone_onto_another_node_keep_every_property() {
+    let c = Cluster::start(vec![None, None]).await;
+    let mut ctl = c.ctl().await;
+    let (snap, _) = restore_tree_onto_node_2(&c, &mut ctl).await;
+    clone_tree_onto_node_2(&c, &mut ctl).await;
+
+    // Where the source's node may take the copy, it stays a local copy.
+    let near = made(
+        &mut ctl,
+        copy_req("near", 64 * MIB, "node-1", from_snapshot(&snap.snapshot_id)),
+    )
+    .await;
+    assert_eq!(near.volume_id, "local:node-1:default:near");
+    assert!(
+        !c.log_of(0).contains("import from another node started"),
+        "node-1 imported nothing"
+    );
+}
+
+#[tokio::test]
+async fn image_restore_and_clone_onto_another_node_keep_bytes_holes_and_length() {
+    let c = Cluster::start_with(vec![None, None], Some("dir, image")).await;
+    let mut ctl = c.ctl().await;
+    let src = made(&mut ctl, image(wffc("src", IMAGE_BYTES, "node-1", BOTH))).await;
+    let img = c.pool_dir(0).join("volumes/src");
+    fill_image(&img);
+    let snap = snapshot(&mut ctl, "snap", &src.volume_id).await;
+    let restored = made(
+        &mut ctl,
+        image(copy_req(
+            "restored",
+            IMAGE_BYTES,
+            "node-2",
+            from_snapshot(&snap.snapshot_id),
+        )),
+    )
+    .await;
+    assert_eq!(restored.volume_id, "local:node-2:default:restored");
+    assert_same_image(&img, &c.pool_dir(1).join("volumes/restored"));
+
+    let cloned = made(
+        &mut ctl,
+        image(copy_req("cloned", IMAGE_BYTES, "node-2", from_volume(&src.volume_id))),
+    )
+    .await;
+    assert_eq!(cloned.volume_id, "local:node-2:default:cloned");
+    assert_same_image(&img, &c.pool_dir(1).join("volumes/cloned"));
+
+    // A copy larger than its source gets the capacity it asked for.
+    let larger = made(
+        &mut ctl,
+        image(copy_req(
+            "larger",
+            2 * IMAGE_BYTES,
+            "node-2",
+            from_volume(&src.volume_id),
+        )),
+    )
+    .await;
+    assert_eq!(larger.capacity_bytes, 2 * IMAGE_BYTES);
+    let grown = c.pool_dir(1).join("volumes/larger");
+    assert_eq!(std::fs::metadata(&grown).expect("stat").len() as i64, 2 * IMAGE_BYTES);
+    assert_eq!(
+        std::fs::read(&grown).expect("read")[..HEAD],
+        pattern(HEAD, 1)[..],
+        "the larger copy holds the source's data"
+    );
+}
+
+#[tokio::test]
+async fn an_image_filesystem_cloned_onto_another_node_mounts_there_with_its_files() {
+    let c = Cluster::start_with(vec![None, None], Some("dir, image")).await;
+    let mut ctl = c.ctl().await;
+    let with_image = |mut r: CreateVolumeRequest| {
+        r.parameters.insert("layout".into(), "image".into());
+        r
+    };
+    let src = made(&mut ctl, with_image(wffc("src", 64 * MIB, "node-1", BOTH))).await;
+    let (mut n1, mut n2) = (c.node(0).await, c.node(1).await);
+    let st1 = c.dir.path().join("staging-1");
+    stage(&mut n1, &src.volume_id, &st1).await.expect("stage on node-1");
+    std::fs::write(st1.join("greeting"), b"written on node-1\n").expect("write");
+    unstage(&mut n1, &src.volume_id, &st1).await;
+
+    let cloned = made(
+        &mut ctl,
+        with_image(copy_req("cloned", 64 * MIB, "node-2", from_volume(&src.volume_id))),
+    )
+    .await;
+    assert_eq!(cloned.volume_id, "local:node-2:default:cloned");
+    let st2 = c.dir.path().join("staging-2");
+    stage(&mut n2, &cloned.volume_id, &st2)
+        .await
+        .expect("stage the copy on node-2");
+    let read = std::fs::read(st2.join("greeting"));
+    unstage(&mut n2, &cloned.volume_id, &st2).await;
+    assert_eq!(read.expect("the file is in the copy"), b"written on node-1\n");
+    assert_eq!(loops_under(c.dir.path()), Vec::<String>::new(), "loop devices left");
+}
+
+#[tokio::test]
+async fn btrfs_restore_and_clone_onto_another_node_keep_every_property() {
+    let (a, b) = (TestFs::new("btrfs", 320), TestFs::new("btrfs", 320));
+    let c = Cluster::start_with(vec![Some(a.path("pool")), Some(b.path("pool"))], Some("btrfs")).await;
+    let mut ctl = c.ctl().await;
+    let (_, restored) = restore_tree_onto_node_2(&c, &mut ctl).await;
+    assert!(
+        cellar::sys::btrfs::is_subvolume(&restored).expect("subvolume check"),
+        "the copy is a subvolume"
+    );
+    clone_tree_onto_node_2(&c, &mut ctl).await;
+    let work: Vec<_> = std::fs::read_dir(c.pool_dir(0).join(".work"))
+        .expect(".work")
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(work.is_empty(), "the export's read-only snapshot was left: {work:?}");
+}
+
+/// A cluster of two nodes whose pools allow images, with a filled image volume on node-1 and the
+/// request that clones it onto node-2.
+async fn image_to_clone() -> (Cluster, PathBuf, CreateVolumeRequest) {
+    if !cfg!(feature = "crash-points") {
+        panic!("this test needs the crash points: run it with `cargo test --features crash-points`");
+    }
+    let c = Cluster::start_with(vec![None, None], Some("dir, image")).await;
+    let src = made(&mut c.ctl().await, image(wffc("src", IMAGE_BYTES, "node-1", BOTH))).await;
+    let img = c.pool_dir(0).join("volumes/src");
+    fill_image(&img);
+    let req = image(copy_req("cloned", IMAGE_BYTES, "node-2", from_volume(&src.volume_id)));
+    (c, img, req)
+}
+
+/// Repeats `req` until node `i` has died at its crash point `point` (while it starts, its agent
+/// refuses connections: UNAVAILABLE); the answer of the call it died in.
+async fn crashed_by(c: &Cluster, i: usize, point: &str, req: &CreateVolumeRequest) -> tonic::Status {
+    let mut ctl = c.ctl().await;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let e = ctl
+            .create_volume(req.clone())
+            .await
+            .expect_err("a node dies mid-transfer");
+        if c.log_of(i).contains(&format!("crash point {point} reached")) {
+            return e;
+        }
+        assert!(Instant::now() < deadline && e.code() == Code::Unavailable, "{e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_transfer_broken_by_the_source_node_dying_leaves_nothing_and_the_retry_starts_over() {
+    let (mut c, img, req) = image_to_clone().await;
+    c.kill_node(0);
+    c.start_node_with(0, &[("CELLAR_CRASH_AT", "export:mid-stream")]);
+    let broken = crashed_by(&c, 0, "export:mid-stream", &req).await;
+    assert_eq!(broken.code(), Code::Unavailable, "{broken}");
+    assert!(broken.message().contains("node-1"), "{}", broken.message());
+    assert!(
+        c.log_of(1).contains("import from another node started"),
+        "node-2 had begun the import:\n{}",
+        c.log_of(1)
+    );
+    assert_nothing_of(&c.pool_dir(1), "cloned");
+
+    c.kill_node(0);
+    c.start_node(0);
+    let cloned = retried(&c, req.clone()).await;
+    assert_eq!(cloned.volume_id, "local:node-2:default:cloned");
+    assert_same_image(&img, &c.pool_dir(1).join("volumes/cloned"));
+    assert_eq!(
+        made(&mut c.ctl().await, req).await.volume_id,
+        cloned.volume_id,
+        "a retry returns the same volume"
+    );
+}
+
+#[tokio::test]
+async fn a_copy_to_a_node_without_room_is_resource_exhausted_and_leaves_nothing() {
+    let small = TestFs::new("ext4", 96);
+    let c = Cluster::start(vec![None, Some(small.path("pool"))]).await;
+    let mut ctl = c.ctl().await;
+    let src = made(&mut ctl, wffc("src", 128 * MIB, "node-1", BOTH)).await;
+    std::fs::write(c.pool_dir(0).join("volumes/src/data"), pattern(4096, 3)).expect("write");
+    let snap = snapshot(&mut ctl, "snap", &src.volume_id).await;
+    let e = ctl
+        .create_volume(copy_req("big", 128 * MIB, "node-2", from_snapshot(&snap.snapshot_id)))
+        .await
+        .expect_err("node-2 has 96 MiB");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert_nothing_of(&c.pool_dir(1), "big");
+}
+
+#[tokio::test]
+async fn a_copy_from_an_unreachable_node_is_unavailable_naming_it_and_leaves_nothing() {
+    let mut c = Cluster::start(vec![None, None]).await;
+    let mut ctl = c.ctl().await;
+    let src = made(&mut ctl, wffc("src", 16 * MIB, "node-1", BOTH)).await;
+    let snap = snapshot(&mut ctl, "snap", &src.volume_id).await;
+    c.kill_node(0);
+    let e = ctl
+        .create_volume(copy_req(
+            "restored",
+            16 * MIB,
+            "node-2",
+            from_snapshot(&snap.snapshot_id),
+        ))
+        .await
+        .expect_err("node-1 is down");
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.message().contains("node-1"), "{}", e.message());
+    assert_nothing_of(&c.pool_dir(1), "restored");
+}
+
+mod import {
+    //! The target's side of a transfer, on one engine: every check refuses a stream that is not
+    //! the source's whole, and leaves nothing behind.
+
+    use std::path::{Path, PathBuf};
+
+    use cellar::storage::config::Config;
+    use cellar::storage::engine::{LocalEngine, NewVolume, Source};
+    use cellar::storage::id::{NodeId, VolumeId};
+    use cellar::storage::record::{Layout, VolumeMode};
+    use cellar::storage::transfer::{Frame, Header};
+    use cellar::storage::StorageError;
+    use cellar::sys::tree::Meta;
+    use tonic::{Code, Status};
+
+    use super::{assert_nothing_of, pattern, require_root};
+
+    fn request(name: &str, source: Option<Source>) -> NewVolume {
+        NewVolume {
+            name: name.into(),
+            pool: None,
+            layout: None,
+            capacity: Default::default(),
+            mode: VolumeMode::Filesystem,
+            access_modes: vec![],
+            fs_type: String::new(),
+            parameters: Default::default(),
+            source,
+            delete_policy: None,
+            mutable: Default::default(),
+            owner: Default::default(),
+        }
+    }
+
+    fn import(engine: &LocalEngine, name: &str, src: &Source, frames: Vec<Frame>) -> Result<String, StorageError> {
+        let mut it = frames.into_iter().map(Ok);
+        engine
+            .import_volume(request(name, Some(src.clone())), &mut it)
+            .map(|r| r.id)
+    }
+
+    /// Refused by the stream's checks (ABORTED) or by the tree writer (INTERNAL, EINVAL: a name
+    /// that is not one path component, a link to no file, an entry after the root).
+    fn aborted_or_refused(r: Result<String, StorageError>, why: &str) {
+        let e = r.expect_err(why);
+        let code = Status::from(e).code();
+        assert!(matches!(code, Code::Aborted | Code::Internal), "{why}: {code:?}");
+    }
+
+    /// An engine with the default pool in a test directory (kept while the directory lives), and
+    /// the pool's path.
+    fn engine() -> (tempfile::TempDir, LocalEngine, PathBuf) {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("cellar-test-")
+            .tempdir()
+            .expect("tempdir");
+        let engine = LocalEngine::open(NodeId::parse("node-1").expect("node"), &Config::default_for(dir.path()))
+            .expect("engine");
+        let pool = dir.path().join("pools/default");
+        (dir, engine, pool)
+    }
+
+    fn aborted(r: Result<String, StorageError>, why: &str) {
+        let e = r.expect_err(why);
+        assert_eq!(Status::from(e).code(), Code::Aborted, "{why}");
+    }
+
+    #[test]
+    fn a_stream_naming_anything_outside_the_new_volume_is_refused() {
+        let (_dir, engine, pool) = engine();
+        let src = Source::Volume(VolumeId::parse("local:node-2:default:elsewhere").expect("id"));
+        let header = Frame::Header(Header {
+            layout: Layout::Dir,
+            mode: VolumeMode::Filesystem,
+            capacity_bytes: 1 << 20,
+            fs_bytes: 0,
+            length: 0,
+        });
+        let file = |name: &[u8]| Frame::File {
+            name: name.to_vec(),
+            meta: Meta::default(),
+            size: 0,
+            link: None,
+        };
+        for bad in [
+            vec![header.clone(), Frame::Dir { name: b"..".to_vec() }],
+            vec![header.clone(), file(b"../escaped")],
+            vec![header.clone(), file(b"/tmp/escaped")],
+            vec![header.clone(), file(b"")],
+            vec![
+                header.clone(),
+                Frame::HardLink {
+                    name: b"x".to_vec(),
+                    link: 7,
+                },
+            ],
+            vec![
+                header.clone(),
+                Frame::Leave { meta: Meta::default() },
+                file(b"after-the-root"),
+            ],
+        ] {
+            let what = format!("{:?}", &bad[1..]);
+            aborted_or_refused(import(&engine, "copy", &src, bad), &what);
+            assert_nothing_of(&pool, "copy");
+            assert!(!pool.join("volumes/escaped").exists(), "{what}");
+        }
+    }
+
+    #[test]
+    fn a_stream_altered_or_cut_short_is_refused_and_leaves_nothing() {
+        let (_dir, engine, pool) = engine();
+        let src = engine.create_volume(request("src", None)).expect("source");
+        let root = pool.join("volumes/src");
+        std::fs::write(root.join("big"), pattern(3 << 20, 4)).expect("write");
+        std::fs::create_dir(root.join("sub")).expect("mkdir");
+        std::os::unix::fs::symlink("../big", root.join("sub/link")).expect("symlink");
+        let src = Source::Volume(VolumeId::parse(&src.id).expect("id"));
+        let mut frames = Vec::new();
+        engine
+            .export(&src, &mut |f| {
+                frames.push(f);
+                Ok(())
+            })
+            .expect("export");
+        let chunks = frames.iter().filter(|f| matches!(f, Frame::Chunk { .. })).count();
+        assert!(chunks >= 3, "3 MiB come in chunks: {chunks}");
+
+        let mut flipped = frames.clone();
+        if let Some(Frame::Chunk { data, .. }) = flipped.iter_mut().find(|f| matches!(f, Frame::Chunk { .. })) {
+            data[100] ^= 0xff;
+        }
+        aborted(import(&engine, "copy", &src, flipped), "a flipped byte");
+        assert_nothing_of(&pool, "copy");
+
+        let mut dropped = frames.clone();
+        let second = dropped
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| matches!(f, Frame::Chunk { .. }))
+            .nth(1)
+            .map(|(i, _)| i)
+            .expect("a second chunk");
+        dropped.remove(second);
+        aborted(import(&engine, "copy", &src, dropped), "a lost chunk");
+        assert_nothing_of(&pool, "copy");
+
+        for keep in [frames.len() - 1, frames.len() / 2, 1] {
+            aborted(
+                import(&engine, "copy", &src, frames[..keep].to_vec()),
+                "a stream cut short",
+            );
+            assert_nothing_of(&pool, "copy");
+        }
+
+        let id = import(&engine, "copy", &src, frames.clone()).expect("the whole stream");
+        let copy = pool.join("volumes/copy");
+        assert_eq!(std::fs::read(copy.join("big")).expect("read"), pattern(3 << 20, 4));
+        assert_eq!(
+            std::fs::read_link(copy.join("sub/link")).expect("readlink"),
+            Path::new("../big")
+        );
+        assert_eq!(
+            import(&engine, "copy", &src, Vec::new()).expect("made already"),
+            id,
+            "a retry returns the volume without reading a stream"
+        );
+    }
+}
+
+/// Waits until a copy made after a crash succeeds; until the restarted process is up, the calls
+/// answer UNAVAILABLE (or ABORTED while the broken transfer still unwinds).
+async fn retried(c: &Cluster, req: CreateVolumeRequest) -> Volume {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        match c.ctl().await.create_volume(req.clone()).await {
+            Ok(r) => return r.into_inner().volume.expect("volume"),
+            Err(e) => assert!(
+                Instant::now() < deadline && matches!(e.code(), Code::Unavailable | Code::Aborted),
+                "{e}\n{}",
+                c.logs()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until `check` holds; a broken connection is noticed by the far end a moment later.
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn nothing_of(pool: &Path, name: &str) -> bool {
+    !pool.join(format!("volumes/{name}")).exists()
+        && !pool.join(format!("volumes/{name}.json")).exists()
+        && std::fs::read_dir(pool.join(".work")).is_ok_and(|mut d| d.next().is_none())
+}
+
+#[tokio::test]
+async fn a_transfer_broken_by_the_controller_dying_leaves_nothing_and_the_retry_starts_over() {
+    let (mut c, img, req) = image_to_clone().await;
+    c.kill_controller();
+    c.start_controller_with(&[("CELLAR_CRASH_AT", "transfer:mid-pipe")]);
+    c.wait_registered().await;
+    let e = c
+        .ctl()
+        .await
+        .create_volume(req.clone())
+        .await
+        .expect_err("the controller dies mid-transfer");
+    let log = std::fs::read_to_string(c.dir.path().join("controller.log")).unwrap_or_default();
+    assert!(log.contains("crash point transfer:mid-pipe reached"), "{e}\n{log}");
+    assert!(
+        c.log_of(1).contains("import from another node started"),
+        "node-2 had begun the import"
+    );
+    let pool = c.pool_dir(1);
+    eventually("node-2 removes the broken import", || nothing_of(&pool, "cloned")).await;
+    assert_nothing_of(&pool, "cloned");
+
+    c.kill_controller();
+    c.start_controller();
+    c.wait_registered().await;
+    let cloned = retried(&c, req).await;
+    assert_eq!(cloned.volume_id, "local:node-2:default:cloned");
+    assert_same_image(&img, &c.pool_dir(1).join("volumes/cloned"));
+}
+
+#[tokio::test]
+async fn a_transfer_broken_by_the_target_node_dying_leaves_nothing_once_it_restarts() {
+    let (mut c, img, req) = image_to_clone().await;
+    c.kill_node(1);
+    c.start_node_with(1, &[("CELLAR_CRASH_AT", "import:mid-stream")]);
+    let broken = crashed_by(&c, 1, "import:mid-stream", &req).await;
+    assert_eq!(broken.code(), Code::Unavailable, "{broken}");
+    assert!(broken.message().contains("node-2"), "{}", broken.message());
+    assert!(
+        !c.pool_dir(1).join("volumes/cloned.json").exists(),
+        "no record of a volume that was not made"
+    );
+
+    c.kill_node(1);
+    c.start_node(1);
+    let pool = c.pool_dir(1);
+    eventually("node-2 clears the half-made copy at its start", || {
+        nothing_of(&pool, "cloned")
+    })
+    .await;
+    assert_nothing_of(&pool, "cloned");
+    let cloned = retried(&c, req).await;
+    assert_eq!(cloned.volume_id, "local:node-2:default:cloned");
+    assert_same_image(&img, &c.pool_dir(1).join("volumes/cloned"));
 }

@@ -8,12 +8,22 @@ pub mod server;
 pub mod tls;
 pub mod wire;
 
+use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::storage::engine::{CapacityRange, Condition, LocalEngine, Mutable, NewVolume, PoolStatus};
+use tokio_stream::{Stream, StreamExt};
+
+use crate::storage::engine::{CapacityRange, Condition, LocalEngine, Mutable, NewVolume, PoolStatus, Source};
 use crate::storage::id::{NodeId, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{SnapshotRecord, VolumeRecord};
+use crate::storage::transfer::Frame;
 use crate::storage::StorageError;
+
+/// The frames of a copy between nodes (`storage::transfer`), as they arrive. An error ends it.
+pub type Frames = Pin<Box<dyn Stream<Item = Result<Frame, StorageError>> + Send>>;
+
+/// Frames waiting between the disk and the network, per transfer: enough to keep both busy.
+pub(crate) const FRAMES_IN_FLIGHT: usize = 4;
 
 #[tonic::async_trait]
 pub trait Agent: Send + Sync {
@@ -41,6 +51,12 @@ pub trait Agent: Send + Sync {
     async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError>;
     /// Whether a static volume's directory exists (and is reachable without symlinks).
     async fn static_exists(&self, id: StaticId) -> Result<bool, StorageError>;
+    /// Streams a volume's or snapshot's data of this node, for a copy on another node. Dropping
+    /// the stream stops the export.
+    async fn export_data(&self, source: Source) -> Result<Frames, StorageError>;
+    /// Creates a volume from another node's data (`export_data` of that node). An error in
+    /// `frames` is the call's error: the volume is not made, and nothing of it is left.
+    async fn import_volume(&self, req: NewVolume, frames: Frames) -> Result<VolumeRecord, StorageError>;
 }
 
 /// The node's own engine, called in-process. Disk work runs on the blocking pool so slow copies
@@ -137,6 +153,49 @@ impl Agent for LocalAgent {
             Err(other) => Err(other),
         })
         .await
+    }
+
+    async fn export_data(&self, source: Source) -> Result<Frames, StorageError> {
+        let (tx, rx) = tokio::sync::mpsc::channel(FRAMES_IN_FLIGHT);
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut send = |f: Frame| {
+                if let Frame::Chunk { data, .. } = &f {
+                    crate::metrics::record_transfer_bytes("export", data.len() as u64);
+                }
+                tx.blocking_send(Ok(f))
+                    .map_err(|_| StorageError::Transfer("the receiver of the export went away".into()))
+            };
+            let sent = engine.export(&source, &mut send);
+            crate::metrics::record_transfer_end("export", sent.is_ok());
+            if let Err(e) = sent {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    async fn import_volume(&self, req: NewVolume, mut frames: Frames) -> Result<VolumeRecord, StorageError> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(FRAMES_IN_FLIGHT);
+        // The frames come from the network; the disk work runs on the blocking pool and reads
+        // them through the channel. When it stops early the channel closes and the pump ends.
+        let pump = tokio::spawn(async move {
+            while let Some(item) = frames.next().await {
+                if let Ok(Frame::Chunk { data, .. }) = &item {
+                    crate::metrics::record_transfer_bytes("import", data.len() as u64);
+                }
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        let made = self
+            .blocking(move |e| e.import_volume(req, &mut std::iter::from_fn(|| rx.blocking_recv())))
+            .await;
+        pump.abort();
+        crate::metrics::record_transfer_end("import", made.is_ok());
+        made
     }
 }
 

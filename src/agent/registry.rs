@@ -17,8 +17,8 @@ use tonic::{Request, Response, Status};
 use super::remote::{unavailable, HostPort, RemoteAgent, Timeouts, MAX_MESSAGE_BYTES};
 use super::tls::{Tls, AGENT_SERVER_NAME};
 use super::wire::{self, v1};
-use super::{Agent, Directory};
-use crate::storage::engine::{CapacityRange, Condition, Mutable, NewVolume, PoolStatus};
+use super::{Agent, Directory, Frames};
+use crate::storage::engine::{CapacityRange, Condition, Mutable, NewVolume, PoolStatus, Source};
 use crate::storage::id::{NodeId, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{SnapshotRecord, VolumeRecord};
 use crate::storage::StorageError;
@@ -464,6 +464,12 @@ impl Agent for RegisteredAgent {
     }
     async fn static_exists(&self, id: StaticId) -> Result<bool, StorageError> {
         self.remote()?.static_exists(id).await
+    }
+    async fn export_data(&self, source: Source) -> Result<Frames, StorageError> {
+        self.remote()?.export_data(source).await
+    }
+    async fn import_volume(&self, req: NewVolume, frames: Frames) -> Result<VolumeRecord, StorageError> {
+        self.remote()?.import_volume(req, frames).await
     }
 }
 

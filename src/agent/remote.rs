@@ -11,16 +11,18 @@ use std::io;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use tokio_stream::StreamExt;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use super::tls::{Tls, TlsError};
 use super::wire::{self, v1, v1::agent_client::AgentClient};
-use super::Agent;
-use crate::storage::engine::{CapacityRange, Condition, Mutable, NewVolume, PoolStatus};
+use super::{Agent, Frames, FRAMES_IN_FLIGHT};
+use crate::storage::engine::{CapacityRange, Condition, Mutable, NewVolume, PoolStatus, Source};
 use crate::storage::id::{NodeId, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{SnapshotRecord, VolumeRecord};
+use crate::storage::transfer::Frame;
 use crate::storage::StorageError;
 use crate::sys::SysError;
 
@@ -157,6 +159,7 @@ fn status_text(s: &Status) -> String {
     text
 }
 
+#[derive(Clone)]
 pub struct RemoteAgent {
     node: NodeId,
     address: HostPort,
@@ -197,28 +200,41 @@ impl RemoteAgent {
         &self.address
     }
 
+    /// A request addressed to this node, with a gRPC deadline when given one.
+    fn request<Q>(&self, msg: Q, deadline: Option<Duration>) -> Request<Q> {
+        let mut req = Request::new(msg);
+        if let Some(limit) = deadline {
+            req.set_timeout(limit);
+        }
+        if let Ok(v) = MetadataValue::try_from(self.node.as_str()) {
+            req.metadata_mut().insert(NODE_HEADER, v);
+        }
+        req
+    }
+
     /// One call: bounded, addressed to this node, its failure turned back into a `StorageError`.
     async fn call<Q, A, F, Fut>(&self, rpc: &'static str, limit: Duration, msg: Q, f: F) -> Result<A, StorageError>
     where
         F: FnOnce(AgentClient<Channel>, Request<Q>) -> Fut,
         Fut: Future<Output = Result<Response<A>, Status>>,
     {
-        let mut req = Request::new(msg);
-        req.set_timeout(limit);
-        if let Ok(v) = MetadataValue::try_from(self.node.as_str()) {
-            req.metadata_mut().insert(NODE_HEADER, v);
-        }
+        let req = self.request(msg, Some(limit));
         match tokio::time::timeout(limit, f(self.client.clone(), req)).await {
-            Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(s)) => {
-                crate::metrics::record_agent_error(self.node.as_str(), rpc, s.code());
-                Err(self.error(rpc, limit, s))
-            }
-            Err(_) => {
-                crate::metrics::record_agent_error(self.node.as_str(), rpc, Code::Unavailable);
-                Err(self.unreachable(rpc, format!("no answer within {limit:?}")))
-            }
+            Ok(r) => r.map(Response::into_inner).map_err(|s| self.failed(rpc, limit, s)),
+            Err(_) => Err(self.silent(rpc, limit)),
         }
+    }
+
+    /// A failed call, counted.
+    fn failed(&self, rpc: &'static str, limit: Duration, s: Status) -> StorageError {
+        crate::metrics::record_agent_error(self.node.as_str(), rpc, s.code());
+        self.error(rpc, limit, s)
+    }
+
+    /// No answer in time, counted.
+    fn silent(&self, rpc: &'static str, limit: Duration) -> StorageError {
+        crate::metrics::record_agent_error(self.node.as_str(), rpc, Code::Unavailable);
+        self.unreachable(rpc, format!("no answer within {limit:?}"))
     }
 
     fn unreachable(&self, rpc: &str, why: impl fmt::Display) -> StorageError {
@@ -456,6 +472,86 @@ impl Agent for RemoteAgent {
             })
             .await?;
         Ok(r.exists)
+    }
+
+    /// A transfer has no deadline as a whole (a large volume takes long): its start is bounded
+    /// like a read, and then each frame must come within the storage timeout.
+    async fn export_data(&self, source: Source) -> Result<Frames, StorageError> {
+        const RPC: &str = "ExportData";
+        let (start, idle) = (self.timeouts.call, self.timeouts.storage);
+        let req = self.request(
+            v1::ExportDataRequest {
+                source: Some((&source).into()),
+            },
+            None,
+        );
+        let stream = match tokio::time::timeout(start, self.client.clone().export_data(req)).await {
+            Ok(r) => r.map_err(|s| self.failed(RPC, start, s))?.into_inner(),
+            Err(_) => return Err(self.silent(RPC, start)),
+        };
+        let me = self.clone();
+        Ok(Box::pin(stream.timeout(idle).map(move |item| match item {
+            Err(_) => Err(me.silent(RPC, idle)),
+            Ok(Err(s)) => Err(me.failed(RPC, idle, s)),
+            Ok(Ok(m)) => me.decode(RPC, Frame::try_from(m)),
+        })))
+    }
+
+    /// When `frames` fails (the source node), the stream to this node ends short, which this node
+    /// refuses and cleans up; the source's error is then the answer, not this node's view of it.
+    async fn import_volume(&self, req: NewVolume, frames: Frames) -> Result<VolumeRecord, StorageError> {
+        use v1::import_volume_request::Kind;
+        const RPC: &str = "ImportVolume";
+        let first = v1::ImportVolumeRequest {
+            kind: Some(Kind::Volume((&req).into())),
+        };
+        // The frames reach the stream to this node through a channel, which also keeps the
+        // request a plain stream type (tonic's client-streaming future must be provably Send).
+        let (tx, rx) = tokio::sync::mpsc::channel(FRAMES_IN_FLIGHT);
+        let pump = tokio::spawn(async move {
+            let mut frames = frames;
+            if tx.send(first).await.is_err() {
+                return None;
+            }
+            let mut chunks = 0;
+            while let Some(item) = frames.next().await {
+                let m = match item {
+                    Ok(f) => {
+                        if matches!(f, Frame::Chunk { .. }) {
+                            chunks += 1;
+                            if chunks == 8 {
+                                crate::crash::point("transfer:mid-pipe");
+                            }
+                        }
+                        v1::ImportVolumeRequest {
+                            kind: Some(Kind::Frame(f.into())),
+                        }
+                    }
+                    Err(e) => return Some(e),
+                };
+                if tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+            None
+        });
+        let req = self.request(tokio_stream::wrappers::ReceiverStream::new(rx), None);
+        // Its own task: a CreateVolume that gives up does not cut a transfer that is under way; the
+        // retry finds the volume made (or ABORTED while the transfer still runs).
+        let mut client = self.client.clone();
+        let made = tokio::spawn(async move { client.import_volume(req).await })
+            .await
+            .map_err(|e| self.unreachable(RPC, format!("the transfer task failed: {e}")))?;
+        if made.is_ok() {
+            pump.abort();
+        } else if let Ok(Some(e)) = pump.await {
+            return Err(e);
+        }
+        let r = made
+            .map_err(|s| self.failed(RPC, self.timeouts.storage, s))?
+            .into_inner();
+        let v = self.present(RPC, "volume", r.volume)?;
+        self.decode(RPC, v.try_into())
     }
 }
 

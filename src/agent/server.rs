@@ -7,21 +7,24 @@
 //! started: the engine finishes it, and the controller's retry finds it done.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_stream::{Stream, StreamExt};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::{Interceptor, Routes};
 use tonic::transport::server::TcpIncoming;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::remote::{MAX_MESSAGE_BYTES, NODE_HEADER};
 use super::tls::{Tls, TlsError};
 use super::wire::{self, v1, WireError};
 use super::{Agent, LocalAgent};
-use crate::storage::engine::{LocalEngine, NewVolume};
+use crate::storage::engine::{LocalEngine, NewVolume, Source};
 use crate::storage::id::NodeId;
+use crate::storage::transfer::Frame;
 use crate::storage::StorageError;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +33,12 @@ pub enum ServeError {
     Tls(#[from] TlsError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+/// The source of an export: required.
+fn required_source(m: Option<v1::ContentSource>) -> Result<Source, Status> {
+    let m = m.ok_or_else(|| invalid(WireError("source: is required".into())))?;
+    wire::source(m).map_err(invalid)
 }
 
 /// A request that does not decode is the caller's mistake.
@@ -86,6 +95,44 @@ type Reply<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl v1::agent_server::Agent for AgentService {
+    type ExportDataStream = Pin<Box<dyn Stream<Item = Result<v1::DataFrame, Status>> + Send>>;
+
+    async fn export_data(&self, req: Request<v1::ExportDataRequest>) -> Reply<Self::ExportDataStream> {
+        let source = required_source(req.into_inner().source)?;
+        let frames = self.agent.export_data(source).await.map_err(wire::status)?;
+        Ok(Response::new(Box::pin(
+            frames.map(|r| r.map(v1::DataFrame::from).map_err(wire::status)),
+        )))
+    }
+
+    async fn import_volume(&self, req: Request<Streaming<v1::ImportVolumeRequest>>) -> Reply<v1::CreateVolumeResponse> {
+        use v1::import_volume_request::Kind;
+        let mut stream = req.into_inner();
+        let spec = match stream.message().await? {
+            Some(v1::ImportVolumeRequest {
+                kind: Some(Kind::Volume(v)),
+            }) => NewVolume::try_from(v).map_err(invalid)?,
+            _ => return Err(invalid(WireError("the first message must be the volume".into()))),
+        };
+        let frames = stream.map(|m| match m {
+            Ok(v1::ImportVolumeRequest {
+                kind: Some(Kind::Frame(f)),
+            }) => Frame::try_from(f).map_err(|e| StorageError::Transfer(format!("a frame that does not decode: {e}"))),
+            Ok(_) => Err(StorageError::Transfer(
+                "a message after the first that is not a frame".into(),
+            )),
+            Err(s) => Err(StorageError::Transfer(format!("the stream broke: {}", s.message()))),
+        });
+        let rec = self
+            .agent
+            .import_volume(spec, Box::pin(frames))
+            .await
+            .map_err(wire::status)?;
+        Ok(Response::new(v1::CreateVolumeResponse {
+            volume: Some((&rec).into()),
+        }))
+    }
+
     async fn create_volume(&self, req: Request<v1::CreateVolumeRequest>) -> Reply<v1::CreateVolumeResponse> {
         let spec = NewVolume::try_from(req.into_inner()).map_err(invalid)?;
         let rec = self.agent.create_volume(spec).await.map_err(wire::status)?;

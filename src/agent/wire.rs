@@ -16,7 +16,9 @@ use crate::storage::config::DeletePolicy;
 use crate::storage::engine::{CapacityRange, Condition, Mutable, NewVolume, Ownership, PoolStatus, Source};
 use crate::storage::id::{NodeId, PoolName, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{AccessMode, ContentSource, Layout, SnapshotRecord, VolumeMode, VolumeRecord};
+use crate::storage::transfer::{Frame, Header};
 use crate::storage::StorageError;
+use crate::sys::tree::Meta;
 use crate::sys::SysError;
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
@@ -413,7 +415,7 @@ impl From<&Source> for v1::ContentSource {
     }
 }
 
-fn source(m: v1::ContentSource) -> Result<Source, WireError> {
+pub fn source(m: v1::ContentSource) -> Result<Source, WireError> {
     use v1::content_source::Kind;
     match m.kind {
         Some(Kind::SnapshotId(id)) => Ok(Source::Snapshot(snapshot_id("source.snapshot_id", &id)?)),
@@ -461,6 +463,142 @@ impl TryFrom<v1::CreateVolumeRequest> for NewVolume {
     }
 }
 
+// --- copies between nodes -----------------------------------------------------------------------
+
+impl From<Meta> for v1::EntryMeta {
+    fn from(m: Meta) -> Self {
+        v1::EntryMeta {
+            uid: m.uid,
+            gid: m.gid,
+            mode: m.mode,
+            atime_secs: m.atime.0,
+            atime_nanos: m.atime.1 as i32,
+            mtime_secs: m.mtime.0,
+            mtime_nanos: m.mtime.1 as i32,
+            xattrs: m
+                .xattrs
+                .into_iter()
+                .map(|(name, value)| v1::Xattr { name, value })
+                .collect(),
+        }
+    }
+}
+
+fn entry_meta(field: &str, m: Option<v1::EntryMeta>) -> Result<Meta, WireError> {
+    let m = required(field, m)?;
+    Ok(Meta {
+        uid: m.uid,
+        gid: m.gid,
+        mode: m.mode,
+        atime: (m.atime_secs, m.atime_nanos as i64),
+        mtime: (m.mtime_secs, m.mtime_nanos as i64),
+        xattrs: m.xattrs.into_iter().map(|x| (x.name, x.value)).collect(),
+    })
+}
+
+fn sha256(field: &str, raw: Vec<u8>) -> Result<[u8; 32], WireError> {
+    raw.try_into().map_err(|_| bad(field, "is not 32 bytes"))
+}
+
+impl From<Frame> for v1::DataFrame {
+    fn from(f: Frame) -> Self {
+        use v1::data_frame::{self as df, Kind};
+        let kind = match f {
+            Frame::Header(h) => Kind::Header(df::Header {
+                layout: v1::Layout::from(h.layout) as i32,
+                mode: v1::VolumeMode::from(h.mode) as i32,
+                capacity_bytes: h.capacity_bytes,
+                fs_bytes: h.fs_bytes,
+                length: h.length,
+            }),
+            Frame::Dir { name } => Kind::Dir(df::Dir { name }),
+            Frame::Leave { meta } => Kind::Leave(df::Leave {
+                meta: Some(meta.into()),
+            }),
+            Frame::File { name, meta, size, link } => Kind::File(df::File {
+                name,
+                meta: Some(meta.into()),
+                size,
+                link,
+            }),
+            Frame::HardLink { name, link } => Kind::HardLink(df::HardLink { name, link }),
+            Frame::Symlink { name, target, meta } => Kind::Symlink(df::Symlink {
+                name,
+                target,
+                meta: Some(meta.into()),
+            }),
+            Frame::Special { name, mode, rdev, meta } => Kind::Special(df::Special {
+                name,
+                mode,
+                rdev,
+                meta: Some(meta.into()),
+            }),
+            Frame::Chunk { offset, data, checksum } => Kind::Chunk(df::Chunk {
+                offset,
+                data,
+                sha256: checksum.to_vec(),
+            }),
+            Frame::End { frames, bytes, digest } => Kind::End(df::End {
+                frames,
+                bytes,
+                sha256: digest.to_vec(),
+            }),
+        };
+        v1::DataFrame { kind: Some(kind) }
+    }
+}
+
+impl TryFrom<v1::DataFrame> for Frame {
+    type Error = WireError;
+    fn try_from(m: v1::DataFrame) -> Result<Self, WireError> {
+        use v1::data_frame::Kind;
+        Ok(match required("frame", m.kind)? {
+            Kind::Header(h) => Frame::Header(Header {
+                layout: layout("header.layout", h.layout)?,
+                mode: volume_mode("header.mode", h.mode)?,
+                capacity_bytes: h.capacity_bytes,
+                fs_bytes: h.fs_bytes,
+                length: h.length,
+            }),
+            Kind::Dir(d) => Frame::Dir { name: d.name },
+            Kind::Leave(l) => Frame::Leave {
+                meta: entry_meta("leave.meta", l.meta)?,
+            },
+            Kind::File(f) => Frame::File {
+                name: f.name,
+                meta: entry_meta("file.meta", f.meta)?,
+                size: f.size,
+                link: f.link,
+            },
+            Kind::HardLink(h) => Frame::HardLink {
+                name: h.name,
+                link: h.link,
+            },
+            Kind::Symlink(l) => Frame::Symlink {
+                name: l.name,
+                target: l.target,
+                meta: entry_meta("symlink.meta", l.meta)?,
+            },
+            Kind::Special(x) => Frame::Special {
+                name: x.name,
+                mode: x.mode,
+                rdev: x.rdev,
+                meta: entry_meta("special.meta", x.meta)?,
+            },
+            Kind::Chunk(c) => Frame::Chunk {
+                offset: c.offset,
+                data: c.data,
+                checksum: sha256("chunk.sha256", c.sha256)?,
+            },
+            Kind::End(e) => Frame::End {
+                frames: e.frames,
+                bytes: e.bytes,
+                digest: sha256("end.sha256", e.sha256)?,
+            },
+        })
+    }
+}
+
 // --- errors ------------------------------------------------------------------------------------
 
 /// The `type_url` of a [`v1::StorageFailure`] packed in a `google.protobuf.Any`.
@@ -498,6 +636,7 @@ impl From<&StorageError> for v1::StorageFailure {
             StorageError::OutOfRange(s) => Kind::OutOfRange(s.clone()),
             StorageError::Exhausted(s) => Kind::Exhausted(s.clone()),
             StorageError::Busy(s) => Kind::Busy(s.clone()),
+            StorageError::Transfer(s) => Kind::Transfer(s.clone()),
             StorageError::Unsupported(s) => Kind::Unsupported(s.clone()),
             StorageError::WrongNode { pool, owner } => Kind::WrongNode(failure::WrongNode {
                 pool: pool.clone(),
@@ -548,6 +687,7 @@ pub fn storage_error(node: &NodeId, f: v1::StorageFailure) -> Option<StorageErro
         Kind::OutOfRange(s) => StorageError::OutOfRange(s),
         Kind::Exhausted(s) => StorageError::Exhausted(s),
         Kind::Busy(s) => StorageError::Busy(s),
+        Kind::Transfer(s) => StorageError::Transfer(s),
         Kind::Unsupported(s) => StorageError::Unsupported(s),
         Kind::WrongNode(w) => StorageError::WrongNode {
             pool: w.pool,
@@ -757,6 +897,81 @@ mod tests {
     }
 
     #[test]
+    fn every_frame_round_trips() {
+        let meta = Meta {
+            uid: 1,
+            gid: 2,
+            mode: 0o4755,
+            atime: (10, 999_999_999),
+            mtime: (-5, 1),
+            xattrs: vec![(b"user.a".to_vec(), vec![0, 255]), (b"trusted.b".to_vec(), vec![])],
+        };
+        let frames = vec![
+            Frame::Header(Header {
+                layout: Layout::Btrfs,
+                mode: VolumeMode::Filesystem,
+                capacity_bytes: 7,
+                fs_bytes: 6,
+                length: 0,
+            }),
+            Frame::Dir {
+                name: b"d\xff".to_vec(),
+            },
+            Frame::File {
+                name: b"f".to_vec(),
+                meta: meta.clone(),
+                size: 9,
+                link: Some(3),
+            },
+            Frame::File {
+                name: b"g".to_vec(),
+                meta: meta.clone(),
+                size: 0,
+                link: None,
+            },
+            Frame::HardLink {
+                name: b"h".to_vec(),
+                link: 3,
+            },
+            Frame::Symlink {
+                name: b"s".to_vec(),
+                target: b"/etc/passwd".to_vec(),
+                meta: meta.clone(),
+            },
+            Frame::Special {
+                name: b"p".to_vec(),
+                mode: libc::S_IFIFO | 0o600,
+                rdev: 0,
+                meta: meta.clone(),
+            },
+            Frame::Chunk {
+                offset: 4096,
+                data: b"data".to_vec(),
+                checksum: crate::storage::transfer::chunk_checksum(4096, b"data"),
+            },
+            Frame::Leave { meta },
+            Frame::End {
+                frames: 9,
+                bytes: 4,
+                digest: [7; 32],
+            },
+        ];
+        for f in frames {
+            let bytes = v1::DataFrame::from(f.clone()).encode_to_vec();
+            let back = Frame::try_from(v1::DataFrame::decode(bytes.as_slice()).unwrap()).unwrap();
+            assert_eq!(back, f);
+        }
+        let short = v1::DataFrame {
+            kind: Some(v1::data_frame::Kind::End(v1::data_frame::End {
+                frames: 1,
+                bytes: 0,
+                sha256: vec![1; 31],
+            })),
+        };
+        assert!(Frame::try_from(short).unwrap_err().0.starts_with("end.sha256"));
+    }
+
+    #[test]
     fn create_request_with_bad_fields_names_the_field() {
         let ok = v1::CreateVolumeRequest {
             name: "pvc-1".into(),
@@ -834,6 +1049,7 @@ mod tests {
             StorageError::OutOfRange("too big".into()),
             StorageError::Exhausted("pool full".into()),
             StorageError::Busy("pvc-1".into()),
+            StorageError::Transfer("bad checksum".into()),
             StorageError::Unsupported("Block needs image".into()),
             StorageError::WrongNode {
                 pool: "fast".into(),

@@ -45,6 +45,10 @@ pub enum CsiCommand {
         from_snapshot: Option<String>,
         #[arg(long)]
         from_volume: Option<String>,
+        /// A topology segment the volume must be accessible from, key=value (repeatable), sent
+        /// as both requisite and preferred, as WaitForFirstConsumer sends the selected node.
+        #[arg(long = "topology", value_parser = key_value)]
+        topology: Vec<(String, String)>,
     },
     /// DeleteVolume.
     Delete { volume_id: String },
@@ -200,6 +204,7 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
             access,
             from_snapshot,
             from_volume,
+            topology,
         } => {
             use volume_content_source::{SnapshotSource, Type, VolumeSource};
             let source = match (from_snapshot, from_volume) {
@@ -221,6 +226,15 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
                     volume_capabilities: vec![mount_capability(parse_access(&access)?, vec![])],
                     parameters: params.into_iter().collect::<HashMap<_, _>>(),
                     volume_content_source: source,
+                    accessibility_requirements: (!topology.is_empty()).then(|| {
+                        let t = Topology {
+                            segments: topology.into_iter().collect(),
+                        };
+                        TopologyRequirement {
+                            requisite: vec![t.clone()],
+                            preferred: vec![t],
+                        }
+                    }),
                     ..Default::default()
                 })
                 .await,

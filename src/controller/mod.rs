@@ -103,6 +103,16 @@ fn serves(rec: Option<&VolumeRecord>, c: &caps::Capability) -> bool {
     }
 }
 
+/// Whether a node may take a volume the scheduler placed: with preferred topologies (the
+/// scheduler's choice under WaitForFirstConsumer), only a node they name; without, any node.
+fn chosen(req: Option<&TopologyRequirement>, node: &NodeId) -> bool {
+    let preferred = req.map(|r| r.preferred.as_slice()).unwrap_or_default();
+    preferred.is_empty()
+        || preferred
+            .iter()
+            .any(|t| request::topology_node(t).is_none_or(|x| x == node.as_str()))
+}
+
 fn csi_snapshot(r: &SnapshotRecord) -> Snapshot {
     Snapshot {
         size_bytes: r.size_bytes as i64,
@@ -222,24 +232,38 @@ impl ControllerService {
                 volume: Some(csi_volume(&rec, agent.node())),
             });
         }
-        let nodes: Vec<NodeId> = match &source {
-            // A copy is made where its source lives.
+        let nodes: Vec<NodeId> = self.directory.agents().iter().map(|a| a.node().clone()).collect();
+        let ranked = request::rank_nodes(r.accessibility_requirements.as_ref(), &nodes);
+        let source_agent = match &source {
             Some(s) => {
                 let owner = match s {
                     crate::storage::engine::Source::Snapshot(id) => id.0.node(),
                     crate::storage::engine::Source::Volume(id) => id.0.node(),
                 };
                 match self.agent_of(owner) {
-                    Some(a) => vec![a.node().clone()],
+                    Some(a) => Some(a),
                     None => return Err(Status::not_found("the content source is not on any known node")),
                 }
             }
-            None => self.directory.agents().iter().map(|a| a.node().clone()).collect(),
+            None => None,
         };
-        let ranked = request::rank_nodes(r.accessibility_requirements.as_ref(), &nodes);
+        // A copy is made where its source lives when that node may take it and has room: there it
+        // is a reflink, a btrfs snapshot or a local copy. Otherwise it is streamed to the node the
+        // placement chooses.
+        if let Some(a) = &source_agent {
+            if self
+                .source_node_fits(a, &ranked, r.accessibility_requirements.as_ref(), &spec)
+                .await
+            {
+                let rec = a.create_volume(spec).await?;
+                return Ok(CreateVolumeResponse {
+                    volume: Some(csi_volume(&rec, a.node())),
+                });
+            }
+        }
         if ranked.is_empty() {
             return Err(Status::resource_exhausted(
-                "no node in the requisite topology can hold this volume (or its content source is elsewhere)",
+                "no node in the requisite topology can hold this volume",
             ));
         }
         let node = self
@@ -249,10 +273,48 @@ impl ControllerService {
             .directory
             .agent(&node)
             .ok_or_else(|| Status::unavailable(format!("node {} is not reachable", node.as_str())))?;
-        let rec = agent.create_volume(spec).await?;
+        let rec = match (&source_agent, &spec.source) {
+            (Some(from), Some(src)) if from.node() != agent.node() => {
+                tracing::info!(
+                    volume = r.name,
+                    from = from.node().as_str(),
+                    to = agent.node().as_str(),
+                    "copying the content source to another node"
+                );
+                let frames = from.export_data(src.clone()).await?;
+                agent.import_volume(spec, frames).await?
+            }
+            _ => agent.create_volume(spec).await?,
+        };
         Ok(CreateVolumeResponse {
             volume: Some(csi_volume(&rec, agent.node())),
         })
+    }
+
+    /// Whether the node holding a content source may take the copy (the topology admits it and,
+    /// when the scheduler chose, it is a chosen node) and has room for it.
+    async fn source_node_fits(
+        &self,
+        source: &Arc<dyn Agent>,
+        ranked: &[NodeId],
+        req: Option<&TopologyRequirement>,
+        spec: &NewVolume,
+    ) -> bool {
+        let node = source.node();
+        if !ranked.contains(node) {
+            return false;
+        }
+        if !chosen(req, node) {
+            return false;
+        }
+        let Ok(wanted) = spec.capacity.choose() else {
+            return true; // the node explains a bad range
+        };
+        match source.pools().await {
+            // A pool or layout the node does not have is the node's to explain.
+            Ok(pools) => room_for(&pools, spec).is_none_or(|room| room >= wanted),
+            Err(_) => false,
+        }
     }
 
     /// Chooses the node for a local volume: the first preferred node with room (WaitForFirstConsumer
@@ -276,16 +338,11 @@ impl ControllerService {
             };
             rooms.push((n.clone(), room));
         }
-        let preferred: Vec<&Topology> = req.map(|r| r.preferred.iter().collect()).unwrap_or_default();
-        if preferred.is_empty() {
+        if req.is_none_or(|r| r.preferred.is_empty()) {
             rooms.sort_by_key(|r| std::cmp::Reverse(r.1));
         } else {
             // The scheduler chose: only a preferred node may take the volume, in the order given.
-            rooms.retain(|(n, _)| {
-                preferred
-                    .iter()
-                    .any(|t| request::topology_node(t).is_none_or(|x| x == n.as_str()))
-            });
+            rooms.retain(|(n, _)| chosen(req, n));
         }
         if let Some((n, _)) = rooms.iter().find(|(_, room)| room.is_some_and(|r| r >= wanted)) {
             return Ok(n.clone());

@@ -15,7 +15,7 @@ impl From<StorageError> for Status {
             StorageError::Conflict(_) => Code::AlreadyExists,
             StorageError::OutOfRange(_) => Code::OutOfRange,
             StorageError::Exhausted(_) => Code::ResourceExhausted,
-            StorageError::Busy(_) => Code::Aborted,
+            StorageError::Busy(_) | StorageError::Transfer(_) => Code::Aborted,
             StorageError::WrongNode { .. } => Code::NotFound,
             StorageError::Corrupt { .. } => Code::Internal,
             StorageError::PoolUnusable(_) | StorageError::PoolBroken { .. } => Code::FailedPrecondition,

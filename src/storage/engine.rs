@@ -21,6 +21,7 @@ use super::pool::{Kind, Pool};
 use super::record::{
     self, AccessMode, ContentSource, Layout, SnapshotRecord, VolumeMode, VolumeRecord, RECORD_VERSION,
 };
+use super::transfer::{self, Frame, Header, Import};
 use super::StorageError;
 
 /// Size given to a volume whose request names no capacity.
@@ -136,6 +137,48 @@ struct SourceData {
     mode: VolumeMode,
     fs_bytes: u64,
     _held: Held,
+}
+
+/// A CreateVolume that passed every check and holds its volume's lock, not made yet.
+struct Planned<'a> {
+    pool: &'a Pool,
+    key: Key,
+    id: VolumeId,
+    layout: Layout,
+    capacity: u64,
+    fs_type: String,
+    source: Option<ContentSource>,
+    _held: Held,
+}
+
+enum Plan<'a> {
+    /// The same request made this volume before.
+    Exists(VolumeRecord),
+    New(Planned<'a>),
+}
+
+/// A copy keeps its source's layout and mode and needs at least its capacity.
+fn same_kind(
+    layout: Layout,
+    mode: VolumeMode,
+    capacity: u64,
+    from_layout: Layout,
+    from_mode: VolumeMode,
+    from_size: u64,
+) -> Result<(), StorageError> {
+    if from_layout != layout || from_mode != mode {
+        return Err(StorageError::Unsupported(format!(
+            "a {} {mode:?} volume can only be made from a source of the same layout and mode; the source is a {} {from_mode:?} volume",
+            layout.as_str(),
+            from_layout.as_str(),
+        )));
+    }
+    if from_size > capacity {
+        return Err(StorageError::OutOfRange(format!(
+            "the source holds {from_size} bytes of capacity but the new volume asks for {capacity}"
+        )));
+    }
+    Ok(())
 }
 
 /// Which process an engine serves, and so which pools it opens and owns.
@@ -325,6 +368,35 @@ impl LocalEngine {
     }
 
     pub fn create_volume(&self, req: NewVolume) -> Result<VolumeRecord, StorageError> {
+        let p = match self.plan(&req)? {
+            Plan::Exists(rec) => return Ok(rec),
+            Plan::New(p) => p,
+        };
+        let pool = p.pool;
+        let data = pool.data_path(Kind::Volume, &p.key);
+        let fs_bytes = match &req.source {
+            None => {
+                let fs = FsType::parse(&p.fs_type).unwrap_or(pool.config.fs_type);
+                let made = layout::create_empty(pool, &p.key, p.layout, p.capacity, req.mode, fs)?;
+                if p.layout != Layout::Image {
+                    set_owner(&data, req.owner)?;
+                }
+                made
+            }
+            Some(src) => {
+                let from = self.source_data(src)?;
+                same_kind(p.layout, req.mode, p.capacity, from.layout, from.mode, from.size)?;
+                layout::create_copy(pool, Kind::Volume, &p.key, p.layout, &from.path, true, false)?;
+                layout::set_capacity(p.layout, &data, p.capacity)?;
+                from.fs_bytes
+            }
+        };
+        self.record_new(p, &req, fs_bytes)
+    }
+
+    /// Everything CreateVolume checks before it makes anything: the pool, layout, modes, size and
+    /// room; the volume's key, id and lock; or the volume already made under that name.
+    fn plan(&self, req: &NewVolume) -> Result<Plan<'_>, StorageError> {
         let pool_name = req.pool.clone().unwrap_or_else(|| self.default_pool.clone());
         let pool = self.pool(&pool_name)?;
         let layout = req.layout.unwrap_or(pool.config.default_layout);
@@ -391,9 +463,9 @@ impl LocalEngine {
             )));
         }
         let capacity = req.capacity.choose()?;
-        let key = self.key_for(pool, &req)?;
+        let key = self.key_for(pool, req)?;
         let id = self.volume_id(&pool_name, &key);
-        let _held = self.take(Kind::Volume, &pool_name, &key, &id.to_string())?;
+        let held = self.take(Kind::Volume, &pool_name, &key, &id.to_string())?;
 
         let source = match &req.source {
             None => None,
@@ -401,7 +473,7 @@ impl LocalEngine {
             Some(Source::Volume(v)) => Some(ContentSource::Volume(v.to_string())),
         };
         if let Some(existing) = lock(&self.volumes).get(&id.to_string()) {
-            return same_volume(existing, &req, layout, &fs_type, &source).map(|()| existing.clone());
+            return same_volume(existing, req, layout, &fs_type, &source).map(|()| Plan::Exists(existing.clone()));
         }
 
         let room = self.room(pool, layout)?;
@@ -413,38 +485,21 @@ impl LocalEngine {
             )));
         }
 
-        let data = pool.data_path(Kind::Volume, &key);
-        let fs_bytes = match &req.source {
-            None => {
-                let fs = FsType::parse(&fs_type).unwrap_or(pool.config.fs_type);
-                let made = layout::create_empty(pool, &key, layout, capacity, req.mode, fs)?;
-                if layout != Layout::Image {
-                    set_owner(&data, req.owner)?;
-                }
-                made
-            }
-            Some(src) => {
-                let from = self.source_data(src)?;
-                if from.layout != layout || from.mode != req.mode {
-                    return Err(StorageError::Unsupported(format!(
-                        "a {} {:?} volume can only be made from a source of the same layout and mode; the source is a {} {:?} volume",
-                        layout.as_str(),
-                        req.mode,
-                        from.layout.as_str(),
-                        from.mode
-                    )));
-                }
-                if from.size > capacity {
-                    return Err(StorageError::OutOfRange(format!(
-                        "the source holds {} bytes of capacity but the new volume asks for {capacity}",
-                        from.size
-                    )));
-                }
-                layout::create_copy(pool, Kind::Volume, &key, layout, &from.path, true, false)?;
-                layout::set_capacity(layout, &data, capacity)?;
-                from.fs_bytes
-            }
-        };
+        Ok(Plan::New(Planned {
+            pool,
+            key,
+            id,
+            layout,
+            capacity,
+            fs_type,
+            source,
+            _held: held,
+        }))
+    }
+
+    /// Writes the record of a volume whose data is in place, then indexes it.
+    fn record_new(&self, p: Planned<'_>, req: &NewVolume, fs_bytes: u64) -> Result<VolumeRecord, StorageError> {
+        let data = p.pool.data_path(Kind::Volume, &p.key);
         if let Some(c) = &req.mutable.compression {
             btrfs::set_compression(&data, Some(c.as_str()).filter(|c| *c != "none"))?;
         }
@@ -453,23 +508,117 @@ impl LocalEngine {
         let rec = VolumeRecord {
             version: RECORD_VERSION,
             name: req.name.clone(),
-            id: id.to_string(),
-            layout,
-            capacity_bytes: capacity,
+            id: p.id.to_string(),
+            layout: p.layout,
+            capacity_bytes: p.capacity,
             mode: req.mode,
             access_modes: req.access_modes.clone(),
-            fs_type,
+            fs_type: p.fs_type,
             parameters: req.parameters.clone(),
-            source,
+            source: p.source,
             created_unix_secs: secs,
             delete_policy: req.mutable.delete_policy.or(req.delete_policy),
             compression: req.mutable.compression.clone().filter(|c| c != "none"),
             fs_bytes,
         };
-        record::store(&pool.record_path(Kind::Volume, &key), &rec)?;
+        record::store(&p.pool.record_path(Kind::Volume, &p.key), &rec)?;
         lock(&self.names).insert(rec.name.clone(), rec.id.clone());
         lock(&self.volumes).insert(rec.id.clone(), rec.clone());
         Ok(rec)
+    }
+
+    /// Creates a volume from another node's data, streamed in `frames` (see `transfer`): built and
+    /// checked whole in `.work`, moved into place, and only then recorded. A stream that breaks off
+    /// or fails a check leaves nothing behind; the retry starts over. A name already made answers
+    /// with its volume without reading the stream.
+    pub fn import_volume(
+        &self,
+        req: NewVolume,
+        frames: &mut dyn Iterator<Item = Result<Frame, StorageError>>,
+    ) -> Result<VolumeRecord, StorageError> {
+        let p = match self.plan(&req)? {
+            Plan::Exists(rec) => return Ok(rec),
+            Plan::New(p) => p,
+        };
+        let cut = |what: &str| StorageError::Transfer(format!("the stream ended before its {what}"));
+        let header = match frames.next() {
+            Some(Ok(Frame::Header(h))) => h,
+            Some(Ok(_)) => return Err(StorageError::Transfer("the stream does not start with a header".into())),
+            Some(Err(e)) => return Err(e),
+            None => return Err(cut("header")),
+        };
+        same_kind(
+            p.layout,
+            req.mode,
+            p.capacity,
+            header.layout,
+            header.mode,
+            header.capacity_bytes,
+        )?;
+        if header.length > p.capacity {
+            return Err(StorageError::OutOfRange(format!(
+                "the source's image is {} bytes long but the new volume asks for {}",
+                header.length, p.capacity
+            )));
+        }
+        let data = p.pool.data_path(Kind::Volume, &p.key);
+        // Data in place without a record is a whole import that crashed before its record.
+        if layout::fault(p.layout, &data).is_some() {
+            let work = p.pool.work_path(Kind::Volume, &p.key);
+            if files::entry(&work)? != files::Entry::Missing {
+                layout::purge(&work)?;
+            }
+            tracing::info!(volume = %p.id, layout = p.layout.as_str(), "import from another node started");
+            let mut import = Import::start(&header, &work)?;
+            loop {
+                let f = frames.next().ok_or_else(|| cut("end"))??;
+                let end = matches!(f, Frame::End { .. });
+                import.frame(f)?;
+                if end {
+                    break;
+                }
+            }
+            import.finish(header.length)?;
+            crash::point("import:before-rename");
+            std::fs::rename(&work, &data).map_err(|e| crate::sys::SysError::io("rename", &data, e))?;
+            files::sync_dir(&p.pool.collection_dir(Kind::Volume))?;
+            tracing::info!(volume = %p.id, "import from another node checked and in place");
+        }
+        layout::set_capacity(p.layout, &data, p.capacity)?;
+        self.record_new(p, &req, header.fs_bytes)
+    }
+
+    /// Streams a volume's or snapshot's data to `send` (see `transfer`), holding its lock so that
+    /// it cannot be deleted meanwhile. A snapshot is read as it is (read-only); a live volume as
+    /// the local clone reads it: a directory tree in place, an image crash-consistent, and a btrfs
+    /// subvolume through a read-only snapshot taken for the transfer.
+    pub fn export(&self, src: &Source, send: &mut transfer::SendFrame<'_>) -> Result<(), StorageError> {
+        let from = self.source_data(src)?;
+        let header = Header {
+            layout: from.layout,
+            mode: from.mode,
+            capacity_bytes: from.size,
+            fs_bytes: from.fs_bytes,
+            length: 0,
+        };
+        let Source::Volume(v) = src else {
+            return transfer::export(header, &from.path, send);
+        };
+        if from.layout != Layout::Btrfs {
+            return transfer::export(header, &from.path, send);
+        }
+        let pool = self
+            .locate(&v.0)
+            .ok_or_else(|| StorageError::VolumeNotFound(v.to_string()))?;
+        let frozen = pool
+            .work_dir()
+            .join(format!("export-{}-{}", v.0.key.as_str(), uuid::Uuid::new_v4().simple()));
+        btrfs::snapshot(&from.path, &frozen, true)?;
+        let sent = transfer::export(header, &frozen, send);
+        if let Err(e) = layout::purge(&frozen) {
+            tracing::warn!(path = %frozen.display(), error = %e, "could not drop the snapshot taken for an export; the next start clears it");
+        }
+        sent
     }
 
     /// The key a new volume is stored under. A name seen before keeps its key; a local volume's key

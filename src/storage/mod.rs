@@ -9,6 +9,7 @@ pub mod locks;
 pub mod naming;
 pub mod pool;
 pub mod record;
+pub mod transfer;
 
 use std::path::PathBuf;
 
@@ -47,6 +48,9 @@ pub enum StorageError {
     PoolBroken { pool: String, reason: String },
     #[error("{0}")]
     InUse(String),
+    /// A copy streamed from another node broke off or failed its checks; it is redone from the start.
+    #[error("transfer broken: {0}")]
+    Transfer(String),
     #[error("corrupt record {path}: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error(transparent)]

@@ -10,6 +10,7 @@ pub mod mount;
 pub mod mountinfo;
 pub mod share;
 pub mod statfs;
+pub mod tree;
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -4,6 +4,7 @@
 
 pub mod fs;
 pub mod gluster;
+pub mod tree;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -243,6 +244,18 @@ pub fn block_cap(mode: Mode) -> VolumeCapability {
         access_mode: Some(volume_capability::AccessMode { mode: mode as i32 }),
         access_type: Some(volume_capability::AccessType::Block(volume_capability::BlockVolume {})),
     }
+}
+
+pub fn from_snapshot(id: &str) -> volume_content_source::Type {
+    volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+        snapshot_id: id.to_string(),
+    })
+}
+
+pub fn from_volume(id: &str) -> volume_content_source::Type {
+    volume_content_source::Type::Volume(volume_content_source::VolumeSource {
+        volume_id: id.to_string(),
+    })
 }
 
 pub fn create_req(name: &str, bytes: i64) -> CreateVolumeRequest {

@@ -1,0 +1,509 @@
+//! A volume's tree as a sequence of entries, read from one place and written to another, keeping
+//! everything a workload can see: ownership, modes, timestamps, xattrs, symlinks, hard links,
+//! special files and holes.
+//!
+//! [`walk`] reads a tree and tells a [`TreeVisitor`] each entry in order; [`TreeWriter`] builds a
+//! tree from the same entries. A local copy ([`super::copy::copy_tree`]) joins the two directly; a
+//! copy to another node sends the entries over the wire in between (`storage::transfer`).
+//!
+//! The source is a tree that a workload controls, so it is walked through directory file
+//! descriptors with O_NOFOLLOW at every step: a symlink swapped in mid-walk is read as a symlink
+//! and never followed out of the tree. The writer creates every entry below directory file
+//! descriptors it made itself, from single path components, so no entry it is given can land
+//! outside the tree.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use super::cvt;
+use super::SysError;
+
+/// Deeper trees are refused rather than risk running out of file descriptors.
+pub const MAX_DEPTH: usize = 1000;
+
+/// What an entry carries besides its data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits with set-id and sticky (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// (seconds, nanoseconds)
+    pub atime: (i64, i64),
+    pub mtime: (i64, i64),
+    /// (name, value) in the order the filesystem lists them.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// What [`walk`] reports, in order: a directory's entries come between its `dir` and its `leave`;
+/// the tree's root has no `dir` but ends with a `leave` of its own.
+pub trait TreeVisitor {
+    /// A directory named `name` in the current one; it becomes the current directory.
+    fn dir(&mut self, name: &CStr) -> Result<(), SysError>;
+    /// The current directory is complete: its metadata, then its parent is current again.
+    fn leave(&mut self, meta: Meta) -> Result<(), SysError>;
+    /// A regular file, open for reading. `link` is set for a file with several names: later names
+    /// come as [`TreeVisitor::hard_link`] with the same number.
+    fn file(&mut self, name: &CStr, meta: Meta, data: &OwnedFd, size: u64, link: Option<u64>) -> Result<(), SysError>;
+    /// Another name of a file already given with `link`.
+    fn hard_link(&mut self, name: &CStr, link: u64) -> Result<(), SysError>;
+    fn symlink(&mut self, name: &CStr, target: &CStr, meta: Meta) -> Result<(), SysError>;
+    /// A fifo, socket or device node; `mode` is the whole `st_mode` (type included).
+    fn special(&mut self, name: &CStr, mode: u32, rdev: u64, meta: Meta) -> Result<(), SysError>;
+}
+
+/// Reads the tree at `src` into `v`.
+pub fn walk(src: &Path, v: &mut impl TreeVisitor) -> Result<(), SysError> {
+    SourceTree::open(src)?.walk(v)
+}
+
+/// A tree opened for reading: its root is pinned (and known not to be a symlink) before anything
+/// is made from it.
+pub struct SourceTree {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl SourceTree {
+    pub fn open(src: &Path) -> Result<SourceTree, SysError> {
+        let fd = open_dir_at(libc::AT_FDCWD, src).map_err(|e| SysError::io("open copy source", src, e))?;
+        Ok(SourceTree {
+            fd,
+            path: src.to_path_buf(),
+        })
+    }
+
+    /// Reports every entry to `v`, the root's `leave` last.
+    pub fn walk(self, v: &mut impl TreeVisitor) -> Result<(), SysError> {
+        let (fd, src) = (self.fd, self.path);
+        let st = fstatat(fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH).map_err(|e| SysError::io("stat", &src, e))?;
+        let mut w = Walker {
+            root: src,
+            links: HashMap::new(),
+        };
+        w.dir(&fd, Path::new(""), 0, v)?;
+        let meta = w.meta_of(&st, Xattrs::Fd(fd.as_raw_fd()), Path::new(""))?;
+        v.leave(meta)
+    }
+}
+
+struct Walker {
+    root: PathBuf,
+    /// (dev, ino) of a file with several names → its link number.
+    links: HashMap<(u64, u64), u64>,
+}
+
+impl Walker {
+    fn err(&self, step: &'static str, rel: &Path, e: io::Error) -> SysError {
+        SysError::io(step, self.root.join(rel), e)
+    }
+
+    fn dir(&mut self, fd: &OwnedFd, rel: &Path, depth: usize, v: &mut impl TreeVisitor) -> Result<(), SysError> {
+        if depth > MAX_DEPTH {
+            return Err(self.err(
+                "copy (tree deeper than 1000 levels)",
+                rel,
+                io::Error::from_raw_os_error(libc::ELOOP),
+            ));
+        }
+        // The fd pins the directory; /proc/self/fd names that very directory, not a path to re-resolve.
+        let list = std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map_err(|e| self.err("read directory", rel, e))?;
+        for entry in list {
+            let entry = entry.map_err(|e| self.err("read directory", rel, e))?;
+            let name = entry.file_name();
+            let child = rel.join(&name);
+            let cname = cstr(&name).map_err(|e| self.err("name", &child, e))?;
+            let st =
+                fstatat(fd.as_raw_fd(), &cname, libc::AT_SYMLINK_NOFOLLOW).map_err(|e| self.err("stat", &child, e))?;
+            match st.st_mode & libc::S_IFMT {
+                libc::S_IFDIR => {
+                    let d = open_dir_at(fd.as_raw_fd(), Path::new(&name)).map_err(|e| self.err("open", &child, e))?;
+                    v.dir(&cname)?;
+                    self.dir(&d, &child, depth + 1, v)?;
+                    let meta = self.meta_of(&st, Xattrs::Fd(d.as_raw_fd()), &child)?;
+                    v.leave(meta)?;
+                }
+                libc::S_IFREG => {
+                    let key = (st.st_dev, st.st_ino);
+                    if st.st_nlink > 1 {
+                        if let Some(&n) = self.links.get(&key) {
+                            v.hard_link(&cname, n)?;
+                            continue;
+                        }
+                    }
+                    let f = openat(fd.as_raw_fd(), &cname, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+                        .map_err(|e| self.err("open", &child, e))?;
+                    let link = (st.st_nlink > 1).then(|| {
+                        let n = self.links.len() as u64;
+                        self.links.insert(key, n);
+                        n
+                    });
+                    let meta = self.meta_of(&st, Xattrs::Fd(f.as_raw_fd()), &child)?;
+                    v.file(&cname, meta, &f, st.st_size as u64, link)?;
+                }
+                libc::S_IFLNK => {
+                    let target = readlinkat(fd.as_raw_fd(), &cname).map_err(|e| self.err("readlink", &child, e))?;
+                    let path = entry_path(fd, &cname).map_err(|e| self.err("name", &child, e))?;
+                    let meta = self.meta_of(&st, Xattrs::Path(&path), &child)?;
+                    v.symlink(&cname, &target, meta)?;
+                }
+                _ => {
+                    let path = entry_path(fd, &cname).map_err(|e| self.err("name", &child, e))?;
+                    let meta = self.meta_of(&st, Xattrs::Path(&path), &child)?;
+                    v.special(&cname, st.st_mode, st.st_rdev, meta)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn meta_of(&self, st: &libc::stat, x: Xattrs, rel: &Path) -> Result<Meta, SysError> {
+        Ok(Meta {
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mode: st.st_mode & 0o7777,
+            atime: (st.st_atime, st.st_atime_nsec),
+            mtime: (st.st_mtime, st.st_mtime_nsec),
+            xattrs: x.read().map_err(|e| self.err("read xattrs", rel, e))?,
+        })
+    }
+}
+
+/// Builds a tree from the entries of a [`TreeVisitor`] (a walk, or a stream of one), in the same
+/// order: a directory's entries between its `dir` and its `leave`, the root's `leave` last.
+pub struct TreeWriter {
+    root: PathBuf,
+    /// Open directories from the root down to the current one, with their paths below the root.
+    stack: Vec<(OwnedFd, PathBuf)>,
+    /// Link number → the first name made for it, below the root.
+    links: HashMap<u64, PathBuf>,
+}
+
+impl TreeWriter {
+    /// Writes into `root`, which must not exist yet.
+    pub fn create(root: &Path) -> Result<TreeWriter, SysError> {
+        let c = cstr(root.as_os_str()).map_err(|e| SysError::io("mkdir", root, e))?;
+        // SAFETY: c is a valid NUL-terminated path.
+        cvt(unsafe { libc::mkdir(c.as_ptr(), 0o700) }).map_err(|e| SysError::io("mkdir", root, e))?;
+        Self::into_existing(root)
+    }
+
+    /// Writes into `root`, an empty directory that exists (a new btrfs subvolume).
+    pub fn into_existing(root: &Path) -> Result<TreeWriter, SysError> {
+        let fd = open_dir_at(libc::AT_FDCWD, root).map_err(|e| SysError::io("open copy target", root, e))?;
+        Ok(TreeWriter {
+            root: root.to_path_buf(),
+            stack: vec![(fd, PathBuf::new())],
+            links: HashMap::new(),
+        })
+    }
+
+    /// Whether the root has been left: the tree is whole.
+    pub fn is_complete(&self) -> bool {
+        self.stack.is_empty()
+    }
+
+    fn err(&self, step: &'static str, rel: &Path, e: io::Error) -> SysError {
+        SysError::io(step, self.root.join(rel), e)
+    }
+
+    /// The current directory and the path of `name` in it, refusing any name that is not one
+    /// plain path component.
+    fn at(&self, name: &CStr) -> Result<(RawFd, PathBuf), SysError> {
+        let bytes = name.to_bytes();
+        let Some((fd, dir)) = self.stack.last() else {
+            return Err(self.err("copy (entry after the end of the tree)", Path::new(""), einval()));
+        };
+        let rel = dir.join(OsStr::from_bytes(bytes));
+        if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
+            return Err(self.err("copy (bad entry name)", &rel, einval()));
+        }
+        Ok((fd.as_raw_fd(), rel))
+    }
+
+    /// Creates an empty regular file to fill; give it its data, then [`TreeWriter::finish_file`].
+    pub fn file(&mut self, name: &CStr, link: Option<u64>) -> Result<(OwnedFd, PathBuf), SysError> {
+        let (dir, rel) = self.at(name)?;
+        let f = openat(
+            dir,
+            name,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+            0o600,
+        )
+        .map_err(|e| self.err("create", &rel, e))?;
+        if let Some(n) = link {
+            self.links.insert(n, rel.clone());
+        }
+        Ok((f, rel))
+    }
+
+    /// Gives a filled file its length (a trailing hole stays a hole) and its metadata.
+    pub fn finish_file(&self, f: &OwnedFd, rel: &Path, size: u64, meta: &Meta) -> Result<(), SysError> {
+        set_len(f, size).map_err(|e| self.err("set length", rel, e))?;
+        self.apply(f.as_raw_fd(), rel, meta)
+    }
+
+    /// Owner, mode, xattrs and times of an open file or directory; owner first because chown clears
+    /// set-id bits, times last because every other change touches them.
+    fn apply(&self, fd: RawFd, rel: &Path, meta: &Meta) -> Result<(), SysError> {
+        // SAFETY: fd is a valid open fd for the three calls below.
+        cvt(unsafe { libc::fchown(fd, meta.uid, meta.gid) }).map_err(|e| self.err("chown", rel, e))?;
+        cvt(unsafe { libc::fchmod(fd, meta.mode & 0o7777) }).map_err(|e| self.err("chmod", rel, e))?;
+        Xattrs::Fd(fd)
+            .write(&meta.xattrs)
+            .map_err(|e| self.err("write xattrs", rel, e))?;
+        let times = timespecs(meta);
+        cvt(unsafe { libc::futimens(fd, times.as_ptr()) }).map_err(|e| self.err("set times", rel, e))?;
+        Ok(())
+    }
+
+    /// The same for entries that cannot be opened (symlinks, devices, fifos, sockets).
+    fn apply_at(&self, dir: RawFd, name: &CStr, rel: &Path, meta: &Meta, chmod: bool) -> Result<(), SysError> {
+        let nofollow = libc::AT_SYMLINK_NOFOLLOW;
+        // SAFETY: dir is a valid directory fd and name is NUL-terminated for all calls below.
+        cvt(unsafe { libc::fchownat(dir, name.as_ptr(), meta.uid, meta.gid, nofollow) })
+            .map_err(|e| self.err("chown", rel, e))?;
+        if chmod {
+            cvt(unsafe { libc::fchmodat(dir, name.as_ptr(), meta.mode & 0o7777, 0) })
+                .map_err(|e| self.err("chmod", rel, e))?;
+        }
+        let path = fd_entry_path(dir, name).map_err(|e| self.err("name", rel, e))?;
+        Xattrs::Path(&path)
+            .write(&meta.xattrs)
+            .map_err(|e| self.err("write xattrs", rel, e))?;
+        let times = timespecs(meta);
+        cvt(unsafe { libc::utimensat(dir, name.as_ptr(), times.as_ptr(), nofollow) })
+            .map_err(|e| self.err("set times", rel, e))?;
+        Ok(())
+    }
+}
+
+impl TreeVisitor for TreeWriter {
+    fn dir(&mut self, name: &CStr) -> Result<(), SysError> {
+        let (dir, rel) = self.at(name)?;
+        if self.stack.len() > MAX_DEPTH {
+            return Err(self.err(
+                "copy (tree deeper than 1000 levels)",
+                &rel,
+                io::Error::from_raw_os_error(libc::ELOOP),
+            ));
+        }
+        // SAFETY: valid fd and NUL-terminated name.
+        cvt(unsafe { libc::mkdirat(dir, name.as_ptr(), 0o700) }).map_err(|e| self.err("mkdir", &rel, e))?;
+        let fd = openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)
+            .map_err(|e| self.err("open", &rel, e))?;
+        self.stack.push((fd, rel));
+        Ok(())
+    }
+
+    fn leave(&mut self, meta: Meta) -> Result<(), SysError> {
+        let Some((fd, rel)) = self.stack.pop() else {
+            return Err(self.err(
+                "copy (leaves more directories than it entered)",
+                Path::new(""),
+                einval(),
+            ));
+        };
+        self.apply(fd.as_raw_fd(), &rel, &meta)
+    }
+
+    fn file(&mut self, name: &CStr, meta: Meta, data: &OwnedFd, size: u64, link: Option<u64>) -> Result<(), SysError> {
+        let (f, rel) = TreeWriter::file(self, name, link)?;
+        super::copy::copy_or_share(data, &f, size).map_err(|e| self.err("copy data", &rel, e))?;
+        self.finish_file(&f, &rel, size, &meta)
+    }
+
+    fn hard_link(&mut self, name: &CStr, link: u64) -> Result<(), SysError> {
+        let (dir, rel) = self.at(name)?;
+        let Some(first) = self.links.get(&link) else {
+            return Err(self.err("link (to a file not in the tree)", &rel, einval()));
+        };
+        let first_c = cstr(self.root.join(first).as_os_str()).map_err(|e| self.err("link", &rel, e))?;
+        // SAFETY: both names are NUL-terminated and the fd is valid.
+        cvt(unsafe { libc::linkat(libc::AT_FDCWD, first_c.as_ptr(), dir, name.as_ptr(), 0) })
+            .map_err(|e| self.err("link", &rel, e))?;
+        Ok(())
+    }
+
+    fn symlink(&mut self, name: &CStr, target: &CStr, meta: Meta) -> Result<(), SysError> {
+        let (dir, rel) = self.at(name)?;
+        // SAFETY: both strings are NUL-terminated; dir is a valid directory fd.
+        cvt(unsafe { libc::symlinkat(target.as_ptr(), dir, name.as_ptr()) })
+            .map_err(|e| self.err("symlink", &rel, e))?;
+        self.apply_at(dir, name, &rel, &meta, false)
+    }
+
+    fn special(&mut self, name: &CStr, mode: u32, rdev: u64, meta: Meta) -> Result<(), SysError> {
+        let (dir, rel) = self.at(name)?;
+        let kind = mode & libc::S_IFMT;
+        if !matches!(kind, libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK) {
+            return Err(self.err("mknod (not a special file)", &rel, einval()));
+        }
+        // SAFETY: name is NUL-terminated; dir is a valid directory fd.
+        cvt(unsafe { libc::mknodat(dir, name.as_ptr(), kind | (meta.mode & 0o7777), rdev) })
+            .map_err(|e| self.err("mknod", &rel, e))?;
+        self.apply_at(dir, name, &rel, &meta, true)
+    }
+}
+
+fn einval() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+fn timespecs(m: &Meta) -> [libc::timespec; 2] {
+    [
+        libc::timespec {
+            tv_sec: m.atime.0,
+            tv_nsec: m.atime.1,
+        },
+        libc::timespec {
+            tv_sec: m.mtime.0,
+            tv_nsec: m.mtime.1,
+        },
+    ]
+}
+
+/// Where xattrs are read or written: an open file, or (for entries that cannot be opened) a path
+/// that is never followed if it is a symlink.
+#[derive(Clone, Copy)]
+enum Xattrs<'a> {
+    Fd(RawFd),
+    Path(&'a CStr),
+}
+
+impl Xattrs<'_> {
+    /// `flistxattr`/`llistxattr` into `buf` (a size query when empty).
+    fn list(self, buf: &mut [u8]) -> isize {
+        match self {
+            // SAFETY: buf is writable for its length (a null pointer with length 0 asks for the size).
+            Xattrs::Fd(fd) => unsafe { libc::flistxattr(fd, buf.as_mut_ptr().cast(), buf.len()) },
+            // SAFETY: as above; p is NUL-terminated.
+            Xattrs::Path(p) => unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) },
+        }
+    }
+
+    fn get(self, name: &CStr, buf: &mut [u8]) -> isize {
+        match self {
+            // SAFETY: buf is writable for its length; name is NUL-terminated.
+            Xattrs::Fd(fd) => unsafe { libc::fgetxattr(fd, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) },
+            // SAFETY: as above; p is NUL-terminated.
+            Xattrs::Path(p) => unsafe {
+                libc::lgetxattr(p.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            },
+        }
+    }
+
+    fn set(self, name: &CStr, value: &[u8]) -> libc::c_int {
+        match self {
+            // SAFETY: value is readable for its length; name is NUL-terminated.
+            Xattrs::Fd(fd) => unsafe { libc::fsetxattr(fd, name.as_ptr(), value.as_ptr().cast(), value.len(), 0) },
+            // SAFETY: as above; p is NUL-terminated.
+            Xattrs::Path(p) => unsafe {
+                libc::lsetxattr(p.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+            },
+        }
+    }
+
+    /// Every xattr; none where the filesystem has no xattrs.
+    fn read(self) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let size = self.list(&mut []);
+        if size < 0 {
+            return match io::Error::last_os_error().raw_os_error() {
+                Some(libc::ENOTSUP) => Ok(Vec::new()),
+                _ => Err(io::Error::last_os_error()),
+            };
+        }
+        let mut names = vec![0u8; size as usize];
+        let size = self.list(&mut names);
+        if size < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        names.truncate(size as usize);
+        let mut out = Vec::new();
+        for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+            let cname = CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let len = self.get(&cname, &mut []);
+            if len < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut value = vec![0u8; len as usize];
+            let len = self.get(&cname, &mut value);
+            if len < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            value.truncate(len as usize);
+            out.push((name.to_vec(), value));
+        }
+        Ok(out)
+    }
+
+    /// Sets every xattr; one the target filesystem does not support is skipped.
+    fn write(self, xattrs: &[(Vec<u8>, Vec<u8>)]) -> io::Result<()> {
+        for (name, value) in xattrs {
+            let cname = CString::new(name.as_slice()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            if self.set(&cname, value) < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::ENOTSUP) {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `/proc/self/fd/<dir>/<name>`: the entry `name` of the directory `dir` pins, resolved nowhere else.
+fn fd_entry_path(dir: RawFd, name: &CStr) -> io::Result<CString> {
+    let mut p = format!("/proc/self/fd/{dir}/").into_bytes();
+    p.extend_from_slice(name.to_bytes());
+    CString::new(p).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+fn entry_path(dir: &OwnedFd, name: &CStr) -> io::Result<CString> {
+    fd_entry_path(dir.as_raw_fd(), name)
+}
+
+fn readlinkat(dir: RawFd, name: &CStr) -> io::Result<CString> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    // SAFETY: buf has buf.len() writable bytes; name is NUL-terminated.
+    let n = unsafe { libc::readlinkat(dir, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    CString::new(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+fn set_len(f: &OwnedFd, size: u64) -> io::Result<()> {
+    // SAFETY: f is a valid fd.
+    cvt(unsafe { libc::ftruncate(f.as_raw_fd(), size as libc::off_t) }).map(|_| ())
+}
+
+pub(super) fn open_dir_at(dir: RawFd, path: &Path) -> io::Result<OwnedFd> {
+    let c = cstr(path.as_os_str())?;
+    openat(dir, &c, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)
+}
+
+pub(super) fn openat(dir: RawFd, name: &CStr, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+    // SAFETY: name is NUL-terminated; dir is a valid fd or AT_FDCWD.
+    let fd = unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by openat and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub(super) fn fstatat(dir: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: st is writable memory of the size fstatat fills; name is NUL-terminated.
+    cvt(unsafe { libc::fstatat(dir, name.as_ptr(), st.as_mut_ptr(), flags) })?;
+    // SAFETY: fstatat succeeded, so st is initialised.
+    Ok(unsafe { st.assume_init() })
+}
+
+pub(super) fn cstr(s: &OsStr) -> io::Result<CString> {
+    CString::new(s.as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
