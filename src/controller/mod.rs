@@ -528,13 +528,30 @@ impl Controller for ControllerService {
             let multi_node = wanted.iter().any(|c| !c.access.served_by_local_pool());
             let mut total: u64 = 0;
             let mut largest: u64 = 0;
-            for agent in self.directory.all() {
-                let on_node = r
-                    .accessible_topology
-                    .as_ref()
-                    .and_then(request::topology_node)
-                    .is_none_or(|n| n == agent.node().as_str());
-                for p in agent.pools().await? {
+            let asked = r.accessible_topology.as_ref().and_then(request::topology_node);
+            // Every agent at once: one that is slow to answer does not delay the others.
+            let agents = self.directory.all();
+            let mut asking = tokio::task::JoinSet::new();
+            for (i, a) in agents.iter().enumerate() {
+                let a = a.clone();
+                asking.spawn(async move { (i, a.pools().await) });
+            }
+            let mut answers: Vec<_> = asking.join_all().await;
+            answers.sort_by_key(|(i, _)| *i);
+            for (agent, (_, pools)) in agents.iter().zip(answers) {
+                let on_node = asked.is_none_or(|n| n == agent.node().as_str());
+                let pools = match pools.map_err(Status::from) {
+                    Ok(p) => p,
+                    // A node that cannot be reached offers nothing now; asked about by name, it
+                    // says so. Capacity tracking asks per node: one dead node must not take every
+                    // other node's capacity with it.
+                    Err(e) if e.code() == tonic::Code::Unavailable && !(asked.is_some() && on_node) => {
+                        tracing::debug!(node = agent.node().as_str(), error = %e.message(), "capacity without an unreachable node");
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                for p in pools {
                     // Shared pools are everywhere; local ones only on their node and for one node.
                     if !p.shared && (!on_node || multi_node) {
                         continue;

@@ -729,9 +729,10 @@ impl NodeService {
         if let (Some(c), Some((_, cfg)), Layout::Dir) = (&mut condition, self.shared_pool(&r.volume_id), rec.layout) {
             // A share that enforces directory quotas (CephFS, Weka, NFS with project quotas) shows
             // the directory's own size; otherwise statfs gives the whole share: say which it is.
+            // (Sizes only: free space moves between the two calls.)
             let whole = share::usage(&cfg.path)?;
             if !c.abnormal {
-                c.message += if whole.total_bytes == u.total_bytes && whole.available_bytes == u.available_bytes {
+                c.message += if whole.total_bytes == u.total_bytes {
                     "; usage figures are the whole share's (no directory quota seen)"
                 } else {
                     "; usage figures are the volume directory's own quota"

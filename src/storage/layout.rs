@@ -139,6 +139,8 @@ pub fn create_copy(
                 let _frozen = if freeze { Some(Frozen::image(src)?) } else { None };
                 copy::copy_file(src, &work)?;
             }
+            // The record written after this claims the copy: it must be on disk before the rename.
+            copy::sync_filesystem(&pool.work_dir())?;
             crash::point("copy:before-rename");
             std::fs::rename(&work, &data).map_err(|e| SysError::io("rename", &data, e))?;
             Ok(())
