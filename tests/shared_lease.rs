@@ -179,25 +179,11 @@ impl Cluster {
     }
 
     async fn stage(&self, i: usize, id: &str, staging: &Path) -> Result<(), tonic::Status> {
-        let mut n = self.node(i).await;
-        n.node_stage_volume(NodeStageVolumeRequest {
-            volume_id: id.into(),
-            staging_target_path: staging.display().to_string(),
-            volume_capability: Some(rwo()),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ())
+        stage_rwo(&mut self.node(i).await, id, staging).await
     }
 
     async fn unstage(&self, i: usize, id: &str, staging: &Path) -> Result<(), tonic::Status> {
-        let mut n = self.node(i).await;
-        n.node_unstage_volume(NodeUnstageVolumeRequest {
-            volume_id: id.into(),
-            staging_target_path: staging.display().to_string(),
-        })
-        .await
-        .map(|_| ())
+        unstage_from(&mut self.node(i).await, id, staging).await
     }
 }
 

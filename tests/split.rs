@@ -203,17 +203,7 @@ impl Cluster {
     }
 
     async fn channel(&self, sock: &str) -> Channel {
-        let path = self.dir.path().join(sock);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if path.exists() {
-                if let Ok(ch) = cellar::client::connect(&format!("unix://{}", path.display())).await {
-                    return ch;
-                }
-            }
-            assert!(Instant::now() < deadline, "{} did not open", path.display());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        connect_socket(&self.dir.path().join(sock)).await
     }
 
     async fn ctl(&self) -> ControllerClient<Channel> {
@@ -314,24 +304,11 @@ fn wffc(name: &str, bytes: i64, selected: &str, all: &[&str]) -> CreateVolumeReq
 }
 
 async fn stage(node: &mut NodeClient<Channel>, id: &str, staging: &Path) -> Result<(), tonic::Status> {
-    std::fs::create_dir_all(staging).expect("staging");
-    node.node_stage_volume(NodeStageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.display().to_string(),
-        volume_capability: Some(rwo()),
-        ..Default::default()
-    })
-    .await
-    .map(|_| ())
+    stage_rwo(node, id, staging).await
 }
 
 async fn unstage(node: &mut NodeClient<Channel>, id: &str, staging: &Path) {
-    node.node_unstage_volume(NodeUnstageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.display().to_string(),
-    })
-    .await
-    .expect("unstage");
+    unstage_from(node, id, staging).await.expect("unstage");
 }
 
 #[tokio::test]

@@ -166,6 +166,29 @@ impl Driver {
 }
 
 /// Mount points at or below `dir`, read from the kernel's table.
+/// NodeStageVolume of a Filesystem RWO volume at `staging` (made if missing), on any node's client.
+pub async fn stage_rwo(node: &mut NodeClient<Channel>, id: &str, staging: &Path) -> Result<(), tonic::Status> {
+    std::fs::create_dir_all(staging).expect("staging");
+    node.node_stage_volume(NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(rwo()),
+        ..Default::default()
+    })
+    .await
+    .map(|_| ())
+}
+
+/// NodeUnstageVolume on any node's client.
+pub async fn unstage_from(node: &mut NodeClient<Channel>, id: &str, staging: &Path) -> Result<(), tonic::Status> {
+    node.node_unstage_volume(NodeUnstageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+    })
+    .await
+    .map(|_| ())
+}
+
 /// A channel to a driver's Unix socket, once the socket is there and answers (at most 30 s).
 pub async fn connect_socket(path: &Path) -> tonic::transport::Channel {
     let deadline = Instant::now() + Duration::from_secs(30);
