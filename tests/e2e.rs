@@ -70,6 +70,12 @@ fn placed_on(v: &Volume) -> String {
     node
 }
 
+/// Asserts a failure's code and that its message names `node`.
+fn assert_names(e: &Status, want: Code, node: &str) {
+    assert_eq!(e.code(), want, "{e}");
+    assert!(e.message().contains(node), "the message names {node}: {}", e.message());
+}
+
 /// Retries `call` as a Kubernetes caller would while it fails with one of `transient`, until it
 /// succeeds; any other failure, or no success in time, fails the test.
 async fn retry<T, F, Fut>(what: &str, transient: &[Code], mut call: F) -> T
@@ -206,8 +212,7 @@ async fn a_full_node_is_resource_exhausted_and_the_next_node_takes_the_volume() 
         .create_volume(wffc("pvc-big", 256 * MIB, "node-1"))
         .await
         .expect_err("node-1 has no room");
-    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
-    assert!(e.message().contains("node-1"), "names the node: {}", e.message());
+    assert_names(&e, Code::ResourceExhausted, "node-1");
     assert!(!env.nodes[0].volume_dir("pvc-big").exists(), "nothing half-made on node-1");
     // The scheduler picks another node and the provisioner retries there.
     let v = create(&mut ctl, wffc("pvc-big", 256 * MIB, "node-3")).await;
@@ -237,8 +242,7 @@ async fn a_killed_node_is_unavailable_the_others_serve_and_it_converges_when_bac
 
     env.kill_node(1);
     let e = delete(&mut ctl, &spare.volume_id).await.expect_err("node-2 is down");
-    assert_eq!(e.code(), Code::Unavailable, "{e}");
-    assert!(e.message().contains("node-2"), "names the node: {}", e.message());
+    assert_names(&e, Code::Unavailable, "node-2");
     let e = ctl
         .controller_expand_volume(ControllerExpandVolumeRequest {
             volume_id: used.volume_id.clone(),
@@ -250,8 +254,22 @@ async fn a_killed_node_is_unavailable_the_others_serve_and_it_converges_when_bac
         })
         .await
         .expect_err("node-2 is down");
-    assert_eq!(e.code(), Code::Unavailable, "{e}");
-    assert!(e.message().contains("node-2"), "names the node: {}", e.message());
+    assert_names(&e, Code::Unavailable, "node-2");
+    let e = ctl
+        .create_snapshot(CreateSnapshotRequest {
+            name: "snap-used".into(),
+            source_volume_id: used.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("node-2 is down");
+    assert_names(&e, Code::Unavailable, "node-2");
+    // The scheduler chose node-2 before it died: the provisioner is told to retry.
+    let e = ctl
+        .create_volume(wffc("pvc-late", 16 * MIB, "node-2"))
+        .await
+        .expect_err("node-2 is down");
+    assert_names(&e, Code::Unavailable, "node-2");
     assert!(env.nodes[1].volume_dir("pvc-spare").is_dir(), "nothing recorded as done");
     // The pod keeps its mount while the plugin is gone.
     assert_eq!(pod.read(&env, 1, "f"), "before the crash", "the pod keeps its mount while the plugin is gone");
@@ -375,8 +393,7 @@ async fn callers_without_a_certificate_or_from_another_ca_are_refused() {
     });
     assert_eq!(trusted.map_err(|s| s.to_string()), Ok(0), "the cluster's own certificate is let in");
     let e = refused.expect_err("another CA's certificate is refused");
-    assert_eq!(e.code(), Code::Unavailable, "{e}");
-    assert!(e.message().contains("node-1"), "names the node: {}", e.message());
+    assert_names(&e, Code::Unavailable, "node-1");
     let mut ctl = env.ctl().await;
     let ghost = capacity_on(&mut ctl, "node-rogue").await.expect("GetCapacity");
     assert_eq!(ghost, 0, "no refused caller registered a node");
