@@ -444,14 +444,26 @@ async fn csi_sanity_passes_in_split_mode_across_namespaces() {
     let controller = format!("--csi.controllerendpoint=unix://{}", env.controller_socket().display());
     let size = format!("--csi.testvolumesize={}", 64 * MIB);
     let expand = format!("--csi.testvolumeexpandsize={}", 96 * MIB);
-    let out = env::output(&mut env.in_kubelet(
-        0,
-        &[
-            "timeout", "600", &sanity, &endpoint, &controller, &mount, &stage, &size, &expand,
-            "--ginkgo.no-color", "--ginkgo.v",
-        ],
-    ));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let run = || {
+        let out = env::output(&mut env.in_kubelet(
+            0,
+            &[
+                "timeout", "600", &sanity, &endpoint, &controller, &mount, &stage, &size, &expand,
+                "--ginkgo.no-color", "--ginkgo.v",
+            ],
+        ));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        (out, text)
+    };
+    let (mut out, mut text) = run();
+    // csi-sanity's own connect (utils.Connect) can miss the channel turning READY and then wait a
+    // minute for a change that never comes: "Connection timed out", one spec failed before it ran.
+    // Only then, run it once more.
+    let failed = text.lines().filter(|l| l.starts_with("  [FAIL] ")).count();
+    if !out.status.success() && failed > 0 && text.matches("s: \"Connection timed out\"").count() == failed {
+        eprintln!("csi-sanity lost {failed} spec(s) to its own connect race; running it again");
+        (out, text) = run();
+    }
     let lines: Vec<&str> = text.lines().collect();
     let tail = |n: usize| lines[lines.len().saturating_sub(n)..].join("\n");
     let first_failure = lines.iter().position(|l| l.contains("[FAILED]")).unwrap_or(lines.len());
@@ -470,16 +482,17 @@ async fn csi_sanity_passes_in_split_mode_across_namespaces() {
         "Controller Service not provided",
         "GetSnapshot not supported",
     ];
-    let skipped: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with("[SKIPPED] ") && !l.starts_with("[SKIPPED] in ") && !l.starts_with("[SKIPPED] ["))
-        .filter(|l| !allowed.iter().any(|a| l.contains(a)))
-        .collect();
-    assert!(skipped.is_empty(), "unexpected skips: {skipped:?}");
+    let mut skips = std::collections::BTreeMap::<&str, usize>::new();
+    for l in text.lines().map(str::trim) {
+        if l.starts_with("[SKIPPED] ") && !l.starts_with("[SKIPPED] in ") && !l.starts_with("[SKIPPED] [") {
+            *skips.entry(l).or_default() += 1;
+        }
+    }
+    let unexpected: Vec<&&str> = skips.keys().filter(|l| !allowed.iter().any(|a| l.contains(a))).collect();
+    assert!(unexpected.is_empty(), "unexpected skips: {unexpected:?}");
     let summary: Vec<&str> = text.lines().filter(|l| l.contains("Passed") && l.contains("Failed")).collect();
     assert!(!summary.is_empty(), "no summary:\n{}", tail(40));
-    eprintln!("csi-sanity in split mode: {}", summary.join(" | "));
+    eprintln!("csi-sanity in split mode: {}\nskipped: {skips:#?}", summary.join(" | "));
 }
 
 /// Builds an environment with a published volume on a thread of its own; `fail` makes it panic
