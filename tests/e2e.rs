@@ -19,9 +19,11 @@ use cellar::agent::remote::{HostPort, RemoteAgent, Timeouts};
 use cellar::agent::tls::Tls;
 use cellar::agent::Agent;
 use cellar::csi::v1::controller_client::ControllerClient;
+use cellar::csi::v1::volume_capability::access_mode::Mode;
 use cellar::csi::v1::*;
 use cellar::storage::id::NodeId;
 use certs::AGENT_NAME;
+use common::fs::loops_under;
 use common::{code, create_req, MIB};
 use env::{capacity_on, node_name, topology, Env, Pool, AGENT_PORT, CONTROLLER_ADDR, CONTROLLER_HOST, KUBELET, REGISTRY_PORT};
 use kubelet::{staging_path, Kubelet, Pod};
@@ -151,6 +153,54 @@ async fn wffc_volume_is_made_on_the_selected_node_and_a_pod_there_reads_and_writ
     assert!(!env.nodes[1].volume_dir("pvc-wffc").exists(), "deleted from node-2's disk");
 }
 
+/// Image volumes: the plugin attaches a loop device and mounts a real filesystem inside its own
+/// mount namespace; the mount reaches kubelet and the pod, a raw block device reaches the pod as
+/// kubelet's device file, and unstaging detaches the loop devices.
+#[tokio::test]
+async fn image_and_raw_block_volumes_are_attached_in_the_plugin_and_used_by_pods() {
+    let env = Env::start(&[Pool::Image, Pool::Default, Pool::Default]).await;
+    let mut ctl = env.ctl().await;
+    let fs = create(&mut ctl, wffc("pvc-img", 32 * MIB, "node-1")).await;
+    let mut blk_req = wffc("pvc-blk", 16 * MIB, "node-1");
+    blk_req.volume_capabilities = vec![common::block_cap(Mode::SingleNodeWriter)];
+    let blk = create(&mut ctl, blk_req).await;
+    let data = env.nodes[0].data_dir();
+    let mut kubelet = Kubelet::on(&env, 0).await;
+
+    let pod = Pod::new("pvc-img");
+    kubelet.start_pod(&fs.volume_id, &pod).await.expect("stage and publish the image volume");
+    assert_mounted_only_in_kubelet_ns(&env, 0, &pod, &fs.volume_id);
+    let table = run_in(&env, 0, &["cat", "/proc/self/mountinfo"]);
+    let mounted = cellar::sys::mountinfo::parse(&table)
+        .into_iter()
+        .find(|m| m.mount_point == PathBuf::from(pod.target()))
+        .expect("the pod's mount");
+    assert!(
+        mounted.fs_type == "ext4" && mounted.source.starts_with("/dev/loop"),
+        "a loop-attached ext4: {mounted:?}"
+    );
+    pod.write(&env, 0, "f", "on a real filesystem");
+
+    let dev = Pod::block("pvc-blk");
+    kubelet.start_pod(&blk.volume_id, &dev).await.expect("stage and publish the block volume");
+    run_in(&env, 0, &["test", "-b", &dev.target()]);
+    dev.write(&env, 0, "", "raw bytes at 1 MiB");
+    assert_eq!(loops_under(&data).len(), 2, "both volumes attached: {:?}", loops_under(&data));
+
+    kubelet.stop_pod(&blk.volume_id, &dev).await;
+    kubelet.stop_pod(&fs.volume_id, &pod).await;
+    assert!(env.kubelet_mounts(0).is_empty(), "{:?}", env.kubelet_mounts(0));
+    assert!(loops_under(&data).is_empty(), "unstage detaches: {:?}", loops_under(&data));
+    for v in [&fs, &blk] {
+        delete(&mut ctl, &v.volume_id).await.expect("DeleteVolume");
+    }
+}
+
+/// Runs a command in node `i`'s kubelet namespace; its output.
+fn run_in(env: &Env, i: usize, args: &[&str]) -> String {
+    env::run(&mut env.in_kubelet(i, args))
+}
+
 #[tokio::test]
 async fn publishing_on_a_node_that_does_not_hold_the_volume_fails_cleanly() {
     let env = Env::start(&THREE).await;
@@ -163,7 +213,7 @@ async fn publishing_on_a_node_that_does_not_hold_the_volume_fails_cleanly() {
 
     let mut wrong = Kubelet::on(&env, 0).await;
     let stray = Pod::new("pvc-here");
-    let e = wrong.stage(&v.volume_id).await.expect_err("node-1 cannot stage node-2's volume");
+    let e = wrong.stage(&v.volume_id, &stray).await.expect_err("node-1 cannot stage node-2's volume");
     assert_eq!(e.code(), Code::NotFound, "{e}");
     assert!(e.message().contains(&v.volume_id), "{}", e.message());
     let e = wrong.publish(&v.volume_id, &stray).await.expect_err("nor publish it");
@@ -171,7 +221,7 @@ async fn publishing_on_a_node_that_does_not_hold_the_volume_fails_cleanly() {
     assert!(env.kubelet_mounts(0).is_empty(), "node-1 mounted something: {:?}", env.kubelet_mounts(0));
     // kubelet tears down after failures too: both must succeed with nothing there.
     wrong.unpublish(&v.volume_id, &stray).await.expect("unpublish of nothing");
-    wrong.unstage(&v.volume_id).await.expect("unstage of nothing");
+    wrong.unstage(&v.volume_id, &stray).await.expect("unstage of nothing");
     assert_eq!(pod.read(&env, owner.node, "data"), "node-2's", "the owner's pod is untouched");
     owner.stop_pod(&v.volume_id, &pod).await;
 }
@@ -435,7 +485,7 @@ async fn csi_sanity_passes_in_split_mode_across_namespaces() {
     let env = Env::start(&[Pool::Default, Pool::Small(32), Pool::Small(32)]).await;
     let sanity = sanity.display().to_string();
     // csi-sanity makes its two directories with mkdir, not mkdir -p.
-    env::run(&mut env.in_kubelet(0, &["mkdir", "-p", &format!("{KUBELET}/sanity")]));
+    run_in(&env, 0, &["mkdir", "-p", &format!("{KUBELET}/sanity")]);
     // csi-sanity plays kubelet on node-1: inside its kubelet namespace, with paths under kubelet's
     // directory, so the plugin's mounts land where kubelet would see them.
     let mount = format!("--csi.mountdir={KUBELET}/sanity/mount");
@@ -495,7 +545,8 @@ async fn csi_sanity_passes_in_split_mode_across_namespaces() {
     eprintln!("csi-sanity in split mode: {}\nskipped: {skips:#?}", summary.join(" | "));
 }
 
-/// Builds an environment with a published volume on a thread of its own; `fail` makes it panic
+/// Builds an environment with a published volume on each of its two nodes (a small pool, an image
+/// pool) on a thread of its own; `fail` makes it panic
 /// there. Returns what the environment held.
 fn run_and_drop(fail: bool) -> env::Footprint {
     let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
@@ -506,13 +557,17 @@ fn run_and_drop(fail: bool) -> env::Footprint {
             .build()
             .expect("runtime");
         rt.block_on(async move {
-            let env = Env::start(&[Pool::Small(64), Pool::Default]).await;
+            let env = Env::start(&[Pool::Small(64), Pool::Image]).await;
             let mut ctl = env.ctl().await;
-            let v = create(&mut ctl, wffc("pvc-t", 8 * MIB, "node-1")).await;
-            let mut k = Kubelet::on(&env, 0).await;
-            k.start_pod(&v.volume_id, &Pod::new("pvc-t")).await.expect("publish");
+            for (i, node) in ["node-1", "node-2"].into_iter().enumerate() {
+                let pv = format!("pvc-{node}");
+                let v = create(&mut ctl, wffc(&pv, 8 * MIB, node)).await;
+                let mut k = Kubelet::on(&env, i).await;
+                k.start_pod(&v.volume_id, &Pod::new(&pv)).await.expect("publish");
+                assert!(!env.kubelet_mounts(i).is_empty());
+            }
+            assert!(!loops_under(env.dir.path()).is_empty(), "node-2's image volume is attached");
             *out.lock().expect("lock") = Some(env.footprint());
-            assert!(!env.kubelet_mounts(0).is_empty());
             assert!(!fail, "a test failing with its volume published");
         })
     })

@@ -75,6 +75,9 @@ pub enum Pool {
     Default,
     /// A small loop-backed filesystem of its own (MiB): a node that fills up quickly.
     Small(u64),
+    /// The default pool with the `image` layout: volumes are loop-attached ext4 files (or raw
+    /// block devices), attached and mounted by the plugin inside its mount namespace.
+    Image,
 }
 
 /// Fails loudly when this machine cannot build the environment.
@@ -209,6 +212,7 @@ pub struct Node {
     /// The kubelet mount namespace.
     pub mnt: PathBuf,
     fs: Option<TestFs>,
+    image: bool,
     /// The kubelet namespace exists (its file is bound).
     kubelet_ns: bool,
     child: Option<Child>,
@@ -239,6 +243,16 @@ impl Node {
         match &self.fs {
             Some(fs) => fs.path(&format!("pool/volumes/{name}")),
             None => self.data_dir().join(format!("pools/default/volumes/{name}")),
+        }
+    }
+
+    /// The node's pool configuration, where it is not the default.
+    fn pool_config(&self) -> Option<String> {
+        let pool = "pools:\n  - name: default\n";
+        match (&self.fs, self.image) {
+            (Some(fs), _) => Some(format!("{pool}    path: {}\n", fs.path("pool").display())),
+            (None, true) => Some(format!("{pool}    layout: image\n")),
+            (None, false) => None,
         }
     }
 
@@ -354,7 +368,7 @@ impl Env {
         std::fs::create_dir_all(root.join("kubelet")).expect("kubelet dir");
         let _m = lock(&MOUNTS);
         let fs = match pool {
-            Pool::Default => None,
+            Pool::Default | Pool::Image => None,
             Pool::Small(mib) => Some(TestFs::new("ext4", mib)),
         };
         let mnt = self.ns_file(&format!("mnt-{name}"));
@@ -366,6 +380,7 @@ impl Env {
             net: self.nets[i + 2].clone(),
             mnt: mnt.clone(),
             fs,
+            image: matches!(pool, Pool::Image),
             kubelet_ns: false,
             child: None,
         };
@@ -460,14 +475,10 @@ for m in "$@"; do umount -l "$m" 2>/dev/null || :; done
             .arg(format!("--agent-listen={}:{AGENT_PORT}", n.addr))
             .arg(format!("--agent-advertise={}:{AGENT_PORT}", n.addr))
             .args(self.tls_args());
-        if let Some(fs) = &n.fs {
-            let cfg = n.root.join("pools.yaml");
-            std::fs::write(
-                &cfg,
-                format!("pools:\n  - name: default\n    path: {}\n", fs.path("pool").display()),
-            )
-            .expect("pool config");
-            cmd.arg(format!("--config={}", cfg.display()));
+        if let Some(config) = n.pool_config() {
+            let file = n.root.join("pools.yaml");
+            std::fs::write(&file, config).expect("pool config");
+            cmd.arg(format!("--config={}", file.display()));
         }
         let child = self.spawn(&n.name.clone(), cmd);
         self.nodes[i].child = Some(child);

@@ -7,7 +7,9 @@ use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 use tonic::Status;
 
-use crate::common::rwo;
+use cellar::csi::v1::volume_capability::access_mode::Mode;
+
+use crate::common::{block_cap, rwo};
 use crate::env::{run, Env, DRIVER, KUBELET};
 
 /// `<kubelet>/plugins/kubernetes.io/csi/<driver>/<sha256(volume handle)>/globalmount`
@@ -16,15 +18,19 @@ pub fn staging_path(volume_id: &str) -> String {
     format!("{KUBELET}/plugins/kubernetes.io/csi/{DRIVER}/{hash}/globalmount")
 }
 
+/// Where kubelet keeps raw block volumes.
+const BLOCK: &str = "/var/lib/kubelet/plugins/kubernetes.io/csi/volumeDevices";
+
 /// `<kubelet>/pods/<pod uid>/volumes/kubernetes.io~csi/<pv name>/mount`
 pub fn target_path(pod_uid: &str, pv: &str) -> String {
     format!("{KUBELET}/pods/{pod_uid}/volumes/kubernetes.io~csi/{pv}/mount")
 }
 
-/// A pod that uses one volume: its UID and the PV's name.
+/// A pod that uses one volume: its UID, the PV's name, and whether it is a raw block volume.
 pub struct Pod {
     pub uid: String,
     pub pv: String,
+    pub block: bool,
 }
 
 impl Pod {
@@ -32,22 +38,56 @@ impl Pod {
         Pod {
             uid: uuid::Uuid::new_v4().to_string(),
             pv: pv.to_string(),
+            block: false,
+        }
+    }
+
+    /// A pod with a `volumeDevices` entry: kubelet's block paths, the device published as a file.
+    pub fn block(pv: &str) -> Pod {
+        Pod {
+            block: true,
+            ..Pod::new(pv)
         }
     }
 
     pub fn target(&self) -> String {
-        target_path(&self.uid, &self.pv)
+        match self.block {
+            false => target_path(&self.uid, &self.pv),
+            true => format!("{BLOCK}/publish/{}/{}", self.pv, self.uid),
+        }
     }
 
-    /// The pod, running on node `node`, writes `text` to `file` in its volume and reads it back.
+    pub fn staging(&self, volume_id: &str) -> String {
+        match self.block {
+            false => staging_path(volume_id),
+            true => format!("{BLOCK}/staging/{}", self.pv),
+        }
+    }
+
+    fn capability(&self) -> VolumeCapability {
+        match self.block {
+            false => rwo(),
+            true => block_cap(Mode::SingleNodeWriter),
+        }
+    }
+
+    /// The pod, running on node `node`, writes `text` to `file` in its volume (a block pod: at
+    /// offset 1 MiB of the device, `file` unused) and reads it back.
     pub fn write(&self, env: &Env, node: usize, file: &str, text: &str) {
-        let path = format!("{}/{file}", self.target());
-        let back = env.workload(node, r#"printf %s "$1" > "$2"; sync; cat "$2""#, &[text, &path]);
+        let (script, path) = match self.block {
+            false => (r#"printf %s "$1" > "$2"; sync; cat "$2""#, format!("{}/{file}", self.target())),
+            true => (
+                r#"printf %s "$1" | dd of="$2" bs=1M seek=1 conv=notrunc,fsync status=none; dd if="$2" bs=1M skip=1 count=1 status=none | head -c ${#1}"#,
+                self.target(),
+            ),
+        };
+        let back = env.workload(node, script, &[text, &path]);
         assert_eq!(back, text, "the pod reads back what it wrote");
     }
 
     /// What the pod (or another one of its node) reads from `file` in the volume.
     pub fn read(&self, env: &Env, node: usize, file: &str) -> String {
+        assert!(!self.block, "read a block pod's data with write");
         env.workload(node, r#"cat "$1""#, &[&format!("{}/{file}", self.target())])
     }
 }
@@ -72,15 +112,16 @@ impl<'a> Kubelet<'a> {
         run(&mut self.env.in_kubelet(self.node, &["mkdir", "-p", dir]));
     }
 
-    /// NodeStageVolume into kubelet's global mount, which kubelet creates first.
-    pub async fn stage(&mut self, volume_id: &str) -> Result<(), Status> {
-        let staging = staging_path(volume_id);
+    /// NodeStageVolume into kubelet's global mount (or block staging directory), which kubelet
+    /// creates first.
+    pub async fn stage(&mut self, volume_id: &str, pod: &Pod) -> Result<(), Status> {
+        let staging = pod.staging(volume_id);
         self.mkdir(&staging);
         self.client
             .node_stage_volume(NodeStageVolumeRequest {
                 volume_id: volume_id.into(),
                 staging_target_path: staging,
-                volume_capability: Some(rwo()),
+                volume_capability: Some(pod.capability()),
                 ..Default::default()
             })
             .await
@@ -95,9 +136,9 @@ impl<'a> Kubelet<'a> {
         self.client
             .node_publish_volume(NodePublishVolumeRequest {
                 volume_id: volume_id.into(),
-                staging_target_path: staging_path(volume_id),
+                staging_target_path: pod.staging(volume_id),
                 target_path: target,
-                volume_capability: Some(rwo()),
+                volume_capability: Some(pod.capability()),
                 ..Default::default()
             })
             .await
@@ -106,7 +147,7 @@ impl<'a> Kubelet<'a> {
 
     /// Stage then publish, as kubelet starts a pod.
     pub async fn start_pod(&mut self, volume_id: &str, pod: &Pod) -> Result<(), Status> {
-        self.stage(volume_id).await?;
+        self.stage(volume_id, pod).await?;
         self.publish(volume_id, pod).await
     }
 
@@ -120,11 +161,11 @@ impl<'a> Kubelet<'a> {
             .map(|_| ())
     }
 
-    pub async fn unstage(&mut self, volume_id: &str) -> Result<(), Status> {
+    pub async fn unstage(&mut self, volume_id: &str, pod: &Pod) -> Result<(), Status> {
         self.client
             .node_unstage_volume(NodeUnstageVolumeRequest {
                 volume_id: volume_id.into(),
-                staging_target_path: staging_path(volume_id),
+                staging_target_path: pod.staging(volume_id),
             })
             .await
             .map(|_| ())
@@ -133,6 +174,6 @@ impl<'a> Kubelet<'a> {
     /// Unpublish then unstage, as kubelet tears a pod down; both must succeed.
     pub async fn stop_pod(&mut self, volume_id: &str, pod: &Pod) {
         self.unpublish(volume_id, pod).await.expect("NodeUnpublishVolume");
-        self.unstage(volume_id).await.expect("NodeUnstageVolume");
+        self.unstage(volume_id, pod).await.expect("NodeUnstageVolume");
     }
 }
