@@ -4,9 +4,9 @@
 //! kubelet (each node's socket, kubelet's real paths), and runs pods as shells in the nodes'
 //! namespaces. Needs root, iproute2 and util-linux.
 
-mod common;
 #[path = "e2e/certs.rs"]
 mod certs;
+mod common;
 #[path = "e2e/env.rs"]
 mod env;
 #[path = "e2e/kubelet.rs"]
@@ -25,7 +25,9 @@ use cellar::storage::id::NodeId;
 use certs::AGENT_NAME;
 use common::fs::loops_under;
 use common::{code, create_req, MIB};
-use env::{capacity_on, node_name, topology, Env, Pool, AGENT_PORT, CONTROLLER_ADDR, CONTROLLER_HOST, KUBELET, REGISTRY_PORT};
+use env::{
+    capacity_on, node_name, topology, Env, Pool, AGENT_PORT, CONTROLLER_ADDR, CONTROLLER_HOST, KUBELET, REGISTRY_PORT,
+};
 use kubelet::{staging_path, Kubelet, Pod};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -114,7 +116,10 @@ fn assert_mounted_only_in_kubelet_ns(env: &Env, i: usize, pod: &Pod, volume_id: 
         .map(|m| m.mount_point)
         .filter(|m| m.starts_with(KUBELET) || m.starts_with(env.nodes[i].kubelet_dir()))
         .collect();
-    assert!(host.is_empty(), "kubelet's mounts leaked into the host namespace: {host:?}");
+    assert!(
+        host.is_empty(),
+        "kubelet's mounts leaked into the host namespace: {host:?}"
+    );
 }
 
 #[tokio::test]
@@ -125,32 +130,57 @@ async fn wffc_volume_is_made_on_the_selected_node_and_a_pod_there_reads_and_writ
     assert_eq!(v.volume_id, "local:node-2:default:pvc-wffc");
     assert_eq!(placed_on(&v), "node-2");
     for (i, n) in env.nodes.iter().enumerate() {
-        assert_eq!(n.volume_dir("pvc-wffc").is_dir(), i == 1, "made on node-2's disk only ({})", n.name);
+        assert_eq!(
+            n.volume_dir("pvc-wffc").is_dir(),
+            i == 1,
+            "made on node-2's disk only ({})",
+            n.name
+        );
     }
 
     let mut kubelet = Kubelet::on(&env, 1).await;
     let pod = Pod::new("pvc-wffc");
-    kubelet.start_pod(&v.volume_id, &pod).await.expect("stage and publish on node-2");
+    kubelet
+        .start_pod(&v.volume_id, &pod)
+        .await
+        .expect("stage and publish on node-2");
     assert_mounted_only_in_kubelet_ns(&env, 1, &pod, &v.volume_id);
-    assert!(env.kubelet_mounts(0).is_empty() && env.kubelet_mounts(2).is_empty(), "other nodes see nothing");
+    assert!(
+        env.kubelet_mounts(0).is_empty() && env.kubelet_mounts(2).is_empty(),
+        "other nodes see nothing"
+    );
     pod.write(&env, kubelet.node, "hello", "written by a pod on node-2");
     assert_eq!(
         std::fs::read_to_string(env.nodes[1].volume_dir("pvc-wffc").join("hello")).expect("on node-2's disk"),
         "written by a pod on node-2"
     );
-    assert_eq!(pod.read(&env, kubelet.node, "hello"), "written by a pod on node-2", "a second pod reads it");
+    assert_eq!(
+        pod.read(&env, kubelet.node, "hello"),
+        "written by a pod on node-2",
+        "a second pod reads it"
+    );
     // A pod's own mounts stay in the pod (HostToContainer): they do not flow back to the node.
     env.workload(1, r#"mount -t tmpfs pod-private "$1""#, &[&pod.target()]);
     assert_eq!(
-        env.kubelet_mounts(1).iter().filter(|m| **m == PathBuf::from(pod.target())).count(),
+        env.kubelet_mounts(1)
+            .iter()
+            .filter(|m| m.as_path() == std::path::Path::new(&pod.target()))
+            .count(),
         1,
         "the pod's mount must not appear in the kubelet namespace"
     );
 
     kubelet.stop_pod(&v.volume_id, &pod).await;
-    assert!(env.kubelet_mounts(1).is_empty(), "unpublish and unstage leave no mount: {:?}", env.kubelet_mounts(1));
+    assert!(
+        env.kubelet_mounts(1).is_empty(),
+        "unpublish and unstage leave no mount: {:?}",
+        env.kubelet_mounts(1)
+    );
     delete(&mut ctl, &v.volume_id).await.expect("DeleteVolume");
-    assert!(!env.nodes[1].volume_dir("pvc-wffc").exists(), "deleted from node-2's disk");
+    assert!(
+        !env.nodes[1].volume_dir("pvc-wffc").exists(),
+        "deleted from node-2's disk"
+    );
 }
 
 /// Image volumes: the plugin attaches a loop device and mounts a real filesystem inside its own
@@ -168,12 +198,15 @@ async fn image_and_raw_block_volumes_are_attached_in_the_plugin_and_used_by_pods
     let mut kubelet = Kubelet::on(&env, 0).await;
 
     let pod = Pod::new("pvc-img");
-    kubelet.start_pod(&fs.volume_id, &pod).await.expect("stage and publish the image volume");
+    kubelet
+        .start_pod(&fs.volume_id, &pod)
+        .await
+        .expect("stage and publish the image volume");
     assert_mounted_only_in_kubelet_ns(&env, 0, &pod, &fs.volume_id);
     let table = run_in(&env, 0, &["cat", "/proc/self/mountinfo"]);
     let mounted = cellar::sys::mountinfo::parse(&table)
         .into_iter()
-        .find(|m| m.mount_point == PathBuf::from(pod.target()))
+        .find(|m| m.mount_point.as_path() == std::path::Path::new(&pod.target()))
         .expect("the pod's mount");
     assert!(
         mounted.fs_type == "ext4" && mounted.source.starts_with("/dev/loop"),
@@ -182,15 +215,27 @@ async fn image_and_raw_block_volumes_are_attached_in_the_plugin_and_used_by_pods
     pod.write(&env, 0, "f", "on a real filesystem");
 
     let dev = Pod::block("pvc-blk");
-    kubelet.start_pod(&blk.volume_id, &dev).await.expect("stage and publish the block volume");
+    kubelet
+        .start_pod(&blk.volume_id, &dev)
+        .await
+        .expect("stage and publish the block volume");
     run_in(&env, 0, &["test", "-b", &dev.target()]);
     dev.write(&env, 0, "", "raw bytes at 1 MiB");
-    assert_eq!(loops_under(&data).len(), 2, "both volumes attached: {:?}", loops_under(&data));
+    assert_eq!(
+        loops_under(&data).len(),
+        2,
+        "both volumes attached: {:?}",
+        loops_under(&data)
+    );
 
     kubelet.stop_pod(&blk.volume_id, &dev).await;
     kubelet.stop_pod(&fs.volume_id, &pod).await;
     assert!(env.kubelet_mounts(0).is_empty(), "{:?}", env.kubelet_mounts(0));
-    assert!(loops_under(&data).is_empty(), "unstage detaches: {:?}", loops_under(&data));
+    assert!(
+        loops_under(&data).is_empty(),
+        "unstage detaches: {:?}",
+        loops_under(&data)
+    );
     for v in [&fs, &blk] {
         delete(&mut ctl, &v.volume_id).await.expect("DeleteVolume");
     }
@@ -213,16 +258,30 @@ async fn publishing_on_a_node_that_does_not_hold_the_volume_fails_cleanly() {
 
     let mut wrong = Kubelet::on(&env, 0).await;
     let stray = Pod::new("pvc-here");
-    let e = wrong.stage(&v.volume_id, &stray).await.expect_err("node-1 cannot stage node-2's volume");
+    let e = wrong
+        .stage(&v.volume_id, &stray)
+        .await
+        .expect_err("node-1 cannot stage node-2's volume");
     assert_eq!(e.code(), Code::NotFound, "{e}");
     assert!(e.message().contains(&v.volume_id), "{}", e.message());
     let e = wrong.publish(&v.volume_id, &stray).await.expect_err("nor publish it");
     assert_eq!(e.code(), Code::NotFound, "{e}");
-    assert!(env.kubelet_mounts(0).is_empty(), "node-1 mounted something: {:?}", env.kubelet_mounts(0));
+    assert!(
+        env.kubelet_mounts(0).is_empty(),
+        "node-1 mounted something: {:?}",
+        env.kubelet_mounts(0)
+    );
     // kubelet tears down after failures too: both must succeed with nothing there.
-    wrong.unpublish(&v.volume_id, &stray).await.expect("unpublish of nothing");
+    wrong
+        .unpublish(&v.volume_id, &stray)
+        .await
+        .expect("unpublish of nothing");
     wrong.unstage(&v.volume_id, &stray).await.expect("unstage of nothing");
-    assert_eq!(pod.read(&env, owner.node, "data"), "node-2's", "the owner's pod is untouched");
+    assert_eq!(
+        pod.read(&env, owner.node, "data"),
+        "node-2's",
+        "the owner's pod is untouched"
+    );
     owner.stop_pod(&v.volume_id, &pod).await;
 }
 
@@ -246,7 +305,10 @@ async fn immediate_binding_places_the_volume_and_its_node_serves_it() {
         assert!(env.nodes[i].volume_dir(name).is_dir(), "{name} on {node}'s disk");
         let mut kubelet = Kubelet::on(&env, i).await;
         let pod = Pod::new(name);
-        kubelet.start_pod(&v.volume_id, &pod).await.expect("publish where it lives");
+        kubelet
+            .start_pod(&v.volume_id, &pod)
+            .await
+            .expect("publish where it lives");
         pod.write(&env, kubelet.node, "f", name);
         kubelet.stop_pod(&v.volume_id, &pod).await;
     }
@@ -263,7 +325,10 @@ async fn a_full_node_is_resource_exhausted_and_the_next_node_takes_the_volume() 
         .await
         .expect_err("node-1 has no room");
     assert_names(&e, Code::ResourceExhausted, "node-1");
-    assert!(!env.nodes[0].volume_dir("pvc-big").exists(), "nothing half-made on node-1");
+    assert!(
+        !env.nodes[0].volume_dir("pvc-big").exists(),
+        "nothing half-made on node-1"
+    );
     // The scheduler picks another node and the provisioner retries there.
     let v = create(&mut ctl, wffc("pvc-big", 256 * MIB, "node-3")).await;
     assert_eq!(placed_on(&v), "node-3");
@@ -320,9 +385,16 @@ async fn a_killed_node_is_unavailable_the_others_serve_and_it_converges_when_bac
         .await
         .expect_err("node-2 is down");
     assert_names(&e, Code::Unavailable, "node-2");
-    assert!(env.nodes[1].volume_dir("pvc-spare").is_dir(), "nothing recorded as done");
+    assert!(
+        env.nodes[1].volume_dir("pvc-spare").is_dir(),
+        "nothing recorded as done"
+    );
     // The pod keeps its mount while the plugin is gone.
-    assert_eq!(pod.read(&env, 1, "f"), "before the crash", "the pod keeps its mount while the plugin is gone");
+    assert_eq!(
+        pod.read(&env, 1, "f"),
+        "before the crash",
+        "the pod keeps its mount while the plugin is gone"
+    );
 
     // The other nodes: provisioning and kubelet calls as usual.
     for i in [0, 2] {
@@ -342,11 +414,17 @@ async fn a_killed_node_is_unavailable_the_others_serve_and_it_converges_when_bac
         async move { delete(&mut ctl, &id).await }
     })
     .await;
-    assert!(!env.nodes[1].volume_dir("pvc-spare").exists(), "deleted once node-2 is back");
+    assert!(
+        !env.nodes[1].volume_dir("pvc-spare").exists(),
+        "deleted once node-2 is back"
+    );
     let mut k2 = Kubelet::on(&env, 1).await;
     assert_eq!(pod.read(&env, k2.node, "f"), "before the crash");
     k2.stop_pod(&used.volume_id, &pod).await;
-    assert!(env.kubelet_mounts(1).is_empty(), "the restarted plugin unmounted the old mounts");
+    assert!(
+        env.kubelet_mounts(1).is_empty(),
+        "the restarted plugin unmounted the old mounts"
+    );
     delete(&mut ctl, &used.volume_id).await.expect("DeleteVolume");
 }
 
@@ -362,12 +440,17 @@ async fn a_restarted_controller_resumes_provisioning_and_nodes_serve_meanwhile()
         "no controller, no provisioning"
     );
     let socket = format!("unix://{}", env.controller_socket().display());
-    assert!(cellar::client::connect(&socket).await.is_err(), "nothing listens on {socket}");
+    assert!(
+        cellar::client::connect(&socket).await.is_err(),
+        "nothing listens on {socket}"
+    );
     // kubelet does not need the controller.
     let pod = Pod::new("pvc-before");
     {
         let mut k1 = Kubelet::on(&env, 0).await;
-        k1.start_pod(&before.volume_id, &pod).await.expect("publish with the controller down");
+        k1.start_pod(&before.volume_id, &pod)
+            .await
+            .expect("publish with the controller down");
         pod.write(&env, k1.node, "f", "no controller needed");
     }
 
@@ -396,7 +479,11 @@ async fn a_restarted_controller_resumes_provisioning_and_nodes_serve_meanwhile()
         .into_iter()
         .filter_map(|e| e.volume.map(|v| v.volume_id))
         .collect();
-    assert_eq!(listed, vec![before.volume_id.clone(), after.volume_id], "every node's volumes");
+    assert_eq!(
+        listed,
+        vec![before.volume_id.clone(), after.volume_id],
+        "every node's volumes"
+    );
     Kubelet::on(&env, 0).await.stop_pod(&before.volume_id, &pod).await;
 }
 
@@ -416,9 +503,15 @@ async fn callers_without_a_certificate_or_from_another_ca_are_refused() {
     let theirs = [env.path("rogue.pem"), env.path("rogue.key")];
     for (addr, name) in [(&agent, AGENT_NAME), (&registry, CONTROLLER_HOST)] {
         let ok = handshake(&env, &from, addr, name, Some(&ours));
-        assert!(ok.contains("Verify return code: 0 (ok)") && !ok.contains("alert"), "{addr}, our certificate:\n{ok}");
+        assert!(
+            ok.contains("Verify return code: 0 (ok)") && !ok.contains("alert"),
+            "{addr}, our certificate:\n{ok}"
+        );
         let none = handshake(&env, &from, addr, name, None);
-        assert!(none.contains("alert certificate required"), "{addr}, no certificate:\n{none}");
+        assert!(
+            none.contains("alert certificate required"),
+            "{addr}, no certificate:\n{none}"
+        );
         let other = handshake(&env, &from, addr, name, Some(&theirs));
         assert!(other.contains("alert unknown ca"), "{addr}, another CA:\n{other}");
     }
@@ -441,7 +534,11 @@ async fn callers_without_a_certificate_or_from_another_ca_are_refused() {
             (list(cert, key).await, list(rogue.cert, rogue.key).await)
         })
     });
-    assert_eq!(trusted.map_err(|s| s.to_string()), Ok(0), "the cluster's own certificate is let in");
+    assert_eq!(
+        trusted.map_err(|s| s.to_string()),
+        Ok(0),
+        "the cluster's own certificate is let in"
+    );
     let e = refused.expect_err("another CA's certificate is refused");
     assert_names(&e, Code::Unavailable, "node-1");
     let mut ctl = env.ctl().await;
@@ -455,7 +552,11 @@ async fn callers_without_a_certificate_or_from_another_ca_are_refused() {
 fn handshake(env: &Env, net: &std::path::Path, addr: &str, name: &str, cert: Option<&[PathBuf; 2]>) -> String {
     let mut script =
         String::from(r#"sleep 1 | openssl s_client -connect "$1" -servername "$2" -verify_return_error -CAfile "$3""#);
-    let mut args = vec![addr.to_string(), name.to_string(), env.path("ca.pem").display().to_string()];
+    let mut args = vec![
+        addr.to_string(),
+        name.to_string(),
+        env.path("ca.pem").display().to_string(),
+    ];
     if let Some([c, k]) = cert {
         script += r#" -cert "$4" -key "$5""#;
         args.extend([c.display().to_string(), k.display().to_string()]);
@@ -468,10 +569,11 @@ fn handshake(env: &Env, net: &std::path::Path, addr: &str, name: &str, cert: Opt
 #[tokio::test]
 async fn csi_sanity_passes_in_split_mode_across_namespaces() {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let Some(sanity) = std::env::var_os("CSI_SANITY")
-        .map(PathBuf::from)
-        .or_else(|| std::env::split_paths(&path).map(|d| d.join("csi-sanity")).find(|p| p.is_file()))
-    else {
+    let Some(sanity) = std::env::var_os("CSI_SANITY").map(PathBuf::from).or_else(|| {
+        std::env::split_paths(&path)
+            .map(|d| d.join("csi-sanity"))
+            .find(|p| p.is_file())
+    }) else {
         assert!(
             std::env::var_os("CELLAR_REQUIRE_CSI_SANITY").is_none(),
             "CELLAR_REQUIRE_CSI_SANITY is set but csi-sanity is not on PATH"
@@ -498,8 +600,17 @@ async fn csi_sanity_passes_in_split_mode_across_namespaces() {
         let out = env::output(&mut env.in_kubelet(
             0,
             &[
-                "timeout", "600", &sanity, &endpoint, &controller, &mount, &stage, &size, &expand,
-                "--ginkgo.no-color", "--ginkgo.v",
+                "timeout",
+                "600",
+                &sanity,
+                &endpoint,
+                &controller,
+                &mount,
+                &stage,
+                &size,
+                &expand,
+                "--ginkgo.no-color",
+                "--ginkgo.v",
             ],
         ));
         let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
@@ -538,9 +649,15 @@ async fn csi_sanity_passes_in_split_mode_across_namespaces() {
             *skips.entry(l).or_default() += 1;
         }
     }
-    let unexpected: Vec<&&str> = skips.keys().filter(|l| !allowed.iter().any(|a| l.contains(a))).collect();
+    let unexpected: Vec<&&str> = skips
+        .keys()
+        .filter(|l| !allowed.iter().any(|a| l.contains(a)))
+        .collect();
     assert!(unexpected.is_empty(), "unexpected skips: {unexpected:?}");
-    let summary: Vec<&str> = text.lines().filter(|l| l.contains("Passed") && l.contains("Failed")).collect();
+    let summary: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("Passed") && l.contains("Failed"))
+        .collect();
     assert!(!summary.is_empty(), "no summary:\n{}", tail(40));
     eprintln!("csi-sanity in split mode: {}\nskipped: {skips:#?}", summary.join(" | "));
 }
@@ -566,7 +683,10 @@ fn run_and_drop(fail: bool) -> env::Footprint {
                 k.start_pod(&v.volume_id, &Pod::new(&pv)).await.expect("publish");
                 assert!(!env.kubelet_mounts(i).is_empty());
             }
-            assert!(!loops_under(env.dir.path()).is_empty(), "node-2's image volume is attached");
+            assert!(
+                !loops_under(env.dir.path()).is_empty(),
+                "node-2's image volume is attached"
+            );
             *out.lock().expect("lock") = Some(env.footprint());
             assert!(!fail, "a test failing with its volume published");
         })
@@ -590,7 +710,10 @@ fn teardown_leaves_nothing_behind_also_after_a_panic() {
     }
     let (up, kubelet_was_there) = env::host_state();
     assert_eq!(up, 0);
-    assert!(!env::blackhole_present(), "the blackhole route goes with the last environment");
+    assert!(
+        !env::blackhole_present(),
+        "the blackhole route goes with the last environment"
+    );
     assert_eq!(
         Some(std::path::Path::new(KUBELET).exists()),
         kubelet_was_there,

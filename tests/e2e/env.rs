@@ -329,13 +329,16 @@ impl Env {
             run(Command::new("mount").arg("--bind").arg(&ns).arg(&ns));
             self.ns_dir_bound = true;
             run(Command::new("mount").arg("--make-private").arg(&ns));
-            let mut hosts = vec![("bridge".to_string(), String::new()), ("controller".into(), CONTROLLER_ADDR.into())];
-            hosts.extend((0..nodes).map(|i| (node_name(i), node_addr(i))));
-            for (name, _) in &hosts {
+            let hosts = ["bridge".to_string(), "controller".into()]
+                .into_iter()
+                .chain((0..nodes).map(node_name));
+            for name in hosts {
                 let f = self.ns_file(&format!("net-{name}"));
                 File::create(&f).expect("ns file");
                 self.nets.push(f.clone());
-                run(Command::new("unshare").arg(format!("--net={}", f.display())).arg("true"));
+                run(Command::new("unshare")
+                    .arg(format!("--net={}", f.display()))
+                    .arg("true"));
             }
         }
         let bridge = self.nets[0].clone();
@@ -534,7 +537,13 @@ for m in "$@"; do umount -l "$m" 2>/dev/null || :; done
         names.sort();
         names
             .iter()
-            .map(|p| format!("--- {}\n{}", p.display(), std::fs::read_to_string(p).unwrap_or_default()))
+            .map(|p| {
+                format!(
+                    "--- {}\n{}",
+                    p.display(),
+                    std::fs::read_to_string(p).unwrap_or_default()
+                )
+            })
             .collect()
     }
 
@@ -557,7 +566,17 @@ for m in "$@"; do umount -l "$m" 2>/dev/null || :; done
     /// slave (HostToContainer), running `script` with `args` as $1, $2... Its output; panics if
     /// it fails.
     pub fn workload(&self, i: usize, script: &str, args: &[&str]) -> String {
-        let mut argv = vec!["unshare", "--mount", "--propagation", "slave", "--", "sh", "-ec", script, "pod"];
+        let mut argv = vec![
+            "unshare",
+            "--mount",
+            "--propagation",
+            "slave",
+            "--",
+            "sh",
+            "-ec",
+            script,
+            "pod",
+        ];
         argv.extend(args);
         run(&mut self.in_kubelet(i, &argv))
     }
@@ -586,11 +605,17 @@ for m in "$@"; do umount -l "$m" 2>/dev/null || :; done
     pub fn footprint(&self) -> Footprint {
         let mut namespaces = BTreeSet::new();
         for f in self.nets.iter().chain(self.nodes.iter().map(|n| &n.mnt)) {
-            namespaces.insert(std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(f).expect("ns file")));
+            namespaces.insert(std::os::unix::fs::MetadataExt::ino(
+                &std::fs::metadata(f).expect("ns file"),
+            ));
         }
         Footprint {
             dirs: std::iter::once(self.dir.path().to_path_buf())
-                .chain(self.nodes.iter().filter_map(|n| n.fs.as_ref().map(|f| f.dir.path().to_path_buf())))
+                .chain(
+                    self.nodes
+                        .iter()
+                        .filter_map(|n| n.fs.as_ref().map(|f| f.dir.path().to_path_buf())),
+                )
                 .collect(),
             pids: self
                 .nodes
@@ -627,7 +652,11 @@ impl Footprint {
         let dirs: Vec<String> = self.dirs.iter().map(|d| d.display().to_string()).collect();
         for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let p = e.path();
-            if !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) {
+            if !p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            {
                 continue;
             }
             for kind in ["net", "mnt"] {
@@ -675,7 +704,7 @@ fn test_mounts() -> Vec<PathBuf> {
 fn ip_batch(net: &Path, script: &str) {
     let file = net.with_extension("ip");
     std::fs::write(&file, script).expect("ip script");
-    run(&mut nsenter(Some(net), None, &["ip", "-batch"]).arg(&file));
+    run(nsenter(Some(net), None, &["ip", "-batch"]).arg(file));
 }
 
 fn stop(child: Option<Child>) {
@@ -770,7 +799,11 @@ impl Env {
 impl Drop for Env {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("e2e environment {} at the failure:\n{}", self.dir.path().display(), self.logs());
+            eprintln!(
+                "e2e environment {} at the failure:\n{}",
+                self.dir.path().display(),
+                self.logs()
+            );
         }
         let problems = self.teardown();
         if !problems.is_empty() && !std::thread::panicking() {

@@ -75,7 +75,10 @@ impl Pod {
     /// offset 1 MiB of the device, `file` unused) and reads it back.
     pub fn write(&self, env: &Env, node: usize, file: &str, text: &str) {
         let (script, path) = match self.block {
-            false => (r#"printf %s "$1" > "$2"; sync; cat "$2""#, format!("{}/{file}", self.target())),
+            false => (
+                r#"printf %s "$1" > "$2"; sync; cat "$2""#,
+                format!("{}/{file}", self.target()),
+            ),
             true => (
                 r#"printf %s "$1" | dd of="$2" bs=1M seek=1 conv=notrunc,fsync status=none; dd if="$2" bs=1M skip=1 count=1 status=none | head -c ${#1}"#,
                 self.target(),
