@@ -428,6 +428,29 @@ async fn a_killed_node_is_unavailable_the_others_serve_and_it_converges_when_bac
     delete(&mut ctl, &used.volume_id).await.expect("DeleteVolume");
 }
 
+/// external-provisioner's capacity tracking asks GetCapacity per node: one dead node must not take
+/// every other node's capacity down with it (the scheduler would stop placing volumes anywhere).
+/// Fails today: the controller's `get_capacity` asks every agent for its pools before it looks at
+/// the requested topology, and one unreachable agent fails the whole call with UNAVAILABLE.
+#[tokio::test]
+async fn capacity_of_live_nodes_is_answered_while_another_node_is_down() {
+    let mut env = Env::start(&THREE).await;
+    let mut ctl = env.ctl().await;
+    env.kill_node(1);
+    for node in ["node-1", "node-3"] {
+        let cap = capacity_on(&mut ctl, node).await;
+        assert!(
+            matches!(cap, Ok(b) if b > 0),
+            "GetCapacity on {node} with node-2 down: {cap:?}"
+        );
+    }
+    let e = capacity_on(&mut ctl, "node-2").await;
+    assert!(
+        matches!(e, Ok(0)) || matches!(&e, Err(s) if s.code() == Code::Unavailable),
+        "node-2: {e:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_restarted_controller_resumes_provisioning_and_nodes_serve_meanwhile() {
     let mut env = Env::start(&THREE).await;
