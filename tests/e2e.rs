@@ -122,6 +122,39 @@ fn assert_mounted_only_in_kubelet_ns(env: &Env, i: usize, pod: &Pod, volume_id: 
     );
 }
 
+/// The test network exists only inside the environment: from the host namespace the range is a
+/// blackhole; inside, hosts reach each other over the bridge and nothing else (no default route).
+#[tokio::test]
+async fn the_test_network_exists_only_inside_its_namespaces() {
+    let env = Env::start(&[Pool::Default, Pool::Default]).await;
+    let route = |net: Option<&std::path::Path>, to: &str| {
+        let out = env::output(&mut env::nsenter(net, None, &["ip", "route", "get", to]));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, text) = route(None, &env.nodes[0].addr);
+    assert!(
+        !ok && env::blackhole_present(),
+        "the host namespace has a route to the test network: {text}"
+    );
+    for n in &env.nodes {
+        let (ok, text) = route(Some(&n.net), CONTROLLER_ADDR);
+        assert!(
+            ok && text.contains("dev eth0"),
+            "{} reaches the controller over the bridge: {text}",
+            n.name
+        );
+        let (ok, text) = route(Some(&n.net), "192.0.2.1");
+        assert!(!ok && text.contains("unreachable"), "{} has a way out: {text}", n.name);
+        let default = env::run(&mut env::nsenter(
+            Some(&n.net),
+            None,
+            &["ip", "route", "show", "default"],
+        ));
+        assert!(default.trim().is_empty(), "{} has a default route: {default}", n.name);
+    }
+}
+
 #[tokio::test]
 async fn wffc_volume_is_made_on_the_selected_node_and_a_pod_there_reads_and_writes_it() {
     let env = Env::start(&THREE).await;
