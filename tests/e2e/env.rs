@@ -403,12 +403,29 @@ mount --make-rshared /var/lib/kubelet
 mount --bind "$hosts" /etc/hosts
 for m in "$@"; do umount -l "$m" 2>/dev/null || :; done
 "#;
-        run(Command::new("unshare")
-            .arg(format!("--mount={}", mnt.display()))
-            .args(["--propagation", "slave", "--", "sh", "-c", script, "sh"])
-            .arg(root.join("kubelet"))
-            .arg(self.path("hosts"))
-            .args(&foreign));
+        let out = output(
+            Command::new("unshare")
+                .arg(format!("--mount={}", mnt.display()))
+                .args(["--propagation", "slave", "--", "sh", "-c", script, "sh"])
+                .arg(root.join("kubelet"))
+                .arg(self.path("hosts"))
+                .args(&foreign),
+        );
+        let me = self.dir.path().display().to_string();
+        let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let nested = std::fs::read_link("/proc/self/ns/mnt").ok() != std::fs::read_link("/proc/1/ns/mnt").ok();
+        assert!(
+            out.status.success(),
+            "the kubelet namespace of {name}: {}{}\nmounts:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            if nested {
+                "\n(this test runs in a nested mount namespace, where binding a new mount namespace's file \
+                 is refused now and then with EINVAL: run it from the initial one, see docs/e2e.md)"
+            } else {
+                ""
+            },
+            table.lines().filter(|l| l.contains(&me)).collect::<Vec<_>>().join("\n")
+        );
         self.nodes[i].kubelet_ns = true;
     }
 
