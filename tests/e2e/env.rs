@@ -304,6 +304,9 @@ impl Env {
             env.add_node(i, *pool);
         }
         env.start_controller();
+        // The registry listens before the CSI socket opens: nodes started now register at their
+        // first heartbeat instead of the next one, 5 s later.
+        drop(channel(&env.controller_socket()).await);
         for i in 0..env.nodes.len() {
             env.start_node(i);
         }
