@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the layout figures of docs/benchmarks.md on this machine: loop-backed btrfs and xfs
 # pools, CreateVolume per layout (and bare mkfs for comparison), snapshots of volumes holding 1 GiB,
-# and fio through an image volume against the pool's own filesystem. Run as root; needs fio
+# and fio through an image volume against the pool's own filesystem, for a pool on xfs in a
+# loop-mounted file and for a pool on the host's own disk filesystem. Run as root; needs fio
 # (apt-get install fio). Cleans up after itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,8 @@ trap cleanup EXIT
 mkpool() { # kind size_gib
   truncate -s "$2G" "$dir/$1.img"
   case $1 in btrfs) mkfs.btrfs -q -f "$dir/$1.img" ;; xfs) mkfs.xfs -q -f "$dir/$1.img" ;; esac
-  local dev; dev=$(losetup --find --show "$dir/$1.img"); loops+=("$dev")
+  # Direct I/O: the loop-backed pool stands for a disk, so its I/O goes to the disk, not the page cache.
+  local dev; dev=$(losetup --find --show --direct-io=on "$dir/$1.img"); loops+=("$dev")
   mkdir -p "$dir/$1"; mount "$dev" "$dir/$1"
 }
 mkpool btrfs 24
@@ -44,6 +46,10 @@ pools:
   - name: d
     path: $dir/xfs/dirpool
     layout: dir
+  - name: r
+    path: $dir/rootpool
+    layout: image
+    fsType: ext4
 YAML
 CELLAR_LOG=warn "$bin" all-in-one --endpoint "unix://$dir/csi.sock" --node-id bench --data-dir "$dir/data" \
   --config "$dir/pools.yaml" 2>"$dir/driver.log" &
@@ -70,13 +76,6 @@ for p in b i d; do
   echo "-- pool $p"; csi bench --volumes 4 --size 1536M --fill 1G --param pool=$p --work-dir "$dir" --prefix sn$p | grep -E "Snapshot"
 done
 
-echo "== fio: the pool's own filesystem (xfs) vs an image volume (ext4 in a file on it)"
-csi create io --size 3G --param pool=i >/dev/null
-id="local:bench:i:io"
-mkdir -p "$dir/io-stage"
-csi stage "$id" "$dir/io-stage" >/dev/null
-csi publish "$id" --staging-path "$dir/io-stage" --target "$dir/io-target" >/dev/null
-mkdir -p "$dir/xfs/direct"
 run_fio() { # dir label
   local where=$1 label=$2 rw bs
   for job in "write 1M" "read 1M" "randwrite 4k" "randread 4k"; do
@@ -89,8 +88,19 @@ run_fio() { # dir label
   done
   rm -f "$where/fio.dat"
 }
-run_fio "$dir/xfs/direct" pool
-run_fio "$dir/io-target" image
-csi unpublish "$id" "$dir/io-target" >/dev/null
-csi unstage "$id" "$dir/io-stage" >/dev/null
-csi delete "$id" >/dev/null
+compare_fio() { # pool where-the-pool-lives
+  local id="local:bench:$1:io$1"
+  csi create "io$1" --size 3G --param pool="$1" >/dev/null
+  mkdir -p "$dir/io-stage-$1" "$2/direct"
+  csi stage "$id" "$dir/io-stage-$1" >/dev/null
+  csi publish "$id" --staging-path "$dir/io-stage-$1" --target "$dir/io-target-$1" >/dev/null
+  run_fio "$2/direct" pool
+  run_fio "$dir/io-target-$1" image
+  csi unpublish "$id" "$dir/io-target-$1" >/dev/null
+  csi unstage "$id" "$dir/io-stage-$1" >/dev/null
+  csi delete "$id" >/dev/null
+}
+echo "== fio: a pool on xfs in a loop-mounted file (page cache) vs an image volume (ext4 in a file on it)"
+compare_fio i "$dir/xfs"
+echo "== fio: a pool on the host's own disk filesystem ($(findmnt -no FSTYPE --target "$dir")) vs an image volume on it"
+compare_fio r "$dir"

@@ -17,19 +17,16 @@ pub struct IdentityService {
     pub version: String,
     /// Set once the pools are open.
     pub ready: Arc<AtomicBool>,
-    /// Whether this process serves the Controller service (all-in-one and controller do).
-    pub controller: bool,
 }
 
 impl IdentityService {
-    /// The Identity service of this build, named `name`; `controller` says whether this process also
-    /// serves the Controller service.
-    pub fn new(name: &str, ready: Arc<AtomicBool>, controller: bool) -> IdentityService {
+    /// The Identity service of this build, named `name`. Every role answers the same capabilities:
+    /// the spec asks for those of the plugin as a whole, whichever services this process serves.
+    pub fn new(name: &str, ready: Arc<AtomicBool>) -> IdentityService {
         IdentityService {
             name: name.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             ready,
-            controller,
         }
     }
 }
@@ -56,10 +53,10 @@ impl Identity for IdentityService {
                 r#type: t as i32,
             })),
         };
-        let mut capabilities = vec![service(service::Type::VolumeAccessibilityConstraints)];
-        if self.controller {
-            capabilities.insert(0, service(service::Type::ControllerService));
-        }
+        let mut capabilities = vec![
+            service(service::Type::ControllerService),
+            service(service::Type::VolumeAccessibilityConstraints),
+        ];
         capabilities.push(PluginCapability {
             r#type: Some(plugin_capability::Type::VolumeExpansion(
                 plugin_capability::VolumeExpansion {

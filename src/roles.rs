@@ -116,7 +116,7 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
         "all-in-one ready"
     );
 
-    let identity = IdentityService::new(&o.driver_name, ready, true);
+    let identity = IdentityService::new(&o.driver_name, ready);
     let controller = ControllerService {
         directory: Arc::new(SingleNode(Arc::new(LocalAgent::new(engine.clone())))),
     };
@@ -269,7 +269,7 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     }));
     ready.store(engine.ready(), Ordering::Release);
     tracing::info!(agent_listen = %o.agent_listen, socket = %socket.display(), "controller ready");
-    let identity = IdentityService::new(&o.driver_name, ready, true);
+    let identity = IdentityService::new(&o.driver_name, ready);
     let controller = ControllerService {
         directory: Arc::new(registry),
     };
@@ -340,7 +340,7 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
         }
     }));
     tracing::info!(node = node.as_str(), agent_listen = %o.agent_listen, socket = %socket.display(), "node ready");
-    let identity = IdentityService::new(&o.driver_name, ready, false);
+    let identity = IdentityService::new(&o.driver_name, ready);
     crate::node::start_lease_renewer(engine.clone(), state.clone());
     let node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
     let listener = server::bind(&socket)?;
