@@ -216,6 +216,99 @@ async fn wffc_volume_is_made_on_the_selected_node_and_a_pod_there_reads_and_writ
     );
 }
 
+/// Data moves between nodes: a snapshot of a volume on node-1 is restored for a pod that the
+/// scheduler put on node-3, and the volume itself is cloned for a pod on node-2. The controller
+/// streams the data between the agents across the namespaces; pods there read what the first pod
+/// wrote, and each new volume lives on its own node's disk only.
+#[tokio::test]
+async fn a_snapshot_restored_and_a_volume_cloned_on_other_nodes_carry_the_pods_data() {
+    let env = Env::start(&THREE).await;
+    let mut ctl = env.ctl().await;
+    let src = create(&mut ctl, wffc("pvc-origin", 64 * MIB, "node-1")).await;
+    let mut k1 = Kubelet::on(&env, 0).await;
+    let pod1 = Pod::new("pvc-origin");
+    k1.start_pod(&src.volume_id, &pod1).await.expect("pod on node-1");
+    pod1.write(&env, 0, "ledger", "written on node-1 before the snapshot");
+    let snap = ctl
+        .create_snapshot(CreateSnapshotRequest {
+            source_volume_id: src.volume_id.clone(),
+            name: "snap-origin".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("CreateSnapshot")
+        .into_inner()
+        .snapshot
+        .expect("snapshot");
+    pod1.write(&env, 0, "ledger", "changed after the snapshot");
+
+    let from = |source: volume_content_source::Type| Some(VolumeContentSource { r#type: Some(source) });
+    let mut restore = wffc("pvc-restored", 64 * MIB, "node-3");
+    restore.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![topology("node-3")],
+        preferred: vec![topology("node-3")],
+    });
+    restore.volume_content_source = from(volume_content_source::Type::Snapshot(
+        volume_content_source::SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        },
+    ));
+    let restored = create(&mut ctl, restore).await;
+    assert_eq!(placed_on(&restored), "node-3");
+    let mut clone = wffc("pvc-clone", 64 * MIB, "node-2");
+    clone.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![topology("node-2")],
+        preferred: vec![topology("node-2")],
+    });
+    clone.volume_content_source = from(volume_content_source::Type::Volume(
+        volume_content_source::VolumeSource {
+            volume_id: src.volume_id.clone(),
+        },
+    ));
+    let cloned = create(&mut ctl, clone).await;
+    assert_eq!(placed_on(&cloned), "node-2");
+    for (i, n) in env.nodes.iter().enumerate() {
+        assert_eq!(
+            n.volume_dir("pvc-restored").is_dir(),
+            i == 2,
+            "restored on node-3 only ({})",
+            n.name
+        );
+        assert_eq!(
+            n.volume_dir("pvc-clone").is_dir(),
+            i == 1,
+            "cloned on node-2 only ({})",
+            n.name
+        );
+    }
+
+    let mut k3 = Kubelet::on(&env, 2).await;
+    let pod3 = Pod::new("pvc-restored");
+    k3.start_pod(&restored.volume_id, &pod3).await.expect("pod on node-3");
+    assert_eq!(pod3.read(&env, 2, "ledger"), "written on node-1 before the snapshot");
+    let mut k2 = Kubelet::on(&env, 1).await;
+    let pod2 = Pod::new("pvc-clone");
+    k2.start_pod(&cloned.volume_id, &pod2).await.expect("pod on node-2");
+    assert_eq!(pod2.read(&env, 1, "ledger"), "changed after the snapshot");
+    // The copies are the new volumes' own: a write there leaves the source alone.
+    pod2.write(&env, 1, "ledger", "the clone's own");
+    assert_eq!(pod1.read(&env, 0, "ledger"), "changed after the snapshot");
+
+    k3.stop_pod(&restored.volume_id, &pod3).await;
+    k2.stop_pod(&cloned.volume_id, &pod2).await;
+    k1.stop_pod(&src.volume_id, &pod1).await;
+    for id in [&restored.volume_id, &cloned.volume_id] {
+        delete(&mut ctl, id).await.expect("DeleteVolume");
+    }
+    ctl.delete_snapshot(DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("DeleteSnapshot");
+    delete(&mut ctl, &src.volume_id).await.expect("DeleteVolume");
+}
+
 /// Image volumes: the plugin attaches a loop device and mounts a real filesystem inside its own
 /// mount namespace; the mount reaches kubelet and the pod, a raw block device reaches the pod as
 /// kubelet's device file, and unstaging detaches the loop devices.
@@ -463,8 +556,7 @@ async fn a_killed_node_is_unavailable_the_others_serve_and_it_converges_when_bac
 
 /// external-provisioner's capacity tracking asks GetCapacity per node: one dead node must not take
 /// every other node's capacity down with it (the scheduler would stop placing volumes anywhere).
-/// Fails today: the controller's `get_capacity` asks every agent for its pools before it looks at
-/// the requested topology, and one unreachable agent fails the whole call with UNAVAILABLE.
+/// (The controller once asked every agent in turn and failed on the first unreachable one.)
 #[tokio::test]
 async fn capacity_of_live_nodes_is_answered_while_another_node_is_down() {
     let mut env = Env::start(&THREE).await;
