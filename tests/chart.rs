@@ -885,12 +885,10 @@ fn load_tls(dir: &Path, stem: &str) -> Tls {
 async fn call_over_tls(server: &Tls, client: &Tls, server_name: &str) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let identity = IdentityServer::new(cellar::identity::IdentityService {
-        name: "cellar.csi.dev".into(),
-        version: "test".into(),
-        ready: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
-        controller: false,
-    });
+    let identity = IdentityServer::new(cellar::identity::IdentityService::new(
+        "cellar.csi.dev",
+        std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+    ));
     let serving = server
         .server_builder()
         .expect("server TLS")
