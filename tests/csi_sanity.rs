@@ -12,74 +12,28 @@ use std::process::Command;
 use common::fs::TestFs;
 use common::*;
 
-/// The skip reasons csi-sanity prints for capabilities cellar deliberately does not advertise.
-const HONEST_SKIPS: &[&str] = &[
-    "ControllerPublishVolume not supported",
-    "ControllerUnpublishVolume not supported",
-    "Controller Publish, UnpublishVolume not supported",
-    "GroupControllerService not supported",
-    "GetSnapshot not supported",
-];
-
-fn find_sanity() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("CSI_SANITY") {
-        return Some(PathBuf::from(p));
-    }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("csi-sanity"))
-            .find(|p| p.is_file())
-    })
-}
-
 fn sanity_or_note() -> Option<PathBuf> {
-    let found = find_sanity();
-    if found.is_none() {
-        assert!(
-            std::env::var("CELLAR_REQUIRE_CSI_SANITY").is_err(),
-            "CELLAR_REQUIRE_CSI_SANITY is set but no csi-sanity is on PATH"
-        );
-        eprintln!(
-            "csi-sanity not on PATH: upstream conformance run not done here (tests/conformance.rs covers its cases)"
-        );
-    }
-    found
+    common::sanity::find("upstream conformance run")
 }
 
 /// Runs csi-sanity against `d` with `params` as the StorageClass parameters of every volume.
 fn run_sanity(sanity: &Path, d: &Driver, params: &str, size: i64, expand: i64) {
     let params_file = d.path("sanity-params.yaml");
     std::fs::write(&params_file, params).expect("params file");
-    let out = Command::new("timeout")
-        .arg("600")
-        .arg(sanity)
-        .arg(format!("--csi.endpoint={}", d.endpoint()))
-        .arg(format!("--csi.mountdir={}", d.path("sanity-mnt").display()))
-        .arg(format!("--csi.stagingdir={}", d.path("sanity-stg").display()))
-        .arg(format!("--csi.testvolumesize={size}"))
-        .arg(format!("--csi.testvolumeexpandsize={expand}"))
-        .arg(format!("--csi.testvolumeparameters={}", params_file.display()))
-        .args(["--ginkgo.no-color", "--ginkgo.v"])
-        .output()
-        .expect("run csi-sanity");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    let summary: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("Passed") && l.contains("Failed"))
-        .collect();
-    assert!(out.status.success(), "csi-sanity failed:\n{}", tail(&text, 150));
-    assert!(!summary.is_empty(), "no csi-sanity summary line:\n{}", tail(&text, 40));
-    let bad_skips: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with("[SKIPPED] ") && !l.starts_with("[SKIPPED] in ") && !l.starts_with("[SKIPPED] ["))
-        .filter(|l| !HONEST_SKIPS.iter().any(|h| l.contains(h)))
-        .collect();
-    assert!(
-        bad_skips.is_empty(),
-        "csi-sanity skipped specs for capabilities we offer: {bad_skips:?}"
-    );
-    eprintln!("csi-sanity ({params:?}): {}", summary.join(" | "));
+    common::sanity::judge(params, || {
+        Command::new("timeout")
+            .arg("600")
+            .arg(sanity)
+            .arg(format!("--csi.endpoint={}", d.endpoint()))
+            .arg(format!("--csi.mountdir={}", d.path("sanity-mnt").display()))
+            .arg(format!("--csi.stagingdir={}", d.path("sanity-stg").display()))
+            .arg(format!("--csi.testvolumesize={size}"))
+            .arg(format!("--csi.testvolumeexpandsize={expand}"))
+            .arg(format!("--csi.testvolumeparameters={}", params_file.display()))
+            .args(["--ginkgo.no-color", "--ginkgo.v"])
+            .output()
+            .expect("run csi-sanity")
+    });
 }
 
 #[tokio::test]
@@ -116,11 +70,6 @@ async fn csi_sanity_passes_on_an_image_pool() {
     let Some(sanity) = sanity_or_note() else { return };
     let (_fs, d) = with_pool("xfs", "image").await;
     run_sanity(&sanity, &d, "pool: p\nlayout: image\n", 64 * MIB, 96 * MIB);
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 #[tokio::test]

@@ -716,17 +716,7 @@ fn handshake(env: &Env, net: &std::path::Path, addr: &str, name: &str, cert: Opt
 
 #[tokio::test]
 async fn csi_sanity_passes_in_split_mode_across_namespaces() {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let Some(sanity) = std::env::var_os("CSI_SANITY").map(PathBuf::from).or_else(|| {
-        std::env::split_paths(&path)
-            .map(|d| d.join("csi-sanity"))
-            .find(|p| p.is_file())
-    }) else {
-        assert!(
-            std::env::var_os("CELLAR_REQUIRE_CSI_SANITY").is_none(),
-            "CELLAR_REQUIRE_CSI_SANITY is set but csi-sanity is not on PATH"
-        );
-        eprintln!("csi-sanity is not on PATH: the split-mode conformance run across namespaces is not done");
+    let Some(sanity) = common::sanity::find("the split-mode conformance run across namespaces") else {
         return;
     };
     // csi-sanity creates volumes with no topology and uses them on the node it is given: node-1 is
@@ -744,8 +734,8 @@ async fn csi_sanity_passes_in_split_mode_across_namespaces() {
     let controller = format!("--csi.controllerendpoint=unix://{}", env.controller_socket().display());
     let size = format!("--csi.testvolumesize={}", 64 * MIB);
     let expand = format!("--csi.testvolumeexpandsize={}", 96 * MIB);
-    let run = || {
-        let out = env::output(&mut env.in_kubelet(
+    common::sanity::judge("split mode across namespaces", || {
+        env::output(&mut env.in_kubelet(
             0,
             &[
                 "timeout",
@@ -760,54 +750,8 @@ async fn csi_sanity_passes_in_split_mode_across_namespaces() {
                 "--ginkgo.no-color",
                 "--ginkgo.v",
             ],
-        ));
-        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-        (out, text)
-    };
-    let (mut out, mut text) = run();
-    // csi-sanity's own connect (utils.Connect) can miss the channel turning READY and then wait a
-    // minute for a change that never comes: "Connection timed out", one spec failed before it ran.
-    // Only then, run it once more.
-    let failed = text.lines().filter(|l| l.starts_with("  [FAIL] ")).count();
-    if !out.status.success() && failed > 0 && text.matches("s: \"Connection timed out\"").count() == failed {
-        eprintln!("csi-sanity lost {failed} spec(s) to its own connect race; running it again");
-        (out, text) = run();
-    }
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = |n: usize| lines[lines.len().saturating_sub(n)..].join("\n");
-    let first_failure = lines.iter().position(|l| l.contains("[FAILED]")).unwrap_or(lines.len());
-    assert!(
-        out.status.success(),
-        "csi-sanity failed in split mode; the first failure:\n{}\n...\n{}",
-        lines[first_failure.saturating_sub(30)..(first_failure + 30).min(lines.len())].join("\n"),
-        tail(60)
-    );
-    // Skipped only for what cellar never offers: every instance advertises the plugin's capabilities
-    // as a whole (the spec's rule), so the node lifecycle specs run against node-1.
-    let allowed = [
-        "ControllerPublishVolume not supported",
-        "ControllerUnpublishVolume not supported",
-        "Controller Publish, UnpublishVolume not supported",
-        "GroupControllerService not supported",
-        "GetSnapshot not supported",
-    ];
-    let mut skips = std::collections::BTreeMap::<&str, usize>::new();
-    for l in text.lines().map(str::trim) {
-        if l.starts_with("[SKIPPED] ") && !l.starts_with("[SKIPPED] in ") && !l.starts_with("[SKIPPED] [") {
-            *skips.entry(l).or_default() += 1;
-        }
-    }
-    let unexpected: Vec<&&str> = skips
-        .keys()
-        .filter(|l| !allowed.iter().any(|a| l.contains(a)))
-        .collect();
-    assert!(unexpected.is_empty(), "unexpected skips: {unexpected:?}");
-    let summary: Vec<&str> = text
-        .lines()
-        .filter(|l| l.contains("Passed") && l.contains("Failed"))
-        .collect();
-    assert!(!summary.is_empty(), "no summary:\n{}", tail(40));
-    eprintln!("csi-sanity in split mode: {}\nskipped: {skips:#?}", summary.join(" | "));
+        ))
+    });
 }
 
 /// Builds an environment with a published volume on each of its two nodes (a small pool, an image

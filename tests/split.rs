@@ -476,67 +476,28 @@ async fn a_restarted_controller_refills_its_registry_and_provisions_again() {
 
 #[tokio::test]
 async fn csi_sanity_passes_in_split_mode() {
-    let sanity = std::env::var("CSI_SANITY").map(PathBuf::from).ok().or_else(|| {
-        std::env::var_os("PATH").and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("csi-sanity"))
-                .find(|p| p.is_file())
-        })
-    });
-    let Some(sanity) = sanity else {
-        assert!(
-            std::env::var("CELLAR_REQUIRE_CSI_SANITY").is_err(),
-            "CELLAR_REQUIRE_CSI_SANITY is set but no csi-sanity"
-        );
-        eprintln!("csi-sanity not on PATH: split-mode upstream run not done here");
+    let Some(sanity) = common::sanity::find("split-mode upstream run") else {
         return;
     };
     let c = Cluster::start(vec![None]).await;
     let d = c.dir.path();
-    let out = Command::new("timeout")
-        .arg("600")
-        .arg(&sanity)
-        .arg(format!("--csi.endpoint=unix://{}", d.join("node-1.sock").display()))
-        .arg(format!(
-            "--csi.controllerendpoint=unix://{}",
-            d.join("controller.sock").display()
-        ))
-        .arg(format!("--csi.mountdir={}", d.join("sanity-mnt").display()))
-        .arg(format!("--csi.stagingdir={}", d.join("sanity-stg").display()))
-        .arg(format!("--csi.testvolumesize={}", 64 * MIB))
-        .arg(format!("--csi.testvolumeexpandsize={}", 96 * MIB))
-        .args(["--ginkgo.no-color", "--ginkgo.v"])
-        .output()
-        .expect("csi-sanity");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    let tail: Vec<&str> = text.lines().rev().take(80).collect();
-    assert!(
-        out.status.success(),
-        "csi-sanity failed in split mode:\n{}",
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-    );
-    let skips: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with("[SKIPPED] ") && !l.starts_with("[SKIPPED] in ") && !l.starts_with("[SKIPPED] ["))
-        .collect();
-    // Only the capabilities cellar never offers. The node endpoint advertises CONTROLLER_SERVICE too
-    // (the plugin's capabilities as a whole, as the spec asks), so the node lifecycle specs run.
-    let honest = [
-        "ControllerPublishVolume not supported",
-        "ControllerUnpublishVolume not supported",
-        "Controller Publish, UnpublishVolume not supported",
-        "GroupControllerService not supported",
-    ];
-    let bad: Vec<&&str> = skips.iter().filter(|l| !honest.iter().any(|h| l.contains(h))).collect();
-    assert!(bad.is_empty(), "unexpected skips in split mode: {bad:?}");
-    eprintln!(
-        "{}",
-        text.lines()
-            .filter(|l| l.contains("Passed"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    common::sanity::judge("split mode", || {
+        Command::new("timeout")
+            .arg("600")
+            .arg(&sanity)
+            .arg(format!("--csi.endpoint=unix://{}", d.join("node-1.sock").display()))
+            .arg(format!(
+                "--csi.controllerendpoint=unix://{}",
+                d.join("controller.sock").display()
+            ))
+            .arg(format!("--csi.mountdir={}", d.join("sanity-mnt").display()))
+            .arg(format!("--csi.stagingdir={}", d.join("sanity-stg").display()))
+            .arg(format!("--csi.testvolumesize={}", 64 * MIB))
+            .arg(format!("--csi.testvolumeexpandsize={}", 96 * MIB))
+            .args(["--ginkgo.no-color", "--ginkgo.v"])
+            .output()
+            .expect("csi-sanity")
+    });
 }
 
 /// One plain HTTP GET on loopback.

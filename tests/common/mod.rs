@@ -4,6 +4,7 @@
 
 pub mod fs;
 pub mod gluster;
+pub mod sanity;
 pub mod tree;
 
 use std::path::{Path, PathBuf};
