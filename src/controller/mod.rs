@@ -544,8 +544,13 @@ impl Controller for ControllerService {
                     Ok(p) => p,
                     // A node that cannot be reached offers nothing now; asked about by name, it
                     // says so. Capacity tracking asks per node: one dead node must not take every
-                    // other node's capacity with it.
-                    Err(e) if e.code() == tonic::Code::Unavailable && !(asked.is_some() && on_node) => {
+                    // other node's capacity with it. A dead share (the shared pools' agent) is
+                    // UNAVAILABLE: its capacity is unknown, not zero.
+                    Err(e)
+                        if e.code() == tonic::Code::Unavailable
+                            && !(asked.is_some() && on_node)
+                            && !self.directory.shared().is_some_and(|s| Arc::ptr_eq(&s, agent)) =>
+                    {
                         tracing::debug!(node = agent.node().as_str(), error = %e.message(), "capacity without an unreachable node");
                         continue;
                     }
