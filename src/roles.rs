@@ -129,7 +129,7 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
         .add_service(IdentityServer::new(identity))
         .add_service(ControllerServer::new(controller))
         .add_service(NodeGrpc::new(NodeServer(Arc::new(node_svc))));
-    let served = server::serve_until_signal(router, listener, &socket).await;
+    let served = server::serve_until_signal(router, listener, &socket, std::future::pending()).await;
     drop(metrics);
     Ok(served?)
 }
@@ -189,15 +189,22 @@ pub struct TlsFlags {
 }
 
 impl TlsFlags {
-    fn load(&self) -> Result<crate::agent::tls::Tls, RoleError> {
+    fn options(&self) -> crate::agent::tls::TlsOptions {
         crate::agent::tls::TlsOptions {
             ca: self.ca.clone(),
             cert: self.cert.clone(),
             key: self.key.clone(),
             insecure: self.insecure,
         }
-        .load()
-        .map_err(|e| RoleError::Split(e.to_string()))
+    }
+
+    /// Resolves when the TLS files have been rotated (see `TlsOptions::rotated`).
+    fn rotated(&self) -> impl std::future::Future<Output = ()> {
+        self.options().rotated(crate::agent::tls::rotation_check())
+    }
+
+    fn load(&self) -> Result<crate::agent::tls::Tls, RoleError> {
+        self.options().load().map_err(|e| RoleError::Split(e.to_string()))
     }
 }
 
@@ -277,7 +284,7 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     let router = Server::builder()
         .add_service(IdentityServer::new(identity))
         .add_service(ControllerServer::new(controller));
-    let served = server::serve_until_signal(router, listener, &socket).await;
+    let served = server::serve_until_signal(router, listener, &socket, o.tls.rotated()).await;
     let _ = stop_tx.send(());
     let _ = registry_server.await;
     drop((metrics, sweeper));
@@ -347,7 +354,7 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     let router = Server::builder()
         .add_service(IdentityServer::new(identity))
         .add_service(NodeGrpc::new(NodeServer(Arc::new(node_svc))));
-    let served = server::serve_until_signal(router, listener, &socket).await;
+    let served = server::serve_until_signal(router, listener, &socket, o.tls.rotated()).await;
     let _ = stop_tx.send(());
     let _ = agent_server.await;
     drop((metrics, heartbeat));

@@ -82,12 +82,14 @@ pub async fn shutdown_signal() {
 /// crash-safe, so a call cut off here is simply retried.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Serves `router` on `listener` until SIGTERM/SIGINT, lets in-flight calls finish (bounded), and
-/// removes the socket.
+/// Serves `router` on `listener` until SIGTERM/SIGINT or until `restart` resolves (the process is
+/// to be started again, e.g. to load rotated certificates), lets in-flight calls finish (bounded),
+/// and removes the socket.
 pub async fn serve_until_signal(
     router: tonic::transport::server::Router,
     listener: UnixListener,
     socket: &Path,
+    restart: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = router.serve_with_incoming_shutdown(incoming(listener), async {
@@ -96,7 +98,7 @@ pub async fn serve_until_signal(
     tokio::pin!(server);
     let result = tokio::select! {
         r = &mut server => r,
-        _ = shutdown_signal() => {
+        _ = async { tokio::select! { _ = shutdown_signal() => {}, _ = restart => {} } } => {
             let _ = stop_tx.send(());
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
                 Ok(r) => r,

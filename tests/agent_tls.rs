@@ -499,3 +499,90 @@ fn tls_files_load_from_disk() {
     let e = swapped.load().unwrap_err();
     assert!(e.to_string().contains("tls.crt"), "{e}");
 }
+
+/// Rotated certificates (cert-manager renewing them, the chart's Secret updated in place): a
+/// controller keeps its certificates while the files hold something that does not load, and once
+/// they hold valid new material it stops gracefully and exits 0, so that Kubernetes starts it again
+/// with the new certificates.
+#[test]
+fn a_controller_restarts_when_its_certificates_are_rotated() {
+    let dir = tempfile::Builder::new()
+        .prefix("cellar-test-")
+        .tempdir()
+        .expect("tempdir");
+    let d = dir.path();
+    let ca = Ca::new("rotation CA");
+    let first = ca.leaf("localhost");
+    std::fs::write(d.join("ca.pem"), ca.pem()).expect("ca");
+    std::fs::write(d.join("tls.pem"), &first.cert).expect("cert");
+    std::fs::write(d.join("tls.key"), &first.key).expect("key");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let log = d.join("controller.log");
+    let out = std::fs::File::create(&log).expect("log");
+    let socket = d.join("c.sock");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cellar"))
+        .arg("controller")
+        .arg("--endpoint")
+        .arg(format!("unix://{}", socket.display()))
+        .arg("--agent-listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data-dir")
+        .arg(d.join("data"))
+        .arg("--tls-ca")
+        .arg(d.join("ca.pem"))
+        .arg("--tls-cert")
+        .arg(d.join("tls.pem"))
+        .arg("--tls-key")
+        .arg(d.join("tls.key"))
+        .env("CELLAR_TLS_CHECK_SECONDS", "1")
+        .env("CELLAR_LOG", "info")
+        .stdout(out.try_clone().expect("log"))
+        .stderr(out)
+        .spawn()
+        .expect("start cellar controller");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "controller exited:\n{}",
+            read_log()
+        );
+        assert!(Instant::now() < deadline, "no socket:\n{}", read_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    std::fs::write(d.join("tls.pem"), "not a certificate").expect("garbage");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "a file that does not load must not stop the controller:\n{}",
+        read_log()
+    );
+    assert!(read_log().contains("do not load"), "{}", read_log());
+
+    let second = ca.leaf("localhost");
+    std::fs::write(d.join("tls.key"), &second.key).expect("key");
+    std::fs::write(d.join("tls.pem"), &second.cert).expect("cert");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the controller did not restart for the rotated certificates:\n{}",
+                read_log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "a graceful stop: {status:?}\n{}", read_log());
+    assert!(read_log().contains("certificate rotation"), "{}", read_log());
+    assert!(!socket.exists(), "the socket is removed on the way out");
+}

@@ -97,6 +97,61 @@ impl TlsOptions {
     }
 }
 
+/// How often the TLS files are checked for a rotation; `CELLAR_TLS_CHECK_SECONDS` overrides it.
+pub const ROTATION_CHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl TlsOptions {
+    /// A digest of the three files as they are now; `None` for plaintext or when one cannot be read.
+    fn fingerprint(&self) -> Option<[u8; 32]> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for p in [&self.ca, &self.cert, &self.key] {
+            let bytes = std::fs::read(p.as_ref()?).ok()?;
+            h.update((bytes.len() as u64).to_be_bytes());
+            h.update(bytes);
+        }
+        Some(h.finalize().into())
+    }
+
+    /// Resolves once the TLS files hold other material than at start and that material loads:
+    /// certificates rotated in place (cert-manager renewing them, the chart's Secret updated), which
+    /// the process then restarts to use. Material that does not load is logged and not acted on.
+    /// Never resolves for plaintext.
+    pub async fn rotated(self, every: std::time::Duration) {
+        let Some(first) = self.fingerprint() else {
+            return std::future::pending().await;
+        };
+        let mut warned: Option<[u8; 32]> = None;
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(now) = self.fingerprint() else { continue };
+            if now == first || warned == Some(now) {
+                continue;
+            }
+            match self.load() {
+                Ok(_) => {
+                    tracing::warn!("the TLS files changed (certificate rotation): restarting to use them");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the TLS files changed but do not load; the certificates in use are kept");
+                    warned = Some(now);
+                }
+            }
+        }
+    }
+}
+
+/// The interval of the rotation check: `CELLAR_TLS_CHECK_SECONDS`, else [`ROTATION_CHECK`].
+pub fn rotation_check() -> std::time::Duration {
+    std::env::var("CELLAR_TLS_CHECK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map(std::time::Duration::from_secs)
+        .unwrap_or(ROTATION_CHECK)
+}
+
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
         what,
