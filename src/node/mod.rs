@@ -27,6 +27,12 @@ use crate::sys::statfs;
 use crate::sys::{btrfs, loopdev, share};
 use state::{NodeState, Published, Staged};
 
+/// statfs of a shared volume's share and of its mount, taken once per NodeGetVolumeStats.
+struct ShareView {
+    root: Option<statfs::FsUsage>,
+    here: Option<statfs::FsUsage>,
+}
+
 /// How many stacked mounts an unmount loop removes before it gives up.
 const MAX_STACKED: usize = 16;
 
@@ -90,8 +96,11 @@ pub fn renew_leases(engine: &LocalEngine, state: &NodeState) {
 }
 
 /// Starts the lease renewer on a thread of its own (a dead share may block it; it blocks nothing
-/// else): every second it renews what is due.
+/// else), when this node has pools that can lease: every second it renews what is due.
 pub fn start_lease_renewer(engine: Arc<LocalEngine>, state: Arc<NodeState>) {
+    if !engine.takes_leases() {
+        return; // no shared pool serves image volumes: nothing will ever be leased here
+    }
     let spawned = std::thread::Builder::new()
         .name("cellar-leases".into())
         .spawn(move || loop {
@@ -176,25 +185,32 @@ impl NodeService {
         Some((pool, cfg))
     }
 
-    /// When the share under a volume (or its mount at `path`) is gone or stale, what to say about it.
-    fn share_down(&self, volume_id: &str, path: &Path) -> Option<String> {
-        let (pool, cfg) = self.shared_pool(volume_id)?;
+    /// A shared volume's view of its share, each statfs bounded in time: `Ok(None)` for a local
+    /// volume; else the share's root and, when it can be measured, the volume's mount at `path`.
+    /// `Err` says what is gone when the share, or the mount at `path`, is unreachable or stale.
+    fn share_view(&self, volume_id: &str, path: &Path) -> Result<Option<ShareView>, String> {
+        let Some((pool, cfg)) = self.shared_pool(volume_id) else {
+            return Ok(None);
+        };
         let what = match &cfg.share {
             Some(s) => format!("share {} of pool '{}'", s.source, pool.as_str()),
             None => format!("the share of pool '{}' at {}", pool.as_str(), cfg.path.display()),
         };
-        match share::usage(&cfg.path) {
-            Err(e) if share::is_stale(&e) => return Some(format!("{what} is not reachable: {e}")),
-            _ => {}
-        }
-        match share::usage(path) {
-            Err(e) if share::is_stale(&e) => Some(format!(
-                "the mount of volume {volume_id} at {} is stale ({e}); {what} is reachable again and is \
-                 mounted afresh at the next publish",
-                path.display()
-            )),
-            _ => None,
-        }
+        let root = match share::usage(&cfg.path) {
+            Err(e) if share::is_stale(&e) => return Err(format!("{what} is not reachable: {e}")),
+            r => r.ok(),
+        };
+        let here = match share::usage(path) {
+            Err(e) if share::is_stale(&e) => {
+                return Err(format!(
+                    "the mount of volume {volume_id} at {} is stale ({e}); {what} is reachable again and \
+                     is mounted afresh at the next publish",
+                    path.display()
+                ))
+            }
+            r => r.ok(),
+        };
+        Ok(Some(ShareView { root, here }))
     }
 
     /// Checks the share under a shared pool and, when cellar mounts it and it has gone stale
@@ -693,16 +709,19 @@ impl NodeService {
             return Err(missing("volume_path"));
         }
         let path = PathBuf::from(&r.volume_path);
-        if let Some(message) = self.share_down(&r.volume_id, &path) {
+        let shared = match self.share_view(&r.volume_id, &path) {
+            Ok(v) => v,
             // Nothing can be measured; kubelet shows the condition on the pod's events.
-            return Ok(NodeGetVolumeStatsResponse {
-                usage: vec![],
-                volume_condition: Some(VolumeCondition {
-                    abnormal: true,
-                    message,
-                }),
-            });
-        }
+            Err(message) => {
+                return Ok(NodeGetVolumeStatsResponse {
+                    usage: vec![],
+                    volume_condition: Some(VolumeCondition {
+                        abnormal: true,
+                        message,
+                    }),
+                })
+            }
+        };
         let (rec, data) = self.volume(&r.volume_id)?;
         if !path.is_absolute() || files::entry(&path)? == Entry::Missing {
             return Err(Status::not_found(format!(
@@ -724,13 +743,16 @@ impl NodeService {
                 volume_condition: condition,
             });
         }
-        let u = statfs::usage(&path)?;
+        let u = match shared.as_ref().and_then(|v| v.here) {
+            Some(u) => u,
+            None => statfs::usage(&path)?,
+        };
         let mut condition = condition;
-        if let (Some(c), Some((_, cfg)), Layout::Dir) = (&mut condition, self.shared_pool(&r.volume_id), rec.layout) {
+        let root = shared.as_ref().and_then(|v| v.root);
+        if let (Some(c), Some(whole), Layout::Dir) = (&mut condition, root, rec.layout) {
             // A share that enforces directory quotas (CephFS, Weka, NFS with project quotas) shows
             // the directory's own size; otherwise statfs gives the whole share: say which it is.
             // (Sizes only: free space moves between the two calls.)
-            let whole = share::usage(&cfg.path)?;
             if !c.abnormal {
                 c.message += if whole.total_bytes == u.total_bytes {
                     "; usage figures are the whole share's (no directory quota seen)"

@@ -1212,4 +1212,11 @@ impl LocalEngine {
     pub fn pool_config(&self, pool: &PoolName) -> Option<&super::config::PoolConfig> {
         self.pools.get(pool).map(|p| &p.config)
     }
+
+    /// Whether any volume here can need a lease: a shared pool that allows the image layout.
+    pub fn takes_leases(&self) -> bool {
+        self.pools
+            .values()
+            .any(|p| p.shared() && p.config.layouts.contains(&Layout::Image))
+    }
 }

@@ -133,14 +133,14 @@ pub fn create_copy(
             }
             let work = pool.work_path(kind, key);
             files::remove_tree(&work)?;
+            // The record written after this claims the copy: it must be on disk before the rename.
             if layout == Layout::Dir {
                 copy::copy_tree(src, &work)?;
+                copy::sync_filesystem(&pool.work_dir())?;
             } else {
                 let _frozen = if freeze { Some(Frozen::image(src)?) } else { None };
-                copy::copy_file(src, &work)?;
+                copy::copy_file(src, &work)?; // fsyncs the copy itself
             }
-            // The record written after this claims the copy: it must be on disk before the rename.
-            copy::sync_filesystem(&pool.work_dir())?;
             crash::point("copy:before-rename");
             std::fs::rename(&work, &data).map_err(|e| SysError::io("rename", &data, e))?;
             Ok(())
