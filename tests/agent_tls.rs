@@ -149,6 +149,20 @@ fn status(e: StorageError) -> Status {
     Status::from(e)
 }
 
+/// A CreateVolume over a TLS handshake that must fail: UNAVAILABLE naming the node, and no volume
+/// on the agent (`why` says what that proves).
+async fn create_is_refused(controller: &RemoteAgent, agent: &AgentUnderTest, why: &str) {
+    let e = status(
+        controller
+            .create_volume(new_volume("pvc-1", 1 << 20))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(e.message().contains(NODE), "{}", e.message());
+    assert!(agent.engine.volumes().is_empty(), "{why}");
+}
+
 #[tokio::test]
 async fn a_client_with_a_certificate_from_the_ca_creates_lists_and_deletes() {
     let ca = Ca::new("cellar test CA");
@@ -289,15 +303,7 @@ async fn a_client_with_a_certificate_from_another_ca_is_refused() {
     let leaf = rogue.leaf("cellar-controller");
     let tls = Tls::from_pem(ca.pem().as_bytes(), leaf.cert.as_bytes(), leaf.key.as_bytes()).expect("tls");
     let controller = remote(NODE, agent.addr, &tls, timeouts());
-    let e = status(
-        controller
-            .create_volume(new_volume("pvc-1", 1 << 20))
-            .await
-            .unwrap_err(),
-    );
-    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
-    assert!(e.message().contains(NODE), "{}", e.message());
-    assert!(agent.engine.volumes().is_empty(), "nothing was created");
+    create_is_refused(&controller, &agent, "nothing was created").await;
 }
 
 #[tokio::test]
@@ -309,15 +315,7 @@ async fn a_server_with_a_certificate_from_another_ca_is_refused_by_the_client() 
     let server_tls = Tls::from_pem(ca.pem().as_bytes(), leaf.cert.as_bytes(), leaf.key.as_bytes()).expect("tls");
     let agent = start_agent(server_tls).await;
     let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf("cellar-controller")), timeouts());
-    let e = status(
-        controller
-            .create_volume(new_volume("pvc-1", 1 << 20))
-            .await
-            .unwrap_err(),
-    );
-    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
-    assert!(e.message().contains(NODE), "{}", e.message());
-    assert!(agent.engine.volumes().is_empty(), "nothing was sent");
+    create_is_refused(&controller, &agent, "nothing was sent").await;
 }
 
 #[tokio::test]
