@@ -156,7 +156,7 @@ async fn create_is_refused(controller: &RemoteAgent, agent: &AgentUnderTest, why
         controller
             .create_volume(new_volume("pvc-1", 1 << 20))
             .await
-            .unwrap_err(),
+            .expect_err("the TLS handshake must fail"),
     );
     assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
     assert!(e.message().contains(NODE), "{}", e.message());
