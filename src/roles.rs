@@ -117,9 +117,7 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
     );
 
     let identity = IdentityService::new(&o.driver_name, ready);
-    let controller = ControllerService {
-        directory: Arc::new(SingleNode(Arc::new(LocalAgent::new(engine.clone())))),
-    };
+    let controller = ControllerService::new(Arc::new(SingleNode(Arc::new(LocalAgent::new(engine.clone())))));
     crate::node::start_lease_renewer(engine.clone(), state.clone());
     let node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
     // The socket appears only now: whoever finds it (kubelet's registrar, a test) finds a driver
@@ -277,9 +275,7 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     ready.store(engine.ready(), Ordering::Release);
     tracing::info!(agent_listen = %o.agent_listen, socket = %socket.display(), "controller ready");
     let identity = IdentityService::new(&o.driver_name, ready);
-    let controller = ControllerService {
-        directory: Arc::new(registry),
-    };
+    let controller = ControllerService::new(Arc::new(registry));
     let listener = server::bind(&socket)?;
     let router = Server::builder()
         .add_service(IdentityServer::new(identity))

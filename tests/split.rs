@@ -408,6 +408,11 @@ async fn a_dead_node_is_unavailable_the_others_serve_and_it_converges_when_back(
         .into_inner()
         .volume
         .unwrap();
+    assert_eq!(
+        listed_conditions(&mut ctl).await,
+        vec![(on2.volume_id.clone(), false)],
+        "listed while node-2 answers"
+    );
     c.kill_node(1);
     let e = ctl
         .delete_volume(DeleteVolumeRequest {
@@ -424,6 +429,35 @@ async fn a_dead_node_is_unavailable_the_others_serve_and_it_converges_when_back(
     );
     let on1 = ctl.create_volume(wffc("pvc-1", 16 * MIB, "node-1", &["node-1"])).await;
     assert_eq!(code(on1), Code::Ok, "node-1 is unaffected");
+    // The dead node's volumes stay listed, abnormal and saying why, both while its connection is
+    // refused and once the registry has marked it unavailable for missed heartbeats.
+    let on1_id = "local:node-1:default:pvc-1".to_string();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    for cause in ["Connection refused", "no heartbeat"] {
+        loop {
+            let got = ctl
+                .controller_get_volume(ControllerGetVolumeRequest {
+                    volume_id: on2.volume_id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(got.volume.unwrap().volume_id, on2.volume_id);
+            let cond = got.status.unwrap().volume_condition.unwrap();
+            assert!(cond.abnormal, "{cond:?}");
+            assert!(cond.message.contains("node-2") && cond.message.contains("last listed"), "{cond:?}");
+            if cond.message.contains(cause) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "never {cause}: {cond:?}");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        assert_eq!(
+            listed_conditions(&mut ctl).await,
+            vec![(on1_id.clone(), false), (on2.volume_id.clone(), true)],
+            "{cause}: node-1's volume as it is, node-2's from its last listing"
+        );
+    }
     c.start_node(1);
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
@@ -440,6 +474,24 @@ async fn a_dead_node_is_unavailable_the_others_serve_and_it_converges_when_back(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(!c.dir.path().join("node-2/pools/default/volumes/pvc-2").exists());
+    // A deleted volume is not brought back from the last listing when its node goes away again.
+    c.kill_node(1);
+    assert_eq!(listed_conditions(&mut ctl).await, vec![(on1_id, false)]);
+}
+
+/// ListVolumes as (volume id, abnormal) pairs, in the order the controller gives them.
+async fn listed_conditions(ctl: &mut ControllerClient<Channel>) -> Vec<(String, bool)> {
+    ctl.list_volumes(ListVolumesRequest::default())
+        .await
+        .expect("ListVolumes")
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| {
+            let abnormal = e.status.and_then(|s| s.volume_condition).expect("a condition").abnormal;
+            (e.volume.expect("a volume").volume_id, abnormal)
+        })
+        .collect()
 }
 
 #[tokio::test]

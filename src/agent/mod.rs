@@ -208,6 +208,10 @@ pub trait Directory: Send + Sync {
     fn shared(&self) -> Option<Arc<dyn Agent>>;
     /// Every distinct agent, local and shared, for listings.
     fn all(&self) -> Vec<Arc<dyn Agent>>;
+    /// Every agent whose volumes exist, reachable or not: what ListVolumes must account for.
+    fn listed(&self) -> Vec<Arc<dyn Agent>> {
+        self.all()
+    }
 }
 
 /// All-in-one: exactly one node, in-process.

@@ -401,6 +401,15 @@ impl Directory for Registry {
         all.extend(self.shared.shared_pools.clone());
         all
     }
+
+    /// Every registered node, available or not (calls to an unavailable one answer UNAVAILABLE
+    /// naming it), then the shared pools' agent.
+    fn listed(&self) -> Vec<Arc<dyn Agent>> {
+        let nodes: Vec<NodeId> = self.shared.read().keys().cloned().collect();
+        let mut all: Vec<Arc<dyn Agent>> = nodes.into_iter().map(|n| self.gated(n)).collect();
+        all.extend(self.shared.shared_pools.clone());
+        all
+    }
 }
 
 /// A registered node's agent as the controller holds it: each call first checks the node is

@@ -4,6 +4,7 @@
 pub mod page;
 pub mod request;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use prost_types::Timestamp;
@@ -22,6 +23,24 @@ use crate::storage::record::{ContentSource, SnapshotRecord, VolumeRecord};
 
 pub struct ControllerService {
     pub directory: Arc<dyn Directory>,
+    /// Each agent's last complete volume listing. While an agent cannot be reached, ListVolumes and
+    /// ControllerGetVolume answer from it with an abnormal condition naming the cause, rather than
+    /// failing for every volume or leaving that agent's volumes out (which reads as deleted).
+    listings: std::sync::Mutex<HashMap<String, Listing>>,
+}
+
+struct Listing {
+    at: std::time::Instant,
+    volumes: Vec<(VolumeRecord, Condition)>,
+}
+
+impl ControllerService {
+    pub fn new(directory: Arc<dyn Directory>) -> Self {
+        ControllerService {
+            directory,
+            listings: Default::default(),
+        }
+    }
 }
 
 /// What this controller offers. GET_SNAPSHOT is served but not advertised: csi-sanity v5.4 rejects
@@ -39,6 +58,35 @@ pub const CAPABILITIES: &[rpc::Type] = &[
     rpc::Type::SingleNodeMultiWriter,
     rpc::Type::ModifyVolume,
 ];
+
+/// One call to every agent at once, so that one slow to answer does not delay the others; the
+/// answers come back in the agents' order.
+async fn ask_all<T, F, Fut>(agents: &[Arc<dyn Agent>], call: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(Arc<dyn Agent>) -> Fut,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    let mut asking = tokio::task::JoinSet::new();
+    for (i, a) in agents.iter().enumerate() {
+        let answer = call(a.clone());
+        asking.spawn(async move { (i, answer.await) });
+    }
+    let mut answers = asking.join_all().await;
+    answers.sort_by_key(|(i, _)| *i);
+    answers.into_iter().map(|(_, t)| t).collect()
+}
+
+/// The condition of a volume whose agent cannot be reached, as of its last listing.
+fn unreachable(why: &str, listed: std::time::Instant) -> Condition {
+    Condition {
+        abnormal: true,
+        message: format!(
+            "cannot be checked: {why} (last listed {}s ago)",
+            listed.elapsed().as_secs()
+        ),
+    }
+}
 
 fn csi_volume(r: &VolumeRecord, node: &NodeId) -> Volume {
     use volume_content_source::{SnapshotSource, Type, VolumeSource};
@@ -374,15 +422,66 @@ impl ControllerService {
         Ok((id, agent))
     }
 
+    /// Every volume of every agent the controller knows, asked all at once. An agent that cannot be
+    /// reached is answered for from its last listing, each volume marked abnormal; one never listed
+    /// yet (the controller started while it was down) makes the whole call UNAVAILABLE.
     async fn all_volumes(&self) -> Result<Vec<(VolumeRecord, Condition, NodeId)>, Status> {
+        let agents = self.directory.listed();
+        let answers = ask_all(&agents, |a| async move { a.volumes().await }).await;
         let mut all = Vec::new();
-        for a in self.directory.all() {
-            for (r, c) in a.volumes().await? {
-                all.push((r, c, a.node().clone()));
+        for (agent, answer) in agents.iter().zip(answers) {
+            let key = self.listing_key(agent);
+            let volumes = match answer.map_err(Status::from) {
+                Ok(volumes) => {
+                    let listing = Listing {
+                        at: std::time::Instant::now(),
+                        volumes: volumes.clone(),
+                    };
+                    self.listings.lock().expect("listings lock").insert(key, listing);
+                    volumes
+                }
+                Err(e) if e.code() == tonic::Code::Unavailable => {
+                    let listings = self.listings.lock().expect("listings lock");
+                    let Some(last) = listings.get(&key) else {
+                        return Err(e);
+                    };
+                    last.volumes
+                        .iter()
+                        .map(|(r, _)| (r.clone(), unreachable(e.message(), last.at)))
+                        .collect()
+                }
+                Err(e) => return Err(e),
+            };
+            for (r, c) in volumes {
+                all.push((r, c, agent.node().clone()));
             }
         }
         all.sort_by(|a, b| a.0.id.cmp(&b.0.id));
         Ok(all)
+    }
+
+    fn listing_key(&self, agent: &Arc<dyn Agent>) -> String {
+        if self.directory.shared().is_some_and(|s| Arc::ptr_eq(&s, agent)) {
+            "shared pools".into()
+        } else {
+            agent.node().as_str().to_string()
+        }
+    }
+
+    /// A volume as its agent last listed it, marked abnormal because `why` the agent cannot be reached.
+    fn last_listed(&self, id: &str, why: &str) -> Option<(VolumeRecord, Condition)> {
+        let listings = self.listings.lock().expect("listings lock");
+        listings.values().find_map(|l| {
+            let (r, _) = l.volumes.iter().find(|(r, _)| r.id == id)?;
+            Some((r.clone(), unreachable(why, l.at)))
+        })
+    }
+
+    /// A deleted volume leaves the last listings too.
+    fn forget_listed(&self, id: &str) {
+        for l in self.listings.lock().expect("listings lock").values_mut() {
+            l.volumes.retain(|(r, _)| r.id != id);
+        }
     }
 
     async fn all_snapshots(&self) -> Result<Vec<SnapshotRecord>, Status> {
@@ -417,6 +516,7 @@ impl Controller for ControllerService {
             // An id that is not ours, or names no node we know, has nothing here to delete.
             if let Ok((id, agent)) = self.volume_owner(&r.volume_id) {
                 agent.delete_volume(id).await?;
+                self.forget_listed(&r.volume_id);
             }
             Ok(DeleteVolumeResponse {})
         })
@@ -531,14 +631,8 @@ impl Controller for ControllerService {
             let asked = r.accessible_topology.as_ref().and_then(request::topology_node);
             // Every agent at once: one that is slow to answer does not delay the others.
             let agents = self.directory.all();
-            let mut asking = tokio::task::JoinSet::new();
-            for (i, a) in agents.iter().enumerate() {
-                let a = a.clone();
-                asking.spawn(async move { (i, a.pools().await) });
-            }
-            let mut answers: Vec<_> = asking.join_all().await;
-            answers.sort_by_key(|(i, _)| *i);
-            for (agent, (_, pools)) in agents.iter().zip(answers) {
+            let answers = ask_all(&agents, |a| async move { a.pools().await }).await;
+            for (agent, pools) in agents.iter().zip(answers) {
                 let on_node = asked.is_none_or(|n| n == agent.node().as_str());
                 let pools = match pools.map_err(Status::from) {
                     Ok(p) => p,
@@ -765,7 +859,13 @@ impl Controller for ControllerService {
                 });
             }
             let (id, agent) = self.volume_owner(&r.volume_id)?;
-            let Some((rec, cond)) = agent.volume(id).await? else {
+            let answer = match agent.volume(id).await.map_err(Status::from) {
+                Err(e) if e.code() == tonic::Code::Unavailable => {
+                    Some(self.last_listed(&r.volume_id, e.message()).ok_or(e)?)
+                }
+                other => other?,
+            };
+            let Some((rec, cond)) = answer else {
                 return Err(Status::not_found(format!("volume {} not found", r.volume_id)));
             };
             Ok(ControllerGetVolumeResponse {
