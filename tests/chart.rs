@@ -622,14 +622,21 @@ fn controller_runs_the_sidecars_with_the_flags_cellar_needs() {
             assert!(env.iter().any(|e| e["name"] == name), "capacity owner needs {name}");
         }
         let snapshots = r.value("snapshots.enabled").as_bool().expect("bool");
-        for sidecar in ["csi-provisioner", "csi-resizer", "csi-snapshotter", "liveness-probe"] {
+        let health = r.value("volumeHealth.enabled").as_bool().expect("bool");
+        for sidecar in [
+            "csi-provisioner",
+            "csi-resizer",
+            "csi-snapshotter",
+            "csi-external-health-monitor-controller",
+            "liveness-probe",
+        ] {
             let present = seq(&spec["containers"]).iter().any(|c| c["name"] == sidecar);
-            assert_eq!(
-                present,
-                sidecar != "csi-snapshotter" || snapshots,
-                "{}: {sidecar}",
-                r.set
-            );
+            let wanted = match sidecar {
+                "csi-snapshotter" => snapshots,
+                "csi-external-health-monitor-controller" => health,
+                _ => true,
+            };
+            assert_eq!(present, wanted, "{}: {sidecar}", r.set);
             if present && sidecar != "liveness-probe" {
                 let c = container(spec, sidecar);
                 assert!(
@@ -643,6 +650,10 @@ fn controller_runs_the_sidecars_with_the_flags_cellar_needs() {
                     "pinned: {image}"
                 );
             }
+        }
+        if health {
+            let monitor = container(spec, "csi-external-health-monitor-controller");
+            assert_eq!(flag(monitor, "monitor-interval"), Some(r.str("volumeHealth.interval")));
         }
         // Every mount of every pod names a volume of the pod.
         for pod in [spec, &r.get("DaemonSet", "cellar-node")["spec"]["template"]["spec"]] {
@@ -784,6 +795,10 @@ fn rbac_grants_what_the_sidecars_use_and_nothing_of_attach_or_secrets() {
             assert!(has(res, verb), "{}: {verb} {res} missing", r.set);
         }
         assert_eq!(has("volumesnapshotcontents/status", "update"), snapshots, "{}", r.set);
+        // The health monitor watches pods (and nodes, which the provisioner reads too); otherwise
+        // the controller pod only gets its own pod, for the capacity owner.
+        let health = r.value("volumeHealth.enabled").as_bool().expect("bool");
+        assert_eq!(has("pods", "watch"), health, "{}", r.set);
         // The node plugin calls no API.
         let node_sa = r.get("ServiceAccount", "cellar-node");
         assert_eq!(node_sa["automountServiceAccountToken"], Value::Bool(false));
