@@ -1244,6 +1244,39 @@ async fn a_transfer_broken_by_the_controller_dying_leaves_nothing_and_the_retry_
     assert_same_image(&img, &c.pool_dir(1).join("volumes/cloned"));
 }
 
+/// A copy that was whole and in place on its target when the target died, before its record: the
+/// retry finishes it even though the pool could not hold a second copy beside it.
+#[tokio::test]
+async fn an_import_in_place_without_its_record_is_finished_by_the_retry_on_a_nearly_full_node() {
+    if !cfg!(feature = "crash-points") {
+        panic!("this test needs the crash points: run it with `cargo test --features crash-points`");
+    }
+    let small = TestFs::new("ext4", 96);
+    let mut c = Cluster::start_with(vec![None, Some(small.path("pool"))], Some("dir, image")).await;
+    let mut ctl = c.ctl().await;
+    let src = made(&mut ctl, image(wffc("src", IMAGE_BYTES, "node-1", BOTH))).await;
+    let img = c.pool_dir(0).join("volumes/src");
+    write_at(&img, 0, &pattern(40 << 20, 4));
+    let req = image(copy_req("cloned", IMAGE_BYTES, "node-2", from_volume(&src.volume_id)));
+    c.kill_node(1);
+    c.start_node_with(1, &[("CELLAR_CRASH_AT", "create-volume:before-record")]);
+    let broken = crashed_by(&c, 1, "create-volume:before-record", &req).await;
+    assert_eq!(broken.code(), Code::Unavailable, "{broken}");
+    let pool = c.pool_dir(1);
+    assert!(
+        pool.join("volumes/cloned").is_file() && !pool.join("volumes/cloned.json").exists(),
+        "the crash left the copy in place without its record"
+    );
+
+    c.kill_node(1);
+    c.start_node(1);
+    let cloned = retried(&c, req).await;
+    assert_eq!(cloned.volume_id, "local:node-2:default:cloned");
+    let (a, b) = (std::fs::read(&img).expect("source"), std::fs::read(pool.join("volumes/cloned")).expect("copy"));
+    assert!(a == b, "the finished copy differs from its source");
+    assert!(pool.join("volumes/cloned.json").is_file());
+}
+
 #[tokio::test]
 async fn a_transfer_broken_by_the_target_node_dying_leaves_nothing_once_it_restarts() {
     let (mut c, img, req) = image_to_clone().await;

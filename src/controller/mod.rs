@@ -399,6 +399,12 @@ impl ControllerService {
         if let Some((n, None)) = rooms.first() {
             return Ok(n.clone());
         }
+        // So is the only candidate's lack of room: its own check is current (the figures here
+        // are its last heartbeat's) and exact (the data of a copy of this very volume that died
+        // before its record gives its room back to the retry).
+        if let [(n, Some(_))] = rooms.as_slice() {
+            return Ok(n.clone());
+        }
         Err(Status::resource_exhausted(format!(
             "no candidate node has {wanted} bytes free in the pool ({})",
             rooms

@@ -476,7 +476,11 @@ impl LocalEngine {
             return same_volume(existing, req, layout, &fs_type, &source).map(|()| Plan::Exists(existing.clone()));
         }
 
-        let room = self.room(pool, layout)?;
+        // Data of this very volume left by a create that died before its record (whole in place,
+        // or half-made in `.work`) is reused or replaced by this one: it does not take room from it.
+        let leftover = layout::allocated_tree(&pool.data_path(Kind::Volume, &key))
+            + layout::allocated_tree(&pool.work_path(Kind::Volume, &key));
+        let room = self.room(pool, layout)?.saturating_add(leftover);
         if capacity > room {
             return Err(StorageError::Exhausted(format!(
                 "pool '{}' can give {room} more bytes to {} volumes, the volume needs {capacity}",

@@ -214,6 +214,20 @@ pub fn allocated(data: &Path) -> u64 {
     std::fs::symlink_metadata(data).map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
+/// Allocated bytes of everything at `path`: a file, or a tree (symlinks are not followed). What
+/// removing or reusing it gives back to the pool.
+pub fn allocated_tree(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let own = allocated(path);
+    if !meta.is_dir() {
+        return own;
+    }
+    let children = std::fs::read_dir(path).into_iter().flatten().flatten();
+    own + children.map(|e| allocated_tree(&e.path())).sum::<u64>()
+}
+
 /// Every filesystem mounted from a loop device of `image`, frozen for as long as this lives, so a
 /// copy of a volume in use is consistent. Thawed on drop, also on error.
 struct Frozen {
