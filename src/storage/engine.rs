@@ -482,9 +482,14 @@ impl LocalEngine {
             + layout::allocated_tree(&pool.work_path(Kind::Volume, &key));
         let room = self.room(pool, layout)?.saturating_add(leftover);
         if capacity > room {
+            // Named with its node: in split mode this answer reaches the scheduler through the
+            // controller, and says which node is full.
+            let place = match self.location_of(&pool_name) {
+                Location::Local(n) => format!("pool '{}' on node {}", pool_name.as_str(), n.as_str()),
+                Location::Shared => format!("shared pool '{}'", pool_name.as_str()),
+            };
             return Err(StorageError::Exhausted(format!(
-                "pool '{}' can give {room} more bytes to {} volumes, the volume needs {capacity}",
-                pool_name.as_str(),
+                "{place} can give {room} more bytes to {} volumes, the volume needs {capacity}",
                 layout.as_str()
             )));
         }
