@@ -479,6 +479,34 @@ async fn a_dead_node_is_unavailable_the_others_serve_and_it_converges_when_back(
     assert_eq!(listed_conditions(&mut ctl).await, vec![(on1_id, false)]);
 }
 
+/// A listing that fails for one node (never listed before, so nothing to answer for it with) still
+/// keeps what the other nodes answered: a later outage of those is answered from it.
+#[tokio::test]
+async fn a_failed_listing_keeps_what_the_other_nodes_answered() {
+    let mut c = Cluster::start(vec![None, None]).await;
+    let mut ctl = c.ctl().await;
+    let on2 = made(&mut ctl, wffc("pvc-2", 16 * MIB, "node-2", &["node-2"])).await;
+    c.kill_node(0);
+    let e = ctl
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .expect_err("node-1 was never listed");
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.message().contains("node-1"), "{}", e.message());
+    c.start_node(0);
+    c.kill_node(1);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        // node-1 answers again once its agent listens; node-2's volume comes from the failed call.
+        match ctl.list_volumes(ListVolumesRequest::default()).await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline && e.code() == Code::Unavailable, "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(listed_conditions(&mut ctl).await, vec![(on2.volume_id, true)]);
+}
+
 /// ListVolumes as (volume id, abnormal) pairs, in the order the controller gives them.
 async fn listed_conditions(ctl: &mut ControllerClient<Channel>) -> Vec<(String, bool)> {
     ctl.list_volumes(ListVolumesRequest::default())

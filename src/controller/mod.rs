@@ -434,18 +434,27 @@ impl ControllerService {
     async fn all_volumes(&self) -> Result<Vec<(VolumeRecord, Condition, NodeId)>, Status> {
         let agents = self.directory.listed();
         let answers = ask_all(&agents, |a| async move { a.volumes().await }).await;
-        let mut all = Vec::new();
-        for (agent, answer) in agents.iter().zip(answers) {
-            let key = self.listing_key(agent);
-            let volumes = match answer.map_err(Status::from) {
-                Ok(volumes) => {
+        // Every answer that came is kept first, so that one failure does not cost the others'.
+        let now = std::time::Instant::now();
+        let answers: Vec<_> = agents
+            .iter()
+            .zip(answers)
+            .map(|(agent, answer)| {
+                let key = self.listing_key(agent);
+                if let Ok(volumes) = &answer {
                     let listing = Listing {
-                        at: std::time::Instant::now(),
+                        at: now,
                         volumes: volumes.clone(),
                     };
-                    self.listings.lock().expect("listings lock").insert(key, listing);
-                    volumes
+                    self.listings.lock().expect("listings lock").insert(key.clone(), listing);
                 }
+                (agent, key, answer)
+            })
+            .collect();
+        let mut all = Vec::new();
+        for (agent, key, answer) in answers {
+            let volumes = match answer.map_err(Status::from) {
+                Ok(volumes) => volumes,
                 Err(e) if e.code() == tonic::Code::Unavailable => {
                     let listings = self.listings.lock().expect("listings lock");
                     let Some(last) = listings.get(&key) else {
