@@ -1326,12 +1326,18 @@ async fn a_busy_volume_answers_aborted() {
     let mut ctl = d.ctl.clone();
     let vid = v.volume_id.clone();
     let snap = tokio::spawn(async move {
-        ctl.create_snapshot(CreateSnapshotRequest {
+        let req = CreateSnapshotRequest {
             name: "snap-busy".into(),
             source_volume_id: vid,
             ..Default::default()
-        })
-        .await
+        };
+        loop {
+            match ctl.create_snapshot(req.clone()).await {
+                // One of the expands below took the lock first: retry, as a CO does.
+                Err(s) if s.code() == Code::Aborted => tokio::time::sleep(std::time::Duration::from_millis(2)).await,
+                other => return other,
+            }
+        }
     });
     // Expanding to the current size is a no-op that takes the same per-volume lock.
     let same = ControllerExpandVolumeRequest {

@@ -445,7 +445,10 @@ async fn a_dead_node_is_unavailable_the_others_serve_and_it_converges_when_back(
             assert_eq!(got.volume.unwrap().volume_id, on2.volume_id);
             let cond = got.status.unwrap().volume_condition.unwrap();
             assert!(cond.abnormal, "{cond:?}");
-            assert!(cond.message.contains("node-2") && cond.message.contains("last listed"), "{cond:?}");
+            assert!(
+                cond.message.contains("node-2") && cond.message.contains("last listed"),
+                "{cond:?}"
+            );
             if cond.message.contains(cause) {
                 break;
             }
@@ -1300,7 +1303,10 @@ async fn an_import_in_place_without_its_record_is_finished_by_the_retry_on_a_nea
     c.start_node(1);
     let cloned = retried(&c, req).await;
     assert_eq!(cloned.volume_id, "local:node-2:default:cloned");
-    let (a, b) = (std::fs::read(&img).expect("source"), std::fs::read(pool.join("volumes/cloned")).expect("copy"));
+    let (a, b) = (
+        std::fs::read(&img).expect("source"),
+        std::fs::read(pool.join("volumes/cloned")).expect("copy"),
+    );
     assert!(a == b, "the finished copy differs from its source");
     assert!(pool.join("volumes/cloned.json").is_file());
 }

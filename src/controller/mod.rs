@@ -446,7 +446,10 @@ impl ControllerService {
                         at: now,
                         volumes: volumes.clone(),
                     };
-                    self.listings.lock().expect("listings lock").insert(key.clone(), listing);
+                    self.listings
+                        .lock()
+                        .expect("listings lock")
+                        .insert(key.clone(), listing);
                 }
                 (agent, key, answer)
             })
