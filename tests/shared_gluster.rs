@@ -169,3 +169,31 @@ fn unmount_share(d: &Driver) {
         let _ = nix::mount::umount2(&share, nix::mount::MntFlags::MNT_DETACH);
     }
 }
+
+/// Nodes that open one shared pool at the same moment all create its directories. A client whose
+/// mkdir loses that race can be told EEXIST while its own lookup still answers ENOENT, until the
+/// winner's mkdir has completed; making sure of the directory must wait that out, not fail.
+#[test]
+fn two_clients_making_one_directory_at_once_both_see_it() {
+    use std::sync::{Arc, Barrier};
+    let g = Gluster::start();
+    let (a, b) = (g.mount(None), g.mount(None));
+    for i in 0..300 {
+        let name = format!("race-{i}");
+        let (here, there) = (a.join(&name), b.join(&name));
+        // Each client has looked the name up before (a pool is checked before it is made).
+        assert!(!here.exists() && !there.exists());
+        let start = Arc::new(Barrier::new(2));
+        let other = {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                cellar::sys::files::ensure_dir(&there, 0o700)
+            })
+        };
+        start.wait();
+        let mine = cellar::sys::files::ensure_dir(&here, 0o700);
+        let theirs = other.join().expect("thread");
+        assert!(mine.is_ok() && theirs.is_ok(), "round {i}: {mine:?} / {theirs:?}");
+    }
+}

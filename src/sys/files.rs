@@ -110,10 +110,23 @@ pub fn remove_file_if_exists(path: &Path) -> Result<(), SysError> {
 /// an error, so nothing is ever created through a planted link.
 pub fn ensure_dir(path: &Path, mode: u32) -> Result<(), SysError> {
     use std::os::unix::fs::DirBuilderExt;
-    match fs::DirBuilder::new().mode(mode).create(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => require_real_dir(path),
-        Err(e) => Err(SysError::io("mkdir", path, e)),
+    // On a shared filesystem another node may be making this very directory at the same moment
+    // (nodes opening one shared pool together): until its mkdir has completed, ours can answer
+    // EEXIST while a lookup still answers ENOENT (seen on GlusterFS). Wait that out, bounded.
+    let mut tries = 0;
+    loop {
+        let found = match fs::DirBuilder::new().mode(mode).create(path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => require_real_dir(path),
+            Err(e) => return Err(SysError::io("mkdir", path, e)),
+        };
+        match found {
+            Err(e) if e.errno() == Some(libc::ENOENT) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
     }
 }
 
