@@ -261,6 +261,8 @@ fn values_schema_refuses_mistyped_values() {
         "config.pools[0].layot=dir",
         "controller.antiAffinity=soft",
         "logFormat=yaml",
+        "volumeHealth.interval=often",
+        "volumeHealth.enable=true",
     ] {
         let mut cmd = Command::new(helm());
         cmd.args(["template", RELEASE]).arg(chart()).args(["--set", set]);
