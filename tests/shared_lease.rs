@@ -123,10 +123,7 @@ impl Cluster {
     /// SIGKILL a node process: its mounts and loop devices stay, as they would on a machine whose
     /// driver died.
     fn kill_node(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_child(&mut self.nodes[i]);
     }
 
     async fn channel(&self, sock: &str) -> Channel {
@@ -190,10 +187,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         for c in self.nodes.iter_mut().chain(std::iter::once(&mut self.controller)) {
-            if let Some(mut c) = c.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+            kill_child(c);
         }
         for st in &self.staged {
             let _ = nix::mount::umount2(st, nix::mount::MntFlags::MNT_DETACH);

@@ -189,17 +189,11 @@ impl Cluster {
     }
 
     fn kill_node(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].1.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_child(&mut self.nodes[i].1);
     }
 
     fn kill_controller(&mut self) {
-        if let Some(mut c) = self.controller.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_child(&mut self.controller);
     }
 
     async fn channel(&self, sock: &str) -> Channel {

@@ -140,10 +140,7 @@ impl Driver {
 
     /// SIGKILL, as a node crash or OOM kill would stop it.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill_child(&mut self.child);
     }
 
     /// SIGTERM and wait for a clean exit.
@@ -422,5 +419,13 @@ impl Driver {
     pub async fn unmount_all(&mut self, volume_id: &str, staging: &Path, target: &Path) {
         self.unpublish(volume_id, target).await.expect("unpublish");
         self.unstage(volume_id, staging).await.expect("unstage");
+    }
+}
+
+/// SIGKILLs the process in `slot`, if there is one, and reaps it; the slot is left empty.
+pub fn kill_child(slot: &mut Option<Child>) {
+    if let Some(mut c) = slot.take() {
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }

@@ -38,7 +38,7 @@ use cellar::csi::v1::{GetCapacityRequest, Topology};
 use tonic::transport::Channel;
 
 use crate::common::fs::{loops_under, TestFs};
-use crate::common::{bin, mounts_under, require_root};
+use crate::common::{bin, kill_child, mounts_under, require_root};
 
 /// The test network; its addresses exist only inside the environment's namespaces.
 pub const SUBNET: &str = "10.213.0.0/24";
@@ -475,7 +475,7 @@ for m in "$@"; do umount -l "$m" 2>/dev/null || :; done
 
     /// SIGKILL, as an evicted or crashed pod.
     pub fn kill_controller(&mut self) {
-        stop(self.controller.take());
+        kill_child(&mut self.controller);
     }
 
     /// `cellar node` in the node's network namespace and in a mount namespace cloned from its
@@ -509,7 +509,7 @@ for m in "$@"; do umount -l "$m" 2>/dev/null || :; done
 
     /// SIGKILL the node plugin; the kubelet namespace and its mounts stay, as on a real node.
     pub fn kill_node(&mut self, i: usize) {
-        stop(self.nodes[i].child.take());
+        kill_child(&mut self.nodes[i].child);
     }
 
     pub fn controller_pid(&self) -> Option<u32> {
@@ -725,13 +725,6 @@ fn ip_batch(net: &Path, script: &str) {
     let file = net.with_extension("ip");
     std::fs::write(&file, script).expect("ip script");
     run(nsenter(Some(net), None, &["ip", "-batch"]).arg(file));
-}
-
-fn stop(child: Option<Child>) {
-    if let Some(mut c) = child {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
 }
 
 /// GetCapacity for the default pool on node `node`, as external-provisioner asks per topology.
