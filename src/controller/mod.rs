@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::agent::{Agent, Directory};
 use crate::csi::caps;
-use crate::csi::status::missing;
+use crate::csi::status::{invalid, missing};
 use crate::csi::v1::controller_server::Controller;
 use crate::csi::v1::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::v1::*;
@@ -832,6 +832,11 @@ impl Controller for ControllerService {
             let Some(range) = r.capacity_range.as_ref() else {
                 return Err(missing("capacity_range"));
             };
+            if range.required_bytes == 0 && range.limit_bytes == 0 {
+                return Err(invalid(
+                    "capacity_range must set required_bytes (the size to grow to) or limit_bytes",
+                ));
+            }
             let range = request::capacity(Some(range))?;
             let (id, agent) = self.volume_owner(&r.volume_id)?;
             let (rec, node_step) = agent.expand_volume(id, range).await?;

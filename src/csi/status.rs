@@ -52,3 +52,44 @@ pub fn invalid(msg: impl Into<String>) -> Status {
 pub fn missing(field: &str) -> Status {
     Status::invalid_argument(format!("{field} is required"))
 }
+
+/// The longest message a status carries: an echoed input (a 64 KiB volume id or path) is cut.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// Cuts text from a request (or a message that echoes it) to `MAX_MESSAGE` bytes, saying so.
+pub fn bounded(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_MESSAGE {
+        return text.into();
+    }
+    let mut end = MAX_MESSAGE;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &text[..end], text.len()).into()
+}
+
+/// A status whose message is bounded (every RPC's answer passes through here).
+pub fn bound(s: Status) -> Status {
+    if s.message().len() <= MAX_MESSAGE {
+        return s;
+    }
+    Status::new(s.code(), bounded(s.message()).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_with_their_length_and_short_ones_kept() {
+        let long = format!("volume {} not found", "x".repeat(65536));
+        let s = bound(Status::not_found(long.clone()));
+        assert_eq!(s.code(), Code::NotFound);
+        assert!(s.message().len() < MAX_MESSAGE + 64, "{}", s.message().len());
+        assert!(s.message().ends_with(&format!("({} bytes in all)", long.len())));
+        assert_eq!(bound(Status::not_found("short")).message(), "short");
+        // Never cuts inside a character.
+        let wide = "é".repeat(2000);
+        assert!(bounded(&wide).starts_with("é"));
+    }
+}

@@ -117,6 +117,14 @@ fn co_path(field: &str, p: &str) -> Result<PathBuf, Status> {
     if p.is_empty() {
         return Err(missing(field));
     }
+    if p.len() > libc::PATH_MAX as usize || p.contains('\0') {
+        return Err(invalid(format!(
+            "{field} must be a path of at most {} bytes without NUL bytes; got {} bytes starting '{}'",
+            libc::PATH_MAX,
+            p.len(),
+            crate::csi::status::bounded(&p[..p.len().min(64)].replace('\0', "\\0"))
+        )));
+    }
     let path = PathBuf::from(p);
     if !path.is_absolute()
         || path
@@ -131,6 +139,20 @@ fn co_path(field: &str, p: &str) -> Result<PathBuf, Status> {
 }
 
 impl NodeService {
+    /// Only a path this node staged or published the volume at: any other path would report (or
+    /// grow) whatever filesystem happens to be there, such as the node's own root.
+    fn require_ours(&self, volume_id: &str, path: &Path) -> Result<(), Status> {
+        let m = self.state.get(volume_id);
+        let ours = m.staged.as_ref().is_some_and(|s| s.path == path) || m.published.contains_key(path);
+        if !ours {
+            return Err(Status::not_found(format!(
+                "volume {volume_id} is not staged or published at {} on this node",
+                path.display()
+            )));
+        }
+        Ok(())
+    }
+
     fn hold(&self, volume_id: &str) -> Result<Held, Status> {
         self.in_flight.try_take(volume_id.to_string()).ok_or_else(|| {
             Status::aborted(format!(
@@ -374,6 +396,12 @@ impl NodeService {
                 backing: None,
             });
             self.state.put(m)?;
+            if static_id.is_none() {
+                // A shared directory volume is deleted by a controller that cannot see this node's
+                // mounts: the mark on the share tells it the volume is in use here.
+                let id = VolumeId::parse(&r.volume_id).map_err(|e| invalid(e.0))?;
+                self.engine.mark_staged(&id, true)?;
+            }
             crash::point("stage:before-mount");
             let flags = BindFlags {
                 read_only,
@@ -475,6 +503,9 @@ impl NodeService {
             }
         } else {
             self.unmount_all(&staging)?;
+            if let Ok(id) = VolumeId::parse(&r.volume_id) {
+                self.engine.mark_staged(&id, false)?;
+            }
         }
         m.staged = None;
         self.state.put(m)?;
@@ -705,10 +736,8 @@ impl NodeService {
         if r.volume_id.is_empty() {
             return Err(missing("volume_id"));
         }
-        if r.volume_path.is_empty() {
-            return Err(missing("volume_path"));
-        }
-        let path = PathBuf::from(&r.volume_path);
+        let path = co_path("volume_path", &r.volume_path)?;
+        self.require_ours(&r.volume_id, &path)?;
         let shared = match self.share_view(&r.volume_id, &path) {
             Ok(v) => v,
             // Nothing can be measured; kubelet shows the condition on the pod's events.
@@ -848,12 +877,13 @@ impl NodeService {
         if r.volume_path.is_empty() {
             return Err(missing("volume_path"));
         }
+        let path = co_path("volume_path", &r.volume_path)?;
         let (rec, data) = self.volume(&r.volume_id)?;
-        let path = PathBuf::from(&r.volume_path);
-        if !path.is_absolute() || files::entry(&path)? == Entry::Missing {
+        self.require_ours(&r.volume_id, &path)?;
+        if files::entry(&path)? == Entry::Missing {
             return Err(Status::not_found(format!(
                 "volume path {} does not exist",
-                r.volume_path
+                path.display()
             )));
         }
         if rec.layout != Layout::Image {

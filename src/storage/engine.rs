@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::crash;
 use crate::sys::fstools::FsType;
-use crate::sys::{btrfs, files, loopdev, statfs};
+use crate::sys::{btrfs, files, loopdev, mountinfo, statfs};
 
 use super::config::{Config, DeletePolicy};
 use super::id::{Key, Location, NodeId, ObjectId, PoolName, SnapshotId, VolumeId};
@@ -191,7 +191,6 @@ pub enum Role {
 
 pub struct LocalEngine {
     node: NodeId,
-    role: Role,
     pools: BTreeMap<PoolName, Pool>,
     /// Pools that could not be opened, with the reason; Probe is not ready while there are any.
     broken: BTreeMap<PoolName, String>,
@@ -205,7 +204,12 @@ pub struct LocalEngine {
     purge_wake: Mutex<Option<std::sync::mpsc::Sender<()>>>,
     /// Leases of image volumes on shared pools, held or watched by this process.
     pub leases: super::lease::Leases,
+    /// What each dir volume held when last counted (for its over-capacity condition).
+    dir_usage: Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>,
 }
+
+/// How long a dir volume's counted size is reused before its tree is walked again.
+const DIR_USAGE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn now() -> (i64, i32) {
     let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -240,7 +244,6 @@ impl LocalEngine {
         }
         let engine = LocalEngine {
             node: node.clone(),
-            role,
             pools,
             broken,
             default_pool: config.default_pool.clone(),
@@ -250,6 +253,7 @@ impl LocalEngine {
             in_flight: InFlight::default(),
             purge_wake: Mutex::new(None),
             leases: super::lease::Leases::new(node.as_str()),
+            dir_usage: Mutex::new(std::collections::HashMap::new()),
         };
         engine.load()?;
         Ok(engine)
@@ -368,7 +372,7 @@ impl LocalEngine {
     }
 
     pub fn create_volume(&self, req: NewVolume) -> Result<VolumeRecord, StorageError> {
-        let p = match self.plan(&req)? {
+        let mut p = match self.plan(&req)? {
             Plan::Exists(rec) => return Ok(rec),
             Plan::New(p) => p,
         };
@@ -386,6 +390,9 @@ impl LocalEngine {
             Some(src) => {
                 let from = self.source_data(src)?;
                 same_kind(p.layout, req.mode, p.capacity, from.layout, from.mode, from.size)?;
+                if p.layout == Layout::Image && req.mode == VolumeMode::Filesystem {
+                    p.fs_type = copy_fs_type(&from.path, &req.fs_type)?;
+                }
                 layout::create_copy(pool, Kind::Volume, &p.key, p.layout, &from.path, true, false)?;
                 layout::set_capacity(p.layout, &data, p.capacity)?;
                 from.fs_bytes
@@ -462,7 +469,21 @@ impl LocalEngine {
                 layout.as_str()
             )));
         }
-        let capacity = req.capacity.choose()?;
+        let mut capacity = req.capacity.choose()?;
+        if let Some(fs) = FsType::parse(&fs_type).filter(|_| layout == Layout::Image && req.source.is_none()) {
+            // A filesystem has a smallest size: round up to it within the limit, never past it.
+            let min = fs.min_bytes();
+            if capacity < min {
+                if req.capacity.limit != 0 && req.capacity.limit < min {
+                    return Err(StorageError::OutOfRange(format!(
+                        "an {fs} filesystem needs at least {min} bytes ({} MiB); limit_bytes is {}: raise it or use another filesystem type",
+                        min >> 20,
+                        req.capacity.limit
+                    )));
+                }
+                capacity = min;
+            }
+        }
         let key = self.key_for(pool, req)?;
         let id = self.volume_id(&pool_name, &key);
         let held = self.take(Kind::Volume, &pool_name, &key, &id.to_string())?;
@@ -472,8 +493,14 @@ impl LocalEngine {
             Some(Source::Snapshot(s)) => Some(ContentSource::Snapshot(s.to_string())),
             Some(Source::Volume(v)) => Some(ContentSource::Volume(v.to_string())),
         };
-        if let Some(existing) = lock(&self.volumes).get(&id.to_string()) {
-            return same_volume(existing, req, layout, &fs_type, &source).map(|()| Plan::Exists(existing.clone()));
+        if let Some(existing) = self.volume(&id) {
+            // A copy's filesystem is its source's, whatever the pool's default.
+            let fs_type = if req.source.is_some() && req.fs_type.is_empty() {
+                existing.fs_type.clone()
+            } else {
+                fs_type
+            };
+            return same_volume(&existing, req, layout, &fs_type, &source).map(|()| Plan::Exists(existing));
         }
 
         // Data of this very volume left by a create that died before its record (whole in place,
@@ -545,7 +572,7 @@ impl LocalEngine {
         req: NewVolume,
         frames: &mut dyn Iterator<Item = Result<Frame, StorageError>>,
     ) -> Result<VolumeRecord, StorageError> {
-        let p = match self.plan(&req)? {
+        let mut p = match self.plan(&req)? {
             Plan::Exists(rec) => return Ok(rec),
             Plan::New(p) => p,
         };
@@ -571,8 +598,8 @@ impl LocalEngine {
             )));
         }
         let data = p.pool.data_path(Kind::Volume, &p.key);
-        // Data in place without a record is a whole import that crashed before its record.
-        if layout::fault(p.layout, &data).is_some() {
+        layout::clear_leftover(p.pool, Kind::Volume, &p.key)?;
+        {
             let work = p.pool.work_path(Kind::Volume, &p.key);
             if files::entry(&work)? != files::Entry::Missing {
                 layout::purge(&work)?;
@@ -592,6 +619,15 @@ impl LocalEngine {
             std::fs::rename(&work, &data).map_err(|e| crate::sys::SysError::io("rename", &data, e))?;
             files::sync_dir(&p.pool.collection_dir(Kind::Volume))?;
             tracing::info!(volume = %p.id, "import from another node checked and in place");
+        }
+        if p.layout == Layout::Image && req.mode == VolumeMode::Filesystem {
+            match copy_fs_type(&data, &req.fs_type) {
+                Ok(fs) => p.fs_type = fs,
+                Err(e) => {
+                    layout::clear_leftover(p.pool, Kind::Volume, &p.key)?;
+                    return Err(e);
+                }
+            }
         }
         layout::set_capacity(p.layout, &data, p.capacity)?;
         self.record_new(p, &req, header.fs_bytes)
@@ -634,8 +670,9 @@ impl LocalEngine {
     /// is its name's; a shared volume's comes from the pool's name template, told apart from any
     /// other volume's that the template would give the same name.
     fn key_for(&self, pool: &Pool, req: &NewVolume) -> Result<Key, StorageError> {
-        if let Some(id) = lock(&self.names).get(&req.name) {
-            let id = VolumeId::parse(id).map_err(|e| StorageError::Conflict(e.0))?;
+        let known = lock(&self.names).get(&req.name).cloned();
+        if let Some(id) = known.filter(|id| !self.is_shared_id(id) || self.volume_named(&req.name).is_some()) {
+            let id = VolumeId::parse(&id).map_err(|e| StorageError::Conflict(e.0))?;
             if id.0.pool != pool.config.name {
                 return Err(StorageError::Conflict(format!(
                     "volume '{}' already exists in pool '{}'",
@@ -649,9 +686,9 @@ impl LocalEngine {
             return Ok(Key::from_name(&req.name));
         }
         let key = super::naming::key_for(&req.name, pool.config.name_template.as_deref(), &req.parameters);
+        // Read from the share: another controller replica may have made either volume.
         let taken = |k: &Key| {
-            lock(&self.volumes)
-                .get(&self.volume_id(&pool.config.name, k).to_string())
+            self.volume(&self.volume_id(&pool.config.name, k))
                 .is_some_and(|r| r.name != req.name)
         };
         Ok(if taken(&key) {
@@ -667,6 +704,9 @@ impl LocalEngine {
         let avail = usage(pool)?.available_bytes;
         if layout != Layout::Image {
             return Ok(avail);
+        }
+        if pool.shared() {
+            self.refresh_shared(); // images another replica made hold room too
         }
         Ok(avail.saturating_sub(self.image_reserve(pool)))
     }
@@ -704,9 +744,8 @@ impl LocalEngine {
                     .locate(&s.0)
                     .ok_or_else(|| StorageError::SnapshotNotFound(shown.clone()))?;
                 let held = self.take(Kind::Snapshot, &s.0.pool, &s.0.key, &shown)?;
-                let rec = lock(&self.snapshots)
-                    .get(&shown)
-                    .cloned()
+                let rec = self
+                    .snapshot(s)
                     .ok_or_else(|| StorageError::SnapshotNotFound(shown.clone()))?;
                 Ok(SourceData {
                     path: pool.data_path(Kind::Snapshot, &s.0.key),
@@ -723,9 +762,8 @@ impl LocalEngine {
                     .locate(&v.0)
                     .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
                 let held = self.take(Kind::Volume, &v.0.pool, &v.0.key, &shown)?;
-                let rec = lock(&self.volumes)
-                    .get(&shown)
-                    .cloned()
+                let rec = self
+                    .volume(v)
                     .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
                 Ok(SourceData {
                     path: pool.data_path(Kind::Volume, &v.0.key),
@@ -746,12 +784,7 @@ impl LocalEngine {
         let shown = id.to_string();
         let _held = self.take(Kind::Volume, &id.0.pool, &id.0.key, &shown)?;
         let data = pool.data_path(Kind::Volume, &id.0.key);
-        if let Some(dev) = self.attached(&data)?.first() {
-            return Err(StorageError::InUse(format!(
-                "volume {shown} is still attached as {}; unstage it before deleting",
-                dev.path.display()
-            )));
-        }
+        self.refuse_in_use(pool, id, &data)?;
         if pool.shared() {
             let (lease, ttl) = Self::lease_at(pool, id);
             if let Err(holder) = self.leases.clear_if_stale(&lease, ttl)? {
@@ -762,7 +795,7 @@ impl LocalEngine {
                 )));
             }
         }
-        let rec = lock(&self.volumes).get(&shown).cloned();
+        let rec = self.volume(id);
         let policy = rec
             .as_ref()
             .and_then(|r| r.delete_policy)
@@ -816,10 +849,10 @@ impl LocalEngine {
 
     /// Where the lease of a volume of a shared pool lives, and how long it lasts unrenewed.
     fn lease_at(pool: &Pool, id: &VolumeId) -> (PathBuf, std::time::Duration) {
-        let path = pool
-            .collection_dir(Kind::Volume)
-            .join(format!("{}.lease", id.0.key.as_str()));
-        (path, std::time::Duration::from_secs(pool.config.lease_seconds))
+        (
+            pool.lease_path(&id.0.key),
+            std::time::Duration::from_secs(pool.config.lease_seconds),
+        )
     }
 
     /// Where the lease of a volume of a shared pool lives (only `image` volumes take one), and how
@@ -827,6 +860,63 @@ impl LocalEngine {
     pub fn shared_lease(&self, id: &VolumeId) -> Option<(PathBuf, std::time::Duration)> {
         let pool = self.locate(&id.0)?;
         pool.shared().then(|| Self::lease_at(pool, id))
+    }
+
+    /// Invariant 1: data that is staged or published is never deleted. Asks the kernel, not our own
+    /// bookkeeping: a loop device attached to an image, a bind mount of a directory or subvolume (or
+    /// of anything below it) on this node, and for shared pools the markers every node leaves on the
+    /// share while it has the volume staged.
+    fn refuse_in_use(&self, pool: &Pool, id: &VolumeId, data: &std::path::Path) -> Result<(), StorageError> {
+        let node = self.node.as_str();
+        if let Some(dev) = self.attached(data)?.first() {
+            return Err(StorageError::InUse(format!(
+                "volume {id} is still attached as {} on node {node}; unpublish and unstage it before deleting",
+                dev.path.display()
+            )));
+        }
+        if files::entry(data)? == files::Entry::Dir {
+            let table = mountinfo::read(std::path::Path::new(mountinfo::SELF))?;
+            let mut at = mountinfo::mounts_of(&table, data);
+            if !at.is_empty() {
+                at.truncate(3);
+                let at: Vec<String> = at.iter().map(|p| p.display().to_string()).collect();
+                return Err(StorageError::InUse(format!(
+                    "volume {id} is mounted at {} on node {node}; unpublish and unstage it before deleting",
+                    at.join(", ")
+                )));
+            }
+        }
+        if pool.shared() {
+            let nodes = staged_marks(pool, &id.0.key)?;
+            if !nodes.is_empty() {
+                return Err(StorageError::InUse(format!(
+                    "volume {id} is staged on node {}; unstage it there before deleting (a node that is gone \
+                     for good leaves {} behind: remove it by hand once no pod uses the volume)",
+                    nodes.join(", "),
+                    pool.staged_dir(&id.0.key).display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks a directory volume of a shared pool as staged on this node (before its mount), or
+    /// clears the mark (after its unmount): what DeleteVolume on any controller replica consults.
+    pub fn mark_staged(&self, id: &VolumeId, staged: bool) -> Result<(), StorageError> {
+        let Some(pool) = self.locate(&id.0).filter(|p| p.shared()) else {
+            return Ok(());
+        };
+        let dir = pool.staged_dir(&id.0.key);
+        let mark = dir.join(self.node.as_str());
+        if staged {
+            files::ensure_dir(&dir, 0o700)?;
+            files::write_atomic(&mark, b"", files::Durability::PowerLoss)?;
+        } else {
+            files::remove_file_if_exists(&mark)?;
+            // The directory goes when the last node's mark does; another node's new mark keeps it.
+            let _ = std::fs::remove_dir(&dir);
+        }
+        Ok(())
     }
 
     /// Loop devices attached to an image's file (none for other layouts).
@@ -893,6 +983,16 @@ impl LocalEngine {
         let shown = id.to_string();
         let (pool, _held, mut rec) = self.for_change(id)?;
         let node_step = rec.layout == Layout::Image;
+        if range.required == 0 {
+            // Only a limit: the volume already is what it will be, if the limit admits it.
+            if range.admits(rec.capacity_bytes) {
+                return Ok((rec, node_step));
+            }
+            return Err(StorageError::OutOfRange(format!(
+                "volume {shown} has {} bytes, above the limit of {}; volumes cannot shrink",
+                rec.capacity_bytes, range.limit
+            )));
+        }
         let wanted = range.choose()?;
         if wanted <= rec.capacity_bytes {
             if wanted == rec.capacity_bytes || range.admits(rec.capacity_bytes) {
@@ -903,15 +1003,23 @@ impl LocalEngine {
                 rec.capacity_bytes
             )));
         }
-        if rec.layout == Layout::Image {
-            let room = self.room(pool, Layout::Image)?;
-            let more = wanted - rec.capacity_bytes;
-            if more > room {
-                return Err(StorageError::Exhausted(format!(
-                    "pool '{}' can give {room} more bytes to image volumes; growing {shown} needs {more}",
-                    id.0.pool.as_str()
-                )));
-            }
+        // Invariant 3: every size change is checked against the pool and the room left in it.
+        let u = usage(pool)?;
+        if wanted > u.total_bytes {
+            return Err(StorageError::OutOfRange(format!(
+                "volume {shown} cannot grow to {wanted} bytes: pool '{}' holds {} bytes in all",
+                id.0.pool.as_str(),
+                u.total_bytes
+            )));
+        }
+        let room = self.room(pool, rec.layout)?;
+        let more = wanted - rec.capacity_bytes;
+        if more > room {
+            return Err(StorageError::Exhausted(format!(
+                "pool '{}' can give {room} more bytes to {} volumes; growing {shown} to {wanted} needs {more}",
+                id.0.pool.as_str(),
+                rec.layout.as_str()
+            )));
         }
         layout::set_capacity(rec.layout, &pool.data_path(Kind::Volume, &id.0.key), wanted)?;
         crash::point("expand:before-record");
@@ -952,18 +1060,105 @@ impl LocalEngine {
         self.save(pool, id, &rec)
     }
 
+    /// A volume's record. Records of shared pools are read from the share every time (any number of
+    /// controller replicas and nodes change them); the cache follows what was read.
     pub fn volume(&self, id: &VolumeId) -> Option<VolumeRecord> {
-        if self.role == Role::Node && id.0.node().is_none() {
-            // The controller creates and deletes shared volumes: a node reads their records afresh.
-            let pool = self.locate(&id.0)?;
-            return record::load::<VolumeRecord>(&pool.record_path(Kind::Volume, &id.0.key))
-                .ok()
-                .flatten();
+        self.read_through(
+            &self.volumes,
+            Kind::Volume,
+            &id.0,
+            &id.to_string(),
+            |r: &VolumeRecord| &r.id,
+            |old, new| {
+                let mut names = lock(&self.names);
+                if let Some(gone) = old {
+                    names.remove(&gone.name);
+                }
+                if let Some(r) = new {
+                    names.insert(r.name.clone(), r.id.clone());
+                }
+            },
+        )
+    }
+
+    /// One record from the cache, or (shared pools) from the share, the cache following what was
+    /// read; `changed` sees the cached record replaced. A share that cannot be read does not make its
+    /// objects deleted: the cache answers.
+    fn read_through<T: Clone + for<'de> serde::Deserialize<'de>>(
+        &self,
+        cache: &Mutex<BTreeMap<String, T>>,
+        kind: Kind,
+        id: &ObjectId,
+        shown: &str,
+        id_of: impl Fn(&T) -> &String,
+        changed: impl FnOnce(Option<&T>, Option<&T>),
+    ) -> Option<T> {
+        let pool = self.locate(id)?;
+        if !pool.shared() {
+            return lock(cache).get(shown).cloned();
         }
-        lock(&self.volumes).get(&id.to_string()).cloned()
+        let read = match record::load::<T>(&pool.record_path(kind, &id.key)) {
+            Ok(r) => r.filter(|r| id_of(r) == shown),
+            Err(_) => return lock(cache).get(shown).cloned(),
+        };
+        let mut c = lock(cache);
+        let old = match &read {
+            Some(r) => c.insert(shown.to_string(), r.clone()),
+            None => c.remove(shown),
+        };
+        changed(old.as_ref(), read.as_ref());
+        read
+    }
+
+    fn is_shared_id(&self, id: &str) -> bool {
+        VolumeId::parse(id).is_ok_and(|v| v.0.node().is_none())
+    }
+
+    /// Reads the records of every shared pool afresh into the cache (listings, names not seen here).
+    fn refresh_shared(&self) {
+        for pool in self.pools.values().filter(|p| p.shared()) {
+            let prefix = self.id_prefix(pool);
+            // Bounded in time: a share whose server is gone keeps what was last read.
+            let (vdir, sdir) = (pool.collection_dir(Kind::Volume), pool.collection_dir(Kind::Snapshot));
+            let read = crate::sys::share::within(
+                crate::sys::share::SHARE_TIMEOUT,
+                "read records",
+                pool.root(),
+                move || {
+                    Ok((
+                        read_records::<VolumeRecord>(&vdir)?,
+                        read_records::<SnapshotRecord>(&sdir)?,
+                    ))
+                },
+            );
+            let Ok((vols, snaps)) = read else { continue };
+            let vols: BTreeMap<String, VolumeRecord> = vols.into_iter().map(|r| (r.id.clone(), r)).collect();
+            let snaps: BTreeMap<String, SnapshotRecord> = snaps.into_iter().map(|r| (r.id.clone(), r)).collect();
+            let mut cache = lock(&self.volumes);
+            let mut names = lock(&self.names);
+            let stale: Vec<String> = cache
+                .range(prefix.clone()..)
+                .take_while(|(id, _)| id.starts_with(&prefix))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in stale {
+                if let Some(r) = cache.remove(&id) {
+                    names.remove(&r.name);
+                }
+            }
+            for (id, r) in vols {
+                names.insert(r.name.clone(), id.clone());
+                cache.insert(id, r);
+            }
+            drop((cache, names));
+            let mut cache = lock(&self.snapshots);
+            cache.retain(|id, _| !id.starts_with(&prefix));
+            cache.extend(snaps);
+        }
     }
 
     pub fn volumes(&self) -> Vec<VolumeRecord> {
+        self.refresh_shared();
         lock(&self.volumes).values().cloned().collect()
     }
 
@@ -984,20 +1179,29 @@ impl LocalEngine {
 
     /// The volume created under a CSI name, in any pool.
     pub fn volume_named(&self, name: &str) -> Option<VolumeRecord> {
+        let cached = lock(&self.names).get(name).cloned();
+        let found = |id: &str| {
+            let id = VolumeId::parse(id).ok()?;
+            self.volume(&id).filter(|r| r.name == name)
+        };
+        if let Some(r) = cached.as_deref().and_then(found) {
+            return Some(r);
+        }
+        // Not known here (or gone): another replica may have made it on a share.
+        self.refresh_shared();
         let id = lock(&self.names).get(name).cloned()?;
-        lock(&self.volumes).get(&id).cloned()
+        found(&id)
     }
 
     pub fn snapshot_named(&self, name: &str) -> Option<SnapshotRecord> {
         let key = Key::from_name(name);
-        let snaps = lock(&self.snapshots);
         self.pools.keys().find_map(|p| {
             let id = SnapshotId(ObjectId {
                 location: self.location_of(p),
                 pool: p.clone(),
                 key: key.clone(),
             });
-            snaps.get(&id.to_string()).filter(|r| r.name == name).cloned()
+            self.snapshot(&id).filter(|r| r.name == name)
         })
     }
 
@@ -1018,16 +1222,47 @@ impl LocalEngine {
                 message: format!("volume {id} has no record on node {}", self.node.as_str()),
             };
         };
-        match layout::fault(rec.layout, &data) {
-            Some(message) => Condition {
+        if let Some(message) = layout::fault(rec.layout, &data) {
+            return Condition {
                 abnormal: true,
                 message,
-            },
-            None => Condition {
-                abnormal: false,
-                message: "volume data is present".into(),
-            },
+            };
         }
+        if rec.layout == Layout::Dir {
+            let held = self.dir_bytes(id, &data, rec.capacity_bytes);
+            if held > rec.capacity_bytes {
+                return Condition {
+                    abnormal: true,
+                    message: format!(
+                        "volume {id} holds {held} bytes, capacity {}; dir volumes do not enforce capacity \
+                         (use layout btrfs or image for a hard limit)",
+                        rec.capacity_bytes
+                    ),
+                };
+            }
+        }
+        Condition {
+            abnormal: false,
+            message: "volume data is present".into(),
+        }
+    }
+
+    /// Bytes a dir volume holds, counted at most every `DIR_USAGE_TTL` per volume (a walk of the
+    /// whole tree) and only until it passes the capacity.
+    fn dir_bytes(&self, id: &VolumeId, data: &std::path::Path, capacity: u64) -> u64 {
+        let key = id.to_string();
+        if let Some((at, bytes)) = lock(&self.dir_usage).get(&key) {
+            if at.elapsed() < DIR_USAGE_TTL {
+                return *bytes;
+            }
+        }
+        let bytes = layout::allocated_tree_upto(data, capacity.saturating_add(1));
+        let mut cache = lock(&self.dir_usage);
+        if cache.len() > 100_000 {
+            cache.clear(); // bounded: a cache, not a record
+        }
+        cache.insert(key, (std::time::Instant::now(), bytes));
+        bytes
     }
 
     /// Snapshots a volume; `freeze` makes the snapshot of a mounted image filesystem-consistent.
@@ -1043,9 +1278,9 @@ impl LocalEngine {
             key: key.clone(),
         });
         let _held = self.take(Kind::Snapshot, &source.0.pool, &key, &id.to_string())?;
-        if let Some(existing) = lock(&self.snapshots).get(&id.to_string()) {
+        if let Some(existing) = self.snapshot(&id) {
             if existing.source_volume_id == shown_src {
-                return Ok(existing.clone());
+                return Ok(existing);
             }
             return Err(StorageError::Conflict(format!(
                 "snapshot '{name}' already exists for volume {}, not {shown_src}",
@@ -1083,11 +1318,20 @@ impl LocalEngine {
         Ok(())
     }
 
+    /// A snapshot's record, read from the share for shared pools (as `volume`).
     pub fn snapshot(&self, id: &SnapshotId) -> Option<SnapshotRecord> {
-        lock(&self.snapshots).get(&id.to_string()).cloned()
+        self.read_through(
+            &self.snapshots,
+            Kind::Snapshot,
+            &id.0,
+            &id.to_string(),
+            |r| &r.id,
+            |_, _| {},
+        )
     }
 
     pub fn snapshots(&self) -> Vec<SnapshotRecord> {
+        self.refresh_shared();
         lock(&self.snapshots).values().cloned().collect()
     }
 
@@ -1160,6 +1404,61 @@ fn same_volume(
     Ok(())
 }
 
+/// The filesystem a copy of the image at `src` has: its source's. A request that names another one
+/// is refused (the copy would never mount as what its record says).
+fn copy_fs_type(src: &std::path::Path, asked: &str) -> Result<String, StorageError> {
+    let found = crate::sys::fstools::probe(src)?.ok_or_else(|| {
+        StorageError::Unsupported(format!(
+            "the source image {} holds no ext4 or xfs filesystem to copy",
+            src.display()
+        ))
+    })?;
+    if !asked.is_empty() && asked != found.as_str() {
+        return Err(StorageError::Unsupported(format!(
+            "a copy keeps its source's filesystem: the source is {found}, the request asks for '{asked}' \
+             (leave fsType unset, or set it to {found})"
+        )));
+    }
+    Ok(found.as_str().to_string())
+}
+
+/// Every record in a pool's collection directory (records that do not parse are skipped; the
+/// report names them).
+fn read_records<T: for<'de> serde::Deserialize<'de>>(dir: &std::path::Path) -> Result<Vec<T>, crate::sys::SysError> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| crate::sys::SysError::io("read directory", dir, e))? {
+        let e = e.map_err(|e| crate::sys::SysError::io("read directory", dir, e))?;
+        let name = e.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+            continue;
+        };
+        if Key::parse(stem).is_err() || !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        if let Ok(Some(r)) = record::load::<T>(&e.path()) {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// The nodes that hold a directory volume of a shared pool staged, from their marks on the share.
+fn staged_marks(pool: &Pool, key: &Key) -> Result<Vec<String>, StorageError> {
+    let dir = pool.staged_dir(key);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(crate::sys::SysError::io("read directory", &dir, e).into()),
+    };
+    let mut nodes: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    nodes.sort();
+    Ok(nodes)
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -1201,6 +1500,7 @@ impl LocalEngine {
             )));
         }
         let root = p.root().to_path_buf();
+        let shown = rel.display().to_string();
         let rel = rel.to_path_buf();
         crate::sys::share::within(
             crate::sys::share::SHARE_TIMEOUT,
@@ -1211,6 +1511,13 @@ impl LocalEngine {
         .map_err(|e| {
             if e.is_not_found() {
                 StorageError::VolumeNotFound(format!("static:{}:{}", pool.as_str(), e))
+            } else if matches!(e.errno(), Some(libc::ELOOP) | Some(libc::ENOTDIR) | Some(libc::EINVAL)) {
+                StorageError::Unsupported(format!(
+                    "static volume path '{}' in pool '{}' must name a directory below the pool; symlinks \
+                     are not followed ({e})",
+                    crate::csi::status::bounded(&shown),
+                    pool.as_str()
+                ))
             } else {
                 StorageError::Sys(e)
             }

@@ -58,6 +58,7 @@ pub fn create_empty(
     fs: FsType,
 ) -> Result<u64, StorageError> {
     let data = pool.data_path(Kind::Volume, key);
+    clear_leftover(pool, Kind::Volume, key)?;
     match layout {
         Layout::Dir => {
             files::ensure_dir(&data, 0o777)?;
@@ -65,16 +66,7 @@ pub fn create_empty(
             Ok(0)
         }
         Layout::Btrfs => {
-            if !btrfs::is_subvolume(&data).unwrap_or(false) {
-                if files::entry(&data)? != files::Entry::Missing {
-                    // A plain directory or file in the way (never made by us): refuse, do not remove.
-                    return Err(StorageError::Conflict(format!(
-                        "{} exists and is not a subvolume",
-                        data.display()
-                    )));
-                }
-                btrfs::create_subvolume(&data)?;
-            }
+            btrfs::create_subvolume(&data)?;
             open_to_all(&data)?;
             btrfs::set_limit(&data, capacity)?;
             // A new subvolume is on disk only after the next transaction commit; the record that
@@ -83,9 +75,6 @@ pub fn create_empty(
             Ok(0)
         }
         Layout::Image => {
-            if files::entry(&data)? == files::Entry::File {
-                return Ok(capacity); // a whole image already in place (crash after the rename)
-            }
             let work = pool.work_path(Kind::Volume, key);
             files::remove_tree(&work)?;
             let f = std::fs::OpenOptions::new()
@@ -96,7 +85,10 @@ pub fn create_empty(
             f.set_len(capacity).map_err(|e| SysError::io("size image", &work, e))?;
             drop(f);
             if mode == VolumeMode::Filesystem {
-                fstools::mkfs(fs, &work)?;
+                if let Err(e) = fstools::mkfs(fs, &work) {
+                    let _ = files::remove_tree(&work); // nothing is left in `.work` for the retry to trip on
+                    return Err(e.into());
+                }
             }
             crash::point("image:before-rename");
             std::fs::rename(&work, &data).map_err(|e| SysError::io("rename", &data, e))?;
@@ -119,18 +111,13 @@ pub fn create_copy(
     freeze: bool,
 ) -> Result<(), StorageError> {
     let data = pool.data_path(kind, key);
+    clear_leftover(pool, kind, key)?;
     match layout {
         Layout::Btrfs => {
-            if btrfs::is_subvolume(&data).unwrap_or(false) {
-                return Ok(());
-            }
             btrfs::snapshot(src, &data, !writable)?;
             Ok(())
         }
         Layout::Dir | Layout::Image => {
-            if files::entry(&data)? != files::Entry::Missing {
-                return Ok(()); // a whole copy already in place (crash after the rename)
-            }
             let work = pool.work_path(kind, key);
             files::remove_tree(&work)?;
             // The record written after this claims the copy: it must be on disk before the rename.
@@ -146,6 +133,27 @@ pub fn create_copy(
             Ok(())
         }
     }
+}
+
+/// Invariant 2: a record names exactly the data it was made for. Data at an object's place with no
+/// record is what a failed or crashed call left; nothing proves which request made it (a retry of
+/// the same name may name another source), so it is removed and the object made anew, never adopted.
+/// Callers hold the object's lock and have checked that it has no record.
+pub fn clear_leftover(pool: &Pool, kind: Kind, key: &Key) -> Result<(), StorageError> {
+    let data = pool.data_path(kind, key);
+    match files::entry(&data)? {
+        files::Entry::Missing => return Ok(()),
+        files::Entry::Dir if btrfs::is_subvolume(&data).unwrap_or(false) => btrfs::delete_subvolume(&data)?,
+        _ => {
+            let trashed = pool
+                .trash_dir()
+                .join(format!("leftover-{}-{}", key.as_str(), uuid::Uuid::new_v4().simple()));
+            std::fs::rename(&data, &trashed).map_err(|e| SysError::io("rename", &data, e))?;
+            purge(&trashed)?;
+        }
+    }
+    tracing::info!(path = %data.display(), "removed data a failed call left without a record");
+    Ok(())
 }
 
 /// Gives a new volume its capacity after a copy: the image grows (its filesystem grows at the next
@@ -226,6 +234,27 @@ pub fn allocated_tree(path: &Path) -> u64 {
     }
     let children = std::fs::read_dir(path).into_iter().flatten().flatten();
     own + children.map(|e| allocated_tree(&e.path())).sum::<u64>()
+}
+
+/// Allocated bytes of the tree at `path`, counted until they reach `stop` (a walk can be long; the
+/// caller only needs to know whether a bound is passed). Symlinks are not followed; subvolumes and
+/// mounts below are counted as files of the tree.
+pub fn allocated_tree_upto(path: &Path, stop: u64) -> u64 {
+    let mut total = 0u64;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        total = total.saturating_add(allocated(&p));
+        if total >= stop {
+            return total;
+        }
+        if meta.is_dir() {
+            stack.extend(std::fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()));
+        }
+    }
+    total
 }
 
 /// Every filesystem mounted from a loop device of `image`, frozen for as long as this lives, so a

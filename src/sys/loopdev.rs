@@ -318,8 +318,13 @@ fn attachments_in(sys_block: &Path) -> Result<Vec<Attachment>, SysError> {
         let file = entry.path().join("loop").join("backing_file");
         let bytes = match fs::read(&file) {
             Ok(b) => b,
-            // Not bound, or detached while we looked.
-            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound) || e.raw_os_error() == Some(libc::ENXIO) => continue,
+            // Not bound, or detached (or removed) by someone else while we looked.
+            Err(e)
+                if matches!(e.kind(), io::ErrorKind::NotFound)
+                    || matches!(e.raw_os_error(), Some(libc::ENXIO) | Some(libc::ENODEV)) =>
+            {
+                continue
+            }
             Err(e) => return Err(SysError::io("read", &file, e)),
         };
         let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes);

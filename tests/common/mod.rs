@@ -100,12 +100,11 @@ impl Driver {
             .open(self.dir.path().join("driver.log"))
             .expect("log file");
         let mut cmd = Command::new(bin());
-        cmd.arg("all-in-one")
-            .arg("--endpoint")
-            .arg(self.endpoint())
-            .arg("--node-id")
-            .arg(NODE)
-            .arg("--data-dir")
+        cmd.arg("all-in-one").arg("--endpoint").arg(self.endpoint());
+        if !self.extra_args.iter().any(|a| a == "--node-id") {
+            cmd.arg("--node-id").arg(NODE);
+        }
+        cmd.arg("--data-dir")
             .arg(self.data_dir())
             .args(&self.extra_args)
             .env("CELLAR_LOG", "info")
