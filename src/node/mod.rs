@@ -114,6 +114,21 @@ pub fn start_lease_renewer(engine: Arc<LocalEngine>, state: Arc<NodeState>) {
 
 /// A path from the CO: absolute and without `.`/`..` parts, so it means exactly what it says.
 fn co_path(field: &str, p: &str) -> Result<PathBuf, Status> {
+    let path = plain_path(field, p)?;
+    if !path.is_absolute()
+        || path
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(invalid(format!(
+            "{field} '{p}' must be an absolute path without '.' or '..' parts"
+        )));
+    }
+    Ok(path)
+}
+
+/// A path field that is present, NUL-free and at most PATH_MAX long (what any path must be).
+fn plain_path(field: &str, p: &str) -> Result<PathBuf, Status> {
     if p.is_empty() {
         return Err(missing(field));
     }
@@ -125,17 +140,7 @@ fn co_path(field: &str, p: &str) -> Result<PathBuf, Status> {
             crate::csi::status::bounded(&p[..p.len().min(64)].replace('\0', "\\0"))
         )));
     }
-    let path = PathBuf::from(p);
-    if !path.is_absolute()
-        || path
-            .components()
-            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
-    {
-        return Err(invalid(format!(
-            "{field} '{p}' must be an absolute path without '.' or '..' parts"
-        )));
-    }
-    Ok(path)
+    Ok(PathBuf::from(p))
 }
 
 impl NodeService {
@@ -736,8 +741,7 @@ impl NodeService {
         if r.volume_id.is_empty() {
             return Err(missing("volume_id"));
         }
-        let path = co_path("volume_path", &r.volume_path)?;
-        self.require_ours(&r.volume_id, &path)?;
+        let path = plain_path("volume_path", &r.volume_path)?;
         let shared = match self.share_view(&r.volume_id, &path) {
             Ok(v) => v,
             // Nothing can be measured; kubelet shows the condition on the pod's events.
@@ -755,8 +759,18 @@ impl NodeService {
         if !path.is_absolute() || files::entry(&path)? == Entry::Missing {
             return Err(Status::not_found(format!(
                 "volume path {} does not exist",
-                r.volume_path
+                crate::csi::status::bounded(&r.volume_path)
             )));
+        }
+        if let Err(e) = self.require_ours(&r.volume_id, &path) {
+            // No figures of whatever filesystem is at a path that is not the volume's.
+            return Ok(NodeGetVolumeStatsResponse {
+                usage: vec![],
+                volume_condition: Some(VolumeCondition {
+                    abnormal: true,
+                    message: e.message().to_string(),
+                }),
+            });
         }
         let usage = |unit: volume_usage::Unit, total: u64, avail: u64, used: u64| VolumeUsage {
             available: avail as i64,
@@ -877,7 +891,7 @@ impl NodeService {
         if r.volume_path.is_empty() {
             return Err(missing("volume_path"));
         }
-        let path = co_path("volume_path", &r.volume_path)?;
+        let path = plain_path("volume_path", &r.volume_path)?;
         let (rec, data) = self.volume(&r.volume_id)?;
         self.require_ours(&r.volume_id, &path)?;
         if files::entry(&path)? == Entry::Missing {
