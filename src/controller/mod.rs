@@ -147,7 +147,7 @@ fn room_for(pools: &[crate::storage::engine::PoolStatus], spec: &NewVolume) -> O
     if !p.layouts.contains(&layout) {
         return None;
     }
-    Some(if layout == crate::storage::record::Layout::Image {
+    Some(if crate::storage::layout::of(layout).reserves_capacity() {
         p.image_allocatable_bytes
     } else {
         p.available_bytes
@@ -157,13 +157,13 @@ fn room_for(pools: &[crate::storage::engine::PoolStatus], spec: &NewVolume) -> O
 /// Whether a volume (its record; `None` for a static volume) can serve a capability: local pools
 /// serve one node, image volumes one node at a time, shared directories every mode.
 fn serves(rec: Option<&VolumeRecord>, c: &caps::Capability) -> bool {
-    use crate::storage::record::{Layout, VolumeMode};
+    use crate::storage::record::VolumeMode;
     let multi_node =
         !c.access.served_by_local_pool() || c.access == crate::storage::record::AccessMode::MultiNodeReaderOnly;
     match rec {
         None => c.mode == VolumeMode::Filesystem,
         Some(r) if r.mode != c.mode => false,
-        Some(r) if r.id.starts_with("shared:") => !(multi_node && r.layout == Layout::Image),
+        Some(r) if r.id.starts_with("shared:") => !(multi_node && crate::storage::layout::of(r.layout).single_node()),
         Some(_) => c.access.served_by_local_pool(),
     }
 }
@@ -729,9 +729,8 @@ impl Controller for ControllerService {
                     };
                     let layout = params.layout.unwrap_or(p.default_layout);
                     let layout_ok =
-                        p.layouts.contains(&layout) && !(multi_node && layout == crate::storage::record::Layout::Image);
-                    let image = layout == crate::storage::record::Layout::Image;
-                    let room = if image {
+                        p.layouts.contains(&layout) && !(multi_node && crate::storage::layout::of(layout).single_node());
+                    let room = if crate::storage::layout::of(layout).reserves_capacity() {
                         p.image_allocatable_bytes
                     } else {
                         p.available_bytes

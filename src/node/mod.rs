@@ -24,7 +24,7 @@ use crate::sys::files::{self, Entry};
 use crate::sys::fstools::{self, FsType};
 use crate::sys::mount::{BindFlags, Mounter};
 use crate::sys::statfs;
-use crate::sys::{btrfs, loopdev, share};
+use crate::sys::{loopdev, share};
 use state::{NodeState, Published, Staged};
 
 /// statfs of a shared volume's share and of its mount, taken once per NodeGetVolumeStats.
@@ -389,7 +389,7 @@ impl NodeService {
                 )));
             }
         }
-        if rec.layout != Layout::Image {
+        if crate::storage::layout::of(rec.layout).is_tree() {
             // Pinning the directory first means a symlink planted in its place is refused, not followed.
             let pinned = match &static_id {
                 Some(sid) => self.engine.static_dir(&sid.pool, &sid.path.join(&attrs.subdir))?,
@@ -643,7 +643,7 @@ impl NodeService {
     fn staging_alive(&self, volume_id: &str, rec: &VolumeRecord, data: &Path, staging: &Path) -> Result<bool, Status> {
         match self.mounter.is_mountpoint(staging) {
             Ok(m) => Ok(m),
-            Err(e) if share::is_stale(&e) && rec.layout != Layout::Image => {
+            Err(e) if share::is_stale(&e) && crate::storage::layout::of(rec.layout).is_tree() => {
                 tracing::warn!(volume = volume_id, error = %e, "staging mount stale; binding it again");
                 self.ensure_share(volume_id)?;
                 self.mounter.detach(staging)?;
@@ -792,7 +792,8 @@ impl NodeService {
         };
         let mut condition = condition;
         let root = shared.as_ref().and_then(|v| v.root);
-        if let (Some(c), Some(whole), Layout::Dir) = (&mut condition, root, rec.layout) {
+        let unenforced = !crate::storage::layout::of(rec.layout).enforces_capacity();
+        if let (Some(c), Some(whole), true) = (&mut condition, root, unenforced) {
             // A share that enforces directory quotas (CephFS, Weka, NFS with project quotas) shows
             // the directory's own size; otherwise statfs gives the whole share: say which it is.
             // (Sizes only: free space moves between the two calls.)
@@ -804,12 +805,10 @@ impl NodeService {
                 };
             }
         }
-        let bytes = if rec.layout == Layout::Btrfs {
-            // statfs shows the whole pool; the qgroup holds the volume's own figures.
-            let q = btrfs::usage(&data)?;
-            let limit = q.max_referenced.unwrap_or(rec.capacity_bytes);
-            let avail = limit.saturating_sub(q.referenced).min(u.available_bytes);
-            usage(volume_usage::Unit::Bytes, limit, avail, q.referenced)
+        let own = crate::storage::layout::of(rec.layout).own_usage(&data, rec.capacity_bytes)?;
+        let bytes = if let Some((limit, used)) = own {
+            let avail = limit.saturating_sub(used).min(u.available_bytes);
+            usage(volume_usage::Unit::Bytes, limit, avail, used)
         } else {
             usage(
                 volume_usage::Unit::Bytes,
@@ -853,7 +852,10 @@ impl NodeService {
             )));
         }
         let m = self.state.get(raw);
-        if rec.layout == Layout::Image && m.staged.is_some() && loopdev::find_by_backing(data)?.is_empty() {
+        if !crate::storage::layout::of(rec.layout).is_tree()
+            && m.staged.is_some()
+            && loopdev::find_by_backing(data)?.is_empty()
+        {
             return Ok(abnormal(format!("the loop device of {} is gone", data.display())));
         }
         if rec.mode == VolumeMode::Filesystem {
@@ -900,8 +902,8 @@ impl NodeService {
                 path.display()
             )));
         }
-        if rec.layout != Layout::Image {
-            // dir and btrfs volumes have no filesystem of their own to grow.
+        if !crate::storage::layout::of(rec.layout).has_filesystem() {
+            // Tree layouts (dir, btrfs) have no filesystem of their own to grow.
             return Ok(NodeExpandVolumeResponse {
                 capacity_bytes: rec.capacity_bytes as i64,
             });

@@ -382,19 +382,19 @@ impl LocalEngine {
             None => {
                 let fs = FsType::parse(&p.fs_type).unwrap_or(pool.config.fs_type);
                 let made = layout::create_empty(pool, &p.key, p.layout, p.capacity, req.mode, fs)?;
-                if p.layout != Layout::Image {
+                if layout::of(p.layout).is_tree() {
                     set_owner(&data, req.owner)?;
                 }
-                made
+                made.fs_bytes
             }
             Some(src) => {
                 let from = self.source_data(src)?;
                 same_kind(p.layout, req.mode, p.capacity, from.layout, from.mode, from.size)?;
-                if p.layout == Layout::Image && req.mode == VolumeMode::Filesystem {
+                if layout::of(p.layout).has_filesystem() && req.mode == VolumeMode::Filesystem {
                     p.fs_type = copy_fs_type(&from.path, &req.fs_type)?;
                 }
                 layout::create_copy(pool, Kind::Volume, &p.key, p.layout, &from.path, true, false)?;
-                layout::set_capacity(p.layout, &data, p.capacity)?;
+                layout::of(p.layout).set_capacity(&data, p.capacity)?;
                 from.fs_bytes
             }
         };
@@ -407,6 +407,7 @@ impl LocalEngine {
         let pool_name = req.pool.clone().unwrap_or_else(|| self.default_pool.clone());
         let pool = self.pool(&pool_name)?;
         let layout = req.layout.unwrap_or(pool.config.default_layout);
+        let ops = layout::of(layout);
         if !pool.config.layouts.contains(&layout) {
             return Err(StorageError::LayoutNotAllowed {
                 layout: layout.as_str().into(),
@@ -429,9 +430,10 @@ impl LocalEngine {
                         | AccessMode::MultiNodeMultiWriter
                 )
             };
-            if let Some(m) = req.access_modes.iter().find(multi).filter(|_| layout == Layout::Image) {
+            if let Some(m) = req.access_modes.iter().find(multi).filter(|_| ops.single_node()) {
                 return Err(StorageError::Unsupported(format!(
-                    "access mode {m:?} needs layout 'dir': an image volume is attached on one node at a time"
+                    "access mode {m:?} needs layout 'dir': a volume of layout '{}' is used on one node at a time",
+                    layout.as_str()
                 )));
             }
         } else if let Some(m) = req.access_modes.iter().find(|m| !m.served_by_local_pool()) {
@@ -440,14 +442,14 @@ impl LocalEngine {
                 pool_name.as_str()
             )));
         }
-        if req.mode == VolumeMode::Block && layout != Layout::Image {
+        if req.mode == VolumeMode::Block && !ops.serves_block() {
             return Err(StorageError::Unsupported(format!(
                 "volume mode Block needs layout 'image'; layout '{}' serves Filesystem volumes only",
                 layout.as_str()
             )));
         }
-        let fs_type = match (layout, req.mode) {
-            (Layout::Image, VolumeMode::Filesystem) => {
+        let fs_type = match (ops.has_filesystem(), req.mode) {
+            (true, VolumeMode::Filesystem) => {
                 let fs = if req.fs_type.is_empty() {
                     pool.config.fs_type
                 } else {
@@ -460,17 +462,17 @@ impl LocalEngine {
                 };
                 fs.as_str().to_string()
             }
-            (Layout::Image, VolumeMode::Block) => String::new(),
+            (true, VolumeMode::Block) => String::new(),
             _ => req.fs_type.clone(),
         };
-        if req.mutable.compression.is_some() && layout != Layout::Btrfs {
+        if req.mutable.compression.is_some() && !ops.compresses() {
             return Err(StorageError::Unsupported(format!(
                 "compression applies to btrfs volumes; this volume's layout is '{}'",
                 layout.as_str()
             )));
         }
         let mut capacity = req.capacity.choose()?;
-        if let Some(fs) = FsType::parse(&fs_type).filter(|_| layout == Layout::Image && req.source.is_none()) {
+        if let Some(fs) = FsType::parse(&fs_type).filter(|_| ops.has_filesystem() && req.source.is_none()) {
             // A filesystem has a smallest size: round up to it within the limit, never past it.
             let min = fs.min_bytes();
             if capacity < min {
@@ -620,7 +622,7 @@ impl LocalEngine {
             files::sync_dir(&p.pool.collection_dir(Kind::Volume))?;
             tracing::info!(volume = %p.id, "import from another node checked and in place");
         }
-        if p.layout == Layout::Image && req.mode == VolumeMode::Filesystem {
+        if layout::of(p.layout).has_filesystem() && req.mode == VolumeMode::Filesystem {
             match copy_fs_type(&data, &req.fs_type) {
                 Ok(fs) => p.fs_type = fs,
                 Err(e) => {
@@ -629,7 +631,7 @@ impl LocalEngine {
                 }
             }
         }
-        layout::set_capacity(p.layout, &data, p.capacity)?;
+        layout::of(p.layout).set_capacity(&data, p.capacity)?;
         self.record_new(p, &req, header.fs_bytes)
     }
 
@@ -649,16 +651,15 @@ impl LocalEngine {
         let Source::Volume(v) = src else {
             return transfer::export(header, &from.path, send);
         };
-        if from.layout != Layout::Btrfs {
-            return transfer::export(header, &from.path, send);
-        }
         let pool = self
             .locate(&v.0)
             .ok_or_else(|| StorageError::VolumeNotFound(v.to_string()))?;
-        let frozen = pool
+        let at = pool
             .work_dir()
             .join(format!("export-{}-{}", v.0.key.as_str(), uuid::Uuid::new_v4().simple()));
-        btrfs::snapshot(&from.path, &frozen, true)?;
+        let Some(frozen) = layout::of(from.layout).frozen_view(&from.path, &at)? else {
+            return transfer::export(header, &from.path, send);
+        };
         let sent = transfer::export(header, &frozen, send);
         if let Err(e) = layout::purge(&frozen) {
             tracing::warn!(path = %frozen.display(), error = %e, "could not drop the snapshot taken for an export; the next start clears it");
@@ -702,7 +703,7 @@ impl LocalEngine {
     /// their capacity, so what existing images have not yet allocated is held back for them.
     fn room(&self, pool: &Pool, layout: Layout) -> Result<u64, StorageError> {
         let avail = usage(pool)?.available_bytes;
-        if layout != Layout::Image {
+        if !layout::of(layout).reserves_capacity() {
             return Ok(avail);
         }
         if pool.shared() {
@@ -724,13 +725,10 @@ impl LocalEngine {
         lock(&self.volumes)
             .range(prefix.clone()..)
             .take_while(|(id, _)| id.starts_with(&prefix))
-            .filter(|(_, r)| r.layout == Layout::Image)
+            .filter(|(_, r)| layout::of(r.layout).reserves_capacity())
             .filter_map(|(id, r)| {
                 let key = VolumeId::parse(id).ok()?.0.key;
-                Some(
-                    r.capacity_bytes
-                        .saturating_sub(layout::allocated(&pool.data_path(Kind::Volume, &key))),
-                )
+                Some(layout::of(r.layout).holds_back(r.capacity_bytes, &pool.data_path(Kind::Volume, &key)))
             })
             .sum()
     }
@@ -982,7 +980,7 @@ impl LocalEngine {
     pub fn expand_volume(&self, id: &VolumeId, range: CapacityRange) -> Result<(VolumeRecord, bool), StorageError> {
         let shown = id.to_string();
         let (pool, _held, mut rec) = self.for_change(id)?;
-        let node_step = rec.layout == Layout::Image;
+        let node_step = layout::of(rec.layout).has_filesystem();
         if range.required == 0 {
             // Only a limit: the volume already is what it will be, if the limit admits it.
             if range.admits(rec.capacity_bytes) {
@@ -1021,7 +1019,7 @@ impl LocalEngine {
                 rec.layout.as_str()
             )));
         }
-        layout::set_capacity(rec.layout, &pool.data_path(Kind::Volume, &id.0.key), wanted)?;
+        layout::of(rec.layout).set_capacity(&pool.data_path(Kind::Volume, &id.0.key), wanted)?;
         crash::point("expand:before-record");
         rec.capacity_bytes = wanted;
         self.save(pool, id, &rec)?;
@@ -1033,7 +1031,7 @@ impl LocalEngine {
         let shown = id.to_string();
         let (pool, _held, mut rec) = self.for_change(id)?;
         if let Some(c) = &m.compression {
-            if rec.layout != Layout::Btrfs {
+            if !layout::of(rec.layout).compresses() {
                 return Err(StorageError::Unsupported(format!(
                     "compression applies to btrfs volumes; volume {shown} has layout '{}'",
                     rec.layout.as_str()
@@ -1228,7 +1226,7 @@ impl LocalEngine {
                 message,
             };
         }
-        if rec.layout == Layout::Dir {
+        if !layout::of(rec.layout).enforces_capacity() {
             let held = self.dir_bytes(id, &data, rec.capacity_bytes);
             if held > rec.capacity_bytes {
                 return Condition {
@@ -1533,6 +1531,6 @@ impl LocalEngine {
     pub fn takes_leases(&self) -> bool {
         self.pools
             .values()
-            .any(|p| p.shared() && p.config.layouts.contains(&Layout::Image))
+            .any(|p| p.shared() && p.config.layouts.iter().any(|l| layout::of(*l).single_node()))
     }
 }

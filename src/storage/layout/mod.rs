@@ -6,14 +6,22 @@
 //! | `btrfs` | a subvolume                    | qgroup limit       | subvolume snapshot (instant)      |
 //! | `image` | a sparse file, ext4/xfs or raw | the file's size    | reflink copy, else sparse copy    |
 //!
-//! Every function leaves either nothing or a whole object at the data path: copies are built in
+//! Every layout leaves either nothing or a whole object at the data path: copies are built in
 //! `.work` and renamed into place; btrfs snapshots are atomic.
+//!
+//! A layout is one file behind [`LayoutOps`] (`dir.rs`, `btrfs.rs`, `image.rs`), registered in
+//! [`of`]: a new layout (zfs, lvm-thin, xfs project quota) is one new file, one line there, and its
+//! name in [`Layout`]. The engine asks the trait, never which layout it holds.
+
+mod btrfs;
+mod dir;
+mod image;
 
 use std::path::Path;
 
 use crate::crash;
 use crate::sys::fstools::{self, FsType};
-use crate::sys::{btrfs, copy, files, loopdev, mountinfo, SysError};
+use crate::sys::{btrfs as sys_btrfs, copy, files, loopdev, mountinfo, SysError};
 
 use super::config::PoolConfig;
 use super::id::Key;
@@ -28,19 +36,110 @@ pub struct PoolFeatures {
     pub btrfs: bool,
 }
 
+/// What making a volume produced beyond its data: the size of the filesystem made inside (image).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Made {
+    pub fs_bytes: u64,
+}
+
+/// Everything the storage engine asks of a layout. Callers hold the object's lock and have checked
+/// that it has no record (a leftover was cleared with [`clear_leftover`]).
+pub trait LayoutOps: Sync {
+    fn layout(&self) -> Layout;
+
+    /// Serves `volumeMode: Block` (a raw device) besides Filesystem.
+    fn serves_block(&self) -> bool {
+        false
+    }
+    /// A volume holds a filesystem of its own (ext4/xfs), made by mkfs and grown by the node.
+    fn has_filesystem(&self) -> bool {
+        false
+    }
+    /// A volume is a directory tree (owner, mode and a walk apply); otherwise a file.
+    fn is_tree(&self) -> bool {
+        true
+    }
+    /// Writes stop at the volume's capacity.
+    fn enforces_capacity(&self) -> bool {
+        true
+    }
+    /// Takes a compression setting (ModifyVolume, StorageClass `compression`).
+    fn compresses(&self) -> bool {
+        false
+    }
+    /// Can be used by one node at a time only, also on a shared pool.
+    fn single_node(&self) -> bool {
+        false
+    }
+    /// Checks that a pool's filesystem can serve this layout and prepares it.
+    fn prepare(&self, _config: &PoolConfig, _on_btrfs: bool) -> Result<(), StorageError> {
+        Ok(())
+    }
+    /// A new volume takes its whole capacity from the pool's room at once (image files may grow
+    /// into all of it), so room held back by existing volumes is not offered to it.
+    fn reserves_capacity(&self) -> bool {
+        false
+    }
+    /// A live volume is read for a copy to another node through a frozen view (a read-only
+    /// snapshot made at `at`), which the caller purges after; `None` reads it in place.
+    fn frozen_view(&self, _data: &Path, _at: &Path) -> Result<Option<std::path::PathBuf>, StorageError> {
+        Ok(None)
+    }
+    /// Bytes of the pool an existing volume of `capacity` may still grow into (room held back from
+    /// new volumes).
+    fn holds_back(&self, _capacity: u64, _data: &Path) -> u64 {
+        0
+    }
+    /// Makes an empty volume at its data path.
+    fn make_empty(
+        &self,
+        pool: &Pool,
+        key: &Key,
+        capacity: u64,
+        mode: VolumeMode,
+        fs: FsType,
+    ) -> Result<Made, StorageError>;
+    /// Makes a volume (or, with `Kind::Snapshot`, a snapshot) from `src`, the data of a volume or
+    /// snapshot of this layout. `freeze` makes the copy of a mounted filesystem consistent.
+    fn make_copy(
+        &self,
+        pool: &Pool,
+        kind: Kind,
+        key: &Key,
+        src: &Path,
+        writable: bool,
+        freeze: bool,
+    ) -> Result<(), StorageError>;
+    /// Gives a volume its capacity (after a copy, or an expand).
+    fn set_capacity(&self, _data: &Path, _capacity: u64) -> Result<(), StorageError> {
+        Ok(())
+    }
+    /// The volume's own usage when the filesystem it lives in cannot tell it (statfs of a btrfs
+    /// subvolume shows the whole pool): `(limit, used)` bytes.
+    fn own_usage(&self, _data: &Path, _capacity: u64) -> Result<Option<(u64, u64)>, StorageError> {
+        Ok(None)
+    }
+    /// Why data of the right kind of entry is still not what this layout makes, if it is not.
+    fn fault(&self, _data: &Path) -> Option<String> {
+        None
+    }
+}
+
+/// The layout's implementation: the one place that knows every layout.
+pub fn of(layout: Layout) -> &'static dyn LayoutOps {
+    match layout {
+        Layout::Dir => &dir::Dir,
+        Layout::Btrfs => &btrfs::Btrfs,
+        Layout::Image => &image::Image,
+    }
+}
+
 /// Checks that the pool's filesystem can serve every layout the pool allows, and prepares it
 /// (btrfs quotas). A pool that cannot is refused with a message saying why.
 pub fn check_pool(config: &PoolConfig) -> Result<PoolFeatures, StorageError> {
-    let is_btrfs = btrfs::is_btrfs(&config.path)?;
-    if config.layouts.contains(&Layout::Btrfs) {
-        if !is_btrfs {
-            return Err(StorageError::PoolUnusable(format!(
-                "pool '{}': layout btrfs needs a btrfs filesystem at {}, which is not btrfs",
-                config.name.as_str(),
-                config.path.display()
-            )));
-        }
-        btrfs::enable_quota(&config.path)?;
+    let is_btrfs = sys_btrfs::is_btrfs(&config.path)?;
+    for l in &config.layouts {
+        of(*l).prepare(config, is_btrfs)?;
     }
     Ok(PoolFeatures {
         reflink: copy::supports_reflink(&config.path),
@@ -48,7 +147,7 @@ pub fn check_pool(config: &PoolConfig) -> Result<PoolFeatures, StorageError> {
     })
 }
 
-/// Makes an empty volume at its data path; returns the size of the filesystem made inside (image).
+/// Makes an empty volume at its data path, in place of whatever a failed call left there.
 pub fn create_empty(
     pool: &Pool,
     key: &Key,
@@ -56,51 +155,13 @@ pub fn create_empty(
     capacity: u64,
     mode: VolumeMode,
     fs: FsType,
-) -> Result<u64, StorageError> {
-    let data = pool.data_path(Kind::Volume, key);
+) -> Result<Made, StorageError> {
     clear_leftover(pool, Kind::Volume, key)?;
-    match layout {
-        Layout::Dir => {
-            files::ensure_dir(&data, 0o777)?;
-            open_to_all(&data)?;
-            Ok(0)
-        }
-        Layout::Btrfs => {
-            btrfs::create_subvolume(&data)?;
-            open_to_all(&data)?;
-            btrfs::set_limit(&data, capacity)?;
-            // A new subvolume is on disk only after the next transaction commit; the record that
-            // follows must not promise a volume a power loss could take back.
-            btrfs::commit(&data)?;
-            Ok(0)
-        }
-        Layout::Image => {
-            let work = pool.work_path(Kind::Volume, key);
-            files::remove_tree(&work)?;
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&work)
-                .map_err(|e| SysError::io("create image", &work, e))?;
-            f.set_len(capacity).map_err(|e| SysError::io("size image", &work, e))?;
-            drop(f);
-            if mode == VolumeMode::Filesystem {
-                if let Err(e) = fstools::mkfs(fs, &work) {
-                    let _ = files::remove_tree(&work); // nothing is left in `.work` for the retry to trip on
-                    return Err(e.into());
-                }
-            }
-            crash::point("image:before-rename");
-            std::fs::rename(&work, &data).map_err(|e| SysError::io("rename", &data, e))?;
-            Ok(if mode == VolumeMode::Filesystem { capacity } else { 0 })
-        }
-    }
+    of(layout).make_empty(pool, key, capacity, mode, fs)
 }
 
-/// Makes a new volume (or, with `Kind::Snapshot`, a snapshot) from `src`, the data of a volume or
-/// snapshot of the same layout. The copy of an image in use is crash-consistent (what a power cut
-/// would leave, which the filesystem's journal recovers); `freeze` makes it filesystem-consistent by
-/// freezing the mounted filesystem around the copy, at the cost of flushing it.
+/// Makes a volume or snapshot from `src` (see [`LayoutOps::make_copy`]), in place of whatever a
+/// failed call left there.
 pub fn create_copy(
     pool: &Pool,
     kind: Kind,
@@ -110,29 +171,25 @@ pub fn create_copy(
     writable: bool,
     freeze: bool,
 ) -> Result<(), StorageError> {
-    let data = pool.data_path(kind, key);
     clear_leftover(pool, kind, key)?;
-    match layout {
-        Layout::Btrfs => {
-            btrfs::snapshot(src, &data, !writable)?;
-            Ok(())
-        }
-        Layout::Dir | Layout::Image => {
-            let work = pool.work_path(kind, key);
-            files::remove_tree(&work)?;
-            // The record written after this claims the copy: it must be on disk before the rename.
-            if layout == Layout::Dir {
-                copy::copy_tree(src, &work)?;
-                copy::sync_filesystem(&pool.work_dir())?;
-            } else {
-                let _frozen = if freeze { Some(Frozen::image(src)?) } else { None };
-                copy::copy_file(src, &work)?; // fsyncs the copy itself
-            }
-            crash::point("copy:before-rename");
-            std::fs::rename(&work, &data).map_err(|e| SysError::io("rename", &data, e))?;
-            Ok(())
-        }
-    }
+    of(layout).make_copy(pool, kind, key, src, writable, freeze)
+}
+
+/// Builds an object in `.work` with `build`, then renames it into place (the copy is whole there
+/// or not at all).
+fn copy_via_work(
+    pool: &Pool,
+    kind: Kind,
+    key: &Key,
+    build: impl FnOnce(&Path) -> Result<(), StorageError>,
+) -> Result<(), StorageError> {
+    let data = pool.data_path(kind, key);
+    let work = pool.work_path(kind, key);
+    files::remove_tree(&work)?;
+    build(&work)?;
+    crash::point("copy:before-rename");
+    std::fs::rename(&work, &data).map_err(|e| SysError::io("rename", &data, e))?;
+    Ok(())
 }
 
 /// Invariant 2: a record names exactly the data it was made for. Data at an object's place with no
@@ -143,7 +200,7 @@ pub fn clear_leftover(pool: &Pool, kind: Kind, key: &Key) -> Result<(), StorageE
     let data = pool.data_path(kind, key);
     match files::entry(&data)? {
         files::Entry::Missing => return Ok(()),
-        files::Entry::Dir if btrfs::is_subvolume(&data).unwrap_or(false) => btrfs::delete_subvolume(&data)?,
+        files::Entry::Dir if sys_btrfs::is_subvolume(&data).unwrap_or(false) => sys_btrfs::delete_subvolume(&data)?,
         _ => {
             let trashed = pool
                 .trash_dir()
@@ -156,35 +213,11 @@ pub fn clear_leftover(pool: &Pool, kind: Kind, key: &Key) -> Result<(), StorageE
     Ok(())
 }
 
-/// Gives a new volume its capacity after a copy: the image grows (its filesystem grows at the next
-/// stage), a btrfs subvolume gets its limit.
-pub fn set_capacity(layout: Layout, data: &Path, capacity: u64) -> Result<(), StorageError> {
-    match layout {
-        Layout::Dir => {}
-        Layout::Btrfs => {
-            btrfs::set_limit(data, capacity)?;
-            btrfs::commit(data)?;
-        }
-        Layout::Image => {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(data)
-                .map_err(|e| SysError::io("open image", data, e))?;
-            let now = f.metadata().map_err(|e| SysError::io("stat image", data, e))?.len();
-            if capacity > now {
-                f.set_len(capacity).map_err(|e| SysError::io("grow image", data, e))?;
-                f.sync_all().map_err(|e| SysError::io("fsync image", data, e))?;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Removes data that has been moved out of its place (into the trash): subvolumes through btrfs.
 pub fn purge(path: &Path) -> Result<(), StorageError> {
-    if btrfs::is_subvolume(path).unwrap_or(false) {
+    if sys_btrfs::is_subvolume(path).unwrap_or(false) {
         // A read-only snapshot cannot be emptied file by file; btrfs drops a subvolume in one step.
-        btrfs::delete_subvolume(path)?;
+        sys_btrfs::delete_subvolume(path)?;
         return Ok(());
     }
     files::remove_tree(path)?;
@@ -197,9 +230,10 @@ pub fn fault(layout: Layout, data: &Path) -> Option<String> {
         Ok(e) => e,
         Err(e) => return Some(format!("volume data {} cannot be read: {e}", data.display())),
     };
-    let want = match layout {
-        Layout::Dir | Layout::Btrfs => files::Entry::Dir,
-        Layout::Image => files::Entry::File,
+    let want = if of(layout).is_tree() {
+        files::Entry::Dir
+    } else {
+        files::Entry::File
     };
     if entry == files::Entry::Missing {
         return Some(format!("volume data {} is missing", data.display()));
@@ -210,10 +244,7 @@ pub fn fault(layout: Layout, data: &Path) -> Option<String> {
             data.display()
         ));
     }
-    if layout == Layout::Btrfs && !btrfs::is_subvolume(data).unwrap_or(false) {
-        return Some(format!("volume data {} is not a btrfs subvolume", data.display()));
-    }
-    None
+    of(layout).fault(data)
 }
 
 /// Allocated bytes of an image file: what it already uses of its capacity.
