@@ -18,9 +18,8 @@ use super::id::{Key, Location, NodeId, ObjectId, PoolName, SnapshotId, VolumeId}
 use super::layout;
 use super::locks::{Held, InFlight};
 use super::pool::{Kind, Pool};
-use super::record::{
-    self, AccessMode, ContentSource, Layout, SnapshotRecord, VolumeMode, VolumeRecord, RECORD_VERSION,
-};
+use super::record::{AccessMode, ContentSource, Layout, SnapshotRecord, VolumeMode, VolumeRecord, RECORD_VERSION};
+use super::store::PoolStore;
 use super::transfer::{self, Frame, Header, Import};
 use super::StorageError;
 
@@ -195,10 +194,8 @@ pub struct LocalEngine {
     /// Pools that could not be opened, with the reason; Probe is not ready while there are any.
     broken: BTreeMap<PoolName, String>,
     default_pool: PoolName,
-    volumes: Mutex<BTreeMap<String, VolumeRecord>>,
-    /// CSI name → volume id, for names whose key is not derived from the name alone (templates).
-    names: Mutex<std::collections::HashMap<String, String>>,
-    snapshots: Mutex<BTreeMap<String, SnapshotRecord>>,
+    /// The records of every pool here: the only reader and writer of them.
+    store: PoolStore,
     in_flight: InFlight,
     /// Wakes the background purger of shared pools' trash.
     purge_wake: Mutex<Option<std::sync::mpsc::Sender<()>>>,
@@ -242,20 +239,18 @@ impl LocalEngine {
                 }
             }
         }
-        let engine = LocalEngine {
+        let mut engine = LocalEngine {
             node: node.clone(),
             pools,
             broken,
             default_pool: config.default_pool.clone(),
-            volumes: Mutex::new(BTreeMap::new()),
-            names: Mutex::new(std::collections::HashMap::new()),
-            snapshots: Mutex::new(BTreeMap::new()),
+            store: PoolStore::default(),
             in_flight: InFlight::default(),
             purge_wake: Mutex::new(None),
             leases: super::lease::Leases::new(node.as_str()),
             dir_usage: Mutex::new(std::collections::HashMap::new()),
         };
-        engine.load()?;
+        engine.store = PoolStore::load(engine.pools.values())?;
         Ok(engine)
     }
 
@@ -281,27 +276,6 @@ impl LocalEngine {
                     return;
                 }
             });
-    }
-
-    fn load(&self) -> Result<(), StorageError> {
-        let mut vols = BTreeMap::new();
-        let mut snaps = BTreeMap::new();
-        for pool in self.pools.values() {
-            for key in pool.record_keys(Kind::Volume)? {
-                if let Some(r) = record::load::<VolumeRecord>(&pool.record_path(Kind::Volume, &key))? {
-                    vols.insert(r.id.clone(), r);
-                }
-            }
-            for key in pool.record_keys(Kind::Snapshot)? {
-                if let Some(r) = record::load::<SnapshotRecord>(&pool.record_path(Kind::Snapshot, &key))? {
-                    snaps.insert(r.id.clone(), r);
-                }
-            }
-        }
-        *lock(&self.names) = vols.values().map(|r| (r.name.clone(), r.id.clone())).collect();
-        *lock(&self.volumes) = vols;
-        *lock(&self.snapshots) = snaps;
-        Ok(())
     }
 
     pub fn node(&self) -> &NodeId {
@@ -559,9 +533,7 @@ impl LocalEngine {
             compression: req.mutable.compression.clone().filter(|c| c != "none"),
             fs_bytes,
         };
-        record::store(&p.pool.record_path(Kind::Volume, &p.key), &rec)?;
-        lock(&self.names).insert(rec.name.clone(), rec.id.clone());
-        lock(&self.volumes).insert(rec.id.clone(), rec.clone());
+        self.store.put_volume(p.pool, &p.key, &rec)?;
         Ok(rec)
     }
 
@@ -671,7 +643,7 @@ impl LocalEngine {
     /// is its name's; a shared volume's comes from the pool's name template, told apart from any
     /// other volume's that the template would give the same name.
     fn key_for(&self, pool: &Pool, req: &NewVolume) -> Result<Key, StorageError> {
-        let known = lock(&self.names).get(&req.name).cloned();
+        let known = self.store.id_named(&req.name);
         if let Some(id) = known.filter(|id| !self.is_shared_id(id) || self.volume_named(&req.name).is_some()) {
             let id = VolumeId::parse(&id).map_err(|e| StorageError::Conflict(e.0))?;
             if id.0.pool != pool.config.name {
@@ -709,7 +681,7 @@ impl LocalEngine {
         if pool.shared() {
             self.refresh_shared(); // images another replica made hold room too
         }
-        Ok(avail.saturating_sub(self.image_reserve(pool)))
+        Ok(avail.saturating_sub(self.held_back(pool)))
     }
 
     /// The common start of the ids of a pool's volumes.
@@ -720,17 +692,19 @@ impl LocalEngine {
         }
     }
 
-    fn image_reserve(&self, pool: &Pool) -> u64 {
-        let prefix = self.id_prefix(pool);
-        lock(&self.volumes)
-            .range(prefix.clone()..)
-            .take_while(|(id, _)| id.starts_with(&prefix))
-            .filter(|(_, r)| layout::of(r.layout).reserves_capacity())
-            .filter_map(|(id, r)| {
-                let key = VolumeId::parse(id).ok()?.0.key;
-                Some(layout::of(r.layout).holds_back(r.capacity_bytes, &pool.data_path(Kind::Volume, &key)))
-            })
-            .sum()
+    /// What existing volumes of a pool may still grow into, held back from new ones.
+    fn held_back(&self, pool: &Pool) -> u64 {
+        self.store.fold_prefix(&self.id_prefix(pool), 0u64, |sum, id, r| {
+            let ops = layout::of(r.layout);
+            let Some(key) = VolumeId::parse(id)
+                .ok()
+                .filter(|_| ops.reserves_capacity())
+                .map(|v| v.0.key)
+            else {
+                return sum;
+            };
+            sum + ops.holds_back(r.capacity_bytes, &pool.data_path(Kind::Volume, &key))
+        })
     }
 
     /// The data of a content source, with a lock that keeps it from being deleted mid-copy.
@@ -801,17 +775,14 @@ impl LocalEngine {
         match (policy, rec) {
             (DeletePolicy::Retain, Some(rec)) => self.keep(pool, &id.0.key, &rec, &pool.retained_dir(), false)?,
             (DeletePolicy::Archive, Some(rec)) => self.keep(pool, &id.0.key, &rec, &pool.archive_dir(), true)?,
-            _ => self.remove_object(pool, Kind::Volume, &id.0.key)?,
-        }
-        if let Some(r) = lock(&self.volumes).remove(&shown) {
-            lock(&self.names).remove(&r.name);
+            _ => self.remove_object(pool, Kind::Volume, &id.0.key, &shown)?,
         }
         Ok(())
     }
 
     /// Moves the data into the trash, removes the record durably, then purges the trash. A crash
     /// before the record is gone leaves a record whose data is missing; the retried delete finishes.
-    fn remove_object(&self, pool: &Pool, kind: Kind, key: &Key) -> Result<(), StorageError> {
+    fn remove_object(&self, pool: &Pool, kind: Kind, key: &Key, shown: &str) -> Result<(), StorageError> {
         let data = pool.data_path(kind, key);
         let trashed = pool
             .trash_dir()
@@ -830,8 +801,7 @@ impl LocalEngine {
             }
         };
         crash::point("delete:after-trash");
-        files::remove_file_if_exists(&pool.record_path(kind, key))?;
-        files::sync_dir(&pool.collection_dir(kind))?;
+        self.store.remove(pool, kind, key, shown)?;
         if moved {
             if pool.shared() {
                 // A shared volume may be a huge tree on a slow share: the purge runs in the background.
@@ -947,12 +917,11 @@ impl LocalEngine {
         }
         let data = pool.data_path(Kind::Volume, key);
         let dest = dir.join(&name);
-        record::store(&dir.join(format!("{name}.json")), rec)?;
+        self.store.keep_copy(&dir.join(format!("{name}.json")), rec)?;
         if files::entry(&data)? != files::Entry::Missing {
             std::fs::rename(&data, &dest).map_err(|e| crate::sys::SysError::io("rename", &data, e))?;
         }
-        files::remove_file_if_exists(&pool.record_path(Kind::Volume, key))?;
-        files::sync_dir(&pool.collection_dir(Kind::Volume))?;
+        self.store.remove(pool, Kind::Volume, key, &rec.id)?;
         files::sync_dir(dir)?;
         tracing::info!(volume = %rec.id, kept_at = %dest.display(), "volume data kept by delete policy");
         Ok(())
@@ -971,9 +940,7 @@ impl LocalEngine {
 
     /// Writes a changed volume record durably, then updates the index.
     fn save(&self, pool: &Pool, id: &VolumeId, rec: &VolumeRecord) -> Result<(), StorageError> {
-        record::store(&pool.record_path(Kind::Volume, &id.0.key), rec)?;
-        lock(&self.volumes).insert(id.to_string(), rec.clone());
-        Ok(())
+        self.store.put_volume(pool, &id.0.key, rec)
     }
 
     /// Grows a volume; the flag says whether the node must grow a filesystem too.
@@ -1059,105 +1026,25 @@ impl LocalEngine {
     }
 
     /// A volume's record. Records of shared pools are read from the share every time (any number of
-    /// controller replicas and nodes change them); the cache follows what was read.
+    /// controller replicas and nodes change them).
     pub fn volume(&self, id: &VolumeId) -> Option<VolumeRecord> {
-        self.read_through(
-            &self.volumes,
-            Kind::Volume,
-            &id.0,
-            &id.to_string(),
-            |r: &VolumeRecord| &r.id,
-            |old, new| {
-                let mut names = lock(&self.names);
-                if let Some(gone) = old {
-                    names.remove(&gone.name);
-                }
-                if let Some(r) = new {
-                    names.insert(r.name.clone(), r.id.clone());
-                }
-            },
-        )
-    }
-
-    /// One record from the cache, or (shared pools) from the share, the cache following what was
-    /// read; `changed` sees the cached record replaced. A share that cannot be read does not make its
-    /// objects deleted: the cache answers.
-    fn read_through<T: Clone + for<'de> serde::Deserialize<'de>>(
-        &self,
-        cache: &Mutex<BTreeMap<String, T>>,
-        kind: Kind,
-        id: &ObjectId,
-        shown: &str,
-        id_of: impl Fn(&T) -> &String,
-        changed: impl FnOnce(Option<&T>, Option<&T>),
-    ) -> Option<T> {
-        let pool = self.locate(id)?;
-        if !pool.shared() {
-            return lock(cache).get(shown).cloned();
-        }
-        let read = match record::load::<T>(&pool.record_path(kind, &id.key)) {
-            Ok(r) => r.filter(|r| id_of(r) == shown),
-            Err(_) => return lock(cache).get(shown).cloned(),
-        };
-        let mut c = lock(cache);
-        let old = match &read {
-            Some(r) => c.insert(shown.to_string(), r.clone()),
-            None => c.remove(shown),
-        };
-        changed(old.as_ref(), read.as_ref());
-        read
+        self.store.volume(self.locate(&id.0)?, &id.0, &id.to_string())
     }
 
     fn is_shared_id(&self, id: &str) -> bool {
         VolumeId::parse(id).is_ok_and(|v| v.0.node().is_none())
     }
 
-    /// Reads the records of every shared pool afresh into the cache (listings, names not seen here).
+    /// Reads the records of every shared pool afresh (listings, names not seen here).
     fn refresh_shared(&self) {
         for pool in self.pools.values().filter(|p| p.shared()) {
-            let prefix = self.id_prefix(pool);
-            // Bounded in time: a share whose server is gone keeps what was last read.
-            let (vdir, sdir) = (pool.collection_dir(Kind::Volume), pool.collection_dir(Kind::Snapshot));
-            let read = crate::sys::share::within(
-                crate::sys::share::SHARE_TIMEOUT,
-                "read records",
-                pool.root(),
-                move || {
-                    Ok((
-                        read_records::<VolumeRecord>(&vdir)?,
-                        read_records::<SnapshotRecord>(&sdir)?,
-                    ))
-                },
-            );
-            let Ok((vols, snaps)) = read else { continue };
-            let vols: BTreeMap<String, VolumeRecord> = vols.into_iter().map(|r| (r.id.clone(), r)).collect();
-            let snaps: BTreeMap<String, SnapshotRecord> = snaps.into_iter().map(|r| (r.id.clone(), r)).collect();
-            let mut cache = lock(&self.volumes);
-            let mut names = lock(&self.names);
-            let stale: Vec<String> = cache
-                .range(prefix.clone()..)
-                .take_while(|(id, _)| id.starts_with(&prefix))
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in stale {
-                if let Some(r) = cache.remove(&id) {
-                    names.remove(&r.name);
-                }
-            }
-            for (id, r) in vols {
-                names.insert(r.name.clone(), id.clone());
-                cache.insert(id, r);
-            }
-            drop((cache, names));
-            let mut cache = lock(&self.snapshots);
-            cache.retain(|id, _| !id.starts_with(&prefix));
-            cache.extend(snaps);
+            self.store.refresh(pool, &self.id_prefix(pool));
         }
     }
 
     pub fn volumes(&self) -> Vec<VolumeRecord> {
         self.refresh_shared();
-        lock(&self.volumes).values().cloned().collect()
+        self.store.volumes()
     }
 
     pub fn volumes_with_condition(&self) -> Vec<(VolumeRecord, Condition)> {
@@ -1177,7 +1064,7 @@ impl LocalEngine {
 
     /// The volume created under a CSI name, in any pool.
     pub fn volume_named(&self, name: &str) -> Option<VolumeRecord> {
-        let cached = lock(&self.names).get(name).cloned();
+        let cached = self.store.id_named(name);
         let found = |id: &str| {
             let id = VolumeId::parse(id).ok()?;
             self.volume(&id).filter(|r| r.name == name)
@@ -1187,7 +1074,7 @@ impl LocalEngine {
         }
         // Not known here (or gone): another replica may have made it on a share.
         self.refresh_shared();
-        let id = lock(&self.names).get(name).cloned()?;
+        let id = self.store.id_named(name)?;
         found(&id)
     }
 
@@ -1301,8 +1188,7 @@ impl LocalEngine {
             mode: from.mode,
             fs_bytes: from.fs_bytes,
         };
-        record::store(&pool.record_path(Kind::Snapshot, &key), &rec)?;
-        lock(&self.snapshots).insert(rec.id.clone(), rec.clone());
+        self.store.put_snapshot(pool, &key, &rec)?;
         Ok(rec)
     }
 
@@ -1311,26 +1197,18 @@ impl LocalEngine {
             return Ok(());
         };
         let _held = self.take(Kind::Snapshot, &id.0.pool, &id.0.key, &id.to_string())?;
-        self.remove_object(pool, Kind::Snapshot, &id.0.key)?;
-        lock(&self.snapshots).remove(&id.to_string());
+        self.remove_object(pool, Kind::Snapshot, &id.0.key, &id.to_string())?;
         Ok(())
     }
 
     /// A snapshot's record, read from the share for shared pools (as `volume`).
     pub fn snapshot(&self, id: &SnapshotId) -> Option<SnapshotRecord> {
-        self.read_through(
-            &self.snapshots,
-            Kind::Snapshot,
-            &id.0,
-            &id.to_string(),
-            |r| &r.id,
-            |_, _| {},
-        )
+        self.store.snapshot(self.locate(&id.0)?, &id.0, &id.to_string())
     }
 
     pub fn snapshots(&self) -> Vec<SnapshotRecord> {
         self.refresh_shared();
-        lock(&self.snapshots).values().cloned().collect()
+        self.store.snapshots()
     }
 
     pub fn pool_status(&self) -> Result<Vec<PoolStatus>, StorageError> {
@@ -1339,11 +1217,9 @@ impl LocalEngine {
             .map(|p| {
                 let u = usage(p)?;
                 let prefix = self.id_prefix(p);
-                let provisioned = lock(&self.volumes)
-                    .range(prefix.clone()..)
-                    .take_while(|(id, _)| id.starts_with(&prefix))
-                    .map(|(_, r)| r.capacity_bytes)
-                    .sum();
+                let provisioned = self
+                    .store
+                    .fold_prefix(&prefix, 0u64, |sum, _, r| sum + r.capacity_bytes);
                 Ok(PoolStatus {
                     name: p.config.name.clone(),
                     is_default: p.config.name == self.default_pool,
@@ -1351,7 +1227,7 @@ impl LocalEngine {
                     layouts: p.config.layouts.clone(),
                     total_bytes: u.total_bytes,
                     available_bytes: u.available_bytes,
-                    image_allocatable_bytes: u.available_bytes.saturating_sub(self.image_reserve(p)),
+                    image_allocatable_bytes: u.available_bytes.saturating_sub(self.held_back(p)),
                     provisioned_bytes: provisioned,
                     shared: p.shared(),
                 })
@@ -1418,26 +1294,6 @@ fn copy_fs_type(src: &std::path::Path, asked: &str) -> Result<String, StorageErr
         )));
     }
     Ok(found.as_str().to_string())
-}
-
-/// Every record in a pool's collection directory (records that do not parse are skipped; the
-/// report names them).
-fn read_records<T: for<'de> serde::Deserialize<'de>>(dir: &std::path::Path) -> Result<Vec<T>, crate::sys::SysError> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).map_err(|e| crate::sys::SysError::io("read directory", dir, e))? {
-        let e = e.map_err(|e| crate::sys::SysError::io("read directory", dir, e))?;
-        let name = e.file_name();
-        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
-            continue;
-        };
-        if Key::parse(stem).is_err() || !e.file_type().is_ok_and(|t| t.is_file()) {
-            continue;
-        }
-        if let Ok(Some(r)) = record::load::<T>(&e.path()) {
-            out.push(r);
-        }
-    }
-    Ok(out)
 }
 
 /// The nodes that hold a directory volume of a shared pool staged, from their marks on the share.

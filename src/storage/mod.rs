@@ -9,6 +9,7 @@ pub mod locks;
 pub mod naming;
 pub mod pool;
 pub mod record;
+pub mod store;
 pub mod transfer;
 
 use std::path::PathBuf;
