@@ -20,6 +20,7 @@ impl From<StorageError> for Status {
             StorageError::Corrupt { .. } => Code::Internal,
             StorageError::PoolUnusable(_) | StorageError::PoolBroken { .. } => Code::FailedPrecondition,
             StorageError::InUse(_) => Code::FailedPrecondition,
+            StorageError::Unavailable(_) => Code::Unavailable,
             StorageError::Sys(s) => return sys_status(s),
         };
         Status::new(code, e.to_string())
