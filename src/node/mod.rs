@@ -1085,3 +1085,6 @@ impl StaticAttrs {
         Ok(a)
     }
 }
+
+#[cfg(test)]
+mod tests;
