@@ -659,3 +659,84 @@ async fn a_static_handle_naming_a_symlink_is_a_client_error() {
     );
     assert!(mounts_under(d.dir.path()).is_empty(), "nothing mounted");
 }
+
+/// Restarts the driver with failure points armed (`CELLAR_FAIL_AT`, the `crash-points` feature).
+async fn failing(d: &mut Driver, spec: &str) {
+    d.kill();
+    d.spawn(&[("CELLAR_FAIL_AT", spec)]).await;
+}
+
+fn entries_of(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn a_btrfs_snapshot_that_fails_on_a_full_pool_leaves_nothing_and_frees_its_name() {
+    // The attack as found: the subvolume snapshot is cut, its record cannot be written (ENOSPC).
+    let fs = TestFs::new("btrfs", 512);
+    let (mut d, _cfg) = driver_with(
+        &format!("  - name: b\n    path: {}\n    layout: btrfs\n", fs.mnt.display()),
+        None,
+    )
+    .await;
+    let a = create(&mut d, in_pool("pvc-full-a", 32 * MIB, "b")).await;
+    let b = create(&mut d, in_pool("pvc-full-b", 32 * MIB, "b")).await;
+    write_file(&mut d, &a.volume_id, "who", b"a").await;
+    write_file(&mut d, &b.volume_id, "who", b"b").await;
+    failing(&mut d, "record:write=ENOSPC").await;
+    let err = d
+        .snapshot("snap-full", &a.volume_id)
+        .await
+        .expect_err("the pool is full");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        entries_of(&fs.mnt.join("snapshots")).is_empty(),
+        "no subvolume and no temp record left: {:?}",
+        entries_of(&fs.mnt.join("snapshots"))
+    );
+    d.kill();
+    d.spawn(&[]).await;
+    let s = d.snapshot("snap-full", &b.volume_id).await.expect("snapshot of b");
+    assert_eq!(s.source_volume_id, b.volume_id);
+    let r = create(&mut d, restore_of("pvc-full-r", &s.snapshot_id, 32 * MIB, "b")).await;
+    assert_eq!(read_back(&mut d, &r.volume_id, "who").await.as_deref(), Some(&b"b"[..]));
+}
+
+#[tokio::test]
+async fn failed_creates_and_copies_leave_no_data_behind() {
+    let mut d = Driver::start().await;
+    let a = d.create("pvc-fail-src").await;
+    write_file(&mut d, &a.volume_id, "who", b"a").await;
+    let vols = d.pool_dir().join("volumes");
+    let before = entries_of(&vols);
+    // The record of a new volume cannot be written; then its copy fails midway.
+    for (spec, name) in [("record:write=ENOSPC", "pvc-fail-1"), ("copy:data=EIO", "pvc-fail-2")] {
+        failing(&mut d, spec).await;
+        let mut r = create_req(name, 64 * MIB);
+        if name.ends_with('2') {
+            r.volume_content_source = Some(VolumeContentSource {
+                r#type: Some(from_volume(&a.volume_id)),
+            });
+        }
+        let err = d.ctl.create_volume(r).await.expect_err("fails");
+        assert!(
+            matches!(err.code(), Code::ResourceExhausted | Code::Internal | Code::Unavailable),
+            "{spec}: {err:?}"
+        );
+        assert_eq!(entries_of(&vols), before, "{spec}: nothing of {name} is left");
+        assert!(
+            entries_of(&d.pool_dir().join(".work")).is_empty(),
+            "{spec}: .work is empty"
+        );
+    }
+    d.kill();
+    d.spawn(&[]).await;
+    // The names are free and work once the disk does.
+    d.create("pvc-fail-1").await;
+}

@@ -130,6 +130,8 @@ pub struct PoolStatus {
 
 /// A source's data and what a copy of it must agree with.
 struct SourceData {
+    /// The source's id, as its record gives it.
+    id: String,
     path: PathBuf,
     size: u64,
     layout: Layout,
@@ -346,10 +348,17 @@ impl LocalEngine {
     }
 
     pub fn create_volume(&self, req: NewVolume) -> Result<VolumeRecord, StorageError> {
-        let mut p = match self.plan(&req)? {
+        let p = match self.plan(&req)? {
             Plan::Exists(rec) => return Ok(rec),
             Plan::New(p) => p,
         };
+        let (pool, key) = (p.pool, p.key.clone());
+        let made = self.make_volume(p, &req);
+        self.undo_unrecorded(pool, Kind::Volume, &key, made)
+    }
+
+    /// Makes a planned volume's data and its record.
+    fn make_volume(&self, mut p: Planned<'_>, req: &NewVolume) -> Result<VolumeRecord, StorageError> {
         let pool = p.pool;
         let data = pool.data_path(Kind::Volume, &p.key);
         let fs_bytes = match &req.source {
@@ -372,7 +381,25 @@ impl LocalEngine {
                 from.fs_bytes
             }
         };
-        self.record_new(p, &req, fs_bytes)
+        self.record_new(p, req, fs_bytes)
+    }
+
+    /// Invariant 4 for a call that failed after it made data: nothing is left that no record names
+    /// (a caller that gives up, as a provisioner does when its PVC is deleted, never retries). Data
+    /// whose record did reach the disk stays: the retry finds it.
+    fn undo_unrecorded<T>(
+        &self,
+        pool: &Pool,
+        kind: Kind,
+        key: &Key,
+        r: Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        if r.is_err() && files::entry(&pool.record_path(kind, key)).ok() == Some(files::Entry::Missing) {
+            if let Err(e) = layout::clear_leftover(pool, kind, key) {
+                tracing::warn!(key = key.as_str(), error = %e, "could not remove what a failed call made; the next call of that name removes it");
+            }
+        }
+        r
     }
 
     /// Everything CreateVolume checks before it makes anything: the pool, layout, modes, size and
@@ -546,10 +573,22 @@ impl LocalEngine {
         req: NewVolume,
         frames: &mut dyn Iterator<Item = Result<Frame, StorageError>>,
     ) -> Result<VolumeRecord, StorageError> {
-        let mut p = match self.plan(&req)? {
+        let p = match self.plan(&req)? {
             Plan::Exists(rec) => return Ok(rec),
             Plan::New(p) => p,
         };
+        let (pool, key) = (p.pool, p.key.clone());
+        let made = self.import_planned(p, &req, frames);
+        self.undo_unrecorded(pool, Kind::Volume, &key, made)
+    }
+
+    /// Streams a planned volume's data from another node into place, then records it.
+    fn import_planned(
+        &self,
+        mut p: Planned<'_>,
+        req: &NewVolume,
+        frames: &mut dyn Iterator<Item = Result<Frame, StorageError>>,
+    ) -> Result<VolumeRecord, StorageError> {
         let cut = |what: &str| StorageError::Transfer(format!("the stream ended before its {what}"));
         let header = match frames.next() {
             Some(Ok(Frame::Header(h))) => h,
@@ -595,16 +634,10 @@ impl LocalEngine {
             tracing::info!(volume = %p.id, "import from another node checked and in place");
         }
         if layout::of(p.layout).has_filesystem() && req.mode == VolumeMode::Filesystem {
-            match copy_fs_type(&data, &req.fs_type) {
-                Ok(fs) => p.fs_type = fs,
-                Err(e) => {
-                    layout::clear_leftover(p.pool, Kind::Volume, &p.key)?;
-                    return Err(e);
-                }
-            }
+            p.fs_type = copy_fs_type(&data, &req.fs_type)?;
         }
         layout::of(p.layout).set_capacity(&data, p.capacity)?;
-        self.record_new(p, &req, header.fs_bytes)
+        self.record_new(p, req, header.fs_bytes)
     }
 
     /// Streams a volume's or snapshot's data to `send` (see `transfer`), holding its lock so that
@@ -720,6 +753,7 @@ impl LocalEngine {
                     .snapshot(s)
                     .ok_or_else(|| StorageError::SnapshotNotFound(shown.clone()))?;
                 Ok(SourceData {
+                    id: shown,
                     path: pool.data_path(Kind::Snapshot, &s.0.key),
                     size: rec.size_bytes,
                     layout: rec.layout,
@@ -738,6 +772,7 @@ impl LocalEngine {
                     .volume(v)
                     .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
                 Ok(SourceData {
+                    id: shown,
                     path: pool.data_path(Kind::Volume, &v.0.key),
                     size: rec.capacity_bytes,
                     layout: rec.layout,
@@ -1173,14 +1208,28 @@ impl LocalEngine {
             )));
         }
         let from = self.source_data(&Source::Volume(source.clone()))?;
-        layout::create_copy(pool, Kind::Snapshot, &key, from.layout, &from.path, false, freeze)?;
+        let made = self.make_snapshot(pool, name, &id, &from, freeze);
+        self.undo_unrecorded(pool, Kind::Snapshot, &key, made)
+    }
+
+    /// Makes a snapshot's data (a copy of `from`) and its record.
+    fn make_snapshot(
+        &self,
+        pool: &Pool,
+        name: &str,
+        id: &SnapshotId,
+        from: &SourceData,
+        freeze: bool,
+    ) -> Result<SnapshotRecord, StorageError> {
+        let key = &id.0.key;
+        layout::create_copy(pool, Kind::Snapshot, key, from.layout, &from.path, false, freeze)?;
         crash::point("create-snapshot:before-record");
         let (secs, nanos) = now();
         let rec = SnapshotRecord {
             version: RECORD_VERSION,
             name: name.to_string(),
             id: id.to_string(),
-            source_volume_id: shown_src,
+            source_volume_id: from.id.clone(),
             size_bytes: from.size,
             created_unix_secs: secs,
             created_nanos: nanos,
@@ -1188,7 +1237,7 @@ impl LocalEngine {
             mode: from.mode,
             fs_bytes: from.fs_bytes,
         };
-        self.store.put_snapshot(pool, &key, &rec)?;
+        self.store.put_snapshot(pool, key, &rec)?;
         Ok(rec)
     }
 

@@ -58,6 +58,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> Result
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .step("create", &tmp)?;
+        crate::crash::fail("record:write").step("write", &tmp)?;
         f.write_all(bytes).step("write", &tmp)?;
         if durability == Durability::PowerLoss {
             f.sync_all().step("fsync", &tmp)?;

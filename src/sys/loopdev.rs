@@ -103,6 +103,7 @@ pub struct Attachment {
 ///
 /// Attaching a file twice makes two devices; call [`find_by_backing`] first to reuse one.
 pub fn attach(backing: &Path, read_only: bool, direct_io: bool) -> Result<(LoopDevice, bool), SysError> {
+    crate::crash::fail("loop:attach").step("attach loop device to", backing)?;
     let file = OpenOptions::new()
         .read(true)
         .write(!read_only)
