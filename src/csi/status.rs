@@ -46,6 +46,50 @@ impl From<SysError> for Status {
     }
 }
 
+/// A request that is malformed on its face (before anything is looked up): INVALID_ARGUMENT.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("{0} is required")]
+    Missing(&'static str),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl RequestError {
+    pub fn invalid(msg: impl Into<String>) -> RequestError {
+        RequestError::Invalid(msg.into())
+    }
+}
+
+impl From<RequestError> for Status {
+    fn from(e: RequestError) -> Status {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+impl From<crate::node::NodeError> for Status {
+    fn from(e: crate::node::NodeError) -> Status {
+        use crate::node::NodeError as E;
+        let code = match &e {
+            E::Request(r) => return Status::invalid_argument(r.to_string()),
+            E::Storage(_) | E::Sys(_) => {
+                return match e {
+                    E::Storage(s) => Status::from(s),
+                    E::Sys(s) => sys_status(&s),
+                    _ => unreachable!("matched above"),
+                }
+            }
+            E::NotFound(_) => Code::NotFound,
+            E::InProgress(_) => Code::Aborted,
+            E::Conflict(_) => Code::AlreadyExists,
+            E::NotReady(_) => Code::FailedPrecondition,
+            E::ShareGone(_) => Code::Unavailable,
+            E::Broken(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
 pub fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg)
 }

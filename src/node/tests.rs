@@ -72,6 +72,7 @@ impl Node {
                 ..Default::default()
             })
             .map(|_| ())
+            .map_err(tonic::Status::from)
     }
 
     /// NodePublishVolume as kubelet calls it: the target's parent exists, the target need not.
@@ -87,6 +88,7 @@ impl Node {
                 ..Default::default()
             })
             .map(|_| ())
+            .map_err(tonic::Status::from)
     }
 }
 
@@ -225,7 +227,7 @@ fn expand_and_stats_answer_only_for_the_volumes_own_paths() {
                 ..Default::default()
             })
             .expect_err("not the volume's path");
-        assert_eq!(err.code(), Code::NotFound, "{path}");
+        assert_eq!(tonic::Status::from(err).code(), Code::NotFound, "{path}");
     }
     n.svc
         .expand(NodeExpandVolumeRequest {
