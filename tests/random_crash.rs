@@ -84,6 +84,8 @@ struct Vol {
 struct Snap {
     id: String,
     layout: Layout,
+    /// The source's size when the snapshot was taken: a restore needs at least this much.
+    bytes: i64,
     source: String,
     marker: String,
 }
@@ -522,7 +524,7 @@ impl Run {
             }
             30..=37 if !full && !snaps.is_empty() => {
                 let s = self.model.snaps[self.rng.pick(&snaps)].clone();
-                let bytes = self.snapshot_bytes(&s);
+                let bytes = s.bytes + if self.rng.chance(30) { 16 * MIB } else { 0 };
                 self.create(s.layout, bytes, Some(from_snapshot(&s.id)))
             }
             38..=43 if !all.is_empty() => {
@@ -642,17 +644,6 @@ impl Run {
         self.apply(sent, out).await
     }
 
-    /// The bytes of a restore of `s`: its source's size when recorded, else a safe 64 MiB.
-    fn snapshot_bytes(&self, s: &Snap) -> i64 {
-        self.model
-            .vols
-            .values()
-            .find(|v| v.id == s.source)
-            .map(|v| v.bytes)
-            .unwrap_or(64 * MIB)
-            .max(64 * MIB)
-    }
-
     /// What is sent after a crash instead of the same call, sometimes: a copy or snapshot of the same
     /// name from another volume of the layout (half of the time), or the teardown of a failed mount.
     fn after_crash(&mut self, call: &Call) -> Option<Call> {
@@ -770,6 +761,7 @@ impl Run {
                     Snap {
                         id,
                         layout: v.layout,
+                        bytes: v.bytes,
                         source: source.clone(),
                         marker: v.marker,
                     },
