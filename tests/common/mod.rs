@@ -421,6 +421,23 @@ impl Driver {
     }
 }
 
+/// Writes a config with one pool per entry (name, path, layout, extra YAML lines) and starts a driver;
+/// the returned directory holds the config and must live as long as the driver.
+pub async fn start_with_pools(pools: &[(&str, &Path, &str, &str)]) -> (Driver, tempfile::TempDir) {
+    let cfgdir = tempfile::tempdir().expect("tempdir");
+    let mut yaml = String::from("pools:\n");
+    for (name, path, layout, extra) in pools {
+        yaml += &format!("  - name: {name}\n    path: {}\n    layout: {layout}\n", path.display());
+        for line in extra.lines().filter(|l| !l.is_empty()) {
+            yaml += &format!("    {line}\n");
+        }
+    }
+    let cfg = cfgdir.path().join("pools.yaml");
+    std::fs::write(&cfg, yaml).expect("config");
+    let d = Driver::start_with(&["--config", cfg.to_str().expect("utf-8")], &[]).await;
+    (d, cfgdir)
+}
+
 /// SIGKILLs the process in `slot`, if there is one, and reaps it; the slot is left empty.
 pub fn kill_child(slot: &mut Option<Child>) {
     if let Some(mut c) = slot.take() {
