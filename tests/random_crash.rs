@@ -248,6 +248,25 @@ impl Call {
     }
 }
 
+/// Failures a step may meet instead of a crash (`CELLAR_FAIL_AT`): a full disk at the record or the
+/// copy, a failing device, a loop device that cannot be had.
+const FAILURES: [&str; 5] = [
+    "record:write=ENOSPC",
+    "record:write=EIO",
+    "copy:data=EIO",
+    "btrfs:snapshot=ENOSPC",
+    "loop:attach=ENXIO",
+];
+
+/// What a step is armed with before it runs.
+#[derive(Debug, Clone, Copy)]
+enum Arm {
+    /// The driver dies at this crash point.
+    Crash(&'static str),
+    /// This step fails with this errno (`point=ERRNO`); the caller retries or gives up.
+    Fail(&'static str, bool),
+}
+
 const ALL_POINTS: [&str; 11] = [
     "copy:before-rename",
     "create-snapshot:before-record",
@@ -352,12 +371,32 @@ impl Run {
     async fn run(
         &mut self,
         call: Call,
-        point: Option<&str>,
+        arm: Option<Arm>,
         retry: Option<Call>,
     ) -> Result<(bool, Call, Result<String, tonic::Status>), String> {
-        let Some(point) = point else {
-            let out = self.converge(&call).await?;
-            return Ok((false, call, out));
+        let point = match arm {
+            None => {
+                let out = self.converge(&call).await?;
+                return Ok((false, call, out));
+            }
+            Some(Arm::Fail(spec, give_up)) => {
+                // One attempt meets the failure; then the disk is healthy again and the caller
+                // retries, or gives up (a provisioner whose PVC was deleted never comes back).
+                self.d.kill();
+                self.d.spawn(&[("CELLAR_FAIL_AT", spec)]).await;
+                let first = call.send(&mut self.d).await;
+                self.d.kill();
+                self.d.spawn(&[]).await;
+                return match first {
+                    Ok(v) => Ok((false, call, Ok(v))),
+                    Err(s) if give_up => Ok((false, call, Err(s))),
+                    Err(_) => {
+                        let out = self.converge(&call).await?;
+                        Ok((false, call, out))
+                    }
+                };
+            }
+            Some(Arm::Crash(point)) => point,
         };
         self.d.kill();
         self.d.spawn(&[("CELLAR_CRASH_AT", point)]).await;
@@ -615,13 +654,21 @@ impl Run {
                 }
             }
         };
-        let point = if self.rng.chance(35) {
+        let arm = if self.rng.chance(35) {
             let own = call.points();
-            Some(if !own.is_empty() && self.rng.chance(75) {
-                *self.rng.pick(own)
+            let list: &[&'static str] = if !own.is_empty() && self.rng.chance(75) {
+                own
             } else {
-                *self.rng.pick(&ALL_POINTS)
-            })
+                &ALL_POINTS
+            };
+            let point = *self.rng.pick(list);
+            Some(Arm::Crash(point))
+        } else if self.rng.chance(15) {
+            let spec = *self.rng.pick(&FAILURES);
+            // Only the provisioner and the snapshotter may stop retrying (their object was deleted);
+            // kubelet and the resizer retry until the call succeeds.
+            let may_give_up = matches!(call, Call::Create(_) | Call::Snapshot { .. });
+            Some(Arm::Fail(spec, may_give_up && self.rng.chance(50)))
         } else {
             None
         };
@@ -629,18 +676,26 @@ impl Run {
         // deleted and re-created VolumeSnapshot or PVC would; a failed mount may be torn down.
         let retry = self.after_crash(&call);
         let desc = call.describe();
-        let (crashed, sent, out) = self.run(call, point, retry).await?;
+        let (crashed, sent, out) = self.run(call, arm, retry).await?;
         let code = out.as_ref().map(|_| Code::Ok).unwrap_or_else(|s| s.code());
         self.log.push(format!(
             "{:>3}: {desc}{}{} -> {code:?}",
             self.step,
-            point.map(|p| format!(" [armed {p}]")).unwrap_or_default(),
+            match arm {
+                Some(Arm::Crash(p)) => format!(" [armed {p}]"),
+                Some(Arm::Fail(f, true)) => format!(" [failing {f}; caller gives up]"),
+                Some(Arm::Fail(f, false)) => format!(" [failing {f}; retried]"),
+                None => String::new(),
+            },
             if crashed {
                 format!(" [crashed; retried as {}]", sent.describe())
             } else {
                 String::new()
             },
         ));
+        if matches!(arm, Some(Arm::Fail(_, true))) && out.is_err() {
+            return Ok(()); // nothing was made, as far as the caller knows: the checks say if anything was
+        }
         self.apply(sent, out).await
     }
 
