@@ -728,4 +728,31 @@ mod tests {
             img.finish();
         }
     }
+
+    #[test]
+    fn finding_a_device_is_not_disturbed_by_other_devices_detaching_meanwhile() {
+        // NodeUnstage of one volume looks up its device while other volumes' devices come and go.
+        let mut mine = Image::new(16 << 20);
+        let dev = mine.attach();
+        let other = Image::new(16 << 20);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for _ in 0..150 {
+                    let (d, _) = attach(&other.file, false, false).expect("attach other");
+                    detach(&d).expect("detach other");
+                }
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            let mut looked = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let found = find_by_backing(&mine.file).expect("lookup while another device detaches");
+                assert_eq!(found, vec![dev.clone()]);
+                looked += 1;
+            }
+            assert!(looked > 0);
+        });
+        mine.finish();
+        other.finish();
+    }
 }
