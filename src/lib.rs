@@ -5,6 +5,7 @@ pub mod client;
 pub mod controller;
 pub mod crash;
 pub mod csi;
+pub mod health;
 pub mod identity;
 pub mod metrics;
 pub mod node;

@@ -18,7 +18,6 @@ use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -39,6 +38,7 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 use tonic::Code;
 
+use crate::health::Readiness;
 use crate::node::state::NodeState;
 use crate::storage::engine::LocalEngine;
 use crate::storage::id::{SnapshotId, VolumeId};
@@ -187,12 +187,14 @@ pub fn code_name(code: Code) -> &'static str {
 /// What one process exposes: the RPC series, its build info, and the collectors of its role.
 pub struct Exporter {
     registry: Registry,
-    ready: Arc<AtomicBool>,
+    /// What keeps the role from serving (the reasons Identity's Probe also answers from).
+    readiness: Arc<Readiness>,
+    /// The CSI socket, once the role serves it: `/healthz` checks that it still accepts calls.
+    socket: OnceLock<PathBuf>,
 }
 
 impl Exporter {
-    /// `ready` is the flag the role sets once its pools are open (the one Identity's Probe reads).
-    pub fn new(role: &'static str, ready: Arc<AtomicBool>) -> Exporter {
+    pub fn new(role: &'static str, readiness: Arc<Readiness>) -> Exporter {
         let mut registry = Registry::default();
         registry.register(
             "cellar_build",
@@ -229,7 +231,16 @@ impl Exporter {
                 TRANSFERS.clone(),
             );
         }
-        Exporter { registry, ready }
+        Exporter {
+            registry,
+            readiness,
+            socket: OnceLock::new(),
+        }
+    }
+
+    /// Called once the CSI socket is bound; from then on `/healthz` connects to it.
+    pub fn serving(&self, socket: PathBuf) {
+        let _ = self.socket.set(socket);
     }
 
     /// Adds the scrape-time figures of a role (a node's pools; later the controller's registry).
@@ -238,7 +249,7 @@ impl Exporter {
     }
 
     pub fn ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.readiness.is_ready()
     }
 
     /// The whole exposition. Blocking: collectors read the disk.
@@ -591,17 +602,45 @@ async fn respond(req: Request<Incoming>, exporter: Arc<Exporter>) -> Result<Resp
             }
             Ok(Err(_)) | Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding the metrics failed\n"),
         },
-        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/healthz" => match exporter.socket.get() {
+            Some(socket) => match socket_answers(socket).await {
+                Ok(()) => text(StatusCode::OK, "ok\n"),
+                Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not serving: {why}\n")),
+            },
+            // Starting: alive, and the startup probe gives the pools time to open.
+            None => text(StatusCode::OK, "ok\n"),
+        },
         "/readyz" if exporter.ready() => text(StatusCode::OK, "ready\n"),
-        "/readyz" => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the pools are not open yet\n",
-        ),
+        "/readyz" => {
+            let mut body = String::new();
+            for reason in exporter.readiness.reasons() {
+                body.push_str("not ready: ");
+                body.push_str(&reason);
+                body.push('\n');
+            }
+            text(StatusCode::SERVICE_UNAVAILABLE, body)
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             "not found: /metrics, /healthz and /readyz are served\n",
         ),
     })
+}
+
+/// How long `/healthz` waits for the CSI socket to accept a connection.
+const SOCKET_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether the CSI socket still accepts connections: it fails when the socket file was removed
+/// or the server stopped listening, the states in which only a restart brings the driver back.
+async fn socket_answers(socket: &std::path::Path) -> Result<(), String> {
+    match tokio::time::timeout(SOCKET_CHECK_TIMEOUT, tokio::net::UnixStream::connect(socket)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("the CSI socket {} refuses connections: {e}", socket.display())),
+        Err(_) => Err(format!(
+            "the CSI socket {} accepted no connection within {SOCKET_CHECK_TIMEOUT:?}",
+            socket.display()
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -621,7 +660,7 @@ mod tests {
     #[test]
     fn an_rpc_is_counted_by_method_and_code_and_timed_by_method() {
         record_rpc("UnitTestCall", Code::NotFound, Duration::from_millis(3));
-        let out = Exporter::new("test", Arc::new(AtomicBool::new(true))).encode().unwrap();
+        let out = Exporter::new("test", Readiness::starting()).encode().unwrap();
         assert!(
             out.contains("cellar_csi_requests_total{method=\"UnitTestCall\",code=\"NotFound\"} 1\n"),
             "{out}"

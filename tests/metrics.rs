@@ -136,9 +136,82 @@ async fn readyz_is_unavailable_while_a_pool_cannot_be_opened() {
         ),
     )
     .unwrap();
-    let (_d, port) = start(&["--config", cfg.to_str().unwrap()]).await;
+    let (d, port) = start(&["--config", cfg.to_str().unwrap()]).await;
     let r = get(port, "/readyz");
     assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("pool 'fast' cannot be used"), "{}", r.body);
+    assert!(!r.body.contains("not open yet"), "the pools are open: {}", r.body);
+    // Half working is alive: liveness must not restart a driver whose other pools serve.
+    assert_eq!(get(port, "/healthz").status, 200);
+    let log = d.log();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("not ready") && l.contains("pool 'fast' cannot be used"))
+        .collect();
+    assert_eq!(warned.len(), 1, "one warning at the default level:\n{log}");
+    assert!(warned[0].contains("WARN"), "{}", warned[0]);
+}
+
+#[tokio::test]
+async fn healthz_fails_once_the_csi_socket_is_gone() {
+    let (d, port) = start(&[]).await;
+    assert_eq!(get(port, "/healthz").status, 200);
+    std::fs::remove_file(d.socket()).unwrap();
+    let r = get(port, "/healthz");
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("csi.sock"), "{}", r.body);
+}
+
+/// A node process whose controller refuses connections: alive, not ready, and saying why.
+#[tokio::test]
+async fn a_node_that_cannot_register_is_alive_and_says_why_it_is_not_ready() {
+    require_root();
+    let dir = tempfile::Builder::new().prefix("cellar-test-").tempdir().unwrap();
+    let log_path = dir.path().join("node.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let socket = dir.path().join("csi.sock");
+    let mut child = Some(
+        std::process::Command::new(bin())
+            .args(["node", "--insecure", "--node-id", "node-1"])
+            .arg(format!("--endpoint=unix://{}", socket.display()))
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            // Port 1 on loopback: nothing listens, every registration is refused.
+            .args(["--controller", "127.0.0.1:1", "--agent-listen", "127.0.0.1:0"])
+            .args(["--agent-advertise", "127.0.0.1:9", "--metrics-listen", "127.0.0.1:0"])
+            .env("CELLAR_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start cellar node"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (port, reply) = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let port = text
+            .lines()
+            .find(|l| l.contains("metrics listening"))
+            .and_then(|l| l.split("addr=127.0.0.1:").nth(1))
+            .and_then(|p| p.trim().parse::<u16>().ok());
+        if let Some(port) = port.filter(|_| socket.exists()) {
+            let r = get(port, "/readyz");
+            if r.body.contains("cannot register") {
+                break (port, r);
+            }
+        }
+        assert!(Instant::now() < deadline, "no registration failure reported:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert!(reply.body.contains("127.0.0.1:1"), "{}", reply.body);
+    assert!(!reply.body.contains("pools"), "the pools are open: {}", reply.body);
+    assert_eq!(get(port, "/healthz").status, 200, "alive: liveness must not restart it");
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("WARN") && l.contains("cannot register with the controller 127.0.0.1:1")),
+        "the cause at the default level:\n{text}"
+    );
+    kill_child(&mut child);
 }
 
 #[tokio::test]
