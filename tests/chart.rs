@@ -670,6 +670,83 @@ fn controller_runs_the_sidecars_with_the_flags_cellar_needs() {
     }
 }
 
+/// The port number a container declares under `name`.
+fn port(c: &Value, name: &str) -> u64 {
+    seq(&c["ports"])
+        .iter()
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["containerPort"].as_u64())
+        .unwrap_or_else(|| panic!("no port {name} in {:?}", c["name"]))
+}
+
+/// Liveness restarts only a process that stopped serving (cellar's own /healthz); readiness comes
+/// from /readyz and from CSI Probe over the socket (the livenessprobe sidecar); a startup probe
+/// covers a slow start. Nothing probes liveness through CSI Probe, which a half-working driver
+/// fails, and this holds with the metrics turned off too.
+#[test]
+fn probes_never_restart_a_half_working_driver() {
+    let mut sets: Vec<(String, Vec<Doc>)> = VALUE_SETS
+        .iter()
+        .map(|s| (s.to_string(), split_docs(&render_set(s))))
+        .collect();
+    sets.push((
+        "metrics off".into(),
+        split_docs(&render(&["--set", "metrics.enabled=false"])),
+    ));
+    for (set, docs) in &sets {
+        for (kind, name) in [("Deployment", "cellar-controller"), ("DaemonSet", "cellar-node")] {
+            let d = docs
+                .iter()
+                .find(|d| d.kind() == kind && d.name() == name)
+                .unwrap_or_else(|| panic!("{set}: no {kind}"));
+            let spec = &d.value["spec"]["template"]["spec"];
+            let cellar = container(spec, "cellar");
+            let listen = flag(cellar, "metrics-listen").unwrap_or_else(|| panic!("{set}: {name} has no listener"));
+            assert_eq!(
+                listen,
+                format!("0.0.0.0:{}", port(cellar, "metrics")),
+                "{set}: {name} probes the port it listens on"
+            );
+            for (probe, path) in [
+                ("startupProbe", "/healthz"),
+                ("livenessProbe", "/healthz"),
+                ("readinessProbe", "/readyz"),
+            ] {
+                let get = &cellar[probe]["httpGet"];
+                assert_eq!(
+                    (get["path"].as_str(), get["port"].as_str()),
+                    (Some(path), Some("metrics")),
+                    "{set}: {name} {probe}"
+                );
+            }
+            let budget = cellar["startupProbe"]["periodSeconds"].as_u64().unwrap()
+                * cellar["startupProbe"]["failureThreshold"].as_u64().unwrap();
+            assert!(budget >= 300, "{set}: {name} gives the pools {budget} s to open");
+            let probe = container(spec, "liveness-probe");
+            assert_eq!(
+                flag(probe, "http-endpoint"),
+                Some(format!(":{}", port(probe, "healthz")))
+            );
+            assert!(
+                args(probe).iter().all(|a| !a.starts_with("--health-port")),
+                "{set}: deprecated --health-port"
+            );
+            assert_eq!(
+                probe["readinessProbe"]["httpGet"]["port"], "healthz",
+                "{set}: CSI Probe is a readiness check"
+            );
+            for c in seq(&spec["containers"]) {
+                let liveness = &c["livenessProbe"]["httpGet"]["port"];
+                assert!(
+                    *liveness != "healthz" && c["startupProbe"]["httpGet"]["port"] != "healthz",
+                    "{set}: {name}/{:?} restarts on CSI Probe",
+                    c["name"]
+                );
+            }
+        }
+    }
+}
+
 /// The real binary accepts every flag the chart gives it (clap parses and checks each value before
 /// it reaches --help).
 #[test]
