@@ -57,3 +57,25 @@ as kubelet and the sidecars reach the driver. It never restarts anything.
     - name: socket-dir
       mountPath: /csi
 {{- end -}}
+
+{{/*
+The seccomp profile of a privileged cellar container. The pods run RuntimeDefault; a privileged
+container (the node plugin always, the controller with shared pools) mounts, sets up loop devices
+and runs mkfs, btrfs and mount helpers (FUSE ...): it already holds every capability and the host's
+devices, so a syscall filter adds little there, and a runtime's default filter may refuse what
+those tools call. It runs Unconfined, said explicitly rather than left to the runtime.
+*/}}
+{{- define "cellar.privilegedSeccomp" -}}
+seccompProfile:
+  type: Unconfined
+{{- end -}}
+
+{{/* A CSI sidecar's metrics port (its --http-endpoint), with metrics.enabled. */}}
+{{- define "cellar.sidecarMetricsPort" -}}
+{{- if .root.Values.metrics.enabled -}}
+ports:
+  - name: {{ .name }}
+    containerPort: {{ .port }}
+    protocol: TCP
+{{- end -}}
+{{- end -}}
