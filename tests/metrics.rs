@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -288,7 +288,9 @@ async fn rpc_label_sets_never_carry_request_values() {
     }
     let m = scrape(port);
     let rpc = series(&m, "cellar_csi_requests_total");
-    assert_eq!(rpc.len(), 2, "one series per (method, code): {rpc:?}");
+    // The OK series of every method, at zero until called, and the one NotFound series.
+    let methods = cellar::metrics::CONTROLLER_METHODS.len() + cellar::metrics::NODE_METHODS.len();
+    assert_eq!(rpc.len(), methods + 1, "one series per (method, code): {rpc:?}");
     assert!(rpc
         .iter()
         .all(|s| label_names(s) == BTreeSet::from(["method".into(), "code".into()])));
@@ -410,4 +412,82 @@ async fn without_the_flag_no_port_is_opened() {
 async fn with_the_flag_exactly_the_metrics_port_is_opened() {
     let (d, port) = start(&[]).await;
     assert_eq!(listening_ports(d.pid()), vec![port]);
+}
+
+/// Before any call, every series a dashboard or a ratio alert divides by is there at 0, so they
+/// read 0 instead of "no data".
+#[tokio::test]
+async fn every_family_is_exported_at_zero_before_the_first_call() {
+    let (_d, port) = start(&[]).await;
+    let m = scrape(port);
+    for method in cellar::metrics::CONTROLLER_METHODS
+        .iter()
+        .chain(&cellar::metrics::NODE_METHODS)
+    {
+        for series in [
+            requests(method, "OK"),
+            format!("cellar_csi_request_duration_seconds_count{{method=\"{method}\"}}"),
+        ] {
+            assert!(m.contains(&format!("{series} 0\n")), "{series} missing:\n{m}");
+        }
+    }
+    for series in [
+        "cellar_snapshots{pool=\"default\",layout=\"dir\"} 0\n",
+        "cellar_volumes{pool=\"default\",layout=\"dir\"} 0\n",
+        "cellar_volumes_abnormal{pool=\"default\"} 0\n",
+    ] {
+        assert!(m.contains(series), "{series} missing:\n{m}");
+    }
+}
+
+/// An image pool's free bytes are what GetCapacity offers for an image volume (free space minus
+/// what the images may still grow into), and the per-layout figure is GetCapacity's for each layout.
+#[tokio::test]
+async fn pool_free_bytes_are_what_get_capacity_offers() {
+    let fs = common::fs::TestFs::new("ext4", 512);
+    let cfgdir = tempfile::tempdir().unwrap();
+    let cfg = cfgdir.path().join("pools.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "pools:\n  - name: img\n    path: {}\n    layout: image\n    layouts: [image, dir]\n",
+            fs.path("pool").display()
+        ),
+    )
+    .unwrap();
+    let (mut d, port) = start(&["--config", cfg.to_str().unwrap()]).await;
+    let mut req = create_req("pvc-img-free", 128 * MIB);
+    req.parameters = [("pool".to_string(), "img".to_string())].into();
+    d.ctl.create_volume(req).await.expect("CreateVolume of an image volume");
+    let mut offered = BTreeMap::new();
+    for layout in ["image", "dir"] {
+        let r = d
+            .ctl
+            .get_capacity(GetCapacityRequest {
+                parameters: [
+                    ("pool".to_string(), "img".to_string()),
+                    ("layout".to_string(), layout.to_string()),
+                ]
+                .into(),
+                ..Default::default()
+            })
+            .await
+            .expect("GetCapacity")
+            .into_inner();
+        offered.insert(layout, r.available_capacity as f64);
+    }
+    let m = scrape(port);
+    assert!(
+        offered["dir"] - offered["image"] > (100 * MIB) as f64,
+        "the image's unwritten room is held back: {offered:?}"
+    );
+    assert_eq!(
+        value(&m, "cellar_pool_free_bytes{pool=\"img\"}"),
+        offered["image"],
+        "{m}"
+    );
+    for layout in ["image", "dir"] {
+        let series = format!("cellar_pool_allocatable_bytes{{pool=\"img\",layout=\"{layout}\"}}");
+        assert_eq!(value(&m, &series), offered[layout], "{series}:\n{m}");
+    }
 }
