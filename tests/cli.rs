@@ -323,3 +323,55 @@ async fn csi_client_to_a_socket_nobody_serves_says_it_refuses() {
     let want = format!("no CSI driver listening at {}: Connection refused", socket.display());
     assert!(err.contains(&want), "{err}");
 }
+
+/// Every shell block of the README and docs/ can be pasted into a shell: no comment after a line
+/// continuation (which ends the command there) and nothing bash cannot parse.
+#[test]
+fn shell_blocks_in_the_docs_can_be_pasted() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md")];
+    let mut docs: Vec<_> = std::fs::read_dir(root.join("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    docs.sort();
+    files.extend(docs);
+    let mut blocks = 0;
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let mut lines = text.lines().enumerate();
+        while let Some((start, line)) = lines.next() {
+            if !matches!(line.trim(), "```sh" | "```bash" | "```shell") {
+                continue;
+            }
+            let block: Vec<&str> = lines
+                .by_ref()
+                .map(|(_, l)| l)
+                .take_while(|l| l.trim() != "```")
+                .collect();
+            blocks += 1;
+            let at = format!("{}:{}", f.display(), start + 1);
+            for l in &block {
+                if let Some((_, after)) = l.split_once("\\ ") {
+                    assert!(
+                        !after.trim_start().starts_with('#'),
+                        "{at}: a comment after a line continuation breaks the command: {l}"
+                    );
+                }
+            }
+            let out = Command::new("bash")
+                .arg("-n")
+                .arg("-c")
+                .arg(block.join("\n"))
+                .output()
+                .expect("bash");
+            assert!(
+                out.status.success(),
+                "{at}: bash cannot parse the block: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    assert!(blocks >= 20, "only {blocks} shell blocks found");
+}
