@@ -324,6 +324,17 @@ async fn csi_client_to_a_socket_nobody_serves_says_it_refuses() {
     assert!(err.contains(&want), "{err}");
 }
 
+/// Whether a line holds a `<placeholder>` (letters, digits, `-`, `_` between angle brackets).
+fn has_placeholder(line: &str) -> bool {
+    line.split('<').skip(1).any(|rest| {
+        let word: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .collect();
+        !word.is_empty() && rest[word.len()..].starts_with('>')
+    })
+}
+
 /// Every shell block of the README and docs/ can be pasted into a shell: no comment after a line
 /// continuation (which ends the command there) and nothing bash cannot parse.
 #[test]
@@ -353,6 +364,10 @@ fn shell_blocks_in_the_docs_can_be_pasted() {
             blocks += 1;
             let at = format!("{}:{}", f.display(), start + 1);
             for l in &block {
+                assert!(
+                    !l.contains(" [--") && !has_placeholder(l) && !l.contains("REGISTRY/"),
+                    "{at}: a placeholder does not paste (show a real value, or fence a synopsis as ``` not ```sh): {l}"
+                );
                 if let Some((_, after)) = l.split_once("\\ ") {
                     assert!(
                         !after.trim_start().starts_with('#'),

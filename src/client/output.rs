@@ -29,11 +29,9 @@ pub fn size(bytes: i64) -> String {
     if exact {
         format!("{sign}{whole} {}", UNITS[unit])
     } else {
-        format!(
-            "{sign}{:.1} {}",
-            bytes.unsigned_abs() as f64 / scale as f64,
-            UNITS[unit]
-        )
+        let value = format!("{:.1}", bytes.unsigned_abs() as f64 / scale as f64);
+        // "252.0" would read as exact: a size that only rounds to a whole number drops the ".0".
+        format!("{sign}{} {}", value.trim_end_matches(".0"), UNITS[unit])
     }
 }
 
@@ -228,6 +226,7 @@ mod tests {
         assert_eq!(size(3 << 29), "1.5 GiB");
         assert_eq!(size(1 << 40), "1 TiB");
         assert_eq!(size(1500), "1.5 KiB");
+        assert_eq!(size((252 << 30) + 4096), "252 GiB");
     }
 
     #[test]
