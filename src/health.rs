@@ -16,7 +16,8 @@ pub const STARTING: &str = "starting";
 pub struct Readiness {
     /// Mirrors `reasons.is_empty()`, for Identity's Probe, which reads it on every call.
     ready: Arc<AtomicBool>,
-    reasons: Mutex<BTreeMap<String, String>>,
+    /// Key → (reason, whether it was logged).
+    reasons: Mutex<BTreeMap<String, (String, bool)>>,
 }
 
 impl Readiness {
@@ -26,7 +27,7 @@ impl Readiness {
             ready: Arc::new(AtomicBool::new(false)),
             reasons: Mutex::new(BTreeMap::from([(
                 STARTING.to_string(),
-                "the pools are not open yet".to_string(),
+                ("the pools are not open yet".to_string(), false),
             )])),
         };
         Arc::new(r)
@@ -41,18 +42,19 @@ impl Readiness {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// Sets (`Some`) or clears (`None`) the reason under `key`, logging only a change.
+    /// Sets (`Some`) or clears (`None`) the reason under `key`, logging only a change: a new or
+    /// changed reason at warn, the clearing of a logged one at info.
     pub fn set(&self, key: &str, reason: Option<String>) {
         let mut reasons = self.reasons.lock().unwrap_or_else(|p| p.into_inner());
         match reason {
             Some(why) => {
-                if reasons.get(key) != Some(&why) {
+                if reasons.get(key).map(|(r, _)| r) != Some(&why) {
                     tracing::warn!(check = key, reason = %why, "not ready");
-                    reasons.insert(key.to_string(), why);
+                    reasons.insert(key.to_string(), (why, true));
                 }
             }
             None => {
-                if reasons.remove(key).is_some() && key != STARTING {
+                if let Some((_, true)) = reasons.remove(key) {
                     tracing::info!(check = key, "recovered");
                 }
             }
@@ -60,10 +62,18 @@ impl Readiness {
         self.ready.store(reasons.is_empty(), Ordering::Release);
     }
 
+    /// A reason every start goes through (e.g. not registered yet): kept quietly, so a normal
+    /// start logs no warning; a later [`Readiness::set`] with another reason is logged.
+    pub fn expect(&self, key: &str, reason: String) {
+        let mut reasons = self.reasons.lock().unwrap_or_else(|p| p.into_inner());
+        reasons.insert(key.to_string(), (reason, false));
+        self.ready.store(false, Ordering::Release);
+    }
+
     /// Every reason in force, one line each (`key: reason`), in key order; empty when ready.
     pub fn reasons(&self) -> Vec<String> {
         let reasons = self.reasons.lock().unwrap_or_else(|p| p.into_inner());
-        reasons.iter().map(|(k, v)| format!("{k}: {v}")).collect()
+        reasons.iter().map(|(k, (v, _))| format!("{k}: {v}")).collect()
     }
 }
 
@@ -83,6 +93,17 @@ mod tests {
         r.set("pool/fast", None);
         assert!(r.is_ready() && r.flag().load(Ordering::Acquire));
         assert!(r.reasons().is_empty());
+    }
+
+    #[test]
+    fn an_expected_start_up_reason_clears_quietly_and_still_blocks_readiness() {
+        let r = Readiness::starting();
+        r.expect("controller", "not registered yet".into());
+        r.set(STARTING, None);
+        assert!(!r.is_ready());
+        assert_eq!(r.reasons(), ["controller: not registered yet"]);
+        r.set("controller", None);
+        assert!(r.is_ready());
     }
 
     #[test]

@@ -373,9 +373,9 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     );
     // Ready while the pools are open and a controller replica acknowledges this node: a node that
     // loses every replica says so (once) and turns unready, and ready again when one answers.
-    readiness.set(
+    readiness.expect(
         "controller",
-        Some(format!("not registered with the controller {} yet", o.controller)),
+        format!("not registered with the controller {} yet", o.controller),
     );
     report_pools(&readiness, &engine);
     let heartbeat = {

@@ -117,9 +117,11 @@ async fn healthz_answers_ok() {
 
 #[tokio::test]
 async fn readyz_is_ready_once_the_pools_are_open() {
-    let (_d, port) = start(&[]).await;
+    let (d, port) = start(&[]).await;
     let r = get(port, "/readyz");
     assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
+    let log = d.log();
+    assert!(!log.contains("WARN"), "a normal start warns about nothing:\n{log}");
 }
 
 #[tokio::test]
