@@ -1,5 +1,7 @@
 //! The `cellar` command: parses flags and starts a role.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
