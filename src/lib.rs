@@ -13,6 +13,8 @@ pub mod crash;
 #[forbid(unsafe_code)]
 pub mod csi;
 #[forbid(unsafe_code)]
+pub mod health;
+#[forbid(unsafe_code)]
 pub mod identity;
 #[forbid(unsafe_code)]
 pub mod metrics;
