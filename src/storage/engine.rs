@@ -519,8 +519,9 @@ impl LocalEngine {
                 Location::Shared => format!("shared pool '{}'", pool_name.as_str()),
             };
             return Err(StorageError::Exhausted(format!(
-                "{place} can give {room} more bytes to {} volumes, the volume needs {capacity}",
-                layout.as_str()
+                "{place} can give {room} more bytes to {} volumes, the volume needs {capacity}{}",
+                layout.as_str(),
+                room_hint(layout)
             )));
         }
 
@@ -1016,9 +1017,10 @@ impl LocalEngine {
         let more = wanted - rec.capacity_bytes;
         if more > room {
             return Err(StorageError::Exhausted(format!(
-                "pool '{}' can give {room} more bytes to {} volumes; growing {shown} to {wanted} needs {more}",
+                "pool '{}' can give {room} more bytes to {} volumes; growing {shown} to {wanted} needs {more}{}",
                 id.0.pool.as_str(),
-                rec.layout.as_str()
+                rec.layout.as_str(),
+                room_hint(rec.layout)
             )));
         }
         layout::of(rec.layout).set_capacity(&pool.data_path(Kind::Volume, &id.0.key), wanted)?;
@@ -1286,6 +1288,16 @@ impl LocalEngine {
 
     pub fn default_pool(&self) -> &PoolName {
         &self.default_pool
+    }
+}
+
+/// What a room refusal adds for layouts that hold room back (so a full-looking pool is explained).
+fn room_hint(l: Layout) -> &'static str {
+    if layout::of(l).reserves_capacity() {
+        " (image volumes reserve their whole capacity, and existing images hold back what they may still \
+         grow into; see docs/pools.md)"
+    } else {
+        ""
     }
 }
 
