@@ -740,3 +740,32 @@ async fn failed_creates_and_copies_leave_no_data_behind() {
     // The names are free and work once the disk does.
     d.create("pvc-fail-1").await;
 }
+
+#[tokio::test]
+async fn image_volumes_unstaged_at_once_each_detach_cleanly() {
+    // Every unstage looks its own loop device up while the other's is being detached.
+    let fs = TestFs::new("ext4", 1024);
+    let (mut d, _cfg) = driver_with(
+        &format!(
+            "  - name: img\n    path: {}\n    layout: image\n    fsType: ext4\n",
+            fs.mnt.display()
+        ),
+        None,
+    )
+    .await;
+    let a = create(&mut d, in_pool("pvc-unstage-a", 16 * MIB, "img")).await;
+    let b = create(&mut d, in_pool("pvc-unstage-b", 16 * MIB, "img")).await;
+    let (sa, sb) = (d.path("stage-a"), d.path("stage-b"));
+    for round in 0..15 {
+        stage_rwo(&mut d.node, &a.volume_id, &sa).await.expect("stage a");
+        stage_rwo(&mut d.node, &b.volume_id, &sb).await.expect("stage b");
+        let (mut na, mut nb) = (d.node.clone(), d.node.clone());
+        let (ra, rb) = tokio::join!(
+            unstage_from(&mut na, &a.volume_id, &sa),
+            unstage_from(&mut nb, &b.volume_id, &sb)
+        );
+        ra.unwrap_or_else(|e| panic!("round {round}: unstage a: {e:?}"));
+        rb.unwrap_or_else(|e| panic!("round {round}: unstage b: {e:?}"));
+    }
+    assert!(common::fs::loops_under(&fs.mnt).is_empty(), "no loop device left");
+}
