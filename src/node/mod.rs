@@ -58,6 +58,7 @@ pub const CAPABILITIES: &[rpc::Type] = &[
 impl NodeService {
     /// The Node service over this node's engine and mount state, mounting with real syscalls.
     pub fn new(node: NodeId, engine: Arc<LocalEngine>, state: Arc<NodeState>, max_volumes: i64) -> NodeService {
+        engine.set_mounted_here(state.clone());
         NodeService {
             node,
             engine,

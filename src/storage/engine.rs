@@ -203,8 +203,18 @@ pub struct LocalEngine {
     purge_wake: Mutex<Option<std::sync::mpsc::Sender<()>>>,
     /// Leases of image volumes on shared pools, held or watched by this process.
     pub leases: super::lease::Leases,
+    /// This node's record of what it has staged and published (the node's mount state), when this
+    /// process serves the Node service: asked before every delete.
+    mounted_here: std::sync::OnceLock<std::sync::Arc<dyn MountedHere>>,
     /// What each dir volume held when last counted (for its over-capacity condition).
     dir_usage: Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>,
+}
+
+/// What this process has mounted of each volume: the node's mount state, written before every mount
+/// and after every unmount, so it is never behind the kernel for cellar's own mounts.
+pub trait MountedHere: Send + Sync {
+    /// Where the volume is staged or published on this node, if anywhere.
+    fn mounted_at(&self, volume_id: &str) -> Vec<PathBuf>;
 }
 
 /// How long a dir volume's counted size is reused before its tree is walked again.
@@ -251,6 +261,7 @@ impl LocalEngine {
             purge_wake: Mutex::new(None),
             leases: super::lease::Leases::new(node.as_str()),
             dir_usage: Mutex::new(std::collections::HashMap::new()),
+            mounted_here: std::sync::OnceLock::new(),
         };
         engine.store = PoolStore::load(engine.pools.values())?;
         Ok(engine)
@@ -878,17 +889,22 @@ impl LocalEngine {
                 dev.path.display()
             )));
         }
-        if files::entry(data)? == files::Entry::Dir {
-            let table = mountinfo::read(std::path::Path::new(mountinfo::SELF))?;
-            let mut at = mountinfo::mounts_of(&table, data);
-            if !at.is_empty() {
-                at.truncate(3);
-                let at: Vec<String> = at.iter().map(|p| p.display().to_string()).collect();
-                return Err(StorageError::InUse(format!(
-                    "volume {id} is mounted at {} on node {node}; unpublish and unstage it before deleting",
-                    at.join(", ")
-                )));
+        // Where this process serves the Node service, its mount state answers at once; elsewhere
+        // (unit tests, tools) the kernel's mount table does, at the cost of reading all of it.
+        let at = match self.mounted_here.get() {
+            Some(m) => m.mounted_at(&id.to_string()),
+            None if files::entry(data)? == files::Entry::Dir => {
+                let table = mountinfo::read(std::path::Path::new(mountinfo::SELF))?;
+                mountinfo::mounts_of(&table, data)
             }
+            None => Vec::new(),
+        };
+        if !at.is_empty() {
+            let shown: Vec<String> = at.iter().take(3).map(|p| p.display().to_string()).collect();
+            return Err(StorageError::InUse(format!(
+                "volume {id} is mounted at {} on node {node}; unpublish and unstage it before deleting",
+                shown.join(", ")
+            )));
         }
         if pool.shared() {
             let nodes = staged_marks(pool, &id.0.key)?;
@@ -902,6 +918,11 @@ impl LocalEngine {
             }
         }
         Ok(())
+    }
+
+    /// Registers this node's mount state, asked before every delete (once, at start).
+    pub fn set_mounted_here(&self, m: std::sync::Arc<dyn MountedHere>) {
+        let _ = self.mounted_here.set(m);
     }
 
     /// Marks a directory volume of a shared pool as staged on this node (before its mount), or
