@@ -1,0 +1,273 @@
+//! Group snapshots: snapshots of several volumes of this node cut at one point in time.
+//!
+//! Order of a cut, each step converging after a crash:
+//! 1. lock the group's name, every member volume and every member snapshot's name;
+//! 2. remove what a failed attempt of this very group left (member snapshots whose record names
+//!    this group while the group has no record): removed, never adopted (invariant 2);
+//! 3. freeze every mounted filesystem of the members ([`Barrier`]), cut every member, thaw; a cut
+//!    that fails or outlives the freeze deadline drops every member it made;
+//! 4. write each member's snapshot record (naming the group), then the group's record. The group
+//!    exists once its record does; a crash before leaves members the retry removes in step 2.
+//!
+//! Delete removes the members first, then the group's record: a crash in between leaves a group
+//! whose retried delete finishes.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::{now, LocalEngine, Source};
+use crate::crash;
+use crate::storage::freeze::Barrier;
+use crate::storage::id::{GroupId, Key, ObjectId, SnapshotId, VolumeId};
+use crate::storage::layout;
+use crate::storage::pool::{Kind, Pool};
+use crate::storage::record::{GroupMember, GroupRecord, SnapshotRecord, RECORD_VERSION};
+use crate::storage::StorageError;
+
+/// A CreateVolumeGroupSnapshot request, parsed and validated at the edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewGroup {
+    pub name: String,
+    /// Distinct, in id order.
+    pub members: Vec<VolumeId>,
+    /// The class's parameters, kept in the record (a repeat must name the same).
+    pub parameters: BTreeMap<String, String>,
+    /// The caller accepts members that are each consistent on their own (dir, btrfs, raw block).
+    pub per_volume: bool,
+    /// How long the members' filesystems may stay frozen.
+    pub freeze_timeout: Duration,
+}
+
+/// Whether a repeated request names the group that exists (OK) or another one (ALREADY_EXISTS).
+fn same_group(existing: &GroupRecord, req: &NewGroup) -> Result<(), StorageError> {
+    let members: Vec<&str> = existing.members.iter().map(|m| m.volume_id.as_str()).collect();
+    let asked: Vec<String> = req.members.iter().map(ToString::to_string).collect();
+    if members != asked.iter().map(String::as_str).collect::<Vec<_>>() {
+        return Err(StorageError::Conflict(format!(
+            "group snapshot '{}' already exists with the volumes {}, not {}",
+            req.name,
+            members.join(", "),
+            asked.join(", ")
+        )));
+    }
+    if existing.parameters != req.parameters {
+        return Err(StorageError::Conflict(format!(
+            "group snapshot '{}' already exists with other parameters",
+            req.name
+        )));
+    }
+    Ok(())
+}
+
+/// The CSI name of a member snapshot: the group's name and the volume's key.
+fn member_name(group: &str, volume: &VolumeId) -> String {
+    format!("{group}-{}", volume.0.key.as_str())
+}
+
+impl LocalEngine {
+    fn group_id(&self, pool: &Pool, key: &Key) -> GroupId {
+        GroupId(ObjectId {
+            location: self.location_of(&pool.config.name),
+            pool: pool.config.name.clone(),
+            key: key.clone(),
+        })
+    }
+
+    fn member_snapshot_id(&self, group: &str, volume: &VolumeId) -> SnapshotId {
+        SnapshotId(ObjectId {
+            location: volume.0.location.clone(),
+            pool: volume.0.pool.clone(),
+            key: Key::from_name(&member_name(group, volume)),
+        })
+    }
+
+    /// Cuts a group snapshot of volumes of this node, or returns the one made under that name.
+    pub fn create_group(&self, req: &NewGroup) -> Result<GroupRecord, StorageError> {
+        let home = req
+            .members
+            .first()
+            .ok_or_else(|| StorageError::Unsupported("a group snapshot needs at least one volume".into()))?;
+        let pool = self
+            .locate(&home.0)
+            .ok_or_else(|| StorageError::VolumeNotFound(home.to_string()))?;
+        let key = Key::from_name(&req.name);
+        let id = self.group_id(pool, &key);
+        let shown = id.to_string();
+        let _group_held = self.take(Kind::Snapshot, &pool.config.name, &Key::from_name(&shown), &shown)?;
+        if let Some(existing) = self.group_named(&req.name)? {
+            same_group(&existing, req)?;
+            return Ok(existing);
+        }
+
+        let mut cuts = Vec::with_capacity(req.members.len());
+        for v in &req.members {
+            let vpool = self
+                .locate(&v.0)
+                .ok_or_else(|| StorageError::VolumeNotFound(v.to_string()))?;
+            let sid = self.member_snapshot_id(&req.name, v);
+            let held = self.take(Kind::Snapshot, &sid.0.pool, &sid.0.key, &sid.to_string())?;
+            if let Some(old) = self.snapshot(&sid) {
+                if old.group.as_deref() != Some(shown.as_str()) {
+                    return Err(StorageError::Conflict(format!(
+                        "snapshot name '{}' (member of group snapshot '{}') is taken by snapshot {}",
+                        member_name(&req.name, v),
+                        req.name,
+                        old.id
+                    )));
+                }
+                // A member a failed attempt of this group left: never adopted.
+                self.remove_object(vpool, Kind::Snapshot, &sid.0.key, &sid.to_string())?;
+                tracing::info!(snapshot = %sid, group = %shown, "removed a member a failed group snapshot left");
+            }
+            let from = self.source_data(&Source::Volume(v.clone()))?;
+            let ops = layout::of(from.layout);
+            if !req.per_volume && !ops.cuts_together(from.mode) {
+                return Err(StorageError::NotTogether(format!(
+                    "volume {v} ({} {:?}) cannot be snapshotted at one point in time with other volumes; \
+                     set parameter 'consistency: per-volume' in the VolumeGroupSnapshotClass to accept \
+                     snapshots that are each consistent on their own",
+                    from.layout.as_str(),
+                    from.mode
+                )));
+            }
+            if ops.cuts_together(from.mode) {
+                self.refuse_held_elsewhere(vpool, v)?;
+            }
+            cuts.push((v, vpool, sid, held, from));
+        }
+
+        let mut points = Vec::new();
+        for (_, _, _, _, from) in &cuts {
+            points.extend(layout::of(from.layout).freeze_points(&from.path)?);
+        }
+        let barrier = Barrier::freeze(points, req.freeze_timeout)?;
+        let (secs, nanos) = now();
+        crash::point("group:frozen");
+        let mut made: Vec<(&Pool, &Key)> = Vec::new();
+        let mut cut = Ok(());
+        for (_, vpool, sid, _, from) in &cuts {
+            cut = layout::create_copy(vpool, Kind::Snapshot, &sid.0.key, from.layout, &from.path, false, false);
+            if cut.is_err() {
+                break;
+            }
+            made.push((vpool, &sid.0.key));
+        }
+        let released = barrier.release();
+        if let Err(e) = cut.and(released) {
+            for (p, k) in made {
+                if let Err(left) = layout::clear_leftover(p, Kind::Snapshot, k) {
+                    tracing::warn!(error = %left, "could not drop a member of a failed group snapshot; its retry will");
+                }
+            }
+            return Err(e);
+        }
+
+        crash::point("group:before-records");
+        let mut members = Vec::with_capacity(cuts.len());
+        for (v, vpool, sid, _, from) in &cuts {
+            let rec = from.snapshot_record(&member_name(&req.name, v), sid, (secs, nanos), Some(shown.clone()));
+            self.store.put_snapshot(vpool, &sid.0.key, &rec)?;
+            members.push(GroupMember {
+                volume_id: v.to_string(),
+                snapshot_id: sid.to_string(),
+                size_bytes: from.size,
+            });
+        }
+        crash::point("group:before-group-record");
+        let rec = GroupRecord {
+            version: RECORD_VERSION,
+            name: req.name.clone(),
+            id: shown,
+            members,
+            parameters: req.parameters.clone(),
+            created_unix_secs: secs,
+            created_nanos: nanos,
+        };
+        self.store.put_group(pool, &key, &rec)?;
+        Ok(rec)
+    }
+
+    /// A volume of a shared pool is frozen only where it is mounted: one staged on another node
+    /// (which holds its lease) cannot be cut together from here.
+    fn refuse_held_elsewhere(&self, pool: &Pool, v: &VolumeId) -> Result<(), StorageError> {
+        if !pool.shared() {
+            return Ok(());
+        }
+        let Some(bytes) = crate::sys::files::read_optional(&pool.lease_path(&v.0.key))? else {
+            return Ok(());
+        };
+        let holder = serde_json::from_slice::<crate::storage::lease::LeaseFile>(&bytes)
+            .map(|l| l.node)
+            .unwrap_or_else(|_| "<unreadable lease>".into());
+        if holder == self.node.as_str() {
+            return Ok(());
+        }
+        Err(StorageError::NotTogether(format!(
+            "volume {v} is staged on node {holder}; a group snapshot freezes filesystems on the node that \
+             cuts it ({}), so it cannot hold this volume at one point in time with the others",
+            self.node.as_str()
+        )))
+    }
+
+    /// Deletes a group snapshot with its members; a group already gone is OK.
+    pub fn delete_group(&self, id: &GroupId) -> Result<(), StorageError> {
+        let Some(pool) = self.locate(&id.0) else {
+            return Ok(());
+        };
+        let shown = id.to_string();
+        let _held = self.take(Kind::Snapshot, &id.0.pool, &Key::from_name(&shown), &shown)?;
+        let Some(rec) = self.store.group(pool, &id.0.key)?.filter(|r| r.id == shown) else {
+            return Ok(());
+        };
+        for m in &rec.members {
+            let Ok(sid) = SnapshotId::parse(&m.snapshot_id) else {
+                continue;
+            };
+            let Some(mpool) = self.locate(&sid.0) else {
+                continue;
+            };
+            let _member = self.take(Kind::Snapshot, &sid.0.pool, &sid.0.key, &m.snapshot_id)?;
+            self.remove_object(mpool, Kind::Snapshot, &sid.0.key, &m.snapshot_id)?;
+        }
+        crash::point("delete-group:before-record");
+        self.store.remove_group(pool, &id.0.key)
+    }
+
+    /// A group snapshot's record.
+    pub fn group(&self, id: &GroupId) -> Result<Option<GroupRecord>, StorageError> {
+        let Some(pool) = self.locate(&id.0) else {
+            return Ok(None);
+        };
+        let shown = id.to_string();
+        Ok(self.store.group(pool, &id.0.key)?.filter(|r| r.id == shown))
+    }
+
+    /// The group snapshot made under a CSI name, in any pool here.
+    pub fn group_named(&self, name: &str) -> Result<Option<GroupRecord>, StorageError> {
+        let key = Key::from_name(name);
+        for pool in self.pools.values() {
+            if let Some(r) = self.store.group(pool, &key)?.filter(|r| r.name == name) {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Why a snapshot cannot be deleted alone: it is a member of a group that still exists.
+    pub(super) fn refuse_group_member(&self, rec: &SnapshotRecord) -> Result<(), StorageError> {
+        let Some(group) = rec.group.as_deref() else {
+            return Ok(());
+        };
+        let Ok(gid) = GroupId::parse(group) else {
+            return Ok(());
+        };
+        if self.group(&gid)?.is_none() {
+            return Ok(()); // a member its group's delete left behind
+        }
+        Err(StorageError::Unsupported(format!(
+            "snapshot {} is a member of group snapshot {group} and cannot be deleted alone; \
+             delete the group (DeleteVolumeGroupSnapshot)",
+            rec.id
+        )))
+    }
+}
