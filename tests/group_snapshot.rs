@@ -423,6 +423,38 @@ async fn a_crash_before_the_group_record_leaves_members_the_retry_removes() {
     assert!(listed.iter().all(|s| s.group_snapshot_id == made.group_snapshot_id));
 }
 
+#[tokio::test]
+async fn a_driver_killed_while_the_group_is_frozen_thaws_on_its_next_start() {
+    use cellar::sys::fstools::{freeze, thaw};
+    let fs = TestFs::new("xfs", 512);
+    let (mut d, _c) = driver(&[("img", &fs.path("pool"), "image", IMAGE_EXT4)]).await;
+    let a = volume(&mut d, "pvc-kf", "img").await;
+    let (st, tg) = d.mount_rw(&a, "kf").await;
+    d.kill();
+    d.spawn(&[("CELLAR_CRASH_AT", "group:frozen")]).await;
+    let mut g = groups(&d).await;
+    assert!(create(&mut g, "group-kf", &[&a], &[]).await.is_err());
+    assert!(!d.wait_exit().success());
+    // Should the restart not thaw it, the test must not leave a frozen filesystem behind.
+    struct ThawOnDrop(std::path::PathBuf);
+    impl Drop for ThawOnDrop {
+        fn drop(&mut self) {
+            let _ = thaw(&self.0);
+        }
+    }
+    let _thaw = ThawOnDrop(tg.clone());
+    // Killed between freeze and thaw: nothing in the process is left to thaw it.
+    assert_eq!(freeze(&tg).unwrap_err().errno(), Some(libc::EBUSY), "still frozen");
+    d.spawn(&[]).await;
+    freeze(&tg).expect("thawed by the restart, so it freezes again");
+    thaw(&tg).unwrap();
+    std::fs::write(tg.join("after"), b"written after the restart").unwrap();
+    let mut g = groups(&d).await;
+    let made = create(&mut g, "group-kf", &[&a], &[]).await.unwrap();
+    assert_eq!(made.snapshots.len(), 1);
+    d.unmount_all(&a, &st, &tg).await;
+}
+
 // ------------------------------------------------------------------ one point in time
 
 /// A shell loop appending 1, 2, 3 ... to `a` and then to `b`, each write fsynced before the next.

@@ -276,6 +276,7 @@ impl LocalEngine {
             dir_usage: Mutex::new(std::collections::HashMap::new()),
         };
         engine.store = PoolStore::load(engine.pools.values())?;
+        engine.thaw_left_frozen();
         Ok(engine)
     }
 

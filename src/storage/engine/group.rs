@@ -13,6 +13,7 @@
 //! whose retried delete finishes.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{now, LocalEngine, Source};
@@ -23,6 +24,11 @@ use crate::storage::layout;
 use crate::storage::pool::{Kind, Pool};
 use crate::storage::record::{GroupMember, GroupRecord, SnapshotRecord, RECORD_VERSION};
 use crate::storage::StorageError;
+use crate::sys::{files, fstools};
+
+/// The start of the name of a freeze mark in a pool's `groups/` (never a record: keys never
+/// start with '.').
+const FROZEN_MARK: &str = ".frozen-";
 
 /// A CreateVolumeGroupSnapshot request, parsed and validated at the edge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +146,7 @@ impl LocalEngine {
         for (_, _, _, _, from) in &cuts {
             points.extend(layout::of(from.layout).freeze_points(&from.path)?);
         }
+        let marker = self.mark_frozen(pool, &points)?;
         let barrier = Barrier::freeze(points, req.freeze_timeout)?;
         let (secs, nanos) = now();
         crash::point("group:frozen");
@@ -153,6 +160,9 @@ impl LocalEngine {
             made.push((vpool, &sid.0.key));
         }
         let released = barrier.release();
+        if let Some(Err(e)) = marker.as_ref().map(|m| files::remove_file_if_exists(m)) {
+            tracing::warn!(error = %e, "could not remove a freeze mark; the next start removes it");
+        }
         if let Err(e) = cut.and(released) {
             for (p, k) in made {
                 if let Err(left) = layout::clear_leftover(p, Kind::Snapshot, k) {
@@ -187,13 +197,63 @@ impl LocalEngine {
         Ok(rec)
     }
 
+    /// Writes down the filesystems a cut is about to freeze (`<pool>/groups/.frozen-<node>-<uuid>`):
+    /// the barrier thaws them whatever the cut does, but not when this process is killed mid-cut
+    /// (SIGKILL, OOM); then its next start thaws them ([`LocalEngine::thaw_left_frozen`]).
+    fn mark_frozen(&self, pool: &Pool, points: &[PathBuf]) -> Result<Option<PathBuf>, StorageError> {
+        if points.is_empty() {
+            return Ok(None);
+        }
+        let marker = pool.groups_dir().join(format!(
+            "{FROZEN_MARK}{}-{}",
+            self.node.as_str(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let text: Vec<String> = points.iter().map(|p| p.display().to_string()).collect();
+        // A reboot thaws everything: the mark need only outlive the process.
+        files::write_atomic(&marker, text.join("\n").as_bytes(), files::Durability::ProcessCrash)?;
+        Ok(Some(marker))
+    }
+
+    /// Thaws the filesystems a cut of this node froze when the process was killed before it could
+    /// thaw them, and drops their marks. Run at start, before any call is served.
+    pub(super) fn thaw_left_frozen(&self) {
+        let mine = format!("{FROZEN_MARK}{}-", self.node.as_str());
+        for pool in self.pools.values() {
+            let dir = pool.groups_dir();
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if !e.file_name().to_string_lossy().starts_with(&mine) {
+                    continue;
+                }
+                let listed = std::fs::read_to_string(e.path()).unwrap_or_default();
+                for m in listed.lines().filter(|l| !l.is_empty()) {
+                    match fstools::thaw(Path::new(m)) {
+                        Ok(()) => tracing::warn!(
+                            mountpoint = m,
+                            "thawed a filesystem a killed group snapshot left frozen"
+                        ),
+                        Err(err) => {
+                            tracing::error!(mountpoint = m, error = %err, "could not thaw a filesystem a killed group snapshot left frozen")
+                        }
+                    }
+                }
+                if let Err(err) = files::remove_file_if_exists(&e.path()) {
+                    tracing::warn!(path = %e.path().display(), error = %err, "could not remove a freeze mark");
+                }
+            }
+        }
+    }
+
     /// A volume of a shared pool is frozen only where it is mounted: one staged on another node
     /// (which holds its lease) cannot be cut together from here.
     fn refuse_held_elsewhere(&self, pool: &Pool, v: &VolumeId) -> Result<(), StorageError> {
         if !pool.shared() {
             return Ok(());
         }
-        let Some(bytes) = crate::sys::files::read_optional(&pool.lease_path(&v.0.key))? else {
+        let Some(bytes) = files::read_optional(&pool.lease_path(&v.0.key))? else {
             return Ok(());
         };
         let holder = serde_json::from_slice::<crate::storage::lease::LeaseFile>(&bytes)
