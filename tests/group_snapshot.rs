@@ -38,16 +38,14 @@ async fn groups(d: &Driver) -> GroupControllerClient<Channel> {
 }
 
 async fn volume(d: &mut Driver, name: &str, pool: &str) -> String {
-    let mut r = create_req(name, 64 * MIB);
+    sized_volume(d, name, pool, 64 * MIB).await
+}
+
+async fn sized_volume(d: &mut Driver, name: &str, pool: &str, bytes: i64) -> String {
+    let mut r = create_req(name, bytes);
     r.parameters.insert("pool".into(), pool.into());
-    d.ctl
-        .create_volume(r)
-        .await
-        .expect("CreateVolume")
-        .into_inner()
-        .volume
-        .expect("volume")
-        .volume_id
+    let v = d.ctl.create_volume(r).await.expect("CreateVolume");
+    v.into_inner().volume.expect("volume").volume_id
 }
 
 fn group_req(name: &str, volumes: &[&str], params: &[(&str, &str)]) -> CreateVolumeGroupSnapshotRequest {
@@ -99,8 +97,14 @@ fn snapshot_ids(g: &VolumeGroupSnapshot) -> Vec<String> {
     g.snapshots.iter().map(|s| s.snapshot_id.clone()).collect()
 }
 
-async fn restore(d: &mut Driver, name: &str, pool: &str, snapshot_id: &str) -> String {
-    let mut r = create_req(name, 64 * MIB);
+/// The member snapshot of `volume` in a group.
+fn member(g: &VolumeGroupSnapshot, volume: &str) -> String {
+    let m = g.snapshots.iter().find(|s| s.source_volume_id == volume);
+    m.expect("member").snapshot_id.clone()
+}
+
+async fn restore(d: &mut Driver, name: &str, pool: &str, bytes: i64, snapshot_id: &str) -> String {
+    let mut r = create_req(name, bytes);
     r.parameters.insert("pool".into(), pool.into());
     r.volume_content_source = Some(VolumeContentSource {
         r#type: Some(volume_content_source::Type::Snapshot(
@@ -532,16 +536,8 @@ async fn an_image_group_holds_one_point_in_time_of_a_sequence_written_across_two
     d.unmount_all(&a, &sa, &ta).await;
     d.unmount_all(&b, &sb, &tb).await;
 
-    let member = |v: &str| {
-        made.snapshots
-            .iter()
-            .find(|s| s.source_volume_id == v)
-            .expect("member")
-            .snapshot_id
-            .clone()
-    };
-    let ra = restore(&mut d, "pvc-seq-ra", "img", &member(&a)).await;
-    let rb = restore(&mut d, "pvc-seq-rb", "img", &member(&b)).await;
+    let ra = restore(&mut d, "pvc-seq-ra", "img", 64 * MIB, &member(&made, &a)).await;
+    let rb = restore(&mut d, "pvc-seq-rb", "img", 64 * MIB, &member(&made, &b)).await;
     let (sra, tra) = d.mount_rw(&ra, "seq-ra").await;
     let (srb, trb) = d.mount_rw(&rb, "seq-rb").await;
     let (na, nb) = (last(&tra.join("seq")), last(&trb.join("seq")));
@@ -760,4 +756,211 @@ mod split {
             .unwrap_err();
         assert_eq!(gone.code(), Code::NotFound);
     }
+}
+
+// ------------------------------------------------------------------ PostgreSQL: data and WAL
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A PostgreSQL tool, to run as the `postgres` user (a direct child of the test, so it is reaped).
+fn as_postgres(tool: &str) -> Command {
+    use std::os::unix::process::CommandExt;
+    let user = nix::unistd::User::from_name("postgres")
+        .expect("passwd")
+        .expect("a postgres user (CI installs postgresql-15)");
+    let mut cmd = Command::new(Path::new(PG_BIN).join(tool));
+    cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw()).current_dir("/");
+    cmd
+}
+
+/// Runs a PostgreSQL tool as the `postgres` user and returns its output; a failure fails the test,
+/// showing `log` (a server's log) when there is one.
+fn pg_logged(tool: &str, args: &[&str], log: Option<&Path>) -> String {
+    let out = as_postgres(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} could not run ({e}); CI installs postgresql-15"));
+    assert!(
+        out.status.success(),
+        "{tool} {args:?}: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        log.map(|l| std::fs::read_to_string(l).unwrap_or_default())
+            .unwrap_or_default()
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn pg(tool: &str, args: &[&str]) -> String {
+    pg_logged(tool, args, None)
+}
+
+/// A server on a Unix socket only, in `socket_dir`, a child of the test: it is reaped, where a
+/// zombie's pid would still look alive to the restored server's check of `postmaster.pid`.
+struct Postgres {
+    data: std::path::PathBuf,
+    socket_dir: String,
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Postgres {
+    async fn start(data: &Path, socket_dir: &Path, log: &Path) -> Postgres {
+        let socket_dir = socket_dir.display().to_string();
+        let out = std::fs::File::create(log).expect("log");
+        let mut child = as_postgres("postgres")
+            .arg("-D")
+            .arg(data)
+            .args(["-k", &socket_dir, "-c", "listen_addresses=", "-p", "5432"])
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("postgres");
+        let ready = || {
+            Command::new(Path::new(PG_BIN).join("pg_isready"))
+                .args(["-q", "-h", &socket_dir, "-p", "5432"])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        while !ready() {
+            if let Some(st) = child.try_wait().expect("wait") {
+                panic!(
+                    "postgres exited ({st}): {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Postgres {
+            data: data.to_path_buf(),
+            socket_dir,
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn sql(&self, query: &str) -> String {
+        pg(
+            "psql",
+            &["-h", &self.socket_dir, "-p", "5432", "-U", "postgres", "-XAtc", query],
+        )
+    }
+
+    fn stop(mut self) {
+        pg_logged(
+            "pg_ctl",
+            &["-D", &self.data.display().to_string(), "-w", "-m", "fast", "stop"],
+            Some(&self.log),
+        );
+        self.child.wait().expect("reap postgres");
+    }
+}
+
+impl Drop for Postgres {
+    /// A failed test stops its server at once, so the volumes can be unmounted.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A directory the `postgres` user owns.
+fn postgres_dir(path: &Path) {
+    std::fs::create_dir_all(path).expect("mkdir");
+    let status = Command::new("chown")
+        .arg("postgres:postgres")
+        .arg(path)
+        .status()
+        .expect("chown");
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn postgresql_with_its_wal_on_a_second_volume_recovers_from_a_group_snapshot() {
+    use std::os::unix::fs::PermissionsExt;
+    let fs = TestFs::new("xfs", 2048);
+    let (mut d, _c) = driver(&[("img", &fs.path("pool"), "image", IMAGE_EXT4)]).await;
+    // The postgres user walks down to the mounts and its socket.
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sockets = d.path("pg-socket");
+    postgres_dir(&sockets);
+    // Named so that the WAL is cut first: data pages newer than the WAL copy would be the damage.
+    let wal = sized_volume(&mut d, "pvc-pg-a-wal", "img", 256 * MIB).await;
+    let data = sized_volume(&mut d, "pvc-pg-b-data", "img", 256 * MIB).await;
+    let (sd, td) = d.mount_rw(&data, "pgdata").await;
+    let (sw, tw) = d.mount_rw(&wal, "pgwal").await;
+    let (pgdata, pgwal) = (td.join("pg"), tw.join("wal"));
+    postgres_dir(&pgdata);
+    postgres_dir(&pgwal);
+    pg(
+        "initdb",
+        &[
+            "-D",
+            &pgdata.display().to_string(),
+            "--waldir",
+            &pgwal.display().to_string(),
+            "--wal-segsize=1",
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+        ],
+    );
+    let server = Postgres::start(&pgdata, &sockets, &sockets.join("pg.log")).await;
+    let socket = sockets.display().to_string();
+    pg(
+        "pgbench",
+        &["-h", &socket, "-p", "5432", "-U", "postgres", "-i", "-q", "postgres"],
+    );
+    // TPC-B transactions running while the group is cut.
+    let mut bench = as_postgres("pgbench")
+        .args([
+            "-h", &socket, "-p", "5432", "-U", "postgres", "-n", "-c", "4", "-T", "600", "postgres",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("pgbench");
+    while server
+        .sql("select count(*) from pgbench_history")
+        .parse::<u64>()
+        .unwrap()
+        < 200
+    {
+        assert!(bench.try_wait().unwrap().is_none(), "pgbench stopped");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut g = groups(&d).await;
+    let made = create(&mut g, "group-pg", &[&data, &wal], &[]).await.unwrap();
+    bench.kill().expect("stop pgbench");
+    bench.wait().expect("reap pgbench");
+    server.stop();
+    d.unmount_all(&data, &sd, &td).await;
+    d.unmount_all(&wal, &sw, &tw).await;
+
+    // The restored pair, mounted where the originals were (the data directory's pg_wal is a link
+    // to the WAL volume's path), starts as after a power cut: it replays its WAL.
+    let rd = restore(&mut d, "pvc-pg-data-r", "img", 256 * MIB, &member(&made, &data)).await;
+    let rw = restore(&mut d, "pvc-pg-wal-r", "img", 256 * MIB, &member(&made, &wal)).await;
+    let (sd, td) = d.mount_rw(&rd, "pgdata").await;
+    let (sw, tw) = d.mount_rw(&rw, "pgwal").await;
+    let server = Postgres::start(&td.join("pg"), &sockets, &sockets.join("pg-restored.log")).await;
+    // TPC-B keeps the balances of all accounts (and of all tellers) summing to the deltas of the
+    // history: a transaction half in the data and half in the WAL would break that (or the start).
+    let accounts = server.sql("select sum(abalance) from pgbench_accounts");
+    let history = server.sql("select coalesce(sum(delta), 0) from pgbench_history");
+    let tellers = server.sql("select sum(tbalance) from pgbench_tellers");
+    let done = server.sql("select count(*) from pgbench_history");
+    server.stop();
+    d.unmount_all(&rd, &sd, &td).await;
+    d.unmount_all(&rw, &sw, &tw).await;
+    assert_eq!(accounts, history, "accounts against history");
+    assert_eq!(tellers, history, "tellers against history");
+    assert!(
+        done.parse::<u64>().unwrap() >= 200,
+        "the restored database holds the transactions before the cut: {done}"
+    );
 }
