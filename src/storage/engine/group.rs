@@ -65,6 +65,15 @@ fn same_group(existing: &GroupRecord, req: &NewGroup) -> Result<(), StorageError
     Ok(())
 }
 
+/// One member of a group being cut: its volume and snapshot locked, its source read.
+struct Member<'a> {
+    volume: &'a VolumeId,
+    pool: &'a Pool,
+    snapshot: SnapshotId,
+    from: super::SourceData,
+    _held: crate::storage::locks::Held,
+}
+
 /// The CSI name of a member snapshot: the group's name and the volume's key.
 fn member_name(group: &str, volume: &VolumeId) -> String {
     format!("{group}-{}", volume.0.key.as_str())
@@ -97,67 +106,109 @@ impl LocalEngine {
             .locate(&home.0)
             .ok_or_else(|| StorageError::VolumeNotFound(home.to_string()))?;
         let key = Key::from_name(&req.name);
-        let id = self.group_id(pool, &key);
-        let shown = id.to_string();
+        let shown = self.group_id(pool, &key).to_string();
         let _group_held = self.take(Kind::Snapshot, &pool.config.name, &Key::from_name(&shown), &shown)?;
         if let Some(existing) = self.group_named(&req.name)? {
             same_group(&existing, req)?;
             return Ok(existing);
         }
+        let cuts = req
+            .members
+            .iter()
+            .map(|v| self.prepare_member(req, &shown, v))
+            .collect::<Result<Vec<_>, _>>()?;
+        let at = self.cut_frozen(pool, &cuts, req.freeze_timeout)?;
 
-        let mut cuts = Vec::with_capacity(req.members.len());
-        for v in &req.members {
-            let vpool = self
-                .locate(&v.0)
-                .ok_or_else(|| StorageError::VolumeNotFound(v.to_string()))?;
-            let sid = self.member_snapshot_id(&req.name, v);
-            let held = self.take(Kind::Snapshot, &sid.0.pool, &sid.0.key, &sid.to_string())?;
-            if let Some(old) = self.snapshot(&sid) {
-                if old.group.as_deref() != Some(shown.as_str()) {
-                    return Err(StorageError::Conflict(format!(
-                        "snapshot name '{}' (member of group snapshot '{}') is taken by snapshot {}",
-                        member_name(&req.name, v),
-                        req.name,
-                        old.id
-                    )));
-                }
-                // A member a failed attempt of this group left: never adopted.
-                self.remove_object(vpool, Kind::Snapshot, &sid.0.key, &sid.to_string())?;
-                tracing::info!(snapshot = %sid, group = %shown, "removed a member a failed group snapshot left");
-            }
-            let from = self.source_data(&Source::Volume(v.clone()))?;
-            let ops = layout::of(from.layout);
-            if !req.per_volume && !ops.cuts_together(from.mode) {
-                return Err(StorageError::NotTogether(format!(
-                    "volume {v} ({} {:?}) cannot be snapshotted at one point in time with other volumes; \
-                     set parameter 'consistency: per-volume' in the VolumeGroupSnapshotClass to accept \
-                     snapshots that are each consistent on their own",
-                    from.layout.as_str(),
-                    from.mode
+        crash::point("group:before-records");
+        let mut members = Vec::with_capacity(cuts.len());
+        for c in &cuts {
+            let name = member_name(&req.name, c.volume);
+            let rec = c.from.snapshot_record(&name, &c.snapshot, at, Some(shown.clone()));
+            self.store.put_snapshot(c.pool, &c.snapshot.0.key, &rec)?;
+            members.push(GroupMember {
+                volume_id: c.volume.to_string(),
+                snapshot_id: c.snapshot.to_string(),
+                size_bytes: c.from.size,
+            });
+        }
+        crash::point("group:before-group-record");
+        let rec = GroupRecord {
+            version: RECORD_VERSION,
+            name: req.name.clone(),
+            id: shown,
+            members,
+            parameters: req.parameters.clone(),
+            created_unix_secs: at.0,
+            created_nanos: at.1,
+        };
+        self.store.put_group(pool, &key, &rec)?;
+        Ok(rec)
+    }
+
+    /// Locks one member (its volume and its snapshot's name), removes what a failed attempt of this
+    /// group left under that name, and checks that the member can be cut as the request asks.
+    fn prepare_member<'a>(&'a self, req: &NewGroup, group: &str, v: &'a VolumeId) -> Result<Member<'a>, StorageError> {
+        let pool = self
+            .locate(&v.0)
+            .ok_or_else(|| StorageError::VolumeNotFound(v.to_string()))?;
+        let snapshot = self.member_snapshot_id(&req.name, v);
+        let held = self.take(Kind::Snapshot, &snapshot.0.pool, &snapshot.0.key, &snapshot.to_string())?;
+        if let Some(old) = self.snapshot(&snapshot) {
+            if old.group.as_deref() != Some(group) {
+                return Err(StorageError::Conflict(format!(
+                    "snapshot name '{}' (member of group snapshot '{}') is taken by snapshot {}",
+                    member_name(&req.name, v),
+                    req.name,
+                    old.id
                 )));
             }
-            if ops.cuts_together(from.mode) {
-                self.refuse_held_elsewhere(vpool, v)?;
-            }
-            cuts.push((v, vpool, sid, held, from));
+            // A member a failed attempt of this group left: never adopted.
+            self.remove_object(pool, Kind::Snapshot, &snapshot.0.key, &snapshot.to_string())?;
+            tracing::info!(snapshot = %snapshot, group, "removed a member a failed group snapshot left");
         }
+        let from = self.source_data(&Source::Volume(v.clone()))?;
+        let together = layout::of(from.layout).cuts_together(from.mode);
+        if !req.per_volume && !together {
+            return Err(StorageError::NotTogether(format!(
+                "volume {v} ({} {:?}) cannot be snapshotted at one point in time with other volumes; \
+                 set parameter 'consistency: per-volume' in the VolumeGroupSnapshotClass to accept \
+                 snapshots that are each consistent on their own",
+                from.layout.as_str(),
+                from.mode
+            )));
+        }
+        if together {
+            self.refuse_held_elsewhere(pool, v)?;
+        }
+        Ok(Member {
+            volume: v,
+            pool,
+            snapshot,
+            from,
+            _held: held,
+        })
+    }
 
+    /// Freezes every member's mounted filesystem, copies every member, thaws; returns the time of
+    /// the cut. A copy that fails, or a cut that outlives `within`, drops every member it made.
+    fn cut_frozen(&self, pool: &Pool, cuts: &[Member<'_>], within: Duration) -> Result<(i64, i32), StorageError> {
         let mut points = Vec::new();
-        for (_, _, _, _, from) in &cuts {
-            points.extend(layout::of(from.layout).freeze_points(&from.path)?);
+        for c in cuts {
+            points.extend(layout::of(c.from.layout).freeze_points(&c.from.path)?);
         }
         let marker = self.mark_frozen(pool, &points)?;
-        let barrier = Barrier::freeze(points, req.freeze_timeout)?;
-        let (secs, nanos) = now();
+        let barrier = Barrier::freeze(points, within)?;
+        let at = now();
         crash::point("group:frozen");
-        let mut made: Vec<(&Pool, &Key)> = Vec::new();
+        let mut made = Vec::new();
         let mut cut = Ok(());
-        for (_, vpool, sid, _, from) in &cuts {
-            cut = layout::create_copy(vpool, Kind::Snapshot, &sid.0.key, from.layout, &from.path, false, false);
+        for c in cuts {
+            let key = &c.snapshot.0.key;
+            cut = layout::create_copy(c.pool, Kind::Snapshot, key, c.from.layout, &c.from.path, false, false);
             if cut.is_err() {
                 break;
             }
-            made.push((vpool, &sid.0.key));
+            made.push((c.pool, key));
         }
         let released = barrier.release();
         if let Some(Err(e)) = marker.as_ref().map(|m| files::remove_file_if_exists(m)) {
@@ -171,30 +222,7 @@ impl LocalEngine {
             }
             return Err(e);
         }
-
-        crash::point("group:before-records");
-        let mut members = Vec::with_capacity(cuts.len());
-        for (v, vpool, sid, _, from) in &cuts {
-            let rec = from.snapshot_record(&member_name(&req.name, v), sid, (secs, nanos), Some(shown.clone()));
-            self.store.put_snapshot(vpool, &sid.0.key, &rec)?;
-            members.push(GroupMember {
-                volume_id: v.to_string(),
-                snapshot_id: sid.to_string(),
-                size_bytes: from.size,
-            });
-        }
-        crash::point("group:before-group-record");
-        let rec = GroupRecord {
-            version: RECORD_VERSION,
-            name: req.name.clone(),
-            id: shown,
-            members,
-            parameters: req.parameters.clone(),
-            created_unix_secs: secs,
-            created_nanos: nanos,
-        };
-        self.store.put_group(pool, &key, &rec)?;
-        Ok(rec)
+        Ok(at)
     }
 
     /// Writes down the filesystems a cut is about to freeze (`<pool>/groups/.frozen-<node>-<uuid>`):
