@@ -621,19 +621,31 @@ mod split {
                 })
                 .await;
             });
-            let timeouts = Timeouts {
-                connect: Duration::from_secs(5),
-                call: Duration::from_secs(15),
-                storage: Duration::from_secs(60),
-            };
-            let address = HostPort::parse(&addr.to_string()).expect("address");
-            let remote = RemoteAgent::new(node, address, &Tls::Insecure, AGENT_SERVER_NAME, timeouts).expect("client");
-            n.agents.push(Arc::new(remote));
+            n.agents.push(Arc::new(remote(node, addr)));
             n.engines.push(engine);
             n._dirs.push(dir);
             n._stops.push(stop);
         }
         n
+    }
+
+    fn remote(node: NodeId, addr: std::net::SocketAddr) -> RemoteAgent {
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(5),
+            call: Duration::from_secs(15),
+            storage: Duration::from_secs(60),
+        };
+        let address = HostPort::parse(&addr.to_string()).expect("address");
+        RemoteAgent::new(node, address, &Tls::Insecure, AGENT_SERVER_NAME, timeouts).expect("client")
+    }
+
+    /// A registered node whose agent does not answer: nothing listens at its address.
+    async fn dead_node(n: &mut Nodes, name: &str) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        n.agents
+            .push(Arc::new(remote(NodeId::parse(name).expect("node"), addr)));
     }
 
     /// A volume made through the controller on `node` (the scheduler's choice under
@@ -680,6 +692,29 @@ mod split {
             "{}",
             e.message()
         );
+    }
+
+    #[tokio::test]
+    async fn a_node_that_cannot_answer_does_not_stop_a_group_on_another_node() {
+        let mut n = nodes(&["node-1"]).await;
+        dead_node(&mut n, "node-9").await;
+        let ctl = ControllerService::new(Arc::new(n));
+        let a = volume(&ctl, "pvc-da", "node-1").await;
+        let b = volume(&ctl, "pvc-db", "node-1").await;
+        let made = ctl
+            .create_volume_group_snapshot(group_req("group-dead", &[&a, &b], true))
+            .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+        assert_eq!(made.snapshots.len(), 2);
+        // A member on the dead node is that node's to answer: UNAVAILABLE, not a group without it.
+        let e = ctl
+            .create_volume_group_snapshot(group_req("group-dead-2", &["local:node-9:default:pvc-x"], true))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
     }
 
     #[tokio::test]

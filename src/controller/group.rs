@@ -174,9 +174,18 @@ impl ControllerService {
         }
         let agent = agent.ok_or_else(|| missing("source_volume_ids"))?;
 
-        // A name already used anywhere answers for itself.
+        // A name already used anywhere answers for itself. A node that cannot answer now is
+        // skipped, as CreateVolume does: the node that cuts this group checks the name again.
         for a in self.directory.all() {
-            if let Some(existing) = a.group_named(r.name.clone()).await? {
+            let found = match a.group_named(r.name.clone()).await {
+                Ok(f) => f,
+                Err(crate::storage::StorageError::Unavailable(why)) => {
+                    tracing::warn!(node = a.node().as_str(), error = %why, "group name lookup skipped an unreachable node");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(existing) = found {
                 let had: Vec<&str> = existing.members.iter().map(|m| m.volume_id.as_str()).collect();
                 let asked: Vec<String> = members.iter().map(ToString::to_string).collect();
                 if had != asked || existing.parameters != params.all {
