@@ -11,6 +11,7 @@ use tonic::transport::Server;
 use crate::agent::{LocalAgent, SingleNode};
 use crate::controller::ControllerService;
 use crate::csi::v1::controller_server::ControllerServer;
+use crate::csi::v1::group_controller_server::GroupControllerServer;
 use crate::csi::v1::identity_server::IdentityServer;
 use crate::csi::v1::node_server::NodeServer as NodeGrpc;
 use crate::health::{Readiness, STARTING};
@@ -117,7 +118,9 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
     );
 
     let identity = IdentityService::new(&o.driver_name, readiness.flag());
-    let controller = ControllerService::new(Arc::new(SingleNode(Arc::new(LocalAgent::new(engine.clone())))));
+    let controller = Arc::new(ControllerService::new(Arc::new(SingleNode(Arc::new(LocalAgent::new(
+        engine.clone(),
+    ))))));
     crate::node::start_lease_renewer(engine.clone(), state.clone());
     let node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
     // The socket appears only now: whoever finds it (kubelet's registrar, a test) finds a driver
@@ -126,7 +129,8 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
     metrics.serving(&socket);
     let router = Server::builder()
         .add_service(IdentityServer::new(identity))
-        .add_service(ControllerServer::new(controller))
+        .add_service(ControllerServer::from_arc(controller.clone()))
+        .add_service(GroupControllerServer::from_arc(controller))
         .add_service(NodeGrpc::new(NodeServer(Arc::new(node_svc))));
     let served = server::serve_until_signal(router, listener, &socket, std::future::pending()).await;
     drop(metrics);
@@ -316,12 +320,13 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     report_pools(&readiness, &engine);
     tracing::info!(agent_listen = %o.agent_listen, socket = %socket.display(), "controller ready");
     let identity = IdentityService::new(&o.driver_name, readiness.flag());
-    let controller = ControllerService::new(Arc::new(registry));
+    let controller = Arc::new(ControllerService::new(Arc::new(registry)));
     let listener = server::bind(&socket)?;
     metrics.serving(&socket);
     let router = Server::builder()
         .add_service(IdentityServer::new(identity))
-        .add_service(ControllerServer::new(controller));
+        .add_service(ControllerServer::from_arc(controller.clone()))
+        .add_service(GroupControllerServer::from_arc(controller));
     let served = server::serve_until_signal(router, listener, &socket, o.tls.rotated()).await;
     let _ = stop_tx.send(());
     let _ = registry_server.await;

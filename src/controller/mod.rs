@@ -1,6 +1,7 @@
 //! The Controller service: validates requests, picks the node and pool, and routes each call to the
 //! agent of the node that owns the volume.
 
+pub mod group;
 pub mod page;
 pub mod request;
 
@@ -188,7 +189,8 @@ fn csi_snapshot(r: &SnapshotRecord) -> Snapshot {
             nanos: r.created_nanos,
         }),
         ready_to_use: true,
-        group_snapshot_id: String::new(),
+        // A member of a group is deleted with its group, never alone (DeleteSnapshot refuses it).
+        group_snapshot_id: r.group.clone().unwrap_or_default(),
     }
 }
 

@@ -4,6 +4,8 @@
 //! Records on disk are the truth; the in-memory index is a cache of them that every change updates
 //! after the disk, so a crash at any point leaves the disk in a state the next call converges from.
 
+mod group;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -22,6 +24,8 @@ use super::record::{AccessMode, ContentSource, Layout, SnapshotRecord, VolumeMod
 use super::store::PoolStore;
 use super::transfer::{self, Frame, Header, Import};
 use super::StorageError;
+
+pub use group::NewGroup;
 
 /// Size given to a volume whose request names no capacity.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
@@ -138,6 +142,25 @@ struct SourceData {
     mode: VolumeMode,
     fs_bytes: u64,
     _held: Held,
+}
+
+impl SourceData {
+    /// The record of a snapshot of this source, cut `at` (seconds, nanoseconds).
+    fn snapshot_record(&self, name: &str, id: &SnapshotId, at: (i64, i32), group: Option<String>) -> SnapshotRecord {
+        SnapshotRecord {
+            version: RECORD_VERSION,
+            name: name.to_string(),
+            id: id.to_string(),
+            source_volume_id: self.id.clone(),
+            size_bytes: self.size,
+            created_unix_secs: at.0,
+            created_nanos: at.1,
+            layout: self.layout,
+            mode: self.mode,
+            fs_bytes: self.fs_bytes,
+            group,
+        }
+    }
 }
 
 /// A CreateVolume that passed every check and holds its volume's lock, not made yet.
@@ -264,6 +287,7 @@ impl LocalEngine {
             mounted_here: std::sync::OnceLock::new(),
         };
         engine.store = PoolStore::load(engine.pools.values())?;
+        engine.thaw_left_frozen();
         Ok(engine)
     }
 
@@ -1247,19 +1271,7 @@ impl LocalEngine {
         let key = &id.0.key;
         layout::create_copy(pool, Kind::Snapshot, key, from.layout, &from.path, false, freeze)?;
         crash::point("create-snapshot:before-record");
-        let (secs, nanos) = now();
-        let rec = SnapshotRecord {
-            version: RECORD_VERSION,
-            name: name.to_string(),
-            id: id.to_string(),
-            source_volume_id: from.id.clone(),
-            size_bytes: from.size,
-            created_unix_secs: secs,
-            created_nanos: nanos,
-            layout: from.layout,
-            mode: from.mode,
-            fs_bytes: from.fs_bytes,
-        };
+        let rec = from.snapshot_record(name, id, now(), None);
         self.store.put_snapshot(pool, key, &rec)?;
         Ok(rec)
     }
@@ -1269,6 +1281,9 @@ impl LocalEngine {
             return Ok(());
         };
         let _held = self.take(Kind::Snapshot, &id.0.pool, &id.0.key, &id.to_string())?;
+        if let Some(rec) = self.snapshot(id) {
+            self.refuse_group_member(&rec)?;
+        }
         self.remove_object(pool, Kind::Snapshot, &id.0.key, &id.to_string())?;
         Ok(())
     }
