@@ -318,7 +318,7 @@ async fn storage_health(d: &mut Driver) -> Vec<StorageBackendHealth> {
     d.node
         .node_get_storage_health(NodeGetStorageHealthRequest::default())
         .await
-        .unwrap()
+        .expect("NodeGetStorageHealth")
         .into_inner()
         .backend_health
 }
@@ -363,7 +363,7 @@ async fn health_capabilities(d: &mut Driver) -> (bool, bool, bool, bool) {
         .node
         .node_get_capabilities(NodeGetCapabilitiesRequest {})
         .await
-        .unwrap()
+        .expect("NodeGetCapabilities")
         .into_inner()
         .capabilities
         .iter()
@@ -373,7 +373,7 @@ async fn health_capabilities(d: &mut Driver) -> (bool, bool, bool, bool) {
         .ctl
         .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
         .await
-        .unwrap()
+        .expect("ControllerGetCapabilities")
         .into_inner()
         .capabilities
         .iter()
