@@ -55,6 +55,10 @@ enum Command {
         /// Off when absent.
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_listen: Option<SocketAddr>,
+        /// Name the CSI 1.13 health RPCs in GetCapabilities. They are served either way; off by
+        /// default because csi-sanity v5.4 and older sidecars refuse capability values they do not know.
+        #[arg(long)]
+        advertise_volume_health: bool,
     },
     /// The controller of split mode: Identity + Controller for the sidecars, the registry nodes
     /// report to over mutual TLS, and the shared pools.
@@ -83,6 +87,10 @@ enum Command {
         /// Off when absent.
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_listen: Option<SocketAddr>,
+        /// Name the CSI 1.13 health RPCs in GetCapabilities. They are served either way; off by
+        /// default because csi-sanity v5.4 and older sidecars refuse capability values they do not know.
+        #[arg(long)]
+        advertise_volume_health: bool,
     },
     /// A node of split mode: Identity + Node for kubelet, and the agent the controller calls.
     Node {
@@ -119,6 +127,10 @@ enum Command {
         /// Off when absent.
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_listen: Option<SocketAddr>,
+        /// Name the CSI 1.13 health RPCs in GetCapabilities. They are served either way; off by
+        /// default because csi-sanity v5.4 and older sidecars refuse capability values they do not know.
+        #[arg(long)]
+        advertise_volume_health: bool,
     },
     /// A CSI client for any driver: operate and benchmark it from a shell.
     Csi(cellar::client::CsiArgs),
@@ -215,6 +227,7 @@ fn main() -> ExitCode {
             driver_name,
             max_volumes_per_node,
             metrics_listen,
+            advertise_volume_health,
         } => {
             init_logging(cli.log_format);
             let opts = cellar::roles::AllInOne {
@@ -225,6 +238,7 @@ fn main() -> ExitCode {
                 driver_name,
                 max_volumes_per_node,
                 metrics_listen,
+                advertise_volume_health,
             };
             runtime
                 .block_on(cellar::roles::all_in_one(opts))
@@ -239,6 +253,7 @@ fn main() -> ExitCode {
             name,
             tls,
             metrics_listen,
+            advertise_volume_health,
         } => {
             init_logging(cli.log_format);
             let opts = cellar::roles::ControllerRole {
@@ -250,6 +265,7 @@ fn main() -> ExitCode {
                 tls: tls.flags(),
                 metrics_listen,
                 name,
+                advertise_volume_health,
             };
             runtime
                 .block_on(cellar::roles::controller(opts))
@@ -267,6 +283,7 @@ fn main() -> ExitCode {
             tls,
             max_volumes_per_node,
             metrics_listen,
+            advertise_volume_health,
         } => {
             init_logging(cli.log_format);
             let opts = cellar::roles::NodeRole {
@@ -281,6 +298,7 @@ fn main() -> ExitCode {
                 tls: tls.flags(),
                 max_volumes_per_node,
                 metrics_listen,
+                advertise_volume_health,
             };
             runtime.block_on(cellar::roles::node(opts)).map_err(|e| e.to_string())
         }

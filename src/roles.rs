@@ -35,6 +35,8 @@ pub struct AllInOne {
     pub max_volumes_per_node: i64,
     /// Where to serve /metrics, /healthz and /readyz; off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Name the CSI 1.13 health RPCs in GetCapabilities (docs/health.md); they are served either way.
+    pub advertise_volume_health: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,11 +120,13 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
     );
 
     let identity = IdentityService::new(&o.driver_name, readiness.flag());
-    let controller = Arc::new(ControllerService::new(Arc::new(SingleNode(Arc::new(LocalAgent::new(
-        engine.clone(),
-    ))))));
+    let controller = Arc::new(
+        ControllerService::new(Arc::new(SingleNode(Arc::new(LocalAgent::new(engine.clone())))))
+            .advertising_health(o.advertise_volume_health),
+    );
     crate::node::start_lease_renewer(engine.clone(), state.clone());
-    let node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
+    let mut node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
+    node_svc.advertise_health = o.advertise_volume_health;
     // The socket appears only now: whoever finds it (kubelet's registrar, a test) finds a driver
     // whose pools and node state are open.
     let listener = server::bind(&socket)?;
@@ -262,6 +266,8 @@ pub struct ControllerRole {
     pub metrics_listen: Option<SocketAddr>,
     /// The name this controller goes by in volume records of shared pools (its pod name).
     pub name: String,
+    /// Name the CSI 1.13 health RPCs in GetCapabilities (docs/health.md); they are served either way.
+    pub advertise_volume_health: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -277,6 +283,8 @@ pub struct NodeRole {
     pub tls: TlsFlags,
     pub max_volumes_per_node: i64,
     pub metrics_listen: Option<SocketAddr>,
+    /// Name the CSI 1.13 health RPCs in GetCapabilities (docs/health.md); they are served either way.
+    pub advertise_volume_health: bool,
 }
 
 /// `cellar controller`: Identity + Controller for the sidecars, the registry the nodes report to,
@@ -320,7 +328,7 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     report_pools(&readiness, &engine);
     tracing::info!(agent_listen = %o.agent_listen, socket = %socket.display(), "controller ready");
     let identity = IdentityService::new(&o.driver_name, readiness.flag());
-    let controller = Arc::new(ControllerService::new(Arc::new(registry)));
+    let controller = Arc::new(ControllerService::new(Arc::new(registry)).advertising_health(o.advertise_volume_health));
     let listener = server::bind(&socket)?;
     metrics.serving(&socket);
     let router = Server::builder()
@@ -398,7 +406,8 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     tracing::info!(node = node.as_str(), agent_listen = %o.agent_listen, socket = %socket.display(), "node ready");
     let identity = IdentityService::new(&o.driver_name, readiness.flag());
     crate::node::start_lease_renewer(engine.clone(), state.clone());
-    let node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
+    let mut node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
+    node_svc.advertise_health = o.advertise_volume_health;
     let listener = server::bind(&socket)?;
     metrics.serving(&socket);
     let router = Server::builder()

@@ -107,6 +107,11 @@ pub struct Ownership {
     pub mode: Option<u32>,
 }
 
+/// Words in every condition of a volume with no record, and of a dir volume over its capacity:
+/// only the message crosses the agent wire, and csi/health.rs tells the faults apart by them.
+pub const NO_RECORD: &str = "has no record on node";
+pub const UNENFORCED_CAPACITY: &str = "dir volumes do not enforce capacity";
+
 /// Whether a volume's data is where its record says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Condition {
@@ -1186,7 +1191,7 @@ impl LocalEngine {
         let Ok((rec, data)) = self.volume_data(id) else {
             return Condition {
                 abnormal: true,
-                message: format!("volume {id} has no record on node {}", self.node.as_str()),
+                message: format!("volume {id} {NO_RECORD} {}", self.node.as_str()),
             };
         };
         if let Some(message) = layout::fault(rec.layout, &data) {
@@ -1201,7 +1206,7 @@ impl LocalEngine {
                 return Condition {
                     abnormal: true,
                     message: format!(
-                        "volume {id} holds {held} bytes, capacity {}; dir volumes do not enforce capacity \
+                        "volume {id} holds {held} bytes, capacity {}; {UNENFORCED_CAPACITY} \
                          (use layout btrfs or image for a hard limit)",
                         rec.capacity_bytes
                     ),
