@@ -46,6 +46,8 @@ pub struct NodeService {
     pub state: Arc<NodeState>,
     pub in_flight: InFlight,
     pub max_volumes: i64,
+    /// Why each shared pool's share was last unusable, so an outage is logged once, not per call.
+    share_down: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
     /// Whether NodeGetCapabilities names the CSI 1.13 health RPCs (served either way).
     pub advertise_health: bool,
 }
@@ -69,6 +71,7 @@ impl NodeService {
             state,
             in_flight: InFlight::default(),
             max_volumes,
+            share_down: Default::default(),
             advertise_health: false,
         }
     }
@@ -266,6 +269,25 @@ impl NodeService {
     /// Checks the share under a shared pool and, when cellar mounts it and it has gone stale
     /// (server restarted, network cut), mounts it again, so nothing stacks on a dead mount.
     fn ensure_share(&self, volume_id: &str) -> Result<(), NodeError> {
+        let Some((pool, _)) = self.shared_pool(volume_id) else {
+            return Ok(());
+        };
+        let checked = self.check_share(volume_id);
+        let mut down = self.share_down.lock().unwrap_or_else(|p| p.into_inner());
+        match &checked {
+            Err(e) if down.get(pool.as_str()) != Some(&e.to_string()) => {
+                tracing::warn!(pool = pool.as_str(), error = %e, "share unusable; its volumes cannot be staged or published");
+                down.insert(pool.as_str().to_string(), e.to_string());
+            }
+            Ok(()) if down.remove(pool.as_str()).is_some() => {
+                tracing::info!(pool = pool.as_str(), "share usable again");
+            }
+            _ => {}
+        }
+        checked
+    }
+
+    fn check_share(&self, volume_id: &str) -> Result<(), NodeError> {
         let Some((pool, cfg)) = self.shared_pool(volume_id) else {
             return Ok(());
         };
