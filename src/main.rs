@@ -70,6 +70,8 @@ enum Command {
         name: String,
         #[command(flatten)]
         tls: TlsArgs,
+        #[command(flatten)]
+        registry: RegistryArgs,
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_listen: Option<SocketAddr>,
     },
@@ -106,6 +108,24 @@ enum Command {
     /// entries, leftovers, stray loop devices and mounts. Read-only unless --fix. Exit code 0: nothing
     /// found (or all fixed); 2: findings remain; 1: the report failed.
     Report(cellar::report::ReportArgs),
+}
+
+/// The controller's registry of nodes (docs/split-mode.md, "Heartbeats and the registry").
+#[derive(clap::Args)]
+struct RegistryArgs {
+    /// Refuse the nodes' shared certificate (cellar-agent): every node must register with a
+    /// certificate naming it (<node>.cellar-agent). See docs/security.md.
+    #[arg(long)]
+    require_node_certificates: bool,
+}
+
+impl RegistryArgs {
+    fn config(self) -> cellar::agent::registry::RegistryConfig {
+        cellar::agent::registry::RegistryConfig {
+            require_node_certificates: self.require_node_certificates,
+            ..Default::default()
+        }
+    }
 }
 
 /// Mutual TLS between the controller and the nodes.
@@ -216,10 +236,12 @@ fn main() -> ExitCode {
             driver_name,
             name,
             tls,
+            registry,
             metrics_listen,
         } => {
             init_logging(cli.log_format);
             let opts = cellar::roles::ControllerRole {
+                registry: registry.config(),
                 endpoint,
                 agent_listen,
                 data_dir,

@@ -214,6 +214,7 @@ pub struct ControllerRole {
     pub config: Option<PathBuf>,
     pub driver_name: String,
     pub tls: TlsFlags,
+    pub registry: crate::agent::registry::RegistryConfig,
     pub metrics_listen: Option<SocketAddr>,
     /// The name this controller goes by in volume records of shared pools (its pod name).
     pub name: String,
@@ -251,11 +252,7 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     let engine = Arc::new(engine);
     engine.start_purger();
     let shared: Arc<dyn crate::agent::Agent> = Arc::new(LocalAgent::new(engine.clone()));
-    let registry = crate::agent::registry::Registry::new(
-        crate::agent::registry::RegistryConfig::default(),
-        tls.clone(),
-        Some(shared),
-    );
+    let registry = crate::agent::registry::Registry::new(o.registry.clone(), tls.clone(), Some(shared));
     let sweeper = AbortOnDrop(tokio::spawn(registry.clone().run_sweeper()));
     let metrics = serve_metrics(
         o.metrics_listen,
@@ -319,16 +316,18 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
         .await
         .map_err(|e| RoleError::Split(format!("--agent-listen {}: {e}", o.agent_listen)))?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let routes = tonic::service::Routes::new(crate::agent::server::AgentService::new(engine.clone()).into_server());
+    let topology = [(crate::csi::TOPOLOGY_NODE_KEY.to_string(), node.as_str().to_string())].into();
+    // The agent serves only a caller whose certificate names the controller as this node dials it
+    // (the name the node checks on the registry's certificate), which no node certificate carries.
+    let beat_config = HeartbeatConfig::new(controller, node.clone(), topology, advertise);
+    let only_controller = tls.callers(&beat_config.server_name);
+    let routes = tonic::service::Routes::new(
+        crate::agent::server::AgentService::new(engine.clone()).into_server(only_controller),
+    );
     let agent_server = tokio::spawn(crate::agent::server::serve(listener, tls.clone(), routes, async {
         let _ = stop_rx.await;
     }));
-    let topology = [(crate::csi::TOPOLOGY_NODE_KEY.to_string(), node.as_str().to_string())].into();
-    let beat = Heartbeat::new(
-        HeartbeatConfig::new(controller, node.clone(), topology, advertise),
-        tls,
-        Arc::new(LocalAgent::new(engine.clone())),
-    );
+    let beat = Heartbeat::new(beat_config, tls, Arc::new(LocalAgent::new(engine.clone())));
     // Ready once the pools are open and a controller has acknowledged this node.
     let pools_open = engine.ready();
     let registered = ready.clone();

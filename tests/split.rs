@@ -29,22 +29,24 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A CA and one certificate for every process: the controller is reached as `localhost`, the
-/// agents as `cellar-agent` (see docs/split-mode.md).
+/// A CA and the two certificates the chart issues: the controller's, named as the nodes reach it
+/// (`localhost`), and the one all nodes share, named `cellar-agent` (see docs/security.md).
 fn write_certs(dir: &Path) {
     let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name.push(DnType::CommonName, "cellar test CA");
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("CA");
-    let mut leaf = CertificateParams::new(vec!["localhost".to_string(), "cellar-agent".to_string()]).expect("params");
-    leaf.distinguished_name.push(DnType::CommonName, "cellar");
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    let key = KeyPair::generate().expect("key");
-    let cert = leaf.signed_by(&key, &issuer).expect("sign");
     std::fs::write(dir.join("ca.pem"), issuer.pem()).expect("ca");
-    std::fs::write(dir.join("tls.pem"), cert.pem()).expect("cert");
-    std::fs::write(dir.join("tls.key"), key.serialize_pem()).expect("key");
+    for (role, san) in [("controller", "localhost"), ("node", "cellar-agent")] {
+        let mut leaf = CertificateParams::new(vec![san.to_string()]).expect("params");
+        leaf.distinguished_name.push(DnType::CommonName, san);
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().expect("key");
+        let cert = leaf.signed_by(&key, &issuer).expect("sign");
+        std::fs::write(dir.join(format!("{role}.pem")), cert.pem()).expect("cert");
+        std::fs::write(dir.join(format!("{role}.key")), key.serialize_pem()).expect("key");
+    }
 }
 
 struct Cluster {
@@ -95,15 +97,16 @@ impl Cluster {
         c
     }
 
-    fn tls_args(&self) -> Vec<String> {
+    /// The TLS flags of a `role`: "controller" or "node".
+    fn tls_args(&self, role: &str) -> Vec<String> {
         let d = self.dir.path();
         vec![
             "--tls-ca".into(),
             d.join("ca.pem").display().to_string(),
             "--tls-cert".into(),
-            d.join("tls.pem").display().to_string(),
+            d.join(format!("{role}.pem")).display().to_string(),
             "--tls-key".into(),
-            d.join("tls.key").display().to_string(),
+            d.join(format!("{role}.key")).display().to_string(),
         ]
     }
 
@@ -142,7 +145,7 @@ impl Cluster {
             "--metrics-listen".into(),
             format!("127.0.0.1:{}", self.metrics),
         ];
-        args.extend(self.tls_args());
+        args.extend(self.tls_args("controller"));
         self.controller = Some(self.spawn("controller", args, envs));
     }
 
@@ -184,7 +187,7 @@ impl Cluster {
             std::fs::write(&cfg, yaml).expect("config");
             args.extend(["--config".into(), cfg.display().to_string()]);
         }
-        args.extend(self.tls_args());
+        args.extend(self.tls_args("node"));
         self.nodes[i].1 = Some(self.spawn(&name, args, envs));
     }
 

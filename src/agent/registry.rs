@@ -6,16 +6,20 @@
 //! restart every live node is back within one heartbeat, and until then (the settling window) an
 //! unknown node is "not registered yet" (UNAVAILABLE), never "no such node" (NOT_FOUND), so no
 //! DeleteVolume succeeds for a volume whose node simply has not called in yet.
+//!
+//! Only a node may register, and a node holding a certificate of its own may speak only for
+//! itself ([`NodeIdentity`], docs/security.md).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
+use rustls_pki_types::CertificateDer;
 use tonic::{Request, Response, Status};
 
 use super::remote::{unavailable, HostPort, RemoteAgent, Timeouts, MAX_MESSAGE_BYTES};
-use super::tls::{Tls, AGENT_SERVER_NAME};
+use super::tls::{self, Tls, AGENT_SERVER_NAME};
 use super::wire::{self, v1};
 use super::{Agent, Directory, Frames};
 use crate::storage::engine::{CapacityRange, Condition, Mutable, NewVolume, PoolStatus, Source};
@@ -44,8 +48,12 @@ pub struct RegistryConfig {
     pub missed_heartbeats: u32,
     /// After a start, how long an unknown node counts as "not registered yet" rather than absent.
     pub settle: Duration,
-    /// The SAN the controller expects on agents' certificates.
+    /// The SAN the controller expects on agents' certificates; a node's own certificate names
+    /// `<node>.<agent_server_name>`.
     pub agent_server_name: String,
+    /// Refuse the nodes' shared certificate: every node must register with a certificate naming
+    /// it (`--require-node-certificates`).
+    pub require_node_certificates: bool,
     pub agent_timeouts: Timeouts,
 }
 
@@ -57,12 +65,18 @@ impl Default for RegistryConfig {
             missed_heartbeats: 3,
             settle: 2 * heartbeat_interval,
             agent_server_name: AGENT_SERVER_NAME.to_string(),
+            require_node_certificates: false,
             agent_timeouts: Timeouts::default(),
         }
     }
 }
 
 impl RegistryConfig {
+    /// The name a certificate issued to `node` alone carries: `<node>.<agent_server_name>`.
+    pub fn node_server_name(&self, node: &NodeId) -> String {
+        format!("{}.{}", node.as_str(), self.agent_server_name)
+    }
+
     /// How long after its last heartbeat a node stays available.
     pub fn expiry(&self) -> Duration {
         self.heartbeat_interval * self.missed_heartbeats.max(1)
@@ -105,6 +119,27 @@ impl From<&NodeReport> for v1::NodeStatus {
     }
 }
 
+/// How a node proved which node it is when it registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeIdentity {
+    /// Plaintext, or the certificate all nodes share (`cellar-agent`): the node id is taken on
+    /// trust, and the controller dials the node expecting the shared name.
+    Shared,
+    /// A certificate naming this node (`<node>.cellar-agent`): it registers only as this node,
+    /// and the controller dials it expecting that name, so no other node can answer for it.
+    Own(String),
+}
+
+impl NodeIdentity {
+    /// The name the controller expects on the node's agent certificate.
+    fn server_name<'a>(&'a self, config: &'a RegistryConfig) -> &'a str {
+        match self {
+            NodeIdentity::Shared => &config.agent_server_name,
+            NodeIdentity::Own(name) => name,
+        }
+    }
+}
+
 /// A node as the registry sees it now.
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
@@ -126,6 +161,8 @@ pub enum Change {
 pub enum RegistryError {
     #[error("heartbeat refused: {0}")]
     Invalid(#[from] wire::WireError),
+    #[error("heartbeat refused: {0}")]
+    Denied(String),
     #[error("cannot make a client for node {node}'s agent at {address}: {reason}")]
     Client {
         node: String,
@@ -138,6 +175,7 @@ impl From<RegistryError> for Status {
     fn from(e: RegistryError) -> Status {
         match e {
             RegistryError::Invalid(_) => Status::invalid_argument(e.to_string()),
+            RegistryError::Denied(_) => Status::permission_denied(e.to_string()),
             RegistryError::Client { .. } => Status::internal(e.to_string()),
         }
     }
@@ -145,6 +183,7 @@ impl From<RegistryError> for Status {
 
 struct Entry {
     report: NodeReport,
+    identity: NodeIdentity,
     last_heartbeat: Instant,
     agent: Arc<RemoteAgent>,
     /// Whether the sweeper has already logged this node as unavailable.
@@ -238,14 +277,59 @@ impl Registry {
         &self.shared.config
     }
 
-    /// Records a heartbeat (or a registration: they are the same upsert). Runs inside a Tokio
-    /// runtime: a new node's client spawns its connection worker there.
+    /// Which node the client certificate of a heartbeat may speak for, given the node it claims
+    /// to be. `None`: no certificate (plaintext).
+    pub fn identify(&self, cert: Option<&CertificateDer<'_>>, node: &NodeId) -> Result<NodeIdentity, RegistryError> {
+        let config = &self.shared.config;
+        let Some(cert) = cert else {
+            return match self.shared.tls {
+                Tls::Insecure => Ok(NodeIdentity::Shared),
+                Tls::Mutual(_) => Err(RegistryError::Denied("the caller presented no certificate".into())),
+            };
+        };
+        let own = config.node_server_name(node);
+        if tls::certificate_names(cert, &own) {
+            return Ok(NodeIdentity::Own(own));
+        }
+        if !tls::certificate_names(cert, &config.agent_server_name) {
+            return Err(RegistryError::Denied(format!(
+                "only a node may register, and as itself: the caller's certificate names neither '{own}' nor '{}'",
+                config.agent_server_name
+            )));
+        }
+        if config.require_node_certificates {
+            return Err(RegistryError::Denied(format!(
+                "node {} presented the nodes' shared certificate; this controller requires a certificate naming '{own}' (--require-node-certificates)",
+                node.as_str()
+            )));
+        }
+        Ok(NodeIdentity::Shared)
+    }
+
+    /// Records a heartbeat (or a registration: they are the same upsert) from a node that
+    /// presented the shared identity (or none, over plaintext).
     pub fn heartbeat(&self, report: NodeReport) -> Result<Change, RegistryError> {
+        self.heartbeat_as(report, NodeIdentity::Shared)
+    }
+
+    /// Records a heartbeat from a node that proved `identity` ([`Registry::identify`]). A node that
+    /// once registered with its own certificate cannot be spoken for with the shared one until the
+    /// controller restarts. Runs inside a Tokio runtime: a new node's client spawns its connection
+    /// worker there.
+    pub fn heartbeat_as(&self, report: NodeReport, identity: NodeIdentity) -> Result<Change, RegistryError> {
         let s = &self.shared;
         let now = s.clock.now();
         let mut nodes = s.write();
+        if let Some(e) = nodes.get(&report.node) {
+            if matches!(e.identity, NodeIdentity::Own(_)) && identity == NodeIdentity::Shared {
+                return Err(RegistryError::Denied(format!(
+                    "node {} registered with a certificate of its own; the nodes' shared certificate cannot speak for it",
+                    report.node.as_str()
+                )));
+            }
+        }
         let (change, agent) = match nodes.get(&report.node) {
-            Some(e) if e.report.agent_address == report.agent_address => {
+            Some(e) if e.report.agent_address == report.agent_address && e.identity == identity => {
                 let change = if s.is_fresh(e) {
                     Change::Same
                 } else {
@@ -258,7 +342,7 @@ impl Registry {
                     report.node.clone(),
                     report.agent_address.clone(),
                     &s.tls,
-                    &s.config.agent_server_name,
+                    identity.server_name(&s.config),
                     s.config.agent_timeouts,
                 )
                 .map_err(|e| RegistryError::Client {
@@ -279,6 +363,7 @@ impl Registry {
             report.node.clone(),
             Entry {
                 report,
+                identity,
                 last_heartbeat: now,
                 agent,
                 reported_down: false,
@@ -489,9 +574,13 @@ pub struct RegistryService {
 
 impl RegistryService {
     fn record(&self, rpc: &str, req: Request<v1::NodeStatus>) -> Result<Response<v1::RegistryAck>, Status> {
+        let cert = tls::peer_certificate(&req);
         let report = NodeReport::try_from(req.into_inner()).map_err(RegistryError::from)?;
+        let identity = self.registry.identify(cert.as_ref(), &report.node).inspect_err(|e| {
+            tracing::warn!(node = report.node.as_str(), rpc, error = %e, "heartbeat refused");
+        })?;
         let (node, address) = (report.node.clone(), report.agent_address.clone());
-        let change = self.registry.heartbeat(report)?;
+        let change = self.registry.heartbeat_as(report, identity)?;
         let (node, address) = (node.as_str(), address.to_string());
         match change {
             Change::New => tracing::info!(node, address, rpc, "node registered"),

@@ -19,7 +19,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::remote::{MAX_MESSAGE_BYTES, NODE_HEADER};
-use super::tls::{Tls, TlsError};
+use super::tls::{Callers, Tls, TlsError};
 use super::wire::{self, v1, WireError};
 use super::{Agent, LocalAgent};
 use crate::storage::engine::{LocalEngine, NewVolume, Source};
@@ -60,31 +60,45 @@ impl AgentService {
         AgentService { agent }
     }
 
-    /// The service ready to add to a server: refuses calls addressed to another node, and takes
+    /// The service ready to add to a server: serves only `controller` (the callers whose
+    /// certificate names the controller), refuses calls addressed to another node, and takes
     /// messages as large as the controller may send.
-    pub fn into_server(self) -> InterceptedService<v1::agent_server::AgentServer<AgentService>, AddressedTo> {
+    pub fn into_server(
+        self,
+        controller: Callers,
+    ) -> InterceptedService<v1::agent_server::AgentServer<AgentService>, Gate> {
         let node = self.agent.node().clone();
         let server = v1::agent_server::AgentServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        InterceptedService::new(server, AddressedTo(node))
+        InterceptedService::new(server, Gate { node, controller })
     }
 }
 
-/// Refuses a call whose `cellar-node` header names another node: the controller holds a stale
-/// address (the node moved, another took its IP). UNAVAILABLE, so the controller retries after
-/// the right node's next heartbeat.
+/// What every call to an agent passes before it runs:
+/// - the caller holds the controller's identity, else PERMISSION_DENIED: a node's certificate
+///   (which every node holds) must never read, change or delete another node's volumes;
+/// - its `cellar-node` header names this node. Missing is INVALID_ARGUMENT (the controller always
+///   sends it); another node is UNAVAILABLE: the controller holds a stale address (the node moved,
+///   another took its IP) and retries after the right node's next heartbeat.
 #[derive(Clone)]
-pub struct AddressedTo(NodeId);
+pub struct Gate {
+    node: NodeId,
+    controller: Callers,
+}
 
-impl Interceptor for AddressedTo {
+impl Interceptor for Gate {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        self.controller.admit(&req, "the controller")?;
         match req.metadata().get(NODE_HEADER).map(|v| v.to_str()) {
-            None => Ok(req),
-            Some(Ok(n)) if n == self.0.as_str() => Ok(req),
+            None => Err(Status::invalid_argument(format!(
+                "the {NODE_HEADER} header is required: it names the node the call is meant for ({})",
+                self.node.as_str()
+            ))),
+            Some(Ok(n)) if n == self.node.as_str() => Ok(req),
             Some(n) => Err(Status::unavailable(format!(
                 "this agent serves node {}, not {}",
-                self.0.as_str(),
+                self.node.as_str(),
                 n.unwrap_or("(unreadable)")
             ))),
         }
