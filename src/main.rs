@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -117,14 +118,61 @@ struct RegistryArgs {
     /// certificate naming it (<node>.cellar-agent). See docs/security.md.
     #[arg(long)]
     require_node_certificates: bool,
+    /// How often nodes are told to heartbeat; a node silent for three intervals is unavailable.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
+    /// At most this many nodes: a new one takes the place of the longest-silent unavailable one,
+    /// or is refused (RESOURCE_EXHAUSTED) when all are available.
+    #[arg(long, value_name = "N", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_nodes: u32,
+    /// The largest heartbeat accepted (a node's pools and topology), in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..))]
+    max_heartbeat_bytes: u32,
+    /// A node silent this long is forgotten: dropped from the registry, its volumes listed as
+    /// abnormal from their last listing. Longer than three heartbeat intervals.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    forget_nodes_after: Duration,
 }
 
 impl RegistryArgs {
-    fn config(self) -> cellar::agent::registry::RegistryConfig {
-        cellar::agent::registry::RegistryConfig {
+    fn config(self) -> Result<cellar::agent::registry::RegistryConfig, String> {
+        let defaults = cellar::agent::registry::RegistryConfig::default();
+        let config = cellar::agent::registry::RegistryConfig {
             require_node_certificates: self.require_node_certificates,
-            ..Default::default()
+            heartbeat_interval: self.heartbeat_interval,
+            settle: 2 * self.heartbeat_interval,
+            max_nodes: self.max_nodes as usize,
+            max_heartbeat_bytes: self.max_heartbeat_bytes as usize,
+            forget_after: self.forget_nodes_after,
+            ..defaults
+        };
+        if config.forget_after <= config.expiry() {
+            return Err(format!(
+                "--forget-nodes-after {:?} must be longer than the {:?} after which a node is unavailable (3 x --heartbeat-interval)",
+                config.forget_after,
+                config.expiry()
+            ));
         }
+        if config.heartbeat_interval < Duration::from_millis(50) {
+            return Err("--heartbeat-interval must be at least 50ms".into());
+        }
+        Ok(config)
+    }
+}
+
+/// A duration such as `500ms`, `5s`, `30m`, `1h` (a bare number is seconds).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let at = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(at);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration such as 500ms, 5s, 30m or 1h"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("'{s}': unit must be ms, s, m or h")),
     }
 }
 
@@ -240,20 +288,22 @@ fn main() -> ExitCode {
             metrics_listen,
         } => {
             init_logging(cli.log_format);
-            let opts = cellar::roles::ControllerRole {
-                registry: registry.config(),
-                endpoint,
-                agent_listen,
-                data_dir,
-                config,
-                driver_name,
-                tls: tls.flags(),
-                metrics_listen,
-                name,
-            };
-            runtime
-                .block_on(cellar::roles::controller(opts))
-                .map_err(|e| e.to_string())
+            registry.config().and_then(|registry| {
+                let opts = cellar::roles::ControllerRole {
+                    registry,
+                    endpoint,
+                    agent_listen,
+                    data_dir,
+                    config,
+                    driver_name,
+                    tls: tls.flags(),
+                    metrics_listen,
+                    name,
+                };
+                runtime
+                    .block_on(cellar::roles::controller(opts))
+                    .map_err(|e| e.to_string())
+            })
         }
         Command::Node {
             endpoint,

@@ -706,17 +706,50 @@ async fn start_registry(ca: &Ca, config: RegistryConfig) -> RegistryUnderTest {
 
 /// One Register call holding `leaf`, claiming to be `node` with its agent at `agent`.
 async fn register(ca: &Ca, leaf: &Leaf, at: SocketAddr, node: &str, agent: SocketAddr) -> Result<(), Status> {
+    register_with(ca, leaf, at, node, agent, BTreeMap::new()).await
+}
+
+/// Register with these topology segments.
+async fn register_with(
+    ca: &Ca,
+    leaf: &Leaf,
+    at: SocketAddr,
+    node: &str,
+    agent: SocketAddr,
+    topology: BTreeMap<String, String>,
+) -> Result<(), Status> {
     let channel = raw_channel(ca, leaf, at, CONTROLLER).await;
     v1::registry_client::RegistryClient::new(channel)
         .register(v1::NodeStatus {
             node_id: node.into(),
-            topology: Default::default(),
+            topology,
             agent_address: agent.to_string(),
             pools: vec![],
             version: "test".into(),
         })
         .await
         .map(|_| ())
+}
+
+#[tokio::test]
+async fn a_heartbeat_larger_than_the_limit_is_out_of_range() {
+    let ca = Ca::new("cellar test CA");
+    let config = RegistryConfig {
+        max_heartbeat_bytes: 4096,
+        ..Default::default()
+    };
+    let r = start_registry(&ca, config).await;
+    let somewhere: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let leaf = ca.leaf(AGENT_SERVER_NAME);
+    let huge = BTreeMap::from([("padding".to_string(), "x".repeat(8192))]);
+    let e = register_with(&ca, &leaf, r.addr, NODE, somewhere, huge)
+        .await
+        .expect_err("too large");
+    assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
+    assert!(r.registry.nodes().is_empty());
+    register(&ca, &leaf, r.addr, NODE, somewhere)
+        .await
+        .expect("a heartbeat within the limit");
 }
 
 fn node_id(n: &str) -> NodeId {

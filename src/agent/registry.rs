@@ -9,16 +9,21 @@
 //!
 //! Only a node may register, and a node holding a certificate of its own may speak only for
 //! itself ([`NodeIdentity`], docs/security.md).
+//!
+//! The registry is bounded: at most `max_nodes` nodes (an unavailable one makes room for a new one;
+//! live ones never do), heartbeats of at most `max_heartbeat_bytes`, and a node silent for
+//! `forget_after` is forgotten: only its id is kept (bounded too), so that calls on its volumes stay
+//! UNAVAILABLE rather than "no such node" until it comes back.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use rustls_pki_types::CertificateDer;
 use tonic::{Request, Response, Status};
 
-use super::remote::{unavailable, HostPort, RemoteAgent, Timeouts, MAX_MESSAGE_BYTES};
+use super::remote::{unavailable, HostPort, RemoteAgent, Timeouts};
 use super::tls::{self, Tls, AGENT_SERVER_NAME};
 use super::wire::{self, v1};
 use super::{Agent, Directory, Frames};
@@ -54,6 +59,14 @@ pub struct RegistryConfig {
     /// Refuse the nodes' shared certificate: every node must register with a certificate naming
     /// it (`--require-node-certificates`).
     pub require_node_certificates: bool,
+    /// At most this many nodes (`--max-nodes`); a new node beyond it takes the place of the
+    /// longest-silent unavailable one, or is refused with RESOURCE_EXHAUSTED.
+    pub max_nodes: usize,
+    /// The largest heartbeat accepted, in bytes (`--max-heartbeat-bytes`); larger is OUT_OF_RANGE.
+    pub max_heartbeat_bytes: usize,
+    /// A node silent for this long is forgotten (`--forget-nodes-after`): its entry, client and
+    /// pools are dropped, its id is remembered.
+    pub forget_after: Duration,
     pub agent_timeouts: Timeouts,
 }
 
@@ -66,6 +79,9 @@ impl Default for RegistryConfig {
             settle: 2 * heartbeat_interval,
             agent_server_name: AGENT_SERVER_NAME.to_string(),
             require_node_certificates: false,
+            max_nodes: 5000,
+            max_heartbeat_bytes: 64 << 10,
+            forget_after: Duration::from_secs(3600),
             agent_timeouts: Timeouts::default(),
         }
     }
@@ -163,6 +179,8 @@ pub enum RegistryError {
     Invalid(#[from] wire::WireError),
     #[error("heartbeat refused: {0}")]
     Denied(String),
+    #[error("heartbeat refused: the registry holds its maximum of {max} nodes, all of them available (--max-nodes)")]
+    Full { max: usize },
     #[error("cannot make a client for node {node}'s agent at {address}: {reason}")]
     Client {
         node: String,
@@ -176,6 +194,7 @@ impl From<RegistryError> for Status {
         match e {
             RegistryError::Invalid(_) => Status::invalid_argument(e.to_string()),
             RegistryError::Denied(_) => Status::permission_denied(e.to_string()),
+            RegistryError::Full { .. } => Status::resource_exhausted(e.to_string()),
             RegistryError::Client { .. } => Status::internal(e.to_string()),
         }
     }
@@ -198,6 +217,8 @@ struct Shared {
     clock: Arc<dyn Clock>,
     started: Instant,
     nodes: RwLock<BTreeMap<NodeId, Entry>>,
+    /// Nodes forgotten after `forget_after`, with their last heartbeat; at most `max_nodes`.
+    forgotten: Mutex<BTreeMap<NodeId, Instant>>,
 }
 
 impl Shared {
@@ -207,6 +228,24 @@ impl Shared {
 
     fn write(&self) -> RwLockWriteGuard<'_, BTreeMap<NodeId, Entry>> {
         self.nodes.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn forgotten(&self) -> MutexGuard<'_, BTreeMap<NodeId, Instant>> {
+        self.forgotten.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves a node from the registry to the forgotten ids, dropping the oldest forgotten id when
+    /// there are too many.
+    fn forget(&self, nodes: &mut BTreeMap<NodeId, Entry>, node: &NodeId) {
+        let Some(e) = nodes.remove(node) else { return };
+        let mut forgotten = self.forgotten();
+        forgotten.insert(node.clone(), e.last_heartbeat);
+        while forgotten.len() > self.config.max_nodes {
+            let Some(oldest) = forgotten.iter().min_by_key(|(_, at)| **at).map(|(n, _)| n.clone()) else {
+                break;
+            };
+            forgotten.remove(&oldest);
+        }
     }
 
     fn age(&self, e: &Entry) -> Duration {
@@ -234,10 +273,20 @@ impl Shared {
                     self.config.heartbeat_interval.as_secs_f32()
                 ),
             )),
-            None => Err(unavailable(
-                node,
-                "it has not registered with this controller since it started",
-            )),
+            None => match self.forgotten().get(node) {
+                Some(last) => Err(unavailable(
+                    node,
+                    format!(
+                        "no heartbeat for {}s; forgotten by the registry after {}s",
+                        self.clock.now().saturating_duration_since(*last).as_secs(),
+                        self.config.forget_after.as_secs()
+                    ),
+                )),
+                None => Err(unavailable(
+                    node,
+                    "it has not registered with this controller since it started",
+                )),
+            },
         }
     }
 }
@@ -269,6 +318,7 @@ impl Registry {
                 clock,
                 started,
                 nodes: RwLock::new(BTreeMap::new()),
+                forgotten: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -328,6 +378,29 @@ impl Registry {
                 )));
             }
         }
+        if !nodes.contains_key(&report.node) && nodes.len() >= s.config.max_nodes {
+            // Room is made only at the expense of a node that is already unavailable.
+            let stalest = nodes
+                .iter()
+                .filter(|(_, e)| !s.is_fresh(e))
+                .min_by_key(|(_, e)| e.last_heartbeat)
+                .map(|(n, _)| n.clone());
+            match stalest {
+                Some(n) => {
+                    tracing::warn!(
+                        node = n.as_str(),
+                        "registry full: forgetting an unavailable node for a new one"
+                    );
+                    s.forget(&mut nodes, &n);
+                }
+                None => {
+                    return Err(RegistryError::Full {
+                        max: s.config.max_nodes,
+                    })
+                }
+            }
+        }
+        let returning = s.forgotten().remove(&report.node);
         let (change, agent) = match nodes.get(&report.node) {
             Some(e) if e.report.agent_address == report.agent_address && e.identity == identity => {
                 let change = if s.is_fresh(e) {
@@ -350,11 +423,14 @@ impl Registry {
                     address: report.agent_address.to_string(),
                     reason: e.to_string(),
                 })?;
-                let change = match old {
-                    Some(e) => Change::Moved {
+                let change = match (old, returning) {
+                    (Some(e), _) => Change::Moved {
                         from: e.report.agent_address.clone(),
                     },
-                    None => Change::New,
+                    (None, Some(last)) => Change::Revived {
+                        silent_for: now.saturating_duration_since(last),
+                    },
+                    (None, None) => Change::New,
                 };
                 (change, Arc::new(agent))
             }
@@ -413,11 +489,26 @@ impl Registry {
         self.shared.settled()
     }
 
-    /// Logs each node that has just become unavailable; returns them.
+    /// Logs each node that has just become unavailable, and returns them; forgets the nodes
+    /// silent for `forget_after`.
     pub fn sweep(&self) -> Vec<NodeId> {
         let s = &self.shared;
         let mut down = Vec::new();
-        for (id, e) in s.write().iter_mut() {
+        let mut nodes = s.write();
+        let stale: Vec<NodeId> = nodes
+            .iter()
+            .filter(|(_, e)| s.age(e) > s.config.forget_after)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            tracing::warn!(
+                node = id.as_str(),
+                after_secs = s.config.forget_after.as_secs(),
+                "node forgotten: no heartbeat for too long; its volumes stay listed as abnormal from their last listing"
+            );
+            s.forget(&mut nodes, &id);
+        }
+        for (id, e) in nodes.iter_mut() {
             if !e.reported_down && !s.is_fresh(e) {
                 e.reported_down = true;
                 tracing::warn!(
@@ -445,7 +536,12 @@ impl Registry {
     /// The gRPC Registry service over this registry, ready to add to a server.
     pub fn service(&self) -> v1::registry_server::RegistryServer<RegistryService> {
         v1::registry_server::RegistryServer::new(RegistryService { registry: self.clone() })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(self.shared.config.max_heartbeat_bytes)
+    }
+
+    /// Whether a node was forgotten after `forget_after` (and has not come back since).
+    pub fn is_forgotten(&self, node: &NodeId) -> bool {
+        self.shared.forgotten().contains_key(node)
     }
 
     fn gated(&self, node: NodeId) -> Arc<dyn Agent> {
@@ -457,10 +553,11 @@ impl Registry {
 }
 
 impl Directory for Registry {
-    /// Any node that registered (calls to an unavailable one answer UNAVAILABLE naming it); while
-    /// the registry settles after a start, also a node that has not registered yet.
+    /// Any node that registered, or was forgotten (calls to an unavailable one answer UNAVAILABLE
+    /// naming it); while the registry settles after a start, also a node that has not registered
+    /// yet.
     fn agent(&self, node: &NodeId) -> Option<Arc<dyn Agent>> {
-        let known = self.shared.read().contains_key(node);
+        let known = self.shared.read().contains_key(node) || self.is_forgotten(node);
         (known || !self.settled()).then(|| self.gated(node.clone()))
     }
 
@@ -816,6 +913,104 @@ mod tests {
             "{}",
             s.message()
         );
+    }
+
+    fn bounded(clock: &Arc<ManualClock>, max_nodes: usize, forget_after: Duration) -> Registry {
+        let config = RegistryConfig {
+            heartbeat_interval: INTERVAL,
+            missed_heartbeats: 3,
+            settle: 2 * INTERVAL,
+            max_nodes,
+            forget_after,
+            ..Default::default()
+        };
+        Registry::with_clock(config, Tls::Insecure, None, clock.clone())
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_registrations_stays_bounded_and_live_nodes_keep_their_place() {
+        let clock = ManualClock::new();
+        let r = bounded(&clock, 100, Duration::from_secs(3600));
+        let mut refused = 0;
+        for i in 0..10_000 {
+            match r.heartbeat(report(&format!("fake-{i}"), 9, 40)) {
+                Ok(_) => {}
+                Err(e) => {
+                    assert_eq!(Status::from(e).code(), Code::ResourceExhausted);
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!(r.nodes().len(), 100);
+        assert_eq!(refused, 9_900);
+        // A node already known keeps beating at the limit.
+        assert_eq!(r.heartbeat(report("fake-0", 9, 40)).unwrap(), Change::Same);
+
+        // Once the flood stops beating, a real node takes the place of an unavailable one.
+        clock.advance(4 * INTERVAL);
+        assert_eq!(r.heartbeat(report("node-1", 9, 40)).unwrap(), Change::New);
+        assert_eq!(r.nodes().len(), 100);
+        assert!(r.is_available(&node("node-1")));
+    }
+
+    #[tokio::test]
+    async fn a_silent_node_is_forgotten_after_the_configured_time_and_its_calls_stay_unavailable() {
+        let clock = ManualClock::new();
+        let r = bounded(&clock, 100, 20 * INTERVAL);
+        r.heartbeat(report("node-1", 9, 40)).unwrap();
+        r.heartbeat(report("node-2", 9, 40)).unwrap();
+        clock.advance(20 * INTERVAL);
+        r.heartbeat(report("node-2", 9, 40)).unwrap();
+        r.sweep();
+        assert!(
+            r.node(&node("node-1")).is_some(),
+            "exactly the configured time is not yet too long"
+        );
+
+        clock.advance(Duration::from_millis(1));
+        r.sweep();
+        assert!(r.node(&node("node-1")).is_none(), "forgotten");
+        assert!(r.is_forgotten(&node("node-1")));
+        assert_eq!(names(r.agents()), ["node-2"]);
+        assert_eq!(names(r.listed()), ["node-2"]);
+        let agent = r
+            .agent(&node("node-1"))
+            .expect("a forgotten node is not 'no such node'");
+        let s = Status::from(agent.volumes().await.unwrap_err());
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(
+            s.message().contains("forgotten by the registry after 100s"),
+            "{}",
+            s.message()
+        );
+
+        assert_eq!(
+            r.heartbeat(report("node-1", 9, 40)).unwrap(),
+            Change::Revived {
+                silent_for: 20 * INTERVAL + Duration::from_millis(1)
+            }
+        );
+        assert!(!r.is_forgotten(&node("node-1")));
+        assert!(r.is_available(&node("node-1")));
+    }
+
+    #[tokio::test]
+    async fn forgotten_node_ids_are_bounded_too() {
+        let clock = ManualClock::new();
+        let r = bounded(&clock, 2, 20 * INTERVAL);
+        for n in ["node-1", "node-2"] {
+            r.heartbeat(report(n, 9, 40)).unwrap();
+            clock.advance(INTERVAL);
+        }
+        clock.advance(21 * INTERVAL);
+        r.sweep();
+        r.heartbeat(report("node-3", 9, 40)).unwrap();
+        clock.advance(21 * INTERVAL);
+        r.sweep();
+        assert!(r.nodes().is_empty());
+        assert!(!r.is_forgotten(&node("node-1")), "the oldest forgotten id is dropped");
+        assert!(r.is_forgotten(&node("node-2")));
+        assert!(r.is_forgotten(&node("node-3")));
     }
 
     #[test]

@@ -428,9 +428,11 @@ impl ControllerService {
         Ok((id, agent))
     }
 
-    /// Every volume of every agent the controller knows, asked all at once. An agent that cannot be
-    /// reached is answered for from its last listing, each volume marked abnormal; one never listed
-    /// yet (the controller started while it was down) makes the whole call UNAVAILABLE.
+    /// Every volume of every agent the controller knows, asked all at once. An agent that fails to
+    /// answer is answered for from its last listing, each volume marked abnormal; one never listed
+    /// (the controller started while it was down, or a node that never answers) is left out and
+    /// logged, so that it cannot fail the listing of every other node. A node the registry forgot
+    /// is answered for from its last listing too, until the registry no longer knows its id.
     async fn all_volumes(&self) -> Result<Vec<(VolumeRecord, Condition, NodeId)>, Status> {
         let agents = self.directory.listed();
         let answers = ask_all(&agents, |a| async move { a.volumes().await }).await;
@@ -455,27 +457,59 @@ impl ControllerService {
             })
             .collect();
         let mut all = Vec::new();
+        let mut asked = std::collections::HashSet::new();
         for (agent, key, answer) in answers {
+            asked.insert(key.clone());
             let volumes = match answer.map_err(Status::from) {
                 Ok(volumes) => volumes,
-                Err(e) if e.code() == tonic::Code::Unavailable => {
+                Err(e) => {
                     let listings = self.listings.lock().expect("listings lock");
                     let Some(last) = listings.get(&key) else {
-                        return Err(e);
+                        tracing::warn!(
+                            node = key,
+                            error = e.message(),
+                            "ListVolumes leaves out a node never listed"
+                        );
+                        continue;
                     };
                     last.volumes
                         .iter()
                         .map(|(r, _)| (r.clone(), unreachable(e.message(), last.at)))
                         .collect()
                 }
-                Err(e) => return Err(e),
             };
             for (r, c) in volumes {
                 all.push((r, c, agent.node().clone()));
             }
         }
+        all.extend(self.forgotten_volumes(&asked));
         all.sort_by(|a, b| a.0.id.cmp(&b.0.id));
         Ok(all)
+    }
+
+    /// The last listed volumes of the nodes not asked (the registry forgot them), each abnormal.
+    /// A listing whose node the registry no longer knows at all, or that holds nothing, is dropped:
+    /// the listings stay as bounded as the registry.
+    fn forgotten_volumes(&self, asked: &std::collections::HashSet<String>) -> Vec<(VolumeRecord, Condition, NodeId)> {
+        let mut listings = self.listings.lock().expect("listings lock");
+        let mut found = Vec::new();
+        listings.retain(|key, last| {
+            if asked.contains(key) {
+                return true;
+            }
+            let Ok(node) = NodeId::parse(key) else { return false };
+            if last.volumes.is_empty() || self.directory.agent(&node).is_none() {
+                return false;
+            }
+            let why = format!("node {key} is no longer registered (no heartbeat for too long)");
+            found.extend(
+                last.volumes
+                    .iter()
+                    .map(|(r, _)| (r.clone(), unreachable(&why, last.at), node.clone())),
+            );
+            true
+        });
+        found
     }
 
     fn listing_key(&self, agent: &Arc<dyn Agent>) -> String {
