@@ -51,6 +51,8 @@ enum Command {
         /// Off when absent.
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_listen: Option<SocketAddr>,
+        #[command(flatten)]
+        socket: SocketArgs,
     },
     /// The controller of split mode: Identity + Controller for the sidecars, the registry nodes
     /// report to over mutual TLS, and the shared pools.
@@ -75,6 +77,8 @@ enum Command {
         registry: RegistryArgs,
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_listen: Option<SocketAddr>,
+        #[command(flatten)]
+        socket: SocketArgs,
     },
     /// A node of split mode: Identity + Node for kubelet, and the agent the controller calls.
     Node {
@@ -102,6 +106,8 @@ enum Command {
         max_volumes_per_node: i64,
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_listen: Option<SocketAddr>,
+        #[command(flatten)]
+        socket: SocketArgs,
     },
     /// A CSI client for any driver: operate and benchmark it from a shell.
     Csi(cellar::client::CsiArgs),
@@ -109,6 +115,30 @@ enum Command {
     /// entries, leftovers, stray loop devices and mounts. Read-only unless --fix. Exit code 0: nothing
     /// found (or all fixed); 2: findings remain; 1: the report failed.
     Report(cellar::report::ReportArgs),
+}
+
+/// Limits on the CSI socket's connections (`server::SocketLimits`).
+#[derive(clap::Args)]
+struct SocketArgs {
+    /// Close a CSI connection from which nothing was read for this long (live gRPC clients answer
+    /// the server's pings, sent every quarter of it, so they are never idle).
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_duration)]
+    csi_idle_timeout: Duration,
+    /// At most this many CSI connections at once; more wait until one closes.
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    csi_max_connections: u32,
+}
+
+impl SocketArgs {
+    fn limits(self) -> Result<cellar::server::SocketLimits, String> {
+        if self.csi_idle_timeout < Duration::from_secs(1) {
+            return Err("--csi-idle-timeout must be at least 1s".into());
+        }
+        Ok(cellar::server::SocketLimits {
+            idle_timeout: self.csi_idle_timeout,
+            max_connections: self.csi_max_connections as usize,
+        })
+    }
 }
 
 /// The controller's registry of nodes (docs/split-mode.md, "Heartbeats and the registry").
@@ -261,20 +291,24 @@ fn main() -> ExitCode {
             driver_name,
             max_volumes_per_node,
             metrics_listen,
+            socket,
         } => {
             init_logging(cli.log_format);
-            let opts = cellar::roles::AllInOne {
-                endpoint,
-                node_id: node_id.unwrap_or_else(hostname),
-                data_dir,
-                config,
-                driver_name,
-                max_volumes_per_node,
-                metrics_listen,
-            };
-            runtime
-                .block_on(cellar::roles::all_in_one(opts))
-                .map_err(|e| e.to_string())
+            socket.limits().and_then(|socket| {
+                let opts = cellar::roles::AllInOne {
+                    endpoint,
+                    node_id: node_id.unwrap_or_else(hostname),
+                    data_dir,
+                    config,
+                    driver_name,
+                    max_volumes_per_node,
+                    metrics_listen,
+                    socket,
+                };
+                runtime
+                    .block_on(cellar::roles::all_in_one(opts))
+                    .map_err(|e| e.to_string())
+            })
         }
         Command::Controller {
             endpoint,
@@ -286,11 +320,14 @@ fn main() -> ExitCode {
             tls,
             registry,
             metrics_listen,
+            socket,
         } => {
             init_logging(cli.log_format);
-            registry.config().and_then(|registry| {
+            let limits = registry.config().and_then(|r| Ok((r, socket.limits()?)));
+            limits.and_then(|(registry, socket)| {
                 let opts = cellar::roles::ControllerRole {
                     registry,
+                    socket,
                     endpoint,
                     agent_listen,
                     data_dir,
@@ -317,22 +354,26 @@ fn main() -> ExitCode {
             tls,
             max_volumes_per_node,
             metrics_listen,
+            socket,
         } => {
             init_logging(cli.log_format);
-            let opts = cellar::roles::NodeRole {
-                endpoint,
-                node_id: node_id.unwrap_or_else(hostname),
-                data_dir,
-                config,
-                driver_name,
-                controller,
-                agent_listen,
-                agent_advertise,
-                tls: tls.flags(),
-                max_volumes_per_node,
-                metrics_listen,
-            };
-            runtime.block_on(cellar::roles::node(opts)).map_err(|e| e.to_string())
+            socket.limits().and_then(|socket| {
+                let opts = cellar::roles::NodeRole {
+                    endpoint,
+                    node_id: node_id.unwrap_or_else(hostname),
+                    data_dir,
+                    config,
+                    driver_name,
+                    controller,
+                    agent_listen,
+                    agent_advertise,
+                    tls: tls.flags(),
+                    max_volumes_per_node,
+                    metrics_listen,
+                    socket,
+                };
+                runtime.block_on(cellar::roles::node(opts)).map_err(|e| e.to_string())
+            })
         }
         Command::Csi(args) => runtime.block_on(cellar::client::run(args)),
         Command::Report(_) => Ok(()), // answered above

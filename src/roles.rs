@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use nix::fcntl::Flock;
-use tonic::transport::Server;
 
 use crate::agent::{LocalAgent, SingleNode};
 use crate::controller::ControllerService;
@@ -34,6 +33,7 @@ pub struct AllInOne {
     pub max_volumes_per_node: i64,
     /// Where to serve /metrics, /healthz and /readyz; off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    pub socket: server::SocketLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,11 +123,13 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
     // The socket appears only now: whoever finds it (kubelet's registrar, a test) finds a driver
     // whose pools and node state are open.
     let listener = server::bind(&socket)?;
-    let router = Server::builder()
+    let router = o
+        .socket
+        .server_builder()
         .add_service(IdentityServer::new(identity))
         .add_service(ControllerServer::new(controller))
         .add_service(NodeGrpc::new(NodeServer(Arc::new(node_svc))));
-    let served = server::serve_until_signal(router, listener, &socket, std::future::pending()).await;
+    let served = server::serve_until_signal(router, listener, o.socket, &socket, std::future::pending()).await;
     drop(metrics);
     Ok(served?)
 }
@@ -215,6 +217,7 @@ pub struct ControllerRole {
     pub driver_name: String,
     pub tls: TlsFlags,
     pub registry: crate::agent::registry::RegistryConfig,
+    pub socket: server::SocketLimits,
     pub metrics_listen: Option<SocketAddr>,
     /// The name this controller goes by in volume records of shared pools (its pod name).
     pub name: String,
@@ -233,6 +236,7 @@ pub struct NodeRole {
     pub tls: TlsFlags,
     pub max_volumes_per_node: i64,
     pub metrics_listen: Option<SocketAddr>,
+    pub socket: server::SocketLimits,
 }
 
 /// `cellar controller`: Identity + Controller for the sidecars, the registry the nodes report to,
@@ -274,10 +278,12 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     let identity = IdentityService::new(&o.driver_name, ready);
     let controller = ControllerService::new(Arc::new(registry));
     let listener = server::bind(&socket)?;
-    let router = Server::builder()
+    let router = o
+        .socket
+        .server_builder()
         .add_service(IdentityServer::new(identity))
         .add_service(ControllerServer::new(controller));
-    let served = server::serve_until_signal(router, listener, &socket, o.tls.rotated()).await;
+    let served = server::serve_until_signal(router, listener, o.socket, &socket, o.tls.rotated()).await;
     let _ = stop_tx.send(());
     let _ = registry_server.await;
     drop((metrics, sweeper));
@@ -346,10 +352,12 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     crate::node::start_lease_renewer(engine.clone(), state.clone());
     let node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
     let listener = server::bind(&socket)?;
-    let router = Server::builder()
+    let router = o
+        .socket
+        .server_builder()
         .add_service(IdentityServer::new(identity))
         .add_service(NodeGrpc::new(NodeServer(Arc::new(node_svc))));
-    let served = server::serve_until_signal(router, listener, &socket, o.tls.rotated()).await;
+    let served = server::serve_until_signal(router, listener, o.socket, &socket, o.tls.rotated()).await;
     let _ = stop_tx.send(());
     let _ = agent_server.await;
     drop((metrics, heartbeat));

@@ -1,12 +1,21 @@
-//! Serving gRPC on a Unix socket: stale-socket removal, graceful shutdown on SIGTERM/SIGINT, and
-//! the one log line every RPC gets.
+//! Serving gRPC on a Unix socket: stale-socket removal, bounded connections, graceful shutdown on
+//! SIGTERM/SIGINT, and the one log line every RPC gets.
 
 use std::future::Future;
+use std::io;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+use tonic::transport::Server;
 use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
@@ -59,8 +68,173 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     UnixListener::bind(path).map_err(err)
 }
 
-pub fn incoming(listener: UnixListener) -> UnixListenerStream {
-    UnixListenerStream::new(listener)
+/// Limits on a CSI socket's connections. Its callers (kubelet, the sidecars) are few and keep their
+/// connections alive by answering the server's HTTP/2 pings; anything else must not pile up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketLimits {
+    /// A connection from which nothing has been read for this long is closed. The server pings
+    /// every quarter of it, so a live gRPC client, which answers, is never idle, even while a long
+    /// call runs; a socket that says nothing (or stopped answering) is dropped.
+    pub idle_timeout: Duration,
+    /// At most this many connections at once; more wait in the listen backlog until one closes.
+    pub max_connections: usize,
+}
+
+impl Default for SocketLimits {
+    fn default() -> Self {
+        SocketLimits {
+            idle_timeout: Duration::from_secs(120),
+            max_connections: 128,
+        }
+    }
+}
+
+impl SocketLimits {
+    /// A server builder whose HTTP/2 pings keep live clients from counting as idle.
+    pub fn server_builder(&self) -> Server {
+        let ping = (self.idle_timeout / 4).max(Duration::from_millis(100));
+        Server::builder()
+            .http2_keepalive_interval(Some(ping))
+            .http2_keepalive_timeout(Some(ping.min(Duration::from_secs(20))))
+    }
+}
+
+/// The longest pause of the accept loop when the process is out of file descriptors or memory.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The connections accepted on `listener`, within `limits`. The accept loop stops with the stream.
+pub fn incoming(listener: UnixListener, limits: SocketLimits) -> ReceiverStream<io::Result<Connection>> {
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(accept(listener, limits, tx));
+    ReceiverStream::new(rx)
+}
+
+async fn accept(listener: UnixListener, limits: SocketLimits, tx: mpsc::Sender<io::Result<Connection>>) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut backoff: Option<Duration> = None;
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+            _ = tx.closed() => return,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = tx.closed() => return,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                backoff = None;
+                if tx
+                    .send(Ok(Connection::new(stream, slot, limits.idle_timeout)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            // Retrying at once would spin: wait, longer each time, until a descriptor is free.
+            Err(e) if out_of_resources(&e) => {
+                let wait = backoff.map_or(Duration::from_millis(10), |b| (b * 2).min(MAX_ACCEPT_BACKOFF));
+                if backoff.is_none() {
+                    tracing::warn!(error = %e, "cannot accept on the CSI socket; backing off until resources are free");
+                }
+                backoff = Some(wait);
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "accept on the CSI socket failed"),
+        }
+    }
+}
+
+/// Errors of accept(2) that repeat until the process or the system frees something.
+fn out_of_resources(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// One accepted connection: holds its place among the `max_connections` until it closes, and
+/// reads as closed (EOF) once nothing has been read from it for the idle timeout.
+pub struct Connection {
+    stream: UnixStream,
+    _slot: OwnedSemaphorePermit,
+    idle: Pin<Box<Sleep>>,
+    idle_timeout: Duration,
+}
+
+impl Connection {
+    fn new(stream: UnixStream, slot: OwnedSemaphorePermit, idle_timeout: Duration) -> Connection {
+        Connection {
+            stream,
+            _slot: slot,
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            idle_timeout,
+        }
+    }
+}
+
+impl Connected for Connection {
+    type ConnectInfo = <UnixStream as Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    let next = tokio::time::Instant::now() + this.idle_timeout;
+                    this.idle.as_mut().reset(next);
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => match this.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    tracing::debug!("closing a CSI connection idle for {:?}", this.idle_timeout);
+                    Poll::Ready(Ok(()))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
@@ -82,17 +256,18 @@ pub async fn shutdown_signal() {
 /// crash-safe, so a call cut off here is simply retried.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Serves `router` on `listener` until SIGTERM/SIGINT or until `restart` resolves (the process is
-/// to be started again, e.g. to load rotated certificates), lets in-flight calls finish (bounded),
-/// and removes the socket.
+/// Serves `router` (built on [`SocketLimits::server_builder`]) on `listener` within `limits` until
+/// SIGTERM/SIGINT or until `restart` resolves (the process is to be started again, e.g. to load
+/// rotated certificates), lets in-flight calls finish (bounded), and removes the socket.
 pub async fn serve_until_signal(
     router: tonic::transport::server::Router,
     listener: UnixListener,
+    limits: SocketLimits,
     socket: &Path,
     restart: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = router.serve_with_incoming_shutdown(incoming(listener), async {
+    let server = router.serve_with_incoming_shutdown(incoming(listener, limits), async {
         let _ = stop_rx.await;
     });
     tokio::pin!(server);

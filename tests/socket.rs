@@ -1,0 +1,98 @@
+//! The CSI socket's limits: connections that say nothing are closed after the idle timeout, the
+//! number of connections is capped, and the accept loop backs off when the process runs out of
+//! file descriptors; through all of it Probe still answers.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cellar::csi::v1::identity_client::IdentityClient;
+use cellar::csi::v1::ProbeRequest;
+use common::*;
+use tokio::io::AsyncReadExt;
+use tokio::net::UnixStream;
+
+/// Waits (at most 60 s) until the server closes `conn`: a read returns end of file.
+async fn closed_by_server(conn: &mut UnixStream) -> bool {
+    let mut buf = [0u8; 64];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), conn.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // The server's HTTP/2 preface: it still has to hear from us.
+            Ok(Ok(_)) => {}
+            Err(_) if Instant::now() > deadline => return false,
+            Err(_) => {}
+        }
+    }
+}
+
+async fn probe_on_a_new_connection(d: &Driver) {
+    let mut id = IdentityClient::new(connect_socket(&d.socket()).await);
+    let ready = id.probe(ProbeRequest {}).await.expect("Probe").into_inner().ready;
+    assert_eq!(ready, Some(true));
+}
+
+#[tokio::test]
+async fn idle_connections_are_dropped_and_probe_still_answers() {
+    let d = Driver::start_with(&["--csi-idle-timeout", "1s", "--csi-max-connections", "8"], &[]).await;
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        idle.push(UnixStream::connect(d.socket()).await.expect("connect"));
+    }
+    // More connections than the cap, each saying nothing: they are closed in turn and a new
+    // client gets in.
+    probe_on_a_new_connection(&d).await;
+    for (i, conn) in idle.iter_mut().enumerate() {
+        assert!(closed_by_server(conn).await, "idle connection {i} is still open");
+    }
+    probe_on_a_new_connection(&d).await;
+}
+
+#[tokio::test]
+async fn a_live_client_that_stays_idle_keeps_its_connection() {
+    let mut d = Driver::start_with(&["--csi-idle-timeout", "1s"], &[]).await;
+    let mut id = d.id.clone();
+    id.probe(ProbeRequest {}).await.expect("Probe");
+    // Longer than the idle timeout: the client answers the server's pings meanwhile.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    id.probe(ProbeRequest {}).await.expect("Probe on the same connection");
+    d.stop();
+    assert!(
+        !d.log().contains("closing a CSI connection idle"),
+        "a client answering pings was taken for idle:\n{}",
+        d.log()
+    );
+}
+
+/// Lowers the driver's open-file limit to what it uses now plus a few, so that accept(2) fails with
+/// EMFILE: the accept loop backs off (and says so once) instead of spinning, and serves again once
+/// descriptors are free.
+#[tokio::test]
+async fn the_accept_loop_backs_off_when_out_of_file_descriptors_and_recovers() {
+    let d = Driver::start_with(&["--csi-max-connections", "1000"], &[]).await;
+    let pid = d.pid();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fds").count();
+    let limit = (open + 4).to_string();
+    let status = std::process::Command::new("prlimit")
+        .arg("--pid")
+        .arg(pid.to_string())
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(status.success(), "prlimit failed");
+
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !d.log().contains("cannot accept on the CSI socket; backing off") {
+        assert!(Instant::now() < deadline, "no back-off:\n{}", d.log());
+        if held.len() < 64 {
+            held.push(UnixStream::connect(d.socket()).await.expect("connect"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(held);
+    probe_on_a_new_connection(&d).await;
+    let warnings = d.log().matches("backing off").count();
+    assert!(warnings >= 1, "{}", d.log());
+}
