@@ -1,6 +1,7 @@
 //! The CSI socket's limits: connections that say nothing are closed after the idle timeout, the
 //! number of connections is capped, and the accept loop backs off when the process runs out of
-//! file descriptors; through all of it Probe still answers.
+//! file descriptors; through all of it Probe still answers. And any gRPC client gets in, whatever
+//! `:authority` it sends (Python's grpcio from Debian, package python3-grpcio, plays the C core).
 
 mod common;
 
@@ -95,4 +96,58 @@ async fn the_accept_loop_backs_off_when_out_of_file_descriptors_and_recovers() {
     probe_on_a_new_connection(&d).await;
     let warnings = d.log().matches("backing off").count();
     assert!(warnings >= 1, "{}", d.log());
+}
+
+/// Debian's python3-grpcio lives in the system interpreter's dist-packages.
+const PYTHON: &str = "/usr/bin/python3";
+
+/// Three Probes and a GetPluginInfo on one grpcio channel to `target` (so the later calls refer to
+/// the :authority the first one added to the HPACK table), with `grpc.default_authority` set to
+/// `authority` when given; prints one line per call.
+const GRPCIO_CALLS: &str = r#"
+import sys, grpc
+target, authority = sys.argv[1], sys.argv[2]
+options = [("grpc.default_authority", authority)] if authority else []
+channel = grpc.insecure_channel(target, options=options)
+for method in ["Probe", "Probe", "Probe", "GetPluginInfo"]:
+    call = channel.unary_unary("/csi.v1.Identity/" + method)
+    try:
+        print("OK", method, call(b"", timeout=20).hex())
+    except grpc.RpcError as e:
+        print("ERR", method, e.code(), e.details())
+"#;
+
+/// gRPC clients on the C core send a Unix socket's path as `:authority` (percent-encoded, with or
+/// without its leading slash, depending on the version); Go clients send `localhost`. Every form is
+/// served, on several calls of one connection.
+#[tokio::test]
+async fn grpc_c_core_clients_are_served_whatever_authority_they_send() {
+    let d = Driver::start().await;
+    let socket = d.socket().display().to_string();
+    let encoded = socket.trim_start_matches('/').replace('/', "%2F");
+    for authority in [
+        String::new(),
+        encoded.clone(),
+        format!("%2F{encoded}"),
+        socket.clone(),
+        "localhost".to_string(),
+    ] {
+        let out = std::process::Command::new(PYTHON)
+            .args(["-c", GRPCIO_CALLS, &format!("unix://{socket}"), &authority])
+            .output()
+            .expect("/usr/bin/python3 (with python3-grpcio, as .ci/run installs)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{authority:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{authority:?}: {text}");
+        for line in &lines[..3] {
+            // ProbeResponse { ready: Some(true) }
+            assert_eq!(*line, "OK Probe 0a020801", "{authority:?}: {text}");
+        }
+        assert!(lines[3].starts_with("OK GetPluginInfo 0a"), "{authority:?}: {text}");
+    }
 }

@@ -1,5 +1,8 @@
-//! Serving gRPC on a Unix socket: stale-socket removal, bounded connections, graceful shutdown on
-//! SIGTERM/SIGINT, and the one log line every RPC gets.
+//! Serving gRPC on a Unix socket: stale-socket removal, bounded connections, any client's
+//! `:authority` ([`authority`]), graceful shutdown on SIGTERM/SIGINT, and the one log line every
+//! RPC gets.
+
+pub mod authority;
 
 use std::future::Future;
 use std::io;
@@ -160,13 +163,16 @@ fn out_of_resources(e: &io::Error) -> bool {
     )
 }
 
-/// One accepted connection: holds its place among the `max_connections` until it closes, and
-/// reads as closed (EOF) once nothing has been read from it for the idle timeout.
+/// One accepted connection: holds its place among the `max_connections` until it closes, reads
+/// as closed (EOF) once nothing has been read from it for the idle timeout, and hands h2 the
+/// client's bytes with any `:authority` made acceptable.
 pub struct Connection {
     stream: UnixStream,
     _slot: OwnedSemaphorePermit,
     idle: Pin<Box<Sleep>>,
     idle_timeout: Duration,
+    rewrite: authority::AuthorityRewrite,
+    eof: bool,
 }
 
 impl Connection {
@@ -176,6 +182,8 @@ impl Connection {
             _slot: slot,
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
             idle_timeout,
+            rewrite: authority::AuthorityRewrite::default(),
+            eof: false,
         }
     }
 }
@@ -191,22 +199,34 @@ impl Connected for Connection {
 impl AsyncRead for Connection {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
-        match Pin::new(&mut this.stream).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                if buf.filled().len() > before {
+        loop {
+            if this.rewrite.has_output() {
+                buf.put_slice(&this.rewrite.take(buf.remaining()));
+                return Poll::Ready(Ok(()));
+            }
+            if this.eof {
+                return Poll::Ready(Ok(()));
+            }
+            let mut raw = [0u8; 8192];
+            let mut read = ReadBuf::new(&mut raw);
+            match Pin::new(&mut this.stream).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) if read.filled().is_empty() => this.eof = true,
+                Poll::Ready(Ok(())) => {
                     let next = tokio::time::Instant::now() + this.idle_timeout;
                     this.idle.as_mut().reset(next);
+                    this.rewrite.feed(read.filled())?;
                 }
-                Poll::Ready(r)
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    return match this.idle.as_mut().poll(cx) {
+                        Poll::Ready(()) => {
+                            tracing::debug!("closing a CSI connection idle for {:?}", this.idle_timeout);
+                            Poll::Ready(Ok(()))
+                        }
+                        Poll::Pending => Poll::Pending,
+                    }
+                }
             }
-            Poll::Pending => match this.idle.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    tracing::debug!("closing a CSI connection idle for {:?}", this.idle_timeout);
-                    Poll::Ready(Ok(()))
-                }
-                Poll::Pending => Poll::Pending,
-            },
         }
     }
 }
