@@ -854,3 +854,117 @@ async fn the_controller_dials_a_node_with_its_own_certificate_by_its_name() {
         .expect("the real node-1 is served");
     assert_eq!(real.engine.volumes().len(), 1);
 }
+
+/// A controller over a registry holding node-1 (a real agent, little room) and node-2 (heartbeats
+/// saying it has the most room, but its agent never answers: it accepts TCP and says nothing).
+struct HungNodeCluster {
+    controller: cellar::controller::ControllerService,
+    registry: Registry,
+    node1: AgentUnderTest,
+    _hung: std::net::TcpListener,
+}
+
+async fn hung_node_cluster() -> HungNodeCluster {
+    let ca = Ca::new("cellar test CA");
+    let node1 = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
+    let t = Timeouts {
+        connect: Duration::from_secs(1),
+        call: Duration::from_secs(1),
+        storage: Duration::from_secs(2),
+    };
+    let config = RegistryConfig {
+        agent_timeouts: t,
+        ..Default::default()
+    };
+    let registry = Registry::new(config, ca.tls(&ca.leaf(CONTROLLER)), None);
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let pools = node1.engine.pool_status().expect("pools");
+    let mut roomy = pools.clone();
+    roomy[0].available_bytes = 1 << 40;
+    roomy[0].total_bytes = 1 << 40;
+    for (node, addr, pools) in [
+        ("node-1", node1.addr, pools),
+        ("node-2", hung.local_addr().expect("addr"), roomy),
+    ] {
+        registry
+            .heartbeat(cellar::agent::registry::NodeReport {
+                node: node_id(node),
+                topology: BTreeMap::from([(cellar::csi::TOPOLOGY_NODE_KEY.to_string(), node.to_string())]),
+                agent_address: HostPort::parse(&addr.to_string()).expect("address"),
+                pools,
+                version: "test".into(),
+            })
+            .expect("heartbeat");
+    }
+    HungNodeCluster {
+        controller: cellar::controller::ControllerService::new(Arc::new(registry.clone())),
+        registry,
+        node1,
+        _hung: hung,
+    }
+}
+
+fn csi_create(name: &str) -> cellar::csi::v1::CreateVolumeRequest {
+    use cellar::csi::v1::{volume_capability, CapacityRange as Range, CreateVolumeRequest, VolumeCapability};
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(Range {
+            required_bytes: 1 << 20,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![VolumeCapability {
+            access_type: Some(volume_capability::AccessType::Mount(Default::default())),
+            access_mode: Some(volume_capability::AccessMode {
+                mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+            }),
+        }],
+        ..Default::default()
+    }
+}
+
+/// Capacity comes from the nodes' heartbeats: a node whose agent hangs still has its capacity
+/// answered, with no call to it.
+#[tokio::test]
+async fn get_capacity_answers_from_heartbeats_even_for_a_hung_node() {
+    use cellar::csi::v1::controller_server::Controller;
+    use cellar::csi::v1::{GetCapacityRequest, Topology};
+    let c = hung_node_cluster().await;
+    let asked = GetCapacityRequest {
+        accessible_topology: Some(Topology {
+            segments: [(cellar::csi::TOPOLOGY_NODE_KEY.to_string(), "node-2".to_string())].into(),
+        }),
+        ..Default::default()
+    };
+    let got = c
+        .controller
+        .get_capacity(tonic::Request::new(asked))
+        .await
+        .expect("capacity of the hung node, from its heartbeat")
+        .into_inner();
+    assert_eq!(got.available_capacity, 1 << 40);
+}
+
+/// Placement reads the heartbeats' figures, in which the hung node has the most room; but the
+/// name lookup every CreateVolume makes on every node (in parallel, each call bounded) finds its
+/// agent silent, which takes it out of placement until its agent answers again (the registry's
+/// sweeper probes it), so the volume is made on node-1. The hung node still heartbeats.
+#[tokio::test]
+async fn a_node_whose_agent_does_not_answer_is_not_picked_though_its_heartbeat_has_the_most_room() {
+    use cellar::csi::v1::controller_server::Controller;
+    let c = hung_node_cluster().await;
+    for name in ["pvc-1", "pvc-2"] {
+        let made = c
+            .controller
+            .create_volume(tonic::Request::new(csi_create(name)))
+            .await
+            .expect("made on node-1")
+            .into_inner()
+            .volume
+            .expect("volume");
+        assert_eq!(made.volume_id, format!("local:node-1:default:{name}"));
+    }
+    assert!(c.registry.is_unreachable(&node_id("node-2")));
+    assert!(c.registry.is_available(&node_id("node-2")), "it still heartbeats");
+    assert!(!c.registry.is_unreachable(&node_id("node-1")));
+    assert_eq!(c.node1.engine.volumes().len(), 2);
+}

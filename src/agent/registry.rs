@@ -207,6 +207,10 @@ struct Entry {
     agent: Arc<RemoteAgent>,
     /// Whether the sweeper has already logged this node as unavailable.
     reported_down: bool,
+    /// Since when a call to its agent failed to reach it, until one gets through: such a node
+    /// heartbeats (its process lives) but its agent does not answer, so placement passes it over
+    /// when it may choose, and the sweeper probes it.
+    unreachable: Option<Instant>,
 }
 
 struct Shared {
@@ -401,14 +405,14 @@ impl Registry {
             }
         }
         let returning = s.forgotten().remove(&report.node);
-        let (change, agent) = match nodes.get(&report.node) {
+        let (change, agent, unreachable) = match nodes.get(&report.node) {
             Some(e) if e.report.agent_address == report.agent_address && e.identity == identity => {
                 let change = if s.is_fresh(e) {
                     Change::Same
                 } else {
                     Change::Revived { silent_for: s.age(e) }
                 };
-                (change, e.agent.clone())
+                (change, e.agent.clone(), e.unreachable)
             }
             old => {
                 let agent = RemoteAgent::new(
@@ -432,7 +436,7 @@ impl Registry {
                     },
                     (None, None) => Change::New,
                 };
-                (change, Arc::new(agent))
+                (change, Arc::new(agent), None)
             }
         };
         nodes.insert(
@@ -443,6 +447,7 @@ impl Registry {
                 last_heartbeat: now,
                 agent,
                 reported_down: false,
+                unreachable,
             },
         );
         Ok(change)
@@ -523,14 +528,39 @@ impl Registry {
         down
     }
 
-    /// Sweeps once per heartbeat interval, forever (spawn it, abort it at shutdown).
+    /// Sweeps once per heartbeat interval, and probes the nodes whose agent could not be reached,
+    /// forever (spawn it, abort it at shutdown).
     pub async fn run_sweeper(self) {
         let mut tick = tokio::time::interval(self.shared.config.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             self.sweep();
+            self.probe_unreachable().await;
         }
+    }
+
+    /// Asks every available node whose agent could not be reached for its pools, all at once,
+    /// each bounded by the call timeout; those that answer are candidates again.
+    pub async fn probe_unreachable(&self) {
+        let s = &self.shared;
+        let suspects: Vec<NodeId> = s
+            .read()
+            .iter()
+            .filter(|(_, e)| e.unreachable.is_some() && s.is_fresh(e))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut probes = tokio::task::JoinSet::new();
+        for node in suspects {
+            let agent = self.gated(node);
+            probes.spawn(async move { agent.pools().await });
+        }
+        probes.join_all().await;
+    }
+
+    /// Whether a call has failed to reach the node's agent since one last got through.
+    pub fn is_unreachable(&self, node: &NodeId) -> bool {
+        self.shared.read().get(node).is_some_and(|e| e.unreachable.is_some())
     }
 
     /// The gRPC Registry service over this registry, ready to add to a server.
@@ -577,11 +607,24 @@ impl Directory for Registry {
         self.shared.shared_pools.clone()
     }
 
+    /// An available node's pools from its last heartbeat.
+    fn reported_pools(&self, node: &NodeId) -> Option<Vec<PoolStatus>> {
+        let s = &self.shared;
+        s.read()
+            .get(node)
+            .filter(|e| s.is_fresh(e))
+            .map(|e| e.report.pools.clone())
+    }
+
     /// The available nodes, then the shared pools' agent.
     fn all(&self) -> Vec<Arc<dyn Agent>> {
         let mut all = self.agents();
         all.extend(self.shared.shared_pools.clone());
         all
+    }
+
+    fn answers(&self, node: &NodeId) -> bool {
+        !self.is_unreachable(node)
     }
 
     /// Every registered node, available or not (calls to an unavailable one answer UNAVAILABLE
@@ -605,6 +648,45 @@ impl RegisteredAgent {
     fn remote(&self) -> Result<Arc<RemoteAgent>, StorageError> {
         self.shared.reachable(&self.node)
     }
+
+    /// Notes whether a call reached the node's agent: one that could not takes the node out of
+    /// placement until a call (or the sweeper's probe) gets through again.
+    fn seen<T>(&self, r: Result<T, StorageError>) -> Result<T, StorageError> {
+        let failed = matches!(&r, Err(e) if is_unreachable(e));
+        let marked = self
+            .shared
+            .read()
+            .get(&self.node)
+            .is_some_and(|e| e.unreachable.is_some());
+        if failed == marked {
+            return r;
+        }
+        let mut nodes = self.shared.write();
+        if let Some(e) = nodes.get_mut(&self.node) {
+            match (failed, e.unreachable) {
+                (true, None) => {
+                    tracing::warn!(
+                        node = self.node.as_str(),
+                        "the node's agent cannot be reached; no new volumes go there until it answers"
+                    );
+                    e.unreachable = Some(self.shared.clock.now());
+                }
+                (false, Some(_)) => {
+                    tracing::info!(node = self.node.as_str(), "the node's agent answers again");
+                    e.unreachable = None;
+                }
+                _ => {}
+            }
+        }
+        r
+    }
+}
+
+/// Whether a failure is the transport's (the node could not be reached, or did not answer in time),
+/// as [`unavailable`] makes it, rather than the node's own answer.
+fn is_unreachable(e: &StorageError) -> bool {
+    matches!(e, StorageError::Sys(crate::sys::SysError::Io { step: "node", source, .. })
+        if source.raw_os_error() == Some(libc::ENOTCONN))
 }
 
 #[tonic::async_trait]
@@ -613,28 +695,28 @@ impl Agent for RegisteredAgent {
         &self.node
     }
     async fn create_volume(&self, req: NewVolume) -> Result<VolumeRecord, StorageError> {
-        self.remote()?.create_volume(req).await
+        self.seen(self.remote()?.create_volume(req).await)
     }
     async fn delete_volume(&self, id: VolumeId) -> Result<(), StorageError> {
-        self.remote()?.delete_volume(id).await
+        self.seen(self.remote()?.delete_volume(id).await)
     }
     async fn expand_volume(&self, id: VolumeId, range: CapacityRange) -> Result<(VolumeRecord, bool), StorageError> {
-        self.remote()?.expand_volume(id, range).await
+        self.seen(self.remote()?.expand_volume(id, range).await)
     }
     async fn modify_volume(&self, id: VolumeId, m: Mutable) -> Result<VolumeRecord, StorageError> {
-        self.remote()?.modify_volume(id, m).await
+        self.seen(self.remote()?.modify_volume(id, m).await)
     }
     async fn volume(&self, id: VolumeId) -> Result<Option<(VolumeRecord, Condition)>, StorageError> {
-        self.remote()?.volume(id).await
+        self.seen(self.remote()?.volume(id).await)
     }
     async fn volumes(&self) -> Result<Vec<(VolumeRecord, Condition)>, StorageError> {
-        self.remote()?.volumes().await
+        self.seen(self.remote()?.volumes().await)
     }
     async fn volume_named(&self, name: String) -> Result<Option<VolumeRecord>, StorageError> {
-        self.remote()?.volume_named(name).await
+        self.seen(self.remote()?.volume_named(name).await)
     }
     async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError> {
-        self.remote()?.snapshot_named(name).await
+        self.seen(self.remote()?.snapshot_named(name).await)
     }
     async fn create_snapshot(
         &self,
@@ -642,25 +724,25 @@ impl Agent for RegisteredAgent {
         source: VolumeId,
         freeze: bool,
     ) -> Result<SnapshotRecord, StorageError> {
-        self.remote()?.create_snapshot(name, source, freeze).await
+        self.seen(self.remote()?.create_snapshot(name, source, freeze).await)
     }
     async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError> {
-        self.remote()?.delete_snapshot(id).await
+        self.seen(self.remote()?.delete_snapshot(id).await)
     }
     async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError> {
-        self.remote()?.snapshots().await
+        self.seen(self.remote()?.snapshots().await)
     }
     async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError> {
-        self.remote()?.pools().await
+        self.seen(self.remote()?.pools().await)
     }
     async fn static_exists(&self, id: StaticId) -> Result<bool, StorageError> {
-        self.remote()?.static_exists(id).await
+        self.seen(self.remote()?.static_exists(id).await)
     }
     async fn export_data(&self, source: Source) -> Result<Frames, StorageError> {
-        self.remote()?.export_data(source).await
+        self.seen(self.remote()?.export_data(source).await)
     }
     async fn import_volume(&self, req: NewVolume, frames: Frames) -> Result<VolumeRecord, StorageError> {
-        self.remote()?.import_volume(req, frames).await
+        self.seen(self.remote()?.import_volume(req, frames).await)
     }
 }
 
@@ -897,14 +979,17 @@ mod tests {
         assert_eq!(remote.address().to_string(), "127.0.0.1:10");
     }
 
+    /// A port nothing listens on: a call gets through the registry and fails at the node.
+    fn closed_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }
+
     #[tokio::test]
     async fn calls_to_an_available_node_go_to_its_agent() {
         let clock = ManualClock::new();
         let r = registry(&clock);
-        // A port nothing listens on: the call gets through the registry and fails at the node.
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        drop(l);
+        let port = closed_port();
         r.heartbeat(report("node-1", port, 40)).unwrap();
         let s = Status::from(r.agent(&node("node-1")).unwrap().pools().await.unwrap_err());
         assert_eq!(s.code(), Code::Unavailable);
@@ -1011,6 +1096,29 @@ mod tests {
         assert!(!r.is_forgotten(&node("node-1")), "the oldest forgotten id is dropped");
         assert!(r.is_forgotten(&node("node-2")));
         assert!(r.is_forgotten(&node("node-3")));
+    }
+
+    #[tokio::test]
+    async fn a_call_that_cannot_reach_a_node_marks_it_until_a_call_gets_through() {
+        let clock = ManualClock::new();
+        let r = registry(&clock);
+        let port = closed_port();
+        r.heartbeat(report("node-1", port, 40)).unwrap();
+        r.heartbeat(report("node-2", 9, 40)).unwrap();
+        assert!(r.agent(&node("node-1")).unwrap().pools().await.is_err());
+        assert!(r.is_unreachable(&node("node-1")));
+        assert!(!r.answers(&node("node-1")));
+        assert!(r.answers(&node("node-2")));
+        assert_eq!(names(r.agents()), ["node-1", "node-2"], "still available");
+        assert_eq!(r.reported_pools(&node("node-1")).unwrap()[0].available_bytes, 40);
+        // A heartbeat says the process lives, not that its agent answers.
+        r.heartbeat(report("node-1", port, 40)).unwrap();
+        assert!(r.is_unreachable(&node("node-1")));
+        r.probe_unreachable().await;
+        assert!(
+            r.is_unreachable(&node("node-1")),
+            "the probe did not get through either"
+        );
     }
 
     #[test]

@@ -17,9 +17,10 @@ use crate::csi::v1::controller_server::Controller;
 use crate::csi::v1::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::v1::*;
 use crate::server::traced;
-use crate::storage::engine::{Condition, NewVolume};
+use crate::storage::engine::{Condition, NewVolume, PoolStatus};
 use crate::storage::id::{NodeId, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{ContentSource, SnapshotRecord, VolumeRecord};
+use crate::storage::StorageError;
 
 pub struct ControllerService {
     pub directory: Arc<dyn Directory>,
@@ -75,6 +76,15 @@ where
     let mut answers = asking.join_all().await;
     answers.sort_by_key(|(i, _)| *i);
     answers.into_iter().map(|(_, t)| t).collect()
+}
+
+/// An agent's pools: as its node last reported them in a heartbeat when the directory has that
+/// (split mode: no call, so a hung node costs nothing here), else asked.
+async fn pools_of(directory: &dyn Directory, agent: &Arc<dyn Agent>) -> Result<Vec<PoolStatus>, StorageError> {
+    match directory.reported_pools(agent.node()) {
+        Some(pools) => Ok(pools),
+        None => agent.pools().await,
+    }
 }
 
 /// The condition of a volume whose agent cannot be reached, as of its last listing.
@@ -241,10 +251,19 @@ impl ControllerService {
         };
 
         // A name already taken anywhere answers for itself: the same request gets the same volume.
-        for agent in self.directory.all() {
+        // Every node is asked at once, each call bounded by its timeout, so a slow node costs one
+        // call's time, not its place in a queue.
+        let agents = self.directory.all();
+        let name = r.name.clone();
+        let answers = ask_all(&agents, |a| {
+            let name = name.clone();
+            async move { a.volume_named(name).await }
+        })
+        .await;
+        for (agent, answer) in agents.into_iter().zip(answers) {
             // A node that cannot answer right now is skipped: provisioning must not stop for one
             // dead node. (A retry for a volume made there goes back there by its topology.)
-            let found = match agent.volume_named(r.name.clone()).await {
+            let found = match answer {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::warn!(node = agent.node().as_str(), error = %e, "name lookup skipped an unreachable node");
@@ -358,7 +377,7 @@ impl ControllerService {
         let Ok(wanted) = spec.capacity.choose() else {
             return true; // the node explains a bad range
         };
-        match source.pools().await {
+        match self.pools_of(source).await {
             // A pool or layout the node does not have is the node's to explain.
             Ok(pools) => room_for(&pools, spec).is_none_or(|room| room >= wanted),
             Err(_) => false,
@@ -378,7 +397,7 @@ impl ControllerService {
         let mut rooms = Vec::new();
         for n in ranked {
             let room = match self.directory.agent(n) {
-                Some(a) => match a.pools().await {
+                Some(a) => match self.pools_of(&a).await {
                     Ok(pools) => room_for(&pools, spec),
                     Err(_) => None, // unreachable: not a candidate
                 },
@@ -387,6 +406,11 @@ impl ControllerService {
             rooms.push((n.clone(), room));
         }
         if req.is_none_or(|r| r.preferred.is_empty()) {
+            // Free to choose: a node whose agent did not answer its last call is passed over
+            // while another can take the volume (its heartbeat's figures say nothing of that).
+            if rooms.iter().any(|(n, _)| self.directory.answers(n)) {
+                rooms.retain(|(n, _)| self.directory.answers(n));
+            }
             rooms.sort_by_key(|r| std::cmp::Reverse(r.1));
         } else {
             // The scheduler chose: only a preferred node may take the volume, in the order given.
@@ -400,7 +424,7 @@ impl ControllerService {
             return Ok(n.clone());
         }
         // So is the only candidate's lack of room: its own check is current (the figures here
-        // are its last heartbeat's) and exact (the data of a copy of this very volume that died
+        // are its last heartbeat's, up to an interval old) and exact (the data of a copy of this very volume that died
         // before its record gives its room back to the retry).
         if let [(n, Some(_))] = rooms.as_slice() {
             return Ok(n.clone());
@@ -518,6 +542,10 @@ impl ControllerService {
         } else {
             agent.node().as_str().to_string()
         }
+    }
+
+    async fn pools_of(&self, agent: &Arc<dyn Agent>) -> Result<Vec<PoolStatus>, StorageError> {
+        pools_of(self.directory.as_ref(), agent).await
     }
 
     /// A volume as its agent last listed it, marked abnormal because `why` the agent cannot be reached.
@@ -681,9 +709,15 @@ impl Controller for ControllerService {
             let mut total: u64 = 0;
             let mut largest: u64 = 0;
             let asked = r.accessible_topology.as_ref().and_then(request::topology_node);
-            // Every agent at once: one that is slow to answer does not delay the others.
+            // Nodes' figures from their heartbeats; whatever must be asked, all at once, so that
+            // one slow to answer does not delay the others.
             let agents = self.directory.all();
-            let answers = ask_all(&agents, |a| async move { a.pools().await }).await;
+            let directory = self.directory.clone();
+            let answers = ask_all(&agents, |a| {
+                let directory = directory.clone();
+                async move { pools_of(directory.as_ref(), &a).await }
+            })
+            .await;
             for (agent, pools) in agents.iter().zip(answers) {
                 let on_node = asked.is_none_or(|n| n == agent.node().as_str());
                 let pools = match pools.map_err(Status::from) {
