@@ -922,26 +922,44 @@ fn csi_create(name: &str) -> cellar::csi::v1::CreateVolumeRequest {
     }
 }
 
-/// Capacity comes from the nodes' heartbeats: a node whose agent hangs still has its capacity
-/// answered, with no call to it.
+/// Capacity comes from the nodes' heartbeats, except for the node asked about, which answers live:
+/// a node whose agent hangs counts in the cluster's capacity as its heartbeat says, and does not
+/// delay a question about another node.
 #[tokio::test]
-async fn get_capacity_answers_from_heartbeats_even_for_a_hung_node() {
+async fn get_capacity_reads_heartbeats_and_asks_only_the_node_in_question() {
     use cellar::csi::v1::controller_server::Controller;
     use cellar::csi::v1::{GetCapacityRequest, Topology};
     let c = hung_node_cluster().await;
-    let asked = GetCapacityRequest {
+    let on = |node: &str| GetCapacityRequest {
         accessible_topology: Some(Topology {
-            segments: [(cellar::csi::TOPOLOGY_NODE_KEY.to_string(), "node-2".to_string())].into(),
+            segments: [(cellar::csi::TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into(),
         }),
         ..Default::default()
     };
-    let got = c
+    let all = c
         .controller
-        .get_capacity(tonic::Request::new(asked))
+        .get_capacity(tonic::Request::new(GetCapacityRequest::default()))
         .await
-        .expect("capacity of the hung node, from its heartbeat")
+        .expect("the cluster's capacity")
         .into_inner();
-    assert_eq!(got.available_capacity, 1 << 40);
+    assert!(all.available_capacity > 1 << 40, "{all:?}");
+    let node1 = c
+        .controller
+        .get_capacity(tonic::Request::new(on("node-1")))
+        .await
+        .expect("node-1's capacity")
+        .into_inner();
+    assert!(
+        node1.available_capacity > 0 && node1.available_capacity < 1 << 40,
+        "{node1:?}"
+    );
+    assert!(!c.registry.is_unreachable(&node_id("node-2")), "node-2 was not asked");
+    let e = c
+        .controller
+        .get_capacity(tonic::Request::new(on("node-2")))
+        .await
+        .expect_err("node-2 itself is asked");
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
 }
 
 /// Placement reads the heartbeats' figures, in which the hung node has the most room; but the

@@ -709,13 +709,22 @@ impl Controller for ControllerService {
             let mut total: u64 = 0;
             let mut largest: u64 = 0;
             let asked = r.accessible_topology.as_ref().and_then(request::topology_node);
-            // Nodes' figures from their heartbeats; whatever must be asked, all at once, so that
-            // one slow to answer does not delay the others.
+            // The node asked about answers live (a dead node has no capacity, whatever its last
+            // heartbeat said); the others' figures come from their heartbeats. Whatever must be
+            // asked is asked all at once, so that one slow to answer does not delay the others.
             let agents = self.directory.all();
             let directory = self.directory.clone();
+            let live = asked.map(str::to_string);
             let answers = ask_all(&agents, |a| {
                 let directory = directory.clone();
-                async move { pools_of(directory.as_ref(), &a).await }
+                let live = live.as_deref() == Some(a.node().as_str());
+                async move {
+                    if live {
+                        a.pools().await
+                    } else {
+                        pools_of(directory.as_ref(), &a).await
+                    }
+                }
             })
             .await;
             for (agent, pools) in agents.iter().zip(answers) {
