@@ -388,3 +388,42 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_a_unit_or_mean_seconds() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("1d").unwrap_err().contains("unit must be"));
+        assert!(parse_duration("s").unwrap_err().contains("not a duration"));
+    }
+
+    fn controller_args(extra: &[&str]) -> Result<cellar::agent::registry::RegistryConfig, String> {
+        let mut argv = vec!["cellar", "controller", "--insecure"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).map_err(|e| e.to_string())?.command {
+            Command::Controller { registry, .. } => registry.config(),
+            _ => unreachable!("parsed as the controller"),
+        }
+    }
+
+    #[test]
+    fn registry_flags_have_sane_defaults_and_forgetting_comes_after_unavailability() {
+        let c = controller_args(&[]).expect("defaults");
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(c.max_nodes, 5000);
+        assert_eq!(c.max_heartbeat_bytes, 64 << 10);
+        assert_eq!(c.forget_after, Duration::from_secs(3600));
+        assert!(!c.require_node_certificates);
+        let e = controller_args(&["--heartbeat-interval", "10s", "--forget-nodes-after", "30s"]).unwrap_err();
+        assert!(e.contains("must be longer than"), "{e}");
+        let e = controller_args(&["--max-nodes", "0"]).unwrap_err();
+        assert!(e.contains("--max-nodes"), "{e}");
+    }
+}
