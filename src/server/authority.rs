@@ -99,6 +99,11 @@ impl AuthorityRewrite {
             }
             let len = usize::from(self.input[0]) << 16 | usize::from(self.input[1]) << 8 | usize::from(self.input[2]);
             let kind = self.input[3];
+            // A header block is contiguous (RFC 9113 §6.10): anything else in its middle is a
+            // connection error, which h2 would raise too.
+            if self.block.is_some() && kind != CONTINUATION {
+                return Err(malformed());
+            }
             if kind != HEADERS && kind != CONTINUATION {
                 self.output.extend(self.input.drain(..FRAME_HEADER));
                 self.passing = len;
@@ -142,13 +147,16 @@ impl AuthorityRewrite {
                     fragment: payload.to_vec(),
                 });
             }
-            (CONTINUATION, Some(block)) if block.stream == stream => {
+            (CONTINUATION, Some(block)) => {
+                if block.stream != stream {
+                    return Err(malformed());
+                }
                 if block.fragment.len() + payload.len() > MAX_HEADER_BLOCK {
                     return Err(too_large());
                 }
                 block.fragment.extend_from_slice(payload);
             }
-            // Out of order: h2 refuses it for what it is.
+            // A CONTINUATION with no block open: h2 refuses it for what it is.
             _ => {
                 self.output.extend_from_slice(frame);
                 return Ok(());
@@ -371,6 +379,15 @@ mod tests {
             rewrite_block(&block).expect("rewritten"),
             vec![0x11, 0x03, b'l', b'o', b'c']
         );
+    }
+
+    #[test]
+    fn another_frame_inside_a_header_block_closes_the_connection() {
+        let mut input = PREFACE.to_vec();
+        input.extend([0, 0, 1, HEADERS, 0, 0, 0, 0, 1, 0x83]);
+        input.extend([0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+        let e = AuthorityRewrite::default().feed(&input).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]
