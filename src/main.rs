@@ -1,5 +1,7 @@
 //! The `cellar` command: parses flags and starts a role.
 
+#![forbid(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,16 +34,19 @@ enum LogFormat {
 enum Command {
     /// Identity, Controller and Node on one socket, for one machine (development, edge, csi-sanity).
     AllInOne {
+        /// The CSI socket to serve (unix:///path or a plain path).
         #[arg(long, default_value = "unix:///run/cellar/csi.sock")]
         endpoint: String,
         /// This node's name (Kubernetes node name). Defaults to the host name.
         #[arg(long, env = "NODE_NAME")]
         node_id: Option<String>,
+        /// Where node state and pools without a path live (<data-dir>/pools/<name>).
         #[arg(long, default_value = "/var/lib/cellar")]
         data_dir: PathBuf,
         /// Pool configuration (YAML); without it one local `dir` pool `default` under the data dir.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// The name the driver registers under (CSIDriver, StorageClass provisioner).
         #[arg(long, default_value = "cellar.csi.dev")]
         driver_name: String,
         /// Reported to the scheduler in NodeGetInfo; 0 means no limit.
@@ -57,15 +62,19 @@ enum Command {
     /// The controller of split mode: Identity + Controller for the sidecars, the registry nodes
     /// report to over mutual TLS, and the shared pools.
     Controller {
+        /// The CSI socket to serve (unix:///path or a plain path).
         #[arg(long, default_value = "unix:///csi/csi.sock")]
         endpoint: String,
         /// Where nodes register and heartbeat (mutual TLS).
         #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:9820")]
         agent_listen: SocketAddr,
+        /// Where node state and pools without a path live (<data-dir>/pools/<name>).
         #[arg(long, default_value = "/var/lib/cellar")]
         data_dir: PathBuf,
+        /// Pool configuration (YAML, docs/pools.md); without it one local `dir` pool `default` under the data dir.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// The name the driver registers under (CSIDriver, StorageClass provisioner).
         #[arg(long, default_value = "cellar.csi.dev")]
         driver_name: String,
         /// The controller's name in records of shared pools (its pod name).
@@ -75,6 +84,8 @@ enum Command {
         tls: TlsArgs,
         #[command(flatten)]
         registry: RegistryArgs,
+        /// Serve /metrics (Prometheus), /healthz and /readyz over HTTP on ADDR:PORT, e.g. 0.0.0.0:9811.
+        /// Off when absent.
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_listen: Option<SocketAddr>,
         #[command(flatten)]
@@ -82,19 +93,25 @@ enum Command {
     },
     /// A node of split mode: Identity + Node for kubelet, and the agent the controller calls.
     Node {
+        /// The CSI socket to serve (unix:///path or a plain path).
         #[arg(long, default_value = "unix:///csi/csi.sock")]
         endpoint: String,
+        /// This node's name (Kubernetes node name). Defaults to the host name.
         #[arg(long, env = "NODE_NAME")]
         node_id: Option<String>,
+        /// Where node state and pools without a path live (<data-dir>/pools/<name>).
         #[arg(long, default_value = "/var/lib/cellar")]
         data_dir: PathBuf,
+        /// Pool configuration (YAML, docs/pools.md); without it one local `dir` pool `default` under the data dir.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// The name the driver registers under (CSIDriver, StorageClass provisioner).
         #[arg(long, default_value = "cellar.csi.dev")]
         driver_name: String,
         /// The controller's registry, HOST:PORT; every address the host resolves to gets heartbeats.
         #[arg(long)]
         controller: String,
+        /// Where the agent the controller calls listens (mutual TLS).
         #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:9821")]
         agent_listen: SocketAddr,
         /// The address the controller should call this node's agent at (e.g. $(POD_IP):9821).
@@ -102,8 +119,11 @@ enum Command {
         agent_advertise: String,
         #[command(flatten)]
         tls: TlsArgs,
+        /// Reported to the scheduler in NodeGetInfo; 0 means no limit.
         #[arg(long, default_value_t = 0)]
         max_volumes_per_node: i64,
+        /// Serve /metrics (Prometheus), /healthz and /readyz over HTTP on ADDR:PORT, e.g. 0.0.0.0:9811.
+        /// Off when absent.
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_listen: Option<SocketAddr>,
         #[command(flatten)]
@@ -212,8 +232,10 @@ struct TlsArgs {
     /// The CA that signs every controller and node certificate.
     #[arg(long)]
     tls_ca: Option<PathBuf>,
+    /// This process's certificate (PEM), signed by --tls-ca.
     #[arg(long)]
     tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
     #[arg(long)]
     tls_key: Option<PathBuf>,
     /// Plaintext between controller and nodes: for development only.
@@ -391,7 +413,30 @@ fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     use super::*;
+
+    /// Every flag and argument of every command says what it is for in --help.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cmd, "cellar", &mut missing);
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+    }
 
     #[test]
     fn durations_take_a_unit_or_mean_seconds() {

@@ -18,7 +18,6 @@ use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -39,9 +38,11 @@ use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
 use tonic::Code;
 
+use crate::health::Readiness;
 use crate::node::state::NodeState;
-use crate::storage::engine::LocalEngine;
+use crate::storage::engine::{LocalEngine, PoolStatus};
 use crate::storage::id::{SnapshotId, VolumeId};
+use crate::storage::record::Layout;
 use crate::sys::files;
 use crate::sys::mount::{LinuxMounter, Mounter};
 
@@ -146,6 +147,56 @@ pub fn record_transfer_end(direction: &'static str, complete: bool) {
     TRANSFERS.get_or_create(&TransferEndLabels { direction, result }).inc();
 }
 
+/// The Controller RPCs counted (those that do work; see docs/operations.md).
+pub const CONTROLLER_METHODS: [&str; 12] = [
+    "CreateVolume",
+    "DeleteVolume",
+    "ValidateVolumeCapabilities",
+    "ListVolumes",
+    "GetCapacity",
+    "CreateSnapshot",
+    "DeleteSnapshot",
+    "ListSnapshots",
+    "GetSnapshot",
+    "ControllerExpandVolume",
+    "ControllerGetVolume",
+    "ControllerModifyVolume",
+];
+
+/// The Node RPCs counted.
+pub const NODE_METHODS: [&str; 6] = [
+    "NodeStageVolume",
+    "NodeUnstageVolume",
+    "NodePublishVolume",
+    "NodeUnpublishVolume",
+    "NodeGetVolumeStats",
+    "NodeExpandVolume",
+];
+
+/// Creates, at zero, the series a dashboard or a ratio alert divides by, so they read 0 rather
+/// than "no data" before the first call: `OK` and the latency histogram of every method `role`
+/// serves, and (node) both transfer directions and results.
+fn export_zeros(role: &str) {
+    let methods: &[&'static str] = match role {
+        "controller" => &CONTROLLER_METHODS,
+        "node" => &NODE_METHODS,
+        "all-in-one" => &[CONTROLLER_METHODS.as_slice(), NODE_METHODS.as_slice()].concat(),
+        _ => &[],
+    };
+    for &method in methods {
+        let _ = RPC.requests.get_or_create(&RpcLabels { method, code: "OK" });
+        let _ = RPC.duration.get_or_create(&MethodLabels { method });
+    }
+    if role == "node" {
+        for direction in ["export", "import"] {
+            let _ = TRANSFER_BYTES.get_or_create(&TransferLabels { direction });
+            for result in ["complete", "broken"] {
+                let _ = TRANSFERS.get_or_create(&TransferEndLabels { direction, result });
+            }
+        }
+    }
+}
+
 /// Counts one finished RPC and its latency.
 pub fn record_rpc(method: &'static str, code: Code, elapsed: Duration) {
     RPC.requests
@@ -187,12 +238,15 @@ pub fn code_name(code: Code) -> &'static str {
 /// What one process exposes: the RPC series, its build info, and the collectors of its role.
 pub struct Exporter {
     registry: Registry,
-    ready: Arc<AtomicBool>,
+    /// What keeps the role from serving (the reasons Identity's Probe also answers from).
+    readiness: Arc<Readiness>,
+    /// The CSI socket, once the role serves it: `/healthz` checks that it still accepts calls.
+    socket: OnceLock<PathBuf>,
 }
 
 impl Exporter {
-    /// `ready` is the flag the role sets once its pools are open (the one Identity's Probe reads).
-    pub fn new(role: &'static str, ready: Arc<AtomicBool>) -> Exporter {
+    pub fn new(role: &'static str, readiness: Arc<Readiness>) -> Exporter {
+        export_zeros(role);
         let mut registry = Registry::default();
         registry.register(
             "cellar_build",
@@ -229,7 +283,16 @@ impl Exporter {
                 TRANSFERS.clone(),
             );
         }
-        Exporter { registry, ready }
+        Exporter {
+            registry,
+            readiness,
+            socket: OnceLock::new(),
+        }
+    }
+
+    /// Called once the CSI socket is bound; from then on `/healthz` connects to it.
+    pub fn serving(&self, socket: PathBuf) {
+        let _ = self.socket.set(socket);
     }
 
     /// Adds the scrape-time figures of a role (a node's pools; later the controller's registry).
@@ -238,7 +301,7 @@ impl Exporter {
     }
 
     pub fn ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.readiness.is_ready()
     }
 
     /// The whole exposition. Blocking: collectors read the disk.
@@ -299,7 +362,11 @@ pub struct PoolFigures {
     pub name: String,
     /// `None` when the pool's filesystem could not be read (statvfs failed).
     pub total_bytes: Option<u64>,
+    /// What GetCapacity offers the pool's tightest layout: for a pool that allows `image`, the free
+    /// space minus what its image files may still grow into.
     pub free_bytes: Option<u64>,
+    /// What GetCapacity offers a new volume of each layout the pool allows.
+    pub allocatable_bytes: BTreeMap<String, u64>,
     pub provisioned_bytes: u64,
 }
 
@@ -365,10 +432,24 @@ impl NodeFigures {
                     .entry((name.clone(), layout.as_str().to_string()))
                     .or_default();
             }
+            for layout in status.map(|s| s.layouts.as_slice()).unwrap_or_default() {
+                f.snapshots
+                    .entry((name.clone(), layout.as_str().to_string()))
+                    .or_default();
+            }
             f.abnormal.entry(name.clone()).or_default();
+            let allocatable: BTreeMap<String, u64> = status
+                .map(|s| {
+                    s.layouts
+                        .iter()
+                        .map(|l| (l.as_str().to_string(), allocatable(s, *l)))
+                        .collect()
+                })
+                .unwrap_or_default();
             f.pools.push(PoolFigures {
                 total_bytes: status.map(|s| s.total_bytes),
-                free_bytes: status.map(|s| s.available_bytes),
+                free_bytes: status.map(|s| allocatable.values().copied().min().unwrap_or(s.available_bytes)),
+                allocatable_bytes: allocatable,
                 provisioned_bytes: provisioned.get(&name).copied().unwrap_or(0),
                 name,
             });
@@ -399,6 +480,16 @@ impl NodeFigures {
         attached.sort();
         f.attached = measure(attached, usage);
         f
+    }
+}
+
+/// What GetCapacity offers a new volume of `layout` in a pool: an image volume may only take
+/// what the pool's existing images will not grow into; the other layouts the free space.
+fn allocatable(status: &PoolStatus, layout: Layout) -> u64 {
+    if layout == Layout::Image {
+        status.image_allocatable_bytes
+    } else {
+        status.available_bytes
     }
 }
 
@@ -469,9 +560,20 @@ impl Collector for NodeCollector {
         gauges(
             &mut enc,
             "cellar_pool_free",
-            "Bytes of the pool's filesystem still available to new data.",
+            "What GetCapacity still offers in the pool: its filesystem's free bytes, minus (when it allows image volumes) what its image files may still grow into.",
             bytes,
             f.pools.iter().filter_map(|p| Some((pool(p), p.free_bytes?))),
+        )?;
+        gauges(
+            &mut enc,
+            "cellar_pool_allocatable",
+            "What GetCapacity offers a new volume of each layout the pool allows.",
+            bytes,
+            f.pools.iter().flat_map(|p| {
+                p.allocatable_bytes
+                    .iter()
+                    .map(|(l, n)| ([("pool", p.name.clone()), ("layout", l.clone())], *n))
+            }),
         )?;
         gauges(
             &mut enc,
@@ -591,17 +693,45 @@ async fn respond(req: Request<Incoming>, exporter: Arc<Exporter>) -> Result<Resp
             }
             Ok(Err(_)) | Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "encoding the metrics failed\n"),
         },
-        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/healthz" => match exporter.socket.get() {
+            Some(socket) => match socket_answers(socket).await {
+                Ok(()) => text(StatusCode::OK, "ok\n"),
+                Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not serving: {why}\n")),
+            },
+            // Starting: alive, and the startup probe gives the pools time to open.
+            None => text(StatusCode::OK, "ok\n"),
+        },
         "/readyz" if exporter.ready() => text(StatusCode::OK, "ready\n"),
-        "/readyz" => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the pools are not open yet\n",
-        ),
+        "/readyz" => {
+            let mut body = String::new();
+            for reason in exporter.readiness.reasons() {
+                body.push_str("not ready: ");
+                body.push_str(&reason);
+                body.push('\n');
+            }
+            text(StatusCode::SERVICE_UNAVAILABLE, body)
+        }
         _ => text(
             StatusCode::NOT_FOUND,
             "not found: /metrics, /healthz and /readyz are served\n",
         ),
     })
+}
+
+/// How long `/healthz` waits for the CSI socket to accept a connection.
+const SOCKET_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether the CSI socket still accepts connections: it fails when the socket file was removed
+/// or the server stopped listening, the states in which only a restart brings the driver back.
+async fn socket_answers(socket: &std::path::Path) -> Result<(), String> {
+    match tokio::time::timeout(SOCKET_CHECK_TIMEOUT, tokio::net::UnixStream::connect(socket)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("the CSI socket {} refuses connections: {e}", socket.display())),
+        Err(_) => Err(format!(
+            "the CSI socket {} accepted no connection within {SOCKET_CHECK_TIMEOUT:?}",
+            socket.display()
+        )),
+    }
 }
 
 #[cfg(test)]
@@ -621,13 +751,32 @@ mod tests {
     #[test]
     fn an_rpc_is_counted_by_method_and_code_and_timed_by_method() {
         record_rpc("UnitTestCall", Code::NotFound, Duration::from_millis(3));
-        let out = Exporter::new("test", Arc::new(AtomicBool::new(true))).encode().unwrap();
+        let out = Exporter::new("test", Readiness::starting()).encode().unwrap();
         assert!(
             out.contains("cellar_csi_requests_total{method=\"UnitTestCall\",code=\"NotFound\"} 1\n"),
             "{out}"
         );
         assert!(
             out.contains("cellar_csi_request_duration_seconds_bucket{le=\"0.005\",method=\"UnitTestCall\"} 1\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn a_node_exports_its_transfer_series_at_zero_before_any_copy() {
+        let out = Exporter::new("node", Readiness::starting()).encode().unwrap();
+        for direction in ["export", "import"] {
+            assert!(
+                out.contains(&format!("cellar_transfer_bytes_total{{direction=\"{direction}\"}} ")),
+                "{out}"
+            );
+            for result in ["complete", "broken"] {
+                let series = format!("cellar_transfers_total{{direction=\"{direction}\",result=\"{result}\"}} ");
+                assert!(out.contains(&series), "{out}");
+            }
+        }
+        assert!(
+            out.contains("cellar_csi_requests_total{method=\"NodePublishVolume\",code=\"OK\"} "),
             "{out}"
         );
     }

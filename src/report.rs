@@ -1184,6 +1184,7 @@ mod tests {
     fn mount(id: u32, root: &str, at: &str, fs_type: &str, source: &str) -> MountEntry {
         MountEntry {
             mount_id: id,
+            dev: "0:1".into(),
             root: root.into(),
             mount_point: at.into(),
             options: "rw".into(),

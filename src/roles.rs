@@ -3,7 +3,6 @@
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use nix::fcntl::Flock;
@@ -13,6 +12,7 @@ use crate::controller::ControllerService;
 use crate::csi::v1::controller_server::ControllerServer;
 use crate::csi::v1::identity_server::IdentityServer;
 use crate::csi::v1::node_server::NodeServer as NodeGrpc;
+use crate::health::{Readiness, STARTING};
 use crate::identity::IdentityService;
 use crate::metrics::{Exporter, MetricsError, NodeCollector, NodeSources};
 use crate::node::state::NodeState;
@@ -88,11 +88,11 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
     // Taken before the socket: a second driver must not replace the first one's socket.
     let _lock = hold_data_dir(&o.data_dir).await?;
     let socket = server::socket_path(&o.endpoint)?;
-    let ready = Arc::new(AtomicBool::new(false));
+    let readiness = Readiness::starting();
 
     // Served before the pools open: /healthz answers and /readyz says 503 during a long start-up purge.
     let node_metrics = NodeCollector::default();
-    let metrics = serve_metrics(o.metrics_listen, "all-in-one", ready.clone(), node_metrics.clone()).await?;
+    let metrics = serve_metrics(o.metrics_listen, "all-in-one", readiness.clone(), node_metrics.clone()).await?;
 
     let engine = {
         let node = node.clone();
@@ -108,7 +108,7 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
         state: state.clone(),
     });
     // A pool that could not be opened keeps the driver unready (Probe and /readyz) until it is fixed.
-    ready.store(engine.ready(), Ordering::Release);
+    report_pools(&readiness, &engine);
     tracing::info!(
         node = node.as_str(),
         socket = %socket.display(),
@@ -116,13 +116,14 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
         "all-in-one ready"
     );
 
-    let identity = IdentityService::new(&o.driver_name, ready);
+    let identity = IdentityService::new(&o.driver_name, readiness.flag());
     let controller = ControllerService::new(Arc::new(SingleNode(Arc::new(LocalAgent::new(engine.clone())))));
     crate::node::start_lease_renewer(engine.clone(), state.clone());
     let node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
     // The socket appears only now: whoever finds it (kubelet's registrar, a test) finds a driver
     // whose pools and node state are open.
     let listener = server::bind(&socket)?;
+    metrics.serving(&socket);
     let router = o
         .socket
         .server_builder()
@@ -150,24 +151,64 @@ async fn hold_data_dir(data_dir: &Path) -> Result<Flock<File>, RoleError> {
     ))
 }
 
-/// Starts /metrics, /healthz and /readyz on `addr` (when given) with a role's collector; the
-/// listener ends when the returned guard is dropped.
+/// Clears the start-up reason and sets one per pool that could not be opened (logged once each).
+fn report_pools(readiness: &Readiness, engine: &LocalEngine) {
+    for (pool, why) in engine.broken_pools() {
+        readiness.set(
+            &format!("pool/{}", pool.as_str()),
+            Some(format!("pool '{}' cannot be used: {why}", pool.as_str())),
+        );
+    }
+    readiness.set(STARTING, None);
+}
+
+/// The node's registration as a reason: `None` once a controller replica acknowledged this node,
+/// else what every replica (or the name lookup) answered.
+fn registration(controller: &str, round: &crate::agent::heartbeat::Round) -> Option<String> {
+    if !round.acked.is_empty() {
+        return None;
+    }
+    if round.errors.is_empty() {
+        return Some(format!(
+            "not registered: no address for the controller {controller} (the name does not resolve)"
+        ));
+    }
+    let errors: Vec<String> = round.errors.iter().map(|(a, e)| format!("{a}: {e}")).collect();
+    Some(format!(
+        "cannot register with the controller {controller}: {}",
+        errors.join("; ")
+    ))
+}
+
+/// The HTTP listener of a role (/metrics, /healthz, /readyz), when `--metrics-listen` is given;
+/// it ends when dropped.
+struct MetricsServer(Option<(Arc<Exporter>, AbortOnDrop)>);
+
+impl MetricsServer {
+    /// From now on `/healthz` also checks that the CSI socket accepts connections.
+    fn serving(&self, socket: &Path) {
+        if let Some((exporter, _)) = &self.0 {
+            exporter.serving(socket.to_path_buf());
+        }
+    }
+}
+
+/// Starts /metrics, /healthz and /readyz on `addr` (when given) with a role's collector.
 async fn serve_metrics(
     addr: Option<SocketAddr>,
     role: &'static str,
-    ready: Arc<AtomicBool>,
+    readiness: Arc<Readiness>,
     collector: impl prometheus_client::collector::Collector,
-) -> Result<Option<AbortOnDrop>, RoleError> {
+) -> Result<MetricsServer, RoleError> {
     let Some(addr) = addr else {
-        return Ok(None);
+        return Ok(MetricsServer(None));
     };
-    let mut exporter = Exporter::new(role, ready);
+    let mut exporter = Exporter::new(role, readiness);
     exporter.register(collector);
+    let exporter = Arc::new(exporter);
     let listener = crate::metrics::bind(addr).await?;
-    Ok(Some(AbortOnDrop(tokio::spawn(crate::metrics::serve(
-        listener,
-        Arc::new(exporter),
-    )))))
+    let task = AbortOnDrop(tokio::spawn(crate::metrics::serve(listener, exporter.clone())));
+    Ok(MetricsServer(Some((exporter, task))))
 }
 
 /// A background task that ends with its owner (the metrics listener ends with the role).
@@ -246,7 +287,7 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     let name = NodeId::parse(&o.name).map_err(|e| RoleError::NodeId(e.0))?;
     let config = load_config(o.config.as_ref(), &o.data_dir)?;
     let socket = server::socket_path(&o.endpoint)?;
-    let ready = Arc::new(AtomicBool::new(false));
+    let readiness = Readiness::starting();
     let engine = {
         let cfg = config.clone();
         tokio::task::spawn_blocking(move || LocalEngine::open_for(name, &cfg, Role::Controller))
@@ -261,7 +302,7 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     let metrics = serve_metrics(
         o.metrics_listen,
         "controller",
-        ready.clone(),
+        readiness.clone(),
         crate::metrics::RegistryCollector(registry.clone()),
     )
     .await?;
@@ -273,11 +314,12 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     let registry_server = tokio::spawn(crate::agent::server::serve(listener, tls, routes, async {
         let _ = stop_rx.await;
     }));
-    ready.store(engine.ready(), Ordering::Release);
+    report_pools(&readiness, &engine);
     tracing::info!(agent_listen = %o.agent_listen, socket = %socket.display(), "controller ready");
-    let identity = IdentityService::new(&o.driver_name, ready);
+    let identity = IdentityService::new(&o.driver_name, readiness.flag());
     let controller = ControllerService::new(Arc::new(registry));
     let listener = server::bind(&socket)?;
+    metrics.serving(&socket);
     let router = o
         .socket
         .server_builder()
@@ -303,9 +345,9 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     let config = load_config(o.config.as_ref(), &o.data_dir)?;
     let _lock = hold_data_dir(&o.data_dir).await?;
     let socket = server::socket_path(&o.endpoint)?;
-    let ready = Arc::new(AtomicBool::new(false));
+    let readiness = Readiness::starting();
     let node_metrics = NodeCollector::default();
-    let metrics = serve_metrics(o.metrics_listen, "node", ready.clone(), node_metrics.clone()).await?;
+    let metrics = serve_metrics(o.metrics_listen, "node", readiness.clone(), node_metrics.clone()).await?;
     let engine = {
         let node = node.clone();
         tokio::task::spawn_blocking(move || LocalEngine::open_for(node, &config, Role::Node))
@@ -334,24 +376,31 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
         let _ = stop_rx.await;
     }));
     let beat = Heartbeat::new(beat_config, tls, Arc::new(LocalAgent::new(engine.clone())));
-    // Ready once the pools are open and a controller has acknowledged this node.
-    let pools_open = engine.ready();
-    let registered = ready.clone();
-    let heartbeat = AbortOnDrop(tokio::spawn(async move {
-        let mut beat = beat;
-        loop {
-            let round = beat.beat().await;
-            if !round.acked.is_empty() {
-                registered.store(pools_open, Ordering::Release);
+    // Ready while the pools are open and a controller replica acknowledges this node: a node that
+    // loses every replica says so (once) and turns unready, and ready again when one answers.
+    readiness.expect(
+        "controller",
+        format!("not registered with the controller {} yet", o.controller),
+    );
+    report_pools(&readiness, &engine);
+    let heartbeat = {
+        let readiness = readiness.clone();
+        let controller = o.controller.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            let mut beat = beat;
+            loop {
+                let round = beat.beat().await;
+                readiness.set("controller", registration(&controller, &round));
+                tokio::time::sleep(beat.interval()).await;
             }
-            tokio::time::sleep(beat.interval()).await;
-        }
-    }));
+        }))
+    };
     tracing::info!(node = node.as_str(), agent_listen = %o.agent_listen, socket = %socket.display(), "node ready");
-    let identity = IdentityService::new(&o.driver_name, ready);
+    let identity = IdentityService::new(&o.driver_name, readiness.flag());
     crate::node::start_lease_renewer(engine.clone(), state.clone());
     let node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
     let listener = server::bind(&socket)?;
+    metrics.serving(&socket);
     let router = o
         .socket
         .server_builder()

@@ -28,10 +28,18 @@ const VALUE_SETS: &[&str] = &[
     "cert-manager",
     "cert-manager-issuer",
     "kubelet-dir",
+    "monitoring",
 ];
 /// Kinds defined by CRDs, checked against tests/chart-values/crd-schemas/ (kubernetes-validate
 /// knows only the built-in kinds).
-const CRD_KINDS: &[&str] = &["VolumeSnapshotClass", "VolumeSnapshot", "Certificate", "Issuer"];
+const CRD_KINDS: &[&str] = &[
+    "VolumeSnapshotClass",
+    "VolumeSnapshot",
+    "Certificate",
+    "Issuer",
+    "PodMonitor",
+    "PrometheusRule",
+];
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -606,8 +614,12 @@ fn controller_runs_the_sidecars_with_the_flags_cellar_needs() {
         );
         let prov = container(spec, "csi-provisioner");
         let a = args(prov);
+        assert!(
+            a.iter().all(|x| !x.starts_with("--feature-gates")),
+            "{}: Topology is GA and on by default: {a:?}",
+            r.set
+        );
         for want in [
-            "--feature-gates=Topology=true",
             "--enable-capacity",
             "--capacity-ownerref-level=2",
             "--extra-create-metadata",
@@ -670,6 +682,349 @@ fn controller_runs_the_sidecars_with_the_flags_cellar_needs() {
     }
 }
 
+/// The port number a container declares under `name`.
+fn port(c: &Value, name: &str) -> u64 {
+    seq(&c["ports"])
+        .iter()
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["containerPort"].as_u64())
+        .unwrap_or_else(|| panic!("no port {name} in {:?}", c["name"]))
+}
+
+/// Liveness restarts only a process that stopped serving (cellar's own /healthz); readiness comes
+/// from /readyz and from CSI Probe over the socket (the livenessprobe sidecar); a startup probe
+/// covers a slow start. Nothing probes liveness through CSI Probe, which a half-working driver
+/// fails, and this holds with the metrics turned off too.
+#[test]
+fn probes_never_restart_a_half_working_driver() {
+    let mut sets: Vec<(String, Vec<Doc>)> = VALUE_SETS
+        .iter()
+        .map(|s| (s.to_string(), split_docs(&render_set(s))))
+        .collect();
+    sets.push((
+        "metrics off".into(),
+        split_docs(&render(&["--set", "metrics.enabled=false"])),
+    ));
+    for (set, docs) in &sets {
+        for (kind, name) in [("Deployment", "cellar-controller"), ("DaemonSet", "cellar-node")] {
+            let d = docs
+                .iter()
+                .find(|d| d.kind() == kind && d.name() == name)
+                .unwrap_or_else(|| panic!("{set}: no {kind}"));
+            let spec = &d.value["spec"]["template"]["spec"];
+            let cellar = container(spec, "cellar");
+            let listen = flag(cellar, "metrics-listen").unwrap_or_else(|| panic!("{set}: {name} has no listener"));
+            assert_eq!(
+                listen,
+                format!("0.0.0.0:{}", port(cellar, "metrics")),
+                "{set}: {name} probes the port it listens on"
+            );
+            for (probe, path) in [
+                ("startupProbe", "/healthz"),
+                ("livenessProbe", "/healthz"),
+                ("readinessProbe", "/readyz"),
+            ] {
+                let get = &cellar[probe]["httpGet"];
+                assert_eq!(
+                    (get["path"].as_str(), get["port"].as_str()),
+                    (Some(path), Some("metrics")),
+                    "{set}: {name} {probe}"
+                );
+            }
+            let budget = cellar["startupProbe"]["periodSeconds"].as_u64().unwrap()
+                * cellar["startupProbe"]["failureThreshold"].as_u64().unwrap();
+            assert!(budget >= 300, "{set}: {name} gives the pools {budget} s to open");
+            let probe = container(spec, "liveness-probe");
+            assert_eq!(
+                flag(probe, "http-endpoint"),
+                Some(format!(":{}", port(probe, "healthz")))
+            );
+            assert!(
+                args(probe).iter().all(|a| !a.starts_with("--health-port")),
+                "{set}: deprecated --health-port"
+            );
+            assert_eq!(
+                probe["readinessProbe"]["httpGet"]["port"], "healthz",
+                "{set}: CSI Probe is a readiness check"
+            );
+            for c in seq(&spec["containers"]) {
+                let liveness = &c["livenessProbe"]["httpGet"]["port"];
+                assert!(
+                    *liveness != "healthz" && c["startupProbe"]["httpGet"]["port"] != "healthz",
+                    "{set}: {name}/{:?} restarts on CSI Probe",
+                    c["name"]
+                );
+            }
+        }
+    }
+}
+
+/// Installed as a subchart: Helm hands down the parent's `global` values and the `enabled`
+/// condition, which the schema accepts while it still refuses a mistyped value.
+#[test]
+fn chart_installs_as_a_subchart() {
+    let parent = tempfile::Builder::new()
+        .prefix("cellar-test-parent-")
+        .tempdir()
+        .expect("tempdir");
+    let charts = parent.path().join("charts");
+    std::fs::create_dir_all(&charts).expect("charts dir");
+    let (ok, _, err) = run(Command::new("cp").arg("-a").arg(chart()).arg(charts.join("cellar")));
+    assert!(ok, "copy the chart: {err}");
+    std::fs::write(
+        parent.path().join("Chart.yaml"),
+        "apiVersion: v2\nname: platform\nversion: 1.0.0\ndependencies:\n  - name: cellar\n    version: 0.1.0\n    condition: cellar.enabled\n",
+    )
+    .expect("Chart.yaml");
+    std::fs::write(
+        parent.path().join("values.yaml"),
+        "global:\n  imageRegistry: registry.example.internal\ncellar:\n  enabled: true\n  tls: {generate: false}\n",
+    )
+    .expect("values.yaml");
+    let template = |extra: &[&str]| {
+        run(Command::new(helm())
+            .args(["template", "platform"])
+            .arg(parent.path())
+            .args(["--namespace", NAMESPACE])
+            .args(extra))
+    };
+    let (ok, out, err) = template(&[]);
+    assert!(ok, "helm template of a parent chart: {err}");
+    let docs = split_docs(&out);
+    assert!(docs.iter().any(|d| d.kind() == "DaemonSet"), "{out}");
+    let (ok, out, _) = template(&["--set", "cellar.enabled=false"]);
+    assert!(ok && split_docs(&out).is_empty(), "the condition turns it off: {out}");
+    let (ok, _, err) = template(&["--set", "cellar.kubeletdir=/var/lib/k3s"]);
+    assert!(!ok && err.contains("kubeletdir"), "a typo is still refused: {err}");
+}
+
+/// The same values render the same objects: a GitOps tool sees no change where nothing changed.
+#[test]
+fn renders_are_stable() {
+    for extra in [
+        &["--set", "tls.generate=false"][..],
+        &[
+            "-f",
+            values_file("monitoring").to_str().expect("utf-8"),
+            "--set",
+            "tls.generate=false",
+        ],
+        &["-f", values_file("cert-manager").to_str().expect("utf-8")],
+    ] {
+        assert!(render(extra) == render(extra), "{extra:?} renders differently twice");
+    }
+}
+
+/// Seccomp RuntimeDefault on both pods; only a privileged cellar container (it mounts and runs
+/// mkfs and mount helpers) opts out, explicitly. Both pods run on Linux nodes only.
+#[test]
+fn pods_run_runtime_default_seccomp_except_privileged_cellar_containers() {
+    for r in renderings() {
+        for (kind, name) in [("Deployment", "cellar-controller"), ("DaemonSet", "cellar-node")] {
+            let spec = &r.get(kind, name)["spec"]["template"]["spec"];
+            assert_eq!(
+                spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+                "{}: {name}",
+                r.set
+            );
+            assert_eq!(spec["nodeSelector"]["kubernetes.io/os"], "linux", "{}: {name}", r.set);
+            for c in seq(&spec["containers"]) {
+                let privileged = c["securityContext"]["privileged"] == Value::Bool(true);
+                let own = &c["securityContext"]["seccompProfile"]["type"];
+                if privileged {
+                    assert_eq!(*own, "Unconfined", "{}: {name}/{:?}", r.set, c["name"]);
+                } else {
+                    assert!(
+                        own.is_null(),
+                        "{}: {name}/{:?} overrides the pod's profile",
+                        r.set,
+                        c["name"]
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Credentials from Secrets reach the cellar containers: extra volumes and mounts, env and envFrom.
+#[test]
+fn extra_volumes_mounts_and_env_from_secrets_reach_the_cellar_containers() {
+    let r = Rendering::new("monitoring");
+    for (kind, name, role) in [
+        ("Deployment", "cellar-controller", "controller"),
+        ("DaemonSet", "cellar-node", "node"),
+    ] {
+        let spec = &r.get(kind, name)["spec"]["template"]["spec"];
+        assert_eq!(volume(spec, "cifs-credentials")["secret"]["secretName"], "cellar-cifs");
+        let cellar = container(spec, "cellar");
+        assert_eq!(
+            mount(cellar, "/etc/cellar/cifs").expect("mount")["readOnly"],
+            Value::Bool(true)
+        );
+        assert_eq!(
+            seq(&cellar["envFrom"]),
+            seq(r.value(&format!("{role}.extraEnvFrom"))),
+            "{name}"
+        );
+    }
+    let cellar = container(
+        &r.get("Deployment", "cellar-controller")["spec"]["template"]["spec"],
+        "cellar",
+    );
+    assert!(seq(&cellar["env"])
+        .iter()
+        .any(|e| e["valueFrom"]["secretKeyRef"]["name"] == "cellar-cifs"));
+}
+
+/// With metrics on, each CSI sidecar of the controller serves its metrics on a declared port, and
+/// the PodMonitor scrapes exactly the ports the pods declare; with metrics off, no sidecar opens one.
+#[test]
+fn sidecars_serve_metrics_and_the_pod_monitor_scrapes_declared_ports() {
+    let r = Rendering::new("monitoring");
+    let spec = &r.get("Deployment", "cellar-controller")["spec"]["template"]["spec"];
+    let mut declared = BTreeSet::new();
+    for pod in [spec, &r.get("DaemonSet", "cellar-node")["spec"]["template"]["spec"]] {
+        for c in seq(&pod["containers"]) {
+            for p in seq(&c["ports"]) {
+                declared.insert(p["name"].as_str().expect("port name").to_owned());
+            }
+        }
+    }
+    for (sidecar, port_name) in [
+        ("csi-provisioner", "provisioner"),
+        ("csi-resizer", "resizer"),
+        ("csi-snapshotter", "snapshotter"),
+    ] {
+        let c = container(spec, sidecar);
+        assert_eq!(
+            flag(c, "http-endpoint"),
+            Some(format!(":{}", port(c, port_name))),
+            "{sidecar}"
+        );
+    }
+    let monitor = r.get("PodMonitor", "cellar");
+    let scraped: Vec<&str> = seq(&monitor["spec"]["podMetricsEndpoints"])
+        .iter()
+        .map(|e| e["port"].as_str().expect("port"))
+        .collect();
+    assert!(scraped.contains(&"metrics"), "{scraped:?}");
+    for p in &scraped {
+        assert!(
+            declared.contains(*p) || *p == "health-monitor",
+            "scrapes undeclared port {p}"
+        );
+    }
+    assert_eq!(monitor["metadata"]["labels"]["release"], "kube-prometheus-stack");
+    let selector = &monitor["spec"]["selector"]["matchLabels"];
+    for (kind, name) in [("Deployment", "cellar-controller"), ("DaemonSet", "cellar-node")] {
+        let labels = &r.get(kind, name)["spec"]["template"]["metadata"]["labels"];
+        for (k, v) in selector.as_mapping().expect("matchLabels") {
+            assert_eq!(labels[k.as_str().expect("key")], *v, "the PodMonitor selects {name}");
+        }
+    }
+    let off = split_docs(&render(&[
+        "--set",
+        "metrics.enabled=false,metrics.podMonitor.enabled=true",
+    ]));
+    assert!(off.iter().all(|d| d.kind() != "PodMonitor"));
+    for d in off.iter().filter(|d| d.kind() == "Deployment") {
+        for c in seq(&d.value["spec"]["template"]["spec"]["containers"]) {
+            let name = c["name"].as_str().expect("name");
+            if name != "liveness-probe" {
+                assert_eq!(flag(c, "http-endpoint"), None, "{name} serves metrics with metrics off");
+            }
+        }
+    }
+}
+
+/// Metric names a PromQL text uses: identifiers starting with `cellar_`.
+fn metric_names(promql: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = promql;
+    while let Some(i) = rest.find("cellar_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The metrics docs/operations.md documents, with the series names Prometheus stores for them.
+fn documented_metrics() -> BTreeSet<String> {
+    let docs = std::fs::read_to_string(repo().join("docs/operations.md")).expect("docs/operations.md");
+    let mut names = BTreeSet::new();
+    for line in docs.lines() {
+        let Some(cell) = line.strip_prefix("| `cellar_") else {
+            continue;
+        };
+        let name = format!("cellar_{}", cell.split('`').next().expect("name"));
+        if line.contains("| histogram |") {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                names.insert(format!("{name}{suffix}"));
+            }
+        }
+        names.insert(name);
+    }
+    names
+}
+
+/// The PrometheusRule is the alerts of docs/operations.md, word for word, and they and the
+/// dashboard only use metrics cellar documents.
+#[test]
+fn alerts_and_dashboard_use_documented_metrics_and_match_the_docs() {
+    let r = Rendering::new("monitoring");
+    let rules_file = std::fs::read_to_string(chart().join("files/prometheus-rules.yaml")).expect("rules");
+    let rule = r.get("PrometheusRule", "cellar");
+    let from_file: Value = serde_yaml_ng::from_str(&rules_file).expect("rules parse");
+    assert_eq!(rule["spec"], from_file);
+    let docs = std::fs::read_to_string(repo().join("docs/operations.md")).expect("docs/operations.md");
+    assert!(
+        docs.contains(&format!("```yaml\n{rules_file}```")),
+        "docs/operations.md shows charts/cellar/files/prometheus-rules.yaml as it is"
+    );
+    let known = documented_metrics();
+    let mut alerts = 0;
+    for group in seq(&rule["spec"]["groups"]) {
+        for a in seq(&group["rules"]) {
+            alerts += 1;
+            let expr = a["expr"].as_str().expect("expr");
+            for m in metric_names(expr) {
+                assert!(known.contains(&m), "alert {:?} uses undocumented {m}", a["alert"]);
+            }
+            assert!(
+                a["annotations"]["summary"].is_string(),
+                "{:?} says what is wrong",
+                a["alert"]
+            );
+        }
+    }
+    assert!(alerts >= 9, "{alerts} alerts");
+
+    let cm = r.get("ConfigMap", "cellar-dashboard");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let json = cm["data"]["cellar.json"].as_str().expect("dashboard");
+    let file = std::fs::read_to_string(chart().join("files/dashboard.json")).expect("dashboard.json");
+    assert_eq!(json.trim_end(), file.trim_end());
+    let dashboard: serde_json::Value = serde_json::from_str(json).expect("the dashboard is JSON");
+    let mut exprs = 0;
+    for p in dashboard["panels"].as_array().expect("panels") {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            exprs += 1;
+            for m in metric_names(t["expr"].as_str().expect("expr")) {
+                assert!(known.contains(&m), "panel {:?} uses undocumented {m}", p["title"]);
+            }
+        }
+    }
+    assert!(exprs >= 10, "{exprs} queries");
+    assert!(
+        Rendering::new("defaults").all("PrometheusRule").is_empty(),
+        "off by default"
+    );
+}
+
 /// The real binary accepts every flag the chart gives it (clap parses and checks each value before
 /// it reaches --help).
 #[test]
@@ -725,7 +1080,13 @@ fn pods_find_their_configmap_secrets_and_service_accounts() {
             let pod = &r.get(kind, name)["spec"]["template"]["spec"];
             let sa = pod["serviceAccountName"].as_str().expect("service account");
             r.get("ServiceAccount", sa);
-            for v in seq(&pod["volumes"]) {
+            let role = if kind == "Deployment" { "controller" } else { "node" };
+            // The user's own volumes (credentials ...) name Secrets the user makes.
+            let extra: Vec<&Value> = seq(r.value(&format!("{role}.extraVolumes")))
+                .iter()
+                .map(|v| &v["name"])
+                .collect();
+            for v in seq(&pod["volumes"]).iter().filter(|v| !extra.contains(&&v["name"])) {
                 if let Some(cm) = v["configMap"]["name"].as_str() {
                     r.get("ConfigMap", cm);
                 }
@@ -1291,7 +1652,7 @@ fn value_paths(v: &Value, prefix: &str, out: &mut Vec<String>) {
     let keys: BTreeSet<&str> = map.keys().filter_map(|k| k.as_str()).collect();
     let leaf = map.is_empty()
         || keys == BTreeSet::from(["repository", "tag"])
-        || ["resources", "updateStrategy", "rollingUpdate"]
+        || ["resources", "updateStrategy", "rollingUpdate", "labels"]
             .iter()
             .any(|k| prefix.ends_with(k));
     if leaf && !prefix.is_empty() {

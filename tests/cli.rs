@@ -18,20 +18,59 @@ fn csi(d: &Driver, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// `cellar csi ARGS... --endpoint E -o json`: global flags after the command, JSON parsed.
+fn csi_json(d: &Driver, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(bin())
+        .arg("csi")
+        .args(args)
+        .args(["--endpoint", &d.endpoint(), "-o", "json"])
+        .output()
+        .expect("run cellar csi");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{args:?}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}):\n{stdout}"))
+}
+
 #[tokio::test]
 async fn csi_client_walks_a_volume_through_its_life() {
     let d = Driver::start().await;
     let (ok, info) = csi(&d, &["info"]);
     assert!(ok && info.contains("cellar.csi.dev"), "{info}");
+    assert!(
+        info.lines().any(|l| l.starts_with("ready") && l.ends_with("yes")),
+        "{info}"
+    );
+    assert!(!info.contains("r#type") && !info.contains('{'), "no debug dump: {info}");
     let (ok, out) = csi(&d, &["create", "pvc-cli", "--size", "64M"]);
-    assert!(ok && out.contains("local:node-1:default:pvc-cli"), "{out}");
     let id = "local:node-1:default:pvc-cli";
+    assert!(ok && out == format!("{id}\n"), "create prints the id alone: {out:?}");
     let (ok, out) = csi(&d, &["list"]);
-    assert!(ok && out.contains(id) && out.contains("67108864"), "{out}");
+    assert!(ok, "{out}");
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split("  ")
+        .filter(|c| !c.is_empty())
+        .map(str::trim)
+        .collect();
+    assert_eq!(header, ["VOLUME ID", "CAPACITY", "TOPOLOGY", "CONDITION"], "{out}");
+    let row = lines
+        .find(|l| l.starts_with(id))
+        .unwrap_or_else(|| panic!("{id} not listed: {out}"));
+    assert!(
+        row.contains("64 MiB") && row.contains("node=node-1") && row.ends_with("ok"),
+        "{row}"
+    );
     let staging = d.path("cli-staging");
     let target = d.path("cli-target");
     std::fs::create_dir_all(&staging).unwrap();
-    assert!(csi(&d, &["stage", id, staging.to_str().unwrap()]).0);
+    let (ok, out) = csi(&d, &["stage", id, staging.to_str().unwrap()]);
+    assert!(ok && out == format!("staged {id}\n"), "{out}");
     let (ok, out) = csi(
         &d,
         &[
@@ -46,27 +85,164 @@ async fn csi_client_walks_a_volume_through_its_life() {
     assert!(ok, "{out}");
     std::fs::write(target.join("f"), b"x").unwrap();
     let (ok, out) = csi(&d, &["stats", id, target.to_str().unwrap()]);
-    assert!(ok && out.contains("Bytes"), "{out}");
+    assert!(
+        ok && out.starts_with("UNIT") && out.contains("\nbytes ") && out.contains("iB"),
+        "{out}"
+    );
+    assert!(out.contains("condition: ok"), "{out}");
     let (ok, out) = csi(&d, &["snapshot", "snap-cli", id]);
-    assert!(ok && out.contains("snap:local:node-1:default:snap-cli"), "{out}");
+    assert!(ok && out == "snap:local:node-1:default:snap-cli\n", "{out:?}");
     let (ok, out) = csi(&d, &["snapshots"]);
-    assert!(ok && out.contains("snap-cli"), "{out}");
+    assert!(
+        ok && out.starts_with("SNAPSHOT ID") && out.contains("snap-cli"),
+        "{out}"
+    );
+    let (ok, out) = csi(&d, &["get-snapshot", "snap:local:node-1:default:snap-cli"]);
+    assert!(ok && out.contains(id) && out.contains("yes"), "{out}");
     let (ok, out) = csi(&d, &["expand", id, "128M", "--path", target.to_str().unwrap()]);
-    assert!(ok && out.contains("134217728"), "{out}");
+    assert!(ok && out == format!("expanded {id} to 128 MiB\n"), "{out:?}");
+    let (ok, out) = csi(&d, &["modify", id, "--param", "deletePolicy=retain"]);
+    assert!(ok && out == format!("modified {id}\n"), "{out}");
+    let (ok, out) = csi(&d, &["get", id]);
+    assert!(ok && out.contains("128 MiB") && out.contains("condition"), "{out}");
     assert!(csi(&d, &["unpublish", id, target.to_str().unwrap()]).0);
     assert!(csi(&d, &["unstage", id, staging.to_str().unwrap()]).0);
     assert!(csi(&d, &["delete-snapshot", "snap:local:node-1:default:snap-cli"]).0);
-    assert!(csi(&d, &["delete", id]).0);
+    let (ok, out) = csi(&d, &["delete", id]);
+    assert!(ok && out == format!("deleted {id}\n"), "{out}");
     let (ok, out) = csi(&d, &["list"]);
     assert!(ok && !out.contains(id), "{out}");
 }
 
+/// `-o json` on every command, with the global flags after the command: the CSI fields, in bytes.
 #[tokio::test]
-async fn csi_client_reports_the_error_code_and_exits_non_zero() {
+async fn every_command_answers_json_and_takes_global_flags_anywhere() {
     let d = Driver::start().await;
-    let (ok, out) = csi(&d, &["get", "local:node-1:default:nope"]);
-    assert!(!ok);
-    assert!(out.contains("NotFound"), "{out}");
+    let info = csi_json(&d, &["info"]);
+    assert_eq!(info["name"], "cellar.csi.dev");
+    assert_eq!(info["ready"], true);
+    assert_eq!(info["node"]["node_id"], "node-1");
+    assert!(info["controller_capabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c == "CREATE_DELETE_VOLUME"));
+    let v = csi_json(&d, &["create", "pvc-json", "--size", "32M", "--fs-type", "ext4"]);
+    let id = v["volume_id"].as_str().expect("volume_id").to_owned();
+    assert_eq!(v["capacity_bytes"], 32 << 20);
+    let list = csi_json(&d, &["list"]);
+    let entry = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["volume_id"] == id.as_str())
+        .expect("listed");
+    assert_eq!(entry["volume_condition"]["abnormal"], false);
+    assert_eq!(csi_json(&d, &["get", &id])["capacity_bytes"], 32 << 20);
+    assert!(csi_json(&d, &["capacity"])["available_capacity"].as_i64().unwrap() > 0);
+    let staging = d.path("json-staging");
+    let target = d.path("json-target");
+    std::fs::create_dir_all(&staging).unwrap();
+    assert_eq!(
+        csi_json(&d, &["stage", &id, staging.to_str().unwrap()])["volume_id"],
+        id.as_str()
+    );
+    let publish = [
+        "publish",
+        &id,
+        "--staging-path",
+        staging.to_str().unwrap(),
+        "--target",
+        target.to_str().unwrap(),
+    ];
+    assert_eq!(csi_json(&d, &publish)["volume_id"], id.as_str());
+    let stats = csi_json(&d, &["stats", &id, target.to_str().unwrap()]);
+    assert!(
+        stats["usage"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|u| u["unit"] == "BYTES" && u["used"].as_i64() > Some(0)),
+        "{stats}"
+    );
+    let e = csi_json(&d, &["expand", &id, "48M"]);
+    assert_eq!(
+        (e["capacity_bytes"].as_i64(), e["node_expanded"].as_bool()),
+        (Some(48 << 20), Some(false))
+    );
+    assert_eq!(
+        csi_json(&d, &["modify", &id, "--param", "deletePolicy=retain"])["volume_id"],
+        id.as_str()
+    );
+    let s = csi_json(&d, &["snapshot", "snap-json", &id]);
+    let snap = s["snapshot_id"].as_str().expect("snapshot_id").to_owned();
+    assert_eq!(
+        (s["source_volume_id"].as_str(), s["ready_to_use"].as_bool()),
+        (Some(id.as_str()), Some(true))
+    );
+    assert!(s["creation_time"].as_str().unwrap().ends_with('Z'), "{s}");
+    assert_eq!(csi_json(&d, &["get-snapshot", &snap])["snapshot_id"], snap.as_str());
+    let snaps = csi_json(&d, &["snapshots", "--source-volume-id", &id]);
+    assert_eq!(snaps.as_array().map(Vec::len), Some(1), "{snaps}");
+    assert_eq!(csi_json(&d, &["delete-snapshot", &snap])["snapshot_id"], snap.as_str());
+    assert_eq!(
+        csi_json(&d, &["unpublish", &id, target.to_str().unwrap()])["volume_id"],
+        id.as_str()
+    );
+    assert_eq!(
+        csi_json(&d, &["unstage", &id, staging.to_str().unwrap()])["volume_id"],
+        id.as_str()
+    );
+    assert_eq!(csi_json(&d, &["delete", &id])["volume_id"], id.as_str());
+}
+
+/// `--fs-type` and `--block` reach the driver: a type it does not make is refused by name, and a
+/// raw block volume of an image pool is published as a block device.
+#[tokio::test]
+async fn fs_type_and_block_flags_reach_the_driver() {
+    let fs = common::fs::TestFs::new("ext4", 256);
+    let cfgdir = tempfile::tempdir().unwrap();
+    let cfg = cfgdir.path().join("pools.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "pools:\n  - name: img\n    path: {}\n    layout: image\n",
+            fs.path("pool").display()
+        ),
+    )
+    .unwrap();
+    let d = Driver::start_with(&["--config", cfg.to_str().unwrap()], &[]).await;
+    let (ok, out) = csi(&d, &["create", "pvc-zfs", "--size", "16M", "--fs-type", "zfs"]);
+    assert!(!ok && out.contains("InvalidArgument") && out.contains("'zfs'"), "{out}");
+    let (ok, out) = csi(&d, &["create", "pvc-raw", "--size", "16M", "--block"]);
+    assert!(ok, "{out}");
+    let id = out.trim().to_owned();
+    let staging = d.path("raw-staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let (ok, out) = csi(&d, &["stage", &id, staging.to_str().unwrap(), "--block"]);
+    assert!(ok, "{out}");
+    let target = d.path("raw-publish/pod");
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    std::fs::write(&target, b"").unwrap();
+    let publish = [
+        "publish",
+        &id,
+        "--block",
+        "--staging-path",
+        staging.to_str().unwrap(),
+        "--target",
+        target.to_str().unwrap(),
+    ];
+    let (ok, out) = csi(&d, &publish);
+    assert!(ok, "{out}");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(
+        std::fs::metadata(&target).unwrap().file_type().is_block_device(),
+        "a block device is published"
+    );
+    assert!(csi(&d, &["unpublish", &id, target.to_str().unwrap()]).0);
+    assert!(csi(&d, &["unstage", &id, staging.to_str().unwrap()]).0);
+    assert!(csi(&d, &["delete", &id]).0);
 }
 
 #[tokio::test]
@@ -115,12 +291,102 @@ async fn bench_drives_volumes_and_reports_percentiles_leaving_nothing() {
 }
 
 #[tokio::test]
-async fn csi_client_to_a_missing_socket_fails_clearly() {
+async fn csi_client_to_a_missing_socket_says_no_driver_listens_there() {
     require_root();
     let out = Command::new(bin())
-        .args(["csi", "--endpoint", "unix:///nonexistent/cellar.sock", "info"])
+        .args(["csi", "info", "--endpoint", "unix:///nonexistent/cellar.sock"])
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no CSI driver listening at /nonexistent/cellar.sock: No such file or directory"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn csi_client_to_a_socket_nobody_serves_says_it_refuses() {
+    require_root();
+    let dir = tempfile::Builder::new().prefix("cellar-test-").tempdir().unwrap();
+    let socket = dir.path().join("stale.sock");
+    // A socket file left by a process that is gone: connecting is refused.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let out = Command::new(bin())
+        .args(["csi", "--endpoint"])
+        .arg(&socket)
+        .arg("list")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!("no CSI driver listening at {}: Connection refused", socket.display());
+    assert!(err.contains(&want), "{err}");
+}
+
+/// Whether a line holds a `<placeholder>` (letters, digits, `-`, `_` between angle brackets).
+fn has_placeholder(line: &str) -> bool {
+    line.split('<').skip(1).any(|rest| {
+        let word: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+            .collect();
+        !word.is_empty() && rest[word.len()..].starts_with('>')
+    })
+}
+
+/// Every shell block of the README and docs/ can be pasted into a shell: no comment after a line
+/// continuation (which ends the command there) and nothing bash cannot parse.
+#[test]
+fn shell_blocks_in_the_docs_can_be_pasted() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = vec![root.join("README.md")];
+    let mut docs: Vec<_> = std::fs::read_dir(root.join("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    docs.sort();
+    files.extend(docs);
+    let mut blocks = 0;
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let mut lines = text.lines().enumerate();
+        while let Some((start, line)) = lines.next() {
+            if !matches!(line.trim(), "```sh" | "```bash" | "```shell") {
+                continue;
+            }
+            let block: Vec<&str> = lines
+                .by_ref()
+                .map(|(_, l)| l)
+                .take_while(|l| l.trim() != "```")
+                .collect();
+            blocks += 1;
+            let at = format!("{}:{}", f.display(), start + 1);
+            for l in &block {
+                assert!(
+                    !l.contains(" [--") && !has_placeholder(l) && !l.contains("REGISTRY/"),
+                    "{at}: a placeholder does not paste (show a real value, or fence a synopsis as ``` not ```sh): {l}"
+                );
+                if let Some((_, after)) = l.split_once("\\ ") {
+                    assert!(
+                        !after.trim_start().starts_with('#'),
+                        "{at}: a comment after a line continuation breaks the command: {l}"
+                    );
+                }
+            }
+            let out = Command::new("bash")
+                .arg("-n")
+                .arg("-c")
+                .arg(block.join("\n"))
+                .output()
+                .expect("bash");
+            assert!(
+                out.status.success(),
+                "{at}: bash cannot parse the block: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    assert!(blocks >= 20, "only {blocks} shell blocks found");
 }

@@ -77,13 +77,14 @@ fn script_var(script: &str, name: &str) -> String {
         .to_owned()
 }
 
-/// The script's `PACKAGES=( ... )` array.
-fn script_packages(script: &str) -> Vec<String> {
+/// The script's `<name>=( ... )` array (LOCAL_PACKAGES, SHARED_PACKAGES).
+fn script_packages(script: &str, name: &str) -> Vec<String> {
+    let open = format!("\n{name}=(");
     let start = script
-        .find("\nPACKAGES=(")
-        .expect("build-rootfs.sh has a PACKAGES=( ... ) array");
-    let body = &script[start + "\nPACKAGES=(".len()..];
-    let body = &body[..body.find(')').expect("PACKAGES closes")];
+        .find(&open)
+        .unwrap_or_else(|| panic!("build-rootfs.sh has no {name}=( ... ) array"));
+    let body = &script[start + open.len()..];
+    let body = &body[..body.find(')').expect("the array closes")];
     body.lines()
         .map(|l| l.split('#').next().unwrap_or("").trim())
         .flat_map(|l| l.split_whitespace())
@@ -111,19 +112,45 @@ fn image_scripts_are_valid_bash() {
     }
 }
 
+/// The stage a `FROM ... AS <name>` line names.
+fn stage<'a>(stages: &'a [Vec<String>], name: &str) -> &'a [String] {
+    stages
+        .iter()
+        .find(|s| s[0].ends_with(&format!(" AS {name}")))
+        .unwrap_or_else(|| panic!("the Dockerfile has no stage {name}"))
+}
+
+/// Packages a stage's RUN instructions install.
+fn stage_packages(stage: &[String]) -> Vec<String> {
+    stage
+        .iter()
+        .filter(|i| i.starts_with("RUN "))
+        .flat_map(|i| apt_packages(i))
+        .collect()
+}
+
+/// The Dockerfile's `local` and `full` (default) runtime stages and build-rootfs.sh's `--local-only`
+/// and full images have the same Debian release, packages, binary path and entrypoint.
 #[test]
-fn dockerfile_and_rootfs_script_build_the_same_image() {
+fn dockerfile_and_rootfs_script_build_the_same_images() {
     let stages = dockerfile_stages(&read("Dockerfile"));
-    assert!(stages.len() >= 2, "a build stage and a runtime stage");
+    assert!(stages.len() >= 3, "a build stage and two runtime stages");
     let script = read("deploy/image/build-rootfs.sh");
 
-    // Same Debian release.
+    // Same Debian release; `full` is the last stage (the default target) and adds to `local`.
     let suite = script_var(&script, "SUITE");
-    let runtime = stages.last().expect("runtime stage");
+    let local = stage(&stages, "local");
+    let full = stage(&stages, "full");
     assert_eq!(
-        runtime[0],
-        format!("FROM debian:{suite}-slim"),
-        "runtime base vs build-rootfs.sh SUITE"
+        local[0],
+        format!("FROM debian:{suite}-slim AS local"),
+        "local base vs SUITE"
+    );
+    assert_eq!(full[0], "FROM local AS full");
+    assert_eq!(
+        stages.last().map(|s| s[0].as_str()),
+        Some("FROM local AS full"),
+        "full is the default"
     );
     let build_from = &stages[0][0];
     assert!(
@@ -131,54 +158,109 @@ fn dockerfile_and_rootfs_script_build_the_same_image() {
         "the build stage uses the runtime's release (same glibc): {build_from}"
     );
 
-    // Same packages: one list may not gain what the other lacks.
-    let docker: Vec<String> = runtime
-        .iter()
-        .filter(|i| i.starts_with("RUN "))
-        .flat_map(|i| apt_packages(i))
-        .collect();
-    let rootfs = script_packages(&script);
+    // Same packages: neither list may gain what the other lacks, variant by variant.
     let as_set = |v: &[String]| v.iter().cloned().collect::<BTreeSet<_>>();
-    assert_eq!(as_set(&docker).len(), docker.len(), "Dockerfile lists a package twice");
-    assert_eq!(
-        as_set(&rootfs).len(),
-        rootfs.len(),
-        "build-rootfs.sh lists a package twice"
-    );
-    assert_eq!(
-        as_set(&docker),
-        as_set(&rootfs),
-        "the Dockerfile's runtime packages and build-rootfs.sh's PACKAGES differ"
-    );
-    // The tools the driver spawns, and the mount helpers of the shared filesystems docs/shared.md names.
+    let all_docker: Vec<String> = stages.iter().flat_map(|s| stage_packages(s)).collect();
+    for (docker, name) in [
+        (stage_packages(local), "LOCAL_PACKAGES"),
+        (stage_packages(full), "SHARED_PACKAGES"),
+    ] {
+        let rootfs = script_packages(&script, name);
+        assert_eq!(
+            as_set(&docker).len(),
+            docker.len(),
+            "the Dockerfile lists a package twice"
+        );
+        assert_eq!(
+            as_set(&rootfs).len(),
+            rootfs.len(),
+            "build-rootfs.sh lists a package twice"
+        );
+        assert_eq!(
+            as_set(&docker),
+            as_set(&rootfs),
+            "the Dockerfile's stage and build-rootfs.sh's {name} differ"
+        );
+    }
+    let local_packages = script_packages(&script, "LOCAL_PACKAGES");
+    let shared_packages = script_packages(&script, "SHARED_PACKAGES");
+    // The tools the driver spawns in every variant; the mount helpers of docs/shared.md in the full one.
     for needed in [
         "util-linux",
         "mount",
         "e2fsprogs",
         "xfsprogs",
         "btrfs-progs",
-        "nfs-common",
-        "glusterfs-client",
-        "ceph-common",
         "ca-certificates",
     ] {
-        assert!(rootfs.iter().any(|p| p == needed), "{needed} is not installed");
+        assert!(
+            local_packages.iter().any(|p| p == needed),
+            "{needed} is not in the local variant"
+        );
+    }
+    for needed in ["nfs-common", "glusterfs-client", "ceph-common", "cifs-utils"] {
+        assert!(
+            shared_packages.iter().any(|p| p == needed),
+            "{needed} is not in the full variant"
+        );
+        assert!(
+            !local_packages.iter().any(|p| p == needed),
+            "{needed} is in the local-only variant"
+        );
     }
     assert!(
-        runtime.iter().any(|i| i.contains("--no-install-recommends")),
-        "debootstrap installs no Recommends; neither may the Dockerfile"
+        all_docker
+            .iter()
+            .all(|p| !p.starts_with("gcc-") && !p.starts_with("libc6-dev")),
+        "no cross toolchain in a runtime stage: {all_docker:?}"
     );
+    for s in [local, full] {
+        assert!(
+            s.iter()
+                .filter(|i| i.contains("apt-get install"))
+                .all(|i| i.contains("--no-install-recommends")),
+            "debootstrap installs no Recommends; neither may the Dockerfile"
+        );
+    }
 
-    // Same binary path and entrypoint.
+    // Same binary path and entrypoint (full inherits both from local).
     let binary = script_var(&script, "BINARY_PATH");
     assert!(
-        runtime
+        local
             .iter()
-            .any(|i| i.starts_with("COPY --from=") && i.ends_with(&format!(" {binary}"))),
+            .any(|i| i.starts_with("COPY --from=build") && i.ends_with(&format!(" {binary}"))),
         "the Dockerfile copies the binary to {binary}"
     );
-    assert!(runtime.contains(&format!("ENTRYPOINT [\"{binary}\"]")));
+    assert!(local.contains(&format!("ENTRYPOINT [\"{binary}\"]")));
     assert!(script.contains("--config.entrypoint \"$BINARY_PATH\""));
+}
+
+/// The build stage runs on the build machine and cross-compiles for the target architecture,
+/// instead of compiling under emulation.
+#[test]
+fn dockerfile_cross_compiles_instead_of_emulating() {
+    let stages = dockerfile_stages(&read("Dockerfile"));
+    let build = &stages[0];
+    assert!(build[0].starts_with("FROM --platform=$BUILDPLATFORM "), "{}", build[0]);
+    let text = build.join("\n");
+    for needed in [
+        "ARG TARGETARCH",
+        "ARG BUILDARCH",
+        "aarch64-unknown-linux-gnu",
+        "gcc-$gnu",
+        "rustup target add",
+        "--target \"$triple\"",
+        "_LINKER=$gnu-gcc",
+    ] {
+        assert!(text.contains(needed), "the build stage lacks {needed}");
+    }
+    for s in &stages[1..] {
+        assert!(
+            !s[0].contains("--platform"),
+            "runtime stages are of the target platform: {}",
+            s[0]
+        );
+    }
 }
 
 #[test]
@@ -253,8 +335,8 @@ fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn rootfs_image_runs_cellar_and_every_tool() {
+/// Runs build-rootfs.sh into a fresh directory with the test's binary; the directory goes on drop.
+fn build_rootfs(extra: &[&str]) -> tempfile::TempDir {
     assert!(
         nix::unistd::geteuid().is_root(),
         "debootstrap and chroot need root (CI runs as root)"
@@ -272,6 +354,7 @@ fn rootfs_image_runs_cellar_and_every_tool() {
         .arg("--binary")
         .arg(env!("CARGO_BIN_EXE_cellar"))
         .args(["--tag", "test"])
+        .args(extra)
         .output()
         .expect("build-rootfs.sh");
     let log = format!(
@@ -286,7 +369,48 @@ fn rootfs_image_runs_cellar_and_every_tool() {
         "the build left mounts: {:?}",
         mounts_under(dir.path())
     );
+    dir
+}
 
+/// The local-only variant runs cellar and the layouts' tools, and holds no shared filesystem client.
+#[test]
+fn local_only_rootfs_has_the_layout_tools_and_no_shared_filesystem_clients() {
+    let dir = build_rootfs(&["--local-only", "--no-oci"]);
+    let rootfs = dir.path().join("rootfs");
+    let version = chroot(&rootfs, &["/usr/local/bin/cellar", "--version"]);
+    assert_eq!(version.trim(), format!("cellar {}", env!("CARGO_PKG_VERSION")));
+    for tool in [
+        "mkfs.ext4",
+        "mkfs.xfs",
+        "mkfs.btrfs",
+        "btrfs",
+        "losetup",
+        "resize2fs",
+        "xfs_growfs",
+        "e2fsck",
+    ] {
+        chroot(&rootfs, &["sh", "-c", &format!("test -x \"$(command -v {tool})\"")]);
+    }
+    for helper in ["mount.nfs", "mount.glusterfs", "mount.ceph", "mount.cifs"] {
+        chroot(&rootfs, &["sh", "-c", &format!("! command -v {helper}")]);
+    }
+    let du = Command::new("du").arg("-sm").arg(&rootfs).output().expect("du");
+    eprintln!(
+        "local-only rootfs: {} MiB",
+        String::from_utf8_lossy(&du.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or("?")
+    );
+    assert!(
+        !dir.path().join("cellar-oci.tar").exists(),
+        "--no-oci writes no archive"
+    );
+}
+
+#[test]
+fn rootfs_image_runs_cellar_and_every_tool() {
+    let dir = build_rootfs(&[]);
     let rootfs = dir.path().join("rootfs");
     let version = chroot(&rootfs, &["/usr/local/bin/cellar", "--version"]);
     assert_eq!(version.trim(), format!("cellar {}", env!("CARGO_PKG_VERSION")));

@@ -10,24 +10,9 @@ use std::process::Command;
 use cellar::csi::v1::volume_capability::access_mode::Mode;
 use cellar::csi::v1::*;
 use common::fs::{loops_under, TestFs};
+use common::start_with_pools as driver;
 use common::*;
 use tonic::Code;
-
-/// Writes a config with one pool per entry (name, path, layout, extra YAML lines) and starts a driver.
-async fn driver(pools: &[(&str, &Path, &str, &str)]) -> (Driver, tempfile::TempDir) {
-    let cfgdir = tempfile::tempdir().expect("tempdir");
-    let mut yaml = String::from("pools:\n");
-    for (name, path, layout, extra) in pools {
-        yaml += &format!("  - name: {name}\n    path: {}\n    layout: {layout}\n", path.display());
-        for line in extra.lines().filter(|l| !l.is_empty()) {
-            yaml += &format!("    {line}\n");
-        }
-    }
-    let cfg = cfgdir.path().join("pools.yaml");
-    std::fs::write(&cfg, yaml).expect("config");
-    let d = Driver::start_with(&["--config", cfg.to_str().expect("utf-8")], &[]).await;
-    (d, cfgdir)
-}
 
 fn req(name: &str, bytes: i64, pool: &str) -> CreateVolumeRequest {
     let mut r = create_req(name, bytes);

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -117,9 +117,11 @@ async fn healthz_answers_ok() {
 
 #[tokio::test]
 async fn readyz_is_ready_once_the_pools_are_open() {
-    let (_d, port) = start(&[]).await;
+    let (d, port) = start(&[]).await;
     let r = get(port, "/readyz");
     assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
+    let log = d.log();
+    assert!(!log.contains("WARN"), "a normal start warns about nothing:\n{log}");
 }
 
 #[tokio::test]
@@ -136,9 +138,92 @@ async fn readyz_is_unavailable_while_a_pool_cannot_be_opened() {
         ),
     )
     .unwrap();
-    let (_d, port) = start(&["--config", cfg.to_str().unwrap()]).await;
+    let (d, port) = start(&["--config", cfg.to_str().unwrap()]).await;
     let r = get(port, "/readyz");
     assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("pool 'fast' cannot be used"), "{}", r.body);
+    assert!(!r.body.contains("not open yet"), "the pools are open: {}", r.body);
+    // Half working is alive: liveness must not restart a driver whose other pools serve.
+    assert_eq!(get(port, "/healthz").status, 200);
+    let log = d.log();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("not ready") && l.contains("pool 'fast' cannot be used"))
+        .collect();
+    assert_eq!(warned.len(), 1, "one warning at the default level:\n{log}");
+    assert!(warned[0].contains("WARN"), "{}", warned[0]);
+}
+
+#[tokio::test]
+async fn healthz_fails_once_the_csi_socket_is_gone() {
+    let (d, port) = start(&[]).await;
+    assert_eq!(get(port, "/healthz").status, 200);
+    std::fs::remove_file(d.socket()).unwrap();
+    let r = get(port, "/healthz");
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("csi.sock"), "{}", r.body);
+}
+
+/// A node process whose controller refuses connections: alive, not ready, and saying why.
+#[tokio::test]
+async fn a_node_that_cannot_register_is_alive_and_says_why_it_is_not_ready() {
+    require_root();
+    let dir = tempfile::Builder::new().prefix("cellar-test-").tempdir().unwrap();
+    let log_path = dir.path().join("node.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let socket = dir.path().join("csi.sock");
+    let mut child = Some(
+        std::process::Command::new(bin())
+            .args(["node", "--insecure", "--node-id", "node-1"])
+            .arg(format!("--endpoint=unix://{}", socket.display()))
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            // Port 1 on loopback: nothing listens, every registration is refused.
+            .args(["--controller", "127.0.0.1:1", "--agent-listen", "127.0.0.1:0"])
+            .args(["--agent-advertise", "127.0.0.1:9", "--metrics-listen", "127.0.0.1:0"])
+            // The heartbeat's debug line marks each failed round; the rest stays at the default.
+            .env("CELLAR_LOG", "info,cellar::agent::heartbeat=debug")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start cellar node"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (port, reply) = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let port = text
+            .lines()
+            .find(|l| l.contains("metrics listening"))
+            .and_then(|l| l.split("addr=127.0.0.1:").nth(1))
+            .and_then(|p| p.trim().parse::<u16>().ok());
+        if let Some(port) = port.filter(|_| socket.exists()) {
+            let r = get(port, "/readyz");
+            if r.body.contains("cannot register") {
+                break (port, r);
+            }
+        }
+        assert!(Instant::now() < deadline, "no registration failure reported:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert!(reply.body.contains("127.0.0.1:1"), "{}", reply.body);
+    assert!(!reply.body.contains("pools"), "the pools are open: {}", reply.body);
+    assert_eq!(get(port, "/healthz").status, 200, "alive: liveness must not restart it");
+    // Several failed rounds later, the cause is still logged once, at the default level.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let text = loop {
+        let text = std::fs::read_to_string(&log_path).unwrap();
+        if text.matches("controller not reachable yet").count() >= 3 {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "fewer than three heartbeat rounds:\n{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let warned = text
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("cannot register with the controller 127.0.0.1:1"))
+        .count();
+    assert_eq!(warned, 1, "once per change, not per retry:\n{text}");
+    kill_child(&mut child);
 }
 
 #[tokio::test]
@@ -215,7 +300,9 @@ async fn rpc_label_sets_never_carry_request_values() {
     }
     let m = scrape(port);
     let rpc = series(&m, "cellar_csi_requests_total");
-    assert_eq!(rpc.len(), 2, "one series per (method, code): {rpc:?}");
+    // The OK series of every method, at zero until called, and the one NotFound series.
+    let methods = cellar::metrics::CONTROLLER_METHODS.len() + cellar::metrics::NODE_METHODS.len();
+    assert_eq!(rpc.len(), methods + 1, "one series per (method, code): {rpc:?}");
     assert!(rpc
         .iter()
         .all(|s| label_names(s) == BTreeSet::from(["method".into(), "code".into()])));
@@ -337,4 +424,82 @@ async fn without_the_flag_no_port_is_opened() {
 async fn with_the_flag_exactly_the_metrics_port_is_opened() {
     let (d, port) = start(&[]).await;
     assert_eq!(listening_ports(d.pid()), vec![port]);
+}
+
+/// Before any call, every series a dashboard or a ratio alert divides by is there at 0, so they
+/// read 0 instead of "no data".
+#[tokio::test]
+async fn every_family_is_exported_at_zero_before_the_first_call() {
+    let (_d, port) = start(&[]).await;
+    let m = scrape(port);
+    for method in cellar::metrics::CONTROLLER_METHODS
+        .iter()
+        .chain(&cellar::metrics::NODE_METHODS)
+    {
+        for series in [
+            requests(method, "OK"),
+            format!("cellar_csi_request_duration_seconds_count{{method=\"{method}\"}}"),
+        ] {
+            assert!(m.contains(&format!("{series} 0\n")), "{series} missing:\n{m}");
+        }
+    }
+    for series in [
+        "cellar_snapshots{pool=\"default\",layout=\"dir\"} 0\n",
+        "cellar_volumes{pool=\"default\",layout=\"dir\"} 0\n",
+        "cellar_volumes_abnormal{pool=\"default\"} 0\n",
+    ] {
+        assert!(m.contains(series), "{series} missing:\n{m}");
+    }
+}
+
+/// An image pool's free bytes are what GetCapacity offers for an image volume (free space minus
+/// what the images may still grow into), and the per-layout figure is GetCapacity's for each layout.
+#[tokio::test]
+async fn pool_free_bytes_are_what_get_capacity_offers() {
+    let fs = common::fs::TestFs::new("ext4", 512);
+    let cfgdir = tempfile::tempdir().unwrap();
+    let cfg = cfgdir.path().join("pools.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "pools:\n  - name: img\n    path: {}\n    layout: image\n    layouts: [image, dir]\n",
+            fs.path("pool").display()
+        ),
+    )
+    .unwrap();
+    let (mut d, port) = start(&["--config", cfg.to_str().unwrap()]).await;
+    let mut req = create_req("pvc-img-free", 128 * MIB);
+    req.parameters = [("pool".to_string(), "img".to_string())].into();
+    d.ctl.create_volume(req).await.expect("CreateVolume of an image volume");
+    let mut offered = BTreeMap::new();
+    for layout in ["image", "dir"] {
+        let r = d
+            .ctl
+            .get_capacity(GetCapacityRequest {
+                parameters: [
+                    ("pool".to_string(), "img".to_string()),
+                    ("layout".to_string(), layout.to_string()),
+                ]
+                .into(),
+                ..Default::default()
+            })
+            .await
+            .expect("GetCapacity")
+            .into_inner();
+        offered.insert(layout, r.available_capacity as f64);
+    }
+    let m = scrape(port);
+    assert!(
+        offered["dir"] - offered["image"] > (100 * MIB) as f64,
+        "the image's unwritten room is held back: {offered:?}"
+    );
+    assert_eq!(
+        value(&m, "cellar_pool_free_bytes{pool=\"img\"}"),
+        offered["image"],
+        "{m}"
+    );
+    for layout in ["image", "dir"] {
+        let series = format!("cellar_pool_allocatable_bytes{{pool=\"img\",layout=\"{layout}\"}}");
+        assert_eq!(value(&m, &series), offered[layout], "{series}:\n{m}");
+    }
 }

@@ -149,7 +149,7 @@ async fn hostile_and_colliding_pvc_names_stay_inside_the_pool_and_apart() {
     }
     assert_eq!(
         entries(share.path()),
-        vec![".trash", ".work", "snapshots", "volumes"],
+        vec![".leases", ".staged", ".trash", ".work", "snapshots", "volumes"],
         "nothing outside volumes/"
     );
     for id in ids {

@@ -152,7 +152,7 @@ impl Cluster {
     }
 
     fn lease_holder(&self, key: &str) -> Option<String> {
-        let bytes = std::fs::read(self.share_of(1).join(format!("volumes/{key}.lease"))).ok()?;
+        let bytes = std::fs::read(self.share_of(1).join(format!(".leases/{key}"))).ok()?;
         let v: serde_json::Value = serde_json::from_slice(&bytes).expect("lease JSON");
         Some(v["node"].as_str().expect("node").to_string())
     }
@@ -258,8 +258,9 @@ async fn an_image_volume_on_a_share_is_staged_on_one_node_at_a_time() {
     assert_eq!(c.lease_holder(key_of(&id)).as_deref(), Some("node-2"));
     c.unstage(1, &id, &st2).await.expect("unstage on node-2");
     c.delete(&id).await.expect("delete once unstaged");
-    let left: Vec<_> = std::fs::read_dir(c.share_of(1).join("volumes"))
-        .expect("volumes dir")
+    let left: Vec<_> = ["volumes", ".leases"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(c.share_of(1).join(d)).expect("pool dir"))
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with(key_of(&id)) || n.contains(".lease"))

@@ -3,10 +3,11 @@
 # bookworm root filesystem made with debootstrap, the runtime packages installed into it, the
 # cellar binary added, written as an OCI image archive with umoci.
 #
-# It is the same image as the Dockerfile's runtime stage: the same Debian release and the same
-# package list (tests/image.rs fails when the two lists differ).
+# It is the same image as the Dockerfile's runtime stages: the same Debian release and the same
+# package lists (tests/image.rs fails when they differ): the full image, or with --local-only the
+# Dockerfile's `local` target, without the shared filesystems' clients.
 #
-#   deploy/image/build-rootfs.sh --out DIR [--binary PATH] [--tag TAG] [--no-oci]
+#   deploy/image/build-rootfs.sh --out DIR [--binary PATH] [--tag TAG] [--no-oci] [--local-only]
 #                                [--mirror URL] [--security-mirror URL] [--cache DIR]
 #
 #   DIR/rootfs            the root filesystem (chroot into it to try the tools)
@@ -20,29 +21,31 @@
 set -euo pipefail
 
 SUITE=bookworm
-# The runtime packages, exactly those of the Dockerfile's runtime stage:
-# - util-linux, mount: mount(8) for shared filesystems, losetup and findmnt for operators;
+# The runtime packages of the Dockerfile's `local` stage:
+# - util-linux, mount: mount(8), losetup and findmnt (for operators too);
 # - e2fsprogs, xfsprogs, btrfs-progs: mkfs, resize2fs, e2fsck, xfs_growfs, btrfs (the layouts);
-# - nfs-common, glusterfs-client, ceph-common, cifs-utils: the mount helpers (mount.nfs,
-#   mount.glusterfs, mount.ceph, mount.cifs) of the shared filesystems docs/shared.md names;
 # - ca-certificates.
-PACKAGES=(
+LOCAL_PACKAGES=(
   util-linux
   mount
   e2fsprogs
   xfsprogs
   btrfs-progs
+  ca-certificates
+)
+# What its `full` stage adds: the mount helpers (mount.nfs, mount.glusterfs, mount.ceph,
+# mount.cifs) of the shared filesystems docs/shared.md names.
+SHARED_PACKAGES=(
   nfs-common
   glusterfs-client
   ceph-common
   cifs-utils
-  ca-certificates
 )
 BINARY_PATH=/usr/local/bin/cellar
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 
-out="" binary="" tag="dev" oci=1
+out="" binary="" tag="dev" oci=1 local_only=0
 mirror="http://deb.debian.org/debian" security_mirror="http://deb.debian.org/debian-security"
 cache=/var/cache/cellar-image/debs
 while [ $# -gt 0 ]; do
@@ -54,6 +57,7 @@ while [ $# -gt 0 ]; do
     --security-mirror) security_mirror=$2; shift 2 ;;
     --cache) cache=$2; shift 2 ;;
     --no-oci) oci=0; shift ;;
+    --local-only) local_only=1; shift ;;
     -h|--help) usage 0 ;;
     *) echo "unknown argument: $1" >&2; usage 2 >&2 ;;
   esac
@@ -84,6 +88,9 @@ unmount_under_rootfs() {
     sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
 }
 trap unmount_under_rootfs EXIT
+
+PACKAGES=("${LOCAL_PACKAGES[@]}")
+[ "$local_only" -eq 1 ] || PACKAGES+=("${SHARED_PACKAGES[@]}")
 
 echo "== debootstrap $SUITE into $rootfs"
 packages=$(IFS=,; echo "${PACKAGES[*]}")

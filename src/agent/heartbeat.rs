@@ -94,6 +94,8 @@ struct Replica {
 pub struct Round {
     pub acked: Vec<SocketAddr>,
     pub failed: Vec<SocketAddr>,
+    /// Why each failed replica failed, for the caller to report once per change.
+    pub errors: BTreeMap<SocketAddr, String>,
 }
 
 pub struct Heartbeat {
@@ -225,6 +227,7 @@ impl Heartbeat {
                 }
                 replica.registered = false;
                 round.failed.push(addr);
+                round.errors.insert(addr, why);
             }
         }
     }

@@ -652,7 +652,7 @@ impl RegisteredAgent {
     /// Notes whether a call reached the node's agent: one that could not takes the node out of
     /// placement until a call (or the sweeper's probe) gets through again.
     fn seen<T>(&self, r: Result<T, StorageError>) -> Result<T, StorageError> {
-        let failed = matches!(&r, Err(e) if is_unreachable(e));
+        let failed = matches!(&r, Err(e) if is_unreachable(&self.node, e));
         let marked = self
             .shared
             .read()
@@ -683,10 +683,9 @@ impl RegisteredAgent {
 }
 
 /// Whether a failure is the transport's (the node could not be reached, or did not answer in time),
-/// as [`unavailable`] makes it, rather than the node's own answer.
-fn is_unreachable(e: &StorageError) -> bool {
-    matches!(e, StorageError::Sys(crate::sys::SysError::Io { step: "node", source, .. })
-        if source.raw_os_error() == Some(libc::ENOTCONN))
+/// as [`unavailable`] words it for this node, rather than the node's own answer.
+fn is_unreachable(node: &NodeId, e: &StorageError) -> bool {
+    matches!(e, StorageError::Unavailable(m) if m.starts_with(&format!("node {} is unavailable (", node.as_str())))
 }
 
 #[tonic::async_trait]

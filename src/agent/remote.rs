@@ -7,7 +7,6 @@
 
 use std::fmt;
 use std::future::Future;
-use std::io;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -136,13 +135,9 @@ impl Default for Timeouts {
     }
 }
 
-/// A node is unavailable: UNAVAILABLE (through ENOTCONN in `csi::status`), naming the node and why.
+/// A node is unavailable: UNAVAILABLE, naming the node and why.
 pub fn unavailable(node: &NodeId, why: impl fmt::Display) -> StorageError {
-    StorageError::Sys(SysError::io(
-        "node",
-        format!("{} is unavailable ({why})", node.as_str()),
-        io::Error::from_raw_os_error(libc::ENOTCONN),
-    ))
+    StorageError::Unavailable(format!("node {} is unavailable ({why})", node.as_str()))
 }
 
 /// The status and the chain of errors under it, in one line.

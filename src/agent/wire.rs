@@ -648,6 +648,7 @@ impl From<&StorageError> for v1::StorageFailure {
                 reason: reason.clone(),
             }),
             StorageError::InUse(s) => Kind::InUse(s.clone()),
+            StorageError::Unavailable(s) => Kind::Unavailable(s.clone()),
             StorageError::Corrupt { path, reason } => Kind::Corrupt(failure::Corrupt {
                 path: path.to_string_lossy().into_owned(),
                 reason: reason.clone(),
@@ -699,6 +700,7 @@ pub fn storage_error(node: &NodeId, f: v1::StorageFailure) -> Option<StorageErro
             reason: p.reason,
         },
         Kind::InUse(s) => StorageError::InUse(s),
+        Kind::Unavailable(s) => StorageError::Unavailable(s),
         Kind::Corrupt(c) => StorageError::Corrupt {
             path: PathBuf::from(c.path),
             reason: c.reason,

@@ -30,6 +30,7 @@ pub struct BenchArgs {
     /// Where staging and target directories are made (a fresh directory under it is used).
     #[arg(long, default_value = "/tmp")]
     pub work_dir: PathBuf,
+    /// Size of each volume, in bytes or with a K/M/G/T suffix.
     #[arg(long, default_value = "64M")]
     pub size: String,
     /// A StorageClass parameter for every volume, key=value (repeatable).
@@ -231,7 +232,7 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 }
 
 /// Each client gets its own connection, as kubelet and each sidecar have theirs.
-pub async fn run(endpoint: &str, a: BenchArgs) -> Result<(), String> {
+pub async fn run(endpoint: &str, a: BenchArgs, out: super::Format) -> Result<(), String> {
     let channel = super::connect(endpoint).await?;
     let dir = a.work_dir.join(format!("cellar-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -250,12 +251,12 @@ pub async fn run(endpoint: &str, a: BenchArgs) -> Result<(), String> {
     for _ in 0..a.concurrency.max(1) {
         channels.push(super::connect(endpoint).await?);
     }
-    let result = measure(&base, &a, channels).await;
+    let result = measure(&base, &a, channels, out).await;
     let _ = std::fs::remove_dir(Path::new(&dir));
     result
 }
 
-async fn measure(base: &Lifecycle, a: &BenchArgs, channels: Vec<Channel>) -> Result<(), String> {
+async fn measure(base: &Lifecycle, a: &BenchArgs, channels: Vec<Channel>, out: super::Format) -> Result<(), String> {
     let mut bg = base.clone();
     bg.fill = 0; // only the measured volumes are filled and snapshotted
     let mut bg_ids = Vec::new();
@@ -305,29 +306,43 @@ async fn measure(base: &Lifecycle, a: &BenchArgs, channels: Vec<Channel>) -> Res
     }
 
     let ops: usize = all.iter().map(Vec::len).sum();
-    println!("rpc                      count    p50_ms    p99_ms");
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let mut rows = Vec::new();
     for (step, v) in STEPS.iter().zip(all.iter_mut()).filter(|(_, v)| !v.is_empty()) {
         v.sort();
-        println!(
-            "{step:<24} {:>5} {:>9.3} {:>9.3}",
-            v.len(),
-            percentile(v, 0.50).as_secs_f64() * 1e3,
-            percentile(v, 0.99).as_secs_f64() * 1e3
-        );
+        rows.push((*step, v.len(), ms(percentile(v, 0.50)), ms(percentile(v, 0.99))));
     }
-    println!(
-        "total: {ops} rpcs in {:.3} s = {:.0} rpc/s, {:.1} volume lifecycles/s ({} clients, {} background volumes)",
-        wall.as_secs_f64(),
-        ops as f64 / wall.as_secs_f64(),
-        a.volumes as f64 / wall.as_secs_f64(),
-        clients,
-        a.background
-    );
-    if let Some(pid) = a.driver_pid {
-        match peak_rss_kib(pid) {
-            Some(k) => println!("driver peak RSS (VmHWM): {:.1} MiB", k as f64 / 1024.0),
-            None => println!("driver peak RSS: pid {pid} not readable"),
+    let secs = wall.as_secs_f64();
+    let rss = a.driver_pid.map(|pid| (pid, peak_rss_kib(pid)));
+    let json = serde_json::json!({
+        "rpcs": rows.iter().map(|(rpc, n, p50, p99)| serde_json::json!({
+            "rpc": rpc, "count": n, "p50_ms": p50, "p99_ms": p99,
+        })).collect::<Vec<_>>(),
+        "total_rpcs": ops,
+        "seconds": secs,
+        "rpc_per_second": ops as f64 / secs,
+        "lifecycles_per_second": a.volumes as f64 / secs,
+        "clients": clients,
+        "background_volumes": a.background,
+        "driver_peak_rss_kib": rss.and_then(|(_, k)| k),
+    });
+    super::output::emit(out, json, || {
+        let mut text = String::from("rpc                      count    p50_ms    p99_ms\n");
+        for (step, n, p50, p99) in &rows {
+            text.push_str(&format!("{step:<24} {n:>5} {p50:>9.3} {p99:>9.3}\n"));
         }
-    }
+        text.push_str(&format!(
+            "total: {ops} rpcs in {secs:.3} s = {:.0} rpc/s, {:.1} volume lifecycles/s ({clients} clients, {} background volumes)\n",
+            ops as f64 / secs,
+            a.volumes as f64 / secs,
+            a.background
+        ));
+        match rss {
+            Some((_, Some(k))) => text.push_str(&format!("driver peak RSS (VmHWM): {:.1} MiB\n", k as f64 / 1024.0)),
+            Some((pid, None)) => text.push_str(&format!("driver peak RSS: pid {pid} not readable\n")),
+            None => {}
+        }
+        text
+    });
     Ok(())
 }

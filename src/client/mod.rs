@@ -1,6 +1,9 @@
 //! `cellar csi`: a CSI client for operators, against any CSI driver's Unix socket.
 
 pub mod bench;
+pub mod output;
+
+use output::Format;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -18,90 +21,189 @@ use crate::csi::v1::*;
 
 #[derive(Args, Debug)]
 pub struct CsiArgs {
-    /// The driver's socket.
-    #[arg(long, default_value = "unix:///run/cellar/csi.sock", env = "CSI_ENDPOINT")]
+    /// The driver's socket, unix:///path or a plain path; accepted before or after the command.
+    #[arg(
+        long,
+        global = true,
+        default_value = "unix:///run/cellar/csi.sock",
+        env = "CSI_ENDPOINT"
+    )]
     pub endpoint: String,
+    /// Output: `table` (aligned columns and sizes in KiB/MiB/GiB, for people) or `json` (the CSI
+    /// messages' fields, sizes in bytes, for scripts).
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
     #[command(subcommand)]
     pub command: CsiCommand,
 }
 
+/// How a volume is presented, for create, stage and publish.
+#[derive(Args, Debug, Clone)]
+pub struct AccessArgs {
+    /// Access mode: rwo, rwop, rox, rwx, or a CSI mode name (e.g. single_node_multi_writer).
+    #[arg(long, default_value = "rwo")]
+    pub access: String,
+    /// A raw block volume (volumeMode: Block) instead of a filesystem.
+    #[arg(long, conflicts_with_all = ["fs_type", "mount_flags"])]
+    pub block: bool,
+    /// The filesystem an image volume is made with or mounted as (ext4, xfs); empty: the pool's.
+    #[arg(long, value_name = "TYPE")]
+    pub fs_type: Option<String>,
+    /// A mount option (repeatable), e.g. noexec.
+    #[arg(long = "mount-flag", value_name = "OPTION")]
+    pub mount_flags: Vec<String>,
+}
+
+impl AccessArgs {
+    fn capability(&self) -> Result<VolumeCapability, String> {
+        let mode = parse_access(&self.access)?;
+        Ok(if self.block {
+            block_capability(mode)
+        } else {
+            let mut c = mount_capability(mode, self.mount_flags.clone());
+            if let Some(volume_capability::AccessType::Mount(m)) = c.access_type.as_mut() {
+                m.fs_type = self.fs_type.clone().unwrap_or_default();
+            }
+            c
+        })
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum CsiCommand {
-    /// Plugin name, version, capabilities and node info.
+    /// Plugin name, version, readiness, capabilities and node info.
     Info,
-    /// CreateVolume.
+    /// CreateVolume; prints the new volume's id.
     Create {
+        /// The volume's name (the CO's idempotency key, e.g. pvc-<uid>).
         name: String,
         /// Size in bytes, or with a K/M/G/T suffix (powers of 1024).
         #[arg(long, default_value = "1G")]
         size: String,
-        /// A StorageClass parameter, key=value (repeatable).
-        #[arg(long = "param", value_parser = key_value)]
+        /// A StorageClass parameter, key=value (repeatable), e.g. pool=fast, layout=image.
+        #[arg(long = "param", value_parser = key_value, value_name = "KEY=VALUE")]
         params: Vec<(String, String)>,
-        /// Access mode: rwo, rwop, rox, rwx, or a CSI mode name.
-        #[arg(long, default_value = "rwo")]
-        access: String,
-        #[arg(long)]
+        #[command(flatten)]
+        access: AccessArgs,
+        /// Restore this snapshot into the new volume.
+        #[arg(long, value_name = "SNAPSHOT_ID", conflicts_with = "from_volume")]
         from_snapshot: Option<String>,
-        #[arg(long)]
+        /// Clone this volume into the new volume.
+        #[arg(long, value_name = "VOLUME_ID")]
         from_volume: Option<String>,
         /// A topology segment the volume must be accessible from, key=value (repeatable), sent
         /// as both requisite and preferred, as WaitForFirstConsumer sends the selected node.
-        #[arg(long = "topology", value_parser = key_value)]
+        #[arg(long = "topology", value_parser = key_value, value_name = "KEY=VALUE")]
         topology: Vec<(String, String)>,
     },
     /// DeleteVolume.
-    Delete { volume_id: String },
-    /// ListVolumes (all pages).
+    Delete {
+        /// The volume to delete.
+        volume_id: String,
+    },
+    /// ListVolumes (all pages), with each volume's condition.
     List,
-    /// ControllerGetVolume.
-    Get { volume_id: String },
-    /// GetCapacity.
+    /// ControllerGetVolume: a volume, its nodes and its condition.
+    Get {
+        /// The volume to show.
+        volume_id: String,
+    },
+    /// GetCapacity: what a new volume with these parameters can take.
     Capacity {
-        #[arg(long = "param", value_parser = key_value)]
+        /// A StorageClass parameter, key=value (repeatable), e.g. pool=fast, layout=image.
+        #[arg(long = "param", value_parser = key_value, value_name = "KEY=VALUE")]
         params: Vec<(String, String)>,
     },
     /// NodeStageVolume.
     Stage {
+        /// The volume to stage.
         volume_id: String,
+        /// Where to stage it (kubelet's globalmount; must exist).
         staging_path: PathBuf,
-        #[arg(long, default_value = "rwo")]
-        access: String,
+        #[command(flatten)]
+        access: AccessArgs,
     },
     /// NodeUnstageVolume.
-    Unstage { volume_id: String, staging_path: PathBuf },
+    Unstage {
+        /// The staged volume.
+        volume_id: String,
+        /// Where it is staged.
+        staging_path: PathBuf,
+    },
     /// NodePublishVolume.
     Publish {
+        /// The volume to publish.
         volume_id: String,
+        /// Where it is staged.
         #[arg(long)]
         staging_path: PathBuf,
+        /// Where the pod sees it: a directory, or a file for --block.
         #[arg(long)]
         target: PathBuf,
+        /// Publish read-only.
         #[arg(long)]
         readonly: bool,
-        #[arg(long, default_value = "rwo")]
-        access: String,
-        /// A mount option for the bind (repeatable), e.g. noexec.
-        #[arg(long = "mount-flag")]
-        mount_flags: Vec<String>,
+        #[command(flatten)]
+        access: AccessArgs,
     },
     /// NodeUnpublishVolume.
-    Unpublish { volume_id: String, target: PathBuf },
-    /// NodeGetVolumeStats.
-    Stats { volume_id: String, path: PathBuf },
+    Unpublish {
+        /// The published volume.
+        volume_id: String,
+        /// Where it is published.
+        target: PathBuf,
+    },
+    /// NodeGetVolumeStats: bytes and inodes used, and the volume's condition.
+    Stats {
+        /// The volume.
+        volume_id: String,
+        /// A path where it is published or staged.
+        path: PathBuf,
+    },
     /// ControllerExpandVolume, then NodeExpandVolume when a path is given.
     Expand {
+        /// The volume to grow.
         volume_id: String,
+        /// The new size, in bytes or with a K/M/G/T suffix.
         size: String,
+        /// Where it is published (or staged): also grow its filesystem there.
         #[arg(long)]
         path: Option<PathBuf>,
     },
-    /// CreateSnapshot.
-    Snapshot { name: String, source_volume_id: String },
+    /// ControllerModifyVolume: change mutable parameters (compression, deletePolicy).
+    Modify {
+        /// The volume to change.
+        volume_id: String,
+        /// A mutable parameter, key=value (repeatable), e.g. deletePolicy=retain.
+        #[arg(long = "param", value_parser = key_value, value_name = "KEY=VALUE", required = true)]
+        params: Vec<(String, String)>,
+    },
+    /// CreateSnapshot; prints the new snapshot's id.
+    Snapshot {
+        /// The snapshot's name (the CO's idempotency key).
+        name: String,
+        /// The volume to snapshot.
+        source_volume_id: String,
+        /// A VolumeSnapshotClass parameter, key=value (repeatable), e.g. freeze=true.
+        #[arg(long = "param", value_parser = key_value, value_name = "KEY=VALUE")]
+        params: Vec<(String, String)>,
+    },
+    /// GetSnapshot.
+    GetSnapshot {
+        /// The snapshot to show.
+        snapshot_id: String,
+    },
     /// DeleteSnapshot.
-    DeleteSnapshot { snapshot_id: String },
+    DeleteSnapshot {
+        /// The snapshot to delete.
+        snapshot_id: String,
+    },
     /// ListSnapshots (all pages).
-    Snapshots,
+    Snapshots {
+        /// Only the snapshots of this volume.
+        #[arg(long, value_name = "VOLUME_ID")]
+        source_volume_id: Option<String>,
+    },
     /// Drives volumes through create, stage, publish, unpublish, unstage, delete and reports latency.
     Bench(bench::BenchArgs),
 }
@@ -156,9 +258,20 @@ pub fn mount_capability(mode: Mode, flags: Vec<String>) -> VolumeCapability {
     }
 }
 
-/// Connects to a CSI endpoint over its Unix socket.
+pub fn block_capability(mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_mode: Some(volume_capability::AccessMode { mode: mode as i32 }),
+        access_type: Some(volume_capability::AccessType::Block(volume_capability::BlockVolume {})),
+    }
+}
+
+/// Connects to a CSI endpoint over its Unix socket. A socket that is missing or refuses is said so,
+/// with the system's reason, before any call is tried.
 pub async fn connect(endpoint: &str) -> Result<Channel, String> {
     let path = crate::server::socket_path(endpoint).map_err(|e| e.to_string())?;
+    if let Err(e) = UnixStream::connect(&path).await {
+        return Err(format!("no CSI driver listening at {}: {e}", path.display()));
+    }
     Endpoint::try_from("http://[::]:50051")
         .map_err(|e| e.to_string())?
         .connect_with_connector(tower::service_fn(move |_: Uri| {
@@ -169,34 +282,28 @@ pub async fn connect(endpoint: &str) -> Result<Channel, String> {
         .map_err(|e| format!("cannot connect to {endpoint}: {e}"))
 }
 
-fn show<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Result<(), String> {
-    match r {
-        Ok(r) => {
-            println!("{:#?}", r.into_inner());
-            Ok(())
-        }
-        Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
-    }
+/// A failed call, as the operator reads it: the gRPC code and the driver's message.
+fn failed(s: tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+fn capacity_range(bytes: i64) -> Option<CapacityRange> {
+    Some(CapacityRange {
+        required_bytes: bytes,
+        limit_bytes: 0,
+    })
 }
 
 pub async fn run(args: CsiArgs) -> Result<(), String> {
+    let out = args.output;
+    if let CsiCommand::Bench(b) = args.command {
+        return bench::run(&args.endpoint, b, out).await;
+    }
     let channel = connect(&args.endpoint).await?;
-    let mut id = IdentityClient::new(channel.clone());
     let mut ctl = ControllerClient::new(channel.clone());
     let mut node = NodeClient::new(channel.clone());
     match args.command {
-        CsiCommand::Info => {
-            show(id.get_plugin_info(GetPluginInfoRequest {}).await)?;
-            show(id.get_plugin_capabilities(GetPluginCapabilitiesRequest {}).await)?;
-            show(id.probe(ProbeRequest {}).await)?;
-            // A node-only or controller-only plugin answers just one of these; show what it has.
-            let _ = show(
-                ctl.controller_get_capabilities(ControllerGetCapabilitiesRequest {})
-                    .await,
-            );
-            let _ = show(node.node_get_capabilities(NodeGetCapabilitiesRequest {}).await);
-            show(node.node_get_info(NodeGetInfoRequest {}).await)
-        }
+        CsiCommand::Info => info(IdentityClient::new(channel), ctl, node, out).await,
         CsiCommand::Create {
             name,
             size,
@@ -216,14 +323,11 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
                 }),
                 _ => None,
             };
-            show(
-                ctl.create_volume(CreateVolumeRequest {
+            let v = ctl
+                .create_volume(CreateVolumeRequest {
                     name,
-                    capacity_range: Some(CapacityRange {
-                        required_bytes: parse_size(&size)?,
-                        limit_bytes: 0,
-                    }),
-                    volume_capabilities: vec![mount_capability(parse_access(&access)?, vec![])],
+                    capacity_range: capacity_range(parse_size(&size)?),
+                    volume_capabilities: vec![access.capability()?],
                     parameters: params.into_iter().collect::<HashMap<_, _>>(),
                     volume_content_source: source,
                     accessibility_requirements: (!topology.is_empty()).then(|| {
@@ -237,17 +341,26 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
                     }),
                     ..Default::default()
                 })
-                .await,
-            )
+                .await
+                .map_err(failed)?
+                .into_inner()
+                .volume
+                .unwrap_or_default();
+            output::emit(out, output::volume(&v), || format!("{}\n", v.volume_id));
+            Ok(())
         }
-        CsiCommand::Delete { volume_id } => show(
+        CsiCommand::Delete { volume_id } => {
             ctl.delete_volume(DeleteVolumeRequest {
-                volume_id,
+                volume_id: volume_id.clone(),
                 ..Default::default()
             })
-            .await,
-        ),
+            .await
+            .map_err(failed)?;
+            done(out, "deleted", "volume_id", &volume_id);
+            Ok(())
+        }
         CsiCommand::List => {
+            let mut entries = Vec::new();
             let mut token = String::new();
             loop {
                 let r = ctl
@@ -256,158 +369,433 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
                         starting_token: token,
                     })
                     .await
-                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                    .map_err(failed)?
                     .into_inner();
-                for e in r.entries {
-                    if let Some(v) = e.volume {
-                        let cond = e.status.and_then(|s| s.volume_condition);
-                        let health = match cond {
-                            Some(c) if c.abnormal => format!("ABNORMAL: {}", c.message),
-                            _ => "ok".into(),
-                        };
-                        println!("{}\t{}\t{}", v.volume_id, v.capacity_bytes, health);
-                    }
-                }
+                entries.extend(r.entries);
                 if r.next_token.is_empty() {
-                    return Ok(());
+                    break;
                 }
                 token = r.next_token;
             }
+            let json = entries
+                .iter()
+                .map(|e| {
+                    let mut v = output::volume(&e.volume.clone().unwrap_or_default());
+                    let status = e.status.as_ref();
+                    v["published_node_ids"] = serde_json::json!(status.map(|s| s.published_node_ids.clone()));
+                    v["volume_condition"] = output::condition(status.and_then(|s| s.volume_condition.as_ref()));
+                    v
+                })
+                .collect();
+            output::emit(out, serde_json::Value::Array(json), || {
+                let mut t = output::Table::new(&["VOLUME ID", "CAPACITY", "TOPOLOGY", "CONDITION"]);
+                for e in &entries {
+                    let v = e.volume.clone().unwrap_or_default();
+                    let cond = e.status.as_ref().and_then(|s| s.volume_condition.as_ref());
+                    t.row(vec![
+                        v.volume_id,
+                        output::size(v.capacity_bytes),
+                        output::topology_text(&v.accessible_topology),
+                        output::condition_text(cond),
+                    ]);
+                }
+                t.render()
+            });
+            Ok(())
         }
-        CsiCommand::Get { volume_id } => show(
-            ctl.controller_get_volume(ControllerGetVolumeRequest { volume_id })
-                .await,
-        ),
-        CsiCommand::Capacity { params } => show(
-            ctl.get_capacity(GetCapacityRequest {
-                parameters: params.into_iter().collect(),
-                ..Default::default()
-            })
-            .await,
-        ),
+        CsiCommand::Get { volume_id } => {
+            let r = ctl
+                .controller_get_volume(ControllerGetVolumeRequest { volume_id })
+                .await
+                .map_err(failed)?
+                .into_inner();
+            let v = r.volume.unwrap_or_default();
+            let status = r.status.unwrap_or_default();
+            let mut json = output::volume(&v);
+            json["published_node_ids"] = serde_json::json!(status.published_node_ids);
+            json["volume_condition"] = output::condition(status.volume_condition.as_ref());
+            output::emit(out, json, || {
+                let mut context: Vec<String> = v.volume_context.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                context.sort();
+                output::fields(&[
+                    ("volume id", v.volume_id.clone()),
+                    ("capacity", output::size(v.capacity_bytes)),
+                    ("topology", output::topology_text(&v.accessible_topology)),
+                    ("published on", list_or_dash(&status.published_node_ids)),
+                    ("condition", output::condition_text(status.volume_condition.as_ref())),
+                    ("context", list_or_dash(&context)),
+                ])
+            });
+            Ok(())
+        }
+        CsiCommand::Capacity { params } => {
+            let r = ctl
+                .get_capacity(GetCapacityRequest {
+                    parameters: params.into_iter().collect(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(failed)?
+                .into_inner();
+            let json = serde_json::json!({
+                "available_capacity": r.available_capacity,
+                "maximum_volume_size": r.maximum_volume_size,
+                "minimum_volume_size": r.minimum_volume_size,
+            });
+            output::emit(out, json, || {
+                let opt = |v: Option<i64>| v.map(output::size).unwrap_or_else(|| "-".into());
+                output::fields(&[
+                    ("available", output::size(r.available_capacity)),
+                    ("largest volume", opt(r.maximum_volume_size)),
+                    ("smallest volume", opt(r.minimum_volume_size)),
+                ])
+            });
+            Ok(())
+        }
         CsiCommand::Stage {
             volume_id,
             staging_path,
             access,
-        } => show(
+        } => {
             node.node_stage_volume(NodeStageVolumeRequest {
-                volume_id,
+                volume_id: volume_id.clone(),
                 staging_target_path: staging_path.display().to_string(),
-                volume_capability: Some(mount_capability(parse_access(&access)?, vec![])),
+                volume_capability: Some(access.capability()?),
                 ..Default::default()
             })
-            .await,
-        ),
+            .await
+            .map_err(failed)?;
+            done(out, "staged", "volume_id", &volume_id);
+            Ok(())
+        }
         CsiCommand::Unstage {
             volume_id,
             staging_path,
-        } => show(
+        } => {
             node.node_unstage_volume(NodeUnstageVolumeRequest {
-                volume_id,
+                volume_id: volume_id.clone(),
                 staging_target_path: staging_path.display().to_string(),
             })
-            .await,
-        ),
+            .await
+            .map_err(failed)?;
+            done(out, "unstaged", "volume_id", &volume_id);
+            Ok(())
+        }
         CsiCommand::Publish {
             volume_id,
             staging_path,
             target,
             readonly,
             access,
-            mount_flags,
-        } => show(
+        } => {
             node.node_publish_volume(NodePublishVolumeRequest {
-                volume_id,
+                volume_id: volume_id.clone(),
                 staging_target_path: staging_path.display().to_string(),
                 target_path: target.display().to_string(),
-                volume_capability: Some(mount_capability(parse_access(&access)?, mount_flags)),
+                volume_capability: Some(access.capability()?),
                 readonly,
                 ..Default::default()
             })
-            .await,
-        ),
-        CsiCommand::Unpublish { volume_id, target } => show(
+            .await
+            .map_err(failed)?;
+            done(out, "published", "volume_id", &volume_id);
+            Ok(())
+        }
+        CsiCommand::Unpublish { volume_id, target } => {
             node.node_unpublish_volume(NodeUnpublishVolumeRequest {
-                volume_id,
+                volume_id: volume_id.clone(),
                 target_path: target.display().to_string(),
             })
-            .await,
-        ),
-        CsiCommand::Stats { volume_id, path } => show(
-            node.node_get_volume_stats(NodeGetVolumeStatsRequest {
-                volume_id,
-                volume_path: path.display().to_string(),
-                staging_target_path: String::new(),
-            })
-            .await,
-        ),
+            .await
+            .map_err(failed)?;
+            done(out, "unpublished", "volume_id", &volume_id);
+            Ok(())
+        }
+        CsiCommand::Stats { volume_id, path } => {
+            let r = node
+                .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                    volume_id,
+                    volume_path: path.display().to_string(),
+                    staging_target_path: String::new(),
+                })
+                .await
+                .map_err(failed)?
+                .into_inner();
+            let json = serde_json::json!({
+                "usage": r.usage.iter().map(output::usage).collect::<Vec<_>>(),
+                "volume_condition": output::condition(r.volume_condition.as_ref()),
+            });
+            output::emit(out, json, || {
+                let mut t = output::Table::new(&["UNIT", "TOTAL", "USED", "AVAILABLE"]);
+                for u in &r.usage {
+                    let bytes = u.unit == volume_usage::Unit::Bytes as i32;
+                    let show = |n: i64| if bytes { output::size(n) } else { n.to_string() };
+                    t.row(vec![
+                        if bytes { "bytes" } else { "inodes" }.into(),
+                        show(u.total),
+                        show(u.used),
+                        show(u.available),
+                    ]);
+                }
+                format!(
+                    "{}\ncondition: {}\n",
+                    t.render(),
+                    output::condition_text(r.volume_condition.as_ref())
+                )
+            });
+            Ok(())
+        }
         CsiCommand::Expand { volume_id, size, path } => {
             let bytes = parse_size(&size)?;
-            show(
-                ctl.controller_expand_volume(ControllerExpandVolumeRequest {
+            let c = ctl
+                .controller_expand_volume(ControllerExpandVolumeRequest {
                     volume_id: volume_id.clone(),
-                    capacity_range: Some(CapacityRange {
-                        required_bytes: bytes,
-                        limit_bytes: 0,
-                    }),
+                    capacity_range: capacity_range(bytes),
                     ..Default::default()
                 })
-                .await,
-            )?;
-            match path {
-                Some(p) => show(
-                    node.node_expand_volume(NodeExpandVolumeRequest {
-                        volume_id,
+                .await
+                .map_err(failed)?
+                .into_inner();
+            let mut capacity = c.capacity_bytes;
+            let mut node_expanded = false;
+            if let Some(p) = path {
+                capacity = node
+                    .node_expand_volume(NodeExpandVolumeRequest {
+                        volume_id: volume_id.clone(),
                         volume_path: p.display().to_string(),
-                        capacity_range: Some(CapacityRange {
-                            required_bytes: bytes,
-                            limit_bytes: 0,
-                        }),
+                        capacity_range: capacity_range(bytes),
                         ..Default::default()
                     })
-                    .await,
-                ),
-                None => Ok(()),
+                    .await
+                    .map_err(failed)?
+                    .into_inner()
+                    .capacity_bytes;
+                node_expanded = true;
             }
+            let json = serde_json::json!({
+                "volume_id": volume_id,
+                "capacity_bytes": capacity,
+                "node_expansion_required": c.node_expansion_required,
+                "node_expanded": node_expanded,
+            });
+            output::emit(out, json, || {
+                let pending = if c.node_expansion_required && !node_expanded {
+                    " (its filesystem grows at the next NodeExpandVolume: pass --path)"
+                } else {
+                    ""
+                };
+                format!("expanded {volume_id} to {}{pending}\n", output::size(capacity))
+            });
+            Ok(())
         }
-        CsiCommand::Snapshot { name, source_volume_id } => show(
-            ctl.create_snapshot(CreateSnapshotRequest {
-                name,
-                source_volume_id,
+        CsiCommand::Modify { volume_id, params } => {
+            ctl.controller_modify_volume(ControllerModifyVolumeRequest {
+                volume_id: volume_id.clone(),
+                mutable_parameters: params.into_iter().collect(),
                 ..Default::default()
             })
-            .await,
-        ),
-        CsiCommand::DeleteSnapshot { snapshot_id } => show(
+            .await
+            .map_err(failed)?;
+            done(out, "modified", "volume_id", &volume_id);
+            Ok(())
+        }
+        CsiCommand::Snapshot {
+            name,
+            source_volume_id,
+            params,
+        } => {
+            let s = ctl
+                .create_snapshot(CreateSnapshotRequest {
+                    name,
+                    source_volume_id,
+                    parameters: params.into_iter().collect(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(failed)?
+                .into_inner()
+                .snapshot
+                .unwrap_or_default();
+            output::emit(out, output::snapshot(&s), || format!("{}\n", s.snapshot_id));
+            Ok(())
+        }
+        CsiCommand::GetSnapshot { snapshot_id } => {
+            let s = ctl
+                .get_snapshot(GetSnapshotRequest {
+                    snapshot_id,
+                    ..Default::default()
+                })
+                .await
+                .map_err(failed)?
+                .into_inner()
+                .snapshot
+                .unwrap_or_default();
+            output::emit(out, output::snapshot(&s), || {
+                output::snapshot_table(std::slice::from_ref(&s))
+            });
+            Ok(())
+        }
+        CsiCommand::DeleteSnapshot { snapshot_id } => {
             ctl.delete_snapshot(DeleteSnapshotRequest {
-                snapshot_id,
+                snapshot_id: snapshot_id.clone(),
                 ..Default::default()
             })
-            .await,
-        ),
-        CsiCommand::Snapshots => {
+            .await
+            .map_err(failed)?;
+            done(out, "deleted", "snapshot_id", &snapshot_id);
+            Ok(())
+        }
+        CsiCommand::Snapshots { source_volume_id } => {
+            let mut snaps = Vec::new();
             let mut token = String::new();
             loop {
                 let r = ctl
                     .list_snapshots(ListSnapshotsRequest {
                         max_entries: 500,
                         starting_token: token,
+                        source_volume_id: source_volume_id.clone().unwrap_or_default(),
                         ..Default::default()
                     })
                     .await
-                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                    .map_err(failed)?
                     .into_inner();
-                for e in r.entries {
-                    if let Some(s) = e.snapshot {
-                        println!("{}\t{}\t{}", s.snapshot_id, s.source_volume_id, s.size_bytes);
-                    }
-                }
+                snaps.extend(r.entries.into_iter().filter_map(|e| e.snapshot));
                 if r.next_token.is_empty() {
-                    return Ok(());
+                    break;
                 }
                 token = r.next_token;
             }
+            let json = serde_json::Value::Array(snaps.iter().map(output::snapshot).collect());
+            output::emit(out, json, || output::snapshot_table(&snaps));
+            Ok(())
         }
-        CsiCommand::Bench(b) => bench::run(&args.endpoint, b).await,
+        CsiCommand::Bench(_) => Ok(()), // run above, before connecting
     }
+}
+
+/// The answer of a call that returns nothing: `<verb> <id>`, or `{"<key>": "<id>"}`.
+fn done(out: output::Format, verb: &str, key: &str, id: &str) {
+    output::emit(out, serde_json::json!({ key: id }), || format!("{verb} {id}\n"));
+}
+
+fn list_or_dash(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+/// `cellar csi info`: Identity, then whichever of Controller and Node the plugin serves.
+async fn info(
+    mut id: IdentityClient<Channel>,
+    mut ctl: ControllerClient<Channel>,
+    mut node: NodeClient<Channel>,
+    out: output::Format,
+) -> Result<(), String> {
+    use plugin_capability::Type as PluginType;
+    let plugin = id
+        .get_plugin_info(GetPluginInfoRequest {})
+        .await
+        .map_err(failed)?
+        .into_inner();
+    let plugin_caps: Vec<String> = id
+        .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+        .await
+        .map_err(failed)?
+        .into_inner()
+        .capabilities
+        .iter()
+        .filter_map(|c| match c.r#type.as_ref()? {
+            PluginType::Service(s) => plugin_capability::service::Type::try_from(s.r#type)
+                .ok()
+                .map(|t| t.as_str_name().to_string()),
+            PluginType::VolumeExpansion(v) => plugin_capability::volume_expansion::Type::try_from(v.r#type)
+                .ok()
+                .map(|t| format!("VOLUME_EXPANSION_{}", t.as_str_name())),
+        })
+        .collect();
+    let ready = id.probe(ProbeRequest {}).await.map_err(failed)?.into_inner().ready;
+    // A node-only or controller-only plugin answers just one of these; show what it has.
+    let controller_caps: Option<Vec<String>> = ctl
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .ok()
+        .map(|r| {
+            r.into_inner()
+                .capabilities
+                .iter()
+                .filter_map(|c| match c.r#type.as_ref()? {
+                    controller_service_capability::Type::Rpc(r) => {
+                        controller_service_capability::rpc::Type::try_from(r.r#type)
+                            .ok()
+                            .map(|t| t.as_str_name().to_string())
+                    }
+                })
+                .collect()
+        });
+    let node_caps: Option<Vec<String>> = node
+        .node_get_capabilities(NodeGetCapabilitiesRequest {})
+        .await
+        .ok()
+        .map(|r| {
+            r.into_inner()
+                .capabilities
+                .iter()
+                .filter_map(|c| match c.r#type.as_ref()? {
+                    node_service_capability::Type::Rpc(r) => node_service_capability::rpc::Type::try_from(r.r#type)
+                        .ok()
+                        .map(|t| t.as_str_name().to_string()),
+                })
+                .collect()
+        });
+    let node_info = node
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner());
+    let json = serde_json::json!({
+        "name": plugin.name,
+        "vendor_version": plugin.vendor_version,
+        "manifest": plugin.manifest,
+        "ready": ready,
+        "plugin_capabilities": plugin_caps,
+        "controller_capabilities": controller_caps,
+        "node_capabilities": node_caps,
+        "node": node_info.as_ref().map(|n| serde_json::json!({
+            "node_id": n.node_id,
+            "max_volumes_per_node": n.max_volumes_per_node,
+            "accessible_topology": n.accessible_topology.as_ref().map(|t| t.segments.clone()),
+        })),
+    });
+    output::emit(out, json, || {
+        let caps = |c: &Option<Vec<String>>| match c {
+            Some(c) => c.join(", "),
+            None => "- (not served)".into(),
+        };
+        let ready = match ready {
+            Some(true) => "yes".to_string(),
+            Some(false) => "no (see the driver's /readyz or log for why)".to_string(),
+            None => "unknown".to_string(),
+        };
+        let mut pairs = vec![
+            ("name", plugin.name.clone()),
+            ("version", plugin.vendor_version.clone()),
+            ("ready", ready),
+            ("plugin capabilities", plugin_caps.join(", ")),
+            ("controller capabilities", caps(&controller_caps)),
+            ("node capabilities", caps(&node_caps)),
+        ];
+        if let Some(n) = &node_info {
+            pairs.push(("node", n.node_id.clone()));
+            pairs.push(("topology", output::topology_text(n.accessible_topology.as_slice())));
+            let max = match n.max_volumes_per_node {
+                0 => "no limit".to_string(),
+                m => m.to_string(),
+            };
+            pairs.push(("max volumes", max));
+        }
+        output::fields(&pairs)
+    });
+    Ok(())
 }

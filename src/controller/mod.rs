@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 
 use crate::agent::{Agent, Directory};
 use crate::csi::caps;
-use crate::csi::status::missing;
+use crate::csi::status::{invalid, missing};
 use crate::csi::v1::controller_server::Controller;
 use crate::csi::v1::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::v1::*;
@@ -28,7 +28,22 @@ pub struct ControllerService {
     /// ControllerGetVolume answer from it with an abnormal condition naming the cause, rather than
     /// failing for every volume or leaving that agent's volumes out (which reads as deleted).
     listings: std::sync::Mutex<HashMap<String, Listing>>,
+    /// The last full ListVolumes answer, sorted by id: the pages after the first are cut from it,
+    /// so paging through N volumes reads them once, not once per page.
+    paged: std::sync::Mutex<Option<PagedListing>>,
+    /// Bumped by every create and delete through this controller: a cached listing older than the
+    /// last change is not reused.
+    changes: std::sync::atomic::AtomicU64,
 }
+
+struct PagedListing {
+    at: std::time::Instant,
+    generation: u64,
+    volumes: Arc<Vec<(VolumeRecord, Condition, NodeId)>>,
+}
+
+/// How long the pages after the first may be cut from the first page's listing.
+const PAGED_LISTING_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 struct Listing {
     at: std::time::Instant,
@@ -40,6 +55,8 @@ impl ControllerService {
         ControllerService {
             directory,
             listings: Default::default(),
+            paged: Default::default(),
+            changes: Default::default(),
         }
     }
 }
@@ -140,7 +157,7 @@ fn room_for(pools: &[crate::storage::engine::PoolStatus], spec: &NewVolume) -> O
     if !p.layouts.contains(&layout) {
         return None;
     }
-    Some(if layout == crate::storage::record::Layout::Image {
+    Some(if crate::storage::layout::of(layout).reserves_capacity() {
         p.image_allocatable_bytes
     } else {
         p.available_bytes
@@ -150,13 +167,13 @@ fn room_for(pools: &[crate::storage::engine::PoolStatus], spec: &NewVolume) -> O
 /// Whether a volume (its record; `None` for a static volume) can serve a capability: local pools
 /// serve one node, image volumes one node at a time, shared directories every mode.
 fn serves(rec: Option<&VolumeRecord>, c: &caps::Capability) -> bool {
-    use crate::storage::record::{Layout, VolumeMode};
+    use crate::storage::record::VolumeMode;
     let multi_node =
         !c.access.served_by_local_pool() || c.access == crate::storage::record::AccessMode::MultiNodeReaderOnly;
     match rec {
         None => c.mode == VolumeMode::Filesystem,
         Some(r) if r.mode != c.mode => false,
-        Some(r) if r.id.starts_with("shared:") => !(multi_node && r.layout == Layout::Image),
+        Some(r) if r.id.starts_with("shared:") => !(multi_node && crate::storage::layout::of(r.layout).single_node()),
         Some(_) => c.access.served_by_local_pool(),
     }
 }
@@ -452,6 +469,34 @@ impl ControllerService {
         Ok((id, agent))
     }
 
+    /// Something was created or deleted here: a paged listing made before is stale.
+    fn changed(&self) {
+        self.changes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Every volume sorted by id: a fresh listing for a first page, the first page's listing for
+    /// the pages after it while it is recent and nothing was created or deleted here since.
+    async fn listing(&self, continued: bool) -> Result<Arc<Vec<(VolumeRecord, Condition, NodeId)>>, Status> {
+        let generation = self.changes.load(std::sync::atomic::Ordering::SeqCst);
+        if continued {
+            let cached = self.paged.lock().expect("paged lock");
+            if let Some(p) = cached.as_ref() {
+                if p.generation == generation && p.at.elapsed() < PAGED_LISTING_TTL {
+                    return Ok(p.volumes.clone());
+                }
+            }
+        }
+        let mut all = self.all_volumes().await?;
+        all.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        let volumes = Arc::new(all);
+        *self.paged.lock().expect("paged lock") = Some(PagedListing {
+            at: std::time::Instant::now(),
+            generation,
+            volumes: volumes.clone(),
+        });
+        Ok(volumes)
+    }
+
     /// Every volume of every agent the controller knows, asked all at once. An agent that fails to
     /// answer is answered for from its last listing, each volume marked abnormal; one never listed
     /// (the controller started while it was down, or a node that never answers) is left out and
@@ -579,7 +624,9 @@ impl Controller for ControllerService {
     async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Result<Response<CreateVolumeResponse>, Status> {
         let r = req.into_inner();
         let name = r.name.clone();
-        traced("CreateVolume", &name, self.create(r)).await.map(Response::new)
+        let made = traced("CreateVolume", &name, self.create(r)).await;
+        self.changed();
+        made.map(Response::new)
     }
 
     async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
@@ -595,7 +642,9 @@ impl Controller for ControllerService {
             }
             // An id that is not ours, or names no node we know, has nothing here to delete.
             if let Ok((id, agent)) = self.volume_owner(&r.volume_id) {
-                agent.delete_volume(id).await?;
+                let deleted = agent.delete_volume(id).await;
+                self.changed();
+                deleted?;
                 self.forget_listed(&r.volume_id);
             }
             Ok(DeleteVolumeResponse {})
@@ -678,8 +727,10 @@ impl Controller for ControllerService {
     async fn list_volumes(&self, req: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
         let r = req.into_inner();
         traced("ListVolumes", "", async {
-            let all = self.all_volumes().await?;
-            let (items, next_token) = page::page(all, |(v, _, _)| v.id.as_str(), &r.starting_token, r.max_entries)?;
+            let all = self.listing(!r.starting_token.is_empty()).await?;
+            let (items, next_token) =
+                page::page_sorted(&all, |(v, _, _)| v.id.as_str(), &r.starting_token, r.max_entries)?;
+            let items = items.iter().cloned();
             let entries = items
                 .into_iter()
                 .map(|(v, c, node)| list_volumes_response::Entry {
@@ -756,9 +807,8 @@ impl Controller for ControllerService {
                     };
                     let layout = params.layout.unwrap_or(p.default_layout);
                     let layout_ok =
-                        p.layouts.contains(&layout) && !(multi_node && layout == crate::storage::record::Layout::Image);
-                    let image = layout == crate::storage::record::Layout::Image;
-                    let room = if image {
+                        p.layouts.contains(&layout) && !(multi_node && crate::storage::layout::of(layout).single_node());
+                    let room = if crate::storage::layout::of(layout).reserves_capacity() {
                         p.image_allocatable_bytes
                     } else {
                         p.available_bytes
@@ -909,9 +959,16 @@ impl Controller for ControllerService {
             let Some(range) = r.capacity_range.as_ref() else {
                 return Err(missing("capacity_range"));
             };
+            if range.required_bytes == 0 && range.limit_bytes == 0 {
+                return Err(invalid(
+                    "capacity_range must set required_bytes (the size to grow to) or limit_bytes",
+                ));
+            }
             let range = request::capacity(Some(range))?;
             let (id, agent) = self.volume_owner(&r.volume_id)?;
-            let (rec, node_step) = agent.expand_volume(id, range).await?;
+            let grown = agent.expand_volume(id, range).await;
+            self.changed();
+            let (rec, node_step) = grown?;
             Ok(ControllerExpandVolumeResponse {
                 capacity_bytes: rec.capacity_bytes as i64,
                 // Only an image volume has a filesystem (or loop device) for the node to grow.

@@ -2,9 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use tonic::Status;
-
-use super::status::{invalid, missing};
+use super::status::RequestError;
 use super::v1::volume_capability::access_mode::Mode;
 use super::v1::volume_capability::AccessType;
 use super::v1::{self, VolumeCapability};
@@ -23,7 +21,7 @@ pub struct Capability {
 /// Filesystem types a capability may name; the dir layout takes its host's and ignores the name.
 pub const FS_TYPES: &[&str] = &["", "ext4", "xfs", "btrfs"];
 
-pub fn access_mode(m: i32) -> Result<AccessMode, Status> {
+pub fn access_mode(m: i32) -> Result<AccessMode, RequestError> {
     Ok(match Mode::try_from(m).unwrap_or(Mode::Unknown) {
         Mode::SingleNodeWriter => AccessMode::SingleNodeWriter,
         Mode::SingleNodeReaderOnly => AccessMode::SingleNodeReaderOnly,
@@ -32,7 +30,11 @@ pub fn access_mode(m: i32) -> Result<AccessMode, Status> {
         Mode::MultiNodeMultiWriter => AccessMode::MultiNodeMultiWriter,
         Mode::SingleNodeSingleWriter => AccessMode::SingleNodeSingleWriter,
         Mode::SingleNodeMultiWriter => AccessMode::SingleNodeMultiWriter,
-        Mode::Unknown => return Err(invalid(format!("access mode {m} is not a known CSI access mode"))),
+        Mode::Unknown => {
+            return Err(RequestError::invalid(format!(
+                "access mode {m} is not a known CSI access mode"
+            )))
+        }
     })
 }
 
@@ -49,7 +51,7 @@ pub fn to_csi_mode(m: AccessMode) -> Mode {
 }
 
 /// Mount options a bind mount can honour; anything else is refused rather than silently dropped.
-pub fn bind_flags(options: &[String]) -> Result<BindFlags, Status> {
+pub fn bind_flags(options: &[String]) -> Result<BindFlags, RequestError> {
     let mut f = BindFlags::default();
     for o in options
         .iter()
@@ -69,7 +71,7 @@ pub fn bind_flags(options: &[String]) -> Result<BindFlags, Status> {
             "strictatime" => f.strictatime = true,
             "suid" | "dev" | "exec" | "atime" | "diratime" | "bind" | "defaults" => {}
             other => {
-                return Err(invalid(format!(
+                return Err(RequestError::invalid(format!(
                     "mount option '{other}' cannot be applied to a bind mount; supported: ro, rw, nosuid, nodev, noexec, noatime, nodiratime, relatime, strictatime"
                 )))
             }
@@ -78,12 +80,12 @@ pub fn bind_flags(options: &[String]) -> Result<BindFlags, Status> {
     Ok(f)
 }
 
-pub fn capability(c: &VolumeCapability) -> Result<Capability, Status> {
+pub fn capability(c: &VolumeCapability) -> Result<Capability, RequestError> {
     let access = access_mode(c.access_mode.as_ref().map(|a| a.mode).unwrap_or(0))?;
     match &c.access_type {
         Some(AccessType::Mount(m)) => {
             if !FS_TYPES.contains(&m.fs_type.as_str()) {
-                return Err(invalid(format!(
+                return Err(RequestError::invalid(format!(
                     "filesystem type '{}' is not supported (supported: ext4, xfs, btrfs)",
                     m.fs_type
                 )));
@@ -101,22 +103,26 @@ pub fn capability(c: &VolumeCapability) -> Result<Capability, Status> {
             fs_type: String::new(),
             flags: BindFlags::default(),
         }),
-        None => Err(invalid("volume capability needs an access type (mount or block)")),
+        None => Err(RequestError::invalid(
+            "volume capability needs an access type (mount or block)",
+        )),
     }
 }
 
-pub fn capabilities(cs: &[VolumeCapability]) -> Result<Vec<Capability>, Status> {
+pub fn capabilities(cs: &[VolumeCapability]) -> Result<Vec<Capability>, RequestError> {
     if cs.is_empty() {
-        return Err(missing("volume_capabilities"));
+        return Err(RequestError::Missing("volume_capabilities"));
     }
     cs.iter().map(capability).collect()
 }
 
 /// The modes, volume mode and fs type shared by a list of capabilities (as one volume must serve).
-pub fn summarize(caps: &[Capability]) -> Result<(VolumeMode, Vec<AccessMode>, String), Status> {
+pub fn summarize(caps: &[Capability]) -> Result<(VolumeMode, Vec<AccessMode>, String), RequestError> {
     let mode = caps[0].mode;
     if caps.iter().any(|c| c.mode != mode) {
-        return Err(invalid("a volume is either Filesystem or Block, not both"));
+        return Err(RequestError::invalid(
+            "a volume is either Filesystem or Block, not both",
+        ));
     }
     let fs: BTreeSet<&str> = caps
         .iter()
@@ -124,7 +130,7 @@ pub fn summarize(caps: &[Capability]) -> Result<(VolumeMode, Vec<AccessMode>, St
         .filter(|s| !s.is_empty())
         .collect();
     if fs.len() > 1 {
-        return Err(invalid("capabilities name different filesystem types"));
+        return Err(RequestError::invalid("capabilities name different filesystem types"));
     }
     let modes: BTreeSet<AccessMode> = caps.iter().map(|c| c.access).collect();
     Ok((

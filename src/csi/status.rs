@@ -20,6 +20,7 @@ impl From<StorageError> for Status {
             StorageError::Corrupt { .. } => Code::Internal,
             StorageError::PoolUnusable(_) | StorageError::PoolBroken { .. } => Code::FailedPrecondition,
             StorageError::InUse(_) => Code::FailedPrecondition,
+            StorageError::Unavailable(_) => Code::Unavailable,
             StorageError::Sys(s) => return sys_status(s),
         };
         Status::new(code, e.to_string())
@@ -45,10 +46,95 @@ impl From<SysError> for Status {
     }
 }
 
+/// A request that is malformed on its face (before anything is looked up): INVALID_ARGUMENT.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("{0} is required")]
+    Missing(&'static str),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl RequestError {
+    pub fn invalid(msg: impl Into<String>) -> RequestError {
+        RequestError::Invalid(msg.into())
+    }
+}
+
+impl From<RequestError> for Status {
+    fn from(e: RequestError) -> Status {
+        Status::invalid_argument(e.to_string())
+    }
+}
+
+impl From<crate::node::NodeError> for Status {
+    fn from(e: crate::node::NodeError) -> Status {
+        use crate::node::NodeError as E;
+        let code = match &e {
+            E::Request(r) => return Status::invalid_argument(r.to_string()),
+            E::Storage(_) | E::Sys(_) => {
+                return match e {
+                    E::Storage(s) => Status::from(s),
+                    E::Sys(s) => sys_status(&s),
+                    _ => unreachable!("matched above"),
+                }
+            }
+            E::NotFound(_) => Code::NotFound,
+            E::InProgress(_) => Code::Aborted,
+            E::Conflict(_) => Code::AlreadyExists,
+            E::NotReady(_) => Code::FailedPrecondition,
+            E::ShareGone(_) => Code::Unavailable,
+            E::Broken(_) => Code::Internal,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
 pub fn invalid(msg: impl Into<String>) -> Status {
     Status::invalid_argument(msg)
 }
 
 pub fn missing(field: &str) -> Status {
     Status::invalid_argument(format!("{field} is required"))
+}
+
+/// The longest message a status carries: an echoed input (a 64 KiB volume id or path) is cut.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// Cuts text from a request (or a message that echoes it) to `MAX_MESSAGE` bytes, saying so.
+pub fn bounded(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.len() <= MAX_MESSAGE {
+        return text.into();
+    }
+    let mut end = MAX_MESSAGE;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes in all)", &text[..end], text.len()).into()
+}
+
+/// A status whose message is bounded (every RPC's answer passes through here).
+pub fn bound(s: Status) -> Status {
+    if s.message().len() <= MAX_MESSAGE {
+        return s;
+    }
+    Status::new(s.code(), bounded(s.message()).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_messages_are_cut_with_their_length_and_short_ones_kept() {
+        let long = format!("volume {} not found", "x".repeat(65536));
+        let s = bound(Status::not_found(long.clone()));
+        assert_eq!(s.code(), Code::NotFound);
+        assert!(s.message().len() < MAX_MESSAGE + 64, "{}", s.message().len());
+        assert!(s.message().ends_with(&format!("({} bytes in all)", long.len())));
+        assert_eq!(bound(Status::not_found("short")).message(), "short");
+        // Never cuts inside a character.
+        let wide = "é".repeat(2000);
+        assert!(bounded(&wide).starts_with("é"));
+    }
 }

@@ -1,6 +1,9 @@
 //! The Node service: stages a volume's data at kubelet's staging path and bind-mounts it into pods.
 
+mod error;
 pub mod state;
+
+pub use error::NodeError;
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -9,7 +12,6 @@ use tonic::{Request, Response, Status};
 
 use crate::crash;
 use crate::csi::caps::{self, Capability};
-use crate::csi::status::{invalid, missing};
 use crate::csi::v1::node_server::Node;
 use crate::csi::v1::node_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::v1::*;
@@ -24,7 +26,7 @@ use crate::sys::files::{self, Entry};
 use crate::sys::fstools::{self, FsType};
 use crate::sys::mount::{BindFlags, Mounter};
 use crate::sys::statfs;
-use crate::sys::{btrfs, loopdev, share};
+use crate::sys::{loopdev, share};
 use state::{NodeState, Published, Staged};
 
 /// statfs of a shared volume's share and of its mount, taken once per NodeGetVolumeStats.
@@ -113,44 +115,71 @@ pub fn start_lease_renewer(engine: Arc<LocalEngine>, state: Arc<NodeState>) {
 }
 
 /// A path from the CO: absolute and without `.`/`..` parts, so it means exactly what it says.
-fn co_path(field: &str, p: &str) -> Result<PathBuf, Status> {
-    if p.is_empty() {
-        return Err(missing(field));
-    }
-    let path = PathBuf::from(p);
+fn co_path(field: &'static str, p: &str) -> Result<PathBuf, NodeError> {
+    let path = plain_path(field, p)?;
     if !path.is_absolute()
         || path
             .components()
             .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
     {
-        return Err(invalid(format!(
+        return Err(NodeError::invalid(format!(
             "{field} '{p}' must be an absolute path without '.' or '..' parts"
         )));
     }
     Ok(path)
 }
 
+/// A path field that is present, NUL-free and at most PATH_MAX long (what any path must be).
+fn plain_path(field: &'static str, p: &str) -> Result<PathBuf, NodeError> {
+    if p.is_empty() {
+        return Err(NodeError::missing(field));
+    }
+    if p.len() > libc::PATH_MAX as usize || p.contains('\0') {
+        return Err(NodeError::invalid(format!(
+            "{field} must be a path of at most {} bytes without NUL bytes; got {} bytes starting '{}'",
+            libc::PATH_MAX,
+            p.len(),
+            crate::csi::status::bounded(&p[..p.len().min(64)].replace('\0', "\\0"))
+        )));
+    }
+    Ok(PathBuf::from(p))
+}
+
 impl NodeService {
-    fn hold(&self, volume_id: &str) -> Result<Held, Status> {
+    /// Only a path this node staged or published the volume at: any other path would report (or
+    /// grow) whatever filesystem happens to be there, such as the node's own root.
+    fn require_ours(&self, volume_id: &str, path: &Path) -> Result<(), NodeError> {
+        let m = self.state.get(volume_id);
+        let ours = m.staged.as_ref().is_some_and(|s| s.path == path) || m.published.contains_key(path);
+        if !ours {
+            return Err(NodeError::NotFound(format!(
+                "volume {volume_id} is not staged or published at {} on this node",
+                path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn hold(&self, volume_id: &str) -> Result<Held, NodeError> {
         self.in_flight.try_take(volume_id.to_string()).ok_or_else(|| {
-            Status::aborted(format!(
+            NodeError::InProgress(format!(
                 "an operation on volume {volume_id} is already in progress; retry later"
             ))
         })
     }
 
-    fn volume(&self, raw: &str) -> Result<(VolumeRecord, PathBuf), Status> {
+    fn volume(&self, raw: &str) -> Result<(VolumeRecord, PathBuf), NodeError> {
         if let Ok(sid) = StaticId::parse(raw) {
             return self.static_volume(&sid);
         }
-        let id = VolumeId::parse(raw).map_err(|_| Status::not_found(format!("volume {raw} not found")))?;
+        let id = VolumeId::parse(raw).map_err(|_| NodeError::NotFound(format!("volume {raw} not found")))?;
         Ok(self.engine.volume_data(&id)?)
     }
 
     /// A static volume as a record of its own: a Filesystem directory of a shared pool, any mode.
-    fn static_volume(&self, sid: &StaticId) -> Result<(VolumeRecord, PathBuf), Status> {
+    fn static_volume(&self, sid: &StaticId) -> Result<(VolumeRecord, PathBuf), NodeError> {
         let pool = self.engine.pool_config(&sid.pool).ok_or_else(|| {
-            Status::not_found(format!(
+            NodeError::NotFound(format!(
                 "volume {sid} not found: no shared pool '{}'",
                 sid.pool.as_str()
             ))
@@ -215,7 +244,7 @@ impl NodeService {
 
     /// Checks the share under a shared pool and, when cellar mounts it and it has gone stale
     /// (server restarted, network cut), mounts it again, so nothing stacks on a dead mount.
-    fn ensure_share(&self, volume_id: &str) -> Result<(), Status> {
+    fn ensure_share(&self, volume_id: &str) -> Result<(), NodeError> {
         let Some((pool, cfg)) = self.shared_pool(volume_id) else {
             return Ok(());
         };
@@ -223,7 +252,7 @@ impl NodeService {
             Ok(_) => Ok(()),
             Err(e) if share::is_stale(&e) => {
                 let Some(s) = &cfg.share else {
-                    return Err(Status::unavailable(format!(
+                    return Err(NodeError::ShareGone(format!(
                         "the share of pool '{}' at {} is not reachable: {e}",
                         pool.as_str(),
                         cfg.path.display()
@@ -232,7 +261,7 @@ impl NodeService {
                 tracing::warn!(pool = pool.as_str(), source = s.source, error = %e, "share stale; mounting it again");
                 share::detach(&cfg.path)?;
                 share::mount(&s.source, &s.fs_type, &s.options, &cfg.path).map_err(|e| {
-                    Status::unavailable(format!(
+                    NodeError::ShareGone(format!(
                         "share {} of pool '{}' cannot be mounted again: {e}",
                         s.source,
                         pool.as_str()
@@ -244,16 +273,16 @@ impl NodeService {
         }
     }
 
-    fn check_mode(rec: &VolumeRecord, cap: &Capability) -> Result<(), Status> {
+    fn check_mode(rec: &VolumeRecord, cap: &Capability) -> Result<(), NodeError> {
         if rec.mode != cap.mode {
-            return Err(invalid(format!(
+            return Err(NodeError::invalid(format!(
                 "volume {} is a {:?} volume; the capability asks for {:?}",
                 rec.id, rec.mode, cap.mode
             )));
         }
         let shared = rec.id.starts_with("shared:") || rec.id.starts_with("static:");
         if !shared && !cap.access.served_by_local_pool() {
-            return Err(invalid(format!(
+            return Err(NodeError::invalid(format!(
                 "access mode {:?} needs a shared pool; volume {} is on a local pool",
                 cap.access, rec.id
             )));
@@ -262,7 +291,7 @@ impl NodeService {
     }
 
     /// Removes every mount stacked at `path`.
-    fn unmount_all(&self, path: &Path) -> Result<(), Status> {
+    fn unmount_all(&self, path: &Path) -> Result<(), NodeError> {
         for _ in 0..MAX_STACKED {
             match self.mounter.is_mountpoint(path) {
                 Ok(true) => self.unmount_once(path)?,
@@ -273,7 +302,7 @@ impl NodeService {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(Status::internal(format!(
+        Err(NodeError::Broken(format!(
             "{} still mounted after {MAX_STACKED} unmounts",
             path.display()
         )))
@@ -281,7 +310,7 @@ impl NodeService {
 
     /// One unmount, retried briefly on EBUSY: a tool spawned at that moment (mkfs, resize2fs) holds
     /// copies of our descriptors until it execs, which can keep a mount busy for a few milliseconds.
-    fn unmount_once(&self, path: &Path) -> Result<(), Status> {
+    fn unmount_once(&self, path: &Path) -> Result<(), NodeError> {
         let mut tries = 0;
         loop {
             match self.mounter.unmount(path) {
@@ -294,7 +323,7 @@ impl NodeService {
         }
     }
 
-    fn is_mounted(&self, path: &Path) -> Result<bool, Status> {
+    fn is_mounted(&self, path: &Path) -> Result<bool, NodeError> {
         match self.mounter.is_mountpoint(path) {
             Ok(m) => Ok(m),
             Err(e) if e.is_not_found() => Ok(false),
@@ -303,29 +332,29 @@ impl NodeService {
     }
 
     /// Makes the directory a mount goes on; `true` when we created it.
-    fn mount_dir(&self, field: &str, path: &Path) -> Result<bool, Status> {
+    fn mount_dir(&self, field: &str, path: &Path) -> Result<bool, NodeError> {
         match files::entry(path)? {
             Entry::Missing => {
                 files::ensure_dir(path, 0o750)?;
                 Ok(true)
             }
             Entry::Dir => Ok(false),
-            other => Err(invalid(format!(
+            other => Err(NodeError::invalid(format!(
                 "{field} {} is a {other:?}, expected a directory",
                 path.display()
             ))),
         }
     }
 
-    fn stage(&self, r: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse, Status> {
+    fn stage(&self, r: NodeStageVolumeRequest) -> Result<NodeStageVolumeResponse, NodeError> {
         if r.volume_id.is_empty() {
-            return Err(missing("volume_id"));
+            return Err(NodeError::missing("volume_id"));
         }
         let staging = co_path("staging_target_path", &r.staging_target_path)?;
         let cap = caps::capability(
             r.volume_capability
                 .as_ref()
-                .ok_or_else(|| missing("volume_capability"))?,
+                .ok_or_else(|| NodeError::missing("volume_capability"))?,
         )?;
         let _held = self.hold(&r.volume_id)?;
         let (rec, data) = self.volume(&r.volume_id)?;
@@ -343,7 +372,7 @@ impl NodeService {
                 self.mounted_or_clear_stale(&s.path)?
             };
             if s.path != staging && here {
-                return Err(Status::failed_precondition(format!(
+                return Err(NodeError::NotReady(format!(
                     "volume {} is already staged at {}",
                     r.volume_id,
                     s.path.display()
@@ -356,13 +385,13 @@ impl NodeService {
         if !block {
             self.mount_dir("staging_target_path", &staging)?;
             if self.is_mounted(&staging)? {
-                return Err(Status::failed_precondition(format!(
+                return Err(NodeError::NotReady(format!(
                     "staging path {} already holds another mount",
                     staging.display()
                 )));
             }
         }
-        if rec.layout != Layout::Image {
+        if crate::storage::layout::of(rec.layout).is_tree() {
             // Pinning the directory first means a symlink planted in its place is refused, not followed.
             let pinned = match &static_id {
                 Some(sid) => self.engine.static_dir(&sid.pool, &sid.path.join(&attrs.subdir))?,
@@ -374,6 +403,12 @@ impl NodeService {
                 backing: None,
             });
             self.state.put(m)?;
+            if static_id.is_none() {
+                // A shared directory volume is deleted by a controller that cannot see this node's
+                // mounts: the mark on the share tells it the volume is in use here.
+                let id = VolumeId::parse(&r.volume_id).map_err(|e| NodeError::invalid(e.0))?;
+                self.engine.mark_staged(&id, true)?;
+            }
             crash::point("stage:before-mount");
             let flags = BindFlags {
                 read_only,
@@ -382,10 +417,10 @@ impl NodeService {
             self.mounter.bind(&pinned.proc_path(), &staging, flags)?;
             return Ok(NodeStageVolumeResponse {});
         }
-        let id = VolumeId::parse(&r.volume_id).map_err(|e| invalid(e.0))?;
+        let id = VolumeId::parse(&r.volume_id).map_err(|e| NodeError::invalid(e.0))?;
         if let Some((lease, ttl)) = self.engine.shared_lease(&id) {
             if let Claim::HeldBy { node, wait } = self.engine.leases.acquire(&lease, &r.volume_id, ttl)? {
-                return Err(Status::failed_precondition(format!(
+                return Err(NodeError::NotReady(format!(
                     "volume {} is staged on node {node}, which holds its lease: an image volume is \
                      mounted on one node at a time. Unstage it there; if that node is gone, this node \
                      takes the lease over once it has gone {} s without renewal",
@@ -407,7 +442,7 @@ impl NodeService {
             return Ok(NodeStageVolumeResponse {});
         }
         let fs = FsType::parse(&rec.fs_type).ok_or_else(|| {
-            Status::internal(format!(
+            NodeError::Broken(format!(
                 "volume {} records an unknown filesystem '{}'",
                 rec.id, rec.fs_type
             ))
@@ -429,7 +464,7 @@ impl NodeService {
 
     /// The loop device of an image, attached now or found from an earlier attach (after a restart),
     /// sized to the file as it is now.
-    fn attach(&self, data: &Path, read_only: bool) -> Result<loopdev::LoopDevice, Status> {
+    fn attach(&self, data: &Path, read_only: bool) -> Result<loopdev::LoopDevice, NodeError> {
         if let Some(d) = loopdev::find_by_backing(data)?.into_iter().next() {
             loopdev::refresh_capacity(&d)?;
             return Ok(d);
@@ -439,9 +474,9 @@ impl NodeService {
         Ok(d)
     }
 
-    fn unstage(&self, r: NodeUnstageVolumeRequest) -> Result<NodeUnstageVolumeResponse, Status> {
+    fn unstage(&self, r: NodeUnstageVolumeRequest) -> Result<NodeUnstageVolumeResponse, NodeError> {
         if r.volume_id.is_empty() {
-            return Err(missing("volume_id"));
+            return Err(NodeError::missing("volume_id"));
         }
         let staging = co_path("staging_target_path", &r.staging_target_path)?;
         let _held = self.hold(&r.volume_id)?;
@@ -454,7 +489,7 @@ impl NodeService {
             // A loop device is never detached while a publish of it still exists.
             for (target, _) in m.published.iter() {
                 if self.is_mounted(target)? {
-                    return Err(Status::failed_precondition(format!(
+                    return Err(NodeError::NotReady(format!(
                         "volume {} is still published at {}; unpublish it first",
                         r.volume_id,
                         target.display()
@@ -475,21 +510,24 @@ impl NodeService {
             }
         } else {
             self.unmount_all(&staging)?;
+            if let Ok(id) = VolumeId::parse(&r.volume_id) {
+                self.engine.mark_staged(&id, false)?;
+            }
         }
         m.staged = None;
         self.state.put(m)?;
         Ok(NodeUnstageVolumeResponse {})
     }
 
-    fn publish(&self, r: NodePublishVolumeRequest) -> Result<NodePublishVolumeResponse, Status> {
+    fn publish(&self, r: NodePublishVolumeRequest) -> Result<NodePublishVolumeResponse, NodeError> {
         if r.volume_id.is_empty() {
-            return Err(missing("volume_id"));
+            return Err(NodeError::missing("volume_id"));
         }
         let target = co_path("target_path", &r.target_path)?;
         let cap = caps::capability(
             r.volume_capability
                 .as_ref()
-                .ok_or_else(|| missing("volume_capability"))?,
+                .ok_or_else(|| NodeError::missing("volume_capability"))?,
         )?;
         let staging = co_path("staging_target_path", &r.staging_target_path)?;
         let _held = self.hold(&r.volume_id)?;
@@ -508,7 +546,7 @@ impl NodeService {
         };
         if let Some(p) = m.published.get(&target) {
             if p.flags != flags || p.access != cap.access {
-                return Err(Status::already_exists(format!(
+                return Err(NodeError::Conflict(format!(
                     "volume {} is already published at {} with other options (read-only {}, access {:?})",
                     r.volume_id,
                     target.display(),
@@ -523,7 +561,7 @@ impl NodeService {
         let single_writer = |a: AccessMode| a == AccessMode::SingleNodeSingleWriter;
         for (other, p) in m.published.iter().filter(|(t, _)| **t != target) {
             if (single_writer(cap.access) || single_writer(p.access)) && self.is_mounted(other)? {
-                return Err(Status::failed_precondition(format!(
+                return Err(NodeError::NotReady(format!(
                     "volume {} is SINGLE_NODE_SINGLE_WRITER and already published at {}",
                     r.volume_id,
                     other.display()
@@ -536,7 +574,7 @@ impl NodeService {
             match device {
                 Some(d) if staged_here => d.path,
                 _ => {
-                    return Err(Status::failed_precondition(format!(
+                    return Err(NodeError::NotReady(format!(
                         "block volume {} is not staged at {}; call NodeStageVolume first",
                         r.volume_id,
                         staging.display()
@@ -545,7 +583,7 @@ impl NodeService {
             }
         } else {
             if !(staged_here && self.staging_alive(&r.volume_id, &rec, &data, &staging)?) {
-                return Err(Status::failed_precondition(format!(
+                return Err(NodeError::NotReady(format!(
                     "volume {} is not staged at {}; call NodeStageVolume first",
                     r.volume_id,
                     staging.display()
@@ -560,7 +598,7 @@ impl NodeService {
             self.mount_dir("target_path", &target)?
         } || already_ours.unwrap_or(false);
         if already_ours.is_none() && self.is_mounted(&target)? {
-            return Err(Status::failed_precondition(format!(
+            return Err(NodeError::NotReady(format!(
                 "target path {} already holds another mount",
                 target.display()
             )));
@@ -589,7 +627,7 @@ impl NodeService {
 
     /// Whether a path is mounted; a mount whose share went stale is detached and counts as not
     /// mounted, so the caller mounts afresh instead of stacking on a dead mount.
-    fn mounted_or_clear_stale(&self, path: &Path) -> Result<bool, Status> {
+    fn mounted_or_clear_stale(&self, path: &Path) -> Result<bool, NodeError> {
         match self.mounter.is_mountpoint(path) {
             Ok(m) => Ok(m),
             Err(e) if e.is_not_found() => Ok(false),
@@ -604,10 +642,16 @@ impl NodeService {
 
     /// Whether the staging mount is usable; one gone stale (its share was remounted or came back)
     /// is bound again from the volume's data before publishing from it.
-    fn staging_alive(&self, volume_id: &str, rec: &VolumeRecord, data: &Path, staging: &Path) -> Result<bool, Status> {
+    fn staging_alive(
+        &self,
+        volume_id: &str,
+        rec: &VolumeRecord,
+        data: &Path,
+        staging: &Path,
+    ) -> Result<bool, NodeError> {
         match self.mounter.is_mountpoint(staging) {
             Ok(m) => Ok(m),
-            Err(e) if share::is_stale(&e) && rec.layout != Layout::Image => {
+            Err(e) if share::is_stale(&e) && crate::storage::layout::of(rec.layout).is_tree() => {
                 tracing::warn!(volume = volume_id, error = %e, "staging mount stale; binding it again");
                 self.ensure_share(volume_id)?;
                 self.mounter.detach(staging)?;
@@ -633,7 +677,7 @@ impl NodeService {
     }
 
     /// Makes the file a raw block device is bound onto; `true` when we created it.
-    fn mount_file(&self, path: &Path) -> Result<bool, Status> {
+    fn mount_file(&self, path: &Path) -> Result<bool, NodeError> {
         match files::entry(path)? {
             Entry::Missing => {
                 std::fs::OpenOptions::new()
@@ -644,7 +688,7 @@ impl NodeService {
                 Ok(true)
             }
             Entry::File | Entry::Other => Ok(false),
-            other => Err(invalid(format!(
+            other => Err(NodeError::invalid(format!(
                 "target_path {} is a {other:?}; a block volume is published on a file",
                 path.display()
             ))),
@@ -654,22 +698,22 @@ impl NodeService {
     /// A detach completes when the last opener of the device closes it, which a tool spawned at
     /// that moment (holding a copy of our descriptors until it execs) can delay a little. Wait for
     /// it, so that an unstaged volume has no loop device left when the call returns.
-    fn await_detached(&self, backing: &Path) -> Result<(), Status> {
+    fn await_detached(&self, backing: &Path) -> Result<(), NodeError> {
         for _ in 0..200 {
             if loopdev::find_by_backing(backing)?.is_empty() {
                 return Ok(());
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        Err(Status::internal(format!(
+        Err(NodeError::Broken(format!(
             "the loop device of {} is still attached 2 s after its detach",
             backing.display()
         )))
     }
 
-    fn unpublish(&self, r: NodeUnpublishVolumeRequest) -> Result<NodeUnpublishVolumeResponse, Status> {
+    fn unpublish(&self, r: NodeUnpublishVolumeRequest) -> Result<NodeUnpublishVolumeResponse, NodeError> {
         if r.volume_id.is_empty() {
-            return Err(missing("volume_id"));
+            return Err(NodeError::missing("volume_id"));
         }
         let target = co_path("target_path", &r.target_path)?;
         let _held = self.hold(&r.volume_id)?;
@@ -701,14 +745,11 @@ impl NodeService {
         Ok(NodeUnpublishVolumeResponse {})
     }
 
-    fn stats(&self, r: NodeGetVolumeStatsRequest) -> Result<NodeGetVolumeStatsResponse, Status> {
+    fn stats(&self, r: NodeGetVolumeStatsRequest) -> Result<NodeGetVolumeStatsResponse, NodeError> {
         if r.volume_id.is_empty() {
-            return Err(missing("volume_id"));
+            return Err(NodeError::missing("volume_id"));
         }
-        if r.volume_path.is_empty() {
-            return Err(missing("volume_path"));
-        }
-        let path = PathBuf::from(&r.volume_path);
+        let path = plain_path("volume_path", &r.volume_path)?;
         let shared = match self.share_view(&r.volume_id, &path) {
             Ok(v) => v,
             // Nothing can be measured; kubelet shows the condition on the pod's events.
@@ -724,10 +765,20 @@ impl NodeService {
         };
         let (rec, data) = self.volume(&r.volume_id)?;
         if !path.is_absolute() || files::entry(&path)? == Entry::Missing {
-            return Err(Status::not_found(format!(
+            return Err(NodeError::NotFound(format!(
                 "volume path {} does not exist",
-                r.volume_path
+                crate::csi::status::bounded(&r.volume_path)
             )));
+        }
+        if let Err(e) = self.require_ours(&r.volume_id, &path) {
+            // No figures of whatever filesystem is at a path that is not the volume's.
+            return Ok(NodeGetVolumeStatsResponse {
+                usage: vec![],
+                volume_condition: Some(VolumeCondition {
+                    abnormal: true,
+                    message: e.to_string(),
+                }),
+            });
         }
         let usage = |unit: volume_usage::Unit, total: u64, avail: u64, used: u64| VolumeUsage {
             available: avail as i64,
@@ -749,7 +800,8 @@ impl NodeService {
         };
         let mut condition = condition;
         let root = shared.as_ref().and_then(|v| v.root);
-        if let (Some(c), Some(whole), Layout::Dir) = (&mut condition, root, rec.layout) {
+        let unenforced = !crate::storage::layout::of(rec.layout).enforces_capacity();
+        if let (Some(c), Some(whole), true) = (&mut condition, root, unenforced) {
             // A share that enforces directory quotas (CephFS, Weka, NFS with project quotas) shows
             // the directory's own size; otherwise statfs gives the whole share: say which it is.
             // (Sizes only: free space moves between the two calls.)
@@ -761,12 +813,10 @@ impl NodeService {
                 };
             }
         }
-        let bytes = if rec.layout == Layout::Btrfs {
-            // statfs shows the whole pool; the qgroup holds the volume's own figures.
-            let q = btrfs::usage(&data)?;
-            let limit = q.max_referenced.unwrap_or(rec.capacity_bytes);
-            let avail = limit.saturating_sub(q.referenced).min(u.available_bytes);
-            usage(volume_usage::Unit::Bytes, limit, avail, q.referenced)
+        let own = crate::storage::layout::of(rec.layout).own_usage(&data, rec.capacity_bytes)?;
+        let bytes = if let Some((limit, used)) = own {
+            let avail = limit.saturating_sub(used).min(u.available_bytes);
+            usage(volume_usage::Unit::Bytes, limit, avail, used)
         } else {
             usage(
                 volume_usage::Unit::Bytes,
@@ -792,7 +842,7 @@ impl NodeService {
         rec: &VolumeRecord,
         data: &Path,
         path: &Path,
-    ) -> Result<VolumeCondition, Status> {
+    ) -> Result<VolumeCondition, NodeError> {
         let abnormal = |message: String| VolumeCondition {
             abnormal: true,
             message,
@@ -810,7 +860,10 @@ impl NodeService {
             )));
         }
         let m = self.state.get(raw);
-        if rec.layout == Layout::Image && m.staged.is_some() && loopdev::find_by_backing(data)?.is_empty() {
+        if !crate::storage::layout::of(rec.layout).is_tree()
+            && m.staged.is_some()
+            && loopdev::find_by_backing(data)?.is_empty()
+        {
             return Ok(abnormal(format!("the loop device of {} is gone", data.display())));
         }
         if rec.mode == VolumeMode::Filesystem {
@@ -841,30 +894,31 @@ impl NodeService {
         })
     }
 
-    fn expand(&self, r: NodeExpandVolumeRequest) -> Result<NodeExpandVolumeResponse, Status> {
+    fn expand(&self, r: NodeExpandVolumeRequest) -> Result<NodeExpandVolumeResponse, NodeError> {
         if r.volume_id.is_empty() {
-            return Err(missing("volume_id"));
+            return Err(NodeError::missing("volume_id"));
         }
         if r.volume_path.is_empty() {
-            return Err(missing("volume_path"));
+            return Err(NodeError::missing("volume_path"));
         }
+        let path = plain_path("volume_path", &r.volume_path)?;
         let (rec, data) = self.volume(&r.volume_id)?;
-        let path = PathBuf::from(&r.volume_path);
-        if !path.is_absolute() || files::entry(&path)? == Entry::Missing {
-            return Err(Status::not_found(format!(
+        self.require_ours(&r.volume_id, &path)?;
+        if files::entry(&path)? == Entry::Missing {
+            return Err(NodeError::NotFound(format!(
                 "volume path {} does not exist",
-                r.volume_path
+                path.display()
             )));
         }
-        if rec.layout != Layout::Image {
-            // dir and btrfs volumes have no filesystem of their own to grow.
+        if !crate::storage::layout::of(rec.layout).has_filesystem() {
+            // Tree layouts (dir, btrfs) have no filesystem of their own to grow.
             return Ok(NodeExpandVolumeResponse {
                 capacity_bytes: rec.capacity_bytes as i64,
             });
         }
         let _held = self.hold(&r.volume_id)?;
         let Some(device) = loopdev::find_by_backing(&data)?.into_iter().next() else {
-            return Err(Status::failed_precondition(format!(
+            return Err(NodeError::NotReady(format!(
                 "volume {} is not staged on this node; it grows when it is staged",
                 r.volume_id
             )));
@@ -876,7 +930,7 @@ impl NodeService {
             });
         }
         let fs = FsType::parse(&rec.fs_type).unwrap_or(FsType::Ext4);
-        let id = VolumeId::parse(&r.volume_id).map_err(|e| invalid(e.0))?;
+        let id = VolumeId::parse(&r.volume_id).map_err(|e| NodeError::invalid(e.0))?;
         match fstools::grow_online(fs, &device.path, &path) {
             Ok(()) => {
                 self.engine.set_fs_bytes(&id, rec.capacity_bytes)?;
@@ -901,12 +955,13 @@ impl NodeService {
 /// Runs blocking node work (mounts, fsyncs) off the async runtime.
 async fn blocking<T: Send + 'static>(
     svc: &Arc<NodeService>,
-    f: impl FnOnce(&NodeService) -> Result<T, Status> + Send + 'static,
+    f: impl FnOnce(&NodeService) -> Result<T, NodeError> + Send + 'static,
 ) -> Result<T, Status> {
     let svc = svc.clone();
     tokio::task::spawn_blocking(move || f(&svc))
         .await
         .map_err(|e| Status::internal(format!("node task failed: {e}")))?
+        .map_err(Status::from)
 }
 
 /// The tonic-facing wrapper: one Arc so each call can move onto the blocking pool.
@@ -1012,21 +1067,21 @@ struct StaticAttrs {
 }
 
 impl StaticAttrs {
-    fn parse(is_static: bool, ctx: &std::collections::HashMap<String, String>) -> Result<StaticAttrs, Status> {
+    fn parse(is_static: bool, ctx: &std::collections::HashMap<String, String>) -> Result<StaticAttrs, NodeError> {
         let mut a = StaticAttrs::default();
         if !is_static {
             return Ok(a);
         }
         if let Some(s) = ctx.get("subdir").filter(|s| !s.is_empty()) {
             a.subdir = crate::storage::id::relative_path(s)
-                .map_err(|e| invalid(format!("volumeAttributes subdir '{s}': {e}")))?;
+                .map_err(|e| NodeError::invalid(format!("volumeAttributes subdir '{s}': {e}")))?;
         }
         if let Some(r) = ctx.get("readOnly") {
             a.read_only = match r.as_str() {
                 "true" => true,
                 "false" => false,
                 other => {
-                    return Err(invalid(format!(
+                    return Err(NodeError::invalid(format!(
                         "volumeAttributes readOnly must be true or false, not '{other}'"
                     )))
                 }
@@ -1039,3 +1094,6 @@ impl StaticAttrs {
         Ok(a)
     }
 }
+
+#[cfg(test)]
+mod tests;

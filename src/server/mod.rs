@@ -323,7 +323,8 @@ pub async fn traced<T>(
         start: Instant::now(),
         done: false,
     };
-    let result = fut.await;
+    let result = fut.await.map_err(crate::csi::status::bound);
+    let object = &*crate::csi::status::bounded(object);
     call.done = true;
     let elapsed = call.start.elapsed();
     let micros = elapsed.as_micros() as u64;

@@ -11,16 +11,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::crash;
 use crate::sys::fstools::FsType;
-use crate::sys::{btrfs, files, loopdev, statfs};
+use crate::sys::{btrfs, files, loopdev, mountinfo, statfs};
 
 use super::config::{Config, DeletePolicy};
 use super::id::{Key, Location, NodeId, ObjectId, PoolName, SnapshotId, VolumeId};
 use super::layout;
 use super::locks::{Held, InFlight};
 use super::pool::{Kind, Pool};
-use super::record::{
-    self, AccessMode, ContentSource, Layout, SnapshotRecord, VolumeMode, VolumeRecord, RECORD_VERSION,
-};
+use super::record::{AccessMode, ContentSource, Layout, SnapshotRecord, VolumeMode, VolumeRecord, RECORD_VERSION};
+use super::store::PoolStore;
 use super::transfer::{self, Frame, Header, Import};
 use super::StorageError;
 
@@ -131,6 +130,8 @@ pub struct PoolStatus {
 
 /// A source's data and what a copy of it must agree with.
 struct SourceData {
+    /// The source's id, as its record gives it.
+    id: String,
     path: PathBuf,
     size: u64,
     layout: Layout,
@@ -191,21 +192,23 @@ pub enum Role {
 
 pub struct LocalEngine {
     node: NodeId,
-    role: Role,
     pools: BTreeMap<PoolName, Pool>,
     /// Pools that could not be opened, with the reason; Probe is not ready while there are any.
     broken: BTreeMap<PoolName, String>,
     default_pool: PoolName,
-    volumes: Mutex<BTreeMap<String, VolumeRecord>>,
-    /// CSI name → volume id, for names whose key is not derived from the name alone (templates).
-    names: Mutex<std::collections::HashMap<String, String>>,
-    snapshots: Mutex<BTreeMap<String, SnapshotRecord>>,
+    /// The records of every pool here: the only reader and writer of them.
+    store: PoolStore,
     in_flight: InFlight,
     /// Wakes the background purger of shared pools' trash.
     purge_wake: Mutex<Option<std::sync::mpsc::Sender<()>>>,
     /// Leases of image volumes on shared pools, held or watched by this process.
     pub leases: super::lease::Leases,
+    /// What each dir volume held when last counted (for its over-capacity condition).
+    dir_usage: Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>,
 }
+
+/// How long a dir volume's counted size is reused before its tree is walked again.
+const DIR_USAGE_TTL: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn now() -> (i64, i32) {
     let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -238,20 +241,18 @@ impl LocalEngine {
                 }
             }
         }
-        let engine = LocalEngine {
+        let mut engine = LocalEngine {
             node: node.clone(),
-            role,
             pools,
             broken,
             default_pool: config.default_pool.clone(),
-            volumes: Mutex::new(BTreeMap::new()),
-            names: Mutex::new(std::collections::HashMap::new()),
-            snapshots: Mutex::new(BTreeMap::new()),
+            store: PoolStore::default(),
             in_flight: InFlight::default(),
             purge_wake: Mutex::new(None),
             leases: super::lease::Leases::new(node.as_str()),
+            dir_usage: Mutex::new(std::collections::HashMap::new()),
         };
-        engine.load()?;
+        engine.store = PoolStore::load(engine.pools.values())?;
         Ok(engine)
     }
 
@@ -277,27 +278,6 @@ impl LocalEngine {
                     return;
                 }
             });
-    }
-
-    fn load(&self) -> Result<(), StorageError> {
-        let mut vols = BTreeMap::new();
-        let mut snaps = BTreeMap::new();
-        for pool in self.pools.values() {
-            for key in pool.record_keys(Kind::Volume)? {
-                if let Some(r) = record::load::<VolumeRecord>(&pool.record_path(Kind::Volume, &key))? {
-                    vols.insert(r.id.clone(), r);
-                }
-            }
-            for key in pool.record_keys(Kind::Snapshot)? {
-                if let Some(r) = record::load::<SnapshotRecord>(&pool.record_path(Kind::Snapshot, &key))? {
-                    snaps.insert(r.id.clone(), r);
-                }
-            }
-        }
-        *lock(&self.names) = vols.values().map(|r| (r.name.clone(), r.id.clone())).collect();
-        *lock(&self.volumes) = vols;
-        *lock(&self.snapshots) = snaps;
-        Ok(())
     }
 
     pub fn node(&self) -> &NodeId {
@@ -372,26 +352,54 @@ impl LocalEngine {
             Plan::Exists(rec) => return Ok(rec),
             Plan::New(p) => p,
         };
+        let (pool, key) = (p.pool, p.key.clone());
+        let made = self.make_volume(p, &req);
+        self.undo_unrecorded(pool, Kind::Volume, &key, made)
+    }
+
+    /// Makes a planned volume's data and its record.
+    fn make_volume(&self, mut p: Planned<'_>, req: &NewVolume) -> Result<VolumeRecord, StorageError> {
         let pool = p.pool;
         let data = pool.data_path(Kind::Volume, &p.key);
         let fs_bytes = match &req.source {
             None => {
                 let fs = FsType::parse(&p.fs_type).unwrap_or(pool.config.fs_type);
                 let made = layout::create_empty(pool, &p.key, p.layout, p.capacity, req.mode, fs)?;
-                if p.layout != Layout::Image {
+                if layout::of(p.layout).is_tree() {
                     set_owner(&data, req.owner)?;
                 }
-                made
+                made.fs_bytes
             }
             Some(src) => {
                 let from = self.source_data(src)?;
                 same_kind(p.layout, req.mode, p.capacity, from.layout, from.mode, from.size)?;
+                if layout::of(p.layout).has_filesystem() && req.mode == VolumeMode::Filesystem {
+                    p.fs_type = copy_fs_type(&from.path, &req.fs_type)?;
+                }
                 layout::create_copy(pool, Kind::Volume, &p.key, p.layout, &from.path, true, false)?;
-                layout::set_capacity(p.layout, &data, p.capacity)?;
+                layout::of(p.layout).set_capacity(&data, p.capacity)?;
                 from.fs_bytes
             }
         };
-        self.record_new(p, &req, fs_bytes)
+        self.record_new(p, req, fs_bytes)
+    }
+
+    /// Invariant 4 for a call that failed after it made data: nothing is left that no record names
+    /// (a caller that gives up, as a provisioner does when its PVC is deleted, never retries). Data
+    /// whose record did reach the disk stays: the retry finds it.
+    fn undo_unrecorded<T>(
+        &self,
+        pool: &Pool,
+        kind: Kind,
+        key: &Key,
+        r: Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        if r.is_err() && files::entry(&pool.record_path(kind, key)).ok() == Some(files::Entry::Missing) {
+            if let Err(e) = layout::clear_leftover(pool, kind, key) {
+                tracing::warn!(key = key.as_str(), error = %e, "could not remove what a failed call made; the next call of that name removes it");
+            }
+        }
+        r
     }
 
     /// Everything CreateVolume checks before it makes anything: the pool, layout, modes, size and
@@ -400,6 +408,7 @@ impl LocalEngine {
         let pool_name = req.pool.clone().unwrap_or_else(|| self.default_pool.clone());
         let pool = self.pool(&pool_name)?;
         let layout = req.layout.unwrap_or(pool.config.default_layout);
+        let ops = layout::of(layout);
         if !pool.config.layouts.contains(&layout) {
             return Err(StorageError::LayoutNotAllowed {
                 layout: layout.as_str().into(),
@@ -422,9 +431,10 @@ impl LocalEngine {
                         | AccessMode::MultiNodeMultiWriter
                 )
             };
-            if let Some(m) = req.access_modes.iter().find(multi).filter(|_| layout == Layout::Image) {
+            if let Some(m) = req.access_modes.iter().find(multi).filter(|_| ops.single_node()) {
                 return Err(StorageError::Unsupported(format!(
-                    "access mode {m:?} needs layout 'dir': an image volume is attached on one node at a time"
+                    "access mode {m:?} needs layout 'dir': a volume of layout '{}' is used on one node at a time",
+                    layout.as_str()
                 )));
             }
         } else if let Some(m) = req.access_modes.iter().find(|m| !m.served_by_local_pool()) {
@@ -433,14 +443,14 @@ impl LocalEngine {
                 pool_name.as_str()
             )));
         }
-        if req.mode == VolumeMode::Block && layout != Layout::Image {
+        if req.mode == VolumeMode::Block && !ops.serves_block() {
             return Err(StorageError::Unsupported(format!(
                 "volume mode Block needs layout 'image'; layout '{}' serves Filesystem volumes only",
                 layout.as_str()
             )));
         }
-        let fs_type = match (layout, req.mode) {
-            (Layout::Image, VolumeMode::Filesystem) => {
+        let fs_type = match (ops.has_filesystem(), req.mode) {
+            (true, VolumeMode::Filesystem) => {
                 let fs = if req.fs_type.is_empty() {
                     pool.config.fs_type
                 } else {
@@ -453,16 +463,30 @@ impl LocalEngine {
                 };
                 fs.as_str().to_string()
             }
-            (Layout::Image, VolumeMode::Block) => String::new(),
+            (true, VolumeMode::Block) => String::new(),
             _ => req.fs_type.clone(),
         };
-        if req.mutable.compression.is_some() && layout != Layout::Btrfs {
+        if req.mutable.compression.is_some() && !ops.compresses() {
             return Err(StorageError::Unsupported(format!(
                 "compression applies to btrfs volumes; this volume's layout is '{}'",
                 layout.as_str()
             )));
         }
-        let capacity = req.capacity.choose()?;
+        let mut capacity = req.capacity.choose()?;
+        if let Some(fs) = FsType::parse(&fs_type).filter(|_| ops.has_filesystem() && req.source.is_none()) {
+            // A filesystem has a smallest size: round up to it within the limit, never past it.
+            let min = fs.min_bytes();
+            if capacity < min {
+                if req.capacity.limit != 0 && req.capacity.limit < min {
+                    return Err(StorageError::OutOfRange(format!(
+                        "an {fs} filesystem needs at least {min} bytes ({} MiB); limit_bytes is {}: raise it or use another filesystem type",
+                        min >> 20,
+                        req.capacity.limit
+                    )));
+                }
+                capacity = min;
+            }
+        }
         let key = self.key_for(pool, req)?;
         let id = self.volume_id(&pool_name, &key);
         let held = self.take(Kind::Volume, &pool_name, &key, &id.to_string())?;
@@ -472,8 +496,14 @@ impl LocalEngine {
             Some(Source::Snapshot(s)) => Some(ContentSource::Snapshot(s.to_string())),
             Some(Source::Volume(v)) => Some(ContentSource::Volume(v.to_string())),
         };
-        if let Some(existing) = lock(&self.volumes).get(&id.to_string()) {
-            return same_volume(existing, req, layout, &fs_type, &source).map(|()| Plan::Exists(existing.clone()));
+        if let Some(existing) = self.volume(&id) {
+            // A copy's filesystem is its source's, whatever the pool's default.
+            let fs_type = if req.source.is_some() && req.fs_type.is_empty() {
+                existing.fs_type.clone()
+            } else {
+                fs_type
+            };
+            return same_volume(&existing, req, layout, &fs_type, &source).map(|()| Plan::Exists(existing));
         }
 
         // Data of this very volume left by a create that died before its record (whole in place,
@@ -489,8 +519,9 @@ impl LocalEngine {
                 Location::Shared => format!("shared pool '{}'", pool_name.as_str()),
             };
             return Err(StorageError::Exhausted(format!(
-                "{place} can give {room} more bytes to {} volumes, the volume needs {capacity}",
-                layout.as_str()
+                "{place} can give {room} more bytes to {} volumes, the volume needs {capacity}{}",
+                layout.as_str(),
+                room_hint(layout)
             )));
         }
 
@@ -530,9 +561,7 @@ impl LocalEngine {
             compression: req.mutable.compression.clone().filter(|c| c != "none"),
             fs_bytes,
         };
-        record::store(&p.pool.record_path(Kind::Volume, &p.key), &rec)?;
-        lock(&self.names).insert(rec.name.clone(), rec.id.clone());
-        lock(&self.volumes).insert(rec.id.clone(), rec.clone());
+        self.store.put_volume(p.pool, &p.key, &rec)?;
         Ok(rec)
     }
 
@@ -549,6 +578,18 @@ impl LocalEngine {
             Plan::Exists(rec) => return Ok(rec),
             Plan::New(p) => p,
         };
+        let (pool, key) = (p.pool, p.key.clone());
+        let made = self.import_planned(p, &req, frames);
+        self.undo_unrecorded(pool, Kind::Volume, &key, made)
+    }
+
+    /// Streams a planned volume's data from another node into place, then records it.
+    fn import_planned(
+        &self,
+        mut p: Planned<'_>,
+        req: &NewVolume,
+        frames: &mut dyn Iterator<Item = Result<Frame, StorageError>>,
+    ) -> Result<VolumeRecord, StorageError> {
         let cut = |what: &str| StorageError::Transfer(format!("the stream ended before its {what}"));
         let header = match frames.next() {
             Some(Ok(Frame::Header(h))) => h,
@@ -571,8 +612,8 @@ impl LocalEngine {
             )));
         }
         let data = p.pool.data_path(Kind::Volume, &p.key);
-        // Data in place without a record is a whole import that crashed before its record.
-        if layout::fault(p.layout, &data).is_some() {
+        layout::clear_leftover(p.pool, Kind::Volume, &p.key)?;
+        {
             let work = p.pool.work_path(Kind::Volume, &p.key);
             if files::entry(&work)? != files::Entry::Missing {
                 layout::purge(&work)?;
@@ -593,8 +634,11 @@ impl LocalEngine {
             files::sync_dir(&p.pool.collection_dir(Kind::Volume))?;
             tracing::info!(volume = %p.id, "import from another node checked and in place");
         }
-        layout::set_capacity(p.layout, &data, p.capacity)?;
-        self.record_new(p, &req, header.fs_bytes)
+        if layout::of(p.layout).has_filesystem() && req.mode == VolumeMode::Filesystem {
+            p.fs_type = copy_fs_type(&data, &req.fs_type)?;
+        }
+        layout::of(p.layout).set_capacity(&data, p.capacity)?;
+        self.record_new(p, req, header.fs_bytes)
     }
 
     /// Streams a volume's or snapshot's data to `send` (see `transfer`), holding its lock so that
@@ -613,16 +657,15 @@ impl LocalEngine {
         let Source::Volume(v) = src else {
             return transfer::export(header, &from.path, send);
         };
-        if from.layout != Layout::Btrfs {
-            return transfer::export(header, &from.path, send);
-        }
         let pool = self
             .locate(&v.0)
             .ok_or_else(|| StorageError::VolumeNotFound(v.to_string()))?;
-        let frozen = pool
+        let at = pool
             .work_dir()
             .join(format!("export-{}-{}", v.0.key.as_str(), uuid::Uuid::new_v4().simple()));
-        btrfs::snapshot(&from.path, &frozen, true)?;
+        let Some(frozen) = layout::of(from.layout).frozen_view(&from.path, &at)? else {
+            return transfer::export(header, &from.path, send);
+        };
         let sent = transfer::export(header, &frozen, send);
         if let Err(e) = layout::purge(&frozen) {
             tracing::warn!(path = %frozen.display(), error = %e, "could not drop the snapshot taken for an export; the next start clears it");
@@ -634,8 +677,9 @@ impl LocalEngine {
     /// is its name's; a shared volume's comes from the pool's name template, told apart from any
     /// other volume's that the template would give the same name.
     fn key_for(&self, pool: &Pool, req: &NewVolume) -> Result<Key, StorageError> {
-        if let Some(id) = lock(&self.names).get(&req.name) {
-            let id = VolumeId::parse(id).map_err(|e| StorageError::Conflict(e.0))?;
+        let known = self.store.id_named(&req.name);
+        if let Some(id) = known.filter(|id| !self.is_shared_id(id) || self.volume_named(&req.name).is_some()) {
+            let id = VolumeId::parse(&id).map_err(|e| StorageError::Conflict(e.0))?;
             if id.0.pool != pool.config.name {
                 return Err(StorageError::Conflict(format!(
                     "volume '{}' already exists in pool '{}'",
@@ -649,9 +693,9 @@ impl LocalEngine {
             return Ok(Key::from_name(&req.name));
         }
         let key = super::naming::key_for(&req.name, pool.config.name_template.as_deref(), &req.parameters);
+        // Read from the share: another controller replica may have made either volume.
         let taken = |k: &Key| {
-            lock(&self.volumes)
-                .get(&self.volume_id(&pool.config.name, k).to_string())
+            self.volume(&self.volume_id(&pool.config.name, k))
                 .is_some_and(|r| r.name != req.name)
         };
         Ok(if taken(&key) {
@@ -665,10 +709,13 @@ impl LocalEngine {
     /// their capacity, so what existing images have not yet allocated is held back for them.
     fn room(&self, pool: &Pool, layout: Layout) -> Result<u64, StorageError> {
         let avail = usage(pool)?.available_bytes;
-        if layout != Layout::Image {
+        if !layout::of(layout).reserves_capacity() {
             return Ok(avail);
         }
-        Ok(avail.saturating_sub(self.image_reserve(pool)))
+        if pool.shared() {
+            self.refresh_shared(); // images another replica made hold room too
+        }
+        Ok(avail.saturating_sub(self.held_back(pool)))
     }
 
     /// The common start of the ids of a pool's volumes.
@@ -679,20 +726,19 @@ impl LocalEngine {
         }
     }
 
-    fn image_reserve(&self, pool: &Pool) -> u64 {
-        let prefix = self.id_prefix(pool);
-        lock(&self.volumes)
-            .range(prefix.clone()..)
-            .take_while(|(id, _)| id.starts_with(&prefix))
-            .filter(|(_, r)| r.layout == Layout::Image)
-            .filter_map(|(id, r)| {
-                let key = VolumeId::parse(id).ok()?.0.key;
-                Some(
-                    r.capacity_bytes
-                        .saturating_sub(layout::allocated(&pool.data_path(Kind::Volume, &key))),
-                )
-            })
-            .sum()
+    /// What existing volumes of a pool may still grow into, held back from new ones.
+    fn held_back(&self, pool: &Pool) -> u64 {
+        self.store.fold_prefix(&self.id_prefix(pool), 0u64, |sum, id, r| {
+            let ops = layout::of(r.layout);
+            let Some(key) = VolumeId::parse(id)
+                .ok()
+                .filter(|_| ops.reserves_capacity())
+                .map(|v| v.0.key)
+            else {
+                return sum;
+            };
+            sum + ops.holds_back(r.capacity_bytes, &pool.data_path(Kind::Volume, &key))
+        })
     }
 
     /// The data of a content source, with a lock that keeps it from being deleted mid-copy.
@@ -704,11 +750,11 @@ impl LocalEngine {
                     .locate(&s.0)
                     .ok_or_else(|| StorageError::SnapshotNotFound(shown.clone()))?;
                 let held = self.take(Kind::Snapshot, &s.0.pool, &s.0.key, &shown)?;
-                let rec = lock(&self.snapshots)
-                    .get(&shown)
-                    .cloned()
+                let rec = self
+                    .snapshot(s)
                     .ok_or_else(|| StorageError::SnapshotNotFound(shown.clone()))?;
                 Ok(SourceData {
+                    id: shown,
                     path: pool.data_path(Kind::Snapshot, &s.0.key),
                     size: rec.size_bytes,
                     layout: rec.layout,
@@ -723,11 +769,11 @@ impl LocalEngine {
                     .locate(&v.0)
                     .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
                 let held = self.take(Kind::Volume, &v.0.pool, &v.0.key, &shown)?;
-                let rec = lock(&self.volumes)
-                    .get(&shown)
-                    .cloned()
+                let rec = self
+                    .volume(v)
                     .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
                 Ok(SourceData {
+                    id: shown,
                     path: pool.data_path(Kind::Volume, &v.0.key),
                     size: rec.capacity_bytes,
                     layout: rec.layout,
@@ -746,12 +792,7 @@ impl LocalEngine {
         let shown = id.to_string();
         let _held = self.take(Kind::Volume, &id.0.pool, &id.0.key, &shown)?;
         let data = pool.data_path(Kind::Volume, &id.0.key);
-        if let Some(dev) = self.attached(&data)?.first() {
-            return Err(StorageError::InUse(format!(
-                "volume {shown} is still attached as {}; unstage it before deleting",
-                dev.path.display()
-            )));
-        }
+        self.refuse_in_use(pool, id, &data)?;
         if pool.shared() {
             let (lease, ttl) = Self::lease_at(pool, id);
             if let Err(holder) = self.leases.clear_if_stale(&lease, ttl)? {
@@ -762,7 +803,7 @@ impl LocalEngine {
                 )));
             }
         }
-        let rec = lock(&self.volumes).get(&shown).cloned();
+        let rec = self.volume(id);
         let policy = rec
             .as_ref()
             .and_then(|r| r.delete_policy)
@@ -770,17 +811,14 @@ impl LocalEngine {
         match (policy, rec) {
             (DeletePolicy::Retain, Some(rec)) => self.keep(pool, &id.0.key, &rec, &pool.retained_dir(), false)?,
             (DeletePolicy::Archive, Some(rec)) => self.keep(pool, &id.0.key, &rec, &pool.archive_dir(), true)?,
-            _ => self.remove_object(pool, Kind::Volume, &id.0.key)?,
-        }
-        if let Some(r) = lock(&self.volumes).remove(&shown) {
-            lock(&self.names).remove(&r.name);
+            _ => self.remove_object(pool, Kind::Volume, &id.0.key, &shown)?,
         }
         Ok(())
     }
 
     /// Moves the data into the trash, removes the record durably, then purges the trash. A crash
     /// before the record is gone leaves a record whose data is missing; the retried delete finishes.
-    fn remove_object(&self, pool: &Pool, kind: Kind, key: &Key) -> Result<(), StorageError> {
+    fn remove_object(&self, pool: &Pool, kind: Kind, key: &Key, shown: &str) -> Result<(), StorageError> {
         let data = pool.data_path(kind, key);
         let trashed = pool
             .trash_dir()
@@ -799,8 +837,7 @@ impl LocalEngine {
             }
         };
         crash::point("delete:after-trash");
-        files::remove_file_if_exists(&pool.record_path(kind, key))?;
-        files::sync_dir(&pool.collection_dir(kind))?;
+        self.store.remove(pool, kind, key, shown)?;
         if moved {
             if pool.shared() {
                 // A shared volume may be a huge tree on a slow share: the purge runs in the background.
@@ -816,10 +853,10 @@ impl LocalEngine {
 
     /// Where the lease of a volume of a shared pool lives, and how long it lasts unrenewed.
     fn lease_at(pool: &Pool, id: &VolumeId) -> (PathBuf, std::time::Duration) {
-        let path = pool
-            .collection_dir(Kind::Volume)
-            .join(format!("{}.lease", id.0.key.as_str()));
-        (path, std::time::Duration::from_secs(pool.config.lease_seconds))
+        (
+            pool.lease_path(&id.0.key),
+            std::time::Duration::from_secs(pool.config.lease_seconds),
+        )
     }
 
     /// Where the lease of a volume of a shared pool lives (only `image` volumes take one), and how
@@ -827,6 +864,63 @@ impl LocalEngine {
     pub fn shared_lease(&self, id: &VolumeId) -> Option<(PathBuf, std::time::Duration)> {
         let pool = self.locate(&id.0)?;
         pool.shared().then(|| Self::lease_at(pool, id))
+    }
+
+    /// Invariant 1: data that is staged or published is never deleted. Asks the kernel, not our own
+    /// bookkeeping: a loop device attached to an image, a bind mount of a directory or subvolume (or
+    /// of anything below it) on this node, and for shared pools the markers every node leaves on the
+    /// share while it has the volume staged.
+    fn refuse_in_use(&self, pool: &Pool, id: &VolumeId, data: &std::path::Path) -> Result<(), StorageError> {
+        let node = self.node.as_str();
+        if let Some(dev) = self.attached(data)?.first() {
+            return Err(StorageError::InUse(format!(
+                "volume {id} is still attached as {} on node {node}; unpublish and unstage it before deleting",
+                dev.path.display()
+            )));
+        }
+        if files::entry(data)? == files::Entry::Dir {
+            let table = mountinfo::read(std::path::Path::new(mountinfo::SELF))?;
+            let mut at = mountinfo::mounts_of(&table, data);
+            if !at.is_empty() {
+                at.truncate(3);
+                let at: Vec<String> = at.iter().map(|p| p.display().to_string()).collect();
+                return Err(StorageError::InUse(format!(
+                    "volume {id} is mounted at {} on node {node}; unpublish and unstage it before deleting",
+                    at.join(", ")
+                )));
+            }
+        }
+        if pool.shared() {
+            let nodes = staged_marks(pool, &id.0.key)?;
+            if !nodes.is_empty() {
+                return Err(StorageError::InUse(format!(
+                    "volume {id} is staged on node {}; unstage it there before deleting (a node that is gone \
+                     for good leaves {} behind: remove it by hand once no pod uses the volume)",
+                    nodes.join(", "),
+                    pool.staged_dir(&id.0.key).display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks a directory volume of a shared pool as staged on this node (before its mount), or
+    /// clears the mark (after its unmount): what DeleteVolume on any controller replica consults.
+    pub fn mark_staged(&self, id: &VolumeId, staged: bool) -> Result<(), StorageError> {
+        let Some(pool) = self.locate(&id.0).filter(|p| p.shared()) else {
+            return Ok(());
+        };
+        let dir = pool.staged_dir(&id.0.key);
+        let mark = dir.join(self.node.as_str());
+        if staged {
+            files::ensure_dir(&dir, 0o700)?;
+            files::write_atomic(&mark, b"", files::Durability::PowerLoss)?;
+        } else {
+            files::remove_file_if_exists(&mark)?;
+            // The directory goes when the last node's mark does; another node's new mark keeps it.
+            let _ = std::fs::remove_dir(&dir);
+        }
+        Ok(())
     }
 
     /// Loop devices attached to an image's file (none for other layouts).
@@ -859,12 +953,11 @@ impl LocalEngine {
         }
         let data = pool.data_path(Kind::Volume, key);
         let dest = dir.join(&name);
-        record::store(&dir.join(format!("{name}.json")), rec)?;
+        self.store.keep_copy(&dir.join(format!("{name}.json")), rec)?;
         if files::entry(&data)? != files::Entry::Missing {
             std::fs::rename(&data, &dest).map_err(|e| crate::sys::SysError::io("rename", &data, e))?;
         }
-        files::remove_file_if_exists(&pool.record_path(Kind::Volume, key))?;
-        files::sync_dir(&pool.collection_dir(Kind::Volume))?;
+        self.store.remove(pool, Kind::Volume, key, &rec.id)?;
         files::sync_dir(dir)?;
         tracing::info!(volume = %rec.id, kept_at = %dest.display(), "volume data kept by delete policy");
         Ok(())
@@ -883,16 +976,24 @@ impl LocalEngine {
 
     /// Writes a changed volume record durably, then updates the index.
     fn save(&self, pool: &Pool, id: &VolumeId, rec: &VolumeRecord) -> Result<(), StorageError> {
-        record::store(&pool.record_path(Kind::Volume, &id.0.key), rec)?;
-        lock(&self.volumes).insert(id.to_string(), rec.clone());
-        Ok(())
+        self.store.put_volume(pool, &id.0.key, rec)
     }
 
     /// Grows a volume; the flag says whether the node must grow a filesystem too.
     pub fn expand_volume(&self, id: &VolumeId, range: CapacityRange) -> Result<(VolumeRecord, bool), StorageError> {
         let shown = id.to_string();
         let (pool, _held, mut rec) = self.for_change(id)?;
-        let node_step = rec.layout == Layout::Image;
+        let node_step = layout::of(rec.layout).has_filesystem();
+        if range.required == 0 {
+            // Only a limit: the volume already is what it will be, if the limit admits it.
+            if range.admits(rec.capacity_bytes) {
+                return Ok((rec, node_step));
+            }
+            return Err(StorageError::OutOfRange(format!(
+                "volume {shown} has {} bytes, above the limit of {}; volumes cannot shrink",
+                rec.capacity_bytes, range.limit
+            )));
+        }
         let wanted = range.choose()?;
         if wanted <= rec.capacity_bytes {
             if wanted == rec.capacity_bytes || range.admits(rec.capacity_bytes) {
@@ -903,17 +1004,26 @@ impl LocalEngine {
                 rec.capacity_bytes
             )));
         }
-        if rec.layout == Layout::Image {
-            let room = self.room(pool, Layout::Image)?;
-            let more = wanted - rec.capacity_bytes;
-            if more > room {
-                return Err(StorageError::Exhausted(format!(
-                    "pool '{}' can give {room} more bytes to image volumes; growing {shown} needs {more}",
-                    id.0.pool.as_str()
-                )));
-            }
+        // Invariant 3: every size change is checked against the pool and the room left in it.
+        let u = usage(pool)?;
+        if wanted > u.total_bytes {
+            return Err(StorageError::OutOfRange(format!(
+                "volume {shown} cannot grow to {wanted} bytes: pool '{}' holds {} bytes in all",
+                id.0.pool.as_str(),
+                u.total_bytes
+            )));
         }
-        layout::set_capacity(rec.layout, &pool.data_path(Kind::Volume, &id.0.key), wanted)?;
+        let room = self.room(pool, rec.layout)?;
+        let more = wanted - rec.capacity_bytes;
+        if more > room {
+            return Err(StorageError::Exhausted(format!(
+                "pool '{}' can give {room} more bytes to {} volumes; growing {shown} to {wanted} needs {more}{}",
+                id.0.pool.as_str(),
+                rec.layout.as_str(),
+                room_hint(rec.layout)
+            )));
+        }
+        layout::of(rec.layout).set_capacity(&pool.data_path(Kind::Volume, &id.0.key), wanted)?;
         crash::point("expand:before-record");
         rec.capacity_bytes = wanted;
         self.save(pool, id, &rec)?;
@@ -925,7 +1035,7 @@ impl LocalEngine {
         let shown = id.to_string();
         let (pool, _held, mut rec) = self.for_change(id)?;
         if let Some(c) = &m.compression {
-            if rec.layout != Layout::Btrfs {
+            if !layout::of(rec.layout).compresses() {
                 return Err(StorageError::Unsupported(format!(
                     "compression applies to btrfs volumes; volume {shown} has layout '{}'",
                     rec.layout.as_str()
@@ -952,19 +1062,26 @@ impl LocalEngine {
         self.save(pool, id, &rec)
     }
 
+    /// A volume's record. Records of shared pools are read from the share every time (any number of
+    /// controller replicas and nodes change them).
     pub fn volume(&self, id: &VolumeId) -> Option<VolumeRecord> {
-        if self.role == Role::Node && id.0.node().is_none() {
-            // The controller creates and deletes shared volumes: a node reads their records afresh.
-            let pool = self.locate(&id.0)?;
-            return record::load::<VolumeRecord>(&pool.record_path(Kind::Volume, &id.0.key))
-                .ok()
-                .flatten();
+        self.store.volume(self.locate(&id.0)?, &id.0, &id.to_string())
+    }
+
+    fn is_shared_id(&self, id: &str) -> bool {
+        VolumeId::parse(id).is_ok_and(|v| v.0.node().is_none())
+    }
+
+    /// Reads the records of every shared pool afresh (listings, names not seen here).
+    fn refresh_shared(&self) {
+        for pool in self.pools.values().filter(|p| p.shared()) {
+            self.store.refresh(pool, &self.id_prefix(pool));
         }
-        lock(&self.volumes).get(&id.to_string()).cloned()
     }
 
     pub fn volumes(&self) -> Vec<VolumeRecord> {
-        lock(&self.volumes).values().cloned().collect()
+        self.refresh_shared();
+        self.store.volumes()
     }
 
     pub fn volumes_with_condition(&self) -> Vec<(VolumeRecord, Condition)> {
@@ -984,20 +1101,29 @@ impl LocalEngine {
 
     /// The volume created under a CSI name, in any pool.
     pub fn volume_named(&self, name: &str) -> Option<VolumeRecord> {
-        let id = lock(&self.names).get(name).cloned()?;
-        lock(&self.volumes).get(&id).cloned()
+        let cached = self.store.id_named(name);
+        let found = |id: &str| {
+            let id = VolumeId::parse(id).ok()?;
+            self.volume(&id).filter(|r| r.name == name)
+        };
+        if let Some(r) = cached.as_deref().and_then(found) {
+            return Some(r);
+        }
+        // Not known here (or gone): another replica may have made it on a share.
+        self.refresh_shared();
+        let id = self.store.id_named(name)?;
+        found(&id)
     }
 
     pub fn snapshot_named(&self, name: &str) -> Option<SnapshotRecord> {
         let key = Key::from_name(name);
-        let snaps = lock(&self.snapshots);
         self.pools.keys().find_map(|p| {
             let id = SnapshotId(ObjectId {
                 location: self.location_of(p),
                 pool: p.clone(),
                 key: key.clone(),
             });
-            snaps.get(&id.to_string()).filter(|r| r.name == name).cloned()
+            self.snapshot(&id).filter(|r| r.name == name)
         })
     }
 
@@ -1018,16 +1144,47 @@ impl LocalEngine {
                 message: format!("volume {id} has no record on node {}", self.node.as_str()),
             };
         };
-        match layout::fault(rec.layout, &data) {
-            Some(message) => Condition {
+        if let Some(message) = layout::fault(rec.layout, &data) {
+            return Condition {
                 abnormal: true,
                 message,
-            },
-            None => Condition {
-                abnormal: false,
-                message: "volume data is present".into(),
-            },
+            };
         }
+        if !layout::of(rec.layout).enforces_capacity() {
+            let held = self.dir_bytes(id, &data, rec.capacity_bytes);
+            if held > rec.capacity_bytes {
+                return Condition {
+                    abnormal: true,
+                    message: format!(
+                        "volume {id} holds {held} bytes, capacity {}; dir volumes do not enforce capacity \
+                         (use layout btrfs or image for a hard limit)",
+                        rec.capacity_bytes
+                    ),
+                };
+            }
+        }
+        Condition {
+            abnormal: false,
+            message: "volume data is present".into(),
+        }
+    }
+
+    /// Bytes a dir volume holds, counted at most every `DIR_USAGE_TTL` per volume (a walk of the
+    /// whole tree) and only until it passes the capacity.
+    fn dir_bytes(&self, id: &VolumeId, data: &std::path::Path, capacity: u64) -> u64 {
+        let key = id.to_string();
+        if let Some((at, bytes)) = lock(&self.dir_usage).get(&key) {
+            if at.elapsed() < DIR_USAGE_TTL {
+                return *bytes;
+            }
+        }
+        let bytes = layout::allocated_tree_upto(data, capacity.saturating_add(1));
+        let mut cache = lock(&self.dir_usage);
+        if cache.len() > 100_000 {
+            cache.clear(); // bounded: a cache, not a record
+        }
+        cache.insert(key, (std::time::Instant::now(), bytes));
+        bytes
     }
 
     /// Snapshots a volume; `freeze` makes the snapshot of a mounted image filesystem-consistent.
@@ -1043,9 +1200,9 @@ impl LocalEngine {
             key: key.clone(),
         });
         let _held = self.take(Kind::Snapshot, &source.0.pool, &key, &id.to_string())?;
-        if let Some(existing) = lock(&self.snapshots).get(&id.to_string()) {
+        if let Some(existing) = self.snapshot(&id) {
             if existing.source_volume_id == shown_src {
-                return Ok(existing.clone());
+                return Ok(existing);
             }
             return Err(StorageError::Conflict(format!(
                 "snapshot '{name}' already exists for volume {}, not {shown_src}",
@@ -1053,14 +1210,28 @@ impl LocalEngine {
             )));
         }
         let from = self.source_data(&Source::Volume(source.clone()))?;
-        layout::create_copy(pool, Kind::Snapshot, &key, from.layout, &from.path, false, freeze)?;
+        let made = self.make_snapshot(pool, name, &id, &from, freeze);
+        self.undo_unrecorded(pool, Kind::Snapshot, &key, made)
+    }
+
+    /// Makes a snapshot's data (a copy of `from`) and its record.
+    fn make_snapshot(
+        &self,
+        pool: &Pool,
+        name: &str,
+        id: &SnapshotId,
+        from: &SourceData,
+        freeze: bool,
+    ) -> Result<SnapshotRecord, StorageError> {
+        let key = &id.0.key;
+        layout::create_copy(pool, Kind::Snapshot, key, from.layout, &from.path, false, freeze)?;
         crash::point("create-snapshot:before-record");
         let (secs, nanos) = now();
         let rec = SnapshotRecord {
             version: RECORD_VERSION,
             name: name.to_string(),
             id: id.to_string(),
-            source_volume_id: shown_src,
+            source_volume_id: from.id.clone(),
             size_bytes: from.size,
             created_unix_secs: secs,
             created_nanos: nanos,
@@ -1068,8 +1239,7 @@ impl LocalEngine {
             mode: from.mode,
             fs_bytes: from.fs_bytes,
         };
-        record::store(&pool.record_path(Kind::Snapshot, &key), &rec)?;
-        lock(&self.snapshots).insert(rec.id.clone(), rec.clone());
+        self.store.put_snapshot(pool, key, &rec)?;
         Ok(rec)
     }
 
@@ -1078,17 +1248,18 @@ impl LocalEngine {
             return Ok(());
         };
         let _held = self.take(Kind::Snapshot, &id.0.pool, &id.0.key, &id.to_string())?;
-        self.remove_object(pool, Kind::Snapshot, &id.0.key)?;
-        lock(&self.snapshots).remove(&id.to_string());
+        self.remove_object(pool, Kind::Snapshot, &id.0.key, &id.to_string())?;
         Ok(())
     }
 
+    /// A snapshot's record, read from the share for shared pools (as `volume`).
     pub fn snapshot(&self, id: &SnapshotId) -> Option<SnapshotRecord> {
-        lock(&self.snapshots).get(&id.to_string()).cloned()
+        self.store.snapshot(self.locate(&id.0)?, &id.0, &id.to_string())
     }
 
     pub fn snapshots(&self) -> Vec<SnapshotRecord> {
-        lock(&self.snapshots).values().cloned().collect()
+        self.refresh_shared();
+        self.store.snapshots()
     }
 
     pub fn pool_status(&self) -> Result<Vec<PoolStatus>, StorageError> {
@@ -1097,11 +1268,9 @@ impl LocalEngine {
             .map(|p| {
                 let u = usage(p)?;
                 let prefix = self.id_prefix(p);
-                let provisioned = lock(&self.volumes)
-                    .range(prefix.clone()..)
-                    .take_while(|(id, _)| id.starts_with(&prefix))
-                    .map(|(_, r)| r.capacity_bytes)
-                    .sum();
+                let provisioned = self
+                    .store
+                    .fold_prefix(&prefix, 0u64, |sum, _, r| sum + r.capacity_bytes);
                 Ok(PoolStatus {
                     name: p.config.name.clone(),
                     is_default: p.config.name == self.default_pool,
@@ -1109,7 +1278,7 @@ impl LocalEngine {
                     layouts: p.config.layouts.clone(),
                     total_bytes: u.total_bytes,
                     available_bytes: u.available_bytes,
-                    image_allocatable_bytes: u.available_bytes.saturating_sub(self.image_reserve(p)),
+                    image_allocatable_bytes: u.available_bytes.saturating_sub(self.held_back(p)),
                     provisioned_bytes: provisioned,
                     shared: p.shared(),
                 })
@@ -1119,6 +1288,16 @@ impl LocalEngine {
 
     pub fn default_pool(&self) -> &PoolName {
         &self.default_pool
+    }
+}
+
+/// What a room refusal adds for layouts that hold room back (so a full-looking pool is explained).
+fn room_hint(l: Layout) -> &'static str {
+    if layout::of(l).reserves_capacity() {
+        " (image volumes reserve their whole capacity, and existing images hold back what they may still \
+         grow into; see docs/pools.md)"
+    } else {
+        ""
     }
 }
 
@@ -1158,6 +1337,41 @@ fn same_volume(
         return conflict("content source");
     }
     Ok(())
+}
+
+/// The filesystem a copy of the image at `src` has: its source's. A request that names another one
+/// is refused (the copy would never mount as what its record says).
+fn copy_fs_type(src: &std::path::Path, asked: &str) -> Result<String, StorageError> {
+    let found = crate::sys::fstools::probe(src)?.ok_or_else(|| {
+        StorageError::Unsupported(format!(
+            "the source image {} holds no ext4 or xfs filesystem to copy",
+            src.display()
+        ))
+    })?;
+    if !asked.is_empty() && asked != found.as_str() {
+        return Err(StorageError::Unsupported(format!(
+            "a copy keeps its source's filesystem: the source is {found}, the request asks for '{asked}' \
+             (leave fsType unset, or set it to {found})"
+        )));
+    }
+    Ok(found.as_str().to_string())
+}
+
+/// The nodes that hold a directory volume of a shared pool staged, from their marks on the share.
+fn staged_marks(pool: &Pool, key: &Key) -> Result<Vec<String>, StorageError> {
+    let dir = pool.staged_dir(key);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(crate::sys::SysError::io("read directory", &dir, e).into()),
+    };
+    let mut nodes: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    nodes.sort();
+    Ok(nodes)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1201,6 +1415,7 @@ impl LocalEngine {
             )));
         }
         let root = p.root().to_path_buf();
+        let shown = rel.display().to_string();
         let rel = rel.to_path_buf();
         crate::sys::share::within(
             crate::sys::share::SHARE_TIMEOUT,
@@ -1211,6 +1426,13 @@ impl LocalEngine {
         .map_err(|e| {
             if e.is_not_found() {
                 StorageError::VolumeNotFound(format!("static:{}:{}", pool.as_str(), e))
+            } else if matches!(e.errno(), Some(libc::ELOOP) | Some(libc::ENOTDIR) | Some(libc::EINVAL)) {
+                StorageError::Unsupported(format!(
+                    "static volume path '{}' in pool '{}' must name a directory below the pool; symlinks \
+                     are not followed ({e})",
+                    crate::csi::status::bounded(&shown),
+                    pool.as_str()
+                ))
             } else {
                 StorageError::Sys(e)
             }
@@ -1226,6 +1448,6 @@ impl LocalEngine {
     pub fn takes_leases(&self) -> bool {
         self.pools
             .values()
-            .any(|p| p.shared() && p.config.layouts.contains(&Layout::Image))
+            .any(|p| p.shared() && p.config.layouts.iter().any(|l| layout::of(*l).single_node()))
     }
 }

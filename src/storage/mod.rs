@@ -9,6 +9,7 @@ pub mod locks;
 pub mod naming;
 pub mod pool;
 pub mod record;
+pub mod store;
 pub mod transfer;
 
 use std::path::PathBuf;
@@ -51,6 +52,9 @@ pub enum StorageError {
     /// A copy streamed from another node broke off or failed its checks; it is redone from the start.
     #[error("transfer broken: {0}")]
     Transfer(String),
+    /// A node or share that cannot be reached now (the CO retries).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("corrupt record {path}: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error(transparent)]

@@ -7,6 +7,8 @@
 //! <pool>/snapshots/<key>.json  its record
 //! <pool>/.work/                copies being built (renamed into place when whole)
 //! <pool>/.trash/               data being deleted (renamed out of place first)
+//! <pool>/.staged/<key>/<node>  shared pools: a node has this directory volume staged
+//! <pool>/.leases/<key>         shared pools: the node that holds this image volume staged
 //! <pool>/retained/<key>[.json] volumes deleted under the `retain` policy
 //! <pool>/archive/<key>-<time>  volumes deleted under the `archive` policy
 //! ```
@@ -87,11 +89,17 @@ impl Pool {
         files::require_real_dir(&config.path)?;
         let features = super::layout::check_pool(&config)?;
         let pool = Pool { config, features };
-        for d in ["volumes", "snapshots", ".work", ".trash"] {
+        for d in ["volumes", "snapshots", ".work", ".trash", ".staged", ".leases"] {
             files::ensure_dir(&pool.config.path.join(d), 0o700)?;
         }
         if owner {
             pool.purge(&pool.work_dir())?;
+            // Half-written records of a crash or a full disk: a shared pool's may be another
+            // replica's write in progress, so only old ones go there.
+            let age = std::time::Duration::from_secs(if pool.shared() { 600 } else { 0 });
+            for kind in [Kind::Volume, Kind::Snapshot] {
+                files::remove_stale_temps(&pool.collection_dir(kind), age)?;
+            }
         }
         // Shared pools purge their trash in the background (it may hold huge trees).
         if owner && !pool.shared() {
@@ -143,6 +151,17 @@ impl Pool {
 
     pub fn trash_dir(&self) -> PathBuf {
         self.config.path.join(".trash")
+    }
+
+    /// Where nodes mark a directory volume of a shared pool as staged: one empty file per node.
+    pub fn staged_dir(&self, key: &Key) -> PathBuf {
+        self.config.path.join(".staged").join(key.as_str())
+    }
+
+    /// Where the lease of an image volume of a shared pool lives: apart from the volumes, so no
+    /// volume's name can ever be another volume's lease.
+    pub fn lease_path(&self, key: &Key) -> PathBuf {
+        self.config.path.join(".leases").join(key.as_str())
     }
 
     /// Where DeleteVolume moves a volume kept by the `retain` policy.

@@ -211,6 +211,7 @@ pub fn create_subvolume(path: &Path) -> Result<(), SysError> {
 /// must not exist and must be on the same filesystem. `src` must be a subvolume itself: the ioctl
 /// would otherwise snapshot the whole subvolume that contains it.
 pub fn snapshot(src: &Path, dst: &Path, read_only: bool) -> Result<(), SysError> {
+    crate::crash::fail("btrfs:snapshot").step("snapshot subvolume", dst)?;
     let s = open_dir(src, true)?;
     if !fd_is_subvolume(&s, src)? {
         return Err(SysError::io(

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use super::cvt;
 use super::tree::{self, cstr, fstatat, openat, SourceTree, TreeWriter};
-use super::SysError;
+use super::{Step, SysError};
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CopyStats {
@@ -23,6 +23,7 @@ pub struct CopyStats {
 
 /// Copies the tree at `src` to `dst`, which must not exist yet.
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<(), SysError> {
+    crate::crash::fail("copy:data").step("copy", dst)?;
     // The source first: a source that cannot be read (a planted symlink) leaves no target behind.
     let source = SourceTree::open(src)?;
     let mut w = TreeWriter::create(dst)?;
@@ -32,6 +33,7 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(), SysError> {
 /// Copies one regular file (an image volume) to `dst`, which must not exist: shared extents where
 /// the filesystem can (reflink), otherwise only the data extents, so holes stay holes.
 pub fn copy_file(src: &Path, dst: &Path) -> Result<CopyStats, SysError> {
+    crate::crash::fail("copy:data").step("copy", dst)?;
     let (s, size) = open_image(src)?;
     let d = create_image(dst)?;
     let mut stats = CopyStats {

@@ -18,11 +18,38 @@ pub enum Durability {
 }
 
 /// Replaces `path` with `bytes` atomically: temp file, (fsync), rename, (fsync of the directory).
+/// The suffix of the temporary file `write_atomic` renames into place.
+pub const TMP_SUFFIX: &str = ".tmp";
+
+/// Removes the temporary files of `write_atomic` in `dir` that a crash left (older than `age`, so
+/// another process's write in progress on a shared directory is left alone).
+pub fn remove_stale_temps(dir: &Path, age: std::time::Duration) -> Result<usize, SysError> {
+    let mut removed = 0;
+    for e in fs::read_dir(dir).step("read directory", dir)?.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with('.') && name.ends_with(TMP_SUFFIX)) {
+            continue;
+        }
+        let old = e
+            .metadata()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|a| a >= age);
+        if old && e.file_type().is_ok_and(|t| t.is_file()) {
+            remove_file_if_exists(&e.path())?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> Result<(), SysError> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
+    let tmp = dir.join(format!(".{name}{TMP_SUFFIX}"));
+    let written = (|| {
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
@@ -31,12 +58,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> Result
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .step("create", &tmp)?;
+        crate::crash::fail("record:write").step("write", &tmp)?;
         f.write_all(bytes).step("write", &tmp)?;
         if durability == Durability::PowerLoss {
             f.sync_all().step("fsync", &tmp)?;
         }
+        fs::rename(&tmp, path).step("rename", path)
+    })();
+    if written.is_err() {
+        // A write that failed (ENOSPC, EIO) leaves no half-written temp file behind.
+        let _ = fs::remove_file(&tmp);
     }
-    fs::rename(&tmp, path).step("rename", path)?;
+    written?;
     if durability == Durability::PowerLoss {
         sync_dir(dir)?;
     }

@@ -32,6 +32,23 @@ impl FsType {
         }
     }
 
+    /// The smallest filesystem mkfs makes (mkfs.xfs refuses anything under 300 MiB).
+    pub fn min_bytes(self) -> u64 {
+        match self {
+            FsType::Ext4 => 1 << 20,
+            FsType::Xfs => 300 << 20,
+        }
+    }
+
+    /// Options every mount of this filesystem gets: xfs copies (snapshots, clones, restores) keep
+    /// their source's UUID, and xfs refuses a second filesystem with a UUID already mounted.
+    pub fn mount_data(self) -> Option<&'static str> {
+        match self {
+            FsType::Ext4 => None,
+            FsType::Xfs => Some("nouuid"),
+        }
+    }
+
     /// The name mount(2) and mkfs know it by.
     pub fn as_str(self) -> &'static str {
         match self {

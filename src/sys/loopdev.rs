@@ -103,6 +103,7 @@ pub struct Attachment {
 ///
 /// Attaching a file twice makes two devices; call [`find_by_backing`] first to reuse one.
 pub fn attach(backing: &Path, read_only: bool, direct_io: bool) -> Result<(LoopDevice, bool), SysError> {
+    crate::crash::fail("loop:attach").step("attach loop device to", backing)?;
     let file = OpenOptions::new()
         .read(true)
         .write(!read_only)
@@ -318,8 +319,13 @@ fn attachments_in(sys_block: &Path) -> Result<Vec<Attachment>, SysError> {
         let file = entry.path().join("loop").join("backing_file");
         let bytes = match fs::read(&file) {
             Ok(b) => b,
-            // Not bound, or detached while we looked.
-            Err(e) if matches!(e.kind(), io::ErrorKind::NotFound) || e.raw_os_error() == Some(libc::ENXIO) => continue,
+            // Not bound, or detached (or removed) by someone else while we looked.
+            Err(e)
+                if matches!(e.kind(), io::ErrorKind::NotFound)
+                    || matches!(e.raw_os_error(), Some(libc::ENXIO) | Some(libc::ENODEV)) =>
+            {
+                continue
+            }
             Err(e) => return Err(SysError::io("read", &file, e)),
         };
         let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
@@ -721,5 +727,32 @@ mod tests {
         for img in imgs {
             img.finish();
         }
+    }
+
+    #[test]
+    fn finding_a_device_is_not_disturbed_by_other_devices_detaching_meanwhile() {
+        // NodeUnstage of one volume looks up its device while other volumes' devices come and go.
+        let mut mine = Image::new(16 << 20);
+        let dev = mine.attach();
+        let other = Image::new(16 << 20);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for _ in 0..150 {
+                    let (d, _) = attach(&other.file, false, false).expect("attach other");
+                    detach(&d).expect("detach other");
+                }
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            });
+            let mut looked = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let found = find_by_backing(&mine.file).expect("lookup while another device detaches");
+                assert_eq!(found, vec![dev.clone()]);
+                looked += 1;
+            }
+            assert!(looked > 0);
+        });
+        mine.finish();
+        other.finish();
     }
 }

@@ -80,7 +80,8 @@ impl Mounter for LinuxMounter {
     }
 
     fn mount_fs(&self, device: &Path, target: &Path, fs_type: &str, flags: BindFlags) -> Result<(), SysError> {
-        nix::mount::mount(Some(device), target, Some(fs_type), flags.ms_flags(), None::<&str>)
+        let data = super::fstools::FsType::parse(fs_type).and_then(|f| f.mount_data());
+        nix::mount::mount(Some(device), target, Some(fs_type), flags.ms_flags(), data)
             .step("mount filesystem onto", target)
     }
 

@@ -100,12 +100,11 @@ impl Driver {
             .open(self.dir.path().join("driver.log"))
             .expect("log file");
         let mut cmd = Command::new(bin());
-        cmd.arg("all-in-one")
-            .arg("--endpoint")
-            .arg(self.endpoint())
-            .arg("--node-id")
-            .arg(NODE)
-            .arg("--data-dir")
+        cmd.arg("all-in-one").arg("--endpoint").arg(self.endpoint());
+        if !self.extra_args.iter().any(|a| a == "--node-id") {
+            cmd.arg("--node-id").arg(NODE);
+        }
+        cmd.arg("--data-dir")
             .arg(self.data_dir())
             .args(&self.extra_args)
             .env("CELLAR_LOG", "info")
@@ -420,6 +419,23 @@ impl Driver {
         self.unpublish(volume_id, target).await.expect("unpublish");
         self.unstage(volume_id, staging).await.expect("unstage");
     }
+}
+
+/// Writes a config with one pool per entry (name, path, layout, extra YAML lines) and starts a driver;
+/// the returned directory holds the config and must live as long as the driver.
+pub async fn start_with_pools(pools: &[(&str, &Path, &str, &str)]) -> (Driver, tempfile::TempDir) {
+    let cfgdir = tempfile::tempdir().expect("tempdir");
+    let mut yaml = String::from("pools:\n");
+    for (name, path, layout, extra) in pools {
+        yaml += &format!("  - name: {name}\n    path: {}\n    layout: {layout}\n", path.display());
+        for line in extra.lines().filter(|l| !l.is_empty()) {
+            yaml += &format!("    {line}\n");
+        }
+    }
+    let cfg = cfgdir.path().join("pools.yaml");
+    std::fs::write(&cfg, yaml).expect("config");
+    let d = Driver::start_with(&["--config", cfg.to_str().expect("utf-8")], &[]).await;
+    (d, cfgdir)
 }
 
 /// SIGKILLs the process in `slot`, if there is one, and reaps it; the slot is left empty.

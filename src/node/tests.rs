@@ -1,0 +1,239 @@
+//! The Node service's stage/publish logic over a recording mounter: the exact mounts it asks for,
+//! in order, with what it records before each, on a pool in a temporary directory. No root needed:
+//! nothing is mounted for real (`sys::mount::RecordingMounter`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tonic::Code;
+
+use super::state::NodeState;
+use super::NodeService;
+use crate::csi::v1::volume_capability::access_mode::Mode;
+use crate::csi::v1::*;
+use crate::storage::config::Config;
+use crate::storage::engine::{CapacityRange, LocalEngine, NewVolume};
+use crate::storage::id::NodeId;
+use crate::storage::record::{AccessMode, VolumeMode};
+use crate::sys::mount::RecordingMounter;
+
+struct Node {
+    dir: tempfile::TempDir,
+    svc: NodeService,
+    mounter: Arc<RecordingMounter>,
+}
+
+impl Node {
+    fn new() -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = NodeId::parse("n1").expect("node id");
+        let engine = Arc::new(LocalEngine::open(node.clone(), &Config::default_for(dir.path())).expect("engine"));
+        let state = Arc::new(NodeState::open(&dir.path().join("node")).expect("state"));
+        let mounter = Arc::new(RecordingMounter::default());
+        let mut svc = NodeService::new(node, engine, state, 0);
+        svc.mounter = mounter.clone();
+        Node { dir, svc, mounter }
+    }
+
+    fn volume(&self, name: &str) -> String {
+        self.svc
+            .engine
+            .create_volume(NewVolume {
+                name: name.into(),
+                pool: None,
+                layout: None,
+                capacity: CapacityRange {
+                    required: 1 << 20,
+                    limit: 0,
+                },
+                mode: VolumeMode::Filesystem,
+                access_modes: vec![AccessMode::SingleNodeWriter],
+                fs_type: String::new(),
+                parameters: Default::default(),
+                source: None,
+                delete_policy: None,
+                mutable: Default::default(),
+                owner: Default::default(),
+            })
+            .expect("create")
+            .id
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn stage(&self, id: &str, staging: &Path) -> Result<(), tonic::Status> {
+        self.svc
+            .stage(NodeStageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(cap(Mode::SingleNodeWriter)),
+                ..Default::default()
+            })
+            .map(|_| ())
+            .map_err(tonic::Status::from)
+    }
+
+    /// NodePublishVolume as kubelet calls it: the target's parent exists, the target need not.
+    fn publish(&self, id: &str, staging: &Path, target: &Path, mode: Mode, ro: bool) -> Result<(), tonic::Status> {
+        std::fs::create_dir_all(target.parent().expect("parent")).expect("pod dir");
+        self.svc
+            .publish(NodePublishVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+                target_path: target.display().to_string(),
+                volume_capability: Some(cap(mode)),
+                readonly: ro,
+                ..Default::default()
+            })
+            .map(|_| ())
+            .map_err(tonic::Status::from)
+    }
+}
+
+fn cap(mode: Mode) -> VolumeCapability {
+    crate::client::mount_capability(mode, vec![])
+}
+
+#[test]
+fn stage_records_its_intent_then_binds_the_volume_once() {
+    let n = Node::new();
+    let id = n.volume("pvc-a");
+    let staging = n.path("stage-a");
+    n.stage(&id, &staging).expect("stage");
+    let calls = n.mounter.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert!(
+        calls[0].starts_with("bind /proc/self/fd/"),
+        "the pinned directory is bound: {calls:?}"
+    );
+    assert!(calls[0].contains(&format!(" {} ", staging.display())), "{calls:?}");
+    assert_eq!(n.svc.state.get(&id).staged.map(|s| s.path), Some(staging.clone()));
+    // Kubelet's retry finds it staged: no second mount.
+    n.stage(&id, &staging).expect("stage again");
+    assert_eq!(n.mounter.calls().len(), 1);
+    // Staged elsewhere while staged here: refused, nothing mounted.
+    let err = n.stage(&id, &n.path("stage-b")).expect_err("second staging path");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(n.mounter.calls().len(), 1);
+}
+
+#[test]
+fn publish_needs_the_stage_and_binds_from_it_read_only_as_asked() {
+    let n = Node::new();
+    let id = n.volume("pvc-b");
+    let (staging, target) = (n.path("stage"), n.path("pod/mount"));
+    let err = n
+        .publish(&id, &staging, &target, Mode::SingleNodeWriter, false)
+        .expect_err("not staged");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(n.mounter.calls().is_empty());
+    n.stage(&id, &staging).expect("stage");
+    n.publish(&id, &staging, &target, Mode::SingleNodeWriter, true)
+        .expect("publish read-only");
+    let mounted = n.mounter.mounted();
+    let (src, dst, flags) = mounted.last().expect("a publish mount");
+    assert_eq!((src, dst), (&staging, &target));
+    assert!(flags.read_only, "readonly publish is a read-only bind");
+    assert!(target.is_dir(), "the target directory is made");
+    // The same publish again is OK; with other options it is ALREADY_EXISTS.
+    n.publish(&id, &staging, &target, Mode::SingleNodeWriter, true)
+        .expect("same publish");
+    let err = n
+        .publish(&id, &staging, &target, Mode::SingleNodeWriter, false)
+        .expect_err("other options");
+    assert_eq!(err.code(), Code::AlreadyExists);
+}
+
+#[test]
+fn a_single_writer_volume_is_published_once() {
+    let n = Node::new();
+    let id = n.volume("pvc-c");
+    let staging = n.path("stage");
+    n.stage(&id, &staging).expect("stage");
+    n.publish(
+        &id,
+        &staging,
+        &n.path("pod1/mount"),
+        Mode::SingleNodeSingleWriter,
+        false,
+    )
+    .expect("first publish");
+    let err = n
+        .publish(
+            &id,
+            &staging,
+            &n.path("pod2/mount"),
+            Mode::SingleNodeSingleWriter,
+            false,
+        )
+        .expect_err("RWOP second publish");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(n.mounter.mounted().len(), 2, "the stage and one publish");
+}
+
+#[test]
+fn unpublish_and_unstage_undo_only_their_own_mounts() {
+    let n = Node::new();
+    let id = n.volume("pvc-d");
+    let (staging, target) = (n.path("stage"), n.path("pod/mount"));
+    n.stage(&id, &staging).expect("stage");
+    n.publish(&id, &staging, &target, Mode::SingleNodeWriter, false)
+        .expect("publish");
+    // Something else's path: nothing of ours there, nothing unmounted.
+    n.svc
+        .unpublish(NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: n.path("elsewhere").display().to_string(),
+        })
+        .expect("unpublish of a path not ours is OK");
+    assert_eq!(n.mounter.mounted().len(), 2);
+    n.svc
+        .unpublish(NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target.display().to_string(),
+        })
+        .expect("unpublish");
+    assert!(!target.exists(), "the target the driver made is removed");
+    n.svc
+        .unstage(NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+        })
+        .expect("unstage");
+    assert!(n.mounter.mounted().is_empty());
+    assert!(n.svc.state.get(&id).staged.is_none(), "the state forgets the stage");
+    let calls = n.mounter.calls();
+    assert_eq!(
+        calls.iter().filter(|c| c.starts_with("unmount")).count(),
+        2,
+        "one unmount each: {calls:?}"
+    );
+}
+
+#[test]
+fn expand_and_stats_answer_only_for_the_volumes_own_paths() {
+    let n = Node::new();
+    let id = n.volume("pvc-e");
+    let staging = n.path("stage");
+    n.stage(&id, &staging).expect("stage");
+    for path in ["/", "/etc", "relative/path"] {
+        let err = n
+            .svc
+            .expand(NodeExpandVolumeRequest {
+                volume_id: id.clone(),
+                volume_path: path.into(),
+                ..Default::default()
+            })
+            .expect_err("not the volume's path");
+        assert_eq!(tonic::Status::from(err).code(), Code::NotFound, "{path}");
+    }
+    n.svc
+        .expand(NodeExpandVolumeRequest {
+            volume_id: id.clone(),
+            volume_path: staging.display().to_string(),
+            ..Default::default()
+        })
+        .expect("the staging path");
+}

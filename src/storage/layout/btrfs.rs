@@ -1,0 +1,91 @@
+//! `btrfs`: a volume is a subvolume with a qgroup limit (enforced: writes past it fail with
+//! EDQUOT); snapshots and clones are subvolume snapshots, instant and atomic.
+
+use std::path::Path;
+
+use crate::sys::btrfs;
+use crate::sys::fstools::FsType;
+
+use super::{open_to_all, LayoutOps, Made};
+use crate::storage::config::PoolConfig;
+use crate::storage::id::Key;
+use crate::storage::pool::{Kind, Pool};
+use crate::storage::record::{Layout, VolumeMode};
+use crate::storage::StorageError;
+
+pub struct Btrfs;
+
+impl LayoutOps for Btrfs {
+    fn layout(&self) -> Layout {
+        Layout::Btrfs
+    }
+
+    fn compresses(&self) -> bool {
+        true
+    }
+
+    fn prepare(&self, config: &PoolConfig, on_btrfs: bool) -> Result<(), StorageError> {
+        if !on_btrfs {
+            return Err(StorageError::PoolUnusable(format!(
+                "pool '{}': layout btrfs needs a btrfs filesystem at {}, which is not btrfs",
+                config.name.as_str(),
+                config.path.display()
+            )));
+        }
+        btrfs::enable_quota(&config.path)?;
+        Ok(())
+    }
+
+    fn make_empty(
+        &self,
+        pool: &Pool,
+        key: &Key,
+        capacity: u64,
+        _: VolumeMode,
+        _: FsType,
+    ) -> Result<Made, StorageError> {
+        let data = pool.data_path(Kind::Volume, key);
+        btrfs::create_subvolume(&data)?;
+        open_to_all(&data)?;
+        btrfs::set_limit(&data, capacity)?;
+        // A new subvolume is on disk only after the next transaction commit; the record that
+        // follows must not promise a volume a power loss could take back.
+        btrfs::commit(&data)?;
+        Ok(Made { fs_bytes: 0 })
+    }
+
+    fn make_copy(
+        &self,
+        pool: &Pool,
+        kind: Kind,
+        key: &Key,
+        src: &Path,
+        writable: bool,
+        _: bool,
+    ) -> Result<(), StorageError> {
+        btrfs::snapshot(src, &pool.data_path(kind, key), !writable)?;
+        Ok(())
+    }
+
+    fn set_capacity(&self, data: &Path, capacity: u64) -> Result<(), StorageError> {
+        btrfs::set_limit(data, capacity)?;
+        btrfs::commit(data)?;
+        Ok(())
+    }
+
+    fn frozen_view(&self, data: &Path, at: &Path) -> Result<Option<std::path::PathBuf>, StorageError> {
+        btrfs::snapshot(data, at, true)?;
+        Ok(Some(at.to_path_buf()))
+    }
+
+    fn own_usage(&self, data: &Path, capacity: u64) -> Result<Option<(u64, u64)>, StorageError> {
+        // statfs shows the whole pool; the qgroup holds the volume's own figures.
+        let q = btrfs::usage(data)?;
+        Ok(Some((q.max_referenced.unwrap_or(capacity), q.referenced)))
+    }
+
+    fn fault(&self, data: &Path) -> Option<String> {
+        (!btrfs::is_subvolume(data).unwrap_or(false))
+            .then(|| format!("volume data {} is not a btrfs subvolume", data.display()))
+    }
+}

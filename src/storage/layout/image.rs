@@ -1,0 +1,108 @@
+//! `image`: a volume is a sparse file holding an ext4 or xfs filesystem (or raw, for Block
+//! volumes), attached through a loop device on the node. Its capacity is the file's size; copies
+//! are reflinks where the pool's filesystem has them, else sparse copies, crash-consistent or,
+//! with `freeze`, filesystem-consistent.
+
+use std::path::Path;
+
+use crate::crash;
+use crate::sys::fstools::{self, FsType};
+use crate::sys::{copy, files, SysError};
+
+use super::{allocated, copy_via_work, Frozen, LayoutOps, Made};
+use crate::storage::id::Key;
+use crate::storage::pool::{Kind, Pool};
+use crate::storage::record::{Layout, VolumeMode};
+use crate::storage::StorageError;
+
+pub struct Image;
+
+impl LayoutOps for Image {
+    fn layout(&self) -> Layout {
+        Layout::Image
+    }
+
+    fn serves_block(&self) -> bool {
+        true
+    }
+
+    fn has_filesystem(&self) -> bool {
+        true
+    }
+
+    fn is_tree(&self) -> bool {
+        false
+    }
+
+    fn single_node(&self) -> bool {
+        true
+    }
+
+    fn reserves_capacity(&self) -> bool {
+        true
+    }
+
+    fn holds_back(&self, capacity: u64, data: &Path) -> u64 {
+        capacity.saturating_sub(allocated(data))
+    }
+
+    fn make_empty(
+        &self,
+        pool: &Pool,
+        key: &Key,
+        capacity: u64,
+        mode: VolumeMode,
+        fs: FsType,
+    ) -> Result<Made, StorageError> {
+        let data = pool.data_path(Kind::Volume, key);
+        let work = pool.work_path(Kind::Volume, key);
+        files::remove_tree(&work)?;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&work)
+            .map_err(|e| SysError::io("create image", &work, e))?;
+        f.set_len(capacity).map_err(|e| SysError::io("size image", &work, e))?;
+        drop(f);
+        if mode == VolumeMode::Filesystem {
+            if let Err(e) = fstools::mkfs(fs, &work) {
+                let _ = files::remove_tree(&work); // nothing is left in `.work` for the retry to trip on
+                return Err(e.into());
+            }
+        }
+        crash::point("image:before-rename");
+        std::fs::rename(&work, &data).map_err(|e| SysError::io("rename", &data, e))?;
+        Ok(Made {
+            fs_bytes: if mode == VolumeMode::Filesystem { capacity } else { 0 },
+        })
+    }
+
+    fn make_copy(
+        &self,
+        pool: &Pool,
+        kind: Kind,
+        key: &Key,
+        src: &Path,
+        _: bool,
+        freeze: bool,
+    ) -> Result<(), StorageError> {
+        copy_via_work(pool, kind, key, |work| {
+            let _frozen = if freeze { Some(Frozen::image(src)?) } else { None };
+            copy::copy_file(src, work)?; // fsyncs the copy itself
+            Ok(())
+        })
+    }
+
+    fn set_capacity(&self, data: &Path, capacity: u64) -> Result<(), StorageError> {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(data)
+            .map_err(|e| SysError::io("open image", data, e))?;
+        let now = f.metadata().map_err(|e| SysError::io("stat image", data, e))?.len();
+        if capacity > now {
+            f.set_len(capacity).map_err(|e| SysError::io("grow image", data, e))?;
+            f.sync_all().map_err(|e| SysError::io("fsync image", data, e))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,334 @@
+//! How each layout carves a volume out of its pool:
+//!
+//! | layout  | a volume is                    | capacity           | snapshot / clone                  |
+//! |---------|--------------------------------|--------------------|-----------------------------------|
+//! | `dir`   | a directory                    | recorded           | tree copy                         |
+//! | `btrfs` | a subvolume                    | qgroup limit       | subvolume snapshot (instant)      |
+//! | `image` | a sparse file, ext4/xfs or raw | the file's size    | reflink copy, else sparse copy    |
+//!
+//! Every layout leaves either nothing or a whole object at the data path: copies are built in
+//! `.work` and renamed into place; btrfs snapshots are atomic.
+//!
+//! A layout is one file behind [`LayoutOps`] (`dir.rs`, `btrfs.rs`, `image.rs`), registered in
+//! [`of`]: a new layout (zfs, lvm-thin, xfs project quota) is one new file, one line there, and its
+//! name in [`Layout`]. The engine asks the trait, never which layout it holds.
+
+mod btrfs;
+mod dir;
+mod image;
+
+use std::path::Path;
+
+use crate::crash;
+use crate::sys::fstools::{self, FsType};
+use crate::sys::{btrfs as sys_btrfs, copy, files, loopdev, mountinfo, SysError};
+
+use super::config::PoolConfig;
+use super::id::Key;
+use super::pool::{Kind, Pool};
+use super::record::{Layout, VolumeMode};
+use super::StorageError;
+
+/// What a pool's filesystem can do, found when the pool opens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolFeatures {
+    pub reflink: bool,
+    pub btrfs: bool,
+}
+
+/// What making a volume produced beyond its data: the size of the filesystem made inside (image).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Made {
+    pub fs_bytes: u64,
+}
+
+/// Everything the storage engine asks of a layout. Callers hold the object's lock and have checked
+/// that it has no record (a leftover was cleared with [`clear_leftover`]).
+pub trait LayoutOps: Sync {
+    fn layout(&self) -> Layout;
+
+    /// Serves `volumeMode: Block` (a raw device) besides Filesystem.
+    fn serves_block(&self) -> bool {
+        false
+    }
+    /// A volume holds a filesystem of its own (ext4/xfs), made by mkfs and grown by the node.
+    fn has_filesystem(&self) -> bool {
+        false
+    }
+    /// A volume is a directory tree (owner, mode and a walk apply); otherwise a file.
+    fn is_tree(&self) -> bool {
+        true
+    }
+    /// Writes stop at the volume's capacity.
+    fn enforces_capacity(&self) -> bool {
+        true
+    }
+    /// Takes a compression setting (ModifyVolume, StorageClass `compression`).
+    fn compresses(&self) -> bool {
+        false
+    }
+    /// Can be used by one node at a time only, also on a shared pool.
+    fn single_node(&self) -> bool {
+        false
+    }
+    /// Checks that a pool's filesystem can serve this layout and prepares it.
+    fn prepare(&self, _config: &PoolConfig, _on_btrfs: bool) -> Result<(), StorageError> {
+        Ok(())
+    }
+    /// A new volume takes its whole capacity from the pool's room at once (image files may grow
+    /// into all of it), so room held back by existing volumes is not offered to it.
+    fn reserves_capacity(&self) -> bool {
+        false
+    }
+    /// A live volume is read for a copy to another node through a frozen view (a read-only
+    /// snapshot made at `at`), which the caller purges after; `None` reads it in place.
+    fn frozen_view(&self, _data: &Path, _at: &Path) -> Result<Option<std::path::PathBuf>, StorageError> {
+        Ok(None)
+    }
+    /// Bytes of the pool an existing volume of `capacity` may still grow into (room held back from
+    /// new volumes).
+    fn holds_back(&self, _capacity: u64, _data: &Path) -> u64 {
+        0
+    }
+    /// Makes an empty volume at its data path.
+    fn make_empty(
+        &self,
+        pool: &Pool,
+        key: &Key,
+        capacity: u64,
+        mode: VolumeMode,
+        fs: FsType,
+    ) -> Result<Made, StorageError>;
+    /// Makes a volume (or, with `Kind::Snapshot`, a snapshot) from `src`, the data of a volume or
+    /// snapshot of this layout. `freeze` makes the copy of a mounted filesystem consistent.
+    fn make_copy(
+        &self,
+        pool: &Pool,
+        kind: Kind,
+        key: &Key,
+        src: &Path,
+        writable: bool,
+        freeze: bool,
+    ) -> Result<(), StorageError>;
+    /// Gives a volume its capacity (after a copy, or an expand).
+    fn set_capacity(&self, _data: &Path, _capacity: u64) -> Result<(), StorageError> {
+        Ok(())
+    }
+    /// The volume's own usage when the filesystem it lives in cannot tell it (statfs of a btrfs
+    /// subvolume shows the whole pool): `(limit, used)` bytes.
+    fn own_usage(&self, _data: &Path, _capacity: u64) -> Result<Option<(u64, u64)>, StorageError> {
+        Ok(None)
+    }
+    /// Why data of the right kind of entry is still not what this layout makes, if it is not.
+    fn fault(&self, _data: &Path) -> Option<String> {
+        None
+    }
+}
+
+/// The layout's implementation: the one place that knows every layout.
+pub fn of(layout: Layout) -> &'static dyn LayoutOps {
+    match layout {
+        Layout::Dir => &dir::Dir,
+        Layout::Btrfs => &btrfs::Btrfs,
+        Layout::Image => &image::Image,
+    }
+}
+
+/// Checks that the pool's filesystem can serve every layout the pool allows, and prepares it
+/// (btrfs quotas). A pool that cannot is refused with a message saying why.
+pub fn check_pool(config: &PoolConfig) -> Result<PoolFeatures, StorageError> {
+    let is_btrfs = sys_btrfs::is_btrfs(&config.path)?;
+    for l in &config.layouts {
+        of(*l).prepare(config, is_btrfs)?;
+    }
+    Ok(PoolFeatures {
+        reflink: copy::supports_reflink(&config.path),
+        btrfs: is_btrfs,
+    })
+}
+
+/// Makes an empty volume at its data path, in place of whatever a failed call left there.
+pub fn create_empty(
+    pool: &Pool,
+    key: &Key,
+    layout: Layout,
+    capacity: u64,
+    mode: VolumeMode,
+    fs: FsType,
+) -> Result<Made, StorageError> {
+    clear_leftover(pool, Kind::Volume, key)?;
+    of(layout).make_empty(pool, key, capacity, mode, fs)
+}
+
+/// Makes a volume or snapshot from `src` (see [`LayoutOps::make_copy`]), in place of whatever a
+/// failed call left there.
+pub fn create_copy(
+    pool: &Pool,
+    kind: Kind,
+    key: &Key,
+    layout: Layout,
+    src: &Path,
+    writable: bool,
+    freeze: bool,
+) -> Result<(), StorageError> {
+    clear_leftover(pool, kind, key)?;
+    of(layout).make_copy(pool, kind, key, src, writable, freeze)
+}
+
+/// Builds an object in `.work` with `build`, then renames it into place (the copy is whole there
+/// or not at all).
+fn copy_via_work(
+    pool: &Pool,
+    kind: Kind,
+    key: &Key,
+    build: impl FnOnce(&Path) -> Result<(), StorageError>,
+) -> Result<(), StorageError> {
+    let data = pool.data_path(kind, key);
+    let work = pool.work_path(kind, key);
+    files::remove_tree(&work)?;
+    build(&work)?;
+    crash::point("copy:before-rename");
+    std::fs::rename(&work, &data).map_err(|e| SysError::io("rename", &data, e))?;
+    Ok(())
+}
+
+/// Invariant 2: a record names exactly the data it was made for. Data at an object's place with no
+/// record is what a failed or crashed call left; nothing proves which request made it (a retry of
+/// the same name may name another source), so it is removed and the object made anew, never adopted.
+/// Callers hold the object's lock and have checked that it has no record.
+pub fn clear_leftover(pool: &Pool, kind: Kind, key: &Key) -> Result<(), StorageError> {
+    let data = pool.data_path(kind, key);
+    match files::entry(&data)? {
+        files::Entry::Missing => return Ok(()),
+        files::Entry::Dir if sys_btrfs::is_subvolume(&data).unwrap_or(false) => sys_btrfs::delete_subvolume(&data)?,
+        _ => {
+            let trashed = pool
+                .trash_dir()
+                .join(format!("leftover-{}-{}", key.as_str(), uuid::Uuid::new_v4().simple()));
+            std::fs::rename(&data, &trashed).map_err(|e| SysError::io("rename", &data, e))?;
+            purge(&trashed)?;
+        }
+    }
+    tracing::info!(path = %data.display(), "removed data a failed call left without a record");
+    Ok(())
+}
+
+/// Removes data that has been moved out of its place (into the trash): subvolumes through btrfs.
+pub fn purge(path: &Path) -> Result<(), StorageError> {
+    if sys_btrfs::is_subvolume(path).unwrap_or(false) {
+        // A read-only snapshot cannot be emptied file by file; btrfs drops a subvolume in one step.
+        sys_btrfs::delete_subvolume(path)?;
+        return Ok(());
+    }
+    files::remove_tree(path)?;
+    Ok(())
+}
+
+/// Why a volume's data is not as its record says, if it is not.
+pub fn fault(layout: Layout, data: &Path) -> Option<String> {
+    let entry = match files::entry(data) {
+        Ok(e) => e,
+        Err(e) => return Some(format!("volume data {} cannot be read: {e}", data.display())),
+    };
+    let want = if of(layout).is_tree() {
+        files::Entry::Dir
+    } else {
+        files::Entry::File
+    };
+    if entry == files::Entry::Missing {
+        return Some(format!("volume data {} is missing", data.display()));
+    }
+    if entry != want {
+        return Some(format!(
+            "volume data {} is a {entry:?}, expected a {want:?}",
+            data.display()
+        ));
+    }
+    of(layout).fault(data)
+}
+
+/// Allocated bytes of an image file: what it already uses of its capacity.
+pub fn allocated(data: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(data).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+/// Allocated bytes of everything at `path`: a file, or a tree (symlinks are not followed). What
+/// removing or reusing it gives back to the pool.
+pub fn allocated_tree(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    let own = allocated(path);
+    if !meta.is_dir() {
+        return own;
+    }
+    let children = std::fs::read_dir(path).into_iter().flatten().flatten();
+    own + children.map(|e| allocated_tree(&e.path())).sum::<u64>()
+}
+
+/// Allocated bytes of the tree at `path`, counted until they reach `stop` (a walk can be long; the
+/// caller only needs to know whether a bound is passed). Symlinks are not followed; subvolumes and
+/// mounts below are counted as files of the tree.
+pub fn allocated_tree_upto(path: &Path, stop: u64) -> u64 {
+    let mut total = 0u64;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        total = total.saturating_add(allocated(&p));
+        if total >= stop {
+            return total;
+        }
+        if meta.is_dir() {
+            stack.extend(std::fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()));
+        }
+    }
+    total
+}
+
+/// Every filesystem mounted from a loop device of `image`, frozen for as long as this lives, so a
+/// copy of a volume in use is consistent. Thawed on drop, also on error.
+struct Frozen {
+    mountpoints: Vec<std::path::PathBuf>,
+}
+
+impl Frozen {
+    fn image(image: &Path) -> Result<Frozen, StorageError> {
+        let devices = loopdev::find_by_backing(image)?;
+        let mut frozen = Frozen {
+            mountpoints: Vec::new(),
+        };
+        if devices.is_empty() {
+            return Ok(frozen);
+        }
+        let mounts = mountinfo::read(Path::new(mountinfo::SELF))?;
+        for d in &devices {
+            let source = d.path.to_string_lossy();
+            // One mount per device is enough: a freeze holds the whole filesystem.
+            if let Some(m) = mounts.iter().find(|m| m.source == source && m.root == Path::new("/")) {
+                fstools::freeze(&m.mount_point)?;
+                frozen.mountpoints.push(m.mount_point.clone());
+            }
+        }
+        Ok(frozen)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for m in &self.mountpoints {
+            if let Err(e) = fstools::thaw(m) {
+                tracing::error!(mountpoint = %m.display(), error = %e, "could not thaw after a snapshot");
+            }
+        }
+    }
+}
+
+/// Volumes are opened to every user like a fresh emptyDir; fsGroup narrows them in Kubernetes.
+fn open_to_all(dir: &Path) -> Result<(), StorageError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).map_err(|e| SysError::io("chmod", dir, e))?;
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! The pool store: the only code that reads and writes volume and snapshot records.
+//!
+//! A local pool has one writer (its node), so its records are read once at start into an ordered
+//! index and every change goes to disk first (temp file, fsync, rename, fsync of the directory),
+//! then to the index. A shared pool is written by any number of controller replicas and nodes, so
+//! its records are read from the share on every lookup (the index follows what was read) and
+//! listings read the whole share again, bounded in time. A share that cannot be read answers from
+//! what was last read: its volumes are never reported deleted because the share is down.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use super::id::{Key, ObjectId};
+use super::pool::{Kind, Pool};
+use super::record::{self, SnapshotRecord, VolumeRecord};
+use super::StorageError;
+use crate::sys::{files, SysError};
+
+#[derive(Default)]
+pub struct PoolStore {
+    /// Volume records by id, ordered (a pool's volumes share an id prefix).
+    volumes: Mutex<BTreeMap<String, VolumeRecord>>,
+    /// CSI name → volume id (names whose key is not derived from the name alone: templates).
+    names: Mutex<HashMap<String, String>>,
+    snapshots: Mutex<BTreeMap<String, SnapshotRecord>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the store needs of a record: its own id.
+pub trait Record: Clone + Serialize + for<'de> Deserialize<'de> + Send + 'static {
+    fn id(&self) -> &str;
+}
+
+impl Record for VolumeRecord {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Record for SnapshotRecord {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl PoolStore {
+    /// Reads every record of `pools`.
+    pub fn load<'a>(pools: impl Iterator<Item = &'a Pool>) -> Result<PoolStore, StorageError> {
+        let store = PoolStore::default();
+        for pool in pools {
+            for key in pool.record_keys(Kind::Volume)? {
+                if let Some(r) = record::load::<VolumeRecord>(&pool.record_path(Kind::Volume, &key))? {
+                    lock(&store.names).insert(r.name.clone(), r.id.clone());
+                    lock(&store.volumes).insert(r.id.clone(), r);
+                }
+            }
+            for key in pool.record_keys(Kind::Snapshot)? {
+                if let Some(r) = record::load::<SnapshotRecord>(&pool.record_path(Kind::Snapshot, &key))? {
+                    lock(&store.snapshots).insert(r.id.clone(), r);
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    /// A volume's record (`shown` is its id as text).
+    pub fn volume(&self, pool: &Pool, id: &ObjectId, shown: &str) -> Option<VolumeRecord> {
+        let (old, new) = Self::read_through(&self.volumes, pool, Kind::Volume, &id.key, shown)?;
+        let mut names = lock(&self.names);
+        if let Some(gone) = old {
+            names.remove(&gone.name);
+        }
+        if let Some(r) = &new {
+            names.insert(r.name.clone(), r.id.clone());
+        }
+        new
+    }
+
+    pub fn snapshot(&self, pool: &Pool, id: &ObjectId, shown: &str) -> Option<SnapshotRecord> {
+        Self::read_through(&self.snapshots, pool, Kind::Snapshot, &id.key, shown).and_then(|(_, new)| new)
+    }
+
+    /// One record from the index, or (shared pools) from the share, the index following what was
+    /// read: `(what the index held, the record)` when the share was read, else the index's answer.
+    #[allow(clippy::type_complexity)]
+    fn read_through<T: Record>(
+        cache: &Mutex<BTreeMap<String, T>>,
+        pool: &Pool,
+        kind: Kind,
+        key: &Key,
+        shown: &str,
+    ) -> Option<(Option<T>, Option<T>)> {
+        if !pool.shared() {
+            return Some((None, lock(cache).get(shown).cloned()));
+        }
+        let read = match record::load::<T>(&pool.record_path(kind, key)) {
+            Ok(r) => r.filter(|r| r.id() == shown),
+            Err(_) => return Some((None, lock(cache).get(shown).cloned())),
+        };
+        let mut c = lock(cache);
+        let old = match &read {
+            Some(r) => c.insert(shown.to_string(), r.clone()),
+            None => c.remove(shown),
+        };
+        Some((old, read))
+    }
+
+    /// Writes a volume's record durably, then indexes it.
+    pub fn put_volume(&self, pool: &Pool, key: &Key, rec: &VolumeRecord) -> Result<(), StorageError> {
+        record::store(&pool.record_path(Kind::Volume, key), rec)?;
+        lock(&self.names).insert(rec.name.clone(), rec.id.clone());
+        lock(&self.volumes).insert(rec.id.clone(), rec.clone());
+        Ok(())
+    }
+
+    pub fn put_snapshot(&self, pool: &Pool, key: &Key, rec: &SnapshotRecord) -> Result<(), StorageError> {
+        record::store(&pool.record_path(Kind::Snapshot, key), rec)?;
+        lock(&self.snapshots).insert(rec.id.clone(), rec.clone());
+        Ok(())
+    }
+
+    /// Removes an object's record durably (its data has left its place first), then forgets it.
+    pub fn remove(&self, pool: &Pool, kind: Kind, key: &Key, shown: &str) -> Result<(), StorageError> {
+        files::remove_file_if_exists(&pool.record_path(kind, key))?;
+        files::sync_dir(&pool.collection_dir(kind))?;
+        match kind {
+            Kind::Volume => {
+                if let Some(r) = lock(&self.volumes).remove(shown) {
+                    lock(&self.names).remove(&r.name);
+                }
+            }
+            Kind::Snapshot => {
+                lock(&self.snapshots).remove(shown);
+            }
+        }
+        Ok(())
+    }
+
+    /// A copy of a record kept beside data moved out of the pool (`retain`, `archive`).
+    pub fn keep_copy(&self, path: &Path, rec: &VolumeRecord) -> Result<(), StorageError> {
+        record::store(path, rec)
+    }
+
+    /// The id of the volume last seen under a CSI name.
+    pub fn id_named(&self, name: &str) -> Option<String> {
+        lock(&self.names).get(name).cloned()
+    }
+
+    pub fn volumes(&self) -> Vec<VolumeRecord> {
+        lock(&self.volumes).values().cloned().collect()
+    }
+
+    pub fn snapshots(&self) -> Vec<SnapshotRecord> {
+        lock(&self.snapshots).values().cloned().collect()
+    }
+
+    /// Folds `f` over the volumes whose id starts with `prefix` (one pool's), in id order.
+    pub fn fold_prefix<A>(&self, prefix: &str, init: A, mut f: impl FnMut(A, &str, &VolumeRecord) -> A) -> A {
+        let vols = lock(&self.volumes);
+        let mut acc = init;
+        for (id, r) in vols
+            .range(prefix.to_string()..)
+            .take_while(|(id, _)| id.starts_with(prefix))
+        {
+            acc = f(acc, id, r);
+        }
+        acc
+    }
+
+    /// Reads a shared pool's records afresh (ids starting with `prefix`), bounded in time: a share
+    /// whose server is gone keeps what was last read.
+    pub fn refresh(&self, pool: &Pool, prefix: &str) {
+        let (vdir, sdir) = (pool.collection_dir(Kind::Volume), pool.collection_dir(Kind::Snapshot));
+        let read = crate::sys::share::within(
+            crate::sys::share::SHARE_TIMEOUT,
+            "read records",
+            pool.root(),
+            move || {
+                Ok((
+                    read_records::<VolumeRecord>(&vdir)?,
+                    read_records::<SnapshotRecord>(&sdir)?,
+                ))
+            },
+        );
+        let Ok((vols, snaps)) = read else {
+            return;
+        };
+        let mut cache = lock(&self.volumes);
+        let mut names = lock(&self.names);
+        let stale: Vec<String> = cache
+            .range(prefix.to_string()..)
+            .take_while(|(id, _)| id.starts_with(prefix))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            if let Some(r) = cache.remove(&id) {
+                names.remove(&r.name);
+            }
+        }
+        for r in vols {
+            names.insert(r.name.clone(), r.id.clone());
+            cache.insert(r.id.clone(), r);
+        }
+        drop((cache, names));
+        let mut cache = lock(&self.snapshots);
+        cache.retain(|id, _| !id.starts_with(prefix));
+        cache.extend(snaps.into_iter().map(|r| (r.id.clone(), r)));
+    }
+}
+
+/// Every record in a pool's collection directory (records that do not parse are skipped; the
+/// report names them).
+fn read_records<T: Record>(dir: &Path) -> Result<Vec<T>, SysError> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| SysError::io("read directory", dir, e))? {
+        let e = e.map_err(|e| SysError::io("read directory", dir, e))?;
+        let name = e.file_name();
+        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+            continue;
+        };
+        if Key::parse(stem).is_err() || !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        if let Ok(Some(r)) = record::load::<T>(&e.path()) {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}

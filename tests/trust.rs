@@ -1,0 +1,771 @@
+//! The storage core's invariants, each attacked the way a racing reclaim, a stale PV, a second
+//! controller replica or a hostile request would (docs/design.md, "Invariants"):
+//! 1. data that is staged or published is never deleted;
+//! 2. a record names exactly the data it was made for: a leftover of a failed call is never adopted;
+//! 3. every size change is checked against the pool and the room left in it;
+//!
+//! and the records of a shared pool are one truth for every process that serves it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use cellar::csi::v1::*;
+use common::fs::TestFs;
+use common::*;
+use tonic::Code;
+
+/// Writes a config with the given pool entries (YAML list items) and starts an all-in-one driver.
+async fn driver_with(pools_yaml: &str, node: Option<&str>) -> (Driver, tempfile::TempDir) {
+    let cfgdir = tempfile::tempdir().expect("tempdir");
+    let cfg = cfgdir.path().join("pools.yaml");
+    std::fs::write(&cfg, format!("pools:\n{pools_yaml}")).expect("config");
+    let mut args = vec!["--config", cfg.to_str().expect("utf-8")];
+    if let Some(n) = node {
+        args.extend(["--node-id", n]);
+    }
+    let d = Driver::start_with(&args, &[]).await;
+    (d, cfgdir)
+}
+
+/// A driver with the default pool and a shared pool on a fresh directory.
+async fn shared_driver() -> (tempfile::TempDir, Driver, tempfile::TempDir) {
+    let share = tempfile::Builder::new()
+        .prefix("cellar-test-")
+        .tempdir()
+        .expect("share");
+    let (d, cfg) = driver_with(&shared_pool(share.path(), ""), None).await;
+    (share, d, cfg)
+}
+
+/// The default local pool and a shared pool `share` on `dir`, with extra YAML lines for it.
+fn shared_pool(dir: &Path, extra: &str) -> String {
+    format!(
+        "  - name: default\n  - name: share\n    backend: shared\n    path: {}\n{extra}",
+        dir.display()
+    )
+}
+
+fn in_pool(name: &str, bytes: i64, pool: &str) -> CreateVolumeRequest {
+    let mut r = create_req(name, bytes);
+    r.parameters.insert("pool".into(), pool.into());
+    r
+}
+
+async fn create(d: &mut Driver, r: CreateVolumeRequest) -> Volume {
+    d.ctl
+        .create_volume(r)
+        .await
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("volume")
+}
+
+async fn expand(d: &mut Driver, id: &str, required: i64, limit: i64) -> Result<i64, tonic::Status> {
+    d.ctl
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: id.into(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: required,
+                limit_bytes: limit,
+            }),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().capacity_bytes)
+}
+
+/// Stages and publishes `id`, writes a file through the pod's view, and tries to delete it: the
+/// delete must answer FAILED_PRECONDITION naming the mount, and the file must survive it.
+async fn delete_while_published_is_refused(d: &mut Driver, id: &str) {
+    let (staging, target) = d.mount_rw(id, "pod").await;
+    std::fs::write(target.join("precious"), b"rows").expect("write through the pod's mount");
+    let err = d.delete(id).await.expect_err("deleting a published volume must fail");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains(&staging.display().to_string()) || err.message().contains(&target.display().to_string()),
+        "the refusal names where the volume is mounted: {}",
+        err.message()
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(std::fs::read(target.join("precious")).expect("data kept"), b"rows");
+
+    // Unpublished but still staged: still refused.
+    d.unpublish(id, &target).await.expect("unpublish");
+    let err = d.delete(id).await.expect_err("deleting a staged volume must fail");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    d.unstage(id, &staging).await.expect("unstage");
+    d.delete(id).await.expect("delete once unstaged");
+}
+
+#[tokio::test]
+async fn deleting_a_published_dir_volume_is_refused_and_its_data_kept() {
+    let mut d = Driver::start().await;
+    let v = d.create("pvc-busy-dir").await;
+    delete_while_published_is_refused(&mut d, &v.volume_id).await;
+}
+
+#[tokio::test]
+async fn deleting_a_published_btrfs_volume_is_refused_and_its_data_kept() {
+    let fs = TestFs::new("btrfs", 512);
+    let (mut d, _cfg) = driver_with(
+        &format!("  - name: b\n    path: {}\n    layout: btrfs\n", fs.mnt.display()),
+        None,
+    )
+    .await;
+    let v = create(&mut d, in_pool("pvc-busy-btrfs", 32 * MIB, "b")).await;
+    delete_while_published_is_refused(&mut d, &v.volume_id).await;
+}
+
+#[tokio::test]
+async fn deleting_a_published_shared_dir_volume_is_refused_and_its_data_kept() {
+    let (share, mut d, _cfg) = shared_driver().await;
+    let v = create(&mut d, in_pool("pvc-busy-shared", 32 * MIB, "share")).await;
+    delete_while_published_is_refused(&mut d, &v.volume_id).await;
+    assert!(
+        std::fs::read_dir(share.path().join(".staged"))
+            .expect("marks")
+            .next()
+            .is_none(),
+        "unstage clears the node's mark on the share"
+    );
+}
+
+#[tokio::test]
+async fn a_stage_mark_on_the_share_keeps_any_replica_from_deleting_the_volume() {
+    // What a controller replica on another machine sees: no mount of its own, only the node's mark.
+    let (share, mut d, _cfg) = shared_driver().await;
+    let v = create(&mut d, in_pool("pvc-marked", 32 * MIB, "share")).await;
+    let key = v.volume_id.rsplit(':').next().expect("key").to_string();
+    let marks = share.path().join(".staged").join(&key);
+    std::fs::create_dir_all(&marks).expect("mark dir");
+    std::fs::write(marks.join("node-7"), b"").expect("mark");
+    let err = d.delete(&v.volume_id).await.expect_err("a marked volume is in use");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("node-7"), "names the node: {}", err.message());
+    std::fs::remove_file(marks.join("node-7")).expect("unmark");
+    d.delete(&v.volume_id).await.expect("delete once no node marks it");
+}
+
+/// Reads `file` from the volume `id` by staging and publishing it on this node.
+async fn read_back(d: &mut Driver, id: &str, file: &str) -> Option<Vec<u8>> {
+    let (staging, target) = d.mount_rw(id, &format!("read-{}", id.len())).await;
+    let got = std::fs::read(target.join(file)).ok();
+    d.unmount_all(id, &staging, &target).await;
+    got
+}
+
+async fn write_file(d: &mut Driver, id: &str, file: &str, bytes: &[u8]) {
+    let (staging, target) = d.mount_rw(id, "writer").await;
+    std::fs::write(target.join(file), bytes).expect("write");
+    d.unmount_all(id, &staging, &target).await;
+}
+
+async fn snapshot_name_is_never_adopted_with_another_volumes_data(d: &mut Driver, pool: &str) {
+    let a = create(d, in_pool("pvc-src-a", 32 * MIB, pool)).await;
+    let b = create(d, in_pool("pvc-src-b", 32 * MIB, pool)).await;
+    write_file(d, &a.volume_id, "who", b"a").await;
+    write_file(d, &b.volume_id, "who", b"b").await;
+
+    // The snapshot of A is cut, and the process dies before its record.
+    d.kill();
+    d.spawn(&[("CELLAR_CRASH_AT", "create-snapshot:before-record")]).await;
+    let _ = d.snapshot("snap-x", &a.volume_id).await;
+    d.wait_exit();
+    d.spawn(&[]).await;
+
+    // The same name for B's data: the answer and the data must both be B's.
+    let s = d.snapshot("snap-x", &b.volume_id).await.expect("snapshot of b");
+    assert_eq!(s.source_volume_id, b.volume_id);
+    let mut r = in_pool("pvc-restored", 32 * MIB, pool);
+    r.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(from_snapshot(&s.snapshot_id)),
+    });
+    let restored = create(d, r).await;
+    assert_eq!(
+        read_back(d, &restored.volume_id, "who").await.as_deref(),
+        Some(&b"b"[..]),
+        "the snapshot named for B holds B's data, not the leftover of A's"
+    );
+}
+
+#[tokio::test]
+async fn a_dir_snapshot_left_by_a_crash_is_not_adopted_by_another_source() {
+    let mut d = Driver::start().await;
+    snapshot_name_is_never_adopted_with_another_volumes_data(&mut d, "default").await;
+}
+
+#[tokio::test]
+async fn a_btrfs_snapshot_left_by_a_crash_is_not_adopted_by_another_source() {
+    let fs = TestFs::new("btrfs", 512);
+    let (mut d, _cfg) = driver_with(
+        &format!("  - name: b\n    path: {}\n    layout: btrfs\n", fs.mnt.display()),
+        None,
+    )
+    .await;
+    snapshot_name_is_never_adopted_with_another_volumes_data(&mut d, "b").await;
+}
+
+#[tokio::test]
+async fn a_volume_left_by_a_crash_is_not_adopted_by_a_create_from_another_source() {
+    let mut d = Driver::start().await;
+    let a = d.create("pvc-from-a").await;
+    write_file(&mut d, &a.volume_id, "who", b"a").await;
+    // A clone of A reaches its place, and the process dies before its record.
+    let mut clone = create_req("pvc-clone", 64 * MIB);
+    clone.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(from_volume(&a.volume_id)),
+    });
+    d.kill();
+    d.spawn(&[("CELLAR_CRASH_AT", "create-volume:before-record")]).await;
+    let _ = d.ctl.create_volume(clone).await;
+    d.wait_exit();
+    d.spawn(&[]).await;
+    // The same name asked for as an empty volume gets an empty volume.
+    let v = create(&mut d, create_req("pvc-clone", 64 * MIB)).await;
+    assert_eq!(
+        read_back(&mut d, &v.volume_id, "who").await,
+        None,
+        "no byte of A in the new volume"
+    );
+}
+
+#[tokio::test]
+async fn half_written_records_are_gone_after_a_restart() {
+    let mut d = Driver::start().await;
+    let v = d.create("pvc-tmp").await;
+    let vols = d.pool_dir().join("volumes");
+    std::fs::write(vols.join(".pvc-left.json.tmp"), b"").expect("zero-byte temp record");
+    std::fs::write(d.pool_dir().join("snapshots/.snap-left.json.tmp"), b"{").expect("temp record");
+    d.kill();
+    d.spawn(&[]).await;
+    let left: Vec<_> = [vols.clone(), d.pool_dir().join("snapshots")]
+        .iter()
+        .flat_map(|dir| std::fs::read_dir(dir).expect("dir"))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(left.is_empty(), "temp records left: {left:?}");
+    d.delete(&v.volume_id).await.expect("delete");
+}
+
+#[tokio::test]
+async fn expanding_btrfs_past_the_pool_is_out_of_range_and_past_free_room_is_exhausted() {
+    let fs = TestFs::new("btrfs", 512);
+    let (mut d, _cfg) = driver_with(
+        &format!("  - name: b\n    path: {}\n    layout: btrfs\n", fs.mnt.display()),
+        None,
+    )
+    .await;
+    let v = create(&mut d, in_pool("pvc-grow", 32 * MIB, "b")).await;
+    let err = expand(&mut d, &v.volume_id, i64::MAX, 0)
+        .await
+        .expect_err("2^63-1 bytes");
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    let total = cellar::sys::statfs::usage(&fs.mnt).expect("statfs").total_bytes as i64;
+    let err = expand(&mut d, &v.volume_id, total - MIB, 0)
+        .await
+        .expect_err("more than is free");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // The quota did not move: writes still stop at 32 MiB.
+    let (staging, target) = d.mount_rw(&v.volume_id, "pod").await;
+    let big = vec![7u8; 48 << 20];
+    let wrote =
+        std::fs::write(target.join("big"), &big).and_then(|_| std::fs::File::open(target.join("big"))?.sync_all());
+    assert!(wrote.is_err(), "the 32 MiB limit still holds");
+    d.unmount_all(&v.volume_id, &staging, &target).await;
+    assert_eq!(
+        expand(&mut d, &v.volume_id, 64 * MIB, 0).await.expect("a real grow"),
+        64 * MIB
+    );
+}
+
+#[tokio::test]
+async fn expanding_with_an_empty_range_is_invalid_argument_and_changes_nothing() {
+    let mut d = Driver::start().await;
+    let v = d.create("pvc-empty-range").await;
+    let err = expand(&mut d, &v.volume_id, 0, 0).await.expect_err("empty range");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let got = d
+        .ctl
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: v.volume_id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(got.volume.expect("volume").capacity_bytes, v.capacity_bytes);
+    // A limit alone that the volume already meets changes nothing either.
+    assert_eq!(
+        expand(&mut d, &v.volume_id, 0, v.capacity_bytes * 2)
+            .await
+            .expect("limit only"),
+        v.capacity_bytes
+    );
+}
+
+fn record_capacity(pool: &Path, key: &str) -> u64 {
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(pool.join("volumes").join(format!("{key}.json"))).expect("record"))
+            .expect("json");
+    rec["capacity_bytes"].as_u64().expect("capacity")
+}
+
+#[tokio::test]
+async fn two_controller_replicas_on_one_shared_pool_see_one_truth() {
+    let share = tempfile::Builder::new()
+        .prefix("cellar-test-")
+        .tempdir()
+        .expect("share");
+    let pools = shared_pool(share.path(), "    layouts: [dir, image]\n");
+    let (mut a, _ca) = driver_with(&pools, Some("node-a")).await;
+    let (mut b, _cb) = driver_with(&pools, Some("node-b")).await;
+
+    let v = create(&mut a, in_pool("pvc-two", 128 * MIB, "share")).await;
+    let key = v.volume_id.rsplit(':').next().expect("key").to_string();
+    // The other replica finds it by id and in its listing.
+    let got = b
+        .ctl
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: v.volume_id.clone(),
+        })
+        .await
+        .expect("the other replica knows the volume")
+        .into_inner();
+    assert_eq!(got.volume.expect("volume").capacity_bytes, 128 * MIB);
+    let listed = b
+        .ctl
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(listed
+        .entries
+        .iter()
+        .any(|e| e.volume.as_ref().is_some_and(|v2| v2.volume_id == v.volume_id)));
+
+    // The provisioner's retry lands on the other replica with a smaller request: it gets the
+    // volume as made, and the record on the share keeps its size.
+    let again = create(&mut b, in_pool("pvc-two", 64 * MIB, "share")).await;
+    assert_eq!(again.volume_id, v.volume_id);
+    assert_eq!(again.capacity_bytes, 128 * MIB);
+    assert_eq!(record_capacity(share.path(), &key), 128 << 20);
+
+    // Deleted through one, gone for the other.
+    b.delete(&v.volume_id).await.expect("delete through b");
+    let err = a
+        .ctl
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: v.volume_id.clone(),
+        })
+        .await
+        .expect_err("gone");
+    assert_eq!(err.code(), Code::NotFound);
+    // And the name is free again on either.
+    let re = create(&mut a, in_pool("pvc-two", 64 * MIB, "share")).await;
+    assert_eq!(re.capacity_bytes, 64 * MIB);
+    a.delete(&re.volume_id).await.expect("delete");
+}
+
+#[tokio::test]
+async fn a_volume_named_like_a_lease_does_not_block_the_image_volume() {
+    let share = tempfile::Builder::new()
+        .prefix("cellar-test-")
+        .tempdir()
+        .expect("share");
+    let (mut d, _cfg) = driver_with(
+        &shared_pool(share.path(), "    layouts: [image, dir]\n    fsType: ext4\n"),
+        None,
+    )
+    .await;
+    let mut lease_like = in_pool("db.lease", 32 * MIB, "share");
+    lease_like.parameters.insert("layout".into(), "dir".into());
+    let l = create(&mut d, lease_like).await;
+    let db = create(&mut d, in_pool("db", 64 * MIB, "share")).await;
+    let staging: PathBuf = d.path("stage-db");
+    stage_rwo(&mut d.node, &db.volume_id, &staging)
+        .await
+        .expect("the image volume stages beside a volume named like its lease");
+    unstage_from(&mut d.node, &db.volume_id, &staging)
+        .await
+        .expect("unstage");
+    d.delete(&db.volume_id).await.expect("delete db");
+    d.delete(&l.volume_id).await.expect("delete db.lease");
+}
+
+#[tokio::test]
+async fn every_layout_refuses_to_delete_through_a_subdirectory_bind() {
+    // A pod may get a subPath of the volume: a bind of a directory below it is a use too.
+    let mut d = Driver::start().await;
+    let v = d.create("pvc-subpath").await;
+    let (staging, target) = d.mount_rw(&v.volume_id, "pod").await;
+    std::fs::create_dir(target.join("sub")).expect("subdir");
+    let sub_target = d.path("subpath-mount");
+    std::fs::create_dir_all(&sub_target).expect("target");
+    let ok = std::process::Command::new("mount")
+        .args([
+            "--bind",
+            target.join("sub").to_str().expect("utf-8"),
+            sub_target.to_str().expect("utf-8"),
+        ])
+        .status()
+        .expect("mount");
+    assert!(ok.success());
+    d.unpublish(&v.volume_id, &target).await.expect("unpublish");
+    d.unstage(&v.volume_id, &staging).await.expect("unstage");
+    let err = d
+        .delete(&v.volume_id)
+        .await
+        .expect_err("a subPath bind still uses the volume");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("subpath-mount"), "{}", err.message());
+    let ok = std::process::Command::new("umount")
+        .arg(&sub_target)
+        .status()
+        .expect("umount");
+    assert!(ok.success());
+    d.delete(&v.volume_id).await.expect("delete");
+}
+
+fn with_fs(mut r: CreateVolumeRequest, fs: &str) -> CreateVolumeRequest {
+    for c in &mut r.volume_capabilities {
+        if let Some(volume_capability::AccessType::Mount(m)) = &mut c.access_type {
+            m.fs_type = fs.to_string();
+        }
+    }
+    r
+}
+
+fn restore_of(name: &str, snapshot: &str, bytes: i64, pool: &str) -> CreateVolumeRequest {
+    let mut r = in_pool(name, bytes, pool);
+    r.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(from_snapshot(snapshot)),
+    });
+    r
+}
+
+async fn xfs_image_pool() -> (TestFs, Driver, tempfile::TempDir) {
+    let fs = TestFs::new("xfs", 3072);
+    let (d, cfg) = driver_with(
+        &format!(
+            "  - name: img\n    path: {}\n    layout: image\n    fsType: xfs\n",
+            fs.mnt.display()
+        ),
+        None,
+    )
+    .await;
+    (fs, d, cfg)
+}
+
+#[tokio::test]
+async fn a_small_xfs_volume_is_rounded_up_to_its_minimum_or_out_of_range_past_the_limit() {
+    let (fs, mut d, _cfg) = xfs_image_pool().await;
+    let v = create(&mut d, in_pool("pvc-small-xfs", 64 * MIB, "img")).await;
+    assert_eq!(v.capacity_bytes, 300 * MIB, "rounded up to what mkfs.xfs can make");
+    let mut capped = in_pool("pvc-capped-xfs", 64 * MIB, "img");
+    capped.capacity_range = Some(CapacityRange {
+        required_bytes: 64 * MIB,
+        limit_bytes: 100 * MIB,
+    });
+    let err = d
+        .ctl
+        .create_volume(capped)
+        .await
+        .expect_err("cannot fit under the limit");
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(
+        err.message().contains("300 MiB") && err.message().len() < 400,
+        "{}",
+        err.message()
+    );
+    let work: Vec<_> = std::fs::read_dir(fs.mnt.join(".work"))
+        .expect("work")
+        .flatten()
+        .collect();
+    assert!(work.is_empty(), "nothing left in .work: {work:?}");
+    d.delete(&v.volume_id).await.expect("delete");
+}
+
+#[tokio::test]
+async fn xfs_copies_stage_beside_their_source_on_one_node() {
+    let (_fs, mut d, _cfg) = xfs_image_pool().await;
+    let v = create(&mut d, in_pool("pvc-xfs-src", 300 * MIB, "img")).await;
+    let (st, tg) = d.mount_rw(&v.volume_id, "src").await;
+    std::fs::write(tg.join("who"), b"source").expect("write");
+    std::fs::File::open(tg.join("who"))
+        .and_then(|f| f.sync_all())
+        .expect("fsync");
+    let s = d
+        .snapshot("snap-xfs", &v.volume_id)
+        .await
+        .expect("snapshot while staged");
+    let restored = create(&mut d, restore_of("pvc-xfs-restored", &s.snapshot_id, 300 * MIB, "img")).await;
+    let mut clone = in_pool("pvc-xfs-clone", 300 * MIB, "img");
+    clone.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(from_volume(&v.volume_id)),
+    });
+    let clone = create(&mut d, clone).await;
+    // Both copies carry the source's filesystem UUID; they stage while the source is staged.
+    for (i, c) in [&restored, &clone].into_iter().enumerate() {
+        let (cst, ctg) = d.mount_rw(&c.volume_id, &format!("copy{i}")).await;
+        assert_eq!(std::fs::read(ctg.join("who")).expect("copied file"), b"source");
+        d.unmount_all(&c.volume_id, &cst, &ctg).await;
+        d.delete(&c.volume_id).await.expect("delete copy");
+    }
+    d.unmount_all(&v.volume_id, &st, &tg).await;
+}
+
+#[tokio::test]
+async fn a_restore_keeps_its_sources_filesystem_and_refuses_another() {
+    let (_fs, mut d, _cfg) = xfs_image_pool().await;
+    let v = create(&mut d, with_fs(in_pool("pvc-ext4-src", 64 * MIB, "img"), "ext4")).await;
+    write_file(&mut d, &v.volume_id, "who", b"ext4").await;
+    let s = d.snapshot("snap-ext4", &v.volume_id).await.expect("snapshot");
+    // Asked for xfs explicitly: refused, nothing made.
+    let err = d
+        .ctl
+        .create_volume(with_fs(
+            restore_of("pvc-as-xfs", &s.snapshot_id, 64 * MIB, "img"),
+            "xfs",
+        ))
+        .await
+        .expect_err("another filesystem");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("ext4"), "{}", err.message());
+    // No filesystem named: the pool's default is xfs, the restore is ext4 and stages as ext4.
+    let r = create(&mut d, restore_of("pvc-as-source", &s.snapshot_id, 64 * MIB, "img")).await;
+    assert_eq!(
+        read_back(&mut d, &r.volume_id, "who").await.as_deref(),
+        Some(&b"ext4"[..])
+    );
+    // Its retry is the same volume.
+    let again = create(&mut d, restore_of("pvc-as-source", &s.snapshot_id, 64 * MIB, "img")).await;
+    assert_eq!(again.volume_id, r.volume_id);
+}
+
+#[tokio::test]
+async fn node_expand_and_stats_answer_only_for_the_volumes_own_paths() {
+    let mut d = Driver::start().await;
+    let v = d.create("pvc-paths").await;
+    let (st, tg) = d.mount_rw(&v.volume_id, "pod").await;
+    for path in ["/", "/etc", "/var/lib"] {
+        let err = d
+            .node
+            .node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                volume_path: path.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("not the volume's path");
+        assert_eq!(err.code(), Code::NotFound, "{path}: {err:?}");
+        // Stats of a path that is not the volume's: an abnormal condition, no figures of that filesystem.
+        let s = d.stats(&v.volume_id, Path::new(path)).await.expect("stats answer");
+        assert!(s.usage.is_empty(), "{path}: {s:?}");
+        assert!(s.volume_condition.is_some_and(|c| c.abnormal));
+    }
+    d.stats(&v.volume_id, &tg).await.expect("the publish path");
+    d.stats(&v.volume_id, &st).await.expect("the staging path");
+    d.unmount_all(&v.volume_id, &st, &tg).await;
+}
+
+#[tokio::test]
+async fn nul_and_overlong_paths_and_ids_are_bounded_client_errors() {
+    let mut d = Driver::start().await;
+    let v = d.create("pvc-nul").await;
+    let long = format!("/{}", "a".repeat(65536));
+    for bad in ["/tmp/with\0nul".to_string(), long.clone()] {
+        let err = d
+            .node
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                staging_target_path: bad.clone(),
+                volume_capability: Some(rwo()),
+                ..Default::default()
+            })
+            .await
+            .expect_err("bad path");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().len() <= 1100, "bounded: {} bytes", err.message().len());
+        let err = d.stats(&v.volume_id, Path::new(&bad)).await.expect_err("bad path");
+        assert_eq!(err.code(), Code::InvalidArgument);
+    }
+    let err = d.delete(&format!("local:node-1:default:{}", "x".repeat(65536))).await;
+    if let Err(e) = err {
+        assert!(e.message().len() <= 1100, "bounded: {} bytes", e.message().len());
+    }
+    let err = d
+        .ctl
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: "y".repeat(65536),
+        })
+        .await
+        .expect_err("not an id");
+    assert!(err.message().len() <= 1100, "bounded: {} bytes", err.message().len());
+}
+
+#[tokio::test]
+async fn a_dir_volume_over_its_capacity_reports_an_abnormal_condition() {
+    let mut d = Driver::start().await;
+    let v = create(&mut d, create_req("pvc-over", 4 * MIB)).await;
+    let (st, tg) = d.mount_rw(&v.volume_id, "pod").await;
+    let stats = d.stats(&v.volume_id, &tg).await.expect("stats");
+    assert!(!stats.volume_condition.expect("condition").abnormal);
+    let mut f = std::fs::File::create(tg.join("big")).expect("create");
+    std::io::Write::write_all(&mut f, &vec![1u8; 6 << 20]).expect("write");
+    f.sync_all().expect("sync");
+    drop(f);
+    // A fresh driver counts afresh (the count is cached for a minute).
+    d.kill();
+    d.spawn(&[]).await;
+    let c = d
+        .stats(&v.volume_id, &tg)
+        .await
+        .expect("stats")
+        .volume_condition
+        .expect("condition");
+    assert!(c.abnormal, "{c:?}");
+    assert!(c.message.contains("do not enforce capacity"), "{}", c.message);
+    let got = d
+        .ctl
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: v.volume_id.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(got.status.and_then(|s| s.volume_condition).is_some_and(|c| c.abnormal));
+    d.unmount_all(&v.volume_id, &st, &tg).await;
+}
+
+#[tokio::test]
+async fn a_static_handle_naming_a_symlink_is_a_client_error() {
+    let share = tempfile::Builder::new()
+        .prefix("cellar-test-")
+        .tempdir()
+        .expect("share");
+    std::fs::create_dir(share.path().join("real")).expect("dir");
+    std::os::unix::fs::symlink("/etc", share.path().join("link")).expect("symlink");
+    let (mut d, _cfg) = driver_with(&shared_pool(share.path(), ""), None).await;
+    let staging = d.path("static-stage");
+    let err = stage_rwo(&mut d.node, "static:share:link", &staging)
+        .await
+        .expect_err("symlink");
+    assert!(
+        matches!(err.code(), Code::InvalidArgument | Code::NotFound),
+        "a client error, not {err:?}"
+    );
+    assert!(mounts_under(d.dir.path()).is_empty(), "nothing mounted");
+}
+
+/// Restarts the driver with failure points armed (`CELLAR_FAIL_AT`, the `crash-points` feature).
+async fn failing(d: &mut Driver, spec: &str) {
+    d.kill();
+    d.spawn(&[("CELLAR_FAIL_AT", spec)]).await;
+}
+
+fn entries_of(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn a_btrfs_snapshot_that_fails_on_a_full_pool_leaves_nothing_and_frees_its_name() {
+    // The attack as found: the subvolume snapshot is cut, its record cannot be written (ENOSPC).
+    let fs = TestFs::new("btrfs", 512);
+    let (mut d, _cfg) = driver_with(
+        &format!("  - name: b\n    path: {}\n    layout: btrfs\n", fs.mnt.display()),
+        None,
+    )
+    .await;
+    let a = create(&mut d, in_pool("pvc-full-a", 32 * MIB, "b")).await;
+    let b = create(&mut d, in_pool("pvc-full-b", 32 * MIB, "b")).await;
+    write_file(&mut d, &a.volume_id, "who", b"a").await;
+    write_file(&mut d, &b.volume_id, "who", b"b").await;
+    failing(&mut d, "record:write=ENOSPC").await;
+    let err = d
+        .snapshot("snap-full", &a.volume_id)
+        .await
+        .expect_err("the pool is full");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        entries_of(&fs.mnt.join("snapshots")).is_empty(),
+        "no subvolume and no temp record left: {:?}",
+        entries_of(&fs.mnt.join("snapshots"))
+    );
+    d.kill();
+    d.spawn(&[]).await;
+    let s = d.snapshot("snap-full", &b.volume_id).await.expect("snapshot of b");
+    assert_eq!(s.source_volume_id, b.volume_id);
+    let r = create(&mut d, restore_of("pvc-full-r", &s.snapshot_id, 32 * MIB, "b")).await;
+    assert_eq!(read_back(&mut d, &r.volume_id, "who").await.as_deref(), Some(&b"b"[..]));
+}
+
+#[tokio::test]
+async fn failed_creates_and_copies_leave_no_data_behind() {
+    let mut d = Driver::start().await;
+    let a = d.create("pvc-fail-src").await;
+    write_file(&mut d, &a.volume_id, "who", b"a").await;
+    let vols = d.pool_dir().join("volumes");
+    let before = entries_of(&vols);
+    // The record of a new volume cannot be written; then its copy fails midway.
+    for (spec, name) in [("record:write=ENOSPC", "pvc-fail-1"), ("copy:data=EIO", "pvc-fail-2")] {
+        failing(&mut d, spec).await;
+        let mut r = create_req(name, 64 * MIB);
+        if name.ends_with('2') {
+            r.volume_content_source = Some(VolumeContentSource {
+                r#type: Some(from_volume(&a.volume_id)),
+            });
+        }
+        let err = d.ctl.create_volume(r).await.expect_err("fails");
+        assert!(
+            matches!(err.code(), Code::ResourceExhausted | Code::Internal | Code::Unavailable),
+            "{spec}: {err:?}"
+        );
+        assert_eq!(entries_of(&vols), before, "{spec}: nothing of {name} is left");
+        assert!(
+            entries_of(&d.pool_dir().join(".work")).is_empty(),
+            "{spec}: .work is empty"
+        );
+    }
+    d.kill();
+    d.spawn(&[]).await;
+    // The names are free and work once the disk does.
+    d.create("pvc-fail-1").await;
+}
+
+#[tokio::test]
+async fn image_volumes_unstaged_at_once_each_detach_cleanly() {
+    // Every unstage looks its own loop device up while the other's is being detached.
+    let fs = TestFs::new("ext4", 1024);
+    let (mut d, _cfg) = driver_with(
+        &format!(
+            "  - name: img\n    path: {}\n    layout: image\n    fsType: ext4\n",
+            fs.mnt.display()
+        ),
+        None,
+    )
+    .await;
+    let a = create(&mut d, in_pool("pvc-unstage-a", 16 * MIB, "img")).await;
+    let b = create(&mut d, in_pool("pvc-unstage-b", 16 * MIB, "img")).await;
+    let (sa, sb) = (d.path("stage-a"), d.path("stage-b"));
+    for round in 0..15 {
+        stage_rwo(&mut d.node, &a.volume_id, &sa).await.expect("stage a");
+        stage_rwo(&mut d.node, &b.volume_id, &sb).await.expect("stage b");
+        let (mut na, mut nb) = (d.node.clone(), d.node.clone());
+        let (ra, rb) = tokio::join!(
+            unstage_from(&mut na, &a.volume_id, &sa),
+            unstage_from(&mut nb, &b.volume_id, &sb)
+        );
+        ra.unwrap_or_else(|e| panic!("round {round}: unstage a: {e:?}"));
+        rb.unwrap_or_else(|e| panic!("round {round}: unstage b: {e:?}"));
+    }
+    assert!(common::fs::loops_under(&fs.mnt).is_empty(), "no loop device left");
+}
