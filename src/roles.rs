@@ -311,9 +311,20 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
         .map_err(|e| RoleError::Split(format!("--agent-listen {}: {e}", o.agent_listen)))?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let routes = tonic::service::Routes::new(registry.service());
-    let registry_server = tokio::spawn(crate::agent::server::serve(listener, tls, routes, async {
-        let _ = stop_rx.await;
-    }));
+    // Every node keeps one connection to every replica: room for all of them and a margin.
+    let limits = server::SocketLimits {
+        max_connections: o.registry.max_nodes + 256,
+        ..crate::agent::server::TCP_LIMITS
+    };
+    let registry_server = tokio::spawn(crate::agent::server::serve_within(
+        listener,
+        limits,
+        tls,
+        routes,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     report_pools(&readiness, &engine);
     tracing::info!(agent_listen = %o.agent_listen, socket = %socket.display(), "controller ready");
     let identity = IdentityService::new(&o.driver_name, readiness.flag());

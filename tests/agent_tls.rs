@@ -986,3 +986,54 @@ async fn a_node_whose_agent_does_not_answer_is_not_picked_though_its_heartbeat_h
     assert!(!c.registry.is_unreachable(&node_id("node-1")));
     assert_eq!(c.node1.engine.volumes().len(), 2);
 }
+
+/// The agent's port drops connections that say nothing (not even the TLS handshake) after its idle
+/// timeout and holds at most its cap at once: many such connections do not keep the controller out.
+#[tokio::test]
+async fn silent_connections_beyond_the_agents_cap_are_dropped_and_the_controller_is_served() {
+    use cellar::agent::server::serve_within;
+    use cellar::server::SocketLimits;
+    use tokio::io::AsyncReadExt;
+    let ca = Ca::new("cellar test CA");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Arc::new(LocalEngine::open(node(), &Config::default_for(dir.path())).expect("engine"));
+    let tls = ca.tls(&ca.leaf(AGENT_SERVER_NAME));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let routes = Routes::new(AgentService::new(engine).into_server(tls.callers(CONTROLLER)));
+    let limits = SocketLimits {
+        idle_timeout: Duration::from_secs(1),
+        max_connections: 4,
+    };
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        serve_within(listener, limits, tls, routes, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("agent server");
+    });
+    let mut silent = Vec::new();
+    for _ in 0..12 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    let controller = remote(
+        NODE,
+        addr,
+        &ca.tls(&ca.leaf(CONTROLLER)),
+        Timeouts {
+            connect: Duration::from_secs(30),
+            call: Duration::from_secs(30),
+            storage: Duration::from_secs(30),
+        },
+    );
+    assert!(controller.volumes().await.expect("served").is_empty());
+    for (i, conn) in silent.iter_mut().enumerate() {
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(60), conn.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "silent connection {i} is still open: {read:?}"
+        );
+    }
+}

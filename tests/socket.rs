@@ -36,7 +36,11 @@ async fn probe_on_a_new_connection(d: &Driver) {
 
 #[tokio::test]
 async fn idle_connections_are_dropped_and_probe_still_answers() {
-    let d = Driver::start_with(&["--csi-idle-timeout", "1s", "--csi-max-connections", "8"], &[]).await;
+    let d = Driver::start_with(
+        &["--csi-idle-timeout", "1s", "--csi-max-connections", "8"],
+        &[("CELLAR_LOG", "cellar=debug")],
+    )
+    .await;
     let mut idle = Vec::new();
     for _ in 0..40 {
         idle.push(UnixStream::connect(d.socket()).await.expect("connect"));
@@ -48,11 +52,15 @@ async fn idle_connections_are_dropped_and_probe_still_answers() {
         assert!(closed_by_server(conn).await, "idle connection {i} is still open");
     }
     probe_on_a_new_connection(&d).await;
+    assert!(d.log().contains(IDLE_CLOSE), "{}", d.log());
 }
+
+/// What the driver logs (at debug) when it closes a silent connection.
+const IDLE_CLOSE: &str = "closing a connection idle for 1s";
 
 #[tokio::test]
 async fn a_live_client_that_stays_idle_keeps_its_connection() {
-    let mut d = Driver::start_with(&["--csi-idle-timeout", "1s"], &[]).await;
+    let mut d = Driver::start_with(&["--csi-idle-timeout", "1s"], &[("CELLAR_LOG", "cellar=debug")]).await;
     let mut id = d.id.clone();
     id.probe(ProbeRequest {}).await.expect("Probe");
     // Longer than the idle timeout: the client answers the server's pings meanwhile.
@@ -60,7 +68,7 @@ async fn a_live_client_that_stays_idle_keeps_its_connection() {
     id.probe(ProbeRequest {}).await.expect("Probe on the same connection");
     d.stop();
     assert!(
-        !d.log().contains("closing a CSI connection idle"),
+        !d.log().contains(IDLE_CLOSE),
         "a client answering pings was taken for idle:\n{}",
         d.log()
     );

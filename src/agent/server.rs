@@ -15,13 +15,13 @@ use tokio::net::TcpListener;
 use tokio_stream::{Stream, StreamExt};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::{Interceptor, Routes};
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::remote::{MAX_MESSAGE_BYTES, NODE_HEADER};
 use super::tls::{Callers, Tls, TlsError};
 use super::wire::{self, v1, WireError};
 use super::{Agent, LocalAgent};
+use crate::server::SocketLimits;
 use crate::storage::engine::{LocalEngine, NewVolume, Source};
 use crate::storage::id::NodeId;
 use crate::storage::transfer::Frame;
@@ -257,18 +257,35 @@ impl v1::agent_server::Agent for AgentService {
     }
 }
 
+/// The connection limits of the agent's and the registry's ports unless told otherwise: callers
+/// that say nothing (not even the TLS handshake) are dropped after two minutes; live peers answer
+/// the server's pings (every 30 s) and stay.
+pub const TCP_LIMITS: SocketLimits = SocketLimits {
+    idle_timeout: Duration::from_secs(120),
+    max_connections: 1024,
+};
+
 /// Serves gRPC services on a TCP listener with our TLS (mutual, or plaintext when insecure) until
 /// `shutdown` resolves, then waits for calls in flight. Used for the node's agent and for the
-/// controller's registry.
+/// controller's registry, within [`TCP_LIMITS`].
 pub async fn serve(
     listener: TcpListener,
     tls: Tls,
     routes: Routes,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
+    serve_within(listener, TCP_LIMITS, tls, routes, shutdown).await
+}
+
+/// [`serve`] within `limits` (at most that many connections, silent ones dropped).
+pub async fn serve_within(
+    listener: TcpListener,
+    limits: SocketLimits,
+    tls: Tls,
+    routes: Routes,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let incoming = crate::server::incoming_tcp(listener, limits, "the agent or registry port");
     tls.server_builder()?
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tokio_stream::wrappers::ReceiverStream;
@@ -105,14 +105,64 @@ impl SocketLimits {
 /// The longest pause of the accept loop when the process is out of file descriptors or memory.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
-/// The connections accepted on `listener`, within `limits`. The accept loop stops with the stream.
-pub fn incoming(listener: UnixListener, limits: SocketLimits) -> ReceiverStream<io::Result<Connection>> {
+/// A listening socket whose connections [`incoming`] and [`incoming_tcp`] bound.
+pub trait Listener: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static;
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Self::Io>>;
+}
+
+impl Listener for UnixListener {
+    type Io = UnixStream;
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<UnixStream>> {
+        UnixListener::poll_accept(self, cx).map_ok(|(stream, _)| stream)
+    }
+}
+
+impl Listener for TcpListener {
+    type Io = TcpStream;
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<TcpStream>> {
+        TcpListener::poll_accept(self, cx).map_ok(|(stream, _)| {
+            // Small gRPC messages go out at once.
+            let _ = stream.set_nodelay(true);
+            stream
+        })
+    }
+}
+
+/// The connections accepted on a CSI socket, within `limits`, each with any client's
+/// `:authority` made acceptable. The accept loop stops with the stream.
+pub fn incoming(listener: UnixListener, limits: SocketLimits) -> ReceiverStream<io::Result<Connection<UnixStream>>> {
+    spawn_accept(listener, limits, "the CSI socket", true)
+}
+
+/// The connections accepted on a TCP port (the agent's, the registry's), within `limits`; TLS is
+/// the server's, on top. The accept loop stops with the stream.
+pub fn incoming_tcp(
+    listener: TcpListener,
+    limits: SocketLimits,
+    what: &'static str,
+) -> ReceiverStream<io::Result<Connection<TcpStream>>> {
+    spawn_accept(listener, limits, what, false)
+}
+
+fn spawn_accept<L: Listener>(
+    listener: L,
+    limits: SocketLimits,
+    what: &'static str,
+    rewrite: bool,
+) -> ReceiverStream<io::Result<Connection<L::Io>>> {
     let (tx, rx) = mpsc::channel(1);
-    tokio::spawn(accept(listener, limits, tx));
+    tokio::spawn(accept(listener, limits, what, rewrite, tx));
     ReceiverStream::new(rx)
 }
 
-async fn accept(listener: UnixListener, limits: SocketLimits, tx: mpsc::Sender<io::Result<Connection>>) {
+async fn accept<L: Listener>(
+    mut listener: L,
+    limits: SocketLimits,
+    what: &'static str,
+    rewrite: bool,
+    tx: mpsc::Sender<io::Result<Connection<L::Io>>>,
+) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let mut backoff: Option<Duration> = None;
     loop {
@@ -124,17 +174,14 @@ async fn accept(listener: UnixListener, limits: SocketLimits, tx: mpsc::Sender<i
             _ = tx.closed() => return,
         };
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            accepted = std::future::poll_fn(|cx| listener.poll_accept(cx)) => accepted,
             _ = tx.closed() => return,
         };
         match accepted {
-            Ok((stream, _)) => {
+            Ok(stream) => {
                 backoff = None;
-                if tx
-                    .send(Ok(Connection::new(stream, slot, limits.idle_timeout)))
-                    .await
-                    .is_err()
-                {
+                let conn = Connection::new(stream, slot, limits.idle_timeout, rewrite);
+                if tx.send(Ok(conn)).await.is_err() {
                     return;
                 }
             }
@@ -142,7 +189,7 @@ async fn accept(listener: UnixListener, limits: SocketLimits, tx: mpsc::Sender<i
             Err(e) if out_of_resources(&e) => {
                 let wait = backoff.map_or(Duration::from_millis(10), |b| (b * 2).min(MAX_ACCEPT_BACKOFF));
                 if backoff.is_none() {
-                    tracing::warn!(error = %e, "cannot accept on the CSI socket; backing off until resources are free");
+                    tracing::warn!(error = %e, "cannot accept on {what}; backing off until resources are free");
                 }
                 backoff = Some(wait);
                 tokio::select! {
@@ -150,7 +197,7 @@ async fn accept(listener: UnixListener, limits: SocketLimits, tx: mpsc::Sender<i
                     _ = tx.closed() => return,
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "accept on the CSI socket failed"),
+            Err(e) => tracing::debug!(error = %e, "accept on {what} failed"),
         }
     }
 }
@@ -164,44 +211,81 @@ fn out_of_resources(e: &io::Error) -> bool {
 }
 
 /// One accepted connection: holds its place among the `max_connections` until it closes, reads
-/// as closed (EOF) once nothing has been read from it for the idle timeout, and hands h2 the
-/// client's bytes with any `:authority` made acceptable.
-pub struct Connection {
-    stream: UnixStream,
+/// as closed (EOF) once nothing has been read from it for the idle timeout, and (a CSI socket's)
+/// hands h2 the client's bytes with any `:authority` made acceptable.
+pub struct Connection<S> {
+    stream: S,
     _slot: OwnedSemaphorePermit,
-    idle: Pin<Box<Sleep>>,
-    idle_timeout: Duration,
-    rewrite: authority::AuthorityRewrite,
+    idle: Idle,
+    rewrite: Option<authority::AuthorityRewrite>,
     eof: bool,
 }
 
-impl Connection {
-    fn new(stream: UnixStream, slot: OwnedSemaphorePermit, idle_timeout: Duration) -> Connection {
+impl<S> Connection<S> {
+    fn new(stream: S, slot: OwnedSemaphorePermit, idle_timeout: Duration, rewrite: bool) -> Connection<S> {
         Connection {
             stream,
             _slot: slot,
-            idle: Box::pin(tokio::time::sleep(idle_timeout)),
-            idle_timeout,
-            rewrite: authority::AuthorityRewrite::default(),
+            idle: Idle {
+                deadline: Box::pin(tokio::time::sleep(idle_timeout)),
+                timeout: idle_timeout,
+            },
+            rewrite: rewrite.then(authority::AuthorityRewrite::default),
             eof: false,
         }
     }
 }
 
-impl Connected for Connection {
-    type ConnectInfo = <UnixStream as Connected>::ConnectInfo;
+/// How long a connection may stay silent.
+struct Idle {
+    deadline: Pin<Box<Sleep>>,
+    timeout: Duration,
+}
+
+impl Idle {
+    /// Something was read: the deadline starts again.
+    fn heard(&mut self) {
+        let next = tokio::time::Instant::now() + self.timeout;
+        self.deadline.as_mut().reset(next);
+    }
+
+    /// Whether the deadline has passed (then the connection reads as closed).
+    fn over(&mut self, cx: &mut Context<'_>) -> bool {
+        let over = self.deadline.as_mut().poll(cx).is_ready();
+        if over {
+            tracing::debug!("closing a connection idle for {:?}", self.timeout);
+        }
+        over
+    }
+}
+
+impl<S: Connected> Connected for Connection<S> {
+    type ConnectInfo = S::ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
         self.stream.connect_info()
     }
 }
 
-impl AsyncRead for Connection {
+impl<S: AsyncRead + Unpin> AsyncRead for Connection<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let Some(rewrite) = this.rewrite.as_mut() else {
+            let before = buf.filled().len();
+            return match Pin::new(&mut this.stream).poll_read(cx, buf) {
+                Poll::Ready(r) => {
+                    if buf.filled().len() > before {
+                        this.idle.heard();
+                    }
+                    Poll::Ready(r)
+                }
+                Poll::Pending if this.idle.over(cx) => Poll::Ready(Ok(())),
+                Poll::Pending => Poll::Pending,
+            };
+        };
         loop {
-            if this.rewrite.has_output() {
-                buf.put_slice(&this.rewrite.take(buf.remaining()));
+            if rewrite.has_output() {
+                buf.put_slice(&rewrite.take(buf.remaining()));
                 return Poll::Ready(Ok(()));
             }
             if this.eof {
@@ -212,26 +296,18 @@ impl AsyncRead for Connection {
             match Pin::new(&mut this.stream).poll_read(cx, &mut read) {
                 Poll::Ready(Ok(())) if read.filled().is_empty() => this.eof = true,
                 Poll::Ready(Ok(())) => {
-                    let next = tokio::time::Instant::now() + this.idle_timeout;
-                    this.idle.as_mut().reset(next);
-                    this.rewrite.feed(read.filled())?;
+                    rewrite.feed(read.filled())?;
+                    this.idle.heard();
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => {
-                    return match this.idle.as_mut().poll(cx) {
-                        Poll::Ready(()) => {
-                            tracing::debug!("closing a CSI connection idle for {:?}", this.idle_timeout);
-                            Poll::Ready(Ok(()))
-                        }
-                        Poll::Pending => Poll::Pending,
-                    }
-                }
+                Poll::Pending if this.idle.over(cx) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
 }
 
-impl AsyncWrite for Connection {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Connection<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
