@@ -56,6 +56,7 @@ impl Identity for IdentityService {
         let mut capabilities = vec![
             service(service::Type::ControllerService),
             service(service::Type::VolumeAccessibilityConstraints),
+            service(service::Type::GroupControllerService),
         ];
         capabilities.push(PluginCapability {
             r#type: Some(plugin_capability::Type::VolumeExpansion(

@@ -56,6 +56,10 @@ enum Command {
         /// Off when absent.
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_listen: Option<SocketAddr>,
+        /// Name the CSI 1.13 health RPCs in GetCapabilities. They are served either way; off by
+        /// default because csi-sanity v5.4 and older sidecars refuse capability values they do not know.
+        #[arg(long)]
+        advertise_volume_health: bool,
         #[command(flatten)]
         socket: SocketArgs,
     },
@@ -88,6 +92,10 @@ enum Command {
         /// Off when absent.
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_listen: Option<SocketAddr>,
+        /// Name the CSI 1.13 health RPCs in GetCapabilities. They are served either way; off by
+        /// default because csi-sanity v5.4 and older sidecars refuse capability values they do not know.
+        #[arg(long)]
+        advertise_volume_health: bool,
         #[command(flatten)]
         socket: SocketArgs,
     },
@@ -126,6 +134,10 @@ enum Command {
         /// Off when absent.
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_listen: Option<SocketAddr>,
+        /// Name the CSI 1.13 health RPCs in GetCapabilities. They are served either way; off by
+        /// default because csi-sanity v5.4 and older sidecars refuse capability values they do not know.
+        #[arg(long)]
+        advertise_volume_health: bool,
         #[command(flatten)]
         socket: SocketArgs,
     },
@@ -277,6 +289,7 @@ fn hostname() -> String {
 }
 
 fn main() -> ExitCode {
+    cellar::sys::memory::limit_malloc_arenas();
     let cli = Cli::parse();
     // The report reads the disk and the kernel's tables; it needs no async runtime.
     let command = match cli.command {
@@ -314,6 +327,7 @@ fn main() -> ExitCode {
             max_volumes_per_node,
             metrics_listen,
             socket,
+            advertise_volume_health,
         } => {
             init_logging(cli.log_format);
             socket.limits().and_then(|socket| {
@@ -326,6 +340,7 @@ fn main() -> ExitCode {
                     max_volumes_per_node,
                     metrics_listen,
                     socket,
+                    advertise_volume_health,
                 };
                 runtime
                     .block_on(cellar::roles::all_in_one(opts))
@@ -343,6 +358,7 @@ fn main() -> ExitCode {
             registry,
             metrics_listen,
             socket,
+            advertise_volume_health,
         } => {
             init_logging(cli.log_format);
             let limits = registry.config().and_then(|r| Ok((r, socket.limits()?)));
@@ -358,6 +374,7 @@ fn main() -> ExitCode {
                     tls: tls.flags(),
                     metrics_listen,
                     name,
+                    advertise_volume_health,
                 };
                 runtime
                     .block_on(cellar::roles::controller(opts))
@@ -377,6 +394,7 @@ fn main() -> ExitCode {
             max_volumes_per_node,
             metrics_listen,
             socket,
+            advertise_volume_health,
         } => {
             init_logging(cli.log_format);
             socket.limits().and_then(|socket| {
@@ -393,6 +411,7 @@ fn main() -> ExitCode {
                     max_volumes_per_node,
                     metrics_listen,
                     socket,
+                    advertise_volume_health,
                 };
                 runtime.block_on(cellar::roles::node(opts)).map_err(|e| e.to_string())
             })

@@ -10,6 +10,7 @@ use nix::fcntl::Flock;
 use crate::agent::{LocalAgent, SingleNode};
 use crate::controller::ControllerService;
 use crate::csi::v1::controller_server::ControllerServer;
+use crate::csi::v1::group_controller_server::GroupControllerServer;
 use crate::csi::v1::identity_server::IdentityServer;
 use crate::csi::v1::node_server::NodeServer as NodeGrpc;
 use crate::health::{Readiness, STARTING};
@@ -34,6 +35,8 @@ pub struct AllInOne {
     /// Where to serve /metrics, /healthz and /readyz; off when `None`.
     pub metrics_listen: Option<SocketAddr>,
     pub socket: server::SocketLimits,
+    /// Name the CSI 1.13 health RPCs in GetCapabilities (docs/health.md); they are served either way.
+    pub advertise_volume_health: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,9 +120,13 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
     );
 
     let identity = IdentityService::new(&o.driver_name, readiness.flag());
-    let controller = ControllerService::new(Arc::new(SingleNode(Arc::new(LocalAgent::new(engine.clone())))));
+    let controller = Arc::new(
+        ControllerService::new(Arc::new(SingleNode(Arc::new(LocalAgent::new(engine.clone())))))
+            .advertising_health(o.advertise_volume_health),
+    );
     crate::node::start_lease_renewer(engine.clone(), state.clone());
-    let node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
+    let mut node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
+    node_svc.advertise_health = o.advertise_volume_health;
     // The socket appears only now: whoever finds it (kubelet's registrar, a test) finds a driver
     // whose pools and node state are open.
     let listener = server::bind(&socket)?;
@@ -128,7 +135,8 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
         .socket
         .server_builder()
         .add_service(IdentityServer::new(identity))
-        .add_service(ControllerServer::new(controller))
+        .add_service(ControllerServer::from_arc(controller.clone()))
+        .add_service(GroupControllerServer::from_arc(controller))
         .add_service(NodeGrpc::new(NodeServer(Arc::new(node_svc))));
     let served = server::serve_until_signal(router, listener, o.socket, &socket, std::future::pending()).await;
     drop(metrics);
@@ -262,6 +270,8 @@ pub struct ControllerRole {
     pub metrics_listen: Option<SocketAddr>,
     /// The name this controller goes by in volume records of shared pools (its pod name).
     pub name: String,
+    /// Name the CSI 1.13 health RPCs in GetCapabilities (docs/health.md); they are served either way.
+    pub advertise_volume_health: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -278,6 +288,8 @@ pub struct NodeRole {
     pub max_volumes_per_node: i64,
     pub metrics_listen: Option<SocketAddr>,
     pub socket: server::SocketLimits,
+    /// Name the CSI 1.13 health RPCs in GetCapabilities (docs/health.md); they are served either way.
+    pub advertise_volume_health: bool,
 }
 
 /// `cellar controller`: Identity + Controller for the sidecars, the registry the nodes report to,
@@ -328,14 +340,15 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     report_pools(&readiness, &engine);
     tracing::info!(agent_listen = %o.agent_listen, socket = %socket.display(), "controller ready");
     let identity = IdentityService::new(&o.driver_name, readiness.flag());
-    let controller = ControllerService::new(Arc::new(registry));
+    let controller = Arc::new(ControllerService::new(Arc::new(registry)).advertising_health(o.advertise_volume_health));
     let listener = server::bind(&socket)?;
     metrics.serving(&socket);
     let router = o
         .socket
         .server_builder()
         .add_service(IdentityServer::new(identity))
-        .add_service(ControllerServer::new(controller));
+        .add_service(ControllerServer::from_arc(controller.clone()))
+        .add_service(GroupControllerServer::from_arc(controller));
     let served = server::serve_until_signal(router, listener, o.socket, &socket, o.tls.rotated()).await;
     let _ = stop_tx.send(());
     let _ = registry_server.await;
@@ -409,7 +422,8 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     tracing::info!(node = node.as_str(), agent_listen = %o.agent_listen, socket = %socket.display(), "node ready");
     let identity = IdentityService::new(&o.driver_name, readiness.flag());
     crate::node::start_lease_renewer(engine.clone(), state.clone());
-    let node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
+    let mut node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
+    node_svc.advertise_health = o.advertise_volume_health;
     let listener = server::bind(&socket)?;
     metrics.serving(&socket);
     let router = o

@@ -34,6 +34,7 @@ const VALUE_SETS: &[&str] = &[
 /// knows only the built-in kinds).
 const CRD_KINDS: &[&str] = &[
     "VolumeSnapshotClass",
+    "VolumeGroupSnapshotClass",
     "VolumeSnapshot",
     "Certificate",
     "Issuer",
@@ -665,6 +666,12 @@ fn controller_runs_the_sidecars_with_the_flags_cellar_needs() {
                 );
             }
         }
+        let groups = snapshots && r.value("snapshots.groups").as_bool().unwrap_or(false);
+        if snapshots {
+            let gate = "--feature-gates=CSIVolumeGroupSnapshot=true";
+            let a = args(container(spec, "csi-snapshotter"));
+            assert_eq!(a.iter().any(|x| x == gate), groups, "{}: {a:?}", r.set);
+        }
         if health {
             let monitor = container(spec, "csi-external-health-monitor-controller");
             assert_eq!(flag(monitor, "monitor-interval"), Some(r.str("volumeHealth.interval")));
@@ -1158,6 +1165,9 @@ fn rbac_grants_what_the_sidecars_use_and_nothing_of_attach_or_secrets() {
             assert!(has(res, verb), "{}: {verb} {res} missing", r.set);
         }
         assert_eq!(has("volumesnapshotcontents/status", "update"), snapshots, "{}", r.set);
+        let groups = snapshots && r.value("snapshots.groups").as_bool().unwrap_or(false);
+        assert_eq!(has("volumegroupsnapshotcontents/status", "update"), groups, "{}", r.set);
+        assert_eq!(has("volumegroupsnapshotclasses", "watch"), groups, "{}", r.set);
         // The health monitor watches pods (and nodes, which the provisioner reads too); otherwise
         // the controller pod only gets its own pod, for the capacity owner.
         let health = r.value("volumeHealth.enabled").as_bool().expect("bool");

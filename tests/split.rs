@@ -459,6 +459,25 @@ async fn a_dead_node_is_unavailable_the_others_serve_and_it_converges_when_back(
                 cond.message.contains("node-2") && cond.message.contains("last listed"),
                 "{cond:?}"
             );
+            // CSI 1.13 health says the same, with its reason (docs/health.md).
+            let health = ctl
+                .controller_get_volume_health(ControllerGetVolumeHealthRequest {
+                    volume_id: on2.volume_id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .volume_health
+                .unwrap();
+            assert_eq!(health.health_statuses.len(), 1, "{health:?}");
+            let entry = &health.health_statuses[0];
+            assert_eq!(entry.reason, "NodeUnreachable", "{health:?}");
+            assert_eq!(entry.status, VolumeHealthErrorType::Inaccessible as i32);
+            assert!(
+                entry.message.contains("node-2") && entry.message.contains("last listed"),
+                "{health:?}"
+            );
             if cond.message.contains(cause) {
                 break;
             }
@@ -469,6 +488,24 @@ async fn a_dead_node_is_unavailable_the_others_serve_and_it_converges_when_back(
             listed_conditions(&mut ctl).await,
             vec![(on1_id.clone(), false), (on2.volume_id.clone(), true)],
             "{cause}: node-1's volume as it is, node-2's from its last listing"
+        );
+        let listed = ctl
+            .controller_list_volume_health(ControllerListVolumeHealthRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let reasons: Vec<(String, Vec<String>)> = listed
+            .entries
+            .into_iter()
+            .map(|h| (h.volume_id, h.health_statuses.into_iter().map(|e| e.reason).collect()))
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![
+                (on1_id.clone(), vec![]),
+                (on2.volume_id.clone(), vec!["NodeUnreachable".to_string()])
+            ],
+            "{cause}: ControllerListVolumeHealth as ListVolumes"
         );
     }
     c.start_node(1);

@@ -13,9 +13,9 @@ use std::sync::Arc;
 
 use tokio_stream::{Stream, StreamExt};
 
-use crate::storage::engine::{CapacityRange, Condition, LocalEngine, Mutable, NewVolume, PoolStatus, Source};
-use crate::storage::id::{NodeId, SnapshotId, StaticId, VolumeId};
-use crate::storage::record::{SnapshotRecord, VolumeRecord};
+use crate::storage::engine::{CapacityRange, Condition, LocalEngine, Mutable, NewGroup, NewVolume, PoolStatus, Source};
+use crate::storage::id::{GroupId, NodeId, SnapshotId, StaticId, VolumeId};
+use crate::storage::record::{GroupRecord, SnapshotRecord, VolumeRecord};
 use crate::storage::transfer::Frame;
 use crate::storage::StorageError;
 
@@ -57,6 +57,14 @@ pub trait Agent: Send + Sync {
     /// Creates a volume from another node's data (`export_data` of that node). An error in
     /// `frames` is the call's error: the volume is not made, and nothing of it is left.
     async fn import_volume(&self, req: NewVolume, frames: Frames) -> Result<VolumeRecord, StorageError>;
+    /// Cuts a group snapshot of volumes of this node at one point in time, or returns the one
+    /// made under the same name for the same volumes.
+    async fn create_group(&self, req: NewGroup) -> Result<GroupRecord, StorageError>;
+    /// Deletes a group snapshot and its members; one already gone is OK.
+    async fn delete_group(&self, id: GroupId) -> Result<(), StorageError>;
+    async fn group(&self, id: GroupId) -> Result<Option<GroupRecord>, StorageError>;
+    /// The group snapshot created under a CSI name, in any pool of the node.
+    async fn group_named(&self, name: String) -> Result<Option<GroupRecord>, StorageError>;
 }
 
 /// The node's own engine, called in-process. Disk work runs on the blocking pool so slow copies
@@ -196,6 +204,22 @@ impl Agent for LocalAgent {
         pump.abort();
         crate::metrics::record_transfer_end("import", made.is_ok());
         made
+    }
+
+    async fn create_group(&self, req: NewGroup) -> Result<GroupRecord, StorageError> {
+        self.blocking(move |e| e.create_group(&req)).await
+    }
+
+    async fn delete_group(&self, id: GroupId) -> Result<(), StorageError> {
+        self.blocking(move |e| e.delete_group(&id)).await
+    }
+
+    async fn group(&self, id: GroupId) -> Result<Option<GroupRecord>, StorageError> {
+        self.blocking(move |e| e.group(&id)).await
+    }
+
+    async fn group_named(&self, name: String) -> Result<Option<GroupRecord>, StorageError> {
+        self.blocking(move |e| e.group_named(&name)).await
     }
 }
 

@@ -27,9 +27,9 @@ use super::remote::{unavailable, HostPort, RemoteAgent, Timeouts};
 use super::tls::{self, Tls, AGENT_SERVER_NAME};
 use super::wire::{self, v1};
 use super::{Agent, Directory, Frames};
-use crate::storage::engine::{CapacityRange, Condition, Mutable, NewVolume, PoolStatus, Source};
-use crate::storage::id::{NodeId, SnapshotId, StaticId, VolumeId};
-use crate::storage::record::{SnapshotRecord, VolumeRecord};
+use crate::storage::engine::{CapacityRange, Condition, Mutable, NewGroup, NewVolume, PoolStatus, Source};
+use crate::storage::id::{GroupId, NodeId, SnapshotId, StaticId, VolumeId};
+use crate::storage::record::{GroupRecord, SnapshotRecord, VolumeRecord};
 use crate::storage::StorageError;
 
 /// Where time comes from; tests pass a clock they move by hand.
@@ -742,6 +742,18 @@ impl Agent for RegisteredAgent {
     }
     async fn import_volume(&self, req: NewVolume, frames: Frames) -> Result<VolumeRecord, StorageError> {
         self.seen(self.remote()?.import_volume(req, frames).await)
+    }
+    async fn create_group(&self, req: NewGroup) -> Result<GroupRecord, StorageError> {
+        self.remote()?.create_group(req).await
+    }
+    async fn delete_group(&self, id: GroupId) -> Result<(), StorageError> {
+        self.remote()?.delete_group(id).await
+    }
+    async fn group(&self, id: GroupId) -> Result<Option<GroupRecord>, StorageError> {
+        self.remote()?.group(id).await
+    }
+    async fn group_named(&self, name: String) -> Result<Option<GroupRecord>, StorageError> {
+        self.remote()?.group_named(name).await
     }
 }
 

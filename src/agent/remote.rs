@@ -18,9 +18,9 @@ use tonic::{Code, Request, Response, Status};
 use super::tls::{Tls, TlsError};
 use super::wire::{self, v1, v1::agent_client::AgentClient};
 use super::{Agent, Frames, FRAMES_IN_FLIGHT};
-use crate::storage::engine::{CapacityRange, Condition, Mutable, NewVolume, PoolStatus, Source};
-use crate::storage::id::{NodeId, SnapshotId, StaticId, VolumeId};
-use crate::storage::record::{SnapshotRecord, VolumeRecord};
+use crate::storage::engine::{CapacityRange, Condition, Mutable, NewGroup, NewVolume, PoolStatus, Source};
+use crate::storage::id::{GroupId, NodeId, SnapshotId, StaticId, VolumeId};
+use crate::storage::record::{GroupRecord, SnapshotRecord, VolumeRecord};
 use crate::storage::transfer::Frame;
 use crate::storage::StorageError;
 use crate::sys::SysError;
@@ -547,6 +547,50 @@ impl Agent for RemoteAgent {
             .into_inner();
         let v = self.present(RPC, "volume", r.volume)?;
         self.decode(RPC, v.try_into())
+    }
+
+    async fn create_group(&self, req: NewGroup) -> Result<GroupRecord, StorageError> {
+        const RPC: &str = "CreateGroup";
+        let msg = v1::CreateGroupRequest::from(&req);
+        let r = self
+            .call(RPC, self.timeouts.storage, msg, |mut c, r| async move {
+                c.create_group(r).await
+            })
+            .await?;
+        Ok(self.present(RPC, "group", r.group)?.into())
+    }
+
+    async fn delete_group(&self, id: GroupId) -> Result<(), StorageError> {
+        let msg = v1::DeleteGroupRequest {
+            group_id: id.to_string(),
+        };
+        self.call("DeleteGroup", self.timeouts.storage, msg, |mut c, r| async move {
+            c.delete_group(r).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn group(&self, id: GroupId) -> Result<Option<GroupRecord>, StorageError> {
+        let msg = v1::GetGroupRequest {
+            group_id: id.to_string(),
+        };
+        let r = self
+            .call("GetGroup", self.timeouts.call, msg, |mut c, r| async move {
+                c.get_group(r).await
+            })
+            .await?;
+        Ok(r.group.map(Into::into))
+    }
+
+    async fn group_named(&self, name: String) -> Result<Option<GroupRecord>, StorageError> {
+        let msg = v1::GroupNamedRequest { name };
+        let r = self
+            .call("GroupNamed", self.timeouts.call, msg, |mut c, r| async move {
+                c.group_named(r).await
+            })
+            .await?;
+        Ok(r.group.map(Into::into))
     }
 }
 

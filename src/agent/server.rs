@@ -22,7 +22,7 @@ use super::tls::{Callers, Tls, TlsError};
 use super::wire::{self, v1, WireError};
 use super::{Agent, LocalAgent};
 use crate::server::SocketLimits;
-use crate::storage::engine::{LocalEngine, NewVolume, Source};
+use crate::storage::engine::{LocalEngine, NewGroup, NewVolume, Source};
 use crate::storage::id::NodeId;
 use crate::storage::transfer::Frame;
 use crate::storage::StorageError;
@@ -254,6 +254,36 @@ impl v1::agent_server::Agent for AgentService {
         let id = wire::static_id("static_id", &req.into_inner().static_id).map_err(invalid)?;
         let exists = self.agent.static_exists(id).await.map_err(wire::status)?;
         Ok(Response::new(v1::StaticExistsResponse { exists }))
+    }
+
+    async fn create_group(&self, req: Request<v1::CreateGroupRequest>) -> Reply<v1::CreateGroupResponse> {
+        let group = NewGroup::try_from(req.into_inner()).map_err(invalid)?;
+        let made = self.agent.create_group(group).await.map_err(wire::status)?;
+        Ok(Response::new(v1::CreateGroupResponse {
+            group: Some((&made).into()),
+        }))
+    }
+
+    async fn delete_group(&self, req: Request<v1::DeleteGroupRequest>) -> Reply<v1::DeleteGroupResponse> {
+        let id = wire::group_id("group_id", &req.into_inner().group_id).map_err(invalid)?;
+        self.agent.delete_group(id).await.map_err(wire::status)?;
+        Ok(Response::new(v1::DeleteGroupResponse {}))
+    }
+
+    async fn get_group(&self, req: Request<v1::GetGroupRequest>) -> Reply<v1::GetGroupResponse> {
+        let id = wire::group_id("group_id", &req.into_inner().group_id).map_err(invalid)?;
+        let found = self.agent.group(id).await.map_err(wire::status)?;
+        Ok(Response::new(v1::GetGroupResponse {
+            group: found.as_ref().map(Into::into),
+        }))
+    }
+
+    async fn group_named(&self, req: Request<v1::GroupNamedRequest>) -> Reply<v1::GetGroupResponse> {
+        let name = wire::name("name", req.into_inner().name).map_err(invalid)?;
+        let found = self.agent.group_named(name).await.map_err(wire::status)?;
+        Ok(Response::new(v1::GetGroupResponse {
+            group: found.as_ref().map(Into::into),
+        }))
     }
 }
 

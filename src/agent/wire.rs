@@ -13,9 +13,11 @@ use tonic::codegen::Bytes;
 use tonic::{Code, Status};
 
 use crate::storage::config::DeletePolicy;
-use crate::storage::engine::{CapacityRange, Condition, Mutable, NewVolume, Ownership, PoolStatus, Source};
-use crate::storage::id::{NodeId, PoolName, SnapshotId, StaticId, VolumeId};
-use crate::storage::record::{AccessMode, ContentSource, Layout, SnapshotRecord, VolumeMode, VolumeRecord};
+use crate::storage::engine::{CapacityRange, Condition, Mutable, NewGroup, NewVolume, Ownership, PoolStatus, Source};
+use crate::storage::id::{GroupId, NodeId, PoolName, SnapshotId, StaticId, VolumeId};
+use crate::storage::record::{
+    AccessMode, ContentSource, GroupMember, GroupRecord, Layout, SnapshotRecord, VolumeMode, VolumeRecord,
+};
 use crate::storage::transfer::{Frame, Header};
 use crate::storage::StorageError;
 use crate::sys::tree::Meta;
@@ -151,6 +153,13 @@ pub fn snapshot_id(field: &str, raw: &str) -> Result<SnapshotId, WireError> {
     SnapshotId::parse(raw).map_err(|e| bad(field, e))
 }
 
+pub fn group_id(field: &str, raw: &str) -> Result<GroupId, WireError> {
+    if raw.is_empty() {
+        return Err(bad(field, "is required"));
+    }
+    GroupId::parse(raw).map_err(|e| bad(field, e))
+}
+
 pub fn static_id(field: &str, raw: &str) -> Result<StaticId, WireError> {
     StaticId::parse(raw).map_err(|e| bad(field, e))
 }
@@ -250,6 +259,7 @@ impl From<&SnapshotRecord> for v1::SnapshotRecord {
             layout: v1::Layout::from(r.layout) as i32,
             mode: v1::VolumeMode::from(r.mode) as i32,
             fs_bytes: r.fs_bytes,
+            group_snapshot_id: r.group.clone().unwrap_or_default(),
         }
     }
 }
@@ -268,6 +278,87 @@ impl TryFrom<v1::SnapshotRecord> for SnapshotRecord {
             created_unix_secs: m.created_unix_secs,
             created_nanos: m.created_nanos,
             fs_bytes: m.fs_bytes,
+            group: Some(m.group_snapshot_id).filter(|g| !g.is_empty()),
+        })
+    }
+}
+
+impl From<&GroupRecord> for v1::GroupRecord {
+    fn from(r: &GroupRecord) -> Self {
+        v1::GroupRecord {
+            version: r.version,
+            name: r.name.clone(),
+            id: r.id.clone(),
+            members: r
+                .members
+                .iter()
+                .map(|m| v1::GroupMember {
+                    volume_id: m.volume_id.clone(),
+                    snapshot_id: m.snapshot_id.clone(),
+                    size_bytes: m.size_bytes,
+                })
+                .collect(),
+            parameters: r.parameters.clone(),
+            created_unix_secs: r.created_unix_secs,
+            created_nanos: r.created_nanos,
+        }
+    }
+}
+
+impl From<v1::GroupRecord> for GroupRecord {
+    fn from(m: v1::GroupRecord) -> Self {
+        GroupRecord {
+            version: m.version,
+            name: m.name,
+            id: m.id,
+            members: m
+                .members
+                .into_iter()
+                .map(|g| GroupMember {
+                    volume_id: g.volume_id,
+                    snapshot_id: g.snapshot_id,
+                    size_bytes: g.size_bytes,
+                })
+                .collect(),
+            parameters: m.parameters,
+            created_unix_secs: m.created_unix_secs,
+            created_nanos: m.created_nanos,
+        }
+    }
+}
+
+impl From<&NewGroup> for v1::CreateGroupRequest {
+    fn from(r: &NewGroup) -> Self {
+        v1::CreateGroupRequest {
+            name: r.name.clone(),
+            volume_ids: r.members.iter().map(ToString::to_string).collect(),
+            parameters: r.parameters.clone(),
+            per_volume: r.per_volume,
+            freeze_timeout_millis: r.freeze_timeout.as_millis() as u64,
+        }
+    }
+}
+
+impl TryFrom<v1::CreateGroupRequest> for NewGroup {
+    type Error = WireError;
+    fn try_from(m: v1::CreateGroupRequest) -> Result<Self, WireError> {
+        let members = m
+            .volume_ids
+            .iter()
+            .map(|v| volume_id("volume_ids", v))
+            .collect::<Result<Vec<_>, _>>()?;
+        if members.is_empty() {
+            return Err(bad("volume_ids", "is required"));
+        }
+        if m.freeze_timeout_millis == 0 {
+            return Err(bad("freeze_timeout_millis", "is required"));
+        }
+        Ok(NewGroup {
+            name: name("name", m.name)?,
+            members,
+            parameters: m.parameters,
+            per_volume: m.per_volume,
+            freeze_timeout: std::time::Duration::from_millis(m.freeze_timeout_millis),
         })
     }
 }
@@ -649,6 +740,8 @@ impl From<&StorageError> for v1::StorageFailure {
             }),
             StorageError::InUse(s) => Kind::InUse(s.clone()),
             StorageError::Unavailable(s) => Kind::Unavailable(s.clone()),
+            StorageError::NotTogether(s) => Kind::NotTogether(s.clone()),
+            StorageError::Aborted(s) => Kind::Aborted(s.clone()),
             StorageError::Corrupt { path, reason } => Kind::Corrupt(failure::Corrupt {
                 path: path.to_string_lossy().into_owned(),
                 reason: reason.clone(),
@@ -701,6 +794,8 @@ pub fn storage_error(node: &NodeId, f: v1::StorageFailure) -> Option<StorageErro
         },
         Kind::InUse(s) => StorageError::InUse(s),
         Kind::Unavailable(s) => StorageError::Unavailable(s),
+        Kind::NotTogether(s) => StorageError::NotTogether(s),
+        Kind::Aborted(s) => StorageError::Aborted(s),
         Kind::Corrupt(c) => StorageError::Corrupt {
             path: PathBuf::from(c.path),
             reason: c.reason,
@@ -824,8 +919,40 @@ mod tests {
             layout: Layout::Image,
             mode: VolumeMode::Block,
             fs_bytes: 77,
+            group: Some("group:local:node-1:fast:groupsnapshot-1".into()),
         };
         assert_eq!(SnapshotRecord::try_from(v1::SnapshotRecord::from(&s)).unwrap(), s);
+        let alone = SnapshotRecord { group: None, ..s };
+        assert_eq!(
+            SnapshotRecord::try_from(v1::SnapshotRecord::from(&alone)).unwrap(),
+            alone
+        );
+    }
+
+    #[test]
+    fn group_records_and_requests_round_trip() {
+        let g = GroupRecord {
+            version: 1,
+            name: "groupsnapshot-1".into(),
+            id: "group:local:node-1:fast:groupsnapshot-1".into(),
+            members: vec![GroupMember {
+                volume_id: "local:node-1:fast:pvc-1".into(),
+                snapshot_id: "snap:local:node-1:fast:groupsnapshot-1-pvc-1".into(),
+                size_bytes: 1 << 30,
+            }],
+            parameters: [("consistency".to_string(), "group".to_string())].into(),
+            created_unix_secs: 1_700_000_001,
+            created_nanos: 5,
+        };
+        assert_eq!(GroupRecord::from(v1::GroupRecord::from(&g)), g);
+        let req = NewGroup {
+            name: "groupsnapshot-1".into(),
+            members: vec![VolumeId::parse("local:node-1:fast:pvc-1").unwrap()],
+            parameters: Default::default(),
+            per_volume: true,
+            freeze_timeout: std::time::Duration::from_secs(30),
+        };
+        assert_eq!(NewGroup::try_from(v1::CreateGroupRequest::from(&req)).unwrap(), req);
     }
 
     #[test]

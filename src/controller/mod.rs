@@ -1,6 +1,8 @@
 //! The Controller service: validates requests, picks the node and pool, and routes each call to the
 //! agent of the node that owns the volume.
 
+pub mod group;
+mod health;
 pub mod page;
 pub mod request;
 
@@ -34,6 +36,8 @@ pub struct ControllerService {
     /// Bumped by every create and delete through this controller: a cached listing older than the
     /// last change is not reused.
     changes: std::sync::atomic::AtomicU64,
+    /// Whether ControllerGetCapabilities names the CSI 1.13 health RPCs (served either way).
+    advertise_health: bool,
 }
 
 struct PagedListing {
@@ -57,6 +61,7 @@ impl ControllerService {
             listings: Default::default(),
             paged: Default::default(),
             changes: Default::default(),
+            advertise_health: false,
         }
     }
 }
@@ -104,14 +109,14 @@ async fn pools_of(directory: &dyn Directory, agent: &Arc<dyn Agent>) -> Result<V
     }
 }
 
+/// How the condition of a volume whose agent cannot be reached begins (csi/health.rs reads it).
+pub const UNREACHABLE: &str = "cannot be checked: ";
+
 /// The condition of a volume whose agent cannot be reached, as of its last listing.
 fn unreachable(why: &str, listed: std::time::Instant) -> Condition {
     Condition {
         abnormal: true,
-        message: format!(
-            "cannot be checked: {why} (last listed {}s ago)",
-            listed.elapsed().as_secs()
-        ),
+        message: format!("{UNREACHABLE}{why} (last listed {}s ago)", listed.elapsed().as_secs()),
     }
 }
 
@@ -198,7 +203,8 @@ fn csi_snapshot(r: &SnapshotRecord) -> Snapshot {
             nanos: r.created_nanos,
         }),
         ready_to_use: true,
-        group_snapshot_id: String::new(),
+        // A member of a group is deleted with its group, never alone (DeleteSnapshot refuses it).
+        group_snapshot_id: r.group.clone().unwrap_or_default(),
     }
 }
 
@@ -609,6 +615,52 @@ impl ControllerService {
         }
     }
 
+    /// A volume and its condition; ControllerGetVolumeHealth answers from the same condition.
+    async fn get_volume(&self, r: &ControllerGetVolumeRequest) -> Result<ControllerGetVolumeResponse, Status> {
+        if r.volume_id.is_empty() {
+            return Err(missing("volume_id"));
+        }
+        if let Ok(sid) = StaticId::parse(&r.volume_id) {
+            let agent = self
+                .directory
+                .shared()
+                .ok_or_else(|| Status::not_found("no shared pools here"))?;
+            if !agent.static_exists(sid).await? {
+                return Err(Status::not_found(format!("volume {} not found", r.volume_id)));
+            }
+            return Ok(ControllerGetVolumeResponse {
+                volume: Some(Volume {
+                    volume_id: r.volume_id.clone(),
+                    ..Default::default()
+                }),
+                status: Some(controller_get_volume_response::VolumeStatus {
+                    published_node_ids: vec![],
+                    volume_condition: Some(VolumeCondition {
+                        abnormal: false,
+                        message: "the static volume's directory is present".into(),
+                    }),
+                }),
+            });
+        }
+        let (id, agent) = self.volume_owner(&r.volume_id)?;
+        let answer = match agent.volume(id).await.map_err(Status::from) {
+            Err(e) if e.code() == tonic::Code::Unavailable => {
+                Some(self.last_listed(&r.volume_id, e.message()).ok_or(e)?)
+            }
+            other => other?,
+        };
+        let Some((rec, cond)) = answer else {
+            return Err(Status::not_found(format!("volume {} not found", r.volume_id)));
+        };
+        Ok(ControllerGetVolumeResponse {
+            volume: Some(csi_volume(&rec, agent.node())),
+            status: Some(controller_get_volume_response::VolumeStatus {
+                published_node_ids: vec![],
+                volume_condition: Some(csi_condition(&cond)),
+            }),
+        })
+    }
+
     async fn all_snapshots(&self) -> Result<Vec<SnapshotRecord>, Status> {
         let mut all = Vec::new();
         for a in self.directory.all() {
@@ -835,6 +887,7 @@ impl Controller for ControllerService {
     ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
         let capabilities = CAPABILITIES
             .iter()
+            .chain(crate::csi::health::controller_capabilities(self.advertise_health))
             .map(|t| ControllerServiceCapability {
                 r#type: Some(CapType::Rpc(Rpc { r#type: *t as i32 })),
             })
@@ -984,52 +1037,9 @@ impl Controller for ControllerService {
         req: Request<ControllerGetVolumeRequest>,
     ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
         let r = req.into_inner();
-        traced("ControllerGetVolume", &r.volume_id, async {
-            if r.volume_id.is_empty() {
-                return Err(missing("volume_id"));
-            }
-            if let Ok(sid) = StaticId::parse(&r.volume_id) {
-                let agent = self
-                    .directory
-                    .shared()
-                    .ok_or_else(|| Status::not_found("no shared pools here"))?;
-                if !agent.static_exists(sid).await? {
-                    return Err(Status::not_found(format!("volume {} not found", r.volume_id)));
-                }
-                return Ok(ControllerGetVolumeResponse {
-                    volume: Some(Volume {
-                        volume_id: r.volume_id.clone(),
-                        ..Default::default()
-                    }),
-                    status: Some(controller_get_volume_response::VolumeStatus {
-                        published_node_ids: vec![],
-                        volume_condition: Some(VolumeCondition {
-                            abnormal: false,
-                            message: "the static volume's directory is present".into(),
-                        }),
-                    }),
-                });
-            }
-            let (id, agent) = self.volume_owner(&r.volume_id)?;
-            let answer = match agent.volume(id).await.map_err(Status::from) {
-                Err(e) if e.code() == tonic::Code::Unavailable => {
-                    Some(self.last_listed(&r.volume_id, e.message()).ok_or(e)?)
-                }
-                other => other?,
-            };
-            let Some((rec, cond)) = answer else {
-                return Err(Status::not_found(format!("volume {} not found", r.volume_id)));
-            };
-            Ok(ControllerGetVolumeResponse {
-                volume: Some(csi_volume(&rec, agent.node())),
-                status: Some(controller_get_volume_response::VolumeStatus {
-                    published_node_ids: vec![],
-                    volume_condition: Some(csi_condition(&cond)),
-                }),
-            })
-        })
-        .await
-        .map(Response::new)
+        traced("ControllerGetVolume", &r.volume_id, self.get_volume(&r))
+            .await
+            .map(Response::new)
     }
 
     async fn controller_modify_volume(
@@ -1053,5 +1063,26 @@ impl Controller for ControllerService {
         })
         .await
         .map(Response::new)
+    }
+
+    async fn controller_list_volume_health(
+        &self,
+        req: Request<ControllerListVolumeHealthRequest>,
+    ) -> Result<Response<ControllerListVolumeHealthResponse>, Status> {
+        let r = req.into_inner();
+        traced("ControllerListVolumeHealth", "", self.list_volume_health(r))
+            .await
+            .map(Response::new)
+    }
+
+    async fn controller_get_volume_health(
+        &self,
+        req: Request<ControllerGetVolumeHealthRequest>,
+    ) -> Result<Response<ControllerGetVolumeHealthResponse>, Status> {
+        let r = req.into_inner();
+        let v = r.volume_id.clone();
+        traced("ControllerGetVolumeHealth", &v, self.volume_health(r))
+            .await
+            .map(Response::new)
     }
 }

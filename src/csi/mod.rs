@@ -2,6 +2,7 @@
 //! translation of CSI capabilities into our own types.
 
 pub mod caps;
+pub mod health;
 pub mod status;
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -15,11 +15,11 @@ impl From<StorageError> for Status {
             StorageError::Conflict(_) => Code::AlreadyExists,
             StorageError::OutOfRange(_) => Code::OutOfRange,
             StorageError::Exhausted(_) => Code::ResourceExhausted,
-            StorageError::Busy(_) | StorageError::Transfer(_) => Code::Aborted,
+            StorageError::Busy(_) | StorageError::Transfer(_) | StorageError::Aborted(_) => Code::Aborted,
             StorageError::WrongNode { .. } => Code::NotFound,
             StorageError::Corrupt { .. } => Code::Internal,
             StorageError::PoolUnusable(_) | StorageError::PoolBroken { .. } => Code::FailedPrecondition,
-            StorageError::InUse(_) => Code::FailedPrecondition,
+            StorageError::InUse(_) | StorageError::NotTogether(_) => Code::FailedPrecondition,
             StorageError::Unavailable(_) => Code::Unavailable,
             StorageError::Sys(s) => return sys_status(s),
         };

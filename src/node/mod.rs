@@ -1,6 +1,7 @@
 //! The Node service: stages a volume's data at kubelet's staging path and bind-mounts it into pods.
 
 mod error;
+mod health;
 pub mod state;
 
 pub use error::NodeError;
@@ -45,6 +46,8 @@ pub struct NodeService {
     pub state: Arc<NodeState>,
     pub in_flight: InFlight,
     pub max_volumes: i64,
+    /// Whether NodeGetCapabilities names the CSI 1.13 health RPCs (served either way).
+    pub advertise_health: bool,
 }
 
 pub const CAPABILITIES: &[rpc::Type] = &[
@@ -58,6 +61,7 @@ pub const CAPABILITIES: &[rpc::Type] = &[
 impl NodeService {
     /// The Node service over this node's engine and mount state, mounting with real syscalls.
     pub fn new(node: NodeId, engine: Arc<LocalEngine>, state: Arc<NodeState>, max_volumes: i64) -> NodeService {
+        engine.set_mounted_here(state.clone());
         NodeService {
             node,
             engine,
@@ -65,6 +69,7 @@ impl NodeService {
             state,
             in_flight: InFlight::default(),
             max_volumes,
+            advertise_health: false,
         }
     }
 }
@@ -834,8 +839,7 @@ impl NodeService {
         })
     }
 
-    /// The volume's health as this node sees it: its data, its loop device, and whether the
-    /// filesystem at `path` is mounted as it was asked to be (not turned read-only by errors).
+    /// The volume's 1.12 condition: the finding NodeGetVolumeHealth reports too (node/health.rs).
     fn node_condition(
         &self,
         raw: &str,
@@ -843,55 +847,7 @@ impl NodeService {
         data: &Path,
         path: &Path,
     ) -> Result<VolumeCondition, NodeError> {
-        let abnormal = |message: String| VolumeCondition {
-            abnormal: true,
-            message,
-        };
-        if let Ok(id) = VolumeId::parse(raw) {
-            let cond = self.engine.condition(&id);
-            if cond.abnormal {
-                return Ok(abnormal(cond.message));
-            }
-        }
-        if let Some(holder) = self.engine.leases.lost(raw) {
-            return Ok(abnormal(format!(
-                "node {holder} took over the lease of volume {raw} while it is staged here (this node \
-                 could not renew it in time): another node may be using it; unstage it here"
-            )));
-        }
-        let m = self.state.get(raw);
-        if !crate::storage::layout::of(rec.layout).is_tree()
-            && m.staged.is_some()
-            && loopdev::find_by_backing(data)?.is_empty()
-        {
-            return Ok(abnormal(format!("the loop device of {} is gone", data.display())));
-        }
-        if rec.mode == VolumeMode::Filesystem {
-            if !self.is_mounted(path)? {
-                return Ok(abnormal(format!("{} is not a mount of volume {raw}", path.display())));
-            }
-            let asked_ro = m
-                .published
-                .get(path)
-                .map(|p| p.flags.read_only)
-                .or(m.staged.as_ref().map(|s| s.read_only));
-            let table = crate::sys::mountinfo::read(Path::new(crate::sys::mountinfo::SELF))?;
-            let now_ro = table
-                .iter()
-                .rev()
-                .find(|e| e.mount_point == path)
-                .is_some_and(|e| e.read_only());
-            if now_ro && asked_ro == Some(false) {
-                return Ok(abnormal(format!(
-                    "{} is mounted read-only although it was published read-write: the filesystem may have hit errors",
-                    path.display()
-                )));
-            }
-        }
-        Ok(VolumeCondition {
-            abnormal: false,
-            message: format!("data at {} is present and mounted", data.display()),
-        })
+        self.finding(raw, rec, data, path).map(VolumeCondition::from)
     }
 
     fn expand(&self, r: NodeExpandVolumeRequest) -> Result<NodeExpandVolumeResponse, NodeError> {
@@ -1041,6 +997,7 @@ impl Node for NodeServer {
     ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
         let capabilities = CAPABILITIES
             .iter()
+            .chain(crate::csi::health::node_capabilities(self.0.advertise_health))
             .map(|t| NodeServiceCapability {
                 r#type: Some(CapType::Rpc(Rpc { r#type: *t as i32 })),
             })
@@ -1054,6 +1011,30 @@ impl Node for NodeServer {
             max_volumes_per_node: self.0.max_volumes,
             accessible_topology: Some(crate::controller::request::node_topology(&self.0.node)),
         }))
+    }
+
+    async fn node_get_volume_health(
+        &self,
+        req: Request<NodeGetVolumeHealthRequest>,
+    ) -> Result<Response<NodeGetVolumeHealthResponse>, Status> {
+        let r = req.into_inner();
+        let v = r.volume_id.clone();
+        traced(
+            "NodeGetVolumeHealth",
+            &v,
+            blocking(&self.0, move |s| s.volume_health(r)),
+        )
+        .await
+        .map(Response::new)
+    }
+
+    async fn node_get_storage_health(
+        &self,
+        _: Request<NodeGetStorageHealthRequest>,
+    ) -> Result<Response<NodeGetStorageHealthResponse>, Status> {
+        traced("NodeGetStorageHealth", "", blocking(&self.0, |s| s.storage_health()))
+            .await
+            .map(Response::new)
     }
 }
 

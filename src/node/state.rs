@@ -106,3 +106,10 @@ impl NodeState {
         Ok(())
     }
 }
+
+impl crate::storage::engine::MountedHere for NodeState {
+    fn mounted_at(&self, volume_id: &str) -> Vec<PathBuf> {
+        let m = self.get(volume_id);
+        m.published.keys().cloned().chain(m.staged.map(|s| s.path)).collect()
+    }
+}

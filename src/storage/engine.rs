@@ -4,6 +4,8 @@
 //! Records on disk are the truth; the in-memory index is a cache of them that every change updates
 //! after the disk, so a crash at any point leaves the disk in a state the next call converges from.
 
+mod group;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -22,6 +24,8 @@ use super::record::{AccessMode, ContentSource, Layout, SnapshotRecord, VolumeMod
 use super::store::PoolStore;
 use super::transfer::{self, Frame, Header, Import};
 use super::StorageError;
+
+pub use group::NewGroup;
 
 /// Size given to a volume whose request names no capacity.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
@@ -103,6 +107,11 @@ pub struct Ownership {
     pub mode: Option<u32>,
 }
 
+/// Words in every condition of a volume with no record, and of a dir volume over its capacity:
+/// only the message crosses the agent wire, and csi/health.rs tells the faults apart by them.
+pub const NO_RECORD: &str = "has no record on node";
+pub const UNENFORCED_CAPACITY: &str = "dir volumes do not enforce capacity";
+
 /// Whether a volume's data is where its record says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Condition {
@@ -138,6 +147,25 @@ struct SourceData {
     mode: VolumeMode,
     fs_bytes: u64,
     _held: Held,
+}
+
+impl SourceData {
+    /// The record of a snapshot of this source, cut `at` (seconds, nanoseconds).
+    fn snapshot_record(&self, name: &str, id: &SnapshotId, at: (i64, i32), group: Option<String>) -> SnapshotRecord {
+        SnapshotRecord {
+            version: RECORD_VERSION,
+            name: name.to_string(),
+            id: id.to_string(),
+            source_volume_id: self.id.clone(),
+            size_bytes: self.size,
+            created_unix_secs: at.0,
+            created_nanos: at.1,
+            layout: self.layout,
+            mode: self.mode,
+            fs_bytes: self.fs_bytes,
+            group,
+        }
+    }
 }
 
 /// A CreateVolume that passed every check and holds its volume's lock, not made yet.
@@ -203,8 +231,18 @@ pub struct LocalEngine {
     purge_wake: Mutex<Option<std::sync::mpsc::Sender<()>>>,
     /// Leases of image volumes on shared pools, held or watched by this process.
     pub leases: super::lease::Leases,
+    /// This node's record of what it has staged and published (the node's mount state), when this
+    /// process serves the Node service: asked before every delete.
+    mounted_here: std::sync::OnceLock<std::sync::Arc<dyn MountedHere>>,
     /// What each dir volume held when last counted (for its over-capacity condition).
     dir_usage: Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>,
+}
+
+/// What this process has mounted of each volume: the node's mount state, written before every mount
+/// and after every unmount, so it is never behind the kernel for cellar's own mounts.
+pub trait MountedHere: Send + Sync {
+    /// Where the volume is staged or published on this node, if anywhere.
+    fn mounted_at(&self, volume_id: &str) -> Vec<PathBuf>;
 }
 
 /// How long a dir volume's counted size is reused before its tree is walked again.
@@ -251,8 +289,10 @@ impl LocalEngine {
             purge_wake: Mutex::new(None),
             leases: super::lease::Leases::new(node.as_str()),
             dir_usage: Mutex::new(std::collections::HashMap::new()),
+            mounted_here: std::sync::OnceLock::new(),
         };
         engine.store = PoolStore::load(engine.pools.values())?;
+        engine.thaw_left_frozen();
         Ok(engine)
     }
 
@@ -878,17 +918,22 @@ impl LocalEngine {
                 dev.path.display()
             )));
         }
-        if files::entry(data)? == files::Entry::Dir {
-            let table = mountinfo::read(std::path::Path::new(mountinfo::SELF))?;
-            let mut at = mountinfo::mounts_of(&table, data);
-            if !at.is_empty() {
-                at.truncate(3);
-                let at: Vec<String> = at.iter().map(|p| p.display().to_string()).collect();
-                return Err(StorageError::InUse(format!(
-                    "volume {id} is mounted at {} on node {node}; unpublish and unstage it before deleting",
-                    at.join(", ")
-                )));
+        // Where this process serves the Node service, its mount state answers at once; elsewhere
+        // (unit tests, tools) the kernel's mount table does, at the cost of reading all of it.
+        let at = match self.mounted_here.get() {
+            Some(m) => m.mounted_at(&id.to_string()),
+            None if files::entry(data)? == files::Entry::Dir => {
+                let table = mountinfo::read(std::path::Path::new(mountinfo::SELF))?;
+                mountinfo::mounts_of(&table, data)
             }
+            None => Vec::new(),
+        };
+        if !at.is_empty() {
+            let shown: Vec<String> = at.iter().take(3).map(|p| p.display().to_string()).collect();
+            return Err(StorageError::InUse(format!(
+                "volume {id} is mounted at {} on node {node}; unpublish and unstage it before deleting",
+                shown.join(", ")
+            )));
         }
         if pool.shared() {
             let nodes = staged_marks(pool, &id.0.key)?;
@@ -902,6 +947,11 @@ impl LocalEngine {
             }
         }
         Ok(())
+    }
+
+    /// Registers this node's mount state, asked before every delete (once, at start).
+    pub fn set_mounted_here(&self, m: std::sync::Arc<dyn MountedHere>) {
+        let _ = self.mounted_here.set(m);
     }
 
     /// Marks a directory volume of a shared pool as staged on this node (before its mount), or
@@ -1141,7 +1191,7 @@ impl LocalEngine {
         let Ok((rec, data)) = self.volume_data(id) else {
             return Condition {
                 abnormal: true,
-                message: format!("volume {id} has no record on node {}", self.node.as_str()),
+                message: format!("volume {id} {NO_RECORD} {}", self.node.as_str()),
             };
         };
         if let Some(message) = layout::fault(rec.layout, &data) {
@@ -1156,7 +1206,7 @@ impl LocalEngine {
                 return Condition {
                     abnormal: true,
                     message: format!(
-                        "volume {id} holds {held} bytes, capacity {}; dir volumes do not enforce capacity \
+                        "volume {id} holds {held} bytes, capacity {}; {UNENFORCED_CAPACITY} \
                          (use layout btrfs or image for a hard limit)",
                         rec.capacity_bytes
                     ),
@@ -1226,19 +1276,7 @@ impl LocalEngine {
         let key = &id.0.key;
         layout::create_copy(pool, Kind::Snapshot, key, from.layout, &from.path, false, freeze)?;
         crash::point("create-snapshot:before-record");
-        let (secs, nanos) = now();
-        let rec = SnapshotRecord {
-            version: RECORD_VERSION,
-            name: name.to_string(),
-            id: id.to_string(),
-            source_volume_id: from.id.clone(),
-            size_bytes: from.size,
-            created_unix_secs: secs,
-            created_nanos: nanos,
-            layout: from.layout,
-            mode: from.mode,
-            fs_bytes: from.fs_bytes,
-        };
+        let rec = from.snapshot_record(name, id, now(), None);
         self.store.put_snapshot(pool, key, &rec)?;
         Ok(rec)
     }
@@ -1248,6 +1286,9 @@ impl LocalEngine {
             return Ok(());
         };
         let _held = self.take(Kind::Snapshot, &id.0.pool, &id.0.key, &id.to_string())?;
+        if let Some(rec) = self.snapshot(id) {
+            self.refuse_group_member(&rec)?;
+        }
         self.remove_object(pool, Kind::Snapshot, &id.0.key, &id.to_string())?;
         Ok(())
     }

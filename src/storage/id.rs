@@ -1,8 +1,9 @@
 //! Self-describing volume and snapshot IDs, and the names they are built from.
 //!
 //! Volumes: `local:<node>:<pool>:<key>` and `shared:<pool>:<key>`.
-//! Snapshots: the same with a `snap:` prefix. Every part is checked against a narrow grammar, so a
-//! key is always exactly one safe path component and can never leave its pool.
+//! Snapshots: the same with a `snap:` prefix; group snapshots with `group:`. Every part is checked
+//! against a narrow grammar, so a key is always exactly one safe path component and can never
+//! leave its pool.
 
 use std::fmt;
 
@@ -141,6 +142,19 @@ impl ObjectId {
         })
     }
 
+    /// The id after `<prefix>:` (snapshots, group snapshots).
+    fn parse_prefixed(s: &str, prefix: &str, what: &str) -> Result<Self, IdError> {
+        let rest = s
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix(':'))
+            .ok_or_else(|| {
+                IdError(format!(
+                    "'{s}' is not a cellar {what} ID: expected {prefix}:local:<node>:<pool>:<name>"
+                ))
+            })?;
+        Self::parse(rest, what)
+    }
+
     pub fn node(&self) -> Option<&NodeId> {
         match &self.location {
             Location::Local(n) => Some(n),
@@ -178,18 +192,30 @@ pub struct SnapshotId(pub ObjectId);
 
 impl SnapshotId {
     pub fn parse(s: &str) -> Result<Self, IdError> {
-        let rest = s.strip_prefix("snap:").ok_or_else(|| {
-            IdError(format!(
-                "'{s}' is not a cellar snapshot ID: expected snap:local:<node>:<pool>:<name>"
-            ))
-        })?;
-        ObjectId::parse(rest, "snapshot").map(SnapshotId)
+        ObjectId::parse_prefixed(s, "snap", "snapshot").map(SnapshotId)
     }
 }
 
 impl fmt::Display for SnapshotId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "snap:{}", self.0)
+    }
+}
+
+/// A group snapshot: `group:` and the place of its record (the pool of its first member, by id
+/// order), e.g. `group:local:<node>:<pool>:<name>`. Its members are ordinary snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupId(pub ObjectId);
+
+impl GroupId {
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        ObjectId::parse_prefixed(s, "group", "group snapshot").map(GroupId)
+    }
+}
+
+impl fmt::Display for GroupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "group:{}", self.0)
     }
 }
 
@@ -250,6 +276,15 @@ mod tests {
             assert!(VolumeId::parse(bad).is_err(), "{bad}");
         }
         assert!(SnapshotId::parse("local:n:default:v").is_err());
+        assert!(GroupId::parse("snap:local:n:default:v").is_err());
+        assert!(GroupId::parse("group:local:n:default:../v").is_err());
+    }
+
+    #[test]
+    fn group_ids_round_trip() {
+        let g = GroupId::parse("group:local:node-1:default:groupsnapshot-1").unwrap();
+        assert_eq!(g.to_string(), "group:local:node-1:default:groupsnapshot-1");
+        assert_eq!(g.0.node().unwrap().as_str(), "node-1");
     }
 }
 

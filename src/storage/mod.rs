@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod engine;
+pub mod freeze;
 pub mod id;
 pub mod layout;
 pub mod lease;
@@ -52,6 +53,13 @@ pub enum StorageError {
     /// A copy streamed from another node broke off or failed its checks; it is redone from the start.
     #[error("transfer broken: {0}")]
     Transfer(String),
+    /// Volumes that cannot be snapshotted together as asked (a group snapshot's precondition).
+    #[error("{0}")]
+    NotTogether(String),
+    /// A call given up part-way, leaving nothing behind; its retry may succeed (a group snapshot
+    /// whose filesystems stayed frozen past their deadline).
+    #[error("{0}")]
+    Aborted(String),
     /// A node or share that cannot be reached now (the CO retries).
     #[error("{0}")]
     Unavailable(String),

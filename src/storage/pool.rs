@@ -5,6 +5,7 @@
 //! <pool>/volumes/<key>.json    its record
 //! <pool>/snapshots/<key>/      a snapshot's data
 //! <pool>/snapshots/<key>.json  its record
+//! <pool>/groups/<key>.json     a group snapshot's record (its members are snapshots)
 //! <pool>/.work/                copies being built (renamed into place when whole)
 //! <pool>/.trash/               data being deleted (renamed out of place first)
 //! <pool>/.staged/<key>/<node>  shared pools: a node has this directory volume staged
@@ -89,7 +90,15 @@ impl Pool {
         files::require_real_dir(&config.path)?;
         let features = super::layout::check_pool(&config)?;
         let pool = Pool { config, features };
-        for d in ["volumes", "snapshots", ".work", ".trash", ".staged", ".leases"] {
+        for d in [
+            "volumes",
+            "snapshots",
+            "groups",
+            ".work",
+            ".trash",
+            ".staged",
+            ".leases",
+        ] {
             files::ensure_dir(&pool.config.path.join(d), 0o700)?;
         }
         if owner {
@@ -100,6 +109,7 @@ impl Pool {
             for kind in [Kind::Volume, Kind::Snapshot] {
                 files::remove_stale_temps(&pool.collection_dir(kind), age)?;
             }
+            files::remove_stale_temps(&pool.groups_dir(), age)?;
         }
         // Shared pools purge their trash in the background (it may hold huge trees).
         if owner && !pool.shared() {
@@ -135,6 +145,15 @@ impl Pool {
 
     pub fn record_path(&self, kind: Kind, key: &Key) -> PathBuf {
         self.config.path.join(kind.dir()).join(format!("{}.json", key.as_str()))
+    }
+
+    /// Where a group snapshot's record lives (groups have no data of their own).
+    pub fn group_record_path(&self, key: &Key) -> PathBuf {
+        self.groups_dir().join(format!("{}.json", key.as_str()))
+    }
+
+    pub fn groups_dir(&self) -> PathBuf {
+        self.config.path.join("groups")
     }
 
     pub fn collection_dir(&self, kind: Kind) -> PathBuf {

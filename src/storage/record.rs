@@ -124,6 +124,34 @@ pub struct SnapshotRecord {
     /// image layout: the size of the filesystem inside the snapshot.
     #[serde(default)]
     pub fs_bytes: u64,
+    /// The group snapshot this one was cut with: it is deleted with its group, never alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+/// A group snapshot: snapshots of several volumes cut together, kept in the pool of its first
+/// member (`<pool>/groups/<key>.json`), written after every member's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub version: u32,
+    /// The CSI name (its idempotency key).
+    pub name: String,
+    pub id: String,
+    /// In volume-id order.
+    pub members: Vec<GroupMember>,
+    /// The VolumeGroupSnapshotClass parameters it was made with (a repeat must name the same).
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    pub created_unix_secs: i64,
+    pub created_nanos: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMember {
+    pub volume_id: String,
+    pub snapshot_id: String,
+    /// The source's capacity (the member snapshot's size).
+    pub size_bytes: u64,
 }
 
 fn filesystem_mode() -> VolumeMode {

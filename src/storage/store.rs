@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::id::{Key, ObjectId};
 use super::pool::{Kind, Pool};
-use super::record::{self, SnapshotRecord, VolumeRecord};
+use super::record::{self, GroupRecord, SnapshotRecord, VolumeRecord};
 use super::StorageError;
 use crate::sys::{files, SysError};
 
@@ -139,6 +139,24 @@ impl PoolStore {
                 lock(&self.snapshots).remove(shown);
             }
         }
+        Ok(())
+    }
+
+    /// A group snapshot's record, read from the pool every time (groups are few and read rarely:
+    /// no index to keep in step across controller replicas).
+    pub fn group(&self, pool: &Pool, key: &Key) -> Result<Option<GroupRecord>, StorageError> {
+        record::load::<GroupRecord>(&pool.group_record_path(key))
+    }
+
+    /// Writes a group snapshot's record durably (after every member's own record).
+    pub fn put_group(&self, pool: &Pool, key: &Key, rec: &GroupRecord) -> Result<(), StorageError> {
+        record::store(&pool.group_record_path(key), rec)
+    }
+
+    /// Removes a group snapshot's record durably (after its members are gone).
+    pub fn remove_group(&self, pool: &Pool, key: &Key) -> Result<(), StorageError> {
+        files::remove_file_if_exists(&pool.group_record_path(key))?;
+        files::sync_dir(&pool.groups_dir())?;
         Ok(())
     }
 

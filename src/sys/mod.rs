@@ -6,6 +6,7 @@ pub mod copy;
 pub mod files;
 pub mod fstools;
 pub mod loopdev;
+pub mod memory;
 pub mod mount;
 pub mod mountinfo;
 pub mod share;

@@ -10,7 +10,6 @@ pub const HONEST_SKIPS: &[&str] = &[
     "ControllerPublishVolume not supported",
     "ControllerUnpublishVolume not supported",
     "Controller Publish, UnpublishVolume not supported",
-    "GroupControllerService not supported",
     "GetSnapshot not supported",
 ];
 

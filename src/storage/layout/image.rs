@@ -9,7 +9,7 @@ use crate::crash;
 use crate::sys::fstools::{self, FsType};
 use crate::sys::{copy, files, SysError};
 
-use super::{allocated, copy_via_work, Frozen, LayoutOps, Made};
+use super::{allocated, copy_via_work, image_mounts, Frozen, LayoutOps, Made};
 use crate::storage::id::Key;
 use crate::storage::pool::{Kind, Pool};
 use crate::storage::record::{Layout, VolumeMode};
@@ -40,6 +40,16 @@ impl LayoutOps for Image {
 
     fn reserves_capacity(&self) -> bool {
         true
+    }
+
+    /// A filesystem inside the image can be frozen; a raw Block volume cannot (nothing stops the
+    /// pod's writes to the device).
+    fn cuts_together(&self, mode: VolumeMode) -> bool {
+        mode == VolumeMode::Filesystem
+    }
+
+    fn freeze_points(&self, data: &Path) -> Result<Vec<std::path::PathBuf>, StorageError> {
+        image_mounts(data)
     }
 
     fn holds_back(&self, capacity: u64, data: &Path) -> u64 {

@@ -85,6 +85,17 @@ pub trait LayoutOps: Sync {
     fn frozen_view(&self, _data: &Path, _at: &Path) -> Result<Option<std::path::PathBuf>, StorageError> {
         Ok(None)
     }
+    /// A snapshot of a volume in `mode` can be cut at one point in time with other volumes' (a group
+    /// snapshot): its writes can be stopped for the cut. Layouts whose volumes share their pool's
+    /// filesystem (dir, btrfs) cannot stop one volume's writes alone.
+    fn cuts_together(&self, _mode: VolumeMode) -> bool {
+        false
+    }
+    /// The mounted filesystems to freeze for a group snapshot of the volume at `data` (none when
+    /// nothing has it mounted: then nothing writes to it).
+    fn freeze_points(&self, _data: &Path) -> Result<Vec<std::path::PathBuf>, StorageError> {
+        Ok(Vec::new())
+    }
     /// Bytes of the pool an existing volume of `capacity` may still grow into (room held back from
     /// new volumes).
     fn holds_back(&self, _capacity: u64, _data: &Path) -> u64 {
@@ -296,24 +307,35 @@ struct Frozen {
 
 impl Frozen {
     fn image(image: &Path) -> Result<Frozen, StorageError> {
-        let devices = loopdev::find_by_backing(image)?;
         let mut frozen = Frozen {
             mountpoints: Vec::new(),
         };
-        if devices.is_empty() {
-            return Ok(frozen);
-        }
-        let mounts = mountinfo::read(Path::new(mountinfo::SELF))?;
-        for d in &devices {
-            let source = d.path.to_string_lossy();
-            // One mount per device is enough: a freeze holds the whole filesystem.
-            if let Some(m) = mounts.iter().find(|m| m.source == source && m.root == Path::new("/")) {
-                fstools::freeze(&m.mount_point)?;
-                frozen.mountpoints.push(m.mount_point.clone());
-            }
+        for m in image_mounts(image)? {
+            fstools::freeze(&m)?;
+            frozen.mountpoints.push(m);
         }
         Ok(frozen)
     }
+}
+
+/// One mountpoint of each filesystem mounted from a loop device of `image` (a freeze holds the
+/// whole filesystem, whichever of its mounts it is asked through).
+fn image_mounts(image: &Path) -> Result<Vec<std::path::PathBuf>, StorageError> {
+    let devices = loopdev::find_by_backing(image)?;
+    if devices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mounts = mountinfo::read(Path::new(mountinfo::SELF))?;
+    Ok(devices
+        .iter()
+        .filter_map(|d| {
+            let source = d.path.to_string_lossy();
+            mounts
+                .iter()
+                .find(|m| m.source == source && m.root == Path::new("/"))
+                .map(|m| m.mount_point.clone())
+        })
+        .collect())
 }
 
 impl Drop for Frozen {

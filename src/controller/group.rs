@@ -1,0 +1,340 @@
+//! The GroupController service: group snapshots, snapshots of several volumes cut at one point
+//! in time by the node that holds them (docs/group-snapshots.md).
+//!
+//! What a group guarantees depends on its members' layouts: image volumes with a filesystem are
+//! frozen together, so the group is one point in time; dir and btrfs volumes (and raw block
+//! images) cannot be stopped one by one, so a group of them is refused unless the class says
+//! `consistency: per-volume`. All members must live on one node (or in the shared pools): the
+//! freeze barrier runs on the node that cuts the group.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost_types::Timestamp;
+use tonic::{Request, Response, Status};
+
+use super::ControllerService;
+use crate::agent::Agent;
+use crate::csi::status::{invalid, missing};
+use crate::csi::v1::group_controller_server::GroupController;
+use crate::csi::v1::group_controller_service_capability::{rpc, Rpc, Type as CapType};
+use crate::csi::v1::*;
+use crate::server::traced;
+use crate::storage::engine::NewGroup;
+use crate::storage::id::{GroupId, VolumeId};
+use crate::storage::record::GroupRecord;
+
+/// VolumeGroupSnapshotClass parameters we understand.
+pub const PARAM_CONSISTENCY: &str = "consistency";
+pub const PARAM_FREEZE_TIMEOUT: &str = "freezeTimeoutSeconds";
+/// How long members' filesystems stay frozen at most when the class does not say.
+pub const DEFAULT_FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_FREEZE_TIMEOUT_SECS: u64 = 600;
+const SIDECAR_PREFIX: &str = "csi.storage.k8s.io/";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct GroupParams {
+    per_volume: bool,
+    freeze_timeout: Duration,
+    all: BTreeMap<String, String>,
+}
+
+fn group_params(p: &HashMap<String, String>) -> Result<GroupParams, Status> {
+    let mut out = GroupParams {
+        per_volume: false,
+        freeze_timeout: DEFAULT_FREEZE_TIMEOUT,
+        all: p.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+    };
+    for (k, v) in p {
+        match k.as_str() {
+            PARAM_CONSISTENCY => {
+                out.per_volume = match v.as_str() {
+                    "group" => false,
+                    "per-volume" => true,
+                    other => {
+                        return Err(invalid(format!(
+                            "parameter {PARAM_CONSISTENCY} must be 'group' (one point in time, image volumes) or \
+                             'per-volume' (each member consistent on its own), not '{other}'"
+                        )))
+                    }
+                }
+            }
+            PARAM_FREEZE_TIMEOUT => {
+                let secs = v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|s| (1..=MAX_FREEZE_TIMEOUT_SECS).contains(s))
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "parameter {PARAM_FREEZE_TIMEOUT} must be a number of seconds from 1 to \
+                             {MAX_FREEZE_TIMEOUT_SECS}, not '{v}'"
+                        ))
+                    })?;
+                out.freeze_timeout = Duration::from_secs(secs);
+            }
+            k if k.starts_with(SIDECAR_PREFIX) => {}
+            other => {
+                return Err(invalid(format!(
+                    "unknown group snapshot parameter '{other}' (known: {PARAM_CONSISTENCY}, {PARAM_FREEZE_TIMEOUT}, \
+                     and the {SIDECAR_PREFIX}* keys of the sidecars)"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn csi_group(g: &GroupRecord) -> VolumeGroupSnapshot {
+    let at = Timestamp {
+        seconds: g.created_unix_secs,
+        nanos: g.created_nanos,
+    };
+    VolumeGroupSnapshot {
+        group_snapshot_id: g.id.clone(),
+        snapshots: g
+            .members
+            .iter()
+            .map(|m| Snapshot {
+                size_bytes: m.size_bytes as i64,
+                snapshot_id: m.snapshot_id.clone(),
+                source_volume_id: m.volume_id.clone(),
+                creation_time: Some(at),
+                ready_to_use: true,
+                group_snapshot_id: g.id.clone(),
+            })
+            .collect(),
+        creation_time: Some(at),
+        ready_to_use: true,
+    }
+}
+
+/// The snapshot ids a Get or Delete names must be the group's, when it names any.
+fn check_members(g: &GroupRecord, asked: &[String]) -> Result<(), Status> {
+    if asked.is_empty() {
+        return Ok(());
+    }
+    let have: BTreeSet<&str> = g.members.iter().map(|m| m.snapshot_id.as_str()).collect();
+    let named: BTreeSet<&str> = asked.iter().map(String::as_str).collect();
+    if have != named {
+        return Err(invalid(format!(
+            "snapshot_ids do not match group snapshot {}: it holds {}",
+            g.id,
+            have.into_iter().collect::<Vec<_>>().join(", ")
+        )));
+    }
+    Ok(())
+}
+
+impl ControllerService {
+    /// The agent that holds a group snapshot, if the id is cellar's and its node is known.
+    fn group_owner(&self, raw: &str) -> Option<(GroupId, Arc<dyn Agent>)> {
+        let id = GroupId::parse(raw).ok()?;
+        let agent = self.agent_of(id.0.node())?;
+        Some((id, agent))
+    }
+
+    async fn create_group(&self, r: CreateVolumeGroupSnapshotRequest) -> Result<VolumeGroupSnapshot, Status> {
+        if r.name.is_empty() {
+            return Err(missing("name"));
+        }
+        if r.source_volume_ids.is_empty() {
+            return Err(missing("source_volume_ids"));
+        }
+        let params = group_params(&r.parameters)?;
+        let mut members = BTreeSet::new();
+        for raw in &r.source_volume_ids {
+            if raw.is_empty() {
+                return Err(invalid("source_volume_ids holds an empty volume id"));
+            }
+            // Not in cellar's grammar: it cannot name a volume here.
+            let id = VolumeId::parse(raw).map_err(|_| Status::not_found(format!("volume {raw} not found")))?;
+            if !members.insert(id) {
+                return Err(invalid(format!("source_volume_ids names volume {raw} twice")));
+            }
+        }
+        let members: Vec<VolumeId> = members.into_iter().collect();
+
+        // One node cuts the group: every member must be where that node's freeze reaches.
+        let mut agent: Option<Arc<dyn Agent>> = None;
+        let mut places = BTreeSet::new();
+        for m in &members {
+            let a = self
+                .agent_of(m.0.node())
+                .ok_or_else(|| Status::not_found(format!("volume {m} not found (its node is not known)")))?;
+            places.insert(a.node().as_str().to_string());
+            agent.get_or_insert(a);
+        }
+        if places.len() > 1 {
+            return Err(Status::failed_precondition(format!(
+                "the volumes of a group snapshot must be on one node, these are on {}: a group is frozen \
+                 and cut by the node that holds its volumes",
+                places.into_iter().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let agent = agent.ok_or_else(|| missing("source_volume_ids"))?;
+
+        // A name already used anywhere answers for itself. A node that cannot answer now is
+        // skipped, as CreateVolume does: the node that cuts this group checks the name again.
+        for a in self.directory.all() {
+            let found = match a.group_named(r.name.clone()).await {
+                Ok(f) => f,
+                Err(crate::storage::StorageError::Unavailable(why)) => {
+                    tracing::warn!(node = a.node().as_str(), error = %why, "group name lookup skipped an unreachable node");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if let Some(existing) = found {
+                let had: Vec<&str> = existing.members.iter().map(|m| m.volume_id.as_str()).collect();
+                let asked: Vec<String> = members.iter().map(ToString::to_string).collect();
+                if had != asked || existing.parameters != params.all {
+                    return Err(Status::already_exists(format!(
+                        "group snapshot '{}' already exists with other volumes or parameters ({})",
+                        r.name,
+                        had.join(", ")
+                    )));
+                }
+                return Ok(csi_group(&existing));
+            }
+        }
+        for m in &members {
+            if agent.volume(m.clone()).await?.is_none() {
+                return Err(Status::not_found(format!("volume {m} not found")));
+            }
+        }
+        let made = agent
+            .create_group(NewGroup {
+                name: r.name.clone(),
+                members,
+                parameters: params.all,
+                per_volume: params.per_volume,
+                freeze_timeout: params.freeze_timeout,
+            })
+            .await?;
+        Ok(csi_group(&made))
+    }
+}
+
+/// What this group controller offers.
+pub const CAPABILITIES: &[rpc::Type] = &[rpc::Type::CreateDeleteGetVolumeGroupSnapshot];
+
+#[tonic::async_trait]
+impl GroupController for ControllerService {
+    async fn group_controller_get_capabilities(
+        &self,
+        _: Request<GroupControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<GroupControllerGetCapabilitiesResponse>, Status> {
+        let capabilities = CAPABILITIES
+            .iter()
+            .map(|t| GroupControllerServiceCapability {
+                r#type: Some(CapType::Rpc(Rpc { r#type: *t as i32 })),
+            })
+            .collect();
+        Ok(Response::new(GroupControllerGetCapabilitiesResponse { capabilities }))
+    }
+
+    async fn create_volume_group_snapshot(
+        &self,
+        req: Request<CreateVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<CreateVolumeGroupSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let name = r.name.clone();
+        traced("CreateVolumeGroupSnapshot", &name, async {
+            let group = self.create_group(r).await?;
+            Ok(CreateVolumeGroupSnapshotResponse {
+                group_snapshot: Some(group),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn delete_volume_group_snapshot(
+        &self,
+        req: Request<DeleteVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<DeleteVolumeGroupSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        traced("DeleteVolumeGroupSnapshot", &r.group_snapshot_id, async {
+            if r.group_snapshot_id.is_empty() {
+                return Err(missing("group_snapshot_id"));
+            }
+            // An id that is not cellar's, or of a node that is gone, names nothing to delete.
+            let Some((id, agent)) = self.group_owner(&r.group_snapshot_id) else {
+                return Ok(DeleteVolumeGroupSnapshotResponse {});
+            };
+            let Some(group) = agent.group(id.clone()).await? else {
+                return Ok(DeleteVolumeGroupSnapshotResponse {});
+            };
+            check_members(&group, &r.snapshot_ids)?;
+            agent.delete_group(id).await?;
+            Ok(DeleteVolumeGroupSnapshotResponse {})
+        })
+        .await
+        .map(Response::new)
+    }
+
+    async fn get_volume_group_snapshot(
+        &self,
+        req: Request<GetVolumeGroupSnapshotRequest>,
+    ) -> Result<Response<GetVolumeGroupSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        traced("GetVolumeGroupSnapshot", &r.group_snapshot_id, async {
+            if r.group_snapshot_id.is_empty() {
+                return Err(missing("group_snapshot_id"));
+            }
+            let not_found = || Status::not_found(format!("group snapshot {} not found", r.group_snapshot_id));
+            let (id, agent) = self.group_owner(&r.group_snapshot_id).ok_or_else(not_found)?;
+            let group = agent.group(id).await?.ok_or_else(not_found)?;
+            check_members(&group, &r.snapshot_ids)?;
+            Ok(GetVolumeGroupSnapshotResponse {
+                group_snapshot: Some(csi_group(&group)),
+            })
+        })
+        .await
+        .map(Response::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(kv: &[(&str, &str)]) -> HashMap<String, String> {
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_class_without_parameters_asks_for_one_point_in_time() {
+        let p = group_params(&HashMap::new()).unwrap();
+        assert!(!p.per_volume);
+        assert_eq!(p.freeze_timeout, DEFAULT_FREEZE_TIMEOUT);
+    }
+
+    #[test]
+    fn per_volume_consistency_and_freeze_timeout_are_read() {
+        let p = group_params(&params(&[
+            ("consistency", "per-volume"),
+            ("freezeTimeoutSeconds", "5"),
+            ("csi.storage.k8s.io/volumegroupsnapshot/name", "g"),
+        ]))
+        .unwrap();
+        assert!(p.per_volume);
+        assert_eq!(p.freeze_timeout, Duration::from_secs(5));
+        assert_eq!(p.all.len(), 3);
+    }
+
+    #[test]
+    fn bad_group_parameters_are_invalid_argument() {
+        for kv in [
+            ("consistency", "eventual"),
+            ("freezeTimeoutSeconds", "0"),
+            ("freezeTimeoutSeconds", "601"),
+            ("freezeTimeoutSeconds", "soon"),
+            ("pool", "fast"),
+        ] {
+            let e = group_params(&params(&[kv])).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{kv:?}");
+        }
+    }
+}

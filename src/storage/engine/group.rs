@@ -1,0 +1,361 @@
+//! Group snapshots: snapshots of several volumes of this node cut at one point in time.
+//!
+//! Order of a cut, each step converging after a crash:
+//! 1. lock the group's name, every member volume and every member snapshot's name;
+//! 2. remove what a failed attempt of this very group left (member snapshots whose record names
+//!    this group while the group has no record): removed, never adopted (invariant 2);
+//! 3. freeze every mounted filesystem of the members ([`Barrier`]), cut every member, thaw; a cut
+//!    that fails or outlives the freeze deadline drops every member it made;
+//! 4. write each member's snapshot record (naming the group), then the group's record. The group
+//!    exists once its record does; a crash before leaves members the retry removes in step 2.
+//!
+//! Delete removes the members first, then the group's record: a crash in between leaves a group
+//! whose retried delete finishes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::{now, LocalEngine, Source};
+use crate::crash;
+use crate::storage::freeze::Barrier;
+use crate::storage::id::{GroupId, Key, ObjectId, SnapshotId, VolumeId};
+use crate::storage::layout;
+use crate::storage::pool::{Kind, Pool};
+use crate::storage::record::{GroupMember, GroupRecord, SnapshotRecord, RECORD_VERSION};
+use crate::storage::StorageError;
+use crate::sys::{files, fstools};
+
+/// The start of the name of a freeze mark in a pool's `groups/` (never a record: keys never
+/// start with '.').
+const FROZEN_MARK: &str = ".frozen-";
+
+/// A CreateVolumeGroupSnapshot request, parsed and validated at the edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewGroup {
+    pub name: String,
+    /// Distinct, in id order.
+    pub members: Vec<VolumeId>,
+    /// The class's parameters, kept in the record (a repeat must name the same).
+    pub parameters: BTreeMap<String, String>,
+    /// The caller accepts members that are each consistent on their own (dir, btrfs, raw block).
+    pub per_volume: bool,
+    /// How long the members' filesystems may stay frozen.
+    pub freeze_timeout: Duration,
+}
+
+/// Whether a repeated request names the group that exists (OK) or another one (ALREADY_EXISTS).
+fn same_group(existing: &GroupRecord, req: &NewGroup) -> Result<(), StorageError> {
+    let members: Vec<&str> = existing.members.iter().map(|m| m.volume_id.as_str()).collect();
+    let asked: Vec<String> = req.members.iter().map(ToString::to_string).collect();
+    if members != asked.iter().map(String::as_str).collect::<Vec<_>>() {
+        return Err(StorageError::Conflict(format!(
+            "group snapshot '{}' already exists with the volumes {}, not {}",
+            req.name,
+            members.join(", "),
+            asked.join(", ")
+        )));
+    }
+    if existing.parameters != req.parameters {
+        return Err(StorageError::Conflict(format!(
+            "group snapshot '{}' already exists with other parameters",
+            req.name
+        )));
+    }
+    Ok(())
+}
+
+/// One member of a group being cut: its volume and snapshot locked, its source read.
+struct Member<'a> {
+    volume: &'a VolumeId,
+    pool: &'a Pool,
+    snapshot: SnapshotId,
+    from: super::SourceData,
+    _held: crate::storage::locks::Held,
+}
+
+/// The CSI name of a member snapshot: the group's name and the volume's key.
+fn member_name(group: &str, volume: &VolumeId) -> String {
+    format!("{group}-{}", volume.0.key.as_str())
+}
+
+impl LocalEngine {
+    fn group_id(&self, pool: &Pool, key: &Key) -> GroupId {
+        GroupId(ObjectId {
+            location: self.location_of(&pool.config.name),
+            pool: pool.config.name.clone(),
+            key: key.clone(),
+        })
+    }
+
+    fn member_snapshot_id(&self, group: &str, volume: &VolumeId) -> SnapshotId {
+        SnapshotId(ObjectId {
+            location: volume.0.location.clone(),
+            pool: volume.0.pool.clone(),
+            key: Key::from_name(&member_name(group, volume)),
+        })
+    }
+
+    /// Cuts a group snapshot of volumes of this node, or returns the one made under that name.
+    pub fn create_group(&self, req: &NewGroup) -> Result<GroupRecord, StorageError> {
+        let home = req
+            .members
+            .first()
+            .ok_or_else(|| StorageError::Unsupported("a group snapshot needs at least one volume".into()))?;
+        let pool = self
+            .locate(&home.0)
+            .ok_or_else(|| StorageError::VolumeNotFound(home.to_string()))?;
+        let key = Key::from_name(&req.name);
+        let shown = self.group_id(pool, &key).to_string();
+        let _group_held = self.take(Kind::Snapshot, &pool.config.name, &Key::from_name(&shown), &shown)?;
+        if let Some(existing) = self.group_named(&req.name)? {
+            same_group(&existing, req)?;
+            return Ok(existing);
+        }
+        let cuts = req
+            .members
+            .iter()
+            .map(|v| self.prepare_member(req, &shown, v))
+            .collect::<Result<Vec<_>, _>>()?;
+        let at = self.cut_frozen(pool, &cuts, req.freeze_timeout)?;
+
+        crash::point("group:before-records");
+        let mut members = Vec::with_capacity(cuts.len());
+        for c in &cuts {
+            let name = member_name(&req.name, c.volume);
+            let rec = c.from.snapshot_record(&name, &c.snapshot, at, Some(shown.clone()));
+            self.store.put_snapshot(c.pool, &c.snapshot.0.key, &rec)?;
+            members.push(GroupMember {
+                volume_id: c.volume.to_string(),
+                snapshot_id: c.snapshot.to_string(),
+                size_bytes: c.from.size,
+            });
+        }
+        crash::point("group:before-group-record");
+        let rec = GroupRecord {
+            version: RECORD_VERSION,
+            name: req.name.clone(),
+            id: shown,
+            members,
+            parameters: req.parameters.clone(),
+            created_unix_secs: at.0,
+            created_nanos: at.1,
+        };
+        self.store.put_group(pool, &key, &rec)?;
+        Ok(rec)
+    }
+
+    /// Locks one member (its volume and its snapshot's name), removes what a failed attempt of this
+    /// group left under that name, and checks that the member can be cut as the request asks.
+    fn prepare_member<'a>(&'a self, req: &NewGroup, group: &str, v: &'a VolumeId) -> Result<Member<'a>, StorageError> {
+        let pool = self
+            .locate(&v.0)
+            .ok_or_else(|| StorageError::VolumeNotFound(v.to_string()))?;
+        let snapshot = self.member_snapshot_id(&req.name, v);
+        let held = self.take(Kind::Snapshot, &snapshot.0.pool, &snapshot.0.key, &snapshot.to_string())?;
+        if let Some(old) = self.snapshot(&snapshot) {
+            if old.group.as_deref() != Some(group) {
+                return Err(StorageError::Conflict(format!(
+                    "snapshot name '{}' (member of group snapshot '{}') is taken by snapshot {}",
+                    member_name(&req.name, v),
+                    req.name,
+                    old.id
+                )));
+            }
+            // A member a failed attempt of this group left: never adopted.
+            self.remove_object(pool, Kind::Snapshot, &snapshot.0.key, &snapshot.to_string())?;
+            tracing::info!(snapshot = %snapshot, group, "removed a member a failed group snapshot left");
+        }
+        let from = self.source_data(&Source::Volume(v.clone()))?;
+        let together = layout::of(from.layout).cuts_together(from.mode);
+        if !req.per_volume && !together {
+            return Err(StorageError::NotTogether(format!(
+                "volume {v} ({} {:?}) cannot be snapshotted at one point in time with other volumes; \
+                 set parameter 'consistency: per-volume' in the VolumeGroupSnapshotClass to accept \
+                 snapshots that are each consistent on their own",
+                from.layout.as_str(),
+                from.mode
+            )));
+        }
+        if together {
+            self.refuse_held_elsewhere(pool, v)?;
+        }
+        Ok(Member {
+            volume: v,
+            pool,
+            snapshot,
+            from,
+            _held: held,
+        })
+    }
+
+    /// Freezes every member's mounted filesystem, copies every member, thaws; returns the time of
+    /// the cut. A copy that fails, or a cut that outlives `within`, drops every member it made.
+    fn cut_frozen(&self, pool: &Pool, cuts: &[Member<'_>], within: Duration) -> Result<(i64, i32), StorageError> {
+        let mut points = Vec::new();
+        for c in cuts {
+            points.extend(layout::of(c.from.layout).freeze_points(&c.from.path)?);
+        }
+        let marker = self.mark_frozen(pool, &points)?;
+        let barrier = Barrier::freeze(points, within)?;
+        let at = now();
+        crash::point("group:frozen");
+        let mut made = Vec::new();
+        let mut cut = Ok(());
+        for c in cuts {
+            let key = &c.snapshot.0.key;
+            cut = layout::create_copy(c.pool, Kind::Snapshot, key, c.from.layout, &c.from.path, false, false);
+            if cut.is_err() {
+                break;
+            }
+            made.push((c.pool, key));
+        }
+        let released = barrier.release();
+        if let Some(Err(e)) = marker.as_ref().map(|m| files::remove_file_if_exists(m)) {
+            tracing::warn!(error = %e, "could not remove a freeze mark; the next start removes it");
+        }
+        if let Err(e) = cut.and(released) {
+            for (p, k) in made {
+                if let Err(left) = layout::clear_leftover(p, Kind::Snapshot, k) {
+                    tracing::warn!(error = %left, "could not drop a member of a failed group snapshot; its retry will");
+                }
+            }
+            return Err(e);
+        }
+        Ok(at)
+    }
+
+    /// Writes down the filesystems a cut is about to freeze (`<pool>/groups/.frozen-<node>-<uuid>`):
+    /// the barrier thaws them whatever the cut does, but not when this process is killed mid-cut
+    /// (SIGKILL, OOM); then its next start thaws them ([`LocalEngine::thaw_left_frozen`]).
+    fn mark_frozen(&self, pool: &Pool, points: &[PathBuf]) -> Result<Option<PathBuf>, StorageError> {
+        if points.is_empty() {
+            return Ok(None);
+        }
+        let marker = pool.groups_dir().join(format!(
+            "{FROZEN_MARK}{}-{}",
+            self.node.as_str(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let text: Vec<String> = points.iter().map(|p| p.display().to_string()).collect();
+        // A reboot thaws everything: the mark need only outlive the process.
+        files::write_atomic(&marker, text.join("\n").as_bytes(), files::Durability::ProcessCrash)?;
+        Ok(Some(marker))
+    }
+
+    /// Thaws the filesystems a cut of this node froze when the process was killed before it could
+    /// thaw them, and drops their marks. Run at start, before any call is served.
+    pub(super) fn thaw_left_frozen(&self) {
+        let mine = format!("{FROZEN_MARK}{}-", self.node.as_str());
+        for pool in self.pools.values() {
+            let dir = pool.groups_dir();
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if !e.file_name().to_string_lossy().starts_with(&mine) {
+                    continue;
+                }
+                let listed = std::fs::read_to_string(e.path()).unwrap_or_default();
+                for m in listed.lines().filter(|l| !l.is_empty()) {
+                    match fstools::thaw(Path::new(m)) {
+                        Ok(()) => tracing::warn!(
+                            mountpoint = m,
+                            "thawed a filesystem a killed group snapshot left frozen"
+                        ),
+                        Err(err) => {
+                            tracing::error!(mountpoint = m, error = %err, "could not thaw a filesystem a killed group snapshot left frozen")
+                        }
+                    }
+                }
+                if let Err(err) = files::remove_file_if_exists(&e.path()) {
+                    tracing::warn!(path = %e.path().display(), error = %err, "could not remove a freeze mark");
+                }
+            }
+        }
+    }
+
+    /// A volume of a shared pool is frozen only where it is mounted: one staged on another node
+    /// (which holds its lease) cannot be cut together from here.
+    fn refuse_held_elsewhere(&self, pool: &Pool, v: &VolumeId) -> Result<(), StorageError> {
+        if !pool.shared() {
+            return Ok(());
+        }
+        let Some(bytes) = files::read_optional(&pool.lease_path(&v.0.key))? else {
+            return Ok(());
+        };
+        let holder = serde_json::from_slice::<crate::storage::lease::LeaseFile>(&bytes)
+            .map(|l| l.node)
+            .unwrap_or_else(|_| "<unreadable lease>".into());
+        if holder == self.node.as_str() {
+            return Ok(());
+        }
+        Err(StorageError::NotTogether(format!(
+            "volume {v} is staged on node {holder}; a group snapshot freezes filesystems on the node that \
+             cuts it ({}), so it cannot hold this volume at one point in time with the others",
+            self.node.as_str()
+        )))
+    }
+
+    /// Deletes a group snapshot with its members; a group already gone is OK.
+    pub fn delete_group(&self, id: &GroupId) -> Result<(), StorageError> {
+        let Some(pool) = self.locate(&id.0) else {
+            return Ok(());
+        };
+        let shown = id.to_string();
+        let _held = self.take(Kind::Snapshot, &id.0.pool, &Key::from_name(&shown), &shown)?;
+        let Some(rec) = self.store.group(pool, &id.0.key)?.filter(|r| r.id == shown) else {
+            return Ok(());
+        };
+        for m in &rec.members {
+            let Ok(sid) = SnapshotId::parse(&m.snapshot_id) else {
+                continue;
+            };
+            let Some(mpool) = self.locate(&sid.0) else {
+                continue;
+            };
+            let _member = self.take(Kind::Snapshot, &sid.0.pool, &sid.0.key, &m.snapshot_id)?;
+            self.remove_object(mpool, Kind::Snapshot, &sid.0.key, &m.snapshot_id)?;
+        }
+        crash::point("delete-group:before-record");
+        self.store.remove_group(pool, &id.0.key)
+    }
+
+    /// A group snapshot's record.
+    pub fn group(&self, id: &GroupId) -> Result<Option<GroupRecord>, StorageError> {
+        let Some(pool) = self.locate(&id.0) else {
+            return Ok(None);
+        };
+        let shown = id.to_string();
+        Ok(self.store.group(pool, &id.0.key)?.filter(|r| r.id == shown))
+    }
+
+    /// The group snapshot made under a CSI name, in any pool here.
+    pub fn group_named(&self, name: &str) -> Result<Option<GroupRecord>, StorageError> {
+        let key = Key::from_name(name);
+        for pool in self.pools.values() {
+            if let Some(r) = self.store.group(pool, &key)?.filter(|r| r.name == name) {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Why a snapshot cannot be deleted alone: it is a member of a group that still exists.
+    pub(super) fn refuse_group_member(&self, rec: &SnapshotRecord) -> Result<(), StorageError> {
+        let Some(group) = rec.group.as_deref() else {
+            return Ok(());
+        };
+        let Ok(gid) = GroupId::parse(group) else {
+            return Ok(());
+        };
+        if self.group(&gid)?.is_none() {
+            return Ok(()); // a member its group's delete left behind
+        }
+        Err(StorageError::Unsupported(format!(
+            "snapshot {} is a member of group snapshot {group} and cannot be deleted alone; \
+             delete the group (DeleteVolumeGroupSnapshot)",
+            rec.id
+        )))
+    }
+}

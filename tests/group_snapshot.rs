@@ -1,0 +1,1003 @@
+//! Group snapshots (the CSI GroupController service) on real loop-backed pools: the codes of the
+//! spec for bad input, idempotency, delete with the members, what each layout may promise, and
+//! the point in time itself: a writer appends one sequence across two image volumes while the
+//! group is cut, and the restored pair must hold a prefix of it.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command};
+
+use cellar::csi::v1::group_controller_client::GroupControllerClient;
+use cellar::csi::v1::*;
+use common::fs::TestFs;
+use common::*;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const IMAGE_EXT4: &str = "fsType: ext4";
+
+/// Writes a config with one pool per entry (name, path, layout, extra YAML line) and starts a driver.
+async fn driver(pools: &[(&str, &Path, &str, &str)]) -> (Driver, tempfile::TempDir) {
+    let cfgdir = tempfile::tempdir().expect("tempdir");
+    let mut yaml = String::from("pools:\n");
+    for (name, path, layout, extra) in pools {
+        yaml += &format!("  - name: {name}\n    path: {}\n    layout: {layout}\n", path.display());
+        if !extra.is_empty() {
+            yaml += &format!("    {extra}\n");
+        }
+    }
+    let cfg = cfgdir.path().join("pools.yaml");
+    std::fs::write(&cfg, yaml).expect("config");
+    let d = Driver::start_with(&["--config", cfg.to_str().expect("utf-8")], &[]).await;
+    (d, cfgdir)
+}
+
+async fn groups(d: &Driver) -> GroupControllerClient<Channel> {
+    GroupControllerClient::new(cellar::client::connect(&d.endpoint()).await.expect("connect"))
+}
+
+async fn volume(d: &mut Driver, name: &str, pool: &str) -> String {
+    sized_volume(d, name, pool, 64 * MIB).await
+}
+
+async fn sized_volume(d: &mut Driver, name: &str, pool: &str, bytes: i64) -> String {
+    let mut r = create_req(name, bytes);
+    r.parameters.insert("pool".into(), pool.into());
+    let v = d.ctl.create_volume(r).await.expect("CreateVolume");
+    v.into_inner().volume.expect("volume").volume_id
+}
+
+fn group_req(name: &str, volumes: &[&str], params: &[(&str, &str)]) -> CreateVolumeGroupSnapshotRequest {
+    CreateVolumeGroupSnapshotRequest {
+        name: name.into(),
+        source_volume_ids: volumes.iter().map(|v| v.to_string()).collect(),
+        parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    }
+}
+
+async fn create(
+    g: &mut GroupControllerClient<Channel>,
+    name: &str,
+    volumes: &[&str],
+    params: &[(&str, &str)],
+) -> Result<VolumeGroupSnapshot, tonic::Status> {
+    g.create_volume_group_snapshot(group_req(name, volumes, params))
+        .await
+        .map(|r| r.into_inner().group_snapshot.expect("group_snapshot"))
+}
+
+async fn get(
+    g: &mut GroupControllerClient<Channel>,
+    id: &str,
+    snaps: &[String],
+) -> Result<VolumeGroupSnapshot, tonic::Status> {
+    g.get_volume_group_snapshot(GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: id.into(),
+        snapshot_ids: snaps.to_vec(),
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner().group_snapshot.expect("group_snapshot"))
+}
+
+async fn delete(g: &mut GroupControllerClient<Channel>, id: &str, snaps: &[String]) -> Code {
+    code(
+        g.delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: id.into(),
+            snapshot_ids: snaps.to_vec(),
+            ..Default::default()
+        })
+        .await,
+    )
+}
+
+fn snapshot_ids(g: &VolumeGroupSnapshot) -> Vec<String> {
+    g.snapshots.iter().map(|s| s.snapshot_id.clone()).collect()
+}
+
+/// The member snapshot of `volume` in a group.
+fn member(g: &VolumeGroupSnapshot, volume: &str) -> String {
+    let m = g.snapshots.iter().find(|s| s.source_volume_id == volume);
+    m.expect("member").snapshot_id.clone()
+}
+
+async fn restore(d: &mut Driver, name: &str, pool: &str, bytes: i64, snapshot_id: &str) -> String {
+    let mut r = create_req(name, bytes);
+    r.parameters.insert("pool".into(), pool.into());
+    r.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(
+            volume_content_source::SnapshotSource {
+                snapshot_id: snapshot_id.into(),
+            },
+        )),
+    });
+    d.ctl
+        .create_volume(r)
+        .await
+        .expect("restore")
+        .into_inner()
+        .volume
+        .expect("volume")
+        .volume_id
+}
+
+async fn listed_snapshots(d: &mut Driver) -> Vec<Snapshot> {
+    d.ctl
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .expect("ListSnapshots")
+        .into_inner()
+        .entries
+        .into_iter()
+        .filter_map(|e| e.snapshot)
+        .collect()
+}
+
+// ------------------------------------------------------------------ capabilities and bad input
+
+#[tokio::test]
+async fn group_controller_is_advertised_with_create_delete_get() {
+    use group_controller_service_capability::{rpc, Type};
+    use plugin_capability::service;
+    let mut d = Driver::start().await;
+    let plugin =
+        d.id.get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+            .await
+            .unwrap();
+    let group_service = Some(plugin_capability::Type::Service(plugin_capability::Service {
+        r#type: service::Type::GroupControllerService as i32,
+    }));
+    assert!(plugin.get_ref().capabilities.iter().any(|c| c.r#type == group_service));
+    let mut g = groups(&d).await;
+    let caps = g
+        .group_controller_get_capabilities(GroupControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap();
+    let rpcs: Vec<Option<Type>> = caps.get_ref().capabilities.iter().map(|c| c.r#type).collect();
+    let offered = Type::Rpc(group_controller_service_capability::Rpc {
+        r#type: rpc::Type::CreateDeleteGetVolumeGroupSnapshot as i32,
+    });
+    assert_eq!(rpcs, [Some(offered)]);
+}
+
+#[tokio::test]
+async fn create_group_without_name_is_invalid_argument() {
+    let mut d = Driver::start().await;
+    let v = volume(&mut d, "pvc-nn", "default").await;
+    let mut g = groups(&d).await;
+    let r = create(&mut g, "", &[&v], &[("consistency", "per-volume")]).await;
+    assert_eq!(r.unwrap_err().code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn create_group_without_volumes_is_invalid_argument() {
+    let d = Driver::start().await;
+    let mut g = groups(&d).await;
+    assert_eq!(
+        create(&mut g, "group-nv", &[], &[]).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+}
+
+#[tokio::test]
+async fn create_group_naming_a_volume_twice_is_invalid_argument() {
+    let mut d = Driver::start().await;
+    let v = volume(&mut d, "pvc-tw", "default").await;
+    let mut g = groups(&d).await;
+    let r = create(&mut g, "group-tw", &[&v, &v], &[("consistency", "per-volume")]).await;
+    assert_eq!(r.unwrap_err().code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn create_group_of_an_unknown_volume_is_not_found() {
+    let mut d = Driver::start().await;
+    let v = volume(&mut d, "pvc-uk", "default").await;
+    let mut g = groups(&d).await;
+    let per_volume = [("consistency", "per-volume")];
+    for unknown in [
+        "local:node-1:default:pvc-nobody",
+        "not-a-cellar-id",
+        "local:node-9:default:pvc-elsewhere",
+    ] {
+        let r = create(&mut g, "group-uk", &[&v, unknown], &per_volume).await;
+        assert_eq!(r.unwrap_err().code(), Code::NotFound, "{unknown}");
+    }
+    // Nothing was cut for the refused requests.
+    assert!(listed_snapshots(&mut d).await.is_empty());
+}
+
+#[tokio::test]
+async fn bad_class_parameters_are_invalid_argument() {
+    let mut d = Driver::start().await;
+    let v = volume(&mut d, "pvc-bp", "default").await;
+    let mut g = groups(&d).await;
+    for p in [
+        ("consistency", "mostly"),
+        ("freezeTimeoutSeconds", "0"),
+        ("freezeTimeoutSeconds", "forever"),
+        ("pool", "default"),
+    ] {
+        let r = create(&mut g, "group-bp", &[&v], &[p]).await;
+        assert_eq!(r.unwrap_err().code(), Code::InvalidArgument, "{p:?}");
+    }
+}
+
+#[tokio::test]
+async fn get_and_delete_of_unknown_or_missing_ids() {
+    let d = Driver::start().await;
+    let mut g = groups(&d).await;
+    assert_eq!(get(&mut g, "", &[]).await.unwrap_err().code(), Code::InvalidArgument);
+    for unknown in [
+        "group:local:node-1:default:nothing",
+        "not-a-group",
+        "group:local:node-9:default:g",
+    ] {
+        assert_eq!(
+            get(&mut g, unknown, &[]).await.unwrap_err().code(),
+            Code::NotFound,
+            "{unknown}"
+        );
+        assert_eq!(delete(&mut g, unknown, &[]).await, Code::Ok, "{unknown}");
+    }
+    assert_eq!(delete(&mut g, "", &[]).await, Code::InvalidArgument);
+}
+
+// ------------------------------------------------------------------ what each layout promises
+
+#[tokio::test]
+async fn dir_group_is_refused_without_per_volume_consistency_and_cut_with_it() {
+    let mut d = Driver::start().await;
+    let a = volume(&mut d, "pvc-da", "default").await;
+    let b = volume(&mut d, "pvc-db", "default").await;
+    let mut g = groups(&d).await;
+    for params in [&[][..], &[("consistency", "group")][..]] {
+        let r = create(&mut g, "group-dir", &[&a, &b], params).await;
+        let e = r.unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{params:?}");
+        assert!(e.message().contains("per-volume"), "{}", e.message());
+    }
+    assert!(
+        listed_snapshots(&mut d).await.is_empty(),
+        "a refused group cuts nothing"
+    );
+    let group = create(&mut g, "group-dir", &[&a, &b], &[("consistency", "per-volume")])
+        .await
+        .unwrap();
+    assert_eq!(group.snapshots.len(), 2);
+    assert!(group.ready_to_use);
+}
+
+#[tokio::test]
+async fn btrfs_group_is_refused_without_per_volume_consistency_and_cut_with_it() {
+    let fs = TestFs::new("btrfs", 512);
+    let (mut d, _c) = driver(&[("bt", &fs.path("pool"), "btrfs", "")]).await;
+    let a = volume(&mut d, "pvc-ba", "bt").await;
+    let b = volume(&mut d, "pvc-bb", "bt").await;
+    let mut g = groups(&d).await;
+    let e = create(&mut g, "group-bt", &[&a, &b], &[]).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let group = create(&mut g, "group-bt", &[&a, &b], &[("consistency", "per-volume")])
+        .await
+        .unwrap();
+    assert_eq!(group.snapshots.len(), 2);
+    let ids = snapshot_ids(&group);
+    assert_eq!(delete(&mut g, &group.group_snapshot_id, &ids).await, Code::Ok);
+    assert!(listed_snapshots(&mut d).await.is_empty());
+}
+
+// ------------------------------------------------------------------ idempotency, get, delete
+
+#[tokio::test]
+async fn same_name_and_volumes_is_the_same_group_and_other_volumes_already_exist() {
+    let mut d = Driver::start().await;
+    let a = volume(&mut d, "pvc-ia", "default").await;
+    let b = volume(&mut d, "pvc-ib", "default").await;
+    let c = volume(&mut d, "pvc-ic", "default").await;
+    let mut g = groups(&d).await;
+    let pv = [("consistency", "per-volume")];
+    let first = create(&mut g, "group-id", &[&a, &b], &pv).await.unwrap();
+    assert!(
+        first.group_snapshot_id.starts_with("group:local:node-1:default:"),
+        "{}",
+        first.group_snapshot_id
+    );
+    // The same request, its volumes in another order: the same group, cut once.
+    let again = create(&mut g, "group-id", &[&b, &a], &pv).await.unwrap();
+    assert_eq!(again, first);
+    assert_eq!(listed_snapshots(&mut d).await.len(), 2);
+    assert_eq!(
+        create(&mut g, "group-id", &[&a, &c], &pv).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        create(&mut g, "group-id", &[&a], &pv).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+    let other = [("consistency", "per-volume"), ("freezeTimeoutSeconds", "5")];
+    assert_eq!(
+        create(&mut g, "group-id", &[&a, &b], &other).await.unwrap_err().code(),
+        Code::AlreadyExists
+    );
+}
+
+#[tokio::test]
+async fn get_returns_the_members_and_checks_the_snapshot_ids_it_is_given() {
+    let mut d = Driver::start().await;
+    let a = volume(&mut d, "pvc-ga", "default").await;
+    let b = volume(&mut d, "pvc-gb", "default").await;
+    let mut g = groups(&d).await;
+    let made = create(&mut g, "group-get", &[&a, &b], &[("consistency", "per-volume")])
+        .await
+        .unwrap();
+    let ids = snapshot_ids(&made);
+    let got = get(&mut g, &made.group_snapshot_id, &[]).await.unwrap();
+    assert_eq!(got, made);
+    let sources: Vec<&str> = got.snapshots.iter().map(|s| s.source_volume_id.as_str()).collect();
+    assert_eq!(sources, [a.as_str(), b.as_str()]);
+    for s in &got.snapshots {
+        assert_eq!(s.group_snapshot_id, made.group_snapshot_id);
+        assert_eq!(s.creation_time, made.creation_time, "one point in time");
+    }
+    assert_eq!(get(&mut g, &made.group_snapshot_id, &ids).await.unwrap(), made);
+    let wrong = vec![ids[0].clone()];
+    assert_eq!(
+        get(&mut g, &made.group_snapshot_id, &wrong).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        delete(&mut g, &made.group_snapshot_id, &wrong).await,
+        Code::InvalidArgument
+    );
+    // Members are listed as snapshots of their group.
+    let listed = listed_snapshots(&mut d).await;
+    assert_eq!(listed.len(), 2);
+    assert!(listed.iter().all(|s| s.group_snapshot_id == made.group_snapshot_id));
+}
+
+#[tokio::test]
+async fn a_member_cannot_be_deleted_alone_and_the_group_delete_removes_every_member() {
+    let mut d = Driver::start().await;
+    let a = volume(&mut d, "pvc-xa", "default").await;
+    let b = volume(&mut d, "pvc-xb", "default").await;
+    let mut g = groups(&d).await;
+    let made = create(&mut g, "group-del", &[&a, &b], &[("consistency", "per-volume")])
+        .await
+        .unwrap();
+    let ids = snapshot_ids(&made);
+    // The spec's DeleteSnapshot error table: a member of a group is INVALID_ARGUMENT.
+    let r = d
+        .ctl
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: ids[0].clone(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(r), Code::InvalidArgument);
+    assert_eq!(listed_snapshots(&mut d).await.len(), 2);
+
+    assert_eq!(delete(&mut g, &made.group_snapshot_id, &ids).await, Code::Ok);
+    assert!(listed_snapshots(&mut d).await.is_empty());
+    assert_eq!(
+        get(&mut g, &made.group_snapshot_id, &[]).await.unwrap_err().code(),
+        Code::NotFound
+    );
+    let pool = d.pool_dir();
+    let left: Vec<_> = std::fs::read_dir(pool.join("snapshots"))
+        .unwrap()
+        .chain(std::fs::read_dir(pool.join("groups")).unwrap())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(
+        delete(&mut g, &made.group_snapshot_id, &ids).await,
+        Code::Ok,
+        "delete is idempotent"
+    );
+    // The name is free again, and a new group is cut.
+    let again = create(&mut g, "group-del", &[&a, &b], &[("consistency", "per-volume")])
+        .await
+        .unwrap();
+    assert_eq!(again.snapshots.len(), 2);
+}
+
+#[tokio::test]
+async fn a_crash_before_the_group_record_leaves_members_the_retry_removes() {
+    let mut d = Driver::start().await;
+    let a = volume(&mut d, "pvc-ca", "default").await;
+    let b = volume(&mut d, "pvc-cb", "default").await;
+    d.kill();
+    d.spawn(&[("CELLAR_CRASH_AT", "group:before-group-record")]).await;
+    let mut g = groups(&d).await;
+    let pv = [("consistency", "per-volume")];
+    assert!(create(&mut g, "group-crash", &[&a, &b], &pv).await.is_err());
+    assert!(!d.wait_exit().success());
+    d.spawn(&[]).await;
+    // The members of the failed cut are there, without their group.
+    assert_eq!(listed_snapshots(&mut d).await.len(), 2);
+    let mut g = groups(&d).await;
+    let made = create(&mut g, "group-crash", &[&a, &b], &pv).await.unwrap();
+    assert_eq!(made.snapshots.len(), 2);
+    let listed = listed_snapshots(&mut d).await;
+    assert_eq!(
+        listed.len(),
+        2,
+        "the leftovers were replaced, not kept beside the new members"
+    );
+    assert!(listed.iter().all(|s| s.group_snapshot_id == made.group_snapshot_id));
+}
+
+#[tokio::test]
+async fn a_driver_killed_while_the_group_is_frozen_thaws_on_its_next_start() {
+    use cellar::sys::fstools::{freeze, thaw};
+    let fs = TestFs::new("xfs", 512);
+    let (mut d, _c) = driver(&[("img", &fs.path("pool"), "image", IMAGE_EXT4)]).await;
+    let a = volume(&mut d, "pvc-kf", "img").await;
+    let (st, tg) = d.mount_rw(&a, "kf").await;
+    d.kill();
+    d.spawn(&[("CELLAR_CRASH_AT", "group:frozen")]).await;
+    let mut g = groups(&d).await;
+    assert!(create(&mut g, "group-kf", &[&a], &[]).await.is_err());
+    assert!(!d.wait_exit().success());
+    // Should the restart not thaw it, the test must not leave a frozen filesystem behind.
+    struct ThawOnDrop(std::path::PathBuf);
+    impl Drop for ThawOnDrop {
+        fn drop(&mut self) {
+            let _ = thaw(&self.0);
+        }
+    }
+    let _thaw = ThawOnDrop(tg.clone());
+    // Killed between freeze and thaw: nothing in the process is left to thaw it.
+    assert_eq!(freeze(&tg).unwrap_err().errno(), Some(libc::EBUSY), "still frozen");
+    d.spawn(&[]).await;
+    freeze(&tg).expect("thawed by the restart, so it freezes again");
+    thaw(&tg).unwrap();
+    std::fs::write(tg.join("after"), b"written after the restart").unwrap();
+    let mut g = groups(&d).await;
+    let made = create(&mut g, "group-kf", &[&a], &[]).await.unwrap();
+    assert_eq!(made.snapshots.len(), 1);
+    d.unmount_all(&a, &st, &tg).await;
+}
+
+// ------------------------------------------------------------------ one point in time
+
+/// A shell loop appending 1, 2, 3 ... to `a` and then to `b`, each write fsynced before the next.
+fn start_writer(a: &Path, b: &Path) -> Child {
+    let script = r#"n=1
+while :; do
+  echo $n | dd of="$1" oflag=append conv=notrunc,fsync status=none || exit 1
+  echo $n | dd of="$2" oflag=append conv=notrunc,fsync status=none || exit 1
+  n=$((n+1))
+done"#;
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("writer")
+        .arg(a)
+        .arg(b)
+        .spawn()
+        .expect("start the writer")
+}
+
+/// The numbers in a sequence file, checked to be 1, 2, 3 ... with nothing torn.
+fn sequence(path: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(path).expect("read sequence");
+    let numbers: Vec<u64> = text
+        .lines()
+        .map(|l| {
+            l.parse()
+                .unwrap_or_else(|_| panic!("torn line {l:?} in {}", path.display()))
+        })
+        .collect();
+    for (i, n) in numbers.iter().enumerate() {
+        assert_eq!(*n, i as u64 + 1, "{} is not a prefix of the sequence", path.display());
+    }
+    numbers
+}
+
+/// The last number of a restored sequence file.
+fn last(path: &Path) -> u64 {
+    sequence(path).last().copied().unwrap_or(0)
+}
+
+/// The last whole number of a sequence file the writer is appending to (a line it is writing
+/// right now may be read half-written).
+fn last_written(path: &Path) -> u64 {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    whole.lines().last().and_then(|l| l.parse().ok()).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn an_image_group_holds_one_point_in_time_of_a_sequence_written_across_two_volumes() {
+    let fs = TestFs::new("xfs", 1024);
+    let (mut d, _c) = driver(&[("img", &fs.path("pool"), "image", IMAGE_EXT4)]).await;
+    let a = volume(&mut d, "pvc-seq-a", "img").await;
+    let b = volume(&mut d, "pvc-seq-b", "img").await;
+    let (sa, ta) = d.mount_rw(&a, "seq-a").await;
+    let (sb, tb) = d.mount_rw(&b, "seq-b").await;
+    let (fa, fb) = (ta.join("seq"), tb.join("seq"));
+    let mut writer = start_writer(&fa, &fb);
+    // Cut only once the writer is well under way, on both volumes.
+    while last_written(&fb) < 50 {
+        assert!(writer.try_wait().unwrap().is_none(), "the writer stopped");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let mut g = groups(&d).await;
+    let made = create(&mut g, "group-seq", &[&a, &b], &[]).await.unwrap();
+    let seen = last_written(&fb);
+    // The filesystems were thawed: the writer goes on after the cut.
+    while last_written(&fb) <= seen + 10 {
+        assert!(writer.try_wait().unwrap().is_none(), "the writer stopped");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    writer.kill().expect("stop the writer");
+    writer.wait().expect("reap the writer");
+    d.unmount_all(&a, &sa, &ta).await;
+    d.unmount_all(&b, &sb, &tb).await;
+
+    let ra = restore(&mut d, "pvc-seq-ra", "img", 64 * MIB, &member(&made, &a)).await;
+    let rb = restore(&mut d, "pvc-seq-rb", "img", 64 * MIB, &member(&made, &b)).await;
+    let (sra, tra) = d.mount_rw(&ra, "seq-ra").await;
+    let (srb, trb) = d.mount_rw(&rb, "seq-rb").await;
+    let (na, nb) = (last(&tra.join("seq")), last(&trb.join("seq")));
+    d.unmount_all(&ra, &sra, &tra).await;
+    d.unmount_all(&rb, &srb, &trb).await;
+    assert!(
+        nb >= 50,
+        "the cut came after the writer had written 50 to both ({na}, {nb})"
+    );
+    assert!(
+        na == nb || na == nb + 1,
+        "the restored pair is not one point in time: A ends at {na}, B at {nb}"
+    );
+    eprintln!("group cut at A={na} B={nb}");
+}
+
+// ------------------------------------------------------------------ split mode: through the agents
+
+mod split {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use cellar::agent::remote::{HostPort, RemoteAgent, Timeouts};
+    use cellar::agent::server::{serve, AgentService};
+    use cellar::agent::tls::{Tls, AGENT_SERVER_NAME};
+    use cellar::agent::{Agent, Directory};
+    use cellar::controller::ControllerService;
+    use cellar::csi::v1::controller_server::Controller;
+    use cellar::csi::v1::group_controller_server::GroupController;
+    use cellar::csi::v1::*;
+    use cellar::storage::config::Config;
+    use cellar::storage::engine::LocalEngine;
+    use cellar::storage::id::NodeId;
+    use tonic::{Code, Request};
+
+    /// Two nodes, each an engine with one `dir` pool behind its agent on 127.0.0.1 (plaintext),
+    /// held by the controller as remote agents: what `cellar controller` holds.
+    struct Nodes {
+        agents: Vec<Arc<dyn Agent>>,
+        engines: Vec<Arc<LocalEngine>>,
+        _dirs: Vec<tempfile::TempDir>,
+        _stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    }
+
+    impl Directory for Nodes {
+        fn agent(&self, node: &NodeId) -> Option<Arc<dyn Agent>> {
+            self.agents.iter().find(|a| a.node() == node).cloned()
+        }
+        fn agents(&self) -> Vec<Arc<dyn Agent>> {
+            self.agents.clone()
+        }
+        fn shared(&self) -> Option<Arc<dyn Agent>> {
+            None
+        }
+        fn all(&self) -> Vec<Arc<dyn Agent>> {
+            self.agents.clone()
+        }
+    }
+
+    async fn nodes(names: &[&str]) -> Nodes {
+        let mut n = Nodes {
+            agents: Vec::new(),
+            engines: Vec::new(),
+            _dirs: Vec::new(),
+            _stops: Vec::new(),
+        };
+        for name in names {
+            let dir = tempfile::Builder::new()
+                .prefix("cellar-group-split-")
+                .tempdir()
+                .expect("tempdir");
+            let node = NodeId::parse(name).expect("node");
+            let engine = Arc::new(LocalEngine::open(node.clone(), &Config::default_for(dir.path())).expect("engine"));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let routes = tonic::service::Routes::new(
+                AgentService::new(engine.clone()).into_server(cellar::agent::tls::Callers::Anyone),
+            );
+            tokio::spawn(async move {
+                let _ = serve(listener, Tls::Insecure, routes, async {
+                    let _ = stopped.await;
+                })
+                .await;
+            });
+            n.agents.push(Arc::new(remote(node, addr)));
+            n.engines.push(engine);
+            n._dirs.push(dir);
+            n._stops.push(stop);
+        }
+        n
+    }
+
+    fn remote(node: NodeId, addr: std::net::SocketAddr) -> RemoteAgent {
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(5),
+            call: Duration::from_secs(15),
+            storage: Duration::from_secs(60),
+        };
+        let address = HostPort::parse(&addr.to_string()).expect("address");
+        RemoteAgent::new(node, address, &Tls::Insecure, AGENT_SERVER_NAME, timeouts).expect("client")
+    }
+
+    /// A registered node whose agent does not answer: nothing listens at its address.
+    async fn dead_node(n: &mut Nodes, name: &str) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        n.agents
+            .push(Arc::new(remote(NodeId::parse(name).expect("node"), addr)));
+    }
+
+    /// A volume made through the controller on `node` (the scheduler's choice under
+    /// WaitForFirstConsumer).
+    async fn volume(ctl: &ControllerService, name: &str, node: &str) -> String {
+        let at = Topology {
+            segments: [(cellar::csi::TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into(),
+        };
+        let mut r = super::create_req(name, super::MIB);
+        r.accessibility_requirements = Some(TopologyRequirement {
+            requisite: vec![at.clone()],
+            preferred: vec![at],
+        });
+        let v = ctl.create_volume(Request::new(r)).await.expect("CreateVolume");
+        v.into_inner().volume.expect("volume").volume_id
+    }
+
+    fn group_req(name: &str, volumes: &[&str], per_volume: bool) -> Request<CreateVolumeGroupSnapshotRequest> {
+        let parameters = if per_volume {
+            [("consistency".to_string(), "per-volume".to_string())].into()
+        } else {
+            Default::default()
+        };
+        Request::new(CreateVolumeGroupSnapshotRequest {
+            name: name.into(),
+            source_volume_ids: volumes.iter().map(|v| v.to_string()).collect(),
+            parameters,
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn volumes_on_two_nodes_are_failed_precondition_naming_both_nodes() {
+        let ctl = ControllerService::new(Arc::new(nodes(&["node-1", "node-2"]).await));
+        let a = volume(&ctl, "pvc-n1", "node-1").await;
+        let b = volume(&ctl, "pvc-n2", "node-2").await;
+        let e = ctl
+            .create_volume_group_snapshot(group_req("group-two-nodes", &[&a, &b], true))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        assert!(
+            e.message().contains("node-1") && e.message().contains("node-2"),
+            "{}",
+            e.message()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_node_that_cannot_answer_does_not_stop_a_group_on_another_node() {
+        let mut n = nodes(&["node-1"]).await;
+        dead_node(&mut n, "node-9").await;
+        let ctl = ControllerService::new(Arc::new(n));
+        let a = volume(&ctl, "pvc-da", "node-1").await;
+        let b = volume(&ctl, "pvc-db", "node-1").await;
+        let made = ctl
+            .create_volume_group_snapshot(group_req("group-dead", &[&a, &b], true))
+            .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+        assert_eq!(made.snapshots.len(), 2);
+        // A member on the dead node is that node's to answer: UNAVAILABLE, not a group without it.
+        let e = ctl
+            .create_volume_group_snapshot(group_req("group-dead-2", &["local:node-9:default:pvc-x"], true))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    }
+
+    #[tokio::test]
+    async fn a_group_on_one_node_is_cut_got_and_deleted_through_its_agent() {
+        let n = nodes(&["node-1", "node-2"]).await;
+        let engine = n.engines[1].clone();
+        let ctl = ControllerService::new(Arc::new(n));
+        let a = volume(&ctl, "pvc-ra", "node-2").await;
+        let b = volume(&ctl, "pvc-rb", "node-2").await;
+        // The node's own refusal comes back with its code: dir volumes need per-volume consistency.
+        let e = ctl
+            .create_volume_group_snapshot(group_req("group-remote", &[&a, &b], false))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+        let made = ctl
+            .create_volume_group_snapshot(group_req("group-remote", &[&a, &b], true))
+            .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+        assert!(
+            made.group_snapshot_id.starts_with("group:local:node-2:"),
+            "{}",
+            made.group_snapshot_id
+        );
+        assert_eq!(engine.snapshots().len(), 2);
+        let again = ctl
+            .create_volume_group_snapshot(group_req("group-remote", &[&b, &a], true))
+            .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+        assert_eq!(again, made);
+        let other = ctl
+            .create_volume_group_snapshot(group_req("group-remote", &[&a], true))
+            .await
+            .unwrap_err();
+        assert_eq!(other.code(), Code::AlreadyExists);
+        let got = ctl
+            .get_volume_group_snapshot(Request::new(GetVolumeGroupSnapshotRequest {
+                group_snapshot_id: made.group_snapshot_id.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+        assert_eq!(got, made);
+        let member = ctl
+            .delete_snapshot(Request::new(DeleteSnapshotRequest {
+                snapshot_id: made.snapshots[0].snapshot_id.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(member.code(), Code::InvalidArgument);
+        ctl.delete_volume_group_snapshot(Request::new(DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: made.group_snapshot_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        assert!(engine.snapshots().is_empty());
+        let gone = ctl
+            .get_volume_group_snapshot(Request::new(GetVolumeGroupSnapshotRequest {
+                group_snapshot_id: made.group_snapshot_id.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(gone.code(), Code::NotFound);
+    }
+}
+
+// ------------------------------------------------------------------ PostgreSQL: data and WAL
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+/// A PostgreSQL tool, to run as the `postgres` user (a direct child of the test, so it is reaped).
+fn as_postgres(tool: &str) -> Command {
+    use std::os::unix::process::CommandExt;
+    let user = nix::unistd::User::from_name("postgres")
+        .expect("passwd")
+        .expect("a postgres user (CI installs postgresql-15)");
+    let mut cmd = Command::new(Path::new(PG_BIN).join(tool));
+    cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw()).current_dir("/");
+    cmd
+}
+
+/// Runs a PostgreSQL tool as the `postgres` user and returns its output; a failure fails the test,
+/// showing `log` (a server's log) when there is one.
+fn pg_logged(tool: &str, args: &[&str], log: Option<&Path>) -> String {
+    let out = as_postgres(tool)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} could not run ({e}); CI installs postgresql-15"));
+    assert!(
+        out.status.success(),
+        "{tool} {args:?}: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        log.map(|l| std::fs::read_to_string(l).unwrap_or_default())
+            .unwrap_or_default()
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn pg(tool: &str, args: &[&str]) -> String {
+    pg_logged(tool, args, None)
+}
+
+/// A server on a Unix socket only, in `socket_dir`, a child of the test: it is reaped, where a
+/// zombie's pid would still look alive to the restored server's check of `postmaster.pid`.
+struct Postgres {
+    data: std::path::PathBuf,
+    socket_dir: String,
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Postgres {
+    async fn start(data: &Path, socket_dir: &Path, log: &Path) -> Postgres {
+        let socket_dir = socket_dir.display().to_string();
+        let out = std::fs::File::create(log).expect("log");
+        let mut child = as_postgres("postgres")
+            .arg("-D")
+            .arg(data)
+            .args(["-k", &socket_dir, "-c", "listen_addresses=", "-p", "5432"])
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("postgres");
+        let ready = || {
+            Command::new(Path::new(PG_BIN).join("pg_isready"))
+                .args(["-q", "-h", &socket_dir, "-p", "5432"])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        while !ready() {
+            if let Some(st) = child.try_wait().expect("wait") {
+                panic!(
+                    "postgres exited ({st}): {}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Postgres {
+            data: data.to_path_buf(),
+            socket_dir,
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn sql(&self, query: &str) -> String {
+        pg(
+            "psql",
+            &["-h", &self.socket_dir, "-p", "5432", "-U", "postgres", "-XAtc", query],
+        )
+    }
+
+    fn stop(mut self) {
+        pg_logged(
+            "pg_ctl",
+            &["-D", &self.data.display().to_string(), "-w", "-m", "fast", "stop"],
+            Some(&self.log),
+        );
+        self.child.wait().expect("reap postgres");
+    }
+}
+
+impl Drop for Postgres {
+    /// A failed test stops its server at once, so the volumes can be unmounted.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A directory the `postgres` user owns.
+fn postgres_dir(path: &Path) {
+    std::fs::create_dir_all(path).expect("mkdir");
+    let status = Command::new("chown")
+        .arg("postgres:postgres")
+        .arg(path)
+        .status()
+        .expect("chown");
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn postgresql_with_its_wal_on_a_second_volume_recovers_from_a_group_snapshot() {
+    use std::os::unix::fs::PermissionsExt;
+    let fs = TestFs::new("xfs", 2048);
+    let (mut d, _c) = driver(&[("img", &fs.path("pool"), "image", IMAGE_EXT4)]).await;
+    // The postgres user walks down to the mounts and its socket.
+    std::fs::set_permissions(d.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sockets = d.path("pg-socket");
+    postgres_dir(&sockets);
+    // Named so that the WAL is cut first: data pages newer than the WAL copy would be the damage.
+    let wal = sized_volume(&mut d, "pvc-pg-a-wal", "img", 256 * MIB).await;
+    let data = sized_volume(&mut d, "pvc-pg-b-data", "img", 256 * MIB).await;
+    let (sd, td) = d.mount_rw(&data, "pgdata").await;
+    let (sw, tw) = d.mount_rw(&wal, "pgwal").await;
+    let (pgdata, pgwal) = (td.join("pg"), tw.join("wal"));
+    postgres_dir(&pgdata);
+    postgres_dir(&pgwal);
+    pg(
+        "initdb",
+        &[
+            "-D",
+            &pgdata.display().to_string(),
+            "--waldir",
+            &pgwal.display().to_string(),
+            "--wal-segsize=1",
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+        ],
+    );
+    let server = Postgres::start(&pgdata, &sockets, &sockets.join("pg.log")).await;
+    let socket = sockets.display().to_string();
+    pg(
+        "pgbench",
+        &["-h", &socket, "-p", "5432", "-U", "postgres", "-i", "-q", "postgres"],
+    );
+    // TPC-B transactions running while the group is cut.
+    let mut bench = as_postgres("pgbench")
+        .args([
+            "-h", &socket, "-p", "5432", "-U", "postgres", "-n", "-c", "4", "-T", "600", "postgres",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("pgbench");
+    while server
+        .sql("select count(*) from pgbench_history")
+        .parse::<u64>()
+        .unwrap()
+        < 200
+    {
+        assert!(bench.try_wait().unwrap().is_none(), "pgbench stopped");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut g = groups(&d).await;
+    let made = create(&mut g, "group-pg", &[&data, &wal], &[]).await.unwrap();
+    bench.kill().expect("stop pgbench");
+    bench.wait().expect("reap pgbench");
+    server.stop();
+    d.unmount_all(&data, &sd, &td).await;
+    d.unmount_all(&wal, &sw, &tw).await;
+
+    // The restored pair, mounted where the originals were (the data directory's pg_wal is a link
+    // to the WAL volume's path), starts as after a power cut: it replays its WAL.
+    let rd = restore(&mut d, "pvc-pg-data-r", "img", 256 * MIB, &member(&made, &data)).await;
+    let rw = restore(&mut d, "pvc-pg-wal-r", "img", 256 * MIB, &member(&made, &wal)).await;
+    let (sd, td) = d.mount_rw(&rd, "pgdata").await;
+    let (sw, tw) = d.mount_rw(&rw, "pgwal").await;
+    let server = Postgres::start(&td.join("pg"), &sockets, &sockets.join("pg-restored.log")).await;
+    // TPC-B keeps the balances of all accounts (and of all tellers) summing to the deltas of the
+    // history: a transaction half in the data and half in the WAL would break that (or the start).
+    let accounts = server.sql("select sum(abalance) from pgbench_accounts");
+    let history = server.sql("select coalesce(sum(delta), 0) from pgbench_history");
+    let tellers = server.sql("select sum(tbalance) from pgbench_tellers");
+    let done = server.sql("select count(*) from pgbench_history");
+    server.stop();
+    d.unmount_all(&rd, &sd, &td).await;
+    d.unmount_all(&rw, &sw, &tw).await;
+    assert_eq!(accounts, history, "accounts against history");
+    assert_eq!(tellers, history, "tellers against history");
+    assert!(
+        done.parse::<u64>().unwrap() >= 200,
+        "the restored database holds the transactions before the cut: {done}"
+    );
+}
