@@ -29,9 +29,8 @@ HOSTPATH_BIN=${HOSTPATH_BIN:-hostpathplugin}
 if ! hp=$(command -v "$HOSTPATH_BIN"); then
   cat >&2 <<EOF
 vs-hostpath: no csi-driver-host-path binary '$HOSTPATH_BIN' (set HOSTPATH_BIN=/path/to/hostpathplugin).
-Build one outside this repository (Go >= 1.26), e.g. from a release tag that vendors its modules:
-  git clone --branch v1.18.0 --depth 1 https://github.com/kubernetes-csi/csi-driver-host-path /opt/hostpath-src
-  cd /opt/hostpath-src && GOFLAGS=-mod=vendor CGO_ENABLED=0 go build -o /usr/local/bin/hostpathplugin ./cmd/hostpathplugin
+Build one outside this repository (Go >= 1.26): cmd/hostpathplugin of kubernetes-csi/csi-driver-host-path,
+from a release tag that vendors its modules (v1.18.0 was used for docs/benchmarks.md), with GOFLAGS=-mod=vendor.
 EOF
   exit 2
 fi

@@ -106,6 +106,10 @@ pub struct Heartbeat {
     replicas: BTreeMap<SocketAddr, Replica>,
     interval: Duration,
     last_pools: Vec<PoolStatus>,
+    /// Why the controller's name did not resolve last time (logged once per change), and why a
+    /// registry client could not be made per address (the same).
+    resolve_error: Option<String>,
+    client_errors: BTreeMap<SocketAddr, String>,
 }
 
 impl Heartbeat {
@@ -128,6 +132,8 @@ impl Heartbeat {
             resolver,
             replicas: BTreeMap::new(),
             last_pools: Vec::new(),
+            resolve_error: None,
+            client_errors: BTreeMap::new(),
         }
     }
 
@@ -164,7 +170,11 @@ impl Heartbeat {
                         );
                     }
                     Err(e) => {
-                        tracing::error!(controller = %addr, error = %e, "cannot make a registry client");
+                        let why = e.to_string();
+                        if self.client_errors.get(addr) != Some(&why) {
+                            tracing::error!(controller = %addr, error = why, "cannot make a registry client");
+                            self.client_errors.insert(*addr, why);
+                        }
                         continue;
                     }
                 }
@@ -233,23 +243,32 @@ impl Heartbeat {
     }
 
     /// The controller's addresses now; on a failed lookup, the ones known from the last round.
-    async fn resolve(&self) -> BTreeSet<SocketAddr> {
-        let target = &self.config.controller;
-        match tokio::time::timeout(self.config.timeout, self.resolver.resolve(target)).await {
-            Ok(Ok(addrs)) if !addrs.is_empty() => addrs.into_iter().collect(),
+    async fn resolve(&mut self) -> BTreeSet<SocketAddr> {
+        let target = self.config.controller.clone();
+        match tokio::time::timeout(self.config.timeout, self.resolver.resolve(&target)).await {
+            Ok(Ok(addrs)) if !addrs.is_empty() => {
+                if self.resolve_error.take().is_some() {
+                    tracing::info!(controller = %self.config.controller, "the controller's name resolves again");
+                }
+                addrs.into_iter().collect()
+            }
             Ok(Ok(_)) => self.known("the name has no addresses"),
             Ok(Err(e)) => self.known(&e.to_string()),
             Err(_) => self.known("the lookup timed out"),
         }
     }
 
-    fn known(&self, why: &str) -> BTreeSet<SocketAddr> {
-        tracing::warn!(
-            controller = %self.config.controller,
-            error = why,
-            known = self.replicas.len(),
-            "cannot resolve the controller; beating to the addresses known"
-        );
+    /// The addresses known from earlier rounds, after a failed lookup (logged once per cause).
+    fn known(&mut self, why: &str) -> BTreeSet<SocketAddr> {
+        if self.resolve_error.as_deref() != Some(why) {
+            tracing::warn!(
+                controller = %self.config.controller,
+                error = why,
+                known = self.replicas.len(),
+                "cannot resolve the controller; beating to the addresses known"
+            );
+            self.resolve_error = Some(why.to_string());
+        }
         self.replicas.keys().copied().collect()
     }
 
@@ -362,6 +381,66 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         start.elapsed()
+    }
+
+    /// A resolver that fails with `why` while `failing` is set, else answers `addrs`.
+    struct Flaky {
+        failing: std::sync::atomic::AtomicBool,
+        addrs: Vec<SocketAddr>,
+    }
+
+    #[tonic::async_trait]
+    impl Resolve for Flaky {
+        async fn resolve(&self, _: &HostPort) -> io::Result<Vec<SocketAddr>> {
+            if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(io::Error::other("no such host"));
+            }
+            Ok(self.addrs.clone())
+        }
+    }
+
+    /// Log lines written while `f` runs, at the default level.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_controller_name_that_does_not_resolve_is_logged_once_per_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let (_a, _stop_a, _) = replica(loopback(1, port)).await;
+        let flaky = Arc::new(Flaky {
+            failing: std::sync::atomic::AtomicBool::new(true),
+            addrs: vec![loopback(1, port)],
+        });
+        let mut hb = heartbeat(dir.path(), vec![]);
+        hb.resolver = flaky.clone();
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        for _ in 0..3 {
+            hb.beat().await;
+        }
+        flaky.failing.store(false, std::sync::atomic::Ordering::SeqCst);
+        hb.beat().await;
+        hb.beat().await;
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.matches("cannot resolve the controller").count(), 1, "{text}");
+        assert_eq!(text.matches("resolves again").count(), 1, "{text}");
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ use crate::server::traced;
 use crate::storage::config::PoolConfig;
 use crate::storage::engine::LocalEngine;
 use crate::storage::id::{NodeId, PoolName, StaticId, VolumeId};
-use crate::storage::lease::{Claim, Renewal};
+use crate::storage::lease::Claim;
 use crate::storage::locks::{Held, InFlight};
 use crate::storage::record::{AccessMode, Layout, VolumeMode, VolumeRecord};
 use crate::sys::files::{self, Entry};
@@ -76,6 +76,10 @@ impl NodeService {
 
 /// Renews the leases of the shared image volumes this node has staged, each once a third of its
 /// lease time has passed.
+/// The last renewal failure of each leased volume, so a share that stays gone is logged once.
+static RENEW_ERRORS: std::sync::Mutex<std::collections::BTreeMap<String, String>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
 pub fn renew_leases(engine: &LocalEngine, state: &NodeState) {
     for m in state.all() {
         let Some(backing) = m.staged.as_ref().and_then(|s| s.backing.clone()) else {
@@ -94,11 +98,23 @@ pub fn renew_leases(engine: &LocalEngine, state: &NodeState) {
         if !matches!(files::entry(&backing), Ok(Entry::File)) {
             continue;
         }
-        match engine.leases.renew(&lease, &m.volume_id) {
-            Ok(Renewal::Renewed) | Ok(Renewal::Gone) => {}
-            Ok(Renewal::Lost(_)) => {} // logged once, and shown as the volume's condition
-            Err(e) => tracing::warn!(volume = m.volume_id, error = %e, "cannot renew lease"),
+        let renewed = engine.leases.renew(&lease, &m.volume_id);
+        // A share that is gone fails every renewal: say so when the cause appears or changes.
+        let cause = renewed.as_ref().err().map(|e| e.to_string());
+        let mut last = RENEW_ERRORS.lock().unwrap_or_else(|p| p.into_inner());
+        match (&cause, last.get(&m.volume_id)) {
+            (Some(c), Some(before)) if c == before => {}
+            (Some(c), _) => {
+                tracing::warn!(volume = m.volume_id, error = c, "cannot renew lease; retrying");
+                last.insert(m.volume_id.clone(), c.clone());
+            }
+            (None, Some(_)) => {
+                tracing::info!(volume = m.volume_id, "lease renewed again");
+                last.remove(&m.volume_id);
+            }
+            (None, None) => {}
         }
+        // A lost lease is logged once by the lease itself and shown as the volume's condition.
     }
 }
 
