@@ -3,9 +3,11 @@
 # they come neither from Helm (tls.generate) nor from cert-manager: a CA, the controller's
 # certificate (named after its Service) and the nodes' certificate (named cellar-agent), each
 # usable as server and client. Prints the two Secrets to apply, or writes the PEM files.
+# --node NAME (repeatable) also makes a certificate of node NAME's own (NAME.cellar-agent; see
+# docs/security.md, "Per-node certificates"), as Secret <fullname>-node-NAME-tls or DIR/node-NAME.*.
 #
 #   deploy/gen-certs.sh [--namespace cellar-system] [--release cellar] [--days 3650]
-#                       [--cluster-domain cluster.local] [--out DIR]
+#                       [--cluster-domain cluster.local] [--out DIR] [--node NAME ...]
 #
 #   deploy/gen-certs.sh | kubectl apply -f -            # for deploy/cellar.yaml
 #
@@ -14,7 +16,7 @@
 # Secrets. Keep ca.key offline (or delete it): nothing in the cluster needs it.
 set -euo pipefail
 
-namespace=cellar-system release=cellar days=3650 domain=cluster.local out=""
+namespace=cellar-system release=cellar days=3650 domain=cluster.local out="" nodes=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --namespace) namespace=$2; shift 2 ;;
@@ -22,7 +24,8 @@ while [ $# -gt 0 ]; do
     --days) days=$2; shift 2 ;;
     --cluster-domain) domain=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --node) nodes+=("$2"); shift 2 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -59,9 +62,10 @@ issue() {
 issue controller "$svc.$namespace.svc" \
   "DNS:$svc,DNS:$svc.$namespace,DNS:$svc.$namespace.svc,DNS:$svc.$namespace.svc.$domain"
 issue node cellar-agent "DNS:cellar-agent"
+for n in "${nodes[@]}"; do issue "node-$n" "$n.cellar-agent" "DNS:$n.cellar-agent"; done
 rm -f "$dir/ca.srl"
 
-[ -z "$out" ] || { echo "wrote $dir/{ca,controller,node}.{crt,key}" >&2; exit 0; }
+[ -z "$out" ] || { echo "wrote $dir/{ca,controller,node}.{crt,key} and one node-NAME.{crt,key} per --node" >&2; exit 0; }
 
 b64() { base64 -w0 <"$1"; }
 secret() {
@@ -83,3 +87,4 @@ SECRET
 }
 secret controller
 secret node
+for n in "${nodes[@]}"; do secret "node-$n"; done

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -59,6 +60,8 @@ enum Command {
         /// default because csi-sanity v5.4 and older sidecars refuse capability values they do not know.
         #[arg(long)]
         advertise_volume_health: bool,
+        #[command(flatten)]
+        socket: SocketArgs,
     },
     /// The controller of split mode: Identity + Controller for the sidecars, the registry nodes
     /// report to over mutual TLS, and the shared pools.
@@ -83,6 +86,8 @@ enum Command {
         name: String,
         #[command(flatten)]
         tls: TlsArgs,
+        #[command(flatten)]
+        registry: RegistryArgs,
         /// Serve /metrics (Prometheus), /healthz and /readyz over HTTP on ADDR:PORT, e.g. 0.0.0.0:9811.
         /// Off when absent.
         #[arg(long, value_name = "ADDR:PORT")]
@@ -91,6 +96,8 @@ enum Command {
         /// default because csi-sanity v5.4 and older sidecars refuse capability values they do not know.
         #[arg(long)]
         advertise_volume_health: bool,
+        #[command(flatten)]
+        socket: SocketArgs,
     },
     /// A node of split mode: Identity + Node for kubelet, and the agent the controller calls.
     Node {
@@ -131,6 +138,8 @@ enum Command {
         /// default because csi-sanity v5.4 and older sidecars refuse capability values they do not know.
         #[arg(long)]
         advertise_volume_health: bool,
+        #[command(flatten)]
+        socket: SocketArgs,
     },
     /// A CSI client for any driver: operate and benchmark it from a shell.
     Csi(cellar::client::CsiArgs),
@@ -138,6 +147,95 @@ enum Command {
     /// entries, leftovers, stray loop devices and mounts. Read-only unless --fix. Exit code 0: nothing
     /// found (or all fixed); 2: findings remain; 1: the report failed.
     Report(cellar::report::ReportArgs),
+}
+
+/// Limits on the CSI socket's connections (`server::SocketLimits`).
+#[derive(clap::Args)]
+struct SocketArgs {
+    /// Close a CSI connection from which nothing was read for this long (live gRPC clients answer
+    /// the server's pings, sent every quarter of it, so they are never idle).
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_duration)]
+    csi_idle_timeout: Duration,
+    /// At most this many CSI connections at once; more wait until one closes.
+    #[arg(long, value_name = "N", default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    csi_max_connections: u32,
+}
+
+impl SocketArgs {
+    fn limits(self) -> Result<cellar::server::SocketLimits, String> {
+        if self.csi_idle_timeout < Duration::from_secs(1) {
+            return Err("--csi-idle-timeout must be at least 1s".into());
+        }
+        Ok(cellar::server::SocketLimits {
+            idle_timeout: self.csi_idle_timeout,
+            max_connections: self.csi_max_connections as usize,
+        })
+    }
+}
+
+/// The controller's registry of nodes (docs/split-mode.md, "Heartbeats and the registry").
+#[derive(clap::Args)]
+struct RegistryArgs {
+    /// Refuse the nodes' shared certificate (cellar-agent): every node must register with a
+    /// certificate naming it (<node>.cellar-agent). See docs/security.md.
+    #[arg(long)]
+    require_node_certificates: bool,
+    /// How often nodes are told to heartbeat; a node silent for three intervals is unavailable.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
+    /// At most this many nodes: a new one takes the place of the longest-silent unavailable one,
+    /// or is refused (RESOURCE_EXHAUSTED) when all are available.
+    #[arg(long, value_name = "N", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_nodes: u32,
+    /// The largest heartbeat accepted (a node's pools and topology), in bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..))]
+    max_heartbeat_bytes: u32,
+    /// A node silent this long is forgotten: dropped from the registry, its volumes listed as
+    /// abnormal from their last listing. Longer than three heartbeat intervals.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    forget_nodes_after: Duration,
+}
+
+impl RegistryArgs {
+    fn config(self) -> Result<cellar::agent::registry::RegistryConfig, String> {
+        let defaults = cellar::agent::registry::RegistryConfig::default();
+        let config = cellar::agent::registry::RegistryConfig {
+            require_node_certificates: self.require_node_certificates,
+            heartbeat_interval: self.heartbeat_interval,
+            settle: 2 * self.heartbeat_interval,
+            max_nodes: self.max_nodes as usize,
+            max_heartbeat_bytes: self.max_heartbeat_bytes as usize,
+            forget_after: self.forget_nodes_after,
+            ..defaults
+        };
+        if config.forget_after <= config.expiry() {
+            return Err(format!(
+                "--forget-nodes-after {:?} must be longer than the {:?} after which a node is unavailable (3 x --heartbeat-interval)",
+                config.forget_after,
+                config.expiry()
+            ));
+        }
+        if config.heartbeat_interval < Duration::from_millis(50) {
+            return Err("--heartbeat-interval must be at least 50ms".into());
+        }
+        Ok(config)
+    }
+}
+
+/// A duration such as `500ms`, `5s`, `30m`, `1h` (a bare number is seconds).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let at = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(at);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration such as 500ms, 5s, 30m or 1h"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("'{s}': unit must be ms, s, m or h")),
+    }
 }
 
 /// Mutual TLS between the controller and the nodes.
@@ -228,22 +326,26 @@ fn main() -> ExitCode {
             driver_name,
             max_volumes_per_node,
             metrics_listen,
+            socket,
             advertise_volume_health,
         } => {
             init_logging(cli.log_format);
-            let opts = cellar::roles::AllInOne {
-                endpoint,
-                node_id: node_id.unwrap_or_else(hostname),
-                data_dir,
-                config,
-                driver_name,
-                max_volumes_per_node,
-                metrics_listen,
-                advertise_volume_health,
-            };
-            runtime
-                .block_on(cellar::roles::all_in_one(opts))
-                .map_err(|e| e.to_string())
+            socket.limits().and_then(|socket| {
+                let opts = cellar::roles::AllInOne {
+                    endpoint,
+                    node_id: node_id.unwrap_or_else(hostname),
+                    data_dir,
+                    config,
+                    driver_name,
+                    max_volumes_per_node,
+                    metrics_listen,
+                    socket,
+                    advertise_volume_health,
+                };
+                runtime
+                    .block_on(cellar::roles::all_in_one(opts))
+                    .map_err(|e| e.to_string())
+            })
         }
         Command::Controller {
             endpoint,
@@ -253,24 +355,31 @@ fn main() -> ExitCode {
             driver_name,
             name,
             tls,
+            registry,
             metrics_listen,
+            socket,
             advertise_volume_health,
         } => {
             init_logging(cli.log_format);
-            let opts = cellar::roles::ControllerRole {
-                endpoint,
-                agent_listen,
-                data_dir,
-                config,
-                driver_name,
-                tls: tls.flags(),
-                metrics_listen,
-                name,
-                advertise_volume_health,
-            };
-            runtime
-                .block_on(cellar::roles::controller(opts))
-                .map_err(|e| e.to_string())
+            let limits = registry.config().and_then(|r| Ok((r, socket.limits()?)));
+            limits.and_then(|(registry, socket)| {
+                let opts = cellar::roles::ControllerRole {
+                    registry,
+                    socket,
+                    endpoint,
+                    agent_listen,
+                    data_dir,
+                    config,
+                    driver_name,
+                    tls: tls.flags(),
+                    metrics_listen,
+                    name,
+                    advertise_volume_health,
+                };
+                runtime
+                    .block_on(cellar::roles::controller(opts))
+                    .map_err(|e| e.to_string())
+            })
         }
         Command::Node {
             endpoint,
@@ -284,24 +393,28 @@ fn main() -> ExitCode {
             tls,
             max_volumes_per_node,
             metrics_listen,
+            socket,
             advertise_volume_health,
         } => {
             init_logging(cli.log_format);
-            let opts = cellar::roles::NodeRole {
-                endpoint,
-                node_id: node_id.unwrap_or_else(hostname),
-                data_dir,
-                config,
-                driver_name,
-                controller,
-                agent_listen,
-                agent_advertise,
-                tls: tls.flags(),
-                max_volumes_per_node,
-                metrics_listen,
-                advertise_volume_health,
-            };
-            runtime.block_on(cellar::roles::node(opts)).map_err(|e| e.to_string())
+            socket.limits().and_then(|socket| {
+                let opts = cellar::roles::NodeRole {
+                    endpoint,
+                    node_id: node_id.unwrap_or_else(hostname),
+                    data_dir,
+                    config,
+                    driver_name,
+                    controller,
+                    agent_listen,
+                    agent_advertise,
+                    tls: tls.flags(),
+                    max_volumes_per_node,
+                    metrics_listen,
+                    socket,
+                    advertise_volume_health,
+                };
+                runtime.block_on(cellar::roles::node(opts)).map_err(|e| e.to_string())
+            })
         }
         Command::Csi(args) => runtime.block_on(cellar::client::run(args)),
         Command::Report(_) => Ok(()), // answered above
@@ -321,7 +434,7 @@ fn main() -> ExitCode {
 mod tests {
     use clap::CommandFactory;
 
-    use super::Cli;
+    use super::*;
 
     /// Every flag and argument of every command says what it is for in --help.
     #[test]
@@ -342,5 +455,39 @@ mod tests {
         let mut missing = Vec::new();
         walk(&cmd, "cellar", &mut missing);
         assert!(missing.is_empty(), "arguments without help: {missing:?}");
+    }
+
+    #[test]
+    fn durations_take_a_unit_or_mean_seconds() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("1d").unwrap_err().contains("unit must be"));
+        assert!(parse_duration("s").unwrap_err().contains("not a duration"));
+    }
+
+    fn controller_args(extra: &[&str]) -> Result<cellar::agent::registry::RegistryConfig, String> {
+        let mut argv = vec!["cellar", "controller", "--insecure"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv).map_err(|e| e.to_string())?.command {
+            Command::Controller { registry, .. } => registry.config(),
+            _ => unreachable!("parsed as the controller"),
+        }
+    }
+
+    #[test]
+    fn registry_flags_have_sane_defaults_and_forgetting_comes_after_unavailability() {
+        let c = controller_args(&[]).expect("defaults");
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(c.max_nodes, 5000);
+        assert_eq!(c.max_heartbeat_bytes, 64 << 10);
+        assert_eq!(c.forget_after, Duration::from_secs(3600));
+        assert!(!c.require_node_certificates);
+        let e = controller_args(&["--heartbeat-interval", "10s", "--forget-nodes-after", "30s"]).unwrap_err();
+        assert!(e.contains("must be longer than"), "{e}");
+        let e = controller_args(&["--max-nodes", "0"]).unwrap_err();
+        assert!(e.contains("--max-nodes"), "{e}");
     }
 }

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nix::fcntl::Flock;
-use tonic::transport::Server;
 
 use crate::agent::{LocalAgent, SingleNode};
 use crate::controller::ControllerService;
@@ -35,6 +34,7 @@ pub struct AllInOne {
     pub max_volumes_per_node: i64,
     /// Where to serve /metrics, /healthz and /readyz; off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    pub socket: server::SocketLimits,
     /// Name the CSI 1.13 health RPCs in GetCapabilities (docs/health.md); they are served either way.
     pub advertise_volume_health: bool,
 }
@@ -131,12 +131,14 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
     // whose pools and node state are open.
     let listener = server::bind(&socket)?;
     metrics.serving(&socket);
-    let router = Server::builder()
+    let router = o
+        .socket
+        .server_builder()
         .add_service(IdentityServer::new(identity))
         .add_service(ControllerServer::from_arc(controller.clone()))
         .add_service(GroupControllerServer::from_arc(controller))
         .add_service(NodeGrpc::new(NodeServer(Arc::new(node_svc))));
-    let served = server::serve_until_signal(router, listener, &socket, std::future::pending()).await;
+    let served = server::serve_until_signal(router, listener, o.socket, &socket, std::future::pending()).await;
     drop(metrics);
     Ok(served?)
 }
@@ -263,6 +265,8 @@ pub struct ControllerRole {
     pub config: Option<PathBuf>,
     pub driver_name: String,
     pub tls: TlsFlags,
+    pub registry: crate::agent::registry::RegistryConfig,
+    pub socket: server::SocketLimits,
     pub metrics_listen: Option<SocketAddr>,
     /// The name this controller goes by in volume records of shared pools (its pod name).
     pub name: String,
@@ -283,6 +287,7 @@ pub struct NodeRole {
     pub tls: TlsFlags,
     pub max_volumes_per_node: i64,
     pub metrics_listen: Option<SocketAddr>,
+    pub socket: server::SocketLimits,
     /// Name the CSI 1.13 health RPCs in GetCapabilities (docs/health.md); they are served either way.
     pub advertise_volume_health: bool,
 }
@@ -304,11 +309,7 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     let engine = Arc::new(engine);
     engine.start_purger();
     let shared: Arc<dyn crate::agent::Agent> = Arc::new(LocalAgent::new(engine.clone()));
-    let registry = crate::agent::registry::Registry::new(
-        crate::agent::registry::RegistryConfig::default(),
-        tls.clone(),
-        Some(shared),
-    );
+    let registry = crate::agent::registry::Registry::new(o.registry.clone(), tls.clone(), Some(shared));
     let sweeper = AbortOnDrop(tokio::spawn(registry.clone().run_sweeper()));
     let metrics = serve_metrics(
         o.metrics_listen,
@@ -322,20 +323,33 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
         .map_err(|e| RoleError::Split(format!("--agent-listen {}: {e}", o.agent_listen)))?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let routes = tonic::service::Routes::new(registry.service());
-    let registry_server = tokio::spawn(crate::agent::server::serve(listener, tls, routes, async {
-        let _ = stop_rx.await;
-    }));
+    // Every node keeps one connection to every replica: room for all of them and a margin.
+    let limits = server::SocketLimits {
+        max_connections: o.registry.max_nodes + 256,
+        ..crate::agent::server::TCP_LIMITS
+    };
+    let registry_server = tokio::spawn(crate::agent::server::serve_within(
+        listener,
+        limits,
+        tls,
+        routes,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     report_pools(&readiness, &engine);
     tracing::info!(agent_listen = %o.agent_listen, socket = %socket.display(), "controller ready");
     let identity = IdentityService::new(&o.driver_name, readiness.flag());
     let controller = Arc::new(ControllerService::new(Arc::new(registry)).advertising_health(o.advertise_volume_health));
     let listener = server::bind(&socket)?;
     metrics.serving(&socket);
-    let router = Server::builder()
+    let router = o
+        .socket
+        .server_builder()
         .add_service(IdentityServer::new(identity))
         .add_service(ControllerServer::from_arc(controller.clone()))
         .add_service(GroupControllerServer::from_arc(controller));
-    let served = server::serve_until_signal(router, listener, &socket, o.tls.rotated()).await;
+    let served = server::serve_until_signal(router, listener, o.socket, &socket, o.tls.rotated()).await;
     let _ = stop_tx.send(());
     let _ = registry_server.await;
     drop((metrics, sweeper));
@@ -374,16 +388,18 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
         .await
         .map_err(|e| RoleError::Split(format!("--agent-listen {}: {e}", o.agent_listen)))?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let routes = tonic::service::Routes::new(crate::agent::server::AgentService::new(engine.clone()).into_server());
+    let topology = [(crate::csi::TOPOLOGY_NODE_KEY.to_string(), node.as_str().to_string())].into();
+    // The agent serves only a caller whose certificate names the controller as this node dials it
+    // (the name the node checks on the registry's certificate), which no node certificate carries.
+    let beat_config = HeartbeatConfig::new(controller, node.clone(), topology, advertise);
+    let only_controller = tls.callers(&beat_config.server_name);
+    let routes = tonic::service::Routes::new(
+        crate::agent::server::AgentService::new(engine.clone()).into_server(only_controller),
+    );
     let agent_server = tokio::spawn(crate::agent::server::serve(listener, tls.clone(), routes, async {
         let _ = stop_rx.await;
     }));
-    let topology = [(crate::csi::TOPOLOGY_NODE_KEY.to_string(), node.as_str().to_string())].into();
-    let beat = Heartbeat::new(
-        HeartbeatConfig::new(controller, node.clone(), topology, advertise),
-        tls,
-        Arc::new(LocalAgent::new(engine.clone())),
-    );
+    let beat = Heartbeat::new(beat_config, tls, Arc::new(LocalAgent::new(engine.clone())));
     // Ready while the pools are open and a controller replica acknowledges this node: a node that
     // loses every replica says so (once) and turns unready, and ready again when one answers.
     readiness.expect(
@@ -410,10 +426,12 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     node_svc.advertise_health = o.advertise_volume_health;
     let listener = server::bind(&socket)?;
     metrics.serving(&socket);
-    let router = Server::builder()
+    let router = o
+        .socket
+        .server_builder()
         .add_service(IdentityServer::new(identity))
         .add_service(NodeGrpc::new(NodeServer(Arc::new(node_svc))));
-    let served = server::serve_until_signal(router, listener, &socket, o.tls.rotated()).await;
+    let served = server::serve_until_signal(router, listener, o.socket, &socket, o.tls.rotated()).await;
     let _ = stop_tx.send(());
     let _ = agent_server.await;
     drop((metrics, heartbeat));

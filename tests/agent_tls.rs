@@ -30,6 +30,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
 const NODE: &str = "node-1";
+/// The name on the controller's certificate, which the agents under test serve.
+const CONTROLLER: &str = "cellar-controller";
 
 /// A certificate authority made for one test.
 struct Ca {
@@ -88,15 +90,21 @@ struct AgentUnderTest {
 }
 
 async fn start_agent(tls: Tls) -> AgentUnderTest {
+    start_agent_of(NODE, tls).await
+}
+
+/// An agent of `node`, serving only callers whose certificate names [`CONTROLLER`].
+async fn start_agent_of(node: &str, tls: Tls) -> AgentUnderTest {
     let dir = tempfile::Builder::new()
         .prefix("cellar-agent-tls-")
         .tempdir()
         .expect("tempdir");
-    let engine = Arc::new(LocalEngine::open(node(), &Config::default_for(dir.path())).expect("engine"));
+    let node = NodeId::parse(node).expect("node id");
+    let engine = Arc::new(LocalEngine::open(node, &Config::default_for(dir.path())).expect("engine"));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (stop, stopped) = oneshot::channel::<()>();
-    let routes = Routes::new(AgentService::new(engine.clone()).into_server());
+    let routes = Routes::new(AgentService::new(engine.clone()).into_server(tls.callers(CONTROLLER)));
     tokio::spawn(async move {
         serve(listener, tls, routes, async {
             let _ = stopped.await;
@@ -167,7 +175,7 @@ async fn create_is_refused(controller: &RemoteAgent, agent: &AgentUnderTest, why
 async fn a_client_with_a_certificate_from_the_ca_creates_lists_and_deletes() {
     let ca = Ca::new("cellar test CA");
     let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
-    let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf("cellar-controller")), timeouts());
+    let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf(CONTROLLER)), timeouts());
 
     let created = controller
         .create_volume(new_volume("pvc-1", 1 << 20))
@@ -206,7 +214,7 @@ async fn a_client_with_a_certificate_from_the_ca_creates_lists_and_deletes() {
 async fn a_node_error_comes_back_with_its_code_and_message() {
     let ca = Ca::new("cellar test CA");
     let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
-    let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf("cellar-controller")), timeouts());
+    let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf(CONTROLLER)), timeouts());
     let local = LocalAgent::new(agent.engine.clone());
 
     controller
@@ -300,7 +308,7 @@ async fn a_client_with_a_certificate_from_another_ca_is_refused() {
     let rogue = Ca::new("someone else's CA");
     let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
     // It trusts the right CA, so it would accept the server; its own certificate is the rogue's.
-    let leaf = rogue.leaf("cellar-controller");
+    let leaf = rogue.leaf(CONTROLLER);
     let tls = Tls::from_pem(ca.pem().as_bytes(), leaf.cert.as_bytes(), leaf.key.as_bytes()).expect("tls");
     let controller = remote(NODE, agent.addr, &tls, timeouts());
     create_is_refused(&controller, &agent, "nothing was created").await;
@@ -314,7 +322,7 @@ async fn a_server_with_a_certificate_from_another_ca_is_refused_by_the_client() 
     let leaf = rogue.leaf(AGENT_SERVER_NAME);
     let server_tls = Tls::from_pem(ca.pem().as_bytes(), leaf.cert.as_bytes(), leaf.key.as_bytes()).expect("tls");
     let agent = start_agent(server_tls).await;
-    let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf("cellar-controller")), timeouts());
+    let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf(CONTROLLER)), timeouts());
     create_is_refused(&controller, &agent, "nothing was sent").await;
 }
 
@@ -322,7 +330,7 @@ async fn a_server_with_a_certificate_from_another_ca_is_refused_by_the_client() 
 async fn a_server_certificate_for_another_name_is_refused_by_the_client() {
     let ca = Ca::new("cellar test CA");
     let agent = start_agent(ca.tls(&ca.leaf("not-the-agent"))).await;
-    let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf("cellar-controller")), timeouts());
+    let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf(CONTROLLER)), timeouts());
     let e = status(controller.volumes().await.unwrap_err());
     assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
 }
@@ -331,7 +339,7 @@ async fn a_server_certificate_for_another_name_is_refused_by_the_client() {
 async fn a_call_meant_for_another_node_is_refused() {
     let ca = Ca::new("cellar test CA");
     let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
-    let stale = remote("node-2", agent.addr, &ca.tls(&ca.leaf("cellar-controller")), timeouts());
+    let stale = remote("node-2", agent.addr, &ca.tls(&ca.leaf(CONTROLLER)), timeouts());
     let e = status(stale.create_volume(new_volume("pvc-1", 1 << 20)).await.unwrap_err());
     assert_eq!(e.code(), Code::Unavailable);
     assert!(
@@ -350,7 +358,7 @@ async fn an_unreachable_node_is_unavailable_naming_it_within_the_timeout() {
         l.local_addr().expect("addr")
     };
     let t = timeouts();
-    let controller = remote(NODE, closed, &ca.tls(&ca.leaf("cellar-controller")), t);
+    let controller = remote(NODE, closed, &ca.tls(&ca.leaf(CONTROLLER)), t);
     let start = Instant::now();
     let e = status(controller.volumes().await.unwrap_err());
     assert!(start.elapsed() <= t.call, "took {:?}", start.elapsed());
@@ -370,7 +378,7 @@ async fn a_hung_node_is_unavailable_within_the_call_timeout() {
         call: Duration::from_secs(1),
         storage: Duration::from_secs(2),
     };
-    let controller = remote(NODE, addr, &ca.tls(&ca.leaf("cellar-controller")), t);
+    let controller = remote(NODE, addr, &ca.tls(&ca.leaf(CONTROLLER)), t);
 
     let start = Instant::now();
     let e = status(controller.volumes().await.unwrap_err());
@@ -406,29 +414,17 @@ impl Resolve for Fixed {
 async fn a_node_registers_over_mtls_and_the_controller_reaches_its_disk() {
     let ca = Ca::new("cellar test CA");
     let node_tls = ca.tls(&ca.leaf(AGENT_SERVER_NAME));
-    let controller_tls = ca.tls(&ca.leaf("cellar-controller"));
     let agent = start_agent(node_tls.clone()).await;
-
-    let registry = Registry::new(
-        RegistryConfig {
-            heartbeat_interval: Duration::from_millis(200),
-            agent_timeouts: timeouts(),
-            ..Default::default()
-        },
-        controller_tls.clone(),
-        None,
-    );
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let registry_addr = listener.local_addr().expect("addr");
-    let (_stop, stopped) = oneshot::channel::<()>();
-    let routes = Routes::new(registry.service());
-    tokio::spawn(async move {
-        serve(listener, controller_tls, routes, async {
-            let _ = stopped.await;
-        })
-        .await
-        .expect("registry server");
-    });
+    let config = RegistryConfig {
+        heartbeat_interval: Duration::from_millis(200),
+        agent_timeouts: timeouts(),
+        ..Default::default()
+    };
+    let RegistryUnderTest {
+        registry,
+        addr: registry_addr,
+        _stop,
+    } = start_registry(&ca, config).await;
 
     let config = HeartbeatConfig::new(
         HostPort::parse(&format!("cellar-controller:{}", registry_addr.port())).expect("controller"),
@@ -583,4 +579,461 @@ fn a_controller_restarts_when_its_certificates_are_rotated() {
     assert!(status.success(), "a graceful stop: {status:?}\n{}", read_log());
     assert!(read_log().contains("certificate rotation"), "{}", read_log());
     assert!(!socket.exists(), "the socket is removed on the way out");
+}
+
+/// A channel holding `leaf`, trusting the CA and expecting `server_name`, as an attacker holding
+/// `leaf` would make one.
+async fn raw_channel(ca: &Ca, leaf: &Leaf, addr: SocketAddr, server_name: &str) -> tonic::transport::Channel {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca.pem()))
+        .identity(tonic::transport::Identity::from_pem(&leaf.cert, &leaf.key))
+        .domain_name(server_name);
+    Endpoint::from_shared(format!("https://{addr}"))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("the handshake itself succeeds: the certificate is from the CA")
+}
+
+/// A raw agent client holding `leaf`.
+async fn raw_agent(ca: &Ca, leaf: &Leaf, addr: SocketAddr) -> v1::agent_client::AgentClient<tonic::transport::Channel> {
+    v1::agent_client::AgentClient::new(raw_channel(ca, leaf, addr, AGENT_SERVER_NAME).await)
+}
+
+fn addressed<T>(msg: T, node: Option<&str>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(n) = node {
+        req.metadata_mut()
+            .insert(cellar::agent::remote::NODE_HEADER, n.parse().expect("header"));
+    }
+    req
+}
+
+/// A node's credentials (the shared node certificate, or one naming another node) on a node's
+/// agent: listing, reading a volume's bytes (export) and deleting are all PERMISSION_DENIED, and
+/// the volume is untouched.
+#[tokio::test]
+async fn a_node_certificate_cannot_list_read_or_delete_another_nodes_volumes() {
+    let ca = Ca::new("cellar test CA");
+    let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
+    let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf(CONTROLLER)), timeouts());
+    let canary = controller
+        .create_volume(new_volume("pvc-canary", 1 << 20))
+        .await
+        .expect("the controller creates");
+    let canary_id = VolumeId::parse(&canary.id).expect("id");
+
+    for leaf in [ca.leaf(AGENT_SERVER_NAME), ca.leaf("node-2.cellar-agent")] {
+        let mut attacker = raw_agent(&ca, &leaf, agent.addr).await;
+        let e = attacker
+            .list_volumes(addressed(v1::ListVolumesRequest {}, Some(NODE)))
+            .await
+            .expect_err("list");
+        assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+        assert!(e.message().contains("only the controller"), "{}", e.message());
+        let export = v1::ExportDataRequest {
+            source: Some(v1::ContentSource {
+                kind: Some(v1::content_source::Kind::VolumeId(canary.id.clone())),
+            }),
+        };
+        let e = attacker
+            .export_data(addressed(export, Some(NODE)))
+            .await
+            .expect_err("export");
+        assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+        let delete = v1::DeleteVolumeRequest {
+            volume_id: canary.id.clone(),
+        };
+        let e = attacker
+            .delete_volume(addressed(delete, Some(NODE)))
+            .await
+            .expect_err("delete");
+        assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    }
+    assert!(agent.engine.volume(&canary_id).is_some(), "the volume is untouched");
+}
+
+#[tokio::test]
+async fn a_call_without_the_node_header_is_invalid_argument() {
+    let ca = Ca::new("cellar test CA");
+    let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
+    let mut client = raw_agent(&ca, &ca.leaf(CONTROLLER), agent.addr).await;
+    let e = client
+        .list_volumes(addressed(v1::ListVolumesRequest {}, None))
+        .await
+        .expect_err("no header");
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert!(
+        e.message().contains("cellar-node header is required"),
+        "{}",
+        e.message()
+    );
+    client
+        .list_volumes(addressed(v1::ListVolumesRequest {}, Some(NODE)))
+        .await
+        .expect("with the header the controller is served");
+}
+
+/// A registry served over mutual TLS with the controller's certificate.
+struct RegistryUnderTest {
+    registry: Registry,
+    addr: SocketAddr,
+    _stop: oneshot::Sender<()>,
+}
+
+async fn start_registry(ca: &Ca, config: RegistryConfig) -> RegistryUnderTest {
+    let tls = ca.tls(&ca.leaf(CONTROLLER));
+    let registry = Registry::new(config, tls.clone(), None);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let routes = Routes::new(registry.service());
+    tokio::spawn(async move {
+        serve(listener, tls, routes, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("registry server");
+    });
+    RegistryUnderTest {
+        registry,
+        addr,
+        _stop: stop,
+    }
+}
+
+/// One Register call holding `leaf`, claiming to be `node` with its agent at `agent`.
+async fn register(ca: &Ca, leaf: &Leaf, at: SocketAddr, node: &str, agent: SocketAddr) -> Result<(), Status> {
+    register_with(ca, leaf, at, node, agent, BTreeMap::new()).await
+}
+
+/// Register with these topology segments.
+async fn register_with(
+    ca: &Ca,
+    leaf: &Leaf,
+    at: SocketAddr,
+    node: &str,
+    agent: SocketAddr,
+    topology: BTreeMap<String, String>,
+) -> Result<(), Status> {
+    let channel = raw_channel(ca, leaf, at, CONTROLLER).await;
+    v1::registry_client::RegistryClient::new(channel)
+        .register(v1::NodeStatus {
+            node_id: node.into(),
+            topology,
+            agent_address: agent.to_string(),
+            pools: vec![],
+            version: "test".into(),
+        })
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn a_heartbeat_larger_than_the_limit_is_out_of_range() {
+    let ca = Ca::new("cellar test CA");
+    let config = RegistryConfig {
+        max_heartbeat_bytes: 4096,
+        ..Default::default()
+    };
+    let r = start_registry(&ca, config).await;
+    let somewhere: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let leaf = ca.leaf(AGENT_SERVER_NAME);
+    let huge = BTreeMap::from([("padding".to_string(), "x".repeat(8192))]);
+    let e = register_with(&ca, &leaf, r.addr, NODE, somewhere, huge)
+        .await
+        .expect_err("too large");
+    assert_eq!(e.code(), Code::OutOfRange, "{}", e.message());
+    assert!(r.registry.nodes().is_empty());
+    register(&ca, &leaf, r.addr, NODE, somewhere)
+        .await
+        .expect("a heartbeat within the limit");
+}
+
+fn node_id(n: &str) -> NodeId {
+    NodeId::parse(n).expect("node id")
+}
+
+#[tokio::test]
+async fn a_node_certificate_registers_only_as_its_own_node() {
+    let ca = Ca::new("cellar test CA");
+    let r = start_registry(&ca, RegistryConfig::default()).await;
+    let node2 = ca.leaf("node-2.cellar-agent");
+    let somewhere: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+
+    let e = register(&ca, &node2, r.addr, "node-1", somewhere)
+        .await
+        .expect_err("node-2 claims node-1");
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    assert!(
+        e.message().contains("only a node may register, and as itself"),
+        "{}",
+        e.message()
+    );
+    assert!(r.registry.node(&node_id("node-1")).is_none());
+
+    register(&ca, &node2, r.addr, "node-2", somewhere)
+        .await
+        .expect("node-2 as itself");
+    assert!(r.registry.node(&node_id("node-2")).is_some());
+
+    // Once node-2 proved itself, the certificate all nodes share cannot speak for it.
+    let e = register(&ca, &ca.leaf(AGENT_SERVER_NAME), r.addr, "node-2", somewhere)
+        .await
+        .expect_err("the shared certificate claims node-2");
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+}
+
+#[tokio::test]
+async fn the_controller_certificate_cannot_register_a_node() {
+    let ca = Ca::new("cellar test CA");
+    let r = start_registry(&ca, RegistryConfig::default()).await;
+    let somewhere: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let e = register(&ca, &ca.leaf(CONTROLLER), r.addr, "node-1", somewhere)
+        .await
+        .expect_err("not a node");
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    assert!(r.registry.nodes().is_empty());
+}
+
+#[tokio::test]
+async fn a_registry_requiring_node_certificates_refuses_the_shared_one() {
+    let ca = Ca::new("cellar test CA");
+    let config = RegistryConfig {
+        require_node_certificates: true,
+        ..Default::default()
+    };
+    let r = start_registry(&ca, config).await;
+    let somewhere: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let e = register(&ca, &ca.leaf(AGENT_SERVER_NAME), r.addr, "node-1", somewhere)
+        .await
+        .expect_err("shared certificate");
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    assert!(e.message().contains("--require-node-certificates"), "{}", e.message());
+    register(&ca, &ca.leaf("node-1.cellar-agent"), r.addr, "node-1", somewhere)
+        .await
+        .expect("its own certificate");
+}
+
+/// A node that registered with its own certificate is dialled expecting that certificate: another
+/// node answering at its address (a reused IP, a forged advertise address) is refused by the
+/// controller, and the real node is served.
+#[tokio::test]
+async fn the_controller_dials_a_node_with_its_own_certificate_by_its_name() {
+    let ca = Ca::new("cellar test CA");
+    let config = RegistryConfig {
+        agent_timeouts: timeouts(),
+        ..Default::default()
+    };
+    let r = start_registry(&ca, config).await;
+    let node1 = ca.leaf("node-1.cellar-agent");
+    // node-2's agent, holding node-2's own certificate, answers at the address node-1 gives.
+    let impostor = start_agent_of(NODE, ca.tls(&ca.leaf("node-2.cellar-agent"))).await;
+    register(&ca, &node1, r.addr, NODE, impostor.addr)
+        .await
+        .expect("node-1 registers");
+    let via_registry = r.registry.agent(&node()).expect("known");
+    let e = status(
+        via_registry
+            .create_volume(new_volume("pvc-1", 1 << 20))
+            .await
+            .expect_err("the impostor must not be served"),
+    );
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(impostor.engine.volumes().is_empty());
+
+    let real = start_agent_of(NODE, ca.tls(&node1)).await;
+    register(&ca, &node1, r.addr, NODE, real.addr)
+        .await
+        .expect("node-1 moves");
+    via_registry
+        .create_volume(new_volume("pvc-1", 1 << 20))
+        .await
+        .expect("the real node-1 is served");
+    assert_eq!(real.engine.volumes().len(), 1);
+}
+
+/// A controller over a registry holding node-1 (a real agent, little room) and node-2 (heartbeats
+/// saying it has the most room, but its agent never answers: it accepts TCP and says nothing).
+struct HungNodeCluster {
+    controller: cellar::controller::ControllerService,
+    registry: Registry,
+    node1: AgentUnderTest,
+    _hung: std::net::TcpListener,
+}
+
+async fn hung_node_cluster() -> HungNodeCluster {
+    let ca = Ca::new("cellar test CA");
+    let node1 = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
+    let t = Timeouts {
+        connect: Duration::from_secs(1),
+        call: Duration::from_secs(1),
+        storage: Duration::from_secs(2),
+    };
+    let config = RegistryConfig {
+        agent_timeouts: t,
+        ..Default::default()
+    };
+    let registry = Registry::new(config, ca.tls(&ca.leaf(CONTROLLER)), None);
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let pools = node1.engine.pool_status().expect("pools");
+    let mut roomy = pools.clone();
+    roomy[0].available_bytes = 1 << 40;
+    roomy[0].total_bytes = 1 << 40;
+    for (node, addr, pools) in [
+        ("node-1", node1.addr, pools),
+        ("node-2", hung.local_addr().expect("addr"), roomy),
+    ] {
+        registry
+            .heartbeat(cellar::agent::registry::NodeReport {
+                node: node_id(node),
+                topology: BTreeMap::from([(cellar::csi::TOPOLOGY_NODE_KEY.to_string(), node.to_string())]),
+                agent_address: HostPort::parse(&addr.to_string()).expect("address"),
+                pools,
+                version: "test".into(),
+            })
+            .expect("heartbeat");
+    }
+    HungNodeCluster {
+        controller: cellar::controller::ControllerService::new(Arc::new(registry.clone())),
+        registry,
+        node1,
+        _hung: hung,
+    }
+}
+
+fn csi_create(name: &str) -> cellar::csi::v1::CreateVolumeRequest {
+    use cellar::csi::v1::{volume_capability, CapacityRange as Range, CreateVolumeRequest, VolumeCapability};
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(Range {
+            required_bytes: 1 << 20,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![VolumeCapability {
+            access_type: Some(volume_capability::AccessType::Mount(Default::default())),
+            access_mode: Some(volume_capability::AccessMode {
+                mode: volume_capability::access_mode::Mode::SingleNodeWriter as i32,
+            }),
+        }],
+        ..Default::default()
+    }
+}
+
+/// Capacity comes from the nodes' heartbeats, except for the node asked about, which answers live:
+/// a node whose agent hangs counts in the cluster's capacity as its heartbeat says, and does not
+/// delay a question about another node.
+#[tokio::test]
+async fn get_capacity_reads_heartbeats_and_asks_only_the_node_in_question() {
+    use cellar::csi::v1::controller_server::Controller;
+    use cellar::csi::v1::{GetCapacityRequest, Topology};
+    let c = hung_node_cluster().await;
+    let on = |node: &str| GetCapacityRequest {
+        accessible_topology: Some(Topology {
+            segments: [(cellar::csi::TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into(),
+        }),
+        ..Default::default()
+    };
+    let all = c
+        .controller
+        .get_capacity(tonic::Request::new(GetCapacityRequest::default()))
+        .await
+        .expect("the cluster's capacity")
+        .into_inner();
+    assert!(all.available_capacity > 1 << 40, "{all:?}");
+    let node1 = c
+        .controller
+        .get_capacity(tonic::Request::new(on("node-1")))
+        .await
+        .expect("node-1's capacity")
+        .into_inner();
+    assert!(
+        node1.available_capacity > 0 && node1.available_capacity < 1 << 40,
+        "{node1:?}"
+    );
+    assert!(!c.registry.is_unreachable(&node_id("node-2")), "node-2 was not asked");
+    let e = c
+        .controller
+        .get_capacity(tonic::Request::new(on("node-2")))
+        .await
+        .expect_err("node-2 itself is asked");
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+}
+
+/// Placement reads the heartbeats' figures, in which the hung node has the most room; but the
+/// name lookup every CreateVolume makes on every node (in parallel, each call bounded) finds its
+/// agent silent, which takes it out of placement until its agent answers again (the registry's
+/// sweeper probes it), so the volume is made on node-1. The hung node still heartbeats.
+#[tokio::test]
+async fn a_node_whose_agent_does_not_answer_is_not_picked_though_its_heartbeat_has_the_most_room() {
+    use cellar::csi::v1::controller_server::Controller;
+    let c = hung_node_cluster().await;
+    for name in ["pvc-1", "pvc-2"] {
+        let made = c
+            .controller
+            .create_volume(tonic::Request::new(csi_create(name)))
+            .await
+            .expect("made on node-1")
+            .into_inner()
+            .volume
+            .expect("volume");
+        assert_eq!(made.volume_id, format!("local:node-1:default:{name}"));
+    }
+    assert!(c.registry.is_unreachable(&node_id("node-2")));
+    assert!(c.registry.is_available(&node_id("node-2")), "it still heartbeats");
+    assert!(!c.registry.is_unreachable(&node_id("node-1")));
+    assert_eq!(c.node1.engine.volumes().len(), 2);
+}
+
+/// The agent's port drops connections that say nothing (not even the TLS handshake) after its idle
+/// timeout and holds at most its cap at once: many such connections do not keep the controller out.
+#[tokio::test]
+async fn silent_connections_beyond_the_agents_cap_are_dropped_and_the_controller_is_served() {
+    use cellar::agent::server::serve_within;
+    use cellar::server::SocketLimits;
+    use tokio::io::AsyncReadExt;
+    let ca = Ca::new("cellar test CA");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = Arc::new(LocalEngine::open(node(), &Config::default_for(dir.path())).expect("engine"));
+    let tls = ca.tls(&ca.leaf(AGENT_SERVER_NAME));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let routes = Routes::new(AgentService::new(engine).into_server(tls.callers(CONTROLLER)));
+    let limits = SocketLimits {
+        idle_timeout: Duration::from_secs(1),
+        max_connections: 4,
+    };
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(async move {
+        serve_within(listener, limits, tls, routes, async {
+            let _ = stopped.await;
+        })
+        .await
+        .expect("agent server");
+    });
+    let mut silent = Vec::new();
+    for _ in 0..12 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+    }
+    let controller = remote(
+        NODE,
+        addr,
+        &ca.tls(&ca.leaf(CONTROLLER)),
+        Timeouts {
+            connect: Duration::from_secs(30),
+            call: Duration::from_secs(30),
+            storage: Duration::from_secs(30),
+        },
+    );
+    assert!(controller.volumes().await.expect("served").is_empty());
+    for (i, conn) in silent.iter_mut().enumerate() {
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(60), conn.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "silent connection {i} is still open: {read:?}"
+        );
+    }
 }

@@ -1694,3 +1694,32 @@ fn install_docs_list_every_value() {
         "values with no row in docs/install.md's table: {missing:?}"
     );
 }
+
+/// The controller's container arguments rendered with `extra`.
+fn controller_args(extra: &[&str]) -> Vec<String> {
+    let docs = split_docs(&render(extra));
+    let deployment = docs
+        .iter()
+        .find(|d| d.kind() == "Deployment" && d.name() == "cellar-controller")
+        .expect("the controller's Deployment");
+    let containers = deployment.value["spec"]["template"]["spec"]["containers"]
+        .as_sequence()
+        .expect("containers");
+    let cellar = containers
+        .iter()
+        .find(|c| c["name"] == "cellar")
+        .expect("the cellar container");
+    cellar["args"]
+        .as_sequence()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg").to_owned())
+        .collect()
+}
+
+#[test]
+fn require_node_certificates_reaches_the_controller_only_when_asked() {
+    let flag = "--require-node-certificates".to_owned();
+    assert!(!controller_args(&[]).contains(&flag), "off by default");
+    assert!(controller_args(&["--set", "controller.requireNodeCertificates=true"]).contains(&flag));
+}

@@ -637,7 +637,8 @@ async fn a_restarted_controller_resumes_provisioning_and_nodes_serve_meanwhile()
 
 /// Who may talk to the agents and the registry, tried from node-3's network namespace: the TLS
 /// handshake as openssl sees it (the server's alert), then a call through the controller's own
-/// client.
+/// client holding the controller's certificate (served), another CA's (refused in the handshake)
+/// and the nodes' (refused by the agent: only the controller may call it).
 #[tokio::test]
 async fn callers_without_a_certificate_or_from_another_ca_are_refused() {
     let env = Env::start(&THREE).await;
@@ -647,7 +648,7 @@ async fn callers_without_a_certificate_or_from_another_ca_are_refused() {
     let from = env.nodes[2].net.clone();
     let agent = format!("{}:{AGENT_PORT}", env.nodes[0].addr);
     let registry = format!("{CONTROLLER_ADDR}:{REGISTRY_PORT}");
-    let ours = [env.path("tls.pem"), env.path("tls.key")];
+    let ours = certs::pair(env.dir.path(), certs::Role::Controller);
     let theirs = [env.path("rogue.pem"), env.path("rogue.key")];
     for (addr, name) in [(&agent, AGENT_NAME), (&registry, CONTROLLER_HOST)] {
         let ok = handshake(&env, &from, addr, name, Some(&ours));
@@ -664,8 +665,9 @@ async fn callers_without_a_certificate_or_from_another_ca_are_refused() {
         assert!(other.contains("alert unknown ca"), "{addr}, another CA:\n{other}");
     }
 
-    let [ca, cert, key] = certs::read(env.dir.path());
-    let (trusted, refused) = Env::on_host(&from, move || {
+    let [ca, cert, key] = certs::read(env.dir.path(), certs::Role::Controller);
+    let [_, node_cert, node_key] = certs::read(env.dir.path(), certs::Role::Node);
+    let (trusted, refused, a_node) = Env::on_host(&from, move || {
         Box::pin(async move {
             let list = |cert: String, key: String| {
                 let tls = Tls::from_pem(ca.as_bytes(), cert.as_bytes(), key.as_bytes()).expect("tls");
@@ -679,7 +681,11 @@ async fn callers_without_a_certificate_or_from_another_ca_are_refused() {
                 let remote = RemoteAgent::new(node, at, &tls, AGENT_NAME, timeouts).expect("client");
                 async move { remote.volumes().await.map(|v| v.len()).map_err(Status::from) }
             };
-            (list(cert, key).await, list(rogue.cert, rogue.key).await)
+            (
+                list(cert, key).await,
+                list(rogue.cert, rogue.key).await,
+                list(node_cert, node_key).await,
+            )
         })
     });
     assert_eq!(
@@ -689,6 +695,14 @@ async fn callers_without_a_certificate_or_from_another_ca_are_refused() {
     );
     let e = refused.expect_err("another CA's certificate is refused");
     assert_names(&e, Code::Unavailable, "node-1");
+    // A node's certificate passes the handshake but is not the controller's: the agent answers
+    // PERMISSION_DENIED, which the controller's client reports as a fault of the deployment.
+    let e = a_node.expect_err("a node's certificate is refused by an agent");
+    assert_eq!(e.code(), Code::Internal, "{e}");
+    assert!(
+        e.message().contains("PermissionDenied: only the controller may call"),
+        "{e}"
+    );
     let mut ctl = env.ctl().await;
     let ghost = capacity_on(&mut ctl, "node-rogue").await.expect("GetCapacity");
     assert_eq!(ghost, 0, "no refused caller registered a node");

@@ -29,22 +29,24 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A CA and one certificate for every process: the controller is reached as `localhost`, the
-/// agents as `cellar-agent` (see docs/split-mode.md).
+/// A CA and the two certificates the chart issues: the controller's, named as the nodes reach it
+/// (`localhost`), and the one all nodes share, named `cellar-agent` (see docs/security.md).
 fn write_certs(dir: &Path) {
     let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca.distinguished_name.push(DnType::CommonName, "cellar test CA");
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("CA");
-    let mut leaf = CertificateParams::new(vec!["localhost".to_string(), "cellar-agent".to_string()]).expect("params");
-    leaf.distinguished_name.push(DnType::CommonName, "cellar");
-    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    let key = KeyPair::generate().expect("key");
-    let cert = leaf.signed_by(&key, &issuer).expect("sign");
     std::fs::write(dir.join("ca.pem"), issuer.pem()).expect("ca");
-    std::fs::write(dir.join("tls.pem"), cert.pem()).expect("cert");
-    std::fs::write(dir.join("tls.key"), key.serialize_pem()).expect("key");
+    for (role, san) in [("controller", "localhost"), ("node", "cellar-agent")] {
+        let mut leaf = CertificateParams::new(vec![san.to_string()]).expect("params");
+        leaf.distinguished_name.push(DnType::CommonName, san);
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().expect("key");
+        let cert = leaf.signed_by(&key, &issuer).expect("sign");
+        std::fs::write(dir.join(format!("{role}.pem")), cert.pem()).expect("cert");
+        std::fs::write(dir.join(format!("{role}.key")), key.serialize_pem()).expect("key");
+    }
 }
 
 struct Cluster {
@@ -58,6 +60,8 @@ struct Cluster {
     pools: Vec<Option<PathBuf>>,
     /// The layouts every node's pool allows (None: the default, dir).
     layouts: Option<&'static str>,
+    /// Flags the controller gets besides the usual ones.
+    controller_args: Vec<String>,
 }
 
 impl Cluster {
@@ -68,6 +72,15 @@ impl Cluster {
 
     /// The same, with pools that allow `layouts` (e.g. "dir, image").
     async fn start_with(pools: Vec<Option<PathBuf>>, layouts: Option<&'static str>) -> Cluster {
+        Self::start_full(pools, layouts, &[]).await
+    }
+
+    /// The same, with extra flags for the controller.
+    async fn start_full(
+        pools: Vec<Option<PathBuf>>,
+        layouts: Option<&'static str>,
+        controller_args: &[&str],
+    ) -> Cluster {
         require_root();
         let dir = tempfile::Builder::new()
             .prefix("cellar-test-")
@@ -83,6 +96,7 @@ impl Cluster {
             node_metrics: Vec::new(),
             pools: pools.clone(),
             layouts,
+            controller_args: controller_args.iter().map(|a| a.to_string()).collect(),
         };
         c.start_controller();
         for i in 0..pools.len() {
@@ -95,15 +109,16 @@ impl Cluster {
         c
     }
 
-    fn tls_args(&self) -> Vec<String> {
+    /// The TLS flags of a `role`: "controller" or "node".
+    fn tls_args(&self, role: &str) -> Vec<String> {
         let d = self.dir.path();
         vec![
             "--tls-ca".into(),
             d.join("ca.pem").display().to_string(),
             "--tls-cert".into(),
-            d.join("tls.pem").display().to_string(),
+            d.join(format!("{role}.pem")).display().to_string(),
             "--tls-key".into(),
-            d.join("tls.key").display().to_string(),
+            d.join(format!("{role}.key")).display().to_string(),
         ]
     }
 
@@ -142,7 +157,8 @@ impl Cluster {
             "--metrics-listen".into(),
             format!("127.0.0.1:{}", self.metrics),
         ];
-        args.extend(self.tls_args());
+        args.extend(self.tls_args("controller"));
+        args.extend(self.controller_args.iter().cloned());
         self.controller = Some(self.spawn("controller", args, envs));
     }
 
@@ -184,7 +200,7 @@ impl Cluster {
             std::fs::write(&cfg, yaml).expect("config");
             args.extend(["--config".into(), cfg.display().to_string()]);
         }
-        args.extend(self.tls_args());
+        args.extend(self.tls_args("node"));
         self.nodes[i].1 = Some(self.spawn(&name, args, envs));
     }
 
@@ -513,32 +529,83 @@ async fn a_dead_node_is_unavailable_the_others_serve_and_it_converges_when_back(
     assert_eq!(listed_conditions(&mut ctl).await, vec![(on1_id, false)]);
 }
 
-/// A listing that fails for one node (never listed before, so nothing to answer for it with) still
-/// keeps what the other nodes answered: a later outage of those is answered from it.
+/// A node that fails its listing before it was ever listed (nothing to answer for it with) is left
+/// out instead of failing the listing of every node: the others' volumes are listed, and a later
+/// outage of those is answered from that listing.
 #[tokio::test]
-async fn a_failed_listing_keeps_what_the_other_nodes_answered() {
+async fn a_node_never_listed_does_not_fail_the_listing_of_the_others() {
     let mut c = Cluster::start(vec![None, None]).await;
     let mut ctl = c.ctl().await;
     let on2 = made(&mut ctl, wffc("pvc-2", 16 * MIB, "node-2", &["node-2"])).await;
     c.kill_node(0);
-    let e = ctl
-        .list_volumes(ListVolumesRequest::default())
-        .await
-        .expect_err("node-1 was never listed");
-    assert_eq!(e.code(), Code::Unavailable, "{e}");
-    assert!(e.message().contains("node-1"), "{}", e.message());
+    assert_eq!(
+        listed_conditions(&mut ctl).await,
+        vec![(on2.volume_id.clone(), false)],
+        "node-1 is left out, node-2 is listed"
+    );
     c.start_node(0);
+    c.kill_node(1);
+    // node-2's volume comes from the listing above while it is down.
+    wait_listed(&mut ctl, vec![(on2.volume_id.clone(), true)]).await;
+}
+
+/// A node silent for `--forget-nodes-after` is forgotten by the registry: its volumes stay listed
+/// as abnormal from their last listing (never as deleted), calls on them stay UNAVAILABLE naming
+/// it, and its next heartbeat brings it back.
+#[tokio::test]
+async fn a_forgotten_node_keeps_its_volumes_listed_as_abnormal_and_its_calls_unavailable() {
+    let flags = ["--heartbeat-interval", "200ms", "--forget-nodes-after", "2s"];
+    let mut c = Cluster::start_full(vec![None, None], None, &flags).await;
+    let mut ctl = c.ctl().await;
+    let on2 = made(&mut ctl, wffc("pvc-2", 16 * MIB, "node-2", &["node-2"])).await;
+    assert_eq!(listed_conditions(&mut ctl).await, vec![(on2.volume_id.clone(), false)]);
     c.kill_node(1);
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
-        // node-1 answers again once its agent listens; node-2's volume comes from the failed call.
-        match ctl.list_volumes(ListVolumesRequest::default()).await {
-            Ok(_) => break,
-            Err(e) => assert!(Instant::now() < deadline && e.code() == Code::Unavailable, "{e}"),
+        let entries = ctl
+            .list_volumes(ListVolumesRequest::default())
+            .await
+            .expect("ListVolumes")
+            .into_inner()
+            .entries;
+        assert_eq!(entries.len(), 1, "the forgotten node's volume is still listed");
+        let cond = entries[0]
+            .status
+            .clone()
+            .and_then(|s| s.volume_condition)
+            .expect("condition");
+        if cond.message.contains("no longer registered") {
+            assert!(cond.abnormal, "{cond:?}");
+            break;
         }
+        assert!(Instant::now() < deadline, "never forgotten: {cond:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(listed_conditions(&mut ctl).await, vec![(on2.volume_id, true)]);
+    let e = ctl
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: on2.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("the node is gone, not the volume");
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.message().contains("forgotten by the registry"), "{}", e.message());
+
+    c.start_node(1);
+    wait_listed(&mut ctl, vec![(on2.volume_id.clone(), false)]).await;
+}
+
+/// Waits (at most 40 s) until ListVolumes gives `want` as (volume id, abnormal) pairs.
+async fn wait_listed(ctl: &mut ControllerClient<Channel>, want: Vec<(String, bool)>) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let got = listed_conditions(ctl).await;
+        if got == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{got:?}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// ListVolumes as (volume id, abnormal) pairs, in the order the controller gives them.

@@ -236,6 +236,16 @@ pub trait Directory: Send + Sync {
     fn listed(&self) -> Vec<Arc<dyn Agent>> {
         self.all()
     }
+    /// A node's pools as it last reported them by itself (its heartbeat), so that placement and
+    /// capacity need no call to it; `None`: ask the agent.
+    fn reported_pools(&self, _node: &NodeId) -> Option<Vec<PoolStatus>> {
+        None
+    }
+    /// Whether the node's agent answered the last call made to it (placement passes over one
+    /// that did not, when it may choose).
+    fn answers(&self, _node: &NodeId) -> bool {
+        true
+    }
 }
 
 /// All-in-one: exactly one node, in-process.

@@ -6,16 +6,25 @@
 //! restart every live node is back within one heartbeat, and until then (the settling window) an
 //! unknown node is "not registered yet" (UNAVAILABLE), never "no such node" (NOT_FOUND), so no
 //! DeleteVolume succeeds for a volume whose node simply has not called in yet.
+//!
+//! Only a node may register, and a node holding a certificate of its own may speak only for
+//! itself ([`NodeIdentity`], docs/security.md).
+//!
+//! The registry is bounded: at most `max_nodes` nodes (an unavailable one makes room for a new one;
+//! live ones never do), heartbeats of at most `max_heartbeat_bytes`, and a node silent for
+//! `forget_after` is forgotten: only its id is kept (bounded too), so that calls on its volumes stay
+//! UNAVAILABLE rather than "no such node" until it comes back.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
+use rustls_pki_types::CertificateDer;
 use tonic::{Request, Response, Status};
 
-use super::remote::{unavailable, HostPort, RemoteAgent, Timeouts, MAX_MESSAGE_BYTES};
-use super::tls::{Tls, AGENT_SERVER_NAME};
+use super::remote::{unavailable, HostPort, RemoteAgent, Timeouts};
+use super::tls::{self, Tls, AGENT_SERVER_NAME};
 use super::wire::{self, v1};
 use super::{Agent, Directory, Frames};
 use crate::storage::engine::{CapacityRange, Condition, Mutable, NewGroup, NewVolume, PoolStatus, Source};
@@ -44,8 +53,20 @@ pub struct RegistryConfig {
     pub missed_heartbeats: u32,
     /// After a start, how long an unknown node counts as "not registered yet" rather than absent.
     pub settle: Duration,
-    /// The SAN the controller expects on agents' certificates.
+    /// The SAN the controller expects on agents' certificates; a node's own certificate names
+    /// `<node>.<agent_server_name>`.
     pub agent_server_name: String,
+    /// Refuse the nodes' shared certificate: every node must register with a certificate naming
+    /// it (`--require-node-certificates`).
+    pub require_node_certificates: bool,
+    /// At most this many nodes (`--max-nodes`); a new node beyond it takes the place of the
+    /// longest-silent unavailable one, or is refused with RESOURCE_EXHAUSTED.
+    pub max_nodes: usize,
+    /// The largest heartbeat accepted, in bytes (`--max-heartbeat-bytes`); larger is OUT_OF_RANGE.
+    pub max_heartbeat_bytes: usize,
+    /// A node silent for this long is forgotten (`--forget-nodes-after`): its entry, client and
+    /// pools are dropped, its id is remembered.
+    pub forget_after: Duration,
     pub agent_timeouts: Timeouts,
 }
 
@@ -57,12 +78,21 @@ impl Default for RegistryConfig {
             missed_heartbeats: 3,
             settle: 2 * heartbeat_interval,
             agent_server_name: AGENT_SERVER_NAME.to_string(),
+            require_node_certificates: false,
+            max_nodes: 5000,
+            max_heartbeat_bytes: 64 << 10,
+            forget_after: Duration::from_secs(3600),
             agent_timeouts: Timeouts::default(),
         }
     }
 }
 
 impl RegistryConfig {
+    /// The name a certificate issued to `node` alone carries: `<node>.<agent_server_name>`.
+    pub fn node_server_name(&self, node: &NodeId) -> String {
+        format!("{}.{}", node.as_str(), self.agent_server_name)
+    }
+
     /// How long after its last heartbeat a node stays available.
     pub fn expiry(&self) -> Duration {
         self.heartbeat_interval * self.missed_heartbeats.max(1)
@@ -105,6 +135,27 @@ impl From<&NodeReport> for v1::NodeStatus {
     }
 }
 
+/// How a node proved which node it is when it registered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeIdentity {
+    /// Plaintext, or the certificate all nodes share (`cellar-agent`): the node id is taken on
+    /// trust, and the controller dials the node expecting the shared name.
+    Shared,
+    /// A certificate naming this node (`<node>.cellar-agent`): it registers only as this node,
+    /// and the controller dials it expecting that name, so no other node can answer for it.
+    Own(String),
+}
+
+impl NodeIdentity {
+    /// The name the controller expects on the node's agent certificate.
+    fn server_name<'a>(&'a self, config: &'a RegistryConfig) -> &'a str {
+        match self {
+            NodeIdentity::Shared => &config.agent_server_name,
+            NodeIdentity::Own(name) => name,
+        }
+    }
+}
+
 /// A node as the registry sees it now.
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
@@ -126,6 +177,10 @@ pub enum Change {
 pub enum RegistryError {
     #[error("heartbeat refused: {0}")]
     Invalid(#[from] wire::WireError),
+    #[error("heartbeat refused: {0}")]
+    Denied(String),
+    #[error("heartbeat refused: the registry holds its maximum of {max} nodes, all of them available (--max-nodes)")]
+    Full { max: usize },
     #[error("cannot make a client for node {node}'s agent at {address}: {reason}")]
     Client {
         node: String,
@@ -138,6 +193,8 @@ impl From<RegistryError> for Status {
     fn from(e: RegistryError) -> Status {
         match e {
             RegistryError::Invalid(_) => Status::invalid_argument(e.to_string()),
+            RegistryError::Denied(_) => Status::permission_denied(e.to_string()),
+            RegistryError::Full { .. } => Status::resource_exhausted(e.to_string()),
             RegistryError::Client { .. } => Status::internal(e.to_string()),
         }
     }
@@ -145,10 +202,15 @@ impl From<RegistryError> for Status {
 
 struct Entry {
     report: NodeReport,
+    identity: NodeIdentity,
     last_heartbeat: Instant,
     agent: Arc<RemoteAgent>,
     /// Whether the sweeper has already logged this node as unavailable.
     reported_down: bool,
+    /// Since when a call to its agent failed to reach it, until one gets through: such a node
+    /// heartbeats (its process lives) but its agent does not answer, so placement passes it over
+    /// when it may choose, and the sweeper probes it.
+    unreachable: Option<Instant>,
 }
 
 struct Shared {
@@ -159,6 +221,8 @@ struct Shared {
     clock: Arc<dyn Clock>,
     started: Instant,
     nodes: RwLock<BTreeMap<NodeId, Entry>>,
+    /// Nodes forgotten after `forget_after`, with their last heartbeat; at most `max_nodes`.
+    forgotten: Mutex<BTreeMap<NodeId, Instant>>,
 }
 
 impl Shared {
@@ -168,6 +232,24 @@ impl Shared {
 
     fn write(&self) -> RwLockWriteGuard<'_, BTreeMap<NodeId, Entry>> {
         self.nodes.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn forgotten(&self) -> MutexGuard<'_, BTreeMap<NodeId, Instant>> {
+        self.forgotten.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves a node from the registry to the forgotten ids, dropping the oldest forgotten id when
+    /// there are too many.
+    fn forget(&self, nodes: &mut BTreeMap<NodeId, Entry>, node: &NodeId) {
+        let Some(e) = nodes.remove(node) else { return };
+        let mut forgotten = self.forgotten();
+        forgotten.insert(node.clone(), e.last_heartbeat);
+        while forgotten.len() > self.config.max_nodes {
+            let Some(oldest) = forgotten.iter().min_by_key(|(_, at)| **at).map(|(n, _)| n.clone()) else {
+                break;
+            };
+            forgotten.remove(&oldest);
+        }
     }
 
     fn age(&self, e: &Entry) -> Duration {
@@ -195,10 +277,20 @@ impl Shared {
                     self.config.heartbeat_interval.as_secs_f32()
                 ),
             )),
-            None => Err(unavailable(
-                node,
-                "it has not registered with this controller since it started",
-            )),
+            None => match self.forgotten().get(node) {
+                Some(last) => Err(unavailable(
+                    node,
+                    format!(
+                        "no heartbeat for {}s; forgotten by the registry after {}s",
+                        self.clock.now().saturating_duration_since(*last).as_secs(),
+                        self.config.forget_after.as_secs()
+                    ),
+                )),
+                None => Err(unavailable(
+                    node,
+                    "it has not registered with this controller since it started",
+                )),
+            },
         }
     }
 }
@@ -230,6 +322,7 @@ impl Registry {
                 clock,
                 started,
                 nodes: RwLock::new(BTreeMap::new()),
+                forgotten: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -238,27 +331,95 @@ impl Registry {
         &self.shared.config
     }
 
-    /// Records a heartbeat (or a registration: they are the same upsert). Runs inside a Tokio
-    /// runtime: a new node's client spawns its connection worker there.
+    /// Which node the client certificate of a heartbeat may speak for, given the node it claims
+    /// to be. `None`: no certificate (plaintext).
+    pub fn identify(&self, cert: Option<&CertificateDer<'_>>, node: &NodeId) -> Result<NodeIdentity, RegistryError> {
+        let config = &self.shared.config;
+        let Some(cert) = cert else {
+            return match self.shared.tls {
+                Tls::Insecure => Ok(NodeIdentity::Shared),
+                Tls::Mutual(_) => Err(RegistryError::Denied("the caller presented no certificate".into())),
+            };
+        };
+        let own = config.node_server_name(node);
+        if tls::certificate_names(cert, &own) {
+            return Ok(NodeIdentity::Own(own));
+        }
+        if !tls::certificate_names(cert, &config.agent_server_name) {
+            return Err(RegistryError::Denied(format!(
+                "only a node may register, and as itself: the caller's certificate names neither '{own}' nor '{}'",
+                config.agent_server_name
+            )));
+        }
+        if config.require_node_certificates {
+            return Err(RegistryError::Denied(format!(
+                "node {} presented the nodes' shared certificate; this controller requires a certificate naming '{own}' (--require-node-certificates)",
+                node.as_str()
+            )));
+        }
+        Ok(NodeIdentity::Shared)
+    }
+
+    /// Records a heartbeat (or a registration: they are the same upsert) from a node that
+    /// presented the shared identity (or none, over plaintext).
     pub fn heartbeat(&self, report: NodeReport) -> Result<Change, RegistryError> {
+        self.heartbeat_as(report, NodeIdentity::Shared)
+    }
+
+    /// Records a heartbeat from a node that proved `identity` ([`Registry::identify`]). A node that
+    /// once registered with its own certificate cannot be spoken for with the shared one until the
+    /// controller restarts. Runs inside a Tokio runtime: a new node's client spawns its connection
+    /// worker there.
+    pub fn heartbeat_as(&self, report: NodeReport, identity: NodeIdentity) -> Result<Change, RegistryError> {
         let s = &self.shared;
         let now = s.clock.now();
         let mut nodes = s.write();
-        let (change, agent) = match nodes.get(&report.node) {
-            Some(e) if e.report.agent_address == report.agent_address => {
+        if let Some(e) = nodes.get(&report.node) {
+            if matches!(e.identity, NodeIdentity::Own(_)) && identity == NodeIdentity::Shared {
+                return Err(RegistryError::Denied(format!(
+                    "node {} registered with a certificate of its own; the nodes' shared certificate cannot speak for it",
+                    report.node.as_str()
+                )));
+            }
+        }
+        if !nodes.contains_key(&report.node) && nodes.len() >= s.config.max_nodes {
+            // Room is made only at the expense of a node that is already unavailable.
+            let stalest = nodes
+                .iter()
+                .filter(|(_, e)| !s.is_fresh(e))
+                .min_by_key(|(_, e)| e.last_heartbeat)
+                .map(|(n, _)| n.clone());
+            match stalest {
+                Some(n) => {
+                    tracing::warn!(
+                        node = n.as_str(),
+                        "registry full: forgetting an unavailable node for a new one"
+                    );
+                    s.forget(&mut nodes, &n);
+                }
+                None => {
+                    return Err(RegistryError::Full {
+                        max: s.config.max_nodes,
+                    })
+                }
+            }
+        }
+        let returning = s.forgotten().remove(&report.node);
+        let (change, agent, unreachable) = match nodes.get(&report.node) {
+            Some(e) if e.report.agent_address == report.agent_address && e.identity == identity => {
                 let change = if s.is_fresh(e) {
                     Change::Same
                 } else {
                     Change::Revived { silent_for: s.age(e) }
                 };
-                (change, e.agent.clone())
+                (change, e.agent.clone(), e.unreachable)
             }
             old => {
                 let agent = RemoteAgent::new(
                     report.node.clone(),
                     report.agent_address.clone(),
                     &s.tls,
-                    &s.config.agent_server_name,
+                    identity.server_name(&s.config),
                     s.config.agent_timeouts,
                 )
                 .map_err(|e| RegistryError::Client {
@@ -266,22 +427,27 @@ impl Registry {
                     address: report.agent_address.to_string(),
                     reason: e.to_string(),
                 })?;
-                let change = match old {
-                    Some(e) => Change::Moved {
+                let change = match (old, returning) {
+                    (Some(e), _) => Change::Moved {
                         from: e.report.agent_address.clone(),
                     },
-                    None => Change::New,
+                    (None, Some(last)) => Change::Revived {
+                        silent_for: now.saturating_duration_since(last),
+                    },
+                    (None, None) => Change::New,
                 };
-                (change, Arc::new(agent))
+                (change, Arc::new(agent), None)
             }
         };
         nodes.insert(
             report.node.clone(),
             Entry {
                 report,
+                identity,
                 last_heartbeat: now,
                 agent,
                 reported_down: false,
+                unreachable,
             },
         );
         Ok(change)
@@ -328,11 +494,26 @@ impl Registry {
         self.shared.settled()
     }
 
-    /// Logs each node that has just become unavailable; returns them.
+    /// Logs each node that has just become unavailable, and returns them; forgets the nodes
+    /// silent for `forget_after`.
     pub fn sweep(&self) -> Vec<NodeId> {
         let s = &self.shared;
         let mut down = Vec::new();
-        for (id, e) in s.write().iter_mut() {
+        let mut nodes = s.write();
+        let stale: Vec<NodeId> = nodes
+            .iter()
+            .filter(|(_, e)| s.age(e) > s.config.forget_after)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            tracing::warn!(
+                node = id.as_str(),
+                after_secs = s.config.forget_after.as_secs(),
+                "node forgotten: no heartbeat for too long; its volumes stay listed as abnormal from their last listing"
+            );
+            s.forget(&mut nodes, &id);
+        }
+        for (id, e) in nodes.iter_mut() {
             if !e.reported_down && !s.is_fresh(e) {
                 e.reported_down = true;
                 tracing::warn!(
@@ -347,20 +528,50 @@ impl Registry {
         down
     }
 
-    /// Sweeps once per heartbeat interval, forever (spawn it, abort it at shutdown).
+    /// Sweeps once per heartbeat interval, and probes the nodes whose agent could not be reached,
+    /// forever (spawn it, abort it at shutdown).
     pub async fn run_sweeper(self) {
         let mut tick = tokio::time::interval(self.shared.config.heartbeat_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             self.sweep();
+            self.probe_unreachable().await;
         }
+    }
+
+    /// Asks every available node whose agent could not be reached for its pools, all at once,
+    /// each bounded by the call timeout; those that answer are candidates again.
+    pub async fn probe_unreachable(&self) {
+        let s = &self.shared;
+        let suspects: Vec<NodeId> = s
+            .read()
+            .iter()
+            .filter(|(_, e)| e.unreachable.is_some() && s.is_fresh(e))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut probes = tokio::task::JoinSet::new();
+        for node in suspects {
+            let agent = self.gated(node);
+            probes.spawn(async move { agent.pools().await });
+        }
+        probes.join_all().await;
+    }
+
+    /// Whether a call has failed to reach the node's agent since one last got through.
+    pub fn is_unreachable(&self, node: &NodeId) -> bool {
+        self.shared.read().get(node).is_some_and(|e| e.unreachable.is_some())
     }
 
     /// The gRPC Registry service over this registry, ready to add to a server.
     pub fn service(&self) -> v1::registry_server::RegistryServer<RegistryService> {
         v1::registry_server::RegistryServer::new(RegistryService { registry: self.clone() })
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(self.shared.config.max_heartbeat_bytes)
+    }
+
+    /// Whether a node was forgotten after `forget_after` (and has not come back since).
+    pub fn is_forgotten(&self, node: &NodeId) -> bool {
+        self.shared.forgotten().contains_key(node)
     }
 
     fn gated(&self, node: NodeId) -> Arc<dyn Agent> {
@@ -372,10 +583,11 @@ impl Registry {
 }
 
 impl Directory for Registry {
-    /// Any node that registered (calls to an unavailable one answer UNAVAILABLE naming it); while
-    /// the registry settles after a start, also a node that has not registered yet.
+    /// Any node that registered, or was forgotten (calls to an unavailable one answer UNAVAILABLE
+    /// naming it); while the registry settles after a start, also a node that has not registered
+    /// yet.
     fn agent(&self, node: &NodeId) -> Option<Arc<dyn Agent>> {
-        let known = self.shared.read().contains_key(node);
+        let known = self.shared.read().contains_key(node) || self.is_forgotten(node);
         (known || !self.settled()).then(|| self.gated(node.clone()))
     }
 
@@ -395,11 +607,24 @@ impl Directory for Registry {
         self.shared.shared_pools.clone()
     }
 
+    /// An available node's pools from its last heartbeat.
+    fn reported_pools(&self, node: &NodeId) -> Option<Vec<PoolStatus>> {
+        let s = &self.shared;
+        s.read()
+            .get(node)
+            .filter(|e| s.is_fresh(e))
+            .map(|e| e.report.pools.clone())
+    }
+
     /// The available nodes, then the shared pools' agent.
     fn all(&self) -> Vec<Arc<dyn Agent>> {
         let mut all = self.agents();
         all.extend(self.shared.shared_pools.clone());
         all
+    }
+
+    fn answers(&self, node: &NodeId) -> bool {
+        !self.is_unreachable(node)
     }
 
     /// Every registered node, available or not (calls to an unavailable one answer UNAVAILABLE
@@ -423,6 +648,44 @@ impl RegisteredAgent {
     fn remote(&self) -> Result<Arc<RemoteAgent>, StorageError> {
         self.shared.reachable(&self.node)
     }
+
+    /// Notes whether a call reached the node's agent: one that could not takes the node out of
+    /// placement until a call (or the sweeper's probe) gets through again.
+    fn seen<T>(&self, r: Result<T, StorageError>) -> Result<T, StorageError> {
+        let failed = matches!(&r, Err(e) if is_unreachable(&self.node, e));
+        let marked = self
+            .shared
+            .read()
+            .get(&self.node)
+            .is_some_and(|e| e.unreachable.is_some());
+        if failed == marked {
+            return r;
+        }
+        let mut nodes = self.shared.write();
+        if let Some(e) = nodes.get_mut(&self.node) {
+            match (failed, e.unreachable) {
+                (true, None) => {
+                    tracing::warn!(
+                        node = self.node.as_str(),
+                        "the node's agent cannot be reached; no new volumes go there until it answers"
+                    );
+                    e.unreachable = Some(self.shared.clock.now());
+                }
+                (false, Some(_)) => {
+                    tracing::info!(node = self.node.as_str(), "the node's agent answers again");
+                    e.unreachable = None;
+                }
+                _ => {}
+            }
+        }
+        r
+    }
+}
+
+/// Whether a failure is the transport's (the node could not be reached, or did not answer in time),
+/// as [`unavailable`] words it for this node, rather than the node's own answer.
+fn is_unreachable(node: &NodeId, e: &StorageError) -> bool {
+    matches!(e, StorageError::Unavailable(m) if m.starts_with(&format!("node {} is unavailable (", node.as_str())))
 }
 
 #[tonic::async_trait]
@@ -431,28 +694,28 @@ impl Agent for RegisteredAgent {
         &self.node
     }
     async fn create_volume(&self, req: NewVolume) -> Result<VolumeRecord, StorageError> {
-        self.remote()?.create_volume(req).await
+        self.seen(self.remote()?.create_volume(req).await)
     }
     async fn delete_volume(&self, id: VolumeId) -> Result<(), StorageError> {
-        self.remote()?.delete_volume(id).await
+        self.seen(self.remote()?.delete_volume(id).await)
     }
     async fn expand_volume(&self, id: VolumeId, range: CapacityRange) -> Result<(VolumeRecord, bool), StorageError> {
-        self.remote()?.expand_volume(id, range).await
+        self.seen(self.remote()?.expand_volume(id, range).await)
     }
     async fn modify_volume(&self, id: VolumeId, m: Mutable) -> Result<VolumeRecord, StorageError> {
-        self.remote()?.modify_volume(id, m).await
+        self.seen(self.remote()?.modify_volume(id, m).await)
     }
     async fn volume(&self, id: VolumeId) -> Result<Option<(VolumeRecord, Condition)>, StorageError> {
-        self.remote()?.volume(id).await
+        self.seen(self.remote()?.volume(id).await)
     }
     async fn volumes(&self) -> Result<Vec<(VolumeRecord, Condition)>, StorageError> {
-        self.remote()?.volumes().await
+        self.seen(self.remote()?.volumes().await)
     }
     async fn volume_named(&self, name: String) -> Result<Option<VolumeRecord>, StorageError> {
-        self.remote()?.volume_named(name).await
+        self.seen(self.remote()?.volume_named(name).await)
     }
     async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError> {
-        self.remote()?.snapshot_named(name).await
+        self.seen(self.remote()?.snapshot_named(name).await)
     }
     async fn create_snapshot(
         &self,
@@ -460,25 +723,25 @@ impl Agent for RegisteredAgent {
         source: VolumeId,
         freeze: bool,
     ) -> Result<SnapshotRecord, StorageError> {
-        self.remote()?.create_snapshot(name, source, freeze).await
+        self.seen(self.remote()?.create_snapshot(name, source, freeze).await)
     }
     async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError> {
-        self.remote()?.delete_snapshot(id).await
+        self.seen(self.remote()?.delete_snapshot(id).await)
     }
     async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError> {
-        self.remote()?.snapshots().await
+        self.seen(self.remote()?.snapshots().await)
     }
     async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError> {
-        self.remote()?.pools().await
+        self.seen(self.remote()?.pools().await)
     }
     async fn static_exists(&self, id: StaticId) -> Result<bool, StorageError> {
-        self.remote()?.static_exists(id).await
+        self.seen(self.remote()?.static_exists(id).await)
     }
     async fn export_data(&self, source: Source) -> Result<Frames, StorageError> {
-        self.remote()?.export_data(source).await
+        self.seen(self.remote()?.export_data(source).await)
     }
     async fn import_volume(&self, req: NewVolume, frames: Frames) -> Result<VolumeRecord, StorageError> {
-        self.remote()?.import_volume(req, frames).await
+        self.seen(self.remote()?.import_volume(req, frames).await)
     }
     async fn create_group(&self, req: NewGroup) -> Result<GroupRecord, StorageError> {
         self.remote()?.create_group(req).await
@@ -501,9 +764,13 @@ pub struct RegistryService {
 
 impl RegistryService {
     fn record(&self, rpc: &str, req: Request<v1::NodeStatus>) -> Result<Response<v1::RegistryAck>, Status> {
+        let cert = tls::peer_certificate(&req);
         let report = NodeReport::try_from(req.into_inner()).map_err(RegistryError::from)?;
+        let identity = self.registry.identify(cert.as_ref(), &report.node).inspect_err(|e| {
+            tracing::warn!(node = report.node.as_str(), rpc, error = %e, "heartbeat refused");
+        })?;
         let (node, address) = (report.node.clone(), report.agent_address.clone());
-        let change = self.registry.heartbeat(report)?;
+        let change = self.registry.heartbeat_as(report, identity)?;
         let (node, address) = (node.as_str(), address.to_string());
         match change {
             Change::New => tracing::info!(node, address, rpc, "node registered"),
@@ -723,14 +990,17 @@ mod tests {
         assert_eq!(remote.address().to_string(), "127.0.0.1:10");
     }
 
+    /// A port nothing listens on: a call gets through the registry and fails at the node.
+    fn closed_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }
+
     #[tokio::test]
     async fn calls_to_an_available_node_go_to_its_agent() {
         let clock = ManualClock::new();
         let r = registry(&clock);
-        // A port nothing listens on: the call gets through the registry and fails at the node.
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        drop(l);
+        let port = closed_port();
         r.heartbeat(report("node-1", port, 40)).unwrap();
         let s = Status::from(r.agent(&node("node-1")).unwrap().pools().await.unwrap_err());
         assert_eq!(s.code(), Code::Unavailable);
@@ -738,6 +1008,127 @@ mod tests {
             s.message().contains(&format!("agent at 127.0.0.1:{port}, Pools")),
             "{}",
             s.message()
+        );
+    }
+
+    fn bounded(clock: &Arc<ManualClock>, max_nodes: usize, forget_after: Duration) -> Registry {
+        let config = RegistryConfig {
+            heartbeat_interval: INTERVAL,
+            missed_heartbeats: 3,
+            settle: 2 * INTERVAL,
+            max_nodes,
+            forget_after,
+            ..Default::default()
+        };
+        Registry::with_clock(config, Tls::Insecure, None, clock.clone())
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_registrations_stays_bounded_and_live_nodes_keep_their_place() {
+        let clock = ManualClock::new();
+        let r = bounded(&clock, 100, Duration::from_secs(3600));
+        let mut refused = 0;
+        for i in 0..10_000 {
+            match r.heartbeat(report(&format!("fake-{i}"), 9, 40)) {
+                Ok(_) => {}
+                Err(e) => {
+                    assert_eq!(Status::from(e).code(), Code::ResourceExhausted);
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!(r.nodes().len(), 100);
+        assert_eq!(refused, 9_900);
+        // A node already known keeps beating at the limit.
+        assert_eq!(r.heartbeat(report("fake-0", 9, 40)).unwrap(), Change::Same);
+
+        // Once the flood stops beating, a real node takes the place of an unavailable one.
+        clock.advance(4 * INTERVAL);
+        assert_eq!(r.heartbeat(report("node-1", 9, 40)).unwrap(), Change::New);
+        assert_eq!(r.nodes().len(), 100);
+        assert!(r.is_available(&node("node-1")));
+    }
+
+    #[tokio::test]
+    async fn a_silent_node_is_forgotten_after_the_configured_time_and_its_calls_stay_unavailable() {
+        let clock = ManualClock::new();
+        let r = bounded(&clock, 100, 20 * INTERVAL);
+        r.heartbeat(report("node-1", 9, 40)).unwrap();
+        r.heartbeat(report("node-2", 9, 40)).unwrap();
+        clock.advance(20 * INTERVAL);
+        r.heartbeat(report("node-2", 9, 40)).unwrap();
+        r.sweep();
+        assert!(
+            r.node(&node("node-1")).is_some(),
+            "exactly the configured time is not yet too long"
+        );
+
+        clock.advance(Duration::from_millis(1));
+        r.sweep();
+        assert!(r.node(&node("node-1")).is_none(), "forgotten");
+        assert!(r.is_forgotten(&node("node-1")));
+        assert_eq!(names(r.agents()), ["node-2"]);
+        assert_eq!(names(r.listed()), ["node-2"]);
+        let agent = r
+            .agent(&node("node-1"))
+            .expect("a forgotten node is not 'no such node'");
+        let s = Status::from(agent.volumes().await.unwrap_err());
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(
+            s.message().contains("forgotten by the registry after 100s"),
+            "{}",
+            s.message()
+        );
+
+        assert_eq!(
+            r.heartbeat(report("node-1", 9, 40)).unwrap(),
+            Change::Revived {
+                silent_for: 20 * INTERVAL + Duration::from_millis(1)
+            }
+        );
+        assert!(!r.is_forgotten(&node("node-1")));
+        assert!(r.is_available(&node("node-1")));
+    }
+
+    #[tokio::test]
+    async fn forgotten_node_ids_are_bounded_too() {
+        let clock = ManualClock::new();
+        let r = bounded(&clock, 2, 20 * INTERVAL);
+        for n in ["node-1", "node-2"] {
+            r.heartbeat(report(n, 9, 40)).unwrap();
+            clock.advance(INTERVAL);
+        }
+        clock.advance(21 * INTERVAL);
+        r.sweep();
+        r.heartbeat(report("node-3", 9, 40)).unwrap();
+        clock.advance(21 * INTERVAL);
+        r.sweep();
+        assert!(r.nodes().is_empty());
+        assert!(!r.is_forgotten(&node("node-1")), "the oldest forgotten id is dropped");
+        assert!(r.is_forgotten(&node("node-2")));
+        assert!(r.is_forgotten(&node("node-3")));
+    }
+
+    #[tokio::test]
+    async fn a_call_that_cannot_reach_a_node_marks_it_until_a_call_gets_through() {
+        let clock = ManualClock::new();
+        let r = registry(&clock);
+        let port = closed_port();
+        r.heartbeat(report("node-1", port, 40)).unwrap();
+        r.heartbeat(report("node-2", 9, 40)).unwrap();
+        assert!(r.agent(&node("node-1")).unwrap().pools().await.is_err());
+        assert!(r.is_unreachable(&node("node-1")));
+        assert!(!r.answers(&node("node-1")));
+        assert!(r.answers(&node("node-2")));
+        assert_eq!(names(r.agents()), ["node-1", "node-2"], "still available");
+        assert_eq!(r.reported_pools(&node("node-1")).unwrap()[0].available_bytes, 40);
+        // A heartbeat says the process lives, not that its agent answers.
+        r.heartbeat(report("node-1", port, 40)).unwrap();
+        assert!(r.is_unreachable(&node("node-1")));
+        r.probe_unreachable().await;
+        assert!(
+            r.is_unreachable(&node("node-1")),
+            "the probe did not get through either"
         );
     }
 

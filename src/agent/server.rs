@@ -15,13 +15,13 @@ use tokio::net::TcpListener;
 use tokio_stream::{Stream, StreamExt};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::{Interceptor, Routes};
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::remote::{MAX_MESSAGE_BYTES, NODE_HEADER};
-use super::tls::{Tls, TlsError};
+use super::tls::{Callers, Tls, TlsError};
 use super::wire::{self, v1, WireError};
 use super::{Agent, LocalAgent};
+use crate::server::SocketLimits;
 use crate::storage::engine::{LocalEngine, NewGroup, NewVolume, Source};
 use crate::storage::id::NodeId;
 use crate::storage::transfer::Frame;
@@ -60,31 +60,45 @@ impl AgentService {
         AgentService { agent }
     }
 
-    /// The service ready to add to a server: refuses calls addressed to another node, and takes
+    /// The service ready to add to a server: serves only `controller` (the callers whose
+    /// certificate names the controller), refuses calls addressed to another node, and takes
     /// messages as large as the controller may send.
-    pub fn into_server(self) -> InterceptedService<v1::agent_server::AgentServer<AgentService>, AddressedTo> {
+    pub fn into_server(
+        self,
+        controller: Callers,
+    ) -> InterceptedService<v1::agent_server::AgentServer<AgentService>, Gate> {
         let node = self.agent.node().clone();
         let server = v1::agent_server::AgentServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        InterceptedService::new(server, AddressedTo(node))
+        InterceptedService::new(server, Gate { node, controller })
     }
 }
 
-/// Refuses a call whose `cellar-node` header names another node: the controller holds a stale
-/// address (the node moved, another took its IP). UNAVAILABLE, so the controller retries after
-/// the right node's next heartbeat.
+/// What every call to an agent passes before it runs:
+/// - the caller holds the controller's identity, else PERMISSION_DENIED: a node's certificate
+///   (which every node holds) must never read, change or delete another node's volumes;
+/// - its `cellar-node` header names this node. Missing is INVALID_ARGUMENT (the controller always
+///   sends it); another node is UNAVAILABLE: the controller holds a stale address (the node moved,
+///   another took its IP) and retries after the right node's next heartbeat.
 #[derive(Clone)]
-pub struct AddressedTo(NodeId);
+pub struct Gate {
+    node: NodeId,
+    controller: Callers,
+}
 
-impl Interceptor for AddressedTo {
+impl Interceptor for Gate {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        self.controller.admit(&req, "the controller")?;
         match req.metadata().get(NODE_HEADER).map(|v| v.to_str()) {
-            None => Ok(req),
-            Some(Ok(n)) if n == self.0.as_str() => Ok(req),
+            None => Err(Status::invalid_argument(format!(
+                "the {NODE_HEADER} header is required: it names the node the call is meant for ({})",
+                self.node.as_str()
+            ))),
+            Some(Ok(n)) if n == self.node.as_str() => Ok(req),
             Some(n) => Err(Status::unavailable(format!(
                 "this agent serves node {}, not {}",
-                self.0.as_str(),
+                self.node.as_str(),
                 n.unwrap_or("(unreadable)")
             ))),
         }
@@ -273,18 +287,35 @@ impl v1::agent_server::Agent for AgentService {
     }
 }
 
+/// The connection limits of the agent's and the registry's ports unless told otherwise: callers
+/// that say nothing (not even the TLS handshake) are dropped after two minutes; live peers answer
+/// the server's pings (every 30 s) and stay.
+pub const TCP_LIMITS: SocketLimits = SocketLimits {
+    idle_timeout: Duration::from_secs(120),
+    max_connections: 1024,
+};
+
 /// Serves gRPC services on a TCP listener with our TLS (mutual, or plaintext when insecure) until
 /// `shutdown` resolves, then waits for calls in flight. Used for the node's agent and for the
-/// controller's registry.
+/// controller's registry, within [`TCP_LIMITS`].
 pub async fn serve(
     listener: TcpListener,
     tls: Tls,
     routes: Routes,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
+    serve_within(listener, TCP_LIMITS, tls, routes, shutdown).await
+}
+
+/// [`serve`] within `limits` (at most that many connections, silent ones dropped).
+pub async fn serve_within(
+    listener: TcpListener,
+    limits: SocketLimits,
+    tls: Tls,
+    routes: Routes,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let incoming = crate::server::incoming_tcp(listener, limits, "the agent or registry port");
     tls.server_builder()?
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))

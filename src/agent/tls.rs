@@ -14,6 +14,10 @@
 //! Each certificate is used both as a server and as a client certificate, so it needs the
 //! serverAuth and clientAuth extended key usages (or no EKU extension at all).
 //! Plaintext is only possible with an explicit `insecure` flag.
+//!
+//! The same names bind roles on the server side ([`Callers`]): an agent serves only a caller whose
+//! certificate carries the controller's name (which no node certificate carries), and the registry
+//! takes heartbeats only from a certificate carrying a node's name (docs/security.md).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -21,8 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::{Request, Status};
 
 /// The SAN the controller expects on agents' certificates unless told otherwise.
 pub const AGENT_SERVER_NAME: &str = "cellar-agent";
@@ -259,6 +264,14 @@ impl Tls {
         }
     }
 
+    /// The callers whose certificate names `name`; anyone over plaintext.
+    pub fn callers(&self, name: &str) -> Callers {
+        match self {
+            Tls::Insecure => Callers::Anyone,
+            Tls::Mutual(_) => Callers::Named(name.to_string()),
+        }
+    }
+
     /// A tonic server builder with our TLS (or none, when insecure).
     pub fn server_builder(&self) -> Result<tonic::transport::Server, TlsError> {
         let builder = tonic::transport::Server::builder();
@@ -276,6 +289,49 @@ impl Tls {
             Some(c) => endpoint.tls_config(c)?,
             None => endpoint,
         })
+    }
+}
+
+/// Whether a certificate (DER) is valid for `name`, a DNS name or an IP address, by the rules a
+/// TLS client applies to a server's certificate (SANs; a wildcard covers one label).
+pub fn certificate_names(cert: &CertificateDer<'_>, name: &str) -> bool {
+    let Ok(name) = ServerName::try_from(name) else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(cert).is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
+}
+
+/// The client certificate of a call on a mutual-TLS server (the first of its chain, which the
+/// handshake checked against the CA); `None` over plaintext.
+pub fn peer_certificate<T>(req: &Request<T>) -> Option<CertificateDer<'static>> {
+    req.peer_certs().and_then(|chain| chain.first().cloned())
+}
+
+/// Who may call a service: a caller whose client certificate carries one name. The handshake has
+/// already proved that the certificate comes from the CA; this says which role it was issued for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Callers {
+    /// Plaintext (`--insecure`, development): callers cannot be told apart.
+    Anyone,
+    /// Only a certificate valid for this name.
+    Named(String),
+}
+
+impl Callers {
+    /// Lets the call through, or PERMISSION_DENIED saying which name was wanted.
+    pub fn admit<T>(&self, req: &Request<T>, role: &str) -> Result<(), Status> {
+        match self {
+            Callers::Anyone => Ok(()),
+            Callers::Named(name) => match peer_certificate(req) {
+                Some(cert) if certificate_names(&cert, name) => Ok(()),
+                Some(_) => Err(Status::permission_denied(format!(
+                    "only {role} may call this service: the caller's certificate does not name '{name}'"
+                ))),
+                None => Err(Status::permission_denied(format!(
+                    "only {role} may call this service: the caller presented no certificate"
+                ))),
+            },
+        }
     }
 }
 

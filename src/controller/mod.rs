@@ -19,9 +19,10 @@ use crate::csi::v1::controller_server::Controller;
 use crate::csi::v1::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::v1::*;
 use crate::server::traced;
-use crate::storage::engine::{Condition, NewVolume};
+use crate::storage::engine::{Condition, NewVolume, PoolStatus};
 use crate::storage::id::{NodeId, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{ContentSource, SnapshotRecord, VolumeRecord};
+use crate::storage::StorageError;
 
 pub struct ControllerService {
     pub directory: Arc<dyn Directory>,
@@ -97,6 +98,15 @@ where
     let mut answers = asking.join_all().await;
     answers.sort_by_key(|(i, _)| *i);
     answers.into_iter().map(|(_, t)| t).collect()
+}
+
+/// An agent's pools: as its node last reported them in a heartbeat when the directory has that
+/// (split mode: no call, so a hung node costs nothing here), else asked.
+async fn pools_of(directory: &dyn Directory, agent: &Arc<dyn Agent>) -> Result<Vec<PoolStatus>, StorageError> {
+    match directory.reported_pools(agent.node()) {
+        Some(pools) => Ok(pools),
+        None => agent.pools().await,
+    }
 }
 
 /// How the condition of a volume whose agent cannot be reached begins (csi/health.rs reads it).
@@ -264,10 +274,19 @@ impl ControllerService {
         };
 
         // A name already taken anywhere answers for itself: the same request gets the same volume.
-        for agent in self.directory.all() {
+        // Every node is asked at once, each call bounded by its timeout, so a slow node costs one
+        // call's time, not its place in a queue.
+        let agents = self.directory.all();
+        let name = r.name.clone();
+        let answers = ask_all(&agents, |a| {
+            let name = name.clone();
+            async move { a.volume_named(name).await }
+        })
+        .await;
+        for (agent, answer) in agents.into_iter().zip(answers) {
             // A node that cannot answer right now is skipped: provisioning must not stop for one
             // dead node. (A retry for a volume made there goes back there by its topology.)
-            let found = match agent.volume_named(r.name.clone()).await {
+            let found = match answer {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::warn!(node = agent.node().as_str(), error = %e, "name lookup skipped an unreachable node");
@@ -381,7 +400,7 @@ impl ControllerService {
         let Ok(wanted) = spec.capacity.choose() else {
             return true; // the node explains a bad range
         };
-        match source.pools().await {
+        match self.pools_of(source).await {
             // A pool or layout the node does not have is the node's to explain.
             Ok(pools) => room_for(&pools, spec).is_none_or(|room| room >= wanted),
             Err(_) => false,
@@ -401,7 +420,7 @@ impl ControllerService {
         let mut rooms = Vec::new();
         for n in ranked {
             let room = match self.directory.agent(n) {
-                Some(a) => match a.pools().await {
+                Some(a) => match self.pools_of(&a).await {
                     Ok(pools) => room_for(&pools, spec),
                     Err(_) => None, // unreachable: not a candidate
                 },
@@ -410,6 +429,11 @@ impl ControllerService {
             rooms.push((n.clone(), room));
         }
         if req.is_none_or(|r| r.preferred.is_empty()) {
+            // Free to choose: a node whose agent did not answer its last call is passed over
+            // while another can take the volume (its heartbeat's figures say nothing of that).
+            if rooms.iter().any(|(n, _)| self.directory.answers(n)) {
+                rooms.retain(|(n, _)| self.directory.answers(n));
+            }
             rooms.sort_by_key(|r| std::cmp::Reverse(r.1));
         } else {
             // The scheduler chose: only a preferred node may take the volume, in the order given.
@@ -423,7 +447,7 @@ impl ControllerService {
             return Ok(n.clone());
         }
         // So is the only candidate's lack of room: its own check is current (the figures here
-        // are its last heartbeat's) and exact (the data of a copy of this very volume that died
+        // are its last heartbeat's, up to an interval old) and exact (the data of a copy of this very volume that died
         // before its record gives its room back to the retry).
         if let [(n, Some(_))] = rooms.as_slice() {
             return Ok(n.clone());
@@ -451,9 +475,7 @@ impl ControllerService {
         Ok((id, agent))
     }
 
-    /// Every volume of every agent the controller knows, asked all at once. An agent that cannot be
-    /// reached is answered for from its last listing, each volume marked abnormal; one never listed
-    /// yet (the controller started while it was down) makes the whole call UNAVAILABLE.
+    /// Something was created or deleted here: a paged listing made before is stale.
     fn changed(&self) {
         self.changes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
@@ -481,6 +503,11 @@ impl ControllerService {
         Ok(volumes)
     }
 
+    /// Every volume of every agent the controller knows, asked all at once. An agent that fails to
+    /// answer is answered for from its last listing, each volume marked abnormal; one never listed
+    /// (the controller started while it was down, or a node that never answers) is left out and
+    /// logged, so that it cannot fail the listing of every other node. A node the registry forgot
+    /// is answered for from its last listing too, until the registry no longer knows its id.
     async fn all_volumes(&self) -> Result<Vec<(VolumeRecord, Condition, NodeId)>, Status> {
         let agents = self.directory.listed();
         let answers = ask_all(&agents, |a| async move { a.volumes().await }).await;
@@ -505,27 +532,59 @@ impl ControllerService {
             })
             .collect();
         let mut all = Vec::new();
+        let mut asked = std::collections::HashSet::new();
         for (agent, key, answer) in answers {
+            asked.insert(key.clone());
             let volumes = match answer.map_err(Status::from) {
                 Ok(volumes) => volumes,
-                Err(e) if e.code() == tonic::Code::Unavailable => {
+                Err(e) => {
                     let listings = self.listings.lock().expect("listings lock");
                     let Some(last) = listings.get(&key) else {
-                        return Err(e);
+                        tracing::warn!(
+                            node = key,
+                            error = e.message(),
+                            "ListVolumes leaves out a node never listed"
+                        );
+                        continue;
                     };
                     last.volumes
                         .iter()
                         .map(|(r, _)| (r.clone(), unreachable(e.message(), last.at)))
                         .collect()
                 }
-                Err(e) => return Err(e),
             };
             for (r, c) in volumes {
                 all.push((r, c, agent.node().clone()));
             }
         }
+        all.extend(self.forgotten_volumes(&asked));
         all.sort_by(|a, b| a.0.id.cmp(&b.0.id));
         Ok(all)
+    }
+
+    /// The last listed volumes of the nodes not asked (the registry forgot them), each abnormal.
+    /// A listing whose node the registry no longer knows at all, or that holds nothing, is dropped:
+    /// the listings stay as bounded as the registry.
+    fn forgotten_volumes(&self, asked: &std::collections::HashSet<String>) -> Vec<(VolumeRecord, Condition, NodeId)> {
+        let mut listings = self.listings.lock().expect("listings lock");
+        let mut found = Vec::new();
+        listings.retain(|key, last| {
+            if asked.contains(key) {
+                return true;
+            }
+            let Ok(node) = NodeId::parse(key) else { return false };
+            if last.volumes.is_empty() || self.directory.agent(&node).is_none() {
+                return false;
+            }
+            let why = format!("node {key} is no longer registered (no heartbeat for too long)");
+            found.extend(
+                last.volumes
+                    .iter()
+                    .map(|(r, _)| (r.clone(), unreachable(&why, last.at), node.clone())),
+            );
+            true
+        });
+        found
     }
 
     fn listing_key(&self, agent: &Arc<dyn Agent>) -> String {
@@ -534,6 +593,10 @@ impl ControllerService {
         } else {
             agent.node().as_str().to_string()
         }
+    }
+
+    async fn pools_of(&self, agent: &Arc<dyn Agent>) -> Result<Vec<PoolStatus>, StorageError> {
+        pools_of(self.directory.as_ref(), agent).await
     }
 
     /// A volume as its agent last listed it, marked abnormal because `why` the agent cannot be reached.
@@ -749,9 +812,24 @@ impl Controller for ControllerService {
             let mut total: u64 = 0;
             let mut largest: u64 = 0;
             let asked = r.accessible_topology.as_ref().and_then(request::topology_node);
-            // Every agent at once: one that is slow to answer does not delay the others.
+            // The node asked about answers live (a dead node has no capacity, whatever its last
+            // heartbeat said); the others' figures come from their heartbeats. Whatever must be
+            // asked is asked all at once, so that one slow to answer does not delay the others.
             let agents = self.directory.all();
-            let answers = ask_all(&agents, |a| async move { a.pools().await }).await;
+            let directory = self.directory.clone();
+            let live = asked.map(str::to_string);
+            let answers = ask_all(&agents, |a| {
+                let directory = directory.clone();
+                let live = live.as_deref() == Some(a.node().as_str());
+                async move {
+                    if live {
+                        a.pools().await
+                    } else {
+                        pools_of(directory.as_ref(), &a).await
+                    }
+                }
+            })
+            .await;
             for (agent, pools) in agents.iter().zip(answers) {
                 let on_node = asked.is_none_or(|n| n == agent.node().as_str());
                 let pools = match pools.map_err(Status::from) {

@@ -293,7 +293,7 @@ impl Env {
         };
         host_acquire();
         env.host = true;
-        crate::certs::write(env.dir.path(), &[CONTROLLER_HOST, crate::certs::AGENT_NAME]);
+        crate::certs::write(env.dir.path(), &[CONTROLLER_HOST], &[crate::certs::AGENT_NAME]);
         std::fs::write(
             env.path("hosts"),
             format!("127.0.0.1 localhost\n{CONTROLLER_ADDR} {CONTROLLER_HOST}\n"),
@@ -440,8 +440,8 @@ for m in "$@"; do umount -l "$m" 2>/dev/null || :; done
             .expect("log")
     }
 
-    fn tls_args(&self) -> Vec<String> {
-        crate::certs::args(self.dir.path())
+    fn tls_args(&self, role: crate::certs::Role) -> Vec<String> {
+        crate::certs::args(self.dir.path(), role)
     }
 
     fn spawn(&self, name: &str, mut cmd: Command) -> Child {
@@ -469,7 +469,7 @@ for m in "$@"; do umount -l "$m" 2>/dev/null || :; done
             .arg(format!("--endpoint=unix://{}", self.controller_socket().display()))
             .arg(format!("--agent-listen={CONTROLLER_ADDR}:{REGISTRY_PORT}"))
             .arg(format!("--data-dir={}", self.path("controller/data").display()))
-            .args(self.tls_args());
+            .args(self.tls_args(crate::certs::Role::Controller));
         self.controller = Some(self.spawn("controller", cmd));
     }
 
@@ -497,7 +497,7 @@ for m in "$@"; do umount -l "$m" 2>/dev/null || :; done
             .arg(format!("--controller={CONTROLLER_HOST}:{REGISTRY_PORT}"))
             .arg(format!("--agent-listen={}:{AGENT_PORT}", n.addr))
             .arg(format!("--agent-advertise={}:{AGENT_PORT}", n.addr))
-            .args(self.tls_args());
+            .args(self.tls_args(crate::certs::Role::Node));
         if let Some(config) = n.pool_config() {
             let file = n.root.join("pools.yaml");
             std::fs::write(&file, config).expect("pool config");
