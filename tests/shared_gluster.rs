@@ -133,6 +133,15 @@ async fn a_share_that_goes_away_gives_errors_in_bounded_time_and_comes_back() {
         "errors, not hangs: {:?}",
         start.elapsed()
     );
+    // kubelet retries a publish while the share is gone: the outage is logged once, not per call.
+    let tg3 = d.path("g2-tg3");
+    for _ in 0..3 {
+        let r = d
+            .publish(&v.volume_id, &st, &tg3, mount_cap(Mode::MultiNodeMultiWriter), false)
+            .await;
+        assert!(r.is_err(), "a publish on a dead share fails");
+    }
+    assert_eq!(d.log().matches("share unusable").count(), 1, "once per cause:\n{}", d.log());
     g.restart_server();
     // Publishing again after the outage works: a stale share or staging is mounted again, not stacked.
     let tg2 = d.path("g2-tg2");
@@ -148,6 +157,7 @@ async fn a_share_that_goes_away_gives_errors_in_bounded_time_and_comes_back() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     std::fs::write(tg2.join("after"), b"the share is back").unwrap();
+    assert!(d.log().contains("share usable again"), "its end is logged:\n{}", d.log());
     // The old publish still sits on the dead mount: abnormal, and saying so, until it is republished.
     let cond = d
         .stats(&v.volume_id, &tg)

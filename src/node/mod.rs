@@ -46,7 +46,8 @@ pub struct NodeService {
     pub state: Arc<NodeState>,
     pub in_flight: InFlight,
     pub max_volumes: i64,
-    /// Why each shared pool's share was last unusable, so an outage is logged once, not per call.
+    /// The shared pools whose share is unusable now (and why it first was), so an outage is logged
+    /// once, not per call.
     share_down: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
     /// Whether NodeGetCapabilities names the CSI 1.13 health RPCs (served either way).
     pub advertise_health: bool,
@@ -275,7 +276,8 @@ impl NodeService {
         let checked = self.check_share(volume_id);
         let mut down = self.share_down.lock().unwrap_or_else(|p| p.into_inner());
         match &checked {
-            Err(e) if down.get(pool.as_str()) != Some(&e.to_string()) => {
+            // Once per outage: the words of a failing mount vary from one try to the next.
+            Err(e) if !down.contains_key(pool.as_str()) => {
                 tracing::warn!(pool = pool.as_str(), error = %e, "share unusable; its volumes cannot be staged or published");
                 down.insert(pool.as_str().to_string(), e.to_string());
             }
@@ -291,6 +293,20 @@ impl NodeService {
         let Some((pool, cfg)) = self.shared_pool(volume_id) else {
             return Ok(());
         };
+        if let Some(s) = &cfg.share {
+            // A remount that failed during an outage leaves a bare directory: mount it now.
+            let mounted = crate::sys::mount::statx_mount_root(&cfg.path).ok().flatten().unwrap_or(true);
+            if !mounted {
+                share::mount(&s.source, &s.fs_type, &s.options, &cfg.path).map_err(|e| {
+                    NodeError::ShareGone(format!(
+                        "share {} of pool '{}' is not mounted and cannot be mounted: {e}",
+                        s.source,
+                        pool.as_str()
+                    ))
+                })?;
+                tracing::info!(pool = pool.as_str(), source = s.source, "share mounted again");
+            }
+        }
         match share::usage(&cfg.path) {
             Ok(_) => Ok(()),
             Err(e) if share::is_stale(&e) => {
@@ -400,9 +416,11 @@ impl NodeService {
                 .ok_or_else(|| NodeError::missing("volume_capability"))?,
         )?;
         let _held = self.hold(&r.volume_id)?;
+        // The share first: a volume's record lives on it, and a share that is gone is UNAVAILABLE,
+        // not a volume that is not found.
+        self.ensure_share(&r.volume_id)?;
         let (rec, data) = self.volume(&r.volume_id)?;
         Self::check_mode(&rec, &cap)?;
-        self.ensure_share(&r.volume_id)?;
         let static_id = StaticId::parse(&r.volume_id).ok();
         let attrs = StaticAttrs::parse(static_id.is_some(), &r.volume_context)?;
         let read_only = cap.access.read_only() || attrs.read_only;
@@ -574,6 +592,7 @@ impl NodeService {
         )?;
         let staging = co_path("staging_target_path", &r.staging_target_path)?;
         let _held = self.hold(&r.volume_id)?;
+        self.ensure_share(&r.volume_id)?;
         let (rec, data) = self.volume(&r.volume_id)?;
         Self::check_mode(&rec, &cap)?;
         let block = rec.mode == VolumeMode::Block;

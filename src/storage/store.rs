@@ -100,6 +100,9 @@ impl PoolStore {
             return Some((None, lock(cache).get(shown).cloned()));
         }
         let read = match record::load::<T>(&pool.record_path(kind, key)) {
+            // No record, and not even the collection: the share is not mounted (a remount that
+            // failed leaves a bare directory), which says nothing about the object.
+            Ok(None) if !pool.collection_dir(kind).is_dir() => return Some((None, lock(cache).get(shown).cloned())),
             Ok(r) => r.filter(|r| r.id() == shown),
             Err(_) => return Some((None, lock(cache).get(shown).cloned())),
         };
