@@ -149,7 +149,15 @@ async fn hostile_and_colliding_pvc_names_stay_inside_the_pool_and_apart() {
     }
     assert_eq!(
         entries(share.path()),
-        vec![".leases", ".staged", ".trash", ".work", "groups", "snapshots", "volumes"],
+        vec![
+            ".leases",
+            ".staged",
+            ".trash",
+            ".work",
+            "groups",
+            "snapshots",
+            "volumes"
+        ],
         "nothing outside volumes/"
     );
     for id in ids {

@@ -141,7 +141,12 @@ async fn a_share_that_goes_away_gives_errors_in_bounded_time_and_comes_back() {
             .await;
         assert!(r.is_err(), "a publish on a dead share fails");
     }
-    assert_eq!(d.log().matches("share unusable").count(), 1, "once per cause:\n{}", d.log());
+    assert_eq!(
+        d.log().matches("share unusable").count(),
+        1,
+        "once per cause:\n{}",
+        d.log()
+    );
     g.restart_server();
     // Publishing again after the outage works: a stale share or staging is mounted again, not stacked.
     let tg2 = d.path("g2-tg2");
@@ -157,7 +162,11 @@ async fn a_share_that_goes_away_gives_errors_in_bounded_time_and_comes_back() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     std::fs::write(tg2.join("after"), b"the share is back").unwrap();
-    assert!(d.log().contains("share usable again"), "its end is logged:\n{}", d.log());
+    assert!(
+        d.log().contains("share usable again"),
+        "its end is logged:\n{}",
+        d.log()
+    );
     // The old publish still sits on the dead mount: abnormal, and saying so, until it is republished.
     let cond = d
         .stats(&v.volume_id, &tg)

@@ -295,7 +295,10 @@ impl NodeService {
         };
         if let Some(s) = &cfg.share {
             // A remount that failed during an outage leaves a bare directory: mount it now.
-            let mounted = crate::sys::mount::statx_mount_root(&cfg.path).ok().flatten().unwrap_or(true);
+            let mounted = crate::sys::mount::statx_mount_root(&cfg.path)
+                .ok()
+                .flatten()
+                .unwrap_or(true);
             if !mounted {
                 share::mount(&s.source, &s.fs_type, &s.options, &cfg.path).map_err(|e| {
                     NodeError::ShareGone(format!(
