@@ -64,13 +64,17 @@ pub const CAPABILITIES: &[rpc::Type] = &[
 impl NodeService {
     /// The Node service over this node's engine and mount state, mounting with real syscalls.
     pub fn new(node: NodeId, engine: Arc<LocalEngine>, state: Arc<NodeState>, max_volumes: i64) -> NodeService {
-        engine.set_mounted_here(state.clone());
+        let in_flight = InFlight::default();
+        engine.set_mounted_here(Arc::new(NodeMounts {
+            state: state.clone(),
+            in_flight: in_flight.clone(),
+        }));
         NodeService {
             node,
             engine,
             mounter: Arc::new(crate::sys::mount::LinuxMounter::default()),
             state,
-            in_flight: InFlight::default(),
+            in_flight,
             max_volumes,
             share_down: Default::default(),
             advertise_health: false,
@@ -80,6 +84,28 @@ impl NodeService {
 
 /// Renews the leases of the shared image volumes this node has staged, each once a third of its
 /// lease time has passed.
+/// What a delete asks of this node: its mount state, under the same per-volume lock stage,
+/// publish, unpublish and unstage take.
+struct NodeMounts {
+    state: Arc<NodeState>,
+    in_flight: InFlight,
+}
+
+impl crate::storage::engine::MountedHere for NodeMounts {
+    fn claim(&self, volume_id: &str) -> crate::storage::engine::NodeUse {
+        use crate::storage::engine::NodeUse;
+        let Some(held) = self.in_flight.try_take(volume_id.to_string()) else {
+            return NodeUse::Busy;
+        };
+        let at = self.state.mounted_at(volume_id);
+        if at.is_empty() {
+            NodeUse::Free(held)
+        } else {
+            NodeUse::MountedAt(at)
+        }
+    }
+}
+
 /// The last renewal failure of each leased volume, so a share that stays gone is logged once.
 static RENEW_ERRORS: std::sync::Mutex<std::collections::BTreeMap<String, String>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());

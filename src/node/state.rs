@@ -107,8 +107,9 @@ impl NodeState {
     }
 }
 
-impl crate::storage::engine::MountedHere for NodeState {
-    fn mounted_at(&self, volume_id: &str) -> Vec<PathBuf> {
+impl NodeState {
+    /// Where a volume is staged or published on this node.
+    pub fn mounted_at(&self, volume_id: &str) -> Vec<PathBuf> {
         let m = self.get(volume_id);
         m.published.keys().cloned().chain(m.staged.map(|s| s.path)).collect()
     }

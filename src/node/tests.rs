@@ -237,3 +237,27 @@ fn expand_and_stats_answer_only_for_the_volumes_own_paths() {
         })
         .expect("the staging path");
 }
+
+#[test]
+fn a_delete_waits_for_no_node_call_and_refuses_what_is_mounted() {
+    use crate::storage::id::VolumeId;
+    use crate::storage::StorageError;
+    let n = Node::new();
+    let id = n.volume("pvc-race");
+    let vid = VolumeId::parse(&id).expect("id");
+    // A stage is running (it holds the volume's node lock): the delete is ABORTED, not run beside it.
+    let stage_running = n.svc.in_flight.try_take(id.clone()).expect("lock");
+    assert!(matches!(n.svc.engine.delete_volume(&vid), Err(StorageError::Busy(_))));
+    drop(stage_running);
+    let staging = n.path("stage");
+    n.stage(&id, &staging).expect("stage");
+    assert!(matches!(n.svc.engine.delete_volume(&vid), Err(StorageError::InUse(m)) if m.contains("stage")));
+    n.svc
+        .unstage(NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+        })
+        .expect("unstage");
+    n.svc.engine.delete_volume(&vid).expect("delete once unstaged");
+    assert!(n.svc.engine.volume(&vid).is_none());
+}

@@ -241,8 +241,19 @@ pub struct LocalEngine {
 /// What this process has mounted of each volume: the node's mount state, written before every mount
 /// and after every unmount, so it is never behind the kernel for cellar's own mounts.
 pub trait MountedHere: Send + Sync {
-    /// Where the volume is staged or published on this node, if anywhere.
-    fn mounted_at(&self, volume_id: &str) -> Vec<PathBuf>;
+    /// Claims the volume for a delete: the node's own per-volume lock (so no stage or publish can
+    /// start until the delete is done), unless the volume is mounted here or a node call on it runs.
+    fn claim(&self, volume_id: &str) -> NodeUse;
+}
+
+/// What the node says of a volume a delete wants.
+pub enum NodeUse {
+    /// Not mounted here; no node call can start on it while this is held.
+    Free(Held),
+    /// A node call (stage, publish ...) on it is running: retry.
+    Busy,
+    /// Staged or published at these paths.
+    MountedAt(Vec<PathBuf>),
 }
 
 /// How long a dir volume's counted size is reused before its tree is walked again.
@@ -832,7 +843,7 @@ impl LocalEngine {
         let shown = id.to_string();
         let _held = self.take(Kind::Volume, &id.0.pool, &id.0.key, &shown)?;
         let data = pool.data_path(Kind::Volume, &id.0.key);
-        self.refuse_in_use(pool, id, &data)?;
+        let _claimed = self.refuse_in_use(pool, id, &data)?;
         if pool.shared() {
             let (lease, ttl) = Self::lease_at(pool, id);
             if let Err(holder) = self.leases.clear_if_stale(&lease, ttl)? {
@@ -906,11 +917,11 @@ impl LocalEngine {
         pool.shared().then(|| Self::lease_at(pool, id))
     }
 
-    /// Invariant 1: data that is staged or published is never deleted. Asks the kernel, not our own
-    /// bookkeeping: a loop device attached to an image, a bind mount of a directory or subvolume (or
-    /// of anything below it) on this node, and for shared pools the markers every node leaves on the
-    /// share while it has the volume staged.
-    fn refuse_in_use(&self, pool: &Pool, id: &VolumeId, data: &std::path::Path) -> Result<(), StorageError> {
+    /// Invariant 1: data that is staged or published is never deleted. A loop device attached to an
+    /// image; the node's mount state (its lock is held until the delete is done, so no stage races
+    /// it), or where no Node service runs here, the kernel's mount table; and for shared pools the
+    /// marks every node leaves on the share while it has the volume staged.
+    fn refuse_in_use(&self, pool: &Pool, id: &VolumeId, data: &std::path::Path) -> Result<Option<Held>, StorageError> {
         let node = self.node.as_str();
         if let Some(dev) = self.attached(data)?.first() {
             return Err(StorageError::InUse(format!(
@@ -920,13 +931,15 @@ impl LocalEngine {
         }
         // Where this process serves the Node service, its mount state answers at once; elsewhere
         // (unit tests, tools) the kernel's mount table does, at the cost of reading all of it.
-        let at = match self.mounted_here.get() {
-            Some(m) => m.mounted_at(&id.to_string()),
+        let (at, claimed) = match self.mounted_here.get().map(|m| m.claim(&id.to_string())) {
+            Some(NodeUse::Free(held)) => (Vec::new(), Some(held)),
+            Some(NodeUse::Busy) => return Err(StorageError::Busy(id.to_string())),
+            Some(NodeUse::MountedAt(at)) => (at, None),
             None if files::entry(data)? == files::Entry::Dir => {
                 let table = mountinfo::read(std::path::Path::new(mountinfo::SELF))?;
-                mountinfo::mounts_of(&table, data)
+                (mountinfo::mounts_of(&table, data), None)
             }
-            None => Vec::new(),
+            None => (Vec::new(), None),
         };
         if !at.is_empty() {
             let shown: Vec<String> = at.iter().take(3).map(|p| p.display().to_string()).collect();
@@ -946,7 +959,7 @@ impl LocalEngine {
                 )));
             }
         }
-        Ok(())
+        Ok(claimed)
     }
 
     /// Registers this node's mount state, asked before every delete (once, at start).
