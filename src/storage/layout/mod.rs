@@ -267,15 +267,7 @@ pub fn allocated(data: &Path) -> u64 {
 /// Allocated bytes of everything at `path`: a file, or a tree (symlinks are not followed). What
 /// removing or reusing it gives back to the pool.
 pub fn allocated_tree(path: &Path) -> u64 {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return 0;
-    };
-    let own = allocated(path);
-    if !meta.is_dir() {
-        return own;
-    }
-    let children = std::fs::read_dir(path).into_iter().flatten().flatten();
-    own + children.map(|e| allocated_tree(&e.path())).sum::<u64>()
+    allocated_tree_upto(path, u64::MAX)
 }
 
 /// Allocated bytes of the tree at `path`, counted until they reach `stop` (a walk can be long; the
@@ -288,7 +280,7 @@ pub fn allocated_tree_upto(path: &Path, stop: u64) -> u64 {
         let Ok(meta) = std::fs::symlink_metadata(&p) else {
             continue;
         };
-        total = total.saturating_add(allocated(&p));
+        total = total.saturating_add(std::os::unix::fs::MetadataExt::blocks(&meta) * 512);
         if total >= stop {
             return total;
         }
