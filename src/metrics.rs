@@ -2,7 +2,7 @@
 //! checks.
 //!
 //! Two sources feed `/metrics`. Per-RPC counters and latency histograms are recorded as each call
-//! ends, in [`crate::server::traced`]. Everything about pools, volumes and mounts is computed when
+//! ends, in [`crate::server::trace`] (the tower layer on every CSI server). Everything about pools, volumes and mounts is computed when
 //! Prometheus scrapes ([`NodeCollector`]), from the engine's in-memory index, the node state and a few
 //! syscalls: the call paths pay nothing for it, and a figure can never drift from what the driver
 //! would answer, however the process was stopped or restarted.
@@ -88,7 +88,7 @@ struct RpcMetrics {
     duration: Family<MethodLabels, Histogram, fn() -> Histogram>,
 }
 
-/// One set per process: every service reports through the free function [`crate::server::traced`],
+/// One set per process: every service reports through the free function [`crate::server::trace`] (the tower layer on every CSI server),
 /// and each [`Exporter`] registers clones that share these very counters.
 static RPC: LazyLock<RpcMetrics> = LazyLock::new(|| RpcMetrics {
     requests: Family::default(),

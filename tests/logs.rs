@@ -191,3 +191,23 @@ async fn text_logs_written_to_a_file_have_no_colour_codes() {
     assert!(log.contains("method=\"CreateVolume\""), "{log}");
     assert!(!log.contains('\u{1b}'), "escape codes in the log:\n{log:?}");
 }
+
+#[tokio::test]
+async fn calls_that_no_handler_names_are_logged_by_the_trace_layer() {
+    // ControllerPublishVolume is not offered: its handler answers at once without naming a volume,
+    // and the one trace layer on the socket still logs and counts it.
+    let mut d = Driver::start_with(&["--log-format", "json"], &[]).await;
+    let r = d
+        .ctl
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: "pvc-never-attached".into(),
+            node_id: "node-1".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(r), tonic::Code::Unimplemented);
+    let lines = rpc_lines(&d.log());
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["method"], "ControllerPublishVolume");
+    assert_eq!(lines[0]["code"], "Unimplemented");
+}

@@ -20,7 +20,7 @@ use crate::csi::status::{invalid, missing};
 use crate::csi::v1::group_controller_server::GroupController;
 use crate::csi::v1::group_controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::v1::*;
-use crate::server::traced;
+use crate::server::trace::note;
 use crate::storage::engine::NewGroup;
 use crate::storage::id::{GroupId, VolumeId};
 use crate::storage::record::GroupRecord;
@@ -238,14 +238,14 @@ impl GroupController for ControllerService {
         &self,
         req: Request<CreateVolumeGroupSnapshotRequest>,
     ) -> Result<Response<CreateVolumeGroupSnapshotResponse>, Status> {
+        note(&req, &req.get_ref().name);
         let r = req.into_inner();
-        let name = r.name.clone();
-        traced("CreateVolumeGroupSnapshot", &name, async {
+        async {
             let group = self.create_group(r).await?;
             Ok(CreateVolumeGroupSnapshotResponse {
                 group_snapshot: Some(group),
             })
-        })
+        }
         .await
         .map(Response::new)
     }
@@ -254,8 +254,9 @@ impl GroupController for ControllerService {
         &self,
         req: Request<DeleteVolumeGroupSnapshotRequest>,
     ) -> Result<Response<DeleteVolumeGroupSnapshotResponse>, Status> {
+        note(&req, &req.get_ref().group_snapshot_id);
         let r = req.into_inner();
-        traced("DeleteVolumeGroupSnapshot", &r.group_snapshot_id, async {
+        async {
             if r.group_snapshot_id.is_empty() {
                 return Err(missing("group_snapshot_id"));
             }
@@ -269,7 +270,7 @@ impl GroupController for ControllerService {
             check_members(&group, &r.snapshot_ids)?;
             agent.delete_group(id).await?;
             Ok(DeleteVolumeGroupSnapshotResponse {})
-        })
+        }
         .await
         .map(Response::new)
     }
@@ -278,8 +279,9 @@ impl GroupController for ControllerService {
         &self,
         req: Request<GetVolumeGroupSnapshotRequest>,
     ) -> Result<Response<GetVolumeGroupSnapshotResponse>, Status> {
+        note(&req, &req.get_ref().group_snapshot_id);
         let r = req.into_inner();
-        traced("GetVolumeGroupSnapshot", &r.group_snapshot_id, async {
+        async {
             if r.group_snapshot_id.is_empty() {
                 return Err(missing("group_snapshot_id"));
             }
@@ -290,7 +292,7 @@ impl GroupController for ControllerService {
             Ok(GetVolumeGroupSnapshotResponse {
                 group_snapshot: Some(csi_group(&group)),
             })
-        })
+        }
         .await
         .map(Response::new)
     }

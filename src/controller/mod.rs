@@ -18,7 +18,7 @@ use crate::csi::status::{invalid, missing};
 use crate::csi::v1::controller_server::Controller;
 use crate::csi::v1::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::v1::*;
-use crate::server::traced;
+use crate::server::trace::note;
 use crate::storage::engine::{Condition, NewVolume, PoolStatus};
 use crate::storage::id::{NodeId, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{ContentSource, SnapshotRecord, VolumeRecord};
@@ -674,16 +674,17 @@ impl ControllerService {
 #[tonic::async_trait]
 impl Controller for ControllerService {
     async fn create_volume(&self, req: Request<CreateVolumeRequest>) -> Result<Response<CreateVolumeResponse>, Status> {
+        note(&req, &req.get_ref().name);
         let r = req.into_inner();
-        let name = r.name.clone();
-        let made = traced("CreateVolume", &name, self.create(r)).await;
+        let made = self.create(r).await;
         self.changed();
         made.map(Response::new)
     }
 
     async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
+        note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        traced("DeleteVolume", &r.volume_id, async {
+        async {
             if r.volume_id.is_empty() {
                 return Err(missing("volume_id"));
             }
@@ -700,7 +701,7 @@ impl Controller for ControllerService {
                 self.forget_listed(&r.volume_id);
             }
             Ok(DeleteVolumeResponse {})
-        })
+        }
         .await
         .map(Response::new)
     }
@@ -727,8 +728,9 @@ impl Controller for ControllerService {
         &self,
         req: Request<ValidateVolumeCapabilitiesRequest>,
     ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        traced("ValidateVolumeCapabilities", &r.volume_id, async {
+        async {
             if r.volume_id.is_empty() {
                 return Err(missing("volume_id"));
             }
@@ -771,14 +773,14 @@ impl Controller for ControllerService {
                 }),
                 message: String::new(),
             })
-        })
+        }
         .await
         .map(Response::new)
     }
 
     async fn list_volumes(&self, req: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
         let r = req.into_inner();
-        traced("ListVolumes", "", async {
+        async {
             let all = self.listing(!r.starting_token.is_empty()).await?;
             let (items, next_token) =
                 page::page_sorted(&all, |(v, _, _)| v.id.as_str(), &r.starting_token, r.max_entries)?;
@@ -794,14 +796,14 @@ impl Controller for ControllerService {
                 })
                 .collect();
             Ok(ListVolumesResponse { entries, next_token })
-        })
+        }
         .await
         .map(Response::new)
     }
 
     async fn get_capacity(&self, req: Request<GetCapacityRequest>) -> Result<Response<GetCapacityResponse>, Status> {
         let r = req.into_inner();
-        traced("GetCapacity", "", async {
+        async {
             let params = request::volume_params(&r.parameters)?;
             let wanted = r
                 .volume_capabilities
@@ -876,7 +878,7 @@ impl Controller for ControllerService {
                 maximum_volume_size: Some(largest.min(i64::MAX as u64) as i64),
                 minimum_volume_size: None,
             })
-        })
+        }
         .await
         .map(Response::new)
     }
@@ -899,9 +901,9 @@ impl Controller for ControllerService {
         &self,
         req: Request<CreateSnapshotRequest>,
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
+        note(&req, &req.get_ref().name);
         let r = req.into_inner();
-        let name = r.name.clone();
-        traced("CreateSnapshot", &name, async {
+        async {
             if r.name.is_empty() {
                 return Err(missing("name"));
             }
@@ -924,7 +926,7 @@ impl Controller for ControllerService {
             Ok(CreateSnapshotResponse {
                 snapshot: Some(csi_snapshot(&rec)),
             })
-        })
+        }
         .await
         .map(Response::new)
     }
@@ -933,8 +935,9 @@ impl Controller for ControllerService {
         &self,
         req: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        note(&req, &req.get_ref().snapshot_id);
         let r = req.into_inner();
-        traced("DeleteSnapshot", &r.snapshot_id, async {
+        async {
             if r.snapshot_id.is_empty() {
                 return Err(missing("snapshot_id"));
             }
@@ -944,7 +947,7 @@ impl Controller for ControllerService {
                 }
             }
             Ok(DeleteSnapshotResponse {})
-        })
+        }
         .await
         .map(Response::new)
     }
@@ -953,8 +956,9 @@ impl Controller for ControllerService {
         &self,
         req: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        note(&req, &req.get_ref().snapshot_id);
         let r = req.into_inner();
-        traced("ListSnapshots", &r.snapshot_id, async {
+        async {
             let mut all = self.all_snapshots().await?;
             if !r.snapshot_id.is_empty() {
                 all.retain(|s| s.id == r.snapshot_id);
@@ -972,14 +976,15 @@ impl Controller for ControllerService {
                     .collect(),
                 next_token,
             })
-        })
+        }
         .await
         .map(Response::new)
     }
 
     async fn get_snapshot(&self, req: Request<GetSnapshotRequest>) -> Result<Response<GetSnapshotResponse>, Status> {
+        note(&req, &req.get_ref().snapshot_id);
         let r = req.into_inner();
-        traced("GetSnapshot", &r.snapshot_id, async {
+        async {
             if r.snapshot_id.is_empty() {
                 return Err(missing("snapshot_id"));
             }
@@ -995,7 +1000,7 @@ impl Controller for ControllerService {
             Ok(GetSnapshotResponse {
                 snapshot: Some(csi_snapshot(&snap)),
             })
-        })
+        }
         .await
         .map(Response::new)
     }
@@ -1004,8 +1009,9 @@ impl Controller for ControllerService {
         &self,
         req: Request<ControllerExpandVolumeRequest>,
     ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        traced("ControllerExpandVolume", &r.volume_id, async {
+        async {
             if r.volume_id.is_empty() {
                 return Err(missing("volume_id"));
             }
@@ -1027,7 +1033,7 @@ impl Controller for ControllerService {
                 // Only an image volume has a filesystem (or loop device) for the node to grow.
                 node_expansion_required: node_step,
             })
-        })
+        }
         .await
         .map(Response::new)
     }
@@ -1036,18 +1042,18 @@ impl Controller for ControllerService {
         &self,
         req: Request<ControllerGetVolumeRequest>,
     ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
+        note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        traced("ControllerGetVolume", &r.volume_id, self.get_volume(&r))
-            .await
-            .map(Response::new)
+        self.get_volume(&r).await.map(Response::new)
     }
 
     async fn controller_modify_volume(
         &self,
         req: Request<ControllerModifyVolumeRequest>,
     ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
+        note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        traced("ControllerModifyVolume", &r.volume_id, async {
+        async {
             if r.volume_id.is_empty() {
                 return Err(missing("volume_id"));
             }
@@ -1060,7 +1066,7 @@ impl Controller for ControllerService {
                 agent.modify_volume(id, m).await?;
             }
             Ok(ControllerModifyVolumeResponse {})
-        })
+        }
         .await
         .map(Response::new)
     }
@@ -1070,19 +1076,15 @@ impl Controller for ControllerService {
         req: Request<ControllerListVolumeHealthRequest>,
     ) -> Result<Response<ControllerListVolumeHealthResponse>, Status> {
         let r = req.into_inner();
-        traced("ControllerListVolumeHealth", "", self.list_volume_health(r))
-            .await
-            .map(Response::new)
+        self.list_volume_health(r).await.map(Response::new)
     }
 
     async fn controller_get_volume_health(
         &self,
         req: Request<ControllerGetVolumeHealthRequest>,
     ) -> Result<Response<ControllerGetVolumeHealthResponse>, Status> {
+        note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        let v = r.volume_id.clone();
-        traced("ControllerGetVolumeHealth", &v, self.volume_health(r))
-            .await
-            .map(Response::new)
+        self.volume_health(r).await.map(Response::new)
     }
 }

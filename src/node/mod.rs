@@ -16,7 +16,7 @@ use crate::csi::caps::{self, Capability};
 use crate::csi::v1::node_server::Node;
 use crate::csi::v1::node_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::v1::*;
-use crate::server::traced;
+use crate::server::trace::note;
 use crate::storage::config::PoolConfig;
 use crate::storage::engine::LocalEngine;
 use crate::storage::id::{NodeId, PoolName, StaticId, VolumeId};
@@ -1015,66 +1015,54 @@ impl Node for NodeServer {
         &self,
         req: Request<NodeStageVolumeRequest>,
     ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        let v = r.volume_id.clone();
-        traced("NodeStageVolume", &v, blocking(&self.0, move |s| s.stage(r)))
-            .await
-            .map(Response::new)
+        blocking(&self.0, move |s| s.stage(r)).await.map(Response::new)
     }
 
     async fn node_unstage_volume(
         &self,
         req: Request<NodeUnstageVolumeRequest>,
     ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        let v = r.volume_id.clone();
-        traced("NodeUnstageVolume", &v, blocking(&self.0, move |s| s.unstage(r)))
-            .await
-            .map(Response::new)
+        blocking(&self.0, move |s| s.unstage(r)).await.map(Response::new)
     }
 
     async fn node_publish_volume(
         &self,
         req: Request<NodePublishVolumeRequest>,
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        let v = r.volume_id.clone();
-        traced("NodePublishVolume", &v, blocking(&self.0, move |s| s.publish(r)))
-            .await
-            .map(Response::new)
+        blocking(&self.0, move |s| s.publish(r)).await.map(Response::new)
     }
 
     async fn node_unpublish_volume(
         &self,
         req: Request<NodeUnpublishVolumeRequest>,
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        let v = r.volume_id.clone();
-        traced("NodeUnpublishVolume", &v, blocking(&self.0, move |s| s.unpublish(r)))
-            .await
-            .map(Response::new)
+        blocking(&self.0, move |s| s.unpublish(r)).await.map(Response::new)
     }
 
     async fn node_get_volume_stats(
         &self,
         req: Request<NodeGetVolumeStatsRequest>,
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        let v = r.volume_id.clone();
-        traced("NodeGetVolumeStats", &v, blocking(&self.0, move |s| s.stats(r)))
-            .await
-            .map(Response::new)
+        blocking(&self.0, move |s| s.stats(r)).await.map(Response::new)
     }
 
     async fn node_expand_volume(
         &self,
         req: Request<NodeExpandVolumeRequest>,
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        let v = r.volume_id.clone();
-        traced("NodeExpandVolume", &v, blocking(&self.0, move |s| s.expand(r)))
-            .await
-            .map(Response::new)
+        blocking(&self.0, move |s| s.expand(r)).await.map(Response::new)
     }
 
     async fn node_get_capabilities(
@@ -1103,24 +1091,16 @@ impl Node for NodeServer {
         &self,
         req: Request<NodeGetVolumeHealthRequest>,
     ) -> Result<Response<NodeGetVolumeHealthResponse>, Status> {
+        note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        let v = r.volume_id.clone();
-        traced(
-            "NodeGetVolumeHealth",
-            &v,
-            blocking(&self.0, move |s| s.volume_health(r)),
-        )
-        .await
-        .map(Response::new)
+        blocking(&self.0, move |s| s.volume_health(r)).await.map(Response::new)
     }
 
     async fn node_get_storage_health(
         &self,
         _: Request<NodeGetStorageHealthRequest>,
     ) -> Result<Response<NodeGetStorageHealthResponse>, Status> {
-        traced("NodeGetStorageHealth", "", blocking(&self.0, |s| s.storage_health()))
-            .await
-            .map(Response::new)
+        blocking(&self.0, |s| s.storage_health()).await.map(Response::new)
     }
 }
 

@@ -3,6 +3,7 @@
 //! RPC gets.
 
 pub mod authority;
+pub mod trace;
 
 use std::future::Future;
 use std::io;
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -19,7 +20,6 @@ use tokio::time::Sleep;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tonic::transport::Server;
-use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -93,17 +93,22 @@ impl Default for SocketLimits {
 }
 
 impl SocketLimits {
-    /// A server builder whose HTTP/2 pings keep live clients from counting as idle.
-    pub fn server_builder(&self) -> Server {
+    /// A CSI server builder whose HTTP/2 pings keep live clients from counting as idle, and whose
+    /// every call passes through the one trace layer ([`trace`]).
+    pub fn server_builder(&self) -> Server<CsiLayers> {
         let ping = (self.idle_timeout / 4).max(Duration::from_millis(100));
         Server::builder()
             .http2_keepalive_interval(Some(ping))
             .http2_keepalive_timeout(Some(ping.min(Duration::from_secs(20))))
+            .layer(trace::TraceLayer)
     }
 }
 
 /// The longest pause of the accept loop when the process is out of file descriptors or memory.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The layers of every CSI server: the trace layer.
+pub type CsiLayers = tower::layer::util::Stack<trace::TraceLayer, tower::layer::util::Identity>;
 
 /// A listening socket whose connections [`incoming`] and [`incoming_tcp`] bound.
 pub trait Listener: Send + 'static {
@@ -356,7 +361,7 @@ pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1
 /// SIGTERM/SIGINT or until `restart` resolves (the process is to be started again, e.g. to load
 /// rotated certificates), lets in-flight calls finish (bounded), and removes the socket.
 pub async fn serve_until_signal(
-    router: tonic::transport::server::Router,
+    router: tonic::transport::server::Router<CsiLayers>,
     listener: UnixListener,
     limits: SocketLimits,
     socket: &Path,
@@ -383,63 +388,4 @@ pub async fn serve_until_signal(
     let _ = std::fs::remove_file(socket);
     tracing::info!(socket = %socket.display(), "stopped; socket removed");
     result.map_err(ServeError::from)
-}
-
-/// Runs one RPC, logs it once (method, volume or name, duration, code) and counts it in the
-/// metrics. Request bodies, and so secrets, are never logged. A call the client gives up on (its
-/// future is dropped mid-way) is logged and counted as `Canceled`.
-pub async fn traced<T>(
-    method: &'static str,
-    object: &str,
-    fut: impl Future<Output = Result<T, Status>>,
-) -> Result<T, Status> {
-    let mut call = Call {
-        method,
-        object,
-        start: Instant::now(),
-        done: false,
-    };
-    let result = fut.await.map_err(crate::csi::status::bound);
-    let object = &*crate::csi::status::bounded(object);
-    call.done = true;
-    let elapsed = call.start.elapsed();
-    let micros = elapsed.as_micros() as u64;
-    match &result {
-        Ok(_) => {
-            crate::metrics::record_rpc(method, Code::Ok, elapsed);
-            tracing::info!(method, volume = object, micros, code = "OK", "rpc");
-        }
-        Err(s) => {
-            crate::metrics::record_rpc(method, s.code(), elapsed);
-            let code = crate::metrics::code_name(s.code());
-            tracing::warn!(method, volume = object, micros, code, error = s.message(), "rpc");
-        }
-    }
-    result
-}
-
-/// One call in flight; dropped before it is done means the client cancelled it.
-struct Call<'a> {
-    method: &'static str,
-    object: &'a str,
-    start: Instant,
-    done: bool,
-}
-
-impl Drop for Call<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            let elapsed = self.start.elapsed();
-            crate::metrics::record_rpc(self.method, Code::Cancelled, elapsed);
-            let micros = elapsed.as_micros() as u64;
-            tracing::warn!(
-                method = self.method,
-                volume = self.object,
-                micros,
-                code = crate::metrics::code_name(Code::Cancelled),
-                error = "the client gave up on the call",
-                "rpc"
-            );
-        }
-    }
 }
