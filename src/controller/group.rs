@@ -16,7 +16,8 @@ use tonic::{Request, Response, Status};
 
 use super::ControllerService;
 use crate::agent::Agent;
-use crate::csi::status::{invalid, missing};
+use crate::controller::answer;
+use crate::controller::error::ControllerError;
 use crate::csi::v1::group_controller_server::GroupController;
 use crate::csi::v1::group_controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::v1::*;
@@ -40,7 +41,7 @@ struct GroupParams {
     all: BTreeMap<String, String>,
 }
 
-fn group_params(p: &HashMap<String, String>) -> Result<GroupParams, Status> {
+fn group_params(p: &HashMap<String, String>) -> Result<GroupParams, ControllerError> {
     let mut out = GroupParams {
         per_volume: false,
         freeze_timeout: DEFAULT_FREEZE_TIMEOUT,
@@ -53,7 +54,7 @@ fn group_params(p: &HashMap<String, String>) -> Result<GroupParams, Status> {
                     "group" => false,
                     "per-volume" => true,
                     other => {
-                        return Err(invalid(format!(
+                        return Err(ControllerError::invalid(format!(
                             "parameter {PARAM_CONSISTENCY} must be 'group' (one point in time, image volumes) or \
                              'per-volume' (each member consistent on its own), not '{other}'"
                         )))
@@ -66,7 +67,7 @@ fn group_params(p: &HashMap<String, String>) -> Result<GroupParams, Status> {
                     .ok()
                     .filter(|s| (1..=MAX_FREEZE_TIMEOUT_SECS).contains(s))
                     .ok_or_else(|| {
-                        invalid(format!(
+                        ControllerError::invalid(format!(
                             "parameter {PARAM_FREEZE_TIMEOUT} must be a number of seconds from 1 to \
                              {MAX_FREEZE_TIMEOUT_SECS}, not '{v}'"
                         ))
@@ -75,7 +76,7 @@ fn group_params(p: &HashMap<String, String>) -> Result<GroupParams, Status> {
             }
             k if k.starts_with(SIDECAR_PREFIX) => {}
             other => {
-                return Err(invalid(format!(
+                return Err(ControllerError::invalid(format!(
                     "unknown group snapshot parameter '{other}' (known: {PARAM_CONSISTENCY}, {PARAM_FREEZE_TIMEOUT}, \
                      and the {SIDECAR_PREFIX}* keys of the sidecars)"
                 )))
@@ -110,14 +111,14 @@ fn csi_group(g: &GroupRecord) -> VolumeGroupSnapshot {
 }
 
 /// The snapshot ids a Get or Delete names must be the group's, when it names any.
-fn check_members(g: &GroupRecord, asked: &[String]) -> Result<(), Status> {
+fn check_members(g: &GroupRecord, asked: &[String]) -> Result<(), ControllerError> {
     if asked.is_empty() {
         return Ok(());
     }
     let have: BTreeSet<&str> = g.members.iter().map(|m| m.snapshot_id.as_str()).collect();
     let named: BTreeSet<&str> = asked.iter().map(String::as_str).collect();
     if have != named {
-        return Err(invalid(format!(
+        return Err(ControllerError::invalid(format!(
             "snapshot_ids do not match group snapshot {}: it holds {}",
             g.id,
             have.into_iter().collect::<Vec<_>>().join(", ")
@@ -134,23 +135,25 @@ impl ControllerService {
         Some((id, agent))
     }
 
-    async fn create_group(&self, r: CreateVolumeGroupSnapshotRequest) -> Result<VolumeGroupSnapshot, Status> {
+    async fn create_group(&self, r: CreateVolumeGroupSnapshotRequest) -> Result<VolumeGroupSnapshot, ControllerError> {
         if r.name.is_empty() {
-            return Err(missing("name"));
+            return Err(ControllerError::missing("name"));
         }
         if r.source_volume_ids.is_empty() {
-            return Err(missing("source_volume_ids"));
+            return Err(ControllerError::missing("source_volume_ids"));
         }
         let params = group_params(&r.parameters)?;
         let mut members = BTreeSet::new();
         for raw in &r.source_volume_ids {
             if raw.is_empty() {
-                return Err(invalid("source_volume_ids holds an empty volume id"));
+                return Err(ControllerError::invalid("source_volume_ids holds an empty volume id"));
             }
             // Not in cellar's grammar: it cannot name a volume here.
-            let id = VolumeId::parse(raw).map_err(|_| Status::not_found(format!("volume {raw} not found")))?;
+            let id = VolumeId::parse(raw).map_err(|_| ControllerError::not_found(format!("volume {raw} not found")))?;
             if !members.insert(id) {
-                return Err(invalid(format!("source_volume_ids names volume {raw} twice")));
+                return Err(ControllerError::invalid(format!(
+                    "source_volume_ids names volume {raw} twice"
+                )));
             }
         }
         let members: Vec<VolumeId> = members.into_iter().collect();
@@ -161,18 +164,18 @@ impl ControllerService {
         for m in &members {
             let a = self
                 .agent_of(m.0.node())
-                .ok_or_else(|| Status::not_found(format!("volume {m} not found (its node is not known)")))?;
+                .ok_or_else(|| ControllerError::not_found(format!("volume {m} not found (its node is not known)")))?;
             places.insert(a.node().as_str().to_string());
             agent.get_or_insert(a);
         }
         if places.len() > 1 {
-            return Err(Status::failed_precondition(format!(
+            return Err(ControllerError::NotReady(format!(
                 "the volumes of a group snapshot must be on one node, these are on {}: a group is frozen \
                  and cut by the node that holds its volumes",
                 places.into_iter().collect::<Vec<_>>().join(", ")
             )));
         }
-        let agent = agent.ok_or_else(|| missing("source_volume_ids"))?;
+        let agent = agent.ok_or_else(|| ControllerError::missing("source_volume_ids"))?;
 
         // A name already used anywhere answers for itself. A node that cannot answer now is
         // skipped, as CreateVolume does: the node that cuts this group checks the name again.
@@ -189,7 +192,7 @@ impl ControllerService {
                 let had: Vec<&str> = existing.members.iter().map(|m| m.volume_id.as_str()).collect();
                 let asked: Vec<String> = members.iter().map(ToString::to_string).collect();
                 if had != asked || existing.parameters != params.all {
-                    return Err(Status::already_exists(format!(
+                    return Err(ControllerError::NameTaken(format!(
                         "group snapshot '{}' already exists with other volumes or parameters ({})",
                         r.name,
                         had.join(", ")
@@ -200,7 +203,7 @@ impl ControllerService {
         }
         for m in &members {
             if agent.volume(m.clone()).await?.is_none() {
-                return Err(Status::not_found(format!("volume {m} not found")));
+                return Err(ControllerError::not_found(format!("volume {m} not found")));
             }
         }
         let made = agent
@@ -240,14 +243,13 @@ impl GroupController for ControllerService {
     ) -> Result<Response<CreateVolumeGroupSnapshotResponse>, Status> {
         note(&req, &req.get_ref().name);
         let r = req.into_inner();
-        async {
+        answer(async {
             let group = self.create_group(r).await?;
             Ok(CreateVolumeGroupSnapshotResponse {
                 group_snapshot: Some(group),
             })
-        }
+        })
         .await
-        .map(Response::new)
     }
 
     async fn delete_volume_group_snapshot(
@@ -256,9 +258,9 @@ impl GroupController for ControllerService {
     ) -> Result<Response<DeleteVolumeGroupSnapshotResponse>, Status> {
         note(&req, &req.get_ref().group_snapshot_id);
         let r = req.into_inner();
-        async {
+        answer(async {
             if r.group_snapshot_id.is_empty() {
-                return Err(missing("group_snapshot_id"));
+                return Err(ControllerError::missing("group_snapshot_id"));
             }
             // An id that is not cellar's, or of a node that is gone, names nothing to delete.
             let Some((id, agent)) = self.group_owner(&r.group_snapshot_id) else {
@@ -270,9 +272,8 @@ impl GroupController for ControllerService {
             check_members(&group, &r.snapshot_ids)?;
             agent.delete_group(id).await?;
             Ok(DeleteVolumeGroupSnapshotResponse {})
-        }
+        })
         .await
-        .map(Response::new)
     }
 
     async fn get_volume_group_snapshot(
@@ -281,20 +282,19 @@ impl GroupController for ControllerService {
     ) -> Result<Response<GetVolumeGroupSnapshotResponse>, Status> {
         note(&req, &req.get_ref().group_snapshot_id);
         let r = req.into_inner();
-        async {
+        answer(async {
             if r.group_snapshot_id.is_empty() {
-                return Err(missing("group_snapshot_id"));
+                return Err(ControllerError::missing("group_snapshot_id"));
             }
-            let not_found = || Status::not_found(format!("group snapshot {} not found", r.group_snapshot_id));
+            let not_found = || ControllerError::not_found(format!("group snapshot {} not found", r.group_snapshot_id));
             let (id, agent) = self.group_owner(&r.group_snapshot_id).ok_or_else(not_found)?;
             let group = agent.group(id).await?.ok_or_else(not_found)?;
             check_members(&group, &r.snapshot_ids)?;
             Ok(GetVolumeGroupSnapshotResponse {
                 group_snapshot: Some(csi_group(&group)),
             })
-        }
+        })
         .await
-        .map(Response::new)
     }
 }
 

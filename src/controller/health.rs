@@ -1,7 +1,7 @@
 //! ControllerGetVolumeHealth and ControllerListVolumeHealth (CSI v1.13): the conditions that
 //! ControllerGetVolume and ListVolumes report, read as health entries (docs/health.md).
 
-use tonic::Status;
+use crate::controller::error::ControllerError;
 
 use super::{page, ControllerService};
 use crate::csi::health::{controller_finding, Finding};
@@ -23,7 +23,7 @@ impl ControllerService {
     pub(super) async fn volume_health(
         &self,
         r: ControllerGetVolumeHealthRequest,
-    ) -> Result<ControllerGetVolumeHealthResponse, Status> {
+    ) -> Result<ControllerGetVolumeHealthResponse, ControllerError> {
         let got = self
             .get_volume(&ControllerGetVolumeRequest {
                 volume_id: r.volume_id.clone(),
@@ -46,7 +46,7 @@ impl ControllerService {
     pub(super) async fn list_volume_health(
         &self,
         r: ControllerListVolumeHealthRequest,
-    ) -> Result<ControllerListVolumeHealthResponse, Status> {
+    ) -> Result<ControllerListVolumeHealthResponse, ControllerError> {
         let all = self.listing(!r.starting_token.is_empty()).await?;
         let (items, next_token) = page::page_sorted(&all, |(v, _, _)| v.id.as_str(), &r.starting_token, r.max_entries)?;
         let entries = items

@@ -1,6 +1,8 @@
 //! The Controller service: validates requests, picks the node and pool, and routes each call to the
 //! agent of the node that owns the volume.
 
+pub mod error;
+pub use error::ControllerError;
 pub mod group;
 mod health;
 pub mod page;
@@ -14,7 +16,6 @@ use tonic::{Request, Response, Status};
 
 use crate::agent::{Agent, Directory};
 use crate::csi::caps;
-use crate::csi::status::{invalid, missing};
 use crate::csi::v1::controller_server::Controller;
 use crate::csi::v1::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::v1::*;
@@ -84,6 +85,13 @@ pub const CAPABILITIES: &[rpc::Type] = &[
 
 /// One call to every agent at once, so that one slow to answer does not delay the others; the
 /// answers come back in the agents' order.
+/// The gRPC answer of a controller call: its error becomes a status in `csi::status`.
+pub(crate) async fn answer<T>(
+    call: impl std::future::Future<Output = Result<T, ControllerError>>,
+) -> Result<Response<T>, Status> {
+    call.await.map(Response::new).map_err(Status::from)
+}
+
 async fn ask_all<T, F, Fut>(agents: &[Arc<dyn Agent>], call: F) -> Vec<T>
 where
     T: Send + 'static,
@@ -227,7 +235,7 @@ impl ControllerService {
     async fn shared_pool_agent(
         &self,
         pool: Option<&crate::storage::id::PoolName>,
-    ) -> Result<Option<Arc<dyn Agent>>, Status> {
+    ) -> Result<Option<Arc<dyn Agent>>, ControllerError> {
         let Some(agent) = self.directory.shared() else {
             return Ok(None);
         };
@@ -239,9 +247,9 @@ impl ControllerService {
         Ok(target.filter(|p| p.shared).map(|_| agent))
     }
 
-    async fn create(&self, r: CreateVolumeRequest) -> Result<CreateVolumeResponse, Status> {
+    async fn create(&self, r: CreateVolumeRequest) -> Result<CreateVolumeResponse, ControllerError> {
         if r.name.is_empty() {
-            return Err(missing("name"));
+            return Err(ControllerError::missing("name"));
         }
         let capabilities = caps::capabilities(&r.volume_capabilities)?;
         let (mode, access_modes, cap_fs_type) = caps::summarize(&capabilities)?;
@@ -249,7 +257,7 @@ impl ControllerService {
         let fs_type = match (cap_fs_type.as_str(), &params.fs_type) {
             ("", Some(p)) => p.clone(),
             (c, Some(p)) if c != p => {
-                return Err(Status::invalid_argument(format!(
+                return Err(ControllerError::invalid(format!(
                     "the capability asks for filesystem '{c}' but the parameters for '{p}'"
                 )))
             }
@@ -298,7 +306,7 @@ impl ControllerService {
                 let mut spec = spec;
                 match (&spec.pool, existing_pool) {
                     (Some(asked), Some(has)) if *asked != has => {
-                        return Err(Status::already_exists(format!(
+                        return Err(ControllerError::NameTaken(format!(
                             "volume '{}' already exists in pool '{}', not '{}'",
                             r.name,
                             has.as_str(),
@@ -332,7 +340,11 @@ impl ControllerService {
                 };
                 match self.agent_of(owner) {
                     Some(a) => Some(a),
-                    None => return Err(Status::not_found("the content source is not on any known node")),
+                    None => {
+                        return Err(ControllerError::not_found(
+                            "the content source is not on any known node",
+                        ))
+                    }
                 }
             }
             None => None,
@@ -352,8 +364,8 @@ impl ControllerService {
             }
         }
         if ranked.is_empty() {
-            return Err(Status::resource_exhausted(
-                "no node in the requisite topology can hold this volume",
+            return Err(ControllerError::NoRoom(
+                "no node in the requisite topology can hold this volume".into(),
             ));
         }
         let node = self
@@ -362,7 +374,7 @@ impl ControllerService {
         let agent = self
             .directory
             .agent(&node)
-            .ok_or_else(|| Status::unavailable(format!("node {} is not reachable", node.as_str())))?;
+            .ok_or_else(|| ControllerError::NodeUnreachable(format!("node {} is not reachable", node.as_str())))?;
         let rec = match (&source_agent, &spec.source) {
             (Some(from), Some(src)) if from.node() != agent.node() => {
                 tracing::info!(
@@ -415,7 +427,7 @@ impl ControllerService {
         ranked: &[NodeId],
         req: Option<&TopologyRequirement>,
         spec: &NewVolume,
-    ) -> Result<NodeId, Status> {
+    ) -> Result<NodeId, ControllerError> {
         let wanted = spec.capacity.choose()?;
         let mut rooms = Vec::new();
         for n in ranked {
@@ -452,7 +464,7 @@ impl ControllerService {
         if let [(n, Some(_))] = rooms.as_slice() {
             return Ok(n.clone());
         }
-        Err(Status::resource_exhausted(format!(
+        Err(ControllerError::NoRoom(format!(
             "no candidate node has {wanted} bytes free in the pool ({})",
             rooms
                 .iter()
@@ -467,11 +479,11 @@ impl ControllerService {
     }
 
     /// The agent owning a volume id that came from outside, or NOT_FOUND.
-    fn volume_owner(&self, raw: &str) -> Result<(VolumeId, Arc<dyn Agent>), Status> {
-        let id = VolumeId::parse(raw).map_err(|_| Status::not_found(format!("volume {raw} not found")))?;
+    fn volume_owner(&self, raw: &str) -> Result<(VolumeId, Arc<dyn Agent>), ControllerError> {
+        let id = VolumeId::parse(raw).map_err(|_| ControllerError::not_found(format!("volume {raw} not found")))?;
         let agent = self
             .agent_of(id.0.node())
-            .ok_or_else(|| Status::not_found(format!("volume {raw} not found (no such node)")))?;
+            .ok_or_else(|| ControllerError::not_found(format!("volume {raw} not found (no such node)")))?;
         Ok((id, agent))
     }
 
@@ -482,7 +494,7 @@ impl ControllerService {
 
     /// Every volume sorted by id: a fresh listing for a first page, the first page's listing for
     /// the pages after it while it is recent and nothing was created or deleted here since.
-    async fn listing(&self, continued: bool) -> Result<Arc<Vec<(VolumeRecord, Condition, NodeId)>>, Status> {
+    async fn listing(&self, continued: bool) -> Result<Arc<Vec<(VolumeRecord, Condition, NodeId)>>, ControllerError> {
         let generation = self.changes.load(std::sync::atomic::Ordering::SeqCst);
         if continued {
             let cached = self.paged.lock().expect("paged lock");
@@ -508,7 +520,7 @@ impl ControllerService {
     /// (the controller started while it was down, or a node that never answers) is left out and
     /// logged, so that it cannot fail the listing of every other node. A node the registry forgot
     /// is answered for from its last listing too, until the registry no longer knows its id.
-    async fn all_volumes(&self) -> Result<Vec<(VolumeRecord, Condition, NodeId)>, Status> {
+    async fn all_volumes(&self) -> Result<Vec<(VolumeRecord, Condition, NodeId)>, ControllerError> {
         let agents = self.directory.listed();
         let answers = ask_all(&agents, |a| async move { a.volumes().await }).await;
         // Every answer that came is kept first, so that one failure does not cost the others'.
@@ -535,21 +547,21 @@ impl ControllerService {
         let mut asked = std::collections::HashSet::new();
         for (agent, key, answer) in answers {
             asked.insert(key.clone());
-            let volumes = match answer.map_err(Status::from) {
+            let volumes = match answer {
                 Ok(volumes) => volumes,
                 Err(e) => {
                     let listings = self.listings.lock().expect("listings lock");
                     let Some(last) = listings.get(&key) else {
                         tracing::warn!(
                             node = key,
-                            error = e.message(),
+                            error = %e,
                             "ListVolumes leaves out a node never listed"
                         );
                         continue;
                     };
                     last.volumes
                         .iter()
-                        .map(|(r, _)| (r.clone(), unreachable(e.message(), last.at)))
+                        .map(|(r, _)| (r.clone(), unreachable(&e.to_string(), last.at)))
                         .collect()
                 }
             };
@@ -616,17 +628,17 @@ impl ControllerService {
     }
 
     /// A volume and its condition; ControllerGetVolumeHealth answers from the same condition.
-    async fn get_volume(&self, r: &ControllerGetVolumeRequest) -> Result<ControllerGetVolumeResponse, Status> {
+    async fn get_volume(&self, r: &ControllerGetVolumeRequest) -> Result<ControllerGetVolumeResponse, ControllerError> {
         if r.volume_id.is_empty() {
-            return Err(missing("volume_id"));
+            return Err(ControllerError::missing("volume_id"));
         }
         if let Ok(sid) = StaticId::parse(&r.volume_id) {
             let agent = self
                 .directory
                 .shared()
-                .ok_or_else(|| Status::not_found("no shared pools here"))?;
+                .ok_or_else(|| ControllerError::not_found("no shared pools here"))?;
             if !agent.static_exists(sid).await? {
-                return Err(Status::not_found(format!("volume {} not found", r.volume_id)));
+                return Err(ControllerError::not_found(format!("volume {} not found", r.volume_id)));
             }
             return Ok(ControllerGetVolumeResponse {
                 volume: Some(Volume {
@@ -643,14 +655,12 @@ impl ControllerService {
             });
         }
         let (id, agent) = self.volume_owner(&r.volume_id)?;
-        let answer = match agent.volume(id).await.map_err(Status::from) {
-            Err(e) if e.code() == tonic::Code::Unavailable => {
-                Some(self.last_listed(&r.volume_id, e.message()).ok_or(e)?)
-            }
+        let answer = match agent.volume(id).await {
+            Err(e) if e.is_unavailable() => Some(self.last_listed(&r.volume_id, &e.to_string()).ok_or(e)?),
             other => other?,
         };
         let Some((rec, cond)) = answer else {
-            return Err(Status::not_found(format!("volume {} not found", r.volume_id)));
+            return Err(ControllerError::not_found(format!("volume {} not found", r.volume_id)));
         };
         Ok(ControllerGetVolumeResponse {
             volume: Some(csi_volume(&rec, agent.node())),
@@ -661,7 +671,7 @@ impl ControllerService {
         })
     }
 
-    async fn all_snapshots(&self) -> Result<Vec<SnapshotRecord>, Status> {
+    async fn all_snapshots(&self) -> Result<Vec<SnapshotRecord>, ControllerError> {
         let mut all = Vec::new();
         for a in self.directory.all() {
             all.extend(a.snapshots().await?);
@@ -678,15 +688,15 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         let made = self.create(r).await;
         self.changed();
-        made.map(Response::new)
+        made.map(Response::new).map_err(Status::from)
     }
 
     async fn delete_volume(&self, req: Request<DeleteVolumeRequest>) -> Result<Response<DeleteVolumeResponse>, Status> {
         note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        async {
+        answer(async {
             if r.volume_id.is_empty() {
-                return Err(missing("volume_id"));
+                return Err(ControllerError::missing("volume_id"));
             }
             if StaticId::parse(&r.volume_id).is_ok() {
                 // A static volume's directory was there before Kubernetes and stays after it.
@@ -701,27 +711,28 @@ impl Controller for ControllerService {
                 self.forget_listed(&r.volume_id);
             }
             Ok(DeleteVolumeResponse {})
-        }
+        })
         .await
-        .map(Response::new)
     }
 
     async fn controller_publish_volume(
         &self,
         _: Request<ControllerPublishVolumeRequest>,
     ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "cellar volumes need no attach step: ControllerPublishVolume is not offered",
-        ))
+        Err(
+            ControllerError::NotOffered("cellar volumes need no attach step: ControllerPublishVolume is not offered")
+                .into(),
+        )
     }
 
     async fn controller_unpublish_volume(
         &self,
         _: Request<ControllerUnpublishVolumeRequest>,
     ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "cellar volumes need no detach step: ControllerUnpublishVolume is not offered",
-        ))
+        Err(
+            ControllerError::NotOffered("cellar volumes need no detach step: ControllerUnpublishVolume is not offered")
+                .into(),
+        )
     }
 
     async fn validate_volume_capabilities(
@@ -730,26 +741,26 @@ impl Controller for ControllerService {
     ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
         note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        async {
+        answer(async {
             if r.volume_id.is_empty() {
-                return Err(missing("volume_id"));
+                return Err(ControllerError::missing("volume_id"));
             }
             if r.volume_capabilities.is_empty() {
-                return Err(missing("volume_capabilities"));
+                return Err(ControllerError::missing("volume_capabilities"));
             }
             let wanted = caps::capabilities(&r.volume_capabilities)?;
             let rec = match StaticId::parse(&r.volume_id) {
                 Ok(sid) => {
-                    let agent = self.directory.shared().ok_or_else(|| Status::not_found("no shared pools here"))?;
+                    let agent = self.directory.shared().ok_or_else(|| ControllerError::not_found("no shared pools here"))?;
                     if !agent.static_exists(sid).await? {
-                        return Err(Status::not_found(format!("volume {} not found", r.volume_id)));
+                        return Err(ControllerError::not_found(format!("volume {} not found", r.volume_id)));
                     }
                     None
                 }
                 Err(_) => {
                     let (id, agent) = self.volume_owner(&r.volume_id)?;
                     let Some((rec, _)) = agent.volume(id).await? else {
-                        return Err(Status::not_found(format!("volume {} not found", r.volume_id)));
+                        return Err(ControllerError::not_found(format!("volume {} not found", r.volume_id)));
                     };
                     Some(rec)
                 }
@@ -773,14 +784,12 @@ impl Controller for ControllerService {
                 }),
                 message: String::new(),
             })
-        }
-        .await
-        .map(Response::new)
+        }).await
     }
 
     async fn list_volumes(&self, req: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
         let r = req.into_inner();
-        async {
+        answer(async {
             let all = self.listing(!r.starting_token.is_empty()).await?;
             let (items, next_token) =
                 page::page_sorted(&all, |(v, _, _)| v.id.as_str(), &r.starting_token, r.max_entries)?;
@@ -796,14 +805,13 @@ impl Controller for ControllerService {
                 })
                 .collect();
             Ok(ListVolumesResponse { entries, next_token })
-        }
+        })
         .await
-        .map(Response::new)
     }
 
     async fn get_capacity(&self, req: Request<GetCapacityRequest>) -> Result<Response<GetCapacityResponse>, Status> {
         let r = req.into_inner();
-        async {
+        answer(async {
             let params = request::volume_params(&r.parameters)?;
             let wanted = r
                 .volume_capabilities
@@ -834,21 +842,21 @@ impl Controller for ControllerService {
             .await;
             for (agent, pools) in agents.iter().zip(answers) {
                 let on_node = asked.is_none_or(|n| n == agent.node().as_str());
-                let pools = match pools.map_err(Status::from) {
+                let pools = match pools {
                     Ok(p) => p,
                     // A node that cannot be reached offers nothing now; asked about by name, it
                     // says so. Capacity tracking asks per node: one dead node must not take every
                     // other node's capacity with it. A dead share (the shared pools' agent) is
                     // UNAVAILABLE: its capacity is unknown, not zero.
                     Err(e)
-                        if e.code() == tonic::Code::Unavailable
+                        if e.is_unavailable()
                             && !(asked.is_some() && on_node)
                             && !self.directory.shared().is_some_and(|s| Arc::ptr_eq(&s, agent)) =>
                     {
-                        tracing::debug!(node = agent.node().as_str(), error = %e.message(), "capacity without an unreachable node");
+                        tracing::debug!(node = agent.node().as_str(), error = %e, "capacity without an unreachable node");
                         continue;
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(e.into()),
                 };
                 for p in pools {
                     // Shared pools are everywhere; local ones only on their node and for one node.
@@ -878,9 +886,7 @@ impl Controller for ControllerService {
                 maximum_volume_size: Some(largest.min(i64::MAX as u64) as i64),
                 minimum_volume_size: None,
             })
-        }
-        .await
-        .map(Response::new)
+        }).await
     }
 
     async fn controller_get_capabilities(
@@ -903,19 +909,19 @@ impl Controller for ControllerService {
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
         note(&req, &req.get_ref().name);
         let r = req.into_inner();
-        async {
+        answer(async {
             if r.name.is_empty() {
-                return Err(missing("name"));
+                return Err(ControllerError::missing("name"));
             }
             if r.source_volume_id.is_empty() {
-                return Err(missing("source_volume_id"));
+                return Err(ControllerError::missing("source_volume_id"));
             }
             let freeze = request::snapshot_params(&r.parameters)?;
             let (source, agent) = self.volume_owner(&r.source_volume_id)?;
             for a in self.directory.all() {
                 if let Some(existing) = a.snapshot_named(r.name.clone()).await? {
                     if existing.source_volume_id != r.source_volume_id {
-                        return Err(Status::already_exists(format!(
+                        return Err(ControllerError::NameTaken(format!(
                             "snapshot '{}' already exists for volume {}, not {}",
                             r.name, existing.source_volume_id, r.source_volume_id
                         )));
@@ -926,9 +932,8 @@ impl Controller for ControllerService {
             Ok(CreateSnapshotResponse {
                 snapshot: Some(csi_snapshot(&rec)),
             })
-        }
+        })
         .await
-        .map(Response::new)
     }
 
     async fn delete_snapshot(
@@ -937,9 +942,9 @@ impl Controller for ControllerService {
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
         note(&req, &req.get_ref().snapshot_id);
         let r = req.into_inner();
-        async {
+        answer(async {
             if r.snapshot_id.is_empty() {
-                return Err(missing("snapshot_id"));
+                return Err(ControllerError::missing("snapshot_id"));
             }
             if let Ok(id) = SnapshotId::parse(&r.snapshot_id) {
                 if let Some(agent) = self.agent_of(id.0.node()) {
@@ -947,9 +952,8 @@ impl Controller for ControllerService {
                 }
             }
             Ok(DeleteSnapshotResponse {})
-        }
+        })
         .await
-        .map(Response::new)
     }
 
     async fn list_snapshots(
@@ -958,7 +962,7 @@ impl Controller for ControllerService {
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
         note(&req, &req.get_ref().snapshot_id);
         let r = req.into_inner();
-        async {
+        answer(async {
             let mut all = self.all_snapshots().await?;
             if !r.snapshot_id.is_empty() {
                 all.retain(|s| s.id == r.snapshot_id);
@@ -976,19 +980,18 @@ impl Controller for ControllerService {
                     .collect(),
                 next_token,
             })
-        }
+        })
         .await
-        .map(Response::new)
     }
 
     async fn get_snapshot(&self, req: Request<GetSnapshotRequest>) -> Result<Response<GetSnapshotResponse>, Status> {
         note(&req, &req.get_ref().snapshot_id);
         let r = req.into_inner();
-        async {
+        answer(async {
             if r.snapshot_id.is_empty() {
-                return Err(missing("snapshot_id"));
+                return Err(ControllerError::missing("snapshot_id"));
             }
-            let not_found = || Status::not_found(format!("snapshot {} not found", r.snapshot_id));
+            let not_found = || ControllerError::not_found(format!("snapshot {} not found", r.snapshot_id));
             let id = SnapshotId::parse(&r.snapshot_id).map_err(|_| not_found())?;
             let agent = self.agent_of(id.0.node()).ok_or_else(not_found)?;
             let snap = agent
@@ -1000,9 +1003,8 @@ impl Controller for ControllerService {
             Ok(GetSnapshotResponse {
                 snapshot: Some(csi_snapshot(&snap)),
             })
-        }
+        })
         .await
-        .map(Response::new)
     }
 
     async fn controller_expand_volume(
@@ -1011,15 +1013,15 @@ impl Controller for ControllerService {
     ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
         note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        async {
+        answer(async {
             if r.volume_id.is_empty() {
-                return Err(missing("volume_id"));
+                return Err(ControllerError::missing("volume_id"));
             }
             let Some(range) = r.capacity_range.as_ref() else {
-                return Err(missing("capacity_range"));
+                return Err(ControllerError::missing("capacity_range"));
             };
             if range.required_bytes == 0 && range.limit_bytes == 0 {
-                return Err(invalid(
+                return Err(ControllerError::invalid(
                     "capacity_range must set required_bytes (the size to grow to) or limit_bytes",
                 ));
             }
@@ -1033,9 +1035,8 @@ impl Controller for ControllerService {
                 // Only an image volume has a filesystem (or loop device) for the node to grow.
                 node_expansion_required: node_step,
             })
-        }
+        })
         .await
-        .map(Response::new)
     }
 
     async fn controller_get_volume(
@@ -1044,7 +1045,7 @@ impl Controller for ControllerService {
     ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
         note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        self.get_volume(&r).await.map(Response::new)
+        answer(self.get_volume(&r)).await
     }
 
     async fn controller_modify_volume(
@@ -1053,22 +1054,21 @@ impl Controller for ControllerService {
     ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
         note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        async {
+        answer(async {
             if r.volume_id.is_empty() {
-                return Err(missing("volume_id"));
+                return Err(ControllerError::missing("volume_id"));
             }
             let (id, agent) = self.volume_owner(&r.volume_id)?;
             if agent.volume(id.clone()).await?.is_none() {
-                return Err(Status::not_found(format!("volume {} not found", r.volume_id)));
+                return Err(ControllerError::not_found(format!("volume {} not found", r.volume_id)));
             }
             let m = request::mutable_params(&r.mutable_parameters)?;
             if !m.is_empty() {
                 agent.modify_volume(id, m).await?;
             }
             Ok(ControllerModifyVolumeResponse {})
-        }
+        })
         .await
-        .map(Response::new)
     }
 
     async fn controller_list_volume_health(
@@ -1076,7 +1076,7 @@ impl Controller for ControllerService {
         req: Request<ControllerListVolumeHealthRequest>,
     ) -> Result<Response<ControllerListVolumeHealthResponse>, Status> {
         let r = req.into_inner();
-        self.list_volume_health(r).await.map(Response::new)
+        answer(self.list_volume_health(r)).await
     }
 
     async fn controller_get_volume_health(
@@ -1085,6 +1085,6 @@ impl Controller for ControllerService {
     ) -> Result<Response<ControllerGetVolumeHealthResponse>, Status> {
         note(&req, &req.get_ref().volume_id);
         let r = req.into_inner();
-        self.volume_health(r).await.map(Response::new)
+        answer(self.volume_health(r)).await
     }
 }

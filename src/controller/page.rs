@@ -5,7 +5,7 @@
 //! sort after it, and nothing is listed twice. Tokens are opaque (`c1.` + hex) so a token from
 //! elsewhere is refused with ABORTED instead of being misread.
 
-use tonic::Status;
+use crate::controller::error::ControllerError;
 
 const PREFIX: &str = "c1.";
 
@@ -14,12 +14,12 @@ pub fn token_after(last_id: &str) -> String {
 }
 
 /// The ID a token says to start after; `None` for no token.
-pub fn parse_token(token: &str) -> Result<Option<String>, Status> {
+pub fn parse_token(token: &str) -> Result<Option<String>, ControllerError> {
     if token.is_empty() {
         return Ok(None);
     }
     let bad = || {
-        Status::aborted(format!(
+        ControllerError::StaleToken(format!(
             "starting_token '{token}' was not issued by this driver; list again without it"
         ))
     };
@@ -29,9 +29,14 @@ pub fn parse_token(token: &str) -> Result<Option<String>, Status> {
 }
 
 /// One page of `items` (sorted by `id`): those after the token, at most `max` (0: all).
-pub fn page<T>(items: Vec<T>, id: impl Fn(&T) -> &str, token: &str, max: i32) -> Result<(Vec<T>, String), Status> {
+pub fn page<T>(
+    items: Vec<T>,
+    id: impl Fn(&T) -> &str,
+    token: &str,
+    max: i32,
+) -> Result<(Vec<T>, String), ControllerError> {
     if max < 0 {
-        return Err(Status::invalid_argument(format!(
+        return Err(ControllerError::invalid(format!(
             "max_entries must not be negative, got {max}"
         )));
     }
@@ -55,9 +60,9 @@ pub fn page_sorted<'a, T>(
     id: impl Fn(&T) -> &str,
     token: &str,
     max: i32,
-) -> Result<(&'a [T], String), Status> {
+) -> Result<(&'a [T], String), ControllerError> {
     if max < 0 {
-        return Err(Status::invalid_argument(format!(
+        return Err(ControllerError::invalid(format!(
             "max_entries must not be negative, got {max}"
         )));
     }

@@ -1,10 +1,8 @@
 //! Parsing of Controller requests into typed values: parameters, capacity, topology, sources.
 
+use crate::controller::error::ControllerError;
 use std::collections::{BTreeMap, HashMap};
 
-use tonic::Status;
-
-use crate::csi::status::invalid;
 use crate::csi::v1::{self, Topology, TopologyRequirement};
 use crate::csi::TOPOLOGY_NODE_KEY;
 use crate::storage::config::DeletePolicy;
@@ -38,34 +36,34 @@ pub struct VolumeParams {
     pub all: BTreeMap<String, String>,
 }
 
-pub fn volume_params(p: &HashMap<String, String>) -> Result<VolumeParams, Status> {
+pub fn volume_params(p: &HashMap<String, String>) -> Result<VolumeParams, ControllerError> {
     let mut out = VolumeParams {
         all: p.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         ..Default::default()
     };
     for (k, v) in p {
         match k.as_str() {
-            PARAM_POOL => out.pool = Some(PoolName::parse(v).map_err(|e| invalid(format!("parameter pool: {e}")))?),
+            PARAM_POOL => out.pool = Some(PoolName::parse(v).map_err(|e| ControllerError::invalid(format!("parameter pool: {e}")))?),
             PARAM_LAYOUT => {
                 out.layout = Some(
                     Layout::parse(v)
-                        .ok_or_else(|| invalid(format!("parameter layout '{v}' is unknown (known: dir, btrfs, image)")))?,
+                        .ok_or_else(|| ControllerError::invalid(format!("parameter layout '{v}' is unknown (known: dir, btrfs, image)")))?,
                 )
             }
             PARAM_DELETE_POLICY => out.delete_policy = Some(delete_policy(v)?),
             PARAM_FS_TYPE => out.fs_type = Some(v.clone()),
-            PARAM_UID => out.owner.uid = Some(v.parse().map_err(|_| invalid(format!("uid '{v}' is not a number")))?),
-            PARAM_GID => out.owner.gid = Some(v.parse().map_err(|_| invalid(format!("gid '{v}' is not a number")))?),
+            PARAM_UID => out.owner.uid = Some(v.parse().map_err(|_| ControllerError::invalid(format!("uid '{v}' is not a number")))?),
+            PARAM_GID => out.owner.gid = Some(v.parse().map_err(|_| ControllerError::invalid(format!("gid '{v}' is not a number")))?),
             PARAM_MODE => {
                 let m = u32::from_str_radix(v.trim_start_matches("0o"), 8)
                     .ok()
                     .filter(|m| *m <= 0o7777)
-                    .ok_or_else(|| invalid(format!("mode '{v}' is not an octal mode such as 0775")))?;
+                    .ok_or_else(|| ControllerError::invalid(format!("mode '{v}' is not an octal mode such as 0775")))?;
                 out.owner.mode = Some(m);
             }
             k if k.starts_with(SIDECAR_PREFIX) => {}
             other => {
-                return Err(invalid(format!(
+                return Err(ControllerError::invalid(format!(
                     "unknown parameter '{other}' (known: {PARAM_POOL}, {PARAM_LAYOUT}, {PARAM_DELETE_POLICY}, {PARAM_FS_TYPE}, {PARAM_UID}, {PARAM_GID}, {PARAM_MODE}, and the {SIDECAR_PREFIX}* keys of the sidecars)"
                 )))
             }
@@ -74,22 +72,22 @@ pub fn volume_params(p: &HashMap<String, String>) -> Result<VolumeParams, Status
     Ok(out)
 }
 
-fn delete_policy(v: &str) -> Result<DeletePolicy, Status> {
+fn delete_policy(v: &str) -> Result<DeletePolicy, ControllerError> {
     DeletePolicy::parse(v).ok_or_else(|| {
-        invalid(format!(
+        ControllerError::invalid(format!(
             "deletePolicy '{v}' is unknown (known: delete, retain, archive)"
         ))
     })
 }
 
 /// Mutable parameters: `compression` (btrfs: zstd, lzo, zlib or none) and `deletePolicy`.
-pub fn mutable_params(p: &HashMap<String, String>) -> Result<Mutable, Status> {
+pub fn mutable_params(p: &HashMap<String, String>) -> Result<Mutable, ControllerError> {
     let mut m = Mutable::default();
     for (k, v) in p {
         match k.as_str() {
             MUTABLE_COMPRESSION => {
                 if !matches!(v.as_str(), "zstd" | "lzo" | "zlib" | "none") {
-                    return Err(invalid(format!(
+                    return Err(ControllerError::invalid(format!(
                         "compression '{v}' is unknown (known: zstd, lzo, zlib, none)"
                     )));
                 }
@@ -97,7 +95,7 @@ pub fn mutable_params(p: &HashMap<String, String>) -> Result<Mutable, Status> {
             }
             PARAM_DELETE_POLICY => m.delete_policy = Some(delete_policy(v)?),
             other => {
-                return Err(invalid(format!(
+                return Err(ControllerError::invalid(format!(
                 "mutable parameter '{other}' is not supported (mutable: {MUTABLE_COMPRESSION}, {PARAM_DELETE_POLICY})"
             )))
             }
@@ -110,7 +108,7 @@ pub fn mutable_params(p: &HashMap<String, String>) -> Result<Mutable, Status> {
 pub const SNAPSHOT_FREEZE: &str = "freeze";
 
 /// Snapshot parameters: `freeze` ("true" or "false") and the sidecars' metadata keys. Returns freeze.
-pub fn snapshot_params(p: &HashMap<String, String>) -> Result<bool, Status> {
+pub fn snapshot_params(p: &HashMap<String, String>) -> Result<bool, ControllerError> {
     let mut freeze = false;
     for (k, v) in p {
         match k.as_str() {
@@ -118,12 +116,12 @@ pub fn snapshot_params(p: &HashMap<String, String>) -> Result<bool, Status> {
                 freeze = match v.as_str() {
                     "true" => true,
                     "false" => false,
-                    other => return Err(invalid(format!("snapshot parameter freeze must be true or false, not '{other}'"))),
+                    other => return Err(ControllerError::invalid(format!("snapshot parameter freeze must be true or false, not '{other}'"))),
                 }
             }
             k if k.starts_with(SIDECAR_PREFIX) => {}
             other => {
-                return Err(invalid(format!(
+                return Err(ControllerError::invalid(format!(
                     "unknown snapshot parameter '{other}' (known: {SNAPSHOT_FREEZE}, and the {SIDECAR_PREFIX}* keys of the sidecars)"
                 )))
             }
@@ -132,12 +130,12 @@ pub fn snapshot_params(p: &HashMap<String, String>) -> Result<bool, Status> {
     Ok(freeze)
 }
 
-pub fn capacity(r: Option<&v1::CapacityRange>) -> Result<CapacityRange, Status> {
+pub fn capacity(r: Option<&v1::CapacityRange>) -> Result<CapacityRange, ControllerError> {
     let Some(r) = r else {
         return Ok(CapacityRange::default());
     };
     if r.required_bytes < 0 || r.limit_bytes < 0 {
-        return Err(Status::out_of_range(format!(
+        return Err(ControllerError::OutOfRange(format!(
             "capacity must not be negative (required {}, limit {})",
             r.required_bytes, r.limit_bytes
         )));
@@ -149,16 +147,16 @@ pub fn capacity(r: Option<&v1::CapacityRange>) -> Result<CapacityRange, Status> 
 }
 
 /// A content source; an ID that is not ours cannot exist here, so it is NOT_FOUND.
-pub fn source(s: Option<&v1::VolumeContentSource>) -> Result<Option<Source>, Status> {
+pub fn source(s: Option<&v1::VolumeContentSource>) -> Result<Option<Source>, ControllerError> {
     use v1::volume_content_source::Type;
     match s.and_then(|s| s.r#type.as_ref()) {
         None => Ok(None),
         Some(Type::Snapshot(s)) => SnapshotId::parse(&s.snapshot_id)
             .map(|id| Some(Source::Snapshot(id)))
-            .map_err(|_| Status::not_found(format!("source snapshot {} not found", s.snapshot_id))),
+            .map_err(|_| ControllerError::not_found(format!("source snapshot {} not found", s.snapshot_id))),
         Some(Type::Volume(v)) => VolumeId::parse(&v.volume_id)
             .map(|id| Some(Source::Volume(id)))
-            .map_err(|_| Status::not_found(format!("source volume {} not found", v.volume_id))),
+            .map_err(|_| ControllerError::not_found(format!("source volume {} not found", v.volume_id))),
     }
 }
 

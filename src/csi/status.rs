@@ -31,9 +31,7 @@ impl From<StorageError> for Status {
 /// is INTERNAL with the step and path in the message.
 pub fn sys_status(e: &SysError) -> Status {
     let code = match e.errno() {
-        Some(libc::ENOTCONN) | Some(libc::ESTALE) | Some(libc::EIO) | Some(libc::EHOSTDOWN) | Some(libc::ETIMEDOUT) => {
-            Code::Unavailable
-        }
+        _ if e.is_unavailable() => Code::Unavailable,
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => Code::ResourceExhausted,
         _ => Code::Internal,
     };
@@ -90,12 +88,28 @@ impl From<crate::node::NodeError> for Status {
     }
 }
 
-pub fn invalid(msg: impl Into<String>) -> Status {
-    Status::invalid_argument(msg)
-}
-
-pub fn missing(field: &str) -> Status {
-    Status::invalid_argument(format!("{field} is required"))
+impl From<crate::controller::ControllerError> for Status {
+    fn from(e: crate::controller::ControllerError) -> Status {
+        use crate::controller::ControllerError as E;
+        let code = match &e {
+            E::Request(_) | E::Storage(_) => {
+                return match e {
+                    E::Request(r) => r.into(),
+                    E::Storage(s) => s.into(),
+                    _ => unreachable!("matched above"),
+                }
+            }
+            E::NotFound(_) => Code::NotFound,
+            E::NameTaken(_) => Code::AlreadyExists,
+            E::NotReady(_) => Code::FailedPrecondition,
+            E::NoRoom(_) => Code::ResourceExhausted,
+            E::OutOfRange(_) => Code::OutOfRange,
+            E::NodeUnreachable(_) => Code::Unavailable,
+            E::StaleToken(_) => Code::Aborted,
+            E::NotOffered(_) => Code::Unimplemented,
+        };
+        Status::new(code, e.to_string())
+    }
 }
 
 /// The longest message a status carries: an echoed input (a 64 KiB volume id or path) is cut.

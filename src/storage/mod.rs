@@ -68,3 +68,14 @@ pub enum StorageError {
     #[error(transparent)]
     Sys(#[from] SysError),
 }
+
+impl StorageError {
+    /// A node or share that cannot be reached now, rather than an answer about the request.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StorageError::Unavailable(_) => true,
+            StorageError::Sys(s) => s.is_unavailable(),
+            _ => false,
+        }
+    }
+}

@@ -55,6 +55,15 @@ impl SysError {
     pub fn is_not_found(&self) -> bool {
         self.errno() == Some(libc::ENOENT)
     }
+
+    /// A vanished network share or device, or one that does not answer: it may come back, so the
+    /// caller is told to retry rather than that something is wrong.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self.errno(),
+            Some(libc::ENOTCONN) | Some(libc::ESTALE) | Some(libc::EIO) | Some(libc::EHOSTDOWN) | Some(libc::ETIMEDOUT)
+        )
+    }
 }
 
 /// Turns a C return code into an `io::Result`, taking errno on failure.
