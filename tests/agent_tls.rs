@@ -2,6 +2,8 @@
 //! certificates made here: who is let in, who is refused, and what an unreachable or hung node
 //! costs. Everything listens on 127.0.0.1 only.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,10 +21,7 @@ use cellar::storage::engine::{CapacityRange, LocalEngine, Mutable, NewVolume, Ow
 use cellar::storage::id::{NodeId, VolumeId};
 use cellar::storage::record::{AccessMode, VolumeMode};
 use cellar::storage::StorageError;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
+use common::certs::{Authority, Pair};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic::service::Routes;
@@ -32,50 +31,6 @@ use tonic::{Code, Status};
 const NODE: &str = "node-1";
 /// The name on the controller's certificate, which the agents under test serve.
 const CONTROLLER: &str = "cellar-controller";
-
-/// A certificate authority made for one test.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-/// A certificate and its key, PEM.
-struct Leaf {
-    cert: String,
-    key: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA");
-        Ca { issuer }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A certificate for both directions (serverAuth and clientAuth) with one DNS SAN.
-    fn leaf(&self, san: &str) -> Leaf {
-        let mut params = CertificateParams::new(vec![san.to_string()]).expect("params");
-        params.distinguished_name.push(DnType::CommonName, san);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.issuer).expect("sign");
-        Leaf {
-            cert: cert.pem(),
-            key: key.serialize_pem(),
-        }
-    }
-
-    /// TLS material for a process trusting this CA and presenting `leaf`.
-    fn tls(&self, leaf: &Leaf) -> Tls {
-        Tls::from_pem(self.pem().as_bytes(), leaf.cert.as_bytes(), leaf.key.as_bytes()).expect("tls")
-    }
-}
 
 fn node() -> NodeId {
     NodeId::parse(NODE).expect("node id")
@@ -173,9 +128,9 @@ async fn create_is_refused(controller: &RemoteAgent, agent: &AgentUnderTest, why
 
 #[tokio::test]
 async fn a_client_with_a_certificate_from_the_ca_creates_lists_and_deletes() {
-    let ca = Ca::new("cellar test CA");
-    let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
-    let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf(CONTROLLER)), timeouts());
+    let ca = Authority::new("cellar test CA");
+    let agent = start_agent(ca.tls(&ca.issue(&[AGENT_SERVER_NAME]))).await;
+    let controller = remote(NODE, agent.addr, &ca.tls(&ca.issue(&[CONTROLLER])), timeouts());
 
     let created = controller
         .create_volume(new_volume("pvc-1", 1 << 20))
@@ -212,9 +167,9 @@ async fn a_client_with_a_certificate_from_the_ca_creates_lists_and_deletes() {
 
 #[tokio::test]
 async fn a_node_error_comes_back_with_its_code_and_message() {
-    let ca = Ca::new("cellar test CA");
-    let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
-    let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf(CONTROLLER)), timeouts());
+    let ca = Authority::new("cellar test CA");
+    let agent = start_agent(ca.tls(&ca.issue(&[AGENT_SERVER_NAME]))).await;
+    let controller = remote(NODE, agent.addr, &ca.tls(&ca.issue(&[CONTROLLER])), timeouts());
     let local = LocalAgent::new(agent.engine.clone());
 
     controller
@@ -255,7 +210,7 @@ async fn a_node_error_comes_back_with_its_code_and_message() {
 }
 
 /// A client with the CA and the right server name but no certificate of its own.
-async fn anonymous_list(ca: &Ca, addr: SocketAddr) -> Result<(), Status> {
+async fn anonymous_list(ca: &Authority, addr: SocketAddr) -> Result<(), Status> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca.pem()))
         .domain_name(AGENT_SERVER_NAME);
@@ -280,8 +235,8 @@ async fn anonymous_list(ca: &Ca, addr: SocketAddr) -> Result<(), Status> {
 
 #[tokio::test]
 async fn a_client_without_a_certificate_is_refused() {
-    let ca = Ca::new("cellar test CA");
-    let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
+    let ca = Authority::new("cellar test CA");
+    let agent = start_agent(ca.tls(&ca.issue(&[AGENT_SERVER_NAME]))).await;
     let refused = anonymous_list(&ca, agent.addr).await.expect_err("must be refused");
     assert_ne!(refused.code(), Code::Ok);
     assert!(agent.engine.volumes().is_empty(), "nothing was created");
@@ -289,8 +244,8 @@ async fn a_client_without_a_certificate_is_refused() {
 
 #[tokio::test]
 async fn a_plaintext_client_is_refused() {
-    let ca = Ca::new("cellar test CA");
-    let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
+    let ca = Authority::new("cellar test CA");
+    let agent = start_agent(ca.tls(&ca.issue(&[AGENT_SERVER_NAME]))).await;
     let controller = remote(NODE, agent.addr, &Tls::Insecure, timeouts());
     let e = status(
         controller
@@ -304,11 +259,11 @@ async fn a_plaintext_client_is_refused() {
 
 #[tokio::test]
 async fn a_client_with_a_certificate_from_another_ca_is_refused() {
-    let ca = Ca::new("cellar test CA");
-    let rogue = Ca::new("someone else's CA");
-    let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
+    let ca = Authority::new("cellar test CA");
+    let rogue = Authority::new("someone else's CA");
+    let agent = start_agent(ca.tls(&ca.issue(&[AGENT_SERVER_NAME]))).await;
     // It trusts the right CA, so it would accept the server; its own certificate is the rogue's.
-    let leaf = rogue.leaf(CONTROLLER);
+    let leaf = rogue.issue(&[CONTROLLER]);
     let tls = Tls::from_pem(ca.pem().as_bytes(), leaf.cert.as_bytes(), leaf.key.as_bytes()).expect("tls");
     let controller = remote(NODE, agent.addr, &tls, timeouts());
     create_is_refused(&controller, &agent, "nothing was created").await;
@@ -316,30 +271,30 @@ async fn a_client_with_a_certificate_from_another_ca_is_refused() {
 
 #[tokio::test]
 async fn a_server_with_a_certificate_from_another_ca_is_refused_by_the_client() {
-    let ca = Ca::new("cellar test CA");
-    let rogue = Ca::new("someone else's CA");
+    let ca = Authority::new("cellar test CA");
+    let rogue = Authority::new("someone else's CA");
     // The impostor accepts our clients (it trusts our CA) but presents the rogue's certificate.
-    let leaf = rogue.leaf(AGENT_SERVER_NAME);
+    let leaf = rogue.issue(&[AGENT_SERVER_NAME]);
     let server_tls = Tls::from_pem(ca.pem().as_bytes(), leaf.cert.as_bytes(), leaf.key.as_bytes()).expect("tls");
     let agent = start_agent(server_tls).await;
-    let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf(CONTROLLER)), timeouts());
+    let controller = remote(NODE, agent.addr, &ca.tls(&ca.issue(&[CONTROLLER])), timeouts());
     create_is_refused(&controller, &agent, "nothing was sent").await;
 }
 
 #[tokio::test]
 async fn a_server_certificate_for_another_name_is_refused_by_the_client() {
-    let ca = Ca::new("cellar test CA");
-    let agent = start_agent(ca.tls(&ca.leaf("not-the-agent"))).await;
-    let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf(CONTROLLER)), timeouts());
+    let ca = Authority::new("cellar test CA");
+    let agent = start_agent(ca.tls(&ca.issue(&["not-the-agent"]))).await;
+    let controller = remote(NODE, agent.addr, &ca.tls(&ca.issue(&[CONTROLLER])), timeouts());
     let e = status(controller.volumes().await.unwrap_err());
     assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
 }
 
 #[tokio::test]
 async fn a_call_meant_for_another_node_is_refused() {
-    let ca = Ca::new("cellar test CA");
-    let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
-    let stale = remote("node-2", agent.addr, &ca.tls(&ca.leaf(CONTROLLER)), timeouts());
+    let ca = Authority::new("cellar test CA");
+    let agent = start_agent(ca.tls(&ca.issue(&[AGENT_SERVER_NAME]))).await;
+    let stale = remote("node-2", agent.addr, &ca.tls(&ca.issue(&[CONTROLLER])), timeouts());
     let e = status(stale.create_volume(new_volume("pvc-1", 1 << 20)).await.unwrap_err());
     assert_eq!(e.code(), Code::Unavailable);
     assert!(
@@ -352,13 +307,13 @@ async fn a_call_meant_for_another_node_is_refused() {
 
 #[tokio::test]
 async fn an_unreachable_node_is_unavailable_naming_it_within_the_timeout() {
-    let ca = Ca::new("cellar test CA");
+    let ca = Authority::new("cellar test CA");
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr")
     };
     let t = timeouts();
-    let controller = remote(NODE, closed, &ca.tls(&ca.leaf(CONTROLLER)), t);
+    let controller = remote(NODE, closed, &ca.tls(&ca.issue(&[CONTROLLER])), t);
     let start = Instant::now();
     let e = status(controller.volumes().await.unwrap_err());
     assert!(start.elapsed() <= t.call, "took {:?}", start.elapsed());
@@ -369,7 +324,7 @@ async fn an_unreachable_node_is_unavailable_naming_it_within_the_timeout() {
 
 #[tokio::test]
 async fn a_hung_node_is_unavailable_within_the_call_timeout() {
-    let ca = Ca::new("cellar test CA");
+    let ca = Authority::new("cellar test CA");
     // Accepts TCP connections (the kernel's backlog) and never says a word.
     let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = hung.local_addr().expect("addr");
@@ -378,7 +333,7 @@ async fn a_hung_node_is_unavailable_within_the_call_timeout() {
         call: Duration::from_secs(1),
         storage: Duration::from_secs(2),
     };
-    let controller = remote(NODE, addr, &ca.tls(&ca.leaf(CONTROLLER)), t);
+    let controller = remote(NODE, addr, &ca.tls(&ca.issue(&[CONTROLLER])), t);
 
     let start = Instant::now();
     let e = status(controller.volumes().await.unwrap_err());
@@ -412,8 +367,8 @@ impl Resolve for Fixed {
 
 #[tokio::test]
 async fn a_node_registers_over_mtls_and_the_controller_reaches_its_disk() {
-    let ca = Ca::new("cellar test CA");
-    let node_tls = ca.tls(&ca.leaf(AGENT_SERVER_NAME));
+    let ca = Authority::new("cellar test CA");
+    let node_tls = ca.tls(&ca.issue(&[AGENT_SERVER_NAME]));
     let agent = start_agent(node_tls.clone()).await;
     let config = RegistryConfig {
         heartbeat_interval: Duration::from_millis(200),
@@ -450,8 +405,8 @@ async fn a_node_registers_over_mtls_and_the_controller_reaches_its_disk() {
     assert!(agent.engine.volume(&VolumeId::parse(&rec.id).expect("id")).is_some());
 
     // A node whose certificate is not from the CA cannot register.
-    let rogue = Ca::new("someone else's CA");
-    let rogue_leaf = rogue.leaf(AGENT_SERVER_NAME);
+    let rogue = Authority::new("someone else's CA");
+    let rogue_leaf = rogue.issue(&[AGENT_SERVER_NAME]);
     let rogue_tls = Tls::from_pem(
         ca.pem().as_bytes(),
         rogue_leaf.cert.as_bytes(),
@@ -470,8 +425,8 @@ async fn a_node_registers_over_mtls_and_the_controller_reaches_its_disk() {
 
 #[test]
 fn tls_files_load_from_disk() {
-    let ca = Ca::new("cellar test CA");
-    let leaf = ca.leaf(AGENT_SERVER_NAME);
+    let ca = Authority::new("cellar test CA");
+    let leaf = ca.issue(&[AGENT_SERVER_NAME]);
     let dir = tempfile::tempdir().expect("tempdir");
     let write = |name: &str, text: &str| {
         let p = dir.path().join(name);
@@ -505,8 +460,8 @@ fn a_controller_restarts_when_its_certificates_are_rotated() {
         .tempdir()
         .expect("tempdir");
     let d = dir.path();
-    let ca = Ca::new("rotation CA");
-    let first = ca.leaf("localhost");
+    let ca = Authority::new("rotation CA");
+    let first = ca.issue(&["localhost"]);
     std::fs::write(d.join("ca.pem"), ca.pem()).expect("ca");
     std::fs::write(d.join("tls.pem"), &first.cert).expect("cert");
     std::fs::write(d.join("tls.key"), &first.key).expect("key");
@@ -558,7 +513,7 @@ fn a_controller_restarts_when_its_certificates_are_rotated() {
     );
     assert!(read_log().contains("do not load"), "{}", read_log());
 
-    let second = ca.leaf("localhost");
+    let second = ca.issue(&["localhost"]);
     std::fs::write(d.join("tls.key"), &second.key).expect("key");
     std::fs::write(d.join("tls.pem"), &second.cert).expect("cert");
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -583,7 +538,7 @@ fn a_controller_restarts_when_its_certificates_are_rotated() {
 
 /// A channel holding `leaf`, trusting the CA and expecting `server_name`, as an attacker holding
 /// `leaf` would make one.
-async fn raw_channel(ca: &Ca, leaf: &Leaf, addr: SocketAddr, server_name: &str) -> tonic::transport::Channel {
+async fn raw_channel(ca: &Authority, leaf: &Pair, addr: SocketAddr, server_name: &str) -> tonic::transport::Channel {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca.pem()))
         .identity(tonic::transport::Identity::from_pem(&leaf.cert, &leaf.key))
@@ -598,7 +553,11 @@ async fn raw_channel(ca: &Ca, leaf: &Leaf, addr: SocketAddr, server_name: &str) 
 }
 
 /// A raw agent client holding `leaf`.
-async fn raw_agent(ca: &Ca, leaf: &Leaf, addr: SocketAddr) -> v1::agent_client::AgentClient<tonic::transport::Channel> {
+async fn raw_agent(
+    ca: &Authority,
+    leaf: &Pair,
+    addr: SocketAddr,
+) -> v1::agent_client::AgentClient<tonic::transport::Channel> {
     v1::agent_client::AgentClient::new(raw_channel(ca, leaf, addr, AGENT_SERVER_NAME).await)
 }
 
@@ -616,16 +575,16 @@ fn addressed<T>(msg: T, node: Option<&str>) -> tonic::Request<T> {
 /// the volume is untouched.
 #[tokio::test]
 async fn a_node_certificate_cannot_list_read_or_delete_another_nodes_volumes() {
-    let ca = Ca::new("cellar test CA");
-    let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
-    let controller = remote(NODE, agent.addr, &ca.tls(&ca.leaf(CONTROLLER)), timeouts());
+    let ca = Authority::new("cellar test CA");
+    let agent = start_agent(ca.tls(&ca.issue(&[AGENT_SERVER_NAME]))).await;
+    let controller = remote(NODE, agent.addr, &ca.tls(&ca.issue(&[CONTROLLER])), timeouts());
     let canary = controller
         .create_volume(new_volume("pvc-canary", 1 << 20))
         .await
         .expect("the controller creates");
     let canary_id = VolumeId::parse(&canary.id).expect("id");
 
-    for leaf in [ca.leaf(AGENT_SERVER_NAME), ca.leaf("node-2.cellar-agent")] {
+    for leaf in [ca.issue(&[AGENT_SERVER_NAME]), ca.issue(&["node-2.cellar-agent"])] {
         let mut attacker = raw_agent(&ca, &leaf, agent.addr).await;
         let e = attacker
             .list_volumes(addressed(v1::ListVolumesRequest {}, Some(NODE)))
@@ -657,9 +616,9 @@ async fn a_node_certificate_cannot_list_read_or_delete_another_nodes_volumes() {
 
 #[tokio::test]
 async fn a_call_without_the_node_header_is_invalid_argument() {
-    let ca = Ca::new("cellar test CA");
-    let agent = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
-    let mut client = raw_agent(&ca, &ca.leaf(CONTROLLER), agent.addr).await;
+    let ca = Authority::new("cellar test CA");
+    let agent = start_agent(ca.tls(&ca.issue(&[AGENT_SERVER_NAME]))).await;
+    let mut client = raw_agent(&ca, &ca.issue(&[CONTROLLER]), agent.addr).await;
     let e = client
         .list_volumes(addressed(v1::ListVolumesRequest {}, None))
         .await
@@ -683,8 +642,8 @@ struct RegistryUnderTest {
     _stop: oneshot::Sender<()>,
 }
 
-async fn start_registry(ca: &Ca, config: RegistryConfig) -> RegistryUnderTest {
-    let tls = ca.tls(&ca.leaf(CONTROLLER));
+async fn start_registry(ca: &Authority, config: RegistryConfig) -> RegistryUnderTest {
+    let tls = ca.tls(&ca.issue(&[CONTROLLER]));
     let registry = Registry::new(config, tls.clone(), None);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -705,14 +664,14 @@ async fn start_registry(ca: &Ca, config: RegistryConfig) -> RegistryUnderTest {
 }
 
 /// One Register call holding `leaf`, claiming to be `node` with its agent at `agent`.
-async fn register(ca: &Ca, leaf: &Leaf, at: SocketAddr, node: &str, agent: SocketAddr) -> Result<(), Status> {
+async fn register(ca: &Authority, leaf: &Pair, at: SocketAddr, node: &str, agent: SocketAddr) -> Result<(), Status> {
     register_with(ca, leaf, at, node, agent, BTreeMap::new()).await
 }
 
 /// Register with these topology segments.
 async fn register_with(
-    ca: &Ca,
-    leaf: &Leaf,
+    ca: &Authority,
+    leaf: &Pair,
     at: SocketAddr,
     node: &str,
     agent: SocketAddr,
@@ -733,14 +692,14 @@ async fn register_with(
 
 #[tokio::test]
 async fn a_heartbeat_larger_than_the_limit_is_out_of_range() {
-    let ca = Ca::new("cellar test CA");
+    let ca = Authority::new("cellar test CA");
     let config = RegistryConfig {
         max_heartbeat_bytes: 4096,
         ..Default::default()
     };
     let r = start_registry(&ca, config).await;
     let somewhere: SocketAddr = "127.0.0.1:9".parse().expect("addr");
-    let leaf = ca.leaf(AGENT_SERVER_NAME);
+    let leaf = ca.issue(&[AGENT_SERVER_NAME]);
     let huge = BTreeMap::from([("padding".to_string(), "x".repeat(8192))]);
     let e = register_with(&ca, &leaf, r.addr, NODE, somewhere, huge)
         .await
@@ -758,9 +717,9 @@ fn node_id(n: &str) -> NodeId {
 
 #[tokio::test]
 async fn a_node_certificate_registers_only_as_its_own_node() {
-    let ca = Ca::new("cellar test CA");
+    let ca = Authority::new("cellar test CA");
     let r = start_registry(&ca, RegistryConfig::default()).await;
-    let node2 = ca.leaf("node-2.cellar-agent");
+    let node2 = ca.issue(&["node-2.cellar-agent"]);
     let somewhere: SocketAddr = "127.0.0.1:9".parse().expect("addr");
 
     let e = register(&ca, &node2, r.addr, "node-1", somewhere)
@@ -780,7 +739,7 @@ async fn a_node_certificate_registers_only_as_its_own_node() {
     assert!(r.registry.node(&node_id("node-2")).is_some());
 
     // Once node-2 proved itself, the certificate all nodes share cannot speak for it.
-    let e = register(&ca, &ca.leaf(AGENT_SERVER_NAME), r.addr, "node-2", somewhere)
+    let e = register(&ca, &ca.issue(&[AGENT_SERVER_NAME]), r.addr, "node-2", somewhere)
         .await
         .expect_err("the shared certificate claims node-2");
     assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
@@ -788,10 +747,10 @@ async fn a_node_certificate_registers_only_as_its_own_node() {
 
 #[tokio::test]
 async fn the_controller_certificate_cannot_register_a_node() {
-    let ca = Ca::new("cellar test CA");
+    let ca = Authority::new("cellar test CA");
     let r = start_registry(&ca, RegistryConfig::default()).await;
     let somewhere: SocketAddr = "127.0.0.1:9".parse().expect("addr");
-    let e = register(&ca, &ca.leaf(CONTROLLER), r.addr, "node-1", somewhere)
+    let e = register(&ca, &ca.issue(&[CONTROLLER]), r.addr, "node-1", somewhere)
         .await
         .expect_err("not a node");
     assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
@@ -800,19 +759,19 @@ async fn the_controller_certificate_cannot_register_a_node() {
 
 #[tokio::test]
 async fn a_registry_requiring_node_certificates_refuses_the_shared_one() {
-    let ca = Ca::new("cellar test CA");
+    let ca = Authority::new("cellar test CA");
     let config = RegistryConfig {
         require_node_certificates: true,
         ..Default::default()
     };
     let r = start_registry(&ca, config).await;
     let somewhere: SocketAddr = "127.0.0.1:9".parse().expect("addr");
-    let e = register(&ca, &ca.leaf(AGENT_SERVER_NAME), r.addr, "node-1", somewhere)
+    let e = register(&ca, &ca.issue(&[AGENT_SERVER_NAME]), r.addr, "node-1", somewhere)
         .await
         .expect_err("shared certificate");
     assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
     assert!(e.message().contains("--require-node-certificates"), "{}", e.message());
-    register(&ca, &ca.leaf("node-1.cellar-agent"), r.addr, "node-1", somewhere)
+    register(&ca, &ca.issue(&["node-1.cellar-agent"]), r.addr, "node-1", somewhere)
         .await
         .expect("its own certificate");
 }
@@ -822,15 +781,15 @@ async fn a_registry_requiring_node_certificates_refuses_the_shared_one() {
 /// controller, and the real node is served.
 #[tokio::test]
 async fn the_controller_dials_a_node_with_its_own_certificate_by_its_name() {
-    let ca = Ca::new("cellar test CA");
+    let ca = Authority::new("cellar test CA");
     let config = RegistryConfig {
         agent_timeouts: timeouts(),
         ..Default::default()
     };
     let r = start_registry(&ca, config).await;
-    let node1 = ca.leaf("node-1.cellar-agent");
+    let node1 = ca.issue(&["node-1.cellar-agent"]);
     // node-2's agent, holding node-2's own certificate, answers at the address node-1 gives.
-    let impostor = start_agent_of(NODE, ca.tls(&ca.leaf("node-2.cellar-agent"))).await;
+    let impostor = start_agent_of(NODE, ca.tls(&ca.issue(&["node-2.cellar-agent"]))).await;
     register(&ca, &node1, r.addr, NODE, impostor.addr)
         .await
         .expect("node-1 registers");
@@ -865,8 +824,8 @@ struct HungNodeCluster {
 }
 
 async fn hung_node_cluster() -> HungNodeCluster {
-    let ca = Ca::new("cellar test CA");
-    let node1 = start_agent(ca.tls(&ca.leaf(AGENT_SERVER_NAME))).await;
+    let ca = Authority::new("cellar test CA");
+    let node1 = start_agent(ca.tls(&ca.issue(&[AGENT_SERVER_NAME]))).await;
     let t = Timeouts {
         connect: Duration::from_secs(1),
         call: Duration::from_secs(1),
@@ -876,7 +835,7 @@ async fn hung_node_cluster() -> HungNodeCluster {
         agent_timeouts: t,
         ..Default::default()
     };
-    let registry = Registry::new(config, ca.tls(&ca.leaf(CONTROLLER)), None);
+    let registry = Registry::new(config, ca.tls(&ca.issue(&[CONTROLLER])), None);
     let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let pools = node1.engine.pool_status().expect("pools");
     let mut roomy = pools.clone();
@@ -994,10 +953,10 @@ async fn silent_connections_beyond_the_agents_cap_are_dropped_and_the_controller
     use cellar::agent::server::serve_within;
     use cellar::server::SocketLimits;
     use tokio::io::AsyncReadExt;
-    let ca = Ca::new("cellar test CA");
+    let ca = Authority::new("cellar test CA");
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = Arc::new(LocalEngine::open(node(), &Config::default_for(dir.path())).expect("engine"));
-    let tls = ca.tls(&ca.leaf(AGENT_SERVER_NAME));
+    let tls = ca.tls(&ca.issue(&[AGENT_SERVER_NAME]));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let routes = Routes::new(AgentService::new(engine).into_server(tls.callers(CONTROLLER)));
@@ -1020,7 +979,7 @@ async fn silent_connections_beyond_the_agents_cap_are_dropped_and_the_controller
     let controller = remote(
         NODE,
         addr,
-        &ca.tls(&ca.leaf(CONTROLLER)),
+        &ca.tls(&ca.issue(&[CONTROLLER])),
         Timeouts {
             connect: Duration::from_secs(30),
             call: Duration::from_secs(30),

@@ -6,206 +6,72 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cellar::csi::v1::controller_client::ControllerClient;
-use cellar::csi::v1::node_client::NodeClient;
 use cellar::csi::v1::*;
+use common::cluster::{Cluster, Spec};
 use common::gluster::Gluster;
 use common::*;
-use tonic::transport::Channel;
 use tonic::Code;
 
 /// Lease time in the test pool: short, so that a take-over is seen in seconds.
 const LEASE_SECONDS: u64 = 3;
 
-struct Cluster {
-    dir: tempfile::TempDir,
-    port: u16,
-    controller: Option<Child>,
-    nodes: Vec<Option<Child>>,
-    /// Staging paths in use, per node: unmounted (and their loop devices detached) on drop.
-    staged: Vec<PathBuf>,
-}
-
 const NODES: [&str; 2] = ["node-1", "node-2"];
 
-impl Cluster {
-    async fn start(g: &Gluster) -> Cluster {
-        require_root();
-        let dir = tempfile::Builder::new()
-            .prefix("cellar-test-")
-            .tempdir()
-            .expect("tempdir");
-        std::fs::write(
-            dir.path().join("pools.yaml"),
-            format!(
-                "pools:\n  - name: default\n  - name: share\n    backend: shared\n    source: \"{}\"\n    fsType: {}\n    mountOptions: [\"{}\"]\n    layouts: [dir, image]\n    leaseSeconds: {LEASE_SECONDS}\n",
-                g.source(),
-                g.fs_type(),
-                g.options()
-            ),
-        )
-        .expect("config");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let mut c = Cluster {
-            dir,
-            port,
-            controller: None,
-            nodes: vec![None, None],
-            staged: Vec::new(),
-        };
-        let d = c.dir.path().to_path_buf();
-        c.controller = Some(c.spawn(
-            "controller",
-            &[
-                "controller",
-                "--endpoint",
-                &format!("unix://{}", d.join("controller.sock").display()),
-                "--agent-listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-                &d.join("controller").display().to_string(),
-            ],
-        ));
-        for i in 0..NODES.len() {
-            c.start_node(i);
-        }
-        c
-    }
-
-    fn spawn(&self, name: &str, args: &[&str]) -> Child {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("{name}.log")))
-            .expect("log");
-        let cfg = self.dir.path().join("pools.yaml");
-        Command::new(bin())
-            .args(args)
-            .args(["--config", cfg.to_str().expect("utf-8"), "--insecure"])
-            .env("CELLAR_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn")
-    }
-
-    fn start_node(&mut self, i: usize) {
-        let d = self.dir.path().to_path_buf();
-        let name = NODES[i];
-        let agent = format!("127.0.0.{}:{}", 10 + i, self.port);
-        self.nodes[i] = Some(self.spawn(
-            name,
-            &[
-                "node",
-                "--endpoint",
-                &format!("unix://{}", d.join(format!("{name}.sock")).display()),
-                "--node-id",
-                name,
-                "--data-dir",
-                &d.join(name).display().to_string(),
-                "--controller",
-                &format!("127.0.0.1:{}", self.port),
-                "--agent-listen",
-                &agent,
-                "--agent-advertise",
-                &agent,
-            ],
-        ));
-    }
-
-    /// SIGKILL a node process: its mounts and loop devices stay, as they would on a machine whose
-    /// driver died.
-    fn kill_node(&mut self, i: usize) {
-        kill_child(&mut self.nodes[i]);
-    }
-
-    async fn channel(&self, sock: &str) -> Channel {
-        connect_socket(&self.dir.path().join(sock)).await
-    }
-
-    async fn ctl(&self) -> ControllerClient<Channel> {
-        ControllerClient::new(self.channel("controller.sock").await)
-    }
-
-    async fn node(&self, i: usize) -> NodeClient<Channel> {
-        NodeClient::new(self.channel(&format!("{}.sock", NODES[i])).await)
-    }
-
-    /// A staging path for node `i`, remembered for cleanup.
-    fn staging(&mut self, i: usize, name: &str) -> PathBuf {
-        let p = self.dir.path().join(format!("{}-{name}-st", NODES[i]));
-        std::fs::create_dir_all(&p).expect("staging dir");
-        self.staged.push(p.clone());
-        p
-    }
-
-    /// The share as node `i` mounted it.
-    fn share_of(&self, i: usize) -> PathBuf {
-        self.dir.path().join(NODES[i]).join("shares/share")
-    }
-
-    fn lease_holder(&self, key: &str) -> Option<String> {
-        let bytes = std::fs::read(self.share_of(1).join(format!(".leases/{key}"))).ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&bytes).expect("lease JSON");
-        Some(v["node"].as_str().expect("node").to_string())
-    }
-
-    /// A 64 MiB image volume on the share; its id.
-    async fn create_image(&self, name: &str) -> String {
-        let mut r = create_req(name, 64 * MIB);
-        r.volume_capabilities = vec![rwo()];
-        r.parameters.insert("pool".into(), "share".into());
-        r.parameters.insert("layout".into(), "image".into());
-        let v = self.ctl().await.create_volume(r).await.expect("create").into_inner();
-        v.volume.expect("volume").volume_id
-    }
-
-    async fn delete(&self, id: &str) -> Result<(), tonic::Status> {
-        let r = DeleteVolumeRequest {
-            volume_id: id.into(),
-            ..Default::default()
-        };
-        self.ctl().await.delete_volume(r).await.map(|_| ())
-    }
-
-    async fn stage(&self, i: usize, id: &str, staging: &Path) -> Result<(), tonic::Status> {
-        stage_rwo(&mut self.node(i).await, id, staging).await
-    }
-
-    async fn unstage(&self, i: usize, id: &str, staging: &Path) -> Result<(), tonic::Status> {
-        unstage_from(&mut self.node(i).await, id, staging).await
-    }
+/// A controller and two nodes, every one mounting the GlusterFS share as pool `share`.
+async fn cluster(g: &Gluster) -> Cluster {
+    Cluster::start(Spec {
+        config: Some(format!(
+            "pools:\n  - name: default\n  - name: share\n    backend: shared\n    source: \"{}\"\n    fsType: {}\n    mountOptions: [\"{}\"]\n    layouts: [dir, image]\n    leaseSeconds: {LEASE_SECONDS}\n",
+            g.source(),
+            g.fs_type(),
+            g.options()
+        )),
+        insecure: true,
+        ..Spec::nodes(vec![None, None])
+    })
+    .await
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in self.nodes.iter_mut().chain(std::iter::once(&mut self.controller)) {
-            kill_child(c);
-        }
-        for st in &self.staged {
-            let _ = nix::mount::umount2(st, nix::mount::MntFlags::MNT_DETACH);
-        }
-        // Loop devices over image files on any of the shares, then the shares themselves.
-        for share in ["controller", NODES[0], NODES[1]].map(|n| self.dir.path().join(n).join("shares/share")) {
-            let _ = Command::new("sh")
-                .arg("-c")
-                .arg(format!(
-                    "losetup -l -n -O NAME,BACK-FILE | awk -v p='{}/' 'index($2, p) == 1 {{print $1}}' | xargs -r -n1 losetup -d",
-                    share.display()
-                ))
-                .status();
-            if mounts_under(&share).iter().any(|m| m == &share) {
-                let _ = nix::mount::umount2(&share, nix::mount::MntFlags::MNT_DETACH);
-            }
-        }
-    }
+/// A staging path for node `i` (the cluster unmounts it, if need be, when it is dropped).
+fn staging(c: &Cluster, i: usize, name: &str) -> PathBuf {
+    let p = c.dir.path().join(format!("{}-{name}-st", NODES[i]));
+    std::fs::create_dir_all(&p).expect("staging dir");
+    p
+}
+
+fn lease_holder(c: &Cluster, key: &str) -> Option<String> {
+    let bytes = std::fs::read(c.share_of(1, "share").join(format!(".leases/{key}"))).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).expect("lease JSON");
+    Some(v["node"].as_str().expect("node").to_string())
+}
+
+/// A 64 MiB image volume on the share; its id.
+async fn create_image(c: &Cluster, name: &str) -> String {
+    let mut r = create_req(name, 64 * MIB);
+    r.volume_capabilities = vec![rwo()];
+    r.parameters.insert("pool".into(), "share".into());
+    r.parameters.insert("layout".into(), "image".into());
+    let v = c.ctl().await.create_volume(r).await.expect("create").into_inner();
+    v.volume.expect("volume").volume_id
+}
+
+async fn delete(c: &Cluster, id: &str) -> Result<(), tonic::Status> {
+    let r = DeleteVolumeRequest {
+        volume_id: id.into(),
+        ..Default::default()
+    };
+    c.ctl().await.delete_volume(r).await.map(|_| ())
+}
+
+async fn stage(c: &Cluster, i: usize, id: &str, staging: &Path) -> Result<(), tonic::Status> {
+    stage_rwo(&mut c.node(i).await, id, staging).await
+}
+
+async fn unstage(c: &Cluster, i: usize, id: &str, staging: &Path) -> Result<(), tonic::Status> {
+    unstage_from(&mut c.node(i).await, id, staging).await
 }
 
 /// The key of a shared volume: the last part of `shared:<pool>:<key>`.
@@ -216,16 +82,15 @@ fn key_of(id: &str) -> &str {
 #[tokio::test]
 async fn an_image_volume_on_a_share_is_staged_on_one_node_at_a_time() {
     let g = Gluster::start();
-    let mut c = Cluster::start(&g).await;
-    let id = c.create_image("pvc-lease-1").await;
-    let st1 = c.staging(0, "v1");
-    let st2 = c.staging(1, "v1");
-    c.stage(0, &id, &st1).await.expect("stage on node-1");
+    let c = cluster(&g).await;
+    let id = create_image(&c, "pvc-lease-1").await;
+    let st1 = staging(&c, 0, "v1");
+    let st2 = staging(&c, 1, "v1");
+    stage(&c, 0, &id, &st1).await.expect("stage on node-1");
     std::fs::write(st1.join("written-on-node-1"), b"one").expect("write");
-    assert_eq!(c.lease_holder(key_of(&id)).as_deref(), Some("node-1"));
+    assert_eq!(lease_holder(&c, key_of(&id)).as_deref(), Some("node-1"));
 
-    let e = c
-        .stage(1, &id, &st2)
+    let e = stage(&c, 1, &id, &st2)
         .await
         .expect_err("a second node must not stage it");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
@@ -234,33 +99,32 @@ async fn an_image_volume_on_a_share_is_staged_on_one_node_at_a_time() {
 
     // node-1 keeps renewing: two whole lease times later node-2 is still refused.
     tokio::time::sleep(Duration::from_secs(2 * LEASE_SECONDS + 1)).await;
-    let e = c
-        .stage(1, &id, &st2)
+    let e = stage(&c, 1, &id, &st2)
         .await
         .expect_err("a renewed lease is never taken over");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
 
     // Deleting a volume another node has staged is refused too.
-    let e = c.delete(&id).await.expect_err("delete while staged");
+    let e = delete(&c, &id).await.expect_err("delete while staged");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
     assert!(e.message().contains("node-1"), "{e}");
 
     // Unstage gives the lease back at once; the volume moves to node-2 with its data.
-    c.unstage(0, &id, &st1).await.expect("unstage on node-1");
-    assert_eq!(c.lease_holder(key_of(&id)), None, "unstage gives the lease back");
-    c.stage(1, &id, &st2)
+    unstage(&c, 0, &id, &st1).await.expect("unstage on node-1");
+    assert_eq!(lease_holder(&c, key_of(&id)), None, "unstage gives the lease back");
+    stage(&c, 1, &id, &st2)
         .await
         .expect("stage on node-2 after node-1 let go");
     assert_eq!(
         std::fs::read(st2.join("written-on-node-1")).expect("data moved"),
         b"one"
     );
-    assert_eq!(c.lease_holder(key_of(&id)).as_deref(), Some("node-2"));
-    c.unstage(1, &id, &st2).await.expect("unstage on node-2");
-    c.delete(&id).await.expect("delete once unstaged");
+    assert_eq!(lease_holder(&c, key_of(&id)).as_deref(), Some("node-2"));
+    unstage(&c, 1, &id, &st2).await.expect("unstage on node-2");
+    delete(&c, &id).await.expect("delete once unstaged");
     let left: Vec<_> = ["volumes", ".leases"]
         .iter()
-        .flat_map(|d| std::fs::read_dir(c.share_of(1).join(d)).expect("pool dir"))
+        .flat_map(|d| std::fs::read_dir(c.share_of(1, "share").join(d)).expect("pool dir"))
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with(key_of(&id)) || n.contains(".lease"))
@@ -271,18 +135,18 @@ async fn an_image_volume_on_a_share_is_staged_on_one_node_at_a_time() {
 #[tokio::test]
 async fn the_lease_of_a_dead_node_is_taken_over_and_the_old_node_reports_it() {
     let g = Gluster::start();
-    let mut c = Cluster::start(&g).await;
-    let id = c.create_image("pvc-lease-2").await;
-    let st1 = c.staging(0, "v2");
-    let st2 = c.staging(1, "v2");
-    c.stage(0, &id, &st1).await.expect("stage on node-1");
+    let mut c = cluster(&g).await;
+    let id = create_image(&c, "pvc-lease-2").await;
+    let st1 = staging(&c, 0, "v2");
+    let st2 = staging(&c, 1, "v2");
+    stage(&c, 0, &id, &st1).await.expect("stage on node-1");
     std::fs::write(st1.join("before-the-crash"), b"kept").expect("write");
     nix::unistd::sync();
 
     // node-1's machine dies: its driver is gone, and with the machine its mount and loop device.
     c.kill_node(0);
     nix::mount::umount2(&st1, nix::mount::MntFlags::empty()).expect("unmount node-1's staging");
-    let backing = c.share_of(0).join("volumes").join(key_of(&id));
+    let backing = c.share_of(0, "share").join("volumes").join(key_of(&id));
     let status = Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -294,11 +158,11 @@ async fn the_lease_of_a_dead_node_is_taken_over_and_the_old_node_reports_it() {
     assert!(status.success());
 
     // node-2 is refused while the lease may still be alive, then takes it over.
-    let first = c.stage(1, &id, &st2).await.expect_err("the lease is not yet stale");
+    let first = stage(&c, 1, &id, &st2).await.expect_err("the lease is not yet stale");
     assert_eq!(first.code(), Code::FailedPrecondition, "{first}");
     let deadline = Instant::now() + Duration::from_secs(10 * LEASE_SECONDS);
     loop {
-        match c.stage(1, &id, &st2).await {
+        match stage(&c, 1, &id, &st2).await {
             Ok(()) => break,
             Err(e) => {
                 assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
@@ -307,7 +171,7 @@ async fn the_lease_of_a_dead_node_is_taken_over_and_the_old_node_reports_it() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert_eq!(c.lease_holder(key_of(&id)).as_deref(), Some("node-2"));
+    assert_eq!(lease_holder(&c, key_of(&id)).as_deref(), Some("node-2"));
     assert_eq!(std::fs::read(st2.join("before-the-crash")).expect("data"), b"kept");
 
     // node-1 comes back believing it has the volume staged: it finds the lease lost and says so.
@@ -337,11 +201,11 @@ async fn the_lease_of_a_dead_node_is_taken_over_and_the_old_node_reports_it() {
         "names the new holder: {condition:?}"
     );
     // Kubelet's teardown on node-1 leaves node-2's lease alone.
-    c.unstage(0, &id, &st1).await.expect("unstage on node-1");
-    assert_eq!(c.lease_holder(key_of(&id)).as_deref(), Some("node-2"));
-    let e = c.stage(0, &id, &st1).await.expect_err("node-1 cannot take it back");
+    unstage(&c, 0, &id, &st1).await.expect("unstage on node-1");
+    assert_eq!(lease_holder(&c, key_of(&id)).as_deref(), Some("node-2"));
+    let e = stage(&c, 0, &id, &st1).await.expect_err("node-1 cannot take it back");
     assert!(e.message().contains("node-2"), "{e}");
 
-    c.unstage(1, &id, &st2).await.expect("unstage on node-2");
-    c.delete(&id).await.expect("delete");
+    unstage(&c, 1, &id, &st2).await.expect("unstage on node-2");
+    delete(&c, &id).await.expect("delete");
 }

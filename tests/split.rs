@@ -4,303 +4,19 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cellar::csi::v1::controller_client::ControllerClient;
 use cellar::csi::v1::node_client::NodeClient;
 use cellar::csi::v1::volume_content_source::Type;
 use cellar::csi::v1::*;
+use common::cluster::{capacity_on, node_topology, Cluster, Spec};
 use common::fs::{loops_under, TestFs};
 use common::tree::{assert_is_the_built_tree, assert_same_tree, build_tree, finish, observe, scan};
 use common::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
 use tonic::transport::Channel;
 use tonic::Code;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// A CA and the two certificates the chart issues: the controller's, named as the nodes reach it
-/// (`localhost`), and the one all nodes share, named `cellar-agent` (see docs/security.md).
-fn write_certs(dir: &Path) {
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "cellar test CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("CA");
-    std::fs::write(dir.join("ca.pem"), issuer.pem()).expect("ca");
-    for (role, san) in [("controller", "localhost"), ("node", "cellar-agent")] {
-        let mut leaf = CertificateParams::new(vec![san.to_string()]).expect("params");
-        leaf.distinguished_name.push(DnType::CommonName, san);
-        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate().expect("key");
-        let cert = leaf.signed_by(&key, &issuer).expect("sign");
-        std::fs::write(dir.join(format!("{role}.pem")), cert.pem()).expect("cert");
-        std::fs::write(dir.join(format!("{role}.key")), key.serialize_pem()).expect("key");
-    }
-}
-
-struct Cluster {
-    dir: tempfile::TempDir,
-    registry: u16,
-    metrics: u16,
-    controller: Option<Child>,
-    nodes: Vec<(String, Option<Child>, u16)>,
-    /// Each node's metrics port.
-    node_metrics: Vec<u16>,
-    pools: Vec<Option<PathBuf>>,
-    /// The layouts every node's pool allows (None: the default, dir).
-    layouts: Option<&'static str>,
-    /// Flags the controller gets besides the usual ones.
-    controller_args: Vec<String>,
-}
-
-impl Cluster {
-    /// A controller and one node per entry; an entry names the node's pool path (None: the default).
-    async fn start(pools: Vec<Option<PathBuf>>) -> Cluster {
-        Self::start_with(pools, None).await
-    }
-
-    /// The same, with pools that allow `layouts` (e.g. "dir, image").
-    async fn start_with(pools: Vec<Option<PathBuf>>, layouts: Option<&'static str>) -> Cluster {
-        Self::start_full(pools, layouts, &[]).await
-    }
-
-    /// The same, with extra flags for the controller.
-    async fn start_full(
-        pools: Vec<Option<PathBuf>>,
-        layouts: Option<&'static str>,
-        controller_args: &[&str],
-    ) -> Cluster {
-        require_root();
-        let dir = tempfile::Builder::new()
-            .prefix("cellar-test-")
-            .tempdir()
-            .expect("tempdir");
-        write_certs(dir.path());
-        let mut c = Cluster {
-            dir,
-            registry: free_port(),
-            metrics: free_port(),
-            controller: None,
-            nodes: Vec::new(),
-            node_metrics: Vec::new(),
-            pools: pools.clone(),
-            layouts,
-            controller_args: controller_args.iter().map(|a| a.to_string()).collect(),
-        };
-        c.start_controller();
-        for i in 0..pools.len() {
-            let name = format!("node-{}", i + 1);
-            c.nodes.push((name, None, free_port()));
-            c.node_metrics.push(free_port());
-            c.start_node(i);
-        }
-        c.wait_registered().await;
-        c
-    }
-
-    /// The TLS flags of a `role`: "controller" or "node".
-    fn tls_args(&self, role: &str) -> Vec<String> {
-        let d = self.dir.path();
-        vec![
-            "--tls-ca".into(),
-            d.join("ca.pem").display().to_string(),
-            "--tls-cert".into(),
-            d.join(format!("{role}.pem")).display().to_string(),
-            "--tls-key".into(),
-            d.join(format!("{role}.key")).display().to_string(),
-        ]
-    }
-
-    fn spawn(&self, name: &str, args: Vec<String>, envs: &[(&str, &str)]) -> Child {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("{name}.log")))
-            .expect("log");
-        Command::new(bin())
-            .args(args)
-            .env("CELLAR_LOG", "info")
-            .envs(envs.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn")
-    }
-
-    fn start_controller(&mut self) {
-        self.start_controller_with(&[]);
-    }
-
-    /// Starts the controller with extra environment, such as a crash point.
-    fn start_controller_with(&mut self, envs: &[(&str, &str)]) {
-        let d = self.dir.path();
-        let mut args = vec![
-            "controller".into(),
-            "--endpoint".into(),
-            format!("unix://{}", d.join("controller.sock").display()),
-            "--agent-listen".into(),
-            format!("127.0.0.1:{}", self.registry),
-            "--data-dir".into(),
-            d.join("controller").display().to_string(),
-            "--metrics-listen".into(),
-            format!("127.0.0.1:{}", self.metrics),
-        ];
-        args.extend(self.tls_args("controller"));
-        args.extend(self.controller_args.iter().cloned());
-        self.controller = Some(self.spawn("controller", args, envs));
-    }
-
-    fn start_node(&mut self, i: usize) {
-        self.start_node_with(i, &[]);
-    }
-
-    /// Starts node `i` with extra environment, such as a crash point.
-    fn start_node_with(&mut self, i: usize, envs: &[(&str, &str)]) {
-        let d = self.dir.path().to_path_buf();
-        let (name, port) = (self.nodes[i].0.clone(), self.nodes[i].2);
-        let data = d.join(&name);
-        let mut args = vec![
-            "node".into(),
-            "--endpoint".into(),
-            format!("unix://{}", d.join(format!("{name}.sock")).display()),
-            "--node-id".into(),
-            name.clone(),
-            "--data-dir".into(),
-            data.display().to_string(),
-            "--controller".into(),
-            format!("localhost:{}", self.registry),
-            "--agent-listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--agent-advertise".into(),
-            format!("127.0.0.1:{port}"),
-            "--metrics-listen".into(),
-            format!("127.0.0.1:{}", self.node_metrics[i]),
-        ];
-        if self.pools[i].is_some() || self.layouts.is_some() {
-            let mut yaml = "pools:\n  - name: default\n".to_string();
-            if let Some(pool) = &self.pools[i] {
-                yaml += &format!("    path: {}\n", pool.display());
-            }
-            if let Some(layouts) = self.layouts {
-                yaml += &format!("    layouts: [{layouts}]\n");
-            }
-            let cfg = d.join(format!("{name}-pools.yaml"));
-            std::fs::write(&cfg, yaml).expect("config");
-            args.extend(["--config".into(), cfg.display().to_string()]);
-        }
-        args.extend(self.tls_args("node"));
-        self.nodes[i].1 = Some(self.spawn(&name, args, envs));
-    }
-
-    fn kill_node(&mut self, i: usize) {
-        kill_child(&mut self.nodes[i].1);
-    }
-
-    fn kill_controller(&mut self) {
-        kill_child(&mut self.controller);
-    }
-
-    async fn channel(&self, sock: &str) -> Channel {
-        connect_socket(&self.dir.path().join(sock)).await
-    }
-
-    async fn ctl(&self) -> ControllerClient<Channel> {
-        ControllerClient::new(self.channel("controller.sock").await)
-    }
-
-    async fn node(&self, i: usize) -> NodeClient<Channel> {
-        NodeClient::new(self.channel(&format!("{}.sock", self.nodes[i].0)).await)
-    }
-
-    /// Waits until the controller reports capacity for every node (each has heartbeated).
-    async fn wait_registered(&self) {
-        let mut ctl = self.ctl().await;
-        let deadline = Instant::now() + Duration::from_secs(40);
-        for (name, _, _) in &self.nodes {
-            loop {
-                let r = ctl
-                    .get_capacity(capacity_on(name))
-                    .await
-                    .map(|r| r.into_inner().available_capacity);
-                if matches!(r, Ok(n) if n > 0) {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{name} did not register: {r:?}\n{}",
-                    self.logs()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-
-    /// Where node `i` keeps its pool's volumes.
-    fn pool_dir(&self, i: usize) -> PathBuf {
-        self.pools[i]
-            .clone()
-            .unwrap_or_else(|| self.dir.path().join(&self.nodes[i].0).join("pools/default"))
-    }
-
-    fn log_of(&self, i: usize) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.nodes[i].0))).unwrap_or_default()
-    }
-
-    fn logs(&self) -> String {
-        let mut s = String::new();
-        for e in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
-            if e.path().extension().is_some_and(|x| x == "log") {
-                s += &format!(
-                    "--- {}\n{}",
-                    e.path().display(),
-                    std::fs::read_to_string(e.path()).unwrap_or_default()
-                );
-            }
-        }
-        s
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.kill_controller();
-        for i in 0..self.nodes.len() {
-            self.kill_node(i);
-        }
-        let left = mounts_under(self.dir.path());
-        for m in left.iter().rev() {
-            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
-        }
-        if !left.is_empty() && !std::thread::panicking() {
-            panic!("the test left mounts behind: {left:?}");
-        }
-    }
-}
-
-fn node_topology(node: &str) -> Topology {
-    Topology {
-        segments: [("topology.cellar.csi.dev/node".to_string(), node.to_string())].into(),
-    }
-}
-
-fn capacity_on(node: &str) -> GetCapacityRequest {
-    GetCapacityRequest {
-        accessible_topology: Some(node_topology(node)),
-        ..Default::default()
-    }
-}
 
 /// A CreateVolume as external-provisioner sends it under WaitForFirstConsumer: the selected node
 /// preferred, every node requisite.
@@ -323,7 +39,7 @@ async fn unstage(node: &mut NodeClient<Channel>, id: &str, staging: &Path) {
 
 #[tokio::test]
 async fn wffc_places_the_volume_on_the_selected_node_and_only_that_node_stages_it() {
-    let c = Cluster::start(vec![None, None]).await;
+    let c = Cluster::start(Spec::nodes(vec![None, None])).await;
     let mut ctl = c.ctl().await;
     let v = ctl
         .create_volume(wffc("pvc-w", 64 * MIB, "node-2", &["node-1", "node-2"]))
@@ -369,7 +85,7 @@ async fn wffc_places_the_volume_on_the_selected_node_and_only_that_node_stages_i
 #[tokio::test]
 async fn immediate_binding_picks_the_node_with_most_room_and_a_full_node_is_resource_exhausted() {
     let small = TestFs::new("ext4", 96);
-    let c = Cluster::start(vec![Some(small.path("pool")), None]).await;
+    let c = Cluster::start(Spec::nodes(vec![Some(small.path("pool")), None])).await;
     let mut ctl = c.ctl().await;
     let v = ctl
         .create_volume(create_req("pvc-i", 16 * MIB))
@@ -409,7 +125,7 @@ async fn immediate_binding_picks_the_node_with_most_room_and_a_full_node_is_reso
 
 #[tokio::test]
 async fn a_dead_node_is_unavailable_the_others_serve_and_it_converges_when_back() {
-    let mut c = Cluster::start(vec![None, None]).await;
+    let mut c = Cluster::start(Spec::nodes(vec![None, None])).await;
     let mut ctl = c.ctl().await;
     let on2 = ctl
         .create_volume(wffc("pvc-2", 16 * MIB, "node-2", &["node-2"]))
@@ -534,7 +250,7 @@ async fn a_dead_node_is_unavailable_the_others_serve_and_it_converges_when_back(
 /// outage of those is answered from that listing.
 #[tokio::test]
 async fn a_node_never_listed_does_not_fail_the_listing_of_the_others() {
-    let mut c = Cluster::start(vec![None, None]).await;
+    let mut c = Cluster::start(Spec::nodes(vec![None, None])).await;
     let mut ctl = c.ctl().await;
     let on2 = made(&mut ctl, wffc("pvc-2", 16 * MIB, "node-2", &["node-2"])).await;
     c.kill_node(0);
@@ -555,7 +271,11 @@ async fn a_node_never_listed_does_not_fail_the_listing_of_the_others() {
 #[tokio::test]
 async fn a_forgotten_node_keeps_its_volumes_listed_as_abnormal_and_its_calls_unavailable() {
     let flags = ["--heartbeat-interval", "200ms", "--forget-nodes-after", "2s"];
-    let mut c = Cluster::start_full(vec![None, None], None, &flags).await;
+    let mut c = Cluster::start(Spec {
+        controller_args: flags.iter().map(|f| f.to_string()).collect(),
+        ..Spec::nodes(vec![None, None])
+    })
+    .await;
     let mut ctl = c.ctl().await;
     let on2 = made(&mut ctl, wffc("pvc-2", 16 * MIB, "node-2", &["node-2"])).await;
     assert_eq!(listed_conditions(&mut ctl).await, vec![(on2.volume_id.clone(), false)]);
@@ -625,7 +345,7 @@ async fn listed_conditions(ctl: &mut ControllerClient<Channel>) -> Vec<(String, 
 
 #[tokio::test]
 async fn a_restarted_controller_refills_its_registry_and_provisions_again() {
-    let mut c = Cluster::start(vec![None]).await;
+    let mut c = Cluster::start(Spec::nodes(vec![None])).await;
     c.kill_controller();
     c.start_controller();
     let mut ctl = c.ctl().await;
@@ -660,7 +380,7 @@ async fn csi_sanity_passes_in_split_mode() {
     let Some(sanity) = common::sanity::find("split-mode upstream run") else {
         return;
     };
-    let c = Cluster::start(vec![None]).await;
+    let c = Cluster::start(Spec::nodes(vec![None])).await;
     let d = c.dir.path();
     common::sanity::judge("split mode", || {
         Command::new("timeout")
@@ -694,7 +414,7 @@ fn http_get(port: u16, path: &str) -> String {
 
 #[tokio::test]
 async fn the_controller_exports_its_registry_size_and_heartbeat_ages() {
-    let mut c = Cluster::start(vec![None, None]).await;
+    let mut c = Cluster::start(Spec::nodes(vec![None, None])).await;
     let text = http_get(c.metrics, "/metrics");
     assert!(
         text.contains("cellar_agent_registry_nodes{available=\"true\"} 2"),
@@ -926,7 +646,7 @@ async fn clone_tree_onto_node_2(c: &Cluster, ctl: &mut ControllerClient<Channel>
 
 #[tokio::test]
 async fn dir_restore_and_clone_onto_another_node_keep_every_property() {
-    let c = Cluster::start(vec![None, None]).await;
+    let c = Cluster::start(Spec::nodes(vec![None, None])).await;
     let mut ctl = c.ctl().await;
     let (snap, _) = restore_tree_onto_node_2(&c, &mut ctl).await;
     clone_tree_onto_node_2(&c, &mut ctl).await;
@@ -946,7 +666,11 @@ async fn dir_restore_and_clone_onto_another_node_keep_every_property() {
 
 #[tokio::test]
 async fn image_restore_and_clone_onto_another_node_keep_bytes_holes_and_length() {
-    let c = Cluster::start_with(vec![None, None], Some("dir, image")).await;
+    let c = Cluster::start(Spec {
+        layouts: Some("dir, image"),
+        ..Spec::nodes(vec![None, None])
+    })
+    .await;
     let mut ctl = c.ctl().await;
     let src = made(&mut ctl, image(wffc("src", IMAGE_BYTES, "node-1", BOTH))).await;
     let img = c.pool_dir(0).join("volumes/src");
@@ -996,7 +720,11 @@ async fn image_restore_and_clone_onto_another_node_keep_bytes_holes_and_length()
 
 #[tokio::test]
 async fn an_image_filesystem_cloned_onto_another_node_mounts_there_with_its_files() {
-    let c = Cluster::start_with(vec![None, None], Some("dir, image")).await;
+    let c = Cluster::start(Spec {
+        layouts: Some("dir, image"),
+        ..Spec::nodes(vec![None, None])
+    })
+    .await;
     let mut ctl = c.ctl().await;
     let with_image = |mut r: CreateVolumeRequest| {
         r.parameters.insert("layout".into(), "image".into());
@@ -1028,7 +756,11 @@ async fn an_image_filesystem_cloned_onto_another_node_mounts_there_with_its_file
 #[tokio::test]
 async fn btrfs_restore_and_clone_onto_another_node_keep_every_property() {
     let (a, b) = (TestFs::new("btrfs", 320), TestFs::new("btrfs", 320));
-    let c = Cluster::start_with(vec![Some(a.path("pool")), Some(b.path("pool"))], Some("btrfs")).await;
+    let c = Cluster::start(Spec {
+        layouts: Some("btrfs"),
+        ..Spec::nodes(vec![Some(a.path("pool")), Some(b.path("pool"))])
+    })
+    .await;
     let mut ctl = c.ctl().await;
     let (_, restored) = restore_tree_onto_node_2(&c, &mut ctl).await;
     assert!(
@@ -1050,7 +782,11 @@ async fn image_to_clone() -> (Cluster, PathBuf, CreateVolumeRequest) {
     if !cfg!(feature = "crash-points") {
         panic!("this test needs the crash points: run it with `cargo test --features crash-points`");
     }
-    let c = Cluster::start_with(vec![None, None], Some("dir, image")).await;
+    let c = Cluster::start(Spec {
+        layouts: Some("dir, image"),
+        ..Spec::nodes(vec![None, None])
+    })
+    .await;
     let src = made(&mut c.ctl().await, image(wffc("src", IMAGE_BYTES, "node-1", BOTH))).await;
     let img = c.pool_dir(0).join("volumes/src");
     fill_image(&img);
@@ -1106,7 +842,7 @@ async fn a_transfer_broken_by_the_source_node_dying_leaves_nothing_and_the_retry
 #[tokio::test]
 async fn a_copy_to_a_node_without_room_is_resource_exhausted_and_leaves_nothing() {
     let small = TestFs::new("ext4", 96);
-    let c = Cluster::start(vec![None, Some(small.path("pool"))]).await;
+    let c = Cluster::start(Spec::nodes(vec![None, Some(small.path("pool"))])).await;
     let mut ctl = c.ctl().await;
     let src = made(&mut ctl, wffc("src", 128 * MIB, "node-1", BOTH)).await;
     std::fs::write(c.pool_dir(0).join("volumes/src/data"), pattern(4096, 3)).expect("write");
@@ -1121,7 +857,7 @@ async fn a_copy_to_a_node_without_room_is_resource_exhausted_and_leaves_nothing(
 
 #[tokio::test]
 async fn a_copy_from_an_unreachable_node_is_unavailable_naming_it_and_leaves_nothing() {
-    let mut c = Cluster::start(vec![None, None]).await;
+    let mut c = Cluster::start(Spec::nodes(vec![None, None])).await;
     let mut ctl = c.ctl().await;
     let src = made(&mut ctl, wffc("src", 16 * MIB, "node-1", BOTH)).await;
     let snap = snapshot(&mut ctl, "snap", &src.volume_id).await;
@@ -1381,7 +1117,11 @@ async fn an_import_in_place_without_its_record_is_finished_by_the_retry_on_a_nea
         panic!("this test needs the crash points: run it with `cargo test --features crash-points`");
     }
     let small = TestFs::new("ext4", 96);
-    let mut c = Cluster::start_with(vec![None, Some(small.path("pool"))], Some("dir, image")).await;
+    let mut c = Cluster::start(Spec {
+        layouts: Some("dir, image"),
+        ..Spec::nodes(vec![None, Some(small.path("pool"))])
+    })
+    .await;
     let mut ctl = c.ctl().await;
     let src = made(&mut ctl, image(wffc("src", IMAGE_BYTES, "node-1", BOTH))).await;
     let img = c.pool_dir(0).join("volumes/src");

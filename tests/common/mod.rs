@@ -2,6 +2,8 @@
 //! directory and socket, the three CSI clients, and a check on drop that it left no mount behind.
 #![allow(dead_code)]
 
+pub mod certs;
+pub mod cluster;
 pub mod fs;
 pub mod gluster;
 pub mod sanity;

@@ -1,0 +1,341 @@
+//! The one multi-node launcher on loopback: a real `cellar controller` and one real `cellar node`
+//! per entry of [`Spec::pools`], each with its own data directory, socket, agent port and log, over
+//! mutual TLS with the chart's certificates ([`super::certs`]) or `--insecure`. (The namespaced
+//! environment of tests/e2e builds on the same certificate helper.)
+//!
+//! On drop every process is killed, loop devices over files below the test's directory are
+//! detached and every mount below it is removed; a mount other than a node's share that the test
+//! left behind fails the test.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cellar::csi::v1::controller_client::ControllerClient;
+use cellar::csi::v1::node_client::NodeClient;
+use cellar::csi::v1::{GetCapacityRequest, Topology};
+use tonic::transport::Channel;
+
+use super::{bin, connect_socket, kill_child, mounts_under, require_root};
+
+/// What to start.
+#[derive(Default, Clone)]
+pub struct Spec {
+    /// One entry per node (node-1, node-2, ...): the path of its default pool (None: below its data dir).
+    pub pools: Vec<Option<PathBuf>>,
+    /// The layouts every node's default pool allows (None: the default, dir).
+    pub layouts: Option<&'static str>,
+    /// A pools.yaml given to every process (the controller too), e.g. with a shared pool; it takes
+    /// the place of the per-node default pool above.
+    pub config: Option<String>,
+    /// Flags the controller gets besides the usual ones.
+    pub controller_args: Vec<String>,
+    /// Run without TLS (`--insecure`) instead of with the chart's certificates.
+    pub insecure: bool,
+}
+
+impl Spec {
+    /// A controller and one node per entry; an entry names the node's pool path (None: the default).
+    pub fn nodes(pools: Vec<Option<PathBuf>>) -> Spec {
+        Spec {
+            pools,
+            ..Spec::default()
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub spec: Spec,
+    pub registry: u16,
+    pub metrics: u16,
+    pub controller: Option<Child>,
+    /// Each node's name, process and agent port.
+    pub nodes: Vec<(String, Option<Child>, u16)>,
+    /// Each node's metrics port.
+    pub node_metrics: Vec<u16>,
+}
+
+impl Cluster {
+    /// Starts the controller and the nodes, and waits until every node has registered.
+    pub async fn start(spec: Spec) -> Cluster {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("cellar-test-")
+            .tempdir()
+            .expect("tempdir");
+        if !spec.insecure {
+            super::certs::Authority::new("cellar test CA").write(
+                dir.path(),
+                &[("controller", &["localhost"]), ("node", &["cellar-agent"])],
+            );
+        }
+        if let Some(yaml) = &spec.config {
+            std::fs::write(dir.path().join("pools.yaml"), yaml).expect("config");
+        }
+        let n = spec.pools.len();
+        let mut c = Cluster {
+            dir,
+            spec,
+            registry: free_port(),
+            metrics: free_port(),
+            controller: None,
+            nodes: Vec::new(),
+            node_metrics: Vec::new(),
+        };
+        c.start_controller();
+        for i in 0..n {
+            c.nodes.push((format!("node-{}", i + 1), None, free_port()));
+            c.node_metrics.push(free_port());
+            c.start_node(i);
+        }
+        c.wait_registered().await;
+        c
+    }
+
+    /// The TLS flags of a `role` ("controller" or "node"), or `--insecure`.
+    fn tls_args(&self, role: &str) -> Vec<String> {
+        if self.spec.insecure {
+            return vec!["--insecure".into()];
+        }
+        let d = self.dir.path();
+        vec![
+            "--tls-ca".into(),
+            d.join("ca.pem").display().to_string(),
+            "--tls-cert".into(),
+            d.join(format!("{role}.pem")).display().to_string(),
+            "--tls-key".into(),
+            d.join(format!("{role}.key")).display().to_string(),
+        ]
+    }
+
+    fn spawn(&self, name: &str, args: Vec<String>, envs: &[(&str, &str)]) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{name}.log")))
+            .expect("log");
+        Command::new(bin())
+            .args(args)
+            .env("CELLAR_LOG", "info")
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn")
+    }
+
+    /// The `--config` flag of every process, when the spec gives one config to all.
+    fn shared_config(&self) -> Vec<String> {
+        match self.spec.config {
+            Some(_) => vec![
+                "--config".into(),
+                self.dir.path().join("pools.yaml").display().to_string(),
+            ],
+            None => vec![],
+        }
+    }
+
+    pub fn start_controller(&mut self) {
+        self.start_controller_with(&[]);
+    }
+
+    /// Starts the controller with extra environment, such as a crash point.
+    pub fn start_controller_with(&mut self, envs: &[(&str, &str)]) {
+        let d = self.dir.path();
+        let mut args = vec![
+            "controller".into(),
+            "--endpoint".into(),
+            format!("unix://{}", d.join("controller.sock").display()),
+            "--agent-listen".into(),
+            format!("127.0.0.1:{}", self.registry),
+            "--data-dir".into(),
+            d.join("controller").display().to_string(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", self.metrics),
+        ];
+        args.extend(self.shared_config());
+        args.extend(self.tls_args("controller"));
+        args.extend(self.spec.controller_args.iter().cloned());
+        self.controller = Some(self.spawn("controller", args, envs));
+    }
+
+    pub fn start_node(&mut self, i: usize) {
+        self.start_node_with(i, &[]);
+    }
+
+    /// Starts node `i` with extra environment, such as a crash point.
+    pub fn start_node_with(&mut self, i: usize, envs: &[(&str, &str)]) {
+        let d = self.dir.path().to_path_buf();
+        let (name, port) = (self.nodes[i].0.clone(), self.nodes[i].2);
+        let data = d.join(&name);
+        let mut args = vec![
+            "node".into(),
+            "--endpoint".into(),
+            format!("unix://{}", d.join(format!("{name}.sock")).display()),
+            "--node-id".into(),
+            name.clone(),
+            "--data-dir".into(),
+            data.display().to_string(),
+            "--controller".into(),
+            format!("localhost:{}", self.registry),
+            "--agent-listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--agent-advertise".into(),
+            format!("127.0.0.1:{port}"),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{}", self.node_metrics[i]),
+        ];
+        if self.spec.config.is_some() {
+            args.extend(self.shared_config());
+        } else if self.spec.pools[i].is_some() || self.spec.layouts.is_some() {
+            let mut yaml = "pools:\n  - name: default\n".to_string();
+            if let Some(pool) = &self.spec.pools[i] {
+                yaml += &format!("    path: {}\n", pool.display());
+            }
+            if let Some(layouts) = self.spec.layouts {
+                yaml += &format!("    layouts: [{layouts}]\n");
+            }
+            let cfg = d.join(format!("{name}-pools.yaml"));
+            std::fs::write(&cfg, yaml).expect("config");
+            args.extend(["--config".into(), cfg.display().to_string()]);
+        }
+        args.extend(self.tls_args("node"));
+        self.nodes[i].1 = Some(self.spawn(&name, args, envs));
+    }
+
+    /// SIGKILL a node process: its mounts and loop devices stay, as they would on a machine whose
+    /// driver died.
+    pub fn kill_node(&mut self, i: usize) {
+        kill_child(&mut self.nodes[i].1);
+    }
+
+    pub fn kill_controller(&mut self) {
+        kill_child(&mut self.controller);
+    }
+
+    pub async fn channel(&self, sock: &str) -> Channel {
+        connect_socket(&self.dir.path().join(sock)).await
+    }
+
+    pub async fn ctl(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(self.channel("controller.sock").await)
+    }
+
+    pub async fn node(&self, i: usize) -> NodeClient<Channel> {
+        NodeClient::new(self.channel(&format!("{}.sock", self.nodes[i].0)).await)
+    }
+
+    /// Waits until the controller reports capacity for every node (each has heartbeated).
+    pub async fn wait_registered(&self) {
+        let mut ctl = self.ctl().await;
+        let deadline = Instant::now() + Duration::from_secs(40);
+        for (name, _, _) in &self.nodes {
+            loop {
+                let r = ctl
+                    .get_capacity(capacity_on(name))
+                    .await
+                    .map(|r| r.into_inner().available_capacity);
+                if matches!(r, Ok(n) if n > 0) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{name} did not register: {r:?}\n{}",
+                    self.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// Where node `i` keeps its default pool's volumes.
+    pub fn pool_dir(&self, i: usize) -> PathBuf {
+        self.spec.pools[i]
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join(&self.nodes[i].0).join("pools/default"))
+    }
+
+    /// The shared pool `pool` as node `i` mounted it.
+    pub fn share_of(&self, i: usize, pool: &str) -> PathBuf {
+        self.dir.path().join(&self.nodes[i].0).join("shares").join(pool)
+    }
+
+    pub fn log_of(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.nodes[i].0))).unwrap_or_default()
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for e in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                s += &format!(
+                    "--- {}\n{}",
+                    e.path().display(),
+                    std::fs::read_to_string(e.path()).unwrap_or_default()
+                );
+            }
+        }
+        s
+    }
+}
+
+pub fn node_topology(node: &str) -> Topology {
+    Topology {
+        segments: [("topology.cellar.csi.dev/node".to_string(), node.to_string())].into(),
+    }
+}
+
+pub fn capacity_on(node: &str) -> GetCapacityRequest {
+    GetCapacityRequest {
+        accessible_topology: Some(node_topology(node)),
+        ..Default::default()
+    }
+}
+
+/// Whether `m` is a node's mount of a shared pool (which stays after a SIGKILL, by design).
+fn is_share(dir: &Path, m: &Path) -> bool {
+    m.strip_prefix(dir)
+        .ok()
+        .and_then(|rel| rel.components().nth(1))
+        .is_some_and(|c| c.as_os_str() == "shares")
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_controller();
+        for i in 0..self.nodes.len() {
+            self.kill_node(i);
+        }
+        let dir = self.dir.path().to_path_buf();
+        let left = mounts_under(&dir);
+        let (_, stray): (Vec<&PathBuf>, Vec<&PathBuf>) = left.iter().partition(|m| is_share(&dir, m));
+        let stray: Vec<PathBuf> = stray.into_iter().cloned().collect();
+        // Mounts of what lives on a share first (they hold loop devices over its files), the shares last.
+        for m in stray.iter().rev() {
+            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "losetup -l -n -O NAME,BACK-FILE | awk -v p='{}/' 'index($2, p) == 1 {{print $1}}' | xargs -r -n1 losetup -d",
+                dir.display()
+            ))
+            .status();
+        for m in mounts_under(&dir).iter().rev() {
+            let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+        }
+        if !stray.is_empty() && !std::thread::panicking() {
+            panic!("the test left mounts behind: {stray:?}");
+        }
+    }
+}
