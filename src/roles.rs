@@ -20,7 +20,7 @@ use crate::node::state::NodeState;
 use crate::node::{NodeServer, NodeService};
 use crate::server::{self, ServeError};
 use crate::storage::config::{Config, ConfigError};
-use crate::storage::engine::{LocalEngine, Role};
+use crate::storage::engine::LocalEngine;
 use crate::storage::id::NodeId;
 use crate::storage::StorageError;
 
@@ -302,7 +302,7 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     let readiness = Readiness::starting();
     let engine = {
         let cfg = config.clone();
-        tokio::task::spawn_blocking(move || LocalEngine::open_for(name, &cfg, Role::Controller))
+        tokio::task::spawn_blocking(move || LocalEngine::open_pools(name, &cfg, |pc| pc.is_shared().then_some(true)))
             .await
             .map_err(|e| RoleError::Task(e.to_string()))??
     };
@@ -374,7 +374,7 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     let metrics = serve_metrics(o.metrics_listen, "node", readiness.clone(), node_metrics.clone()).await?;
     let engine = {
         let node = node.clone();
-        tokio::task::spawn_blocking(move || LocalEngine::open_for(node, &config, Role::Node))
+        tokio::task::spawn_blocking(move || LocalEngine::open_pools(node, &config, |pc| Some(!pc.is_shared())))
             .await
             .map_err(|e| RoleError::Task(e.to_string()))??
     };

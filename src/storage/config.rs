@@ -57,6 +57,13 @@ pub struct PoolConfig {
     pub lease_seconds: u64,
 }
 
+impl PoolConfig {
+    /// A pool on a filesystem every node mounts, rather than one node's own disk.
+    pub fn is_shared(&self) -> bool {
+        self.backend == Backend::Shared
+    }
+}
+
 /// Default lease time of image volumes on shared pools.
 pub const DEFAULT_LEASE_SECONDS: u64 = 30;
 

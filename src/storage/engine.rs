@@ -210,14 +210,6 @@ fn same_kind(
     Ok(())
 }
 
-/// Which process an engine serves, and so which pools it opens and owns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    All,
-    Controller,
-    Node,
-}
-
 pub struct LocalEngine {
     node: NodeId,
     pools: BTreeMap<PoolName, Pool>,
@@ -267,20 +259,23 @@ fn now() -> (i64, i32) {
 impl LocalEngine {
     /// Opens every pool of the configuration (all-in-one) and loads their records.
     pub fn open(node: NodeId, config: &Config) -> Result<LocalEngine, StorageError> {
-        Self::open_for(node, config, Role::All)
+        Self::open_pools(node, config, |_| Some(true))
     }
 
-    /// Opens the pools a role serves: the controller the shared pools, a node its local pools and
-    /// the shared ones (to publish their volumes), all-in-one everything.
-    pub fn open_for(node: NodeId, config: &Config, role: Role) -> Result<LocalEngine, StorageError> {
+    /// Opens the pools of `config` that `pick` answers for: `Some(true)` as their owner (which makes
+    /// their directories and purges their trash), `Some(false)` only to use their volumes (a node
+    /// publishing a shared pool's volumes while the controller owns it), `None` not at all. Which
+    /// process opens which pools is the roles' business (`roles.rs`), not the engine's.
+    pub fn open_pools(
+        node: NodeId,
+        config: &Config,
+        pick: impl Fn(&super::config::PoolConfig) -> Option<bool>,
+    ) -> Result<LocalEngine, StorageError> {
         let mut pools = BTreeMap::new();
         let mut broken = BTreeMap::new();
         for pc in &config.pools {
-            let shared = pc.backend == super::config::Backend::Shared;
-            if role == Role::Controller && !shared {
-                continue;
-            }
-            match Pool::open_as(pc.clone(), !(role == Role::Node && shared)) {
+            let Some(owner) = pick(pc) else { continue };
+            match Pool::open_as(pc.clone(), owner) {
                 Ok(p) => {
                     pools.insert(pc.name.clone(), p);
                 }

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use crate::sys::files;
 
-use super::config::{Backend, PoolConfig};
+use super::config::PoolConfig;
 
 /// How long opening a shared pool (mounting it included) may take before it counts as unreachable.
 const SHARE_OPEN: std::time::Duration = std::time::Duration::from_secs(60);
@@ -61,7 +61,7 @@ impl Pool {
     }
 
     pub fn open_as(config: PoolConfig, owner: bool) -> Result<Pool, StorageError> {
-        if config.backend == Backend::Shared {
+        if config.is_shared() {
             // Every step on a share may hang when its server is gone: bound the whole opening.
             let path = config.path.clone();
             return crate::sys::share::within(SHARE_OPEN, "open shared pool", &path, move || {
@@ -119,7 +119,7 @@ impl Pool {
     }
 
     pub fn shared(&self) -> bool {
-        self.config.backend == Backend::Shared
+        self.config.is_shared()
     }
 
     /// Removes everything in the trash (deleted volumes); a purge cut short by a restart resumes.
