@@ -13,7 +13,7 @@ use crate::storage::config::Backend;
 use crate::storage::id::VolumeId;
 use crate::storage::record::{VolumeMode, VolumeRecord};
 use crate::sys::files::{self, Entry};
-use crate::sys::{loopdev, share};
+use crate::sys::share;
 
 /// Another node took over the volume's lease while it is staged here.
 const LEASE_LOST: Fault = Fault::inaccessible("LeaseLost");
@@ -47,7 +47,7 @@ impl NodeService {
         let m = self.state.get(raw);
         if !crate::storage::layout::of(rec.layout).is_tree()
             && m.staged.is_some()
-            && loopdev::find_by_backing(data)?.is_empty()
+            && self.devices.find_by_backing(data)?.is_empty()
         {
             return Ok(Finding::abnormal(
                 LOOP_DEVICE_GONE,

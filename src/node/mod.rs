@@ -24,7 +24,7 @@ use crate::storage::lease::Claim;
 use crate::storage::locks::{Held, InFlight};
 use crate::storage::record::{AccessMode, Layout, VolumeMode, VolumeRecord};
 use crate::sys::files::{self, Entry};
-use crate::sys::fstools::{self, FsType};
+use crate::sys::fstools::FsType;
 use crate::sys::mount::{BindFlags, Mounter};
 use crate::sys::statfs;
 use crate::sys::{loopdev, share};
@@ -43,6 +43,8 @@ pub struct NodeService {
     pub node: NodeId,
     pub engine: Arc<LocalEngine>,
     pub mounter: Arc<dyn Mounter>,
+    /// Loop devices and filesystem growth, for image volumes.
+    pub devices: Arc<dyn crate::sys::devices::Devices>,
     pub state: Arc<NodeState>,
     pub in_flight: InFlight,
     pub max_volumes: i64,
@@ -73,6 +75,7 @@ impl NodeService {
             node,
             engine,
             mounter: Arc::new(crate::sys::mount::LinuxMounter::default()),
+            devices: Arc::new(crate::sys::devices::LinuxDevices),
             state,
             in_flight,
             max_volumes,
@@ -457,7 +460,7 @@ impl NodeService {
         let block = rec.mode == VolumeMode::Block;
         if let Some(s) = &m.staged {
             let here = if block {
-                !loopdev::find_by_backing(&data)?.is_empty()
+                !self.devices.find_by_backing(&data)?.is_empty()
             } else {
                 self.mounted_or_clear_stale(&s.path)?
             };
@@ -540,13 +543,13 @@ impl NodeService {
         let grow = rec.capacity_bytes > rec.fs_bytes && !read_only;
         if grow && fs == FsType::Ext4 {
             // ext4 cannot always grow online (it needs CAP_SYS_RESOURCE); unmounted it always can.
-            fstools::grow_offline(fs, &device.path)?;
+            self.devices.grow_offline(fs, &device.path)?;
             self.engine.set_fs_bytes(&id, rec.capacity_bytes)?;
         }
         let flags = BindFlags { read_only, ..cap.flags };
         self.mounter.mount_fs(&device.path, &staging, fs.as_str(), flags)?;
         if grow && fs == FsType::Xfs {
-            fstools::grow_online(fs, &device.path, &staging)?;
+            self.devices.grow_online(fs, &device.path, &staging)?;
             self.engine.set_fs_bytes(&id, rec.capacity_bytes)?;
         }
         Ok(NodeStageVolumeResponse {})
@@ -555,11 +558,11 @@ impl NodeService {
     /// The loop device of an image, attached now or found from an earlier attach (after a restart),
     /// sized to the file as it is now.
     fn attach(&self, data: &Path, read_only: bool) -> Result<loopdev::LoopDevice, NodeError> {
-        if let Some(d) = loopdev::find_by_backing(data)?.into_iter().next() {
-            loopdev::refresh_capacity(&d)?;
+        if let Some(d) = self.devices.find_by_backing(data)?.into_iter().next() {
+            self.devices.refresh_capacity(&d)?;
             return Ok(d);
         }
-        let (d, direct) = loopdev::attach(data, read_only, true)?;
+        let (d, direct) = self.devices.attach(data, read_only)?;
         tracing::debug!(device = %d.path.display(), direct_io = direct, "attached image");
         Ok(d)
     }
@@ -588,8 +591,8 @@ impl NodeService {
             }
             self.unmount_all(&staging)?;
             crash::point("unstage:before-detach");
-            for d in loopdev::find_by_backing(backing)? {
-                loopdev::detach(&d)?;
+            for d in self.devices.find_by_backing(backing)? {
+                self.devices.detach(&d)?;
             }
             self.await_detached(backing)?;
             if let Some((lease, _)) = VolumeId::parse(&r.volume_id)
@@ -661,7 +664,7 @@ impl NodeService {
         }
         let staged_here = m.staged.as_ref().is_some_and(|s| s.path == staging);
         let source = if block {
-            let device = loopdev::find_by_backing(&data)?.into_iter().next();
+            let device = self.devices.find_by_backing(&data)?.into_iter().next();
             match device {
                 Some(d) if staged_here => d.path,
                 _ => {
@@ -791,7 +794,7 @@ impl NodeService {
     /// it, so that an unstaged volume has no loop device left when the call returns.
     fn await_detached(&self, backing: &Path) -> Result<(), NodeError> {
         for _ in 0..200 {
-            if loopdev::find_by_backing(backing)?.is_empty() {
+            if self.devices.find_by_backing(backing)?.is_empty() {
                 return Ok(());
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
@@ -879,7 +882,7 @@ impl NodeService {
         };
         let condition = Some(self.node_condition(&r.volume_id, &rec, &data, &path)?);
         if rec.mode == VolumeMode::Block {
-            let size = loopdev::device_size(&path).unwrap_or(rec.capacity_bytes);
+            let size = self.devices.size(&path).unwrap_or(rec.capacity_bytes);
             return Ok(NodeGetVolumeStatsResponse {
                 usage: vec![usage(volume_usage::Unit::Bytes, size, 0, 0)],
                 volume_condition: condition,
@@ -959,21 +962,21 @@ impl NodeService {
             });
         }
         let _held = self.hold(&r.volume_id)?;
-        let Some(device) = loopdev::find_by_backing(&data)?.into_iter().next() else {
+        let Some(device) = self.devices.find_by_backing(&data)?.into_iter().next() else {
             return Err(NodeError::NotReady(format!(
                 "volume {} is not staged on this node; it grows when it is staged",
                 r.volume_id
             )));
         };
-        loopdev::refresh_capacity(&device)?;
+        self.devices.refresh_capacity(&device)?;
         if rec.mode == VolumeMode::Block {
             return Ok(NodeExpandVolumeResponse {
-                capacity_bytes: loopdev::device_size(&device.path)? as i64,
+                capacity_bytes: self.devices.size(&device.path)? as i64,
             });
         }
         let fs = FsType::parse(&rec.fs_type).unwrap_or(FsType::Ext4);
         let id = VolumeId::parse(&r.volume_id).map_err(|e| NodeError::invalid(e.0))?;
-        match fstools::grow_online(fs, &device.path, &path) {
+        match self.devices.grow_online(fs, &device.path, &path) {
             Ok(()) => {
                 self.engine.set_fs_bytes(&id, rec.capacity_bytes)?;
                 Ok(NodeExpandVolumeResponse {

@@ -15,35 +15,56 @@ use crate::storage::config::Config;
 use crate::storage::engine::{CapacityRange, LocalEngine, NewVolume};
 use crate::storage::id::NodeId;
 use crate::storage::record::{AccessMode, VolumeMode};
+use crate::storage::record::Layout;
+use crate::sys::devices::RecordingDevices;
 use crate::sys::mount::RecordingMounter;
 
 struct Node {
     dir: tempfile::TempDir,
     svc: NodeService,
     mounter: Arc<RecordingMounter>,
+    devices: Arc<RecordingDevices>,
 }
 
 impl Node {
     fn new() -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let node = NodeId::parse("n1").expect("node id");
-        let engine = Arc::new(LocalEngine::open(node.clone(), &Config::default_for(dir.path())).expect("engine"));
+        let mut config = Config::default_for(dir.path());
+        config.pools[0].layouts.push(Layout::Image);
+        let engine = Arc::new(LocalEngine::open(node.clone(), &config).expect("engine"));
         let state = Arc::new(NodeState::open(&dir.path().join("node")).expect("state"));
         let mounter = Arc::new(RecordingMounter::default());
+        let devices = Arc::new(RecordingDevices::default());
         let mut svc = NodeService::new(node, engine, state, 0);
         svc.mounter = mounter.clone();
-        Node { dir, svc, mounter }
+        svc.devices = devices.clone();
+        Node {
+            dir,
+            svc,
+            mounter,
+            devices,
+        }
     }
 
     fn volume(&self, name: &str) -> String {
+        self.create(name, None, 1 << 20)
+    }
+
+    /// A 32 MiB ext4 image volume (the file and its filesystem are real; no device is).
+    fn image(&self, name: &str) -> String {
+        self.create(name, Some(Layout::Image), 32 << 20)
+    }
+
+    fn create(&self, name: &str, layout: Option<Layout>, bytes: u64) -> String {
         self.svc
             .engine
             .create_volume(NewVolume {
                 name: name.into(),
                 pool: None,
-                layout: None,
+                layout,
                 capacity: CapacityRange {
-                    required: 1 << 20,
+                    required: bytes,
                     limit: 0,
                 },
                 mode: VolumeMode::Filesystem,
@@ -73,6 +94,35 @@ impl Node {
             })
             .map(|_| ())
             .map_err(tonic::Status::from)
+    }
+
+    fn unstage(&self, id: &str, staging: &Path) -> Result<(), tonic::Status> {
+        self.svc
+            .unstage(NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .map(|_| ())
+            .map_err(tonic::Status::from)
+    }
+
+    fn expand(&self, id: &str, path: &Path) -> Result<NodeExpandVolumeResponse, tonic::Status> {
+        self.svc
+            .expand(NodeExpandVolumeRequest {
+                volume_id: id.into(),
+                volume_path: path.display().to_string(),
+                ..Default::default()
+            })
+            .map_err(tonic::Status::from)
+    }
+
+    /// The image file behind a staged image volume, as the node's state names it.
+    fn backing(&self, id: &str) -> PathBuf {
+        self.svc.state.get(id).staged.and_then(|s| s.backing).expect("an image's stage names its file")
+    }
+
+    fn count(&self, prefix: &str) -> usize {
+        self.devices.calls().iter().filter(|c| c.starts_with(prefix)).count()
     }
 
     /// NodePublishVolume as kubelet calls it: the target's parent exists, the target need not.
@@ -260,4 +310,117 @@ fn a_delete_waits_for_no_node_call_and_refuses_what_is_mounted() {
         .expect("unstage");
     n.svc.engine.delete_volume(&vid).expect("delete once unstaged");
     assert!(n.svc.engine.volume(&vid).is_none());
+}
+
+#[test]
+fn an_image_is_attached_once_mounted_with_its_filesystem_and_detached_on_unstage() {
+    let n = Node::new();
+    let id = n.image("pvc-img");
+    let staging = n.path("stage");
+    n.stage(&id, &staging).expect("stage");
+    let data = n.backing(&id);
+    assert_eq!(n.devices.attached(), vec![data.clone()], "one device over the image");
+    let mounts = n.mounter.calls();
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    assert!(
+        mounts[0].starts_with(&format!("mount /dev/loop0 {} ext4", staging.display())),
+        "{mounts:?}"
+    );
+    // Kubelet's retry: the same device, no second attach or mount.
+    n.stage(&id, &staging).expect("stage again");
+    assert_eq!(n.count("attach"), 1, "{:?}", n.devices.calls());
+    assert_eq!(n.mounter.calls().len(), 1);
+    n.unstage(&id, &staging).expect("unstage");
+    assert!(n.mounter.mounted().is_empty(), "unmounted");
+    assert!(n.devices.attached().is_empty(), "detached");
+    assert!(n.svc.state.get(&id).staged.is_none());
+}
+
+#[test]
+fn a_stage_after_its_mount_was_lost_reuses_the_device_it_attached() {
+    let n = Node::new();
+    let id = n.image("pvc-again");
+    let staging = n.path("stage");
+    n.stage(&id, &staging).expect("stage");
+    // The mount is gone (a restart of the machine's mount namespace, a hand-run umount), the
+    // device and the node's record of the stage are not.
+    use crate::sys::mount::Mounter;
+    n.mounter.unmount(&staging).expect("lose the mount");
+    n.stage(&id, &staging).expect("stage again");
+    assert_eq!(n.count("attach"), 1, "no second device: {:?}", n.devices.calls());
+    assert_eq!(n.count("refresh"), 1, "the device found is sized to its file");
+    assert_eq!(n.devices.attached().len(), 1);
+    assert_eq!(n.mounter.mounted().len(), 1, "mounted again");
+    n.unstage(&id, &staging).expect("unstage");
+    assert!(n.devices.attached().is_empty());
+}
+
+#[test]
+fn an_unstage_converges_when_the_loop_device_vanished_behind_its_back() {
+    let n = Node::new();
+    let id = n.image("pvc-vanish");
+    let staging = n.path("stage");
+    n.stage(&id, &staging).expect("stage");
+    n.devices.vanish(&n.backing(&id));
+    let stats = n
+        .svc
+        .stats(NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: staging.display().to_string(),
+            ..Default::default()
+        })
+        .expect("stats");
+    let condition = stats.volume_condition.expect("condition");
+    assert!(condition.abnormal, "{condition:?}");
+    assert!(condition.message.contains("loop device"), "{condition:?}");
+    n.unstage(&id, &staging).expect("unstage without its device");
+    assert!(n.mounter.mounted().is_empty());
+    assert!(n.svc.state.get(&id).staged.is_none(), "the state forgets the stage");
+    // A failing detach is an error the retry gets past, never a device left for good.
+    n.stage(&id, &staging).expect("stage");
+    n.devices.fail_next("detach", libc::EBUSY);
+    let err = n.unstage(&id, &staging).expect_err("detach fails once");
+    assert_eq!(err.code(), Code::Internal, "{err}");
+    n.unstage(&id, &staging).expect("the retry converges");
+    assert!(n.devices.attached().is_empty());
+    assert!(n.mounter.mounted().is_empty());
+}
+
+#[test]
+fn a_failed_attach_mounts_nothing_and_its_retry_converges() {
+    let n = Node::new();
+    let id = n.image("pvc-attach");
+    let staging = n.path("stage");
+    // EIO: the device (or the disk under it) is not answering: the CO is told to retry.
+    n.devices.fail_next("attach", libc::EIO);
+    let err = n.stage(&id, &staging).expect_err("attach fails");
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    n.devices.fail_next("attach", libc::EBUSY);
+    let err = n.stage(&id, &staging).expect_err("attach fails again");
+    assert_eq!(err.code(), Code::Internal, "{err}");
+    assert!(n.mounter.mounted().is_empty(), "nothing mounted");
+    assert!(n.devices.attached().is_empty(), "nothing attached");
+    n.stage(&id, &staging).expect("the retry stages it");
+    assert_eq!(n.devices.attached().len(), 1);
+    n.unstage(&id, &staging).expect("unstage");
+}
+
+#[test]
+fn expand_grows_a_staged_images_filesystem_through_its_device() {
+    let n = Node::new();
+    let id = n.image("pvc-grow");
+    let staging = n.path("stage");
+    n.stage(&id, &staging).expect("stage");
+    let grown = n.expand(&id, &staging).expect("expand");
+    assert_eq!(grown.capacity_bytes, 32 << 20);
+    let calls = n.devices.calls();
+    assert!(
+        calls.contains(&format!("grow-online ext4 /dev/loop0 {}", staging.display())),
+        "{calls:?}"
+    );
+    // Without its device the volume cannot grow here now: it grows at its next stage.
+    n.devices.vanish(&n.backing(&id));
+    let err = n.expand(&id, &staging).expect_err("no device");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    n.unstage(&id, &staging).expect("unstage");
 }

@@ -3,6 +3,7 @@
 
 pub mod btrfs;
 pub mod copy;
+pub mod devices;
 pub mod files;
 pub mod fstools;
 pub mod loopdev;

@@ -1,0 +1,169 @@
+//! Block devices behind one seam: loop devices over image files and the filesystem tools that
+//! grow what is on them, at the grain of single operations, so the node's image logic (stage,
+//! unstage, expand, stats) can be driven by a recording fake ([`RecordingDevices`]) without root.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::fstools::{self, FsType};
+use super::loopdev::{self, LoopDevice};
+use super::SysError;
+
+pub trait Devices: Send + Sync {
+    /// The loop devices attached to `backing`.
+    fn find_by_backing(&self, backing: &Path) -> Result<Vec<LoopDevice>, SysError>;
+    /// Attaches a new loop device to `backing`; whether direct I/O is on.
+    fn attach(&self, backing: &Path, read_only: bool) -> Result<(LoopDevice, bool), SysError>;
+    fn detach(&self, device: &LoopDevice) -> Result<(), SysError>;
+    /// Makes the device take its backing file's current size.
+    fn refresh_capacity(&self, device: &LoopDevice) -> Result<(), SysError>;
+    /// The size in bytes of a block device.
+    fn size(&self, device: &Path) -> Result<u64, SysError>;
+    /// Grows the unmounted filesystem on `device` to the device's size.
+    fn grow_offline(&self, fs: FsType, device: &Path) -> Result<(), SysError>;
+    /// Grows the filesystem on `device`, mounted at `mountpoint`, to the device's size.
+    fn grow_online(&self, fs: FsType, device: &Path, mountpoint: &Path) -> Result<(), SysError>;
+}
+
+/// The real thing: loop ioctls and the filesystems' own tools.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxDevices;
+
+impl Devices for LinuxDevices {
+    fn find_by_backing(&self, backing: &Path) -> Result<Vec<LoopDevice>, SysError> {
+        loopdev::find_by_backing(backing)
+    }
+    fn attach(&self, backing: &Path, read_only: bool) -> Result<(LoopDevice, bool), SysError> {
+        loopdev::attach(backing, read_only, true)
+    }
+    fn detach(&self, device: &LoopDevice) -> Result<(), SysError> {
+        loopdev::detach(device)
+    }
+    fn refresh_capacity(&self, device: &LoopDevice) -> Result<(), SysError> {
+        loopdev::refresh_capacity(device)
+    }
+    fn size(&self, device: &Path) -> Result<u64, SysError> {
+        loopdev::device_size(device)
+    }
+    fn grow_offline(&self, fs: FsType, device: &Path) -> Result<(), SysError> {
+        fstools::grow_offline(fs, device)
+    }
+    fn grow_online(&self, fs: FsType, device: &Path, mountpoint: &Path) -> Result<(), SysError> {
+        fstools::grow_online(fs, device, mountpoint)
+    }
+}
+
+/// Devices that exist only in memory: each attach makes a `/dev/loopN` that "exists" until it is
+/// detached or made to vanish; every call is recorded; the next call of an operation can be made to
+/// fail with an errno. For unit tests of the logic above `sys`.
+#[derive(Debug, Default)]
+pub struct RecordingDevices {
+    state: Mutex<DeviceState>,
+}
+
+#[derive(Debug, Default)]
+struct DeviceState {
+    /// Device number to backing file.
+    attached: BTreeMap<u32, PathBuf>,
+    next: u32,
+    calls: Vec<String>,
+    /// Operation name to the errno its next call fails with.
+    fail_next: BTreeMap<&'static str, i32>,
+}
+
+impl RecordingDevices {
+    pub fn calls(&self) -> Vec<String> {
+        self.lock().calls.clone()
+    }
+
+    /// The backing files with a device attached, one entry per device.
+    pub fn attached(&self) -> Vec<PathBuf> {
+        self.lock().attached.values().cloned().collect()
+    }
+
+    /// The next call of `op` ("attach", "detach", "find", "refresh", "size", "grow-offline",
+    /// "grow-online") fails with `errno`.
+    pub fn fail_next(&self, op: &'static str, errno: i32) {
+        self.lock().fail_next.insert(op, errno);
+    }
+
+    /// The device over `backing` disappears, as when someone ran `losetup -d` behind our back.
+    pub fn vanish(&self, backing: &Path) {
+        self.lock().attached.retain(|_, b| b != backing);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, DeviceState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records `call` and fails it if a failure was armed for `op`.
+    fn enter(&self, op: &'static str, call: String, path: &Path) -> Result<std::sync::MutexGuard<'_, DeviceState>, SysError> {
+        let mut s = self.lock();
+        s.calls.push(call);
+        match s.fail_next.remove(op) {
+            Some(errno) => Err(SysError::io(op, path, std::io::Error::from_raw_os_error(errno))),
+            None => Ok(s),
+        }
+    }
+}
+
+impl Devices for RecordingDevices {
+    fn find_by_backing(&self, backing: &Path) -> Result<Vec<LoopDevice>, SysError> {
+        let s = self.enter("find", format!("find {}", backing.display()), backing)?;
+        Ok(s.attached
+            .iter()
+            .filter(|(_, b)| b.as_path() == backing)
+            .map(|(n, _)| LoopDevice::new(*n))
+            .collect())
+    }
+    fn attach(&self, backing: &Path, read_only: bool) -> Result<(LoopDevice, bool), SysError> {
+        let mut s = self.enter("attach", format!("attach {} ro={read_only}", backing.display()), backing)?;
+        let n = s.next;
+        s.next += 1;
+        s.attached.insert(n, backing.to_path_buf());
+        Ok((LoopDevice::new(n), true))
+    }
+    fn detach(&self, device: &LoopDevice) -> Result<(), SysError> {
+        // As the real detach: a device already gone is fine.
+        let mut s = self.enter("detach", format!("detach {}", device.path.display()), &device.path)?;
+        s.attached.remove(&device.number);
+        Ok(())
+    }
+    fn refresh_capacity(&self, device: &LoopDevice) -> Result<(), SysError> {
+        let s = self.enter("refresh", format!("refresh {}", device.path.display()), &device.path)?;
+        match s.attached.contains_key(&device.number) {
+            true => Ok(()),
+            false => Err(SysError::io(
+                "refresh loop capacity",
+                &device.path,
+                std::io::Error::from_raw_os_error(libc::ENXIO),
+            )),
+        }
+    }
+    fn size(&self, device: &Path) -> Result<u64, SysError> {
+        let s = self.enter("size", format!("size {}", device.display()), device)?;
+        let backing = s
+            .attached
+            .iter()
+            .find(|(n, _)| LoopDevice::new(**n).path == device)
+            .map(|(_, b)| b.clone());
+        drop(s);
+        match backing {
+            Some(b) => std::fs::metadata(&b).map(|m| m.len()).map_err(|e| SysError::io("stat", &b, e)),
+            None => Err(SysError::io("device size", device, std::io::Error::from_raw_os_error(libc::ENXIO))),
+        }
+    }
+    fn grow_offline(&self, fs: FsType, device: &Path) -> Result<(), SysError> {
+        self.enter("grow-offline", format!("grow-offline {} {}", fs.as_str(), device.display()), device)
+            .map(|_| ())
+    }
+    fn grow_online(&self, fs: FsType, device: &Path, mountpoint: &Path) -> Result<(), SysError> {
+        self.enter(
+            "grow-online",
+            format!("grow-online {} {} {}", fs.as_str(), device.display(), mountpoint.display()),
+            device,
+        )
+        .map(|_| ())
+    }
+}
