@@ -14,8 +14,8 @@ use crate::csi::v1::*;
 use crate::storage::config::Config;
 use crate::storage::engine::{CapacityRange, LocalEngine, NewVolume};
 use crate::storage::id::NodeId;
-use crate::storage::record::{AccessMode, VolumeMode};
 use crate::storage::record::Layout;
+use crate::storage::record::{AccessMode, VolumeMode};
 use crate::sys::devices::RecordingDevices;
 use crate::sys::mount::RecordingMounter;
 
@@ -118,7 +118,12 @@ impl Node {
 
     /// The image file behind a staged image volume, as the node's state names it.
     fn backing(&self, id: &str) -> PathBuf {
-        self.svc.state.get(id).staged.and_then(|s| s.backing).expect("an image's stage names its file")
+        self.svc
+            .state
+            .get(id)
+            .staged
+            .and_then(|s| s.backing)
+            .expect("an image's stage names its file")
     }
 
     fn count(&self, prefix: &str) -> usize {

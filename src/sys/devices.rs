@@ -98,7 +98,12 @@ impl RecordingDevices {
     }
 
     /// Records `call` and fails it if a failure was armed for `op`.
-    fn enter(&self, op: &'static str, call: String, path: &Path) -> Result<std::sync::MutexGuard<'_, DeviceState>, SysError> {
+    fn enter(
+        &self,
+        op: &'static str,
+        call: String,
+        path: &Path,
+    ) -> Result<std::sync::MutexGuard<'_, DeviceState>, SysError> {
         let mut s = self.lock();
         s.calls.push(call);
         match s.fail_next.remove(op) {
@@ -118,7 +123,11 @@ impl Devices for RecordingDevices {
             .collect())
     }
     fn attach(&self, backing: &Path, read_only: bool) -> Result<(LoopDevice, bool), SysError> {
-        let mut s = self.enter("attach", format!("attach {} ro={read_only}", backing.display()), backing)?;
+        let mut s = self.enter(
+            "attach",
+            format!("attach {} ro={read_only}", backing.display()),
+            backing,
+        )?;
         let n = s.next;
         s.next += 1;
         s.attached.insert(n, backing.to_path_buf());
@@ -150,18 +159,33 @@ impl Devices for RecordingDevices {
             .map(|(_, b)| b.clone());
         drop(s);
         match backing {
-            Some(b) => std::fs::metadata(&b).map(|m| m.len()).map_err(|e| SysError::io("stat", &b, e)),
-            None => Err(SysError::io("device size", device, std::io::Error::from_raw_os_error(libc::ENXIO))),
+            Some(b) => std::fs::metadata(&b)
+                .map(|m| m.len())
+                .map_err(|e| SysError::io("stat", &b, e)),
+            None => Err(SysError::io(
+                "device size",
+                device,
+                std::io::Error::from_raw_os_error(libc::ENXIO),
+            )),
         }
     }
     fn grow_offline(&self, fs: FsType, device: &Path) -> Result<(), SysError> {
-        self.enter("grow-offline", format!("grow-offline {} {}", fs.as_str(), device.display()), device)
-            .map(|_| ())
+        self.enter(
+            "grow-offline",
+            format!("grow-offline {} {}", fs.as_str(), device.display()),
+            device,
+        )
+        .map(|_| ())
     }
     fn grow_online(&self, fs: FsType, device: &Path, mountpoint: &Path) -> Result<(), SysError> {
         self.enter(
             "grow-online",
-            format!("grow-online {} {} {}", fs.as_str(), device.display(), mountpoint.display()),
+            format!(
+                "grow-online {} {} {}",
+                fs.as_str(),
+                device.display(),
+                mountpoint.display()
+            ),
             device,
         )
         .map(|_| ())

@@ -1,0 +1,241 @@
+//! Sizes and room: what a pool can still hold, expand and modify, and each volume's condition.
+
+use super::*;
+
+impl LocalEngine {
+    /// Bytes a new volume of `layout` can still take in `pool`. Image volumes may grow into all of
+    /// their capacity, so what existing images have not yet allocated is held back for them.
+    pub(super) fn room(&self, pool: &Pool, layout: Layout) -> Result<u64, StorageError> {
+        let avail = usage(pool)?.available_bytes;
+        if !layout::of(layout).reserves_capacity() {
+            return Ok(avail);
+        }
+        if pool.shared() {
+            self.refresh_shared(); // images another replica made hold room too
+        }
+        Ok(avail.saturating_sub(self.held_back(pool)))
+    }
+
+    /// What existing volumes of a pool may still grow into, held back from new ones.
+    pub(super) fn held_back(&self, pool: &Pool) -> u64 {
+        self.store.fold_prefix(&self.id_prefix(pool), 0u64, |sum, id, r| {
+            let ops = layout::of(r.layout);
+            let Some(key) = VolumeId::parse(id)
+                .ok()
+                .filter(|_| ops.reserves_capacity())
+                .map(|v| v.0.key)
+            else {
+                return sum;
+            };
+            sum + ops.holds_back(r.capacity_bytes, &pool.data_path(Kind::Volume, &key))
+        })
+    }
+
+    /// A volume of this node, locked for a change: its pool, the lock, and its record.
+    pub(super) fn for_change(&self, id: &VolumeId) -> Result<(&Pool, Held, VolumeRecord), StorageError> {
+        let shown = id.to_string();
+        let pool = self
+            .locate(&id.0)
+            .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
+        let held = self.take(Kind::Volume, &id.0.pool, &id.0.key, &shown)?;
+        let rec = self.volume(id).ok_or(StorageError::VolumeNotFound(shown))?;
+        Ok((pool, held, rec))
+    }
+
+    /// Writes a changed volume record durably, then updates the index.
+    pub(super) fn save(&self, pool: &Pool, id: &VolumeId, rec: &VolumeRecord) -> Result<(), StorageError> {
+        self.store.put_volume(pool, &id.0.key, rec)
+    }
+
+    /// Grows a volume; the flag says whether the node must grow a filesystem too.
+    pub fn expand_volume(&self, id: &VolumeId, range: CapacityRange) -> Result<(VolumeRecord, bool), StorageError> {
+        let shown = id.to_string();
+        let (pool, _held, mut rec) = self.for_change(id)?;
+        let node_step = layout::of(rec.layout).has_filesystem();
+        if range.required == 0 {
+            // Only a limit: the volume already is what it will be, if the limit admits it.
+            if range.admits(rec.capacity_bytes) {
+                return Ok((rec, node_step));
+            }
+            return Err(StorageError::OutOfRange(format!(
+                "volume {shown} has {} bytes, above the limit of {}; volumes cannot shrink",
+                rec.capacity_bytes, range.limit
+            )));
+        }
+        let wanted = range.choose()?;
+        if wanted <= rec.capacity_bytes {
+            if wanted == rec.capacity_bytes || range.admits(rec.capacity_bytes) {
+                return Ok((rec, node_step)); // already at least as large and within the limit
+            }
+            return Err(StorageError::OutOfRange(format!(
+                "volume {shown} has {} bytes; volumes cannot shrink (asked for {wanted})",
+                rec.capacity_bytes
+            )));
+        }
+        // Invariant 3: every size change is checked against the pool and the room left in it.
+        let u = usage(pool)?;
+        if wanted > u.total_bytes {
+            return Err(StorageError::OutOfRange(format!(
+                "volume {shown} cannot grow to {wanted} bytes: pool '{}' holds {} bytes in all",
+                id.0.pool.as_str(),
+                u.total_bytes
+            )));
+        }
+        let room = self.room(pool, rec.layout)?;
+        let more = wanted - rec.capacity_bytes;
+        if more > room {
+            return Err(StorageError::Exhausted(format!(
+                "pool '{}' can give {room} more bytes to {} volumes; growing {shown} to {wanted} needs {more}{}",
+                id.0.pool.as_str(),
+                rec.layout.as_str(),
+                room_hint(rec.layout)
+            )));
+        }
+        layout::of(rec.layout).set_capacity(&pool.data_path(Kind::Volume, &id.0.key), wanted)?;
+        crash::point("expand:before-record");
+        rec.capacity_bytes = wanted;
+        self.save(pool, id, &rec)?;
+        Ok((rec, node_step))
+    }
+
+    /// Changes a volume's mutable parameters (ControllerModifyVolume).
+    pub fn modify_volume(&self, id: &VolumeId, m: &Mutable) -> Result<VolumeRecord, StorageError> {
+        let shown = id.to_string();
+        let (pool, _held, mut rec) = self.for_change(id)?;
+        if let Some(c) = &m.compression {
+            if !layout::of(rec.layout).compresses() {
+                return Err(StorageError::Unsupported(format!(
+                    "compression applies to btrfs volumes; volume {shown} has layout '{}'",
+                    rec.layout.as_str()
+                )));
+            }
+            let data = pool.data_path(Kind::Volume, &id.0.key);
+            btrfs::set_compression(&data, Some(c.as_str()).filter(|c| *c != "none"))?;
+            rec.compression = Some(c.clone()).filter(|c| c != "none");
+        }
+        if let Some(p) = m.delete_policy {
+            rec.delete_policy = Some(p);
+        }
+        self.save(pool, id, &rec)?;
+        Ok(rec)
+    }
+
+    /// Records the size the filesystem inside an image volume now has (the node grew it).
+    pub fn set_fs_bytes(&self, id: &VolumeId, bytes: u64) -> Result<(), StorageError> {
+        let (pool, _held, mut rec) = self.for_change(id)?;
+        if rec.fs_bytes == bytes {
+            return Ok(());
+        }
+        rec.fs_bytes = bytes;
+        self.save(pool, id, &rec)
+    }
+
+    pub fn condition(&self, id: &VolumeId) -> Condition {
+        let Ok((rec, data)) = self.volume_data(id) else {
+            return Condition {
+                abnormal: true,
+                message: format!("volume {id} {NO_RECORD} {}", self.node.as_str()),
+            };
+        };
+        if let Some(message) = layout::fault(rec.layout, &data) {
+            return Condition {
+                abnormal: true,
+                message,
+            };
+        }
+        if !layout::of(rec.layout).enforces_capacity() {
+            let held = self.dir_bytes(id, &data, rec.capacity_bytes);
+            if held > rec.capacity_bytes {
+                return Condition {
+                    abnormal: true,
+                    message: format!(
+                        "volume {id} holds {held} bytes, capacity {}; {UNENFORCED_CAPACITY} \
+                         (use layout btrfs or image for a hard limit)",
+                        rec.capacity_bytes
+                    ),
+                };
+            }
+        }
+        Condition {
+            abnormal: false,
+            message: "volume data is present".into(),
+        }
+    }
+
+    /// Bytes a dir volume holds, counted at most every `DIR_USAGE_TTL` per volume (a walk of the
+    /// whole tree) and only until it passes the capacity.
+    pub(super) fn dir_bytes(&self, id: &VolumeId, data: &std::path::Path, capacity: u64) -> u64 {
+        let key = id.to_string();
+        if let Some((at, bytes)) = lock(&self.dir_usage).get(&key) {
+            if at.elapsed() < DIR_USAGE_TTL {
+                return *bytes;
+            }
+        }
+        let bytes = layout::allocated_tree_upto(data, capacity.saturating_add(1));
+        let mut cache = lock(&self.dir_usage);
+        if cache.len() > 100_000 {
+            cache.clear(); // bounded: a cache, not a record
+        }
+        cache.insert(key, (std::time::Instant::now(), bytes));
+        bytes
+    }
+
+    pub fn volumes_with_condition(&self) -> Vec<(VolumeRecord, Condition)> {
+        self.volumes()
+            .into_iter()
+            .map(|r| {
+                let c = VolumeId::parse(&r.id)
+                    .map(|id| self.condition(&id))
+                    .unwrap_or(Condition {
+                        abnormal: true,
+                        message: format!("record holds an unparsable id '{}'", r.id),
+                    });
+                (r, c)
+            })
+            .collect()
+    }
+
+    pub fn pool_status(&self) -> Result<Vec<PoolStatus>, StorageError> {
+        self.pools
+            .values()
+            .map(|p| {
+                let u = usage(p)?;
+                let prefix = self.id_prefix(p);
+                let provisioned = self
+                    .store
+                    .fold_prefix(&prefix, 0u64, |sum, _, r| sum + r.capacity_bytes);
+                Ok(PoolStatus {
+                    name: p.config.name.clone(),
+                    is_default: p.config.name == self.default_pool,
+                    default_layout: p.config.default_layout,
+                    layouts: p.config.layouts.clone(),
+                    total_bytes: u.total_bytes,
+                    available_bytes: u.available_bytes,
+                    image_allocatable_bytes: u.available_bytes.saturating_sub(self.held_back(p)),
+                    provisioned_bytes: provisioned,
+                    shared: p.shared(),
+                })
+            })
+            .collect()
+    }
+}
+
+/// What a room refusal adds for layouts that hold room back (so a full-looking pool is explained).
+pub(super) fn room_hint(l: Layout) -> &'static str {
+    if layout::of(l).reserves_capacity() {
+        " (image volumes reserve their whole capacity, and existing images hold back what they may still \
+         grow into; see docs/pools.md)"
+    } else {
+        ""
+    }
+}
+
+/// statfs of a pool; on a share it is bounded in time, so a server that is gone answers UNAVAILABLE
+/// instead of hanging the call.
+pub(super) fn usage(pool: &Pool) -> Result<statfs::FsUsage, StorageError> {
+    Ok(if pool.shared() {
+        crate::sys::share::usage(pool.root())?
+    } else {
+        statfs::usage(pool.root())?
+    })
+}

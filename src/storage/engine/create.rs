@@ -1,0 +1,463 @@
+//! CreateVolume and its copies: the plan (every check before anything is made), the making, the
+//! record, and imports and exports of a volume's data between nodes.
+
+use super::capacity::room_hint;
+use super::*;
+
+impl LocalEngine {
+    pub fn create_volume(&self, req: NewVolume) -> Result<VolumeRecord, StorageError> {
+        let p = match self.plan(&req)? {
+            Plan::Exists(rec) => return Ok(rec),
+            Plan::New(p) => p,
+        };
+        let (pool, key) = (p.pool, p.key.clone());
+        let made = self.make_volume(p, &req);
+        self.undo_unrecorded(pool, Kind::Volume, &key, made)
+    }
+
+    /// Makes a planned volume's data and its record.
+    pub(super) fn make_volume(&self, mut p: Planned<'_>, req: &NewVolume) -> Result<VolumeRecord, StorageError> {
+        let pool = p.pool;
+        let data = pool.data_path(Kind::Volume, &p.key);
+        let fs_bytes = match &req.source {
+            None => {
+                let fs = FsType::parse(&p.fs_type).unwrap_or(pool.config.fs_type);
+                let made = layout::create_empty(pool, &p.key, p.layout, p.capacity, req.mode, fs)?;
+                if layout::of(p.layout).is_tree() {
+                    set_owner(&data, req.owner)?;
+                }
+                made.fs_bytes
+            }
+            Some(src) => {
+                let from = self.source_data(src)?;
+                same_kind(p.layout, req.mode, p.capacity, from.layout, from.mode, from.size)?;
+                if layout::of(p.layout).has_filesystem() && req.mode == VolumeMode::Filesystem {
+                    p.fs_type = copy_fs_type(&from.path, &req.fs_type)?;
+                }
+                layout::create_copy(pool, Kind::Volume, &p.key, p.layout, &from.path, true, false)?;
+                layout::of(p.layout).set_capacity(&data, p.capacity)?;
+                from.fs_bytes
+            }
+        };
+        self.record_new(p, req, fs_bytes)
+    }
+
+    /// Everything CreateVolume checks before it makes anything: the pool, layout, modes, size and
+    /// room; the volume's key, id and lock; or the volume already made under that name.
+    pub(super) fn plan(&self, req: &NewVolume) -> Result<Plan<'_>, StorageError> {
+        let pool_name = req.pool.clone().unwrap_or_else(|| self.default_pool.clone());
+        let pool = self.pool(&pool_name)?;
+        let layout = req.layout.unwrap_or(pool.config.default_layout);
+        let ops = layout::of(layout);
+        if !pool.config.layouts.contains(&layout) {
+            return Err(StorageError::LayoutNotAllowed {
+                layout: layout.as_str().into(),
+                pool: pool_name.as_str().into(),
+                allowed: pool
+                    .config
+                    .layouts
+                    .iter()
+                    .map(|l| l.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        if pool.shared() {
+            let multi = |m: &&AccessMode| {
+                matches!(
+                    m,
+                    AccessMode::MultiNodeReaderOnly
+                        | AccessMode::MultiNodeSingleWriter
+                        | AccessMode::MultiNodeMultiWriter
+                )
+            };
+            if let Some(m) = req.access_modes.iter().find(multi).filter(|_| ops.single_node()) {
+                return Err(StorageError::Unsupported(format!(
+                    "access mode {m:?} needs layout 'dir': a volume of layout '{}' is used on one node at a time",
+                    layout.as_str()
+                )));
+            }
+        } else if let Some(m) = req.access_modes.iter().find(|m| !m.served_by_local_pool()) {
+            return Err(StorageError::Unsupported(format!(
+                "access mode {m:?} needs a shared pool; pool '{}' is local (local pools serve single-node modes and MULTI_NODE_READER_ONLY)",
+                pool_name.as_str()
+            )));
+        }
+        if req.mode == VolumeMode::Block && !ops.serves_block() {
+            return Err(StorageError::Unsupported(format!(
+                "volume mode Block needs layout 'image'; layout '{}' serves Filesystem volumes only",
+                layout.as_str()
+            )));
+        }
+        let fs_type = match (ops.has_filesystem(), req.mode) {
+            (true, VolumeMode::Filesystem) => {
+                let fs = if req.fs_type.is_empty() {
+                    pool.config.fs_type
+                } else {
+                    FsType::parse(&req.fs_type).ok_or_else(|| {
+                        StorageError::Unsupported(format!(
+                            "filesystem type '{}' cannot be made inside an image volume (use ext4 or xfs)",
+                            req.fs_type
+                        ))
+                    })?
+                };
+                fs.as_str().to_string()
+            }
+            (true, VolumeMode::Block) => String::new(),
+            _ => req.fs_type.clone(),
+        };
+        if req.mutable.compression.is_some() && !ops.compresses() {
+            return Err(StorageError::Unsupported(format!(
+                "compression applies to btrfs volumes; this volume's layout is '{}'",
+                layout.as_str()
+            )));
+        }
+        let mut capacity = req.capacity.choose()?;
+        if let Some(fs) = FsType::parse(&fs_type).filter(|_| ops.has_filesystem() && req.source.is_none()) {
+            // A filesystem has a smallest size: round up to it within the limit, never past it.
+            let min = fs.min_bytes();
+            if capacity < min {
+                if req.capacity.limit != 0 && req.capacity.limit < min {
+                    return Err(StorageError::OutOfRange(format!(
+                        "an {fs} filesystem needs at least {min} bytes ({} MiB); limit_bytes is {}: raise it or use another filesystem type",
+                        min >> 20,
+                        req.capacity.limit
+                    )));
+                }
+                capacity = min;
+            }
+        }
+        let key = self.key_for(pool, req)?;
+        let id = self.volume_id(&pool_name, &key);
+        let held = self.take(Kind::Volume, &pool_name, &key, &id.to_string())?;
+
+        let source = match &req.source {
+            None => None,
+            Some(Source::Snapshot(s)) => Some(ContentSource::Snapshot(s.to_string())),
+            Some(Source::Volume(v)) => Some(ContentSource::Volume(v.to_string())),
+        };
+        if let Some(existing) = self.volume(&id) {
+            // A copy's filesystem is its source's, whatever the pool's default.
+            let fs_type = if req.source.is_some() && req.fs_type.is_empty() {
+                existing.fs_type.clone()
+            } else {
+                fs_type
+            };
+            return same_volume(&existing, req, layout, &fs_type, &source).map(|()| Plan::Exists(existing));
+        }
+
+        // Data of this very volume left by a create that died before its record (whole in place,
+        // or half-made in `.work`) is reused or replaced by this one: it does not take room from it.
+        let leftover = layout::allocated_tree(&pool.data_path(Kind::Volume, &key))
+            + layout::allocated_tree(&pool.work_path(Kind::Volume, &key));
+        let room = self.room(pool, layout)?.saturating_add(leftover);
+        if capacity > room {
+            // Named with its node: in split mode this answer reaches the scheduler through the
+            // controller, and says which node is full.
+            let place = match self.location_of(&pool_name) {
+                Location::Local(n) => format!("pool '{}' on node {}", pool_name.as_str(), n.as_str()),
+                Location::Shared => format!("shared pool '{}'", pool_name.as_str()),
+            };
+            return Err(StorageError::Exhausted(format!(
+                "{place} can give {room} more bytes to {} volumes, the volume needs {capacity}{}",
+                layout.as_str(),
+                room_hint(layout)
+            )));
+        }
+
+        Ok(Plan::New(Planned {
+            pool,
+            key,
+            id,
+            layout,
+            capacity,
+            fs_type,
+            source,
+            _held: held,
+        }))
+    }
+
+    /// Writes the record of a volume whose data is in place, then indexes it.
+    pub(super) fn record_new(
+        &self,
+        p: Planned<'_>,
+        req: &NewVolume,
+        fs_bytes: u64,
+    ) -> Result<VolumeRecord, StorageError> {
+        let data = p.pool.data_path(Kind::Volume, &p.key);
+        if let Some(c) = &req.mutable.compression {
+            btrfs::set_compression(&data, Some(c.as_str()).filter(|c| *c != "none"))?;
+        }
+        crash::point("create-volume:before-record");
+        let (secs, _) = now();
+        let rec = VolumeRecord {
+            version: RECORD_VERSION,
+            name: req.name.clone(),
+            id: p.id.to_string(),
+            layout: p.layout,
+            capacity_bytes: p.capacity,
+            mode: req.mode,
+            access_modes: req.access_modes.clone(),
+            fs_type: p.fs_type,
+            parameters: req.parameters.clone(),
+            source: p.source,
+            created_unix_secs: secs,
+            delete_policy: req.mutable.delete_policy.or(req.delete_policy),
+            compression: req.mutable.compression.clone().filter(|c| c != "none"),
+            fs_bytes,
+        };
+        self.store.put_volume(p.pool, &p.key, &rec)?;
+        Ok(rec)
+    }
+
+    /// Creates a volume from another node's data, streamed in `frames` (see `transfer`): built and
+    /// checked whole in `.work`, moved into place, and only then recorded. A stream that breaks off
+    /// or fails a check leaves nothing behind; the retry starts over. A name already made answers
+    /// with its volume without reading the stream.
+    pub fn import_volume(
+        &self,
+        req: NewVolume,
+        frames: &mut dyn Iterator<Item = Result<Frame, StorageError>>,
+    ) -> Result<VolumeRecord, StorageError> {
+        let p = match self.plan(&req)? {
+            Plan::Exists(rec) => return Ok(rec),
+            Plan::New(p) => p,
+        };
+        let (pool, key) = (p.pool, p.key.clone());
+        let made = self.import_planned(p, &req, frames);
+        self.undo_unrecorded(pool, Kind::Volume, &key, made)
+    }
+
+    /// Streams a planned volume's data from another node into place, then records it.
+    pub(super) fn import_planned(
+        &self,
+        mut p: Planned<'_>,
+        req: &NewVolume,
+        frames: &mut dyn Iterator<Item = Result<Frame, StorageError>>,
+    ) -> Result<VolumeRecord, StorageError> {
+        let cut = |what: &str| StorageError::Transfer(format!("the stream ended before its {what}"));
+        let header = match frames.next() {
+            Some(Ok(Frame::Header(h))) => h,
+            Some(Ok(_)) => return Err(StorageError::Transfer("the stream does not start with a header".into())),
+            Some(Err(e)) => return Err(e),
+            None => return Err(cut("header")),
+        };
+        same_kind(
+            p.layout,
+            req.mode,
+            p.capacity,
+            header.layout,
+            header.mode,
+            header.capacity_bytes,
+        )?;
+        if header.length > p.capacity {
+            return Err(StorageError::OutOfRange(format!(
+                "the source's image is {} bytes long but the new volume asks for {}",
+                header.length, p.capacity
+            )));
+        }
+        let data = p.pool.data_path(Kind::Volume, &p.key);
+        layout::clear_leftover(p.pool, Kind::Volume, &p.key)?;
+        {
+            let work = p.pool.work_path(Kind::Volume, &p.key);
+            if files::entry(&work)? != files::Entry::Missing {
+                layout::purge(&work)?;
+            }
+            tracing::info!(volume = %p.id, layout = p.layout.as_str(), "import from another node started");
+            let mut import = Import::start(&header, &work)?;
+            loop {
+                let f = frames.next().ok_or_else(|| cut("end"))??;
+                let end = matches!(f, Frame::End { .. });
+                import.frame(f)?;
+                if end {
+                    break;
+                }
+            }
+            import.finish(header.length)?;
+            crash::point("import:before-rename");
+            std::fs::rename(&work, &data).map_err(|e| crate::sys::SysError::io("rename", &data, e))?;
+            files::sync_dir(&p.pool.collection_dir(Kind::Volume))?;
+            tracing::info!(volume = %p.id, "import from another node checked and in place");
+        }
+        if layout::of(p.layout).has_filesystem() && req.mode == VolumeMode::Filesystem {
+            p.fs_type = copy_fs_type(&data, &req.fs_type)?;
+        }
+        layout::of(p.layout).set_capacity(&data, p.capacity)?;
+        self.record_new(p, req, header.fs_bytes)
+    }
+
+    /// Streams a volume's or snapshot's data to `send` (see `transfer`), holding its lock so that
+    /// it cannot be deleted meanwhile. A snapshot is read as it is (read-only); a live volume as
+    /// the local clone reads it: a directory tree in place, an image crash-consistent, and a btrfs
+    /// subvolume through a read-only snapshot taken for the transfer.
+    pub fn export(&self, src: &Source, send: &mut transfer::SendFrame<'_>) -> Result<(), StorageError> {
+        let from = self.source_data(src)?;
+        let header = Header {
+            layout: from.layout,
+            mode: from.mode,
+            capacity_bytes: from.size,
+            fs_bytes: from.fs_bytes,
+            length: 0,
+        };
+        let Source::Volume(v) = src else {
+            return transfer::export(header, &from.path, send);
+        };
+        let pool = self
+            .locate(&v.0)
+            .ok_or_else(|| StorageError::VolumeNotFound(v.to_string()))?;
+        let at = pool
+            .work_dir()
+            .join(format!("export-{}-{}", v.0.key.as_str(), uuid::Uuid::new_v4().simple()));
+        let Some(frozen) = layout::of(from.layout).frozen_view(&from.path, &at)? else {
+            return transfer::export(header, &from.path, send);
+        };
+        let sent = transfer::export(header, &frozen, send);
+        if let Err(e) = layout::purge(&frozen) {
+            tracing::warn!(path = %frozen.display(), error = %e, "could not drop the snapshot taken for an export; the next start clears it");
+        }
+        sent
+    }
+
+    /// The key a new volume is stored under. A name seen before keeps its key; a local volume's key
+    /// is its name's; a shared volume's comes from the pool's name template, told apart from any
+    /// other volume's that the template would give the same name.
+    pub(super) fn key_for(&self, pool: &Pool, req: &NewVolume) -> Result<Key, StorageError> {
+        let known = self.store.id_named(&req.name);
+        if let Some(id) = known.filter(|id| !self.is_shared_id(id) || self.volume_named(&req.name).is_some()) {
+            let id = VolumeId::parse(&id).map_err(|e| StorageError::Conflict(e.0))?;
+            if id.0.pool != pool.config.name {
+                return Err(StorageError::Conflict(format!(
+                    "volume '{}' already exists in pool '{}'",
+                    req.name,
+                    id.0.pool.as_str()
+                )));
+            }
+            return Ok(id.0.key);
+        }
+        if !pool.shared() {
+            return Ok(Key::from_name(&req.name));
+        }
+        let key = crate::storage::naming::key_for(&req.name, pool.config.name_template.as_deref(), &req.parameters);
+        // Read from the share: another controller replica may have made either volume.
+        let taken = |k: &Key| {
+            self.volume(&self.volume_id(&pool.config.name, k))
+                .is_some_and(|r| r.name != req.name)
+        };
+        Ok(if taken(&key) {
+            crate::storage::naming::disambiguate(&key, &req.name)
+        } else {
+            key
+        })
+    }
+}
+
+/// A CreateVolume that passed every check and holds its volume's lock, not made yet.
+pub(super) struct Planned<'a> {
+    pool: &'a Pool,
+    key: Key,
+    id: VolumeId,
+    layout: Layout,
+    capacity: u64,
+    fs_type: String,
+    source: Option<ContentSource>,
+    _held: Held,
+}
+
+pub(super) enum Plan<'a> {
+    /// The same request made this volume before.
+    Exists(VolumeRecord),
+    New(Planned<'a>),
+}
+
+/// A copy keeps its source's layout and mode and needs at least its capacity.
+pub(super) fn same_kind(
+    layout: Layout,
+    mode: VolumeMode,
+    capacity: u64,
+    from_layout: Layout,
+    from_mode: VolumeMode,
+    from_size: u64,
+) -> Result<(), StorageError> {
+    if from_layout != layout || from_mode != mode {
+        return Err(StorageError::Unsupported(format!(
+            "a {} {mode:?} volume can only be made from a source of the same layout and mode; the source is a {} {from_mode:?} volume",
+            layout.as_str(),
+            from_layout.as_str(),
+        )));
+    }
+    if from_size > capacity {
+        return Err(StorageError::OutOfRange(format!(
+            "the source holds {from_size} bytes of capacity but the new volume asks for {capacity}"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a repeated CreateVolume asks for the volume that exists (OK) or another one (ALREADY_EXISTS).
+pub(super) fn same_volume(
+    existing: &VolumeRecord,
+    req: &NewVolume,
+    layout: Layout,
+    fs_type: &str,
+    source: &Option<ContentSource>,
+) -> Result<(), StorageError> {
+    let conflict = |what: &str| {
+        Err(StorageError::Conflict(format!(
+            "volume '{}' already exists with another {what}",
+            req.name
+        )))
+    };
+    if !req.capacity.admits(existing.capacity_bytes) {
+        return Err(StorageError::Conflict(format!(
+            "volume '{}' already exists with {} bytes, outside the requested range",
+            req.name, existing.capacity_bytes
+        )));
+    }
+    let mut a = existing.access_modes.clone();
+    let mut b = req.access_modes.clone();
+    a.sort();
+    a.dedup();
+    b.sort();
+    b.dedup();
+    if a != b || existing.mode != req.mode || existing.fs_type != fs_type {
+        return conflict("capability");
+    }
+    if existing.layout != layout || existing.parameters != req.parameters {
+        return conflict("set of parameters");
+    }
+    if existing.source != *source {
+        return conflict("content source");
+    }
+    Ok(())
+}
+
+/// The filesystem a copy of the image at `src` has: its source's. A request that names another one
+/// is refused (the copy would never mount as what its record says).
+pub(super) fn copy_fs_type(src: &std::path::Path, asked: &str) -> Result<String, StorageError> {
+    let found = crate::sys::fstools::probe(src)?.ok_or_else(|| {
+        StorageError::Unsupported(format!(
+            "the source image {} holds no ext4 or xfs filesystem to copy",
+            src.display()
+        ))
+    })?;
+    if !asked.is_empty() && asked != found.as_str() {
+        return Err(StorageError::Unsupported(format!(
+            "a copy keeps its source's filesystem: the source is {found}, the request asks for '{asked}' \
+             (leave fsType unset, or set it to {found})"
+        )));
+    }
+    Ok(found.as_str().to_string())
+}
+
+/// Gives a new directory volume the owner and mode a StorageClass asked for.
+pub(super) fn set_owner(dir: &std::path::Path, o: Ownership) -> Result<(), StorageError> {
+    use std::os::unix::fs::PermissionsExt;
+    if o.uid.is_some() || o.gid.is_some() {
+        std::os::unix::fs::chown(dir, o.uid, o.gid).map_err(|e| crate::sys::SysError::io("chown", dir, e))?;
+    }
+    if let Some(mode) = o.mode {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| crate::sys::SysError::io("chmod", dir, e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,235 @@
+//! DeleteVolume and what guards it: a volume staged or published anywhere is never deleted.
+
+use super::*;
+
+impl LocalEngine {
+    pub fn delete_volume(&self, id: &VolumeId) -> Result<(), StorageError> {
+        let Some(pool) = self.locate(&id.0) else {
+            return Ok(()); // not ours and not a pool here: nothing to delete
+        };
+        let shown = id.to_string();
+        let _held = self.take(Kind::Volume, &id.0.pool, &id.0.key, &shown)?;
+        let data = pool.data_path(Kind::Volume, &id.0.key);
+        let _claimed = self.refuse_in_use(pool, id, &data)?;
+        if pool.shared() {
+            let (lease, ttl) = Self::lease_at(pool, id);
+            if let Err(holder) = self.leases.clear_if_stale(&lease, ttl)? {
+                return Err(StorageError::InUse(format!(
+                    "volume {shown} is staged on node {holder}, which holds its lease; unstage it there first \
+                     (a lease its node stops renewing expires after {} s)",
+                    ttl.as_secs()
+                )));
+            }
+        }
+        let rec = self.volume(id);
+        let policy = rec
+            .as_ref()
+            .and_then(|r| r.delete_policy)
+            .unwrap_or(pool.config.delete_policy);
+        match (policy, rec) {
+            (DeletePolicy::Retain, Some(rec)) => self.keep(pool, &id.0.key, &rec, &pool.retained_dir(), false)?,
+            (DeletePolicy::Archive, Some(rec)) => self.keep(pool, &id.0.key, &rec, &pool.archive_dir(), true)?,
+            _ => self.remove_object(pool, Kind::Volume, &id.0.key, &shown)?,
+        }
+        Ok(())
+    }
+
+    /// Moves the data into the trash, removes the record durably, then purges the trash. A crash
+    /// before the record is gone leaves a record whose data is missing; the retried delete finishes.
+    pub(super) fn remove_object(&self, pool: &Pool, kind: Kind, key: &Key, shown: &str) -> Result<(), StorageError> {
+        let data = pool.data_path(kind, key);
+        let trashed = pool
+            .trash_dir()
+            .join(format!("{}-{}", key.as_str(), uuid::Uuid::new_v4().simple()));
+        let moved = match files::entry(&data)? {
+            files::Entry::Missing => false,
+            // A read-only subvolume cannot move (its '..' cannot change); btrfs drops it atomically
+            // in place instead.
+            files::Entry::Dir if btrfs::is_subvolume(&data).unwrap_or(false) => {
+                btrfs::delete_subvolume(&data)?;
+                false
+            }
+            _ => {
+                std::fs::rename(&data, &trashed).map_err(|e| crate::sys::SysError::io("rename", &data, e))?;
+                true
+            }
+        };
+        crash::point("delete:after-trash");
+        self.store.remove(pool, kind, key, shown)?;
+        if moved {
+            if pool.shared() {
+                // A shared volume may be a huge tree on a slow share: the purge runs in the background.
+                if let Some(tx) = lock(&self.purge_wake).as_ref() {
+                    let _ = tx.send(());
+                }
+            } else {
+                layout::purge(&trashed)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the lease of a volume of a shared pool lives, and how long it lasts unrenewed.
+    pub(super) fn lease_at(pool: &Pool, id: &VolumeId) -> (PathBuf, std::time::Duration) {
+        (
+            pool.lease_path(&id.0.key),
+            std::time::Duration::from_secs(pool.config.lease_seconds),
+        )
+    }
+
+    /// Where the lease of a volume of a shared pool lives (only `image` volumes take one), and how
+    /// long it lasts; `None` for volumes of local pools.
+    pub fn shared_lease(&self, id: &VolumeId) -> Option<(PathBuf, std::time::Duration)> {
+        let pool = self.locate(&id.0)?;
+        pool.shared().then(|| Self::lease_at(pool, id))
+    }
+
+    /// Invariant 1: data that is staged or published is never deleted. A loop device attached to an
+    /// image; the node's mount state (its lock is held until the delete is done, so no stage races
+    /// it), or where no Node service runs here, the kernel's mount table; and for shared pools the
+    /// marks every node leaves on the share while it has the volume staged.
+    pub(super) fn refuse_in_use(
+        &self,
+        pool: &Pool,
+        id: &VolumeId,
+        data: &std::path::Path,
+    ) -> Result<Option<Held>, StorageError> {
+        let node = self.node.as_str();
+        if let Some(dev) = self.attached(data)?.first() {
+            return Err(StorageError::InUse(format!(
+                "volume {id} is still attached as {} on node {node}; unpublish and unstage it before deleting",
+                dev.path.display()
+            )));
+        }
+        // Where this process serves the Node service, its mount state answers at once; elsewhere
+        // (unit tests, tools) the kernel's mount table does, at the cost of reading all of it.
+        let (at, claimed) = match self.mounted_here.get().map(|m| m.claim(&id.to_string())) {
+            Some(NodeUse::Free(held)) => (Vec::new(), Some(held)),
+            Some(NodeUse::Busy) => return Err(StorageError::Busy(id.to_string())),
+            Some(NodeUse::MountedAt(at)) => (at, None),
+            None if files::entry(data)? == files::Entry::Dir => {
+                let table = mountinfo::read(std::path::Path::new(mountinfo::SELF))?;
+                (mountinfo::mounts_of(&table, data), None)
+            }
+            None => (Vec::new(), None),
+        };
+        if !at.is_empty() {
+            let shown: Vec<String> = at.iter().take(3).map(|p| p.display().to_string()).collect();
+            return Err(StorageError::InUse(format!(
+                "volume {id} is mounted at {} on node {node}; unpublish and unstage it before deleting",
+                shown.join(", ")
+            )));
+        }
+        if pool.shared() {
+            let nodes = staged_marks(pool, &id.0.key)?;
+            if !nodes.is_empty() {
+                return Err(StorageError::InUse(format!(
+                    "volume {id} is staged on node {}; unstage it there before deleting (a node that is gone \
+                     for good leaves {} behind: remove it by hand once no pod uses the volume)",
+                    nodes.join(", "),
+                    pool.staged_dir(&id.0.key).display()
+                )));
+            }
+        }
+        Ok(claimed)
+    }
+
+    /// Registers this node's mount state, asked before every delete (once, at start).
+    pub fn set_mounted_here(&self, m: std::sync::Arc<dyn MountedHere>) {
+        let _ = self.mounted_here.set(m);
+    }
+
+    /// Marks a directory volume of a shared pool as staged on this node (before its mount), or
+    /// clears the mark (after its unmount): what DeleteVolume on any controller replica consults.
+    pub fn mark_staged(&self, id: &VolumeId, staged: bool) -> Result<(), StorageError> {
+        let Some(pool) = self.locate(&id.0).filter(|p| p.shared()) else {
+            return Ok(());
+        };
+        let dir = pool.staged_dir(&id.0.key);
+        let mark = dir.join(self.node.as_str());
+        if staged {
+            files::ensure_dir(&dir, 0o700)?;
+            files::write_atomic(&mark, b"", files::Durability::PowerLoss)?;
+        } else {
+            files::remove_file_if_exists(&mark)?;
+            // The directory goes when the last node's mark does; another node's new mark keeps it.
+            let _ = std::fs::remove_dir(&dir);
+        }
+        Ok(())
+    }
+
+    /// Loop devices attached to an image's file (none for other layouts).
+    pub(super) fn attached(&self, data: &std::path::Path) -> Result<Vec<loopdev::LoopDevice>, StorageError> {
+        if files::entry(data)? != files::Entry::File {
+            return Ok(Vec::new());
+        }
+        Ok(loopdev::find_by_backing(data)?)
+    }
+
+    /// Moves a volume's data and a copy of its record out of the live namespace, for `retain` (same
+    /// name, a suffix only if that name is taken) and `archive` (always a UTC time suffix).
+    pub(super) fn keep(
+        &self,
+        pool: &Pool,
+        key: &Key,
+        rec: &VolumeRecord,
+        dir: &std::path::Path,
+        stamp: bool,
+    ) -> Result<(), StorageError> {
+        files::ensure_dir(dir, 0o700)?;
+        let (secs, _) = now();
+        let mut name = if stamp {
+            format!("{}-{}", key.as_str(), secs)
+        } else {
+            key.as_str().to_string()
+        };
+        if files::entry(&dir.join(&name))? != files::Entry::Missing {
+            name = format!("{}-{}-{}", key.as_str(), secs, uuid::Uuid::new_v4().simple());
+        }
+        let data = pool.data_path(Kind::Volume, key);
+        let dest = dir.join(&name);
+        self.store.keep_copy(&dir.join(format!("{name}.json")), rec)?;
+        if files::entry(&data)? != files::Entry::Missing {
+            std::fs::rename(&data, &dest).map_err(|e| crate::sys::SysError::io("rename", &data, e))?;
+        }
+        self.store.remove(pool, Kind::Volume, key, &rec.id)?;
+        files::sync_dir(dir)?;
+        tracing::info!(volume = %rec.id, kept_at = %dest.display(), "volume data kept by delete policy");
+        Ok(())
+    }
+}
+
+/// What this process has mounted of each volume: the node's mount state, written before every mount
+/// and after every unmount, so it is never behind the kernel for cellar's own mounts.
+pub trait MountedHere: Send + Sync {
+    /// Claims the volume for a delete: the node's own per-volume lock (so no stage or publish can
+    /// start until the delete is done), unless the volume is mounted here or a node call on it runs.
+    fn claim(&self, volume_id: &str) -> NodeUse;
+}
+
+/// What the node says of a volume a delete wants.
+pub enum NodeUse {
+    /// Not mounted here; no node call can start on it while this is held.
+    Free(Held),
+    /// A node call (stage, publish ...) on it is running: retry.
+    Busy,
+    /// Staged or published at these paths.
+    MountedAt(Vec<PathBuf>),
+}
+
+/// The nodes that hold a directory volume of a shared pool staged, from their marks on the share.
+pub(super) fn staged_marks(pool: &Pool, key: &Key) -> Result<Vec<String>, StorageError> {
+    let dir = pool.staged_dir(key);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(crate::sys::SysError::io("read directory", &dir, e).into()),
+    };
+    let mut nodes: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    nodes.sort();
+    Ok(nodes)
+}

@@ -1,0 +1,73 @@
+//! CreateSnapshot, DeleteSnapshot and the lookup of a snapshot by its CSI name.
+
+use super::*;
+
+impl LocalEngine {
+    /// Snapshots a volume; `freeze` makes the snapshot of a mounted image filesystem-consistent.
+    pub fn create_snapshot(&self, name: &str, source: &VolumeId, freeze: bool) -> Result<SnapshotRecord, StorageError> {
+        let shown_src = source.to_string();
+        let pool = self
+            .locate(&source.0)
+            .ok_or_else(|| StorageError::VolumeNotFound(shown_src.clone()))?;
+        let key = Key::from_name(name);
+        let id = SnapshotId(ObjectId {
+            location: self.location_of(&source.0.pool),
+            pool: source.0.pool.clone(),
+            key: key.clone(),
+        });
+        let _held = self.take(Kind::Snapshot, &source.0.pool, &key, &id.to_string())?;
+        if let Some(existing) = self.snapshot(&id) {
+            if existing.source_volume_id == shown_src {
+                return Ok(existing);
+            }
+            return Err(StorageError::Conflict(format!(
+                "snapshot '{name}' already exists for volume {}, not {shown_src}",
+                existing.source_volume_id
+            )));
+        }
+        let from = self.source_data(&Source::Volume(source.clone()))?;
+        let made = self.make_snapshot(pool, name, &id, &from, freeze);
+        self.undo_unrecorded(pool, Kind::Snapshot, &key, made)
+    }
+
+    /// Makes a snapshot's data (a copy of `from`) and its record.
+    pub(super) fn make_snapshot(
+        &self,
+        pool: &Pool,
+        name: &str,
+        id: &SnapshotId,
+        from: &SourceData,
+        freeze: bool,
+    ) -> Result<SnapshotRecord, StorageError> {
+        let key = &id.0.key;
+        layout::create_copy(pool, Kind::Snapshot, key, from.layout, &from.path, false, freeze)?;
+        crash::point("create-snapshot:before-record");
+        let rec = from.snapshot_record(name, id, now(), None);
+        self.store.put_snapshot(pool, key, &rec)?;
+        Ok(rec)
+    }
+
+    pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), StorageError> {
+        let Some(pool) = self.locate(&id.0) else {
+            return Ok(());
+        };
+        let _held = self.take(Kind::Snapshot, &id.0.pool, &id.0.key, &id.to_string())?;
+        if let Some(rec) = self.snapshot(id) {
+            self.refuse_group_member(&rec)?;
+        }
+        self.remove_object(pool, Kind::Snapshot, &id.0.key, &id.to_string())?;
+        Ok(())
+    }
+
+    pub fn snapshot_named(&self, name: &str) -> Option<SnapshotRecord> {
+        let key = Key::from_name(name);
+        self.pools.keys().find_map(|p| {
+            let id = SnapshotId(ObjectId {
+                location: self.location_of(p),
+                pool: p.clone(),
+                key: key.clone(),
+            });
+            self.snapshot(&id).filter(|r| r.name == name)
+        })
+    }
+}
