@@ -6,6 +6,7 @@ pub use error::ControllerError;
 pub mod group;
 mod health;
 pub mod page;
+mod placement;
 pub mod request;
 
 use std::collections::HashMap;
@@ -159,23 +160,6 @@ fn csi_volume(r: &VolumeRecord, node: &NodeId) -> Volume {
     }
 }
 
-/// Bytes a node's pool can still give a volume of the requested layout, or `None` when the node has
-/// no such pool or it does not allow that layout.
-fn room_for(pools: &[crate::storage::engine::PoolStatus], spec: &NewVolume) -> Option<u64> {
-    let p = pools.iter().find(|p| match &spec.pool {
-        Some(name) => *name == p.name,
-        None => p.is_default,
-    })?;
-    let layout = spec.layout.unwrap_or(p.default_layout);
-    if !p.layouts.contains(&layout) {
-        return None;
-    }
-    Some(if crate::storage::layout::of(layout).reserves_capacity() {
-        p.image_allocatable_bytes
-    } else {
-        p.available_bytes
-    })
-}
 
 /// Whether a volume (its record; `None` for a static volume) can serve a capability: local pools
 /// serve one node, image volumes one node at a time, shared directories every mode.
@@ -191,15 +175,6 @@ fn serves(rec: Option<&VolumeRecord>, c: &caps::Capability) -> bool {
     }
 }
 
-/// Whether a node may take a volume the scheduler placed: with preferred topologies (the
-/// scheduler's choice under WaitForFirstConsumer), only a node they name; without, any node.
-fn chosen(req: Option<&TopologyRequirement>, node: &NodeId) -> bool {
-    let preferred = req.map(|r| r.preferred.as_slice()).unwrap_or_default();
-    preferred.is_empty()
-        || preferred
-            .iter()
-            .any(|t| request::topology_node(t).is_none_or(|x| x == node.as_str()))
-}
 
 fn csi_snapshot(r: &SnapshotRecord) -> Snapshot {
     Snapshot {
@@ -406,7 +381,7 @@ impl ControllerService {
         if !ranked.contains(node) {
             return false;
         }
-        if !chosen(req, node) {
+        if !placement::chosen(req, node) {
             return false;
         }
         let Ok(wanted) = spec.capacity.choose() else {
@@ -414,7 +389,7 @@ impl ControllerService {
         };
         match self.pools_of(source).await {
             // A pool or layout the node does not have is the node's to explain.
-            Ok(pools) => room_for(&pools, spec).is_none_or(|room| room >= wanted),
+            Ok(pools) => placement::room_for(&pools, spec).is_none_or(|room| room >= wanted),
             Err(_) => false,
         }
     }
@@ -433,49 +408,14 @@ impl ControllerService {
         for n in ranked {
             let room = match self.directory.agent(n) {
                 Some(a) => match self.pools_of(&a).await {
-                    Ok(pools) => room_for(&pools, spec),
+                    Ok(pools) => placement::room_for(&pools, spec),
                     Err(_) => None, // unreachable: not a candidate
                 },
                 None => None,
             };
             rooms.push((n.clone(), room));
         }
-        if req.is_none_or(|r| r.preferred.is_empty()) {
-            // Free to choose: a node whose agent did not answer its last call is passed over
-            // while another can take the volume (its heartbeat's figures say nothing of that).
-            if rooms.iter().any(|(n, _)| self.directory.answers(n)) {
-                rooms.retain(|(n, _)| self.directory.answers(n));
-            }
-            rooms.sort_by_key(|r| std::cmp::Reverse(r.1));
-        } else {
-            // The scheduler chose: only a preferred node may take the volume, in the order given.
-            rooms.retain(|(n, _)| chosen(req, n));
-        }
-        if let Some((n, _)) = rooms.iter().find(|(_, room)| room.is_some_and(|r| r >= wanted)) {
-            return Ok(n.clone());
-        }
-        // A pool that does not exist or a layout it does not allow is the node's to explain.
-        if let Some((n, None)) = rooms.first() {
-            return Ok(n.clone());
-        }
-        // So is the only candidate's lack of room: its own check is current (the figures here
-        // are its last heartbeat's, up to an interval old) and exact (the data of a copy of this very volume that died
-        // before its record gives its room back to the retry).
-        if let [(n, Some(_))] = rooms.as_slice() {
-            return Ok(n.clone());
-        }
-        Err(ControllerError::NoRoom(format!(
-            "no candidate node has {wanted} bytes free in the pool ({})",
-            rooms
-                .iter()
-                .map(|(n, r)| format!(
-                    "{}: {}",
-                    n.as_str(),
-                    r.map(|r| r.to_string()).unwrap_or_else(|| "unknown".into())
-                ))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )))
+        placement::pick(rooms, req, wanted, |n| self.directory.answers(n))
     }
 
     /// The agent owning a volume id that came from outside, or NOT_FOUND.
