@@ -88,9 +88,9 @@ pub(super) fn pick(
 mod tests {
     use super::*;
     use crate::csi::v1::Topology;
-    use crate::storage::engine::{CapacityRange, PoolStatus};
+    use crate::storage::engine::PoolStatus;
     use crate::storage::id::PoolName;
-    use crate::storage::record::{AccessMode, Layout, VolumeMode};
+    use crate::storage::record::Layout;
 
     const GIB: u64 = 1 << 30;
 
@@ -130,18 +130,8 @@ mod tests {
 
     fn spec(pool: Option<&str>, layout: Option<Layout>) -> NewVolume {
         NewVolume {
-            name: "pvc".into(),
             pool: pool.map(|p| PoolName::parse(p).expect("pool name")),
-            layout,
-            capacity: CapacityRange { required: GIB, limit: 0 },
-            mode: VolumeMode::Filesystem,
-            access_modes: vec![AccessMode::SingleNodeWriter],
-            fs_type: String::new(),
-            parameters: Default::default(),
-            source: None,
-            delete_policy: None,
-            mutable: Default::default(),
-            owner: Default::default(),
+            ..NewVolume::plain("pvc", layout, GIB)
         }
     }
 

@@ -12,10 +12,9 @@ use super::NodeService;
 use crate::csi::v1::volume_capability::access_mode::Mode;
 use crate::csi::v1::*;
 use crate::storage::config::Config;
-use crate::storage::engine::{CapacityRange, LocalEngine, NewVolume};
+use crate::storage::engine::{LocalEngine, NewVolume};
 use crate::storage::id::NodeId;
 use crate::storage::record::Layout;
-use crate::storage::record::{AccessMode, VolumeMode};
 use crate::sys::devices::RecordingDevices;
 use crate::sys::mount::RecordingMounter;
 
@@ -59,23 +58,7 @@ impl Node {
     fn create(&self, name: &str, layout: Option<Layout>, bytes: u64) -> String {
         self.svc
             .engine
-            .create_volume(NewVolume {
-                name: name.into(),
-                pool: None,
-                layout,
-                capacity: CapacityRange {
-                    required: bytes,
-                    limit: 0,
-                },
-                mode: VolumeMode::Filesystem,
-                access_modes: vec![AccessMode::SingleNodeWriter],
-                fs_type: String::new(),
-                parameters: Default::default(),
-                source: None,
-                delete_policy: None,
-                mutable: Default::default(),
-                owner: Default::default(),
-            })
+            .create_volume(NewVolume::plain(name, layout, bytes))
             .expect("create")
             .id
     }

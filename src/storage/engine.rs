@@ -110,6 +110,30 @@ pub struct NewVolume {
     pub owner: Ownership,
 }
 
+#[cfg(test)]
+impl NewVolume {
+    /// A single-node-writer filesystem volume of `bytes` in the default pool, as most unit tests want one.
+    pub fn plain(name: &str, layout: Option<Layout>, bytes: u64) -> NewVolume {
+        NewVolume {
+            name: name.into(),
+            pool: None,
+            layout,
+            capacity: CapacityRange {
+                required: bytes,
+                limit: 0,
+            },
+            mode: VolumeMode::Filesystem,
+            access_modes: vec![AccessMode::SingleNodeWriter],
+            fs_type: String::new(),
+            parameters: Default::default(),
+            source: None,
+            delete_policy: None,
+            mutable: Default::default(),
+            owner: Default::default(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ownership {
     pub uid: Option<u32>,
