@@ -160,7 +160,6 @@ fn csi_volume(r: &VolumeRecord, node: &NodeId) -> Volume {
     }
 }
 
-
 /// Whether a volume (its record; `None` for a static volume) can serve a capability: local pools
 /// serve one node, image volumes one node at a time, shared directories every mode.
 fn serves(rec: Option<&VolumeRecord>, c: &caps::Capability) -> bool {
@@ -174,7 +173,6 @@ fn serves(rec: Option<&VolumeRecord>, c: &caps::Capability) -> bool {
         Some(_) => c.access.served_by_local_pool(),
     }
 }
-
 
 fn csi_snapshot(r: &SnapshotRecord) -> Snapshot {
     Snapshot {

@@ -36,7 +36,6 @@ pub(super) fn chosen(req: Option<&TopologyRequirement>, node: &NodeId) -> bool {
             .any(|t| request::topology_node(t).is_none_or(|x| x == node.as_str()))
 }
 
-
 /// Picks the node for a volume of `wanted` bytes among `rooms` (each ranked candidate with the room
 /// its pool has for the volume, `None` when unknown or the pool cannot take it), as the request's
 /// topology and whether each node's agent `answers` allow.
@@ -188,7 +187,11 @@ mod tests {
             "images count what existing images may still grow into"
         );
         assert_eq!(room_for(&pools, &spec(Some("big"), None)), Some(50 * GIB));
-        assert_eq!(room_for(&pools, &spec(Some("big"), Some(Layout::Image))), None, "layout not allowed");
+        assert_eq!(
+            room_for(&pools, &spec(Some("big"), Some(Layout::Image))),
+            None,
+            "layout not allowed"
+        );
         assert_eq!(room_for(&pools, &spec(Some("none"), None)), None, "no such pool");
     }
 }

@@ -14,6 +14,8 @@ mod create;
 mod delete;
 mod group;
 mod snapshot;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
