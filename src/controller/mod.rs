@@ -68,8 +68,7 @@ impl ControllerService {
     }
 }
 
-/// What this controller offers. GET_SNAPSHOT is served but not advertised: csi-sanity v5.4 rejects
-/// the capability, and nothing in Kubernetes needs it.
+/// What this controller offers.
 pub const CAPABILITIES: &[rpc::Type] = &[
     rpc::Type::CreateDeleteVolume,
     rpc::Type::ListVolumes,
@@ -82,10 +81,9 @@ pub const CAPABILITIES: &[rpc::Type] = &[
     rpc::Type::GetVolume,
     rpc::Type::SingleNodeMultiWriter,
     rpc::Type::ModifyVolume,
+    rpc::Type::GetSnapshot,
 ];
 
-/// One call to every agent at once, so that one slow to answer does not delay the others; the
-/// answers come back in the agents' order.
 /// The gRPC answer of a controller call: its error becomes a status in `csi::status`.
 pub(crate) async fn answer<T>(
     call: impl std::future::Future<Output = Result<T, ControllerError>>,
@@ -93,6 +91,8 @@ pub(crate) async fn answer<T>(
     call.await.map(Response::new).map_err(Status::from)
 }
 
+/// One call to every agent at once, so that one slow to answer does not delay the others; the
+/// answers come back in the agents' order.
 async fn ask_all<T, F, Fut>(agents: &[Arc<dyn Agent>], call: F) -> Vec<T>
 where
     T: Send + 'static,

@@ -10,7 +10,6 @@ pub const HONEST_SKIPS: &[&str] = &[
     "ControllerPublishVolume not supported",
     "ControllerUnpublishVolume not supported",
     "Controller Publish, UnpublishVolume not supported",
-    "GetSnapshot not supported",
 ];
 
 /// The csi-sanity binary: `CSI_SANITY`, else `csi-sanity` on PATH. Without one the caller's run is
