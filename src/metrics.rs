@@ -41,7 +41,7 @@ use tonic::Code;
 use crate::health::Readiness;
 use crate::node::state::NodeState;
 use crate::storage::engine::{LocalEngine, PoolStatus};
-use crate::storage::id::{SnapshotId, VolumeId};
+use crate::storage::id::VolumeId;
 use crate::storage::record::Layout;
 use crate::sys::files;
 use crate::sys::mount::{LinuxMounter, Mounter};
@@ -396,25 +396,19 @@ pub struct NodeFigures {
     pub stale_published: u64,
 }
 
-fn pool_of(id: &str) -> Option<String> {
-    VolumeId::parse(id).ok().map(|v| v.0.pool.as_str().to_string())
-}
-
 impl NodeFigures {
     fn gather(src: &NodeSources, usage: &Mutex<HashMap<String, (Instant, u64)>>, mounter: &dyn Mounter) -> Self {
         let mut f = NodeFigures::default();
         let volumes = src.engine.volumes_with_condition();
         let mut provisioned: BTreeMap<String, u64> = BTreeMap::new();
         for (rec, cond) in &volumes {
-            let pool = pool_of(&rec.id).unwrap_or_default();
+            let pool = rec.id.0.pool.as_str().to_string();
             *provisioned.entry(pool.clone()).or_default() += rec.capacity_bytes;
             *f.abnormal.entry(pool.clone()).or_default() += u64::from(cond.abnormal);
             *f.volumes.entry((pool, rec.layout.as_str().to_string())).or_default() += 1;
         }
         for snap in src.engine.snapshots() {
-            let pool = SnapshotId::parse(&snap.id)
-                .map(|s| s.0.pool.as_str().to_string())
-                .unwrap_or_default();
+            let pool = snap.id.0.pool.as_str().to_string();
             *f.snapshots.entry((pool, snap.layout.as_str().to_string())).or_default() += 1;
         }
         let statuses = match src.engine.pool_status() {

@@ -645,16 +645,16 @@ impl Scan<'_> {
             }
             match rec {
                 Record::Volume(v) => report.volumes.push(VolumeLine {
-                    id: v.id,
+                    id: v.id.to_string(),
                     name: v.name,
                     layout: v.layout,
                     capacity_bytes: v.capacity_bytes,
                     data: state,
                 }),
                 Record::Snapshot(s) => report.snapshots.push(SnapshotLine {
-                    id: s.id,
+                    id: s.id.to_string(),
                     name: s.name,
-                    source_volume_id: s.source_volume_id,
+                    source_volume_id: s.source_volume_id.to_string(),
                     size_bytes: s.size_bytes,
                     data: state,
                 }),
@@ -805,10 +805,10 @@ enum Record {
 }
 
 impl Record {
-    fn id(&self) -> &str {
+    fn id(&self) -> String {
         match self {
-            Record::Volume(v) => &v.id,
-            Record::Snapshot(s) => &s.id,
+            Record::Volume(v) => v.id.to_string(),
+            Record::Snapshot(s) => s.id.to_string(),
         }
     }
 

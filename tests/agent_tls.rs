@@ -136,7 +136,7 @@ async fn a_client_with_a_certificate_from_the_ca_creates_lists_and_deletes() {
         .create_volume(new_volume("pvc-1", 1 << 20))
         .await
         .expect("create");
-    assert_eq!(created.id, "local:node-1:default:pvc-1");
+    assert_eq!(created.id.to_string(), "local:node-1:default:pvc-1");
     assert_eq!(created.capacity_bytes, 1 << 20);
     let again = controller
         .create_volume(new_volume("pvc-1", 1 << 20))
@@ -154,7 +154,7 @@ async fn a_client_with_a_certificate_from_the_ca_creates_lists_and_deletes() {
     );
     assert_eq!(controller.pools().await.expect("pools").len(), 1);
 
-    let id = VolumeId::parse(&created.id).expect("id");
+    let id = created.id.clone();
     controller.delete_volume(id.clone()).await.expect("delete");
     controller
         .delete_volume(id.clone())
@@ -402,7 +402,7 @@ async fn a_node_registers_over_mtls_and_the_controller_reaches_its_disk() {
         .create_volume(new_volume("pvc-7", 1 << 20))
         .await
         .expect("create");
-    assert!(agent.engine.volume(&VolumeId::parse(&rec.id).expect("id")).is_some());
+    assert!(agent.engine.volume(&rec.id).is_some());
 
     // A node whose certificate is not from the CA cannot register.
     let rogue = Authority::new("someone else's CA");
@@ -582,7 +582,7 @@ async fn a_node_certificate_cannot_list_read_or_delete_another_nodes_volumes() {
         .create_volume(new_volume("pvc-canary", 1 << 20))
         .await
         .expect("the controller creates");
-    let canary_id = VolumeId::parse(&canary.id).expect("id");
+    let canary_id = canary.id.clone();
 
     for leaf in [ca.issue(&[AGENT_SERVER_NAME]), ca.issue(&["node-2.cellar-agent"])] {
         let mut attacker = raw_agent(&ca, &leaf, agent.addr).await;
@@ -594,7 +594,7 @@ async fn a_node_certificate_cannot_list_read_or_delete_another_nodes_volumes() {
         assert!(e.message().contains("only the controller"), "{}", e.message());
         let export = v1::ExportDataRequest {
             source: Some(v1::ContentSource {
-                kind: Some(v1::content_source::Kind::VolumeId(canary.id.clone())),
+                kind: Some(v1::content_source::Kind::VolumeId(canary.id.to_string())),
             }),
         };
         let e = attacker
@@ -603,7 +603,7 @@ async fn a_node_certificate_cannot_list_read_or_delete_another_nodes_volumes() {
             .expect_err("export");
         assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
         let delete = v1::DeleteVolumeRequest {
-            volume_id: canary.id.clone(),
+            volume_id: canary.id.to_string(),
         };
         let e = attacker
             .delete_volume(addressed(delete, Some(NODE)))

@@ -557,7 +557,7 @@ impl Agent for RemoteAgent {
                 c.create_group(r).await
             })
             .await?;
-        Ok(self.present(RPC, "group", r.group)?.into())
+        self.decode(RPC, self.present(RPC, "group", r.group)?.try_into())
     }
 
     async fn delete_group(&self, id: GroupId) -> Result<(), StorageError> {
@@ -575,22 +575,27 @@ impl Agent for RemoteAgent {
         let msg = v1::GetGroupRequest {
             group_id: id.to_string(),
         };
+        const RPC: &str = "GetGroup";
         let r = self
-            .call("GetGroup", self.timeouts.call, msg, |mut c, r| async move {
-                c.get_group(r).await
-            })
+            .call(
+                RPC,
+                self.timeouts.call,
+                msg,
+                |mut c, r| async move { c.get_group(r).await },
+            )
             .await?;
-        Ok(r.group.map(Into::into))
+        r.group.map(|g| self.decode(RPC, g.try_into())).transpose()
     }
 
     async fn group_named(&self, name: String) -> Result<Option<GroupRecord>, StorageError> {
         let msg = v1::GroupNamedRequest { name };
+        const RPC: &str = "GroupNamed";
         let r = self
-            .call("GroupNamed", self.timeouts.call, msg, |mut c, r| async move {
+            .call(RPC, self.timeouts.call, msg, |mut c, r| async move {
                 c.group_named(r).await
             })
             .await?;
-        Ok(r.group.map(Into::into))
+        r.group.map(|g| self.decode(RPC, g.try_into())).transpose()
     }
 }
 

@@ -187,8 +187,8 @@ impl From<&ContentSource> for v1::ContentSource {
         use v1::content_source::Kind;
         v1::ContentSource {
             kind: Some(match s {
-                ContentSource::Snapshot(id) => Kind::SnapshotId(id.clone()),
-                ContentSource::Volume(id) => Kind::VolumeId(id.clone()),
+                ContentSource::Snapshot(id) => Kind::SnapshotId(id.to_string()),
+                ContentSource::Volume(id) => Kind::VolumeId(id.to_string()),
             }),
         }
     }
@@ -197,8 +197,8 @@ impl From<&ContentSource> for v1::ContentSource {
 fn content_source(field: &str, m: v1::ContentSource) -> Result<ContentSource, WireError> {
     use v1::content_source::Kind;
     match m.kind {
-        Some(Kind::SnapshotId(id)) => Ok(ContentSource::Snapshot(id)),
-        Some(Kind::VolumeId(id)) => Ok(ContentSource::Volume(id)),
+        Some(Kind::SnapshotId(id)) => Ok(ContentSource::Snapshot(snapshot_id(field, &id)?)),
+        Some(Kind::VolumeId(id)) => Ok(ContentSource::Volume(volume_id(field, &id)?)),
         None => Err(bad(field, "names neither a snapshot nor a volume")),
     }
 }
@@ -208,7 +208,7 @@ impl From<&VolumeRecord> for v1::VolumeRecord {
         v1::VolumeRecord {
             version: r.version,
             name: r.name.clone(),
-            id: r.id.clone(),
+            id: r.id.to_string(),
             layout: v1::Layout::from(r.layout) as i32,
             capacity_bytes: r.capacity_bytes,
             mode: v1::VolumeMode::from(r.mode) as i32,
@@ -234,8 +234,8 @@ impl TryFrom<v1::VolumeRecord> for VolumeRecord {
             access_modes: access_modes("volume.access_modes", &m.access_modes)?,
             source: m.source.map(|s| content_source("volume.source", s)).transpose()?,
             delete_policy: delete_policy("volume.delete_policy", m.delete_policy)?,
+            id: volume_id("volume.id", &m.id)?,
             name: m.name,
-            id: m.id,
             capacity_bytes: m.capacity_bytes,
             fs_type: m.fs_type,
             parameters: m.parameters,
@@ -251,15 +251,15 @@ impl From<&SnapshotRecord> for v1::SnapshotRecord {
         v1::SnapshotRecord {
             version: r.version,
             name: r.name.clone(),
-            id: r.id.clone(),
-            source_volume_id: r.source_volume_id.clone(),
+            id: r.id.to_string(),
+            source_volume_id: r.source_volume_id.to_string(),
             size_bytes: r.size_bytes,
             created_unix_secs: r.created_unix_secs,
             created_nanos: r.created_nanos,
             layout: v1::Layout::from(r.layout) as i32,
             mode: v1::VolumeMode::from(r.mode) as i32,
             fs_bytes: r.fs_bytes,
-            group_snapshot_id: r.group.clone().unwrap_or_default(),
+            group_snapshot_id: r.group.as_ref().map(ToString::to_string).unwrap_or_default(),
         }
     }
 }
@@ -271,14 +271,17 @@ impl TryFrom<v1::SnapshotRecord> for SnapshotRecord {
             version: m.version,
             layout: layout("snapshot.layout", m.layout)?,
             mode: volume_mode("snapshot.mode", m.mode)?,
+            id: snapshot_id("snapshot.id", &m.id)?,
+            source_volume_id: volume_id("snapshot.source_volume_id", &m.source_volume_id)?,
+            group: Some(m.group_snapshot_id.as_str())
+                .filter(|g| !g.is_empty())
+                .map(|g| group_id("snapshot.group_snapshot_id", g))
+                .transpose()?,
             name: m.name,
-            id: m.id,
-            source_volume_id: m.source_volume_id,
             size_bytes: m.size_bytes,
             created_unix_secs: m.created_unix_secs,
             created_nanos: m.created_nanos,
             fs_bytes: m.fs_bytes,
-            group: Some(m.group_snapshot_id).filter(|g| !g.is_empty()),
         })
     }
 }
@@ -288,13 +291,13 @@ impl From<&GroupRecord> for v1::GroupRecord {
         v1::GroupRecord {
             version: r.version,
             name: r.name.clone(),
-            id: r.id.clone(),
+            id: r.id.to_string(),
             members: r
                 .members
                 .iter()
                 .map(|m| v1::GroupMember {
-                    volume_id: m.volume_id.clone(),
-                    snapshot_id: m.snapshot_id.clone(),
+                    volume_id: m.volume_id.to_string(),
+                    snapshot_id: m.snapshot_id.to_string(),
                     size_bytes: m.size_bytes,
                 })
                 .collect(),
@@ -305,25 +308,28 @@ impl From<&GroupRecord> for v1::GroupRecord {
     }
 }
 
-impl From<v1::GroupRecord> for GroupRecord {
-    fn from(m: v1::GroupRecord) -> Self {
-        GroupRecord {
+impl TryFrom<v1::GroupRecord> for GroupRecord {
+    type Error = WireError;
+    fn try_from(m: v1::GroupRecord) -> Result<Self, WireError> {
+        Ok(GroupRecord {
             version: m.version,
+            id: group_id("group.id", &m.id)?,
             name: m.name,
-            id: m.id,
             members: m
                 .members
                 .into_iter()
-                .map(|g| GroupMember {
-                    volume_id: g.volume_id,
-                    snapshot_id: g.snapshot_id,
-                    size_bytes: g.size_bytes,
+                .map(|g| {
+                    Ok(GroupMember {
+                        volume_id: volume_id("group.members.volume_id", &g.volume_id)?,
+                        snapshot_id: snapshot_id("group.members.snapshot_id", &g.snapshot_id)?,
+                        size_bytes: g.size_bytes,
+                    })
                 })
-                .collect(),
+                .collect::<Result<_, WireError>>()?,
             parameters: m.parameters,
             created_unix_secs: m.created_unix_secs,
             created_nanos: m.created_nanos,
-        }
+        })
     }
 }
 
@@ -865,14 +871,16 @@ mod tests {
         VolumeRecord {
             version: 1,
             name: "pvc-1".into(),
-            id: "local:node-1:fast:pvc-1".into(),
+            id: VolumeId::parse("local:node-1:fast:pvc-1").unwrap(),
             layout: Layout::Btrfs,
             capacity_bytes: 5 << 30,
             mode: VolumeMode::Filesystem,
             access_modes: vec![AccessMode::SingleNodeSingleWriter, AccessMode::MultiNodeReaderOnly],
             fs_type: "btrfs".into(),
             parameters: BTreeMap::from([("pool".into(), "fast".into()), ("layout".into(), "btrfs".into())]),
-            source: Some(ContentSource::Snapshot("snap:local:node-1:fast:s1".into())),
+            source: Some(ContentSource::Snapshot(
+                SnapshotId::parse("snap:local:node-1:fast:s1").unwrap(),
+            )),
             created_unix_secs: 1_700_000_000,
             delete_policy: Some(DeletePolicy::Archive),
             compression: Some("zstd".into()),
@@ -886,7 +894,9 @@ mod tests {
         let back = VolumeRecord::try_from(v1::VolumeRecord::from(&r)).unwrap();
         assert_eq!(back, r);
         let bare = VolumeRecord {
-            source: Some(ContentSource::Volume("local:node-1:fast:pvc-0".into())),
+            source: Some(ContentSource::Volume(
+                VolumeId::parse("local:node-1:fast:pvc-0").unwrap(),
+            )),
             delete_policy: None,
             compression: None,
             parameters: BTreeMap::new(),
@@ -911,15 +921,15 @@ mod tests {
         let s = SnapshotRecord {
             version: 1,
             name: "snapshot-1".into(),
-            id: "snap:local:node-1:fast:snapshot-1".into(),
-            source_volume_id: "local:node-1:fast:pvc-1".into(),
+            id: SnapshotId::parse("snap:local:node-1:fast:snapshot-1").unwrap(),
+            source_volume_id: VolumeId::parse("local:node-1:fast:pvc-1").unwrap(),
             size_bytes: 1 << 30,
             created_unix_secs: 1_700_000_001,
             created_nanos: 999_999_999,
             layout: Layout::Image,
             mode: VolumeMode::Block,
             fs_bytes: 77,
-            group: Some("group:local:node-1:fast:groupsnapshot-1".into()),
+            group: Some(GroupId::parse("group:local:node-1:fast:groupsnapshot-1").unwrap()),
         };
         assert_eq!(SnapshotRecord::try_from(v1::SnapshotRecord::from(&s)).unwrap(), s);
         let alone = SnapshotRecord { group: None, ..s };
@@ -934,17 +944,17 @@ mod tests {
         let g = GroupRecord {
             version: 1,
             name: "groupsnapshot-1".into(),
-            id: "group:local:node-1:fast:groupsnapshot-1".into(),
+            id: GroupId::parse("group:local:node-1:fast:groupsnapshot-1").unwrap(),
             members: vec![GroupMember {
-                volume_id: "local:node-1:fast:pvc-1".into(),
-                snapshot_id: "snap:local:node-1:fast:groupsnapshot-1-pvc-1".into(),
+                volume_id: VolumeId::parse("local:node-1:fast:pvc-1").unwrap(),
+                snapshot_id: SnapshotId::parse("snap:local:node-1:fast:groupsnapshot-1-pvc-1").unwrap(),
                 size_bytes: 1 << 30,
             }],
             parameters: [("consistency".to_string(), "group".to_string())].into(),
             created_unix_secs: 1_700_000_001,
             created_nanos: 5,
         };
-        assert_eq!(GroupRecord::from(v1::GroupRecord::from(&g)), g);
+        assert_eq!(GroupRecord::try_from(v1::GroupRecord::from(&g)).unwrap(), g);
         let req = NewGroup {
             name: "groupsnapshot-1".into(),
             members: vec![VolumeId::parse("local:node-1:fast:pvc-1").unwrap()],

@@ -92,17 +92,17 @@ fn csi_group(g: &GroupRecord) -> VolumeGroupSnapshot {
         nanos: g.created_nanos,
     };
     VolumeGroupSnapshot {
-        group_snapshot_id: g.id.clone(),
+        group_snapshot_id: g.id.to_string(),
         snapshots: g
             .members
             .iter()
             .map(|m| Snapshot {
                 size_bytes: m.size_bytes as i64,
-                snapshot_id: m.snapshot_id.clone(),
-                source_volume_id: m.volume_id.clone(),
+                snapshot_id: m.snapshot_id.to_string(),
+                source_volume_id: m.volume_id.to_string(),
                 creation_time: Some(at),
                 ready_to_use: true,
-                group_snapshot_id: g.id.clone(),
+                group_snapshot_id: g.id.to_string(),
             })
             .collect(),
         creation_time: Some(at),
@@ -115,8 +115,8 @@ fn check_members(g: &GroupRecord, asked: &[String]) -> Result<(), ControllerErro
     if asked.is_empty() {
         return Ok(());
     }
-    let have: BTreeSet<&str> = g.members.iter().map(|m| m.snapshot_id.as_str()).collect();
-    let named: BTreeSet<&str> = asked.iter().map(String::as_str).collect();
+    let have: BTreeSet<String> = g.members.iter().map(|m| m.snapshot_id.to_string()).collect();
+    let named: BTreeSet<String> = asked.iter().cloned().collect();
     if have != named {
         return Err(ControllerError::invalid(format!(
             "snapshot_ids do not match group snapshot {}: it holds {}",
@@ -189,13 +189,12 @@ impl ControllerService {
                 Err(e) => return Err(e.into()),
             };
             if let Some(existing) = found {
-                let had: Vec<&str> = existing.members.iter().map(|m| m.volume_id.as_str()).collect();
-                let asked: Vec<String> = members.iter().map(ToString::to_string).collect();
-                if had != asked || existing.parameters != params.all {
+                let had: Vec<&VolumeId> = existing.members.iter().map(|m| &m.volume_id).collect();
+                if had != members.iter().collect::<Vec<_>>() || existing.parameters != params.all {
                     return Err(ControllerError::NameTaken(format!(
                         "group snapshot '{}' already exists with other volumes or parameters ({})",
                         r.name,
-                        had.join(", ")
+                        had.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
                     )));
                 }
                 return Ok(csi_group(&existing));

@@ -48,10 +48,11 @@ impl ControllerService {
         r: ControllerListVolumeHealthRequest,
     ) -> Result<ControllerListVolumeHealthResponse, ControllerError> {
         let all = self.listing(!r.starting_token.is_empty()).await?;
-        let (items, next_token) = page::page_sorted(&all, |(v, _, _)| v.id.as_str(), &r.starting_token, r.max_entries)?;
+        let (items, next_token) =
+            page::page_sorted(&all, |(v, _, _)| v.id.to_string(), &r.starting_token, r.max_entries)?;
         let entries = items
             .iter()
-            .map(|(v, c, _)| controller_finding(c).volume_health(&v.id))
+            .map(|(v, c, _)| controller_finding(c).volume_health(&v.id.to_string()))
             .collect();
         Ok(ControllerListVolumeHealthResponse { entries, next_token })
     }

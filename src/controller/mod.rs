@@ -134,25 +134,24 @@ fn csi_volume(r: &VolumeRecord, node: &NodeId) -> Volume {
     let content_source = r.source.as_ref().map(|s| VolumeContentSource {
         r#type: Some(match s {
             ContentSource::Snapshot(id) => Type::Snapshot(SnapshotSource {
-                snapshot_id: id.clone(),
+                snapshot_id: id.to_string(),
             }),
-            ContentSource::Volume(id) => Type::Volume(VolumeSource { volume_id: id.clone() }),
+            ContentSource::Volume(id) => Type::Volume(VolumeSource {
+                volume_id: id.to_string(),
+            }),
         }),
     });
-    let pool = VolumeId::parse(&r.id)
-        .map(|id| id.0.pool.as_str().to_string())
-        .unwrap_or_default();
     Volume {
         capacity_bytes: r.capacity_bytes as i64,
-        volume_id: r.id.clone(),
+        volume_id: r.id.to_string(),
         volume_context: [
-            ("pool".to_string(), pool),
+            ("pool".to_string(), r.id.0.pool.as_str().to_string()),
             ("layout".to_string(), r.layout.as_str().to_string()),
         ]
         .into(),
         content_source,
         // A shared volume is reachable from every node: no topology pins it.
-        accessible_topology: if r.id.starts_with("shared:") {
+        accessible_topology: if r.id.is_shared() {
             vec![]
         } else {
             vec![request::node_topology(node)]
@@ -169,7 +168,7 @@ fn serves(rec: Option<&VolumeRecord>, c: &caps::Capability) -> bool {
     match rec {
         None => c.mode == VolumeMode::Filesystem,
         Some(r) if r.mode != c.mode => false,
-        Some(r) if r.id.starts_with("shared:") => !(multi_node && crate::storage::layout::of(r.layout).single_node()),
+        Some(r) if r.id.is_shared() => !(multi_node && crate::storage::layout::of(r.layout).single_node()),
         Some(_) => c.access.served_by_local_pool(),
     }
 }
@@ -177,15 +176,15 @@ fn serves(rec: Option<&VolumeRecord>, c: &caps::Capability) -> bool {
 fn csi_snapshot(r: &SnapshotRecord) -> Snapshot {
     Snapshot {
         size_bytes: r.size_bytes as i64,
-        snapshot_id: r.id.clone(),
-        source_volume_id: r.source_volume_id.clone(),
+        snapshot_id: r.id.to_string(),
+        source_volume_id: r.source_volume_id.to_string(),
         creation_time: Some(Timestamp {
             seconds: r.created_unix_secs,
             nanos: r.created_nanos,
         }),
         ready_to_use: true,
         // A member of a group is deleted with its group, never alone (DeleteSnapshot refuses it).
-        group_snapshot_id: r.group.clone().unwrap_or_default(),
+        group_snapshot_id: r.group.as_ref().map(ToString::to_string).unwrap_or_default(),
     }
 }
 
@@ -275,7 +274,7 @@ impl ControllerService {
                 }
             };
             if let Some(existing) = found {
-                let existing_pool = VolumeId::parse(&existing.id).map(|id| id.0.pool).ok();
+                let existing_pool = Some(existing.id.0.pool.clone());
                 let mut spec = spec;
                 match (&spec.pool, existing_pool) {
                     (Some(asked), Some(has)) if *asked != has => {
@@ -443,7 +442,7 @@ impl ControllerService {
             }
         }
         let mut all = self.all_volumes().await?;
-        all.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        all.sort_by_cached_key(|v| v.0.id.to_string());
         let volumes = Arc::new(all);
         *self.paged.lock().expect("paged lock") = Some(PagedListing {
             at: std::time::Instant::now(),
@@ -508,7 +507,7 @@ impl ControllerService {
             }
         }
         all.extend(self.forgotten_volumes(&asked));
-        all.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        all.sort_by_cached_key(|v| v.0.id.to_string());
         Ok(all)
     }
 
@@ -553,7 +552,7 @@ impl ControllerService {
     fn last_listed(&self, id: &str, why: &str) -> Option<(VolumeRecord, Condition)> {
         let listings = self.listings.lock().expect("listings lock");
         listings.values().find_map(|l| {
-            let (r, _) = l.volumes.iter().find(|(r, _)| r.id == id)?;
+            let (r, _) = l.volumes.iter().find(|(r, _)| r.id.to_string() == id)?;
             Some((r.clone(), unreachable(why, l.at)))
         })
     }
@@ -561,7 +560,7 @@ impl ControllerService {
     /// A deleted volume leaves the last listings too.
     fn forget_listed(&self, id: &str) {
         for l in self.listings.lock().expect("listings lock").values_mut() {
-            l.volumes.retain(|(r, _)| r.id != id);
+            l.volumes.retain(|(r, _)| r.id.to_string() != id);
         }
     }
 
@@ -730,7 +729,7 @@ impl Controller for ControllerService {
         answer(async {
             let all = self.listing(!r.starting_token.is_empty()).await?;
             let (items, next_token) =
-                page::page_sorted(&all, |(v, _, _)| v.id.as_str(), &r.starting_token, r.max_entries)?;
+                page::page_sorted(&all, |(v, _, _)| v.id.to_string(), &r.starting_token, r.max_entries)?;
             let items = items.iter().cloned();
             let entries = items
                 .into_iter()
@@ -858,7 +857,7 @@ impl Controller for ControllerService {
             let (source, agent) = self.volume_owner(&r.source_volume_id)?;
             for a in self.directory.all() {
                 if let Some(existing) = a.snapshot_named(r.name.clone()).await? {
-                    if existing.source_volume_id != r.source_volume_id {
+                    if existing.source_volume_id != source {
                         return Err(ControllerError::NameTaken(format!(
                             "snapshot '{}' already exists for volume {}, not {}",
                             r.name, existing.source_volume_id, r.source_volume_id
@@ -903,12 +902,12 @@ impl Controller for ControllerService {
         answer(async {
             let mut all = self.all_snapshots().await?;
             if !r.snapshot_id.is_empty() {
-                all.retain(|s| s.id == r.snapshot_id);
+                all.retain(|s| s.id.to_string() == r.snapshot_id);
             }
             if !r.source_volume_id.is_empty() {
-                all.retain(|s| s.source_volume_id == r.source_volume_id);
+                all.retain(|s| s.source_volume_id.to_string() == r.source_volume_id);
             }
-            let (items, next_token) = page::page(all, |s| s.id.as_str(), &r.starting_token, r.max_entries)?;
+            let (items, next_token) = page::page(all, |s| s.id.to_string(), &r.starting_token, r.max_entries)?;
             Ok(ListSnapshotsResponse {
                 entries: items
                     .iter()
@@ -936,7 +935,7 @@ impl Controller for ControllerService {
                 .snapshots()
                 .await?
                 .into_iter()
-                .find(|s| s.id == r.snapshot_id)
+                .find(|s| s.id == id)
                 .ok_or_else(not_found)?;
             Ok(GetSnapshotResponse {
                 snapshot: Some(csi_snapshot(&snap)),

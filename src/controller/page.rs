@@ -28,10 +28,10 @@ pub fn parse_token(token: &str) -> Result<Option<String>, ControllerError> {
     String::from_utf8(bytes).map(Some).map_err(|_| bad())
 }
 
-/// One page of `items` (sorted by `id`): those after the token, at most `max` (0: all).
+/// One page of `items` (sorted by the text of their `id`): those after the token, at most `max` (0: all).
 pub fn page<T>(
     items: Vec<T>,
-    id: impl Fn(&T) -> &str,
+    id: impl Fn(&T) -> String,
     token: &str,
     max: i32,
 ) -> Result<(Vec<T>, String), ControllerError> {
@@ -42,22 +42,22 @@ pub fn page<T>(
     }
     let after = parse_token(token)?;
     let mut rest: Vec<T> = match after {
-        Some(a) => items.into_iter().filter(|t| id(t) > a.as_str()).collect(),
+        Some(a) => items.into_iter().filter(|t| id(t).as_str() > a.as_str()).collect(),
         None => items,
     };
     let mut next = String::new();
     if max > 0 && rest.len() > max as usize {
         rest.truncate(max as usize);
-        next = token_after(id(&rest[rest.len() - 1]));
+        next = token_after(&id(&rest[rest.len() - 1]));
     }
     Ok((rest, next))
 }
 
-/// One page of `items`, already sorted by `id`: found by binary search after the token, so each
+/// One page of `items`, already sorted by the text of their `id`: found by binary search after the token, so each
 /// page costs its own length, not the whole listing's.
 pub fn page_sorted<'a, T>(
     items: &'a [T],
-    id: impl Fn(&T) -> &str,
+    id: impl Fn(&T) -> String,
     token: &str,
     max: i32,
 ) -> Result<(&'a [T], String), ControllerError> {
@@ -67,13 +67,13 @@ pub fn page_sorted<'a, T>(
         )));
     }
     let start = match parse_token(token)? {
-        Some(a) => items.partition_point(|t| id(t) <= a.as_str()),
+        Some(a) => items.partition_point(|t| id(t).as_str() <= a.as_str()),
         None => 0,
     };
     let rest = &items[start..];
     if max > 0 && rest.len() > max as usize {
         let page = &rest[..max as usize];
-        return Ok((page, token_after(id(&page[page.len() - 1]))));
+        return Ok((page, token_after(&id(&page[page.len() - 1]))));
     }
     Ok((rest, String::new()))
 }
@@ -89,11 +89,11 @@ mod tests {
     #[test]
     fn pages_cover_everything_once() {
         let all = ids(&["a", "b", "c", "d", "e"]);
-        let (p1, t1) = page(all.clone(), |s| s, "", 2).unwrap();
+        let (p1, t1) = page(all.clone(), |s| s.clone(), "", 2).unwrap();
         assert_eq!(p1, ids(&["a", "b"]));
-        let (p2, t2) = page(all.clone(), |s| s, &t1, 2).unwrap();
+        let (p2, t2) = page(all.clone(), |s| s.clone(), &t1, 2).unwrap();
         assert_eq!(p2, ids(&["c", "d"]));
-        let (p3, t3) = page(all, |s| s, &t2, 2).unwrap();
+        let (p3, t3) = page(all, |s| s.clone(), &t2, 2).unwrap();
         assert_eq!(p3, ids(&["e"]));
         assert!(t3.is_empty());
     }
@@ -104,8 +104,8 @@ mod tests {
         let mut token = String::new();
         let mut seen = Vec::new();
         loop {
-            let (p, t) = page_sorted(&all, |s| s, &token, 2).unwrap();
-            let (q, u) = page(all.clone(), |s| s, &token, 2).unwrap();
+            let (p, t) = page_sorted(&all, |s| s.clone(), &token, 2).unwrap();
+            let (q, u) = page(all.clone(), |s| s.clone(), &token, 2).unwrap();
             assert_eq!((p.to_vec(), &t), (q, &u));
             seen.extend_from_slice(p);
             if t.is_empty() {
@@ -114,29 +114,29 @@ mod tests {
             token = t;
         }
         assert_eq!(seen, all);
-        let (_, t) = page_sorted(&all, |s| s, "", 2).unwrap();
+        let (_, t) = page_sorted(&all, |s| s.clone(), "", 2).unwrap();
         let later = ids(&["a", "c", "z"]);
-        let (p, _) = page_sorted(&later, |s| s, &t, 0).unwrap();
+        let (p, _) = page_sorted(&later, |s| s.clone(), &t, 0).unwrap();
         assert_eq!(p, &ids(&["c", "z"])[..]);
         assert_eq!(
-            page_sorted(&all, |s| s, "", -1).unwrap_err().code(),
+            page_sorted(&all, |s| s.clone(), "", -1).unwrap_err().code(),
             tonic::Code::InvalidArgument
         );
     }
 
     #[test]
     fn token_survives_deletion_of_its_object() {
-        let (_, t) = page(ids(&["a", "b", "c"]), |s| s, "", 2).unwrap();
-        let (p, _) = page(ids(&["a", "c", "z"]), |s| s, &t, 0).unwrap();
+        let (_, t) = page(ids(&["a", "b", "c"]), |s| s.clone(), "", 2).unwrap();
+        let (p, _) = page(ids(&["a", "c", "z"]), |s| s.clone(), &t, 0).unwrap();
         assert_eq!(p, ids(&["c", "z"]));
     }
 
     #[test]
     fn foreign_token_is_aborted() {
-        let e = page(ids(&["a"]), |s| s, "invalid-token", 0).unwrap_err();
+        let e = page(ids(&["a"]), |s| s.clone(), "invalid-token", 0).unwrap_err();
         assert_eq!(e.code(), tonic::Code::Aborted);
         assert_eq!(
-            page(ids(&["a"]), |s| s, "c1.zz", 0).unwrap_err().code(),
+            page(ids(&["a"]), |s| s.clone(), "c1.zz", 0).unwrap_err().code(),
             tonic::Code::Aborted
         );
     }
@@ -144,7 +144,7 @@ mod tests {
     #[test]
     fn negative_max_is_invalid() {
         assert_eq!(
-            page(ids(&["a"]), |s| s, "", -1).unwrap_err().code(),
+            page(ids(&["a"]), |s| s.clone(), "", -1).unwrap_err().code(),
             tonic::Code::InvalidArgument
         );
     }

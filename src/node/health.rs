@@ -11,7 +11,7 @@ use crate::csi::v1::{
 };
 use crate::storage::config::Backend;
 use crate::storage::id::VolumeId;
-use crate::storage::record::{VolumeMode, VolumeRecord};
+use crate::storage::record::VolumeMode;
 use crate::sys::files::{self, Entry};
 use crate::sys::share;
 
@@ -37,7 +37,7 @@ impl NodeService {
     pub(super) fn finding(
         &self,
         raw: &str,
-        rec: &VolumeRecord,
+        rec: &super::NodeVolume,
         data: &Path,
         path: &Path,
     ) -> Result<Finding, NodeError> {

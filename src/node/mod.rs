@@ -39,6 +39,35 @@ struct ShareView {
 /// How many stacked mounts an unmount loop removes before it gives up.
 const MAX_STACKED: usize = 16;
 
+/// What the node needs to know of a volume it mounts: its record's facts, or a static volume's (a
+/// directory of a shared pool, which has no record).
+pub(crate) struct NodeVolume {
+    /// As the CO names it: a volume id, or a static volume's handle.
+    pub id: String,
+    pub layout: Layout,
+    pub mode: VolumeMode,
+    pub capacity_bytes: u64,
+    /// image layout: the size the filesystem inside was last grown to.
+    pub fs_bytes: u64,
+    pub fs_type: String,
+    /// On a shared pool (static volumes are): every node may mount it.
+    pub shared: bool,
+}
+
+impl From<&VolumeRecord> for NodeVolume {
+    fn from(r: &VolumeRecord) -> NodeVolume {
+        NodeVolume {
+            id: r.id.to_string(),
+            layout: r.layout,
+            mode: r.mode,
+            capacity_bytes: r.capacity_bytes,
+            fs_bytes: r.fs_bytes,
+            fs_type: r.fs_type.clone(),
+            shared: r.id.is_shared(),
+        }
+    }
+}
+
 pub struct NodeService {
     pub node: NodeId,
     pub engine: Arc<LocalEngine>,
@@ -222,39 +251,33 @@ impl NodeService {
         })
     }
 
-    fn volume(&self, raw: &str) -> Result<(VolumeRecord, PathBuf), NodeError> {
+    fn volume(&self, raw: &str) -> Result<(NodeVolume, PathBuf), NodeError> {
         if let Ok(sid) = StaticId::parse(raw) {
             return self.static_volume(&sid);
         }
         let id = VolumeId::parse(raw).map_err(|_| NodeError::NotFound(format!("volume {raw} not found")))?;
-        Ok(self.engine.volume_data(&id)?)
+        let (rec, data) = self.engine.volume_data(&id)?;
+        Ok((NodeVolume::from(&rec), data))
     }
 
-    /// A static volume as a record of its own: a Filesystem directory of a shared pool, any mode.
-    fn static_volume(&self, sid: &StaticId) -> Result<(VolumeRecord, PathBuf), NodeError> {
+    /// A static volume: a Filesystem directory of a shared pool, any mode, with no record.
+    fn static_volume(&self, sid: &StaticId) -> Result<(NodeVolume, PathBuf), NodeError> {
         let pool = self.engine.pool_config(&sid.pool).ok_or_else(|| {
             NodeError::NotFound(format!(
                 "volume {sid} not found: no shared pool '{}'",
                 sid.pool.as_str()
             ))
         })?;
-        let rec = VolumeRecord {
-            version: crate::storage::record::RECORD_VERSION,
-            name: sid.to_string(),
+        let vol = NodeVolume {
             id: sid.to_string(),
             layout: Layout::Dir,
-            capacity_bytes: 0,
             mode: VolumeMode::Filesystem,
-            access_modes: vec![],
-            fs_type: String::new(),
-            parameters: Default::default(),
-            source: None,
-            created_unix_secs: 0,
-            delete_policy: None,
-            compression: None,
+            capacity_bytes: 0,
             fs_bytes: 0,
+            fs_type: String::new(),
+            shared: true,
         };
-        Ok((rec, pool.path.join(&sid.path)))
+        Ok((vol, pool.path.join(&sid.path)))
     }
 
     /// The shared pool a volume lives in (None for local volumes and unknown pools).
@@ -364,14 +387,14 @@ impl NodeService {
         }
     }
 
-    fn check_mode(rec: &VolumeRecord, cap: &Capability) -> Result<(), NodeError> {
+    fn check_mode(rec: &NodeVolume, cap: &Capability) -> Result<(), NodeError> {
         if rec.mode != cap.mode {
             return Err(NodeError::invalid(format!(
                 "volume {} is a {:?} volume; the capability asks for {:?}",
                 rec.id, rec.mode, cap.mode
             )));
         }
-        let shared = rec.id.starts_with("shared:") || rec.id.starts_with("static:");
+        let shared = rec.shared;
         if !shared && !cap.access.served_by_local_pool() {
             return Err(NodeError::invalid(format!(
                 "access mode {:?} needs a shared pool; volume {} is on a local pool",
@@ -736,13 +759,7 @@ impl NodeService {
 
     /// Whether the staging mount is usable; one gone stale (its share was remounted or came back)
     /// is bound again from the volume's data before publishing from it.
-    fn staging_alive(
-        &self,
-        volume_id: &str,
-        rec: &VolumeRecord,
-        data: &Path,
-        staging: &Path,
-    ) -> Result<bool, NodeError> {
+    fn staging_alive(&self, volume_id: &str, rec: &NodeVolume, data: &Path, staging: &Path) -> Result<bool, NodeError> {
         match self.mounter.is_mountpoint(staging) {
             Ok(m) => Ok(m),
             Err(e) if share::is_stale(&e) && crate::storage::layout::of(rec.layout).is_tree() => {
@@ -932,7 +949,7 @@ impl NodeService {
     fn node_condition(
         &self,
         raw: &str,
-        rec: &VolumeRecord,
+        rec: &NodeVolume,
         data: &Path,
         path: &Path,
     ) -> Result<VolumeCondition, NodeError> {

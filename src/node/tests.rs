@@ -61,6 +61,7 @@ impl Node {
             .create_volume(NewVolume::plain(name, layout, bytes))
             .expect("create")
             .id
+            .to_string()
     }
 
     fn path(&self, rel: &str) -> PathBuf {

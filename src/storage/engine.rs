@@ -27,7 +27,7 @@ use crate::sys::fstools::FsType;
 use crate::sys::{btrfs, files, loopdev, mountinfo, statfs};
 
 use super::config::{Config, DeletePolicy};
-use super::id::{Key, Location, NodeId, ObjectId, PoolName, SnapshotId, VolumeId};
+use super::id::{GroupId, Key, Location, NodeId, ObjectId, PoolName, SnapshotId, VolumeId};
 use super::layout;
 use super::locks::{Held, InFlight};
 use super::pool::{Kind, Pool};
@@ -175,8 +175,6 @@ pub struct PoolStatus {
 
 /// A source's data and what a copy of it must agree with.
 struct SourceData {
-    /// The source's id, as its record gives it.
-    id: String,
     path: PathBuf,
     size: u64,
     layout: Layout,
@@ -187,12 +185,19 @@ struct SourceData {
 
 impl SourceData {
     /// The record of a snapshot of this source, cut `at` (seconds, nanoseconds).
-    fn snapshot_record(&self, name: &str, id: &SnapshotId, at: (i64, i32), group: Option<String>) -> SnapshotRecord {
+    fn snapshot_record(
+        &self,
+        name: &str,
+        id: &SnapshotId,
+        source: &VolumeId,
+        at: (i64, i32),
+        group: Option<GroupId>,
+    ) -> SnapshotRecord {
         SnapshotRecord {
             version: RECORD_VERSION,
             name: name.to_string(),
-            id: id.to_string(),
-            source_volume_id: self.id.clone(),
+            id: id.clone(),
+            source_volume_id: source.clone(),
             size_bytes: self.size,
             created_unix_secs: at.0,
             created_nanos: at.1,
@@ -408,7 +413,6 @@ impl LocalEngine {
                     .snapshot(s)
                     .ok_or_else(|| StorageError::SnapshotNotFound(shown.clone()))?;
                 Ok(SourceData {
-                    id: shown,
                     path: pool.data_path(Kind::Snapshot, &s.0.key),
                     size: rec.size_bytes,
                     layout: rec.layout,
@@ -427,7 +431,6 @@ impl LocalEngine {
                     .volume(v)
                     .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
                 Ok(SourceData {
-                    id: shown,
                     path: pool.data_path(Kind::Volume, &v.0.key),
                     size: rec.capacity_bytes,
                     layout: rec.layout,

@@ -179,6 +179,11 @@ impl VolumeId {
     pub fn parse(s: &str) -> Result<Self, IdError> {
         ObjectId::parse(s, "volume").map(VolumeId)
     }
+
+    /// A volume of a shared pool, reachable from every node.
+    pub fn is_shared(&self) -> bool {
+        self.0.location == Location::Shared
+    }
 }
 
 impl fmt::Display for VolumeId {
@@ -218,6 +223,26 @@ impl fmt::Display for GroupId {
         write!(f, "group:{}", self.0)
     }
 }
+
+/// Records hold typed ids: on disk (and in JSON) each is its string form, and a record whose id
+/// does not parse is corrupt rather than read as some other object's.
+macro_rules! id_as_string {
+    ($($t:ty),*) => {$(
+        impl serde::Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> serde::Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                <$t>::parse(&s).map_err(|e| serde::de::Error::custom(e.0))
+            }
+        }
+    )*};
+}
+
+id_as_string!(VolumeId, SnapshotId, GroupId);
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::config::DeletePolicy;
+use super::id::{GroupId, SnapshotId, VolumeId};
 use crate::sys::files::{self, Durability};
 
 use super::StorageError;
@@ -74,8 +75,8 @@ impl Layout {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "kind", content = "id")]
 pub enum ContentSource {
-    Snapshot(String),
-    Volume(String),
+    Snapshot(SnapshotId),
+    Volume(VolumeId),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,7 +84,7 @@ pub struct VolumeRecord {
     pub version: u32,
     /// The CSI name the volume was created with (its idempotency key).
     pub name: String,
-    pub id: String,
+    pub id: VolumeId,
     pub layout: Layout,
     pub capacity_bytes: u64,
     pub mode: VolumeMode,
@@ -110,8 +111,8 @@ pub struct VolumeRecord {
 pub struct SnapshotRecord {
     pub version: u32,
     pub name: String,
-    pub id: String,
-    pub source_volume_id: String,
+    pub id: SnapshotId,
+    pub source_volume_id: VolumeId,
     /// The capacity of the source volume: the smallest volume this snapshot can be restored into.
     pub size_bytes: u64,
     pub created_unix_secs: i64,
@@ -126,7 +127,7 @@ pub struct SnapshotRecord {
     pub fs_bytes: u64,
     /// The group snapshot this one was cut with: it is deleted with its group, never alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub group: Option<String>,
+    pub group: Option<GroupId>,
 }
 
 /// A group snapshot: snapshots of several volumes cut together, kept in the pool of its first
@@ -136,7 +137,7 @@ pub struct GroupRecord {
     pub version: u32,
     /// The CSI name (its idempotency key).
     pub name: String,
-    pub id: String,
+    pub id: GroupId,
     /// In volume-id order.
     pub members: Vec<GroupMember>,
     /// The VolumeGroupSnapshotClass parameters it was made with (a repeat must name the same).
@@ -148,8 +149,8 @@ pub struct GroupRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupMember {
-    pub volume_id: String,
-    pub snapshot_id: String,
+    pub volume_id: VolumeId,
+    pub snapshot_id: SnapshotId,
     /// The source's capacity (the member snapshot's size).
     pub size_bytes: u64,
 }

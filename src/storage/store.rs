@@ -32,20 +32,20 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// What the store needs of a record: its own id.
+/// What the store needs of a record: its own id, as the text the index is ordered by.
 pub trait Record: Clone + Serialize + for<'de> Deserialize<'de> + Send + 'static {
-    fn id(&self) -> &str;
+    fn id(&self) -> String;
 }
 
 impl Record for VolumeRecord {
-    fn id(&self) -> &str {
-        &self.id
+    fn id(&self) -> String {
+        self.id.to_string()
     }
 }
 
 impl Record for SnapshotRecord {
-    fn id(&self) -> &str {
-        &self.id
+    fn id(&self) -> String {
+        self.id.to_string()
     }
 }
 
@@ -56,13 +56,13 @@ impl PoolStore {
         for pool in pools {
             for key in pool.record_keys(Kind::Volume)? {
                 if let Some(r) = record::load::<VolumeRecord>(&pool.record_path(Kind::Volume, &key))? {
-                    lock(&store.names).insert(r.name.clone(), r.id.clone());
-                    lock(&store.volumes).insert(r.id.clone(), r);
+                    lock(&store.names).insert(r.name.clone(), r.id.to_string());
+                    lock(&store.volumes).insert(r.id.to_string(), r);
                 }
             }
             for key in pool.record_keys(Kind::Snapshot)? {
                 if let Some(r) = record::load::<SnapshotRecord>(&pool.record_path(Kind::Snapshot, &key))? {
-                    lock(&store.snapshots).insert(r.id.clone(), r);
+                    lock(&store.snapshots).insert(r.id.to_string(), r);
                 }
             }
         }
@@ -77,7 +77,7 @@ impl PoolStore {
             names.remove(&gone.name);
         }
         if let Some(r) = &new {
-            names.insert(r.name.clone(), r.id.clone());
+            names.insert(r.name.clone(), r.id.to_string());
         }
         new
     }
@@ -117,14 +117,14 @@ impl PoolStore {
     /// Writes a volume's record durably, then indexes it.
     pub fn put_volume(&self, pool: &Pool, key: &Key, rec: &VolumeRecord) -> Result<(), StorageError> {
         record::store(&pool.record_path(Kind::Volume, key), rec)?;
-        lock(&self.names).insert(rec.name.clone(), rec.id.clone());
-        lock(&self.volumes).insert(rec.id.clone(), rec.clone());
+        lock(&self.names).insert(rec.name.clone(), rec.id.to_string());
+        lock(&self.volumes).insert(rec.id.to_string(), rec.clone());
         Ok(())
     }
 
     pub fn put_snapshot(&self, pool: &Pool, key: &Key, rec: &SnapshotRecord) -> Result<(), StorageError> {
         record::store(&pool.record_path(Kind::Snapshot, key), rec)?;
-        lock(&self.snapshots).insert(rec.id.clone(), rec.clone());
+        lock(&self.snapshots).insert(rec.id.to_string(), rec.clone());
         Ok(())
     }
 
@@ -225,13 +225,13 @@ impl PoolStore {
             }
         }
         for r in vols {
-            names.insert(r.name.clone(), r.id.clone());
-            cache.insert(r.id.clone(), r);
+            names.insert(r.name.clone(), r.id.to_string());
+            cache.insert(r.id.to_string(), r);
         }
         drop((cache, names));
         let mut cache = lock(&self.snapshots);
         cache.retain(|id, _| !id.starts_with(prefix));
-        cache.extend(snaps.into_iter().map(|r| (r.id.clone(), r)));
+        cache.extend(snaps.into_iter().map(|r| (r.id.to_string(), r)));
     }
 }
 

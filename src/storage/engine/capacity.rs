@@ -184,12 +184,7 @@ impl LocalEngine {
         self.volumes()
             .into_iter()
             .map(|r| {
-                let c = VolumeId::parse(&r.id)
-                    .map(|id| self.condition(&id))
-                    .unwrap_or(Condition {
-                        abnormal: true,
-                        message: format!("record holds an unparsable id '{}'", r.id),
-                    });
+                let c = self.condition(&r.id);
                 (r, c)
             })
             .collect()

@@ -133,8 +133,8 @@ impl LocalEngine {
 
         let source = match &req.source {
             None => None,
-            Some(Source::Snapshot(s)) => Some(ContentSource::Snapshot(s.to_string())),
-            Some(Source::Volume(v)) => Some(ContentSource::Volume(v.to_string())),
+            Some(Source::Snapshot(s)) => Some(ContentSource::Snapshot(s.clone())),
+            Some(Source::Volume(v)) => Some(ContentSource::Volume(v.clone())),
         };
         if let Some(existing) = self.volume(&id) {
             // A copy's filesystem is its source's, whatever the pool's default.
@@ -193,7 +193,7 @@ impl LocalEngine {
         let rec = VolumeRecord {
             version: RECORD_VERSION,
             name: req.name.clone(),
-            id: p.id.to_string(),
+            id: p.id.clone(),
             layout: p.layout,
             capacity_bytes: p.capacity,
             mode: req.mode,

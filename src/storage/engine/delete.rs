@@ -192,7 +192,7 @@ impl LocalEngine {
         if files::entry(&data)? != files::Entry::Missing {
             std::fs::rename(&data, &dest).map_err(|e| crate::sys::SysError::io("rename", &data, e))?;
         }
-        self.store.remove(pool, Kind::Volume, key, &rec.id)?;
+        self.store.remove(pool, Kind::Volume, key, &rec.id.to_string())?;
         files::sync_dir(dir)?;
         tracing::info!(volume = %rec.id, kept_at = %dest.display(), "volume data kept by delete policy");
         Ok(())

@@ -44,16 +44,19 @@ pub struct NewGroup {
     pub freeze_timeout: Duration,
 }
 
+fn list<'a>(ids: impl IntoIterator<Item = &'a VolumeId>) -> String {
+    ids.into_iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
 /// Whether a repeated request names the group that exists (OK) or another one (ALREADY_EXISTS).
 fn same_group(existing: &GroupRecord, req: &NewGroup) -> Result<(), StorageError> {
-    let members: Vec<&str> = existing.members.iter().map(|m| m.volume_id.as_str()).collect();
-    let asked: Vec<String> = req.members.iter().map(ToString::to_string).collect();
-    if members != asked.iter().map(String::as_str).collect::<Vec<_>>() {
+    let members: Vec<&VolumeId> = existing.members.iter().map(|m| &m.volume_id).collect();
+    if members != req.members.iter().collect::<Vec<_>>() {
         return Err(StorageError::Conflict(format!(
             "group snapshot '{}' already exists with the volumes {}, not {}",
             req.name,
-            members.join(", "),
-            asked.join(", ")
+            list(members),
+            list(req.members.iter())
         )));
     }
     if existing.parameters != req.parameters {
@@ -106,7 +109,8 @@ impl LocalEngine {
             .locate(&home.0)
             .ok_or_else(|| StorageError::VolumeNotFound(home.to_string()))?;
         let key = Key::from_name(&req.name);
-        let shown = self.group_id(pool, &key).to_string();
+        let id = self.group_id(pool, &key);
+        let shown = id.to_string();
         let _group_held = self.take(Kind::Snapshot, &pool.config.name, &Key::from_name(&shown), &shown)?;
         if let Some(existing) = self.group_named(&req.name)? {
             same_group(&existing, req)?;
@@ -123,11 +127,13 @@ impl LocalEngine {
         let mut members = Vec::with_capacity(cuts.len());
         for c in &cuts {
             let name = member_name(&req.name, c.volume);
-            let rec = c.from.snapshot_record(&name, &c.snapshot, at, Some(shown.clone()));
+            let rec = c
+                .from
+                .snapshot_record(&name, &c.snapshot, c.volume, at, Some(id.clone()));
             self.store.put_snapshot(c.pool, &c.snapshot.0.key, &rec)?;
             members.push(GroupMember {
-                volume_id: c.volume.to_string(),
-                snapshot_id: c.snapshot.to_string(),
+                volume_id: c.volume.clone(),
+                snapshot_id: c.snapshot.clone(),
                 size_bytes: c.from.size,
             });
         }
@@ -135,7 +141,7 @@ impl LocalEngine {
         let rec = GroupRecord {
             version: RECORD_VERSION,
             name: req.name.clone(),
-            id: shown,
+            id,
             members,
             parameters: req.parameters.clone(),
             created_unix_secs: at.0,
@@ -154,7 +160,7 @@ impl LocalEngine {
         let snapshot = self.member_snapshot_id(&req.name, v);
         let held = self.take(Kind::Snapshot, &snapshot.0.pool, &snapshot.0.key, &snapshot.to_string())?;
         if let Some(old) = self.snapshot(&snapshot) {
-            if old.group.as_deref() != Some(group) {
+            if old.group.as_ref().map(ToString::to_string).as_deref() != Some(group) {
                 return Err(StorageError::Conflict(format!(
                     "snapshot name '{}' (member of group snapshot '{}') is taken by snapshot {}",
                     member_name(&req.name, v),
@@ -304,18 +310,17 @@ impl LocalEngine {
         };
         let shown = id.to_string();
         let _held = self.take(Kind::Snapshot, &id.0.pool, &Key::from_name(&shown), &shown)?;
-        let Some(rec) = self.store.group(pool, &id.0.key)?.filter(|r| r.id == shown) else {
+        let Some(rec) = self.store.group(pool, &id.0.key)?.filter(|r| r.id == *id) else {
             return Ok(());
         };
         for m in &rec.members {
-            let Ok(sid) = SnapshotId::parse(&m.snapshot_id) else {
-                continue;
-            };
+            let sid = &m.snapshot_id;
             let Some(mpool) = self.locate(&sid.0) else {
                 continue;
             };
-            let _member = self.take(Kind::Snapshot, &sid.0.pool, &sid.0.key, &m.snapshot_id)?;
-            self.remove_object(mpool, Kind::Snapshot, &sid.0.key, &m.snapshot_id)?;
+            let shown = sid.to_string();
+            let _member = self.take(Kind::Snapshot, &sid.0.pool, &sid.0.key, &shown)?;
+            self.remove_object(mpool, Kind::Snapshot, &sid.0.key, &shown)?;
         }
         crash::point("delete-group:before-record");
         self.store.remove_group(pool, &id.0.key)
@@ -326,8 +331,7 @@ impl LocalEngine {
         let Some(pool) = self.locate(&id.0) else {
             return Ok(None);
         };
-        let shown = id.to_string();
-        Ok(self.store.group(pool, &id.0.key)?.filter(|r| r.id == shown))
+        Ok(self.store.group(pool, &id.0.key)?.filter(|r| r.id == *id))
     }
 
     /// The group snapshot made under a CSI name, in any pool here.
@@ -343,13 +347,10 @@ impl LocalEngine {
 
     /// Why a snapshot cannot be deleted alone: it is a member of a group that still exists.
     pub(super) fn refuse_group_member(&self, rec: &SnapshotRecord) -> Result<(), StorageError> {
-        let Some(group) = rec.group.as_deref() else {
+        let Some(group) = &rec.group else {
             return Ok(());
         };
-        let Ok(gid) = GroupId::parse(group) else {
-            return Ok(());
-        };
-        if self.group(&gid)?.is_none() {
+        if self.group(group)?.is_none() {
             return Ok(()); // a member its group's delete left behind
         }
         Err(StorageError::Unsupported(format!(

@@ -17,7 +17,7 @@ impl LocalEngine {
         });
         let _held = self.take(Kind::Snapshot, &source.0.pool, &key, &id.to_string())?;
         if let Some(existing) = self.snapshot(&id) {
-            if existing.source_volume_id == shown_src {
+            if existing.source_volume_id == *source {
                 return Ok(existing);
             }
             return Err(StorageError::Conflict(format!(
@@ -26,7 +26,7 @@ impl LocalEngine {
             )));
         }
         let from = self.source_data(&Source::Volume(source.clone()))?;
-        let made = self.make_snapshot(pool, name, &id, &from, freeze);
+        let made = self.make_snapshot(pool, name, &id, source, &from, freeze);
         self.undo_unrecorded(pool, Kind::Snapshot, &key, made)
     }
 
@@ -36,13 +36,14 @@ impl LocalEngine {
         pool: &Pool,
         name: &str,
         id: &SnapshotId,
+        source: &VolumeId,
         from: &SourceData,
         freeze: bool,
     ) -> Result<SnapshotRecord, StorageError> {
         let key = &id.0.key;
         layout::create_copy(pool, Kind::Snapshot, key, from.layout, &from.path, false, freeze)?;
         crash::point("create-snapshot:before-record");
-        let rec = from.snapshot_record(name, id, now(), None);
+        let rec = from.snapshot_record(name, id, source, now(), None);
         self.store.put_snapshot(pool, key, &rec)?;
         Ok(rec)
     }

@@ -29,7 +29,7 @@ fn default_pool(e: &LocalEngine) -> &Pool {
 }
 
 fn id(rec: &VolumeRecord) -> VolumeId {
-    VolumeId::parse(&rec.id).expect("volume id")
+    rec.id.clone()
 }
 
 #[test]
@@ -130,7 +130,7 @@ fn a_restore_keeps_its_sources_filesystem_and_refuses_another() {
         .engine
         .create_snapshot("snap-src", &id(&src), false)
         .expect("snapshot");
-    let from_snap = || Some(Source::Snapshot(SnapshotId::parse(&snap.id).expect("snapshot id")));
+    let from_snap = || Some(Source::Snapshot(snap.id.clone()));
     let restored = f
         .engine
         .create_volume(NewVolume {
