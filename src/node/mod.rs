@@ -791,11 +791,7 @@ impl NodeService {
     fn mount_file(&self, path: &Path) -> Result<bool, NodeError> {
         match files::entry(path)? {
             Entry::Missing => {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(path)
-                    .map_err(|e| crate::sys::SysError::io("create block target", path, e))?;
+                files::create_sized(path, 0)?;
                 Ok(true)
             }
             Entry::File | Entry::Other => Ok(false),
@@ -840,16 +836,7 @@ impl NodeService {
             _ => false,
         };
         if removable {
-            let res = if files::entry(&target)? == Entry::Dir {
-                std::fs::remove_dir(&target)
-            } else {
-                std::fs::remove_file(&target)
-            };
-            match res {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(crate::sys::SysError::io("remove target", &target, e).into()),
-            }
+            files::remove_entry(&target)?;
         }
         m.published.remove(&target);
         self.state.put(m)?;

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::storage::record::AccessMode;
 use crate::sys::files::{self, Durability};
 use crate::sys::mount::BindFlags;
-use crate::sys::{Step, SysError};
+use crate::sys::SysError;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Staged {
@@ -53,10 +53,9 @@ pub struct NodeState {
 
 impl NodeState {
     pub fn open(dir: &Path) -> Result<NodeState, SysError> {
-        std::fs::create_dir_all(dir).step("mkdir", dir)?;
+        files::mkdir_all(dir)?;
         let mut cache = HashMap::new();
-        for e in std::fs::read_dir(dir).step("read directory", dir)?.flatten() {
-            let p = e.path();
+        for p in files::list_dir(dir)? {
             if p.extension().is_some_and(|x| x == "json") {
                 if let Some(bytes) = files::read_optional(&p)? {
                     if let Ok(m) = serde_json::from_slice::<VolumeMounts>(&bytes) {

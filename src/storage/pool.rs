@@ -86,7 +86,7 @@ impl Pool {
                 crate::sys::share::mount(&share.source, &share.fs_type, &share.options, &config.path)?;
             }
         }
-        std::fs::create_dir_all(&config.path).map_err(|e| crate::sys::SysError::io("mkdir", &config.path, e))?;
+        files::mkdir_all(&config.path)?;
         files::require_real_dir(&config.path)?;
         let features = super::layout::check_pool(&config)?;
         let pool = Pool { config, features };
@@ -128,9 +128,8 @@ impl Pool {
     }
 
     fn purge(&self, dir: &Path) -> Result<(), StorageError> {
-        let entries = std::fs::read_dir(dir).map_err(|e| crate::sys::SysError::io("read directory", dir, e))?;
-        for e in entries.flatten() {
-            super::layout::purge(&e.path())?;
+        for p in files::list_dir(dir)? {
+            super::layout::purge(&p)?;
         }
         Ok(())
     }
@@ -196,12 +195,13 @@ impl Pool {
     /// Keys of every record of a kind, read from disk (startup and reports only).
     pub fn record_keys(&self, kind: Kind) -> Result<Vec<Key>, StorageError> {
         let dir = self.collection_dir(kind);
-        let entries = std::fs::read_dir(&dir).map_err(|e| crate::sys::SysError::io("read directory", &dir, e))?;
         let mut keys = Vec::new();
-        for e in entries.flatten() {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            let is_file = e.file_type().map(|t| t.is_file()).unwrap_or(false);
+        for p in files::list_dir(&dir)? {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let is_file = files::entry(&p)? == files::Entry::File;
             if let (true, Some(stem)) = (is_file, name.strip_suffix(".json")) {
                 if let Ok(k) = Key::parse(stem) {
                     keys.push(k);

@@ -239,16 +239,18 @@ impl PoolStore {
 /// report names them).
 fn read_records<T: Record>(dir: &Path) -> Result<Vec<T>, SysError> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).map_err(|e| SysError::io("read directory", dir, e))? {
-        let e = e.map_err(|e| SysError::io("read directory", dir, e))?;
-        let name = e.file_name();
-        let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+    for path in files::list_dir(dir)? {
+        let Some(stem) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".json"))
+        else {
             continue;
         };
-        if Key::parse(stem).is_err() || !e.file_type().is_ok_and(|t| t.is_file()) {
+        if Key::parse(stem).is_err() || files::entry(&path)? != files::Entry::File {
             continue;
         }
-        if let Ok(Some(r)) = record::load::<T>(&e.path()) {
+        if let Ok(Some(r)) = record::load::<T>(&path) {
             out.push(r);
         }
     }

@@ -236,6 +236,93 @@ pub fn allocated_bytes(path: &Path) -> Result<u64, SysError> {
     Ok(total)
 }
 
+/// Allocated bytes of the tree at `path` (a file, or a directory and all below it), counted until
+/// they reach `stop`: a walk can be long and a caller may only need to know whether a bound is
+/// passed. Symlinks are not followed; what cannot be read counts nothing.
+pub fn allocated_upto(path: &Path, stop: u64) -> u64 {
+    let mut total = 0u64;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = fs::symlink_metadata(&p) else {
+            continue;
+        };
+        total = total.saturating_add(meta.blocks() * 512);
+        if total >= stop {
+            return total;
+        }
+        if meta.is_dir() {
+            stack.extend(fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()));
+        }
+    }
+    total
+}
+
+/// Renames `from` to `to` (atomically, on one filesystem).
+pub fn rename(from: &Path, to: &Path) -> Result<(), SysError> {
+    fs::rename(from, to).map_err(|e| SysError::io("rename", to, e))
+}
+
+/// Makes a directory and its missing parents.
+pub fn mkdir_all(path: &Path) -> Result<(), SysError> {
+    fs::create_dir_all(path).step("mkdir", path)
+}
+
+/// The paths of a directory's entries, in no particular order.
+pub fn list_dir(dir: &Path) -> Result<Vec<std::path::PathBuf>, SysError> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).step("read directory", dir)? {
+        out.push(e.step("read directory", dir)?.path());
+    }
+    Ok(out)
+}
+
+/// Sets a path's permission bits.
+pub fn set_mode(path: &Path, mode: u32) -> Result<(), SysError> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).step("chmod", path)
+}
+
+/// Creates a new file of `len` bytes (a sparse one: a hole until written); an existing file is an error.
+pub fn create_sized(path: &Path, len: u64) -> Result<(), SysError> {
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .step("create", path)?;
+    f.set_len(len).step("set the size of", path)
+}
+
+/// Grows a file to `len` bytes (the new part a hole) and makes that durable; a file already at least
+/// that long is left as it is.
+pub fn grow_to(path: &Path, len: u64) -> Result<(), SysError> {
+    let f = fs::OpenOptions::new().write(true).open(path).step("open", path)?;
+    let now = f.metadata().step("stat", path)?.len();
+    if len > now {
+        f.set_len(len).step("grow", path)?;
+        f.sync_all().step("fsync", path)?;
+    }
+    Ok(())
+}
+
+/// Removes a file, or a directory only if it is empty (a directory with anything in it is an error,
+/// never emptied); one that is already gone is fine.
+pub fn remove_entry(path: &Path) -> Result<(), SysError> {
+    let res = match entry(path)? {
+        Entry::Missing => return Ok(()),
+        Entry::Dir => fs::remove_dir(path),
+        _ => fs::remove_file(path),
+    };
+    match res {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(SysError::io("remove", path, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Removes an empty directory; a directory that is gone or not empty is left as it is.
+pub fn remove_dir_if_empty(path: &Path) {
+    let _ = fs::remove_dir(path);
+}
+
 /// A directory pinned by an `O_PATH` descriptor opened without following a symlink at `path`.
 /// `proc_path()` names exactly that directory for calls that take a path (mount(2)).
 #[derive(Debug)]

@@ -171,7 +171,7 @@ impl LocalEngine {
                 return *bytes;
             }
         }
-        let bytes = layout::allocated_tree_upto(data, capacity.saturating_add(1));
+        let bytes = files::allocated_upto(data, capacity.saturating_add(1));
         let mut cache = lock(&self.dir_usage);
         if cache.len() > 100_000 {
             cache.clear(); // bounded: a cache, not a record

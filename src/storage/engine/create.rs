@@ -148,8 +148,8 @@ impl LocalEngine {
 
         // Data of this very volume left by a create that died before its record (whole in place,
         // or half-made in `.work`) is reused or replaced by this one: it does not take room from it.
-        let leftover = layout::allocated_tree(&pool.data_path(Kind::Volume, &key))
-            + layout::allocated_tree(&pool.work_path(Kind::Volume, &key));
+        let leftover = files::allocated_upto(&pool.data_path(Kind::Volume, &key), u64::MAX)
+            + files::allocated_upto(&pool.work_path(Kind::Volume, &key), u64::MAX);
         let room = self.room(pool, layout)?.saturating_add(leftover);
         if capacity > room {
             // Named with its node: in split mode this answer reaches the scheduler through the
@@ -275,7 +275,7 @@ impl LocalEngine {
             }
             import.finish(header.length)?;
             crash::point("import:before-rename");
-            std::fs::rename(&work, &data).map_err(|e| crate::sys::SysError::io("rename", &data, e))?;
+            files::rename(&work, &data)?;
             files::sync_dir(&p.pool.collection_dir(Kind::Volume))?;
             tracing::info!(volume = %p.id, "import from another node checked and in place");
         }
@@ -451,13 +451,11 @@ pub(super) fn copy_fs_type(src: &std::path::Path, asked: &str) -> Result<String,
 
 /// Gives a new directory volume the owner and mode a StorageClass asked for.
 pub(super) fn set_owner(dir: &std::path::Path, o: Ownership) -> Result<(), StorageError> {
-    use std::os::unix::fs::PermissionsExt;
     if o.uid.is_some() || o.gid.is_some() {
         std::os::unix::fs::chown(dir, o.uid, o.gid).map_err(|e| crate::sys::SysError::io("chown", dir, e))?;
     }
     if let Some(mode) = o.mode {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| crate::sys::SysError::io("chmod", dir, e))?;
+        files::set_mode(dir, mode)?;
     }
     Ok(())
 }

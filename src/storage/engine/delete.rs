@@ -50,7 +50,7 @@ impl LocalEngine {
                 false
             }
             _ => {
-                std::fs::rename(&data, &trashed).map_err(|e| crate::sys::SysError::io("rename", &data, e))?;
+                files::rename(&data, &trashed)?;
                 true
             }
         };
@@ -153,7 +153,7 @@ impl LocalEngine {
         } else {
             files::remove_file_if_exists(&mark)?;
             // The directory goes when the last node's mark does; another node's new mark keeps it.
-            let _ = std::fs::remove_dir(&dir);
+            files::remove_dir_if_empty(&dir);
         }
         Ok(())
     }
@@ -190,7 +190,7 @@ impl LocalEngine {
         let dest = dir.join(&name);
         self.store.keep_copy(&dir.join(format!("{name}.json")), rec)?;
         if files::entry(&data)? != files::Entry::Missing {
-            std::fs::rename(&data, &dest).map_err(|e| crate::sys::SysError::io("rename", &data, e))?;
+            files::rename(&data, &dest)?;
         }
         self.store.remove(pool, Kind::Volume, key, &rec.id.to_string())?;
         files::sync_dir(dir)?;
@@ -220,14 +220,12 @@ pub enum NodeUse {
 /// The nodes that hold a directory volume of a shared pool staged, from their marks on the share.
 pub(super) fn staged_marks(pool: &Pool, key: &Key) -> Result<Vec<String>, StorageError> {
     let dir = pool.staged_dir(key);
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(crate::sys::SysError::io("read directory", &dir, e).into()),
-    };
-    let mut nodes: Vec<String> = entries
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+    if files::entry(&dir)? == files::Entry::Missing {
+        return Ok(Vec::new());
+    }
+    let mut nodes: Vec<String> = files::list_dir(&dir)?
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .filter(|n| !n.starts_with('.'))
         .collect();
     nodes.sort();

@@ -255,14 +255,18 @@ impl LocalEngine {
         let mine = format!("{FROZEN_MARK}{}-", self.node.as_str());
         for pool in self.pools.values() {
             let dir = pool.groups_dir();
-            let Ok(entries) = std::fs::read_dir(&dir) else {
+            let Ok(entries) = files::list_dir(&dir) else {
                 continue;
             };
-            for e in entries.flatten() {
-                if !e.file_name().to_string_lossy().starts_with(&mine) {
+            for path in entries {
+                if !path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&mine)) {
                     continue;
                 }
-                let listed = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let listed = files::read_optional(&path)
+                    .ok()
+                    .flatten()
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .unwrap_or_default();
                 for m in listed.lines().filter(|l| !l.is_empty()) {
                     match fstools::thaw(Path::new(m)) {
                         Ok(()) => tracing::warn!(
@@ -274,8 +278,8 @@ impl LocalEngine {
                         }
                     }
                 }
-                if let Err(err) = files::remove_file_if_exists(&e.path()) {
-                    tracing::warn!(path = %e.path().display(), error = %err, "could not remove a freeze mark");
+                if let Err(err) = files::remove_file_if_exists(&path) {
+                    tracing::warn!(path = %path.display(), error = %err, "could not remove a freeze mark");
                 }
             }
         }

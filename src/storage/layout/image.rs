@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::crash;
 use crate::sys::fstools::{self, FsType};
-use crate::sys::{copy, files, SysError};
+use crate::sys::{copy, files};
 
 use super::{allocated, copy_via_work, image_mounts, Frozen, LayoutOps, Made};
 use crate::storage::id::Key;
@@ -67,13 +67,7 @@ impl LayoutOps for Image {
         let data = pool.data_path(Kind::Volume, key);
         let work = pool.work_path(Kind::Volume, key);
         files::remove_tree(&work)?;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&work)
-            .map_err(|e| SysError::io("create image", &work, e))?;
-        f.set_len(capacity).map_err(|e| SysError::io("size image", &work, e))?;
-        drop(f);
+        files::create_sized(&work, capacity)?;
         if mode == VolumeMode::Filesystem {
             if let Err(e) = fstools::mkfs(fs, &work) {
                 let _ = files::remove_tree(&work); // nothing is left in `.work` for the retry to trip on
@@ -81,7 +75,7 @@ impl LayoutOps for Image {
             }
         }
         crash::point("image:before-rename");
-        std::fs::rename(&work, &data).map_err(|e| SysError::io("rename", &data, e))?;
+        files::rename(&work, &data)?;
         Ok(Made {
             fs_bytes: if mode == VolumeMode::Filesystem { capacity } else { 0 },
         })
@@ -104,15 +98,6 @@ impl LayoutOps for Image {
     }
 
     fn set_capacity(&self, data: &Path, capacity: u64) -> Result<(), StorageError> {
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(data)
-            .map_err(|e| SysError::io("open image", data, e))?;
-        let now = f.metadata().map_err(|e| SysError::io("stat image", data, e))?.len();
-        if capacity > now {
-            f.set_len(capacity).map_err(|e| SysError::io("grow image", data, e))?;
-            f.sync_all().map_err(|e| SysError::io("fsync image", data, e))?;
-        }
-        Ok(())
+        Ok(files::grow_to(data, capacity)?)
     }
 }

@@ -21,7 +21,7 @@ use std::path::Path;
 
 use crate::crash;
 use crate::sys::fstools::{self, FsType};
-use crate::sys::{btrfs as sys_btrfs, copy, files, loopdev, mountinfo, SysError};
+use crate::sys::{btrfs as sys_btrfs, copy, files, loopdev, mountinfo};
 
 use super::config::PoolConfig;
 use super::id::Key;
@@ -199,7 +199,7 @@ fn copy_via_work(
     files::remove_tree(&work)?;
     build(&work)?;
     crash::point("copy:before-rename");
-    std::fs::rename(&work, &data).map_err(|e| SysError::io("rename", &data, e))?;
+    files::rename(&work, &data)?;
     Ok(())
 }
 
@@ -216,7 +216,7 @@ pub fn clear_leftover(pool: &Pool, kind: Kind, key: &Key) -> Result<(), StorageE
             let trashed = pool
                 .trash_dir()
                 .join(format!("leftover-{}-{}", key.as_str(), uuid::Uuid::new_v4().simple()));
-            std::fs::rename(&data, &trashed).map_err(|e| SysError::io("rename", &data, e))?;
+            files::rename(&data, &trashed)?;
             purge(&trashed)?;
         }
     }
@@ -260,35 +260,7 @@ pub fn fault(layout: Layout, data: &Path) -> Option<String> {
 
 /// Allocated bytes of an image file: what it already uses of its capacity.
 pub fn allocated(data: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(data).map(|m| m.blocks() * 512).unwrap_or(0)
-}
-
-/// Allocated bytes of everything at `path`: a file, or a tree (symlinks are not followed). What
-/// removing or reusing it gives back to the pool.
-pub fn allocated_tree(path: &Path) -> u64 {
-    allocated_tree_upto(path, u64::MAX)
-}
-
-/// Allocated bytes of the tree at `path`, counted until they reach `stop` (a walk can be long; the
-/// caller only needs to know whether a bound is passed). Symlinks are not followed; subvolumes and
-/// mounts below are counted as files of the tree.
-pub fn allocated_tree_upto(path: &Path, stop: u64) -> u64 {
-    let mut total = 0u64;
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let Ok(meta) = std::fs::symlink_metadata(&p) else {
-            continue;
-        };
-        total = total.saturating_add(std::os::unix::fs::MetadataExt::blocks(&meta) * 512);
-        if total >= stop {
-            return total;
-        }
-        if meta.is_dir() {
-            stack.extend(std::fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()));
-        }
-    }
-    total
+    files::allocated_upto(data, u64::MAX)
 }
 
 /// Every filesystem mounted from a loop device of `image`, frozen for as long as this lives, so a
@@ -342,7 +314,5 @@ impl Drop for Frozen {
 
 /// Volumes are opened to every user like a fresh emptyDir; fsGroup narrows them in Kubernetes.
 fn open_to_all(dir: &Path) -> Result<(), StorageError> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).map_err(|e| SysError::io("chmod", dir, e))?;
-    Ok(())
+    Ok(files::set_mode(dir, 0o777)?)
 }
