@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use tokio_stream::{Stream, StreamExt};
 
+use crate::storage::cbt::{MetadataError, Query, Range};
 use crate::storage::engine::{CapacityRange, Condition, LocalEngine, Mutable, NewGroup, NewVolume, PoolStatus, Source};
 use crate::storage::id::{GroupId, NodeId, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{GroupRecord, SnapshotRecord, VolumeRecord};
@@ -65,7 +66,22 @@ pub trait Agent: Send + Sync {
     async fn group(&self, id: GroupId) -> Result<Option<GroupRecord>, StorageError>;
     /// The group snapshot created under a CSI name, in any pool of the node.
     async fn group_named(&self, name: String) -> Result<Option<GroupRecord>, StorageError>;
+    /// The allocated or changed ranges of snapshots of this node (`storage::cbt`), in batches of
+    /// at most `max`, after the volume's capacity. The agent protocol has no call for it yet, so
+    /// only in-process agents answer: a remote node's snapshots are not tracked (docs/cbt.md).
+    async fn block_ranges(&self, _q: Query, _max: usize) -> Result<(u64, RangeBatches), MetadataError> {
+        Err(MetadataError::NotTracked(format!(
+            "changed block tracking is not served for snapshots of node {} in split mode yet (only for all-in-one and shared pools); back them up in full",
+            self.node().as_str()
+        )))
+    }
 }
+
+/// Batches of ranges of a snapshot metadata answer, as the walk finds them. An error ends it.
+pub type RangeBatches = Pin<Box<dyn Stream<Item = Result<Vec<Range>, MetadataError>> + Send>>;
+
+/// Batches waiting between the walk and the client.
+const BATCHES_IN_FLIGHT: usize = 2;
 
 /// The node's own engine, called in-process. Disk work runs on the blocking pool so slow copies
 /// never stall other calls.
@@ -220,6 +236,26 @@ impl Agent for LocalAgent {
 
     async fn group_named(&self, name: String) -> Result<Option<GroupRecord>, StorageError> {
         self.blocking(move |e| e.group_named(&name)).await
+    }
+
+    async fn block_ranges(&self, q: Query, max: usize) -> Result<(u64, RangeBatches), MetadataError> {
+        let engine = self.engine.clone();
+        let mut walk = tokio::task::spawn_blocking(move || engine.block_ranges(&q))
+            .await
+            .map_err(|e| StorageError::Unavailable(format!("snapshot metadata task: {e}")))??;
+        let capacity = walk.capacity();
+        let (tx, rx) = tokio::sync::mpsc::channel(BATCHES_IN_FLIGHT);
+        // The walk reads extents on the blocking pool; a client that goes away closes the channel
+        // and ends it at its next batch.
+        tokio::task::spawn_blocking(move || loop {
+            let next = walk.next_batch(max).transpose();
+            let Some(batch) = next else { break };
+            let failed = batch.is_err();
+            if tx.blocking_send(batch).is_err() || failed {
+                break;
+            }
+        });
+        Ok((capacity, Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }
 
