@@ -17,8 +17,6 @@ pub struct IdentityService {
     pub version: String,
     /// Set once the pools are open.
     pub ready: Arc<AtomicBool>,
-    /// Whether SNAPSHOT_METADATA_SERVICE is named (the service is served either way).
-    pub advertise_snapshot_metadata: bool,
 }
 
 impl IdentityService {
@@ -29,15 +27,7 @@ impl IdentityService {
             name: name.to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             ready,
-            advertise_snapshot_metadata: false,
         }
-    }
-
-    /// Names the SnapshotMetadata service among the capabilities: the external-snapshot-metadata
-    /// sidecar waits for it, and csi-sanity v5.4 fails on it as an unknown service (docs/cbt.md).
-    pub fn advertising_snapshot_metadata(mut self, advertise: bool) -> Self {
-        self.advertise_snapshot_metadata = advertise;
-        self
     }
 }
 
@@ -67,10 +57,9 @@ impl Identity for IdentityService {
             service(service::Type::ControllerService),
             service(service::Type::VolumeAccessibilityConstraints),
             service(service::Type::GroupControllerService),
+            // The external-snapshot-metadata sidecar waits for it (docs/cbt.md).
+            service(service::Type::SnapshotMetadataService),
         ];
-        if self.advertise_snapshot_metadata {
-            capabilities.push(service(service::Type::SnapshotMetadataService));
-        }
         capabilities.push(PluginCapability {
             r#type: Some(plugin_capability::Type::VolumeExpansion(
                 plugin_capability::VolumeExpansion {

@@ -60,11 +60,6 @@ enum Command {
         /// default because csi-sanity v5.4 and older sidecars refuse capability values they do not know.
         #[arg(long)]
         advertise_volume_health: bool,
-        /// Name the SnapshotMetadata service (changed block tracking, docs/cbt.md) in
-        /// GetPluginCapabilities, as the external-snapshot-metadata sidecar needs. Served either way;
-        /// off by default because csi-sanity v5.4 fails on a plugin service it does not know.
-        #[arg(long)]
-        advertise_snapshot_metadata: bool,
         #[command(flatten)]
         socket: SocketArgs,
     },
@@ -101,11 +96,6 @@ enum Command {
         /// default because csi-sanity v5.4 and older sidecars refuse capability values they do not know.
         #[arg(long)]
         advertise_volume_health: bool,
-        /// Name the SnapshotMetadata service (changed block tracking, docs/cbt.md) in
-        /// GetPluginCapabilities, as the external-snapshot-metadata sidecar needs. Served either way;
-        /// off by default because csi-sanity v5.4 fails on a plugin service it does not know.
-        #[arg(long)]
-        advertise_snapshot_metadata: bool,
         #[command(flatten)]
         socket: SocketArgs,
     },
@@ -148,11 +138,6 @@ enum Command {
         /// default because csi-sanity v5.4 and older sidecars refuse capability values they do not know.
         #[arg(long)]
         advertise_volume_health: bool,
-        /// Name the SnapshotMetadata service (changed block tracking, docs/cbt.md) in
-        /// GetPluginCapabilities, as the external-snapshot-metadata sidecar needs. Served either way;
-        /// off by default because csi-sanity v5.4 fails on a plugin service it does not know.
-        #[arg(long)]
-        advertise_snapshot_metadata: bool,
         #[command(flatten)]
         socket: SocketArgs,
     },
@@ -343,7 +328,6 @@ fn main() -> ExitCode {
             metrics_listen,
             socket,
             advertise_volume_health,
-            advertise_snapshot_metadata,
         } => {
             init_logging(cli.log_format);
             socket.limits().and_then(|socket| {
@@ -357,7 +341,6 @@ fn main() -> ExitCode {
                     metrics_listen,
                     socket,
                     advertise_volume_health,
-                    advertise_snapshot_metadata,
                 };
                 runtime
                     .block_on(cellar::roles::all_in_one(opts))
@@ -376,7 +359,6 @@ fn main() -> ExitCode {
             metrics_listen,
             socket,
             advertise_volume_health,
-            advertise_snapshot_metadata,
         } => {
             init_logging(cli.log_format);
             let limits = registry.config().and_then(|r| Ok((r, socket.limits()?)));
@@ -393,7 +375,6 @@ fn main() -> ExitCode {
                     metrics_listen,
                     name,
                     advertise_volume_health,
-                    advertise_snapshot_metadata,
                 };
                 runtime
                     .block_on(cellar::roles::controller(opts))
@@ -414,7 +395,6 @@ fn main() -> ExitCode {
             metrics_listen,
             socket,
             advertise_volume_health,
-            advertise_snapshot_metadata,
         } => {
             init_logging(cli.log_format);
             socket.limits().and_then(|socket| {
@@ -432,7 +412,6 @@ fn main() -> ExitCode {
                     metrics_listen,
                     socket,
                     advertise_volume_health,
-                    advertise_snapshot_metadata,
                 };
                 runtime.block_on(cellar::roles::node(opts)).map_err(|e| e.to_string())
             })

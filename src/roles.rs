@@ -39,8 +39,6 @@ pub struct AllInOne {
     pub socket: server::SocketLimits,
     /// Name the CSI 1.13 health RPCs in GetCapabilities (docs/health.md); they are served either way.
     pub advertise_volume_health: bool,
-    /// Name the SnapshotMetadata service in GetPluginCapabilities (docs/cbt.md); served either way.
-    pub advertise_snapshot_metadata: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,8 +121,7 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
         "all-in-one ready"
     );
 
-    let identity = IdentityService::new(&o.driver_name, readiness.flag())
-        .advertising_snapshot_metadata(o.advertise_snapshot_metadata);
+    let identity = IdentityService::new(&o.driver_name, readiness.flag());
     let directory: Arc<dyn crate::agent::Directory> = Arc::new(SingleNode(Arc::new(LocalAgent::new(engine.clone()))));
     let metadata = SnapshotMetadataService::new(directory.clone());
     let controller = Arc::new(ControllerService::new(directory).advertising_health(o.advertise_volume_health));
@@ -277,8 +274,6 @@ pub struct ControllerRole {
     pub name: String,
     /// Name the CSI 1.13 health RPCs in GetCapabilities (docs/health.md); they are served either way.
     pub advertise_volume_health: bool,
-    /// Name the SnapshotMetadata service in GetPluginCapabilities (docs/cbt.md); served either way.
-    pub advertise_snapshot_metadata: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -297,9 +292,6 @@ pub struct NodeRole {
     pub socket: server::SocketLimits,
     /// Name the CSI 1.13 health RPCs in GetCapabilities (docs/health.md); they are served either way.
     pub advertise_volume_health: bool,
-    /// Name the SnapshotMetadata service in GetPluginCapabilities, as the other roles do (the
-    /// spec asks for the plugin's capabilities as a whole); a node does not serve it.
-    pub advertise_snapshot_metadata: bool,
 }
 
 /// `cellar controller`: Identity + Controller for the sidecars, the registry the nodes report to,
@@ -349,8 +341,7 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     ));
     report_pools(&readiness, &engine);
     tracing::info!(agent_listen = %o.agent_listen, socket = %socket.display(), "controller ready");
-    let identity = IdentityService::new(&o.driver_name, readiness.flag())
-        .advertising_snapshot_metadata(o.advertise_snapshot_metadata);
+    let identity = IdentityService::new(&o.driver_name, readiness.flag());
     let directory: Arc<dyn crate::agent::Directory> = Arc::new(registry);
     let metadata = SnapshotMetadataService::new(directory.clone());
     let controller = Arc::new(ControllerService::new(directory).advertising_health(o.advertise_volume_health));
@@ -434,8 +425,7 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
         }))
     };
     tracing::info!(node = node.as_str(), agent_listen = %o.agent_listen, socket = %socket.display(), "node ready");
-    let identity = IdentityService::new(&o.driver_name, readiness.flag())
-        .advertising_snapshot_metadata(o.advertise_snapshot_metadata);
+    let identity = IdentityService::new(&o.driver_name, readiness.flag());
     crate::node::start_lease_renewer(engine.clone(), state.clone());
     let mut node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
     node_svc.advertise_health = o.advertise_volume_health;

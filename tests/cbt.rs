@@ -21,7 +21,7 @@ use tonic::Code;
 const GIB: u64 = 1 << 30;
 const BLOCK: u64 = 4096;
 
-/// A driver serving an image pool on xfs (reflink) and a dir pool, advertising the service.
+/// A driver serving an image pool on xfs (reflink) and a dir pool.
 async fn driver(fs: &TestFs) -> (Driver, tempfile::TempDir) {
     let dir_pool = fs.path("dirpool");
     let cfgdir = tempfile::tempdir().expect("tempdir");
@@ -32,15 +32,7 @@ async fn driver(fs: &TestFs) -> (Driver, tempfile::TempDir) {
     );
     let cfg = cfgdir.path().join("pools.yaml");
     std::fs::write(&cfg, yaml).expect("config");
-    let d = Driver::start_with(
-        &[
-            "--config",
-            cfg.to_str().expect("utf-8"),
-            "--advertise-snapshot-metadata",
-        ],
-        &[],
-    )
-    .await;
+    let d = Driver::start_with(&["--config", cfg.to_str().expect("utf-8")], &[]).await;
     (d, cfgdir)
 }
 
@@ -409,11 +401,13 @@ async fn unknown_snapshots_are_not_found_and_missing_ones_invalid_argument() {
     let (_, base, _) = small_pair(&mut d, "pvc-nf").await;
     let mut c = metadata(&d).await;
     for unknown in [
+        "snap:local:node-1:img:nobody",
+        "snap:local:other-node:img:nobody",
+        "snap:shared:img:nobody",
+        "snap:local:node-1:plain:nobody",
         "local:node-1:img:nobody",
-        "local:other-node:img:nobody",
-        "shared:img:nobody",
         "not an id",
-        "local:node-1:img:../../etc",
+        "snap:local:node-1:img:../../etc",
     ] {
         let a = allocated(&mut c, unknown, 0, 0).await.err().map(|s| s.code());
         assert_eq!(a, Some(Code::NotFound), "allocated {unknown}");
@@ -498,20 +492,13 @@ async fn snapshots_of_dir_volumes_are_failed_precondition() {
 // ------------------------------------------------------------------ the capability
 
 #[tokio::test]
-async fn the_service_is_advertised_only_when_asked() {
+async fn the_service_is_advertised_as_a_plugin_capability() {
     use plugin_capability::service;
     let metadata_service = Some(plugin_capability::Type::Service(plugin_capability::Service {
         r#type: service::Type::SnapshotMetadataService as i32,
     }));
-    let mut plain = Driver::start().await;
-    let caps = plain.id.get_plugin_capabilities(GetPluginCapabilitiesRequest {}).await;
-    let caps = caps.expect("GetPluginCapabilities").into_inner().capabilities;
-    assert!(!caps.iter().any(|c| c.r#type == metadata_service), "off by default");
-    drop(plain);
-
-    let fs = TestFs::new("xfs", 512);
-    let (mut d, _cfg) = driver(&fs).await;
+    let mut d = Driver::start().await;
     let caps = d.id.get_plugin_capabilities(GetPluginCapabilitiesRequest {}).await;
     let caps = caps.expect("GetPluginCapabilities").into_inner().capabilities;
-    assert!(caps.iter().any(|c| c.r#type == metadata_service));
+    assert!(caps.iter().any(|c| c.r#type == metadata_service), "{caps:?}");
 }
