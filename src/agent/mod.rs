@@ -77,6 +77,12 @@ pub trait Agent: Send + Sync {
     }
 }
 
+/// A walk whose blocking task died (a panic): the answer ends with INTERNAL.
+fn walk_failed(e: tokio::task::JoinError) -> MetadataError {
+    let e = crate::sys::SysError::io("snapshot metadata walk", "", std::io::Error::other(e.to_string()));
+    MetadataError::Storage(StorageError::Sys(e))
+}
+
 /// Batches of ranges of a snapshot metadata answer, as the walk finds them. An error ends it.
 pub type RangeBatches = Pin<Box<dyn Stream<Item = Result<Vec<Range>, MetadataError>> + Send>>;
 
@@ -240,19 +246,32 @@ impl Agent for LocalAgent {
 
     async fn block_ranges(&self, q: Query, max: usize) -> Result<(u64, RangeBatches), MetadataError> {
         let engine = self.engine.clone();
-        let mut walk = tokio::task::spawn_blocking(move || engine.block_ranges(&q))
+        let walk = tokio::task::spawn_blocking(move || engine.block_ranges(&q))
             .await
             .map_err(|e| StorageError::Unavailable(format!("snapshot metadata task: {e}")))??;
         let capacity = walk.capacity();
         let (tx, rx) = tokio::sync::mpsc::channel(BATCHES_IN_FLIGHT);
-        // The walk reads extents on the blocking pool; a client that goes away closes the channel
-        // and ends it at its next batch.
-        tokio::task::spawn_blocking(move || loop {
-            let next = walk.next_batch(max).transpose();
-            let Some(batch) = next else { break };
-            let failed = batch.is_err();
-            if tx.blocking_send(batch).is_err() || failed {
-                break;
+        // Each batch is read on the blocking pool, and only that: waiting for a slow client holds
+        // no blocking thread. A client that goes away closes the channel and ends the walk.
+        tokio::spawn(async move {
+            let mut walk = Some(walk);
+            while let Some(mut w) = walk.take() {
+                let step = tokio::task::spawn_blocking(move || {
+                    let next = w.next_batch(max);
+                    (w, next)
+                });
+                let next = match step.await {
+                    Ok((w, next)) => {
+                        walk = Some(w);
+                        next
+                    }
+                    Err(e) => Err(walk_failed(e)),
+                };
+                let Some(batch) = next.transpose() else { break };
+                let failed = batch.is_err();
+                if tx.send(batch).await.is_err() || failed {
+                    break;
+                }
             }
         });
         Ok((capacity, Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
