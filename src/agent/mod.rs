@@ -67,14 +67,8 @@ pub trait Agent: Send + Sync {
     /// The group snapshot created under a CSI name, in any pool of the node.
     async fn group_named(&self, name: String) -> Result<Option<GroupRecord>, StorageError>;
     /// The allocated or changed ranges of snapshots of this node (`storage::cbt`), in batches of
-    /// at most `max`, after the volume's capacity. The agent protocol has no call for it yet, so
-    /// only in-process agents answer: a remote node's snapshots are not tracked (docs/cbt.md).
-    async fn block_ranges(&self, _q: Query, _max: usize) -> Result<(u64, RangeBatches), MetadataError> {
-        Err(MetadataError::NotTracked(format!(
-            "changed block tracking is not served for snapshots of node {} in split mode yet (only for all-in-one and shared pools); back them up in full",
-            self.node().as_str()
-        )))
-    }
+    /// at most `max`, after the volume's capacity.
+    async fn block_ranges(&self, q: Query, max: usize) -> Result<(u64, RangeBatches), MetadataError>;
 }
 
 /// A walk whose blocking task died (a panic): the answer ends with INTERNAL.

@@ -14,13 +14,11 @@ use crate::csi::status::{bound, invalid, missing};
 use crate::csi::v1::snapshot_metadata_server::SnapshotMetadata;
 use crate::csi::v1::*;
 use crate::server::traced;
-use crate::storage::cbt::{MetadataError, Query, Range};
+use crate::storage::cbt::{MetadataError, Query, Range, MAX_BATCH};
 use crate::storage::id::SnapshotId;
 
 /// Ranges per message when the client leaves `max_results` at 0.
 pub const DEFAULT_RESULTS: usize = 256;
-/// The most ranges a message carries whatever the client asks (about 100 KiB on the wire).
-pub const MAX_RESULTS: usize = 4096;
 
 pub struct SnapshotMetadataService {
     directory: Arc<dyn Directory>,
@@ -88,7 +86,7 @@ fn results(v: i32) -> Result<usize, Status> {
         n if n < 0 => Err(invalid(format!(
             "max_results {n} is negative; 0 lets the driver choose"
         ))),
-        n => Ok((n as usize).min(MAX_RESULTS)),
+        n => Ok((n as usize).min(MAX_BATCH)),
     }
 }
 

@@ -58,6 +58,9 @@ pub struct Query {
 /// One range of bytes: `(offset, length)`.
 pub type Range = (u64, u64);
 
+/// The most ranges one batch (one message of an answer) carries, whatever is asked.
+pub const MAX_BATCH: usize = 4096;
+
 /// How much of the volume is compared at once.
 pub const WINDOW: u64 = 64 << 20;
 
