@@ -1511,6 +1511,11 @@ impl FakeApiServer {
                     ("rolebindings", "RoleBinding", true),
                 ],
             ),
+            // A cluster with external-snapshot-metadata's CRD installed (snapshotMetadata.enabled).
+            (
+                "cbt.storage.k8s.io/v1beta1",
+                &[("snapshotmetadataservices", "SnapshotMetadataService", false)],
+            ),
         ];
         let resources = |gv: &str, list: &[Resource]| {
             let r: Vec<_> = list
@@ -1571,7 +1576,7 @@ impl Drop for FakeApiServer {
 }
 
 /// `helm upgrade`'s rendering, with the cluster holding `secrets` (as a previous install left them).
-fn render_upgrade(secrets: &[&Value]) -> Vec<Doc> {
+fn render_upgrade(secrets: &[&Value], extra: &[&str]) -> Vec<Doc> {
     let owned: Vec<serde_json::Value> = secrets
         .iter()
         .map(|s| {
@@ -1607,6 +1612,7 @@ fn render_upgrade(secrets: &[&Value]) -> Vec<Doc> {
             "--dry-run=server",
             "--disable-openapi-validation",
         ])
+        .args(extra)
         .env("KUBECONFIG", &kubeconfig)
         .env("HOME", dir.path());
     let (ok, out, err) = run(&mut cmd);
@@ -1631,7 +1637,7 @@ fn helm_certificates_are_kept_across_upgrades() {
     let ctl = find(&first, "Secret", "cellar-controller-tls");
     let node = find(&first, "Secret", "cellar-node-tls");
 
-    let upgrade = render_upgrade(&[&ctl, &node]);
+    let upgrade = render_upgrade(&[&ctl, &node], &[]);
     assert_eq!(find(&upgrade, "Secret", "cellar-controller-tls")["data"], ctl["data"]);
     assert_eq!(find(&upgrade, "Secret", "cellar-node-tls")["data"], node["data"]);
     for (kind, name) in [("Deployment", "cellar-controller"), ("DaemonSet", "cellar-node")] {
@@ -1642,7 +1648,7 @@ fn helm_certificates_are_kept_across_upgrades() {
         );
     }
 
-    let repaired = render_upgrade(&[&ctl]);
+    let repaired = render_upgrade(&[&ctl], &[]);
     let new_ctl = find(&repaired, "Secret", "cellar-controller-tls");
     let new_node = find(&repaired, "Secret", "cellar-node-tls");
     assert_ne!(new_ctl["data"]["ca.crt"], ctl["data"]["ca.crt"], "a new CA");
@@ -1862,4 +1868,47 @@ fn snapshot_metadata_with_its_own_certificate_needs_its_ca() {
     let dep = docs.iter().find(|d| d.kind() == "Deployment").expect("controller");
     let secret = volume(&dep.value["spec"]["template"]["spec"], "snapshot-metadata-tls");
     assert_eq!(secret["secret"]["secretName"], "mine");
+}
+
+/// The sidecar's self-signed certificate survives an upgrade like the others: the same Secret, the
+/// same CA in the SnapshotMetadataService object (clients keep trusting it), no restart for it.
+#[test]
+fn the_snapshot_metadata_certificate_is_kept_across_upgrades() {
+    let on = ["--set", "snapshotMetadata.enabled=true"];
+    let first = split_docs(&render(&on));
+    let find = |docs: &[Doc], kind: &str| -> Vec<Value> {
+        docs.iter()
+            .filter(|d| d.kind() == kind)
+            .map(|d| d.value.clone())
+            .collect()
+    };
+    let secret = |docs: &[Doc], name: &str| {
+        find(docs, "Secret")
+            .into_iter()
+            .find(|s| s["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no Secret {name}"))
+    };
+    let ca_of = |docs: &[Doc]| find(docs, "SnapshotMetadataService")[0]["spec"]["caCert"].clone();
+    let restart = |docs: &[Doc]| {
+        let dep = find(docs, "Deployment").into_iter().next().expect("controller");
+        dep["spec"]["template"]["metadata"]["annotations"]["checksum/snapshot-metadata-tls"].clone()
+    };
+    let kept = [
+        secret(&first, "cellar-controller-tls"),
+        secret(&first, "cellar-node-tls"),
+        secret(&first, "cellar-snapshot-metadata-tls"),
+    ];
+    let upgrade = render_upgrade(&kept.iter().collect::<Vec<_>>(), &on);
+    assert_eq!(
+        secret(&upgrade, "cellar-snapshot-metadata-tls")["data"],
+        kept[2]["data"]
+    );
+    assert_eq!(ca_of(&upgrade), ca_of(&first));
+    assert_eq!(
+        ca_of(&first),
+        kept[2]["data"]["tls.crt"],
+        "the certificate is its own CA"
+    );
+    assert!(restart(&first).is_string());
+    assert_eq!(restart(&upgrade), restart(&first), "the controller would restart");
 }
