@@ -424,6 +424,43 @@ async fn max_results_bounds_every_message_and_starting_offset_resumes() {
     assert_eq!((none.messages, none.ranges.len(), none.capacity), (1, 0, 64 << 20));
 }
 
+/// `cellar csi blocks`: the same ranges as the service, as JSON for scripts or a table for people.
+#[tokio::test]
+async fn the_cli_lists_allocated_and_changed_blocks() {
+    let fs = TestFs::new("xfs", 512);
+    let (mut d, _cfg) = driver(&fs).await;
+    let (_, base, target) = small_pair(&mut d, "pvc-cli").await;
+    let mut c = metadata(&d).await;
+    let want = delta(&mut c, &base, &target, 0, 0).await.expect("delta").ranges;
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .args(["csi", "--endpoint", &d.endpoint(), "blocks"])
+            .args(args)
+            .output()
+            .expect("run cellar csi blocks");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&cli(&[&target, "--base", &base, "--max-results", "1", "-o", "json"])).expect("JSON");
+    assert_eq!(json["volume_capacity_bytes"], 64 * MIB);
+    let got: Vec<(u64, u64)> = json["block_metadata"]
+        .as_array()
+        .expect("ranges")
+        .iter()
+        .map(|r| {
+            (
+                r["byte_offset"].as_u64().expect("offset"),
+                r["size_bytes"].as_u64().expect("size"),
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+    let table = cli(&[&target]);
+    assert!(table.starts_with("OFFSET"), "{table}");
+    assert!(table.contains("16 ranges, 1 MiB of a 64 MiB volume"), "{table}");
+}
+
 // ------------------------------------------------------------------ bad input
 
 #[tokio::test]
