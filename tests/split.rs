@@ -1227,7 +1227,12 @@ async fn block_ranges(
 #[tokio::test]
 async fn a_nodes_snapshots_get_their_changed_blocks_through_the_controller() {
     let fs = TestFs::new("xfs", 512);
-    let c = Cluster::start_with(vec![Some(fs.path("pool")), None], Some("dir, image")).await;
+    let c = Cluster::start(Spec {
+        pools: vec![Some(fs.path("pool")), None],
+        layouts: Some("dir, image"),
+        ..Spec::default()
+    })
+    .await;
     let mut ctl = c.ctl().await;
     let src = made(&mut ctl, image(wffc("src", IMAGE_BYTES, "node-1", BOTH))).await;
     let img = c.pool_dir(0).join("volumes/src");

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use super::ControllerError;
 use crate::agent::{Agent, Directory, RangeBatches};
-use crate::csi::status::{bound, invalid, missing};
 use crate::csi::v1::snapshot_metadata_server::SnapshotMetadata;
 use crate::csi::v1::*;
-use crate::server::traced;
+use crate::server::trace::note;
 use crate::storage::cbt::{MetadataError, Query, Range, MAX_BATCH};
 use crate::storage::id::SnapshotId;
 
@@ -30,11 +30,11 @@ impl SnapshotMetadataService {
     }
 
     /// The node serving a snapshot id from outside, or NOT_FOUND.
-    fn owner(&self, field: &'static str, raw: &str) -> Result<(SnapshotId, Arc<dyn Agent>), Status> {
+    fn owner(&self, field: &'static str, raw: &str) -> Result<(SnapshotId, Arc<dyn Agent>), ControllerError> {
         if raw.is_empty() {
-            return Err(missing(field));
+            return Err(ControllerError::missing(field));
         }
-        let not_found = || Status::not_found(format!("snapshot {raw} not found"));
+        let not_found = || ControllerError::not_found(format!("snapshot {raw} not found"));
         let id = SnapshotId::parse(raw).map_err(|_| not_found())?;
         let agent = match id.0.node() {
             Some(n) => self.directory.agent(n),
@@ -51,7 +51,7 @@ impl SnapshotMetadataService {
         starting_offset: i64,
         max_results: i32,
         make: fn(i32, i64, Vec<BlockMetadata>) -> T,
-    ) -> Result<Answer<T>, Status> {
+    ) -> Result<Answer<T>, ControllerError> {
         let (offset, max) = (offset(starting_offset)?, results(max_results)?);
         let base = base.map(|b| self.owner("base_snapshot_id", b)).transpose()?;
         let (target, agent) = self.owner("target_snapshot_id", target)?;
@@ -76,14 +76,15 @@ impl SnapshotMetadataService {
     }
 }
 
-fn offset(v: i64) -> Result<u64, Status> {
-    u64::try_from(v).map_err(|_| invalid(format!("starting_offset {v} is negative; it is a byte offset from 0")))
+fn offset(v: i64) -> Result<u64, ControllerError> {
+    u64::try_from(v)
+        .map_err(|_| ControllerError::invalid(format!("starting_offset {v} is negative; it is a byte offset from 0")))
 }
 
-fn results(v: i32) -> Result<usize, Status> {
+fn results(v: i32) -> Result<usize, ControllerError> {
     match v {
         0 => Ok(DEFAULT_RESULTS),
-        n if n < 0 => Err(invalid(format!(
+        n if n < 0 => Err(ControllerError::invalid(format!(
             "max_results {n} is negative; 0 lets the driver choose"
         ))),
         n => Ok((n as usize).min(MAX_BATCH)),
@@ -99,7 +100,7 @@ async fn messages<T: Send + 'static>(
     capacity: u64,
     mut batches: RangeBatches,
     make: fn(i32, i64, Vec<BlockMetadata>) -> T,
-) -> Result<Answer<T>, Status> {
+) -> Result<Answer<T>, ControllerError> {
     let first = match batches.next().await {
         Some(b) => b?,
         None => Vec::new(),
@@ -115,7 +116,7 @@ async fn messages<T: Send + 'static>(
             .collect();
         make(style, capacity, blocks)
     };
-    let rest = batches.map(move |b| b.map(message).map_err(|e| bound(e.into())));
+    let rest = batches.map(move |b| b.map(message).map_err(Status::from));
     Ok(Box::pin(tokio_stream::once(Ok(message(first))).chain(rest)))
 }
 
@@ -128,6 +129,7 @@ impl SnapshotMetadata for SnapshotMetadataService {
         &self,
         req: Request<GetMetadataAllocatedRequest>,
     ) -> Result<Response<Self::GetMetadataAllocatedStream>, Status> {
+        note(&req, &req.get_ref().snapshot_id);
         let r = req.into_inner();
         let make = |t, c, b| GetMetadataAllocatedResponse {
             block_metadata_type: t,
@@ -135,15 +137,14 @@ impl SnapshotMetadata for SnapshotMetadataService {
             block_metadata: b,
         };
         let answer = self.answer(None, &r.snapshot_id, r.starting_offset, r.max_results, make);
-        traced("GetMetadataAllocated", &r.snapshot_id, answer)
-            .await
-            .map(Response::new)
+        super::answer(answer).await
     }
 
     async fn get_metadata_delta(
         &self,
         req: Request<GetMetadataDeltaRequest>,
     ) -> Result<Response<Self::GetMetadataDeltaStream>, Status> {
+        note(&req, &req.get_ref().target_snapshot_id);
         let r = req.into_inner();
         let make = |t, c, b| GetMetadataDeltaResponse {
             block_metadata_type: t,
@@ -152,6 +153,6 @@ impl SnapshotMetadata for SnapshotMetadataService {
         };
         let (base, target) = (Some(r.base_snapshot_id.as_str()), &r.target_snapshot_id);
         let answer = self.answer(base, target, r.starting_offset, r.max_results, make);
-        traced("GetMetadataDelta", target, answer).await.map(Response::new)
+        super::answer(answer).await
     }
 }

@@ -110,10 +110,11 @@ impl From<crate::controller::ControllerError> for Status {
     fn from(e: crate::controller::ControllerError) -> Status {
         use crate::controller::ControllerError as E;
         let code = match &e {
-            E::Request(_) | E::Storage(_) => {
+            E::Request(_) | E::Storage(_) | E::Metadata(_) => {
                 return match e {
                     E::Request(r) => r.into(),
                     E::Storage(s) => s.into(),
+                    E::Metadata(m) => m.into(),
                     _ => unreachable!("matched above"),
                 }
             }
