@@ -554,6 +554,96 @@ async fn an_image_group_holds_one_point_in_time_of_a_sequence_written_across_two
     eprintln!("group cut at A={na} B={nb}");
 }
 
+/// An image volume made through a split-mode controller on `node` (the scheduler's choice), or
+/// restored there from `snapshot`.
+async fn image_on(c: &common::cluster::Cluster, name: &str, node: &str, snapshot: Option<&str>) -> String {
+    let at = common::cluster::node_topology(node);
+    let mut r = create_req(name, 64 * MIB);
+    r.parameters.insert("layout".into(), "image".into());
+    r.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![at.clone()],
+        preferred: vec![at],
+    });
+    r.volume_content_source = snapshot.map(|s| VolumeContentSource {
+        r#type: Some(from_snapshot(s)),
+    });
+    let v = c.ctl().await.create_volume(r).await.expect("CreateVolume");
+    v.into_inner().volume.expect("volume").volume_id
+}
+
+#[tokio::test]
+async fn an_image_group_across_two_nodes_holds_one_point_in_time_of_a_sequence() {
+    use common::cluster::{Cluster, Spec};
+    let c = Cluster::start(Spec {
+        layouts: Some("dir, image"),
+        ..Spec::nodes(vec![None, None])
+    })
+    .await;
+    let a = image_on(&c, "pvc-xa", "node-1", None).await;
+    let b = image_on(&c, "pvc-xb", "node-2", None).await;
+    let (sa, sb) = (c.dir.path().join("stage-xa"), c.dir.path().join("stage-xb"));
+    for p in [&sa, &sb] {
+        std::fs::create_dir_all(p).expect("staging dir");
+    }
+    stage_rwo(&mut c.node(0).await, &a, &sa).await.expect("stage on node-1");
+    stage_rwo(&mut c.node(1).await, &b, &sb).await.expect("stage on node-2");
+    let (fa, fb) = (sa.join("seq"), sb.join("seq"));
+    let mut writer = start_writer(&fa, &fb);
+    while last_written(&fb) < 50 {
+        assert!(writer.try_wait().unwrap().is_none(), "the writer stopped");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let mut g = GroupControllerClient::new(c.channel("controller.sock").await);
+    let made = create(&mut g, "group-across", &[&a, &b], &[]).await.unwrap();
+    let seen = last_written(&fb);
+    // Both nodes thawed: the writer goes on after the cut.
+    while last_written(&fb) <= seen + 10 {
+        assert!(writer.try_wait().unwrap().is_none(), "the writer stopped");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    writer.kill().expect("stop the writer");
+    writer.wait().expect("reap the writer");
+    unstage_from(&mut c.node(0).await, &a, &sa)
+        .await
+        .expect("unstage on node-1");
+    unstage_from(&mut c.node(1).await, &b, &sb)
+        .await
+        .expect("unstage on node-2");
+    assert!(
+        made.group_snapshot_id.starts_with("group:local:node-1:"),
+        "{}",
+        made.group_snapshot_id
+    );
+
+    // Each member restores on its own node; together they hold one point in time.
+    let ra = image_on(&c, "pvc-xra", "node-1", Some(&member(&made, &a))).await;
+    let rb = image_on(&c, "pvc-xrb", "node-2", Some(&member(&made, &b))).await;
+    let (sra, srb) = (c.dir.path().join("stage-xra"), c.dir.path().join("stage-xrb"));
+    for p in [&sra, &srb] {
+        std::fs::create_dir_all(p).expect("staging dir");
+    }
+    stage_rwo(&mut c.node(0).await, &ra, &sra)
+        .await
+        .expect("stage the restore on node-1");
+    stage_rwo(&mut c.node(1).await, &rb, &srb)
+        .await
+        .expect("stage the restore on node-2");
+    let (na, nb) = (last(&sra.join("seq")), last(&srb.join("seq")));
+    unstage_from(&mut c.node(0).await, &ra, &sra).await.expect("unstage");
+    unstage_from(&mut c.node(1).await, &rb, &srb).await.expect("unstage");
+    assert!(
+        nb >= 50,
+        "the cut came after the writer had written 50 to both ({na}, {nb})"
+    );
+    assert!(
+        na == nb || na == nb + 1,
+        "the restored pair is not one point in time: A (node-1) ends at {na}, B (node-2) at {nb}"
+    );
+    eprintln!("group cut across nodes at A={na} B={nb}");
+    let e = delete(&mut g, &made.group_snapshot_id, &[]).await;
+    assert_eq!(e, Code::Ok);
+}
+
 // ------------------------------------------------------------------ split mode: through the agents
 
 mod split {
@@ -680,20 +770,111 @@ mod split {
     }
 
     #[tokio::test]
-    async fn volumes_on_two_nodes_are_failed_precondition_naming_both_nodes() {
-        let ctl = ControllerService::new(Arc::new(nodes(&["node-1", "node-2"]).await));
-        let a = volume(&ctl, "pvc-n1", "node-1").await;
-        let b = volume(&ctl, "pvc-n2", "node-2").await;
-        let e = ctl
+    async fn a_group_across_two_nodes_is_cut_by_both_and_deleted_from_both() {
+        let n = nodes(&["node-1", "node-2"]).await;
+        let engines = n.engines.clone();
+        let ctl = ControllerService::new(Arc::new(n));
+        let a = volume(&ctl, "pvc-x1", "node-1").await;
+        let b = volume(&ctl, "pvc-x2", "node-2").await;
+        let made = ctl
+            .create_volume_group_snapshot(group_req("group-two-nodes", &[&b, &a], true))
+            .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+        // Recorded with its first member (by id), each member cut by its own node.
+        assert!(
+            made.group_snapshot_id.starts_with("group:local:node-1:"),
+            "{}",
+            made.group_snapshot_id
+        );
+        let mut sources: Vec<String> = made.snapshots.iter().map(|s| s.source_volume_id.clone()).collect();
+        sources.sort();
+        assert_eq!(sources, vec![a.clone(), b.clone()]);
+        for (engine, volume) in engines.iter().zip([&a, &b]) {
+            let snaps = engine.snapshots();
+            assert_eq!(snaps.len(), 1, "one member on each node");
+            assert_eq!(snaps[0].source_volume_id.to_string(), *volume);
+            assert_eq!(
+                snaps[0].group.as_ref().map(ToString::to_string),
+                Some(made.group_snapshot_id.clone())
+            );
+        }
+        // The same request again is the same group; Get finds it from its record's node.
+        let again = ctl
             .create_volume_group_snapshot(group_req("group-two-nodes", &[&a, &b], true))
             .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+        assert_eq!(again, made);
+        let got = ctl
+            .get_volume_group_snapshot(Request::new(GetVolumeGroupSnapshotRequest {
+                group_snapshot_id: made.group_snapshot_id.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .group_snapshot
+            .unwrap();
+        assert_eq!(got, made);
+        // The member on the other node than the group's record cannot be deleted alone either.
+        let on_node_2 = made
+            .snapshots
+            .iter()
+            .find(|s| s.source_volume_id == b)
+            .unwrap()
+            .snapshot_id
+            .clone();
+        let e = ctl
+            .delete_snapshot(Request::new(DeleteSnapshotRequest {
+                snapshot_id: on_node_2,
+                ..Default::default()
+            }))
+            .await
             .unwrap_err();
-        assert_eq!(e.code(), Code::FailedPrecondition);
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        ctl.delete_volume_group_snapshot(Request::new(DeleteVolumeGroupSnapshotRequest {
+            group_snapshot_id: made.group_snapshot_id.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        for engine in &engines {
+            assert!(engine.snapshots().is_empty(), "every member is deleted, on both nodes");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_part_that_cannot_be_cut_leaves_nothing_on_any_node() {
+        let n = nodes(&["node-1", "node-2"]).await;
+        let engines = n.engines.clone();
+        let ctl = ControllerService::new(Arc::new(n));
+        let a = volume(&ctl, "pvc-y1", "node-1").await;
+        let b = volume(&ctl, "pvc-y2", "node-2").await;
+        // node-2's member name is taken by an ordinary snapshot: node-2 refuses its part, after
+        // node-1 froze its member and waits for it; node-1 then cuts nothing.
+        ctl.create_snapshot(Request::new(CreateSnapshotRequest {
+            name: "group-half-pvc-y2".into(),
+            source_volume_id: b.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+        let e = ctl
+            .create_volume_group_snapshot(group_req("group-half", &[&a, &b], true))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists, "node-2's own refusal: {}", e.message());
         assert!(
-            e.message().contains("node-1") && e.message().contains("node-2"),
-            "{}",
-            e.message()
+            engines[0].snapshots().is_empty(),
+            "nothing of the group is left on node-1"
         );
+        assert_eq!(engines[1].snapshots().len(), 1, "only the ordinary snapshot on node-2");
+        assert!(engines[1].snapshots()[0].group.is_none());
     }
 
     #[tokio::test]

@@ -69,6 +69,67 @@ pub trait Agent: Send + Sync {
     /// The allocated or changed ranges of snapshots of this node (`storage::cbt`), in batches of
     /// at most `max`, after the volume's capacity.
     async fn block_ranges(&self, q: Query, max: usize) -> Result<(u64, RangeBatches), MetadataError>;
+    /// This node's part of a group snapshot spanning nodes (`req.members` are this node's): its
+    /// members are frozen, then cut only once every part has met at `meet`
+    /// ([`LocalEngine::cut_group_part`]). Returns the members' snapshot records.
+    async fn cut_group_part(
+        &self,
+        id: GroupId,
+        req: NewGroup,
+        meet: Arc<Rendezvous>,
+    ) -> Result<Vec<SnapshotRecord>, StorageError>;
+    /// Writes the record of a group whose parts are all cut, on its home node.
+    async fn put_group(&self, rec: GroupRecord) -> Result<(), StorageError>;
+    /// Deletes this node's members of a group spanning nodes.
+    async fn delete_group_part(&self, id: GroupId, members: Vec<SnapshotId>) -> Result<(), StorageError>;
+}
+
+/// Where the parts of a group snapshot that spans nodes wait for each other once their node has
+/// frozen its members: all of them go on to cut, or none does (one failed, or the wait outlived its
+/// bound, which is below the nodes' own freeze deadline).
+pub struct Rendezvous {
+    parties: usize,
+    within: std::time::Duration,
+    state: tokio::sync::watch::Sender<(usize, Option<bool>)>,
+}
+
+impl Rendezvous {
+    pub fn new(parties: usize, within: std::time::Duration) -> Arc<Rendezvous> {
+        Arc::new(Rendezvous {
+            parties,
+            within,
+            state: tokio::sync::watch::channel((0, None)).0,
+        })
+    }
+
+    /// This part is frozen: `true` once every part is, `false` if one failed or time ran out.
+    pub async fn arrive(&self) -> bool {
+        self.state.send_modify(|(arrived, decided)| {
+            *arrived += 1;
+            if *arrived >= self.parties && decided.is_none() {
+                *decided = Some(true);
+            }
+        });
+        let mut rx = self.state.subscribe();
+        let decided = tokio::time::timeout(self.within, rx.wait_for(|(_, d)| d.is_some())).await;
+        if decided.is_err() {
+            self.fail();
+        }
+        self.state.borrow().1 == Some(true)
+    }
+
+    /// Waits until `n` parts have arrived.
+    pub async fn until_arrived(&self, n: usize) {
+        let mut rx = self.state.subscribe();
+        let _ = rx.wait_for(|(arrived, _)| *arrived >= n).await;
+    }
+
+    /// A part failed before it froze: no part cuts (unless every part already met).
+    pub fn fail(&self) {
+        self.state.send_modify(|(_, decided)| {
+            decided.get_or_insert(false);
+        });
+    }
 }
 
 /// A walk whose blocking task died (a panic): the answer ends with INTERNAL.
@@ -269,6 +330,31 @@ impl Agent for LocalAgent {
             }
         });
         Ok((capacity, Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn cut_group_part(
+        &self,
+        id: GroupId,
+        req: NewGroup,
+        meet: Arc<Rendezvous>,
+    ) -> Result<Vec<SnapshotRecord>, StorageError> {
+        let runtime = tokio::runtime::Handle::current();
+        let waiting = meet.clone();
+        let cut = self
+            .blocking(move |e| e.cut_group_part(&id, &req, || runtime.block_on(waiting.arrive())))
+            .await;
+        if cut.is_err() {
+            meet.fail();
+        }
+        cut
+    }
+
+    async fn put_group(&self, rec: GroupRecord) -> Result<(), StorageError> {
+        self.blocking(move |e| e.put_group(&rec)).await
+    }
+
+    async fn delete_group_part(&self, id: GroupId, members: Vec<SnapshotId>) -> Result<(), StorageError> {
+        self.blocking(move |e| e.delete_group_part(&id, &members)).await
     }
 }
 

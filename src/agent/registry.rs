@@ -759,6 +759,26 @@ impl Agent for RegisteredAgent {
     async fn group_named(&self, name: String) -> Result<Option<GroupRecord>, StorageError> {
         self.remote()?.group_named(name).await
     }
+    async fn cut_group_part(
+        &self,
+        id: GroupId,
+        req: NewGroup,
+        meet: Arc<crate::agent::Rendezvous>,
+    ) -> Result<Vec<SnapshotRecord>, StorageError> {
+        match self.remote() {
+            Ok(r) => self.seen(r.cut_group_part(id, req, meet).await),
+            Err(e) => {
+                meet.fail();
+                Err(e)
+            }
+        }
+    }
+    async fn put_group(&self, rec: GroupRecord) -> Result<(), StorageError> {
+        self.seen(self.remote()?.put_group(rec).await)
+    }
+    async fn delete_group_part(&self, id: GroupId, members: Vec<SnapshotId>) -> Result<(), StorageError> {
+        self.seen(self.remote()?.delete_group_part(id, members).await)
+    }
 }
 
 /// The gRPC face of the registry.

@@ -17,7 +17,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::tls::{Tls, TlsError};
 use super::wire::{self, v1, v1::agent_client::AgentClient};
-use super::{Agent, Frames, RangeBatches, FRAMES_IN_FLIGHT};
+use super::{Agent, Frames, RangeBatches, Rendezvous, FRAMES_IN_FLIGHT};
 use crate::storage::cbt::{MetadataError, Query, Range};
 use crate::storage::engine::{CapacityRange, Condition, Mutable, NewGroup, NewVolume, PoolStatus, Source};
 use crate::storage::id::{GroupId, NodeId, SnapshotId, StaticId, VolumeId};
@@ -25,6 +25,7 @@ use crate::storage::record::{GroupRecord, SnapshotRecord, VolumeRecord};
 use crate::storage::transfer::Frame;
 use crate::storage::StorageError;
 use crate::sys::SysError;
+use std::sync::Arc;
 
 /// The request header naming the node a call is meant for; an agent serving another node refuses
 /// it, so a stale address never sends a call to the wrong node.
@@ -656,6 +657,95 @@ impl Agent for RemoteAgent {
             })
             .await?;
         r.group.map(|g| self.decode(RPC, g.try_into())).transpose()
+    }
+
+    async fn cut_group_part(
+        &self,
+        id: GroupId,
+        req: NewGroup,
+        meet: Arc<Rendezvous>,
+    ) -> Result<Vec<SnapshotRecord>, StorageError> {
+        use v1::cut_group_part_reply::Step as Reply;
+        use v1::cut_group_part_request::Step as Ask;
+        const RPC: &str = "CutGroupPart";
+        let limit = req.freeze_timeout + self.timeouts.storage;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let ask = |step| v1::CutGroupPartRequest {
+            step: Some(step),
+            group_id: id.to_string(),
+        };
+        let _ = tx.send(ask(Ask::Part((&req).into()))).await;
+        let call = async {
+            let mut replies = self
+                .client
+                .clone()
+                .cut_group_part(self.request(tokio_stream::wrappers::ReceiverStream::new(rx), Some(limit)))
+                .await?
+                .into_inner();
+            let mut met = false;
+            loop {
+                match replies.message().await? {
+                    Some(v1::CutGroupPartReply {
+                        step: Some(Reply::Frozen(_)),
+                    }) if !met => {
+                        met = true;
+                        let go = meet.arrive().await;
+                        // A node that hears nothing more gives up by itself: sending may fail.
+                        let _ = tx.send(ask(Ask::Go(go))).await;
+                    }
+                    Some(v1::CutGroupPartReply {
+                        step: Some(Reply::Done(d)),
+                    }) => return Ok(Ok(d.snapshots)),
+                    other => return Ok(Err(format!("an unexpected reply {other:?}"))),
+                }
+            }
+        };
+        let answer: Result<Result<Vec<v1::SnapshotRecord>, String>, Status> =
+            match tokio::time::timeout(limit, call).await {
+                Ok(a) => a,
+                Err(_) => {
+                    meet.fail();
+                    return Err(self.silent(RPC, limit));
+                }
+            };
+        let records = match answer {
+            Ok(Ok(r)) => r,
+            Ok(Err(why)) => {
+                meet.fail();
+                return Err(self.malformed(RPC, why));
+            }
+            Err(s) => {
+                meet.fail();
+                return Err(self.failed(RPC, limit, s));
+            }
+        };
+        records
+            .into_iter()
+            .map(|r| self.decode(RPC, SnapshotRecord::try_from(r)))
+            .collect()
+    }
+
+    async fn put_group(&self, rec: GroupRecord) -> Result<(), StorageError> {
+        let msg = v1::PutGroupRequest {
+            group: Some((&rec).into()),
+        };
+        self.call("PutGroup", self.timeouts.storage, msg, |mut c, r| async move {
+            c.put_group(r).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_group_part(&self, id: GroupId, members: Vec<SnapshotId>) -> Result<(), StorageError> {
+        let msg = v1::DeleteGroupPartRequest {
+            group_id: id.to_string(),
+            snapshot_ids: members.iter().map(ToString::to_string).collect(),
+        };
+        self.call("DeleteGroupPart", self.timeouts.storage, msg, |mut c, r| async move {
+            c.delete_group_part(r).await
+        })
+        .await?;
+        Ok(())
     }
 }
 

@@ -326,6 +326,90 @@ impl v1::agent_server::Agent for AgentService {
             group: found.as_ref().map(Into::into),
         }))
     }
+
+    type CutGroupPartStream = Pin<Box<dyn Stream<Item = Result<v1::CutGroupPartReply, Status>> + Send>>;
+
+    /// The node's side of a cut spanning nodes: a rendezvous of two, this node's frozen members and
+    /// the controller's `go`, which comes only once every node has frozen.
+    async fn cut_group_part(
+        &self,
+        req: Request<Streaming<v1::CutGroupPartRequest>>,
+    ) -> Reply<Self::CutGroupPartStream> {
+        use v1::cut_group_part_reply::Step as Answer;
+        use v1::cut_group_part_request::Step as Ask;
+        let mut asks = req.into_inner();
+        let (id, part) = match asks.message().await? {
+            Some(v1::CutGroupPartRequest {
+                step: Some(Ask::Part(p)),
+                group_id,
+            }) => (
+                wire::group_id("group_id", &group_id).map_err(invalid)?,
+                NewGroup::try_from(p).map_err(invalid)?,
+            ),
+            _ => return Err(invalid(WireError("the first message must be the part".into()))),
+        };
+        let meet = super::Rendezvous::new(2, part.freeze_timeout);
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let talk = {
+            let (meet, tx) = (meet.clone(), tx.clone());
+            tokio::spawn(async move {
+                meet.until_arrived(1).await;
+                let frozen = v1::CutGroupPartReply {
+                    step: Some(Answer::Frozen(true)),
+                };
+                if tx.send(Ok(frozen)).await.is_err() {
+                    meet.fail();
+                    return;
+                }
+                match asks.message().await {
+                    Ok(Some(v1::CutGroupPartRequest {
+                        step: Some(Ask::Go(true)),
+                        ..
+                    })) => {
+                        meet.arrive().await;
+                    }
+                    _ => meet.fail(),
+                }
+            })
+        };
+        let agent = self.agent.clone();
+        tokio::spawn(async move {
+            let cut = agent.cut_group_part(id, part, meet).await;
+            talk.abort();
+            let answer = cut
+                .map(|records| v1::CutGroupPartReply {
+                    step: Some(Answer::Done(v1::SnapshotRecords {
+                        snapshots: records.iter().map(Into::into).collect(),
+                    })),
+                })
+                .map_err(wire::status);
+            let _ = tx.send(answer).await;
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn put_group(&self, req: Request<v1::PutGroupRequest>) -> Reply<v1::PutGroupResponse> {
+        let group = req
+            .into_inner()
+            .group
+            .ok_or_else(|| invalid(WireError("group is required".into())))?;
+        let rec = crate::storage::record::GroupRecord::try_from(group).map_err(invalid)?;
+        self.agent.put_group(rec).await.map_err(wire::status)?;
+        Ok(Response::new(v1::PutGroupResponse {}))
+    }
+
+    async fn delete_group_part(&self, req: Request<v1::DeleteGroupPartRequest>) -> Reply<v1::DeleteGroupPartResponse> {
+        let m = req.into_inner();
+        let id = wire::group_id("group_id", &m.group_id).map_err(invalid)?;
+        let members = m
+            .snapshot_ids
+            .iter()
+            .map(|s| wire::snapshot_id("snapshot_ids", s))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(invalid)?;
+        self.agent.delete_group_part(id, members).await.map_err(wire::status)?;
+        Ok(Response::new(v1::DeleteGroupPartResponse {}))
+    }
 }
 
 /// The connection limits of the agent's and the registry's ports unless told otherwise: callers

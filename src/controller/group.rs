@@ -15,7 +15,7 @@ use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
 
 use super::ControllerService;
-use crate::agent::Agent;
+use crate::agent::{Agent, Rendezvous};
 use crate::controller::answer;
 use crate::controller::error::ControllerError;
 use crate::csi::v1::group_controller_server::GroupController;
@@ -23,8 +23,9 @@ use crate::csi::v1::group_controller_service_capability::{rpc, Rpc, Type as CapT
 use crate::csi::v1::*;
 use crate::server::trace::note;
 use crate::storage::engine::NewGroup;
-use crate::storage::id::{GroupId, VolumeId};
-use crate::storage::record::GroupRecord;
+use crate::storage::id::{GroupId, Key, NodeId, ObjectId, SnapshotId, VolumeId};
+use crate::storage::record::{GroupMember, GroupRecord};
+use crate::storage::StorageError;
 
 /// VolumeGroupSnapshotClass parameters we understand.
 pub const PARAM_CONSISTENCY: &str = "consistency";
@@ -158,24 +159,17 @@ impl ControllerService {
         }
         let members: Vec<VolumeId> = members.into_iter().collect();
 
-        // One node cuts the group: every member must be where that node's freeze reaches.
-        let mut agent: Option<Arc<dyn Agent>> = None;
-        let mut places = BTreeSet::new();
+        // Each node freezes and cuts its own members: the parts, in the order of their first member.
+        let mut parts: Vec<(Arc<dyn Agent>, Vec<VolumeId>)> = Vec::new();
         for m in &members {
             let a = self
                 .agent_of(m.0.node())
                 .ok_or_else(|| ControllerError::not_found(format!("volume {m} not found (its node is not known)")))?;
-            places.insert(a.node().as_str().to_string());
-            agent.get_or_insert(a);
+            match parts.iter_mut().find(|(p, _)| p.node() == a.node()) {
+                Some((_, vols)) => vols.push(m.clone()),
+                None => parts.push((a, vec![m.clone()])),
+            }
         }
-        if places.len() > 1 {
-            return Err(ControllerError::NotReady(format!(
-                "the volumes of a group snapshot must be on one node, these are on {}: a group is frozen \
-                 and cut by the node that holds its volumes",
-                places.into_iter().collect::<Vec<_>>().join(", ")
-            )));
-        }
-        let agent = agent.ok_or_else(|| ControllerError::missing("source_volume_ids"))?;
 
         // A name already used anywhere answers for itself. A node that cannot answer now is
         // skipped, as CreateVolume does: the node that cuts this group checks the name again.
@@ -200,21 +194,116 @@ impl ControllerService {
                 return Ok(csi_group(&existing));
             }
         }
-        for m in &members {
-            if agent.volume(m.clone()).await?.is_none() {
-                return Err(ControllerError::not_found(format!("volume {m} not found")));
+        for (agent, vols) in &parts {
+            for m in vols {
+                if agent.volume(m.clone()).await?.is_none() {
+                    return Err(ControllerError::not_found(format!("volume {m} not found")));
+                }
             }
         }
-        let made = agent
-            .create_group(NewGroup {
-                name: r.name.clone(),
-                members,
-                parameters: params.all,
-                per_volume: params.per_volume,
-                freeze_timeout: params.freeze_timeout,
-            })
-            .await?;
+        let group = |members| NewGroup {
+            name: r.name.clone(),
+            members,
+            parameters: params.all.clone(),
+            per_volume: params.per_volume,
+            freeze_timeout: params.freeze_timeout,
+        };
+        if let [(agent, _)] = parts.as_slice() {
+            let made = agent.create_group(group(members)).await?;
+            return Ok(csi_group(&made));
+        }
+        let parts = parts.into_iter().map(|(a, vols)| (a, group(vols))).collect();
+        let made = self.cut_across_nodes(&r.name, &members[0], parts).await?;
         Ok(csi_group(&made))
+    }
+
+    /// A group whose volumes live on several nodes: every node freezes its members, and none cuts
+    /// until all have frozen (a rendezvous bounded by the freeze timeout, below each node's own
+    /// thaw deadline); then the group's record goes to the node of its first member. A part that
+    /// fails takes the others' members with it: nothing of the group is left.
+    async fn cut_across_nodes(
+        &self,
+        name: &str,
+        first: &VolumeId,
+        parts: Vec<(Arc<dyn Agent>, NewGroup)>,
+    ) -> Result<GroupRecord, ControllerError> {
+        let id = GroupId(ObjectId {
+            location: first.0.location.clone(),
+            pool: first.0.pool.clone(),
+            key: Key::from_name(name),
+        });
+        let within = parts[0].1.freeze_timeout;
+        let parameters = parts[0].1.parameters.clone();
+        let meet = Rendezvous::new(parts.len(), within);
+        let mut cutting = tokio::task::JoinSet::new();
+        for (i, (agent, part)) in parts.iter().enumerate() {
+            let (agent, part, id, meet) = (agent.clone(), part.clone(), id.clone(), meet.clone());
+            cutting.spawn(async move { (i, agent.cut_group_part(id, part, meet).await) });
+        }
+        let mut cut = cutting.join_all().await;
+        cut.sort_by_key(|(i, _)| *i);
+        let mut records = Vec::new();
+        let mut failure: Option<StorageError> = None;
+        for (_, r) in cut {
+            match r {
+                Ok(recs) => records.extend(recs),
+                // The first failure that is not only "another part failed" says what went wrong.
+                Err(e) if failure.as_ref().is_none_or(|f| matches!(f, StorageError::Aborted(_))) => failure = Some(e),
+                Err(_) => {}
+            }
+        }
+        let mut members: Vec<GroupMember> = records
+            .iter()
+            .map(|s| GroupMember {
+                volume_id: s.source_volume_id.clone(),
+                snapshot_id: s.id.clone(),
+                size_bytes: s.size_bytes,
+            })
+            .collect();
+        members.sort_by_cached_key(|m| m.volume_id.to_string());
+        let at = records
+            .iter()
+            .map(|s| (s.created_unix_secs, s.created_nanos))
+            .min()
+            .unwrap_or_default();
+        let rec = GroupRecord {
+            version: crate::storage::record::RECORD_VERSION,
+            name: name.to_string(),
+            id: id.clone(),
+            members,
+            parameters,
+            created_unix_secs: at.0,
+            created_nanos: at.1,
+        };
+        let written = match failure {
+            Some(e) => Err(e),
+            None => parts[0].0.put_group(rec.clone()).await,
+        };
+        if let Err(e) = written {
+            self.drop_group_parts(&id, &rec.members).await;
+            return Err(e.into());
+        }
+        Ok(rec)
+    }
+
+    /// Deletes the members of a group spanning nodes from every node that holds some; failures are
+    /// logged (the snapshots name their group, and the next delete of the group removes them).
+    async fn drop_group_parts(&self, id: &GroupId, members: &[GroupMember]) {
+        let mut by_node: BTreeMap<Option<NodeId>, Vec<SnapshotId>> = BTreeMap::new();
+        for m in members {
+            by_node
+                .entry(m.snapshot_id.0.node().cloned())
+                .or_default()
+                .push(m.snapshot_id.clone());
+        }
+        for (node, sids) in by_node {
+            let Some(agent) = self.agent_of(node.as_ref()) else {
+                continue;
+            };
+            if let Err(e) = agent.delete_group_part(id.clone(), sids).await {
+                tracing::warn!(group = %id, node = agent.node().as_str(), error = %e, "could not delete members of a group snapshot");
+            }
+        }
     }
 }
 
@@ -269,6 +358,22 @@ impl GroupController for ControllerService {
                 return Ok(DeleteVolumeGroupSnapshotResponse {});
             };
             check_members(&group, &r.snapshot_ids)?;
+            // Members on other nodes than the group's record (a group cut across nodes) first.
+            let elsewhere: Vec<GroupMember> = group
+                .members
+                .iter()
+                .filter(|m| m.snapshot_id.0.node() != Some(agent.node()))
+                .cloned()
+                .collect();
+            for m in &elsewhere {
+                let a = self.agent_of(m.snapshot_id.0.node()).ok_or_else(|| {
+                    ControllerError::NodeUnreachable(format!(
+                        "member {} of group snapshot {id} is on a node that is not known now; retry",
+                        m.snapshot_id
+                    ))
+                })?;
+                a.delete_group_part(id.clone(), vec![m.snapshot_id.clone()]).await?;
+            }
             agent.delete_group(id).await?;
             Ok(DeleteVolumeGroupSnapshotResponse {})
         })

@@ -121,22 +121,18 @@ impl LocalEngine {
             .iter()
             .map(|v| self.prepare_member(req, &shown, v))
             .collect::<Result<Vec<_>, _>>()?;
-        let at = self.cut_frozen(pool, &cuts, req.freeze_timeout)?;
+        let at = self.cut_frozen(pool, &cuts, req.freeze_timeout, || Ok(()))?;
 
         crash::point("group:before-records");
-        let mut members = Vec::with_capacity(cuts.len());
-        for c in &cuts {
-            let name = member_name(&req.name, c.volume);
-            let rec = c
-                .from
-                .snapshot_record(&name, &c.snapshot, c.volume, at, Some(id.clone()));
-            self.store.put_snapshot(c.pool, &c.snapshot.0.key, &rec)?;
-            members.push(GroupMember {
-                volume_id: c.volume.clone(),
-                snapshot_id: c.snapshot.clone(),
-                size_bytes: c.from.size,
-            });
-        }
+        let members = self
+            .record_members(&req.name, &id, &cuts, at)?
+            .into_iter()
+            .map(|s| GroupMember {
+                volume_id: s.source_volume_id,
+                snapshot_id: s.id,
+                size_bytes: s.size_bytes,
+            })
+            .collect();
         crash::point("group:before-group-record");
         let rec = GroupRecord {
             version: RECORD_VERSION,
@@ -149,6 +145,102 @@ impl LocalEngine {
         };
         self.store.put_group(pool, &key, &rec)?;
         Ok(rec)
+    }
+
+    /// Cuts this node's members of a group whose members live on several nodes (`req.members` are
+    /// this node's): locks and prepares them, freezes them, then asks `together` whether every
+    /// other node has frozen its members too, and only then cuts them and thaws. A `together` that
+    /// says no (another part failed, or the controller went away) cuts nothing and answers ABORTED.
+    /// Writes the members' snapshot records, naming the group `id`; the group's own record is
+    /// written by the controller on the group's home node once every part is cut
+    /// ([`LocalEngine::put_group`]).
+    pub fn cut_group_part(
+        &self,
+        id: &GroupId,
+        req: &NewGroup,
+        together: impl FnOnce() -> bool,
+    ) -> Result<Vec<SnapshotRecord>, StorageError> {
+        let first = req
+            .members
+            .first()
+            .ok_or_else(|| StorageError::Unsupported("a part of a group snapshot needs a volume".into()))?;
+        let pool = self
+            .locate(&first.0)
+            .ok_or_else(|| StorageError::VolumeNotFound(first.to_string()))?;
+        let shown = id.to_string();
+        let cuts = req
+            .members
+            .iter()
+            .map(|v| self.prepare_member(req, &shown, v))
+            .collect::<Result<Vec<_>, _>>()?;
+        let at = self.cut_frozen(pool, &cuts, req.freeze_timeout, || match together() {
+            true => Ok(()),
+            false => Err(StorageError::Aborted(format!(
+                "group snapshot {shown}: another node's members did not freeze in time (or its cut \
+                 failed); nothing was cut here"
+            ))),
+        })?;
+        crash::point("group-part:before-records");
+        self.record_members(&req.name, id, &cuts, at)
+    }
+
+    /// Writes the snapshot record of every member cut `at`, each naming the group `id`.
+    fn record_members(
+        &self,
+        group: &str,
+        id: &GroupId,
+        cuts: &[Member<'_>],
+        at: (i64, i32),
+    ) -> Result<Vec<SnapshotRecord>, StorageError> {
+        let mut records = Vec::with_capacity(cuts.len());
+        for c in cuts {
+            let name = member_name(group, c.volume);
+            let rec = c
+                .from
+                .snapshot_record(&name, &c.snapshot, c.volume, at, Some(id.clone()));
+            self.store.put_snapshot(c.pool, &c.snapshot.0.key, &rec)?;
+            records.push(rec);
+        }
+        Ok(records)
+    }
+
+    /// Writes the record of a group whose members (on several nodes) are all cut, in this node's
+    /// pool that its id names; the same record again is OK.
+    pub fn put_group(&self, rec: &GroupRecord) -> Result<(), StorageError> {
+        let pool = self.locate(&rec.id.0).ok_or_else(|| StorageError::WrongNode {
+            pool: rec.id.0.pool.as_str().to_string(),
+            owner: rec.id.0.node().map(|n| n.as_str().to_string()).unwrap_or_default(),
+        })?;
+        let shown = rec.id.to_string();
+        let _held = self.take(Kind::Snapshot, &rec.id.0.pool, &Key::from_name(&shown), &shown)?;
+        if let Some(existing) = self.store.group(pool, &rec.id.0.key)? {
+            if existing != *rec {
+                return Err(StorageError::Conflict(format!(
+                    "group snapshot {shown} already exists with other members"
+                )));
+            }
+            return Ok(());
+        }
+        self.store.put_group(pool, &rec.id.0.key, rec)
+    }
+
+    /// Deletes this node's members of a group (part of deleting a group that spans nodes, or of
+    /// undoing a cut that failed elsewhere): each named snapshot that says it belongs to `id`.
+    pub fn delete_group_part(&self, id: &GroupId, members: &[SnapshotId]) -> Result<(), StorageError> {
+        for sid in members {
+            let Some(pool) = self.locate(&sid.0) else {
+                continue;
+            };
+            let shown = sid.to_string();
+            let _held = self.take(Kind::Snapshot, &sid.0.pool, &sid.0.key, &shown)?;
+            match self.snapshot(sid) {
+                Some(rec) if rec.group.as_ref() == Some(id) => {
+                    self.remove_object(pool, Kind::Snapshot, &sid.0.key, &shown)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Locks one member (its volume and its snapshot's name), removes what a failed attempt of this
@@ -197,7 +289,15 @@ impl LocalEngine {
 
     /// Freezes every member's mounted filesystem, copies every member, thaws; returns the time of
     /// the cut. A copy that fails, or a cut that outlives `within`, drops every member it made.
-    fn cut_frozen(&self, pool: &Pool, cuts: &[Member<'_>], within: Duration) -> Result<(i64, i32), StorageError> {
+    /// `go` runs once everything is frozen and before anything is cut: a part of a group spanning
+    /// several nodes waits there for every other node to have frozen its members.
+    fn cut_frozen(
+        &self,
+        pool: &Pool,
+        cuts: &[Member<'_>],
+        within: Duration,
+        go: impl FnOnce() -> Result<(), StorageError>,
+    ) -> Result<(i64, i32), StorageError> {
         let mut points = Vec::new();
         for c in cuts {
             points.extend(layout::of(c.from.layout).freeze_points(&c.from.path)?);
@@ -207,14 +307,16 @@ impl LocalEngine {
         let at = now();
         crash::point("group:frozen");
         let mut made = Vec::new();
-        let mut cut = Ok(());
+        let mut cut = go();
         for c in cuts {
-            let key = &c.snapshot.0.key;
-            cut = layout::create_copy(c.pool, Kind::Snapshot, key, c.from.layout, &c.from.path, false, false);
             if cut.is_err() {
                 break;
             }
-            made.push((c.pool, key));
+            let key = &c.snapshot.0.key;
+            cut = layout::create_copy(c.pool, Kind::Snapshot, key, c.from.layout, &c.from.path, false, false);
+            if cut.is_ok() {
+                made.push((c.pool, key));
+            }
         }
         let released = barrier.release();
         if let Some(Err(e)) = marker.as_ref().map(|m| files::remove_file_if_exists(m)) {
@@ -354,7 +456,8 @@ impl LocalEngine {
         let Some(group) = &rec.group else {
             return Ok(());
         };
-        if self.group(group)?.is_none() {
+        // A group recorded on another node (cut across nodes) cannot be checked here: refused.
+        if self.locate(&group.0).is_some() && self.group(group)?.is_none() {
             return Ok(()); // a member its group's delete left behind
         }
         Err(StorageError::Unsupported(format!(
