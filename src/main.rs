@@ -499,4 +499,14 @@ mod tests {
         let e = controller_args(&["--max-nodes", "0"]).unwrap_err();
         assert!(e.contains("--max-nodes"), "{e}");
     }
+
+    #[test]
+    fn node_transfers_are_direct_unless_relayed_for_an_upgrade() {
+        use cellar::agent::registry::TransferPath;
+        assert_eq!(controller_args(&[]).expect("defaults").transfers, TransferPath::Direct);
+        let relayed = controller_args(&["--node-transfers", "via-controller"]).expect("relay");
+        assert_eq!(relayed.transfers, TransferPath::ViaController);
+        let e = controller_args(&["--node-transfers", "sideways"]).unwrap_err();
+        assert!(e.contains("direct") && e.contains("via-controller"), "{e}");
+    }
 }
