@@ -180,6 +180,11 @@ struct RegistryArgs {
     /// certificate naming it (<node>.cellar-agent). See docs/security.md.
     #[arg(long)]
     require_node_certificates: bool,
+    /// How a restore or clone onto another node moves its data: `direct` (the target node pulls
+    /// it from the source node with a grant this controller signs) or `via-controller` (this
+    /// controller relays it; for nodes of an earlier version during a rolling upgrade).
+    #[arg(long, value_name = "PATH", default_value = "direct", value_parser = ["direct", "via-controller"])]
+    node_transfers: String,
     /// How often nodes are told to heartbeat; a node silent for three intervals is unavailable.
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     heartbeat_interval: Duration,
@@ -201,6 +206,10 @@ impl RegistryArgs {
         let defaults = cellar::agent::registry::RegistryConfig::default();
         let config = cellar::agent::registry::RegistryConfig {
             require_node_certificates: self.require_node_certificates,
+            transfers: match self.node_transfers.as_str() {
+                "via-controller" => cellar::agent::registry::TransferPath::ViaController,
+                _ => cellar::agent::registry::TransferPath::Direct,
+            },
             heartbeat_interval: self.heartbeat_interval,
             settle: 2 * self.heartbeat_interval,
             max_nodes: self.max_nodes as usize,
@@ -489,5 +498,15 @@ mod tests {
         assert!(e.contains("must be longer than"), "{e}");
         let e = controller_args(&["--max-nodes", "0"]).unwrap_err();
         assert!(e.contains("--max-nodes"), "{e}");
+    }
+
+    #[test]
+    fn node_transfers_are_direct_unless_relayed_for_an_upgrade() {
+        use cellar::agent::registry::TransferPath;
+        assert_eq!(controller_args(&[]).expect("defaults").transfers, TransferPath::Direct);
+        let relayed = controller_args(&["--node-transfers", "via-controller"]).expect("relay");
+        assert_eq!(relayed.transfers, TransferPath::ViaController);
+        let e = controller_args(&["--node-transfers", "sideways"]).unwrap_err();
+        assert!(e.contains("direct") && e.contains("via-controller"), "{e}");
     }
 }

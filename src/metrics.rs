@@ -118,7 +118,8 @@ pub fn record_agent_error(node: &str, call: &'static str, code: Code) {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TransferLabels {
-    /// `export` (this node sent) or `import` (this node received).
+    /// `export` (this node sent), `import` (this node received) or `relay` (the controller passed
+    /// it on).
     direction: &'static str,
 }
 
@@ -186,6 +187,9 @@ fn export_zeros(role: &str) {
     for &method in methods {
         let _ = RPC.requests.get_or_create(&RpcLabels { method, code: "OK" });
         let _ = RPC.duration.get_or_create(&MethodLabels { method });
+    }
+    if role == "controller" {
+        let _ = TRANSFER_BYTES.get_or_create(&TransferLabels { direction: "relay" });
     }
     if role == "node" {
         for direction in ["export", "import"] {
@@ -269,6 +273,11 @@ impl Exporter {
                 "cellar_agent_call_errors",
                 "Failed calls from the controller to node agents, by node, call and gRPC code",
                 AGENT_ERRORS.clone(),
+            );
+            registry.register(
+                "cellar_transfer_bytes",
+                "Data bytes of copies between nodes that this controller relayed (relay; 0 while nodes pull from each other)",
+                TRANSFER_BYTES.clone(),
             );
         }
         if role == "node" {

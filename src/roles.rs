@@ -398,9 +398,13 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     // (the name the node checks on the registry's certificate), which no node certificate carries.
     let beat_config = HeartbeatConfig::new(controller, node.clone(), topology, advertise);
     let only_controller = tls.callers(&beat_config.server_name);
-    let routes = tonic::service::Routes::new(
-        crate::agent::server::AgentService::new(engine.clone()).into_server(only_controller),
-    );
+    let local: Arc<dyn crate::agent::Agent> = Arc::new(LocalAgent::new(engine.clone()));
+    let agent_service = crate::agent::server::AgentService::over(local.clone())
+        .pulling_with(tls.clone(), crate::agent::remote::Timeouts::default());
+    // Other nodes may read one object each with a grant the controller signed, and call nothing else.
+    let gatekeeper = crate::agent::grant::Gatekeeper::new(node.clone(), tls.clone(), &beat_config.server_name);
+    let routes = tonic::service::Routes::new(agent_service.into_server(only_controller))
+        .add_service(crate::agent::server::TransferService::new(local, gatekeeper).into_server());
     let agent_server = tokio::spawn(crate::agent::server::serve(listener, tls.clone(), routes, async {
         let _ = stop_rx.await;
     }));

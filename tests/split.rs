@@ -1083,6 +1083,8 @@ fn nothing_of(pool: &Path, name: &str) -> bool {
 async fn a_transfer_broken_by_the_controller_dying_leaves_nothing_and_the_retry_starts_over() {
     let (mut c, img, req) = image_to_clone().await;
     c.kill_controller();
+    // Only a relaying controller holds the data mid-transfer (nodes pull from each other otherwise).
+    c.spec.controller_args.push("--node-transfers=via-controller".into());
     c.start_controller_with(&[("CELLAR_CRASH_AT", "transfer:mid-pipe")]);
     c.wait_registered().await;
     let e = c
@@ -1279,5 +1281,56 @@ async fn a_nodes_snapshots_get_their_changed_blocks_through_the_controller() {
     assert_eq!(
         block_ranges(&c, Some(&far_snap), &target, 0).await.err(),
         Some(Code::InvalidArgument)
+    );
+}
+
+/// A restore onto another node flows node to node: the target pulls the snapshot from the source
+/// with the controller's grant, and the controller's relay counter stays at 0. The same counter
+/// sees every byte when the controller relays (`--node-transfers=via-controller`), so it would
+/// catch data passing through the controller.
+#[tokio::test]
+async fn a_restore_onto_another_node_never_passes_through_the_controller() {
+    const RELAYED: &str = "cellar_transfer_bytes_total{direction=\"relay\"}";
+    let mut c = Cluster::start(Spec::nodes(vec![None, None])).await;
+    let mut ctl = c.ctl().await;
+    let src = made(&mut ctl, wffc("src", 64 * MIB, "node-1", BOTH)).await;
+    let data = pattern(9 << 20, 5);
+    std::fs::write(c.pool_dir(0).join("volumes/src/data"), &data).expect("write");
+    let snap = snapshot(&mut ctl, "snap", &src.volume_id).await;
+    made(
+        &mut ctl,
+        copy_req("restored", 64 * MIB, "node-2", from_snapshot(&snap.snapshot_id)),
+    )
+    .await;
+    let copy = std::fs::read(c.pool_dir(1).join("volumes/restored/data")).expect("copy");
+    assert!(copy == data, "the restored bytes are the snapshot's");
+    let received = counter(
+        &http_get(c.node_metrics[1], "/metrics"),
+        "cellar_transfer_bytes_total{direction=\"import\"}",
+    );
+    assert!(received >= 9 << 20, "node-2 received the data: {received} bytes");
+    assert_eq!(
+        counter(&http_get(c.metrics, "/metrics"), RELAYED),
+        0,
+        "nothing passed through the controller"
+    );
+    assert!(c.log_of(0).contains("export to another node granted"), "{}", c.logs());
+
+    c.kill_controller();
+    c.spec.controller_args.push("--node-transfers=via-controller".into());
+    c.start_controller();
+    c.wait_registered().await;
+    let mut ctl = c.ctl().await;
+    made(
+        &mut ctl,
+        copy_req("relayed", 64 * MIB, "node-2", from_volume(&src.volume_id)),
+    )
+    .await;
+    let copy = std::fs::read(c.pool_dir(1).join("volumes/relayed/data")).expect("copy");
+    assert!(copy == data, "the relayed bytes are the volume's");
+    let relayed = counter(&http_get(c.metrics, "/metrics"), RELAYED);
+    assert!(
+        relayed >= 9 << 20,
+        "the controller counted what it relayed: {relayed} bytes"
     );
 }

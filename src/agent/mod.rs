@@ -1,6 +1,7 @@
 //! The storage calls the controller makes on a node, as one trait. All-in-one holds the in-process
 //! implementation ([`LocalAgent`]); split mode holds a remote client. The controller never knows which.
 
+pub mod grant;
 pub mod heartbeat;
 pub mod registry;
 pub mod remote;
@@ -82,6 +83,12 @@ pub trait Agent: Send + Sync {
     async fn put_group(&self, rec: GroupRecord) -> Result<(), StorageError>;
     /// Deletes this node's members of a group spanning nodes.
     async fn delete_group_part(&self, id: GroupId, members: Vec<SnapshotId>) -> Result<(), StorageError>;
+    /// Creates a volume on this node from `req.source`, which `source` (another node) holds. By
+    /// default the caller relays the data ([`relay`]); a registered node pulls it from the source
+    /// node itself with a grant, so the data does not pass through the controller.
+    async fn copy_from(&self, req: NewVolume, source: &dyn Agent) -> Result<VolumeRecord, StorageError> {
+        relay(self, req, source).await
+    }
 }
 
 /// Where the parts of a group snapshot that spans nodes wait for each other once their node has
@@ -143,6 +150,23 @@ pub type RangeBatches = Pin<Box<dyn Stream<Item = Result<Vec<Range>, MetadataErr
 
 /// Batches waiting between the walk and the client.
 const BATCHES_IN_FLIGHT: usize = 2;
+
+/// A copy between nodes through the caller: the source's export piped into the target's import.
+pub async fn relay<A: Agent + ?Sized>(
+    target: &A,
+    req: NewVolume,
+    source: &dyn Agent,
+) -> Result<VolumeRecord, StorageError> {
+    let frames = source.export_data(copied(&req)?).await?;
+    target.import_volume(req, frames).await
+}
+
+/// What a copy between nodes copies: the request's content source.
+pub(crate) fn copied(req: &NewVolume) -> Result<Source, StorageError> {
+    req.source
+        .clone()
+        .ok_or_else(|| StorageError::Unsupported("a copy between nodes needs a content source".into()))
+}
 
 /// The node's own engine, called in-process. Disk work runs on the blocking pool so slow copies
 /// never stall other calls.

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use rustls_pki_types::CertificateDer;
 use tonic::{Request, Response, Status};
 
-use super::remote::{unavailable, HostPort, RemoteAgent, Timeouts};
+use super::grant::{self, Claims};
+use super::remote::{unavailable, HostPort, PullFrom, RemoteAgent, Timeouts};
 use super::tls::{self, Tls, AGENT_SERVER_NAME};
 use super::wire::{self, v1};
 use super::{Agent, Directory, Frames, RangeBatches};
@@ -69,6 +70,19 @@ pub struct RegistryConfig {
     /// pools are dropped, its id is remembered.
     pub forget_after: Duration,
     pub agent_timeouts: Timeouts,
+    /// How a restore or clone onto another node moves its data (`--node-transfers`).
+    pub transfers: TransferPath,
+}
+
+/// How a copy between nodes moves its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransferPath {
+    /// The target node pulls from the source node with a grant the controller signed.
+    #[default]
+    Direct,
+    /// The controller reads the source and streams it to the target (nodes of an earlier
+    /// version, during a rolling upgrade).
+    ViaController,
 }
 
 impl Default for RegistryConfig {
@@ -84,6 +98,7 @@ impl Default for RegistryConfig {
             max_heartbeat_bytes: 64 << 10,
             forget_after: Duration::from_secs(3600),
             agent_timeouts: Timeouts::default(),
+            transfers: TransferPath::Direct,
         }
     }
 }
@@ -293,6 +308,38 @@ impl Shared {
                 )),
             },
         }
+    }
+}
+
+impl Shared {
+    /// Where `reader` pulls `object` from, with a grant signed for that one read.
+    fn pull_from(&self, reader: &NodeId, object: &Source) -> Result<PullFrom, StorageError> {
+        let source = object
+            .node()
+            .ok_or_else(|| StorageError::Unsupported(format!("{object} is in a shared pool, not on a node")))?;
+        self.reachable(source)?;
+        let nodes = self.read();
+        let (Some(from), Some(to)) = (nodes.get(source), nodes.get(reader)) else {
+            return Err(unavailable(source, "it left the registry"));
+        };
+        let claims = Claims::new(
+            object.clone(),
+            reader.clone(),
+            to.identity.server_name(&self.config).to_string(),
+        )
+        .and_then(|c| grant::sign(&self.tls, &c));
+        let grant = claims.map_err(|e| {
+            StorageError::Sys(crate::sys::SysError::io(
+                "sign a transfer grant",
+                "",
+                std::io::Error::other(e.to_string()),
+            ))
+        })?;
+        Ok(PullFrom {
+            address: from.report.agent_address.clone(),
+            server_name: from.identity.server_name(&self.config).to_string(),
+            grant,
+        })
     }
 }
 
@@ -747,6 +794,15 @@ impl Agent for RegisteredAgent {
     async fn import_volume(&self, req: NewVolume, frames: Frames) -> Result<VolumeRecord, StorageError> {
         self.seen(self.remote()?.import_volume(req, frames).await)
     }
+    async fn copy_from(&self, req: NewVolume, source: &dyn Agent) -> Result<VolumeRecord, StorageError> {
+        if self.shared.config.transfers == TransferPath::ViaController {
+            return super::relay(self, req, source).await;
+        }
+        let object = super::copied(&req)?;
+        let target = self.remote()?;
+        let from = self.shared.pull_from(&self.node, &object)?;
+        self.seen(target.pull_volume(&req, from).await)
+    }
     async fn create_group(&self, req: NewGroup) -> Result<GroupRecord, StorageError> {
         self.remote()?.create_group(req).await
     }
@@ -1164,5 +1220,42 @@ mod tests {
         let s = Status::from(RegistryError::from(e));
         assert_eq!(s.code(), Code::InvalidArgument);
         assert!(s.message().contains("agent_address"), "{}", s.message());
+    }
+
+    /// The grant names the reader by the name its certificate carries (its own, or the shared
+    /// one), and the target is told the source's address and the name to expect on it.
+    #[tokio::test]
+    async fn a_pull_names_each_node_by_the_identity_it_registered_with() {
+        use prost::Message;
+        let clock = ManualClock::new();
+        let r = registry(&clock);
+        r.heartbeat_as(
+            report("node-1", 7001, 40),
+            NodeIdentity::Own("node-1.cellar-agent".into()),
+        )
+        .unwrap();
+        r.heartbeat(report("node-2", 7002, 40)).unwrap();
+        let snap = Source::Snapshot(SnapshotId::parse("snap:local:node-1:default:s").unwrap());
+        let from = r.shared.pull_from(&node("node-2"), &snap).unwrap();
+        assert_eq!(from.address.to_string(), "127.0.0.1:7001");
+        assert_eq!(from.server_name, "node-1.cellar-agent");
+        let claims = Claims::try_from(v1::GrantClaims::decode(from.grant.claims.as_slice()).unwrap()).unwrap();
+        assert_eq!(
+            (
+                claims.source_node,
+                claims.object,
+                claims.reader_node,
+                claims.reader_name.as_str()
+            ),
+            (node("node-1"), snap.clone(), node("node-2"), "cellar-agent")
+        );
+        let back = Source::Volume(VolumeId::parse("local:node-2:default:v").unwrap());
+        let to_node_1 = r.shared.pull_from(&node("node-1"), &back).unwrap();
+        let claims = Claims::try_from(v1::GrantClaims::decode(to_node_1.grant.claims.as_slice()).unwrap()).unwrap();
+        assert_eq!(claims.reader_name, "node-1.cellar-agent");
+        assert_eq!(to_node_1.server_name, AGENT_SERVER_NAME);
+        let gone = Source::Volume(VolumeId::parse("local:node-9:default:v").unwrap());
+        let e = Status::from(r.shared.pull_from(&node("node-1"), &gone).unwrap_err());
+        assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
     }
 }

@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
 use super::tls::{Tls, TlsError};
-use super::wire::{self, v1, v1::agent_client::AgentClient};
+use super::wire::{self, v1, v1::agent_client::AgentClient, v1::transfer_client::TransferClient};
 use super::{Agent, Frames, RangeBatches, Rendezvous, FRAMES_IN_FLIGHT};
 use crate::storage::cbt::{MetadataError, Query, Range};
 use crate::storage::engine::{CapacityRange, Condition, Mutable, NewGroup, NewVolume, PoolStatus, Source};
@@ -161,7 +161,18 @@ pub struct RemoteAgent {
     node: NodeId,
     address: HostPort,
     client: AgentClient<Channel>,
+    /// The same connection, for a node pulling another node's data with a grant.
+    transfer: TransferClient<Channel>,
     timeouts: Timeouts,
+}
+
+/// Where a node pulls a copy from, and the grant the controller signed for it.
+#[derive(Debug, Clone)]
+pub struct PullFrom {
+    pub address: HostPort,
+    /// The name the source node's certificate must carry.
+    pub server_name: String,
+    pub grant: v1::TransferGrant,
 }
 
 impl RemoteAgent {
@@ -182,13 +193,17 @@ impl RemoteAgent {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .connect_lazy();
-        let client = AgentClient::new(channel)
+        let client = AgentClient::new(channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let transfer = TransferClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(RemoteAgent {
             node,
             address,
             client,
+            transfer,
             timeouts,
         })
     }
@@ -262,6 +277,63 @@ impl RemoteAgent {
             // fault of the deployment, not of the request; INTERNAL with the node's words.
             c => self.malformed(rpc, format!("{c:?}: {text}")),
         }
+    }
+
+    /// A stream of frames (ExportData, Pull). A transfer has no deadline as a whole (a large
+    /// volume takes long): its start is bounded like a read, and then each frame must come within
+    /// the storage timeout.
+    async fn frames<F>(&self, rpc: &'static str, start_call: F) -> Result<Frames, StorageError>
+    where
+        F: Future<Output = Result<Response<tonic::Streaming<v1::DataFrame>>, Status>>,
+    {
+        let (start, idle) = (self.timeouts.call, self.timeouts.storage);
+        let stream = match tokio::time::timeout(start, start_call).await {
+            Ok(r) => r.map_err(|s| self.failed(rpc, start, s))?.into_inner(),
+            Err(_) => return Err(self.silent(rpc, start)),
+        };
+        let me = self.clone();
+        Ok(Box::pin(stream.timeout(idle).map(move |item| match item {
+            Err(_) => Err(me.silent(rpc, idle)),
+            Ok(Err(s)) => Err(me.failed(rpc, idle, s)),
+            Ok(Ok(m)) => me.decode(rpc, Frame::try_from(m)),
+        })))
+    }
+
+    /// Another node's side of a copy: reads `source` from this node's Transfer service with the
+    /// controller's grant.
+    pub async fn pull(&self, source: &Source, grant: v1::TransferGrant) -> Result<Frames, StorageError> {
+        let req = self.request(
+            v1::PullRequest {
+                source: Some(source.into()),
+                grant: Some(grant),
+            },
+            None,
+        );
+        let mut client = self.transfer.clone();
+        self.frames("Pull", client.pull(req)).await
+    }
+
+    /// Has this node create `req` by pulling its source from another node (`from`). Like an
+    /// import, it has no deadline as a whole and runs in its own task: a CreateVolume that gives
+    /// up does not cut the transfer, and the retry finds the volume made.
+    pub async fn pull_volume(&self, req: &NewVolume, from: PullFrom) -> Result<VolumeRecord, StorageError> {
+        const RPC: &str = "PullVolume";
+        let msg = v1::PullVolumeRequest {
+            volume: Some(req.into()),
+            source_address: from.address.to_string(),
+            source_server_name: from.server_name,
+            grant: Some(from.grant),
+        };
+        let req = self.request(msg, None);
+        let mut client = self.client.clone();
+        let made = tokio::spawn(async move { client.pull_volume(req).await })
+            .await
+            .map_err(|e| self.unreachable(RPC, format!("the transfer task failed: {e}")))?;
+        let r = made
+            .map_err(|s| self.failed(RPC, self.timeouts.storage, s))?
+            .into_inner();
+        let v = self.present(RPC, "volume", r.volume)?;
+        self.decode(RPC, v.try_into())
     }
 
     /// The agent answered something this controller cannot use: INTERNAL naming the node.
@@ -533,28 +605,20 @@ impl Agent for RemoteAgent {
     /// A transfer has no deadline as a whole (a large volume takes long): its start is bounded
     /// like a read, and then each frame must come within the storage timeout.
     async fn export_data(&self, source: Source) -> Result<Frames, StorageError> {
-        const RPC: &str = "ExportData";
-        let (start, idle) = (self.timeouts.call, self.timeouts.storage);
         let req = self.request(
             v1::ExportDataRequest {
                 source: Some((&source).into()),
             },
             None,
         );
-        let stream = match tokio::time::timeout(start, self.client.clone().export_data(req)).await {
-            Ok(r) => r.map_err(|s| self.failed(RPC, start, s))?.into_inner(),
-            Err(_) => return Err(self.silent(RPC, start)),
-        };
-        let me = self.clone();
-        Ok(Box::pin(stream.timeout(idle).map(move |item| match item {
-            Err(_) => Err(me.silent(RPC, idle)),
-            Ok(Err(s)) => Err(me.failed(RPC, idle, s)),
-            Ok(Ok(m)) => me.decode(RPC, Frame::try_from(m)),
-        })))
+        let mut client = self.client.clone();
+        self.frames("ExportData", client.export_data(req)).await
     }
 
     /// When `frames` fails (the source node), the stream to this node ends short, which this node
     /// refuses and cleans up; the source's error is then the answer, not this node's view of it.
+    /// The controller relays the data this way (`--node-transfers=via-controller`), counted as
+    /// `relay` bytes.
     async fn import_volume(&self, req: NewVolume, frames: Frames) -> Result<VolumeRecord, StorageError> {
         use v1::import_volume_request::Kind;
         const RPC: &str = "ImportVolume";
@@ -573,7 +637,8 @@ impl Agent for RemoteAgent {
             while let Some(item) = frames.next().await {
                 let m = match item {
                     Ok(f) => {
-                        if matches!(f, Frame::Chunk { .. }) {
+                        if let Frame::Chunk { data, .. } = &f {
+                            crate::metrics::record_transfer_bytes("relay", data.len() as u64);
                             chunks += 1;
                             if chunks == 8 {
                                 crate::crash::point("transfer:mid-pipe");

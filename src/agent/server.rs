@@ -17,8 +17,9 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::service::{Interceptor, Routes};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::remote::{MAX_MESSAGE_BYTES, NODE_HEADER};
-use super::tls::{Callers, Tls, TlsError};
+use super::grant::Gatekeeper;
+use super::remote::{HostPort, RemoteAgent, Timeouts, MAX_MESSAGE_BYTES, NODE_HEADER};
+use super::tls::{self, Callers, Tls, TlsError};
 use super::wire::{self, v1, WireError};
 use super::{Agent, LocalAgent};
 use crate::server::SocketLimits;
@@ -49,6 +50,9 @@ fn invalid(e: WireError) -> Status {
 
 pub struct AgentService {
     agent: Arc<dyn Agent>,
+    /// How this node dials another node's agent to pull a copy (its own TLS identity); `None`:
+    /// PullVolume is refused.
+    peers: Option<(Tls, Timeouts)>,
 }
 
 impl AgentService {
@@ -58,7 +62,15 @@ impl AgentService {
 
     /// Serves any agent (tests, or a wrapper around the local one).
     pub fn over(agent: Arc<dyn Agent>) -> AgentService {
-        AgentService { agent }
+        AgentService { agent, peers: None }
+    }
+
+    /// Lets this node pull copies from other nodes (PullVolume), dialling them with `tls`.
+    pub fn pulling_with(self, tls: Tls, timeouts: Timeouts) -> AgentService {
+        AgentService {
+            peers: Some((tls, timeouts)),
+            ..self
+        }
     }
 
     /// The service ready to add to a server: serves only `controller` (the callers whose
@@ -91,18 +103,79 @@ pub struct Gate {
 impl Interceptor for Gate {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         self.controller.admit(&req, "the controller")?;
-        match req.metadata().get(NODE_HEADER).map(|v| v.to_str()) {
-            None => Err(Status::invalid_argument(format!(
-                "the {NODE_HEADER} header is required: it names the node the call is meant for ({})",
-                self.node.as_str()
-            ))),
-            Some(Ok(n)) if n == self.node.as_str() => Ok(req),
-            Some(n) => Err(Status::unavailable(format!(
-                "this agent serves node {}, not {}",
-                self.node.as_str(),
-                n.unwrap_or("(unreadable)")
-            ))),
+        addressed_to(&self.node, req)
+    }
+}
+
+/// The call, when its `cellar-node` header names `node`.
+fn addressed_to(node: &NodeId, req: Request<()>) -> Result<Request<()>, Status> {
+    match req.metadata().get(NODE_HEADER).map(|v| v.to_str()) {
+        None => Err(Status::invalid_argument(format!(
+            "the {NODE_HEADER} header is required: it names the node the call is meant for ({})",
+            node.as_str()
+        ))),
+        Some(Ok(n)) if n == node.as_str() => Ok(req),
+        Some(n) => Err(Status::unavailable(format!(
+            "this agent serves node {}, not {}",
+            node.as_str(),
+            crate::csi::status::bounded(n.unwrap_or("(unreadable)"))
+        ))),
+    }
+}
+
+/// The frames of an export as the wire carries them.
+async fn export_stream(agent: &dyn Agent, source: Source) -> Reply<FrameStream> {
+    let frames = agent.export_data(source).await.map_err(wire::status)?;
+    Ok(Response::new(Box::pin(
+        frames.map(|r| r.map(v1::DataFrame::from).map_err(wire::status)),
+    )))
+}
+
+type FrameStream = Pin<Box<dyn Stream<Item = Result<v1::DataFrame, Status>> + Send>>;
+
+/// The one service another node may call on this node: a read of one snapshot or volume, with a
+/// grant the controller signed for it (`agent::grant`). It shares the agent's port; the Agent
+/// service itself stays the controller's alone.
+pub struct TransferService {
+    agent: Arc<dyn Agent>,
+    gatekeeper: Arc<Gatekeeper>,
+}
+
+impl TransferService {
+    pub fn new(agent: Arc<dyn Agent>, gatekeeper: Gatekeeper) -> TransferService {
+        TransferService {
+            agent,
+            gatekeeper: Arc::new(gatekeeper),
         }
+    }
+
+    /// The service ready to add to a server: refuses calls addressed to another node; the grant
+    /// decides the rest.
+    pub fn into_server(
+        self,
+    ) -> InterceptedService<v1::transfer_server::TransferServer<TransferService>, impl Interceptor + Clone> {
+        let node = self.agent.node().clone();
+        let server = v1::transfer_server::TransferServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        InterceptedService::new(server, move |req: Request<()>| addressed_to(&node, req))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::transfer_server::Transfer for TransferService {
+    type PullStream = FrameStream;
+
+    async fn pull(&self, req: Request<v1::PullRequest>) -> Reply<Self::PullStream> {
+        let caller = tls::peer_certificate(&req);
+        let r = req.into_inner();
+        let asked = required_source(r.source)?;
+        let claims = self
+            .gatekeeper
+            .admit(caller.as_ref(), r.grant, &asked)
+            .inspect_err(|e| tracing::warn!(object = %asked, error = %e, "a transfer to another node refused"))?;
+        tracing::info!(object = %asked, reader = claims.reader_node.as_str(), "export to another node granted");
+        export_stream(self.agent.as_ref(), asked).await
     }
 }
 
@@ -119,7 +192,7 @@ fn metadata_status(e: MetadataError) -> Status {
 
 #[tonic::async_trait]
 impl v1::agent_server::Agent for AgentService {
-    type ExportDataStream = Pin<Box<dyn Stream<Item = Result<v1::DataFrame, Status>> + Send>>;
+    type ExportDataStream = FrameStream;
     type BlockRangesStream = Pin<Box<dyn Stream<Item = Result<v1::BlockRangesResponse, Status>> + Send>>;
 
     async fn block_ranges(&self, req: Request<v1::BlockRangesRequest>) -> Reply<Self::BlockRangesStream> {
@@ -154,10 +227,55 @@ impl v1::agent_server::Agent for AgentService {
 
     async fn export_data(&self, req: Request<v1::ExportDataRequest>) -> Reply<Self::ExportDataStream> {
         let source = required_source(req.into_inner().source)?;
-        let frames = self.agent.export_data(source).await.map_err(wire::status)?;
-        Ok(Response::new(Box::pin(
-            frames.map(|r| r.map(v1::DataFrame::from).map_err(wire::status)),
-        )))
+        export_stream(self.agent.as_ref(), source).await
+    }
+
+    async fn pull_volume(&self, req: Request<v1::PullVolumeRequest>) -> Reply<v1::CreateVolumeResponse> {
+        let r = req.into_inner();
+        let spec = NewVolume::try_from(
+            r.volume
+                .ok_or_else(|| invalid(WireError("volume: is required".into())))?,
+        )
+        .map_err(invalid)?;
+        let source = spec
+            .source
+            .clone()
+            .ok_or_else(|| invalid(WireError("volume.source: is required".into())))?;
+        let source_node = source
+            .node()
+            .cloned()
+            .ok_or_else(|| invalid(WireError("volume.source: names no node".into())))?;
+        let address =
+            HostPort::parse(&r.source_address).map_err(|e| invalid(WireError(format!("source_address: {e}"))))?;
+        let grant = r.grant.ok_or_else(|| invalid(WireError("grant: is required".into())))?;
+        let Some((tls, timeouts)) = &self.peers else {
+            return Err(wire::status(StorageError::Unsupported(
+                "this agent does not pull copies from other nodes".into(),
+            )));
+        };
+        // A volume made already answers at once (the import checks it matches): no grant spent.
+        let frames: super::Frames = if self
+            .agent
+            .volume_named(spec.name.clone())
+            .await
+            .map_err(wire::status)?
+            .is_some()
+        {
+            Box::pin(tokio_stream::empty())
+        } else {
+            let peer = RemoteAgent::new(source_node, address, tls, &r.source_server_name, *timeouts)
+                .map_err(|e| invalid(WireError(format!("source_server_name: {e}"))))?;
+            tracing::info!(
+                volume = spec.name,
+                from = peer.node().as_str(),
+                "pulling a copy from another node"
+            );
+            peer.pull(&source, grant).await.map_err(wire::status)?
+        };
+        let rec = self.agent.import_volume(spec, frames).await.map_err(wire::status)?;
+        Ok(Response::new(v1::CreateVolumeResponse {
+            volume: Some((&rec).into()),
+        }))
     }
 
     async fn import_volume(&self, req: Request<Streaming<v1::ImportVolumeRequest>>) -> Reply<v1::CreateVolumeResponse> {

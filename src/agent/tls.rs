@@ -87,7 +87,11 @@ impl TlsOptions {
                     path: key.clone(),
                     reason: format!("no PEM private key in it ({e})"),
                 })?;
-                Ok(Tls::from_checked_pem(ca_pem, cert_pem, key_pem))
+                Tls::from_checked_pem(ca_pem, cert_pem, key_pem).map_err(|reason| TlsError::Pem {
+                    what: "key file",
+                    path: key.clone(),
+                    reason,
+                })
             }
             (ca, cert, key, false) => {
                 let missing = [("--tls-ca", ca), ("--tls-cert", cert), ("--tls-key", key)]
@@ -190,6 +194,15 @@ pub enum Tls {
 pub struct Material {
     ca: Certificate,
     identity: Identity,
+    /// The same key and certificates for signing and checking transfer grants (`agent::grant`).
+    pub(crate) signing: Signing,
+}
+
+/// This process's key as a signer, its certificate chain, and a checker of chains from the CA.
+pub(crate) struct Signing {
+    pub(crate) key: Arc<dyn rustls::sign::SigningKey>,
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    pub(crate) verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
 }
 
 impl fmt::Debug for Tls {
@@ -213,14 +226,29 @@ impl Tls {
             path: here.to_path_buf(),
             reason: format!("no PEM private key in it ({e})"),
         })?;
-        Ok(Tls::from_checked_pem(ca.to_vec(), cert.to_vec(), key.to_vec()))
+        Tls::from_checked_pem(ca.to_vec(), cert.to_vec(), key.to_vec()).map_err(|reason| TlsError::Pem {
+            what: "key",
+            path: here.to_path_buf(),
+            reason,
+        })
     }
 
-    fn from_checked_pem(ca: Vec<u8>, cert: Vec<u8>, key: Vec<u8>) -> Tls {
-        Tls::Mutual(Arc::new(Material {
+    /// PEM text that was checked to hold certificates and a key; what is wrong otherwise.
+    fn from_checked_pem(ca: Vec<u8>, cert: Vec<u8>, key: Vec<u8>) -> Result<Tls, String> {
+        let signing = Signing::from_pem(&ca, &cert, &key)?;
+        Ok(Tls::Mutual(Arc::new(Material {
             ca: Certificate::from_pem(ca),
             identity: Identity::from_pem(cert, key),
-        }))
+            signing,
+        })))
+    }
+
+    /// The signing half of the material; `None` over plaintext.
+    pub(crate) fn signing(&self) -> Option<&Signing> {
+        match self {
+            Tls::Insecure => None,
+            Tls::Mutual(m) => Some(&m.signing),
+        }
     }
 
     pub fn is_insecure(&self) -> bool {
@@ -289,6 +317,31 @@ impl Tls {
             Some(c) => endpoint.tls_config(c)?,
             None => endpoint,
         })
+    }
+}
+
+impl Signing {
+    fn from_pem(ca: &[u8], cert: &[u8], key: &[u8]) -> Result<Signing, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("no PEM private key in it ({e})"))?;
+        let key = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| format!("the key cannot sign ({e})"))?;
+        let chain = CertificateDer::pem_slice_iter(cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("bad PEM certificate ({e})"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca) {
+            let c = c.map_err(|e| format!("bad PEM CA certificate ({e})"))?;
+            roots
+                .add(c)
+                .map_err(|e| format!("a CA certificate is not usable ({e})"))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| format!("the CA cannot check certificates ({e})"))?;
+        Ok(Signing { key, chain, verifier })
     }
 }
 

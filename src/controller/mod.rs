@@ -306,20 +306,14 @@ impl ControllerService {
         let nodes: Vec<NodeId> = self.directory.agents().iter().map(|a| a.node().clone()).collect();
         let ranked = request::rank_nodes(r.accessibility_requirements.as_ref(), &nodes);
         let source_agent = match &source {
-            Some(s) => {
-                let owner = match s {
-                    crate::storage::engine::Source::Snapshot(id) => id.0.node(),
-                    crate::storage::engine::Source::Volume(id) => id.0.node(),
-                };
-                match self.agent_of(owner) {
-                    Some(a) => Some(a),
-                    None => {
-                        return Err(ControllerError::not_found(
-                            "the content source is not on any known node",
-                        ))
-                    }
+            Some(s) => match self.agent_of(s.node()) {
+                Some(a) => Some(a),
+                None => {
+                    return Err(ControllerError::not_found(
+                        "the content source is not on any known node",
+                    ))
                 }
-            }
+            },
             None => None,
         };
         // A copy is made where its source lives when that node may take it and has room: there it
@@ -349,15 +343,14 @@ impl ControllerService {
             .agent(&node)
             .ok_or_else(|| ControllerError::NodeUnreachable(format!("node {} is not reachable", node.as_str())))?;
         let rec = match (&source_agent, &spec.source) {
-            (Some(from), Some(src)) if from.node() != agent.node() => {
+            (Some(from), Some(_)) if from.node() != agent.node() => {
                 tracing::info!(
                     volume = r.name,
                     from = from.node().as_str(),
                     to = agent.node().as_str(),
                     "copying the content source to another node"
                 );
-                let frames = from.export_data(src.clone()).await?;
-                agent.import_volume(spec, frames).await?
+                agent.copy_from(spec, from.as_ref()).await?
             }
             _ => agent.create_volume(spec).await?,
         };

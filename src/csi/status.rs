@@ -38,6 +38,24 @@ pub fn sys_status(e: &SysError) -> Status {
     Status::new(code, e.to_string())
 }
 
+/// A transfer grant refused: absent, unreadable, not the controller's or expired is
+/// UNAUTHENTICATED (no valid credential); a valid one that does not allow this read is
+/// PERMISSION_DENIED.
+impl From<crate::agent::grant::GrantError> for Status {
+    fn from(e: crate::agent::grant::GrantError) -> Status {
+        use crate::agent::grant::GrantError as E;
+        let code = match &e {
+            E::Missing | E::Malformed(_) | E::NotSigned(_) | E::Expired(_) => Code::Unauthenticated,
+            E::OtherSource { .. } | E::OtherObject { .. } | E::OtherReader { .. } | E::TooLong(_) | E::Reused => {
+                Code::PermissionDenied
+            }
+            E::Full => Code::ResourceExhausted,
+            E::Sign(_) => Code::Internal,
+        };
+        Status::new(code, bounded(&e.to_string()).into_owned())
+    }
+}
+
 impl From<SysError> for Status {
     fn from(e: SysError) -> Status {
         sys_status(&e)

@@ -79,6 +79,25 @@ pub enum Source {
     Volume(VolumeId),
 }
 
+impl Source {
+    /// The node holding the source; `None` for a shared pool's.
+    pub fn node(&self) -> Option<&NodeId> {
+        match self {
+            Source::Snapshot(id) => id.0.node(),
+            Source::Volume(id) => id.0.node(),
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Snapshot(id) => write!(f, "snapshot {id}"),
+            Source::Volume(id) => write!(f, "volume {id}"),
+        }
+    }
+}
+
 /// The parameters a volume may change after creation (ControllerModifyVolume, VolumeAttributesClass).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Mutable {

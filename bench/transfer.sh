@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# Reproduces the transfer benchmark of docs/benchmarks.md: a restore of a 1 GiB snapshot onto
+# another node in split mode — a release controller and two release nodes on loopback, mutual TLS
+# with a certificate of each node's own — pulled node to node (the default) and relayed by the
+# controller (--node-transfers=via-controller), against copies of the same file between the same
+# two directories over one TCP connection on the same loopback: plain, and TLS with the same
+# certificates (python3's ssl). Every copy ends with its data on disk (the restore's syncfs, the
+# baselines' fsync). Run as root; needs python3 and openssl. Cleans up after itself.
+#
+#   bench/transfer.sh                      # SIZE_MIB=1024 RUNS=3
+#   CELLAR_BIN=target/debug/cellar SIZE_MIB=64 RUNS=1 bench/transfer.sh   # a quick smoke run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE_MIB=${SIZE_MIB:-1024}
+RUNS=${RUNS:-3}
+dir=${BENCH_DIR:-$(mktemp -d /var/tmp/cellar-transfer-XXXXXX)}
+if [ -z "${CELLAR_BIN:-}" ]; then
+  cargo build --release --quiet
+  CELLAR_BIN=target/release/cellar
+fi
+bin=$(realpath "$CELLAR_BIN")
+command -v python3 >/dev/null || { echo "python3 is missing" >&2; exit 1; }
+pids=()
+stop() { for p in "$@"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
+trap 'stop "${pids[@]}"; rm -rf "$dir"' EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+now() { date +%s.%N; }
+rate() { python3 -c "import sys; print(f'{float(sys.argv[1]) / (float(sys.argv[3]) - float(sys.argv[2])):.0f}')" "$SIZE_MIB" "$1" "$2"; }
+median() { tr ' ' '\n' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+# The CA and one certificate per node (deploy/gen-certs.sh), and the controller's named localhost,
+# the host the nodes dial.
+certs=$dir/certs
+deploy/gen-certs.sh --out "$certs" --node node-1 --node node-2 2>/dev/null
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$certs/bench.key" 2>/dev/null
+openssl req -new -key "$certs/bench.key" -subj /CN=localhost -out "$certs/bench.csr" 2>/dev/null
+printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+  "extendedKeyUsage=serverAuth,clientAuth" "subjectAltName=DNS:localhost" >"$certs/bench.ext"
+openssl x509 -req -in "$certs/bench.csr" -CA "$certs/ca.crt" -CAkey "$certs/ca.key" -CAcreateserial -days 2 \
+  -extfile "$certs/bench.ext" -out "$certs/bench.crt" 2>/dev/null
+tls() { echo --tls-ca "$certs/ca.crt" --tls-cert "$certs/$1.crt" --tls-key "$certs/$1.key"; }
+
+registry=$(port)
+controller_pid=
+start_controller() {
+  # shellcheck disable=SC2046
+  CELLAR_LOG=warn "$bin" controller --endpoint "unix://$dir/controller.sock" --agent-listen "127.0.0.1:$registry" \
+    --data-dir "$dir/controller" --require-node-certificates --node-transfers "$1" $(tls bench) \
+    2>>"$dir/controller.log" &
+  controller_pid=$!
+  pids+=("$controller_pid")
+}
+node_pids=()
+for n in 1 2; do
+  p=$(port)
+  # shellcheck disable=SC2046
+  CELLAR_LOG=warn "$bin" node --endpoint "unix://$dir/node-$n.sock" --node-id "node-$n" --data-dir "$dir/node-$n" \
+    --controller "localhost:$registry" --agent-listen "127.0.0.1:$p" --agent-advertise "127.0.0.1:$p" \
+    $(tls "node-node-$n") 2>>"$dir/node-$n.log" &
+  pids+=("$!")
+  node_pids+=("$!")
+done
+# CPU seconds (user + system) a process has used so far.
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
+cpu_all() { echo "$(cpu "${node_pids[0]}") $(cpu "${node_pids[1]}") $(cpu "$controller_pid")"; }
+# What each process used between two cpu_all: source, target, controller.
+cpu_used() {
+  python3 -c "import sys; a, b = sys.argv[1].split(), sys.argv[2].split(); print(' '.join(f'{float(y) - float(x):.2f}' for x, y in zip(a, b)))" "$1" "$2"
+}
+# The mean of each column of "a b c" lines.
+means() { python3 -c "import sys; rows = [list(map(float, l.split())) for l in sys.argv[1:]]; print(' '.join(f'{sum(c) / len(c):.2f}' for c in zip(*rows)))" "$@"; }
+
+csi() { "$bin" csi --endpoint "unix://$dir/controller.sock" -o json "$@"; }
+on() { echo "--topology=topology.cellar.csi.dev/node=$1"; }
+# The id a create or snapshot printed.
+id_of() { python3 -c 'import json, sys; d = json.load(sys.stdin); print(d.get("volume_id") or d["snapshot_id"])'; }
+# Retries until the nodes have registered with a (re)started controller.
+until_registered() {
+  for _ in $(seq 200); do
+    if out=$("$@" 2>/dev/null); then echo "$out"; return; fi
+    sleep 0.1
+  done
+  "$@"
+}
+
+start_controller direct
+src=$(until_registered csi create src --size 2G "$(on node-1)" | id_of)
+echo "== writing $SIZE_MIB MiB into $src"
+head -c "${SIZE_MIB}M" /dev/urandom >"$dir/node-1/pools/default/volumes/src/data"
+snap=$(csi snapshot snap "$src" | id_of)
+sync
+
+# restore MODE RUN: one restore of the snapshot onto node-2 with the controller in MODE (restarted into
+# it when it runs the other), checked and removed after. Sets result to "MiB/s cpu-source cpu-target
+# cpu-controller" (not echoed: a subshell would lose the restarted controller).
+mode=direct
+restore() {
+  if [ "$1" != "$mode" ]; then
+    stop "$controller_pid"
+    start_controller "$1"
+    mode=$1
+  fi
+  local name="r-$1-$2" t0 t1 id before probe
+  # Calls after a start wait for both nodes to register; they are not measured.
+  until_registered csi get "$src" >/dev/null
+  probe=$(until_registered csi create "probe-$1-$2" --size 1M "$(on node-2)" | id_of)
+  csi delete "$probe" >/dev/null
+  sync
+  before=$(cpu_all)
+  t0=$(now)
+  id=$(until_registered csi create "$name" --size 2G --from-snapshot "$snap" "$(on node-2)" | id_of)
+  t1=$(now)
+  result="$(rate "$t0" "$t1") $(cpu_used "$before" "$(cpu_all)")"
+  cmp -s "$dir/node-1/pools/default/volumes/src/data" "$dir/node-2/pools/default/volumes/$name/data" \
+    || { echo "the restored data differs from the source" >&2; exit 1; }
+  csi delete "$id" >/dev/null
+}
+
+# copy [tls]: the file sent over one TCP connection on loopback and written to node-2's disk.
+copy() {
+  local p out=$dir/copy.bin t0 t1
+  p=$(port)
+  sync
+  python3 - "$p" "$out" "$certs" "${1:-}" "$((SIZE_MIB << 20))" <<'PY' &
+import os, socket, ssl, sys
+port, out, certs, tls = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", port))
+s.listen(1)
+c, _ = s.accept()
+if tls:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(f"{certs}/node-node-2.crt", f"{certs}/node-node-2.key")
+    ctx.load_verify_locations(f"{certs}/ca.crt")
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    c = ctx.wrap_socket(c, server_side=True)
+# Exactly the file's length, then on disk, then an answer: a TLS sender that closed at once would
+# reset the connection over the session tickets it never read.
+buf, left = bytearray(1 << 20), int(sys.argv[5])
+with open(out, "wb") as f:
+    while left and (n := c.recv_into(buf, min(left, len(buf)))):
+        f.write(memoryview(buf)[:n])
+        left -= n
+    f.flush()
+    os.fsync(f.fileno())
+c.sendall(b"k")
+c.close()
+PY
+  local rx=$!
+  t0=$(now)
+  python3 - "$p" "$dir/node-1/pools/default/volumes/src/data" "$certs" "${1:-}" <<'PY'
+import socket, ssl, sys, time
+port, src, certs, tls = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+for _ in range(100):
+    try:
+        s = socket.create_connection(("127.0.0.1", port))
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.01)
+if tls:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_cert_chain(f"{certs}/node-node-1.crt", f"{certs}/node-node-1.key")
+    ctx.load_verify_locations(f"{certs}/ca.crt")
+    s = ctx.wrap_socket(s, server_hostname="node-2.cellar-agent")
+with open(src, "rb") as f:
+    s.sendfile(f)
+s.recv(1)
+s.close()
+PY
+  wait "$rx"
+  t1=$(now)
+  cmp -s "$dir/node-1/pools/default/volumes/src/data" "$out" || { echo "the copy differs" >&2; exit 1; }
+  rm -f "$out"
+  rate "$t0" "$t1"
+}
+
+# The two ways alternate, so that both meet the same load on a shared machine.
+direct=() relayed=() direct_cpu=() relayed_cpu=()
+for i in $(seq "$RUNS"); do
+  restore direct "$i"
+  read -r r a b c <<<"$result"
+  direct+=("$r") direct_cpu+=("$a $b $c")
+  restore via-controller "$i"
+  read -r r a b c <<<"$result"
+  relayed+=("$r") relayed_cpu+=("$a $b $c")
+done
+direct=${direct[*]} relayed=${relayed[*]}
+plain=$(for _ in $(seq "$RUNS"); do copy; done | xargs)
+tlscopy=$(for _ in $(seq "$RUNS"); do copy tls; done | xargs)
+
+echo "== CPU seconds per restore: source node, target node, controller"
+echo "direct: $(means "${direct_cpu[@]}")"
+echo "through the controller: $(means "${relayed_cpu[@]}")"
+echo "== $SIZE_MIB MiB, MiB/s per run (median)"
+printf '%-40s %s (%s)\n' "restore, node to node (direct)" "$direct" "$(echo "$direct" | median)"
+printf '%-40s %s (%s)\n' "restore, through the controller" "$relayed" "$(echo "$relayed" | median)"
+printf '%-40s %s (%s)\n' "plain copy over TCP (python3)" "$plain" "$(echo "$plain" | median)"
+printf '%-40s %s (%s)\n' "copy over TLS (python3 ssl)" "$tlscopy" "$(echo "$tlscopy" | median)"
