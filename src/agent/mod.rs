@@ -424,3 +424,48 @@ impl Directory for SingleNode {
         vec![self.0.clone()]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Rendezvous;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn every_part_goes_on_only_once_all_have_arrived() {
+        let meet = Rendezvous::new(3, Duration::from_secs(10));
+        let early = tokio::spawn({
+            let m = meet.clone();
+            async move { m.arrive().await }
+        });
+        let second = tokio::spawn({
+            let m = meet.clone();
+            async move { m.arrive().await }
+        });
+        meet.until_arrived(2).await;
+        assert!(!early.is_finished(), "nobody goes on before the last part arrives");
+        assert!(meet.arrive().await);
+        assert!(early.await.unwrap() && second.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_failed_part_or_a_late_one_stops_every_part() {
+        let meet = Rendezvous::new(2, Duration::from_secs(10));
+        let waiting = tokio::spawn({
+            let m = meet.clone();
+            async move { m.arrive().await }
+        });
+        meet.until_arrived(1).await;
+        meet.fail();
+        assert!(!waiting.await.unwrap(), "a failure before the meeting stops the waiting part");
+        assert!(!meet.arrive().await, "and any part that arrives after it");
+
+        let alone = Rendezvous::new(2, Duration::from_millis(50));
+        assert!(!alone.arrive().await, "nobody else in time: no go");
+        assert!(!alone.arrive().await, "the decision holds for a late part");
+
+        let met = Rendezvous::new(1, Duration::from_secs(10));
+        assert!(met.arrive().await);
+        met.fail();
+        assert!(met.arrive().await, "a failure after the meeting changes nothing");
+    }
+}
