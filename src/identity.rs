@@ -57,6 +57,8 @@ impl Identity for IdentityService {
             service(service::Type::ControllerService),
             service(service::Type::VolumeAccessibilityConstraints),
             service(service::Type::GroupControllerService),
+            // The external-snapshot-metadata sidecar waits for it (docs/cbt.md).
+            service(service::Type::SnapshotMetadataService),
         ];
         capabilities.push(PluginCapability {
             r#type: Some(plugin_capability::Type::VolumeExpansion(

@@ -8,11 +8,13 @@ use std::sync::Arc;
 use nix::fcntl::Flock;
 
 use crate::agent::{LocalAgent, SingleNode};
+use crate::controller::metadata::SnapshotMetadataService;
 use crate::controller::ControllerService;
 use crate::csi::v1::controller_server::ControllerServer;
 use crate::csi::v1::group_controller_server::GroupControllerServer;
 use crate::csi::v1::identity_server::IdentityServer;
 use crate::csi::v1::node_server::NodeServer as NodeGrpc;
+use crate::csi::v1::snapshot_metadata_server::SnapshotMetadataServer;
 use crate::health::{Readiness, STARTING};
 use crate::identity::IdentityService;
 use crate::metrics::{Exporter, MetricsError, NodeCollector, NodeSources};
@@ -120,10 +122,9 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
     );
 
     let identity = IdentityService::new(&o.driver_name, readiness.flag());
-    let controller = Arc::new(
-        ControllerService::new(Arc::new(SingleNode(Arc::new(LocalAgent::new(engine.clone())))))
-            .advertising_health(o.advertise_volume_health),
-    );
+    let directory: Arc<dyn crate::agent::Directory> = Arc::new(SingleNode(Arc::new(LocalAgent::new(engine.clone()))));
+    let metadata = SnapshotMetadataService::new(directory.clone());
+    let controller = Arc::new(ControllerService::new(directory).advertising_health(o.advertise_volume_health));
     crate::node::start_lease_renewer(engine.clone(), state.clone());
     let mut node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
     node_svc.advertise_health = o.advertise_volume_health;
@@ -137,6 +138,7 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
         .add_service(IdentityServer::new(identity))
         .add_service(ControllerServer::from_arc(controller.clone()))
         .add_service(GroupControllerServer::from_arc(controller))
+        .add_service(SnapshotMetadataServer::new(metadata))
         .add_service(NodeGrpc::new(NodeServer(Arc::new(node_svc))));
     let served = server::serve_until_signal(router, listener, o.socket, &socket, std::future::pending()).await;
     drop(metrics);
@@ -340,7 +342,9 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     report_pools(&readiness, &engine);
     tracing::info!(agent_listen = %o.agent_listen, socket = %socket.display(), "controller ready");
     let identity = IdentityService::new(&o.driver_name, readiness.flag());
-    let controller = Arc::new(ControllerService::new(Arc::new(registry)).advertising_health(o.advertise_volume_health));
+    let directory: Arc<dyn crate::agent::Directory> = Arc::new(registry);
+    let metadata = SnapshotMetadataService::new(directory.clone());
+    let controller = Arc::new(ControllerService::new(directory).advertising_health(o.advertise_volume_health));
     let listener = server::bind(&socket)?;
     metrics.serving(&socket);
     let router = o
@@ -348,7 +352,8 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
         .server_builder()
         .add_service(IdentityServer::new(identity))
         .add_service(ControllerServer::from_arc(controller.clone()))
-        .add_service(GroupControllerServer::from_arc(controller));
+        .add_service(GroupControllerServer::from_arc(controller))
+        .add_service(SnapshotMetadataServer::new(metadata));
     let served = server::serve_until_signal(router, listener, o.socket, &socket, o.tls.rotated()).await;
     let _ = stop_tx.send(());
     let _ = registry_server.await;

@@ -571,8 +571,8 @@ fn addressed<T>(msg: T, node: Option<&str>) -> tonic::Request<T> {
 }
 
 /// A node's credentials (the shared node certificate, or one naming another node) on a node's
-/// agent: listing, reading a volume's bytes (export) and deleting are all PERMISSION_DENIED, and
-/// the volume is untouched.
+/// agent: listing, reading a volume's bytes (export) or its snapshots' extents (block ranges) and
+/// deleting are all PERMISSION_DENIED, and the volume is untouched.
 #[tokio::test]
 async fn a_node_certificate_cannot_list_read_or_delete_another_nodes_volumes() {
     let ca = Authority::new("cellar test CA");
@@ -601,6 +601,15 @@ async fn a_node_certificate_cannot_list_read_or_delete_another_nodes_volumes() {
             .export_data(addressed(export, Some(NODE)))
             .await
             .expect_err("export");
+        assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+        let ranges = v1::BlockRangesRequest {
+            target_snapshot_id: "snap:local:node-1:default:any".into(),
+            ..Default::default()
+        };
+        let e = attacker
+            .block_ranges(addressed(ranges, Some(NODE)))
+            .await
+            .expect_err("block ranges");
         assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
         let delete = v1::DeleteVolumeRequest {
             volume_id: canary.id.to_string(),

@@ -40,6 +40,7 @@ const CRD_KINDS: &[&str] = &[
     "Issuer",
     "PodMonitor",
     "PrometheusRule",
+    "SnapshotMetadataService",
 ];
 
 fn repo() -> PathBuf {
@@ -1510,6 +1511,11 @@ impl FakeApiServer {
                     ("rolebindings", "RoleBinding", true),
                 ],
             ),
+            // A cluster with external-snapshot-metadata's CRD installed (snapshotMetadata.enabled).
+            (
+                "cbt.storage.k8s.io/v1beta1",
+                &[("snapshotmetadataservices", "SnapshotMetadataService", false)],
+            ),
         ];
         let resources = |gv: &str, list: &[Resource]| {
             let r: Vec<_> = list
@@ -1570,7 +1576,7 @@ impl Drop for FakeApiServer {
 }
 
 /// `helm upgrade`'s rendering, with the cluster holding `secrets` (as a previous install left them).
-fn render_upgrade(secrets: &[&Value]) -> Vec<Doc> {
+fn render_upgrade(secrets: &[&Value], extra: &[&str]) -> Vec<Doc> {
     let owned: Vec<serde_json::Value> = secrets
         .iter()
         .map(|s| {
@@ -1606,6 +1612,7 @@ fn render_upgrade(secrets: &[&Value]) -> Vec<Doc> {
             "--dry-run=server",
             "--disable-openapi-validation",
         ])
+        .args(extra)
         .env("KUBECONFIG", &kubeconfig)
         .env("HOME", dir.path());
     let (ok, out, err) = run(&mut cmd);
@@ -1630,7 +1637,7 @@ fn helm_certificates_are_kept_across_upgrades() {
     let ctl = find(&first, "Secret", "cellar-controller-tls");
     let node = find(&first, "Secret", "cellar-node-tls");
 
-    let upgrade = render_upgrade(&[&ctl, &node]);
+    let upgrade = render_upgrade(&[&ctl, &node], &[]);
     assert_eq!(find(&upgrade, "Secret", "cellar-controller-tls")["data"], ctl["data"]);
     assert_eq!(find(&upgrade, "Secret", "cellar-node-tls")["data"], node["data"]);
     for (kind, name) in [("Deployment", "cellar-controller"), ("DaemonSet", "cellar-node")] {
@@ -1641,7 +1648,7 @@ fn helm_certificates_are_kept_across_upgrades() {
         );
     }
 
-    let repaired = render_upgrade(&[&ctl]);
+    let repaired = render_upgrade(&[&ctl], &[]);
     let new_ctl = find(&repaired, "Secret", "cellar-controller-tls");
     let new_node = find(&repaired, "Secret", "cellar-node-tls");
     assert_ne!(new_ctl["data"]["ca.crt"], ctl["data"]["ca.crt"], "a new CA");
@@ -1722,4 +1729,186 @@ fn require_node_certificates_reaches_the_controller_only_when_asked() {
     let flag = "--require-node-certificates".to_owned();
     assert!(!controller_args(&[]).contains(&flag), "off by default");
     assert!(controller_args(&["--set", "controller.requireNodeCertificates=true"]).contains(&flag));
+}
+
+// ---- changed block tracking (docs/cbt.md) ----
+
+/// With snapshotMetadata.enabled the sidecar runs beside the controller on its socket, serves TLS
+/// with the certificate of the Secret it mounts, behind a Service whose name and port the
+/// SnapshotMetadataService object gives, with a CA that signed that certificate; without it none
+/// of this is rendered.
+#[test]
+fn snapshot_metadata_sidecar_serves_where_its_object_says() {
+    for r in renderings() {
+        let enabled = r.value("snapshotMetadata.enabled").as_bool().expect("bool");
+        let spec = &r.get("Deployment", "cellar-controller")["spec"]["template"]["spec"];
+        let present = seq(&spec["containers"])
+            .iter()
+            .any(|c| c["name"] == "csi-snapshot-metadata");
+        assert_eq!(present, enabled, "{}: the sidecar", r.set);
+        assert_eq!(
+            r.all("SnapshotMetadataService").len(),
+            usize::from(enabled),
+            "{}",
+            r.set
+        );
+        assert_eq!(
+            r.find("Service", "cellar-snapshot-metadata").is_some(),
+            enabled,
+            "{}",
+            r.set
+        );
+        if !enabled {
+            continue;
+        }
+        let c = container(spec, "csi-snapshot-metadata");
+        assert_eq!(flag(c, "csi-address").as_deref(), Some("/csi/csi.sock"));
+        assert!(mount(c, "/csi").is_some(), "{}: the sidecar sees the socket", r.set);
+        let image = c["image"].as_str().expect("image");
+        assert!(
+            image.starts_with("registry.k8s.io/sig-storage/csi-snapshot-metadata:v"),
+            "{image}"
+        );
+        let tls = mount(c, "/etc/snapshot-metadata").expect("TLS mounted");
+        let secret_name = volume(spec, tls["name"].as_str().expect("name"))["secret"]["secretName"]
+            .as_str()
+            .expect("a Secret");
+        assert_eq!(flag(c, "tls-cert").as_deref(), Some("/etc/snapshot-metadata/tls.crt"));
+        assert_eq!(flag(c, "tls-key").as_deref(), Some("/etc/snapshot-metadata/tls.key"));
+        let listen = port(c, "snapshot-meta");
+        assert_eq!(flag(c, "port"), Some(listen.to_string()));
+
+        let svc = r.get("Service", "cellar-snapshot-metadata");
+        let svc_port = &seq(&svc["spec"]["ports"])[0];
+        assert_eq!(svc_port["targetPort"], "snapshot-meta");
+        let selector = svc["spec"]["selector"].as_mapping().expect("selector");
+        let labels = &r.get("Deployment", "cellar-controller")["spec"]["template"]["metadata"]["labels"];
+        for (k, v) in selector {
+            assert_eq!(&labels[k], v, "{}: the Service selects the controller pods", r.set);
+        }
+
+        let sms = r.get("SnapshotMetadataService", &r.str("driverName"));
+        let host = format!("cellar-snapshot-metadata.{NAMESPACE}.svc");
+        let address = format!("{host}:{}", svc_port["port"].as_u64().expect("port"));
+        assert_eq!(sms["spec"]["address"], address.as_str());
+        assert_eq!(sms["spec"]["audience"], r.value("snapshotMetadata.audience").clone());
+        // The CA of the object verifies the certificate the sidecar serves, for the address's host.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, b64decode(sms["spec"]["caCert"].as_str().expect("caCert"))).expect("ca");
+        let secret = r.get("Secret", secret_name);
+        let cert = dir.path().join("tls.pem");
+        std::fs::write(&cert, b64decode(secret["data"]["tls.crt"].as_str().expect("tls.crt"))).expect("cert");
+        let ca_arg = ca.to_str().expect("utf-8");
+        let verified = openssl(&["verify", "-CAfile", ca_arg, "-verify_hostname", &host], Some(&cert));
+        assert!(verified.contains("OK"), "{}: {verified}", r.set);
+
+        let role = r.get("ClusterRole", "cellar-snapshot-metadata");
+        let rules: Vec<(String, String)> = seq(&role["rules"])
+            .iter()
+            .flat_map(|rule| {
+                let verbs: Vec<String> = seq(&rule["verbs"])
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect();
+                seq(&rule["resources"])
+                    .iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .flat_map(move |res| verbs.clone().into_iter().map(move |v| (res.clone(), v)))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for want in [
+            ("snapshotmetadataservices", "get"),
+            ("tokenreviews", "create"),
+            ("subjectaccessreviews", "create"),
+            ("volumesnapshotcontents", "get"),
+        ] {
+            assert!(
+                rules.iter().any(|(res, v)| (res.as_str(), v.as_str()) == want),
+                "{}: {want:?}",
+                r.set
+            );
+        }
+    }
+}
+
+/// A certificate of the user's own: no Secret is made, and the object carries the CA given; without
+/// the CA the chart refuses to render rather than publish an object no client can verify with.
+#[test]
+fn snapshot_metadata_with_its_own_certificate_needs_its_ca() {
+    let (ok, _, err) = run(Command::new(helm()).args(["template", RELEASE]).arg(chart()).args([
+        "--set",
+        "snapshotMetadata.enabled=true",
+        "--set",
+        "snapshotMetadata.tls.secretName=mine",
+    ]));
+    assert!(!ok && err.contains("snapshotMetadata.tls.caCert"), "{err}");
+    // What Helm takes with --set; any PEM goes through the same way.
+    let pem = "my-ca-pem";
+    let docs = split_docs(&render(&[
+        "--set",
+        "snapshotMetadata.enabled=true",
+        "--set",
+        "snapshotMetadata.tls.secretName=mine",
+        "--set",
+        &format!("snapshotMetadata.tls.caCert={pem}"),
+    ]));
+    assert!(!docs
+        .iter()
+        .any(|d| d.kind() == "Secret" && d.name().contains("snapshot-metadata")));
+    let sms = docs
+        .iter()
+        .find(|d| d.kind() == "SnapshotMetadataService")
+        .expect("object");
+    assert_eq!(
+        b64decode(sms.value["spec"]["caCert"].as_str().expect("caCert")),
+        pem.as_bytes()
+    );
+    let dep = docs.iter().find(|d| d.kind() == "Deployment").expect("controller");
+    let secret = volume(&dep.value["spec"]["template"]["spec"], "snapshot-metadata-tls");
+    assert_eq!(secret["secret"]["secretName"], "mine");
+}
+
+/// The sidecar's self-signed certificate survives an upgrade like the others: the same Secret, the
+/// same CA in the SnapshotMetadataService object (clients keep trusting it), no restart for it.
+#[test]
+fn the_snapshot_metadata_certificate_is_kept_across_upgrades() {
+    let on = ["--set", "snapshotMetadata.enabled=true"];
+    let first = split_docs(&render(&on));
+    let find = |docs: &[Doc], kind: &str| -> Vec<Value> {
+        docs.iter()
+            .filter(|d| d.kind() == kind)
+            .map(|d| d.value.clone())
+            .collect()
+    };
+    let secret = |docs: &[Doc], name: &str| {
+        find(docs, "Secret")
+            .into_iter()
+            .find(|s| s["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no Secret {name}"))
+    };
+    let ca_of = |docs: &[Doc]| find(docs, "SnapshotMetadataService")[0]["spec"]["caCert"].clone();
+    let restart = |docs: &[Doc]| {
+        let dep = find(docs, "Deployment").into_iter().next().expect("controller");
+        dep["spec"]["template"]["metadata"]["annotations"]["checksum/snapshot-metadata-tls"].clone()
+    };
+    let kept = [
+        secret(&first, "cellar-controller-tls"),
+        secret(&first, "cellar-node-tls"),
+        secret(&first, "cellar-snapshot-metadata-tls"),
+    ];
+    let upgrade = render_upgrade(&kept.iter().collect::<Vec<_>>(), &on);
+    assert_eq!(
+        secret(&upgrade, "cellar-snapshot-metadata-tls")["data"],
+        kept[2]["data"]
+    );
+    assert_eq!(ca_of(&upgrade), ca_of(&first));
+    assert_eq!(
+        ca_of(&first),
+        kept[2]["data"]["tls.crt"],
+        "the certificate is its own CA"
+    );
+    assert!(restart(&first).is_string());
+    assert_eq!(restart(&upgrade), restart(&first), "the controller would restart");
 }

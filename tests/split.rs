@@ -1177,6 +1177,113 @@ async fn a_transfer_broken_by_the_target_node_dying_leaves_nothing_once_it_resta
     assert_same_image(&img, &c.pool_dir(1).join("volumes/cloned"));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Changed block tracking (docs/cbt.md): the controller answers for a node's snapshots through its
+// agent (BlockRanges), with the codes the node's engine chose.
+
+/// One SnapshotMetadata answer through the controller: its ranges, or the code it failed with.
+async fn block_ranges(
+    c: &Cluster,
+    base: Option<&str>,
+    target: &str,
+    starting_offset: i64,
+) -> Result<Vec<(u64, u64)>, Code> {
+    use cellar::csi::v1::snapshot_metadata_client::SnapshotMetadataClient;
+    let mut client = SnapshotMetadataClient::new(c.channel("controller.sock").await);
+    let mut ranges = Vec::new();
+    let mut push = |capacity: i64, blocks: Vec<BlockMetadata>| {
+        assert_eq!(capacity, IMAGE_BYTES);
+        ranges.extend(blocks.iter().map(|b| (b.byte_offset as u64, b.size_bytes as u64)));
+    };
+    if let Some(base) = base {
+        let req = GetMetadataDeltaRequest {
+            base_snapshot_id: base.into(),
+            target_snapshot_id: target.into(),
+            starting_offset,
+            max_results: 2,
+            ..Default::default()
+        };
+        let mut s = client.get_metadata_delta(req).await.map_err(|s| s.code())?.into_inner();
+        while let Some(m) = s.message().await.map_err(|s| s.code())? {
+            push(m.volume_capacity_bytes, m.block_metadata);
+        }
+    } else {
+        let req = GetMetadataAllocatedRequest {
+            snapshot_id: target.into(),
+            starting_offset,
+            max_results: 2,
+            ..Default::default()
+        };
+        let mut s = client
+            .get_metadata_allocated(req)
+            .await
+            .map_err(|s| s.code())?
+            .into_inner();
+        while let Some(m) = s.message().await.map_err(|s| s.code())? {
+            push(m.volume_capacity_bytes, m.block_metadata);
+        }
+    }
+    Ok(ranges)
+}
+
+#[tokio::test]
+async fn a_nodes_snapshots_get_their_changed_blocks_through_the_controller() {
+    let fs = TestFs::new("xfs", 512);
+    let c = Cluster::start(Spec {
+        pools: vec![Some(fs.path("pool")), None],
+        layouts: Some("dir, image"),
+        ..Spec::default()
+    })
+    .await;
+    let mut ctl = c.ctl().await;
+    let src = made(&mut ctl, image(wffc("src", IMAGE_BYTES, "node-1", BOTH))).await;
+    let img = c.pool_dir(0).join("volumes/src");
+    fill_image(&img);
+    let base = snapshot(&mut ctl, "snap-1", &src.volume_id).await.snapshot_id;
+    write_at(&img, 1 << 20, &pattern(8192, 3));
+    write_at(&img, 20 << 20, &pattern(4096, 4));
+    let target = snapshot(&mut ctl, "snap-2", &src.volume_id).await.snapshot_id;
+
+    // The pool is xfs: the reflinked snapshots share all but the blocks written in between.
+    let changed = block_ranges(&c, Some(&base), &target, 0)
+        .await
+        .expect("GetMetadataDelta");
+    assert_eq!(changed, [(1 << 20, 8192), (20 << 20, 4096)]);
+    let allocated = block_ranges(&c, None, &target, 0).await.expect("GetMetadataAllocated");
+    assert_eq!(allocated, [(0, HEAD as u64), (20 << 20, 4096), (TAIL_AT, 4096)]);
+    let later = block_ranges(&c, None, &target, (30 << 20) as i64)
+        .await
+        .expect("resumed");
+    assert_eq!(later, [(TAIL_AT, 4096)]);
+
+    // The node's refusals keep their codes across the agent call.
+    let other = made(&mut ctl, image(wffc("other", IMAGE_BYTES, "node-1", BOTH))).await;
+    let elsewhere = snapshot(&mut ctl, "snap-other", &other.volume_id).await.snapshot_id;
+    assert_eq!(
+        block_ranges(&c, Some(&elsewhere), &target, 0).await.err(),
+        Some(Code::InvalidArgument)
+    );
+    let unknown = target.replace("snap-2", "snap-nobody");
+    assert_eq!(block_ranges(&c, None, &unknown, 0).await.err(), Some(Code::NotFound));
+    assert_eq!(
+        block_ranges(&c, None, &target, IMAGE_BYTES).await.err(),
+        Some(Code::OutOfRange)
+    );
+    let tree = made(&mut ctl, wffc("tree", IMAGE_BYTES, "node-1", BOTH)).await;
+    let tree_snap = snapshot(&mut ctl, "snap-tree", &tree.volume_id).await.snapshot_id;
+    assert_eq!(
+        block_ranges(&c, None, &tree_snap, 0).await.err(),
+        Some(Code::FailedPrecondition)
+    );
+    // A base on another node cannot be a snapshot of the same volume.
+    let far = made(&mut ctl, image(wffc("far", IMAGE_BYTES, "node-2", BOTH))).await;
+    let far_snap = snapshot(&mut ctl, "snap-far", &far.volume_id).await.snapshot_id;
+    assert_eq!(
+        block_ranges(&c, Some(&far_snap), &target, 0).await.err(),
+        Some(Code::InvalidArgument)
+    );
+}
+
 /// A restore onto another node flows node to node: the target pulls the snapshot from the source
 /// with the controller's grant, and the controller's relay counter stays at 0. The same counter
 /// sees every byte when the controller relays (`--node-transfers=via-controller`), so it would

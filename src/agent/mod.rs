@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use tokio_stream::{Stream, StreamExt};
 
+use crate::storage::cbt::{MetadataError, Query, Range};
 use crate::storage::engine::{CapacityRange, Condition, LocalEngine, Mutable, NewGroup, NewVolume, PoolStatus, Source};
 use crate::storage::id::{GroupId, NodeId, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{GroupRecord, SnapshotRecord, VolumeRecord};
@@ -66,6 +67,9 @@ pub trait Agent: Send + Sync {
     async fn group(&self, id: GroupId) -> Result<Option<GroupRecord>, StorageError>;
     /// The group snapshot created under a CSI name, in any pool of the node.
     async fn group_named(&self, name: String) -> Result<Option<GroupRecord>, StorageError>;
+    /// The allocated or changed ranges of snapshots of this node (`storage::cbt`), in batches of
+    /// at most `max`, after the volume's capacity.
+    async fn block_ranges(&self, q: Query, max: usize) -> Result<(u64, RangeBatches), MetadataError>;
     /// This node's part of a group snapshot spanning nodes (`req.members` are this node's): its
     /// members are frozen, then cut only once every part has met at `meet`
     /// ([`LocalEngine::cut_group_part`]). Returns the members' snapshot records.
@@ -134,6 +138,18 @@ impl Rendezvous {
         });
     }
 }
+
+/// A walk whose blocking task died (a panic): the answer ends with INTERNAL.
+fn walk_failed(e: tokio::task::JoinError) -> MetadataError {
+    let e = crate::sys::SysError::io("snapshot metadata walk", "", std::io::Error::other(e.to_string()));
+    MetadataError::Storage(StorageError::Sys(e))
+}
+
+/// Batches of ranges of a snapshot metadata answer, as the walk finds them. An error ends it.
+pub type RangeBatches = Pin<Box<dyn Stream<Item = Result<Vec<Range>, MetadataError>> + Send>>;
+
+/// Batches waiting between the walk and the client.
+const BATCHES_IN_FLIGHT: usize = 2;
 
 /// A copy between nodes through the caller: the source's export piped into the target's import.
 pub async fn relay<A: Agent + ?Sized>(
@@ -305,6 +321,39 @@ impl Agent for LocalAgent {
 
     async fn group_named(&self, name: String) -> Result<Option<GroupRecord>, StorageError> {
         self.blocking(move |e| e.group_named(&name)).await
+    }
+
+    async fn block_ranges(&self, q: Query, max: usize) -> Result<(u64, RangeBatches), MetadataError> {
+        let engine = self.engine.clone();
+        let walk = tokio::task::spawn_blocking(move || engine.block_ranges(&q))
+            .await
+            .map_err(|e| StorageError::Unavailable(format!("snapshot metadata task: {e}")))??;
+        let capacity = walk.capacity();
+        let (tx, rx) = tokio::sync::mpsc::channel(BATCHES_IN_FLIGHT);
+        // Each batch is read on the blocking pool, and only that: waiting for a slow client holds
+        // no blocking thread. A client that goes away closes the channel and ends the walk.
+        tokio::spawn(async move {
+            let mut walk = Some(walk);
+            while let Some(mut w) = walk.take() {
+                let step = tokio::task::spawn_blocking(move || {
+                    let next = w.next_batch(max);
+                    (w, next)
+                });
+                let next = match step.await {
+                    Ok((w, next)) => {
+                        walk = Some(w);
+                        next
+                    }
+                    Err(e) => Err(walk_failed(e)),
+                };
+                let Some(batch) = next.transpose() else { break };
+                let failed = batch.is_err();
+                if tx.send(batch).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok((capacity, Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn cut_group_part(

@@ -27,7 +27,8 @@ use super::grant::{self, Claims};
 use super::remote::{unavailable, HostPort, PullFrom, RemoteAgent, Timeouts};
 use super::tls::{self, Tls, AGENT_SERVER_NAME};
 use super::wire::{self, v1};
-use super::{Agent, Directory, Frames};
+use super::{Agent, Directory, Frames, RangeBatches};
+use crate::storage::cbt::{MetadataError, Query};
 use crate::storage::engine::{CapacityRange, Condition, Mutable, NewGroup, NewVolume, PoolStatus, Source};
 use crate::storage::id::{GroupId, NodeId, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{GroupRecord, SnapshotRecord, VolumeRecord};
@@ -786,6 +787,9 @@ impl Agent for RegisteredAgent {
     }
     async fn export_data(&self, source: Source) -> Result<Frames, StorageError> {
         self.seen(self.remote()?.export_data(source).await)
+    }
+    async fn block_ranges(&self, q: Query, max: usize) -> Result<(u64, RangeBatches), MetadataError> {
+        self.remote()?.block_ranges(q, max).await
     }
     async fn import_volume(&self, req: NewVolume, frames: Frames) -> Result<VolumeRecord, StorageError> {
         self.seen(self.remote()?.import_volume(req, frames).await)

@@ -17,7 +17,8 @@ use tonic::{Code, Request, Response, Status};
 
 use super::tls::{Tls, TlsError};
 use super::wire::{self, v1, v1::agent_client::AgentClient, v1::transfer_client::TransferClient};
-use super::{Agent, Frames, Rendezvous, FRAMES_IN_FLIGHT};
+use super::{Agent, Frames, RangeBatches, Rendezvous, FRAMES_IN_FLIGHT};
+use crate::storage::cbt::{MetadataError, Query, Range};
 use crate::storage::engine::{CapacityRange, Condition, Mutable, NewGroup, NewVolume, PoolStatus, Source};
 use crate::storage::id::{GroupId, NodeId, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{GroupRecord, SnapshotRecord, VolumeRecord};
@@ -353,8 +354,67 @@ impl RemoteAgent {
     }
 }
 
+impl RemoteAgent {
+    /// A failed BlockRanges. The agent sends its metadata refusals by their code alone (a storage
+    /// error comes packed as in every call); a node without the call is not tracked either.
+    fn metadata_failed(&self, rpc: &'static str, limit: Duration, s: Status) -> MetadataError {
+        if wire::failure(&s).is_none() {
+            let text = status_text(&s);
+            match s.code() {
+                Code::FailedPrecondition => return MetadataError::NotTracked(text),
+                Code::Unimplemented => {
+                    return MetadataError::NotTracked(format!(
+                        "node {} runs a cellar without changed block tracking; upgrade it, or back its snapshots up in full",
+                        self.node.as_str()
+                    ))
+                }
+                Code::InvalidArgument => return MetadataError::DifferentVolumes(text),
+                Code::OutOfRange => return MetadataError::PastEnd(text),
+                _ => {}
+            }
+        }
+        MetadataError::Storage(self.failed(rpc, limit, s))
+    }
+}
+
 #[tonic::async_trait]
 impl Agent for RemoteAgent {
+    async fn block_ranges(&self, q: Query, max: usize) -> Result<(u64, RangeBatches), MetadataError> {
+        const RPC: &str = "BlockRanges";
+        let (start, idle) = (self.timeouts.call, self.timeouts.storage);
+        let msg = v1::BlockRangesRequest {
+            base_snapshot_id: q.base.map(|b| b.to_string()).unwrap_or_default(),
+            target_snapshot_id: q.target.to_string(),
+            starting_offset: q.starting_offset,
+            max_results: u32::try_from(max).unwrap_or(u32::MAX),
+        };
+        let req = self.request(msg, None);
+        let mut stream = match tokio::time::timeout(start, self.client.clone().block_ranges(req)).await {
+            Ok(r) => r.map_err(|s| self.metadata_failed(RPC, start, s))?.into_inner(),
+            Err(_) => return Err(self.silent(RPC, start).into()),
+        };
+        // The first message carries the capacity.
+        let first = match tokio::time::timeout(idle, stream.message()).await {
+            Ok(Ok(Some(m))) => m,
+            Ok(Ok(None)) => return Err(self.malformed(RPC, "the answer has no message").into()),
+            Ok(Err(s)) => return Err(self.metadata_failed(RPC, idle, s)),
+            Err(_) => return Err(self.silent(RPC, idle).into()),
+        };
+        let capacity = first.capacity_bytes;
+        let ranges =
+            |m: v1::BlockRangesResponse| -> Vec<Range> { m.ranges.into_iter().map(|r| (r.offset, r.length)).collect() };
+        let me = self.clone();
+        let rest = stream.timeout(idle).map(move |item| match item {
+            Err(_) => Err(me.silent(RPC, idle).into()),
+            Ok(Err(s)) => Err(me.metadata_failed(RPC, idle, s)),
+            Ok(Ok(m)) => Ok(ranges(m)),
+        });
+        let batches = tokio_stream::once(Ok(ranges(first)))
+            .chain(rest)
+            .filter(|b| !matches!(b, Ok(v) if v.is_empty()));
+        Ok((capacity, Box::pin(batches)))
+    }
+
     fn node(&self) -> &NodeId {
         &self.node
     }

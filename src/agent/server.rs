@@ -23,8 +23,9 @@ use super::tls::{self, Callers, Tls, TlsError};
 use super::wire::{self, v1, WireError};
 use super::{Agent, LocalAgent};
 use crate::server::SocketLimits;
+use crate::storage::cbt::{MetadataError, Query, Range, MAX_BATCH};
 use crate::storage::engine::{LocalEngine, NewGroup, NewVolume, Source};
-use crate::storage::id::NodeId;
+use crate::storage::id::{NodeId, SnapshotId};
 use crate::storage::transfer::Frame;
 use crate::storage::StorageError;
 
@@ -180,9 +181,49 @@ impl v1::transfer_server::Transfer for TransferService {
 
 type Reply<T> = Result<Response<T>, Status>;
 
+/// A snapshot metadata refusal: a storage error packed as every call packs it, the others (not
+/// tracked, other volumes, past the end) by their code alone (`RemoteAgent` reads them back so).
+fn metadata_status(e: MetadataError) -> Status {
+    match e {
+        MetadataError::Storage(s) => wire::status(s),
+        other => Status::from(other),
+    }
+}
+
 #[tonic::async_trait]
 impl v1::agent_server::Agent for AgentService {
     type ExportDataStream = FrameStream;
+    type BlockRangesStream = Pin<Box<dyn Stream<Item = Result<v1::BlockRangesResponse, Status>> + Send>>;
+
+    async fn block_ranges(&self, req: Request<v1::BlockRangesRequest>) -> Reply<Self::BlockRangesStream> {
+        let r = req.into_inner();
+        let snapshot = |raw: &str| {
+            SnapshotId::parse(raw).map_err(|_| wire::status(StorageError::SnapshotNotFound(raw.to_string())))
+        };
+        let base = match r.base_snapshot_id.as_str() {
+            "" => None,
+            b => Some(snapshot(b)?),
+        };
+        let q = Query {
+            base,
+            target: snapshot(&r.target_snapshot_id)?,
+            starting_offset: r.starting_offset,
+        };
+        let max = (r.max_results as usize).clamp(1, MAX_BATCH);
+        let (capacity, batches) = self.agent.block_ranges(q, max).await.map_err(metadata_status)?;
+        let message = move |ranges: Vec<Range>| v1::BlockRangesResponse {
+            capacity_bytes: capacity,
+            ranges: ranges
+                .into_iter()
+                .map(|(offset, length)| v1::BlockRange { offset, length })
+                .collect(),
+        };
+        // The first message carries the capacity, whether or not any range follows.
+        let rest = batches.map(move |b| b.map(message).map_err(metadata_status));
+        Ok(Response::new(Box::pin(
+            tokio_stream::once(Ok(message(Vec::new()))).chain(rest),
+        )))
+    }
 
     async fn export_data(&self, req: Request<v1::ExportDataRequest>) -> Reply<Self::ExportDataStream> {
         let source = required_source(req.into_inner().source)?;

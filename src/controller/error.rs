@@ -35,6 +35,9 @@ pub enum ControllerError {
     NotOffered(&'static str),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// A snapshot metadata (changed block tracking) refusal from the node's engine.
+    #[error(transparent)]
+    Metadata(#[from] crate::storage::cbt::MetadataError),
 }
 
 impl ControllerError {

@@ -5,6 +5,7 @@ pub mod error;
 pub use error::ControllerError;
 pub mod group;
 mod health;
+pub mod metadata;
 pub mod page;
 mod placement;
 pub mod request;

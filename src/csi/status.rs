@@ -62,6 +62,24 @@ impl From<SysError> for Status {
     }
 }
 
+impl From<crate::storage::cbt::MetadataError> for Status {
+    fn from(e: crate::storage::cbt::MetadataError) -> Status {
+        use crate::storage::cbt::MetadataError as E;
+        let code = match &e {
+            E::Storage(_) => {
+                let E::Storage(s) = e else {
+                    unreachable!("matched above")
+                };
+                return Status::from(s);
+            }
+            E::NotTracked(_) => Code::FailedPrecondition,
+            E::DifferentVolumes(_) => Code::InvalidArgument,
+            E::PastEnd(_) => Code::OutOfRange,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
 /// A request that is malformed on its face (before anything is looked up): INVALID_ARGUMENT.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
@@ -110,10 +128,11 @@ impl From<crate::controller::ControllerError> for Status {
     fn from(e: crate::controller::ControllerError) -> Status {
         use crate::controller::ControllerError as E;
         let code = match &e {
-            E::Request(_) | E::Storage(_) => {
+            E::Request(_) | E::Storage(_) | E::Metadata(_) => {
                 return match e {
                     E::Request(r) => r.into(),
                     E::Storage(s) => s.into(),
+                    E::Metadata(m) => m.into(),
                     _ => unreachable!("matched above"),
                 }
             }

@@ -7,12 +7,13 @@
 //! This file holds the engine itself (its pools, store, locks and lookups) and what every call
 //! shares; each call family has a file of its own: `create` (the plan, the making, imports and
 //! exports), `delete` (and the guards that keep mounted data), `snapshot`, `capacity` (room,
-//! expand, modify, conditions) and `group` (group snapshots).
+//! expand, modify, conditions), `group` (group snapshots) and `metadata` (changed block tracking).
 
 mod capacity;
 mod create;
 mod delete;
 mod group;
+mod metadata;
 mod snapshot;
 #[cfg(test)]
 mod tests;

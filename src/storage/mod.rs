@@ -1,5 +1,6 @@
 //! Pools, layouts and volume records: everything about where a volume's bytes live.
 
+pub mod cbt;
 pub mod config;
 pub mod engine;
 pub mod freeze;

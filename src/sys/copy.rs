@@ -101,9 +101,19 @@ pub fn sync_filesystem(path: &Path) -> Result<(), SysError> {
 
 /// Calls `each(start, end)` for every data extent of the first `size` bytes of `f`, in order
 /// (SEEK_DATA/SEEK_HOLE); holes are skipped. A filesystem that cannot tell holes gives one extent.
-pub fn data_extents(f: &OwnedFd, size: u64, mut each: impl FnMut(u64, u64) -> io::Result<()>) -> io::Result<()> {
+pub fn data_extents(f: &OwnedFd, size: u64, each: impl FnMut(u64, u64) -> io::Result<()>) -> io::Result<()> {
+    data_extents_from(f, 0, size, each)
+}
+
+/// As [`data_extents`], from `start` on (an extent that began before it is reported from `start`).
+pub fn data_extents_from(
+    f: &OwnedFd,
+    start: u64,
+    size: u64,
+    mut each: impl FnMut(u64, u64) -> io::Result<()>,
+) -> io::Result<()> {
     let s = f.as_raw_fd();
-    let mut off: i64 = 0;
+    let mut off = start as i64;
     while (off as u64) < size {
         // SAFETY: s is a valid fd; lseek has no memory arguments.
         let data = unsafe { libc::lseek(s, off, libc::SEEK_DATA) };

@@ -4,6 +4,7 @@
 pub mod btrfs;
 pub mod copy;
 pub mod devices;
+pub mod extents;
 pub mod files;
 pub mod fstools;
 pub mod loopdev;

@@ -169,3 +169,35 @@ readOnlyRootFilesystem: true
 capabilities:
   drop: [ALL]
 {{- end -}}
+
+{{/* Changed block tracking (snapshotMetadata): the sidecar's Service, host and TLS Secret. */}}
+{{- define "cellar.snapshotMetadataName" -}}{{ include "cellar.fullname" . }}-snapshot-metadata{{- end -}}
+{{- define "cellar.snapshotMetadataHost" -}}
+{{- printf "%s.%s.svc" (include "cellar.snapshotMetadataName" .) .Release.Namespace -}}
+{{- end -}}
+{{- define "cellar.snapshotMetadataSecretName" -}}
+{{- default (printf "%s-tls" (include "cellar.snapshotMetadataName" .)) .Values.snapshotMetadata.tls.secretName -}}
+{{- end -}}
+
+{{/*
+The sidecar's certificate when the chart makes it: self-signed for the Service's names (so it is
+its own CA in the SnapshotMetadataService object), made at install and found again (lookup) at
+every upgrade, like cellar.tlsMaterial. Values: base64 "cert" and "key".
+*/}}
+{{- define "cellar.snapshotMetadataTls" -}}
+{{- if not (hasKey .Values "__cellarSnapshotMetadataTls") -}}
+{{- $old := lookup "v1" "Secret" .Release.Namespace (include "cellar.snapshotMetadataSecretName" .) -}}
+{{- $m := dict -}}
+{{- if and $old $old.data (index $old.data "tls.crt") (index $old.data "tls.key") -}}
+{{- $m = dict "cert" (index $old.data "tls.crt") "key" (index $old.data "tls.key") -}}
+{{- else -}}
+{{- $svc := include "cellar.snapshotMetadataName" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- $names := list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.clusterDomain) -}}
+{{- $c := genSelfSignedCert (include "cellar.snapshotMetadataHost" .) nil $names (int .Values.tls.validityDays) -}}
+{{- $m = dict "cert" ($c.Cert | b64enc) "key" ($c.Key | b64enc) -}}
+{{- end -}}
+{{- $_ := set .Values "__cellarSnapshotMetadataTls" $m -}}
+{{- end -}}
+{{- toJson .Values.__cellarSnapshotMetadataTls -}}
+{{- end -}}

@@ -38,6 +38,10 @@ impl LayoutOps for Image {
         true
     }
 
+    fn tracks_blocks(&self) -> bool {
+        true
+    }
+
     fn reserves_capacity(&self) -> bool {
         true
     }

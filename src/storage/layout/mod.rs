@@ -71,6 +71,11 @@ pub trait LayoutOps: Sync {
     fn single_node(&self) -> bool {
         false
     }
+    /// A snapshot is one file whose extents say which blocks it shares with another snapshot of
+    /// its volume: changed block tracking (storage::cbt) can answer for it.
+    fn tracks_blocks(&self) -> bool {
+        false
+    }
     /// Checks that a pool's filesystem can serve this layout and prepares it.
     fn prepare(&self, _config: &PoolConfig, _on_btrfs: bool) -> Result<(), StorageError> {
         Ok(())
