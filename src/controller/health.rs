@@ -48,10 +48,11 @@ impl ControllerService {
         r: ControllerListVolumeHealthRequest,
     ) -> Result<ControllerListVolumeHealthResponse, Status> {
         let all = self.listing(!r.starting_token.is_empty()).await?;
-        let (items, next_token) = page::page_sorted(&all, |(v, _, _)| v.id.as_str(), &r.starting_token, r.max_entries)?;
+        let (items, next_token) =
+            page::page_sorted(&all, |l| l.record().id.as_str(), &r.starting_token, r.max_entries)?;
         let entries = items
             .iter()
-            .map(|(v, c, _)| controller_finding(c).volume_health(&v.id))
+            .map(|l| controller_finding(l.condition()).volume_health(&l.record().id))
             .collect();
         Ok(ControllerListVolumeHealthResponse { entries, next_token })
     }
