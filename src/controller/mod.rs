@@ -76,18 +76,29 @@ pub const CAPABILITIES: &[rpc::Type] = &[
     rpc::Type::ModifyVolume,
 ];
 
-/// One call to every agent at once, so that one slow to answer does not delay the others; the
-/// answers come back in the agents' order.
-async fn ask_all<T, F, Fut>(agents: &[Arc<dyn Agent>], call: F) -> Vec<T>
+/// How many agents one fan-out asks at a time. Enough that a few hung nodes (each holding its
+/// place until its deadline) do not hold up the rest; few enough that the answers of a thousand
+/// nodes are not all decoded in memory at once.
+const FAN_OUT: usize = 64;
+
+/// One call to every agent, [`FAN_OUT`] at a time, so that one slow to answer does not delay the
+/// others; the answers come back in the agents' order. Each call's deadline starts when it does.
+async fn ask_all<A, T, F, Fut>(agents: &[A], call: F) -> Vec<T>
 where
+    A: Clone,
     T: Send + 'static,
-    F: Fn(Arc<dyn Agent>) -> Fut,
+    F: Fn(A) -> Fut,
     Fut: std::future::Future<Output = T> + Send + 'static,
 {
+    let places = Arc::new(tokio::sync::Semaphore::new(FAN_OUT));
     let mut asking = tokio::task::JoinSet::new();
     for (i, a) in agents.iter().enumerate() {
         let answer = call(a.clone());
-        asking.spawn(async move { (i, answer.await) });
+        let places = places.clone();
+        asking.spawn(async move {
+            let _place = places.acquire_owned().await;
+            (i, answer.await)
+        });
     }
     let mut answers = asking.join_all().await;
     answers.sort_by_key(|(i, _)| *i);
@@ -566,23 +577,34 @@ impl ControllerService {
     /// its last listing too, until the registry no longer knows its id.
     async fn all_volumes(&self) -> Result<Vec<Listed>, Status> {
         let agents = self.directory.listed();
-        let now = std::time::Instant::now();
         let keys: Vec<String> = agents.iter().map(|a| self.listing_key(a)).collect();
-        let edits: Vec<u64> = keys.iter().map(|k| self.listings.edits(k)).collect();
         let skipped: Vec<bool> = agents
             .iter()
             .zip(&keys)
             .map(|(a, k)| !self.directory.answers(a.node()) && self.listings.get(k).is_some())
             .collect();
-        let asked: Vec<Arc<dyn Agent>> = agents
+        let asked: Vec<(Arc<dyn Agent>, String)> = agents
             .iter()
+            .zip(&keys)
             .zip(&skipped)
             .filter(|(_, skip)| !**skip)
-            .map(|(a, _)| a.clone())
+            .map(|((a, k), _)| (a.clone(), k.clone()))
             .collect();
-        let mut answers = ask_all(&asked, |a| async move { a.volumes().await }).await.into_iter();
+        // Each answer replaces its agent's listing as it comes, so that the old listings and
+        // the new are not all held at once.
+        let listings = self.listings.clone();
+        let mut answers = ask_all(&asked, |(a, key)| {
+            let listings = listings.clone();
+            async move {
+                let (at, edits) = (std::time::Instant::now(), listings.edits(&key));
+                let volumes = a.volumes().await?;
+                Ok::<_, StorageError>(listings.replace(&key, at, edits, volumes))
+            }
+        })
+        .await
+        .into_iter();
         let mut parts = Vec::with_capacity(agents.len());
-        for (((agent, key), edits), skip) in agents.iter().zip(&keys).zip(edits).zip(skipped) {
+        for ((agent, key), skip) in agents.iter().zip(&keys).zip(skipped) {
             let answer = if skip {
                 Err(Status::unavailable(format!(
                     "node {} did not answer its last call",
@@ -592,14 +614,11 @@ impl ControllerService {
                 answers.next().expect("an answer per agent asked").map_err(Status::from)
             };
             let part = match answer {
-                Ok(volumes) => {
-                    let listing = self.listings.replace(key, now, edits, volumes);
-                    Part {
-                        node: agent.node().clone(),
-                        volumes: listing.volumes,
-                        condition: None,
-                    }
-                }
+                Ok(listing) => Part {
+                    node: agent.node().clone(),
+                    volumes: listing.volumes,
+                    condition: None,
+                },
                 Err(e) => {
                     let Some(last) = self.listings.get(key) else {
                         tracing::warn!(
