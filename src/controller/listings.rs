@@ -36,8 +36,9 @@ pub const RELIST_AFTER: Duration = Duration::from_secs(10);
 pub struct Listing {
     pub at: Instant,
     pub volumes: Arc<Vec<(VolumeRecord, Condition)>>,
-    /// Sum of the capacities of the volumes, by pool (what the node's heartbeat reports as
-    /// `provisioned_bytes`).
+    /// Sum of the capacities of the node's own (local) volumes, by pool: what its heartbeat
+    /// reports as `provisioned_bytes`. Shared pools are left out: their figure counts volumes a
+    /// node's listing need not hold, and the shared pools' agent is always asked.
     provisioned: BTreeMap<String, u64>,
     /// A call to the agent ended without an answer since: it may hold a volume not listed here.
     unsure: bool,
@@ -51,28 +52,41 @@ fn pool_of(r: &VolumeRecord) -> String {
 
 impl Listing {
     fn new(at: Instant, volumes: Vec<(VolumeRecord, Condition)>) -> Listing {
-        let mut provisioned = BTreeMap::new();
-        for (r, _) in &volumes {
-            *provisioned.entry(pool_of(r)).or_insert(0u64) += r.capacity_bytes;
-        }
-        Listing {
+        let mut listing = Listing {
             at,
-            volumes: Arc::new(volumes),
-            provisioned,
+            volumes: Arc::new(Vec::new()),
+            provisioned: BTreeMap::new(),
             unsure: false,
+        };
+        for (r, _) in &volumes {
+            listing.provision(r, true);
         }
+        listing.volumes = Arc::new(volumes);
+        listing
     }
 
-    /// Whether the node's heartbeat provisions what this listing holds, pool by pool.
+    /// Counts a local volume in (or out of) its pool's provisioned bytes.
+    fn provision(&mut self, r: &VolumeRecord, add: bool) {
+        if !r.id.starts_with("local:") {
+            return;
+        }
+        let bytes = self.provisioned.entry(pool_of(r)).or_insert(0);
+        *bytes = if add {
+            bytes.saturating_add(r.capacity_bytes)
+        } else {
+            bytes.saturating_sub(r.capacity_bytes)
+        };
+    }
+
+    /// Whether the node's heartbeat provisions what this listing holds, local pool by local pool.
     fn agrees_with(&self, reported: &[PoolStatus]) -> bool {
+        let local = || reported.iter().filter(|p| !p.shared);
         let listed_pools_reported = self
             .provisioned
             .iter()
-            .all(|(pool, bytes)| *bytes == 0 || reported.iter().any(|p| p.name.as_str() == pool));
+            .all(|(pool, bytes)| *bytes == 0 || local().any(|p| p.name.as_str() == pool));
         listed_pools_reported
-            && reported
-                .iter()
-                .all(|p| self.provisioned.get(p.name.as_str()).copied().unwrap_or(0) == p.provisioned_bytes)
+            && local().all(|p| self.provisioned.get(p.name.as_str()).copied().unwrap_or(0) == p.provisioned_bytes)
     }
 }
 
@@ -148,25 +162,21 @@ impl Listings {
         inner.edited(key);
         let Some(l) = inner.by_agent.get_mut(key) else { return };
         let volumes = Arc::make_mut(&mut l.volumes);
-        match volumes.binary_search_by(|(r, _)| r.id.as_str().cmp(&rec.id)) {
-            Ok(i) => {
-                let old = std::mem::replace(&mut volumes[i].0, rec.clone());
-                if let Some(p) = l.provisioned.get_mut(&pool_of(&old)) {
-                    *p = p.saturating_sub(old.capacity_bytes);
-                }
+        let replaced = match volumes.binary_search_by(|(r, _)| r.id.as_str().cmp(&rec.id)) {
+            Ok(i) => Some(std::mem::replace(&mut volumes[i].0, rec.clone())),
+            Err(i) => {
+                let healthy = Condition {
+                    abnormal: false,
+                    message: String::new(),
+                };
+                volumes.insert(i, (rec.clone(), healthy));
+                None
             }
-            Err(i) => volumes.insert(
-                i,
-                (
-                    rec.clone(),
-                    Condition {
-                        abnormal: false,
-                        message: String::new(),
-                    },
-                ),
-            ),
+        };
+        if let Some(old) = replaced {
+            l.provision(&old, false);
         }
-        *l.provisioned.entry(pool_of(rec)).or_insert(0) += rec.capacity_bytes;
+        l.provision(rec, true);
         inner.names.insert(rec.name.clone(), Arc::from(key));
     }
 
@@ -177,9 +187,7 @@ impl Listings {
         for (key, l) in inner.by_agent.iter_mut() {
             if let Ok(i) = l.volumes.binary_search_by(|(r, _)| r.id.as_str().cmp(id)) {
                 let (r, _) = Arc::make_mut(&mut l.volumes).remove(i);
-                if let Some(p) = l.provisioned.get_mut(&pool_of(&r)) {
-                    *p = p.saturating_sub(r.capacity_bytes);
-                }
+                l.provision(&r, false);
                 gone.push((key.clone(), r.name));
             }
         }
@@ -371,6 +379,19 @@ mod tests {
         // No heartbeat figures at all (the shared pools' agent): never answered for.
         assert!(!l.whole("n1", None));
         assert!(!l.whole("n2", Some(&reported(0))), "never listed");
+    }
+
+    #[test]
+    fn a_shared_pools_figure_does_not_count_against_a_nodes_listing() {
+        let l = Listings::default();
+        l.replace("n1", Instant::now(), l.edits("n1"), vec![(rec("n1", "a", 10), ok())]);
+        let mut pools = reported(10);
+        let mut share = pools[0].clone();
+        share.name = PoolName::parse("nfs").unwrap();
+        share.shared = true;
+        share.provisioned_bytes = 999;
+        pools.push(share);
+        assert!(l.whole("n1", Some(&pools)));
     }
 
     #[test]
