@@ -380,15 +380,18 @@ impl ControllerService {
                 return Some((a.clone(), rec));
             }
         }
-        let ask: Vec<Arc<dyn Agent>> = agents
-            .into_iter()
-            .filter(|a| {
-                let reported = self.directory.reported_pools(a.node());
-                !self.listings.whole(&self.listing_key(a), reported.as_deref()) && self.directory.answers(a.node())
-            })
-            .collect();
-        for a in &ask {
-            self.relist(a);
+        let mut ask: Vec<Arc<dyn Agent>> = Vec::new();
+        for a in agents {
+            // An agent with no heartbeat (the shared pools') is always asked; listing it again
+            // would not change that.
+            let Some(reported) = self.directory.reported_pools(a.node()) else {
+                ask.push(a);
+                continue;
+            };
+            if !self.listings.whole(&self.listing_key(&a), Some(&reported)) && self.directory.answers(a.node()) {
+                self.relist(&a);
+                ask.push(a);
+            }
         }
         let name = name.to_string();
         let answers = ask_all(&ask, |a| {
@@ -565,6 +568,8 @@ impl ControllerService {
             generation,
             volumes: volumes.clone(),
         });
+        // The answers it was made from are freed; their pages need not stay resident.
+        tokio::task::spawn_blocking(crate::sys::memory::release_free_memory);
         Ok(volumes)
     }
 
