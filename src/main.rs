@@ -199,6 +199,11 @@ struct RegistryArgs {
     /// abnormal from their last listing. Longer than three heartbeat intervals.
     #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
     forget_nodes_after: Duration,
+    /// The deadline of a call that reads from a node's agent (get, list, look up by name, pools):
+    /// a node that has not answered by then is unavailable for that call, and is not waited for
+    /// again until it answers.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    agent_call_timeout: Duration,
 }
 
 impl RegistryArgs {
@@ -215,8 +220,15 @@ impl RegistryArgs {
             max_nodes: self.max_nodes as usize,
             max_heartbeat_bytes: self.max_heartbeat_bytes as usize,
             forget_after: self.forget_nodes_after,
+            agent_timeouts: cellar::agent::remote::Timeouts {
+                call: self.agent_call_timeout,
+                ..defaults.agent_timeouts
+            },
             ..defaults
         };
+        if config.agent_timeouts.call < Duration::from_millis(100) {
+            return Err("--agent-call-timeout must be at least 100ms".into());
+        }
         if config.forget_after <= config.expiry() {
             return Err(format!(
                 "--forget-nodes-after {:?} must be longer than the {:?} after which a node is unavailable (3 x --heartbeat-interval)",

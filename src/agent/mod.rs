@@ -456,7 +456,10 @@ mod tests {
         });
         meet.until_arrived(1).await;
         meet.fail();
-        assert!(!waiting.await.unwrap(), "a failure before the meeting stops the waiting part");
+        assert!(
+            !waiting.await.unwrap(),
+            "a failure before the meeting stops the waiting part"
+        );
         assert!(!meet.arrive().await, "and any part that arrives after it");
 
         let alone = Rendezvous::new(2, Duration::from_millis(50));

@@ -49,10 +49,10 @@ impl ControllerService {
     ) -> Result<ControllerListVolumeHealthResponse, ControllerError> {
         let all = self.listing(!r.starting_token.is_empty()).await?;
         let (items, next_token) =
-            page::page_sorted(&all, |(v, _, _)| v.id.to_string(), &r.starting_token, r.max_entries)?;
+            page::page_sorted(&all, |l| l.record().id.to_string(), &r.starting_token, r.max_entries)?;
         let entries = items
             .iter()
-            .map(|(v, c, _)| controller_finding(c).volume_health(&v.id.to_string()))
+            .map(|l| controller_finding(l.condition()).volume_health(&l.record().id.to_string()))
             .collect();
         Ok(ControllerListVolumeHealthResponse { entries, next_token })
     }

@@ -5,12 +5,12 @@ pub mod error;
 pub use error::ControllerError;
 pub mod group;
 mod health;
+pub mod listings;
 pub mod metadata;
 pub mod page;
 mod placement;
 pub mod request;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use prost_types::Timestamp;
@@ -26,13 +26,12 @@ use crate::storage::engine::{Condition, NewVolume, PoolStatus};
 use crate::storage::id::{NodeId, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{ContentSource, SnapshotRecord, VolumeRecord};
 use crate::storage::StorageError;
+use listings::{Listed, Listings, Part};
 
 pub struct ControllerService {
     pub directory: Arc<dyn Directory>,
-    /// Each agent's last complete volume listing. While an agent cannot be reached, ListVolumes and
-    /// ControllerGetVolume answer from it with an abnormal condition naming the cause, rather than
-    /// failing for every volume or leaving that agent's volumes out (which reads as deleted).
-    listings: std::sync::Mutex<HashMap<String, Listing>>,
+    /// Each agent's last complete volume listing and the index of its names (listings.rs).
+    listings: Arc<Listings>,
     /// The last full ListVolumes answer, sorted by id: the pages after the first are cut from it,
     /// so paging through N volumes reads them once, not once per page.
     paged: std::sync::Mutex<Option<PagedListing>>,
@@ -46,16 +45,11 @@ pub struct ControllerService {
 struct PagedListing {
     at: std::time::Instant,
     generation: u64,
-    volumes: Arc<Vec<(VolumeRecord, Condition, NodeId)>>,
+    volumes: Arc<Vec<Listed>>,
 }
 
 /// How long the pages after the first may be cut from the first page's listing.
 const PAGED_LISTING_TTL: std::time::Duration = std::time::Duration::from_secs(30);
-
-struct Listing {
-    at: std::time::Instant,
-    volumes: Vec<(VolumeRecord, Condition)>,
-}
 
 impl ControllerService {
     pub fn new(directory: Arc<dyn Directory>) -> Self {
@@ -92,18 +86,29 @@ pub(crate) async fn answer<T>(
     call.await.map(Response::new).map_err(Status::from)
 }
 
-/// One call to every agent at once, so that one slow to answer does not delay the others; the
-/// answers come back in the agents' order.
-async fn ask_all<T, F, Fut>(agents: &[Arc<dyn Agent>], call: F) -> Vec<T>
+/// How many agents one fan-out asks at a time. Enough that a few hung nodes (each holding its
+/// place until its deadline) do not hold up the rest; few enough that the answers of a thousand
+/// nodes are not all decoded in memory at once.
+const FAN_OUT: usize = 64;
+
+/// One call to every agent, [`FAN_OUT`] at a time, so that one slow to answer does not delay the
+/// others; the answers come back in the agents' order. Each call's deadline starts when it does.
+async fn ask_all<A, T, F, Fut>(agents: &[A], call: F) -> Vec<T>
 where
+    A: Clone,
     T: Send + 'static,
-    F: Fn(Arc<dyn Agent>) -> Fut,
+    F: Fn(A) -> Fut,
     Fut: std::future::Future<Output = T> + Send + 'static,
 {
+    let places = Arc::new(tokio::sync::Semaphore::new(FAN_OUT));
     let mut asking = tokio::task::JoinSet::new();
     for (i, a) in agents.iter().enumerate() {
         let answer = call(a.clone());
-        asking.spawn(async move { (i, answer.await) });
+        let places = places.clone();
+        asking.spawn(async move {
+            let _place = places.acquire_owned().await;
+            (i, answer.await)
+        });
     }
     let mut answers = asking.join_all().await;
     answers.sort_by_key(|(i, _)| *i);
@@ -255,50 +260,30 @@ impl ControllerService {
         };
 
         // A name already taken anywhere answers for itself: the same request gets the same volume.
-        // Every node is asked at once, each call bounded by its timeout, so a slow node costs one
-        // call's time, not its place in a queue.
-        let agents = self.directory.all();
-        let name = r.name.clone();
-        let answers = ask_all(&agents, |a| {
-            let name = name.clone();
-            async move { a.volume_named(name).await }
-        })
-        .await;
-        for (agent, answer) in agents.into_iter().zip(answers) {
-            // A node that cannot answer right now is skipped: provisioning must not stop for one
-            // dead node. (A retry for a volume made there goes back there by its topology.)
-            let found = match answer {
-                Ok(f) => f,
-                Err(e) => {
-                    tracing::warn!(node = agent.node().as_str(), error = %e, "name lookup skipped an unreachable node");
-                    None
+        if let Some((agent, existing)) = self.volume_named(&r.name).await {
+            let existing_pool = Some(existing.id.0.pool.clone());
+            let mut spec = spec;
+            match (&spec.pool, existing_pool) {
+                (Some(asked), Some(has)) if *asked != has => {
+                    return Err(ControllerError::NameTaken(format!(
+                        "volume '{}' already exists in pool '{}', not '{}'",
+                        r.name,
+                        has.as_str(),
+                        asked.as_str()
+                    )))
                 }
-            };
-            if let Some(existing) = found {
-                let existing_pool = Some(existing.id.0.pool.clone());
-                let mut spec = spec;
-                match (&spec.pool, existing_pool) {
-                    (Some(asked), Some(has)) if *asked != has => {
-                        return Err(ControllerError::NameTaken(format!(
-                            "volume '{}' already exists in pool '{}', not '{}'",
-                            r.name,
-                            has.as_str(),
-                            asked.as_str()
-                        )))
-                    }
-                    (None, has) => spec.pool = has,
-                    _ => {}
-                }
-                let rec = agent.create_volume(spec).await?;
-                return Ok(CreateVolumeResponse {
-                    volume: Some(csi_volume(&rec, agent.node())),
-                });
+                (None, has) => spec.pool = has,
+                _ => {}
             }
+            let rec = self.create_on(&agent, spec).await?;
+            return Ok(CreateVolumeResponse {
+                volume: Some(csi_volume(&rec, agent.node())),
+            });
         }
 
         if let Some(agent) = self.shared_pool_agent(spec.pool.as_ref()).await? {
             // Shared pools live on every node: no node to choose, no topology to honour.
-            let rec = agent.create_volume(spec).await?;
+            let rec = self.create_on(&agent, spec).await?;
             return Ok(CreateVolumeResponse {
                 volume: Some(csi_volume(&rec, agent.node())),
             });
@@ -324,7 +309,7 @@ impl ControllerService {
                 .source_node_fits(a, &ranked, r.accessibility_requirements.as_ref(), &spec)
                 .await
             {
-                let rec = a.create_volume(spec).await?;
+                let rec = self.create_on(a, spec).await?;
                 return Ok(CreateVolumeResponse {
                     volume: Some(csi_volume(&rec, a.node())),
                 });
@@ -350,13 +335,98 @@ impl ControllerService {
                     to = agent.node().as_str(),
                     "copying the content source to another node"
                 );
-                agent.copy_from(spec, from.as_ref()).await?
+                let made = agent.copy_from(spec, from.as_ref()).await;
+                self.made(&agent, made)?
             }
-            _ => agent.create_volume(spec).await?,
+            _ => self.create_on(&agent, spec).await?,
         };
         Ok(CreateVolumeResponse {
             volume: Some(csi_volume(&rec, agent.node())),
         })
+    }
+
+    /// The volume created under a CSI name, and its agent. The index of the listings answers for
+    /// every node whose listing is whole (listings.rs); the others are asked all at once, each
+    /// call within its deadline, so a slow node costs one call's time, not its place in a queue.
+    /// A node whose agent did not answer its last call is not asked: it cannot answer now, and
+    /// provisioning must not stop for one dead node (a retry for a volume made there goes back
+    /// there by its topology).
+    async fn volume_named(&self, name: &str) -> Option<(Arc<dyn Agent>, VolumeRecord)> {
+        let agents = self.directory.all();
+        if let Some((key, rec)) = self.listings.named(name) {
+            if let Some(a) = agents.iter().find(|a| self.listing_key(a) == key) {
+                return Some((a.clone(), rec));
+            }
+        }
+        let mut ask: Vec<Arc<dyn Agent>> = Vec::new();
+        for a in agents {
+            // An agent with no heartbeat (the shared pools') is always asked; listing it again
+            // would not change that.
+            let Some(reported) = self.directory.reported_pools(a.node()) else {
+                ask.push(a);
+                continue;
+            };
+            if !self.listings.whole(&self.listing_key(&a), Some(&reported)) && self.directory.answers(a.node()) {
+                self.relist(&a);
+                ask.push(a);
+            }
+        }
+        let name = name.to_string();
+        let answers = ask_all(&ask, |a| {
+            let name = name.clone();
+            async move { a.volume_named(name).await }
+        })
+        .await;
+        let mut found = None;
+        for (agent, answer) in ask.into_iter().zip(answers) {
+            match answer {
+                Ok(Some(rec)) if found.is_none() => found = Some((agent, rec)),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(node = agent.node().as_str(), error = %e, "name lookup skipped an unreachable node");
+                }
+            }
+        }
+        found
+    }
+
+    /// Lists an agent again in the background when its listing is missing, in doubt or stale,
+    /// and no one lists it already; the listing makes later name lookups answer without it.
+    fn relist(&self, agent: &Arc<dyn Agent>) {
+        let key = self.listing_key(agent);
+        if !self.listings.start_relisting(&key) {
+            return;
+        }
+        let (listings, agent) = (self.listings.clone(), agent.clone());
+        tokio::spawn(async move {
+            let (at, edits) = (std::time::Instant::now(), listings.edits(&key));
+            if let Ok(volumes) = agent.volumes().await {
+                listings.replace(&key, at, edits, volumes);
+            }
+            listings.relisted(&key);
+        });
+    }
+
+    /// Creates a volume on an agent and records the outcome in its listing.
+    async fn create_on(&self, agent: &Arc<dyn Agent>, spec: NewVolume) -> Result<VolumeRecord, ControllerError> {
+        let made = agent.create_volume(spec).await;
+        self.made(agent, made)
+    }
+
+    /// A create's outcome, recorded: a volume made joins its agent's listing; a call that ended
+    /// without an answer (the node may still make the volume) puts the listing in doubt.
+    fn made(
+        &self,
+        agent: &Arc<dyn Agent>,
+        made: Result<VolumeRecord, StorageError>,
+    ) -> Result<VolumeRecord, ControllerError> {
+        let key = self.listing_key(agent);
+        match &made {
+            Ok(rec) => self.listings.add(&key, rec),
+            Err(StorageError::Unavailable(_) | StorageError::Busy(_)) => self.listings.doubt(&key),
+            Err(_) => {}
+        }
+        Ok(made?)
     }
 
     /// Whether the node holding a content source may take the copy (the topology admits it and,
@@ -425,64 +495,84 @@ impl ControllerService {
 
     /// Every volume sorted by id: a fresh listing for a first page, the first page's listing for
     /// the pages after it while it is recent and nothing was created or deleted here since.
-    async fn listing(&self, continued: bool) -> Result<Arc<Vec<(VolumeRecord, Condition, NodeId)>>, ControllerError> {
+    async fn listing(&self, continued: bool) -> Result<Arc<Vec<Listed>>, ControllerError> {
         let generation = self.changes.load(std::sync::atomic::Ordering::SeqCst);
-        if continued {
-            let cached = self.paged.lock().expect("paged lock");
-            if let Some(p) = cached.as_ref() {
-                if p.generation == generation && p.at.elapsed() < PAGED_LISTING_TTL {
-                    return Ok(p.volumes.clone());
+        {
+            let mut cached = self.paged.lock().expect("paged lock");
+            if continued {
+                if let Some(p) = cached.as_ref() {
+                    if p.generation == generation && p.at.elapsed() < PAGED_LISTING_TTL {
+                        return Ok(p.volumes.clone());
+                    }
                 }
             }
+            // The listing made below replaces this one: it need not stay in memory meanwhile.
+            *cached = None;
         }
-        let mut all = self.all_volumes().await?;
-        all.sort_by_cached_key(|v| v.0.id.to_string());
-        let volumes = Arc::new(all);
+        let volumes = Arc::new(self.all_volumes().await?);
         *self.paged.lock().expect("paged lock") = Some(PagedListing {
             at: std::time::Instant::now(),
             generation,
             volumes: volumes.clone(),
         });
+        // The answers it was made from are freed; their pages need not stay resident.
+        tokio::task::spawn_blocking(crate::sys::memory::release_free_memory);
         Ok(volumes)
     }
 
     /// Every volume of every agent the controller knows, asked all at once. An agent that fails to
     /// answer is answered for from its last listing, each volume marked abnormal; one never listed
     /// (the controller started while it was down, or a node that never answers) is left out and
-    /// logged, so that it cannot fail the listing of every other node. A node the registry forgot
-    /// is answered for from its last listing too, until the registry no longer knows its id.
-    async fn all_volumes(&self) -> Result<Vec<(VolumeRecord, Condition, NodeId)>, ControllerError> {
+    /// logged, so that it cannot fail the listing of every other node. An agent that did not answer
+    /// its last call is not waited for again: its last listing answers at once (the registry probes
+    /// it, and it is asked again once it answers). A node the registry forgot is answered for from
+    /// its last listing too, until the registry no longer knows its id.
+    async fn all_volumes(&self) -> Result<Vec<Listed>, ControllerError> {
         let agents = self.directory.listed();
-        let answers = ask_all(&agents, |a| async move { a.volumes().await }).await;
-        // Every answer that came is kept first, so that one failure does not cost the others'.
-        let now = std::time::Instant::now();
-        let answers: Vec<_> = agents
+        let keys: Vec<String> = agents.iter().map(|a| self.listing_key(a)).collect();
+        let skipped: Vec<bool> = agents
             .iter()
-            .zip(answers)
-            .map(|(agent, answer)| {
-                let key = self.listing_key(agent);
-                if let Ok(volumes) = &answer {
-                    let listing = Listing {
-                        at: now,
-                        volumes: volumes.clone(),
-                    };
-                    self.listings
-                        .lock()
-                        .expect("listings lock")
-                        .insert(key.clone(), listing);
-                }
-                (agent, key, answer)
-            })
+            .zip(&keys)
+            .map(|(a, k)| !self.directory.answers(a.node()) && self.listings.get(k).is_some())
             .collect();
-        let mut all = Vec::new();
-        let mut asked = std::collections::HashSet::new();
-        for (agent, key, answer) in answers {
-            asked.insert(key.clone());
-            let volumes = match answer {
-                Ok(volumes) => volumes,
+        let asked: Vec<(Arc<dyn Agent>, String)> = agents
+            .iter()
+            .zip(&keys)
+            .zip(&skipped)
+            .filter(|(_, skip)| !**skip)
+            .map(|((a, k), _)| (a.clone(), k.clone()))
+            .collect();
+        // Each answer replaces its agent's listing as it comes, so that the old listings and
+        // the new are not all held at once.
+        let listings = self.listings.clone();
+        let mut answers = ask_all(&asked, |(a, key)| {
+            let listings = listings.clone();
+            async move {
+                let (at, edits) = (std::time::Instant::now(), listings.edits(&key));
+                let volumes = a.volumes().await?;
+                Ok::<_, StorageError>(listings.replace(&key, at, edits, volumes))
+            }
+        })
+        .await
+        .into_iter();
+        let mut parts = Vec::with_capacity(agents.len());
+        for ((agent, key), skip) in agents.iter().zip(&keys).zip(skipped) {
+            let answer = if skip {
+                Err(Status::unavailable(format!(
+                    "node {} did not answer its last call",
+                    agent.node().as_str()
+                )))
+            } else {
+                answers.next().expect("an answer per agent asked").map_err(Status::from)
+            };
+            let part = match answer {
+                Ok(listing) => Part {
+                    node: agent.node().clone(),
+                    volumes: listing.volumes,
+                    condition: None,
+                },
                 Err(e) => {
-                    let listings = self.listings.lock().expect("listings lock");
-                    let Some(last) = listings.get(&key) else {
+                    let Some(last) = self.listings.get(key) else {
                         tracing::warn!(
                             node = key,
                             error = %e,
@@ -490,28 +580,26 @@ impl ControllerService {
                         );
                         continue;
                     };
-                    last.volumes
-                        .iter()
-                        .map(|(r, _)| (r.clone(), unreachable(&e.to_string(), last.at)))
-                        .collect()
+                    Part {
+                        node: agent.node().clone(),
+                        volumes: last.volumes,
+                        condition: Some(unreachable(e.message(), last.at)),
+                    }
                 }
             };
-            for (r, c) in volumes {
-                all.push((r, c, agent.node().clone()));
-            }
+            parts.push(part);
         }
-        all.extend(self.forgotten_volumes(&asked));
-        all.sort_by_cached_key(|v| v.0.id.to_string());
-        Ok(all)
+        let asked: std::collections::HashSet<String> = keys.into_iter().collect();
+        parts.extend(self.forgotten_volumes(&asked));
+        Ok(Listed::all(parts))
     }
 
     /// The last listed volumes of the nodes not asked (the registry forgot them), each abnormal.
     /// A listing whose node the registry no longer knows at all, or that holds nothing, is dropped:
     /// the listings stay as bounded as the registry.
-    fn forgotten_volumes(&self, asked: &std::collections::HashSet<String>) -> Vec<(VolumeRecord, Condition, NodeId)> {
-        let mut listings = self.listings.lock().expect("listings lock");
+    fn forgotten_volumes(&self, asked: &std::collections::HashSet<String>) -> Vec<Part> {
         let mut found = Vec::new();
-        listings.retain(|key, last| {
+        self.listings.retain(|key, last| {
             if asked.contains(key) {
                 return true;
             }
@@ -520,11 +608,11 @@ impl ControllerService {
                 return false;
             }
             let why = format!("node {key} is no longer registered (no heartbeat for too long)");
-            found.extend(
-                last.volumes
-                    .iter()
-                    .map(|(r, _)| (r.clone(), unreachable(&why, last.at), node.clone())),
-            );
+            found.push(Part {
+                condition: Some(unreachable(&why, last.at)),
+                node,
+                volumes: last.volumes.clone(),
+            });
             true
         });
         found
@@ -544,18 +632,8 @@ impl ControllerService {
 
     /// A volume as its agent last listed it, marked abnormal because `why` the agent cannot be reached.
     fn last_listed(&self, id: &str, why: &str) -> Option<(VolumeRecord, Condition)> {
-        let listings = self.listings.lock().expect("listings lock");
-        listings.values().find_map(|l| {
-            let (r, _) = l.volumes.iter().find(|(r, _)| r.id.to_string() == id)?;
-            Some((r.clone(), unreachable(why, l.at)))
-        })
-    }
-
-    /// A deleted volume leaves the last listings too.
-    fn forget_listed(&self, id: &str) {
-        for l in self.listings.lock().expect("listings lock").values_mut() {
-            l.volumes.retain(|(r, _)| r.id.to_string() != id);
-        }
+        let (r, at) = self.listings.find(id)?;
+        Some((r, unreachable(why, at)))
     }
 
     /// A volume and its condition; ControllerGetVolumeHealth answers from the same condition.
@@ -639,7 +717,7 @@ impl Controller for ControllerService {
                 let deleted = agent.delete_volume(id).await;
                 self.changed();
                 deleted?;
-                self.forget_listed(&r.volume_id);
+                self.listings.remove(&r.volume_id);
             }
             Ok(DeleteVolumeResponse {})
         })
@@ -723,15 +801,14 @@ impl Controller for ControllerService {
         answer(async {
             let all = self.listing(!r.starting_token.is_empty()).await?;
             let (items, next_token) =
-                page::page_sorted(&all, |(v, _, _)| v.id.to_string(), &r.starting_token, r.max_entries)?;
-            let items = items.iter().cloned();
+                page::page_sorted(&all, |l| l.record().id.to_string(), &r.starting_token, r.max_entries)?;
             let entries = items
-                .into_iter()
-                .map(|(v, c, node)| list_volumes_response::Entry {
-                    volume: Some(csi_volume(&v, &node)),
+                .iter()
+                .map(|l| list_volumes_response::Entry {
+                    volume: Some(csi_volume(l.record(), l.node())),
                     status: Some(list_volumes_response::VolumeStatus {
                         published_node_ids: vec![],
-                        volume_condition: Some(csi_condition(&c)),
+                        volume_condition: Some(csi_condition(l.condition())),
                     }),
                 })
                 .collect();

@@ -9,3 +9,12 @@ pub fn limit_malloc_arenas() {
     // before other threads exist.
     let _ = unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
 }
+
+/// Gives the pages of freed memory back to the kernel. glibc returns only the top of its heap on
+/// its own: after a large transient structure (a full ListVolumes of a thousand nodes) is freed, the
+/// holes it leaves stay resident, and the next one grows the heap again.
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only walks the allocator's free lists and advises the kernel that free
+    // pages are unused; it takes the arenas' locks and is safe to call from any thread.
+    let _ = unsafe { libc::malloc_trim(0) };
+}

@@ -1,0 +1,471 @@
+//! What the controller knows of each agent's volumes: the agent's last complete listing, kept up
+//! to date with the creates and deletes made through this controller, and an index of the CSI
+//! names in it.
+//!
+//! The listings serve three things:
+//! - While an agent cannot be reached, ListVolumes and ControllerGetVolume answer from its last
+//!   listing with an abnormal condition, rather than failing for every volume or leaving that
+//!   agent's volumes out (which reads as deleted).
+//! - CreateVolume finds a name already taken without asking every node: a node whose listing is
+//!   known to be whole is answered for by the index, and only the others are asked (at once, each
+//!   call with its deadline). A listing is known to be whole when it was taken since the node
+//!   registered, no call to the node since ended without an answer (a create that timed out may
+//!   still have made its volume), and the bytes its volumes provision, pool by pool, are those the
+//!   node's last heartbeat reports: a volume made or deleted by someone else (another controller
+//!   replica) changes that figure, and the node is asked again until it is listed again.
+//! - ListVolumes pages are cut from the listings without copying a record: a page names a
+//!   listing and a position in it.
+//!
+//! Memory: one record per volume, shared by the listing, the index and the pages.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::storage::engine::{Condition, PoolStatus};
+use crate::storage::id::NodeId;
+use crate::storage::record::VolumeRecord;
+
+/// A listing that disagrees with the node's heartbeat is taken again at most this often: right
+/// after a create the heartbeat lags behind the listing for up to an interval, and asking the
+/// node by name meanwhile is enough.
+pub const RELIST_AFTER: Duration = Duration::from_secs(10);
+
+/// One agent's volumes as it last listed them, sorted by id.
+#[derive(Clone)]
+pub struct Listing {
+    pub at: Instant,
+    pub volumes: Arc<Vec<(VolumeRecord, Condition)>>,
+    /// Sum of the capacities of the node's own (local) volumes, by pool: what its heartbeat
+    /// reports as `provisioned_bytes`. Shared pools are left out: their figure counts volumes a
+    /// node's listing need not hold, and the shared pools' agent is always asked.
+    provisioned: BTreeMap<String, u64>,
+    /// A call to the agent ended without an answer since: it may hold a volume not listed here.
+    unsure: bool,
+}
+
+fn pool_of(r: &VolumeRecord) -> String {
+    r.id.0.pool.as_str().to_string()
+}
+
+impl Listing {
+    fn new(at: Instant, volumes: Vec<(VolumeRecord, Condition)>) -> Listing {
+        let mut listing = Listing {
+            at,
+            volumes: Arc::new(Vec::new()),
+            provisioned: BTreeMap::new(),
+            unsure: false,
+        };
+        for (r, _) in &volumes {
+            listing.provision(r, true);
+        }
+        listing.volumes = Arc::new(volumes);
+        listing
+    }
+
+    /// Counts a local volume in (or out of) its pool's provisioned bytes.
+    fn provision(&mut self, r: &VolumeRecord, add: bool) {
+        if r.id.is_shared() {
+            return;
+        }
+        let bytes = self.provisioned.entry(pool_of(r)).or_insert(0);
+        *bytes = if add {
+            bytes.saturating_add(r.capacity_bytes)
+        } else {
+            bytes.saturating_sub(r.capacity_bytes)
+        };
+    }
+
+    /// Whether the node's heartbeat provisions what this listing holds, local pool by local pool.
+    fn agrees_with(&self, reported: &[PoolStatus]) -> bool {
+        let local = || reported.iter().filter(|p| !p.shared);
+        let listed_pools_reported = self
+            .provisioned
+            .iter()
+            .all(|(pool, bytes)| *bytes == 0 || local().any(|p| p.name.as_str() == pool));
+        listed_pools_reported
+            && local().all(|p| self.provisioned.get(p.name.as_str()).copied().unwrap_or(0) == p.provisioned_bytes)
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    by_agent: HashMap<String, Listing>,
+    /// CSI name → the agent whose listing holds it.
+    names: HashMap<String, Arc<str>>,
+    /// Agents being listed again in the background.
+    relisting: HashSet<String>,
+    /// Per agent, how many creates, deletes and doubts this controller recorded: a listing asked
+    /// for before one of them may miss it, and is stored as unsure.
+    edits: HashMap<String, u64>,
+}
+
+impl Inner {
+    fn edited(&mut self, key: &str) {
+        *self.edits.entry(key.to_string()).or_insert(0) += 1;
+    }
+
+    fn unindex(&mut self, key: &str) {
+        if let Some(old) = self.by_agent.get(key) {
+            for (r, _) in old.volumes.iter() {
+                if self.names.get(&r.name).is_some_and(|k| &**k == key) {
+                    self.names.remove(&r.name);
+                }
+            }
+        }
+    }
+}
+
+/// Every agent's listing, by listing key (the node's name, or the shared pools').
+#[derive(Default)]
+pub struct Listings {
+    inner: Mutex<Inner>,
+}
+
+impl Listings {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where the agent's edits stand: take it before asking for a listing, and give it to
+    /// [`Listings::replace`].
+    pub fn edits(&self, key: &str) -> u64 {
+        self.lock().edits.get(key).copied().unwrap_or(0)
+    }
+
+    /// Stores a complete listing of an agent, asked for when its edits stood at `edits`, in place
+    /// of the one before. An edit since (a create or delete through this controller that the
+    /// answer may or may not show) leaves it unsure.
+    pub fn replace(&self, key: &str, at: Instant, edits: u64, mut volumes: Vec<(VolumeRecord, Condition)>) -> Listing {
+        volumes.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+        let mut listing = Listing::new(at, volumes);
+        let mut inner = self.lock();
+        listing.unsure = inner.edits.get(key).copied().unwrap_or(0) != edits;
+        inner.unindex(key);
+        let shared: Arc<str> = Arc::from(key);
+        for (r, _) in listing.volumes.iter() {
+            inner.names.insert(r.name.clone(), shared.clone());
+        }
+        inner.by_agent.insert(key.to_string(), listing.clone());
+        listing
+    }
+
+    pub fn get(&self, key: &str) -> Option<Listing> {
+        self.lock().by_agent.get(key).cloned()
+    }
+
+    /// A volume this controller created on an agent: its listing (if any) holds it from now on.
+    pub fn add(&self, key: &str, rec: &VolumeRecord) {
+        let mut inner = self.lock();
+        inner.edited(key);
+        let Some(l) = inner.by_agent.get_mut(key) else { return };
+        let volumes = Arc::make_mut(&mut l.volumes);
+        let replaced = match volumes.binary_search_by(|(r, _)| r.id.to_string().cmp(&rec.id.to_string())) {
+            Ok(i) => Some(std::mem::replace(&mut volumes[i].0, rec.clone())),
+            Err(i) => {
+                let healthy = Condition {
+                    abnormal: false,
+                    message: String::new(),
+                };
+                volumes.insert(i, (rec.clone(), healthy));
+                None
+            }
+        };
+        if let Some(old) = replaced {
+            l.provision(&old, false);
+        }
+        l.provision(rec, true);
+        inner.names.insert(rec.name.clone(), Arc::from(key));
+    }
+
+    /// A volume deleted through this controller leaves every listing.
+    pub fn remove(&self, id: &str) {
+        let mut inner = self.lock();
+        let mut gone = Vec::new();
+        for (key, l) in inner.by_agent.iter_mut() {
+            if let Ok(i) = l.volumes.binary_search_by(|(r, _)| r.id.to_string().as_str().cmp(id)) {
+                let (r, _) = Arc::make_mut(&mut l.volumes).remove(i);
+                l.provision(&r, false);
+                gone.push((key.clone(), r.name));
+            }
+        }
+        for (key, name) in gone {
+            inner.names.remove(&name);
+            inner.edited(&key);
+        }
+    }
+
+    /// A call to the agent ended without an answer: until it is listed again, the index does not
+    /// answer for it.
+    pub fn doubt(&self, key: &str) {
+        let mut inner = self.lock();
+        inner.edited(key);
+        if let Some(l) = inner.by_agent.get_mut(key) {
+            l.unsure = true;
+        }
+    }
+
+    /// Whether the index answers for this agent's names: it was listed, nothing is in doubt since,
+    /// and its heartbeat (`reported`; `None`: the agent sends none) agrees with the listing.
+    pub fn whole(&self, key: &str, reported: Option<&[PoolStatus]>) -> bool {
+        let inner = self.lock();
+        match (inner.by_agent.get(key), reported) {
+            (Some(l), Some(pools)) => !l.unsure && l.agrees_with(pools),
+            _ => false,
+        }
+    }
+
+    /// Whether the agent should be listed again (no listing, one in doubt, or one older than
+    /// [`RELIST_AFTER`]) and no one is listing it now; if so, the caller lists it and calls
+    /// [`Listings::relisted`] when done.
+    pub fn start_relisting(&self, key: &str) -> bool {
+        let mut inner = self.lock();
+        let due = inner
+            .by_agent
+            .get(key)
+            .is_none_or(|l| l.unsure || l.at.elapsed() >= RELIST_AFTER);
+        due && inner.relisting.insert(key.to_string())
+    }
+
+    pub fn relisted(&self, key: &str) {
+        self.lock().relisting.remove(key);
+    }
+
+    /// The listed agent holding a volume of this name (its listing key), with its record.
+    pub fn named(&self, name: &str) -> Option<(String, VolumeRecord)> {
+        let inner = self.lock();
+        let key = inner.names.get(name)?;
+        let l = inner.by_agent.get(&**key)?;
+        let (r, _) = l.volumes.iter().find(|(r, _)| r.name == name)?;
+        Some((key.to_string(), r.clone()))
+    }
+
+    /// A volume as last listed, with when its agent was listed.
+    pub fn find(&self, id: &str) -> Option<(VolumeRecord, Instant)> {
+        let inner = self.lock();
+        inner.by_agent.values().find_map(|l| {
+            let i = l
+                .volumes
+                .binary_search_by(|(r, _)| r.id.to_string().as_str().cmp(id))
+                .ok()?;
+            Some((l.volumes[i].0.clone(), l.at))
+        })
+    }
+
+    /// Keeps the listings `keep` says to keep (given the key and the listing).
+    pub fn retain(&self, mut keep: impl FnMut(&str, &Listing) -> bool) {
+        let mut inner = self.lock();
+        let dropped: Vec<String> = inner
+            .by_agent
+            .iter()
+            .filter(|(k, l)| !keep(k, l))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in dropped {
+            inner.unindex(&k);
+            inner.by_agent.remove(&k);
+            inner.edits.remove(&k);
+        }
+    }
+}
+
+/// The volumes of one agent in a ListVolumes answer: its listing, and the condition every one of
+/// them has when the agent could not be reached (else each volume's own).
+pub struct Part {
+    pub node: NodeId,
+    pub volumes: Arc<Vec<(VolumeRecord, Condition)>>,
+    pub condition: Option<Condition>,
+}
+
+/// One volume of a ListVolumes answer: a position in a [`Part`].
+#[derive(Clone)]
+pub struct Listed {
+    part: Arc<Part>,
+    i: u32,
+}
+
+impl Listed {
+    /// Every volume of `parts`, sorted by id.
+    pub fn all(parts: Vec<Part>) -> Vec<Listed> {
+        let mut all = Vec::with_capacity(parts.iter().map(|p| p.volumes.len()).sum());
+        for part in parts {
+            let part = Arc::new(part);
+            for i in 0..part.volumes.len() {
+                all.push(Listed {
+                    part: part.clone(),
+                    i: i as u32,
+                });
+            }
+        }
+        all.sort_by(|a, b| a.record().id.cmp(&b.record().id));
+        all
+    }
+
+    pub fn record(&self) -> &VolumeRecord {
+        &self.part.volumes[self.i as usize].0
+    }
+
+    pub fn condition(&self) -> &Condition {
+        self.part
+            .condition
+            .as_ref()
+            .unwrap_or(&self.part.volumes[self.i as usize].1)
+    }
+
+    pub fn node(&self) -> &NodeId {
+        &self.part.node
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::id::PoolName;
+    use crate::storage::record::{Layout, VolumeMode};
+
+    fn rec(node: &str, name: &str, bytes: u64) -> VolumeRecord {
+        VolumeRecord {
+            version: 1,
+            name: name.into(),
+            id: crate::storage::id::VolumeId::parse(&format!("local:{node}:default:{name}")).expect("volume id"),
+            layout: Layout::Dir,
+            capacity_bytes: bytes,
+            mode: VolumeMode::Filesystem,
+            access_modes: vec![],
+            fs_type: String::new(),
+            parameters: Default::default(),
+            source: None,
+            created_unix_secs: 0,
+            delete_policy: None,
+            compression: None,
+            fs_bytes: 0,
+        }
+    }
+
+    fn ok() -> Condition {
+        Condition {
+            abnormal: false,
+            message: String::new(),
+        }
+    }
+
+    fn reported(provisioned: u64) -> Vec<PoolStatus> {
+        vec![PoolStatus {
+            name: PoolName::parse("default").unwrap(),
+            is_default: true,
+            default_layout: Layout::Dir,
+            layouts: vec![Layout::Dir],
+            total_bytes: 1000,
+            available_bytes: 1000 - provisioned,
+            image_allocatable_bytes: 1000 - provisioned,
+            provisioned_bytes: provisioned,
+            shared: false,
+        }]
+    }
+
+    #[test]
+    fn a_listing_answers_for_names_while_the_heartbeat_agrees() {
+        let l = Listings::default();
+        l.replace(
+            "n1",
+            Instant::now(),
+            l.edits("n1"),
+            vec![(rec("n1", "a", 10), ok()), (rec("n1", "b", 20), ok())],
+        );
+        assert!(l.whole("n1", Some(&reported(30))));
+        assert!(matches!(l.named("b"), Some((k, r)) if k == "n1" && r.capacity_bytes == 20));
+        assert!(l.named("c").is_none());
+        // Someone else made a volume there: the heartbeat provisions more than the listing holds.
+        assert!(!l.whole("n1", Some(&reported(40))));
+        // No heartbeat figures at all (the shared pools' agent): never answered for.
+        assert!(!l.whole("n1", None));
+        assert!(!l.whole("n2", Some(&reported(0))), "never listed");
+    }
+
+    #[test]
+    fn a_shared_pools_figure_does_not_count_against_a_nodes_listing() {
+        let l = Listings::default();
+        l.replace("n1", Instant::now(), l.edits("n1"), vec![(rec("n1", "a", 10), ok())]);
+        let mut pools = reported(10);
+        let mut share = pools[0].clone();
+        share.name = PoolName::parse("nfs").unwrap();
+        share.shared = true;
+        share.provisioned_bytes = 999;
+        pools.push(share);
+        assert!(l.whole("n1", Some(&pools)));
+    }
+
+    #[test]
+    fn own_creates_and_deletes_keep_the_listing_and_the_index_current() {
+        let l = Listings::default();
+        l.replace("n1", Instant::now(), l.edits("n1"), vec![(rec("n1", "a", 10), ok())]);
+        l.add("n1", &rec("n1", "b", 5));
+        assert!(matches!(l.named("b"), Some((k, _)) if k == "n1"));
+        assert!(l.whole("n1", Some(&reported(15))));
+        l.remove("local:n1:default:a");
+        assert!(l.named("a").is_none());
+        assert!(l.whole("n1", Some(&reported(5))));
+        assert_eq!(l.get("n1").unwrap().volumes.len(), 1);
+    }
+
+    #[test]
+    fn a_call_in_doubt_stops_the_index_answering_until_the_node_is_listed_again() {
+        let l = Listings::default();
+        l.replace("n1", Instant::now(), l.edits("n1"), vec![]);
+        l.doubt("n1");
+        assert!(!l.whole("n1", Some(&reported(0))));
+        assert!(l.start_relisting("n1"));
+        assert!(!l.start_relisting("n1"), "one listing at a time");
+        l.replace("n1", Instant::now(), l.edits("n1"), vec![]);
+        l.relisted("n1");
+        assert!(l.whole("n1", Some(&reported(0))));
+        assert!(!l.start_relisting("n1"), "fresh and certain: nothing to do");
+    }
+
+    #[test]
+    fn a_listing_asked_for_before_a_create_is_unsure() {
+        let l = Listings::default();
+        let before = l.edits("n1");
+        l.add("n1", &rec("n1", "a", 1));
+        l.replace("n1", Instant::now(), before, vec![]);
+        assert!(
+            !l.whole("n1", Some(&reported(0))),
+            "the answer may have missed the create"
+        );
+    }
+
+    #[test]
+    fn a_new_listing_drops_the_names_of_the_old_one() {
+        let l = Listings::default();
+        l.replace("n1", Instant::now(), l.edits("n1"), vec![(rec("n1", "a", 1), ok())]);
+        l.replace("n1", Instant::now(), l.edits("n1"), vec![(rec("n1", "b", 1), ok())]);
+        assert!(l.named("a").is_none());
+        assert!(l.named("b").is_some());
+        l.retain(|_, _| false);
+        assert!(l.named("b").is_none());
+    }
+
+    #[test]
+    fn pages_share_the_records_and_come_sorted_by_id() {
+        let parts = vec![
+            Part {
+                node: NodeId::parse("n2").unwrap(),
+                volumes: Arc::new(vec![(rec("n2", "a", 1), ok())]),
+                condition: Some(Condition {
+                    abnormal: true,
+                    message: "cannot be checked".into(),
+                }),
+            },
+            Part {
+                node: NodeId::parse("n1").unwrap(),
+                volumes: Arc::new(vec![(rec("n1", "a", 1), ok()), (rec("n1", "b", 1), ok())]),
+                condition: None,
+            },
+        ];
+        let all = Listed::all(parts);
+        let ids: Vec<String> = all.iter().map(|l| l.record().id.to_string()).collect();
+        assert_eq!(ids, ["local:n1:default:a", "local:n1:default:b", "local:n2:default:a"]);
+        assert!(all[2].condition().abnormal && !all[0].condition().abnormal);
+        assert_eq!(all[2].node().as_str(), "n2");
+    }
+}
