@@ -221,6 +221,11 @@ async fn serve_metrics(
     Ok(MetricsServer(Some((exporter, task))))
 }
 
+/// Resolves once the stop flag is raised (or its sender is gone).
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
 /// A background task that ends with its owner (the metrics listener ends with the role).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -274,6 +279,31 @@ pub struct ControllerRole {
     pub name: String,
     /// Name the CSI 1.13 health RPCs in GetCapabilities (docs/health.md); they are served either way.
     pub advertise_volume_health: bool,
+    /// Issue node certificates (`--enrol-listen`); off when `None`.
+    pub enrolment: Option<ControllerEnrolment>,
+}
+
+/// How the controller issues node certificates (docs/security.md, "Enrolment").
+#[derive(Debug, Clone)]
+pub struct ControllerEnrolment {
+    /// Where nodes enrol (TLS with the controller's certificate; nodes present a token, not a
+    /// certificate).
+    pub listen: SocketAddr,
+    pub kube: crate::agent::enrol::kube::KubeConfig,
+    /// The Secret holding the enrolment CA, made on the first start.
+    pub ca_secret: crate::agent::enrol::ca::SecretRef,
+    pub policy: crate::agent::enrol::EnrolPolicy,
+}
+
+/// How a node obtains its certificate from the controller (`--enrol-token`).
+#[derive(Debug, Clone)]
+pub struct NodeEnrolmentFlags {
+    /// The pod's projected service-account token.
+    pub token_file: PathBuf,
+    /// The controller's enrolment port, on the host of `--controller`.
+    pub port: u16,
+    /// Where the key and certificate are kept.
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -292,12 +322,93 @@ pub struct NodeRole {
     pub socket: server::SocketLimits,
     /// Name the CSI 1.13 health RPCs in GetCapabilities (docs/health.md); they are served either way.
     pub advertise_volume_health: bool,
+    /// Obtain this node's certificate from the controller instead of `--tls-cert`/`--tls-key`.
+    pub enrolment: Option<NodeEnrolmentFlags>,
+}
+
+/// The controller's TLS, and the enrolment service when it issues node certificates: the CA it
+/// signs with comes from (or is made in) its Secret, and the controller trusts it besides the
+/// install CA, so enrolled nodes can register and be dialled.
+async fn controller_tls(
+    o: &ControllerRole,
+) -> Result<(crate::agent::tls::Tls, Option<crate::agent::enrol::EnrolService>), RoleError> {
+    use crate::agent::enrol::{ca, kube::Kube, EnrolService};
+    let Some(e) = &o.enrolment else {
+        return Ok((o.tls.load()?, None));
+    };
+    if o.tls.insecure {
+        return Err(RoleError::Split(
+            "--enrol-listen issues certificates and needs TLS: it cannot be combined with --insecure".into(),
+        ));
+    }
+    let enrolment = |e: String| RoleError::Split(format!("enrolment: {e}"));
+    let kube = Kube::new(&e.kube).map_err(|err| enrolment(err.to_string()))?;
+    let ca = ca::obtain(&kube, &e.ca_secret)
+        .await
+        .map_err(|err| enrolment(err.to_string()))?;
+    let tls = o
+        .tls
+        .options()
+        .load_trusting(Some(ca.certificate_pem().as_bytes()))
+        .map_err(|err| RoleError::Split(err.to_string()))?;
+    let service = EnrolService::new(Arc::new(kube), Arc::new(ca), e.policy.clone());
+    Ok((tls, Some(service)))
+}
+
+/// The node's TLS flags: as given, or the files enrolment keeps, after enrolling when there is no
+/// certificate due later than now; with the task that renews it.
+async fn node_tls(
+    o: &NodeRole,
+    node: &NodeId,
+    controller: &crate::agent::remote::HostPort,
+) -> Result<(TlsFlags, Option<AbortOnDrop>), RoleError> {
+    use crate::agent::enrol::node::NodeEnrolment;
+    let Some(e) = &o.enrolment else {
+        return Ok((o.tls.clone(), None));
+    };
+    if o.tls.insecure || o.tls.cert.is_some() || o.tls.key.is_some() {
+        return Err(RoleError::Split(
+            "--enrol-token: the controller issues this node's certificate; give --tls-ca (the CA of the controller's certificate) without --tls-cert, --tls-key or --insecure".into(),
+        ));
+    }
+    let install_ca = o.tls.ca.clone().ok_or_else(|| {
+        RoleError::Split("--enrol-token needs --tls-ca: the CA that issued the controller's certificate".into())
+    })?;
+    let enrolment = NodeEnrolment {
+        controller: controller.clone(),
+        port: e.port,
+        server_name: controller.bare_host().to_string(),
+        node: node.clone(),
+        token_file: e.token_file.clone(),
+        install_ca,
+        dir: e.dir.clone(),
+        agent_server_name: crate::agent::tls::AGENT_SERVER_NAME.to_string(),
+        timeout: std::time::Duration::from_secs(10),
+    };
+    let renew_at = match enrolment.current() {
+        Some(at) => {
+            tracing::info!(
+                node = node.as_str(),
+                "using this node's certificate from its earlier enrolment"
+            );
+            at
+        }
+        None => enrolment.until_enrolled().await,
+    };
+    let flags = TlsFlags {
+        ca: Some(enrolment.ca_file()),
+        cert: Some(enrolment.identity_file()),
+        key: Some(enrolment.identity_file()),
+        insecure: false,
+    };
+    let renewer = AbortOnDrop(tokio::spawn(enrolment.renew_from(renew_at)));
+    Ok((flags, Some(renewer)))
 }
 
 /// `cellar controller`: Identity + Controller for the sidecars, the registry the nodes report to,
 /// and the shared pools, which it creates and deletes volumes in itself.
 pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
-    let tls = o.tls.load()?;
+    let (tls, enrol) = controller_tls(&o).await?;
     let name = NodeId::parse(&o.name).map_err(|e| RoleError::NodeId(e.0))?;
     let config = load_config(o.config.as_ref(), &o.data_dir)?;
     let socket = server::socket_path(&o.endpoint)?;
@@ -323,21 +434,37 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     let listener = tokio::net::TcpListener::bind(o.agent_listen)
         .await
         .map_err(|e| RoleError::Split(format!("--agent-listen {}: {e}", o.agent_listen)))?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let routes = tonic::service::Routes::new(registry.service());
     // Every node keeps one connection to every replica: room for all of them and a margin.
     let limits = server::SocketLimits {
         max_connections: o.registry.max_nodes + 256,
         ..crate::agent::server::TCP_LIMITS
     };
+    let enrol_server = match enrol {
+        Some(service) => {
+            let listen = o.enrolment.as_ref().map(|e| e.listen).unwrap_or(o.agent_listen);
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| RoleError::Split(format!("--enrol-listen {listen}: {e}")))?;
+            let stop = stop_rx.clone();
+            tracing::info!(enrol_listen = %listen, "issuing node certificates");
+            Some(tokio::spawn(crate::agent::enrol::serve(
+                listener,
+                limits,
+                tls.clone(),
+                service,
+                stopped(stop),
+            )))
+        }
+        None => None,
+    };
     let registry_server = tokio::spawn(crate::agent::server::serve_within(
         listener,
         limits,
         tls,
         routes,
-        async {
-            let _ = stop_rx.await;
-        },
+        stopped(stop_rx),
     ));
     report_pools(&readiness, &engine);
     tracing::info!(agent_listen = %o.agent_listen, socket = %socket.display(), "controller ready");
@@ -355,8 +482,11 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
         .add_service(GroupControllerServer::from_arc(controller))
         .add_service(SnapshotMetadataServer::new(metadata));
     let served = server::serve_until_signal(router, listener, o.socket, &socket, o.tls.rotated()).await;
-    let _ = stop_tx.send(());
+    let _ = stop_tx.send(true);
     let _ = registry_server.await;
+    if let Some(s) = enrol_server {
+        let _ = s.await;
+    }
     drop((metrics, sweeper));
     Ok(served?)
 }
@@ -366,9 +496,10 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
 pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     use crate::agent::heartbeat::{Heartbeat, HeartbeatConfig};
     use crate::agent::remote::HostPort;
-    let tls = o.tls.load()?;
     let node = NodeId::parse(&o.node_id).map_err(|e| RoleError::NodeId(e.0))?;
     let controller = HostPort::parse(&o.controller).map_err(|e| RoleError::Split(format!("--controller: {e}")))?;
+    let (tls_flags, renewer) = node_tls(&o, &node, &controller).await?;
+    let tls = tls_flags.load()?;
     let advertise =
         HostPort::parse(&o.agent_advertise).map_err(|e| RoleError::Split(format!("--agent-advertise: {e}")))?;
     let config = load_config(o.config.as_ref(), &o.data_dir)?;
@@ -440,9 +571,9 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
         .server_builder()
         .add_service(IdentityServer::new(identity))
         .add_service(NodeGrpc::new(NodeServer(Arc::new(node_svc))));
-    let served = server::serve_until_signal(router, listener, o.socket, &socket, o.tls.rotated()).await;
+    let served = server::serve_until_signal(router, listener, o.socket, &socket, tls_flags.rotated()).await;
     let _ = stop_tx.send(());
     let _ = agent_server.await;
-    drop((metrics, heartbeat));
+    drop((metrics, heartbeat, renewer));
     Ok(served?)
 }
