@@ -343,7 +343,7 @@ async fn controller_tls(
     }
     let enrolment = |e: String| RoleError::Split(format!("enrolment: {e}"));
     let kube = Kube::new(&e.kube).map_err(|err| enrolment(err.to_string()))?;
-    let ca = ca::obtain(&kube, &e.ca_secret)
+    let ca = ca::obtain(&kube, &e.ca_secret, &e.policy.agent_server_name)
         .await
         .map_err(|err| enrolment(err.to_string()))?;
     let tls = o

@@ -485,13 +485,28 @@ impl Env {
         node.child = Some(self.spawn(&node.log.clone(), args, envs));
     }
 
-    /// Calls Enrol on a controller directly, as a node would: (the answer, the node's key).
+    /// Calls Enrol on a controller directly, as a node would.
     async fn enrol(&self, controller: &Controller, node: &str, token: &str) -> Result<EnrolResponse, tonic::Status> {
+        self.enrol_with_key(controller, node, token).await.map(|(r, _)| r)
+    }
+
+    /// The same, with the key the certificate is for (PEM).
+    async fn enrol_with_key(
+        &self,
+        controller: &Controller,
+        node: &str,
+        token: &str,
+    ) -> Result<(EnrolResponse, String), tonic::Status> {
         enrol_at(&self.install_ca, controller.enrol, node, token).await
     }
 }
 
-async fn enrol_at(install_ca: &Path, port: u16, node: &str, token: &str) -> Result<EnrolResponse, tonic::Status> {
+async fn enrol_at(
+    install_ca: &Path,
+    port: u16,
+    node: &str,
+    token: &str,
+) -> Result<(EnrolResponse, String), tonic::Status> {
     let ca = std::fs::read(install_ca).expect("ca");
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
@@ -515,7 +530,7 @@ async fn enrol_at(install_ca: &Path, port: u16, node: &str, token: &str) -> Resu
             csr: csr.der().to_vec(),
         })
         .await
-        .map(|r| r.into_inner())
+        .map(|r| (r.into_inner(), key.serialize_pem()))
 }
 
 impl Drop for Env {
@@ -756,7 +771,7 @@ async fn two_controllers_racing_to_make_the_ca_end_with_one() {
 #[tokio::test]
 async fn a_node_renews_its_certificate_before_it_expires() {
     let mut env = Env::new().await;
-    let controller = env.start_controller("controller", &["--enrol-certificate-validity", "15s"]);
+    let controller = env.start_controller("controller", &["--enrol-certificate-validity", "30s"]);
     wait_ready(&controller).await;
     let check = [("CELLAR_TLS_CHECK_SECONDS", "1")];
     let mut node = env.start_node(&controller, "node-1", "token-node-1", &check);
@@ -771,7 +786,7 @@ async fn a_node_renews_its_certificate_before_it_expires() {
             break s;
         }
         assert!(
-            started.elapsed() < Duration::from_secs(30),
+            started.elapsed() < Duration::from_secs(45),
             "the node did not renew\n{}",
             log(&node.log)
         );
@@ -799,4 +814,51 @@ async fn a_node_renews_its_certificate_before_it_expires() {
         log(&node.log)
     );
     assert_eq!(env.api.state().reviews, 2, "no enrolment needed after the restart");
+}
+
+/// A Register call to the controller's registry with an enrolled certificate, claiming `node`.
+async fn register_as(
+    env: &Env,
+    controller: &Controller,
+    answer: &EnrolResponse,
+    key: &str,
+    node: &str,
+) -> Result<(), tonic::Status> {
+    use cellar::agent::wire::v1::{registry_client::RegistryClient, NodeStatus};
+    let mut ca = std::fs::read(&env.install_ca).expect("ca");
+    ca.extend_from_slice(answer.ca.as_bytes());
+    let tls = cellar::agent::tls::Tls::from_pem(&ca, answer.certificate.as_bytes(), key.as_bytes()).expect("tls");
+    let channel = tls
+        .endpoint(&format!("127.0.0.1:{}", controller.registry), "localhost")
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("the registry accepts the enrolled certificate in the handshake");
+    let status = NodeStatus {
+        node_id: node.into(),
+        topology: [("topology.cellar.csi.dev/node".to_string(), node.to_string())].into(),
+        agent_address: "127.0.0.1:1".into(),
+        pools: vec![],
+        version: "test".into(),
+    };
+    RegistryClient::new(channel).register(status).await.map(|_| ())
+}
+
+#[tokio::test]
+async fn an_enrolled_certificate_registers_only_its_own_node() {
+    let mut env = Env::new().await;
+    let controller = env.start_controller("controller", &[]);
+    wait_ready(&controller).await;
+    let (answer, key) = env
+        .enrol_with_key(&controller, "node-1", "token-node-1")
+        .await
+        .expect("node-1 enrols");
+    let e = register_as(&env, &controller, &answer, &key, "node-2")
+        .await
+        .expect_err("node-1's certificate must not register node-2");
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    assert!(e.message().contains("node-2.cellar-agent"), "{}", e.message());
+    register_as(&env, &controller, &answer, &key, "node-1")
+        .await
+        .expect("node-1's certificate registers node-1");
 }

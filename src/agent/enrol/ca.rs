@@ -9,8 +9,8 @@
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, CidrSubnet, DnType, ExtendedKeyUsagePurpose,
+    GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose, NameConstraints, SerialNumber,
 };
 use rustls_pki_types::CertificateSigningRequestDer;
 
@@ -98,12 +98,21 @@ impl std::fmt::Debug for EnrolmentCa {
 }
 
 impl EnrolmentCa {
-    /// A new CA: its certificate and key, PEM.
-    pub fn generate() -> Result<(String, String), CaError> {
+    /// A new CA: its certificate and key, PEM. It can vouch only for names under `nodes_under`
+    /// (`cellar-agent`: the nodes' names) and for no IP address (name constraints, which TLS
+    /// clients enforce), so even its key cannot make a certificate that passes as the controller.
+    pub fn generate(nodes_under: &str) -> Result<(String, String), CaError> {
         let key = KeyPair::generate().map_err(|e| CaError::Sign(e.to_string()))?;
         let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|e| CaError::Sign(e.to_string()))?;
         params.distinguished_name.push(DnType::CommonName, CA_NAME);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.name_constraints = Some(NameConstraints {
+            permitted_subtrees: vec![GeneralSubtree::DnsName(nodes_under.to_string())],
+            excluded_subtrees: vec![
+                GeneralSubtree::IpAddress(CidrSubnet::V4([0; 4], [0; 4])),
+                GeneralSubtree::IpAddress(CidrSubnet::V6([0; 16], [0; 16])),
+            ],
+        });
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let now = SystemTime::now();
         params.not_before = (now - Duration::from_secs(300)).into();
@@ -179,13 +188,13 @@ fn serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-/// The CA in `secret`, made and stored there first if there is none. Safe for replicas racing:
-/// the create that loses reads the one that won.
-pub async fn obtain(kube: &Kube, secret: &SecretRef) -> Result<EnrolmentCa, CaError> {
+/// The CA in `secret`, made and stored there first if there is none (for names under
+/// `nodes_under`). Safe for replicas racing: the create that loses reads the one that won.
+pub async fn obtain(kube: &Kube, secret: &SecretRef, nodes_under: &str) -> Result<EnrolmentCa, CaError> {
     if let Some(data) = kube.secret(&secret.namespace, &secret.name).await? {
         return from_secret(secret, &data);
     }
-    let (cert, key) = EnrolmentCa::generate()?;
+    let (cert, key) = EnrolmentCa::generate(nodes_under)?;
     let data: SecretData = [
         ("tls.crt".to_string(), cert.clone().into_bytes()),
         ("tls.key".to_string(), key.clone().into_bytes()),
@@ -236,7 +245,7 @@ mod tests {
 
     #[test]
     fn a_signed_certificate_names_only_the_node_whatever_the_request_asks() {
-        let (cert, key) = EnrolmentCa::generate().unwrap();
+        let (cert, key) = EnrolmentCa::generate("cellar-agent").unwrap();
         let ca = EnrolmentCa::from_pem(&cert, &key).unwrap();
         let node = NodeId::parse("node-1").unwrap();
         let (der, _) = csr(vec![
@@ -264,7 +273,7 @@ mod tests {
 
     #[test]
     fn a_request_with_a_bad_signature_or_no_request_is_refused() {
-        let (cert, key) = EnrolmentCa::generate().unwrap();
+        let (cert, key) = EnrolmentCa::generate("cellar-agent").unwrap();
         let ca = EnrolmentCa::from_pem(&cert, &key).unwrap();
         let node = NodeId::parse("node-1").unwrap();
         let (mut der, _) = csr(vec!["node-1.cellar-agent".into()]);
@@ -290,6 +299,42 @@ mod tests {
             )
             .unwrap_err();
         assert!(matches!(e, CaError::Csr(_)), "{e}");
+    }
+
+    /// Whether a server certificate for `name`, signed with the CA's key, passes a TLS client
+    /// that trusts the CA (rustls, as every cellar client).
+    fn passes(ca_pem: &str, ca_key: &str, name: &str) -> bool {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+        use tokio_rustls::rustls;
+        use tokio_rustls::rustls::client::danger::ServerCertVerifier;
+        let issuer = Issuer::from_ca_cert_pem(ca_pem, KeyPair::from_pem(ca_key).unwrap()).unwrap();
+        let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let leaf = params.signed_by(&KeyPair::generate().unwrap(), &issuer).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+            .unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(std::sync::Arc::new(roots), provider)
+                .build()
+                .unwrap();
+        let server = ServerName::try_from(name.to_string()).unwrap();
+        verifier
+            .verify_server_cert(leaf.der(), &[], &server, &[], UnixTime::now())
+            .is_ok()
+    }
+
+    #[test]
+    fn even_the_cas_key_cannot_vouch_for_the_controller_or_an_address() {
+        let (cert, key) = EnrolmentCa::generate("cellar-agent").unwrap();
+        assert!(passes(&cert, &key, "node-1.cellar-agent"));
+        assert!(!passes(&cert, &key, "cellar-controller.cellar-system.svc"));
+        assert!(!passes(&cert, &key, "localhost"));
+        assert!(!passes(&cert, &key, "10.96.0.10"));
+        assert!(!passes(&cert, &key, "fd00::10"));
     }
 
     #[test]
