@@ -355,13 +355,13 @@ async fn controller_tls(
     Ok((tls, Some(service)))
 }
 
-/// The node's TLS flags: as given, or the files enrolment keeps, after enrolling when there is no
-/// certificate due later than now; with the task that renews it.
-async fn node_tls(
+/// The node's TLS flags: as given, or the files enrolment keeps, with the enrolment that fills
+/// them (`--enrol-token`).
+fn node_tls(
     o: &NodeRole,
     node: &NodeId,
     controller: &crate::agent::remote::HostPort,
-) -> Result<(TlsFlags, Option<AbortOnDrop>), RoleError> {
+) -> Result<(TlsFlags, Option<crate::agent::enrol::node::NodeEnrolment>), RoleError> {
     use crate::agent::enrol::node::NodeEnrolment;
     let Some(e) = &o.enrolment else {
         return Ok((o.tls.clone(), None));
@@ -385,24 +385,23 @@ async fn node_tls(
         agent_server_name: crate::agent::tls::AGENT_SERVER_NAME.to_string(),
         timeout: std::time::Duration::from_secs(10),
     };
-    let renew_at = match enrolment.current() {
-        Some(at) => {
-            tracing::info!(
-                node = node.as_str(),
-                "using this node's certificate from its earlier enrolment"
-            );
-            at
-        }
-        None => enrolment.until_enrolled().await,
-    };
     let flags = TlsFlags {
         ca: Some(enrolment.ca_file()),
         cert: Some(enrolment.identity_file()),
         key: Some(enrolment.identity_file()),
         insecure: false,
     };
-    let renewer = AbortOnDrop(tokio::spawn(enrolment.renew_from(renew_at)));
-    Ok((flags, Some(renewer)))
+    Ok((flags, Some(enrolment)))
+}
+
+/// The node's identity at start: its TLS ready to use (with the enrolment that renews it, if
+/// any), or an enrolment still to make.
+enum NodeIdentity {
+    Ready(
+        crate::agent::tls::Tls,
+        Option<(crate::agent::enrol::node::NodeEnrolment, std::time::SystemTime)>,
+    ),
+    Pending(crate::agent::enrol::node::NodeEnrolment),
 }
 
 /// `cellar controller`: Identity + Controller for the sidecars, the registry the nodes report to,
@@ -498,8 +497,23 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     use crate::agent::remote::HostPort;
     let node = NodeId::parse(&o.node_id).map_err(|e| RoleError::NodeId(e.0))?;
     let controller = HostPort::parse(&o.controller).map_err(|e| RoleError::Split(format!("--controller: {e}")))?;
-    let (tls_flags, renewer) = node_tls(&o, &node, &controller).await?;
-    let tls = tls_flags.load()?;
+    let (tls_flags, enrolment) = node_tls(&o, &node, &controller)?;
+    // TLS files as given, or a certificate of an earlier enrolment not yet due for renewal, are
+    // loaded now (a bad file stops the start, naming it). A node that must enrol first does so in
+    // the background and serves kubelet meanwhile: its volumes need no controller.
+    let identity = match enrolment {
+        None => NodeIdentity::Ready(tls_flags.load()?, None),
+        Some(e) => match e.current() {
+            Some(at) => {
+                tracing::info!(
+                    node = node.as_str(),
+                    "using this node's certificate from its earlier enrolment"
+                );
+                NodeIdentity::Ready(tls_flags.load()?, Some((e, at)))
+            }
+            None => NodeIdentity::Pending(e),
+        },
+    };
     let advertise =
         HostPort::parse(&o.agent_advertise).map_err(|e| RoleError::Split(format!("--agent-advertise: {e}")))?;
     let config = load_config(o.config.as_ref(), &o.data_dir)?;
@@ -523,23 +537,10 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     let listener = tokio::net::TcpListener::bind(o.agent_listen)
         .await
         .map_err(|e| RoleError::Split(format!("--agent-listen {}: {e}", o.agent_listen)))?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (enrolled_tx, enrolled_rx) = tokio::sync::oneshot::channel::<()>();
     let topology = [(crate::csi::TOPOLOGY_NODE_KEY.to_string(), node.as_str().to_string())].into();
-    // The agent serves only a caller whose certificate names the controller as this node dials it
-    // (the name the node checks on the registry's certificate), which no node certificate carries.
     let beat_config = HeartbeatConfig::new(controller, node.clone(), topology, advertise);
-    let only_controller = tls.callers(&beat_config.server_name);
-    let local: Arc<dyn crate::agent::Agent> = Arc::new(LocalAgent::new(engine.clone()));
-    let agent_service = crate::agent::server::AgentService::over(local.clone())
-        .pulling_with(tls.clone(), crate::agent::remote::Timeouts::default());
-    // Other nodes may read one object each with a grant the controller signed, and call nothing else.
-    let gatekeeper = crate::agent::grant::Gatekeeper::new(node.clone(), tls.clone(), &beat_config.server_name);
-    let routes = tonic::service::Routes::new(agent_service.into_server(only_controller))
-        .add_service(crate::agent::server::TransferService::new(local, gatekeeper).into_server());
-    let agent_server = tokio::spawn(crate::agent::server::serve(listener, tls.clone(), routes, async {
-        let _ = stop_rx.await;
-    }));
-    let beat = Heartbeat::new(beat_config, tls, Arc::new(LocalAgent::new(engine.clone())));
     // Ready while the pools are open and a controller replica acknowledges this node: a node that
     // loses every replica says so (once) and turns unready, and ready again when one answers.
     readiness.expect(
@@ -547,17 +548,61 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
         format!("not registered with the controller {} yet", o.controller),
     );
     report_pools(&readiness, &engine);
-    let heartbeat = {
-        let readiness = readiness.clone();
-        let controller = o.controller.clone();
-        AbortOnDrop(tokio::spawn(async move {
-            let mut beat = beat;
-            loop {
-                let round = beat.beat().await;
-                readiness.set("controller", registration(&controller, &round));
-                tokio::time::sleep(beat.interval()).await;
+    // The agent and the heartbeat, once this node holds its identity; until the stop.
+    let split = {
+        let (readiness, engine, flags) = (readiness.clone(), engine.clone(), tls_flags.clone());
+        let (controller, node) = (o.controller.clone(), node.clone());
+        tokio::spawn(async move {
+            let (tls, renewal) = match identity {
+                NodeIdentity::Ready(tls, renewal) => (tls, renewal),
+                NodeIdentity::Pending(e) => {
+                    let at = tokio::select! {
+                        at = e.until_enrolled() => at,
+                        _ = stopped(stop_rx.clone()) => return,
+                    };
+                    match flags.load() {
+                        Ok(tls) => (tls, Some((e, at))),
+                        Err(err) => {
+                            tracing::error!(error = %err, "the enrolled certificate does not load");
+                            return;
+                        }
+                    }
+                }
+            };
+            let _ = enrolled_tx.send(());
+            let _renewer = renewal.map(|(e, at)| AbortOnDrop(tokio::spawn(e.renew_from(at))));
+            // The agent serves only a caller whose certificate names the controller as this node
+            // dials it (the name the node checks on the registry's certificate), which no node
+            // certificate carries.
+            let only_controller = tls.callers(&beat_config.server_name);
+            let local: Arc<dyn crate::agent::Agent> = Arc::new(LocalAgent::new(engine.clone()));
+            let agent_service = crate::agent::server::AgentService::over(local.clone())
+                .pulling_with(tls.clone(), crate::agent::remote::Timeouts::default());
+            // Other nodes may read one object each with a grant the controller signed, and call
+            // nothing else.
+            let gatekeeper = crate::agent::grant::Gatekeeper::new(node.clone(), tls.clone(), &beat_config.server_name);
+            let routes = tonic::service::Routes::new(agent_service.into_server(only_controller))
+                .add_service(crate::agent::server::TransferService::new(local, gatekeeper).into_server());
+            let agent_server = tokio::spawn(crate::agent::server::serve(
+                listener,
+                tls.clone(),
+                routes,
+                stopped(stop_rx.clone()),
+            ));
+            let mut beat = Heartbeat::new(beat_config, tls, Arc::new(LocalAgent::new(engine)));
+            let beating = async {
+                loop {
+                    let round = beat.beat().await;
+                    readiness.set("controller", registration(&controller, &round));
+                    tokio::time::sleep(beat.interval()).await;
+                }
+            };
+            tokio::select! {
+                _ = beating => {}
+                _ = stopped(stop_rx) => {}
             }
-        }))
+            let _ = agent_server.await;
+        })
     };
     tracing::info!(node = node.as_str(), agent_listen = %o.agent_listen, socket = %socket.display(), "node ready");
     let identity = IdentityService::new(&o.driver_name, readiness.flag());
@@ -571,9 +616,16 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
         .server_builder()
         .add_service(IdentityServer::new(identity))
         .add_service(NodeGrpc::new(NodeServer(Arc::new(node_svc))));
-    let served = server::serve_until_signal(router, listener, o.socket, &socket, tls_flags.rotated()).await;
-    let _ = stop_tx.send(());
-    let _ = agent_server.await;
-    drop((metrics, heartbeat, renewer));
+    // Rotated TLS files (a renewal included) restart the process; watched once there are some.
+    let rotated = async move {
+        match enrolled_rx.await {
+            Ok(()) => tls_flags.rotated().await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let served = server::serve_until_signal(router, listener, o.socket, &socket, rotated).await;
+    let _ = stop_tx.send(true);
+    let _ = split.await;
+    drop(metrics);
     Ok(served?)
 }

@@ -677,6 +677,20 @@ async fn a_token_of_node_1_cannot_enrol_as_node_2() {
     assert!(log(&node.log).contains("PermissionDenied"), "{}", log(&node.log));
     assert!(identity(&node).is_empty(), "no certificate was written");
     assert!(!registered(&controller, "node-2").await);
+    // Meanwhile it serves kubelet (its volumes need no controller), and says it is not ready.
+    let channel = connect_socket(&env.path("node-2.sock")).await;
+    let info = cellar::csi::v1::node_client::NodeClient::new(channel.clone())
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .expect("NodeGetInfo while enrolment is refused")
+        .into_inner();
+    assert_eq!(info.node_id, "node-2");
+    let probe = cellar::csi::v1::identity_client::IdentityClient::new(channel)
+        .probe(ProbeRequest {})
+        .await
+        .expect("Probe")
+        .into_inner();
+    assert_eq!(probe.ready, Some(false), "not ready without a certificate");
     assert!(
         log(&controller.log).contains("enrolment refused"),
         "{}",
