@@ -1845,6 +1845,8 @@ fn enrolment_gives_each_node_a_token_for_cellar_and_the_controller_what_it_check
         let secret = flag(ctl, "enrol-ca-secret").expect("--enrol-ca-secret");
         assert_eq!(secret, format!("{NAMESPACE}/cellar-enrolment-ca"));
         assert_ne!(ctl_pod["automountServiceAccountToken"], Value::Bool(false));
+        let ctl_sa = r.get("ServiceAccount", ctl_pod["serviceAccountName"].as_str().expect("name"));
+        assert_ne!(ctl_sa["automountServiceAccountToken"], Value::Bool(false), "{}", r.set);
         let role = r.get("Role", "cellar-enrolment");
         assert!(seq(&role["rules"])
             .iter()

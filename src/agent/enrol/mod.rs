@@ -197,7 +197,7 @@ impl EnrolService {
     }
 
     /// Checks a request and issues its certificate: the node and its certificate (PEM).
-    pub async fn enrol(&self, req: v1::EnrolRequest) -> Result<(NodeId, String), EnrolError> {
+    pub async fn issue(&self, req: v1::EnrolRequest) -> Result<(NodeId, String), EnrolError> {
         let node = NodeId::parse(&req.node_id).map_err(|e| EnrolError::Invalid(format!("node_id: {}", e.0)))?;
         if req.token.is_empty() {
             return Err(EnrolError::Unauthenticated("the request carries no token".into()));
@@ -235,7 +235,7 @@ impl v1::enrolment_server::Enrolment for EnrolService {
         let peer = req.remote_addr();
         let req = req.into_inner();
         let claimed = crate::csi::status::bounded(&req.node_id).into_owned();
-        match EnrolService::enrol(self, req).await {
+        match self.issue(req).await {
             Ok((node, certificate)) => {
                 tracing::info!(
                     node = node.as_str(),
