@@ -18,13 +18,12 @@ use cellar::agent::enrol::v1::enrolment_client::EnrolmentClient;
 use cellar::agent::enrol::v1::{EnrolRequest, EnrolResponse};
 use cellar::csi::v1::controller_client::ControllerClient;
 use cellar::csi::v1::*;
+use common::certs::Authority;
+use common::cluster::{capacity_on, free_port, node_topology};
 use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use rcgen::{CertificateParams, KeyPair};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{json, Value};
@@ -38,40 +37,6 @@ const CA_SECRET: &str = "cellar-enrolment-ca";
 /// The controller's own service-account token, which the fake API server requires.
 const CONTROLLER_TOKEN: &str = "controller-sa-token";
 const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-// ---- certificates ----
-
-fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, name);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("CA")
-}
-
-/// A leaf for `names` (DNS names or IP addresses): (certificate PEM, key PEM).
-fn leaf(issuer: &CertifiedIssuer<'static, KeyPair>, names: &[&str]) -> (String, String) {
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    for n in names {
-        params.subject_alt_names.push(match n.parse() {
-            Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName((*n).try_into().expect("dns name")),
-        });
-    }
-    params.distinguished_name.push(DnType::CommonName, names[0]);
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    let key = KeyPair::generate().expect("key");
-    let cert = params.signed_by(&key, issuer).expect("sign");
-    (cert.pem(), key.serialize_pem())
-}
 
 fn names(cert_pem: &str, name: &str) -> bool {
     let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("certificate");
@@ -138,12 +103,12 @@ fn user(sa: &str) -> String {
 
 impl FakeApi {
     async fn start(dir: &Path) -> FakeApi {
-        let issuer = ca("fake kube-apiserver CA");
-        let (cert, key) = leaf(&issuer, &["127.0.0.1"]);
+        let issuer = Authority::new("fake kube-apiserver CA");
+        let pair = issuer.issue(&["127.0.0.1"]);
         let ca_file = dir.join("kube-ca.pem");
         std::fs::write(&ca_file, issuer.pem()).expect("kube ca");
-        let chain = vec![CertificateDer::from_pem_slice(cert.as_bytes()).expect("cert")];
-        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("key");
+        let chain = vec![CertificateDer::from_pem_slice(pair.cert.as_bytes()).expect("cert")];
+        let key = PrivateKeyDer::from_pem_slice(pair.key.as_bytes()).expect("key");
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .expect("versions")
@@ -348,12 +313,9 @@ impl Env {
             .expect("tempdir");
         let d = dir.path();
         let api = FakeApi::start(d).await;
-        let issuer = ca("cellar install CA");
+        // The install CA: it signed the controller's certificate (ca.pem, controller.pem/.key).
+        Authority::new("cellar install CA").write(d, &[("controller", &["localhost"])]);
         let install_ca = d.join("ca.pem");
-        std::fs::write(&install_ca, issuer.pem()).expect("ca");
-        let (cert, key) = leaf(&issuer, &["localhost"]);
-        std::fs::write(d.join("controller.pem"), cert).expect("cert");
-        std::fs::write(d.join("controller.key"), key).expect("key");
         std::fs::write(d.join("sa-token"), format!("{CONTROLLER_TOKEN}\n")).expect("token");
         for token in [
             "token-node-1",
@@ -570,21 +532,10 @@ fn stored_ca(api: &FakeApi) -> String {
     String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).expect("base64")).expect("pem")
 }
 
-fn topology(node: &str) -> Topology {
-    Topology {
-        segments: [("topology.cellar.csi.dev/node".to_string(), node.to_string())].into(),
-    }
-}
-
 /// Whether the controller reports capacity on `node` (it registered and heartbeats).
 async fn registered(controller: &Controller, node: &str) -> bool {
     let mut ctl = ControllerClient::new(connect_socket(&controller.socket).await);
-    let r = ctl
-        .get_capacity(GetCapacityRequest {
-            accessible_topology: Some(topology(node)),
-            ..Default::default()
-        })
-        .await;
+    let r = ctl.get_capacity(capacity_on(node)).await;
     matches!(r, Ok(r) if r.get_ref().available_capacity > 0)
 }
 
@@ -637,8 +588,8 @@ async fn a_node_with_no_certificate_enrols_registers_and_is_dialled_as_itself() 
     let mut ctl = ControllerClient::new(connect_socket(&controller.socket).await);
     let mut req = create_req("pvc-enrolled", MIB);
     req.accessibility_requirements = Some(TopologyRequirement {
-        requisite: vec![topology("node-1")],
-        preferred: vec![topology("node-1")],
+        requisite: vec![node_topology("node-1")],
+        preferred: vec![node_topology("node-1")],
     });
     let v = ctl
         .create_volume(req)
