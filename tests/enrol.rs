@@ -827,3 +827,61 @@ async fn an_enrolled_certificate_registers_only_its_own_node() {
         .await
         .expect("node-1's certificate registers node-1");
 }
+
+#[tokio::test]
+async fn enrolled_nodes_pull_a_restore_from_each_other() {
+    let mut env = Env::new().await;
+    let controller = env.start_controller("controller", &[]);
+    wait_ready(&controller).await;
+    let one = env.start_node(&controller, "node-1", "token-node-1", &[]);
+    let two = env.start_node(&controller, "node-2", "token-node-2", &[]);
+    wait_registered(&controller, &one).await;
+    wait_registered(&controller, &two).await;
+    let mut ctl = ControllerClient::new(connect_socket(&controller.socket).await);
+    let on = |node: &str| TopologyRequirement {
+        requisite: vec![node_topology(node)],
+        preferred: vec![node_topology(node)],
+    };
+    let mut req = create_req("pvc-source", MIB);
+    req.accessibility_requirements = Some(on("node-1"));
+    let source = ctl.create_volume(req).await.expect("create on node-1").into_inner();
+    let source = source.volume.expect("volume").volume_id;
+    let snap = ctl
+        .create_snapshot(CreateSnapshotRequest {
+            source_volume_id: source,
+            name: "snap-source".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("snapshot on node-1")
+        .into_inner()
+        .snapshot
+        .expect("snapshot");
+    // node-2 pulls the snapshot from node-1: each checks the other's enrolled certificate.
+    let mut req = create_req("pvc-restored", MIB);
+    req.accessibility_requirements = Some(on("node-2"));
+    req.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(from_snapshot(&snap.snapshot_id)),
+    });
+    let restored = ctl
+        .create_volume(req)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "restore onto node-2: {e:?}\n--- controller\n{}\n--- node-1\n{}\n--- node-2\n{}",
+                log(&controller.log),
+                log(&one.log),
+                log(&two.log)
+            )
+        })
+        .into_inner();
+    assert_eq!(
+        restored.volume.expect("volume").volume_id,
+        "local:node-2:default:pvc-restored"
+    );
+    assert!(
+        log(&one.log).contains("export to another node granted"),
+        "node-1 served node-2 directly, with the controller's grant:\n{}",
+        log(&one.log)
+    );
+}
