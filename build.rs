@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         std::path::PathBuf::from("proto/csi.proto"),
         std::path::PathBuf::from("proto/agent.proto"),
+        std::path::PathBuf::from("proto/enrol.proto"),
     ];
     tonic_prost_build::configure()
         .build_server(true)

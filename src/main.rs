@@ -88,6 +88,8 @@ enum Command {
         tls: TlsArgs,
         #[command(flatten)]
         registry: RegistryArgs,
+        #[command(flatten)]
+        enrol: EnrolArgs,
         /// Serve /metrics (Prometheus), /healthz and /readyz over HTTP on ADDR:PORT, e.g. 0.0.0.0:9811.
         /// Off when absent.
         #[arg(long, value_name = "ADDR:PORT")]
@@ -127,6 +129,8 @@ enum Command {
         agent_advertise: String,
         #[command(flatten)]
         tls: TlsArgs,
+        #[command(flatten)]
+        enrol: NodeEnrolArgs,
         /// Reported to the scheduler in NodeGetInfo; 0 means no limit.
         #[arg(long, default_value_t = 0)]
         max_volumes_per_node: i64,
@@ -240,6 +244,100 @@ impl RegistryArgs {
             return Err("--heartbeat-interval must be at least 50ms".into());
         }
         Ok(config)
+    }
+}
+
+/// Node enrolment, on the controller: issue node certificates (docs/security.md, "Enrolment").
+#[derive(clap::Args)]
+struct EnrolArgs {
+    /// Issue node certificates: nodes enrol on ADDR:PORT (TLS with the controller's certificate),
+    /// presenting their pod's service-account token. Off when absent.
+    #[arg(long, value_name = "ADDR:PORT", requires_all = ["enrol_service_account", "enrol_ca_secret"])]
+    enrol_listen: Option<SocketAddr>,
+    /// The service account whose tokens may enrol, NAMESPACE/NAME (the node DaemonSet's).
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    enrol_service_account: Option<String>,
+    /// The audience the nodes' projected tokens must be issued for.
+    #[arg(long, value_name = "AUDIENCE", default_value = "cellar")]
+    enrol_audience: String,
+    /// The Secret holding the CA that signs node certificates, NAMESPACE/NAME; made on the first
+    /// start when there is none.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    enrol_ca_secret: Option<String>,
+    /// How long an issued node certificate is valid; nodes renew after two thirds of it.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+    enrol_certificate_validity: Duration,
+    /// The Kubernetes API server, https://HOST[:PORT]; default: the pod's
+    /// (KUBERNETES_SERVICE_HOST, KUBERNETES_SERVICE_PORT).
+    #[arg(long, value_name = "URL")]
+    kube_api: Option<String>,
+    /// The controller's service-account token, for the API server.
+    #[arg(long, value_name = "FILE", default_value = cellar::agent::enrol::kube::IN_CLUSTER_TOKEN)]
+    kube_token_file: PathBuf,
+    /// The CA of the API server's certificate.
+    #[arg(long, value_name = "FILE", default_value = cellar::agent::enrol::kube::IN_CLUSTER_CA)]
+    kube_ca_file: PathBuf,
+}
+
+impl EnrolArgs {
+    fn config(self) -> Result<Option<cellar::roles::ControllerEnrolment>, String> {
+        let Some(listen) = self.enrol_listen else {
+            return Ok(None);
+        };
+        let account = self.enrol_service_account.unwrap_or_default();
+        let service_account = cellar::agent::enrol::ServiceAccount::parse(&account)
+            .map_err(|e| format!("--enrol-service-account: {e}"))?;
+        let secret = self.enrol_ca_secret.unwrap_or_default();
+        let ca_secret =
+            cellar::agent::enrol::ca::SecretRef::parse(&secret).map_err(|e| format!("--enrol-ca-secret: {e}"))?;
+        let validity = self.enrol_certificate_validity;
+        if validity < Duration::from_secs(10) || validity > Duration::from_secs(366 * 24 * 3600) {
+            return Err("--enrol-certificate-validity must be between 10s and 366 days".into());
+        }
+        if self.enrol_audience.is_empty() || self.enrol_audience.len() > 253 {
+            return Err("--enrol-audience must be 1 to 253 characters".into());
+        }
+        Ok(Some(cellar::roles::ControllerEnrolment {
+            listen,
+            kube: cellar::agent::enrol::kube::KubeConfig {
+                server: self.kube_api,
+                token_file: self.kube_token_file,
+                ca_file: self.kube_ca_file,
+            },
+            ca_secret,
+            policy: cellar::agent::enrol::EnrolPolicy {
+                audience: self.enrol_audience,
+                service_account,
+                validity,
+                agent_server_name: cellar::agent::tls::AGENT_SERVER_NAME.to_string(),
+            },
+        }))
+    }
+}
+
+/// Node enrolment, on a node: obtain this node's certificate from the controller.
+#[derive(clap::Args)]
+struct NodeEnrolArgs {
+    /// Obtain this node's certificate from the controller, proving the node with this projected
+    /// service-account token (docs/security.md, "Enrolment"). Replaces --tls-cert and --tls-key;
+    /// --tls-ca is the CA of the controller's certificate.
+    #[arg(long, value_name = "FILE")]
+    enrol_token: Option<PathBuf>,
+    /// The controller's enrolment port, on the host of --controller.
+    #[arg(long, value_name = "PORT", default_value_t = 9822)]
+    enrol_port: u16,
+    /// Where the enrolled key and certificate are kept (memory-backed in the chart).
+    #[arg(long, value_name = "DIR", default_value = "/run/cellar/identity")]
+    enrol_dir: PathBuf,
+}
+
+impl NodeEnrolArgs {
+    fn flags(self) -> Option<cellar::roles::NodeEnrolmentFlags> {
+        Some(cellar::roles::NodeEnrolmentFlags {
+            token_file: self.enrol_token?,
+            port: self.enrol_port,
+            dir: self.enrol_dir,
+        })
     }
 }
 
@@ -377,13 +475,16 @@ fn main() -> ExitCode {
             name,
             tls,
             registry,
+            enrol,
             metrics_listen,
             socket,
             advertise_volume_health,
         } => {
             init_logging(cli.log_format);
-            let limits = registry.config().and_then(|r| Ok((r, socket.limits()?)));
-            limits.and_then(|(registry, socket)| {
+            let limits = registry
+                .config()
+                .and_then(|r| Ok((r, socket.limits()?, enrol.config()?)));
+            limits.and_then(|(registry, socket, enrolment)| {
                 let opts = cellar::roles::ControllerRole {
                     registry,
                     socket,
@@ -396,6 +497,7 @@ fn main() -> ExitCode {
                     metrics_listen,
                     name,
                     advertise_volume_health,
+                    enrolment,
                 };
                 runtime
                     .block_on(cellar::roles::controller(opts))
@@ -412,6 +514,7 @@ fn main() -> ExitCode {
             agent_listen,
             agent_advertise,
             tls,
+            enrol,
             max_volumes_per_node,
             metrics_listen,
             socket,
@@ -433,6 +536,7 @@ fn main() -> ExitCode {
                     metrics_listen,
                     socket,
                     advertise_volume_health,
+                    enrolment: enrol.flags(),
                 };
                 runtime.block_on(cellar::roles::node(opts)).map_err(|e| e.to_string())
             })

@@ -221,6 +221,11 @@ async fn serve_metrics(
     Ok(MetricsServer(Some((exporter, task))))
 }
 
+/// Resolves once the stop flag is raised (or its sender is gone).
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
 /// A background task that ends with its owner (the metrics listener ends with the role).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -274,6 +279,31 @@ pub struct ControllerRole {
     pub name: String,
     /// Name the CSI 1.13 health RPCs in GetCapabilities (docs/health.md); they are served either way.
     pub advertise_volume_health: bool,
+    /// Issue node certificates (`--enrol-listen`); off when `None`.
+    pub enrolment: Option<ControllerEnrolment>,
+}
+
+/// How the controller issues node certificates (docs/security.md, "Enrolment").
+#[derive(Debug, Clone)]
+pub struct ControllerEnrolment {
+    /// Where nodes enrol (TLS with the controller's certificate; nodes present a token, not a
+    /// certificate).
+    pub listen: SocketAddr,
+    pub kube: crate::agent::enrol::kube::KubeConfig,
+    /// The Secret holding the enrolment CA, made on the first start.
+    pub ca_secret: crate::agent::enrol::ca::SecretRef,
+    pub policy: crate::agent::enrol::EnrolPolicy,
+}
+
+/// How a node obtains its certificate from the controller (`--enrol-token`).
+#[derive(Debug, Clone)]
+pub struct NodeEnrolmentFlags {
+    /// The pod's projected service-account token.
+    pub token_file: PathBuf,
+    /// The controller's enrolment port, on the host of `--controller`.
+    pub port: u16,
+    /// Where the key and certificate are kept.
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -292,12 +322,92 @@ pub struct NodeRole {
     pub socket: server::SocketLimits,
     /// Name the CSI 1.13 health RPCs in GetCapabilities (docs/health.md); they are served either way.
     pub advertise_volume_health: bool,
+    /// Obtain this node's certificate from the controller instead of `--tls-cert`/`--tls-key`.
+    pub enrolment: Option<NodeEnrolmentFlags>,
+}
+
+/// The controller's TLS, and the enrolment service when it issues node certificates: the CA it
+/// signs with comes from (or is made in) its Secret, and the controller trusts it besides the
+/// install CA, so enrolled nodes can register and be dialled.
+async fn controller_tls(
+    o: &ControllerRole,
+) -> Result<(crate::agent::tls::Tls, Option<crate::agent::enrol::EnrolService>), RoleError> {
+    use crate::agent::enrol::{ca, kube::Kube, EnrolService};
+    let Some(e) = &o.enrolment else {
+        return Ok((o.tls.load()?, None));
+    };
+    if o.tls.insecure {
+        return Err(RoleError::Split(
+            "--enrol-listen issues certificates and needs TLS: it cannot be combined with --insecure".into(),
+        ));
+    }
+    let enrolment = |e: String| RoleError::Split(format!("enrolment: {e}"));
+    let kube = Kube::new(&e.kube).map_err(|err| enrolment(err.to_string()))?;
+    let ca = ca::obtain(&kube, &e.ca_secret, &e.policy.agent_server_name)
+        .await
+        .map_err(|err| enrolment(err.to_string()))?;
+    let tls = o
+        .tls
+        .options()
+        .load_trusting(Some(ca.certificate_pem().as_bytes()))
+        .map_err(|err| RoleError::Split(err.to_string()))?;
+    let service = EnrolService::new(Arc::new(kube), Arc::new(ca), e.policy.clone());
+    Ok((tls, Some(service)))
+}
+
+/// The node's TLS flags: as given, or the files enrolment keeps, with the enrolment that fills
+/// them (`--enrol-token`).
+fn node_tls(
+    o: &NodeRole,
+    node: &NodeId,
+    controller: &crate::agent::remote::HostPort,
+) -> Result<(TlsFlags, Option<crate::agent::enrol::node::NodeEnrolment>), RoleError> {
+    use crate::agent::enrol::node::NodeEnrolment;
+    let Some(e) = &o.enrolment else {
+        return Ok((o.tls.clone(), None));
+    };
+    if o.tls.insecure || o.tls.cert.is_some() || o.tls.key.is_some() {
+        return Err(RoleError::Split(
+            "--enrol-token: the controller issues this node's certificate; give --tls-ca (the CA of the controller's certificate) without --tls-cert, --tls-key or --insecure".into(),
+        ));
+    }
+    let install_ca = o.tls.ca.clone().ok_or_else(|| {
+        RoleError::Split("--enrol-token needs --tls-ca: the CA that issued the controller's certificate".into())
+    })?;
+    let enrolment = NodeEnrolment {
+        controller: controller.clone(),
+        port: e.port,
+        server_name: controller.bare_host().to_string(),
+        node: node.clone(),
+        token_file: e.token_file.clone(),
+        install_ca,
+        dir: e.dir.clone(),
+        agent_server_name: crate::agent::tls::AGENT_SERVER_NAME.to_string(),
+        timeout: std::time::Duration::from_secs(10),
+    };
+    let flags = TlsFlags {
+        ca: Some(enrolment.ca_file()),
+        cert: Some(enrolment.identity_file()),
+        key: Some(enrolment.identity_file()),
+        insecure: false,
+    };
+    Ok((flags, Some(enrolment)))
+}
+
+/// The node's identity at start: its TLS ready to use (with the enrolment that renews it, if
+/// any), or an enrolment still to make.
+enum NodeIdentity {
+    Ready(
+        crate::agent::tls::Tls,
+        Option<(crate::agent::enrol::node::NodeEnrolment, std::time::SystemTime)>,
+    ),
+    Pending(crate::agent::enrol::node::NodeEnrolment),
 }
 
 /// `cellar controller`: Identity + Controller for the sidecars, the registry the nodes report to,
 /// and the shared pools, which it creates and deletes volumes in itself.
 pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
-    let tls = o.tls.load()?;
+    let (tls, enrol) = controller_tls(&o).await?;
     let name = NodeId::parse(&o.name).map_err(|e| RoleError::NodeId(e.0))?;
     let config = load_config(o.config.as_ref(), &o.data_dir)?;
     let socket = server::socket_path(&o.endpoint)?;
@@ -323,21 +433,37 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     let listener = tokio::net::TcpListener::bind(o.agent_listen)
         .await
         .map_err(|e| RoleError::Split(format!("--agent-listen {}: {e}", o.agent_listen)))?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let routes = tonic::service::Routes::new(registry.service());
     // Every node keeps one connection to every replica: room for all of them and a margin.
     let limits = server::SocketLimits {
         max_connections: o.registry.max_nodes + 256,
         ..crate::agent::server::TCP_LIMITS
     };
+    let enrol_server = match enrol {
+        Some(service) => {
+            let listen = o.enrolment.as_ref().map(|e| e.listen).unwrap_or(o.agent_listen);
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| RoleError::Split(format!("--enrol-listen {listen}: {e}")))?;
+            let stop = stop_rx.clone();
+            tracing::info!(enrol_listen = %listen, "issuing node certificates");
+            Some(tokio::spawn(crate::agent::enrol::serve(
+                listener,
+                limits,
+                tls.clone(),
+                service,
+                stopped(stop),
+            )))
+        }
+        None => None,
+    };
     let registry_server = tokio::spawn(crate::agent::server::serve_within(
         listener,
         limits,
         tls,
         routes,
-        async {
-            let _ = stop_rx.await;
-        },
+        stopped(stop_rx),
     ));
     report_pools(&readiness, &engine);
     tracing::info!(agent_listen = %o.agent_listen, socket = %socket.display(), "controller ready");
@@ -355,8 +481,11 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
         .add_service(GroupControllerServer::from_arc(controller))
         .add_service(SnapshotMetadataServer::new(metadata));
     let served = server::serve_until_signal(router, listener, o.socket, &socket, o.tls.rotated()).await;
-    let _ = stop_tx.send(());
+    let _ = stop_tx.send(true);
     let _ = registry_server.await;
+    if let Some(s) = enrol_server {
+        let _ = s.await;
+    }
     drop((metrics, sweeper));
     Ok(served?)
 }
@@ -366,9 +495,25 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
 pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     use crate::agent::heartbeat::{Heartbeat, HeartbeatConfig};
     use crate::agent::remote::HostPort;
-    let tls = o.tls.load()?;
     let node = NodeId::parse(&o.node_id).map_err(|e| RoleError::NodeId(e.0))?;
     let controller = HostPort::parse(&o.controller).map_err(|e| RoleError::Split(format!("--controller: {e}")))?;
+    let (tls_flags, enrolment) = node_tls(&o, &node, &controller)?;
+    // TLS files as given, or a certificate of an earlier enrolment not yet due for renewal, are
+    // loaded now (a bad file stops the start, naming it). A node that must enrol first does so in
+    // the background and serves kubelet meanwhile: its volumes need no controller.
+    let identity = match enrolment {
+        None => NodeIdentity::Ready(tls_flags.load()?, None),
+        Some(e) => match e.current() {
+            Some(at) => {
+                tracing::info!(
+                    node = node.as_str(),
+                    "using this node's certificate from its earlier enrolment"
+                );
+                NodeIdentity::Ready(tls_flags.load()?, Some((e, at)))
+            }
+            None => NodeIdentity::Pending(e),
+        },
+    };
     let advertise =
         HostPort::parse(&o.agent_advertise).map_err(|e| RoleError::Split(format!("--agent-advertise: {e}")))?;
     let config = load_config(o.config.as_ref(), &o.data_dir)?;
@@ -392,23 +537,10 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     let listener = tokio::net::TcpListener::bind(o.agent_listen)
         .await
         .map_err(|e| RoleError::Split(format!("--agent-listen {}: {e}", o.agent_listen)))?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (enrolled_tx, enrolled_rx) = tokio::sync::oneshot::channel::<()>();
     let topology = [(crate::csi::TOPOLOGY_NODE_KEY.to_string(), node.as_str().to_string())].into();
-    // The agent serves only a caller whose certificate names the controller as this node dials it
-    // (the name the node checks on the registry's certificate), which no node certificate carries.
     let beat_config = HeartbeatConfig::new(controller, node.clone(), topology, advertise);
-    let only_controller = tls.callers(&beat_config.server_name);
-    let local: Arc<dyn crate::agent::Agent> = Arc::new(LocalAgent::new(engine.clone()));
-    let agent_service = crate::agent::server::AgentService::over(local.clone())
-        .pulling_with(tls.clone(), crate::agent::remote::Timeouts::default());
-    // Other nodes may read one object each with a grant the controller signed, and call nothing else.
-    let gatekeeper = crate::agent::grant::Gatekeeper::new(node.clone(), tls.clone(), &beat_config.server_name);
-    let routes = tonic::service::Routes::new(agent_service.into_server(only_controller))
-        .add_service(crate::agent::server::TransferService::new(local, gatekeeper).into_server());
-    let agent_server = tokio::spawn(crate::agent::server::serve(listener, tls.clone(), routes, async {
-        let _ = stop_rx.await;
-    }));
-    let beat = Heartbeat::new(beat_config, tls, Arc::new(LocalAgent::new(engine.clone())));
     // Ready while the pools are open and a controller replica acknowledges this node: a node that
     // loses every replica says so (once) and turns unready, and ready again when one answers.
     readiness.expect(
@@ -416,17 +548,61 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
         format!("not registered with the controller {} yet", o.controller),
     );
     report_pools(&readiness, &engine);
-    let heartbeat = {
-        let readiness = readiness.clone();
-        let controller = o.controller.clone();
-        AbortOnDrop(tokio::spawn(async move {
-            let mut beat = beat;
-            loop {
-                let round = beat.beat().await;
-                readiness.set("controller", registration(&controller, &round));
-                tokio::time::sleep(beat.interval()).await;
+    // The agent and the heartbeat, once this node holds its identity; until the stop.
+    let split = {
+        let (readiness, engine, flags) = (readiness.clone(), engine.clone(), tls_flags.clone());
+        let (controller, node) = (o.controller.clone(), node.clone());
+        tokio::spawn(async move {
+            let (tls, renewal) = match identity {
+                NodeIdentity::Ready(tls, renewal) => (tls, renewal),
+                NodeIdentity::Pending(e) => {
+                    let at = tokio::select! {
+                        at = e.until_enrolled() => at,
+                        _ = stopped(stop_rx.clone()) => return,
+                    };
+                    match flags.load() {
+                        Ok(tls) => (tls, Some((e, at))),
+                        Err(err) => {
+                            tracing::error!(error = %err, "the enrolled certificate does not load");
+                            return;
+                        }
+                    }
+                }
+            };
+            let _ = enrolled_tx.send(());
+            let _renewer = renewal.map(|(e, at)| AbortOnDrop(tokio::spawn(e.renew_from(at))));
+            // The agent serves only a caller whose certificate names the controller as this node
+            // dials it (the name the node checks on the registry's certificate), which no node
+            // certificate carries.
+            let only_controller = tls.callers(&beat_config.server_name);
+            let local: Arc<dyn crate::agent::Agent> = Arc::new(LocalAgent::new(engine.clone()));
+            let agent_service = crate::agent::server::AgentService::over(local.clone())
+                .pulling_with(tls.clone(), crate::agent::remote::Timeouts::default());
+            // Other nodes may read one object each with a grant the controller signed, and call
+            // nothing else.
+            let gatekeeper = crate::agent::grant::Gatekeeper::new(node.clone(), tls.clone(), &beat_config.server_name);
+            let routes = tonic::service::Routes::new(agent_service.into_server(only_controller))
+                .add_service(crate::agent::server::TransferService::new(local, gatekeeper).into_server());
+            let agent_server = tokio::spawn(crate::agent::server::serve(
+                listener,
+                tls.clone(),
+                routes,
+                stopped(stop_rx.clone()),
+            ));
+            let mut beat = Heartbeat::new(beat_config, tls, Arc::new(LocalAgent::new(engine)));
+            let beating = async {
+                loop {
+                    let round = beat.beat().await;
+                    readiness.set("controller", registration(&controller, &round));
+                    tokio::time::sleep(beat.interval()).await;
+                }
+            };
+            tokio::select! {
+                _ = beating => {}
+                _ = stopped(stop_rx) => {}
             }
-        }))
+            let _ = agent_server.await;
+        })
     };
     tracing::info!(node = node.as_str(), agent_listen = %o.agent_listen, socket = %socket.display(), "node ready");
     let identity = IdentityService::new(&o.driver_name, readiness.flag());
@@ -440,9 +616,16 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
         .server_builder()
         .add_service(IdentityServer::new(identity))
         .add_service(NodeGrpc::new(NodeServer(Arc::new(node_svc))));
-    let served = server::serve_until_signal(router, listener, o.socket, &socket, o.tls.rotated()).await;
-    let _ = stop_tx.send(());
-    let _ = agent_server.await;
-    drop((metrics, heartbeat));
+    // Rotated TLS files (a renewal included) restart the process; watched once there are some.
+    let rotated = async move {
+        match enrolled_rx.await {
+            Ok(()) => tls_flags.rotated().await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let served = server::serve_until_signal(router, listener, o.socket, &socket, rotated).await;
+    let _ = stop_tx.send(true);
+    let _ = split.await;
+    drop(metrics);
     Ok(served?)
 }

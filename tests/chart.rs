@@ -29,6 +29,7 @@ const VALUE_SETS: &[&str] = &[
     "cert-manager-issuer",
     "kubelet-dir",
     "monitoring",
+    "manual-certificates",
 ];
 /// Kinds defined by CRDs, checked against tests/chart-values/crd-schemas/ (kubernetes-validate
 /// knows only the built-in kinds).
@@ -818,6 +819,14 @@ fn renders_are_stable() {
             "tls.generate=false",
         ],
         &["-f", values_file("cert-manager").to_str().expect("utf-8")],
+        &[
+            "--set",
+            "tls.generate=false",
+            "--set",
+            "enrolment.enabled=true",
+            "--set",
+            "enrolment.certificateValidity=12h",
+        ],
     ] {
         assert!(render(extra) == render(extra), "{extra:?} renders differently twice");
     }
@@ -1112,9 +1121,20 @@ fn pods_find_their_configmap_secrets_and_service_accounts() {
             }
             let cellar = container(pod, "cellar");
             let tls = mount(cellar, "/etc/cellar/tls").expect("TLS mounted");
-            assert!(volume(pod, tls["name"].as_str().expect("name"))["secret"].is_mapping());
-            for (f, file) in [("tls-ca", "ca.crt"), ("tls-cert", "tls.crt"), ("tls-key", "tls.key")] {
-                assert_eq!(flag(cellar, f), Some(format!("/etc/cellar/tls/{file}")));
+            let secret = &volume(pod, tls["name"].as_str().expect("name"))["secret"];
+            assert!(secret.is_mapping());
+            assert_eq!(flag(cellar, "tls-ca"), Some("/etc/cellar/tls/ca.crt".into()));
+            let enrolled = kind == "DaemonSet" && r.value("enrolment.enabled").as_bool().expect("bool");
+            if enrolled {
+                // The node's own key comes from enrolment: it takes only the CA from the Secret.
+                assert_eq!(flag(cellar, "tls-cert"), None, "{}", r.set);
+                assert_eq!(flag(cellar, "tls-key"), None, "{}", r.set);
+                let items: Vec<&Value> = seq(&secret["items"]).iter().map(|i| &i["key"]).collect();
+                assert_eq!(items, [&Value::from("ca.crt")], "{}", r.set);
+            } else {
+                for (f, file) in [("tls-cert", "tls.crt"), ("tls-key", "tls.key")] {
+                    assert_eq!(flag(cellar, f), Some(format!("/etc/cellar/tls/{file}")), "{}", r.set);
+                }
             }
         }
         assert!(
@@ -1138,12 +1158,30 @@ fn rbac_grants_what_the_sidecars_use_and_nothing_of_attach_or_secrets() {
             }
         }
         let mut granted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let enrolment = r.value("enrolment.enabled").as_bool().expect("bool");
         for role in r.all("ClusterRole").into_iter().chain(r.all("Role")) {
             for rule in seq(&role["rules"]) {
+                let verbs: Vec<&str> = seq(&rule["verbs"]).iter().filter_map(|v| v.as_str()).collect();
                 for res in seq(&rule["resources"]) {
                     let res = res.as_str().expect("resource").to_owned();
+                    if res == "secrets" {
+                        // Only enrolment, in the release's namespace: its CA Secret read by name,
+                        // and created (a create cannot name its object); never listed or changed.
+                        assert!(enrolment, "{}: secrets granted without enrolment", r.set);
+                        assert_eq!(role["kind"], "Role", "{}: secrets granted cluster-wide", r.set);
+                        match verbs.as_slice() {
+                            ["get"] => assert_eq!(
+                                seq(&rule["resourceNames"]),
+                                &[Value::from("cellar-enrolment-ca")],
+                                "{}: secrets read beyond the enrolment CA",
+                                r.set
+                            ),
+                            ["create"] => {}
+                            other => panic!("{}: secrets {other:?} granted", r.set),
+                        }
+                    }
                     assert!(
-                        !matches!(res.as_str(), "secrets" | "volumeattachments" | "*"),
+                        !matches!(res.as_str(), "volumeattachments" | "*"),
                         "{}: {res} granted",
                         r.set
                     );
@@ -1165,6 +1203,7 @@ fn rbac_grants_what_the_sidecars_use_and_nothing_of_attach_or_secrets() {
         ] {
             assert!(has(res, verb), "{}: {verb} {res} missing", r.set);
         }
+        assert_eq!(has("tokenreviews", "create"), enrolment, "{}", r.set);
         assert_eq!(has("volumesnapshotcontents/status", "update"), snapshots, "{}", r.set);
         let groups = snapshots && r.value("snapshots.groups").as_bool().unwrap_or(false);
         assert_eq!(has("volumegroupsnapshotcontents/status", "update"), groups, "{}", r.set);
@@ -1727,8 +1766,99 @@ fn controller_args(extra: &[&str]) -> Vec<String> {
 #[test]
 fn require_node_certificates_reaches_the_controller_only_when_asked() {
     let flag = "--require-node-certificates".to_owned();
-    assert!(!controller_args(&[]).contains(&flag), "off by default");
-    assert!(controller_args(&["--set", "controller.requireNodeCertificates=true"]).contains(&flag));
+    assert!(
+        controller_args(&[]).contains(&flag),
+        "on by default: every node enrols for a certificate of its own"
+    );
+    let upgrading = ["--set", "enrolment.requireNodeCertificates=false"];
+    assert!(
+        !controller_args(&upgrading).contains(&flag),
+        "off while nodes move to enrolment"
+    );
+    let manual = ["--set", "enrolment.enabled=false"];
+    assert!(!controller_args(&manual).contains(&flag), "off without enrolment");
+    assert!(controller_args(&[
+        "--set",
+        "enrolment.enabled=false",
+        "--set",
+        "controller.requireNodeCertificates=true"
+    ])
+    .contains(&flag));
+}
+
+/// Enrolment from the chart with no manual step: the node plugin gets a projected token for
+/// cellar alone and a memory-backed directory for its key; the controller reviews tokens of that
+/// very service account, for that audience, and keeps its CA in the Secret its Role names; both
+/// meet on the Service's enrol port.
+#[test]
+fn enrolment_gives_each_node_a_token_for_cellar_and_the_controller_what_it_checks() {
+    for r in renderings() {
+        let dep = r.get("Deployment", "cellar-controller");
+        let ds = r.get("DaemonSet", "cellar-node");
+        let (ctl_pod, node_pod) = (&dep["spec"]["template"]["spec"], &ds["spec"]["template"]["spec"]);
+        let (ctl, node) = (container(ctl_pod, "cellar"), container(node_pod, "cellar"));
+        if !r.value("enrolment.enabled").as_bool().expect("bool") {
+            assert_eq!(flag(ctl, "enrol-listen"), None, "{}", r.set);
+            assert_eq!(flag(node, "enrol-token"), None, "{}", r.set);
+            assert!(r.find("Role", "cellar-enrolment").is_none(), "{}", r.set);
+            continue;
+        }
+        let enrol = r.value("enrolment.port").as_u64().expect("port");
+        assert_eq!(flag(ctl, "enrol-listen"), Some(format!("0.0.0.0:{enrol}")), "{}", r.set);
+        assert_eq!(flag(node, "enrol-port"), Some(enrol.to_string()));
+        assert_eq!(port(ctl, "enrol"), enrol);
+        let svc = r.get("Service", "cellar-controller");
+        assert!(
+            seq(&svc["spec"]["ports"])
+                .iter()
+                .any(|p| p["name"] == "enrol" && p["port"].as_u64() == Some(enrol) && p["targetPort"] == "enrol"),
+            "{}: the Service has no enrol port",
+            r.set
+        );
+        // The token: a projected volume of the node's service account, for the controller's
+        // audience, at the path the node reads.
+        let token = flag(node, "enrol-token").expect("--enrol-token");
+        let dir = token.strip_suffix("/token").expect("a file named token");
+        let m = mount(node, dir).expect("the token's directory is mounted");
+        let projected = &volume(node_pod, m["name"].as_str().expect("name"))["projected"];
+        let sat = &seq(&projected["sources"])[0]["serviceAccountToken"];
+        assert_eq!(sat["path"], "token");
+        assert_eq!(
+            Some(sat["audience"].as_str().expect("audience").to_owned()),
+            flag(ctl, "enrol-audience")
+        );
+        assert_eq!(sat["expirationSeconds"], *r.value("enrolment.tokenExpirationSeconds"));
+        let node_sa = node_pod["serviceAccountName"].as_str().expect("service account");
+        assert_eq!(
+            flag(ctl, "enrol-service-account"),
+            Some(format!("{NAMESPACE}/{node_sa}")),
+            "{}",
+            r.set
+        );
+        // The node's key: in memory, not on the host.
+        let identity = flag(node, "enrol-dir").expect("--enrol-dir");
+        let m = mount(node, &identity).expect("the identity directory is mounted");
+        let v = volume(node_pod, m["name"].as_str().expect("name"));
+        assert_eq!(v["emptyDir"]["medium"], "Memory", "{}", r.set);
+        // The controller's CA Secret is the one its Role reads, in its namespace; its own API
+        // token is mounted (it calls TokenReview).
+        let secret = flag(ctl, "enrol-ca-secret").expect("--enrol-ca-secret");
+        assert_eq!(secret, format!("{NAMESPACE}/cellar-enrolment-ca"));
+        assert_ne!(ctl_pod["automountServiceAccountToken"], Value::Bool(false));
+        let ctl_sa = r.get("ServiceAccount", ctl_pod["serviceAccountName"].as_str().expect("name"));
+        assert_ne!(ctl_sa["automountServiceAccountToken"], Value::Bool(false), "{}", r.set);
+        let role = r.get("Role", "cellar-enrolment");
+        assert!(seq(&role["rules"])
+            .iter()
+            .any(|rule| seq(&rule["resourceNames"]).contains(&Value::from("cellar-enrolment-ca"))));
+        let binding = r.get("RoleBinding", "cellar-enrolment");
+        assert_eq!(seq(&binding["subjects"])[0]["name"], ctl_pod["serviceAccountName"]);
+        assert!(
+            r.find("Secret", "cellar-enrolment-ca").is_none(),
+            "{}: the CA is the controller's to make, never rendered",
+            r.set
+        );
+    }
 }
 
 // ---- changed block tracking (docs/cbt.md) ----

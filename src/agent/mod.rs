@@ -1,6 +1,7 @@
 //! The storage calls the controller makes on a node, as one trait. All-in-one holds the in-process
 //! implementation ([`LocalAgent`]); split mode holds a remote client. The controller never knows which.
 
+pub mod enrol;
 pub mod grant;
 pub mod heartbeat;
 pub mod registry;

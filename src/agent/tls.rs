@@ -73,11 +73,23 @@ pub struct TlsOptions {
 impl TlsOptions {
     /// Reads and checks the PEM files, so a bad file fails at startup naming its path.
     pub fn load(&self) -> Result<Tls, TlsError> {
+        self.load_trusting(None)
+    }
+
+    /// The same, trusting the certificates of `extra_ca` (PEM) besides the CA file's: the
+    /// controller also trusts the CA that signs enrolled nodes' certificates.
+    pub fn load_trusting(&self, extra_ca: Option<&[u8]>) -> Result<Tls, TlsError> {
         match (&self.ca, &self.cert, &self.key, self.insecure) {
             (None, None, None, true) => Ok(Tls::Insecure),
             (_, _, _, true) => Err(TlsError::Conflict),
             (Some(ca), Some(cert), Some(key), false) => {
-                let ca_pem = read("CA file", ca)?;
+                let mut ca_pem = read("CA file", ca)?;
+                if let Some(extra) = extra_ca {
+                    if !ca_pem.ends_with(b"\n") {
+                        ca_pem.push(b'\n');
+                    }
+                    ca_pem.extend_from_slice(extra);
+                }
                 let cert_pem = read("certificate file", cert)?;
                 let key_pem = read("key file", key)?;
                 check_certs("CA file", ca, &ca_pem)?;
@@ -267,11 +279,20 @@ impl Tls {
     pub fn server_config(&self) -> Option<ServerTlsConfig> {
         match self {
             Tls::Insecure => None,
+            Tls::Mutual(m) => self
+                .server_only_config()
+                .map(|c| c.client_ca_root(m.ca.clone()).client_auth_optional(false)),
+        }
+    }
+
+    /// Server side for callers that have no certificate yet (node enrolment): present ours, ask
+    /// for none.
+    pub fn server_only_config(&self) -> Option<ServerTlsConfig> {
+        match self {
+            Tls::Insecure => None,
             Tls::Mutual(m) => Some(
                 ServerTlsConfig::new()
                     .identity(m.identity.clone())
-                    .client_ca_root(m.ca.clone())
-                    .client_auth_optional(false)
                     .timeout(HANDSHAKE_TIMEOUT),
             ),
         }

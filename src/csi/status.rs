@@ -149,6 +149,22 @@ impl From<crate::controller::ControllerError> for Status {
     }
 }
 
+impl From<crate::agent::enrol::EnrolError> for Status {
+    fn from(e: crate::agent::enrol::EnrolError) -> Status {
+        use crate::agent::enrol::ca::CaError;
+        use crate::agent::enrol::EnrolError as E;
+        let code = match &e {
+            E::Invalid(_) | E::Ca(CaError::Csr(_)) => Code::InvalidArgument,
+            E::Unauthenticated(_) => Code::Unauthenticated,
+            E::Denied(_) => Code::PermissionDenied,
+            // The API server could not answer (or refused the controller itself): retry later.
+            E::Api(_) | E::Busy(_) => Code::Unavailable,
+            E::Ca(_) => Code::Internal,
+        };
+        Status::new(code, bounded(&e.to_string()).into_owned())
+    }
+}
+
 /// The longest message a status carries: an echoed input (a 64 KiB volume id or path) is cut.
 pub const MAX_MESSAGE: usize = 1024;
 

@@ -163,6 +163,21 @@ prometheus.io/path: /metrics
 - --tls-key=/etc/cellar/tls/tls.key
 {{- end -}}
 
+{{/* The Secret in which the controller keeps the CA it signs node certificates with (enrolment). */}}
+{{- define "cellar.enrolmentSecretName" -}}{{ include "cellar.fullname" . }}-enrolment-ca{{- end -}}
+
+{{/* The audience of the nodes' projected tokens: only cellar's controller accepts them. */}}
+{{- define "cellar.enrolmentAudience" -}}cellar{{- end -}}
+
+{{/* Where the node plugin finds its projected token and keeps its enrolled certificate. */}}
+{{- define "cellar.enrolmentTokenDir" -}}/var/run/secrets/cellar{{- end -}}
+{{- define "cellar.enrolmentDir" -}}/run/cellar/identity{{- end -}}
+
+{{/* Whether the controller refuses the nodes' shared certificate. */}}
+{{- define "cellar.requireNodeCertificates" -}}
+{{- or .Values.controller.requireNodeCertificates (and .Values.enrolment.enabled .Values.enrolment.requireNodeCertificates) -}}
+{{- end -}}
+
 {{- define "cellar.sidecarSecurityContext" -}}
 allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true

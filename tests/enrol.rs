@@ -1,0 +1,887 @@
+//! Node enrolment end to end: the real `cellar controller` and `cellar node` binaries, and a fake
+//! Kubernetes API server (HTTPS on loopback) that answers TokenReviews for fixed tokens and keeps
+//! Secrets in memory. A node with no certificate of its own enrols with a token of its pod, then
+//! registers, heartbeats and is dialled as itself; tokens that are not a node pod's own are
+//! refused, saying why; two controllers racing to make the CA end with one; a node renews its
+//! certificate before it expires.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use cellar::agent::enrol::v1::enrolment_client::EnrolmentClient;
+use cellar::agent::enrol::v1::{EnrolRequest, EnrolResponse};
+use cellar::csi::v1::controller_client::ControllerClient;
+use cellar::csi::v1::*;
+use common::certs::Authority;
+use common::cluster::{capacity_on, free_port, node_topology};
+use common::*;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use rcgen::{CertificateParams, KeyPair};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::{json, Value};
+use tokio_rustls::rustls;
+use tonic::transport::{Certificate, ClientTlsConfig};
+use tonic::Code;
+
+const NAMESPACE: &str = "cellar-system";
+const NODE_SA: &str = "cellar-node";
+const CA_SECRET: &str = "cellar-enrolment-ca";
+/// The controller's own service-account token, which the fake API server requires.
+const CONTROLLER_TOKEN: &str = "controller-sa-token";
+const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+
+fn names(cert_pem: &str, name: &str) -> bool {
+    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("certificate");
+    cellar::agent::tls::certificate_names(&cert, name)
+}
+
+/// Whether `cert_pem` was signed by the CA `ca_pem`: its issuer is that CA's subject and the
+/// signature checks with the CA's key (openssl does the check).
+fn signed_by(cert_pem: &str, ca_pem: &str) -> bool {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("ca.pem"), ca_pem).expect("ca");
+    std::fs::write(dir.path().join("leaf.pem"), cert_pem).expect("leaf");
+    let out = Command::new("openssl")
+        .args(["verify", "-partial_chain", "-CAfile"])
+        .arg(dir.path().join("ca.pem"))
+        .arg(dir.path().join("leaf.pem"))
+        .output()
+        .expect("openssl is needed by this test (apt-get install openssl)");
+    out.status.success()
+}
+
+fn not_after(cert_pem: &str) -> SystemTime {
+    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("certificate");
+    let (_, parsed) = x509_parser::parse_x509_certificate(&cert).expect("x509");
+    SystemTime::UNIX_EPOCH + Duration::from_secs(parsed.validity().not_after.timestamp() as u64)
+}
+
+// ---- the fake Kubernetes API server ----
+
+/// What the API server knows and has seen.
+#[derive(Default)]
+struct ApiState {
+    /// token → (service account user name, node name, audiences it was issued for); a token
+    /// absent here is not authenticated.
+    tokens: BTreeMap<String, (String, Option<String>, Vec<String>)>,
+    /// Tokens that were valid once and have expired.
+    expired: Vec<String>,
+    secrets: BTreeMap<String, Value>,
+    reviews: usize,
+    secret_creates: usize,
+    secret_conflicts: usize,
+    /// A GET of an absent Secret waits until this many have arrived (or 10 s): replicas racing
+    /// all find it absent before any of them creates it.
+    absent_reads_to_hold: usize,
+    absent_reads: usize,
+}
+
+struct FakeApi {
+    addr: SocketAddr,
+    ca_file: PathBuf,
+    state: Arc<Mutex<ApiState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn user(sa: &str) -> String {
+    format!("system:serviceaccount:{NAMESPACE}:{sa}")
+}
+
+impl FakeApi {
+    async fn start(dir: &Path) -> FakeApi {
+        let issuer = Authority::new("fake kube-apiserver CA");
+        let pair = issuer.issue(&["127.0.0.1"]);
+        let ca_file = dir.join("kube-ca.pem");
+        std::fs::write(&ca_file, issuer.pem()).expect("kube ca");
+        let chain = vec![CertificateDer::from_pem_slice(pair.cert.as_bytes()).expect("cert")];
+        let key = PrivateKeyDer::from_pem_slice(pair.key.as_bytes()).expect("key");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut state = ApiState::default();
+        let audiences = vec!["cellar".to_string()];
+        for (token, sa, node) in [
+            ("token-node-1", NODE_SA, Some("node-1")),
+            ("token-node-2", NODE_SA, Some("node-2")),
+            ("token-other-sa", "default", Some("node-1")),
+            ("token-no-node", NODE_SA, None),
+        ] {
+            state
+                .tokens
+                .insert(token.into(), (user(sa), node.map(Into::into), audiences.clone()));
+        }
+        state.tokens.insert(
+            "token-for-the-api-server".into(),
+            (
+                user(NODE_SA),
+                Some("node-1".into()),
+                vec!["https://kubernetes.default.svc".into()],
+            ),
+        );
+        state.expired.push("token-expired".into());
+        let state = Arc::new(Mutex::new(state));
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, state) = (acceptor.clone(), shared.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let service = hyper::service::service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, std::convert::Infallible>(answer(req, state).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+        });
+        FakeApi {
+            addr,
+            ca_file,
+            state,
+            task,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, ApiState> {
+        self.state.lock().expect("state")
+    }
+}
+
+fn reply(code: u16, body: Value) -> hyper::Response<Full<Bytes>> {
+    hyper::Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("response")
+}
+
+fn status(code: u16, message: &str) -> hyper::Response<Full<Bytes>> {
+    reply(
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "code": code}),
+    )
+}
+
+/// The API server's answer, as Kubernetes gives it for the calls cellar makes.
+async fn answer(
+    req: hyper::Request<hyper::body::Incoming>,
+    state: Arc<Mutex<ApiState>>,
+) -> hyper::Response<Full<Bytes>> {
+    let bearer = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if bearer.as_deref() != Some(&format!("Bearer {CONTROLLER_TOKEN}")) {
+        return status(401, "Unauthorized");
+    }
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let secrets = format!("/api/v1/namespaces/{NAMESPACE}/secrets");
+    match (method.as_str(), path.as_str()) {
+        ("POST", "/apis/authentication.k8s.io/v1/tokenreviews") => {
+            let token = body["spec"]["token"].as_str().unwrap_or_default().to_string();
+            let wanted: Vec<String> = serde_json::from_value(body["spec"]["audiences"].clone()).unwrap_or_default();
+            let mut s = state.lock().expect("state");
+            s.reviews += 1;
+            let status = match s.tokens.get(&token) {
+                Some((user, node, audiences)) => {
+                    let valid: Vec<&String> = wanted.iter().filter(|a| audiences.contains(a)).collect();
+                    if valid.is_empty() {
+                        json!({"authenticated": false, "error": "[invalid bearer token, token audiences [\"https://kubernetes.default.svc\"] is invalid for the target audiences [\"cellar\"]]"})
+                    } else {
+                        let mut extra = serde_json::Map::new();
+                        extra.insert(
+                            "authentication.kubernetes.io/pod-name".into(),
+                            json!(["cellar-node-x1"]),
+                        );
+                        if let Some(n) = node {
+                            extra.insert(NODE_NAME_EXTRA.into(), json!([n]));
+                        }
+                        json!({"authenticated": true, "audiences": valid, "user": {"username": user, "uid": "u", "groups": ["system:serviceaccounts"], "extra": extra}})
+                    }
+                }
+                None if s.expired.contains(&token) => {
+                    json!({"authenticated": false, "error": "[invalid bearer token, service account token has expired]"})
+                }
+                None => {
+                    json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"})
+                }
+            };
+            reply(
+                201,
+                json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {}, "status": status}),
+            )
+        }
+        ("GET", p) if p.starts_with(&format!("{secrets}/")) => {
+            let name = p.rsplit('/').next().unwrap_or_default().to_string();
+            let hold = {
+                let mut s = state.lock().expect("state");
+                if let Some(secret) = s.secrets.get(&name) {
+                    return reply(200, secret.clone());
+                }
+                s.absent_reads += 1;
+                s.absent_reads_to_hold
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while state.lock().expect("state").absent_reads < hold && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            status(404, &format!("secrets \"{name}\" not found"))
+        }
+        ("POST", p) if p == secrets => {
+            let name = body["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            let mut s = state.lock().expect("state");
+            s.secret_creates += 1;
+            if s.secrets.contains_key(&name) {
+                s.secret_conflicts += 1;
+                return status(409, &format!("secrets \"{name}\" already exists"));
+            }
+            s.secrets.insert(name, body.clone());
+            reply(201, body)
+        }
+        _ => status(404, "the server could not find the requested resource"),
+    }
+}
+
+// ---- the processes ----
+
+struct Env {
+    dir: tempfile::TempDir,
+    api: FakeApi,
+    /// The install CA: it signed the controller's certificate.
+    install_ca: PathBuf,
+    children: Vec<Child>,
+}
+
+struct Controller {
+    registry: u16,
+    enrol: u16,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+struct Node {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+    identity_dir: PathBuf,
+}
+
+impl Env {
+    async fn new() -> Env {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("cellar-test-enrol-")
+            .tempdir()
+            .expect("tempdir");
+        let d = dir.path();
+        let api = FakeApi::start(d).await;
+        // The install CA: it signed the controller's certificate (ca.pem, controller.pem/.key).
+        Authority::new("cellar install CA").write(d, &[("controller", &["localhost"])]);
+        let install_ca = d.join("ca.pem");
+        std::fs::write(d.join("sa-token"), format!("{CONTROLLER_TOKEN}\n")).expect("token");
+        for token in [
+            "token-node-1",
+            "token-node-2",
+            "token-expired",
+            "token-other-sa",
+            "token-no-node",
+        ] {
+            std::fs::write(d.join(token), token).expect("token");
+        }
+        Env {
+            dir,
+            api,
+            install_ca,
+            children: Vec::new(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn spawn(&mut self, log: &Path, args: Vec<String>, envs: &[(&str, &str)]) -> Child {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log");
+        Command::new(bin())
+            .args(args)
+            .env("CELLAR_LOG", "info")
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn")
+    }
+
+    fn controller_args(&self, name: &str, registry: u16, enrol: u16, extra: &[&str]) -> Vec<String> {
+        let d = self.dir.path();
+        let mut args: Vec<String> = vec![
+            "controller".into(),
+            "--endpoint".into(),
+            format!("unix://{}", d.join(format!("{name}.sock")).display()),
+            "--agent-listen".into(),
+            format!("127.0.0.1:{registry}"),
+            "--data-dir".into(),
+            d.join(name).display().to_string(),
+            "--tls-ca".into(),
+            self.install_ca.display().to_string(),
+            "--tls-cert".into(),
+            d.join("controller.pem").display().to_string(),
+            "--tls-key".into(),
+            d.join("controller.key").display().to_string(),
+            "--enrol-listen".into(),
+            format!("127.0.0.1:{enrol}"),
+            "--enrol-service-account".into(),
+            format!("{NAMESPACE}/{NODE_SA}"),
+            "--enrol-ca-secret".into(),
+            format!("{NAMESPACE}/{CA_SECRET}"),
+            "--kube-api".into(),
+            self.api.url(),
+            "--kube-token-file".into(),
+            d.join("sa-token").display().to_string(),
+            "--kube-ca-file".into(),
+            self.api.ca_file.display().to_string(),
+            "--heartbeat-interval".into(),
+            "1s".into(),
+            // Every node must hold its own certificate: the enrolled one.
+            "--require-node-certificates".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    }
+
+    fn start_controller(&mut self, name: &str, extra: &[&str]) -> Controller {
+        let (registry, enrol) = (free_port(), free_port());
+        let log = self.path(&format!("{name}.log"));
+        let args = self.controller_args(name, registry, enrol, extra);
+        let child = self.spawn(&log, args, &[]);
+        self.children.push(child);
+        Controller {
+            registry,
+            enrol,
+            socket: self.path(&format!("{name}.sock")),
+            log,
+        }
+    }
+
+    /// A node of `controller` named `name`, enrolling with the token file `token`.
+    fn start_node(&mut self, controller: &Controller, name: &str, token: &str, envs: &[(&str, &str)]) -> Node {
+        let mut node = Node {
+            name: name.into(),
+            child: None,
+            log: self.path(&format!("{name}.log")),
+            identity_dir: self.path(&format!("{name}-identity")),
+        };
+        self.restart_node(controller, &mut node, token, envs);
+        node
+    }
+
+    fn restart_node(&mut self, controller: &Controller, node: &mut Node, token: &str, envs: &[(&str, &str)]) {
+        let d = self.dir.path().to_path_buf();
+        let port = free_port();
+        let args: Vec<String> = vec![
+            "node".into(),
+            "--endpoint".into(),
+            format!("unix://{}", d.join(format!("{}.sock", node.name)).display()),
+            "--node-id".into(),
+            node.name.clone(),
+            "--data-dir".into(),
+            d.join(&node.name).display().to_string(),
+            "--controller".into(),
+            format!("localhost:{}", controller.registry),
+            "--agent-listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--agent-advertise".into(),
+            format!("127.0.0.1:{port}"),
+            "--tls-ca".into(),
+            self.install_ca.display().to_string(),
+            "--enrol-token".into(),
+            d.join(token).display().to_string(),
+            "--enrol-port".into(),
+            controller.enrol.to_string(),
+            "--enrol-dir".into(),
+            node.identity_dir.display().to_string(),
+        ];
+        node.child = Some(self.spawn(&node.log.clone(), args, envs));
+    }
+
+    /// Calls Enrol on a controller directly, as a node would.
+    async fn enrol(&self, controller: &Controller, node: &str, token: &str) -> Result<EnrolResponse, tonic::Status> {
+        self.enrol_with_key(controller, node, token).await.map(|(r, _)| r)
+    }
+
+    /// The same, with the key the certificate is for (PEM).
+    async fn enrol_with_key(
+        &self,
+        controller: &Controller,
+        node: &str,
+        token: &str,
+    ) -> Result<(EnrolResponse, String), tonic::Status> {
+        enrol_at(&self.install_ca, controller.enrol, node, token).await
+    }
+}
+
+async fn enrol_at(
+    install_ca: &Path,
+    port: u16,
+    node: &str,
+    token: &str,
+) -> Result<(EnrolResponse, String), tonic::Status> {
+    let ca = std::fs::read(install_ca).expect("ca");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("the enrolment port accepts a client without a certificate");
+    let key = KeyPair::generate().expect("key");
+    let csr = CertificateParams::new(vec![format!("{node}.cellar-agent")])
+        .expect("params")
+        .serialize_request(&key)
+        .expect("csr");
+    EnrolmentClient::new(channel)
+        .enrol(EnrolRequest {
+            node_id: node.into(),
+            token: token.into(),
+            csr: csr.der().to_vec(),
+        })
+        .await
+        .map(|r| (r.into_inner(), key.serialize_pem()))
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+    }
+}
+
+fn log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+async fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool, logs: impl Fn() -> String) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what} not within {limit:?}\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The CA's certificate the controllers made (the Secret's tls.crt).
+fn stored_ca(api: &FakeApi) -> String {
+    let s = api.state();
+    let secret = s.secrets.get(CA_SECRET).expect("the CA Secret was made");
+    assert_eq!(secret["type"], "kubernetes.io/tls");
+    let b64 = secret["data"]["tls.crt"].as_str().expect("tls.crt");
+    use base64::Engine;
+    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).expect("base64")).expect("pem")
+}
+
+/// Whether the controller reports capacity on `node` (it registered and heartbeats).
+async fn registered(controller: &Controller, node: &str) -> bool {
+    let mut ctl = ControllerClient::new(connect_socket(&controller.socket).await);
+    let r = ctl.get_capacity(capacity_on(node)).await;
+    matches!(r, Ok(r) if r.get_ref().available_capacity > 0)
+}
+
+async fn wait_registered(controller: &Controller, node: &Node) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !registered(controller, &node.name).await {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not register\n--- controller\n{}\n--- node\n{}",
+            node.name,
+            log(&controller.log),
+            log(&node.log)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn identity(node: &Node) -> String {
+    std::fs::read_to_string(node.identity_dir.join("tls.pem")).unwrap_or_default()
+}
+
+async fn wait_ready(controller: &Controller) {
+    connect_socket(&controller.socket).await;
+}
+
+// ---- the tests ----
+
+#[tokio::test]
+async fn a_node_with_no_certificate_enrols_registers_and_is_dialled_as_itself() {
+    let mut env = Env::new().await;
+    let controller = env.start_controller("controller", &[]);
+    wait_ready(&controller).await;
+    let node = env.start_node(&controller, "node-1", "token-node-1", &[]);
+    wait_registered(&controller, &node).await;
+
+    let pem = identity(&node);
+    assert!(
+        pem.contains("PRIVATE KEY"),
+        "the key stays with the node, beside its certificate"
+    );
+    assert!(names(&pem, "node-1.cellar-agent"), "the certificate names the node");
+    assert!(!names(&pem, "cellar-agent"), "and not the nodes' shared identity");
+    let ca = stored_ca(&env.api);
+    assert!(signed_by(&pem, &ca), "signed by the enrolment CA in the Secret");
+    assert!(
+        !signed_by(&pem, &std::fs::read_to_string(&env.install_ca).expect("ca")),
+        "not by the install CA, which the controller does not hold"
+    );
+    // The controller dials the node's agent expecting node-1.cellar-agent: a create goes through.
+    let mut ctl = ControllerClient::new(connect_socket(&controller.socket).await);
+    let mut req = create_req("pvc-enrolled", MIB);
+    req.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![node_topology("node-1")],
+        preferred: vec![node_topology("node-1")],
+    });
+    let v = ctl
+        .create_volume(req)
+        .await
+        .expect("create on the enrolled node")
+        .into_inner();
+    assert_eq!(v.volume.expect("volume").volume_id, "local:node-1:default:pvc-enrolled");
+    let s = env.api.state();
+    assert_eq!(s.reviews, 1, "one token review for one enrolment");
+    assert_eq!(s.secret_creates, 1);
+}
+
+#[tokio::test]
+async fn a_token_of_node_1_cannot_enrol_as_node_2() {
+    let mut env = Env::new().await;
+    let controller = env.start_controller("controller", &[]);
+    wait_ready(&controller).await;
+    let e = env.enrol(&controller, "node-2", "token-node-1").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    assert!(
+        e.message()
+            .contains("the token is of a pod on node 'node-1', not on node 'node-2'"),
+        "{}",
+        e.message()
+    );
+
+    // The real node binary says the same in its log, and never registers.
+    let node = env.start_node(&controller, "node-2", "token-node-1", &[]);
+    until(
+        "the refusal in node-2's log",
+        Duration::from_secs(20),
+        || log(&node.log).contains("not on node 'node-2'"),
+        || log(&node.log),
+    )
+    .await;
+    assert!(log(&node.log).contains("PermissionDenied"), "{}", log(&node.log));
+    assert!(identity(&node).is_empty(), "no certificate was written");
+    assert!(!registered(&controller, "node-2").await);
+    // Meanwhile it serves kubelet (its volumes need no controller), and says it is not ready.
+    let channel = connect_socket(&env.path("node-2.sock")).await;
+    let info = cellar::csi::v1::node_client::NodeClient::new(channel.clone())
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .expect("NodeGetInfo while enrolment is refused")
+        .into_inner();
+    assert_eq!(info.node_id, "node-2");
+    let probe = cellar::csi::v1::identity_client::IdentityClient::new(channel)
+        .probe(ProbeRequest {})
+        .await
+        .expect("Probe")
+        .into_inner();
+    assert_eq!(probe.ready, Some(false), "not ready without a certificate");
+    assert!(
+        log(&controller.log).contains("enrolment refused"),
+        "{}",
+        log(&controller.log)
+    );
+}
+
+#[tokio::test]
+async fn tokens_that_are_not_a_node_pods_own_are_refused_saying_why() {
+    let mut env = Env::new().await;
+    let controller = env.start_controller("controller", &[]);
+    wait_ready(&controller).await;
+    let cases = [
+        ("token-expired", Code::Unauthenticated, "service account token has expired"),
+        ("not-a-token-at-all", Code::Unauthenticated, "invalid bearer token"),
+        ("", Code::Unauthenticated, "the request carries no token"),
+        ("token-for-the-api-server", Code::Unauthenticated, "is invalid for the target audiences"),
+        (
+            "token-other-sa",
+            Code::PermissionDenied,
+            "belongs to 'system:serviceaccount:cellar-system:default', not to the nodes' service account 'system:serviceaccount:cellar-system:cellar-node'",
+        ),
+        (
+            "token-no-node",
+            Code::PermissionDenied,
+            "the token names no node (authentication.kubernetes.io/node-name)",
+        ),
+    ];
+    for (token, code, says) in cases {
+        let e = env.enrol(&controller, "node-1", token).await.unwrap_err();
+        assert_eq!(e.code(), code, "{token}: {}", e.message());
+        assert!(e.message().contains(says), "{token}: {}", e.message());
+    }
+    // A request that is not one is refused before any token is reviewed.
+    let reviews = env.api.state().reviews;
+    let e = env.enrol(&controller, "Node_1!", "token-node-1").await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    assert_eq!(env.api.state().reviews, reviews, "no review for a bad node id");
+    // And the token itself never reaches the log.
+    let text = log(&controller.log);
+    assert!(text.contains("enrolment refused"), "{text}");
+    assert!(
+        !text.contains("token-expired") && !text.contains("token-other-sa"),
+        "{text}"
+    );
+    // The right token still enrols.
+    let ok = env
+        .enrol(&controller, "node-1", "token-node-1")
+        .await
+        .expect("node-1 enrols");
+    assert!(names(&ok.certificate, "node-1.cellar-agent"));
+}
+
+#[tokio::test]
+async fn two_controllers_racing_to_make_the_ca_end_with_one() {
+    let mut env = Env::new().await;
+    // Both find the Secret absent before either creates it.
+    env.api.state().absent_reads_to_hold = 2;
+    let a = env.start_controller("controller-a", &[]);
+    let b = env.start_controller("controller-b", &[]);
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    {
+        let s = env.api.state();
+        assert_eq!(s.absent_reads, 2, "both looked for the CA first");
+        assert_eq!(s.secret_creates, 2, "both tried to create it");
+        assert_eq!(s.secret_conflicts, 1, "one lost the race");
+        assert_eq!(s.secrets.len(), 1);
+    }
+    let stored = stored_ca(&env.api);
+    let from_a = env.enrol(&a, "node-1", "token-node-1").await.expect("enrol at a");
+    let from_b = env.enrol(&b, "node-2", "token-node-2").await.expect("enrol at b");
+    assert_eq!(from_a.ca, stored, "a signs with the stored CA");
+    assert_eq!(from_b.ca, stored, "b signs with the stored CA");
+    assert!(signed_by(&from_a.certificate, &stored) && signed_by(&from_b.certificate, &stored));
+    let logs = log(&a.log) + &log(&b.log);
+    assert_eq!(logs.matches(": made the enrolment CA").count(), 1, "{logs}");
+    assert_eq!(
+        logs.matches("another replica made the enrolment CA first").count(),
+        1,
+        "{logs}"
+    );
+
+    // A controller started later reads the same CA and makes none.
+    let c = env.start_controller("controller-c", &[]);
+    wait_ready(&c).await;
+    assert_eq!(env.api.state().secret_creates, 2);
+    let from_c = env.enrol(&c, "node-1", "token-node-1").await.expect("enrol at c");
+    assert_eq!(from_c.ca, stored);
+}
+
+#[tokio::test]
+async fn a_node_renews_its_certificate_before_it_expires() {
+    let mut env = Env::new().await;
+    let controller = env.start_controller("controller", &["--enrol-certificate-validity", "30s"]);
+    wait_ready(&controller).await;
+    let check = [("CELLAR_TLS_CHECK_SECONDS", "1")];
+    let mut node = env.start_node(&controller, "node-1", "token-node-1", &check);
+    wait_registered(&controller, &node).await;
+    let first = identity(&node);
+    let expires = not_after(&first);
+
+    // Two thirds into its life the node enrols again, and restarts (exit 0) to use the new one.
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = node.child.as_mut().expect("running").try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(45),
+            "the node did not renew\n{}",
+            log(&node.log)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let exited = SystemTime::now();
+    assert!(status.success(), "{status:?}\n{}", log(&node.log));
+    assert!(exited < expires, "renewed before the first certificate expired");
+    let second = identity(&node);
+    assert_ne!(second, first, "a new certificate and key");
+    assert!(not_after(&second) > expires, "valid for longer than the first");
+    assert!(names(&second, "node-1.cellar-agent"));
+    assert_eq!(env.api.state().reviews, 2, "the renewal reviewed a fresh token");
+    let text = log(&node.log);
+    assert!(text.contains("renewing this node's certificate"), "{text}");
+    assert!(text.contains("certificate rotation"), "{text}");
+
+    // Started again (as kubelet restarts the container), it uses the renewed certificate.
+    node.child = None;
+    env.restart_node(&controller, &mut node, "token-node-1", &[]);
+    wait_registered(&controller, &node).await;
+    assert!(
+        log(&node.log).contains("using this node's certificate from its earlier enrolment"),
+        "{}",
+        log(&node.log)
+    );
+    assert_eq!(env.api.state().reviews, 2, "no enrolment needed after the restart");
+}
+
+/// A Register call to the controller's registry with an enrolled certificate, claiming `node`.
+async fn register_as(
+    env: &Env,
+    controller: &Controller,
+    answer: &EnrolResponse,
+    key: &str,
+    node: &str,
+) -> Result<(), tonic::Status> {
+    use cellar::agent::wire::v1::{registry_client::RegistryClient, NodeStatus};
+    let mut ca = std::fs::read(&env.install_ca).expect("ca");
+    ca.extend_from_slice(answer.ca.as_bytes());
+    let tls = cellar::agent::tls::Tls::from_pem(&ca, answer.certificate.as_bytes(), key.as_bytes()).expect("tls");
+    let channel = tls
+        .endpoint(&format!("127.0.0.1:{}", controller.registry), "localhost")
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("the registry accepts the enrolled certificate in the handshake");
+    let status = NodeStatus {
+        node_id: node.into(),
+        topology: [("topology.cellar.csi.dev/node".to_string(), node.to_string())].into(),
+        agent_address: "127.0.0.1:1".into(),
+        pools: vec![],
+        version: "test".into(),
+    };
+    RegistryClient::new(channel).register(status).await.map(|_| ())
+}
+
+#[tokio::test]
+async fn an_enrolled_certificate_registers_only_its_own_node() {
+    let mut env = Env::new().await;
+    let controller = env.start_controller("controller", &[]);
+    wait_ready(&controller).await;
+    let (answer, key) = env
+        .enrol_with_key(&controller, "node-1", "token-node-1")
+        .await
+        .expect("node-1 enrols");
+    let e = register_as(&env, &controller, &answer, &key, "node-2")
+        .await
+        .expect_err("node-1's certificate must not register node-2");
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    assert!(e.message().contains("node-2.cellar-agent"), "{}", e.message());
+    register_as(&env, &controller, &answer, &key, "node-1")
+        .await
+        .expect("node-1's certificate registers node-1");
+}
+
+#[tokio::test]
+async fn enrolled_nodes_pull_a_restore_from_each_other() {
+    let mut env = Env::new().await;
+    let controller = env.start_controller("controller", &[]);
+    wait_ready(&controller).await;
+    let one = env.start_node(&controller, "node-1", "token-node-1", &[]);
+    let two = env.start_node(&controller, "node-2", "token-node-2", &[]);
+    wait_registered(&controller, &one).await;
+    wait_registered(&controller, &two).await;
+    let mut ctl = ControllerClient::new(connect_socket(&controller.socket).await);
+    let on = |node: &str| TopologyRequirement {
+        requisite: vec![node_topology(node)],
+        preferred: vec![node_topology(node)],
+    };
+    let mut req = create_req("pvc-source", MIB);
+    req.accessibility_requirements = Some(on("node-1"));
+    let source = ctl.create_volume(req).await.expect("create on node-1").into_inner();
+    let source = source.volume.expect("volume").volume_id;
+    let snap = ctl
+        .create_snapshot(CreateSnapshotRequest {
+            source_volume_id: source,
+            name: "snap-source".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("snapshot on node-1")
+        .into_inner()
+        .snapshot
+        .expect("snapshot");
+    // node-2 pulls the snapshot from node-1: each checks the other's enrolled certificate.
+    let mut req = create_req("pvc-restored", MIB);
+    req.accessibility_requirements = Some(on("node-2"));
+    req.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(from_snapshot(&snap.snapshot_id)),
+    });
+    let restored = ctl
+        .create_volume(req)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "restore onto node-2: {e:?}\n--- controller\n{}\n--- node-1\n{}\n--- node-2\n{}",
+                log(&controller.log),
+                log(&one.log),
+                log(&two.log)
+            )
+        })
+        .into_inner();
+    assert_eq!(
+        restored.volume.expect("volume").volume_id,
+        "local:node-2:default:pvc-restored"
+    );
+    assert!(
+        log(&one.log).contains("export to another node granted"),
+        "node-1 served node-2 directly, with the controller's grant:\n{}",
+        log(&one.log)
+    );
+}
