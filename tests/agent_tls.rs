@@ -17,9 +17,8 @@ use cellar::agent::tls::{Tls, TlsOptions, AGENT_SERVER_NAME};
 use cellar::agent::wire::v1;
 use cellar::agent::{Agent, Directory, LocalAgent};
 use cellar::storage::config::Config;
-use cellar::storage::engine::{CapacityRange, LocalEngine, Mutable, NewVolume, Ownership};
+use cellar::storage::engine::{CapacityRange, LocalEngine, NewVolume};
 use cellar::storage::id::{NodeId, VolumeId};
-use cellar::storage::record::{AccessMode, VolumeMode};
 use cellar::storage::StorageError;
 use common::certs::{Authority, Pair};
 use tokio::net::TcpListener;
@@ -89,23 +88,7 @@ fn remote(node: &str, addr: SocketAddr, tls: &Tls, t: Timeouts) -> RemoteAgent {
 }
 
 fn new_volume(name: &str, bytes: u64) -> NewVolume {
-    NewVolume {
-        name: name.into(),
-        pool: None,
-        layout: None,
-        capacity: CapacityRange {
-            required: bytes,
-            limit: 0,
-        },
-        mode: VolumeMode::Filesystem,
-        access_modes: vec![AccessMode::SingleNodeWriter],
-        fs_type: String::new(),
-        parameters: BTreeMap::new(),
-        source: None,
-        delete_policy: None,
-        mutable: Mutable::default(),
-        owner: Ownership::default(),
-    }
+    NewVolume::plain(name, None, bytes)
 }
 
 fn status(e: StorageError) -> Status {

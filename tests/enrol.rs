@@ -10,7 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -338,23 +338,6 @@ impl Env {
         self.dir.path().join(name)
     }
 
-    fn spawn(&mut self, log: &Path, args: Vec<String>, envs: &[(&str, &str)]) -> Child {
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log");
-        Command::new(bin())
-            .args(args)
-            .env("CELLAR_LOG", "info")
-            .envs(envs.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("log"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn")
-    }
-
     fn controller_args(&self, name: &str, registry: u16, enrol: u16, extra: &[&str]) -> Vec<String> {
         let d = self.dir.path();
         let mut args: Vec<String> = vec![
@@ -396,7 +379,7 @@ impl Env {
         let (registry, enrol) = (free_port(), free_port());
         let log = self.path(&format!("{name}.log"));
         let args = self.controller_args(name, registry, enrol, extra);
-        let child = self.spawn(&log, args, &[]);
+        let child = common::cluster::spawn_logged(&log, args, &[]);
         self.children.push(child);
         Controller {
             registry,
@@ -444,7 +427,7 @@ impl Env {
             "--enrol-dir".into(),
             node.identity_dir.display().to_string(),
         ];
-        node.child = Some(self.spawn(&node.log.clone(), args, envs));
+        node.child = Some(common::cluster::spawn_logged(&node.log.clone(), args, envs));
     }
 
     /// Calls Enrol on a controller directly, as a node would.

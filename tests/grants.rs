@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -20,9 +19,8 @@ use cellar::agent::tls::AGENT_SERVER_NAME;
 use cellar::agent::wire::v1;
 use cellar::agent::LocalAgent;
 use cellar::storage::config::Config;
-use cellar::storage::engine::{CapacityRange, LocalEngine, Mutable, NewVolume, Ownership, Source};
+use cellar::storage::engine::{LocalEngine, NewVolume, Source};
 use cellar::storage::id::{NodeId, SnapshotId};
-use cellar::storage::record::{AccessMode, VolumeMode};
 use cellar::storage::transfer::{Frame, Verifier};
 use common::certs::{Authority, Pair};
 use tokio_stream::StreamExt;
@@ -46,23 +44,7 @@ fn tls(ca: &Authority, pair: &Pair) -> Tls {
 }
 
 fn new_volume(name: &str) -> NewVolume {
-    NewVolume {
-        name: name.into(),
-        pool: None,
-        layout: None,
-        capacity: CapacityRange {
-            required: 16 << 20,
-            limit: 0,
-        },
-        mode: VolumeMode::Filesystem,
-        access_modes: vec![AccessMode::SingleNodeWriter],
-        fs_type: String::new(),
-        parameters: BTreeMap::new(),
-        source: None,
-        delete_policy: None,
-        mutable: Mutable::default(),
-        owner: Ownership::default(),
-    }
+    NewVolume::plain(name, None, 16 << 20)
 }
 
 /// What the data looks like: bytes that differ from offset to offset.

@@ -769,6 +769,27 @@ mod split {
         })
     }
 
+    async fn cut(ctl: &ControllerService, req: Request<CreateVolumeGroupSnapshotRequest>) -> VolumeGroupSnapshot {
+        let made = ctl
+            .create_volume_group_snapshot(req)
+            .await
+            .expect("CreateVolumeGroupSnapshot");
+        made.into_inner().group_snapshot.expect("group_snapshot")
+    }
+
+    async fn got(ctl: &ControllerService, id: &str) -> VolumeGroupSnapshot {
+        let req = Request::new(GetVolumeGroupSnapshotRequest {
+            group_snapshot_id: id.into(),
+            ..Default::default()
+        });
+        ctl.get_volume_group_snapshot(req)
+            .await
+            .expect("GetVolumeGroupSnapshot")
+            .into_inner()
+            .group_snapshot
+            .expect("group_snapshot")
+    }
+
     #[tokio::test]
     async fn a_group_across_two_nodes_is_cut_by_both_and_deleted_from_both() {
         let n = nodes(&["node-1", "node-2"]).await;
@@ -776,13 +797,7 @@ mod split {
         let ctl = ControllerService::new(Arc::new(n));
         let a = volume(&ctl, "pvc-x1", "node-1").await;
         let b = volume(&ctl, "pvc-x2", "node-2").await;
-        let made = ctl
-            .create_volume_group_snapshot(group_req("group-two-nodes", &[&b, &a], true))
-            .await
-            .unwrap()
-            .into_inner()
-            .group_snapshot
-            .unwrap();
+        let made = cut(&ctl, group_req("group-two-nodes", &[&b, &a], true)).await;
         // Recorded with its first member (by id), each member cut by its own node.
         assert!(
             made.group_snapshot_id.starts_with("group:local:node-1:"),
@@ -802,24 +817,9 @@ mod split {
             );
         }
         // The same request again is the same group; Get finds it from its record's node.
-        let again = ctl
-            .create_volume_group_snapshot(group_req("group-two-nodes", &[&a, &b], true))
-            .await
-            .unwrap()
-            .into_inner()
-            .group_snapshot
-            .unwrap();
+        let again = cut(&ctl, group_req("group-two-nodes", &[&a, &b], true)).await;
         assert_eq!(again, made);
-        let got = ctl
-            .get_volume_group_snapshot(Request::new(GetVolumeGroupSnapshotRequest {
-                group_snapshot_id: made.group_snapshot_id.clone(),
-                ..Default::default()
-            }))
-            .await
-            .unwrap()
-            .into_inner()
-            .group_snapshot
-            .unwrap();
+        let got = got(&ctl, &made.group_snapshot_id).await;
         assert_eq!(got, made);
         // The member on the other node than the group's record cannot be deleted alone either.
         let on_node_2 = made
@@ -884,13 +884,7 @@ mod split {
         let ctl = ControllerService::new(Arc::new(n));
         let a = volume(&ctl, "pvc-da", "node-1").await;
         let b = volume(&ctl, "pvc-db", "node-1").await;
-        let made = ctl
-            .create_volume_group_snapshot(group_req("group-dead", &[&a, &b], true))
-            .await
-            .unwrap()
-            .into_inner()
-            .group_snapshot
-            .unwrap();
+        let made = cut(&ctl, group_req("group-dead", &[&a, &b], true)).await;
         assert_eq!(made.snapshots.len(), 2);
         // A member on the dead node is that node's to answer: UNAVAILABLE, not a group without it.
         let e = ctl
@@ -913,42 +907,21 @@ mod split {
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
-        let made = ctl
-            .create_volume_group_snapshot(group_req("group-remote", &[&a, &b], true))
-            .await
-            .unwrap()
-            .into_inner()
-            .group_snapshot
-            .unwrap();
+        let made = cut(&ctl, group_req("group-remote", &[&a, &b], true)).await;
         assert!(
             made.group_snapshot_id.starts_with("group:local:node-2:"),
             "{}",
             made.group_snapshot_id
         );
         assert_eq!(engine.snapshots().len(), 2);
-        let again = ctl
-            .create_volume_group_snapshot(group_req("group-remote", &[&b, &a], true))
-            .await
-            .unwrap()
-            .into_inner()
-            .group_snapshot
-            .unwrap();
+        let again = cut(&ctl, group_req("group-remote", &[&b, &a], true)).await;
         assert_eq!(again, made);
         let other = ctl
             .create_volume_group_snapshot(group_req("group-remote", &[&a], true))
             .await
             .unwrap_err();
         assert_eq!(other.code(), Code::AlreadyExists);
-        let got = ctl
-            .get_volume_group_snapshot(Request::new(GetVolumeGroupSnapshotRequest {
-                group_snapshot_id: made.group_snapshot_id.clone(),
-                ..Default::default()
-            }))
-            .await
-            .unwrap()
-            .into_inner()
-            .group_snapshot
-            .unwrap();
+        let got = got(&ctl, &made.group_snapshot_id).await;
         assert_eq!(got, made);
         let member = ctl
             .delete_snapshot(Request::new(DeleteSnapshotRequest {

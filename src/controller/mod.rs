@@ -972,11 +972,14 @@ impl Controller for ControllerService {
         let r = req.into_inner();
         answer(async {
             let mut all = self.all_snapshots().await?;
+            // Each filter is parsed once; an id that is not cellar's matches nothing.
             if !r.snapshot_id.is_empty() {
-                all.retain(|s| s.id.to_string() == r.snapshot_id);
+                let id = SnapshotId::parse(&r.snapshot_id).ok();
+                all.retain(|s| Some(&s.id) == id.as_ref());
             }
             if !r.source_volume_id.is_empty() {
-                all.retain(|s| s.source_volume_id.to_string() == r.source_volume_id);
+                let id = VolumeId::parse(&r.source_volume_id).ok();
+                all.retain(|s| Some(&s.source_volume_id) == id.as_ref());
             }
             let (items, next_token) = page::page(all, |s| s.id.to_string(), &r.starting_token, r.max_entries)?;
             Ok(ListSnapshotsResponse {

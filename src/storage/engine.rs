@@ -132,9 +132,8 @@ pub struct NewVolume {
     pub owner: Ownership,
 }
 
-#[cfg(test)]
 impl NewVolume {
-    /// A single-node-writer filesystem volume of `bytes` in the default pool, as most unit tests want one.
+    /// A single-node-writer filesystem volume of `bytes` in the default pool, as most tests want one.
     pub fn plain(name: &str, layout: Option<Layout>, bytes: u64) -> NewVolume {
         NewVolume {
             name: name.into(),

@@ -118,20 +118,7 @@ impl Cluster {
     }
 
     fn spawn(&self, name: &str, args: Vec<String>, envs: &[(&str, &str)]) -> Child {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join(format!("{name}.log")))
-            .expect("log");
-        Command::new(bin())
-            .args(args)
-            .env("CELLAR_LOG", "info")
-            .envs(envs.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn")
+        spawn_logged(&self.dir.path().join(format!("{name}.log")), args, envs)
     }
 
     /// The `--config` flag of every process, when the spec gives one config to all.
@@ -287,6 +274,24 @@ impl Cluster {
         }
         s
     }
+}
+
+/// Starts the `cellar` binary with `args` and extra environment, its output appended to `log`.
+pub fn spawn_logged(log: &Path, args: Vec<String>, envs: &[(&str, &str)]) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log");
+    Command::new(bin())
+        .args(args)
+        .env("CELLAR_LOG", "info")
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().expect("log"))
+        .stderr(out)
+        .spawn()
+        .expect("spawn")
 }
 
 pub fn node_topology(node: &str) -> Topology {
