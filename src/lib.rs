@@ -5,6 +5,9 @@
 #[forbid(unsafe_code)]
 pub mod agent;
 #[forbid(unsafe_code)]
+/// Backups into restic-format repositories that outlive their node (docs/backups.md).
+pub mod backup;
+#[forbid(unsafe_code)]
 pub mod client;
 #[forbid(unsafe_code)]
 pub mod controller;

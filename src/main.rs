@@ -60,6 +60,10 @@ enum Command {
         /// default because csi-sanity v5.4 and older sidecars refuse capability values they do not know.
         #[arg(long)]
         advertise_volume_health: bool,
+        /// Backup uploads and restores of this node share this bandwidth, in bytes per second
+        /// (e.g. 50M); 0 is no limit (docs/backups.md).
+        #[arg(long, value_name = "BYTES", default_value = "0", value_parser = backup_rate)]
+        backup_bandwidth: u64,
         #[command(flatten)]
         socket: SocketArgs,
     },
@@ -142,6 +146,10 @@ enum Command {
         /// default because csi-sanity v5.4 and older sidecars refuse capability values they do not know.
         #[arg(long)]
         advertise_volume_health: bool,
+        /// Backup uploads and restores of this node share this bandwidth, in bytes per second
+        /// (e.g. 50M); 0 is no limit (docs/backups.md).
+        #[arg(long, value_name = "BYTES", default_value = "0", value_parser = backup_rate)]
+        backup_bandwidth: u64,
         #[command(flatten)]
         socket: SocketArgs,
     },
@@ -151,6 +159,9 @@ enum Command {
     /// entries, leftovers, stray loop devices and mounts. Read-only unless --fix. Exit code 0: nothing
     /// found (or all fixed); 2: findings remain; 1: the report failed.
     Report(cellar::report::ReportArgs),
+    /// The backups in a repository of the configuration: list, show, verify, prune
+    /// (docs/backups.md).
+    Backup(cellar::backup::cli::BackupArgs),
 }
 
 /// Limits on the CSI socket's connections (`server::SocketLimits`).
@@ -422,6 +433,16 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Command::Backup(args) => {
+            return match cellar::backup::cli::run(args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(2),
+                Err(e) => {
+                    eprintln!("cellar backup: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         other => other,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -447,10 +468,12 @@ fn main() -> ExitCode {
             metrics_listen,
             socket,
             advertise_volume_health,
+            backup_bandwidth,
         } => {
             init_logging(cli.log_format);
             socket.limits().and_then(|socket| {
                 let opts = cellar::roles::AllInOne {
+                    backup_bandwidth,
                     endpoint,
                     node_id: node_id.unwrap_or_else(hostname),
                     data_dir,
@@ -519,10 +542,12 @@ fn main() -> ExitCode {
             metrics_listen,
             socket,
             advertise_volume_health,
+            backup_bandwidth,
         } => {
             init_logging(cli.log_format);
             socket.limits().and_then(|socket| {
                 let opts = cellar::roles::NodeRole {
+                    backup_bandwidth,
                     endpoint,
                     node_id: node_id.unwrap_or_else(hostname),
                     data_dir,
@@ -542,7 +567,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Csi(args) => runtime.block_on(cellar::client::run(args)),
-        Command::Report(_) => Ok(()), // answered above
+        Command::Report(_) | Command::Backup(_) => Ok(()), // answered above
     };
     // Blocking storage work still running after the grace period is abandoned, not awaited.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -553,6 +578,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `--backup-bandwidth`: a size per second (`50M`, `1G`, `1048576`).
+fn backup_rate(s: &str) -> Result<u64, String> {
+    cellar::client::parse_size(s).and_then(|n| u64::try_from(n).map_err(|_| format!("'{s}' is negative")))
 }
 
 #[cfg(test)]

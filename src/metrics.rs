@@ -148,6 +148,66 @@ pub fn record_transfer_end(direction: &'static str, complete: bool) {
     TRANSFERS.get_or_create(&TransferEndLabels { direction, result }).inc();
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackupLabels {
+    repository: String,
+    /// `read` (snapshot bytes read for an upload), `uploaded` (bytes written to the repository,
+    /// after deduplication and compression), `downloaded` (bytes read from it for a restore).
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackupEndLabels {
+    repository: String,
+    /// `upload` or `restore`.
+    operation: &'static str,
+    /// `complete` or `failed`.
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackupOpLabels {
+    repository: String,
+    operation: &'static str,
+}
+
+/// Backup bytes by repository and kind (bounded by repositories × 3).
+static BACKUP_BYTES: LazyLock<Family<BackupLabels, Counter>> = LazyLock::new(Family::default);
+/// Uploads and restores that ended, by repository, operation and result.
+static BACKUPS: LazyLock<Family<BackupEndLabels, Counter>> = LazyLock::new(Family::default);
+/// How long uploads and restores took.
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+static BACKUP_DURATION: LazyLock<Histograms<BackupOpLabels>> =
+    LazyLock::new(|| Family::new_with_constructor(latency_histogram as fn() -> Histogram));
+
+/// Counts backup bytes as they pass (see [`BackupLabels`] for the kinds).
+pub fn record_backup_bytes(repository: &str, kind: &'static str, bytes: u64) {
+    BACKUP_BYTES
+        .get_or_create(&BackupLabels {
+            repository: repository.to_string(),
+            kind,
+        })
+        .inc_by(bytes);
+}
+
+/// Counts an upload or restore that ended, and its duration.
+pub fn record_backup_end(repository: &str, operation: &'static str, complete: bool, took: Duration) {
+    let result = if complete { "complete" } else { "failed" };
+    BACKUPS
+        .get_or_create(&BackupEndLabels {
+            repository: repository.to_string(),
+            operation,
+            result,
+        })
+        .inc();
+    BACKUP_DURATION
+        .get_or_create(&BackupOpLabels {
+            repository: repository.to_string(),
+            operation,
+        })
+        .observe(took.as_secs_f64());
+}
+
 /// The Controller RPCs counted (those that do work; see docs/operations.md).
 pub const CONTROLLER_METHODS: [&str; 12] = [
     "CreateVolume",
@@ -290,6 +350,24 @@ impl Exporter {
                 "cellar_transfers",
                 "Restores and clones copied between nodes that ended, by direction and result",
                 TRANSFERS.clone(),
+            );
+        }
+        if role == "node" || role == "all-in-one" {
+            registry.register(
+                "cellar_backup_bytes",
+                "Backup bytes by repository and kind: read (from snapshots), uploaded (after deduplication), downloaded (restores)",
+                BACKUP_BYTES.clone(),
+            );
+            registry.register(
+                "cellar_backups",
+                "Backup uploads and restores that ended, by repository, operation and result",
+                BACKUPS.clone(),
+            );
+            registry.register_with_unit(
+                "cellar_backup_duration",
+                "Time taken by backup uploads and restores",
+                Unit::Seconds,
+                BACKUP_DURATION.clone(),
             );
         }
         Exporter {

@@ -39,6 +39,8 @@ pub struct AllInOne {
     pub socket: server::SocketLimits,
     /// Name the CSI 1.13 health RPCs in GetCapabilities (docs/health.md); they are served either way.
     pub advertise_volume_health: bool,
+    /// Bytes per second that backup uploads and restores may take together; 0: no limit.
+    pub backup_bandwidth: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +109,8 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
     };
     let engine = Arc::new(engine);
     engine.start_purger();
+    engine.backups().throttle().set_bytes_per_sec(o.backup_bandwidth);
+    engine.start_uploads();
     let state = Arc::new(NodeState::open(&o.data_dir.join("node"))?);
     node_metrics.attach(NodeSources {
         engine: engine.clone(),
@@ -124,7 +128,11 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
     let identity = IdentityService::new(&o.driver_name, readiness.flag());
     let directory: Arc<dyn crate::agent::Directory> = Arc::new(SingleNode(Arc::new(LocalAgent::new(engine.clone()))));
     let metadata = SnapshotMetadataService::new(directory.clone());
-    let controller = Arc::new(ControllerService::new(directory).advertising_health(o.advertise_volume_health));
+    let controller = Arc::new(
+        ControllerService::new(directory)
+            .advertising_health(o.advertise_volume_health)
+            .with_backups(engine.backups().clone()),
+    );
     crate::node::start_lease_renewer(engine.clone(), state.clone());
     let mut node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
     node_svc.advertise_health = o.advertise_volume_health;
@@ -324,6 +332,8 @@ pub struct NodeRole {
     pub advertise_volume_health: bool,
     /// Obtain this node's certificate from the controller instead of `--tls-cert`/`--tls-key`.
     pub enrolment: Option<NodeEnrolmentFlags>,
+    /// Bytes per second that backup uploads and restores may take together; 0: no limit.
+    pub backup_bandwidth: u64,
 }
 
 /// The controller's TLS, and the enrolment service when it issues node certificates: the CA it
@@ -420,6 +430,7 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     };
     let engine = Arc::new(engine);
     engine.start_purger();
+    engine.start_uploads();
     let shared: Arc<dyn crate::agent::Agent> = Arc::new(LocalAgent::new(engine.clone()));
     let registry = crate::agent::registry::Registry::new(o.registry.clone(), tls.clone(), Some(shared));
     let sweeper = AbortOnDrop(tokio::spawn(registry.clone().run_sweeper()));
@@ -470,7 +481,11 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     let identity = IdentityService::new(&o.driver_name, readiness.flag());
     let directory: Arc<dyn crate::agent::Directory> = Arc::new(registry);
     let metadata = SnapshotMetadataService::new(directory.clone());
-    let controller = Arc::new(ControllerService::new(directory).advertising_health(o.advertise_volume_health));
+    let controller = Arc::new(
+        ControllerService::new(directory)
+            .advertising_health(o.advertise_volume_health)
+            .with_backups(engine.backups().clone()),
+    );
     let listener = server::bind(&socket)?;
     metrics.serving(&socket);
     let router = o
@@ -529,6 +544,8 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
             .map_err(|e| RoleError::Task(e.to_string()))??
     };
     let engine = Arc::new(engine);
+    engine.backups().throttle().set_bytes_per_sec(o.backup_bandwidth);
+    engine.start_uploads();
     let state = Arc::new(NodeState::open(&o.data_dir.join("node"))?);
     node_metrics.attach(NodeSources {
         engine: engine.clone(),

@@ -16,8 +16,10 @@ use std::sync::Arc;
 use tokio_stream::{Stream, StreamExt};
 
 use crate::storage::cbt::{MetadataError, Query, Range};
-use crate::storage::engine::{CapacityRange, Condition, LocalEngine, Mutable, NewGroup, NewVolume, PoolStatus, Source};
-use crate::storage::id::{GroupId, NodeId, SnapshotId, StaticId, VolumeId};
+use crate::storage::engine::{
+    BackupRequest, CapacityRange, Condition, LocalEngine, Mutable, NewGroup, NewVolume, PoolStatus, Source,
+};
+use crate::storage::id::{BackupId, GroupId, NodeId, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{GroupRecord, SnapshotRecord, VolumeRecord};
 use crate::storage::transfer::Frame;
 use crate::storage::StorageError;
@@ -43,13 +45,21 @@ pub trait Agent: Send + Sync {
     async fn volume_named(&self, name: String) -> Result<Option<VolumeRecord>, StorageError>;
     /// The snapshot created under a CSI name, in any pool of the node.
     async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError>;
+    /// Cuts a snapshot; with `backup`, it is also uploaded into that repository in the
+    /// background (docs/backups.md).
     async fn create_snapshot(
         &self,
         name: String,
         source: VolumeId,
         freeze: bool,
+        backup: Option<BackupRequest>,
     ) -> Result<SnapshotRecord, StorageError>;
     async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError>;
+    /// Forgets this node's part of a backup (its local snapshot, kept or still uploading); the
+    /// controller forgets it in the repository. Nothing here is OK.
+    async fn forget_backup(&self, _id: BackupId) -> Result<(), StorageError> {
+        Ok(())
+    }
     async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError>;
     async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError>;
     /// Whether a static volume's directory exists (and is reachable without symlinks).
@@ -240,8 +250,17 @@ impl Agent for LocalAgent {
         name: String,
         source: VolumeId,
         freeze: bool,
+        backup: Option<BackupRequest>,
     ) -> Result<SnapshotRecord, StorageError> {
-        self.blocking(move |e| e.create_snapshot(&name, &source, freeze)).await
+        self.blocking(move |e| match &backup {
+            Some(b) => e.create_backup(&name, &source, freeze, b),
+            None => e.create_snapshot(&name, &source, freeze),
+        })
+        .await
+    }
+
+    async fn forget_backup(&self, id: BackupId) -> Result<(), StorageError> {
+        self.blocking(move |e| e.forget_local_backup(&id)).await
     }
 
     async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError> {

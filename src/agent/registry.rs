@@ -29,8 +29,10 @@ use super::tls::{self, Tls, AGENT_SERVER_NAME};
 use super::wire::{self, v1};
 use super::{Agent, Directory, Frames, RangeBatches};
 use crate::storage::cbt::{MetadataError, Query};
-use crate::storage::engine::{CapacityRange, Condition, Mutable, NewGroup, NewVolume, PoolStatus, Source};
-use crate::storage::id::{GroupId, NodeId, SnapshotId, StaticId, VolumeId};
+use crate::storage::engine::{
+    BackupRequest, CapacityRange, Condition, Mutable, NewGroup, NewVolume, PoolStatus, Source,
+};
+use crate::storage::id::{BackupId, GroupId, NodeId, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{GroupRecord, SnapshotRecord, VolumeRecord};
 use crate::storage::StorageError;
 
@@ -770,11 +772,15 @@ impl Agent for RegisteredAgent {
         name: String,
         source: VolumeId,
         freeze: bool,
+        backup: Option<BackupRequest>,
     ) -> Result<SnapshotRecord, StorageError> {
-        self.seen(self.remote()?.create_snapshot(name, source, freeze).await)
+        self.seen(self.remote()?.create_snapshot(name, source, freeze, backup).await)
     }
     async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError> {
         self.seen(self.remote()?.delete_snapshot(id).await)
+    }
+    async fn forget_backup(&self, id: BackupId) -> Result<(), StorageError> {
+        self.seen(self.remote()?.forget_backup(id).await)
     }
     async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError> {
         self.seen(self.remote()?.snapshots().await)

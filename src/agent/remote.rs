@@ -19,8 +19,10 @@ use super::tls::{Tls, TlsError};
 use super::wire::{self, v1, v1::agent_client::AgentClient, v1::transfer_client::TransferClient};
 use super::{Agent, Frames, RangeBatches, Rendezvous, FRAMES_IN_FLIGHT};
 use crate::storage::cbt::{MetadataError, Query, Range};
-use crate::storage::engine::{CapacityRange, Condition, Mutable, NewGroup, NewVolume, PoolStatus, Source};
-use crate::storage::id::{GroupId, NodeId, SnapshotId, StaticId, VolumeId};
+use crate::storage::engine::{
+    BackupRequest, CapacityRange, Condition, Mutable, NewGroup, NewVolume, PoolStatus, Source,
+};
+use crate::storage::id::{BackupId, GroupId, NodeId, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{GroupRecord, SnapshotRecord, VolumeRecord};
 use crate::storage::transfer::Frame;
 use crate::storage::StorageError;
@@ -537,12 +539,15 @@ impl Agent for RemoteAgent {
         name: String,
         source: VolumeId,
         freeze: bool,
+        backup: Option<BackupRequest>,
     ) -> Result<SnapshotRecord, StorageError> {
         const RPC: &str = "CreateSnapshot";
         let msg = v1::CreateSnapshotRequest {
             name,
             source_volume_id: source.to_string(),
             freeze,
+            backup_repository: backup.as_ref().map(|b| b.repository.as_str().to_string()),
+            backup_keep_local: backup.as_ref().is_some_and(|b| b.keep_local),
         };
         let r = self
             .call(RPC, self.timeouts.storage, msg, |mut c, r| async move {
@@ -554,6 +559,18 @@ impl Agent for RemoteAgent {
     }
 
     async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError> {
+        let msg = v1::DeleteSnapshotRequest {
+            snapshot_id: id.to_string(),
+        };
+        self.call("DeleteSnapshot", self.timeouts.storage, msg, |mut c, r| async move {
+            c.delete_snapshot(r).await
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn forget_backup(&self, id: BackupId) -> Result<(), StorageError> {
+        // The node's DeleteSnapshot takes a backup id for its part of the backup.
         let msg = v1::DeleteSnapshotRequest {
             snapshot_id: id.to_string(),
         };

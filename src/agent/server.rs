@@ -24,8 +24,8 @@ use super::wire::{self, v1, WireError};
 use super::{Agent, LocalAgent};
 use crate::server::SocketLimits;
 use crate::storage::cbt::{MetadataError, Query, Range, MAX_BATCH};
-use crate::storage::engine::{LocalEngine, NewGroup, NewVolume, Source};
-use crate::storage::id::{NodeId, SnapshotId};
+use crate::storage::engine::{BackupRequest, LocalEngine, NewGroup, NewVolume, Source};
+use crate::storage::id::{NodeId, PoolName, SnapshotId};
 use crate::storage::transfer::Frame;
 use crate::storage::StorageError;
 
@@ -379,9 +379,17 @@ impl v1::agent_server::Agent for AgentService {
         let r = req.into_inner();
         let name = wire::name("name", r.name).map_err(invalid)?;
         let source = wire::volume_id("source_volume_id", &r.source_volume_id).map_err(invalid)?;
+        let backup = match r.backup_repository {
+            Some(repo) => Some(BackupRequest {
+                repository: PoolName::parse(&repo)
+                    .map_err(|e| invalid(wire::WireError(format!("backup_repository: {}", e.0))))?,
+                keep_local: r.backup_keep_local,
+            }),
+            None => None,
+        };
         let snap = self
             .agent
-            .create_snapshot(name, source, r.freeze)
+            .create_snapshot(name, source, r.freeze, backup)
             .await
             .map_err(wire::status)?;
         Ok(Response::new(v1::CreateSnapshotResponse {
@@ -390,7 +398,13 @@ impl v1::agent_server::Agent for AgentService {
     }
 
     async fn delete_snapshot(&self, req: Request<v1::DeleteSnapshotRequest>) -> Reply<v1::DeleteSnapshotResponse> {
-        let id = wire::snapshot_id("snapshot_id", &req.into_inner().snapshot_id).map_err(invalid)?;
+        let raw = req.into_inner().snapshot_id;
+        if raw.starts_with("backup:") {
+            let id = wire::backup_id("snapshot_id", &raw).map_err(invalid)?;
+            self.agent.forget_backup(id).await.map_err(wire::status)?;
+            return Ok(Response::new(v1::DeleteSnapshotResponse {}));
+        }
+        let id = wire::snapshot_id("snapshot_id", &raw).map_err(invalid)?;
         self.agent.delete_snapshot(id).await.map_err(wire::status)?;
         Ok(Response::new(v1::DeleteSnapshotResponse {}))
     }

@@ -14,7 +14,7 @@ use tonic::{Code, Status};
 
 use crate::storage::config::DeletePolicy;
 use crate::storage::engine::{CapacityRange, Condition, Mutable, NewGroup, NewVolume, Ownership, PoolStatus, Source};
-use crate::storage::id::{GroupId, NodeId, PoolName, SnapshotId, StaticId, VolumeId};
+use crate::storage::id::{BackupId, GroupId, NodeId, PoolName, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{
     AccessMode, ContentSource, GroupMember, GroupRecord, Layout, SnapshotRecord, VolumeMode, VolumeRecord,
 };
@@ -153,6 +153,13 @@ pub fn snapshot_id(field: &str, raw: &str) -> Result<SnapshotId, WireError> {
     SnapshotId::parse(raw).map_err(|e| bad(field, e))
 }
 
+pub fn backup_id(field: &str, raw: &str) -> Result<BackupId, WireError> {
+    if raw.is_empty() {
+        return Err(bad(field, "is required"));
+    }
+    BackupId::parse(raw).map_err(|e| bad(field, e))
+}
+
 pub fn group_id(field: &str, raw: &str) -> Result<GroupId, WireError> {
     if raw.is_empty() {
         return Err(bad(field, "is required"));
@@ -189,6 +196,7 @@ impl From<&ContentSource> for v1::ContentSource {
             kind: Some(match s {
                 ContentSource::Snapshot(id) => Kind::SnapshotId(id.to_string()),
                 ContentSource::Volume(id) => Kind::VolumeId(id.to_string()),
+                ContentSource::Backup(id) => Kind::BackupId(id.to_string()),
             }),
         }
     }
@@ -199,6 +207,7 @@ fn content_source(field: &str, m: v1::ContentSource) -> Result<ContentSource, Wi
     match m.kind {
         Some(Kind::SnapshotId(id)) => Ok(ContentSource::Snapshot(snapshot_id(field, &id)?)),
         Some(Kind::VolumeId(id)) => Ok(ContentSource::Volume(volume_id(field, &id)?)),
+        Some(Kind::BackupId(id)) => Ok(ContentSource::Backup(backup_id(field, &id)?)),
         None => Err(bad(field, "names neither a snapshot nor a volume")),
     }
 }
@@ -260,6 +269,9 @@ impl From<&SnapshotRecord> for v1::SnapshotRecord {
             mode: v1::VolumeMode::from(r.mode) as i32,
             fs_bytes: r.fs_bytes,
             group_snapshot_id: r.group.as_ref().map(ToString::to_string).unwrap_or_default(),
+            backup_id: r.backup.as_ref().map(|b| b.id.to_string()).unwrap_or_default(),
+            backup_keep_local: r.backup.as_ref().is_some_and(|b| b.keep_local),
+            backup_uploaded: r.backup.as_ref().is_some_and(|b| b.uploaded),
         }
     }
 }
@@ -277,6 +289,15 @@ impl TryFrom<v1::SnapshotRecord> for SnapshotRecord {
                 .filter(|g| !g.is_empty())
                 .map(|g| group_id("snapshot.group_snapshot_id", g))
                 .transpose()?,
+            backup: Some(m.backup_id.as_str())
+                .filter(|b| !b.is_empty())
+                .map(|b| backup_id("snapshot.backup_id", b))
+                .transpose()?
+                .map(|id| crate::storage::record::BackupMark {
+                    id,
+                    keep_local: m.backup_keep_local,
+                    uploaded: m.backup_uploaded,
+                }),
             name: m.name,
             size_bytes: m.size_bytes,
             created_unix_secs: m.created_unix_secs,
@@ -507,6 +528,7 @@ impl From<&Source> for v1::ContentSource {
             kind: Some(match s {
                 Source::Snapshot(id) => Kind::SnapshotId(id.to_string()),
                 Source::Volume(id) => Kind::VolumeId(id.to_string()),
+                Source::Backup(id) => Kind::BackupId(id.to_string()),
             }),
         }
     }
@@ -517,6 +539,7 @@ pub fn source(m: v1::ContentSource) -> Result<Source, WireError> {
     match m.kind {
         Some(Kind::SnapshotId(id)) => Ok(Source::Snapshot(snapshot_id("source.snapshot_id", &id)?)),
         Some(Kind::VolumeId(id)) => Ok(Source::Volume(volume_id("source.volume_id", &id)?)),
+        Some(Kind::BackupId(id)) => Ok(Source::Backup(backup_id("source.backup_id", &id)?)),
         None => Err(bad("source", "names neither a snapshot nor a volume")),
     }
 }
@@ -748,6 +771,7 @@ impl From<&StorageError> for v1::StorageFailure {
             StorageError::Unavailable(s) => Kind::Unavailable(s.clone()),
             StorageError::NotTogether(s) => Kind::NotTogether(s.clone()),
             StorageError::Aborted(s) => Kind::Aborted(s.clone()),
+            StorageError::DataLoss(s) => Kind::DataLoss(s.clone()),
             StorageError::Corrupt { path, reason } => Kind::Corrupt(failure::Corrupt {
                 path: path.to_string_lossy().into_owned(),
                 reason: reason.clone(),
@@ -802,6 +826,7 @@ pub fn storage_error(node: &NodeId, f: v1::StorageFailure) -> Option<StorageErro
         Kind::Unavailable(s) => StorageError::Unavailable(s),
         Kind::NotTogether(s) => StorageError::NotTogether(s),
         Kind::Aborted(s) => StorageError::Aborted(s),
+        Kind::DataLoss(s) => StorageError::DataLoss(s),
         Kind::Corrupt(c) => StorageError::Corrupt {
             path: PathBuf::from(c.path),
             reason: c.reason,
@@ -930,9 +955,18 @@ mod tests {
             mode: VolumeMode::Block,
             fs_bytes: 77,
             group: Some(GroupId::parse("group:local:node-1:fast:groupsnapshot-1").unwrap()),
+            backup: Some(crate::storage::record::BackupMark {
+                id: BackupId::parse("backup:offsite:0f2e4c6a-1b3d-4f5e-8a9b-0c1d2e3f4a5b").unwrap(),
+                keep_local: true,
+                uploaded: false,
+            }),
         };
         assert_eq!(SnapshotRecord::try_from(v1::SnapshotRecord::from(&s)).unwrap(), s);
-        let alone = SnapshotRecord { group: None, ..s };
+        let alone = SnapshotRecord {
+            group: None,
+            backup: None,
+            ..s
+        };
         assert_eq!(
             SnapshotRecord::try_from(v1::SnapshotRecord::from(&alone)).unwrap(),
             alone

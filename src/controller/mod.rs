@@ -1,6 +1,7 @@
 //! The Controller service: validates requests, picks the node and pool, and routes each call to the
 //! agent of the node that owns the volume.
 
+pub mod backup;
 pub mod error;
 pub use error::ControllerError;
 pub mod group;
@@ -22,8 +23,8 @@ use crate::csi::v1::controller_server::Controller;
 use crate::csi::v1::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::v1::*;
 use crate::server::trace::note;
-use crate::storage::engine::{Condition, NewVolume, PoolStatus};
-use crate::storage::id::{NodeId, SnapshotId, StaticId, VolumeId};
+use crate::storage::engine::{Condition, NewVolume, PoolStatus, Source};
+use crate::storage::id::{BackupId, NodeId, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{ContentSource, SnapshotRecord, VolumeRecord};
 use crate::storage::StorageError;
 use listings::{Listed, Listings, Part};
@@ -40,6 +41,8 @@ pub struct ControllerService {
     changes: std::sync::atomic::AtomicU64,
     /// Whether ControllerGetCapabilities names the CSI 1.13 health RPCs (served either way).
     advertise_health: bool,
+    /// The backup repositories (backup.rs): their snapshot lists, never their data.
+    backups: Arc<crate::backup::Backups>,
 }
 
 struct PagedListing {
@@ -59,7 +62,17 @@ impl ControllerService {
             paged: Default::default(),
             changes: Default::default(),
             advertise_health: false,
+            backups: Arc::new(crate::backup::Backups::new(
+                Vec::new(),
+                crate::backup::Throttle::unlimited(),
+            )),
         }
+    }
+
+    /// The backup repositories of the configuration (the engine's, in every role that has one).
+    pub fn with_backups(mut self, backups: Arc<crate::backup::Backups>) -> Self {
+        self.backups = backups;
+        self
     }
 }
 
@@ -145,6 +158,9 @@ fn csi_volume(r: &VolumeRecord, node: &NodeId) -> Volume {
             ContentSource::Volume(id) => Type::Volume(VolumeSource {
                 volume_id: id.to_string(),
             }),
+            ContentSource::Backup(id) => Type::Snapshot(SnapshotSource {
+                snapshot_id: id.to_string(),
+            }),
         }),
     });
     Volume {
@@ -182,13 +198,14 @@ fn serves(rec: Option<&VolumeRecord>, c: &caps::Capability) -> bool {
 fn csi_snapshot(r: &SnapshotRecord) -> Snapshot {
     Snapshot {
         size_bytes: r.size_bytes as i64,
-        snapshot_id: r.id.to_string(),
+        // A backup is known by its repository's id; it is ready once uploaded.
+        snapshot_id: r.backup.as_ref().map_or_else(|| r.id.to_string(), |b| b.id.to_string()),
         source_volume_id: r.source_volume_id.to_string(),
         creation_time: Some(Timestamp {
             seconds: r.created_unix_secs,
             nanos: r.created_nanos,
         }),
-        ready_to_use: true,
+        ready_to_use: r.backup.as_ref().is_none_or(|b| b.uploaded),
         // A member of a group is deleted with its group, never alone (DeleteSnapshot refuses it).
         group_snapshot_id: r.group.as_ref().map(ToString::to_string).unwrap_or_default(),
     }
@@ -244,10 +261,18 @@ impl ControllerService {
         let mutable = request::mutable_params(&r.mutable_parameters)?;
         let capacity = request::capacity(r.capacity_range.as_ref())?;
         let source = request::source(r.volume_content_source.as_ref())?;
+        let mut layout = params.layout;
+        if let Some(Source::Backup(b)) = &source {
+            // A backup restores on any node; an image backup makes an image volume.
+            let info = self.restorable(b).await?;
+            if layout.is_none() && info.meta.layout == crate::storage::record::Layout::Image {
+                layout = Some(info.meta.layout);
+            }
+        }
         let spec = NewVolume {
             name: r.name.clone(),
             pool: params.pool,
-            layout: params.layout,
+            layout,
             capacity,
             mode,
             access_modes,
@@ -291,6 +316,7 @@ impl ControllerService {
         let nodes: Vec<NodeId> = self.directory.agents().iter().map(|a| a.node().clone()).collect();
         let ranked = request::rank_nodes(r.accessibility_requirements.as_ref(), &nodes);
         let source_agent = match &source {
+            Some(Source::Backup(_)) => None,
             Some(s) => match self.agent_of(s.node()) {
                 Some(a) => Some(a),
                 None => {
@@ -680,6 +706,19 @@ impl ControllerService {
         })
     }
 
+    /// Every snapshot as CSI shows it, sorted by id: the nodes' (a backup uploading among them)
+    /// and the repositories' backups, each once.
+    async fn csi_snapshots(&self) -> Result<Vec<Snapshot>, ControllerError> {
+        let mut all: Vec<Snapshot> = self.all_snapshots().await?.iter().map(csi_snapshot).collect();
+        let backups = self.backup_snapshots().await;
+        // The repository's answer wins for a backup both hold (uploaded, local copy kept).
+        let in_repo: std::collections::HashSet<String> = backups.iter().map(|b| b.snapshot_id.clone()).collect();
+        all.retain(|s| !in_repo.contains(&s.snapshot_id));
+        all.extend(backups);
+        all.sort_by(|a, b| a.snapshot_id.cmp(&b.snapshot_id));
+        Ok(all)
+    }
+
     async fn all_snapshots(&self) -> Result<Vec<SnapshotRecord>, ControllerError> {
         let mut all = Vec::new();
         for a in self.directory.all() {
@@ -925,7 +964,14 @@ impl Controller for ControllerService {
                 return Err(ControllerError::missing("source_volume_id"));
             }
             let freeze = request::snapshot_params(&r.parameters)?;
+            let wants_backup = backup::backup_request(&r.parameters)?;
             let (source, agent) = self.volume_owner(&r.source_volume_id)?;
+            if let Some(req) = wants_backup {
+                let snapshot = self.create_backup(&r.name, source, agent, freeze, req).await?;
+                return Ok(CreateSnapshotResponse {
+                    snapshot: Some(snapshot),
+                });
+            }
             for a in self.directory.all() {
                 if let Some(existing) = a.snapshot_named(r.name.clone()).await? {
                     if existing.source_volume_id != source {
@@ -936,7 +982,7 @@ impl Controller for ControllerService {
                     }
                 }
             }
-            let rec = agent.create_snapshot(r.name.clone(), source, freeze).await?;
+            let rec = agent.create_snapshot(r.name.clone(), source, freeze, None).await?;
             Ok(CreateSnapshotResponse {
                 snapshot: Some(csi_snapshot(&rec)),
             })
@@ -954,7 +1000,9 @@ impl Controller for ControllerService {
             if r.snapshot_id.is_empty() {
                 return Err(ControllerError::missing("snapshot_id"));
             }
-            if let Ok(id) = SnapshotId::parse(&r.snapshot_id) {
+            if let Ok(id) = BackupId::parse(&r.snapshot_id) {
+                self.delete_backup(&id).await?;
+            } else if let Ok(id) = SnapshotId::parse(&r.snapshot_id) {
                 if let Some(agent) = self.agent_of(id.0.node()) {
                     agent.delete_snapshot(id).await?;
                 }
@@ -971,23 +1019,18 @@ impl Controller for ControllerService {
         note(&req, &req.get_ref().snapshot_id);
         let r = req.into_inner();
         answer(async {
-            let mut all = self.all_snapshots().await?;
-            // Each filter is parsed once; an id that is not cellar's matches nothing.
+            let mut all = self.csi_snapshots().await?;
             if !r.snapshot_id.is_empty() {
-                let id = SnapshotId::parse(&r.snapshot_id).ok();
-                all.retain(|s| Some(&s.id) == id.as_ref());
+                all.retain(|s| s.snapshot_id == r.snapshot_id);
             }
             if !r.source_volume_id.is_empty() {
-                let id = VolumeId::parse(&r.source_volume_id).ok();
-                all.retain(|s| Some(&s.source_volume_id) == id.as_ref());
+                all.retain(|s| s.source_volume_id == r.source_volume_id);
             }
-            let (items, next_token) = page::page(all, |s| s.id.to_string(), &r.starting_token, r.max_entries)?;
+            let (items, next_token) = page::page(all, |s| s.snapshot_id.clone(), &r.starting_token, r.max_entries)?;
             Ok(ListSnapshotsResponse {
                 entries: items
-                    .iter()
-                    .map(|s| list_snapshots_response::Entry {
-                        snapshot: Some(csi_snapshot(s)),
-                    })
+                    .into_iter()
+                    .map(|s| list_snapshots_response::Entry { snapshot: Some(s) })
                     .collect(),
                 next_token,
             })
@@ -1003,6 +1046,12 @@ impl Controller for ControllerService {
                 return Err(ControllerError::missing("snapshot_id"));
             }
             let not_found = || ControllerError::not_found(format!("snapshot {} not found", r.snapshot_id));
+            if let Ok(id) = BackupId::parse(&r.snapshot_id) {
+                let local: Vec<Snapshot> = self.all_snapshots().await?.iter().map(csi_snapshot).collect();
+                return Ok(GetSnapshotResponse {
+                    snapshot: Some(self.get_backup(&id, &local).await?),
+                });
+            }
             let id = SnapshotId::parse(&r.snapshot_id).map_err(|_| not_found())?;
             let agent = self.agent_of(id.0.node()).ok_or_else(not_found)?;
             let snap = agent

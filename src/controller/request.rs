@@ -7,7 +7,7 @@ use crate::csi::v1::{self, Topology, TopologyRequirement};
 use crate::csi::TOPOLOGY_NODE_KEY;
 use crate::storage::config::DeletePolicy;
 use crate::storage::engine::{CapacityRange, Mutable, Ownership, Source};
-use crate::storage::id::{NodeId, PoolName, SnapshotId, VolumeId};
+use crate::storage::id::{BackupId, NodeId, PoolName, SnapshotId, VolumeId};
 use crate::storage::record::Layout;
 
 /// StorageClass parameters we understand.
@@ -120,9 +120,13 @@ pub fn snapshot_params(p: &HashMap<String, String>) -> Result<bool, ControllerEr
                 }
             }
             k if k.starts_with(SIDECAR_PREFIX) => {}
+            // Checked by backup::backup_request.
+            super::backup::BACKUP_REPOSITORY | super::backup::KEEP_LOCAL => {}
             other => {
                 return Err(ControllerError::invalid(format!(
-                    "unknown snapshot parameter '{other}' (known: {SNAPSHOT_FREEZE}, and the {SIDECAR_PREFIX}* keys of the sidecars)"
+                    "unknown snapshot parameter '{other}' (known: {SNAPSHOT_FREEZE}, {}, {}, and the {SIDECAR_PREFIX}* keys of the sidecars)",
+                    super::backup::BACKUP_REPOSITORY,
+                    super::backup::KEEP_LOCAL
                 )))
             }
         }
@@ -151,6 +155,9 @@ pub fn source(s: Option<&v1::VolumeContentSource>) -> Result<Option<Source>, Con
     use v1::volume_content_source::Type;
     match s.and_then(|s| s.r#type.as_ref()) {
         None => Ok(None),
+        Some(Type::Snapshot(s)) if s.snapshot_id.starts_with("backup:") => BackupId::parse(&s.snapshot_id)
+            .map(|id| Some(Source::Backup(id)))
+            .map_err(|_| ControllerError::not_found(format!("source snapshot {} not found", s.snapshot_id))),
         Some(Type::Snapshot(s)) => SnapshotId::parse(&s.snapshot_id)
             .map(|id| Some(Source::Snapshot(id)))
             .map_err(|_| ControllerError::not_found(format!("source snapshot {} not found", s.snapshot_id))),

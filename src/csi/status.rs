@@ -21,6 +21,7 @@ impl From<StorageError> for Status {
             StorageError::PoolUnusable(_) | StorageError::PoolBroken { .. } => Code::FailedPrecondition,
             StorageError::InUse(_) | StorageError::NotTogether(_) => Code::FailedPrecondition,
             StorageError::Unavailable(_) => Code::Unavailable,
+            StorageError::DataLoss(_) => Code::DataLoss,
             StorageError::Sys(s) => return sys_status(s),
         };
         Status::new(code, e.to_string())

@@ -80,6 +80,8 @@ pub struct Config {
     pub pools: Vec<PoolConfig>,
     /// The pool used when a StorageClass names none.
     pub default_pool: PoolName,
+    /// Backup repositories (docs/backups.md), by the name a VolumeSnapshotClass gives.
+    pub repositories: Vec<crate::backup::RepositoryConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +102,8 @@ struct FileConfig {
     #[serde(default)]
     default_pool: Option<String>,
     pools: Vec<FilePool>,
+    #[serde(default)]
+    repositories: Vec<crate::backup::FileRepository>,
 }
 
 #[derive(Deserialize)]
@@ -152,6 +156,7 @@ impl Config {
                 lease_seconds: DEFAULT_LEASE_SECONDS,
             }],
             default_pool: name,
+            repositories: Vec::new(),
         }
     }
 
@@ -290,7 +295,12 @@ impl Config {
             }
             None => pools[0].name.clone(),
         };
-        Ok(Config { pools, default_pool })
+        let repositories = crate::backup::RepositoryConfig::from_file(file.repositories).map_err(invalid)?;
+        Ok(Config {
+            pools,
+            default_pool,
+            repositories,
+        })
     }
 }
 

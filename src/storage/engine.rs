@@ -7,8 +7,10 @@
 //! This file holds the engine itself (its pools, store, locks and lookups) and what every call
 //! shares; each call family has a file of its own: `create` (the plan, the making, imports and
 //! exports), `delete` (and the guards that keep mounted data), `snapshot`, `capacity` (room,
-//! expand, modify, conditions), `group` (group snapshots) and `metadata` (changed block tracking).
+//! expand, modify, conditions), `group` (group snapshots), `metadata` (changed block tracking)
+//! and `backup` (snapshots uploaded into repositories, and restores from them).
 
+mod backup;
 mod capacity;
 mod create;
 mod delete;
@@ -28,7 +30,7 @@ use crate::sys::fstools::FsType;
 use crate::sys::{btrfs, files, loopdev, mountinfo, statfs};
 
 use super::config::{Config, DeletePolicy};
-use super::id::{GroupId, Key, Location, NodeId, ObjectId, PoolName, SnapshotId, VolumeId};
+use super::id::{BackupId, GroupId, Key, Location, NodeId, ObjectId, PoolName, SnapshotId, VolumeId};
 use super::layout;
 use super::locks::{Held, InFlight};
 use super::pool::{Kind, Pool};
@@ -37,6 +39,7 @@ use super::store::PoolStore;
 use super::transfer::{self, Frame, Header, Import};
 use super::StorageError;
 
+pub use backup::BackupRequest;
 pub use delete::{MountedHere, NodeUse};
 pub use group::NewGroup;
 
@@ -77,14 +80,25 @@ impl CapacityRange {
 pub enum Source {
     Snapshot(SnapshotId),
     Volume(VolumeId),
+    /// A backup in a repository, which any node can read.
+    Backup(BackupId),
 }
 
 impl Source {
-    /// The node holding the source; `None` for a shared pool's.
+    /// The node holding the source; `None` for a shared pool's (and a backup's, which is no
+    /// node's: ask [`Source::backup`] first).
     pub fn node(&self) -> Option<&NodeId> {
         match self {
             Source::Snapshot(id) => id.0.node(),
             Source::Volume(id) => id.0.node(),
+            Source::Backup(_) => None,
+        }
+    }
+
+    pub fn backup(&self) -> Option<&BackupId> {
+        match self {
+            Source::Backup(b) => Some(b),
+            _ => None,
         }
     }
 }
@@ -94,6 +108,7 @@ impl std::fmt::Display for Source {
         match self {
             Source::Snapshot(id) => write!(f, "snapshot {id}"),
             Source::Volume(id) => write!(f, "volume {id}"),
+            Source::Backup(id) => write!(f, "backup {id}"),
         }
     }
 }
@@ -224,6 +239,7 @@ impl SourceData {
             mode: self.mode,
             fs_bytes: self.fs_bytes,
             group,
+            backup: None,
         }
     }
 }
@@ -246,6 +262,12 @@ pub struct LocalEngine {
     mounted_here: std::sync::OnceLock<std::sync::Arc<dyn MountedHere>>,
     /// What each dir volume held when last counted (for its over-capacity condition).
     dir_usage: Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>,
+    /// The backup repositories of the configuration (docs/backups.md).
+    backups: std::sync::Arc<crate::backup::Backups>,
+    /// This engine, for the background uploads it starts (set by [`LocalEngine::start_uploads`]).
+    me: std::sync::OnceLock<std::sync::Weak<LocalEngine>>,
+    /// Snapshots whose upload runs now (their ids).
+    uploading: Mutex<std::collections::HashSet<String>>,
 }
 
 /// How long a dir volume's counted size is reused before its tree is walked again.
@@ -296,6 +318,12 @@ impl LocalEngine {
             leases: super::lease::Leases::new(node.as_str()),
             dir_usage: Mutex::new(std::collections::HashMap::new()),
             mounted_here: std::sync::OnceLock::new(),
+            backups: std::sync::Arc::new(crate::backup::Backups::new(
+                config.repositories.clone(),
+                crate::backup::Throttle::unlimited(),
+            )),
+            me: std::sync::OnceLock::new(),
+            uploading: Mutex::new(std::collections::HashSet::new()),
         };
         engine.store = PoolStore::load(engine.pools.values())?;
         engine.thaw_left_frozen();
@@ -422,6 +450,9 @@ impl LocalEngine {
     /// The data of a content source, with a lock that keeps it from being deleted mid-copy.
     fn source_data(&self, src: &Source) -> Result<SourceData, StorageError> {
         match src {
+            Source::Backup(b) => Err(StorageError::Unsupported(format!(
+                "backup {b} is read from its repository, not copied as a local source"
+            ))),
             Source::Snapshot(s) => {
                 let shown = s.to_string();
                 let pool = self

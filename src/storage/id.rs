@@ -224,6 +224,57 @@ impl fmt::Display for GroupId {
     }
 }
 
+/// A snapshot that is also a backup: `backup:<repository>:<key>`. It names the repository, not a
+/// node, so it stays usable when the node that cut it is gone (docs/backups.md).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackupId {
+    repository: PoolName,
+    key: String,
+}
+
+impl BackupId {
+    pub fn new(repository: PoolName, key: &str) -> Result<Self, IdError> {
+        check("backup key", key, 64, |_, c| c.is_ascii_hexdigit() || c == '-')?;
+        Ok(BackupId {
+            repository,
+            key: key.to_string(),
+        })
+    }
+
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        let rest = s
+            .strip_prefix("backup:")
+            .ok_or_else(|| IdError(format!("backup id '{s}' does not start with 'backup:'")))?;
+        let (repo, key) = rest
+            .split_once(':')
+            .ok_or_else(|| IdError(format!("backup id '{s}' is not backup:<repository>:<key>")))?;
+        let repo = PoolName::parse(repo).map_err(|e| IdError(format!("backup id '{s}': {}", e.0)))?;
+        BackupId::new(repo, key)
+    }
+
+    /// A new key, for a new backup.
+    pub fn fresh(repository: PoolName) -> Self {
+        BackupId {
+            repository,
+            key: uuid::Uuid::new_v4().to_string(),
+        }
+    }
+
+    pub fn repository(&self) -> &PoolName {
+        &self.repository
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+impl fmt::Display for BackupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "backup:{}:{}", self.repository.as_str(), self.key)
+    }
+}
+
 /// Records hold typed ids: on disk (and in JSON) each is its string form, and a record whose id
 /// does not parse is corrupt rather than read as some other object's.
 macro_rules! id_as_string {
@@ -242,7 +293,7 @@ macro_rules! id_as_string {
     )*};
 }
 
-id_as_string!(VolumeId, SnapshotId, GroupId);
+id_as_string!(VolumeId, SnapshotId, GroupId, BackupId);
 
 #[cfg(test)]
 mod tests {

@@ -64,6 +64,10 @@ pub enum StorageError {
     /// A node or share that cannot be reached now (the CO retries).
     #[error("{0}")]
     Unavailable(String),
+    /// Data that fails its checks where it is kept (a backup's corrupted pack): a restore from
+    /// it cannot succeed.
+    #[error("{0}")]
+    DataLoss(String),
     #[error("corrupt record {path}: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error(transparent)]

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::config::DeletePolicy;
-use super::id::{GroupId, SnapshotId, VolumeId};
+use super::id::{BackupId, GroupId, SnapshotId, VolumeId};
 use crate::sys::files::{self, Durability};
 
 use super::StorageError;
@@ -77,6 +77,8 @@ impl Layout {
 pub enum ContentSource {
     Snapshot(SnapshotId),
     Volume(VolumeId),
+    /// Restored from a backup (docs/backups.md).
+    Backup(BackupId),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +130,20 @@ pub struct SnapshotRecord {
     /// The group snapshot this one was cut with: it is deleted with its group, never alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<GroupId>,
+    /// A snapshot that is also a backup: uploaded into a repository in the background.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupMark>,
+}
+
+/// What a snapshot's record says of its backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupMark {
+    /// The id the CO knows the snapshot by.
+    pub id: BackupId,
+    /// Keep the local snapshot once the backup is uploaded (same-node restores stay fast).
+    pub keep_local: bool,
+    /// The backup is in the repository, complete and checked.
+    pub uploaded: bool,
 }
 
 /// A group snapshot: snapshots of several volumes cut together, kept in the pool of its first

@@ -174,16 +174,17 @@ impl Frame {
     }
 }
 
-/// The running totals both ends keep: frames, data bytes and the digest.
+/// The running totals both ends keep: frames, data bytes and the digest. A stream made elsewhere
+/// (a restore from a backup) keeps one too, so the same checks and import serve it.
 #[derive(Default)]
-struct Tally {
+pub struct Tally {
     frames: u64,
     bytes: u64,
     digest: Sha256,
 }
 
 impl Tally {
-    fn add(&mut self, f: &Frame) {
+    pub fn add(&mut self, f: &Frame) {
         self.frames += 1;
         if let Frame::Chunk { data, .. } = f {
             self.bytes += data.len() as u64;
@@ -191,7 +192,7 @@ impl Tally {
         self.digest.update(f.fingerprint());
     }
 
-    fn end(self) -> Frame {
+    pub fn end(self) -> Frame {
         Frame::End {
             frames: self.frames,
             bytes: self.bytes,

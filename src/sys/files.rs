@@ -283,6 +283,11 @@ pub fn set_mode(path: &Path, mode: u32) -> Result<(), SysError> {
 }
 
 /// Creates a new file of `len` bytes (a sparse one: a hole until written); an existing file is an error.
+/// A file's length in bytes.
+pub fn len(path: &Path) -> Result<u64, SysError> {
+    fs::metadata(path).map(|m| m.len()).step("stat", path)
+}
+
 pub fn create_sized(path: &Path, len: u64) -> Result<(), SysError> {
     let f = fs::OpenOptions::new()
         .write(true)

@@ -77,6 +77,17 @@ impl SourceTree {
         })
     }
 
+    /// The root directory's own metadata (what its `leave` carries).
+    pub fn root_meta(&self) -> Result<Meta, SysError> {
+        let st =
+            fstatat(self.fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH).map_err(|e| SysError::io("stat", &self.path, e))?;
+        let w = Walker {
+            root: self.path.clone(),
+            links: HashMap::new(),
+        };
+        w.meta_of(&st, Xattrs::Fd(self.fd.as_raw_fd()), Path::new(""))
+    }
+
     /// Reports every entry to `v`, the root's `leave` last.
     pub fn walk(self, v: &mut impl TreeVisitor) -> Result<(), SysError> {
         let (fd, src) = (self.fd, self.path);

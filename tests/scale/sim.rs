@@ -242,7 +242,13 @@ impl Agent for SimAgent {
         Ok(None)
     }
 
-    async fn create_snapshot(&self, _: String, _: VolumeId, _: bool) -> Result<SnapshotRecord, StorageError> {
+    async fn create_snapshot(
+        &self,
+        _: String,
+        _: VolumeId,
+        _: bool,
+        _: Option<cellar::storage::engine::BackupRequest>,
+    ) -> Result<SnapshotRecord, StorageError> {
         self.enter().await;
         Err(not_simulated("snapshots"))
     }

@@ -11,7 +11,10 @@ impl LocalEngine {
             Plan::New(p) => p,
         };
         let (pool, key) = (p.pool, p.key.clone());
-        let made = self.make_volume(p, &req);
+        let made = match req.source.as_ref().and_then(Source::backup) {
+            Some(b) => self.restore_planned(p, &req, b),
+            None => self.make_volume(p, &req),
+        };
         self.undo_unrecorded(pool, Kind::Volume, &key, made)
     }
 
@@ -135,6 +138,7 @@ impl LocalEngine {
             None => None,
             Some(Source::Snapshot(s)) => Some(ContentSource::Snapshot(s.clone())),
             Some(Source::Volume(v)) => Some(ContentSource::Volume(v.clone())),
+            Some(Source::Backup(b)) => Some(ContentSource::Backup(b.clone())),
         };
         if let Some(existing) = self.volume(&id) {
             // A copy's filesystem is its source's, whatever the pool's default.
@@ -355,8 +359,8 @@ impl LocalEngine {
 pub(super) struct Planned<'a> {
     pool: &'a Pool,
     key: Key,
-    id: VolumeId,
-    layout: Layout,
+    pub(super) id: VolumeId,
+    pub(super) layout: Layout,
     capacity: u64,
     fs_type: String,
     source: Option<ContentSource>,

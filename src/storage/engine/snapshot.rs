@@ -5,6 +5,19 @@ use super::*;
 impl LocalEngine {
     /// Snapshots a volume; `freeze` makes the snapshot of a mounted image filesystem-consistent.
     pub fn create_snapshot(&self, name: &str, source: &VolumeId, freeze: bool) -> Result<SnapshotRecord, StorageError> {
+        self.cut_snapshot(name, source, freeze, None)
+    }
+
+    /// Cuts a snapshot, with `backup` in its record when it is also a backup (backup.rs). A
+    /// retry answers the snapshot already cut under the name, whatever its mark (the caller
+    /// checks it).
+    pub(super) fn cut_snapshot(
+        &self,
+        name: &str,
+        source: &VolumeId,
+        freeze: bool,
+        backup: Option<crate::storage::record::BackupMark>,
+    ) -> Result<SnapshotRecord, StorageError> {
         let shown_src = source.to_string();
         let pool = self
             .locate(&source.0)
@@ -26,26 +39,19 @@ impl LocalEngine {
             )));
         }
         let from = self.source_data(&Source::Volume(source.clone()))?;
-        let made = self.make_snapshot(pool, name, &id, source, &from, freeze);
+        // The data (a copy of the source), then its record: a backup's mark is in the record
+        // from its first write, so a crash never leaves a backup as a plain snapshot.
+        let made =
+            layout::create_copy(pool, Kind::Snapshot, &key, from.layout, &from.path, false, freeze).and_then(|()| {
+                crash::point("create-snapshot:before-record");
+                let rec = SnapshotRecord {
+                    backup,
+                    ..from.snapshot_record(name, &id, source, now(), None)
+                };
+                self.store.put_snapshot(pool, &key, &rec)?;
+                Ok(rec)
+            });
         self.undo_unrecorded(pool, Kind::Snapshot, &key, made)
-    }
-
-    /// Makes a snapshot's data (a copy of `from`) and its record.
-    pub(super) fn make_snapshot(
-        &self,
-        pool: &Pool,
-        name: &str,
-        id: &SnapshotId,
-        source: &VolumeId,
-        from: &SourceData,
-        freeze: bool,
-    ) -> Result<SnapshotRecord, StorageError> {
-        let key = &id.0.key;
-        layout::create_copy(pool, Kind::Snapshot, key, from.layout, &from.path, false, freeze)?;
-        crash::point("create-snapshot:before-record");
-        let rec = from.snapshot_record(name, id, source, now(), None);
-        self.store.put_snapshot(pool, key, &rec)?;
-        Ok(rec)
     }
 
     pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), StorageError> {

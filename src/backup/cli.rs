@@ -1,0 +1,143 @@
+//! `cellar backup list|show|verify|prune --repository NAME`: the repositories of a pool
+//! configuration, read from a shell (a node or the controller pod, or any machine with the same
+//! configuration and credentials). Nothing here needs the driver to run.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{Backups, Throttle};
+use crate::storage::config::Config;
+use crate::storage::id::{BackupId, PoolName};
+
+#[derive(clap::Args, Debug)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    pub command: BackupCommand,
+    /// The driver's pool configuration (its `repositories:`).
+    #[arg(long, global = true, default_value = "/etc/cellar/config.yaml")]
+    pub config: PathBuf,
+    /// The repository, by its name in the configuration.
+    #[arg(long, global = true, default_value = "")]
+    pub repository: String,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum BackupCommand {
+    /// cellar's backups in the repository: id, source volume, size, time, restic snapshot.
+    List,
+    /// One backup, by its snapshot id (backup:<repository>:<key>).
+    Show { id: String },
+    /// Check the repository (restic's `check`); with --read-data, read and check every pack.
+    Verify {
+        #[arg(long)]
+        read_data: bool,
+    },
+    /// Remove data no backup references (two phases: see docs/backups.md).
+    Prune {
+        /// Unused packs are removed only by a prune at least this many seconds after they were
+        /// first found unused; uploads must finish within it.
+        #[arg(long, default_value_t = 23 * 3600)]
+        keep_delete_secs: u64,
+    },
+}
+
+fn row(b: &super::BackupInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": b.id.to_string(),
+        "name": b.meta.name,
+        "sourceVolumeId": b.meta.source_volume_id,
+        "layout": b.meta.layout.as_str(),
+        "sizeBytes": b.meta.capacity_bytes,
+        "dataBytes": b.bytes,
+        "node": b.meta.node,
+        "createdUnixSecs": b.created_unix_secs,
+        "resticSnapshot": b.snapshot,
+    })
+}
+
+/// Runs the command; `Ok(false)` when it found errors (verify).
+pub fn run(args: BackupArgs) -> Result<bool, String> {
+    let config = Config::load(&args.config, std::path::Path::new("/var/lib/cellar")).map_err(|e| e.to_string())?;
+    let backups = Backups::new(config.repositories, Throttle::unlimited());
+    let name = PoolName::parse(&args.repository).map_err(|e| format!("--repository: {}", e.0))?;
+    backups.config(&name).map_err(|e| e.to_string())?;
+    let print = |v: serde_json::Value, text: String| {
+        if args.json {
+            println!("{v}");
+        } else {
+            print!("{text}");
+        }
+    };
+    match args.command {
+        BackupCommand::List => {
+            let all = backups.list(&name).map_err(|e| e.to_string())?;
+            let mut text = format!(
+                "{:<58} {:<40} {:>12} {:<10}\n",
+                "ID", "SOURCE VOLUME", "SIZE", "SNAPSHOT"
+            );
+            for b in &all {
+                text += &format!(
+                    "{:<58} {:<40} {:>12} {:<10}\n",
+                    b.id.to_string(),
+                    b.meta.source_volume_id,
+                    b.meta.capacity_bytes,
+                    &b.snapshot[..b.snapshot.len().min(8)]
+                );
+            }
+            print(serde_json::Value::Array(all.iter().map(row).collect()), text);
+            Ok(true)
+        }
+        BackupCommand::Show { id } => {
+            let id = BackupId::parse(&id).map_err(|e| e.0)?;
+            if *id.repository() != name {
+                return Err(format!(
+                    "{id} is in repository '{}', not '{}'",
+                    id.repository().as_str(),
+                    name.as_str()
+                ));
+            }
+            let b = backups
+                .find(&id)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("backup {id} not found"))?;
+            let v = row(&b);
+            let text = serde_json::to_string_pretty(&v).unwrap_or_default() + "\n";
+            print(v, text);
+            Ok(true)
+        }
+        BackupCommand::Verify { read_data } => {
+            let v = backups.verify(&name, read_data).map_err(|e| e.to_string())?;
+            let mut text = String::new();
+            for e in &v.errors {
+                text += &format!("error: {e}\n");
+            }
+            for w in &v.warnings {
+                text += &format!("warning: {w}\n");
+            }
+            text += &format!(
+                "{}: {} errors, {} warnings\n",
+                if v.errors.is_empty() { "ok" } else { "FAILED" },
+                v.errors.len(),
+                v.warnings.len()
+            );
+            print(serde_json::json!({"errors": v.errors, "warnings": v.warnings}), text);
+            Ok(v.errors.is_empty())
+        }
+        BackupCommand::Prune { keep_delete_secs } => {
+            let p = backups
+                .prune(&name, Duration::from_secs(keep_delete_secs))
+                .map_err(|e| e.to_string())?;
+            print(
+                serde_json::json!({"packsMarked": p.packs_marked, "packsRemoved": p.packs_removed, "packsRepacked": p.packs_repacked}),
+                format!(
+                    "pruned: {} packs marked unused, {} removed, {} repacked\n",
+                    p.packs_marked, p.packs_removed, p.packs_repacked
+                ),
+            );
+            Ok(true)
+        }
+    }
+}

@@ -1,0 +1,638 @@
+//! Backups that outlive their node (docs/backups.md): a snapshot's data uploaded into a restic
+//! repository (format version 2: compressed, encrypted, deduplicated) on a directory every node
+//! mounts or on S3, and restored from there on any node.
+//!
+//! The repository is written and read through rustic_core, so `restic` and `rustic` list, check
+//! and restore every backup without cellar. cellar finds its own backups by their tags:
+//! `cellar-backup=<key>` (the key in the snapshot id `backup:<repository>:<key>`), plus the CSI
+//! name and the source volume; the snapshot's description holds what a restore needs to make the
+//! volume again ([`BackupMeta`]).
+//!
+//! - [`upload`]: a snapshot's image file or tree into the repository;
+//! - [`restore`]: a backup as the transfer stream (`storage::transfer`) that a node imports, so a
+//!   restore is checked and placed exactly like a copy from another node;
+//! - [`throttle`]: a per-node bandwidth limit and the byte counters, around the repository's
+//!   backend.
+
+pub mod cli;
+pub mod restore;
+pub mod throttle;
+pub mod upload;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rustic_backend::BackendOptions;
+use rustic_core::repofile::SnapshotFile;
+use rustic_core::{
+    ConfigOptions, Credentials, ErrorKind, KeyOptions, OpenStatus, Repository, RepositoryBackends, RepositoryOptions,
+    RusticError,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::storage::id::{BackupId, PoolName, VolumeId};
+use crate::storage::record::{Layout, VolumeMode};
+use crate::storage::StorageError;
+
+pub use throttle::Throttle;
+
+/// An open repository, as rustic_core has it.
+pub type Open = Repository<OpenStatus>;
+
+/// Where a repository lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// A directory on a filesystem every node mounts (a shared pool's share, NFS, CephFS, GlusterFS).
+    Path(PathBuf),
+    S3(S3),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct S3 {
+    /// `http(s)://host:port`; path-style requests.
+    pub endpoint: String,
+    pub bucket: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// `AWS_ACCESS_KEY_ID=...` and `AWS_SECRET_ACCESS_KEY=...` lines (a Secret mounted as a file).
+    pub credentials_file: PathBuf,
+    /// A prefix inside the bucket (default: the bucket's root).
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+
+/// A backup repository from the pool configuration's `repositories:`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepositoryConfig {
+    pub name: PoolName,
+    pub location: Location,
+    /// The repository key (its password), read when the repository is opened.
+    pub password_file: PathBuf,
+}
+
+/// `repositories:` entries as written in the file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FileRepository {
+    name: String,
+    #[serde(default)]
+    path: Option<PathBuf>,
+    #[serde(default)]
+    s3: Option<S3>,
+    password_file: PathBuf,
+}
+
+impl RepositoryConfig {
+    pub fn from_file(list: Vec<FileRepository>) -> Result<Vec<RepositoryConfig>, String> {
+        let mut out: Vec<RepositoryConfig> = Vec::new();
+        for r in list {
+            let name = PoolName::parse(&r.name).map_err(|e| format!("repository: {}", e.0))?;
+            if out.iter().any(|o| o.name == name) {
+                return Err(format!("repository '{}' is listed twice", r.name));
+            }
+            let location = match (r.path, r.s3) {
+                (Some(p), None) if p.is_absolute() => Location::Path(p),
+                (Some(p), None) => {
+                    return Err(format!(
+                        "repository '{}': path '{}' must be absolute",
+                        r.name,
+                        p.display()
+                    ))
+                }
+                (None, Some(s3)) => {
+                    if !(s3.endpoint.starts_with("http://") || s3.endpoint.starts_with("https://")) {
+                        return Err(format!(
+                            "repository '{}': s3.endpoint '{}' must start with http:// or https://",
+                            r.name, s3.endpoint
+                        ));
+                    }
+                    if s3.bucket.is_empty() {
+                        return Err(format!("repository '{}': s3.bucket is empty", r.name));
+                    }
+                    Location::S3(s3)
+                }
+                _ => {
+                    return Err(format!(
+                        "repository '{}': give exactly one of path (a directory every node mounts) and s3",
+                        r.name
+                    ))
+                }
+            };
+            if !r.password_file.is_absolute() {
+                return Err(format!(
+                    "repository '{}': passwordFile must be an absolute path",
+                    r.name
+                ));
+            }
+            out.push(RepositoryConfig {
+                name,
+                location,
+                password_file: r.password_file,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Where it is, for messages and metrics (no credentials).
+    pub fn describe(&self) -> String {
+        match &self.location {
+            Location::Path(p) => p.display().to_string(),
+            Location::S3(s) => format!("s3 {}/{}", s.endpoint, s.bucket),
+        }
+    }
+
+    fn backend_options(&self) -> Result<BackendOptions, StorageError> {
+        Ok(match &self.location {
+            Location::Path(p) => BackendOptions::default().repository(p.display().to_string()),
+            Location::S3(s) => {
+                let (key, secret) = read_s3_credentials(&s.credentials_file).map_err(|e| self.refused(e))?;
+                let mut o = BTreeMap::new();
+                o.insert("bucket".to_string(), s.bucket.clone());
+                o.insert("endpoint".to_string(), s.endpoint.clone());
+                o.insert("region".to_string(), s.region.clone());
+                o.insert("access_key_id".to_string(), key);
+                o.insert("secret_access_key".to_string(), secret);
+                o.insert("root".to_string(), format!("/{}", s.prefix.clone().unwrap_or_default()));
+                // Only what the configuration says: no credentials from the environment, the
+                // instance metadata service or ~/.aws.
+                o.insert("disable_config_load".to_string(), "true".to_string());
+                o.insert("disable_ec2_metadata".to_string(), "true".to_string());
+                o.insert("enable_virtual_host_style".to_string(), "false".to_string());
+                // A few quick retries: an endpoint that is down answers UNAVAILABLE in seconds
+                // (the CO retries the call), not after rustic's default minute of backoff.
+                o.insert("retry".to_string(), "2".to_string());
+                BackendOptions::default().repository("opendal:s3").options(o)
+            }
+        })
+    }
+
+    /// A repository that cannot be used as configured: FAILED_PRECONDITION naming it.
+    fn refused(&self, why: impl std::fmt::Display) -> StorageError {
+        StorageError::PoolUnusable(format!("backup repository '{}': {why}", self.name.as_str()))
+    }
+
+    /// A rustic error, classified: a wrong key or unusable configuration is the repository's
+    /// precondition; a backend that cannot be reached is UNAVAILABLE (retried).
+    pub fn error(&self, e: impl Into<RusticFailure>) -> StorageError {
+        let e = e.into();
+        let text = e.text;
+        match e.kind {
+            Kind::Key => self.refused(format!("the key does not open it ({text})")),
+            Kind::Unreachable => StorageError::Unavailable(format!(
+                "backup repository '{}' ({}) cannot be reached: {text}",
+                self.name.as_str(),
+                self.describe()
+            )),
+            Kind::Refused => self.refused(text),
+            Kind::DataLoss => StorageError::DataLoss(format!("backup repository '{}': {text}", self.name.as_str())),
+        }
+    }
+}
+
+/// What went wrong in rustic, in the terms cellar answers with.
+pub struct RusticFailure {
+    kind: Kind,
+    text: String,
+}
+
+enum Kind {
+    Key,
+    Unreachable,
+    Refused,
+    DataLoss,
+}
+
+impl From<Box<RusticError>> for RusticFailure {
+    fn from(e: Box<RusticError>) -> Self {
+        let full = e.to_string();
+        // display_log: the message without the backtrace and bug-report text Display adds.
+        let text = one_line(&e.display_log());
+        // rustic keeps the kind private; its message names it ("related to `the backend`").
+        let is = |k: ErrorKind| full.contains(&format!("related to `{k}`"));
+        let kind = if e.is_incorrect_password() || is(ErrorKind::Credentials) || is(ErrorKind::Key) {
+            Kind::Key
+        } else if is(ErrorKind::Backend) || is(ErrorKind::InputOutput) {
+            Kind::Unreachable
+        } else if is(ErrorKind::Cryptography) || is(ErrorKind::Verification) {
+            Kind::DataLoss
+        } else {
+            Kind::Refused
+        };
+        RusticFailure { kind, text }
+    }
+}
+
+impl RusticFailure {
+    pub fn data_loss(text: impl Into<String>) -> Self {
+        RusticFailure {
+            kind: Kind::DataLoss,
+            text: text.into(),
+        }
+    }
+}
+
+/// rustic's messages run over many lines of guidance; a status message is one line, bounded.
+fn one_line(s: &str) -> String {
+    let joined = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    let mut end = joined.len().min(600);
+    while !joined.is_char_boundary(end) {
+        end -= 1;
+    }
+    joined[..end].to_string()
+}
+
+fn read_s3_credentials(path: &Path) -> Result<(String, String), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("credentialsFile {}: {e}", path.display()))?;
+    let (mut key, mut secret) = (None, None);
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line.split_once('=') {
+            Some(("AWS_ACCESS_KEY_ID", v)) => key = Some(v.trim().to_string()),
+            Some(("AWS_SECRET_ACCESS_KEY", v)) => secret = Some(v.trim().to_string()),
+            _ => {}
+        }
+    }
+    match (key, secret) {
+        (Some(k), Some(s)) if !k.is_empty() && !s.is_empty() => Ok((k, s)),
+        _ => Err(format!(
+            "credentialsFile {} needs AWS_ACCESS_KEY_ID= and AWS_SECRET_ACCESS_KEY= lines",
+            path.display()
+        )),
+    }
+}
+
+/// What a restore needs to make the volume again, kept in the restic snapshot's description.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupMeta {
+    /// The CSI snapshot name (the idempotency key of CreateSnapshot).
+    pub name: String,
+    pub source_volume_id: String,
+    pub layout: Layout,
+    pub mode: VolumeMode,
+    pub capacity_bytes: u64,
+    /// image: the filesystem's size and the image file's length; 0 for trees.
+    pub fs_bytes: u64,
+    pub length: u64,
+    /// The node that cut and uploaded it.
+    pub node: String,
+    /// Where the data is inside the restic snapshot (`/volume` for a tree, `/<file>` for an
+    /// image: `restic restore <id> --target T` writes `T<path>`).
+    pub path: String,
+    /// A tree's root directory: owner, mode, times and xattrs (restic keeps them for the entries
+    /// below it; the root is cellar's to put back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<StoredMeta>,
+}
+
+/// A directory's metadata in the snapshot's description (names and values of xattrs in hex).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMeta {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    pub atime: (i64, i64),
+    pub mtime: (i64, i64),
+    #[serde(default)]
+    pub xattrs: Vec<(String, String)>,
+}
+
+impl StoredMeta {
+    pub fn of(m: &crate::sys::tree::Meta) -> StoredMeta {
+        StoredMeta {
+            uid: m.uid,
+            gid: m.gid,
+            mode: m.mode,
+            atime: m.atime,
+            mtime: m.mtime,
+            xattrs: m.xattrs.iter().map(|(k, v)| (hex::encode(k), hex::encode(v))).collect(),
+        }
+    }
+
+    pub fn meta(&self) -> Option<crate::sys::tree::Meta> {
+        let xattrs = self
+            .xattrs
+            .iter()
+            .map(|(k, v)| Some((hex::decode(k).ok()?, hex::decode(v).ok()?)))
+            .collect::<Option<Vec<_>>>()?;
+        Some(crate::sys::tree::Meta {
+            uid: self.uid,
+            gid: self.gid,
+            mode: self.mode,
+            atime: self.atime,
+            mtime: self.mtime,
+            xattrs,
+        })
+    }
+}
+
+/// One of cellar's backups as the repository holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupInfo {
+    pub id: BackupId,
+    pub meta: BackupMeta,
+    /// The restic snapshot's id (for `restic restore <id>`).
+    pub snapshot: String,
+    pub created_unix_secs: i64,
+    /// Bytes the snapshot's data covers (rustic's summary).
+    pub bytes: u64,
+}
+
+pub(crate) const TAG_KEY: &str = "cellar-backup=";
+const TAG_NAME: &str = "cellar-name=";
+const TAG_VOLUME: &str = "cellar-volume=";
+
+/// The path a tree's data has inside its restic snapshot: `restic restore <id> --target T`
+/// writes `T/volume`. (An image keeps its file's name: rustic names a single file by it.)
+pub const TREE_PATH: &str = "/volume";
+
+fn info_of(repo: &PoolName, s: &SnapshotFile) -> Option<BackupInfo> {
+    let key = s.tags.iter().find_map(|t| t.strip_prefix(TAG_KEY))?;
+    let id = BackupId::new(repo.clone(), key).ok()?;
+    let meta: BackupMeta = serde_json::from_str(s.description.as_deref()?).ok()?;
+    Some(BackupInfo {
+        id,
+        meta,
+        snapshot: s.id.to_string(),
+        created_unix_secs: s.time.timestamp().as_second(),
+        bytes: s.summary.as_ref().map_or(0, |x| x.total_bytes_processed),
+    })
+}
+
+/// The repositories a process knows, opened on demand. Opening reads the keys and the config;
+/// the first open of a repository that has none initialises it (only the controller does, so
+/// that two nodes never initialise one repository twice).
+pub struct Backups {
+    repos: Vec<RepositoryConfig>,
+    throttle: Arc<Throttle>,
+    /// Serialises initialisation in this process.
+    init: Mutex<()>,
+}
+
+impl Backups {
+    pub fn new(repos: Vec<RepositoryConfig>, throttle: Arc<Throttle>) -> Backups {
+        Backups {
+            repos,
+            throttle,
+            init: Mutex::new(()),
+        }
+    }
+
+    pub fn names(&self) -> Vec<&PoolName> {
+        self.repos.iter().map(|r| &r.name).collect()
+    }
+
+    pub fn config(&self, name: &PoolName) -> Result<&RepositoryConfig, StorageError> {
+        self.repos.iter().find(|r| r.name == *name).ok_or_else(|| {
+            let known: Vec<&str> = self.repos.iter().map(|r| r.name.as_str()).collect();
+            StorageError::Unsupported(format!(
+                "unknown backup repository '{}' (configured: {})",
+                name.as_str(),
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ))
+        })
+    }
+
+    pub fn throttle(&self) -> &Arc<Throttle> {
+        &self.throttle
+    }
+
+    fn backends(&self, cfg: &RepositoryConfig) -> Result<RepositoryBackends, StorageError> {
+        if let Location::Path(p) = &cfg.location {
+            // The directory may be made, never its parent: a share that is not mounted must
+            // not turn into a backup on the node's own disk.
+            let parent = p.parent().unwrap_or(Path::new("/"));
+            if !parent.is_dir() {
+                return Err(StorageError::Unavailable(format!(
+                    "backup repository '{}': {} does not exist (is the share mounted?)",
+                    cfg.name.as_str(),
+                    parent.display()
+                )));
+            }
+        }
+        let be = cfg.backend_options()?.to_backends().map_err(|e| cfg.error(e))?;
+        Ok(self.throttle.wrap(be, cfg.name.as_str()))
+    }
+
+    fn options() -> RepositoryOptions {
+        // No cache: several nodes write one repository, and a restore must read what is there.
+        RepositoryOptions::default().no_cache(true)
+    }
+
+    /// Opens a repository that exists (nodes, listings): one that has no config yet is
+    /// FAILED_PRECONDITION (the controller initialises it on the first backup).
+    pub fn open(&self, name: &PoolName) -> Result<Open, StorageError> {
+        self.open_or_init(name, false)
+    }
+
+    /// Opens a repository, initialising it when it has no config yet.
+    pub fn open_or_init(&self, name: &PoolName, init: bool) -> Result<Open, StorageError> {
+        let cfg = self.config(name)?;
+        let password = std::fs::read_to_string(&cfg.password_file)
+            .map_err(|e| cfg.refused(format!("passwordFile {}: {e}", cfg.password_file.display())))?;
+        let password = password.trim_end_matches(['\n', '\r']).to_string();
+        if password.is_empty() {
+            return Err(cfg.refused(format!("passwordFile {} is empty", cfg.password_file.display())));
+        }
+        let credentials = Credentials::password(&password);
+        let repo = Repository::new(&Self::options(), &self.backends(cfg)?).map_err(|e| cfg.error(e))?;
+        if repo.config_id().map_err(|e| cfg.error(e))?.is_some() {
+            return repo.open(&credentials).map_err(|e| cfg.error(e));
+        }
+        if !init {
+            return Err(cfg.refused("it has not been initialised yet (the first backup into it does that)"));
+        }
+        let _one = self.init.lock().unwrap_or_else(|p| p.into_inner());
+        let repo = Repository::new(&Self::options(), &self.backends(cfg)?).map_err(|e| cfg.error(e))?;
+        if repo.config_id().map_err(|e| cfg.error(e))?.is_some() {
+            return repo.open(&credentials).map_err(|e| cfg.error(e));
+        }
+        let _claim = match &cfg.location {
+            Location::Path(p) => Some(InitClaim::take(cfg, p)?),
+            Location::S3(_) => None,
+        };
+        tracing::info!(repository = cfg.name.as_str(), at = %cfg.describe(), "initialising the backup repository");
+        let config = ConfigOptions::default().set_version(2u32);
+        repo.init(&credentials, &KeyOptions::default(), &config)
+            .map_err(|e| cfg.error(e))
+    }
+
+    /// cellar's backups in a repository (other snapshots there are left alone).
+    pub fn list(&self, name: &PoolName) -> Result<Vec<BackupInfo>, StorageError> {
+        let cfg = self.config(name)?;
+        let repo = self.open(name)?;
+        let snaps = repo.get_all_snapshots().map_err(|e| cfg.error(e))?;
+        let mut out: Vec<BackupInfo> = snaps.iter().filter_map(|s| info_of(name, s)).collect();
+        out.sort_by_key(|b| b.id.to_string());
+        out.dedup_by(|a, b| a.id == b.id);
+        Ok(out)
+    }
+
+    /// A backup by its id; `None` when the repository has none with that key. A repository
+    /// that was never initialised holds none.
+    pub fn find(&self, id: &BackupId) -> Result<Option<BackupInfo>, StorageError> {
+        match self.list(id.repository()) {
+            Ok(all) => Ok(all.into_iter().find(|b| b.id == *id)),
+            Err(StorageError::PoolUnusable(m)) if m.contains("not been initialised") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The backup cut under a CSI snapshot name, if any.
+    pub fn find_named(&self, repo: &PoolName, name: &str) -> Result<Option<BackupInfo>, StorageError> {
+        match self.list(repo) {
+            Ok(all) => Ok(all.into_iter().find(|b| b.meta.name == name)),
+            Err(StorageError::PoolUnusable(m)) if m.contains("not been initialised") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Forgets a backup: removes every restic snapshot carrying its key. Its data stays until a
+    /// prune finds it unreferenced. Forgetting what is not there succeeds.
+    pub fn forget(&self, id: &BackupId) -> Result<(), StorageError> {
+        let cfg = self.config(id.repository())?;
+        let repo = match self.open(id.repository()) {
+            Ok(r) => r,
+            Err(StorageError::PoolUnusable(m)) if m.contains("not been initialised") => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let tag = format!("{TAG_KEY}{}", id.key());
+        let snaps = repo.get_all_snapshots().map_err(|e| cfg.error(e))?;
+        let ids: Vec<_> = snaps
+            .iter()
+            .filter(|s| s.tags.iter().any(|t| *t == tag))
+            .map(|s| s.id)
+            .collect();
+        if !ids.is_empty() {
+            repo.delete_snapshots(&ids).map_err(|e| cfg.error(e))?;
+            tracing::info!(backup = %id, snapshots = ids.len(), "backup forgotten; its data goes at the next prune");
+        }
+        Ok(())
+    }
+}
+
+/// What `cellar backup verify` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub errors: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// What a prune did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    /// Packs marked unused now (removed by a later prune, once `keep_delete` has passed).
+    pub packs_marked: u64,
+    /// Packs removed now.
+    pub packs_removed: u64,
+    /// Packs repacked (partly used).
+    pub packs_repacked: u64,
+}
+
+impl Backups {
+    /// Checks the repository's structure and, with `read_data`, reads and checks every pack:
+    /// what `restic check --read-data` does.
+    pub fn verify(&self, name: &PoolName, read_data: bool) -> Result<Verified, StorageError> {
+        let cfg = self.config(name)?;
+        let repo = self.open(name)?;
+        let results = repo
+            .check(rustic_core::CheckOptions::default().read_data(read_data))
+            .map_err(|e| cfg.error(e))?;
+        let mut out = Verified {
+            errors: Vec::new(),
+            warnings: Vec::new(),
+        };
+        // rustic does not export the level's type; its name tells errors from warnings.
+        for (level, e) in results.0 {
+            if format!("{level:?}") == "Error" {
+                out.errors.push(one_line(&e.to_string()));
+            } else {
+                out.warnings.push(one_line(&e.to_string()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes data no backup references, in two phases so that an upload running meanwhile on
+    /// another node never loses a blob it reuses: unused packs are first marked, and removed
+    /// only by a prune at least `keep_delete` later (a backup that references a marked pack
+    /// before then brings it back). `keep_delete` must be longer than the longest upload.
+    pub fn prune(&self, name: &PoolName, keep_delete: std::time::Duration) -> Result<Pruned, StorageError> {
+        let cfg = self.config(name)?;
+        let repo = self.open(name)?;
+        let span = rustic_core::jiff::Span::new().seconds(keep_delete.as_secs() as i64);
+        let opts = rustic_core::PruneOptions::default().keep_delete(span);
+        let plan = repo.prune_plan(&opts).map_err(|e| cfg.error(e))?;
+        let stats = &plan.stats;
+        let done = Pruned {
+            packs_marked: stats.packs_to_delete.keep,
+            packs_removed: stats.packs_to_delete.remove,
+            packs_repacked: plan.repack_packs().len() as u64,
+        };
+        crate::crash::point("backup:prune-planned");
+        repo.prune(&opts, plan).map_err(|e| cfg.error(e))?;
+        tracing::info!(
+            repository = name.as_str(),
+            marked = done.packs_marked,
+            removed = done.packs_removed,
+            repacked = done.packs_repacked,
+            "backup repository pruned"
+        );
+        Ok(done)
+    }
+}
+
+/// A claim on initialising a path repository, so that two processes (two controller replicas)
+/// never both write a config: made with O_EXCL beside the repository, removed when done.
+struct InitClaim(PathBuf);
+
+impl InitClaim {
+    fn take(cfg: &RepositoryConfig, repo: &Path) -> Result<InitClaim, StorageError> {
+        let name = repo
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let path = repo.with_file_name(format!(".{name}.cellar-init"));
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(_) => Ok(InitClaim(path)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(StorageError::Busy(format!(
+                "backup repository '{}' (another process is initialising it; {} is its claim)",
+                cfg.name.as_str(),
+                path.display()
+            ))),
+            Err(e) => Err(StorageError::Unavailable(format!(
+                "backup repository '{}': {}: {e}",
+                cfg.name.as_str(),
+                path.display()
+            ))),
+        }
+    }
+}
+
+impl Drop for InitClaim {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The id a snapshot gets when it is also a backup.
+pub fn snapshot_id_of(repo: &PoolName, key: &str) -> Result<BackupId, StorageError> {
+    BackupId::new(repo.clone(), key).map_err(|e| StorageError::Unsupported(e.0))
+}
+
+/// A volume id as a backup names its source (for ListSnapshots' source filter).
+pub fn source_of(info: &BackupInfo) -> Option<VolumeId> {
+    VolumeId::parse(&info.meta.source_volume_id).ok()
+}

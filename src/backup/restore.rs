@@ -1,0 +1,383 @@
+//! A backup as a transfer stream (`storage::transfer`): the node that restores imports it exactly
+//! as it imports a copy from another node, in `.work`, checked whole before it is moved into
+//! place, and removed when anything fails.
+//!
+//! Every data blob is checked against its id (the SHA-256 of its plaintext, after rustic has
+//! checked its MAC) before any of it becomes a frame: a corrupted pack is DATA_LOSS. Runs of
+//! zeros are not sent, so holes in an image (and in sparse files) stay holes.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Instant;
+
+use rustic_core::repofile::{BlobType, Node, NodeType};
+use rustic_core::{BlobId, IndexedFullStatus, Repository};
+use sha2::{Digest, Sha256};
+
+use super::{BackupInfo, Backups, RepositoryConfig, RusticFailure};
+use crate::storage::record::Layout;
+use crate::storage::transfer::{chunk_checksum, Frame, Header, Tally, CHUNK_BYTES};
+use crate::storage::StorageError;
+use crate::sys::tree::Meta;
+
+type Indexed = Repository<IndexedFullStatus>;
+
+/// The frames of backup `info`, read lazily: the first is the header. A tree (from a `dir` or
+/// `btrfs` volume) is restored into either tree layout: `target` names the one being made.
+pub fn frames(backups: &Backups, info: &BackupInfo, target: Layout) -> Result<Frames, StorageError> {
+    let cfg = backups.config(info.id.repository())?.clone();
+    let repo = backups.open(info.id.repository())?;
+    let snap = repo
+        .get_snapshot_from_str(&info.snapshot, |_| true)
+        .map_err(|e| cfg.error(e))?;
+    let repo = repo.to_indexed().map_err(|e| cfg.error(e))?;
+    let root = repo
+        .node_from_path(snap.tree, Path::new(&info.meta.path))
+        .map_err(|e| cfg.error(e))?;
+    let tree = |l: Layout| l != Layout::Image;
+    let header = Header {
+        layout: if tree(info.meta.layout) && tree(target) {
+            target
+        } else {
+            info.meta.layout
+        },
+        mode: info.meta.mode,
+        capacity_bytes: info.meta.capacity_bytes,
+        fs_bytes: info.meta.fs_bytes,
+        length: info.meta.length,
+    };
+    let image = matches!(root.node_type, NodeType::File);
+    if image != (info.meta.layout == Layout::Image) {
+        return Err(StorageError::DataLoss(format!(
+            "backup {} says it holds a {} volume but its data is a {}",
+            info.id,
+            info.meta.layout.as_str(),
+            if image { "file" } else { "tree" }
+        )));
+    }
+    let mut f = Frames {
+        repo,
+        cfg,
+        repository: info.id.repository().as_str().to_string(),
+        tally: Tally::default(),
+        queue: std::collections::VecDeque::new(),
+        stack: Vec::new(),
+        links: HashMap::new(),
+        started: Instant::now(),
+        state: State::Running,
+    };
+    f.push(Frame::Header(header));
+    if image {
+        f.stack.push(Step::File {
+            blobs: root.content.clone().unwrap_or_default(),
+            next: 0,
+            offset: 0,
+        });
+    } else {
+        f.open_dir(&root, None)?;
+        // The root's own metadata, as the source had it.
+        if let (Some(Step::Dir { meta, .. }), Some(m)) =
+            (f.stack.last_mut(), info.meta.root.as_ref().and_then(|r| r.meta()))
+        {
+            *meta = m;
+        }
+    }
+    Ok(f)
+}
+
+enum Step {
+    /// A directory's entries still to send, then its `Leave`.
+    Dir {
+        nodes: std::vec::IntoIter<Node>,
+        meta: Meta,
+    },
+    /// A file's blobs still to send.
+    File {
+        blobs: Vec<rustic_core::DataId>,
+        next: usize,
+        offset: u64,
+    },
+}
+
+#[derive(PartialEq)]
+enum State {
+    Running,
+    Ended,
+    Failed,
+}
+
+/// The stream: an iterator of frames, ending with `End` (or with the first error).
+pub struct Frames {
+    repo: Indexed,
+    cfg: RepositoryConfig,
+    repository: String,
+    tally: Tally,
+    queue: std::collections::VecDeque<Frame>,
+    stack: Vec<Step>,
+    /// Files with several names: (device, inode) to the link number of their first name.
+    links: HashMap<(u64, u64), u64>,
+    started: Instant,
+    state: State,
+}
+
+impl Frames {
+    fn push(&mut self, f: Frame) {
+        self.tally.add(&f);
+        self.queue.push_back(f);
+    }
+
+    /// Queues a directory's frames to come: `Dir` (not for the root), its entries, `Leave`.
+    fn open_dir(&mut self, node: &Node, name: Option<&[u8]>) -> Result<(), StorageError> {
+        let sub = node.subtree.ok_or_else(|| {
+            self.cfg
+                .error(RusticFailure::data_loss(format!("directory {} has no tree", node.name)))
+        })?;
+        let tree = self.repo.get_tree(&sub).map_err(|e| self.read_error(e))?;
+        if let Some(n) = name {
+            self.push(Frame::Dir { name: n.to_vec() });
+        }
+        self.stack.push(Step::Dir {
+            nodes: tree.nodes.into_iter(),
+            meta: meta_of(node),
+        });
+        Ok(())
+    }
+
+    /// A failure reading data: a backend that cannot be reached is retried; anything else
+    /// (a MAC or hash that does not match, a blob the index lost) is data loss.
+    fn read_error(&self, e: Box<rustic_core::RusticError>) -> StorageError {
+        match self.cfg.error(e) {
+            StorageError::Unavailable(m) => StorageError::Unavailable(m),
+            other => StorageError::DataLoss(other.to_string()),
+        }
+    }
+
+    /// One entry of the directory on top of the stack.
+    fn entry(&mut self, node: Node) -> Result<(), StorageError> {
+        let name = node.name().as_encoded_bytes().to_vec();
+        let meta = meta_of(&node);
+        match &node.node_type {
+            NodeType::Dir => self.open_dir(&node, Some(&name))?,
+            NodeType::File => {
+                let link = if node.meta.links > 1 {
+                    let key = (node.meta.device_id, node.meta.inode);
+                    if let Some(&n) = self.links.get(&key) {
+                        self.push(Frame::HardLink { name, link: n });
+                        return Ok(());
+                    }
+                    let n = self.links.len() as u64;
+                    self.links.insert(key, n);
+                    Some(n)
+                } else {
+                    None
+                };
+                self.push(Frame::File {
+                    name,
+                    meta,
+                    size: node.meta.size,
+                    link,
+                });
+                self.stack.push(Step::File {
+                    blobs: node.content.clone().unwrap_or_default(),
+                    next: 0,
+                    offset: 0,
+                });
+            }
+            NodeType::Symlink { .. } => {
+                let target = node.node_type.to_link().as_os_str().as_encoded_bytes().to_vec();
+                self.push(Frame::Symlink { name, target, meta });
+            }
+            NodeType::Dev { device } => self.special(name, libc::S_IFBLK, *device, meta),
+            NodeType::Chardev { device } => self.special(name, libc::S_IFCHR, *device, meta),
+            NodeType::Fifo => self.special(name, libc::S_IFIFO, 0, meta),
+            NodeType::Socket => self.special(name, libc::S_IFSOCK, 0, meta),
+        }
+        Ok(())
+    }
+
+    fn special(&mut self, name: Vec<u8>, kind: u32, rdev: u64, meta: Meta) {
+        let mode = kind | (meta.mode & 0o7777);
+        self.push(Frame::Special { name, mode, rdev, meta });
+    }
+
+    /// The next blob of the file on top of the stack, checked, as chunks (zeros left out).
+    fn blob(&mut self, id: rustic_core::DataId, offset: u64) -> Result<u64, StorageError> {
+        let data = self
+            .repo
+            .get_blob_cached(&BlobId::from(id), BlobType::Data)
+            .map_err(|e| self.read_error(e))?;
+        let sum: [u8; 32] = Sha256::digest(&data).into();
+        if hex::encode(sum) != id.to_hex().as_str() {
+            return Err(StorageError::DataLoss(format!(
+                "backup repository '{}': blob {} does not match its id",
+                self.repository,
+                id.to_hex().as_str()
+            )));
+        }
+        crate::metrics::record_backup_bytes(&self.repository, "restored", data.len() as u64);
+        for (start, end) in data_runs(&data) {
+            let (at, piece) = (offset + start as u64, &data[start..end]);
+            self.push(Frame::Chunk {
+                offset: at,
+                data: piece.to_vec(),
+                checksum: chunk_checksum(at, piece),
+            });
+        }
+        Ok(data.len() as u64)
+    }
+
+    /// Queues at least one more frame, or ends the stream.
+    fn advance(&mut self) -> Result<(), StorageError> {
+        while self.queue.is_empty() {
+            let Some(top) = self.stack.last_mut() else {
+                let end = std::mem::take(&mut self.tally).end();
+                self.queue.push_back(end);
+                self.state = State::Ended;
+                crate::metrics::record_backup_end(&self.repository, "restore", true, self.started.elapsed());
+                return Ok(());
+            };
+            match top {
+                Step::File { blobs, next, offset } => {
+                    if *next == blobs.len() {
+                        self.stack.pop();
+                        continue;
+                    }
+                    let (id, at) = (blobs[*next], *offset);
+                    *next += 1;
+                    let len = self.blob(id, at)?;
+                    if let Some(Step::File { offset, .. }) = self.stack.last_mut() {
+                        *offset += len;
+                    }
+                }
+                Step::Dir { nodes, meta } => match nodes.next() {
+                    Some(node) => self.entry(node)?,
+                    None => {
+                        let meta = std::mem::take(meta);
+                        self.stack.pop();
+                        self.push(Frame::Leave { meta });
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Iterator for Frames {
+    type Item = Result<Frame, StorageError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(f) = self.queue.pop_front() {
+            return Some(Ok(f));
+        }
+        if self.state != State::Running {
+            return None;
+        }
+        match self.advance() {
+            Ok(()) => self.queue.pop_front().map(Ok),
+            Err(e) => {
+                self.state = State::Failed;
+                crate::metrics::record_backup_end(&self.repository, "restore", false, self.started.elapsed());
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// The block size below which zeros are written rather than left as a hole.
+const HOLE_BLOCK: usize = 4096;
+
+/// The runs of `data` that hold something other than zeros, in blocks of [`HOLE_BLOCK`] and
+/// pieces of at most [`CHUNK_BYTES`]: what is sent; the zeros between stay holes.
+fn data_runs(data: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, block) in data.chunks(HOLE_BLOCK).enumerate() {
+        if block.iter().all(|&b| b == 0) {
+            continue;
+        }
+        let (start, end) = (i * HOLE_BLOCK, i * HOLE_BLOCK + block.len());
+        match runs.last_mut() {
+            Some(r) if r.1 == start && end - r.0 <= CHUNK_BYTES => r.1 = end,
+            _ => runs.push((start, end)),
+        }
+    }
+    runs
+}
+
+/// restic keeps Go's file mode (type bits high, set-id and sticky apart); cellar's trees keep
+/// the permission bits with set-id and sticky as `st_mode & 0o7777` has them.
+fn unix_mode(go: u32) -> u32 {
+    const GO_SETUID: u32 = 1 << 23;
+    const GO_SETGID: u32 = 1 << 22;
+    const GO_STICKY: u32 = 1 << 20;
+    let mut m = go & 0o777;
+    if go & GO_SETUID != 0 {
+        m |= libc::S_ISUID;
+    }
+    if go & GO_SETGID != 0 {
+        m |= libc::S_ISGID;
+    }
+    if go & GO_STICKY != 0 {
+        m |= libc::S_ISVTX;
+    }
+    m
+}
+
+fn meta_of(node: &Node) -> Meta {
+    let m = &node.meta;
+    let time = |t: Option<rustic_core::jiff::Timestamp>| {
+        t.map_or((0, 0), |t| (t.as_second(), i64::from(t.subsec_nanosecond())))
+    };
+    Meta {
+        uid: m.uid.unwrap_or(0),
+        gid: m.gid.unwrap_or(0),
+        mode: m.mode.map_or(0o644, unix_mode),
+        atime: time(m.atime.or(m.mtime)),
+        mtime: time(m.mtime),
+        xattrs: m
+            .extended_attributes
+            .iter()
+            .map(|x| (x.name.as_bytes().to_vec(), x.value.clone().unwrap_or_default()))
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeros_stay_holes_and_data_is_cut_into_bounded_runs() {
+        let mut d = vec![0u8; 3 * CHUNK_BYTES];
+        d[5000] = 1; // block 1
+        d[9000] = 2; // block 2, adjacent: one run
+        d[CHUNK_BYTES + 10] = 3;
+        assert_eq!(data_runs(&d), vec![(4096, 12288), (CHUNK_BYTES, CHUNK_BYTES + 4096)]);
+        let full = vec![7u8; 2 * CHUNK_BYTES + 100];
+        let runs = data_runs(&full);
+        assert_eq!(
+            runs,
+            vec![
+                (0, CHUNK_BYTES),
+                (CHUNK_BYTES, 2 * CHUNK_BYTES),
+                (2 * CHUNK_BYTES, 2 * CHUNK_BYTES + 100)
+            ]
+        );
+        assert!(data_runs(&[0u8; 10000]).is_empty());
+    }
+
+    #[test]
+    fn go_modes_map_to_unix_permission_bits() {
+        assert_eq!(unix_mode(0o755), 0o755);
+        assert_eq!(
+            unix_mode((1 << 31) | 0o700),
+            0o700,
+            "the directory bit is not a permission"
+        );
+        assert_eq!(unix_mode((1 << 23) | 0o4755 & 0o777), libc::S_ISUID | 0o755);
+        assert_eq!(
+            unix_mode((1 << 22) | (1 << 20) | 0o775),
+            libc::S_ISGID | libc::S_ISVTX | 0o775
+        );
+    }
+}

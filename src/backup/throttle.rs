@@ -1,0 +1,182 @@
+//! A node's backup bandwidth (`--backup-bandwidth`): every byte written to or read from a
+//! repository's backend passes one token bucket per process, so uploads and restores together
+//! never take more than the configured rate from the workloads' disks and network. The same
+//! wrapper counts the bytes for the metrics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rustic_core::{BytesList, FileType, Id, ReadBackend, RepositoryBackends, RusticResult, WriteBackend};
+
+/// The per-process limit; 0 bytes per second is no limit.
+pub struct Throttle {
+    bytes_per_sec: AtomicU64,
+    /// When the bytes taken so far have been paid for.
+    paid_until: Mutex<Instant>,
+}
+
+impl Throttle {
+    pub fn new(bytes_per_sec: u64) -> Arc<Throttle> {
+        Arc::new(Throttle {
+            bytes_per_sec: AtomicU64::new(bytes_per_sec),
+            paid_until: Mutex::new(Instant::now()),
+        })
+    }
+
+    pub fn unlimited() -> Arc<Throttle> {
+        Self::new(0)
+    }
+
+    pub fn bytes_per_sec(&self) -> u64 {
+        self.bytes_per_sec.load(Ordering::Relaxed)
+    }
+
+    /// Sets the node's limit (`--backup-bandwidth`); 0 removes it.
+    pub fn set_bytes_per_sec(&self, rate: u64) {
+        self.bytes_per_sec.store(rate, Ordering::Relaxed);
+    }
+
+    /// Waits until `bytes` fit in the rate. A burst of up to one second's worth passes at once.
+    pub fn take(&self, bytes: u64) {
+        let rate = self.bytes_per_sec();
+        if rate == 0 || bytes == 0 {
+            return;
+        }
+        let cost = Duration::from_secs_f64(bytes as f64 / rate as f64);
+        let wait = {
+            let mut paid = self.paid_until.lock().unwrap_or_else(|p| p.into_inner());
+            let (until, wait) = reserve(*paid, Instant::now(), cost);
+            *paid = until;
+            wait
+        };
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+
+    /// The repository's backends, with every transfer paced and counted under `repository`.
+    pub fn wrap(self: &Arc<Self>, be: RepositoryBackends, repository: &str) -> RepositoryBackends {
+        let paced = |inner: Arc<dyn WriteBackend>| -> Arc<dyn WriteBackend> {
+            Arc::new(Paced {
+                inner,
+                throttle: self.clone(),
+                repository: repository.to_string(),
+            })
+        };
+        RepositoryBackends::new(paced(be.repository()), be.repo_hot().map(paced))
+    }
+}
+
+/// The token bucket's arithmetic: bytes costing `cost` are paid from when the earlier ones are
+/// (or from one second ago, the most an idle bucket saves up); the caller waits until they are.
+fn reserve(paid: Instant, now: Instant, cost: Duration) -> (Instant, Duration) {
+    let saved_from = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
+    let until = paid.max(saved_from) + cost;
+    (until, until.saturating_duration_since(now))
+}
+
+struct Paced {
+    inner: Arc<dyn WriteBackend>,
+    throttle: Arc<Throttle>,
+    repository: String,
+}
+
+impl Paced {
+    fn read(&self, b: RusticResult<Bytes>) -> RusticResult<Bytes> {
+        if let Ok(b) = &b {
+            self.throttle.take(b.len() as u64);
+            crate::metrics::record_backup_bytes(&self.repository, "downloaded", b.len() as u64);
+        }
+        b
+    }
+}
+
+impl ReadBackend for Paced {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+
+    fn list_with_size(&self, tpe: FileType) -> RusticResult<Vec<(Id, u32)>> {
+        self.inner.list_with_size(tpe)
+    }
+
+    fn list(&self, tpe: FileType) -> RusticResult<Vec<Id>> {
+        self.inner.list(tpe)
+    }
+
+    fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<Bytes> {
+        self.read(self.inner.read_full(tpe, id))
+    }
+
+    fn read_partial(&self, tpe: FileType, id: &Id, cacheable: bool, offset: u32, length: u32) -> RusticResult<Bytes> {
+        self.read(self.inner.read_partial(tpe, id, cacheable, offset, length))
+    }
+
+    fn warmup_path(&self, tpe: FileType, id: &Id) -> String {
+        self.inner.warmup_path(tpe, id)
+    }
+
+    fn needs_warm_up(&self) -> bool {
+        self.inner.needs_warm_up()
+    }
+
+    fn warm_up(&self, tpe: FileType, id: &Id) -> RusticResult<()> {
+        self.inner.warm_up(tpe, id)
+    }
+}
+
+impl WriteBackend for Paced {
+    fn create(&self) -> RusticResult<()> {
+        self.inner.create()
+    }
+
+    fn write_bytes(&self, tpe: FileType, id: &Id, cacheable: bool, content: BytesList) -> RusticResult<()> {
+        let n = content.size() as u64;
+        self.throttle.take(n);
+        self.inner.write_bytes(tpe, id, cacheable, content)?;
+        crate::metrics::record_backup_bytes(&self.repository, "uploaded", n);
+        Ok(())
+    }
+
+    fn remove(&self, tpe: FileType, id: &Id, cacheable: bool) -> RusticResult<()> {
+        self.inner.remove(tpe, id, cacheable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_bucket_lets_one_second_through_then_paces() {
+        let now = Instant::now() + Duration::from_secs(10);
+        let idle = now - Duration::from_secs(60);
+        let half = Duration::from_millis(500);
+        let (paid, wait) = reserve(idle, now, half);
+        assert_eq!(wait, Duration::ZERO, "half a second's worth fits in the saved second");
+        let (paid, wait) = reserve(paid, now, half);
+        assert_eq!(wait, Duration::ZERO, "so does the other half");
+        let (paid, wait) = reserve(paid, now, Duration::from_secs(2));
+        assert_eq!(
+            wait,
+            Duration::from_secs(2),
+            "beyond the saved second every byte waits its cost"
+        );
+        let (_, wait) = reserve(paid, now + Duration::from_secs(1), half);
+        assert_eq!(wait, Duration::from_millis(1500), "debts add up");
+    }
+
+    #[test]
+    fn no_limit_never_waits() {
+        let t = Throttle::unlimited();
+        let before = *t.paid_until.lock().unwrap_or_else(|p| p.into_inner());
+        t.take(u64::MAX / 2);
+        assert_eq!(
+            *t.paid_until.lock().unwrap_or_else(|p| p.into_inner()),
+            before,
+            "nothing owed"
+        );
+    }
+}

@@ -1,0 +1,139 @@
+//! A snapshot's data into a repository: an image volume's filesystem image (read as one file;
+//! its holes read as zeros, which the chunker cuts into the same few blobs, so they stay cheap)
+//! or a tree with owners, modes, times, xattrs and links, as rustic's archiver reads them.
+//!
+//! An upload is idempotent by its key: a retry after a crash finds the finished snapshot, or
+//! starts over (packs a killed upload left are not in any index; a prune removes them). The
+//! previous backup of the same volume is the parent, so a tree's unchanged files are not read
+//! again; every chunk is deduplicated against the whole repository.
+
+use std::path::Path;
+use std::time::Instant;
+
+use rustic_core::repofile::{Node, NodeType, SnapshotFile};
+use rustic_core::{BackupOptions, LocalSourceSaveOptions, ParentOptions, PathList, SnapshotOptions, TimeOption};
+
+use super::{BackupInfo, BackupMeta, Backups, RusticFailure, TAG_KEY, TAG_NAME, TAG_VOLUME};
+use crate::crash;
+use crate::storage::id::BackupId;
+use crate::storage::record::Layout;
+use crate::storage::StorageError;
+
+/// Uploads `data` (the snapshot's image file or tree root) as backup `id`, then checks that the
+/// repository holds every blob it references. Returns the backup as the repository lists it.
+pub fn upload(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path) -> Result<BackupInfo, StorageError> {
+    let started = Instant::now();
+    let repo_name = id.repository().as_str().to_string();
+    let result = upload_inner(backups, id, meta, data);
+    crate::metrics::record_backup_end(&repo_name, "upload", result.is_ok(), started.elapsed());
+    match &result {
+        Ok(b) => {
+            tracing::info!(backup = %id, snapshot = b.snapshot, bytes = b.bytes, took_ms = started.elapsed().as_millis() as u64, "backup uploaded and checked")
+        }
+        Err(e) => tracing::warn!(backup = %id, error = %e, "backup upload failed"),
+    }
+    result
+}
+
+fn upload_inner(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path) -> Result<BackupInfo, StorageError> {
+    let cfg = backups.config(id.repository())?;
+    if let Some(done) = backups.find(id)? {
+        return Ok(done);
+    }
+    let repo = backups.open(id.repository())?;
+    let parent = repo
+        .get_all_snapshots()
+        .map_err(|e| cfg.error(e))?
+        .into_iter()
+        .filter(|s| {
+            s.tags
+                .iter()
+                .any(|t| *t == format!("{TAG_VOLUME}{}", meta.source_volume_id))
+        })
+        .max_by_key(|s| s.time.timestamp());
+    let repo = repo.to_indexed_ids().map_err(|e| cfg.error(e))?;
+    let tags = format!(
+        "{TAG_KEY}{},{TAG_NAME}{},{TAG_VOLUME}{}",
+        id.key(),
+        meta.name.replace(',', "_"),
+        meta.source_volume_id
+    );
+    let description = serde_json::to_string(meta).map_err(|e| StorageError::Unsupported(e.to_string()))?;
+    let snap = SnapshotOptions::default()
+        .label("cellar".to_string())
+        .host(meta.node.clone())
+        .add_tags(&tags)
+        .and_then(|o| o.description(description).to_snapshot())
+        .map_err(|e| cfg.error(e))?;
+    let mut parents = ParentOptions::default();
+    match &parent {
+        Some(p) => parents.parents = vec![p.id.to_string()],
+        None => parents.force = true,
+    }
+    // Access times too: a restored tree is the snapshot's, times and all.
+    let save = LocalSourceSaveOptions::default().set_atime(Some(TimeOption::Yes));
+    // A tree is saved as /volume; rustic names a single file by its own name, at the root.
+    let as_path = match meta.layout {
+        Layout::Image => "/volume.img",
+        _ => super::TREE_PATH,
+    };
+    let opts = BackupOptions::default()
+        .parent_opts(parents)
+        .ignore_save_opts(save)
+        .as_path(std::path::PathBuf::from(as_path));
+    let source: PathList = [data.to_path_buf()].into_iter().collect();
+    crash::point("backup:before-upload");
+    let saved = repo.backup(&opts, &source, snap).map_err(|e| cfg.error(e))?;
+    crash::point("backup:after-upload");
+    let read = saved.summary.as_ref().map_or(0, |s| s.total_bytes_processed);
+    crate::metrics::record_backup_bytes(id.repository().as_str(), "read", read);
+    check_complete(backups, id, meta, &saved)?;
+    backups
+        .find(id)?
+        .ok_or_else(|| StorageError::DataLoss(format!("backup {id} was saved but the repository does not list it")))
+}
+
+/// Every blob the saved snapshot references is in the repository's index, and its data has the
+/// length the source had: the backup is complete.
+fn check_complete(
+    backups: &Backups,
+    id: &BackupId,
+    meta: &BackupMeta,
+    saved: &SnapshotFile,
+) -> Result<(), StorageError> {
+    let cfg = backups.config(id.repository())?;
+    let repo = backups.open(id.repository())?.to_indexed().map_err(|e| cfg.error(e))?;
+    let root = repo
+        .node_from_path(saved.tree, Path::new(&meta.path))
+        .map_err(|e| cfg.error(e))?;
+    let mut pending: Vec<Node> = vec![root];
+    let (mut files, mut blobs) = (0u64, 0u64);
+    while let Some(node) = pending.pop() {
+        match node.node_type {
+            NodeType::Dir => {
+                let Some(sub) = node.subtree else {
+                    return Err(cfg.error(RusticFailure::data_loss(format!("directory {} has no tree", node.name))));
+                };
+                repo.get_index_entry(&sub).map_err(|e| cfg.error(e))?;
+                let tree = repo.get_tree(&sub).map_err(|e| cfg.error(e))?;
+                pending.extend(tree.nodes);
+            }
+            NodeType::File => {
+                files += 1;
+                for blob in node.content.iter().flatten() {
+                    repo.get_index_entry(blob).map_err(|e| cfg.error(e))?;
+                    blobs += 1;
+                }
+                if meta.layout == Layout::Image && node.meta.size != meta.length {
+                    return Err(cfg.error(RusticFailure::data_loss(format!(
+                        "the image was {} bytes long but the backup holds {}",
+                        meta.length, node.meta.size
+                    ))));
+                }
+            }
+            _ => {}
+        }
+    }
+    tracing::debug!(backup = %id, files, blobs, "backup complete in the index");
+    Ok(())
+}

@@ -1,0 +1,204 @@
+//! Snapshots that are backups (docs/backups.md), as the Controller service answers for them. A
+//! backup's id names its repository, not a node: once uploaded, the repository answers for it
+//! (ListSnapshots, GetSnapshot, a restore on any node) whether or not the node that cut it
+//! exists. While it uploads, the node's record answers, `ready_to_use: false`.
+//!
+//! The controller reads and changes only the repository's snapshot list (and initialises a
+//! repository on its first backup); the data goes between the nodes and the repository.
+
+use std::sync::Arc;
+
+use prost_types::Timestamp;
+
+use super::{csi_snapshot, ControllerError, ControllerService};
+use crate::agent::Agent;
+use crate::backup::{BackupInfo, Backups};
+use crate::csi::v1::Snapshot;
+use crate::storage::engine::BackupRequest;
+use crate::storage::id::{BackupId, PoolName, VolumeId};
+use crate::storage::StorageError;
+
+/// VolumeSnapshotClass parameters of backups.
+pub const BACKUP_REPOSITORY: &str = "backupRepository";
+pub const KEEP_LOCAL: &str = "keepLocal";
+
+/// A backup the repository holds, as CSI shows it.
+pub fn csi_backup(b: &BackupInfo) -> Snapshot {
+    Snapshot {
+        size_bytes: b.meta.capacity_bytes as i64,
+        snapshot_id: b.id.to_string(),
+        source_volume_id: b.meta.source_volume_id.clone(),
+        creation_time: Some(Timestamp {
+            seconds: b.created_unix_secs,
+            nanos: 0,
+        }),
+        ready_to_use: true,
+        group_snapshot_id: String::new(),
+    }
+}
+
+/// Runs a blocking repository call off the async runtime.
+async fn blocking<T: Send + 'static>(
+    backups: &Arc<Backups>,
+    f: impl FnOnce(&Backups) -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, ControllerError> {
+    let b = backups.clone();
+    tokio::task::spawn_blocking(move || f(&b))
+        .await
+        .map_err(|e| ControllerError::Storage(StorageError::Unavailable(format!("backup task failed: {e}"))))?
+        .map_err(ControllerError::from)
+}
+
+impl ControllerService {
+    /// CreateSnapshot with `backupRepository`: the same name answers the same backup, from the
+    /// node while it uploads and from the repository once it is there.
+    pub(super) async fn create_backup(
+        &self,
+        name: &str,
+        source: VolumeId,
+        agent: Arc<dyn Agent>,
+        freeze: bool,
+        req: BackupRequest,
+    ) -> Result<Snapshot, ControllerError> {
+        let repo = req.repository.clone();
+        self.backups.config(&repo)?;
+        // The node first: its record goes only after the repository holds the backup.
+        if let Some(existing) = agent.snapshot_named(name.to_string()).await? {
+            if existing.source_volume_id != source {
+                return Err(ControllerError::NameTaken(format!(
+                    "snapshot '{name}' already exists for volume {}, not {source}",
+                    existing.source_volume_id
+                )));
+            }
+        } else {
+            let (r, n) = (repo.clone(), name.to_string());
+            if let Some(done) = blocking(&self.backups, move |b| b.find_named(&r, &n)).await? {
+                if done.meta.source_volume_id != source.to_string() {
+                    return Err(ControllerError::NameTaken(format!(
+                        "snapshot '{name}' already exists for volume {}, not {source}",
+                        done.meta.source_volume_id
+                    )));
+                }
+                return Ok(csi_backup(&done));
+            }
+            // The first backup into a repository initialises it (here only: nodes never do, so
+            // two nodes cannot initialise one repository twice).
+            let r = repo.clone();
+            blocking(&self.backups, move |b| b.open_or_init(&r, true).map(drop)).await?;
+        }
+        let rec = agent
+            .create_snapshot(name.to_string(), source, freeze, Some(req))
+            .await?;
+        Ok(csi_snapshot(&rec))
+    }
+
+    /// Every backup of every repository, and the backups still uploading on the nodes. A
+    /// repository that cannot be read now is left out of the listing (and logged).
+    pub(super) async fn backup_snapshots(&self) -> Vec<Snapshot> {
+        let mut out = Vec::new();
+        let names: Vec<PoolName> = self.backups.names().into_iter().cloned().collect();
+        for name in names {
+            let n = name.clone();
+            match blocking(&self.backups, move |b| b.list(&n)).await {
+                Ok(list) => out.extend(list.iter().map(csi_backup)),
+                Err(ControllerError::Storage(StorageError::PoolUnusable(m))) if m.contains("not been initialised") => {}
+                Err(e) => {
+                    tracing::warn!(repository = name.as_str(), error = %e, "backup repository left out of the snapshot listing");
+                }
+            }
+        }
+        out
+    }
+
+    /// GetSnapshot of a backup: the repository's, else a node's upload in progress.
+    pub(super) async fn get_backup(&self, id: &BackupId, local: &[Snapshot]) -> Result<Snapshot, ControllerError> {
+        let shown = id.to_string();
+        if self.backups.config(id.repository()).is_ok() {
+            let i = id.clone();
+            if let Some(b) = blocking(&self.backups, move |b| b.find(&i)).await? {
+                return Ok(csi_backup(&b));
+            }
+        }
+        local
+            .iter()
+            .find(|s| s.snapshot_id == shown)
+            .cloned()
+            .ok_or_else(|| ControllerError::not_found(format!("snapshot {shown} not found")))
+    }
+
+    /// DeleteSnapshot of a backup: each node forgets its part (a local copy, or an upload in
+    /// progress, which answers ABORTED until it ends), then the repository forgets it; its data
+    /// goes at the next prune. A node that cannot be reached keeps its local copy until it is
+    /// back (docs/backups.md).
+    pub(super) async fn delete_backup(&self, id: &BackupId) -> Result<(), ControllerError> {
+        for a in self.directory.all() {
+            match a.forget_backup(id.clone()).await {
+                Ok(()) => {}
+                Err(e) if e.is_unavailable() => {
+                    tracing::warn!(node = a.node().as_str(), backup = %id, error = %e, "node unreachable; its part of the backup stays until it is back");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if self.backups.config(id.repository()).is_err() {
+            tracing::warn!(backup = %id, "DeleteSnapshot of a backup in a repository that is not configured: nothing to forget");
+            return Ok(());
+        }
+        let i = id.clone();
+        blocking(&self.backups, move |b| b.forget(&i)).await
+    }
+
+    /// A CreateVolume source that is a backup: it must be in its repository (a backup still
+    /// uploading is not a source yet). Returns what the repository holds of it.
+    pub(super) async fn restorable(&self, id: &BackupId) -> Result<BackupInfo, ControllerError> {
+        let not_found = || ControllerError::not_found(format!("source snapshot {id} not found"));
+        if self.backups.config(id.repository()).is_err() {
+            return Err(not_found());
+        }
+        let i = id.clone();
+        match blocking(&self.backups, move |b| b.find(&i)).await? {
+            Some(b) => Ok(b),
+            None => {
+                let shown = id.to_string();
+                for a in self.directory.all() {
+                    if let Ok(snaps) = a.snapshots().await {
+                        if snaps
+                            .iter()
+                            .any(|s| s.backup.as_ref().is_some_and(|m| m.id.to_string() == shown))
+                        {
+                            return Err(ControllerError::NotReady(format!(
+                                "backup {shown} is still uploading from node {}; restore from it once it is ready to use",
+                                a.node().as_str()
+                            )));
+                        }
+                    }
+                }
+                Err(not_found())
+            }
+        }
+    }
+}
+
+/// The backup a VolumeSnapshotClass asks for, from its parameters.
+pub fn backup_request(p: &std::collections::HashMap<String, String>) -> Result<Option<BackupRequest>, ControllerError> {
+    let Some(repo) = p.get(BACKUP_REPOSITORY) else {
+        if p.contains_key(KEEP_LOCAL) {
+            return Err(ControllerError::invalid(format!(
+                "snapshot parameter {KEEP_LOCAL} applies to backups (with {BACKUP_REPOSITORY})"
+            )));
+        }
+        return Ok(None);
+    };
+    let repository = PoolName::parse(repo)
+        .map_err(|e| ControllerError::invalid(format!("snapshot parameter {BACKUP_REPOSITORY}: {}", e.0)))?;
+    let keep_local = match p.get(KEEP_LOCAL).map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ControllerError::invalid(format!(
+                "snapshot parameter {KEEP_LOCAL} must be true or false, not '{other}'"
+            )))
+        }
+    };
+    Ok(Some(BackupRequest { repository, keep_local }))
+}

@@ -1,0 +1,225 @@
+//! Snapshots that are also backups, and volumes restored from backups (docs/backups.md).
+//!
+//! CreateSnapshot with a repository cuts the local snapshot as any other (CoW, `freeze`
+//! honoured) and writes its record with a [`BackupMark`]; then a background thread uploads it,
+//! marks the record uploaded and, unless the class keeps it, removes the local snapshot: from then
+//! on the repository is the truth. A restart resumes what a crash cut short (an upload starts
+//! over; a local copy whose backup is uploaded goes). A restore is an import of the backup's
+//! stream (`backup::restore`), or a local copy when this node kept the snapshot.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::create::Planned;
+use super::*;
+use crate::backup::{self, BackupMeta, Backups};
+use crate::storage::record::BackupMark;
+
+/// What CreateSnapshot asks of a backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupRequest {
+    pub repository: PoolName,
+    pub keep_local: bool,
+}
+
+/// The longest wait between two tries of a failing upload.
+const RETRY_CAP: Duration = Duration::from_secs(300);
+
+impl LocalEngine {
+    pub fn backups(&self) -> &Arc<Backups> {
+        &self.backups
+    }
+
+    /// Snapshots a volume and uploads the snapshot into `req.repository` in the background. The
+    /// repository is opened first, so a wrong key is FAILED_PRECONDITION and an unreachable one
+    /// UNAVAILABLE before anything is cut. A retry with the same name answers the same snapshot,
+    /// with `uploaded` once it is.
+    pub fn create_backup(
+        &self,
+        name: &str,
+        source: &VolumeId,
+        freeze: bool,
+        req: &BackupRequest,
+    ) -> Result<SnapshotRecord, StorageError> {
+        let want = |rec: &SnapshotRecord| -> Result<(), StorageError> {
+            match &rec.backup {
+                Some(m) if *m.id.repository() == req.repository && m.keep_local == req.keep_local => Ok(()),
+                _ => Err(StorageError::Conflict(format!(
+                    "snapshot '{name}' already exists, not as a backup into '{}'{}",
+                    req.repository.as_str(),
+                    if req.keep_local { " kept locally" } else { "" }
+                ))),
+            }
+        };
+        // A retry while the upload runs must not wait for the upload's lock.
+        if let Some(existing) = self.snapshot_named(name).filter(|r| r.source_volume_id == *source) {
+            want(&existing)?;
+            self.spawn_upload(&existing);
+            return Ok(existing);
+        }
+        drop(self.backups.open(&req.repository)?);
+        let rec = self.cut_snapshot(
+            name,
+            source,
+            freeze,
+            Some(BackupMark {
+                id: BackupId::fresh(req.repository.clone()),
+                keep_local: req.keep_local,
+                uploaded: false,
+            }),
+        )?;
+        want(&rec)?;
+        self.spawn_upload(&rec);
+        Ok(rec)
+    }
+
+    /// Makes the background uploads possible, and resumes every upload (and every removal of an
+    /// uploaded local copy) that a restart cut short.
+    pub fn start_uploads(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
+        for rec in self.snapshots() {
+            if let Some(m) = &rec.backup {
+                if !m.uploaded || !m.keep_local {
+                    self.spawn_upload(&rec);
+                }
+            }
+        }
+    }
+
+    /// Starts the upload of a snapshot's backup in the background, unless it runs already or
+    /// there is nothing left to do.
+    fn spawn_upload(&self, rec: &SnapshotRecord) {
+        let Some(m) = &rec.backup else { return };
+        if m.uploaded && m.keep_local {
+            return;
+        }
+        let Some(me) = self.me.get().and_then(|w| w.upgrade()) else {
+            tracing::warn!(snapshot = %rec.id, "backups are not started in this process; the upload waits for a restart");
+            return;
+        };
+        let id = rec.id.clone();
+        if !lock(&self.uploading).insert(id.to_string()) {
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("cellar-upload".into())
+            .spawn(move || {
+                let mut wait = Duration::from_secs(2);
+                loop {
+                    match me.upload_step(&id) {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::warn!(snapshot = %id, error = %e, retry_in_s = wait.as_secs(), "backup upload failed; retrying");
+                            std::thread::sleep(wait);
+                            wait = (wait * 2).min(RETRY_CAP);
+                        }
+                    }
+                }
+                lock(&me.uploading).remove(&id.to_string());
+            });
+        if let Err(e) = spawned {
+            tracing::error!(snapshot = %rec.id, error = %e, "cannot start the upload thread");
+            lock(&self.uploading).remove(&rec.id.to_string());
+        }
+    }
+
+    /// Uploads a snapshot (if it is not yet), marks it uploaded, and removes the local copy unless
+    /// it is kept. Ok when there is nothing (left) to do: the snapshot was deleted meanwhile.
+    fn upload_step(&self, id: &SnapshotId) -> Result<(), StorageError> {
+        let Some(pool) = self.locate(&id.0) else { return Ok(()) };
+        let key = &id.0.key;
+        let held = self.take(Kind::Snapshot, &id.0.pool, key, &id.to_string())?;
+        let Some(mut rec) = self.snapshot(id) else {
+            return Ok(());
+        };
+        let Some(mark) = rec.backup.clone() else { return Ok(()) };
+        if !mark.uploaded {
+            let data = pool.data_path(Kind::Snapshot, key);
+            let (path, root) = match rec.layout {
+                Layout::Image => (format!("/{}", key.as_str()), None),
+                _ => (
+                    backup::TREE_PATH.to_string(),
+                    Some(backup::StoredMeta::of(
+                        &crate::sys::tree::SourceTree::open(&data)?.root_meta()?,
+                    )),
+                ),
+            };
+            let meta = BackupMeta {
+                path,
+                root,
+                name: rec.name.clone(),
+                source_volume_id: rec.source_volume_id.to_string(),
+                layout: rec.layout,
+                mode: rec.mode,
+                capacity_bytes: rec.size_bytes,
+                fs_bytes: rec.fs_bytes,
+                length: match rec.layout {
+                    Layout::Image => files::len(&pool.data_path(Kind::Snapshot, key))?,
+                    _ => 0,
+                },
+                node: self.node.as_str().to_string(),
+            };
+            backup::upload::upload(&self.backups, &mark.id, &meta, &data)?;
+            crash::point("backup:before-mark");
+            rec.backup = Some(BackupMark {
+                uploaded: true,
+                ..mark.clone()
+            });
+            self.store.put_snapshot(pool, key, &rec)?;
+        }
+        if !mark.keep_local {
+            // The repository holds it now: the local copy and its record go (a restart that finds
+            // an uploaded record finishes this).
+            self.remove_object(pool, Kind::Snapshot, key, &id.to_string())?;
+            tracing::info!(snapshot = %id, backup = %mark.id, "local copy of an uploaded backup removed");
+        }
+        drop(held);
+        Ok(())
+    }
+
+    /// The local snapshot (on this node) that a backup was cut from, while it is kept.
+    pub fn local_of_backup(&self, id: &BackupId) -> Option<SnapshotRecord> {
+        self.snapshots()
+            .into_iter()
+            .find(|r| r.backup.as_ref().is_some_and(|m| m.id == *id))
+    }
+
+    /// Forgets this node's part of a backup: its local snapshot, if one is kept or still
+    /// uploading. An upload in progress answers Busy (the CO retries the delete).
+    pub fn forget_local_backup(&self, id: &BackupId) -> Result<(), StorageError> {
+        if let Some(rec) = self.local_of_backup(id) {
+            let pool = self
+                .locate(&rec.id.0)
+                .ok_or_else(|| StorageError::SnapshotNotFound(rec.id.to_string()))?;
+            let _held = self.take(Kind::Snapshot, &rec.id.0.pool, &rec.id.0.key, &rec.id.to_string())?;
+            self.remove_object(pool, Kind::Snapshot, &rec.id.0.key, &rec.id.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Restores a planned volume from a backup: from the local snapshot when this node kept it,
+    /// else streamed from the repository (every blob checked).
+    pub(super) fn restore_planned(
+        &self,
+        p: Planned<'_>,
+        req: &NewVolume,
+        id: &BackupId,
+    ) -> Result<VolumeRecord, StorageError> {
+        // Only a kept copy whose backup is complete: a copy being removed is not waited for.
+        let kept = self
+            .local_of_backup(id)
+            .filter(|r| r.backup.as_ref().is_some_and(|m| m.keep_local && m.uploaded));
+        if let Some(local) = kept {
+            let mut copy = req.clone();
+            copy.source = Some(Source::Snapshot(local.id.clone()));
+            return self.make_volume(p, &copy);
+        }
+        let info = self
+            .backups
+            .find(id)?
+            .ok_or_else(|| StorageError::SnapshotNotFound(format!("{id} (not in its repository)")))?;
+        let mut frames = backup::restore::frames(&self.backups, &info, p.layout)?;
+        tracing::info!(backup = %id, volume = %p.id, "restore from the backup repository started");
+        self.import_planned(p, req, &mut frames)
+    }
+}
