@@ -278,20 +278,27 @@ impl Cluster {
 
 /// Starts the `cellar` binary with `args` and extra environment, its output appended to `log`.
 pub fn spawn_logged(log: &Path, args: Vec<String>, envs: &[(&str, &str)]) -> Child {
+    let mut envs = envs.to_vec();
+    envs.insert(0, ("CELLAR_LOG", "info"));
+    spawn_program_logged(&bin(), log, args, &envs)
+}
+
+/// Starts `program` (a helper server such as [`super::s3`]'s) with `args` and extra environment,
+/// its output appended to `log`.
+pub fn spawn_program_logged(program: &Path, log: &Path, args: Vec<String>, envs: &[(&str, &str)]) -> Child {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .expect("log");
-    Command::new(bin())
+    Command::new(program)
         .args(args)
-        .env("CELLAR_LOG", "info")
         .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .stdout(out.try_clone().expect("log"))
         .stderr(out)
         .spawn()
-        .expect("spawn")
+        .unwrap_or_else(|e| panic!("start {}: {e}", program.display()))
 }
 
 pub fn node_topology(node: &str) -> Topology {
