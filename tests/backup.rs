@@ -463,3 +463,244 @@ async fn a_corrupted_pack_is_data_loss_and_leaves_no_volume() {
         files_under(&work)
     );
 }
+
+/// Writes `bytes` of varied data into a new file of a published volume.
+fn fill(path: &Path, bytes: usize, seed: u32) {
+    let data: Vec<u8> = (0..bytes as u32)
+        .map(|i| ((i ^ seed).wrapping_mul(2654435761) >> 11) as u8)
+        .collect();
+    std::fs::write(path, data).expect("write");
+}
+
+#[tokio::test]
+async fn a_backup_on_s3_is_restic_readable_and_restores() {
+    let s3 = common::s3::S3Server::start();
+    let s = Setup::new();
+    let creds = s.dir.path().join("s3-credentials");
+    s3.write_credentials(&creds);
+    let yaml = format!(
+        "pools:\n{}repositories:\n  - name: offsite\n    s3:\n      endpoint: {}\n      bucket: {}\n      region: {}\n      credentialsFile: {}\n      prefix: cluster-a\n    passwordFile: {}\n",
+        s.dir_pool(),
+        s3.endpoint(),
+        s3.bucket(),
+        s3.region(),
+        creds.display(),
+        s.password_file().display()
+    );
+    let cfg = s.dir.path().join("s3.yaml");
+    std::fs::write(&cfg, yaml).expect("config");
+    let mut d = Driver::start_with(&["--config", cfg.to_str().expect("utf-8")], &[]).await;
+    let v = d.create("pvc-s3").await;
+    let (st, tg) = d.mount_rw(&v.volume_id, "s3").await;
+    fill(&tg.join("data"), 3 << 20, 7);
+    std::fs::write(tg.join("note"), b"on s3").expect("write");
+    let want = std::fs::read(tg.join("data")).expect("read");
+    d.unmount_all(&v.volume_id, &st, &tg).await;
+    let snap = backup(&mut d, "snap-s3", &v.volume_id, false).await.expect("backup");
+    until_ready(&mut d, &snap.snapshot_id).await;
+
+    // restic reads the same bucket and prefix, with the same credentials file.
+    let out = Command::new("restic")
+        .arg("-r")
+        .arg(format!("s3:{}/{}/cluster-a", s3.endpoint(), s3.bucket()))
+        .arg("--password-file")
+        .arg(s.password_file())
+        .args(["--no-cache", "check", "--read-data"])
+        .envs(common::s3::read_credentials(&creds))
+        .output()
+        .expect("restic is needed by this test; CI installs it in .ci/run");
+    assert!(
+        out.status.success(),
+        "restic check on S3: {}{}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        s3.log()
+    );
+
+    let r = restore(&mut d, "pvc-s3-back", 64 * MIB, &snap.snapshot_id)
+        .await
+        .expect("restore");
+    let (st2, tg2) = d.mount_rw(&r.volume_id, "s3-back").await;
+    assert!(std::fs::read(tg2.join("data")).expect("data") == want, "restored bytes");
+    assert_eq!(std::fs::read(tg2.join("note")).expect("note"), b"on s3");
+    d.unmount_all(&r.volume_id, &st2, &tg2).await;
+}
+
+#[tokio::test]
+async fn two_nodes_back_up_into_one_new_repository_at_once() {
+    let s = Setup::new();
+    let node = |n: &str| {
+        format!(
+            "  - name: default\n    path: {}\n    layout: dir\n",
+            s.dir.path().join(format!("pool-{n}")).display()
+        )
+    };
+    let (c1, c2) = (
+        s.config(&node("a"), &s.repo(), &s.password_file()),
+        s.config(&node("b"), &s.repo(), &s.password_file()),
+    );
+    let mut a = Driver::start_with(&["--config", c1.to_str().expect("utf-8"), "--node-id", "node-a"], &[]).await;
+    let mut b = Driver::start_with(&["--config", c2.to_str().expect("utf-8"), "--node-id", "node-b"], &[]).await;
+    let va = a.create("pvc-a").await;
+    let vb = b.create("pvc-b").await;
+    for (d, v, seed) in [(&mut a, &va, 1u32), (&mut b, &vb, 2)] {
+        let (st, tg) = d.mount_rw(&v.volume_id, "w").await;
+        fill(&tg.join("data"), 2 << 20, seed);
+        d.unmount_all(&v.volume_id, &st, &tg).await;
+    }
+    // Both ask at once while the repository does not exist yet: one initialises it; the other
+    // is told to retry (ABORTED, as the CO would) and then succeeds.
+    async fn until_cut(d: &mut Driver, name: &str, v: &str) -> Snapshot {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            match backup(d, name, v, false).await {
+                Ok(s) => return s,
+                Err(e) if e.code() == tonic::Code::Aborted && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                Err(e) => panic!("backup {name}: {e:?}"),
+            }
+        }
+    }
+    let (sa, sb) = tokio::join!(
+        until_cut(&mut a, "snap-a", &va.volume_id),
+        until_cut(&mut b, "snap-b", &vb.volume_id)
+    );
+    let (ra, rb) = tokio::join!(
+        until_ready(&mut a, &sa.snapshot_id),
+        until_ready(&mut b, &sb.snapshot_id)
+    );
+    assert!(ra.ready_to_use && rb.ready_to_use);
+    let snaps = s.restic_snapshots();
+    assert_eq!(snaps.len(), 2, "{snaps:?}");
+    assert_eq!(files_under(&s.repo().join("keys")).len(), 1, "initialised once");
+    s.restic_ok(&["check", "--read-data"]);
+    // Each node sees both backups: the repository, not the node, answers for them.
+    let listed = a
+        .ctl
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    let ids: Vec<String> = listed
+        .entries
+        .iter()
+        .filter_map(|e| e.snapshot.as_ref())
+        .map(|s| s.snapshot_id.clone())
+        .collect();
+    assert!(
+        ids.contains(&sa.snapshot_id) && ids.contains(&sb.snapshot_id),
+        "{ids:?}"
+    );
+    // A backup cut on node-b restores on node-a.
+    let r = restore(&mut a, "pvc-from-b", 64 * MIB, &sb.snapshot_id)
+        .await
+        .expect("restore elsewhere");
+    let (st, tg) = a.mount_rw(&r.volume_id, "from-b").await;
+    assert_eq!(std::fs::metadata(tg.join("data")).expect("data").len(), 2 << 20);
+    a.unmount_all(&r.volume_id, &st, &tg).await;
+}
+
+/// kill -9 at each step of an upload and of a restore: the retried call converges, the
+/// repository stays clean for restic, and nothing is left behind.
+#[tokio::test]
+async fn a_killed_upload_or_restore_converges_and_leaves_nothing() {
+    let s = Setup::new();
+    let mut d = s.driver(&s.dir_pool()).await;
+    let v = d.create("pvc-kill").await;
+    let (st, tg) = d.mount_rw(&v.volume_id, "kill").await;
+    fill(&tg.join("data"), 6 << 20, 3);
+    d.unmount_all(&v.volume_id, &st, &tg).await;
+    let mut seen = Vec::new();
+    for (i, point) in ["backup:before-upload", "backup:after-upload", "backup:before-mark"]
+        .iter()
+        .enumerate()
+    {
+        d.kill();
+        d.spawn(&[("CELLAR_CRASH_AT", point)]).await;
+        let name = format!("snap-kill-{i}");
+        // The upload thread dies at the point, before or after the cut's answer went out.
+        let first = backup(&mut d, &name, &v.volume_id, false).await.ok();
+        let status = d.wait_exit();
+        assert!(!status.success(), "{point}: the driver should have died");
+        d.spawn(&[]).await;
+        let snap = backup(&mut d, &name, &v.volume_id, false).await.expect("retry");
+        if let Some(f) = first {
+            assert_eq!(
+                f.snapshot_id, snap.snapshot_id,
+                "{point}: the retry names the same backup"
+            );
+        }
+        until_ready(&mut d, &snap.snapshot_id).await;
+        seen.push(snap.snapshot_id);
+    }
+    let snaps = s.restic_snapshots();
+    assert_eq!(snaps.len(), 3, "one restic snapshot per backup, none twice: {snaps:?}");
+    s.restic_ok(&["check", "--read-data"]);
+
+    // A restore killed mid-stream leaves no volume and no work files; its retry succeeds.
+    d.kill();
+    d.spawn(&[("CELLAR_CRASH_AT", "import:mid-stream")]).await;
+    let _ = restore(&mut d, "pvc-kill-back", 64 * MIB, &seen[0]).await;
+    d.wait_exit();
+    d.spawn(&[]).await;
+    let r = restore(&mut d, "pvc-kill-back", 64 * MIB, &seen[0])
+        .await
+        .expect("retried restore");
+    let work = s.dir.path().join("pool/.work");
+    assert!(
+        files_under(&work).is_empty(),
+        "nothing left in .work: {:?}",
+        files_under(&work)
+    );
+    let (st, tg) = d.mount_rw(&r.volume_id, "back").await;
+    assert_eq!(std::fs::metadata(tg.join("data")).expect("data").len(), 6 << 20);
+    d.unmount_all(&r.volume_id, &st, &tg).await;
+
+    // A prune killed after its plan: the repository stays clean, and the next prune finishes.
+    for id in &seen[1..] {
+        d.ctl
+            .delete_snapshot(DeleteSnapshotRequest {
+                snapshot_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("DeleteSnapshot");
+    }
+    let cfg = s.config(&s.dir_pool(), &s.repo(), &s.password_file());
+    let prune = |env: &[(&str, &str)]| {
+        Command::new(common::bin())
+            .args([
+                "backup",
+                "prune",
+                "--repository",
+                "offsite",
+                "--keep-delete-secs",
+                "0",
+                "--config",
+            ])
+            .arg(&cfg)
+            .envs(env.iter().copied())
+            .output()
+            .expect("cellar backup prune")
+    };
+    let killed = prune(&[("CELLAR_CRASH_AT", "backup:prune-planned")]);
+    assert!(
+        !killed.status.success(),
+        "the prune should have died at its crash point"
+    );
+    s.restic_ok(&["check", "--read-data"]);
+    for _ in 0..2 {
+        let out = prune(&[]);
+        assert!(out.status.success(), "prune: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    s.restic_ok(&["check", "--read-data"]);
+    assert_eq!(s.restic_snapshots().len(), 1, "the live backup is kept");
+    let out = s.dir.path().join("restic-out");
+    s.restic_ok(&["restore", "latest", "--target", out.to_str().expect("utf-8")]);
+    assert_eq!(
+        std::fs::metadata(out.join("volume/data")).expect("data").len(),
+        6 << 20,
+        "the live backup's data survives the prunes"
+    );
+}
