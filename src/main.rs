@@ -65,6 +65,8 @@ enum Command {
         #[arg(long, value_name = "BYTES", default_value = "0", value_parser = backup_rate)]
         backup_bandwidth: u64,
         #[command(flatten)]
+        prune: cellar::backup::cli::PruneSchedule,
+        #[command(flatten)]
         socket: SocketArgs,
     },
     /// The controller of split mode: Identity + Controller for the sidecars, the registry nodes
@@ -102,6 +104,8 @@ enum Command {
         /// default because csi-sanity v5.4 and older sidecars refuse capability values they do not know.
         #[arg(long)]
         advertise_volume_health: bool,
+        #[command(flatten)]
+        prune: cellar::backup::cli::PruneSchedule,
         #[command(flatten)]
         socket: SocketArgs,
     },
@@ -469,11 +473,13 @@ fn main() -> ExitCode {
             socket,
             advertise_volume_health,
             backup_bandwidth,
+            prune,
         } => {
             init_logging(cli.log_format);
             socket.limits().and_then(|socket| {
                 let opts = cellar::roles::AllInOne {
                     backup_bandwidth,
+                    prune,
                     endpoint,
                     node_id: node_id.unwrap_or_else(hostname),
                     data_dir,
@@ -502,6 +508,7 @@ fn main() -> ExitCode {
             metrics_listen,
             socket,
             advertise_volume_health,
+            prune,
         } => {
             init_logging(cli.log_format);
             let limits = registry
@@ -521,6 +528,7 @@ fn main() -> ExitCode {
                     name,
                     advertise_volume_health,
                     enrolment,
+                    prune,
                 };
                 runtime
                     .block_on(cellar::roles::controller(opts))

@@ -41,6 +41,8 @@ pub struct AllInOne {
     pub advertise_volume_health: bool,
     /// Bytes per second that backup uploads and restores may take together; 0: no limit.
     pub backup_bandwidth: u64,
+    /// The background prune of backup repositories.
+    pub prune: crate::backup::cli::PruneSchedule,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +113,7 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
     engine.start_purger();
     engine.backups().throttle().set_bytes_per_sec(o.backup_bandwidth);
     engine.start_uploads();
+    engine.backups().start_pruner(o.prune);
     let state = Arc::new(NodeState::open(&o.data_dir.join("node"))?);
     node_metrics.attach(NodeSources {
         engine: engine.clone(),
@@ -289,6 +292,8 @@ pub struct ControllerRole {
     pub advertise_volume_health: bool,
     /// Issue node certificates (`--enrol-listen`); off when `None`.
     pub enrolment: Option<ControllerEnrolment>,
+    /// The background prune of backup repositories.
+    pub prune: crate::backup::cli::PruneSchedule,
 }
 
 /// How the controller issues node certificates (docs/security.md, "Enrolment").
@@ -431,6 +436,7 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     let engine = Arc::new(engine);
     engine.start_purger();
     engine.start_uploads();
+    engine.backups().start_pruner(o.prune);
     let shared: Arc<dyn crate::agent::Agent> = Arc::new(LocalAgent::new(engine.clone()));
     let registry = crate::agent::registry::Registry::new(o.registry.clone(), tls.clone(), Some(shared));
     let sweeper = AbortOnDrop(tokio::spawn(registry.clone().run_sweeper()));

@@ -9,6 +9,19 @@ use super::{Backups, Throttle};
 use crate::storage::config::Config;
 use crate::storage::id::{BackupId, PoolName};
 
+/// When the controller prunes its repositories in the background (all-in-one and controller).
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct PruneSchedule {
+    /// Prune every backup repository this often, in seconds (0: never; `cellar backup prune`
+    /// still does).
+    #[arg(long, value_name = "SECONDS", default_value_t = 6 * 3600)]
+    pub backup_prune_every: u64,
+    /// A pack found unused is removed only by a prune this many seconds later; uploads must
+    /// finish within it (docs/backups.md).
+    #[arg(long, value_name = "SECONDS", default_value_t = 23 * 3600)]
+    pub backup_keep_delete: u64,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct BackupArgs {
     #[command(subcommand)]

@@ -594,6 +594,33 @@ impl Backups {
     }
 }
 
+impl Backups {
+    /// Prunes every repository in the background, on `schedule`, for as long as `self` lives.
+    pub fn start_pruner(self: &Arc<Self>, schedule: cli::PruneSchedule) {
+        if schedule.backup_prune_every == 0 || self.repos.is_empty() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let every = std::time::Duration::from_secs(schedule.backup_prune_every);
+        let keep = std::time::Duration::from_secs(schedule.backup_keep_delete);
+        let _ = std::thread::Builder::new()
+            .name("cellar-prune".into())
+            .spawn(move || loop {
+                std::thread::sleep(every);
+                let Some(backups) = weak.upgrade() else { return };
+                for r in &backups.repos {
+                    match backups.prune(&r.name, keep) {
+                        Ok(_) => {}
+                        Err(StorageError::PoolUnusable(m)) if m.contains("not been initialised") => {}
+                        Err(e) => {
+                            tracing::warn!(repository = r.name.as_str(), error = %e, "background prune failed; next time")
+                        }
+                    }
+                }
+            });
+    }
+}
+
 /// A claim on initialising a path repository, so that two processes (two controller replicas)
 /// never both write a config: made with O_EXCL beside the repository, removed when done.
 struct InitClaim(PathBuf);
