@@ -424,6 +424,7 @@ fn hostname() -> String {
 
 fn main() -> ExitCode {
     cellar::sys::memory::limit_malloc_arenas();
+    cellar::agent::tls::use_ring();
     let cli = Cli::parse();
     // The report reads the disk and the kernel's tables; it needs no async runtime.
     let command = match cli.command {

@@ -29,6 +29,16 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
+/// Makes ring this process's rustls provider. The S3 client (reqwest, inside the backup
+/// backends) brings aws-lc-rs too, and with two providers compiled in rustls no longer picks one by
+/// itself: tonic's TLS configurations would fail at their first handshake. Idempotent.
+pub fn use_ring() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// The SAN the controller expects on agents' certificates unless told otherwise.
 pub const AGENT_SERVER_NAME: &str = "cellar-agent";
 
@@ -277,6 +287,7 @@ impl Tls {
 
     /// Server side: present our certificate, require one from the CA.
     pub fn server_config(&self) -> Option<ServerTlsConfig> {
+        use_ring();
         match self {
             Tls::Insecure => None,
             Tls::Mutual(m) => self
@@ -288,6 +299,7 @@ impl Tls {
     /// Server side for callers that have no certificate yet (node enrolment): present ours, ask
     /// for none.
     pub fn server_only_config(&self) -> Option<ServerTlsConfig> {
+        use_ring();
         match self {
             Tls::Insecure => None,
             Tls::Mutual(m) => Some(
@@ -301,6 +313,7 @@ impl Tls {
     /// Client side: present our certificate, accept a server whose certificate the CA issued
     /// for `server_name`.
     pub fn client_config(&self, server_name: &str) -> Option<ClientTlsConfig> {
+        use_ring();
         match self {
             Tls::Insecure => None,
             Tls::Mutual(m) => Some(

@@ -199,6 +199,7 @@ impl NodeEnrolment {
         request: EnrolRequest,
     ) -> Result<super::v1::EnrolResponse, NodeEnrolError> {
         let unreachable = |reason: String| NodeEnrolError::Unreachable { addr, reason };
+        crate::agent::tls::use_ring();
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(install_ca))
             .domain_name(self.server_name.clone())
