@@ -80,9 +80,9 @@ app.kubernetes.io/component: {{ .component }}
 Backups (backups.*, docs/backups.md). Each repository's files are mounted under
 /etc/cellar/backups/<name>/ in both pods: the key of passwordSecret as key/password, the
 credentials of credentialsSecret as s3/credentials. The volumes are named backup-<name> (a path
-repository's directory), backupkey-<name> and backups3-<name>: prefixes no other name can take
-(repository names cannot start "key-" or "s3-" into a collision), and DNS labels of at most 63
-characters (the schema keeps names to 52).
+repository's directory), backupkey-<name> and backups3-<name>: distinct prefixes, so no two
+repositories' volumes share a name (with suffixes, offsite's key and a repository named
+offsite-key would), and DNS labels of at most 63 characters (the schema keeps names to 52).
 */}}
 {{- define "cellar.backupDir" -}}/etc/cellar/backups/{{ . }}{{- end -}}
 
