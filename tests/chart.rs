@@ -30,6 +30,7 @@ const VALUE_SETS: &[&str] = &[
     "kubelet-dir",
     "monitoring",
     "manual-certificates",
+    "backups",
 ];
 /// Kinds defined by CRDs, checked against tests/chart-values/crd-schemas/ (kubernetes-validate
 /// knows only the built-in kinds).
@@ -274,6 +275,10 @@ fn values_schema_refuses_mistyped_values() {
         "logFormat=yaml",
         "volumeHealth.interval=often",
         "volumeHealth.enable=true",
+        "backups.bandwidth=fast",
+        "backups.repositories[0].nam=offsite",
+        "backups.repositories[0].name=Offsite",
+        "backups.snapshotClasses[0].name=x",
     ] {
         let mut cmd = Command::new(helm());
         cmd.args(["template", RELEASE]).arg(chart()).args(["--set", set]);
@@ -820,6 +825,12 @@ fn renders_are_stable() {
         ],
         &["-f", values_file("cert-manager").to_str().expect("utf-8")],
         &[
+            "-f",
+            values_file("backups").to_str().expect("utf-8"),
+            "--set",
+            "tls.generate=false",
+        ],
+        &[
             "--set",
             "tls.generate=false",
             "--set",
@@ -1098,12 +1109,20 @@ fn pods_find_their_configmap_secrets_and_service_accounts() {
             let sa = pod["serviceAccountName"].as_str().expect("service account");
             r.get("ServiceAccount", sa);
             let role = if kind == "Deployment" { "controller" } else { "node" };
-            // The user's own volumes (credentials ...) name Secrets the user makes.
+            // The user's own volumes (credentials ...) and the backup repositories' keys and
+            // credentials name Secrets the user makes.
             let extra: Vec<&Value> = seq(r.value(&format!("{role}.extraVolumes")))
                 .iter()
                 .map(|v| &v["name"])
                 .collect();
+            let backup_secrets: Vec<&Value> = seq(r.value("backups.repositories"))
+                .iter()
+                .flat_map(|b| [&b["passwordSecret"]["name"], &b["credentialsSecret"]])
+                .collect();
             for v in seq(&pod["volumes"]).iter().filter(|v| !extra.contains(&&v["name"])) {
+                if backup_secrets.contains(&&v["secret"]["secretName"]) {
+                    continue;
+                }
                 if let Some(cm) = v["configMap"]["name"].as_str() {
                     r.get("ConfigMap", cm);
                 }
@@ -1244,6 +1263,227 @@ fn pool_configuration_is_one_the_driver_accepts() {
             }
             assert_eq!(sc["provisioner"], r.str("driverName").as_str());
         }
+    }
+}
+
+/// Backups: the repositories reach the pool file as the driver reads them, each one's directory
+/// and Secrets are mounted at the paths that file names in both pods (the controller initialises
+/// repositories and lists and forgets backups, the nodes upload and restore), the nodes get
+/// --backup-bandwidth, and the backup snapshot classes carry their parameters.
+#[test]
+fn backups_reach_the_pool_file_both_pods_and_the_snapshot_classes() {
+    use cellar::backup::Location;
+
+    let r = Rendering::new("backups");
+    let text = r.get("ConfigMap", "cellar-config")["data"]["pools.yaml"]
+        .as_str()
+        .expect("pools.yaml")
+        .to_owned();
+    let config = cellar::storage::config::Config::parse(&text, Path::new("pools.yaml"), Path::new(&r.str("dataDir")))
+        .unwrap_or_else(|e| panic!("the driver refuses the chart's pool file: {e}\n{text}"));
+    let wanted = seq(r.value("backups.repositories"));
+    assert_eq!(config.repositories.len(), wanted.len(), "{text}");
+
+    for (kind, name) in [("Deployment", "cellar-controller"), ("DaemonSet", "cellar-node")] {
+        let spec = &r.get(kind, name)["spec"]["template"]["spec"];
+        let cellar = container(spec, "cellar");
+        // A file the pool file names is in the container: a Secret's key mounted read-only at
+        // its directory, as that file's name.
+        let secret_file = |file: &Path, secret: &str, key: &str| {
+            let dir = file.parent().expect("dir").to_str().expect("utf-8");
+            let m = mount(cellar, dir).unwrap_or_else(|| panic!("{name}: {dir} not mounted"));
+            assert_eq!(m["readOnly"], Value::Bool(true), "{name}: {dir}");
+            let v = &volume(spec, m["name"].as_str().expect("name"))["secret"];
+            assert_eq!(v["secretName"], secret, "{name}: {dir}");
+            let items = seq(&v["items"]);
+            assert_eq!(items.len(), 1, "{name}: {dir} holds the one key");
+            assert_eq!(items[0]["key"], key, "{name}: {dir}");
+            assert_eq!(
+                items[0]["path"].as_str(),
+                file.file_name().and_then(|f| f.to_str()),
+                "{name}: {dir}"
+            );
+        };
+        for (repo, want) in config.repositories.iter().zip(wanted) {
+            assert_eq!(repo.name.as_str(), want["name"].as_str().expect("name"));
+            let password = &want["passwordSecret"];
+            secret_file(
+                &repo.password_file,
+                password["name"].as_str().expect("secret"),
+                password["key"].as_str().unwrap_or("password"),
+            );
+            match &repo.location {
+                Location::Path(p) => {
+                    assert_eq!(p.to_str(), want["path"].as_str());
+                    let m = mount(cellar, p.to_str().expect("utf-8"))
+                        .unwrap_or_else(|| panic!("{name}: repository {} not mounted", repo.name.as_str()));
+                    assert_ne!(m["readOnly"], Value::Bool(true), "{name}: the repository is written");
+                    let v = volume(spec, m["name"].as_str().expect("name"));
+                    match want["volume"].as_mapping() {
+                        // The volume source as given, under the chart's name.
+                        Some(source) => {
+                            for (k, val) in source {
+                                assert_eq!(&v[k], val, "{name}: {}", repo.name.as_str());
+                            }
+                            assert_eq!(v.as_mapping().expect("volume").len(), source.len() + 1);
+                        }
+                        // The host's directory, which must exist.
+                        None => {
+                            assert_eq!(v["hostPath"]["path"], p.to_str().expect("utf-8"));
+                            assert_eq!(v["hostPath"]["type"], "Directory");
+                            assert_eq!(m["mountPropagation"], "HostToContainer");
+                        }
+                    }
+                }
+                Location::S3(s3) => {
+                    let given = &want["s3"];
+                    assert_eq!(Some(s3.endpoint.as_str()), given["endpoint"].as_str());
+                    assert_eq!(Some(s3.bucket.as_str()), given["bucket"].as_str());
+                    assert_eq!(Some(s3.region.as_str()), given["region"].as_str());
+                    assert_eq!(s3.prefix.as_deref(), given["prefix"].as_str());
+                    secret_file(
+                        &s3.credentials_file,
+                        want["credentialsSecret"].as_str().expect("credentialsSecret"),
+                        "credentials",
+                    );
+                }
+            }
+        }
+        let bandwidth = flag(cellar, "backup-bandwidth");
+        if kind == "DaemonSet" {
+            assert_eq!(bandwidth.as_deref(), Some("50M"));
+        } else {
+            assert_eq!(bandwidth, None, "the controller moves no backup data");
+        }
+    }
+    // Snapshot classes: the plain ones as before, and one per backups.snapshotClasses entry.
+    let offsite = r.get("VolumeSnapshotClass", "cellar-offsite");
+    assert_eq!(offsite["deletionPolicy"], "Retain");
+    assert_eq!(offsite["driver"], r.str("driverName").as_str());
+    let params = |c: &Value| -> BTreeMap<String, String> {
+        c["parameters"]
+            .as_mapping()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| {
+                (
+                    k.as_str().expect("key").to_owned(),
+                    v.as_str().expect("string").to_owned(),
+                )
+            })
+            .collect()
+    };
+    let want = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    };
+    assert_eq!(
+        params(offsite),
+        want(&[
+            ("backupRepository", "offsite"),
+            ("keepLocal", "true"),
+            ("freeze", "true")
+        ])
+    );
+    let s3 = r.get("VolumeSnapshotClass", "cellar-s3");
+    assert_eq!(params(s3), want(&[("backupRepository", "s3")]));
+    assert_eq!(s3["deletionPolicy"], "Delete");
+    assert_eq!(
+        s3["metadata"]["annotations"]["snapshot.storage.kubernetes.io/is-default-class"],
+        "true"
+    );
+    assert_eq!(
+        params(r.get("VolumeSnapshotClass", "cellar")),
+        want(&[("freeze", "true")])
+    );
+    // Every class names a repository of the pool file.
+    for c in r.all("VolumeSnapshotClass") {
+        if let Some(repo) = c["parameters"]["backupRepository"].as_str() {
+            assert!(config.repositories.iter().any(|x| x.name.as_str() == repo), "{repo}");
+        }
+    }
+}
+
+/// Without backups (the default) nothing of them is rendered: no repositories in the pool file, no
+/// mounts, no flag, no classes.
+#[test]
+fn without_backups_nothing_of_them_is_rendered() {
+    for r in renderings().into_iter().filter(|r| r.set != "backups") {
+        let text: String = r.docs.iter().map(|d| d.text.as_str()).collect();
+        for word in [
+            "repositories:",
+            "/etc/cellar/backups",
+            "backup-bandwidth",
+            "backupRepository",
+            "name: backup",
+        ] {
+            assert!(!text.contains(word), "{}: {word} rendered", r.set);
+        }
+    }
+}
+
+/// Integer bandwidths (Helm reads numbers as floats) reach the flag as integers; 0 passes none.
+#[test]
+fn backup_bandwidth_is_passed_as_written_and_0_passes_no_flag() {
+    let node_flag = |set: &str| -> Option<String> {
+        let docs = split_docs(&render(&["--set", set]));
+        let ds = docs
+            .iter()
+            .find(|d| d.kind() == "DaemonSet")
+            .expect("the node DaemonSet");
+        flag(
+            container(&ds.value["spec"]["template"]["spec"], "cellar"),
+            "backup-bandwidth",
+        )
+    };
+    assert_eq!(node_flag("backups.bandwidth=52428800").as_deref(), Some("52428800"));
+    assert_eq!(node_flag("backups.bandwidth=1G").as_deref(), Some("1G"));
+    assert_eq!(node_flag("backups.bandwidth=0"), None);
+}
+
+/// What the driver would refuse at start fails the render instead, saying why.
+#[test]
+fn backup_values_the_driver_would_refuse_fail_the_render() {
+    let repo = |i: usize, rest: &str| -> String {
+        rest.split(',')
+            .map(|kv| format!("backups.repositories[{i}].{kv}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    for (set, says) in [
+        (repo(0, "name=a,passwordFile=/k"), "exactly one of path and s3"),
+        (
+            repo(0, "name=a,path=/b,s3.endpoint=http://s3,s3.bucket=b,passwordFile=/k"),
+            "exactly one of path and s3",
+        ),
+        (repo(0, "name=a,path=/b"), "needs passwordSecret"),
+        (
+            repo(0, "name=a,s3.endpoint=http://s3,s3.bucket=b,passwordFile=/k"),
+            "credentialsSecret",
+        ),
+        (
+            repo(0, "name=a,path=/b,credentialsSecret=c,passwordFile=/k"),
+            "credentialsSecret is for s3",
+        ),
+        (
+            format!(
+                "{},{}",
+                repo(0, "name=a,path=/b,passwordFile=/k"),
+                repo(1, "name=a,path=/c,passwordFile=/k")
+            ),
+            "listed twice",
+        ),
+        (
+            format!(
+                "{},backups.snapshotClasses[0].name=x,backups.snapshotClasses[0].repository=b",
+                repo(0, "name=a,path=/b,passwordFile=/k")
+            ),
+            "names repository b",
+        ),
+    ] {
+        let mut cmd = Command::new(helm());
+        cmd.args(["template", RELEASE]).arg(chart()).args(["--set", &set]);
+        let (ok, _, err) = run(&mut cmd);
+        assert!(!ok && err.contains(says), "--set {set}: {err}");
     }
 }
 

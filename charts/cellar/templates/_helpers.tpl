@@ -72,7 +72,133 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "cellar.poolsYaml" -}}
 {{- $c := dict "pools" .Values.config.pools -}}
 {{- if .Values.config.defaultPool }}{{ $_ := set $c "defaultPool" .Values.config.defaultPool }}{{ end -}}
+{{- with include "cellar.backupRepositories" . | fromJsonArray }}{{ $_ := set $c "repositories" . }}{{ end -}}
 {{- toYaml $c -}}
+{{- end -}}
+
+{{/*
+Backups (backups.*, docs/backups.md). Each repository's files are mounted under
+/etc/cellar/backups/<name>/ in both pods: the key of passwordSecret as key/password, the
+credentials of credentialsSecret as s3/credentials. The volumes are named backup-<name> (a path
+repository's directory), backupkey-<name> and backups3-<name>: distinct prefixes, so no two
+repositories' volumes share a name (with suffixes, offsite's key and a repository named
+offsite-key would), and DNS labels of at most 63 characters (the schema keeps names to 52).
+*/}}
+{{- define "cellar.backupDir" -}}/etc/cellar/backups/{{ . }}{{- end -}}
+
+{{/*
+The repositories: entries of the pool file, as the driver reads them (src/backup/mod.rs): name,
+path or s3 (with credentialsFile), passwordFile. Refuses what the driver would refuse at start,
+at render time instead.
+*/}}
+{{- define "cellar.backupRepositories" -}}
+{{- $out := list -}}
+{{- $seen := dict -}}
+{{- range .Values.backups.repositories -}}
+{{- if hasKey $seen .name -}}{{- fail (printf "backups.repositories: %s is listed twice" .name) -}}{{- end -}}
+{{- $_ := set $seen .name true -}}
+{{- $dir := include "cellar.backupDir" .name -}}
+{{- $r := dict "name" .name -}}
+{{- if eq (empty .path) (empty .s3) -}}
+{{- fail (printf "backups.repositories: %s needs exactly one of path and s3" .name) -}}
+{{- end -}}
+{{- if .path -}}
+{{- if .credentialsSecret -}}{{- fail (printf "backups.repositories: %s: credentialsSecret is for s3" .name) -}}{{- end -}}
+{{- $_ := set $r "path" .path -}}
+{{- else -}}
+{{- if .volume -}}{{- fail (printf "backups.repositories: %s: volume is for path" .name) -}}{{- end -}}
+{{- $s3 := omit .s3 "credentialsFile" -}}
+{{- if .credentialsSecret -}}
+{{- if .s3.credentialsFile -}}{{- fail (printf "backups.repositories: %s: give credentialsSecret or s3.credentialsFile, not both" .name) -}}{{- end -}}
+{{- $_ := set $s3 "credentialsFile" (printf "%s/s3/credentials" $dir) -}}
+{{- else if .s3.credentialsFile -}}
+{{- $_ := set $s3 "credentialsFile" .s3.credentialsFile -}}
+{{- else -}}
+{{- fail (printf "backups.repositories: %s: s3 needs credentialsSecret (or s3.credentialsFile)" .name) -}}
+{{- end -}}
+{{- $_ := set $r "s3" $s3 -}}
+{{- end -}}
+{{- if and .passwordSecret .passwordFile -}}
+{{- fail (printf "backups.repositories: %s: give passwordSecret or passwordFile, not both" .name) -}}
+{{- else if .passwordSecret -}}
+{{- $_ := set $r "passwordFile" (printf "%s/key/password" $dir) -}}
+{{- else if .passwordFile -}}
+{{- $_ := set $r "passwordFile" .passwordFile -}}
+{{- else -}}
+{{- fail (printf "backups.repositories: %s needs passwordSecret (or passwordFile)" .name) -}}
+{{- end -}}
+{{- $out = append $out $r -}}
+{{- end -}}
+{{- toJson $out -}}
+{{- end -}}
+
+{{/* The backup mounts of the cellar container, the same in the controller and the node pods. */}}
+{{- define "cellar.backupVolumeMounts" -}}
+{{- range .Values.backups.repositories }}
+{{- $dir := include "cellar.backupDir" .name }}
+{{- if .path }}
+- name: backup-{{ .name }}
+  mountPath: {{ .path }}
+  {{- if or (not .volume) (hasKey .volume "hostPath") }}
+  mountPropagation: HostToContainer
+  {{- end }}
+{{- end }}
+{{- if .passwordSecret }}
+- name: backupkey-{{ .name }}
+  mountPath: {{ $dir }}/key
+  readOnly: true
+{{- end }}
+{{- if .credentialsSecret }}
+- name: backups3-{{ .name }}
+  mountPath: {{ $dir }}/s3
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Their volumes: a path repository's `volume` (any pod volume source), else the host's directory at
+its path, which must exist (a filesystem every node mounts there: a missing mount fails the pod
+rather than backing up onto the root disk); the Secrets, read-only, one key each.
+*/}}
+{{- define "cellar.backupVolumes" -}}
+{{- range .Values.backups.repositories }}
+{{- if .path }}
+- name: backup-{{ .name }}
+  {{- if .volume }}
+  {{- toYaml .volume | nindent 2 }}
+  {{- else }}
+  hostPath:
+    path: {{ .path }}
+    type: Directory
+  {{- end }}
+{{- end }}
+{{- if .passwordSecret }}
+- name: backupkey-{{ .name }}
+  secret:
+    secretName: {{ .passwordSecret.name }}
+    defaultMode: 0400
+    items:
+      - key: {{ .passwordSecret.key | default "password" }}
+        path: password
+{{- end }}
+{{- if .credentialsSecret }}
+- name: backups3-{{ .name }}
+  secret:
+    secretName: {{ .credentialsSecret }}
+    defaultMode: 0400
+    items:
+      - key: credentials
+        path: credentials
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* --backup-bandwidth of the nodes: empty when there is no limit (0, the flag's default). */}}
+{{- define "cellar.backupBandwidth" -}}
+{{- $bw := .Values.backups.bandwidth -}}
+{{- $s := ternary $bw (toString ($bw | default 0 | int64)) (kindIs "string" $bw) -}}
+{{- if not (has $s (list "" "0")) }}{{ $s }}{{ end -}}
 {{- end -}}
 
 {{/*
