@@ -152,7 +152,8 @@ pub fn record_transfer_end(direction: &'static str, complete: bool) {
 struct BackupLabels {
     repository: String,
     /// `read` (snapshot bytes read for an upload), `uploaded` (bytes written to the repository,
-    /// after deduplication and compression), `downloaded` (bytes read from it for a restore).
+    /// after deduplication and compression), `downloaded` (bytes read from it), `restored` (data
+    /// bytes restored into a volume).
     kind: &'static str,
 }
 
