@@ -704,3 +704,47 @@ async fn a_killed_upload_or_restore_converges_and_leaves_nothing() {
         "the live backup's data survives the prunes"
     );
 }
+
+/// A tree backup restores into either tree layout: a `dir` volume's backup becomes a `btrfs`
+/// subvolume with the same files.
+#[tokio::test]
+async fn a_dir_backup_restores_into_a_btrfs_volume() {
+    let s = Setup::new();
+    let fs = TestFs::new("btrfs", 512);
+    let pools = format!(
+        "{}  - name: bt\n    path: {}\n    layout: btrfs\n",
+        s.dir_pool(),
+        fs.path("pool").display()
+    );
+    let mut d = s.driver(&pools).await;
+    let v = d.create("pvc-tree").await;
+    let (st, tg) = d.mount_rw(&v.volume_id, "tree").await;
+    fill(&tg.join("data"), 1 << 20, 9);
+    std::fs::create_dir(tg.join("sub")).expect("mkdir");
+    std::fs::write(tg.join("sub/note"), b"into btrfs").expect("write");
+    let want = std::fs::read(tg.join("data")).expect("read");
+    d.unmount_all(&v.volume_id, &st, &tg).await;
+    let snap = backup(&mut d, "snap-tree-bt", &v.volume_id, false)
+        .await
+        .expect("backup");
+    until_ready(&mut d, &snap.snapshot_id).await;
+    let mut r = common::create_req("pvc-bt", 64 * MIB);
+    r.parameters.insert("pool".into(), "bt".into());
+    r.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(from_snapshot(&snap.snapshot_id)),
+    });
+    let back = d
+        .ctl
+        .create_volume(r)
+        .await
+        .expect("restore into btrfs")
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert_eq!(back.volume_context.get("layout").map(String::as_str), Some("btrfs"));
+    let (st2, tg2) = d.mount_rw(&back.volume_id, "bt").await;
+    assert!(std::fs::read(tg2.join("data")).expect("data") == want, "restored bytes");
+    assert_eq!(std::fs::read(tg2.join("sub/note")).expect("note"), b"into btrfs");
+    d.unmount_all(&back.volume_id, &st2, &tg2).await;
+    d.delete(&back.volume_id).await.expect("delete");
+}

@@ -110,20 +110,30 @@ impl ControllerService {
         out
     }
 
-    /// GetSnapshot of a backup: the repository's, else a node's upload in progress.
-    pub(super) async fn get_backup(&self, id: &BackupId, local: &[Snapshot]) -> Result<Snapshot, ControllerError> {
+    /// GetSnapshot of a backup: the repository's, else a node's upload in progress. The
+    /// repository answers first, so an uploaded backup is found while its node is down; nodes
+    /// that do not answer are passed over.
+    pub(super) async fn get_backup(&self, id: &BackupId) -> Result<Option<Snapshot>, ControllerError> {
         let shown = id.to_string();
         if self.backups.config(id.repository()).is_ok() {
             let i = id.clone();
             if let Some(b) = blocking(&self.backups, move |b| b.find(&i)).await? {
-                return Ok(csi_backup(&b));
+                return Ok(Some(csi_backup(&b)));
             }
         }
-        local
-            .iter()
-            .find(|s| s.snapshot_id == shown)
-            .cloned()
-            .ok_or_else(|| ControllerError::not_found(format!("snapshot {shown} not found")))
+        for a in self.directory.all() {
+            match a.snapshots().await {
+                Ok(snaps) => {
+                    if let Some(s) = snaps.iter().map(csi_snapshot).find(|s| s.snapshot_id == shown) {
+                        return Ok(Some(s));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(node = a.node().as_str(), backup = %shown, error = %e, "node passed over looking for an upload in progress")
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// DeleteSnapshot of a backup: each node forgets its part (a local copy, or an upload in

@@ -1019,7 +1019,11 @@ impl Controller for ControllerService {
         note(&req, &req.get_ref().snapshot_id);
         let r = req.into_inner();
         answer(async {
-            let mut all = self.csi_snapshots().await?;
+            // One backup by its id: its repository answers, whichever node is down.
+            let mut all = match BackupId::parse(&r.snapshot_id) {
+                Ok(id) => self.get_backup(&id).await?.into_iter().collect(),
+                Err(_) => self.csi_snapshots().await?,
+            };
             if !r.snapshot_id.is_empty() {
                 all.retain(|s| s.snapshot_id == r.snapshot_id);
             }
@@ -1047,9 +1051,8 @@ impl Controller for ControllerService {
             }
             let not_found = || ControllerError::not_found(format!("snapshot {} not found", r.snapshot_id));
             if let Ok(id) = BackupId::parse(&r.snapshot_id) {
-                let local: Vec<Snapshot> = self.all_snapshots().await?.iter().map(csi_snapshot).collect();
                 return Ok(GetSnapshotResponse {
-                    snapshot: Some(self.get_backup(&id, &local).await?),
+                    snapshot: Some(self.get_backup(&id).await?.ok_or_else(not_found)?),
                 });
             }
             let id = SnapshotId::parse(&r.snapshot_id).map_err(|_| not_found())?;
