@@ -401,3 +401,69 @@ async fn postgresql_backed_up_on_node_1_under_pgbench_recovers_on_node_2_after_n
         started.elapsed()
     );
 }
+
+// ------------------------------------------------------------------ bugs found on the way
+
+/// Split mode with TLS, as the story above runs it: the agents and the registry serve TLS. Since
+/// the backups linked rustic_backend (opendal, reqwest), rustls is built with both its `ring` and
+/// its `aws-lc-rs` provider, no provider is installed at start, and the first TLS server panics
+/// choosing one ("Could not automatically determine the process-level CryptoProvider"): no node
+/// registers.
+#[tokio::test]
+async fn split_mode_with_tls_starts_with_the_backup_dependencies_linked() {
+    let c = Cluster::start(Spec::nodes(vec![None])).await;
+    assert!(!c.logs().contains("CryptoProvider"), "{}", c.logs());
+}
+
+/// Once uploaded, a backup is the repository's: GetSnapshot answers for it while the node that
+/// cut it cannot be reached (src/controller/backup.rs: "whether or not the node that cut it
+/// exists"), also before the controller counts that node as down (3 heartbeats, 30 s by default).
+/// TLS plays no part here.
+#[tokio::test]
+async fn an_uploaded_backup_answers_get_snapshot_while_its_node_is_unreachable() {
+    let shared = Shared::new();
+    let mut c = Cluster::start(Spec {
+        insecure: true,
+        repositories: Some(shared.repositories()),
+        ..Spec::nodes(vec![None, None])
+    })
+    .await;
+    let mut r = common::create_req("pvc-small", 16 * MIB);
+    r.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![node_topology("node-1")],
+        preferred: vec![node_topology("node-1")],
+    });
+    let v = c
+        .ctl()
+        .await
+        .create_volume(r)
+        .await
+        .expect("CreateVolume")
+        .into_inner()
+        .volume
+        .expect("volume");
+    let snap = c
+        .ctl()
+        .await
+        .create_snapshot(backup_req("snap-small", &v.volume_id, false))
+        .await
+        .expect("CreateSnapshot")
+        .into_inner()
+        .snapshot
+        .expect("snapshot");
+    until_ready(&c, &snap.snapshot_id, || {}).await;
+    c.kill_node(0);
+    let got = c
+        .ctl()
+        .await
+        .get_snapshot(GetSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        got.as_ref()
+            .is_ok_and(|g| g.get_ref().snapshot.as_ref().is_some_and(|s| s.ready_to_use)),
+        "GetSnapshot of an uploaded backup with its node unreachable: {got:?}"
+    );
+}
