@@ -32,6 +32,9 @@ pub struct Spec {
     pub controller_args: Vec<String>,
     /// Run without TLS (`--insecure`) instead of with the chart's certificates.
     pub insecure: bool,
+    /// A `repositories:` section (YAML, from that key on) added to every node's pools.yaml and
+    /// given to the controller in a config of its own (with the per-node pools, not with `config`).
+    pub repositories: Option<String>,
 }
 
 impl Spec {
@@ -132,6 +135,20 @@ impl Cluster {
         }
     }
 
+    /// The controller's `--config`: the shared config, or one holding the repositories (its pool
+    /// is the default one, local, which a controller does not open).
+    fn controller_config(&self) -> Vec<String> {
+        match (&self.spec.config, &self.spec.repositories) {
+            (Some(_), Some(_)) => panic!("Spec: put the repositories in the shared config"),
+            (None, Some(repos)) => {
+                let cfg = self.dir.path().join("controller-pools.yaml");
+                std::fs::write(&cfg, format!("pools:\n  - name: default\n{repos}")).expect("config");
+                vec!["--config".into(), cfg.display().to_string()]
+            }
+            _ => self.shared_config(),
+        }
+    }
+
     pub fn start_controller(&mut self) {
         self.start_controller_with(&[]);
     }
@@ -150,7 +167,7 @@ impl Cluster {
             "--metrics-listen".into(),
             format!("127.0.0.1:{}", self.metrics),
         ];
-        args.extend(self.shared_config());
+        args.extend(self.controller_config());
         args.extend(self.tls_args("controller"));
         args.extend(self.spec.controller_args.iter().cloned());
         self.controller = Some(self.spawn("controller", args, envs));
@@ -184,13 +201,16 @@ impl Cluster {
         ];
         if self.spec.config.is_some() {
             args.extend(self.shared_config());
-        } else if self.spec.pools[i].is_some() || self.spec.layouts.is_some() {
+        } else if self.spec.pools[i].is_some() || self.spec.layouts.is_some() || self.spec.repositories.is_some() {
             let mut yaml = "pools:\n  - name: default\n".to_string();
             if let Some(pool) = &self.spec.pools[i] {
                 yaml += &format!("    path: {}\n", pool.display());
             }
             if let Some(layouts) = self.spec.layouts {
                 yaml += &format!("    layouts: [{layouts}]\n");
+            }
+            if let Some(repos) = &self.spec.repositories {
+                yaml += repos;
             }
             let cfg = d.join(format!("{name}-pools.yaml"));
             std::fs::write(&cfg, yaml).expect("config");
