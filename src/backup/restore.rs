@@ -14,7 +14,8 @@ use rustic_core::repofile::{BlobType, Node, NodeType};
 use rustic_core::{BlobId, IndexedFullStatus, Repository};
 use sha2::{Digest, Sha256};
 
-use super::{BackupInfo, Backups, RepositoryConfig, RusticFailure};
+use super::{info_of, Backups, RepositoryConfig, RusticFailure};
+use crate::storage::id::BackupId;
 use crate::storage::record::Layout;
 use crate::storage::transfer::{chunk_checksum, Frame, Header, Tally, CHUNK_BYTES};
 use crate::storage::StorageError;
@@ -22,14 +23,20 @@ use crate::sys::tree::Meta;
 
 type Indexed = Repository<IndexedFullStatus>;
 
-/// The frames of backup `info`, read lazily: the first is the header. A tree (from a `dir` or
+/// The frames of backup `id`, read lazily: the first is the header. A tree (from a `dir` or
 /// `btrfs` volume) is restored into either tree layout: `target` names the one being made.
-pub fn frames(backups: &Backups, info: &BackupInfo, target: Layout) -> Result<Frames, StorageError> {
-    let cfg = backups.config(info.id.repository())?.clone();
-    let repo = backups.open(info.id.repository())?;
-    let snap = repo
-        .get_snapshot_from_str(&info.snapshot, |_| true)
-        .map_err(|e| cfg.error(e))?;
+/// NOT_FOUND when the repository holds no such backup.
+pub fn frames(backups: &Backups, id: &BackupId, target: Layout) -> Result<Frames, StorageError> {
+    let cfg = backups.config(id.repository())?.clone();
+    let repo = backups.open(id.repository())?;
+    let snaps = repo.get_all_snapshots().map_err(|e| cfg.error(e))?;
+    let Some((snap, info)) = snaps
+        .into_iter()
+        .find_map(|s| info_of(id.repository(), &s).filter(|b| b.id == *id).map(|b| (s, b)))
+    else {
+        return Err(StorageError::SnapshotNotFound(format!("{id} (not in its repository)")));
+    };
+    let info = &info;
     let repo = repo.to_indexed().map_err(|e| cfg.error(e))?;
     let root = repo
         .node_from_path(snap.tree, Path::new(&info.meta.path))

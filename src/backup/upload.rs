@@ -13,7 +13,7 @@ use std::time::Instant;
 use rustic_core::repofile::{Node, NodeType, SnapshotFile};
 use rustic_core::{BackupOptions, LocalSourceSaveOptions, ParentOptions, PathList, SnapshotOptions, TimeOption};
 
-use super::{BackupInfo, BackupMeta, Backups, RusticFailure, TAG_KEY, TAG_NAME, TAG_VOLUME};
+use super::{info_of, BackupInfo, BackupMeta, Backups, RusticFailure, TAG_KEY, TAG_NAME, TAG_VOLUME};
 use crate::crash;
 use crate::storage::id::BackupId;
 use crate::storage::record::Layout;
@@ -37,13 +37,17 @@ pub fn upload(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path) 
 
 fn upload_inner(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path) -> Result<BackupInfo, StorageError> {
     let cfg = backups.config(id.repository())?;
-    if let Some(done) = backups.find(id)? {
+    // Opened once (the key's derivation is the slow part), indexed for each stage below.
+    let opened = backups.open(id.repository())?;
+    let snaps = opened.get_all_snapshots().map_err(|e| cfg.error(e))?;
+    if let Some(done) = snaps
+        .iter()
+        .filter_map(|s| info_of(id.repository(), s))
+        .find(|b| b.id == *id)
+    {
         return Ok(done);
     }
-    let repo = backups.open(id.repository())?;
-    let parent = repo
-        .get_all_snapshots()
-        .map_err(|e| cfg.error(e))?
+    let parent = snaps
         .into_iter()
         .filter(|s| {
             s.tags
@@ -51,7 +55,7 @@ fn upload_inner(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path
                 .any(|t| *t == format!("{TAG_VOLUME}{}", meta.source_volume_id))
         })
         .max_by_key(|s| s.time.timestamp());
-    let repo = repo.to_indexed_ids().map_err(|e| cfg.error(e))?;
+    let repo = opened.to_indexed_ids().map_err(|e| cfg.error(e))?;
     let tags = format!(
         "{TAG_KEY}{},{TAG_NAME}{},{TAG_VOLUME}{}",
         id.key(),
@@ -87,22 +91,23 @@ fn upload_inner(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path
     crash::point("backup:after-upload");
     let read = saved.summary.as_ref().map_or(0, |s| s.total_bytes_processed);
     crate::metrics::record_backup_bytes(id.repository().as_str(), "read", read);
-    check_complete(backups, id, meta, &saved)?;
-    backups
-        .find(id)?
-        .ok_or_else(|| StorageError::DataLoss(format!("backup {id} was saved but the repository does not list it")))
+    check_complete(backups, repo.drop_index(), id, meta, &saved)?;
+    info_of(id.repository(), &saved)
+        .ok_or_else(|| StorageError::DataLoss(format!("backup {id} was saved without the tags that name it")))
 }
 
 /// Every blob the saved snapshot references is in the repository's index, and its data has the
 /// length the source had: the backup is complete.
 fn check_complete(
     backups: &Backups,
+    opened: super::Open,
     id: &BackupId,
     meta: &BackupMeta,
     saved: &SnapshotFile,
 ) -> Result<(), StorageError> {
     let cfg = backups.config(id.repository())?;
-    let repo = backups.open(id.repository())?.to_indexed().map_err(|e| cfg.error(e))?;
+    // The index is read again: it now holds the packs this upload wrote.
+    let repo = opened.to_indexed().map_err(|e| cfg.error(e))?;
     let root = repo
         .node_from_path(saved.tree, Path::new(&meta.path))
         .map_err(|e| cfg.error(e))?;

@@ -214,11 +214,7 @@ impl LocalEngine {
             copy.source = Some(Source::Snapshot(local.id.clone()));
             return self.make_volume(p, &copy);
         }
-        let info = self
-            .backups
-            .find(id)?
-            .ok_or_else(|| StorageError::SnapshotNotFound(format!("{id} (not in its repository)")))?;
-        let mut frames = backup::restore::frames(&self.backups, &info, p.layout)?;
+        let mut frames = backup::restore::frames(&self.backups, id, p.layout)?;
         tracing::info!(backup = %id, volume = %p.id, "restore from the backup repository started");
         self.import_planned(p, req, &mut frames)
     }
