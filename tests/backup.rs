@@ -159,6 +159,18 @@ async fn restore(d: &mut Driver, name: &str, bytes: i64, snapshot: &str) -> Resu
         .map(|r| r.into_inner().volume.expect("volume"))
 }
 
+/// `cellar backup <args> --repository offsite --config <cfg>`.
+fn cellar_backup(cfg: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(common::bin())
+        .arg("backup")
+        .args(args)
+        .args(["--repository", "offsite", "--config"])
+        .arg(cfg)
+        .envs(env.iter().copied())
+        .output()
+        .expect("cellar backup")
+}
+
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     match std::fs::read_dir(dir) {
         Ok(rd) => rd.map(|e| e.expect("entry").path()).collect(),
@@ -252,6 +264,26 @@ async fn a_tree_backup_is_restic_readable_restores_whole_elsewhere_and_is_forgot
         .snapshot
         .as_ref()
         .is_some_and(|s| s.snapshot_id == snap.snapshot_id && s.ready_to_use)));
+    // The CLI sees it too: list, show, and a verify that reads every pack.
+    let cli_cfg = s.config(&s.dir_pool(), &s.repo(), &s.password_file());
+    let list = cellar_backup(&cli_cfg, &["list", "--json"], &[]);
+    assert_eq!(list.status.code(), Some(0));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&list.stdout).expect("list --json");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["id"], snap.snapshot_id.as_str());
+    assert_eq!(rows[0]["sourceVolumeId"], v.volume_id.as_str());
+    let show = cellar_backup(&cli_cfg, &["show", &snap.snapshot_id], &[]);
+    assert!(
+        String::from_utf8_lossy(&show.stdout).contains(&v.volume_id),
+        "show names the source"
+    );
+    let verify = cellar_backup(&cli_cfg, &["verify", "--read-data"], &[]);
+    assert_eq!(
+        verify.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
     d.ctl
         .delete_snapshot(DeleteSnapshotRequest {
             snapshot_id: snap.snapshot_id.clone(),
@@ -262,19 +294,7 @@ async fn a_tree_backup_is_restic_readable_restores_whole_elsewhere_and_is_forgot
     assert!(s.restic_snapshots().is_empty(), "the backup is forgotten");
     let cfg = s.config(&s.dir_pool(), &s.repo(), &s.password_file());
     let prune = |keep: &str| {
-        let out = Command::new(common::bin())
-            .args([
-                "backup",
-                "prune",
-                "--repository",
-                "offsite",
-                "--keep-delete-secs",
-                keep,
-                "--config",
-            ])
-            .arg(&cfg)
-            .output()
-            .expect("cellar backup prune");
+        let out = cellar_backup(&cfg, &["prune", "--keep-delete-secs", keep], &[]);
         assert!(out.status.success(), "prune: {}", String::from_utf8_lossy(&out.stderr));
     };
     // What the background prune leaves (unused packs only marked) is clean for restic too.
@@ -450,6 +470,14 @@ async fn a_corrupted_pack_is_data_loss_and_leaves_no_volume() {
         }
     }
     assert!(flipped > 0, "no pack to corrupt");
+    let cfg = s.config(&s.dir_pool(), &s.repo(), &s.password_file());
+    let verify = cellar_backup(&cfg, &["verify", "--read-data"], &[]);
+    assert_eq!(
+        verify.status.code(),
+        Some(2),
+        "verify finds the corruption: {}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
     let e = restore(&mut d, "pvc-c-restored", 64 * MIB, &snap.snapshot_id)
         .await
         .expect_err("a corrupted pack");
@@ -673,22 +701,7 @@ async fn a_killed_upload_or_restore_converges_and_leaves_nothing() {
             .expect("DeleteSnapshot");
     }
     let cfg = s.config(&s.dir_pool(), &s.repo(), &s.password_file());
-    let prune = |env: &[(&str, &str)]| {
-        Command::new(common::bin())
-            .args([
-                "backup",
-                "prune",
-                "--repository",
-                "offsite",
-                "--keep-delete-secs",
-                "0",
-                "--config",
-            ])
-            .arg(&cfg)
-            .envs(env.iter().copied())
-            .output()
-            .expect("cellar backup prune")
-    };
+    let prune = |env: &[(&str, &str)]| cellar_backup(&cfg, &["prune", "--keep-delete-secs", "0"], env);
     let killed = prune(&[("CELLAR_CRASH_AT", "backup:prune-planned")]);
     assert!(
         !killed.status.success(),
