@@ -966,12 +966,6 @@ impl Controller for ControllerService {
             let freeze = request::snapshot_params(&r.parameters)?;
             let wants_backup = backup::backup_request(&r.parameters)?;
             let (source, agent) = self.volume_owner(&r.source_volume_id)?;
-            if let Some(req) = wants_backup {
-                let snapshot = self.create_backup(&r.name, source, agent, freeze, req).await?;
-                return Ok(CreateSnapshotResponse {
-                    snapshot: Some(snapshot),
-                });
-            }
             for a in self.directory.all() {
                 if let Some(existing) = a.snapshot_named(r.name.clone()).await? {
                     if existing.source_volume_id != source {
@@ -981,6 +975,12 @@ impl Controller for ControllerService {
                         )));
                     }
                 }
+            }
+            if let Some(req) = wants_backup {
+                let snapshot = self.create_backup(&r.name, source, agent, freeze, req).await?;
+                return Ok(CreateSnapshotResponse {
+                    snapshot: Some(snapshot),
+                });
             }
             let rec = agent.create_snapshot(r.name.clone(), source, freeze, None).await?;
             Ok(CreateSnapshotResponse {

@@ -32,6 +32,9 @@ use super::StorageError;
 pub struct Pool {
     pub config: PoolConfig,
     pub features: PoolFeatures,
+    /// Opened as its owner (see [`Pool::open_as`]): this process finishes what its crashes left,
+    /// backup uploads included.
+    pub owner: bool,
 }
 
 /// Which of the pool's two collections an object belongs to.
@@ -89,7 +92,11 @@ impl Pool {
         files::mkdir_all(&config.path)?;
         files::require_real_dir(&config.path)?;
         let features = super::layout::check_pool(&config)?;
-        let pool = Pool { config, features };
+        let pool = Pool {
+            config,
+            features,
+            owner,
+        };
         for d in [
             "volumes",
             "snapshots",

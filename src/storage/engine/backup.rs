@@ -77,7 +77,13 @@ impl LocalEngine {
     /// uploaded local copy) that a restart cut short.
     pub fn start_uploads(self: &Arc<Self>) {
         let _ = self.me.set(Arc::downgrade(self));
-        for rec in self.snapshots() {
+        // Only the pools this process owns: a node also opens the shared pools, whose snapshots
+        // the controller cut and uploads.
+        for rec in self
+            .snapshots()
+            .into_iter()
+            .filter(|r| self.locate(&r.id.0).is_some_and(|p| p.owner))
+        {
             if let Some(m) = &rec.backup {
                 if !m.uploaded || !m.keep_local {
                     self.spawn_upload(&rec);
