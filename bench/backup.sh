@@ -22,6 +22,7 @@
 #   sudo bench/backup.sh                           # RUNS=3, 1 GiB
 #   sudo RUNS=1 SIZE_MIB=128 CELLAR_BIN=target/debug/cellar bench/backup.sh   # a quick smoke run
 #   LAYOUTS="image" / LAYOUTS="dir"                # one layout only
+#   CELLAR_LOG=info DRIVER_LOG=/tmp/driver.log     # keep the driver's log (upload times at info)
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
@@ -50,6 +51,7 @@ cleanup() {
   sleep 0.2
   for m in $(findmnt -rn -o TARGET | grep "^$dir" | sort -r); do umount "$m"; done
   [ -n "$xfs_loop" ] && losetup -d "$xfs_loop"
+  [ -n "${DRIVER_LOG:-}" ] && cp "$dir/driver.log" "$DRIVER_LOG"
   rm -rf "$dir"
 }
 trap cleanup EXIT
@@ -266,6 +268,8 @@ for i in $(seq "$RUNS"); do
     add "r-g-$l" "$(($(repo_bytes "$rr") - r1))"
     add "c-repo-$l" "$c1"
     add "r-repo-$l" "$r1"
+    # Measured: the next run's repositories need the room.
+    rm -rf "$cr" "$rr"
     echo "   $(for k in c-b1 r-b1 c-rs r-rs c-b2 r-b2 c-g r-g; do v=${fig[$k-$l]}; printf '%s=%s ' "$k" "${v##* }"; done)" >&2
   done
 done
