@@ -766,3 +766,47 @@ async fn a_dir_backup_restores_into_a_btrfs_volume() {
     d.unmount_all(&back.volume_id, &st2, &tg2).await;
     d.delete(&back.volume_id).await.expect("delete");
 }
+
+/// The second backup of a `dir` volume takes the first as its parent (unchanged files are not read
+/// again) and still holds every change: a file rewritten with the same size, a new file, a removed
+/// one.
+#[tokio::test]
+async fn a_second_dir_backup_holds_every_change_since_its_parent() {
+    let s = Setup::new();
+    let mut d = s.driver(&s.dir_pool()).await;
+    let v = d.create("pvc-inc").await;
+    let (st, tg) = d.mount_rw(&v.volume_id, "inc").await;
+    std::fs::write(tg.join("same-size"), b"first version").expect("write");
+    std::fs::write(tg.join("kept"), b"never changes").expect("write");
+    std::fs::write(tg.join("removed"), b"goes away").expect("write");
+    let first = backup(&mut d, "snap-inc-1", &v.volume_id, false).await.expect("backup");
+    until_ready(&mut d, &first.snapshot_id).await;
+    std::fs::write(tg.join("same-size"), b"other version").expect("rewrite");
+    std::fs::remove_file(tg.join("removed")).expect("remove");
+    std::fs::write(tg.join("added"), b"new file").expect("write");
+    let second = backup(&mut d, "snap-inc-2", &v.volume_id, false).await.expect("backup");
+    until_ready(&mut d, &second.snapshot_id).await;
+    d.unmount_all(&v.volume_id, &st, &tg).await;
+    let snaps = s.restic_snapshots();
+    let second_snap = snaps
+        .iter()
+        .find(|x| {
+            x["tags"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t.as_str() == Some("cellar-name=snap-inc-2")))
+        })
+        .expect("the second backup in restic");
+    assert!(
+        second_snap["parent"].is_string(),
+        "the second backup names its parent: {second_snap}"
+    );
+    let r = restore(&mut d, "pvc-inc-back", 64 * MIB, &second.snapshot_id)
+        .await
+        .expect("restore");
+    let (st2, tg2) = d.mount_rw(&r.volume_id, "inc-back").await;
+    assert_eq!(std::fs::read(tg2.join("same-size")).expect("read"), b"other version");
+    assert_eq!(std::fs::read(tg2.join("kept")).expect("read"), b"never changes");
+    assert_eq!(std::fs::read(tg2.join("added")).expect("read"), b"new file");
+    assert!(!tg2.join("removed").exists(), "a removed file is not restored");
+    d.unmount_all(&r.volume_id, &st2, &tg2).await;
+}

@@ -375,6 +375,9 @@ pub struct Backups {
     throttle: Arc<Throttle>,
     /// Serialises initialisation in this process.
     init: Mutex<()>,
+    /// Each repository's master key once its password opened it: deriving it from the password
+    /// (scrypt) costs a third of a CPU-second, every open after the first skips that.
+    keys: Mutex<std::collections::HashMap<PoolName, rustic_core::repofile::MasterKey>>,
 }
 
 impl Backups {
@@ -383,6 +386,7 @@ impl Backups {
             repos,
             throttle,
             init: Mutex::new(()),
+            keys: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -439,6 +443,34 @@ impl Backups {
 
     /// Opens a repository, initialising it when it has no config yet.
     pub fn open_or_init(&self, name: &PoolName, init: bool) -> Result<Open, StorageError> {
+        let opened = self.open_or_init_with_password(name, init)?;
+        self.keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone(), opened.key());
+        Ok(opened)
+    }
+
+    /// Opens with the master key a password already gave, when there is one; a key that no
+    /// longer opens the repository (it was made anew) is dropped and the password asked again.
+    fn open_with_known_key(&self, name: &PoolName) -> Option<Open> {
+        let cfg = self.config(name).ok()?;
+        let key = self.keys.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned()?;
+        let opened = Repository::new(&Self::options(), &self.backends(cfg).ok()?)
+            .and_then(|r| r.open(&Credentials::Masterkey(key)));
+        match opened {
+            Ok(o) => Some(o),
+            Err(_) => {
+                self.keys.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+                None
+            }
+        }
+    }
+
+    fn open_or_init_with_password(&self, name: &PoolName, init: bool) -> Result<Open, StorageError> {
+        if let Some(o) = self.open_with_known_key(name) {
+            return Ok(o);
+        }
         let cfg = self.config(name)?;
         let password = std::fs::read_to_string(&cfg.password_file)
             .map_err(|e| cfg.refused(format!("passwordFile {}: {e}", cfg.password_file.display())))?;

@@ -74,6 +74,13 @@ fn upload_inner(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path
         Some(p) => parents.parents = vec![p.id.to_string()],
         None => parents.force = true,
     }
+    // A `dir` snapshot is a copy: every file has a new inode and ctime, so against its parent
+    // only size and mtime tell an unchanged file (as `restic --ignore-inode --ignore-ctime`).
+    // btrfs snapshots keep both, and images are read whole.
+    if meta.layout == Layout::Dir {
+        parents.ignore_ctime = true;
+        parents.ignore_inode = true;
+    }
     // Access times too: a restored tree is the snapshot's, times and all.
     let save = LocalSourceSaveOptions::default().set_atime(Some(TimeOption::Yes));
     // A tree is saved as /volume; rustic names a single file by its own name, at the root.
