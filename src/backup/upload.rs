@@ -37,15 +37,29 @@ pub fn upload(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path) 
 
 fn upload_inner(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path) -> Result<BackupInfo, StorageError> {
     let cfg = backups.config(id.repository())?;
-    // Opened once (the key's derivation is the slow part), indexed for each stage below.
-    let opened = backups.open(id.repository())?;
-    let snaps = opened.get_all_snapshots().map_err(|e| cfg.error(e))?;
-    if let Some(done) = snaps
+    let mut opened = backups.open(id.repository())?;
+    let mut snaps = opened.get_all_snapshots().map_err(|e| cfg.error(e))?;
+    // A snapshot saved before a crash (or a failed check) counts only once it checks complete:
+    // a prune running meanwhile may have marked a pack it reuses. Otherwise it is forgotten and
+    // the upload made again (rustic then writes the blobs the index no longer has).
+    if let Some(saved) = snaps
         .iter()
-        .filter_map(|s| info_of(id.repository(), s))
-        .find(|b| b.id == *id)
+        .find(|s| info_of(id.repository(), s).is_some_and(|b| b.id == *id))
+        .cloned()
     {
-        return Ok(done);
+        match check_complete(backups, opened, id, meta, &saved) {
+            Ok(()) => {
+                return info_of(id.repository(), &saved)
+                    .ok_or_else(|| StorageError::DataLoss(format!("backup {id} lost its tags")))
+            }
+            Err(e) if e.is_unavailable() => return Err(e),
+            Err(e) => {
+                tracing::warn!(backup = %id, error = %e, "a saved backup is not complete in the index; uploading it again");
+                backups.forget(id)?;
+                opened = backups.open(id.repository())?;
+                snaps = opened.get_all_snapshots().map_err(|e| cfg.error(e))?;
+            }
+        }
     }
     let parent = snaps
         .into_iter()
@@ -98,7 +112,14 @@ fn upload_inner(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path
     crash::point("backup:after-upload");
     let read = saved.summary.as_ref().map_or(0, |s| s.total_bytes_processed);
     crate::metrics::record_backup_bytes(id.repository().as_str(), "read", read);
-    check_complete(backups, repo.drop_index(), id, meta, &saved)?;
+    if let Err(e) = check_complete(backups, repo.drop_index(), id, meta, &saved) {
+        // Not ready: forgotten, so that the retry uploads again instead of finding it.
+        if !e.is_unavailable() {
+            tracing::warn!(backup = %id, error = %e, "a saved backup is not complete in the index (a prune ran meanwhile?); forgetting it to upload again");
+            backups.forget(id)?;
+        }
+        return Err(e);
+    }
     info_of(id.repository(), &saved)
         .ok_or_else(|| StorageError::DataLoss(format!("backup {id} was saved without the tags that name it")))
 }
