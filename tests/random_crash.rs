@@ -454,11 +454,9 @@ struct Run {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Restic {
     No,
-    /// `restic snapshots`: one per live backup key, none for deleted ones.
-    Snapshots,
-    /// And `restic check`.
+    /// `restic snapshots` (one per live backup key, none for deleted ones) and `restic check`.
     Check,
-    /// And `restic check --read-data`.
+    /// The same with `restic check --read-data`.
     ReadData,
 }
 
@@ -1488,7 +1486,7 @@ impl Run {
         match restic {
             Restic::Check => drop(self.restic(&["check"])?),
             Restic::ReadData => drop(self.restic(&["check", "--read-data"])?),
-            Restic::No | Restic::Snapshots => {}
+            Restic::No => {}
         }
         Ok(())
     }
