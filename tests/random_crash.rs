@@ -965,7 +965,6 @@ impl Run {
         let retry = self.after_crash(&call);
         let desc = call.describe();
         let (crashed, sent, out) = self.run(call, arm, retry).await?;
-        self.list_due |= crashed;
         let code = out.as_ref().map(|_| Code::Ok).unwrap_or_else(|s| s.code());
         self.log.push(format!(
             "{:>3}: {desc}{}{} -> {code:?}",
@@ -1216,8 +1215,8 @@ impl Run {
             }
         }
         // Once the repository exists every ListSnapshots opens it (its key's scrypt costs about half
-        // a second): then the listing is compared after the steps that can change it (a snapshot
-        // call, a crash) and where the backups are checked, not after every step.
+        // a second): then the listing is compared after snapshot calls and where the backups are
+        // checked, not after every step (the pools' records are, above and below).
         if std::mem::take(&mut self.list_due) || !self.repo().join("config").exists() {
             self.check_listing().await?;
         }
