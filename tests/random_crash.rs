@@ -2,7 +2,9 @@
 //! (`dir`, `btrfs`, `image`) against the real driver, with the driver killed at a random named crash
 //! point before some steps and every call retried as kubelet and the sidecars would. After every step
 //! it checks the invariants of DESIGN.md: mounted data is never deleted, every record names its own
-//! data, nothing leaks and every call converges. A failure prints `seed N failed at step K` and the
+//! data, nothing leaks and every call converges. Some snapshots are backups into a restic repository
+//! (invariant 7): the tester waits for their uploads at random points and at the end of each seed,
+//! and then checks them with `restic` itself. A failure prints `seed N failed at step K` and the
 //! step log; rerun one seed with `CELLAR_CRASH_SEEDS=N cargo test --features crash-points --test random_crash`
 //! (docs/design.md, "Randomized crash tester", has the other knobs).
 
@@ -10,7 +12,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cellar::csi::v1::*;
 use common::fs::{loops_under, TestFs};
@@ -24,6 +26,16 @@ const ATTEMPTS: usize = 20;
 /// Above this many volumes the tester prefers deleting to creating, to keep the pools small.
 const MAX_VOLUMES: usize = 8;
 const MARKER: &str = "marker";
+/// The backup repository every backup goes to, and its key.
+const REPOSITORY: &str = "offsite";
+const PASSWORD: &str = "random crash tester";
+/// How long a call that waits on an upload (DeleteSnapshot of a backup answers ABORTED while it
+/// runs; a restore from a backup not yet ready answers FAILED_PRECONDITION) is retried, and how long
+/// the uploads of a step may take before they count as not converging.
+const UPLOAD_WAIT: Duration = Duration::from_secs(120);
+/// The chance, after each step, that the tester waits for every upload and checks the backups
+/// strictly (ready, local copies); `restic` is asked after prunes and at the end of every seed.
+const SETTLE_PERCENT: u64 = 10;
 
 /// splitmix64: a seeded, dependency-free source of choices, identical on every run of a seed.
 struct Rng(u64);
@@ -88,6 +100,22 @@ struct Snap {
     bytes: i64,
     source: String,
     marker: String,
+    /// A snapshot that is also a backup into the repository.
+    backup: Option<Backup>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Backup {
+    keep_local: bool,
+    /// ListSnapshots has called it ready to use: from then on it must stay so, and restore.
+    ready: bool,
+}
+
+impl Snap {
+    /// Whether the pool holds the local snapshot (record and data) once its upload is done.
+    fn kept_in_pool(&self) -> bool {
+        self.backup.is_none_or(|b| b.keep_local)
+    }
 }
 
 /// What should exist, by name.
@@ -114,6 +142,8 @@ enum Call {
     Snapshot {
         name: String,
         source: String,
+        /// A backup into the repository (`Some(keep_local)`).
+        backup: Option<bool>,
     },
     Expand {
         id: String,
@@ -147,6 +177,12 @@ enum Call {
     DeleteSnapshot {
         id: String,
     },
+    /// `cellar backup prune` of the repository, as the controller's pruner runs it; with
+    /// `keep_delete_secs: 0` only once every upload has finished (docs/backups.md).
+    Prune {
+        config: PathBuf,
+        keep_delete_secs: u64,
+    },
 }
 
 impl Call {
@@ -160,7 +196,47 @@ impl Call {
                 let v = d.ctl.create_volume(r).await?.into_inner().volume;
                 Ok(v.map(|v| v.volume_id).unwrap_or_default())
             }
-            Call::Snapshot { name, source } => d.snapshot(name, source).await.map(|s| s.snapshot_id),
+            Call::Snapshot {
+                name,
+                source,
+                backup: None,
+            } => d.snapshot(name, source).await.map(|s| s.snapshot_id),
+            Call::Snapshot {
+                name,
+                source,
+                backup: Some(keep_local),
+            } => {
+                let mut parameters =
+                    std::collections::HashMap::from([("backupRepository".to_string(), REPOSITORY.to_string())]);
+                if *keep_local {
+                    parameters.insert("keepLocal".into(), "true".into());
+                }
+                d.ctl
+                    .create_snapshot(CreateSnapshotRequest {
+                        name: name.clone(),
+                        source_volume_id: source.clone(),
+                        parameters,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| r.into_inner().snapshot.map(|s| s.snapshot_id).unwrap_or_default())
+            }
+            Call::Prune {
+                config,
+                keep_delete_secs,
+            } => {
+                let out = prune(config, *keep_delete_secs, None).await;
+                if out.status.success() {
+                    Ok(String::new())
+                } else {
+                    // A failed prune is tried again, as the pruner does next time.
+                    Err(tonic::Status::internal(format!(
+                        "cellar backup prune: {}: {}",
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )))
+                }
+            }
             Call::Expand { id, bytes } => d
                 .ctl
                 .controller_expand_volume(ControllerExpandVolumeRequest {
@@ -219,7 +295,20 @@ impl Call {
                 };
                 format!("create {} {:?} {} MiB{from}", v.name, v.layout, v.bytes / MIB)
             }
-            Call::Snapshot { name, source } => format!("snapshot {name} of {}", short(source)),
+            Call::Snapshot {
+                name,
+                source,
+                backup: None,
+            } => format!("snapshot {name} of {}", short(source)),
+            Call::Snapshot {
+                name,
+                source,
+                backup: Some(keep),
+            } => format!(
+                "backup {name} of {}{}",
+                short(source),
+                if *keep { " keepLocal" } else { "" }
+            ),
             Call::Expand { id, bytes } => format!("expand {} to {} MiB", short(id), bytes / MIB),
             Call::Modify { id, key, value } => format!("modify {} {key}={value}", short(id)),
             Call::Stage { id, .. } => format!("stage {}", short(id)),
@@ -228,6 +317,20 @@ impl Call {
             Call::Unstage { id, .. } => format!("unstage {}", short(id)),
             Call::DeleteVolume { id } => format!("delete volume {}", short(id)),
             Call::DeleteSnapshot { id } => format!("delete snapshot {}", short(id)),
+            Call::Prune { keep_delete_secs, .. } => format!("prune (keep-delete {keep_delete_secs} s)"),
+        }
+    }
+
+    /// Whether the call may have to wait for an upload: DeleteSnapshot of a backup (ABORTED while
+    /// it uploads) and a restore from a backup (FAILED_PRECONDITION until it is ready).
+    fn waits_on_upload(&self) -> bool {
+        match self {
+            Call::DeleteSnapshot { id } => id.starts_with("backup:"),
+            Call::Create(NewVolume {
+                source: Some(volume_content_source::Type::Snapshot(s)),
+                ..
+            }) => s.snapshot_id.starts_with("backup:"),
+            _ => false,
         }
     }
 
@@ -235,8 +338,23 @@ impl Call {
     fn points(&self) -> &'static [&'static str] {
         match self {
             Call::Create(NewVolume { source: None, .. }) => &["create-volume:before-record", "image:before-rename"],
+            // A restore from a backup streams it from the repository (or copies a kept local copy).
+            Call::Create(_) if self.waits_on_upload() => &[
+                "import:mid-stream",
+                "import:before-rename",
+                "copy:before-rename",
+                "create-volume:before-record",
+            ],
             Call::Create(_) => &["copy:before-rename", "create-volume:before-record"],
-            Call::Snapshot { .. } => &["create-snapshot:before-record", "copy:before-rename"],
+            Call::Snapshot { backup: None, .. } => &["create-snapshot:before-record", "copy:before-rename"],
+            // The backup:* points are reached by the upload thread after the call has answered.
+            Call::Snapshot { backup: Some(_), .. } => &[
+                "create-snapshot:before-record",
+                "backup:before-upload",
+                "backup:after-upload",
+                "backup:before-mark",
+            ],
+            Call::Prune { .. } => &["backup:prune-planned"],
             Call::Expand { .. } => &["expand:before-record"],
             Call::Stage { .. } => &["stage:after-attach", "stage:before-mount"],
             Call::Publish { .. } => &["publish:before-mount"],
@@ -267,19 +385,38 @@ enum Arm {
     Fail(&'static str, bool),
 }
 
-const ALL_POINTS: [&str; 11] = [
+const ALL_POINTS: [&str; 17] = [
+    "backup:after-upload",
+    "backup:before-mark",
+    "backup:before-upload",
+    "backup:prune-planned",
     "copy:before-rename",
     "create-snapshot:before-record",
     "create-volume:before-record",
     "delete:after-trash",
     "expand:before-record",
     "image:before-rename",
+    "import:before-rename",
+    "import:mid-stream",
     "publish:before-mount",
     "stage:after-attach",
     "stage:before-mount",
     "unpublish:after-unmount",
     "unstage:before-detach",
 ];
+
+/// A restore from a backup that is not yet ready to use: the provisioner tries again later.
+fn still_uploading(call: &Call, s: &tonic::Status) -> bool {
+    call.waits_on_upload() && s.code() == Code::FailedPrecondition && s.message().contains("still uploading")
+}
+
+/// Whether a seed takes backups: every third one. Once a seed has a repository, every
+/// ListSnapshots opens it (its key's scrypt costs about half a second) and uploads, restores and
+/// `restic` calls take seconds; backups in every seed would make the default run several minutes
+/// longer.
+fn backups_in(seed: u64) -> bool {
+    seed % 3 == 0
+}
 
 /// Codes after which kubelet and the sidecars send the same call again.
 fn transient(c: Code) -> bool {
@@ -293,15 +430,34 @@ struct Run {
     seed: u64,
     rng: Rng,
     d: Driver,
-    _cfg: tempfile::TempDir,
+    /// The pool configuration, the repository and its key.
+    cfg: tempfile::TempDir,
     pools: BTreeMap<Layout, PathBuf>,
     model: Model,
     log: Vec<String>,
     step: usize,
+    /// The last step pruned the repository.
+    pruned: bool,
+    /// ListSnapshots may have changed since it was last compared with the model.
+    list_due: bool,
+    /// This seed takes backups ([`backups_in`]).
+    backups: bool,
+    /// No upload runs: the checks allow no upload in progress.
+    settled: bool,
     // Kept last: the filesystems are unmounted after the driver is gone.
     _btrfs: TestFs,
     _xfs: TestFs,
     _dir_pool: tempfile::TempDir,
+}
+
+/// How much of the repository `check_backups` asks restic about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Restic {
+    No,
+    /// `restic snapshots` (one per live backup key, none for deleted ones) and `restic check`.
+    Check,
+    /// The same with `restic check --read-data`.
+    ReadData,
 }
 
 /// A violation, described for the report.
@@ -317,21 +473,33 @@ impl Run {
             (Layout::Btrfs, btrfs.path("pool")),
             (Layout::Image, xfs.path("pool")),
         ]);
-        let (d, cfg) = start_with_pools(&[
-            ("default", &pools[&Layout::Dir], "dir", ""),
-            ("bt", &pools[&Layout::Btrfs], "btrfs", ""),
-            ("img", &pools[&Layout::Image], "image", "fsType: ext4"),
-        ])
-        .await;
+        let cfg = tempfile::tempdir().expect("tempdir");
+        let key = cfg.path().join("key");
+        std::fs::write(&key, format!("{PASSWORD}\n")).expect("key");
+        let yaml = format!(
+            "pools:\n  - name: default\n    path: {}\n    layout: dir\n  - name: bt\n    path: {}\n    layout: btrfs\n  - name: img\n    path: {}\n    layout: image\n    fsType: ext4\nrepositories:\n  - name: {REPOSITORY}\n    path: {}\n    passwordFile: {}\n",
+            pools[&Layout::Dir].display(),
+            pools[&Layout::Btrfs].display(),
+            pools[&Layout::Image].display(),
+            cfg.path().join("repo").display(),
+            key.display()
+        );
+        std::fs::write(cfg.path().join("config.yaml"), yaml).expect("config");
+        let config = cfg.path().join("config.yaml");
+        let d = Driver::start_with(&["--config", config.to_str().expect("utf-8")], &[]).await;
         Run {
             seed,
             rng: Rng(seed),
             d,
-            _cfg: cfg,
+            cfg,
             pools,
             model: Model::default(),
             log: Vec::new(),
             step: 0,
+            pruned: false,
+            list_due: true,
+            backups: backups_in(seed),
+            settled: false,
             _btrfs: btrfs,
             _xfs: xfs,
             _dir_pool: dir_pool,
@@ -349,20 +517,65 @@ impl Run {
     }
 
     /// Sends `call` until it succeeds or answers a definitive error.
+    /// A call that waits on an upload is retried for up to [`UPLOAD_WAIT`] instead, and a restore
+    /// from a backup the model has not yet seen ready also after FAILED_PRECONDITION "still
+    /// uploading" (the provisioner retries every error).
     async fn converge(&mut self, call: &Call) -> Result<Result<String, tonic::Status>, String> {
-        let mut last = None;
-        for attempt in 0..ATTEMPTS {
+        let waits = call.waits_on_upload();
+        let started = Instant::now();
+        let mut last;
+        let mut attempt = 0;
+        loop {
             match call.send(&mut self.d).await {
-                Err(s) if transient(s.code()) => {
+                Err(s) if transient(s.code()) => last = Some(s),
+                Err(s) if still_uploading(call, &s) => {
+                    if let Some(n) = self
+                        .restored_backup(call)
+                        .filter(|n| self.model.snaps[n].backup.is_some_and(|b| b.ready))
+                    {
+                        return Err(format!(
+                            "{call:?}: backup {n} was ready to use, but the restore answered {:?}: {}",
+                            s.code(),
+                            s.message()
+                        ));
+                    }
                     last = Some(s);
-                    tokio::time::sleep(Duration::from_millis(10 << attempt.min(4))).await;
                 }
                 done => return Ok(done),
             }
+            attempt += 1;
+            if waits {
+                if started.elapsed() > UPLOAD_WAIT {
+                    return Err(format!(
+                        "{call:?} did not converge in {UPLOAD_WAIT:?} ({attempt} attempts); last: {last:?}"
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            } else {
+                if attempt >= ATTEMPTS {
+                    return Err(format!(
+                        "{call:?} did not converge in {ATTEMPTS} attempts; last: {last:?}"
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(10 << attempt.min(4))).await;
+            }
         }
-        Err(format!(
-            "{call:?} did not converge in {ATTEMPTS} attempts; last: {last:?}"
-        ))
+    }
+
+    /// The model's name of the backup a restore reads.
+    fn restored_backup(&self, call: &Call) -> Option<String> {
+        let Call::Create(NewVolume {
+            source: Some(volume_content_source::Type::Snapshot(s)),
+            ..
+        }) = call
+        else {
+            return None;
+        };
+        self.model
+            .snaps
+            .iter()
+            .find(|(_, x)| x.id == s.snapshot_id)
+            .map(|(n, _)| n.clone())
     }
 
     /// Runs `call`, with the driver armed to die at a crash point first when `point` is given, then
@@ -374,6 +587,9 @@ impl Run {
         arm: Option<Arm>,
         retry: Option<Call>,
     ) -> Result<(bool, Call, Result<String, tonic::Status>), String> {
+        if matches!(call, Call::Snapshot { .. } | Call::DeleteSnapshot { .. }) {
+            self.list_due = true;
+        }
         let point = match arm {
             None => {
                 let out = self.converge(&call).await?;
@@ -398,11 +614,41 @@ impl Run {
             }
             Some(Arm::Crash(point)) => point,
         };
+        if let Call::Prune {
+            config,
+            keep_delete_secs,
+        } = &call
+        {
+            // The prune runs in its own process: that one dies at the point, the driver lives on.
+            let out = prune(config, *keep_delete_secs, Some(point)).await;
+            let crashed = String::from_utf8_lossy(&out.stderr).contains("reached: aborting");
+            if out.status.success() {
+                return Ok((false, call, Ok(String::new())));
+            }
+            let out = self.converge(&call).await?;
+            return Ok((crashed, call, out));
+        }
+        // The backup:* points are reached by upload threads, after the call has answered (its
+        // own upload) or whenever an armed start resumes one: the retry is then the same call,
+        // which has made its object already.
+        let background = point.starts_with("backup:");
         self.d.kill();
-        self.d.spawn(&[("CELLAR_CRASH_AT", point)]).await;
         let crashes = |d: &Driver| d.log().matches("reached: aborting").count();
         let before = crashes(&self.d);
+        if self.d.try_spawn(&[("CELLAR_CRASH_AT", point)]).await.is_err() {
+            // An upload resumed at start reached the point before the call could be sent.
+            self.d.spawn(&[]).await;
+            let out = self.converge(&call).await?;
+            return Ok((true, call, out));
+        }
         let first = call.send(&mut self.d).await;
+        if background {
+            // Give the uploads the time to reach the point, or to finish without reaching it.
+            let started = Instant::now();
+            while crashes(&self.d) == before && !self.pending_uploads().is_empty() && started.elapsed() < UPLOAD_WAIT {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         let crashed = crashes(&self.d) > before;
         if crashed {
             self.d.wait_exit();
@@ -412,13 +658,26 @@ impl Run {
         self.d.spawn(&[]).await;
         match first {
             Ok(v) if !crashed => Ok((false, call, Ok(v))),
-            Err(s) if !crashed && !transient(s.code()) => Ok((false, call, Err(s))),
+            Err(s) if !crashed && !transient(s.code()) && !still_uploading(&call, &s) => Ok((false, call, Err(s))),
             _ => {
-                let call = if crashed { retry.unwrap_or(call) } else { call };
+                let call = if crashed && !background {
+                    retry.unwrap_or(call)
+                } else {
+                    call
+                };
                 let out = self.converge(&call).await?;
                 Ok((crashed, call, out))
             }
         }
+    }
+
+    /// The crash points any step may be armed with: those of backups and restores only in the
+    /// seeds that take backups (the other seeds replay the sequences they always had).
+    fn all_points(&self) -> Vec<&'static str> {
+        ALL_POINTS
+            .into_iter()
+            .filter(|p| self.backups || !(p.starts_with("backup:") || p.starts_with("import:")))
+            .collect()
     }
 
     fn name(&mut self, prefix: &str) -> String {
@@ -542,6 +801,22 @@ impl Run {
         let all = self.vols_where(|_| true);
         let snaps: Vec<String> = self.model.snaps.keys().cloned().collect();
         let full = all.len() >= MAX_VOLUMES;
+        let has_backups = self.model.snaps.values().any(|s| s.backup.is_some());
+        if has_backups && self.rng.chance(4) {
+            // A prune: removing at once (keep-delete 0) only while no upload runs, as documented;
+            // else it only marks unused packs, whatever runs meanwhile.
+            let keep_delete_secs = if self.rng.chance(50) {
+                self.settle().await?;
+                0
+            } else {
+                3600
+            };
+            let call = Call::Prune {
+                config: self.cfg.path().join("config.yaml"),
+                keep_delete_secs,
+            };
+            return self.run_step(call).await;
+        }
         let choice = self.rng.below(100);
         let call = match choice {
             0..=11 if !full => {
@@ -556,9 +831,16 @@ impl Run {
             }
             20..=29 if !all.is_empty() => {
                 let src = self.rng.pick(&all).clone();
+                // A third are backups, half of those keeping their local copy.
+                let backup = if self.backups && self.rng.chance(33) {
+                    Some(self.rng.chance(50))
+                } else {
+                    None
+                };
                 Call::Snapshot {
-                    name: self.name("snap"),
+                    name: self.name(if backup.is_some() { "backup" } else { "snap" }),
                     source: self.model.vols[&src].id.clone(),
+                    backup,
                 }
             }
             30..=37 if !full && !snaps.is_empty() => {
@@ -654,12 +936,18 @@ impl Run {
                 }
             }
         };
+        self.run_step(call).await
+    }
+
+    /// Arms, runs, logs and applies one step's call.
+    async fn run_step(&mut self, call: Call) -> Checked {
         let arm = if self.rng.chance(35) {
             let own = call.points();
+            let all = self.all_points();
             let list: &[&'static str] = if !own.is_empty() && self.rng.chance(75) {
                 own
             } else {
-                &ALL_POINTS
+                &all
             };
             let point = *self.rng.pick(list);
             Some(Arm::Crash(point))
@@ -747,7 +1035,11 @@ impl Run {
                 source: Some(from_volume(&o.id)),
                 ..v
             }),
-            Call::Snapshot { name, .. } => Call::Snapshot { name, source: o.id },
+            Call::Snapshot { name, backup, .. } => Call::Snapshot {
+                name,
+                source: o.id,
+                backup,
+            },
             other => other,
         })
     }
@@ -808,9 +1100,12 @@ impl Run {
                     }
                 }
             }
-            Call::Snapshot { name, source } => {
+            Call::Snapshot { name, source, backup } => {
                 let (_, v) = self.vol_by_id(source).ok_or("snapshot of an unknown volume")?;
                 let id = out.map_err(|s| unexpected(&s))?;
+                if backup.is_some() != id.starts_with(&format!("backup:{REPOSITORY}:")) {
+                    return Err(format!("{call:?} answered the id {id}"));
+                }
                 self.model.snaps.insert(
                     name.clone(),
                     Snap {
@@ -819,8 +1114,16 @@ impl Run {
                         bytes: v.bytes,
                         source: source.clone(),
                         marker: v.marker,
+                        backup: backup.map(|keep_local| Backup {
+                            keep_local,
+                            ready: false,
+                        }),
                     },
                 );
+            }
+            Call::Prune { .. } => {
+                out.map_err(|s| unexpected(&s))?;
+                self.pruned = true;
             }
             Call::Expand { id, bytes } => {
                 out.map_err(|s| unexpected(&s))?;
@@ -902,7 +1205,8 @@ impl Run {
             }
         }
         for (n, s) in &self.model.snaps {
-            if s.layout.readable_in_pool() {
+            // A backup's local copy goes once it is uploaded, unless it is kept.
+            if s.layout.readable_in_pool() && s.kept_in_pool() {
                 let p = self.pools[&s.layout].join("snapshots").join(n).join(MARKER);
                 let got = std::fs::read_to_string(&p).map_err(|e| format!("snapshot {n}: {p:?}: {e}"))?;
                 if got != s.marker {
@@ -910,27 +1214,11 @@ impl Run {
                 }
             }
         }
-        let listed = self
-            .d
-            .ctl
-            .list_snapshots(ListSnapshotsRequest::default())
-            .await
-            .map_err(|s| format!("ListSnapshots: {s:?}"))?
-            .into_inner();
-        let listed: BTreeMap<String, String> = listed
-            .entries
-            .into_iter()
-            .filter_map(|e| e.snapshot)
-            .map(|s| (s.snapshot_id, s.source_volume_id))
-            .collect();
-        let want: BTreeMap<String, String> = self
-            .model
-            .snaps
-            .values()
-            .map(|s| (s.id.clone(), s.source.clone()))
-            .collect();
-        if listed != want {
-            return Err(format!("ListSnapshots (id -> source) {listed:?}, model {want:?}"));
+        // Once the repository exists every ListSnapshots opens it (its key's scrypt costs about half
+        // a second): then the listing is compared after snapshot calls and where the backups are
+        // checked, not after every step (the pools' records are, above and below).
+        if std::mem::take(&mut self.list_due) || !self.repo().join("config").exists() {
+            self.check_listing().await?;
         }
         // 3. Nothing leaks.
         let volumes = self
@@ -988,8 +1276,25 @@ impl Run {
                 .model
                 .snaps
                 .iter()
-                .filter(|(_, s)| s.layout == layout)
+                .filter(|(_, s)| s.layout == layout && s.kept_in_pool())
                 .map(|(n, _)| n);
+            // While uploads run (not after `settle`), a backup whose local copy goes may still have it
+            // (or part of it), and any backup's record may be being rewritten (its temporary file):
+            // `check_backups` checks the local copy is gone, and this check, after `settle`, that
+            // no temporary file is left.
+            let going: BTreeSet<String> = self
+                .model
+                .snaps
+                .iter()
+                .filter(|(_, s)| !self.settled && s.layout == layout && s.backup.is_some())
+                .flat_map(|(n, s)| {
+                    let mut names = vec![format!(".{n}.json.tmp")];
+                    if !s.kept_in_pool() {
+                        names.extend([n.clone(), format!("{n}.json")]);
+                    }
+                    names
+                })
+                .collect();
             for (kind, names) in [
                 ("volumes", vols.cloned().collect::<Vec<_>>()),
                 ("snapshots", snaps.cloned().collect()),
@@ -1000,7 +1305,10 @@ impl Run {
                     .collect::<BTreeSet<_>>()
                     .into_iter()
                     .collect();
-                let got = entries(&pool.join(kind));
+                let got: Vec<String> = entries(&pool.join(kind))
+                    .into_iter()
+                    .filter(|e| kind != "snapshots" || !going.contains(e))
+                    .collect();
                 if got != want {
                     return Err(format!(
                         "{}/{kind} holds {got:?}, records and data of the model are {want:?}",
@@ -1008,6 +1316,176 @@ impl Run {
                     ));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// ListSnapshots names the model's snapshots and sources; a backup, once listed ready to use,
+    /// stays so (the model notes which are).
+    async fn check_listing(&mut self) -> Checked {
+        let listed = self
+            .d
+            .ctl
+            .list_snapshots(ListSnapshotsRequest::default())
+            .await
+            .map_err(|s| format!("ListSnapshots: {s:?}"))?
+            .into_inner();
+        let listed: Vec<Snapshot> = listed.entries.into_iter().filter_map(|e| e.snapshot).collect();
+        for s in &listed {
+            if let Some((n, snap)) = self.model.snaps.iter_mut().find(|(_, x)| x.id == s.snapshot_id) {
+                if let Some(b) = &mut snap.backup {
+                    if b.ready && !s.ready_to_use {
+                        return Err(format!("backup {n} was ready to use and is listed not ready now"));
+                    }
+                    b.ready |= s.ready_to_use;
+                }
+            }
+        }
+        let listed: BTreeMap<String, String> = listed
+            .into_iter()
+            .map(|s| (s.snapshot_id, s.source_volume_id))
+            .collect();
+        let want: BTreeMap<String, String> = self
+            .model
+            .snaps
+            .values()
+            .map(|s| (s.id.clone(), s.source.clone()))
+            .collect();
+        if listed != want {
+            return Err(format!("ListSnapshots (id -> source) {listed:?}, model {want:?}"));
+        }
+        Ok(())
+    }
+
+    /// The local snapshots whose backup is still to upload, or whose local copy is still to go:
+    /// read from their records in the pools.
+    fn pending_uploads(&self) -> Vec<String> {
+        let mut pending = Vec::new();
+        for pool in self.pools.values() {
+            for e in entries(&pool.join("snapshots")) {
+                let Some(name) = e.strip_suffix(".json") else { continue };
+                let Ok(text) = std::fs::read_to_string(pool.join("snapshots").join(&e)) else {
+                    continue; // removed meanwhile
+                };
+                let rec: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                let mark = &rec["backup"];
+                if mark.is_object() && (mark["uploaded"] != true || mark["keep_local"] != true) {
+                    pending.push(name.to_string());
+                }
+            }
+        }
+        pending
+    }
+
+    /// Waits until every upload has finished (and every local copy that goes is gone).
+    async fn settle(&mut self) -> Checked {
+        let started = Instant::now();
+        loop {
+            let pending = self.pending_uploads();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if started.elapsed() > UPLOAD_WAIT {
+                return Err(format!("uploads not finished after {UPLOAD_WAIT:?}: {pending:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn repo(&self) -> PathBuf {
+        self.cfg.path().join("repo")
+    }
+
+    /// `restic` on the repository; a missing restic fails the test.
+    fn restic(&self, args: &[&str]) -> Result<String, String> {
+        let out = std::process::Command::new("restic")
+            .arg("-r")
+            .arg(self.repo())
+            .arg("--password-file")
+            .arg(self.cfg.path().join("key"))
+            .arg("--no-cache")
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("the crash tester checks backups with restic, which could not run: {e}"));
+        if !out.status.success() {
+            return Err(format!(
+                "restic {args:?}: {}\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Invariant 7, once every upload has finished (and just after `check` compared ListSnapshots,
+    /// which notes the backups listed ready): every backup of the model is listed ready and its
+    /// local copy is kept only with keepLocal; then, as far as `restic` says (each call costs a
+    /// second or more), the repository holds exactly one restic snapshot per live backup and none
+    /// for deleted ones, and `restic check` finds it clean.
+    async fn check_backups(&mut self, restic: Restic) -> Checked {
+        for (n, s) in &self.model.snaps {
+            if let Some(b) = &s.backup {
+                if !b.ready {
+                    return Err(format!(
+                        "backup {n} ({}) is not listed ready to use once its upload is done",
+                        s.id
+                    ));
+                }
+                if !b.keep_local {
+                    let dir = self.pools[&s.layout].join("snapshots");
+                    let left: Vec<String> = entries(&dir)
+                        .into_iter()
+                        .filter(|e| *e == *n || *e == format!("{n}.json"))
+                        .collect();
+                    if !left.is_empty() {
+                        return Err(format!("backup {n} is uploaded but its local copy is left: {left:?}"));
+                    }
+                }
+            }
+        }
+        if restic == Restic::No {
+            return Ok(());
+        }
+        let claim = self.cfg.path().join(".repo.cellar-init");
+        if claim.exists() {
+            return Err(format!("the repository's initialisation claim {claim:?} is left"));
+        }
+        let want: BTreeMap<String, usize> = self
+            .model
+            .snaps
+            .values()
+            .filter(|s| s.backup.is_some())
+            .map(|s| (s.id.rsplit(':').next().expect("key").to_string(), 1))
+            .collect();
+        if !self.repo().join("config").exists() {
+            // No backup was asked for yet in this seed.
+            return match want.is_empty() {
+                true => Ok(()),
+                false => Err(format!("backups {want:?} but no repository at {:?}", self.repo())),
+            };
+        }
+        let out = self.restic(&["snapshots", "--json", "--no-lock"])?;
+        let snaps: Vec<serde_json::Value> =
+            serde_json::from_str(&out).map_err(|e| format!("restic snapshots --json: {e}: {out}"))?;
+        let mut got: BTreeMap<String, usize> = BTreeMap::new();
+        for s in &snaps {
+            let tags: Vec<String> = serde_json::from_value(s["tags"].clone()).unwrap_or_default();
+            let keys: Vec<&str> = tags.iter().filter_map(|t| t.strip_prefix("cellar-backup=")).collect();
+            if keys.len() != 1 {
+                return Err(format!("restic snapshot {} has the tags {tags:?}", s["id"]));
+            }
+            *got.entry(keys[0].to_string()).or_default() += 1;
+        }
+        if got != want {
+            return Err(format!(
+                "the repository holds restic snapshots per backup key {got:?}; the model's live backups are {want:?}"
+            ));
+        }
+        match restic {
+            Restic::Check => drop(self.restic(&["check"])?),
+            Restic::ReadData => drop(self.restic(&["check", "--read-data"])?),
+            Restic::No => {}
         }
         Ok(())
     }
@@ -1037,14 +1515,64 @@ impl Run {
         for (_, v) in vols {
             self.apply_clean(Call::DeleteVolume { id: v.id }).await?;
         }
-        self.check().await
+        self.check().await?;
+        // The repository has forgotten every backup: two prunes (the first marks what is unused,
+        // the second removes it) remove every pack, also those that killed uploads left (a restic
+        // snapshot left over would keep its tree's pack).
+        self.settle().await?;
+        self.check_backups(Restic::No).await?;
+        if self.repo().join("config").exists() {
+            for _ in 0..2 {
+                self.apply_clean(Call::Prune {
+                    config: self.cfg.path().join("config.yaml"),
+                    keep_delete_secs: 0,
+                })
+                .await?;
+            }
+            self.restic(&["check"])?;
+            let packs: Vec<String> = entries(&self.repo().join("data"))
+                .iter()
+                .flat_map(|d| entries(&self.repo().join("data").join(d)))
+                .collect();
+            if !packs.is_empty() {
+                return Err(format!(
+                    "every backup is forgotten and pruned, but the repository keeps the packs {packs:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn settle_and_check(&mut self, restic: Restic) -> Checked {
+        self.settle().await?;
+        self.list_due = true;
+        self.settled = true;
+        let checked = self.check().await;
+        self.settled = false;
+        checked?;
+        self.check_backups(restic).await
     }
 
     async fn apply_clean(&mut self, call: Call) -> Checked {
+        self.list_due = true;
         self.log.push(format!("end: {}", call.describe()));
         let out = self.converge(&call).await?;
         self.apply(call, out).await
     }
+}
+
+/// `cellar backup prune` on the tester's configuration, maybe armed with a crash point.
+async fn prune(config: &Path, keep_delete_secs: u64, crash_at: Option<&str>) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new(bin());
+    cmd.args(["backup", "prune", "--repository", REPOSITORY, "--keep-delete-secs"])
+        .arg(keep_delete_secs.to_string())
+        .arg("--config")
+        .arg(config)
+        .env("CELLAR_LOG", "info");
+    if let Some(p) = crash_at {
+        cmd.env("CELLAR_CRASH_AT", p);
+    }
+    cmd.output().await.expect("cellar backup prune")
 }
 
 fn entries(dir: &Path) -> Vec<String> {
@@ -1092,7 +1620,19 @@ async fn run_seed(seed: u64, steps: usize) {
         if let Err(e) = r.check().await {
             panic!("{}", r.fail(e));
         }
+        // Now and then, and after every prune: wait for the uploads and check the backups
+        // strictly; `restic check` after a prune (the only step that removes repository data).
+        let pruned = std::mem::take(&mut r.pruned);
+        if pruned || (r.backups && r.rng.chance(SETTLE_PERCENT)) {
+            let restic = if pruned { Restic::Check } else { Restic::No };
+            if let Err(e) = r.settle_and_check(restic).await {
+                panic!("{}", r.fail(e));
+            }
+        }
         r.step += 1;
+    }
+    if let Err(e) = r.settle_and_check(Restic::ReadData).await {
+        panic!("{}", r.fail(format!("at the end: {e}")));
     }
     if let Err(e) = r.teardown().await {
         panic!("{}", r.fail(format!("at teardown: {e}")));
@@ -1106,6 +1646,13 @@ async fn run_seed(seed: u64, steps: usize) {
 async fn random_calls_with_crashes_keep_every_invariant() {
     if !cfg!(feature = "crash-points") {
         panic!("the crash tester needs the crash points: `cargo test --features crash-points --test random_crash`");
+    }
+    // The backups are checked with restic itself: without it the test fails, it never skips.
+    match std::process::Command::new("restic").arg("version").output() {
+        Ok(o) if o.status.success() => {}
+        other => panic!(
+            "the crash tester checks backups with restic (Debian: apt-get install restic); `restic version`: {other:?}"
+        ),
     }
     let steps = std::env::var("CELLAR_CRASH_STEPS")
         .ok()

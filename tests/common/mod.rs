@@ -98,6 +98,14 @@ impl Driver {
 
     /// Starts the process (again), with extra environment such as a crash point.
     pub async fn spawn(&mut self, envs: &[(&str, &str)]) {
+        if let Err(st) = self.try_spawn(envs).await {
+            panic!("cellar exited during start-up: {st}");
+        }
+    }
+
+    /// As [`Driver::spawn`], but a process that dies during start-up (a crash point reached by work
+    /// it resumes at start, such as a backup upload) is reaped and its exit status returned.
+    pub async fn try_spawn(&mut self, envs: &[(&str, &str)]) -> Result<(), std::process::ExitStatus> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -122,10 +130,17 @@ impl Driver {
             cmd.env(k, v);
         }
         self.child = Some(cmd.spawn().expect("start cellar"));
-        let channel = connect(&self.socket(), self.child.as_mut().expect("child")).await;
+        let channel = match connect(&self.socket(), self.child.as_mut().expect("child")).await {
+            Ok(c) => c,
+            Err(st) => {
+                self.child = None;
+                return Err(st);
+            }
+        };
         self.ctl = ControllerClient::new(channel.clone());
         self.node = NodeClient::new(channel.clone());
         self.id = IdentityClient::new(channel);
+        Ok(())
     }
 
     /// Waits for the process to end by itself (a crash point) and returns how it ended.
@@ -226,15 +241,16 @@ impl Drop for Driver {
     }
 }
 
-async fn connect(socket: &Path, child: &mut Child) -> Channel {
+/// Connects to a starting process's socket; its exit status when it dies first.
+async fn connect(socket: &Path, child: &mut Child) -> Result<Channel, std::process::ExitStatus> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(st) = child.try_wait().expect("wait") {
-            panic!("cellar exited during start-up: {st}");
+            return Err(st);
         }
         if socket.exists() {
             if let Ok(ch) = cellar::client::connect(&format!("unix://{}", socket.display())).await {
-                return ch;
+                return Ok(ch);
             }
         }
         assert!(Instant::now() < deadline, "cellar did not open {}", socket.display());
