@@ -615,6 +615,9 @@ impl Backups {
         };
         crate::crash::point("backup:prune-planned");
         repo.prune(&opts, plan).map_err(|e| cfg.error(e))?;
+        if let Location::Path(root) = &cfg.location {
+            remove_stale_temps(root, keep_delete);
+        }
         tracing::info!(
             repository = name.as_str(),
             marked = done.packs_marked,
@@ -650,6 +653,36 @@ impl Backups {
                     }
                 }
             });
+    }
+}
+
+/// Files a killed write left in a path repository: the local backend writes `<name>-tmp-` and
+/// renames it. One older than `keep_delete` belongs to no running upload (uploads finish within
+/// it, as for marked packs) and goes.
+fn remove_stale_temps(root: &Path, keep_delete: std::time::Duration) {
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            let Ok(meta) = e.metadata() else { continue };
+            let name = e.file_name();
+            if meta.is_dir() {
+                dirs.push(e.path());
+            } else if name.to_string_lossy().ends_with("-tmp-")
+                && meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .is_some_and(|age| age >= keep_delete)
+            {
+                match std::fs::remove_file(e.path()) {
+                    Ok(()) => tracing::info!(file = %e.path().display(), "removed a write a killed upload left"),
+                    Err(err) => {
+                        tracing::warn!(file = %e.path().display(), error = %err, "cannot remove a stale temporary file")
+                    }
+                }
+            }
+        }
     }
 }
 
