@@ -42,9 +42,13 @@ pub enum BackupCommand {
     /// cellar's backups in the repository: id, source volume, size, time, restic snapshot.
     List,
     /// One backup, by its snapshot id (backup:<repository>:<key>).
-    Show { id: String },
+    Show {
+        /// The backup's snapshot id, as ListSnapshots and `cellar backup list` show it.
+        id: String,
+    },
     /// Check the repository (restic's `check`); with --read-data, read and check every pack.
     Verify {
+        /// Also read every pack and check its contents (slow: reads the whole repository).
         #[arg(long)]
         read_data: bool,
     },
