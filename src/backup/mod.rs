@@ -350,6 +350,28 @@ pub(crate) const TAG_KEY: &str = "cellar-backup=";
 const TAG_NAME: &str = "cellar-name=";
 const TAG_VOLUME: &str = "cellar-volume=";
 
+/// The node of a backup's data in its snapshot's tree; `None` for an empty tree (rustic saves no
+/// node for a source directory with no entries).
+pub(crate) fn data_node<S: rustic_core::IndexedTree>(
+    repo: &Repository<S>,
+    cfg: &RepositoryConfig,
+    tree: rustic_core::TreeId,
+    meta: &BackupMeta,
+) -> Result<Option<rustic_core::repofile::Node>, StorageError> {
+    match repo.node_from_path(tree, Path::new(&meta.path)) {
+        Ok(n) => Ok(Some(n)),
+        Err(e) => {
+            let empty =
+                meta.layout != Layout::Image && repo.get_tree(&tree).map_err(|e| cfg.error(e))?.nodes.is_empty();
+            if empty {
+                Ok(None)
+            } else {
+                Err(cfg.error(e))
+            }
+        }
+    }
+}
+
 /// The path a tree's data has inside its restic snapshot: `restic restore <id> --target T`
 /// writes `T/volume`. (An image keeps its file's name: rustic names a single file by it.)
 pub const TREE_PATH: &str = "/volume";

@@ -7,7 +7,6 @@
 //! zeros are not sent, so holes in an image (and in sparse files) stay holes.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::Instant;
 
 use rustic_core::repofile::{BlobType, Node, NodeType};
@@ -38,9 +37,7 @@ pub fn frames(backups: &Backups, id: &BackupId, target: Layout) -> Result<Frames
     };
     let info = &info;
     let repo = repo.to_indexed().map_err(|e| cfg.error(e))?;
-    let root = repo
-        .node_from_path(snap.tree, Path::new(&info.meta.path))
-        .map_err(|e| cfg.error(e))?;
+    let root = super::data_node(&repo, &cfg, snap.tree, &info.meta)?;
     let tree = |l: Layout| l != Layout::Image;
     let header = Header {
         layout: if tree(info.meta.layout) && tree(target) {
@@ -53,7 +50,7 @@ pub fn frames(backups: &Backups, id: &BackupId, target: Layout) -> Result<Frames
         fs_bytes: info.meta.fs_bytes,
         length: info.meta.length,
     };
-    let image = matches!(root.node_type, NodeType::File);
+    let image = matches!(root.as_ref().map(|r| &r.node_type), Some(NodeType::File));
     if image != (info.meta.layout == Layout::Image) {
         return Err(StorageError::DataLoss(format!(
             "backup {} says it holds a {} volume but its data is a {}",
@@ -74,20 +71,24 @@ pub fn frames(backups: &Backups, id: &BackupId, target: Layout) -> Result<Frames
         state: State::Running,
     };
     f.push(Frame::Header(header));
-    if image {
-        f.stack.push(Step::File {
+    match root {
+        Some(root) if image => f.stack.push(Step::File {
             blobs: root.content.clone().unwrap_or_default(),
             next: 0,
             offset: 0,
-        });
-    } else {
-        f.open_dir(&root, None)?;
-        // The root's own metadata, as the source had it.
-        if let (Some(Step::Dir { meta, .. }), Some(m)) =
-            (f.stack.last_mut(), info.meta.root.as_ref().and_then(|r| r.meta()))
-        {
-            *meta = m;
-        }
+        }),
+        Some(root) => f.open_dir(&root, None)?,
+        // An empty tree: only its root.
+        None => f.stack.push(Step::Dir {
+            nodes: Vec::new().into_iter(),
+            meta: Meta::default(),
+        }),
+    }
+    // A tree's root keeps its own metadata, as the source had it.
+    if let (Some(Step::Dir { meta, .. }), Some(m)) =
+        (f.stack.last_mut(), info.meta.root.as_ref().and_then(|r| r.meta()))
+    {
+        *meta = m;
     }
     Ok(f)
 }

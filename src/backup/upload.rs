@@ -136,9 +136,10 @@ fn check_complete(
     let cfg = backups.config(id.repository())?;
     // The index is read again: it now holds the packs this upload wrote.
     let repo = opened.to_indexed().map_err(|e| cfg.error(e))?;
-    let root = repo
-        .node_from_path(saved.tree, Path::new(&meta.path))
-        .map_err(|e| cfg.error(e))?;
+    repo.get_index_entry(&saved.tree).map_err(|e| cfg.error(e))?;
+    let Some(root) = super::data_node(&repo, cfg, saved.tree, meta)? else {
+        return Ok(()); // an empty tree: the root tree (checked above) is all there is
+    };
     let mut pending: Vec<Node> = vec![root];
     let (mut files, mut blobs) = (0u64, 0u64);
     while let Some(node) = pending.pop() {
