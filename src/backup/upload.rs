@@ -90,10 +90,13 @@ fn upload_inner(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path
     }
     // A `dir` snapshot is a copy: every file has a new inode and ctime, so against its parent
     // only size and mtime tell an unchanged file (as `restic --ignore-inode --ignore-ctime`).
-    // btrfs snapshots keep both, and images are read whole.
+    // btrfs snapshots keep both, and images are read whole. rustic_core 0.13 compares inodes
+    // only when `ignore_inode` is *set* (its test is inverted, archiver/parent.rs), so leaving it
+    // unset is what ignores them here; were that fixed, setting it would be needed, and leaving
+    // it unset would only cost speed (files re-read), never a wrong backup.
     if meta.layout == Layout::Dir {
         parents.ignore_ctime = true;
-        parents.ignore_inode = true;
+        parents.ignore_inode = false;
     }
     // Access times too: a restored tree is the snapshot's, times and all.
     let save = LocalSourceSaveOptions::default().set_atime(Some(TimeOption::Yes));
