@@ -149,7 +149,21 @@ async fn until_ready(d: &mut Driver, id: &str) -> Snapshot {
 }
 
 async fn restore(d: &mut Driver, name: &str, bytes: i64, snapshot: &str) -> Result<Volume, tonic::Status> {
+    restore_into(d, name, bytes, None, snapshot).await
+}
+
+/// A restore into a named pool (the default pool with `None`).
+async fn restore_into(
+    d: &mut Driver,
+    name: &str,
+    bytes: i64,
+    pool: Option<&str>,
+    snapshot: &str,
+) -> Result<Volume, tonic::Status> {
     let mut r = common::create_req(name, bytes);
+    if let Some(p) = pool {
+        r.parameters.insert("pool".into(), p.into());
+    }
     r.volume_content_source = Some(VolumeContentSource {
         r#type: Some(from_snapshot(snapshot)),
     });
@@ -359,19 +373,9 @@ async fn an_image_backup_restores_the_same_bytes_with_restic_and_cellar() {
     );
 
     // keepLocal: the local snapshot stays, and a restore on this node copies it.
-    let mut r = common::create_req("pvc-img-back", 64 * MIB);
-    r.parameters.insert("pool".into(), "img".into());
-    r.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(from_snapshot(&snap.snapshot_id)),
-    });
-    let back = d
-        .ctl
-        .create_volume(r)
+    let back = restore_into(&mut d, "pvc-img-back", 64 * MIB, Some("img"), &snap.snapshot_id)
         .await
-        .expect("restore")
-        .into_inner()
-        .volume
-        .expect("volume");
+        .expect("restore");
     assert_eq!(
         std::fs::read(image_of(&back.volume_id)).expect("restored"),
         src_bytes,
@@ -757,19 +761,9 @@ async fn a_dir_backup_restores_into_a_btrfs_volume() {
         .await
         .expect("backup");
     until_ready(&mut d, &snap.snapshot_id).await;
-    let mut r = common::create_req("pvc-bt", 64 * MIB);
-    r.parameters.insert("pool".into(), "bt".into());
-    r.volume_content_source = Some(VolumeContentSource {
-        r#type: Some(from_snapshot(&snap.snapshot_id)),
-    });
-    let back = d
-        .ctl
-        .create_volume(r)
+    let back = restore_into(&mut d, "pvc-bt", 64 * MIB, Some("bt"), &snap.snapshot_id)
         .await
-        .expect("restore into btrfs")
-        .into_inner()
-        .volume
-        .expect("volume");
+        .expect("restore into btrfs");
     assert_eq!(back.volume_context.get("layout").map(String::as_str), Some("btrfs"));
     let (st2, tg2) = d.mount_rw(&back.volume_id, "bt").await;
     assert!(std::fs::read(tg2.join("data")).expect("data") == want, "restored bytes");

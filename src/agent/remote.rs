@@ -357,6 +357,16 @@ impl RemoteAgent {
 }
 
 impl RemoteAgent {
+    /// DeleteSnapshot on the node: a snapshot's id, or a backup's for the node's part of it.
+    async fn delete_snapshot_named(&self, snapshot_id: String) -> Result<(), StorageError> {
+        let msg = v1::DeleteSnapshotRequest { snapshot_id };
+        self.call("DeleteSnapshot", self.timeouts.storage, msg, |mut c, r| async move {
+            c.delete_snapshot(r).await
+        })
+        .await?;
+        Ok(())
+    }
+
     /// A failed BlockRanges. The agent sends its metadata refusals by their code alone (a storage
     /// error comes packed as in every call); a node without the call is not tracked either.
     fn metadata_failed(&self, rpc: &'static str, limit: Duration, s: Status) -> MetadataError {
@@ -559,26 +569,12 @@ impl Agent for RemoteAgent {
     }
 
     async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError> {
-        let msg = v1::DeleteSnapshotRequest {
-            snapshot_id: id.to_string(),
-        };
-        self.call("DeleteSnapshot", self.timeouts.storage, msg, |mut c, r| async move {
-            c.delete_snapshot(r).await
-        })
-        .await?;
-        Ok(())
+        self.delete_snapshot_named(id.to_string()).await
     }
 
     async fn forget_backup(&self, id: BackupId) -> Result<(), StorageError> {
         // The node's DeleteSnapshot takes a backup id for its part of the backup.
-        let msg = v1::DeleteSnapshotRequest {
-            snapshot_id: id.to_string(),
-        };
-        self.call("DeleteSnapshot", self.timeouts.storage, msg, |mut c, r| async move {
-            c.delete_snapshot(r).await
-        })
-        .await?;
-        Ok(())
+        self.delete_snapshot_named(id.to_string()).await
     }
 
     async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError> {
