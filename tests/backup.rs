@@ -815,3 +815,69 @@ async fn a_second_dir_backup_holds_every_change_since_its_parent() {
     assert!(!tg2.join("removed").exists(), "a removed file is not restored");
     d.unmount_all(&r.volume_id, &st2, &tg2).await;
 }
+
+/// Bad backup inputs answer with their exact codes and cut nothing.
+#[tokio::test]
+async fn bad_backup_inputs_answer_their_codes() {
+    let s = Setup::new();
+    let mut d = s.driver(&s.dir_pool()).await;
+    let v = d.create("pvc-bad").await;
+    let snap = |params: &[(&str, &str)]| CreateSnapshotRequest {
+        name: "snap-bad".into(),
+        source_volume_id: v.volume_id.clone(),
+        parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    };
+    for (params, code) in [
+        (vec![("backupRepository", "nowhere")], tonic::Code::InvalidArgument),
+        (vec![("backupRepository", "Not_A_Name")], tonic::Code::InvalidArgument),
+        (
+            vec![("backupRepository", "offsite"), ("keepLocal", "yes")],
+            tonic::Code::InvalidArgument,
+        ),
+        (vec![("keepLocal", "true")], tonic::Code::InvalidArgument),
+    ] {
+        let e = d.ctl.create_snapshot(snap(&params)).await.expect_err("refused");
+        assert_eq!(e.code(), code, "{params:?}: {}", e.message());
+    }
+    let none = d
+        .ctl
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(none.entries.is_empty(), "nothing was cut: {:?}", none.entries);
+    for id in [
+        "backup:offsite:0f2e4c6a-1b3d-4f5e-8a9b-0c1d2e3f4a5b",
+        "backup:nowhere:abc",
+        "backup:offsite:../x",
+    ] {
+        let e = d
+            .ctl
+            .get_snapshot(GetSnapshotRequest {
+                snapshot_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("unknown");
+        assert_eq!(e.code(), tonic::Code::NotFound, "{id}");
+        let e = restore(&mut d, "pvc-from-nothing", 64 * MIB, id)
+            .await
+            .expect_err("unknown source");
+        assert_eq!(e.code(), tonic::Code::NotFound, "{id}: {}", e.message());
+        d.ctl
+            .delete_snapshot(DeleteSnapshotRequest {
+                snapshot_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("deleting what is not there is OK");
+    }
+    let vols = d
+        .ctl
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(vols.entries.len(), 1, "no volume was made");
+}
