@@ -329,16 +329,16 @@ async fn a_tree_backup_is_restic_readable_restores_whole_elsewhere_and_is_forgot
     d.delete(&v.volume_id).await.expect("delete");
 }
 
-#[tokio::test]
-async fn an_image_backup_restores_the_same_bytes_with_restic_and_cellar() {
-    let s = Setup::new();
+/// A driver whose pool `img` (image layout, ext4 inside) lies on a fresh xfs (reflink), and a
+/// 64 MiB volume `name` in it.
+async fn image_volume(s: &Setup, name: &str) -> (TestFs, Driver, Volume) {
     let fs = TestFs::new("xfs", 1024);
     let pool = format!(
         "  - name: img\n    path: {}\n    layout: image\n    fsType: ext4\n",
         fs.path("pool").display()
     );
     let mut d = s.driver(&pool).await;
-    let mut req = common::create_req("pvc-img", 64 * MIB);
+    let mut req = common::create_req(name, 64 * MIB);
     req.parameters.insert("pool".into(), "img".into());
     let v = d
         .ctl
@@ -348,6 +348,13 @@ async fn an_image_backup_restores_the_same_bytes_with_restic_and_cellar() {
         .into_inner()
         .volume
         .expect("volume");
+    (fs, d, v)
+}
+
+#[tokio::test]
+async fn an_image_backup_restores_the_same_bytes_with_restic_and_cellar() {
+    let s = Setup::new();
+    let (fs, mut d, v) = image_volume(&s, "pvc-img").await;
     let (st, tg) = d.mount_rw(&v.volume_id, "img").await;
     std::fs::write(tg.join("f"), b"in the image").expect("write");
     d.unmount_all(&v.volume_id, &st, &tg).await;
@@ -814,6 +821,160 @@ async fn a_second_dir_backup_holds_every_change_since_its_parent() {
     assert_eq!(std::fs::read(tg2.join("added")).expect("read"), b"new file");
     assert!(!tg2.join("removed").exists(), "a removed file is not restored");
     d.unmount_all(&r.volume_id, &st2, &tg2).await;
+}
+
+/// The driver's own account of an image upload: `(chunks, from_parent, read_bytes)` from its
+/// "image chunks written" line for `backup`.
+fn image_upload_figures(log: &str, backup: &str) -> (u64, u64, u64) {
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("image chunks written") && l.contains(backup))
+        .unwrap_or_else(|| panic!("no upload line for {backup} in the log:\n{log}"));
+    let field = |name: &str| -> u64 {
+        let at = line
+            .find(&format!("{name}="))
+            .unwrap_or_else(|| panic!("{name} in {line}"));
+        line[at + name.len() + 1..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {line}"))
+    };
+    (field("chunks"), field("from_parent"), field("read_bytes"))
+}
+
+/// The names in the pool's snapshot directory (records and data).
+fn snapshot_entries(pool: &Path) -> Vec<String> {
+    let mut names: Vec<String> = files_under(&pool.join("snapshots"))
+        .iter()
+        .map(|p| p.file_name().expect("name").to_string_lossy().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+/// An image's later backups read only the chunks changed block tracking finds changed since the
+/// previous one (whose local copy stays as the base, and only it), and each backup still restores
+/// with restic to exactly the bytes its snapshot held.
+#[tokio::test]
+async fn later_image_backups_read_only_what_changed_and_restore_exactly() {
+    let s = Setup::new();
+    // xfs: snapshots are reflinks, so their extents tell what changed.
+    let (fs, mut d, v) = image_volume(&s, "pvc-inc-img").await;
+    let pool_dir = fs.path("pool");
+    let image = pool_dir
+        .join("volumes")
+        .join(v.volume_id.rsplit(':').next().expect("key"));
+    let (st, tg) = d.mount_rw(&v.volume_id, "inc-img").await;
+    fill(&tg.join("data"), 40 * MIB as usize, 7);
+    d.unmount_all(&v.volume_id, &st, &tg).await;
+
+    let mut taken: Vec<(String, String, Vec<u8>)> = Vec::new(); // (name, snapshot id, image bytes)
+    for round in 0..4u64 {
+        if round > 0 {
+            // A few small writes: inside one chunk, across a chunk boundary, at the end of the data.
+            let (st, tg) = d.mount_rw(&v.volume_id, "inc-img").await;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(tg.join("data"))
+                .expect("open");
+            use std::os::unix::fs::FileExt;
+            for at in [
+                round * 3 * MIB as u64 + 4096,
+                17 * MIB as u64 - 2048,
+                40 * MIB as u64 - 100,
+            ] {
+                f.write_all_at(&vec![round as u8 + 0x41; 4096.min(40 * MIB as u64 - at) as usize], at)
+                    .expect("write");
+            }
+            f.sync_all().expect("sync");
+            drop(f);
+            d.unmount_all(&v.volume_id, &st, &tg).await;
+        }
+        let name = format!("snap-inc-img-{round}");
+        let bytes = std::fs::read(&image).expect("image");
+        let b = backup(&mut d, &name, &v.volume_id, false).await.expect("backup");
+        until_ready(&mut d, &b.snapshot_id).await;
+        let (chunks, from_parent, read) = image_upload_figures(&d.log(), &b.snapshot_id);
+        assert_eq!(chunks, 64 * MIB as u64 / (512 << 10), "fixed 512 KiB chunks");
+        if round == 0 {
+            assert_eq!(from_parent, 0, "the first backup has no parent");
+            assert!(
+                read >= 40 * MIB as u64,
+                "the first backup reads the data ({read} bytes)"
+            );
+        } else {
+            assert!(
+                read <= 12 * MIB as u64 && from_parent >= chunks / 2,
+                "backup {round} reads only what changed: {read} bytes read, {from_parent} of {chunks} chunks from its parent"
+            );
+        }
+        // Only the newest backup's local copy stays (the next one's base).
+        assert_eq!(
+            snapshot_entries(&pool_dir),
+            vec![name.clone(), format!("{name}.json")],
+            "after backup {round}"
+        );
+        taken.push((name, b.snapshot_id, bytes));
+    }
+
+    s.restic_ok(&["check", "--read-data"]);
+    let snaps = s.restic_snapshots();
+    for (i, (name, _, bytes)) in taken.iter().enumerate() {
+        let snap = snaps
+            .iter()
+            .find(|x| {
+                x["tags"]
+                    .as_array()
+                    .is_some_and(|t| t.iter().any(|t| t.as_str() == Some(&format!("cellar-name={name}"))))
+            })
+            .unwrap_or_else(|| panic!("{name} in restic: {snaps:?}"));
+        assert_eq!(snap["parent"].is_string(), i > 0, "{name}: parent {snap}");
+        let out = s.dir.path().join(format!("restic-out-{i}"));
+        s.restic_ok(&[
+            "restore",
+            snap["id"].as_str().expect("id"),
+            "--target",
+            out.to_str().expect("utf-8"),
+        ]);
+        let got = std::fs::read(out.join(name)).expect("restored image");
+        assert!(
+            got == *bytes,
+            "restic restores backup {name} to the bytes of its snapshot"
+        );
+        std::fs::remove_dir_all(&out).expect("clean");
+    }
+    // cellar restores the last one from the repository (no kept copy serves it) to the same bytes.
+    let (last_name, last_id, last_bytes) = taken.last().expect("backups").clone();
+    let back = restore_into(&mut d, "pvc-inc-img-back", 64 * MIB, Some("img"), &last_id)
+        .await
+        .expect("restore");
+    let back_image = pool_dir
+        .join("volumes")
+        .join(back.volume_id.rsplit(':').next().expect("key"));
+    assert!(
+        std::fs::read(&back_image).expect("restored") == last_bytes,
+        "{last_name} restored by cellar"
+    );
+    d.delete(&back.volume_id).await.expect("delete");
+    // The volume goes, and its base with it; the backups stay in the repository.
+    d.delete(&v.volume_id).await.expect("delete");
+    assert_eq!(
+        snapshot_entries(&pool_dir),
+        Vec::<String>::new(),
+        "no local copy outlives the volume"
+    );
+    assert_eq!(s.restic_snapshots().len(), taken.len());
+    for (_, id, _) in &taken {
+        d.ctl
+            .delete_snapshot(DeleteSnapshotRequest {
+                snapshot_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("DeleteSnapshot");
+    }
+    assert!(s.restic_snapshots().is_empty());
 }
 
 /// Bad backup inputs answer with their exact codes and cut nothing.

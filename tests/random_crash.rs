@@ -116,6 +116,13 @@ impl Snap {
     fn kept_in_pool(&self) -> bool {
         self.backup.is_none_or(|b| b.keep_local)
     }
+
+    /// Whether the pool may keep the local snapshot of an uploaded backup without keepLocal: an
+    /// image volume's newest uploaded backup stays as the base its next backup is compared with
+    /// (at most one per volume, none once the volume is deleted: checked in `check`).
+    fn may_stay_as_base(&self) -> bool {
+        self.layout == Layout::Image && self.backup.is_some_and(|b| !b.keep_local)
+    }
 }
 
 /// What should exist, by name.
@@ -1261,7 +1268,18 @@ impl Run {
         for layout in LAYOUTS {
             let pool = &self.pools[&layout];
             for scratch in [".work", ".trash"] {
-                let left = entries(&pool.join(scratch));
+                // An upload thread removing a backup's local copy moves it through the trash
+                // (`<name>-<uuid>`) while this runs; once settled, nothing may be there.
+                let left: Vec<String> = entries(&pool.join(scratch))
+                    .into_iter()
+                    .filter(|e| {
+                        self.settled
+                            || scratch != ".trash"
+                            || !self.model.snaps.iter().any(|(n, s)| {
+                                s.layout == layout && s.backup.is_some() && e.starts_with(&format!("{n}-"))
+                            })
+                    })
+                    .collect();
                 if !left.is_empty() {
                     return Err(format!("{} left in {scratch}: {left:?}", layout.pool()));
                 }
@@ -1286,15 +1304,47 @@ impl Run {
                 .model
                 .snaps
                 .iter()
-                .filter(|(_, s)| !self.settled && s.layout == layout && s.backup.is_some())
+                .filter(|(_, s)| (!self.settled || s.may_stay_as_base()) && s.layout == layout && s.backup.is_some())
                 .flat_map(|(n, s)| {
-                    let mut names = vec![format!(".{n}.json.tmp")];
+                    let mut names = if self.settled {
+                        vec![]
+                    } else {
+                        vec![format!(".{n}.json.tmp")]
+                    };
                     if !s.kept_in_pool() {
                         names.extend([n.clone(), format!("{n}.json")]);
                     }
                     names
                 })
                 .collect();
+            if self.settled {
+                // Bases: at most one per volume, none for a deleted volume, each a whole pair.
+                let present = entries(&pool.join("snapshots"));
+                let mut per_volume: BTreeMap<&str, Vec<&String>> = BTreeMap::new();
+                for (n, s) in self
+                    .model
+                    .snaps
+                    .iter()
+                    .filter(|(_, s)| s.layout == layout && s.may_stay_as_base())
+                {
+                    let (data, record) = (present.contains(n), present.contains(&format!("{n}.json")));
+                    if data != record {
+                        return Err(format!("base {n}: data {data}, record {record}"));
+                    }
+                    if data {
+                        per_volume.entry(s.source.as_str()).or_default().push(n);
+                    }
+                }
+                for (volume, bases) in per_volume {
+                    let alive = self.model.vols.values().any(|v| v.id == volume);
+                    if bases.len() > 1 || !alive {
+                        return Err(format!(
+                            "volume {volume} ({}) keeps the local copies {bases:?} of uploaded backups; at most its newest may stay while it exists",
+                            if alive { "alive" } else { "deleted" }
+                        ));
+                    }
+                }
+            }
             for (kind, names) in [
                 ("volumes", vols.cloned().collect::<Vec<_>>()),
                 ("snapshots", snaps.cloned().collect()),
@@ -1359,9 +1409,12 @@ impl Run {
 
     /// The local snapshots whose backup is still to upload, or whose local copy is still to go:
     /// read from their records in the pools.
+    /// An uploaded image backup's copy may stay as its volume's base: pending only while its
+    /// volume has another such copy, or no longer exists.
     fn pending_uploads(&self) -> Vec<String> {
         let mut pending = Vec::new();
         for pool in self.pools.values() {
+            let mut bases: BTreeMap<String, Vec<String>> = BTreeMap::new();
             for e in entries(&pool.join("snapshots")) {
                 let Some(name) = e.strip_suffix(".json") else { continue };
                 let Ok(text) = std::fs::read_to_string(pool.join("snapshots").join(&e)) else {
@@ -1369,8 +1422,20 @@ impl Run {
                 };
                 let rec: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
                 let mark = &rec["backup"];
-                if mark.is_object() && (mark["uploaded"] != true || mark["keep_local"] != true) {
+                if !mark.is_object() || (mark["uploaded"] == true && mark["keep_local"] == true) {
+                    continue;
+                }
+                let source = rec["source_volume_id"].as_str().unwrap_or_default();
+                if mark["uploaded"] == true && rec["layout"] == "image" && !source.is_empty() {
+                    bases.entry(source.to_string()).or_default().push(name.to_string());
+                } else {
                     pending.push(name.to_string());
+                }
+            }
+            for (source, names) in bases {
+                let key = source.rsplit(':').next().unwrap_or_default();
+                if names.len() > 1 || !pool.join("volumes").join(format!("{key}.json")).exists() {
+                    pending.extend(names);
                 }
             }
         }
@@ -1432,7 +1497,7 @@ impl Run {
                         s.id
                     ));
                 }
-                if !b.keep_local {
+                if !b.keep_local && !s.may_stay_as_base() {
                     let dir = self.pools[&s.layout].join("snapshots");
                     let left: Vec<String> = entries(&dir)
                         .into_iter()

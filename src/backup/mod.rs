@@ -15,6 +15,7 @@
 //!   backend.
 
 pub mod cli;
+pub mod image;
 pub mod restore;
 pub mod throttle;
 pub mod upload;
@@ -235,6 +236,15 @@ impl RusticFailure {
             text: text.into(),
         }
     }
+
+    /// A failure reading the source or writing the repository's files: retried, like an
+    /// unreachable repository.
+    pub fn io(text: impl Into<String>) -> Self {
+        RusticFailure {
+            kind: Kind::Unreachable,
+            text: text.into(),
+        }
+    }
 }
 
 /// rustic's messages run over many lines of guidance; a status message is one line, bounded.
@@ -291,6 +301,11 @@ pub struct BackupMeta {
     /// below it; the root is cellar's to put back).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<StoredMeta>,
+    /// image: the fixed chunk size its data was cut at (`image::CHUNK`), which lets the next
+    /// backup of the volume take its unchanged chunks unread; absent for trees (and for images
+    /// that rustic's archiver chunked, before cellar wrote images itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunk_bytes: Option<u64>,
 }
 
 /// A directory's metadata in the snapshot's description (names and values of xattrs in hex).
@@ -450,6 +465,11 @@ impl Backups {
         }
         let be = cfg.backend_options()?.to_backends().map_err(|e| cfg.error(e))?;
         Ok(self.throttle.wrap(be, cfg.name.as_str()))
+    }
+
+    /// The repository's files, for writing them directly (`image`); paced like rustic's writes.
+    pub(crate) fn write_backend(&self, name: &PoolName) -> Result<Arc<dyn rustic_core::WriteBackend>, StorageError> {
+        Ok(self.backends(self.config(name)?)?.repository())
     }
 
     fn options() -> RepositoryOptions {

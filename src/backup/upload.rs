@@ -1,6 +1,7 @@
-//! A snapshot's data into a repository: an image volume's filesystem image (read as one file;
-//! its holes read as zeros, which the chunker cuts into the same few blobs, so they stay cheap)
-//! or a tree with owners, modes, times, xattrs and links, as rustic's archiver reads them.
+//! A snapshot's data into a repository: an image volume's filesystem image, cut into fixed
+//! chunks by [`super::image`] (holes are never read; with a parent, the chunks changed block
+//! tracking calls unchanged are taken from it unread), or a tree with owners, modes, times,
+//! xattrs and links, as rustic's archiver reads them.
 //!
 //! An upload is idempotent by its key: a retry after a crash finds the finished snapshot, or
 //! starts over (packs a killed upload left are not in any index; a prune removes them). The
@@ -10,21 +11,35 @@
 use std::path::Path;
 use std::time::Instant;
 
-use rustic_core::repofile::{Node, NodeType, SnapshotFile};
+use rustic_core::repofile::{Node, NodeType, SnapshotFile, SnapshotSummary, StringList};
 use rustic_core::{BackupOptions, LocalSourceSaveOptions, ParentOptions, PathList, SnapshotOptions, TimeOption};
 
-use super::{info_of, BackupInfo, BackupMeta, Backups, RusticFailure, TAG_KEY, TAG_NAME, TAG_VOLUME};
+use super::{image, info_of, BackupInfo, BackupMeta, Backups, RusticFailure, TAG_KEY, TAG_NAME, TAG_VOLUME};
 use crate::crash;
 use crate::storage::id::BackupId;
 use crate::storage::record::Layout;
 use crate::storage::StorageError;
 
+/// An image backup's parent as the node knows it: the backup whose local copy is still on the
+/// node, and the byte ranges that changed block tracking says may differ between that copy and
+/// the snapshot being uploaded.
+pub struct Base {
+    pub backup: BackupId,
+    pub changed: Vec<(u64, u64)>,
+}
+
 /// Uploads `data` (the snapshot's image file or tree root) as backup `id`, then checks that the
 /// repository holds every blob it references. Returns the backup as the repository lists it.
-pub fn upload(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path) -> Result<BackupInfo, StorageError> {
+pub fn upload(
+    backups: &Backups,
+    id: &BackupId,
+    meta: &BackupMeta,
+    data: &Path,
+    base: Option<Base>,
+) -> Result<BackupInfo, StorageError> {
     let started = Instant::now();
     let repo_name = id.repository().as_str().to_string();
-    let result = upload_inner(backups, id, meta, data);
+    let result = upload_inner(backups, id, meta, data, base);
     crate::metrics::record_backup_end(&repo_name, "upload", result.is_ok(), started.elapsed());
     match &result {
         Ok(b) => {
@@ -35,7 +50,13 @@ pub fn upload(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path) 
     result
 }
 
-fn upload_inner(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path) -> Result<BackupInfo, StorageError> {
+fn upload_inner(
+    backups: &Backups,
+    id: &BackupId,
+    meta: &BackupMeta,
+    data: &Path,
+    base: Option<Base>,
+) -> Result<BackupInfo, StorageError> {
     let cfg = backups.config(id.repository())?;
     let mut opened = backups.open(id.repository())?;
     let mut snaps = opened.get_all_snapshots().map_err(|e| cfg.error(e))?;
@@ -61,6 +82,22 @@ fn upload_inner(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path
             }
         }
     }
+    let description = serde_json::to_string(meta).map_err(|e| StorageError::Unsupported(e.to_string()))?;
+    let tags = format!(
+        "{TAG_KEY}{},{TAG_NAME}{},{TAG_VOLUME}{}",
+        id.key(),
+        meta.name.replace(',', "_"),
+        meta.source_volume_id
+    );
+    let snap = SnapshotOptions::default()
+        .label("cellar".to_string())
+        .host(meta.node.clone())
+        .add_tags(&tags)
+        .and_then(|o| o.description(description).to_snapshot())
+        .map_err(|e| cfg.error(e))?;
+    if meta.layout == Layout::Image {
+        return upload_image(backups, opened, snaps, id, meta, data, base, snap);
+    }
     let parent = snaps
         .into_iter()
         .filter(|s| {
@@ -70,19 +107,6 @@ fn upload_inner(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path
         })
         .max_by_key(|s| s.time.timestamp());
     let repo = opened.to_indexed_ids().map_err(|e| cfg.error(e))?;
-    let tags = format!(
-        "{TAG_KEY}{},{TAG_NAME}{},{TAG_VOLUME}{}",
-        id.key(),
-        meta.name.replace(',', "_"),
-        meta.source_volume_id
-    );
-    let description = serde_json::to_string(meta).map_err(|e| StorageError::Unsupported(e.to_string()))?;
-    let snap = SnapshotOptions::default()
-        .label("cellar".to_string())
-        .host(meta.node.clone())
-        .add_tags(&tags)
-        .and_then(|o| o.description(description).to_snapshot())
-        .map_err(|e| cfg.error(e))?;
     let mut parents = ParentOptions::default();
     match &parent {
         Some(p) => parents.parents = vec![p.id.to_string()],
@@ -90,7 +114,7 @@ fn upload_inner(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path
     }
     // A `dir` snapshot is a copy: every file has a new inode and ctime, so against its parent
     // only size and mtime tell an unchanged file (as `restic --ignore-inode --ignore-ctime`).
-    // btrfs snapshots keep both, and images are read whole. rustic_core 0.13 compares inodes
+    // btrfs snapshots keep both. rustic_core 0.13 compares inodes
     // only when `ignore_inode` is *set* (its test is inverted, archiver/parent.rs), so leaving it
     // unset is what ignores them here; were that fixed, setting it would be needed, and leaving
     // it unset would only cost speed (files re-read), never a wrong backup.
@@ -100,22 +124,87 @@ fn upload_inner(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path
     }
     // Access times too: a restored tree is the snapshot's, times and all.
     let save = LocalSourceSaveOptions::default().set_atime(Some(TimeOption::Yes));
-    // A tree is saved as /volume; rustic names a single file by its own name, at the root.
-    let as_path = match meta.layout {
-        Layout::Image => "/volume.img",
-        _ => super::TREE_PATH,
-    };
+    // A tree is saved as /volume.
     let opts = BackupOptions::default()
         .parent_opts(parents)
         .ignore_save_opts(save)
-        .as_path(std::path::PathBuf::from(as_path));
+        .as_path(std::path::PathBuf::from(super::TREE_PATH));
     let source: PathList = [data.to_path_buf()].into_iter().collect();
     crash::point("backup:before-upload");
     let saved = repo.backup(&opts, &source, snap).map_err(|e| cfg.error(e))?;
     crash::point("backup:after-upload");
     let read = saved.summary.as_ref().map_or(0, |s| s.total_bytes_processed);
     crate::metrics::record_backup_bytes(id.repository().as_str(), "read", read);
-    if let Err(e) = check_complete(backups, repo.drop_index(), id, meta, &saved) {
+    finish(backups, repo.drop_index(), id, meta, &saved)
+}
+
+/// An image's upload: its chunks through [`image::write`], with the parent's unchanged chunks
+/// taken unread when `base` names a backup the repository holds that was cut the same way.
+#[allow(clippy::too_many_arguments)]
+fn upload_image(
+    backups: &Backups,
+    opened: super::Open,
+    snaps: Vec<SnapshotFile>,
+    id: &BackupId,
+    meta: &BackupMeta,
+    data: &Path,
+    base: Option<Base>,
+    mut snap: SnapshotFile,
+) -> Result<BackupInfo, StorageError> {
+    let cfg = backups.config(id.repository())?;
+    let key = opened.key();
+    let repo = opened.to_indexed().map_err(|e| cfg.error(e))?;
+    let parent = base.and_then(|b| {
+        let (psnap, pinfo) = snaps
+            .iter()
+            .find_map(|s| info_of(id.repository(), s).filter(|i| i.id == b.backup).map(|i| (s, i)))?;
+        if pinfo.meta.chunk_bytes != Some(image::CHUNK) || pinfo.meta.source_volume_id != meta.source_volume_id {
+            return None;
+        }
+        let blobs = super::data_node(&repo, cfg, psnap.tree, &pinfo.meta).ok()??.content?;
+        (blobs.len() == image::chunks_of(pinfo.meta.length)).then(|| {
+            (
+                psnap.id,
+                image::Parent {
+                    blobs,
+                    length: pinfo.meta.length,
+                    changed: image::Parent::changed_chunks(meta.length, b.changed),
+                },
+            )
+        })
+    });
+    let be = backups.write_backend(id.repository())?;
+    let name = meta.path.trim_start_matches('/');
+    crash::point("backup:before-upload");
+    let written =
+        image::write(&repo, be.clone(), &key, data, name, parent.as_ref().map(|(_, p)| p)).map_err(|e| cfg.error(e))?;
+    snap.tree = written.tree;
+    snap.paths = StringList::default();
+    snap.paths.add(meta.path.clone());
+    snap.parent = parent.as_ref().map(|(p, _)| *p);
+    let mut summary = SnapshotSummary::default();
+    summary.total_files_processed = 1;
+    summary.total_bytes_processed = meta.length;
+    summary.data_blobs = written.chunks;
+    summary.data_added = written.added;
+    summary.command = "cellar".to_string();
+    snap.summary = Some(summary);
+    image::write_snapshot(&*be, &key, &mut snap).map_err(|e| cfg.error(e))?;
+    crash::point("backup:after-upload");
+    crate::metrics::record_backup_bytes(id.repository().as_str(), "read", written.read);
+    tracing::info!(backup = %id, chunks = written.chunks, from_parent = written.reused, read_bytes = written.read, new_bytes = written.added, "image chunks written");
+    finish(backups, repo.drop_index(), id, meta, &snap)
+}
+
+/// The end of an upload: ready only when [`check_complete`] finds every blob in the index.
+fn finish(
+    backups: &Backups,
+    opened: super::Open,
+    id: &BackupId,
+    meta: &BackupMeta,
+    saved: &SnapshotFile,
+) -> Result<BackupInfo, StorageError> {
+    if let Err(e) = check_complete(backups, opened, id, meta, saved) {
         // Not ready: forgotten, so that the retry uploads again instead of finding it.
         if !e.is_unavailable() {
             tracing::warn!(backup = %id, error = %e, "a saved backup is not complete in the index (a prune ran meanwhile?); forgetting it to upload again");
@@ -123,7 +212,7 @@ fn upload_inner(backups: &Backups, id: &BackupId, meta: &BackupMeta, data: &Path
         }
         return Err(e);
     }
-    info_of(id.repository(), &saved)
+    info_of(id.repository(), saved)
         .ok_or_else(|| StorageError::DataLoss(format!("backup {id} was saved without the tags that name it")))
 }
 

@@ -3,9 +3,13 @@
 //! CreateSnapshot with a repository cuts the local snapshot as any other (CoW, `freeze`
 //! honoured) and writes its record with a [`BackupMark`]; then a background thread uploads it,
 //! marks the record uploaded and, unless the class keeps it, removes the local snapshot: from then
-//! on the repository is the truth. A restart resumes what a crash cut short (an upload starts
-//! over; a local copy whose backup is uploaded goes). A restore is an import of the backup's
-//! stream (`backup::restore`), or a local copy when this node kept the snapshot.
+//! on the repository is the truth. One local copy stays without `keepLocal`: an image volume's
+//! newest uploaded backup, the *base* its next backup is compared with (changed block tracking
+//! from the two snapshots' extents), so that only the chunks that changed are read again. It goes
+//! when a newer backup of the volume has uploaded, when its backup is deleted, or when the volume
+//! is. A restart resumes what a crash cut short (an upload starts over; a local copy whose backup
+//! is uploaded goes, unless it is a base). A restore is an import of the backup's stream
+//! (`backup::restore`), or a local copy when this node kept the snapshot.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +24,11 @@ use crate::storage::record::BackupMark;
 pub struct BackupRequest {
     pub repository: PoolName,
     pub keep_local: bool,
+}
+
+/// When a snapshot was cut, for ordering.
+fn created(r: &SnapshotRecord) -> (i64, i32) {
+    (r.created_unix_secs, r.created_nanos)
 }
 
 /// The longest wait between two tries of a failing upload.
@@ -164,8 +173,13 @@ impl LocalEngine {
                     _ => 0,
                 },
                 node: self.node.as_str().to_string(),
+                chunk_bytes: (rec.layout == Layout::Image).then_some(backup::image::CHUNK),
             };
-            backup::upload::upload(&self.backups, &mark.id, &meta, &data)?;
+            let base = match rec.layout {
+                Layout::Image => self.backup_base(&rec, meta.length),
+                _ => None,
+            };
+            backup::upload::upload(&self.backups, &mark.id, &meta, &data, base)?;
             crash::point("backup:before-mark");
             rec.backup = Some(BackupMark {
                 uploaded: true,
@@ -173,14 +187,117 @@ impl LocalEngine {
             });
             self.store.put_snapshot(pool, key, &rec)?;
         }
-        if !mark.keep_local {
-            // The repository holds it now: the local copy and its record go (a restart that finds
-            // an uploaded record finishes this).
-            self.remove_object(pool, Kind::Snapshot, key, &id.to_string())?;
-            tracing::info!(snapshot = %id, backup = %mark.id, "local copy of an uploaded backup removed");
+        if mark.keep_local {
+            return Ok(());
         }
+        if rec.layout == Layout::Image {
+            // It may stay as the volume's base. Decided with its lock released: a newer backup's
+            // upload, or the volume's delete, that could not take it meanwhile finds it free, or
+            // is seen by the check below.
+            drop(held);
+            self.drop_bases(&rec.source_volume_id, Some(&rec));
+            if !self.is_base(&rec) {
+                if let Err(e) = self.forget_local_backup(&mark.id) {
+                    tracing::info!(snapshot = %id, error = %e, "local copy of an uploaded backup left for now");
+                }
+            }
+            return Ok(());
+        }
+        // The repository holds it now: the local copy and its record go (a restart that finds
+        // an uploaded record finishes this).
+        self.remove_object(pool, Kind::Snapshot, key, &id.to_string())?;
+        tracing::info!(snapshot = %id, backup = %mark.id, "local copy of an uploaded backup removed");
         drop(held);
         Ok(())
+    }
+
+    /// Whether an uploaded backup's local copy stays as its volume's base: an image whose volume
+    /// is still here, and no newer backup of it has uploaded.
+    fn is_base(&self, rec: &SnapshotRecord) -> bool {
+        rec.layout == Layout::Image
+            && self.volume(&rec.source_volume_id).is_some()
+            && !self
+                .bases_of(&rec.source_volume_id)
+                .iter()
+                .any(|o| o.id != rec.id && created(o) > created(rec))
+    }
+
+    /// The local copies of a volume's uploaded backups that are not kept by `keepLocal`.
+    fn bases_of(&self, volume: &VolumeId) -> Vec<SnapshotRecord> {
+        self.snapshots()
+            .into_iter()
+            .filter(|r| r.source_volume_id == *volume && r.backup.as_ref().is_some_and(|m| m.uploaded && !m.keep_local))
+            .collect()
+    }
+
+    /// Removes the bases of `volume` older than `newest` (all of them without one). One that is
+    /// busy (its own upload thread, a restore reading it) is left to its thread or to a restart.
+    pub(super) fn drop_bases(&self, volume: &VolumeId, newest: Option<&SnapshotRecord>) {
+        for old in self.bases_of(volume) {
+            if newest.is_some_and(|n| n.id == old.id || created(&old) > created(n)) {
+                continue;
+            }
+            let Some(pool) = self.locate(&old.id.0) else { continue };
+            let shown = old.id.to_string();
+            let removed = self
+                .take(Kind::Snapshot, &old.id.0.pool, &old.id.0.key, &shown)
+                .and_then(|_held| self.remove_object(pool, Kind::Snapshot, &old.id.0.key, &shown));
+            match removed {
+                Ok(()) => {
+                    tracing::info!(snapshot = %old.id, "local copy of an earlier backup removed (a newer one is the base)")
+                }
+                Err(e) => {
+                    tracing::info!(snapshot = %old.id, error = %e, "local copy of an earlier backup left for now")
+                }
+            }
+        }
+    }
+
+    /// The base an image snapshot's upload compares with: the newest uploaded local copy of the
+    /// same volume in the same pool, and the ranges that may differ between the two. `None` (a
+    /// full read) when there is none or the extents cannot be compared.
+    fn backup_base(&self, rec: &SnapshotRecord, length: u64) -> Option<backup::upload::Base> {
+        let base = self
+            .snapshots()
+            .into_iter()
+            .filter(|r| {
+                r.id != rec.id
+                    && r.id.0.pool == rec.id.0.pool
+                    && r.source_volume_id == rec.source_volume_id
+                    && r.backup.as_ref().is_some_and(|m| m.uploaded)
+            })
+            .max_by_key(created)?;
+        let query = crate::storage::cbt::Query {
+            base: Some(base.id.clone()),
+            target: rec.id.clone(),
+            starting_offset: 0,
+        };
+        let walked = (|| {
+            let mut walk = self.block_ranges(&query)?;
+            let mut changed = Vec::new();
+            while let Some(batch) = walk.next_batch(crate::storage::cbt::MAX_BATCH)? {
+                changed.extend(batch);
+            }
+            // Past the end the walk knows nothing: changed.
+            if walk.capacity() < length {
+                changed.push((walk.capacity(), length - walk.capacity()));
+            }
+            Ok::<_, crate::storage::cbt::MetadataError>(changed)
+        })();
+        match walked {
+            Ok(changed) => {
+                let bytes: u64 = changed.iter().map(|r| r.1).sum();
+                tracing::info!(snapshot = %rec.id, base = %base.id, changed_bytes = bytes, "backup compared with its base");
+                Some(backup::upload::Base {
+                    backup: base.backup?.id,
+                    changed,
+                })
+            }
+            Err(e) => {
+                tracing::info!(snapshot = %rec.id, base = %base.id, error = %e, "the base cannot be compared; the image is read whole");
+                None
+            }
+        }
     }
 
     /// The local snapshot (on this node) that a backup was cut from, while it is kept.

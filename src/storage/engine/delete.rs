@@ -31,6 +31,8 @@ impl LocalEngine {
             (DeletePolicy::Archive, Some(rec)) => self.keep(pool, &id.0.key, &rec, &pool.archive_dir(), true)?,
             _ => self.remove_object(pool, Kind::Volume, &id.0.key, &shown)?,
         }
+        // Its backups' base goes with it: nothing is compared with it any more.
+        self.drop_bases(id, None);
         Ok(())
     }
 
