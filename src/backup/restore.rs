@@ -292,6 +292,41 @@ impl Iterator for Frames {
     }
 }
 
+/// How many frames [`read_ahead`] keeps ready: at most this many chunks of [`CHUNK_BYTES`] wait.
+const READ_AHEAD_FRAMES: usize = 16;
+
+/// The same frames, read, decrypted and checked on a thread of their own, so that the repository's
+/// reads and hashes overlap with the import that writes them (restic restores with parallel
+/// workers too). Dropping the iterator early (an import that fails) ends the thread at its next
+/// frame; the stream ends after its first error, as [`Frames`] does.
+pub fn read_ahead(frames: Frames) -> Result<ReadAhead, StorageError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD_FRAMES);
+    std::thread::Builder::new()
+        .name("backup-restore".into())
+        .spawn(move || {
+            for f in frames {
+                if tx.send(f).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| StorageError::Unavailable(format!("cannot start the restore's reader thread: {e}")))?;
+    Ok(ReadAhead { rx })
+}
+
+/// The receiving end of [`read_ahead`].
+pub struct ReadAhead {
+    rx: std::sync::mpsc::Receiver<Result<Frame, StorageError>>,
+}
+
+impl Iterator for ReadAhead {
+    type Item = Result<Frame, StorageError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.rx.recv().ok()
+    }
+}
+
 /// The block size below which zeros are written rather than left as a hole.
 const HOLE_BLOCK: usize = 4096;
 

@@ -77,10 +77,23 @@ pub fn create_image(path: &Path) -> Result<OwnedFd, SysError> {
 
 /// Sets a filled file's length (a trailing hole stays a hole).
 pub fn set_len(f: &OwnedFd, size: u64, path: &Path) -> Result<(), SysError> {
+    resize(f, size).map_err(|e| SysError::io("set length", path, e))
+}
+
+/// [`set_len`] without the path. A file that already has that length (a reflinked copy) is left
+/// alone: xfs zeroes the tail of the last block on every truncate, even to the same size, and for
+/// a shared extent that means reading the block from disk first (it was most of the time of a
+/// tree copy of small files).
+pub(super) fn resize(f: &OwnedFd, size: u64) -> io::Result<()> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: f is a valid fd and st is writable memory of the size fstat fills.
+    cvt(unsafe { libc::fstat(f.as_raw_fd(), st.as_mut_ptr()) })?;
+    // SAFETY: fstat succeeded, so st is initialised.
+    if unsafe { st.assume_init() }.st_size as u64 == size {
+        return Ok(());
+    }
     // SAFETY: f is a valid fd.
-    cvt(unsafe { libc::ftruncate(f.as_raw_fd(), size as libc::off_t) })
-        .map(|_| ())
-        .map_err(|e| SysError::io("set length", path, e))
+    cvt(unsafe { libc::ftruncate(f.as_raw_fd(), size as libc::off_t) }).map(|_| ())
 }
 
 pub fn fsync(f: &OwnedFd, path: &Path) -> Result<(), SysError> {

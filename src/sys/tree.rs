@@ -255,7 +255,7 @@ impl TreeWriter {
 
     /// Gives a filled file its length (a trailing hole stays a hole) and its metadata.
     pub fn finish_file(&self, f: &OwnedFd, rel: &Path, size: u64, meta: &Meta) -> Result<(), SysError> {
-        set_len(f, size).map_err(|e| self.err("set length", rel, e))?;
+        super::copy::resize(f, size).map_err(|e| self.err("set length", rel, e))?;
         self.apply(f.as_raw_fd(), rel, meta)
     }
 
@@ -485,11 +485,6 @@ fn readlinkat(dir: RawFd, name: &CStr) -> io::Result<CString> {
     }
     buf.truncate(n as usize);
     CString::new(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-}
-
-fn set_len(f: &OwnedFd, size: u64) -> io::Result<()> {
-    // SAFETY: f is a valid fd.
-    cvt(unsafe { libc::ftruncate(f.as_raw_fd(), size as libc::off_t) }).map(|_| ())
 }
 
 pub(super) fn open_dir_at(dir: RawFd, path: &Path) -> io::Result<OwnedFd> {

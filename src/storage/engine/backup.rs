@@ -337,7 +337,8 @@ impl LocalEngine {
             copy.source = Some(Source::Snapshot(local.id.clone()));
             return self.make_volume(p, &copy);
         }
-        let mut frames = backup::restore::frames(&self.backups, id, p.layout)?;
+        let frames = backup::restore::frames(&self.backups, id, p.layout)?;
+        let mut frames = backup::restore::read_ahead(frames)?;
         tracing::info!(backup = %id, volume = %p.id, "restore from the backup repository started");
         self.import_planned(p, req, &mut frames)
     }
