@@ -969,11 +969,29 @@ async fn an_enrolled_certificate_registers_only_its_own_node() {
 
 #[tokio::test]
 async fn enrolled_nodes_pull_a_restore_from_each_other() {
+    pull_a_restore_between_enrolled_nodes(false).await;
+}
+
+/// The same with the controller's own certificate: the source node checks the grant's signer
+/// against the published cluster CA.
+#[tokio::test]
+async fn with_the_controllers_own_certificate_nodes_pull_a_restore_with_its_grant() {
+    pull_a_restore_between_enrolled_nodes(true).await;
+}
+
+/// node-2 restores a snapshot of node-1 by pulling it from node-1 with the controller's grant
+/// (`own`: the controller issues its own certificate, the nodes trust the published CA).
+async fn pull_a_restore_between_enrolled_nodes(own: bool) {
     let mut env = Env::new().await;
-    let controller = env.start_controller("controller", &[]);
+    let controller = env.start_controller_as("controller", own, &[]);
     wait_ready(&controller).await;
-    let one = env.start_node(&controller, "node-1", "token-node-1", &[]);
-    let two = env.start_node(&controller, "node-2", "token-node-2", &[]);
+    let ca = if own {
+        mount_published(&env)
+    } else {
+        env.install_ca.clone()
+    };
+    let one = env.start_node_trusting(&controller, "node-1", "token-node-1", &ca, &[]);
+    let two = env.start_node_trusting(&controller, "node-2", "token-node-2", &ca, &[]);
     wait_registered(&controller, &one).await;
     wait_registered(&controller, &two).await;
     let mut ctl = ControllerClient::new(connect_socket(&controller.socket).await);
