@@ -20,7 +20,7 @@ use rcgen::{
 };
 use rustls_pki_types::CertificateSigningRequestDer;
 
-use super::kube::{Created, Kube, KubeError, SecretData};
+use super::kube::{ConfigMapData, Created, Kube, KubeError, SecretData};
 use crate::storage::id::NodeId;
 
 /// How long a CA made by the controller is valid.
@@ -320,7 +320,7 @@ pub const PUBLISHED_CA_KEY: &str = "ca.crt";
 /// it, or replacing what it holds when the CA changed (a CA made anew after its Secret was
 /// deleted). Replicas racing write the same text.
 pub async fn publish(kube: &Kube, at: &ObjectRef, ca_pem: &str) -> Result<(), CaError> {
-    let want: std::collections::BTreeMap<String, String> = [(PUBLISHED_CA_KEY.to_string(), ca_pem.to_string())].into();
+    let want: ConfigMapData = [(PUBLISHED_CA_KEY.to_string(), ca_pem.to_string())].into();
     let found = match kube.config_map(&at.namespace, &at.name).await? {
         Some(found) => found,
         None => match kube.create_config_map(&at.namespace, &at.name, &want).await? {
