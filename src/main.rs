@@ -95,7 +95,7 @@ enum Command {
         #[command(flatten)]
         registry: RegistryArgs,
         #[command(flatten)]
-        enrol: EnrolArgs,
+        enrol: Box<EnrolArgs>,
         /// Serve /metrics (Prometheus), /healthz and /readyz over HTTP on ADDR:PORT, e.g. 0.0.0.0:9811.
         /// Off when absent.
         #[arg(long, value_name = "ADDR:PORT")]
@@ -292,6 +292,27 @@ struct EnrolArgs {
     /// The CA of the API server's certificate.
     #[arg(long, value_name = "FILE", default_value = cellar::agent::enrol::kube::IN_CLUSTER_CA)]
     kube_ca_file: PathBuf,
+    /// The controller's own certificate from a cluster CA it keeps in this Secret, NAMESPACE/NAME
+    /// (made on the first start when there is none), instead of --tls-ca, --tls-cert and --tls-key
+    /// (docs/security.md, "The cluster CA").
+    #[arg(
+        long,
+        value_name = "NAMESPACE/NAME",
+        requires_all = ["enrol_listen", "cluster_ca_publish", "controller_name"],
+        conflicts_with_all = ["tls_ca", "tls_cert", "tls_key", "insecure"]
+    )]
+    cluster_ca_secret: Option<String>,
+    /// The ConfigMap the cluster CA's certificate is published in (key ca.crt), NAMESPACE/NAME:
+    /// the nodes mount it to check the controller's certificate.
+    #[arg(long, value_name = "NAMESPACE/NAME", requires = "cluster_ca_secret")]
+    cluster_ca_publish: Option<String>,
+    /// A name of the controller's own certificate (repeat it): every name nodes dial it by.
+    #[arg(long, value_name = "DNS-NAME", requires = "cluster_ca_secret")]
+    controller_name: Vec<String>,
+    /// How long the controller's own certificate is valid; it restarts gracefully to issue itself
+    /// a new one after two thirds of it.
+    #[arg(long, value_name = "DURATION", default_value = "168h", value_parser = parse_duration)]
+    controller_certificate_validity: Duration,
 }
 
 impl EnrolArgs {
@@ -304,7 +325,7 @@ impl EnrolArgs {
             .map_err(|e| format!("--enrol-service-account: {e}"))?;
         let secret = self.enrol_ca_secret.unwrap_or_default();
         let ca_secret =
-            cellar::agent::enrol::ca::SecretRef::parse(&secret).map_err(|e| format!("--enrol-ca-secret: {e}"))?;
+            cellar::agent::enrol::ca::ObjectRef::parse(&secret).map_err(|e| format!("--enrol-ca-secret: {e}"))?;
         let validity = self.enrol_certificate_validity;
         if validity < Duration::from_secs(10) || validity > Duration::from_secs(366 * 24 * 3600) {
             return Err("--enrol-certificate-validity must be between 10s and 366 days".into());
@@ -312,6 +333,15 @@ impl EnrolArgs {
         if self.enrol_audience.is_empty() || self.enrol_audience.len() > 253 {
             return Err("--enrol-audience must be 1 to 253 characters".into());
         }
+        let cluster_ca = match self.cluster_ca_secret {
+            None => None,
+            Some(secret) => Some(cluster_ca(
+                &secret,
+                &self.cluster_ca_publish.unwrap_or_default(),
+                self.controller_name,
+                self.controller_certificate_validity,
+            )?),
+        };
         Ok(Some(cellar::roles::ControllerEnrolment {
             listen,
             kube: cellar::agent::enrol::kube::KubeConfig {
@@ -326,8 +356,35 @@ impl EnrolArgs {
                 validity,
                 agent_server_name: cellar::agent::tls::AGENT_SERVER_NAME.to_string(),
             },
+            cluster_ca,
         }))
     }
+}
+
+/// The cluster CA's flags, checked.
+fn cluster_ca(
+    secret: &str,
+    publish: &str,
+    names: Vec<String>,
+    validity: Duration,
+) -> Result<cellar::roles::ClusterCa, String> {
+    use cellar::agent::enrol::ca::{is_dns_name, ObjectRef};
+    let secret = ObjectRef::parse(secret).map_err(|e| format!("--cluster-ca-secret: {e}"))?;
+    let publish = ObjectRef::parse(publish).map_err(|e| format!("--cluster-ca-publish: {e}"))?;
+    if let Some(bad) = names.iter().find(|n| !is_dns_name(n)) {
+        return Err(format!(
+            "--controller-name '{bad}' is not a DNS name (lower-case letters, digits, '-' and '.')"
+        ));
+    }
+    if validity < Duration::from_secs(10) || validity > Duration::from_secs(366 * 24 * 3600) {
+        return Err("--controller-certificate-validity must be between 10s and 366 days".into());
+    }
+    Ok(cellar::roles::ClusterCa {
+        secret,
+        publish,
+        names,
+        validity,
+    })
 }
 
 /// Node enrolment, on a node: obtain this node's certificate from the controller.

@@ -304,8 +304,27 @@ pub struct ControllerEnrolment {
     pub listen: SocketAddr,
     pub kube: crate::agent::enrol::kube::KubeConfig,
     /// The Secret holding the enrolment CA, made on the first start.
-    pub ca_secret: crate::agent::enrol::ca::SecretRef,
+    pub ca_secret: crate::agent::enrol::ca::ObjectRef,
     pub policy: crate::agent::enrol::EnrolPolicy,
+    /// The controller's own certificate from the cluster CA it keeps, instead of `--tls-cert` and
+    /// `--tls-key`; `None`: from the files.
+    pub cluster_ca: Option<ClusterCa>,
+}
+
+/// The cluster CA (`--cluster-ca-secret`): made by the controller on its first start like the
+/// enrolment CA, published for the nodes, and signing the controller's own short-lived
+/// certificate at every start (docs/security.md, "The cluster CA").
+#[derive(Debug, Clone)]
+pub struct ClusterCa {
+    /// The Secret holding it.
+    pub secret: crate::agent::enrol::ca::ObjectRef,
+    /// The ConfigMap its certificate is published in (`ca.crt`), for the node pods to mount.
+    pub publish: crate::agent::enrol::ca::ObjectRef,
+    /// The names of the controller's certificate: every name nodes dial it by.
+    pub names: Vec<String>,
+    /// How long the controller's certificate is valid; the controller restarts gracefully to
+    /// issue itself a new one after two thirds of it.
+    pub validity: std::time::Duration,
 }
 
 /// How a node obtains its certificate from the controller (`--enrol-token`).
@@ -341,15 +360,27 @@ pub struct NodeRole {
     pub backup_bandwidth: u64,
 }
 
+/// The controller's identity at start.
+struct ControllerTls {
+    tls: crate::agent::tls::Tls,
+    /// The enrolment service, when it issues node certificates.
+    enrol: Option<crate::agent::enrol::EnrolService>,
+    /// When its own certificate (from the cluster CA) is due for renewal; `None`: from files.
+    renewal: Option<std::time::SystemTime>,
+}
+
 /// The controller's TLS, and the enrolment service when it issues node certificates: the CA it
 /// signs with comes from (or is made in) its Secret, and the controller trusts it besides the
-/// install CA, so enrolled nodes can register and be dialled.
-async fn controller_tls(
-    o: &ControllerRole,
-) -> Result<(crate::agent::tls::Tls, Option<crate::agent::enrol::EnrolService>), RoleError> {
+/// install CA, so enrolled nodes can register and be dialled. With a cluster CA, the install CA is
+/// that one and the controller's certificate is its own, issued now.
+async fn controller_tls(o: &ControllerRole) -> Result<ControllerTls, RoleError> {
     use crate::agent::enrol::{ca, kube::Kube, EnrolService};
     let Some(e) = &o.enrolment else {
-        return Ok((o.tls.load()?, None));
+        return Ok(ControllerTls {
+            tls: o.tls.load()?,
+            enrol: None,
+            renewal: None,
+        });
     };
     if o.tls.insecure {
         return Err(RoleError::Split(
@@ -358,16 +389,59 @@ async fn controller_tls(
     }
     let enrolment = |e: String| RoleError::Split(format!("enrolment: {e}"));
     let kube = Kube::new(&e.kube).map_err(|err| enrolment(err.to_string()))?;
-    let ca = ca::obtain(&kube, &e.ca_secret, &e.policy.agent_server_name)
+    let enrolment_ca = ca::obtain(&kube, &e.ca_secret, &ca::CaRole::enrolment(&e.policy.agent_server_name))
         .await
         .map_err(|err| enrolment(err.to_string()))?;
-    let tls = o
-        .tls
-        .options()
-        .load_trusting(Some(ca.certificate_pem().as_bytes()))
-        .map_err(|err| RoleError::Split(err.to_string()))?;
-    let service = EnrolService::new(Arc::new(kube), Arc::new(ca), e.policy.clone());
-    Ok((tls, Some(service)))
+    let (tls, renewal) = match &e.cluster_ca {
+        None => {
+            let tls = o
+                .tls
+                .options()
+                .load_trusting(Some(enrolment_ca.certificate_pem().as_bytes()))
+                .map_err(|err| RoleError::Split(err.to_string()))?;
+            (tls, None)
+        }
+        Some(c) => {
+            let cluster = |e: String| RoleError::Split(format!("cluster CA: {e}"));
+            let ca = ca::obtain(&kube, &c.secret, &ca::CaRole::cluster(&c.names))
+                .await
+                .map_err(|err| cluster(err.to_string()))?;
+            ca::publish(&kube, &c.publish, ca.certificate_pem())
+                .await
+                .map_err(|err| cluster(err.to_string()))?;
+            let own = ca::controller_identity(&ca, &c.secret, &c.names, c.validity)
+                .map_err(|err| cluster(err.to_string()))?;
+            // The peers are nodes (enrolment CA); the cluster CA, which vouches for no node, is the
+            // chain of the controller's own certificate.
+            let trust = format!(
+                "{}\n{}",
+                ca.certificate_pem().trim_end(),
+                enrolment_ca.certificate_pem()
+            );
+            let tls = crate::agent::tls::Tls::from_pem(trust.as_bytes(), own.cert.as_bytes(), own.key.as_bytes())
+                .map_err(|err| cluster(err.to_string()))?;
+            tracing::info!(
+                names = ?c.names,
+                valid_secs = c.validity.as_secs(),
+                "issued the controller's own certificate from the cluster CA"
+            );
+            (tls, Some(own.renew_at))
+        }
+    };
+    let service = EnrolService::new(Arc::new(kube), Arc::new(enrolment_ca), e.policy.clone());
+    Ok(ControllerTls {
+        tls,
+        enrol: Some(service),
+        renewal,
+    })
+}
+
+/// Resolves at `at`, when the controller's own certificate is due for renewal: the controller
+/// then stops gracefully and issues itself a new one at its next start, as for rotated files.
+async fn renewal_due(at: std::time::SystemTime) {
+    let wait = at.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    tokio::time::sleep(wait).await;
+    tracing::warn!("the controller's certificate is due for renewal: restarting to issue a new one");
 }
 
 /// The node's TLS flags: as given, or the files enrolment keeps, with the enrolment that fills
@@ -422,7 +496,7 @@ enum NodeIdentity {
 /// `cellar controller`: Identity + Controller for the sidecars, the registry the nodes report to,
 /// and the shared pools, which it creates and deletes volumes in itself.
 pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
-    let (tls, enrol) = controller_tls(&o).await?;
+    let ControllerTls { tls, enrol, renewal } = controller_tls(&o).await?;
     let name = NodeId::parse(&o.name).map_err(|e| RoleError::NodeId(e.0))?;
     let config = load_config(o.config.as_ref(), &o.data_dir)?;
     let socket = server::socket_path(&o.endpoint)?;
@@ -501,7 +575,17 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
         .add_service(ControllerServer::from_arc(controller.clone()))
         .add_service(GroupControllerServer::from_arc(controller))
         .add_service(SnapshotMetadataServer::new(metadata));
-    let served = server::serve_until_signal(router, listener, o.socket, &socket, o.tls.rotated()).await;
+    // Rotated TLS files, or the controller's own certificate due for renewal, restart it.
+    let rotated = {
+        let files = o.tls.rotated();
+        async move {
+            match renewal {
+                Some(at) => renewal_due(at).await,
+                None => files.await,
+            }
+        }
+    };
+    let served = server::serve_until_signal(router, listener, o.socket, &socket, rotated).await;
     let _ = stop_tx.send(true);
     let _ = registry_server.await;
     if let Some(s) = enrol_server {

@@ -813,10 +813,15 @@ fn chart_installs_as_a_subchart() {
 }
 
 /// The same values render the same objects: a GitOps tool sees no change where nothing changed.
+/// The defaults first: nothing random is rendered unless tls.generate=true asks for it.
 #[test]
 fn renders_are_stable() {
     for extra in [
-        &["--set", "tls.generate=false"][..],
+        &[][..],
+        &["-f", values_file("defaults").to_str().expect("utf-8")],
+        &["-f", values_file("shared").to_str().expect("utf-8")],
+        &["-f", values_file("kubelet-dir").to_str().expect("utf-8")],
+        &["--set", "tls.generate=false"],
         &[
             "-f",
             values_file("monitoring").to_str().expect("utf-8"),
@@ -841,6 +846,123 @@ fn renders_are_stable() {
     ] {
         assert!(render(extra) == render(extra), "{extra:?} renders differently twice");
     }
+    // The opt-in that is not GitOps-stable, as documented.
+    let generate = ["--set", "tls.generate=true"];
+    assert!(
+        render(&generate) != render(&generate),
+        "tls.generate=true renders a new CA each time"
+    );
+}
+
+/// Who makes the controller's certificate, as the chart's values choose it.
+#[derive(Debug, PartialEq, Eq)]
+enum TlsSource {
+    /// The controller, from the cluster CA it makes and publishes (the default).
+    Controller,
+    CertManager,
+    /// tls.generate=true.
+    Helm,
+    /// tls.generate=false.
+    OwnSecrets,
+}
+
+fn tls_source(r: &Rendering) -> TlsSource {
+    if r.value("certManager.enabled").as_bool().expect("bool") {
+        return TlsSource::CertManager;
+    }
+    match r.value("tls.generate") {
+        Value::Bool(true) => TlsSource::Helm,
+        Value::Bool(false) => TlsSource::OwnSecrets,
+        Value::Null => TlsSource::Controller,
+        other => panic!("{}: tls.generate is {other:?}", r.set),
+    }
+}
+
+/// The default install: no certificate rendered; the controller makes the cluster CA (its Role
+/// lets it read that Secret and publish the ConfigMap, by name) and issues itself a certificate
+/// for every name the nodes may dial it by; the node pods mount the published CA, optional so a
+/// pod that starts first waits for it.
+#[test]
+fn by_default_the_controller_makes_its_identity_and_publishes_the_ca_for_the_nodes() {
+    let r = Rendering::new("defaults");
+    assert_eq!(tls_source(&r), TlsSource::Controller);
+    assert!(r.all("Secret").is_empty(), "nothing secret rendered");
+    assert!(r.all("Certificate").is_empty());
+    let ctl_pod = &r.get("Deployment", "cellar-controller")["spec"]["template"]["spec"];
+    let ctl = container(ctl_pod, "cellar");
+    for f in ["tls-ca", "tls-cert", "tls-key"] {
+        assert_eq!(flag(ctl, f), None, "--{f}: the controller's certificate is its own");
+    }
+    assert!(mount(ctl, "/etc/cellar/tls").is_none(), "no TLS Secret to mount");
+    assert_eq!(
+        flag(ctl, "cluster-ca-secret"),
+        Some(format!("{NAMESPACE}/cellar-cluster-ca"))
+    );
+    assert_eq!(
+        flag(ctl, "cluster-ca-publish"),
+        Some(format!("{NAMESPACE}/cellar-cluster-ca"))
+    );
+    assert_eq!(flag(ctl, "controller-certificate-validity"), Some("168h".into()));
+    let names: Vec<String> = args(ctl)
+        .iter()
+        .filter_map(|a| a.strip_prefix("--controller-name=").map(str::to_owned))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "cellar-controller".to_string(),
+            format!("cellar-controller.{NAMESPACE}"),
+            format!("cellar-controller.{NAMESPACE}.svc"),
+            format!("cellar-controller.{NAMESPACE}.svc.cluster.local"),
+        ],
+        "every name of the Service, as cert-manager's Certificate names them"
+    );
+    let node_pod = &r.get("DaemonSet", "cellar-node")["spec"]["template"]["spec"];
+    let node = container(node_pod, "cellar");
+    let host = flag(node, "controller").expect("--controller");
+    let host = host.rsplit_once(':').expect("HOST:PORT").0;
+    assert!(
+        names.iter().any(|n| n == host),
+        "the node dials {host}, which the certificate names"
+    );
+    assert_eq!(flag(node, "tls-ca"), Some("/etc/cellar/tls/ca.crt".into()));
+    let m = mount(node, "/etc/cellar/tls").expect("the CA is mounted");
+    let cm = &volume(node_pod, m["name"].as_str().expect("name"))["configMap"];
+    assert_eq!(cm["name"], "cellar-cluster-ca");
+    assert_eq!(cm["optional"], Value::Bool(true), "a pod started first waits for it");
+    let items: Vec<&Value> = seq(&cm["items"]).iter().map(|i| &i["key"]).collect();
+    assert_eq!(items, [&Value::from("ca.crt")]);
+    assert!(
+        r.find("ConfigMap", "cellar-cluster-ca").is_none(),
+        "the controller's to publish"
+    );
+    let role = r.get("Role", "cellar-enrolment");
+    let rule = |res: &str, verbs: &[&str]| {
+        seq(&role["rules"])
+            .iter()
+            .find(|rule| {
+                seq(&rule["resources"]) == [Value::from(res)]
+                    && seq(&rule["verbs"]) == verbs.iter().map(|v| Value::from(*v)).collect::<Vec<_>>()
+            })
+            .unwrap_or_else(|| panic!("no rule for {verbs:?} {res}"))
+            .clone()
+    };
+    assert_eq!(
+        seq(&rule("secrets", &["get"])["resourceNames"]),
+        [Value::from("cellar-enrolment-ca"), Value::from("cellar-cluster-ca")]
+    );
+    assert_eq!(
+        seq(&rule("configmaps", &["get", "update"])["resourceNames"]),
+        [Value::from("cellar-cluster-ca")]
+    );
+    assert!(rule("configmaps", &["create"])["resourceNames"].is_null());
+    // No controller-made identity without enrolment: the nodes would have no certificate.
+    let mut cmd = Command::new(helm());
+    cmd.args(["template", RELEASE])
+        .arg(chart())
+        .args(["--set", "enrolment.enabled=false"]);
+    let (ok, _, err) = run(&mut cmd);
+    assert!(!ok && err.contains("set tls.generate"), "{err}");
 }
 
 /// Seccomp RuntimeDefault on both pods; only a privileged cellar container (it mounts and runs
@@ -1097,8 +1219,13 @@ fn nodes_reach_the_controller_through_the_headless_service() {
 #[test]
 fn pods_find_their_configmap_secrets_and_service_accounts() {
     for r in renderings() {
-        let cert_manager = r.value("certManager.enabled").as_bool().expect("bool");
-        let generated = r.value("tls.generate").as_bool().expect("bool") && !cert_manager;
+        let source = tls_source(&r);
+        let cert_manager = source == TlsSource::CertManager;
+        let generated = source == TlsSource::Helm;
+        // The snapshot metadata sidecar's certificate, which Helm makes unless one is given.
+        let sidecar_secret = (r.value("snapshotMetadata.enabled").as_bool() == Some(true)
+            && r.str("snapshotMetadata.tls.secretName").is_empty())
+        .then_some("cellar-snapshot-metadata-tls");
         let issued: BTreeSet<&str> = r
             .all("Certificate")
             .iter()
@@ -1124,11 +1251,14 @@ fn pods_find_their_configmap_secrets_and_service_accounts() {
                     continue;
                 }
                 if let Some(cm) = v["configMap"]["name"].as_str() {
-                    r.get("ConfigMap", cm);
+                    // The published cluster CA is the controller's to make, at its first start.
+                    if !(source == TlsSource::Controller && cm == "cellar-cluster-ca") {
+                        r.get("ConfigMap", cm);
+                    }
                 }
                 if let Some(secret) = v["secret"]["secretName"].as_str() {
                     let made = r.find("Secret", secret).is_some();
-                    if generated {
+                    if generated || sidecar_secret == Some(secret) {
                         assert!(made, "{}: Secret {secret} not rendered", r.set);
                     } else if cert_manager {
                         assert!(issued.contains(secret), "{}: no Certificate makes {secret}", r.set);
@@ -1139,9 +1269,19 @@ fn pods_find_their_configmap_secrets_and_service_accounts() {
                 }
             }
             let cellar = container(pod, "cellar");
+            if source == TlsSource::Controller && kind == "Deployment" {
+                // Its own certificate, made at start (by_default_the_controller_makes_...).
+                assert!(mount(cellar, "/etc/cellar/tls").is_none(), "{}", r.set);
+                continue;
+            }
             let tls = mount(cellar, "/etc/cellar/tls").expect("TLS mounted");
-            let secret = &volume(pod, tls["name"].as_str().expect("name"))["secret"];
-            assert!(secret.is_mapping());
+            let from = if source == TlsSource::Controller {
+                "configMap"
+            } else {
+                "secret"
+            };
+            let secret = &volume(pod, tls["name"].as_str().expect("name"))[from];
+            assert!(secret.is_mapping(), "{}", r.set);
             assert_eq!(flag(cellar, "tls-ca"), Some("/etc/cellar/tls/ca.crt".into()));
             let enrolled = kind == "DaemonSet" && r.value("enrolment.enabled").as_bool().expect("bool");
             if enrolled {
@@ -1157,7 +1297,10 @@ fn pods_find_their_configmap_secrets_and_service_accounts() {
             }
         }
         assert!(
-            generated || r.all("Secret").is_empty(),
+            generated
+                || r.all("Secret")
+                    .iter()
+                    .all(|s| s["metadata"]["name"].as_str() == sidecar_secret),
             "{}: no Secret unless generated",
             r.set
         );
@@ -1188,15 +1331,34 @@ fn rbac_grants_what_the_sidecars_use_and_nothing_of_attach_or_secrets() {
                         // and created (a create cannot name its object); never listed or changed.
                         assert!(enrolment, "{}: secrets granted without enrolment", r.set);
                         assert_eq!(role["kind"], "Role", "{}: secrets granted cluster-wide", r.set);
+                        let mut cas = vec![Value::from("cellar-enrolment-ca")];
+                        if tls_source(&r) == TlsSource::Controller {
+                            cas.push(Value::from("cellar-cluster-ca"));
+                        }
                         match verbs.as_slice() {
                             ["get"] => assert_eq!(
                                 seq(&rule["resourceNames"]),
-                                &[Value::from("cellar-enrolment-ca")],
-                                "{}: secrets read beyond the enrolment CA",
+                                cas.as_slice(),
+                                "{}: secrets read beyond the CAs",
                                 r.set
                             ),
                             ["create"] => {}
                             other => panic!("{}: secrets {other:?} granted", r.set),
+                        }
+                    }
+                    if res == "configmaps" {
+                        // Only the published cluster CA, by name (and its create).
+                        assert_eq!(tls_source(&r), TlsSource::Controller, "{}: configmaps granted", r.set);
+                        assert_eq!(role["kind"], "Role", "{}: configmaps granted cluster-wide", r.set);
+                        match verbs.as_slice() {
+                            ["get", "update"] => assert_eq!(
+                                seq(&rule["resourceNames"]),
+                                &[Value::from("cellar-cluster-ca")],
+                                "{}",
+                                r.set
+                            ),
+                            ["create"] => {}
+                            other => panic!("{}: configmaps {other:?} granted", r.set),
                         }
                     }
                     assert!(
@@ -1638,7 +1800,8 @@ fn b64decode(s: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn helm_generated_certificates_are_what_controller_and_nodes_expect() {
-    let r = Rendering::new("defaults");
+    let r = Rendering::new("manual-certificates");
+    assert_eq!(tls_source(&r), TlsSource::Helm);
     let dir = tempfile::Builder::new()
         .prefix("cellar-test-chart-")
         .tempdir()
@@ -1903,7 +2066,8 @@ fn render_upgrade(secrets: &[&Value], extra: &[&str]) -> Vec<Doc> {
 /// for them; when one Secret is gone, both are made again from one new CA and both pods restart.
 #[test]
 fn helm_certificates_are_kept_across_upgrades() {
-    let first = split_docs(&render(&[]));
+    let generate = ["--set", "tls.generate=true"];
+    let first = split_docs(&render(&generate));
     let find = |docs: &[Doc], kind: &str, name: &str| -> Value {
         docs.iter()
             .find(|d| d.kind() == kind && d.name() == name)
@@ -1916,7 +2080,7 @@ fn helm_certificates_are_kept_across_upgrades() {
     let ctl = find(&first, "Secret", "cellar-controller-tls");
     let node = find(&first, "Secret", "cellar-node-tls");
 
-    let upgrade = render_upgrade(&[&ctl, &node], &[]);
+    let upgrade = render_upgrade(&[&ctl, &node], &generate);
     assert_eq!(find(&upgrade, "Secret", "cellar-controller-tls")["data"], ctl["data"]);
     assert_eq!(find(&upgrade, "Secret", "cellar-node-tls")["data"], node["data"]);
     for (kind, name) in [("Deployment", "cellar-controller"), ("DaemonSet", "cellar-node")] {
@@ -1927,7 +2091,7 @@ fn helm_certificates_are_kept_across_upgrades() {
         );
     }
 
-    let repaired = render_upgrade(&[&ctl], &[]);
+    let repaired = render_upgrade(&[&ctl], &generate);
     let new_ctl = find(&repaired, "Secret", "cellar-controller-tls");
     let new_node = find(&repaired, "Secret", "cellar-node-tls");
     assert_ne!(new_ctl["data"]["ca.crt"], ctl["data"]["ca.crt"], "a new CA");
@@ -2015,9 +2179,11 @@ fn require_node_certificates_reaches_the_controller_only_when_asked() {
         !controller_args(&upgrading).contains(&flag),
         "off while nodes move to enrolment"
     );
-    let manual = ["--set", "enrolment.enabled=false"];
+    let manual = ["--set", "enrolment.enabled=false", "--set", "tls.generate=false"];
     assert!(!controller_args(&manual).contains(&flag), "off without enrolment");
     assert!(controller_args(&[
+        "--set",
+        "tls.generate=false",
         "--set",
         "enrolment.enabled=false",
         "--set",
@@ -2263,22 +2429,11 @@ fn the_snapshot_metadata_certificate_is_kept_across_upgrades() {
         let dep = find(docs, "Deployment").into_iter().next().expect("controller");
         dep["spec"]["template"]["metadata"]["annotations"]["checksum/snapshot-metadata-tls"].clone()
     };
-    let kept = [
-        secret(&first, "cellar-controller-tls"),
-        secret(&first, "cellar-node-tls"),
-        secret(&first, "cellar-snapshot-metadata-tls"),
-    ];
-    let upgrade = render_upgrade(&kept.iter().collect::<Vec<_>>(), &on);
-    assert_eq!(
-        secret(&upgrade, "cellar-snapshot-metadata-tls")["data"],
-        kept[2]["data"]
-    );
+    let kept = secret(&first, "cellar-snapshot-metadata-tls");
+    let upgrade = render_upgrade(&[&kept], &on);
+    assert_eq!(secret(&upgrade, "cellar-snapshot-metadata-tls")["data"], kept["data"]);
     assert_eq!(ca_of(&upgrade), ca_of(&first));
-    assert_eq!(
-        ca_of(&first),
-        kept[2]["data"]["tls.crt"],
-        "the certificate is its own CA"
-    );
+    assert_eq!(ca_of(&first), kept["data"]["tls.crt"], "the certificate is its own CA");
     assert!(restart(&first).is_string());
     assert_eq!(restart(&upgrade), restart(&first), "the controller would restart");
 }

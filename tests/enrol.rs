@@ -3,7 +3,10 @@
 //! Secrets in memory. A node with no certificate of its own enrols with a token of its pod, then
 //! registers, heartbeats and is dialled as itself; tokens that are not a node pod's own are
 //! refused, saying why; two controllers racing to make the CA end with one; a node renews its
-//! certificate before it expires.
+//! certificate before it expires. With no certificate files at all, a controller makes the
+//! cluster CA, publishes it in a ConfigMap and issues itself its certificate from it; nodes that
+//! trust only the published CA enrol and register, and no node's certificate acts as the
+//! controller.
 
 mod common;
 
@@ -34,6 +37,8 @@ use tonic::Code;
 const NAMESPACE: &str = "cellar-system";
 const NODE_SA: &str = "cellar-node";
 const CA_SECRET: &str = "cellar-enrolment-ca";
+/// The cluster CA's Secret, and the ConfigMap it is published in.
+const CLUSTER_CA: &str = "cellar-cluster-ca";
 /// The controller's own service-account token, which the fake API server requires.
 const CONTROLLER_TOKEN: &str = "controller-sa-token";
 const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
@@ -75,13 +80,40 @@ struct ApiState {
     /// Tokens that were valid once and have expired.
     expired: Vec<String>,
     secrets: BTreeMap<String, Value>,
+    config_maps: BTreeMap<String, Value>,
     reviews: usize,
     secret_creates: usize,
     secret_conflicts: usize,
-    /// A GET of an absent Secret waits until this many have arrived (or 10 s): replicas racing
-    /// all find it absent before any of them creates it.
+    config_map_creates: usize,
+    config_map_conflicts: usize,
+    config_map_replaces: usize,
+    /// A GET of an absent object waits until this many GETs of that name have found it absent
+    /// (or 10 s): replicas racing all find it absent before any of them creates it.
     absent_reads_to_hold: usize,
-    absent_reads: usize,
+    /// Per object name.
+    absent_reads: BTreeMap<String, usize>,
+}
+
+impl ApiState {
+    /// The objects of a kind by their plural in the API's paths.
+    fn objects(&mut self, plural: &str) -> Option<&mut BTreeMap<String, Value>> {
+        match plural {
+            "secrets" => Some(&mut self.secrets),
+            "configmaps" => Some(&mut self.config_maps),
+            _ => None,
+        }
+    }
+
+    fn count_create(&mut self, plural: &str, conflict: bool) {
+        let (creates, conflicts) = match plural {
+            "secrets" => (&mut self.secret_creates, &mut self.secret_conflicts),
+            _ => (&mut self.config_map_creates, &mut self.config_map_conflicts),
+        };
+        *creates += 1;
+        if conflict {
+            *conflicts += 1;
+        }
+    }
 }
 
 struct FakeApi {
@@ -213,7 +245,6 @@ async fn answer(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let secrets = format!("/api/v1/namespaces/{NAMESPACE}/secrets");
     match (method.as_str(), path.as_str()) {
         ("POST", "/apis/authentication.k8s.io/v1/tokenreviews") => {
             let token = body["spec"]["token"].as_str().unwrap_or_default().to_string();
@@ -249,34 +280,74 @@ async fn answer(
                 json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {}, "status": status}),
             )
         }
-        ("GET", p) if p.starts_with(&format!("{secrets}/")) => {
-            let name = p.rsplit('/').next().unwrap_or_default().to_string();
+        ("GET", p) if object_path(p).is_some_and(|(_, name)| name.is_some()) => {
+            let (plural, name) = object_path(p).expect("object path");
+            let name = name.expect("name").to_string();
             let hold = {
                 let mut s = state.lock().expect("state");
-                if let Some(secret) = s.secrets.get(&name) {
-                    return reply(200, secret.clone());
+                let Some(objects) = s.objects(plural) else {
+                    return status(404, "the server could not find the requested resource");
+                };
+                if let Some(object) = objects.get(&name) {
+                    return reply(200, object.clone());
                 }
-                s.absent_reads += 1;
+                *s.absent_reads.entry(format!("{plural}/{name}")).or_default() += 1;
                 s.absent_reads_to_hold
             };
             let deadline = Instant::now() + Duration::from_secs(10);
-            while state.lock().expect("state").absent_reads < hold && Instant::now() < deadline {
+            let key = format!("{plural}/{name}");
+            let absent = || {
+                state
+                    .lock()
+                    .expect("state")
+                    .absent_reads
+                    .get(&key)
+                    .copied()
+                    .unwrap_or(0)
+            };
+            while absent() < hold && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            status(404, &format!("secrets \"{name}\" not found"))
+            status(404, &format!("{plural} \"{name}\" not found"))
         }
-        ("POST", p) if p == secrets => {
+        ("POST", p) if object_path(p).is_some_and(|(_, name)| name.is_none()) => {
+            let (plural, _) = object_path(p).expect("object path");
             let name = body["metadata"]["name"].as_str().unwrap_or_default().to_string();
             let mut s = state.lock().expect("state");
-            s.secret_creates += 1;
-            if s.secrets.contains_key(&name) {
-                s.secret_conflicts += 1;
-                return status(409, &format!("secrets \"{name}\" already exists"));
+            let Some(objects) = s.objects(plural) else {
+                return status(404, "the server could not find the requested resource");
+            };
+            let conflict = objects.contains_key(&name);
+            if !conflict {
+                objects.insert(name.clone(), body.clone());
             }
-            s.secrets.insert(name, body.clone());
+            s.count_create(plural, conflict);
+            if conflict {
+                return status(409, &format!("{plural} \"{name}\" already exists"));
+            }
             reply(201, body)
         }
+        ("PUT", p) if object_path(p).is_some_and(|(plural, name)| plural == "configmaps" && name.is_some()) => {
+            let name = object_path(p).and_then(|(_, n)| n).expect("name").to_string();
+            let mut s = state.lock().expect("state");
+            if !s.config_maps.contains_key(&name) {
+                return status(404, &format!("configmaps \"{name}\" not found"));
+            }
+            s.config_map_replaces += 1;
+            s.config_maps.insert(name, body.clone());
+            reply(200, body)
+        }
         _ => status(404, "the server could not find the requested resource"),
+    }
+}
+
+/// `/api/v1/namespaces/<ours>/<plural>[/<name>]` → the plural and the name, if there is one.
+fn object_path(path: &str) -> Option<(&str, Option<&str>)> {
+    let rest = path.strip_prefix(&format!("/api/v1/namespaces/{NAMESPACE}/"))?;
+    match rest.split_once('/') {
+        Some((plural, name)) if !name.contains('/') => Some((plural, Some(name))),
+        Some(_) => None,
+        None => Some((rest, None)),
     }
 }
 
@@ -302,6 +373,10 @@ struct Node {
     child: Option<Child>,
     log: PathBuf,
     identity_dir: PathBuf,
+    /// Its --tls-ca: the CA it checks the controller's certificate with.
+    ca: PathBuf,
+    /// Its agent's port.
+    agent: u16,
 }
 
 impl Env {
@@ -338,7 +413,7 @@ impl Env {
         self.dir.path().join(name)
     }
 
-    fn controller_args(&self, name: &str, registry: u16, enrol: u16, extra: &[&str]) -> Vec<String> {
+    fn controller_args(&self, name: &str, registry: u16, enrol: u16, own: bool, extra: &[&str]) -> Vec<String> {
         let d = self.dir.path();
         let mut args: Vec<String> = vec![
             "controller".into(),
@@ -348,12 +423,34 @@ impl Env {
             format!("127.0.0.1:{registry}"),
             "--data-dir".into(),
             d.join(name).display().to_string(),
-            "--tls-ca".into(),
-            self.install_ca.display().to_string(),
-            "--tls-cert".into(),
-            d.join("controller.pem").display().to_string(),
-            "--tls-key".into(),
-            d.join("controller.key").display().to_string(),
+        ];
+        if own {
+            // No certificate files: its own certificate from the cluster CA, for the name nodes
+            // dial it by.
+            args.extend(
+                [
+                    "--cluster-ca-secret",
+                    &format!("{NAMESPACE}/{CLUSTER_CA}"),
+                    "--cluster-ca-publish",
+                    &format!("{NAMESPACE}/{CLUSTER_CA}"),
+                    "--controller-name",
+                    "localhost",
+                    "--controller-name",
+                    "cellar-controller.cellar-system.svc",
+                ]
+                .map(String::from),
+            );
+        } else {
+            args.extend([
+                "--tls-ca".into(),
+                self.install_ca.display().to_string(),
+                "--tls-cert".into(),
+                d.join("controller.pem").display().to_string(),
+                "--tls-key".into(),
+                d.join("controller.key").display().to_string(),
+            ]);
+        }
+        let enrolment: Vec<String> = vec![
             "--enrol-listen".into(),
             format!("127.0.0.1:{enrol}"),
             "--enrol-service-account".into(),
@@ -371,14 +468,24 @@ impl Env {
             // Every node must hold its own certificate: the enrolled one.
             "--require-node-certificates".into(),
         ];
+        args.extend(enrolment);
         args.extend(extra.iter().map(|a| a.to_string()));
         args
     }
 
     fn start_controller(&mut self, name: &str, extra: &[&str]) -> Controller {
+        self.start_controller_as(name, false, extra)
+    }
+
+    /// A controller with no certificate files: it issues its own from the cluster CA.
+    fn start_own_controller(&mut self, name: &str, extra: &[&str]) -> Controller {
+        self.start_controller_as(name, true, extra)
+    }
+
+    fn start_controller_as(&mut self, name: &str, own: bool, extra: &[&str]) -> Controller {
         let (registry, enrol) = (free_port(), free_port());
         let log = self.path(&format!("{name}.log"));
-        let args = self.controller_args(name, registry, enrol, extra);
+        let args = self.controller_args(name, registry, enrol, own, extra);
         let child = common::cluster::spawn_logged(&log, args, &[]);
         self.children.push(child);
         Controller {
@@ -391,11 +498,26 @@ impl Env {
 
     /// A node of `controller` named `name`, enrolling with the token file `token`.
     fn start_node(&mut self, controller: &Controller, name: &str, token: &str, envs: &[(&str, &str)]) -> Node {
+        let ca = self.install_ca.clone();
+        self.start_node_trusting(controller, name, token, &ca, envs)
+    }
+
+    /// The same, checking the controller's certificate with the CA file `ca`.
+    fn start_node_trusting(
+        &mut self,
+        controller: &Controller,
+        name: &str,
+        token: &str,
+        ca: &Path,
+        envs: &[(&str, &str)],
+    ) -> Node {
         let mut node = Node {
             name: name.into(),
             child: None,
             log: self.path(&format!("{name}.log")),
             identity_dir: self.path(&format!("{name}-identity")),
+            ca: ca.to_path_buf(),
+            agent: 0,
         };
         self.restart_node(controller, &mut node, token, envs);
         node
@@ -404,6 +526,7 @@ impl Env {
     fn restart_node(&mut self, controller: &Controller, node: &mut Node, token: &str, envs: &[(&str, &str)]) {
         let d = self.dir.path().to_path_buf();
         let port = free_port();
+        node.agent = port;
         let args: Vec<String> = vec![
             "node".into(),
             "--endpoint".into(),
@@ -419,7 +542,7 @@ impl Env {
             "--agent-advertise".into(),
             format!("127.0.0.1:{port}"),
             "--tls-ca".into(),
-            self.install_ca.display().to_string(),
+            node.ca.display().to_string(),
             "--enrol-token".into(),
             d.join(token).display().to_string(),
             "--enrol-port".into(),
@@ -505,10 +628,15 @@ async fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool, logs: i
     }
 }
 
-/// The CA's certificate the controllers made (the Secret's tls.crt).
+/// The enrolment CA's certificate the controllers made (the Secret's tls.crt).
 fn stored_ca(api: &FakeApi) -> String {
+    stored(api, CA_SECRET)
+}
+
+/// The certificate of the CA in the Secret `name` (its tls.crt).
+fn stored(api: &FakeApi, name: &str) -> String {
     let s = api.state();
-    let secret = s.secrets.get(CA_SECRET).expect("the CA Secret was made");
+    let secret = s.secrets.get(name).expect("the CA Secret was made");
     assert_eq!(secret["type"], "kubernetes.io/tls");
     let b64 = secret["data"]["tls.crt"].as_str().expect("tls.crt");
     use base64::Engine;
@@ -534,6 +662,49 @@ async fn wait_registered(controller: &Controller, node: &Node) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Creates a volume `name` on `node` through the controller (which dials that node's agent): its id.
+async fn create_on(controller: &Controller, node: &str, name: &str) -> String {
+    let mut ctl = ControllerClient::new(connect_socket(&controller.socket).await);
+    let mut req = create_req(name, MIB);
+    req.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![node_topology(node)],
+        preferred: vec![node_topology(node)],
+    });
+    let v = ctl
+        .create_volume(req)
+        .await
+        .unwrap_or_else(|e| panic!("create on {node}: {e:?}\n{}", log(&controller.log)))
+        .into_inner();
+    v.volume.expect("volume").volume_id
+}
+
+/// How `child` exits (to renew its certificate), within `limit`; its log otherwise.
+async fn exit_within(child: &mut Child, limit: Duration, log_file: &Path) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            return s;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "it did not renew its certificate\n{}",
+            log(log_file)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Two controllers started together (`own`: each issuing its own certificate), each finding every
+/// object absent before either creates it.
+async fn race(env: &mut Env, own: bool) -> (Controller, Controller) {
+    env.api.state().absent_reads_to_hold = 2;
+    let a = env.start_controller_as("controller-a", own, &[]);
+    let b = env.start_controller_as("controller-b", own, &[]);
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    (a, b)
 }
 
 fn identity(node: &Node) -> String {
@@ -568,18 +739,10 @@ async fn a_node_with_no_certificate_enrols_registers_and_is_dialled_as_itself() 
         "not by the install CA, which the controller does not hold"
     );
     // The controller dials the node's agent expecting node-1.cellar-agent: a create goes through.
-    let mut ctl = ControllerClient::new(connect_socket(&controller.socket).await);
-    let mut req = create_req("pvc-enrolled", MIB);
-    req.accessibility_requirements = Some(TopologyRequirement {
-        requisite: vec![node_topology("node-1")],
-        preferred: vec![node_topology("node-1")],
-    });
-    let v = ctl
-        .create_volume(req)
-        .await
-        .expect("create on the enrolled node")
-        .into_inner();
-    assert_eq!(v.volume.expect("volume").volume_id, "local:node-1:default:pvc-enrolled");
+    assert_eq!(
+        create_on(&controller, "node-1", "pvc-enrolled").await,
+        "local:node-1:default:pvc-enrolled"
+    );
     let s = env.api.state();
     assert_eq!(s.reviews, 1, "one token review for one enrolment");
     assert_eq!(s.secret_creates, 1);
@@ -681,15 +844,14 @@ async fn tokens_that_are_not_a_node_pods_own_are_refused_saying_why() {
 #[tokio::test]
 async fn two_controllers_racing_to_make_the_ca_end_with_one() {
     let mut env = Env::new().await;
-    // Both find the Secret absent before either creates it.
-    env.api.state().absent_reads_to_hold = 2;
-    let a = env.start_controller("controller-a", &[]);
-    let b = env.start_controller("controller-b", &[]);
-    wait_ready(&a).await;
-    wait_ready(&b).await;
+    let (a, b) = race(&mut env, false).await;
     {
         let s = env.api.state();
-        assert_eq!(s.absent_reads, 2, "both looked for the CA first");
+        assert_eq!(
+            s.absent_reads[&format!("secrets/{CA_SECRET}")],
+            2,
+            "both looked for the CA first"
+        );
         assert_eq!(s.secret_creates, 2, "both tried to create it");
         assert_eq!(s.secret_conflicts, 1, "one lost the race");
         assert_eq!(s.secrets.len(), 1);
@@ -728,18 +890,12 @@ async fn a_node_renews_its_certificate_before_it_expires() {
     let expires = not_after(&first);
 
     // Two thirds into its life the node enrols again, and restarts (exit 0) to use the new one.
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = node.child.as_mut().expect("running").try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(45),
-            "the node did not renew\n{}",
-            log(&node.log)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = exit_within(
+        node.child.as_mut().expect("running"),
+        Duration::from_secs(45),
+        &node.log,
+    )
+    .await;
     let exited = SystemTime::now();
     assert!(status.success(), "{status:?}\n{}", log(&node.log));
     assert!(exited < expires, "renewed before the first certificate expired");
@@ -813,11 +969,29 @@ async fn an_enrolled_certificate_registers_only_its_own_node() {
 
 #[tokio::test]
 async fn enrolled_nodes_pull_a_restore_from_each_other() {
+    pull_a_restore_between_enrolled_nodes(false).await;
+}
+
+/// The same with the controller's own certificate: the source node checks the grant's signer
+/// against the published cluster CA.
+#[tokio::test]
+async fn with_the_controllers_own_certificate_nodes_pull_a_restore_with_its_grant() {
+    pull_a_restore_between_enrolled_nodes(true).await;
+}
+
+/// node-2 restores a snapshot of node-1 by pulling it from node-1 with the controller's grant
+/// (`own`: the controller issues its own certificate, the nodes trust the published CA).
+async fn pull_a_restore_between_enrolled_nodes(own: bool) {
     let mut env = Env::new().await;
-    let controller = env.start_controller("controller", &[]);
+    let controller = env.start_controller_as("controller", own, &[]);
     wait_ready(&controller).await;
-    let one = env.start_node(&controller, "node-1", "token-node-1", &[]);
-    let two = env.start_node(&controller, "node-2", "token-node-2", &[]);
+    let ca = if own {
+        mount_published(&env)
+    } else {
+        env.install_ca.clone()
+    };
+    let one = env.start_node_trusting(&controller, "node-1", "token-node-1", &ca, &[]);
+    let two = env.start_node_trusting(&controller, "node-2", "token-node-2", &ca, &[]);
     wait_registered(&controller, &one).await;
     wait_registered(&controller, &two).await;
     let mut ctl = ControllerClient::new(connect_socket(&controller.socket).await);
@@ -867,4 +1041,214 @@ async fn enrolled_nodes_pull_a_restore_from_each_other() {
         "node-1 served node-2 directly, with the controller's grant:\n{}",
         log(&one.log)
     );
+}
+
+// ---- the controller's own certificate, from the cluster CA it makes and publishes ----
+
+/// The CA certificate published in the ConfigMap, if it is.
+fn published_ca(api: &FakeApi) -> Option<String> {
+    let s = api.state();
+    s.config_maps
+        .get(CLUSTER_CA)
+        .and_then(|c| c["data"]["ca.crt"].as_str())
+        .map(str::to_owned)
+}
+
+/// An environment with one controller that issues its own certificate, ready.
+async fn own_controller(extra: &[&str]) -> (Env, Controller) {
+    let mut env = Env::new().await;
+    let controller = env.start_own_controller("controller", extra);
+    wait_ready(&controller).await;
+    (env, controller)
+}
+
+/// Writes the published CA where a node pod would find it (its ConfigMap volume).
+fn mount_published(env: &Env) -> PathBuf {
+    let path = env.path("published-ca.crt");
+    std::fs::write(&path, published_ca(&env.api).expect("the cluster CA is published")).expect("write");
+    path
+}
+
+#[tokio::test]
+async fn a_controller_with_no_ca_makes_the_cluster_ca_publishes_its_certificate_and_serves_with_its_own() {
+    let (mut env, controller) = own_controller(&[]).await;
+    let cluster = stored(&env.api, CLUSTER_CA);
+    assert_eq!(
+        published_ca(&env.api).as_deref(),
+        Some(cluster.as_str()),
+        "the ConfigMap holds the cluster CA's certificate"
+    );
+    {
+        let s = env.api.state();
+        let published = &s.config_maps[CLUSTER_CA];
+        assert_eq!(published["data"].as_object().map(|d| d.len()), Some(1), "{published}");
+        assert!(
+            !published.to_string().contains("PRIVATE KEY"),
+            "never the key: {published}"
+        );
+        assert_eq!(s.secrets[CLUSTER_CA]["type"], "kubernetes.io/tls");
+        assert_eq!(s.secrets.len(), 2, "the enrolment CA and the cluster CA");
+    }
+    assert_ne!(stored_ca(&env.api), cluster, "one CA per role");
+    // A client that trusts only the published CA accepts the controller for its name.
+    let ca_file = mount_published(&env);
+    let (answer, _) = enrol_at(&ca_file, controller.enrol, "node-1", "token-node-1")
+        .await
+        .expect("the controller's certificate checks against the published CA");
+    assert!(names(&answer.certificate, "node-1.cellar-agent"));
+    assert!(
+        !signed_by(&answer.certificate, &cluster),
+        "nodes are the enrolment CA's"
+    );
+    let text = log(&controller.log);
+    for says in [
+        ": made the cluster CA",
+        "published the cluster CA's certificate",
+        "issued the controller's own certificate from the cluster CA",
+    ] {
+        assert!(text.contains(says), "{says}:\n{text}");
+    }
+
+    // The CA's Secret deleted (its rotation): the next controller makes a new one and publishes it
+    // in place of the old.
+    env.api.state().secrets.remove(CLUSTER_CA);
+    let next = env.start_own_controller("controller-next", &[]);
+    wait_ready(&next).await;
+    let rotated = stored(&env.api, CLUSTER_CA);
+    assert_ne!(rotated, cluster, "a new cluster CA");
+    assert_eq!(published_ca(&env.api), Some(rotated), "published in place of the old");
+    assert_eq!(env.api.state().config_map_replaces, 1);
+    let ca_file = mount_published(&env);
+    enrol_at(&ca_file, next.enrol, "node-1", "token-node-1")
+        .await
+        .expect("the new controller's certificate checks against the new CA");
+}
+
+#[tokio::test]
+async fn two_controllers_racing_end_with_one_cluster_ca_and_each_its_own_certificate() {
+    let mut env = Env::new().await;
+    let (a, b) = race(&mut env, true).await;
+    {
+        let s = env.api.state();
+        assert_eq!(s.absent_reads[&format!("secrets/{CLUSTER_CA}")], 2, "both looked first");
+        assert_eq!(
+            s.secret_conflicts, 2,
+            "one lost each race: the enrolment CA and the cluster CA"
+        );
+        assert_eq!(s.secrets.len(), 2);
+        assert_eq!(s.config_map_creates, 2, "both tried to publish");
+        assert_eq!(s.config_map_conflicts, 1);
+        assert_eq!(
+            s.config_map_replaces, 0,
+            "the loser found the same certificate published"
+        );
+    }
+    let cluster = stored(&env.api, CLUSTER_CA);
+    assert_eq!(published_ca(&env.api), Some(cluster));
+    let ca_file = mount_published(&env);
+    for c in [&a, &b] {
+        enrol_at(&ca_file, c.enrol, "node-1", "token-node-1")
+            .await
+            .unwrap_or_else(|e| panic!("each replica's certificate checks against the one CA: {e:?}"));
+    }
+    let logs = log(&a.log) + &log(&b.log);
+    assert_eq!(logs.matches(": made the cluster CA").count(), 1, "{logs}");
+    assert_eq!(
+        logs.matches("another replica made the cluster CA first").count(),
+        1,
+        "{logs}"
+    );
+    assert_eq!(
+        logs.matches("issued the controller's own certificate").count(),
+        2,
+        "each replica holds its own: {logs}"
+    );
+}
+
+#[tokio::test]
+async fn a_node_trusting_only_the_published_ca_waits_for_it_then_enrols_and_registers() {
+    let (mut env, controller) = own_controller(&[]).await;
+    // As a node pod whose ConfigMap volume kubelet has not filled yet.
+    let ca_file = env.path("not-yet-mounted/ca.crt");
+    let node = env.start_node_trusting(&controller, "node-1", "token-node-1", &ca_file, &[]);
+    until(
+        "the node saying it waits for the CA",
+        Duration::from_secs(20),
+        || log(&node.log).contains("not published yet"),
+        || log(&node.log),
+    )
+    .await;
+    assert!(!registered(&controller, "node-1").await);
+    std::fs::create_dir_all(ca_file.parent().expect("dir")).expect("dir");
+    std::fs::write(&ca_file, published_ca(&env.api).expect("published")).expect("mount");
+    wait_registered(&controller, &node).await;
+    // The controller dials the node's agent, which serves it by the published CA.
+    assert_eq!(
+        create_on(&controller, "node-1", "pvc-published").await,
+        "local:node-1:default:pvc-published"
+    );
+}
+
+#[tokio::test]
+async fn a_nodes_certificate_cannot_act_as_the_controller() {
+    use cellar::agent::wire::v1::{agent_client::AgentClient, ListVolumesRequest};
+    let (mut env, controller) = own_controller(&[]).await;
+    let ca_file = mount_published(&env);
+    let two = env.start_node_trusting(&controller, "node-2", "token-node-2", &ca_file, &[]);
+    wait_registered(&controller, &two).await;
+    let published = published_ca(&env.api).expect("published");
+    // node-1's own certificate and key, as a compromised node-1 holds them.
+    let (answer, key) = enrol_at(&ca_file, controller.enrol, "node-1", "token-node-1")
+        .await
+        .expect("node-1 enrols");
+
+    // As a client: node-2's agent lets it through the handshake (it is a node's) and serves it
+    // nothing.
+    let trust = format!("{published}{}", answer.ca);
+    let tls = cellar::agent::tls::Tls::from_pem(trust.as_bytes(), answer.certificate.as_bytes(), key.as_bytes())
+        .expect("tls");
+    let channel = tls
+        .endpoint(&format!("127.0.0.1:{}", two.agent), "node-2.cellar-agent")
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("a node's certificate passes the handshake");
+    let e = AgentClient::new(channel)
+        .list_volumes(ListVolumesRequest {})
+        .await
+        .expect_err("a node's certificate must not act as the controller");
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    assert!(e.message().contains("does not name 'localhost'"), "{}", e.message());
+
+    // As a server: neither CA a node trusts vouches for it under the controller's names.
+    for name in ["localhost", "cellar-controller.cellar-system.svc"] {
+        for ca in [&published, &answer.ca] {
+            assert!(
+                !cellar::agent::enrol::ca::vouches_for(ca, &answer.certificate, name),
+                "{name}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_controller_renews_its_own_certificate_by_restarting_before_it_expires() {
+    let (mut env, controller) = own_controller(&["--controller-certificate-validity", "15s"]).await;
+    let started = Instant::now();
+    let child = env.children.last_mut().expect("the controller");
+    // Two thirds into its life (10 s) it stops gracefully (exit 0) for Kubernetes to start it
+    // again with a new certificate.
+    let status = exit_within(child, Duration::from_secs(30), &controller.log).await;
+    assert!(status.success(), "{status:?}\n{}", log(&controller.log));
+    assert!(started.elapsed() < Duration::from_secs(15), "before it expired");
+    assert!(
+        log(&controller.log).contains("the controller's certificate is due for renewal"),
+        "{}",
+        log(&controller.log)
+    );
+    // Started again, it keeps the CA and issues itself a new certificate from it.
+    let again = env.start_own_controller("controller-again", &[]);
+    wait_ready(&again).await;
+    let s = env.api.state();
+    assert_eq!((s.secret_creates, s.config_map_creates), (2, 1), "nothing made anew");
 }

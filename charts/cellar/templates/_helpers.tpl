@@ -31,6 +31,28 @@
 {{- default (printf "%s-node-tls" (include "cellar.fullname" .)) .Values.tls.nodeSecretName -}}
 {{- end -}}
 
+{{/*
+Who makes the controller's certificate and the CA the nodes check it with:
+- "controller" (the default: tls.generate unset): the controller itself, from the cluster CA it
+  makes on its first start (Secret <fullname>-cluster-ca) and publishes (ConfigMap
+  <fullname>-cluster-ca, which the node pods mount). Nothing random is rendered.
+- "cert-manager" (certManager.enabled), "helm" (tls.generate=true: genCA at render time, kept
+  with lookup, NOT GitOps-stable), "secrets" (tls.generate=false: your own Secrets).
+*/}}
+{{- define "cellar.tlsSource" -}}
+{{- if .Values.certManager.enabled -}}cert-manager
+{{- else if kindIs "bool" .Values.tls.generate -}}{{ ternary "helm" "secrets" .Values.tls.generate }}
+{{- else -}}
+{{- if not .Values.enrolment.enabled -}}
+{{- fail "enrolment.enabled=false needs a node certificate the controller does not issue: set tls.generate (true: Helm makes them, false: your own Secrets) or certManager.enabled" -}}
+{{- end -}}
+controller
+{{- end -}}
+{{- end -}}
+
+{{/* The cluster CA's Secret, and the ConfigMap its certificate is published in (same name). */}}
+{{- define "cellar.clusterCaName" -}}{{ include "cellar.fullname" . }}-cluster-ca{{- end -}}
+
 {{/* The DNS names the controller's certificate carries: every form of the Service's name. */}}
 {{- define "cellar.controllerDNSNames" -}}
 {{- $svc := include "cellar.controllerName" . -}}
@@ -269,7 +291,7 @@ the pods' checksum annotations see the same certificates.
 {{/* Pod annotations that restart the pods when their configuration or certificates change. */}}
 {{- define "cellar.checksums" -}}
 checksum/config: {{ include "cellar.poolsYaml" . | sha256sum }}
-{{- if and .Values.tls.generate (not .Values.certManager.enabled) }}
+{{- if eq (include "cellar.tlsSource" .) "helm" }}
 checksum/tls: {{ include "cellar.tlsMaterial" . | sha256sum }}
 {{- end }}
 {{- end -}}
@@ -287,6 +309,21 @@ prometheus.io/path: /metrics
 - --tls-ca=/etc/cellar/tls/ca.crt
 - --tls-cert=/etc/cellar/tls/tls.crt
 - --tls-key=/etc/cellar/tls/tls.key
+{{- end -}}
+
+{{/* The controller's TLS flags: its own certificate from the cluster CA, or the Secret's files. */}}
+{{- define "cellar.controllerTlsArgs" -}}
+{{- if eq (include "cellar.tlsSource" .) "controller" -}}
+# Its own certificate from the cluster CA it keeps, published for the nodes (no Secret to mount).
+- --cluster-ca-secret={{ .Release.Namespace }}/{{ include "cellar.clusterCaName" . }}
+- --cluster-ca-publish={{ .Release.Namespace }}/{{ include "cellar.clusterCaName" . }}
+{{- range include "cellar.controllerDNSNames" . | fromJsonArray }}
+- --controller-name={{ . }}
+{{- end }}
+- --controller-certificate-validity={{ .Values.tls.controllerCertificateValidity }}
+{{- else -}}
+{{- include "cellar.tlsArgs" . }}
+{{- end -}}
 {{- end -}}
 
 {{/* The Secret in which the controller keeps the CA it signs node certificates with (enrolment). */}}

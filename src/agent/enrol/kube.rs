@@ -1,5 +1,6 @@
 //! The few Kubernetes API calls enrolment makes, with the controller pod's own service-account
-//! credentials: a TokenReview, and reading and creating the Secret that holds the enrolment CA.
+//! credentials: a TokenReview, reading and creating the Secrets that hold the CAs, and reading,
+//! creating and replacing the ConfigMap that publishes the cluster CA's certificate.
 //!
 //! One HTTP/1.1 request per connection over rustls (the hyper and rustls tonic already brings),
 //! each bounded in time and in the size of the answer. The token file is read again for every
@@ -101,6 +102,22 @@ pub struct ReviewedUser {
 
 /// A Secret's data, decoded.
 pub type SecretData = BTreeMap<String, Vec<u8>>;
+/// A ConfigMap's data.
+pub type ConfigMapData = BTreeMap<String, String>;
+
+/// An object of the core API, labelled as cellar's, holding `data`.
+fn object(kind: &str, namespace: &str, name: &str, data: &impl serde::Serialize) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": kind,
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/part-of": "cellar"},
+        },
+        "data": data,
+    })
+}
 
 /// What a create found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,29 +191,17 @@ impl Kube {
 
     /// A Secret's data, or `None` when there is no such Secret.
     pub async fn secret(&self, namespace: &str, name: &str) -> Result<Option<SecretData>, KubeError> {
-        let path = format!("/api/v1/namespaces/{namespace}/secrets/{name}");
-        let (code, answer) = self.call("GET", &path, None).await?;
-        match code {
-            200 => {}
-            404 => return Ok(None),
-            _ => return Err(refused("GET", &path, code, &answer)),
-        }
-        #[derive(serde::Deserialize)]
-        struct Answer {
-            #[serde(default)]
-            data: BTreeMap<String, String>,
-        }
-        let bad = |reason: String| KubeError::Answer {
-            path: path.clone(),
-            reason,
+        let Some((path, data)) = self.data_of(namespace, "secrets", name).await? else {
+            return Ok(None);
         };
-        let a: Answer = serde_json::from_slice(&answer).map_err(|e| bad(e.to_string()))?;
-        a.data
-            .into_iter()
+        data.into_iter()
             .map(|(k, v)| {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(v)
-                    .map_err(|e| bad(format!("data.{k}: {e}")))?;
+                    .map_err(|e| KubeError::Answer {
+                        path: path.clone(),
+                        reason: format!("data.{k}: {e}"),
+                    })?;
                 Ok((k, bytes))
             })
             .collect::<Result<_, _>>()
@@ -212,22 +217,74 @@ impl Kube {
         type_: &str,
         data: &SecretData,
     ) -> Result<Created, KubeError> {
-        let path = format!("/api/v1/namespaces/{namespace}/secrets");
         let encoded: BTreeMap<&str, String> = data
             .iter()
             .map(|(k, v)| (k.as_str(), base64::engine::general_purpose::STANDARD.encode(v)))
             .collect();
-        let body = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "labels": {"app.kubernetes.io/part-of": "cellar"},
-            },
-            "type": type_,
-            "data": encoded,
-        });
+        let mut body = object("Secret", namespace, name, &encoded);
+        body["type"] = type_.into();
+        self.create(namespace, "secrets", body).await
+    }
+
+    /// A ConfigMap's data, or `None` when there is no such ConfigMap.
+    pub async fn config_map(&self, namespace: &str, name: &str) -> Result<Option<ConfigMapData>, KubeError> {
+        Ok(self.data_of(namespace, "configmaps", name).await?.map(|(_, data)| data))
+    }
+
+    /// Creates a ConfigMap holding `data`, labelled as cellar's; one that exists already is left
+    /// as it is.
+    pub async fn create_config_map(
+        &self,
+        namespace: &str,
+        name: &str,
+        data: &ConfigMapData,
+    ) -> Result<Created, KubeError> {
+        self.create(namespace, "configmaps", object("ConfigMap", namespace, name, data))
+            .await
+    }
+
+    /// Replaces what a ConfigMap holds with `data` (an unconditional update, which ConfigMaps
+    /// allow: the last writer wins, and every replica writes the same).
+    pub async fn replace_config_map(&self, namespace: &str, name: &str, data: &ConfigMapData) -> Result<(), KubeError> {
+        let path = format!("/api/v1/namespaces/{namespace}/configmaps/{name}");
+        let body = object("ConfigMap", namespace, name, data);
+        let (code, answer) = self.call("PUT", &path, Some(body)).await?;
+        match code {
+            200 | 201 => Ok(()),
+            _ => Err(refused("PUT", &path, code, &answer)),
+        }
+    }
+
+    /// The `data` of an object of the core API (`secrets`, `configmaps`), with the path read, or
+    /// `None` when there is no such object.
+    async fn data_of(
+        &self,
+        namespace: &str,
+        plural: &str,
+        name: &str,
+    ) -> Result<Option<(String, BTreeMap<String, String>)>, KubeError> {
+        let path = format!("/api/v1/namespaces/{namespace}/{plural}/{name}");
+        let (code, answer) = self.call("GET", &path, None).await?;
+        match code {
+            200 => {}
+            404 => return Ok(None),
+            _ => return Err(refused("GET", &path, code, &answer)),
+        }
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            #[serde(default)]
+            data: BTreeMap<String, String>,
+        }
+        let a: Answer = serde_json::from_slice(&answer).map_err(|e| KubeError::Answer {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Some((path, a.data)))
+    }
+
+    /// Creates an object of the core API; one that exists already is left as it is.
+    async fn create(&self, namespace: &str, plural: &str, body: serde_json::Value) -> Result<Created, KubeError> {
+        let path = format!("/api/v1/namespaces/{namespace}/{plural}");
         let (code, answer) = self.call("POST", &path, Some(body)).await?;
         match code {
             200 | 201 => Ok(Created::Created),

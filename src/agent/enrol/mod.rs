@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
-use self::ca::{CaError, EnrolmentCa};
+use self::ca::{Ca, CaError};
 use self::kube::{Kube, KubeError, Review};
 use crate::storage::id::NodeId;
 
@@ -72,7 +72,7 @@ pub struct ServiceAccount {
 impl ServiceAccount {
     /// `NAMESPACE/NAME`.
     pub fn parse(s: &str) -> Result<ServiceAccount, String> {
-        let r = ca::SecretRef::parse(s)?;
+        let r = ca::ObjectRef::parse(s)?;
         Ok(ServiceAccount {
             namespace: r.namespace,
             name: r.name,
@@ -175,13 +175,13 @@ pub async fn serve(
 /// The controller's side: reviews tokens and signs node certificates.
 pub struct EnrolService {
     kube: Arc<Kube>,
-    ca: Arc<EnrolmentCa>,
+    ca: Arc<Ca>,
     policy: EnrolPolicy,
     reviews: Arc<Semaphore>,
 }
 
 impl EnrolService {
-    pub fn new(kube: Arc<Kube>, ca: Arc<EnrolmentCa>, policy: EnrolPolicy) -> EnrolService {
+    pub fn new(kube: Arc<Kube>, ca: Arc<Ca>, policy: EnrolPolicy) -> EnrolService {
         EnrolService {
             kube,
             ca,

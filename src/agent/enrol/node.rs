@@ -119,7 +119,9 @@ impl NodeEnrolment {
             source,
         })?;
         let install_ca = std::fs::read(&self.install_ca).map_err(|source| NodeEnrolError::Read {
-            what: "the CA file",
+            // In the chart a ConfigMap the controller publishes on its first start: until then
+            // the file is absent, and the node waits and retries.
+            what: "the CA of the controller's certificate (--tls-ca; not published yet?)",
             path: self.install_ca.clone(),
             source,
         })?;
