@@ -18,7 +18,6 @@ mod dir;
 mod image;
 
 use std::path::Path;
-
 use std::sync::Arc;
 
 use crate::crash;
