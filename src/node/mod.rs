@@ -911,7 +911,7 @@ impl NodeService {
                 };
             }
         }
-        let own = crate::storage::layout::of(rec.layout).own_usage(&data, rec.capacity_bytes)?;
+        let own = self.engine.own_usage(&rec.id, rec.layout, &data, rec.capacity_bytes)?;
         let bytes = if let Some((limit, used)) = own {
             let avail = limit.saturating_sub(used).min(u.available_bytes);
             usage(volume_usage::Unit::Bytes, limit, avail, used)

@@ -27,7 +27,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::crash;
 use crate::sys::fstools::FsType;
-use crate::sys::{btrfs, files, loopdev, mountinfo, statfs};
+use crate::sys::{files, loopdev, mountinfo, statfs, StorageSys};
 
 use super::config::{Config, DeletePolicy};
 use super::id::{BackupId, GroupId, Key, Location, NodeId, ObjectId, PoolName, SnapshotId, VolumeId};
@@ -293,11 +293,22 @@ impl LocalEngine {
         config: &Config,
         pick: impl Fn(&super::config::PoolConfig) -> Option<bool>,
     ) -> Result<LocalEngine, StorageError> {
+        Self::open_with(StorageSys::linux(), node, config, pick)
+    }
+
+    /// As [`LocalEngine::open_pools`], with the filesystem and btrfs calls of `sys` (real, or a
+    /// test's recording fakes) in every pool.
+    pub fn open_with(
+        sys: StorageSys,
+        node: NodeId,
+        config: &Config,
+        pick: impl Fn(&super::config::PoolConfig) -> Option<bool>,
+    ) -> Result<LocalEngine, StorageError> {
         let mut pools = BTreeMap::new();
         let mut broken = BTreeMap::new();
         for pc in &config.pools {
             let Some(owner) = pick(pc) else { continue };
-            match Pool::open_as(pc.clone(), owner) {
+            match Pool::open_as(pc.clone(), owner, sys.clone()) {
                 Ok(p) => {
                     pools.insert(pc.name.clone(), p);
                 }
@@ -538,6 +549,21 @@ impl LocalEngine {
             .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
         let rec = self.volume(id).ok_or(StorageError::VolumeNotFound(shown))?;
         Ok((rec, pool.data_path(Kind::Volume, &id.0.key)))
+    }
+
+    /// A volume's own `(limit, used)` bytes where its pool's statfs cannot tell them (a btrfs
+    /// subvolume); `None` where statfs can, as for a static volume (a directory of a shared pool).
+    pub fn own_usage(
+        &self,
+        volume_id: &str,
+        layout: Layout,
+        data: &std::path::Path,
+        capacity: u64,
+    ) -> Result<Option<(u64, u64)>, StorageError> {
+        match VolumeId::parse(volume_id).ok().and_then(|id| self.locate(&id.0)) {
+            Some(pool) => layout::of(layout).own_usage(pool, data, capacity),
+            None => Ok(None),
+        }
     }
 
     /// A snapshot's record, read from the share for shared pools (as `volume`).

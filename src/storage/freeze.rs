@@ -17,7 +17,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::sys::{fstools, SysError};
+use crate::sys::filesystems::Filesystems;
+use crate::sys::SysError;
 
 use super::StorageError;
 
@@ -55,8 +56,13 @@ pub struct Barrier {
 
 impl Barrier {
     /// Freezes the filesystems mounted at `mountpoints` for at most `within`.
-    pub fn freeze(mountpoints: Vec<PathBuf>, within: Duration) -> Result<Barrier, StorageError> {
-        Self::with(mountpoints, within, fstools::freeze, fstools::thaw)
+    pub fn freeze(
+        filesystems: &Arc<dyn Filesystems>,
+        mountpoints: Vec<PathBuf>,
+        within: Duration,
+    ) -> Result<Barrier, StorageError> {
+        let thawing = filesystems.clone();
+        Self::with(mountpoints, within, |m| filesystems.freeze(m), move |m| thawing.thaw(m))
     }
 
     fn with(

@@ -18,7 +18,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::sys::files;
+use crate::sys::{files, StorageSys};
 
 use super::config::PoolConfig;
 
@@ -35,6 +35,8 @@ pub struct Pool {
     /// Opened as its owner (see [`Pool::open_as`]): this process finishes what its crashes left,
     /// backup uploads included.
     pub owner: bool,
+    /// The filesystem and btrfs calls its layouts make, real or recorded.
+    pub sys: StorageSys,
 }
 
 /// Which of the pool's two collections an object belongs to.
@@ -59,27 +61,29 @@ impl Pool {
     /// Opens a pool. The `owner` of a pool clears what a crash left in its `.work` (and, for local
     /// pools, `.trash`): every local pool is its node's; a shared pool is the controller's, and a
     /// node that opens it to publish its volumes must not touch a copy the controller is making.
-    pub fn open(config: PoolConfig) -> Result<Pool, StorageError> {
-        Self::open_as(config, true)
+    pub fn open(config: PoolConfig, sys: StorageSys) -> Result<Pool, StorageError> {
+        Self::open_as(config, true, sys)
     }
 
-    pub fn open_as(config: PoolConfig, owner: bool) -> Result<Pool, StorageError> {
+    pub fn open_as(config: PoolConfig, owner: bool, sys: StorageSys) -> Result<Pool, StorageError> {
         if config.is_shared() {
             // Every step on a share may hang when its server is gone: bound the whole opening.
             let path = config.path.clone();
             return crate::sys::share::within(SHARE_OPEN, "open shared pool", &path, move || {
-                Ok(Self::open_here(config, owner).map_err(|e| crate::sys::SysError::Tool {
-                    tool: "open shared pool".into(),
-                    status: "failed".into(),
-                    stderr: e.to_string(),
-                }))
+                Ok(
+                    Self::open_here(config, owner, sys).map_err(|e| crate::sys::SysError::Tool {
+                        tool: "open shared pool".into(),
+                        status: "failed".into(),
+                        stderr: e.to_string(),
+                    }),
+                )
             })?
             .map_err(|e| StorageError::PoolUnusable(e.to_string()));
         }
-        Self::open_here(config, owner)
+        Self::open_here(config, owner, sys)
     }
 
-    fn open_here(config: PoolConfig, owner: bool) -> Result<Pool, StorageError> {
+    fn open_here(config: PoolConfig, owner: bool, sys: StorageSys) -> Result<Pool, StorageError> {
         if let Some(share) = &config.share {
             let mounted = crate::sys::mount::statx_mount_root(&config.path)
                 .ok()
@@ -91,11 +95,12 @@ impl Pool {
         }
         files::mkdir_all(&config.path)?;
         files::require_real_dir(&config.path)?;
-        let features = super::layout::check_pool(&config)?;
+        let features = super::layout::check_pool(&config, &sys)?;
         let pool = Pool {
             config,
             features,
             owner,
+            sys,
         };
         for d in [
             "volumes",
@@ -136,7 +141,7 @@ impl Pool {
 
     fn purge(&self, dir: &Path) -> Result<(), StorageError> {
         for p in files::list_dir(dir)? {
-            super::layout::purge(&p)?;
+            super::layout::purge(&self.sys, &p)?;
         }
         Ok(())
     }

@@ -457,6 +457,8 @@ pub struct Import {
     verifier: Verifier,
     chunks: u64,
     done: bool,
+    /// The pool's btrfs calls, to remove a half-built subvolume.
+    sys: crate::sys::StorageSys,
 }
 
 enum Target {
@@ -470,7 +472,7 @@ enum Target {
 
 impl Import {
     /// Starts a volume of `header`'s layout at `work` (which must not exist).
-    pub fn start(header: &Header, work: &Path) -> Result<Import, StorageError> {
+    pub fn start(header: &Header, work: &Path, sys: &crate::sys::StorageSys) -> Result<Import, StorageError> {
         let target = match header.layout {
             Layout::Image => Target::Image(copy::create_image(work)?),
             Layout::Dir => Target::Tree {
@@ -478,14 +480,14 @@ impl Import {
                 open: None,
             },
             Layout::Btrfs => {
-                crate::sys::btrfs::create_subvolume(work)?;
+                sys.subvolumes.create(work)?;
                 match TreeWriter::into_existing(work) {
                     Ok(writer) => Target::Tree {
                         writer: Box::new(writer),
                         open: None,
                     },
                     Err(e) => {
-                        let _ = super::layout::purge(work);
+                        let _ = super::layout::purge(sys, work);
                         return Err(e.into());
                     }
                 }
@@ -497,6 +499,7 @@ impl Import {
             verifier: Verifier::default(),
             chunks: 0,
             done: false,
+            sys: sys.clone(),
         };
         import.verifier.check(&Frame::Header(header.clone()))?;
         Ok(import)
@@ -590,7 +593,7 @@ impl Drop for Import {
         if self.done {
             return;
         }
-        if let Err(e) = super::layout::purge(&self.work) {
+        if let Err(e) = super::layout::purge(&self.sys, &self.work) {
             tracing::error!(path = %self.work.display(), error = %e, "could not remove a broken import; the next start clears it");
         }
     }

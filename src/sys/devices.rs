@@ -4,11 +4,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use super::fstools::{self, FsType};
 use super::loopdev::{self, LoopDevice};
-use super::SysError;
+use super::{Recorded, SysError};
 
 pub trait Devices: Send + Sync {
     /// The loop devices attached to `backing`.
@@ -59,7 +58,7 @@ impl Devices for LinuxDevices {
 /// fail with an errno. For unit tests of the logic above `sys`.
 #[derive(Debug, Default)]
 pub struct RecordingDevices {
-    state: Mutex<DeviceState>,
+    state: Recorded<DeviceState>,
 }
 
 #[derive(Debug, Default)]
@@ -67,55 +66,35 @@ struct DeviceState {
     /// Device number to backing file.
     attached: BTreeMap<u32, PathBuf>,
     next: u32,
-    calls: Vec<String>,
-    /// Operation name to the errno its next call fails with.
-    fail_next: BTreeMap<&'static str, i32>,
 }
 
 impl RecordingDevices {
     pub fn calls(&self) -> Vec<String> {
-        self.lock().calls.clone()
+        self.state.calls()
     }
 
     /// The backing files with a device attached, one entry per device.
     pub fn attached(&self) -> Vec<PathBuf> {
-        self.lock().attached.values().cloned().collect()
+        self.state.lock().attached.values().cloned().collect()
     }
 
     /// The next call of `op` ("attach", "detach", "find", "refresh", "size", "grow-offline",
     /// "grow-online") fails with `errno`.
     pub fn fail_next(&self, op: &'static str, errno: i32) {
-        self.lock().fail_next.insert(op, errno);
+        self.state.fail_next(op, errno);
     }
 
     /// The device over `backing` disappears, as when someone ran `losetup -d` behind our back.
     pub fn vanish(&self, backing: &Path) {
-        self.lock().attached.retain(|_, b| b != backing);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, DeviceState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Records `call` and fails it if a failure was armed for `op`.
-    fn enter(
-        &self,
-        op: &'static str,
-        call: String,
-        path: &Path,
-    ) -> Result<std::sync::MutexGuard<'_, DeviceState>, SysError> {
-        let mut s = self.lock();
-        s.calls.push(call);
-        match s.fail_next.remove(op) {
-            Some(errno) => Err(SysError::io(op, path, std::io::Error::from_raw_os_error(errno))),
-            None => Ok(s),
-        }
+        self.state.lock().attached.retain(|_, b| b != backing);
     }
 }
 
 impl Devices for RecordingDevices {
     fn find_by_backing(&self, backing: &Path) -> Result<Vec<LoopDevice>, SysError> {
-        let s = self.enter("find", format!("find {}", backing.display()), backing)?;
+        let s = self
+            .state
+            .enter("find", format!("find {}", backing.display()), backing)?;
         Ok(s.attached
             .iter()
             .filter(|(_, b)| b.as_path() == backing)
@@ -123,7 +102,7 @@ impl Devices for RecordingDevices {
             .collect())
     }
     fn attach(&self, backing: &Path, read_only: bool) -> Result<(LoopDevice, bool), SysError> {
-        let mut s = self.enter(
+        let mut s = self.state.enter(
             "attach",
             format!("attach {} ro={read_only}", backing.display()),
             backing,
@@ -135,12 +114,16 @@ impl Devices for RecordingDevices {
     }
     fn detach(&self, device: &LoopDevice) -> Result<(), SysError> {
         // As the real detach: a device already gone is fine.
-        let mut s = self.enter("detach", format!("detach {}", device.path.display()), &device.path)?;
+        let mut s = self
+            .state
+            .enter("detach", format!("detach {}", device.path.display()), &device.path)?;
         s.attached.remove(&device.number);
         Ok(())
     }
     fn refresh_capacity(&self, device: &LoopDevice) -> Result<(), SysError> {
-        let s = self.enter("refresh", format!("refresh {}", device.path.display()), &device.path)?;
+        let s = self
+            .state
+            .enter("refresh", format!("refresh {}", device.path.display()), &device.path)?;
         match s.attached.contains_key(&device.number) {
             true => Ok(()),
             false => Err(SysError::io(
@@ -151,7 +134,7 @@ impl Devices for RecordingDevices {
         }
     }
     fn size(&self, device: &Path) -> Result<u64, SysError> {
-        let s = self.enter("size", format!("size {}", device.display()), device)?;
+        let s = self.state.enter("size", format!("size {}", device.display()), device)?;
         let backing = s
             .attached
             .iter()
@@ -170,24 +153,26 @@ impl Devices for RecordingDevices {
         }
     }
     fn grow_offline(&self, fs: FsType, device: &Path) -> Result<(), SysError> {
-        self.enter(
-            "grow-offline",
-            format!("grow-offline {} {}", fs.as_str(), device.display()),
-            device,
-        )
-        .map(|_| ())
+        self.state
+            .enter(
+                "grow-offline",
+                format!("grow-offline {} {}", fs.as_str(), device.display()),
+                device,
+            )
+            .map(|_| ())
     }
     fn grow_online(&self, fs: FsType, device: &Path, mountpoint: &Path) -> Result<(), SysError> {
-        self.enter(
-            "grow-online",
-            format!(
-                "grow-online {} {} {}",
-                fs.as_str(),
-                device.display(),
-                mountpoint.display()
-            ),
-            device,
-        )
-        .map(|_| ())
+        self.state
+            .enter(
+                "grow-online",
+                format!(
+                    "grow-online {} {} {}",
+                    fs.as_str(),
+                    device.display(),
+                    mountpoint.display()
+                ),
+                device,
+            )
+            .map(|_| ())
     }
 }

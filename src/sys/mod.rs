@@ -1,11 +1,15 @@
-//! The only place that makes syscalls or runs tools. Everything above it goes through these
-//! functions and the [`mount::Mounter`] trait, so storage and node logic can be tested without root.
+//! The only place that makes syscalls or runs tools. What needs root goes through traits at the
+//! grain of single operations, each with a Linux implementation and a recording fake, so storage
+//! and node logic can be tested without root: mounts ([`mount::Mounter`]), loop devices
+//! ([`devices::Devices`]), filesystems in images ([`filesystems::Filesystems`]) and btrfs
+//! ([`subvolumes::Subvolumes`]). Plain file work is done by the functions of [`files`].
 
 pub mod btrfs;
 pub mod copy;
 pub mod devices;
 pub mod extents;
 pub mod files;
+pub mod filesystems;
 pub mod fstools;
 pub mod loopdev;
 pub mod memory;
@@ -13,11 +17,95 @@ pub mod mount;
 pub mod mountinfo;
 pub mod share;
 pub mod statfs;
+pub mod subvolumes;
 pub mod tree;
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// The seams the storage engine and its layouts work through: one value, made once where the
+/// engine opens ([`StorageSys::linux`]) or by a test with recording fakes, and held by every pool.
+#[derive(Clone)]
+pub struct StorageSys {
+    pub filesystems: Arc<dyn filesystems::Filesystems>,
+    pub subvolumes: Arc<dyn subvolumes::Subvolumes>,
+}
+
+impl StorageSys {
+    /// The real thing: mkfs, FIFREEZE and btrfs ioctls.
+    pub fn linux() -> StorageSys {
+        StorageSys {
+            filesystems: Arc::new(filesystems::LinuxFilesystems),
+            subvolumes: Arc::new(subvolumes::LinuxSubvolumes),
+        }
+    }
+}
+
+impl std::fmt::Debug for StorageSys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageSys").finish_non_exhaustive()
+    }
+}
+
+/// A recording fake's state `S` behind its lock, with what every fake keeps besides: the calls
+/// made, in order, and the errno the next call of an operation fails with.
+#[derive(Debug, Default)]
+pub(crate) struct Recorded<S> {
+    inner: Mutex<Calls<S>>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Calls<S> {
+    calls: Vec<String>,
+    fail_next: BTreeMap<&'static str, i32>,
+    state: S,
+}
+
+impl<S> std::ops::Deref for Calls<S> {
+    type Target = S;
+    fn deref(&self) -> &S {
+        &self.state
+    }
+}
+
+impl<S> std::ops::DerefMut for Calls<S> {
+    fn deref_mut(&mut self) -> &mut S {
+        &mut self.state
+    }
+}
+
+impl<S> Recorded<S> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Calls<S>> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn calls(&self) -> Vec<String> {
+        self.lock().calls.clone()
+    }
+
+    pub(crate) fn fail_next(&self, op: &'static str, errno: i32) {
+        self.lock().fail_next.insert(op, errno);
+    }
+
+    /// Records `call`, then fails it naming `op` and `path` if a failure was armed for `op`, or
+    /// hands over the state.
+    pub(crate) fn enter(
+        &self,
+        op: &'static str,
+        call: String,
+        path: &Path,
+    ) -> Result<MutexGuard<'_, Calls<S>>, SysError> {
+        let mut s = self.lock();
+        s.calls.push(call);
+        match s.fail_next.remove(op) {
+            Some(errno) => Err(SysError::io(op, path, io::Error::from_raw_os_error(errno))),
+            None => Ok(s),
+        }
+    }
+}
 
 /// A failed system call or tool, naming the step and the path it was working on.
 #[derive(Debug, thiserror::Error)]

@@ -91,7 +91,7 @@ impl LocalEngine {
                 room_hint(rec.layout)
             )));
         }
-        layout::of(rec.layout).set_capacity(&pool.data_path(Kind::Volume, &id.0.key), wanted)?;
+        layout::of(rec.layout).set_capacity(pool, &pool.data_path(Kind::Volume, &id.0.key), wanted)?;
         crash::point("expand:before-record");
         rec.capacity_bytes = wanted;
         self.save(pool, id, &rec)?;
@@ -110,7 +110,9 @@ impl LocalEngine {
                 )));
             }
             let data = pool.data_path(Kind::Volume, &id.0.key);
-            btrfs::set_compression(&data, Some(c.as_str()).filter(|c| *c != "none"))?;
+            pool.sys
+                .subvolumes
+                .set_compression(&data, Some(c.as_str()).filter(|c| *c != "none"))?;
             rec.compression = Some(c.clone()).filter(|c| c != "none");
         }
         if let Some(p) = m.delete_policy {
@@ -137,7 +139,10 @@ impl LocalEngine {
                 message: format!("volume {id} {NO_RECORD} {}", self.node.as_str()),
             };
         };
-        if let Some(message) = layout::fault(rec.layout, &data) {
+        if let Some(message) = self
+            .locate(&id.0)
+            .and_then(|pool| layout::fault(pool, rec.layout, &data))
+        {
             return Condition {
                 abnormal: true,
                 message,

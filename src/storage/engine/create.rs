@@ -35,10 +35,10 @@ impl LocalEngine {
                 let from = self.source_data(src)?;
                 same_kind(p.layout, req.mode, p.capacity, from.layout, from.mode, from.size)?;
                 if layout::of(p.layout).has_filesystem() && req.mode == VolumeMode::Filesystem {
-                    p.fs_type = copy_fs_type(&from.path, &req.fs_type)?;
+                    p.fs_type = copy_fs_type(pool, &from.path, &req.fs_type)?;
                 }
                 layout::create_copy(pool, Kind::Volume, &p.key, p.layout, &from.path, true, false)?;
-                layout::of(p.layout).set_capacity(&data, p.capacity)?;
+                layout::of(p.layout).set_capacity(pool, &data, p.capacity)?;
                 from.fs_bytes
             }
         };
@@ -190,7 +190,10 @@ impl LocalEngine {
     ) -> Result<VolumeRecord, StorageError> {
         let data = p.pool.data_path(Kind::Volume, &p.key);
         if let Some(c) = &req.mutable.compression {
-            btrfs::set_compression(&data, Some(c.as_str()).filter(|c| *c != "none"))?;
+            p.pool
+                .sys
+                .subvolumes
+                .set_compression(&data, Some(c.as_str()).filter(|c| *c != "none"))?;
         }
         crash::point("create-volume:before-record");
         let (secs, _) = now();
@@ -265,10 +268,10 @@ impl LocalEngine {
         {
             let work = p.pool.work_path(Kind::Volume, &p.key);
             if files::entry(&work)? != files::Entry::Missing {
-                layout::purge(&work)?;
+                layout::purge(&p.pool.sys, &work)?;
             }
             tracing::info!(volume = %p.id, layout = p.layout.as_str(), "import from another node started");
-            let mut import = Import::start(&header, &work)?;
+            let mut import = Import::start(&header, &work, &p.pool.sys)?;
             loop {
                 let f = frames.next().ok_or_else(|| cut("end"))??;
                 let end = matches!(f, Frame::End { .. });
@@ -284,9 +287,9 @@ impl LocalEngine {
             tracing::info!(volume = %p.id, "import from another node checked and in place");
         }
         if layout::of(p.layout).has_filesystem() && req.mode == VolumeMode::Filesystem {
-            p.fs_type = copy_fs_type(&data, &req.fs_type)?;
+            p.fs_type = copy_fs_type(p.pool, &data, &req.fs_type)?;
         }
-        layout::of(p.layout).set_capacity(&data, p.capacity)?;
+        layout::of(p.layout).set_capacity(p.pool, &data, p.capacity)?;
         self.record_new(p, req, header.fs_bytes)
     }
 
@@ -312,11 +315,11 @@ impl LocalEngine {
         let at = pool
             .work_dir()
             .join(format!("export-{}-{}", v.0.key.as_str(), uuid::Uuid::new_v4().simple()));
-        let Some(frozen) = layout::of(from.layout).frozen_view(&from.path, &at)? else {
+        let Some(frozen) = layout::of(from.layout).frozen_view(pool, &from.path, &at)? else {
             return transfer::export(header, &from.path, send);
         };
         let sent = transfer::export(header, &frozen, send);
-        if let Err(e) = layout::purge(&frozen) {
+        if let Err(e) = layout::purge(&pool.sys, &frozen) {
             tracing::warn!(path = %frozen.display(), error = %e, "could not drop the snapshot taken for an export; the next start clears it");
         }
         sent
@@ -436,9 +439,10 @@ pub(super) fn same_volume(
 }
 
 /// The filesystem a copy of the image at `src` has: its source's. A request that names another one
-/// is refused (the copy would never mount as what its record says).
-pub(super) fn copy_fs_type(src: &std::path::Path, asked: &str) -> Result<String, StorageError> {
-    let found = crate::sys::fstools::probe(src)?.ok_or_else(|| {
+/// is refused (the copy would never mount as what its record says). `pool` is the copy's (a source
+/// of this node shares its node's filesystem calls).
+pub(super) fn copy_fs_type(pool: &Pool, src: &std::path::Path, asked: &str) -> Result<String, StorageError> {
+    let found = pool.sys.filesystems.probe(src)?.ok_or_else(|| {
         StorageError::Unsupported(format!(
             "the source image {} holds no ext4 or xfs filesystem to copy",
             src.display()

@@ -47,8 +47,8 @@ impl LocalEngine {
             files::Entry::Missing => false,
             // A read-only subvolume cannot move (its '..' cannot change); btrfs drops it atomically
             // in place instead.
-            files::Entry::Dir if btrfs::is_subvolume(&data).unwrap_or(false) => {
-                btrfs::delete_subvolume(&data)?;
+            files::Entry::Dir if pool.sys.subvolumes.is_subvolume(&data).unwrap_or(false) => {
+                pool.sys.subvolumes.delete(&data)?;
                 false
             }
             _ => {
@@ -65,7 +65,7 @@ impl LocalEngine {
                     let _ = tx.send(());
                 }
             } else {
-                layout::purge(&trashed)?;
+                layout::purge(&pool.sys, &trashed)?;
             }
         }
         Ok(())

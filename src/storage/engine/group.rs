@@ -24,7 +24,7 @@ use crate::storage::layout;
 use crate::storage::pool::{Kind, Pool};
 use crate::storage::record::{GroupMember, GroupRecord, SnapshotRecord, RECORD_VERSION};
 use crate::storage::StorageError;
-use crate::sys::{files, fstools};
+use crate::sys::files;
 
 /// The start of the name of a freeze mark in a pool's `groups/` (never a record: keys never
 /// start with '.').
@@ -303,7 +303,7 @@ impl LocalEngine {
             points.extend(layout::of(c.from.layout).freeze_points(&c.from.path)?);
         }
         let marker = self.mark_frozen(pool, &points)?;
-        let barrier = Barrier::freeze(points, within)?;
+        let barrier = Barrier::freeze(&pool.sys.filesystems, points, within)?;
         let at = now();
         crash::point("group:frozen");
         let mut made = Vec::new();
@@ -370,7 +370,7 @@ impl LocalEngine {
                     .map(|b| String::from_utf8_lossy(&b).into_owned())
                     .unwrap_or_default();
                 for m in listed.lines().filter(|l| !l.is_empty()) {
-                    match fstools::thaw(Path::new(m)) {
+                    match pool.sys.filesystems.thaw(Path::new(m)) {
                         Ok(()) => tracing::warn!(
                             mountpoint = m,
                             "thawed a filesystem a killed group snapshot left frozen"

@@ -1,9 +1,14 @@
 //! The engine's create plan, its size checks and its rules for leftovers, on pools in a temporary
-//! directory: `dir` volumes and ext4 `image` files need no root and no device.
+//! directory: `dir` volumes and ext4 `image` files need no root and no device; `btrfs` volumes and
+//! failing filesystem tools are played by the recording fakes of `sys` ([`faked`]).
+
+use std::sync::Arc;
 
 use super::*;
 use crate::storage::config::Config;
+use crate::sys::filesystems::RecordingFilesystems;
 use crate::sys::fstools::FsType;
+use crate::sys::subvolumes::RecordingSubvolumes;
 
 const MIB: u64 = 1 << 20;
 
@@ -171,4 +176,267 @@ fn a_delete_removes_the_data_and_the_record_and_is_repeatable() {
     f.engine
         .delete_volume(&v)
         .expect("a delete of a volume already gone is OK");
+}
+
+/// An engine over one pool (`default`) allowing dir, image and btrfs volumes, whose filesystem and
+/// btrfs calls are recorded fakes: the pool's directory counts as btrfs, and nothing needs root.
+struct Faked {
+    dir: tempfile::TempDir,
+    engine: LocalEngine,
+    filesystems: Arc<RecordingFilesystems>,
+    subvolumes: Arc<RecordingSubvolumes>,
+}
+
+fn faked(fs: FsType) -> Faked {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::default_for(dir.path());
+    config.pools[0].layouts.extend([Layout::Image, Layout::Btrfs]);
+    config.pools[0].fs_type = fs;
+    let filesystems = Arc::new(RecordingFilesystems::default());
+    let subvolumes = Arc::new(RecordingSubvolumes::over(dir.path()));
+    let sys = StorageSys {
+        filesystems: filesystems.clone(),
+        subvolumes: subvolumes.clone(),
+    };
+    let engine =
+        LocalEngine::open_with(sys, NodeId::parse("n1").expect("node"), &config, |_| Some(true)).expect("engine");
+    Faked {
+        dir,
+        engine,
+        filesystems,
+        subvolumes,
+    }
+}
+
+impl Faked {
+    fn pool(&self) -> &Pool {
+        default_pool(&self.engine)
+    }
+
+    /// What a failed call may have left: anything in `.work`, half-written records, subvolumes.
+    fn leftovers(&self) -> Vec<String> {
+        let pool = self.pool();
+        let mut left: Vec<String> = files::list_dir(&pool.work_dir())
+            .expect("work")
+            .into_iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        for kind in [Kind::Volume, Kind::Snapshot] {
+            left.extend(
+                files::list_dir(&pool.collection_dir(kind))
+                    .expect("collection")
+                    .into_iter()
+                    .map(|p| p.display().to_string())
+                    .filter(|p| p.ends_with(files::TMP_SUFFIX)),
+            );
+        }
+        left
+    }
+
+    /// The subvolumes of the pool, by path relative to the pool, with their limits.
+    fn subvolumes(&self) -> Vec<(String, u64)> {
+        let root = self.pool().root().to_path_buf();
+        self.subvolumes
+            .below(self.dir.path())
+            .into_iter()
+            .map(|(p, v)| (p.strip_prefix(&root).unwrap_or(&p).display().to_string(), v.limit))
+            .collect()
+    }
+}
+
+fn failed_with(r: Result<impl std::fmt::Debug, StorageError>, errno: i32) -> bool {
+    matches!(r, Err(StorageError::Sys(ref e)) if e.errno() == Some(errno))
+}
+
+#[test]
+fn an_image_create_whose_mkfs_fails_leaves_nothing_and_its_retry_succeeds() {
+    let f = faked(FsType::Ext4);
+    let key = Key::from_name("pvc-img");
+    let req = || NewVolume::plain("pvc-img", Some(Layout::Image), 32 * MIB);
+    for errno in [libc::ENOSPC, libc::EIO] {
+        f.filesystems.fail_next("mkfs", errno);
+        assert!(
+            failed_with(f.engine.create_volume(req()), errno),
+            "mkfs failing with {errno}"
+        );
+        assert_eq!(f.leftovers(), Vec::<String>::new(), "nothing in .work, no half record");
+        assert!(!f.pool().data_path(Kind::Volume, &key).exists(), "no image");
+        assert!(!f.pool().record_path(Kind::Volume, &key).exists(), "no record");
+        assert_eq!(f.engine.volume_named("pvc-img"), None);
+    }
+    let rec = f.engine.create_volume(req()).expect("the retry");
+    assert_eq!(rec.fs_type, "ext4");
+    let data = f.pool().data_path(Kind::Volume, &key);
+    assert_eq!(crate::sys::fstools::probe(&data).expect("probe"), Some(FsType::Ext4));
+    let mkfs = f
+        .filesystems
+        .calls()
+        .iter()
+        .filter(|c| c.starts_with("mkfs ext4"))
+        .count();
+    assert_eq!(mkfs, 3, "two failed, one made");
+}
+
+#[test]
+fn a_btrfs_create_whose_subvolume_limit_or_commit_fails_leaves_no_subvolume_and_no_record() {
+    let f = faked(FsType::Ext4);
+    let key = Key::from_name("pvc-b");
+    let req = || NewVolume::plain("pvc-b", Some(Layout::Btrfs), 32 * MIB);
+    for (op, errno) in [("create", libc::EINTR), ("limit", libc::ENOSPC), ("commit", libc::EIO)] {
+        f.subvolumes.fail_next(op, errno);
+        assert!(
+            failed_with(f.engine.create_volume(req()), errno),
+            "{op} failing with {errno}"
+        );
+        assert_eq!(f.subvolumes(), vec![], "{op}: no subvolume left");
+        assert_eq!(f.leftovers(), Vec::<String>::new(), "{op}: no half record");
+        assert!(!f.pool().record_path(Kind::Volume, &key).exists(), "{op}: no record");
+    }
+    f.engine.create_volume(req()).expect("the retry");
+    assert_eq!(f.subvolumes(), vec![("volumes/pvc-b".to_string(), 32 * MIB)]);
+}
+
+#[test]
+fn a_btrfs_clone_whose_limit_fails_leaves_no_snapshot_and_its_retry_is_limited() {
+    let f = faked(FsType::Ext4);
+    let src = f
+        .engine
+        .create_volume(NewVolume::plain("pvc-src", Some(Layout::Btrfs), 32 * MIB))
+        .expect("source");
+    let clone = || NewVolume {
+        source: Some(Source::Volume(id(&src))),
+        ..NewVolume::plain("pvc-clone", Some(Layout::Btrfs), 64 * MIB)
+    };
+    f.subvolumes.fail_next("limit", libc::ENOSPC);
+    assert!(failed_with(f.engine.create_volume(clone()), libc::ENOSPC));
+    assert_eq!(f.subvolumes(), vec![("volumes/pvc-src".to_string(), 32 * MIB)]);
+    assert_eq!(f.leftovers(), Vec::<String>::new());
+    f.engine.create_volume(clone()).expect("the retry");
+    assert_eq!(
+        f.subvolumes(),
+        vec![
+            ("volumes/pvc-clone".to_string(), 64 * MIB),
+            ("volumes/pvc-src".to_string(), 32 * MIB)
+        ]
+    );
+}
+
+#[test]
+fn a_btrfs_snapshot_that_fails_leaves_nothing_and_its_name_is_not_adopted_from_another_source() {
+    let f = faked(FsType::Ext4);
+    let mut sources = Vec::new();
+    for name in ["pvc-a", "pvc-b"] {
+        let rec = f
+            .engine
+            .create_volume(NewVolume::plain(name, Some(Layout::Btrfs), 32 * MIB))
+            .expect("source");
+        let data = f.pool().data_path(Kind::Volume, &Key::from_name(name));
+        std::fs::write(data.join("owner"), name).expect("write");
+        sources.push(id(&rec));
+    }
+    let snaps = f.pool().collection_dir(Kind::Snapshot);
+    // The snapshot itself fails (a full pool), or it is made and its record cannot be written: a
+    // link where the record's temp file goes makes that write fail as a full disk would.
+    f.subvolumes.fail_next("snapshot", libc::ENOSPC);
+    assert!(failed_with(
+        f.engine.create_snapshot("snap", &sources[0], false),
+        libc::ENOSPC
+    ));
+    let tmp = snaps.join(format!(".snap.json{}", files::TMP_SUFFIX));
+    std::os::unix::fs::symlink("/nonexistent", &tmp).expect("link");
+    assert!(failed_with(
+        f.engine.create_snapshot("snap", &sources[0], false),
+        libc::ELOOP
+    ));
+    assert!(
+        f.subvolumes
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("snapshot ") && c.contains("snap")),
+        "the snapshot was made before its record failed"
+    );
+    assert_eq!(f.subvolumes.below(&snaps), vec![], "no snapshot subvolume left");
+    assert_eq!(f.leftovers(), Vec::<String>::new(), "no .tmp record left");
+    assert_eq!(f.engine.snapshot_named("snap"), None);
+
+    let other = f
+        .engine
+        .create_snapshot("snap", &sources[1], false)
+        .expect("from the other source");
+    assert_eq!(other.source_volume_id, sources[1], "names its own source");
+    let data = f.pool().data_path(Kind::Snapshot, &Key::from_name("snap"));
+    assert_eq!(
+        std::fs::read(data.join("owner")).expect("read"),
+        b"pvc-b",
+        "and holds its data"
+    );
+}
+
+#[test]
+fn a_btrfs_expand_checks_the_room_before_it_sets_a_limit() {
+    let f = faked(FsType::Ext4);
+    let rec = f
+        .engine
+        .create_volume(NewVolume::plain("pvc-grow", Some(Layout::Btrfs), 32 * MIB))
+        .expect("create");
+    let v = id(&rec);
+    let limits = || {
+        f.subvolumes
+            .calls()
+            .into_iter()
+            .filter(|c| c.starts_with("limit "))
+            .count()
+    };
+    let before = limits();
+    let total = crate::sys::statfs::usage(f.pool().root()).expect("usage").total_bytes;
+    let range = |required| CapacityRange { required, limit: 0 };
+    assert!(matches!(
+        f.engine.expand_volume(&v, range(i64::MAX as u64)),
+        Err(StorageError::OutOfRange(_))
+    ));
+    assert!(matches!(
+        f.engine.expand_volume(&v, range(total)),
+        Err(StorageError::Exhausted(_))
+    ));
+    assert_eq!(limits(), before, "no limit was set for a size the pool cannot give");
+    assert_eq!(f.subvolumes(), vec![("volumes/pvc-grow".to_string(), 32 * MIB)]);
+    f.engine.expand_volume(&v, range(64 * MIB)).expect("grow within room");
+    assert_eq!(f.subvolumes(), vec![("volumes/pvc-grow".to_string(), 64 * MIB)]);
+    assert!(
+        f.subvolumes.calls().last().is_some_and(|c| c.starts_with("commit ")),
+        "and committed"
+    );
+}
+
+#[test]
+fn a_restore_of_an_xfs_snapshot_into_an_ext4_pool_probes_and_keeps_xfs() {
+    let f = faked(FsType::Ext4);
+    let size = FsType::Xfs.min_bytes();
+    let src = f
+        .engine
+        .create_volume(NewVolume {
+            fs_type: "xfs".into(),
+            ..NewVolume::plain("pvc-xfs", Some(Layout::Image), size)
+        })
+        .expect("source");
+    let snap = f
+        .engine
+        .create_snapshot("snap-xfs", &id(&src), false)
+        .expect("snapshot");
+    let restored = f
+        .engine
+        .create_volume(NewVolume {
+            source: Some(Source::Snapshot(snap.id.clone())),
+            ..NewVolume::plain("pvc-back", Some(Layout::Image), size)
+        })
+        .expect("restore");
+    assert_eq!(restored.fs_type, "xfs", "the source's filesystem, not the pool's ext4");
+    let snap_data = f.pool().data_path(Kind::Snapshot, &Key::from_name("snap-xfs"));
+    let calls = f.filesystems.calls();
+    assert!(calls.contains(&format!("probe {}", snap_data.display())), "{calls:?}");
+    assert_eq!(
+        calls.iter().filter(|c| c.starts_with("mkfs")).count(),
+        1,
+        "a restore copies; it makes no filesystem"
+    );
 }

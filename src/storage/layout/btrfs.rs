@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use crate::sys::btrfs;
 use crate::sys::fstools::FsType;
+use crate::sys::StorageSys;
 
 use super::{open_to_all, LayoutOps, Made};
 use crate::storage::config::PoolConfig;
@@ -24,7 +24,7 @@ impl LayoutOps for Btrfs {
         true
     }
 
-    fn prepare(&self, config: &PoolConfig, on_btrfs: bool) -> Result<(), StorageError> {
+    fn prepare(&self, sys: &StorageSys, config: &PoolConfig, on_btrfs: bool) -> Result<(), StorageError> {
         if !on_btrfs {
             return Err(StorageError::PoolUnusable(format!(
                 "pool '{}': layout btrfs needs a btrfs filesystem at {}, which is not btrfs",
@@ -32,7 +32,7 @@ impl LayoutOps for Btrfs {
                 config.path.display()
             )));
         }
-        btrfs::enable_quota(&config.path)?;
+        sys.subvolumes.enable_quota(&config.path)?;
         Ok(())
     }
 
@@ -45,12 +45,13 @@ impl LayoutOps for Btrfs {
         _: FsType,
     ) -> Result<Made, StorageError> {
         let data = pool.data_path(Kind::Volume, key);
-        btrfs::create_subvolume(&data)?;
+        let subvolumes = &pool.sys.subvolumes;
+        subvolumes.create(&data)?;
         open_to_all(&data)?;
-        btrfs::set_limit(&data, capacity)?;
+        subvolumes.set_limit(&data, capacity)?;
         // A new subvolume is on disk only after the next transaction commit; the record that
         // follows must not promise a volume a power loss could take back.
-        btrfs::commit(&data)?;
+        subvolumes.commit(&data)?;
         Ok(Made { fs_bytes: 0 })
     }
 
@@ -63,29 +64,31 @@ impl LayoutOps for Btrfs {
         writable: bool,
         _: bool,
     ) -> Result<(), StorageError> {
-        btrfs::snapshot(src, &pool.data_path(kind, key), !writable)?;
+        pool.sys
+            .subvolumes
+            .snapshot(src, &pool.data_path(kind, key), !writable)?;
         Ok(())
     }
 
-    fn set_capacity(&self, data: &Path, capacity: u64) -> Result<(), StorageError> {
-        btrfs::set_limit(data, capacity)?;
-        btrfs::commit(data)?;
+    fn set_capacity(&self, pool: &Pool, data: &Path, capacity: u64) -> Result<(), StorageError> {
+        pool.sys.subvolumes.set_limit(data, capacity)?;
+        pool.sys.subvolumes.commit(data)?;
         Ok(())
     }
 
-    fn frozen_view(&self, data: &Path, at: &Path) -> Result<Option<std::path::PathBuf>, StorageError> {
-        btrfs::snapshot(data, at, true)?;
+    fn frozen_view(&self, pool: &Pool, data: &Path, at: &Path) -> Result<Option<std::path::PathBuf>, StorageError> {
+        pool.sys.subvolumes.snapshot(data, at, true)?;
         Ok(Some(at.to_path_buf()))
     }
 
-    fn own_usage(&self, data: &Path, capacity: u64) -> Result<Option<(u64, u64)>, StorageError> {
+    fn own_usage(&self, pool: &Pool, data: &Path, capacity: u64) -> Result<Option<(u64, u64)>, StorageError> {
         // statfs shows the whole pool; the qgroup holds the volume's own figures.
-        let q = btrfs::usage(data)?;
+        let q = pool.sys.subvolumes.usage(data)?;
         Ok(Some((q.max_referenced.unwrap_or(capacity), q.referenced)))
     }
 
-    fn fault(&self, data: &Path) -> Option<String> {
-        (!btrfs::is_subvolume(data).unwrap_or(false))
+    fn fault(&self, pool: &Pool, data: &Path) -> Option<String> {
+        (!pool.sys.subvolumes.is_subvolume(data).unwrap_or(false))
             .then(|| format!("volume data {} is not a btrfs subvolume", data.display()))
     }
 }

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use crate::crash;
-use crate::sys::fstools::{self, FsType};
+use crate::sys::fstools::FsType;
 use crate::sys::{copy, files};
 
 use super::{allocated, copy_via_work, image_mounts, Frozen, LayoutOps, Made};
@@ -73,7 +73,7 @@ impl LayoutOps for Image {
         files::remove_tree(&work)?;
         files::create_sized(&work, capacity)?;
         if mode == VolumeMode::Filesystem {
-            if let Err(e) = fstools::mkfs(fs, &work) {
+            if let Err(e) = pool.sys.filesystems.mkfs(fs, &work) {
                 let _ = files::remove_tree(&work); // nothing is left in `.work` for the retry to trip on
                 return Err(e.into());
             }
@@ -95,13 +95,13 @@ impl LayoutOps for Image {
         freeze: bool,
     ) -> Result<(), StorageError> {
         copy_via_work(pool, kind, key, |work| {
-            let _frozen = if freeze { Some(Frozen::image(src)?) } else { None };
+            let _frozen = if freeze { Some(Frozen::image(pool, src)?) } else { None };
             copy::copy_file(src, work)?; // fsyncs the copy itself
             Ok(())
         })
     }
 
-    fn set_capacity(&self, data: &Path, capacity: u64) -> Result<(), StorageError> {
+    fn set_capacity(&self, _: &Pool, data: &Path, capacity: u64) -> Result<(), StorageError> {
         Ok(files::grow_to(data, capacity)?)
     }
 }

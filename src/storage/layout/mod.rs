@@ -18,10 +18,12 @@ mod dir;
 mod image;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::crash;
-use crate::sys::fstools::{self, FsType};
-use crate::sys::{btrfs as sys_btrfs, copy, files, loopdev, mountinfo};
+use crate::sys::filesystems::Filesystems;
+use crate::sys::fstools::FsType;
+use crate::sys::{copy, files, loopdev, mountinfo, StorageSys};
 
 use super::config::PoolConfig;
 use super::id::Key;
@@ -77,7 +79,7 @@ pub trait LayoutOps: Sync {
         false
     }
     /// Checks that a pool's filesystem can serve this layout and prepares it.
-    fn prepare(&self, _config: &PoolConfig, _on_btrfs: bool) -> Result<(), StorageError> {
+    fn prepare(&self, _sys: &StorageSys, _config: &PoolConfig, _on_btrfs: bool) -> Result<(), StorageError> {
         Ok(())
     }
     /// A new volume takes its whole capacity from the pool's room at once (image files may grow
@@ -87,7 +89,7 @@ pub trait LayoutOps: Sync {
     }
     /// A live volume is read for a copy to another node through a frozen view (a read-only
     /// snapshot made at `at`), which the caller purges after; `None` reads it in place.
-    fn frozen_view(&self, _data: &Path, _at: &Path) -> Result<Option<std::path::PathBuf>, StorageError> {
+    fn frozen_view(&self, _pool: &Pool, _data: &Path, _at: &Path) -> Result<Option<std::path::PathBuf>, StorageError> {
         Ok(None)
     }
     /// A snapshot of a volume in `mode` can be cut at one point in time with other volumes' (a group
@@ -127,16 +129,16 @@ pub trait LayoutOps: Sync {
         freeze: bool,
     ) -> Result<(), StorageError>;
     /// Gives a volume its capacity (after a copy, or an expand).
-    fn set_capacity(&self, _data: &Path, _capacity: u64) -> Result<(), StorageError> {
+    fn set_capacity(&self, _pool: &Pool, _data: &Path, _capacity: u64) -> Result<(), StorageError> {
         Ok(())
     }
     /// The volume's own usage when the filesystem it lives in cannot tell it (statfs of a btrfs
     /// subvolume shows the whole pool): `(limit, used)` bytes.
-    fn own_usage(&self, _data: &Path, _capacity: u64) -> Result<Option<(u64, u64)>, StorageError> {
+    fn own_usage(&self, _pool: &Pool, _data: &Path, _capacity: u64) -> Result<Option<(u64, u64)>, StorageError> {
         Ok(None)
     }
     /// Why data of the right kind of entry is still not what this layout makes, if it is not.
-    fn fault(&self, _data: &Path) -> Option<String> {
+    fn fault(&self, _pool: &Pool, _data: &Path) -> Option<String> {
         None
     }
 }
@@ -152,10 +154,10 @@ pub fn of(layout: Layout) -> &'static dyn LayoutOps {
 
 /// Checks that the pool's filesystem can serve every layout the pool allows, and prepares it
 /// (btrfs quotas). A pool that cannot is refused with a message saying why.
-pub fn check_pool(config: &PoolConfig) -> Result<PoolFeatures, StorageError> {
-    let is_btrfs = sys_btrfs::is_btrfs(&config.path)?;
+pub fn check_pool(config: &PoolConfig, sys: &StorageSys) -> Result<PoolFeatures, StorageError> {
+    let is_btrfs = sys.subvolumes.is_btrfs(&config.path)?;
     for l in &config.layouts {
-        of(*l).prepare(config, is_btrfs)?;
+        of(*l).prepare(sys, config, is_btrfs)?;
     }
     Ok(PoolFeatures {
         reflink: copy::supports_reflink(&config.path),
@@ -216,13 +218,15 @@ pub fn clear_leftover(pool: &Pool, kind: Kind, key: &Key) -> Result<(), StorageE
     let data = pool.data_path(kind, key);
     match files::entry(&data)? {
         files::Entry::Missing => return Ok(()),
-        files::Entry::Dir if sys_btrfs::is_subvolume(&data).unwrap_or(false) => sys_btrfs::delete_subvolume(&data)?,
+        files::Entry::Dir if pool.sys.subvolumes.is_subvolume(&data).unwrap_or(false) => {
+            pool.sys.subvolumes.delete(&data)?
+        }
         _ => {
             let trashed = pool
                 .trash_dir()
                 .join(format!("leftover-{}-{}", key.as_str(), uuid::Uuid::new_v4().simple()));
             files::rename(&data, &trashed)?;
-            purge(&trashed)?;
+            purge(&pool.sys, &trashed)?;
         }
     }
     tracing::info!(path = %data.display(), "removed data a failed call left without a record");
@@ -230,10 +234,10 @@ pub fn clear_leftover(pool: &Pool, kind: Kind, key: &Key) -> Result<(), StorageE
 }
 
 /// Removes data that has been moved out of its place (into the trash): subvolumes through btrfs.
-pub fn purge(path: &Path) -> Result<(), StorageError> {
-    if sys_btrfs::is_subvolume(path).unwrap_or(false) {
+pub fn purge(sys: &StorageSys, path: &Path) -> Result<(), StorageError> {
+    if sys.subvolumes.is_subvolume(path).unwrap_or(false) {
         // A read-only snapshot cannot be emptied file by file; btrfs drops a subvolume in one step.
-        sys_btrfs::delete_subvolume(path)?;
+        sys.subvolumes.delete(path)?;
         return Ok(());
     }
     files::remove_tree(path)?;
@@ -241,7 +245,7 @@ pub fn purge(path: &Path) -> Result<(), StorageError> {
 }
 
 /// Why a volume's data is not as its record says, if it is not.
-pub fn fault(layout: Layout, data: &Path) -> Option<String> {
+pub fn fault(pool: &Pool, layout: Layout, data: &Path) -> Option<String> {
     let entry = match files::entry(data) {
         Ok(e) => e,
         Err(e) => return Some(format!("volume data {} cannot be read: {e}", data.display())),
@@ -260,7 +264,7 @@ pub fn fault(layout: Layout, data: &Path) -> Option<String> {
             data.display()
         ));
     }
-    of(layout).fault(data)
+    of(layout).fault(pool, data)
 }
 
 /// Allocated bytes of an image file: what it already uses of its capacity.
@@ -272,15 +276,17 @@ pub fn allocated(data: &Path) -> u64 {
 /// copy of a volume in use is consistent. Thawed on drop, also on error.
 struct Frozen {
     mountpoints: Vec<std::path::PathBuf>,
+    filesystems: Arc<dyn Filesystems>,
 }
 
 impl Frozen {
-    fn image(image: &Path) -> Result<Frozen, StorageError> {
+    fn image(pool: &Pool, image: &Path) -> Result<Frozen, StorageError> {
         let mut frozen = Frozen {
             mountpoints: Vec::new(),
+            filesystems: pool.sys.filesystems.clone(),
         };
         for m in image_mounts(image)? {
-            fstools::freeze(&m)?;
+            frozen.filesystems.freeze(&m)?;
             frozen.mountpoints.push(m);
         }
         Ok(frozen)
@@ -310,7 +316,7 @@ fn image_mounts(image: &Path) -> Result<Vec<std::path::PathBuf>, StorageError> {
 impl Drop for Frozen {
     fn drop(&mut self) {
         for m in &self.mountpoints {
-            if let Err(e) = fstools::thaw(m) {
+            if let Err(e) = self.filesystems.thaw(m) {
                 tracing::error!(mountpoint = %m.display(), error = %e, "could not thaw after a snapshot");
             }
         }

@@ -1,0 +1,187 @@
+//! Filesystems inside image volumes behind one seam, at the grain of single operations: making one,
+//! recognising one, freezing and thawing one, so the create plan, copies and group snapshots of
+//! `image` volumes can be driven by a recording fake ([`RecordingFilesystems`]) without root.
+//! Growing a filesystem belongs with its loop device ([`super::devices::Devices`]).
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::fstools::{self, FsType};
+use super::{Recorded, Step, SysError};
+
+pub trait Filesystems: Send + Sync {
+    /// Makes a filesystem of type `fs` on the file or block device `target`, over what it held.
+    fn mkfs(&self, fs: FsType, target: &Path) -> Result<(), SysError>;
+    /// Which filesystem the unmounted file or device `target` holds; `None` when it holds nothing
+    /// recognisable, an error when it holds something that is neither ext4 nor xfs.
+    fn probe(&self, target: &Path) -> Result<Option<FsType>, SysError>;
+    /// Freezes the filesystem mounted at `mountpoint` until [`Filesystems::thaw`]; one already
+    /// frozen fails with EBUSY.
+    fn freeze(&self, mountpoint: &Path) -> Result<(), SysError>;
+    /// Thaws the filesystem mounted at `mountpoint`; one that is not frozen is fine.
+    fn thaw(&self, mountpoint: &Path) -> Result<(), SysError>;
+}
+
+/// The real thing: mkfs.ext4/mkfs.xfs, the superblock magics and FIFREEZE/FITHAW.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxFilesystems;
+
+impl Filesystems for LinuxFilesystems {
+    fn mkfs(&self, fs: FsType, target: &Path) -> Result<(), SysError> {
+        fstools::mkfs(fs, target)
+    }
+    fn probe(&self, target: &Path) -> Result<Option<FsType>, SysError> {
+        fstools::probe(target)
+    }
+    fn freeze(&self, mountpoint: &Path) -> Result<(), SysError> {
+        fstools::freeze(mountpoint)
+    }
+    fn thaw(&self, mountpoint: &Path) -> Result<(), SysError> {
+        fstools::thaw(mountpoint)
+    }
+}
+
+/// Filesystems that exist only as their superblock magic: mkfs writes the magic of its type into
+/// the file (so a rename or a copy of the file carries it, and probe finds it there, as the real
+/// probe would) and refuses what the real tools refuse (a missing file, xfs under its minimum);
+/// freezes are remembered per mountpoint. Every call is recorded; the next call of an operation can
+/// be made to fail with an errno. For unit tests of the logic above `sys`.
+#[derive(Debug, Default)]
+pub struct RecordingFilesystems {
+    state: Recorded<FsState>,
+}
+
+#[derive(Debug, Default)]
+struct FsState {
+    frozen: BTreeSet<PathBuf>,
+}
+
+impl RecordingFilesystems {
+    pub fn calls(&self) -> Vec<String> {
+        self.state.calls()
+    }
+
+    /// The next call of `op` ("mkfs", "probe", "freeze", "thaw") fails with `errno`.
+    pub fn fail_next(&self, op: &'static str, errno: i32) {
+        self.state.fail_next(op, errno);
+    }
+
+    /// The mountpoints frozen now.
+    pub fn frozen(&self) -> Vec<PathBuf> {
+        self.state.lock().frozen.iter().cloned().collect()
+    }
+}
+
+impl Filesystems for RecordingFilesystems {
+    fn mkfs(&self, fs: FsType, target: &Path) -> Result<(), SysError> {
+        drop(
+            self.state
+                .enter("mkfs", format!("mkfs {} {}", fs.as_str(), target.display()), target)?,
+        );
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(target)
+            .step("open", target)?;
+        let len = f.metadata().step("stat", target)?.len();
+        if len < fs.min_bytes() {
+            return Err(SysError::Tool {
+                tool: format!("mkfs.{} {}", fs.as_str(), target.display()),
+                status: "exit status: 1".into(),
+                stderr: format!("{len} bytes is below the smallest {fs} filesystem"),
+            });
+        }
+        // What the real probe reads: "XFSB" at 0, or 0xEF53 at 1080; the other one is cleared.
+        let (magic, at, other, other_at): (&[u8], u64, &[u8], u64) = match fs {
+            FsType::Xfs => (b"XFSB", 0, &[0, 0], 1080),
+            FsType::Ext4 => (&[0x53, 0xEF], 1080, &[0, 0, 0, 0], 0),
+        };
+        f.write_all_at(other, other_at).step("write superblock", target)?;
+        f.write_all_at(magic, at).step("write superblock", target)?;
+        Ok(())
+    }
+    fn probe(&self, target: &Path) -> Result<Option<FsType>, SysError> {
+        drop(
+            self.state
+                .enter("probe", format!("probe {}", target.display()), target)?,
+        );
+        // Reading a superblock needs no privilege: the fake reads what its mkfs wrote.
+        fstools::probe(target)
+    }
+    fn freeze(&self, mountpoint: &Path) -> Result<(), SysError> {
+        let mut s = self
+            .state
+            .enter("freeze", format!("freeze {}", mountpoint.display()), mountpoint)?;
+        if !s.frozen.insert(mountpoint.to_path_buf()) {
+            return Err(SysError::io(
+                "freeze (FIFREEZE)",
+                mountpoint,
+                std::io::Error::from_raw_os_error(libc::EBUSY),
+            ));
+        }
+        Ok(())
+    }
+    fn thaw(&self, mountpoint: &Path) -> Result<(), SysError> {
+        let mut s = self
+            .state
+            .enter("thaw", format!("thaw {}", mountpoint.display()), mountpoint)?;
+        s.frozen.remove(mountpoint);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn a_recorded_mkfs_is_found_by_probe_and_follows_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("img");
+        std::fs::File::create(&img)
+            .expect("file")
+            .set_len(400 * MIB)
+            .expect("size");
+        let fs = RecordingFilesystems::default();
+        assert_eq!(fs.probe(&img).expect("probe"), None);
+        fs.mkfs(FsType::Ext4, &img).expect("mkfs");
+        let moved = dir.path().join("moved");
+        std::fs::rename(&img, &moved).expect("rename");
+        assert_eq!(fs.probe(&moved).expect("probe"), Some(FsType::Ext4));
+        fs.mkfs(FsType::Xfs, &moved).expect("mkfs over it");
+        assert_eq!(fstools::probe(&moved).expect("real probe"), Some(FsType::Xfs));
+        assert_eq!(fs.calls().len(), 4);
+    }
+
+    #[test]
+    fn a_recorded_mkfs_refuses_what_the_tools_refuse_and_fails_when_told() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fs = RecordingFilesystems::default();
+        let missing = fs.mkfs(FsType::Ext4, &dir.path().join("missing")).unwrap_err();
+        assert_eq!(missing.errno(), Some(libc::ENOENT));
+        let small = dir.path().join("small");
+        std::fs::File::create(&small)
+            .expect("file")
+            .set_len(32 * MIB)
+            .expect("size");
+        assert!(matches!(fs.mkfs(FsType::Xfs, &small), Err(SysError::Tool { .. })));
+        fs.fail_next("mkfs", libc::ENOSPC);
+        assert_eq!(fs.mkfs(FsType::Ext4, &small).unwrap_err().errno(), Some(libc::ENOSPC));
+        assert_eq!(fs.probe(&small).expect("probe"), None, "a failed mkfs made nothing");
+        fs.mkfs(FsType::Ext4, &small).expect("only the next call fails");
+    }
+
+    #[test]
+    fn a_recorded_freeze_holds_until_thawed() {
+        let fs = RecordingFilesystems::default();
+        let m = Path::new("/mnt/vol");
+        fs.freeze(m).expect("freeze");
+        assert_eq!(fs.freeze(m).unwrap_err().errno(), Some(libc::EBUSY));
+        assert_eq!(fs.frozen(), vec![m.to_path_buf()]);
+        fs.thaw(m).expect("thaw");
+        fs.thaw(m).expect("thaw again is fine");
+        assert!(fs.frozen().is_empty());
+    }
+}
