@@ -56,15 +56,11 @@ impl Kind {
 }
 
 impl Pool {
-    /// Opens (creating if needed) the pool's directories and clears what a crash left in `.work` and
-    /// `.trash`: half-built copies and half-deleted data, neither of which any record points at.
-    /// Opens a pool. The `owner` of a pool clears what a crash left in its `.work` (and, for local
-    /// pools, `.trash`): every local pool is its node's; a shared pool is the controller's, and a
-    /// node that opens it to publish its volumes must not touch a copy the controller is making.
-    pub fn open(config: PoolConfig, sys: StorageSys) -> Result<Pool, StorageError> {
-        Self::open_as(config, true, sys)
-    }
-
+    /// Opens (creating if needed) the pool's directories. The `owner` of a pool clears what a crash
+    /// left in its `.work` (and, for local pools, `.trash`): half-built copies and half-deleted data,
+    /// neither of which any record points at. Every local pool is its node's owner; a shared pool is
+    /// the controller's, and a node that opens it to publish its volumes must not touch a copy the
+    /// controller is making.
     pub fn open_as(config: PoolConfig, owner: bool, sys: StorageSys) -> Result<Pool, StorageError> {
         if config.is_shared() {
             // Every step on a share may hang when its server is gone: bound the whole opening.
