@@ -47,6 +47,18 @@ async fn main() {
     let started = Instant::now();
     let c = ScaleCluster::start(Options::new(&bin, nodes, volumes)).await;
     let registered = started.elapsed();
+    // Release builds abort on panic, so `ScaleCluster`'s Drop would not run: a failed measurement
+    // still stops the controller and removes the cluster's directory.
+    let (pid, dir) = (c.controller_pid(), c.path().to_path_buf());
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }));
     println!(
         "controller pid {}; {nodes} nodes x {volumes} volumes registered in {registered:.1?}",
         c.controller_pid()
