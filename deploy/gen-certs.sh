@@ -9,7 +9,7 @@
 #   deploy/gen-certs.sh [--namespace cellar-system] [--release cellar] [--days 3650]
 #                       [--cluster-domain cluster.local] [--out DIR] [--node NAME ...]
 #
-#   deploy/gen-certs.sh | kubectl apply -f -            # for deploy/cellar.yaml
+#   deploy/gen-certs.sh | kubectl apply -f -            # for a render with tls.generate=false
 #
 # --release is the Helm release name (the object names' prefix, "cellar" in deploy/cellar.yaml).
 # With --out DIR: DIR/ca.crt, DIR/ca.key, DIR/controller.{crt,key}, DIR/node.{crt,key} and no

@@ -3,10 +3,11 @@
 #
 #   deploy/render.sh [OUT]      # default deploy/cellar.yaml; "-" writes to stdout
 #
-# The chart's default values in namespace cellar-system, except tls.generate=false: certificates
-# rendered into a file would put one private key in every cluster that applies it, so the
-# manifests expect the two TLS Secrets that deploy/gen-certs.sh makes. helm is $HELM, else the
-# one on PATH. tests/chart.rs checks that deploy/cellar.yaml is what this script writes.
+# The chart's default values in namespace cellar-system. They render no key: the controller makes
+# its cluster CA and its own certificate at its first start and the nodes enrol for theirs
+# (docs/install.md, "Certificates"), so one file serves every cluster and no Secret has to be made
+# first. helm is $HELM, else the one on PATH. tests/chart.rs checks that deploy/cellar.yaml is what
+# this script writes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 helm=${HELM:-helm}
@@ -19,8 +20,8 @@ render() {
 # defaults (one local pool under /var/lib/cellar, StorageClass "cellar"). Do not edit: change the
 # chart or use Helm (docs/install.md).
 #
-# The TLS Secrets are not in this file; make them first, then apply it:
-#   deploy/gen-certs.sh | kubectl apply -f -
+# No certificates to make first: the controller makes its cluster CA (Secret cellar-cluster-ca) and
+# its own certificate when it starts, and each node enrols for a certificate naming its node.
 #   kubectl apply -f deploy/cellar.yaml
 ---
 apiVersion: v1
@@ -31,7 +32,7 @@ metadata:
     # The node plugin is privileged (mounts, loop devices).
     pod-security.kubernetes.io/enforce: privileged
 HEADER
-  "$helm" template cellar charts/cellar --namespace "$namespace" --set tls.generate=false
+  "$helm" template cellar charts/cellar --namespace "$namespace"
 }
 
 if [ "$out" = "-" ]; then

@@ -372,6 +372,26 @@ fn deploy_manifests_are_the_chart_rendered_by_render_sh() {
         docs.iter().all(|d| d.kind() != "Secret"),
         "no private key in the manifests"
     );
+    // Nothing to make before applying it: no Secret is mounted, the controller makes its cluster CA.
+    for d in docs.iter().filter(|d| matches!(d.kind(), "Deployment" | "DaemonSet")) {
+        for v in seq(&d.value["spec"]["template"]["spec"]["volumes"]) {
+            assert!(
+                v["secret"].is_null(),
+                "{} mounts a Secret someone must make first: {v:?}",
+                d.name()
+            );
+        }
+    }
+    let controller = docs
+        .iter()
+        .find(|d| d.kind() == "Deployment")
+        .expect("the controller Deployment");
+    assert!(
+        controller
+            .text
+            .contains("--cluster-ca-secret=cellar-system/cellar-cluster-ca"),
+        "deploy/cellar.yaml's controller makes its own cluster CA"
+    );
     assert_valid("deploy-cellar", &docs, &["1.30.0", "1.35.0"]);
     // Apart from the certificates (deploy/gen-certs.sh), the file is the chart's defaults.
     let defaults = split_docs(&render_set("defaults"));
@@ -1860,7 +1880,9 @@ async fn gen_certs_script_makes_the_secrets_the_manifests_mount() {
             )
         })
         .collect();
-    let manifests = split_docs(&std::fs::read_to_string(repo().join("deploy/cellar.yaml")).expect("cellar.yaml"));
+    // gen-certs.sh is for bring-your-own certificates (tls.generate=false); deploy/cellar.yaml mounts
+    // none: its controller makes its own.
+    let manifests = split_docs(&render(&["--set", "tls.generate=false"]));
     let mut mounted = BTreeSet::new();
     for d in manifests
         .iter()
