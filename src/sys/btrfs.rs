@@ -392,8 +392,7 @@ fn fd_subvolume_id(f: &File, path: &Path) -> Result<u64, SysError> {
 /// need no commit; the snapshot ioctl commits itself.
 pub fn commit(path: &Path) -> Result<(), SysError> {
     let f = open_any(path)?;
-    // SAFETY: `f` is an open fd; syncfs has no memory arguments.
-    cvt(unsafe { libc::syncfs(f.as_raw_fd()) }).step("commit (syncfs)", path)?;
+    nix::unistd::syncfs(&f).map_err(io::Error::from).step("commit (syncfs)", path)?;
     Ok(())
 }
 
@@ -463,8 +462,7 @@ fn usage_in(sys: &Path, path: &Path) -> Result<QgroupUsage, SysError> {
             io::Error::from_raw_os_error(libc::EINVAL),
         ));
     }
-    // SAFETY: `f` is an open fd; syncfs has no memory arguments.
-    cvt(unsafe { libc::syncfs(f.as_raw_fd()) }).step("syncfs", path)?;
+    nix::unistd::syncfs(&f).map_err(io::Error::from).step("syncfs", path)?;
     let id = fd_subvolume_id(&f, path)?;
     let qgroups = qgroups_dir(sys, &f, path)?;
     let dir = qgroups.join(format!("0_{id}"));

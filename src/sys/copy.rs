@@ -5,8 +5,14 @@
 //! same extents through a stream.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
+
+use nix::errno::Errno;
+use nix::fcntl::AtFlags;
+use nix::fcntl::{OFlag, AT_FDCWD};
+use nix::sys::stat::Mode;
+use nix::unistd::Whence;
 
 use super::cvt;
 use super::tree::{self, cstr, fstatat, openat, SourceTree, TreeWriter};
@@ -52,9 +58,9 @@ pub fn copy_file(src: &Path, dst: &Path) -> Result<CopyStats, SysError> {
 
 /// Opens an image file for reading, never through a symlink; its size with it.
 pub fn open_image(path: &Path) -> Result<(OwnedFd, u64), SysError> {
-    let s =
-        open_path(path, libc::O_RDONLY | libc::O_NOFOLLOW, 0).map_err(|e| SysError::io("open copy source", path, e))?;
-    let st = fstatat(s.as_raw_fd(), c"", libc::AT_EMPTY_PATH).map_err(|e| SysError::io("stat", path, e))?;
+    let s = open_path(path, OFlag::O_RDONLY | OFlag::O_NOFOLLOW, Mode::empty())
+        .map_err(|e| SysError::io("open copy source", path, e))?;
+    let st = fstatat(&s, c"", AtFlags::AT_EMPTY_PATH).map_err(|e| SysError::io("stat", path, e))?;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return Err(SysError::io(
             "copy (not a regular file)",
@@ -69,8 +75,8 @@ pub fn open_image(path: &Path) -> Result<(OwnedFd, u64), SysError> {
 pub fn create_image(path: &Path) -> Result<OwnedFd, SysError> {
     open_path(
         path,
-        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
-        0o600,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
+        Mode::S_IRUSR | Mode::S_IWUSR,
     )
     .map_err(|e| SysError::io("create", path, e))
 }
@@ -85,31 +91,20 @@ pub fn set_len(f: &OwnedFd, size: u64, path: &Path) -> Result<(), SysError> {
 /// a shared extent that means reading the block from disk first (it was most of the time of a
 /// tree copy of small files).
 pub(super) fn resize(f: &OwnedFd, size: u64) -> io::Result<()> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
-    // SAFETY: f is a valid fd and st is writable memory of the size fstat fills.
-    cvt(unsafe { libc::fstat(f.as_raw_fd(), st.as_mut_ptr()) })?;
-    // SAFETY: fstat succeeded, so st is initialised.
-    if unsafe { st.assume_init() }.st_size as u64 == size {
+    if nix::sys::stat::fstat(f)?.st_size as u64 == size {
         return Ok(());
     }
-    // SAFETY: f is a valid fd.
-    cvt(unsafe { libc::ftruncate(f.as_raw_fd(), size as libc::off_t) }).map(|_| ())
+    Ok(nix::unistd::ftruncate(f, size as libc::off_t)?)
 }
 
 pub fn fsync(f: &OwnedFd, path: &Path) -> Result<(), SysError> {
-    // SAFETY: f is a valid fd.
-    cvt(unsafe { libc::fsync(f.as_raw_fd()) })
-        .map(|_| ())
-        .map_err(|e| SysError::io("fsync", path, e))
+    nix::unistd::fsync(f).map_err(|e| SysError::io("fsync", path, e.into()))
 }
 
 /// Flushes the whole filesystem holding `path`: a tree written file by file is durable in one call.
 pub fn sync_filesystem(path: &Path) -> Result<(), SysError> {
-    let d = tree::open_dir_at(libc::AT_FDCWD, path).map_err(|e| SysError::io("open", path, e))?;
-    // SAFETY: d is a valid fd.
-    cvt(unsafe { libc::syncfs(d.as_raw_fd()) })
-        .map(|_| ())
-        .map_err(|e| SysError::io("syncfs", path, e))
+    let d = tree::open_dir_at(AT_FDCWD, path).map_err(|e| SysError::io("open", path, e))?;
+    nix::unistd::syncfs(&d).map_err(|e| SysError::io("syncfs", path, e.into()))
 }
 
 /// Calls `each(start, end)` for every data extent of the first `size` bytes of `f`, in order
@@ -125,24 +120,21 @@ pub fn data_extents_from(
     size: u64,
     mut each: impl FnMut(u64, u64) -> io::Result<()>,
 ) -> io::Result<()> {
-    let s = f.as_raw_fd();
     let mut off = start as i64;
     while (off as u64) < size {
-        // SAFETY: s is a valid fd; lseek has no memory arguments.
-        let data = unsafe { libc::lseek(s, off, libc::SEEK_DATA) };
-        if data < 0 {
-            match io::Error::last_os_error().raw_os_error() {
-                Some(libc::ENXIO) => break, // only a hole remains
-                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => return each(off as u64, size),
-                _ => return Err(io::Error::last_os_error()),
-            }
-        }
+        let data = match nix::unistd::lseek(f, off, Whence::SeekData) {
+            Ok(data) => data,
+            Err(Errno::ENXIO) => break, // only a hole remains
+            Err(Errno::EINVAL | Errno::EOPNOTSUPP) => return each(off as u64, size),
+            Err(e) => return Err(e.into()),
+        };
         if data as u64 >= size {
             break;
         }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(s, data, libc::SEEK_HOLE) };
-        let end = if hole < 0 { size as i64 } else { hole.min(size as i64) };
+        let end = match nix::unistd::lseek(f, data, Whence::SeekHole) {
+            Ok(hole) => hole.min(size as i64),
+            Err(_) => size as i64,
+        };
         each(data as u64, end as u64)?;
         off = end;
     }
@@ -153,33 +145,22 @@ pub fn data_extents_from(
 pub fn read_at(f: &OwnedFd, buf: &mut [u8], off: u64) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
-        // SAFETY: buf[got..] is writable for its length.
-        let n = unsafe {
-            libc::pread(
-                f.as_raw_fd(),
-                buf[got..].as_mut_ptr().cast(),
-                buf.len() - got,
-                (off + got as u64) as libc::off_t,
-            )
+        let n = match nix::sys::uio::pread(f, &mut buf[got..], (off + got as u64) as libc::off_t) {
+            Ok(n) => n,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
         if n == 0 {
             break;
         }
-        got += n as usize;
+        got += n;
     }
     Ok(got)
 }
 
 /// Writes all of `data` at `off`.
 pub fn write_at(f: &OwnedFd, data: &[u8], off: u64) -> io::Result<()> {
-    pwrite_all(f.as_raw_fd(), data, off as i64)
+    pwrite_all(f.as_fd(), data, off as i64)
 }
 
 /// Whether the filesystem holding `dir` can share extents between files (btrfs, xfs with reflink).
@@ -188,8 +169,12 @@ pub fn supports_reflink(dir: &Path) -> bool {
     let b = dir.join(format!(".reflink-probe-{}-copy", std::process::id()));
     let result = (|| -> io::Result<()> {
         std::fs::write(&a, b"probe")?;
-        let s = open_path(&a, libc::O_RDONLY, 0)?;
-        let d = open_path(&b, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)?;
+        let s = open_path(&a, OFlag::O_RDONLY, Mode::empty())?;
+        let d = open_path(
+            &b,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL,
+            Mode::S_IRUSR | Mode::S_IWUSR,
+        )?;
         reflink(&s, &d)
     })();
     let _ = std::fs::remove_file(&a);
@@ -197,9 +182,9 @@ pub fn supports_reflink(dir: &Path) -> bool {
     result.is_ok()
 }
 
-fn open_path(p: &Path, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+fn open_path(p: &Path, flags: OFlag, mode: Mode) -> io::Result<OwnedFd> {
     let c = cstr(p.as_os_str())?;
-    openat(libc::AT_FDCWD, &c, flags, mode)
+    openat(AT_FDCWD, &c, flags, mode)
 }
 
 /// A file's data into an empty file: shared extents where the filesystem can, else a sparse copy.
@@ -218,69 +203,55 @@ fn reflink(src: &OwnedFd, dst: &OwnedFd) -> io::Result<()> {
 
 /// Copies only the data extents of `src`, so holes stay holes.
 fn copy_data(src: &OwnedFd, dst: &OwnedFd, size: u64) -> io::Result<()> {
-    let (s, d) = (src.as_raw_fd(), dst.as_raw_fd());
+    let (s, d) = (src.as_fd(), dst.as_fd());
     data_extents(src, size, |start, end| {
         copy_range(s, d, start as i64, (end - start) as i64)
     })?;
-    // SAFETY: d is a valid fd; sets the length so a trailing hole is kept.
-    cvt(unsafe { libc::ftruncate(d, size as libc::off_t) }).map(|_| ())
+    // Sets the length so a trailing hole is kept.
+    Ok(nix::unistd::ftruncate(d, size as libc::off_t)?)
 }
 
-fn copy_range(s: RawFd, d: RawFd, start: i64, len: i64) -> io::Result<()> {
+fn copy_range(s: BorrowedFd<'_>, d: BorrowedFd<'_>, start: i64, len: i64) -> io::Result<()> {
     let (mut so, mut doff) = (start, start);
     let end = start + len;
     while so < end {
         let want = (end - so).min(1 << 30) as usize;
-        // SAFETY: offsets are valid pointers to local i64s; fds are valid.
-        let n = unsafe { libc::copy_file_range(s, &mut so, d, &mut doff, want, 0) };
-        if n < 0 {
-            match io::Error::last_os_error().raw_os_error() {
-                Some(libc::EXDEV) | Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => {
-                    return copy_range_rw(s, d, so, end - so);
-                }
-                _ => return Err(io::Error::last_os_error()),
+        match nix::fcntl::copy_file_range(s, Some(&mut so), d, Some(&mut doff), want) {
+            Ok(0) => break, // the file shrank under us
+            Ok(_) => {}
+            Err(Errno::EXDEV | Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
+                return copy_range_rw(s, d, so, end - so);
             }
-        }
-        if n == 0 {
-            break; // the file shrank under us
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(())
 }
 
-fn copy_range_rw(s: RawFd, d: RawFd, start: i64, len: i64) -> io::Result<()> {
+fn copy_range_rw(s: BorrowedFd<'_>, d: BorrowedFd<'_>, start: i64, len: i64) -> io::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut off = start;
     let end = start + len;
     while off < end {
         let want = ((end - off) as usize).min(buf.len());
-        // SAFETY: buf has `want` writable bytes.
-        let n = unsafe { libc::pread(s, buf.as_mut_ptr().cast(), want, off) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let n = nix::sys::uio::pread(s, &mut buf[..want], off)?;
         if n == 0 {
             break;
         }
-        pwrite_all(d, &buf[..n as usize], off)?;
+        pwrite_all(d, &buf[..n], off)?;
         off += n as i64;
     }
     Ok(())
 }
 
-fn pwrite_all(d: RawFd, data: &[u8], off: i64) -> io::Result<()> {
+fn pwrite_all(d: BorrowedFd<'_>, data: &[u8], off: i64) -> io::Result<()> {
     let mut w = 0;
     while w < data.len() {
-        // SAFETY: the slice data[w..] is initialised and in bounds.
-        let m = unsafe { libc::pwrite(d, data[w..].as_ptr().cast(), data.len() - w, off + w as i64) };
-        if m < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+        match nix::sys::uio::pwrite(d, &data[w..], off + w as i64) {
+            Ok(m) => w += m,
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
-        w += m as usize;
     }
     Ok(())
 }

@@ -15,11 +15,17 @@
 use std::collections::HashMap;
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use super::cvt;
+use nix::fcntl::AtFlags;
+use nix::fcntl::{OFlag, AT_FDCWD};
+use nix::sys::stat::{FchmodatFlags, FileStat, Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use nix::unistd::{Gid, Uid};
+
 use super::SysError;
 
 /// Deeper trees are refused rather than risk running out of file descriptors.
@@ -70,7 +76,7 @@ pub struct SourceTree {
 
 impl SourceTree {
     pub fn open(src: &Path) -> Result<SourceTree, SysError> {
-        let fd = open_dir_at(libc::AT_FDCWD, src).map_err(|e| SysError::io("open copy source", src, e))?;
+        let fd = open_dir_at(AT_FDCWD, src).map_err(|e| SysError::io("open copy source", src, e))?;
         Ok(SourceTree {
             fd,
             path: src.to_path_buf(),
@@ -79,25 +85,24 @@ impl SourceTree {
 
     /// The root directory's own metadata (what its `leave` carries).
     pub fn root_meta(&self) -> Result<Meta, SysError> {
-        let st =
-            fstatat(self.fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH).map_err(|e| SysError::io("stat", &self.path, e))?;
+        let st = fstatat(&self.fd, c"", AtFlags::AT_EMPTY_PATH).map_err(|e| SysError::io("stat", &self.path, e))?;
         let w = Walker {
             root: self.path.clone(),
             links: HashMap::new(),
         };
-        w.meta_of(&st, Xattrs::Fd(self.fd.as_raw_fd()), Path::new(""))
+        w.meta_of(&st, Xattrs::Fd(self.fd.as_fd()), Path::new(""))
     }
 
     /// Reports every entry to `v`, the root's `leave` last.
     pub fn walk(self, v: &mut impl TreeVisitor) -> Result<(), SysError> {
         let (fd, src) = (self.fd, self.path);
-        let st = fstatat(fd.as_raw_fd(), c"", libc::AT_EMPTY_PATH).map_err(|e| SysError::io("stat", &src, e))?;
+        let st = fstatat(&fd, c"", AtFlags::AT_EMPTY_PATH).map_err(|e| SysError::io("stat", &src, e))?;
         let mut w = Walker {
             root: src,
             links: HashMap::new(),
         };
         w.dir(&fd, Path::new(""), 0, v)?;
-        let meta = w.meta_of(&st, Xattrs::Fd(fd.as_raw_fd()), Path::new(""))?;
+        let meta = w.meta_of(&st, Xattrs::Fd(fd.as_fd()), Path::new(""))?;
         v.leave(meta)
     }
 }
@@ -129,14 +134,13 @@ impl Walker {
             let name = entry.file_name();
             let child = rel.join(&name);
             let cname = cstr(&name).map_err(|e| self.err("name", &child, e))?;
-            let st =
-                fstatat(fd.as_raw_fd(), &cname, libc::AT_SYMLINK_NOFOLLOW).map_err(|e| self.err("stat", &child, e))?;
+            let st = fstatat(fd, &cname, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| self.err("stat", &child, e))?;
             match st.st_mode & libc::S_IFMT {
                 libc::S_IFDIR => {
-                    let d = open_dir_at(fd.as_raw_fd(), Path::new(&name)).map_err(|e| self.err("open", &child, e))?;
+                    let d = open_dir_at(fd, Path::new(&name)).map_err(|e| self.err("open", &child, e))?;
                     v.dir(&cname)?;
                     self.dir(&d, &child, depth + 1, v)?;
-                    let meta = self.meta_of(&st, Xattrs::Fd(d.as_raw_fd()), &child)?;
+                    let meta = self.meta_of(&st, Xattrs::Fd(d.as_fd()), &child)?;
                     v.leave(meta)?;
                 }
                 libc::S_IFREG => {
@@ -147,18 +151,18 @@ impl Walker {
                             continue;
                         }
                     }
-                    let f = openat(fd.as_raw_fd(), &cname, libc::O_RDONLY | libc::O_NOFOLLOW, 0)
+                    let f = openat(fd, &cname, OFlag::O_RDONLY | OFlag::O_NOFOLLOW, Mode::empty())
                         .map_err(|e| self.err("open", &child, e))?;
                     let link = (st.st_nlink > 1).then(|| {
                         let n = self.links.len() as u64;
                         self.links.insert(key, n);
                         n
                     });
-                    let meta = self.meta_of(&st, Xattrs::Fd(f.as_raw_fd()), &child)?;
+                    let meta = self.meta_of(&st, Xattrs::Fd(f.as_fd()), &child)?;
                     v.file(&cname, meta, &f, st.st_size as u64, link)?;
                 }
                 libc::S_IFLNK => {
-                    let target = readlinkat(fd.as_raw_fd(), &cname).map_err(|e| self.err("readlink", &child, e))?;
+                    let target = readlinkat(fd, &cname).map_err(|e| self.err("readlink", &child, e))?;
                     let path = entry_path(fd, &cname).map_err(|e| self.err("name", &child, e))?;
                     let meta = self.meta_of(&st, Xattrs::Path(&path), &child)?;
                     v.symlink(&cname, &target, meta)?;
@@ -173,7 +177,7 @@ impl Walker {
         Ok(())
     }
 
-    fn meta_of(&self, st: &libc::stat, x: Xattrs, rel: &Path) -> Result<Meta, SysError> {
+    fn meta_of(&self, st: &FileStat, x: Xattrs, rel: &Path) -> Result<Meta, SysError> {
         Ok(Meta {
             uid: st.st_uid,
             gid: st.st_gid,
@@ -198,15 +202,16 @@ pub struct TreeWriter {
 impl TreeWriter {
     /// Writes into `root`, which must not exist yet.
     pub fn create(root: &Path) -> Result<TreeWriter, SysError> {
-        let c = cstr(root.as_os_str()).map_err(|e| SysError::io("mkdir", root, e))?;
-        // SAFETY: c is a valid NUL-terminated path.
-        cvt(unsafe { libc::mkdir(c.as_ptr(), 0o700) }).map_err(|e| SysError::io("mkdir", root, e))?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(root)
+            .map_err(|e| SysError::io("mkdir", root, e))?;
         Self::into_existing(root)
     }
 
     /// Writes into `root`, an empty directory that exists (a new btrfs subvolume).
     pub fn into_existing(root: &Path) -> Result<TreeWriter, SysError> {
-        let fd = open_dir_at(libc::AT_FDCWD, root).map_err(|e| SysError::io("open copy target", root, e))?;
+        let fd = open_dir_at(AT_FDCWD, root).map_err(|e| SysError::io("open copy target", root, e))?;
         Ok(TreeWriter {
             root: root.to_path_buf(),
             stack: vec![(fd, PathBuf::new())],
@@ -225,7 +230,7 @@ impl TreeWriter {
 
     /// The current directory and the path of `name` in it, refusing any name that is not one
     /// plain path component.
-    fn at(&self, name: &CStr) -> Result<(RawFd, PathBuf), SysError> {
+    fn at(&self, name: &CStr) -> Result<(BorrowedFd<'_>, PathBuf), SysError> {
         let bytes = name.to_bytes();
         let Some((fd, dir)) = self.stack.last() else {
             return Err(self.err("copy (entry after the end of the tree)", Path::new(""), einval()));
@@ -234,7 +239,7 @@ impl TreeWriter {
         if bytes.is_empty() || bytes == b"." || bytes == b".." || bytes.contains(&b'/') {
             return Err(self.err("copy (bad entry name)", &rel, einval()));
         }
-        Ok((fd.as_raw_fd(), rel))
+        Ok((fd.as_fd(), rel))
     }
 
     /// Creates an empty regular file to fill; give it its data, then [`TreeWriter::finish_file`].
@@ -243,8 +248,8 @@ impl TreeWriter {
         let f = openat(
             dir,
             name,
-            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
-            0o600,
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
+            Mode::S_IRUSR | Mode::S_IWUSR,
         )
         .map_err(|e| self.err("create", &rel, e))?;
         if let Some(n) = link {
@@ -256,40 +261,39 @@ impl TreeWriter {
     /// Gives a filled file its length (a trailing hole stays a hole) and its metadata.
     pub fn finish_file(&self, f: &OwnedFd, rel: &Path, size: u64, meta: &Meta) -> Result<(), SysError> {
         super::copy::resize(f, size).map_err(|e| self.err("set length", rel, e))?;
-        self.apply(f.as_raw_fd(), rel, meta)
+        self.apply(f.as_fd(), rel, meta)
     }
 
     /// Owner, mode, xattrs and times of an open file or directory; owner first because chown clears
     /// set-id bits, times last because every other change touches them.
-    fn apply(&self, fd: RawFd, rel: &Path, meta: &Meta) -> Result<(), SysError> {
-        // SAFETY: fd is a valid open fd for the three calls below.
-        cvt(unsafe { libc::fchown(fd, meta.uid, meta.gid) }).map_err(|e| self.err("chown", rel, e))?;
-        cvt(unsafe { libc::fchmod(fd, meta.mode & 0o7777) }).map_err(|e| self.err("chmod", rel, e))?;
+    fn apply(&self, fd: BorrowedFd<'_>, rel: &Path, meta: &Meta) -> Result<(), SysError> {
+        let (uid, gid) = owner(meta);
+        nix::unistd::fchown(fd, uid, gid).map_err(|e| self.err("chown", rel, e.into()))?;
+        nix::sys::stat::fchmod(fd, mode_bits(meta.mode)).map_err(|e| self.err("chmod", rel, e.into()))?;
         Xattrs::Fd(fd)
             .write(&meta.xattrs)
             .map_err(|e| self.err("write xattrs", rel, e))?;
-        let times = timespecs(meta);
-        cvt(unsafe { libc::futimens(fd, times.as_ptr()) }).map_err(|e| self.err("set times", rel, e))?;
+        let (atime, mtime) = timespecs(meta);
+        nix::sys::stat::futimens(fd, &atime, &mtime).map_err(|e| self.err("set times", rel, e.into()))?;
         Ok(())
     }
 
     /// The same for entries that cannot be opened (symlinks, devices, fifos, sockets).
-    fn apply_at(&self, dir: RawFd, name: &CStr, rel: &Path, meta: &Meta, chmod: bool) -> Result<(), SysError> {
-        let nofollow = libc::AT_SYMLINK_NOFOLLOW;
-        // SAFETY: dir is a valid directory fd and name is NUL-terminated for all calls below.
-        cvt(unsafe { libc::fchownat(dir, name.as_ptr(), meta.uid, meta.gid, nofollow) })
-            .map_err(|e| self.err("chown", rel, e))?;
+    fn apply_at(&self, dir: BorrowedFd<'_>, name: &CStr, rel: &Path, meta: &Meta, chmod: bool) -> Result<(), SysError> {
+        let (uid, gid) = owner(meta);
+        nix::unistd::fchownat(dir, name, uid, gid, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .map_err(|e| self.err("chown", rel, e.into()))?;
         if chmod {
-            cvt(unsafe { libc::fchmodat(dir, name.as_ptr(), meta.mode & 0o7777, 0) })
-                .map_err(|e| self.err("chmod", rel, e))?;
+            nix::sys::stat::fchmodat(dir, name, mode_bits(meta.mode), FchmodatFlags::FollowSymlink)
+                .map_err(|e| self.err("chmod", rel, e.into()))?;
         }
         let path = fd_entry_path(dir, name).map_err(|e| self.err("name", rel, e))?;
         Xattrs::Path(&path)
             .write(&meta.xattrs)
             .map_err(|e| self.err("write xattrs", rel, e))?;
-        let times = timespecs(meta);
-        cvt(unsafe { libc::utimensat(dir, name.as_ptr(), times.as_ptr(), nofollow) })
-            .map_err(|e| self.err("set times", rel, e))?;
+        let (atime, mtime) = timespecs(meta);
+        nix::sys::stat::utimensat(dir, name, &atime, &mtime, UtimensatFlags::NoFollowSymlink)
+            .map_err(|e| self.err("set times", rel, e.into()))?;
         Ok(())
     }
 }
@@ -304,10 +308,14 @@ impl TreeVisitor for TreeWriter {
                 io::Error::from_raw_os_error(libc::ELOOP),
             ));
         }
-        // SAFETY: valid fd and NUL-terminated name.
-        cvt(unsafe { libc::mkdirat(dir, name.as_ptr(), 0o700) }).map_err(|e| self.err("mkdir", &rel, e))?;
-        let fd = openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)
-            .map_err(|e| self.err("open", &rel, e))?;
+        nix::sys::stat::mkdirat(dir, name, Mode::S_IRWXU).map_err(|e| self.err("mkdir", &rel, e.into()))?;
+        let fd = openat(
+            dir,
+            name,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
+            Mode::empty(),
+        )
+        .map_err(|e| self.err("open", &rel, e))?;
         self.stack.push((fd, rel));
         Ok(())
     }
@@ -320,7 +328,7 @@ impl TreeVisitor for TreeWriter {
                 einval(),
             ));
         };
-        self.apply(fd.as_raw_fd(), &rel, &meta)
+        self.apply(fd.as_fd(), &rel, &meta)
     }
 
     fn file(&mut self, name: &CStr, meta: Meta, data: &OwnedFd, size: u64, link: Option<u64>) -> Result<(), SysError> {
@@ -335,17 +343,14 @@ impl TreeVisitor for TreeWriter {
             return Err(self.err("link (to a file not in the tree)", &rel, einval()));
         };
         let first_c = cstr(self.root.join(first).as_os_str()).map_err(|e| self.err("link", &rel, e))?;
-        // SAFETY: both names are NUL-terminated and the fd is valid.
-        cvt(unsafe { libc::linkat(libc::AT_FDCWD, first_c.as_ptr(), dir, name.as_ptr(), 0) })
-            .map_err(|e| self.err("link", &rel, e))?;
+        nix::unistd::linkat(AT_FDCWD, first_c.as_c_str(), dir, name, AtFlags::empty())
+            .map_err(|e| self.err("link", &rel, e.into()))?;
         Ok(())
     }
 
     fn symlink(&mut self, name: &CStr, target: &CStr, meta: Meta) -> Result<(), SysError> {
         let (dir, rel) = self.at(name)?;
-        // SAFETY: both strings are NUL-terminated; dir is a valid directory fd.
-        cvt(unsafe { libc::symlinkat(target.as_ptr(), dir, name.as_ptr()) })
-            .map_err(|e| self.err("symlink", &rel, e))?;
+        nix::unistd::symlinkat(target, dir, name).map_err(|e| self.err("symlink", &rel, e.into()))?;
         self.apply_at(dir, name, &rel, &meta, false)
     }
 
@@ -355,9 +360,8 @@ impl TreeVisitor for TreeWriter {
         if !matches!(kind, libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK) {
             return Err(self.err("mknod (not a special file)", &rel, einval()));
         }
-        // SAFETY: name is NUL-terminated; dir is a valid directory fd.
-        cvt(unsafe { libc::mknodat(dir, name.as_ptr(), kind | (meta.mode & 0o7777), rdev) })
-            .map_err(|e| self.err("mknod", &rel, e))?;
+        nix::sys::stat::mknodat(dir, name, SFlag::from_bits_truncate(kind), mode_bits(meta.mode), rdev)
+            .map_err(|e| self.err("mknod", &rel, e.into()))?;
         self.apply_at(dir, name, &rel, &meta, true)
     }
 }
@@ -366,24 +370,24 @@ fn einval() -> io::Error {
     io::Error::from_raw_os_error(libc::EINVAL)
 }
 
-fn timespecs(m: &Meta) -> [libc::timespec; 2] {
-    [
-        libc::timespec {
-            tv_sec: m.atime.0,
-            tv_nsec: m.atime.1,
-        },
-        libc::timespec {
-            tv_sec: m.mtime.0,
-            tv_nsec: m.mtime.1,
-        },
-    ]
+fn timespecs(m: &Meta) -> (TimeSpec, TimeSpec) {
+    (TimeSpec::new(m.atime.0, m.atime.1), TimeSpec::new(m.mtime.0, m.mtime.1))
+}
+
+fn owner(m: &Meta) -> (Option<Uid>, Option<Gid>) {
+    (Some(Uid::from_raw(m.uid)), Some(Gid::from_raw(m.gid)))
+}
+
+/// Permission bits with set-id and sticky.
+fn mode_bits(mode: u32) -> Mode {
+    Mode::from_bits_truncate(mode & 0o7777)
 }
 
 /// Where xattrs are read or written: an open file, or (for entries that cannot be opened) a path
 /// that is never followed if it is a symlink.
 #[derive(Clone, Copy)]
 enum Xattrs<'a> {
-    Fd(RawFd),
+    Fd(BorrowedFd<'a>),
     Path(&'a CStr),
 }
 
@@ -392,7 +396,7 @@ impl Xattrs<'_> {
     fn list(self, buf: &mut [u8]) -> isize {
         match self {
             // SAFETY: buf is writable for its length (a null pointer with length 0 asks for the size).
-            Xattrs::Fd(fd) => unsafe { libc::flistxattr(fd, buf.as_mut_ptr().cast(), buf.len()) },
+            Xattrs::Fd(fd) => unsafe { libc::flistxattr(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) },
             // SAFETY: as above; p is NUL-terminated.
             Xattrs::Path(p) => unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) },
         }
@@ -401,7 +405,9 @@ impl Xattrs<'_> {
     fn get(self, name: &CStr, buf: &mut [u8]) -> isize {
         match self {
             // SAFETY: buf is writable for its length; name is NUL-terminated.
-            Xattrs::Fd(fd) => unsafe { libc::fgetxattr(fd, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) },
+            Xattrs::Fd(fd) => unsafe {
+                libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+            },
             // SAFETY: as above; p is NUL-terminated.
             Xattrs::Path(p) => unsafe {
                 libc::lgetxattr(p.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
@@ -412,7 +418,9 @@ impl Xattrs<'_> {
     fn set(self, name: &CStr, value: &[u8]) -> libc::c_int {
         match self {
             // SAFETY: value is readable for its length; name is NUL-terminated.
-            Xattrs::Fd(fd) => unsafe { libc::fsetxattr(fd, name.as_ptr(), value.as_ptr().cast(), value.len(), 0) },
+            Xattrs::Fd(fd) => unsafe {
+                libc::fsetxattr(fd.as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+            },
             // SAFETY: as above; p is NUL-terminated.
             Xattrs::Path(p) => unsafe {
                 libc::lsetxattr(p.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
@@ -466,48 +474,38 @@ impl Xattrs<'_> {
 }
 
 /// `/proc/self/fd/<dir>/<name>`: the entry `name` of the directory `dir` pins, resolved nowhere else.
-fn fd_entry_path(dir: RawFd, name: &CStr) -> io::Result<CString> {
-    let mut p = format!("/proc/self/fd/{dir}/").into_bytes();
+fn fd_entry_path(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<CString> {
+    let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
     p.extend_from_slice(name.to_bytes());
     CString::new(p).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
 }
 
 fn entry_path(dir: &OwnedFd, name: &CStr) -> io::Result<CString> {
-    fd_entry_path(dir.as_raw_fd(), name)
+    fd_entry_path(dir.as_fd(), name)
 }
 
-fn readlinkat(dir: RawFd, name: &CStr) -> io::Result<CString> {
-    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
-    // SAFETY: buf has buf.len() writable bytes; name is NUL-terminated.
-    let n = unsafe { libc::readlinkat(dir, name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(n as usize);
-    CString::new(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+fn readlinkat(dir: impl AsFd, name: &CStr) -> io::Result<CString> {
+    let target = nix::fcntl::readlinkat(dir, name)?;
+    CString::new(target.into_vec()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-pub(super) fn open_dir_at(dir: RawFd, path: &Path) -> io::Result<OwnedFd> {
+pub(super) fn open_dir_at(dir: impl AsFd, path: &Path) -> io::Result<OwnedFd> {
     let c = cstr(path.as_os_str())?;
-    openat(dir, &c, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)
+    openat(
+        dir,
+        &c,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW,
+        Mode::empty(),
+    )
 }
 
-pub(super) fn openat(dir: RawFd, name: &CStr, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
-    // SAFETY: name is NUL-terminated; dir is a valid fd or AT_FDCWD.
-    let fd = unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by openat and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// `openat(2)`, always close-on-exec.
+pub(super) fn openat(dir: impl AsFd, name: &CStr, flags: OFlag, mode: Mode) -> io::Result<OwnedFd> {
+    Ok(nix::fcntl::openat(dir, name, flags | OFlag::O_CLOEXEC, mode)?)
 }
 
-pub(super) fn fstatat(dir: RawFd, name: &CStr, flags: libc::c_int) -> io::Result<libc::stat> {
-    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
-    // SAFETY: st is writable memory of the size fstatat fills; name is NUL-terminated.
-    cvt(unsafe { libc::fstatat(dir, name.as_ptr(), st.as_mut_ptr(), flags) })?;
-    // SAFETY: fstatat succeeded, so st is initialised.
-    Ok(unsafe { st.assume_init() })
+pub(super) fn fstatat(dir: impl AsFd, name: &CStr, flags: AtFlags) -> io::Result<FileStat> {
+    Ok(nix::sys::stat::fstatat(dir, name, flags)?)
 }
 
 pub(super) fn cstr(s: &OsStr) -> io::Result<CString> {
