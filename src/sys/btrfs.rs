@@ -392,7 +392,9 @@ fn fd_subvolume_id(f: &File, path: &Path) -> Result<u64, SysError> {
 /// need no commit; the snapshot ioctl commits itself.
 pub fn commit(path: &Path) -> Result<(), SysError> {
     let f = open_any(path)?;
-    nix::unistd::syncfs(&f).map_err(io::Error::from).step("commit (syncfs)", path)?;
+    nix::unistd::syncfs(&f)
+        .map_err(io::Error::from)
+        .step("commit (syncfs)", path)?;
     Ok(())
 }
 
