@@ -3,6 +3,7 @@
 
 mod common;
 
+use cellar::csi::v1::node_get_storage_health_response::StorageBackendHealth;
 use cellar::csi::v1::volume_health::VolumeHealthEntry;
 use cellar::csi::v1::*;
 use common::*;

@@ -7,10 +7,11 @@
 //! message, so [`engine_fault`] recognises them by the words their producer always puts in.
 
 use super::status::bounded;
+use super::v1::node_get_storage_health_response::StorageBackendHealth;
 use super::v1::volume_health::VolumeHealthEntry;
 use super::v1::{
-    controller_service_capability, node_service_capability, StorageBackendHealth, StorageHealthErrorType,
-    VolumeCondition, VolumeHealth, VolumeHealthErrorType,
+    controller_service_capability, node_service_capability, StorageHealthErrorType, VolumeCondition, VolumeHealth,
+    VolumeHealthErrorType,
 };
 use crate::storage::engine::{self, Condition};
 
@@ -194,6 +195,36 @@ mod tests {
         assert!(c.abnormal);
         assert_eq!(c.message, h.health_statuses[0].message);
         assert!(Finding::healthy("ok").volume_health("v").health_statuses.is_empty());
+    }
+
+    /// The numbers a kubelet or health monitor built on the CSI v1.13 Go bindings reads: a wrong
+    /// enum value would report a degraded volume as inaccessible (or lost) without any error.
+    #[test]
+    fn health_wire_numbers_are_those_of_csi_1_13() {
+        use prost::Message;
+        assert_eq!(VolumeHealthErrorType::UnknownVolumeHealthType as i32, 0);
+        assert_eq!(VolumeHealthErrorType::Degraded as i32, 1);
+        assert_eq!(VolumeHealthErrorType::Inaccessible as i32, 2);
+        assert_eq!(VolumeHealthErrorType::DataLoss as i32, 3);
+        assert_eq!(StorageHealthErrorType::StorageUnreachable as i32, 1);
+        assert_eq!(StorageHealthErrorType::StorageDegraded as i32, 2);
+        assert_eq!(controller_service_capability::rpc::Type::ListVolumeHealth as i32, 16);
+        assert_eq!(controller_service_capability::rpc::Type::GetVolumeHealth as i32, 17);
+        assert_eq!(node_service_capability::rpc::Type::GetVolumeHealth as i32, 7);
+        assert_eq!(node_service_capability::rpc::Type::GetStorageHealth as i32, 8);
+
+        // VolumeHealth{volume_id = 1, health_statuses = 2{status = 1, reason = 2, message = 3}}.
+        let h = Finding::abnormal(OVER_CAPACITY, "m").volume_health("v");
+        let mut want = vec![0x0a, 1, b'v', 0x12, 19, 0x08, 1, 0x12, 12];
+        want.extend_from_slice(b"OverCapacity");
+        want.extend_from_slice(&[0x1a, 1, b'm']);
+        assert_eq!(h.encode_to_vec(), want);
+
+        // NodeGetStorageHealthResponse{backend_health = 1{status = 1, reason = 2, message = 3}}.
+        let r = super::super::v1::NodeGetStorageHealthResponse {
+            backend_health: vec![backend(StorageHealthErrorType::StorageDegraded, "R", "m")],
+        };
+        assert_eq!(r.encode_to_vec(), [0x0a, 8, 0x08, 2, 0x12, 1, b'R', 0x1a, 1, b'm']);
     }
 
     #[test]

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use super::{plain_path, NodeError, NodeService};
 use crate::csi::health::{self, engine_fault, Fault, Finding};
+use crate::csi::v1::node_get_storage_health_response::StorageBackendHealth;
 use crate::csi::v1::{
-    NodeGetStorageHealthResponse, NodeGetVolumeHealthRequest, NodeGetVolumeHealthResponse, StorageBackendHealth,
-    StorageHealthErrorType,
+    NodeGetStorageHealthResponse, NodeGetVolumeHealthRequest, NodeGetVolumeHealthResponse, StorageHealthErrorType,
 };
 use crate::storage::config::Backend;
 use crate::storage::id::VolumeId;
