@@ -489,3 +489,68 @@ fn rootfs_image_runs_cellar_and_every_tool() {
         );
     }
 }
+
+/// Two builds sharing a package cache take turns: while another build holds the cache, the script
+/// waits before debootstrap starts (debootstrap downloads into the cache with no lock of its own, and
+/// the last CI run failed extracting a .deb the other build was still writing).
+#[test]
+fn builds_sharing_a_package_cache_take_turns() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "build-rootfs.sh needs root (CI runs as root)"
+    );
+    require("debootstrap");
+    let cache = tempfile::tempdir().expect("tempdir");
+    let out = tempfile::tempdir().expect("tempdir");
+    let lockfile = std::fs::File::create(cache.path().join(".lock")).expect("lock file");
+    let held = nix::fcntl::Flock::lock(lockfile, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, e)| e)
+        .expect("take the cache lock");
+    let mut child = Command::new(repo().join("deploy/image/build-rootfs.sh"))
+        .arg("--out")
+        .arg(out.path())
+        .arg("--cache")
+        .arg(cache.path())
+        .arg("--binary")
+        .arg(env!("CARGO_BIN_EXE_cellar"))
+        .args(["--no-oci", "--local-only"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .expect("build-rootfs.sh");
+    let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let mut seen = Vec::new();
+    let mut waited = false;
+    for line in BufReader::new(child.stdout.take().expect("stdout")).lines() {
+        let line = line.expect("read stdout");
+        seen.push(line.clone());
+        if line.starts_with("== waiting for") {
+            waited = true;
+            break;
+        }
+        if line.starts_with("== debootstrap") {
+            break;
+        }
+    }
+    // Whatever happened, the build stops here: it must not download anything into this test's cache.
+    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+    let _ = child.wait();
+    drop(held);
+    assert!(
+        waited,
+        "the build did not wait for the held cache; it printed: {seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|l| l.starts_with("== debootstrap")),
+        "debootstrap started while another build held the cache: {seen:?}"
+    );
+    let rootfs = out.path().join("rootfs");
+    let populated = std::fs::read_dir(&rootfs)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    assert!(!populated, "the waiting build wrote into {}", rootfs.display());
+}

@@ -92,6 +92,14 @@ trap unmount_under_rootfs EXIT
 PACKAGES=("${LOCAL_PACKAGES[@]}")
 [ "$local_only" -eq 1 ] || PACKAGES+=("${SHARED_PACKAGES[@]}")
 
+# debootstrap downloads straight into --cache-dir, with no partial file or lock of its own: two
+# builds sharing the cache (the image tests run two at once) would copy each other's half-written
+# .debs and fail extracting them. One build at a time fills and reads the cache.
+exec 9>"$cache/.lock"
+if ! flock -n 9; then
+  echo "== waiting for $cache: another build is using it"
+  flock 9
+fi
 echo "== debootstrap $SUITE into $rootfs"
 packages=$(IFS=,; echo "${PACKAGES[*]}")
 debootstrap --variant=minbase --include="$packages" --cache-dir="$cache" \
@@ -100,6 +108,7 @@ debootstrap --variant=minbase --include="$packages" --cache-dir="$cache" \
   echo "debootstrap failed; the whole log is $out/debootstrap.log" >&2
   exit 1
 }
+flock -u 9
 unmount_under_rootfs
 
 # debootstrap installs the release as published; bookworm-slim's apt sees the updates and security
