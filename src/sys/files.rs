@@ -348,7 +348,7 @@ impl PinnedDir {
     /// Opens `rel` below `root` one component at a time, never following a symlink and never
     /// leaving `root` (no `..`, no absolute part): the way to reach a directory a user named.
     pub fn open_beneath(root: &Path, rel: &Path) -> Result<PinnedDir, SysError> {
-        use std::os::fd::{AsRawFd, FromRawFd};
+        use nix::fcntl::{openat, OFlag};
         use std::path::Component;
         let mut dir = PinnedDir::open(root)?;
         for c in rel.components() {
@@ -359,27 +359,14 @@ impl PinnedDir {
                     std::io::Error::from_raw_os_error(libc::EINVAL),
                 ));
             };
-            let cname = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(name))
-                .map_err(|e| SysError::io("open", root.join(rel), std::io::Error::new(ErrorKind::InvalidInput, e)))?;
-            // SAFETY: dir.fd is an open directory descriptor and cname is NUL-terminated.
-            let fd = unsafe {
-                libc::openat(
-                    dir.fd.as_raw_fd(),
-                    cname.as_ptr(),
-                    libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY | libc::O_CLOEXEC,
-                )
-            };
-            if fd < 0 {
-                return Err(SysError::io(
-                    "open directory (not following symlinks)",
-                    root.join(rel),
-                    std::io::Error::last_os_error(),
-                ));
-            }
-            // SAFETY: fd was just returned by openat and is owned by nobody else.
-            dir = PinnedDir {
-                fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
-            };
+            let fd = openat(
+                &dir.fd,
+                name,
+                OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(|e| SysError::io("open directory (not following symlinks)", root.join(rel), e.into()))?;
+            dir = PinnedDir { fd };
         }
         Ok(dir)
     }
@@ -419,5 +406,41 @@ pub fn try_lock(path: &Path, create: bool) -> Result<FileLock, SysError> {
         Ok(held) => Ok(FileLock::Held(held)),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(FileLock::InUse),
         Err((_, errno)) => Err(SysError::io("flock", path, errno.into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory named below a root is reached one plain component at a time: never through a
+    /// symlink (even one pointing inside the root), never by `..` or an absolute part.
+    #[test]
+    fn open_beneath_reaches_only_real_directories_below_the_root() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(root.path().join("a/b")).expect("mkdir");
+        std::os::unix::fs::symlink(outside.path(), root.path().join("a/out")).expect("symlink");
+        std::os::unix::fs::symlink("b", root.path().join("a/inside")).expect("symlink");
+
+        let dir = PinnedDir::open_beneath(root.path(), Path::new("a/b")).expect("a/b opens");
+        let target = std::fs::read_link(dir.proc_path()).expect("readlink of the pinned descriptor");
+        assert_eq!(target, root.path().join("a/b"));
+
+        // O_NOFOLLOW with O_DIRECTORY: the kernel answers a symlink with ENOTDIR.
+        for (rel, errno) in [
+            ("a/out", libc::ENOTDIR),
+            ("a/inside", libc::ENOTDIR),
+            ("a/../a", libc::EINVAL),
+            ("/a", libc::EINVAL),
+            ("a/missing", libc::ENOENT),
+        ] {
+            let err = PinnedDir::open_beneath(root.path(), Path::new(rel)).expect_err(rel);
+            assert_eq!(err.errno(), Some(errno), "{rel}: {err}");
+            assert!(
+                err.to_string().contains(&*root.path().join(rel).to_string_lossy()),
+                "{rel}: {err}"
+            );
+        }
     }
 }
