@@ -282,12 +282,17 @@ pub fn set_mode(path: &Path, mode: u32) -> Result<(), SysError> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).step("chmod", path)
 }
 
-/// Creates a new file of `len` bytes (a sparse one: a hole until written); an existing file is an error.
+/// Sets a path's owner and group (`None` leaves that one as it is).
+pub fn set_owner(path: &Path, uid: Option<u32>, gid: Option<u32>) -> Result<(), SysError> {
+    std::os::unix::fs::chown(path, uid, gid).step("chown", path)
+}
+
 /// A file's length in bytes.
 pub fn len(path: &Path) -> Result<u64, SysError> {
     fs::metadata(path).map(|m| m.len()).step("stat", path)
 }
 
+/// Creates a new file of `len` bytes (a sparse one: a hole until written); an existing file is an error.
 pub fn create_sized(path: &Path, len: u64) -> Result<(), SysError> {
     let f = fs::OpenOptions::new()
         .write(true)

@@ -460,7 +460,7 @@ pub(super) fn copy_fs_type(pool: &Pool, src: &std::path::Path, asked: &str) -> R
 /// Gives a new directory volume the owner and mode a StorageClass asked for.
 pub(super) fn set_owner(dir: &std::path::Path, o: Ownership) -> Result<(), StorageError> {
     if o.uid.is_some() || o.gid.is_some() {
-        std::os::unix::fs::chown(dir, o.uid, o.gid).map_err(|e| crate::sys::SysError::io("chown", dir, e))?;
+        files::set_owner(dir, o.uid, o.gid)?;
     }
     if let Some(mode) = o.mode {
         files::set_mode(dir, mode)?;
