@@ -374,11 +374,13 @@ impl Call {
 }
 
 /// Failures a step may meet instead of a crash (`CELLAR_FAIL_AT`): a full disk at the record or the
-/// copy, a failing device, a loop device that cannot be had.
-const FAILURES: [&str; 5] = [
+/// copy, a failing device, an interrupted write or copy, a loop device that cannot be had.
+const FAILURES: [&str; 7] = [
     "record:write=ENOSPC",
     "record:write=EIO",
+    "record:write=EINTR",
     "copy:data=EIO",
+    "copy:data=EINTR",
     "btrfs:snapshot=ENOSPC",
     "loop:attach=ENXIO",
 ];
