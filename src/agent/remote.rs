@@ -188,13 +188,10 @@ impl RemoteAgent {
         server_name: &str,
         timeouts: Timeouts,
     ) -> Result<RemoteAgent, TlsError> {
-        let channel = tls
-            .endpoint(&address.to_string(), server_name)?
-            .connect_timeout(timeouts.connect)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect_lazy();
+        let channel = tls.lazy_channel(&address.to_string(), server_name, timeouts.connect, |e| {
+            e.http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+        })?;
         let client = AgentClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
