@@ -49,10 +49,10 @@ impl ControllerService {
     ) -> Result<ControllerListVolumeHealthResponse, ControllerError> {
         let all = self.listing(!r.starting_token.is_empty()).await?;
         let (items, next_token) =
-            page::page_sorted(&all, |l| l.record().id.to_string(), &r.starting_token, r.max_entries)?;
+            page::page_sorted(&all, |l| l.volume().id().to_string(), &r.starting_token, r.max_entries)?;
         let entries = items
             .iter()
-            .map(|l| controller_finding(l.condition()).volume_health(&l.record().id.to_string()))
+            .map(|l| controller_finding(l.condition()).volume_health(l.volume().id()))
             .collect();
         Ok(ControllerListVolumeHealthResponse { entries, next_token })
     }

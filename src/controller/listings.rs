@@ -16,7 +16,12 @@
 //! - ListVolumes pages are cut from the listings without copying a record: a page names a
 //!   listing and a position in it.
 //!
-//! Memory: one record per volume, shared by the listing, the index and the pages.
+//! Memory: one [`VolumeSummary`] per volume (what a listing shows, not the whole record: about a
+//! third of its size), shared by the listing, the index and the pages.
+//!
+//! Order: everything is sorted by the text of the volume id, the order page tokens name. (The
+//! typed id orders `node-1` before `node-10`, its text the other way round: a listing sorted one
+//! way and searched the other skips and repeats volumes.)
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,18 +29,92 @@ use std::time::{Duration, Instant};
 
 use crate::storage::engine::{Condition, PoolStatus};
 use crate::storage::id::NodeId;
-use crate::storage::record::VolumeRecord;
+use crate::storage::record::{ContentSource, Layout, VolumeRecord};
 
 /// A listing that disagrees with the node's heartbeat is taken again at most this often: right
 /// after a create the heartbeat lags behind the listing for up to an interval, and asking the
 /// node by name meanwhile is enough.
 pub const RELIST_AFTER: Duration = Duration::from_secs(10);
 
+static HEALTHY: Condition = Condition {
+    abnormal: false,
+    message: String::new(),
+};
+
+/// What the controller keeps of a listed volume: what ListVolumes and ControllerGetVolume show
+/// and what the listings' bookkeeping needs. The agent holds the record; a create with a name
+/// already taken goes to that agent, which compares the request with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSummary {
+    /// The volume id as text: what pages are sorted by and tokens name.
+    id: Box<str>,
+    name: Box<str>,
+    pub capacity_bytes: u64,
+    pub layout: Layout,
+    source: Option<Box<ContentSource>>,
+    /// `None` while healthy, as nearly every volume is.
+    condition: Option<Box<Condition>>,
+}
+
+impl VolumeSummary {
+    pub fn new(r: &VolumeRecord, condition: &Condition) -> VolumeSummary {
+        VolumeSummary {
+            id: r.id.to_string().into(),
+            name: r.name.as_str().into(),
+            capacity_bytes: r.capacity_bytes,
+            layout: r.layout,
+            source: r.source.clone().map(Box::new),
+            condition: (condition != &HEALTHY).then(|| Box::new(condition.clone())),
+        }
+    }
+
+    /// A volume just made: healthy.
+    pub fn made(r: &VolumeRecord) -> VolumeSummary {
+        VolumeSummary::new(r, &HEALTHY)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn source(&self) -> Option<&ContentSource> {
+        self.source.as_deref()
+    }
+
+    pub fn condition(&self) -> &Condition {
+        self.condition.as_deref().unwrap_or(&HEALTHY)
+    }
+
+    pub fn with_condition(mut self, condition: Condition) -> VolumeSummary {
+        self.condition = (condition != HEALTHY).then(|| Box::new(condition));
+        self
+    }
+
+    /// A shared pool's volume (`shared:<pool>:<key>`), reachable from every node.
+    pub fn is_shared(&self) -> bool {
+        self.id.starts_with("shared:")
+    }
+
+    /// The pool, read from the id's text (`local:<node>:<pool>:<key>` or `shared:<pool>:<key>`;
+    /// neither node nor pool names hold a colon).
+    pub fn pool(&self) -> &str {
+        let mut parts = self.id.split(':');
+        if parts.next() == Some("local") {
+            parts.next();
+        }
+        parts.next().unwrap_or_default()
+    }
+}
+
 /// One agent's volumes as it last listed them, sorted by id.
 #[derive(Clone)]
 pub struct Listing {
     pub at: Instant,
-    pub volumes: Arc<Vec<(VolumeRecord, Condition)>>,
+    pub volumes: Arc<Vec<VolumeSummary>>,
     /// Sum of the capacities of the node's own (local) volumes, by pool: what its heartbeat
     /// reports as `provisioned_bytes`. Shared pools are left out: their figure counts volumes a
     /// node's listing need not hold, and the shared pools' agent is always asked.
@@ -44,35 +123,31 @@ pub struct Listing {
     unsure: bool,
 }
 
-fn pool_of(r: &VolumeRecord) -> String {
-    r.id.0.pool.as_str().to_string()
-}
-
 impl Listing {
-    fn new(at: Instant, volumes: Vec<(VolumeRecord, Condition)>) -> Listing {
+    fn new(at: Instant, volumes: Vec<VolumeSummary>) -> Listing {
         let mut listing = Listing {
             at,
             volumes: Arc::new(Vec::new()),
             provisioned: BTreeMap::new(),
             unsure: false,
         };
-        for (r, _) in &volumes {
-            listing.provision(r, true);
+        for v in &volumes {
+            listing.provision(v, true);
         }
         listing.volumes = Arc::new(volumes);
         listing
     }
 
     /// Counts a local volume in (or out of) its pool's provisioned bytes.
-    fn provision(&mut self, r: &VolumeRecord, add: bool) {
-        if r.id.is_shared() {
+    fn provision(&mut self, v: &VolumeSummary, add: bool) {
+        if v.is_shared() {
             return;
         }
-        let bytes = self.provisioned.entry(pool_of(r)).or_insert(0);
+        let bytes = self.provisioned.entry(v.pool().to_string()).or_insert(0);
         *bytes = if add {
-            bytes.saturating_add(r.capacity_bytes)
+            bytes.saturating_add(v.capacity_bytes)
         } else {
-            bytes.saturating_sub(r.capacity_bytes)
+            bytes.saturating_sub(v.capacity_bytes)
         };
     }
 
@@ -92,7 +167,7 @@ impl Listing {
 struct Inner {
     by_agent: HashMap<String, Listing>,
     /// CSI name → the agent whose listing holds it.
-    names: HashMap<String, Arc<str>>,
+    names: HashMap<Box<str>, Arc<str>>,
     /// Agents being listed again in the background.
     relisting: HashSet<String>,
     /// Per agent, how many creates, deletes and doubts this controller recorded: a listing asked
@@ -107,9 +182,9 @@ impl Inner {
 
     fn unindex(&mut self, key: &str) {
         if let Some(old) = self.by_agent.get(key) {
-            for (r, _) in old.volumes.iter() {
-                if self.names.get(&r.name).is_some_and(|k| &**k == key) {
-                    self.names.remove(&r.name);
+            for v in old.volumes.iter() {
+                if self.names.get(v.name()).is_some_and(|k| &**k == key) {
+                    self.names.remove(v.name());
                 }
             }
         }
@@ -136,15 +211,18 @@ impl Listings {
     /// Stores a complete listing of an agent, asked for when its edits stood at `edits`, in place
     /// of the one before. An edit since (a create or delete through this controller that the
     /// answer may or may not show) leaves it unsure.
-    pub fn replace(&self, key: &str, at: Instant, edits: u64, mut volumes: Vec<(VolumeRecord, Condition)>) -> Listing {
-        volumes.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+    pub fn replace(&self, key: &str, at: Instant, edits: u64, volumes: Vec<(VolumeRecord, Condition)>) -> Listing {
+        // Collected from a borrow, not `into_iter`: an in-place collect would keep the records'
+        // allocation (five times the summaries' size) for as long as the listing lives.
+        let mut volumes: Vec<VolumeSummary> = volumes.iter().map(|(r, c)| VolumeSummary::new(r, c)).collect();
+        volumes.sort_by(|a, b| a.id.cmp(&b.id));
         let mut listing = Listing::new(at, volumes);
         let mut inner = self.lock();
         listing.unsure = inner.edits.get(key).copied().unwrap_or(0) != edits;
         inner.unindex(key);
         let shared: Arc<str> = Arc::from(key);
-        for (r, _) in listing.volumes.iter() {
-            inner.names.insert(r.name.clone(), shared.clone());
+        for v in listing.volumes.iter() {
+            inner.names.insert(v.name.clone(), shared.clone());
         }
         inner.by_agent.insert(key.to_string(), listing.clone());
         listing
@@ -159,23 +237,20 @@ impl Listings {
         let mut inner = self.lock();
         inner.edited(key);
         let Some(l) = inner.by_agent.get_mut(key) else { return };
+        let made = VolumeSummary::made(rec);
         let volumes = Arc::make_mut(&mut l.volumes);
-        let replaced = match volumes.binary_search_by(|(r, _)| r.id.to_string().cmp(&rec.id.to_string())) {
-            Ok(i) => Some(std::mem::replace(&mut volumes[i].0, rec.clone())),
+        let replaced = match volumes.binary_search_by(|v| v.id.cmp(&made.id)) {
+            Ok(i) => Some(std::mem::replace(&mut volumes[i], made.clone())),
             Err(i) => {
-                let healthy = Condition {
-                    abnormal: false,
-                    message: String::new(),
-                };
-                volumes.insert(i, (rec.clone(), healthy));
+                volumes.insert(i, made.clone());
                 None
             }
         };
         if let Some(old) = replaced {
             l.provision(&old, false);
         }
-        l.provision(rec, true);
-        inner.names.insert(rec.name.clone(), Arc::from(key));
+        l.provision(&made, true);
+        inner.names.insert(made.name, Arc::from(key));
     }
 
     /// A volume deleted through this controller leaves every listing.
@@ -183,10 +258,10 @@ impl Listings {
         let mut inner = self.lock();
         let mut gone = Vec::new();
         for (key, l) in inner.by_agent.iter_mut() {
-            if let Ok(i) = l.volumes.binary_search_by(|(r, _)| r.id.to_string().as_str().cmp(id)) {
-                let (r, _) = Arc::make_mut(&mut l.volumes).remove(i);
-                l.provision(&r, false);
-                gone.push((key.clone(), r.name));
+            if let Ok(i) = l.volumes.binary_search_by(|v| v.id().cmp(id)) {
+                let v = Arc::make_mut(&mut l.volumes).remove(i);
+                l.provision(&v, false);
+                gone.push((key.clone(), v.name));
             }
         }
         for (key, name) in gone {
@@ -231,24 +306,21 @@ impl Listings {
         self.lock().relisting.remove(key);
     }
 
-    /// The listed agent holding a volume of this name (its listing key), with its record.
-    pub fn named(&self, name: &str) -> Option<(String, VolumeRecord)> {
+    /// The listed agent holding a volume of this name (its listing key), with the volume.
+    pub fn named(&self, name: &str) -> Option<(String, VolumeSummary)> {
         let inner = self.lock();
         let key = inner.names.get(name)?;
         let l = inner.by_agent.get(&**key)?;
-        let (r, _) = l.volumes.iter().find(|(r, _)| r.name == name)?;
-        Some((key.to_string(), r.clone()))
+        let v = l.volumes.iter().find(|v| v.name() == name)?;
+        Some((key.to_string(), v.clone()))
     }
 
     /// A volume as last listed, with when its agent was listed.
-    pub fn find(&self, id: &str) -> Option<(VolumeRecord, Instant)> {
+    pub fn find(&self, id: &str) -> Option<(VolumeSummary, Instant)> {
         let inner = self.lock();
         inner.by_agent.values().find_map(|l| {
-            let i = l
-                .volumes
-                .binary_search_by(|(r, _)| r.id.to_string().as_str().cmp(id))
-                .ok()?;
-            Some((l.volumes[i].0.clone(), l.at))
+            let i = l.volumes.binary_search_by(|v| v.id().cmp(id)).ok()?;
+            Some((l.volumes[i].clone(), l.at))
         })
     }
 
@@ -273,7 +345,7 @@ impl Listings {
 /// them has when the agent could not be reached (else each volume's own).
 pub struct Part {
     pub node: NodeId,
-    pub volumes: Arc<Vec<(VolumeRecord, Condition)>>,
+    pub volumes: Arc<Vec<VolumeSummary>>,
     pub condition: Option<Condition>,
 }
 
@@ -297,19 +369,19 @@ impl Listed {
                 });
             }
         }
-        all.sort_by(|a, b| a.record().id.cmp(&b.record().id));
+        all.sort_by(|a, b| a.volume().id.cmp(&b.volume().id));
         all
     }
 
-    pub fn record(&self) -> &VolumeRecord {
-        &self.part.volumes[self.i as usize].0
+    pub fn volume(&self) -> &VolumeSummary {
+        &self.part.volumes[self.i as usize]
     }
 
     pub fn condition(&self) -> &Condition {
         self.part
             .condition
             .as_ref()
-            .unwrap_or(&self.part.volumes[self.i as usize].1)
+            .unwrap_or_else(|| self.volume().condition())
     }
 
     pub fn node(&self) -> &NodeId {
@@ -445,12 +517,16 @@ mod tests {
         assert!(l.named("b").is_none());
     }
 
+    fn summary(node: &str, name: &str) -> VolumeSummary {
+        VolumeSummary::made(&rec(node, name, 1))
+    }
+
     #[test]
     fn pages_share_the_records_and_come_sorted_by_id() {
         let parts = vec![
             Part {
                 node: NodeId::parse("n2").unwrap(),
-                volumes: Arc::new(vec![(rec("n2", "a", 1), ok())]),
+                volumes: Arc::new(vec![summary("n2", "a")]),
                 condition: Some(Condition {
                     abnormal: true,
                     message: "cannot be checked".into(),
@@ -458,14 +534,86 @@ mod tests {
             },
             Part {
                 node: NodeId::parse("n1").unwrap(),
-                volumes: Arc::new(vec![(rec("n1", "a", 1), ok()), (rec("n1", "b", 1), ok())]),
+                volumes: Arc::new(vec![summary("n1", "a"), summary("n1", "b")]),
                 condition: None,
             },
         ];
         let all = Listed::all(parts);
-        let ids: Vec<String> = all.iter().map(|l| l.record().id.to_string()).collect();
+        let ids: Vec<&str> = all.iter().map(|l| l.volume().id()).collect();
         assert_eq!(ids, ["local:n1:default:a", "local:n1:default:b", "local:n2:default:a"]);
         assert!(all[2].condition().abnormal && !all[0].condition().abnormal);
         assert_eq!(all[2].node().as_str(), "n2");
+    }
+
+    #[test]
+    fn paging_one_at_a_time_lists_every_volume_once_when_node_and_pool_names_prefix_each_other() {
+        // The typed id sorts n1 before n10 and pool "p" before "p-1"; the text the pages are cut
+        // by sorts them the other way round.
+        let rec_in = |node: &str, pool: &str, name: &str| {
+            let mut r = rec(node, name, 1);
+            r.id = crate::storage::id::VolumeId::parse(&format!("local:{node}:{pool}:{name}")).unwrap();
+            r
+        };
+        let n1 = vec![rec_in("n1", "p", "a"), rec_in("n1", "p-1", "a"), rec_in("n1", "p", "b")];
+        let n10 = vec![rec_in("n10", "p", "a")];
+        let l = Listings::default();
+        let parts: Vec<Part> = [("n1", n1), ("n10", n10)]
+            .into_iter()
+            .map(|(node, recs)| Part {
+                node: NodeId::parse(node).unwrap(),
+                volumes: l
+                    .replace(node, Instant::now(), 0, recs.into_iter().map(|r| (r, ok())).collect())
+                    .volumes,
+                condition: None,
+            })
+            .collect();
+        let all = Listed::all(parts);
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        loop {
+            let (page, next) =
+                crate::controller::page::page_sorted(&all, |l| l.volume().id().to_string(), &token, 1).unwrap();
+            seen.extend(page.iter().map(|l| l.volume().id().to_string()));
+            if next.is_empty() {
+                break;
+            }
+            token = next;
+        }
+        let mut want: Vec<String> = all.iter().map(|l| l.volume().id().to_string()).collect();
+        want.sort();
+        assert_eq!(seen, want, "every volume once, in the order of the id's text");
+        // The listing's own searches find each of them too.
+        for id in &want {
+            assert!(l.find(id).is_some(), "{id} found");
+        }
+        l.remove("local:n1:p-1:a");
+        assert!(l.find("local:n1:p-1:a").is_none(), "removed");
+        assert_eq!(l.get("n1").unwrap().volumes.len(), 2);
+    }
+
+    #[test]
+    fn a_summary_keeps_what_a_listing_shows() {
+        let mut r = rec("n1", "a", 7);
+        r.source = Some(ContentSource::Volume(
+            crate::storage::id::VolumeId::parse("local:n1:default:src").unwrap(),
+        ));
+        let healthy = VolumeSummary::made(&r);
+        assert_eq!(healthy.id(), "local:n1:default:a");
+        assert_eq!(
+            (healthy.name(), healthy.pool(), healthy.capacity_bytes),
+            ("a", "default", 7)
+        );
+        assert!(!healthy.is_shared() && !healthy.condition().abnormal);
+        assert_eq!(healthy.source(), r.source.as_ref());
+        let sick = Condition {
+            abnormal: true,
+            message: "gone".into(),
+        };
+        assert_eq!(VolumeSummary::new(&r, &sick).condition(), &sick);
+        let mut shared = rec("n1", "s", 1);
+        shared.id = crate::storage::id::VolumeId::parse("shared:nfs:s").unwrap();
+        let shared = VolumeSummary::made(&shared);
+        assert!(shared.is_shared());
+        assert_eq!(shared.pool(), "nfs");
     }
 }

@@ -24,10 +24,10 @@ use crate::csi::v1::controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::v1::*;
 use crate::server::trace::note;
 use crate::storage::engine::{Condition, NewVolume, PoolStatus, Source};
-use crate::storage::id::{BackupId, NodeId, SnapshotId, StaticId, VolumeId};
+use crate::storage::id::{BackupId, NodeId, PoolName, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{ContentSource, SnapshotRecord, VolumeRecord};
 use crate::storage::StorageError;
-use listings::{Listed, Listings, Part};
+use listings::{Listed, Listings, Part, VolumeSummary};
 
 pub struct ControllerService {
     pub directory: Arc<dyn Directory>,
@@ -148,9 +148,14 @@ fn unreachable(why: &str, listed: std::time::Instant) -> Condition {
     }
 }
 
-fn csi_volume(r: &VolumeRecord, node: &NodeId) -> Volume {
+/// A volume as CSI shows it, from its record.
+fn csi_record(r: &VolumeRecord, node: &NodeId) -> Volume {
+    csi_volume(&VolumeSummary::made(r), node)
+}
+
+fn csi_volume(r: &VolumeSummary, node: &NodeId) -> Volume {
     use volume_content_source::{SnapshotSource, Type, VolumeSource};
-    let content_source = r.source.as_ref().map(|s| VolumeContentSource {
+    let content_source = r.source().map(|s| VolumeContentSource {
         r#type: Some(match s {
             ContentSource::Snapshot(id) => Type::Snapshot(SnapshotSource {
                 snapshot_id: id.to_string(),
@@ -165,15 +170,15 @@ fn csi_volume(r: &VolumeRecord, node: &NodeId) -> Volume {
     });
     Volume {
         capacity_bytes: r.capacity_bytes as i64,
-        volume_id: r.id.to_string(),
+        volume_id: r.id().to_string(),
         volume_context: [
-            ("pool".to_string(), r.id.0.pool.as_str().to_string()),
+            ("pool".to_string(), r.pool().to_string()),
             ("layout".to_string(), r.layout.as_str().to_string()),
         ]
         .into(),
         content_source,
         // A shared volume is reachable from every node: no topology pins it.
-        accessible_topology: if r.id.is_shared() {
+        accessible_topology: if r.is_shared() {
             vec![]
         } else {
             vec![request::node_topology(node)]
@@ -285,8 +290,8 @@ impl ControllerService {
         };
 
         // A name already taken anywhere answers for itself: the same request gets the same volume.
-        if let Some((agent, existing)) = self.volume_named(&r.name).await {
-            let existing_pool = Some(existing.id.0.pool.clone());
+        if let Some((agent, existing_pool)) = self.volume_named(&r.name).await {
+            let existing_pool = Some(existing_pool);
             let mut spec = spec;
             match (&spec.pool, existing_pool) {
                 (Some(asked), Some(has)) if *asked != has => {
@@ -302,7 +307,7 @@ impl ControllerService {
             }
             let rec = self.create_on(&agent, spec).await?;
             return Ok(CreateVolumeResponse {
-                volume: Some(csi_volume(&rec, agent.node())),
+                volume: Some(csi_record(&rec, agent.node())),
             });
         }
 
@@ -310,7 +315,7 @@ impl ControllerService {
             // Shared pools live on every node: no node to choose, no topology to honour.
             let rec = self.create_on(&agent, spec).await?;
             return Ok(CreateVolumeResponse {
-                volume: Some(csi_volume(&rec, agent.node())),
+                volume: Some(csi_record(&rec, agent.node())),
             });
         }
         let nodes: Vec<NodeId> = self.directory.agents().iter().map(|a| a.node().clone()).collect();
@@ -337,7 +342,7 @@ impl ControllerService {
             {
                 let rec = self.create_on(a, spec).await?;
                 return Ok(CreateVolumeResponse {
-                    volume: Some(csi_volume(&rec, a.node())),
+                    volume: Some(csi_record(&rec, a.node())),
                 });
             }
         }
@@ -367,7 +372,7 @@ impl ControllerService {
             _ => self.create_on(&agent, spec).await?,
         };
         Ok(CreateVolumeResponse {
-            volume: Some(csi_volume(&rec, agent.node())),
+            volume: Some(csi_record(&rec, agent.node())),
         })
     }
 
@@ -377,11 +382,15 @@ impl ControllerService {
     /// A node whose agent did not answer its last call is not asked: it cannot answer now, and
     /// provisioning must not stop for one dead node (a retry for a volume made there goes back
     /// there by its topology).
-    async fn volume_named(&self, name: &str) -> Option<(Arc<dyn Agent>, VolumeRecord)> {
+    /// Answers the agent and the pool the volume is in.
+    async fn volume_named(&self, name: &str) -> Option<(Arc<dyn Agent>, PoolName)> {
         let agents = self.directory.all();
-        if let Some((key, rec)) = self.listings.named(name) {
-            if let Some(a) = agents.iter().find(|a| self.listing_key(a) == key) {
-                return Some((a.clone(), rec));
+        if let Some((key, listed)) = self.listings.named(name) {
+            if let (Some(a), Ok(pool)) = (
+                agents.iter().find(|a| self.listing_key(a) == key),
+                PoolName::parse(listed.pool()),
+            ) {
+                return Some((a.clone(), pool));
             }
         }
         let mut ask: Vec<Arc<dyn Agent>> = Vec::new();
@@ -406,7 +415,7 @@ impl ControllerService {
         let mut found = None;
         for (agent, answer) in ask.into_iter().zip(answers) {
             match answer {
-                Ok(Some(rec)) if found.is_none() => found = Some((agent, rec)),
+                Ok(Some(rec)) if found.is_none() => found = Some((agent, rec.id.0.pool)),
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(node = agent.node().as_str(), error = %e, "name lookup skipped an unreachable node");
@@ -657,9 +666,9 @@ impl ControllerService {
     }
 
     /// A volume as its agent last listed it, marked abnormal because `why` the agent cannot be reached.
-    fn last_listed(&self, id: &str, why: &str) -> Option<(VolumeRecord, Condition)> {
-        let (r, at) = self.listings.find(id)?;
-        Some((r, unreachable(why, at)))
+    fn last_listed(&self, id: &str, why: &str) -> Option<VolumeSummary> {
+        let (v, at) = self.listings.find(id)?;
+        Some(v.with_condition(unreachable(why, at)))
     }
 
     /// A volume and its condition; ControllerGetVolumeHealth answers from the same condition.
@@ -692,16 +701,16 @@ impl ControllerService {
         let (id, agent) = self.volume_owner(&r.volume_id)?;
         let answer = match agent.volume(id).await {
             Err(e) if e.is_unavailable() => Some(self.last_listed(&r.volume_id, &e.to_string()).ok_or(e)?),
-            other => other?,
+            other => other?.map(|(rec, cond)| VolumeSummary::new(&rec, &cond)),
         };
-        let Some((rec, cond)) = answer else {
+        let Some(v) = answer else {
             return Err(ControllerError::not_found(format!("volume {} not found", r.volume_id)));
         };
         Ok(ControllerGetVolumeResponse {
-            volume: Some(csi_volume(&rec, agent.node())),
+            volume: Some(csi_volume(&v, agent.node())),
             status: Some(controller_get_volume_response::VolumeStatus {
                 published_node_ids: vec![],
-                volume_condition: Some(csi_condition(&cond)),
+                volume_condition: Some(csi_condition(v.condition())),
             }),
         })
     }
@@ -840,11 +849,11 @@ impl Controller for ControllerService {
         answer(async {
             let all = self.listing(!r.starting_token.is_empty()).await?;
             let (items, next_token) =
-                page::page_sorted(&all, |l| l.record().id.to_string(), &r.starting_token, r.max_entries)?;
+                page::page_sorted(&all, |l| l.volume().id().to_string(), &r.starting_token, r.max_entries)?;
             let entries = items
                 .iter()
                 .map(|l| list_volumes_response::Entry {
-                    volume: Some(csi_volume(l.record(), l.node())),
+                    volume: Some(csi_volume(l.volume(), l.node())),
                     status: Some(list_volumes_response::VolumeStatus {
                         published_node_ids: vec![],
                         volume_condition: Some(csi_condition(l.condition())),
