@@ -5,7 +5,7 @@
 # node, heartbeating into the controller. Prints CreateVolume p50/p99, a full ListVolumes (every
 # page), GetCapacity and the controller's peak RSS (VmHWM), all through the controller's CSI socket.
 #
-# Defaults: NODES=1000 VOLUMES=100 CREATES=1000 PAGE=1000 LISTS=3. CELLAR_BIN names a built
+# Defaults: NODES=1000 VOLUMES=100 CREATES=1000 PAGE=1000 LISTS=3 IDLE=10. CELLAR_BIN names a built
 # controller (else both are built here, release); the example is taken from $CARGO_TARGET_DIR
 # (default target)/release, where cargo builds it. Needs an open-file hard limit of 4 x NODES + 256
 # (the example raises its soft limit; the controller inherits it). Runs as any user; cleans up.

@@ -1,10 +1,12 @@
 //! The scale bench (bench/scale.sh): one real `cellar controller` against many simulated nodes in
 //! this process (real agent service, real mutual TLS, a certificate per node, real heartbeats),
-//! each holding preloaded volumes. Prints CreateVolume p50/p99, a full ListVolumes, GetCapacity and
-//! the controller's peak RSS, all measured through the controller's CSI socket.
+//! each holding preloaded volumes. Prints the controller's CPU while the nodes only heartbeat,
+//! CreateVolume p50/p99, a full ListVolumes, GetCapacity and the controller's peak RSS, all measured
+//! through the controller's CSI socket.
 //!
 //! Environment: CELLAR_BIN (default target/release/cellar), NODES (1000), VOLUMES (100 per node),
-//! CREATES (1000), PAGE (ListVolumes page size, 1000), LISTS (full listings, 3).
+//! CREATES (1000), PAGE (ListVolumes page size, 1000), LISTS (full listings, 3), IDLE (seconds of
+//! heartbeats only, 10).
 
 #[path = "../tests/common/certs.rs"]
 #[allow(dead_code)]
@@ -45,7 +47,9 @@ async fn main() {
     let lists = env_or("LISTS", 3);
 
     let started = Instant::now();
-    let c = ScaleCluster::start(Options::new(&bin, nodes, volumes)).await;
+    let options = Options::new(&bin, nodes, volumes);
+    let interval = options.heartbeat_interval;
+    let c = ScaleCluster::start(options).await;
     let registered = started.elapsed();
     // Release builds abort on panic, so `ScaleCluster`'s Drop would not run: a failed measurement
     // still stops the controller and removes the cluster's directory.
@@ -65,6 +69,14 @@ async fn main() {
     );
     let rss = |c: &ScaleCluster| format!("{:.1} MiB", c.rss_kib() as f64 / 1024.0);
     println!("controller RSS after registration: {}", rss(&c));
+    // What the heartbeats alone cost the controller: every node beats once per interval.
+    let idle = Duration::from_secs(env_or("IDLE", 10) as u64);
+    let (cpu, t) = (c.cpu_seconds(), Instant::now());
+    tokio::time::sleep(idle).await;
+    println!(
+        "controller CPU while the nodes only heartbeat (every {interval:?}, over {idle:?}): {:.1}% of a core",
+        100.0 * (c.cpu_seconds() - cpu) / t.elapsed().as_secs_f64()
+    );
     let mut csi = c.csi().await;
 
     // A first full listing fills whatever the controller caches per node; it is reported apart.

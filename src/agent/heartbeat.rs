@@ -5,6 +5,11 @@
 //! replica), and each address gets its own heartbeat, so every replica keeps a full registry. A
 //! replica that is down or slow costs one bounded call and never stops the others; the node keeps
 //! beating for as long as it runs.
+//!
+//! Each beat opens its own connection and closes it when answered: a controller serving a thousand
+//! nodes would otherwise hold a thousand idle TLS and HTTP/2 connections (about 30 KiB each in
+//! buffers) for calls made once per interval. The price is a handshake per node per interval
+//! (docs/benchmarks.md has both figures).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -83,8 +88,8 @@ impl HeartbeatConfig {
 }
 
 /// One controller replica as this node sees it.
+#[derive(Default)]
 struct Replica {
-    client: RegistryClient<Channel>,
     /// Whether its last call succeeded: then the next one is a Heartbeat, else a Register.
     registered: bool,
 }
@@ -158,32 +163,18 @@ impl Heartbeat {
         let status = self.status().await;
         let mut calls = JoinSet::new();
         for addr in &addrs {
-            if !self.replicas.contains_key(addr) {
-                match self.connect(*addr) {
-                    Ok(client) => {
-                        self.replicas.insert(
-                            *addr,
-                            Replica {
-                                client,
-                                registered: false,
-                            },
-                        );
+            let mut client = match self.connect(*addr) {
+                Ok(client) => client,
+                Err(e) => {
+                    let why = e.to_string();
+                    if self.client_errors.get(addr) != Some(&why) {
+                        tracing::error!(controller = %addr, error = why, "cannot make a registry client");
+                        self.client_errors.insert(*addr, why);
                     }
-                    Err(e) => {
-                        let why = e.to_string();
-                        if self.client_errors.get(addr) != Some(&why) {
-                            tracing::error!(controller = %addr, error = why, "cannot make a registry client");
-                            self.client_errors.insert(*addr, why);
-                        }
-                        continue;
-                    }
+                    continue;
                 }
-            }
-            let Some(replica) = self.replicas.get(addr) else {
-                continue;
             };
-            let mut client = replica.client.clone();
-            let register = !replica.registered;
+            let register = !self.replicas.entry(*addr).or_default().registered;
             let mut req = Request::new(status.clone());
             req.set_timeout(self.config.timeout);
             let (addr, timeout) = (*addr, self.config.timeout);
@@ -272,13 +263,12 @@ impl Heartbeat {
         self.replicas.keys().copied().collect()
     }
 
+    /// A client for one beat: its connection is made by the call and closed when the client is
+    /// dropped after it.
     fn connect(&self, addr: SocketAddr) -> Result<RegistryClient<Channel>, TlsError> {
         let channel = self
             .tls
-            .endpoint(&addr.to_string(), &self.config.server_name)?
-            .connect_timeout(self.config.timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .lazy_channel(&addr.to_string(), &self.config.server_name, self.config.timeout, |e| e)?;
         Ok(RegistryClient::new(channel))
     }
 
@@ -461,6 +451,37 @@ mod tests {
             assert_eq!(info.report.pools.len(), 1, "the node's pools travel in the heartbeat");
             assert_eq!(info.report.topology["topology.cellar.csi.dev/node"], "node-1");
         }
+    }
+
+    /// Established TCP connections whose far end is `port` (the client ends, read from the kernel).
+    fn connections_to(port: u16) -> usize {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        let remote = format!(":{port:04X}");
+        table
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3 && f[2].ends_with(&remote) && f[3] == "01"
+            })
+            .count()
+    }
+
+    #[tokio::test]
+    async fn a_beat_does_not_hold_its_connection_open_between_beats() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let (a, _stop_a, _) = replica(loopback(1, port)).await;
+        let mut hb = heartbeat(dir.path(), vec![loopback(1, port)]);
+        for _ in 0..3 {
+            let round = hb.beat().await;
+            assert_eq!(round.acked, [loopback(1, port)]);
+            until("the beat's connection closed", Duration::from_secs(10), || {
+                connections_to(port) == 0
+            })
+            .await;
+        }
+        assert!(a.is_available(&NodeId::parse("node-1").unwrap()));
     }
 
     #[tokio::test]

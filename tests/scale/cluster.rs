@@ -267,6 +267,21 @@ impl ScaleCluster {
         status_kib(self.controller.id(), "VmRSS:")
     }
 
+    /// CPU time the controller has used so far (user and system), in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        let pid = self.controller.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+        // After the command's closing parenthesis: state is field 3, utime 14 and stime 15.
+        let rest = &stat[stat.rfind(')').expect("(comm)") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .unwrap_or(100);
+        ticks as f64 / per_second as f64
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("controller.log")).unwrap_or_default()
     }
