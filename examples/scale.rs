@@ -14,6 +14,8 @@ mod certs;
 #[path = "../tests/scale/cluster.rs"]
 #[allow(dead_code)]
 mod cluster;
+#[path = "../tests/common/ports.rs"]
+mod ports;
 #[path = "../tests/scale/sim.rs"]
 #[allow(dead_code)]
 mod sim;

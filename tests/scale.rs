@@ -9,6 +9,8 @@ mod certs;
 #[path = "scale/cluster.rs"]
 #[allow(dead_code)]
 mod cluster;
+#[path = "common/ports.rs"]
+mod ports;
 #[path = "scale/sim.rs"]
 mod sim;
 

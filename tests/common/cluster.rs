@@ -47,13 +47,7 @@ impl Spec {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
+pub use super::ports::free_port;
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,

@@ -6,6 +6,7 @@ pub mod certs;
 pub mod cluster;
 pub mod fs;
 pub mod gluster;
+pub mod ports;
 pub mod postgres;
 pub mod s3;
 pub mod sanity;

@@ -14,6 +14,8 @@ use cellar::csi::v1::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
+use crate::ports::free_port;
+
 use super::certs::Authority;
 use super::sim::{self, NodeTls, Running, SimNode};
 use cellar::agent::tls::AGENT_SERVER_NAME as AGENT_NAME;
@@ -83,14 +85,6 @@ pub fn raise_open_files() -> u64 {
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("setrlimit RLIMIT_NOFILE");
     hard
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("port")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 impl ScaleCluster {
