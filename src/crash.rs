@@ -1,55 +1,162 @@
 //! Named crash points for the crash-recovery tests. With the `crash-points` feature, the process
 //! aborts (as a SIGKILL would stop it) when it reaches the point named by `CELLAR_CRASH_AT`.
 //! Without the feature this compiles to nothing.
+//!
+//! The crate's own unit tests can also arm a point for the calling thread only
+//! ([`in_thread::crash_at`], [`in_thread::fail_at`]): reaching it then unwinds with [`Crashed`]
+//! instead of aborting, so the in-process randomized tester can "kill" the engine mid-call, drop
+//! it and open it again from disk, as a restarted driver would.
 
-#[cfg(feature = "crash-points")]
-pub fn point(name: &str) {
-    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if AT.get_or_init(|| std::env::var("CELLAR_CRASH_AT").ok()).as_deref() == Some(name) {
-        eprintln!("crash point {name} reached: aborting");
-        std::process::abort();
+/// splitmix64: the seeded, dependency-free source of choices of both randomized crash testers
+/// (`tests/random_crash.rs`, `src/node/random.rs`), identical on every run of a seed.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next_u64() % 100 < percent
+    }
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
     }
 }
 
-#[cfg(not(feature = "crash-points"))]
-#[inline(always)]
-pub fn point(_name: &str) {}
+/// What a crash point armed in the calling thread unwinds with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Crashed(pub String);
+
+pub fn point(name: &str) {
+    #[cfg(test)]
+    in_thread::point(name);
+    #[cfg(feature = "crash-points")]
+    from_env::point(name);
+    let _ = name;
+}
 
 /// Named failure points for the fault tests: with the `crash-points` feature, `fail(name)` returns
 /// the error named for it in `CELLAR_FAIL_AT` (`point=ERRNO[,point=ERRNO...]`, ERRNO one of ENOSPC,
 /// EIO, EINTR, ENXIO, EDQUOT), every time it is reached, so a test can play a full disk or a failing
 /// device at one step and see what the call leaves. Without the feature it is always Ok.
-#[cfg(feature = "crash-points")]
 pub fn fail(name: &str) -> std::io::Result<()> {
-    static AT: std::sync::OnceLock<Vec<(String, i32)>> = std::sync::OnceLock::new();
-    let armed = AT.get_or_init(|| {
-        let spec = std::env::var("CELLAR_FAIL_AT").unwrap_or_default();
-        spec.split(',')
-            .filter_map(|p| p.split_once('='))
-            .filter_map(|(point, errno)| {
-                let n = match errno {
-                    "ENOSPC" => libc::ENOSPC,
-                    "EIO" => libc::EIO,
-                    "EINTR" => libc::EINTR,
-                    "ENXIO" => libc::ENXIO,
-                    "EDQUOT" => libc::EDQUOT,
-                    _ => return None,
-                };
-                Some((point.to_string(), n))
-            })
-            .collect()
-    });
-    match armed.iter().find(|(p, _)| p == name) {
-        Some((_, errno)) => {
-            eprintln!("failure point {name} reached: failing with errno {errno}");
-            Err(std::io::Error::from_raw_os_error(*errno))
+    #[cfg(test)]
+    in_thread::fail(name)?;
+    #[cfg(feature = "crash-points")]
+    from_env::fail(name)?;
+    let _ = name;
+    Ok(())
+}
+
+#[cfg(feature = "crash-points")]
+mod from_env {
+    pub fn point(name: &str) {
+        static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+        if AT.get_or_init(|| std::env::var("CELLAR_CRASH_AT").ok()).as_deref() == Some(name) {
+            eprintln!("crash point {name} reached: aborting");
+            std::process::abort();
         }
-        None => Ok(()),
+    }
+
+    pub fn fail(name: &str) -> std::io::Result<()> {
+        static AT: std::sync::OnceLock<Vec<(String, i32)>> = std::sync::OnceLock::new();
+        let armed = AT.get_or_init(|| {
+            let spec = std::env::var("CELLAR_FAIL_AT").unwrap_or_default();
+            spec.split(',')
+                .filter_map(|p| p.split_once('='))
+                .filter_map(|(point, errno)| {
+                    let n = match errno {
+                        "ENOSPC" => libc::ENOSPC,
+                        "EIO" => libc::EIO,
+                        "EINTR" => libc::EINTR,
+                        "ENXIO" => libc::ENXIO,
+                        "EDQUOT" => libc::EDQUOT,
+                        _ => return None,
+                    };
+                    Some((point.to_string(), n))
+                })
+                .collect()
+        });
+        match armed.iter().find(|(p, _)| p == name) {
+            Some((_, errno)) => {
+                eprintln!("failure point {name} reached: failing with errno {errno}");
+                Err(std::io::Error::from_raw_os_error(*errno))
+            }
+            None => Ok(()),
+        }
     }
 }
 
-#[cfg(not(feature = "crash-points"))]
-#[inline(always)]
-pub fn fail(_name: &str) -> std::io::Result<()> {
-    Ok(())
+/// Crash and failure points armed for one thread of the unit tests. An armed crash fires once (the
+/// "restarted" engine must be able to pass the same point); an armed failure fires every time until
+/// it is disarmed, as a full disk stays full.
+#[cfg(test)]
+pub mod in_thread {
+    use std::cell::RefCell;
+
+    use super::Crashed;
+
+    thread_local! {
+        static CRASH_AT: RefCell<Option<String>> = const { RefCell::new(None) };
+        static FAIL_AT: RefCell<Option<(String, i32)>> = const { RefCell::new(None) };
+    }
+
+    /// The next time this thread reaches `point`, it unwinds with [`Crashed`].
+    pub fn crash_at(point: Option<&str>) {
+        CRASH_AT.with(|c| *c.borrow_mut() = point.map(str::to_string));
+    }
+
+    /// Every time this thread reaches the failure point `point`, it fails with `errno`.
+    pub fn fail_at(point: Option<(&str, i32)>) {
+        FAIL_AT.with(|f| *f.borrow_mut() = point.map(|(p, e)| (p.to_string(), e)));
+    }
+
+    /// Whether the crash armed for this thread has fired (and so is no longer armed).
+    pub fn crash_fired() -> bool {
+        CRASH_AT.with(|c| c.borrow().is_none())
+    }
+
+    pub(super) fn point(name: &str) {
+        let fire = CRASH_AT.with(|c| {
+            let mut c = c.borrow_mut();
+            if c.as_deref() == Some(name) {
+                *c = None;
+                true
+            } else {
+                false
+            }
+        });
+        if fire {
+            std::panic::panic_any(Crashed(name.to_string()));
+        }
+    }
+
+    pub(super) fn fail(name: &str) -> std::io::Result<()> {
+        FAIL_AT.with(|f| match f.borrow().as_ref() {
+            Some((p, errno)) if p == name => Err(std::io::Error::from_raw_os_error(*errno)),
+            _ => Ok(()),
+        })
+    }
+
+    /// Keeps the default panic message for every panic but a [`Crashed`] one, which the tester
+    /// expects by the hundred.
+    pub fn quiet_crashes() {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if info.payload().downcast_ref::<Crashed>().is_none() {
+                    previous(info);
+                }
+            }));
+        });
+    }
 }

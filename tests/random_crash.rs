@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use cellar::crash::Rng;
 use cellar::csi::v1::*;
 use common::fs::{loops_under, TestFs};
 use common::*;
@@ -36,28 +37,6 @@ const UPLOAD_WAIT: Duration = Duration::from_secs(120);
 /// The chance, after each step, that the tester waits for every upload and checks the backups
 /// strictly (ready, local copies); `restic` is asked after prunes and at the end of every seed.
 const SETTLE_PERCENT: u64 = 10;
-
-/// splitmix64: a seeded, dependency-free source of choices, identical on every run of a seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Layout {

@@ -386,7 +386,7 @@ impl LocalEngine {
         self.pools.keys().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")
     }
 
-    fn pool(&self, name: &PoolName) -> Result<&Pool, StorageError> {
+    pub(crate) fn pool(&self, name: &PoolName) -> Result<&Pool, StorageError> {
         if let Some(reason) = self.broken.get(name) {
             return Err(StorageError::PoolBroken {
                 pool: name.as_str().to_string(),

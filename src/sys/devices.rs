@@ -84,6 +84,11 @@ impl RecordingDevices {
         self.state.fail_next(op, errno);
     }
 
+    /// Forgets every failure armed with `fail_next` and not yet reached.
+    pub fn disarm(&self) {
+        self.state.disarm();
+    }
+
     /// The device over `backing` disappears, as when someone ran `losetup -d` behind our back.
     pub fn vanish(&self, backing: &Path) {
         self.state.lock().attached.retain(|_, b| b != backing);

@@ -67,6 +67,11 @@ impl RecordingFilesystems {
         self.state.fail_next(op, errno);
     }
 
+    /// Forgets every failure armed with `fail_next` and not yet reached.
+    pub fn disarm(&self) {
+        self.state.disarm();
+    }
+
     /// The mountpoints frozen now.
     pub fn frozen(&self) -> Vec<PathBuf> {
         self.state.lock().frozen.iter().cloned().collect()

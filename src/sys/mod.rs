@@ -90,6 +90,11 @@ impl<S> Recorded<S> {
         self.lock().fail_next.insert(op, errno);
     }
 
+    /// Forgets every failure armed and not yet reached.
+    pub(crate) fn disarm(&self) {
+        self.lock().fail_next.clear();
+    }
+
     /// Records `call`, then fails it naming `op` and `path` if a failure was armed for `op`, or
     /// hands over the state.
     pub(crate) fn enter(

@@ -4,7 +4,6 @@ use std::ffi::CString;
 use std::mem::MaybeUninit;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use nix::mount::{MntFlags, MsFlags};
 
@@ -137,59 +136,60 @@ pub fn statx_mount_root(path: &Path) -> Result<Option<bool>, SysError> {
 }
 
 /// A mounter that records calls and keeps a set of "mounted" paths, for unit tests of the logic
-/// above `sys`.
+/// above `sys`; the next call of an operation can be made to fail with an errno.
 #[derive(Debug, Default)]
 pub struct RecordingMounter {
-    state: Mutex<RecordingState>,
-}
-
-#[derive(Debug, Default)]
-struct RecordingState {
-    mounted: Vec<(PathBuf, PathBuf, BindFlags)>,
-    calls: Vec<String>,
+    state: super::Recorded<Vec<(PathBuf, PathBuf, BindFlags)>>,
 }
 
 impl RecordingMounter {
     pub fn calls(&self) -> Vec<String> {
-        self.lock().calls.clone()
+        self.state.calls()
     }
 
     pub fn mounted(&self) -> Vec<(PathBuf, PathBuf, BindFlags)> {
-        self.lock().mounted.clone()
+        self.state.lock().clone()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, RecordingState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// The next call of `op` ("bind", "mount", "unmount") fails with `errno`.
+    pub fn fail_next(&self, op: &'static str, errno: i32) {
+        self.state.fail_next(op, errno);
+    }
+
+    /// Forgets every failure armed with `fail_next` and not yet reached.
+    pub fn disarm(&self) {
+        self.state.disarm();
     }
 }
 
 impl Mounter for RecordingMounter {
     fn bind(&self, source: &Path, target: &Path, flags: BindFlags) -> Result<(), SysError> {
-        let mut s = self.lock();
-        s.calls
-            .push(format!("bind {} {} {:?}", source.display(), target.display(), flags));
-        s.mounted.push((source.to_path_buf(), target.to_path_buf(), flags));
+        let mut s = self.state.enter(
+            "bind",
+            format!("bind {} {} {:?}", source.display(), target.display(), flags),
+            target,
+        )?;
+        s.push((source.to_path_buf(), target.to_path_buf(), flags));
         Ok(())
     }
 
     fn mount_fs(&self, device: &Path, target: &Path, fs_type: &str, flags: BindFlags) -> Result<(), SysError> {
-        let mut s = self.lock();
-        s.calls.push(format!(
-            "mount {} {} {fs_type} {:?}",
-            device.display(),
-            target.display(),
-            flags
-        ));
-        s.mounted.push((device.to_path_buf(), target.to_path_buf(), flags));
+        let mut s = self.state.enter(
+            "mount",
+            format!("mount {} {} {fs_type} {:?}", device.display(), target.display(), flags),
+            target,
+        )?;
+        s.push((device.to_path_buf(), target.to_path_buf(), flags));
         Ok(())
     }
 
     fn unmount(&self, target: &Path) -> Result<(), SysError> {
-        let mut s = self.lock();
-        s.calls.push(format!("unmount {}", target.display()));
-        match s.mounted.iter().rposition(|m| m.1 == target) {
+        let mut s = self
+            .state
+            .enter("unmount", format!("unmount {}", target.display()), target)?;
+        match s.iter().rposition(|m| m.1 == target) {
             Some(i) => {
-                s.mounted.remove(i);
+                s.remove(i);
                 Ok(())
             }
             None => Err(SysError::io(
@@ -205,6 +205,6 @@ impl Mounter for RecordingMounter {
     }
 
     fn is_mountpoint(&self, path: &Path) -> Result<bool, SysError> {
-        Ok(self.lock().mounted.iter().any(|m| m.1 == path))
+        Ok(self.state.lock().iter().any(|m| m.1 == path))
     }
 }

@@ -117,6 +117,11 @@ impl RecordingSubvolumes {
         self.state.fail_next(op, errno);
     }
 
+    /// Forgets every failure armed with `fail_next` and not yet reached.
+    pub fn disarm(&self) {
+        self.state.disarm();
+    }
+
     /// The subvolumes below `dir` (deepest last), with what is known of each: what a leak check reads.
     pub fn below(&self, dir: &Path) -> Vec<(PathBuf, Subvolume)> {
         let s = self.state.lock();
