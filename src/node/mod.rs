@@ -1150,4 +1150,6 @@ impl StaticAttrs {
 }
 
 #[cfg(test)]
+mod random;
+#[cfg(test)]
 mod tests;
