@@ -106,7 +106,8 @@ pub mod in_thread {
 
     thread_local! {
         static CRASH_AT: RefCell<Option<String>> = const { RefCell::new(None) };
-        static FAIL_AT: RefCell<Option<(String, i32)>> = const { RefCell::new(None) };
+        /// The point, its errno, and whether it fires only once.
+        static FAIL_AT: RefCell<Option<(String, i32, bool)>> = const { RefCell::new(None) };
     }
 
     /// The next time this thread reaches `point`, it unwinds with [`Crashed`].
@@ -116,7 +117,13 @@ pub mod in_thread {
 
     /// Every time this thread reaches the failure point `point`, it fails with `errno`.
     pub fn fail_at(point: Option<(&str, i32)>) {
-        FAIL_AT.with(|f| *f.borrow_mut() = point.map(|(p, e)| (p.to_string(), e)));
+        FAIL_AT.with(|f| *f.borrow_mut() = point.map(|(p, e)| (p.to_string(), e, false)));
+    }
+
+    /// The next time this thread reaches the failure point `point`, it fails with `errno`; later
+    /// passes succeed (a disk that failed one operation, as EIO on one rename).
+    pub fn fail_once_at(point: &str, errno: i32) {
+        FAIL_AT.with(|f| *f.borrow_mut() = Some((point.to_string(), errno, true)));
     }
 
     /// Whether the crash armed for this thread has fired (and so is no longer armed).
@@ -140,9 +147,18 @@ pub mod in_thread {
     }
 
     pub(super) fn fail(name: &str) -> std::io::Result<()> {
-        FAIL_AT.with(|f| match f.borrow().as_ref() {
-            Some((p, errno)) if p == name => Err(std::io::Error::from_raw_os_error(*errno)),
-            _ => Ok(()),
+        FAIL_AT.with(|f| {
+            let mut f = f.borrow_mut();
+            match f.as_ref() {
+                Some((p, errno, once)) if p == name => {
+                    let e = std::io::Error::from_raw_os_error(*errno);
+                    if *once {
+                        *f = None;
+                    }
+                    Err(e)
+                }
+                _ => Ok(()),
+            }
         })
     }
 

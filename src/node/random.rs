@@ -94,7 +94,22 @@ enum Fault {
     Subvolumes(&'static str, i32),
     /// The loop device of the volume's image disappears before the call.
     Vanish,
+    /// The first file operation of a kind (`file:rename`, `file:unlink` ...) fails with an errno;
+    /// the ones after it succeed.
+    FileOnce(&'static str, i32),
 }
+
+/// The failure points of `sys::files`, one per kind of file operation.
+const FILE_POINTS: [&str; 8] = [
+    "file:create",
+    "file:fsync",
+    "file:rename",
+    "file:unlink",
+    "file:mkdir",
+    "file:list",
+    "file:remove",
+    "file:grow",
+];
 
 const ERRNOS: [i32; 3] = [libc::ENOSPC, libc::EIO, libc::EINTR];
 /// What may go wrong in a DeleteVolume or DeleteSnapshot.
@@ -114,6 +129,8 @@ struct Harness {
     devices: Arc<RecordingDevices>,
     svc: NodeService,
     restarts: usize,
+    /// A file operation's failure armed for the next call that has no fault of its own.
+    file_fault: Option<Fault>,
 }
 
 impl Harness {
@@ -140,6 +157,7 @@ impl Harness {
             devices,
             svc,
             restarts: 0,
+            file_fault: None,
         }
     }
 
@@ -182,6 +200,7 @@ impl Harness {
             Fault::Devices(op, e) => self.devices.fail_next(op, *e),
             Fault::Filesystems(op, e) => self.filesystems.fail_next(op, *e),
             Fault::Subvolumes(op, e) => self.subvolumes.fail_next(op, *e),
+            Fault::FileOnce(p, e) => in_thread::fail_once_at(p, *e),
             Fault::Vanish => {
                 if let Some(v) = vol.and_then(|n| model.vols.get(n)) {
                     if let Ok((_, data)) = self.engine().volume_data(&vid(&v.id)) {
@@ -214,6 +233,7 @@ impl Harness {
         call: impl Fn(&Harness) -> Result<T, tonic::Status>,
         done: impl Fn(&Result<T, tonic::Status>) -> bool,
     ) -> Result<T, tonic::Status> {
+        let fault = fault.or_else(|| self.file_fault.take());
         if let Some(f) = &fault {
             self.arm(f, model, vol);
             let first = catch_unwind(AssertUnwindSafe(|| call(self)));
@@ -235,9 +255,27 @@ impl Harness {
                     if done(&r) {
                         return r;
                     }
-                    // A call that fails cleans up after itself: nothing half-made waits for a retry.
+                    // A disk or device failing is the caller's to retry, never a verdict on the
+                    // request (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS ... would make the
+                    // sidecars give up or kubelet report the wrong cause).
+                    if let Err(s) = &r {
+                        assert!(
+                            matches!(
+                                s.code(),
+                                Code::Internal | Code::Unavailable | Code::ResourceExhausted | Code::Aborted
+                            ),
+                            "{f:?} answered {:?}: {}",
+                            s.code(),
+                            s.message()
+                        );
+                    }
+                    // A call that fails cleans up after itself: nothing half-made waits for a retry
+                    // (unless the disk failed the cleanup itself: then the retry must remove it).
                     let left = leftovers(self, true);
-                    assert!(left.is_empty(), "a failed call left behind: {left:?}");
+                    assert!(
+                        left.is_empty() || matches!(f, Fault::FileOnce(..)),
+                        "a failed call left behind: {left:?}"
+                    );
                 }
             }
         }
@@ -342,7 +380,13 @@ fn run_seed(seed: u64, log: &mut Vec<String>) {
     let mut h = Harness::new();
     let mut m = Model::default();
     for step in 0..STEPS {
-        let faulted = rng.chance(45);
+        let mut faulted = rng.chance(45);
+        if faulted && rng.chance(35) {
+            // This step's fault is a failing file operation, whichever the call makes first.
+            let point = FILE_POINTS[rng.below(FILE_POINTS.len())];
+            h.file_fault = Some(Fault::FileOnce(point, *rng.pick(&ERRNOS)));
+            faulted = false;
+        }
         let before = log.len();
         one_step(&mut h, &mut m, &mut rng, faulted, log);
         if log.len() == before {
@@ -350,6 +394,7 @@ fn run_seed(seed: u64, log: &mut Vec<String>) {
         } else {
             log[before] = format!("{step}: {}", log[before]);
         }
+        h.file_fault = None;
         check(&h, &m);
     }
     // The end of every seed: undo everything, and nothing may remain.

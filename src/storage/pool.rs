@@ -135,6 +135,23 @@ impl Pool {
         self.purge(&self.trash_dir())
     }
 
+    /// Removes what deletes of `key` moved into the trash (`<key>-<32 hex digits>`), and nothing
+    /// of another key's, whose delete may be purging it now.
+    pub fn purge_trash_of(&self, key: &Key) -> Result<(), StorageError> {
+        let key = key.as_str();
+        for p in files::list_dir(&self.trash_dir())? {
+            let name = p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+            let ours = name
+                .strip_prefix(key)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|tag| tag.len() == 32 && tag.bytes().all(|b| b.is_ascii_hexdigit()));
+            if ours {
+                super::layout::purge(&self.sys, &p)?;
+            }
+        }
+        Ok(())
+    }
+
     fn purge(&self, dir: &Path) -> Result<(), StorageError> {
         for p in files::list_dir(dir)? {
             super::layout::purge(&self.sys, &p)?;

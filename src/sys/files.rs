@@ -17,7 +17,14 @@ pub enum Durability {
     ProcessCrash,
 }
 
-/// Replaces `path` with `bytes` atomically: temp file, (fsync), rename, (fsync of the directory).
+/// A named failure point before each file operation (`file:create`, `file:fsync`, `file:rename`,
+/// `file:unlink`, `file:mkdir`, `file:list`, `file:remove`, `file:grow`): with the `crash-points`
+/// feature, or armed for one thread in the unit tests, the operation fails with the errno armed for
+/// it, so a test can play a full or failing disk at any single file operation. Otherwise nothing.
+fn fault(point: &'static str, path: &Path) -> Result<(), SysError> {
+    crate::crash::fail(point).step(point, path)
+}
+
 /// The suffix of the temporary file `write_atomic` renames into place.
 pub const TMP_SUFFIX: &str = ".tmp";
 
@@ -45,11 +52,13 @@ pub fn remove_stale_temps(dir: &Path, age: std::time::Duration) -> Result<usize,
     Ok(removed)
 }
 
+/// Replaces `path` with `bytes` atomically: temp file, (fsync), rename, (fsync of the directory).
 pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> Result<(), SysError> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}{TMP_SUFFIX}"));
     let written = (|| {
+        fault("file:create", &tmp)?;
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
@@ -61,8 +70,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> Result
         crate::crash::fail("record:write").step("write", &tmp)?;
         f.write_all(bytes).step("write", &tmp)?;
         if durability == Durability::PowerLoss {
+            fault("file:fsync", &tmp)?;
             f.sync_all().step("fsync", &tmp)?;
         }
+        fault("file:rename", path)?;
         fs::rename(&tmp, path).step("rename", path)
     })();
     if written.is_err() {
@@ -78,6 +89,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> Result
 
 /// fsyncs a directory so that entries created, renamed or removed in it are durable.
 pub fn sync_dir(dir: &Path) -> Result<(), SysError> {
+    fault("file:fsync", dir)?;
     File::open(dir).and_then(|d| d.sync_all()).step("fsync", dir)
 }
 
@@ -98,6 +110,7 @@ pub fn create_exclusive(path: &Path, bytes: &[u8]) -> Result<bool, SysError> {
     let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
     let written = (|| {
+        fault("file:create", &tmp)?;
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -123,6 +136,7 @@ pub fn create_exclusive(path: &Path, bytes: &[u8]) -> Result<bool, SysError> {
 
 /// Renames `from` to `to`; `false` when `from` was already gone (someone else moved it first).
 pub fn rename_if_exists(from: &Path, to: &Path) -> Result<bool, SysError> {
+    fault("file:rename", from)?;
     match fs::rename(from, to) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
@@ -132,6 +146,7 @@ pub fn rename_if_exists(from: &Path, to: &Path) -> Result<bool, SysError> {
 
 /// Removes a file; a file that is already gone is fine.
 pub fn remove_file_if_exists(path: &Path) -> Result<(), SysError> {
+    fault("file:unlink", path)?;
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
@@ -146,6 +161,7 @@ pub fn ensure_dir(path: &Path, mode: u32) -> Result<(), SysError> {
     // On a shared filesystem another node may be making this very directory at the same moment
     // (nodes opening one shared pool together): until its mkdir has completed, ours can answer
     // EEXIST while a lookup still answers ENOENT (seen on GlusterFS). Wait that out, bounded.
+    fault("file:mkdir", path)?;
     let mut tries = 0;
     loop {
         let found = match fs::DirBuilder::new().mode(mode).create(path) {
@@ -209,6 +225,7 @@ pub fn entry(path: &Path) -> Result<Entry, SysError> {
 /// Removes a whole tree without following symlinks (std's remove_dir_all never follows them).
 /// A tree that is already gone is fine.
 pub fn remove_tree(path: &Path) -> Result<(), SysError> {
+    fault("file:remove", path)?;
     match entry(path)? {
         Entry::Missing => Ok(()),
         Entry::Dir => match fs::remove_dir_all(path) {
@@ -259,16 +276,19 @@ pub fn allocated_upto(path: &Path, stop: u64) -> u64 {
 
 /// Renames `from` to `to` (atomically, on one filesystem).
 pub fn rename(from: &Path, to: &Path) -> Result<(), SysError> {
+    fault("file:rename", to)?;
     fs::rename(from, to).map_err(|e| SysError::io("rename", to, e))
 }
 
 /// Makes a directory and its missing parents.
 pub fn mkdir_all(path: &Path) -> Result<(), SysError> {
+    fault("file:mkdir", path)?;
     fs::create_dir_all(path).step("mkdir", path)
 }
 
 /// The paths of a directory's entries, in no particular order.
 pub fn list_dir(dir: &Path) -> Result<Vec<std::path::PathBuf>, SysError> {
+    fault("file:list", dir)?;
     let mut out = Vec::new();
     for e in fs::read_dir(dir).step("read directory", dir)? {
         out.push(e.step("read directory", dir)?.path());
@@ -294,6 +314,7 @@ pub fn len(path: &Path) -> Result<u64, SysError> {
 
 /// Creates a new file of `len` bytes (a sparse one: a hole until written); an existing file is an error.
 pub fn create_sized(path: &Path, len: u64) -> Result<(), SysError> {
+    fault("file:create", path)?;
     let f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -305,6 +326,7 @@ pub fn create_sized(path: &Path, len: u64) -> Result<(), SysError> {
 /// Grows a file to `len` bytes (the new part a hole) and makes that durable; a file already at least
 /// that long is left as it is.
 pub fn grow_to(path: &Path, len: u64) -> Result<(), SysError> {
+    fault("file:grow", path)?;
     let f = fs::OpenOptions::new().write(true).open(path).step("open", path)?;
     let now = f.metadata().step("stat", path)?.len();
     if len > now {
@@ -317,6 +339,7 @@ pub fn grow_to(path: &Path, len: u64) -> Result<(), SysError> {
 /// Removes a file, or a directory only if it is empty (a directory with anything in it is an error,
 /// never emptied); one that is already gone is fine.
 pub fn remove_entry(path: &Path) -> Result<(), SysError> {
+    fault("file:unlink", path)?;
     let res = match entry(path)? {
         Entry::Missing => return Ok(()),
         Entry::Dir => fs::remove_dir(path),

@@ -57,18 +57,21 @@ impl LocalEngine {
             }
         };
         crash::point("delete:after-trash");
-        self.store.remove(pool, kind, key, shown)?;
-        if moved {
-            if pool.shared() {
-                // A shared volume may be a huge tree on a slow share: the purge runs in the background.
+        // The data is in the trash whether or not the record's removal lands: purge it either way.
+        let removed = self.store.remove(pool, kind, key, shown);
+        if pool.shared() {
+            // A shared volume may be a huge tree on a slow share: the purge runs in the background.
+            if moved {
                 if let Some(tx) = lock(&self.purge_wake).as_ref() {
                     let _ = tx.send(());
                 }
-            } else {
-                layout::purge(&pool.sys, &trashed)?;
             }
+        } else {
+            // This call's data, and what an earlier attempt moved there but failed to purge (the
+            // retry finds nothing left to move): else it would stay until the next start.
+            pool.purge_trash_of(key)?;
         }
-        Ok(())
+        removed
     }
 
     /// Where the lease of a volume of a shared pool lives, and how long it lasts unrenewed.

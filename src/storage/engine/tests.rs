@@ -440,3 +440,29 @@ fn a_restore_of_an_xfs_snapshot_into_an_ext4_pool_probes_and_keeps_xfs() {
         "a restore copies; it makes no filesystem"
     );
 }
+
+#[test]
+fn a_delete_whose_disk_fails_once_leaves_no_trash_once_retried() {
+    let f = engine(FsType::Ext4);
+    let trash = default_pool(&f.engine).trash_dir();
+    // The record's removal failing (its directory's fsync), then the purge of the data failing.
+    for point in ["file:fsync", "file:remove"] {
+        let rec = f
+            .engine
+            .create_volume(NewVolume::plain("pvc-t", None, MIB))
+            .expect("create");
+        let (_, data) = f.engine.volume_data(&rec.id).expect("data");
+        std::fs::write(data.join("file"), b"bytes").expect("write");
+        crate::crash::in_thread::fail_once_at(point, libc::EIO);
+        let first = f.engine.delete_volume(&rec.id);
+        crate::crash::in_thread::fail_at(None);
+        assert!(first.is_err(), "{point} failing fails the delete: {first:?}");
+        f.engine.delete_volume(&rec.id).expect("the retried delete");
+        assert_eq!(f.engine.volume(&rec.id), None);
+        assert_eq!(
+            files::list_dir(&trash).expect("trash"),
+            Vec::<std::path::PathBuf>::new(),
+            "after {point} failed once, the retried delete purges what the first one moved"
+        );
+    }
+}
