@@ -38,7 +38,7 @@ use super::NodeService;
 use crate::crash::{in_thread, Crashed, Rng};
 use crate::csi::v1::volume_capability::access_mode::Mode;
 use crate::csi::v1::*;
-use crate::storage::config::Config;
+use crate::storage::config::{Backend, Config};
 use crate::storage::engine::{CapacityRange, LocalEngine, NewVolume, Source};
 use crate::storage::id::{NodeId, PoolName, SnapshotId, VolumeId};
 use crate::storage::pool::Kind;
@@ -54,21 +54,30 @@ const SEEDS: [u64; 16] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
 const STEPS: usize = 80;
 /// Attempts of one call, after its faulted one, before it counts as not converging.
 const ATTEMPTS: usize = 5;
-const MAX_VOLUMES: usize = 6;
+const MAX_VOLUMES: usize = 8;
 const MIB: u64 = 1 << 20;
 /// Where an image volume's marker lives inside its file (past the fake superblocks).
 const IMAGE_MARKER_AT: u64 = MIB;
 const MARKER_LEN: usize = 64;
+
+/// Where a volume or snapshot lives: in a node's own pool, or in the shared pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Home {
+    Node(usize),
+    Shared,
+}
 
 /// What the tester believes of one volume.
 #[derive(Debug, Clone)]
 struct Vol {
     id: String,
     layout: Layout,
+    home: Home,
     bytes: u64,
     /// What its data must hold ("" for an image never written).
     marker: String,
-    staged: Option<PathBuf>,
+    /// The node it is staged on, and where.
+    staged: Option<(usize, PathBuf)>,
     published: Option<PathBuf>,
 }
 
@@ -77,6 +86,7 @@ struct Snap {
     id: String,
     source: String,
     layout: Layout,
+    home: Home,
     bytes: u64,
     marker: String,
 }
@@ -118,133 +128,227 @@ const DELETE_FAULTS: [Fault; 2] = [
     Fault::Subvolumes("delete", libc::EIO),
 ];
 
-/// The node under test: its engine and Node service, and the fakes that outlive a "restart".
-struct Harness {
-    dir: tempfile::TempDir,
+/// How many nodes, and how many controller replicas, the cluster has.
+const NODES: usize = 2;
+const REPLICAS: usize = 2;
+/// The pool every process shares (`backend: shared`, a plain directory here).
+const SHARE: &str = "share";
+
+/// One process of the cluster, with what outlives its "restart": a node (its own pool `default`
+/// allowing every layout, the shared pool's volumes, and the Node service) or a controller replica
+/// (the shared pool, as its owner). Each has its own fakes: a machine's mounts and devices.
+struct Proc {
+    name: NodeId,
+    label: String,
+    node: bool,
     config: Config,
     sys: StorageSys,
     filesystems: Arc<RecordingFilesystems>,
     subvolumes: Arc<RecordingSubvolumes>,
     mounter: Arc<RecordingMounter>,
     devices: Arc<RecordingDevices>,
-    svc: NodeService,
-    restarts: usize,
-    /// A file operation's failure armed for the next call that has no fault of its own.
-    file_fault: Option<Fault>,
+    engine: Arc<LocalEngine>,
+    svc: Option<NodeService>,
+    dir: PathBuf,
 }
 
-impl Harness {
-    fn new() -> Harness {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config::default_for(dir.path());
+impl Proc {
+    fn new(root: &Path, share: &Path, name: &str, node: bool) -> Proc {
+        let dir = root.join(name);
+        let mut config = Config::default_for(&dir);
         config.pools[0].layouts.extend([Layout::Image, Layout::Btrfs]);
+        let mut shared = config.pools[0].clone();
+        shared.name = PoolName::parse(SHARE).expect("pool name");
+        shared.path = share.to_path_buf();
+        shared.backend = Backend::Shared;
+        shared.layouts = vec![Layout::Dir, Layout::Image];
+        config.pools.push(shared);
         let filesystems = Arc::new(RecordingFilesystems::default());
-        let subvolumes = Arc::new(RecordingSubvolumes::over(dir.path()));
+        // btrfs is a node's own disk; the share is not btrfs.
+        let subvolumes = Arc::new(RecordingSubvolumes::over(&dir));
         let sys = StorageSys {
             filesystems: filesystems.clone(),
             subvolumes: subvolumes.clone(),
         };
+        let name = NodeId::parse(name).expect("node id");
         let mounter = Arc::new(RecordingMounter::default());
         let devices = Arc::new(RecordingDevices::default());
-        let svc = Self::open(dir.path(), &config, &sys, &mounter, &devices);
-        Harness {
-            dir,
+        let (engine, svc) = Self::open(&name, node, &config, &sys, &dir, &mounter, &devices);
+        Proc {
+            label: name.as_str().to_string(),
+            name,
+            node,
             config,
             sys,
             filesystems,
             subvolumes,
             mounter,
             devices,
+            engine,
             svc,
+            dir,
+        }
+    }
+
+    /// Opens the engine (and a node's service) from what is on disk, as the process starts: a
+    /// node owns its own pool and uses the shared one, a replica owns the shared pool (roles.rs).
+    fn open(
+        name: &NodeId,
+        node: bool,
+        config: &Config,
+        sys: &StorageSys,
+        dir: &Path,
+        mounter: &Arc<RecordingMounter>,
+        devices: &Arc<RecordingDevices>,
+    ) -> (Arc<LocalEngine>, Option<NodeService>) {
+        let pick = move |pc: &crate::storage::config::PoolConfig| match node {
+            true => Some(!pc.is_shared()),
+            false => pc.is_shared().then_some(true),
+        };
+        let engine =
+            Arc::new(LocalEngine::open_with(sys.clone(), name.clone(), config, pick).expect("the engine opens"));
+        let svc = node.then(|| {
+            let state = NodeState::open(&dir.join("node")).expect("node state opens");
+            let mut svc = NodeService::new(name.clone(), engine.clone(), Arc::new(state), 0);
+            svc.mounter = mounter.clone();
+            svc.devices = devices.clone();
+            svc
+        });
+        (engine, svc)
+    }
+
+    /// What a kill -9 and a new start do: everything in memory goes; the disk and the machine's
+    /// mounts and devices (the fakes) stay.
+    fn restart(&mut self) {
+        let (engine, svc) = Self::open(
+            &self.name,
+            self.node,
+            &self.config,
+            &self.sys,
+            &self.dir,
+            &self.mounter,
+            &self.devices,
+        );
+        // The old service goes first: it holds the old engine.
+        self.svc = None;
+        self.engine = engine;
+        self.svc = svc;
+    }
+
+    fn svc(&self) -> &NodeService {
+        self.svc.as_ref().expect("a node")
+    }
+
+    fn pool(&self, name: &str) -> Option<&crate::storage::pool::Pool> {
+        self.engine.pool(&PoolName::parse(name).expect("pool")).ok()
+    }
+
+    /// Clears every failure armed on this process's fakes, including one the call never reached
+    /// (it must not fire on a later, unfaulted call).
+    fn disarm(&self) {
+        self.mounter.disarm();
+        self.devices.disarm();
+        self.filesystems.disarm();
+        self.subvolumes.disarm();
+    }
+}
+
+/// The cluster under test: nodes `n0`, `n1` and controller replicas `ctl-0`, `ctl-1` over one
+/// shared pool, all in this process; processes `0..NODES` are the nodes.
+struct Cluster {
+    dir: tempfile::TempDir,
+    procs: Vec<Proc>,
+    restarts: usize,
+    /// A file operation's failure armed for the next call that has no fault of its own.
+    file_fault: Option<Fault>,
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let share = dir.path().join("share");
+        let mut procs = Vec::new();
+        for n in 0..NODES {
+            procs.push(Proc::new(dir.path(), &share, &format!("n{n}"), true));
+        }
+        for r in 0..REPLICAS {
+            procs.push(Proc::new(dir.path(), &share, &format!("ctl-{r}"), false));
+        }
+        Cluster {
+            dir,
+            procs,
             restarts: 0,
             file_fault: None,
         }
     }
 
-    fn open(
-        dir: &Path,
-        config: &Config,
-        sys: &StorageSys,
-        mounter: &Arc<RecordingMounter>,
-        devices: &Arc<RecordingDevices>,
-    ) -> NodeService {
-        let node = NodeId::parse("n1").expect("node id");
-        let engine = LocalEngine::open_with(sys.clone(), node.clone(), config, |_| Some(true)).expect("engine opens");
-        let state = NodeState::open(&dir.join("node")).expect("node state opens");
-        let mut svc = NodeService::new(node, Arc::new(engine), Arc::new(state), 0);
-        svc.mounter = mounter.clone();
-        svc.devices = devices.clone();
-        svc
+    fn share(&self) -> PathBuf {
+        self.dir.path().join("share")
     }
 
-    /// What a kill -9 and a new start do: everything in memory goes, the disk and the kernel's
-    /// mounts and devices stay.
-    fn restart(&mut self) {
-        self.svc = Self::open(self.dir.path(), &self.config, &self.sys, &self.mounter, &self.devices);
-        self.restarts += 1;
+    /// The engine that answers controller calls on a volume at home in `home`, as the controller
+    /// would route it: a node's own volumes to that node, a shared volume to either replica.
+    fn controller(&self, home: Home, rng: &mut Rng) -> usize {
+        match home {
+            Home::Node(n) => n,
+            Home::Shared => NODES + rng.below(REPLICAS),
+        }
     }
 
-    fn engine(&self) -> &LocalEngine {
-        &self.svc.engine
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn arm(&self, fault: &Fault, model: &Model, vol: Option<&str>) {
+    fn arm(&self, at: usize, fault: &Fault, model: &Model, vol: Option<&str>) {
+        let p = &self.procs[at];
         match fault {
-            Fault::Crash(p) => in_thread::crash_at(Some(p)),
-            Fault::Point(p, e) => in_thread::fail_at(Some((p, *e))),
-            Fault::Mounter(op, e) => self.mounter.fail_next(op, *e),
-            Fault::Devices(op, e) => self.devices.fail_next(op, *e),
-            Fault::Filesystems(op, e) => self.filesystems.fail_next(op, *e),
-            Fault::Subvolumes(op, e) => self.subvolumes.fail_next(op, *e),
-            Fault::FileOnce(p, e) => in_thread::fail_once_at(p, *e),
+            Fault::Crash(point) => in_thread::crash_at(Some(point)),
+            Fault::Point(point, e) => in_thread::fail_at(Some((point, *e))),
+            Fault::Mounter(op, e) => p.mounter.fail_next(op, *e),
+            Fault::Devices(op, e) => p.devices.fail_next(op, *e),
+            Fault::Filesystems(op, e) => p.filesystems.fail_next(op, *e),
+            Fault::Subvolumes(op, e) => p.subvolumes.fail_next(op, *e),
+            Fault::FileOnce(point, e) => in_thread::fail_once_at(point, *e),
             Fault::Vanish => {
                 if let Some(v) = vol.and_then(|n| model.vols.get(n)) {
-                    if let Ok((_, data)) = self.engine().volume_data(&vid(&v.id)) {
-                        self.devices.vanish(&data);
+                    if let Ok((_, data)) = p.engine.volume_data(&vid(&v.id)) {
+                        p.devices.vanish(&data);
                     }
                 }
             }
         }
     }
 
-    /// Clears every armed fault, including a fake's that the call never reached (it must not fire
-    /// on a later, unfaulted call).
     fn disarm(&self) {
         in_thread::crash_at(None);
         in_thread::fail_at(None);
-        self.mounter.disarm();
-        self.devices.disarm();
-        self.filesystems.disarm();
-        self.subvolumes.disarm();
+        for p in &self.procs {
+            p.disarm();
+        }
     }
 
-    /// Runs `call` once with `fault` armed, then again without until it answers what `done`
-    /// accepts; a crash restarts the node first. Returns the answer it converged on.
+    /// Runs `call` on process `at` once with `fault` armed, then again without until it answers
+    /// what `done` accepts; a crash restarts that process first. Returns the answer it converged on.
+    #[allow(clippy::too_many_arguments)]
     fn converge<T: std::fmt::Debug>(
         &mut self,
         log: &mut Vec<String>,
         model: &Model,
+        at: usize,
         vol: Option<&str>,
         fault: Option<Fault>,
-        call: impl Fn(&Harness) -> Result<T, tonic::Status>,
+        call: impl Fn(&Proc) -> Result<T, tonic::Status>,
         done: impl Fn(&Result<T, tonic::Status>) -> bool,
     ) -> Result<T, tonic::Status> {
         let fault = fault.or_else(|| self.file_fault.take());
         if let Some(f) = &fault {
-            self.arm(f, model, vol);
-            let first = catch_unwind(AssertUnwindSafe(|| call(self)));
+            self.arm(at, f, model, vol);
+            let first = catch_unwind(AssertUnwindSafe(|| call(&self.procs[at])));
             self.disarm();
             match first {
                 Err(panic) => match panic.downcast::<Crashed>() {
                     Ok(c) => {
-                        log.push(format!("    crashed at {}; restarting", c.0));
-                        self.restart();
-                        // A start sweeps what a crash leaves mid-write; data a crashed create made
-                        // before its record is the retry's to remove or finish.
+                        log.push(format!("    {} crashed at {}; restarting", self.procs[at].label, c.0));
+                        self.procs[at].restart();
+                        self.restarts += 1;
+                        // A start sweeps what a crash leaves mid-write in the pools it owns; data a
+                        // crashed create made before its record is the retry's to remove or finish.
                         let left = leftovers(self, false);
                         assert!(left.is_empty(), "a restart left behind: {left:?}");
                     }
@@ -281,7 +385,7 @@ impl Harness {
         }
         let mut last = None;
         for _ in 0..ATTEMPTS {
-            let r = call(self);
+            let r = call(&self.procs[at]);
             if done(&r) {
                 return r;
             }
@@ -377,81 +481,96 @@ fn create_faults(rng: &mut Rng, layout: Layout, copy: bool) -> Fault {
 
 fn run_seed(seed: u64, log: &mut Vec<String>) {
     let mut rng = Rng(seed);
-    let mut h = Harness::new();
+    let mut c = Cluster::new();
     let mut m = Model::default();
     for step in 0..STEPS {
         let mut faulted = rng.chance(45);
         if faulted && rng.chance(35) {
             // This step's fault is a failing file operation, whichever the call makes first.
             let point = FILE_POINTS[rng.below(FILE_POINTS.len())];
-            h.file_fault = Some(Fault::FileOnce(point, *rng.pick(&ERRNOS)));
+            c.file_fault = Some(Fault::FileOnce(point, *rng.pick(&ERRNOS)));
             faulted = false;
         }
         let before = log.len();
-        one_step(&mut h, &mut m, &mut rng, faulted, log);
+        one_step(&mut c, &mut m, &mut rng, faulted, log);
         if log.len() == before {
             log.push(format!("{step}: nothing to do"));
         } else {
             log[before] = format!("{step}: {}", log[before]);
         }
-        h.file_fault = None;
-        check(&h, &m);
+        c.file_fault = None;
+        check(&c, &m);
     }
     // The end of every seed: undo everything, and nothing may remain.
     let names: Vec<String> = m.vols.keys().cloned().collect();
     for name in names {
         if m.vols[&name].published.is_some() {
-            unpublish(&mut h, &mut m, &name, None, log);
+            kubelet(&mut c, &mut m, &name, Kubelet::Unpublish, None, log);
         }
         if m.vols[&name].staged.is_some() {
-            unstage(&mut h, &mut m, &name, None, log);
+            kubelet(&mut c, &mut m, &name, Kubelet::Unstage, None, log);
         }
-        delete(&mut h, &mut m, &name, None, log);
-        check(&h, &m);
+        delete(&mut c, &mut m, &mut rng, &name, None, log);
+        check(&c, &m);
     }
     let snaps: Vec<String> = m.snaps.keys().cloned().collect();
     for name in snaps {
-        delete_snapshot(&mut h, &mut m, &name, None, log);
-        check(&h, &m);
+        delete_snapshot(&mut c, &mut m, &mut rng, &name, None, log);
+        check(&c, &m);
     }
-    let root = h.path("pools/default");
-    assert!(
-        h.subvolumes.below(&root).is_empty(),
-        "subvolumes left at the end: {:?}",
-        h.subvolumes.below(&root)
-    );
-    assert!(h.engine().volumes().is_empty() && h.engine().snapshots().is_empty());
-    log.push(format!("seed {seed}: {STEPS} steps, {} restarts", h.restarts));
+    // The shared pool's trash is purged in the background (its trees may be huge), and so are
+    // temporary files a failed unlink left there once ten minutes old: as that purge would, now.
+    let share = c.procs[NODES].pool(SHARE).expect("the shared pool");
+    share.purge_trash().expect("purge");
+    share.remove_temps_older_than(std::time::Duration::ZERO).expect("sweep");
+    for (p, what) in [
+        (c.share().join(".trash"), "trash"),
+        (c.share().join(".staged"), "stage marks"),
+        (c.share().join(".leases"), "leases"),
+    ] {
+        let left = files::list_dir(&p).unwrap_or_default();
+        assert!(left.is_empty(), "the share's {what} left at the end: {left:?}");
+    }
+    for p in &c.procs {
+        assert!(p.engine.volumes().is_empty() && p.engine.snapshots().is_empty());
+        let subvolumes = p.subvolumes.below(&p.dir);
+        assert!(subvolumes.is_empty(), "subvolumes left on {}: {subvolumes:?}", p.label);
+    }
+    log.push(format!("seed {seed}: {STEPS} steps, {} restarts", c.restarts));
 }
 
-fn one_step(h: &mut Harness, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mut Vec<String>) {
+fn names_where(m: &Model, f: impl Fn(&Vol) -> bool) -> Vec<String> {
+    m.vols.iter().filter(|(_, v)| f(v)).map(|(k, _)| k.clone()).collect()
+}
+
+fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mut Vec<String>) {
     let names: Vec<String> = m.vols.keys().cloned().collect();
     let any = |rng: &mut Rng| (!names.is_empty()).then(|| rng.pick(&names).clone());
-    match rng.below(11) {
-        0 | 1 if m.vols.len() < MAX_VOLUMES => create(h, m, rng, faulted, log),
+    match rng.below(12) {
+        0 | 1 if m.vols.len() < MAX_VOLUMES => create(c, m, rng, faulted, log),
         2 if !m.vols.is_empty() => {
             let n = any(rng).expect("a volume");
             let f = faulted.then(|| {
                 let e = *rng.pick(&ERRNOS);
                 let layout = m.vols[&n].layout;
-                let mut c = vec![
+                let mut choices = vec![
                     Fault::Crash("create-snapshot:before-record"),
                     Fault::Point("record:write", e),
                     Fault::Point("copy:data", e),
                 ];
                 match layout {
-                    Layout::Btrfs => c.push(Fault::Subvolumes("snapshot", e)),
-                    _ => c.push(Fault::Crash("copy:before-rename")),
+                    Layout::Btrfs => choices.push(Fault::Subvolumes("snapshot", e)),
+                    _ => choices.push(Fault::Crash("copy:before-rename")),
                 }
-                rng.pick(&c).clone()
+                rng.pick(&choices).clone()
             });
-            snapshot(h, m, rng, &n, f, log)
+            snapshot(c, m, rng, &n, f, log)
         }
         3 if !m.snaps.is_empty() => {
             let s: Vec<String> = m.snaps.keys().cloned().collect();
             let s = rng.pick(&s).clone();
             let f = faulted.then(|| rng.pick(&DELETE_FAULTS).clone());
-            delete_snapshot(h, m, &s, f, log)
+            delete_snapshot(c, m, rng, &s, f, log)
         }
         4 if !m.vols.is_empty() => {
             let n = any(rng).expect("a volume");
@@ -464,7 +583,7 @@ fn one_step(h: &mut Harness, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
                 ])
                 .clone()
             });
-            expand(h, m, rng, &n, f, log)
+            expand(c, m, rng, &n, f, log)
         }
         5 | 6 if !m.vols.is_empty() => {
             let n = any(rng).expect("a volume");
@@ -473,20 +592,20 @@ fn one_step(h: &mut Harness, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
             match (&v.staged, &v.published) {
                 (None, _) => {
                     let f = faulted.then(|| {
-                        let mut c = vec![Fault::Crash("stage:before-mount"), Fault::Point("record:write", e)];
+                        let mut choices = vec![Fault::Crash("stage:before-mount"), Fault::Point("record:write", e)];
                         if v.layout == Layout::Image {
-                            c.extend([
+                            choices.extend([
                                 Fault::Crash("stage:after-attach"),
                                 Fault::Devices("attach", *rng.pick(&[libc::ENXIO, libc::EIO, libc::EINTR])),
                                 Fault::Devices("find", libc::EIO),
                                 Fault::Mounter("mount", e),
                             ]);
                         } else {
-                            c.push(Fault::Mounter("bind", e));
+                            choices.push(Fault::Mounter("bind", e));
                         }
-                        rng.pick(&c).clone()
+                        rng.pick(&choices).clone()
                     });
-                    stage(h, m, &n, f, log)
+                    stage(c, m, rng, &n, f, log)
                 }
                 (Some(_), None) => {
                     let f = faulted.then(|| {
@@ -497,7 +616,7 @@ fn one_step(h: &mut Harness, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
                         ])
                         .clone()
                     });
-                    publish(h, m, &n, f, log)
+                    kubelet(c, m, &n, Kubelet::Publish, f, log)
                 }
                 (Some(_), Some(_)) => {
                     let f = faulted.then(|| {
@@ -508,62 +627,99 @@ fn one_step(h: &mut Harness, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
                         ])
                         .clone()
                     });
-                    unpublish(h, m, &n, f, log)
+                    kubelet(c, m, &n, Kubelet::Unpublish, f, log)
                 }
             }
         }
         7 if m.vols.values().any(|v| v.staged.is_some() && v.published.is_none()) => {
-            let ready: Vec<String> = m
-                .vols
-                .iter()
-                .filter(|(_, v)| v.staged.is_some() && v.published.is_none())
-                .map(|(k, _)| k.clone())
-                .collect();
+            let ready = names_where(m, |v| v.staged.is_some() && v.published.is_none());
             let name = rng.pick(&ready).clone();
             let image = m.vols[&name].layout == Layout::Image;
             let f = faulted.then(|| {
-                let mut c = vec![
+                let mut choices = vec![
                     Fault::Mounter("unmount", libc::EIO),
                     Fault::Point("record:write", libc::EIO),
                 ];
                 if image {
-                    c.extend([
+                    choices.extend([
                         Fault::Crash("unstage:before-detach"),
                         Fault::Devices("detach", libc::EIO),
                         Fault::Devices("find", libc::EIO),
                         Fault::Vanish,
                     ]);
                 }
-                rng.pick(&c).clone()
+                rng.pick(&choices).clone()
             });
-            unstage(h, m, &name, f, log)
+            kubelet(c, m, &name, Kubelet::Unstage, f, log)
         }
         8 | 9 if !m.vols.is_empty() => {
             let n = any(rng).expect("a volume");
             let f = faulted.then(|| rng.pick(&DELETE_FAULTS).clone());
-            delete(h, m, &n, f, log)
+            delete(c, m, rng, &n, f, log)
         }
         10 if !m.vols.is_empty() => {
             // A pod writes: the volume's data changes, and what snapshots of it must hold with it.
             let n = any(rng).expect("a volume");
+            let at = c.controller(m.vols[&n].home, rng);
             let v = m.vols.get_mut(&n).expect("volume");
-            let (_, data) = h.engine().volume_data(&vid(&v.id)).expect("the volume's data");
+            let (_, data) = c.procs[at].engine.volume_data(&vid(&v.id)).expect("the volume's data");
             v.marker = format!("{n}@{}", m.next);
             m.next += 1;
             write_marker(v.layout, &data, &v.marker);
             log.push(format!("write {n}: {}", v.marker));
         }
-        _ if m.vols.len() < MAX_VOLUMES => create(h, m, rng, faulted, log),
+        11 if m
+            .vols
+            .values()
+            .any(|v| v.home == Home::Shared && v.layout == Layout::Image && v.staged.is_some()) =>
+        {
+            // The other node asks for a shared image volume staged on one node: its lease refuses.
+            let held = names_where(m, |v| {
+                v.home == Home::Shared && v.layout == Layout::Image && v.staged.is_some()
+            });
+            let name = rng.pick(&held).clone();
+            let v = m.vols[&name].clone();
+            let (on, _) = v.staged.clone().expect("staged");
+            let other = (on + 1) % NODES;
+            let staging = c.procs[other].dir.join(format!("kubelet/staging/{name}"));
+            std::fs::create_dir_all(&staging).expect("staging dir");
+            log.push(format!("stage {name} on n{other} too, while n{on} holds it"));
+            let r = c.converge(
+                log,
+                m,
+                other,
+                Some(&name),
+                None,
+                |p| {
+                    p.svc()
+                        .stage(NodeStageVolumeRequest {
+                            volume_id: v.id.clone(),
+                            staging_target_path: staging.display().to_string(),
+                            volume_capability: Some(cap()),
+                            ..Default::default()
+                        })
+                        .map_err(tonic::Status::from)
+                },
+                |r| matches!(r, Err(s) if s.code() == Code::FailedPrecondition),
+            );
+            let msg = r.expect_err("refused").message().to_string();
+            assert!(msg.contains(&format!("n{on}")), "the refusal names the holder: {msg}");
+        }
+        _ if m.vols.len() < MAX_VOLUMES => create(c, m, rng, faulted, log),
         _ => {}
     }
 }
 
-fn create(h: &mut Harness, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mut Vec<String>) {
+fn create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mut Vec<String>) {
     let name = format!("pvc-{}", m.next);
     m.next += 1;
-    // Empty, a clone of a volume, or a restore of a snapshot.
-    let vols: Vec<Vol> = m.vols.values().cloned().collect();
-    let snaps: Vec<Snap> = m.snaps.values().cloned().collect();
+    let home = match rng.below(3) {
+        0 => Home::Shared,
+        _ => Home::Node(rng.below(NODES)),
+    };
+    // Empty, a clone of a volume, or a restore of a snapshot, from the same pool.
+    let vols: Vec<Vol> = m.vols.values().filter(|v| v.home == home).cloned().collect();
+    let snaps: Vec<Snap> = m.snaps.values().filter(|s| s.home == home).cloned().collect();
     let (source, layout, min, marker, what) = match rng.below(4) {
         1 if !vols.is_empty() => {
             let v = rng.pick(&vols).clone();
@@ -577,35 +733,47 @@ fn create(h: &mut Harness, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mu
             (Some(Source::Snapshot(id)), s.layout, s.bytes, s.marker, what)
         }
         _ => {
-            let layout = *rng.pick(&[Layout::Dir, Layout::Btrfs, Layout::Image]);
+            let layouts: &[Layout] = match home {
+                Home::Shared => &[Layout::Dir, Layout::Image],
+                Home::Node(_) => &[Layout::Dir, Layout::Btrfs, Layout::Image],
+            };
+            let layout = *rng.pick(layouts);
             let min = if layout == Layout::Image { 32 * MIB } else { MIB };
             (None, layout, min, String::new(), "empty".to_string())
         }
     };
     let bytes = min + MIB * rng.below(3) as u64;
-    log.push(format!("create {name} {layout:?} {bytes} {what}"));
+    let at = c.controller(home, rng);
+    log.push(format!(
+        "create {name} {layout:?} {bytes} {what} in {home:?} through {}",
+        c.procs[at].label
+    ));
     let fault = faulted.then(|| create_faults(rng, layout, source.is_some()));
     let req = {
         let name = name.clone();
         move || {
             let mut r = NewVolume::plain(&name, Some(layout), bytes);
             r.source = source.clone();
+            if home == Home::Shared {
+                r.pool = Some(PoolName::parse(SHARE).expect("pool"));
+            }
             r
         }
     };
-    let rec = h
+    let rec = c
         .converge(
             log,
             m,
+            at,
             None,
             fault,
-            |h| h.engine().create_volume(req()).map_err(tonic::Status::from),
+            |p| p.engine.create_volume(req()).map_err(tonic::Status::from),
             ok,
         )
         .expect("converged");
     assert_eq!(rec.name, name);
     assert_eq!(rec.layout, layout);
-    let (_, data) = h.engine().volume_data(&rec.id).expect("data");
+    let (_, data) = c.procs[at].engine.volume_data(&rec.id).expect("data");
     assert_eq!(
         read_marker(layout, &data),
         marker,
@@ -615,52 +783,60 @@ fn create(h: &mut Harness, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mu
     let own = format!("{name}@0");
     write_marker(layout, &data, &own);
     m.vols.insert(
-        name,
+        name.clone(),
         Vol {
             id: rec.id.to_string(),
             layout,
+            home,
             bytes: rec.capacity_bytes,
             marker: own,
             staged: None,
             published: None,
         },
     );
-    // The same name with another size is refused, and changes nothing.
+    // The same name with another size is refused, and changes nothing; for a shared volume the
+    // provisioner's retry may land on the other replica.
     if rng.chance(20) {
-        let other = NewVolume::plain(&rec.name, Some(layout), rec.capacity_bytes + 7 * MIB);
-        let r = h.engine().create_volume(other).map_err(tonic::Status::from);
+        let at = c.controller(home, rng);
+        let mut other = NewVolume::plain(&rec.name, Some(layout), rec.capacity_bytes + 7 * MIB);
+        if home == Home::Shared {
+            other.pool = Some(PoolName::parse(SHARE).expect("pool"));
+        }
+        let r = c.procs[at].engine.create_volume(other).map_err(tonic::Status::from);
         assert_eq!(
             r.as_ref().map_err(|s| s.code()).err(),
             Some(Code::AlreadyExists),
-            "a second create under a taken name with another size: {}",
+            "a second create of {name} under a taken name with another size through {}: {}",
+            c.procs[at].label,
             brief(&r)
         );
     }
 }
 
-fn snapshot(h: &mut Harness, m: &mut Model, rng: &mut Rng, vol: &str, fault: Option<Fault>, log: &mut Vec<String>) {
+fn snapshot(c: &mut Cluster, m: &mut Model, rng: &mut Rng, vol: &str, fault: Option<Fault>, log: &mut Vec<String>) {
     let v = m.vols[vol].clone();
-    // Sometimes a name another volume's snapshot already holds: never adopted with this data.
-    let taken: Vec<Snap> = m.snaps.values().filter(|s| s.source != v.id).cloned().collect();
+    let at = c.controller(v.home, rng);
+    let cut = |name: String| {
+        let id = vid(&v.id);
+        move |p: &Proc| p.engine.create_snapshot(&name, &id, false).map_err(tonic::Status::from)
+    };
+    // Sometimes a name a snapshot of another volume of the same pool holds: never adopted.
+    let taken: Vec<(String, Snap)> = m
+        .snaps
+        .iter()
+        .filter(|(_, s)| s.source != v.id && s.home == v.home)
+        .map(|(k, s)| (k.clone(), s.clone()))
+        .collect();
     if !taken.is_empty() && rng.chance(25) {
-        let s = rng.pick(&taken).clone();
-        let name = m
-            .snaps
-            .iter()
-            .find(|(_, x)| x.id == s.id)
-            .map(|(k, _)| k.clone())
-            .expect("named");
+        let (name, s) = rng.pick(&taken).clone();
         log.push(format!("snapshot {vol} under {name}, a name {} holds", s.source));
-        let r = h.converge(
+        let r = c.converge(
             log,
             m,
+            at,
             Some(vol),
             fault,
-            |h| {
-                h.engine()
-                    .create_snapshot(&name, &vid(&v.id), false)
-                    .map_err(tonic::Status::from)
-            },
+            cut(name),
             |r| matches!(r, Err(s) if s.code() == Code::AlreadyExists),
         );
         assert!(r.is_err());
@@ -668,20 +844,9 @@ fn snapshot(h: &mut Harness, m: &mut Model, rng: &mut Rng, vol: &str, fault: Opt
     }
     let name = format!("snap-{}", m.next);
     m.next += 1;
-    log.push(format!("snapshot {vol} as {name}"));
-    let rec = h
-        .converge(
-            log,
-            m,
-            Some(vol),
-            fault,
-            |h| {
-                h.engine()
-                    .create_snapshot(&name, &vid(&v.id), false)
-                    .map_err(tonic::Status::from)
-            },
-            ok,
-        )
+    log.push(format!("snapshot {vol} as {name} through {}", c.procs[at].label));
+    let rec = c
+        .converge(log, m, at, Some(vol), fault, cut(name.clone()), ok)
         .expect("converged");
     assert_eq!(rec.source_volume_id.to_string(), v.id, "{name} names its source");
     m.snaps.insert(
@@ -690,70 +855,69 @@ fn snapshot(h: &mut Harness, m: &mut Model, rng: &mut Rng, vol: &str, fault: Opt
             id: rec.id.to_string(),
             source: v.id.clone(),
             layout: v.layout,
+            home: v.home,
             bytes: rec.size_bytes.max(v.bytes),
             marker: v.marker.clone(),
         },
     );
 }
 
-fn delete_snapshot(h: &mut Harness, m: &mut Model, name: &str, fault: Option<Fault>, log: &mut Vec<String>) {
+fn delete_snapshot(
+    c: &mut Cluster,
+    m: &mut Model,
+    rng: &mut Rng,
+    name: &str,
+    fault: Option<Fault>,
+    log: &mut Vec<String>,
+) {
     let s = m.snaps[name].clone();
-    log.push(format!("delete snapshot {name}"));
+    let at = c.controller(s.home, rng);
+    log.push(format!("delete snapshot {name} through {}", c.procs[at].label));
     let id = SnapshotId::parse(&s.id).expect("snapshot id");
-    h.converge(
+    c.converge(
         log,
         m,
+        at,
         None,
         fault,
-        |h| h.engine().delete_snapshot(&id).map_err(tonic::Status::from),
+        |p| p.engine.delete_snapshot(&id).map_err(tonic::Status::from),
         ok,
     )
     .expect("converged");
     m.snaps.remove(name);
 }
 
-fn expand(h: &mut Harness, m: &mut Model, rng: &mut Rng, vol: &str, fault: Option<Fault>, log: &mut Vec<String>) {
+fn expand(c: &mut Cluster, m: &mut Model, rng: &mut Rng, vol: &str, fault: Option<Fault>, log: &mut Vec<String>) {
     let v = m.vols[vol].clone();
+    let at = c.controller(v.home, rng);
+    let grow = |to: u64| {
+        let id = vid(&v.id);
+        move |p: &Proc| {
+            p.engine
+                .expand_volume(&id, CapacityRange { required: to, limit: 0 })
+                .map_err(tonic::Status::from)
+        }
+    };
     if rng.chance(20) {
         // Far past any room: refused, and the volume keeps its size.
         let huge = u64::MAX >> rng.below(3);
         log.push(format!("expand {vol} to {huge}"));
-        let r = h.converge(
+        let r = c.converge(
             log,
             m,
+            at,
             Some(vol),
             fault,
-            |h| {
-                h.engine()
-                    .expand_volume(
-                        &vid(&v.id),
-                        CapacityRange {
-                            required: huge,
-                            limit: 0,
-                        },
-                    )
-                    .map_err(tonic::Status::from)
-            },
+            grow(huge),
             |r| matches!(r, Err(s) if matches!(s.code(), Code::OutOfRange | Code::ResourceExhausted)),
         );
         assert!(r.is_err());
         return;
     }
     let to = v.bytes + MIB * (1 + rng.below(4) as u64);
-    log.push(format!("expand {vol} to {to}"));
-    let (rec, _) = h
-        .converge(
-            log,
-            m,
-            Some(vol),
-            fault,
-            |h| {
-                h.engine()
-                    .expand_volume(&vid(&v.id), CapacityRange { required: to, limit: 0 })
-                    .map_err(tonic::Status::from)
-            },
-            ok,
-        )
+    log.push(format!("expand {vol} to {to} through {}", c.procs[at].label));
+    let (rec, _) = c
+        .converge(log, m, at, Some(vol), fault, grow(to), ok)
         .expect("converged");
     assert!(rec.capacity_bytes >= to, "{vol} grew to {} < {to}", rec.capacity_bytes);
     m.vols.get_mut(vol).expect("volume").bytes = rec.capacity_bytes;
@@ -762,55 +926,55 @@ fn expand(h: &mut Harness, m: &mut Model, rng: &mut Rng, vol: &str, fault: Optio
 /// The four calls kubelet makes on a node, as the tester plays them.
 #[derive(Debug, Clone, Copy)]
 enum Kubelet {
-    Stage,
+    Stage(usize),
     Publish,
     Unpublish,
     Unstage,
 }
 
-fn stage(h: &mut Harness, m: &mut Model, vol: &str, fault: Option<Fault>, log: &mut Vec<String>) {
-    kubelet(h, m, vol, Kubelet::Stage, fault, log)
-}
-
-fn publish(h: &mut Harness, m: &mut Model, vol: &str, fault: Option<Fault>, log: &mut Vec<String>) {
-    kubelet(h, m, vol, Kubelet::Publish, fault, log)
-}
-
-fn unpublish(h: &mut Harness, m: &mut Model, vol: &str, fault: Option<Fault>, log: &mut Vec<String>) {
-    kubelet(h, m, vol, Kubelet::Unpublish, fault, log)
-}
-
-fn unstage(h: &mut Harness, m: &mut Model, vol: &str, fault: Option<Fault>, log: &mut Vec<String>) {
-    kubelet(h, m, vol, Kubelet::Unstage, fault, log)
+/// Stages a volume on its node, or a shared one on either node.
+fn stage(c: &mut Cluster, m: &mut Model, rng: &mut Rng, vol: &str, fault: Option<Fault>, log: &mut Vec<String>) {
+    let on = match m.vols[vol].home {
+        Home::Node(n) => n,
+        Home::Shared => rng.below(NODES),
+    };
+    kubelet(c, m, vol, Kubelet::Stage(on), fault, log)
 }
 
 /// Runs one node call on `vol` until it succeeds, as kubelet retries it, and records its effect.
-/// The staging path is one per volume; each publish gets a pod directory of its own.
-fn kubelet(h: &mut Harness, m: &mut Model, vol: &str, call: Kubelet, fault: Option<Fault>, log: &mut Vec<String>) {
+/// The staging path is one per volume and node; each publish gets a pod directory of its own.
+fn kubelet(c: &mut Cluster, m: &mut Model, vol: &str, call: Kubelet, fault: Option<Fault>, log: &mut Vec<String>) {
     let v = m.vols[vol].clone();
     let id = v.id.clone();
-    let staging = h.path(&format!("kubelet/staging/{vol}"));
+    let on = match (call, &v.staged) {
+        (Kubelet::Stage(n), _) => n,
+        (_, Some((n, _))) => *n,
+        (_, None) => panic!("{call:?} of {vol}, which is not staged"),
+    };
+    let dir = c.procs[on].dir.clone();
+    let staging = dir.join(format!("kubelet/staging/{vol}"));
     let target = match call {
         Kubelet::Publish => {
             m.next += 1;
-            h.path(&format!("kubelet/pods/{vol}-{}/mount", m.next))
+            dir.join(format!("kubelet/pods/{vol}-{}/mount", m.next))
         }
         _ => v.published.clone().unwrap_or_default(),
     };
     // kubelet makes the staging directory and the pod's directory; the target itself is ours.
     std::fs::create_dir_all(&staging).expect("staging dir");
     std::fs::create_dir_all(target.parent().unwrap_or(&staging)).expect("pod dir");
-    log.push(format!("{call:?} {vol}").to_lowercase());
+    log.push(format!("{call:?} {vol} on {}", c.procs[on].label).to_lowercase());
     let (staging_s, target_s) = (staging.display().to_string(), target.display().to_string());
-    h.converge(
+    c.converge(
         log,
         m,
+        on,
         Some(vol),
         fault,
-        |h| {
+        |p| {
             let r = match call {
-                Kubelet::Stage => h
-                    .svc
+                Kubelet::Stage(_) => p
+                    .svc()
                     .stage(NodeStageVolumeRequest {
                         volume_id: id.clone(),
                         staging_target_path: staging_s.clone(),
@@ -818,8 +982,8 @@ fn kubelet(h: &mut Harness, m: &mut Model, vol: &str, call: Kubelet, fault: Opti
                         ..Default::default()
                     })
                     .map(|_| ()),
-                Kubelet::Publish => h
-                    .svc
+                Kubelet::Publish => p
+                    .svc()
                     .publish(NodePublishVolumeRequest {
                         volume_id: id.clone(),
                         staging_target_path: staging_s.clone(),
@@ -828,15 +992,15 @@ fn kubelet(h: &mut Harness, m: &mut Model, vol: &str, call: Kubelet, fault: Opti
                         ..Default::default()
                     })
                     .map(|_| ()),
-                Kubelet::Unpublish => h
-                    .svc
+                Kubelet::Unpublish => p
+                    .svc()
                     .unpublish(NodeUnpublishVolumeRequest {
                         volume_id: id.clone(),
                         target_path: target_s.clone(),
                     })
                     .map(|_| ()),
-                Kubelet::Unstage => h
-                    .svc
+                Kubelet::Unstage => p
+                    .svc()
                     .unstage(NodeUnstageVolumeRequest {
                         volume_id: id.clone(),
                         staging_target_path: staging_s.clone(),
@@ -850,23 +1014,29 @@ fn kubelet(h: &mut Harness, m: &mut Model, vol: &str, call: Kubelet, fault: Opti
     .expect("converged");
     let v = m.vols.get_mut(vol).expect("volume");
     match call {
-        Kubelet::Stage => v.staged = Some(staging),
+        Kubelet::Stage(n) => v.staged = Some((n, staging)),
         Kubelet::Publish => v.published = Some(target),
         Kubelet::Unpublish => v.published = None,
         Kubelet::Unstage => v.staged = None,
     }
 }
 
-fn delete(h: &mut Harness, m: &mut Model, vol: &str, fault: Option<Fault>, log: &mut Vec<String>) {
+fn delete(c: &mut Cluster, m: &mut Model, rng: &mut Rng, vol: &str, fault: Option<Fault>, log: &mut Vec<String>) {
     let v = m.vols[vol].clone();
+    let at = c.controller(v.home, rng);
     let in_use = v.staged.is_some() || v.published.is_some();
-    log.push(format!("delete {vol}{}", if in_use { " (in use)" } else { "" }));
-    let r = h.converge(
+    log.push(format!(
+        "delete {vol}{} through {}",
+        if in_use { " (in use)" } else { "" },
+        c.procs[at].label
+    ));
+    let r = c.converge(
         log,
         m,
+        at,
         Some(vol),
         fault,
-        |h| h.engine().delete_volume(&vid(&v.id)).map_err(tonic::Status::from),
+        |p| p.engine.delete_volume(&vid(&v.id)).map_err(tonic::Status::from),
         |r| match r {
             Ok(()) => !in_use,
             Err(s) => in_use && s.code() == Code::FailedPrecondition,
@@ -874,93 +1044,134 @@ fn delete(h: &mut Harness, m: &mut Model, vol: &str, fault: Option<Fault>, log: 
     );
     if in_use {
         let msg = r.expect_err("refused").message().to_string();
-        let at = v.published.as_ref().or(v.staged.as_ref()).expect("a mount");
+        let (on, staging) = v.staged.clone().expect("in use means staged");
+        let here = v.published.as_ref().unwrap_or(&staging).display().to_string();
         assert!(
-            msg.contains(&at.display().to_string()) || msg.contains("staged") || msg.contains("published"),
-            "the refusal says where {vol} is in use: {msg}"
+            msg.contains(&here) || msg.contains(&format!("n{on}")),
+            "the refusal says where {vol} is in use (n{on}, {here}): {msg}"
         );
         return;
     }
     m.vols.remove(vol);
 }
 
-/// The invariants, after every step.
-fn check(h: &Harness, m: &Model) {
-    let e = h.engine();
-    // Every record names its own data, and only the model's records exist.
-    let ids: BTreeSet<String> = e.volumes().iter().map(|r| r.id.to_string()).collect();
-    let want: BTreeSet<String> = m.vols.values().map(|v| v.id.clone()).collect();
-    assert_eq!(ids, want, "the volumes recorded are the volumes made and not deleted");
-    for (name, v) in &m.vols {
-        let (rec, data) = e.volume_data(&vid(&v.id)).expect("a recorded volume's data");
-        assert_eq!(&rec.name, name);
-        assert_eq!(rec.layout, v.layout);
-        assert!(
-            rec.capacity_bytes >= v.bytes,
-            "{name} shrank: {} < {}",
-            rec.capacity_bytes,
-            v.bytes
-        );
+/// The invariants, after every step, on every process.
+fn check(c: &Cluster, m: &Model) {
+    for (i, p) in c.procs.iter().enumerate() {
+        let sees = |home: Home| home == Home::Shared || home == Home::Node(i);
+        // Every record names its own data, every process sees the same shared records, and only
+        // the model's records exist.
+        let ids: BTreeSet<String> = p.engine.volumes().iter().map(|r| r.id.to_string()).collect();
+        let want: BTreeSet<String> = m.vols.values().filter(|v| sees(v.home)).map(|v| v.id.clone()).collect();
         assert_eq!(
-            read_marker(v.layout, &data),
-            v.marker,
-            "{name} ({}) holds its own data{}",
-            v.id,
-            if v.staged.is_some() { ", and it is staged" } else { "" }
+            ids, want,
+            "the volumes {} knows are those made and not deleted",
+            p.label
+        );
+        for (name, v) in m.vols.iter().filter(|(_, v)| sees(v.home)) {
+            let (rec, data) = p.engine.volume_data(&vid(&v.id)).expect("a recorded volume's data");
+            assert_eq!(&rec.name, name);
+            assert_eq!(rec.layout, v.layout);
+            assert_eq!(
+                rec.capacity_bytes, v.bytes,
+                "{name}'s size as {} reads it: every process agrees",
+                p.label
+            );
+            assert_eq!(
+                read_marker(v.layout, &data),
+                v.marker,
+                "{name} ({}) holds its own data{}",
+                v.id,
+                if v.staged.is_some() { ", and it is staged" } else { "" }
+            );
+        }
+        let snaps: BTreeMap<String, String> = p
+            .engine
+            .snapshots()
+            .iter()
+            .map(|s| (s.id.to_string(), s.source_volume_id.to_string()))
+            .collect();
+        let want: BTreeMap<String, String> = m
+            .snaps
+            .values()
+            .filter(|s| sees(s.home))
+            .map(|s| (s.id.clone(), s.source.clone()))
+            .collect();
+        assert_eq!(snaps, want, "each snapshot {} knows names its own source", p.label);
+        // Nothing leaks on this machine: mounts, devices, subvolumes.
+        let mut mounted: Vec<PathBuf> = p.mounter.mounted().into_iter().map(|m| m.1).collect();
+        mounted.sort();
+        let on_here = |v: &&Vol| v.staged.as_ref().is_some_and(|(n, _)| *n == i);
+        let mut want: Vec<PathBuf> = m
+            .vols
+            .values()
+            .filter(on_here)
+            .flat_map(|v| v.staged.iter().map(|s| s.1.clone()).chain(v.published.iter().cloned()))
+            .collect();
+        want.sort();
+        assert_eq!(
+            mounted, want,
+            "{}'s mounts are its stages and publishes, once each",
+            p.label
+        );
+        let mut attached = p.devices.attached();
+        attached.sort();
+        let mut want: Vec<PathBuf> = m
+            .vols
+            .values()
+            .filter(on_here)
+            .filter(|v| v.layout == Layout::Image)
+            .map(|v| p.engine.volume_data(&vid(&v.id)).expect("data").1)
+            .collect();
+        want.sort();
+        assert_eq!(
+            attached, want,
+            "{}: one loop device per staged image, none else",
+            p.label
+        );
+        let subvols = p.subvolumes.below(&p.dir).len();
+        let want = m
+            .vols
+            .values()
+            .filter(|v| v.home == Home::Node(i) && v.layout == Layout::Btrfs)
+            .count()
+            + m.snaps
+                .values()
+                .filter(|s| s.home == Home::Node(i) && s.layout == Layout::Btrfs)
+                .count();
+        assert_eq!(
+            subvols, want,
+            "{}: one subvolume per btrfs volume and snapshot",
+            p.label
         );
     }
-    let snaps: BTreeMap<String, String> = e
-        .snapshots()
-        .iter()
-        .map(|s| (s.id.to_string(), s.source_volume_id.to_string()))
-        .collect();
-    let want: BTreeMap<String, String> = m.snaps.values().map(|s| (s.id.clone(), s.source.clone())).collect();
-    assert_eq!(snaps, want, "each snapshot recorded names its own source");
-    // Nothing leaks: mounts, devices, subvolumes, half-made records and data.
-    let mut mounted: Vec<PathBuf> = h.mounter.mounted().into_iter().map(|m| m.1).collect();
-    mounted.sort();
-    let mut want: Vec<PathBuf> = m
-        .vols
-        .values()
-        .flat_map(|v| v.staged.iter().chain(v.published.iter()).cloned())
-        .collect();
-    want.sort();
-    assert_eq!(mounted, want, "the mounts are the stages and publishes, once each");
-    let mut attached = h.devices.attached();
-    attached.sort();
-    let mut want: Vec<PathBuf> = m
-        .vols
-        .values()
-        .filter(|v| v.layout == Layout::Image && v.staged.is_some())
-        .map(|v| e.volume_data(&vid(&v.id)).expect("data").1)
-        .collect();
-    want.sort();
-    assert_eq!(attached, want, "one loop device per staged image, none else");
-    let pool = e.pool(&PoolName::parse("default").expect("pool")).expect("pool");
-    let subvols = h.subvolumes.below(pool.root()).len();
-    let want = m.vols.values().filter(|v| v.layout == Layout::Btrfs).count()
-        + m.snaps.values().filter(|s| s.layout == Layout::Btrfs).count();
-    assert_eq!(subvols, want, "one subvolume per btrfs volume and snapshot");
-    let left = leftovers(h, true);
+    let left = leftovers(c, true);
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
-/// What a failed or crashed call may have left in the pool: anything in `.work` or the trash, a
-/// half-written record, and (with `orphans`) data no record names.
-fn leftovers(h: &Harness, orphans: bool) -> Vec<PathBuf> {
-    let e = h.engine();
-    let pool = e.pool(&PoolName::parse("default").expect("pool")).expect("pool");
-    let mut left: Vec<PathBuf> = files::list_dir(&pool.work_dir()).unwrap_or_default();
-    left.extend(files::list_dir(&pool.trash_dir()).unwrap_or_default());
-    for kind in [Kind::Volume, Kind::Snapshot] {
-        for p in files::list_dir(&pool.collection_dir(kind)).unwrap_or_default() {
-            let name = p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let orphan = !name.ends_with(".json") && !p.with_file_name(format!("{name}.json")).exists();
-            if name.ends_with(files::TMP_SUFFIX) || (orphans && orphan) {
-                left.push(p);
+/// What a failed or crashed call may have left in the pools: anything in `.work` or the trash of a
+/// node's pool (a shared pool's trash is purged in the background), a half-written record, and
+/// (with `orphans`) data no record names.
+fn leftovers(c: &Cluster, orphans: bool) -> Vec<PathBuf> {
+    let mut pools: Vec<&crate::storage::pool::Pool> =
+        c.procs[..NODES].iter().filter_map(|p| p.pool("default")).collect();
+    pools.extend(c.procs[NODES].pool(SHARE));
+    let mut left = Vec::new();
+    for pool in pools {
+        left.extend(files::list_dir(&pool.work_dir()).unwrap_or_default());
+        if !pool.shared() {
+            left.extend(files::list_dir(&pool.trash_dir()).unwrap_or_default());
+        }
+        for kind in [Kind::Volume, Kind::Snapshot] {
+            for p in files::list_dir(&pool.collection_dir(kind)).unwrap_or_default() {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let orphan = !name.ends_with(".json") && !p.with_file_name(format!("{name}.json")).exists();
+                if name.ends_with(files::TMP_SUFFIX) || (orphans && orphan) {
+                    left.push(p);
+                }
             }
         }
     }

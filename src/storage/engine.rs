@@ -342,7 +342,8 @@ impl LocalEngine {
     }
 
     /// Starts the purge of shared pools' trash in the background: now (resuming one a restart cut
-    /// short), after each delete, and every minute. It ends when the engine is dropped.
+    /// short), after each delete, and every minute; each round also sweeps the pools' stale
+    /// temporary files. It ends when the engine is dropped.
     pub fn start_purger(self: &std::sync::Arc<Self>) {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         *lock(&self.purge_wake) = Some(tx);
@@ -354,6 +355,9 @@ impl LocalEngine {
                 for p in engine.pools.values().filter(|p| p.shared()) {
                     if let Err(e) = p.purge_trash() {
                         tracing::warn!(pool = p.config.name.as_str(), error = %e, "trash purge failed; retrying later");
+                    }
+                    if let Err(e) = p.remove_stale_temps() {
+                        tracing::warn!(pool = p.config.name.as_str(), error = %e, "sweep of stale temporary files failed; retrying later");
                     }
                 }
                 drop(engine);

@@ -111,13 +111,7 @@ impl Pool {
         }
         if owner {
             pool.purge(&pool.work_dir())?;
-            // Half-written records of a crash or a full disk: a shared pool's may be another
-            // replica's write in progress, so only old ones go there.
-            let age = std::time::Duration::from_secs(if pool.shared() { 600 } else { 0 });
-            for kind in [Kind::Volume, Kind::Snapshot] {
-                files::remove_stale_temps(&pool.collection_dir(kind), age)?;
-            }
-            files::remove_stale_temps(&pool.groups_dir(), age)?;
+            pool.remove_stale_temps()?;
         }
         // Shared pools purge their trash in the background (it may hold huge trees).
         if owner && !pool.shared() {
@@ -133,6 +127,39 @@ impl Pool {
     /// Removes everything in the trash (deleted volumes); a purge cut short by a restart resumes.
     pub fn purge_trash(&self) -> Result<(), StorageError> {
         self.purge(&self.trash_dir())
+    }
+
+    /// How old a temporary file of a record, lease or stage mark must be before a sweep removes it:
+    /// on a shared pool a younger one may be another replica's or node's write in progress.
+    pub fn stale_temp_age(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(if self.shared() { 600 } else { 0 })
+    }
+
+    /// Removes the temporary files a crash, a full disk or a failed unlink left beside records,
+    /// leases and stage marks, once they are [`Pool::stale_temp_age`] old. Run when the pool opens
+    /// and, for shared pools, by the background purge.
+    pub fn remove_stale_temps(&self) -> Result<usize, StorageError> {
+        self.remove_temps_older_than(self.stale_temp_age())
+    }
+
+    /// As [`Pool::remove_stale_temps`], for temporary files at least `age` old.
+    pub fn remove_temps_older_than(&self, age: std::time::Duration) -> Result<usize, StorageError> {
+        let mut dirs = vec![
+            self.collection_dir(Kind::Volume),
+            self.collection_dir(Kind::Snapshot),
+            self.groups_dir(),
+            self.config.path.join(".leases"),
+        ];
+        dirs.extend(
+            files::list_dir(&self.config.path.join(".staged"))?
+                .into_iter()
+                .filter(|d| files::entry(d).ok() == Some(files::Entry::Dir)),
+        );
+        let mut removed = 0;
+        for d in dirs {
+            removed += files::remove_stale_temps(&d, age)?;
+        }
+        Ok(removed)
     }
 
     /// Removes what deletes of `key` moved into the trash (`<key>-<32 hex digits>`), and nothing

@@ -229,8 +229,11 @@ impl PoolStore {
             cache.insert(r.id.to_string(), r);
         }
         drop((cache, names));
+        // A snapshot's id is its pool's prefix behind `snap:`: a snapshot deleted through another
+        // replica must leave this cache too.
+        let snap_prefix = format!("snap:{prefix}");
         let mut cache = lock(&self.snapshots);
-        cache.retain(|id, _| !id.starts_with(prefix));
+        cache.retain(|id, _| !id.starts_with(&snap_prefix));
         cache.extend(snaps.into_iter().map(|r| (r.id.to_string(), r)));
     }
 }

@@ -466,3 +466,68 @@ fn a_delete_whose_disk_fails_once_leaves_no_trash_once_retried() {
         );
     }
 }
+
+#[test]
+fn replicas_on_one_shared_pool_agree_on_its_snapshots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let share = dir.path().join("share");
+    let open = |name: &str| {
+        let mut config = Config::default_for(&dir.path().join(name));
+        let mut shared = config.pools[0].clone();
+        shared.name = PoolName::parse("share").expect("pool");
+        shared.path = share.clone();
+        shared.backend = crate::storage::config::Backend::Shared;
+        config.pools.push(shared);
+        LocalEngine::open_pools(NodeId::parse(name).expect("node"), &config, |pc| {
+            pc.is_shared().then_some(true)
+        })
+        .expect("engine")
+    };
+    let (a, b) = (open("ctl-a"), open("ctl-b"));
+    let mut req = NewVolume::plain("pvc-s", None, MIB);
+    req.pool = Some(PoolName::parse("share").expect("pool"));
+    let vol = a.create_volume(req).expect("create through a");
+    let snap = b.create_snapshot("snap-s", &vol.id, false).expect("snapshot through b");
+    let listed = |e: &LocalEngine| e.snapshots().into_iter().map(|s| s.id).collect::<Vec<_>>();
+    assert_eq!(listed(&a), vec![snap.id.clone()], "a lists the snapshot b cut");
+    b.delete_snapshot(&snap.id).expect("delete through b");
+    assert_eq!(
+        listed(&a),
+        Vec::<SnapshotId>::new(),
+        "nor does a list it once b deleted it"
+    );
+    assert_eq!(a.snapshot(&snap.id), None);
+    a.delete_volume(&vol.id).expect("delete through a");
+    assert!(b.volumes().is_empty(), "b no longer lists the volume a deleted");
+}
+
+#[test]
+fn temporary_files_left_beside_leases_and_stage_marks_are_swept_once_stale() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::default_for(dir.path());
+    config.pools[0].backend = crate::storage::config::Backend::Shared;
+    let e = LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("engine");
+    let pool = default_pool(&e);
+    let root = pool.root().to_path_buf();
+    let lease = root.join(".leases/pvc-a");
+    let temps = [
+        root.join(".leases/.pvc-a.0123abcd.tmp"),
+        root.join(".staged/pvc-b/.n1.tmp"),
+        root.join("volumes/.pvc-c.json.tmp"),
+    ];
+    std::fs::create_dir_all(root.join(".staged/pvc-b")).expect("stage dir");
+    std::fs::write(&lease, b"held").expect("lease");
+    for t in &temps {
+        std::fs::write(t, b"").expect("temp");
+    }
+    // On a share a young one may be another node's write in progress: left alone.
+    assert_eq!(pool.remove_stale_temps().expect("sweep"), 0);
+    assert!(temps.iter().all(|t| t.exists()));
+    // Once old enough (here: any age), every one goes, and nothing else does.
+    assert_eq!(
+        pool.remove_temps_older_than(std::time::Duration::ZERO).expect("sweep"),
+        3
+    );
+    assert!(temps.iter().all(|t| !t.exists()), "{temps:?}");
+    assert!(lease.exists(), "the lease itself stays");
+}
