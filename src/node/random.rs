@@ -89,6 +89,15 @@ struct Snap {
     home: Home,
     bytes: u64,
     marker: String,
+    /// The group snapshot it is a member of (deleted only with it).
+    group: Option<String>,
+}
+
+/// A group snapshot: its id, where it lives, and its members' names in `Model::snaps`.
+#[derive(Debug, Clone)]
+struct Group {
+    id: String,
+    members: Vec<String>,
 }
 
 /// One fault, armed for one call.
@@ -415,6 +424,7 @@ fn ok<T>(r: &Result<T, tonic::Status>) -> bool {
 struct Model {
     vols: BTreeMap<String, Vol>,
     snaps: BTreeMap<String, Snap>,
+    groups: BTreeMap<String, Group>,
     next: usize,
 }
 
@@ -513,6 +523,11 @@ fn run_seed(seed: u64, log: &mut Vec<String>) {
         delete(&mut c, &mut m, &mut rng, &name, None, log);
         check(&c, &m);
     }
+    let groups: Vec<String> = m.groups.keys().cloned().collect();
+    for name in groups {
+        delete_group(&mut c, &mut m, &name, None, log);
+        check(&c, &m);
+    }
     let snaps: Vec<String> = m.snaps.keys().cloned().collect();
     for name in snaps {
         delete_snapshot(&mut c, &mut m, &mut rng, &name, None, log);
@@ -546,7 +561,7 @@ fn names_where(m: &Model, f: impl Fn(&Vol) -> bool) -> Vec<String> {
 fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mut Vec<String>) {
     let names: Vec<String> = m.vols.keys().cloned().collect();
     let any = |rng: &mut Rng| (!names.is_empty()).then(|| rng.pick(&names).clone());
-    match rng.below(12) {
+    match rng.below(14) {
         0 | 1 if m.vols.len() < MAX_VOLUMES => create(c, m, rng, faulted, log),
         2 if !m.vols.is_empty() => {
             let n = any(rng).expect("a volume");
@@ -566,11 +581,30 @@ fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
             });
             snapshot(c, m, rng, &n, f, log)
         }
-        3 if !m.snaps.is_empty() => {
-            let s: Vec<String> = m.snaps.keys().cloned().collect();
+        3 if m.snaps.values().any(|s| s.group.is_none()) => {
+            let s: Vec<String> = m
+                .snaps
+                .iter()
+                .filter(|(_, s)| s.group.is_none())
+                .map(|(k, _)| k.clone())
+                .collect();
             let s = rng.pick(&s).clone();
             let f = faulted.then(|| rng.pick(&DELETE_FAULTS).clone());
             delete_snapshot(c, m, rng, &s, f, log)
+        }
+        12 => group(c, m, rng, faulted, log),
+        13 if !m.groups.is_empty() => {
+            let g: Vec<String> = m.groups.keys().cloned().collect();
+            let g = rng.pick(&g).clone();
+            let f = faulted.then(|| {
+                rng.pick(&[
+                    Fault::Crash("delete:after-trash"),
+                    Fault::Crash("delete-group:before-record"),
+                    Fault::Subvolumes("delete", libc::EIO),
+                ])
+                .clone()
+            });
+            delete_group(c, m, &g, f, log)
         }
         4 if !m.vols.is_empty() => {
             let n = any(rng).expect("a volume");
@@ -824,7 +858,7 @@ fn snapshot(c: &mut Cluster, m: &mut Model, rng: &mut Rng, vol: &str, fault: Opt
     let taken: Vec<(String, Snap)> = m
         .snaps
         .iter()
-        .filter(|(_, s)| s.source != v.id && s.home == v.home)
+        .filter(|(_, s)| s.source != v.id && s.home == v.home && s.group.is_none())
         .map(|(k, s)| (k.clone(), s.clone()))
         .collect();
     if !taken.is_empty() && rng.chance(25) {
@@ -858,8 +892,106 @@ fn snapshot(c: &mut Cluster, m: &mut Model, rng: &mut Rng, vol: &str, fault: Opt
             home: v.home,
             bytes: rec.size_bytes.max(v.bytes),
             marker: v.marker.clone(),
+            group: None,
         },
     );
+}
+
+/// Cuts a group snapshot of one to three volumes of one node's pool.
+fn group(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mut Vec<String>) {
+    let n = rng.below(NODES);
+    let mut members = names_where(m, |v| v.home == Home::Node(n));
+    if members.is_empty() {
+        return;
+    }
+    let take = 1 + rng.below(members.len().min(3));
+    while members.len() > take {
+        members.remove(rng.below(members.len()));
+    }
+    members.sort_by_key(|name| m.vols[name].id.clone());
+    let name = format!("group-{}", m.next);
+    m.next += 1;
+    log.push(format!("group snapshot {name} of {members:?} on n{n}"));
+    let req = crate::storage::engine::NewGroup {
+        name: name.clone(),
+        members: members.iter().map(|v| vid(&m.vols[v].id)).collect(),
+        parameters: BTreeMap::new(),
+        per_volume: true,
+        freeze_timeout: std::time::Duration::from_secs(5),
+    };
+    let fault = faulted.then(|| {
+        let e = *rng.pick(&ERRNOS);
+        rng.pick(&[
+            Fault::Crash("group:frozen"),
+            Fault::Crash("group:before-records"),
+            Fault::Crash("group:before-group-record"),
+            Fault::Point("record:write", e),
+            Fault::Point("copy:data", e),
+            Fault::Subvolumes("snapshot", e),
+        ])
+        .clone()
+    });
+    let rec = c
+        .converge(
+            log,
+            m,
+            n,
+            None,
+            fault,
+            |p| p.engine.create_group(&req).map_err(tonic::Status::from),
+            ok,
+        )
+        .expect("converged");
+    assert_eq!(rec.members.len(), members.len());
+    let mut names = Vec::new();
+    for (member, vol) in rec.members.iter().zip(&members) {
+        let v = &m.vols[vol];
+        assert_eq!(member.volume_id.to_string(), v.id, "{name}'s members in id order");
+        let snap = format!("{name}/{vol}");
+        m.snaps.insert(
+            snap.clone(),
+            Snap {
+                id: member.snapshot_id.to_string(),
+                source: v.id.clone(),
+                layout: v.layout,
+                home: v.home,
+                bytes: member.size_bytes.max(v.bytes),
+                marker: v.marker.clone(),
+                group: Some(name.clone()),
+            },
+        );
+        names.push(snap);
+    }
+    m.groups.insert(
+        name,
+        Group {
+            id: rec.id.to_string(),
+            members: names,
+        },
+    );
+}
+
+fn delete_group(c: &mut Cluster, m: &mut Model, name: &str, fault: Option<Fault>, log: &mut Vec<String>) {
+    let g = m.groups[name].clone();
+    let id = crate::storage::id::GroupId::parse(&g.id).expect("group id");
+    let Home::Node(n) = m.snaps[&g.members[0]].home else {
+        panic!("groups are cut on a node");
+    };
+    log.push(format!("delete group snapshot {name}"));
+    c.converge(
+        log,
+        m,
+        n,
+        None,
+        fault,
+        |p| p.engine.delete_group(&id).map_err(tonic::Status::from),
+        ok,
+    )
+    .expect("converged");
+    for s in &g.members {
+        m.snaps.remove(s);
+    }
+    m.groups.remove(name);
 }
 
 fn delete_snapshot(
@@ -1098,6 +1230,21 @@ fn check(c: &Cluster, m: &Model) {
             .map(|s| (s.id.clone(), s.source.clone()))
             .collect();
         assert_eq!(snaps, want, "each snapshot {} knows names its own source", p.label);
+        for (name, g) in &m.groups {
+            let Home::Node(n) = m.snaps[&g.members[0]].home else {
+                continue;
+            };
+            if n != i {
+                continue;
+            }
+            let id = crate::storage::id::GroupId::parse(&g.id).expect("group id");
+            let rec = p.engine.group(&id).expect("read").expect("the group's record");
+            assert_eq!(&rec.name, name);
+            let members: Vec<String> = rec.members.iter().map(|x| x.snapshot_id.to_string()).collect();
+            let want: Vec<String> = g.members.iter().map(|s| m.snaps[s].id.clone()).collect();
+            assert_eq!(members, want, "{name} names its members");
+        }
+        assert!(p.filesystems.frozen().is_empty(), "{} left filesystems frozen", p.label);
         // Nothing leaks on this machine: mounts, devices, subvolumes.
         let mut mounted: Vec<PathBuf> = p.mounter.mounted().into_iter().map(|m| m.1).collect();
         mounted.sort();

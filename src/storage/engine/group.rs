@@ -143,7 +143,10 @@ impl LocalEngine {
             created_unix_secs: at.0,
             created_nanos: at.1,
         };
-        self.store.put_group(pool, &key, &rec)?;
+        if let Err(e) = self.store.put_group(pool, &key, &rec) {
+            self.undo_members(&cuts);
+            return Err(e);
+        }
         Ok(rec)
     }
 
@@ -198,10 +201,25 @@ impl LocalEngine {
             let rec = c
                 .from
                 .snapshot_record(&name, &c.snapshot, c.volume, at, Some(id.clone()));
-            self.store.put_snapshot(c.pool, &c.snapshot.0.key, &rec)?;
+            if let Err(e) = self.store.put_snapshot(c.pool, &c.snapshot.0.key, &rec) {
+                self.undo_members(cuts);
+                return Err(e);
+            }
             records.push(rec);
         }
         Ok(records)
+    }
+
+    /// Removes every member a failed cut made, records and data, so that a group snapshot is made
+    /// whole or not at all (a caller that gives up never retries). What cannot be removed now is
+    /// the retry's: it replaces a member it finds.
+    fn undo_members(&self, cuts: &[Member<'_>]) {
+        for c in cuts {
+            let shown = c.snapshot.to_string();
+            if let Err(e) = self.remove_object(c.pool, Kind::Snapshot, &c.snapshot.0.key, &shown) {
+                tracing::warn!(snapshot = %shown, error = %e, "could not drop a member of a failed group snapshot; its retry will");
+            }
+        }
     }
 
     /// Writes the record of a group whose members (on several nodes) are all cut, in this node's

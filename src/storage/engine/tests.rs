@@ -531,3 +531,37 @@ fn temporary_files_left_beside_leases_and_stage_marks_are_swept_once_stale() {
     assert!(temps.iter().all(|t| !t.exists()), "{temps:?}");
     assert!(lease.exists(), "the lease itself stays");
 }
+
+#[test]
+fn a_group_snapshot_whose_records_fail_leaves_no_member_behind() {
+    let f = engine(FsType::Ext4);
+    let vols: Vec<VolumeId> = ["pvc-g1", "pvc-g2"]
+        .iter()
+        .map(|n| {
+            f.engine
+                .create_volume(NewVolume::plain(n, None, MIB))
+                .expect("create")
+                .id
+        })
+        .collect();
+    let req = NewGroup {
+        name: "group-a".into(),
+        members: vols.clone(),
+        parameters: BTreeMap::new(),
+        per_volume: true,
+        freeze_timeout: std::time::Duration::from_secs(5),
+    };
+    crate::crash::in_thread::fail_at(Some(("record:write", libc::ENOSPC)));
+    let failed = f.engine.create_group(&req);
+    crate::crash::in_thread::fail_at(None);
+    assert!(failed.is_err(), "{failed:?}");
+    let snaps = default_pool(&f.engine).collection_dir(Kind::Snapshot);
+    assert_eq!(
+        files::list_dir(&snaps).expect("snapshots"),
+        Vec::<std::path::PathBuf>::new(),
+        "no member's data or record is left by a group snapshot that failed"
+    );
+    assert!(f.engine.snapshots().is_empty());
+    let rec = f.engine.create_group(&req).expect("the retry");
+    assert_eq!(rec.members.len(), 2);
+}
