@@ -38,7 +38,7 @@ use super::NodeService;
 use crate::crash::{in_thread, Crashed, Rng};
 use crate::csi::v1::volume_capability::access_mode::Mode;
 use crate::csi::v1::*;
-use crate::storage::config::{Backend, Config};
+use crate::storage::config::{Backend, Config, DeletePolicy};
 use crate::storage::engine::{CapacityRange, LocalEngine, NewVolume, Source};
 use crate::storage::id::{NodeId, PoolName, SnapshotId, VolumeId};
 use crate::storage::pool::Kind;
@@ -79,7 +79,11 @@ struct Vol {
     /// The node it is staged on, and where.
     staged: Option<(usize, PathBuf)>,
     published: Option<PathBuf>,
+    /// What DeleteVolume does with its data (set at create or by ControllerModifyVolume).
+    policy: DeletePolicy,
 }
+
+const POLICIES: [DeletePolicy; 3] = [DeletePolicy::Delete, DeletePolicy::Retain, DeletePolicy::Archive];
 
 #[derive(Debug, Clone)]
 struct Snap {
@@ -548,7 +552,7 @@ fn run_seed(seed: u64, log: &mut Vec<String>) {
     }
     for p in &c.procs {
         assert!(p.engine.volumes().is_empty() && p.engine.snapshots().is_empty());
-        let subvolumes = p.subvolumes.below(&p.dir);
+        let subvolumes = live_subvolumes(p);
         assert!(subvolumes.is_empty(), "subvolumes left on {}: {subvolumes:?}", p.label);
     }
     log.push(format!("seed {seed}: {STEPS} steps, {} restarts", c.restarts));
@@ -561,7 +565,7 @@ fn names_where(m: &Model, f: impl Fn(&Vol) -> bool) -> Vec<String> {
 fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mut Vec<String>) {
     let names: Vec<String> = m.vols.keys().cloned().collect();
     let any = |rng: &mut Rng| (!names.is_empty()).then(|| rng.pick(&names).clone());
-    match rng.below(14) {
+    match rng.below(15) {
         0 | 1 if m.vols.len() < MAX_VOLUMES => create(c, m, rng, faulted, log),
         2 if !m.vols.is_empty() => {
             let n = any(rng).expect("a volume");
@@ -593,6 +597,11 @@ fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
             delete_snapshot(c, m, rng, &s, f, log)
         }
         12 => group(c, m, rng, faulted, log),
+        14 if !m.vols.is_empty() => {
+            let n = any(rng).expect("a volume");
+            let f = faulted.then(|| Fault::Point("record:write", *rng.pick(&ERRNOS)));
+            modify(c, m, rng, &n, f, log)
+        }
         13 if !m.groups.is_empty() => {
             let g: Vec<String> = m.groups.keys().cloned().collect();
             let g = rng.pick(&g).clone();
@@ -777,6 +786,11 @@ fn create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mu
         }
     };
     let bytes = min + MIB * rng.below(3) as u64;
+    let policy = if rng.chance(80) {
+        DeletePolicy::Delete
+    } else {
+        *rng.pick(&POLICIES)
+    };
     let at = c.controller(home, rng);
     log.push(format!(
         "create {name} {layout:?} {bytes} {what} in {home:?} through {}",
@@ -788,6 +802,7 @@ fn create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mu
         move || {
             let mut r = NewVolume::plain(&name, Some(layout), bytes);
             r.source = source.clone();
+            r.delete_policy = Some(policy);
             if home == Home::Shared {
                 r.pool = Some(PoolName::parse(SHARE).expect("pool"));
             }
@@ -826,6 +841,7 @@ fn create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mu
             marker: own,
             staged: None,
             published: None,
+            policy,
         },
     );
     // The same name with another size is refused, and changes nothing; for a shared volume the
@@ -1184,7 +1200,63 @@ fn delete(c: &mut Cluster, m: &mut Model, rng: &mut Rng, vol: &str, fault: Optio
         );
         return;
     }
+    if v.policy != DeletePolicy::Delete {
+        // Kept by its policy: out of the live namespace, holding what the volume last held.
+        let pool = c.procs[at]
+            .pool(match v.home {
+                Home::Shared => SHARE,
+                Home::Node(_) => "default",
+            })
+            .expect("the pool");
+        let kept = match v.policy {
+            DeletePolicy::Retain => pool.retained_dir(),
+            _ => pool.archive_dir(),
+        };
+        let holds = files::list_dir(&kept)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p.extension().is_none_or(|e| e != "json"))
+            .any(|p| read_marker(v.layout, &p) == v.marker);
+        assert!(
+            holds,
+            "{vol}, deleted under {:?}, is kept in {}",
+            v.policy,
+            kept.display()
+        );
+    }
     m.vols.remove(vol);
+}
+
+/// ControllerModifyVolume: a new delete policy, which every process then reads.
+fn modify(c: &mut Cluster, m: &mut Model, rng: &mut Rng, vol: &str, fault: Option<Fault>, log: &mut Vec<String>) {
+    let v = m.vols[vol].clone();
+    let at = c.controller(v.home, rng);
+    let policy = *rng.pick(&POLICIES);
+    log.push(format!(
+        "modify {vol}: delete policy {policy:?} through {}",
+        c.procs[at].label
+    ));
+    let change = crate::storage::engine::Mutable {
+        compression: None,
+        delete_policy: Some(policy),
+    };
+    let rec = c
+        .converge(
+            log,
+            m,
+            at,
+            Some(vol),
+            fault,
+            |p| {
+                p.engine
+                    .modify_volume(&vid(&v.id), &change)
+                    .map_err(tonic::Status::from)
+            },
+            ok,
+        )
+        .expect("converged");
+    assert_eq!(rec.delete_policy, Some(policy));
+    m.vols.get_mut(vol).expect("volume").policy = policy;
 }
 
 /// The invariants, after every step, on every process.
@@ -1204,6 +1276,12 @@ fn check(c: &Cluster, m: &Model) {
             let (rec, data) = p.engine.volume_data(&vid(&v.id)).expect("a recorded volume's data");
             assert_eq!(&rec.name, name);
             assert_eq!(rec.layout, v.layout);
+            assert_eq!(
+                rec.delete_policy.unwrap_or(DeletePolicy::Delete),
+                v.policy,
+                "{name}'s delete policy as {} reads it",
+                p.label
+            );
             assert_eq!(
                 rec.capacity_bytes, v.bytes,
                 "{name}'s size as {} reads it: every process agrees",
@@ -1276,7 +1354,7 @@ fn check(c: &Cluster, m: &Model) {
             "{}: one loop device per staged image, none else",
             p.label
         );
-        let subvols = p.subvolumes.below(&p.dir).len();
+        let subvols = live_subvolumes(p).len();
         let want = m
             .vols
             .values()
@@ -1294,6 +1372,21 @@ fn check(c: &Cluster, m: &Model) {
     }
     let left = leftovers(c, true);
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// The btrfs subvolumes of a node, but those its delete policy keeps on purpose (`retained/`,
+/// `archive/`: the data of deleted volumes, an administrator's to remove).
+fn live_subvolumes(p: &Proc) -> Vec<PathBuf> {
+    let kept: Vec<PathBuf> = p
+        .pool("default")
+        .map(|pool| vec![pool.retained_dir(), pool.archive_dir()])
+        .unwrap_or_default();
+    p.subvolumes
+        .below(&p.dir)
+        .into_iter()
+        .map(|(path, _)| path)
+        .filter(|path| !kept.iter().any(|k| path.starts_with(k)))
+        .collect()
 }
 
 /// What a failed or crashed call may have left in the pools: anything in `.work` or the trash of a
