@@ -179,13 +179,16 @@ impl Proc {
         let filesystems = Arc::new(RecordingFilesystems::default());
         // btrfs is a node's own disk; the share is not btrfs.
         let subvolumes = Arc::new(RecordingSubvolumes::over(&dir));
-        let sys = StorageSys {
-            filesystems: filesystems.clone(),
-            subvolumes: subvolumes.clone(),
-        };
-        let name = NodeId::parse(name).expect("node id");
+        // One machine: the engine reads the same devices and mounts its Node service makes.
         let mounter = Arc::new(RecordingMounter::default());
         let devices = Arc::new(RecordingDevices::default());
+        let sys = StorageSys::fakes(
+            filesystems.clone(),
+            subvolumes.clone(),
+            devices.clone(),
+            mounter.clone(),
+        );
+        let name = NodeId::parse(name).expect("node id");
         let (engine, svc) = Self::open(&name, node, &config, &sys, &dir, &mounter, &devices);
         Proc {
             label: name.as_str().to_string(),
@@ -555,7 +558,15 @@ fn run_seed(seed: u64, log: &mut Vec<String>) {
         let subvolumes = live_subvolumes(p);
         assert!(subvolumes.is_empty(), "subvolumes left on {}: {subvolumes:?}", p.label);
     }
-    log.push(format!("seed {seed}: {STEPS} steps, {} restarts", c.restarts));
+    let freezes: usize = c
+        .procs
+        .iter()
+        .map(|p| p.filesystems.calls().iter().filter(|x| x.starts_with("freeze")).count())
+        .sum();
+    log.push(format!(
+        "seed {seed}: {STEPS} steps, {} restarts, {freezes} filesystem freezes",
+        c.restarts
+    ));
 }
 
 fn names_where(m: &Model, f: impl Fn(&Vol) -> bool) -> Vec<String> {
@@ -579,6 +590,11 @@ fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
                 ];
                 match layout {
                     Layout::Btrfs => choices.push(Fault::Subvolumes("snapshot", e)),
+                    Layout::Image => choices.extend([
+                        Fault::Crash("copy:before-rename"),
+                        Fault::Filesystems("freeze", e),
+                        Fault::Filesystems("thaw", libc::EIO),
+                    ]),
                     _ => choices.push(Fault::Crash("copy:before-rename")),
                 }
                 rng.pick(&choices).clone()
@@ -866,9 +882,15 @@ fn create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mu
 fn snapshot(c: &mut Cluster, m: &mut Model, rng: &mut Rng, vol: &str, fault: Option<Fault>, log: &mut Vec<String>) {
     let v = m.vols[vol].clone();
     let at = c.controller(v.home, rng);
+    // A consistent snapshot of a mounted image freezes its filesystem while it copies.
+    let freeze = rng.chance(50);
     let cut = |name: String| {
         let id = vid(&v.id);
-        move |p: &Proc| p.engine.create_snapshot(&name, &id, false).map_err(tonic::Status::from)
+        move |p: &Proc| {
+            p.engine
+                .create_snapshot(&name, &id, freeze)
+                .map_err(tonic::Status::from)
+        }
     };
     // Sometimes a name a snapshot of another volume of the same pool holds: never adopted.
     let taken: Vec<(String, Snap)> = m
@@ -944,6 +966,8 @@ fn group(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mut
             Fault::Point("record:write", e),
             Fault::Point("copy:data", e),
             Fault::Subvolumes("snapshot", e),
+            Fault::Filesystems("freeze", e),
+            Fault::Filesystems("thaw", libc::EIO),
         ])
         .clone()
     });

@@ -33,13 +33,19 @@ struct Frozen {
 }
 
 impl Frozen {
-    fn thaw_all(&self) {
+    /// Thaws every filesystem frozen (each tried a few times); the first that stayed frozen.
+    fn thaw_all(&self) -> Result<(), SysError> {
         let taken = std::mem::take(&mut *self.mountpoints.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut first = Ok(());
         for m in taken.iter().rev() {
             if let Err(e) = (self.thaw)(m) {
                 tracing::error!(mountpoint = %m.display(), error = %e, "could not thaw after a group snapshot");
+                if first.is_ok() {
+                    first = Err(e);
+                }
             }
         }
+        first
     }
 }
 
@@ -62,7 +68,12 @@ impl Barrier {
         within: Duration,
     ) -> Result<Barrier, StorageError> {
         let thawing = filesystems.clone();
-        Self::with(mountpoints, within, |m| filesystems.freeze(m), move |m| thawing.thaw(m))
+        Self::with(
+            mountpoints,
+            within,
+            |m| filesystems.freeze(m),
+            move |m| crate::sys::filesystems::thaw_persistently(thawing.as_ref(), m),
+        )
     }
 
     fn with(
@@ -89,7 +100,7 @@ impl Barrier {
                             seconds = within.as_secs_f64(),
                             "a group snapshot kept its filesystems frozen past its deadline; thawing them"
                         );
-                        watched.thaw_all();
+                        let _ = watched.thaw_all();
                     }
                 })
                 .map_err(|e| SysError::io("start the thaw watchdog", "", e))?;
@@ -118,10 +129,13 @@ impl Barrier {
     }
 
     /// Thaws now; `Err(Aborted)` when the deadline passed first (the members are not one point in
-    /// time: the caller drops them).
+    /// time: the caller drops them), and the thaw's error when a filesystem stayed frozen (the
+    /// caller keeps its freeze mark, so the next start thaws it).
     pub fn release(mut self) -> Result<(), StorageError> {
         self.stop.take();
-        self.frozen.thaw_all();
+        if let Err(e) = self.frozen.thaw_all() {
+            return Err(StorageError::Sys(e));
+        }
         let late = self.frozen.expired.load(Ordering::Acquire) || Instant::now() >= self.deadline;
         if self.any && late {
             return Err(StorageError::Aborted(format!(
@@ -138,7 +152,7 @@ impl Barrier {
 impl Drop for Barrier {
     fn drop(&mut self) {
         self.stop.take();
-        self.frozen.thaw_all();
+        let _ = self.frozen.thaw_all();
     }
 }
 
@@ -219,6 +233,31 @@ mod tests {
         let e = b.release().unwrap_err();
         assert!(matches!(e, StorageError::Aborted(_)), "{e}");
         assert!(rx.try_recv().is_err(), "thawed once only");
+    }
+
+    #[test]
+    fn a_thaw_that_keeps_failing_is_the_answer_of_release() {
+        let (_, freeze) = recorder();
+        let thaw = |p: &Path| {
+            Err(SysError::io(
+                "thaw (FITHAW)",
+                p,
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ))
+        };
+        let b = Barrier::with(points(&["/a"]), Duration::from_secs(3600), freeze, thaw).unwrap();
+        let e = b.release().unwrap_err();
+        assert!(matches!(e, StorageError::Sys(_)), "{e}");
+    }
+
+    #[test]
+    fn a_thaw_that_fails_once_is_tried_again() {
+        use crate::sys::filesystems::{thaw_persistently, RecordingFilesystems};
+        let fs = RecordingFilesystems::default();
+        fs.freeze(Path::new("/m")).unwrap();
+        fs.fail_next("thaw", libc::EIO);
+        thaw_persistently(&fs, Path::new("/m")).unwrap();
+        assert!(fs.frozen().is_empty(), "thawed on the second try");
     }
 
     #[test]

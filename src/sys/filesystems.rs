@@ -23,6 +23,26 @@ pub trait Filesystems: Send + Sync {
     fn thaw(&self, mountpoint: &Path) -> Result<(), SysError>;
 }
 
+/// Thaws the filesystem at `mountpoint`, trying again a few times over about a third of a second
+/// when the thaw fails (EINTR, a transient EIO): a filesystem left frozen stops every writer of the
+/// pod, so one failed FITHAW must not be the last word. The last error when every try failed.
+pub fn thaw_persistently(filesystems: &dyn Filesystems, mountpoint: &Path) -> Result<(), SysError> {
+    let mut wait = std::time::Duration::from_millis(20);
+    let mut tries = 1;
+    loop {
+        match filesystems.thaw(mountpoint) {
+            Ok(()) => return Ok(()),
+            Err(e) if tries >= 5 => return Err(e),
+            Err(e) => {
+                tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "thaw failed; trying again");
+                std::thread::sleep(wait);
+                wait *= 2;
+                tries += 1;
+            }
+        }
+    }
+}
+
 /// The real thing: mkfs.ext4/mkfs.xfs, the superblock magics and FIFREEZE/FITHAW.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LinuxFilesystems;

@@ -28,18 +28,41 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 /// The seams the storage engine and its layouts work through: one value, made once where the
 /// engine opens ([`StorageSys::linux`]) or by a test with recording fakes, and held by every pool.
+/// The loop devices and mounts are read only here (which image is attached, where its filesystem
+/// is mounted, to refuse a delete and to freeze it); the Node service makes them, through the same
+/// traits.
 #[derive(Clone)]
 pub struct StorageSys {
     pub filesystems: Arc<dyn filesystems::Filesystems>,
     pub subvolumes: Arc<dyn subvolumes::Subvolumes>,
+    pub devices: Arc<dyn devices::Devices>,
+    pub mounter: Arc<dyn mount::Mounter>,
 }
 
 impl StorageSys {
-    /// The real thing: mkfs, FIFREEZE and btrfs ioctls.
+    /// The real thing: mkfs, FIFREEZE, btrfs ioctls, loop devices and the mount table.
     pub fn linux() -> StorageSys {
         StorageSys {
             filesystems: Arc::new(filesystems::LinuxFilesystems),
             subvolumes: Arc::new(subvolumes::LinuxSubvolumes),
+            devices: Arc::new(devices::LinuxDevices),
+            mounter: Arc::new(mount::LinuxMounter::default()),
+        }
+    }
+
+    /// Recording fakes for the filesystems and btrfs calls, and for devices and mounts (nothing
+    /// attached or mounted until a test's Node service does it through the same fakes).
+    pub fn fakes(
+        filesystems: Arc<filesystems::RecordingFilesystems>,
+        subvolumes: Arc<subvolumes::RecordingSubvolumes>,
+        devices: Arc<devices::RecordingDevices>,
+        mounter: Arc<mount::RecordingMounter>,
+    ) -> StorageSys {
+        StorageSys {
+            filesystems,
+            subvolumes,
+            devices,
+            mounter,
         }
     }
 }

@@ -54,6 +54,9 @@ pub trait Mounter: Send + Sync {
     fn detach(&self, target: &Path) -> Result<(), SysError>;
     /// Whether `path` is the root of a mount, including a bind mount from the same filesystem.
     fn is_mountpoint(&self, path: &Path) -> Result<bool, SysError>;
+    /// Where the filesystem on `device` is mounted whole (its root, not a bind of a directory of
+    /// it): what a freeze of that filesystem goes through.
+    fn mounted_from(&self, device: &Path) -> Result<Vec<PathBuf>, SysError>;
 }
 
 /// The real thing: direct syscalls, never mount(8).
@@ -103,6 +106,19 @@ impl Mounter for LinuxMounter {
                 Ok(super::mountinfo::read(&table)?.iter().any(|m| m.mount_point == path))
             }
         }
+    }
+
+    fn mounted_from(&self, device: &Path) -> Result<Vec<PathBuf>, SysError> {
+        let table = self
+            .mountinfo
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(super::mountinfo::SELF));
+        let source = device.to_string_lossy();
+        Ok(super::mountinfo::read(&table)?
+            .into_iter()
+            .filter(|m| m.source == source && m.root == Path::new("/"))
+            .map(|m| m.mount_point)
+            .collect())
     }
 }
 
@@ -206,5 +222,15 @@ impl Mounter for RecordingMounter {
 
     fn is_mountpoint(&self, path: &Path) -> Result<bool, SysError> {
         Ok(self.state.lock().iter().any(|m| m.1 == path))
+    }
+
+    fn mounted_from(&self, device: &Path) -> Result<Vec<PathBuf>, SysError> {
+        Ok(self
+            .state
+            .lock()
+            .iter()
+            .filter(|m| m.0 == device)
+            .map(|m| m.1.clone())
+            .collect())
     }
 }

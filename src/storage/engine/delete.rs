@@ -100,7 +100,7 @@ impl LocalEngine {
         data: &std::path::Path,
     ) -> Result<Option<Held>, StorageError> {
         let node = self.node.as_str();
-        if let Some(dev) = self.attached(data)?.first() {
+        if let Some(dev) = Self::attached(pool, data)?.first() {
             return Err(StorageError::InUse(format!(
                 "volume {id} is still attached as {} on node {node}; unpublish and unstage it before deleting",
                 dev.path.display()
@@ -164,11 +164,11 @@ impl LocalEngine {
     }
 
     /// Loop devices attached to an image's file (none for other layouts).
-    pub(super) fn attached(&self, data: &std::path::Path) -> Result<Vec<loopdev::LoopDevice>, StorageError> {
+    pub(super) fn attached(pool: &Pool, data: &std::path::Path) -> Result<Vec<loopdev::LoopDevice>, StorageError> {
         if files::entry(data)? != files::Entry::File {
             return Ok(Vec::new());
         }
-        Ok(loopdev::find_by_backing(data)?)
+        Ok(pool.sys.devices.find_by_backing(data)?)
     }
 
     /// Moves a volume's data and a copy of its record out of the live namespace, for `retain` (same

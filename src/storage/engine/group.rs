@@ -318,7 +318,7 @@ impl LocalEngine {
     ) -> Result<(i64, i32), StorageError> {
         let mut points = Vec::new();
         for c in cuts {
-            points.extend(layout::of(c.from.layout).freeze_points(&c.from.path)?);
+            points.extend(layout::of(c.from.layout).freeze_points(&pool.sys, &c.from.path)?);
         }
         let marker = self.mark_frozen(pool, &points)?;
         let barrier = Barrier::freeze(&pool.sys.filesystems, points, within)?;
@@ -337,7 +337,13 @@ impl LocalEngine {
             }
         }
         let released = barrier.release();
-        if let Some(Err(e)) = marker.as_ref().map(|m| files::remove_file_if_exists(m)) {
+        // A filesystem that stayed frozen keeps its mark: the next start tries its thaw again.
+        let stuck = matches!(&released, Err(StorageError::Sys(_)));
+        if let Some(Err(e)) = marker
+            .as_ref()
+            .filter(|_| !stuck)
+            .map(|m| files::remove_file_if_exists(m))
+        {
             tracing::warn!(error = %e, "could not remove a freeze mark; the next start removes it");
         }
         if let Err(e) = cut.and(released) {
@@ -388,7 +394,7 @@ impl LocalEngine {
                     .map(|b| String::from_utf8_lossy(&b).into_owned())
                     .unwrap_or_default();
                 for m in listed.lines().filter(|l| !l.is_empty()) {
-                    match pool.sys.filesystems.thaw(Path::new(m)) {
+                    match crate::sys::filesystems::thaw_persistently(pool.sys.filesystems.as_ref(), Path::new(m)) {
                         Ok(()) => tracing::warn!(
                             mountpoint = m,
                             "thawed a filesystem a killed group snapshot left frozen"

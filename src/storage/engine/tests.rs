@@ -194,10 +194,12 @@ fn faked(fs: FsType) -> Faked {
     config.pools[0].fs_type = fs;
     let filesystems = Arc::new(RecordingFilesystems::default());
     let subvolumes = Arc::new(RecordingSubvolumes::over(dir.path()));
-    let sys = StorageSys {
-        filesystems: filesystems.clone(),
-        subvolumes: subvolumes.clone(),
-    };
+    let sys = StorageSys::fakes(
+        filesystems.clone(),
+        subvolumes.clone(),
+        Default::default(),
+        Default::default(),
+    );
     let engine =
         LocalEngine::open_with(sys, NodeId::parse("n1").expect("node"), &config, |_| Some(true)).expect("engine");
     Faked {

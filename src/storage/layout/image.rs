@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::crash;
 use crate::sys::fstools::FsType;
-use crate::sys::{copy, files};
+use crate::sys::{copy, files, StorageSys};
 
 use super::{allocated, copy_via_work, image_mounts, Frozen, LayoutOps, Made};
 use crate::storage::id::Key;
@@ -52,8 +52,8 @@ impl LayoutOps for Image {
         mode == VolumeMode::Filesystem
     }
 
-    fn freeze_points(&self, data: &Path) -> Result<Vec<std::path::PathBuf>, StorageError> {
-        image_mounts(data)
+    fn freeze_points(&self, sys: &StorageSys, data: &Path) -> Result<Vec<std::path::PathBuf>, StorageError> {
+        image_mounts(sys, data)
     }
 
     fn holds_back(&self, capacity: u64, data: &Path) -> u64 {

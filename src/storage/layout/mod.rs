@@ -23,7 +23,7 @@ use std::sync::Arc;
 use crate::crash;
 use crate::sys::filesystems::Filesystems;
 use crate::sys::fstools::FsType;
-use crate::sys::{copy, files, loopdev, mountinfo, StorageSys};
+use crate::sys::{copy, files, StorageSys};
 
 use super::config::PoolConfig;
 use super::id::Key;
@@ -100,7 +100,7 @@ pub trait LayoutOps: Sync {
     }
     /// The mounted filesystems to freeze for a group snapshot of the volume at `data` (none when
     /// nothing has it mounted: then nothing writes to it).
-    fn freeze_points(&self, _data: &Path) -> Result<Vec<std::path::PathBuf>, StorageError> {
+    fn freeze_points(&self, _sys: &StorageSys, _data: &Path) -> Result<Vec<std::path::PathBuf>, StorageError> {
         Ok(Vec::new())
     }
     /// Bytes of the pool an existing volume of `capacity` may still grow into (room held back from
@@ -285,7 +285,7 @@ impl Frozen {
             mountpoints: Vec::new(),
             filesystems: pool.sys.filesystems.clone(),
         };
-        for m in image_mounts(image)? {
+        for m in image_mounts(&pool.sys, image)? {
             frozen.filesystems.freeze(&m)?;
             frozen.mountpoints.push(m);
         }
@@ -295,28 +295,18 @@ impl Frozen {
 
 /// One mountpoint of each filesystem mounted from a loop device of `image` (a freeze holds the
 /// whole filesystem, whichever of its mounts it is asked through).
-fn image_mounts(image: &Path) -> Result<Vec<std::path::PathBuf>, StorageError> {
-    let devices = loopdev::find_by_backing(image)?;
-    if devices.is_empty() {
-        return Ok(Vec::new());
+fn image_mounts(sys: &StorageSys, image: &Path) -> Result<Vec<std::path::PathBuf>, StorageError> {
+    let mut points = Vec::new();
+    for d in sys.devices.find_by_backing(image)? {
+        points.extend(sys.mounter.mounted_from(&d.path)?.into_iter().next());
     }
-    let mounts = mountinfo::read(Path::new(mountinfo::SELF))?;
-    Ok(devices
-        .iter()
-        .filter_map(|d| {
-            let source = d.path.to_string_lossy();
-            mounts
-                .iter()
-                .find(|m| m.source == source && m.root == Path::new("/"))
-                .map(|m| m.mount_point.clone())
-        })
-        .collect())
+    Ok(points)
 }
 
 impl Drop for Frozen {
     fn drop(&mut self) {
         for m in &self.mountpoints {
-            if let Err(e) = self.filesystems.thaw(m) {
+            if let Err(e) = crate::sys::filesystems::thaw_persistently(self.filesystems.as_ref(), m) {
                 tracing::error!(mountpoint = %m.display(), error = %e, "could not thaw after a snapshot");
             }
         }
