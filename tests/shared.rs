@@ -151,6 +151,7 @@ async fn hostile_and_colliding_pvc_names_stay_inside_the_pool_and_apart() {
         entries(share.path()),
         vec![
             ".leases",
+            ".locks",
             ".staged",
             ".trash",
             ".work",

@@ -549,6 +549,7 @@ fn run_seed(seed: u64, log: &mut Vec<String>) {
         (c.share().join(".trash"), "trash"),
         (c.share().join(".staged"), "stage marks"),
         (c.share().join(".leases"), "leases"),
+        (c.share().join(".locks"), "lock files"),
     ] {
         let left = files::list_dir(&p).unwrap_or_default();
         assert!(left.is_empty(), "the share's {what} left at the end: {left:?}");
@@ -1423,6 +1424,8 @@ fn leftovers(c: &Cluster, orphans: bool) -> Vec<PathBuf> {
     let mut left = Vec::new();
     for pool in pools {
         left.extend(files::list_dir(&pool.work_dir()).unwrap_or_default());
+        // A shared pool's lock files exist only while a call holds them.
+        left.extend(files::list_dir(&pool.root().join(".locks")).unwrap_or_default());
         if !pool.shared() {
             left.extend(files::list_dir(&pool.trash_dir()).unwrap_or_default());
         }

@@ -421,11 +421,22 @@ impl LocalEngine {
         }
     }
 
+    /// Takes an object for one call: refused (ABORTED, which the caller retries) while another
+    /// call of this process has it, or, in a shared pool, while another process (a second
+    /// controller replica) has it, through the object's lock file on the share.
     fn take(&self, kind: Kind, pool: &PoolName, key: &Key, shown: &str) -> Result<Held, StorageError> {
         let k = format!("{:?}/{}/{}", kind, pool.as_str(), key.as_str());
-        self.in_flight
+        let held = self
+            .in_flight
             .try_take(k)
-            .ok_or_else(|| StorageError::Busy(shown.to_string()))
+            .ok_or_else(|| StorageError::Busy(shown.to_string()))?;
+        match self.pools.get(pool).filter(|p| p.shared()) {
+            None => Ok(held),
+            Some(p) => match files::lock_while_held(&p.lock_path(kind, key))? {
+                Some(lock) => Ok(held.also(lock)),
+                None => Err(StorageError::Busy(format!("{shown} (by another controller replica)"))),
+            },
+        }
     }
 
     fn volume_id(&self, pool: &PoolName, key: &Key) -> VolumeId {

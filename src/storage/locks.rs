@@ -10,10 +10,25 @@ pub struct InFlight {
 }
 
 /// Held while an operation runs; releases its key when dropped, also on error or panic.
-#[derive(Debug)]
 pub struct Held {
     keys: Arc<Mutex<HashSet<String>>>,
     key: String,
+    /// What else the operation holds for as long (a shared pool's lock file), released after the key.
+    also: Option<Box<dyn Send + Sync>>,
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held").field("key", &self.key).finish_non_exhaustive()
+    }
+}
+
+impl Held {
+    /// Holds `guard` too, until this is dropped.
+    pub fn also(mut self, guard: impl Send + Sync + 'static) -> Held {
+        self.also = Some(Box::new(guard));
+        self
+    }
 }
 
 impl InFlight {
@@ -26,6 +41,7 @@ impl InFlight {
         Some(Held {
             keys: self.keys.clone(),
             key,
+            also: None,
         })
     }
 }

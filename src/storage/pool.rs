@@ -10,6 +10,7 @@
 //! <pool>/.trash/               data being deleted (renamed out of place first)
 //! <pool>/.staged/<key>/<node>  shared pools: a node has this directory volume staged
 //! <pool>/.leases/<key>         shared pools: the node that holds this image volume staged
+//! <pool>/.locks/<kind>-<key>   shared pools: the controller replica working on that object now
 //! <pool>/retained/<key>[.json] volumes deleted under the `retain` policy
 //! <pool>/archive/<key>-<time>  volumes deleted under the `archive` policy
 //! ```
@@ -106,6 +107,7 @@ impl Pool {
             ".trash",
             ".staged",
             ".leases",
+            ".locks",
         ] {
             files::ensure_dir(&pool.config.path.join(d), 0o700)?;
         }
@@ -136,7 +138,8 @@ impl Pool {
     }
 
     /// Removes the temporary files a crash, a full disk or a failed unlink left beside records,
-    /// leases and stage marks, once they are [`Pool::stale_temp_age`] old. Run when the pool opens
+    /// leases and stage marks, once they are [`Pool::stale_temp_age`] old, and the lock files no
+    /// call holds (a process killed mid-call leaves its lock file, not its lock). Run when the pool opens
     /// and, for shared pools, by the background purge.
     pub fn remove_stale_temps(&self) -> Result<usize, StorageError> {
         self.remove_temps_older_than(self.stale_temp_age())
@@ -158,6 +161,12 @@ impl Pool {
         let mut removed = 0;
         for d in dirs {
             removed += files::remove_stale_temps(&d, age)?;
+        }
+        // A lock file no one holds was left by a process killed mid-call: taking it removes it.
+        for lock in files::list_dir(&self.config.path.join(".locks"))? {
+            if files::lock_while_held(&lock)?.is_some() {
+                removed += 1;
+            }
         }
         Ok(removed)
     }
@@ -232,6 +241,16 @@ impl Pool {
     /// volume's name can ever be another volume's lease.
     pub fn lease_path(&self, key: &Key) -> PathBuf {
         self.config.path.join(".leases").join(key.as_str())
+    }
+
+    /// The lock file a call on an object of a shared pool holds while it runs, so that controller
+    /// replicas (and tools) never work on the same volume or snapshot at once. It exists only
+    /// while held ([`files::lock_while_held`]).
+    pub fn lock_path(&self, kind: Kind, key: &Key) -> PathBuf {
+        self.config
+            .path
+            .join(".locks")
+            .join(format!("{}-{}", kind.dir(), key.as_str()))
     }
 
     /// Where DeleteVolume moves a volume kept by the `retain` policy.

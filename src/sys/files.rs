@@ -416,6 +416,60 @@ pub enum FileLock {
     NoLockFile,
 }
 
+/// An exclusive flock on a lock file that exists only while it is held: released by unlinking the
+/// file, then unlocking it. See [`lock_while_held`].
+#[derive(Debug)]
+pub struct HeldLockFile {
+    path: std::path::PathBuf,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl Drop for HeldLockFile {
+    fn drop(&mut self) {
+        // Unlinked while still locked: whoever opens the path next makes a new file, and whoever
+        // opened the old one finds, once it has the lock, that the path no longer names it.
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Takes an exclusive flock on `path` (made if missing) without waiting, for as long as the answer
+/// lives; `None` when another process (or another open of this one) holds it. The file is removed
+/// when the lock is released, so lock files never pile up; a taker that locked a file just removed
+/// by its holder sees that the path names another file (or none) and tries again.
+pub fn lock_while_held(path: &Path) -> Result<Option<HeldLockFile>, SysError> {
+    use nix::fcntl::{Flock, FlockArg};
+    fault("file:create", path)?;
+    for _ in 0..8 {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .step("open lock file", path)?;
+        let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Ok(None),
+            Err((_, errno)) => return Err(SysError::io("flock", path, errno.into())),
+        };
+        let mine = lock.metadata().step("stat lock file", path)?;
+        match fs::symlink_metadata(path) {
+            Ok(now) if now.dev() == mine.dev() && now.ino() == mine.ino() => {
+                return Ok(Some(HeldLockFile {
+                    path: path.to_path_buf(),
+                    _lock: lock,
+                }))
+            }
+            Ok(_) => continue,
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(SysError::io("stat lock file", path, e)),
+        }
+    }
+    Ok(None)
+}
+
 /// Takes an exclusive flock on `path` without waiting; `create` makes the file when missing.
 pub fn try_lock(path: &Path, create: bool) -> Result<FileLock, SysError> {
     use nix::fcntl::{Flock, FlockArg};

@@ -469,12 +469,11 @@ fn a_delete_whose_disk_fails_once_leaves_no_trash_once_retried() {
     }
 }
 
-#[test]
-fn replicas_on_one_shared_pool_agree_on_its_snapshots() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let share = dir.path().join("share");
+/// Two controller replicas (`ctl-a`, `ctl-b`) owning one shared pool `share`, in `dir`.
+fn replicas(dir: &std::path::Path) -> (LocalEngine, LocalEngine) {
+    let share = dir.join("share");
     let open = |name: &str| {
-        let mut config = Config::default_for(&dir.path().join(name));
+        let mut config = Config::default_for(&dir.join(name));
         let mut shared = config.pools[0].clone();
         shared.name = PoolName::parse("share").expect("pool");
         shared.path = share.clone();
@@ -485,7 +484,42 @@ fn replicas_on_one_shared_pool_agree_on_its_snapshots() {
         })
         .expect("engine")
     };
-    let (a, b) = (open("ctl-a"), open("ctl-b"));
+    (open("ctl-a"), open("ctl-b"))
+}
+
+#[test]
+fn replicas_never_work_on_one_shared_volume_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = replicas(dir.path());
+    let share = PoolName::parse("share").expect("pool");
+    let req = || {
+        let mut r = NewVolume::plain("pvc-l", None, MIB);
+        r.pool = Some(share.clone());
+        r
+    };
+    // Replica a is in the middle of a call on the volume (a create it has not finished).
+    let held = a
+        .take(Kind::Volume, &share, &Key::from_name("pvc-l"), "pvc-l")
+        .expect("a takes the volume");
+    match b.create_volume(req()) {
+        Err(StorageError::Busy(m)) => assert!(m.contains("another controller replica"), "{m}"),
+        r => panic!("b must not build the same volume in the same place at once: {r:?}"),
+    }
+    let locks = dir.path().join("share/.locks");
+    assert_eq!(files::list_dir(&locks).expect("locks").len(), 1);
+    drop(held);
+    let rec = b.create_volume(req()).expect("once a is done, b makes it");
+    assert_eq!(a.create_volume(req()).expect("and a finds it"), rec);
+    assert!(
+        files::list_dir(&locks).expect("locks").is_empty(),
+        "lock files exist only while held"
+    );
+}
+
+#[test]
+fn replicas_on_one_shared_pool_agree_on_its_snapshots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = replicas(dir.path());
     let mut req = NewVolume::plain("pvc-s", None, MIB);
     req.pool = Some(PoolName::parse("share").expect("pool"));
     let vol = a.create_volume(req).expect("create through a");
@@ -532,6 +566,17 @@ fn temporary_files_left_beside_leases_and_stage_marks_are_swept_once_stale() {
     );
     assert!(temps.iter().all(|t| !t.exists()), "{temps:?}");
     assert!(lease.exists(), "the lease itself stays");
+    // A lock file left by a process killed mid-call goes at the next sweep; a held one stays.
+    let left = root.join(".locks/volumes-pvc-d");
+    std::fs::write(&left, b"").expect("lock file");
+    let held = files::lock_while_held(&root.join(".locks/volumes-pvc-e"))
+        .expect("lock")
+        .expect("free");
+    assert_eq!(pool.remove_stale_temps().expect("sweep"), 1);
+    assert!(!left.exists());
+    assert!(root.join(".locks/volumes-pvc-e").exists(), "a held lock file stays");
+    drop(held);
+    assert!(!root.join(".locks/volumes-pvc-e").exists(), "released, it is gone");
 }
 
 #[test]
