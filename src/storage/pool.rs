@@ -112,7 +112,7 @@ impl Pool {
             files::ensure_dir(&pool.config.path.join(d), 0o700)?;
         }
         if owner {
-            pool.purge(&pool.work_dir())?;
+            pool.purge_work()?;
             pool.remove_stale_temps()?;
         }
         // Shared pools purge their trash in the background (it may hold huge trees).
@@ -182,6 +182,23 @@ impl Pool {
                 .and_then(|rest| rest.strip_prefix('-'))
                 .is_some_and(|tag| tag.len() == 32 && tag.bytes().all(|b| b.is_ascii_hexdigit()));
             if ours {
+                super::layout::purge(&self.sys, &p)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the half-built copies in `.work` a crash left. In a shared pool another controller
+    /// replica may be building one right now: an entry goes only when its object's lock file (same
+    /// name in `.locks`) can be taken, and it is removed while that lock is held.
+    fn purge_work(&self) -> Result<(), StorageError> {
+        if !self.shared() {
+            return self.purge(&self.work_dir());
+        }
+        let locks = self.config.path.join(".locks");
+        for p in files::list_dir(&self.work_dir())? {
+            let Some(name) = p.file_name() else { continue };
+            if let Some(_held) = files::lock_while_held(&locks.join(name))? {
                 super::layout::purge(&self.sys, &p)?;
             }
         }

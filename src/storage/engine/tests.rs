@@ -517,6 +517,32 @@ fn replicas_never_work_on_one_shared_volume_at_once() {
 }
 
 #[test]
+fn a_replica_that_starts_leaves_the_other_replicas_copy_in_progress_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = replicas(dir.path());
+    let share = PoolName::parse("share").expect("pool");
+    let pool = a.pool(&share).expect("pool");
+    let (key, crashed) = (Key::from_name("pvc-w"), Key::from_name("pvc-x"));
+    // a is building pvc-w's copy; a killed call left pvc-x's behind, its lock file unheld.
+    let held = a.take(Kind::Volume, &share, &key, "pvc-w").expect("a takes the volume");
+    for k in [&key, &crashed] {
+        std::fs::write(pool.work_path(Kind::Volume, k), b"half a copy").expect("work");
+    }
+    std::fs::write(pool.lock_path(Kind::Volume, &crashed), b"").expect("left lock file");
+    drop(b);
+    let (_a2, _b) = replicas(dir.path()); // b (and a second a) start again
+    assert!(
+        pool.work_path(Kind::Volume, &key).exists(),
+        "the copy a is building survives b's start"
+    );
+    assert!(
+        !pool.work_path(Kind::Volume, &crashed).exists(),
+        "the dead call's copy goes"
+    );
+    drop(held);
+}
+
+#[test]
 fn replicas_on_one_shared_pool_agree_on_its_snapshots() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, b) = replicas(dir.path());
