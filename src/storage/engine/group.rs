@@ -360,7 +360,7 @@ impl LocalEngine {
     /// Writes down the filesystems a cut is about to freeze (`<pool>/groups/.frozen-<node>-<uuid>`):
     /// the barrier thaws them whatever the cut does, but not when this process is killed mid-cut
     /// (SIGKILL, OOM); then its next start thaws them ([`LocalEngine::thaw_left_frozen`]).
-    fn mark_frozen(&self, pool: &Pool, points: &[PathBuf]) -> Result<Option<PathBuf>, StorageError> {
+    pub(super) fn mark_frozen(&self, pool: &Pool, points: &[PathBuf]) -> Result<Option<PathBuf>, StorageError> {
         if points.is_empty() {
             return Ok(None);
         }
@@ -375,8 +375,9 @@ impl LocalEngine {
         Ok(Some(marker))
     }
 
-    /// Thaws the filesystems a cut of this node froze when the process was killed before it could
-    /// thaw them, and drops their marks. Run at start, before any call is served.
+    /// Thaws the filesystems a cut of this node (a group's, or a consistent snapshot's) froze when
+    /// the process was killed before it could thaw them, and drops their marks. Run at start,
+    /// before any call is served.
     pub(super) fn thaw_left_frozen(&self) {
         let mine = format!("{FROZEN_MARK}{}-", self.node.as_str());
         for pool in self.pools.values() {

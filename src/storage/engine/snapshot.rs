@@ -39,18 +39,32 @@ impl LocalEngine {
             )));
         }
         let from = self.source_data(&Source::Volume(source.clone()))?;
+        // What a consistent snapshot freezes is marked first, as a group's cut is: a process
+        // killed mid-copy leaves the mark, and its next start thaws what it names. A copy that
+        // failed keeps its mark too, since its thaw may be what failed (thawing a filesystem that
+        // is not frozen is harmless).
+        let points = match freeze {
+            true => layout::of(from.layout).freeze_points(&pool.sys, &from.path)?,
+            false => Vec::new(),
+        };
+        let mark = self.mark_frozen(pool, &points)?;
+        let copied = layout::create_copy(pool, Kind::Snapshot, &key, from.layout, &from.path, false, freeze);
+        if let (Ok(()), Some(m)) = (&copied, &mark) {
+            if let Err(e) = files::remove_file_if_exists(m) {
+                tracing::warn!(error = %e, "could not remove a freeze mark; the next start removes it");
+            }
+        }
         // The data (a copy of the source), then its record: a backup's mark is in the record
         // from its first write, so a crash never leaves a backup as a plain snapshot.
-        let made =
-            layout::create_copy(pool, Kind::Snapshot, &key, from.layout, &from.path, false, freeze).and_then(|()| {
-                crash::point("create-snapshot:before-record");
-                let rec = SnapshotRecord {
-                    backup,
-                    ..from.snapshot_record(name, &id, source, now(), None)
-                };
-                self.store.put_snapshot(pool, &key, &rec)?;
-                Ok(rec)
-            });
+        let made = copied.and_then(|()| {
+            crash::point("create-snapshot:before-record");
+            let rec = SnapshotRecord {
+                backup,
+                ..from.snapshot_record(name, &id, source, now(), None)
+            };
+            self.store.put_snapshot(pool, &key, &rec)?;
+            Ok(rec)
+        });
         self.undo_unrecorded(pool, Kind::Snapshot, &key, made)
     }
 

@@ -185,6 +185,10 @@ struct Faked {
     engine: LocalEngine,
     filesystems: Arc<RecordingFilesystems>,
     subvolumes: Arc<RecordingSubvolumes>,
+    devices: Arc<crate::sys::devices::RecordingDevices>,
+    mounter: Arc<crate::sys::mount::RecordingMounter>,
+    sys: StorageSys,
+    config: Config,
 }
 
 fn faked(fs: FsType) -> Faked {
@@ -194,19 +198,25 @@ fn faked(fs: FsType) -> Faked {
     config.pools[0].fs_type = fs;
     let filesystems = Arc::new(RecordingFilesystems::default());
     let subvolumes = Arc::new(RecordingSubvolumes::over(dir.path()));
+    let devices = Arc::new(crate::sys::devices::RecordingDevices::default());
+    let mounter = Arc::new(crate::sys::mount::RecordingMounter::default());
     let sys = StorageSys::fakes(
         filesystems.clone(),
         subvolumes.clone(),
-        Default::default(),
-        Default::default(),
+        devices.clone(),
+        mounter.clone(),
     );
-    let engine =
-        LocalEngine::open_with(sys, NodeId::parse("n1").expect("node"), &config, |_| Some(true)).expect("engine");
+    let engine = LocalEngine::open_with(sys.clone(), NodeId::parse("n1").expect("node"), &config, |_| Some(true))
+        .expect("engine");
     Faked {
         dir,
         engine,
         filesystems,
         subvolumes,
+        devices,
+        mounter,
+        sys,
+        config,
     }
 }
 
@@ -637,4 +647,62 @@ fn a_group_snapshot_whose_records_fail_leaves_no_member_behind() {
     assert!(f.engine.snapshots().is_empty());
     let rec = f.engine.create_group(&req).expect("the retry");
     assert_eq!(rec.members.len(), 2);
+}
+
+#[test]
+fn a_consistent_snapshot_that_fails_mid_copy_leaves_a_mark_the_next_start_thaws() {
+    use crate::sys::devices::Devices;
+    use crate::sys::filesystems::Filesystems;
+    use crate::sys::mount::{BindFlags, Mounter};
+    let f = faked(FsType::Ext4);
+    let vol = f
+        .engine
+        .create_volume(NewVolume::plain("pvc-f", Some(Layout::Image), 32 * MIB))
+        .expect("create");
+    let (_, image) = f.engine.volume_data(&vol.id).expect("data");
+    // Staged on this node: attached and its filesystem mounted.
+    let (dev, _) = f.devices.attach(&image, false).expect("attach");
+    let at = f.dir.path().join("staging");
+    f.mounter
+        .mount_fs(&dev.path, &at, "ext4", BindFlags::default())
+        .expect("mount");
+    // The copy fails while the filesystem is frozen, and its thaw fails too, every try.
+    crate::crash::in_thread::fail_at(Some(("copy:data", libc::EIO)));
+    for _ in 0..5 {
+        f.filesystems.fail_next("thaw", libc::EIO);
+    }
+    let failed = f.engine.create_snapshot("snap-f", &vol.id, true);
+    crate::crash::in_thread::fail_at(None);
+    assert!(failed.is_err(), "{failed:?}");
+    // (The fake arms one failure per operation: the second thaw try succeeds. What matters here:
+    // the mark outlives the failed call, and a start thaws what it names.)
+    let marks = || {
+        files::list_dir(&f.pool().groups_dir())
+            .expect("groups")
+            .into_iter()
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(".frozen-"))
+            })
+            .count()
+    };
+    assert_eq!(marks(), 1, "a failed consistent copy keeps its freeze mark");
+    f.filesystems
+        .freeze(&at)
+        .expect("frozen again, as a killed process would leave it");
+    let restarted = LocalEngine::open_with(f.sys.clone(), NodeId::parse("n1").expect("node"), &f.config, |_| {
+        Some(true)
+    })
+    .expect("engine");
+    assert!(f.filesystems.frozen().is_empty(), "the start thawed it");
+    assert_eq!(marks(), 0, "and dropped the mark");
+    // A consistent snapshot that succeeds thaws and leaves no mark.
+    restarted.create_snapshot("snap-g", &vol.id, true).expect("snapshot");
+    assert!(f.filesystems.frozen().is_empty());
+    assert_eq!(marks(), 0);
+    assert!(
+        f.filesystems.calls().iter().filter(|c| c.starts_with("freeze")).count() >= 2,
+        "{:?}",
+        f.filesystems.calls()
+    );
 }

@@ -95,9 +95,9 @@ impl LayoutOps for Image {
         freeze: bool,
     ) -> Result<(), StorageError> {
         copy_via_work(pool, kind, key, |work| {
-            let _frozen = if freeze { Some(Frozen::image(pool, src)?) } else { None };
+            let frozen = if freeze { Some(Frozen::image(pool, src)?) } else { None };
             copy::copy_file(src, work)?; // fsyncs the copy itself
-            Ok(())
+            frozen.map_or(Ok(()), Frozen::thaw)
         })
     }
 

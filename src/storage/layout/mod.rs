@@ -291,6 +291,21 @@ impl Frozen {
         }
         Ok(frozen)
     }
+
+    /// Thaws now (each filesystem tried a few times): an error when one stayed frozen, which the
+    /// snapshot then answers, rather than report success over a pod whose writes are stopped.
+    fn thaw(mut self) -> Result<(), StorageError> {
+        let mut first = Ok(());
+        for m in std::mem::take(&mut self.mountpoints) {
+            if let Err(e) = crate::sys::filesystems::thaw_persistently(self.filesystems.as_ref(), &m) {
+                tracing::error!(mountpoint = %m.display(), error = %e, "could not thaw after a snapshot");
+                if first.is_ok() {
+                    first = Err(e.into());
+                }
+            }
+        }
+        first
+    }
 }
 
 /// One mountpoint of each filesystem mounted from a loop device of `image` (a freeze holds the
