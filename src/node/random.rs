@@ -577,7 +577,7 @@ fn names_where(m: &Model, f: impl Fn(&Vol) -> bool) -> Vec<String> {
 fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mut Vec<String>) {
     let names: Vec<String> = m.vols.keys().cloned().collect();
     let any = |rng: &mut Rng| (!names.is_empty()).then(|| rng.pick(&names).clone());
-    match rng.below(15) {
+    match rng.below(16) {
         0 | 1 if m.vols.len() < MAX_VOLUMES => create(c, m, rng, faulted, log),
         2 if !m.vols.is_empty() => {
             let n = any(rng).expect("a volume");
@@ -614,6 +614,7 @@ fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
             delete_snapshot(c, m, rng, &s, f, log)
         }
         12 => group(c, m, rng, faulted, log),
+        15 => race_create(c, m, rng, log),
         14 if !m.vols.is_empty() => {
             let n = any(rng).expect("a volume");
             let f = faulted.then(|| Fault::Point("record:write", *rng.pick(&ERRNOS)));
@@ -768,6 +769,91 @@ fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
         _ if m.vols.len() < MAX_VOLUMES => create(c, m, rng, faulted, log),
         _ => {}
     }
+}
+
+/// Both controller replicas take the same CreateVolume of the shared pool at the same moment (as
+/// while a provisioner's leader changes), from two threads: each retries ABORTED as the
+/// provisioner would, both must end with the same volume, made once, holding what it should.
+fn race_create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Vec<String>) {
+    if m.vols.len() >= MAX_VOLUMES {
+        return;
+    }
+    let name = format!("pvc-{}", m.next);
+    m.next += 1;
+    // A clone takes long enough to overlap; an empty image when there is nothing to clone.
+    let sources: Vec<Vol> = m.vols.values().filter(|v| v.home == Home::Shared).cloned().collect();
+    let (source, layout, bytes, marker) = match sources.is_empty() {
+        true => (None, Layout::Image, 32 * MIB, String::new()),
+        false => {
+            let v = rng.pick(&sources).clone();
+            (Some(Source::Volume(vid(&v.id))), v.layout, v.bytes, v.marker)
+        }
+    };
+    log.push(format!(
+        "create {name} {layout:?} through both replicas at once{}",
+        source
+            .as_ref()
+            .map(|s| format!(" (clone of {s:?})"))
+            .unwrap_or_default()
+    ));
+    let req = || {
+        let mut r = NewVolume::plain(&name, Some(layout), bytes);
+        r.source = source.clone();
+        r.pool = Some(PoolName::parse(SHARE).expect("pool"));
+        r
+    };
+    let made: Vec<Result<crate::storage::record::VolumeRecord, tonic::Status>> = std::thread::scope(|s| {
+        let calls: Vec<_> = (0..REPLICAS)
+            .map(|r| {
+                let p = &c.procs[NODES + r];
+                let req = &req;
+                s.spawn(move || {
+                    let mut last = None;
+                    for _ in 0..400 {
+                        match p.engine.create_volume(req()).map_err(tonic::Status::from) {
+                            Err(e) if e.code() == Code::Aborted => {
+                                last = Some(e);
+                                std::thread::sleep(std::time::Duration::from_millis(2));
+                            }
+                            done => return done,
+                        }
+                    }
+                    Err(last.expect("retried"))
+                })
+            })
+            .collect();
+        calls.into_iter().map(|h| h.join().expect("no panic")).collect()
+    });
+    let recs: Vec<_> = made
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("a racing create of {name} failed: {:?}: {}", e.code(), e.message())))
+        .collect();
+    assert!(
+        recs.windows(2).all(|w| w[0] == w[1]),
+        "both replicas answer the one volume made: {recs:?}"
+    );
+    let rec = recs.into_iter().next().expect("a record");
+    let (_, data) = c.procs[NODES].engine.volume_data(&rec.id).expect("data");
+    assert_eq!(
+        read_marker(layout, &data),
+        marker,
+        "{name} holds its source's data, whole"
+    );
+    let own = format!("{name}@0");
+    write_marker(layout, &data, &own);
+    m.vols.insert(
+        name,
+        Vol {
+            id: rec.id.to_string(),
+            layout,
+            home: Home::Shared,
+            bytes: rec.capacity_bytes,
+            marker: own,
+            staged: None,
+            published: None,
+            policy: DeletePolicy::Delete,
+        },
+    );
 }
 
 fn create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mut Vec<String>) {
