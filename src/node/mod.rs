@@ -524,6 +524,19 @@ impl NodeService {
                 // mounts: the mark on the share tells it the volume is in use here.
                 let id = VolumeId::parse(&r.volume_id).map_err(|e| NodeError::invalid(e.0))?;
                 self.engine.mark_staged(&id, true)?;
+                // A replica's DeleteVolume may have checked the marks just before ours landed and
+                // moved the data away since: then this stage loses (the delete, which checks the
+                // marks again after its move, loses when ours was first).
+                if !pinned.is_at(&data)? {
+                    self.engine.mark_staged(&id, false)?;
+                    let mut m = self.state.get(&r.volume_id);
+                    m.staged = None;
+                    self.state.put(m)?;
+                    return Err(NodeError::InProgress(format!(
+                        "volume {} is being deleted; it was not staged",
+                        r.volume_id
+                    )));
+                }
             }
             crash::point("stage:before-mount");
             let flags = BindFlags {
@@ -552,7 +565,22 @@ impl NodeService {
             backing: Some(data.clone()),
         });
         self.state.put(m)?;
-        let device = self.attach(&data, read_only)?;
+        let device = match self.attach(&data, read_only) {
+            Ok(d) => d,
+            Err(e) => {
+                // Nothing attached (the image may be gone: a replica deleted it meanwhile): this
+                // node does not hold the volume, so neither its intent nor its lease stays.
+                if self.devices.find_by_backing(&data).is_ok_and(|d| d.is_empty()) {
+                    let mut m = self.state.get(&r.volume_id);
+                    m.staged = None;
+                    self.state.put(m)?;
+                    if let Some((lease, _)) = self.engine.shared_lease(&id) {
+                        self.engine.leases.release(&lease, &r.volume_id)?;
+                    }
+                }
+                return Err(e);
+            }
+        };
         crash::point("stage:after-attach");
         if block {
             return Ok(NodeStageVolumeResponse {});

@@ -577,7 +577,7 @@ fn names_where(m: &Model, f: impl Fn(&Vol) -> bool) -> Vec<String> {
 fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mut Vec<String>) {
     let names: Vec<String> = m.vols.keys().cloned().collect();
     let any = |rng: &mut Rng| (!names.is_empty()).then(|| rng.pick(&names).clone());
-    match rng.below(16) {
+    match rng.below(17) {
         0 | 1 if m.vols.len() < MAX_VOLUMES => create(c, m, rng, faulted, log),
         2 if !m.vols.is_empty() => {
             let n = any(rng).expect("a volume");
@@ -615,6 +615,7 @@ fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
         }
         12 => group(c, m, rng, faulted, log),
         15 => race_create(c, m, rng, log),
+        16 => race_delete_and_stage(c, m, rng, log),
         14 if !m.vols.is_empty() => {
             let n = any(rng).expect("a volume");
             let f = faulted.then(|| Fault::Point("record:write", *rng.pick(&ERRNOS)));
@@ -854,6 +855,84 @@ fn race_create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Vec<Stri
             policy: DeletePolicy::Delete,
         },
     );
+}
+
+/// A replica deletes a shared volume while a node stages it, at the same moment: one of them must
+/// lose. Never both succeed (the pod would run on data being deleted).
+fn race_delete_and_stage(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Vec<String>) {
+    let free = names_where(m, |v| {
+        v.home == Home::Shared && v.staged.is_none() && v.published.is_none()
+    });
+    if free.is_empty() {
+        return;
+    }
+    let name = rng.pick(&free).clone();
+    let v = m.vols[&name].clone();
+    let (on, replica) = (rng.below(NODES), NODES + rng.below(REPLICAS));
+    let staging = c.procs[on].dir.join(format!("kubelet/staging/{name}"));
+    std::fs::create_dir_all(&staging).expect("staging dir");
+    log.push(format!(
+        "delete {name} through {} while n{on} stages it",
+        c.procs[replica].label
+    ));
+    // The provisioner retries ABORTED; kubelet retries a stage whatever it answered, until the
+    // volume is not found.
+    let retry = |call: &dyn Fn() -> Result<(), tonic::Status>, again: fn(Code) -> bool| {
+        let mut r = call();
+        for _ in 0..400 {
+            match &r {
+                Err(e) if again(e.code()) => {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                    r = call();
+                }
+                _ => break,
+            }
+        }
+        r
+    };
+    let (deleted, staged) = std::thread::scope(|s| {
+        let (node, ctl) = (&c.procs[on], &c.procs[replica]);
+        let d = s.spawn(|| {
+            retry(
+                &|| ctl.engine.delete_volume(&vid(&v.id)).map_err(tonic::Status::from),
+                |c| c == Code::Aborted,
+            )
+        });
+        let st = s.spawn(|| {
+            retry(
+                &|| {
+                    node.svc()
+                        .stage(NodeStageVolumeRequest {
+                            volume_id: v.id.clone(),
+                            staging_target_path: staging.display().to_string(),
+                            volume_capability: Some(cap()),
+                            ..Default::default()
+                        })
+                        .map(|_| ())
+                        .map_err(tonic::Status::from)
+                },
+                |c| c != Code::NotFound,
+            )
+        });
+        (d.join().expect("no panic"), st.join().expect("no panic"))
+    });
+    log.push(format!("    delete: {}, stage: {}", brief(&deleted), brief(&staged)));
+    assert!(
+        !(deleted.is_ok() && staged.is_ok()),
+        "{name} was deleted and staged at once: a pod would run on deleted data"
+    );
+    if deleted.is_ok() {
+        m.vols.remove(&name);
+    } else {
+        let code = deleted.as_ref().err().map(|e| e.code());
+        assert_eq!(
+            code,
+            Some(Code::FailedPrecondition),
+            "the delete lost to the stage: {deleted:?}"
+        );
+        staged.as_ref().expect("the stage that won");
+        m.vols.get_mut(&name).expect("volume").staged = Some((on, staging));
+    }
 }
 
 fn create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mut Vec<String>) {

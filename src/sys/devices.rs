@@ -112,6 +112,14 @@ impl Devices for RecordingDevices {
             format!("attach {} ro={read_only}", backing.display()),
             backing,
         )?;
+        // As the real attach, which opens the backing file first.
+        if !backing.is_file() {
+            return Err(SysError::io(
+                "open backing file",
+                backing,
+                std::io::Error::from_raw_os_error(libc::ENOENT),
+            ));
+        }
         let n = s.next;
         s.next += 1;
         s.attached.insert(n, backing.to_path_buf());

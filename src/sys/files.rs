@@ -399,6 +399,16 @@ impl PinnedDir {
         Ok(dir)
     }
 
+    /// Whether `path` still names this very directory (not moved away, not replaced).
+    pub fn is_at(&self, path: &Path) -> Result<bool, SysError> {
+        let mine = nix::sys::stat::fstat(&self.fd).step("stat pinned directory", path)?;
+        match fs::symlink_metadata(path) {
+            Ok(now) => Ok(now.dev() == mine.st_dev && now.ino() == mine.st_ino),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(SysError::io("lstat", path, e)),
+        }
+    }
+
     pub fn proc_path(&self) -> std::path::PathBuf {
         use std::os::fd::AsRawFd;
         std::path::PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))

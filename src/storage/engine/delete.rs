@@ -26,10 +26,22 @@ impl LocalEngine {
             .as_ref()
             .and_then(|r| r.delete_policy)
             .unwrap_or(pool.config.delete_policy);
+        // A node of a shared pool may stage the volume between the checks above and the data's
+        // move: once moved, the marks and the lease are read again, and a stage that landed puts
+        // the data back and refuses the delete (the node, which checks the data after writing its
+        // mark, refuses its stage when the move was first).
+        let guard = || match pool.shared() {
+            true => self.refuse_shared_in_use(pool, id),
+            false => Ok(()),
+        };
         match (policy, rec) {
-            (DeletePolicy::Retain, Some(rec)) => self.keep(pool, &id.0.key, &rec, &pool.retained_dir(), false)?,
-            (DeletePolicy::Archive, Some(rec)) => self.keep(pool, &id.0.key, &rec, &pool.archive_dir(), true)?,
-            _ => self.remove_object(pool, Kind::Volume, &id.0.key, &shown)?,
+            (DeletePolicy::Retain, Some(rec)) => {
+                self.keep(pool, &id.0.key, &rec, &pool.retained_dir(), false, &guard)?
+            }
+            (DeletePolicy::Archive, Some(rec)) => {
+                self.keep(pool, &id.0.key, &rec, &pool.archive_dir(), true, &guard)?
+            }
+            _ => self.remove_object_guarded(pool, Kind::Volume, &id.0.key, &shown, &guard)?,
         }
         // Its backups' base goes with it: nothing is compared with it any more.
         self.drop_bases(id, None);
@@ -39,6 +51,19 @@ impl LocalEngine {
     /// Moves the data into the trash, removes the record durably, then purges the trash. A crash
     /// before the record is gone leaves a record whose data is missing; the retried delete finishes.
     pub(super) fn remove_object(&self, pool: &Pool, kind: Kind, key: &Key, shown: &str) -> Result<(), StorageError> {
+        self.remove_object_guarded(pool, kind, key, shown, &|| Ok(()))
+    }
+
+    /// As [`LocalEngine::remove_object`], asking `guard` once the data is out of place: an error
+    /// puts it back and is the answer.
+    fn remove_object_guarded(
+        &self,
+        pool: &Pool,
+        kind: Kind,
+        key: &Key,
+        shown: &str,
+        guard: &dyn Fn() -> Result<(), StorageError>,
+    ) -> Result<(), StorageError> {
         let data = pool.data_path(kind, key);
         let trashed = pool
             .trash_dir()
@@ -53,6 +78,10 @@ impl LocalEngine {
             }
             _ => {
                 files::rename(&data, &trashed)?;
+                if let Err(e) = guard() {
+                    files::rename(&trashed, &data)?;
+                    return Err(e);
+                }
                 true
             }
         };
@@ -72,6 +101,25 @@ impl LocalEngine {
             pool.purge_trash_of(key)?;
         }
         removed
+    }
+
+    /// A shared volume staged on some node: a stage mark of a directory volume, or a live lease
+    /// of an image volume, held by another node.
+    fn refuse_shared_in_use(&self, pool: &Pool, id: &VolumeId) -> Result<(), StorageError> {
+        let nodes = staged_marks(pool, &id.0.key)?;
+        if !nodes.is_empty() {
+            return Err(StorageError::InUse(format!(
+                "volume {id} was staged on node {} while it was being deleted; unstage it there first",
+                nodes.join(", ")
+            )));
+        }
+        let (lease, ttl) = Self::lease_at(pool, id);
+        if let Err(holder) = self.leases.clear_if_stale(&lease, ttl)? {
+            return Err(StorageError::InUse(format!(
+                "volume {id} was staged on node {holder} while it was being deleted; unstage it there first"
+            )));
+        }
+        Ok(())
     }
 
     /// Where the lease of a volume of a shared pool lives, and how long it lasts unrenewed.
@@ -180,6 +228,7 @@ impl LocalEngine {
         rec: &VolumeRecord,
         dir: &std::path::Path,
         stamp: bool,
+        guard: &dyn Fn() -> Result<(), StorageError>,
     ) -> Result<(), StorageError> {
         files::ensure_dir(dir, 0o700)?;
         let (secs, _) = now();
@@ -196,6 +245,11 @@ impl LocalEngine {
         self.store.keep_copy(&dir.join(format!("{name}.json")), rec)?;
         if files::entry(&data)? != files::Entry::Missing {
             files::rename(&data, &dest)?;
+            if let Err(e) = guard() {
+                files::rename(&dest, &data)?;
+                files::remove_file_if_exists(&dir.join(format!("{name}.json")))?;
+                return Err(e);
+            }
         }
         self.store.remove(pool, Kind::Volume, key, &rec.id.to_string())?;
         files::sync_dir(dir)?;
