@@ -772,6 +772,20 @@ fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
     }
 }
 
+/// Calls `call` until it answers something `again` does not retry, as a sidecar or kubelet would,
+/// for at most a minute (a loaded machine may hold the other racer's copy that long).
+fn retrying<T>(call: impl Fn() -> Result<T, tonic::Status>, again: impl Fn(Code) -> bool) -> Result<T, tonic::Status> {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match call() {
+            Err(e) if again(e.code()) && std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            done => return done,
+        }
+    }
+}
+
 /// Both controller replicas take the same CreateVolume of the shared pool at the same moment (as
 /// while a provisioner's leader changes), from two threads: each retries ABORTED as the
 /// provisioner would, both must end with the same volume, made once, holding what it should.
@@ -809,17 +823,10 @@ fn race_create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Vec<Stri
                 let p = &c.procs[NODES + r];
                 let req = &req;
                 s.spawn(move || {
-                    let mut last = None;
-                    for _ in 0..400 {
-                        match p.engine.create_volume(req()).map_err(tonic::Status::from) {
-                            Err(e) if e.code() == Code::Aborted => {
-                                last = Some(e);
-                                std::thread::sleep(std::time::Duration::from_millis(2));
-                            }
-                            done => return done,
-                        }
-                    }
-                    Err(last.expect("retried"))
+                    retrying(
+                        || p.engine.create_volume(req()).map_err(tonic::Status::from),
+                        |c| c == Code::Aborted,
+                    )
                 })
             })
             .collect();
@@ -877,30 +884,17 @@ fn race_delete_and_stage(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mu
     ));
     // The provisioner retries ABORTED; kubelet retries a stage whatever it answered, until the
     // volume is not found.
-    let retry = |call: &dyn Fn() -> Result<(), tonic::Status>, again: fn(Code) -> bool| {
-        let mut r = call();
-        for _ in 0..400 {
-            match &r {
-                Err(e) if again(e.code()) => {
-                    std::thread::sleep(std::time::Duration::from_millis(2));
-                    r = call();
-                }
-                _ => break,
-            }
-        }
-        r
-    };
     let (deleted, staged) = std::thread::scope(|s| {
         let (node, ctl) = (&c.procs[on], &c.procs[replica]);
         let d = s.spawn(|| {
-            retry(
-                &|| ctl.engine.delete_volume(&vid(&v.id)).map_err(tonic::Status::from),
+            retrying(
+                || ctl.engine.delete_volume(&vid(&v.id)).map_err(tonic::Status::from),
                 |c| c == Code::Aborted,
             )
         });
         let st = s.spawn(|| {
-            retry(
-                &|| {
+            retrying(
+                || {
                     node.svc()
                         .stage(NodeStageVolumeRequest {
                             volume_id: v.id.clone(),
