@@ -133,7 +133,7 @@ impl Pool {
 
     /// How old a temporary file of a record, lease or stage mark must be before a sweep removes it:
     /// on a shared pool a younger one may be another replica's or node's write in progress.
-    pub fn stale_temp_age(&self) -> std::time::Duration {
+    fn stale_temp_age(&self) -> std::time::Duration {
         std::time::Duration::from_secs(if self.shared() { 600 } else { 0 })
     }
 

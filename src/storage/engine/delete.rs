@@ -11,16 +11,6 @@ impl LocalEngine {
         let _held = self.take(Kind::Volume, &id.0.pool, &id.0.key, &shown)?;
         let data = pool.data_path(Kind::Volume, &id.0.key);
         let _claimed = self.refuse_in_use(pool, id, &data)?;
-        if pool.shared() {
-            let (lease, ttl) = Self::lease_at(pool, id);
-            if let Err(holder) = self.leases.clear_if_stale(&lease, ttl)? {
-                return Err(StorageError::InUse(format!(
-                    "volume {shown} is staged on node {holder}, which holds its lease; unstage it there first \
-                     (a lease its node stops renewing expires after {} s)",
-                    ttl.as_secs()
-                )));
-            }
-        }
         let rec = self.volume(id);
         let policy = rec
             .as_ref()
@@ -103,20 +93,25 @@ impl LocalEngine {
         removed
     }
 
-    /// A shared volume staged on some node: a stage mark of a directory volume, or a live lease
-    /// of an image volume, held by another node.
+    /// A shared volume staged on some node, as the share tells any replica: a stage mark of a
+    /// directory volume, or a live lease of an image volume held by another node. Asked before a
+    /// delete moves the data and again after.
     fn refuse_shared_in_use(&self, pool: &Pool, id: &VolumeId) -> Result<(), StorageError> {
         let nodes = staged_marks(pool, &id.0.key)?;
         if !nodes.is_empty() {
             return Err(StorageError::InUse(format!(
-                "volume {id} was staged on node {} while it was being deleted; unstage it there first",
-                nodes.join(", ")
+                "volume {id} is staged on node {}; unstage it there before deleting (a node that is gone \
+                 for good leaves {} behind: remove it by hand once no pod uses the volume)",
+                nodes.join(", "),
+                pool.staged_dir(&id.0.key).display()
             )));
         }
         let (lease, ttl) = Self::lease_at(pool, id);
         if let Err(holder) = self.leases.clear_if_stale(&lease, ttl)? {
             return Err(StorageError::InUse(format!(
-                "volume {id} was staged on node {holder} while it was being deleted; unstage it there first"
+                "volume {id} is staged on node {holder}, which holds its lease; unstage it there first \
+                 (a lease its node stops renewing expires after {} s)",
+                ttl.as_secs()
             )));
         }
         Ok(())
@@ -174,15 +169,7 @@ impl LocalEngine {
             )));
         }
         if pool.shared() {
-            let nodes = staged_marks(pool, &id.0.key)?;
-            if !nodes.is_empty() {
-                return Err(StorageError::InUse(format!(
-                    "volume {id} is staged on node {}; unstage it there before deleting (a node that is gone \
-                     for good leaves {} behind: remove it by hand once no pod uses the volume)",
-                    nodes.join(", "),
-                    pool.staged_dir(&id.0.key).display()
-                )));
-            }
+            self.refuse_shared_in_use(pool, id)?;
         }
         Ok(claimed)
     }

@@ -295,6 +295,10 @@ impl Frozen {
     /// Thaws now (each filesystem tried a few times): an error when one stayed frozen, which the
     /// snapshot then answers, rather than report success over a pod whose writes are stopped.
     fn thaw(mut self) -> Result<(), StorageError> {
+        self.thaw_all()
+    }
+
+    fn thaw_all(&mut self) -> Result<(), StorageError> {
         let mut first = Ok(());
         for m in std::mem::take(&mut self.mountpoints) {
             if let Err(e) = crate::sys::filesystems::thaw_persistently(self.filesystems.as_ref(), &m) {
@@ -320,11 +324,7 @@ fn image_mounts(sys: &StorageSys, image: &Path) -> Result<Vec<std::path::PathBuf
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        for m in &self.mountpoints {
-            if let Err(e) = crate::sys::filesystems::thaw_persistently(self.filesystems.as_ref(), m) {
-                tracing::error!(mountpoint = %m.display(), error = %e, "could not thaw after a snapshot");
-            }
-        }
+        let _ = self.thaw_all(); // logged there
     }
 }
 
