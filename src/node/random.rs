@@ -50,6 +50,8 @@ use crate::sys::mount::RecordingMounter;
 use crate::sys::subvolumes::RecordingSubvolumes;
 use crate::sys::StorageSys;
 
+mod races;
+
 const SEEDS: [u64; 16] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
 const STEPS: usize = 80;
 /// Attempts of one call, after its faulted one, before it counts as not converging.
@@ -95,6 +97,22 @@ struct Snap {
     marker: String,
     /// The group snapshot it is a member of (deleted only with it).
     group: Option<String>,
+}
+
+impl Snap {
+    /// A snapshot `name` just cut of `v`, as the model holds it: what `v` held, under `v`'s id.
+    fn of(name: &str, v: &Vol, rec: &crate::storage::record::SnapshotRecord) -> Snap {
+        assert_eq!(rec.source_volume_id.to_string(), v.id, "{name} names its source");
+        Snap {
+            id: rec.id.to_string(),
+            source: v.id.clone(),
+            layout: v.layout,
+            home: v.home,
+            bytes: rec.size_bytes.max(v.bytes),
+            marker: v.marker.clone(),
+            group: None,
+        }
+    }
 }
 
 /// A group snapshot: its id, where it lives, and its members' names in `Model::snaps`.
@@ -577,7 +595,7 @@ fn names_where(m: &Model, f: impl Fn(&Vol) -> bool) -> Vec<String> {
 fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mut Vec<String>) {
     let names: Vec<String> = m.vols.keys().cloned().collect();
     let any = |rng: &mut Rng| (!names.is_empty()).then(|| rng.pick(&names).clone());
-    match rng.below(17) {
+    match rng.below(20) {
         0 | 1 if m.vols.len() < MAX_VOLUMES => create(c, m, rng, faulted, log),
         2 if !m.vols.is_empty() => {
             let n = any(rng).expect("a volume");
@@ -616,6 +634,9 @@ fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
         12 => group(c, m, rng, faulted, log),
         15 => race_create(c, m, rng, log),
         16 => race_delete_and_stage(c, m, rng, log),
+        17 => races::race_on_volume(c, m, rng, log),
+        18 => races::race_same_name(c, m, rng, log),
+        19 => races::race_two_stages(c, m, rng, log),
         14 if !m.vols.is_empty() => {
             let n = any(rng).expect("a volume");
             let f = faulted.then(|| Fault::Point("record:write", *rng.pick(&ERRNOS)));
@@ -864,18 +885,20 @@ fn race_create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Vec<Stri
     );
 }
 
-/// A replica deletes a shared volume while a node stages it, at the same moment: one of them must
-/// lose. Never both succeed (the pod would run on data being deleted).
+/// A volume is deleted while a node stages it, at the same moment (a shared one through either
+/// replica, a node's own through that node): one of them must lose. Never both succeed (the pod
+/// would run on data being deleted).
 fn race_delete_and_stage(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Vec<String>) {
-    let free = names_where(m, |v| {
-        v.home == Home::Shared && v.staged.is_none() && v.published.is_none()
-    });
+    let free = names_where(m, |v| v.staged.is_none() && v.published.is_none());
     if free.is_empty() {
         return;
     }
     let name = rng.pick(&free).clone();
     let v = m.vols[&name].clone();
-    let (on, replica) = (rng.below(NODES), NODES + rng.below(REPLICAS));
+    let (on, replica) = match v.home {
+        Home::Node(n) => (n, n),
+        Home::Shared => (rng.below(NODES), NODES + rng.below(REPLICAS)),
+    };
     let staging = c.procs[on].dir.join(format!("kubelet/staging/{name}"));
     std::fs::create_dir_all(&staging).expect("staging dir");
     log.push(format!(
@@ -1080,19 +1103,7 @@ fn snapshot(c: &mut Cluster, m: &mut Model, rng: &mut Rng, vol: &str, fault: Opt
     let rec = c
         .converge(log, m, at, Some(vol), fault, cut(name.clone()), ok)
         .expect("converged");
-    assert_eq!(rec.source_volume_id.to_string(), v.id, "{name} names its source");
-    m.snaps.insert(
-        name,
-        Snap {
-            id: rec.id.to_string(),
-            source: v.id.clone(),
-            layout: v.layout,
-            home: v.home,
-            bytes: rec.size_bytes.max(v.bytes),
-            marker: v.marker.clone(),
-            group: None,
-        },
-    );
+    m.snaps.insert(name.clone(), Snap::of(&name, &v, &rec));
 }
 
 /// Cuts a group snapshot of one to three volumes of one node's pool.
