@@ -101,10 +101,64 @@ mod from_env {
 #[cfg(test)]
 pub mod in_thread {
     use std::cell::RefCell;
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::Duration;
 
     use super::Crashed;
 
+    /// A thread stopped at a crash point until another lets it go: the tester runs a second call
+    /// in the window between two steps of the first.
+    #[derive(Default)]
+    pub struct Pause {
+        /// 0 armed, 1 reached (the thread waits), 2 released.
+        state: Mutex<u8>,
+        turn: Condvar,
+    }
+
+    impl Pause {
+        /// The paused thread's side: unless already released, says it is here and waits (a
+        /// minute at most: a tester that never releases fails on its own, not by hanging).
+        fn stop_here(&self) {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if *state == 0 {
+                *state = 1;
+                self.turn.notify_all();
+                let _ = self
+                    .turn
+                    .wait_timeout_while(state, Duration::from_secs(60), |s| *s < 2)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+        }
+
+        fn wait_for(&self, at_least: u8, timeout: Duration) -> bool {
+            let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let (state, _) = self
+                .turn
+                .wait_timeout_while(state, timeout, |s| *s < at_least)
+                .unwrap_or_else(|p| p.into_inner());
+            *state >= at_least
+        }
+
+        /// Waits until the paused thread stands at its point: false when it has not come there
+        /// within `timeout` (its call took another way, or ended before).
+        pub fn reached(&self, timeout: Duration) -> bool {
+            self.wait_for(1, timeout) && *self.state.lock().unwrap_or_else(|p| p.into_inner()) == 1
+        }
+
+        /// Lets the paused thread go on (or not stop at all, if it has not come yet).
+        pub fn release(&self) {
+            *self.state.lock().unwrap_or_else(|p| p.into_inner()) = 2;
+            self.turn.notify_all();
+        }
+    }
+
+    /// The next time this thread reaches `point`, it stops there until the pause is released.
+    pub fn pause_at(point: Option<(&str, Arc<Pause>)>) {
+        PAUSE_AT.with(|p| *p.borrow_mut() = point.map(|(n, pause)| (n.to_string(), pause)));
+    }
+
     thread_local! {
+        static PAUSE_AT: RefCell<Option<(String, Arc<Pause>)>> = const { RefCell::new(None) };
         static CRASH_AT: RefCell<Option<String>> = const { RefCell::new(None) };
         /// The point, its errno, and whether it fires only once.
         static FAIL_AT: RefCell<Option<(String, i32, bool)>> = const { RefCell::new(None) };
@@ -132,6 +186,16 @@ pub mod in_thread {
     }
 
     pub(super) fn point(name: &str) {
+        let pause = PAUSE_AT.with(|p| {
+            let mut p = p.borrow_mut();
+            match p.as_ref() {
+                Some((n, _)) if n == name => p.take().map(|(_, pause)| pause),
+                _ => None,
+            }
+        });
+        if let Some(pause) = pause {
+            pause.stop_here();
+        }
         let fire = CRASH_AT.with(|c| {
             let mut c = c.borrow_mut();
             if c.as_deref() == Some(name) {

@@ -251,6 +251,22 @@ impl Proc {
         (engine, svc)
     }
 
+    /// A controller replica's engine opened again from disk, as a new start of the process would
+    /// open it (beside the old one, which the caller replaces).
+    fn reopen(&self) -> Arc<LocalEngine> {
+        assert!(!self.node, "a node restarts with its service: restart()");
+        let (engine, _) = Self::open(
+            &self.name,
+            self.node,
+            &self.config,
+            &self.sys,
+            &self.dir,
+            &self.mounter,
+            &self.devices,
+        );
+        engine
+    }
+
     /// What a kill -9 and a new start do: everything in memory goes; the disk and the machine's
     /// mounts and devices (the fakes) stay.
     fn restart(&mut self) {
@@ -595,7 +611,7 @@ fn names_where(m: &Model, f: impl Fn(&Vol) -> bool) -> Vec<String> {
 fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mut Vec<String>) {
     let names: Vec<String> = m.vols.keys().cloned().collect();
     let any = |rng: &mut Rng| (!names.is_empty()).then(|| rng.pick(&names).clone());
-    match rng.below(20) {
+    match rng.below(21) {
         0 | 1 if m.vols.len() < MAX_VOLUMES => create(c, m, rng, faulted, log),
         2 if !m.vols.is_empty() => {
             let n = any(rng).expect("a volume");
@@ -634,7 +650,8 @@ fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
         12 => group(c, m, rng, faulted, log),
         15 => race_create(c, m, rng, log),
         16 => race_delete_and_stage(c, m, rng, log),
-        17 => races::race_on_volume(c, m, rng, log),
+        17 => races::race_on_volume(c, m, rng, log, false),
+        20 => races::race_on_volume(c, m, rng, log, true),
         18 => races::race_same_name(c, m, rng, log),
         19 => races::race_two_stages(c, m, rng, log),
         14 if !m.vols.is_empty() => {
@@ -838,22 +855,62 @@ fn race_create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Vec<Stri
         r.pool = Some(PoolName::parse(SHARE).expect("pool"));
         r
     };
-    let made: Vec<Result<crate::storage::record::VolumeRecord, tonic::Status>> = std::thread::scope(|s| {
+    // Sometimes the first replica dies at a crash point of its create and starts again at once,
+    // while the other's copy may still run: its start must not sweep what the other is building.
+    let mut points = vec!["create-volume:before-record"];
+    points.push(match source {
+        Some(_) => "copy:before-rename",
+        None => "image:before-rename",
+    });
+    let crash = rng.chance(40).then(|| *rng.pick(&points));
+    type Made = (
+        Result<crate::storage::record::VolumeRecord, tonic::Status>,
+        Option<(String, Arc<LocalEngine>)>,
+    );
+    let made: Vec<Made> = std::thread::scope(|s| {
         let calls: Vec<_> = (0..REPLICAS)
             .map(|r| {
                 let p = &c.procs[NODES + r];
                 let req = &req;
+                let crash = crash.filter(|_| r == 0);
                 s.spawn(move || {
-                    retrying(
-                        || p.engine.create_volume(req()).map_err(tonic::Status::from),
+                    let mut engine = p.engine.clone();
+                    let mut restarted = None;
+                    if let Some(point) = crash {
+                        in_thread::crash_at(Some(point));
+                        let first = catch_unwind(AssertUnwindSafe(|| engine.create_volume(req())));
+                        in_thread::crash_at(None);
+                        if let Err(panic) = first {
+                            let at = panic
+                                .downcast::<Crashed>()
+                                .unwrap_or_else(|o| std::panic::resume_unwind(o));
+                            engine = p.reopen();
+                            restarted = Some((at.0, engine.clone()));
+                        }
+                    }
+                    let r = retrying(
+                        || engine.create_volume(req()).map_err(tonic::Status::from),
                         |c| c == Code::Aborted,
-                    )
+                    );
+                    (r, restarted)
                 })
             })
             .collect();
         calls.into_iter().map(|h| h.join().expect("no panic")).collect()
     });
-    let recs: Vec<_> = made
+    let mut answers = Vec::new();
+    for (r, (answer, restarted)) in made.into_iter().enumerate() {
+        if let Some((at, engine)) = restarted {
+            log.push(format!(
+                "    {} crashed at {at} and started again while the other ran",
+                c.procs[NODES + r].label
+            ));
+            c.procs[NODES + r].engine = engine;
+            c.restarts += 1;
+        }
+        answers.push(answer);
+    }
+    let recs: Vec<_> = answers
         .into_iter()
         .map(|r| r.unwrap_or_else(|e| panic!("a racing create of {name} failed: {:?}: {}", e.code(), e.message())))
         .collect();

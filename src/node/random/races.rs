@@ -45,13 +45,31 @@ enum Op {
     Expand(u64),
     Modify(DeletePolicy),
     Delete,
+    /// NodeStageVolume on this node.
+    Stage(usize),
+    /// The controller replica `NODES + r` starts again (its engine opened anew from disk, as a
+    /// restarted process: what its start sweeps must leave the other call's work alone).
+    Restart(usize),
 }
 
-#[derive(Debug)]
 enum Done {
     Snapshot(SnapshotRecord),
     Volume(VolumeRecord),
     Deleted,
+    Staged(usize, PathBuf),
+    Restarted(usize, Arc<LocalEngine>),
+}
+
+impl std::fmt::Debug for Done {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Done::Snapshot(r) => write!(f, "snapshot {}", r.id),
+            Done::Volume(r) => write!(f, "volume {} of {} bytes", r.id, r.capacity_bytes),
+            Done::Deleted => write!(f, "deleted"),
+            Done::Staged(n, _) => write!(f, "staged on n{n}"),
+            Done::Restarted(r, _) => write!(f, "ctl-{r} restarted"),
+        }
+    }
 }
 
 fn shared_pool(r: &mut NewVolume, home: Home) {
@@ -60,42 +78,107 @@ fn shared_pool(r: &mut NewVolume, home: Home) {
     }
 }
 
-fn run(p: &Proc, v: &Vol, op: &Op) -> Result<Done, tonic::Status> {
-    let id = vid(&v.id);
-    let r = match op {
-        Op::Snapshot(name) => p.engine.create_snapshot(name, &id, false).map(Done::Snapshot),
-        Op::Clone(name) => {
-            let mut r = NewVolume::plain(name, Some(v.layout), v.bytes);
-            r.source = Some(Source::Volume(id));
-            shared_pool(&mut r, v.home);
-            p.engine.create_volume(r).map(Done::Volume)
+impl Op {
+    /// The process that takes the call.
+    fn at(&self, c: &Cluster, v: &Vol, rng: &mut Rng) -> usize {
+        match self {
+            Op::Stage(n) => *n,
+            Op::Restart(r) => NODES + r,
+            _ => c.controller(v.home, rng),
         }
-        Op::Expand(to) => p
-            .engine
-            .expand_volume(
-                &id,
-                CapacityRange {
-                    required: *to,
-                    limit: 0,
-                },
-            )
-            .map(|(r, _)| Done::Volume(r)),
-        Op::Modify(policy) => {
-            let change = crate::storage::engine::Mutable {
-                compression: None,
-                delete_policy: Some(*policy),
-            };
-            p.engine.modify_volume(&id, &change).map(Done::Volume)
+    }
+
+    /// What its caller sends again: kubelet a stage until the volume is gone, a sidecar a
+    /// controller call while another call holds the object.
+    fn again(&self, code: Code) -> bool {
+        match self {
+            Op::Stage(_) => code != Code::NotFound,
+            _ => code == Code::Aborted,
         }
-        Op::Delete => p.engine.delete_volume(&id).map(|()| Done::Deleted),
-    };
-    r.map_err(tonic::Status::from)
+    }
+
+    /// The crash points where the call can be stopped while the other runs, by layout.
+    fn pauses(&self, layout: Layout) -> Vec<&'static str> {
+        match (self, layout) {
+            (Op::Delete, _) => vec!["delete:after-trash"],
+            (Op::Snapshot(_), _) => vec!["copy:before-rename", "create-snapshot:before-record"],
+            (Op::Clone(_), _) => vec!["copy:before-rename", "create-volume:before-record"],
+            (Op::Expand(_), _) => vec!["expand:before-record"],
+            (Op::Stage(_), Layout::Image) => vec!["stage:before-mount", "stage:after-attach"],
+            (Op::Stage(_), _) => vec!["stage:before-mount"],
+            _ => Vec::new(),
+        }
+    }
+
+    fn run(&self, p: &Proc, name: &str, v: &Vol) -> Result<Done, tonic::Status> {
+        let id = vid(&v.id);
+        let r = match self {
+            Op::Snapshot(snap) => p.engine.create_snapshot(snap, &id, false).map(Done::Snapshot),
+            Op::Clone(clone) => {
+                let mut r = NewVolume::plain(clone, Some(v.layout), v.bytes);
+                r.source = Some(Source::Volume(id));
+                shared_pool(&mut r, v.home);
+                p.engine.create_volume(r).map(Done::Volume)
+            }
+            Op::Expand(to) => p
+                .engine
+                .expand_volume(
+                    &id,
+                    CapacityRange {
+                        required: *to,
+                        limit: 0,
+                    },
+                )
+                .map(|(r, _)| Done::Volume(r)),
+            Op::Modify(policy) => {
+                let change = crate::storage::engine::Mutable {
+                    compression: None,
+                    delete_policy: Some(*policy),
+                };
+                p.engine.modify_volume(&id, &change).map(Done::Volume)
+            }
+            Op::Delete => p.engine.delete_volume(&id).map(|()| Done::Deleted),
+            Op::Stage(n) => {
+                let staging = p.dir.join(format!("kubelet/staging/{name}"));
+                std::fs::create_dir_all(&staging).expect("staging dir");
+                let r = p.svc().stage(NodeStageVolumeRequest {
+                    volume_id: v.id.clone(),
+                    staging_target_path: staging.display().to_string(),
+                    volume_capability: Some(cap()),
+                    ..Default::default()
+                });
+                return r.map(|_| Done::Staged(*n, staging)).map_err(tonic::Status::from);
+            }
+            Op::Restart(r) => return Ok(Done::Restarted(*r, p.reopen())),
+        };
+        r.map_err(tonic::Status::from)
+    }
+
+    /// The call, sent again as its caller would until it answers something final.
+    fn converge(&self, p: &Proc, name: &str, v: &Vol) -> Result<Done, tonic::Status> {
+        retrying(|| self.run(p, name, v), |code| self.again(code))
+    }
+
+    /// A first answer, then as [`Op::converge`] if its caller would send it again.
+    fn converge_from(
+        &self,
+        first: Result<Done, tonic::Status>,
+        p: &Proc,
+        name: &str,
+        v: &Vol,
+    ) -> Result<Done, tonic::Status> {
+        match first {
+            Err(s) if self.again(s.code()) => self.converge(p, name, v),
+            done => done,
+        }
+    }
 }
 
-/// Two controller calls on one volume at once (a snapshot, a clone, an expand, a modify, a
-/// delete; most often one of them a delete), each through the process that serves it: for a
-/// shared volume either replica, so the two may be different processes.
-pub(super) fn race_on_volume(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Vec<String>) {
+/// Two calls on one volume, most often one of them a delete, each through the process that
+/// serves it (for a shared volume either replica). Either both start together, or (`paused`) the
+/// first is stopped at one of its crash points while the second runs whole, then goes on: the
+/// second then meets the first's half-done work every time, not by the luck of the scheduler.
+pub(super) fn race_on_volume(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Vec<String>, paused: bool) {
     let names: Vec<String> = m.vols.keys().cloned().collect();
     if names.is_empty() {
         return;
@@ -104,54 +187,123 @@ pub(super) fn race_on_volume(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log:
     let v = m.vols[&name].clone();
     let in_use = v.staged.is_some() || v.published.is_some();
     let room = MAX_VOLUMES.saturating_sub(m.vols.len());
-    let pick = |rng: &mut Rng, m: &mut Model| {
+    // A stage on a node that may take the volume: its own node, or either for a shared one
+    // (a shared image is staged on one node at a time; another stage of it is race_two_stages).
+    let node = match v.home {
+        Home::Node(n) => n,
+        Home::Shared => rng.below(NODES),
+    };
+    let pick = |rng: &mut Rng, m: &mut Model, stage: bool| {
         let n = m.next;
         m.next += 1;
-        match rng.below(5) {
+        match rng.below(7) {
             0 => Op::Snapshot(format!("snap-{n}")),
             1 if room >= 2 => Op::Clone(format!("pvc-{n}")),
             2 => Op::Expand(v.bytes + MIB * (1 + rng.below(3) as u64)),
             3 => Op::Modify(*rng.pick(&POLICIES)),
+            4 if stage && v.staged.is_none() => Op::Stage(node),
+            5 if v.home == Home::Shared => Op::Restart(rng.below(REPLICAS)),
             _ => Op::Delete,
         }
     };
-    let first = pick(rng, m);
-    let second = if rng.chance(70) { Op::Delete } else { pick(rng, m) };
+    let mut first = pick(rng, m, true);
+    if paused {
+        while first.pauses(v.layout).is_empty() {
+            first = pick(rng, m, true);
+        }
+    }
+    let stage_taken = matches!(first, Op::Stage(_));
+    let mut second = match rng.chance(60) {
+        true => Op::Delete,
+        false => pick(rng, m, !stage_taken),
+    };
+    let at = [first.at(c, &v, rng), second.at(c, &v, rng)];
+    if let Op::Restart(r) = &mut second {
+        // Another process than the one the first call runs in.
+        if NODES + *r == at[0] {
+            *r = (*r + 1) % REPLICAS;
+        }
+    }
+    let at = [at[0], second.at(c, &v, rng)];
     let ops = [first, second];
-    let at = [c.controller(v.home, rng), c.controller(v.home, rng)];
+    let how = match paused {
+        true => {
+            let points = ops[0].pauses(v.layout);
+            Some(*rng.pick(&points))
+        }
+        false => None,
+    };
     log.push(format!(
-        "race on {name}{}: {:?} through {} and {:?} through {}",
+        "race on {name}{}: {:?} through {}{} and {:?} through {}",
         if in_use { " (in use)" } else { "" },
         ops[0],
         c.procs[at[0]].label,
+        how.map(|p| format!(", stopped at {p},")).unwrap_or_default(),
         ops[1],
         c.procs[at[1]].label
     ));
     let delay = rng.below(600) as u64;
     let answers = {
         let (p0, p1) = (&c.procs[at[0]], &c.procs[at[1]]);
-        let (v, ops) = (&v, &ops);
-        let (a, b) = together(
-            delay,
-            move || sidecar(|| run(p0, v, &ops[0])),
-            move || sidecar(|| run(p1, v, &ops[1])),
-        );
-        [a, b]
+        let (v, ops, name) = (&v, &ops, &name);
+        match how {
+            None => {
+                let (a, b) = together(
+                    delay,
+                    move || ops[0].converge(p0, name, v),
+                    move || ops[1].converge(p1, name, v),
+                );
+                [a, b]
+            }
+            Some(point) => {
+                let pause = Arc::new(in_thread::Pause::default());
+                std::thread::scope(|s| {
+                    let held = pause.clone();
+                    let a = s.spawn(move || {
+                        in_thread::pause_at(Some((point, held.clone())));
+                        let first = ops[0].run(p0, name, v);
+                        in_thread::pause_at(None);
+                        held.release();
+                        first
+                    });
+                    // The second call runs whole while the first stands at its point (if it
+                    // comes there: it may have ended before).
+                    let stopped = pause.reached(std::time::Duration::from_secs(10));
+                    let b_first = ops[1].run(p1, name, v);
+                    pause.release();
+                    let a_first = a.join().expect("no panic");
+                    if stopped {
+                        log.push(format!("    while stopped: {}", brief(&b_first)));
+                    }
+                    // Then each is sent again as its caller would.
+                    let a = ops[0].converge_from(a_first, p0, name, v);
+                    let b = ops[1].converge_from(b_first, p1, name, v);
+                    [a, b]
+                })
+            }
+        }
     };
     log.push(format!("    {} / {}", brief(&answers[0]), brief(&answers[1])));
     let deleted = answers.iter().any(|a| matches!(a, Ok(Done::Deleted)));
+    let staged = answers.iter().any(|a| matches!(a, Ok(Done::Staged(..))));
+    assert!(
+        !(deleted && staged),
+        "{name} was deleted and staged by {ops:?}: a pod would run on deleted data"
+    );
     let grew = ops
         .iter()
         .zip(&answers)
         .any(|(op, a)| matches!(op, Op::Expand(_)) && a.is_ok());
     let mut grown = Vec::new();
     let mut policies = vec![v.policy];
-    for (i, (op, answer)) in ops.iter().zip(&answers).enumerate() {
+    let mut answers = answers;
+    for (i, op) in ops.iter().enumerate() {
         let other = &ops[1 - i];
+        let answer = std::mem::replace(&mut answers[i], Ok(Done::Deleted));
         match (op, answer) {
             (Op::Delete, Ok(_)) => assert!(!in_use, "{name} was deleted while in use (racing {other:?})"),
             (Op::Delete, Err(s)) => assert!(
-                in_use && s.code() == Code::FailedPrecondition,
+                (in_use || staged) && s.code() == Code::FailedPrecondition,
                 "a delete of {name} racing {other:?} answered {:?}: {}",
                 s.code(),
                 s.message()
@@ -161,7 +313,7 @@ pub(super) fn race_on_volume(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log:
             // The other side grew the source first: a clone asking its old size is too small.
             (Op::Clone(_), Err(s)) if grew && s.code() == Code::OutOfRange => {}
             (Op::Snapshot(snap), Ok(Done::Snapshot(rec))) => {
-                m.snaps.insert(snap.clone(), Snap::of(snap, &v, rec));
+                m.snaps.insert(snap.clone(), Snap::of(snap, &v, &rec));
             }
             (Op::Clone(clone), Ok(Done::Volume(rec))) => {
                 assert_eq!(&rec.name, clone);
@@ -198,7 +350,14 @@ pub(super) fn race_on_volume(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log:
                 assert_eq!(rec.delete_policy, Some(*policy));
                 policies.push(*policy);
             }
-            (op, answer) => panic!("{op:?} on {name} racing {other:?} answered {}", brief(answer)),
+            (Op::Stage(_), Ok(Done::Staged(n, staging))) => {
+                m.vols.get_mut(&name).expect("a staged volume").staged = Some((n, staging));
+            }
+            (Op::Restart(_), Ok(Done::Restarted(r, engine))) => {
+                c.procs[NODES + r].engine = engine;
+                c.restarts += 1;
+            }
+            (op, answer) => panic!("{op:?} on {name} racing {other:?} answered {}", brief(&answer)),
         }
     }
     if deleted {
@@ -247,7 +406,7 @@ pub(super) fn race_same_name(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log:
         log.push(format!("snapshot {} and {} as {name} at once", a.id, b.id));
         let vs = [a, b];
         let (pa, pb) = (&c.procs[at[0]], &c.procs[at[1]]);
-        let cut = |p: &Proc, v: &Vol| sidecar(|| run(p, v, &Op::Snapshot(name.clone())));
+        let cut = |p: &Proc, v: &Vol| Op::Snapshot(name.clone()).converge(p, &name, v);
         let (ra, rb) = together(rng.below(300) as u64, || cut(pa, &vs[0]), || cut(pb, &vs[1]));
         let answers = [ra, rb];
         log.push(format!("    {} / {}", brief(&answers[0]), brief(&answers[1])));
