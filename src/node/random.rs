@@ -255,7 +255,11 @@ impl Proc {
     /// open it (beside the old one, which the caller replaces).
     fn reopen(&self) -> Arc<LocalEngine> {
         assert!(!self.node, "a node restarts with its service: restart()");
-        let (engine, _) = Self::open(
+        self.open_again().0
+    }
+
+    fn open_again(&self) -> (Arc<LocalEngine>, Option<NodeService>) {
+        Self::open(
             &self.name,
             self.node,
             &self.config,
@@ -263,22 +267,13 @@ impl Proc {
             &self.dir,
             &self.mounter,
             &self.devices,
-        );
-        engine
+        )
     }
 
     /// What a kill -9 and a new start do: everything in memory goes; the disk and the machine's
     /// mounts and devices (the fakes) stay.
     fn restart(&mut self) {
-        let (engine, svc) = Self::open(
-            &self.name,
-            self.node,
-            &self.config,
-            &self.sys,
-            &self.dir,
-            &self.mounter,
-            &self.devices,
-        );
+        let (engine, svc) = self.open_again();
         // The old service goes first: it holds the old engine.
         self.svc = None;
         self.engine = engine;
