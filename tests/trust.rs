@@ -766,3 +766,66 @@ async fn image_volumes_unstaged_at_once_each_detach_cleanly() {
     }
     assert!(common::fs::loops_under(&fs.mnt).is_empty(), "no loop device left");
 }
+
+/// A static handle is for directories of the user's own on a share: one below what cellar manages
+/// there (another volume's data, a snapshot, the stage marks and leases that guard deletes) would
+/// let a pod use a volume that a DeleteVolume then removes under it, or switch that guard off.
+#[tokio::test]
+async fn a_static_handle_cannot_name_what_cellar_manages_on_the_share() {
+    let share = tempfile::Builder::new()
+        .prefix("cellar-test-")
+        .tempdir()
+        .expect("share");
+    let (mut d, _cfg) = driver_with(&shared_pool(share.path(), ""), None).await;
+    let v = create(&mut d, in_pool("pvc-managed", 8 * MIB, "share")).await;
+    let key = v.volume_id.rsplit(':').next().expect("key").to_string();
+    std::fs::create_dir_all(share.path().join("datasets/train")).expect("own dir");
+    let staging = d.path("static-managed");
+    for (handle, subdir) in [
+        (format!("static:share:volumes/{key}"), ""),
+        ("static:share:volumes".to_string(), key.as_str()),
+        ("static:share:snapshots".to_string(), ""),
+        ("static:share:groups".to_string(), ""),
+        ("static:share:.staged".to_string(), ""),
+        ("static:share:.leases".to_string(), ""),
+        ("static:share:.trash".to_string(), ""),
+    ] {
+        std::fs::create_dir_all(&staging).expect("staging");
+        let mut ctx = std::collections::HashMap::new();
+        if !subdir.is_empty() {
+            ctx.insert("subdir".to_string(), subdir.to_string());
+        }
+        let err = d
+            .node
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_id: handle.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(rwo()),
+                volume_context: ctx,
+                ..Default::default()
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{handle} (subdir {subdir:?}): {err:?}"
+        );
+        assert!(err.message().contains("manages"), "{}", err.message());
+        assert!(mounts_under(d.dir.path()).is_empty(), "nothing mounted for {handle}");
+    }
+    // A directory of the user's own still stages, and the volume's delete finds nothing in use.
+    stage_rwo(&mut d.node, "static:share:datasets", &staging)
+        .await
+        .expect("a static handle of the user's own");
+    unstage_from(&mut d.node, "static:share:datasets", &staging)
+        .await
+        .expect("unstage");
+    d.ctl
+        .delete_volume(DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("delete");
+}

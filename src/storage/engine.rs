@@ -613,8 +613,17 @@ impl LocalEngine {
                 pool.as_str()
             )));
         }
-        let root = p.root().to_path_buf();
         let shown = rel.display().to_string();
+        if super::pool::is_managed(rel) {
+            return Err(StorageError::Unsupported(format!(
+                "static volume path '{}' in pool '{}' is inside what cellar manages there (volumes/, \
+                 snapshots/, groups/ or a directory starting with '.'): name a directory of your own \
+                 (retained/ and archive/ hold deleted volumes' data and may be named)",
+                crate::csi::status::bounded(&shown),
+                pool.as_str()
+            )));
+        }
+        let root = p.root().to_path_buf();
         let rel = rel.to_path_buf();
         crate::sys::share::within(
             crate::sys::share::SHARE_TIMEOUT,

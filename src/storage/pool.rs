@@ -23,6 +23,33 @@ use crate::sys::{files, StorageSys};
 
 use super::config::PoolConfig;
 
+/// The directories of a pool that cellar manages (its volumes' data and records, and the files
+/// that guard them). Nothing else may name them: a static volume handle below one of them would
+/// hand a pod another volume's data, a snapshot, or the stage marks and leases that keep a
+/// mounted volume from being deleted.
+const MANAGED: [&str; 8] = [
+    "volumes",
+    "snapshots",
+    "groups",
+    ".work",
+    ".trash",
+    ".staged",
+    ".leases",
+    ".locks",
+];
+
+/// Whether a path relative to a pool's root reaches into what cellar manages there: one of
+/// [`MANAGED`], or any name starting with `.` (room for what later versions add).
+pub fn is_managed(rel: &Path) -> bool {
+    match rel.components().next() {
+        Some(std::path::Component::Normal(first)) => {
+            let first = first.to_string_lossy();
+            first.starts_with('.') || MANAGED.contains(&first.as_ref())
+        }
+        _ => true,
+    }
+}
+
 /// How long opening a shared pool (mounting it included) may take before it counts as unreachable.
 const SHARE_OPEN: std::time::Duration = std::time::Duration::from_secs(60);
 use super::id::Key;
@@ -99,16 +126,7 @@ impl Pool {
             owner,
             sys,
         };
-        for d in [
-            "volumes",
-            "snapshots",
-            "groups",
-            ".work",
-            ".trash",
-            ".staged",
-            ".leases",
-            ".locks",
-        ] {
+        for d in MANAGED {
             files::ensure_dir(&pool.config.path.join(d), 0o700)?;
         }
         if owner {
