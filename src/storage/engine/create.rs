@@ -414,6 +414,15 @@ pub(super) fn same_volume(
             req.name
         )))
     };
+    if existing.name != req.name {
+        // Another name whose key came out the same (a shared pool's name template), taken by a
+        // call that ran first: never answer one name with another's data. A retry picks a key
+        // of its own, now that this one is seen taken.
+        return Err(StorageError::Aborted(format!(
+            "volume '{}' was to be stored where volume '{}' was just made; retry",
+            req.name, existing.name
+        )));
+    }
     if !req.capacity.admits(existing.capacity_bytes) {
         return Err(StorageError::Conflict(format!(
             "volume '{}' already exists with {} bytes, outside the requested range",

@@ -30,6 +30,14 @@ impl LocalEngine {
         });
         let _held = self.take(Kind::Snapshot, &source.0.pool, &key, &id.to_string())?;
         if let Some(existing) = self.snapshot(&id) {
+            if let Some(group) = &existing.group {
+                // A member of a group snapshot lives and dies with its group: answered as a
+                // snapshot of its own, its DeleteSnapshot would fail, and the group's delete
+                // would take its data from under the VolumeSnapshot.
+                return Err(StorageError::Conflict(format!(
+                    "snapshot '{name}' is a member of group snapshot {group}; choose another name"
+                )));
+            }
             if existing.source_volume_id == *source {
                 return Ok(existing);
             }

@@ -706,3 +706,56 @@ fn a_consistent_snapshot_that_fails_mid_copy_leaves_a_mark_the_next_start_thaws(
         f.filesystems.calls()
     );
 }
+
+#[test]
+fn a_record_found_under_a_key_is_never_answered_for_another_name() {
+    // Two names whose key came out the same (a shared pool's name template): the second create,
+    // which computed its key before the first made its record, finds that record when it gets the
+    // key's lock. The same parameters must not make it answer with the first volume.
+    let f = engine(FsType::Ext4);
+    let a = f
+        .engine
+        .create_volume(NewVolume::plain("pvc-a", None, MIB))
+        .expect("create");
+    let b = NewVolume::plain("pvc-b", Some(a.layout), a.capacity_bytes);
+    match create::same_volume(&a, &b, a.layout, &a.fs_type, &None) {
+        Err(StorageError::Aborted(m)) => assert!(m.contains("pvc-a") && m.contains("pvc-b"), "{m}"),
+        r => panic!("pvc-b answered with pvc-a's record: {r:?}"),
+    }
+    create::same_volume(
+        &a,
+        &NewVolume::plain("pvc-a", Some(a.layout), a.capacity_bytes),
+        a.layout,
+        &a.fs_type,
+        &None,
+    )
+    .expect("the same name and request is the volume made");
+}
+
+#[test]
+fn a_snapshot_named_as_a_group_member_is_refused_not_adopted() {
+    let f = engine(FsType::Ext4);
+    let vol = f
+        .engine
+        .create_volume(NewVolume::plain("pvc-m", None, MIB))
+        .expect("create")
+        .id;
+    let req = NewGroup {
+        name: "group-m".into(),
+        members: vec![vol.clone()],
+        parameters: BTreeMap::new(),
+        per_volume: true,
+        freeze_timeout: std::time::Duration::from_secs(5),
+    };
+    let group = f.engine.create_group(&req).expect("group");
+    let member = f
+        .engine
+        .snapshot(&group.members[0].snapshot_id)
+        .expect("the member's record");
+    // CreateSnapshot under the member's own CSI name, of the member's own source.
+    match f.engine.create_snapshot(&member.name, &vol, false) {
+        Err(StorageError::Conflict(m)) => assert!(m.contains("member of group snapshot"), "{m}"),
+        r => panic!("a group member was answered as a snapshot of its own: {r:?}"),
+    }
+    assert_eq!(f.engine.snapshots().len(), 1, "nothing made");
+}
