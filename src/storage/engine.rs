@@ -458,6 +458,7 @@ impl LocalEngine {
         r: Result<T, StorageError>,
     ) -> Result<T, StorageError> {
         if r.is_err() && files::entry(&pool.record_path(kind, key)).ok() == Some(files::Entry::Missing) {
+            crash::point("undo:before-clear");
             if let Err(e) = layout::clear_leftover(pool, kind, key) {
                 tracing::warn!(key = key.as_str(), error = %e, "could not remove what a failed call made; the next call of that name removes it");
             }

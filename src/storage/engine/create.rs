@@ -10,7 +10,7 @@ impl LocalEngine {
             Plan::Exists(rec) => return Ok(rec),
             Plan::New(p) => p,
         };
-        let (pool, key) = (p.pool, p.key.clone());
+        let (pool, key, _held) = (p.pool, p.key.clone(), p.hold());
         let made = match req.source.as_ref().and_then(Source::backup) {
             Some(b) => self.restore_planned(p, &req, b),
             None => self.make_volume(p, &req),
@@ -177,7 +177,7 @@ impl LocalEngine {
             capacity,
             fs_type,
             source,
-            _held: held,
+            held: std::sync::Arc::new(held),
         }))
     }
 
@@ -230,7 +230,7 @@ impl LocalEngine {
             Plan::Exists(rec) => return Ok(rec),
             Plan::New(p) => p,
         };
-        let (pool, key) = (p.pool, p.key.clone());
+        let (pool, key, _held) = (p.pool, p.key.clone(), p.hold());
         let made = self.import_planned(p, &req, frames);
         self.undo_unrecorded(pool, Kind::Volume, &key, made)
     }
@@ -367,7 +367,16 @@ pub(super) struct Planned<'a> {
     capacity: u64,
     fs_type: String,
     source: Option<ContentSource>,
-    _held: Held,
+    /// The volume's lock: shared with the caller, which keeps it until a failed attempt's undo is
+    /// done (else another call could take the name and make its data, which the undo would remove).
+    held: std::sync::Arc<Held>,
+}
+
+impl Planned<'_> {
+    /// The lock, kept by the caller past the making (see the field).
+    fn hold(&self) -> std::sync::Arc<Held> {
+        self.held.clone()
+    }
 }
 
 pub(super) enum Plan<'a> {

@@ -759,3 +759,41 @@ fn a_snapshot_named_as_a_group_member_is_refused_not_adopted() {
     }
     assert_eq!(f.engine.snapshots().len(), 1, "nothing made");
 }
+
+#[test]
+fn a_failed_create_removes_what_it_made_while_it_still_holds_the_name() {
+    // Else a second call of the name (a retry, another replica) could take the lock and make its
+    // data between the failure and the undo, which would then remove that data.
+    use crate::crash::in_thread;
+    let f = engine(FsType::Ext4);
+    let pause = Arc::new(in_thread::Pause::default());
+    std::thread::scope(|s| {
+        let (held, engine) = (pause.clone(), &f.engine);
+        let first = s.spawn(move || {
+            in_thread::fail_at(Some(("record:write", libc::ENOSPC)));
+            in_thread::pause_at(Some(("undo:before-clear", held.clone())));
+            let r = engine.create_volume(NewVolume::plain("pvc-u", None, MIB));
+            in_thread::fail_at(None);
+            in_thread::pause_at(None);
+            held.release();
+            r
+        });
+        assert!(
+            pause.reached(std::time::Duration::from_secs(30)),
+            "the failed create comes to its undo"
+        );
+        let second = f.engine.create_volume(NewVolume::plain("pvc-u", None, MIB));
+        pause.release();
+        assert!(
+            matches!(second, Err(StorageError::Busy(_))),
+            "the name is still held while the failed create undoes: {second:?}"
+        );
+        assert!(first.join().expect("no panic").is_err());
+    });
+    let rec = f
+        .engine
+        .create_volume(NewVolume::plain("pvc-u", None, MIB))
+        .expect("the retry");
+    let (_, data) = f.engine.volume_data(&rec.id).expect("data");
+    assert!(data.is_dir(), "its data is in place");
+}
