@@ -268,6 +268,9 @@ pub struct LocalEngine {
     me: std::sync::OnceLock<std::sync::Weak<LocalEngine>>,
     /// Snapshots whose upload runs now (their ids).
     uploading: Mutex<std::collections::HashSet<String>>,
+    /// Room promised to creates and expands of this process that passed their room check and
+    /// have not recorded their new size yet, by pool: taken from the room every later check sees.
+    promised: Mutex<BTreeMap<PoolName, u64>>,
 }
 
 /// How long a dir volume's counted size is reused before its tree is walked again.
@@ -326,6 +329,7 @@ impl LocalEngine {
             store: PoolStore::default(),
             in_flight: InFlight::default(),
             purge_wake: Mutex::new(None),
+            promised: Mutex::new(BTreeMap::new()),
             leases: super::lease::Leases::new(node.as_str()),
             dir_usage: Mutex::new(std::collections::HashMap::new()),
             mounted_here: std::sync::OnceLock::new(),

@@ -16,6 +16,41 @@ impl LocalEngine {
         Ok(avail.saturating_sub(self.held_back(pool)))
     }
 
+    /// Checks that `bytes` fit in the room a `layout` volume can still take in `pool` (plus
+    /// `own`: what this very volume already holds there), and promises them until the returned
+    /// guard drops, once the call has recorded its size (or failed). Two creates or expands that
+    /// run at once then never both take the same free space. `refuse` words the answer when they
+    /// do not fit, given the room.
+    pub(super) fn promise<'a>(
+        &'a self,
+        pool: &Pool,
+        layout: Layout,
+        bytes: u64,
+        own: u64,
+        refuse: impl FnOnce(u64) -> StorageError,
+    ) -> Result<Promise<'a>, StorageError> {
+        let mut promised = lock(&self.promised);
+        let name = &pool.config.name;
+        let before = promised.get(name).copied().unwrap_or(0);
+        let room = self.room(pool, layout)?.saturating_sub(before).saturating_add(own);
+        if bytes > room {
+            return Err(refuse(room));
+        }
+        // Only layouts whose volumes hold their capacity back take from the room (a `dir`
+        // volume's capacity is not enforced, a btrfs one's is a qgroup limit on shared space).
+        let bytes = if layout::of(layout).reserves_capacity() {
+            bytes
+        } else {
+            0
+        };
+        *promised.entry(name.clone()).or_insert(0) += bytes;
+        Ok(Promise {
+            promised: &self.promised,
+            pool: name.clone(),
+            bytes,
+        })
+    }
+
     /// What existing volumes of a pool may still grow into, held back from new ones.
     pub(super) fn held_back(&self, pool: &Pool) -> u64 {
         self.store.fold_prefix(&self.id_prefix(pool), 0u64, |sum, id, r| {
@@ -81,16 +116,15 @@ impl LocalEngine {
                 u.total_bytes
             )));
         }
-        let room = self.room(pool, rec.layout)?;
         let more = wanted - rec.capacity_bytes;
-        if more > room {
-            return Err(StorageError::Exhausted(format!(
+        let _promised = self.promise(pool, rec.layout, more, 0, |room| {
+            StorageError::Exhausted(format!(
                 "pool '{}' can give {room} more bytes to {} volumes; growing {shown} to {wanted} needs {more}{}",
                 id.0.pool.as_str(),
                 rec.layout.as_str(),
                 room_hint(rec.layout)
-            )));
-        }
+            ))
+        })?;
         layout::of(rec.layout).set_capacity(pool, &pool.data_path(Kind::Volume, &id.0.key), wanted)?;
         crash::point("expand:before-record");
         rec.capacity_bytes = wanted;
@@ -238,4 +272,20 @@ pub(super) fn usage(pool: &Pool) -> Result<statfs::FsUsage, StorageError> {
     } else {
         statfs::usage(pool.root())?
     })
+}
+
+/// Room promised to one create or expand until it has recorded its size ([`LocalEngine::promise`]).
+pub(super) struct Promise<'a> {
+    promised: &'a Mutex<BTreeMap<PoolName, u64>>,
+    pool: PoolName,
+    bytes: u64,
+}
+
+impl Drop for Promise<'_> {
+    fn drop(&mut self) {
+        let mut promised = lock(self.promised);
+        if let Some(n) = promised.get_mut(&self.pool) {
+            *n = n.saturating_sub(self.bytes);
+        }
+    }
 }

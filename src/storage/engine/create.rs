@@ -154,20 +154,19 @@ impl LocalEngine {
         // or half-made in `.work`) is reused or replaced by this one: it does not take room from it.
         let leftover = files::allocated_upto(&pool.data_path(Kind::Volume, &key), u64::MAX)
             + files::allocated_upto(&pool.work_path(Kind::Volume, &key), u64::MAX);
-        let room = self.room(pool, layout)?.saturating_add(leftover);
-        if capacity > room {
-            // Named with its node: in split mode this answer reaches the scheduler through the
-            // controller, and says which node is full.
-            let place = match self.location_of(&pool_name) {
-                Location::Local(n) => format!("pool '{}' on node {}", pool_name.as_str(), n.as_str()),
-                Location::Shared => format!("shared pool '{}'", pool_name.as_str()),
-            };
-            return Err(StorageError::Exhausted(format!(
+        // Named with its node: in split mode this answer reaches the scheduler through the
+        // controller, and says which node is full.
+        let place = match self.location_of(&pool_name) {
+            Location::Local(n) => format!("pool '{}' on node {}", pool_name.as_str(), n.as_str()),
+            Location::Shared => format!("shared pool '{}'", pool_name.as_str()),
+        };
+        let promised = self.promise(pool, layout, capacity, leftover, |room| {
+            StorageError::Exhausted(format!(
                 "{place} can give {room} more bytes to {} volumes, the volume needs {capacity}{}",
                 layout.as_str(),
                 room_hint(layout)
-            )));
-        }
+            ))
+        })?;
 
         Ok(Plan::New(Planned {
             pool,
@@ -178,6 +177,7 @@ impl LocalEngine {
             fs_type,
             source,
             held: std::sync::Arc::new(held),
+            _promised: promised,
         }))
     }
 
@@ -370,6 +370,8 @@ pub(super) struct Planned<'a> {
     /// The volume's lock: shared with the caller, which keeps it until a failed attempt's undo is
     /// done (else another call could take the name and make its data, which the undo would remove).
     held: std::sync::Arc<Held>,
+    /// The room its capacity takes, promised until it is recorded.
+    _promised: super::capacity::Promise<'a>,
 }
 
 impl Planned<'_> {

@@ -797,3 +797,61 @@ fn a_failed_create_removes_what_it_made_while_it_still_holds_the_name() {
     let (_, data) = f.engine.volume_data(&rec.id).expect("data");
     assert!(data.is_dir(), "its data is in place");
 }
+
+#[test]
+fn two_creates_at_once_never_both_take_the_same_free_space() {
+    // The first create has passed its room check and made its image, not its record yet (stopped
+    // there): the room it was promised is not the second's to take, nor an expand's.
+    use crate::crash::in_thread;
+    let f = faked(FsType::Ext4);
+    let room = f.engine.room(f.pool(), Layout::Image).expect("room");
+    let small = f
+        .engine
+        .create_volume(NewVolume::plain("pvc-small", Some(Layout::Image), 32 * MIB))
+        .expect("a small volume");
+    let room = room - 32 * MIB;
+    let most = (room / 3 * 2) & !(MIB - 1);
+    let pause = Arc::new(in_thread::Pause::default());
+    std::thread::scope(|s| {
+        let (held, engine) = (pause.clone(), &f.engine);
+        let first = s.spawn(move || {
+            in_thread::pause_at(Some(("image:before-rename", held.clone())));
+            let r = engine.create_volume(NewVolume::plain("pvc-one", Some(Layout::Image), most));
+            in_thread::pause_at(None);
+            held.release();
+            r
+        });
+        assert!(
+            pause.reached(std::time::Duration::from_secs(30)),
+            "the first create stops"
+        );
+        let second = f
+            .engine
+            .create_volume(NewVolume::plain("pvc-two", Some(Layout::Image), most));
+        let grow = f.engine.expand_volume(
+            &small.id,
+            CapacityRange {
+                required: most,
+                limit: 0,
+            },
+        );
+        pause.release();
+        assert!(
+            matches!(second, Err(StorageError::Exhausted(_))),
+            "two thirds of the room twice: {second:?}"
+        );
+        assert!(
+            matches!(grow, Err(StorageError::Exhausted(_))),
+            "an expand into the promised room: {grow:?}"
+        );
+        first.join().expect("no panic").expect("the first create");
+    });
+    // Once recorded, the first volume holds its room back as every image does; the promise is gone.
+    let after = f.engine.room(f.pool(), Layout::Image).expect("room");
+    assert!(
+        after + MIB >= room - most && after <= room - most + MIB,
+        "{after} vs {}",
+        room - most
+    );
+    assert!(lock(&f.engine.promised).values().all(|b| *b == 0));
+}
