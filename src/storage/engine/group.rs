@@ -294,7 +294,12 @@ impl LocalEngine {
             )));
         }
         if together {
-            self.refuse_held_elsewhere(pool, v)?;
+            self.refuse_held_elsewhere(
+                pool,
+                v,
+                "a group snapshot",
+                "hold this volume at one point in time with the others",
+            )?;
         }
         Ok(Member {
             volume: v,
@@ -413,8 +418,15 @@ impl LocalEngine {
     }
 
     /// A volume of a shared pool is frozen only where it is mounted: one staged on another node
-    /// (which holds its lease) cannot be cut together from here.
-    fn refuse_held_elsewhere(&self, pool: &Pool, v: &VolumeId) -> Result<(), StorageError> {
+    /// (which holds its lease) cannot be frozen from here, for `what` (a group snapshot, a
+    /// consistent snapshot), which then could not `achieve`.
+    pub(super) fn refuse_held_elsewhere(
+        &self,
+        pool: &Pool,
+        v: &VolumeId,
+        what: &str,
+        achieve: &str,
+    ) -> Result<(), StorageError> {
         if !pool.shared() {
             return Ok(());
         }
@@ -428,8 +440,8 @@ impl LocalEngine {
             return Ok(());
         }
         Err(StorageError::NotTogether(format!(
-            "volume {v} is staged on node {holder}; a group snapshot freezes filesystems on the node that \
-             cuts it ({}), so it cannot hold this volume at one point in time with the others",
+            "volume {v} is staged on node {holder}; {what} freezes filesystems on the node that cuts it \
+             ({}), so it cannot {achieve}",
             self.node.as_str()
         )))
     }

@@ -47,6 +47,16 @@ impl LocalEngine {
             )));
         }
         let from = self.source_data(&Source::Volume(source.clone()))?;
+        if freeze && layout::of(from.layout).has_filesystem() {
+            // Frozen only where it is mounted: from here a shared image staged on a node would be
+            // cut unfrozen while the request asked for a consistent snapshot.
+            self.refuse_held_elsewhere(
+                pool,
+                source,
+                "a consistent snapshot (freeze)",
+                "be consistent; without freeze it is crash-consistent",
+            )?;
+        }
         // What a consistent snapshot freezes is marked first, as a group's cut is: a process
         // killed mid-copy leaves the mark, and its next start thaws what it names. A copy that
         // failed keeps its mark too, since its thaw may be what failed (thawing a filesystem that

@@ -855,3 +855,36 @@ fn two_creates_at_once_never_both_take_the_same_free_space() {
     );
     assert!(lock(&f.engine.promised).values().all(|b| *b == 0));
 }
+
+#[test]
+fn a_consistent_snapshot_of_a_shared_image_staged_on_another_node_is_refused() {
+    // The replica that cuts it has no mount of it to freeze: cut "consistent" it would not be.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::default_for(dir.path());
+    config.pools[0].backend = crate::storage::config::Backend::Shared;
+    config.pools[0].layouts.push(Layout::Image);
+    let sys = faked(FsType::Ext4).sys;
+    let e =
+        LocalEngine::open_with(sys, NodeId::parse("ctl-0").expect("node"), &config, |_| Some(true)).expect("engine");
+    let vol = e
+        .create_volume(NewVolume::plain("pvc-held", Some(Layout::Image), 32 * MIB))
+        .expect("create");
+    let lease = crate::storage::lease::LeaseFile {
+        node: "node-2".into(),
+        volume: vol.id.to_string(),
+        renewals: 1,
+    };
+    let pool = default_pool(&e);
+    std::fs::write(
+        pool.lease_path(&vol.id.0.key),
+        serde_json::to_vec(&lease).expect("json"),
+    )
+    .expect("lease");
+    match e.create_snapshot("snap-held", &vol.id, true) {
+        Err(StorageError::NotTogether(m)) => assert!(m.contains("node-2") && m.contains("freeze"), "{m}"),
+        r => panic!("a consistent snapshot that froze nothing: {r:?}"),
+    }
+    assert!(e.snapshots().is_empty(), "nothing made");
+    e.create_snapshot("snap-held", &vol.id, false)
+        .expect("a crash-consistent one is cut");
+}
