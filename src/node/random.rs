@@ -1151,6 +1151,26 @@ fn snapshot(c: &mut Cluster, m: &mut Model, rng: &mut Rng, vol: &str, fault: Opt
     }
     let name = format!("snap-{}", m.next);
     m.next += 1;
+    if freeze && v.home == Home::Shared && v.layout == Layout::Image && v.staged.is_some() {
+        // Mounted on a node, where a replica cannot freeze it: refused, never cut unfrozen.
+        let (on, _) = v.staged.clone().expect("staged");
+        log.push(format!(
+            "snapshot {vol} as {name} with freeze through {}, staged on n{on}",
+            c.procs[at].label
+        ));
+        let r = c.converge(
+            log,
+            m,
+            at,
+            Some(vol),
+            fault,
+            cut(name),
+            |r| matches!(r, Err(s) if s.code() == Code::FailedPrecondition),
+        );
+        let msg = r.expect_err("refused").message().to_string();
+        assert!(msg.contains(&format!("n{on}")), "the refusal names the node: {msg}");
+        return;
+    }
     log.push(format!("snapshot {vol} as {name} through {}", c.procs[at].label));
     let rec = c
         .converge(log, m, at, Some(vol), fault, cut(name.clone()), ok)
