@@ -895,6 +895,63 @@ mod split {
         assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
     }
 
+    /// The same CreateVolumeGroupSnapshot sent twice at once (the snapshotter retrying a slow
+    /// call): one attempt must never remove the members the other's group record names.
+    #[tokio::test]
+    async fn the_same_group_asked_twice_at_once_keeps_every_member_its_record_names() {
+        let n = nodes(&["node-1", "node-2"]).await;
+        let engines = n.engines.clone();
+        let ctl = ControllerService::new(Arc::new(n));
+        let a = volume(&ctl, "pvc-twice-a", "node-1").await;
+        let b = volume(&ctl, "pvc-twice-b", "node-2").await;
+        // node-2's member takes a while to copy, node-1's none: the second attempt, sent a little
+        // later, finds node-1's part of the first done and node-2's still being cut.
+        let id = cellar::storage::id::VolumeId::parse(&b).expect("id");
+        let (_, data) = engines[1].volume_data(&id).expect("data");
+        for i in 0..3000 {
+            std::fs::write(data.join(format!("f{i}")), [7u8; 512]).expect("fill");
+        }
+        for round in 0..8u64 {
+            let name = format!("group-twice-{round}");
+            let (x, y) = tokio::join!(
+                ctl.create_volume_group_snapshot(group_req(&name, &[&a, &b], true)),
+                async {
+                    tokio::time::sleep(Duration::from_millis(round * 3)).await;
+                    ctl.create_volume_group_snapshot(group_req(&name, &[&a, &b], true))
+                        .await
+                },
+            );
+            let made: Vec<VolumeGroupSnapshot> = [x, y]
+                .into_iter()
+                .filter_map(|r| match r {
+                    Ok(g) => g.into_inner().group_snapshot,
+                    Err(e) => {
+                        // The one that waits for the other is told to retry.
+                        assert_eq!(e.code(), Code::Aborted, "{name}: {}", e.message());
+                        None
+                    }
+                })
+                .collect();
+            let g = match made.first() {
+                Some(g) => g.clone(),
+                None => cut(&ctl, group_req(&name, &[&a, &b], true)).await,
+            };
+            assert!(made.iter().all(|m| *m == g), "{name}: both answers are the one group");
+            let got = got(&ctl, &g.group_snapshot_id).await;
+            for s in &got.snapshots {
+                let present = engines
+                    .iter()
+                    .any(|e| e.snapshots().iter().any(|x| x.id.to_string() == s.snapshot_id));
+                assert!(
+                    present,
+                    "{name}: member {} of the recorded group is gone",
+                    s.snapshot_id
+                );
+            }
+            assert_eq!(got.snapshots.len(), 2, "{name}");
+        }
+    }
+
     #[tokio::test]
     async fn a_group_on_one_node_is_cut_got_and_deleted_through_its_agent() {
         let n = nodes(&["node-1", "node-2"]).await;

@@ -128,6 +128,34 @@ fn check_members(g: &GroupRecord, asked: &[String]) -> Result<(), ControllerErro
     Ok(())
 }
 
+/// The names of the group snapshots being cut through this controller. One name is cut by one
+/// call at a time: a second call (the snapshotter retrying a slow one) would find the first's
+/// members on one node, take them for a failed attempt's and cut them again, and the first's
+/// record would then name members the second removed when its own part on another node failed.
+#[derive(Default)]
+pub(super) struct Cutting(std::sync::Mutex<BTreeSet<String>>);
+
+/// A name claimed in [`Cutting`], given back on drop.
+pub(super) struct CuttingName<'a>(&'a Cutting, String);
+
+impl Cutting {
+    fn claim(&self, name: &str) -> Result<CuttingName<'_>, ControllerError> {
+        let mut names = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !names.insert(name.to_string()) {
+            return Err(ControllerError::Storage(StorageError::Aborted(format!(
+                "group snapshot '{name}' is being cut by another call now; retry"
+            ))));
+        }
+        Ok(CuttingName(self, name.to_string()))
+    }
+}
+
+impl Drop for CuttingName<'_> {
+    fn drop(&mut self) {
+        self.0 .0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
+    }
+}
+
 impl ControllerService {
     /// The agent that holds a group snapshot, if the id is cellar's and its node is known.
     fn group_owner(&self, raw: &str) -> Option<(GroupId, Arc<dyn Agent>)> {
@@ -144,6 +172,7 @@ impl ControllerService {
             return Err(ControllerError::missing("source_volume_ids"));
         }
         let params = group_params(&r.parameters)?;
+        let _cutting = self.cutting.claim(&r.name)?;
         let mut members = BTreeSet::new();
         for raw in &r.source_volume_ids {
             if raw.is_empty() {

@@ -43,6 +43,8 @@ pub struct ControllerService {
     advertise_health: bool,
     /// The backup repositories (backup.rs): their snapshot lists, never their data.
     backups: Arc<crate::backup::Backups>,
+    /// Names of group snapshots being cut through this controller now (group.rs).
+    cutting: group::Cutting,
 }
 
 struct PagedListing {
@@ -66,6 +68,7 @@ impl ControllerService {
                 Vec::new(),
                 crate::backup::Throttle::unlimited(),
             )),
+            cutting: Default::default(),
         }
     }
 
