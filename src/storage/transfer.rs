@@ -385,9 +385,21 @@ pub struct Verifier {
     next: u64,
     limit: Option<u64>,
     ended: bool,
+    /// Bytes of file data a tree stream may bring in all (the new volume's capacity), and what it
+    /// brought so far: a source that sends more is refused before it fills the target's pool.
+    budget: Option<u64>,
+    sent: u64,
 }
 
 impl Verifier {
+    /// A verifier for a stream that builds a volume of `capacity` bytes.
+    pub fn within(capacity: u64) -> Verifier {
+        Verifier {
+            budget: Some(capacity),
+            ..Verifier::default()
+        }
+    }
+
     /// Checks one frame before it is used.
     pub fn check(&mut self, f: &Frame) -> Result<(), StorageError> {
         if self.ended {
@@ -432,6 +444,17 @@ impl Verifier {
                     )));
                 }
                 self.next = end.unwrap_or(limit);
+                if let (Some(budget), Some(h)) = (self.budget, &self.header) {
+                    // An image is bounded by its length, checked against the capacity by the caller.
+                    if h.layout != Layout::Image {
+                        self.sent = self.sent.saturating_add(data.len() as u64);
+                        if self.sent > budget {
+                            return Err(broken(format!(
+                                "the source sent more file data than the new volume's capacity ({budget} bytes)"
+                            )));
+                        }
+                    }
+                }
             }
             (Frame::File { size, .. }, Some(h)) if h.layout != Layout::Image => {
                 self.limit = Some(*size);
@@ -471,8 +494,13 @@ enum Target {
 }
 
 impl Import {
-    /// Starts a volume of `header`'s layout at `work` (which must not exist).
-    pub fn start(header: &Header, work: &Path, sys: &crate::sys::StorageSys) -> Result<Import, StorageError> {
+    /// Starts a volume of `header`'s layout and `capacity` bytes at `work` (which must not exist).
+    pub fn start(
+        header: &Header,
+        capacity: u64,
+        work: &Path,
+        sys: &crate::sys::StorageSys,
+    ) -> Result<Import, StorageError> {
         let target = match header.layout {
             Layout::Image => Target::Image(copy::create_image(work)?),
             Layout::Dir => Target::Tree {
@@ -496,7 +524,7 @@ impl Import {
         let mut import = Import {
             work: work.to_path_buf(),
             target,
-            verifier: Verifier::default(),
+            verifier: Verifier::within(capacity),
             chunks: 0,
             done: false,
             sys: sys.clone(),
@@ -642,6 +670,38 @@ mod tests {
             Ok(())
         } else {
             Err(broken("incomplete"))
+        }
+    }
+
+    #[test]
+    fn a_tree_stream_may_not_bring_more_file_data_than_the_new_volumes_capacity() {
+        // A source (another node) that lies about nothing but sends files past the capacity of
+        // the volume being built: refused as it crosses it, before it fills the target's pool.
+        let tree = Header {
+            layout: Layout::Dir,
+            mode: VolumeMode::Filesystem,
+            capacity_bytes: 4096,
+            fs_bytes: 0,
+            length: 0,
+        };
+        let file = |name: &str| Frame::File {
+            name: name.as_bytes().to_vec(),
+            meta: crate::sys::tree::Meta::default(),
+            size: 4096,
+            link: None,
+        };
+        let data = vec![7u8; 4096];
+        let mut v = Verifier::within(6000);
+        v.check(&Frame::Header(tree.clone())).unwrap();
+        v.check(&file("a")).unwrap();
+        v.check(&chunk(0, &data)).unwrap();
+        v.check(&file("b")).unwrap();
+        let e = v.check(&chunk(0, &data)).unwrap_err().to_string();
+        assert!(e.contains("capacity"), "{e}");
+        // Within its capacity the same stream goes through.
+        let mut v = Verifier::within(8192);
+        for f in [Frame::Header(tree), file("a"), chunk(0, &data), file("b"), chunk(0, &data)] {
+            v.check(&f).unwrap();
         }
     }
 

@@ -271,7 +271,7 @@ impl LocalEngine {
                 layout::purge(&p.pool.sys, &work)?;
             }
             tracing::info!(volume = %p.id, layout = p.layout.as_str(), "import from another node started");
-            let mut import = Import::start(&header, &work, &p.pool.sys)?;
+            let mut import = Import::start(&header, p.capacity, &work, &p.pool.sys)?;
             loop {
                 let f = frames.next().ok_or_else(|| cut("end"))??;
                 let end = matches!(f, Frame::End { .. });
