@@ -188,6 +188,7 @@ impl SocketArgs {
         Ok(cellar::server::SocketLimits {
             idle_timeout: self.csi_idle_timeout,
             max_connections: self.csi_max_connections as usize,
+            max_per_peer: 0,
         })
     }
 }
@@ -211,6 +212,11 @@ struct RegistryArgs {
     /// or is refused (RESOURCE_EXHAUSTED) when all are available.
     #[arg(long, value_name = "N", default_value_t = 5000, value_parser = clap::value_parser!(u32).range(1..))]
     max_nodes: u32,
+    /// At most this many connections to the registry from one address at once (0: no limit). A
+    /// node keeps one or two; what one host holds past it is closed at once, so a compromised
+    /// node cannot take every place from the others.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    max_connections_per_peer: u32,
     /// The largest heartbeat accepted (a node's pools and topology), in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1024..))]
     max_heartbeat_bytes: u32,
@@ -569,12 +575,14 @@ fn main() -> ExitCode {
             prune,
         } => {
             init_logging(cli.log_format);
+            let registry_peer_limit = registry.max_connections_per_peer as usize;
             let limits = registry
                 .config()
                 .and_then(|r| Ok((r, socket.limits()?, enrol.config()?)));
             limits.and_then(|(registry, socket, enrolment)| {
                 let opts = cellar::roles::ControllerRole {
                     registry,
+                    registry_peer_limit,
                     socket,
                     endpoint,
                     agent_listen,

@@ -284,6 +284,8 @@ pub struct ControllerRole {
     pub driver_name: String,
     pub tls: TlsFlags,
     pub registry: crate::agent::registry::RegistryConfig,
+    /// At most this many registry connections from one address (0: no limit).
+    pub registry_peer_limit: usize,
     pub socket: server::SocketLimits,
     pub metrics_listen: Option<SocketAddr>,
     /// The name this controller goes by in volume records of shared pools (its pod name).
@@ -529,6 +531,7 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     // Every node keeps one connection to every replica: room for all of them and a margin.
     let limits = server::SocketLimits {
         max_connections: o.registry.max_nodes + 256,
+        max_per_peer: o.registry_peer_limit,
         ..crate::agent::server::TCP_LIMITS
     };
     let enrol_server = match enrol {

@@ -955,6 +955,7 @@ async fn silent_connections_beyond_the_agents_cap_are_dropped_and_the_controller
     let limits = SocketLimits {
         idle_timeout: Duration::from_secs(1),
         max_connections: 4,
+        max_per_peer: 0,
     };
     let (_stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(async move {

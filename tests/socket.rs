@@ -159,3 +159,62 @@ async fn grpc_c_core_clients_are_served_whatever_authority_they_send() {
         assert!(lines[3].starts_with("OK GetPluginInfo 0a"), "{authority:?}: {text}");
     }
 }
+
+/// A TCP port (the agent's, the registry's) gives one peer address at most `max_per_peer`
+/// connections at once: what one host opens past it is closed at once, while another host still
+/// gets in, and a place freed is taken again.
+#[tokio::test]
+async fn one_peer_address_cannot_take_every_connection_of_a_tcp_port() {
+    use tokio::net::{TcpListener, TcpSocket, TcpStream};
+    use tokio_stream::StreamExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let limits = cellar::server::SocketLimits {
+        idle_timeout: Duration::from_secs(60),
+        max_connections: 10,
+        max_per_peer: 2,
+    };
+    let mut accepted = cellar::server::incoming_tcp(listener, limits, "the test port");
+    let from = |ip: &str| {
+        let ip: std::net::IpAddr = ip.parse().expect("ip");
+        async move {
+            let s = TcpSocket::new_v4().expect("socket");
+            s.bind(std::net::SocketAddr::new(ip, 0)).expect("bind the client");
+            s.connect(addr).await.expect("connect")
+        }
+    };
+    let closed = |mut c: TcpStream| async move {
+        let mut buf = [0u8; 8];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    };
+    let (mut clients, mut conns) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        clients.push(from("127.0.0.1").await);
+        conns.push(accepted.next().await.expect("accepted").expect("a connection"));
+    }
+    let third = from("127.0.0.1").await;
+    assert!(
+        closed(third).await,
+        "a third connection from one address is closed at once"
+    );
+    let _other = from("127.0.0.2").await;
+    let got = accepted.next().await.expect("accepted").expect("a connection");
+    assert_eq!(
+        got_peer(&got),
+        "127.0.0.2".parse::<std::net::IpAddr>().unwrap(),
+        "another address still gets in"
+    );
+    // One of the first address's connections closes: its place is free again.
+    conns.pop();
+    let _again = from("127.0.0.1").await;
+    let got = accepted.next().await.expect("accepted").expect("a connection");
+    assert_eq!(got_peer(&got), "127.0.0.1".parse::<std::net::IpAddr>().unwrap());
+}
+
+fn got_peer(c: &cellar::server::Connection<tokio::net::TcpStream>) -> std::net::IpAddr {
+    use tonic::transport::server::Connected;
+    c.connect_info().remote_addr().expect("remote").ip()
+}

@@ -546,10 +546,12 @@ impl v1::agent_server::Agent for AgentService {
 
 /// The connection limits of the agent's and the registry's ports unless told otherwise: callers
 /// that say nothing (not even the TLS handshake) are dropped after two minutes; live peers answer
-/// the server's pings (every 30 s) and stay.
+/// the server's pings (every 30 s) and stay; one peer address holds at most 64 (a node keeps a
+/// few; the controller one per node it calls).
 pub const TCP_LIMITS: SocketLimits = SocketLimits {
     idle_timeout: Duration::from_secs(120),
     max_connections: 1024,
+    max_per_peer: 64,
 };
 
 /// Serves gRPC services on a TCP listener with our TLS (mutual, or plaintext when insecure) until

@@ -7,6 +7,7 @@ pub mod trace;
 
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -81,6 +82,10 @@ pub struct SocketLimits {
     pub idle_timeout: Duration,
     /// At most this many connections at once; more wait in the listen backlog until one closes.
     pub max_connections: usize,
+    /// At most this many of them from one peer address (TCP only; 0: no such limit): a connection
+    /// past it is closed as soon as it is accepted, so one host (a compromised node answering the
+    /// pings of hundreds of connections) cannot take every place from the others.
+    pub max_per_peer: usize,
 }
 
 impl Default for SocketLimits {
@@ -88,6 +93,7 @@ impl Default for SocketLimits {
         SocketLimits {
             idle_timeout: Duration::from_secs(120),
             max_connections: 128,
+            max_per_peer: 0,
         }
     }
 }
@@ -113,23 +119,24 @@ pub type CsiLayers = tower::layer::util::Stack<trace::TraceLayer, tower::layer::
 /// A listening socket whose connections [`incoming`] and [`incoming_tcp`] bound.
 pub trait Listener: Send + 'static {
     type Io: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static;
-    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Self::Io>>;
+    /// The next connection, with its peer's address where it has one.
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(Self::Io, Option<IpAddr>)>>;
 }
 
 impl Listener for UnixListener {
     type Io = UnixStream;
-    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<UnixStream>> {
-        UnixListener::poll_accept(self, cx).map_ok(|(stream, _)| stream)
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(UnixStream, Option<IpAddr>)>> {
+        UnixListener::poll_accept(self, cx).map_ok(|(stream, _)| (stream, None))
     }
 }
 
 impl Listener for TcpListener {
     type Io = TcpStream;
-    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<TcpStream>> {
-        TcpListener::poll_accept(self, cx).map_ok(|(stream, _)| {
+    fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<(TcpStream, Option<IpAddr>)>> {
+        TcpListener::poll_accept(self, cx).map_ok(|(stream, peer)| {
             // Small gRPC messages go out at once.
             let _ = stream.set_nodelay(true);
-            stream
+            (stream, Some(peer.ip()))
         })
     }
 }
@@ -169,6 +176,7 @@ async fn accept<L: Listener>(
     tx: mpsc::Sender<io::Result<Connection<L::Io>>>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let peers = Peers::default();
     let mut backoff: Option<Duration> = None;
     loop {
         let slot = tokio::select! {
@@ -183,9 +191,21 @@ async fn accept<L: Listener>(
             _ = tx.closed() => return,
         };
         match accepted {
-            Ok(stream) => {
+            Ok((stream, peer)) => {
                 backoff = None;
-                let conn = Connection::new(stream, slot, limits.idle_timeout, rewrite);
+                let place = match peer.filter(|_| limits.max_per_peer > 0) {
+                    None => None,
+                    Some(ip) => match peers.take(ip, limits.max_per_peer) {
+                        Some(place) => Some(place),
+                        None => {
+                            tracing::debug!(peer = %ip, "{what}: closing a connection past {} from one peer", limits.max_per_peer);
+                            drop(stream); // and its slot, with it
+                            continue;
+                        }
+                    },
+                };
+                let mut conn = Connection::new(stream, slot, limits.idle_timeout, rewrite);
+                conn._peer = place;
                 if tx.send(Ok(conn)).await.is_err() {
                     return;
                 }
@@ -221,6 +241,8 @@ fn out_of_resources(e: &io::Error) -> bool {
 pub struct Connection<S> {
     stream: S,
     _slot: OwnedSemaphorePermit,
+    /// Its place among its peer's `max_per_peer`.
+    _peer: Option<PeerPlace>,
     idle: Idle,
     rewrite: Option<authority::AuthorityRewrite>,
     eof: bool,
@@ -231,12 +253,44 @@ impl<S> Connection<S> {
         Connection {
             stream,
             _slot: slot,
+            _peer: None,
             idle: Idle {
                 deadline: Box::pin(tokio::time::sleep(idle_timeout)),
                 timeout: idle_timeout,
             },
             rewrite: rewrite.then(authority::AuthorityRewrite::default),
             eof: false,
+        }
+    }
+}
+
+/// How many connections each peer address holds now.
+#[derive(Default, Clone)]
+struct Peers(Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>);
+
+/// One connection's place among its peer's, given back when it closes.
+pub struct PeerPlace(Peers, IpAddr);
+
+impl Peers {
+    fn take(&self, ip: IpAddr, max: usize) -> Option<PeerPlace> {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = held.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerPlace(self.clone(), ip))
+    }
+}
+
+impl Drop for PeerPlace {
+    fn drop(&mut self) {
+        let mut held = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.1);
+            }
         }
     }
 }

@@ -700,7 +700,13 @@ mod tests {
         assert!(e.contains("capacity"), "{e}");
         // Within its capacity the same stream goes through.
         let mut v = Verifier::within(8192);
-        for f in [Frame::Header(tree), file("a"), chunk(0, &data), file("b"), chunk(0, &data)] {
+        for f in [
+            Frame::Header(tree),
+            file("a"),
+            chunk(0, &data),
+            file("b"),
+            chunk(0, &data),
+        ] {
             v.check(&f).unwrap();
         }
     }

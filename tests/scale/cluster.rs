@@ -124,6 +124,8 @@ impl ScaleCluster {
             format!("--tls-key={}", tls_dir.join("controller.key").display()),
             "--require-node-certificates".into(),
             format!("--heartbeat-interval={}ms", options.heartbeat_interval.as_millis()),
+            // Every simulated node connects from 127.0.0.1.
+            "--max-connections-per-peer=0".into(),
         ];
         args.extend(options.controller_args.iter().cloned());
         let controller = Command::new(&options.bin)
