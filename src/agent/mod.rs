@@ -30,6 +30,14 @@ pub type Frames = Pin<Box<dyn Stream<Item = Result<Frame, StorageError>> + Send>
 /// Frames waiting between the disk and the network, per transfer: enough to keep both busy.
 pub(crate) const FRAMES_IN_FLIGHT: usize = 4;
 
+/// How long an export waits for its reader to take the next frame before it stops: a reader that
+/// holds the stream open without reading (it answers the pings) would otherwise keep the source's
+/// lock (no delete, no expand of it) and a blocking thread for good.
+#[cfg(not(test))]
+const EXPORT_STALL: std::time::Duration = std::time::Duration::from_secs(120);
+#[cfg(test)]
+const EXPORT_STALL: std::time::Duration = std::time::Duration::from_millis(300);
+
 #[tonic::async_trait]
 pub trait Agent: Send + Sync {
     fn node(&self) -> &NodeId;
@@ -287,13 +295,19 @@ impl Agent for LocalAgent {
     async fn export_data(&self, source: Source) -> Result<Frames, StorageError> {
         let (tx, rx) = tokio::sync::mpsc::channel(FRAMES_IN_FLIGHT);
         let engine = self.engine.clone();
+        let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             let mut send = |f: Frame| {
                 if let Frame::Chunk { data, .. } = &f {
                     crate::metrics::record_transfer_bytes("export", data.len() as u64);
                 }
-                tx.blocking_send(Ok(f))
-                    .map_err(|_| StorageError::Transfer("the receiver of the export went away".into()))
+                match runtime.block_on(tokio::time::timeout(EXPORT_STALL, tx.send(Ok(f)))) {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) => Err(StorageError::Transfer("the receiver of the export went away".into())),
+                    Err(_) => Err(StorageError::Transfer(format!(
+                        "the receiver of the export took nothing for {EXPORT_STALL:?}; the export stops"
+                    ))),
+                }
             };
             let sent = engine.export(&source, &mut send);
             crate::metrics::record_transfer_end("export", sent.is_ok());
@@ -449,6 +463,45 @@ impl Directory for SingleNode {
 mod tests {
     use super::Rendezvous;
     use std::time::Duration;
+
+    /// A reader that keeps an export's stream open but takes nothing from it: the export stops
+    /// after [`super::EXPORT_STALL`] and lets go of its source, which can then be deleted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_export_whose_reader_stops_reading_lets_go_of_its_source() {
+        use super::{Agent, LocalAgent};
+        use crate::storage::config::Config;
+        use crate::storage::engine::{LocalEngine, NewVolume, Source};
+        use crate::storage::id::NodeId;
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Arc::new(
+            LocalEngine::open(NodeId::parse("n1").expect("node"), &Config::default_for(dir.path())).expect("engine"),
+        );
+        let v = engine
+            .create_volume(NewVolume::plain("pvc-stall", None, 1 << 20))
+            .expect("create");
+        let (_, data) = engine.volume_data(&v.id).expect("data");
+        for i in 0..16 {
+            std::fs::write(data.join(format!("f{i}")), vec![1u8; 64 << 10]).expect("fill");
+        }
+        let agent = LocalAgent::new(engine.clone());
+        let frames = agent.export_data(Source::Volume(v.id.clone())).await.expect("export");
+        // Held open, never read: while the export waits, its source is locked.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let busy = engine.delete_volume(&v.id);
+        assert!(matches!(busy, Err(crate::storage::StorageError::Busy(_))), "{busy:?}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match engine.delete_volume(&v.id) {
+                Ok(()) => break,
+                Err(crate::storage::StorageError::Busy(_)) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                other => panic!("the stalled export still holds its source: {other:?}"),
+            }
+        }
+        drop(frames);
+    }
 
     #[tokio::test]
     async fn every_part_goes_on_only_once_all_have_arrived() {
