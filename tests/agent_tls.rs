@@ -730,6 +730,27 @@ async fn a_node_certificate_registers_only_as_its_own_node() {
         .expect("node-2 as itself");
     assert!(r.registry.node(&node_id("node-2")).is_some());
 
+    // A certificate's names match without regard to case: another spelling of its own node id
+    // would be another registry entry for the same certificate, as many as there are spellings.
+    let node1 = ca.issue(&["node-1.cellar-agent"]);
+    register(&ca, &node1, r.addr, "node-1", somewhere)
+        .await
+        .expect("node-1 as itself");
+    let before = r.registry.nodes().len();
+    for spelling in ["NODE-1", "Node-1", "nODe-1"] {
+        let e = register(&ca, &node1, r.addr, spelling, somewhere)
+            .await
+            .expect_err("another spelling of node-1");
+        assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+        assert!(
+            e.message().contains("Kubernetes node names are lower case"),
+            "{}",
+            e.message()
+        );
+        assert!(r.registry.node(&node_id(spelling)).is_none());
+    }
+    assert_eq!(r.registry.nodes().len(), before, "no entry for another spelling");
+
     // Once node-2 proved itself, the certificate all nodes share cannot speak for it.
     let e = register(&ca, &ca.issue(&[AGENT_SERVER_NAME]), r.addr, "node-2", somewhere)
         .await
