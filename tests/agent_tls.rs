@@ -1014,7 +1014,8 @@ async fn silent_connections_beyond_the_agents_cap_are_dropped_and_the_controller
 
 /// A node whose root an attacker holds: it has only its own certificate (`node-1.cellar-agent`),
 /// so all it can do is answer the controller's calls as it likes. The controller checks every
-/// record it answers against what that node can hold (`RemoteAgent`).
+/// record it answers against what that node can hold (`RemoteAgent`) and asks only the nodes the
+/// request's topology admits whether a name is taken.
 mod lying_node {
     use super::*;
     use cellar::agent::registry::{NodeIdentity, NodeReport};
@@ -1040,6 +1041,9 @@ mod lying_node {
         /// Every name lookup finds node-2's victim under the name asked, and every record it
         /// answers otherwise names node-2 (its own volumes and snapshots, moved there).
         OtherNode,
+        /// Every name lookup finds a volume of its own under the name asked (which passes every
+        /// check on the record): every name is taken, here.
+        EveryName,
         /// Lookups answer another name than the one asked; creates answer another name, or
         /// another pool.
         Misnamed,
@@ -1171,6 +1175,7 @@ mod lying_node {
             let key = Key::from_name(&name);
             Ok(match self.lie {
                 Lie::OtherNode => Some(volume_record(&name, VICTIM)),
+                Lie::EveryName => Some(volume_record(&name, &format!("local:node-1:default:{}", key.as_str()))),
                 Lie::Misnamed => Some(volume_record("pvc-other", "local:node-1:default:pvc-other")),
                 Lie::SharedToo => Some(volume_record(&name, &format!("shared:share:{}", key.as_str()))),
             })
@@ -1492,5 +1497,21 @@ mod lying_node {
 
         let victim = VolumeId::parse(VICTIM).expect("id");
         assert!(c.node2.engine.volume(&victim).is_some(), "node-2's volume is untouched");
+    }
+
+    #[tokio::test]
+    async fn a_node_outside_the_requisite_topology_cannot_draw_a_volume_by_claiming_its_name() {
+        let c = cluster(Lie::EveryName).await;
+        let made = c
+            .controller
+            .create_volume(tonic::Request::new(placed("pvc-w", "node-2", &["node-2"])))
+            .await
+            .expect("made on node-2")
+            .into_inner()
+            .volume
+            .expect("volume");
+        assert_eq!(made.volume_id, "local:node-2:default:pvc-w");
+        assert_eq!(made.accessible_topology, vec![on("node-2")]);
+        assert!(c.liar.engine.volumes().is_empty(), "nothing on node-1");
     }
 }
