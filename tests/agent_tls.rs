@@ -730,6 +730,27 @@ async fn a_node_certificate_registers_only_as_its_own_node() {
         .expect("node-2 as itself");
     assert!(r.registry.node(&node_id("node-2")).is_some());
 
+    // A certificate's names match without regard to case: another spelling of its own node id
+    // would be another registry entry for the same certificate, as many as there are spellings.
+    let node1 = ca.issue(&["node-1.cellar-agent"]);
+    register(&ca, &node1, r.addr, "node-1", somewhere)
+        .await
+        .expect("node-1 as itself");
+    let before = r.registry.nodes().len();
+    for spelling in ["NODE-1", "Node-1", "nODe-1"] {
+        let e = register(&ca, &node1, r.addr, spelling, somewhere)
+            .await
+            .expect_err("another spelling of node-1");
+        assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+        assert!(
+            e.message().contains("Kubernetes node names are lower case"),
+            "{}",
+            e.message()
+        );
+        assert!(r.registry.node(&node_id(spelling)).is_none());
+    }
+    assert_eq!(r.registry.nodes().len(), before, "no entry for another spelling");
+
     // Once node-2 proved itself, the certificate all nodes share cannot speak for it.
     let e = register(&ca, &ca.issue(&[AGENT_SERVER_NAME]), r.addr, "node-2", somewhere)
         .await
@@ -987,5 +1008,511 @@ async fn silent_connections_beyond_the_agents_cap_are_dropped_and_the_controller
             matches!(read, Ok(Ok(0)) | Ok(Err(_))),
             "silent connection {i} is still open: {read:?}"
         );
+    }
+}
+
+// ------------------------------------------------------------------ a compromised node's answers
+
+/// A node whose root an attacker holds: it has only its own certificate (`node-1.cellar-agent`),
+/// so all it can do is answer the controller's calls as it likes. The controller checks every
+/// record it answers against what that node can hold (`RemoteAgent`) and asks only the nodes the
+/// request's topology admits whether a name is taken.
+mod lying_node {
+    use super::*;
+    use cellar::agent::registry::{NodeIdentity, NodeReport};
+    use cellar::agent::{Frames, RangeBatches, Rendezvous};
+    use cellar::controller::ControllerService;
+    use cellar::csi::v1::controller_server::Controller;
+    use cellar::csi::v1::{
+        CreateSnapshotRequest, CreateVolumeRequest, ListVolumesRequest, Topology, TopologyRequirement,
+    };
+    use cellar::storage::cbt::{MetadataError, Query};
+    use cellar::storage::engine::{BackupRequest, Condition, Mutable, NewGroup, PoolStatus, Source};
+    use cellar::storage::id::{GroupId, Key, Location, ObjectId, PoolName, SnapshotId, StaticId};
+    use cellar::storage::record::{
+        AccessMode, GroupRecord, Layout, SnapshotRecord, VolumeMode, VolumeRecord, RECORD_VERSION,
+    };
+
+    /// node-2's volume and snapshot that node-1 tries to pass off as its own.
+    const VICTIM: &str = "local:node-2:default:pvc-victim";
+    const VICTIM_SNAPSHOT: &str = "snap:local:node-2:default:snap-victim";
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Lie {
+        /// Every name lookup finds node-2's victim under the name asked, and every record it
+        /// answers otherwise names node-2 (its own volumes and snapshots, moved there).
+        OtherNode,
+        /// Every name lookup finds a volume of its own under the name asked (which passes every
+        /// check on the record): every name is taken, here.
+        EveryName,
+        /// Lookups answer another name than the one asked; creates answer another name, or
+        /// another pool.
+        Misnamed,
+        /// Listings and lookups also carry a shared pool's records, as an honest node's do (it
+        /// opens the shared pools whose volumes it publishes).
+        SharedToo,
+    }
+
+    struct Liar {
+        honest: LocalAgent,
+        lie: Lie,
+    }
+
+    fn volume_record(name: &str, id: &str) -> VolumeRecord {
+        VolumeRecord {
+            version: RECORD_VERSION,
+            name: name.into(),
+            id: VolumeId::parse(id).expect("volume id"),
+            layout: Layout::Dir,
+            capacity_bytes: 1 << 20,
+            mode: VolumeMode::Filesystem,
+            access_modes: vec![AccessMode::SingleNodeWriter],
+            fs_type: String::new(),
+            parameters: Default::default(),
+            source: None,
+            created_unix_secs: 0,
+            delete_policy: None,
+            compression: None,
+            fs_bytes: 0,
+        }
+    }
+
+    fn snapshot_record(name: &str, id: &str, source: &str) -> SnapshotRecord {
+        SnapshotRecord {
+            version: RECORD_VERSION,
+            name: name.into(),
+            id: SnapshotId::parse(id).expect("snapshot id"),
+            source_volume_id: VolumeId::parse(source).expect("volume id"),
+            size_bytes: 1 << 20,
+            created_unix_secs: 0,
+            created_nanos: 0,
+            layout: Layout::Dir,
+            mode: VolumeMode::Filesystem,
+            fs_bytes: 0,
+            group: None,
+            backup: None,
+        }
+    }
+
+    fn to_node_2(o: &ObjectId) -> ObjectId {
+        ObjectId {
+            location: Location::Local(node_id("node-2")),
+            ..o.clone()
+        }
+    }
+
+    impl Liar {
+        fn volume(&self, mut r: VolumeRecord) -> VolumeRecord {
+            if self.lie == Lie::OtherNode {
+                r.id = VolumeId(to_node_2(&r.id.0));
+            }
+            r
+        }
+
+        fn snapshot(&self, mut r: SnapshotRecord) -> SnapshotRecord {
+            match self.lie {
+                Lie::OtherNode => r.id = SnapshotId(to_node_2(&r.id.0)),
+                Lie::Misnamed => r.name = "snap-other".into(),
+                _ => {}
+            }
+            r
+        }
+    }
+
+    #[tonic::async_trait]
+    impl Agent for Liar {
+        fn node(&self) -> &NodeId {
+            self.honest.node()
+        }
+        async fn create_volume(&self, req: NewVolume) -> Result<VolumeRecord, StorageError> {
+            let asked_pool = req.pool.is_some();
+            let mut r = self.volume(self.honest.create_volume(req).await?);
+            if self.lie == Lie::Misnamed {
+                match asked_pool {
+                    true => r.id.0.pool = PoolName::parse("elsewhere").expect("pool"),
+                    false => r.name = "pvc-other".into(),
+                }
+            }
+            Ok(r)
+        }
+        async fn delete_volume(&self, id: VolumeId) -> Result<(), StorageError> {
+            self.honest.delete_volume(id).await
+        }
+        async fn expand_volume(
+            &self,
+            id: VolumeId,
+            range: CapacityRange,
+        ) -> Result<(VolumeRecord, bool), StorageError> {
+            let (r, grow) = self.honest.expand_volume(id, range).await?;
+            Ok((self.volume(r), grow))
+        }
+        async fn modify_volume(&self, id: VolumeId, m: Mutable) -> Result<VolumeRecord, StorageError> {
+            Ok(self.volume(self.honest.modify_volume(id, m).await?))
+        }
+        async fn volume(&self, id: VolumeId) -> Result<Option<(VolumeRecord, Condition)>, StorageError> {
+            let found = self.honest.volume(id).await?;
+            Ok(found.map(|(r, c)| (self.volume(r), c)))
+        }
+        async fn volumes(&self) -> Result<Vec<(VolumeRecord, Condition)>, StorageError> {
+            let mut all: Vec<_> = self
+                .honest
+                .volumes()
+                .await?
+                .into_iter()
+                .map(|(r, c)| (self.volume(r), c))
+                .collect();
+            let healthy = || Condition {
+                abnormal: false,
+                message: "volume is healthy".into(),
+            };
+            match self.lie {
+                Lie::OtherNode => all.push((volume_record("pvc-victim", VICTIM), healthy())),
+                Lie::SharedToo => all.push((volume_record("pvc-shared", "shared:share:pvc-shared"), healthy())),
+                _ => {}
+            }
+            Ok(all)
+        }
+        async fn volume_named(&self, name: String) -> Result<Option<VolumeRecord>, StorageError> {
+            let key = Key::from_name(&name);
+            Ok(match self.lie {
+                Lie::OtherNode => Some(volume_record(&name, VICTIM)),
+                Lie::EveryName => Some(volume_record(&name, &format!("local:node-1:default:{}", key.as_str()))),
+                Lie::Misnamed => Some(volume_record("pvc-other", "local:node-1:default:pvc-other")),
+                Lie::SharedToo => Some(volume_record(&name, &format!("shared:share:{}", key.as_str()))),
+            })
+        }
+        async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError> {
+            Ok(match self.lie {
+                Lie::OtherNode => Some(snapshot_record(&name, VICTIM_SNAPSHOT, VICTIM)),
+                Lie::SharedToo => Some(snapshot_record(
+                    &name,
+                    "snap:shared:share:snap-shared",
+                    "shared:share:pvc-shared",
+                )),
+                _ => self.honest.snapshot_named(name).await?.map(|s| self.snapshot(s)),
+            })
+        }
+        async fn create_snapshot(
+            &self,
+            name: String,
+            source: VolumeId,
+            freeze: bool,
+            backup: Option<BackupRequest>,
+        ) -> Result<SnapshotRecord, StorageError> {
+            let made = self.honest.create_snapshot(name, source, freeze, backup).await?;
+            Ok(self.snapshot(made))
+        }
+        async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError> {
+            self.honest.delete_snapshot(id).await
+        }
+        async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError> {
+            let mut all: Vec<_> = self
+                .honest
+                .snapshots()
+                .await?
+                .into_iter()
+                .map(|s| self.snapshot(s))
+                .collect();
+            match self.lie {
+                Lie::OtherNode => all.push(snapshot_record("snap-victim", VICTIM_SNAPSHOT, VICTIM)),
+                Lie::SharedToo => all.push(snapshot_record(
+                    "snap-shared",
+                    "snap:shared:share:snap-shared",
+                    "shared:share:pvc-shared",
+                )),
+                _ => {}
+            }
+            Ok(all)
+        }
+        async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError> {
+            self.honest.pools().await
+        }
+        async fn static_exists(&self, id: StaticId) -> Result<bool, StorageError> {
+            self.honest.static_exists(id).await
+        }
+        async fn export_data(&self, source: Source) -> Result<Frames, StorageError> {
+            self.honest.export_data(source).await
+        }
+        async fn import_volume(&self, req: NewVolume, frames: Frames) -> Result<VolumeRecord, StorageError> {
+            Ok(self.volume(self.honest.import_volume(req, frames).await?))
+        }
+        async fn create_group(&self, req: NewGroup) -> Result<GroupRecord, StorageError> {
+            self.honest.create_group(req).await
+        }
+        async fn delete_group(&self, id: GroupId) -> Result<(), StorageError> {
+            self.honest.delete_group(id).await
+        }
+        async fn group(&self, id: GroupId) -> Result<Option<GroupRecord>, StorageError> {
+            self.honest.group(id).await
+        }
+        async fn group_named(&self, name: String) -> Result<Option<GroupRecord>, StorageError> {
+            self.honest.group_named(name).await
+        }
+        async fn block_ranges(&self, q: Query, max: usize) -> Result<(u64, RangeBatches), MetadataError> {
+            self.honest.block_ranges(q, max).await
+        }
+        async fn cut_group_part(
+            &self,
+            id: GroupId,
+            req: NewGroup,
+            meet: Arc<Rendezvous>,
+        ) -> Result<Vec<SnapshotRecord>, StorageError> {
+            self.honest.cut_group_part(id, req, meet).await
+        }
+        async fn put_group(&self, rec: GroupRecord) -> Result<(), StorageError> {
+            self.honest.put_group(rec).await
+        }
+        async fn delete_group_part(&self, id: GroupId, members: Vec<SnapshotId>) -> Result<(), StorageError> {
+            self.honest.delete_group_part(id, members).await
+        }
+    }
+
+    /// node-1's agent telling `lie`, serving the controller with node-1's own certificate.
+    async fn start_liar(ca: &Authority, lie: Lie) -> AgentUnderTest {
+        let dir = tempfile::Builder::new()
+            .prefix("cellar-agent-liar-")
+            .tempdir()
+            .expect("tempdir");
+        let engine = Arc::new(LocalEngine::open(node(), &Config::default_for(dir.path())).expect("engine"));
+        let liar = Liar {
+            honest: LocalAgent::new(engine.clone()),
+            lie,
+        };
+        let tls = ca.tls(&ca.issue(&["node-1.cellar-agent"]));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let routes = Routes::new(AgentService::over(Arc::new(liar)).into_server(tls.callers(CONTROLLER)));
+        tokio::spawn(async move {
+            serve(listener, tls, routes, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("agent server");
+        });
+        AgentUnderTest {
+            addr,
+            engine,
+            _stop: stop,
+            _dir: dir,
+        }
+    }
+
+    /// The controller's client of the lying node-1, expecting node-1's own certificate.
+    fn client(ca: &Authority, liar: &AgentUnderTest) -> RemoteAgent {
+        let address = HostPort::parse(&liar.addr.to_string()).expect("address");
+        let tls = ca.tls(&ca.issue(&[CONTROLLER]));
+        RemoteAgent::new(node(), address, &tls, "node-1.cellar-agent", timeouts()).expect("client")
+    }
+
+    /// A bad answer from node-1: INTERNAL naming the node and `why`.
+    fn refused(e: StorageError, why: &str) {
+        let s = status(e);
+        assert_eq!(s.code(), Code::Internal, "{}", s.message());
+        assert!(s.message().contains("on node node-1"), "{}", s.message());
+        assert!(s.message().contains(why), "{}", s.message());
+    }
+
+    #[tokio::test]
+    async fn records_a_node_answers_about_another_node_are_refused() {
+        let ca = Authority::new("cellar test CA");
+        let liar = start_liar(&ca, Lie::OtherNode).await;
+        let c = client(&ca, &liar);
+        let elsewhere = "is not on node node-1";
+
+        refused(c.volume_named("pvc-new".into()).await.unwrap_err(), elsewhere);
+        refused(
+            c.create_volume(new_volume("pvc-new", 1 << 20)).await.unwrap_err(),
+            elsewhere,
+        );
+        refused(c.volumes().await.unwrap_err(), elsewhere);
+        let made = VolumeId::parse("local:node-1:default:pvc-new").expect("id");
+        refused(c.volume(made.clone()).await.unwrap_err(), elsewhere);
+        let grow = CapacityRange {
+            required: 2 << 20,
+            limit: 0,
+        };
+        refused(c.expand_volume(made.clone(), grow).await.unwrap_err(), elsewhere);
+        refused(
+            c.create_snapshot("snap-new".into(), made, false, None)
+                .await
+                .unwrap_err(),
+            elsewhere,
+        );
+        refused(c.snapshot_named("snap-new".into()).await.unwrap_err(), elsewhere);
+        refused(c.snapshots().await.unwrap_err(), elsewhere);
+    }
+
+    #[tokio::test]
+    async fn a_lookup_or_create_answering_another_name_or_pool_is_refused() {
+        let ca = Authority::new("cellar test CA");
+        let liar = start_liar(&ca, Lie::Misnamed).await;
+        let c = client(&ca, &liar);
+
+        refused(c.volume_named("pvc-a".into()).await.unwrap_err(), "named 'pvc-other'");
+        refused(
+            c.create_volume(new_volume("pvc-a", 1 << 20)).await.unwrap_err(),
+            "named 'pvc-other'",
+        );
+        let mut in_default = new_volume("pvc-b", 1 << 20);
+        in_default.pool = Some(PoolName::parse("default").expect("pool"));
+        refused(
+            c.create_volume(in_default).await.unwrap_err(),
+            "asked for a volume in pool 'default'",
+        );
+        liar.engine
+            .create_volume(new_volume("pvc-c", 1 << 20))
+            .expect("a volume of node-1");
+        let source = VolumeId::parse("local:node-1:default:pvc-c").expect("id");
+        refused(
+            c.create_snapshot("snap-c".into(), source, false, None)
+                .await
+                .unwrap_err(),
+            "named 'snap-other'",
+        );
+    }
+
+    /// An honest node lists the records of the shared pools it publishes besides its own: the
+    /// controller lists those pools itself, so they are left out of the node's answers, which
+    /// stay good.
+    #[tokio::test]
+    async fn a_shared_pools_records_in_a_nodes_answers_are_left_out() {
+        let ca = Authority::new("cellar test CA");
+        let liar = start_liar(&ca, Lie::SharedToo).await;
+        let c = client(&ca, &liar);
+        let made = c.create_volume(new_volume("pvc-1", 1 << 20)).await.expect("create");
+        let listed: Vec<VolumeRecord> = c.volumes().await.expect("list").into_iter().map(|(r, _)| r).collect();
+        assert_eq!(listed, vec![made]);
+        assert_eq!(c.volume_named("pvc-shared".into()).await.expect("lookup"), None);
+        assert_eq!(c.snapshot_named("snap-shared".into()).await.expect("lookup"), None);
+        assert!(c.snapshots().await.expect("list").is_empty());
+    }
+
+    /// A controller over a registry holding node-1 (lying as `lie`) and node-2 (honest, holding
+    /// `pvc-victim`), each registered with its own certificate.
+    struct Cluster {
+        controller: ControllerService,
+        liar: AgentUnderTest,
+        node2: AgentUnderTest,
+    }
+
+    async fn cluster(lie: Lie) -> Cluster {
+        let ca = Authority::new("cellar test CA");
+        let liar = start_liar(&ca, lie).await;
+        let node2 = start_agent_of("node-2", ca.tls(&ca.issue(&["node-2.cellar-agent"]))).await;
+        node2
+            .engine
+            .create_volume(new_volume("pvc-victim", 1 << 20))
+            .expect("the victim");
+        let config = RegistryConfig {
+            agent_timeouts: timeouts(),
+            ..Default::default()
+        };
+        let registry = Registry::new(config, ca.tls(&ca.issue(&[CONTROLLER])), None);
+        for (name, agent) in [("node-1", &liar), ("node-2", &node2)] {
+            let report = NodeReport {
+                node: node_id(name),
+                topology: BTreeMap::from([(cellar::csi::TOPOLOGY_NODE_KEY.to_string(), name.to_string())]),
+                agent_address: HostPort::parse(&agent.addr.to_string()).expect("address"),
+                pools: agent.engine.pool_status().expect("pools"),
+                version: "test".into(),
+            };
+            registry
+                .heartbeat_as(report, NodeIdentity::Own(format!("{name}.cellar-agent")))
+                .expect("heartbeat");
+        }
+        Cluster {
+            controller: ControllerService::new(Arc::new(registry)),
+            liar,
+            node2,
+        }
+    }
+
+    fn on(node: &str) -> Topology {
+        Topology {
+            segments: [(cellar::csi::TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into(),
+        }
+    }
+
+    /// A CreateVolume as external-provisioner sends it under WaitForFirstConsumer with `node`
+    /// selected, `requisite` the nodes it may go to.
+    fn placed(name: &str, node: &str, requisite: &[&str]) -> CreateVolumeRequest {
+        CreateVolumeRequest {
+            accessibility_requirements: Some(TopologyRequirement {
+                requisite: requisite.iter().map(|n| on(n)).collect(),
+                preferred: vec![on(node)],
+            }),
+            ..csi_create(name)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_controller_hands_out_no_id_of_another_node_that_a_node_answers() {
+        let c = cluster(Lie::OtherNode).await;
+
+        // node-1 says every name is taken by node-2's victim, and answers its create with it.
+        let e = c
+            .controller
+            .create_volume(tonic::Request::new(placed("pvc-new", "node-1", &["node-1", "node-2"])))
+            .await
+            .expect_err("node-1's answer names node-2's volume");
+        assert_eq!(e.code(), Code::Internal, "{}", e.message());
+        assert!(e.message().contains("is not on node node-1"), "{}", e.message());
+
+        // Its listing names node-2's volume as its own: only node-2 lists it, as node-2's.
+        let listed = c
+            .controller
+            .list_volumes(tonic::Request::new(ListVolumesRequest::default()))
+            .await
+            .expect("ListVolumes")
+            .into_inner();
+        let mut victims = 0;
+        for v in listed.entries.iter().filter_map(|e| e.volume.as_ref()) {
+            let id = VolumeId::parse(&v.volume_id).expect("a cellar id");
+            let node = id.0.node().expect("a local volume").as_str();
+            assert_eq!(
+                v.accessible_topology,
+                vec![on(node)],
+                "{} listed as another node's",
+                v.volume_id
+            );
+            victims += usize::from(v.volume_id == VICTIM);
+        }
+        assert_eq!(victims, 1, "{listed:?}");
+
+        // A snapshot it cuts is named node-2's.
+        c.liar
+            .engine
+            .create_volume(new_volume("pvc-mine", 1 << 20))
+            .expect("a volume of node-1");
+        let e = c
+            .controller
+            .create_snapshot(tonic::Request::new(CreateSnapshotRequest {
+                name: "snap-new".into(),
+                source_volume_id: "local:node-1:default:pvc-mine".into(),
+                ..Default::default()
+            }))
+            .await
+            .expect_err("node-1's snapshot is named node-2's");
+        assert_eq!(e.code(), Code::Internal, "{}", e.message());
+
+        let victim = VolumeId::parse(VICTIM).expect("id");
+        assert!(c.node2.engine.volume(&victim).is_some(), "node-2's volume is untouched");
+    }
+
+    #[tokio::test]
+    async fn a_node_outside_the_requisite_topology_cannot_draw_a_volume_by_claiming_its_name() {
+        let c = cluster(Lie::EveryName).await;
+        let made = c
+            .controller
+            .create_volume(tonic::Request::new(placed("pvc-w", "node-2", &["node-2"])))
+            .await
+            .expect("made on node-2")
+            .into_inner()
+            .volume
+            .expect("volume");
+        assert_eq!(made.volume_id, "local:node-2:default:pvc-w");
+        assert_eq!(made.accessible_topology, vec![on("node-2")]);
+        assert!(c.liar.engine.volumes().is_empty(), "nothing on node-1");
     }
 }

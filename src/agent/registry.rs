@@ -385,6 +385,18 @@ impl Registry {
     /// to be. `None`: no certificate (plaintext).
     pub fn identify(&self, cert: Option<&CertificateDer<'_>>, node: &NodeId) -> Result<NodeIdentity, RegistryError> {
         let config = &self.shared.config;
+        // A certificate's DNS names match without regard to case, so one naming
+        // `node-1.cellar-agent` would pass for `NODE-1`, `Node-1`, ...: as many registry entries as
+        // spellings, enough to fill --max-nodes. Kubernetes node names are lower case; so must a
+        // node id be here. (`NodeId` itself takes upper case: all-in-one defaults to the host's
+        // name, and records on disk name it.)
+        if node.as_str().bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(RegistryError::Denied(format!(
+                "node id '{}' has upper-case letters: Kubernetes node names are lower case, and a node registers under its node name ('{}')",
+                node.as_str(),
+                node.as_str().to_ascii_lowercase()
+            )));
+        }
         let Some(cert) = cert else {
             return match self.shared.tls {
                 Tls::Insecure => Ok(NodeIdentity::Shared),

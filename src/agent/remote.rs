@@ -22,7 +22,7 @@ use crate::storage::cbt::{MetadataError, Query, Range};
 use crate::storage::engine::{
     BackupRequest, CapacityRange, Condition, Mutable, NewGroup, NewVolume, PoolStatus, Source,
 };
-use crate::storage::id::{BackupId, GroupId, NodeId, SnapshotId, StaticId, VolumeId};
+use crate::storage::id::{BackupId, GroupId, Location, NodeId, ObjectId, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{GroupRecord, SnapshotRecord, VolumeRecord};
 use crate::storage::transfer::Frame;
 use crate::storage::StorageError;
@@ -317,6 +317,7 @@ impl RemoteAgent {
     /// up does not cut the transfer, and the retry finds the volume made.
     pub async fn pull_volume(&self, req: &NewVolume, from: PullFrom) -> Result<VolumeRecord, StorageError> {
         const RPC: &str = "PullVolume";
+        let asked = req;
         let msg = v1::PullVolumeRequest {
             volume: Some(req.into()),
             source_address: from.address.to_string(),
@@ -332,7 +333,7 @@ impl RemoteAgent {
             .map_err(|s| self.failed(RPC, self.timeouts.storage, s))?
             .into_inner();
         let v = self.present(RPC, "volume", r.volume)?;
-        self.decode(RPC, v.try_into())
+        self.made_for(RPC, asked, self.decode(RPC, v.try_into())?)
     }
 
     /// The agent answered something this controller cannot use: INTERNAL naming the node.
@@ -350,6 +351,202 @@ impl RemoteAgent {
 
     fn present<T>(&self, rpc: &str, field: &str, m: Option<T>) -> Result<T, StorageError> {
         m.ok_or_else(|| self.malformed(rpc, format!("the reply has no {field}")))
+    }
+}
+
+/// A record a node answers about one of its objects: where the object is and the name it was
+/// created under, which the controller checks before it believes the answer ([`RemoteAgent`]).
+trait Answered {
+    const WHAT: &'static str;
+    fn object(&self) -> &ObjectId;
+    fn shown(&self) -> String;
+    fn name(&self) -> &str;
+}
+
+impl Answered for VolumeRecord {
+    const WHAT: &'static str = "volume";
+    fn object(&self) -> &ObjectId {
+        &self.id.0
+    }
+    fn shown(&self) -> String {
+        self.id.to_string()
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Answered for (VolumeRecord, Condition) {
+    const WHAT: &'static str = "volume";
+    fn object(&self) -> &ObjectId {
+        self.0.object()
+    }
+    fn shown(&self) -> String {
+        self.0.shown()
+    }
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+}
+
+impl Answered for SnapshotRecord {
+    const WHAT: &'static str = "snapshot";
+    fn object(&self) -> &ObjectId {
+        &self.id.0
+    }
+    fn shown(&self) -> String {
+        self.id.to_string()
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Answered for GroupRecord {
+    const WHAT: &'static str = "group snapshot";
+    fn object(&self) -> &ObjectId {
+        &self.id.0
+    }
+    fn shown(&self) -> String {
+        self.id.to_string()
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// What a node answers is checked against what that node can hold. Its certificate proves only
+/// which node it is; the ids it answers go to Kubernetes, and the deletes, grants and copies the
+/// controller later makes act on the objects those ids name. So a record naming another node (or
+/// a shared pool, which the controller serves itself), a lookup answering another name than the
+/// one asked, or a create answering another pool than the one asked is a bad answer (INTERNAL
+/// naming the node), never an id handed on.
+impl RemoteAgent {
+    /// A record of an object on this node.
+    fn own<T: Answered>(&self, rpc: &str, rec: T) -> Result<T, StorageError> {
+        match rec.object().node() {
+            Some(n) if *n == self.node => Ok(rec),
+            _ => Err(self.malformed(
+                rpc,
+                format!("the {} {} is not on node {}", T::WHAT, rec.shown(), self.node.as_str()),
+            )),
+        }
+    }
+
+    /// A record of this node's object made or found under `name`.
+    fn own_named<T: Answered>(&self, rpc: &str, name: &str, rec: T) -> Result<T, StorageError> {
+        if rec.name() != name {
+            return Err(self.malformed(
+                rpc,
+                format!(
+                    "asked for the {} named '{name}', it answered {} named '{}'",
+                    T::WHAT,
+                    rec.shown(),
+                    rec.name()
+                ),
+            ));
+        }
+        self.own(rpc, rec)
+    }
+
+    /// The record of the very object asked about (get, expand, modify).
+    fn same<T: Answered>(&self, rpc: &str, asked: &ObjectId, rec: T) -> Result<T, StorageError> {
+        let rec = self.own(rpc, rec)?;
+        if rec.object() != asked {
+            return Err(self.malformed(
+                rpc,
+                format!("asked about the {} {asked}, it answered {}", T::WHAT, rec.shown()),
+            ));
+        }
+        Ok(rec)
+    }
+
+    /// The answer to a lookup by name. A node opens the shared pools it publishes volumes of, so
+    /// an honest node may find a shared pool's object by its name: that is no answer for this
+    /// node (the controller looks in the shared pools itself), not a bad one.
+    fn found<T: Answered>(&self, rpc: &str, name: &str, rec: Option<T>) -> Result<Option<T>, StorageError> {
+        match rec {
+            Some(r) if r.object().location == Location::Shared => Ok(None),
+            Some(r) => self.own_named(rpc, name, r).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// A listing of this node's objects. The shared pools' records an honest node also lists
+    /// (it opens those pools to publish their volumes) are dropped: the controller owns the
+    /// shared pools and lists them itself. A record of another node fails the whole listing, as
+    /// an answer that does not decode does: nothing else in it can be believed either.
+    fn listed<T: Answered>(&self, rpc: &str, recs: Vec<T>) -> Result<Vec<T>, StorageError> {
+        recs.into_iter()
+            .filter(|r| r.object().location != Location::Shared)
+            .map(|r| self.own(rpc, r))
+            .collect()
+    }
+
+    /// The volume a create (or a copy) made for `req`: this node's, under the name asked, in the
+    /// pool asked when the request named one.
+    fn made_for(&self, rpc: &str, req: &NewVolume, rec: VolumeRecord) -> Result<VolumeRecord, StorageError> {
+        let rec = self.own_named(rpc, &req.name, rec)?;
+        match &req.pool {
+            Some(pool) if rec.id.0.pool != *pool => Err(self.malformed(
+                rpc,
+                format!("asked for a volume in pool '{}', it answered {}", pool.as_str(), rec.id),
+            )),
+            _ => Ok(rec),
+        }
+    }
+
+    /// A snapshot cut of `source` (here: a volume of this node), which lives where its source does.
+    fn cut_of(&self, rpc: &str, source: &VolumeId, rec: SnapshotRecord) -> Result<SnapshotRecord, StorageError> {
+        let rec = self.own(rpc, rec)?;
+        let beside = rec.id.0.location == source.0.location && rec.id.0.pool == source.0.pool;
+        if rec.source_volume_id != *source || !beside {
+            return Err(self.malformed(
+                rpc,
+                format!(
+                    "asked for a snapshot of volume {source}, it answered {} of volume {}",
+                    rec.id, rec.source_volume_id
+                ),
+            ));
+        }
+        Ok(rec)
+    }
+
+    /// A group snapshot's record: the group on this node, each member snapshot where its volume
+    /// is (a group cut across nodes has members on other nodes; their own nodes delete only
+    /// snapshots marked as this group's).
+    fn group_of_mine(&self, rpc: &str, rec: GroupRecord) -> Result<GroupRecord, StorageError> {
+        let rec = self.own(rpc, rec)?;
+        for m in &rec.members {
+            let (s, v) = (&m.snapshot_id.0, &m.volume_id.0);
+            if s.location != v.location || s.pool != v.pool {
+                return Err(self.malformed(
+                    rpc,
+                    format!(
+                        "group snapshot {} has member {} of volume {}, which is elsewhere",
+                        rec.id, m.snapshot_id, m.volume_id
+                    ),
+                ));
+            }
+        }
+        Ok(rec)
+    }
+
+    /// The group a CreateGroup made for `req` (volumes of this node only): its members are the
+    /// volumes asked.
+    fn group_made_for(&self, rpc: &str, req: &NewGroup, rec: GroupRecord) -> Result<GroupRecord, StorageError> {
+        let rec = self.group_of_mine(rpc, self.own_named(rpc, &req.name, rec)?)?;
+        let mut had: Vec<&VolumeId> = rec.members.iter().map(|m| &m.volume_id).collect();
+        let mut asked: Vec<&VolumeId> = req.members.iter().collect();
+        had.sort();
+        asked.sort();
+        if had != asked {
+            return Err(self.malformed(
+                rpc,
+                format!("group snapshot {} holds other volumes than the ones asked", rec.id),
+            ));
+        }
+        Ok(rec)
     }
 }
 
@@ -437,7 +634,7 @@ impl Agent for RemoteAgent {
             })
             .await?;
         let v = self.present(RPC, "volume", r.volume)?;
-        self.decode(RPC, v.try_into())
+        self.made_for(RPC, &req, self.decode(RPC, v.try_into())?)
     }
 
     async fn delete_volume(&self, id: VolumeId) -> Result<(), StorageError> {
@@ -463,7 +660,8 @@ impl Agent for RemoteAgent {
             })
             .await?;
         let v = self.present(RPC, "volume", r.volume)?;
-        Ok((self.decode(RPC, v.try_into())?, r.node_expansion_required))
+        let rec = self.same(RPC, &id.0, self.decode(RPC, v.try_into())?)?;
+        Ok((rec, r.node_expansion_required))
     }
 
     async fn modify_volume(&self, id: VolumeId, m: Mutable) -> Result<VolumeRecord, StorageError> {
@@ -478,7 +676,7 @@ impl Agent for RemoteAgent {
             })
             .await?;
         let v = self.present(RPC, "volume", r.volume)?;
-        self.decode(RPC, v.try_into())
+        self.same(RPC, &id.0, self.decode(RPC, v.try_into())?)
     }
 
     async fn volume(&self, id: VolumeId) -> Result<Option<(VolumeRecord, Condition)>, StorageError> {
@@ -495,7 +693,7 @@ impl Agent for RemoteAgent {
             )
             .await?;
         r.volume
-            .map(|v| self.decode(RPC, wire::volume_and_condition(v)))
+            .map(|v| self.same(RPC, &id.0, self.decode(RPC, wire::volume_and_condition(v))?))
             .transpose()
     }
 
@@ -509,10 +707,12 @@ impl Agent for RemoteAgent {
                 |mut c, r| async move { c.list_volumes(r).await },
             )
             .await?;
-        r.volumes
+        let all = r
+            .volumes
             .into_iter()
             .map(|v| self.decode(RPC, wire::volume_and_condition(v)))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        self.listed(RPC, all)
     }
 
     async fn volume_named(&self, name: String) -> Result<Option<VolumeRecord>, StorageError> {
@@ -521,11 +721,12 @@ impl Agent for RemoteAgent {
             .call(
                 RPC,
                 self.timeouts.call,
-                v1::VolumeNamedRequest { name },
+                v1::VolumeNamedRequest { name: name.clone() },
                 |mut c, r| async move { c.volume_named(r).await },
             )
             .await?;
-        r.volume.map(|v| self.decode(RPC, v.try_into())).transpose()
+        let found = r.volume.map(|v| self.decode(RPC, v.try_into())).transpose()?;
+        self.found(RPC, &name, found)
     }
 
     async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError> {
@@ -534,11 +735,12 @@ impl Agent for RemoteAgent {
             .call(
                 RPC,
                 self.timeouts.call,
-                v1::SnapshotNamedRequest { name },
+                v1::SnapshotNamedRequest { name: name.clone() },
                 |mut c, r| async move { c.snapshot_named(r).await },
             )
             .await?;
-        r.snapshot.map(|s| self.decode(RPC, s.try_into())).transpose()
+        let found = r.snapshot.map(|s| self.decode(RPC, s.try_into())).transpose()?;
+        self.found(RPC, &name, found)
     }
 
     async fn create_snapshot(
@@ -550,7 +752,7 @@ impl Agent for RemoteAgent {
     ) -> Result<SnapshotRecord, StorageError> {
         const RPC: &str = "CreateSnapshot";
         let msg = v1::CreateSnapshotRequest {
-            name,
+            name: name.clone(),
             source_volume_id: source.to_string(),
             freeze,
             backup_repository: backup.as_ref().map(|b| b.repository.as_str().to_string()),
@@ -562,7 +764,8 @@ impl Agent for RemoteAgent {
             })
             .await?;
         let s = self.present(RPC, "snapshot", r.snapshot)?;
-        self.decode(RPC, s.try_into())
+        let rec = self.own_named(RPC, &name, self.decode(RPC, s.try_into())?)?;
+        self.cut_of(RPC, &source, rec)
     }
 
     async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError> {
@@ -584,10 +787,12 @@ impl Agent for RemoteAgent {
                 |mut c, r| async move { c.list_snapshots(r).await },
             )
             .await?;
-        r.snapshots
+        let all = r
+            .snapshots
             .into_iter()
             .map(|s| self.decode(RPC, s.try_into()))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        self.listed(RPC, all)
     }
 
     async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError> {
@@ -632,6 +837,7 @@ impl Agent for RemoteAgent {
     async fn import_volume(&self, req: NewVolume, frames: Frames) -> Result<VolumeRecord, StorageError> {
         use v1::import_volume_request::Kind;
         const RPC: &str = "ImportVolume";
+        let asked = &req;
         let first = v1::ImportVolumeRequest {
             kind: Some(Kind::Volume((&req).into())),
         };
@@ -682,7 +888,7 @@ impl Agent for RemoteAgent {
             .map_err(|s| self.failed(RPC, self.timeouts.storage, s))?
             .into_inner();
         let v = self.present(RPC, "volume", r.volume)?;
-        self.decode(RPC, v.try_into())
+        self.made_for(RPC, asked, self.decode(RPC, v.try_into())?)
     }
 
     async fn create_group(&self, req: NewGroup) -> Result<GroupRecord, StorageError> {
@@ -693,7 +899,8 @@ impl Agent for RemoteAgent {
                 c.create_group(r).await
             })
             .await?;
-        self.decode(RPC, self.present(RPC, "group", r.group)?.try_into())
+        let rec = self.decode(RPC, self.present(RPC, "group", r.group)?.try_into())?;
+        self.group_made_for(RPC, &req, rec)
     }
 
     async fn delete_group(&self, id: GroupId) -> Result<(), StorageError> {
@@ -720,18 +927,23 @@ impl Agent for RemoteAgent {
                 |mut c, r| async move { c.get_group(r).await },
             )
             .await?;
-        r.group.map(|g| self.decode(RPC, g.try_into())).transpose()
+        r.group
+            .map(|g| self.group_of_mine(RPC, self.same(RPC, &id.0, self.decode(RPC, g.try_into())?)?))
+            .transpose()
     }
 
     async fn group_named(&self, name: String) -> Result<Option<GroupRecord>, StorageError> {
-        let msg = v1::GroupNamedRequest { name };
+        let msg = v1::GroupNamedRequest { name: name.clone() };
         const RPC: &str = "GroupNamed";
         let r = self
             .call(RPC, self.timeouts.call, msg, |mut c, r| async move {
                 c.group_named(r).await
             })
             .await?;
-        r.group.map(|g| self.decode(RPC, g.try_into())).transpose()
+        let found = r.group.map(|g| self.decode(RPC, g.try_into())).transpose()?;
+        self.found(RPC, &name, found)?
+            .map(|g| self.group_of_mine(RPC, g))
+            .transpose()
     }
 
     async fn cut_group_part(
@@ -794,9 +1006,22 @@ impl Agent for RemoteAgent {
                 return Err(self.failed(RPC, limit, s));
             }
         };
+        // Each record is a snapshot of one of the members asked, beside it on this node.
         records
             .into_iter()
-            .map(|r| self.decode(RPC, SnapshotRecord::try_from(r)))
+            .map(|r| {
+                let rec = self.decode(RPC, SnapshotRecord::try_from(r))?;
+                match req.members.iter().find(|v| **v == rec.source_volume_id) {
+                    Some(v) => self.cut_of(RPC, v, rec),
+                    None => Err(self.malformed(
+                        RPC,
+                        format!(
+                            "it answered snapshot {} of volume {}, not a member asked",
+                            rec.id, rec.source_volume_id
+                        ),
+                    )),
+                }
+            })
             .collect()
     }
 

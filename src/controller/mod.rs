@@ -293,7 +293,7 @@ impl ControllerService {
         };
 
         // A name already taken anywhere answers for itself: the same request gets the same volume.
-        if let Some((agent, existing_pool)) = self.volume_named(&r.name).await {
+        if let Some((agent, existing_pool)) = self.volume_named(&r.name, r.accessibility_requirements.as_ref()).await {
             let existing_pool = Some(existing_pool);
             let mut spec = spec;
             match (&spec.pool, existing_pool) {
@@ -386,8 +386,23 @@ impl ControllerService {
     /// provisioning must not stop for one dead node (a retry for a volume made there goes back
     /// there by its topology).
     /// Answers the agent and the pool the volume is in.
-    async fn volume_named(&self, name: &str) -> Option<(Arc<dyn Agent>, PoolName)> {
-        let agents = self.directory.all();
+    ///
+    /// Only nodes the request's requisite topology admits (and the shared pools) can answer: the
+    /// volume a retry finds was placed within that topology, and a node outside it that claims
+    /// every name (a compromised node, whose answers are otherwise only checked to be its own)
+    /// must not draw a volume the topology keeps away from it.
+    async fn volume_named(
+        &self,
+        name: &str,
+        topology: Option<&TopologyRequirement>,
+    ) -> Option<(Arc<dyn Agent>, PoolName)> {
+        let shared = self.directory.shared();
+        let agents: Vec<Arc<dyn Agent>> = self
+            .directory
+            .all()
+            .into_iter()
+            .filter(|a| shared.as_ref().is_some_and(|s| Arc::ptr_eq(s, a)) || request::admits(topology, a.node()))
+            .collect();
         if let Some((key, listed)) = self.listings.named(name) {
             if let (Some(a), Ok(pool)) = (
                 agents.iter().find(|a| self.listing_key(a) == key),

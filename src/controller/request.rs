@@ -209,6 +209,11 @@ pub fn rank_nodes(req: Option<&TopologyRequirement>, nodes: &[NodeId]) -> Vec<No
     out
 }
 
+/// Whether the request's requisite topology admits a node (any node when it names none).
+pub fn admits(req: Option<&TopologyRequirement>, node: &NodeId) -> bool {
+    !rank_nodes(req, std::slice::from_ref(node)).is_empty()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +236,8 @@ mod tests {
         };
         assert!(rank_nodes(Some(&other), &nodes).is_empty());
         assert_eq!(rank_nodes(None, &nodes).len(), 3);
+        assert!(admits(Some(&req), &n("b")) && !admits(Some(&req), &n("a")));
+        assert!(admits(None, &n("a")));
     }
 
     #[test]
