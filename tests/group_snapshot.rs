@@ -895,6 +895,34 @@ mod split {
         assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
     }
 
+    /// CreateSnapshot asks every node whether the name is taken: one that cannot answer is
+    /// skipped, not a failure of every snapshot in the cluster; the source's node must answer.
+    #[tokio::test]
+    async fn a_node_that_cannot_answer_does_not_stop_a_snapshot_on_another_node() {
+        let mut n = nodes(&["node-1"]).await;
+        dead_node(&mut n, "node-9").await;
+        let ctl = ControllerService::new(Arc::new(n));
+        let a = volume(&ctl, "pvc-sdead", "node-1").await;
+        let snap = |source: &str| {
+            Request::new(CreateSnapshotRequest {
+                name: format!("snap-dead-{}", source.len()),
+                source_volume_id: source.into(),
+                ..Default::default()
+            })
+        };
+        let made = ctl
+            .create_snapshot(snap(&a))
+            .await
+            .expect("CreateSnapshot")
+            .into_inner();
+        assert_eq!(made.snapshot.expect("snapshot").source_volume_id, a);
+        let e = ctl
+            .create_snapshot(snap("local:node-9:default:pvc-x"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    }
+
     /// The same CreateVolumeGroupSnapshot sent twice at once (the snapshotter retrying a slow
     /// call): one attempt must never remove the members the other's group record names.
     #[tokio::test]

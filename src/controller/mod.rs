@@ -993,13 +993,28 @@ impl Controller for ControllerService {
             let freeze = request::snapshot_params(&r.parameters)?;
             let wants_backup = backup::backup_request(&r.parameters)?;
             let (source, agent) = self.volume_owner(&r.source_volume_id)?;
-            for a in self.directory.all() {
-                if let Some(existing) = a.snapshot_named(r.name.clone()).await? {
-                    if existing.source_volume_id != source {
+            // A name is the cluster's: asked of every node at once, each within its deadline. The
+            // source's node must answer (the snapshot is cut there); another node that cannot (or
+            // answers nonsense) is skipped, so one broken node never stops every snapshot.
+            let all = self.directory.all();
+            let name = r.name.clone();
+            let answers = ask_all(&all, |a| {
+                let name = name.clone();
+                async move { a.snapshot_named(name).await }
+            })
+            .await;
+            for (a, answer) in all.iter().zip(answers) {
+                match answer {
+                    Ok(Some(existing)) if existing.source_volume_id != source => {
                         return Err(ControllerError::NameTaken(format!(
                             "snapshot '{}' already exists for volume {}, not {}",
                             r.name, existing.source_volume_id, r.source_volume_id
                         )));
+                    }
+                    Ok(_) => {}
+                    Err(e) if a.node() == agent.node() => return Err(e.into()),
+                    Err(e) => {
+                        tracing::warn!(node = a.node().as_str(), error = %e, "snapshot name lookup skipped a node that did not answer");
                     }
                 }
             }
