@@ -570,7 +570,7 @@ async fn a_node_certificate_cannot_list_read_or_delete_another_nodes_volumes() {
     for leaf in [ca.issue(&[AGENT_SERVER_NAME]), ca.issue(&["node-2.cellar-agent"])] {
         let mut attacker = raw_agent(&ca, &leaf, agent.addr).await;
         let e = attacker
-            .list_volumes(addressed(v1::ListVolumesRequest {}, Some(NODE)))
+            .list_volumes(addressed(v1::ListVolumesRequest::default(), Some(NODE)))
             .await
             .expect_err("list");
         assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
@@ -612,7 +612,7 @@ async fn a_call_without_the_node_header_is_invalid_argument() {
     let agent = start_agent(ca.tls(&ca.issue(&[AGENT_SERVER_NAME]))).await;
     let mut client = raw_agent(&ca, &ca.issue(&[CONTROLLER]), agent.addr).await;
     let e = client
-        .list_volumes(addressed(v1::ListVolumesRequest {}, None))
+        .list_volumes(addressed(v1::ListVolumesRequest::default(), None))
         .await
         .expect_err("no header");
     assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
@@ -622,7 +622,7 @@ async fn a_call_without_the_node_header_is_invalid_argument() {
         e.message()
     );
     client
-        .list_volumes(addressed(v1::ListVolumesRequest {}, Some(NODE)))
+        .list_volumes(addressed(v1::ListVolumesRequest::default(), Some(NODE)))
         .await
         .expect("with the header the controller is served");
 }
@@ -1051,6 +1051,8 @@ mod lying_node {
         /// Listings and lookups also carry a shared pool's records, as an honest node's do (it
         /// opens the shared pools whose volumes it publishes).
         SharedToo,
+        /// Not a lie: a node with many volumes (6,000 more of its own), more than one page holds.
+        Many,
     }
 
     struct Liar {
@@ -1168,6 +1170,12 @@ mod lying_node {
             match self.lie {
                 Lie::OtherNode => all.push((volume_record("pvc-victim", VICTIM), healthy())),
                 Lie::SharedToo => all.push((volume_record("pvc-shared", "shared:share:pvc-shared"), healthy())),
+                Lie::Many => {
+                    for i in 0..6000 {
+                        let name = format!("pvc-many-{i:05}");
+                        all.push((volume_record(&name, &format!("local:node-1:default:{name}")), healthy()));
+                    }
+                }
                 _ => {}
             }
             Ok(all)
@@ -1179,6 +1187,7 @@ mod lying_node {
                 Lie::EveryName => Some(volume_record(&name, &format!("local:node-1:default:{}", key.as_str()))),
                 Lie::Misnamed => Some(volume_record("pvc-other", "local:node-1:default:pvc-other")),
                 Lie::SharedToo => Some(volume_record(&name, &format!("shared:share:{}", key.as_str()))),
+                Lie::Many => self.honest.volume_named(name).await?,
             })
         }
         async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError> {
@@ -1311,6 +1320,23 @@ mod lying_node {
         assert_eq!(s.code(), Code::Internal, "{}", s.message());
         assert!(s.message().contains("on node node-1"), "{}", s.message());
         assert!(s.message().contains(why), "{}", s.message());
+    }
+
+    /// A node's listing comes in pages of at most 256 KiB (the controller decodes no answer of a
+    /// listing past 512 KiB, so a lying node cannot make it decode gigabytes of empty records):
+    /// 6,000 volumes, some 900 KiB, arrive whole, once each, in id order.
+    #[tokio::test]
+    async fn a_listing_larger_than_a_page_arrives_whole_in_pages() {
+        let ca = Authority::new("cellar test CA");
+        let node = start_liar(&ca, Lie::Many).await;
+        let c = client(&ca, &node);
+        let listed = c.volumes().await.expect("ListVolumes in pages");
+        let ids: Vec<String> = listed.iter().map(|(r, _)| r.id.to_string()).collect();
+        assert_eq!(ids.len(), 6000);
+        let mut sorted = ids.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(ids, sorted, "in id order, each once");
     }
 
     #[tokio::test]

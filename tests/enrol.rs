@@ -1214,7 +1214,7 @@ async fn a_nodes_certificate_cannot_act_as_the_controller() {
         .await
         .expect("a node's certificate passes the handshake");
     let e = AgentClient::new(channel)
-        .list_volumes(ListVolumesRequest {})
+        .list_volumes(ListVolumesRequest::default())
         .await
         .expect_err("a node's certificate must not act as the controller");
     assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());

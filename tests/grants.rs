@@ -386,7 +386,7 @@ async fn a_node_certificate_with_a_grant_still_cannot_call_the_agent_service() {
     );
     denied(
         agent
-            .list_volumes(addressed(v1::ListVolumesRequest {}, "node-1"))
+            .list_volumes(addressed(v1::ListVolumesRequest::default(), "node-1"))
             .await
             .map(|_| ()),
     );

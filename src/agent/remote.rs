@@ -36,6 +36,15 @@ pub const NODE_HEADER: &str = "cellar-node";
 /// Replies (ListVolumes of a node with many volumes) may be far larger than gRPC's 4 MiB default.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
+/// What one page of a node's listing may hold, as asked (the node fills it up to this) and as
+/// decoded here (twice that: a node's own page never comes near it). Small on purpose: protobuf
+/// decodes a two-byte empty record into a whole struct, so a lying node's page of 512 KiB may
+/// cost the controller a few dozen MiB for a moment, where one of 64 MiB could cost gigabytes.
+const LIST_PAGE_BYTES: u32 = 256 << 10;
+/// The most records a node's listing may hold (far above what a node holds: 1,000 nodes of 100
+/// volumes is the scale cellar is measured at); past it the listing is refused.
+pub const MAX_LISTED_PER_NODE: usize = 200_000;
+
 /// `HOST:PORT` where a peer listens: a DNS name, an IPv4 address or a bracketed IPv6 address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HostPort {
@@ -163,6 +172,8 @@ pub struct RemoteAgent {
     node: NodeId,
     address: HostPort,
     client: AgentClient<Channel>,
+    /// The same connection, for listings, whose pages may be at most twice [`LIST_PAGE_BYTES`].
+    lister: AgentClient<Channel>,
     /// The same connection, for a node pulling another node's data with a grant.
     transfer: TransferClient<Channel>,
     timeouts: Timeouts,
@@ -195,6 +206,7 @@ impl RemoteAgent {
         let client = AgentClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let lister = AgentClient::new(channel.clone()).max_decoding_message_size(2 * LIST_PAGE_BYTES as usize);
         let transfer = TransferClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -202,6 +214,7 @@ impl RemoteAgent {
             node,
             address,
             client,
+            lister,
             transfer,
             timeouts,
         })
@@ -229,8 +242,24 @@ impl RemoteAgent {
         F: FnOnce(AgentClient<Channel>, Request<Q>) -> Fut,
         Fut: Future<Output = Result<Response<A>, Status>>,
     {
+        self.call_on(&self.client, rpc, limit, msg, f).await
+    }
+
+    /// [`RemoteAgent::call`] through `client` (one of this connection's clients).
+    async fn call_on<Q, A, F, Fut>(
+        &self,
+        client: &AgentClient<Channel>,
+        rpc: &'static str,
+        limit: Duration,
+        msg: Q,
+        f: F,
+    ) -> Result<A, StorageError>
+    where
+        F: FnOnce(AgentClient<Channel>, Request<Q>) -> Fut,
+        Fut: Future<Output = Result<Response<A>, Status>>,
+    {
         let req = self.request(msg, Some(limit));
-        match tokio::time::timeout(limit, f(self.client.clone(), req)).await {
+        match tokio::time::timeout(limit, f(client.clone(), req)).await {
             Ok(r) => r.map(Response::into_inner).map_err(|s| self.failed(rpc, limit, s)),
             Err(_) => Err(self.silent(rpc, limit)),
         }
@@ -476,6 +505,37 @@ impl RemoteAgent {
     /// (it opens those pools to publish their volumes) are dropped: the controller owns the
     /// shared pools and lists them itself. A record of another node fails the whole listing, as
     /// an answer that does not decode does: nothing else in it can be believed either.
+    /// Every page of a listing, asked with the last id seen, until the node says no more remain:
+    /// each page's ids must come after the last one's, in order (so a node cannot keep a listing
+    /// going for ever), and at most [`MAX_LISTED_PER_NODE`] records in all.
+    async fn pages<T, F, Fut>(&self, rpc: &str, mut ask: F) -> Result<Vec<T>, StorageError>
+    where
+        T: Answered,
+        F: FnMut(String) -> Fut,
+        Fut: Future<Output = Result<(Vec<T>, bool), StorageError>>,
+    {
+        let mut all: Vec<T> = Vec::new();
+        let mut after = String::new();
+        loop {
+            let (page, more) = ask(after.clone()).await?;
+            for r in &page {
+                let id = r.shown();
+                if id <= after {
+                    return Err(self.malformed(rpc, format!("listed {id} after {after}: out of order")));
+                }
+                after = id;
+            }
+            if all.len() + page.len() > MAX_LISTED_PER_NODE {
+                return Err(self.malformed(rpc, format!("it lists more than {MAX_LISTED_PER_NODE} records")));
+            }
+            let done = !more || page.is_empty();
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
+        }
+    }
+
     fn listed<T: Answered>(&self, rpc: &str, recs: Vec<T>) -> Result<Vec<T>, StorageError> {
         recs.into_iter()
             .filter(|r| r.object().location != Location::Shared)
@@ -699,19 +759,25 @@ impl Agent for RemoteAgent {
 
     async fn volumes(&self) -> Result<Vec<(VolumeRecord, Condition)>, StorageError> {
         const RPC: &str = "ListVolumes";
-        let r = self
-            .call(
-                RPC,
-                self.timeouts.call,
-                v1::ListVolumesRequest {},
-                |mut c, r| async move { c.list_volumes(r).await },
-            )
+        let all = self
+            .pages(RPC, |after| async move {
+                let msg = v1::ListVolumesRequest {
+                    max_bytes: LIST_PAGE_BYTES,
+                    after_id: after,
+                };
+                let r = self
+                    .call_on(&self.lister, RPC, self.timeouts.call, msg, |mut c, r| async move {
+                        c.list_volumes(r).await
+                    })
+                    .await?;
+                let page = r
+                    .volumes
+                    .into_iter()
+                    .map(|v| self.decode(RPC, wire::volume_and_condition(v)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((page, r.more))
+            })
             .await?;
-        let all = r
-            .volumes
-            .into_iter()
-            .map(|v| self.decode(RPC, wire::volume_and_condition(v)))
-            .collect::<Result<Vec<_>, _>>()?;
         self.listed(RPC, all)
     }
 
@@ -779,19 +845,25 @@ impl Agent for RemoteAgent {
 
     async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError> {
         const RPC: &str = "ListSnapshots";
-        let r = self
-            .call(
-                RPC,
-                self.timeouts.call,
-                v1::ListSnapshotsRequest {},
-                |mut c, r| async move { c.list_snapshots(r).await },
-            )
+        let all = self
+            .pages(RPC, |after| async move {
+                let msg = v1::ListSnapshotsRequest {
+                    max_bytes: LIST_PAGE_BYTES,
+                    after_id: after,
+                };
+                let r = self
+                    .call_on(&self.lister, RPC, self.timeouts.call, msg, |mut c, r| async move {
+                        c.list_snapshots(r).await
+                    })
+                    .await?;
+                let page = r
+                    .snapshots
+                    .into_iter()
+                    .map(|s| self.decode(RPC, s.try_into()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((page, r.more))
+            })
             .await?;
-        let all = r
-            .snapshots
-            .into_iter()
-            .map(|s| self.decode(RPC, s.try_into()))
-            .collect::<Result<Vec<_>, _>>()?;
         self.listed(RPC, all)
     }
 

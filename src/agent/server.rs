@@ -352,11 +352,17 @@ impl v1::agent_server::Agent for AgentService {
         }))
     }
 
-    async fn list_volumes(&self, _: Request<v1::ListVolumesRequest>) -> Reply<v1::ListVolumesResponse> {
+    async fn list_volumes(&self, req: Request<v1::ListVolumesRequest>) -> Reply<v1::ListVolumesResponse> {
+        let r = req.into_inner();
         let all = self.agent.volumes().await.map_err(wire::status)?;
-        Ok(Response::new(v1::ListVolumesResponse {
-            volumes: all.iter().map(|(r, c)| wire::volume_with_condition(r, c)).collect(),
-        }))
+        let (volumes, more) = page(
+            &all,
+            |(v, _)| v.id.to_string(),
+            |(v, c)| wire::volume_with_condition(v, c),
+            &r.after_id,
+            r.max_bytes,
+        );
+        Ok(Response::new(v1::ListVolumesResponse { volumes, more }))
     }
 
     async fn volume_named(&self, req: Request<v1::VolumeNamedRequest>) -> Reply<v1::VolumeNamedResponse> {
@@ -409,11 +415,11 @@ impl v1::agent_server::Agent for AgentService {
         Ok(Response::new(v1::DeleteSnapshotResponse {}))
     }
 
-    async fn list_snapshots(&self, _: Request<v1::ListSnapshotsRequest>) -> Reply<v1::ListSnapshotsResponse> {
+    async fn list_snapshots(&self, req: Request<v1::ListSnapshotsRequest>) -> Reply<v1::ListSnapshotsResponse> {
+        let r = req.into_inner();
         let all = self.agent.snapshots().await.map_err(wire::status)?;
-        Ok(Response::new(v1::ListSnapshotsResponse {
-            snapshots: all.iter().map(Into::into).collect(),
-        }))
+        let (snapshots, more) = page(&all, |s| s.id.to_string(), |s| s.into(), &r.after_id, r.max_bytes);
+        Ok(Response::new(v1::ListSnapshotsResponse { snapshots, more }))
     }
 
     async fn pools(&self, _: Request<v1::PoolsRequest>) -> Reply<v1::PoolsResponse> {
@@ -544,6 +550,35 @@ impl v1::agent_server::Agent for AgentService {
     }
 }
 
+/// One page of a listing: the records whose ids come after `after`, in id order, up to
+/// `max_bytes` encoded (at least one; 0: all), and whether any remain. Only the page's records
+/// are converted for the wire.
+fn page<R, T: prost::Message>(
+    records: &[R],
+    id: impl Fn(&R) -> String,
+    wire: impl Fn(&R) -> T,
+    after: &str,
+    max_bytes: u32,
+) -> (Vec<T>, bool) {
+    let mut rest: Vec<(String, &R)> = records
+        .iter()
+        .map(|r| (id(r), r))
+        .filter(|(i, _)| i.as_str() > after)
+        .collect();
+    rest.sort_by(|a, b| a.0.cmp(&b.0));
+    let (mut taken, mut bytes) = (Vec::new(), 0usize);
+    for (_, r) in &rest {
+        let t = wire(r);
+        let len = t.encoded_len() + 8; // with its field's tag and length
+        if max_bytes != 0 && !taken.is_empty() && bytes + len > max_bytes as usize {
+            return (taken, true);
+        }
+        bytes += len;
+        taken.push(t);
+    }
+    (taken, false)
+}
+
 /// The connection limits of the agent's and the registry's ports unless told otherwise: callers
 /// that say nothing (not even the TLS handshake) are dropped after two minutes; live peers answer
 /// the server's pings (every 30 s) and stay; one peer address holds at most 64 (a node keeps a
@@ -582,4 +617,38 @@ pub async fn serve_within(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page;
+
+    /// A record of the wire whose encoded size is its text's.
+    fn rec(id: &str, pad: usize) -> (String, String) {
+        (id.to_string(), "x".repeat(pad))
+    }
+
+    #[test]
+    fn a_listing_comes_in_id_order_in_pages_of_bounded_size_with_at_least_one_record() {
+        let all = vec![rec("c", 100), rec("a", 100), rec("b", 100), rec("d", 5000)];
+        let id = |r: &(String, String)| r.0.clone();
+        let wire = |r: &(String, String)| format!("{}{}", r.0, r.1);
+        // 250 bytes hold two records of ~110 encoded bytes, not three.
+        let (p1, more) = page(&all, id, wire, "", 250);
+        assert_eq!(p1.iter().map(|s| &s[..1]).collect::<Vec<_>>(), ["a", "b"]);
+        assert!(more);
+        let (p2, more) = page(&all, id, wire, "b", 250);
+        assert_eq!(p2.iter().map(|s| &s[..1]).collect::<Vec<_>>(), ["c"]);
+        assert!(more);
+        // A record larger than a page still goes, alone.
+        let (p3, more) = page(&all, id, wire, "c", 250);
+        assert_eq!(p3.iter().map(|s| &s[..1]).collect::<Vec<_>>(), ["d"]);
+        assert!(!more);
+        let (none, more) = page(&all, id, wire, "d", 250);
+        assert!(none.is_empty() && !more);
+        // 0: everything at once, as a controller before paging asks.
+        let (whole, more) = page(&all, id, wire, "", 0);
+        assert_eq!(whole.len(), 4);
+        assert!(!more);
+    }
 }
