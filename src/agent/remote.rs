@@ -33,14 +33,17 @@ use std::sync::Arc;
 /// it, so a stale address never sends a call to the wrong node.
 pub const NODE_HEADER: &str = "cellar-node";
 
-/// Replies (ListVolumes of a node with many volumes) may be far larger than gRPC's 4 MiB default.
-pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// The largest message of a transfer (a frame carries at most 1 MiB of data) or a batch of
+/// changed blocks, either way.
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
 
-/// What one page of a node's listing may hold, as asked (the node fills it up to this) and as
-/// decoded here (twice that: a node's own page never comes near it). Small on purpose: protobuf
-/// decodes a two-byte empty record into a whole struct, so a lying node's page of 512 KiB may
-/// cost the controller a few dozen MiB for a moment, where one of 64 MiB could cost gigabytes.
+/// What one page of a node's listing may hold, as asked (the node fills it up to this).
 const LIST_PAGE_BYTES: u32 = 256 << 10;
+/// The largest answer of a node decoded here, but for transfers and changed blocks: twice a
+/// listing's page (a node's own answers never come near it). Small on purpose: protobuf decodes a
+/// two-byte empty record into a whole struct, so a lying node's answer of 512 KiB may cost the
+/// controller a few dozen MiB for a moment, where one of 64 MiB could cost gigabytes.
+const MAX_ANSWER_BYTES: usize = 2 * LIST_PAGE_BYTES as usize;
 /// The most records a node's listing may hold (far above what a node holds: 1,000 nodes of 100
 /// volumes is the scale cellar is measured at); past it the listing is refused.
 pub const MAX_LISTED_PER_NODE: usize = 200_000;
@@ -171,9 +174,10 @@ fn status_text(s: &Status) -> String {
 pub struct RemoteAgent {
     node: NodeId,
     address: HostPort,
+    /// Answers of at most [`MAX_ANSWER_BYTES`].
     client: AgentClient<Channel>,
-    /// The same connection, for listings, whose pages may be at most twice [`LIST_PAGE_BYTES`].
-    lister: AgentClient<Channel>,
+    /// The same connection, for the data of transfers and changed blocks ([`MAX_MESSAGE_BYTES`]).
+    bulk: AgentClient<Channel>,
     /// The same connection, for a node pulling another node's data with a grant.
     transfer: TransferClient<Channel>,
     timeouts: Timeouts,
@@ -204,9 +208,11 @@ impl RemoteAgent {
                 .keep_alive_timeout(Duration::from_secs(5))
         })?;
         let client = AgentClient::new(channel.clone())
+            .max_decoding_message_size(MAX_ANSWER_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let bulk = AgentClient::new(channel.clone())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let lister = AgentClient::new(channel.clone()).max_decoding_message_size(2 * LIST_PAGE_BYTES as usize);
         let transfer = TransferClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -214,7 +220,7 @@ impl RemoteAgent {
             node,
             address,
             client,
-            lister,
+            bulk,
             transfer,
             timeouts,
         })
@@ -354,7 +360,7 @@ impl RemoteAgent {
             grant: Some(from.grant),
         };
         let req = self.request(msg, None);
-        let mut client = self.client.clone();
+        let mut client = self.bulk.clone();
         let made = tokio::spawn(async move { client.pull_volume(req).await })
             .await
             .map_err(|e| self.unreachable(RPC, format!("the transfer task failed: {e}")))?;
@@ -655,7 +661,7 @@ impl Agent for RemoteAgent {
             max_results: u32::try_from(max).unwrap_or(u32::MAX),
         };
         let req = self.request(msg, None);
-        let mut stream = match tokio::time::timeout(start, self.client.clone().block_ranges(req)).await {
+        let mut stream = match tokio::time::timeout(start, self.bulk.clone().block_ranges(req)).await {
             Ok(r) => r.map_err(|s| self.metadata_failed(RPC, start, s))?.into_inner(),
             Err(_) => return Err(self.silent(RPC, start).into()),
         };
@@ -766,7 +772,7 @@ impl Agent for RemoteAgent {
                     after_id: after,
                 };
                 let r = self
-                    .call_on(&self.lister, RPC, self.timeouts.call, msg, |mut c, r| async move {
+                    .call_on(&self.client, RPC, self.timeouts.call, msg, |mut c, r| async move {
                         c.list_volumes(r).await
                     })
                     .await?;
@@ -852,7 +858,7 @@ impl Agent for RemoteAgent {
                     after_id: after,
                 };
                 let r = self
-                    .call_on(&self.lister, RPC, self.timeouts.call, msg, |mut c, r| async move {
+                    .call_on(&self.client, RPC, self.timeouts.call, msg, |mut c, r| async move {
                         c.list_snapshots(r).await
                     })
                     .await?;
@@ -898,7 +904,7 @@ impl Agent for RemoteAgent {
             },
             None,
         );
-        let mut client = self.client.clone();
+        let mut client = self.bulk.clone();
         self.frames("ExportData", client.export_data(req)).await
     }
 
@@ -947,7 +953,7 @@ impl Agent for RemoteAgent {
         let req = self.request(tokio_stream::wrappers::ReceiverStream::new(rx), None);
         // Its own task: a CreateVolume that gives up does not cut a transfer that is under way; the
         // retry finds the volume made (or ABORTED while the transfer still runs).
-        let mut client = self.client.clone();
+        let mut client = self.bulk.clone();
         let made = tokio::spawn(async move { client.import_volume(req).await })
             .await
             .map_err(|e| self.unreachable(RPC, format!("the transfer task failed: {e}")))?;
