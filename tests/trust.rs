@@ -785,6 +785,9 @@ async fn a_static_handle_cannot_name_what_cellar_manages_on_the_share() {
         (format!("static:share:volumes/{key}"), ""),
         ("static:share:volumes".to_string(), key.as_str()),
         ("static:share:snapshots".to_string(), ""),
+        // A share that folds case (SMB) would open these as the same directories.
+        (format!("static:share:Volumes/{key}"), ""),
+        ("static:share:SNAPSHOTS".to_string(), ""),
         ("static:share:groups".to_string(), ""),
         ("static:share:.staged".to_string(), ""),
         ("static:share:.leases".to_string(), ""),

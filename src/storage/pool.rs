@@ -39,12 +39,13 @@ const MANAGED: [&str; 8] = [
 ];
 
 /// Whether a path relative to a pool's root reaches into what cellar manages there: one of
-/// [`MANAGED`], or any name starting with `.` (room for what later versions add).
+/// [`MANAGED`] in any case (a share may fold case, as SMB does), or any name starting with `.`
+/// (room for what later versions add).
 pub fn is_managed(rel: &Path) -> bool {
     match rel.components().next() {
         Some(std::path::Component::Normal(first)) => {
-            let first = first.to_string_lossy();
-            first.starts_with('.') || MANAGED.contains(&first.as_ref())
+            let first = first.to_string_lossy().to_ascii_lowercase();
+            first.starts_with('.') || MANAGED.contains(&first.as_str())
         }
         _ => true,
     }
