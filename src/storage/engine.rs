@@ -270,7 +270,8 @@ pub struct LocalEngine {
     uploading: Mutex<std::collections::HashSet<String>>,
     /// Room promised to creates and expands of this process that passed their room check and
     /// have not recorded their new size yet, by pool: taken from the room every later check sees.
-    promised: Mutex<BTreeMap<PoolName, u64>>,
+    /// One lock per pool, held while its room is read: a hung share stalls only its own pool.
+    promised: Mutex<BTreeMap<PoolName, std::sync::Arc<Mutex<u64>>>>,
 }
 
 /// How long a dir volume's counted size is reused before its tree is walked again.

@@ -29,10 +29,10 @@ impl LocalEngine {
         own: u64,
         refuse: impl FnOnce(u64) -> StorageError,
     ) -> Result<Promise<'a>, StorageError> {
-        let mut promised = lock(&self.promised);
         let name = &pool.config.name;
-        let before = promised.get(name).copied().unwrap_or(0);
-        let room = self.room(pool, layout)?.saturating_sub(before).saturating_add(own);
+        let counter = lock(&self.promised).entry(name.clone()).or_default().clone();
+        let mut promised = lock(&counter);
+        let room = self.room(pool, layout)?.saturating_sub(*promised).saturating_add(own);
         if bytes > room {
             return Err(refuse(room));
         }
@@ -43,11 +43,12 @@ impl LocalEngine {
         } else {
             0
         };
-        *promised.entry(name.clone()).or_insert(0) += bytes;
+        *promised += bytes;
+        drop(promised);
         Ok(Promise {
-            promised: &self.promised,
-            pool: name.clone(),
+            promised: counter,
             bytes,
+            _engine: std::marker::PhantomData,
         })
     }
 
@@ -276,16 +277,15 @@ pub(super) fn usage(pool: &Pool) -> Result<statfs::FsUsage, StorageError> {
 
 /// Room promised to one create or expand until it has recorded its size ([`LocalEngine::promise`]).
 pub(super) struct Promise<'a> {
-    promised: &'a Mutex<BTreeMap<PoolName, u64>>,
-    pool: PoolName,
+    /// Its pool's promised bytes.
+    promised: std::sync::Arc<Mutex<u64>>,
     bytes: u64,
+    _engine: std::marker::PhantomData<&'a LocalEngine>,
 }
 
 impl Drop for Promise<'_> {
     fn drop(&mut self) {
-        let mut promised = lock(self.promised);
-        if let Some(n) = promised.get_mut(&self.pool) {
-            *n = n.saturating_sub(self.bytes);
-        }
+        let mut promised = lock(&self.promised);
+        *promised = promised.saturating_sub(self.bytes);
     }
 }
