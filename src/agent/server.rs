@@ -581,12 +581,13 @@ fn page<R, T: prost::Message>(
 
 /// The connection limits of the agent's and the registry's ports unless told otherwise: callers
 /// that say nothing (not even the TLS handshake) are dropped after two minutes; live peers answer
-/// the server's pings (every 30 s) and stay; one peer address holds at most 64 (a node keeps a
-/// few; the controller one per node it calls).
+/// the server's pings (every 30 s) and stay; one peer address holds at most a quarter of them (a
+/// node pulling many copies from this one opens a connection per copy). The registry's own limit
+/// per address is `--max-connections-per-peer`.
 pub const TCP_LIMITS: SocketLimits = SocketLimits {
     idle_timeout: Duration::from_secs(120),
     max_connections: 1024,
-    max_per_peer: 64,
+    max_per_peer: 256,
 };
 
 /// Serves gRPC services on a TCP listener with our TLS (mutual, or plaintext when insecure) until

@@ -385,17 +385,17 @@ pub struct Verifier {
     next: u64,
     limit: Option<u64>,
     ended: bool,
-    /// Bytes of file data a tree stream may bring in all (the new volume's capacity), and what it
-    /// brought so far: a source that sends more is refused before it fills the target's pool.
+    /// Bytes of file data a tree stream may bring in all, and what it brought so far: a source
+    /// that sends more is refused before it fills the target's pool.
     budget: Option<u64>,
     sent: u64,
 }
 
 impl Verifier {
-    /// A verifier for a stream that builds a volume of `capacity` bytes.
-    pub fn within(capacity: u64) -> Verifier {
+    /// A verifier for a stream whose file data may take at most `budget` bytes.
+    pub fn within(budget: u64) -> Verifier {
         Verifier {
-            budget: Some(capacity),
+            budget: Some(budget),
             ..Verifier::default()
         }
     }
@@ -449,8 +449,9 @@ impl Verifier {
                     if h.layout != Layout::Image {
                         self.sent = self.sent.saturating_add(data.len() as u64);
                         if self.sent > budget {
-                            return Err(broken(format!(
-                                "the source sent more file data than the new volume's capacity ({budget} bytes)"
+                            return Err(StorageError::Exhausted(format!(
+                                "the source sent more than {budget} bytes of file data, all this copy may take \
+                                 (its capacity, or half the pool's free room when that is more)"
                             )));
                         }
                     }
@@ -494,10 +495,11 @@ enum Target {
 }
 
 impl Import {
-    /// Starts a volume of `header`'s layout and `capacity` bytes at `work` (which must not exist).
+    /// Starts a volume of `header`'s layout at `work` (which must not exist), whose file data (of
+    /// a tree) may take at most `budget` bytes.
     pub fn start(
         header: &Header,
-        capacity: u64,
+        budget: u64,
         work: &Path,
         sys: &crate::sys::StorageSys,
     ) -> Result<Import, StorageError> {
@@ -524,7 +526,7 @@ impl Import {
         let mut import = Import {
             work: work.to_path_buf(),
             target,
-            verifier: Verifier::within(capacity),
+            verifier: Verifier::within(budget),
             chunks: 0,
             done: false,
             sys: sys.clone(),
@@ -696,8 +698,8 @@ mod tests {
         v.check(&file("a")).unwrap();
         v.check(&chunk(0, &data)).unwrap();
         v.check(&file("b")).unwrap();
-        let e = v.check(&chunk(0, &data)).unwrap_err().to_string();
-        assert!(e.contains("capacity"), "{e}");
+        let e = v.check(&chunk(0, &data)).unwrap_err();
+        assert!(matches!(e, StorageError::Exhausted(_)), "{e}");
         // Within its capacity the same stream goes through.
         let mut v = Verifier::within(8192);
         for f in [

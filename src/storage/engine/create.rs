@@ -271,7 +271,11 @@ impl LocalEngine {
                 layout::purge(&p.pool.sys, &work)?;
             }
             tracing::info!(volume = %p.id, layout = p.layout.as_str(), "import from another node started");
-            let mut import = Import::start(&header, p.capacity, &work, &p.pool.sys)?;
+            // A tree may legitimately hold more than its capacity (dir volumes do not enforce it,
+            // btrfs compresses): it may bring that much, or half the pool's free room if more.
+            // Past that the source (another node, or a restore) is refused before it fills the pool.
+            let budget = p.capacity.max(self.room(p.pool, p.layout).unwrap_or(0) / 2);
+            let mut import = Import::start(&header, budget, &work, &p.pool.sys)?;
             loop {
                 let f = frames.next().ok_or_else(|| cut("end"))??;
                 let end = matches!(f, Frame::End { .. });
