@@ -788,6 +788,7 @@ async fn a_static_handle_cannot_name_what_cellar_manages_on_the_share() {
         // A share that folds case (SMB) would open these as the same directories.
         (format!("static:share:Volumes/{key}"), ""),
         ("static:share:SNAPSHOTS".to_string(), ""),
+        ("static:share:snapshotſ".to_string(), ""),
         ("static:share:groups".to_string(), ""),
         ("static:share:.staged".to_string(), ""),
         ("static:share:.leases".to_string(), ""),

@@ -44,7 +44,8 @@ const MANAGED: [&str; 8] = [
 pub fn is_managed(rel: &Path) -> bool {
     match rel.components().next() {
         Some(std::path::Component::Normal(first)) => {
-            let first = first.to_string_lossy().to_ascii_lowercase();
+            // Folded as a share might: `VOLUMES`, `Volumes`, `volumeſ` (long s) are all `volumes`.
+            let first = first.to_string_lossy().to_uppercase().to_lowercase();
             first.starts_with('.') || MANAGED.contains(&first.as_str())
         }
         _ => true,
