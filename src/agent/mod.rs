@@ -36,7 +36,7 @@ pub(crate) const FRAMES_IN_FLIGHT: usize = 4;
 #[cfg(not(test))]
 const EXPORT_STALL: std::time::Duration = std::time::Duration::from_secs(120);
 #[cfg(test)]
-const EXPORT_STALL: std::time::Duration = std::time::Duration::from_millis(300);
+const EXPORT_STALL: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[tonic::async_trait]
 pub trait Agent: Send + Sync {
@@ -486,11 +486,21 @@ mod tests {
         }
         let agent = LocalAgent::new(engine.clone());
         let frames = agent.export_data(Source::Volume(v.id.clone())).await.expect("export");
-        // Held open, never read: while the export waits, its source is locked.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let busy = engine.delete_volume(&v.id);
-        assert!(matches!(busy, Err(crate::storage::StorageError::Busy(_))), "{busy:?}");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // Held open, never read: while the export waits, its source is locked. Seen (however
+        // loaded the machine) by an expand to its own size, which takes the lock and changes nothing.
+        let same = crate::storage::engine::CapacityRange {
+            required: v.capacity_bytes,
+            limit: 0,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !matches!(
+            engine.expand_volume(&v.id, same),
+            Err(crate::storage::StorageError::Busy(_))
+        ) {
+            assert!(std::time::Instant::now() < deadline, "the export never took its source");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             match engine.delete_volume(&v.id) {
                 Ok(()) => break,

@@ -97,14 +97,20 @@ impl Op {
         }
     }
 
-    /// The crash points where the call can be stopped while the other runs, by layout.
-    fn pauses(&self, layout: Layout) -> Vec<&'static str> {
-        match (self, layout) {
+    /// The crash points where the call can be stopped while the other runs, on volume `v`.
+    fn pauses(&self, v: &Vol) -> Vec<&'static str> {
+        // Each is on the call's path for that volume: a call that succeeds has passed it (checked).
+        match (self, v.layout) {
+            // A volume its policy keeps is moved aside, not trashed.
+            (Op::Delete, _) if v.policy != DeletePolicy::Delete => Vec::new(),
             (Op::Delete, _) => vec!["delete:after-trash"],
+            // A btrfs copy is a subvolume snapshot, made in place, not in `.work`.
+            (Op::Snapshot(_), Layout::Btrfs) => vec!["create-snapshot:before-record"],
             (Op::Snapshot(_), _) => vec!["copy:before-rename", "create-snapshot:before-record"],
+            (Op::Clone(_), Layout::Btrfs) => vec!["create-volume:before-record"],
             (Op::Clone(_), _) => vec!["copy:before-rename", "create-volume:before-record"],
             (Op::Expand(_), _) => vec!["expand:before-record"],
-            (Op::Stage(_), Layout::Image) => vec!["stage:before-mount", "stage:after-attach"],
+            (Op::Stage(_), Layout::Image) => vec!["stage:after-attach"],
             (Op::Stage(_), _) => vec!["stage:before-mount"],
             _ => Vec::new(),
         }
@@ -208,7 +214,7 @@ pub(super) fn race_on_volume(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log:
     };
     let mut first = pick(rng, m, true);
     if paused {
-        while first.pauses(v.layout).is_empty() {
+        while first.pauses(&v).is_empty() {
             first = pick(rng, m, true);
         }
     }
@@ -228,7 +234,7 @@ pub(super) fn race_on_volume(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log:
     let ops = [first, second];
     let how = match paused {
         true => {
-            let points = ops[0].pauses(v.layout);
+            let points = ops[0].pauses(&v);
             Some(*rng.pick(&points))
         }
         false => None,
@@ -272,6 +278,11 @@ pub(super) fn race_on_volume(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log:
                     let b_first = ops[1].run(p1, name, v);
                     pause.release();
                     let a_first = a.join().expect("no panic");
+                    assert!(
+                        stopped || a_first.is_err(),
+                        "{:?} succeeded without passing {point}: the point is not on its path",
+                        ops[0]
+                    );
                     if stopped {
                         log.push(format!("    while stopped: {}", brief(&b_first)));
                     }
