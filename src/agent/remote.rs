@@ -248,24 +248,8 @@ impl RemoteAgent {
         F: FnOnce(AgentClient<Channel>, Request<Q>) -> Fut,
         Fut: Future<Output = Result<Response<A>, Status>>,
     {
-        self.call_on(&self.client, rpc, limit, msg, f).await
-    }
-
-    /// [`RemoteAgent::call`] through `client` (one of this connection's clients).
-    async fn call_on<Q, A, F, Fut>(
-        &self,
-        client: &AgentClient<Channel>,
-        rpc: &'static str,
-        limit: Duration,
-        msg: Q,
-        f: F,
-    ) -> Result<A, StorageError>
-    where
-        F: FnOnce(AgentClient<Channel>, Request<Q>) -> Fut,
-        Fut: Future<Output = Result<Response<A>, Status>>,
-    {
         let req = self.request(msg, Some(limit));
-        match tokio::time::timeout(limit, f(client.clone(), req)).await {
+        match tokio::time::timeout(limit, f(self.client.clone(), req)).await {
             Ok(r) => r.map(Response::into_inner).map_err(|s| self.failed(rpc, limit, s)),
             Err(_) => Err(self.silent(rpc, limit)),
         }
@@ -772,7 +756,7 @@ impl Agent for RemoteAgent {
                     after_id: after,
                 };
                 let r = self
-                    .call_on(&self.client, RPC, self.timeouts.call, msg, |mut c, r| async move {
+                    .call(RPC, self.timeouts.call, msg, |mut c, r| async move {
                         c.list_volumes(r).await
                     })
                     .await?;
@@ -858,7 +842,7 @@ impl Agent for RemoteAgent {
                     after_id: after,
                 };
                 let r = self
-                    .call_on(&self.client, RPC, self.timeouts.call, msg, |mut c, r| async move {
+                    .call(RPC, self.timeouts.call, msg, |mut c, r| async move {
                         c.list_snapshots(r).await
                     })
                     .await?;

@@ -914,27 +914,56 @@ fn race_create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Vec<Stri
         "both replicas answer the one volume made: {recs:?}"
     );
     let rec = recs.into_iter().next().expect("a record");
-    let (_, data) = c.procs[NODES].engine.volume_data(&rec.id).expect("data");
-    assert_eq!(
-        read_marker(layout, &data),
-        marker,
-        "{name} holds its source's data, whole"
-    );
-    let own = format!("{name}@0");
-    write_marker(layout, &data, &own);
-    m.vols.insert(
-        name,
-        Vol {
-            id: rec.id.to_string(),
-            layout,
-            home: Home::Shared,
-            bytes: rec.capacity_bytes,
-            marker: own,
-            staged: None,
-            published: None,
-            policy: DeletePolicy::Delete,
-        },
-    );
+    let made = NewVol {
+        layout,
+        home: Home::Shared,
+        policy: DeletePolicy::Delete,
+        holds: &marker,
+        what: "made through both replicas at once",
+    };
+    made.take(&c.procs[NODES], m, &rec);
+}
+
+/// What a volume just made must be, for [`NewVol::take`].
+struct NewVol<'a> {
+    layout: Layout,
+    home: Home,
+    policy: DeletePolicy,
+    /// The marker its data must start with: its source's, or "" when made empty.
+    holds: &'a str,
+    /// How it was made, for the message.
+    what: &'a str,
+}
+
+impl NewVol<'_> {
+    /// Takes a volume just made (`rec`, read through `p`) into the model: its data must hold what
+    /// its source held and nothing else; from now on it holds a marker of its own, so that a
+    /// mix-up with its source shows.
+    fn take(&self, p: &Proc, m: &mut Model, rec: &crate::storage::record::VolumeRecord) {
+        let name = &rec.name;
+        let (_, data) = p.engine.volume_data(&rec.id).expect("the new volume's data");
+        assert_eq!(
+            read_marker(self.layout, &data),
+            self.holds,
+            "{name} ({}) must start with its source's data, whole, and nothing else",
+            self.what
+        );
+        let own = format!("{name}@0");
+        write_marker(self.layout, &data, &own);
+        m.vols.insert(
+            name.clone(),
+            Vol {
+                id: rec.id.to_string(),
+                layout: self.layout,
+                home: self.home,
+                bytes: rec.capacity_bytes,
+                marker: own,
+                staged: None,
+                published: None,
+                policy: self.policy,
+            },
+        );
+    }
 }
 
 /// A volume is deleted while a node stages it, at the same moment (a shared one through either
@@ -1073,28 +1102,14 @@ fn create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mu
         .expect("converged");
     assert_eq!(rec.name, name);
     assert_eq!(rec.layout, layout);
-    let (_, data) = c.procs[at].engine.volume_data(&rec.id).expect("data");
-    assert_eq!(
-        read_marker(layout, &data),
-        marker,
-        "{name} ({what}) must start with its source's data and nothing else"
-    );
-    // Its own data from now on, so that a mix-up with its source shows.
-    let own = format!("{name}@0");
-    write_marker(layout, &data, &own);
-    m.vols.insert(
-        name.clone(),
-        Vol {
-            id: rec.id.to_string(),
-            layout,
-            home,
-            bytes: rec.capacity_bytes,
-            marker: own,
-            staged: None,
-            published: None,
-            policy,
-        },
-    );
+    let made = NewVol {
+        layout,
+        home,
+        policy,
+        holds: &marker,
+        what: &what,
+    };
+    made.take(&c.procs[at], m, &rec);
     // The same name with another size is refused, and changes nothing; for a shared volume the
     // provisioner's retry may land on the other replica.
     if rng.chance(20) {

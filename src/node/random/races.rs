@@ -328,26 +328,14 @@ pub(super) fn race_on_volume(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log:
             }
             (Op::Clone(clone), Ok(Done::Volume(rec))) => {
                 assert_eq!(&rec.name, clone);
-                let (_, data) = c.procs[at[i]].engine.volume_data(&rec.id).expect("the clone's data");
-                assert_eq!(
-                    read_marker(v.layout, &data),
-                    v.marker,
-                    "{clone}, a clone of {name} made while {other:?} ran, holds {name}'s data whole"
-                );
-                let own = format!("{clone}@0");
-                write_marker(v.layout, &data, &own);
-                m.vols.insert(
-                    clone.clone(),
-                    Vol {
-                        id: rec.id.to_string(),
-                        marker: own,
-                        bytes: rec.capacity_bytes,
-                        staged: None,
-                        published: None,
-                        policy: DeletePolicy::Delete,
-                        ..v.clone()
-                    },
-                );
+                let made = NewVol {
+                    layout: v.layout,
+                    home: v.home,
+                    policy: DeletePolicy::Delete,
+                    holds: &v.marker,
+                    what: &format!("a clone of {name} made while {other:?} ran"),
+                };
+                made.take(&c.procs[at[i]], m, &rec);
             }
             (Op::Expand(to), Ok(Done::Volume(rec))) => {
                 assert!(
@@ -479,27 +467,14 @@ pub(super) fn race_same_name(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log:
         (ask.1, true),
         "{name} is what won it"
     );
-    let (_, data) = c.procs[at[won]].engine.volume_data(&rec.id).expect("data");
-    assert_eq!(
-        read_marker(ask.1, &data),
-        ask.3,
-        "{name} holds the data of the request that won it"
-    );
-    let own = format!("{name}@0");
-    write_marker(ask.1, &data, &own);
-    m.vols.insert(
-        name,
-        Vol {
-            id: rec.id.to_string(),
-            layout: ask.1,
-            home,
-            bytes: rec.capacity_bytes,
-            marker: own,
-            staged: None,
-            published: None,
-            policy: DeletePolicy::Delete,
-        },
-    );
+    let made = NewVol {
+        layout: ask.1,
+        home,
+        policy: DeletePolicy::Delete,
+        holds: &ask.3,
+        what: "the request that won the name",
+    };
+    made.take(&c.procs[at[won]], m, rec);
 }
 
 /// How many of `[Image, Btrfs]` a home's pool allows.
