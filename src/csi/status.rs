@@ -205,4 +205,15 @@ mod tests {
         let wide = "é".repeat(2000);
         assert!(bounded(&wide).starts_with("é"));
     }
+
+    #[test]
+    fn a_call_a_signal_interrupted_is_retried_and_a_broken_one_is_internal() {
+        let at = std::path::Path::new("/pool/volumes/v.json.tmp");
+        let sys = |errno| SysError::io("fsync", at, std::io::Error::from_raw_os_error(errno));
+        assert_eq!(sys_status(&sys(libc::EINTR)).code(), Code::Unavailable);
+        assert_eq!(sys_status(&sys(libc::ENOSPC)).code(), Code::ResourceExhausted);
+        let broken = sys_status(&sys(libc::EPERM));
+        assert_eq!(broken.code(), Code::Internal);
+        assert!(broken.message().contains("fsync"), "{}", broken.message());
+    }
 }

@@ -578,6 +578,14 @@ impl NodeService {
                         self.engine.leases.release(&lease, &r.volume_id)?;
                     }
                 }
+                // The image deleted between reading its record and attaching it: the volume is
+                // gone, which is NOT_FOUND, not a fault of this node.
+                if files::entry(&data)? == Entry::Missing {
+                    return Err(NodeError::NotFound(format!(
+                        "volume {} was deleted while it was being staged",
+                        r.volume_id
+                    )));
+                }
                 return Err(e);
             }
         };

@@ -395,6 +395,22 @@ fn a_failed_attach_mounts_nothing_and_its_retry_converges() {
 }
 
 #[test]
+fn an_image_deleted_under_a_stage_is_not_found_and_leaves_nothing() {
+    let n = Node::new();
+    let id = n.image("pvc-gone");
+    let staging = n.path("stage");
+    // Another replica's DeleteVolume removed the image after this node read its record.
+    let (_, data) = n.svc.volume(&id).expect("the volume");
+    std::fs::remove_file(&data).expect("remove the image");
+    let err = n.stage(&id, &staging).expect_err("nothing to attach");
+    assert_eq!(err.code(), Code::NotFound, "{err}");
+    assert!(err.message().contains("deleted"), "{err}");
+    assert!(n.devices.attached().is_empty(), "nothing attached");
+    assert!(n.mounter.mounted().is_empty(), "nothing mounted");
+    assert!(n.svc.state.get(&id).staged.is_none(), "no intent left");
+}
+
+#[test]
 fn expand_grows_a_staged_images_filesystem_through_its_device() {
     let n = Node::new();
     let id = n.image("pvc-grow");

@@ -174,12 +174,18 @@ impl SysError {
         self.errno() == Some(libc::ENOENT)
     }
 
-    /// A vanished network share or device, or one that does not answer: it may come back, so the
-    /// caller is told to retry rather than that something is wrong.
+    /// A vanished network share or device, or one that does not answer, or a call a signal
+    /// interrupted: it may come back, so the caller is told to retry rather than that something
+    /// is wrong.
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self.errno(),
-            Some(libc::ENOTCONN) | Some(libc::ESTALE) | Some(libc::EIO) | Some(libc::EHOSTDOWN) | Some(libc::ETIMEDOUT)
+            Some(libc::ENOTCONN)
+                | Some(libc::ESTALE)
+                | Some(libc::EIO)
+                | Some(libc::EHOSTDOWN)
+                | Some(libc::ETIMEDOUT)
+                | Some(libc::EINTR)
         )
     }
 }
