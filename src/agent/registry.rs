@@ -207,17 +207,6 @@ pub enum RegistryError {
     },
 }
 
-impl From<RegistryError> for Status {
-    fn from(e: RegistryError) -> Status {
-        match e {
-            RegistryError::Invalid(_) => Status::invalid_argument(e.to_string()),
-            RegistryError::Denied(_) => Status::permission_denied(e.to_string()),
-            RegistryError::Full { .. } => Status::resource_exhausted(e.to_string()),
-            RegistryError::Client { .. } => Status::internal(e.to_string()),
-        }
-    }
-}
-
 struct Entry {
     report: NodeReport,
     identity: NodeIdentity,

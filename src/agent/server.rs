@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::grant::Gatekeeper;
 use super::remote::{HostPort, RemoteAgent, Timeouts, MAX_MESSAGE_BYTES, NODE_HEADER};
-use super::tls::{self, Callers, Tls, TlsError};
+use super::tls::{self, Callers, Refused, Tls, TlsError};
 use super::wire::{self, v1, WireError};
 use super::{Agent, LocalAgent};
 use crate::server::SocketLimits;
@@ -103,23 +103,21 @@ pub struct Gate {
 impl Interceptor for Gate {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
         self.controller.admit(&req, "the controller")?;
-        addressed_to(&self.node, req)
+        Ok(addressed_to(&self.node, req)?)
     }
 }
 
 /// The call, when its `cellar-node` header names `node`.
-fn addressed_to(node: &NodeId, req: Request<()>) -> Result<Request<()>, Status> {
+fn addressed_to(node: &NodeId, req: Request<()>) -> Result<Request<()>, Refused> {
     match req.metadata().get(NODE_HEADER).map(|v| v.to_str()) {
-        None => Err(Status::invalid_argument(format!(
-            "the {NODE_HEADER} header is required: it names the node the call is meant for ({})",
-            node.as_str()
-        ))),
+        None => Err(Refused::NoNode {
+            node: node.as_str().to_string(),
+        }),
         Some(Ok(n)) if n == node.as_str() => Ok(req),
-        Some(n) => Err(Status::unavailable(format!(
-            "this agent serves node {}, not {}",
-            node.as_str(),
-            crate::csi::status::bounded(n.unwrap_or("(unreadable)"))
-        ))),
+        Some(n) => Err(Refused::OtherNode {
+            serves: node.as_str().to_string(),
+            asked: crate::csi::status::bounded(n.unwrap_or("(unreadable)")).into_owned(),
+        }),
     }
 }
 
@@ -158,7 +156,7 @@ impl TransferService {
         let server = v1::transfer_server::TransferServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        InterceptedService::new(server, move |req: Request<()>| addressed_to(&node, req))
+        InterceptedService::new(server, move |req: Request<()>| Ok(addressed_to(&node, req)?))
     }
 }
 

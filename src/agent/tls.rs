@@ -27,7 +27,7 @@ use std::time::Duration;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
-use tonic::{Request, Status};
+use tonic::Request;
 
 /// Makes ring this process's rustls provider. The S3 client (reqwest, inside the backup
 /// backends) brings aws-lc-rs too, and with two providers compiled in rustls no longer picks one by
@@ -499,21 +499,34 @@ pub enum Callers {
 }
 
 impl Callers {
-    /// Lets the call through, or PERMISSION_DENIED saying which name was wanted.
-    pub fn admit<T>(&self, req: &Request<T>, role: &str) -> Result<(), Status> {
+    /// Lets the call through, or says which name was wanted.
+    pub fn admit<T>(&self, req: &Request<T>, role: &'static str) -> Result<(), Refused> {
         match self {
             Callers::Anyone => Ok(()),
             Callers::Named(name) => match peer_certificate(req) {
                 Some(cert) if certificate_names(&cert, name) => Ok(()),
-                Some(_) => Err(Status::permission_denied(format!(
-                    "only {role} may call this service: the caller's certificate does not name '{name}'"
-                ))),
-                None => Err(Status::permission_denied(format!(
-                    "only {role} may call this service: the caller presented no certificate"
-                ))),
+                Some(_) => Err(Refused::NotNamed {
+                    role,
+                    name: name.clone(),
+                }),
+                None => Err(Refused::NoCertificate { role }),
             },
         }
     }
+}
+
+/// A call an agent turns away before it runs: its caller is not the one it serves, or the call
+/// is meant for another node. `csi::status` gives each its code.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Refused {
+    #[error("only {role} may call this service: the caller's certificate does not name '{name}'")]
+    NotNamed { role: &'static str, name: String },
+    #[error("only {role} may call this service: the caller presented no certificate")]
+    NoCertificate { role: &'static str },
+    #[error("the {header} header is required: it names the node the call is meant for ({node})", header = super::remote::NODE_HEADER)]
+    NoNode { node: String },
+    #[error("this agent serves node {serves}, not {asked}")]
+    OtherNode { serves: String, asked: String },
 }
 
 #[cfg(test)]

@@ -147,7 +147,11 @@ pub const UNREACHABLE: &str = "cannot be checked: ";
 fn unreachable(why: &str, listed: std::time::Instant) -> Condition {
     Condition {
         abnormal: true,
-        message: format!("{UNREACHABLE}{why} (last listed {}s ago)", listed.elapsed().as_secs()),
+        message: format!(
+            "{UNREACHABLE}{} (last listed {}s ago)",
+            crate::csi::status::bounded(why),
+            listed.elapsed().as_secs()
+        ),
     }
 }
 
@@ -611,12 +615,12 @@ impl ControllerService {
         let mut parts = Vec::with_capacity(agents.len());
         for ((agent, key), skip) in agents.iter().zip(&keys).zip(skipped) {
             let answer = if skip {
-                Err(Status::unavailable(format!(
+                Err(StorageError::Unavailable(format!(
                     "node {} did not answer its last call",
                     agent.node().as_str()
                 )))
             } else {
-                answers.next().expect("an answer per agent asked").map_err(Status::from)
+                answers.next().expect("an answer per agent asked")
             };
             let part = match answer {
                 Ok(listing) => Part {
@@ -636,7 +640,7 @@ impl ControllerService {
                     Part {
                         node: agent.node().clone(),
                         volumes: last.volumes,
-                        condition: Some(unreachable(e.message(), last.at)),
+                        condition: Some(unreachable(&e.to_string(), last.at)),
                     }
                 }
             };

@@ -57,6 +57,36 @@ impl From<crate::agent::grant::GrantError> for Status {
     }
 }
 
+/// A call an agent turns away before it runs: a caller without the controller's certificate is
+/// PERMISSION_DENIED; a call without the node it is meant for is INVALID_ARGUMENT; one meant for
+/// another node is UNAVAILABLE (the address now serves another node: the caller's directory is
+/// stale, and asks again).
+impl From<crate::agent::tls::Refused> for Status {
+    fn from(e: crate::agent::tls::Refused) -> Status {
+        use crate::agent::tls::Refused as E;
+        let code = match &e {
+            E::NotNamed { .. } | E::NoCertificate { .. } => Code::PermissionDenied,
+            E::NoNode { .. } => Code::InvalidArgument,
+            E::OtherNode { .. } => Code::Unavailable,
+        };
+        Status::new(code, bounded(&e.to_string()).into_owned())
+    }
+}
+
+/// A heartbeat or registration the registry refuses.
+impl From<crate::agent::registry::RegistryError> for Status {
+    fn from(e: crate::agent::registry::RegistryError) -> Status {
+        use crate::agent::registry::RegistryError as E;
+        let code = match &e {
+            E::Invalid(_) => Code::InvalidArgument,
+            E::Denied(_) => Code::PermissionDenied,
+            E::Full { .. } => Code::ResourceExhausted,
+            E::Client { .. } => Code::Internal,
+        };
+        Status::new(code, bounded(&e.to_string()).into_owned())
+    }
+}
+
 impl From<SysError> for Status {
     fn from(e: SysError) -> Status {
         sys_status(&e)

@@ -1045,7 +1045,7 @@ async fn blocking<T: Send + 'static>(
     let svc = svc.clone();
     tokio::task::spawn_blocking(move || f(&svc))
         .await
-        .map_err(|e| Status::internal(format!("node task failed: {e}")))?
+        .map_err(|e| NodeError::Broken(format!("node task failed: {e}")))?
         .map_err(Status::from)
 }
 
