@@ -255,3 +255,48 @@ fn pwrite_all(d: BorrowedFd<'_>, data: &[u8], off: i64) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{mpsc, Arc};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::crash::in_thread::{pause_at, Pause};
+
+    #[test]
+    fn a_fifo_swapped_in_for_a_file_mid_copy_fails_the_copy_instead_of_hanging_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        std::fs::create_dir(&src).expect("source");
+        std::fs::write(src.join("data"), b"contents").expect("file");
+        let pause = Arc::new(Pause::default());
+        let (tx, rx) = mpsc::channel();
+        let copier = {
+            let (src, dst, pause) = (src.clone(), dst.clone(), pause.clone());
+            std::thread::spawn(move || {
+                pause_at(Some(("tree:before-open", pause)));
+                let _ = tx.send(copy_tree(&src, &dst));
+            })
+        };
+        assert!(
+            pause.reached(Duration::from_secs(60)),
+            "the copy stats the file, then stops before opening it"
+        );
+        // The workload's move: the file becomes a FIFO nobody writes to.
+        std::fs::remove_file(src.join("data")).expect("remove");
+        nix::unistd::mkfifo(&src.join("data"), Mode::S_IRUSR | Mode::S_IWUSR).expect("mkfifo");
+        pause.release();
+        let answer = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => a,
+            Err(_) => {
+                // Lets the stuck open through so that the test ends, then fails.
+                let _writer = std::fs::OpenOptions::new().write(true).open(src.join("data"));
+                panic!("the copy waits for a writer on the FIFO, holding its call for ever");
+            }
+        };
+        copier.join().expect("copier");
+        let e = answer.expect_err("a file that changed kind mid-copy fails the copy");
+        assert!(e.to_string().contains("stopped being a regular file"), "{e}");
+    }
+}

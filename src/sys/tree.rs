@@ -144,6 +144,25 @@ impl Walker {
                     v.leave(meta)?;
                 }
                 libc::S_IFREG => {
+                    // The workload may put a FIFO or a device in the file's place between the stat
+                    // and the open: opened without blocking (a FIFO's open would wait for a writer
+                    // for ever, holding the copy and its locks), and only a regular file is read.
+                    crate::crash::point("tree:before-open");
+                    let f = openat(
+                        fd,
+                        &cname,
+                        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| self.err("open", &child, e))?;
+                    let st = nix::sys::stat::fstat(&f).map_err(|e| self.err("stat", &child, e.into()))?;
+                    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                        return Err(self.err(
+                            "read",
+                            &child,
+                            io::Error::other("it stopped being a regular file while the tree was read; try again"),
+                        ));
+                    }
                     let key = (st.st_dev, st.st_ino);
                     if st.st_nlink > 1 {
                         if let Some(&n) = self.links.get(&key) {
@@ -151,8 +170,6 @@ impl Walker {
                             continue;
                         }
                     }
-                    let f = openat(fd, &cname, OFlag::O_RDONLY | OFlag::O_NOFOLLOW, Mode::empty())
-                        .map_err(|e| self.err("open", &child, e))?;
                     let link = (st.st_nlink > 1).then(|| {
                         let n = self.links.len() as u64;
                         self.links.insert(key, n);
