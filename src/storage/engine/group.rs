@@ -82,20 +82,23 @@ fn member_name(group: &str, volume: &VolumeId) -> String {
     format!("{group}-{}", volume.0.key.as_str())
 }
 
+/// The id of the member snapshot of `volume` in the group named `group`: beside its volume, named
+/// by [`member_name`]. Whoever undoes a failed cut can name every member a part may have made,
+/// also one whose answer never came back.
+pub fn member_snapshot_id(group: &str, volume: &VolumeId) -> SnapshotId {
+    SnapshotId(ObjectId {
+        location: volume.0.location.clone(),
+        pool: volume.0.pool.clone(),
+        key: Key::from_name(&member_name(group, volume)),
+    })
+}
+
 impl LocalEngine {
     fn group_id(&self, pool: &Pool, key: &Key) -> GroupId {
         GroupId(ObjectId {
             location: self.location_of(&pool.config.name),
             pool: pool.config.name.clone(),
             key: key.clone(),
-        })
-    }
-
-    fn member_snapshot_id(&self, group: &str, volume: &VolumeId) -> SnapshotId {
-        SnapshotId(ObjectId {
-            location: volume.0.location.clone(),
-            pool: volume.0.pool.clone(),
-            key: Key::from_name(&member_name(group, volume)),
         })
     }
 
@@ -267,7 +270,7 @@ impl LocalEngine {
         let pool = self
             .locate(&v.0)
             .ok_or_else(|| StorageError::VolumeNotFound(v.to_string()))?;
-        let snapshot = self.member_snapshot_id(&req.name, v);
+        let snapshot = member_snapshot_id(&req.name, v);
         let held = self.take(Kind::Snapshot, &snapshot.0.pool, &snapshot.0.key, &snapshot.to_string())?;
         if let Some(old) = self.snapshot(&snapshot) {
             if old.group.as_ref().map(ToString::to_string).as_deref() != Some(group) {
