@@ -1149,6 +1149,80 @@ mod split {
         }
     }
 
+    /// A group whose member is busy (the source of a restore being copied) is not deleted: the
+    /// delete answers ABORTED and removes nothing, so the group never holds a member that is gone
+    /// while it still answers Get as ready; the retry deletes it whole.
+    #[tokio::test]
+    async fn a_group_delete_that_finds_a_member_busy_removes_nothing() {
+        use cellar::agent::LocalAgent;
+        use cellar::storage::engine::Source;
+        let n = nodes(&["node-1"]).await;
+        let engine = n.engines[0].clone();
+        let ctl = ControllerService::new(Arc::new(n));
+        let a = volume(&ctl, "pvc-busy-a", "node-1").await;
+        let b = volume(&ctl, "pvc-busy-b", "node-1").await;
+        // More than the frames an export queues, so that it waits for its reader.
+        let (_, data) = engine
+            .volume_data(&cellar::storage::id::VolumeId::parse(&b).expect("id"))
+            .expect("data");
+        for i in 0..64 {
+            std::fs::write(data.join(format!("f{i}")), vec![7u8; 256 << 10]).expect("fill");
+        }
+        let made = cut(&ctl, group_req("group-busy", &[&a, &b], true)).await;
+        // The second member (by volume id) is being read, as a restore's source is.
+        let busy = SnapshotId::parse(
+            &made
+                .snapshots
+                .iter()
+                .find(|s| s.source_volume_id == b)
+                .unwrap()
+                .snapshot_id,
+        )
+        .expect("id");
+        let reader = LocalAgent::new(engine.clone());
+        let frames = reader
+            .export_data(Source::Snapshot(busy.clone()))
+            .await
+            .expect("export");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !matches!(engine.delete_snapshot(&busy), Err(StorageError::Busy(_))) {
+            assert!(std::time::Instant::now() < deadline, "the export never took its source");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let e = ctl
+            .delete_volume_group_snapshot(Request::new(DeleteVolumeGroupSnapshotRequest {
+                group_snapshot_id: made.group_snapshot_id.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Aborted, "{}", e.message());
+        assert_eq!(
+            engine.snapshots().len(),
+            2,
+            "a delete refused for a busy member removed another member of the group"
+        );
+        assert_eq!(got(&ctl, &made.group_snapshot_id).await, made);
+        drop(frames);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = ctl
+                .delete_volume_group_snapshot(Request::new(DeleteVolumeGroupSnapshotRequest {
+                    group_snapshot_id: made.group_snapshot_id.clone(),
+                    ..Default::default()
+                }))
+                .await;
+            match r {
+                Ok(_) => break,
+                Err(e) if e.code() == Code::Aborted && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("the retried delete: {e:?}"),
+            }
+        }
+        assert!(engine.snapshots().is_empty());
+    }
+
     #[tokio::test]
     async fn a_group_on_one_node_is_cut_got_and_deleted_through_its_agent() {
         let n = nodes(&["node-1", "node-2"]).await;

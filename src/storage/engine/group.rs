@@ -459,14 +459,21 @@ impl LocalEngine {
         let Some(rec) = self.store.group(pool, &id.0.key)?.filter(|r| r.id == *id) else {
             return Ok(());
         };
+        // Every member of this node locked before any is removed: one that is busy (a restore's
+        // source) refuses the delete with nothing removed, rather than leave a group that answers
+        // as ready with members gone.
+        let mut held = Vec::new();
         for m in &rec.members {
             let sid = &m.snapshot_id;
             let Some(mpool) = self.locate(&sid.0) else {
                 continue;
             };
             let shown = sid.to_string();
-            let _member = self.take(Kind::Snapshot, &sid.0.pool, &sid.0.key, &shown)?;
-            self.remove_object(mpool, Kind::Snapshot, &sid.0.key, &shown)?;
+            let lock = self.take(Kind::Snapshot, &sid.0.pool, &sid.0.key, &shown)?;
+            held.push((mpool, sid, shown, lock));
+        }
+        for (mpool, sid, shown, _lock) in &held {
+            self.remove_object(mpool, Kind::Snapshot, &sid.0.key, shown)?;
         }
         crash::point("delete-group:before-record");
         self.store.remove_group(pool, &id.0.key)
