@@ -654,14 +654,19 @@ mod split {
     use cellar::agent::remote::{HostPort, RemoteAgent, Timeouts};
     use cellar::agent::server::{serve, AgentService};
     use cellar::agent::tls::{Tls, AGENT_SERVER_NAME};
-    use cellar::agent::{Agent, Directory};
+    use cellar::agent::{Agent, Directory, Frames, RangeBatches, Rendezvous};
     use cellar::controller::ControllerService;
     use cellar::csi::v1::controller_server::Controller;
     use cellar::csi::v1::group_controller_server::GroupController;
     use cellar::csi::v1::*;
+    use cellar::storage::cbt::{MetadataError, Query};
     use cellar::storage::config::Config;
-    use cellar::storage::engine::LocalEngine;
-    use cellar::storage::id::NodeId;
+    use cellar::storage::engine::{
+        BackupRequest, CapacityRange, Condition, LocalEngine, Mutable, NewGroup, NewVolume, PoolStatus, Source,
+    };
+    use cellar::storage::id::{GroupId, NodeId, SnapshotId, StaticId, VolumeId};
+    use cellar::storage::record::{GroupRecord, SnapshotRecord, VolumeRecord};
+    use cellar::storage::StorageError;
     use tonic::{Code, Request};
 
     /// Two nodes, each an engine with one `dir` pool behind its agent on 127.0.0.1 (plaintext),
@@ -978,6 +983,244 @@ mod split {
             }
             assert_eq!(got.snapshots.len(), 2, "{name}");
         }
+    }
+
+    /// A node whose call was carried out but whose answer never reached the controller (the
+    /// connection broke after the node had done it): once for `lose`.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Lose {
+        Cut,
+        PutGroup,
+    }
+
+    struct LostAnswer {
+        inner: Arc<dyn Agent>,
+        lose: Lose,
+        lost: std::sync::atomic::AtomicBool,
+    }
+
+    impl LostAnswer {
+        fn lost(&self, what: Lose) -> Result<(), StorageError> {
+            use std::sync::atomic::Ordering;
+            if what == self.lose && !self.lost.swap(true, Ordering::SeqCst) {
+                return Err(StorageError::Unavailable(
+                    "the node's answer was lost on the way".into(),
+                ));
+            }
+            Ok(())
+        }
+    }
+
+    #[tonic::async_trait]
+    impl Agent for LostAnswer {
+        fn node(&self) -> &NodeId {
+            self.inner.node()
+        }
+        async fn create_volume(&self, req: NewVolume) -> Result<VolumeRecord, StorageError> {
+            self.inner.create_volume(req).await
+        }
+        async fn delete_volume(&self, id: VolumeId) -> Result<(), StorageError> {
+            self.inner.delete_volume(id).await
+        }
+        async fn expand_volume(&self, id: VolumeId, r: CapacityRange) -> Result<(VolumeRecord, bool), StorageError> {
+            self.inner.expand_volume(id, r).await
+        }
+        async fn modify_volume(&self, id: VolumeId, m: Mutable) -> Result<VolumeRecord, StorageError> {
+            self.inner.modify_volume(id, m).await
+        }
+        async fn volume(&self, id: VolumeId) -> Result<Option<(VolumeRecord, Condition)>, StorageError> {
+            self.inner.volume(id).await
+        }
+        async fn volumes(&self) -> Result<Vec<(VolumeRecord, Condition)>, StorageError> {
+            self.inner.volumes().await
+        }
+        async fn volume_named(&self, name: String) -> Result<Option<VolumeRecord>, StorageError> {
+            self.inner.volume_named(name).await
+        }
+        async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError> {
+            self.inner.snapshot_named(name).await
+        }
+        async fn create_snapshot(
+            &self,
+            name: String,
+            source: VolumeId,
+            freeze: bool,
+            backup: Option<BackupRequest>,
+        ) -> Result<SnapshotRecord, StorageError> {
+            self.inner.create_snapshot(name, source, freeze, backup).await
+        }
+        async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError> {
+            self.inner.delete_snapshot(id).await
+        }
+        async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError> {
+            self.inner.snapshots().await
+        }
+        async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError> {
+            self.inner.pools().await
+        }
+        async fn static_exists(&self, id: StaticId) -> Result<bool, StorageError> {
+            self.inner.static_exists(id).await
+        }
+        async fn export_data(&self, source: Source) -> Result<Frames, StorageError> {
+            self.inner.export_data(source).await
+        }
+        async fn import_volume(&self, req: NewVolume, frames: Frames) -> Result<VolumeRecord, StorageError> {
+            self.inner.import_volume(req, frames).await
+        }
+        async fn create_group(&self, req: NewGroup) -> Result<GroupRecord, StorageError> {
+            self.inner.create_group(req).await
+        }
+        async fn delete_group(&self, id: GroupId) -> Result<(), StorageError> {
+            self.inner.delete_group(id).await
+        }
+        async fn group(&self, id: GroupId) -> Result<Option<GroupRecord>, StorageError> {
+            self.inner.group(id).await
+        }
+        async fn group_named(&self, name: String) -> Result<Option<GroupRecord>, StorageError> {
+            self.inner.group_named(name).await
+        }
+        async fn block_ranges(&self, q: Query, max: usize) -> Result<(u64, RangeBatches), MetadataError> {
+            self.inner.block_ranges(q, max).await
+        }
+        async fn cut_group_part(
+            &self,
+            id: GroupId,
+            req: NewGroup,
+            meet: Arc<Rendezvous>,
+        ) -> Result<Vec<SnapshotRecord>, StorageError> {
+            let cut = self.inner.cut_group_part(id, req, meet).await?;
+            self.lost(Lose::Cut)?;
+            Ok(cut)
+        }
+        async fn put_group(&self, rec: GroupRecord) -> Result<(), StorageError> {
+            self.inner.put_group(rec).await?;
+            self.lost(Lose::PutGroup)
+        }
+        async fn delete_group_part(&self, id: GroupId, members: Vec<SnapshotId>) -> Result<(), StorageError> {
+            self.inner.delete_group_part(id, members).await
+        }
+    }
+
+    /// A group across two nodes whose cut failed because one answer was lost, though the node
+    /// did its part: nothing of the group is left on any node (no member the CO cannot see or
+    /// delete, no record naming members that were removed), and the retry cuts it whole.
+    #[tokio::test]
+    async fn a_group_whose_answer_was_lost_leaves_nothing_and_its_retry_is_whole() {
+        for (lose, on) in [(Lose::Cut, 1), (Lose::PutGroup, 0)] {
+            let mut n = nodes(&["node-1", "node-2"]).await;
+            let engines = n.engines.clone();
+            n.agents[on] = Arc::new(LostAnswer {
+                inner: n.agents[on].clone(),
+                lose,
+                lost: Default::default(),
+            });
+            let ctl = ControllerService::new(Arc::new(n));
+            let a = volume(&ctl, "pvc-lost-a", "node-1").await;
+            let b = volume(&ctl, "pvc-lost-b", "node-2").await;
+            let e = ctl
+                .create_volume_group_snapshot(group_req("group-lost", &[&a, &b], true))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+            for (i, engine) in engines.iter().enumerate() {
+                assert!(
+                    engine.group_named("group-lost").expect("lookup").is_none(),
+                    "no group record is left on node-{} (its members were removed)",
+                    i + 1
+                );
+                assert!(
+                    engine.snapshots().is_empty(),
+                    "a lost answer left members on node-{}: {:?}",
+                    i + 1,
+                    engine.snapshots().iter().map(|s| s.id.to_string()).collect::<Vec<_>>()
+                );
+            }
+            let made = cut(&ctl, group_req("group-lost", &[&a, &b], true)).await;
+            assert_eq!(made.snapshots.len(), 2);
+            for s in &made.snapshots {
+                assert!(
+                    engines
+                        .iter()
+                        .any(|e| e.snapshots().iter().any(|x| x.id.to_string() == s.snapshot_id)),
+                    "member {} of the group is there",
+                    s.snapshot_id
+                );
+            }
+        }
+    }
+
+    /// A group whose member is busy (the source of a restore being copied) is not deleted: the
+    /// delete answers ABORTED and removes nothing, so the group never holds a member that is gone
+    /// while it still answers Get as ready; the retry deletes it whole.
+    #[tokio::test]
+    async fn a_group_delete_that_finds_a_member_busy_removes_nothing() {
+        use cellar::agent::LocalAgent;
+        use cellar::storage::engine::Source;
+        let n = nodes(&["node-1"]).await;
+        let engine = n.engines[0].clone();
+        let ctl = ControllerService::new(Arc::new(n));
+        let a = volume(&ctl, "pvc-busy-a", "node-1").await;
+        let b = volume(&ctl, "pvc-busy-b", "node-1").await;
+        // More than the frames an export queues, so that it waits for its reader.
+        let (_, data) = engine
+            .volume_data(&cellar::storage::id::VolumeId::parse(&b).expect("id"))
+            .expect("data");
+        for i in 0..64 {
+            std::fs::write(data.join(format!("f{i}")), vec![7u8; 256 << 10]).expect("fill");
+        }
+        let made = cut(&ctl, group_req("group-busy", &[&a, &b], true)).await;
+        // The second member (by volume id) is being read, as a restore's source is.
+        let busy = SnapshotId::parse(
+            &made
+                .snapshots
+                .iter()
+                .find(|s| s.source_volume_id == b)
+                .unwrap()
+                .snapshot_id,
+        )
+        .expect("id");
+        let reader = LocalAgent::new(engine.clone());
+        let frames = reader
+            .export_data(Source::Snapshot(busy.clone()))
+            .await
+            .expect("export");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !matches!(engine.delete_snapshot(&busy), Err(StorageError::Busy(_))) {
+            assert!(std::time::Instant::now() < deadline, "the export never took its source");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let e = ctl
+            .delete_volume_group_snapshot(Request::new(DeleteVolumeGroupSnapshotRequest {
+                group_snapshot_id: made.group_snapshot_id.clone(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Aborted, "{}", e.message());
+        assert_eq!(
+            engine.snapshots().len(),
+            2,
+            "a delete refused for a busy member removed another member of the group"
+        );
+        assert_eq!(got(&ctl, &made.group_snapshot_id).await, made);
+        drop(frames);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = ctl
+                .delete_volume_group_snapshot(Request::new(DeleteVolumeGroupSnapshotRequest {
+                    group_snapshot_id: made.group_snapshot_id.clone(),
+                    ..Default::default()
+                }))
+                .await;
+            match r {
+                Ok(_) => break,
+                Err(e) if e.code() == Code::Aborted && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("the retried delete: {e:?}"),
+            }
+        }
+        assert!(engine.snapshots().is_empty());
     }
 
     #[tokio::test]

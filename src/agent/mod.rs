@@ -38,6 +38,15 @@ const EXPORT_STALL: std::time::Duration = std::time::Duration::from_secs(120);
 #[cfg(test)]
 const EXPORT_STALL: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long a snapshot metadata answer waits for its client to take the next batch before it lets
+/// go of the snapshots' files and ends with ABORTED: a client that holds the answer open without
+/// reading (through the sidecar, a backup tool that stopped) would otherwise keep them open, and a
+/// deleted snapshot's space taken, for good.
+#[cfg(not(test))]
+const METADATA_STALL: std::time::Duration = std::time::Duration::from_secs(120);
+#[cfg(test)]
+const METADATA_STALL: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[tonic::async_trait]
 pub trait Agent: Send + Sync {
     fn node(&self) -> &NodeId;
@@ -365,7 +374,10 @@ impl Agent for LocalAgent {
         let capacity = walk.capacity();
         let (tx, rx) = tokio::sync::mpsc::channel(BATCHES_IN_FLIGHT);
         // Each batch is read on the blocking pool, and only that: waiting for a slow client holds
-        // no blocking thread. A client that goes away closes the channel and ends the walk.
+        // no blocking thread. A client that goes away closes the channel and ends the walk; one
+        // that stays but takes nothing for METADATA_STALL ends it too (the walk's open files would
+        // otherwise keep deleted snapshots' space for good), and is told so after what it has not
+        // read yet: ABORTED, never a clean end of a partial answer.
         tokio::spawn(async move {
             let mut walk = Some(walk);
             while let Some(mut w) = walk.take() {
@@ -382,8 +394,19 @@ impl Agent for LocalAgent {
                 };
                 let Some(batch) = next.transpose() else { break };
                 let failed = batch.is_err();
-                if tx.send(batch).await.is_err() || failed {
-                    break;
+                match tokio::time::timeout(METADATA_STALL, tx.send(batch)).await {
+                    Ok(Ok(())) if !failed => {}
+                    Ok(_) => break,
+                    Err(_) => {
+                        drop(walk.take());
+                        let why = StorageError::Aborted(format!(
+                            "the client of this snapshot metadata answer took nothing for {} s; the answer \
+                             stops here: ask again from the end of the last range received (starting_offset)",
+                            METADATA_STALL.as_secs()
+                        ));
+                        let _ = tx.send(Err(why.into())).await;
+                        break;
+                    }
                 }
             }
         });
@@ -511,6 +534,81 @@ mod tests {
             }
         }
         drop(frames);
+    }
+
+    /// The descriptors of this process open on a file whose path contains `name`.
+    fn open_on(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .expect("fds")
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|p| p.to_string_lossy().contains(name))
+            .count()
+    }
+
+    /// A client of changed block tracking that keeps its answer open but takes nothing from it
+    /// (through the sidecar: a backup tool that stopped reading): the walk lets go of the snapshot's
+    /// file after [`super::METADATA_STALL`] (a deleted snapshot's space comes back), and the
+    /// answer ends with ABORTED, never as if it were complete.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_metadata_answer_whose_reader_stops_reading_lets_go_of_its_snapshot() {
+        use super::{Agent, LocalAgent};
+        use crate::storage::cbt::Query;
+        use crate::storage::config::Config;
+        use crate::storage::engine::{LocalEngine, NewVolume};
+        use crate::storage::id::NodeId;
+        use crate::storage::record::{Layout, VolumeMode};
+        use std::os::unix::fs::FileExt;
+        use std::sync::Arc;
+        use tokio_stream::StreamExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::default_for(dir.path());
+        config.pools[0].layouts.push(Layout::Image);
+        let engine = Arc::new(LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("engine"));
+        let v = engine
+            .create_volume(NewVolume {
+                mode: VolumeMode::Block,
+                ..NewVolume::plain("pvc-cbt-stall", Some(Layout::Image), 64 << 20)
+            })
+            .expect("create");
+        let (_, data) = engine.volume_data(&v.id).expect("data");
+        let f = std::fs::OpenOptions::new().write(true).open(&data).expect("open image");
+        for i in 0..16u64 {
+            f.write_all_at(&[7u8; 4096], i << 20).expect("write");
+        }
+        f.sync_all().expect("fsync");
+        drop(f);
+        let snap = engine
+            .create_snapshot("snap-cbt-stall", &v.id, false)
+            .expect("snapshot");
+        let agent = LocalAgent::new(engine.clone());
+        let q = Query {
+            base: None,
+            target: snap.id.clone(),
+            starting_offset: 0,
+        };
+        // One range a batch: far more batches than wait between the walk and the client.
+        let (_, mut batches) = agent.block_ranges(q, 1).await.expect("answer");
+        assert!(open_on("snap-cbt-stall") > 0, "the walk holds the snapshot's file open");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while open_on("snap-cbt-stall") > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "an answer nobody reads holds its snapshot's file open for good"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut ranges = 0;
+        let end = loop {
+            match tokio::time::timeout(Duration::from_secs(10), batches.next()).await {
+                Ok(Some(Ok(b))) => ranges += b.len(),
+                Ok(Some(Err(e))) => break Some(e),
+                Ok(None) => break None,
+                Err(_) => panic!("the answer neither goes on nor ends"),
+            }
+        };
+        assert!(ranges < 16, "the walk stopped before its end: {ranges} ranges");
+        let e = end.expect("an answer cut short must not end as if it were complete");
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Aborted);
     }
 
     #[tokio::test]

@@ -22,7 +22,7 @@ use crate::csi::v1::group_controller_server::GroupController;
 use crate::csi::v1::group_controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::v1::*;
 use crate::server::trace::note;
-use crate::storage::engine::NewGroup;
+use crate::storage::engine::{member_snapshot_id, NewGroup};
 use crate::storage::id::{GroupId, Key, NodeId, ObjectId, SnapshotId, VolumeId};
 use crate::storage::record::{GroupMember, GroupRecord};
 use crate::storage::StorageError;
@@ -304,26 +304,46 @@ impl ControllerService {
             created_unix_secs: at.0,
             created_nanos: at.1,
         };
-        let written = match failure {
-            Some(e) => Err(e),
-            None => parts[0].0.put_group(rec.clone()).await,
+        let e = match failure {
+            Some(e) => e,
+            None => match parts[0].0.put_group(rec.clone()).await {
+                Ok(()) => return Ok(rec),
+                // Another record under this id: not ours to remove; only what we cut goes.
+                Err(e @ StorageError::Conflict(_)) => {
+                    let ours: Vec<SnapshotId> = rec.members.iter().map(|m| m.snapshot_id.clone()).collect();
+                    self.drop_group_parts(&id, &ours).await;
+                    return Err(e.into());
+                }
+                // The write may have happened though its answer was lost: the record goes first
+                // (with the members on its node), so that no record ever names a removed member.
+                // If that cannot be made sure of, everything stays: a whole group, or members
+                // without a record that the retry removes.
+                Err(e) => match parts[0].0.delete_group(id.clone()).await {
+                    Ok(()) => e,
+                    Err(left) => {
+                        tracing::warn!(group = %id, error = %left, "could not make sure a failed group snapshot left no record; its members stay for the retry");
+                        return Err(e.into());
+                    }
+                },
+            },
         };
-        if let Err(e) = written {
-            self.drop_group_parts(&id, &rec.members).await;
-            return Err(e.into());
-        }
-        Ok(rec)
+        // Every member any part may have cut, also those of a part whose answer never came back
+        // (the node cut them, the connection broke): the records that came back are not enough.
+        let every: Vec<SnapshotId> = parts
+            .iter()
+            .flat_map(|(_, part)| part.members.iter().map(|v| member_snapshot_id(name, v)))
+            .collect();
+        self.drop_group_parts(&id, &every).await;
+        Err(e.into())
     }
 
-    /// Deletes the members of a group spanning nodes from every node that holds some; failures are
-    /// logged (the snapshots name their group, and the next delete of the group removes them).
-    async fn drop_group_parts(&self, id: &GroupId, members: &[GroupMember]) {
+    /// Deletes the members of a group spanning nodes from every node that holds some (each node
+    /// removes only snapshots whose record names this group); failures are logged (the snapshots
+    /// name their group, and the retry of the group removes them).
+    async fn drop_group_parts(&self, id: &GroupId, members: &[SnapshotId]) {
         let mut by_node: BTreeMap<Option<NodeId>, Vec<SnapshotId>> = BTreeMap::new();
         for m in members {
-            by_node
-                .entry(m.snapshot_id.0.node().cloned())
-                .or_default()
-                .push(m.snapshot_id.clone());
+            by_node.entry(m.0.node().cloned()).or_default().push(m.clone());
         }
         for (node, sids) in by_node {
             let Some(agent) = self.agent_of(node.as_ref()) else {

@@ -82,20 +82,23 @@ fn member_name(group: &str, volume: &VolumeId) -> String {
     format!("{group}-{}", volume.0.key.as_str())
 }
 
+/// The id of the member snapshot of `volume` in the group named `group`: beside its volume, named
+/// by [`member_name`]. Whoever undoes a failed cut can name every member a part may have made,
+/// also one whose answer never came back.
+pub fn member_snapshot_id(group: &str, volume: &VolumeId) -> SnapshotId {
+    SnapshotId(ObjectId {
+        location: volume.0.location.clone(),
+        pool: volume.0.pool.clone(),
+        key: Key::from_name(&member_name(group, volume)),
+    })
+}
+
 impl LocalEngine {
     fn group_id(&self, pool: &Pool, key: &Key) -> GroupId {
         GroupId(ObjectId {
             location: self.location_of(&pool.config.name),
             pool: pool.config.name.clone(),
             key: key.clone(),
-        })
-    }
-
-    fn member_snapshot_id(&self, group: &str, volume: &VolumeId) -> SnapshotId {
-        SnapshotId(ObjectId {
-            location: volume.0.location.clone(),
-            pool: volume.0.pool.clone(),
-            key: Key::from_name(&member_name(group, volume)),
         })
     }
 
@@ -267,7 +270,7 @@ impl LocalEngine {
         let pool = self
             .locate(&v.0)
             .ok_or_else(|| StorageError::VolumeNotFound(v.to_string()))?;
-        let snapshot = self.member_snapshot_id(&req.name, v);
+        let snapshot = member_snapshot_id(&req.name, v);
         let held = self.take(Kind::Snapshot, &snapshot.0.pool, &snapshot.0.key, &snapshot.to_string())?;
         if let Some(old) = self.snapshot(&snapshot) {
             if old.group.as_ref().map(ToString::to_string).as_deref() != Some(group) {
@@ -456,14 +459,21 @@ impl LocalEngine {
         let Some(rec) = self.store.group(pool, &id.0.key)?.filter(|r| r.id == *id) else {
             return Ok(());
         };
+        // Every member of this node locked before any is removed: one that is busy (a restore's
+        // source) refuses the delete with nothing removed, rather than leave a group that answers
+        // as ready with members gone.
+        let mut held = Vec::new();
         for m in &rec.members {
             let sid = &m.snapshot_id;
             let Some(mpool) = self.locate(&sid.0) else {
                 continue;
             };
             let shown = sid.to_string();
-            let _member = self.take(Kind::Snapshot, &sid.0.pool, &sid.0.key, &shown)?;
-            self.remove_object(mpool, Kind::Snapshot, &sid.0.key, &shown)?;
+            let lock = self.take(Kind::Snapshot, &sid.0.pool, &sid.0.key, &shown)?;
+            held.push((mpool, sid, shown, lock));
+        }
+        for (mpool, sid, shown, _lock) in &held {
+            self.remove_object(mpool, Kind::Snapshot, &sid.0.key, shown)?;
         }
         crash::point("delete-group:before-record");
         self.store.remove_group(pool, &id.0.key)
