@@ -484,6 +484,46 @@ fn read_marker(layout: Layout, data: &Path) -> String {
     String::from_utf8_lossy(&bytes).trim_end_matches('\0').to_string()
 }
 
+/// What a pod plants in a tree volume beside its marker: a symlink out of the volume (to the
+/// directory holding every volume) and a FIFO nobody writes to. Every copy must carry both as they
+/// are: following the one would put other volumes' data in the copy, opening the other would wait
+/// for a writer for ever.
+fn plant_hostile(data: &Path) {
+    let out = data.parent().expect("the volumes' directory");
+    match std::os::unix::fs::symlink(out, data.join("escape")) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => panic!("plant a symlink: {e}"),
+        _ => {}
+    }
+    let fifo = nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR;
+    match nix::unistd::mkfifo(&data.join("pipe"), fifo) {
+        Err(e) if e != nix::errno::Errno::EEXIST => panic!("plant a FIFO: {e}"),
+        _ => {}
+    }
+}
+
+/// A tree volume holds its marker and what its pod planted, each still of its own kind.
+fn check_planted(name: &str, layout: Layout, data: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if layout == Layout::Image {
+        return;
+    }
+    for e in std::fs::read_dir(data).expect("a tree volume's directory") {
+        let e = e.expect("an entry");
+        let kind = e.file_type().expect("its type"); // of the entry itself, not what it names
+        let ok = match e.file_name().to_str() {
+            Some("marker") => kind.is_file(),
+            Some("escape") => kind.is_symlink(),
+            Some("pipe") => kind.is_fifo(),
+            _ => false,
+        };
+        assert!(
+            ok,
+            "{name} holds '{}' as {kind:?}: only its marker and its pod's symlink and FIFO, as they were",
+            e.file_name().to_string_lossy()
+        );
+    }
+}
+
 /// Writes `marker` into a volume's data, as a pod would.
 fn write_marker(layout: Layout, data: &Path, marker: &str) {
     match layout {
@@ -761,6 +801,9 @@ fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
             v.marker = format!("{n}@{}", m.next);
             m.next += 1;
             write_marker(v.layout, &data, &v.marker);
+            if v.layout != Layout::Image {
+                plant_hostile(&data);
+            }
             log.push(format!("write {n}: {}", v.marker));
         }
         11 if m
@@ -948,6 +991,7 @@ impl NewVol<'_> {
             "{name} ({}) must start with its source's data, whole, and nothing else",
             self.what
         );
+        check_planted(name, self.layout, &data);
         let own = format!("{name}@0");
         write_marker(self.layout, &data, &own);
         m.vols.insert(
@@ -1576,6 +1620,7 @@ fn check(c: &Cluster, m: &Model) {
                 v.id,
                 if v.staged.is_some() { ", and it is staged" } else { "" }
             );
+            check_planted(name, v.layout, &data);
         }
         let snaps: BTreeMap<String, String> = p
             .engine

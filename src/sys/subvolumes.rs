@@ -204,11 +204,20 @@ fn copy_into(src: &Path, dst: &Path) -> Result<(), SysError> {
     for e in std::fs::read_dir(src).step("read directory", src)? {
         let e = e.step("read directory", src)?;
         let to = dst.join(e.file_name());
-        if e.file_type().step("stat", &e.path())?.is_dir() {
+        // As btrfs, which copies no file: a symlink stays a symlink (never followed), a FIFO a
+        // FIFO (never opened).
+        let kind = e.file_type().step("stat", &e.path())?;
+        if kind.is_dir() {
             std::fs::create_dir(&to).step("mkdir", &to)?;
             copy_into(&e.path(), &to)?;
-        } else {
+        } else if kind.is_symlink() {
+            let target = std::fs::read_link(e.path()).step("readlink", &e.path())?;
+            std::os::unix::fs::symlink(target, &to).step("symlink", &to)?;
+        } else if kind.is_file() {
             std::fs::copy(e.path(), &to).step("copy", &to)?;
+        } else {
+            let mode = nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR;
+            nix::unistd::mkfifo(&to, mode).map_err(|e| SysError::io("mkfifo", &to, e.into()))?;
         }
     }
     Ok(())
