@@ -346,7 +346,7 @@ mod tests {
             .unwrap();
         f.set_len(300 << 20).unwrap();
         let (b, name) = backups(dir.path());
-        let e = b.open(&name).err().expect("refused");
+        let e = b.open(&name).map(|_| ()).expect_err("refused");
         assert!(matches!(e, StorageError::PoolUnusable(_)), "{e}");
         assert!(e.to_string().contains("config file is unusable"), "{e}");
     }
