@@ -382,6 +382,39 @@ impl Packs {
     }
 }
 
+/// Stores data blobs and trees (the trees in order, so that a later one may name an earlier one's
+/// id) with an index, sealed with `key`: for tests that need a repository holding what no backup
+/// cellar makes would hold.
+#[cfg(test)]
+pub(crate) fn store_for_test(
+    be: Arc<dyn WriteBackend>,
+    key: &MasterKey,
+    data: &[Vec<u8>],
+    trees: &[Tree],
+) -> Result<Vec<TreeId>, RusticFailure> {
+    let sealer = Sealer::new(key)?;
+    let mut blobs = Packs::new(be.clone(), sealer.clone(), false);
+    for d in data {
+        blobs.add(Sha256::digest(d).into(), d)?;
+    }
+    blobs.flush()?;
+    let mut packs = Packs::new(be.clone(), sealer.clone(), true);
+    let mut ids = Vec::new();
+    for t in trees {
+        let (bytes, _) = t
+            .serialize()
+            .map_err(|e| RusticFailure::io(format!("serialise the tree: {e}")))?;
+        let id: [u8; 32] = Sha256::digest(&bytes).into();
+        packs.add(id, &bytes)?;
+        ids.push(TreeId::from(Id::new(id)));
+    }
+    packs.flush()?;
+    let mut listed = std::mem::take(&mut blobs.written);
+    listed.append(&mut packs.written);
+    write_index(&*be, &sealer, listed)?;
+    Ok(ids)
+}
+
 /// Writes an index file naming `packs`.
 fn write_index(be: &dyn WriteBackend, sealer: &Sealer, packs: Vec<IndexPack>) -> Result<(), RusticFailure> {
     let json = serde_json::to_vec(&IndexFile { packs }).map_err(|e| RusticFailure::io(format!("index: {e}")))?;

@@ -15,6 +15,7 @@
 //!   backend.
 
 pub mod cli;
+pub mod guard;
 pub mod image;
 pub mod restore;
 pub mod throttle;
@@ -464,7 +465,9 @@ impl Backups {
             }
         }
         let be = cfg.backend_options()?.to_backends().map_err(|e| cfg.error(e))?;
-        Ok(self.throttle.wrap(be, cfg.name.as_str()))
+        // Paced inside, so that the guard's own reads of key files are paced and counted too.
+        let be = self.throttle.wrap(be, cfg.name.as_str());
+        Ok(guard::wrap(be, cfg.name.as_str()))
     }
 
     /// The repository's files, for writing them directly (`image`); paced like rustic's writes.

@@ -6,7 +6,7 @@
 //! checked its MAC) before any of it becomes a frame: a corrupted pack is DATA_LOSS. Runs of
 //! zeros are not sent, so holes in an image (and in sparse files) stay holes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use rustic_core::repofile::{BlobType, Node, NodeType};
@@ -63,6 +63,7 @@ pub fn frames(backups: &Backups, id: &BackupId, target: Layout) -> Result<Frames
         repo,
         cfg,
         repository: info.id.repository().as_str().to_string(),
+        backup: info.id.clone(),
         tally: Tally::default(),
         queue: std::collections::VecDeque::new(),
         stack: Vec::new(),
@@ -76,12 +77,15 @@ pub fn frames(backups: &Backups, id: &BackupId, target: Layout) -> Result<Frames
             blobs: root.content.clone().unwrap_or_default(),
             next: 0,
             offset: 0,
+            size: info.meta.length,
+            name: info.meta.path.clone(),
         }),
         Some(root) => f.open_dir(&root, None)?,
         // An empty tree: only its root.
         None => f.stack.push(Step::Dir {
             nodes: Vec::new().into_iter(),
             meta: Meta::default(),
+            names: HashSet::new(),
         }),
     }
     // A tree's root keeps its own metadata, as the source had it.
@@ -94,16 +98,19 @@ pub fn frames(backups: &Backups, id: &BackupId, target: Layout) -> Result<Frames
 }
 
 enum Step {
-    /// A directory's entries still to send, then its `Leave`.
+    /// A directory's entries still to send, then its `Leave`; the names sent so far.
     Dir {
         nodes: std::vec::IntoIter<Node>,
         meta: Meta,
+        names: HashSet<Vec<u8>>,
     },
-    /// A file's blobs still to send.
+    /// A file's blobs still to send: together they must hold exactly its `size` bytes.
     File {
         blobs: Vec<rustic_core::DataId>,
         next: usize,
         offset: u64,
+        size: u64,
+        name: String,
     },
 }
 
@@ -119,6 +126,7 @@ pub struct Frames {
     repo: Indexed,
     cfg: RepositoryConfig,
     repository: String,
+    backup: BackupId,
     tally: Tally,
     queue: std::collections::VecDeque<Frame>,
     stack: Vec<Step>,
@@ -147,6 +155,7 @@ impl Frames {
         self.stack.push(Step::Dir {
             nodes: tree.nodes.into_iter(),
             meta: meta_of(node),
+            names: HashSet::new(),
         });
         Ok(())
     }
@@ -160,13 +169,34 @@ impl Frames {
         }
     }
 
+    /// A backup whose tree restic and cellar would never write: DATA_LOSS, before its entry is
+    /// sent (the repository is corrupt, or written by someone else than cellar and restic).
+    fn corrupt(&self, why: String) -> StorageError {
+        StorageError::DataLoss(format!("backup {}: {why}", self.backup))
+    }
+
     /// One entry of the directory on top of the stack.
     fn entry(&mut self, node: Node) -> Result<(), StorageError> {
         let name = node.name().as_encoded_bytes().to_vec();
+        if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+            return Err(self.corrupt(format!(
+                "an entry is named {:?}, which is not one path component",
+                String::from_utf8_lossy(&name)
+            )));
+        }
+        if let Some(Step::Dir { names, .. }) = self.stack.last_mut() {
+            if !names.insert(name.clone()) {
+                return Err(self.corrupt(format!(
+                    "a directory holds two entries named {:?}",
+                    String::from_utf8_lossy(&name)
+                )));
+            }
+        }
         let meta = meta_of(&node);
         match &node.node_type {
             NodeType::Dir => self.open_dir(&node, Some(&name))?,
             NodeType::File => {
+                let shown = String::from_utf8_lossy(&name).into_owned();
                 let link = if node.meta.links > 1 {
                     let key = (node.meta.device_id, node.meta.inode);
                     if let Some(&n) = self.links.get(&key) {
@@ -189,10 +219,18 @@ impl Frames {
                     blobs: node.content.clone().unwrap_or_default(),
                     next: 0,
                     offset: 0,
+                    size: node.meta.size,
+                    name: shown,
                 });
             }
             NodeType::Symlink { .. } => {
                 let target = node.node_type.to_link().as_os_str().as_encoded_bytes().to_vec();
+                if target.is_empty() || target.contains(&0) {
+                    return Err(self.corrupt(format!(
+                        "symlink {:?} has an empty target or one with a NUL byte",
+                        String::from_utf8_lossy(&name)
+                    )));
+                }
                 self.push(Frame::Symlink { name, target, meta });
             }
             NodeType::Dev { device } => self.special(name, libc::S_IFBLK, *device, meta),
@@ -208,8 +246,9 @@ impl Frames {
         self.push(Frame::Special { name, mode, rdev, meta });
     }
 
-    /// The next blob of the file on top of the stack, checked, as chunks (zeros left out).
-    fn blob(&mut self, id: rustic_core::DataId, offset: u64) -> Result<u64, StorageError> {
+    /// The next blob of the file on top of the stack (`name`, `size` bytes), checked, as chunks
+    /// (zeros left out).
+    fn blob(&mut self, id: rustic_core::DataId, offset: u64, size: u64, name: &str) -> Result<u64, StorageError> {
         let data = self
             .repo
             .get_blob_cached(&BlobId::from(id), BlobType::Data)
@@ -221,6 +260,9 @@ impl Frames {
                 self.repository,
                 id.to_hex().as_str()
             )));
+        }
+        if data.len() as u64 > size.saturating_sub(offset) {
+            return Err(self.corrupt(format!("file {name:?} is {size} bytes but its blobs hold more")));
         }
         crate::metrics::record_backup_bytes(&self.repository, "restored", data.len() as u64);
         for (start, end) in data_runs(&data) {
@@ -245,19 +287,29 @@ impl Frames {
                 return Ok(());
             };
             match top {
-                Step::File { blobs, next, offset } => {
+                Step::File {
+                    blobs,
+                    next,
+                    offset,
+                    size,
+                    name,
+                } => {
                     if *next == blobs.len() {
+                        if *offset != *size {
+                            let why = format!("file {name:?} is {size} bytes but its blobs hold {offset}");
+                            return Err(self.corrupt(why));
+                        }
                         self.stack.pop();
                         continue;
                     }
-                    let (id, at) = (blobs[*next], *offset);
+                    let (id, at, size, name) = (blobs[*next], *offset, *size, name.clone());
                     *next += 1;
-                    let len = self.blob(id, at)?;
+                    let len = self.blob(id, at, size, &name)?;
                     if let Some(Step::File { offset, .. }) = self.stack.last_mut() {
                         *offset += len;
                     }
                 }
-                Step::Dir { nodes, meta } => match nodes.next() {
+                Step::Dir { nodes, meta, .. } => match nodes.next() {
                     Some(node) => self.entry(node)?,
                     None => {
                         let meta = std::mem::take(meta);
@@ -407,6 +459,116 @@ mod tests {
             ]
         );
         assert!(data_runs(&[0u8; 10000]).is_empty());
+    }
+
+    use crate::backup::{image, BackupMeta, Location, RepositoryConfig, Throttle, TAG_KEY};
+    use crate::storage::id::PoolName;
+    use crate::storage::record::VolumeMode;
+    use rustic_core::repofile::{Metadata, Tree};
+    use rustic_core::SnapshotOptions;
+
+    /// A repository (with its key) holding, as backup `key`, a `dir` tree whose `/volume` has
+    /// `nodes`, and `data` as blobs.
+    fn hostile_backup(backups: &Backups, key: &str, data: &[Vec<u8>], nodes: Vec<Node>) -> BackupId {
+        let name = PoolName::parse("offsite").unwrap();
+        let opened = backups.open_or_init(&name, true).unwrap();
+        let master = opened.key();
+        let be = backups.write_backend(&name).unwrap();
+        let inner = Tree { nodes };
+        let (_, inner_id) = inner.serialize().unwrap();
+        let mut volume = Node::new_node(std::ffi::OsStr::new("volume"), NodeType::Dir, Metadata::default());
+        volume.subtree = Some(inner_id);
+        let root = Tree { nodes: vec![volume] };
+        let ids = image::store_for_test(be.clone(), &master, data, &[inner, root])
+            .unwrap_or_else(|e| panic!("store: {}", e.text));
+        let meta = BackupMeta {
+            name: format!("snap-{key}"),
+            source_volume_id: "local:node-1:default:pvc-1".into(),
+            layout: Layout::Dir,
+            mode: VolumeMode::Filesystem,
+            capacity_bytes: 1 << 20,
+            fs_bytes: 0,
+            length: 0,
+            node: "node-1".into(),
+            path: crate::backup::TREE_PATH.into(),
+            root: None,
+            chunk_bytes: None,
+        };
+        let mut snap = SnapshotOptions::default()
+            .add_tags(&format!("{TAG_KEY}{key}"))
+            .and_then(|o| o.description(serde_json::to_string(&meta).unwrap()).to_snapshot())
+            .unwrap();
+        snap.tree = ids[1];
+        image::write_snapshot(&*be, &master, &mut snap).unwrap_or_else(|e| panic!("snapshot: {}", e.text));
+        BackupId::new(name, key).unwrap()
+    }
+
+    fn file(name: &str, size: u64, content: &[Vec<u8>]) -> Node {
+        let meta = Metadata {
+            size,
+            links: 1,
+            ..Metadata::default()
+        };
+        let mut n = Node::new_node(std::ffi::OsStr::new(name), NodeType::File, meta);
+        n.content = Some(
+            content
+                .iter()
+                .map(|d| rustic_core::DataId::from(rustic_core::Id::new(Sha256::digest(d).into())))
+                .collect(),
+        );
+        n
+    }
+
+    #[test]
+    fn a_backup_whose_tree_restic_would_not_write_is_data_loss_before_any_entry_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("password");
+        std::fs::write(&password, "a key that is long enough\n").unwrap();
+        let cfg = RepositoryConfig {
+            name: PoolName::parse("offsite").unwrap(),
+            location: Location::Path(dir.path().join("repo")),
+            password_file: password,
+        };
+        let backups = Backups::new(vec![cfg], Throttle::unlimited());
+        let blob = b"four".to_vec();
+        let data = vec![blob.clone()];
+        let named = |n: &str| {
+            let mut f = file("x", 4, std::slice::from_ref(&blob));
+            f.name = n.to_string();
+            f
+        };
+        let cases: Vec<(&str, Vec<Node>)> = vec![
+            // Names that are not one path component: the writer refuses them too, but as an
+            // internal error (retried), not as the repository's corruption.
+            ("a1", vec![named("../../etc/cron.d/x")]),
+            ("a2", vec![named("..")]),
+            ("a3", vec![named("with\0nul")]),
+            ("a4", vec![named("")]),
+            // A file whose blobs hold fewer bytes than its size: it would be restored padded with
+            // zeros, and the restore answer OK.
+            ("b1", vec![file("short", 10, std::slice::from_ref(&blob))]),
+            // More bytes than its size.
+            ("b2", vec![file("long", 2, std::slice::from_ref(&blob))]),
+            // Two entries of one name.
+            ("c1", vec![named("same"), named("same")]),
+        ];
+        for (key, nodes) in cases {
+            let id = hostile_backup(&backups, key, &data, nodes);
+            let got: Result<Vec<Frame>, StorageError> = frames(&backups, &id, Layout::Dir).and_then(|f| f.collect());
+            match got {
+                Err(StorageError::DataLoss(m)) => assert!(m.contains(&id.to_string()), "{key}: {m}"),
+                other => panic!("{key}: want DATA_LOSS, got {:?}", other.map(|f| f.len())),
+            }
+        }
+        // The same tree with a sound file restores.
+        let id = hostile_backup(&backups, "d1", &data, vec![file("ok", 4, std::slice::from_ref(&blob))]);
+        let all: Vec<Frame> = frames(&backups, &id, Layout::Dir)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(all
+            .iter()
+            .any(|f| matches!(f, Frame::File { name, size: 4, .. } if name == b"ok")));
     }
 
     #[test]

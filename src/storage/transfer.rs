@@ -389,7 +389,31 @@ pub struct Verifier {
     /// that sends more is refused before it fills the target's pool.
     budget: Option<u64>,
     sent: u64,
+    /// What the tree's entries (not their data) take, counted against the same budget apart
+    /// from the data: see [`entry_cost`].
+    entries: u64,
 }
+
+/// What one entry of a tree is counted as taking in the target's pool: an inode and a directory
+/// entry (about [`ENTRY_BYTES`]) plus its name, symlink target and xattrs. A stream of nothing but
+/// empty files and directories (a backup repeating one subtree many times costs a few bytes in the
+/// repository for millions of entries) is refused like one bringing too much data.
+fn entry_cost(f: &Frame) -> u64 {
+    let xattrs = |m: &Meta| m.xattrs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>();
+    let entry = |name: &[u8]| ENTRY_BYTES + name.len() as u64;
+    match f {
+        Frame::Dir { name } => entry(name),
+        Frame::Leave { meta } => xattrs(meta),
+        Frame::File { name, meta, .. } => entry(name) + xattrs(meta),
+        Frame::HardLink { name, .. } => entry(name),
+        Frame::Symlink { name, target, meta } => entry(name) + target.len() as u64 + xattrs(meta),
+        Frame::Special { name, meta, .. } => entry(name) + xattrs(meta),
+        Frame::Header(_) | Frame::Chunk { .. } | Frame::End { .. } => 0,
+    }
+}
+
+/// An inode and a directory entry, as XFS and ext4 take them at most by default.
+pub const ENTRY_BYTES: u64 = 512;
 
 impl Verifier {
     /// A verifier for a stream whose file data may take at most `budget` bytes.
@@ -460,9 +484,13 @@ impl Verifier {
             (Frame::File { size, .. }, Some(h)) if h.layout != Layout::Image => {
                 self.limit = Some(*size);
                 self.next = 0;
+                self.count_entry(f)?;
             }
             (_, Some(h)) if h.layout == Layout::Image => return Err(broken("a tree entry in an image stream")),
-            (_, Some(_)) => self.limit = None,
+            (_, Some(_)) => {
+                self.limit = None;
+                self.count_entry(f)?;
+            }
         }
         self.tally.add(f);
         Ok(())
@@ -470,6 +498,20 @@ impl Verifier {
 
     pub fn is_complete(&self) -> bool {
         self.ended
+    }
+
+    /// Counts a tree entry against the budget (apart from the file data).
+    fn count_entry(&mut self, f: &Frame) -> Result<(), StorageError> {
+        let Some(budget) = self.budget else { return Ok(()) };
+        self.entries = self.entries.saturating_add(entry_cost(f));
+        if self.entries > budget {
+            return Err(StorageError::Exhausted(format!(
+                "the source sent more entries than this copy may take ({budget} bytes counting {ENTRY_BYTES} \
+                 for each entry with its name, symlink target and xattrs: its capacity, or half the pool's \
+                 free room when that is more)"
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -711,6 +753,37 @@ mod tests {
         ] {
             v.check(&f).unwrap();
         }
+    }
+
+    #[test]
+    fn a_tree_stream_may_not_bring_more_entries_than_the_budget_holds() {
+        // Empty directories cost the source nothing to send (a backup repeats one subtree) but
+        // each takes an inode and a directory entry in the target's pool.
+        let tree = Header {
+            layout: Layout::Dir,
+            mode: VolumeMode::Filesystem,
+            capacity_bytes: 1 << 20,
+            fs_bytes: 0,
+            length: 0,
+        };
+        let mut v = Verifier::within(1 << 20);
+        v.check(&Frame::Header(tree)).unwrap();
+        let mut refused = None;
+        for i in 0..10_000u32 {
+            let dir = Frame::Dir {
+                name: format!("d{i}").into_bytes(),
+            };
+            let leave = Frame::Leave {
+                meta: crate::sys::tree::Meta::default(),
+            };
+            if let Err(e) = v.check(&dir).and_then(|_| v.check(&leave)) {
+                refused = Some((i, e));
+                break;
+            }
+        }
+        let (i, e) = refused.expect("refused before 10,000 entries");
+        assert!(matches!(e, StorageError::Exhausted(_)), "{e}");
+        assert!((1900..2100).contains(&i), "refused at about 1 MiB / 512 bytes: {i}");
     }
 
     #[test]

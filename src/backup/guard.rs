@@ -1,0 +1,369 @@
+//! Bounds on what a repository's storage can make cellar do before the key has checked anything.
+//!
+//! Whoever can write the storage can add files to it without knowing the key: another cluster
+//! sharing the bucket, a stolen bucket credential, anyone who can write the share. Encryption and
+//! MACs keep such files from being taken as data, but two kinds of file are used before any MAC
+//! is checked:
+//!
+//! - **key files**: opening with the password tries every key file in turn, deriving a key with
+//!   the scrypt parameters the file itself names. One file asking for N = 2^30 made the process
+//!   allocate terabytes (it aborts); one asking for p = 2^26 kept a CPU busy for days; one that
+//!   does not parse failed the open for everyone when rustic came to it before the real key.
+//! - **config, snapshot and index files**: rustic reads each one whole into memory and only then
+//!   checks its MAC. A sparse file of many GiB on a shared directory costs its writer nothing and
+//!   costs the reader that much memory.
+//!
+//! So every listing cellar's repositories answer passes through [`Guarded`]: a key file is offered
+//! to rustic only when it is small and its scrypt parameters stay within what restic and rustic
+//! make (memory and work bounded per file, and in all), cheapest first, and exactly the bytes that
+//! were checked are what rustic then reads; config, snapshot and index files larger than any
+//! restic or rustic writes are left out of listings (a config file that is, is FAILED_PRECONDITION).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use rustic_core::repofile::KeyFile;
+use rustic_core::{
+    BytesList, ErrorKind, FileType, Id, ReadBackend, RepositoryBackends, RusticError, RusticResult, WriteBackend,
+};
+
+/// A key file is a few hundred bytes of JSON.
+pub const MAX_KEY_FILE_BYTES: u32 = 64 << 10;
+/// scrypt takes 128·N·r bytes of memory: rustic makes keys with 128 MiB, restic with at most 60.
+pub const MAX_KDF_MEMORY: u64 = 256 << 20;
+/// scrypt's work grows with N·r·p: rustic's keys take 2^20 (a third of a CPU-second), restic's
+/// at most about that.
+pub const MAX_KDF_WORK: u64 = 1 << 23;
+/// The work of all key files tried at one open: 64 of rustic's, about 20 CPU-seconds.
+pub const MAX_KDF_WORK_TOTAL: u64 = 1 << 26;
+
+/// The largest file of each kind that is read whole; `None` for packs (read in pieces the
+/// authenticated index names).
+fn max_bytes(tpe: FileType) -> Option<u32> {
+    match tpe {
+        FileType::Config => Some(1 << 20),
+        FileType::Key => Some(MAX_KEY_FILE_BYTES),
+        // restic and rustic write snapshots of a few KiB and index files of at most 50,000 blobs
+        // (a few MiB); these bounds are far above either.
+        FileType::Snapshot => Some(64 << 20),
+        FileType::Index => Some(256 << 20),
+        FileType::Pack => None,
+    }
+}
+
+/// The repository's backends, with listings and key files bounded as above.
+pub fn wrap(be: RepositoryBackends, repository: &str) -> RepositoryBackends {
+    let guarded = |inner: Arc<dyn WriteBackend>| -> Arc<dyn WriteBackend> {
+        Arc::new(Guarded {
+            inner,
+            repository: repository.to_string(),
+            keys: Mutex::new(HashMap::new()),
+        })
+    };
+    RepositoryBackends::new(guarded(be.repository()), be.repo_hot().map(guarded))
+}
+
+struct Guarded {
+    inner: Arc<dyn WriteBackend>,
+    repository: String,
+    /// Key files as they were when checked: rustic reads these bytes, not the file again (which
+    /// its writer may have changed since).
+    keys: Mutex<HashMap<Id, Bytes>>,
+}
+
+/// Why a key file is not tried, or the work deriving its key takes.
+pub fn kdf_work(data: &[u8]) -> Result<u64, String> {
+    if data.len() > MAX_KEY_FILE_BYTES as usize {
+        return Err(format!("it is {} bytes long", data.len()));
+    }
+    let k: KeyFile = serde_json::from_slice(data).map_err(|e| format!("it is not a key file ({e})"))?;
+    if k.kdf != "scrypt" {
+        return Err(format!("its key derivation is '{}', not scrypt", k.kdf));
+    }
+    if k.n < 2 || !k.n.is_power_of_two() || k.r == 0 || k.p == 0 {
+        return Err(format!(
+            "its scrypt parameters N={} r={} p={} are invalid",
+            k.n, k.r, k.p
+        ));
+    }
+    let (n, r, p) = (u64::from(k.n), u64::from(k.r), u64::from(k.p));
+    let memory = 128 * n * r;
+    let work = n * r * p;
+    if memory > MAX_KDF_MEMORY || work > MAX_KDF_WORK {
+        return Err(format!(
+            "its scrypt parameters N={n} r={r} p={p} would take {} MiB and {work} units of work \
+             (at most {} MiB and {MAX_KDF_WORK})",
+            memory >> 20,
+            MAX_KDF_MEMORY >> 20
+        ));
+    }
+    // An IV and a MAC at least: anything shorter fails rustic's decryption in a way that ends the
+    // search for the key instead of going on to the next file.
+    if k.data.len() < 32 {
+        return Err("its key data is too short".into());
+    }
+    Ok(work)
+}
+
+impl Guarded {
+    /// The key files worth trying, cheapest first, within the total work.
+    fn keys(&self) -> RusticResult<Vec<(Id, u32)>> {
+        let mut usable = Vec::new();
+        let mut checked = HashMap::new();
+        for (id, size) in self.inner.list_with_size(FileType::Key)? {
+            if size == 0 || size > MAX_KEY_FILE_BYTES {
+                self.skip_key(&id, &format!("it is {size} bytes long"));
+                continue;
+            }
+            let data = self.inner.read_full(FileType::Key, &id)?;
+            match kdf_work(&data) {
+                Ok(work) => {
+                    usable.push((work, id, size));
+                    checked.insert(id, data);
+                }
+                Err(why) => self.skip_key(&id, &why),
+            }
+        }
+        usable.sort();
+        let mut total = 0u64;
+        let mut out = Vec::new();
+        for (work, id, size) in usable {
+            total += work;
+            if total > MAX_KDF_WORK_TOTAL {
+                self.skip_key(&id, "the key files before it took all the work one open may take");
+                continue;
+            }
+            out.push((id, size));
+        }
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        keys.clear();
+        keys.extend(checked.into_iter().filter(|(id, _)| out.iter().any(|(o, _)| o == id)));
+        Ok(out)
+    }
+
+    fn skip_key(&self, id: &Id, why: &str) {
+        tracing::warn!(
+            repository = self.repository.as_str(),
+            key_file = %id,
+            "a key file of the backup repository is not tried: {why} (restic and rustic never make such a file; \
+             whoever can write the repository's storage can)"
+        );
+    }
+
+    /// Files of a kind read whole, without those too large to be read.
+    fn bounded(&self, tpe: FileType, max: u32) -> RusticResult<Vec<(Id, u32)>> {
+        let all = self.inner.list_with_size(tpe)?;
+        if tpe == FileType::Config {
+            // Listed with its size, or 0 when the size does not fit (4 GiB or more).
+            if let Some((_, size)) = all.iter().find(|(_, s)| *s == 0 || *s > max) {
+                return Err(RusticError::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "the repository's config file is unusable: it is {} (at most {max} bytes are read)",
+                        if *size == 0 {
+                            "empty or larger than 4 GiB".to_string()
+                        } else {
+                            format!("{size} bytes long")
+                        }
+                    ),
+                ));
+            }
+            return Ok(all);
+        }
+        Ok(all
+            .into_iter()
+            .filter(|(id, size)| {
+                let ok = *size <= max;
+                if !ok {
+                    tracing::warn!(
+                        repository = self.repository.as_str(),
+                        file = %id,
+                        kind = %tpe,
+                        bytes = size,
+                        "a file of the backup repository is left out: larger than restic or rustic make one \
+                         (at most {max} bytes are read)"
+                    );
+                }
+                ok
+            })
+            .collect())
+    }
+}
+
+impl ReadBackend for Guarded {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+
+    fn list_with_size(&self, tpe: FileType) -> RusticResult<Vec<(Id, u32)>> {
+        match (tpe, max_bytes(tpe)) {
+            (FileType::Key, _) => self.keys(),
+            (_, Some(max)) => self.bounded(tpe, max),
+            (_, None) => self.inner.list_with_size(tpe),
+        }
+    }
+
+    fn list(&self, tpe: FileType) -> RusticResult<Vec<Id>> {
+        if max_bytes(tpe).is_none() {
+            return self.inner.list(tpe);
+        }
+        Ok(self.list_with_size(tpe)?.into_iter().map(|(id, _)| id).collect())
+    }
+
+    fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<Bytes> {
+        if tpe != FileType::Key {
+            return self.inner.read_full(tpe, id);
+        }
+        if let Some(data) = self.keys.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            return Ok(data.clone());
+        }
+        // A key file read without being listed first is checked the same way.
+        let data = self.inner.read_full(tpe, id)?;
+        kdf_work(&data).map_err(|why| {
+            RusticError::new(
+                ErrorKind::InvalidInput,
+                format!("key file {id} of the repository is not tried: {why}"),
+            )
+        })?;
+        Ok(data)
+    }
+
+    fn read_partial(&self, tpe: FileType, id: &Id, cacheable: bool, offset: u32, length: u32) -> RusticResult<Bytes> {
+        self.inner.read_partial(tpe, id, cacheable, offset, length)
+    }
+
+    fn warmup_path(&self, tpe: FileType, id: &Id) -> String {
+        self.inner.warmup_path(tpe, id)
+    }
+
+    fn needs_warm_up(&self) -> bool {
+        self.inner.needs_warm_up()
+    }
+
+    fn warm_up(&self, tpe: FileType, id: &Id) -> RusticResult<()> {
+        self.inner.warm_up(tpe, id)
+    }
+}
+
+impl WriteBackend for Guarded {
+    fn create(&self) -> RusticResult<()> {
+        self.inner.create()
+    }
+
+    fn write_bytes(&self, tpe: FileType, id: &Id, cacheable: bool, content: BytesList) -> RusticResult<()> {
+        self.inner.write_bytes(tpe, id, cacheable, content)
+    }
+
+    fn remove(&self, tpe: FileType, id: &Id, cacheable: bool) -> RusticResult<()> {
+        self.inner.remove(tpe, id, cacheable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::{Backups, Location, RepositoryConfig, Throttle};
+    use crate::storage::id::PoolName;
+    use crate::storage::StorageError;
+    use std::path::Path;
+    use std::time::Duration;
+
+    fn backups(dir: &Path) -> (Backups, PoolName) {
+        let password = dir.join("password");
+        std::fs::write(&password, "a key that is long enough\n").unwrap();
+        let name = PoolName::parse("offsite").unwrap();
+        let cfg = RepositoryConfig {
+            name: name.clone(),
+            location: Location::Path(dir.join("repo")),
+            password_file: password,
+        };
+        (Backups::new(vec![cfg], Throttle::unlimited()), name)
+    }
+
+    /// Opens the repository in a fresh process's state (no key remembered), giving up after
+    /// `secs`: `None` when it did not finish.
+    fn open_within(dir: &Path, secs: u64) -> Option<Result<(), StorageError>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir = dir.to_path_buf();
+        std::thread::spawn(move || {
+            let (b, name) = backups(&dir);
+            let _ = tx.send(b.open(&name).map(|_| ()));
+        });
+        rx.recv_timeout(Duration::from_secs(secs)).ok()
+    }
+
+    fn the_key_file(repo: &Path) -> serde_json::Value {
+        let keys: Vec<_> = std::fs::read_dir(repo.join("keys"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(keys.len(), 1, "a new repository has one key");
+        serde_json::from_slice(&std::fs::read(&keys[0]).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn key_files_added_without_the_key_neither_exhaust_nor_stop_an_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = backups(dir.path());
+        b.open_or_init(&name, true).unwrap();
+        let repo = dir.path().join("repo");
+        let real = the_key_file(&repo);
+        // What someone who can write the storage but has no key can add: key files whose scrypt
+        // parameters take days of CPU or terabytes of memory, and files that are no key at all.
+        for i in 0..6u8 {
+            let mut k = real.clone();
+            match i % 3 {
+                0 => k["p"] = serde_json::json!(1u32 << 26),
+                1 => k["N"] = serde_json::json!(1u32 << 31),
+                _ => k["r"] = serde_json::json!(1u32 << 20),
+            }
+            std::fs::write(repo.join("keys").join(format!("{:064x}", i)), k.to_string()).unwrap();
+        }
+        std::fs::write(repo.join("keys").join(format!("{:064x}", 100)), "not a key file").unwrap();
+        let mut odd = real.clone();
+        odd["N"] = serde_json::json!(1000);
+        std::fs::write(repo.join("keys").join(format!("{:064x}", 101)), odd.to_string()).unwrap();
+        let opened = open_within(dir.path(), 60).expect("the open finished");
+        opened.expect("the real key still opens the repository");
+    }
+
+    #[test]
+    fn files_too_large_to_be_read_whole_are_left_out_or_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = backups(dir.path());
+        b.open_or_init(&name, true).unwrap();
+        let repo = dir.path().join("repo");
+        // A sparse snapshot file of 300 MiB (it could be 8 GiB): free to make on a share, as much
+        // memory to read whole.
+        let f = std::fs::File::create(repo.join("snapshots").join(format!("{:064x}", 7))).unwrap();
+        f.set_len(300 << 20).unwrap();
+        assert_eq!(b.list(&name).unwrap(), Vec::new(), "the oversized snapshot is left out");
+        // The same for the config: the repository is refused, not read.
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(repo.join("config"))
+            .unwrap();
+        f.set_len(300 << 20).unwrap();
+        let (b, name) = backups(dir.path());
+        let e = b.open(&name).map(|_| ()).expect_err("refused");
+        assert!(matches!(e, StorageError::PoolUnusable(_)), "{e}");
+        assert!(e.to_string().contains("config file is unusable"), "{e}");
+    }
+
+    #[test]
+    fn kdf_bounds_accept_what_restic_and_rustic_make() {
+        let key = |n: u32, r: u32, p: u32| {
+            serde_json::json!({"kdf": "scrypt", "N": n, "r": r, "p": p, "data": "A".repeat(64), "salt": "AAAA"})
+                .to_string()
+        };
+        assert!(kdf_work(key(1 << 15, 8, 1).as_bytes()).is_ok(), "restic's default");
+        assert!(kdf_work(key(1 << 17, 8, 1).as_bytes()).is_ok(), "rustic's default");
+        assert!(kdf_work(key(1 << 20, 8, 1).as_bytes()).is_err(), "1 GiB of memory");
+        assert!(
+            kdf_work(key(1 << 15, 8, 1 << 10).as_bytes()).is_err(),
+            "a thousand rounds"
+        );
+        assert!(kdf_work(key(1000, 8, 1).as_bytes()).is_err(), "N not a power of two");
+    }
+}
