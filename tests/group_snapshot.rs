@@ -783,6 +783,16 @@ mod split {
         made.into_inner().group_snapshot.expect("group_snapshot")
     }
 
+    /// The id of the member of `made` cut from `volume`.
+    fn member_of(made: &VolumeGroupSnapshot, volume: &str) -> String {
+        made.snapshots
+            .iter()
+            .find(|s| s.source_volume_id == volume)
+            .expect("a member of that volume")
+            .snapshot_id
+            .clone()
+    }
+
     async fn got(ctl: &ControllerService, id: &str) -> VolumeGroupSnapshot {
         let req = Request::new(GetVolumeGroupSnapshotRequest {
             group_snapshot_id: id.into(),
@@ -828,13 +838,7 @@ mod split {
         let got = got(&ctl, &made.group_snapshot_id).await;
         assert_eq!(got, made);
         // The member on the other node than the group's record cannot be deleted alone either.
-        let on_node_2 = made
-            .snapshots
-            .iter()
-            .find(|s| s.source_volume_id == b)
-            .unwrap()
-            .snapshot_id
-            .clone();
+        let on_node_2 = member_of(&made, &b);
         let e = ctl
             .delete_snapshot(Request::new(DeleteSnapshotRequest {
                 snapshot_id: on_node_2,
@@ -852,6 +856,41 @@ mod split {
         for engine in &engines {
             assert!(engine.snapshots().is_empty(), "every member is deleted, on both nodes");
         }
+    }
+
+    /// A member on another node than its group's record, whose group was never recorded (the
+    /// controller died between the cut and the record, and the VolumeGroupSnapshot was deleted
+    /// before any retry): nobody would ever delete it through its group, so DeleteSnapshot
+    /// deletes it alone once the group's node answers that it holds no such group. While the
+    /// group is recorded, the member is refused alone.
+    #[tokio::test]
+    async fn a_member_whose_group_was_never_recorded_can_be_deleted_alone() {
+        let n = nodes(&["node-1", "node-2"]).await;
+        let engines = n.engines.clone();
+        let ctl = ControllerService::new(Arc::new(n));
+        let a = volume(&ctl, "pvc-left-a", "node-1").await;
+        let b = volume(&ctl, "pvc-left-b", "node-2").await;
+        let made = cut(&ctl, group_req("group-left", &[&a, &b], true)).await;
+        let on_node_2 = member_of(&made, &b);
+        let delete = |id: String| {
+            ctl.delete_snapshot(Request::new(DeleteSnapshotRequest {
+                snapshot_id: id,
+                ..Default::default()
+            }))
+        };
+        let e = delete(on_node_2.clone()).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert_eq!(engines[1].snapshots().len(), 1, "a member of a recorded group stays");
+        // The group's record goes from node-1 (with its member there): node-2's member is left
+        // naming a group no node records.
+        let group = GroupId::parse(&made.group_snapshot_id).expect("group id");
+        assert_eq!(group.0.node().map(|n| n.as_str()), Some("node-1"));
+        engines[0].delete_group(&group).expect("remove the record");
+        delete(on_node_2.clone())
+            .await
+            .expect("a member of no group is deleted alone");
+        assert!(engines[1].snapshots().is_empty(), "the left member is gone");
+        delete(on_node_2).await.expect("and the delete is idempotent");
     }
 
     #[tokio::test]

@@ -150,6 +150,14 @@ impl Cutting {
     }
 }
 
+impl Cutting {
+    /// Whether a group whose id has this key is being cut through this controller now.
+    fn holds_key(&self, key: &Key) -> bool {
+        let names = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        names.iter().any(|n| Key::from_name(n) == *key)
+    }
+}
+
 impl Drop for CuttingName<'_> {
     fn drop(&mut self) {
         self.0 .0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
@@ -335,6 +343,37 @@ impl ControllerService {
             .collect();
         self.drop_group_parts(&id, &every).await;
         Err(e.into())
+    }
+
+    /// DeleteSnapshot of a group member that its node refused to delete alone because its group's
+    /// record lives on another node. When that node answers that no such group is recorded (a cut
+    /// whose controller died between the members and the record, and that was never retried) and
+    /// no cut of it runs here, the member belongs to no group: its node removes it (only if its
+    /// record still names that group). Otherwise the refusal stands.
+    pub(super) async fn delete_left_member(
+        &self,
+        agent: &dyn Agent,
+        id: &SnapshotId,
+        refused: StorageError,
+    ) -> Result<(), StorageError> {
+        let group = agent
+            .snapshots()
+            .await?
+            .into_iter()
+            .find(|s| s.id == *id)
+            .and_then(|s| s.group);
+        let Some(group) = group else {
+            return Err(refused);
+        };
+        let Some(home) = self.agent_of(group.0.node()) else {
+            return Err(refused);
+        };
+        // A group's node that cannot answer may hold the record: the refusal stands.
+        if self.cutting.holds_key(&group.0.key) || !matches!(home.group(group.clone()).await, Ok(None)) {
+            return Err(refused);
+        }
+        tracing::info!(snapshot = %id, group = %group, "deleting a group member whose group was never recorded");
+        agent.delete_group_part(group, vec![id.clone()]).await
     }
 
     /// Deletes the members of a group spanning nodes from every node that holds some (each node

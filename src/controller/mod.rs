@@ -1050,7 +1050,12 @@ impl Controller for ControllerService {
                 self.delete_backup(&id).await?;
             } else if let Ok(id) = SnapshotId::parse(&r.snapshot_id) {
                 if let Some(agent) = self.agent_of(id.0.node()) {
-                    agent.delete_snapshot(id).await?;
+                    match agent.delete_snapshot(id.clone()).await {
+                        Err(refused @ StorageError::Unsupported(_)) => {
+                            self.delete_left_member(agent.as_ref(), &id, refused).await?
+                        }
+                        done => done?,
+                    }
                 }
             }
             Ok(DeleteSnapshotResponse {})
