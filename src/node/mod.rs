@@ -495,6 +495,17 @@ impl NodeService {
                 )));
             }
             if s.path == staging && here {
+                // A retry is OK; the same path asked read-only where it is read-write (or the
+                // reverse) is another stage, which this one is not.
+                if s.read_only != read_only {
+                    return Err(NodeError::Conflict(format!(
+                        "volume {} is already staged at {} {}; this request asks for it {}",
+                        r.volume_id,
+                        staging.display(),
+                        if s.read_only { "read-only" } else { "read-write" },
+                        if read_only { "read-only" } else { "read-write" },
+                    )));
+                }
                 return Ok(NodeStageVolumeResponse {});
             }
         }
@@ -637,17 +648,19 @@ impl NodeService {
         let Some(staged) = m.staged.clone().filter(|s| s.path == staging) else {
             return Ok(NodeUnstageVolumeResponse {});
         };
-        if let Some(backing) = &staged.backing {
-            // A loop device is never detached while a publish of it still exists.
-            for (target, _) in m.published.iter() {
-                if self.is_mounted(target)? {
-                    return Err(NodeError::NotReady(format!(
-                        "volume {} is still published at {}; unpublish it first",
-                        r.volume_id,
-                        target.display()
-                    )));
-                }
+        // Never while a publish of it is still mounted: a loop device is never detached under a
+        // pod, and a shared directory volume's stage mark (what keeps a controller from deleting
+        // it) never goes while a pod still writes to it.
+        for (target, _) in m.published.iter() {
+            if self.is_mounted(target)? {
+                return Err(NodeError::NotReady(format!(
+                    "volume {} is still published at {}; unpublish it first",
+                    r.volume_id,
+                    target.display()
+                )));
             }
+        }
+        if let Some(backing) = &staged.backing {
             self.unmount_all(&staging)?;
             crash::point("unstage:before-detach");
             for d in self.devices.find_by_backing(backing)? {
@@ -722,8 +735,14 @@ impl NodeService {
             }
         }
         let staged_here = m.staged.as_ref().is_some_and(|s| s.path == staging);
+        // The read-only devices of read-only block publishes are not the stage's device.
+        let publish_devices: Vec<PathBuf> = m.published.values().filter_map(|p| p.device.clone()).collect();
         let source = if block {
-            let device = self.devices.find_by_backing(&data)?.into_iter().next();
+            let device = self
+                .devices
+                .find_by_backing(&data)?
+                .into_iter()
+                .find(|d| !publish_devices.contains(&d.path));
             match device {
                 Some(d) if staged_here => d.path,
                 _ => {
@@ -756,26 +775,63 @@ impl NodeService {
                 target.display()
             )));
         }
+        // A device node on a read-only mount still opens for writing: a read-only publish of a
+        // block volume whose stage is read-write gets a read-only loop device of its own.
+        let staged_rw = m.staged.as_ref().is_some_and(|s| !s.read_only);
+        let own_device = block && flags.read_only && staged_rw;
+        let kept = m.published.get(&target).and_then(|p| p.device.clone());
         m.published.insert(
             target.clone(),
             Published {
                 access: cap.access,
                 flags,
                 created,
+                device: kept,
             },
         );
         self.state.put(m.clone())?;
         crash::point("publish:before-mount");
-        if let Err(e) = self.mounter.bind(&source, &target, flags) {
-            // Leave nothing behind: forget the intent and the file or directory we made.
+        let mut attached = None;
+        let source = match own_device {
+            false => Ok(source),
+            true => self
+                .read_only_device(&data, &mut m, &target)
+                .inspect(|d| attached = Some(d.clone())),
+        };
+        let bound = source.and_then(|source| Ok(self.mounter.bind(&source, &target, flags)?));
+        if let Err(e) = bound {
+            // Leave nothing behind: forget the intent, the device and the file or directory we made.
+            if let Some(d) = attached.as_ref().and_then(|d| loop_device(d)) {
+                let _ = self.devices.detach(&d);
+            }
             m.published.remove(&target);
             self.state.put(m)?;
             if created {
                 let _ = files::remove_tree(&target);
             }
-            return Err(e.into());
+            return Err(e);
         }
         Ok(NodePublishVolumeResponse {})
+    }
+
+    /// The read-only loop device of the read-only block publish at `target`: the one its state
+    /// names when it is still attached to the volume's image, else a new one, recorded before
+    /// anything is bound from it.
+    fn read_only_device(&self, data: &Path, m: &mut state::VolumeMounts, target: &Path) -> Result<PathBuf, NodeError> {
+        let attached = self.devices.find_by_backing(data)?;
+        let recorded = m.published.get(target).and_then(|p| p.device.clone());
+        if let Some(d) = recorded.filter(|d| attached.iter().any(|a| &a.path == d)) {
+            return Ok(d);
+        }
+        let (d, _) = self.devices.attach(data, true)?;
+        if let Some(p) = m.published.get_mut(target) {
+            p.device = Some(d.path.clone());
+        }
+        if let Err(e) = self.state.put(m.clone()) {
+            let _ = self.devices.detach(&d);
+            return Err(e.into());
+        }
+        Ok(d.path)
     }
 
     /// Whether a path is mounted; a mount whose share went stale is detached and counts as not
@@ -866,13 +922,32 @@ impl NodeService {
         };
         self.unmount_all(&target)?;
         crash::point("unpublish:after-unmount");
-        let removable = match files::entry(&target)? {
-            Entry::Dir => true,
-            Entry::File => p.created,
-            _ => false,
-        };
-        if removable {
-            files::remove_entry(&target)?;
+        // The read-only device of a read-only block publish goes with it (only while it is still
+        // attached to the volume's image: a number the kernel gave to another file is not ours).
+        if let (Some(d), Some(backing)) = (&p.device, m.staged.as_ref().and_then(|s| s.backing.as_ref())) {
+            if let Some(dev) = self
+                .devices
+                .find_by_backing(backing)?
+                .into_iter()
+                .find(|a| &a.path == d)
+            {
+                self.devices.detach(&dev)?;
+            }
+        }
+        match files::entry(&target)? {
+            // Only an empty directory: files in it were written there while nothing was mounted
+            // (the mount lost, a reboot) and are not ours to delete; nor is this call to fail on
+            // them forever, its state entry keeping the volume from ever being deleted.
+            Entry::Dir => {
+                if let Err(e) = files::remove_dir(&target) {
+                    if e.errno() != Some(libc::ENOTEMPTY) {
+                        return Err(e.into());
+                    }
+                    tracing::warn!(volume = r.volume_id, path = %target.display(), "unpublished; the target directory holds files that are not the volume's and is left in place");
+                }
+            }
+            Entry::File if p.created => files::remove_entry(&target)?,
+            _ => {}
         }
         m.published.remove(&target);
         self.state.put(m)?;
@@ -1002,13 +1077,19 @@ impl NodeService {
             });
         }
         let _held = self.hold(&r.volume_id)?;
-        let Some(device) = self.devices.find_by_backing(&data)?.into_iter().next() else {
+        let m = self.state.get(&r.volume_id);
+        let publish_devices: Vec<PathBuf> = m.published.values().filter_map(|p| p.device.clone()).collect();
+        let devices = self.devices.find_by_backing(&data)?;
+        let Some(device) = devices.iter().find(|d| !publish_devices.contains(&d.path)).cloned() else {
             return Err(NodeError::NotReady(format!(
                 "volume {} is not staged on this node; it grows when it is staged",
                 r.volume_id
             )));
         };
-        self.devices.refresh_capacity(&device)?;
+        // Every device of the image grows: the stage's and those of read-only block publishes.
+        for d in &devices {
+            self.devices.refresh_capacity(d)?;
+        }
         if rec.mode == VolumeMode::Block {
             return Ok(NodeExpandVolumeResponse {
                 capacity_bytes: self.devices.size(&device.path)? as i64,
@@ -1035,6 +1116,12 @@ impl NodeService {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// The loop device at `/dev/loopN`.
+fn loop_device(path: &Path) -> Option<loopdev::LoopDevice> {
+    let n = path.to_str()?.strip_prefix("/dev/loop")?.parse().ok()?;
+    Some(loopdev::LoopDevice::new(n))
 }
 
 /// Runs blocking node work (mounts, fsyncs) off the async runtime.

@@ -31,6 +31,10 @@ pub struct Published {
     pub flags: BindFlags,
     /// We made the target directory, so we remove it on unpublish.
     pub created: bool,
+    /// A read-only publish of a block volume staged read-write: the read-only loop device attached
+    /// for it alone (a read-only bind of a device node does not stop writes to the device).
+    #[serde(default)]
+    pub device: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

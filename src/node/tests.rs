@@ -31,6 +31,13 @@ impl Node {
         let node = NodeId::parse("n1").expect("node id");
         let mut config = Config::default_for(dir.path());
         config.pools[0].layouts.push(Layout::Image);
+        // A shared pool too (a plain directory here), whose directory volumes carry stage marks.
+        let mut shared = config.pools[0].clone();
+        shared.name = crate::storage::id::PoolName::parse("share").expect("pool name");
+        shared.path = dir.path().join("share");
+        shared.backend = crate::storage::config::Backend::Shared;
+        shared.layouts = vec![Layout::Dir];
+        config.pools.push(shared);
         let engine = Arc::new(LocalEngine::open(node.clone(), &config).expect("engine"));
         let state = Arc::new(NodeState::open(&dir.path().join("node")).expect("state"));
         let mounter = Arc::new(RecordingMounter::default());
@@ -428,4 +435,231 @@ fn expand_grows_a_staged_images_filesystem_through_its_device() {
     let err = n.expand(&id, &staging).expect_err("no device");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
     n.unstage(&id, &staging).expect("unstage");
+}
+
+#[test]
+fn an_unstage_under_a_live_publish_is_refused_for_every_layout() {
+    let n = Node::new();
+    let mut shared = crate::storage::engine::NewVolume::plain("pvc-shared", Some(Layout::Dir), 1 << 20);
+    shared.pool = Some(crate::storage::id::PoolName::parse("share").expect("pool name"));
+    let shared = n.svc.engine.create_volume(shared).expect("create").id.to_string();
+    for id in [n.volume("pvc-local"), shared.clone()] {
+        let (staging, target) = (n.path(&format!("stage-{id}")), n.path(&format!("pod-{id}/mount")));
+        n.stage(&id, &staging).expect("stage");
+        n.publish(&id, &staging, &target, Mode::SingleNodeWriter, false)
+            .expect("publish");
+        // kubelet unstages only after every unpublish; a caller that does not is told so, and the
+        // volume stays staged: the shared volume keeps the mark that keeps a controller's delete away.
+        let err = n.unstage(&id, &staging).expect_err("a publish is still mounted");
+        assert_eq!(err.code(), Code::FailedPrecondition, "{id}: {err:?}");
+        assert!(n.svc.state.get(&id).staged.is_some(), "{id}: still staged");
+        assert_eq!(n.mounter.mounted().len(), 2, "{id}: nothing unmounted");
+        if id == shared {
+            let marks = n.path("share/.staged");
+            let listed: Vec<_> = std::fs::read_dir(&marks).expect("marks").flatten().collect();
+            assert_eq!(listed.len(), 1, "the stage mark stays on the share");
+        }
+        n.svc
+            .unpublish(NodeUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                target_path: target.display().to_string(),
+            })
+            .expect("unpublish");
+        n.unstage(&id, &staging).expect("then the unstage");
+        assert!(n.mounter.mounted().is_empty());
+    }
+    assert!(
+        !n.path("share/.staged").read_dir().expect("marks").any(|_| true),
+        "the mark goes with the stage"
+    );
+}
+
+/// A raw block image volume of `bytes`, staged read-write at `staging` by `svc`.
+fn block_volume(svc: &NodeService, name: &str, staging: &Path) -> String {
+    let mut v = NewVolume::plain(name, Some(Layout::Image), 16 << 20);
+    v.mode = crate::storage::record::VolumeMode::Block;
+    let id = svc.engine.create_volume(v).expect("create").id.to_string();
+    svc.stage(NodeStageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(crate::client::block_capability(Mode::SingleNodeWriter)),
+        ..Default::default()
+    })
+    .expect("stage");
+    id
+}
+
+fn block_publish(svc: &NodeService, id: &str, staging: &Path, target: &Path, ro: bool) -> Result<(), tonic::Status> {
+    svc.publish(NodePublishVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(crate::client::block_capability(Mode::SingleNodeWriter)),
+        readonly: ro,
+        ..Default::default()
+    })
+    .map(|_| ())
+    .map_err(tonic::Status::from)
+}
+
+#[test]
+fn a_read_only_block_publish_of_a_read_write_stage_gets_a_read_only_device_of_its_own() {
+    let n = Node::new();
+    let staging = n.path("stage");
+    let id = block_volume(&n.svc, "pvc-b", &staging);
+    let (rw, ro) = (n.path("pod-rw"), n.path("pod-ro"));
+    block_publish(&n.svc, &id, &staging, &rw, false).expect("read-write publish");
+    block_publish(&n.svc, &id, &staging, &ro, true).expect("read-only publish");
+    block_publish(&n.svc, &id, &staging, &ro, true).expect("its retry");
+    let attaches: Vec<_> = n
+        .devices
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("attach"))
+        .collect();
+    assert_eq!(
+        attaches.len(),
+        2,
+        "the stage's device and one read-only device: {attaches:?}"
+    );
+    assert!(
+        attaches[0].ends_with("ro=false") && attaches[1].ends_with("ro=true"),
+        "{attaches:?}"
+    );
+    let mounted = n.mounter.mounted();
+    let source = |t: &Path| mounted.iter().find(|m| m.1 == t).map(|m| m.0.clone()).expect("bound");
+    assert_ne!(
+        source(&rw),
+        source(&ro),
+        "the read-only publish is not bound from the writable device"
+    );
+    let recorded = n.svc.state.get(&id).published[&ro].device.clone();
+    assert_eq!(recorded, Some(source(&ro)), "its device is recorded");
+    // Another read-write publish still binds the stage's device, not the read-only one.
+    block_publish(&n.svc, &id, &staging, &n.path("pod-rw2"), false).expect("second read-write publish");
+    assert_eq!(source(&rw), n.mounter.mounted().last().expect("bound").0);
+    n.svc
+        .unpublish(NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: ro.display().to_string(),
+        })
+        .expect("unpublish");
+    assert_eq!(
+        n.devices.attached().len(),
+        1,
+        "the read-only device goes with its publish"
+    );
+    for t in [&rw, &n.path("pod-rw2")] {
+        n.svc
+            .unpublish(NodeUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                target_path: t.display().to_string(),
+            })
+            .expect("unpublish");
+    }
+    n.unstage(&id, &staging).expect("unstage");
+    assert!(n.devices.attached().is_empty());
+    assert!(n.mounter.mounted().is_empty());
+}
+
+/// Root only: the kernel's answer to a write through a read-only block publish.
+#[test]
+fn a_read_only_block_publish_refuses_writes_for_real() {
+    crate::sys::loopdev::fixture::require_root();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeId::parse("n1").expect("node id");
+    let mut config = Config::default_for(dir.path());
+    config.pools[0].layouts.push(Layout::Image);
+    let engine = Arc::new(LocalEngine::open(node.clone(), &config).expect("engine"));
+    let state = Arc::new(NodeState::open(&dir.path().join("node")).expect("state"));
+    let svc = NodeService::new(node, engine, state, 0);
+    let staging = dir.path().join("stage");
+    std::fs::create_dir(&staging).expect("staging dir");
+    let id = block_volume(&svc, "pvc-rb", &staging);
+    let (rw, ro) = (dir.path().join("rw"), dir.path().join("ro"));
+    block_publish(&svc, &id, &staging, &rw, false).expect("read-write publish");
+    block_publish(&svc, &id, &staging, &ro, true).expect("read-only publish");
+    let write = |t: &Path| {
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(t)
+            .and_then(|mut f| f.write_all(&[7u8; 4096]).and_then(|_| f.sync_all()))
+    };
+    let through_ro = write(&ro);
+    let through_rw = write(&rw);
+    for t in [&ro, &rw] {
+        svc.unpublish(NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: t.display().to_string(),
+        })
+        .expect("unpublish");
+    }
+    svc.unstage(NodeUnstageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.display().to_string(),
+    })
+    .expect("unstage");
+    let (_, data) = svc
+        .engine
+        .volume_data(&crate::storage::id::VolumeId::parse(&id).expect("id"))
+        .expect("data");
+    let left = crate::sys::loopdev::find_by_backing(&data).expect("devices");
+    assert!(
+        through_ro.is_err(),
+        "a write through the read-only publish reached the volume"
+    );
+    through_rw.expect("the read-write publish writes");
+    assert!(left.is_empty(), "loop devices left: {left:?}");
+}
+
+#[test]
+fn a_stage_retried_with_another_read_only_mode_is_already_exists() {
+    let n = Node::new();
+    for id in [n.volume("pvc-s"), n.image("pvc-si")] {
+        let staging = n.path(&format!("stage-{id}"));
+        n.stage(&id, &staging).expect("stage read-write");
+        let err = n
+            .svc
+            .stage(NodeStageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(cap(Mode::SingleNodeReaderOnly)),
+                ..Default::default()
+            })
+            .map_err(tonic::Status::from)
+            .expect_err("a read-only stage is not this read-write one");
+        assert_eq!(err.code(), Code::AlreadyExists, "{id}: {err:?}");
+        n.stage(&id, &staging).expect("the same stage again is OK");
+        n.unstage(&id, &staging).expect("unstage");
+    }
+    assert!(n.mounter.mounted().is_empty());
+    assert!(n.devices.attached().is_empty());
+}
+
+#[test]
+fn an_unpublish_whose_target_holds_files_not_ours_converges_and_keeps_them() {
+    let n = Node::new();
+    let id = n.volume("pvc-u");
+    let (staging, target) = (n.path("stage"), n.path("pod/mount"));
+    n.stage(&id, &staging).expect("stage");
+    n.publish(&id, &staging, &target, Mode::SingleNodeWriter, false)
+        .expect("publish");
+    // The publish mount is lost (a reboot, someone's umount) and something writes in the bare directory.
+    use crate::sys::mount::Mounter;
+    n.mounter.unmount(&target).expect("lose the mount");
+    std::fs::write(target.join("written-meanwhile"), b"x").expect("write");
+    n.svc
+        .unpublish(NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target.display().to_string(),
+        })
+        .expect("the unpublish converges");
+    assert!(
+        target.join("written-meanwhile").exists(),
+        "what is not the volume's is kept"
+    );
+    assert!(n.svc.state.get(&id).published.is_empty(), "the publish is forgotten");
+    n.unstage(&id, &staging).expect("unstage");
+    assert!(n.svc.state.mounted_at(&id).is_empty());
 }

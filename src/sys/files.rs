@@ -351,6 +351,15 @@ pub fn remove_entry(path: &Path) -> Result<(), SysError> {
     }
 }
 
+/// Removes a directory that must be empty (ENOTEMPTY otherwise); one already gone is fine.
+pub fn remove_dir(path: &Path) -> Result<(), SysError> {
+    fault("file:unlink", path)?;
+    match fs::remove_dir(path) {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(SysError::io("remove directory", path, e)),
+        _ => Ok(()),
+    }
+}
+
 /// Removes an empty directory; a directory that is gone or not empty is left as it is.
 pub fn remove_dir_if_empty(path: &Path) {
     let _ = fs::remove_dir(path);
