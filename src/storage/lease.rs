@@ -305,9 +305,13 @@ impl Leases {
         if holder != self.node && self.unrenewed_for(path, &bytes) < ttl {
             return Ok(Err(holder));
         }
-        lock(&self.watched).remove(path);
-        files::remove_file_if_exists(path)?;
-        Ok(Ok(()))
+        // Its holder may renew it in this very moment (late, but alive): moved aside and compared,
+        // as a take-over does, a renewed lease is put back and the delete refused.
+        crate::crash::point("lease:clear-stale");
+        match self.take_over(path, &bytes)? {
+            Some(renewed) => Ok(Err(holder_of(&renewed))),
+            None => Ok(Ok(())),
+        }
     }
 }
 
@@ -529,5 +533,32 @@ mod tests {
         a.release(&p, "v").unwrap();
         assert_eq!(a.renew(&p, "v").unwrap(), Renewal::Gone);
         assert!(!p.exists());
+    }
+
+    /// A delete that has watched a lease go unrenewed for its whole time clears it; its holder,
+    /// late but alive, may renew it in that very moment. The renewal must win (the delete refused),
+    /// never be removed with the lease it replaced.
+    #[test]
+    fn a_renewal_racing_a_deletes_clear_wins() {
+        let (d, p) = setup();
+        let (a, ctl) = (Leases::new("a"), Arc::new(Leases::new("controller")));
+        a.acquire(&p, "v", TTL).unwrap();
+        assert_eq!(ctl.clear_if_stale(&p, TTL).unwrap(), Err("a".into()));
+        std::thread::sleep(TTL + Duration::from_millis(50));
+        let pause = Arc::new(crate::crash::in_thread::Pause::default());
+        let clearing = {
+            let (ctl, p, pause) = (ctl.clone(), p.clone(), pause.clone());
+            std::thread::spawn(move || {
+                crate::crash::in_thread::pause_at(Some(("lease:clear-stale", pause)));
+                ctl.clear_if_stale(&p, TTL)
+            })
+        };
+        assert!(pause.reached(Duration::from_secs(5)));
+        assert_eq!(a.renew(&p, "v").unwrap(), Renewal::Renewed);
+        pause.release();
+        assert_eq!(clearing.join().unwrap().unwrap(), Err("a".into()));
+        let f: LeaseFile = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        assert_eq!((f.node.as_str(), f.renewals), ("a", 1));
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1, "no aside file left");
     }
 }
