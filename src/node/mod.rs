@@ -114,8 +114,6 @@ impl NodeService {
     }
 }
 
-/// Renews the leases of the shared image volumes this node has staged, each once a third of its
-/// lease time has passed.
 /// What a delete asks of this node: its mount state, under the same per-volume lock stage,
 /// publish, unpublish and unstage take.
 struct NodeMounts {
@@ -142,13 +140,16 @@ impl crate::storage::engine::MountedHere for NodeMounts {
 static RENEW_ERRORS: std::sync::Mutex<std::collections::BTreeMap<String, String>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
 
-pub fn renew_leases(engine: &LocalEngine, state: &NodeState) {
+/// Renews the leases of the image volumes of shared pool `pool` that this node has staged, each
+/// once a third of its lease time has passed.
+pub fn renew_leases(engine: &LocalEngine, state: &NodeState, pool: &PoolName) {
     for m in state.all() {
         let Some(backing) = m.staged.as_ref().and_then(|s| s.backing.clone()) else {
             continue;
         };
         let Some((lease, ttl)) = VolumeId::parse(&m.volume_id)
             .ok()
+            .filter(|id| id.0.pool == *pool)
             .and_then(|id| engine.shared_lease(&id))
         else {
             continue;
@@ -180,20 +181,22 @@ pub fn renew_leases(engine: &LocalEngine, state: &NodeState) {
     }
 }
 
-/// Starts the lease renewer on a thread of its own (a dead share may block it; it blocks nothing
-/// else), when this node has pools that can lease: every second it renews what is due.
+/// Starts a lease renewer for each shared pool that can lease, on a thread of its own: every second
+/// it renews what is due. A call on a share whose server is gone can block in the kernel for as
+/// long as the outage lasts; it then holds up only that share's renewals (whose images cannot be
+/// written either), never another share's, whose leases would lapse under volumes still mounted.
 pub fn start_lease_renewer(engine: Arc<LocalEngine>, state: Arc<NodeState>) {
-    if !engine.takes_leases() {
-        return; // no shared pool serves image volumes: nothing will ever be leased here
-    }
-    let spawned = std::thread::Builder::new()
-        .name("cellar-leases".into())
-        .spawn(move || loop {
-            renew_leases(&engine, &state);
-            std::thread::sleep(std::time::Duration::from_secs(1));
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the lease renewer");
+    for pool in engine.leasing_pools() {
+        let (engine, state) = (engine.clone(), state.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("cellar-leases-{}", pool.as_str()))
+            .spawn(move || loop {
+                renew_leases(&engine, &state, &pool);
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the lease renewer");
+        }
     }
 }
 

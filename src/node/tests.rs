@@ -663,3 +663,81 @@ fn an_unpublish_whose_target_holds_files_not_ours_converges_and_keeps_them() {
     n.unstage(&id, &staging).expect("unstage");
     assert!(n.svc.state.mounted_at(&id).is_empty());
 }
+
+/// Two shared pools on two shares; the first share's server is gone and a call on it blocks in the
+/// kernel (a FIFO in its lease's place plays that). The second share's leases must still be renewed:
+/// a renewal held up past the lease time lets another node stage and mount, a second time, an image
+/// this node still has mounted and writes.
+#[test]
+fn a_share_that_hangs_holds_up_no_other_shares_lease_renewals() {
+    use crate::storage::id::{PoolName, VolumeId};
+    use crate::storage::lease::{Claim, LeaseFile};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::default_for(dir.path());
+    let base = config.pools[0].clone();
+    config.pools.clear();
+    for name in ["hung", "live"] {
+        let mut p = base.clone();
+        p.name = PoolName::parse(name).expect("pool");
+        p.path = dir.path().join(name);
+        p.backend = crate::storage::config::Backend::Shared;
+        p.layouts = vec![Layout::Dir, Layout::Image];
+        p.lease_seconds = 3;
+        config.pools.push(p);
+    }
+    let engine = Arc::new(LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("engine"));
+    let state = Arc::new(NodeState::open(&dir.path().join("node")).expect("state"));
+    let mut leases = Vec::new();
+    for pool in ["hung", "live"] {
+        let id = VolumeId::parse(&format!("shared:{pool}:pvc-{pool}")).expect("id");
+        let backing = dir.path().join(pool).join("volumes").join(format!("pvc-{pool}"));
+        std::fs::write(&backing, b"").expect("image");
+        let (lease, ttl) = engine.shared_lease(&id).expect("leased");
+        assert_eq!(
+            engine.leases.acquire(&lease, &id.to_string(), ttl).expect("acquire"),
+            Claim::Held
+        );
+        state
+            .put(super::state::VolumeMounts {
+                volume_id: id.to_string(),
+                staged: Some(super::state::Staged {
+                    path: dir.path().join(format!("staging-{pool}")),
+                    read_only: false,
+                    backing: Some(backing),
+                }),
+                ..Default::default()
+            })
+            .expect("state");
+        leases.push(lease);
+    }
+    std::fs::remove_file(&leases[0]).expect("rm");
+    nix::unistd::mkfifo(&leases[0], nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("fifo");
+    let renewals = || {
+        serde_json::from_slice::<LeaseFile>(&std::fs::read(&leases[1]).expect("lease"))
+            .expect("json")
+            .renewals
+    };
+    // The renewers as the node starts them: the hung share's one gets stuck at once.
+    super::start_lease_renewer(engine.clone(), state.clone());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    while renewals() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let renewed = renewals();
+    // The share comes back: the stuck call goes on (it reads nothing: that lease is lost), and the
+    // next reads find a plain file.
+    let back = dir.path().join("hung/.leases/back");
+    std::fs::write(&back, b"{}").expect("write");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&leases[0]);
+    }
+    std::fs::rename(&back, &leases[0]).expect("rename");
+    assert!(
+        renewed >= 3,
+        "the live share's lease was renewed {renewed} times in 8 s with a 3 s lease"
+    );
+}

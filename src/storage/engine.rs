@@ -658,10 +658,12 @@ impl LocalEngine {
         self.pools.get(pool).map(|p| &p.config)
     }
 
-    /// Whether any volume here can need a lease: a shared pool that allows the image layout.
-    pub fn takes_leases(&self) -> bool {
+    /// The pools whose volumes can need a lease: shared pools that allow the image layout.
+    pub fn leasing_pools(&self) -> Vec<PoolName> {
         self.pools
-            .values()
-            .any(|p| p.shared() && p.config.layouts.iter().any(|l| layout::of(*l).single_node()))
+            .iter()
+            .filter(|(_, p)| p.shared() && p.config.layouts.iter().any(|l| layout::of(*l).single_node()))
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! The image file lives on a share that every node mounts, and nothing in the kernels stops two
 //! nodes from attaching it and mounting its filesystem at once, which would corrupt it. So a node
-//! that stages such a volume first takes the volume's lease: a small file beside its record,
-//! `volumes/<key>.lease`, naming the node. The holder renews it (a counter in the file goes up)
-//! every third of the pool's `leaseSeconds`, and unstage gives it back.
+//! that stages such a volume first takes the volume's lease: a small file apart from the volumes,
+//! `.leases/<key>`, naming the node. The holder renews it (a counter in the file goes up) every
+//! third of the pool's `leaseSeconds`, each share's leases on a thread of their own, takes it again
+//! if it has vanished while the volume is staged, and unstage gives it back.
 //!
 //! Another node that finds the lease taken is refused, naming the holder, until it has itself
 //! watched the lease go unrenewed for a whole `leaseSeconds`: then the holder is taken to be dead
@@ -13,13 +14,14 @@
 //! over moves the old lease aside with one rename (only one taker can win it) and creates the new
 //! one with link(2), which never replaces an existing file.
 //!
-//! A lease is cooperative: it keeps cellar nodes from attaching the same image twice; it does not
-//! fence a node that keeps writing after it lost the share for longer than `leaseSeconds` (that node
-//! then sees its lease lost and reports the volume abnormal).
+//! A lease is cooperative and lives in the driver, not in the mount: it keeps cellar nodes from
+//! attaching the same image twice, but nothing fences a holder whose mount outlives its renewals
+//! by `leaseSeconds` (driver down or stopped, node cut off from the share); that node later sees
+//! its lease lost and reports the volume abnormal. docs/shared.md, "Limits", says when.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -65,9 +67,12 @@ pub struct Leases {
     lost: Mutex<HashMap<String, String>>,
     /// When each lease held here was last renewed.
     renewed: Mutex<HashMap<PathBuf, Instant>>,
-    /// Serializes taking, renewing and giving back leases in this process, and remembers the
-    /// leases given back, so that a renewal that raced an unstage never brings a lease back.
+    /// The leases given back here, so that a renewal that raced an unstage never brings one back.
     released: Mutex<HashSet<PathBuf>>,
+    /// One turn per lease: taking, renewing and giving back a lease are serialized per lease, never
+    /// across leases, so a call stuck on one share (a hard NFS mount whose server is gone) holds
+    /// up nothing of another share's leases. The maps above are only ever held for a moment.
+    turns: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -93,13 +98,20 @@ impl Leases {
             lost: Mutex::default(),
             renewed: Mutex::default(),
             released: Mutex::default(),
+            turns: Mutex::default(),
         }
+    }
+
+    /// The lock that serializes the calls on one lease.
+    fn turn(&self, path: &Path) -> Arc<Mutex<()>> {
+        lock(&self.turns).entry(path.to_path_buf()).or_default().clone()
     }
 
     /// Takes the lease at `path` for `volume`, renews it when it is already ours, or says who holds it.
     pub fn acquire(&self, path: &Path, volume: &str, ttl: Duration) -> Result<Claim, SysError> {
-        let mut released = lock(&self.released);
-        released.remove(path);
+        let turn = self.turn(path);
+        let _turn = lock(&turn);
+        lock(&self.released).remove(path);
         // A few rounds at most: each one loses only to another node acting at the same moment.
         for _ in 0..4 {
             let Some(bytes) = files::read_optional(path)? else {
@@ -116,8 +128,14 @@ impl Leases {
             };
             let holder = holder_of(&bytes);
             if holder == self.node {
-                self.renew_held(path, volume)?;
-                return Ok(Claim::Held);
+                // Ours when read, but another node may have taken it over (it was left unrenewed
+                // for a whole lease time: this node was down) between that read and the renewal's.
+                crate::crash::point("lease:renew-own");
+                match self.renew_held(path, volume)? {
+                    Renewal::Renewed => return Ok(Claim::Held),
+                    Renewal::Lost(node) => return Ok(Claim::HeldBy { node, wait: ttl }),
+                    Renewal::Gone => continue,
+                }
             }
             let quiet = self.unrenewed_for(path, &bytes);
             if quiet < ttl {
@@ -177,14 +195,46 @@ impl Leases {
     }
 
     /// Renews a lease this node holds; one another node holds now is reported lost.
+    /// The volume is staged here: a lease that has vanished from the share (a delete cleared it
+    /// while this node could not renew, or it was removed by hand) is taken again at once, unless
+    /// another node has taken it meanwhile; else any node could stage the volume with no wait.
     pub fn renew(&self, path: &Path, volume: &str) -> Result<Renewal, SysError> {
-        let released = lock(&self.released);
-        if released.contains(path) {
+        let turn = self.turn(path);
+        let _turn = lock(&turn);
+        if lock(&self.released).contains(path) {
             return Ok(Renewal::Gone);
         }
-        self.renew_held(path, volume)
+        let renewed = match self.renew_held(path, volume)? {
+            Renewal::Gone => self.retake(path, volume)?,
+            r => r,
+        };
+        Ok(match renewed {
+            Renewal::Lost(holder) => self.lose(path, volume, holder),
+            r => r,
+        })
     }
 
+    /// Creates again the lease of a volume staged here whose lease file is gone.
+    fn retake(&self, path: &Path, volume: &str) -> Result<Renewal, SysError> {
+        let mine = LeaseFile {
+            node: self.node.clone(),
+            volume: volume.to_string(),
+            renewals: 0,
+        };
+        if files::create_exclusive(path, &encode(&mine))? {
+            tracing::warn!(volume, lease = %path.display(), "lease of a volume staged here was gone; taken again");
+            self.hold(path, volume);
+            return Ok(Renewal::Renewed);
+        }
+        Ok(match files::read_optional(path)? {
+            Some(bytes) if holder_of(&bytes) == self.node => self.renew_held(path, volume)?,
+            Some(bytes) => Renewal::Lost(holder_of(&bytes)),
+            None => Renewal::Gone,
+        })
+    }
+
+    /// Renews the lease at `path` if this node holds it; `Lost` names the node that holds it
+    /// instead (recorded as lost by the caller that has the volume staged).
     fn renew_held(&self, path: &Path, volume: &str) -> Result<Renewal, SysError> {
         let current = match files::read_optional(path)? {
             Some(bytes) => serde_json::from_slice::<LeaseFile>(&bytes).ok(),
@@ -201,10 +251,9 @@ impl Leases {
                 self.hold(path, volume);
                 Ok(Renewal::Renewed)
             }
-            other => {
-                let node = other.map(|f| f.node).unwrap_or_else(|| "<unreadable lease>".into());
-                Ok(self.lose(path, volume, node))
-            }
+            other => Ok(Renewal::Lost(
+                other.map(|f| f.node).unwrap_or_else(|| "<unreadable lease>".into()),
+            )),
         }
     }
 
@@ -228,8 +277,9 @@ impl Leases {
 
     /// Gives a lease back: removed only when this node holds it.
     pub fn release(&self, path: &Path, volume: &str) -> Result<(), SysError> {
-        let mut released = lock(&self.released);
-        released.insert(path.to_path_buf());
+        let turn = self.turn(path);
+        let _turn = lock(&turn);
+        lock(&self.released).insert(path.to_path_buf());
         lock(&self.renewed).remove(path);
         lock(&self.lost).remove(volume);
         if let Some(bytes) = files::read_optional(path)? {
@@ -255,9 +305,13 @@ impl Leases {
         if holder != self.node && self.unrenewed_for(path, &bytes) < ttl {
             return Ok(Err(holder));
         }
-        lock(&self.watched).remove(path);
-        files::remove_file_if_exists(path)?;
-        Ok(Ok(()))
+        // Its holder may renew it in this very moment (late, but alive): moved aside and compared,
+        // as a take-over does, a renewed lease is put back and the delete refused.
+        crate::crash::point("lease:clear-stale");
+        match self.take_over(path, &bytes)? {
+            Some(renewed) => Ok(Err(holder_of(&renewed))),
+            None => Ok(Ok(())),
+        }
     }
 }
 
@@ -387,5 +441,124 @@ mod tests {
         assert!(back.is_some());
         let f: LeaseFile = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
         assert_eq!((f.node.as_str(), f.renewals), ("a", 1));
+    }
+
+    /// A share whose server is gone blocks a call on it in the kernel (a hard NFS mount): here a
+    /// FIFO in the lease's place, whose open waits for a writer. The leases of another share must
+    /// still be taken, renewed and given back meanwhile: a renewal held up past the lease time lets
+    /// another node stage a volume this node still has mounted.
+    #[test]
+    fn a_lease_stuck_on_its_share_holds_up_no_other_lease() {
+        let (d, p) = setup();
+        let hung = d.path().join("hung.lease");
+        nix::unistd::mkfifo(&hung, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let a = Arc::new(Leases::new("a"));
+        a.acquire(&p, "v", TTL).unwrap();
+        let stuck = {
+            let (a, hung) = (a.clone(), hung.clone());
+            std::thread::spawn(move || a.renew(&hung, "w"))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        let other = {
+            let (a, p) = (a.clone(), p.clone());
+            std::thread::spawn(move || {
+                let renewed = a.renew(&p, "v");
+                let released = a.release(&p, "v");
+                let taken = a.acquire(&p, "v", TTL);
+                (renewed, released, taken)
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !other.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let done = other.is_finished();
+        // Lets the stuck call go (a writer opens the FIFO and closes it: it reads nothing).
+        drop(std::fs::OpenOptions::new().write(true).open(&hung).unwrap());
+        assert!(done, "a call on another lease waited for the stuck share");
+        let (renewed, released, taken) = other.join().unwrap();
+        assert_eq!(renewed.unwrap(), Renewal::Renewed);
+        released.unwrap();
+        assert_eq!(taken.unwrap(), Claim::Held);
+        assert!(matches!(stuck.join().unwrap(), Ok(Renewal::Lost(_))));
+    }
+
+    /// The lease of a node that was down is still its own when it asks for the volume again, but
+    /// another node that watched it go unrenewed may take it over in that very moment: the old
+    /// holder must then be refused, never told it holds the lease both nodes would then mount on.
+    #[test]
+    fn an_own_lease_taken_over_while_asked_for_again_is_not_held() {
+        let (_d, p) = setup();
+        let (a, b) = (Arc::new(Leases::new("a")), Leases::new("b"));
+        a.acquire(&p, "v", TTL).unwrap();
+        assert!(matches!(b.acquire(&p, "v", TTL).unwrap(), Claim::HeldBy { .. }));
+        std::thread::sleep(TTL + Duration::from_millis(50));
+        let pause = Arc::new(crate::crash::in_thread::Pause::default());
+        let asking = {
+            let (a, p, pause) = (a.clone(), p.clone(), pause.clone());
+            std::thread::spawn(move || {
+                crate::crash::in_thread::pause_at(Some(("lease:renew-own", pause)));
+                a.acquire(&p, "v", TTL)
+            })
+        };
+        assert!(pause.reached(Duration::from_secs(5)), "a read its own lease");
+        assert_eq!(
+            b.acquire(&p, "v", TTL).unwrap(),
+            Claim::Held,
+            "b takes the stale lease over"
+        );
+        pause.release();
+        match asking.join().unwrap().unwrap() {
+            Claim::HeldBy { node, .. } => assert_eq!(node, "b"),
+            Claim::Held => panic!("both a and b were told they hold the lease"),
+        }
+        let f: LeaseFile = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        assert_eq!(f.node, "b");
+    }
+
+    /// A lease removed from under a volume staged here (a delete cleared it while this node could
+    /// not renew, or a hand removed it) is taken again at the next renewal: else another node could
+    /// stage the volume at once, with no lease time to wait.
+    #[test]
+    fn a_lease_gone_from_under_a_staged_volume_is_taken_again() {
+        let (_d, p) = setup();
+        let (a, b) = (Leases::new("a"), Leases::new("b"));
+        a.acquire(&p, "v", TTL).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!(a.renew(&p, "v").unwrap(), Renewal::Renewed);
+        let f: LeaseFile = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        assert_eq!(f.node, "a");
+        assert!(matches!(b.acquire(&p, "v", TTL).unwrap(), Claim::HeldBy { .. }));
+        // Once given back, it stays given back.
+        a.release(&p, "v").unwrap();
+        assert_eq!(a.renew(&p, "v").unwrap(), Renewal::Gone);
+        assert!(!p.exists());
+    }
+
+    /// A delete that has watched a lease go unrenewed for its whole time clears it; its holder,
+    /// late but alive, may renew it in that very moment. The renewal must win (the delete refused),
+    /// never be removed with the lease it replaced.
+    #[test]
+    fn a_renewal_racing_a_deletes_clear_wins() {
+        let (d, p) = setup();
+        let (a, ctl) = (Leases::new("a"), Arc::new(Leases::new("controller")));
+        a.acquire(&p, "v", TTL).unwrap();
+        assert_eq!(ctl.clear_if_stale(&p, TTL).unwrap(), Err("a".into()));
+        std::thread::sleep(TTL + Duration::from_millis(50));
+        let pause = Arc::new(crate::crash::in_thread::Pause::default());
+        let clearing = {
+            let (ctl, p, pause) = (ctl.clone(), p.clone(), pause.clone());
+            std::thread::spawn(move || {
+                crate::crash::in_thread::pause_at(Some(("lease:clear-stale", pause)));
+                ctl.clear_if_stale(&p, TTL)
+            })
+        };
+        assert!(pause.reached(Duration::from_secs(5)));
+        assert_eq!(a.renew(&p, "v").unwrap(), Renewal::Renewed);
+        pause.release();
+        assert_eq!(clearing.join().unwrap().unwrap(), Err("a".into()));
+        let f: LeaseFile = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        assert_eq!((f.node.as_str(), f.renewals), ("a", 1));
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1, "no aside file left");
     }
 }

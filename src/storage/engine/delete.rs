@@ -188,8 +188,17 @@ impl LocalEngine {
         let dir = pool.staged_dir(&id.0.key);
         let mark = dir.join(self.node.as_str());
         if staged {
-            files::ensure_dir(&dir, 0o700)?;
-            files::write_atomic(&mark, b"", files::Durability::PowerLoss)?;
+            // Another node's unstage removes the directory when it takes the last mark out of it,
+            // maybe between our mkdir and our write: then the write finds no directory and is made
+            // again (a few rounds at most: each is lost only to an unstage at that very moment).
+            let mut tries = 0;
+            loop {
+                files::ensure_dir(&dir, 0o700)?;
+                match files::write_atomic(&mark, b"", files::Durability::PowerLoss) {
+                    Err(e) if e.is_not_found() && tries < 4 => tries += 1,
+                    r => break r?,
+                }
+            }
         } else {
             files::remove_file_if_exists(&mark)?;
             // The directory goes when the last node's mark does; another node's new mark keeps it.
@@ -269,7 +278,12 @@ pub(super) fn staged_marks(pool: &Pool, key: &Key) -> Result<Vec<String>, Storag
     if files::entry(&dir)? == files::Entry::Missing {
         return Ok(Vec::new());
     }
-    let mut nodes: Vec<String> = files::list_dir(&dir)?
+    // The last node's unstage may remove the directory between the look and the listing.
+    let listed = match files::list_dir(&dir) {
+        Err(e) if e.is_not_found() => Vec::new(),
+        r => r?,
+    };
+    let mut nodes: Vec<String> = listed
         .iter()
         .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .filter(|n| !n.starts_with('.'))

@@ -888,3 +888,36 @@ fn a_consistent_snapshot_of_a_shared_image_staged_on_another_node_is_refused() {
     e.create_snapshot("snap-held", &vol.id, false)
         .expect("a crash-consistent one is cut");
 }
+
+/// Two nodes stage and unstage one RWX volume at the same moment (a rollout across nodes): the
+/// unstage that takes the last mark out removes the marks' directory, maybe between the stage's
+/// mkdir and its write, and a delete may list that directory just as it goes. Neither is an error
+/// (it was INTERNAL): the stage writes its mark again, the delete sees no marks.
+#[test]
+fn a_stage_mark_meeting_another_nodes_unstage_is_written_and_read_without_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::default_for(dir.path());
+    config.pools[0].backend = crate::storage::config::Backend::Shared;
+    let e = LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("engine");
+    let vol = e.create_volume(NewVolume::plain("pvc-rwx", None, MIB)).expect("create");
+    let pool = default_pool(&e);
+    // The directory is gone when the mark's temp file is made: what the kernel answers then.
+    crate::crash::in_thread::fail_once_at("file:create", libc::ENOENT);
+    e.mark_staged(&vol.id, true).expect("the mark is written");
+    crate::crash::in_thread::fail_at(None);
+    assert!(pool.staged_dir(&vol.id.0.key).join("n1").exists());
+    match e.delete_volume(&vol.id) {
+        Err(StorageError::InUse(m)) => assert!(m.contains("n1"), "{m}"),
+        r => panic!("a marked volume must not be deleted: {r:?}"),
+    }
+    e.mark_staged(&vol.id, false).expect("unmark");
+    // The last mark's directory goes between the look and the listing.
+    std::fs::create_dir_all(pool.staged_dir(&vol.id.0.key)).expect("mkdir");
+    crate::crash::in_thread::fail_once_at("file:list", libc::ENOENT);
+    assert_eq!(
+        delete::staged_marks(pool, &vol.id.0.key).expect("no marks"),
+        Vec::<String>::new()
+    );
+    crate::crash::in_thread::fail_at(None);
+    e.delete_volume(&vol.id).expect("delete");
+}
