@@ -1219,15 +1219,18 @@ mod split {
         )
         .expect("id");
         let reader = LocalAgent::new(engine.clone());
-        let frames = reader
+        let mut frames = reader
             .export_data(Source::Snapshot(busy.clone()))
             .await
             .expect("export");
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !matches!(engine.delete_snapshot(&busy), Err(StorageError::Busy(_))) {
-            assert!(std::time::Instant::now() < deadline, "the export never took its source");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        // Its first frame comes once the export holds its source (a probe that took the lock
+        // itself could make the export lose it), and the frames queued behind keep it held.
+        use tokio_stream::StreamExt;
+        let first = tokio::time::timeout(Duration::from_secs(30), frames.next())
+            .await
+            .expect("the export answers");
+        assert!(matches!(first, Some(Ok(_))), "the export took its source: {first:?}");
+        assert!(matches!(engine.delete_snapshot(&busy), Err(StorageError::Busy(_))));
         let e = ctl
             .delete_volume_group_snapshot(Request::new(DeleteVolumeGroupSnapshotRequest {
                 group_snapshot_id: made.group_snapshot_id.clone(),
