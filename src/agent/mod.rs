@@ -496,6 +496,7 @@ mod tests {
         use crate::storage::engine::{LocalEngine, NewVolume, Source};
         use crate::storage::id::NodeId;
         use std::sync::Arc;
+        use tokio_stream::StreamExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let engine = Arc::new(
             LocalEngine::open(NodeId::parse("n1").expect("node"), &Config::default_for(dir.path())).expect("engine"),
@@ -508,21 +509,23 @@ mod tests {
             std::fs::write(data.join(format!("f{i}")), vec![1u8; 64 << 10]).expect("fill");
         }
         let agent = LocalAgent::new(engine.clone());
-        let frames = agent.export_data(Source::Volume(v.id.clone())).await.expect("export");
-        // Held open, never read: while the export waits, its source is locked. Seen (however
-        // loaded the machine) by an expand to its own size, which takes the lock and changes nothing.
+        let mut frames = agent.export_data(Source::Volume(v.id.clone())).await.expect("export");
+        // Its first frame comes once the export holds its source (a probe that took the lock
+        // itself could make the export lose it); then held open, never read again: while the
+        // export waits, its source is locked, as an expand to its own size (which takes the lock
+        // and changes nothing) sees.
+        let first = tokio::time::timeout(Duration::from_secs(30), frames.next())
+            .await
+            .expect("the export answers");
+        assert!(matches!(first, Some(Ok(_))), "the export took its source: {first:?}");
         let same = crate::storage::engine::CapacityRange {
             required: v.capacity_bytes,
             limit: 0,
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !matches!(
+        assert!(matches!(
             engine.expand_volume(&v.id, same),
             Err(crate::storage::StorageError::Busy(_))
-        ) {
-            assert!(std::time::Instant::now() < deadline, "the export never took its source");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        ));
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             match engine.delete_volume(&v.id) {
