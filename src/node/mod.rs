@@ -620,7 +620,27 @@ impl NodeService {
             self.engine.set_fs_bytes(&id, rec.capacity_bytes)?;
         }
         let flags = BindFlags { read_only, ..cap.flags };
-        self.mounter.mount_fs(&device.path, &staging, fs.as_str(), flags)?;
+        if let Err(e) = self.mounter.mount_fs(&device.path, &staging, fs.as_str(), flags) {
+            if let Some((lease, _)) = self.engine.shared_lease(&id).filter(|_| e.errno() == Some(libc::EBUSY)) {
+                // The filesystem's multi-mount protection: another node has it mounted, and
+                // still writes (its lease lapsed while its driver was down or cut off). This
+                // node does not hold the volume: neither its device, its intent nor the lease
+                // stays, so that the node that has it mounted takes its lease again.
+                for d in self.devices.find_by_backing(&data)? {
+                    self.devices.detach(&d)?;
+                }
+                let mut m = self.state.get(&r.volume_id);
+                m.staged = None;
+                self.state.put(m)?;
+                self.engine.leases.release(&lease, &r.volume_id)?;
+                return Err(NodeError::NotReady(format!(
+                    "volume {} is mounted on another node (its filesystem's multi-mount protection \
+                     refused this mount); it stages here once that node has unmounted it",
+                    r.volume_id
+                )));
+            }
+            return Err(e.into());
+        }
         if grow && fs == FsType::Xfs {
             self.devices.grow_online(fs, &device.path, &staging)?;
             self.engine.set_fs_bytes(&id, rec.capacity_bytes)?;

@@ -36,7 +36,7 @@ impl Node {
         shared.name = crate::storage::id::PoolName::parse("share").expect("pool name");
         shared.path = dir.path().join("share");
         shared.backend = crate::storage::config::Backend::Shared;
-        shared.layouts = vec![Layout::Dir];
+        shared.layouts = vec![Layout::Dir, Layout::Image];
         config.pools.push(shared);
         let engine = Arc::new(LocalEngine::open(node.clone(), &config).expect("engine"));
         let state = Arc::new(NodeState::open(&dir.path().join("node")).expect("state"));
@@ -415,6 +415,48 @@ fn an_image_deleted_under_a_stage_is_not_found_and_leaves_nothing() {
     assert!(n.devices.attached().is_empty(), "nothing attached");
     assert!(n.mounter.mounted().is_empty(), "nothing mounted");
     assert!(n.svc.state.get(&id).staged.is_none(), "no intent left");
+}
+
+#[test]
+fn a_shared_image_another_node_has_mounted_is_refused_and_leaves_nothing() {
+    use std::os::unix::fs::FileExt;
+    let n = Node::new();
+    let mut req = NewVolume::plain("pvc-mmp", Some(Layout::Image), 32 << 20);
+    req.pool = Some(crate::storage::id::PoolName::parse("share").expect("pool name"));
+    let id = n.svc.engine.create_volume(req).expect("create").id.to_string();
+    // Made with ext4's multi-mount protection (INCOMPAT_MMP in the superblock's incompatible
+    // features, at 1024 + 0x60), so that a second mount is the kernel's to refuse.
+    let (_, data) = n.svc.volume(&id).expect("the volume");
+    let mut incompat = [0u8; 4];
+    std::fs::File::open(&data)
+        .expect("image")
+        .read_exact_at(&mut incompat, 1024 + 0x60)
+        .expect("superblock");
+    assert_ne!(u32::from_le_bytes(incompat) & 0x100, 0, "a shared ext4 image has MMP");
+    // A local image does not need it.
+    let local = n.image("pvc-local");
+    let (_, local_data) = n.svc.volume(&local).expect("the volume");
+    std::fs::File::open(&local_data)
+        .expect("image")
+        .read_exact_at(&mut incompat, 1024 + 0x60)
+        .expect("superblock");
+    assert_eq!(u32::from_le_bytes(incompat) & 0x100, 0, "a local image has no MMP");
+    // The kernel refuses the mount: another node has the filesystem mounted.
+    let staging = n.path("stage");
+    n.mounter.fail_next("mount", libc::EBUSY);
+    let err = n.stage(&id, &staging).expect_err("mounted elsewhere");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("another node"), "{err}");
+    assert!(n.devices.attached().is_empty(), "no device left");
+    assert!(n.svc.state.get(&id).staged.is_none(), "no intent left");
+    let leases = n.path("share/.leases");
+    let held: Vec<_> = std::fs::read_dir(&leases)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(held.is_empty(), "the lease is given back: {held:?}");
+    // Once the other node lets go, the stage goes through.
+    n.stage(&id, &staging).expect("stage");
+    n.unstage(&id, &staging).expect("unstage");
 }
 
 #[test]

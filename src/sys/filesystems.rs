@@ -7,12 +7,13 @@ use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::fstools::{self, FsType};
+use super::fstools::{self, FsType, Reach};
 use super::{Recorded, Step, SysError};
 
 pub trait Filesystems: Send + Sync {
-    /// Makes a filesystem of type `fs` on the file or block device `target`, over what it held.
-    fn mkfs(&self, fs: FsType, target: &Path) -> Result<(), SysError>;
+    /// Makes a filesystem of type `fs` on the file or block device `target`, over what it held,
+    /// guarded against two nodes mounting it at once when it is to be `Reach::Shared`.
+    fn mkfs(&self, fs: FsType, target: &Path, reach: Reach) -> Result<(), SysError>;
     /// Which filesystem the unmounted file or device `target` holds; `None` when it holds nothing
     /// recognisable, an error when it holds something that is neither ext4 nor xfs.
     fn probe(&self, target: &Path) -> Result<Option<FsType>, SysError>;
@@ -48,8 +49,8 @@ pub fn thaw_persistently(filesystems: &dyn Filesystems, mountpoint: &Path) -> Re
 pub struct LinuxFilesystems;
 
 impl Filesystems for LinuxFilesystems {
-    fn mkfs(&self, fs: FsType, target: &Path) -> Result<(), SysError> {
-        fstools::mkfs(fs, target)
+    fn mkfs(&self, fs: FsType, target: &Path, reach: Reach) -> Result<(), SysError> {
+        fstools::mkfs(fs, target, reach)
     }
     fn probe(&self, target: &Path) -> Result<Option<FsType>, SysError> {
         fstools::probe(target)
@@ -99,11 +100,12 @@ impl RecordingFilesystems {
 }
 
 impl Filesystems for RecordingFilesystems {
-    fn mkfs(&self, fs: FsType, target: &Path) -> Result<(), SysError> {
-        drop(
-            self.state
-                .enter("mkfs", format!("mkfs {} {}", fs.as_str(), target.display()), target)?,
-        );
+    fn mkfs(&self, fs: FsType, target: &Path, reach: Reach) -> Result<(), SysError> {
+        drop(self.state.enter(
+            "mkfs",
+            format!("mkfs {} {} {reach:?}", fs.as_str(), target.display()),
+            target,
+        )?);
         let f = std::fs::OpenOptions::new()
             .write(true)
             .open(target)
@@ -171,11 +173,11 @@ mod tests {
             .expect("size");
         let fs = RecordingFilesystems::default();
         assert_eq!(fs.probe(&img).expect("probe"), None);
-        fs.mkfs(FsType::Ext4, &img).expect("mkfs");
+        fs.mkfs(FsType::Ext4, &img, Reach::OneNode).expect("mkfs");
         let moved = dir.path().join("moved");
         std::fs::rename(&img, &moved).expect("rename");
         assert_eq!(fs.probe(&moved).expect("probe"), Some(FsType::Ext4));
-        fs.mkfs(FsType::Xfs, &moved).expect("mkfs over it");
+        fs.mkfs(FsType::Xfs, &moved, Reach::OneNode).expect("mkfs over it");
         assert_eq!(fstools::probe(&moved).expect("real probe"), Some(FsType::Xfs));
         assert_eq!(fs.calls().len(), 4);
     }
@@ -184,18 +186,27 @@ mod tests {
     fn a_recorded_mkfs_refuses_what_the_tools_refuse_and_fails_when_told() {
         let dir = tempfile::tempdir().expect("tempdir");
         let fs = RecordingFilesystems::default();
-        let missing = fs.mkfs(FsType::Ext4, &dir.path().join("missing")).unwrap_err();
+        let missing = fs
+            .mkfs(FsType::Ext4, &dir.path().join("missing"), Reach::OneNode)
+            .unwrap_err();
         assert_eq!(missing.errno(), Some(libc::ENOENT));
         let small = dir.path().join("small");
         std::fs::File::create(&small)
             .expect("file")
             .set_len(32 * MIB)
             .expect("size");
-        assert!(matches!(fs.mkfs(FsType::Xfs, &small), Err(SysError::Tool { .. })));
+        assert!(matches!(
+            fs.mkfs(FsType::Xfs, &small, Reach::OneNode),
+            Err(SysError::Tool { .. })
+        ));
         fs.fail_next("mkfs", libc::ENOSPC);
-        assert_eq!(fs.mkfs(FsType::Ext4, &small).unwrap_err().errno(), Some(libc::ENOSPC));
+        assert_eq!(
+            fs.mkfs(FsType::Ext4, &small, Reach::OneNode).unwrap_err().errno(),
+            Some(libc::ENOSPC)
+        );
         assert_eq!(fs.probe(&small).expect("probe"), None, "a failed mkfs made nothing");
-        fs.mkfs(FsType::Ext4, &small).expect("only the next call fails");
+        fs.mkfs(FsType::Ext4, &small, Reach::OneNode)
+            .expect("only the next call fails");
     }
 
     #[test]

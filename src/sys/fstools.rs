@@ -16,6 +16,16 @@ use super::{cvt, run_tool, Step, SysError};
 const FIFREEZE: libc::Ioctl = libc::_IOWR::<libc::c_int>(b'X' as u32, 119);
 const FITHAW: libc::Ioctl = libc::_IOWR::<libc::c_int>(b'X' as u32, 120);
 
+/// Where a new filesystem will be mounted from: one node's pool, or a share every node can reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reach {
+    OneNode,
+    /// An image on a shared pool: any node may attach it, so ext4 gets multi-mount protection
+    /// (the kernel refuses a second mount while the first is alive, and a first mount that finds
+    /// another one made behind its back turns read-only).
+    Shared,
+}
+
 /// A filesystem cellar makes inside `image` volumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsType {
@@ -71,12 +81,11 @@ impl std::fmt::Display for FsType {
 /// it would make `df` show less than the requested capacity to the (usually non-root) workload,
 /// and a pod with CAP_SYS_RESOURCE could use it while others could not.
 /// xfs: xfsprogs ≥ 5.1 makes reflink=1 by default, so no option is needed.
-pub fn mkfs(fs: FsType, target: &Path) -> Result<(), SysError> {
+pub fn mkfs(fs: FsType, target: &Path, reach: Reach) -> Result<(), SysError> {
     let t = target.to_string_lossy();
     match fs {
-        FsType::Ext4 => run_tool(
-            "mkfs.ext4",
-            &[
+        FsType::Ext4 => {
+            let mut args = vec![
                 "-F",
                 "-q",
                 // 4 KiB blocks: a loop device with direct I/O takes the 4 KiB logical block size of
@@ -88,9 +97,17 @@ pub fn mkfs(fs: FsType, target: &Path) -> Result<(), SysError> {
                 "0",
                 "-E",
                 "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
-                &t,
-            ],
-        ),
+            ];
+            if reach == Reach::Shared {
+                // Multi-mount protection: the mounting kernel keeps a sequence number in the
+                // image up to date every few seconds; another node's mount that sees it move is
+                // refused (EBUSY). A mount that finds its number changed by someone else raises a
+                // filesystem error, which `-e remount-ro` turns into a read-only filesystem.
+                args.extend(["-O", "mmp", "-e", "remount-ro"]);
+            }
+            args.push(&t);
+            run_tool("mkfs.ext4", &args)
+        }
         FsType::Xfs => run_tool("mkfs.xfs", &["-f", "-q", "-K", "-s", "size=4096", &t]),
     }
     .map(|_| ())
@@ -324,7 +341,7 @@ mod tests {
     #[test]
     fn mkfs_failure_carries_the_tools_message() {
         let dir = tempfile::tempdir().unwrap();
-        let err = mkfs(FsType::Xfs, &dir.path().join("missing/image")).unwrap_err();
+        let err = mkfs(FsType::Xfs, &dir.path().join("missing/image"), Reach::OneNode).unwrap_err();
         assert!(
             matches!(err, SysError::Tool { ref stderr, .. } if !stderr.is_empty()),
             "{err}"
@@ -335,7 +352,7 @@ mod tests {
     fn ext4_on_a_file_probes_mounts_and_has_no_reserved_blocks() {
         let mut img = Image::new(256 * MIB);
         assert_eq!(probe(&img.file).unwrap(), None);
-        mkfs(FsType::Ext4, &img.file).unwrap();
+        mkfs(FsType::Ext4, &img.file, Reach::OneNode).unwrap();
         assert_eq!(probe(&img.file).unwrap(), Some(FsType::Ext4));
         // s_r_blocks_count_lo, 8 bytes into the superblock at 1024: -m 0 reserves nothing for root.
         let mut reserved = [0u8; 4];
@@ -357,7 +374,7 @@ mod tests {
     fn xfs_on_a_device_probes_and_mounts() {
         let mut img = Image::new(512 * MIB);
         img.attach();
-        mkfs(FsType::Xfs, &img.dev_path()).unwrap();
+        mkfs(FsType::Xfs, &img.dev_path(), Reach::OneNode).unwrap();
         assert_eq!(probe(&img.dev_path()).unwrap(), Some(FsType::Xfs));
         assert_eq!(probe(&img.file).unwrap(), Some(FsType::Xfs));
         img.mount("xfs");
@@ -370,7 +387,7 @@ mod tests {
     fn xfs_grows_online_after_the_image_grew() {
         let mut img = Image::new(512 * MIB);
         let dev = img.attach();
-        mkfs(FsType::Xfs, &dev.path).unwrap();
+        mkfs(FsType::Xfs, &dev.path, Reach::OneNode).unwrap();
         img.mount("xfs");
         let before = statfs::usage(&img.mnt).unwrap().total_bytes;
         img.grow_file(1024 * MIB);
@@ -387,7 +404,7 @@ mod tests {
     fn ext4_grows_online_when_cap_sys_resource_is_held() {
         let mut img = Image::new(256 * MIB);
         let dev = img.attach();
-        mkfs(FsType::Ext4, &dev.path).unwrap();
+        mkfs(FsType::Ext4, &dev.path, Reach::OneNode).unwrap();
         img.mount("ext4");
         let before = statfs::usage(&img.mnt).unwrap().total_bytes;
         img.grow_file(512 * MIB);
@@ -420,7 +437,7 @@ mod tests {
     fn ext4_grows_offline_on_its_device() {
         let mut img = Image::new(256 * MIB);
         let dev = img.attach();
-        mkfs(FsType::Ext4, &dev.path).unwrap();
+        mkfs(FsType::Ext4, &dev.path, Reach::OneNode).unwrap();
         img.mount("ext4");
         std::fs::write(img.mnt.join("keep"), b"data").unwrap();
         let before = statfs::usage(&img.mnt).unwrap().total_bytes;
@@ -435,6 +452,39 @@ mod tests {
         img.finish();
     }
 
+    /// Root only. An ext4 made for a share, mounted through one loop device, is refused a second
+    /// mount through another device over the same file (another node's, in a cluster): the two
+    /// kernels would otherwise each write the filesystem as if it were theirs alone.
+    #[test]
+    fn an_ext4_made_for_a_share_refuses_a_second_mount_while_mounted() {
+        let mut img = Image::new(64 * MIB);
+        mkfs(FsType::Ext4, &img.file, Reach::Shared).unwrap();
+        img.attach();
+        img.mount("ext4");
+        std::fs::write(img.mnt.join("first"), b"mine").unwrap();
+        let (other, _) = loopdev::attach(&img.file, false, false).unwrap();
+        let elsewhere = img.dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let second = nix::mount::mount(
+            Some(&other.path),
+            &elsewhere,
+            Some("ext4"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+        if second.is_ok() {
+            let _ = nix::mount::umount(&elsewhere);
+        }
+        let _ = loopdev::detach(&other);
+        assert_eq!(
+            second,
+            Err(nix::errno::Errno::EBUSY),
+            "a second mount of a mounted shared ext4"
+        );
+        assert_eq!(std::fs::read(img.mnt.join("first")).unwrap(), b"mine");
+        img.finish();
+    }
+
     #[test]
     fn xfs_cannot_grow_offline() {
         let err = grow_offline(FsType::Xfs, Path::new("/dev/null")).unwrap_err();
@@ -446,7 +496,7 @@ mod tests {
     fn freeze_blocks_writes_until_thaw() {
         let mut img = Image::new(256 * MIB);
         img.attach();
-        mkfs(FsType::Ext4, &img.dev_path()).unwrap();
+        mkfs(FsType::Ext4, &img.dev_path(), Reach::OneNode).unwrap();
         img.mount("ext4");
         freeze(&img.mnt).unwrap();
         assert_eq!(freeze(&img.mnt).unwrap_err().errno(), Some(libc::EBUSY));

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use crate::crash;
-use crate::sys::fstools::FsType;
+use crate::sys::fstools::{FsType, Reach};
 use crate::sys::{copy, files, StorageSys};
 
 use super::{allocated, copy_via_work, image_mounts, Frozen, LayoutOps, Made};
@@ -73,7 +73,8 @@ impl LayoutOps for Image {
         files::remove_tree(&work)?;
         files::create_sized(&work, capacity)?;
         if mode == VolumeMode::Filesystem {
-            if let Err(e) = pool.sys.filesystems.mkfs(fs, &work) {
+            let reach = if pool.shared() { Reach::Shared } else { Reach::OneNode };
+            if let Err(e) = pool.sys.filesystems.mkfs(fs, &work, reach) {
                 let _ = files::remove_tree(&work); // nothing is left in `.work` for the retry to trip on
                 return Err(e.into());
             }
