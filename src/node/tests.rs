@@ -426,21 +426,18 @@ fn a_shared_image_another_node_has_mounted_is_refused_and_leaves_nothing() {
     let id = n.svc.engine.create_volume(req).expect("create").id.to_string();
     // Made with ext4's multi-mount protection (INCOMPAT_MMP in the superblock's incompatible
     // features, at 1024 + 0x60), so that a second mount is the kernel's to refuse.
-    let (_, data) = n.svc.volume(&id).expect("the volume");
-    let mut incompat = [0u8; 4];
-    std::fs::File::open(&data)
-        .expect("image")
-        .read_exact_at(&mut incompat, 1024 + 0x60)
-        .expect("superblock");
-    assert_ne!(u32::from_le_bytes(incompat) & 0x100, 0, "a shared ext4 image has MMP");
+    let mmp = |volume: &str| {
+        let (_, data) = n.svc.volume(volume).expect("the volume");
+        let mut incompat = [0u8; 4];
+        std::fs::File::open(&data)
+            .expect("image")
+            .read_exact_at(&mut incompat, 1024 + 0x60)
+            .expect("superblock");
+        u32::from_le_bytes(incompat) & 0x100 != 0
+    };
+    assert!(mmp(&id), "a shared ext4 image has MMP");
     // A local image does not need it.
-    let local = n.image("pvc-local");
-    let (_, local_data) = n.svc.volume(&local).expect("the volume");
-    std::fs::File::open(&local_data)
-        .expect("image")
-        .read_exact_at(&mut incompat, 1024 + 0x60)
-        .expect("superblock");
-    assert_eq!(u32::from_le_bytes(incompat) & 0x100, 0, "a local image has no MMP");
+    assert!(!mmp(&n.image("pvc-local")), "a local image has no MMP");
     // The kernel refuses the mount: another node has the filesystem mounted.
     let staging = n.path("stage");
     n.mounter.fail_next("mount", libc::EBUSY);
