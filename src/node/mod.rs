@@ -1026,6 +1026,14 @@ impl NodeService {
                 volume_condition: condition,
             });
         }
+        if shared.is_none() && !self.is_mounted(&path)? {
+            // The volume's mount is gone (a hand-run umount, a lost mount namespace): what statfs
+            // would measure at the bare path is the filesystem under it, not the volume.
+            return Ok(NodeGetVolumeStatsResponse {
+                usage: vec![],
+                volume_condition: condition,
+            });
+        }
         let u = match shared.as_ref().and_then(|v| v.here) {
             Some(u) => u,
             None => statfs::usage(&path)?,

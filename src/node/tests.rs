@@ -193,6 +193,36 @@ fn publish_needs_the_stage_and_binds_from_it_read_only_as_asked() {
 }
 
 #[test]
+fn stats_of_a_publish_whose_mount_is_gone_give_no_figures_of_what_is_under_it() {
+    let n = Node::new();
+    let id = n.volume("pvc-stats");
+    let (staging, target) = (n.path("stage"), n.path("pod/mount"));
+    n.stage(&id, &staging).expect("stage");
+    n.publish(&id, &staging, &target, Mode::SingleNodeWriter, false)
+        .expect("publish");
+    let stats = |n: &Node| {
+        n.svc
+            .stats(NodeGetVolumeStatsRequest {
+                volume_id: id.clone(),
+                volume_path: target.display().to_string(),
+                ..Default::default()
+            })
+            .expect("stats")
+    };
+    assert!(!stats(&n).usage.is_empty(), "a mounted volume is measured");
+    // Someone unmounts the pod's mount: the bare directory is on the node's own filesystem.
+    use crate::sys::mount::Mounter;
+    n.mounter.unmount(&target).expect("lose the mount");
+    let lost = stats(&n);
+    assert!(
+        lost.usage.is_empty(),
+        "figures of the filesystem under the target: {lost:?}"
+    );
+    let condition = lost.volume_condition.expect("a condition");
+    assert!(condition.abnormal, "{condition:?}");
+}
+
+#[test]
 fn a_single_writer_volume_is_published_once() {
     let n = Node::new();
     let id = n.volume("pvc-c");
