@@ -24,7 +24,7 @@ use crate::storage::lease::Claim;
 use crate::storage::locks::{Held, InFlight};
 use crate::storage::record::{AccessMode, Layout, VolumeMode, VolumeRecord};
 use crate::sys::files::{self, Entry};
-use crate::sys::fstools::FsType;
+use crate::sys::fstools::{self, FsType};
 use crate::sys::mount::{BindFlags, Mounter};
 use crate::sys::statfs;
 use crate::sys::{loopdev, share};
@@ -486,7 +486,7 @@ impl NodeService {
         let block = rec.mode == VolumeMode::Block;
         if let Some(s) = &m.staged {
             let here = if block {
-                !self.devices.find_by_backing(&data)?.is_empty()
+                self.image_devices(&data, &m)?.stage.is_some()
             } else {
                 self.mounted_or_clear_stale(&s.path)?
             };
@@ -578,8 +578,16 @@ impl NodeService {
             read_only,
             backing: Some(data.clone()),
         });
+        // Devices that publishes recorded and that are no longer theirs (a reboot detached them
+        // and the kernel may give their numbers to this stage) are forgotten before any attach.
+        let found = self.image_devices(&data, &m)?;
+        for (target, p) in m.published.iter_mut() {
+            if !found.own.contains_key(target) {
+                p.device = None;
+            }
+        }
         self.state.put(m)?;
-        let device = match self.attach(&data, read_only) {
+        let device = match self.attach(&data, read_only, found.stage) {
             Ok(d) => d,
             Err(e) => {
                 // Nothing attached (the image may be gone: a replica deleted it meanwhile): this
@@ -614,32 +622,30 @@ impl NodeService {
             ))
         })?;
         let grow = rec.capacity_bytes > rec.fs_bytes && !read_only;
-        if grow && fs == FsType::Ext4 {
-            // ext4 cannot always grow online (it needs CAP_SYS_RESOURCE); unmounted it always can.
-            self.devices.grow_offline(fs, &device.path)?;
-            self.engine.set_fs_bytes(&id, rec.capacity_bytes)?;
-        }
         let flags = BindFlags { read_only, ..cap.flags };
-        if let Err(e) = self.mounter.mount_fs(&device.path, &staging, fs.as_str(), flags) {
-            if let Some((lease, _)) = self.engine.shared_lease(&id).filter(|_| e.errno() == Some(libc::EBUSY)) {
-                // The filesystem's multi-mount protection: another node has it mounted, and
-                // still writes (its lease lapsed while its driver was down or cut off). This
-                // node does not hold the volume: neither its device, its intent nor the lease
-                // stays, so that the node that has it mounted takes its lease again.
-                for d in self.devices.find_by_backing(&data)? {
-                    self.devices.detach(&d)?;
-                }
-                let mut m = self.state.get(&r.volume_id);
-                m.staged = None;
-                self.state.put(m)?;
-                self.engine.leases.release(&lease, &r.volume_id)?;
-                return Err(NodeError::NotReady(format!(
-                    "volume {} is mounted on another node (its filesystem's multi-mount protection \
-                     refused this mount); it stages here once that node has unmounted it",
-                    r.volume_id
-                )));
+        let mounted = (|| {
+            if grow && fs == FsType::Ext4 {
+                // ext4 cannot always grow online (it needs CAP_SYS_RESOURCE); unmounted it always can.
+                self.devices.grow_offline(fs, &device.path)?;
+                self.engine.set_fs_bytes(&id, rec.capacity_bytes)?;
             }
-            return Err(e.into());
+            self.mounter.mount_fs(&device.path, &staging, fs.as_str(), flags)?;
+            Ok::<_, NodeError>(())
+        })();
+        if let Err(e) = mounted {
+            // Nothing is mounted, so this node does not hold the volume: neither its device, its
+            // intent nor a shared volume's lease stays (kubelet never unstages a stage that
+            // failed, and the node that has it mounted must be able to take its lease again).
+            for d in self.devices.find_by_backing(&data)? {
+                self.devices.detach(&d)?;
+            }
+            let mut m = self.state.get(&r.volume_id);
+            m.staged = None;
+            self.state.put(m)?;
+            if let Some((lease, _)) = self.engine.shared_lease(&id) {
+                self.engine.leases.release(&lease, &r.volume_id)?;
+            }
+            return Err(Self::mmp_refusal(&r.volume_id, &data, e));
         }
         if grow && fs == FsType::Xfs {
             self.devices.grow_online(fs, &device.path, &staging)?;
@@ -648,10 +654,33 @@ impl NodeService {
         Ok(NodeStageVolumeResponse {})
     }
 
-    /// The loop device of an image, attached now or found from an earlier attach (after a restart),
-    /// sized to the file as it is now.
-    fn attach(&self, data: &Path, read_only: bool) -> Result<loopdev::LoopDevice, NodeError> {
-        if let Some(d) = self.devices.find_by_backing(data)?.into_iter().next() {
+    /// A failed mount or offline check of an image whose ext4 multi-mount protection says
+    /// another node has it (or e2fsck does) is that, FAILED_PRECONDITION, whatever the errno: the
+    /// kernel answers EBUSY since 6.4 and EINVAL before, and e2fsck exits with its own code.
+    fn mmp_refusal(volume_id: &str, data: &Path, e: NodeError) -> NodeError {
+        match fstools::mmp(data) {
+            Ok(Some(fstools::Mmp::InUse { node })) => NodeError::NotReady(format!(
+                "volume {volume_id} is mounted on node '{node}' (its filesystem's multi-mount \
+                 protection refused this node: {e}); it stages here once that node has unmounted it"
+            )),
+            Ok(Some(fstools::Mmp::Fsck)) => NodeError::NotReady(format!(
+                "volume {volume_id}'s filesystem is marked as being checked by e2fsck ({e}); if no \
+                 e2fsck runs on it (one was killed), clear the mark with `tune2fs -f -E clear_mmp` \
+                 on its image (see docs/shared.md)"
+            )),
+            _ => e,
+        }
+    }
+
+    /// The loop device of an image, attached now or `found` from an earlier attach (after a
+    /// restart), sized to the file as it is now.
+    fn attach(
+        &self,
+        data: &Path,
+        read_only: bool,
+        found: Option<loopdev::LoopDevice>,
+    ) -> Result<loopdev::LoopDevice, NodeError> {
+        if let Some(d) = found {
             self.devices.refresh_capacity(&d)?;
             return Ok(d);
         }
@@ -758,15 +787,8 @@ impl NodeService {
             }
         }
         let staged_here = m.staged.as_ref().is_some_and(|s| s.path == staging);
-        // The read-only devices of read-only block publishes are not the stage's device.
-        let publish_devices: Vec<PathBuf> = m.published.values().filter_map(|p| p.device.clone()).collect();
         let source = if block {
-            let device = self
-                .devices
-                .find_by_backing(&data)?
-                .into_iter()
-                .find(|d| !publish_devices.contains(&d.path));
-            match device {
+            match self.image_devices(&data, &m)?.stage {
                 Some(d) if staged_here => d.path,
                 _ => {
                     return Err(NodeError::NotReady(format!(
@@ -841,12 +863,16 @@ impl NodeService {
     /// names when it is still attached to the volume's image, else a new one, recorded before
     /// anything is bound from it.
     fn read_only_device(&self, data: &Path, m: &mut state::VolumeMounts, target: &Path) -> Result<PathBuf, NodeError> {
-        let attached = self.devices.find_by_backing(data)?;
-        let recorded = m.published.get(target).and_then(|p| p.device.clone());
-        if let Some(d) = recorded.filter(|d| attached.iter().any(|a| &a.path == d)) {
-            return Ok(d);
+        let mut found = self.image_devices(data, m)?;
+        if let Some(d) = found.own.remove(target) {
+            return Ok(d.path);
         }
-        let (d, _) = self.devices.attach(data, true)?;
+        // One a publish attached and crashed before recording is taken up (nothing is bound from
+        // it); else a new one.
+        let d = match found.strays.pop() {
+            Some(d) => d,
+            None => self.devices.attach(data, true)?.0,
+        };
         if let Some(p) = m.published.get_mut(target) {
             p.device = Some(d.path.clone());
         }
@@ -946,14 +972,9 @@ impl NodeService {
         self.unmount_all(&target)?;
         crash::point("unpublish:after-unmount");
         // The read-only device of a read-only block publish goes with it (only while it is still
-        // attached to the volume's image: a number the kernel gave to another file is not ours).
-        if let (Some(d), Some(backing)) = (&p.device, m.staged.as_ref().and_then(|s| s.backing.as_ref())) {
-            if let Some(dev) = self
-                .devices
-                .find_by_backing(backing)?
-                .into_iter()
-                .find(|a| &a.path == d)
-            {
+        // its own: a number the kernel gave to another file, or to the stage, is not).
+        if let Some(backing) = m.staged.as_ref().and_then(|s| s.backing.clone()) {
+            if let Some(dev) = self.image_devices(&backing, &m)?.own.remove(&target) {
                 self.devices.detach(&dev)?;
             }
         }
@@ -1109,9 +1130,8 @@ impl NodeService {
         }
         let _held = self.hold(&r.volume_id)?;
         let m = self.state.get(&r.volume_id);
-        let publish_devices: Vec<PathBuf> = m.published.values().filter_map(|p| p.device.clone()).collect();
         let devices = self.devices.find_by_backing(&data)?;
-        let Some(device) = devices.iter().find(|d| !publish_devices.contains(&d.path)).cloned() else {
+        let Some(device) = self.image_devices(&data, &m)?.stage else {
             return Err(NodeError::NotReady(format!(
                 "volume {} is not staged on this node; it grows when it is staged",
                 r.volume_id
@@ -1146,6 +1166,58 @@ impl NodeService {
             }
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// The loop devices attached to a volume's image, told apart by what the node recorded and by the
+/// kernel's read-only flag, never by number alone: numbers are reused after a reboot or a detach.
+struct ImageDevices {
+    /// The stage's device: read-only exactly when the stage is.
+    stage: Option<loopdev::LoopDevice>,
+    /// The read-only device of each read-only block publish of a read-write stage, by target: the
+    /// one its state records, while that device is attached to the image, read-only and recorded
+    /// by no other publish.
+    own: std::collections::BTreeMap<PathBuf, loopdev::LoopDevice>,
+    /// Read-only devices of a read-write stage that no publish records: attached by a publish
+    /// that stopped before recording it. Nothing is bound from them: a publish records its
+    /// device before it binds.
+    strays: Vec<loopdev::LoopDevice>,
+}
+
+impl NodeService {
+    fn image_devices(&self, data: &Path, m: &state::VolumeMounts) -> Result<ImageDevices, NodeError> {
+        let stage_read_only = m.staged.as_ref().is_some_and(|s| s.read_only);
+        let mut attached = Vec::new();
+        for d in self.devices.find_by_backing(data)? {
+            match self.devices.is_read_only(&d) {
+                Ok(ro) => attached.push((d, ro)),
+                Err(e) if e.is_not_found() => {} // detached meanwhile
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut own = std::collections::BTreeMap::new();
+        if !stage_read_only {
+            for (target, p) in &m.published {
+                let Some(recorded) = &p.device else { continue };
+                let claims = m.published.values().filter(|o| o.device.as_ref() == Some(recorded));
+                let device = attached.iter().find(|(d, ro)| *ro && &d.path == recorded);
+                if let (1, Some((d, _))) = (claims.count(), device) {
+                    own.insert(target.clone(), d.clone());
+                }
+            }
+        }
+        let (mut stage, mut strays) = (None, Vec::new());
+        for (d, ro) in attached {
+            if own.values().any(|o| o.path == d.path) {
+                continue;
+            }
+            if stage.is_none() && ro == stage_read_only {
+                stage = Some(d);
+            } else if ro && !stage_read_only {
+                strays.push(d);
+            }
+        }
+        Ok(ImageDevices { stage, own, strays })
     }
 }
 

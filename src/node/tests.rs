@@ -15,7 +15,7 @@ use crate::storage::config::Config;
 use crate::storage::engine::{LocalEngine, NewVolume};
 use crate::storage::id::NodeId;
 use crate::storage::record::Layout;
-use crate::sys::devices::RecordingDevices;
+use crate::sys::devices::{Devices, RecordingDevices};
 use crate::sys::mount::RecordingMounter;
 
 struct Node {
@@ -468,20 +468,81 @@ fn a_shared_image_another_node_has_mounted_is_refused_and_leaves_nothing() {
     assert!(mmp(&id), "a shared ext4 image has MMP");
     // A local image does not need it.
     assert!(!mmp(&n.image("pvc-local")), "a local image has no MMP");
-    // The kernel refuses the mount: another node has the filesystem mounted.
+    let (_, data) = n.svc.volume(&id).expect("the volume");
+    assert_eq!(
+        crate::sys::fstools::mmp(&data).expect("read"),
+        Some(crate::sys::fstools::Mmp::Clean)
+    );
+    // Another node has the filesystem mounted: its kernel keeps a sequence number and its name
+    // in the MMP block, and ours refuses the mount (EBUSY since 6.4, EINVAL before; e2fsck of an
+    // offline grow refuses with its own failure).
     let staging = n.path("stage");
-    n.mounter.fail_next("mount", libc::EBUSY);
-    let err = n.stage(&id, &staging).expect_err("mounted elsewhere");
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
-    assert!(err.message().contains("another node"), "{err}");
-    assert!(n.devices.attached().is_empty(), "no device left");
-    assert!(n.svc.state.get(&id).staged.is_none(), "no intent left");
-    let leases = n.path("share/.leases");
-    let held: Vec<_> = std::fs::read_dir(&leases)
-        .map(|d| d.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    assert!(held.is_empty(), "the lease is given back: {held:?}");
+    for (seq, op, errno, says) in [
+        (7u32, "mount", libc::EBUSY, "node 'node-2'"),
+        (7, "mount", libc::EINVAL, "node 'node-2'"),
+        (7, "grow-offline", libc::EIO, "node 'node-2'"),
+        (0xE24D_4D50, "mount", libc::EBUSY, "clear_mmp"),
+    ] {
+        set_mmp(&data, seq, b"node-2");
+        if op == "grow-offline" {
+            n.svc
+                .engine
+                .set_fs_bytes(&crate::storage::id::VolumeId::parse(&id).expect("id"), 16 << 20)
+                .expect("smaller fs");
+        }
+        n.mounter.fail_next(op, errno);
+        n.devices.fail_next(op, errno);
+        let err = n.stage(&id, &staging).expect_err("mounted elsewhere");
+        n.mounter.disarm();
+        n.devices.disarm();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{op} {errno}: {err}");
+        assert!(err.message().contains(says), "{err}");
+        assert!(n.devices.attached().is_empty(), "no device left");
+        assert!(n.svc.state.get(&id).staged.is_none(), "no intent left");
+        let leases = n.path("share/.leases");
+        let held: Vec<_> = std::fs::read_dir(&leases)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(held.is_empty(), "the lease is given back: {held:?}");
+    }
     // Once the other node lets go, the stage goes through.
+    set_mmp(&data, 0xFF4D_4D50, b"");
+    n.stage(&id, &staging).expect("stage");
+    n.unstage(&id, &staging).expect("unstage");
+}
+
+/// Writes the sequence number and node name of the ext4 MMP block of the image `data`, as the
+/// kernel of a node mounting it (or e2fsck) would.
+fn set_mmp(data: &Path, seq: u32, node: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(data)
+        .expect("image");
+    let mut sb = [0u8; 1024];
+    f.read_exact_at(&mut sb, 1024).expect("superblock");
+    let block_size = 1024u64 << u32::from_le_bytes(sb[0x18..0x1c].try_into().expect("4 bytes"));
+    let block = u64::from_le_bytes(sb[0x168..0x170].try_into().expect("8 bytes"));
+    let mut name = [0u8; 64];
+    name[..node.len()].copy_from_slice(node);
+    f.write_all_at(&seq.to_le_bytes(), block * block_size + 4).expect("seq");
+    f.write_all_at(&name, block * block_size + 16).expect("name");
+}
+
+#[test]
+fn a_failed_mount_of_a_local_image_leaves_no_device_or_intent() {
+    let n = Node::new();
+    let id = n.image("pvc-bad");
+    let staging = n.path("stage");
+    n.mounter.fail_next("mount", libc::EUCLEAN);
+    let err = n.stage(&id, &staging).expect_err("a filesystem the kernel refuses");
+    assert_ne!(err.code(), Code::Ok);
+    assert!(
+        n.devices.attached().is_empty(),
+        "kubelet never unstages a failed stage: no device left"
+    );
+    assert!(n.svc.state.get(&id).staged.is_none(), "no intent left");
     n.stage(&id, &staging).expect("stage");
     n.unstage(&id, &staging).expect("unstage");
 }
@@ -548,14 +609,19 @@ fn block_volume(svc: &NodeService, name: &str, staging: &Path) -> String {
     let mut v = NewVolume::plain(name, Some(Layout::Image), 16 << 20);
     v.mode = crate::storage::record::VolumeMode::Block;
     let id = svc.engine.create_volume(v).expect("create").id.to_string();
+    stage_block(svc, &id, staging).expect("stage");
+    id
+}
+
+fn stage_block(svc: &NodeService, id: &str, staging: &Path) -> Result<(), tonic::Status> {
     svc.stage(NodeStageVolumeRequest {
-        volume_id: id.clone(),
+        volume_id: id.into(),
         staging_target_path: staging.display().to_string(),
         volume_capability: Some(crate::client::block_capability(Mode::SingleNodeWriter)),
         ..Default::default()
     })
-    .expect("stage");
-    id
+    .map(|_| ())
+    .map_err(tonic::Status::from)
 }
 
 fn block_publish(svc: &NodeService, id: &str, staging: &Path, target: &Path, ro: bool) -> Result<(), tonic::Status> {
@@ -629,6 +695,104 @@ fn a_read_only_block_publish_of_a_read_write_stage_gets_a_read_only_device_of_it
     n.unstage(&id, &staging).expect("unstage");
     assert!(n.devices.attached().is_empty());
     assert!(n.mounter.mounted().is_empty());
+}
+
+/// The source a target is bound from, in the fake mounter.
+fn bound_from(n: &Node, target: &Path) -> PathBuf {
+    let mounted = n.mounter.mounted();
+    mounted
+        .iter()
+        .find(|m| m.1 == target)
+        .map(|m| m.0.clone())
+        .expect("bound")
+}
+
+fn read_only_device(n: &Node, device: &Path) -> bool {
+    let number = device
+        .to_str()
+        .and_then(|p| p.strip_prefix("/dev/loop"))
+        .expect("a loop device");
+    let d = crate::sys::loopdev::LoopDevice::new(number.parse().expect("its number"));
+    n.devices.is_read_only(&d).expect("attached")
+}
+
+#[test]
+fn a_read_only_block_publish_never_takes_the_stage_device_whose_number_it_recorded_before_a_reboot() {
+    let n = Node::new();
+    let (stage_a, stage_b) = (n.path("stage-a"), n.path("stage-b"));
+    let a = block_volume(&n.svc, "pvc-a", &stage_a);
+    let ro = n.path("pod-ro");
+    block_publish(&n.svc, &a, &stage_a, &ro, true).expect("read-only publish");
+    let recorded = n.svc.state.get(&a).published[&ro].device.clone().expect("recorded");
+    // A reboot: every device and mount gone. Another volume stages first and takes the lowest
+    // number, so this volume's stage gets the number its read-only publish recorded.
+    n.devices.reboot();
+    n.mounter.reboot();
+    block_volume(&n.svc, "pvc-b", &stage_b);
+    stage_block(&n.svc, &a, &stage_a).expect("stage again");
+    let (_, data) = n.svc.volume(&a).expect("the volume");
+    let stage_device = n.devices.find_by_backing(&data).expect("find")[0].path.clone();
+    assert_eq!(
+        stage_device, recorded,
+        "the kernel reused the number (the case under test)"
+    );
+    block_publish(&n.svc, &a, &stage_a, &ro, true).expect("kubelet publishes again");
+    let source = bound_from(&n, &ro);
+    assert_ne!(
+        source, stage_device,
+        "the read-only publish is not bound from the writable stage device"
+    );
+    assert!(read_only_device(&n, &source), "it is bound from a read-only device");
+    let rw = n.path("pod-rw");
+    block_publish(&n.svc, &a, &stage_a, &rw, false).expect("a read-write publish finds the stage device");
+    assert_eq!(bound_from(&n, &rw), stage_device);
+    n.svc
+        .unpublish(NodeUnpublishVolumeRequest {
+            volume_id: a.clone(),
+            target_path: ro.display().to_string(),
+        })
+        .expect("unpublish");
+    let left: Vec<_> = n
+        .devices
+        .find_by_backing(&data)
+        .expect("find")
+        .into_iter()
+        .map(|d| d.path)
+        .collect();
+    assert_eq!(
+        left,
+        vec![stage_device],
+        "the unpublish took its own device and not the stage's"
+    );
+}
+
+#[test]
+fn a_read_only_device_left_unrecorded_by_a_crash_is_never_the_stage_device() {
+    let n = Node::new();
+    let (stage_a, stage_b) = (n.path("stage-a"), n.path("stage-b"));
+    let b = block_volume(&n.svc, "pvc-b", &stage_b);
+    let a = block_volume(&n.svc, "pvc-a", &stage_a);
+    n.unstage(&b, &stage_b).expect("unstage b");
+    // A read-only publish attached its device (the lowest number, now free) and was killed
+    // before recording it.
+    let (_, data) = n.svc.volume(&a).expect("the volume");
+    let (stray, _) = n.devices.attach(&data, true).expect("attach");
+    let rw = n.path("pod-rw");
+    block_publish(&n.svc, &a, &stage_a, &rw, false).expect("read-write publish");
+    assert_ne!(
+        bound_from(&n, &rw),
+        stray.path,
+        "a read-write publish is bound from the stage's device"
+    );
+    assert!(!read_only_device(&n, &bound_from(&n, &rw)));
+    let ro = n.path("pod-ro");
+    block_publish(&n.svc, &a, &stage_a, &ro, true).expect("read-only publish");
+    assert_eq!(
+        bound_from(&n, &ro),
+        stray.path,
+        "the stray device is taken up, not a third attached"
+    );
+    assert_eq!(n.devices.find_by_backing(&data).expect("find").len(), 2);
 }
 
 /// Root only: the kernel's answer to a write through a read-only block publish.

@@ -15,6 +15,8 @@ pub trait Devices: Send + Sync {
     /// Attaches a new loop device to `backing`; whether direct I/O is on.
     fn attach(&self, backing: &Path, read_only: bool) -> Result<(LoopDevice, bool), SysError>;
     fn detach(&self, device: &LoopDevice) -> Result<(), SysError>;
+    /// Whether the kernel refuses writes through the device.
+    fn is_read_only(&self, device: &LoopDevice) -> Result<bool, SysError>;
     /// Makes the device take its backing file's current size.
     fn refresh_capacity(&self, device: &LoopDevice) -> Result<(), SysError>;
     /// The size in bytes of a block device.
@@ -38,6 +40,9 @@ impl Devices for LinuxDevices {
     }
     fn detach(&self, device: &LoopDevice) -> Result<(), SysError> {
         loopdev::detach(device)
+    }
+    fn is_read_only(&self, device: &LoopDevice) -> Result<bool, SysError> {
+        loopdev::is_read_only(device)
     }
     fn refresh_capacity(&self, device: &LoopDevice) -> Result<(), SysError> {
         loopdev::refresh_capacity(device)
@@ -65,7 +70,8 @@ pub struct RecordingDevices {
 struct DeviceState {
     /// Device number to backing file.
     attached: BTreeMap<u32, PathBuf>,
-    next: u32,
+    /// The devices attached read-only.
+    read_only: std::collections::BTreeSet<u32>,
 }
 
 impl RecordingDevices {
@@ -92,6 +98,13 @@ impl RecordingDevices {
     /// The device over `backing` disappears, as when someone ran `losetup -d` behind our back.
     pub fn vanish(&self, backing: &Path) {
         self.state.lock().attached.retain(|_, b| b != backing);
+    }
+
+    /// Every device is gone, as after a reboot.
+    pub fn reboot(&self) {
+        let mut s = self.state.lock();
+        s.attached.clear();
+        s.read_only.clear();
     }
 }
 
@@ -120,9 +133,13 @@ impl Devices for RecordingDevices {
                 std::io::Error::from_raw_os_error(libc::ENOENT),
             ));
         }
-        let n = s.next;
-        s.next += 1;
+        // As the kernel's LOOP_CTL_GET_FREE: the lowest number free, so numbers are reused.
+        let n = (0..).find(|n| !s.attached.contains_key(n)).unwrap_or_default();
         s.attached.insert(n, backing.to_path_buf());
+        match read_only {
+            true => s.read_only.insert(n),
+            false => s.read_only.remove(&n),
+        };
         Ok((LoopDevice::new(n), true))
     }
     fn detach(&self, device: &LoopDevice) -> Result<(), SysError> {
@@ -131,7 +148,21 @@ impl Devices for RecordingDevices {
             .state
             .enter("detach", format!("detach {}", device.path.display()), &device.path)?;
         s.attached.remove(&device.number);
+        s.read_only.remove(&device.number);
         Ok(())
+    }
+    fn is_read_only(&self, device: &LoopDevice) -> Result<bool, SysError> {
+        let s = self
+            .state
+            .enter("ro", format!("ro {}", device.path.display()), &device.path)?;
+        match s.attached.contains_key(&device.number) {
+            true => Ok(s.read_only.contains(&device.number)),
+            false => Err(SysError::io(
+                "read loop ro flag",
+                &device.path,
+                std::io::Error::from_raw_os_error(libc::ENOENT),
+            )),
+        }
     }
     fn refresh_capacity(&self, device: &LoopDevice) -> Result<(), SysError> {
         let s = self

@@ -211,6 +211,64 @@ pub fn probe(target: &Path) -> Result<Option<FsType>, SysError> {
     }
 }
 
+/// What ext4's multi-mount protection block of an unmounted image says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mmp {
+    /// Unmounted cleanly: any node may mount it.
+    Clean,
+    /// e2fsck runs on it, or ran and was killed: every mount is refused until the mark is cleared
+    /// (`tune2fs -f -E clear_mmp`) or an e2fsck completes.
+    Fsck,
+    /// Mounted (or last mounted and never cleanly unmounted) by the node the block names.
+    InUse { node: String },
+}
+
+const EXT4_INCOMPAT_MMP: u32 = 0x100;
+const MMP_MAGIC: u32 = 0x004D_4D50;
+const MMP_SEQ_CLEAN: u32 = 0xFF4D_4D50;
+const MMP_SEQ_FSCK: u32 = 0xE24D_4D50;
+
+/// The state of ext4's multi-mount protection on `target` (an image file or its device), `None`
+/// when it holds no ext4 with MMP enabled. Read from the superblock (incompatible features at
+/// 0x60, block size at 0x18, the MMP block's number at 0x168) and the MMP block itself (magic,
+/// sequence, then the mounting node's name in 64 bytes at 16).
+pub fn mmp(target: &Path) -> Result<Option<Mmp>, SysError> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(target)
+        .step("open", target)?;
+    let Some(sb) = read_at(&f, target, 1024, 1024)? else {
+        return Ok(None);
+    };
+    let le32 = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    if sb[0x38..0x3a] != [0x53, 0xEF] || le32(&sb, 0x60) & EXT4_INCOMPAT_MMP == 0 {
+        return Ok(None);
+    }
+    let log_block = le32(&sb, 0x18);
+    let block = le32(&sb, 0x168) as u64 | (le32(&sb, 0x16c) as u64) << 32;
+    let Some(at) = (log_block < 7).then(|| block.checked_mul(1024 << log_block)).flatten() else {
+        return Ok(None);
+    };
+    let Some(b) = read_at(&f, target, at, 80)? else {
+        return Ok(None);
+    };
+    if le32(&b, 0) != MMP_MAGIC {
+        return Ok(None);
+    }
+    Ok(Some(match le32(&b, 4) {
+        MMP_SEQ_CLEAN => Mmp::Clean,
+        MMP_SEQ_FSCK => Mmp::Fsck,
+        _ => {
+            let name = &b[16..80];
+            let end = name.iter().position(|c| *c == 0).unwrap_or(name.len());
+            Mmp::InUse {
+                node: String::from_utf8_lossy(&name[..end]).into_owned(),
+            }
+        }
+    }))
+}
+
 /// Signatures of content that is neither ext4 nor xfs but must not be formatted over.
 fn foreign_signature(f: &File, target: &Path) -> Result<Option<&'static str>, SysError> {
     const CHECKS: &[(u64, &[u8], &str)] = &[
@@ -353,6 +411,7 @@ mod tests {
         let mut img = Image::new(256 * MIB);
         assert_eq!(probe(&img.file).unwrap(), None);
         mkfs(FsType::Ext4, &img.file, Reach::OneNode).unwrap();
+        assert_eq!(mmp(&img.file).unwrap(), None, "a local image has no MMP");
         assert_eq!(probe(&img.file).unwrap(), Some(FsType::Ext4));
         // s_r_blocks_count_lo, 8 bytes into the superblock at 1024: -m 0 reserves nothing for root.
         let mut reserved = [0u8; 4];
@@ -459,9 +518,13 @@ mod tests {
     fn an_ext4_made_for_a_share_refuses_a_second_mount_while_mounted() {
         let mut img = Image::new(64 * MIB);
         mkfs(FsType::Ext4, &img.file, Reach::Shared).unwrap();
+        assert_eq!(mmp(&img.file).unwrap(), Some(Mmp::Clean));
         img.attach();
         img.mount("ext4");
         std::fs::write(img.mnt.join("first"), b"mine").unwrap();
+        // The mounting kernel names itself in the MMP block, which is what a refused stage reports.
+        let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+        assert_eq!(mmp(&img.file).unwrap(), Some(Mmp::InUse { node: host }));
         let (other, _) = loopdev::attach(&img.file, false, false).unwrap();
         let elsewhere = img.dir.path().join("elsewhere");
         std::fs::create_dir(&elsewhere).unwrap();

@@ -250,6 +250,14 @@ fn parse_dev(s: &str) -> Option<(u64, u64)> {
     Some((a.parse().ok()?, b.parse().ok()?))
 }
 
+/// Whether the kernel refuses writes through `device` (`/sys/block/loopN/ro`): a device attached
+/// read-only, or made so since.
+pub fn is_read_only(device: &LoopDevice) -> Result<bool, SysError> {
+    let path = Path::new(SYS_BLOCK).join(format!("loop{}", device.number)).join("ro");
+    let text = fs::read_to_string(&path).step("read", &path)?;
+    Ok(text.trim() == "1")
+}
+
 /// Every loop device whose backing file is `backing`. A device matches when the file the kernel
 /// names is the same inode (device and inode number) as `backing`: equal canonical paths do, and
 /// so does the same file reached through a bind mount or another hard link. Files the kernel marks

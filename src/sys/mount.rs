@@ -316,6 +316,11 @@ impl RecordingMounter {
     pub fn disarm(&self) {
         self.state.disarm();
     }
+
+    /// Every mount is gone, as after a reboot.
+    pub fn reboot(&self) {
+        self.state.lock().clear();
+    }
 }
 
 impl Mounter for RecordingMounter {
