@@ -658,11 +658,12 @@ impl LocalEngine {
         self.pools.get(pool).map(|p| &p.config)
     }
 
-    /// The pools whose volumes can need a lease: shared pools that allow the image layout.
+    /// The pools whose volumes can need a lease: every shared pool. Not only those whose config
+    /// offers images: one that stopped offering them still holds (and stages) the images it made.
     pub fn leasing_pools(&self) -> Vec<PoolName> {
         self.pools
             .iter()
-            .filter(|(_, p)| p.shared() && p.config.layouts.iter().any(|l| layout::of(*l).single_node()))
+            .filter(|(_, p)| p.shared())
             .map(|(name, _)| name.clone())
             .collect()
     }

@@ -921,3 +921,24 @@ fn a_stage_mark_meeting_another_nodes_unstage_is_written_and_read_without_error(
     crate::crash::in_thread::fail_at(None);
     e.delete_volume(&vol.id).expect("delete");
 }
+
+#[test]
+fn every_shared_pool_renews_leases_even_once_its_config_no_longer_offers_images() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = NodeId::parse("n1").expect("node");
+    let mut config = Config::default_for(dir.path());
+    config.pools[0].backend = crate::storage::config::Backend::Shared;
+    config.pools[0].layouts = vec![Layout::Dir, Layout::Image];
+    let e = LocalEngine::open(node.clone(), &config).expect("engine");
+    let vol = e
+        .create_volume(NewVolume::plain("pvc-img", Some(Layout::Image), 16 << 20))
+        .expect("create");
+    assert!(e.shared_lease(&id(&vol)).is_some(), "an image on a share is leased at stage");
+    drop(e);
+    // The pool stops offering images: the image volumes it holds still stage (and lease), so
+    // their leases must still be renewed, or another node takes them over under a live mount.
+    config.pools[0].layouts = vec![Layout::Dir];
+    let e = LocalEngine::open(node, &config).expect("engine");
+    assert!(e.shared_lease(&id(&vol)).is_some());
+    assert_eq!(e.leasing_pools(), vec![config.pools[0].name.clone()]);
+}
