@@ -1,6 +1,6 @@
 //! The randomized crash tester, in process: seeded sequences of create (empty, clone, restore),
-//! snapshot, expand, stage, publish, unpublish, unstage and delete on every layout (`dir`, `btrfs`,
-//! `image`), against the engine and the Node service over the recording fakes of `sys` (mounts,
+//! snapshot, expand, stage, publish (read-write or read-only), unpublish, unstage, delete and node
+//! reboots on every layout (`dir`, `btrfs`, `image`, raw block images), against the engine and the Node service over the recording fakes of `sys` (mounts,
 //! loop devices, filesystems, btrfs), so it needs no root and runs hundreds of steps a second.
 //!
 //! Before some calls it arms a fault for that one call: a crash at one of the named crash points
@@ -19,7 +19,9 @@
 //!   one source is never answered with another's);
 //! - nothing leaks (the mounts, loop devices and btrfs subvolumes are exactly those the model
 //!   holds; no `.tmp` record, nothing in `.work` or the trash);
-//! - every call converges (the retried call answers what it should within a few attempts).
+//! - every call converges (the retried call answers what it should within a few attempts);
+//! - a read-only publish is read-only (a read-only bind, or a block device the kernel refuses
+//!   writes through, never the stage's writable device).
 //!
 //! A failure names its seed and step and prints the step log; rerun one seed with
 //! `CELLAR_ENGINE_SEEDS=N cargo test --lib node::random`. The through-the-driver tester with real
@@ -43,7 +45,7 @@ use crate::storage::engine::{CapacityRange, LocalEngine, NewVolume, Source};
 use crate::storage::id::{NodeId, PoolName, SnapshotId, VolumeId};
 use crate::storage::pool::Kind;
 use crate::storage::record::Layout;
-use crate::sys::devices::RecordingDevices;
+use crate::sys::devices::{Devices, RecordingDevices};
 use crate::sys::files;
 use crate::sys::filesystems::RecordingFilesystems;
 use crate::sys::mount::RecordingMounter;
@@ -52,7 +54,8 @@ use crate::sys::StorageSys;
 
 mod races;
 
-const SEEDS: [u64; 16] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16];
+/// 1-16, and regressions: 131 (a loop number recorded before a reboot, the stage's after it).
+const SEEDS: [u64; 17] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 131];
 const STEPS: usize = 80;
 /// Attempts of one call, after its faulted one, before it counts as not converging.
 const ATTEMPTS: usize = 5;
@@ -81,6 +84,10 @@ struct Vol {
     /// The node it is staged on, and where.
     staged: Option<(usize, PathBuf)>,
     published: Option<PathBuf>,
+    /// Its publish is read-only (a block volume's then has a read-only loop device of its own).
+    published_ro: bool,
+    /// A raw block volume (an image with no filesystem), staged and published as a device.
+    block: bool,
     /// What DeleteVolume does with its data (set at create or by ControllerModifyVolume).
     policy: DeletePolicy,
 }
@@ -97,6 +104,8 @@ struct Snap {
     marker: String,
     /// The group snapshot it is a member of (deleted only with it).
     group: Option<String>,
+    /// Cut of a raw block volume: what is restored from it is one too.
+    block: bool,
 }
 
 impl Snap {
@@ -111,6 +120,7 @@ impl Snap {
             bytes: rec.size_bytes.max(v.bytes),
             marker: v.marker.clone(),
             group: None,
+            block: v.block,
         }
     }
 }
@@ -464,8 +474,11 @@ struct Model {
     next: usize,
 }
 
-fn cap() -> VolumeCapability {
-    crate::client::mount_capability(Mode::SingleNodeWriter, vec![])
+fn cap(v: &Vol) -> VolumeCapability {
+    match v.block {
+        true => crate::client::block_capability(Mode::SingleNodeWriter),
+        false => crate::client::mount_capability(Mode::SingleNodeWriter, vec![]),
+    }
 }
 
 /// Reads the marker a volume's data holds now.
@@ -646,7 +659,7 @@ fn names_where(m: &Model, f: impl Fn(&Vol) -> bool) -> Vec<String> {
 fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mut Vec<String>) {
     let names: Vec<String> = m.vols.keys().cloned().collect();
     let any = |rng: &mut Rng| (!names.is_empty()).then(|| rng.pick(&names).clone());
-    match rng.below(21) {
+    match rng.below(22) {
         0 | 1 if m.vols.len() < MAX_VOLUMES => create(c, m, rng, faulted, log),
         2 if !m.vols.is_empty() => {
             let n = any(rng).expect("a volume");
@@ -683,6 +696,7 @@ fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
             delete_snapshot(c, m, rng, &s, f, log)
         }
         12 => group(c, m, rng, faulted, log),
+        21 => reboot(c, m, rng, log),
         15 => race_create(c, m, rng, log),
         16 => race_delete_and_stage(c, m, rng, log),
         17 => races::race_on_volume(c, m, rng, log, false),
@@ -751,7 +765,7 @@ fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
                         ])
                         .clone()
                     });
-                    kubelet(c, m, &n, Kubelet::Publish, f, log)
+                    kubelet(c, m, &n, Kubelet::Publish(rng.chance(40)), f, log)
                 }
                 (Some(_), Some(_)) => {
                     let f = faulted.then(|| {
@@ -833,7 +847,7 @@ fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
                         .stage(NodeStageVolumeRequest {
                             volume_id: v.id.clone(),
                             staging_target_path: staging.display().to_string(),
-                            volume_capability: Some(cap()),
+                            volume_capability: Some(cap(&v)),
                             ..Default::default()
                         })
                         .map_err(tonic::Status::from)
@@ -873,11 +887,11 @@ fn race_create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Vec<Stri
     m.next += 1;
     // A clone takes long enough to overlap; an empty image when there is nothing to clone.
     let sources: Vec<Vol> = m.vols.values().filter(|v| v.home == Home::Shared).cloned().collect();
-    let (source, layout, bytes, marker) = match sources.is_empty() {
-        true => (None, Layout::Image, 32 * MIB, String::new()),
+    let (source, layout, bytes, marker, block) = match sources.is_empty() {
+        true => (None, Layout::Image, 32 * MIB, String::new(), false),
         false => {
             let v = rng.pick(&sources).clone();
-            (Some(Source::Volume(vid(&v.id))), v.layout, v.bytes, v.marker)
+            (Some(Source::Volume(vid(&v.id))), v.layout, v.bytes, v.marker, v.block)
         }
     };
     log.push(format!(
@@ -891,6 +905,9 @@ fn race_create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Vec<Stri
         let mut r = NewVolume::plain(&name, Some(layout), bytes);
         r.source = source.clone();
         r.pool = Some(PoolName::parse(SHARE).expect("pool"));
+        if block {
+            r.mode = crate::storage::record::VolumeMode::Block;
+        }
         r
     };
     // Sometimes the first replica dies at a crash point of its create and starts again at once,
@@ -1004,6 +1021,8 @@ impl NewVol<'_> {
                 marker: own,
                 staged: None,
                 published: None,
+                published_ro: false,
+                block: rec.mode == crate::storage::record::VolumeMode::Block,
                 policy: self.policy,
             },
         );
@@ -1047,7 +1066,7 @@ fn race_delete_and_stage(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mu
                         .stage(NodeStageVolumeRequest {
                             volume_id: v.id.clone(),
                             staging_target_path: staging.display().to_string(),
-                            volume_capability: Some(cap()),
+                            volume_capability: Some(cap(&v)),
                             ..Default::default()
                         })
                         .map(|_| ())
@@ -1087,17 +1106,24 @@ fn create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mu
     // Empty, a clone of a volume, or a restore of a snapshot, from the same pool.
     let vols: Vec<Vol> = m.vols.values().filter(|v| v.home == home).cloned().collect();
     let snaps: Vec<Snap> = m.snaps.values().filter(|s| s.home == home).cloned().collect();
-    let (source, layout, min, marker, what) = match rng.below(4) {
+    let (source, layout, min, marker, what, block) = match rng.below(4) {
         1 if !vols.is_empty() => {
             let v = rng.pick(&vols).clone();
             let what = format!("clone of {}", v.id);
-            (Some(Source::Volume(vid(&v.id))), v.layout, v.bytes, v.marker, what)
+            (
+                Some(Source::Volume(vid(&v.id))),
+                v.layout,
+                v.bytes,
+                v.marker,
+                what,
+                v.block,
+            )
         }
         2 if !snaps.is_empty() => {
             let s = rng.pick(&snaps).clone();
             let what = format!("restore of {}", s.id);
             let id = SnapshotId::parse(&s.id).expect("snapshot id");
-            (Some(Source::Snapshot(id)), s.layout, s.bytes, s.marker, what)
+            (Some(Source::Snapshot(id)), s.layout, s.bytes, s.marker, what, s.block)
         }
         _ => {
             let layouts: &[Layout] = match home {
@@ -1106,7 +1132,9 @@ fn create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mu
             };
             let layout = *rng.pick(layouts);
             let min = if layout == Layout::Image { 32 * MIB } else { MIB };
-            (None, layout, min, String::new(), "empty".to_string())
+            let block = layout == Layout::Image && rng.chance(30);
+            let what = if block { "empty, raw block" } else { "empty" };
+            (None, layout, min, String::new(), what.to_string(), block)
         }
     };
     let bytes = min + MIB * rng.below(3) as u64;
@@ -1127,6 +1155,9 @@ fn create(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mu
             let mut r = NewVolume::plain(&name, Some(layout), bytes);
             r.source = source.clone();
             r.delete_policy = Some(policy);
+            if block {
+                r.mode = crate::storage::record::VolumeMode::Block;
+            }
             if home == Home::Shared {
                 r.pool = Some(PoolName::parse(SHARE).expect("pool"));
             }
@@ -1300,6 +1331,7 @@ fn group(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mut
                 bytes: member.size_bytes.max(v.bytes),
                 marker: v.marker.clone(),
                 group: Some(name.clone()),
+                block: v.block,
             },
         );
         names.push(snap);
@@ -1401,9 +1433,37 @@ fn expand(c: &mut Cluster, m: &mut Model, rng: &mut Rng, vol: &str, fault: Optio
 #[derive(Debug, Clone, Copy)]
 enum Kubelet {
     Stage(usize),
-    Publish,
+    /// A publish at a new pod's directory, read-only or not.
+    Publish(bool),
+    /// The publish the volume has, made again (after a reboot, as kubelet's reconciler does).
+    Republish,
     Unpublish,
     Unstage,
+}
+
+/// A node reboots: its mounts and loop devices are gone and its driver starts again; then kubelet
+/// stages and publishes again what the node had (its reconciler does, for the pods still bound
+/// there). The kernel hands out loop numbers afresh, so a number a publish recorded before may now
+/// be another device's, even the stage's own.
+fn reboot(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Vec<String>) {
+    let n = rng.below(NODES);
+    log.push(format!("reboot n{n}"));
+    let p = &mut c.procs[n];
+    p.devices.reboot(Some(rng.below(1 << 30) as u64));
+    p.mounter.reboot();
+    p.restart();
+    c.restarts += 1;
+    let mut names = names_where(m, |v| v.staged.as_ref().is_some_and(|(on, _)| *on == n));
+    // In whatever order the reconciler finds them.
+    for i in (1..names.len()).rev() {
+        names.swap(i, rng.below(i + 1));
+    }
+    for name in names {
+        kubelet(c, m, &name, Kubelet::Stage(n), None, log);
+        if m.vols[&name].published.is_some() {
+            kubelet(c, m, &name, Kubelet::Republish, None, log);
+        }
+    }
 }
 
 /// Stages a volume on its node, or a shared one on either node.
@@ -1428,11 +1488,15 @@ fn kubelet(c: &mut Cluster, m: &mut Model, vol: &str, call: Kubelet, fault: Opti
     let dir = c.procs[on].dir.clone();
     let staging = dir.join(format!("kubelet/staging/{vol}"));
     let target = match call {
-        Kubelet::Publish => {
+        Kubelet::Publish(_) => {
             m.next += 1;
             dir.join(format!("kubelet/pods/{vol}-{}/mount", m.next))
         }
         _ => v.published.clone().unwrap_or_default(),
+    };
+    let read_only = match call {
+        Kubelet::Publish(ro) => ro,
+        _ => v.published_ro,
     };
     // kubelet makes the staging directory and the pod's directory; the target itself is ours.
     std::fs::create_dir_all(&staging).expect("staging dir");
@@ -1452,17 +1516,18 @@ fn kubelet(c: &mut Cluster, m: &mut Model, vol: &str, call: Kubelet, fault: Opti
                     .stage(NodeStageVolumeRequest {
                         volume_id: id.clone(),
                         staging_target_path: staging_s.clone(),
-                        volume_capability: Some(cap()),
+                        volume_capability: Some(cap(&v)),
                         ..Default::default()
                     })
                     .map(|_| ()),
-                Kubelet::Publish => p
+                Kubelet::Publish(_) | Kubelet::Republish => p
                     .svc()
                     .publish(NodePublishVolumeRequest {
                         volume_id: id.clone(),
                         staging_target_path: staging_s.clone(),
                         target_path: target_s.clone(),
-                        volume_capability: Some(cap()),
+                        volume_capability: Some(cap(&v)),
+                        readonly: read_only,
                         ..Default::default()
                     })
                     .map(|_| ()),
@@ -1489,7 +1554,8 @@ fn kubelet(c: &mut Cluster, m: &mut Model, vol: &str, call: Kubelet, fault: Opti
     let v = m.vols.get_mut(vol).expect("volume");
     match call {
         Kubelet::Stage(n) => v.staged = Some((n, staging)),
-        Kubelet::Publish => v.published = Some(target),
+        Kubelet::Publish(ro) => (v.published, v.published_ro) = (Some(target), ro),
+        Kubelet::Republish => {}
         Kubelet::Unpublish => v.published = None,
         Kubelet::Unstage => v.staged = None,
     }
@@ -1658,7 +1724,11 @@ fn check(c: &Cluster, m: &Model) {
             .vols
             .values()
             .filter(on_here)
-            .flat_map(|v| v.staged.iter().map(|s| s.1.clone()).chain(v.published.iter().cloned()))
+            // A block volume's stage is its device alone; its publish binds the device.
+            .flat_map(|v| {
+                let staging = v.staged.iter().filter(|_| !v.block).map(|s| s.1.clone());
+                staging.chain(v.published.iter().cloned())
+            })
             .collect();
         want.sort();
         assert_eq!(
@@ -1673,14 +1743,47 @@ fn check(c: &Cluster, m: &Model) {
             .values()
             .filter(on_here)
             .filter(|v| v.layout == Layout::Image)
-            .map(|v| p.engine.volume_data(&vid(&v.id)).expect("data").1)
+            .flat_map(|v| {
+                let data = p.engine.volume_data(&vid(&v.id)).expect("data").1;
+                // A read-only publish of a block volume has a read-only device of its own.
+                let own = v.block && v.published_ro && v.published.is_some();
+                std::iter::repeat_n(data, if own { 2 } else { 1 })
+            })
             .collect();
         want.sort();
         assert_eq!(
             attached, want,
-            "{}: one loop device per staged image, none else",
+            "{}: one loop device per staged image and per read-only block publish, none else",
             p.label
         );
+        // A read-only publish is read-only: a filesystem's bind has the flag, a block volume's
+        // device is one the kernel refuses writes through (never the stage's writable device).
+        for (name, v) in m.vols.iter().filter(|(_, v)| on_here(v)) {
+            let (Some(target), true) = (&v.published, v.published_ro) else {
+                continue;
+            };
+            let (source, _, flags) = p
+                .mounter
+                .mounted()
+                .into_iter()
+                .find(|m| &m.1 == target)
+                .expect("the publish is mounted");
+            if v.block {
+                let n = source
+                    .to_str()
+                    .and_then(|s| s.strip_prefix("/dev/loop"))
+                    .and_then(|n| n.parse().ok());
+                let device = crate::sys::loopdev::LoopDevice::new(n.expect("bound from a loop device"));
+                assert!(
+                    p.devices.is_read_only(&device).expect("attached"),
+                    "{name}'s read-only block publish on {} is bound from {}, a writable device",
+                    p.label,
+                    source.display()
+                );
+            } else {
+                assert!(flags.read_only, "{name}'s read-only publish on {} is writable", p.label);
+            }
+        }
         let subvols = live_subvolumes(p).len();
         let want = m
             .vols

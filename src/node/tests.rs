@@ -726,7 +726,7 @@ fn a_read_only_block_publish_never_takes_the_stage_device_whose_number_it_record
     let recorded = n.svc.state.get(&a).published[&ro].device.clone().expect("recorded");
     // A reboot: every device and mount gone. Another volume stages first and takes the lowest
     // number, so this volume's stage gets the number its read-only publish recorded.
-    n.devices.reboot();
+    n.devices.reboot(None);
     n.mounter.reboot();
     block_volume(&n.svc, "pvc-b", &stage_b);
     stage_block(&n.svc, &a, &stage_a).expect("stage again");

@@ -72,6 +72,9 @@ struct DeviceState {
     attached: BTreeMap<u32, PathBuf>,
     /// The devices attached read-only.
     read_only: std::collections::BTreeSet<u32>,
+    /// Since a reboot with a seed: numbers come in an order of their own (as when other software
+    /// on the machine takes and gives back loop devices), from this generator's state.
+    scramble: Option<u64>,
 }
 
 impl RecordingDevices {
@@ -100,11 +103,14 @@ impl RecordingDevices {
         self.state.lock().attached.retain(|_, b| b != backing);
     }
 
-    /// Every device is gone, as after a reboot.
-    pub fn reboot(&self) {
+    /// Every device is gone, as after a reboot. With a seed, the numbers attaches get from now
+    /// on are scrambled (deterministically from it), so that a number recorded before the reboot
+    /// can come back as any device's.
+    pub fn reboot(&self, scramble: Option<u64>) {
         let mut s = self.state.lock();
         s.attached.clear();
         s.read_only.clear();
+        s.scramble = scramble.map(|x| x | 1);
     }
 }
 
@@ -133,8 +139,21 @@ impl Devices for RecordingDevices {
                 std::io::Error::from_raw_os_error(libc::ENOENT),
             ));
         }
-        // As the kernel's LOOP_CTL_GET_FREE: the lowest number free, so numbers are reused.
-        let n = (0..).find(|n| !s.attached.contains_key(n)).unwrap_or_default();
+        // As the kernel's LOOP_CTL_GET_FREE: the lowest number free, so numbers are reused; after
+        // a scrambling reboot one of the four lowest free.
+        let skip = match s.scramble.as_mut() {
+            None => 0,
+            Some(x) => {
+                *x ^= *x << 13;
+                *x ^= *x >> 7;
+                *x ^= *x << 17;
+                (*x % 4) as usize
+            }
+        };
+        let n = (0..)
+            .filter(|n| !s.attached.contains_key(n))
+            .nth(skip)
+            .unwrap_or_default();
         s.attached.insert(n, backing.to_path_buf());
         match read_only {
             true => s.read_only.insert(n),

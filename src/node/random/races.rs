@@ -123,6 +123,9 @@ impl Op {
             Op::Clone(clone) => {
                 let mut r = NewVolume::plain(clone, Some(v.layout), v.bytes);
                 r.source = Some(Source::Volume(id));
+                if v.block {
+                    r.mode = crate::storage::record::VolumeMode::Block;
+                }
                 shared_pool(&mut r, v.home);
                 p.engine.create_volume(r).map(Done::Volume)
             }
@@ -150,7 +153,7 @@ impl Op {
                 let r = p.svc().stage(NodeStageVolumeRequest {
                     volume_id: v.id.clone(),
                     staging_target_path: staging.display().to_string(),
-                    volume_capability: Some(cap()),
+                    volume_capability: Some(cap(v)),
                     ..Default::default()
                 });
                 return r.map(|_| Done::Staged(*n, staging)).map_err(tonic::Status::from);
@@ -394,7 +397,13 @@ pub(super) fn race_same_name(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log:
         0 => Home::Shared,
         _ => Home::Node(rng.below(NODES)),
     };
-    let here: Vec<Vol> = m.vols.values().filter(|v| v.home == home).cloned().collect();
+    // (Filesystem volumes: the requests here are for Filesystem volumes, and a clone keeps its mode.)
+    let here: Vec<Vol> = m
+        .vols
+        .values()
+        .filter(|v| v.home == home && !v.block)
+        .cloned()
+        .collect();
     let at = [c.controller(home, rng), c.controller(home, rng)];
     let n = m.next;
     m.next += 1;
@@ -509,6 +518,7 @@ pub(super) fn race_two_stages(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log
     }
     let name = rng.pick(&free).clone();
     let id = m.vols[&name].id.clone();
+    let capability = cap(&m.vols[&name]);
     log.push(format!("stage {name} on both nodes at once"));
     let stagings: Vec<PathBuf> = (0..NODES)
         .map(|n| c.procs[n].dir.join(format!("kubelet/staging/{name}")))
@@ -517,14 +527,14 @@ pub(super) fn race_two_stages(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log
         std::fs::create_dir_all(s).expect("staging dir");
     }
     let stage = |n: usize| {
-        let (p, staging, id) = (&c.procs[n], &stagings[n], &id);
+        let (p, staging, id, capability) = (&c.procs[n], &stagings[n], &id, &capability);
         move || {
             sidecar(|| {
                 p.svc()
                     .stage(NodeStageVolumeRequest {
                         volume_id: id.clone(),
                         staging_target_path: staging.display().to_string(),
-                        volume_capability: Some(cap()),
+                        volume_capability: Some(capability.clone()),
                         ..Default::default()
                     })
                     .map(|_| ())

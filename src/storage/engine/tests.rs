@@ -933,7 +933,10 @@ fn every_shared_pool_renews_leases_even_once_its_config_no_longer_offers_images(
     let vol = e
         .create_volume(NewVolume::plain("pvc-img", Some(Layout::Image), 16 << 20))
         .expect("create");
-    assert!(e.shared_lease(&id(&vol)).is_some(), "an image on a share is leased at stage");
+    assert!(
+        e.shared_lease(&id(&vol)).is_some(),
+        "an image on a share is leased at stage"
+    );
     drop(e);
     // The pool stops offering images: the image volumes it holds still stage (and lease), so
     // their leases must still be renewed, or another node takes them over under a live mount.
