@@ -373,6 +373,9 @@ impl Agent for LocalAgent {
             .map_err(|e| StorageError::Unavailable(format!("snapshot metadata task: {e}")))??;
         let capacity = walk.capacity();
         let (tx, rx) = tokio::sync::mpsc::channel(BATCHES_IN_FLIGHT);
+        // A stalled answer's ABORTED goes apart from the batches: queued behind them, it would wait
+        // (and the task with it) for a client that may never read again. It comes after them all.
+        let (abort_tx, mut abort_rx) = tokio::sync::oneshot::channel::<MetadataError>();
         // Each batch is read on the blocking pool, and only that: waiting for a slow client holds
         // no blocking thread. A client that goes away closes the channel and ends the walk; one
         // that stays but takes nothing for METADATA_STALL ends it too (the walk's open files would
@@ -404,13 +407,16 @@ impl Agent for LocalAgent {
                              stops here: ask again from the end of the last range received (starting_offset)",
                             METADATA_STALL.as_secs()
                         ));
-                        let _ = tx.send(Err(why.into())).await;
+                        let _ = abort_tx.send(why.into());
                         break;
                     }
                 }
             }
         });
-        Ok((capacity, Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        // Asked only once the batches are all taken and the task has ended (its end closes them).
+        let aborted = tokio_stream::iter(std::iter::from_fn(move || abort_rx.try_recv().ok().map(Err)));
+        let batches = tokio_stream::wrappers::ReceiverStream::new(rx).chain(aborted);
+        Ok((capacity, Box::pin(batches)))
     }
 
     async fn cut_group_part(
@@ -548,12 +554,9 @@ mod tests {
             .count()
     }
 
-    /// A client of changed block tracking that keeps its answer open but takes nothing from it
-    /// (through the sidecar: a backup tool that stopped reading): the walk lets go of the snapshot's
-    /// file after [`super::METADATA_STALL`] (a deleted snapshot's space comes back), and the
-    /// answer ends with ABORTED, never as if it were complete.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_metadata_answer_whose_reader_stops_reading_lets_go_of_its_snapshot() {
+    /// A changed block tracking answer over a snapshot named `name` (its files' paths say so), one
+    /// range a batch: far more batches than wait between the walk and the client.
+    async fn cbt_answer(name: &str) -> (tempfile::TempDir, super::LocalAgent, super::RangeBatches) {
         use super::{Agent, LocalAgent};
         use crate::storage::cbt::Query;
         use crate::storage::config::Config;
@@ -562,7 +565,6 @@ mod tests {
         use crate::storage::record::{Layout, VolumeMode};
         use std::os::unix::fs::FileExt;
         use std::sync::Arc;
-        use tokio_stream::StreamExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config::default_for(dir.path());
         config.pools[0].layouts.push(Layout::Image);
@@ -570,7 +572,7 @@ mod tests {
         let v = engine
             .create_volume(NewVolume {
                 mode: VolumeMode::Block,
-                ..NewVolume::plain("pvc-cbt-stall", Some(Layout::Image), 64 << 20)
+                ..NewVolume::plain(&format!("pvc-{name}"), Some(Layout::Image), 64 << 20)
             })
             .expect("create");
         let (_, data) = engine.volume_data(&v.id).expect("data");
@@ -580,17 +582,38 @@ mod tests {
         }
         f.sync_all().expect("fsync");
         drop(f);
-        let snap = engine
-            .create_snapshot("snap-cbt-stall", &v.id, false)
-            .expect("snapshot");
-        let agent = LocalAgent::new(engine.clone());
+        let snap = engine.create_snapshot(name, &v.id, false).expect("snapshot");
+        let agent = LocalAgent::new(engine);
         let q = Query {
             base: None,
             target: snap.id.clone(),
             starting_offset: 0,
         };
-        // One range a batch: far more batches than wait between the walk and the client.
-        let (_, mut batches) = agent.block_ranges(q, 1).await.expect("answer");
+        let (_, batches) = agent.block_ranges(q, 1).await.expect("answer");
+        (dir, agent, batches)
+    }
+
+    /// Reads an answer to its end: the ranges it gave, and the error it ended with.
+    async fn read_to_end(batches: &mut super::RangeBatches) -> (usize, Option<super::MetadataError>) {
+        use tokio_stream::StreamExt;
+        let mut ranges = 0;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), batches.next()).await {
+                Ok(Some(Ok(b))) => ranges += b.len(),
+                Ok(Some(Err(e))) => return (ranges, Some(e)),
+                Ok(None) => return (ranges, None),
+                Err(_) => panic!("the answer neither goes on nor ends"),
+            }
+        }
+    }
+
+    /// A client of changed block tracking that keeps its answer open but takes nothing from it
+    /// (through the sidecar: a backup tool that stopped reading): the walk lets go of the snapshot's
+    /// file after [`super::METADATA_STALL`] (a deleted snapshot's space comes back), and the
+    /// answer ends with ABORTED, never as if it were complete.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_metadata_answer_whose_reader_stops_reading_lets_go_of_its_snapshot() {
+        let (_dir, _agent, mut batches) = cbt_answer("snap-cbt-stall").await;
         assert!(open_on("snap-cbt-stall") > 0, "the walk holds the snapshot's file open");
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while open_on("snap-cbt-stall") > 0 {
@@ -600,15 +623,29 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let mut ranges = 0;
-        let end = loop {
-            match tokio::time::timeout(Duration::from_secs(10), batches.next()).await {
-                Ok(Some(Ok(b))) => ranges += b.len(),
-                Ok(Some(Err(e))) => break Some(e),
-                Ok(None) => break None,
-                Err(_) => panic!("the answer neither goes on nor ends"),
-            }
-        };
+        let (ranges, end) = read_to_end(&mut batches).await;
+        assert!(ranges < 16, "the walk stopped before its end: {ranges} ranges");
+        let e = end.expect("an answer cut short must not end as if it were complete");
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Aborted);
+    }
+
+    /// The stalled answer's task must end even while its client still holds the answer without
+    /// reading (its ABORTED could not be queued behind the batches it left): a task parked for good
+    /// on every answer so left adds up. The ABORTED still comes once the client reads again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_metadata_answer_nobody_reads_ends_its_task_and_still_ends_aborted() {
+        let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        let before = tasks();
+        let (_dir, _agent, mut batches) = cbt_answer("snap-cbt-parked").await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while tasks() > before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the answer's task waits for ever to queue its ABORTED for a client that does not read"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (ranges, end) = read_to_end(&mut batches).await;
         assert!(ranges < 16, "the walk stopped before its end: {ranges} ranges");
         let e = end.expect("an answer cut short must not end as if it were complete");
         assert_eq!(tonic::Status::from(e).code(), tonic::Code::Aborted);

@@ -75,6 +75,24 @@ pub struct Leases {
     turns: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
 }
 
+/// A call's turn on one lease. The last call out removes the lease's entry, so the map holds only
+/// the leases in use, not every lease this process has ever touched.
+struct Turn<'a> {
+    leases: &'a Leases,
+    path: &'a Path,
+    lock: Arc<Mutex<()>>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut turns = lock(&self.leases.turns);
+        // Clones are only made under the map's lock: held here, two means the map's and this one.
+        if Arc::strong_count(&self.lock) == 2 {
+            turns.remove(self.path);
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -102,15 +120,20 @@ impl Leases {
         }
     }
 
-    /// The lock that serializes the calls on one lease.
-    fn turn(&self, path: &Path) -> Arc<Mutex<()>> {
-        lock(&self.turns).entry(path.to_path_buf()).or_default().clone()
+    /// The lock that serializes the calls on one lease; hold it with `lock(&turn.lock)`.
+    fn turn<'a>(&'a self, path: &'a Path) -> Turn<'a> {
+        let shared = lock(&self.turns).entry(path.to_path_buf()).or_default().clone();
+        Turn {
+            leases: self,
+            path,
+            lock: shared,
+        }
     }
 
     /// Takes the lease at `path` for `volume`, renews it when it is already ours, or says who holds it.
     pub fn acquire(&self, path: &Path, volume: &str, ttl: Duration) -> Result<Claim, SysError> {
         let turn = self.turn(path);
-        let _turn = lock(&turn);
+        let _turn = lock(&turn.lock);
         lock(&self.released).remove(path);
         // A few rounds at most: each one loses only to another node acting at the same moment.
         for _ in 0..4 {
@@ -170,23 +193,30 @@ impl Leases {
         now - seen.1
     }
 
-    /// Moves a stale lease out of the way so that a new one can be created. If the holder renewed
-    /// it in the very moment before, the lease is put back and its new bytes returned.
+    /// Moves a stale lease out of the way so that a new one can be created. Returns the lease that
+    /// stands at `path` afterwards, if any: one made or renewed after the staleness was judged, which
+    /// is not to be touched.
     fn take_over(&self, path: &Path, stale: &[u8]) -> Result<Option<Vec<u8>>, SysError> {
         lock(&self.watched).remove(path);
         let aside = path.with_extension(format!("lease.stale-{}", uuid::Uuid::new_v4().simple()));
         if !files::rename_if_exists(path, &aside)? {
-            return Ok(None); // another node moved it first; the next round sees what is there now
+            // Another node moved it first, and may have made its own lease since.
+            return files::read_optional(path);
         }
+        crate::crash::point("lease:moved-aside");
         let moved = files::read_optional(&aside)?.unwrap_or_default();
         if moved != stale {
+            // Renewed just before the rename: put back as it was, unless a lease is there again.
             files::create_exclusive(path, &moved)?;
-            files::remove_file_if_exists(&aside)?;
-            return Ok(Some(moved));
         }
-        tracing::warn!(lease = %path.display(), holder = holder_of(stale), "lease not renewed in time; taking it over");
         files::remove_file_if_exists(&aside)?;
-        Ok(None)
+        // A renewal just after the rename finds no lease and makes it again (or replaces it whole):
+        // whatever stands there now was not judged stale.
+        let now = files::read_optional(path)?;
+        if now.is_none() {
+            tracing::warn!(lease = %path.display(), holder = holder_of(stale), "lease not renewed in time; taking it over");
+        }
+        Ok(now)
     }
 
     fn hold(&self, path: &Path, volume: &str) {
@@ -200,7 +230,7 @@ impl Leases {
     /// another node has taken it meanwhile; else any node could stage the volume with no wait.
     pub fn renew(&self, path: &Path, volume: &str) -> Result<Renewal, SysError> {
         let turn = self.turn(path);
-        let _turn = lock(&turn);
+        let _turn = lock(&turn.lock);
         if lock(&self.released).contains(path) {
             return Ok(Renewal::Gone);
         }
@@ -278,7 +308,7 @@ impl Leases {
     /// Gives a lease back: removed only when this node holds it.
     pub fn release(&self, path: &Path, volume: &str) -> Result<(), SysError> {
         let turn = self.turn(path);
-        let _turn = lock(&turn);
+        let _turn = lock(&turn.lock);
         lock(&self.released).insert(path.to_path_buf());
         lock(&self.renewed).remove(path);
         lock(&self.lost).remove(volume);
@@ -535,11 +565,10 @@ mod tests {
         assert!(!p.exists());
     }
 
-    /// A delete that has watched a lease go unrenewed for its whole time clears it; its holder,
-    /// late but alive, may renew it in that very moment. The renewal must win (the delete refused),
-    /// never be removed with the lease it replaced.
-    #[test]
-    fn a_renewal_racing_a_deletes_clear_wins() {
+    /// A delete that has watched `a`'s lease go unrenewed for its whole time clears it, and `a`
+    /// (late but alive) renews it while the delete stands at `point`. The renewal must win: the
+    /// delete refused, the lease `a`'s, no aside file left. Returns the lease as it is then.
+    fn renewal_racing_a_deletes_clear_at(point: &'static str) -> LeaseFile {
         let (d, p) = setup();
         let (a, ctl) = (Leases::new("a"), Arc::new(Leases::new("controller")));
         a.acquire(&p, "v", TTL).unwrap();
@@ -549,16 +578,47 @@ mod tests {
         let clearing = {
             let (ctl, p, pause) = (ctl.clone(), p.clone(), pause.clone());
             std::thread::spawn(move || {
-                crate::crash::in_thread::pause_at(Some(("lease:clear-stale", pause)));
+                crate::crash::in_thread::pause_at(Some((point, pause)));
                 ctl.clear_if_stale(&p, TTL)
             })
         };
-        assert!(pause.reached(Duration::from_secs(5)));
+        assert!(pause.reached(Duration::from_secs(5)), "the delete stands at {point}");
         assert_eq!(a.renew(&p, "v").unwrap(), Renewal::Renewed);
         pause.release();
         assert_eq!(clearing.join().unwrap().unwrap(), Err("a".into()));
         let f: LeaseFile = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
-        assert_eq!((f.node.as_str(), f.renewals), ("a", 1));
+        assert_eq!(f.node, "a", "the holder's lease is left alone");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1, "no aside file left");
+        f
+    }
+
+    /// The renewal lands after the delete judged the lease stale, before it moves the lease aside:
+    /// the renewed lease is put back.
+    #[test]
+    fn a_renewal_racing_a_deletes_clear_wins() {
+        let f = renewal_racing_a_deletes_clear_at("lease:clear-stale");
+        assert_eq!(f.renewals, 1, "the renewed lease itself");
+    }
+
+    /// The renewal lands just after the delete moved the lease aside (it finds no lease and makes
+    /// it again): the delete must see the lease standing there again, not go on as if cleared.
+    #[test]
+    fn a_renewal_landing_after_a_deletes_rename_wins() {
+        renewal_racing_a_deletes_clear_at("lease:moved-aside");
+    }
+
+    /// A node that stages and unstages volume after volume keeps no trace of the leases it is done
+    /// with: the per-lease turns go with the last call that used them.
+    #[test]
+    fn the_turns_of_leases_no_longer_in_use_are_let_go() {
+        let (d, _) = setup();
+        let a = Leases::new("a");
+        for i in 0..100 {
+            let p = d.path().join(format!("v{i}.lease"));
+            assert_eq!(a.acquire(&p, "v", TTL).unwrap(), Claim::Held);
+            assert_eq!(a.renew(&p, "v").unwrap(), Renewal::Renewed);
+            a.release(&p, "v").unwrap();
+        }
+        assert_eq!(lock(&a.turns).len(), 0);
     }
 }

@@ -264,8 +264,10 @@ mod tests {
     use super::*;
     use crate::crash::in_thread::{pause_at, Pause};
 
-    #[test]
-    fn a_fifo_swapped_in_for_a_file_mid_copy_fails_the_copy_instead_of_hanging_it() {
+    /// Copies a tree of one file, `data`, that `swap` replaces once the copy has seen a regular file
+    /// there and before it opens it. `None`: no answer within a minute (`unstick` then lets the
+    /// copy end, so that the test does too).
+    fn copy_swapped(swap: impl FnOnce(&Path), unstick: impl FnOnce(&Path)) -> Option<Result<(), SysError>> {
         let dir = tempfile::tempdir().expect("tempdir");
         let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
         std::fs::create_dir(&src).expect("source");
@@ -273,7 +275,7 @@ mod tests {
         let pause = Arc::new(Pause::default());
         let (tx, rx) = mpsc::channel();
         let copier = {
-            let (src, dst, pause) = (src.clone(), dst.clone(), pause.clone());
+            let (src, pause) = (src.clone(), pause.clone());
             std::thread::spawn(move || {
                 pause_at(Some(("tree:before-open", pause)));
                 let _ = tx.send(copy_tree(&src, &dst));
@@ -283,20 +285,90 @@ mod tests {
             pause.reached(Duration::from_secs(60)),
             "the copy stats the file, then stops before opening it"
         );
-        // The workload's move: the file becomes a FIFO nobody writes to.
         std::fs::remove_file(src.join("data")).expect("remove");
-        nix::unistd::mkfifo(&src.join("data"), Mode::S_IRUSR | Mode::S_IWUSR).expect("mkfifo");
+        swap(&src.join("data"));
         pause.release();
-        let answer = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(a) => a,
-            Err(_) => {
-                // Lets the stuck open through so that the test ends, then fails.
-                let _writer = std::fs::OpenOptions::new().write(true).open(src.join("data"));
-                panic!("the copy waits for a writer on the FIFO, holding its call for ever");
-            }
-        };
+        let answer = rx.recv_timeout(Duration::from_secs(60)).ok();
+        if answer.is_none() {
+            unstick(&src.join("data"));
+        }
         copier.join().expect("copier");
+        answer
+    }
+
+    #[test]
+    fn a_fifo_swapped_in_for_a_file_mid_copy_fails_the_copy_instead_of_hanging_it() {
+        // The workload's move: the file becomes a FIFO nobody writes to.
+        let answer = copy_swapped(
+            |p| nix::unistd::mkfifo(p, Mode::S_IRUSR | Mode::S_IWUSR).expect("mkfifo"),
+            // Lets the stuck open through.
+            |p| drop(std::fs::OpenOptions::new().write(true).open(p)),
+        )
+        .expect("the copy waits for a writer on the FIFO, holding its call for ever");
         let e = answer.expect_err("a file that changed kind mid-copy fails the copy");
         assert!(e.to_string().contains("stopped being a regular file"), "{e}");
+    }
+
+    /// Opening a device node acts on the device (a tape rewinds, a modem line hangs up): one swapped
+    /// in for a file is never opened. Here a device with no driver, whose every open fails: the
+    /// copy must answer as for any file that changed kind, not with the open's error.
+    #[test]
+    fn a_device_swapped_in_for_a_file_mid_copy_is_never_opened() {
+        crate::sys::loopdev::fixture::require_root();
+        let answer = copy_swapped(
+            |p| {
+                // Major 0 is never a character device's driver.
+                let dev = nix::sys::stat::makedev(0, 0);
+                nix::sys::stat::mknod(p, nix::sys::stat::SFlag::S_IFCHR, Mode::S_IRUSR, dev).expect("mknod")
+            },
+            |_| {},
+        )
+        .expect("the copy answers");
+        let e = answer.expect_err("a file that changed kind mid-copy fails the copy");
+        assert!(e.to_string().contains("stopped being a regular file"), "{e}");
+    }
+
+    /// `fcntl(2)` on a raw descriptor, for the lease test below.
+    fn fcntl(fd: &impl AsRawFd, cmd: libc::c_int, arg: libc::c_int) -> libc::c_int {
+        // SAFETY: F_SETLEASE, F_GETLEASE and F_SETOWN take an int and touch no memory of ours.
+        unsafe { libc::fcntl(fd.as_raw_fd(), cmd, arg) }
+    }
+
+    /// A file under a lease held elsewhere on the node (a file server exporting the volume, say) is
+    /// read once the lease is given back, as any reader's open waits: the copy must not fail with
+    /// EAGAIN, which a non-blocking open gets instead of breaking the lease.
+    #[test]
+    fn a_file_under_a_lease_held_elsewhere_is_copied_once_the_lease_is_given_back() {
+        crate::sys::loopdev::fixture::require_root();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        std::fs::create_dir(&src).expect("source");
+        std::fs::write(src.join("data"), b"contents").expect("file");
+        let holder = std::fs::File::open(src.join("data")).expect("open");
+        assert_eq!(
+            fcntl(&holder, libc::F_SETLEASE, libc::F_WRLCK),
+            0,
+            "{}",
+            io::Error::last_os_error()
+        );
+        // A lease's break is told to its owner with SIGIO, which would end this process: no owner.
+        assert_eq!(fcntl(&holder, libc::F_SETOWN, 0), 0, "{}", io::Error::last_os_error());
+        let copier = std::thread::spawn(move || copy_tree(&src, &dst));
+        // The holder gives the lease back once the copy's open has started to break it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while fcntl(&holder, libc::F_GETLEASE, 0) == libc::F_WRLCK && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            fcntl(&holder, libc::F_SETLEASE, libc::F_UNLCK),
+            0,
+            "{}",
+            io::Error::last_os_error()
+        );
+        copier
+            .join()
+            .expect("copier")
+            .expect("the copy waits for the lease, then reads the file");
+        assert_eq!(std::fs::read(dir.path().join("dst/data")).expect("copied"), b"contents");
     }
 }

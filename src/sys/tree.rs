@@ -145,17 +145,13 @@ impl Walker {
                 }
                 libc::S_IFREG => {
                     // The workload may put a FIFO or a device in the file's place between the stat
-                    // and the open: opened without blocking (a FIFO's open would wait for a writer
-                    // for ever, holding the copy and its locks), and only a regular file is read.
+                    // and the open. O_PATH opens nothing behind the name (no device's driver, no
+                    // wait for a FIFO's writer); only a regular file is then opened for reading, and
+                    // that open may wait as any reader's does (for a lease held elsewhere to break).
                     crate::crash::point("tree:before-open");
-                    let f = openat(
-                        fd,
-                        &cname,
-                        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
-                        Mode::empty(),
-                    )
-                    .map_err(|e| self.err("open", &child, e))?;
-                    let st = nix::sys::stat::fstat(&f).map_err(|e| self.err("stat", &child, e.into()))?;
+                    let pinned = openat(fd, &cname, OFlag::O_PATH | OFlag::O_NOFOLLOW, Mode::empty())
+                        .map_err(|e| self.err("open", &child, e))?;
+                    let st = nix::sys::stat::fstat(&pinned).map_err(|e| self.err("stat", &child, e.into()))?;
                     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
                         return Err(self.err(
                             "read",
@@ -163,6 +159,8 @@ impl Walker {
                             io::Error::other("it stopped being a regular file while the tree was read; try again"),
                         ));
                     }
+                    let f =
+                        reopen(&pinned, OFlag::O_RDONLY | OFlag::O_NOCTTY).map_err(|e| self.err("open", &child, e))?;
                     let key = (st.st_dev, st.st_ino);
                     if st.st_nlink > 1 {
                         if let Some(&n) = self.links.get(&key) {
@@ -495,6 +493,14 @@ fn fd_entry_path(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<CString> {
     let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
     p.extend_from_slice(name.to_bytes());
     CString::new(p).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+/// Opens again, for I/O, the very inode an O_PATH descriptor pins: `/proc/self/fd/<n>` names it
+/// and resolves no path a workload could change.
+fn reopen(pinned: &OwnedFd, flags: OFlag) -> io::Result<OwnedFd> {
+    let path = CString::new(format!("/proc/self/fd/{}", pinned.as_raw_fd()))
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    openat(AT_FDCWD, &path, flags, Mode::empty())
 }
 
 fn entry_path(dir: &OwnedFd, name: &CStr) -> io::Result<CString> {
