@@ -974,3 +974,43 @@ fn a_share_that_hangs_holds_up_no_other_shares_lease_renewals() {
         "the live share's lease was renewed {renewed} times in 8 s with a 3 s lease"
     );
 }
+
+#[test]
+fn a_copy_of_an_unguarded_ext4_image_into_a_share_gets_multi_mount_protection() {
+    let n = Node::new();
+    let mut req = NewVolume::plain("pvc-old", Some(Layout::Image), 32 << 20);
+    req.pool = Some(crate::storage::id::PoolName::parse("share").expect("pool name"));
+    let old = n.svc.engine.create_volume(req).expect("create").id.to_string();
+    let (_, data) = n.svc.volume(&old).expect("the volume");
+    // As an image made before shared images had MMP (or brought from a local pool).
+    crate::sys::run_tool("tune2fs", &["-O", "^mmp", &data.to_string_lossy()]).expect("tune2fs");
+    assert_eq!(crate::sys::fstools::mmp(&data).expect("read"), None);
+    let mut clone = NewVolume::plain("pvc-copy", Some(Layout::Image), 32 << 20);
+    clone.pool = Some(crate::storage::id::PoolName::parse("share").expect("pool name"));
+    clone.source = Some(crate::storage::engine::Source::Volume(
+        crate::storage::id::VolumeId::parse(&old).expect("id"),
+    ));
+    let copy = n.svc.engine.create_volume(clone).expect("clone").id.to_string();
+    let (_, copied) = n.svc.volume(&copy).expect("the clone");
+    assert_eq!(
+        crate::sys::fstools::mmp(&copied).expect("read"),
+        Some(crate::sys::fstools::Mmp::Clean),
+        "the copy on the share is guarded"
+    );
+    assert_eq!(
+        crate::sys::fstools::mmp(&data).expect("read"),
+        None,
+        "its source is left as it is"
+    );
+    // A local copy is not a share's: nothing added.
+    let local = n.image("pvc-local");
+    let mut clone = NewVolume::plain("pvc-local-copy", Some(Layout::Image), 32 << 20);
+    clone.source = Some(crate::storage::engine::Source::Volume(
+        crate::storage::id::VolumeId::parse(&local).expect("id"),
+    ));
+    let copy = n.svc.engine.create_volume(clone).expect("clone").id.to_string();
+    assert_eq!(
+        crate::sys::fstools::mmp(&n.svc.volume(&copy).expect("clone").1).expect("read"),
+        None
+    );
+}

@@ -22,6 +22,10 @@ pub trait Filesystems: Send + Sync {
     fn freeze(&self, mountpoint: &Path) -> Result<(), SysError>;
     /// Thaws the filesystem mounted at `mountpoint`; one that is not frozen is fine.
     fn thaw(&self, mountpoint: &Path) -> Result<(), SysError>;
+    /// Guards the ext4 filesystem on the unmounted `target` against two nodes mounting it, as
+    /// `mkfs` with `Reach::Shared` does (for copies that land on a share); `true` when it changed
+    /// it, `false` for one already guarded or not ext4.
+    fn guard_shared(&self, target: &Path) -> Result<bool, SysError>;
 }
 
 /// Thaws the filesystem at `mountpoint`, trying again a few times over about a third of a second
@@ -61,6 +65,9 @@ impl Filesystems for LinuxFilesystems {
     fn thaw(&self, mountpoint: &Path) -> Result<(), SysError> {
         fstools::thaw(mountpoint)
     }
+    fn guard_shared(&self, target: &Path) -> Result<bool, SysError> {
+        fstools::guard_shared(target)
+    }
 }
 
 /// Filesystems that exist only as their superblock magic: mkfs writes the magic of its type into
@@ -83,7 +90,7 @@ impl RecordingFilesystems {
         self.state.calls()
     }
 
-    /// The next call of `op` ("mkfs", "probe", "freeze", "thaw") fails with `errno`.
+    /// The next call of `op` ("mkfs", "probe", "freeze", "thaw", "guard") fails with `errno`.
     pub fn fail_next(&self, op: &'static str, errno: i32) {
         self.state.fail_next(op, errno);
     }
@@ -154,6 +161,14 @@ impl Filesystems for RecordingFilesystems {
             .enter("thaw", format!("thaw {}", mountpoint.display()), mountpoint)?;
         s.frozen.remove(mountpoint);
         Ok(())
+    }
+    fn guard_shared(&self, target: &Path) -> Result<bool, SysError> {
+        drop(
+            self.state
+                .enter("guard", format!("guard-shared {}", target.display()), target)?,
+        );
+        // The fake's filesystems are only a magic: there is no MMP block to add.
+        Ok(false)
     }
 }
 
