@@ -138,6 +138,8 @@ impl Leases {
         // A few rounds at most: each one loses only to another node acting at the same moment.
         for _ in 0..4 {
             let Some(bytes) = files::read_optional(path)? else {
+                // Whatever this process watched there is gone: nothing to remember of it.
+                lock(&self.watched).remove(path);
                 let mine = LeaseFile {
                     node: self.node.clone(),
                     volume: volume.to_string(),
@@ -329,6 +331,7 @@ impl Leases {
     /// deleting its volume; `Err(holder)` while its holder is alive, or may be.
     pub fn clear_if_stale(&self, path: &Path, ttl: Duration) -> Result<Result<(), String>, SysError> {
         let Some(bytes) = files::read_optional(path)? else {
+            lock(&self.watched).remove(path);
             return Ok(Ok(()));
         };
         let holder = holder_of(&bytes);
@@ -605,6 +608,26 @@ mod tests {
     #[test]
     fn a_renewal_landing_after_a_deletes_rename_wins() {
         renewal_racing_a_deletes_clear_at("lease:moved-aside");
+    }
+
+    /// Leases watched while others held them are forgotten once they are gone: a controller or a
+    /// node that meets lease after lease keeps no trace of those given back.
+    #[test]
+    fn leases_watched_are_forgotten_once_given_back() {
+        let (d, _) = setup();
+        let (a, b, ctl) = (Leases::new("a"), Leases::new("b"), Leases::new("controller"));
+        for i in 0..50 {
+            let p = d.path().join(format!("v{i}.lease"));
+            assert_eq!(a.acquire(&p, "v", TTL).unwrap(), Claim::Held);
+            assert!(matches!(b.acquire(&p, "v", TTL).unwrap(), Claim::HeldBy { .. }));
+            assert_eq!(ctl.clear_if_stale(&p, TTL).unwrap(), Err("a".into()));
+            a.release(&p, "v").unwrap();
+            assert_eq!(b.acquire(&p, "v", TTL).unwrap(), Claim::Held);
+            b.release(&p, "v").unwrap();
+            assert_eq!(ctl.clear_if_stale(&p, TTL).unwrap(), Ok(()));
+        }
+        assert_eq!(lock(&b.watched).len(), 0, "b");
+        assert_eq!(lock(&ctl.watched).len(), 0, "the controller");
     }
 
     /// A node that stages and unstages volume after volume keeps no trace of the leases it is done
