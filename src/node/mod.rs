@@ -561,6 +561,14 @@ impl NodeService {
             return Ok(NodeStageVolumeResponse {});
         }
         let id = VolumeId::parse(&r.volume_id).map_err(|e| NodeError::invalid(e.0))?;
+        // image: the intent names the backing file, so a crash after the attach finds the device again.
+        m.staged = Some(Staged {
+            path: staging.clone(),
+            read_only,
+            backing: Some(data.clone()),
+        });
+        // The devices as they are, before the lease is taken (nothing to give back if this fails).
+        let found = self.image_devices(&data, &m)?;
         if let Some((lease, ttl)) = self.engine.shared_lease(&id) {
             if let Claim::HeldBy { node, wait } = self.engine.leases.acquire(&lease, &r.volume_id, ttl)? {
                 return Err(NodeError::NotReady(format!(
@@ -572,15 +580,8 @@ impl NodeService {
                 )));
             }
         }
-        // image: the intent names the backing file, so a crash after the attach finds the device again.
-        m.staged = Some(Staged {
-            path: staging.clone(),
-            read_only,
-            backing: Some(data.clone()),
-        });
         // Devices that publishes recorded and that are no longer theirs (a reboot detached them
         // and the kernel may give their numbers to this stage) are forgotten before any attach.
-        let found = self.image_devices(&data, &m)?;
         for (target, p) in m.published.iter_mut() {
             if !found.own.contains_key(target) {
                 p.device = None;
@@ -633,18 +634,7 @@ impl NodeService {
             Ok::<_, NodeError>(())
         })();
         if let Err(e) = mounted {
-            // Nothing is mounted, so this node does not hold the volume: neither its device, its
-            // intent nor a shared volume's lease stays (kubelet never unstages a stage that
-            // failed, and the node that has it mounted must be able to take its lease again).
-            for d in self.devices.find_by_backing(&data)? {
-                self.devices.detach(&d)?;
-            }
-            let mut m = self.state.get(&r.volume_id);
-            m.staged = None;
-            self.state.put(m)?;
-            if let Some((lease, _)) = self.engine.shared_lease(&id) {
-                self.engine.leases.release(&lease, &r.volume_id)?;
-            }
+            self.undo_failed_stage(&r.volume_id, &id, &data)?;
             return Err(Self::mmp_refusal(&r.volume_id, &data, e));
         }
         if grow && fs == FsType::Xfs {
@@ -652,6 +642,38 @@ impl NodeService {
             self.engine.set_fs_bytes(&id, rec.capacity_bytes)?;
         }
         Ok(NodeStageVolumeResponse {})
+    }
+
+    /// After a failed mount or offline check at stage, this node does not hold the volume: neither
+    /// its device, its intent nor a shared volume's lease stays (kubelet never unstages a stage that
+    /// failed, and the node that has it mounted must be able to take its lease again). Unless a
+    /// publish of it is still mounted (its staging mount was lost under live pods): then nothing
+    /// is undone, as an unstage would refuse. Every step is tried; the first error is returned.
+    fn undo_failed_stage(&self, volume_id: &str, id: &VolumeId, data: &Path) -> Result<(), NodeError> {
+        let mut m = self.state.get(volume_id);
+        for target in m.published.keys() {
+            if self.is_mounted(target)? {
+                return Ok(());
+            }
+        }
+        let mut first = None;
+        let mut keep = |r: Result<(), NodeError>| {
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        };
+        match self.devices.find_by_backing(data) {
+            Ok(found) => found
+                .iter()
+                .for_each(|d| keep(self.devices.detach(d).map_err(Into::into))),
+            Err(e) => keep(Err(e.into())),
+        }
+        m.staged = None;
+        keep(self.state.put(m).map_err(Into::into));
+        if let Some((lease, _)) = self.engine.shared_lease(id) {
+            keep(self.engine.leases.release(&lease, volume_id).map_err(Into::into));
+        }
+        first.map_or(Ok(()), Err)
     }
 
     /// A failed mount or offline check of an image whose ext4 multi-mount protection says
@@ -863,16 +885,12 @@ impl NodeService {
     /// names when it is still attached to the volume's image, else a new one, recorded before
     /// anything is bound from it.
     fn read_only_device(&self, data: &Path, m: &mut state::VolumeMounts, target: &Path) -> Result<PathBuf, NodeError> {
-        let mut found = self.image_devices(data, m)?;
-        if let Some(d) = found.own.remove(target) {
+        if let Some(d) = self.image_devices(data, m)?.own.remove(target) {
             return Ok(d.path);
         }
-        // One a publish attached and crashed before recording is taken up (nothing is bound from
-        // it); else a new one.
-        let d = match found.strays.pop() {
-            Some(d) => d,
-            None => self.devices.attach(data, true)?.0,
-        };
+        // Never one nobody owns: a device that merely looks unclaimed may still be bound (two
+        // records naming it, or the stage's own made read-only by a privileged pod).
+        let (d, _) = self.devices.attach(data, true)?;
         if let Some(p) = m.published.get_mut(target) {
             p.device = Some(d.path.clone());
         }
@@ -1178,10 +1196,6 @@ struct ImageDevices {
     /// one its state records, while that device is attached to the image, read-only and recorded
     /// by no other publish.
     own: std::collections::BTreeMap<PathBuf, loopdev::LoopDevice>,
-    /// Read-only devices of a read-write stage that no publish records: attached by a publish
-    /// that stopped before recording it. Nothing is bound from them: a publish records its
-    /// device before it binds.
-    strays: Vec<loopdev::LoopDevice>,
 }
 
 impl NodeService {
@@ -1206,18 +1220,13 @@ impl NodeService {
                 }
             }
         }
-        let (mut stage, mut strays) = (None, Vec::new());
-        for (d, ro) in attached {
-            if own.values().any(|o| o.path == d.path) {
-                continue;
-            }
-            if stage.is_none() && ro == stage_read_only {
-                stage = Some(d);
-            } else if ro && !stage_read_only {
-                strays.push(d);
-            }
-        }
-        Ok(ImageDevices { stage, own, strays })
+        // Any other device (one a publish attached and stopped before recording) is nobody's:
+        // never bound from anew, detached at unstage with every device of the image.
+        let stage = attached
+            .into_iter()
+            .find(|(d, ro)| *ro == stage_read_only && !own.values().any(|o| o.path == d.path))
+            .map(|(d, _)| d);
+        Ok(ImageDevices { stage, own })
     }
 }
 

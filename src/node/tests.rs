@@ -785,14 +785,67 @@ fn a_read_only_device_left_unrecorded_by_a_crash_is_never_the_stage_device() {
         "a read-write publish is bound from the stage's device"
     );
     assert!(!read_only_device(&n, &bound_from(&n, &rw)));
+    // Nor is it taken up by a read-only publish: a device nobody records may still be bound.
     let ro = n.path("pod-ro");
     block_publish(&n.svc, &a, &stage_a, &ro, true).expect("read-only publish");
-    assert_eq!(
-        bound_from(&n, &ro),
-        stray.path,
-        "the stray device is taken up, not a third attached"
+    assert_ne!(bound_from(&n, &ro), stray.path, "a device of its own");
+    assert!(read_only_device(&n, &bound_from(&n, &ro)));
+    for t in [&ro, &rw] {
+        n.svc
+            .unpublish(NodeUnpublishVolumeRequest {
+                volume_id: a.clone(),
+                target_path: t.display().to_string(),
+            })
+            .expect("unpublish");
+    }
+    let left = n.devices.find_by_backing(&data).expect("find");
+    assert!(
+        left.len() == 2 && left.contains(&stray),
+        "the unpublishes took only the read-only publish's own device: {left:?}"
     );
-    assert_eq!(n.devices.find_by_backing(&data).expect("find").len(), 2);
+    n.unstage(&a, &stage_a).expect("unstage");
+    assert!(n.devices.attached().is_empty(), "the unrecorded device goes at unstage");
+}
+
+#[test]
+fn a_failed_stage_under_a_live_publish_undoes_nothing() {
+    let n = Node::new();
+    let id = n.image("pvc-live");
+    let (staging, target) = (n.path("stage"), n.path("pod/mount"));
+    n.stage(&id, &staging).expect("stage");
+    n.publish(&id, &staging, &target, Mode::SingleNodeWriter, false)
+        .expect("publish");
+    // The staging mount is lost under the live publish (an admin's umount); the volume was
+    // expanded meanwhile, so the stage that follows checks it offline, and that fails.
+    crate::sys::mount::Mounter::unmount(n.mounter.as_ref(), &staging).expect("umount");
+    n.svc
+        .engine
+        .set_fs_bytes(&crate::storage::id::VolumeId::parse(&id).expect("id"), 16 << 20)
+        .expect("smaller fs");
+    n.devices.fail_next("grow-offline", libc::EBUSY);
+    n.stage(&id, &staging).expect_err("the check fails");
+    assert_eq!(n.devices.attached().len(), 1, "the device under the pod stays attached");
+    assert!(n.svc.state.get(&id).staged.is_some(), "and the stage's intent stays");
+}
+
+#[test]
+fn a_stage_that_cannot_read_its_devices_takes_no_lease() {
+    let n = Node::new();
+    let mut req = NewVolume::plain("pvc-shared-img", Some(Layout::Image), 32 << 20);
+    req.pool = Some(crate::storage::id::PoolName::parse("share").expect("pool name"));
+    let id = n.svc.engine.create_volume(req).expect("create").id.to_string();
+    let staging = n.path("stage");
+    n.devices.fail_next("find", libc::EIO);
+    n.stage(&id, &staging).expect_err("the devices cannot be listed");
+    let held: Vec<_> = std::fs::read_dir(n.path("share/.leases"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        held.is_empty(),
+        "no lease is held for a stage that did not happen: {held:?}"
+    );
+    n.stage(&id, &staging).expect("stage");
+    n.unstage(&id, &staging).expect("unstage");
 }
 
 /// Root only: the kernel's answer to a write through a read-only block publish.

@@ -118,7 +118,11 @@ pub fn mkfs(fs: FsType, target: &Path, reach: Reach) -> Result<(), SysError> {
 /// left dirty by a copy of a mounted filesystem first). `true` when it changed anything: nothing
 /// is done to one that has it already or is not ext4.
 pub fn guard_shared(target: &Path) -> Result<bool, SysError> {
-    if probe(target)? != Some(FsType::Ext4) || mmp(target)?.is_some() {
+    if probe(target)? != Some(FsType::Ext4) {
+        return Ok(false);
+    }
+    let f = File::open(target).step("open", target)?;
+    if mmp_superblock(&f, target)?.is_some() {
         return Ok(false);
     }
     run_tool("tune2fs", &["-O", "mmp", "-e", "remount-ro", &target.to_string_lossy()])?;
@@ -250,16 +254,16 @@ pub fn mmp(target: &Path) -> Result<Option<Mmp>, SysError> {
         .custom_flags(libc::O_CLOEXEC)
         .open(target)
         .step("open", target)?;
-    let Some(sb) = read_at(&f, target, 1024, 1024)? else {
+    let Some(sb) = mmp_superblock(&f, target)? else {
         return Ok(None);
     };
-    let le32 = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-    if sb[0x38..0x3a] != [0x53, 0xEF] || le32(&sb, 0x60) & EXT4_INCOMPAT_MMP == 0 {
-        return Ok(None);
-    }
     let log_block = le32(&sb, 0x18);
     let block = le32(&sb, 0x168) as u64 | (le32(&sb, 0x16c) as u64) << 32;
-    let Some(at) = (log_block < 7).then(|| block.checked_mul(1024 << log_block)).flatten() else {
+    let Some(at) = (log_block < 7)
+        .then(|| block.checked_mul(1024 << log_block))
+        .flatten()
+        .filter(|at| *at <= i64::MAX as u64)
+    else {
         return Ok(None);
     };
     let Some(b) = read_at(&f, target, at, 80)? else {
@@ -272,13 +276,31 @@ pub fn mmp(target: &Path) -> Result<Option<Mmp>, SysError> {
         MMP_SEQ_CLEAN => Mmp::Clean,
         MMP_SEQ_FSCK => Mmp::Fsck,
         _ => {
+            // Whoever could write the image wrote these bytes: only what a host name holds.
             let name = &b[16..80];
             let end = name.iter().position(|c| *c == 0).unwrap_or(name.len());
+            let plain = |c: &u8| c.is_ascii_alphanumeric() || b"-._".contains(c);
             Mmp::InUse {
-                node: String::from_utf8_lossy(&name[..end]).into_owned(),
+                node: name[..end]
+                    .iter()
+                    .map(|c| if plain(c) { *c as char } else { '?' })
+                    .collect(),
             }
         }
     }))
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// The ext4 superblock of `f`, when it is one with the MMP feature on.
+fn mmp_superblock(f: &File, target: &Path) -> Result<Option<Vec<u8>>, SysError> {
+    let Some(sb) = read_at(f, target, 1024, 1024)? else {
+        return Ok(None);
+    };
+    let on = sb[0x38..0x3a] == [0x53, 0xEF] && le32(&sb, 0x60) & EXT4_INCOMPAT_MMP != 0;
+    Ok(on.then_some(sb))
 }
 
 /// Signatures of content that is neither ext4 nor xfs but must not be formatted over.
@@ -558,6 +580,39 @@ mod tests {
         );
         assert_eq!(std::fs::read(img.mnt.join("first")).unwrap(), b"mine");
         img.finish();
+    }
+
+    /// The MMP block is the image's, which whoever could write the image wrote: a name is only what
+    /// a host name holds, and a block number past any file is no block (never an error or panic).
+    #[test]
+    fn an_mmp_block_is_read_as_hostile_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("img");
+        let write = |block: u64, name: &[u8]| {
+            let mut b = vec![0u8; 3 * 4096];
+            let sb = 1024;
+            b[sb + 0x38..sb + 0x3a].copy_from_slice(&[0x53, 0xEF]);
+            b[sb + 0x18..sb + 0x1c].copy_from_slice(&2u32.to_le_bytes()); // 4 KiB blocks
+            b[sb + 0x60..sb + 0x64].copy_from_slice(&EXT4_INCOMPAT_MMP.to_le_bytes());
+            b[sb + 0x168..sb + 0x170].copy_from_slice(&block.to_le_bytes());
+            b[4096..4100].copy_from_slice(&MMP_MAGIC.to_le_bytes());
+            b[4100..4104].copy_from_slice(&7u32.to_le_bytes());
+            b[4096 + 16..4096 + 16 + name.len()].copy_from_slice(name);
+            std::fs::write(&img, b).unwrap();
+        };
+        write(1, b"node\x1b[31m-2\n");
+        assert_eq!(
+            mmp(&img).unwrap(),
+            Some(Mmp::InUse {
+                node: "node??31m-2?".into()
+            })
+        );
+        for block in [2, u64::MAX, u64::MAX / 4096, (i64::MAX as u64) / 4096 + 1] {
+            write(block, b"x");
+            assert_eq!(mmp(&img).unwrap(), None, "block {block}");
+        }
+        // It has the feature, if not a valid block: nothing for tune2fs to add.
+        assert!(!guard_shared(&img).unwrap());
     }
 
     #[test]
