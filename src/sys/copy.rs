@@ -334,11 +334,9 @@ mod tests {
         unsafe { libc::fcntl(fd.as_raw_fd(), cmd, arg) }
     }
 
-    /// A file under a lease held elsewhere on the node (a file server exporting the volume, say) is
-    /// read once the lease is given back, as any reader's open waits: the copy must not fail with
-    /// EAGAIN, which a non-blocking open gets instead of breaking the lease.
-    #[test]
-    fn a_file_under_a_lease_held_elsewhere_is_copied_once_the_lease_is_given_back() {
+    /// A source tree with one file under a write lease held by the returned file (as root), and
+    /// where its copy goes.
+    fn leased_file() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf, std::fs::File) {
         crate::sys::loopdev::fixture::require_root();
         let dir = tempfile::tempdir().expect("tempdir");
         let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
@@ -351,8 +349,18 @@ mod tests {
             "{}",
             io::Error::last_os_error()
         );
-        // A lease's break is told to its owner with SIGIO, which would end this process: no owner.
+        // Taking a lease makes this process its owner, whom the break would signal (SIGIO), which
+        // would end it: no owner.
         assert_eq!(fcntl(&holder, libc::F_SETOWN, 0), 0, "{}", io::Error::last_os_error());
+        (dir, src, dst, holder)
+    }
+
+    /// A file under a lease held elsewhere on the node (a file server exporting the volume, say) is
+    /// read once the lease is given back, as any reader's open waits: the copy must not fail with
+    /// EAGAIN, which a non-blocking open gets instead of breaking the lease.
+    #[test]
+    fn a_file_under_a_lease_held_elsewhere_is_copied_once_the_lease_is_given_back() {
+        let (dir, src, dst, holder) = leased_file();
         let copier = std::thread::spawn(move || copy_tree(&src, &dst));
         // The holder gives the lease back once the copy's open has started to break it.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -370,5 +378,22 @@ mod tests {
             .expect("copier")
             .expect("the copy waits for the lease, then reads the file");
         assert_eq!(std::fs::read(dir.path().join("dst/data")).expect("copied"), b"contents");
+    }
+
+    /// A lease never given back holds the copy no longer than the walk's budget: the workload owns
+    /// its files and may lease them all, and the kernel would make each open wait its break time.
+    #[test]
+    fn a_lease_never_given_back_fails_the_copy_within_its_budget() {
+        let (_dir, src, dst, holder) = leased_file();
+        let copier = std::thread::spawn(move || {
+            crate::sys::tree::LEASE_WAIT_IN_TEST.with(|c| c.set(Some(Duration::from_millis(300))));
+            copy_tree(&src, &dst)
+        });
+        let e = copier
+            .join()
+            .expect("copier")
+            .expect_err("the lease is never given back");
+        assert!(e.to_string().contains("leases"), "{e}");
+        drop(holder);
     }
 }

@@ -19,6 +19,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use nix::fcntl::AtFlags;
 use nix::fcntl::{OFlag, AT_FDCWD};
@@ -89,6 +90,7 @@ impl SourceTree {
         let w = Walker {
             root: self.path.clone(),
             links: HashMap::new(),
+            lease_waited: Duration::ZERO,
         };
         w.meta_of(&st, Xattrs::Fd(self.fd.as_fd()), Path::new(""))
     }
@@ -100,6 +102,7 @@ impl SourceTree {
         let mut w = Walker {
             root: src,
             links: HashMap::new(),
+            lease_waited: Duration::ZERO,
         };
         w.dir(&fd, Path::new(""), 0, v)?;
         let meta = w.meta_of(&st, Xattrs::Fd(fd.as_fd()), Path::new(""))?;
@@ -111,6 +114,28 @@ struct Walker {
     root: PathBuf,
     /// (dev, ino) of a file with several names → its link number.
     links: HashMap<(u64, u64), u64>,
+    /// How long this walk has waited for leases on its files to break, all files together.
+    lease_waited: Duration,
+}
+
+/// The longest one walk waits, over all its files, for leases others hold on them to break. The
+/// workload owns its files and may lease them: the kernel makes each reader wait up to
+/// `/proc/sys/fs/lease-break-time` (45 s by default) per file, so a tree of leased files would hold
+/// a copy (and its volume's lock) for that long times their number.
+const LEASE_WAIT: Duration = Duration::from_secs(60);
+
+#[cfg(test)]
+thread_local! {
+    /// A shorter [`LEASE_WAIT`] for a test's walks on this thread.
+    pub(crate) static LEASE_WAIT_IN_TEST: std::cell::Cell<Option<Duration>> = const { std::cell::Cell::new(None) };
+}
+
+fn lease_wait() -> Duration {
+    #[cfg(test)]
+    if let Some(d) = LEASE_WAIT_IN_TEST.with(|c| c.get()) {
+        return d;
+    }
+    LEASE_WAIT
 }
 
 impl Walker {
@@ -146,8 +171,8 @@ impl Walker {
                 libc::S_IFREG => {
                     // The workload may put a FIFO or a device in the file's place between the stat
                     // and the open. O_PATH opens nothing behind the name (no device's driver, no
-                    // wait for a FIFO's writer); only a regular file is then opened for reading, and
-                    // that open may wait as any reader's does (for a lease held elsewhere to break).
+                    // wait for a FIFO's writer); only a regular file is then opened for reading,
+                    // waiting for a lease held on it to break within the walk's budget.
                     crate::crash::point("tree:before-open");
                     let pinned = openat(fd, &cname, OFlag::O_PATH | OFlag::O_NOFOLLOW, Mode::empty())
                         .map_err(|e| self.err("open", &child, e))?;
@@ -159,8 +184,7 @@ impl Walker {
                             io::Error::other("it stopped being a regular file while the tree was read; try again"),
                         ));
                     }
-                    let f =
-                        reopen(&pinned, OFlag::O_RDONLY | OFlag::O_NOCTTY).map_err(|e| self.err("open", &child, e))?;
+                    let f = self.open_leased(&pinned, &child)?;
                     let key = (st.st_dev, st.st_ino);
                     if st.st_nlink > 1 {
                         if let Some(&n) = self.links.get(&key) {
@@ -190,6 +214,44 @@ impl Walker {
             }
         }
         Ok(())
+    }
+
+    /// Opens the regular file `pinned` (an O_PATH descriptor) for reading. A lease another holds
+    /// on it makes a non-blocking open fail EWOULDBLOCK and starts the lease's break: tried again
+    /// until it is broken or given back, as long as the walk's budget lasts.
+    fn open_leased(&mut self, pinned: &OwnedFd, rel: &Path) -> Result<OwnedFd, SysError> {
+        let step = Duration::from_millis(20);
+        loop {
+            match reopen(pinned, OFlag::O_RDONLY | OFlag::O_NOCTTY | OFlag::O_NONBLOCK) {
+                Ok(f) => {
+                    let flags = nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_GETFL)
+                        .map_err(|e| self.err("open", rel, e.into()))?;
+                    let flags = OFlag::from_bits_truncate(flags) - OFlag::O_NONBLOCK;
+                    nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETFL(flags))
+                        .map_err(|e| self.err("open", rel, e.into()))?;
+                    return Ok(f);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) && self.lease_waited < lease_wait() => {
+                    std::thread::sleep(step);
+                    self.lease_waited += step;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                    return Err(self.err(
+                        "open",
+                        rel,
+                        io::Error::new(
+                            io::ErrorKind::WouldBlock,
+                            format!(
+                                "files of the volume are held under leases (fcntl F_SETLEASE) that were not \
+                                 given back within {} s; try again",
+                                lease_wait().as_secs()
+                            ),
+                        ),
+                    ))
+                }
+                Err(e) => return Err(self.err("open", rel, e)),
+            }
+        }
     }
 
     fn meta_of(&self, st: &FileStat, x: Xattrs, rel: &Path) -> Result<Meta, SysError> {
