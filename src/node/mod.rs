@@ -143,6 +143,7 @@ static RENEW_ERRORS: std::sync::Mutex<std::collections::BTreeMap<String, String>
 /// Renews the leases of the image volumes of shared pool `pool` that this node has staged, each
 /// once a third of its lease time has passed.
 pub fn renew_leases(engine: &LocalEngine, state: &NodeState, pool: &PoolName) {
+    let mut staged = Vec::new();
     for m in state.all() {
         let Some(backing) = m.staged.as_ref().and_then(|s| s.backing.clone()) else {
             continue;
@@ -154,6 +155,21 @@ pub fn renew_leases(engine: &LocalEngine, state: &NodeState, pool: &PoolName) {
         else {
             continue;
         };
+        staged.push((m, backing, lease, ttl));
+    }
+    // What this pass does not list it does not renew: releases and errors of others are history.
+    if let Ok(p) = engine.pool(pool) {
+        let listed = staged.iter().map(|s| s.2.clone()).collect();
+        engine.leases.forget_released(&p.leases_dir(), &listed);
+    }
+    RENEW_ERRORS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|volume, _| {
+            VolumeId::parse(volume).map_or(true, |id| id.0.pool != *pool)
+                || staged.iter().any(|s| s.0.volume_id == *volume)
+        });
+    for (m, backing, lease, ttl) in staged {
         if !engine.leases.due(&lease, ttl) {
             continue;
         }

@@ -1067,3 +1067,23 @@ fn a_copy_of_an_unguarded_ext4_image_into_a_share_gets_multi_mount_protection() 
         None
     );
 }
+
+#[test]
+fn a_renewal_pass_forgets_the_leases_given_back_before_it() {
+    let n = Node::new();
+    let mut req = NewVolume::plain("pvc-churn", Some(Layout::Image), 32 << 20);
+    req.pool = Some(crate::storage::id::PoolName::parse("share").expect("pool name"));
+    let id = n.svc.engine.create_volume(req).expect("create").id.to_string();
+    let staging = n.path("stage");
+    n.stage(&id, &staging).expect("stage");
+    n.unstage(&id, &staging).expect("unstage");
+    let vid = crate::storage::id::VolumeId::parse(&id).expect("id");
+    let (lease, _) = n.svc.engine.shared_lease(&vid).expect("a shared volume's lease");
+    assert!(n.svc.engine.leases.remembers_release(&lease));
+    let share = crate::storage::id::PoolName::parse("share").expect("pool name");
+    super::renew_leases(&n.svc.engine, &n.svc.state, &share);
+    assert!(
+        !n.svc.engine.leases.remembers_release(&lease),
+        "a node staging and unstaging volume after volume keeps nothing of those given back"
+    );
+}

@@ -307,6 +307,20 @@ impl Leases {
         lock(&self.renewed).get(path).is_none_or(|at| at.elapsed() >= ttl / 3)
     }
 
+    /// Forgets the leases given back in `dir` (one pool's leases) that `staged` does not name: a
+    /// renewer whose pass lists the staged volumes anew, and renews only those, never renews a
+    /// lease it does not list, so remembering its release serves nothing after such a listing.
+    /// Call with the listing a pass is about to renew from.
+    pub fn forget_released(&self, dir: &Path, staged: &HashSet<PathBuf>) {
+        lock(&self.released).retain(|p| p.parent() != Some(dir) || staged.contains(p));
+    }
+
+    /// Whether a release of the lease at `path` is still remembered.
+    #[cfg(test)]
+    pub fn remembers_release(&self, path: &Path) -> bool {
+        lock(&self.released).contains(path)
+    }
+
     /// Gives a lease back: removed only when this node holds it.
     pub fn release(&self, path: &Path, volume: &str) -> Result<(), SysError> {
         let turn = self.turn(path);
@@ -628,6 +642,30 @@ mod tests {
         }
         assert_eq!(lock(&b.watched).len(), 0, "b");
         assert_eq!(lock(&ctl.watched).len(), 0, "the controller");
+    }
+
+    /// Releases are remembered (a renewal racing one must not make the lease again) only until a
+    /// renewer's new listing of what is staged no longer names them.
+    #[test]
+    fn releases_are_forgotten_once_a_listing_no_longer_names_them() {
+        let (d, _) = setup();
+        let a = Leases::new("a");
+        let (gone, kept) = (d.path().join("gone.lease"), d.path().join("kept.lease"));
+        let other = d.path().join("other-pool").join("x.lease");
+        for p in [&gone, &kept] {
+            assert_eq!(a.acquire(p, "v", TTL).unwrap(), Claim::Held);
+            a.release(p, "v").unwrap();
+        }
+        lock(&a.released).insert(other.clone());
+        // A listing made while `kept` was being released still names it: remembered.
+        a.forget_released(d.path(), &HashSet::from([kept.clone()]));
+        assert_eq!(a.renew(&kept, "v").unwrap(), Renewal::Gone, "never renewed back");
+        let left = lock(&a.released).clone();
+        assert_eq!(
+            left,
+            HashSet::from([kept, other]),
+            "only another pool's and the listed one"
+        );
     }
 
     /// A node that stages and unstages volume after volume keeps no trace of the leases it is done

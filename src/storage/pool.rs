@@ -277,7 +277,12 @@ impl Pool {
     /// Where the lease of an image volume of a shared pool lives: apart from the volumes, so no
     /// volume's name can ever be another volume's lease.
     pub fn lease_path(&self, key: &Key) -> PathBuf {
-        self.config.path.join(".leases").join(key.as_str())
+        self.leases_dir().join(key.as_str())
+    }
+
+    /// Where a shared pool's leases live (see `storage::lease`).
+    pub fn leases_dir(&self) -> PathBuf {
+        self.config.path.join(".leases")
     }
 
     /// The lock file a call on an object of a shared pool holds while it runs, so that controller
