@@ -618,12 +618,24 @@ impl NodeService {
                     }
                 }
                 // The image deleted between reading its record and attaching it: the volume is
-                // gone, which is NOT_FOUND, not a fault of this node.
+                // gone, which is NOT_FOUND, not a fault of this node. Unless its record is still
+                // there: a delete moved the data aside to look for users, saw this stage's lease
+                // and puts it back; the stage is then to be tried again, not given up.
                 if files::entry(&data)? == Entry::Missing {
-                    return Err(NodeError::NotFound(format!(
-                        "volume {} was deleted while it was being staged",
-                        r.volume_id
-                    )));
+                    let gone = self
+                        .volume(&r.volume_id)
+                        .err()
+                        .is_some_and(|e| Status::from(e).code() == tonic::Code::NotFound);
+                    return Err(match gone {
+                        true => {
+                            NodeError::NotFound(format!("volume {} was deleted while it was being staged", r.volume_id))
+                        }
+                        false => NodeError::InProgress(format!(
+                            "volume {}'s image was moved aside while it was being staged (a delete \
+                             is checking whether it is in use); try again",
+                            r.volume_id
+                        )),
+                    });
                 }
                 return Err(e);
             }

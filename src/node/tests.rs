@@ -1087,3 +1087,25 @@ fn a_renewal_pass_forgets_the_leases_given_back_before_it() {
         "a node staging and unstaging volume after volume keeps nothing of those given back"
     );
 }
+
+#[test]
+fn an_image_moved_aside_by_a_delete_that_then_loses_is_staged_on_retry() {
+    let n = Node::new();
+    let id = n.image("pvc-aside");
+    let (_, data) = n.svc.volume(&id).expect("the volume");
+    let aside = data.with_extension("aside");
+    // A delete moved the data aside to look for users of the volume; its record is still there.
+    std::fs::rename(&data, &aside).expect("move aside");
+    let staging = n.path("stage");
+    let err = n.stage(&id, &staging).expect_err("no image to attach");
+    assert_eq!(
+        err.code(),
+        Code::Aborted,
+        "not NOT_FOUND: the volume exists, retry: {err}"
+    );
+    assert!(n.devices.attached().is_empty() && n.svc.state.get(&id).staged.is_none());
+    // The delete saw the volume in use and put it back: the retried stage goes through.
+    std::fs::rename(&aside, &data).expect("put back");
+    n.stage(&id, &staging).expect("stage");
+    n.unstage(&id, &staging).expect("unstage");
+}
