@@ -604,6 +604,7 @@ impl NodeService {
             }
         }
         self.state.put(m)?;
+        crash::point("stage:before-attach");
         let device = match self.attach(&data, read_only, found.stage) {
             Ok(d) => d,
             Err(e) => {

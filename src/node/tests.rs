@@ -433,18 +433,41 @@ fn a_failed_attach_mounts_nothing_and_its_retry_converges() {
 
 #[test]
 fn an_image_deleted_under_a_stage_is_not_found_and_leaves_nothing() {
+    use crate::crash::in_thread::{pause_at, Pause};
     let n = Node::new();
-    let id = n.image("pvc-gone");
+    let mut req = NewVolume::plain("pvc-gone", Some(Layout::Image), 32 << 20);
+    req.pool = Some(crate::storage::id::PoolName::parse("share").expect("pool name"));
+    let id = n.svc.engine.create_volume(req).expect("create").id.to_string();
     let staging = n.path("stage");
-    // Another replica's DeleteVolume removed the image after this node read its record.
     let (_, data) = n.svc.volume(&id).expect("the volume");
-    std::fs::remove_file(&data).expect("remove the image");
-    let err = n.stage(&id, &staging).expect_err("nothing to attach");
+    let record = data.with_extension("json");
+    assert!(record.is_file(), "the record beside the image: {}", record.display());
+    // Another replica's DeleteVolume removed the image and its record after this node read it.
+    let pause = Arc::new(Pause::default());
+    let err = std::thread::scope(|s| {
+        let staging = s.spawn(|| {
+            pause_at(Some(("stage:before-attach", pause.clone())));
+            n.stage(&id, &staging)
+        });
+        assert!(
+            pause.reached(std::time::Duration::from_secs(60)),
+            "the stage reaches its attach"
+        );
+        std::fs::remove_file(&data).expect("remove the image");
+        std::fs::remove_file(&record).expect("remove the record");
+        pause.release();
+        staging.join().expect("no panic")
+    })
+    .expect_err("nothing to attach");
     assert_eq!(err.code(), Code::NotFound, "{err}");
     assert!(err.message().contains("deleted"), "{err}");
     assert!(n.devices.attached().is_empty(), "nothing attached");
     assert!(n.mounter.mounted().is_empty(), "nothing mounted");
     assert!(n.svc.state.get(&id).staged.is_none(), "no intent left");
+    let held: Vec<_> = std::fs::read_dir(n.path("share/.leases"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(held.is_empty(), "no lease left: {held:?}");
 }
 
 #[test]
