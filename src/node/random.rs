@@ -745,6 +745,7 @@ fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
                         let mut choices = vec![Fault::Crash("stage:before-mount"), Fault::Point("record:write", e)];
                         if v.layout == Layout::Image {
                             choices.extend([
+                                Fault::Crash("stage:before-attach"),
                                 Fault::Crash("stage:after-attach"),
                                 Fault::Devices("attach", *rng.pick(&[libc::ENXIO, libc::EIO, libc::EINTR])),
                                 Fault::Devices("find", libc::EIO),
