@@ -1177,15 +1177,15 @@ impl NodeService {
         }
         let _held = self.hold(&r.volume_id)?;
         let m = self.state.get(&r.volume_id);
-        let devices = self.devices.find_by_backing(&data)?;
-        let Some(device) = self.image_devices(&data, &m)?.stage else {
+        let found = self.image_devices(&data, &m)?;
+        let Some(device) = found.stage else {
             return Err(NodeError::NotReady(format!(
                 "volume {} is not staged on this node; it grows when it is staged",
                 r.volume_id
             )));
         };
         // Every device of the image grows: the stage's and those of read-only block publishes.
-        for d in &devices {
+        for d in &found.all {
             self.devices.refresh_capacity(d)?;
         }
         if rec.mode == VolumeMode::Block {
@@ -1225,6 +1225,8 @@ struct ImageDevices {
     /// one its state records, while that device is attached to the image, read-only and recorded
     /// by no other publish.
     own: std::collections::BTreeMap<PathBuf, loopdev::LoopDevice>,
+    /// Every device attached to the image.
+    all: Vec<loopdev::LoopDevice>,
 }
 
 impl NodeService {
@@ -1252,10 +1254,11 @@ impl NodeService {
         // Any other device (one a publish attached and stopped before recording) is nobody's:
         // never bound from anew, detached at unstage with every device of the image.
         let stage = attached
-            .into_iter()
+            .iter()
             .find(|(d, ro)| *ro == stage_read_only && !own.values().any(|o| o.path == d.path))
-            .map(|(d, _)| d);
-        Ok(ImageDevices { stage, own })
+            .map(|(d, _)| d.clone());
+        let all = attached.into_iter().map(|(d, _)| d).collect();
+        Ok(ImageDevices { stage, own, all })
     }
 }
 

@@ -62,6 +62,24 @@ impl Node {
         self.create(name, Some(Layout::Image), 32 << 20)
     }
 
+    /// A volume of the shared pool `share`.
+    fn shared(&self, name: &str, layout: Layout, bytes: u64) -> String {
+        self.shared_like(NewVolume::plain(name, Some(layout), bytes))
+    }
+
+    /// The volume `req` asks for, made in the shared pool `share`.
+    fn shared_like(&self, mut req: NewVolume) -> String {
+        req.pool = Some(crate::storage::id::PoolName::parse("share").expect("pool name"));
+        self.svc.engine.create_volume(req).expect("create").id.to_string()
+    }
+
+    /// The leases held on the shared pool.
+    fn leases(&self) -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(self.path("share/.leases"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default()
+    }
+
     fn create(&self, name: &str, layout: Option<Layout>, bytes: u64) -> String {
         self.svc
             .engine
@@ -435,9 +453,7 @@ fn a_failed_attach_mounts_nothing_and_its_retry_converges() {
 fn an_image_deleted_under_a_stage_is_not_found_and_leaves_nothing() {
     use crate::crash::in_thread::{pause_at, Pause};
     let n = Node::new();
-    let mut req = NewVolume::plain("pvc-gone", Some(Layout::Image), 32 << 20);
-    req.pool = Some(crate::storage::id::PoolName::parse("share").expect("pool name"));
-    let id = n.svc.engine.create_volume(req).expect("create").id.to_string();
+    let id = n.shared("pvc-gone", Layout::Image, 32 << 20);
     let staging = n.path("stage");
     let (_, data) = n.svc.volume(&id).expect("the volume");
     let record = data.with_extension("json");
@@ -464,9 +480,7 @@ fn an_image_deleted_under_a_stage_is_not_found_and_leaves_nothing() {
     assert!(n.devices.attached().is_empty(), "nothing attached");
     assert!(n.mounter.mounted().is_empty(), "nothing mounted");
     assert!(n.svc.state.get(&id).staged.is_none(), "no intent left");
-    let held: Vec<_> = std::fs::read_dir(n.path("share/.leases"))
-        .map(|d| d.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
+    let held = n.leases();
     assert!(held.is_empty(), "no lease left: {held:?}");
 }
 
@@ -474,9 +488,7 @@ fn an_image_deleted_under_a_stage_is_not_found_and_leaves_nothing() {
 fn a_shared_image_another_node_has_mounted_is_refused_and_leaves_nothing() {
     use std::os::unix::fs::FileExt;
     let n = Node::new();
-    let mut req = NewVolume::plain("pvc-mmp", Some(Layout::Image), 32 << 20);
-    req.pool = Some(crate::storage::id::PoolName::parse("share").expect("pool name"));
-    let id = n.svc.engine.create_volume(req).expect("create").id.to_string();
+    let id = n.shared("pvc-mmp", Layout::Image, 32 << 20);
     // Made with ext4's multi-mount protection (INCOMPAT_MMP in the superblock's incompatible
     // features, at 1024 + 0x60), so that a second mount is the kernel's to refuse.
     let mmp = |volume: &str| {
@@ -522,10 +534,7 @@ fn a_shared_image_another_node_has_mounted_is_refused_and_leaves_nothing() {
         assert!(err.message().contains(says), "{err}");
         assert!(n.devices.attached().is_empty(), "no device left");
         assert!(n.svc.state.get(&id).staged.is_none(), "no intent left");
-        let leases = n.path("share/.leases");
-        let held: Vec<_> = std::fs::read_dir(&leases)
-            .map(|d| d.flatten().map(|e| e.file_name()).collect())
-            .unwrap_or_default();
+        let held = n.leases();
         assert!(held.is_empty(), "the lease is given back: {held:?}");
     }
     // Once the other node lets go, the stage goes through.
@@ -593,9 +602,7 @@ fn expand_grows_a_staged_images_filesystem_through_its_device() {
 #[test]
 fn an_unstage_under_a_live_publish_is_refused_for_every_layout() {
     let n = Node::new();
-    let mut shared = crate::storage::engine::NewVolume::plain("pvc-shared", Some(Layout::Dir), 1 << 20);
-    shared.pool = Some(crate::storage::id::PoolName::parse("share").expect("pool name"));
-    let shared = n.svc.engine.create_volume(shared).expect("create").id.to_string();
+    let shared = n.shared("pvc-shared", Layout::Dir, 1 << 20);
     for id in [n.volume("pvc-local"), shared.clone()] {
         let (staging, target) = (n.path(&format!("stage-{id}")), n.path(&format!("pod-{id}/mount")));
         n.stage(&id, &staging).expect("stage");
@@ -854,15 +861,11 @@ fn a_failed_stage_under_a_live_publish_undoes_nothing() {
 #[test]
 fn a_stage_that_cannot_read_its_devices_takes_no_lease() {
     let n = Node::new();
-    let mut req = NewVolume::plain("pvc-shared-img", Some(Layout::Image), 32 << 20);
-    req.pool = Some(crate::storage::id::PoolName::parse("share").expect("pool name"));
-    let id = n.svc.engine.create_volume(req).expect("create").id.to_string();
+    let id = n.shared("pvc-shared-img", Layout::Image, 32 << 20);
     let staging = n.path("stage");
     n.devices.fail_next("find", libc::EIO);
     n.stage(&id, &staging).expect_err("the devices cannot be listed");
-    let held: Vec<_> = std::fs::read_dir(n.path("share/.leases"))
-        .map(|d| d.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
+    let held = n.leases();
     assert!(
         held.is_empty(),
         "no lease is held for a stage that did not happen: {held:?}"
@@ -1054,19 +1057,16 @@ fn a_share_that_hangs_holds_up_no_other_shares_lease_renewals() {
 #[test]
 fn a_copy_of_an_unguarded_ext4_image_into_a_share_gets_multi_mount_protection() {
     let n = Node::new();
-    let mut req = NewVolume::plain("pvc-old", Some(Layout::Image), 32 << 20);
-    req.pool = Some(crate::storage::id::PoolName::parse("share").expect("pool name"));
-    let old = n.svc.engine.create_volume(req).expect("create").id.to_string();
+    let old = n.shared("pvc-old", Layout::Image, 32 << 20);
     let (_, data) = n.svc.volume(&old).expect("the volume");
     // As an image made before shared images had MMP (or brought from a local pool).
     crate::sys::run_tool("tune2fs", &["-O", "^mmp", &data.to_string_lossy()]).expect("tune2fs");
     assert_eq!(crate::sys::fstools::mmp(&data).expect("read"), None);
     let mut clone = NewVolume::plain("pvc-copy", Some(Layout::Image), 32 << 20);
-    clone.pool = Some(crate::storage::id::PoolName::parse("share").expect("pool name"));
     clone.source = Some(crate::storage::engine::Source::Volume(
         crate::storage::id::VolumeId::parse(&old).expect("id"),
     ));
-    let copy = n.svc.engine.create_volume(clone).expect("clone").id.to_string();
+    let copy = n.shared_like(clone);
     let (_, copied) = n.svc.volume(&copy).expect("the clone");
     assert_eq!(
         crate::sys::fstools::mmp(&copied).expect("read"),
@@ -1094,9 +1094,7 @@ fn a_copy_of_an_unguarded_ext4_image_into_a_share_gets_multi_mount_protection() 
 #[test]
 fn a_renewal_pass_forgets_the_leases_given_back_before_it() {
     let n = Node::new();
-    let mut req = NewVolume::plain("pvc-churn", Some(Layout::Image), 32 << 20);
-    req.pool = Some(crate::storage::id::PoolName::parse("share").expect("pool name"));
-    let id = n.svc.engine.create_volume(req).expect("create").id.to_string();
+    let id = n.shared("pvc-churn", Layout::Image, 32 << 20);
     let staging = n.path("stage");
     n.stage(&id, &staging).expect("stage");
     n.unstage(&id, &staging).expect("unstage");

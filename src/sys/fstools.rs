@@ -118,11 +118,8 @@ pub fn mkfs(fs: FsType, target: &Path, reach: Reach) -> Result<(), SysError> {
 /// left dirty by a copy of a mounted filesystem first). `true` when it changed anything: nothing
 /// is done to one that has it already or is not ext4.
 pub fn guard_shared(target: &Path) -> Result<bool, SysError> {
-    if probe(target)? != Some(FsType::Ext4) {
-        return Ok(false);
-    }
-    let f = File::open(target).step("open", target)?;
-    if mmp_superblock(&f, target)?.is_some() {
+    let f = open_read(target)?;
+    if probe_file(&f, target)? != Some(FsType::Ext4) || mmp_superblock(&f, target)?.is_some() {
         return Ok(false);
     }
     run_tool("tune2fs", &["-O", "mmp", "-e", "remount-ro", &target.to_string_lossy()])?;
@@ -201,13 +198,13 @@ fn e2fsck_preen(device: &str) -> Result<(), SysError> {
 /// something else (btrfs, LUKS, swap, a partition table), or both xfs and ext magics at once, is an
 /// error: the caller must never take such a device for empty and format it.
 pub fn probe(target: &Path) -> Result<Option<FsType>, SysError> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(target)
-        .step("open", target)?;
-    let xfs = read_at(&f, target, 0, 4)?.is_some_and(|m| m == b"XFSB");
-    let ext = read_at(&f, target, 1080, 2)?.is_some_and(|m| m == [0x53, 0xEF]);
+    probe_file(&open_read(target)?, target)
+}
+
+/// [`probe`] of a file already open.
+fn probe_file(f: &File, target: &Path) -> Result<Option<FsType>, SysError> {
+    let xfs = read_at(f, target, 0, 4)?.is_some_and(|m| m == b"XFSB");
+    let ext = read_at(f, target, 1080, 2)?.is_some_and(|m| m == [0x53, 0xEF]);
     match (xfs, ext) {
         (true, true) => Err(SysError::io(
             "probe (both xfs and ext4 superblocks found; refusing to guess)",
@@ -216,7 +213,7 @@ pub fn probe(target: &Path) -> Result<Option<FsType>, SysError> {
         )),
         (true, false) => Ok(Some(FsType::Xfs)),
         (false, true) => Ok(Some(FsType::Ext4)),
-        (false, false) => match foreign_signature(&f, target)? {
+        (false, false) => match foreign_signature(f, target)? {
             Some(step) => Err(SysError::io(
                 step,
                 target,
@@ -249,11 +246,7 @@ const MMP_SEQ_FSCK: u32 = 0xE24D_4D50;
 /// 0x60, block size at 0x18, the MMP block's number at 0x168) and the MMP block itself (magic,
 /// sequence, then the mounting node's name in 64 bytes at 16).
 pub fn mmp(target: &Path) -> Result<Option<Mmp>, SysError> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(target)
-        .step("open", target)?;
+    let f = open_read(target)?;
     let Some(sb) = mmp_superblock(&f, target)? else {
         return Ok(None);
     };
@@ -288,6 +281,15 @@ pub fn mmp(target: &Path) -> Result<Option<Mmp>, SysError> {
             }
         }
     }))
+}
+
+/// `target` opened for reading its superblocks.
+fn open_read(target: &Path) -> Result<File, SysError> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(target)
+        .step("open", target)
 }
 
 fn le32(b: &[u8], at: usize) -> u32 {

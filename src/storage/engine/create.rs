@@ -190,11 +190,11 @@ impl LocalEngine {
     ) -> Result<VolumeRecord, StorageError> {
         let data = p.pool.data_path(Kind::Volume, &p.key);
         let ext4 = FsType::parse(&p.fs_type) == Some(FsType::Ext4);
-        if p.pool.shared() && ext4 && req.mode == VolumeMode::Filesystem {
-            // A copy (a clone, a restore, an import from another node or a backup) carries its
-            // source's filesystem as it is: one made on a local pool, or before shared images had
-            // multi-mount protection, gets it here, before any node can stage it. (One made empty
-            // here has it from mkfs.)
+        if p.pool.shared() && ext4 && req.mode == VolumeMode::Filesystem && req.source.is_some() {
+            // A copy (a clone, a restore, an import from another node or a backup: every one names
+            // its source) carries its source's filesystem as it is: one made on a local pool, or
+            // before shared images had multi-mount protection, gets it here, before any node can
+            // stage it. One made empty here has it from mkfs.
             if p.pool.sys.filesystems.guard_shared(&data)? {
                 tracing::info!(volume = %p.id, "gave the copied ext4 filesystem multi-mount protection");
             }
