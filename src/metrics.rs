@@ -43,7 +43,7 @@ use crate::node::state::NodeState;
 use crate::storage::engine::{LocalEngine, PoolStatus};
 use crate::storage::id::VolumeId;
 use crate::storage::record::Layout;
-use crate::sys::files;
+use crate::sys::files::{Files, LinuxFiles};
 use crate::sys::mount::{LinuxMounter, Mounter};
 
 /// The content type of the OpenMetrics text format that `prometheus-client` writes; Prometheus
@@ -591,7 +591,7 @@ fn measure(
                 .get(&volume_id)
                 .filter(|(at, _)| at.elapsed() < USAGE_TTL)
                 .map(|(_, used)| *used);
-            let used_bytes = fresh.or_else(|| match files::allocated_bytes(&data) {
+            let used_bytes = fresh.or_else(|| match LinuxFiles.allocated_bytes(&data) {
                 Ok(used) => {
                     cache.insert(volume_id.clone(), (Instant::now(), used));
                     Some(used)
@@ -892,7 +892,7 @@ mod tests {
         std::fs::write(pool.join("volumes/a/f"), vec![1u8; 8192]).unwrap();
         let config = Config::default_for(dir.path());
         let engine = Arc::new(LocalEngine::open(NodeId::parse("n1").unwrap(), &config).unwrap());
-        let state = Arc::new(NodeState::open(&dir.path().join("node")).unwrap());
+        let state = Arc::new(NodeState::open(&dir.path().join("node"), engine.files()).unwrap());
         let a = "local:n1:default:a";
         let mut m = state.get(a);
         m.staged = Some(

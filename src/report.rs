@@ -23,8 +23,9 @@ use crate::storage::id::{Key, VolumeId};
 use crate::storage::pool::Kind;
 use crate::storage::record::{self, Layout, SnapshotRecord, VolumeRecord};
 use crate::storage::StorageError;
+use crate::sys::files::{self, Files, LinuxFiles};
 use crate::sys::mountinfo::{self, MountEntry};
-use crate::sys::{files, SysError};
+use crate::sys::SysError;
 
 /// A btrfs subvolume's root directory always has this inode number.
 pub const BTRFS_SUBVOLUME_INO: u64 = 256;
@@ -406,8 +407,8 @@ pub fn scan(args: &ReportArgs, host: &Host, running: bool) -> Result<Report, Rep
     // every mount seen here is already in the state read next.
     let mounts = mountinfo::read(&host.mountinfo)?;
     let node_dir = args.data_dir.join("node");
-    let state = match files::entry(&node_dir)? {
-        files::Entry::Dir => NodeState::open(&node_dir)?.all(),
+    let state = match LinuxFiles.entry(&node_dir)? {
+        files::Entry::Dir => NodeState::open(&node_dir, std::sync::Arc::new(LinuxFiles))?.all(),
         _ => Vec::new(),
     };
     let sites = sites(&config.pools, &mounts);
@@ -530,7 +531,7 @@ impl Scan<'_> {
         let mut report = PoolReport {
             name: name.clone(),
             path: site.root().to_path_buf(),
-            exists: files::entry(site.root())? == files::Entry::Dir,
+            exists: LinuxFiles.entry(site.root())? == files::Entry::Dir,
             volumes: Vec::new(),
             snapshots: Vec::new(),
         };
@@ -584,8 +585,8 @@ impl Scan<'_> {
                 .ok()
                 .map(|md| entry_type(md.file_type(), md.ino(), site.on_btrfs()));
             let loaded = match kind {
-                Kind::Volume => record::load::<VolumeRecord>(&e.path).map(|r| r.map(Record::Volume)),
-                Kind::Snapshot => record::load::<SnapshotRecord>(&e.path).map(|r| r.map(Record::Snapshot)),
+                Kind::Volume => record::load::<VolumeRecord>(&LinuxFiles, &e.path).map(|r| r.map(Record::Volume)),
+                Kind::Snapshot => record::load::<SnapshotRecord>(&LinuxFiles, &e.path).map(|r| r.map(Record::Snapshot)),
             };
             let rec = match loaded {
                 Ok(Some(r)) => r,
@@ -834,7 +835,7 @@ fn loop_devices(sys_block: &Path) -> Result<Vec<(String, String)>, SysError> {
             continue;
         }
         let file = e.path().join("loop/backing_file");
-        if let Some(bytes) = files::read_optional(&file)? {
+        if let Some(bytes) = LinuxFiles.read_optional(&file)? {
             let backing = String::from_utf8_lossy(&bytes).trim_end_matches('\n').to_string();
             out.push((name, backing));
         }
@@ -877,10 +878,10 @@ fn act(f: &Finding, sites: &[PoolSite]) -> Result<String, String> {
             if f.kind == FindingKind::OrphanSubvolume {
                 crate::sys::btrfs::delete_subvolume(&f.path).map_err(err)?;
             } else {
-                files::remove_tree(&f.path).map_err(err)?;
+                LinuxFiles.remove_tree(&f.path).map_err(err)?;
             }
             if let Some(dir) = f.path.parent() {
-                files::sync_dir(dir).map_err(err)?;
+                LinuxFiles.sync_dir(dir).map_err(err)?;
             }
             Ok(format!("removed {}", f.path.display()))
         }

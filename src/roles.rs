@@ -81,7 +81,8 @@ pub fn lock_data_dir(data_dir: &Path, create: bool) -> Result<DataDirLock, crate
     if create {
         std::fs::create_dir_all(data_dir).map_err(|e| crate::sys::SysError::io("mkdir", data_dir, e))?;
     }
-    crate::sys::files::try_lock(&data_dir.join(LOCK_FILE), create)
+    use crate::sys::files::{Files, LinuxFiles};
+    LinuxFiles.try_lock(&data_dir.join(LOCK_FILE), create)
 }
 
 pub fn load_config(config: Option<&PathBuf>, data_dir: &std::path::Path) -> Result<Config, ConfigError> {
@@ -114,7 +115,7 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
     engine.backups().throttle().set_bytes_per_sec(o.backup_bandwidth);
     engine.start_uploads();
     engine.backups().start_pruner(o.prune);
-    let state = Arc::new(NodeState::open(&o.data_dir.join("node"))?);
+    let state = Arc::new(NodeState::open(&o.data_dir.join("node"), engine.files())?);
     node_metrics.attach(NodeSources {
         engine: engine.clone(),
         state: state.clone(),
@@ -639,7 +640,7 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     let engine = Arc::new(engine);
     engine.backups().throttle().set_bytes_per_sec(o.backup_bandwidth);
     engine.start_uploads();
-    let state = Arc::new(NodeState::open(&o.data_dir.join("node"))?);
+    let state = Arc::new(NodeState::open(&o.data_dir.join("node"), engine.files())?);
     node_metrics.attach(NodeSources {
         engine: engine.clone(),
         state: state.clone(),

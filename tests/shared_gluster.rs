@@ -207,11 +207,11 @@ fn two_clients_making_one_directory_at_once_both_see_it() {
             let start = start.clone();
             std::thread::spawn(move || {
                 start.wait();
-                cellar::sys::files::ensure_dir(&there, 0o700)
+                cellar::sys::files::Files::ensure_dir(&cellar::sys::files::LinuxFiles, &there, 0o700)
             })
         };
         start.wait();
-        let mine = cellar::sys::files::ensure_dir(&here, 0o700);
+        let mine = cellar::sys::files::Files::ensure_dir(&cellar::sys::files::LinuxFiles, &here, 0o700);
         let theirs = other.join().expect("thread");
         assert!(mine.is_ok() && theirs.is_ok(), "round {i}: {mine:?} / {theirs:?}");
     }

@@ -12,7 +12,7 @@ use crate::csi::v1::{
 use crate::storage::config::Backend;
 use crate::storage::id::VolumeId;
 use crate::storage::record::VolumeMode;
-use crate::sys::files::{self, Entry};
+use crate::sys::files::Entry;
 use crate::sys::share;
 
 /// Another node took over the volume's lease while it is staged here.
@@ -146,7 +146,7 @@ impl NodeService {
                 ))
             }));
         };
-        if !path.is_absolute() || files::entry(&path)? == Entry::Missing {
+        if !path.is_absolute() || self.files.entry(&path)? == Entry::Missing {
             return Ok(Finding::abnormal(
                 NOT_MOUNTED,
                 format!(

@@ -74,6 +74,8 @@ pub struct NodeService {
     pub mounter: Arc<dyn Mounter>,
     /// Loop devices and filesystem growth, for image volumes.
     pub devices: Arc<dyn crate::sys::devices::Devices>,
+    /// Staging and target paths, made and removed (the engine's file operations).
+    pub files: Arc<dyn crate::sys::files::Files>,
     pub state: Arc<NodeState>,
     pub in_flight: InFlight,
     pub max_volumes: i64,
@@ -102,6 +104,7 @@ impl NodeService {
         }));
         NodeService {
             node,
+            files: engine.files(),
             engine,
             mounter: Arc::new(crate::sys::mount::LinuxMounter::default()),
             devices: Arc::new(crate::sys::devices::LinuxDevices),
@@ -174,7 +177,7 @@ pub fn renew_leases(engine: &LocalEngine, state: &NodeState, pool: &PoolName) {
             continue;
         }
         // A volume deleted under a stage has nothing left to lease.
-        if !matches!(files::entry(&backing), Ok(Entry::File)) {
+        if !matches!(engine.files().entry(&backing), Ok(Entry::File)) {
             continue;
         }
         let renewed = engine.leases.renew(&lease, &m.volume_id);
@@ -466,9 +469,9 @@ impl NodeService {
 
     /// Makes the directory a mount goes on; `true` when we created it.
     fn mount_dir(&self, field: &str, path: &Path) -> Result<bool, NodeError> {
-        match files::entry(path)? {
+        match self.files.entry(path)? {
             Entry::Missing => {
-                files::ensure_dir(path, 0o750)?;
+                self.files.ensure_dir(path, 0o750)?;
                 Ok(true)
             }
             Entry::Dir => Ok(false),
@@ -622,7 +625,7 @@ impl NodeService {
                 // gone, which is NOT_FOUND, not a fault of this node. Unless its record is still
                 // there: a delete moved the data aside to look for users, saw this stage's lease
                 // and puts it back; the stage is then to be tried again, not given up.
-                if files::entry(&data)? == Entry::Missing {
+                if self.files.entry(&data)? == Entry::Missing {
                     let gone = self
                         .volume(&r.volume_id)
                         .err()
@@ -903,7 +906,7 @@ impl NodeService {
             m.published.remove(&target);
             self.state.put(m)?;
             if created {
-                let _ = files::remove_tree(&target);
+                let _ = self.files.remove_tree(&target);
             }
             return Err(e);
         }
@@ -977,9 +980,9 @@ impl NodeService {
 
     /// Makes the file a raw block device is bound onto; `true` when we created it.
     fn mount_file(&self, path: &Path) -> Result<bool, NodeError> {
-        match files::entry(path)? {
+        match self.files.entry(path)? {
             Entry::Missing => {
-                files::create_sized(path, 0)?;
+                self.files.create_sized(path, 0)?;
                 Ok(true)
             }
             Entry::File | Entry::Other => Ok(false),
@@ -1025,19 +1028,19 @@ impl NodeService {
                 self.devices.detach(&dev)?;
             }
         }
-        match files::entry(&target)? {
+        match self.files.entry(&target)? {
             // Only an empty directory: files in it were written there while nothing was mounted
             // (the mount lost, a reboot) and are not ours to delete; nor is this call to fail on
             // them forever, its state entry keeping the volume from ever being deleted.
             Entry::Dir => {
-                if let Err(e) = files::remove_dir(&target) {
+                if let Err(e) = self.files.remove_dir(&target) {
                     if e.errno() != Some(libc::ENOTEMPTY) {
                         return Err(e.into());
                     }
                     tracing::warn!(volume = r.volume_id, path = %target.display(), "unpublished; the target directory holds files that are not the volume's and is left in place");
                 }
             }
-            Entry::File if p.created => files::remove_entry(&target)?,
+            Entry::File if p.created => self.files.remove_entry(&target)?,
             _ => {}
         }
         m.published.remove(&target);
@@ -1064,7 +1067,7 @@ impl NodeService {
             }
         };
         let (rec, data) = self.volume(&r.volume_id)?;
-        if !path.is_absolute() || files::entry(&path)? == Entry::Missing {
+        if !path.is_absolute() || self.files.entry(&path)? == Entry::Missing {
             return Err(NodeError::NotFound(format!(
                 "volume path {} does not exist",
                 crate::csi::status::bounded(&r.volume_path)
@@ -1163,7 +1166,7 @@ impl NodeService {
         let path = plain_path("volume_path", &r.volume_path)?;
         let (rec, data) = self.volume(&r.volume_id)?;
         self.require_ours(&r.volume_id, &path)?;
-        if files::entry(&path)? == Entry::Missing {
+        if self.files.entry(&path)? == Entry::Missing {
             return Err(NodeError::NotFound(format!(
                 "volume path {} does not exist",
                 path.display()

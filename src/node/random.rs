@@ -46,7 +46,7 @@ use crate::storage::id::{NodeId, PoolName, SnapshotId, VolumeId};
 use crate::storage::pool::Kind;
 use crate::storage::record::Layout;
 use crate::sys::devices::{Devices, RecordingDevices};
-use crate::sys::files;
+use crate::sys::files::{self, Files, LinuxFiles, RecordingFiles};
 use crate::sys::filesystems::RecordingFilesystems;
 use crate::sys::mount::RecordingMounter;
 use crate::sys::subvolumes::RecordingSubvolumes;
@@ -212,6 +212,7 @@ impl Proc {
         let mounter = Arc::new(RecordingMounter::default());
         let devices = Arc::new(RecordingDevices::default());
         let sys = StorageSys::fakes(
+            Arc::new(RecordingFiles::default()),
             filesystems.clone(),
             subvolumes.clone(),
             devices.clone(),
@@ -253,7 +254,7 @@ impl Proc {
         let engine =
             Arc::new(LocalEngine::open_with(sys.clone(), name.clone(), config, pick).expect("the engine opens"));
         let svc = node.then(|| {
-            let state = NodeState::open(&dir.join("node")).expect("node state opens");
+            let state = NodeState::open(&dir.join("node"), engine.files()).expect("node state opens");
             let mut svc = NodeService::new(name.clone(), engine.clone(), Arc::new(state), 0);
             svc.mounter = mounter.clone();
             svc.devices = devices.clone();
@@ -634,7 +635,7 @@ fn run_seed(seed: u64, log: &mut Vec<String>) {
         (c.share().join(".leases"), "leases"),
         (c.share().join(".locks"), "lock files"),
     ] {
-        let left = files::list_dir(&p).unwrap_or_default();
+        let left = LinuxFiles.list_dir(&p).unwrap_or_default();
         assert!(left.is_empty(), "the share's {what} left at the end: {left:?}");
     }
     for p in &c.procs {
@@ -1606,7 +1607,8 @@ fn delete(c: &mut Cluster, m: &mut Model, rng: &mut Rng, vol: &str, fault: Optio
             DeletePolicy::Retain => pool.retained_dir(),
             _ => pool.archive_dir(),
         };
-        let holds = files::list_dir(&kept)
+        let holds = LinuxFiles
+            .list_dir(&kept)
             .unwrap_or_default()
             .into_iter()
             .filter(|p| p.extension().is_none_or(|e| e != "json"))
@@ -1830,14 +1832,14 @@ fn leftovers(c: &Cluster, orphans: bool) -> Vec<PathBuf> {
     pools.extend(c.procs[NODES].pool(SHARE));
     let mut left = Vec::new();
     for pool in pools {
-        left.extend(files::list_dir(&pool.work_dir()).unwrap_or_default());
+        left.extend(LinuxFiles.list_dir(&pool.work_dir()).unwrap_or_default());
         // A shared pool's lock files exist only while a call holds them.
-        left.extend(files::list_dir(&pool.root().join(".locks")).unwrap_or_default());
+        left.extend(LinuxFiles.list_dir(&pool.root().join(".locks")).unwrap_or_default());
         if !pool.shared() {
-            left.extend(files::list_dir(&pool.trash_dir()).unwrap_or_default());
+            left.extend(LinuxFiles.list_dir(&pool.trash_dir()).unwrap_or_default());
         }
         for kind in [Kind::Volume, Kind::Snapshot] {
-            for p in files::list_dir(&pool.collection_dir(kind)).unwrap_or_default() {
+            for p in LinuxFiles.list_dir(&pool.collection_dir(kind)).unwrap_or_default() {
                 let name = p
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())

@@ -6,13 +6,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::storage::record::AccessMode;
-use crate::sys::files::{self, Durability};
+use crate::sys::files::{Durability, Files};
 use crate::sys::mount::BindFlags;
 use crate::sys::SysError;
 
@@ -52,16 +52,18 @@ impl VolumeMounts {
 
 pub struct NodeState {
     dir: PathBuf,
+    /// Where the state files are read and written (real, or a test's recording fake).
+    files: Arc<dyn Files>,
     cache: Mutex<HashMap<String, VolumeMounts>>,
 }
 
 impl NodeState {
-    pub fn open(dir: &Path) -> Result<NodeState, SysError> {
-        files::mkdir_all(dir)?;
+    pub fn open(dir: &Path, files: Arc<dyn Files>) -> Result<NodeState, SysError> {
+        files.mkdir_all(dir)?;
         let mut cache = HashMap::new();
-        for p in files::list_dir(dir)? {
+        for p in files.list_dir(dir)? {
             if p.extension().is_some_and(|x| x == "json") {
-                if let Some(bytes) = files::read_optional(&p)? {
+                if let Some(bytes) = files.read_optional(&p)? {
                     if let Ok(m) = serde_json::from_slice::<VolumeMounts>(&bytes) {
                         cache.insert(m.volume_id.clone(), m);
                     }
@@ -70,6 +72,7 @@ impl NodeState {
         }
         Ok(NodeState {
             dir: dir.to_path_buf(),
+            files,
             cache: Mutex::new(cache),
         })
     }
@@ -95,10 +98,10 @@ impl NodeState {
     pub fn put(&self, m: VolumeMounts) -> Result<(), SysError> {
         let path = self.file(&m.volume_id);
         if m.is_empty() {
-            files::remove_file_if_exists(&path)?;
+            self.files.remove_file_if_exists(&path)?;
         } else {
             let bytes = serde_json::to_vec(&m).map_err(|e| SysError::io("encode", &path, std::io::Error::other(e)))?;
-            files::write_atomic(&path, &bytes, Durability::ProcessCrash)?;
+            self.files.write_atomic(&path, &bytes, Durability::ProcessCrash)?;
         }
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if m.is_empty() {

@@ -16,6 +16,7 @@ use crate::storage::engine::{LocalEngine, NewVolume};
 use crate::storage::id::NodeId;
 use crate::storage::record::Layout;
 use crate::sys::devices::{Devices, RecordingDevices};
+use crate::sys::files::RecordingFiles;
 use crate::sys::mount::RecordingMounter;
 
 struct Node {
@@ -23,6 +24,8 @@ struct Node {
     svc: NodeService,
     mounter: Arc<RecordingMounter>,
     devices: Arc<RecordingDevices>,
+    /// The Node service's own file operations (its mount state, staging and target paths).
+    files: Arc<RecordingFiles>,
 }
 
 impl Node {
@@ -39,17 +42,20 @@ impl Node {
         shared.layouts = vec![Layout::Dir, Layout::Image];
         config.pools.push(shared);
         let engine = Arc::new(LocalEngine::open(node.clone(), &config).expect("engine"));
-        let state = Arc::new(NodeState::open(&dir.path().join("node")).expect("state"));
+        let files = Arc::new(RecordingFiles::default());
+        let state = Arc::new(NodeState::open(&dir.path().join("node"), files.clone()).expect("state"));
         let mounter = Arc::new(RecordingMounter::default());
         let devices = Arc::new(RecordingDevices::default());
         let mut svc = NodeService::new(node, engine, state, 0);
         svc.mounter = mounter.clone();
         svc.devices = devices.clone();
+        svc.files = files.clone();
         Node {
             dir,
             svc,
             mounter,
             devices,
+            files,
         }
     }
 
@@ -883,7 +889,7 @@ fn a_read_only_block_publish_refuses_writes_for_real() {
     let mut config = Config::default_for(dir.path());
     config.pools[0].layouts.push(Layout::Image);
     let engine = Arc::new(LocalEngine::open(node.clone(), &config).expect("engine"));
-    let state = Arc::new(NodeState::open(&dir.path().join("node")).expect("state"));
+    let state = Arc::new(NodeState::open(&dir.path().join("node"), engine.files()).expect("state"));
     let svc = NodeService::new(node, engine, state, 0);
     let staging = dir.path().join("stage");
     std::fs::create_dir(&staging).expect("staging dir");
@@ -998,7 +1004,7 @@ fn a_share_that_hangs_holds_up_no_other_shares_lease_renewals() {
         config.pools.push(p);
     }
     let engine = Arc::new(LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("engine"));
-    let state = Arc::new(NodeState::open(&dir.path().join("node")).expect("state"));
+    let state = Arc::new(NodeState::open(&dir.path().join("node"), engine.files()).expect("state"));
     let mut leases = Vec::new();
     for pool in ["hung", "live"] {
         let id = VolumeId::parse(&format!("shared:{pool}:pvc-{pool}")).expect("id");
@@ -1129,4 +1135,98 @@ fn an_image_moved_aside_by_a_delete_that_then_loses_is_staged_on_retry() {
     std::fs::rename(&aside, &data).expect("put back");
     n.stage(&id, &staging).expect("stage");
     n.unstage(&id, &staging).expect("unstage");
+}
+
+/// Invariant 1 rests on the node's mount state naming every mount before it is made: then
+/// DeleteVolume, which asks that state, can never miss one. Each file operation the Node service
+/// makes in a life cycle (stage, publish, unpublish, unstage) is failed in turn, in each call: no
+/// mount is left that the state does not name, the failed call's retry succeeds, and the life
+/// cycle ends with nothing mounted and nothing recorded.
+#[test]
+fn any_file_operation_of_the_node_failing_leaves_no_mount_its_state_does_not_name() {
+    type Step = fn(&Node, &str, &Path, &Path) -> Result<(), tonic::Status>;
+    let steps: [(&str, Step); 4] = [
+        ("stage", |n, id, staging, _| n.stage(id, staging)),
+        ("publish", |n, id, staging, target| {
+            n.publish(id, staging, target, Mode::SingleNodeWriter, false)
+        }),
+        ("unpublish", |n, id, _, target| {
+            n.svc
+                .unpublish(NodeUnpublishVolumeRequest {
+                    volume_id: id.into(),
+                    target_path: target.display().to_string(),
+                })
+                .map(drop)
+                .map_err(tonic::Status::from)
+        }),
+        ("unstage", |n, id, staging, _| n.unstage(id, staging)),
+    ];
+    let named = |n: &Node, id: &str| {
+        let m = n.svc.state.get(id);
+        for (_, target, _) in n.mounter.mounted() {
+            let staged = m.staged.as_ref().is_some_and(|s| s.path == target);
+            assert!(
+                staged || m.published.contains_key(&target),
+                "{} is mounted but the node's state does not name it: {m:?}",
+                target.display()
+            );
+        }
+    };
+    for image in [false, true] {
+        let learn = Node::new();
+        let id = if image {
+            learn.image("pvc-l")
+        } else {
+            learn.volume("pvc-l")
+        };
+        let (staging, target) = (learn.path("stage"), learn.path("pod/mount"));
+        let before = learn.files.calls().len();
+        for (name, step) in steps {
+            step(&learn, &id, &staging, &target).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let ops = learn.files.ops_since(before);
+        assert!(ops.contains(&"write_atomic"), "the node writes its state: {ops:?}");
+        let mut failed = Vec::new();
+        for op in ops.iter().copied() {
+            for failing in 0..steps.len() {
+                let n = Node::new();
+                let id = if image { n.image("pvc-l") } else { n.volume("pvc-l") };
+                let (staging, target) = (n.path("stage"), n.path("pod/mount"));
+                for (i, (name, step)) in steps.iter().enumerate() {
+                    if i == failing {
+                        n.files.fail_next(op, libc::EIO);
+                        let r = step(&n, &id, &staging, &target);
+                        n.files.disarm();
+                        named(&n, &id);
+                        if r.is_err() {
+                            failed.push(format!("{name}/{op}"));
+                        }
+                    }
+                    step(&n, &id, &staging, &target)
+                        .unwrap_or_else(|e| panic!("image {image}, {name} after {op} failed: {e}"));
+                    named(&n, &id);
+                }
+                assert!(
+                    n.mounter.mounted().is_empty(),
+                    "image {image}, {op} failing: nothing left mounted"
+                );
+                let left = n.svc.state.get(&id);
+                assert!(
+                    left.staged.is_none() && left.published.is_empty(),
+                    "image {image}, {op}: nothing recorded: {left:?}"
+                );
+                assert!(
+                    !target.exists(),
+                    "image {image}, {op}: the target the driver made is removed"
+                );
+            }
+        }
+        // Every operation failed some call (none is tried where nothing reaches it).
+        for op in &ops {
+            assert!(
+                failed.iter().any(|f| f.ends_with(&format!("/{op}"))),
+                "image {image}: {op} never failed a call: {failed:?}"
+            );
+        }
+    }
 }

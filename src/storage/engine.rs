@@ -257,6 +257,9 @@ pub struct LocalEngine {
     purge_wake: Mutex<Option<std::sync::mpsc::Sender<()>>>,
     /// Leases of image volumes on shared pools, held or watched by this process.
     pub leases: super::lease::Leases,
+    /// The file operations of every pool here (real, or a test's recording fake): the Node
+    /// service of this process works through the same ones.
+    files: std::sync::Arc<dyn crate::sys::files::Files>,
     /// This node's record of what it has staged and published (the node's mount state), when this
     /// process serves the Node service: asked before every delete.
     mounted_here: std::sync::OnceLock<std::sync::Arc<dyn MountedHere>>,
@@ -300,6 +303,11 @@ impl LocalEngine {
         Self::open_with(StorageSys::linux(), node, config, pick)
     }
 
+    /// The file operations this engine's pools work through.
+    pub fn files(&self) -> std::sync::Arc<dyn crate::sys::files::Files> {
+        self.files.clone()
+    }
+
     /// As [`LocalEngine::open_pools`], with the filesystem and btrfs calls of `sys` (real, or a
     /// test's recording fakes) in every pool.
     pub fn open_with(
@@ -331,7 +339,8 @@ impl LocalEngine {
             in_flight: InFlight::default(),
             purge_wake: Mutex::new(None),
             promised: Mutex::new(BTreeMap::new()),
-            leases: super::lease::Leases::new(node.as_str()),
+            leases: super::lease::Leases::new(node.as_str(), sys.files.clone()),
+            files: sys.files.clone(),
             dir_usage: Mutex::new(std::collections::HashMap::new()),
             mounted_here: std::sync::OnceLock::new(),
             backups: std::sync::Arc::new(crate::backup::Backups::new(
@@ -437,7 +446,7 @@ impl LocalEngine {
             .ok_or_else(|| StorageError::Busy(shown.to_string()))?;
         match self.pools.get(pool).filter(|p| p.shared()) {
             None => Ok(held),
-            Some(p) => match files::lock_while_held(&p.lock_path(kind, key))? {
+            Some(p) => match p.sys.files.lock_while_held(&p.lock_path(kind, key))? {
                 Some(lock) => Ok(held.also(lock)),
                 None => Err(StorageError::Busy(format!("{shown} (by another controller replica)"))),
             },
@@ -462,7 +471,7 @@ impl LocalEngine {
         key: &Key,
         r: Result<T, StorageError>,
     ) -> Result<T, StorageError> {
-        if r.is_err() && files::entry(&pool.record_path(kind, key)).ok() == Some(files::Entry::Missing) {
+        if r.is_err() && pool.sys.files.entry(&pool.record_path(kind, key)).ok() == Some(files::Entry::Missing) {
             crash::point("undo:before-clear");
             if let Err(e) = layout::clear_leftover(pool, kind, key) {
                 tracing::warn!(key = key.as_str(), error = %e, "could not remove what a failed call made; the next call of that name removes it");

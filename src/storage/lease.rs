@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::sys::files::{self, Durability};
+use crate::sys::files::{Durability, Files};
 use crate::sys::SysError;
 
 /// What the lease file holds.
@@ -61,6 +61,8 @@ pub enum Renewal {
 /// One process's view of the leases it holds and the foreign leases it waits on.
 pub struct Leases {
     node: String,
+    /// Where the lease files are read and written (real, or a test's recording fake).
+    files: Arc<dyn Files>,
     /// Foreign leases seen: their bytes, and since when (this process's clock) they are unchanged.
     watched: Mutex<HashMap<PathBuf, (Vec<u8>, Instant)>>,
     /// Leases this node held that another node took over, by volume id, with the new holder.
@@ -109,9 +111,10 @@ fn holder_of(bytes: &[u8]) -> String {
 }
 
 impl Leases {
-    pub fn new(node: &str) -> Leases {
+    pub fn new(node: &str, files: Arc<dyn Files>) -> Leases {
         Leases {
             node: node.to_string(),
+            files,
             watched: Mutex::default(),
             lost: Mutex::default(),
             renewed: Mutex::default(),
@@ -137,7 +140,7 @@ impl Leases {
         lock(&self.released).remove(path);
         // A few rounds at most: each one loses only to another node acting at the same moment.
         for _ in 0..4 {
-            let Some(bytes) = files::read_optional(path)? else {
+            let Some(bytes) = self.files.read_optional(path)? else {
                 // Whatever this process watched there is gone: nothing to remember of it.
                 lock(&self.watched).remove(path);
                 let mine = LeaseFile {
@@ -145,7 +148,7 @@ impl Leases {
                     volume: volume.to_string(),
                     renewals: 0,
                 };
-                if files::create_exclusive(path, &encode(&mine))? {
+                if self.files.create_exclusive(path, &encode(&mine))? {
                     self.hold(path, volume);
                     return Ok(Claim::Held);
                 }
@@ -177,7 +180,9 @@ impl Leases {
             }
         }
         Ok(Claim::HeldBy {
-            node: files::read_optional(path)?
+            node: self
+                .files
+                .read_optional(path)?
                 .map(|b| holder_of(&b))
                 .unwrap_or_else(|| "another node".into()),
             wait: ttl,
@@ -201,20 +206,20 @@ impl Leases {
     fn take_over(&self, path: &Path, stale: &[u8]) -> Result<Option<Vec<u8>>, SysError> {
         lock(&self.watched).remove(path);
         let aside = path.with_extension(format!("lease.stale-{}", uuid::Uuid::new_v4().simple()));
-        if !files::rename_if_exists(path, &aside)? {
+        if !self.files.rename_if_exists(path, &aside)? {
             // Another node moved it first, and may have made its own lease since.
-            return files::read_optional(path);
+            return self.files.read_optional(path);
         }
         crate::crash::point("lease:moved-aside");
-        let moved = files::read_optional(&aside)?.unwrap_or_default();
+        let moved = self.files.read_optional(&aside)?.unwrap_or_default();
         if moved != stale {
             // Renewed just before the rename: put back as it was, unless a lease is there again.
-            files::create_exclusive(path, &moved)?;
+            self.files.create_exclusive(path, &moved)?;
         }
-        files::remove_file_if_exists(&aside)?;
+        self.files.remove_file_if_exists(&aside)?;
         // A renewal just after the rename finds no lease and makes it again (or replaces it whole):
         // whatever stands there now was not judged stale.
-        let now = files::read_optional(path)?;
+        let now = self.files.read_optional(path)?;
         if now.is_none() {
             tracing::warn!(lease = %path.display(), holder = holder_of(stale), "lease not renewed in time; taking it over");
         }
@@ -253,12 +258,12 @@ impl Leases {
             volume: volume.to_string(),
             renewals: 0,
         };
-        if files::create_exclusive(path, &encode(&mine))? {
+        if self.files.create_exclusive(path, &encode(&mine))? {
             tracing::warn!(volume, lease = %path.display(), "lease of a volume staged here was gone; taken again");
             self.hold(path, volume);
             return Ok(Renewal::Renewed);
         }
-        Ok(match files::read_optional(path)? {
+        Ok(match self.files.read_optional(path)? {
             Some(bytes) if holder_of(&bytes) == self.node => self.renew_held(path, volume)?,
             Some(bytes) => Renewal::Lost(holder_of(&bytes)),
             None => Renewal::Gone,
@@ -268,7 +273,7 @@ impl Leases {
     /// Renews the lease at `path` if this node holds it; `Lost` names the node that holds it
     /// instead (recorded as lost by the caller that has the volume staged).
     fn renew_held(&self, path: &Path, volume: &str) -> Result<Renewal, SysError> {
-        let current = match files::read_optional(path)? {
+        let current = match self.files.read_optional(path)? {
             Some(bytes) => serde_json::from_slice::<LeaseFile>(&bytes).ok(),
             None => return Ok(Renewal::Gone),
         };
@@ -279,7 +284,8 @@ impl Leases {
                     volume: volume.to_string(),
                     ..f
                 };
-                files::write_atomic(path, &encode(&next), Durability::ProcessCrash)?;
+                self.files
+                    .write_atomic(path, &encode(&next), Durability::ProcessCrash)?;
                 self.hold(path, volume);
                 Ok(Renewal::Renewed)
             }
@@ -328,9 +334,9 @@ impl Leases {
         lock(&self.released).insert(path.to_path_buf());
         lock(&self.renewed).remove(path);
         lock(&self.lost).remove(volume);
-        if let Some(bytes) = files::read_optional(path)? {
+        if let Some(bytes) = self.files.read_optional(path)? {
             if holder_of(&bytes) == self.node {
-                files::remove_file_if_exists(path)?;
+                self.files.remove_file_if_exists(path)?;
             }
         }
         Ok(())
@@ -344,7 +350,7 @@ impl Leases {
     /// Clears a lease that no node has renewed for `ttl` (as this process has watched it), for
     /// deleting its volume; `Err(holder)` while its holder is alive, or may be.
     pub fn clear_if_stale(&self, path: &Path, ttl: Duration) -> Result<Result<(), String>, SysError> {
-        let Some(bytes) = files::read_optional(path)? else {
+        let Some(bytes) = self.files.read_optional(path)? else {
             lock(&self.watched).remove(path);
             return Ok(Ok(()));
         };
@@ -365,6 +371,7 @@ impl Leases {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::files::LinuxFiles;
 
     const TTL: Duration = Duration::from_millis(300);
 
@@ -377,7 +384,10 @@ mod tests {
     #[test]
     fn one_holder_at_a_time_and_release_frees_it() {
         let (_d, p) = setup();
-        let (a, b) = (Leases::new("a"), Leases::new("b"));
+        let (a, b) = (
+            Leases::new("a", Arc::new(LinuxFiles)),
+            Leases::new("b", Arc::new(LinuxFiles)),
+        );
         assert_eq!(a.acquire(&p, "v", TTL).unwrap(), Claim::Held);
         assert_eq!(
             a.acquire(&p, "v", TTL).unwrap(),
@@ -403,7 +413,10 @@ mod tests {
     #[test]
     fn a_renewed_lease_is_never_taken_over() {
         let (d, p) = setup();
-        let (a, b) = (Leases::new("a"), Leases::new("b"));
+        let (a, b) = (
+            Leases::new("a", Arc::new(LinuxFiles)),
+            Leases::new("b", Arc::new(LinuxFiles)),
+        );
         a.acquire(&p, "v", TTL).unwrap();
         for _ in 0..6 {
             assert!(matches!(b.acquire(&p, "v", TTL).unwrap(), Claim::HeldBy { .. }));
@@ -426,7 +439,10 @@ mod tests {
     #[test]
     fn a_lease_left_unrenewed_is_taken_over_and_the_old_holder_learns_it() {
         let (d, p) = setup();
-        let (a, b) = (Leases::new("a"), Leases::new("b"));
+        let (a, b) = (
+            Leases::new("a", Arc::new(LinuxFiles)),
+            Leases::new("b", Arc::new(LinuxFiles)),
+        );
         a.acquire(&p, "v", TTL).unwrap();
         assert!(matches!(b.acquire(&p, "v", TTL).unwrap(), Claim::HeldBy { .. }));
         std::thread::sleep(TTL + Duration::from_millis(50));
@@ -447,13 +463,13 @@ mod tests {
     #[test]
     fn a_released_lease_is_never_renewed_back_into_existence() {
         let (_d, p) = setup();
-        let a = Leases::new("a");
+        let a = Leases::new("a", Arc::new(LinuxFiles));
         a.acquire(&p, "v", TTL).unwrap();
         a.release(&p, "v").unwrap();
         assert_eq!(a.renew(&p, "v").unwrap(), Renewal::Gone);
         assert!(!p.exists());
         // Another node's lease at that path is not ours to renew either, even after a restage here.
-        let b = Leases::new("b");
+        let b = Leases::new("b", Arc::new(LinuxFiles));
         b.acquire(&p, "v", TTL).unwrap();
         assert_eq!(a.renew(&p, "v").unwrap(), Renewal::Gone);
         assert!(matches!(a.acquire(&p, "v", TTL).unwrap(), Claim::HeldBy { .. }));
@@ -463,7 +479,10 @@ mod tests {
     #[test]
     fn delete_waits_for_a_live_lease_and_clears_a_dead_one() {
         let (_d, p) = setup();
-        let (a, ctl) = (Leases::new("a"), Leases::new("controller"));
+        let (a, ctl) = (
+            Leases::new("a", Arc::new(LinuxFiles)),
+            Leases::new("controller", Arc::new(LinuxFiles)),
+        );
         assert_eq!(
             ctl.clear_if_stale(&p, TTL).unwrap(),
             Ok(()),
@@ -479,7 +498,10 @@ mod tests {
     #[test]
     fn a_renewal_racing_a_take_over_wins() {
         let (_d, p) = setup();
-        let (a, b) = (Leases::new("a"), Leases::new("b"));
+        let (a, b) = (
+            Leases::new("a", Arc::new(LinuxFiles)),
+            Leases::new("b", Arc::new(LinuxFiles)),
+        );
         a.acquire(&p, "v", TTL).unwrap();
         let stale = std::fs::read(&p).unwrap();
         a.renew(&p, "v").unwrap();
@@ -499,7 +521,7 @@ mod tests {
         let (d, p) = setup();
         let hung = d.path().join("hung.lease");
         nix::unistd::mkfifo(&hung, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let a = Arc::new(Leases::new("a"));
+        let a = Arc::new(Leases::new("a", Arc::new(LinuxFiles)));
         a.acquire(&p, "v", TTL).unwrap();
         let stuck = {
             let (a, hung) = (a.clone(), hung.clone());
@@ -536,7 +558,10 @@ mod tests {
     #[test]
     fn an_own_lease_taken_over_while_asked_for_again_is_not_held() {
         let (_d, p) = setup();
-        let (a, b) = (Arc::new(Leases::new("a")), Leases::new("b"));
+        let (a, b) = (
+            Arc::new(Leases::new("a", Arc::new(LinuxFiles))),
+            Leases::new("b", Arc::new(LinuxFiles)),
+        );
         a.acquire(&p, "v", TTL).unwrap();
         assert!(matches!(b.acquire(&p, "v", TTL).unwrap(), Claim::HeldBy { .. }));
         std::thread::sleep(TTL + Duration::from_millis(50));
@@ -569,7 +594,10 @@ mod tests {
     #[test]
     fn a_lease_gone_from_under_a_staged_volume_is_taken_again() {
         let (_d, p) = setup();
-        let (a, b) = (Leases::new("a"), Leases::new("b"));
+        let (a, b) = (
+            Leases::new("a", Arc::new(LinuxFiles)),
+            Leases::new("b", Arc::new(LinuxFiles)),
+        );
         a.acquire(&p, "v", TTL).unwrap();
         std::fs::remove_file(&p).unwrap();
         assert_eq!(a.renew(&p, "v").unwrap(), Renewal::Renewed);
@@ -587,7 +615,10 @@ mod tests {
     /// delete refused, the lease `a`'s, no aside file left. Returns the lease as it is then.
     fn renewal_racing_a_deletes_clear_at(point: &'static str) -> LeaseFile {
         let (d, p) = setup();
-        let (a, ctl) = (Leases::new("a"), Arc::new(Leases::new("controller")));
+        let (a, ctl) = (
+            Leases::new("a", Arc::new(LinuxFiles)),
+            Arc::new(Leases::new("controller", Arc::new(LinuxFiles))),
+        );
         a.acquire(&p, "v", TTL).unwrap();
         assert_eq!(ctl.clear_if_stale(&p, TTL).unwrap(), Err("a".into()));
         std::thread::sleep(TTL + Duration::from_millis(50));
@@ -629,7 +660,11 @@ mod tests {
     #[test]
     fn leases_watched_are_forgotten_once_given_back() {
         let (d, _) = setup();
-        let (a, b, ctl) = (Leases::new("a"), Leases::new("b"), Leases::new("controller"));
+        let (a, b, ctl) = (
+            Leases::new("a", Arc::new(LinuxFiles)),
+            Leases::new("b", Arc::new(LinuxFiles)),
+            Leases::new("controller", Arc::new(LinuxFiles)),
+        );
         for i in 0..50 {
             let p = d.path().join(format!("v{i}.lease"));
             assert_eq!(a.acquire(&p, "v", TTL).unwrap(), Claim::Held);
@@ -649,7 +684,7 @@ mod tests {
     #[test]
     fn releases_are_forgotten_once_a_listing_no_longer_names_them() {
         let (d, _) = setup();
-        let a = Leases::new("a");
+        let a = Leases::new("a", Arc::new(LinuxFiles));
         let (gone, kept) = (d.path().join("gone.lease"), d.path().join("kept.lease"));
         let other = d.path().join("other-pool").join("x.lease");
         for p in [&gone, &kept] {
@@ -673,7 +708,7 @@ mod tests {
     #[test]
     fn the_turns_of_leases_no_longer_in_use_are_let_go() {
         let (d, _) = setup();
-        let a = Leases::new("a");
+        let a = Leases::new("a", Arc::new(LinuxFiles));
         for i in 0..100 {
             let p = d.path().join(format!("v{i}.lease"));
             assert_eq!(a.acquire(&p, "v", TTL).unwrap(), Claim::Held);

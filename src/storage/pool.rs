@@ -119,8 +119,8 @@ impl Pool {
                 crate::sys::share::mount(&share.source, &share.fs_type, &share.options, &config.path)?;
             }
         }
-        files::mkdir_all(&config.path)?;
-        files::require_real_dir(&config.path)?;
+        sys.files.mkdir_all(&config.path)?;
+        sys.files.require_real_dir(&config.path)?;
         let features = super::layout::check_pool(&config, &sys)?;
         let pool = Pool {
             config,
@@ -129,7 +129,7 @@ impl Pool {
             sys,
         };
         for d in MANAGED {
-            files::ensure_dir(&pool.config.path.join(d), 0o700)?;
+            pool.sys.files.ensure_dir(&pool.config.path.join(d), 0o700)?;
         }
         if owner {
             pool.purge_work()?;
@@ -174,17 +174,19 @@ impl Pool {
             self.config.path.join(".leases"),
         ];
         dirs.extend(
-            files::list_dir(&self.config.path.join(".staged"))?
+            self.sys
+                .files
+                .list_dir(&self.config.path.join(".staged"))?
                 .into_iter()
-                .filter(|d| files::entry(d).ok() == Some(files::Entry::Dir)),
+                .filter(|d| self.sys.files.entry(d).ok() == Some(files::Entry::Dir)),
         );
         let mut removed = 0;
         for d in dirs {
-            removed += files::remove_stale_temps(&d, age)?;
+            removed += self.sys.files.remove_stale_temps(&d, age)?;
         }
         // A lock file no one holds was left by a process killed mid-call: taking it removes it.
-        for lock in files::list_dir(&self.config.path.join(".locks"))? {
-            if files::lock_while_held(&lock)?.is_some() {
+        for lock in self.sys.files.list_dir(&self.config.path.join(".locks"))? {
+            if self.sys.files.lock_while_held(&lock)?.is_some() {
                 removed += 1;
             }
         }
@@ -195,7 +197,7 @@ impl Pool {
     /// of another key's, whose delete may be purging it now.
     pub fn purge_trash_of(&self, key: &Key) -> Result<(), StorageError> {
         let key = key.as_str();
-        for p in files::list_dir(&self.trash_dir())? {
+        for p in self.sys.files.list_dir(&self.trash_dir())? {
             let name = p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
             let ours = name
                 .strip_prefix(key)
@@ -216,9 +218,9 @@ impl Pool {
             return self.purge(&self.work_dir());
         }
         let locks = self.config.path.join(".locks");
-        for p in files::list_dir(&self.work_dir())? {
+        for p in self.sys.files.list_dir(&self.work_dir())? {
             let Some(name) = p.file_name() else { continue };
-            if let Some(_held) = files::lock_while_held(&locks.join(name))? {
+            if let Some(_held) = self.sys.files.lock_while_held(&locks.join(name))? {
                 super::layout::purge(&self.sys, &p)?;
             }
         }
@@ -226,7 +228,7 @@ impl Pool {
     }
 
     fn purge(&self, dir: &Path) -> Result<(), StorageError> {
-        for p in files::list_dir(dir)? {
+        for p in self.sys.files.list_dir(dir)? {
             super::layout::purge(&self.sys, &p)?;
         }
         Ok(())
@@ -309,12 +311,12 @@ impl Pool {
     pub fn record_keys(&self, kind: Kind) -> Result<Vec<Key>, StorageError> {
         let dir = self.collection_dir(kind);
         let mut keys = Vec::new();
-        for p in files::list_dir(&dir)? {
+        for p in self.sys.files.list_dir(&dir)? {
             let name = p
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let is_file = files::entry(&p)? == files::Entry::File;
+            let is_file = self.sys.files.entry(&p)? == files::Entry::File;
             if let (true, Some(stem)) = (is_file, name.strip_suffix(".json")) {
                 if let Ok(k) = Key::parse(stem) {
                     keys.push(k);

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::config::DeletePolicy;
 use super::id::{BackupId, GroupId, SnapshotId, VolumeId};
-use crate::sys::files::{self, Durability};
+use crate::sys::files::{Durability, Files};
 
 use super::StorageError;
 
@@ -179,8 +179,8 @@ fn dir_layout() -> Layout {
     Layout::Dir
 }
 
-pub fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, StorageError> {
-    match files::read_optional(path)? {
+pub fn load<T: for<'de> Deserialize<'de>>(files: &dyn Files, path: &Path) -> Result<Option<T>, StorageError> {
+    match files.read_optional(path)? {
         None => Ok(None),
         Some(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
@@ -191,11 +191,11 @@ pub fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, Stor
     }
 }
 
-pub fn store<T: Serialize>(path: &Path, record: &T) -> Result<(), StorageError> {
+pub fn store<T: Serialize>(files: &dyn Files, path: &Path, record: &T) -> Result<(), StorageError> {
     let bytes = serde_json::to_vec_pretty(record).map_err(|e| StorageError::Corrupt {
         path: path.to_path_buf(),
         reason: e.to_string(),
     })?;
-    files::write_atomic(path, &bytes, Durability::PowerLoss)?;
+    files.write_atomic(path, &bytes, Durability::PowerLoss)?;
     Ok(())
 }

@@ -17,7 +17,8 @@ use super::id::{Key, ObjectId};
 use super::pool::{Kind, Pool};
 use super::record::{self, GroupRecord, SnapshotRecord, VolumeRecord};
 use super::StorageError;
-use crate::sys::{files, SysError};
+use crate::sys::files::{Entry, Files};
+use crate::sys::SysError;
 
 #[derive(Default)]
 pub struct PoolStore {
@@ -55,13 +56,16 @@ impl PoolStore {
         let store = PoolStore::default();
         for pool in pools {
             for key in pool.record_keys(Kind::Volume)? {
-                if let Some(r) = record::load::<VolumeRecord>(&pool.record_path(Kind::Volume, &key))? {
+                if let Some(r) = record::load::<VolumeRecord>(&*pool.sys.files, &pool.record_path(Kind::Volume, &key))?
+                {
                     lock(&store.names).insert(r.name.clone(), r.id.to_string());
                     lock(&store.volumes).insert(r.id.to_string(), r);
                 }
             }
             for key in pool.record_keys(Kind::Snapshot)? {
-                if let Some(r) = record::load::<SnapshotRecord>(&pool.record_path(Kind::Snapshot, &key))? {
+                if let Some(r) =
+                    record::load::<SnapshotRecord>(&*pool.sys.files, &pool.record_path(Kind::Snapshot, &key))?
+                {
                     lock(&store.snapshots).insert(r.id.to_string(), r);
                 }
             }
@@ -99,7 +103,7 @@ impl PoolStore {
         if !pool.shared() {
             return Some((None, lock(cache).get(shown).cloned()));
         }
-        let read = match record::load::<T>(&pool.record_path(kind, key)) {
+        let read = match record::load::<T>(&*pool.sys.files, &pool.record_path(kind, key)) {
             // No record, and not even the collection: the share is not mounted (a remount that
             // failed leaves a bare directory), which says nothing about the object.
             Ok(None) if !pool.collection_dir(kind).is_dir() => return Some((None, lock(cache).get(shown).cloned())),
@@ -116,22 +120,23 @@ impl PoolStore {
 
     /// Writes a volume's record durably, then indexes it.
     pub fn put_volume(&self, pool: &Pool, key: &Key, rec: &VolumeRecord) -> Result<(), StorageError> {
-        record::store(&pool.record_path(Kind::Volume, key), rec)?;
+        record::store(&*pool.sys.files, &pool.record_path(Kind::Volume, key), rec)?;
         lock(&self.names).insert(rec.name.clone(), rec.id.to_string());
         lock(&self.volumes).insert(rec.id.to_string(), rec.clone());
         Ok(())
     }
 
     pub fn put_snapshot(&self, pool: &Pool, key: &Key, rec: &SnapshotRecord) -> Result<(), StorageError> {
-        record::store(&pool.record_path(Kind::Snapshot, key), rec)?;
+        record::store(&*pool.sys.files, &pool.record_path(Kind::Snapshot, key), rec)?;
         lock(&self.snapshots).insert(rec.id.to_string(), rec.clone());
         Ok(())
     }
 
     /// Removes an object's record durably (its data has left its place first), then forgets it.
     pub fn remove(&self, pool: &Pool, kind: Kind, key: &Key, shown: &str) -> Result<(), StorageError> {
-        files::remove_file_if_exists(&pool.record_path(kind, key))?;
-        files::sync_dir(&pool.collection_dir(kind))?;
+        pool.sys.files.remove_file_if_exists(&pool.record_path(kind, key))?;
+        // Gone from the directory is gone from the index, even if the flush below fails.
+        let synced = pool.sys.files.sync_dir(&pool.collection_dir(kind));
         match kind {
             Kind::Volume => {
                 if let Some(r) = lock(&self.volumes).remove(shown) {
@@ -142,30 +147,30 @@ impl PoolStore {
                 lock(&self.snapshots).remove(shown);
             }
         }
-        Ok(())
+        Ok(synced?)
     }
 
     /// A group snapshot's record, read from the pool every time (groups are few and read rarely:
     /// no index to keep in step across controller replicas).
     pub fn group(&self, pool: &Pool, key: &Key) -> Result<Option<GroupRecord>, StorageError> {
-        record::load::<GroupRecord>(&pool.group_record_path(key))
+        record::load::<GroupRecord>(&*pool.sys.files, &pool.group_record_path(key))
     }
 
     /// Writes a group snapshot's record durably (after every member's own record).
     pub fn put_group(&self, pool: &Pool, key: &Key, rec: &GroupRecord) -> Result<(), StorageError> {
-        record::store(&pool.group_record_path(key), rec)
+        record::store(&*pool.sys.files, &pool.group_record_path(key), rec)
     }
 
     /// Removes a group snapshot's record durably (after its members are gone).
     pub fn remove_group(&self, pool: &Pool, key: &Key) -> Result<(), StorageError> {
-        files::remove_file_if_exists(&pool.group_record_path(key))?;
-        files::sync_dir(&pool.groups_dir())?;
+        pool.sys.files.remove_file_if_exists(&pool.group_record_path(key))?;
+        pool.sys.files.sync_dir(&pool.groups_dir())?;
         Ok(())
     }
 
     /// A copy of a record kept beside data moved out of the pool (`retain`, `archive`).
-    pub fn keep_copy(&self, path: &Path, rec: &VolumeRecord) -> Result<(), StorageError> {
-        record::store(path, rec)
+    pub fn keep_copy(&self, pool: &Pool, path: &Path, rec: &VolumeRecord) -> Result<(), StorageError> {
+        record::store(&*pool.sys.files, path, rec)
     }
 
     /// The id of the volume last seen under a CSI name.
@@ -198,14 +203,15 @@ impl PoolStore {
     /// whose server is gone keeps what was last read.
     pub fn refresh(&self, pool: &Pool, prefix: &str) {
         let (vdir, sdir) = (pool.collection_dir(Kind::Volume), pool.collection_dir(Kind::Snapshot));
+        let files = pool.sys.files.clone();
         let read = crate::sys::share::within(
             crate::sys::share::SHARE_TIMEOUT,
             "read records",
             pool.root(),
             move || {
                 Ok((
-                    read_records::<VolumeRecord>(&vdir)?,
-                    read_records::<SnapshotRecord>(&sdir)?,
+                    read_records::<VolumeRecord>(&*files, &vdir)?,
+                    read_records::<SnapshotRecord>(&*files, &sdir)?,
                 ))
             },
         );
@@ -240,9 +246,9 @@ impl PoolStore {
 
 /// Every record in a pool's collection directory (records that do not parse are skipped; the
 /// report names them).
-fn read_records<T: Record>(dir: &Path) -> Result<Vec<T>, SysError> {
+fn read_records<T: Record>(files: &dyn Files, dir: &Path) -> Result<Vec<T>, SysError> {
     let mut out = Vec::new();
-    for path in files::list_dir(dir)? {
+    for path in files.list_dir(dir)? {
         let Some(stem) = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -250,10 +256,10 @@ fn read_records<T: Record>(dir: &Path) -> Result<Vec<T>, SysError> {
         else {
             continue;
         };
-        if Key::parse(stem).is_err() || files::entry(&path)? != files::Entry::File {
+        if Key::parse(stem).is_err() || files.entry(&path)? != Entry::File {
             continue;
         }
-        if let Ok(Some(r)) = record::load::<T>(&path) {
+        if let Ok(Some(r)) = record::load::<T>(files, &path) {
             out.push(r);
         }
     }

@@ -3,9 +3,10 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use super::{Step, SysError};
+use super::{Recorded, Step, SysError};
 
 /// How much a write must survive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,9 +29,346 @@ fn fault(point: &'static str, path: &Path) -> Result<(), SysError> {
 /// The suffix of the temporary file `write_atomic` renames into place.
 pub const TMP_SUFFIX: &str = ".tmp";
 
+/// Plain file work at the grain of single operations, with the durability and containment rules
+/// the storage layer relies on: every record, rename, listing, sized file and lock of the storage
+/// and node code goes through it. [`LinuxFiles`] does it (each operation behind its named failure
+/// point); [`RecordingFiles`] records every call and can fail the next call of an operation with an
+/// errno, for the unit tests of the logic above `sys`.
+pub trait Files: Send + Sync {
+    /// Removes the temporary files of `write_atomic` in `dir` that a crash left (older than `age`,
+    /// so another process's write in progress on a shared directory is left alone).
+    fn remove_stale_temps(&self, dir: &Path, age: Duration) -> Result<usize, SysError>;
+    /// Replaces `path` with `bytes` atomically: temp file, (fsync), rename, (fsync of the directory).
+    fn write_atomic(&self, path: &Path, bytes: &[u8], durability: Durability) -> Result<(), SysError>;
+    /// fsyncs a directory so that entries created, renamed or removed in it are durable.
+    fn sync_dir(&self, dir: &Path) -> Result<(), SysError>;
+    /// Reads a file, `None` when it does not exist.
+    fn read_optional(&self, path: &Path) -> Result<Option<Vec<u8>>, SysError>;
+    /// Creates `path` holding `bytes` only if nothing is there yet, atomically even on a network
+    /// filesystem; `true` when this call created it.
+    fn create_exclusive(&self, path: &Path, bytes: &[u8]) -> Result<bool, SysError>;
+    /// Renames `from` to `to`; `false` when `from` was already gone.
+    fn rename_if_exists(&self, from: &Path, to: &Path) -> Result<bool, SysError>;
+    /// Removes a file; a file that is already gone is fine.
+    fn remove_file_if_exists(&self, path: &Path) -> Result<(), SysError>;
+    /// Creates a directory; one that exists is fine, a symlink or file in its place is an error.
+    fn ensure_dir(&self, path: &Path, mode: u32) -> Result<(), SysError>;
+    /// Fails unless `path` is a directory itself, not a symlink to one.
+    fn require_real_dir(&self, path: &Path) -> Result<(), SysError>;
+    /// What is at a path, without following a symlink there.
+    fn entry(&self, path: &Path) -> Result<Entry, SysError>;
+    /// Removes a whole tree without following symlinks; a tree already gone is fine.
+    fn remove_tree(&self, path: &Path) -> Result<(), SysError>;
+    /// Bytes the files of a tree occupy on disk (allocated blocks, so holes do not count).
+    fn allocated_bytes(&self, path: &Path) -> Result<u64, SysError>;
+    /// Allocated bytes of the tree at `path`, counted until they reach `stop`; what cannot be read
+    /// counts nothing.
+    fn allocated_upto(&self, path: &Path, stop: u64) -> u64;
+    /// Renames `from` to `to` (atomically, on one filesystem).
+    fn rename(&self, from: &Path, to: &Path) -> Result<(), SysError>;
+    /// Makes a directory and its missing parents.
+    fn mkdir_all(&self, path: &Path) -> Result<(), SysError>;
+    /// The paths of a directory's entries, in no particular order.
+    fn list_dir(&self, dir: &Path) -> Result<Vec<PathBuf>, SysError>;
+    /// Sets a path's permission bits.
+    fn set_mode(&self, path: &Path, mode: u32) -> Result<(), SysError>;
+    /// Sets a path's owner and group (`None` leaves that one as it is).
+    fn set_owner(&self, path: &Path, uid: Option<u32>, gid: Option<u32>) -> Result<(), SysError>;
+    /// A file's length in bytes.
+    fn len(&self, path: &Path) -> Result<u64, SysError>;
+    /// Creates a new sparse file of `len` bytes; an existing file is an error.
+    fn create_sized(&self, path: &Path, len: u64) -> Result<(), SysError>;
+    /// Grows a file to `len` bytes durably; a file already that long is left as it is.
+    fn grow_to(&self, path: &Path, len: u64) -> Result<(), SysError>;
+    /// Removes a file, or a directory only if it is empty; one already gone is fine.
+    fn remove_entry(&self, path: &Path) -> Result<(), SysError>;
+    /// Removes a directory that must be empty (ENOTEMPTY otherwise); one already gone is fine.
+    fn remove_dir(&self, path: &Path) -> Result<(), SysError>;
+    /// Removes an empty directory; one that is gone or not empty is left as it is.
+    fn remove_dir_if_empty(&self, path: &Path);
+    /// Takes an exclusive flock on a lock file that exists only while it is held, without waiting;
+    /// `None` when another holds it.
+    fn lock_while_held(&self, path: &Path) -> Result<Option<HeldLockFile>, SysError>;
+    /// Takes an exclusive flock on `path` without waiting; `create` makes the file when missing.
+    fn try_lock(&self, path: &Path, create: bool) -> Result<FileLock, SysError>;
+}
+
+/// The real file operations.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxFiles;
+
+impl Files for LinuxFiles {
+    fn remove_stale_temps(&self, dir: &Path, age: Duration) -> Result<usize, SysError> {
+        remove_stale_temps(dir, age)
+    }
+    fn write_atomic(&self, path: &Path, bytes: &[u8], durability: Durability) -> Result<(), SysError> {
+        write_atomic(path, bytes, durability)
+    }
+    fn sync_dir(&self, dir: &Path) -> Result<(), SysError> {
+        sync_dir(dir)
+    }
+    fn read_optional(&self, path: &Path) -> Result<Option<Vec<u8>>, SysError> {
+        read_optional(path)
+    }
+    fn create_exclusive(&self, path: &Path, bytes: &[u8]) -> Result<bool, SysError> {
+        create_exclusive(path, bytes)
+    }
+    fn rename_if_exists(&self, from: &Path, to: &Path) -> Result<bool, SysError> {
+        rename_if_exists(from, to)
+    }
+    fn remove_file_if_exists(&self, path: &Path) -> Result<(), SysError> {
+        remove_file_if_exists(path)
+    }
+    fn ensure_dir(&self, path: &Path, mode: u32) -> Result<(), SysError> {
+        ensure_dir(path, mode)
+    }
+    fn require_real_dir(&self, path: &Path) -> Result<(), SysError> {
+        require_real_dir(path)
+    }
+    fn entry(&self, path: &Path) -> Result<Entry, SysError> {
+        entry(path)
+    }
+    fn remove_tree(&self, path: &Path) -> Result<(), SysError> {
+        remove_tree(path)
+    }
+    fn allocated_bytes(&self, path: &Path) -> Result<u64, SysError> {
+        allocated_bytes(path)
+    }
+    fn allocated_upto(&self, path: &Path, stop: u64) -> u64 {
+        allocated_upto(path, stop)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> Result<(), SysError> {
+        rename(from, to)
+    }
+    fn mkdir_all(&self, path: &Path) -> Result<(), SysError> {
+        mkdir_all(path)
+    }
+    fn list_dir(&self, dir: &Path) -> Result<Vec<PathBuf>, SysError> {
+        list_dir(dir)
+    }
+    fn set_mode(&self, path: &Path, mode: u32) -> Result<(), SysError> {
+        set_mode(path, mode)
+    }
+    fn set_owner(&self, path: &Path, uid: Option<u32>, gid: Option<u32>) -> Result<(), SysError> {
+        set_owner(path, uid, gid)
+    }
+    fn len(&self, path: &Path) -> Result<u64, SysError> {
+        len(path)
+    }
+    fn create_sized(&self, path: &Path, len: u64) -> Result<(), SysError> {
+        create_sized(path, len)
+    }
+    fn grow_to(&self, path: &Path, len: u64) -> Result<(), SysError> {
+        grow_to(path, len)
+    }
+    fn remove_entry(&self, path: &Path) -> Result<(), SysError> {
+        remove_entry(path)
+    }
+    fn remove_dir(&self, path: &Path) -> Result<(), SysError> {
+        remove_dir(path)
+    }
+    fn remove_dir_if_empty(&self, path: &Path) {
+        remove_dir_if_empty(path)
+    }
+    fn lock_while_held(&self, path: &Path) -> Result<Option<HeldLockFile>, SysError> {
+        lock_while_held(path)
+    }
+    fn try_lock(&self, path: &Path, create: bool) -> Result<FileLock, SysError> {
+        try_lock(path, create)
+    }
+}
+
+/// File operations done for real on the paths given (the tests' temporary directories: none of
+/// them needs root), each recorded first; the next call of an operation can be made to fail with
+/// an errno before it touches anything. For unit tests of the logic above `sys`.
+#[derive(Debug, Default)]
+pub struct RecordingFiles {
+    state: Recorded<()>,
+}
+
+impl RecordingFiles {
+    /// Every call so far, in order: the operation's name and its path(s).
+    pub fn calls(&self) -> Vec<String> {
+        self.state.calls()
+    }
+
+    /// The next call of `op` (a method name of [`Files`], such as "write_atomic", "rename",
+    /// "list_dir") fails with `errno`, doing nothing.
+    pub fn fail_next(&self, op: &'static str, errno: i32) {
+        self.state.fail_next(op, errno);
+    }
+
+    /// Forgets every failure armed with `fail_next` and not yet reached.
+    pub fn disarm(&self) {
+        self.state.disarm();
+    }
+
+    /// The operations called since the `from`th call, each once, in the order of their first
+    /// call: what a test fails in turn. Only those that can fail (`allocated_upto` and
+    /// `remove_dir_if_empty` answer no error).
+    pub fn ops_since(&self, from: usize) -> Vec<&'static str> {
+        const FALLIBLE: &[&str] = &[
+            "remove_stale_temps",
+            "write_atomic",
+            "sync_dir",
+            "read_optional",
+            "create_exclusive",
+            "rename_if_exists",
+            "remove_file_if_exists",
+            "ensure_dir",
+            "require_real_dir",
+            "entry",
+            "remove_tree",
+            "allocated_bytes",
+            "rename",
+            "mkdir_all",
+            "list_dir",
+            "set_mode",
+            "set_owner",
+            "len",
+            "create_sized",
+            "grow_to",
+            "remove_entry",
+            "remove_dir",
+            "lock_while_held",
+            "try_lock",
+        ];
+        let mut seen = Vec::new();
+        for c in self.calls().iter().skip(from) {
+            let name = c.split(' ').next().unwrap_or_default();
+            if let Some(op) = FALLIBLE.iter().find(|o| **o == name) {
+                if !seen.contains(op) {
+                    seen.push(*op);
+                }
+            }
+        }
+        seen
+    }
+
+    /// Records the call and answers an armed failure; the lock is not held while the call runs.
+    fn enter(&self, op: &'static str, path: &Path, other: Option<&Path>) -> Result<(), SysError> {
+        let call = match other {
+            Some(o) => format!("{op} {} {}", path.display(), o.display()),
+            None => format!("{op} {}", path.display()),
+        };
+        self.state.enter(op, call, path).map(drop)
+    }
+}
+
+impl Files for RecordingFiles {
+    fn remove_stale_temps(&self, dir: &Path, age: Duration) -> Result<usize, SysError> {
+        self.enter("remove_stale_temps", dir, None)?;
+        remove_stale_temps(dir, age)
+    }
+    fn write_atomic(&self, path: &Path, bytes: &[u8], durability: Durability) -> Result<(), SysError> {
+        self.enter("write_atomic", path, None)?;
+        write_atomic(path, bytes, durability)
+    }
+    fn sync_dir(&self, dir: &Path) -> Result<(), SysError> {
+        self.enter("sync_dir", dir, None)?;
+        sync_dir(dir)
+    }
+    fn read_optional(&self, path: &Path) -> Result<Option<Vec<u8>>, SysError> {
+        self.enter("read_optional", path, None)?;
+        read_optional(path)
+    }
+    fn create_exclusive(&self, path: &Path, bytes: &[u8]) -> Result<bool, SysError> {
+        self.enter("create_exclusive", path, None)?;
+        create_exclusive(path, bytes)
+    }
+    fn rename_if_exists(&self, from: &Path, to: &Path) -> Result<bool, SysError> {
+        self.enter("rename_if_exists", from, Some(to))?;
+        rename_if_exists(from, to)
+    }
+    fn remove_file_if_exists(&self, path: &Path) -> Result<(), SysError> {
+        self.enter("remove_file_if_exists", path, None)?;
+        remove_file_if_exists(path)
+    }
+    fn ensure_dir(&self, path: &Path, mode: u32) -> Result<(), SysError> {
+        self.enter("ensure_dir", path, None)?;
+        ensure_dir(path, mode)
+    }
+    fn require_real_dir(&self, path: &Path) -> Result<(), SysError> {
+        self.enter("require_real_dir", path, None)?;
+        require_real_dir(path)
+    }
+    fn entry(&self, path: &Path) -> Result<Entry, SysError> {
+        self.enter("entry", path, None)?;
+        entry(path)
+    }
+    fn remove_tree(&self, path: &Path) -> Result<(), SysError> {
+        self.enter("remove_tree", path, None)?;
+        remove_tree(path)
+    }
+    fn allocated_bytes(&self, path: &Path) -> Result<u64, SysError> {
+        self.enter("allocated_bytes", path, None)?;
+        allocated_bytes(path)
+    }
+    fn allocated_upto(&self, path: &Path, stop: u64) -> u64 {
+        // Infallible by contract: an armed failure reads as nothing counted.
+        match self.enter("allocated_upto", path, None) {
+            Ok(()) => allocated_upto(path, stop),
+            Err(_) => 0,
+        }
+    }
+    fn rename(&self, from: &Path, to: &Path) -> Result<(), SysError> {
+        self.enter("rename", from, Some(to))?;
+        rename(from, to)
+    }
+    fn mkdir_all(&self, path: &Path) -> Result<(), SysError> {
+        self.enter("mkdir_all", path, None)?;
+        mkdir_all(path)
+    }
+    fn list_dir(&self, dir: &Path) -> Result<Vec<PathBuf>, SysError> {
+        self.enter("list_dir", dir, None)?;
+        list_dir(dir)
+    }
+    fn set_mode(&self, path: &Path, mode: u32) -> Result<(), SysError> {
+        self.enter("set_mode", path, None)?;
+        set_mode(path, mode)
+    }
+    fn set_owner(&self, path: &Path, uid: Option<u32>, gid: Option<u32>) -> Result<(), SysError> {
+        self.enter("set_owner", path, None)?;
+        set_owner(path, uid, gid)
+    }
+    fn len(&self, path: &Path) -> Result<u64, SysError> {
+        self.enter("len", path, None)?;
+        len(path)
+    }
+    fn create_sized(&self, path: &Path, len: u64) -> Result<(), SysError> {
+        self.enter("create_sized", path, None)?;
+        create_sized(path, len)
+    }
+    fn grow_to(&self, path: &Path, len: u64) -> Result<(), SysError> {
+        self.enter("grow_to", path, None)?;
+        grow_to(path, len)
+    }
+    fn remove_entry(&self, path: &Path) -> Result<(), SysError> {
+        self.enter("remove_entry", path, None)?;
+        remove_entry(path)
+    }
+    fn remove_dir(&self, path: &Path) -> Result<(), SysError> {
+        self.enter("remove_dir", path, None)?;
+        remove_dir(path)
+    }
+    fn remove_dir_if_empty(&self, path: &Path) {
+        if self.enter("remove_dir_if_empty", path, None).is_ok() {
+            remove_dir_if_empty(path)
+        }
+    }
+    fn lock_while_held(&self, path: &Path) -> Result<Option<HeldLockFile>, SysError> {
+        self.enter("lock_while_held", path, None)?;
+        lock_while_held(path)
+    }
+    fn try_lock(&self, path: &Path, create: bool) -> Result<FileLock, SysError> {
+        self.enter("try_lock", path, None)?;
+        try_lock(path, create)
+    }
+}
+
 /// Removes the temporary files of `write_atomic` in `dir` that a crash left (older than `age`, so
 /// another process's write in progress on a shared directory is left alone).
-pub fn remove_stale_temps(dir: &Path, age: std::time::Duration) -> Result<usize, SysError> {
+fn remove_stale_temps(dir: &Path, age: Duration) -> Result<usize, SysError> {
     let mut removed = 0;
     for e in fs::read_dir(dir).step("read directory", dir)?.flatten() {
         let name = e.file_name();
@@ -53,7 +391,7 @@ pub fn remove_stale_temps(dir: &Path, age: std::time::Duration) -> Result<usize,
 }
 
 /// Replaces `path` with `bytes` atomically: temp file, (fsync), rename, (fsync of the directory).
-pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> Result<(), SysError> {
+fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> Result<(), SysError> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}{TMP_SUFFIX}"));
@@ -88,13 +426,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> Result
 }
 
 /// fsyncs a directory so that entries created, renamed or removed in it are durable.
-pub fn sync_dir(dir: &Path) -> Result<(), SysError> {
+fn sync_dir(dir: &Path) -> Result<(), SysError> {
     fault("file:fsync", dir)?;
     File::open(dir).and_then(|d| d.sync_all()).step("fsync", dir)
 }
 
 /// Reads a file, `None` when it does not exist.
-pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, SysError> {
+fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, SysError> {
     match fs::read(path) {
         Ok(b) => Ok(Some(b)),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
@@ -105,7 +443,7 @@ pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, SysError> {
 /// Creates `path` holding `bytes` only if nothing is there yet, atomically even on a network
 /// filesystem: the bytes go to a private temp file (fsynced), which is then hard-linked to `path`
 /// (link(2) fails with EEXIST rather than replace). `true` when we created it.
-pub fn create_exclusive(path: &Path, bytes: &[u8]) -> Result<bool, SysError> {
+fn create_exclusive(path: &Path, bytes: &[u8]) -> Result<bool, SysError> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
@@ -135,7 +473,7 @@ pub fn create_exclusive(path: &Path, bytes: &[u8]) -> Result<bool, SysError> {
 }
 
 /// Renames `from` to `to`; `false` when `from` was already gone (someone else moved it first).
-pub fn rename_if_exists(from: &Path, to: &Path) -> Result<bool, SysError> {
+fn rename_if_exists(from: &Path, to: &Path) -> Result<bool, SysError> {
     fault("file:rename", from)?;
     match fs::rename(from, to) {
         Ok(()) => Ok(true),
@@ -145,7 +483,7 @@ pub fn rename_if_exists(from: &Path, to: &Path) -> Result<bool, SysError> {
 }
 
 /// Removes a file; a file that is already gone is fine.
-pub fn remove_file_if_exists(path: &Path) -> Result<(), SysError> {
+fn remove_file_if_exists(path: &Path) -> Result<(), SysError> {
     fault("file:unlink", path)?;
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
@@ -156,7 +494,7 @@ pub fn remove_file_if_exists(path: &Path) -> Result<(), SysError> {
 
 /// Creates a directory; one that already exists is fine, but a symlink or a file in its place is
 /// an error, so nothing is ever created through a planted link.
-pub fn ensure_dir(path: &Path, mode: u32) -> Result<(), SysError> {
+fn ensure_dir(path: &Path, mode: u32) -> Result<(), SysError> {
     use std::os::unix::fs::DirBuilderExt;
     // On a shared filesystem another node may be making this very directory at the same moment
     // (nodes opening one shared pool together): until its mkdir has completed, ours can answer
@@ -180,7 +518,7 @@ pub fn ensure_dir(path: &Path, mode: u32) -> Result<(), SysError> {
 }
 
 /// Fails unless `path` is a directory itself, not a symlink to one.
-pub fn require_real_dir(path: &Path) -> Result<(), SysError> {
+fn require_real_dir(path: &Path) -> Result<(), SysError> {
     let md = fs::symlink_metadata(path).step("lstat", path)?;
     if md.file_type().is_dir() {
         Ok(())
@@ -203,7 +541,7 @@ pub enum Entry {
     Other,
 }
 
-pub fn entry(path: &Path) -> Result<Entry, SysError> {
+fn entry(path: &Path) -> Result<Entry, SysError> {
     match fs::symlink_metadata(path) {
         Ok(md) => {
             let ft = md.file_type();
@@ -224,7 +562,7 @@ pub fn entry(path: &Path) -> Result<Entry, SysError> {
 
 /// Removes a whole tree without following symlinks (std's remove_dir_all never follows them).
 /// A tree that is already gone is fine.
-pub fn remove_tree(path: &Path) -> Result<(), SysError> {
+fn remove_tree(path: &Path) -> Result<(), SysError> {
     fault("file:remove", path)?;
     match entry(path)? {
         Entry::Missing => Ok(()),
@@ -238,7 +576,7 @@ pub fn remove_tree(path: &Path) -> Result<(), SysError> {
 }
 
 /// Bytes the files of a tree occupy on disk (allocated blocks, so holes do not count).
-pub fn allocated_bytes(path: &Path) -> Result<u64, SysError> {
+fn allocated_bytes(path: &Path) -> Result<u64, SysError> {
     let mut total = 0u64;
     let mut stack = vec![path.to_path_buf()];
     while let Some(p) = stack.pop() {
@@ -256,7 +594,7 @@ pub fn allocated_bytes(path: &Path) -> Result<u64, SysError> {
 /// Allocated bytes of the tree at `path` (a file, or a directory and all below it), counted until
 /// they reach `stop`: a walk can be long and a caller may only need to know whether a bound is
 /// passed. Symlinks are not followed; what cannot be read counts nothing.
-pub fn allocated_upto(path: &Path, stop: u64) -> u64 {
+fn allocated_upto(path: &Path, stop: u64) -> u64 {
     let mut total = 0u64;
     let mut stack = vec![path.to_path_buf()];
     while let Some(p) = stack.pop() {
@@ -275,19 +613,19 @@ pub fn allocated_upto(path: &Path, stop: u64) -> u64 {
 }
 
 /// Renames `from` to `to` (atomically, on one filesystem).
-pub fn rename(from: &Path, to: &Path) -> Result<(), SysError> {
+fn rename(from: &Path, to: &Path) -> Result<(), SysError> {
     fault("file:rename", to)?;
     fs::rename(from, to).map_err(|e| SysError::io("rename", to, e))
 }
 
 /// Makes a directory and its missing parents.
-pub fn mkdir_all(path: &Path) -> Result<(), SysError> {
+fn mkdir_all(path: &Path) -> Result<(), SysError> {
     fault("file:mkdir", path)?;
     fs::create_dir_all(path).step("mkdir", path)
 }
 
 /// The paths of a directory's entries, in no particular order.
-pub fn list_dir(dir: &Path) -> Result<Vec<std::path::PathBuf>, SysError> {
+fn list_dir(dir: &Path) -> Result<Vec<PathBuf>, SysError> {
     fault("file:list", dir)?;
     let mut out = Vec::new();
     for e in fs::read_dir(dir).step("read directory", dir)? {
@@ -297,23 +635,23 @@ pub fn list_dir(dir: &Path) -> Result<Vec<std::path::PathBuf>, SysError> {
 }
 
 /// Sets a path's permission bits.
-pub fn set_mode(path: &Path, mode: u32) -> Result<(), SysError> {
+fn set_mode(path: &Path, mode: u32) -> Result<(), SysError> {
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).step("chmod", path)
 }
 
 /// Sets a path's owner and group (`None` leaves that one as it is).
-pub fn set_owner(path: &Path, uid: Option<u32>, gid: Option<u32>) -> Result<(), SysError> {
+fn set_owner(path: &Path, uid: Option<u32>, gid: Option<u32>) -> Result<(), SysError> {
     std::os::unix::fs::chown(path, uid, gid).step("chown", path)
 }
 
 /// A file's length in bytes.
-pub fn len(path: &Path) -> Result<u64, SysError> {
+fn len(path: &Path) -> Result<u64, SysError> {
     fs::metadata(path).map(|m| m.len()).step("stat", path)
 }
 
 /// Creates a new file of `len` bytes (a sparse one: a hole until written); an existing file is an error.
-pub fn create_sized(path: &Path, len: u64) -> Result<(), SysError> {
+fn create_sized(path: &Path, len: u64) -> Result<(), SysError> {
     fault("file:create", path)?;
     let f = fs::OpenOptions::new()
         .write(true)
@@ -325,7 +663,7 @@ pub fn create_sized(path: &Path, len: u64) -> Result<(), SysError> {
 
 /// Grows a file to `len` bytes (the new part a hole) and makes that durable; a file already at least
 /// that long is left as it is.
-pub fn grow_to(path: &Path, len: u64) -> Result<(), SysError> {
+fn grow_to(path: &Path, len: u64) -> Result<(), SysError> {
     fault("file:grow", path)?;
     let f = fs::OpenOptions::new().write(true).open(path).step("open", path)?;
     let now = f.metadata().step("stat", path)?.len();
@@ -338,7 +676,7 @@ pub fn grow_to(path: &Path, len: u64) -> Result<(), SysError> {
 
 /// Removes a file, or a directory only if it is empty (a directory with anything in it is an error,
 /// never emptied); one that is already gone is fine.
-pub fn remove_entry(path: &Path) -> Result<(), SysError> {
+fn remove_entry(path: &Path) -> Result<(), SysError> {
     fault("file:unlink", path)?;
     let res = match entry(path)? {
         Entry::Missing => return Ok(()),
@@ -352,7 +690,7 @@ pub fn remove_entry(path: &Path) -> Result<(), SysError> {
 }
 
 /// Removes a directory that must be empty (ENOTEMPTY otherwise); one already gone is fine.
-pub fn remove_dir(path: &Path) -> Result<(), SysError> {
+fn remove_dir(path: &Path) -> Result<(), SysError> {
     fault("file:unlink", path)?;
     match fs::remove_dir(path) {
         Err(e) if e.kind() != ErrorKind::NotFound => Err(SysError::io("remove directory", path, e)),
@@ -361,7 +699,7 @@ pub fn remove_dir(path: &Path) -> Result<(), SysError> {
 }
 
 /// Removes an empty directory; a directory that is gone or not empty is left as it is.
-pub fn remove_dir_if_empty(path: &Path) {
+fn remove_dir_if_empty(path: &Path) {
     let _ = fs::remove_dir(path);
 }
 
@@ -455,7 +793,7 @@ impl Drop for HeldLockFile {
 /// lives; `None` when another process (or another open of this one) holds it. The file is removed
 /// when the lock is released, so lock files never pile up; a taker that locked a file just removed
 /// by its holder sees that the path names another file (or none) and tries again.
-pub fn lock_while_held(path: &Path) -> Result<Option<HeldLockFile>, SysError> {
+fn lock_while_held(path: &Path) -> Result<Option<HeldLockFile>, SysError> {
     use nix::fcntl::{Flock, FlockArg};
     fault("file:create", path)?;
     for _ in 0..8 {
@@ -490,7 +828,7 @@ pub fn lock_while_held(path: &Path) -> Result<Option<HeldLockFile>, SysError> {
 }
 
 /// Takes an exclusive flock on `path` without waiting; `create` makes the file when missing.
-pub fn try_lock(path: &Path, create: bool) -> Result<FileLock, SysError> {
+fn try_lock(path: &Path, create: bool) -> Result<FileLock, SysError> {
     use nix::fcntl::{Flock, FlockArg};
     let file = match OpenOptions::new()
         .read(true)

@@ -2,7 +2,9 @@
 //! grain of single operations, each with a Linux implementation and a recording fake, so storage
 //! and node logic can be tested without root: mounts ([`mount::Mounter`]), loop devices
 //! ([`devices::Devices`]), filesystems in images ([`filesystems::Filesystems`]) and btrfs
-//! ([`subvolumes::Subvolumes`]). Plain file work is done by the functions of [`files`].
+//! ([`subvolumes::Subvolumes`]), and plain file work ([`files::Files`]: records, renames, listings,
+//! sized files, locks), which needs no root but is a seam all the same so a test can fail any one
+//! file operation of a call and read what a call did.
 
 pub mod btrfs;
 pub mod copy;
@@ -33,6 +35,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 /// traits.
 #[derive(Clone)]
 pub struct StorageSys {
+    pub files: Arc<dyn files::Files>,
     pub filesystems: Arc<dyn filesystems::Filesystems>,
     pub subvolumes: Arc<dyn subvolumes::Subvolumes>,
     pub devices: Arc<dyn devices::Devices>,
@@ -43,6 +46,7 @@ impl StorageSys {
     /// The real thing: mkfs, FIFREEZE, btrfs ioctls, loop devices and the mount table.
     pub fn linux() -> StorageSys {
         StorageSys {
+            files: Arc::new(files::LinuxFiles),
             filesystems: Arc::new(filesystems::LinuxFilesystems),
             subvolumes: Arc::new(subvolumes::LinuxSubvolumes),
             devices: Arc::new(devices::LinuxDevices),
@@ -50,15 +54,17 @@ impl StorageSys {
         }
     }
 
-    /// Recording fakes for the filesystems and btrfs calls, and for devices and mounts (nothing
+    /// Recording fakes for the file, filesystems and btrfs calls, and for devices and mounts (nothing
     /// attached or mounted until a test's Node service does it through the same fakes).
     pub fn fakes(
+        files: Arc<files::RecordingFiles>,
         filesystems: Arc<filesystems::RecordingFilesystems>,
         subvolumes: Arc<subvolumes::RecordingSubvolumes>,
         devices: Arc<devices::RecordingDevices>,
         mounter: Arc<mount::RecordingMounter>,
     ) -> StorageSys {
         StorageSys {
+            files,
             filesystems,
             subvolumes,
             devices,

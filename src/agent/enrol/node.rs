@@ -22,7 +22,7 @@ use super::v1::{enrolment_client::EnrolmentClient, EnrolRequest};
 use crate::agent::remote::HostPort;
 use crate::agent::tls::{certificate_names, HANDSHAKE_TIMEOUT};
 use crate::storage::id::NodeId;
-use crate::sys::files::{ensure_dir, write_atomic, Durability};
+use crate::sys::files::{Durability, Files, LinuxFiles};
 use crate::sys::SysError;
 
 /// The files enrolment keeps in its directory.
@@ -253,21 +253,21 @@ impl NodeEnrolment {
         if CertificateDer::pem_slice_iter(answer.ca.as_bytes()).next().is_none() {
             return Err(bad("no PEM CA certificate".into()));
         }
-        ensure_dir(&self.dir, 0o700)?;
+        LinuxFiles.ensure_dir(&self.dir, 0o700)?;
         let mut ca = install_ca.to_vec();
         if !ca.ends_with(b"\n") {
             ca.push(b'\n');
         }
         ca.extend_from_slice(answer.ca.as_bytes());
         if std::fs::read(self.ca_file()).ok().as_deref() != Some(ca.as_slice()) {
-            write_atomic(&self.ca_file(), &ca, Durability::ProcessCrash)?;
+            LinuxFiles.write_atomic(&self.ca_file(), &ca, Durability::ProcessCrash)?;
         }
         let mut identity = answer.certificate.into_bytes();
         if !identity.ends_with(b"\n") {
             identity.push(b'\n');
         }
         identity.extend_from_slice(key.serialize_pem().as_bytes());
-        write_atomic(&self.identity_file(), &identity, Durability::ProcessCrash)?;
+        LinuxFiles.write_atomic(&self.identity_file(), &identity, Durability::ProcessCrash)?;
         Ok(at)
     }
 }

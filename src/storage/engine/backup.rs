@@ -169,7 +169,7 @@ impl LocalEngine {
                 capacity_bytes: rec.size_bytes,
                 fs_bytes: rec.fs_bytes,
                 length: match rec.layout {
-                    Layout::Image => files::len(&pool.data_path(Kind::Snapshot, key))?,
+                    Layout::Image => pool.sys.files.len(&pool.data_path(Kind::Snapshot, key))?,
                     _ => 0,
                 },
                 node: self.node.as_str().to_string(),

@@ -63,7 +63,7 @@ impl LocalEngine {
             else {
                 return sum;
             };
-            sum + ops.holds_back(r.capacity_bytes, &pool.data_path(Kind::Volume, &key))
+            sum + ops.holds_back(pool, r.capacity_bytes, &pool.data_path(Kind::Volume, &key))
         })
     }
 
@@ -174,17 +174,15 @@ impl LocalEngine {
                 message: format!("volume {id} {NO_RECORD} {}", self.node.as_str()),
             };
         };
-        if let Some(message) = self
-            .locate(&id.0)
-            .and_then(|pool| layout::fault(pool, rec.layout, &data))
-        {
+        let pool = self.locate(&id.0);
+        if let Some(message) = pool.and_then(|pool| layout::fault(pool, rec.layout, &data)) {
             return Condition {
                 abnormal: true,
                 message,
             };
         }
-        if !layout::of(rec.layout).enforces_capacity() {
-            let held = self.dir_bytes(id, &data, rec.capacity_bytes);
+        if let (Some(pool), false) = (pool, layout::of(rec.layout).enforces_capacity()) {
+            let held = self.dir_bytes(pool, id, &data, rec.capacity_bytes);
             if held > rec.capacity_bytes {
                 return Condition {
                     abnormal: true,
@@ -204,14 +202,14 @@ impl LocalEngine {
 
     /// Bytes a dir volume holds, counted at most every `DIR_USAGE_TTL` per volume (a walk of the
     /// whole tree) and only until it passes the capacity.
-    pub(super) fn dir_bytes(&self, id: &VolumeId, data: &std::path::Path, capacity: u64) -> u64 {
+    pub(super) fn dir_bytes(&self, pool: &Pool, id: &VolumeId, data: &std::path::Path, capacity: u64) -> u64 {
         let key = id.to_string();
         if let Some((at, bytes)) = lock(&self.dir_usage).get(&key) {
             if at.elapsed() < DIR_USAGE_TTL {
                 return *bytes;
             }
         }
-        let bytes = files::allocated_upto(data, capacity.saturating_add(1));
+        let bytes = pool.sys.files.allocated_upto(data, capacity.saturating_add(1));
         let mut cache = lock(&self.dir_usage);
         if cache.len() > 100_000 {
             cache.clear(); // bounded: a cache, not a record

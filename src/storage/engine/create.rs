@@ -27,7 +27,7 @@ impl LocalEngine {
                 let fs = FsType::parse(&p.fs_type).unwrap_or(pool.config.fs_type);
                 let made = layout::create_empty(pool, &p.key, p.layout, p.capacity, req.mode, fs)?;
                 if layout::of(p.layout).is_tree() {
-                    set_owner(&data, req.owner)?;
+                    set_owner(pool, &data, req.owner)?;
                 }
                 made.fs_bytes
             }
@@ -152,8 +152,14 @@ impl LocalEngine {
 
         // Data of this very volume left by a create that died before its record (whole in place,
         // or half-made in `.work`) is reused or replaced by this one: it does not take room from it.
-        let leftover = files::allocated_upto(&pool.data_path(Kind::Volume, &key), u64::MAX)
-            + files::allocated_upto(&pool.work_path(Kind::Volume, &key), u64::MAX);
+        let leftover = pool
+            .sys
+            .files
+            .allocated_upto(&pool.data_path(Kind::Volume, &key), u64::MAX)
+            + pool
+                .sys
+                .files
+                .allocated_upto(&pool.work_path(Kind::Volume, &key), u64::MAX);
         // Named with its node: in split mode this answer reaches the scheduler through the
         // controller, and says which node is full.
         let place = match self.location_of(&pool_name) {
@@ -277,7 +283,7 @@ impl LocalEngine {
         layout::clear_leftover(p.pool, Kind::Volume, &p.key)?;
         {
             let work = p.pool.work_path(Kind::Volume, &p.key);
-            if files::entry(&work)? != files::Entry::Missing {
+            if p.pool.sys.files.entry(&work)? != files::Entry::Missing {
                 layout::purge(&p.pool.sys, &work)?;
             }
             tracing::info!(volume = %p.id, layout = p.layout.as_str(), "import from another node started");
@@ -296,8 +302,8 @@ impl LocalEngine {
             }
             import.finish(header.length)?;
             crash::point("import:before-rename");
-            files::rename(&work, &data)?;
-            files::sync_dir(&p.pool.collection_dir(Kind::Volume))?;
+            p.pool.sys.files.rename(&work, &data)?;
+            p.pool.sys.files.sync_dir(&p.pool.collection_dir(Kind::Volume))?;
             tracing::info!(volume = %p.id, "import from another node checked and in place");
         }
         if layout::of(p.layout).has_filesystem() && req.mode == VolumeMode::Filesystem {
@@ -492,12 +498,12 @@ pub(super) fn copy_fs_type(pool: &Pool, src: &std::path::Path, asked: &str) -> R
 }
 
 /// Gives a new directory volume the owner and mode a StorageClass asked for.
-pub(super) fn set_owner(dir: &std::path::Path, o: Ownership) -> Result<(), StorageError> {
+pub(super) fn set_owner(pool: &Pool, dir: &std::path::Path, o: Ownership) -> Result<(), StorageError> {
     if o.uid.is_some() || o.gid.is_some() {
-        files::set_owner(dir, o.uid, o.gid)?;
+        pool.sys.files.set_owner(dir, o.uid, o.gid)?;
     }
     if let Some(mode) = o.mode {
-        files::set_mode(dir, mode)?;
+        pool.sys.files.set_mode(dir, mode)?;
     }
     Ok(())
 }

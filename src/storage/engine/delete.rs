@@ -58,7 +58,7 @@ impl LocalEngine {
         let trashed = pool
             .trash_dir()
             .join(format!("{}-{}", key.as_str(), uuid::Uuid::new_v4().simple()));
-        let moved = match files::entry(&data)? {
+        let moved = match pool.sys.files.entry(&data)? {
             files::Entry::Missing => false,
             // A read-only subvolume cannot move (its '..' cannot change); btrfs drops it atomically
             // in place instead.
@@ -67,17 +67,25 @@ impl LocalEngine {
                 false
             }
             _ => {
-                files::rename(&data, &trashed)?;
+                pool.sys.files.rename(&data, &trashed)?;
                 if let Err(e) = guard() {
-                    files::rename(&trashed, &data)?;
+                    pool.sys.files.rename(&trashed, &data)?;
                     return Err(e);
                 }
                 true
             }
         };
         crash::point("delete:after-trash");
-        // The data is in the trash whether or not the record's removal lands: purge it either way.
         let removed = self.store.remove(pool, kind, key, shown);
+        // A record whose removal failed (not a crash) gets its data back: the volume stays whole
+        // until the retry. Once the record is gone, the data in the trash is purged either way.
+        if removed.is_err()
+            && moved
+            && pool.sys.files.entry(&pool.record_path(kind, key)).ok() == Some(files::Entry::File)
+            && pool.sys.files.rename(&trashed, &data).is_ok()
+        {
+            return removed;
+        }
         if pool.shared() {
             // A shared volume may be a huge tree on a slow share: the purge runs in the background.
             if moved {
@@ -155,7 +163,7 @@ impl LocalEngine {
             Some(NodeUse::Free(held)) => (Vec::new(), Some(held)),
             Some(NodeUse::Busy) => return Err(StorageError::Busy(id.to_string())),
             Some(NodeUse::MountedAt(at)) => (at, None),
-            None if files::entry(data)? == files::Entry::Dir => {
+            None if pool.sys.files.entry(data)? == files::Entry::Dir => {
                 let table = mountinfo::read(std::path::Path::new(mountinfo::SELF))?;
                 (mountinfo::mounts_of(&table, data), None)
             }
@@ -193,23 +201,23 @@ impl LocalEngine {
             // again (a few rounds at most: each is lost only to an unstage at that very moment).
             let mut tries = 0;
             loop {
-                files::ensure_dir(&dir, 0o700)?;
-                match files::write_atomic(&mark, b"", files::Durability::PowerLoss) {
+                pool.sys.files.ensure_dir(&dir, 0o700)?;
+                match pool.sys.files.write_atomic(&mark, b"", files::Durability::PowerLoss) {
                     Err(e) if e.is_not_found() && tries < 4 => tries += 1,
                     r => break r?,
                 }
             }
         } else {
-            files::remove_file_if_exists(&mark)?;
+            pool.sys.files.remove_file_if_exists(&mark)?;
             // The directory goes when the last node's mark does; another node's new mark keeps it.
-            files::remove_dir_if_empty(&dir);
+            pool.sys.files.remove_dir_if_empty(&dir);
         }
         Ok(())
     }
 
     /// Loop devices attached to an image's file (none for other layouts).
     pub(super) fn attached(pool: &Pool, data: &std::path::Path) -> Result<Vec<loopdev::LoopDevice>, StorageError> {
-        if files::entry(data)? != files::Entry::File {
+        if pool.sys.files.entry(data)? != files::Entry::File {
             return Ok(Vec::new());
         }
         Ok(pool.sys.devices.find_by_backing(data)?)
@@ -226,29 +234,31 @@ impl LocalEngine {
         stamp: bool,
         guard: &dyn Fn() -> Result<(), StorageError>,
     ) -> Result<(), StorageError> {
-        files::ensure_dir(dir, 0o700)?;
+        pool.sys.files.ensure_dir(dir, 0o700)?;
         let (secs, _) = now();
         let mut name = if stamp {
             format!("{}-{}", key.as_str(), secs)
         } else {
             key.as_str().to_string()
         };
-        if files::entry(&dir.join(&name))? != files::Entry::Missing {
+        if pool.sys.files.entry(&dir.join(&name))? != files::Entry::Missing {
             name = format!("{}-{}-{}", key.as_str(), secs, uuid::Uuid::new_v4().simple());
         }
         let data = pool.data_path(Kind::Volume, key);
         let dest = dir.join(&name);
-        self.store.keep_copy(&dir.join(format!("{name}.json")), rec)?;
-        if files::entry(&data)? != files::Entry::Missing {
-            files::rename(&data, &dest)?;
+        self.store.keep_copy(pool, &dir.join(format!("{name}.json")), rec)?;
+        if pool.sys.files.entry(&data)? != files::Entry::Missing {
+            pool.sys.files.rename(&data, &dest)?;
             if let Err(e) = guard() {
-                files::rename(&dest, &data)?;
-                files::remove_file_if_exists(&dir.join(format!("{name}.json")))?;
+                pool.sys.files.rename(&dest, &data)?;
+                pool.sys
+                    .files
+                    .remove_file_if_exists(&dir.join(format!("{name}.json")))?;
                 return Err(e);
             }
         }
         self.store.remove(pool, Kind::Volume, key, &rec.id.to_string())?;
-        files::sync_dir(dir)?;
+        pool.sys.files.sync_dir(dir)?;
         tracing::info!(volume = %rec.id, kept_at = %dest.display(), "volume data kept by delete policy");
         Ok(())
     }
@@ -275,11 +285,11 @@ pub enum NodeUse {
 /// The nodes that hold a directory volume of a shared pool staged, from their marks on the share.
 pub(super) fn staged_marks(pool: &Pool, key: &Key) -> Result<Vec<String>, StorageError> {
     let dir = pool.staged_dir(key);
-    if files::entry(&dir)? == files::Entry::Missing {
+    if pool.sys.files.entry(&dir)? == files::Entry::Missing {
         return Ok(Vec::new());
     }
     // The last node's unstage may remove the directory between the look and the listing.
-    let listed = match files::list_dir(&dir) {
+    let listed = match pool.sys.files.list_dir(&dir) {
         Err(e) if e.is_not_found() => Vec::new(),
         r => r?,
     };

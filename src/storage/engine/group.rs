@@ -350,7 +350,7 @@ impl LocalEngine {
         if let Some(Err(e)) = marker
             .as_ref()
             .filter(|_| !stuck)
-            .map(|m| files::remove_file_if_exists(m))
+            .map(|m| pool.sys.files.remove_file_if_exists(m))
         {
             tracing::warn!(error = %e, "could not remove a freeze mark; the next start removes it");
         }
@@ -379,7 +379,9 @@ impl LocalEngine {
         ));
         let text: Vec<String> = points.iter().map(|p| p.display().to_string()).collect();
         // A reboot thaws everything: the mark need only outlive the process.
-        files::write_atomic(&marker, text.join("\n").as_bytes(), files::Durability::ProcessCrash)?;
+        pool.sys
+            .files
+            .write_atomic(&marker, text.join("\n").as_bytes(), files::Durability::ProcessCrash)?;
         Ok(Some(marker))
     }
 
@@ -390,14 +392,17 @@ impl LocalEngine {
         let mine = format!("{FROZEN_MARK}{}-", self.node.as_str());
         for pool in self.pools.values() {
             let dir = pool.groups_dir();
-            let Ok(entries) = files::list_dir(&dir) else {
+            let Ok(entries) = pool.sys.files.list_dir(&dir) else {
                 continue;
             };
             for path in entries {
                 if !path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&mine)) {
                     continue;
                 }
-                let listed = files::read_optional(&path)
+                let listed = pool
+                    .sys
+                    .files
+                    .read_optional(&path)
                     .ok()
                     .flatten()
                     .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -413,7 +418,7 @@ impl LocalEngine {
                         }
                     }
                 }
-                if let Err(err) = files::remove_file_if_exists(&path) {
+                if let Err(err) = pool.sys.files.remove_file_if_exists(&path) {
                     tracing::warn!(path = %path.display(), error = %err, "could not remove a freeze mark");
                 }
             }
@@ -433,7 +438,7 @@ impl LocalEngine {
         if !pool.shared() {
             return Ok(());
         }
-        let Some(bytes) = files::read_optional(&pool.lease_path(&v.0.key))? else {
+        let Some(bytes) = pool.sys.files.read_optional(&pool.lease_path(&v.0.key))? else {
             return Ok(());
         };
         let holder = serde_json::from_slice::<crate::storage::lease::LeaseFile>(&bytes)

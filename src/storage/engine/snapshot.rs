@@ -68,7 +68,7 @@ impl LocalEngine {
         let mark = self.mark_frozen(pool, &points)?;
         let copied = layout::create_copy(pool, Kind::Snapshot, &key, from.layout, &from.path, false, freeze);
         if let (Ok(()), Some(m)) = (&copied, &mark) {
-            if let Err(e) = files::remove_file_if_exists(m) {
+            if let Err(e) = pool.sys.files.remove_file_if_exists(m) {
                 tracing::warn!(error = %e, "could not remove a freeze mark; the next start removes it");
             }
         }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::storage::config::Config;
+use crate::sys::files::{Files, LinuxFiles, RecordingFiles};
 use crate::sys::filesystems::RecordingFilesystems;
 use crate::sys::fstools::FsType;
 use crate::sys::subvolumes::RecordingSubvolumes;
@@ -183,6 +184,7 @@ fn a_delete_removes_the_data_and_the_record_and_is_repeatable() {
 struct Faked {
     dir: tempfile::TempDir,
     engine: LocalEngine,
+    files: Arc<RecordingFiles>,
     filesystems: Arc<RecordingFilesystems>,
     subvolumes: Arc<RecordingSubvolumes>,
     devices: Arc<crate::sys::devices::RecordingDevices>,
@@ -196,11 +198,13 @@ fn faked(fs: FsType) -> Faked {
     let mut config = Config::default_for(dir.path());
     config.pools[0].layouts.extend([Layout::Image, Layout::Btrfs]);
     config.pools[0].fs_type = fs;
+    let files = Arc::new(RecordingFiles::default());
     let filesystems = Arc::new(RecordingFilesystems::default());
     let subvolumes = Arc::new(RecordingSubvolumes::over(dir.path()));
     let devices = Arc::new(crate::sys::devices::RecordingDevices::default());
     let mounter = Arc::new(crate::sys::mount::RecordingMounter::default());
     let sys = StorageSys::fakes(
+        files.clone(),
         filesystems.clone(),
         subvolumes.clone(),
         devices.clone(),
@@ -211,6 +215,7 @@ fn faked(fs: FsType) -> Faked {
     Faked {
         dir,
         engine,
+        files,
         filesystems,
         subvolumes,
         devices,
@@ -228,14 +233,16 @@ impl Faked {
     /// What a failed call may have left: anything in `.work`, half-written records, subvolumes.
     fn leftovers(&self) -> Vec<String> {
         let pool = self.pool();
-        let mut left: Vec<String> = files::list_dir(&pool.work_dir())
+        let mut left: Vec<String> = LinuxFiles
+            .list_dir(&pool.work_dir())
             .expect("work")
             .into_iter()
             .map(|p| p.display().to_string())
             .collect();
         for kind in [Kind::Volume, Kind::Snapshot] {
             left.extend(
-                files::list_dir(&pool.collection_dir(kind))
+                LinuxFiles
+                    .list_dir(&pool.collection_dir(kind))
                     .expect("collection")
                     .into_iter()
                     .map(|p| p.display().to_string())
@@ -472,7 +479,7 @@ fn a_delete_whose_disk_fails_once_leaves_no_trash_once_retried() {
         f.engine.delete_volume(&rec.id).expect("the retried delete");
         assert_eq!(f.engine.volume(&rec.id), None);
         assert_eq!(
-            files::list_dir(&trash).expect("trash"),
+            LinuxFiles.list_dir(&trash).expect("trash"),
             Vec::<std::path::PathBuf>::new(),
             "after {point} failed once, the retried delete purges what the first one moved"
         );
@@ -516,12 +523,12 @@ fn replicas_never_work_on_one_shared_volume_at_once() {
         r => panic!("b must not build the same volume in the same place at once: {r:?}"),
     }
     let locks = dir.path().join("share/.locks");
-    assert_eq!(files::list_dir(&locks).expect("locks").len(), 1);
+    assert_eq!(LinuxFiles.list_dir(&locks).expect("locks").len(), 1);
     drop(held);
     let rec = b.create_volume(req()).expect("once a is done, b makes it");
     assert_eq!(a.create_volume(req()).expect("and a finds it"), rec);
     assert!(
-        files::list_dir(&locks).expect("locks").is_empty(),
+        LinuxFiles.list_dir(&locks).expect("locks").is_empty(),
         "lock files exist only while held"
     );
 }
@@ -605,7 +612,8 @@ fn temporary_files_left_beside_leases_and_stage_marks_are_swept_once_stale() {
     // A lock file left by a process killed mid-call goes at the next sweep; a held one stays.
     let left = root.join(".locks/volumes-pvc-d");
     std::fs::write(&left, b"").expect("lock file");
-    let held = files::lock_while_held(&root.join(".locks/volumes-pvc-e"))
+    let held = LinuxFiles
+        .lock_while_held(&root.join(".locks/volumes-pvc-e"))
         .expect("lock")
         .expect("free");
     assert_eq!(pool.remove_stale_temps().expect("sweep"), 1);
@@ -640,7 +648,7 @@ fn a_group_snapshot_whose_records_fail_leaves_no_member_behind() {
     assert!(failed.is_err(), "{failed:?}");
     let snaps = default_pool(&f.engine).collection_dir(Kind::Snapshot);
     assert_eq!(
-        files::list_dir(&snaps).expect("snapshots"),
+        LinuxFiles.list_dir(&snaps).expect("snapshots"),
         Vec::<std::path::PathBuf>::new(),
         "no member's data or record is left by a group snapshot that failed"
     );
@@ -677,7 +685,8 @@ fn a_consistent_snapshot_that_fails_mid_copy_leaves_a_mark_the_next_start_thaws(
     // (The fake arms one failure per operation: the second thaw try succeeds. What matters here:
     // the mark outlives the failed call, and a start thaws what it names.)
     let marks = || {
-        files::list_dir(&f.pool().groups_dir())
+        LinuxFiles
+            .list_dir(&f.pool().groups_dir())
             .expect("groups")
             .into_iter()
             .filter(|p| {
@@ -944,4 +953,181 @@ fn every_shared_pool_renews_leases_even_once_its_config_no_longer_offers_images(
     let e = LocalEngine::open(node, &config).expect("engine");
     assert!(e.shared_lease(&id(&vol)).is_some());
     assert_eq!(e.leasing_pools(), vec![config.pools[0].name.clone()]);
+}
+
+/// Runs `call` once to learn which file operations it makes, then, for each of them, on a fresh
+/// engine made ready by `setup`, fails its first call with EIO, hands the outcome to `check`, and
+/// lets `retry` repeat the call with nothing failing. Returns the operations tried.
+fn each_file_operation_failing<T>(
+    layout: Layout,
+    setup: impl Fn(&Faked) -> T,
+    call: impl Fn(&Faked, &T) -> Result<(), StorageError>,
+    check: impl Fn(&Faked, &T, &str, &Result<(), StorageError>),
+) -> Vec<&'static str> {
+    let f = faked(FsType::Ext4);
+    let t = setup(&f);
+    let before = f.files.calls().len();
+    call(&f, &t).unwrap_or_else(|e| panic!("{layout:?}: the call succeeds with nothing failing: {e}"));
+    let ops = f.files.ops_since(before);
+    for op in &ops {
+        let f = faked(FsType::Ext4);
+        let t = setup(&f);
+        f.files.fail_next(op, libc::EIO);
+        let r = call(&f, &t);
+        f.files.disarm();
+        check(&f, &t, op, &r);
+        assert_eq!(
+            f.leftovers(),
+            Vec::<String>::new(),
+            "{layout:?}, {op} failing: nothing in .work, no half record"
+        );
+        call(&f, &t).unwrap_or_else(|e| panic!("{layout:?}, {op} failing: the retry succeeds: {e}"));
+        check(&f, &t, op, &Ok(()));
+    }
+    ops
+}
+
+/// After a make (create, clone, snapshot) that failed or succeeded: made with its data and record,
+/// or neither (no data without a record).
+fn made_or_nothing(f: &Faked, kind: Kind, name: &str, what: &str, r: &Result<(), StorageError>) {
+    let key = Key::from_name(name);
+    let (data, record) = (f.pool().data_path(kind, &key), f.pool().record_path(kind, &key));
+    match r {
+        Ok(()) => assert!(record.exists() && data.exists(), "{what}: made, with its data"),
+        Err(e) => {
+            assert!(!record.exists(), "{what} failing ({e}): no record");
+            assert!(!data.exists(), "{what} failing ({e}): no data without a record");
+        }
+    }
+}
+
+#[test]
+fn any_file_operation_of_a_create_failing_leaves_no_data_without_its_record() {
+    for layout in [Layout::Dir, Layout::Btrfs, Layout::Image] {
+        let ops = each_file_operation_failing(
+            layout,
+            |_| (),
+            |f, _| {
+                f.engine
+                    .create_volume(NewVolume::plain("pvc-f", Some(layout), 32 * MIB))
+                    .map(drop)
+            },
+            |f, _, op, r| {
+                made_or_nothing(f, Kind::Volume, "pvc-f", &format!("{layout:?}, {op}"), r);
+                let listed = f.engine.volume_named("pvc-f").is_some();
+                assert_eq!(listed, r.is_ok(), "{layout:?}, {op}: listed when made");
+                if r.is_err() {
+                    assert!(f.subvolumes().is_empty(), "{layout:?}, {op} failing: no subvolume left");
+                }
+            },
+        );
+        assert!(
+            ops.contains(&"write_atomic"),
+            "{layout:?}: a create writes its record: {ops:?}"
+        );
+    }
+}
+
+#[test]
+fn any_file_operation_of_a_delete_failing_leaves_the_volume_whole_or_gone() {
+    for layout in [Layout::Dir, Layout::Btrfs, Layout::Image] {
+        let key = Key::from_name("pvc-d");
+        let ops = each_file_operation_failing(
+            layout,
+            |f| {
+                f.engine
+                    .create_volume(NewVolume::plain("pvc-d", Some(layout), 32 * MIB))
+                    .expect("the volume")
+                    .id
+            },
+            |f, v| f.engine.delete_volume(v),
+            |f, v, op, r| {
+                let (data, record) = (
+                    f.pool().data_path(Kind::Volume, &key),
+                    f.pool().record_path(Kind::Volume, &key),
+                );
+                let listed = f.engine.volume(v).is_some();
+                assert_eq!(record.exists(), listed, "{layout:?}, {op}: listed as on disk");
+                if r.is_ok() {
+                    assert!(
+                        !record.exists() && !data.exists(),
+                        "{layout:?}, {op}: deleted, data and record"
+                    );
+                }
+                // Failed: whole, or gone (the record was unlinked, its flush failed). A btrfs
+                // subvolume is dropped in place before its record goes: a failure after that
+                // leaves the record alone, which the retry removes (docs/design.md).
+                assert!(
+                    !data.exists() || record.exists(),
+                    "{layout:?}, {op}: no data without a record"
+                );
+                assert!(
+                    data.exists() || !record.exists() || layout == Layout::Btrfs,
+                    "{layout:?}, {op}: a record names its data"
+                );
+            },
+        );
+        assert!(
+            ops.contains(&"remove_file_if_exists"),
+            "{layout:?}: a delete removes its record: {ops:?}"
+        );
+    }
+}
+
+#[test]
+fn any_file_operation_of_a_snapshot_failing_leaves_no_snapshot_data_without_its_record() {
+    for layout in [Layout::Dir, Layout::Btrfs, Layout::Image] {
+        let ops = each_file_operation_failing(
+            layout,
+            |f| {
+                f.engine
+                    .create_volume(NewVolume::plain("pvc-s", Some(layout), 32 * MIB))
+                    .expect("the source")
+                    .id
+            },
+            |f, v| f.engine.create_snapshot("snap-f", v, false).map(drop),
+            |f, v, op, r| {
+                made_or_nothing(f, Kind::Snapshot, "snap-f", &format!("{layout:?}, {op}"), r);
+                let listed = f.engine.snapshots().into_iter().find(|s| s.name == "snap-f");
+                let want = r.as_ref().ok().map(|()| v.clone());
+                assert_eq!(
+                    listed.map(|s| s.source_volume_id),
+                    want,
+                    "{layout:?}, {op}: listed when made"
+                );
+                assert!(f.engine.volume(v).is_some(), "{layout:?}, {op}: the source stays");
+            },
+        );
+        assert!(
+            ops.contains(&"write_atomic"),
+            "{layout:?}: a snapshot writes its record: {ops:?}"
+        );
+    }
+}
+
+#[test]
+fn any_file_operation_of_a_clone_failing_leaves_no_data_without_its_record() {
+    for layout in [Layout::Dir, Layout::Btrfs, Layout::Image] {
+        each_file_operation_failing(
+            layout,
+            |f| {
+                f.engine
+                    .create_volume(NewVolume::plain("pvc-src", Some(layout), 32 * MIB))
+                    .expect("the source")
+                    .id
+            },
+            |f, src| {
+                f.engine
+                    .create_volume(NewVolume {
+                        source: Some(Source::Volume(src.clone())),
+                        ..NewVolume::plain("pvc-c", Some(layout), 32 * MIB)
+                    })
+                    .map(drop)
+            },
+            |f, src, op, r| {
+                made_or_nothing(f, Kind::Volume, "pvc-c", &format!("{layout:?}, {op}"), r);
+                assert!(f.engine.volume(src).is_some(), "{layout:?}, {op}: the source stays");
+            },
+        );
+    }
 }

@@ -47,7 +47,7 @@ impl LayoutOps for Btrfs {
         let data = pool.data_path(Kind::Volume, key);
         let subvolumes = &pool.sys.subvolumes;
         subvolumes.create(&data)?;
-        open_to_all(&data)?;
+        open_to_all(pool, &data)?;
         subvolumes.set_limit(&data, capacity)?;
         // A new subvolume is on disk only after the next transaction commit; the record that
         // follows must not promise a volume a power loss could take back.

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::sys::{copy, files};
+use crate::sys::copy;
 
 use super::{copy_via_work, open_to_all, LayoutOps, Made};
 use crate::storage::id::Key;
@@ -25,8 +25,8 @@ impl LayoutOps for Dir {
 
     fn make_empty(&self, pool: &Pool, key: &Key, _: u64, _: VolumeMode, _: FsType) -> Result<Made, StorageError> {
         let data = pool.data_path(Kind::Volume, key);
-        files::ensure_dir(&data, 0o777)?;
-        open_to_all(&data)?;
+        pool.sys.files.ensure_dir(&data, 0o777)?;
+        open_to_all(pool, &data)?;
         Ok(Made { fs_bytes: 0 })
     }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::crash;
 use crate::sys::fstools::{FsType, Reach};
-use crate::sys::{copy, files, StorageSys};
+use crate::sys::{copy, StorageSys};
 
 use super::{allocated, copy_via_work, image_mounts, Frozen, LayoutOps, Made};
 use crate::storage::id::Key;
@@ -56,8 +56,8 @@ impl LayoutOps for Image {
         image_mounts(sys, data)
     }
 
-    fn holds_back(&self, capacity: u64, data: &Path) -> u64 {
-        capacity.saturating_sub(allocated(data))
+    fn holds_back(&self, pool: &Pool, capacity: u64, data: &Path) -> u64 {
+        capacity.saturating_sub(allocated(pool, data))
     }
 
     fn make_empty(
@@ -70,17 +70,20 @@ impl LayoutOps for Image {
     ) -> Result<Made, StorageError> {
         let data = pool.data_path(Kind::Volume, key);
         let work = pool.work_path(Kind::Volume, key);
-        files::remove_tree(&work)?;
-        files::create_sized(&work, capacity)?;
-        if mode == VolumeMode::Filesystem {
-            let reach = if pool.shared() { Reach::Shared } else { Reach::OneNode };
-            if let Err(e) = pool.sys.filesystems.mkfs(fs, &work, reach) {
-                let _ = files::remove_tree(&work); // nothing is left in `.work` for the retry to trip on
-                return Err(e.into());
+        pool.sys.files.remove_tree(&work)?;
+        let made = (|| -> Result<(), StorageError> {
+            pool.sys.files.create_sized(&work, capacity)?;
+            if mode == VolumeMode::Filesystem {
+                let reach = if pool.shared() { Reach::Shared } else { Reach::OneNode };
+                pool.sys.filesystems.mkfs(fs, &work, reach)?;
             }
+            crash::point("image:before-rename");
+            Ok(pool.sys.files.rename(&work, &data)?)
+        })();
+        if made.is_err() {
+            let _ = pool.sys.files.remove_tree(&work); // nothing is left in `.work` for the retry to trip on
         }
-        crash::point("image:before-rename");
-        files::rename(&work, &data)?;
+        made?;
         Ok(Made {
             fs_bytes: if mode == VolumeMode::Filesystem { capacity } else { 0 },
         })
@@ -102,7 +105,7 @@ impl LayoutOps for Image {
         })
     }
 
-    fn set_capacity(&self, _: &Pool, data: &Path, capacity: u64) -> Result<(), StorageError> {
-        Ok(files::grow_to(data, capacity)?)
+    fn set_capacity(&self, pool: &Pool, data: &Path, capacity: u64) -> Result<(), StorageError> {
+        Ok(pool.sys.files.grow_to(data, capacity)?)
     }
 }

@@ -105,7 +105,7 @@ pub trait LayoutOps: Sync {
     }
     /// Bytes of the pool an existing volume of `capacity` may still grow into (room held back from
     /// new volumes).
-    fn holds_back(&self, _capacity: u64, _data: &Path) -> u64 {
+    fn holds_back(&self, _pool: &Pool, _capacity: u64, _data: &Path) -> u64 {
         0
     }
     /// Makes an empty volume at its data path.
@@ -203,11 +203,16 @@ fn copy_via_work(
 ) -> Result<(), StorageError> {
     let data = pool.data_path(kind, key);
     let work = pool.work_path(kind, key);
-    files::remove_tree(&work)?;
-    build(&work)?;
-    crash::point("copy:before-rename");
-    files::rename(&work, &data)?;
-    Ok(())
+    pool.sys.files.remove_tree(&work)?;
+    let built = build(&work).and_then(|()| {
+        crash::point("copy:before-rename");
+        Ok(pool.sys.files.rename(&work, &data)?)
+    });
+    if built.is_err() {
+        // A failed build or rename leaves nothing in `.work` (a subvolume there goes through btrfs).
+        let _ = purge(&pool.sys, &work);
+    }
+    built
 }
 
 /// Invariant 2: a record names exactly the data it was made for. Data at an object's place with no
@@ -216,7 +221,7 @@ fn copy_via_work(
 /// Callers hold the object's lock and have checked that it has no record.
 pub fn clear_leftover(pool: &Pool, kind: Kind, key: &Key) -> Result<(), StorageError> {
     let data = pool.data_path(kind, key);
-    match files::entry(&data)? {
+    match pool.sys.files.entry(&data)? {
         files::Entry::Missing => return Ok(()),
         files::Entry::Dir if pool.sys.subvolumes.is_subvolume(&data).unwrap_or(false) => {
             pool.sys.subvolumes.delete(&data)?
@@ -225,7 +230,7 @@ pub fn clear_leftover(pool: &Pool, kind: Kind, key: &Key) -> Result<(), StorageE
             let trashed = pool
                 .trash_dir()
                 .join(format!("leftover-{}-{}", key.as_str(), uuid::Uuid::new_v4().simple()));
-            files::rename(&data, &trashed)?;
+            pool.sys.files.rename(&data, &trashed)?;
             purge(&pool.sys, &trashed)?;
         }
     }
@@ -240,13 +245,13 @@ pub fn purge(sys: &StorageSys, path: &Path) -> Result<(), StorageError> {
         sys.subvolumes.delete(path)?;
         return Ok(());
     }
-    files::remove_tree(path)?;
+    sys.files.remove_tree(path)?;
     Ok(())
 }
 
 /// Why a volume's data is not as its record says, if it is not.
 pub fn fault(pool: &Pool, layout: Layout, data: &Path) -> Option<String> {
-    let entry = match files::entry(data) {
+    let entry = match pool.sys.files.entry(data) {
         Ok(e) => e,
         Err(e) => return Some(format!("volume data {} cannot be read: {e}", data.display())),
     };
@@ -268,8 +273,8 @@ pub fn fault(pool: &Pool, layout: Layout, data: &Path) -> Option<String> {
 }
 
 /// Allocated bytes of an image file: what it already uses of its capacity.
-pub fn allocated(data: &Path) -> u64 {
-    files::allocated_upto(data, u64::MAX)
+pub fn allocated(pool: &Pool, data: &Path) -> u64 {
+    pool.sys.files.allocated_upto(data, u64::MAX)
 }
 
 /// Every filesystem mounted from a loop device of `image`, frozen for as long as this lives, so a
@@ -329,6 +334,6 @@ impl Drop for Frozen {
 }
 
 /// Volumes are opened to every user like a fresh emptyDir; fsGroup narrows them in Kubernetes.
-fn open_to_all(dir: &Path) -> Result<(), StorageError> {
-    Ok(files::set_mode(dir, 0o777)?)
+fn open_to_all(pool: &Pool, dir: &Path) -> Result<(), StorageError> {
+    Ok(pool.sys.files.set_mode(dir, 0o777)?)
 }
