@@ -9,6 +9,21 @@
 #
 #   bench/transfer.sh                      # SIZE_MIB=1024 RUNS=3
 #   CELLAR_BIN=target/debug/cellar SIZE_MIB=64 RUNS=1 bench/transfer.sh   # a quick smoke run
+#
+# THEN_BIN=<an older cellar> (optional) also measures the restore relayed by an older build, the
+# only way builds before node-to-node transfers (commit 9931563) had, e.g. the release of 701232a,
+# the commit issue #13 was filed against:
+#
+#   git worktree add --detach /tmp/cellar-then 701232a
+#   (cd /tmp/cellar-then && CARGO_TARGET_DIR=/tmp/cellar-then-target cargo build --release)
+#   THEN_BIN=/tmp/cellar-then-target/release/cellar SIZE_MIB=1024 RUNS=5 bench/transfer.sh
+#
+# It starts a second controller and two more nodes of that build beside today's (own data dirs and
+# ports), with the flags such builds understood: one node certificate shared by the nodes (SAN
+# cellar-agent), no --require-node-certificates, no --node-transfers. A source of the same bytes is
+# snapshotted there, and each round restores it onto the old node-2, then today's direct, then
+# today's relay, in that order, so that load on the machine meets the three alike. The CSI calls go
+# through CELLAR_BIN's `cellar csi` (a client for any CSI driver) in all three ways.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${SIZE_MIB:-1024}
@@ -19,6 +34,11 @@ if [ -z "${CELLAR_BIN:-}" ]; then
   CELLAR_BIN=target/release/cellar
 fi
 bin=$(realpath "$CELLAR_BIN")
+then_bin=
+if [ -n "${THEN_BIN:-}" ]; then
+  then_bin=$(realpath "$THEN_BIN")
+  [ -x "$then_bin" ] || { echo "THEN_BIN $THEN_BIN is not an executable" >&2; exit 1; }
+fi
 command -v python3 >/dev/null || { echo "python3 is missing" >&2; exit 1; }
 pids=()
 stop() { for p in "$@"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
@@ -91,6 +111,34 @@ head -c "${SIZE_MIB}M" /dev/urandom >"$dir/node-1/pools/default/volumes/src/data
 snap=$(csi snapshot snap "$src" | id_of)
 sync
 
+# THEN_BIN: an older build's controller and two nodes under $dir/then, with a source of the same bytes
+# and its snapshot. They run for the whole benchmark, like today's nodes.
+then_dir=$dir/then then_node_pids=() then_controller_pid=
+if [ -n "$then_bin" ]; then
+  then_registry=$(port)
+  # shellcheck disable=SC2046
+  CELLAR_LOG=warn "$then_bin" controller --endpoint "unix://$then_dir/controller.sock" \
+    --agent-listen "127.0.0.1:$then_registry" --data-dir "$then_dir/controller" $(tls bench) \
+    2>>"$dir/then-controller.log" &
+  then_controller_pid=$!
+  pids+=("$then_controller_pid")
+  for n in 1 2; do
+    p=$(port)
+    # shellcheck disable=SC2046
+    CELLAR_LOG=warn "$then_bin" node --endpoint "unix://$then_dir/node-$n.sock" --node-id "node-$n" \
+      --data-dir "$then_dir/node-$n" --controller "localhost:$then_registry" --agent-listen "127.0.0.1:$p" \
+      --agent-advertise "127.0.0.1:$p" $(tls node) 2>>"$dir/then-node-$n.log" &
+    pids+=("$!")
+    then_node_pids+=("$!")
+  done
+  then_csi() { "$bin" csi --endpoint "unix://$then_dir/controller.sock" -o json "$@"; }
+  then_src=$(until_registered then_csi create src --size 2G "$(on node-1)" | id_of)
+  echo "== copying the same $SIZE_MIB MiB into $then_src of THEN_BIN ($then_bin)"
+  cp "$dir/node-1/pools/default/volumes/src/data" "$then_dir/node-1/pools/default/volumes/src/data"
+  then_snap=$(then_csi snapshot snap "$then_src" | id_of)
+  sync
+fi
+
 # restore MODE RUN: one restore of the snapshot onto node-2 with the controller in MODE (restarted into
 # it when it runs the other), checked and removed after. Sets result to "MiB/s cpu-source cpu-target
 # cpu-controller" (not echoed: a subshell would lose the restarted controller).
@@ -116,6 +164,24 @@ restore() {
     || { echo "the restored data differs from the source" >&2; exit 1; }
   csi delete "$id" >/dev/null
 }
+
+# restore_then RUN: the same restore through THEN_BIN's controller (its only way). Sets result likewise.
+restore_then() {
+  local name="r-then-$1" t0 t1 id before probe
+  until_registered then_csi get "$then_src" >/dev/null
+  probe=$(until_registered then_csi create "probe-then-$1" --size 1M "$(on node-2)" | id_of)
+  then_csi delete "$probe" >/dev/null
+  sync
+  before=$(then_cpu_all)
+  t0=$(now)
+  id=$(until_registered then_csi create "$name" --size 2G --from-snapshot "$then_snap" "$(on node-2)" | id_of)
+  t1=$(now)
+  result="$(rate "$t0" "$t1") $(cpu_used "$before" "$(then_cpu_all)")"
+  cmp -s "$then_dir/node-1/pools/default/volumes/src/data" "$then_dir/node-2/pools/default/volumes/$name/data" \
+    || { echo "the data THEN_BIN restored differs from the source" >&2; exit 1; }
+  then_csi delete "$id" >/dev/null
+}
+then_cpu_all() { echo "$(cpu "${then_node_pids[0]}") $(cpu "${then_node_pids[1]}") $(cpu "$then_controller_pid")"; }
 
 # copy [tls]: the file sent over one TCP connection on loopback and written to node-2's disk.
 copy() {
@@ -176,9 +242,14 @@ PY
   rate "$t0" "$t1"
 }
 
-# The two ways alternate, so that both meet the same load on a shared machine.
-direct=() relayed=() direct_cpu=() relayed_cpu=()
+# The two (with THEN_BIN three) ways alternate, so that all meet the same load on a shared machine.
+direct=() relayed=() direct_cpu=() relayed_cpu=() old_relayed=() old_cpu=()
 for i in $(seq "$RUNS"); do
+  if [ -n "$then_bin" ]; then
+    restore_then "$i"
+    read -r r a b c <<<"$result"
+    old_relayed+=("$r") old_cpu+=("$a $b $c")
+  fi
   restore direct "$i"
   read -r r a b c <<<"$result"
   direct+=("$r") direct_cpu+=("$a $b $c")
@@ -186,15 +257,17 @@ for i in $(seq "$RUNS"); do
   read -r r a b c <<<"$result"
   relayed+=("$r") relayed_cpu+=("$a $b $c")
 done
-direct=${direct[*]} relayed=${relayed[*]}
+direct_runs=${direct[*]} relayed_runs=${relayed[*]} old_relayed_runs=${old_relayed[*]:-}
 plain=$(for _ in $(seq "$RUNS"); do copy; done | xargs)
 tlscopy=$(for _ in $(seq "$RUNS"); do copy tls; done | xargs)
 
 echo "== CPU seconds per restore: source node, target node, controller"
 echo "direct: $(means "${direct_cpu[@]}")"
 echo "through the controller: $(means "${relayed_cpu[@]}")"
+[ -z "$then_bin" ] || echo "through THEN_BIN's controller: $(means "${old_cpu[@]}")"
 echo "== $SIZE_MIB MiB, MiB/s per run (median)"
-printf '%-40s %s (%s)\n' "restore, node to node (direct)" "$direct" "$(echo "$direct" | median)"
-printf '%-40s %s (%s)\n' "restore, through the controller" "$relayed" "$(echo "$relayed" | median)"
+printf '%-40s %s (%s)\n' "restore, node to node (direct)" "$direct_runs" "$(echo "$direct_runs" | median)"
+printf '%-40s %s (%s)\n' "restore, through the controller" "$relayed_runs" "$(echo "$relayed_runs" | median)"
+[ -z "$then_bin" ] || printf '%-40s %s (%s)\n' "restore, THEN_BIN's controller" "$old_relayed_runs" "$(echo "$old_relayed_runs" | median)"
 printf '%-40s %s (%s)\n' "plain copy over TCP (python3)" "$plain" "$(echo "$plain" | median)"
 printf '%-40s %s (%s)\n' "copy over TLS (python3 ssl)" "$tlscopy" "$(echo "$tlscopy" | median)"
