@@ -60,20 +60,25 @@ impl LocalEngine {
             .join(format!("{}-{}", key.as_str(), uuid::Uuid::new_v4().simple()));
         let moved = match pool.sys.files.entry(&data)? {
             files::Entry::Missing => false,
-            // A read-only subvolume cannot move (its '..' cannot change); btrfs drops it atomically
-            // in place instead.
-            files::Entry::Dir if pool.sys.subvolumes.is_subvolume(&data).unwrap_or(false) => {
-                pool.sys.subvolumes.delete(&data)?;
-                false
-            }
-            _ => {
-                pool.sys.files.rename(&data, &trashed)?;
-                if let Err(e) = guard() {
-                    pool.sys.files.rename(&trashed, &data)?;
-                    return Err(e);
+            _ => match pool.sys.files.rename(&data, &trashed) {
+                Ok(()) => {
+                    if let Err(e) = guard() {
+                        pool.sys.files.rename(&trashed, &data)?;
+                        return Err(e);
+                    }
+                    true
                 }
-                true
-            }
+                // A read-only subvolume (a btrfs snapshot) cannot move (EROFS): btrfs drops it
+                // atomically in place instead, so its record may outlive it until the retry.
+                // Writable subvolumes move into the trash like any other data.
+                Err(e)
+                    if e.errno() == Some(libc::EROFS) && pool.sys.subvolumes.is_subvolume(&data).unwrap_or(false) =>
+                {
+                    pool.sys.subvolumes.delete(&data)?;
+                    false
+                }
+                Err(e) => return Err(e.into()),
+            },
         };
         crash::point("delete:after-trash");
         let removed = self.store.remove(pool, kind, key, shown);

@@ -1054,15 +1054,13 @@ fn any_file_operation_of_a_delete_failing_leaves_the_volume_whole_or_gone() {
                         "{layout:?}, {op}: deleted, data and record"
                     );
                 }
-                // Failed: whole, or gone (the record was unlinked, its flush failed). A btrfs
-                // subvolume is dropped in place before its record goes: a failure after that
-                // leaves the record alone, which the retry removes (docs/design.md).
+                // Failed: whole, or gone (the record was unlinked, its flush failed).
                 assert!(
                     !data.exists() || record.exists(),
                     "{layout:?}, {op}: no data without a record"
                 );
                 assert!(
-                    data.exists() || !record.exists() || layout == Layout::Btrfs,
+                    data.exists() || !record.exists(),
                     "{layout:?}, {op}: a record names its data"
                 );
             },
