@@ -149,6 +149,10 @@ enum Fault {
     /// The first file operation of a kind (`file:rename`, `file:unlink` ...) fails with an errno;
     /// the ones after it succeed.
     FileOnce(&'static str, i32),
+    /// The next call of an operation of the process's `Files` fake (any of them: `entry`,
+    /// `read_optional`, `lock_while_held`, `create_exclusive` ... not only those with a failure
+    /// point) fails with an errno.
+    Files(&'static str, i32),
 }
 
 /// The failure points of `sys::files`, one per kind of file operation.
@@ -185,6 +189,7 @@ struct Proc {
     node: bool,
     config: Config,
     sys: StorageSys,
+    files: Arc<RecordingFiles>,
     filesystems: Arc<RecordingFilesystems>,
     subvolumes: Arc<RecordingSubvolumes>,
     mounter: Arc<RecordingMounter>,
@@ -211,8 +216,9 @@ impl Proc {
         // One machine: the engine reads the same devices and mounts its Node service makes.
         let mounter = Arc::new(RecordingMounter::default());
         let devices = Arc::new(RecordingDevices::default());
+        let files = Arc::new(RecordingFiles::default());
         let sys = StorageSys::fakes(
-            Arc::new(RecordingFiles::default()),
+            files.clone(),
             filesystems.clone(),
             subvolumes.clone(),
             devices.clone(),
@@ -226,6 +232,7 @@ impl Proc {
             node,
             config,
             sys,
+            files,
             filesystems,
             subvolumes,
             mounter,
@@ -305,6 +312,7 @@ impl Proc {
     fn disarm(&self) {
         self.mounter.disarm();
         self.devices.disarm();
+        self.files.disarm();
         self.filesystems.disarm();
         self.subvolumes.disarm();
     }
@@ -362,6 +370,7 @@ impl Cluster {
             Fault::Filesystems(op, e) => p.filesystems.fail_next(op, *e),
             Fault::Subvolumes(op, e) => p.subvolumes.fail_next(op, *e),
             Fault::FileOnce(point, e) => in_thread::fail_once_at(point, *e),
+            Fault::Files(op, e) => p.files.fail_next(op, *e),
             Fault::Vanish => {
                 if let Some(v) = vol.and_then(|n| model.vols.get(n)) {
                     if let Ok((_, data)) = p.engine.volume_data(&vid(&v.id)) {
@@ -435,7 +444,11 @@ impl Cluster {
                     // subvolume from the trash: then the retry must remove it).
                     let left = leftovers(self, true);
                     assert!(
-                        left.is_empty() || matches!(f, Fault::FileOnce(..) | Fault::Subvolumes("delete", _)),
+                        left.is_empty()
+                            || matches!(
+                                f,
+                                Fault::FileOnce(..) | Fault::Files(..) | Fault::Subvolumes("delete", _)
+                            ),
                         "a failed call left behind: {left:?}"
                     );
                 }
@@ -588,9 +601,13 @@ fn run_seed(seed: u64, log: &mut Vec<String>) {
     for step in 0..STEPS {
         let mut faulted = rng.chance(45);
         if faulted && rng.chance(35) {
-            // This step's fault is a failing file operation, whichever the call makes first.
-            let point = FILE_POINTS[rng.below(FILE_POINTS.len())];
-            c.file_fault = Some(Fault::FileOnce(point, *rng.pick(&ERRNOS)));
+            // This step's fault is a failing file operation, whichever the call makes first: of a
+            // kind (a failure point below the fake), or one operation of the fake.
+            let e = *rng.pick(&ERRNOS);
+            c.file_fault = Some(match rng.chance(50) {
+                true => Fault::FileOnce(FILE_POINTS[rng.below(FILE_POINTS.len())], e),
+                false => Fault::Files(files::FALLIBLE_OPS[rng.below(files::FALLIBLE_OPS.len())], e),
+            });
             faulted = false;
         }
         let before = log.len();

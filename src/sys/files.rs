@@ -178,6 +178,35 @@ impl Files for LinuxFiles {
     }
 }
 
+/// The operations of [`Files`] that can fail (`allocated_upto` and `remove_dir_if_empty` answer no
+/// error): what [`RecordingFiles::fail_next`] takes.
+pub const FALLIBLE_OPS: [&str; 24] = [
+    "remove_stale_temps",
+    "write_atomic",
+    "sync_dir",
+    "read_optional",
+    "create_exclusive",
+    "rename_if_exists",
+    "remove_file_if_exists",
+    "ensure_dir",
+    "require_real_dir",
+    "entry",
+    "remove_tree",
+    "allocated_bytes",
+    "rename",
+    "mkdir_all",
+    "list_dir",
+    "set_mode",
+    "set_owner",
+    "len",
+    "create_sized",
+    "grow_to",
+    "remove_entry",
+    "remove_dir",
+    "lock_while_held",
+    "try_lock",
+];
+
 /// File operations done for real on the paths given (the tests' temporary directories: none of
 /// them needs root), each recorded first; the next call of an operation can be made to fail with
 /// an errno before it touches anything. For unit tests of the logic above `sys`.
@@ -204,39 +233,12 @@ impl RecordingFiles {
     }
 
     /// The operations called since the `from`th call, each once, in the order of their first
-    /// call: what a test fails in turn. Only those that can fail (`allocated_upto` and
-    /// `remove_dir_if_empty` answer no error).
+    /// call: what a test fails in turn. Only those that can fail ([`FALLIBLE_OPS`]).
     pub fn ops_since(&self, from: usize) -> Vec<&'static str> {
-        const FALLIBLE: &[&str] = &[
-            "remove_stale_temps",
-            "write_atomic",
-            "sync_dir",
-            "read_optional",
-            "create_exclusive",
-            "rename_if_exists",
-            "remove_file_if_exists",
-            "ensure_dir",
-            "require_real_dir",
-            "entry",
-            "remove_tree",
-            "allocated_bytes",
-            "rename",
-            "mkdir_all",
-            "list_dir",
-            "set_mode",
-            "set_owner",
-            "len",
-            "create_sized",
-            "grow_to",
-            "remove_entry",
-            "remove_dir",
-            "lock_while_held",
-            "try_lock",
-        ];
         let mut seen = Vec::new();
         for c in self.calls().iter().skip(from) {
             let name = c.split(' ').next().unwrap_or_default();
-            if let Some(op) = FALLIBLE.iter().find(|o| **o == name) {
+            if let Some(op) = FALLIBLE_OPS.iter().find(|o| **o == name) {
                 if !seen.contains(op) {
                     seen.push(*op);
                 }
