@@ -875,7 +875,9 @@ fn act(f: &Finding, sites: &[PoolSite]) -> Result<String, String> {
             if !inside {
                 return Err(format!("{} is not inside a pool: refused", f.path.display()));
             }
-            if f.kind == FindingKind::OrphanSubvolume {
+            // A btrfs volume's subvolume waits in the trash too (a delete cut short): btrfs drops
+            // it in one step, where a walk file by file would be slow or refused.
+            if f.kind == FindingKind::OrphanSubvolume || crate::sys::btrfs::is_subvolume(&f.path).unwrap_or(false) {
                 crate::sys::btrfs::delete_subvolume(&f.path).map_err(err)?;
             } else {
                 LinuxFiles.remove_tree(&f.path).map_err(err)?;

@@ -146,9 +146,59 @@ impl Pool {
         self.config.is_shared()
     }
 
-    /// Removes everything in the trash (deleted volumes); a purge cut short by a restart resumes.
+    /// Removes what is in the trash (deleted volumes and snapshots); a purge cut short by a restart
+    /// resumes. An entry whose object still has a record (or whose record cannot be read) is kept:
+    /// its delete failed or is still running, and may put it back (on a shared pool, another
+    /// process's delete).
     pub fn purge_trash(&self) -> Result<(), StorageError> {
-        self.purge(&self.trash_dir())
+        for p in self.sys.files.list_dir(&self.trash_dir())? {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if !self.recorded(&name) {
+                super::layout::purge(&self.sys, &p)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where a delete moves an object's data: `<kind>-<key>-<uuid>` in the trash.
+    pub fn trash_path(&self, kind: Kind, key: &Key) -> PathBuf {
+        self.trash_dir().join(format!(
+            "{}-{}-{}",
+            kind.dir(),
+            key.as_str(),
+            uuid::Uuid::new_v4().simple()
+        ))
+    }
+
+    /// Whether the object a trash entry came from may still have its record: for
+    /// `<kind>-<key>-<uuid>` that kind's record, for an entry of an earlier release (`<key>-<uuid>`)
+    /// either kind's. A leftover (`leftover-…`, data no record named) or a name of neither shape has
+    /// none.
+    fn recorded(&self, name: &str) -> bool {
+        let Some(stem) = name
+            .rsplit_once('-')
+            .and_then(|(stem, tag)| is_tag(tag).then_some(stem))
+        else {
+            return false;
+        };
+        if stem.starts_with("leftover-") {
+            return false;
+        }
+        let present = |kind: Kind, key: &str| {
+            Key::parse(key)
+                .is_ok_and(|k| self.sys.files.entry(&self.record_path(kind, &k)).ok() != Some(files::Entry::Missing))
+        };
+        for kind in [Kind::Volume, Kind::Snapshot] {
+            if let Some(key) = stem.strip_prefix(kind.dir()).and_then(|r| r.strip_prefix('-')) {
+                if present(kind, key) {
+                    return true;
+                }
+            }
+        }
+        present(Kind::Volume, stem) || present(Kind::Snapshot, stem)
     }
 
     /// How old a temporary file of a record, lease or stage mark must be before a sweep removes it:
@@ -195,14 +245,16 @@ impl Pool {
 
     /// Removes what deletes of `key` moved into the trash (`<key>-<32 hex digits>`), and nothing
     /// of another key's, whose delete may be purging it now.
-    pub fn purge_trash_of(&self, key: &Key) -> Result<(), StorageError> {
-        let key = key.as_str();
+    pub fn purge_trash_of(&self, kind: Kind, key: &Key) -> Result<(), StorageError> {
+        let new = format!("{}-{}", kind.dir(), key.as_str());
         for p in self.sys.files.list_dir(&self.trash_dir())? {
             let name = p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-            let ours = name
-                .strip_prefix(key)
-                .and_then(|rest| rest.strip_prefix('-'))
-                .is_some_and(|tag| tag.len() == 32 && tag.bytes().all(|b| b.is_ascii_hexdigit()));
+            // This release's names, and an earlier release's (`<key>-<uuid>`).
+            let ours = [new.as_str(), key.as_str()].iter().any(|stem| {
+                name.strip_prefix(stem)
+                    .and_then(|rest| rest.strip_prefix('-'))
+                    .is_some_and(is_tag)
+            });
             if ours {
                 super::layout::purge(&self.sys, &p)?;
             }
@@ -326,4 +378,9 @@ impl Pool {
         keys.sort();
         Ok(keys)
     }
+}
+
+/// The uuid a trash entry's name ends with.
+fn is_tag(tag: &str) -> bool {
+    tag.len() == 32 && tag.bytes().all(|b| b.is_ascii_hexdigit())
 }

@@ -55,15 +55,18 @@ impl LocalEngine {
         guard: &dyn Fn() -> Result<(), StorageError>,
     ) -> Result<(), StorageError> {
         let data = pool.data_path(kind, key);
-        let trashed = pool
-            .trash_dir()
-            .join(format!("{}-{}", key.as_str(), uuid::Uuid::new_v4().simple()));
+        let trashed = pool.trash_path(kind, key);
         let moved = match pool.sys.files.entry(&data)? {
             files::Entry::Missing => false,
             _ => match pool.sys.files.rename(&data, &trashed) {
                 Ok(()) => {
                     if let Err(e) = guard() {
-                        pool.sys.files.rename(&trashed, &data)?;
+                        // In use after all: back it goes. Should that fail, the data waits in the
+                        // trash, which no purge empties while its record exists.
+                        if let Err(back) = pool.sys.files.rename(&trashed, &data) {
+                            tracing::error!(volume = shown, error = %back, trash = %trashed.display(),
+                                "a delete refused as in use could not put the data back; it stays in the trash, kept while its record exists");
+                        }
                         return Err(e);
                     }
                     true
@@ -82,13 +85,16 @@ impl LocalEngine {
         };
         crash::point("delete:after-trash");
         let removed = self.store.remove(pool, kind, key, shown);
-        // A record whose removal failed (not a crash) gets its data back: the volume stays whole
-        // until the retry. Once the record is gone, the data in the trash is purged either way.
-        if removed.is_err()
-            && moved
-            && pool.sys.files.entry(&pool.record_path(kind, key)).ok() == Some(files::Entry::File)
-            && pool.sys.files.rename(&trashed, &data).is_ok()
-        {
+        // A record whose removal failed (not a crash) gets its data back, unless the record is
+        // known to be gone: the volume stays whole until the retry. Nothing is purged then; should
+        // the move back fail, no purge empties the trash entry while its record exists.
+        if removed.is_err() && pool.sys.files.entry(&pool.record_path(kind, key)).ok() != Some(files::Entry::Missing) {
+            if moved {
+                if let Err(back) = pool.sys.files.rename(&trashed, &data) {
+                    tracing::error!(object = shown, error = %back, trash = %trashed.display(),
+                        "a failed delete could not put the data back; it stays in the trash, kept while its record exists");
+                }
+            }
             return removed;
         }
         if pool.shared() {
@@ -101,7 +107,7 @@ impl LocalEngine {
         } else {
             // This call's data, and what an earlier attempt moved there but failed to purge (the
             // retry finds nothing left to move): else it would stay until the next start.
-            pool.purge_trash_of(key)?;
+            pool.purge_trash_of(kind, key)?;
         }
         removed
     }

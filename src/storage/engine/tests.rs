@@ -1129,3 +1129,46 @@ fn any_file_operation_of_a_clone_failing_leaves_no_data_without_its_record() {
         );
     }
 }
+
+/// Any process may purge a shared pool's trash while another's delete still holds data there that
+/// it may put back (its record's removal failed, or the volume turned out staged): an entry whose
+/// object still has a record is never purged; one whose record is gone, an earlier release's
+/// name, and a leftover no record named are.
+#[test]
+fn a_shared_trash_entry_is_purged_only_once_its_record_is_gone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::default_for(dir.path());
+    config.pools[0].backend = crate::storage::config::Backend::Shared;
+    let e = LocalEngine::open(NodeId::parse("ctl-0").expect("node"), &config).expect("engine");
+    let kept = e
+        .create_volume(NewVolume::plain("pvc-kept", None, MIB))
+        .expect("create");
+    let pool = default_pool(&e);
+    let key = |n: &str| Key::from_name(n);
+    let data = pool.data_path(Kind::Volume, &key("pvc-kept"));
+    std::fs::write(data.join("file"), b"still recorded").expect("write");
+    // Its delete moved it and has not removed its record yet (or failed to).
+    let recorded = pool.trash_path(Kind::Volume, &key("pvc-kept"));
+    std::fs::rename(&data, &recorded).expect("to the trash");
+    let tag = || uuid::Uuid::new_v4().simple().to_string();
+    let old_recorded = pool.trash_dir().join(format!("pvc-kept-{}", tag()));
+    let gone = pool.trash_path(Kind::Volume, &key("pvc-gone"));
+    let old_gone = pool.trash_dir().join(format!("pvc-old-{}", tag()));
+    let leftover = pool.trash_dir().join(format!("leftover-pvc-kept-{}", tag()));
+    for d in [&old_recorded, &gone, &old_gone, &leftover] {
+        std::fs::create_dir(d).expect("trash entry");
+    }
+    pool.purge_trash().expect("purge");
+    let mut left: Vec<PathBuf> = LinuxFiles.list_dir(&pool.trash_dir()).expect("trash");
+    left.sort();
+    let mut want = vec![recorded.clone(), old_recorded.clone()];
+    want.sort();
+    assert_eq!(left, want, "only the entries whose object is still recorded stay");
+    // The delete's retry finds the data gone, removes the record; then the purge takes the rest.
+    e.delete_volume(&kept.id).expect("the retry");
+    pool.purge_trash().expect("purge");
+    assert_eq!(
+        LinuxFiles.list_dir(&pool.trash_dir()).expect("trash"),
+        Vec::<PathBuf>::new()
+    );
+}
