@@ -56,17 +56,20 @@ impl LocalEngine {
     ) -> Result<(), StorageError> {
         let data = pool.data_path(kind, key);
         let trashed = pool.trash_path(kind, key);
+        // Should the move back fail, the data waits in the trash, which no purge empties while its
+        // record exists.
+        let put_back = || {
+            if let Err(back) = pool.sys.files.rename(&trashed, &data) {
+                tracing::error!(object = shown, error = %back, trash = %trashed.display(),
+                    "a delete could not put the data back; it stays in the trash, kept while its record exists");
+            }
+        };
         let moved = match pool.sys.files.entry(&data)? {
             files::Entry::Missing => false,
             _ => match pool.sys.files.rename(&data, &trashed) {
                 Ok(()) => {
                     if let Err(e) = guard() {
-                        // In use after all: back it goes. Should that fail, the data waits in the
-                        // trash, which no purge empties while its record exists.
-                        if let Err(back) = pool.sys.files.rename(&trashed, &data) {
-                            tracing::error!(volume = shown, error = %back, trash = %trashed.display(),
-                                "a delete refused as in use could not put the data back; it stays in the trash, kept while its record exists");
-                        }
+                        put_back(); // in use after all
                         return Err(e);
                     }
                     true
@@ -86,14 +89,10 @@ impl LocalEngine {
         crash::point("delete:after-trash");
         let removed = self.store.remove(pool, kind, key, shown);
         // A record whose removal failed (not a crash) gets its data back, unless the record is
-        // known to be gone: the volume stays whole until the retry. Nothing is purged then; should
-        // the move back fail, no purge empties the trash entry while its record exists.
+        // known to be gone: the volume stays whole until the retry. Nothing is purged then.
         if removed.is_err() && pool.sys.files.entry(&pool.record_path(kind, key)).ok() != Some(files::Entry::Missing) {
             if moved {
-                if let Err(back) = pool.sys.files.rename(&trashed, &data) {
-                    tracing::error!(object = shown, error = %back, trash = %trashed.display(),
-                        "a failed delete could not put the data back; it stays in the trash, kept while its record exists");
-                }
+                put_back();
             }
             return removed;
         }
