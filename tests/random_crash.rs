@@ -1250,14 +1250,14 @@ impl Run {
             let pool = &self.pools[&layout];
             for scratch in [".work", ".trash"] {
                 // An upload thread removing a backup's local copy moves it through the trash
-                // (`<name>-<uuid>`) while this runs; once settled, nothing may be there.
+                // (`snapshots-<name>-<uuid>`) while this runs; once settled, nothing may be there.
                 let left: Vec<String> = entries(&pool.join(scratch))
                     .into_iter()
                     .filter(|e| {
                         self.settled
                             || scratch != ".trash"
                             || !self.model.snaps.iter().any(|(n, s)| {
-                                s.layout == layout && s.backup.is_some() && e.starts_with(&format!("{n}-"))
+                                s.layout == layout && s.backup.is_some() && e.starts_with(&format!("snapshots-{n}-"))
                             })
                     })
                     .collect();
