@@ -28,7 +28,7 @@ use crate::sys::fstools::{self, FsType};
 use crate::sys::mount::{BindFlags, Mounter};
 use crate::sys::statfs;
 use crate::sys::{loopdev, share};
-use state::{NodeState, Published, Staged};
+use state::{NodeState, Published, Staged, StagedBind};
 
 /// statfs of a shared volume's share and of its mount, taken once per NodeGetVolumeStats.
 struct ShareView {
@@ -546,10 +546,18 @@ impl NodeService {
                 Some(sid) => self.engine.static_dir(&sid.pool, &sid.path.join(&attrs.subdir))?,
                 None => files::PinnedDir::open(&data)?,
             };
+            let flags = BindFlags {
+                read_only,
+                ..attrs.flags
+            };
             m.staged = Some(Staged {
                 path: staging.clone(),
                 read_only,
                 backing: None,
+                bound: Some(StagedBind {
+                    subdir: attrs.subdir.clone(),
+                    flags,
+                }),
             });
             self.state.put(m)?;
             if static_id.is_none() {
@@ -572,10 +580,6 @@ impl NodeService {
                 }
             }
             crash::point("stage:before-mount");
-            let flags = BindFlags {
-                read_only,
-                ..attrs.flags
-            };
             self.mounter.bind(&pinned.proc_path(), &staging, flags)?;
             return Ok(NodeStageVolumeResponse {});
         }
@@ -585,6 +589,7 @@ impl NodeService {
             path: staging.clone(),
             read_only,
             backing: Some(data.clone()),
+            bound: None,
         });
         // The devices as they are, before the lease is taken (nothing to give back if this fails).
         let found = self.image_devices(&data, &m)?;
@@ -853,7 +858,7 @@ impl NodeService {
                 }
             }
         } else {
-            if !(staged_here && self.staging_alive(&r.volume_id, &rec, &data, &staging)?) {
+            if !(staged_here && self.staging_alive(&r.volume_id, &rec, &data, &staging, &r.volume_context)?) {
                 return Err(NodeError::NotReady(format!(
                     "volume {} is not staged at {}; call NodeStageVolume first",
                     r.volume_id,
@@ -949,28 +954,45 @@ impl NodeService {
     }
 
     /// Whether the staging mount is usable; one gone stale (its share was remounted or came back)
-    /// is bound again from the volume's data before publishing from it.
-    fn staging_alive(&self, volume_id: &str, rec: &NodeVolume, data: &Path, staging: &Path) -> Result<bool, NodeError> {
+    /// is bound again, as the stage bound it, before publishing from it: the same directory (a
+    /// static volume's `subdir`, never the handle's whole path) with the same flags. A stage
+    /// recorded by an earlier release, which kept neither, takes them from the publish's
+    /// `volume_context` (the PV's volumeAttributes, the same the stage had).
+    fn staging_alive(
+        &self,
+        volume_id: &str,
+        rec: &NodeVolume,
+        data: &Path,
+        staging: &Path,
+        context: &std::collections::HashMap<String, String>,
+    ) -> Result<bool, NodeError> {
         match self.mounter.is_mountpoint(staging) {
             Ok(m) => Ok(m),
             Err(e) if share::is_stale(&e) && crate::storage::layout::of(rec.layout).is_tree() => {
                 tracing::warn!(volume = volume_id, error = %e, "staging mount stale; binding it again");
                 self.ensure_share(volume_id)?;
-                self.mounter.detach(staging)?;
-                let m = self.state.get(volume_id);
-                let read_only = m.staged.as_ref().is_some_and(|s| s.read_only);
-                let pinned = match StaticId::parse(volume_id) {
-                    Ok(sid) => self.engine.static_dir(&sid.pool, &sid.path)?,
-                    Err(_) => files::PinnedDir::open(data)?,
+                let static_id = StaticId::parse(volume_id).ok();
+                let staged = self.state.get(volume_id).staged;
+                let bound = match staged.as_ref().and_then(|s| s.bound.clone()) {
+                    Some(b) => b,
+                    None => {
+                        let attrs = StaticAttrs::parse(static_id.is_some(), context)?;
+                        let read_only = staged.as_ref().is_some_and(|s| s.read_only) || attrs.read_only;
+                        StagedBind {
+                            subdir: attrs.subdir,
+                            flags: BindFlags {
+                                read_only,
+                                ..attrs.flags
+                            },
+                        }
+                    }
                 };
-                self.mounter.bind(
-                    &pinned.proc_path(),
-                    staging,
-                    BindFlags {
-                        read_only,
-                        ..Default::default()
-                    },
-                )?;
+                let pinned = match &static_id {
+                    Some(sid) => self.engine.static_dir(&sid.pool, &sid.path.join(&bound.subdir))?,
+                    None => files::PinnedDir::open(data)?,
+                };
+                self.mounter.detach(staging)?;
+                self.mounter.bind(&pinned.proc_path(), staging, bound.flags)?;
                 Ok(true)
             }
             Err(e) if e.is_not_found() => Ok(false),

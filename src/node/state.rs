@@ -23,6 +23,18 @@ pub struct Staged {
     /// image layout: the file the loop device is attached to, found again after a restart.
     #[serde(default)]
     pub backing: Option<PathBuf>,
+    /// Tree layouts: what the stage bound (a static volume's `subdir` and `mountOptions`), so
+    /// that a staging mount gone stale is bound again exactly so. `None` in a state written by
+    /// an earlier release.
+    #[serde(default)]
+    pub bound: Option<StagedBind>,
+}
+
+/// The directory below a tree volume's data that a stage bound, and the flags it bound it with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedBind {
+    pub subdir: PathBuf,
+    pub flags: BindFlags,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

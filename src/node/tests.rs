@@ -1022,6 +1022,7 @@ fn a_share_that_hangs_holds_up_no_other_shares_lease_renewals() {
                     path: dir.path().join(format!("staging-{pool}")),
                     read_only: false,
                     backing: Some(backing),
+                    bound: None,
                 }),
                 ..Default::default()
             })
@@ -1229,4 +1230,77 @@ fn any_file_operation_of_the_node_failing_leaves_no_mount_its_state_does_not_nam
             );
         }
     }
+}
+
+/// A static volume's staging mount gone stale (its share was remounted) is bound again as the
+/// stage bound it: the PV's `subdir`, never the whole directory the handle names (another team's
+/// data), with its `mountOptions`. A stage recorded by an earlier release, which kept neither,
+/// takes them from the publish's volume context.
+#[test]
+fn a_stale_static_staging_is_bound_again_from_its_subdir_with_its_options() {
+    let n = Node::new();
+    let team_a = n.path("share/tenants/team-a");
+    std::fs::create_dir_all(&team_a).expect("subdir");
+    std::fs::create_dir_all(n.path("share/tenants/team-b")).expect("another team");
+    let id = "static:share:tenants";
+    let context: std::collections::HashMap<String, String> = [
+        ("subdir".to_string(), "team-a".to_string()),
+        ("mountOptions".to_string(), "nosuid,nodev,noexec".to_string()),
+    ]
+    .into();
+    let staging = n.path("staging");
+    n.svc
+        .stage(NodeStageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap(Mode::SingleNodeWriter)),
+            volume_context: context.clone(),
+            ..Default::default()
+        })
+        .expect("stage");
+    let want = |n: &Node| {
+        let (source, _, flags) = n
+            .mounter
+            .mounted()
+            .into_iter()
+            .find(|m| m.1 == staging)
+            .expect("staging bound");
+        assert_eq!(source, team_a, "the staging mount binds the subdir");
+        assert!(
+            flags.nosuid && flags.nodev && flags.noexec && !flags.read_only,
+            "{flags:?}"
+        );
+    };
+    want(&n);
+    let publish = |n: &Node, target: &Path, context: &std::collections::HashMap<String, String>| {
+        n.svc
+            .publish(NodePublishVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+                target_path: target.display().to_string(),
+                volume_capability: Some(cap(Mode::SingleNodeWriter)),
+                volume_context: context.clone(),
+                ..Default::default()
+            })
+            .expect("publish");
+    };
+    // The share went stale under the staging mount: the publish binds it again from the state.
+    n.mounter.fail_next("is_mountpoint", libc::ESTALE);
+    publish(&n, &n.path("pod-1"), &Default::default());
+    assert!(
+        n.mounter
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("unmount") && c.ends_with("staging")),
+        "the stale staging mount was detached: {:?}",
+        n.mounter.calls()
+    );
+    want(&n);
+    // As recorded by an earlier release: no record of what was bound.
+    let mut m = n.svc.state.get(id);
+    m.staged.as_mut().expect("staged").bound = None;
+    n.svc.state.put(m).expect("state");
+    n.mounter.fail_next("is_mountpoint", libc::ESTALE);
+    publish(&n, &n.path("pod-2"), &context);
+    want(&n);
 }

@@ -119,6 +119,14 @@ impl<S> Recorded<S> {
         self.lock().fail_next.insert(op, errno);
     }
 
+    /// Fails with the errno armed for `op`, if any, without recording a call (for queries).
+    pub(crate) fn armed(&self, op: &'static str, path: &Path) -> Result<(), SysError> {
+        match self.lock().fail_next.remove(op) {
+            Some(errno) => Err(SysError::io(op, path, io::Error::from_raw_os_error(errno))),
+            None => Ok(()),
+        }
+    }
+
     /// Forgets every failure armed and not yet reached.
     pub(crate) fn disarm(&self) {
         self.lock().fail_next.clear();

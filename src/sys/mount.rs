@@ -307,7 +307,8 @@ impl RecordingMounter {
         self.state.lock().clone()
     }
 
-    /// The next call of `op` ("bind", "mount", "unmount") fails with `errno`.
+    /// The next call of `op` ("bind", "mount", "unmount", or the query "is_mountpoint", which is
+    /// not recorded as a call) fails with `errno`.
     pub fn fail_next(&self, op: &'static str, errno: i32) {
         self.state.fail_next(op, errno);
     }
@@ -330,7 +331,12 @@ impl Mounter for RecordingMounter {
             format!("bind {} {} {:?}", source.display(), target.display(), flags),
             target,
         )?;
-        s.push((source.to_path_buf(), target.to_path_buf(), flags));
+        // A pinned directory is bound through its descriptor: keep the directory it names.
+        let source = match source.strip_prefix("/proc/self/fd") {
+            Ok(_) => std::fs::read_link(source).unwrap_or_else(|_| source.to_path_buf()),
+            Err(_) => source.to_path_buf(),
+        };
+        s.push((source, target.to_path_buf(), flags));
         Ok(())
     }
 
@@ -366,6 +372,7 @@ impl Mounter for RecordingMounter {
     }
 
     fn is_mountpoint(&self, path: &Path) -> Result<bool, SysError> {
+        self.state.armed("is_mountpoint", path)?;
         Ok(self.state.lock().iter().any(|m| m.1 == path))
     }
 
