@@ -348,14 +348,23 @@ impl Leases {
     }
 
     /// Clears a lease that no node has renewed for `ttl` (as this process has watched it), for
-    /// deleting its volume; `Err(holder)` while its holder is alive, or may be.
-    pub fn clear_if_stale(&self, path: &Path, ttl: Duration) -> Result<Result<(), String>, SysError> {
+    /// deleting its volume; `Err(holder)` while its holder is alive, or may be. A lease under this
+    /// process's own name counts as stale at once only when `mine_checked`: the caller serves this
+    /// node's mounts and has found none of the volume. A process that does not (a controller
+    /// replica, whose name a node may also bear) treats its own name like any other.
+    pub fn clear_if_stale(
+        &self,
+        path: &Path,
+        ttl: Duration,
+        mine_checked: bool,
+    ) -> Result<Result<(), String>, SysError> {
         let Some(bytes) = self.files.read_optional(path)? else {
             lock(&self.watched).remove(path);
             return Ok(Ok(()));
         };
         let holder = holder_of(&bytes);
-        if holder != self.node && self.unrenewed_for(path, &bytes) < ttl {
+        let mine = mine_checked && holder == self.node;
+        if !mine && self.unrenewed_for(path, &bytes) < ttl {
             return Ok(Err(holder));
         }
         // Its holder may renew it in this very moment (late, but alive): moved aside and compared,
@@ -484,14 +493,30 @@ mod tests {
             Leases::new("controller", Arc::new(LinuxFiles)),
         );
         assert_eq!(
-            ctl.clear_if_stale(&p, TTL).unwrap(),
+            ctl.clear_if_stale(&p, TTL, false).unwrap(),
             Ok(()),
             "no lease: nothing to wait for"
         );
         a.acquire(&p, "v", TTL).unwrap();
-        assert_eq!(ctl.clear_if_stale(&p, TTL).unwrap(), Err("a".into()));
+        assert_eq!(ctl.clear_if_stale(&p, TTL, false).unwrap(), Err("a".into()));
         std::thread::sleep(TTL + Duration::from_millis(50));
-        assert_eq!(ctl.clear_if_stale(&p, TTL).unwrap(), Ok(()));
+        assert_eq!(ctl.clear_if_stale(&p, TTL, false).unwrap(), Ok(()));
+        assert!(!p.exists());
+    }
+
+    /// A controller replica named like a node (both "controller") must not take that node's live
+    /// lease for a stale one of its own; the node itself, having found no use of it, may.
+    #[test]
+    fn a_live_lease_under_the_callers_own_name_is_stale_only_where_its_mounts_were_checked() {
+        let (_d, p) = setup();
+        let (node, ctl) = (
+            Leases::new("controller", Arc::new(LinuxFiles)),
+            Leases::new("controller", Arc::new(LinuxFiles)),
+        );
+        node.acquire(&p, "v", TTL).unwrap();
+        assert_eq!(ctl.clear_if_stale(&p, TTL, false).unwrap(), Err("controller".into()));
+        assert!(p.exists(), "the live lease stays");
+        assert_eq!(node.clear_if_stale(&p, TTL, true).unwrap(), Ok(()));
         assert!(!p.exists());
     }
 
@@ -620,14 +645,14 @@ mod tests {
             Arc::new(Leases::new("controller", Arc::new(LinuxFiles))),
         );
         a.acquire(&p, "v", TTL).unwrap();
-        assert_eq!(ctl.clear_if_stale(&p, TTL).unwrap(), Err("a".into()));
+        assert_eq!(ctl.clear_if_stale(&p, TTL, false).unwrap(), Err("a".into()));
         std::thread::sleep(TTL + Duration::from_millis(50));
         let pause = Arc::new(crate::crash::in_thread::Pause::default());
         let clearing = {
             let (ctl, p, pause) = (ctl.clone(), p.clone(), pause.clone());
             std::thread::spawn(move || {
                 crate::crash::in_thread::pause_at(Some((point, pause)));
-                ctl.clear_if_stale(&p, TTL)
+                ctl.clear_if_stale(&p, TTL, false)
             })
         };
         assert!(pause.reached(Duration::from_secs(5)), "the delete stands at {point}");
@@ -669,11 +694,11 @@ mod tests {
             let p = d.path().join(format!("v{i}.lease"));
             assert_eq!(a.acquire(&p, "v", TTL).unwrap(), Claim::Held);
             assert!(matches!(b.acquire(&p, "v", TTL).unwrap(), Claim::HeldBy { .. }));
-            assert_eq!(ctl.clear_if_stale(&p, TTL).unwrap(), Err("a".into()));
+            assert_eq!(ctl.clear_if_stale(&p, TTL, false).unwrap(), Err("a".into()));
             a.release(&p, "v").unwrap();
             assert_eq!(b.acquire(&p, "v", TTL).unwrap(), Claim::Held);
             b.release(&p, "v").unwrap();
-            assert_eq!(ctl.clear_if_stale(&p, TTL).unwrap(), Ok(()));
+            assert_eq!(ctl.clear_if_stale(&p, TTL, false).unwrap(), Ok(()));
         }
         assert_eq!(lock(&b.watched).len(), 0, "b");
         assert_eq!(lock(&ctl.watched).len(), 0, "the controller");

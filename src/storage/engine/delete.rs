@@ -125,7 +125,10 @@ impl LocalEngine {
             )));
         }
         let (lease, ttl) = Self::lease_at(pool, id);
-        if let Err(holder) = self.leases.clear_if_stale(&lease, ttl)? {
+        // This node's own lease with no device or mount found above is a leftover, but only where
+        // this process serves the node's mounts: a controller may bear a node's name.
+        let mine_checked = self.mounted_here.get().is_some();
+        if let Err(holder) = self.leases.clear_if_stale(&lease, ttl, mine_checked)? {
             return Err(StorageError::InUse(format!(
                 "volume {id} is staged on node {holder}, which holds its lease; unstage it there first \
                  (a lease its node stops renewing expires after {} s)",

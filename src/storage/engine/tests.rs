@@ -898,6 +898,35 @@ fn a_consistent_snapshot_of_a_shared_image_staged_on_another_node_is_refused() {
         .expect("a crash-consistent one is cut");
 }
 
+/// A controller replica whose name a node also bears (both "controller"): the node's live lease
+/// on a staged shared image is that node's, not a leftover of the replica's own, and the delete
+/// is refused (it answered OK and the image went to the trash under the running pod).
+#[test]
+fn a_shared_image_leased_by_a_node_named_like_the_controller_is_not_deleted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::default_for(dir.path());
+    config.pools[0].backend = crate::storage::config::Backend::Shared;
+    config.pools[0].layouts.push(Layout::Image);
+    let sys = faked(FsType::Ext4).sys;
+    let e = LocalEngine::open_with(sys, NodeId::parse("controller").expect("node"), &config, |_| Some(true))
+        .expect("engine");
+    let vol = e
+        .create_volume(NewVolume::plain("pvc-held", Some(Layout::Image), 32 * MIB))
+        .expect("create");
+    let pool = default_pool(&e);
+    let node = crate::storage::lease::Leases::new("controller", Arc::new(LinuxFiles));
+    let (lease, ttl) = e.shared_lease(&vol.id).expect("leased");
+    node.acquire(&lease, &vol.id.to_string(), ttl)
+        .expect("the node stages it");
+    match e.delete_volume(&vol.id) {
+        Err(StorageError::InUse(m)) => assert!(m.contains("controller") && m.contains("lease"), "{m}"),
+        r => panic!("a leased image must not be deleted: {r:?}"),
+    }
+    assert!(lease.exists(), "the lease stays");
+    assert!(pool.data_path(Kind::Volume, &vol.id.0.key).exists(), "the data stays");
+    assert!(e.volume(&vol.id).is_some(), "the record stays");
+}
+
 /// Two nodes stage and unstage one RWX volume at the same moment (a rollout across nodes): the
 /// unstage that takes the last mark out removes the marks' directory, maybe between the stage's
 /// mkdir and its write, and a delete may list that directory just as it goes. Neither is an error
