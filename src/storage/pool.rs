@@ -137,7 +137,7 @@ impl Pool {
         }
         // Shared pools purge their trash in the background (it may hold huge trees).
         if owner && !pool.shared() {
-            pool.purge(&pool.trash_dir())?;
+            pool.reopen_trash()?;
         }
         Ok(pool)
     }
@@ -163,6 +163,34 @@ impl Pool {
         Ok(())
     }
 
+    /// A local pool's trash at its open (no call runs yet): an entry whose object is still
+    /// recorded (its delete crashed before removing the record, or the removal failed and so did
+    /// the put-back) goes back where the record names its data, when nothing is there, so that
+    /// the record names its data again; the delete's retry moves it once more. Every other entry
+    /// (and one whose place is taken) is purged unless recorded, as [`Pool::purge_trash`] does.
+    fn reopen_trash(&self) -> Result<(), StorageError> {
+        for p in self.sys.files.list_dir(&self.trash_dir())? {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if let Some((kind, key)) = trashed(&name) {
+                let data = self.data_path(kind, &key);
+                let recorded = self.sys.files.entry(&self.record_path(kind, &key))? != files::Entry::Missing;
+                if recorded && self.sys.files.entry(&data)? == files::Entry::Missing {
+                    tracing::warn!(entry = %p.display(), data = %data.display(), "a deleted object's data is still recorded; put back");
+                    self.sys.files.rename(&p, &data)?;
+                    self.sys.files.sync_dir(&self.collection_dir(kind))?;
+                    continue;
+                }
+            }
+            if !self.recorded(&name) {
+                super::layout::purge(&self.sys, &p)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Where a delete moves an object's data: `<kind>-<key>-<uuid>` in the trash.
     pub fn trash_path(&self, kind: Kind, key: &Key) -> PathBuf {
         self.trash_dir().join(format!(
@@ -174,9 +202,12 @@ impl Pool {
     }
 
     /// Whether the object a trash entry came from may still have its record: for
-    /// `<kind>-<key>-<uuid>` that kind's record, for an entry of an earlier release (`<key>-<uuid>`)
-    /// either kind's. A leftover (`leftover-…`, data no record named) or a name of neither shape has
-    /// none.
+    /// `<kind>-<key>-<uuid>` that kind's record (only: a volume keyed `snapshots-x` does not keep
+    /// snapshot `x`'s entry), for an entry of an earlier release (`<key>-<uuid>`) either kind's. An
+    /// earlier release's entry whose key itself starts with `volumes-` or `snapshots-` reads as
+    /// this release's: it stays while that other object is recorded, and goes after (as that
+    /// release purged it). A leftover (`leftover-…`, data no record named) or a name of neither
+    /// shape has none.
     fn recorded(&self, name: &str) -> bool {
         let Some(stem) = name
             .rsplit_once('-')
@@ -193,9 +224,7 @@ impl Pool {
         };
         for kind in [Kind::Volume, Kind::Snapshot] {
             if let Some(key) = stem.strip_prefix(kind.dir()).and_then(|r| r.strip_prefix('-')) {
-                if present(kind, key) {
-                    return true;
-                }
+                return present(kind, key);
             }
         }
         present(Kind::Volume, stem) || present(Kind::Snapshot, stem)
@@ -243,18 +272,18 @@ impl Pool {
         Ok(removed)
     }
 
-    /// Removes what deletes of `key` moved into the trash (`<key>-<32 hex digits>`), and nothing
-    /// of another key's, whose delete may be purging it now.
+    /// Removes what deletes of this object moved into the trash (`<kind>-<key>-<32 hex digits>`),
+    /// and nothing of another object's, whose delete may be purging it now or may put it back. An
+    /// earlier release's `<key>-<uuid>` is not matched (key `volumes-a` would take volume `a`'s
+    /// entry): the purge at the pool's next open, or a shared pool's background purge, takes it.
     pub fn purge_trash_of(&self, kind: Kind, key: &Key) -> Result<(), StorageError> {
-        let new = format!("{}-{}", kind.dir(), key.as_str());
+        let stem = format!("{}-{}", kind.dir(), key.as_str());
         for p in self.sys.files.list_dir(&self.trash_dir())? {
             let name = p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
-            // This release's names, and an earlier release's (`<key>-<uuid>`).
-            let ours = [new.as_str(), key.as_str()].iter().any(|stem| {
-                name.strip_prefix(stem)
-                    .and_then(|rest| rest.strip_prefix('-'))
-                    .is_some_and(is_tag)
-            });
+            let ours = name
+                .strip_prefix(stem.as_str())
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(is_tag);
             if ours {
                 super::layout::purge(&self.sys, &p)?;
             }
@@ -381,6 +410,18 @@ impl Pool {
 }
 
 /// The uuid a trash entry's name ends with.
+/// The object a trash entry of this release's shape (`<kind>-<key>-<uuid>`) came from.
+fn trashed(name: &str) -> Option<(Kind, Key)> {
+    let (stem, tag) = name.rsplit_once('-')?;
+    if !is_tag(tag) {
+        return None;
+    }
+    [Kind::Volume, Kind::Snapshot].into_iter().find_map(|kind| {
+        let key = stem.strip_prefix(kind.dir())?.strip_prefix('-')?;
+        Key::parse(key).ok().map(|k| (kind, k))
+    })
+}
+
 fn is_tag(tag: &str) -> bool {
     tag.len() == 32 && tag.bytes().all(|b| b.is_ascii_hexdigit())
 }

@@ -898,6 +898,46 @@ fn a_consistent_snapshot_of_a_shared_image_staged_on_another_node_is_refused() {
         .expect("a crash-consistent one is cut");
 }
 
+/// Volume `volumes-a`'s delete purges its own trash entries only, not volume `a`'s (named
+/// `volumes-a-<uuid>`, which an earlier release's name for `volumes-a` would match) while `a`'s
+/// record still names it; and at the pool's next open `a`'s data goes back where its record says
+/// (a local pool's open purged the whole trash, leaving a record without its data).
+#[test]
+fn a_trash_entry_still_recorded_is_neither_taken_by_a_like_named_delete_nor_purged_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config::default_for(dir.path());
+    let e = LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("engine");
+    let a = e.create_volume(NewVolume::plain("a", None, MIB)).expect("create a");
+    let other = e
+        .create_volume(NewVolume::plain("volumes-a", None, MIB))
+        .expect("create volumes-a");
+    let pool = default_pool(&e);
+    let data = pool.data_path(Kind::Volume, &a.id.0.key);
+    std::fs::write(data.join("file"), b"a's data").expect("write");
+    // a's delete moved its data and could neither remove its record nor put the data back.
+    let entry = pool.trash_path(Kind::Volume, &a.id.0.key);
+    std::fs::rename(&data, &entry).expect("to the trash");
+    e.delete_volume(&other.id).expect("delete volumes-a");
+    assert!(
+        entry.join("file").exists(),
+        "a's data stays in the trash while a is recorded"
+    );
+    drop(e);
+    let e = LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("reopen");
+    let pool = default_pool(&e);
+    assert_eq!(std::fs::read(data.join("file")).expect("put back at open"), b"a's data");
+    assert_eq!(
+        LinuxFiles.list_dir(&pool.trash_dir()).expect("trash"),
+        Vec::<PathBuf>::new()
+    );
+    e.delete_volume(&a.id).expect("delete a");
+    assert!(!data.exists() && e.volume(&a.id).is_none());
+    assert_eq!(
+        LinuxFiles.list_dir(&pool.trash_dir()).expect("trash"),
+        Vec::<PathBuf>::new()
+    );
+}
+
 /// A controller replica whose name a node also bears (both "controller"): the node's live lease
 /// on a staged shared image is that node's, not a leftover of the replica's own, and the delete
 /// is refused (it answered OK and the image went to the trash under the running pod).
@@ -1184,7 +1224,12 @@ fn a_shared_trash_entry_is_purged_only_once_its_record_is_gone() {
     let gone = pool.trash_path(Kind::Volume, &key("pvc-gone"));
     let old_gone = pool.trash_dir().join(format!("pvc-old-{}", tag()));
     let leftover = pool.trash_dir().join(format!("leftover-pvc-kept-{}", tag()));
-    for d in [&old_recorded, &gone, &old_gone, &leftover] {
+    // Snapshot `x`'s entry, with no snapshot `x` recorded: a volume keyed `snapshots-x` (whose own
+    // entries are named `volumes-snapshots-x-…`) does not keep it.
+    e.create_volume(NewVolume::plain("snapshots-x", None, MIB))
+        .expect("create");
+    let other_kind = pool.trash_path(Kind::Snapshot, &key("x"));
+    for d in [&old_recorded, &gone, &old_gone, &leftover, &other_kind] {
         std::fs::create_dir(d).expect("trash entry");
     }
     pool.purge_trash().expect("purge");
