@@ -51,21 +51,21 @@ impl Record for SnapshotRecord {
 }
 
 impl PoolStore {
-    /// Reads every record of `pools`.
+    /// Reads every record of `pools`. A record that does not parse (another version's, or one
+    /// edited by hand) is left out, logged, rather than stopping every process that opens the pool:
+    /// its object is not listed, and calls on its name or id refuse to touch its data
+    /// ([`crate::storage::layout::refuse_unread_record`]) until it is repaired.
     pub fn load<'a>(pools: impl Iterator<Item = &'a Pool>) -> Result<PoolStore, StorageError> {
         let store = PoolStore::default();
         for pool in pools {
             for key in pool.record_keys(Kind::Volume)? {
-                if let Some(r) = record::load::<VolumeRecord>(&*pool.sys.files, &pool.record_path(Kind::Volume, &key))?
-                {
+                if let Some(r) = readable::<VolumeRecord>(pool, &pool.record_path(Kind::Volume, &key))? {
                     lock(&store.names).insert(r.name.clone(), r.id.to_string());
                     lock(&store.volumes).insert(r.id.to_string(), r);
                 }
             }
             for key in pool.record_keys(Kind::Snapshot)? {
-                if let Some(r) =
-                    record::load::<SnapshotRecord>(&*pool.sys.files, &pool.record_path(Kind::Snapshot, &key))?
-                {
+                if let Some(r) = readable::<SnapshotRecord>(pool, &pool.record_path(Kind::Snapshot, &key))? {
                     lock(&store.snapshots).insert(r.id.to_string(), r);
                 }
             }
@@ -246,6 +246,18 @@ impl PoolStore {
 
 /// Every record in a pool's collection directory (records that do not parse are skipped; the
 /// report names them).
+/// A record at load: `None` for one that does not parse (logged), an error for one unreadable.
+fn readable<T: Record>(pool: &Pool, path: &Path) -> Result<Option<T>, StorageError> {
+    match record::load::<T>(&*pool.sys.files, path) {
+        Err(StorageError::Corrupt { path, reason }) => {
+            tracing::error!(record = %path.display(), reason,
+                "a record that does not parse is left out; its object's data is left alone until it is repaired");
+            Ok(None)
+        }
+        other => other,
+    }
+}
+
 fn read_records<T: Record>(files: &dyn Files, dir: &Path) -> Result<Vec<T>, SysError> {
     let mut out = Vec::new();
     for path in files.list_dir(dir)? {

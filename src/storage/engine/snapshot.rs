@@ -91,8 +91,9 @@ impl LocalEngine {
             return Ok(());
         };
         let _held = self.take(Kind::Snapshot, &id.0.pool, &id.0.key, &id.to_string())?;
-        if let Some(rec) = self.snapshot(id) {
-            self.refuse_group_member(&rec)?;
+        match self.snapshot(id) {
+            Some(rec) => self.refuse_group_member(&rec)?,
+            None => layout::refuse_unread_record(pool, Kind::Snapshot, &id.0.key)?,
         }
         self.remove_object(pool, Kind::Snapshot, &id.0.key, &id.to_string())?;
         Ok(())

@@ -938,6 +938,62 @@ fn a_trash_entry_still_recorded_is_neither_taken_by_a_like_named_delete_nor_purg
     );
 }
 
+/// A record this process cannot read (another version's, one edited by hand) neither stops the
+/// pool from opening (every process that opened it failed to start) nor lets a delete of its id
+/// or a create of its name remove the data it names (a shared pool read it as "no record": the
+/// delete applied the pool's policy, the create cleared the data as a leftover).
+#[test]
+fn an_unreadable_record_keeps_its_data_and_does_not_stop_the_pool() {
+    for shared in [false, true] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::default_for(dir.path());
+        if shared {
+            config.pools[0].backend = crate::storage::config::Backend::Shared;
+        }
+        let e = LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("engine");
+        let vol = e
+            .create_volume(NewVolume::plain("pvc-newer", None, MIB))
+            .expect("create");
+        let snap = e.create_snapshot("snap-newer", &vol.id, false).expect("snapshot");
+        let pool = default_pool(&e);
+        let data = pool.data_path(Kind::Volume, &vol.id.0.key);
+        std::fs::write(data.join("file"), b"kept").expect("write");
+        let later = br#"{"id": "a record of a later version", "layout": "zfs"}"#;
+        std::fs::write(pool.record_path(Kind::Volume, &vol.id.0.key), later).expect("record");
+        std::fs::write(pool.record_path(Kind::Snapshot, &snap.id.0.key), later).expect("record");
+        let e = if shared {
+            e
+        } else {
+            drop(e);
+            LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("the pool opens")
+        };
+        assert!(e.volumes().iter().all(|v| v.id != vol.id), "{shared}: not listed");
+        match e.delete_volume(&vol.id) {
+            Err(StorageError::Corrupt { reason, .. }) => assert!(reason.contains("left alone"), "{reason}"),
+            r => panic!("{shared}: a delete with an unreadable record: {r:?}"),
+        }
+        assert!(matches!(
+            e.create_volume(NewVolume::plain("pvc-newer", None, MIB)),
+            Err(StorageError::Corrupt { .. })
+        ));
+        assert!(matches!(e.delete_snapshot(&snap.id), Err(StorageError::Corrupt { .. })));
+        let pool = default_pool(&e);
+        assert_eq!(
+            std::fs::read(data.join("file")).expect("data kept"),
+            b"kept",
+            "{shared}"
+        );
+        assert!(
+            pool.data_path(Kind::Snapshot, &snap.id.0.key).exists(),
+            "{shared}: snapshot kept"
+        );
+        assert_eq!(
+            std::fs::read(pool.record_path(Kind::Volume, &vol.id.0.key)).expect("record kept"),
+            later
+        );
+    }
+}
+
 /// A controller replica whose name a node also bears (both "controller"): the node's live lease
 /// on a staged shared image is that node's, not a leftover of the replica's own, and the delete
 /// is refused (it answered OK and the image went to the trash under the running pod).

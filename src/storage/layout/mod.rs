@@ -218,8 +218,10 @@ fn copy_via_work(
 /// Invariant 2: a record names exactly the data it was made for. Data at an object's place with no
 /// record is what a failed or crashed call left; nothing proves which request made it (a retry of
 /// the same name may name another source), so it is removed and the object made anew, never adopted.
-/// Callers hold the object's lock and have checked that it has no record.
+/// Callers hold the object's lock and have found no record of it; a record file there all the
+/// same (one they could not read as this object's) refuses, see [`refuse_unread_record`].
 pub fn clear_leftover(pool: &Pool, kind: Kind, key: &Key) -> Result<(), StorageError> {
+    refuse_unread_record(pool, kind, key)?;
     let data = pool.data_path(kind, key);
     match pool.sys.files.entry(&data)? {
         files::Entry::Missing => return Ok(()),
@@ -236,6 +238,23 @@ pub fn clear_leftover(pool: &Pool, kind: Kind, key: &Key) -> Result<(), StorageE
     }
     tracing::info!(path = %data.display(), "removed data a failed call left without a record");
     Ok(())
+}
+
+/// For a caller that found no record of an object: a record file at its place all the same (it
+/// does not parse, a later version wrote it, or it names another object, as after a pool's rename)
+/// may name the data there, so nothing is removed, replaced or adopted until it is repaired.
+pub fn refuse_unread_record(pool: &Pool, kind: Kind, key: &Key) -> Result<(), StorageError> {
+    let path = pool.record_path(kind, key);
+    match pool.sys.files.entry(&path)? {
+        files::Entry::Missing => Ok(()),
+        _ => Err(StorageError::Corrupt {
+            path,
+            reason: "a record is here that this process cannot read as this object's (it does not parse, \
+                     another version wrote it, or it names another object); the data it may name is left \
+                     alone: repair or move the record, then retry"
+                .into(),
+        }),
+    }
 }
 
 /// Removes data that has been moved out of its place (into the trash): subvolumes through btrfs.
