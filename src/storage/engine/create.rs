@@ -32,6 +32,14 @@ impl LocalEngine {
                 made.fs_bytes
             }
             Some(src) => {
+                // Its own id names no volume yet (the plan found none under this name): NOT_FOUND,
+                // where taking its lock a second time would answer ABORTED to every retry.
+                if matches!(src, Source::Volume(v) if *v == p.id) {
+                    return Err(StorageError::VolumeNotFound(format!(
+                        "{} (the source; a volume cannot be made from itself)",
+                        p.id
+                    )));
+                }
                 let from = self.source_data(src)?;
                 same_kind(p.layout, req.mode, p.capacity, from.layout, from.mode, from.size)?;
                 if layout::of(p.layout).has_filesystem() && req.mode == VolumeMode::Filesystem {

@@ -315,6 +315,31 @@ fn a_btrfs_create_whose_subvolume_limit_or_commit_fails_leaves_no_subvolume_and_
     assert_eq!(f.subvolumes(), vec![("volumes/pvc-b".to_string(), 32 * MIB)]);
 }
 
+/// A clone whose source is its own future id answers NOT_FOUND and leaves nothing (it took the
+/// volume's lock twice and answered ABORTED, which a provisioner retries forever).
+#[test]
+fn a_volume_cloned_from_its_own_id_is_not_found() {
+    let f = faked(FsType::Ext4);
+    let made = f
+        .engine
+        .create_volume(NewVolume::plain("pvc-probe", None, MIB))
+        .expect("probe");
+    let own = VolumeId(ObjectId {
+        key: Key::from_name("pvc-self"),
+        ..made.id.0.clone()
+    });
+    let req = NewVolume {
+        source: Some(Source::Volume(own.clone())),
+        ..NewVolume::plain("pvc-self", None, MIB)
+    };
+    match f.engine.create_volume(req) {
+        Err(StorageError::VolumeNotFound(m)) => assert!(m.contains(&own.to_string()), "{m}"),
+        r => panic!("a volume made from itself: {r:?}"),
+    }
+    assert!(f.engine.volume(&own).is_none());
+    assert_eq!(f.leftovers(), Vec::<String>::new());
+}
+
 #[test]
 fn a_btrfs_clone_whose_limit_fails_leaves_no_snapshot_and_its_retry_is_limited() {
     let f = faked(FsType::Ext4);
