@@ -1586,6 +1586,10 @@ fn delete(c: &mut Cluster, m: &mut Model, rng: &mut Rng, vol: &str, fault: Optio
     let v = m.vols[vol].clone();
     let at = c.controller(v.home, rng);
     let in_use = v.staged.is_some() || v.published.is_some();
+    // Drawn from a generator of its own, so that every seed's sequence of calls stays as it was.
+    if Rng(log.len() as u64 ^ (m.next as u64).rotate_left(32)).chance(25) {
+        unreadable_record(c, &v, at, in_use, log);
+    }
     log.push(format!(
         "delete {vol}{} through {}",
         if in_use { " (in use)" } else { "" },
@@ -1639,6 +1643,53 @@ fn delete(c: &mut Cluster, m: &mut Model, rng: &mut Rng, vol: &str, fault: Optio
         );
     }
     m.vols.remove(vol);
+}
+
+/// Before a delete, now and then: the volume's record is replaced by one this version cannot read
+/// (a later version's), as a rolling upgrade or a hand edit leaves it. The process that owns the
+/// pool must still open it (a node pool's index is read at start: it is restarted), the delete
+/// must leave the data (INTERNAL naming the record, or FAILED_PRECONDITION while in use), and once
+/// the record is repaired (and read again at a restart) everything goes on; `check` after the
+/// step finds the data and the record as the model holds them.
+fn unreadable_record(c: &mut Cluster, v: &Vol, at: usize, in_use: bool, log: &mut Vec<String>) {
+    let pool = match v.home {
+        Home::Shared => SHARE,
+        Home::Node(_) => "default",
+    };
+    let record = c.procs[at]
+        .pool(pool)
+        .expect("the pool")
+        .record_path(Kind::Volume, &vid(&v.id).0.key);
+    let good = std::fs::read(&record).expect("the record");
+    std::fs::write(&record, br#"{"id": "written by a later version", "layout": "zfs"}"#).expect("write");
+    let owner = match v.home {
+        Home::Node(n) => Some(n),
+        Home::Shared => None,
+    };
+    if let Some(n) = owner {
+        c.procs[n].restart(); // must not fail on the record
+        c.restarts += 1;
+    }
+    let r = c.procs[at]
+        .engine
+        .delete_volume(&vid(&v.id))
+        .map_err(tonic::Status::from);
+    log.push(format!("  {} with an unreadable record -> {}", v.id, brief(&r)));
+    let want = if in_use {
+        Code::FailedPrecondition
+    } else {
+        Code::Internal
+    };
+    assert!(
+        matches!(&r, Err(s) if s.code() == want),
+        "a delete of {} with an unreadable record answered {r:?}, not {want:?}",
+        v.id
+    );
+    std::fs::write(&record, good).expect("repair");
+    if let Some(n) = owner {
+        c.procs[n].restart();
+        c.restarts += 1;
+    }
 }
 
 /// ControllerModifyVolume: a new delete policy, which every process then reads.

@@ -12,9 +12,7 @@ impl LocalEngine {
         let data = pool.data_path(Kind::Volume, &id.0.key);
         let _claimed = self.refuse_in_use(pool, id, &data)?;
         let rec = self.volume(id);
-        if rec.is_none() {
-            layout::refuse_unread_record(pool, Kind::Volume, &id.0.key)?;
-        }
+        layout::refuse_unread_record(pool, Kind::Volume, &id.0.key, Some(&shown))?;
         let policy = rec
             .as_ref()
             .and_then(|r| r.delete_policy)

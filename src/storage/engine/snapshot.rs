@@ -91,10 +91,10 @@ impl LocalEngine {
             return Ok(());
         };
         let _held = self.take(Kind::Snapshot, &id.0.pool, &id.0.key, &id.to_string())?;
-        match self.snapshot(id) {
-            Some(rec) => self.refuse_group_member(&rec)?,
-            None => layout::refuse_unread_record(pool, Kind::Snapshot, &id.0.key)?,
+        if let Some(rec) = self.snapshot(id) {
+            self.refuse_group_member(&rec)?;
         }
+        layout::refuse_unread_record(pool, Kind::Snapshot, &id.0.key, Some(&id.to_string()))?;
         self.remove_object(pool, Kind::Snapshot, &id.0.key, &id.to_string())?;
         Ok(())
     }

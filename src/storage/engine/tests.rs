@@ -966,7 +966,8 @@ fn a_trash_entry_still_recorded_is_neither_taken_by_a_like_named_delete_nor_purg
 /// A record this process cannot read (another version's, one edited by hand) neither stops the
 /// pool from opening (every process that opened it failed to start) nor lets a delete of its id
 /// or a create of its name remove the data it names (a shared pool read it as "no record": the
-/// delete applied the pool's policy, the create cleared the data as a leftover).
+/// delete applied the pool's policy, the create cleared the data as a leftover; or as the
+/// readable record its replica had cached, whose policy the later version may have changed).
 #[test]
 fn an_unreadable_record_keeps_its_data_and_does_not_stop_the_pool() {
     for shared in [false, true] {
@@ -992,16 +993,24 @@ fn an_unreadable_record_keeps_its_data_and_does_not_stop_the_pool() {
             drop(e);
             LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("the pool opens")
         };
-        assert!(e.volumes().iter().all(|v| v.id != vol.id), "{shared}: not listed");
+        // First while a shared pool's replica still holds the readable record it read before.
         match e.delete_volume(&vol.id) {
             Err(StorageError::Corrupt { reason, .. }) => assert!(reason.contains("left alone"), "{reason}"),
             r => panic!("{shared}: a delete with an unreadable record: {r:?}"),
         }
+        // A replica that still has the record read before answers with it; none clears the data.
+        match e.create_volume(NewVolume::plain("pvc-newer", None, MIB)) {
+            Ok(r) => assert!(shared && r.id == vol.id, "{r:?}"),
+            Err(StorageError::Corrupt { .. }) => {}
+            r => panic!("{shared}: a create over an unreadable record: {r:?}"),
+        }
+        assert!(matches!(e.delete_snapshot(&snap.id), Err(StorageError::Corrupt { .. })));
+        assert!(e.volumes().iter().all(|v| v.id != vol.id), "{shared}: not listed");
+        assert!(matches!(e.delete_volume(&vol.id), Err(StorageError::Corrupt { .. })));
         assert!(matches!(
             e.create_volume(NewVolume::plain("pvc-newer", None, MIB)),
             Err(StorageError::Corrupt { .. })
         ));
-        assert!(matches!(e.delete_snapshot(&snap.id), Err(StorageError::Corrupt { .. })));
         let pool = default_pool(&e);
         assert_eq!(
             std::fs::read(data.join("file")).expect("data kept"),

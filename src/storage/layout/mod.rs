@@ -28,7 +28,7 @@ use crate::sys::{copy, files, StorageSys};
 use super::config::PoolConfig;
 use super::id::Key;
 use super::pool::{Kind, Pool};
-use super::record::{Layout, VolumeMode};
+use super::record::{self, Layout, SnapshotRecord, VolumeMode, VolumeRecord};
 use super::StorageError;
 
 /// What a pool's filesystem can do, found when the pool opens.
@@ -221,7 +221,7 @@ fn copy_via_work(
 /// Callers hold the object's lock and have found no record of it; a record file there all the
 /// same (one they could not read as this object's) refuses, see [`refuse_unread_record`].
 pub fn clear_leftover(pool: &Pool, kind: Kind, key: &Key) -> Result<(), StorageError> {
-    refuse_unread_record(pool, kind, key)?;
+    refuse_unread_record(pool, kind, key, None)?;
     let data = pool.data_path(kind, key);
     match pool.sys.files.entry(&data)? {
         files::Entry::Missing => return Ok(()),
@@ -240,20 +240,49 @@ pub fn clear_leftover(pool: &Pool, kind: Kind, key: &Key) -> Result<(), StorageE
     Ok(())
 }
 
-/// For a caller that found no record of an object: a record file at its place all the same (it
-/// does not parse, a later version wrote it, or it names another object, as after a pool's rename)
-/// may name the data there, so nothing is removed, replaced or adopted until it is repaired.
-pub fn refuse_unread_record(pool: &Pool, kind: Kind, key: &Key) -> Result<(), StorageError> {
+/// Before data at an object's place is removed: the record file there must be absent, or (with
+/// `ours`, the object's id, for a delete) read now as that object's. One that does not parse (a
+/// later version wrote it, a hand edit) or names another object (as after a pool's rename) may
+/// name the data, whatever a cache held of it before: nothing is removed, replaced or adopted until
+/// it is repaired.
+pub fn refuse_unread_record(pool: &Pool, kind: Kind, key: &Key, ours: Option<&str>) -> Result<(), StorageError> {
     let path = pool.record_path(kind, key);
-    match pool.sys.files.entry(&path)? {
-        files::Entry::Missing => Ok(()),
-        _ => Err(StorageError::Corrupt {
+    let read = match (pool.sys.files.entry(&path)?, ours) {
+        (files::Entry::Missing, _) => return Ok(()),
+        (_, None) => false,
+        (_, Some(id)) => {
+            // A record that cannot be read at all (EIO, a share gone) answers as that read did.
+            let found = match kind {
+                Kind::Volume => or_corrupt(record::load::<VolumeRecord>(&*pool.sys.files, &path))?
+                    .map(|r| r.map(|r| r.id.to_string())),
+                Kind::Snapshot => or_corrupt(record::load::<SnapshotRecord>(&*pool.sys.files, &path))?
+                    .map(|r| r.map(|r| r.id.to_string())),
+            };
+            match found {
+                Some(None) => return Ok(()), // removed since it was looked at
+                Some(Some(named)) => named == id,
+                None => false,
+            }
+        }
+    };
+    match read {
+        true => Ok(()),
+        false => Err(StorageError::Corrupt {
             path,
             reason: "a record is here that this process cannot read as this object's (it does not parse, \
                      another version wrote it, or it names another object); the data it may name is left \
                      alone: repair or move the record, then retry"
                 .into(),
         }),
+    }
+}
+
+/// A record read: `None` when it does not parse, the read's own error when it could not be read.
+fn or_corrupt<T>(r: Result<Option<T>, StorageError>) -> Result<Option<Option<T>>, StorageError> {
+    match r {
+        Ok(found) => Ok(Some(found)),
+        Err(StorageError::Corrupt { .. }) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
