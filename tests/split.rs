@@ -123,6 +123,45 @@ async fn immediate_binding_picks_the_node_with_most_room_and_a_full_node_is_reso
     );
 }
 
+/// A shared pool's capacity is the share's free room once, as the controller (which serves shared
+/// pools) measures it: the nodes' heartbeats also list the shared pools they open, and a node may
+/// say anything there (a compromised one "u64::MAX"); every node's report was added to it.
+#[tokio::test]
+async fn a_shared_pools_capacity_is_counted_once_whatever_the_nodes_report() {
+    let share = tempfile::Builder::new()
+        .prefix("cellar-test-")
+        .tempdir()
+        .expect("share");
+    let c = Cluster::start(Spec {
+        config: Some(format!(
+            "pools:\n  - name: default\n  - name: share\n    backend: shared\n    path: {}\n",
+            share.path().display()
+        )),
+        ..Spec::nodes(vec![None, None])
+    })
+    .await;
+    let mut ctl = c.ctl().await;
+    let free = nix::sys::statvfs::statvfs(share.path()).expect("statvfs");
+    let free = free.blocks_available() as i64 * free.fragment_size() as i64;
+    for topology in [None, Some(node_topology("node-1"))] {
+        let mut r = GetCapacityRequest {
+            accessible_topology: topology.clone(),
+            ..Default::default()
+        };
+        r.parameters.insert("pool".into(), "share".into());
+        let got = ctl
+            .get_capacity(r)
+            .await
+            .expect("capacity")
+            .into_inner()
+            .available_capacity;
+        assert!(
+            got > 0 && got <= free + free / 20,
+            "shared capacity {got} for {topology:?}, the share has {free} free"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_dead_node_is_unavailable_the_others_serve_and_it_converges_when_back() {
     let mut c = Cluster::start(Spec::nodes(vec![None, None])).await;

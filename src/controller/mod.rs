@@ -920,16 +920,14 @@ impl Controller for ControllerService {
             .await;
             for (agent, pools) in agents.iter().zip(answers) {
                 let on_node = asked.is_none_or(|n| n == agent.node().as_str());
+                let serves_shared = self.directory.shared().is_some_and(|s| Arc::ptr_eq(&s, agent));
                 let pools = match pools {
                     Ok(p) => p,
                     // A node that cannot be reached offers nothing now; asked about by name, it
                     // says so. Capacity tracking asks per node: one dead node must not take every
                     // other node's capacity with it. A dead share (the shared pools' agent) is
                     // UNAVAILABLE: its capacity is unknown, not zero.
-                    Err(e)
-                        if e.is_unavailable()
-                            && !(asked.is_some() && on_node)
-                            && !self.directory.shared().is_some_and(|s| Arc::ptr_eq(&s, agent)) =>
+                    Err(e) if e.is_unavailable() && !(asked.is_some() && on_node) && !serves_shared =>
                     {
                         tracing::debug!(node = agent.node().as_str(), error = %e, "capacity without an unreachable node");
                         continue;
@@ -937,8 +935,11 @@ impl Controller for ControllerService {
                     Err(e) => return Err(e.into()),
                 };
                 for p in pools {
-                    // Shared pools are everywhere; local ones only on their node and for one node.
-                    if !p.shared && (!on_node || multi_node) {
+                    // Shared pools are everywhere, counted once, from who serves them: the nodes'
+                    // heartbeats list the shared pools they open too, and a node's word on a share
+                    // is not taken (a compromised one could claim any room). Local pools count only
+                    // on their node and for one node.
+                    if (p.shared && !serves_shared) || (!p.shared && (!on_node || multi_node)) {
                         continue;
                     }
                     let pool_ok = match &params.pool {
