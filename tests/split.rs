@@ -162,6 +162,59 @@ async fn a_shared_pools_capacity_is_counted_once_whatever_the_nodes_report() {
     }
 }
 
+/// ListSnapshots goes on without a node that cannot list (it failed for every node while one was
+/// down, hung or answering what it may not); asked for one of that node's snapshots by id, it says
+/// the node is unavailable.
+#[tokio::test]
+async fn list_snapshots_goes_on_without_a_node_that_cannot_list() {
+    let mut c = Cluster::start(Spec::nodes(vec![None, None])).await;
+    let mut ctl = c.ctl().await;
+    let on1 = ctl
+        .create_volume(wffc("pvc-l1", 16 * MIB, "node-1", &["node-1"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let on2 = ctl
+        .create_volume(wffc("pvc-l2", 16 * MIB, "node-2", &["node-2"]))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let s1 = snapshot(&mut ctl, "snap-l1", &on1.volume_id).await;
+    let s2 = snapshot(&mut ctl, "snap-l2", &on2.volume_id).await;
+    c.kill_node(1);
+    let listed: Vec<String> = ctl
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .expect("listed without node-2")
+        .into_inner()
+        .entries
+        .into_iter()
+        .filter_map(|e| e.snapshot)
+        .map(|s| s.snapshot_id)
+        .collect();
+    assert_eq!(listed, vec![s1.snapshot_id.clone()]);
+    let by_id = ctl
+        .list_snapshots(ListSnapshotsRequest {
+            snapshot_id: s2.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(by_id), Code::Unavailable, "node-2's own snapshot, asked by id");
+    let one = ctl
+        .list_snapshots(ListSnapshotsRequest {
+            snapshot_id: s1.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("node-1's snapshot by id")
+        .into_inner();
+    assert_eq!(one.entries.len(), 1);
+}
+
 #[tokio::test]
 async fn a_dead_node_is_unavailable_the_others_serve_and_it_converges_when_back() {
     let mut c = Cluster::start(Spec::nodes(vec![None, None])).await;

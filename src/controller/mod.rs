@@ -738,9 +738,16 @@ impl ControllerService {
     }
 
     /// Every snapshot as CSI shows it, sorted by id: the nodes' (a backup uploading among them)
-    /// and the repositories' backups, each once.
-    async fn csi_snapshots(&self) -> Result<Vec<Snapshot>, ControllerError> {
-        let mut all: Vec<Snapshot> = self.all_snapshots().await?.iter().map(csi_snapshot).collect();
+    /// and the repositories' backups, each once. Asked for one snapshot id of a node's, only that
+    /// node is asked, and its failure is the answer.
+    async fn csi_snapshots(&self, one: Option<&SnapshotId>) -> Result<Vec<Snapshot>, ControllerError> {
+        if let Some(id) = one {
+            let Some(agent) = self.agent_of(id.0.node()) else {
+                return Ok(Vec::new());
+            };
+            return Ok(agent.snapshots().await?.iter().map(csi_snapshot).collect());
+        }
+        let mut all: Vec<Snapshot> = self.all_snapshots().await.iter().map(csi_snapshot).collect();
         let backups = self.backup_snapshots().await;
         // The repository's answer wins for a backup both hold (uploaded, local copy kept).
         let in_repo: std::collections::HashSet<String> = backups.iter().map(|b| b.snapshot_id.clone()).collect();
@@ -750,13 +757,23 @@ impl ControllerService {
         Ok(all)
     }
 
-    async fn all_snapshots(&self) -> Result<Vec<SnapshotRecord>, ControllerError> {
+    /// Every node's snapshots, asked at once. A node that fails, answers what it may not (another
+    /// node's snapshot) or does not answer in time is left out, logged, as ListVolumes leaves out
+    /// a node it cannot list: one node, hung or compromised, does not fail every node's listing.
+    async fn all_snapshots(&self) -> Vec<SnapshotRecord> {
+        let agents = self.directory.all();
+        let answers = ask_all(&agents, |a| async move { a.snapshots().await }).await;
         let mut all = Vec::new();
-        for a in self.directory.all() {
-            all.extend(a.snapshots().await?);
+        for (agent, answer) in agents.iter().zip(answers) {
+            match answer {
+                Ok(snaps) => all.extend(snaps),
+                Err(e) => {
+                    tracing::warn!(node = agent.node().as_str(), error = %e, "snapshot listing without a node that did not list")
+                }
+            }
         }
         all.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(all)
+        all
     }
 }
 
@@ -1074,7 +1091,10 @@ impl Controller for ControllerService {
             // One backup by its id: its repository answers, whichever node is down.
             let mut all = match BackupId::parse(&r.snapshot_id) {
                 Ok(id) => self.get_backup(&id).await?.into_iter().collect(),
-                Err(_) => self.csi_snapshots().await?,
+                Err(_) => {
+                    let one = SnapshotId::parse(&r.snapshot_id).ok();
+                    self.csi_snapshots(one.as_ref()).await?
+                }
             };
             if !r.snapshot_id.is_empty() {
                 all.retain(|s| s.snapshot_id == r.snapshot_id);
