@@ -1030,6 +1030,9 @@ mod split {
     enum Lose {
         Cut,
         PutGroup,
+        /// Not a lost answer: every group name lookup answers an error other than UNAVAILABLE
+        /// (a broken or lying node).
+        NameLookup,
     }
 
     struct LostAnswer {
@@ -1116,6 +1119,9 @@ mod split {
             self.inner.group(id).await
         }
         async fn group_named(&self, name: String) -> Result<Option<GroupRecord>, StorageError> {
+            if self.lose == Lose::NameLookup {
+                return Err(StorageError::Busy(format!("{name}, answered by a broken node")));
+            }
             self.inner.group_named(name).await
         }
         async fn block_ranges(&self, q: Query, max: usize) -> Result<(u64, RangeBatches), MetadataError> {
@@ -1186,6 +1192,24 @@ mod split {
                 );
             }
         }
+    }
+
+    /// A node that answers every group name lookup with an error (not UNAVAILABLE) does not stop a
+    /// group of another node's volumes (the lookup stopped at any such error, so one broken or
+    /// lying node failed every group snapshot in the cluster).
+    #[tokio::test]
+    async fn a_node_that_fails_the_name_lookup_does_not_stop_a_group_on_another_node() {
+        let mut n = nodes(&["node-1", "node-2"]).await;
+        n.agents[1] = Arc::new(LostAnswer {
+            inner: n.agents[1].clone(),
+            lose: Lose::NameLookup,
+            lost: Default::default(),
+        });
+        let ctl = ControllerService::new(Arc::new(n));
+        let a = volume(&ctl, "pvc-look-a", "node-1").await;
+        let b = volume(&ctl, "pvc-look-b", "node-1").await;
+        let made = cut(&ctl, group_req("group-look", &[&a, &b], true)).await;
+        assert_eq!(made.snapshots.len(), 2);
     }
 
     /// A group whose member is busy (the source of a restore being copied) is not deleted: the

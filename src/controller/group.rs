@@ -208,16 +208,24 @@ impl ControllerService {
             }
         }
 
-        // A name already used anywhere answers for itself. A node that cannot answer now is
-        // skipped, as CreateVolume does: the node that cuts this group checks the name again.
-        for a in self.directory.all() {
-            let found = match a.group_named(r.name.clone()).await {
+        // A name already used anywhere answers for itself. Every node is asked at once; one that
+        // cannot answer now, or answers what it may not, is skipped, as CreateVolume and
+        // CreateSnapshot do (one node must not stop every group snapshot): the node that cuts
+        // this group checks the name again.
+        let all = self.directory.all();
+        let name = r.name.clone();
+        let answers = super::ask_all(&all, |a| {
+            let name = name.clone();
+            async move { a.group_named(name).await }
+        })
+        .await;
+        for (a, answer) in all.iter().zip(answers) {
+            let found = match answer {
                 Ok(f) => f,
-                Err(crate::storage::StorageError::Unavailable(why)) => {
-                    tracing::warn!(node = a.node().as_str(), error = %why, "group name lookup skipped an unreachable node");
+                Err(e) => {
+                    tracing::warn!(node = a.node().as_str(), error = %e, "group name lookup skipped a node that did not answer it");
                     None
                 }
-                Err(e) => return Err(e.into()),
             };
             if let Some(existing) = found {
                 let had: Vec<&VolumeId> = existing.members.iter().map(|m| &m.volume_id).collect();
