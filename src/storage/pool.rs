@@ -177,7 +177,13 @@ impl Pool {
             if let Some((kind, key)) = trashed(&name) {
                 let data = self.data_path(kind, &key);
                 let recorded = self.sys.files.entry(&self.record_path(kind, &key))? != files::Entry::Missing;
-                if recorded && self.sys.files.entry(&data)? == files::Entry::Missing {
+                // An earlier release's `<key>-<uuid>` of a key `volumes-a` reads as volume `a`'s:
+                // when an object of the whole stem is recorded too, whose data it is is not known,
+                // and it is only kept, never put in another object's place.
+                let ambiguous = name
+                    .rsplit_once('-')
+                    .is_some_and(|(stem, _)| self.legacy_recorded(stem));
+                if recorded && !ambiguous && self.sys.files.entry(&data)? == files::Entry::Missing {
                     tracing::warn!(entry = %p.display(), data = %data.display(), "a deleted object's data is still recorded; put back");
                     self.sys.files.rename(&p, &data)?;
                     self.sys.files.sync_dir(&self.collection_dir(kind))?;
@@ -218,16 +224,24 @@ impl Pool {
         if stem.starts_with("leftover-") {
             return false;
         }
-        let present = |kind: Kind, key: &str| {
-            Key::parse(key)
-                .is_ok_and(|k| self.sys.files.entry(&self.record_path(kind, &k)).ok() != Some(files::Entry::Missing))
-        };
         for kind in [Kind::Volume, Kind::Snapshot] {
             if let Some(key) = stem.strip_prefix(kind.dir()).and_then(|r| r.strip_prefix('-')) {
-                return present(kind, key);
+                return self.present(kind, key);
             }
         }
-        present(Kind::Volume, stem) || present(Kind::Snapshot, stem)
+        self.legacy_recorded(stem)
+    }
+
+    /// Whether an object keyed `stem` (of either kind) may have its record, as an earlier
+    /// release's trash entry `<stem>-<uuid>` is read.
+    fn legacy_recorded(&self, stem: &str) -> bool {
+        self.present(Kind::Volume, stem) || self.present(Kind::Snapshot, stem)
+    }
+
+    /// Whether `key` (when it is a key) may have a record of `kind`: present, or not readable.
+    fn present(&self, kind: Kind, key: &str) -> bool {
+        Key::parse(key)
+            .is_ok_and(|k| self.sys.files.entry(&self.record_path(kind, &k)).ok() != Some(files::Entry::Missing))
     }
 
     /// How old a temporary file of a record, lease or stage mark must be before a sweep removes it:

@@ -961,6 +961,22 @@ fn a_trash_entry_still_recorded_is_neither_taken_by_a_like_named_delete_nor_purg
         LinuxFiles.list_dir(&pool.trash_dir()).expect("trash"),
         Vec::<PathBuf>::new()
     );
+    // An earlier release's entry of `volumes-b` (`volumes-b-<uuid>`) reads like volume `b`'s: with
+    // both recorded and `b`'s data missing, it is kept, never put in `b`'s place.
+    let b = e.create_volume(NewVolume::plain("b", None, MIB)).expect("create b");
+    let vb = e
+        .create_volume(NewVolume::plain("volumes-b", None, MIB))
+        .expect("create volumes-b");
+    let b_data = pool.data_path(Kind::Volume, &b.id.0.key);
+    std::fs::remove_dir(&b_data).expect("b's data lost (a crashed delete)");
+    let old_entry = pool
+        .trash_dir()
+        .join(format!("volumes-b-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::rename(pool.data_path(Kind::Volume, &vb.id.0.key), &old_entry).expect("to the trash");
+    drop(e);
+    let _e = LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("reopen");
+    assert!(!b_data.exists(), "volumes-b's data is not put in b's place");
+    assert!(old_entry.exists(), "kept while an object it may belong to is recorded");
 }
 
 /// A record this process cannot read (another version's, one edited by hand) neither stops the
