@@ -333,7 +333,11 @@ fn a_volume_cloned_from_its_own_id_is_not_found() {
         ..NewVolume::plain("pvc-self", None, MIB)
     };
     match f.engine.create_volume(req) {
-        Err(StorageError::VolumeNotFound(m)) => assert!(m.contains(&own.to_string()), "{m}"),
+        Err(e @ StorageError::VolumeNotFound(_)) => {
+            let status = tonic::Status::from(e);
+            assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+            assert!(status.message().contains(&own.to_string()), "{status:?}");
+        }
         r => panic!("a volume made from itself: {r:?}"),
     }
     assert!(f.engine.volume(&own).is_none());
