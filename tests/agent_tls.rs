@@ -1051,6 +1051,9 @@ mod lying_node {
         /// Listings and lookups also carry a shared pool's records, as an honest node's do (it
         /// opens the shared pools whose volumes it publishes).
         SharedToo,
+        /// Its snapshots (and every snapshot name lookup) name node-2's victim as their source
+        /// volume, though they are node-1's own.
+        OtherSource,
         /// Not a lie: a node with many volumes (6,000 more of its own), more than one page holds.
         Many,
     }
@@ -1187,12 +1190,18 @@ mod lying_node {
                 Lie::EveryName => Some(volume_record(&name, &format!("local:node-1:default:{}", key.as_str()))),
                 Lie::Misnamed => Some(volume_record("pvc-other", "local:node-1:default:pvc-other")),
                 Lie::SharedToo => Some(volume_record(&name, &format!("shared:share:{}", key.as_str()))),
-                Lie::Many => self.honest.volume_named(name).await?,
+                Lie::Many | Lie::OtherSource => self.honest.volume_named(name).await?,
             })
         }
         async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError> {
+            let key = Key::from_name(&name);
             Ok(match self.lie {
                 Lie::OtherNode => Some(snapshot_record(&name, VICTIM_SNAPSHOT, VICTIM)),
+                Lie::OtherSource => Some(snapshot_record(
+                    &name,
+                    &format!("snap:local:node-1:default:{}", key.as_str()),
+                    VICTIM,
+                )),
                 Lie::SharedToo => Some(snapshot_record(
                     &name,
                     "snap:shared:share:snap-shared",
@@ -1224,6 +1233,11 @@ mod lying_node {
                 .collect();
             match self.lie {
                 Lie::OtherNode => all.push(snapshot_record("snap-victim", VICTIM_SNAPSHOT, VICTIM)),
+                Lie::OtherSource => all.push(snapshot_record(
+                    "snap-own",
+                    "snap:local:node-1:default:snap-own",
+                    VICTIM,
+                )),
                 Lie::SharedToo => all.push(snapshot_record(
                     "snap-shared",
                     "snap:shared:share:snap-shared",
@@ -1367,6 +1381,19 @@ mod lying_node {
         );
         refused(c.snapshot_named("snap-new".into()).await.unwrap_err(), elsewhere);
         refused(c.snapshots().await.unwrap_err(), elsewhere);
+    }
+
+    /// A snapshot is cut in its source volume's pool: a node's snapshot record naming another
+    /// node's volume as its source is a bad answer, never handed to the CO (which would show a
+    /// snapshot of node-2's volume that node-2 never cut, and restore it as such).
+    #[tokio::test]
+    async fn a_snapshot_a_node_says_it_cut_of_another_nodes_volume_is_refused() {
+        let ca = Authority::new("cellar test CA");
+        let liar = start_liar(&ca, Lie::OtherSource).await;
+        let c = client(&ca, &liar);
+        let why = "names the source volume local:node-2:default:pvc-victim";
+        refused(c.snapshot_named("snap-new".into()).await.unwrap_err(), why);
+        refused(c.snapshots().await.unwrap_err(), why);
     }
 
     #[tokio::test]

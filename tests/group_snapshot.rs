@@ -655,6 +655,7 @@ mod split {
     use cellar::agent::server::{serve, AgentService};
     use cellar::agent::tls::{Tls, AGENT_SERVER_NAME};
     use cellar::agent::{Agent, Directory, Frames, RangeBatches, Rendezvous};
+    use cellar::backup::{Backups, RepositoryConfig, Throttle};
     use cellar::controller::ControllerService;
     use cellar::csi::v1::controller_server::Controller;
     use cellar::csi::v1::group_controller_server::GroupController;
@@ -664,7 +665,7 @@ mod split {
     use cellar::storage::engine::{
         BackupRequest, CapacityRange, Condition, LocalEngine, Mutable, NewGroup, NewVolume, PoolStatus, Source,
     };
-    use cellar::storage::id::{GroupId, NodeId, SnapshotId, StaticId, VolumeId};
+    use cellar::storage::id::{BackupId, GroupId, NodeId, PoolName, SnapshotId, StaticId, VolumeId};
     use cellar::storage::record::{GroupRecord, SnapshotRecord, VolumeRecord};
     use cellar::storage::StorageError;
     use tonic::{Code, Request};
@@ -694,6 +695,11 @@ mod split {
     }
 
     async fn nodes(names: &[&str]) -> Nodes {
+        nodes_with(names, &[]).await
+    }
+
+    /// `nodes` whose engines can back up into `repositories`.
+    async fn nodes_with(names: &[&str], repositories: &[RepositoryConfig]) -> Nodes {
         let mut n = Nodes {
             agents: Vec::new(),
             engines: Vec::new(),
@@ -706,7 +712,10 @@ mod split {
                 .tempdir()
                 .expect("tempdir");
             let node = NodeId::parse(name).expect("node");
-            let engine = Arc::new(LocalEngine::open(node.clone(), &Config::default_for(dir.path())).expect("engine"));
+            let mut config = Config::default_for(dir.path());
+            config.repositories = repositories.to_vec();
+            let engine = Arc::new(LocalEngine::open(node.clone(), &config).expect("engine"));
+            engine.start_uploads();
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let addr = listener.local_addr().expect("addr");
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -1033,6 +1042,9 @@ mod split {
         /// Not a lost answer: every group name lookup answers an error other than UNAVAILABLE
         /// (a broken or lying node).
         NameLookup,
+        /// Not a lost answer: every forget of a backup answers ABORTED, as the node cutting it
+        /// does while it uploads (a broken or lying node, for a backup it did not cut).
+        Forget,
     }
 
     struct LostAnswer {
@@ -1093,6 +1105,12 @@ mod split {
         }
         async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError> {
             self.inner.delete_snapshot(id).await
+        }
+        async fn forget_backup(&self, id: BackupId) -> Result<(), StorageError> {
+            if self.lose == Lose::Forget {
+                return Err(StorageError::Busy(format!("{id} is uploading, says a broken node")));
+            }
+            self.inner.forget_backup(id).await
         }
         async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError> {
             self.inner.snapshots().await
@@ -1190,6 +1208,82 @@ mod split {
                     "member {} of the group is there",
                     s.snapshot_id
                 );
+            }
+        }
+    }
+
+    /// ListSnapshots of one id.
+    async fn listed(ctl: &ControllerService, id: &str) -> Vec<Snapshot> {
+        let req = Request::new(ListSnapshotsRequest {
+            snapshot_id: id.into(),
+            ..Default::default()
+        });
+        let all = ctl.list_snapshots(req).await.expect("ListSnapshots").into_inner();
+        all.entries.into_iter().filter_map(|e| e.snapshot).collect()
+    }
+
+    /// A backup's delete is not held hostage by a node that did not cut it: every node is asked
+    /// at once to forget its part, and once the repository names the node that cut the backup,
+    /// only that node's refusal stands (one lying node answering ABORTED to every forget stopped
+    /// every backup's delete in the cluster).
+    #[tokio::test]
+    async fn only_the_node_that_cut_a_backup_can_refuse_its_delete() {
+        let dir = tempfile::Builder::new()
+            .prefix("cellar-group-split-repo-")
+            .tempdir()
+            .expect("tempdir");
+        let password_file = dir.path().join("key");
+        std::fs::write(&password_file, "a key for the test\n").expect("key");
+        let repositories = vec![RepositoryConfig {
+            name: PoolName::parse("offsite").expect("name"),
+            location: cellar::backup::Location::Path(dir.path().join("repo")),
+            password_file,
+        }];
+        for (refusing, stands) in [(1, false), (0, true)] {
+            let mut n = nodes_with(&["node-1", "node-2"], &repositories).await;
+            n.agents[refusing] = Arc::new(LostAnswer {
+                inner: n.agents[refusing].clone(),
+                lose: Lose::Forget,
+                lost: Default::default(),
+            });
+            let ctl = ControllerService::new(Arc::new(n))
+                .with_backups(Arc::new(Backups::new(repositories.clone(), Throttle::unlimited())));
+            let v = volume(&ctl, &format!("pvc-bk-{refusing}"), "node-1").await;
+            let made = ctl
+                .create_snapshot(Request::new(CreateSnapshotRequest {
+                    name: format!("backup-{refusing}"),
+                    source_volume_id: v,
+                    parameters: [("backupRepository".to_string(), "offsite".to_string())].into(),
+                    ..Default::default()
+                }))
+                .await
+                .expect("CreateSnapshot with a backup")
+                .into_inner()
+                .snapshot
+                .expect("snapshot");
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while !listed(&ctl, &made.snapshot_id).await.iter().any(|s| s.ready_to_use) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the backup was not uploaded in 60 s: {:?}",
+                    listed(&ctl, &made.snapshot_id).await
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let deleted = ctl
+                .delete_snapshot(Request::new(DeleteSnapshotRequest {
+                    snapshot_id: made.snapshot_id.clone(),
+                    ..Default::default()
+                }))
+                .await;
+            let left = listed(&ctl, &made.snapshot_id).await;
+            if stands {
+                let e = deleted.expect_err("the refusal of the node that cut the backup stands");
+                assert_eq!(e.code(), Code::Aborted, "{}", e.message());
+                assert_eq!(left.len(), 1, "the backup is kept while its node refuses");
+            } else {
+                deleted.expect("a node that did not cut the backup cannot refuse its delete");
+                assert!(left.is_empty(), "the repository forgot the backup: {left:?}");
             }
         }
     }

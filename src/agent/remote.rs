@@ -380,6 +380,10 @@ trait Answered {
     fn object(&self) -> &ObjectId;
     fn shown(&self) -> String;
     fn name(&self) -> &str;
+    /// What in the record contradicts where the object is, if anything.
+    fn contradiction(&self) -> Option<String> {
+        None
+    }
 }
 
 impl Answered for VolumeRecord {
@@ -419,6 +423,17 @@ impl Answered for SnapshotRecord {
     fn name(&self) -> &str {
         &self.name
     }
+    /// A snapshot is cut in its source volume's pool: a record naming a source elsewhere (another
+    /// node's volume) would hand the CO a snapshot of a volume that node never held.
+    fn contradiction(&self) -> Option<String> {
+        let (at, from) = (&self.id.0, &self.source_volume_id.0);
+        (at.location != from.location || at.pool != from.pool).then(|| {
+            format!(
+                "the snapshot {} names the source volume {}, not in its pool",
+                self.id, self.source_volume_id
+            )
+        })
+    }
 }
 
 impl Answered for GroupRecord {
@@ -444,7 +459,10 @@ impl RemoteAgent {
     /// A record of an object on this node.
     fn own<T: Answered>(&self, rpc: &str, rec: T) -> Result<T, StorageError> {
         match rec.object().node() {
-            Some(n) if *n == self.node => Ok(rec),
+            Some(n) if *n == self.node => match rec.contradiction() {
+                Some(why) => Err(self.malformed(rpc, why)),
+                None => Ok(rec),
+            },
             _ => Err(self.malformed(
                 rpc,
                 format!("the {} {} is not on node {}", T::WHAT, rec.shown(), self.node.as_str()),

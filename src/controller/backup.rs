@@ -15,7 +15,8 @@ use crate::agent::Agent;
 use crate::backup::{BackupInfo, Backups};
 use crate::csi::v1::Snapshot;
 use crate::storage::engine::BackupRequest;
-use crate::storage::id::{BackupId, PoolName, VolumeId};
+use crate::storage::id::{BackupId, NodeId, PoolName, VolumeId};
+use crate::storage::record::SnapshotRecord;
 use crate::storage::StorageError;
 
 /// VolumeSnapshotClass parameters of backups.
@@ -114,26 +115,36 @@ impl ControllerService {
     /// repository answers first, so an uploaded backup is found while its node is down; nodes
     /// that do not answer are passed over.
     pub(super) async fn get_backup(&self, id: &BackupId) -> Result<Option<Snapshot>, ControllerError> {
-        let shown = id.to_string();
         if self.backups.config(id.repository()).is_ok() {
             let i = id.clone();
             if let Some(b) = blocking(&self.backups, move |b| b.find(&i)).await? {
                 return Ok(Some(csi_backup(&b)));
             }
         }
-        for a in self.directory.all() {
-            match a.snapshots().await {
+        Ok(self.upload_in_progress(id).await.map(|(_, s)| csi_snapshot(&s)))
+    }
+
+    /// A backup's upload in progress, asked of every node at once: the node cutting it and its
+    /// snapshot record. Nodes that do not answer are passed over (and logged).
+    async fn upload_in_progress(&self, id: &BackupId) -> Option<(NodeId, SnapshotRecord)> {
+        let agents = self.directory.all();
+        let answers = super::ask_all(&agents, |a| async move { a.snapshots().await }).await;
+        for (a, answer) in agents.iter().zip(answers) {
+            match answer {
                 Ok(snaps) => {
-                    if let Some(s) = snaps.iter().map(csi_snapshot).find(|s| s.snapshot_id == shown) {
-                        return Ok(Some(s));
+                    if let Some(s) = snaps
+                        .into_iter()
+                        .find(|s| s.backup.as_ref().is_some_and(|m| m.id == *id))
+                    {
+                        return Some((a.node().clone(), s));
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(node = a.node().as_str(), backup = %shown, error = %e, "node passed over looking for an upload in progress")
+                    tracing::warn!(node = a.node().as_str(), backup = %id, error = %e, "node passed over looking for an upload in progress")
                 }
             }
         }
-        Ok(None)
+        None
     }
 
     /// DeleteSnapshot of a backup: each node forgets its part (a local copy, or an upload in
@@ -141,16 +152,39 @@ impl ControllerService {
     /// goes at the next prune. A node that cannot be reached keeps its local copy until it is
     /// back (docs/backups.md).
     pub(super) async fn delete_backup(&self, id: &BackupId) -> Result<(), ControllerError> {
-        for a in self.directory.all() {
-            match a.forget_backup(id.clone()).await {
-                Ok(()) => {}
-                Err(e) if e.is_unavailable() => {
-                    tracing::warn!(node = a.node().as_str(), backup = %id, error = %e, "node unreachable; its part of the backup stays until it is back");
+        let agents = self.directory.all();
+        let answers = super::ask_all(&agents, |a| {
+            let id = id.clone();
+            async move { a.forget_backup(id).await }
+        })
+        .await;
+        let configured = self.backups.config(id.repository()).is_ok();
+        // Once uploaded, the repository names the node that cut the backup: only that node's
+        // refusal stands (another node's cannot hold every backup's delete hostage).
+        let mut uploader: Option<Option<String>> = None;
+        for (a, answer) in agents.iter().zip(answers) {
+            let Err(e) = answer else { continue };
+            if e.is_unavailable() {
+                tracing::warn!(node = a.node().as_str(), backup = %id, error = %e, "node unreachable; its part of the backup stays until it is back");
+                continue;
+            }
+            if uploader.is_none() {
+                let found = if configured {
+                    let i = id.clone();
+                    blocking(&self.backups, move |b| b.find(&i)).await?
+                } else {
+                    None
+                };
+                uploader = Some(found.map(|b| b.meta.node));
+            }
+            match uploader.as_ref().and_then(Option::as_ref) {
+                Some(node) if node != a.node().as_str() => {
+                    tracing::warn!(node = a.node().as_str(), uploader = node.as_str(), backup = %id, error = %e, "refusal of a node that did not cut the backup passed over");
                 }
-                Err(e) => return Err(e.into()),
+                _ => return Err(e.into()),
             }
         }
-        if self.backups.config(id.repository()).is_err() {
+        if !configured {
             tracing::warn!(backup = %id, "DeleteSnapshot of a backup in a repository that is not configured: nothing to forget");
             return Ok(());
         }
@@ -168,23 +202,13 @@ impl ControllerService {
         let i = id.clone();
         match blocking(&self.backups, move |b| b.find(&i)).await? {
             Some(b) => Ok(b),
-            None => {
-                let shown = id.to_string();
-                for a in self.directory.all() {
-                    if let Ok(snaps) = a.snapshots().await {
-                        if snaps
-                            .iter()
-                            .any(|s| s.backup.as_ref().is_some_and(|m| m.id.to_string() == shown))
-                        {
-                            return Err(ControllerError::NotReady(format!(
-                                "backup {shown} is still uploading from node {}; restore from it once it is ready to use",
-                                a.node().as_str()
-                            )));
-                        }
-                    }
-                }
-                Err(not_found())
-            }
+            None => match self.upload_in_progress(id).await {
+                Some((node, _)) => Err(ControllerError::NotReady(format!(
+                    "backup {id} is still uploading from node {}; restore from it once it is ready to use",
+                    node.as_str()
+                ))),
+                None => Err(not_found()),
+            },
         }
     }
 }
