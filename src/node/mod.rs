@@ -500,7 +500,9 @@ impl NodeService {
         Self::check_mode(&rec, &cap)?;
         let static_id = StaticId::parse(&r.volume_id).ok();
         let attrs = StaticAttrs::parse(static_id.is_some(), &r.volume_context)?;
-        let read_only = cap.access.read_only() || attrs.read_only;
+        // A reader access mode, a static volume's readOnly, or an `ro` mount option (a PV's
+        // mountOptions): the stage itself is read-only, so nothing is grown or replayed.
+        let read_only = cap.access.read_only() || attrs.read_only || cap.flags.read_only;
         let mut m = self.state.get(&r.volume_id);
         let block = rec.mode == VolumeMode::Block;
         if let Some(s) = &m.staged {
@@ -558,6 +560,7 @@ impl NodeService {
                     subdir: attrs.subdir.clone(),
                     flags,
                 }),
+                block: false,
             });
             self.state.put(m)?;
             if static_id.is_none() {
@@ -580,7 +583,21 @@ impl NodeService {
                 }
             }
             crash::point("stage:before-mount");
-            self.mounter.bind(&pinned.proc_path(), &staging, flags)?;
+            if let Err(e) = self.mounter.bind(&pinned.proc_path(), &staging, flags) {
+                // Nothing was mounted: neither the intent nor the mark stays (kubelet never
+                // unstages a failed stage, and they keep the volume from being deleted). Unless
+                // publishes of it are recorded (its staging mount was lost under live pods).
+                let mut m = self.state.get(&r.volume_id);
+                if m.published.is_empty() {
+                    if static_id.is_none() {
+                        let id = VolumeId::parse(&r.volume_id).map_err(|e| NodeError::invalid(e.0))?;
+                        self.engine.mark_staged(&id, false)?;
+                    }
+                    m.staged = None;
+                    self.state.put(m)?;
+                }
+                return Err(e.into());
+            }
             return Ok(NodeStageVolumeResponse {});
         }
         let id = VolumeId::parse(&r.volume_id).map_err(|e| NodeError::invalid(e.0))?;
@@ -590,6 +607,7 @@ impl NodeService {
             read_only,
             backing: Some(data.clone()),
             bound: None,
+            block,
         });
         // The devices as they are, before the lease is taken (nothing to give back if this fails).
         let found = self.image_devices(&data, &m)?;
@@ -675,8 +693,17 @@ impl NodeService {
             return Err(Self::mmp_refusal(&r.volume_id, &data, e));
         }
         if grow && fs == FsType::Xfs {
-            self.devices.grow_online(fs, &device.path, &staging)?;
-            self.engine.set_fs_bytes(&id, rec.capacity_bytes)?;
+            let grown = (|| {
+                self.devices.grow_online(fs, &device.path, &staging)?;
+                self.engine.set_fs_bytes(&id, rec.capacity_bytes)?;
+                Ok::<_, NodeError>(())
+            })();
+            if let Err(e) = grown {
+                // As a failed mount: nothing stays mounted, attached or leased (the retry grows it).
+                self.mounter.unmount(&staging)?;
+                self.undo_failed_stage(&r.volume_id, &id, &data)?;
+                return Err(e);
+            }
         }
         Ok(NodeStageVolumeResponse {})
     }
@@ -772,7 +799,9 @@ impl NodeService {
             }
         }
         if let Some(backing) = &staged.backing {
-            self.unmount_all(&staging)?;
+            if !staged.block {
+                self.unmount_all(&staging)?;
+            }
             crash::point("unstage:before-detach");
             for d in self.devices.find_by_backing(backing)? {
                 self.devices.detach(&d)?;
@@ -911,7 +940,8 @@ impl NodeService {
             m.published.remove(&target);
             self.state.put(m)?;
             if created {
-                let _ = self.files.remove_tree(&target);
+                // Only what is empty: files found there are not ours to delete.
+                let _ = self.files.remove_entry(&target);
             }
             return Err(e);
         }

@@ -28,6 +28,10 @@ pub struct Staged {
     /// an earlier release.
     #[serde(default)]
     pub bound: Option<StagedBind>,
+    /// A block volume's stage: its loop device only, nothing mounted at the staging path (so
+    /// nothing there is ever unmounted). `false` in a state written by an earlier release.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub block: bool,
 }
 
 /// The directory below a tree volume's data that a stage bound, and the flags it bound it with.

@@ -1023,6 +1023,7 @@ fn a_share_that_hangs_holds_up_no_other_shares_lease_renewals() {
                     read_only: false,
                     backing: Some(backing),
                     bound: None,
+                    block: false,
                 }),
                 ..Default::default()
             })
@@ -1303,4 +1304,127 @@ fn a_stale_static_staging_is_bound_again_from_its_subdir_with_its_options() {
     n.mounter.fail_next("is_mountpoint", libc::ESTALE);
     publish(&n, &n.path("pod-2"), &context);
     want(&n);
+}
+
+/// A publish whose bind fails takes back only what it made, and never what it did not write: the
+/// files a pod wrote into the bare target while its mount was lost stay (the undo removed the
+/// whole target tree when an earlier publish had made the directory).
+#[test]
+fn a_failed_publish_never_removes_files_it_finds_in_the_target() {
+    use crate::sys::mount::Mounter;
+    let n = Node::new();
+    let id = n.volume("pvc-lost-mount");
+    let (staging, target) = (n.path("stage"), n.path("pod/mount"));
+    n.stage(&id, &staging).expect("stage");
+    n.publish(&id, &staging, &target, Mode::SingleNodeWriter, false)
+        .expect("publish");
+    // The target's mount is lost (unmounted by hand); the pod writes into the bare directory.
+    n.mounter.unmount(&target).expect("lose the mount");
+    std::fs::write(target.join("written-meanwhile"), b"not the volume's").expect("write");
+    n.mounter.fail_next("bind", libc::EIO);
+    let err = n
+        .publish(&id, &staging, &target, Mode::SingleNodeWriter, false)
+        .expect_err("the bind fails");
+    assert_ne!(err.code(), Code::Ok);
+    assert_eq!(
+        std::fs::read(target.join("written-meanwhile")).expect("the file is still there"),
+        b"not the volume's"
+    );
+    // An empty target it made is taken back.
+    let fresh = n.path("pod/fresh");
+    n.mounter.fail_next("bind", libc::EIO);
+    n.publish(&id, &staging, &fresh, Mode::SingleNodeWriter, false)
+        .expect_err("the bind fails");
+    assert!(!fresh.exists(), "the target this publish made is removed");
+}
+
+/// A stage that fails after its intent (a tree's bind, an xfs image's online grow after its
+/// mount) leaves nothing: kubelet never unstages a failed stage, so an intent, a stage mark, a
+/// mount, a device or a lease left behind kept the volume from being deleted or staged on another
+/// node for good.
+#[test]
+fn a_stage_failing_after_its_intent_leaves_nothing_behind() {
+    let n = Node::new();
+    let staging = n.path("stage");
+    for id in [n.volume("pvc-tree"), n.shared("pvc-shared-tree", Layout::Dir, 1 << 20)] {
+        n.mounter.fail_next("bind", libc::EIO);
+        n.stage(&id, &staging).expect_err("the bind fails");
+        assert!(n.svc.state.get(&id).staged.is_none(), "no intent left for {id}");
+        n.svc
+            .engine
+            .delete_volume(&crate::storage::id::VolumeId::parse(&id).expect("id"))
+            .expect("a volume whose stage failed can be deleted");
+    }
+    let mut req = NewVolume::plain("pvc-xfs", Some(Layout::Image), 320 << 20);
+    req.fs_type = "xfs".into();
+    let id = n.shared_like(req);
+    let vid = crate::storage::id::VolumeId::parse(&id).expect("id");
+    n.svc
+        .engine
+        .set_fs_bytes(&vid, 300 << 20)
+        .expect("a smaller filesystem");
+    n.devices.fail_next("grow-online", libc::EIO);
+    n.stage(&id, &staging).expect_err("the online grow fails");
+    assert!(n.devices.attached().is_empty(), "no device left");
+    assert!(
+        !n.mounter.mounted().iter().any(|m| m.1 == staging),
+        "nothing left mounted at the staging path"
+    );
+    assert!(n.svc.state.get(&id).staged.is_none(), "no intent left");
+    assert!(n.leases().is_empty(), "the lease is given back: {:?}", n.leases());
+    n.stage(&id, &staging).expect("the retry stages and grows it");
+    n.unstage(&id, &staging).expect("unstage");
+}
+
+/// An `ro` mount option (a PV's mountOptions) makes the stage itself read-only, as it does the
+/// publish: an image was mounted read-write at staging (its journal replayed, grown) under it.
+#[test]
+fn an_ro_mount_option_stages_an_image_read_only() {
+    let n = Node::new();
+    let id = n.image("pvc-ro-option");
+    n.svc
+        .engine
+        .set_fs_bytes(&crate::storage::id::VolumeId::parse(&id).expect("id"), 16 << 20)
+        .expect("a smaller filesystem");
+    let staging = n.path("stage");
+    n.svc
+        .stage(NodeStageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(crate::client::mount_capability(
+                Mode::SingleNodeWriter,
+                vec!["ro".into()],
+            )),
+            ..Default::default()
+        })
+        .expect("stage");
+    let (_, _, flags) = n
+        .mounter
+        .mounted()
+        .into_iter()
+        .find(|m| m.1 == staging)
+        .expect("staged");
+    assert!(flags.read_only, "{flags:?}");
+    assert_eq!(n.count("grow"), 0, "nothing grown under ro: {:?}", n.devices.calls());
+    assert!(n.svc.state.get(&id).staged.expect("intent").read_only);
+}
+
+/// A block volume's stage mounts nothing at its staging path, so its unstage unmounts nothing
+/// there: a client naming another volume's staging path (or a pod's mount) as a block volume's
+/// staging path had its unstage take down whatever was mounted at that path.
+#[test]
+fn a_block_unstage_unmounts_nothing_at_its_staging_path() {
+    let n = Node::new();
+    let other = n.volume("pvc-other");
+    let staging = n.path("stage-other");
+    n.stage(&other, &staging).expect("stage a directory volume");
+    let id = block_volume(&n.svc, "pvc-block", &staging);
+    n.unstage(&id, &staging).expect("unstage the block volume");
+    assert!(n.devices.attached().is_empty(), "its device is detached");
+    assert!(
+        n.mounter.mounted().iter().any(|m| m.1 == staging),
+        "the directory volume's staging mount is still there: {:?}",
+        n.mounter.calls()
+    );
+    n.unstage(&other, &staging).expect("unstage the directory volume");
 }
