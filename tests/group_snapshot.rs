@@ -1042,6 +1042,9 @@ mod split {
         /// Not a lost answer: every group name lookup answers an error other than UNAVAILABLE
         /// (a broken or lying node).
         NameLookup,
+        /// Not a lost answer: the first group name lookup answers, every later one errs (a node
+        /// whose disk or connection fails between a group's cut and the snapshotter's retry).
+        LaterNameLookup,
         /// Not a lost answer: every forget of a backup answers ABORTED, as the node cutting it
         /// does while it uploads (a broken or lying node, for a backup it did not cut).
         Forget,
@@ -1137,7 +1140,8 @@ mod split {
             self.inner.group(id).await
         }
         async fn group_named(&self, name: String) -> Result<Option<GroupRecord>, StorageError> {
-            if self.lose == Lose::NameLookup {
+            let later = self.lose == Lose::LaterNameLookup && self.lost.swap(true, std::sync::atomic::Ordering::SeqCst);
+            if self.lose == Lose::NameLookup || later {
                 return Err(StorageError::Busy(format!("{name}, answered by a broken node")));
             }
             self.inner.group_named(name).await
@@ -1210,6 +1214,52 @@ mod split {
                 );
             }
         }
+    }
+
+    /// A retry of a group spanning nodes whose home node (which holds the group's record) cannot
+    /// answer the name lookup is refused: cutting it again made every node remove the existing
+    /// group's members first (as what a failed attempt left), leaving a group answered as ready
+    /// with its members gone.
+    #[tokio::test]
+    async fn a_retried_group_whose_home_cannot_look_it_up_keeps_its_members() {
+        let mut n = nodes(&["node-1", "node-2"]).await;
+        let engines = n.engines.clone();
+        n.agents[0] = Arc::new(LostAnswer {
+            inner: n.agents[0].clone(),
+            lose: Lose::LaterNameLookup,
+            lost: Default::default(),
+        });
+        let ctl = ControllerService::new(Arc::new(n));
+        let a = volume(&ctl, "pvc-home-a", "node-1").await;
+        let b = volume(&ctl, "pvc-home-b", "node-2").await;
+        let made = cut(&ctl, group_req("group-home", &[&a, &b], true)).await;
+        let e = ctl
+            .create_volume_group_snapshot(group_req("group-home", &[&a, &b], true))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Aborted, "{}", e.message());
+        for s in &made.snapshots {
+            assert!(
+                engines
+                    .iter()
+                    .any(|e| e.snapshots().iter().any(|x| x.id.to_string() == s.snapshot_id)),
+                "member {} of the group is still there",
+                s.snapshot_id
+            );
+        }
+    }
+
+    /// The retry of a group spanning nodes whose ids sort one way as text and another as ids
+    /// (`node-1` and `node-10`) answers the group it made, not ALREADY_EXISTS.
+    #[tokio::test]
+    async fn a_retried_group_across_node_1_and_node_10_answers_the_same_group() {
+        let n = nodes(&["node-1", "node-10"]).await;
+        let ctl = ControllerService::new(Arc::new(n));
+        let a = volume(&ctl, "pvc-ten-a", "node-1").await;
+        let b = volume(&ctl, "pvc-ten-b", "node-10").await;
+        let made = cut(&ctl, group_req("group-ten", &[&a, &b], true)).await;
+        let again = cut(&ctl, group_req("group-ten", &[&b, &a], true)).await;
+        assert_eq!(again, made);
     }
 
     /// ListSnapshots of one id.

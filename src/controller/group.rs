@@ -22,7 +22,7 @@ use crate::csi::v1::group_controller_server::GroupController;
 use crate::csi::v1::group_controller_service_capability::{rpc, Rpc, Type as CapType};
 use crate::csi::v1::*;
 use crate::server::trace::note;
-use crate::storage::engine::{member_snapshot_id, NewGroup};
+use crate::storage::engine::{member_snapshot_id, same_volumes, NewGroup};
 use crate::storage::id::{GroupId, Key, NodeId, ObjectId, SnapshotId, VolumeId};
 use crate::storage::record::{GroupMember, GroupRecord};
 use crate::storage::StorageError;
@@ -219,9 +219,14 @@ impl ControllerService {
             async move { a.group_named(name).await }
         })
         .await;
+        // Except the group's home (its first member's node), which holds the group's record: a
+        // group spanning nodes whose home did not answer could be an existing one, and cutting it
+        // again would take its members first (each node removes what a failed attempt left).
+        let home = parts[0].0.node().clone();
         for (a, answer) in all.iter().zip(answers) {
             let found = match answer {
                 Ok(f) => f,
+                Err(e) if *a.node() == home => return Err(e.into()),
                 Err(e) => {
                     tracing::warn!(node = a.node().as_str(), error = %e, "group name lookup skipped a node that did not answer it");
                     None
@@ -229,7 +234,7 @@ impl ControllerService {
             };
             if let Some(existing) = found {
                 let had: Vec<&VolumeId> = existing.members.iter().map(|m| &m.volume_id).collect();
-                if had != members.iter().collect::<Vec<_>>() || existing.parameters != params.all {
+                if !same_volumes(&existing, &members) || existing.parameters != params.all {
                     return Err(ControllerError::NameTaken(format!(
                         "group snapshot '{}' already exists with other volumes or parameters ({})",
                         r.name,
@@ -305,7 +310,7 @@ impl ControllerService {
                 size_bytes: s.size_bytes,
             })
             .collect();
-        members.sort_by_cached_key(|m| m.volume_id.to_string());
+        members.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
         let at = records
             .iter()
             .map(|s| (s.created_unix_secs, s.created_nanos))

@@ -41,7 +41,7 @@ use super::StorageError;
 
 pub use backup::BackupRequest;
 pub use delete::{MountedHere, NodeUse};
-pub use group::{member_snapshot_id, NewGroup};
+pub use group::{member_snapshot_id, same_volumes, NewGroup};
 
 /// Size given to a volume whose request names no capacity.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;

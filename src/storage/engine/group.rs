@@ -51,7 +51,7 @@ fn list<'a>(ids: impl IntoIterator<Item = &'a VolumeId>) -> String {
 /// Whether a repeated request names the group that exists (OK) or another one (ALREADY_EXISTS).
 fn same_group(existing: &GroupRecord, req: &NewGroup) -> Result<(), StorageError> {
     let members: Vec<&VolumeId> = existing.members.iter().map(|m| &m.volume_id).collect();
-    if members != req.members.iter().collect::<Vec<_>>() {
+    if !same_volumes(existing, &req.members) {
         return Err(StorageError::Conflict(format!(
             "group snapshot '{}' already exists with the volumes {}, not {}",
             req.name,
@@ -66,6 +66,14 @@ fn same_group(existing: &GroupRecord, req: &NewGroup) -> Result<(), StorageError
         )));
     }
     Ok(())
+}
+
+/// Whether a group's members are the volumes `asked`, in whatever order either lists them (a
+/// record of a group spanning nodes written by an earlier release lists them in the order of
+/// their ids' text).
+pub fn same_volumes(existing: &GroupRecord, asked: &[VolumeId]) -> bool {
+    let had: std::collections::BTreeSet<&VolumeId> = existing.members.iter().map(|m| &m.volume_id).collect();
+    had.len() == existing.members.len() && had == asked.iter().collect()
 }
 
 /// One member of a group being cut: its volume and snapshot locked, its source read.
@@ -464,9 +472,9 @@ impl LocalEngine {
         let Some(rec) = self.store.group(pool, &id.0.key)?.filter(|r| r.id == *id) else {
             return Ok(());
         };
-        // Every member of this node locked before any is removed: one that is busy (a restore's
-        // source) refuses the delete with nothing removed, rather than leave a group that answers
-        // as ready with members gone.
+        // Every member of this node locked and checked before any is removed: one that is busy (a
+        // restore's source) or whose record cannot be read refuses the delete with nothing
+        // removed, rather than leave a group that answers as ready with members gone.
         let mut held = Vec::new();
         for m in &rec.members {
             let sid = &m.snapshot_id;
@@ -475,6 +483,17 @@ impl LocalEngine {
             };
             let shown = sid.to_string();
             let lock = self.take(Kind::Snapshot, &sid.0.pool, &sid.0.key, &shown)?;
+            match self.snapshot(sid) {
+                // After a delete that stopped half way, a member's id may since name a snapshot cut
+                // on its own under the member's name: not the group's to remove.
+                Some(r) if r.group.as_ref() != Some(id) => {
+                    tracing::warn!(group = %id, snapshot = shown.as_str(), name = r.name.as_str(), "a member's id names a snapshot outside the group; left");
+                    continue;
+                }
+                Some(_) => {}
+                // Gone (what is left of it, in the trash, goes below) or unreadable (refused).
+                None => layout::refuse_unread_record(mpool, Kind::Snapshot, &sid.0.key, Some(&shown))?,
+            }
             held.push((mpool, sid, shown, lock));
         }
         for (mpool, sid, shown, _lock) in &held {

@@ -1356,3 +1356,45 @@ fn a_shared_trash_entry_is_purged_only_once_its_record_is_gone() {
         Vec::<PathBuf>::new()
     );
 }
+
+/// A group's delete removes only snapshots whose records name the group: a delete that stopped
+/// after its members went (the record still there) and a snapshot cut since under a member's
+/// name (so at a member's id) lost that snapshot to the retried delete.
+#[test]
+fn a_retried_group_delete_leaves_a_snapshot_cut_since_at_a_members_id() {
+    use crate::crash::in_thread;
+    in_thread::quiet_crashes();
+    let f = engine(FsType::Ext4);
+    let vol = f
+        .engine
+        .create_volume(NewVolume::plain("pvc-d", None, MIB))
+        .expect("create")
+        .id;
+    let req = NewGroup {
+        name: "group-d".into(),
+        members: vec![vol.clone()],
+        parameters: BTreeMap::new(),
+        per_volume: true,
+        freeze_timeout: std::time::Duration::from_secs(5),
+    };
+    let group = f.engine.create_group(&req).expect("group");
+    in_thread::crash_at(Some("delete-group:before-record"));
+    let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.engine.delete_group(&group.id)));
+    in_thread::crash_at(None);
+    assert!(crashed.is_err(), "the delete stopped before the group's record");
+    assert!(f.engine.snapshots().is_empty(), "its members are gone");
+    let own = f
+        .engine
+        .create_snapshot(&format!("group-d-{}", vol.0.key.as_str()), &vol, false)
+        .expect("a snapshot of its own under a member's name");
+    assert_eq!(own.id, group.members[0].snapshot_id, "at the member's id");
+    f.engine.delete_group(&group.id).expect("the retried delete");
+    assert!(
+        f.engine.snapshot(&own.id).is_some(),
+        "the retried group delete removed a snapshot that is not the group's"
+    );
+    assert!(
+        f.engine.group(&group.id).expect("lookup").is_none(),
+        "the group is gone"
+    );
+}
