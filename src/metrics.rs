@@ -307,6 +307,9 @@ pub struct Exporter {
     readiness: Arc<Readiness>,
     /// The CSI socket, once the role serves it: `/healthz` checks that it still accepts calls.
     socket: OnceLock<PathBuf>,
+    /// One scrape is encoded at a time (on a blocking thread, which the CSI calls need too):
+    /// scrapes beyond it wait here, holding no thread.
+    scrapes: Arc<tokio::sync::Semaphore>,
 }
 
 impl Exporter {
@@ -375,6 +378,7 @@ impl Exporter {
             registry,
             readiness,
             socket: OnceLock::new(),
+            scrapes: Arc::new(tokio::sync::Semaphore::new(1)),
         }
     }
 
@@ -728,9 +732,12 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
 
 /// How long a client may take to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; Prometheus needs one or two.
+const MAX_CONNECTIONS: usize = 32;
 
 /// Serves `/metrics`, `/healthz` and `/readyz` over HTTP/1 until the task is dropped.
 pub async fn serve(listener: TcpListener, exporter: Arc<Exporter>) {
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -741,8 +748,16 @@ pub async fn serve(listener: TcpListener, exporter: Arc<Exporter>) {
                 continue;
             }
         };
+        // Beyond the cap a connection is closed at once: the port is unauthenticated, and every
+        // connection holds a descriptor the CSI socket needs too.
+        let Ok(place) = places.clone().try_acquire_owned() else {
+            tracing::debug!("metrics: connection closed, {MAX_CONNECTIONS} are open");
+            drop(stream);
+            continue;
+        };
         let exporter = exporter.clone();
         tokio::spawn(async move {
+            let _place = place;
             let service = hyper::service::service_fn(move |req| respond(req, exporter.clone()));
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
@@ -750,6 +765,21 @@ pub async fn serve(listener: TcpListener, exporter: Arc<Exporter>) {
                 tracing::debug!(error = %e, "metrics: connection ended");
             }
         });
+    }
+}
+
+impl Exporter {
+    /// The metrics text, encoded on a blocking thread once the scrape before it has ended. The
+    /// turn is held by the blocking task itself, so a scraper that hangs up does not free it early.
+    async fn scrape(self: Arc<Self>) -> Result<Result<String, std::fmt::Error>, tokio::task::JoinError> {
+        let Ok(turn) = self.scrapes.clone().acquire_owned().await else {
+            unreachable!("the scrape semaphore is never closed")
+        };
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            self.encode()
+        })
+        .await
     }
 }
 
@@ -766,7 +796,7 @@ async fn respond(req: Request<Incoming>, exporter: Arc<Exporter>) -> Result<Resp
         return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD are served\n"));
     }
     Ok(match req.uri().path() {
-        "/metrics" => match tokio::task::spawn_blocking(move || exporter.encode()).await {
+        "/metrics" => match exporter.scrape().await {
             Ok(Ok(body)) => {
                 let mut r = text(StatusCode::OK, body);
                 r.headers_mut()
@@ -860,6 +890,59 @@ mod tests {
         assert!(
             out.contains("cellar_csi_requests_total{method=\"NodePublishVolume\",code=\"OK\"} "),
             "{out}"
+        );
+    }
+
+    /// GET `path` on one connection; the whole answer.
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        c.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    /// The unauthenticated port cannot take the threads or descriptors the CSI calls need: one
+    /// scrape is encoded at a time (others wait, holding no blocking thread; 64 scrapes at once
+    /// took every blocking thread and stalled NodePublish), and connections past the cap are
+    /// closed as soon as accepted.
+    #[tokio::test]
+    async fn scrapes_take_turns_and_connections_past_the_cap_are_closed() {
+        use tokio::io::AsyncReadExt;
+        let exporter = Arc::new(Exporter::new("test", Readiness::starting()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _server = tokio::spawn(serve(listener, exporter.clone()));
+        let turn = exporter.scrapes.clone().acquire_owned().await.unwrap();
+        let scrape = tokio::spawn(get(addr, "/metrics"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!scrape.is_finished(), "a scrape waits for the one before it");
+        drop(turn);
+        let answer = scrape.await.unwrap();
+        assert!(answer.contains("cellar_build_info"), "{answer}");
+
+        let mut open = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            open.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(30), extra.read(&mut buf))
+            .await
+            .expect("the connection past the cap is closed, not left waiting");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        let mut byte = [0u8; 1];
+        assert!(
+            matches!(open[0].try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "the connections within the cap are still open (the one past it was closed at once, not timed out)"
+        );
+        drop(open);
+        let answer = get(addr, "/readyz").await;
+        assert!(
+            answer.contains("HTTP/1.1"),
+            "served again once connections close: {answer}"
         );
     }
 

@@ -1262,6 +1262,81 @@ mod split {
         assert_eq!(again, made);
     }
 
+    /// A backup repository `offsite` in a new directory (kept while the directory is).
+    fn offsite() -> (tempfile::TempDir, Vec<RepositoryConfig>) {
+        let dir = tempfile::Builder::new()
+            .prefix("cellar-group-split-repo-")
+            .tempdir()
+            .expect("tempdir");
+        let password_file = dir.path().join("key");
+        std::fs::write(&password_file, "a key for the test\n").expect("key");
+        let repositories = vec![RepositoryConfig {
+            name: PoolName::parse("offsite").expect("name"),
+            location: cellar::backup::Location::Path(dir.path().join("repo")),
+            password_file,
+        }];
+        (dir, repositories)
+    }
+
+    /// CreateSnapshot of `source` as a backup into `offsite`.
+    async fn backed_up(ctl: &ControllerService, name: &str, source: &str) -> Snapshot {
+        let req = Request::new(CreateSnapshotRequest {
+            name: name.into(),
+            source_volume_id: source.into(),
+            parameters: [("backupRepository".to_string(), "offsite".to_string())].into(),
+            ..Default::default()
+        });
+        let made = ctl.create_snapshot(req).await.expect("CreateSnapshot with a backup");
+        made.into_inner().snapshot.expect("snapshot")
+    }
+
+    /// Waits (a minute at most) until ListSnapshots shows the backup `id` ready to use.
+    async fn until_uploaded(ctl: &ControllerService, id: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !listed(ctl, id).await.iter().any(|s| s.ready_to_use) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the backup was not uploaded in 60 s: {:?}",
+                listed(ctl, id).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A backup's CreateSnapshot that reaches its node after the upload finished and the local
+    /// copy went (the controller saw the upload still running a moment before) is ABORTED, and
+    /// its retry answers the uploaded backup: the node cut a second backup under the same name,
+    /// answered for a later point in time, and left the first one named by nothing.
+    #[tokio::test]
+    async fn a_backup_request_arriving_after_its_upload_ended_is_never_a_second_backup() {
+        let (_dir, repositories) = offsite();
+        let n = nodes_with(&["node-1"], &repositories).await;
+        let engine = n.engines[0].clone();
+        let ctl = ControllerService::new(Arc::new(n))
+            .with_backups(Arc::new(Backups::new(repositories.clone(), Throttle::unlimited())));
+        let v = volume(&ctl, "pvc-late", "node-1").await;
+        let made = backed_up(&ctl, "backup-late", &v).await;
+        until_uploaded(&ctl, &made.snapshot_id).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !engine.snapshots().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the local copy stayed");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let late = engine.create_backup(
+            "backup-late",
+            &VolumeId::parse(&v).expect("id"),
+            false,
+            &BackupRequest {
+                repository: PoolName::parse("offsite").expect("name"),
+                keep_local: false,
+            },
+        );
+        assert!(matches!(late, Err(StorageError::Aborted(_))), "{late:?}");
+        assert!(engine.snapshots().is_empty(), "nothing cut");
+        let again = backed_up(&ctl, "backup-late", &v).await;
+        assert_eq!(again.snapshot_id, made.snapshot_id);
+    }
+
     /// ListSnapshots of one id.
     async fn listed(ctl: &ControllerService, id: &str) -> Vec<Snapshot> {
         let req = Request::new(ListSnapshotsRequest {
@@ -1278,17 +1353,7 @@ mod split {
     /// every backup's delete in the cluster).
     #[tokio::test]
     async fn only_the_node_that_cut_a_backup_can_refuse_its_delete() {
-        let dir = tempfile::Builder::new()
-            .prefix("cellar-group-split-repo-")
-            .tempdir()
-            .expect("tempdir");
-        let password_file = dir.path().join("key");
-        std::fs::write(&password_file, "a key for the test\n").expect("key");
-        let repositories = vec![RepositoryConfig {
-            name: PoolName::parse("offsite").expect("name"),
-            location: cellar::backup::Location::Path(dir.path().join("repo")),
-            password_file,
-        }];
+        let (_dir, repositories) = offsite();
         for (refusing, stands) in [(1, false), (0, true)] {
             let mut n = nodes_with(&["node-1", "node-2"], &repositories).await;
             n.agents[refusing] = Arc::new(LostAnswer {
@@ -1299,27 +1364,8 @@ mod split {
             let ctl = ControllerService::new(Arc::new(n))
                 .with_backups(Arc::new(Backups::new(repositories.clone(), Throttle::unlimited())));
             let v = volume(&ctl, &format!("pvc-bk-{refusing}"), "node-1").await;
-            let made = ctl
-                .create_snapshot(Request::new(CreateSnapshotRequest {
-                    name: format!("backup-{refusing}"),
-                    source_volume_id: v,
-                    parameters: [("backupRepository".to_string(), "offsite".to_string())].into(),
-                    ..Default::default()
-                }))
-                .await
-                .expect("CreateSnapshot with a backup")
-                .into_inner()
-                .snapshot
-                .expect("snapshot");
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            while !listed(&ctl, &made.snapshot_id).await.iter().any(|s| s.ready_to_use) {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the backup was not uploaded in 60 s: {:?}",
-                    listed(&ctl, &made.snapshot_id).await
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            let made = backed_up(&ctl, &format!("backup-{refusing}"), &v).await;
+            until_uploaded(&ctl, &made.snapshot_id).await;
             let deleted = ctl
                 .delete_snapshot(Request::new(DeleteSnapshotRequest {
                     snapshot_id: made.snapshot_id.clone(),

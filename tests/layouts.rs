@@ -306,6 +306,9 @@ async fn btrfs_compression_is_a_mutable_parameter() {
     );
     let nf = modify("local:node-1:fast:nope", "compression", "zstd");
     assert_eq!(code(d.ctl.controller_modify_volume(nf).await), Code::NotFound);
+    // Arguments before existence: bad parameters for a volume that is not there are still bad.
+    let bad = modify("local:node-1:fast:nope", "compression", "brotli");
+    assert_eq!(code(d.ctl.controller_modify_volume(bad).await), Code::InvalidArgument);
     let dv = d
         .ctl
         .create_volume(req("pvc-plain", 16 * MIB, "plain"))

@@ -383,6 +383,7 @@ async fn static_handles_that_leave_the_pool_or_follow_symlinks_are_refused() {
         ("static:share:link", Code::Internal),
         ("static:share:missing/dir", Code::NotFound),
         ("static:default:anything", Code::NotFound),
+        ("static:nopool:anything", Code::NotFound),
     ] {
         let r = d.stage_as(id, &st, mount_cap(Mode::MultiNodeReaderOnly)).await;
         let got = code(r.map(tonic::Response::new));
@@ -392,6 +393,14 @@ async fn static_handles_that_leave_the_pool_or_follow_symlinks_are_refused() {
         );
     }
     assert!(mounts_under(d.dir.path()).is_empty(), "nothing was mounted");
+    // A well-formed handle of a pool that is not configured names nothing here (docs/volume-ids.md).
+    let got = d
+        .ctl
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: "static:nopool:anything".into(),
+        })
+        .await;
+    assert_eq!(code(got), Code::NotFound);
     let sub = d.node.node_stage_volume(NodeStageVolumeRequest {
         volume_id: "static:share:link".into(),
         staging_target_path: st.display().to_string(),

@@ -295,7 +295,8 @@ impl Agent for LocalAgent {
     async fn static_exists(&self, id: StaticId) -> Result<bool, StorageError> {
         self.blocking(move |e| match e.static_dir(&id.pool, &id.path) {
             Ok(_) => Ok(true),
-            Err(StorageError::VolumeNotFound(_)) => Ok(false),
+            // A well-formed handle of a pool not configured here names nothing (docs/volume-ids.md).
+            Err(StorageError::VolumeNotFound(_) | StorageError::UnknownPool { .. }) => Ok(false),
             Err(other) => Err(other),
         })
         .await

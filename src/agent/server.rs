@@ -610,6 +610,7 @@ pub async fn serve_within(
 ) -> Result<(), ServeError> {
     let incoming = crate::server::incoming_tcp(listener, limits, "the agent or registry port");
     tls.server_builder()?
+        .max_concurrent_streams(crate::server::MAX_STREAMS_PER_CONNECTION)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_routes(routes)

@@ -1193,11 +1193,13 @@ impl Controller for ControllerService {
             if r.volume_id.is_empty() {
                 return Err(ControllerError::missing("volume_id"));
             }
+            // Arguments before existence (docs/design.md): bad parameters are INVALID_ARGUMENT
+            // whether or not the volume, or its node, is there.
+            let m = request::mutable_params(&r.mutable_parameters)?;
             let (id, agent) = self.volume_owner(&r.volume_id)?;
             if agent.volume(id.clone()).await?.is_none() {
                 return Err(ControllerError::not_found(format!("volume {} not found", r.volume_id)));
             }
-            let m = request::mutable_params(&r.mutable_parameters)?;
             if !m.is_empty() {
                 agent.modify_volume(id, m).await?;
             }

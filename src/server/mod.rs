@@ -104,11 +104,16 @@ impl SocketLimits {
     pub fn server_builder(&self) -> Server<CsiLayers> {
         let ping = (self.idle_timeout / 4).max(Duration::from_millis(100));
         Server::builder()
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .http2_keepalive_interval(Some(ping))
             .http2_keepalive_timeout(Some(ping.min(Duration::from_secs(20))))
             .layer(trace::TraceLayer)
     }
 }
+
+/// Calls one connection may have open at once (HTTP/2 streams; a client past it waits for a
+/// call to end). tonic leaves them unlimited; the sidecars run up to 100 calls at once.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
 
 /// The longest pause of the accept loop when the process is out of file descriptors or memory.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);

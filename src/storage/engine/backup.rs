@@ -67,6 +67,15 @@ impl LocalEngine {
             return Ok(existing);
         }
         drop(self.backups.open(&req.repository)?);
+        // No record here, but the backup may have finished uploading since the controller saw
+        // it running (the local copy goes only once the repository holds it): never a second
+        // backup under its name.
+        if let Some(done) = self.backups.find_named(&req.repository, name)? {
+            return Err(StorageError::Aborted(format!(
+                "snapshot '{name}' finished uploading as backup {} meanwhile; retry to get it",
+                done.id
+            )));
+        }
         let rec = self.cut_snapshot(
             name,
             source,
