@@ -14,29 +14,50 @@ use super::{run_tool, statfs, SysError};
 /// How long a call on a share may take before the share counts as unreachable.
 pub const SHARE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The calls (by step and path) that outlived their timeout and have not returned yet.
+static STUCK: std::sync::Mutex<Vec<(&'static str, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+fn stuck() -> std::sync::MutexGuard<'static, Vec<(&'static str, PathBuf)>> {
+    STUCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Runs `f` on its own thread and waits at most `timeout`. A call stuck in the kernel (a hard NFS
 /// mount whose server is gone) cannot be cancelled; its thread is left to finish or hang alone, and
-/// the caller gets ETIMEDOUT.
+/// the caller gets ETIMEDOUT. While it hangs, the same step on the same path answers ETIMEDOUT at
+/// once instead of leaving another thread behind (kubelet asks for a volume's stats every minute:
+/// a share down for a day left thousands).
 pub fn within<T: Send + 'static>(
     timeout: Duration,
     step: &'static str,
     path: &Path,
     f: impl FnOnce() -> Result<T, SysError> + Send + 'static,
 ) -> Result<T, SysError> {
+    let timed_out = || SysError::io(step, path, std::io::Error::from_raw_os_error(libc::ETIMEDOUT));
+    if stuck().iter().any(|(s, p)| *s == step && p == path) {
+        return Err(timed_out());
+    }
     let (tx, rx) = mpsc::channel();
+    let key = path.to_path_buf();
     std::thread::Builder::new()
         .name("cellar-share-call".into())
         .spawn(move || {
             let _ = tx.send(f());
+            stuck().retain(|(s, p)| !(*s == step && *p == key));
         })
         .map_err(|e| SysError::io(step, path, e))?;
     match rx.recv_timeout(timeout) {
         Ok(r) => r,
-        Err(_) => Err(SysError::io(
-            step,
-            path,
-            std::io::Error::from_raw_os_error(libc::ETIMEDOUT),
-        )),
+        Err(_) => {
+            let mut s = stuck();
+            // The thread may have returned between the timeout and this lock.
+            if let Ok(r) = rx.try_recv() {
+                return r;
+            }
+            if !s.iter().any(|(st, p)| *st == step && p == path) {
+                s.push((step, path.to_path_buf()));
+            }
+            Err(timed_out())
+        }
     }
 }
 
@@ -84,5 +105,47 @@ pub fn detach(target: &Path) -> Result<(), SysError> {
     match nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH) {
         Ok(()) | Err(nix::errno::Errno::EINVAL) => Ok(()),
         Err(e) => Err(SysError::io("detach mount", target, e.into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// A call that hangs past its timeout leaves one thread behind, not one per retry: the same
+    /// step on the same path answers ETIMEDOUT without running until the hung call returns.
+    #[test]
+    fn a_hung_call_is_not_repeated_until_it_returns() {
+        let path = Path::new("/share/that/hangs");
+        let (release, hung) = mpsc::channel::<()>();
+        let first = within(Duration::from_millis(50), "probe", path, move || {
+            let _ = hung.recv();
+            Ok(())
+        });
+        assert_eq!(first.unwrap_err().errno(), Some(libc::ETIMEDOUT));
+        let ran = Arc::new(AtomicBool::new(false));
+        let r = ran.clone();
+        let second = within(Duration::from_secs(30), "probe", path, move || {
+            r.store(true, Ordering::SeqCst);
+            Ok(())
+        });
+        assert_eq!(second.unwrap_err().errno(), Some(libc::ETIMEDOUT));
+        assert!(
+            !ran.load(Ordering::SeqCst),
+            "no second call was started while the first hangs"
+        );
+        let other = within(Duration::from_secs(30), "probe", Path::new("/another/path"), || Ok(7));
+        assert_eq!(other.expect("another path is not held up"), 7);
+        release.send(()).expect("release the hung call");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match within(Duration::from_secs(30), "probe", path, || Ok(1)) {
+                Ok(v) => break assert_eq!(v, 1),
+                Err(_) => assert!(std::time::Instant::now() < deadline, "the path is never served again"),
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
