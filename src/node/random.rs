@@ -451,6 +451,13 @@ impl Cluster {
                             ),
                         "a failed call left behind: {left:?}"
                     );
+                    // Nor a stage: kubelet never unstages a stage that failed, and what it left
+                    // (intent, mount) kept the volume from being deleted.
+                    let staged = stages_left(self, model);
+                    assert!(
+                        staged.is_empty() || matches!(f, Fault::FileOnce(..) | Fault::Files(..)),
+                        "a failed call left a stage behind: {staged:?}"
+                    );
                 }
             }
         }
@@ -1917,6 +1924,23 @@ fn leftovers(c: &Cluster, orphans: bool) -> Vec<PathBuf> {
                 if name.ends_with(files::TMP_SUFFIX) || (orphans && orphan) {
                     left.push(p);
                 }
+            }
+        }
+    }
+    left
+}
+
+/// Stages of volumes the model holds unstaged: a node state's intent, or a mount at the staging path.
+fn stages_left(c: &Cluster, m: &Model) -> Vec<String> {
+    let mut left = Vec::new();
+    for (name, v) in m.vols.iter().filter(|(_, v)| v.staged.is_none()) {
+        for p in c.procs.iter().filter(|p| p.svc.is_some()) {
+            if p.svc().state.get(&v.id).staged.is_some() {
+                left.push(format!("{name}: an intent on {}", p.label));
+            }
+            let staging = p.dir.join(format!("kubelet/staging/{name}"));
+            if p.mounter.mounted().iter().any(|(_, at, _)| *at == staging) {
+                left.push(format!("{name}: mounted at its staging path on {}", p.label));
             }
         }
     }
