@@ -254,12 +254,14 @@ impl Agent for LocalAgent {
         self.blocking(|e| Ok(e.volumes_with_condition())).await
     }
 
+    // Lookups may read a shared pool's records: off the async runtime, as every call that may
+    // touch a disk is (a hung share would otherwise stop the runtime's threads).
     async fn volume_named(&self, name: String) -> Result<Option<VolumeRecord>, StorageError> {
-        Ok(self.engine.volume_named(&name))
+        self.blocking(move |e| Ok(e.volume_named(&name))).await
     }
 
     async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError> {
-        Ok(self.engine.snapshot_named(&name))
+        self.blocking(move |e| Ok(e.snapshot_named(&name))).await
     }
 
     async fn create_snapshot(

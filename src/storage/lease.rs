@@ -36,6 +36,23 @@ pub struct LeaseFile {
     pub volume: String,
     /// Goes up at every renewal: a lease whose bytes do not change is not being renewed.
     pub renewals: u64,
+    /// Drawn at each acquisition and kept by its renewals: a lease made again by the same node
+    /// never has the bytes of one another node watched earlier (which it would take for stale).
+    /// Empty in a lease written by an earlier release.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub taken: String,
+}
+
+impl LeaseFile {
+    /// A new lease of `volume` by `node`.
+    pub fn new(node: &str, volume: &str) -> LeaseFile {
+        LeaseFile {
+            node: node.to_string(),
+            volume: volume.to_string(),
+            renewals: 0,
+            taken: uuid::Uuid::new_v4().simple().to_string(),
+        }
+    }
 }
 
 /// The answer to a node asking for a lease.
@@ -143,11 +160,7 @@ impl Leases {
             let Some(bytes) = self.files.read_optional(path)? else {
                 // Whatever this process watched there is gone: nothing to remember of it.
                 lock(&self.watched).remove(path);
-                let mine = LeaseFile {
-                    node: self.node.clone(),
-                    volume: volume.to_string(),
-                    renewals: 0,
-                };
+                let mine = LeaseFile::new(&self.node, volume);
                 if self.files.create_exclusive(path, &encode(&mine))? {
                     self.hold(path, volume);
                     return Ok(Claim::Held);
@@ -253,11 +266,7 @@ impl Leases {
 
     /// Creates again the lease of a volume staged here whose lease file is gone.
     fn retake(&self, path: &Path, volume: &str) -> Result<Renewal, SysError> {
-        let mine = LeaseFile {
-            node: self.node.clone(),
-            volume: volume.to_string(),
-            renewals: 0,
-        };
+        let mine = LeaseFile::new(&self.node, volume);
         if self.files.create_exclusive(path, &encode(&mine))? {
             tracing::warn!(volume, lease = %path.display(), "lease of a volume staged here was gone; taken again");
             self.hold(path, volume);
@@ -467,6 +476,28 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    /// A lease given back and taken again by the same node is a new lease to a node that watched
+    /// the first: its staleness clock starts again (the new lease had the first one's bytes, so a
+    /// node that had watched those more than a lease time earlier took a live lease over).
+    #[test]
+    fn a_lease_taken_again_is_watched_afresh() {
+        let (_d, p) = setup();
+        let (a, b) = (
+            Leases::new("a", Arc::new(LinuxFiles)),
+            Leases::new("b", Arc::new(LinuxFiles)),
+        );
+        a.acquire(&p, "v", TTL).unwrap();
+        assert!(matches!(b.acquire(&p, "v", TTL).unwrap(), Claim::HeldBy { .. }));
+        a.release(&p, "v").unwrap();
+        std::thread::sleep(TTL + Duration::from_millis(50));
+        assert_eq!(a.acquire(&p, "v", TTL).unwrap(), Claim::Held);
+        assert!(
+            matches!(b.acquire(&p, "v", TTL).unwrap(), Claim::HeldBy { .. }),
+            "a lease just taken is live"
+        );
+        assert_eq!(a.renew(&p, "v").unwrap(), Renewal::Renewed);
     }
 
     #[test]

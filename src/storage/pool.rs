@@ -149,18 +149,22 @@ impl Pool {
     /// Removes what is in the trash (deleted volumes and snapshots); a purge cut short by a restart
     /// resumes. An entry whose object still has a record (or whose record cannot be read) is kept:
     /// its delete failed or is still running, and may put it back (on a shared pool, another
-    /// process's delete).
+    /// process's delete). Every entry is tried: one that cannot be removed (files a squashed
+    /// root may not unlink) does not keep the others; the first failure is returned.
     pub fn purge_trash(&self) -> Result<(), StorageError> {
+        let mut first = None;
         for p in self.sys.files.list_dir(&self.trash_dir())? {
             let name = p
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             if !self.recorded(&name) {
-                super::layout::purge(&self.sys, &p)?;
+                if let Err(e) = super::layout::purge(&self.sys, &p) {
+                    first.get_or_insert(e);
+                }
             }
         }
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 
     /// A local pool's trash at its open (no call runs yet): an entry whose object is still

@@ -227,6 +227,11 @@ impl RecordingFiles {
         self.state.fail_next(op, errno);
     }
 
+    /// The next call of `op` on `path`, and on no other path, fails with `errno`.
+    pub fn fail_next_at(&self, op: &'static str, path: &Path, errno: i32) {
+        self.state.fail_next_at(op, path, errno);
+    }
+
     /// Forgets every failure armed with `fail_next` and not yet reached.
     pub fn disarm(&self) {
         self.state.disarm();

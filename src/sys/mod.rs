@@ -90,6 +90,8 @@ pub(crate) struct Recorded<S> {
 pub(crate) struct Calls<S> {
     calls: Vec<String>,
     fail_next: BTreeMap<&'static str, i32>,
+    /// A failure armed for one path only: the next call of the operation on it.
+    fail_at: BTreeMap<&'static str, (PathBuf, i32)>,
     state: S,
 }
 
@@ -106,6 +108,16 @@ impl<S> std::ops::DerefMut for Calls<S> {
     }
 }
 
+impl<S> Calls<S> {
+    /// The errno armed for this call of `op` on `path`, disarmed as it is reached.
+    fn take_failure(&mut self, op: &'static str, path: &Path) -> Option<i32> {
+        if self.fail_at.get(op).is_some_and(|(p, _)| p == path) {
+            return self.fail_at.remove(op).map(|(_, e)| e);
+        }
+        self.fail_next.remove(op)
+    }
+}
+
 impl<S> Recorded<S> {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Calls<S>> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
@@ -119,9 +131,14 @@ impl<S> Recorded<S> {
         self.lock().fail_next.insert(op, errno);
     }
 
+    /// The next call of `op` on `path` (and on no other) fails with `errno`.
+    pub(crate) fn fail_next_at(&self, op: &'static str, path: &Path, errno: i32) {
+        self.lock().fail_at.insert(op, (path.to_path_buf(), errno));
+    }
+
     /// Fails with the errno armed for `op`, if any, without recording a call (for queries).
     pub(crate) fn armed(&self, op: &'static str, path: &Path) -> Result<(), SysError> {
-        match self.lock().fail_next.remove(op) {
+        match self.lock().take_failure(op, path) {
             Some(errno) => Err(SysError::io(op, path, io::Error::from_raw_os_error(errno))),
             None => Ok(()),
         }
@@ -129,7 +146,9 @@ impl<S> Recorded<S> {
 
     /// Forgets every failure armed and not yet reached.
     pub(crate) fn disarm(&self) {
-        self.lock().fail_next.clear();
+        let mut s = self.lock();
+        s.fail_next.clear();
+        s.fail_at.clear();
     }
 
     /// Records `call`, then fails it naming `op` and `path` if a failure was armed for `op`, or
@@ -142,7 +161,7 @@ impl<S> Recorded<S> {
     ) -> Result<MutexGuard<'_, Calls<S>>, SysError> {
         let mut s = self.lock();
         s.calls.push(call);
-        match s.fail_next.remove(op) {
+        match s.take_failure(op, path) {
             Some(errno) => Err(SysError::io(op, path, io::Error::from_raw_os_error(errno))),
             None => Ok(s),
         }

@@ -11,8 +11,8 @@ impl LocalEngine {
         let _held = self.take(Kind::Volume, &id.0.pool, &id.0.key, &shown)?;
         let data = pool.data_path(Kind::Volume, &id.0.key);
         let _claimed = self.refuse_in_use(pool, id, &data)?;
-        let rec = self.volume(id);
-        layout::refuse_unread_record(pool, Kind::Volume, &id.0.key, Some(&shown))?;
+        // Read now, not from a cache: another replica may have changed the policy.
+        let rec = layout::volume_record_now(pool, &id.0.key, &shown)?;
         let policy = rec
             .as_ref()
             .and_then(|r| r.delete_policy)

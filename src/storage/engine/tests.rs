@@ -907,11 +907,8 @@ fn a_consistent_snapshot_of_a_shared_image_staged_on_another_node_is_refused() {
     let vol = e
         .create_volume(NewVolume::plain("pvc-held", Some(Layout::Image), 32 * MIB))
         .expect("create");
-    let lease = crate::storage::lease::LeaseFile {
-        node: "node-2".into(),
-        volume: vol.id.to_string(),
-        renewals: 1,
-    };
+    let mut lease = crate::storage::lease::LeaseFile::new("node-2", &vol.id.to_string());
+    lease.renewals = 1;
     let pool = default_pool(&e);
     std::fs::write(
         pool.lease_path(&vol.id.0.key),
@@ -1396,5 +1393,80 @@ fn a_retried_group_delete_leaves_a_snapshot_cut_since_at_a_members_id() {
     assert!(
         f.engine.group(&group.id).expect("lookup").is_none(),
         "the group is gone"
+    );
+}
+
+/// The purge tries every trash entry: one it cannot remove (a squashed root on a share may not
+/// unlink a pod's files) kept every entry after it in the trash, round after round.
+#[test]
+fn a_trash_entry_that_cannot_be_purged_does_not_keep_the_others() {
+    let f = engine(FsType::Ext4);
+    let pool = default_pool(&f.engine);
+    let entries: Vec<PathBuf> = ["pvc-a", "pvc-b", "pvc-c"]
+        .iter()
+        .map(|n| pool.trash_path(Kind::Volume, &Key::from_name(n)))
+        .collect();
+    for e in &entries {
+        std::fs::create_dir(e).expect("trash entry");
+        std::fs::write(e.join("file"), b"deleted").expect("file");
+    }
+    crate::crash::in_thread::fail_once_at("file:remove", libc::EACCES);
+    let failed = pool.purge_trash();
+    crate::crash::in_thread::fail_at(None);
+    assert!(failed.is_err(), "the failure is reported");
+    assert_eq!(
+        LinuxFiles.list_dir(&pool.trash_dir()).expect("trash").len(),
+        1,
+        "only the entry that failed is left"
+    );
+    pool.purge_trash().expect("purge");
+    assert!(LinuxFiles.list_dir(&pool.trash_dir()).expect("trash").is_empty());
+}
+
+/// A replica's delete acts on the delete policy the share's record says now: when the record's
+/// read failed (a share's passing ESTALE or EIO), it applied its cached copy, from before another
+/// replica set `retain`, and purged what the user asked to keep.
+#[test]
+fn a_delete_whose_record_read_fails_never_applies_a_cached_policy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::default_for(dir.path());
+    config.pools[0].backend = crate::storage::config::Backend::Shared;
+    let a = LocalEngine::open(NodeId::parse("ctl-0").expect("node"), &config).expect("replica a");
+    let files = Arc::new(RecordingFiles::default());
+    let sys = StorageSys::fakes(
+        files.clone(),
+        Arc::new(RecordingFilesystems::default()),
+        Arc::new(RecordingSubvolumes::over(dir.path())),
+        Arc::new(crate::sys::devices::RecordingDevices::default()),
+        Arc::new(crate::sys::mount::RecordingMounter::default()),
+    );
+    let b =
+        LocalEngine::open_with(sys, NodeId::parse("ctl-1").expect("node"), &config, |_| Some(true)).expect("replica b");
+    let vol = a
+        .create_volume(NewVolume::plain("pvc-keep", None, MIB))
+        .expect("create");
+    assert!(b.volume(&vol.id).is_some(), "b has it cached");
+    let keep = Mutable {
+        delete_policy: Some(DeletePolicy::Retain),
+        ..Default::default()
+    };
+    a.modify_volume(&vol.id, &keep).expect("retain, through a");
+    let pool = default_pool(&b);
+    std::fs::write(pool.data_path(Kind::Volume, &vol.id.0.key).join("f"), b"keep me").expect("write");
+    files.fail_next_at(
+        "read_optional",
+        &pool.record_path(Kind::Volume, &vol.id.0.key),
+        libc::EIO,
+    );
+    let first = b.delete_volume(&vol.id);
+    files.disarm();
+    if first.is_err() {
+        b.delete_volume(&vol.id).expect("the retry");
+    }
+    let kept = LinuxFiles.list_dir(&pool.retained_dir()).unwrap_or_default();
+    assert!(
+        kept.iter()
+            .any(|p| std::fs::read(p.join("f")).is_ok_and(|d| d == b"keep me")),
+        "the volume's data is kept under retain: {kept:?} (first answer {first:?})"
     );
 }

@@ -17,7 +17,7 @@ mod btrfs;
 mod dir;
 mod image;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::crash;
@@ -267,13 +267,33 @@ pub fn refuse_unread_record(pool: &Pool, kind: Kind, key: &Key, ours: Option<&st
     };
     match read {
         true => Ok(()),
-        false => Err(StorageError::Corrupt {
-            path,
-            reason: "a record is here that this process cannot read as this object's (it does not parse, \
-                     another version wrote it, or it names another object); the data it may name is left \
-                     alone: repair or move the record, then retry"
-                .into(),
-        }),
+        false => Err(unread(path)),
+    }
+}
+
+fn unread(path: PathBuf) -> StorageError {
+    StorageError::Corrupt {
+        path,
+        reason: "a record is here that this process cannot read as this object's (it does not parse, \
+                 another version wrote it, or it names another object); the data it may name is left \
+                 alone: repair or move the record, then retry"
+            .into(),
+    }
+}
+
+/// A volume's record read now, for a delete that acts on what it says (its delete policy): `None`
+/// when there is none; refused as [`refuse_unread_record`] refuses when it does not parse or names
+/// another volume; the read's own error when it cannot be read (a cache's older copy, say from
+/// before another replica changed the policy, never decides).
+pub fn volume_record_now(pool: &Pool, key: &Key, id: &str) -> Result<Option<VolumeRecord>, StorageError> {
+    let path = pool.record_path(Kind::Volume, key);
+    if pool.sys.files.entry(&path)? == files::Entry::Missing {
+        return Ok(None);
+    }
+    match or_corrupt(record::load::<VolumeRecord>(&*pool.sys.files, &path))? {
+        Some(None) => Ok(None),
+        Some(Some(r)) if r.id.to_string() == id => Ok(Some(r)),
+        _ => Err(unread(path)),
     }
 }
 
