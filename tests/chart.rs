@@ -521,7 +521,7 @@ fn csidriver_declares_what_cellar_does() {
         let d = r.get("CSIDriver", &r.str("driverName"));
         let spec = &d["spec"];
         assert_eq!(spec["attachRequired"], Value::Bool(false), "{}", r.set);
-        assert_eq!(spec["podInfoOnMount"], Value::Bool(true));
+        assert_eq!(spec["podInfoOnMount"], Value::Bool(false));
         assert_eq!(spec["fsGroupPolicy"], "File");
         assert_eq!(spec["storageCapacity"], Value::Bool(true));
         assert_eq!(seq(&spec["volumeLifecycleModes"]), &[Value::from("Persistent")]);
@@ -1667,6 +1667,38 @@ fn backup_values_the_driver_would_refuse_fail_the_render() {
         let (ok, _, err) = run(&mut cmd);
         assert!(!ok && err.contains(says), "--set {set}: {err}");
     }
+}
+
+/// Group snapshot values the sidecars could not serve fail the render: classes or groups without
+/// csi-snapshotter, classes without its group gate, and a class whose cut (its freeze timeout plus
+/// the nodes' 120 s, and a margin) csi-snapshotter would give up on before it ends; and the
+/// sidecar's timeout is the one set for it.
+#[test]
+fn group_snapshot_values_the_sidecars_cannot_serve_fail_the_render() {
+    let class = "volumeGroupSnapshotClasses[0].name=g";
+    for (set, says) in [
+        (
+            "snapshots.enabled=false,snapshots.groups=true".to_string(),
+            "need snapshots.enabled",
+        ),
+        (class.to_string(), "need snapshots.groups=true"),
+        (
+            format!("snapshots.groups=true,{class},volumeGroupSnapshotClasses[0].parameters.freezeTimeoutSeconds=300"),
+            "at least 480",
+        ),
+    ] {
+        let mut cmd = Command::new(helm());
+        cmd.args(["template", RELEASE]).arg(chart()).args(["--set", &set]);
+        let (ok, _, err) = run(&mut cmd);
+        assert!(!ok && err.contains(says), "--set {set}: {err}");
+    }
+    let out = render(&[
+        "--set",
+        &format!(
+            "snapshots.groups=true,{class},volumeGroupSnapshotClasses[0].parameters.freezeTimeoutSeconds=300,snapshots.timeoutSeconds=480"
+        ),
+    ]);
+    assert!(out.contains("- --timeout=480s"), "csi-snapshotter waits 480 s");
 }
 
 fn openssl(args: &[&str], input: Option<&Path>) -> String {

@@ -152,6 +152,7 @@ async fn hostile_and_colliding_pvc_names_stay_inside_the_pool_and_apart() {
         vec![
             ".leases",
             ".locks",
+            ".retired",
             ".staged",
             ".trash",
             ".work",

@@ -11,6 +11,8 @@
 //! <pool>/.staged/<key>/<node>  shared pools: a node has this directory volume staged
 //! <pool>/.leases/<key>         shared pools: the node that holds this image volume staged
 //! <pool>/.locks/<kind>-<key>   shared pools: the controller replica working on that object now
+//! <pool>/.retired/<key>        shared pools: the CSI name of the last volume deleted under a
+//!                              templated key (no other volume takes that id again)
 //! <pool>/retained/<key>[.json] volumes deleted under the `retain` policy
 //! <pool>/archive/<key>-<time>  volumes deleted under the `archive` policy
 //! ```
@@ -27,7 +29,7 @@ use super::config::PoolConfig;
 /// that guard them). Nothing else may name them: a static volume handle below one of them would
 /// hand a pod another volume's data, a snapshot, or the stage marks and leases that keep a
 /// mounted volume from being deleted.
-const MANAGED: [&str; 8] = [
+const MANAGED: [&str; 9] = [
     "volumes",
     "snapshots",
     "groups",
@@ -36,6 +38,7 @@ const MANAGED: [&str; 8] = [
     ".staged",
     ".leases",
     ".locks",
+    ".retired",
 ];
 
 /// Whether a path relative to a pool's root reaches into what cellar manages there: one of
@@ -269,6 +272,7 @@ impl Pool {
             self.collection_dir(Kind::Snapshot),
             self.groups_dir(),
             self.config.path.join(".leases"),
+            self.config.path.join(".retired"),
         ];
         dirs.extend(
             self.sys
@@ -373,6 +377,14 @@ impl Pool {
     /// Where nodes mark a directory volume of a shared pool as staged: one empty file per node.
     pub fn staged_dir(&self, key: &Key) -> PathBuf {
         self.config.path.join(".staged").join(key.as_str())
+    }
+
+    /// The note a shared pool keeps of the last volume deleted under a key its CSI name did not
+    /// give (a `nameTemplate`'s, or a disambiguated one): that CSI name. A new volume of another
+    /// name never takes such a key again, so a DeleteVolume retried for the deleted volume's id
+    /// (its answer lost) finds nothing there instead of the new volume.
+    pub fn retired_path(&self, key: &Key) -> PathBuf {
+        self.config.path.join(".retired").join(key.as_str())
     }
 
     /// Where the lease of an image volume of a shared pool lives: apart from the volumes, so no

@@ -373,10 +373,13 @@ impl LocalEngine {
             return Ok(Key::from_name(&req.name));
         }
         let key = crate::storage::naming::key_for(&req.name, pool.config.name_template.as_deref(), &req.parameters);
-        // Read from the share: another controller replica may have made either volume.
+        // Read from the share: another controller replica may have made either volume. A key
+        // retired by another volume's delete is taken too (`Pool::retired_path`).
+        let retired = pool.sys.files.read_optional(&pool.retired_path(&key))?;
         let taken = |k: &Key| {
             self.volume(&self.volume_id(&pool.config.name, k))
                 .is_some_and(|r| r.name != req.name)
+                || retired.as_deref().is_some_and(|by| by != req.name.as_bytes())
         };
         Ok(if taken(&key) {
             crate::storage::naming::disambiguate(&key, &req.name)

@@ -25,6 +25,18 @@ impl LocalEngine {
             true => self.refuse_shared_in_use(pool, id),
             false => Ok(()),
         };
+        // A key the CSI name did not give is retired before the data goes, so that no other
+        // volume takes this id while a retry of this delete may still come.
+        if let Some(r) = rec
+            .as_ref()
+            .filter(|r| pool.shared() && Key::from_name(&r.name) != id.0.key)
+        {
+            let note = pool.retired_path(&id.0.key);
+            pool.sys.files.ensure_dir(note.parent().unwrap_or(pool.root()), 0o700)?;
+            pool.sys
+                .files
+                .write_atomic(&note, r.name.as_bytes(), files::Durability::PowerLoss)?;
+        }
         match (policy, rec) {
             (DeletePolicy::Retain, Some(rec)) => {
                 self.keep(pool, &id.0.key, &rec, &pool.retained_dir(), false, &guard)?

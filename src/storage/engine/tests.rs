@@ -1470,3 +1470,33 @@ fn a_delete_whose_record_read_fails_never_applies_a_cached_policy() {
         "the volume's data is kept under retain: {kept:?} (first answer {first:?})"
     );
 }
+
+/// A DeleteVolume retried after its first answer was lost, when a PVC of the same name was made
+/// again meanwhile (a `nameTemplate` renders the same key): the new volume never gets the deleted
+/// one's id, so the retry deletes nothing (it deleted the new volume).
+#[test]
+fn a_templated_key_is_never_reused_by_another_volume_after_a_delete() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::default_for(dir.path());
+    config.pools[0].backend = crate::storage::config::Backend::Shared;
+    config.pools[0].name_template = Some("${pvc.namespace}-${pvc.name}".into());
+    let e = LocalEngine::open(NodeId::parse("ctl-0").expect("node"), &config).expect("engine");
+    let pvc = |name: &str| {
+        let mut req = NewVolume::plain(name, None, MIB);
+        req.parameters = [
+            ("csi.storage.k8s.io/pvc/namespace".to_string(), "ns".to_string()),
+            ("csi.storage.k8s.io/pvc/name".to_string(), "data".to_string()),
+        ]
+        .into();
+        req
+    };
+    let first = e.create_volume(pvc("pvc-1")).expect("create");
+    assert_eq!(first.id.0.key.as_str(), "ns-data");
+    e.delete_volume(&first.id).expect("delete (its answer is lost)");
+    let again = e.create_volume(pvc("pvc-2")).expect("the PVC made again");
+    assert_ne!(again.id, first.id, "a new volume never takes a deleted one's id");
+    e.delete_volume(&first.id).expect("the provisioner's retry");
+    assert!(e.volume(&again.id).is_some(), "the retry left the new volume alone");
+    let same = e.create_volume(pvc("pvc-2")).expect("a retried create");
+    assert_eq!(same.id, again.id);
+}
