@@ -287,7 +287,7 @@ impl Agent for LocalAgent {
     }
 
     async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError> {
-        Ok(self.engine.snapshots())
+        self.blocking(|e| Ok(e.snapshots())).await
     }
 
     async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError> {

@@ -177,8 +177,11 @@ impl ControllerService {
                 };
                 uploader = Some(found.map(|b| b.meta.node));
             }
+            // The shared pools' agent answers for backups of shared volumes, whose uploader is
+            // named by a controller pod (another one, after a restart): its refusal stands.
+            let shared = self.directory.shared().is_some_and(|s| s.node() == a.node());
             match uploader.as_ref().and_then(Option::as_ref) {
-                Some(node) if node != a.node().as_str() => {
+                Some(node) if node != a.node().as_str() && !shared => {
                     tracing::warn!(node = a.node().as_str(), uploader = node.as_str(), backup = %id, error = %e, "refusal of a node that did not cut the backup passed over");
                 }
                 _ => return Err(e.into()),

@@ -500,9 +500,11 @@ impl NodeService {
         Self::check_mode(&rec, &cap)?;
         let static_id = StaticId::parse(&r.volume_id).ok();
         let attrs = StaticAttrs::parse(static_id.is_some(), &r.volume_context)?;
-        // A reader access mode, a static volume's readOnly, or an `ro` mount option (a PV's
-        // mountOptions): the stage itself is read-only, so nothing is grown or replayed.
-        let read_only = cap.access.read_only() || attrs.read_only || cap.flags.read_only;
+        // A reader access mode or a static volume's readOnly: the stage is read-only (its device
+        // too). An `ro` mount option (a PV's mountOptions) mounts it read-only and grows nothing,
+        // on a writable device (a journal may need replaying at mount).
+        let read_only = cap.access.read_only() || attrs.read_only;
+        let mount_ro = read_only || cap.flags.read_only;
         let mut m = self.state.get(&r.volume_id);
         let block = rec.mode == VolumeMode::Block;
         if let Some(s) = &m.staged {
@@ -549,7 +551,7 @@ impl NodeService {
                 None => files::PinnedDir::open(&data)?,
             };
             let flags = BindFlags {
-                read_only,
+                read_only: mount_ro,
                 ..attrs.flags
             };
             m.staged = Some(Staged {
@@ -677,8 +679,11 @@ impl NodeService {
                 rec.id, rec.fs_type
             ))
         })?;
-        let grow = rec.capacity_bytes > rec.fs_bytes && !read_only;
-        let flags = BindFlags { read_only, ..cap.flags };
+        let grow = rec.capacity_bytes > rec.fs_bytes && !mount_ro;
+        let flags = BindFlags {
+            read_only: mount_ro,
+            ..cap.flags
+        };
         let mounted = (|| {
             if grow && fs == FsType::Ext4 {
                 // ext4 cannot always grow online (it needs CAP_SYS_RESOURCE); unmounted it always can.
@@ -699,7 +704,14 @@ impl NodeService {
                 Ok::<_, NodeError>(())
             })();
             if let Err(e) = grown {
-                // As a failed mount: nothing stays mounted, attached or leased (the retry grows it).
+                // As a failed mount: nothing stays mounted, attached or leased (the retry grows it);
+                // unless publishes of it are mounted (a restage under live pods): then it stays.
+                let m = self.state.get(&r.volume_id);
+                for target in m.published.keys() {
+                    if self.is_mounted(target)? {
+                        return Err(e);
+                    }
+                }
                 self.mounter.unmount(&staging)?;
                 self.undo_failed_stage(&r.volume_id, &id, &data)?;
                 return Err(e);
@@ -799,7 +811,12 @@ impl NodeService {
             }
         }
         if let Some(backing) = &staged.backing {
-            if !staged.block {
+            // A state of an earlier release does not say it was a block stage: the record does.
+            let block = staged.block
+                || self
+                    .volume(&r.volume_id)
+                    .is_ok_and(|(rec, _)| rec.mode == VolumeMode::Block);
+            if !block {
                 self.unmount_all(&staging)?;
             }
             crash::point("unstage:before-detach");

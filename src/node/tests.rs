@@ -1406,7 +1406,17 @@ fn an_ro_mount_option_stages_an_image_read_only() {
         .expect("staged");
     assert!(flags.read_only, "{flags:?}");
     assert_eq!(n.count("grow"), 0, "nothing grown under ro: {:?}", n.devices.calls());
-    assert!(n.svc.state.get(&id).staged.expect("intent").read_only);
+    // The device stays writable (a journal may need replaying at mount), and the stage is recorded
+    // as it was before the option counted, so a stage of an earlier release is met by its retry.
+    assert!(!n.svc.state.get(&id).staged.expect("intent").read_only);
+    n.svc
+        .stage(NodeStageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap(Mode::SingleNodeWriter)),
+            ..Default::default()
+        })
+        .expect("the same stage asked without the option is the same stage");
 }
 
 /// A block volume's stage mounts nothing at its staging path, so its unstage unmounts nothing
@@ -1419,6 +1429,10 @@ fn a_block_unstage_unmounts_nothing_at_its_staging_path() {
     let staging = n.path("stage-other");
     n.stage(&other, &staging).expect("stage a directory volume");
     let id = block_volume(&n.svc, "pvc-block", &staging);
+    // As an earlier release recorded it: the state does not say the stage is a block stage.
+    let mut m = n.svc.state.get(&id);
+    m.staged.as_mut().expect("staged").block = false;
+    n.svc.state.put(m).expect("state");
     n.unstage(&id, &staging).expect("unstage the block volume");
     assert!(n.devices.attached().is_empty(), "its device is detached");
     assert!(

@@ -61,6 +61,12 @@ pub fn within<T: Send + 'static>(
     }
 }
 
+/// Forgets the hung calls on paths under `mount`: it was detached (a call stuck on the old mount
+/// says nothing about a new one) or mounted afresh.
+pub fn forget_stuck(mount: &Path) {
+    stuck().retain(|(_, p)| !p.starts_with(mount));
+}
+
 /// statfs of a share, bounded in time: the health check of a share.
 pub fn usage(path: &Path) -> Result<statfs::FsUsage, SysError> {
     let p = path.to_path_buf();
@@ -90,6 +96,7 @@ pub fn mount(source: &str, fs_type: &str, options: &str, target: &Path) -> Resul
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         run_tool("mount", &a).map(|_| ())
     })
+    .inspect(|()| forget_stuck(&target_buf))
     .map_err(|e| match e {
         SysError::Tool { stderr, status, .. } => SysError::Tool {
             tool: format!("mount -t {fs_type} {source} {}", target_buf.display()),
@@ -103,7 +110,10 @@ pub fn mount(source: &str, fs_type: &str, options: &str, target: &Path) -> Resul
 /// Detaches a stale share (or a bind of it) at once, whatever still uses it.
 pub fn detach(target: &Path) -> Result<(), SysError> {
     match nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH) {
-        Ok(()) | Err(nix::errno::Errno::EINVAL) => Ok(()),
+        Ok(()) | Err(nix::errno::Errno::EINVAL) => {
+            forget_stuck(target);
+            Ok(())
+        }
         Err(e) => Err(SysError::io("detach mount", target, e.into())),
     }
 }
@@ -138,6 +148,15 @@ mod tests {
         );
         let other = within(Duration::from_secs(30), "probe", Path::new("/another/path"), || Ok(7));
         assert_eq!(other.expect("another path is not held up"), 7);
+        // A share detached and mounted again is tried afresh (the hung call was on the old mount).
+        forget_stuck(Path::new("/share/that"));
+        let fresh = within(Duration::from_secs(30), "probe", path, || Ok(3));
+        assert_eq!(fresh.expect("the new mount is tried"), 3);
+        let first_again = within(Duration::from_millis(50), "probe", path, move || {
+            std::thread::sleep(Duration::from_millis(200));
+            Ok(0)
+        });
+        assert_eq!(first_again.unwrap_err().errno(), Some(libc::ETIMEDOUT));
         release.send(()).expect("release the hung call");
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {

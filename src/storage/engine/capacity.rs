@@ -74,8 +74,13 @@ impl LocalEngine {
             .locate(&id.0)
             .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
         let held = self.take(Kind::Volume, &id.0.pool, &id.0.key, &shown)?;
-        let rec = self.volume(id).ok_or(StorageError::VolumeNotFound(shown))?;
-        Ok((pool, held, rec))
+        // A shared pool's record is read now, and a failed read fails the change: a cached copy
+        // written back would undo another replica's change (its delete policy, say).
+        let rec = match pool.shared() {
+            true => layout::volume_record_now(pool, &id.0.key, &shown)?,
+            false => self.volume(id),
+        };
+        Ok((pool, held, rec.ok_or(StorageError::VolumeNotFound(shown))?))
     }
 
     /// Writes a changed volume record durably, then updates the index.

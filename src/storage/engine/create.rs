@@ -375,13 +375,19 @@ impl LocalEngine {
         let key = crate::storage::naming::key_for(&req.name, pool.config.name_template.as_deref(), &req.parameters);
         // Read from the share: another controller replica may have made either volume. A key
         // retired by another volume's delete is taken too (`Pool::retired_path`).
-        let retired = pool.sys.files.read_optional(&pool.retired_path(&key))?;
-        let taken = |k: &Key| {
-            self.volume(&self.volume_id(&pool.config.name, k))
+        // The record first, then the note: a delete writes the note before it removes the record,
+        // so a record found gone means its note is there to be read.
+        let taken = |k: &Key| -> Result<bool, StorageError> {
+            if self
+                .volume(&self.volume_id(&pool.config.name, k))
                 .is_some_and(|r| r.name != req.name)
-                || retired.as_deref().is_some_and(|by| by != req.name.as_bytes())
+            {
+                return Ok(true);
+            }
+            let retired = pool.sys.files.read_optional(&pool.retired_path(k))?;
+            Ok(retired.is_some_and(|by| by != req.name.as_bytes()))
         };
-        Ok(if taken(&key) {
+        Ok(if taken(&key)? {
             crate::storage::naming::disambiguate(&key, &req.name)
         } else {
             key

@@ -266,7 +266,10 @@ impl LocalEngine {
                 Some(rec) if rec.group.as_ref() == Some(id) => {
                     self.remove_object(pool, Kind::Snapshot, &sid.0.key, &shown)?;
                 }
-                _ => {}
+                Some(_) => {}
+                // Gone, or unreadable: then refused, as `delete_group` refuses (the group's record
+                // must not go while a member it names may still hold data).
+                None => layout::refuse_unread_record(pool, Kind::Snapshot, &sid.0.key, Some(&shown))?,
             }
         }
         Ok(())

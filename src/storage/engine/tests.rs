@@ -1452,6 +1452,26 @@ fn a_delete_whose_record_read_fails_never_applies_a_cached_policy() {
     };
     a.modify_volume(&vol.id, &keep).expect("retain, through a");
     let pool = default_pool(&b);
+    // A change through b whose read fails does not write b's cached copy back over a's change.
+    files.fail_next_at(
+        "read_optional",
+        &pool.record_path(Kind::Volume, &vol.id.0.key),
+        libc::EIO,
+    );
+    let grown = b.expand_volume(
+        &vol.id,
+        CapacityRange {
+            required: 2 * MIB,
+            limit: 0,
+        },
+    );
+    files.disarm();
+    assert!(grown.is_err(), "{grown:?}");
+    assert_eq!(
+        a.volume(&vol.id).expect("the volume").delete_policy,
+        Some(DeletePolicy::Retain),
+        "a's change stands"
+    );
     std::fs::write(pool.data_path(Kind::Volume, &vol.id.0.key).join("f"), b"keep me").expect("write");
     files.fail_next_at(
         "read_optional",
@@ -1499,4 +1519,43 @@ fn a_templated_key_is_never_reused_by_another_volume_after_a_delete() {
     assert!(e.volume(&again.id).is_some(), "the retry left the new volume alone");
     let same = e.create_volume(pvc("pvc-2")).expect("a retried create");
     assert_eq!(same.id, again.id);
+}
+
+/// A group's part on a node (a group spanning nodes) is not deleted while a member's record there
+/// cannot be read: it was skipped, the group's record went, and the member's data was left with
+/// nothing able to delete it.
+#[test]
+fn a_group_part_with_an_unreadable_member_record_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config::default_for(dir.path());
+    let open = || LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("engine");
+    let e = open();
+    let vol = e
+        .create_volume(NewVolume::plain("pvc-part", None, MIB))
+        .expect("create")
+        .id;
+    let group = e
+        .create_group(&NewGroup {
+            name: "group-part".into(),
+            members: vec![vol],
+            parameters: BTreeMap::new(),
+            per_volume: true,
+            freeze_timeout: std::time::Duration::from_secs(5),
+        })
+        .expect("group");
+    let member = group.members[0].snapshot_id.clone();
+    let (record, data) = {
+        let pool = default_pool(&e);
+        (
+            pool.record_path(Kind::Snapshot, &member.0.key),
+            pool.data_path(Kind::Snapshot, &member.0.key),
+        )
+    };
+    drop(e);
+    std::fs::write(&record, b"{ written by a later version").expect("record");
+    // The node restarts and cannot read it.
+    let e = open();
+    let refused = e.delete_group_part(&group.id, std::slice::from_ref(&member));
+    assert!(matches!(refused, Err(StorageError::Corrupt { .. })), "{refused:?}");
+    assert!(data.exists(), "the member's data stays");
 }
