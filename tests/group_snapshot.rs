@@ -675,6 +675,8 @@ mod split {
     struct Nodes {
         agents: Vec<Arc<dyn Agent>>,
         engines: Vec<Arc<LocalEngine>>,
+        /// The shared pools' agent (the controller's own engine), when a test has one.
+        shared: Option<Arc<dyn Agent>>,
         _dirs: Vec<tempfile::TempDir>,
         _stops: Vec<tokio::sync::oneshot::Sender<()>>,
     }
@@ -687,10 +689,10 @@ mod split {
             self.agents.clone()
         }
         fn shared(&self) -> Option<Arc<dyn Agent>> {
-            None
+            self.shared.clone()
         }
         fn all(&self) -> Vec<Arc<dyn Agent>> {
-            self.agents.clone()
+            self.agents.iter().chain(&self.shared).cloned().collect()
         }
     }
 
@@ -703,6 +705,7 @@ mod split {
         let mut n = Nodes {
             agents: Vec::new(),
             engines: Vec::new(),
+            shared: None,
             _dirs: Vec::new(),
             _stops: Vec::new(),
         };
@@ -1335,6 +1338,84 @@ mod split {
         assert!(engine.snapshots().is_empty(), "nothing cut");
         let again = backed_up(&ctl, "backup-late", &v).await;
         assert_eq!(again.snapshot_id, made.snapshot_id);
+    }
+
+    /// A backup of a shared volume is answered for by the shared pools' agent, the controller's own
+    /// engine, whose name (its pod's) changes at a restart: the repository names the old pod as the
+    /// uploader, and the shared agent's refusal (its kept copy busy) must still stand, or the
+    /// repository forgot the backup while its copy on the share stayed for good.
+    #[tokio::test]
+    async fn the_shared_pools_agent_can_refuse_a_shared_backups_delete_after_a_restart() {
+        use cellar::agent::LocalAgent;
+        let (dir, repositories) = offsite();
+        let mut config = Config::default_for(dir.path());
+        config.pools[0].backend = cellar::storage::config::Backend::Shared;
+        config.repositories = repositories.clone();
+        let open = |name: &str| {
+            let e = Arc::new(LocalEngine::open(NodeId::parse(name).expect("name"), &config).expect("engine"));
+            e.start_uploads();
+            e
+        };
+        let old = open("ctl-old");
+        let vol = old
+            .create_volume(NewVolume::plain("pvc-shared-backup", None, 1 << 20))
+            .expect("create")
+            .id;
+        let backups = Arc::new(Backups::new(repositories.clone(), Throttle::unlimited()));
+        let repo = PoolName::parse("offsite").expect("name");
+        let r = repo.clone();
+        tokio::task::spawn_blocking({
+            let b = backups.clone();
+            move || b.open_or_init(&r, true).map(drop)
+        })
+        .await
+        .expect("task")
+        .expect("init");
+        let rec = old
+            .create_backup(
+                "backup-shared",
+                &vol,
+                false,
+                &BackupRequest {
+                    repository: repo,
+                    keep_local: true,
+                },
+            )
+            .expect("backup");
+        let id = rec.backup.expect("a backup").id;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !old
+            .snapshots()
+            .iter()
+            .any(|s| s.backup.as_ref().is_some_and(|m| m.uploaded))
+        {
+            assert!(std::time::Instant::now() < deadline, "not uploaded in 60 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(old);
+        // The controller restarted under another pod name; its kept copy is busy (refused).
+        let new = open("ctl-new");
+        let n = Nodes {
+            agents: Vec::new(),
+            engines: Vec::new(),
+            shared: Some(Arc::new(LostAnswer {
+                inner: Arc::new(LocalAgent::new(new.clone())),
+                lose: Lose::Forget,
+                lost: Default::default(),
+            })),
+            _dirs: Vec::new(),
+            _stops: Vec::new(),
+        };
+        let ctl = ControllerService::new(Arc::new(n)).with_backups(backups);
+        let e = ctl
+            .delete_snapshot(Request::new(DeleteSnapshotRequest {
+                snapshot_id: id.to_string(),
+                ..Default::default()
+            }))
+            .await
+            .expect_err("the shared agent's refusal stands");
+        assert_eq!(e.code(), Code::Aborted, "{}", e.message());
+        assert_eq!(listed(&ctl, &id.to_string()).await.len(), 1, "the backup is kept");
     }
 
     /// ListSnapshots of one id.
