@@ -374,9 +374,9 @@ impl LocalEngine {
         }
         let key = crate::storage::naming::key_for(&req.name, pool.config.name_template.as_deref(), &req.parameters);
         // Read from the share: another controller replica may have made either volume. A key
-        // retired by another volume's delete is taken too (`Pool::retired_path`).
-        // The record first, then the note: a delete writes the note before it removes the record,
-        // so a record found gone means its note is there to be read.
+        // retired by another volume's delete is taken too (`Pool::retired_path`). The record
+        // first, then the note: a delete writes the note before it removes the record, so a record
+        // found gone means its note is there to be read.
         let taken = |k: &Key| -> Result<bool, StorageError> {
             if self
                 .volume(&self.volume_id(&pool.config.name, k))
@@ -384,6 +384,7 @@ impl LocalEngine {
             {
                 return Ok(true);
             }
+            crash::point("create:between-key-reads");
             let retired = pool.sys.files.read_optional(&pool.retired_path(k))?;
             Ok(retired.is_some_and(|by| by != req.name.as_bytes()))
         };

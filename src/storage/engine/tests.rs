@@ -1559,3 +1559,47 @@ fn a_group_part_with_an_unreadable_member_record_is_refused() {
     assert!(matches!(refused, Err(StorageError::Corrupt { .. })), "{refused:?}");
     assert!(data.exists(), "the member's data stays");
 }
+
+/// A delete on another replica landing between a create's two reads of a templated key (the
+/// record, then the retired note) never lets the create take the deleted volume's id: read the
+/// other way round, the note was read before the delete wrote it and the record after the delete
+/// removed it.
+#[test]
+fn a_delete_between_a_creates_key_reads_never_hands_it_the_deleted_id() {
+    use crate::crash::in_thread;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::default_for(dir.path());
+    config.pools[0].backend = crate::storage::config::Backend::Shared;
+    config.pools[0].name_template = Some("${pvc.namespace}-${pvc.name}".into());
+    let open = |n: &str| LocalEngine::open(NodeId::parse(n).expect("node"), &config).expect("engine");
+    let (a, b) = (open("ctl-0"), open("ctl-1"));
+    let pvc = |name: &str| {
+        let mut req = NewVolume::plain(name, None, MIB);
+        req.parameters = [
+            ("csi.storage.k8s.io/pvc/namespace".to_string(), "ns".to_string()),
+            ("csi.storage.k8s.io/pvc/name".to_string(), "data".to_string()),
+        ]
+        .into();
+        req
+    };
+    let first = b.create_volume(pvc("pvc-1")).expect("create");
+    let pause = Arc::new(in_thread::Pause::default());
+    std::thread::scope(|s| {
+        let (held, a) = (pause.clone(), &a);
+        let creating = s.spawn(move || {
+            in_thread::pause_at(Some(("create:between-key-reads", held.clone())));
+            let r = a.create_volume(pvc("pvc-2"));
+            in_thread::pause_at(None);
+            held.release();
+            r
+        });
+        let paused = pause.reached(std::time::Duration::from_secs(5));
+        b.delete_volume(&first.id).expect("delete on the other replica");
+        pause.release();
+        let made = creating.join().expect("no panic").expect("the new PVC's volume");
+        assert_ne!(
+            made.id, first.id,
+            "the create took the deleted volume's id (paused between its reads: {paused})"
+        );
+    });
+}
