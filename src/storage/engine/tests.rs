@@ -29,6 +29,17 @@ fn engine(fs: FsType) -> Fixture {
     Fixture { _dir: dir, engine }
 }
 
+/// A per-volume group snapshot request of `members`, frozen at most 5 s.
+fn per_volume_group(name: &str, members: Vec<VolumeId>) -> NewGroup {
+    NewGroup {
+        name: name.into(),
+        members,
+        parameters: BTreeMap::new(),
+        per_volume: true,
+        freeze_timeout: std::time::Duration::from_secs(5),
+    }
+}
+
 fn default_pool(e: &LocalEngine) -> &Pool {
     e.pool(&PoolName::parse("default").expect("pool"))
         .expect("the default pool")
@@ -664,13 +675,7 @@ fn a_group_snapshot_whose_records_fail_leaves_no_member_behind() {
                 .id
         })
         .collect();
-    let req = NewGroup {
-        name: "group-a".into(),
-        members: vols.clone(),
-        parameters: BTreeMap::new(),
-        per_volume: true,
-        freeze_timeout: std::time::Duration::from_secs(5),
-    };
+    let req = per_volume_group("group-a", vols.clone());
     crate::crash::in_thread::fail_at(Some(("record:write", libc::ENOSPC)));
     let failed = f.engine.create_group(&req);
     crate::crash::in_thread::fail_at(None);
@@ -778,13 +783,7 @@ fn a_snapshot_named_as_a_group_member_is_refused_not_adopted() {
         .create_volume(NewVolume::plain("pvc-m", None, MIB))
         .expect("create")
         .id;
-    let req = NewGroup {
-        name: "group-m".into(),
-        members: vec![vol.clone()],
-        parameters: BTreeMap::new(),
-        per_volume: true,
-        freeze_timeout: std::time::Duration::from_secs(5),
-    };
+    let req = per_volume_group("group-m", vec![vol.clone()]);
     let group = f.engine.create_group(&req).expect("group");
     let member = f
         .engine
@@ -1367,13 +1366,7 @@ fn a_retried_group_delete_leaves_a_snapshot_cut_since_at_a_members_id() {
         .create_volume(NewVolume::plain("pvc-d", None, MIB))
         .expect("create")
         .id;
-    let req = NewGroup {
-        name: "group-d".into(),
-        members: vec![vol.clone()],
-        parameters: BTreeMap::new(),
-        per_volume: true,
-        freeze_timeout: std::time::Duration::from_secs(5),
-    };
+    let req = per_volume_group("group-d", vec![vol.clone()]);
     let group = f.engine.create_group(&req).expect("group");
     in_thread::crash_at(Some("delete-group:before-record"));
     let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f.engine.delete_group(&group.id)));
@@ -1535,13 +1528,7 @@ fn a_group_part_with_an_unreadable_member_record_is_refused() {
         .expect("create")
         .id;
     let group = e
-        .create_group(&NewGroup {
-            name: "group-part".into(),
-            members: vec![vol],
-            parameters: BTreeMap::new(),
-            per_volume: true,
-            freeze_timeout: std::time::Duration::from_secs(5),
-        })
+        .create_group(&per_volume_group("group-part", vec![vol]))
         .expect("group");
     let member = group.members[0].snapshot_id.clone();
     let (record, data) = {
