@@ -667,9 +667,14 @@ async fn a_killed_upload_or_restore_converges_and_leaves_nothing() {
     fill(&tg.join("data"), 6 << 20, 3);
     d.unmount_all(&v.volume_id, &st, &tg).await;
     let mut seen = Vec::new();
-    for (i, point) in ["backup:before-upload", "backup:after-upload", "backup:before-mark"]
-        .iter()
-        .enumerate()
+    for (i, point) in [
+        "backup:before-upload",
+        "backup:after-upload",
+        "backup:checked-copy-written",
+        "backup:before-mark",
+    ]
+    .iter()
+    .enumerate()
     {
         d.kill();
         d.spawn(&[("CELLAR_CRASH_AT", point)]).await;
@@ -690,7 +695,7 @@ async fn a_killed_upload_or_restore_converges_and_leaves_nothing() {
         seen.push(snap.snapshot_id);
     }
     let snaps = s.restic_snapshots();
-    assert_eq!(snaps.len(), 3, "one restic snapshot per backup, none twice: {snaps:?}");
+    assert_eq!(snaps.len(), 4, "one restic snapshot per backup, none twice: {snaps:?}");
     s.restic_ok(&["check", "--read-data"]);
 
     // A restore killed mid-stream leaves no volume and no work files; its retry succeeds.

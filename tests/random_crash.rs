@@ -338,6 +338,7 @@ impl Call {
                 "create-snapshot:before-record",
                 "backup:before-upload",
                 "backup:after-upload",
+                "backup:checked-copy-written",
                 "backup:before-mark",
             ],
             Call::Prune { .. } => &["backup:prune-planned"],
@@ -373,10 +374,11 @@ enum Arm {
     Fail(&'static str, bool),
 }
 
-const ALL_POINTS: [&str; 17] = [
+const ALL_POINTS: [&str; 18] = [
     "backup:after-upload",
     "backup:before-mark",
     "backup:before-upload",
+    "backup:checked-copy-written",
     "backup:prune-planned",
     "copy:before-rename",
     "create-snapshot:before-record",

@@ -263,23 +263,10 @@ impl WriteBackend for Guarded {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backup::{Backups, Location, RepositoryConfig, Throttle};
-    use crate::storage::id::PoolName;
+    use crate::backup::testing::backups;
     use crate::storage::StorageError;
     use std::path::Path;
     use std::time::Duration;
-
-    fn backups(dir: &Path) -> (Backups, PoolName) {
-        let password = dir.join("password");
-        std::fs::write(&password, "a key that is long enough\n").unwrap();
-        let name = PoolName::parse("offsite").unwrap();
-        let cfg = RepositoryConfig {
-            name: name.clone(),
-            location: Location::Path(dir.join("repo")),
-            password_file: password,
-        };
-        (Backups::new(vec![cfg], Throttle::unlimited()), name)
-    }
 
     /// Opens the repository in a fresh process's state (no key remembered), giving up after
     /// `secs`: `None` when it did not finish.

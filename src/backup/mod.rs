@@ -365,6 +365,9 @@ pub struct BackupInfo {
 pub(crate) const TAG_KEY: &str = "cellar-backup=";
 const TAG_NAME: &str = "cellar-name=";
 const TAG_VOLUME: &str = "cellar-volume=";
+/// An upload's snapshot before its completeness check: not a backup yet (never listed, never
+/// restored). Once checked, an untagged copy is written and this one removed.
+const TAG_PENDING: &str = "cellar-pending";
 
 /// The node of a backup's data in its snapshot's tree; `None` for an empty tree (rustic saves no
 /// node for a source directory with no entries).
@@ -392,7 +395,20 @@ pub(crate) fn data_node<S: rustic_core::IndexedTree>(
 /// writes `T/volume`. (An image keeps its file's name: rustic names a single file by it.)
 pub const TREE_PATH: &str = "/volume";
 
+/// A backup of the repository as CSI sees it: checked complete (not [`TAG_PENDING`]).
 fn info_of(repo: &PoolName, s: &SnapshotFile) -> Option<BackupInfo> {
+    if is_pending(s) {
+        return None;
+    }
+    any_info_of(repo, s)
+}
+
+fn is_pending(s: &SnapshotFile) -> bool {
+    s.tags.iter().any(|t| t == TAG_PENDING)
+}
+
+/// The backup a restic snapshot carries, whether checked or still pending.
+fn any_info_of(repo: &PoolName, s: &SnapshotFile) -> Option<BackupInfo> {
     let key = s.tags.iter().find_map(|t| t.strip_prefix(TAG_KEY))?;
     let id = BackupId::new(repo.clone(), key).ok()?;
     let meta: BackupMeta = serde_json::from_str(s.description.as_deref()?).ok()?;
@@ -772,4 +788,40 @@ pub fn snapshot_id_of(repo: &PoolName, key: &str) -> Result<BackupId, StorageErr
 /// A volume id as a backup names its source (for ListSnapshots' source filter).
 pub fn source_of(info: &BackupInfo) -> Option<VolumeId> {
     VolumeId::parse(&info.meta.source_volume_id).ok()
+}
+
+/// What the module's unit tests share: a repository in a directory, and a `dir` backup's meta.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// Backups of one repository `offsite` under `dir` (not initialised).
+    pub fn backups(dir: &Path) -> (Backups, PoolName) {
+        let password = dir.join("password");
+        std::fs::write(&password, "a key that is long enough\n").unwrap();
+        let name = PoolName::parse("offsite").unwrap();
+        let cfg = RepositoryConfig {
+            name: name.clone(),
+            location: Location::Path(dir.join("repo")),
+            password_file: password,
+        };
+        (Backups::new(vec![cfg], Throttle::unlimited()), name)
+    }
+
+    /// The meta of a `dir` volume's backup named `name`.
+    pub fn dir_meta(name: &str) -> BackupMeta {
+        BackupMeta {
+            name: name.into(),
+            source_volume_id: "local:node-1:default:pvc-1".into(),
+            layout: Layout::Dir,
+            mode: VolumeMode::Filesystem,
+            capacity_bytes: 1 << 20,
+            fs_bytes: 0,
+            length: 0,
+            node: "node-1".into(),
+            path: TREE_PATH.into(),
+            root: None,
+            chunk_bytes: None,
+        }
+    }
 }

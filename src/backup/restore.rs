@@ -461,9 +461,8 @@ mod tests {
         assert!(data_runs(&[0u8; 10000]).is_empty());
     }
 
-    use crate::backup::{image, BackupMeta, Location, RepositoryConfig, Throttle, TAG_KEY};
+    use crate::backup::{image, TAG_KEY};
     use crate::storage::id::PoolName;
-    use crate::storage::record::VolumeMode;
     use rustic_core::repofile::{Metadata, Tree};
     use rustic_core::SnapshotOptions;
 
@@ -481,19 +480,7 @@ mod tests {
         let root = Tree { nodes: vec![volume] };
         let ids = image::store_for_test(be.clone(), &master, data, &[inner, root])
             .unwrap_or_else(|e| panic!("store: {}", e.text));
-        let meta = BackupMeta {
-            name: format!("snap-{key}"),
-            source_volume_id: "local:node-1:default:pvc-1".into(),
-            layout: Layout::Dir,
-            mode: VolumeMode::Filesystem,
-            capacity_bytes: 1 << 20,
-            fs_bytes: 0,
-            length: 0,
-            node: "node-1".into(),
-            path: crate::backup::TREE_PATH.into(),
-            root: None,
-            chunk_bytes: None,
-        };
+        let meta = crate::backup::testing::dir_meta(&format!("snap-{key}"));
         let mut snap = SnapshotOptions::default()
             .add_tags(&format!("{TAG_KEY}{key}"))
             .and_then(|o| o.description(serde_json::to_string(&meta).unwrap()).to_snapshot())
@@ -522,14 +509,7 @@ mod tests {
     #[test]
     fn a_backup_whose_tree_restic_would_not_write_is_data_loss_before_any_entry_is_made() {
         let dir = tempfile::tempdir().unwrap();
-        let password = dir.path().join("password");
-        std::fs::write(&password, "a key that is long enough\n").unwrap();
-        let cfg = RepositoryConfig {
-            name: PoolName::parse("offsite").unwrap(),
-            location: Location::Path(dir.path().join("repo")),
-            password_file: password,
-        };
-        let backups = Backups::new(vec![cfg], Throttle::unlimited());
+        let (backups, _) = crate::backup::testing::backups(dir.path());
         let blob = b"four".to_vec();
         let data = vec![blob.clone()];
         let named = |n: &str| {

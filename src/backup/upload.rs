@@ -14,7 +14,10 @@ use std::time::Instant;
 use rustic_core::repofile::{Node, NodeType, SnapshotFile, SnapshotSummary, StringList};
 use rustic_core::{BackupOptions, LocalSourceSaveOptions, ParentOptions, PathList, SnapshotOptions, TimeOption};
 
-use super::{image, info_of, BackupInfo, BackupMeta, Backups, RusticFailure, TAG_KEY, TAG_NAME, TAG_VOLUME};
+use super::{
+    any_info_of, image, info_of, is_pending, BackupInfo, BackupMeta, Backups, RusticFailure, TAG_KEY, TAG_NAME,
+    TAG_PENDING, TAG_VOLUME,
+};
 use crate::crash;
 use crate::storage::id::BackupId;
 use crate::storage::record::Layout;
@@ -62,17 +65,16 @@ fn upload_inner(
     let mut snaps = opened.get_all_snapshots().map_err(|e| cfg.error(e))?;
     // A snapshot saved before a crash (or a failed check) counts only once it checks complete:
     // a prune running meanwhile may have marked a pack it reuses. Otherwise it is forgotten and
-    // the upload made again (rustic then writes the blobs the index no longer has).
+    // the upload made again (rustic then writes the blobs the index no longer has). A checked
+    // one is taken before one still pending.
     if let Some(saved) = snaps
         .iter()
-        .find(|s| info_of(id.repository(), s).is_some_and(|b| b.id == *id))
+        .filter(|s| any_info_of(id.repository(), s).is_some_and(|b| b.id == *id))
+        .min_by_key(|s| is_pending(s))
         .cloned()
     {
         match check_complete(backups, opened, id, meta, &saved) {
-            Ok(()) => {
-                return info_of(id.repository(), &saved)
-                    .ok_or_else(|| StorageError::DataLoss(format!("backup {id} lost its tags")))
-            }
+            Ok(()) => return ready(backups, id, &saved, &snaps),
             Err(e) if e.is_unavailable() => return Err(e),
             Err(e) => {
                 tracing::warn!(backup = %id, error = %e, "a saved backup is not complete in the index; uploading it again");
@@ -83,8 +85,9 @@ fn upload_inner(
         }
     }
     let description = serde_json::to_string(meta).map_err(|e| StorageError::Unsupported(e.to_string()))?;
+    // Saved pending: nothing lists or restores it before `finish` has checked it.
     let tags = format!(
-        "{TAG_KEY}{},{TAG_NAME}{},{TAG_VOLUME}{}",
+        "{TAG_PENDING},{TAG_KEY}{},{TAG_NAME}{},{TAG_VOLUME}{}",
         id.key(),
         meta.name.replace(',', "_"),
         meta.source_volume_id
@@ -101,9 +104,10 @@ fn upload_inner(
     let parent = snaps
         .into_iter()
         .filter(|s| {
-            s.tags
-                .iter()
-                .any(|t| *t == format!("{TAG_VOLUME}{}", meta.source_volume_id))
+            !is_pending(s)
+                && s.tags
+                    .iter()
+                    .any(|t| *t == format!("{TAG_VOLUME}{}", meta.source_volume_id))
         })
         .max_by_key(|s| s.time.timestamp());
     let repo = opened.to_indexed_ids().map_err(|e| cfg.error(e))?;
@@ -212,7 +216,43 @@ fn finish(
         }
         return Err(e);
     }
-    info_of(id.repository(), saved)
+    ready(backups, id, saved, std::slice::from_ref(saved))
+}
+
+/// A backup checked complete becomes one: a pending `saved` is written again without its
+/// [`TAG_PENDING`] (the same tree, so the same data), and then every pending snapshot of the
+/// backup among `seen` is removed. A crash between the two leaves both; the checked copy is the
+/// one listed, and the retry removes the pending one.
+fn ready(
+    backups: &Backups,
+    id: &BackupId,
+    saved: &SnapshotFile,
+    seen: &[SnapshotFile],
+) -> Result<BackupInfo, StorageError> {
+    let cfg = backups.config(id.repository())?;
+    let opened = backups.open(id.repository())?;
+    let mut done = saved.clone();
+    if is_pending(saved) {
+        done.tags.remove_all(&[TAG_PENDING
+            .parse()
+            .map_err(|e| cfg.error(RusticFailure::io(format!("{e}"))))?]);
+        let be = backups.write_backend(id.repository())?;
+        image::write_snapshot(&*be, &opened.key(), &mut done).map_err(|e| cfg.error(e))?;
+        crash::point("backup:checked-copy-written");
+    }
+    let pending: Vec<_> = seen
+        .iter()
+        .filter(|s| is_pending(s) && any_info_of(id.repository(), s).is_some_and(|b| b.id == *id))
+        .map(|s| s.id)
+        .collect();
+    if !pending.is_empty() {
+        // The backup is ready either way; a pending copy left (an append-only repository) is
+        // never listed, and a later forget of the backup removes it with the rest.
+        if let Err(e) = opened.delete_snapshots(&pending) {
+            tracing::warn!(backup = %id, error = %cfg.error(e), "the pending copy of a checked backup was not removed");
+        }
+    }
+    info_of(id.repository(), &done)
         .ok_or_else(|| StorageError::DataLoss(format!("backup {id} was saved without the tags that name it")))
 }
 
@@ -262,4 +302,95 @@ fn check_complete(
     }
     tracing::debug!(backup = %id, files, blobs, "backup complete in the index");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::backup::testing::{self, dir_meta as meta};
+    use crate::crash::in_thread;
+    use crate::storage::id::PoolName;
+
+    fn backups(dir: &Path) -> Arc<Backups> {
+        let (b, name) = testing::backups(dir);
+        b.open_or_init(&name, true).unwrap();
+        Arc::new(b)
+    }
+
+    /// The restic snapshots of the repository carrying backup `id`, and how many are pending.
+    fn copies(b: &Backups, id: &BackupId) -> (usize, usize) {
+        let snaps = b.open(id.repository()).unwrap().get_all_snapshots().unwrap();
+        let mine: Vec<_> = snaps
+            .iter()
+            .filter(|s| any_info_of(id.repository(), s).is_some_and(|i| i.id == *id))
+            .collect();
+        (mine.len(), mine.iter().filter(|s| is_pending(s)).count())
+    }
+
+    /// Between the snapshot file's write and the completeness check, the backup is neither
+    /// listed, found by name, nor restorable; once checked it is, as one restic snapshot.
+    #[test]
+    fn a_backup_is_listed_only_once_checked_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backups(dir.path());
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("f"), vec![7u8; 100_000]).unwrap();
+        let id = BackupId::new(PoolName::parse("offsite").unwrap(), "0123-abcd").unwrap();
+        let pause = Arc::new(in_thread::Pause::default());
+        let uploading = {
+            let (b, id, data, pause) = (b.clone(), id.clone(), data.clone(), pause.clone());
+            std::thread::spawn(move || {
+                in_thread::pause_at(Some(("backup:after-upload", pause)));
+                upload(&b, &id, &meta("snap-a"), &data, None)
+            })
+        };
+        assert!(pause.reached(Duration::from_secs(60)), "the upload came to its check");
+        assert_eq!(copies(&b, &id), (1, 1), "saved, pending its check");
+        assert_eq!(
+            b.list(id.repository()).unwrap(),
+            Vec::new(),
+            "not listed before its check"
+        );
+        assert_eq!(b.find_named(id.repository(), "snap-a").unwrap(), None);
+        assert!(
+            crate::backup::restore::frames(&b, &id, Layout::Dir).is_err(),
+            "an unchecked backup is not restored"
+        );
+        pause.release();
+        let info = uploading.join().unwrap().expect("upload");
+        assert_eq!(b.list(id.repository()).unwrap(), vec![info.clone()]);
+        assert_eq!(copies(&b, &id), (1, 0), "one checked snapshot, the pending one gone");
+        assert!(crate::backup::restore::frames(&b, &id, Layout::Dir).is_ok());
+    }
+
+    /// A crash after the checked copy is written, before the pending one goes: the checked one
+    /// is listed, and the retry answers it and removes the pending one.
+    #[test]
+    fn a_crash_between_the_checked_copy_and_the_pending_ones_removal_converges() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = backups(dir.path());
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("f"), b"some bytes").unwrap();
+        let id = BackupId::new(PoolName::parse("offsite").unwrap(), "4567-abcd").unwrap();
+        let crashed = {
+            let (b, id, data) = (b.clone(), id.clone(), data.clone());
+            std::thread::spawn(move || {
+                in_thread::crash_at(Some("backup:checked-copy-written"));
+                upload(&b, &id, &meta("snap-b"), &data, None)
+            })
+            .join()
+        };
+        assert!(crashed.is_err(), "the upload crashed at the point");
+        assert_eq!(copies(&b, &id), (2, 1));
+        let listed = b.list(id.repository()).unwrap();
+        assert_eq!(listed.len(), 1, "the checked copy only: {listed:?}");
+        let again = upload(&b, &id, &meta("snap-b"), &data, None).expect("retry");
+        assert_eq!(again, listed[0], "the retry answers the checked copy");
+        assert_eq!(copies(&b, &id), (1, 0));
+    }
 }
