@@ -982,7 +982,8 @@ async fn later_image_backups_read_only_what_changed_and_restore_exactly() {
     assert!(s.restic_snapshots().is_empty());
 }
 
-/// Bad backup inputs answer with their exact codes and cut nothing.
+/// Bad backup inputs answer with their exact codes and cut nothing; a plain snapshot cannot take
+/// a backup's name.
 #[tokio::test]
 async fn bad_backup_inputs_answer_their_codes() {
     let s = Setup::new();
@@ -1046,4 +1047,24 @@ async fn bad_backup_inputs_answer_their_codes() {
         .expect("list")
         .into_inner();
     assert_eq!(vols.entries.len(), 1, "no volume was made");
+
+    // A plain snapshot under a backup's name asks for another snapshot: ALREADY_EXISTS, while the
+    // backup uploads and once it is kept locally.
+    let b = backup(&mut d, "snap-kept", &v.volume_id, true).await.expect("backup");
+    let plain = CreateSnapshotRequest {
+        name: "snap-kept".into(),
+        source_volume_id: v.volume_id.clone(),
+        ..Default::default()
+    };
+    for when in ["uploading", "uploaded"] {
+        if when == "uploaded" {
+            until_ready(&mut d, &b.snapshot_id).await;
+        }
+        let e = d
+            .ctl
+            .create_snapshot(plain.clone())
+            .await
+            .expect_err("another snapshot");
+        assert_eq!(e.code(), tonic::Code::AlreadyExists, "{when}: {}", e.message());
+    }
 }

@@ -5,7 +5,25 @@ use super::*;
 impl LocalEngine {
     /// Snapshots a volume; `freeze` makes the snapshot of a mounted image filesystem-consistent.
     pub fn create_snapshot(&self, name: &str, source: &VolumeId, freeze: bool) -> Result<SnapshotRecord, StorageError> {
-        self.cut_snapshot(name, source, freeze, None)
+        // A backup's snapshot under the name (uploading, or kept locally) is another snapshot
+        // than the one asked for: its parameters differ. Looked at before the name's lock, which
+        // an upload holds.
+        let backup_of = |rec: &SnapshotRecord| {
+            rec.backup.as_ref().map(|m| {
+                StorageError::Conflict(format!(
+                    "snapshot '{name}' already exists as a backup into '{}'; a snapshot without backupRepository needs another name",
+                    m.id.repository().as_str()
+                ))
+            })
+        };
+        if let Some(e) = self.snapshot_named(name).as_ref().and_then(backup_of) {
+            return Err(e);
+        }
+        let rec = self.cut_snapshot(name, source, freeze, None)?;
+        match backup_of(&rec) {
+            Some(e) => Err(e),
+            None => Ok(rec),
+        }
     }
 
     /// Cuts a snapshot, with `backup` in its record when it is also a backup (backup.rs). A
