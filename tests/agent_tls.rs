@@ -1028,9 +1028,9 @@ mod lying_node {
     };
     use cellar::storage::cbt::{MetadataError, Query};
     use cellar::storage::engine::{BackupRequest, Condition, Mutable, NewGroup, PoolStatus, Source};
-    use cellar::storage::id::{GroupId, Key, Location, ObjectId, PoolName, SnapshotId, StaticId};
+    use cellar::storage::id::{BackupId, GroupId, Key, Location, ObjectId, PoolName, SnapshotId, StaticId};
     use cellar::storage::record::{
-        AccessMode, GroupRecord, Layout, SnapshotRecord, VolumeMode, VolumeRecord, RECORD_VERSION,
+        AccessMode, BackupMark, GroupRecord, Layout, SnapshotRecord, VolumeMode, VolumeRecord, RECORD_VERSION,
     };
 
     /// node-2's volume and snapshot that node-1 tries to pass off as its own.
@@ -1056,7 +1056,13 @@ mod lying_node {
         OtherSource,
         /// Not a lie: a node with many volumes (6,000 more of its own), more than one page holds.
         Many,
+        /// Its backups are cut honestly, but it answers them with the id of node-2's backup
+        /// [`VICTIM_BACKUP`].
+        ForeignBackup,
     }
+
+    /// node-2's backup, which node-1 answers as its own.
+    const VICTIM_BACKUP: &str = "backup:offsite:0123-4567";
 
     struct Liar {
         honest: LocalAgent,
@@ -1190,7 +1196,7 @@ mod lying_node {
                 Lie::EveryName => Some(volume_record(&name, &format!("local:node-1:default:{}", key.as_str()))),
                 Lie::Misnamed => Some(volume_record("pvc-other", "local:node-1:default:pvc-other")),
                 Lie::SharedToo => Some(volume_record(&name, &format!("shared:share:{}", key.as_str()))),
-                Lie::Many | Lie::OtherSource => self.honest.volume_named(name).await?,
+                Lie::Many | Lie::OtherSource | Lie::ForeignBackup => self.honest.volume_named(name).await?,
             })
         }
         async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError> {
@@ -1217,6 +1223,15 @@ mod lying_node {
             freeze: bool,
             backup: Option<BackupRequest>,
         ) -> Result<SnapshotRecord, StorageError> {
+            if self.lie == Lie::ForeignBackup {
+                let mut made = self.honest.create_snapshot(name, source, freeze, None).await?;
+                made.backup = backup.map(|_| BackupMark {
+                    id: BackupId::parse(VICTIM_BACKUP).expect("backup id"),
+                    keep_local: false,
+                    uploaded: true,
+                });
+                return Ok(made);
+            }
             let made = self.honest.create_snapshot(name, source, freeze, backup).await?;
             Ok(self.snapshot(made))
         }
@@ -1479,6 +1494,65 @@ mod lying_node {
             liar,
             node2,
         }
+    }
+
+    /// node-1 answers a backup's CreateSnapshot with node-2's backup id: refused before the id
+    /// reaches the CO (whose delete of it would forget node-2's backup), and node-2's backup stays.
+    #[tokio::test]
+    async fn a_backup_id_a_node_answers_must_be_its_own() {
+        let c = cluster(Lie::ForeignBackup).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let password = dir.path().join("password");
+        std::fs::write(&password, "a key that is long enough\n").expect("password");
+        let repo = PoolName::parse("offsite").expect("name");
+        let backups = Arc::new(cellar::backup::Backups::new(
+            vec![cellar::backup::RepositoryConfig {
+                name: repo.clone(),
+                location: cellar::backup::Location::Path(dir.path().join("repo")),
+                password_file: password,
+            }],
+            cellar::backup::Throttle::unlimited(),
+        ));
+        backups.open_or_init(&repo, true).expect("init");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).expect("data");
+        std::fs::write(data.join("f"), b"node-2's data").expect("file");
+        let victim = BackupId::parse(VICTIM_BACKUP).expect("id");
+        let meta = cellar::backup::BackupMeta {
+            name: "snap-victim".into(),
+            source_volume_id: VICTIM.into(),
+            layout: Layout::Dir,
+            mode: VolumeMode::Filesystem,
+            capacity_bytes: 1 << 20,
+            fs_bytes: 0,
+            length: 0,
+            node: "node-2".into(),
+            path: cellar::backup::TREE_PATH.into(),
+            root: None,
+            chunk_bytes: None,
+        };
+        cellar::backup::upload::upload(&backups, &victim, &meta, &data, None).expect("node-2's backup");
+        let controller = c.controller.with_backups(backups.clone());
+        c.liar
+            .engine
+            .create_volume(new_volume("pvc-own", 1 << 20))
+            .expect("a volume of node-1");
+        let e = controller
+            .create_snapshot(tonic::Request::new(CreateSnapshotRequest {
+                name: "snap-mine".into(),
+                source_volume_id: "local:node-1:default:pvc-own".into(),
+                parameters: [("backupRepository".to_string(), "offsite".to_string())].into(),
+                ..Default::default()
+            }))
+            .await
+            .expect_err("node-2's backup id is not node-1's to answer");
+        assert_eq!(e.code(), Code::Internal, "{}", e.message());
+        assert!(
+            e.message().contains("holds it as node node-2's backup"),
+            "{}",
+            e.message()
+        );
+        assert!(backups.find(&victim).expect("find").is_some(), "node-2's backup stays");
     }
 
     fn on(node: &str) -> Topology {

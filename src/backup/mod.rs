@@ -583,6 +583,22 @@ impl Backups {
         }
     }
 
+    /// A backup by its id, also one still pending its completeness check (upload.rs): who holds
+    /// an id, whether or not it is ready.
+    pub fn find_even_pending(&self, id: &BackupId) -> Result<Option<BackupInfo>, StorageError> {
+        let cfg = self.config(id.repository())?;
+        let repo = match self.open(id.repository()) {
+            Ok(r) => r,
+            Err(StorageError::PoolUnusable(m)) if m.contains("not been initialised") => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let snaps = repo.get_all_snapshots().map_err(|e| cfg.error(e))?;
+        Ok(snaps
+            .iter()
+            .filter_map(|s| any_info_of(id.repository(), s))
+            .find(|b| b.id == *id))
+    }
+
     /// The backup cut under a CSI snapshot name, if any.
     pub fn find_named(&self, repo: &PoolName, name: &str) -> Result<Option<BackupInfo>, StorageError> {
         match self.list(repo) {

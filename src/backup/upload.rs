@@ -356,6 +356,11 @@ mod tests {
             "not listed before its check"
         );
         assert_eq!(b.find_named(id.repository(), "snap-a").unwrap(), None);
+        assert_eq!(b.find(&id).unwrap(), None);
+        assert!(
+            b.find_even_pending(&id).unwrap().is_some(),
+            "who holds the id is known before its check"
+        );
         assert!(
             crate::backup::restore::frames(&b, &id, Layout::Dir).is_err(),
             "an unchecked backup is not restored"

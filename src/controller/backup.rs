@@ -88,9 +88,62 @@ impl ControllerService {
             blocking(&self.backups, move |b| b.open_or_init(&r, true).map(drop)).await?;
         }
         let rec = agent
-            .create_snapshot(name.to_string(), source, freeze, Some(req))
+            .create_snapshot(name.to_string(), source.clone(), freeze, Some(req))
+            .await?;
+        self.check_backup_answer(&rec, agent.as_ref(), name, &source, &repo)
             .await?;
         Ok(csi_snapshot(&rec))
+    }
+
+    /// A node's answer to a backup's CreateSnapshot, checked before its id goes to the CO (whose
+    /// DeleteSnapshot of that id forgets the backup the id names): a backup into the repository
+    /// asked for, and one the repository either does not hold yet (uploading) or holds as this
+    /// node's backup of this volume under this name. A node could otherwise hand out another
+    /// node's backup id, and its owner's delete would forget that backup. The shared pools' agent
+    /// (the controller's own engine, also all-in-one) is not asked to prove anything.
+    async fn check_backup_answer(
+        &self,
+        rec: &SnapshotRecord,
+        agent: &dyn Agent,
+        name: &str,
+        source: &VolumeId,
+        repo: &PoolName,
+    ) -> Result<(), ControllerError> {
+        if self.directory.shared().is_some_and(|s| s.node() == agent.node()) {
+            return Ok(());
+        }
+        let bad = |why: String| {
+            ControllerError::Storage(StorageError::Sys(crate::sys::SysError::Tool {
+                tool: format!("CreateSnapshot on node {}", agent.node().as_str()),
+                status: "bad answer".into(),
+                stderr: why,
+            }))
+        };
+        let Some(mark) = &rec.backup else {
+            return Err(bad(format!(
+                "asked for a backup of '{name}', it answered a snapshot that is none"
+            )));
+        };
+        if mark.id.repository() != repo {
+            return Err(bad(format!(
+                "asked for a backup into '{}', it answered {}",
+                repo.as_str(),
+                mark.id
+            )));
+        }
+        let i = mark.id.clone();
+        // Pending uploads count: a node that reads the repository could otherwise answer the id
+        // of another node's backup in the moment before its check.
+        if let Some(held) = blocking(&self.backups, move |b| b.find_even_pending(&i)).await? {
+            let m = &held.meta;
+            if m.node != agent.node().as_str() || m.source_volume_id != source.to_string() || m.name != name {
+                return Err(bad(format!(
+                    "it answered backup {} for '{name}' of {source}; the repository holds it as node {}'s backup '{}' of {}",
+                    mark.id, m.node, m.name, m.source_volume_id
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Every backup of every repository, and the backups still uploading on the nodes. A
