@@ -586,17 +586,25 @@ impl Backups {
     /// A backup by its id, also one still pending its completeness check (upload.rs): who holds
     /// an id, whether or not it is ready.
     pub fn find_even_pending(&self, id: &BackupId) -> Result<Option<BackupInfo>, StorageError> {
-        let cfg = self.config(id.repository())?;
-        let repo = match self.open(id.repository()) {
+        Ok(self.any_snapshots(id.repository())?.and_then(|(_, snaps)| {
+            snaps
+                .iter()
+                .filter_map(|s| any_info_of(id.repository(), s))
+                .find(|b| b.id == *id)
+        }))
+    }
+
+    /// Every restic snapshot of a repository, with the repository opened; `None` when it was
+    /// never initialised (it holds none).
+    fn any_snapshots(&self, name: &PoolName) -> Result<Option<(Open, Vec<SnapshotFile>)>, StorageError> {
+        let cfg = self.config(name)?;
+        let repo = match self.open(name) {
             Ok(r) => r,
             Err(StorageError::PoolUnusable(m)) if m.contains("not been initialised") => return Ok(None),
             Err(e) => return Err(e),
         };
         let snaps = repo.get_all_snapshots().map_err(|e| cfg.error(e))?;
-        Ok(snaps
-            .iter()
-            .filter_map(|s| any_info_of(id.repository(), s))
-            .find(|b| b.id == *id))
+        Ok(Some((repo, snaps)))
     }
 
     /// The backup cut under a CSI snapshot name, if any.
@@ -612,13 +620,10 @@ impl Backups {
     /// prune finds it unreferenced. Forgetting what is not there succeeds.
     pub fn forget(&self, id: &BackupId) -> Result<(), StorageError> {
         let cfg = self.config(id.repository())?;
-        let repo = match self.open(id.repository()) {
-            Ok(r) => r,
-            Err(StorageError::PoolUnusable(m)) if m.contains("not been initialised") => return Ok(()),
-            Err(e) => return Err(e),
+        let Some((repo, snaps)) = self.any_snapshots(id.repository())? else {
+            return Ok(());
         };
         let tag = format!("{TAG_KEY}{}", id.key());
-        let snaps = repo.get_all_snapshots().map_err(|e| cfg.error(e))?;
         let ids: Vec<_> = snaps
             .iter()
             .filter(|s| s.tags.iter().any(|t| *t == tag))

@@ -314,10 +314,16 @@ mod tests {
     use crate::crash::in_thread;
     use crate::storage::id::PoolName;
 
-    fn backups(dir: &Path) -> Arc<Backups> {
-        let (b, name) = testing::backups(dir);
+    /// An initialised repository under a new directory, and a tree there holding one file of
+    /// `bytes` to back up.
+    fn setup(bytes: &[u8]) -> (tempfile::TempDir, Arc<Backups>, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = testing::backups(dir.path());
         b.open_or_init(&name, true).unwrap();
-        Arc::new(b)
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("f"), bytes).unwrap();
+        (dir, Arc::new(b), data)
     }
 
     /// The restic snapshots of the repository carrying backup `id`, and how many are pending.
@@ -334,11 +340,7 @@ mod tests {
     /// listed, found by name, nor restorable; once checked it is, as one restic snapshot.
     #[test]
     fn a_backup_is_listed_only_once_checked_complete() {
-        let dir = tempfile::tempdir().unwrap();
-        let b = backups(dir.path());
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        std::fs::write(data.join("f"), vec![7u8; 100_000]).unwrap();
+        let (_dir, b, data) = setup(&[7u8; 100_000]);
         let id = BackupId::new(PoolName::parse("offsite").unwrap(), "0123-abcd").unwrap();
         let pause = Arc::new(in_thread::Pause::default());
         let uploading = {
@@ -376,11 +378,7 @@ mod tests {
     /// is listed, and the retry answers it and removes the pending one.
     #[test]
     fn a_crash_between_the_checked_copy_and_the_pending_ones_removal_converges() {
-        let dir = tempfile::tempdir().unwrap();
-        let b = backups(dir.path());
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        std::fs::write(data.join("f"), b"some bytes").unwrap();
+        let (_dir, b, data) = setup(b"some bytes");
         let id = BackupId::new(PoolName::parse("offsite").unwrap(), "4567-abcd").unwrap();
         let crashed = {
             let (b, id, data) = (b.clone(), id.clone(), data.clone());
