@@ -42,6 +42,40 @@ pub use throttle::Throttle;
 /// An open repository, as rustic_core has it.
 pub type Open = Repository<OpenStatus>;
 
+/// Every restic snapshot in a repository. rustic lists the snapshot files, then reads each: one
+/// removed in between (an upload dropping its pending copy once checked, a forget) fails the
+/// read with "not found". Then the whole listing is read again, a bounded number of times; any
+/// other failure, or a file still missing after the last try, is the answer.
+pub fn all_snapshots(repo: &Open) -> rustic_core::RusticResult<Vec<SnapshotFile>> {
+    const TRIES: usize = 10;
+    let mut tries = 1;
+    loop {
+        match repo.get_all_snapshots() {
+            Err(e) if tries < TRIES && is_not_found(&e) => {
+                tracing::debug!(error = %e, "a snapshot file went away while the repository was listed; listing again");
+                tries += 1;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// Whether a failure's cause is a file that is not there (local directory or S3).
+fn is_not_found(e: &RusticError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+            || c.downcast_ref::<opendal::Error>()
+                .is_some_and(|o| o.kind() == opendal::ErrorKind::NotFound)
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
 /// Where a repository lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Location {
@@ -566,7 +600,7 @@ impl Backups {
     pub fn list(&self, name: &PoolName) -> Result<Vec<BackupInfo>, StorageError> {
         let cfg = self.config(name)?;
         let repo = self.open(name)?;
-        let snaps = repo.get_all_snapshots().map_err(|e| cfg.error(e))?;
+        let snaps = all_snapshots(&repo).map_err(|e| cfg.error(e))?;
         let mut out: Vec<BackupInfo> = snaps.iter().filter_map(|s| info_of(name, s)).collect();
         out.sort_by_key(|b| b.id.to_string());
         out.dedup_by(|a, b| a.id == b.id);
@@ -603,7 +637,7 @@ impl Backups {
             Err(StorageError::PoolUnusable(m)) if m.contains("not been initialised") => return Ok(None),
             Err(e) => return Err(e),
         };
-        let snaps = repo.get_all_snapshots().map_err(|e| cfg.error(e))?;
+        let snaps = all_snapshots(&repo).map_err(|e| cfg.error(e))?;
         Ok(Some((repo, snaps)))
     }
 
@@ -844,5 +878,79 @@ pub(crate) mod testing {
             root: None,
             chunk_bytes: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use rustic_core::repofile::SnapshotId;
+
+    use super::*;
+
+    /// An upload removes its pending snapshot when it is checked, and a forget removes snapshots,
+    /// while other calls list the repository: a snapshot file removed between the listing and its
+    /// read is skipped, not an error (GetSnapshot answered UNAVAILABLE before).
+    #[test]
+    fn a_snapshot_removed_while_listing_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = testing::backups(dir.path());
+        b.open_or_init(&name, true).unwrap();
+        let keep = SnapshotFile {
+            description: Some("kept".into()),
+            ..Default::default()
+        };
+        b.open(&name).unwrap().save_snapshots(vec![keep]).unwrap();
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let repo = b.open(&name).unwrap();
+                for i in 0..150 {
+                    let before: Vec<SnapshotId> = repo.list().unwrap().collect();
+                    let churn = SnapshotFile {
+                        description: Some(format!("churn {i}")),
+                        ..Default::default()
+                    };
+                    repo.save_snapshots(vec![churn]).unwrap();
+                    let new: Vec<SnapshotId> = repo.list().unwrap().filter(|id| !before.contains(id)).collect();
+                    repo.delete_snapshots(&new).unwrap();
+                }
+                done.store(true, Ordering::SeqCst);
+            });
+            let repo = b.open(&name).unwrap();
+            let mut reads = 0;
+            while !done.load(Ordering::SeqCst) {
+                let snaps = all_snapshots(&repo).expect("a listing while snapshots come and go");
+                assert!(snaps.iter().any(|s| s.description.as_deref() == Some("kept")));
+                reads += 1;
+            }
+            assert!(reads > 0);
+        });
+    }
+
+    /// The S3 backend's "not found" is recognised as the local one is; other failures are not
+    /// retried.
+    #[test]
+    fn not_found_is_told_apart_on_both_backends() {
+        let s3 = opendal::Error::new(opendal::ErrorKind::NotFound, "no such key");
+        assert!(is_not_found(&RusticError::with_source(
+            ErrorKind::Backend,
+            "reading",
+            s3
+        )));
+        let local = std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert!(is_not_found(&RusticError::with_source(
+            ErrorKind::Backend,
+            "reading",
+            local
+        )));
+        let denied = opendal::Error::new(opendal::ErrorKind::PermissionDenied, "denied");
+        assert!(!is_not_found(&RusticError::with_source(
+            ErrorKind::Backend,
+            "reading",
+            denied
+        )));
+        assert!(!is_not_found(&RusticError::new(ErrorKind::Backend, "reading")));
     }
 }
