@@ -565,40 +565,42 @@ impl NodeService {
                 block: false,
             });
             self.state.put(m)?;
-            if static_id.is_none() {
-                // A shared directory volume is deleted by a controller that cannot see this node's
-                // mounts: the mark on the share tells it the volume is in use here.
-                let id = VolumeId::parse(&r.volume_id).map_err(|e| NodeError::invalid(e.0))?;
-                self.engine.mark_staged(&id, true)?;
-                // A replica's DeleteVolume may have checked the marks just before ours landed and
-                // moved the data away since: then this stage loses (the delete, which checks the
-                // marks again after its move, loses when ours was first).
-                if !pinned.is_at(&data)? {
-                    self.engine.mark_staged(&id, false)?;
-                    let mut m = self.state.get(&r.volume_id);
-                    m.staged = None;
-                    self.state.put(m)?;
-                    return Err(NodeError::InProgress(format!(
-                        "volume {} is being deleted; it was not staged",
-                        r.volume_id
-                    )));
+            // A shared directory volume is deleted by a controller that cannot see this node's
+            // mounts: the mark on the share tells it the volume is in use here.
+            let marked = match static_id {
+                None => Some(VolumeId::parse(&r.volume_id).map_err(|e| NodeError::invalid(e.0))?),
+                Some(_) => None,
+            };
+            let mark_and_bind = || -> Result<(), NodeError> {
+                if let Some(id) = &marked {
+                    self.engine.mark_staged(id, true)?;
+                    // A replica's DeleteVolume may have checked the marks just before ours landed
+                    // and moved the data away since: then this stage loses (the delete, which
+                    // checks the marks again after its move, loses when ours was first).
+                    if !pinned.is_at(&data)? {
+                        return Err(NodeError::InProgress(format!(
+                            "volume {} is being deleted; it was not staged",
+                            r.volume_id
+                        )));
+                    }
                 }
-            }
-            crash::point("stage:before-mount");
-            if let Err(e) = self.mounter.bind(&pinned.proc_path(), &staging, flags) {
+                crash::point("stage:before-mount");
+                Ok(self.mounter.bind(&pinned.proc_path(), &staging, flags)?)
+            };
+            if let Err(e) = mark_and_bind() {
                 // Nothing was mounted: neither the intent nor the mark stays (kubelet never
                 // unstages a failed stage, and they keep the volume from being deleted). Unless
-                // publishes of it are recorded (its staging mount was lost under live pods).
+                // publishes of it are recorded (its staging mount was lost under live pods). If
+                // the mark cannot be removed, the intent stays too, for the retry to finish.
                 let mut m = self.state.get(&r.volume_id);
                 if m.published.is_empty() {
-                    if static_id.is_none() {
-                        let id = VolumeId::parse(&r.volume_id).map_err(|e| NodeError::invalid(e.0))?;
-                        self.engine.mark_staged(&id, false)?;
+                    if let Some(id) = &marked {
+                        self.engine.mark_staged(id, false)?;
                     }
                     m.staged = None;
                     self.state.put(m)?;
                 }
-                return Err(e.into());
+                return Err(e);
             }
             return Ok(NodeStageVolumeResponse {});
         }

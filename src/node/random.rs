@@ -155,6 +155,29 @@ enum Fault {
     Files(&'static str, i32),
 }
 
+impl Fault {
+    /// Whether the fault can fail the undo of a failed call itself (a removal, or the listing or
+    /// lookup a removal makes first): then what the call made waits for its retry to remove.
+    /// Any other failure is one the call cleans up after before it answers.
+    fn fails_cleanup(&self) -> bool {
+        match self {
+            Fault::Subvolumes(op, _) => *op == "delete",
+            Fault::FileOnce(point, _) => matches!(*point, "file:unlink" | "file:remove" | "file:list"),
+            Fault::Files(op, _) => matches!(
+                *op,
+                "remove_stale_temps"
+                    | "remove_file_if_exists"
+                    | "remove_tree"
+                    | "remove_entry"
+                    | "remove_dir"
+                    | "list_dir"
+                    | "entry"
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// The failure points of `sys::files`, one per kind of file operation.
 const FILE_POINTS: [&str; 8] = [
     "file:create",
@@ -326,7 +349,12 @@ struct Cluster {
     restarts: usize,
     /// A file operation's failure armed for the next call that has no fault of its own.
     file_fault: Option<Fault>,
+    /// Per crash point: how often it was armed, and how often the call reached it.
+    crashes: CrashTally,
 }
+
+/// Per crash point: how many calls had it armed, and how many of them reached it.
+type CrashTally = BTreeMap<&'static str, (usize, usize)>;
 
 impl Cluster {
     fn new() -> Cluster {
@@ -344,6 +372,7 @@ impl Cluster {
             procs,
             restarts: 0,
             file_fault: None,
+            crashes: CrashTally::new(),
         }
     }
 
@@ -407,6 +436,17 @@ impl Cluster {
             self.arm(at, f, model, vol);
             let first = catch_unwind(AssertUnwindSafe(|| call(&self.procs[at])));
             self.disarm();
+            if let Fault::Crash(point) = f {
+                let tally = self.crashes.entry(point).or_default();
+                tally.0 += 1;
+                let reached = first.as_ref().err().is_some_and(|p| p.is::<Crashed>());
+                tally.1 += usize::from(reached);
+                if !reached {
+                    // Not a failure (the call may not pass there: a delete of a volume already
+                    // gone), but not a tested crash either: the log and the run's tally say so.
+                    log.push(format!("    crash point {point} not reached"));
+                }
+            }
             match first {
                 Err(panic) => match panic.downcast::<Crashed>() {
                     Ok(c) => {
@@ -444,18 +484,14 @@ impl Cluster {
                     // subvolume from the trash: then the retry must remove it).
                     let left = leftovers(self, true);
                     assert!(
-                        left.is_empty()
-                            || matches!(
-                                f,
-                                Fault::FileOnce(..) | Fault::Files(..) | Fault::Subvolumes("delete", _)
-                            ),
+                        left.is_empty() || f.fails_cleanup(),
                         "a failed call left behind: {left:?}"
                     );
                     // Nor a stage: kubelet never unstages a stage that failed, and what it left
                     // (intent, mount) kept the volume from being deleted.
                     let staged = stages_left(self, model);
                     assert!(
-                        staged.is_empty() || matches!(f, Fault::FileOnce(..) | Fault::Files(..)),
+                        staged.is_empty() || f.fails_cleanup(),
                         "a failed call left a stage behind: {staged:?}"
                     );
                 }
@@ -601,7 +637,7 @@ fn create_faults(rng: &mut Rng, layout: Layout, copy: bool) -> Fault {
     rng.pick(&choices).clone()
 }
 
-fn run_seed(seed: u64, log: &mut Vec<String>) {
+fn run_seed(seed: u64, log: &mut Vec<String>) -> CrashTally {
     let mut rng = Rng(seed);
     let mut c = Cluster::new();
     let mut m = Model::default();
@@ -677,6 +713,7 @@ fn run_seed(seed: u64, log: &mut Vec<String>) {
         "seed {seed}: {STEPS} steps, {} restarts, {freezes} filesystem freezes",
         c.restarts
     ));
+    std::mem::take(&mut c.crashes)
 }
 
 fn names_where(m: &Model, f: impl Fn(&Vol) -> bool) -> Vec<String> {
@@ -1960,14 +1997,25 @@ fn seeds() -> Vec<u64> {
 #[test]
 fn random_sequences_with_crashes_and_failures_keep_every_invariant() {
     in_thread::quiet_crashes();
+    let mut crashes = CrashTally::new();
     for seed in seeds() {
         let mut log = Vec::new();
         let r = catch_unwind(AssertUnwindSafe(|| run_seed(seed, &mut log)));
-        if let Err(panic) = r {
-            eprintln!("seed {seed} failed; its steps:\n{}", log.join("\n"));
-            eprintln!("rerun with CELLAR_ENGINE_SEEDS={seed} cargo test --lib node::random");
-            std::panic::resume_unwind(panic);
+        match r {
+            Err(panic) => {
+                eprintln!("seed {seed} failed; its steps:\n{}", log.join("\n"));
+                eprintln!("rerun with CELLAR_ENGINE_SEEDS={seed} cargo test --lib node::random");
+                std::panic::resume_unwind(panic);
+            }
+            Ok(tally) => {
+                for (point, (armed, fired)) in tally {
+                    let t = crashes.entry(point).or_default();
+                    t.0 += armed;
+                    t.1 += fired;
+                }
+            }
         }
         eprintln!("{}", log.last().expect("a summary"));
     }
+    eprintln!("crash points (armed, reached): {crashes:?}");
 }

@@ -640,6 +640,26 @@ fn an_unstage_under_a_live_publish_is_refused_for_every_layout() {
     );
 }
 
+/// A shared volume's stage whose mark on the share cannot be written fails, and leaves no intent:
+/// kubelet never unstages a failed stage, and the intent kept every DeleteVolume away.
+#[test]
+fn a_shared_stage_whose_mark_fails_leaves_no_intent() {
+    use crate::crash::in_thread::{fail_at, fail_once_at};
+    let n = Node::new();
+    let id = n.shared("pvc-marked", Layout::Dir, 1 << 20);
+    let staging = n.path("stage-marked");
+    std::fs::create_dir_all(&staging).expect("staging path");
+    fail_once_at("file:mkdir", libc::EINTR);
+    let err = n.stage(&id, &staging).expect_err("the mark's directory cannot be made");
+    fail_at(None);
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    assert!(n.svc.state.get(&id).staged.is_none(), "no intent left");
+    assert!(n.mounter.mounted().is_empty(), "nothing mounted");
+    n.stage(&id, &staging).expect("the retry stages");
+    assert!(n.svc.state.get(&id).staged.is_some());
+    n.unstage(&id, &staging).expect("unstage");
+}
+
 /// A raw block image volume of `bytes`, staged read-write at `staging` by `svc`.
 fn block_volume(svc: &NodeService, name: &str, staging: &Path) -> String {
     let mut v = NewVolume::plain(name, Some(Layout::Image), 16 << 20);
