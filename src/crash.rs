@@ -45,8 +45,10 @@ pub fn point(name: &str) {
 
 /// Named failure points for the fault tests: with the `crash-points` feature, `fail(name)` returns
 /// the error named for it in `CELLAR_FAIL_AT` (`point=ERRNO[,point=ERRNO...]`, ERRNO one of ENOSPC,
-/// EIO, EINTR, ENXIO, EDQUOT), every time it is reached, so a test can play a full disk or a failing
-/// device at one step and see what the call leaves. Without the feature it is always Ok.
+/// EIO, EINTR, ENXIO, EDQUOT), every time it is reached once the CSI socket serves ([`serving`]),
+/// so a test can play a full disk or a failing device at one step and see what the call leaves
+/// (the start-up before it, which makes files and directories, is not failed). Without the
+/// feature it is always Ok.
 pub fn fail(name: &str) -> std::io::Result<()> {
     #[cfg(test)]
     in_thread::fail(name)?;
@@ -56,8 +58,16 @@ pub fn fail(name: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The CSI socket serves from now on: the failures of `CELLAR_FAIL_AT` apply.
+pub fn serving() {
+    #[cfg(feature = "crash-points")]
+    from_env::SERVING.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 #[cfg(feature = "crash-points")]
 mod from_env {
+    pub static SERVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
     pub fn point(name: &str) {
         static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
         if AT.get_or_init(|| std::env::var("CELLAR_CRASH_AT").ok()).as_deref() == Some(name) {
@@ -86,11 +96,11 @@ mod from_env {
                 .collect()
         });
         match armed.iter().find(|(p, _)| p == name) {
-            Some((_, errno)) => {
+            Some((_, errno)) if SERVING.load(std::sync::atomic::Ordering::SeqCst) => {
                 eprintln!("failure point {name} reached: failing with errno {errno}");
                 Err(std::io::Error::from_raw_os_error(*errno))
             }
-            None => Ok(()),
+            _ => Ok(()),
         }
     }
 }

@@ -354,8 +354,10 @@ impl Call {
 }
 
 /// Failures a step may meet instead of a crash (`CELLAR_FAIL_AT`): a full disk at the record or the
-/// copy, a failing device, an interrupted write or copy, a loop device that cannot be had.
-const FAILURES: [&str; 7] = [
+/// copy, a failing device, an interrupted write or copy, a loop device that cannot be had, and any
+/// file creation, fsync, rename or directory creation failing (every one, while the step's driver
+/// runs; removals are not failed, so the call's undo can run).
+const FAILURES: [&str; 11] = [
     "record:write=ENOSPC",
     "record:write=EIO",
     "record:write=EINTR",
@@ -363,6 +365,10 @@ const FAILURES: [&str; 7] = [
     "copy:data=EINTR",
     "btrfs:snapshot=ENOSPC",
     "loop:attach=ENXIO",
+    "file:create=ENOSPC",
+    "file:fsync=EIO",
+    "file:rename=EIO",
+    "file:mkdir=EDQUOT",
 ];
 
 /// What a step is armed with before it runs.
@@ -591,6 +597,27 @@ impl Run {
                 self.d.kill();
                 self.d.spawn(&[("CELLAR_FAIL_AT", spec)]).await;
                 let first = call.send(&mut self.d).await;
+                // A failed call cleans up after itself before it answers: checked on the driver
+                // that answered, before a restart's sweep could tidy what it left. A failed
+                // removal (delete, unpublish, unstage) may have done part of its work or all of
+                // it (the record went, the directory's sync failed; the unmount was done, the
+                // state's write failed): its retry, which always comes, finishes; the check
+                // after it applies.
+                // Nor when every rename fails: the undo moves what the call made into the trash
+                // by a rename (it stays for the name's next call, or the next start's sweep).
+                let undone = !spec.starts_with("file:rename")
+                    && !matches!(
+                        call,
+                        Call::DeleteVolume { .. }
+                            | Call::DeleteSnapshot { .. }
+                            | Call::Unpublish { .. }
+                            | Call::Unstage { .. }
+                    );
+                if let (Err(s), true) = (&first, undone) {
+                    self.check()
+                        .await
+                        .map_err(|e| format!("after {spec} failed the call ({:?}), before a restart: {e}", s.code()))?;
+                }
                 self.d.kill();
                 self.d.spawn(&[]).await;
                 return match first {

@@ -455,7 +455,9 @@ impl Cluster {
                         self.restarts += 1;
                         // A start sweeps what a crash leaves mid-write in the pools it owns; data a
                         // crashed create made before its record is the retry's to remove or finish.
-                        let left = leftovers(self, false);
+                        // A node's own pool is swept whole: also data no record names.
+                        let own = self.procs[at].pool("default").map(|p| p.root().to_path_buf());
+                        let left = leftovers(self, |p| Some(p.root()) == own.as_deref());
                         assert!(left.is_empty(), "a restart left behind: {left:?}");
                     }
                     Err(other) => std::panic::resume_unwind(other),
@@ -482,7 +484,7 @@ impl Cluster {
                     // A call that fails cleans up after itself: nothing half-made waits for a retry
                     // (unless the disk failed the cleanup itself, removing a file or dropping a
                     // subvolume from the trash: then the retry must remove it).
-                    let left = leftovers(self, true);
+                    let left = leftovers(self, |_| true);
                     assert!(
                         left.is_empty() || f.fails_cleanup(),
                         "a failed call left behind: {left:?}"
@@ -1804,6 +1806,25 @@ fn check(c: &Cluster, m: &Model) {
                 if v.staged.is_some() { ", and it is staged" } else { "" }
             );
             check_planted(name, v.layout, &data);
+            // The size is what the data is held to, not only what the record says: an image
+            // file's length, a btrfs subvolume's limit (a `dir` volume has none).
+            match v.layout {
+                Layout::Image => assert_eq!(
+                    std::fs::metadata(&data).expect("image file").len(),
+                    rec.capacity_bytes,
+                    "{name}'s image file is as long as its size"
+                ),
+                Layout::Btrfs => {
+                    let parent = data.parent().expect("a subvolume's directory");
+                    let limit = p.subvolumes.below(parent).into_iter().find(|(at, _)| *at == data);
+                    assert_eq!(
+                        limit.map(|(_, s)| s.limit),
+                        Some(rec.capacity_bytes),
+                        "{name}'s subvolume is limited to its size"
+                    );
+                }
+                Layout::Dir => {}
+            }
         }
         let snaps: BTreeMap<String, String> = p
             .engine
@@ -1917,7 +1938,7 @@ fn check(c: &Cluster, m: &Model) {
             p.label
         );
     }
-    let left = leftovers(c, true);
+    let left = leftovers(c, |_| true);
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
@@ -1938,8 +1959,8 @@ fn live_subvolumes(p: &Proc) -> Vec<PathBuf> {
 
 /// What a failed or crashed call may have left in the pools: anything in `.work` or the trash of a
 /// node's pool (a shared pool's trash is purged in the background), a half-written record, and
-/// (with `orphans`) data no record names.
-fn leftovers(c: &Cluster, orphans: bool) -> Vec<PathBuf> {
+/// data no record names in the pools `orphans` picks.
+fn leftovers(c: &Cluster, orphans: impl Fn(&crate::storage::pool::Pool) -> bool) -> Vec<PathBuf> {
     let mut pools: Vec<&crate::storage::pool::Pool> =
         c.procs[..NODES].iter().filter_map(|p| p.pool("default")).collect();
     pools.extend(c.procs[NODES].pool(SHARE));
@@ -1958,7 +1979,7 @@ fn leftovers(c: &Cluster, orphans: bool) -> Vec<PathBuf> {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
                 let orphan = !name.ends_with(".json") && !p.with_file_name(format!("{name}.json")).exists();
-                if name.ends_with(files::TMP_SUFFIX) || (orphans && orphan) {
+                if name.ends_with(files::TMP_SUFFIX) || (orphans(pool) && orphan) {
                     left.push(p);
                 }
             }

@@ -427,6 +427,7 @@ pub async fn serve_until_signal(
     restart: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    crate::crash::serving();
     let server = router.serve_with_incoming_shutdown(incoming(listener, limits), async {
         let _ = stop_rx.await;
     });

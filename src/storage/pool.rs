@@ -141,8 +141,32 @@ impl Pool {
         // Shared pools purge their trash in the background (it may hold huge trees).
         if owner && !pool.shared() {
             pool.reopen_trash()?;
+            pool.clear_unrecorded()?;
         }
         Ok(pool)
+    }
+
+    /// Data at an object's place that no record names (invariant 2): what a create left whose
+    /// undo failed, or that crashed before its record, when its caller gave up (a provisioner
+    /// whose PVC was deleted never retries). A node pool's start removes it, as the name's next
+    /// call would; a record file there, even one it cannot read, keeps it. Not on a shared pool,
+    /// where another replica's create may be between its data and its record.
+    fn clear_unrecorded(&self) -> Result<(), StorageError> {
+        for kind in [Kind::Volume, Kind::Snapshot] {
+            for p in self.sys.files.list_dir(&self.collection_dir(kind))? {
+                // Record files and their temporaries are not keys.
+                let Some(key) = p.file_name().and_then(|n| n.to_str()).and_then(|n| Key::parse(n).ok()) else {
+                    continue;
+                };
+                if self.data_path(kind, &key) == p
+                    && self.sys.files.entry(&self.record_path(kind, &key))? == files::Entry::Missing
+                {
+                    tracing::warn!(data = %p.display(), "data no record names, left by a failed or crashed call; removing it");
+                    super::layout::clear_leftover(self, kind, &key)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn shared(&self) -> bool {

@@ -573,6 +573,55 @@ fn replicas_never_work_on_one_shared_volume_at_once() {
     );
 }
 
+/// A create whose caller gave up (its PVC deleted) after a crash or a failed undo left data no
+/// record names: a node pool's start removes it; a record file there that cannot be read keeps
+/// its data, and a shared pool's start leaves data alone (another replica may be creating it).
+#[test]
+fn a_start_removes_data_no_record_names_in_a_node_pool() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::default_for(dir.path());
+    config.pools[0].layouts.push(Layout::Image);
+    let open = || LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("engine");
+    let e = open();
+    let pool = default_pool(&e);
+    let kept = e
+        .create_volume(NewVolume::plain("pvc-kept", None, MIB))
+        .expect("create");
+    let orphan = pool.data_path(Kind::Volume, &Key::from_name("pvc-orphan"));
+    std::fs::create_dir_all(orphan.join("sub")).expect("orphan tree");
+    let image = pool.data_path(Kind::Snapshot, &Key::from_name("snap-orphan"));
+    std::fs::write(&image, b"an image no record names").expect("orphan image");
+    let unread = Key::from_name("pvc-unread");
+    std::fs::create_dir_all(pool.data_path(Kind::Volume, &unread)).expect("data");
+    std::fs::write(pool.record_path(Kind::Volume, &unread), b"{ a later version").expect("record");
+    let (kept_data, kept_record) = (
+        pool.data_path(Kind::Volume, &kept.id.0.key),
+        pool.record_path(Kind::Volume, &kept.id.0.key),
+    );
+    drop(e);
+    let e = open();
+    assert!(!orphan.exists() && !image.exists(), "data no record names is gone");
+    assert!(kept_data.exists() && kept_record.exists(), "a recorded volume stays");
+    assert!(
+        default_pool(&e).data_path(Kind::Volume, &unread).exists(),
+        "data under a record it cannot read stays"
+    );
+    assert!(e.volume(&kept.id).is_some());
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = replicas(dir.path());
+    let share = a.pool(&PoolName::parse("share").expect("pool")).expect("pool");
+    let making = share.data_path(Kind::Volume, &Key::from_name("pvc-making"));
+    std::fs::create_dir_all(&making).expect("a replica's create between data and record");
+    drop(b);
+    let (_a2, _b) = replicas(dir.path());
+    assert!(
+        making.exists(),
+        "a shared pool's start leaves it to the name's next call"
+    );
+    drop(a);
+}
+
 #[test]
 fn a_replica_that_starts_leaves_the_other_replicas_copy_in_progress_alone() {
     let dir = tempfile::tempdir().expect("tempdir");
