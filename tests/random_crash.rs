@@ -343,7 +343,7 @@ impl Call {
             ],
             Call::Prune { .. } => &["backup:prune-planned"],
             Call::Expand { .. } => &["expand:before-record"],
-            Call::Stage { .. } => &["stage:after-attach", "stage:before-mount"],
+            Call::Stage { .. } => &["stage:before-attach", "stage:after-attach", "stage:before-mount"],
             Call::Publish { .. } => &["publish:before-mount"],
             Call::Unpublish { .. } => &["unpublish:after-unmount"],
             Call::Unstage { .. } => &["unstage:before-detach"],
@@ -351,6 +351,15 @@ impl Call {
             Call::Modify { .. } => &[],
         }
     }
+}
+
+/// Writes `marker` into a volume's directory, as a pod would, and syncs it.
+fn write_synced(dir: &Path, marker: &str) -> Checked {
+    use std::io::Write;
+    let mut f = std::fs::File::create(dir.join(MARKER)).map_err(|e| format!("write marker: {e}"))?;
+    f.write_all(marker.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| format!("write marker: {e}"))
 }
 
 /// Failures a step may meet instead of a crash (`CELLAR_FAIL_AT`): a full disk at the record or the
@@ -380,7 +389,7 @@ enum Arm {
     Fail(&'static str, bool),
 }
 
-const ALL_POINTS: [&str; 18] = [
+const ALL_POINTS: [&str; 19] = [
     "backup:after-upload",
     "backup:before-mark",
     "backup:before-upload",
@@ -396,6 +405,7 @@ const ALL_POINTS: [&str; 18] = [
     "import:mid-stream",
     "publish:before-mount",
     "stage:after-attach",
+    "stage:before-attach",
     "stage:before-mount",
     "unpublish:after-unmount",
     "unstage:before-detach",
@@ -768,13 +778,7 @@ impl Run {
     /// Writes a new volume's marker, as a pod would, and syncs it.
     async fn write_marker(&mut self, name: &str, marker: &str) -> Checked {
         let v = self.model.vols[name].clone();
-        let write = |dir: &Path| -> Checked {
-            use std::io::Write;
-            let mut f = std::fs::File::create(dir.join(MARKER)).map_err(|e| format!("write marker: {e}"))?;
-            f.write_all(marker.as_bytes())
-                .and_then(|_| f.sync_all())
-                .map_err(|e| format!("write marker: {e}"))
-        };
+        let write = |dir: &Path| write_synced(dir, marker);
         if v.layout.readable_in_pool() {
             return write(&self.pools[&v.layout].join("volumes").join(name));
         }
@@ -833,6 +837,19 @@ impl Run {
                 keep_delete_secs,
             };
             return self.run_step(call).await;
+        }
+        if !published.is_empty() && self.rng.chance(12) {
+            // A pod writes into its volume (and syncs, as a database does): snapshots, clones
+            // and backups made after hold the new marker, those made before the old one; an
+            // incremental backup that reused its parent's data would restore the old one.
+            let n = self.rng.pick(&published).clone();
+            let marker = format!("seed {} volume {n} step {}", self.seed, self.step);
+            let v = self.model.vols.get_mut(&n).expect("published volume");
+            write_synced(v.published.as_ref().expect("published"), &marker)?;
+            v.marker = marker;
+            self.log
+                .push(format!("{:>3}: the pod of {n} writes a new marker", self.step));
+            return Ok(());
         }
         let choice = self.rng.below(100);
         let call = match choice {
