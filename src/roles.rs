@@ -659,6 +659,9 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
         format!("not registered with the controller {} yet", o.controller),
     );
     report_pools(&readiness, &engine);
+    // The transfer grants this node admitted, kept across its restarts (each read once).
+    let ledger = crate::agent::grant::Ledger::open(engine.files(), o.data_dir.join("node").join("grants-used"))
+        .map_err(|e| RoleError::Split(format!("the transfer grant ledger: {e}")))?;
     // The agent and the heartbeat, once this node holds its identity; until the stop.
     let split = {
         let (readiness, engine, flags) = (readiness.clone(), engine.clone(), tls_flags.clone());
@@ -691,7 +694,8 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
                 .pulling_with(tls.clone(), crate::agent::remote::Timeouts::default());
             // Other nodes may read one object each with a grant the controller signed, and call
             // nothing else.
-            let gatekeeper = crate::agent::grant::Gatekeeper::new(node.clone(), tls.clone(), &beat_config.server_name);
+            let gatekeeper = crate::agent::grant::Gatekeeper::new(node.clone(), tls.clone(), &beat_config.server_name)
+                .remembering(ledger);
             let routes = tonic::service::Routes::new(agent_service.into_server(only_controller))
                 .add_service(crate::agent::server::TransferService::new(local, gatekeeper).into_server());
             let agent_server = tokio::spawn(crate::agent::server::serve(

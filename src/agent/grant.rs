@@ -20,7 +20,8 @@
 //! 3, 5 and 6 hold.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
@@ -31,6 +32,8 @@ use super::tls::{self, Tls};
 use super::wire::{self, v1};
 use crate::storage::engine::Source;
 use crate::storage::id::NodeId;
+use crate::sys::files::{Durability, Files};
+use crate::sys::SysError;
 
 /// How long a grant the controller signs stays usable: the target dials the source at once.
 pub const LIFETIME: Duration = Duration::from_secs(60);
@@ -112,6 +115,8 @@ pub enum GrantError {
     Full,
     #[error("cannot sign a transfer grant: {0}")]
     Sign(String),
+    #[error("cannot remember the transfer grant as used ({0}); retry")]
+    Ledger(String),
 }
 
 fn unix_millis(t: SystemTime) -> i64 {
@@ -198,6 +203,63 @@ pub struct Gatekeeper {
     controller: String,
     /// Admitted grant ids, each until its grant expires.
     used: Mutex<HashMap<[u8; 16], SystemTime>>,
+    /// Where the admitted ids are kept across restarts, when anywhere.
+    ledger: Option<Ledger>,
+}
+
+/// The file of admitted grant ids: one line `<id in hex> <not_after, unix ms>` each, rewritten
+/// whole (durably) before a read is admitted, so that a restarted node still refuses a grant it
+/// admitted before (a reader could otherwise read the same object again within the grant's life).
+pub struct Ledger {
+    files: Arc<dyn Files>,
+    path: PathBuf,
+    /// The ids of grants not yet expired, as read at [`Ledger::open`].
+    read: HashMap<[u8; 16], SystemTime>,
+}
+
+impl Ledger {
+    /// The ledger in the file `path` (none yet: empty), with the ids of grants not yet expired.
+    pub fn open(files: Arc<dyn Files>, path: PathBuf) -> Result<Ledger, SysError> {
+        let mut ledger = Ledger {
+            files,
+            path,
+            read: HashMap::new(),
+        };
+        ledger.read = ledger.load(SystemTime::now())?;
+        Ok(ledger)
+    }
+
+    fn load(&self, now: SystemTime) -> Result<HashMap<[u8; 16], SystemTime>, SysError> {
+        let Some(bytes) = self.files.read_optional(&self.path)? else {
+            return Ok(HashMap::new());
+        };
+        let mut used = HashMap::new();
+        for line in String::from_utf8_lossy(&bytes).lines() {
+            let parsed = line.split_once(' ').and_then(|(id, ms)| {
+                let id = u128::from_str_radix(id, 16).ok()?.to_be_bytes();
+                Some((id, from_unix_millis(ms.parse().ok()?)))
+            });
+            match parsed {
+                Some((id, until)) if until >= now => {
+                    used.insert(id, until);
+                }
+                Some(_) => {}
+                None => {
+                    tracing::warn!(ledger = %self.path.display(), "an unreadable line in the grant ledger; skipped")
+                }
+            }
+        }
+        Ok(used)
+    }
+
+    fn save(&self, used: &HashMap<[u8; 16], SystemTime>) -> Result<(), SysError> {
+        let mut text = String::new();
+        for (id, until) in used {
+            text.push_str(&format!("{:032x} {}\n", u128::from_be_bytes(*id), unix_millis(*until)));
+        }
+        self.files
+            .write_atomic(&self.path, text.as_bytes(), Durability::PowerLoss)
+    }
 }
 
 impl Gatekeeper {
@@ -207,7 +269,16 @@ impl Gatekeeper {
             tls,
             controller: controller.to_string(),
             used: Mutex::new(HashMap::new()),
+            ledger: None,
         }
+    }
+
+    /// As [`Gatekeeper::new`], keeping the admitted ids in `ledger` across restarts (starting
+    /// from those it holds).
+    pub fn remembering(mut self, mut ledger: Ledger) -> Gatekeeper {
+        self.used = Mutex::new(std::mem::take(&mut ledger.read));
+        self.ledger = Some(ledger);
+        self
     }
 
     /// Admits one read of `asked` by the caller whose client certificate is `caller`, with `grant`
@@ -324,6 +395,14 @@ impl Gatekeeper {
             return Err(GrantError::Full);
         }
         used.insert(claims.id, claims.not_after);
+        if let Some(ledger) = &self.ledger {
+            used.retain(|_, until| *until >= now);
+            if let Err(e) = ledger.save(&used) {
+                // Not remembered across a restart: not admitted.
+                used.remove(&claims.id);
+                return Err(GrantError::Ledger(e.to_string()));
+            }
+        }
         Ok(())
     }
 }
@@ -388,6 +467,42 @@ mod tests {
             elsewhere.admit(None, Some(fresh), &snap()),
             Err(GrantError::OtherSource { .. })
         ));
+    }
+
+    /// A restarted source still refuses a grant it admitted (the ledger on disk), forgets expired
+    /// ones, and admits nothing it could not write down.
+    #[test]
+    fn a_grant_admitted_before_a_restart_is_refused_after_it() {
+        use crate::sys::files::RecordingFiles;
+        let dir = tempfile::tempdir().unwrap();
+        let files = Arc::new(RecordingFiles::default());
+        let path = dir.path().join("grants-used");
+        let gate = |files: &Arc<RecordingFiles>| {
+            let ledger = Ledger::open(files.clone(), path.clone()).unwrap();
+            Gatekeeper::new(node("node-1"), Tls::Insecure, "c").remembering(ledger)
+        };
+        let grant = sign(&Tls::Insecure, &claims()).unwrap();
+        gate(&files).admit(None, Some(grant.clone()), &snap()).unwrap();
+        // An expired entry, as an older run left it, is dropped when read.
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(&format!(
+            "{:032x} {}\nnot a line\n",
+            7u128,
+            unix_millis(SystemTime::now()) - 1000
+        ));
+        std::fs::write(&path, text).unwrap();
+        let restarted = gate(&files);
+        assert_eq!(restarted.admit(None, Some(grant), &snap()), Err(GrantError::Reused));
+        assert_eq!(restarted.used.lock().unwrap().len(), 1, "the expired id is forgotten");
+
+        let fresh = sign(&Tls::Insecure, &claims()).unwrap();
+        files.fail_next("write_atomic", libc::ENOSPC);
+        let err = restarted.admit(None, Some(fresh.clone()), &snap()).unwrap_err();
+        assert!(matches!(err, GrantError::Ledger(_)), "{err:?}");
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::Unavailable);
+        restarted
+            .admit(None, Some(fresh), &snap())
+            .expect("not spent: admitted once the ledger is written");
     }
 
     #[test]

@@ -51,6 +51,7 @@ impl From<crate::agent::grant::GrantError> for Status {
                 Code::PermissionDenied
             }
             E::Full => Code::ResourceExhausted,
+            E::Ledger(_) => Code::Unavailable,
             E::Sign(_) => Code::Internal,
         };
         Status::new(code, bounded(&e.to_string()).into_owned())
