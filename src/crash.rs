@@ -58,6 +58,20 @@ pub fn fail(name: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Named delay points for the race tests: with the `crash-points` feature, how long to wait at
+/// `name` as `CELLAR_DELAY_AT` (`point=MILLISECONDS[,...]`) says, so that a test can hold a call
+/// inside the window a race needs; zero otherwise. The caller waits (asynchronously where it runs
+/// on the runtime).
+pub fn delay(name: &str) -> std::time::Duration {
+    #[cfg(feature = "crash-points")]
+    return from_env::delay(name);
+    #[cfg(not(feature = "crash-points"))]
+    {
+        let _ = name;
+        std::time::Duration::ZERO
+    }
+}
+
 /// The CSI socket serves from now on: the failures of `CELLAR_FAIL_AT` apply.
 pub fn serving() {
     #[cfg(feature = "crash-points")]
@@ -67,6 +81,20 @@ pub fn serving() {
 #[cfg(feature = "crash-points")]
 mod from_env {
     pub static SERVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    pub fn delay(name: &str) -> std::time::Duration {
+        static AT: std::sync::OnceLock<Vec<(String, u64)>> = std::sync::OnceLock::new();
+        let armed = AT.get_or_init(|| {
+            std::env::var("CELLAR_DELAY_AT")
+                .unwrap_or_default()
+                .split(',')
+                .filter_map(|p| p.split_once('='))
+                .filter_map(|(point, ms)| Some((point.to_string(), ms.parse().ok()?)))
+                .collect()
+        });
+        let ms = armed.iter().find(|(p, _)| p == name).map_or(0, |(_, ms)| *ms);
+        std::time::Duration::from_millis(ms)
+    }
 
     pub fn point(name: &str) {
         static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();

@@ -1068,3 +1068,41 @@ async fn bad_backup_inputs_answer_their_codes() {
         assert_eq!(e.code(), tonic::Code::AlreadyExists, "{when}: {}", e.message());
     }
 }
+
+/// GetSnapshot of a backup never answers NOT_FOUND while its upload ends: it looked in the
+/// repository (not yet checked there), then for the upload on the nodes (just finished, its record
+/// gone), and found neither. The driver waits 400 ms between the two looks
+/// (`get-backup:between-looks`), so that an upload ends inside that window; polled without pause.
+#[tokio::test]
+async fn a_backup_is_never_not_found_while_its_upload_ends() {
+    let s = Setup::new();
+    let mut d = s.driver(&s.dir_pool()).await;
+    d.kill();
+    d.spawn(&[("CELLAR_DELAY_AT", "get-backup:between-looks=400")]).await;
+    let v = d.create("pvc-poll").await;
+    let (st, tg) = d.mount_rw(&v.volume_id, "poll").await;
+    for i in 0..3 {
+        // New data each time, so each upload takes a while.
+        fill(&tg.join(format!("f{i}")), 4 << 20, i);
+        let b = backup(&mut d, &format!("poll-{i}"), &v.volume_id, false)
+            .await
+            .expect("backup");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let got = d
+                .ctl
+                .get_snapshot(GetSnapshotRequest {
+                    snapshot_id: b.snapshot_id.clone(),
+                    ..Default::default()
+                })
+                .await;
+            match got {
+                Ok(r) if r.get_ref().snapshot.as_ref().is_some_and(|s| s.ready_to_use) => break,
+                Ok(_) => {}
+                Err(e) => panic!("backup {i}: GetSnapshot while it uploads: {e:?}"),
+            }
+            assert!(Instant::now() < deadline, "backup {i} not ready");
+        }
+    }
+    d.unmount_all(&v.volume_id, &st, &tg).await;
+}

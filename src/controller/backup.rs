@@ -168,13 +168,23 @@ impl ControllerService {
     /// repository answers first, so an uploaded backup is found while its node is down; nodes
     /// that do not answer are passed over.
     pub(super) async fn get_backup(&self, id: &BackupId) -> Result<Option<Snapshot>, ControllerError> {
-        if self.backups.config(id.repository()).is_ok() {
-            let i = id.clone();
-            if let Some(b) = blocking(&self.backups, move |b| b.find(&i)).await? {
-                return Ok(Some(csi_backup(&b)));
+        let in_repository = || async {
+            if self.backups.config(id.repository()).is_err() {
+                return Ok(None);
             }
+            let i = id.clone();
+            blocking(&self.backups, move |b| b.find(&i)).await
+        };
+        if let Some(b) = in_repository().await? {
+            return Ok(Some(csi_backup(&b)));
         }
-        Ok(self.upload_in_progress(id).await.map(|(_, s)| csi_snapshot(&s)))
+        tokio::time::sleep(crate::crash::delay("get-backup:between-looks")).await;
+        if let Some((_, s)) = self.upload_in_progress(id).await {
+            return Ok(Some(csi_snapshot(&s)));
+        }
+        // The upload may have ended between the two looks: its node drops the upload's record only
+        // once the repository holds the checked backup, so a second look there finds it.
+        Ok(in_repository().await?.map(|b| csi_backup(&b)))
     }
 
     /// A backup's upload in progress, asked of every node at once: the node cutting it and its
