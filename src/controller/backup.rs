@@ -168,6 +168,17 @@ impl ControllerService {
     /// repository answers first, so an uploaded backup is found while its node is down; nodes
     /// that do not answer are passed over.
     pub(super) async fn get_backup(&self, id: &BackupId) -> Result<Option<Snapshot>, ControllerError> {
+        Ok(self.locate_backup(id).await?.map(|found| match found {
+            Located::Stored(b) => csi_backup(&b),
+            Located::Uploading(_, s) => csi_snapshot(&s),
+        }))
+    }
+
+    /// Where a backup is: in its repository, or uploading on a node; looked for in that order, and
+    /// in the repository again when neither holds it: an upload may have ended between the two
+    /// looks, and its node drops the upload's record only once the repository holds the checked
+    /// backup.
+    async fn locate_backup(&self, id: &BackupId) -> Result<Option<Located>, ControllerError> {
         let in_repository = || async {
             if self.backups.config(id.repository()).is_err() {
                 return Ok(None);
@@ -176,15 +187,13 @@ impl ControllerService {
             blocking(&self.backups, move |b| b.find(&i)).await
         };
         if let Some(b) = in_repository().await? {
-            return Ok(Some(csi_backup(&b)));
+            return Ok(Some(Located::Stored(b)));
         }
         tokio::time::sleep(crate::crash::delay("get-backup:between-looks")).await;
-        if let Some((_, s)) = self.upload_in_progress(id).await {
-            return Ok(Some(csi_snapshot(&s)));
+        if let Some((node, s)) = self.upload_in_progress(id).await {
+            return Ok(Some(Located::Uploading(node, s)));
         }
-        // The upload may have ended between the two looks: its node drops the upload's record only
-        // once the repository holds the checked backup, so a second look there finds it.
-        Ok(in_repository().await?.map(|b| csi_backup(&b)))
+        Ok(in_repository().await?.map(Located::Stored))
     }
 
     /// A backup's upload in progress, asked of every node at once: the node cutting it and its
@@ -265,18 +274,21 @@ impl ControllerService {
         if self.backups.config(id.repository()).is_err() {
             return Err(not_found());
         }
-        let i = id.clone();
-        match blocking(&self.backups, move |b| b.find(&i)).await? {
-            Some(b) => Ok(b),
-            None => match self.upload_in_progress(id).await {
-                Some((node, _)) => Err(ControllerError::NotReady(format!(
-                    "backup {id} is still uploading from node {}; restore from it once it is ready to use",
-                    node.as_str()
-                ))),
-                None => Err(not_found()),
-            },
+        match self.locate_backup(id).await? {
+            Some(Located::Stored(b)) => Ok(b),
+            Some(Located::Uploading(node, _)) => Err(ControllerError::NotReady(format!(
+                "backup {id} is still uploading from node {}; restore from it once it is ready to use",
+                node.as_str()
+            ))),
+            None => Err(not_found()),
         }
     }
+}
+
+/// Where [`ControllerService::locate_backup`] found a backup.
+enum Located {
+    Stored(BackupInfo),
+    Uploading(NodeId, SnapshotRecord),
 }
 
 /// The backup a VolumeSnapshotClass asks for, from its parameters.
