@@ -42,15 +42,17 @@ pub use throttle::Throttle;
 /// An open repository, as rustic_core has it.
 pub type Open = Repository<OpenStatus>;
 
-/// Every restic snapshot in a repository. rustic lists the snapshot files, then reads each: one
-/// removed in between (an upload dropping its pending copy once checked, a forget) fails the
-/// read with "not found". Then the whole listing is read again, a bounded number of times; any
-/// other failure, or a file still missing after the last try, is the answer.
-pub fn all_snapshots(repo: &Open) -> rustic_core::RusticResult<Vec<SnapshotFile>> {
+/// Every restic snapshot in a repository, reading only the snapshot files not in `known` (a
+/// snapshot file never changes: its name is the hash of its content); those of `known` no longer
+/// listed are dropped. rustic lists the snapshot files, then reads each: one removed in between
+/// (an upload dropping its pending copy once checked, a forget) fails the read with "not found".
+/// Then the whole listing is read again, a bounded number of times; any other failure, or a file
+/// still missing after the last try, is the answer.
+fn snapshots_after(repo: &Open, known: Vec<SnapshotFile>) -> rustic_core::RusticResult<Vec<SnapshotFile>> {
     const TRIES: usize = 10;
     let mut tries = 1;
     loop {
-        match repo.get_all_snapshots() {
+        match repo.update_all_snapshots(known.clone()) {
             Err(e) if tries < TRIES && is_not_found(&e) => {
                 tracing::debug!(error = %e, "a snapshot file went away while the repository was listed; listing again");
                 tries += 1;
@@ -466,6 +468,9 @@ pub struct Backups {
     /// Each repository's master key once its password opened it: deriving it from the password
     /// (scrypt) costs a third of a CPU-second, every open after the first skips that.
     keys: Mutex<std::collections::HashMap<PoolName, rustic_core::repofile::MasterKey>>,
+    /// Each repository's snapshot files as last listed: a listing then reads only the new ones
+    /// (one request each on S3) instead of every one.
+    listed: Mutex<std::collections::HashMap<PoolName, Vec<SnapshotFile>>>,
 }
 
 impl Backups {
@@ -475,7 +480,26 @@ impl Backups {
             throttle,
             init: Mutex::new(()),
             keys: Mutex::new(std::collections::HashMap::new()),
+            listed: Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// Every restic snapshot of repository `name`, opened as `repo`, reading only the files not
+    /// read by an earlier listing of this process ([`snapshots_after`]).
+    pub fn snapshots(&self, name: &PoolName, repo: &Open) -> rustic_core::RusticResult<Vec<SnapshotFile>> {
+        let known = self
+            .listed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+            .unwrap_or_default();
+        let snaps = snapshots_after(repo, known)?;
+        self.listed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.clone(), snaps.clone());
+        Ok(snaps)
     }
 
     pub fn names(&self) -> Vec<&PoolName> {
@@ -600,7 +624,7 @@ impl Backups {
     pub fn list(&self, name: &PoolName) -> Result<Vec<BackupInfo>, StorageError> {
         let cfg = self.config(name)?;
         let repo = self.open(name)?;
-        let snaps = all_snapshots(&repo).map_err(|e| cfg.error(e))?;
+        let snaps = self.snapshots(name, &repo).map_err(|e| cfg.error(e))?;
         let mut out: Vec<BackupInfo> = snaps.iter().filter_map(|s| info_of(name, s)).collect();
         out.sort_by_key(|b| b.id.to_string());
         out.dedup_by(|a, b| a.id == b.id);
@@ -637,7 +661,7 @@ impl Backups {
             Err(StorageError::PoolUnusable(m)) if m.contains("not been initialised") => return Ok(None),
             Err(e) => return Err(e),
         };
-        let snaps = all_snapshots(&repo).map_err(|e| cfg.error(e))?;
+        let snaps = self.snapshots(name, &repo).map_err(|e| cfg.error(e))?;
         Ok(Some((repo, snaps)))
     }
 
@@ -921,12 +945,62 @@ mod tests {
             let repo = b.open(&name).unwrap();
             let mut reads = 0;
             while !done.load(Ordering::SeqCst) {
-                let snaps = all_snapshots(&repo).expect("a listing while snapshots come and go");
+                let snaps = b
+                    .snapshots(&name, &repo)
+                    .expect("a listing while snapshots come and go");
                 assert!(snaps.iter().any(|s| s.description.as_deref() == Some("kept")));
                 reads += 1;
             }
             assert!(reads > 0);
         });
+    }
+
+    /// A listing reads only the snapshot files an earlier one did not (they never change), and
+    /// drops the ones no longer there.
+    #[test]
+    fn a_listing_reads_only_new_snapshot_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = testing::backups(dir.path());
+        b.open_or_init(&name, true).unwrap();
+        let repo = b.open(&name).unwrap();
+        let one = |d: &str| SnapshotFile {
+            description: Some(d.into()),
+            ..Default::default()
+        };
+        repo.save_snapshots(vec![one("first")]).unwrap();
+        assert_eq!(b.snapshots(&name, &repo).unwrap().len(), 1);
+        // The file read already is made unreadable: a listing that read it again would fail.
+        let files: Vec<_> = std::fs::read_dir(dir.path().join("repo/snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        for f in &files {
+            std::fs::write(f, b"not a snapshot any more").unwrap();
+        }
+        repo.save_snapshots(vec![one("second")]).unwrap();
+        let mut got: Vec<String> = b
+            .snapshots(&name, &repo)
+            .unwrap()
+            .into_iter()
+            .filter_map(|s| s.description)
+            .collect();
+        got.sort();
+        assert_eq!(got, ["first", "second"]);
+        let (fresh, _) = testing::backups(dir.path());
+        assert!(
+            fresh.snapshots(&name, &repo).is_err(),
+            "a listing of its own reads every file"
+        );
+        for f in &files {
+            std::fs::remove_file(f).unwrap();
+        }
+        let left: Vec<_> = b
+            .snapshots(&name, &repo)
+            .unwrap()
+            .into_iter()
+            .filter_map(|s| s.description)
+            .collect();
+        assert_eq!(left, ["second"], "a removed file is no longer listed");
     }
 
     /// The S3 backend's "not found" is recognised as the local one is; other failures are not

@@ -13,7 +13,7 @@ use rustic_core::repofile::{BlobType, Node, NodeType};
 use rustic_core::{BlobId, IndexedFullStatus, Repository};
 use sha2::{Digest, Sha256};
 
-use super::{all_snapshots, info_of, Backups, RepositoryConfig, RusticFailure};
+use super::{info_of, Backups, RepositoryConfig, RusticFailure};
 use crate::storage::id::BackupId;
 use crate::storage::record::Layout;
 use crate::storage::transfer::{chunk_checksum, Frame, Header, Tally, CHUNK_BYTES};
@@ -28,7 +28,7 @@ type Indexed = Repository<IndexedFullStatus>;
 pub fn frames(backups: &Backups, id: &BackupId, target: Layout) -> Result<Frames, StorageError> {
     let cfg = backups.config(id.repository())?.clone();
     let repo = backups.open(id.repository())?;
-    let snaps = all_snapshots(&repo).map_err(|e| cfg.error(e))?;
+    let snaps = backups.snapshots(id.repository(), &repo).map_err(|e| cfg.error(e))?;
     let Some((snap, info)) = snaps
         .into_iter()
         .find_map(|s| info_of(id.repository(), &s).filter(|b| b.id == *id).map(|b| (s, b)))

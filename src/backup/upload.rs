@@ -15,8 +15,8 @@ use rustic_core::repofile::{Node, NodeType, SnapshotFile, SnapshotSummary, Strin
 use rustic_core::{BackupOptions, LocalSourceSaveOptions, ParentOptions, PathList, SnapshotOptions, TimeOption};
 
 use super::{
-    all_snapshots, any_info_of, image, info_of, is_pending, BackupInfo, BackupMeta, Backups, RusticFailure, TAG_KEY,
-    TAG_NAME, TAG_PENDING, TAG_VOLUME,
+    any_info_of, image, info_of, is_pending, BackupInfo, BackupMeta, Backups, RusticFailure, TAG_KEY, TAG_NAME,
+    TAG_PENDING, TAG_VOLUME,
 };
 use crate::crash;
 use crate::storage::id::BackupId;
@@ -62,7 +62,7 @@ fn upload_inner(
 ) -> Result<BackupInfo, StorageError> {
     let cfg = backups.config(id.repository())?;
     let mut opened = backups.open(id.repository())?;
-    let mut snaps = all_snapshots(&opened).map_err(|e| cfg.error(e))?;
+    let mut snaps = backups.snapshots(id.repository(), &opened).map_err(|e| cfg.error(e))?;
     // A snapshot saved before a crash (or a failed check) counts only once it checks complete:
     // a prune running meanwhile may have marked a pack it reuses. Otherwise it is forgotten and
     // the upload made again (rustic then writes the blobs the index no longer has). A checked
@@ -80,7 +80,7 @@ fn upload_inner(
                 tracing::warn!(backup = %id, error = %e, "a saved backup is not complete in the index; uploading it again");
                 backups.forget(id)?;
                 opened = backups.open(id.repository())?;
-                snaps = all_snapshots(&opened).map_err(|e| cfg.error(e))?;
+                snaps = backups.snapshots(id.repository(), &opened).map_err(|e| cfg.error(e))?;
             }
         }
     }
@@ -328,7 +328,7 @@ mod tests {
 
     /// The restic snapshots of the repository carrying backup `id`, and how many are pending.
     fn copies(b: &Backups, id: &BackupId) -> (usize, usize) {
-        let snaps = all_snapshots(&b.open(id.repository()).unwrap()).unwrap();
+        let snaps = b.snapshots(id.repository(), &b.open(id.repository()).unwrap()).unwrap();
         let mine: Vec<_> = snaps
             .iter()
             .filter(|s| any_info_of(id.repository(), s).is_some_and(|i| i.id == *id))
