@@ -61,9 +61,18 @@ pub enum BackupCommand {
     },
 }
 
-fn row(b: &super::BackupInfo) -> serde_json::Value {
+/// A backup's state as the listing shows it.
+fn state(pending: bool) -> &'static str {
+    match pending {
+        true => "pending",
+        false => "ready",
+    }
+}
+
+fn row(b: &super::BackupInfo, pending: bool) -> serde_json::Value {
     serde_json::json!({
         "id": b.id.to_string(),
+        "state": state(pending),
         "name": b.meta.name,
         "sourceVolumeId": b.meta.source_volume_id,
         "layout": b.meta.layout.as_str(),
@@ -90,21 +99,27 @@ pub fn run(args: BackupArgs) -> Result<bool, String> {
     };
     match args.command {
         BackupCommand::List => {
-            let all = backups.list(&name).map_err(|e| e.to_string())?;
+            // Pending ones too (an upload under way, or one a crash left for its retry): they
+            // hold data a prune keeps, and only their node's retry makes them ready or removes them.
+            let all = backups.list_all(&name).map_err(|e| e.to_string())?;
             let mut text = format!(
-                "{:<58} {:<40} {:>12} {:<10}\n",
-                "ID", "SOURCE VOLUME", "SIZE", "SNAPSHOT"
+                "{:<58} {:<8} {:<40} {:>12} {:<10}\n",
+                "ID", "STATE", "SOURCE VOLUME", "SIZE", "SNAPSHOT"
             );
-            for b in &all {
+            for (b, pending) in &all {
                 text += &format!(
-                    "{:<58} {:<40} {:>12} {:<10}\n",
+                    "{:<58} {:<8} {:<40} {:>12} {:<10}\n",
                     b.id.to_string(),
+                    state(*pending),
                     b.meta.source_volume_id,
                     b.meta.capacity_bytes,
                     &b.snapshot[..b.snapshot.len().min(8)]
                 );
             }
-            print(serde_json::Value::Array(all.iter().map(row).collect()), text);
+            print(
+                serde_json::Value::Array(all.iter().map(|(b, pending)| row(b, *pending)).collect()),
+                text,
+            );
             Ok(true)
         }
         BackupCommand::Show { id } => {
@@ -116,11 +131,17 @@ pub fn run(args: BackupArgs) -> Result<bool, String> {
                     name.as_str()
                 ));
             }
-            let b = backups
-                .find(&id)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("backup {id} not found"))?;
-            let v = row(&b);
+            let (b, pending) = match backups.find(&id).map_err(|e| e.to_string())? {
+                Some(b) => (b, false),
+                None => (
+                    backups
+                        .find_even_pending(&id)
+                        .map_err(|e| e.to_string())?
+                        .ok_or_else(|| format!("backup {id} not found"))?,
+                    true,
+                ),
+            };
+            let v = row(&b, pending);
             let text = serde_json::to_string_pretty(&v).unwrap_or_default() + "\n";
             print(v, text);
             Ok(true)

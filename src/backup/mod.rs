@@ -631,6 +631,28 @@ impl Backups {
         Ok(out)
     }
 
+    /// Every backup of a repository with whether it is still pending its completeness check (an
+    /// upload under way, or one a crash or a failed check left for its retry): what `cellar
+    /// backup list` shows. A backup held both checked and pending counts as checked.
+    pub fn list_all(&self, name: &PoolName) -> Result<Vec<(BackupInfo, bool)>, StorageError> {
+        let Some((_, snaps)) = self.any_snapshots(name)? else {
+            return Ok(Vec::new());
+        };
+        let mut out: BTreeMap<String, (BackupInfo, bool)> = BTreeMap::new();
+        for s in &snaps {
+            let Some(info) = any_info_of(name, s) else { continue };
+            let pending = is_pending(s);
+            match out.get_mut(&info.id.to_string()) {
+                Some(held) if held.1 && !pending => *held = (info, false),
+                Some(_) => {}
+                None => {
+                    out.insert(info.id.to_string(), (info, pending));
+                }
+            }
+        }
+        Ok(out.into_values().collect())
+    }
+
     /// A backup by its id; `None` when the repository has none with that key. A repository
     /// that was never initialised holds none.
     pub fn find(&self, id: &BackupId) -> Result<Option<BackupInfo>, StorageError> {

@@ -363,6 +363,14 @@ mod tests {
             b.find_even_pending(&id).unwrap().is_some(),
             "who holds the id is known before its check"
         );
+        let all = b.list_all(id.repository()).unwrap();
+        assert_eq!(
+            all.iter()
+                .map(|(i, pending)| (i.id.clone(), *pending))
+                .collect::<Vec<_>>(),
+            vec![(id.clone(), true)],
+            "`cellar backup list` shows it pending"
+        );
         assert!(
             crate::backup::restore::frames(&b, &id, Layout::Dir).is_err(),
             "an unchecked backup is not restored"
@@ -370,6 +378,7 @@ mod tests {
         pause.release();
         let info = uploading.join().unwrap().expect("upload");
         assert_eq!(b.list(id.repository()).unwrap(), vec![info.clone()]);
+        assert_eq!(b.list_all(id.repository()).unwrap(), vec![(info.clone(), false)]);
         assert_eq!(copies(&b, &id), (1, 0), "one checked snapshot, the pending one gone");
         assert!(crate::backup::restore::frames(&b, &id, Layout::Dir).is_ok());
     }
@@ -392,6 +401,11 @@ mod tests {
         assert_eq!(copies(&b, &id), (2, 1));
         let listed = b.list(id.repository()).unwrap();
         assert_eq!(listed.len(), 1, "the checked copy only: {listed:?}");
+        assert_eq!(
+            b.list_all(id.repository()).unwrap(),
+            vec![(listed[0].clone(), false)],
+            "held checked and pending: shown once, ready"
+        );
         let again = upload(&b, &id, &meta("snap-b"), &data, None).expect("retry");
         assert_eq!(again, listed[0], "the retry answers the checked copy");
         assert_eq!(copies(&b, &id), (1, 0));
