@@ -150,7 +150,9 @@ impl Pool {
     /// undo failed, or that crashed before its record, when its caller gave up (a provisioner
     /// whose PVC was deleted never retries). A node pool's start removes it, as the name's next
     /// call would; a record file there, even one it cannot read, keeps it. Not on a shared pool,
-    /// where another replica's create may be between its data and its record.
+    /// where another replica's create may be between its data and its record. A removal that
+    /// fails is logged and left for the name's next call or the next start: it does not keep the
+    /// pool (and every volume in it) from opening.
     fn clear_unrecorded(&self) -> Result<(), StorageError> {
         for kind in [Kind::Volume, Kind::Snapshot] {
             for p in self.sys.files.list_dir(&self.collection_dir(kind))? {
@@ -162,7 +164,9 @@ impl Pool {
                     && self.sys.files.entry(&self.record_path(kind, &key))? == files::Entry::Missing
                 {
                     tracing::warn!(data = %p.display(), "data no record names, left by a failed or crashed call; removing it");
-                    super::layout::clear_leftover(self, kind, &key)?;
+                    if let Err(e) = super::layout::clear_leftover(self, kind, &key) {
+                        tracing::error!(data = %p.display(), error = %e, "could not remove data no record names; the name's next call or the next start tries again");
+                    }
                 }
             }
         }

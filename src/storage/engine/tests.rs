@@ -607,6 +607,17 @@ fn a_start_removes_data_no_record_names_in_a_node_pool() {
         "data under a record it cannot read stays"
     );
     assert!(e.volume(&kept.id).is_some());
+    // A removal that fails does not keep the pool from opening; the next start removes it.
+    drop(e);
+    std::fs::create_dir_all(&orphan).expect("another orphan");
+    crate::crash::in_thread::fail_once_at("file:rename", libc::EIO);
+    let e = open();
+    crate::crash::in_thread::fail_at(None);
+    assert!(orphan.exists(), "its removal failed");
+    assert!(e.volume(&kept.id).is_some(), "the pool opened all the same");
+    drop(e);
+    let _e = open();
+    assert!(!orphan.exists(), "removed at the next start");
 
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, b) = replicas(dir.path());
