@@ -169,10 +169,10 @@ pub fn run(args: BackupArgs) -> Result<bool, String> {
                 .prune(&name, Duration::from_secs(keep_delete_secs))
                 .map_err(|e| e.to_string())?;
             print(
-                serde_json::json!({"packsMarked": p.packs_marked, "packsRemoved": p.packs_removed, "packsRepacked": p.packs_repacked}),
+                serde_json::json!({"packsMarked": p.packs_marked, "packsRemoved": p.packs_removed, "packsRepacked": p.packs_repacked, "packsRecovered": p.packs_recovered}),
                 format!(
-                    "pruned: {} packs marked unused, {} removed, {} repacked\n",
-                    p.packs_marked, p.packs_removed, p.packs_repacked
+                    "pruned: {} packs marked unused, {} removed, {} repacked, {} recovered\n",
+                    p.packs_marked, p.packs_removed, p.packs_repacked, p.packs_recovered
                 ),
             );
             Ok(true)

@@ -233,6 +233,25 @@ impl RepositoryConfig {
     }
 }
 
+impl RepositoryConfig {
+    /// A failure reading a backup's trees or data: a backend that cannot be reached is retried;
+    /// anything else (a pack the index names that is not there, a MAC or hash that does not
+    /// match, a blob the index lost) is data loss.
+    pub fn read_error(&self, e: Box<RusticError>) -> StorageError {
+        if is_not_found(&e) {
+            return StorageError::DataLoss(format!(
+                "backup repository '{}': a pack its index names is not there ({})",
+                self.name.as_str(),
+                one_line(&e.display_log())
+            ));
+        }
+        match self.error(e) {
+            StorageError::Unavailable(m) => StorageError::Unavailable(m),
+            other => StorageError::DataLoss(other.to_string()),
+        }
+    }
+}
+
 /// What went wrong in rustic, in the terms cellar answers with.
 pub struct RusticFailure {
     kind: Kind,
@@ -417,11 +436,11 @@ pub(crate) fn data_node<S: rustic_core::IndexedTree>(
         Ok(n) => Ok(Some(n)),
         Err(e) => {
             let empty =
-                meta.layout != Layout::Image && repo.get_tree(&tree).map_err(|e| cfg.error(e))?.nodes.is_empty();
+                meta.layout != Layout::Image && repo.get_tree(&tree).map_err(|e| cfg.read_error(e))?.nodes.is_empty();
             if empty {
                 Ok(None)
             } else {
-                Err(cfg.error(e))
+                Err(cfg.read_error(e))
             }
         }
     }
@@ -611,9 +630,13 @@ impl Backups {
             return repo.open(&credentials).map_err(|e| cfg.error(e));
         }
         let _claim = match &cfg.location {
-            Location::Path(p) => Some(InitClaim::take(cfg, p)?),
+            Location::Path(p) => Some(claim_init(cfg, p)?),
             Location::S3(_) => None,
         };
+        // Another process may have finished between the look above and the claim.
+        if repo.config_id().map_err(|e| cfg.error(e))?.is_some() {
+            return repo.open(&credentials).map_err(|e| cfg.error(e));
+        }
         tracing::info!(repository = cfg.name.as_str(), at = %cfg.describe(), "initialising the backup repository");
         let config = ConfigOptions::default().set_version(2u32);
         repo.init(&credentials, &KeyOptions::default(), &config)
@@ -733,6 +756,8 @@ pub struct Pruned {
     pub packs_removed: u64,
     /// Packs repacked (partly used).
     pub packs_repacked: u64,
+    /// Marked packs brought back: a backup uses them again.
+    pub packs_recovered: u64,
 }
 
 impl Backups {
@@ -763,20 +788,51 @@ impl Backups {
     /// another node never loses a blob it reuses: unused packs are first marked, and removed
     /// only by a prune at least `keep_delete` later (a backup that references a marked pack
     /// before then brings it back). `keep_delete` must be longer than the longest upload.
+    ///
+    /// A prune plans from the snapshots it lists, then writes its index: an upload that reused
+    /// blobs of a pack and was checked complete between the two holds data only a marked pack
+    /// has, which restores cannot read. So a prune that marked or repacked anything plans once
+    /// more, with every unmarked pack kept: that pass only brings back marked packs a backup
+    /// listed by now uses (an upload checked after the first pass's index finds its blobs
+    /// missing and uploads them again).
     pub fn prune(&self, name: &PoolName, keep_delete: std::time::Duration) -> Result<Pruned, StorageError> {
         let cfg = self.config(name)?;
-        let repo = self.open(name)?;
         let span = rustic_core::jiff::Span::new().seconds(keep_delete.as_secs() as i64);
         let opts = rustic_core::PruneOptions::default().keep_delete(span);
+        let repo = self.open(name)?;
         let plan = repo.prune_plan(&opts).map_err(|e| cfg.error(e))?;
         let stats = &plan.stats;
-        let done = Pruned {
-            packs_marked: stats.packs_to_delete.keep,
+        let mut done = Pruned {
+            packs_marked: stats.packs.unused,
             packs_removed: stats.packs_to_delete.remove,
             packs_repacked: plan.repack_packs().len() as u64,
+            packs_recovered: stats.packs_to_delete.recover,
         };
         crate::crash::point("backup:prune-planned");
         repo.prune(&opts, plan).map_err(|e| cfg.error(e))?;
+        if done.packs_marked + done.packs_repacked > 0 {
+            // Nothing is marked or repacked by this pass: every unmarked pack is young enough.
+            let recover = rustic_core::PruneOptions::default()
+                .keep_delete(span)
+                .keep_pack(rustic_core::jiff::Span::new().hours(100 * 365 * 24));
+            let mut tries = 1;
+            loop {
+                let repo = self.open(name)?;
+                match repo.prune_plan(&recover).and_then(|plan| {
+                    let recovered = plan.stats.packs_to_delete.recover;
+                    repo.prune(&recover, plan).map(|()| recovered)
+                }) {
+                    Ok(n) => {
+                        done.packs_recovered += n;
+                        break;
+                    }
+                    // A snapshot file going away while the prune reads them (an upload's
+                    // pending copy): plan again.
+                    Err(e) if tries < 10 && is_not_found(&e) => tries += 1,
+                    Err(e) => return Err(cfg.error(e)),
+                }
+            }
+        }
         if let Location::Path(root) = &cfg.location {
             remove_stale_temps(root, keep_delete);
         }
@@ -785,6 +841,7 @@ impl Backups {
             marked = done.packs_marked,
             removed = done.packs_removed,
             repacked = done.packs_repacked,
+            recovered = done.packs_recovered,
             "backup repository pruned"
         );
         Ok(done)
@@ -848,36 +905,28 @@ fn remove_stale_temps(root: &Path, keep_delete: std::time::Duration) {
     }
 }
 
-/// A claim on initialising a path repository, so that two processes (two controller replicas)
-/// never both write a config: made with O_EXCL beside the repository, removed when done.
-struct InitClaim(PathBuf);
-
-impl InitClaim {
-    fn take(cfg: &RepositoryConfig, repo: &Path) -> Result<InitClaim, StorageError> {
-        let name = repo
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let path = repo.with_file_name(format!(".{name}.cellar-init"));
-        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
-            Ok(_) => Ok(InitClaim(path)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(StorageError::Busy(format!(
-                "backup repository '{}' (another process is initialising it; {} is its claim)",
-                cfg.name.as_str(),
-                path.display()
-            ))),
-            Err(e) => Err(StorageError::Unavailable(format!(
-                "backup repository '{}': {}: {e}",
-                cfg.name.as_str(),
-                path.display()
-            ))),
-        }
-    }
-}
-
-impl Drop for InitClaim {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+/// A claim on initialising a path repository, so that two processes (two controller replicas,
+/// two nodes' first backups) never both write a config: an exclusive flock on a file beside the
+/// repository, removed when done. A process killed while initialising leaves the file but not
+/// its lock: the next one takes it over (a leftover file made every backup ABORTED before).
+fn claim_init(cfg: &RepositoryConfig, repo: &Path) -> Result<crate::sys::files::HeldLockFile, StorageError> {
+    use crate::sys::files::Files;
+    let name = repo
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let path = repo.with_file_name(format!(".{name}.cellar-init"));
+    match crate::sys::files::LinuxFiles.lock_while_held(&path) {
+        Ok(Some(held)) => Ok(held),
+        Ok(None) => Err(StorageError::Busy(format!(
+            "backup repository '{}' (another process is initialising it; {} is its claim)",
+            cfg.name.as_str(),
+            path.display()
+        ))),
+        Err(e) => Err(StorageError::Unavailable(format!(
+            "backup repository '{}': {e}",
+            cfg.name.as_str(),
+        ))),
     }
 }
 
@@ -1023,6 +1072,92 @@ mod tests {
             .filter_map(|s| s.description)
             .collect();
         assert_eq!(left, ["second"], "a removed file is no longer listed");
+    }
+
+    /// A prune plans from the backups it lists, then rewrites the index: an upload that ends
+    /// between the two can reuse blobs of packs the prune then marks unused. The backup must
+    /// restore all the same, at once and after later prunes (it answered DATA_LOSS until the next
+    /// scheduled prune before).
+    #[test]
+    fn a_backup_made_while_a_prune_marks_its_blobs_stays_restorable() {
+        use crate::crash::in_thread;
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = testing::backups(dir.path());
+        let b = std::sync::Arc::new(b);
+        b.open_or_init(&name, true).unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let bytes: Vec<u8> = (0..300_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        std::fs::write(data.join("f"), &bytes).unwrap();
+        let old = BackupId::new(name.clone(), "1111-aaaa").unwrap();
+        upload::upload(&b, &old, &testing::dir_meta("old"), &data, None).unwrap();
+        b.forget(&old).unwrap();
+        // The prune lists no backup, so every pack is unused; it waits before it writes.
+        let pause = std::sync::Arc::new(in_thread::Pause::default());
+        let pruning = {
+            let (b, name, pause) = (b.clone(), name.clone(), pause.clone());
+            std::thread::spawn(move || {
+                in_thread::pause_at(Some(("backup:prune-planned", pause)));
+                b.prune(&name, std::time::Duration::from_secs(3600))
+            })
+        };
+        assert!(pause.reached(std::time::Duration::from_secs(60)), "the prune planned");
+        let new = BackupId::new(name.clone(), "2222-bbbb").unwrap();
+        upload::upload(&b, &new, &testing::dir_meta("new"), &data, None).expect("upload beside the prune");
+        pause.release();
+        let pruned = pruning.join().unwrap().expect("prune");
+        assert!(
+            pruned.packs_marked > 0,
+            "the prune marked the old backup's packs: {pruned:?}"
+        );
+        let restored = |when: &str| {
+            let frames: Vec<crate::storage::transfer::Frame> = restore::frames(&b, &new, Layout::Dir)
+                .and_then(|f| f.collect())
+                .unwrap_or_else(|e| panic!("restore {when}: {e}"));
+            let got: Vec<u8> = frames
+                .iter()
+                .filter_map(|f| match f {
+                    crate::storage::transfer::Frame::Chunk { data, .. } => Some(data.clone()),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            assert!(
+                got == bytes,
+                "restore {when}: {} bytes, want {}",
+                got.len(),
+                bytes.len()
+            );
+        };
+        restored("right after the prune");
+        // Later prunes, even with nothing kept marked, leave it whole.
+        b.prune(&name, std::time::Duration::ZERO).unwrap();
+        b.prune(&name, std::time::Duration::ZERO).unwrap();
+        restored("after two more prunes");
+    }
+
+    /// A process killed while initialising a path repository leaves its claim file: the next
+    /// first backup takes it over instead of answering ABORTED for ever. A claim that is held is
+    /// still respected.
+    #[test]
+    fn a_claim_left_by_a_killed_init_is_taken_over() {
+        use crate::sys::files::Files;
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = testing::backups(dir.path());
+        let claim = dir.path().join(".repo.cellar-init");
+        let held = crate::sys::files::LinuxFiles.lock_while_held(&claim).unwrap().unwrap();
+        match b.open_or_init(&name, true) {
+            Err(StorageError::Busy(m)) => assert!(m.contains("initialising"), "{m}"),
+            other => panic!("a held claim: want ABORTED, got {:?}", other.map(|_| ())),
+        }
+        drop(held);
+        // What a killed process leaves: the file, without a lock.
+        std::fs::write(&claim, b"").unwrap();
+        b.open_or_init(&name, true).expect("a stale claim is taken over");
+        assert!(dir.path().join("repo/config").exists());
+        assert!(!claim.exists(), "the claim goes once the repository is made");
     }
 
     /// The S3 backend's "not found" is recognised as the local one is; other failures are not

@@ -163,10 +163,7 @@ impl Frames {
     /// A failure reading data: a backend that cannot be reached is retried; anything else
     /// (a MAC or hash that does not match, a blob the index lost) is data loss.
     fn read_error(&self, e: Box<rustic_core::RusticError>) -> StorageError {
-        match self.cfg.error(e) {
-            StorageError::Unavailable(m) => StorageError::Unavailable(m),
-            other => StorageError::DataLoss(other.to_string()),
-        }
+        self.cfg.read_error(e)
     }
 
     /// A backup whose tree restic and cellar would never write: DATA_LOSS, before its entry is
@@ -549,6 +546,45 @@ mod tests {
         assert!(all
             .iter()
             .any(|f| matches!(f, Frame::File { name, size: 4, .. } if name == b"ok")));
+    }
+
+    /// A pack the index names that is gone from the repository is lost data, not a backend to
+    /// wait for: DATA_LOSS, whether it held the data or the tree (UNAVAILABLE and
+    /// FAILED_PRECONDITION before, retried for ever).
+    #[test]
+    fn a_missing_pack_is_data_loss() {
+        for lost in ["data", "tree"] {
+            let dir = tempfile::tempdir().unwrap();
+            let (backups, name) = crate::backup::testing::backups(dir.path());
+            backups.open_or_init(&name, true).unwrap();
+            let data = dir.path().join("data");
+            std::fs::create_dir(&data).unwrap();
+            let content: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+            std::fs::write(data.join("f"), &content).unwrap();
+            let id = BackupId::new(name.clone(), "5555-eeee").unwrap();
+            let meta = crate::backup::testing::dir_meta("lost");
+            let info = crate::backup::upload::upload(&backups, &id, &meta, &data, None).unwrap();
+            let repo = backups.open(&name).unwrap().to_indexed().unwrap();
+            let pack = if lost == "data" {
+                let blob = rustic_core::DataId::from(rustic_core::Id::new(Sha256::digest(&content).into()));
+                repo.get_index_entry(&blob).unwrap().pack
+            } else {
+                let snap = backups
+                    .snapshots(&name, &backups.open(&name).unwrap())
+                    .unwrap()
+                    .into_iter()
+                    .find(|s| s.id.to_string() == info.snapshot)
+                    .unwrap();
+                repo.get_index_entry(&snap.tree).unwrap().pack
+            };
+            let hex = pack.to_hex();
+            std::fs::remove_file(dir.path().join("repo/data").join(&hex[..2]).join(hex.as_str())).unwrap();
+            let got: Result<Vec<Frame>, StorageError> = frames(&backups, &id, Layout::Dir).and_then(|f| f.collect());
+            match got {
+                Err(StorageError::DataLoss(_)) => {}
+                other => panic!("{lost} pack gone: want DATA_LOSS, got {:?}", other.map(|f| f.len())),
+            }
+        }
     }
 
     #[test]
