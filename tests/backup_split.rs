@@ -415,20 +415,16 @@ async fn split_mode_with_tls_starts_with_the_backup_dependencies_linked() {
     assert!(!c.logs().contains("CryptoProvider"), "{}", c.logs());
 }
 
-/// Once uploaded, a backup is the repository's: GetSnapshot answers for it while the node that
-/// cut it cannot be reached (src/controller/backup.rs: "whether or not the node that cut it
-/// exists"), also before the controller counts that node as down (3 heartbeats, 30 s by default).
-/// TLS plays no part here.
-#[tokio::test]
-async fn an_uploaded_backup_answers_get_snapshot_while_its_node_is_unreachable() {
+/// Two nodes (no TLS) configured with the repository, and a 16 MiB volume `pvc` on node-1.
+async fn two_nodes_and_a_volume_on_node_1(pvc: &str) -> (Shared, Cluster, Volume) {
     let shared = Shared::new();
-    let mut c = Cluster::start(Spec {
+    let c = Cluster::start(Spec {
         insecure: true,
         repositories: Some(shared.repositories()),
         ..Spec::nodes(vec![None, None])
     })
     .await;
-    let mut r = common::create_req("pvc-small", 16 * MIB);
+    let mut r = common::create_req(pvc, 16 * MIB);
     r.accessibility_requirements = Some(TopologyRequirement {
         requisite: vec![node_topology("node-1")],
         preferred: vec![node_topology("node-1")],
@@ -442,6 +438,16 @@ async fn an_uploaded_backup_answers_get_snapshot_while_its_node_is_unreachable()
         .into_inner()
         .volume
         .expect("volume");
+    (shared, c, v)
+}
+
+/// Once uploaded, a backup is the repository's: GetSnapshot answers for it while the node that
+/// cut it cannot be reached (src/controller/backup.rs: "whether or not the node that cut it
+/// exists"), also before the controller counts that node as down (3 heartbeats, 30 s by default).
+/// TLS plays no part here.
+#[tokio::test]
+async fn an_uploaded_backup_answers_get_snapshot_while_its_node_is_unreachable() {
+    let (_shared, mut c, v) = two_nodes_and_a_volume_on_node_1("pvc-small").await;
     let snap = c
         .ctl()
         .await
@@ -466,4 +472,124 @@ async fn an_uploaded_backup_answers_get_snapshot_while_its_node_is_unreachable()
             .is_ok_and(|g| g.get_ref().snapshot.as_ref().is_some_and(|s| s.ready_to_use)),
         "GetSnapshot of an uploaded backup with its node unreachable: {got:?}"
     );
+}
+
+/// The backups a restic listing of the repository holds as cellar backups, and cellar's
+/// deletion marks.
+fn backups_and_marks(shared: &Shared) -> (usize, usize) {
+    let out = restic(&shared.repo(), &shared.key(), &["snapshots", "--json"]);
+    let snaps: Vec<serde_json::Value> = serde_json::from_str(&out).expect("restic json");
+    let tagged = |prefix: &str| {
+        snaps
+            .iter()
+            .filter(|s| {
+                s["tags"]
+                    .as_array()
+                    .is_some_and(|t| t.iter().any(|t| t.as_str().is_some_and(|t| t.starts_with(prefix))))
+            })
+            .count()
+    };
+    (tagged("cellar-backup="), tagged("cellar-deleted="))
+}
+
+/// A backup deleted while the node holding part of it is down: an upload the node had not
+/// finished, and a copy it keeps locally. DeleteSnapshot answers OK (a backup outlives its
+/// node), and when the node is back it drops both instead of uploading the first again, which
+/// left a ready backup no VolumeSnapshot names and that nothing would ever delete.
+#[tokio::test]
+async fn a_backup_deleted_while_its_node_is_down_is_not_uploaded_when_it_returns() {
+    let (shared, mut c, v) = two_nodes_and_a_volume_on_node_1("pvc-away").await;
+    let snapshot = |name: &str, keep: bool| {
+        let mut req = backup_req(name, &v.volume_id, false);
+        if keep {
+            req.parameters.insert("keepLocal".into(), "true".into());
+        }
+        req
+    };
+    let kept = c
+        .ctl()
+        .await
+        .create_snapshot(snapshot("snap-kept", true))
+        .await
+        .expect("CreateSnapshot kept")
+        .into_inner()
+        .snapshot
+        .expect("snapshot");
+    until_ready(&c, &kept.snapshot_id, || {}).await;
+    // node-1 again, dying as its next upload has written its data and pending snapshot.
+    c.kill_node(0);
+    c.start_node_with(0, &[("CELLAR_CRASH_AT", "backup:after-upload")]);
+    c.wait_registered().await;
+    let cut = c
+        .ctl()
+        .await
+        .create_snapshot(snapshot("snap-cut", false))
+        .await
+        .expect("CreateSnapshot")
+        .into_inner()
+        .snapshot
+        .expect("snapshot");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !c.log_of(0).contains("crash point backup:after-upload reached") {
+        assert!(
+            Instant::now() < deadline,
+            "node-1 never reached its crash point\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    c.kill_node(0);
+    let local = c.pool_dir(0).join("snapshots");
+    let entries = || -> Vec<String> {
+        std::fs::read_dir(&local)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        entries().len() >= 2,
+        "both local snapshots are on node-1: {:?}",
+        entries()
+    );
+    for id in [&cut.snapshot_id, &kept.snapshot_id] {
+        c.ctl()
+            .await
+            .delete_snapshot(DeleteSnapshotRequest {
+                snapshot_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("DeleteSnapshot {id} with its node down: {e:?}"));
+    }
+    assert_eq!(backups_and_marks(&shared), (0, 2), "forgotten, and a mark for each");
+    // node-1 back: it drops both and their marks, and uploads nothing.
+    c.start_node(0);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !entries().iter().all(|e| e.starts_with('.')) || backups_and_marks(&shared).1 > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "node-1 kept {:?}, the repository holds {:?}\n{}",
+            entries(),
+            backups_and_marks(&shared),
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        backups_and_marks(&shared),
+        (0, 0),
+        "no backup uploaded again\n{}",
+        c.logs()
+    );
+    let listed = c
+        .ctl()
+        .await
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .expect("ListSnapshots")
+        .into_inner();
+    assert!(listed.entries.is_empty(), "{:?}", listed.entries);
 }

@@ -383,10 +383,9 @@ impl Packs {
 }
 
 /// Stores data blobs and trees (the trees in order, so that a later one may name an earlier one's
-/// id) with an index, sealed with `key`: for tests that need a repository holding what no backup
-/// cellar makes would hold.
-#[cfg(test)]
-pub(crate) fn store_for_test(
+/// id) with an index, sealed with `key`: the empty tree of a deletion mark, and for tests a
+/// repository holding what no backup cellar makes would hold.
+pub(crate) fn store(
     be: Arc<dyn WriteBackend>,
     key: &MasterKey,
     data: &[Vec<u8>],

@@ -29,7 +29,7 @@ use rustic_backend::BackendOptions;
 use rustic_core::repofile::SnapshotFile;
 use rustic_core::{
     ConfigOptions, Credentials, ErrorKind, KeyOptions, OpenStatus, Repository, RepositoryBackends, RepositoryOptions,
-    RusticError,
+    RusticError, SnapshotOptions,
 };
 use serde::{Deserialize, Serialize};
 
@@ -423,6 +423,13 @@ const TAG_VOLUME: &str = "cellar-volume=";
 /// An upload's snapshot before its completeness check: not a backup yet (never listed, never
 /// restored). Once checked, an untagged copy is written and this one removed.
 const TAG_PENDING: &str = "cellar-pending";
+/// A deletion mark: backup `<key>` was deleted while a node that may hold a part of it (an
+/// upload not finished, a kept local copy) could not be told. That node drops its part when it
+/// sees the mark, instead of finishing the upload. Not a backup: it carries no [`TAG_KEY`].
+const TAG_DELETED: &str = "cellar-deleted=";
+/// How long a deletion mark no node consumed is kept: a node away longer than this that still
+/// holds an unfinished upload of a deleted backup uploads it again (docs/backups.md).
+pub const DELETED_MARK_DAYS: i64 = 90;
 
 /// The node of a backup's data in its snapshot's tree; `None` for an empty tree (rustic saves no
 /// node for a source directory with no entries).
@@ -719,6 +726,71 @@ impl Backups {
         }
     }
 
+    /// Marks backup `id` deleted in its repository (see [`TAG_DELETED`]), unless a mark is
+    /// there already. A repository not initialised holds no backup: nothing to mark.
+    pub fn mark_deleted(&self, id: &BackupId) -> Result<(), StorageError> {
+        let cfg = self.config(id.repository())?;
+        let Some((repo, snaps)) = self.any_snapshots(id.repository())? else {
+            return Ok(());
+        };
+        let tag = format!("{TAG_DELETED}{}", id.key());
+        if snaps.iter().any(|s| s.tags.iter().any(|t| *t == tag)) {
+            return Ok(());
+        }
+        // A snapshot needs a tree every tool can read: the empty one.
+        let be = self.write_backend(id.repository())?;
+        let trees = image::store(be.clone(), &repo.key(), &[], &[rustic_core::repofile::Tree::default()])
+            .map_err(|e| cfg.error(e))?;
+        let mut mark = SnapshotOptions::default()
+            .label("cellar".to_string())
+            .add_tags(&tag)
+            .and_then(|o| {
+                o.description(format!(
+                    "cellar: backup {id} was deleted while a node that may hold part of it could not be told"
+                ))
+                .to_snapshot()
+            })
+            .map_err(|e| cfg.error(e))?;
+        mark.tree = trees[0];
+        image::write_snapshot(&*be, &repo.key(), &mut mark).map_err(|e| cfg.error(e))?;
+        tracing::info!(backup = %id, "deletion mark written for a node that could not be told");
+        Ok(())
+    }
+
+    /// Whether backup `id` carries a deletion mark.
+    pub fn is_marked_deleted(&self, id: &BackupId) -> Result<bool, StorageError> {
+        let tag = format!("{TAG_DELETED}{}", id.key());
+        Ok(self
+            .any_snapshots(id.repository())?
+            .is_some_and(|(_, snaps)| snaps.iter().any(|s| s.tags.iter().any(|t| *t == tag))))
+    }
+
+    /// Removes backup `id`'s deletion marks (the node that held its part has dropped it), and
+    /// any mark older than [`DELETED_MARK_DAYS`].
+    pub fn clear_deleted_marks(&self, id: Option<&BackupId>, repository: &PoolName) -> Result<(), StorageError> {
+        let cfg = self.config(repository)?;
+        let Some((repo, snaps)) = self.any_snapshots(repository)? else {
+            return Ok(());
+        };
+        let now = rustic_core::jiff::Timestamp::now().as_second();
+        let tag = id.map(|i| format!("{TAG_DELETED}{}", i.key()));
+        let ids: Vec<_> = snaps
+            .iter()
+            .filter(|s| {
+                s.tags.iter().any(|t| {
+                    t.starts_with(TAG_DELETED)
+                        && (tag.as_deref() == Some(t.as_str())
+                            || now - s.time.timestamp().as_second() > DELETED_MARK_DAYS * 86_400)
+                })
+            })
+            .map(|s| s.id)
+            .collect();
+        if !ids.is_empty() {
+            repo.delete_snapshots(&ids).map_err(|e| cfg.error(e))?;
+        }
+        Ok(())
+    }
+
     /// Forgets a backup: removes every restic snapshot carrying its key. Its data stays until a
     /// prune finds it unreferenced. Forgetting what is not there succeeds.
     pub fn forget(&self, id: &BackupId) -> Result<(), StorageError> {
@@ -799,6 +871,7 @@ impl Backups {
         let cfg = self.config(name)?;
         let span = rustic_core::jiff::Span::new().seconds(keep_delete.as_secs() as i64);
         let opts = rustic_core::PruneOptions::default().keep_delete(span);
+        self.clear_deleted_marks(None, name)?;
         let repo = self.open(name)?;
         let plan = repo.prune_plan(&opts).map_err(|e| cfg.error(e))?;
         let stats = &plan.stats;

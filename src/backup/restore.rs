@@ -475,8 +475,8 @@ mod tests {
         let mut volume = Node::new_node(std::ffi::OsStr::new("volume"), NodeType::Dir, Metadata::default());
         volume.subtree = Some(inner_id);
         let root = Tree { nodes: vec![volume] };
-        let ids = image::store_for_test(be.clone(), &master, data, &[inner, root])
-            .unwrap_or_else(|e| panic!("store: {}", e.text));
+        let ids =
+            image::store(be.clone(), &master, data, &[inner, root]).unwrap_or_else(|e| panic!("store: {}", e.text));
         let meta = crate::backup::testing::dir_meta(&format!("snap-{key}"));
         let mut snap = SnapshotOptions::default()
             .add_tags(&format!("{TAG_KEY}{key}"))

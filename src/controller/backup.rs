@@ -221,8 +221,10 @@ impl ControllerService {
 
     /// DeleteSnapshot of a backup: each node forgets its part (a local copy, or an upload in
     /// progress, which answers ABORTED until it ends), then the repository forgets it; its data
-    /// goes at the next prune. A node that cannot be reached keeps its local copy until it is
-    /// back (docs/backups.md).
+    /// goes at the next prune. When a node could not be told (it did not answer, or the backup
+    /// is not in the repository, so that a node this controller does not know may hold an
+    /// unfinished upload), a deletion mark is written first: that node drops its part when it
+    /// sees the mark instead of uploading a backup nobody can delete (docs/backups.md).
     pub(super) async fn delete_backup(&self, id: &BackupId) -> Result<(), ControllerError> {
         let agents = self.directory.all();
         let answers = super::ask_all(&agents, |a| {
@@ -231,28 +233,32 @@ impl ControllerService {
         })
         .await;
         let configured = self.backups.config(id.repository()).is_ok();
+        let find = || async {
+            if configured {
+                let i = id.clone();
+                blocking(&self.backups, move |b| b.find(&i)).await
+            } else {
+                Ok(None)
+            }
+        };
         // Once uploaded, the repository names the node that cut the backup: only that node's
         // refusal stands (another node's cannot hold every backup's delete hostage).
-        let mut uploader: Option<Option<String>> = None;
+        let mut stored: Option<Option<BackupInfo>> = None;
+        let mut untold = false;
         for (a, answer) in agents.iter().zip(answers) {
             let Err(e) = answer else { continue };
             if e.is_unavailable() {
-                tracing::warn!(node = a.node().as_str(), backup = %id, error = %e, "node unreachable; its part of the backup stays until it is back");
+                tracing::warn!(node = a.node().as_str(), backup = %id, error = %e, "node unreachable; a deletion mark tells it once it is back");
+                untold = true;
                 continue;
             }
-            if uploader.is_none() {
-                let found = if configured {
-                    let i = id.clone();
-                    blocking(&self.backups, move |b| b.find(&i)).await?
-                } else {
-                    None
-                };
-                uploader = Some(found.map(|b| b.meta.node));
+            if stored.is_none() {
+                stored = Some(find().await?);
             }
             // The shared pools' agent answers for backups of shared volumes, whose uploader is
             // named by a controller pod (another one, after a restart): its refusal stands.
             let shared = self.directory.shared().is_some_and(|s| s.node() == a.node());
-            match uploader.as_ref().and_then(Option::as_ref) {
+            match stored.as_ref().and_then(Option::as_ref).map(|b| &b.meta.node) {
                 Some(node) if node != a.node().as_str() && !shared => {
                     tracing::warn!(node = a.node().as_str(), uploader = node.as_str(), backup = %id, error = %e, "refusal of a node that did not cut the backup passed over");
                 }
@@ -262,6 +268,15 @@ impl ControllerService {
         if !configured {
             tracing::warn!(backup = %id, "DeleteSnapshot of a backup in a repository that is not configured: nothing to forget");
             return Ok(());
+        }
+        let stored = match stored {
+            Some(s) => s,
+            None => find().await?,
+        };
+        let i = id.clone();
+        if untold || stored.is_none() {
+            // Before the forget: a node that finishes an upload after it looks for the mark.
+            blocking(&self.backups, move |b| b.mark_deleted(&i)).await?;
         }
         let i = id.clone();
         blocking(&self.backups, move |b| b.forget(&i)).await

@@ -120,6 +120,9 @@ impl LocalEngine {
             if let Some(m) = &rec.backup {
                 if !m.uploaded || !m.keep_local {
                     self.spawn_upload(&rec);
+                } else {
+                    // A kept copy whose backup was deleted while this node was away goes.
+                    self.drop_if_marked_deleted(&rec);
                 }
             }
         }
@@ -172,6 +175,9 @@ impl LocalEngine {
             return Ok(());
         };
         let Some(mark) = rec.backup.clone() else { return Ok(()) };
+        if !mark.uploaded && self.backups.is_marked_deleted(&mark.id)? {
+            return self.drop_deleted(pool, &rec, &mark.id);
+        }
         if !mark.uploaded {
             let data = pool.data_path(Kind::Snapshot, key);
             let (path, root) = match rec.layout {
@@ -204,6 +210,12 @@ impl LocalEngine {
                 _ => None,
             };
             backup::upload::upload(&self.backups, &mark.id, &meta, &data, base)?;
+            // Deleted meanwhile by a controller that could not tell this node: it wrote its mark
+            // before it forgot the backup, so either it forgot this upload or the mark is seen.
+            if self.backups.is_marked_deleted(&mark.id)? {
+                self.backups.forget(&mark.id)?;
+                return self.drop_deleted(pool, &rec, &mark.id);
+            }
             crash::point("backup:before-mark");
             rec.backup = Some(BackupMark {
                 uploaded: true,
@@ -233,6 +245,42 @@ impl LocalEngine {
         tracing::info!(snapshot = %id, backup = %mark.id, "local copy of an uploaded backup removed");
         drop(held);
         Ok(())
+    }
+
+    /// Removes the local snapshot of backup `backup`, deleted while this node could not be told,
+    /// then its deletion mark (a crash between leaves the mark for the next look, or its expiry).
+    fn drop_deleted(&self, pool: &Pool, rec: &SnapshotRecord, backup: &BackupId) -> Result<(), StorageError> {
+        self.remove_object(pool, Kind::Snapshot, &rec.id.0.key, &rec.id.to_string())?;
+        tracing::info!(snapshot = %rec.id, backup = %backup, "backup deleted while this node was away: local snapshot removed");
+        self.backups.clear_deleted_marks(Some(backup), backup.repository())
+    }
+
+    /// At start: a kept local copy of a backup marked deleted goes (in the background: the
+    /// repository may be slow or unreachable, and then the next start looks again).
+    fn drop_if_marked_deleted(self: &Arc<Self>, rec: &SnapshotRecord) {
+        let Some(backup) = rec.backup.as_ref().map(|m| m.id.clone()) else {
+            return;
+        };
+        let (me, id) = (self.clone(), rec.id.clone());
+        let spawned = std::thread::Builder::new().name("cellar-backup-mark".into()).spawn(move || {
+            let done = (|| -> Result<(), StorageError> {
+                if !me.backups.is_marked_deleted(&backup)? {
+                    return Ok(());
+                }
+                let Some(pool) = me.locate(&id.0) else { return Ok(()) };
+                let _held = me.take(Kind::Snapshot, &id.0.pool, &id.0.key, &id.to_string())?;
+                match me.snapshot(&id) {
+                    Some(rec) => me.drop_deleted(pool, &rec, &backup),
+                    None => Ok(()),
+                }
+            })();
+            if let Err(e) = done {
+                tracing::warn!(snapshot = %id, backup = %backup, error = %e, "cannot tell whether a kept backup copy was deleted; next start looks again");
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(snapshot = %rec.id, error = %e, "cannot start the deletion-mark check");
+        }
     }
 
     /// Whether an uploaded backup's local copy stays as its volume's base: an image whose volume
