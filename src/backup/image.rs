@@ -297,6 +297,9 @@ struct IndexBlob {
 struct IndexPack {
     id: String,
     blobs: Vec<IndexBlob>,
+    /// When the pack was written (RFC 3339), as rustic's packer records it: a prune keeps a
+    /// pack younger than its `keep_pack`, and one with no time is never young.
+    time: String,
 }
 
 #[derive(Serialize)]
@@ -377,6 +380,7 @@ impl Packs {
         self.written.push(IndexPack {
             id: hex::encode(id),
             blobs: std::mem::take(&mut self.blobs),
+            time: rustic_core::jiff::Timestamp::now().to_string(),
         });
         Ok(())
     }

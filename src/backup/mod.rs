@@ -239,6 +239,17 @@ impl RepositoryConfig {
     /// match, a blob the index lost) is data loss.
     pub fn read_error(&self, e: Box<RusticError>) -> StorageError {
         if is_not_found(&e) {
+            // A share unmounted under a running restore leaves its mount point: that is a
+            // repository gone from view, not one that lost a pack.
+            if let Location::Path(root) = &self.location {
+                if !root.join("config").exists() {
+                    return StorageError::Unavailable(format!(
+                        "backup repository '{}' ({}) cannot be reached: its config is not there any more",
+                        self.name.as_str(),
+                        self.describe()
+                    ));
+                }
+            }
             return StorageError::DataLoss(format!(
                 "backup repository '{}': a pack its index names is not there ({})",
                 self.name.as_str(),
@@ -757,12 +768,15 @@ impl Backups {
         Ok(())
     }
 
-    /// Whether backup `id` carries a deletion mark.
+    /// Whether backup `id` carries a deletion mark. A node asks about a backup it holds, so
+    /// its repository was initialised: one that looks uninitialised (a share not mounted yet)
+    /// cannot tell, and is an error.
     pub fn is_marked_deleted(&self, id: &BackupId) -> Result<bool, StorageError> {
+        let cfg = self.config(id.repository())?;
+        let repo = self.open(id.repository())?;
         let tag = format!("{TAG_DELETED}{}", id.key());
-        Ok(self
-            .any_snapshots(id.repository())?
-            .is_some_and(|(_, snaps)| snaps.iter().any(|s| s.tags.iter().any(|t| *t == tag))))
+        let snaps = self.snapshots(id.repository(), &repo).map_err(|e| cfg.error(e))?;
+        Ok(snaps.iter().any(|s| s.tags.iter().any(|t| *t == tag)))
     }
 
     /// Removes backup `id`'s deletion marks (the node that held its part has dropped it), and
@@ -822,7 +836,8 @@ pub struct Verified {
 /// What a prune did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pruned {
-    /// Packs marked unused now (removed by a later prune, once `keep_delete` has passed).
+    /// Packs found unused now, and so marked (removed by a later prune, once `keep_delete` has
+    /// passed) unless their time is ahead of this process's clock.
     pub packs_marked: u64,
     /// Packs removed now.
     pub packs_removed: u64,
@@ -871,7 +886,9 @@ impl Backups {
         let cfg = self.config(name)?;
         let span = rustic_core::jiff::Span::new().seconds(keep_delete.as_secs() as i64);
         let opts = rustic_core::PruneOptions::default().keep_delete(span);
-        self.clear_deleted_marks(None, name)?;
+        if let Err(e) = self.clear_deleted_marks(None, name) {
+            tracing::warn!(repository = name.as_str(), error = %e, "old deletion marks not removed; the next prune tries again");
+        }
         let repo = self.open(name)?;
         let plan = repo.prune_plan(&opts).map_err(|e| cfg.error(e))?;
         let stats = &plan.stats;
@@ -883,28 +900,35 @@ impl Backups {
         };
         crate::crash::point("backup:prune-planned");
         repo.prune(&opts, plan).map_err(|e| cfg.error(e))?;
-        if done.packs_marked + done.packs_repacked > 0 {
-            // Nothing is marked or repacked by this pass: every unmarked pack is young enough.
-            let recover = rustic_core::PruneOptions::default()
-                .keep_delete(span)
-                .keep_pack(rustic_core::jiff::Span::new().hours(100 * 365 * 24));
-            let mut tries = 1;
-            loop {
-                let repo = self.open(name)?;
-                match repo.prune_plan(&recover).and_then(|plan| {
-                    let recovered = plan.stats.packs_to_delete.recover;
-                    repo.prune(&recover, plan).map(|()| recovered)
-                }) {
-                    Ok(n) => {
-                        done.packs_recovered += n;
-                        break;
-                    }
-                    // A snapshot file going away while the prune reads them (an upload's
-                    // pending copy): plan again.
-                    Err(e) if tries < 10 && is_not_found(&e) => tries += 1,
-                    Err(e) => return Err(cfg.error(e)),
+        // Recover passes: every pack with a time is young enough to be kept and nothing is
+        // repacked, so they only bring back marked packs a backup listed by now uses, and mark
+        // packs no time protects (written by a tool that records none) that nothing uses. A pass
+        // that marked such packs has the first pass's window, so another pass follows it.
+        let recover = recover_options(span).map_err(|e| cfg.error(e))?;
+        let (mut marked, mut tries) = (done.packs_marked + done.packs_repacked > 0, 1);
+        while marked {
+            let repo = self.open(name)?;
+            let planned = repo.prune_plan(&recover).and_then(|plan| {
+                let stats = &plan.stats;
+                let pass = (
+                    stats.blobs_sum().remove > 0,
+                    stats.packs_to_delete.recover,
+                    stats.packs_to_delete.remove,
+                );
+                repo.prune(&recover, plan).map(|()| pass)
+            });
+            match planned {
+                Ok((again, recovered, removed)) => {
+                    done.packs_recovered += recovered;
+                    done.packs_removed += removed;
+                    marked = again && tries < 10;
                 }
+                // A snapshot file going away while the prune reads them (an upload's
+                // pending copy): plan again.
+                Err(e) if tries < 10 && is_not_found(&e) => {}
+                Err(e) => return Err(cfg.error(e)),
             }
+            tries += 1;
         }
         if let Location::Path(root) = &cfg.location {
             remove_stale_temps(root, keep_delete);
@@ -919,6 +943,14 @@ impl Backups {
         );
         Ok(done)
     }
+}
+
+/// The options of a prune's recover passes: every pack with a time is young, nothing is repacked.
+fn recover_options(keep_delete: rustic_core::jiff::Span) -> rustic_core::RusticResult<rustic_core::PruneOptions> {
+    Ok(rustic_core::PruneOptions::default()
+        .keep_delete(keep_delete)
+        .keep_pack(rustic_core::jiff::Span::new().hours(100 * 365 * 24))
+        .max_repack("0".parse::<rustic_core::LimitOption>()?))
 }
 
 impl Backups {
@@ -978,8 +1010,8 @@ fn remove_stale_temps(root: &Path, keep_delete: std::time::Duration) {
     }
 }
 
-/// A claim on initialising a path repository, so that two processes (two controller replicas,
-/// two nodes' first backups) never both write a config: an exclusive flock on a file beside the
+/// A claim on initialising a path repository, so that two processes (two controller replicas;
+/// nodes never initialise) never both write a config: an exclusive flock on a file beside the
 /// repository, removed when done. A process killed while initialising leaves the file but not
 /// its lock: the next one takes it over (a leftover file made every backup ABORTED before).
 fn claim_init(cfg: &RepositoryConfig, repo: &Path) -> Result<crate::sys::files::HeldLockFile, StorageError> {
@@ -1020,15 +1052,20 @@ pub(crate) mod testing {
 
     /// Backups of one repository `offsite` under `dir` (not initialised).
     pub fn backups(dir: &Path) -> (Backups, PoolName) {
+        let cfg = repository(dir);
+        let name = cfg.name.clone();
+        (Backups::new(vec![cfg], Throttle::unlimited()), name)
+    }
+
+    /// The repository `offsite` under `dir`, with its password file.
+    pub fn repository(dir: &Path) -> RepositoryConfig {
         let password = dir.join("password");
         std::fs::write(&password, "a key that is long enough\n").unwrap();
-        let name = PoolName::parse("offsite").unwrap();
-        let cfg = RepositoryConfig {
-            name: name.clone(),
+        RepositoryConfig {
+            name: PoolName::parse("offsite").unwrap(),
             location: Location::Path(dir.join("repo")),
             password_file: password,
-        };
-        (Backups::new(vec![cfg], Throttle::unlimited()), name)
+        }
     }
 
     /// The meta of a `dir` volume's backup named `name`.
@@ -1231,6 +1268,30 @@ mod tests {
         b.open_or_init(&name, true).expect("a stale claim is taken over");
         assert!(dir.path().join("repo/config").exists());
         assert!(!claim.exists(), "the claim goes once the repository is made");
+    }
+
+    /// A recover pass must not mark what an upload running meanwhile wrote: packs cellar indexes
+    /// itself (image chunks, marks' trees) carry their time, so they are young to it, and nothing
+    /// is repacked. (cellar's index wrote no time before: such packs were never young, and the
+    /// recover pass marked an upload's packs whose snapshot it had not seen yet.)
+    #[test]
+    fn a_recover_pass_marks_nothing_an_upload_in_flight_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = testing::backups(dir.path());
+        let repo = b.open_or_init(&name, true).unwrap();
+        let be = b.write_backend(&name).unwrap();
+        // Chunks and a tree indexed, the snapshot naming them not written yet.
+        let data = vec![vec![1u8; 70_000], vec![2u8; 90_000]];
+        image::store(be, &repo.key(), &data, &[rustic_core::repofile::Tree::default()])
+            .unwrap_or_else(|e| panic!("store: {}", e.text));
+        let span = rustic_core::jiff::Span::new().seconds(3600);
+        let plan = b
+            .open(&name)
+            .unwrap()
+            .prune_plan(&recover_options(span).unwrap())
+            .unwrap();
+        assert_eq!(plan.stats.blobs_sum().remove, 0, "nothing an upload wrote is marked");
+        assert!(plan.repack_packs().is_empty(), "nothing is repacked");
     }
 
     /// The S3 backend's "not found" is recognised as the local one is; other failures are not

@@ -584,6 +584,16 @@ mod tests {
                 Err(StorageError::DataLoss(_)) => {}
                 other => panic!("{lost} pack gone: want DATA_LOSS, got {:?}", other.map(|f| f.len())),
             }
+            // The whole repository gone from view mid-restore (a share unmounted under it): the
+            // repository cannot be reached, nothing is known lost.
+            if lost == "data" {
+                let f = frames(&backups, &id, Layout::Dir).unwrap();
+                std::fs::rename(dir.path().join("repo"), dir.path().join("away")).unwrap();
+                match f.collect::<Result<Vec<Frame>, StorageError>>() {
+                    Err(StorageError::Unavailable(_)) => {}
+                    other => panic!("repository gone: want UNAVAILABLE, got {:?}", other.map(|f| f.len())),
+                }
+            }
         }
     }
 

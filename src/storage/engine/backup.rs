@@ -106,10 +106,12 @@ impl LocalEngine {
         Ok(rec)
     }
 
-    /// Makes the background uploads possible, and resumes every upload (and every removal of an
-    /// uploaded local copy) that a restart cut short.
+    /// Makes the background uploads possible, resumes every upload (and every removal of an
+    /// uploaded local copy) that a restart cut short, and drops the kept copies of backups deleted
+    /// while this node was away.
     pub fn start_uploads(self: &Arc<Self>) {
         let _ = self.me.set(Arc::downgrade(self));
+        let mut kept = Vec::new();
         // Only the pools this process owns: a node also opens the shared pools, whose snapshots
         // the controller cut and uploads.
         for rec in self
@@ -121,11 +123,11 @@ impl LocalEngine {
                 if !m.uploaded || !m.keep_local {
                     self.spawn_upload(&rec);
                 } else {
-                    // A kept copy whose backup was deleted while this node was away goes.
-                    self.drop_if_marked_deleted(&rec);
+                    kept.push(rec);
                 }
             }
         }
+        self.drop_kept_if_marked_deleted(kept);
     }
 
     /// Starts the upload of a snapshot's backup in the background, unless it runs already or
@@ -175,7 +177,9 @@ impl LocalEngine {
             return Ok(());
         };
         let Some(mark) = rec.backup.clone() else { return Ok(()) };
-        if !mark.uploaded && self.backups.is_marked_deleted(&mark.id)? {
+        // Deleted while this node could not be told: an upload not finished is not resumed, and
+        // an uploaded copy kept as its volume's base goes.
+        if self.backups.is_marked_deleted(&mark.id)? {
             return self.drop_deleted(pool, &rec, &mark.id);
         }
         if !mark.uploaded {
@@ -247,39 +251,63 @@ impl LocalEngine {
         Ok(())
     }
 
-    /// Removes the local snapshot of backup `backup`, deleted while this node could not be told,
-    /// then its deletion mark (a crash between leaves the mark for the next look, or its expiry).
+    /// Forgets backup `backup` (deleted while this node could not be told) in its repository,
+    /// removes its local snapshot, then its deletion mark (a crash between leaves the mark for the next look, or its expiry).
     fn drop_deleted(&self, pool: &Pool, rec: &SnapshotRecord, backup: &BackupId) -> Result<(), StorageError> {
+        // A copy this node wrote after the controller's forget (and then crashed before its own
+        // look for the mark) goes too.
+        self.backups.forget(backup)?;
         self.remove_object(pool, Kind::Snapshot, &rec.id.0.key, &rec.id.to_string())?;
         tracing::info!(snapshot = %rec.id, backup = %backup, "backup deleted while this node was away: local snapshot removed");
         self.backups.clear_deleted_marks(Some(backup), backup.repository())
     }
 
-    /// At start: a kept local copy of a backup marked deleted goes (in the background: the
-    /// repository may be slow or unreachable, and then the next start looks again).
-    fn drop_if_marked_deleted(self: &Arc<Self>, rec: &SnapshotRecord) {
-        let Some(backup) = rec.backup.as_ref().map(|m| m.id.clone()) else {
+    /// At start: the kept local copies of backups marked deleted go, looked at one after the
+    /// other in one background thread; those it cannot tell (the repository is slow, not mounted
+    /// yet, unreachable) are looked at again, backing off as uploads do, while the engine lives.
+    fn drop_kept_if_marked_deleted(self: &Arc<Self>, kept: Vec<SnapshotRecord>) {
+        if kept.is_empty() {
             return;
-        };
-        let (me, id) = (self.clone(), rec.id.clone());
-        let spawned = std::thread::Builder::new().name("cellar-backup-mark".into()).spawn(move || {
-            let done = (|| -> Result<(), StorageError> {
-                if !me.backups.is_marked_deleted(&backup)? {
-                    return Ok(());
+        }
+        let me = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new().name("cellar-backup-marks".into()).spawn(move || {
+            let (mut left, mut wait) = (kept, Duration::from_secs(2));
+            loop {
+                let Some(engine) = me.upgrade() else { return };
+                left.retain(|rec| match engine.drop_kept_if_marked(rec) {
+                    Ok(()) => false,
+                    Err(e) => {
+                        tracing::warn!(snapshot = %rec.id, error = %e, retry_in_s = wait.as_secs(), "cannot tell whether a kept backup copy was deleted; looking again");
+                        true
+                    }
+                });
+                drop(engine);
+                if left.is_empty() {
+                    return;
                 }
-                let Some(pool) = me.locate(&id.0) else { return Ok(()) };
-                let _held = me.take(Kind::Snapshot, &id.0.pool, &id.0.key, &id.to_string())?;
-                match me.snapshot(&id) {
-                    Some(rec) => me.drop_deleted(pool, &rec, &backup),
-                    None => Ok(()),
-                }
-            })();
-            if let Err(e) = done {
-                tracing::warn!(snapshot = %id, backup = %backup, error = %e, "cannot tell whether a kept backup copy was deleted; next start looks again");
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(RETRY_CAP);
             }
         });
         if let Err(e) = spawned {
-            tracing::warn!(snapshot = %rec.id, error = %e, "cannot start the deletion-mark check");
+            tracing::warn!(error = %e, "cannot start the deletion-mark check of kept backup copies");
+        }
+    }
+
+    /// Drops kept copy `rec` if its backup is marked deleted.
+    fn drop_kept_if_marked(&self, rec: &SnapshotRecord) -> Result<(), StorageError> {
+        let Some(backup) = rec.backup.as_ref().map(|m| m.id.clone()) else {
+            return Ok(());
+        };
+        if !self.backups.is_marked_deleted(&backup)? {
+            return Ok(());
+        }
+        let id = &rec.id;
+        let Some(pool) = self.locate(&id.0) else { return Ok(()) };
+        let _held = self.take(Kind::Snapshot, &id.0.pool, &id.0.key, &id.to_string())?;
+        match self.snapshot(id) {
+            Some(rec) => self.drop_deleted(pool, &rec, &backup),
+            None => Ok(()),
         }
     }
 
@@ -422,8 +450,103 @@ impl LocalEngine {
 
 #[cfg(test)]
 mod tests {
-    use super::add_chunked;
+    use super::*;
     use crate::backup::image::{Parent, CHUNK};
+
+    /// An engine with one `dir` pool and the repository `offsite` (initialised) under a new
+    /// directory, and a backup of a new volume cut there. Uploads are not started in this
+    /// engine: the record waits, as after a restart, until a test calls `upload_step`.
+    fn cut_backup(keep_local: bool) -> (tempfile::TempDir, Arc<LocalEngine>, SnapshotRecord, BackupId) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::storage::config::Config::default_for(&dir.path().join("node"));
+        config.repositories = vec![crate::backup::testing::repository(dir.path())];
+        let engine = Arc::new(LocalEngine::open(NodeId::parse("n1").unwrap(), &config).expect("engine"));
+        let repository = PoolName::parse("offsite").unwrap();
+        engine.backups().open_or_init(&repository, true).unwrap();
+        let vol = engine
+            .create_volume(NewVolume::plain("pvc-1", Some(Layout::Dir), 1 << 20))
+            .expect("volume");
+        let req = BackupRequest { repository, keep_local };
+        let rec = engine.create_backup("snap-1", &vol.id, false, &req).expect("cut");
+        let backup = rec.backup.clone().unwrap().id;
+        (dir, engine, rec, backup)
+    }
+
+    /// A kept copy of a backup deleted while its node was away goes once the node can read the
+    /// repository: at start it may not (a share mounted later), and it is looked at again.
+    #[test]
+    fn a_kept_copy_of_a_deleted_backup_goes_once_the_repository_is_back() {
+        let (dir, engine, rec, backup) = cut_backup(true);
+        engine.upload_step(&rec.id).expect("upload");
+        assert!(engine
+            .snapshot(&rec.id)
+            .is_some_and(|r| r.backup.is_some_and(|m| m.uploaded)));
+        // Deleted while the node was away; the node starts with the repository out of view.
+        engine.backups().mark_deleted(&backup).unwrap();
+        engine.backups().forget(&backup).unwrap();
+        let (repo, away) = (dir.path().join("repo"), dir.path().join("away"));
+        std::fs::rename(&repo, &away).unwrap();
+        engine.start_uploads();
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            engine.snapshot(&rec.id).is_some(),
+            "not dropped without reading the mark"
+        );
+        std::fs::rename(&away, &repo).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while engine.snapshot(&rec.id).is_some() {
+            assert!(std::time::Instant::now() < deadline, "the kept copy stayed");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            !engine.backups().is_marked_deleted(&backup).unwrap(),
+            "the mark is consumed"
+        );
+    }
+
+    /// A node cut off from the controller uploads on: the controller marks the backup deleted
+    /// and forgets it before the node writes its checked copy, and the node dies before it looks
+    /// for the mark. When it resumes, it must forget that copy, not only drop its local snapshot
+    /// (the copy stayed, a ready backup nothing would delete).
+    #[test]
+    fn a_copy_written_after_the_delete_goes_when_the_node_resumes() {
+        use crate::crash::in_thread;
+        let (_dir, engine, rec, backup) = cut_backup(false);
+        let pause = Arc::new(in_thread::Pause::default());
+        let uploading = {
+            let (engine, id, pause) = (engine.clone(), rec.id.clone(), pause.clone());
+            std::thread::spawn(move || {
+                in_thread::pause_at(Some(("backup:after-upload", pause)));
+                in_thread::crash_at(Some("backup:checked-copy-written"));
+                engine.upload_step(&id)
+            })
+        };
+        assert!(
+            pause.reached(Duration::from_secs(60)),
+            "the upload saved its pending copy"
+        );
+        // The controller, which could not tell the node: mark, then forget.
+        engine.backups().mark_deleted(&backup).unwrap();
+        engine.backups().forget(&backup).unwrap();
+        pause.release();
+        assert!(uploading.join().is_err(), "the node died after its checked copy");
+        assert!(
+            engine.backups().find_even_pending(&backup).unwrap().is_some(),
+            "the checked copy was written after the forget"
+        );
+        // The resumed upload finds the mark.
+        engine.upload_step(&rec.id).expect("resume");
+        assert_eq!(
+            engine.backups().find_even_pending(&backup).unwrap(),
+            None,
+            "no backup comes back"
+        );
+        assert!(engine.snapshot(&rec.id).is_none(), "the local snapshot is gone");
+        assert!(
+            !engine.backups().is_marked_deleted(&backup).unwrap(),
+            "the mark is consumed"
+        );
+    }
 
     /// Every other 4 KiB block of 64 chunks changed: 64 ranges kept, not 8,192, and the same
     /// chunks marked changed as the ranges one by one would mark.
