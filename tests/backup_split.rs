@@ -565,6 +565,8 @@ async fn a_backup_deleted_while_its_node_is_down_is_not_uploaded_when_it_returns
             .unwrap_or_else(|e| panic!("DeleteSnapshot {id} with its node down: {e:?}"));
     }
     assert_eq!(backups_and_marks(&shared), (0, 2), "forgotten, and a mark for each");
+    // The marks (and the trees cellar wrote for them) are sound for restic.
+    restic(&shared.repo(), &shared.key(), &["check", "--read-data"]);
     // node-1 back: it drops both and their marks, and uploads nothing.
     c.start_node(0);
     let deadline = Instant::now() + Duration::from_secs(120);
