@@ -81,6 +81,8 @@ struct Snap {
     marker: String,
     /// A snapshot that is also a backup into the repository.
     backup: Option<Backup>,
+    /// The group snapshot it is a member of: deleted with the group, never alone.
+    group: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -104,11 +106,19 @@ impl Snap {
     }
 }
 
+/// A group snapshot: its id and its members' snapshot names.
+#[derive(Clone, Debug)]
+struct Group {
+    id: String,
+    members: Vec<String>,
+}
+
 /// What should exist, by name.
 #[derive(Default)]
 struct Model {
     vols: BTreeMap<String, Vol>,
     snaps: BTreeMap<String, Snap>,
+    groups: BTreeMap<String, Group>,
     next: usize,
 }
 
@@ -163,6 +173,17 @@ enum Call {
     DeleteSnapshot {
         id: String,
     },
+    /// CreateVolumeGroupSnapshot of `sources` (volume ids); `per-volume` consistency unless
+    /// every member is an image.
+    Group {
+        name: String,
+        sources: Vec<String>,
+        per_volume: bool,
+    },
+    DeleteGroup {
+        id: String,
+        snapshots: Vec<String>,
+    },
     /// `cellar backup prune` of the repository, as the controller's pruner runs it; with
     /// `keep_delete_secs: 0` only once every upload has finished (docs/backups.md).
     Prune {
@@ -206,6 +227,48 @@ impl Call {
                     })
                     .await
                     .map(|r| r.into_inner().snapshot.map(|s| s.snapshot_id).unwrap_or_default())
+            }
+            Call::Group {
+                name,
+                sources,
+                per_volume,
+            } => {
+                let mut g = group_controller_client::GroupControllerClient::new(
+                    cellar::client::connect(&d.endpoint()).await.expect("connect"),
+                );
+                let mut parameters = std::collections::HashMap::new();
+                if *per_volume {
+                    parameters.insert("consistency".to_string(), "per-volume".to_string());
+                }
+                let got = g
+                    .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
+                        name: name.clone(),
+                        source_volume_ids: sources.clone(),
+                        parameters,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner()
+                    .group_snapshot
+                    .unwrap_or_default();
+                // The group's id, then `source=snapshot` for each member.
+                let mut out = got.group_snapshot_id;
+                for m in got.snapshots {
+                    out.push_str(&format!("\n{}={}", m.source_volume_id, m.snapshot_id));
+                }
+                Ok(out)
+            }
+            Call::DeleteGroup { id, snapshots } => {
+                let mut g = group_controller_client::GroupControllerClient::new(
+                    cellar::client::connect(&d.endpoint()).await.expect("connect"),
+                );
+                g.delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
+                    group_snapshot_id: id.clone(),
+                    snapshot_ids: snapshots.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| String::new())
             }
             Call::Prune {
                 config,
@@ -304,6 +367,16 @@ impl Call {
             Call::DeleteVolume { id } => format!("delete volume {}", short(id)),
             Call::DeleteSnapshot { id } => format!("delete snapshot {}", short(id)),
             Call::Prune { keep_delete_secs, .. } => format!("prune (keep-delete {keep_delete_secs} s)"),
+            Call::Group {
+                name,
+                sources,
+                per_volume,
+            } => format!(
+                "group snapshot {name} of {}{}",
+                sources.iter().map(|s| short(s)).collect::<Vec<_>>().join(", "),
+                if *per_volume { " per-volume" } else { "" }
+            ),
+            Call::DeleteGroup { id, .. } => format!("delete group snapshot {}", short(id)),
         }
     }
 
@@ -342,6 +415,11 @@ impl Call {
                 "backup:before-mark",
             ],
             Call::Prune { .. } => &["backup:prune-planned"],
+            Call::Group { per_volume: false, .. } => {
+                &["group:before-records", "group:before-group-record", "group:frozen"]
+            }
+            Call::Group { .. } => &["group:before-records", "group:before-group-record"],
+            Call::DeleteGroup { .. } => &["delete-group:before-record", "delete:after-trash"],
             Call::Expand { .. } => &["expand:before-record"],
             Call::Stage { .. } => &["stage:before-attach", "stage:after-attach", "stage:before-mount"],
             Call::Publish { .. } => &["publish:before-mount"],
@@ -389,7 +467,7 @@ enum Arm {
     Fail(&'static str, bool),
 }
 
-const ALL_POINTS: [&str; 19] = [
+const ALL_POINTS: [&str; 23] = [
     "backup:after-upload",
     "backup:before-mark",
     "backup:before-upload",
@@ -398,8 +476,12 @@ const ALL_POINTS: [&str; 19] = [
     "copy:before-rename",
     "create-snapshot:before-record",
     "create-volume:before-record",
+    "delete-group:before-record",
     "delete:after-trash",
     "expand:before-record",
+    "group:before-group-record",
+    "group:before-records",
+    "group:frozen",
     "image:before-rename",
     "import:before-rename",
     "import:mid-stream",
@@ -821,6 +903,14 @@ impl Run {
         let idle = self.vols_where(|v| v.staged.is_none());
         let all = self.vols_where(|_| true);
         let snaps: Vec<String> = self.model.snaps.keys().cloned().collect();
+        // A group's members are deleted with it (DeleteSnapshot refuses one alone).
+        let deletable: Vec<String> = self
+            .model
+            .snaps
+            .iter()
+            .filter(|(_, s)| s.group.is_none())
+            .map(|(n, _)| n.clone())
+            .collect();
         let full = all.len() >= MAX_VOLUMES;
         let has_backups = self.model.snaps.values().any(|s| s.backup.is_some());
         if has_backups && self.rng.chance(4) {
@@ -836,6 +926,32 @@ impl Run {
                 config: self.cfg.path().join("config.yaml"),
                 keep_delete_secs,
             };
+            return self.run_step(call).await;
+        }
+        if all.len() >= 2 && self.rng.chance(5) {
+            // Two or three volumes at one point in time; per-volume unless all are images.
+            let mut pick = all.clone();
+            let n = 2 + self.rng.below(2);
+            let mut sources = Vec::new();
+            while sources.len() < n && !pick.is_empty() {
+                let i = self.rng.below(pick.len());
+                sources.push(self.model.vols[&pick.remove(i)].id.clone());
+            }
+            let per_volume = sources
+                .iter()
+                .any(|id| self.vol_by_id(id).is_some_and(|(_, v)| v.layout != Layout::Image));
+            let call = Call::Group {
+                name: self.name("group"),
+                sources,
+                per_volume,
+            };
+            return self.run_step(call).await;
+        }
+        if !self.model.groups.is_empty() && self.rng.chance(6) {
+            let names: Vec<String> = self.model.groups.keys().cloned().collect();
+            let g = self.model.groups[self.rng.pick(&names)].clone();
+            let snapshots = g.members.iter().map(|m| self.model.snaps[m].id.clone()).collect();
+            let call = Call::DeleteGroup { id: g.id, snapshots };
             return self.run_step(call).await;
         }
         if !published.is_empty() && self.rng.chance(12) {
@@ -942,8 +1058,8 @@ impl Run {
             86..=93 if !idle.is_empty() => Call::DeleteVolume {
                 id: self.model.vols[self.rng.pick(&idle)].id.clone(),
             },
-            94..=99 if !snaps.is_empty() => Call::DeleteSnapshot {
-                id: self.model.snaps[self.rng.pick(&snaps)].id.clone(),
+            94..=99 if !deletable.is_empty() => Call::DeleteSnapshot {
+                id: self.model.snaps[self.rng.pick(&deletable)].id.clone(),
             },
             _ if !idle.is_empty() && full => Call::DeleteVolume {
                 id: self.model.vols[self.rng.pick(&idle)].id.clone(),
@@ -989,7 +1105,7 @@ impl Run {
             let spec = *self.rng.pick(&FAILURES);
             // Only the provisioner and the snapshotter may stop retrying (their object was deleted);
             // kubelet and the resizer retry until the call succeeds.
-            let may_give_up = matches!(call, Call::Create(_) | Call::Snapshot { .. });
+            let may_give_up = matches!(call, Call::Create(_) | Call::Snapshot { .. } | Call::Group { .. });
             Some(Arm::Fail(spec, may_give_up && self.rng.chance(50)))
         } else {
             None
@@ -1152,8 +1268,52 @@ impl Run {
                             keep_local,
                             ready: false,
                         }),
+                        group: None,
                     },
                 );
+            }
+            Call::Group { name, sources, .. } => {
+                let out = out.map_err(|s| unexpected(&s))?;
+                let mut lines = out.lines();
+                let id = lines.next().unwrap_or_default().to_string();
+                let mut members = Vec::new();
+                for line in lines {
+                    let (source, snapshot) = line.split_once('=').ok_or("a member without its source")?;
+                    let (vname, v) = self.vol_by_id(source).ok_or("group member of an unknown volume")?;
+                    // A member is named by the group and its volume's key (its name here).
+                    let member = format!("{name}-{vname}");
+                    members.push(member.clone());
+                    self.model.snaps.insert(
+                        member,
+                        Snap {
+                            id: snapshot.to_string(),
+                            layout: v.layout,
+                            bytes: v.bytes,
+                            source: source.to_string(),
+                            marker: v.marker,
+                            backup: None,
+                            group: Some(name.clone()),
+                        },
+                    );
+                }
+                if members.len() != sources.len() {
+                    return Err(format!("{call:?} answered {} members", members.len()));
+                }
+                self.model.groups.insert(name.clone(), Group { id, members });
+            }
+            Call::DeleteGroup { id, .. } => {
+                out.map_err(|s| unexpected(&s))?;
+                let name = self
+                    .model
+                    .groups
+                    .iter()
+                    .find(|(_, g)| &g.id == id)
+                    .map(|(n, _)| n.clone())
+                    .ok_or("delete of an unknown group")?;
+                let g = self.model.groups.remove(&name).expect("group");
+                for m in g.members {
+                    self.model.snaps.remove(&m);
+                }
             }
             Call::Prune { .. } => {
                 out.map_err(|s| unexpected(&s))?;
@@ -1254,7 +1414,19 @@ impl Run {
         if std::mem::take(&mut self.list_due) || !self.repo().join("config").exists() {
             self.check_listing().await?;
         }
-        // 3. Nothing leaks.
+        // 3. Nothing leaks: group records are the model's groups (in their first member's pool).
+        let mut records: BTreeSet<String> = BTreeSet::new();
+        for pool in self.pools.values() {
+            records.extend(
+                entries(&pool.join("groups"))
+                    .into_iter()
+                    .filter(|e| !e.starts_with('.')),
+            );
+        }
+        let want: BTreeSet<String> = self.model.groups.keys().map(|n| format!("{n}.json")).collect();
+        if records != want {
+            return Err(format!("group records {records:?}, model groups {want:?}"));
+        }
         let volumes = self
             .d
             .ctl
@@ -1600,6 +1772,10 @@ impl Run {
                 })
                 .await?;
             }
+        }
+        for g in self.model.groups.clone().into_values() {
+            let snapshots = g.members.iter().map(|m| self.model.snaps[m].id.clone()).collect();
+            self.apply_clean(Call::DeleteGroup { id: g.id, snapshots }).await?;
         }
         for s in self.model.snaps.clone().into_values() {
             self.apply_clean(Call::DeleteSnapshot { id: s.id }).await?;
