@@ -49,6 +49,9 @@ fn add_chunked(ranges: &mut Vec<(u64, u64)>, off: u64, len: u64) {
 /// The longest wait between two tries of a failing upload.
 const RETRY_CAP: Duration = Duration::from_secs(300);
 
+/// How often a node looks again whether the backups of its kept local copies were deleted.
+const KEPT_RECHECK: Duration = Duration::from_secs(3600);
+
 impl LocalEngine {
     pub fn backups(&self) -> &Arc<Backups> {
         &self.backups
@@ -111,23 +114,23 @@ impl LocalEngine {
     /// while this node was away.
     pub fn start_uploads(self: &Arc<Self>) {
         let _ = self.me.set(Arc::downgrade(self));
-        let mut kept = Vec::new();
-        // Only the pools this process owns: a node also opens the shared pools, whose snapshots
-        // the controller cut and uploads.
-        for rec in self
-            .snapshots()
-            .into_iter()
-            .filter(|r| self.locate(&r.id.0).is_some_and(|p| p.owner))
-        {
+        for rec in self.owned_snapshots() {
             if let Some(m) = &rec.backup {
                 if !m.uploaded || !m.keep_local {
                     self.spawn_upload(&rec);
-                } else {
-                    kept.push(rec);
                 }
             }
         }
-        self.drop_kept_if_marked_deleted(kept);
+        self.watch_kept_copies();
+    }
+
+    /// The snapshots of the pools this process owns: a node also opens the shared pools, whose
+    /// snapshots the controller cut and uploads.
+    fn owned_snapshots(&self) -> Vec<SnapshotRecord> {
+        self.snapshots()
+            .into_iter()
+            .filter(|r| self.locate(&r.id.0).is_some_and(|p| p.owner))
+            .collect()
     }
 
     /// Starts the upload of a snapshot's backup in the background, unless it runs already or
@@ -262,36 +265,52 @@ impl LocalEngine {
         self.backups.clear_deleted_marks(Some(backup), backup.repository())
     }
 
-    /// At start: the kept local copies of backups marked deleted go, looked at one after the
-    /// other in one background thread; those it cannot tell (the repository is slow, not mounted
-    /// yet, unreachable) are looked at again, backing off as uploads do, while the engine lives.
-    fn drop_kept_if_marked_deleted(self: &Arc<Self>, kept: Vec<SnapshotRecord>) {
-        if kept.is_empty() {
+    /// The kept local copies of backups marked deleted go: looked at from start, one after the
+    /// other in one background thread, and again every [`KEPT_RECHECK`] (a node cut off from the
+    /// controller and never restarted learns of a delete too); when the repository cannot tell
+    /// (slow, not mounted yet, unreachable) the next look comes sooner, backing off as uploads do.
+    /// The thread ends with the engine.
+    fn watch_kept_copies(self: &Arc<Self>) {
+        if self.backups.names().is_empty() {
             return;
         }
         let me = Arc::downgrade(self);
-        let spawned = std::thread::Builder::new().name("cellar-backup-marks".into()).spawn(move || {
-            let (mut left, mut wait) = (kept, Duration::from_secs(2));
-            loop {
-                let Some(engine) = me.upgrade() else { return };
-                left.retain(|rec| match engine.drop_kept_if_marked(rec) {
-                    Ok(()) => false,
-                    Err(e) => {
-                        tracing::warn!(snapshot = %rec.id, error = %e, retry_in_s = wait.as_secs(), "cannot tell whether a kept backup copy was deleted; looking again");
-                        true
+        let spawned = std::thread::Builder::new()
+            .name("cellar-backup-marks".into())
+            .spawn(move || {
+                let mut wait = Duration::from_secs(2);
+                loop {
+                    let Some(engine) = me.upgrade() else { return };
+                    let answered = engine.drop_kept_copies_marked_deleted();
+                    drop(engine);
+                    if answered {
+                        wait = Duration::from_secs(2);
+                        std::thread::sleep(KEPT_RECHECK);
+                    } else {
+                        std::thread::sleep(wait);
+                        wait = (wait * 2).min(RETRY_CAP);
                     }
-                });
-                drop(engine);
-                if left.is_empty() {
-                    return;
                 }
-                std::thread::sleep(wait);
-                wait = (wait * 2).min(RETRY_CAP);
-            }
-        });
+            });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start the deletion-mark check of kept backup copies");
         }
+    }
+
+    /// One look at every kept copy: those whose backup is marked deleted go. Whether every one
+    /// could be told.
+    fn drop_kept_copies_marked_deleted(&self) -> bool {
+        let mut answered = true;
+        for rec in self.owned_snapshots() {
+            if !rec.backup.as_ref().is_some_and(|m| m.uploaded && m.keep_local) {
+                continue;
+            }
+            if let Err(e) = self.drop_kept_if_marked(&rec) {
+                tracing::warn!(snapshot = %rec.id, error = %e, "cannot tell whether a kept backup copy was deleted; looking again");
+                answered = false;
+            }
+        }
+        answered
     }
 
     /// Drops kept copy `rec` if its backup is marked deleted.
@@ -498,6 +517,24 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "the kept copy stayed");
             std::thread::sleep(Duration::from_millis(100));
         }
+        assert!(
+            !engine.backups().is_marked_deleted(&backup).unwrap(),
+            "the mark is consumed"
+        );
+    }
+
+    /// A node that runs on (cut off from the controller, never restarted) drops a kept copy of a
+    /// backup deleted meanwhile at its next look, and keeps the copies of live backups.
+    #[test]
+    fn a_later_look_drops_a_kept_copy_deleted_meanwhile() {
+        let (_dir, engine, rec, backup) = cut_backup(true);
+        engine.upload_step(&rec.id).expect("upload");
+        assert!(engine.drop_kept_copies_marked_deleted(), "the repository answers");
+        assert!(engine.snapshot(&rec.id).is_some(), "a live backup's copy stays");
+        engine.backups().mark_deleted(&backup).unwrap();
+        engine.backups().forget(&backup).unwrap();
+        assert!(engine.drop_kept_copies_marked_deleted());
+        assert!(engine.snapshot(&rec.id).is_none(), "the deleted backup's copy goes");
         assert!(
             !engine.backups().is_marked_deleted(&backup).unwrap(),
             "the mark is consumed"
