@@ -69,6 +69,8 @@ struct Vol {
     marker: String,
     staged: Option<PathBuf>,
     published: Option<PathBuf>,
+    /// The publish is read-only (the pod cannot write through it).
+    read_only: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -158,6 +160,7 @@ enum Call {
         id: String,
         staging: PathBuf,
         target: PathBuf,
+        read_only: bool,
     },
     Unpublish {
         id: String,
@@ -311,10 +314,15 @@ impl Call {
                 std::fs::create_dir_all(staging).expect("kubelet makes the staging directory");
                 d.stage(id, staging).await.map(|_| String::new())
             }
-            Call::Publish { id, staging, target } => {
+            Call::Publish {
+                id,
+                staging,
+                target,
+                read_only,
+            } => {
                 // kubelet makes the pod's volume directory; the driver makes the target in it.
                 std::fs::create_dir_all(target.parent().expect("target in a pod directory")).expect("pod directory");
-                d.publish(id, staging, target, rwo(), false)
+                d.publish(id, staging, target, rwo(), *read_only)
                     .await
                     .map(|_| String::new())
             }
@@ -361,7 +369,9 @@ impl Call {
             Call::Expand { id, bytes } => format!("expand {} to {} MiB", short(id), bytes / MIB),
             Call::Modify { id, key, value } => format!("modify {} {key}={value}", short(id)),
             Call::Stage { id, .. } => format!("stage {}", short(id)),
-            Call::Publish { id, .. } => format!("publish {}", short(id)),
+            Call::Publish { id, read_only, .. } => {
+                format!("publish {}{}", short(id), if *read_only { " read-only" } else { "" })
+            }
             Call::Unpublish { id, .. } => format!("unpublish {}", short(id)),
             Call::Unstage { id, .. } => format!("unstage {}", short(id)),
             Call::DeleteVolume { id } => format!("delete volume {}", short(id)),
@@ -675,7 +685,10 @@ impl Run {
         arm: Option<Arm>,
         retry: Option<Call>,
     ) -> Result<(bool, Call, Result<String, tonic::Status>), String> {
-        if matches!(call, Call::Snapshot { .. } | Call::DeleteSnapshot { .. }) {
+        if matches!(
+            call,
+            Call::Snapshot { .. } | Call::DeleteSnapshot { .. } | Call::Group { .. } | Call::DeleteGroup { .. }
+        ) {
             self.list_due = true;
         }
         let point = match arm {
@@ -691,7 +704,8 @@ impl Run {
                 let first = call.send(&mut self.d).await;
                 // A failed call cleans up after itself before it answers: checked on the driver
                 // that answered, before a restart's sweep could tidy what it left. A failed
-                // removal (delete, unpublish, unstage) may have done part of its work or all of
+                // removal (delete, unpublish, unstage; a group's delete may have removed some of
+                // its members) may have done part of its work or all of
                 // it (the record went, the directory's sync failed; the unmount was done, the
                 // state's write failed): its retry, which always comes, finishes; the check
                 // after it applies.
@@ -702,6 +716,7 @@ impl Run {
                         call,
                         Call::DeleteVolume { .. }
                             | Call::DeleteSnapshot { .. }
+                            | Call::DeleteGroup { .. }
                             | Call::Unpublish { .. }
                             | Call::Unstage { .. }
                     );
@@ -832,10 +847,12 @@ impl Run {
                 staging: staging.clone(),
             });
         }
+        // A look only: published read-only.
         steps.push(Call::Publish {
             id: v.id.clone(),
             staging: staging.clone(),
             target: target.clone(),
+            read_only: true,
         });
         for c in &steps {
             self.converge(c).await?.map_err(|s| format!("peek {c:?}: {s:?}"))?;
@@ -874,6 +891,7 @@ impl Run {
                 id: v.id.clone(),
                 staging: staging.clone(),
                 target: target.clone(),
+                read_only: false,
             },
         ];
         for c in &setup {
@@ -900,6 +918,7 @@ impl Run {
     async fn step(&mut self) -> Checked {
         let staged = self.vols_where(|v| v.staged.is_some() && v.published.is_none());
         let published = self.vols_where(|v| v.published.is_some());
+        let writable = self.vols_where(|v| v.published.is_some() && !v.read_only);
         let idle = self.vols_where(|v| v.staged.is_none());
         let all = self.vols_where(|_| true);
         let snaps: Vec<String> = self.model.snaps.keys().cloned().collect();
@@ -954,11 +973,11 @@ impl Run {
             let call = Call::DeleteGroup { id: g.id, snapshots };
             return self.run_step(call).await;
         }
-        if !published.is_empty() && self.rng.chance(12) {
+        if !writable.is_empty() && self.rng.chance(12) {
             // A pod writes into its volume (and syncs, as a database does): snapshots, clones
             // and backups made after hold the new marker, those made before the old one; an
             // incremental backup that reused its parent's data would restore the old one.
-            let n = self.rng.pick(&published).clone();
+            let n = self.rng.pick(&writable).clone();
             let marker = format!("seed {} volume {n} step {}", self.seed, self.step);
             let v = self.model.vols.get_mut(&n).expect("published volume");
             write_synced(v.published.as_ref().expect("published"), &marker)?;
@@ -1028,10 +1047,12 @@ impl Run {
             60..=69 if !staged.is_empty() => {
                 let n = self.rng.pick(&staged).clone();
                 let v = &self.model.vols[&n];
+                let read_only = self.rng.chance(25);
                 Call::Publish {
                     id: v.id.clone(),
                     staging: v.staged.clone().expect("staged"),
                     target: self.d.path(&format!("pod-{n}/mount")),
+                    read_only,
                 }
             }
             70..=75 if !published.is_empty() => {
@@ -1236,6 +1257,7 @@ impl Run {
                     marker: marker.clone(),
                     staged: None,
                     published: None,
+                    read_only: false,
                 };
                 self.model.vols.insert(new.name.clone(), vol);
                 if new.source.is_none() {
@@ -1332,10 +1354,14 @@ impl Run {
                 let (n, _) = self.vol_by_id(id).ok_or("unknown volume")?;
                 self.model.vols.get_mut(&n).expect("volume").staged = Some(staging.clone());
             }
-            Call::Publish { id, target, .. } => {
+            Call::Publish {
+                id, target, read_only, ..
+            } => {
                 out.map_err(|s| unexpected(&s))?;
                 let (n, _) = self.vol_by_id(id).ok_or("unknown volume")?;
-                self.model.vols.get_mut(&n).expect("volume").published = Some(target.clone());
+                let v = self.model.vols.get_mut(&n).expect("volume");
+                v.published = Some(target.clone());
+                v.read_only = *read_only;
             }
             Call::Unpublish { id, target } => {
                 out.map_err(|s| unexpected(&s))?;
@@ -1343,7 +1369,9 @@ impl Run {
                     return Err(format!("unpublish left the target {target:?}"));
                 }
                 let (n, _) = self.vol_by_id(id).ok_or("unknown volume")?;
-                self.model.vols.get_mut(&n).expect("volume").published = None;
+                let v = self.model.vols.get_mut(&n).expect("volume");
+                v.published = None;
+                v.read_only = false;
             }
             Call::Unstage { id, .. } => {
                 out.map_err(|s| unexpected(&s))?;
@@ -1385,6 +1413,18 @@ impl Run {
                     .map_err(|e| format!("published volume {n}: marker at {p:?} unreadable: {e}"))?;
                 if got != v.marker {
                     return Err(format!("published volume {n} holds '{got}', not '{}'", v.marker));
+                }
+                // A read-only publish refuses the pod's writes.
+                if v.read_only {
+                    let probe = p.join("probe");
+                    match std::fs::write(&probe, b"x") {
+                        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
+                        Ok(()) => {
+                            let _ = std::fs::remove_file(&probe);
+                            return Err(format!("the read-only publish of {n} at {p:?} is writable"));
+                        }
+                        Err(e) => return Err(format!("read-only publish of {n}: write answered {e}, not EROFS")),
+                    }
                 }
             }
         }
