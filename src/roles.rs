@@ -511,6 +511,10 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
             .map_err(|e| RoleError::Task(e.to_string()))??
     };
     let engine = Arc::new(engine);
+    // Deletion marks this controller writes carry its seal; those it finds count only with one.
+    engine
+        .backups()
+        .trust_marks(crate::agent::seal::MarkSeals::controller(tls.clone()));
     engine.start_purger();
     engine.start_uploads();
     engine.backups().start_pruner(o.prune);
@@ -639,6 +643,13 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     };
     let engine = Arc::new(engine);
     engine.backups().throttle().set_bytes_per_sec(o.backup_bandwidth);
+    // Deletion marks count only with the controller's seal, checked with this node's CA: known
+    // now, or once this node has enrolled (until then a look for a mark waits).
+    let controller_name = controller.bare_host().to_string();
+    engine.backups().trust_marks(match &identity {
+        NodeIdentity::Ready(tls, _) => crate::agent::seal::MarkSeals::node(tls.clone(), &controller_name),
+        NodeIdentity::Pending(_) => crate::backup::MarkTrust::NotYet,
+    });
     engine.start_uploads();
     let state = Arc::new(NodeState::open(&o.data_dir.join("node"), engine.files())?);
     node_metrics.attach(NodeSources {
@@ -683,6 +694,10 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
                     }
                 }
             };
+            engine.backups().trust_marks(crate::agent::seal::MarkSeals::node(
+                tls.clone(),
+                &beat_config.server_name,
+            ));
             let _ = enrolled_tx.send(());
             let _renewer = renewal.map(|(e, at)| AbortOnDrop(tokio::spawn(e.renew_from(at))));
             // The agent serves only a caller whose certificate names the controller as this node

@@ -416,10 +416,10 @@ async fn split_mode_with_tls_starts_with_the_backup_dependencies_linked() {
 }
 
 /// Two nodes (no TLS) configured with the repository, and a 16 MiB volume `pvc` on node-1.
-async fn two_nodes_and_a_volume_on_node_1(pvc: &str) -> (Shared, Cluster, Volume) {
+async fn two_nodes_and_a_volume_on_node_1(pvc: &str, insecure: bool) -> (Shared, Cluster, Volume) {
     let shared = Shared::new();
     let c = Cluster::start(Spec {
-        insecure: true,
+        insecure,
         repositories: Some(shared.repositories()),
         ..Spec::nodes(vec![None, None])
     })
@@ -447,7 +447,7 @@ async fn two_nodes_and_a_volume_on_node_1(pvc: &str) -> (Shared, Cluster, Volume
 /// TLS plays no part here.
 #[tokio::test]
 async fn an_uploaded_backup_answers_get_snapshot_while_its_node_is_unreachable() {
-    let (_shared, mut c, v) = two_nodes_and_a_volume_on_node_1("pvc-small").await;
+    let (_shared, mut c, v) = two_nodes_and_a_volume_on_node_1("pvc-small", true).await;
     let snap = c
         .ctl()
         .await
@@ -492,13 +492,40 @@ fn backups_and_marks(shared: &Shared) -> (usize, usize) {
     (tagged("cellar-backup="), tagged("cellar-deleted="))
 }
 
+/// What node `i`'s default pool holds in `snapshots/` (entries starting with '.' are work files).
+fn local_snapshots(c: &Cluster, i: usize) -> Vec<String> {
+    std::fs::read_dir(c.pool_dir(i).join("snapshots"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits (two minutes at most) until node-1 holds no local snapshot and the repository no mark.
+async fn until_dropped_with_marks(c: &Cluster, shared: &Shared) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !local_snapshots(c, 0).iter().all(|e| e.starts_with('.')) || backups_and_marks(shared).1 > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "node-1 kept {:?}, the repository holds {:?}\n{}",
+            local_snapshots(c, 0),
+            backups_and_marks(shared),
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A backup deleted while the node holding part of it is down: an upload the node had not
 /// finished, and a copy it keeps locally. DeleteSnapshot answers OK (a backup outlives its
 /// node), and when the node is back it drops both instead of uploading the first again, which
-/// left a ready backup no VolumeSnapshot names and that nothing would ever delete.
+/// left a ready backup no VolumeSnapshot names and that nothing would ever delete. Over TLS, as
+/// the chart runs it: the marks carry the controller's seal.
 #[tokio::test]
 async fn a_backup_deleted_while_its_node_is_down_is_not_uploaded_when_it_returns() {
-    let (shared, mut c, v) = two_nodes_and_a_volume_on_node_1("pvc-away").await;
+    let (shared, mut c, v) = two_nodes_and_a_volume_on_node_1("pvc-away", false).await;
     let snapshot = |name: &str, keep: bool| {
         let mut req = backup_req(name, &v.volume_id, false);
         if keep {
@@ -539,20 +566,10 @@ async fn a_backup_deleted_while_its_node_is_down_is_not_uploaded_when_it_returns
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     c.kill_node(0);
-    let local = c.pool_dir(0).join("snapshots");
-    let entries = || -> Vec<String> {
-        std::fs::read_dir(&local)
-            .map(|d| {
-                d.flatten()
-                    .map(|e| e.file_name().to_string_lossy().to_string())
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
     assert!(
-        entries().len() >= 2,
+        local_snapshots(&c, 0).len() >= 2,
         "both local snapshots are on node-1: {:?}",
-        entries()
+        local_snapshots(&c, 0)
     );
     for id in [&cut.snapshot_id, &kept.snapshot_id] {
         c.ctl()
@@ -569,17 +586,7 @@ async fn a_backup_deleted_while_its_node_is_down_is_not_uploaded_when_it_returns
     restic(&shared.repo(), &shared.key(), &["check", "--read-data"]);
     // node-1 back: it drops both and their marks, and uploads nothing.
     c.start_node(0);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !entries().iter().all(|e| e.starts_with('.')) || backups_and_marks(&shared).1 > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "node-1 kept {:?}, the repository holds {:?}\n{}",
-            entries(),
-            backups_and_marks(&shared),
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_dropped_with_marks(&c, &shared).await;
     assert_eq!(
         backups_and_marks(&shared),
         (0, 0),
@@ -594,4 +601,74 @@ async fn a_backup_deleted_while_its_node_is_down_is_not_uploaded_when_it_returns
         .expect("ListSnapshots")
         .into_inner();
     assert!(listed.entries.is_empty(), "{:?}", listed.entries);
+}
+
+/// Every node holds the repository's key, so any node can write a snapshot tagged as a deletion
+/// mark; over TLS a node drops its part of a backup only for a mark the controller sealed. Here
+/// the forger is restic itself: node-1, restarted (it looks at its kept copies then), keeps its
+/// copy and the backup stays ready; the controller's own mark, written beside the forged one when
+/// the backup is deleted with node-1 down, still has node-1 drop it when it is back.
+#[tokio::test]
+async fn a_deletion_mark_the_controller_did_not_seal_drops_nothing() {
+    let (shared, mut c, v) = two_nodes_and_a_volume_on_node_1("pvc-forged", false).await;
+    let mut req = backup_req("snap-forged", &v.volume_id, false);
+    req.parameters.insert("keepLocal".into(), "true".into());
+    let kept = c
+        .ctl()
+        .await
+        .create_snapshot(req)
+        .await
+        .expect("CreateSnapshot")
+        .into_inner()
+        .snapshot
+        .expect("snapshot");
+    until_ready(&c, &kept.snapshot_id, || {}).await;
+    let key = kept.snapshot_id.rsplit(':').next().expect("key").to_string();
+    let empty = tempfile::tempdir().expect("tempdir");
+    restic(
+        &shared.repo(),
+        &shared.key(),
+        &[
+            "backup",
+            "--tag",
+            &format!("cellar-deleted={key}"),
+            &empty.path().display().to_string(),
+        ],
+    );
+    assert_eq!(backups_and_marks(&shared), (1, 1));
+    let held = local_snapshots(&c, 0);
+    assert!(held.iter().any(|e| !e.starts_with('.')), "the kept copy: {held:?}");
+
+    c.kill_node(0);
+    c.start_node(0);
+    c.wait_registered().await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !c.log_of(0).contains("not sealed by the controller") {
+        assert!(
+            Instant::now() < deadline,
+            "node-1 never looked at the forged mark\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(local_snapshots(&c, 0), held, "the kept copy stays");
+    assert_eq!(backups_and_marks(&shared), (1, 1), "the backup stays in the repository");
+    assert!(get_snapshot(&c, &kept.snapshot_id).await.ready_to_use);
+
+    c.kill_node(0);
+    c.ctl()
+        .await
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: kept.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("DeleteSnapshot with its node down");
+    assert_eq!(
+        backups_and_marks(&shared),
+        (0, 2),
+        "forgotten, and the controller's mark beside the forged one"
+    );
+    c.start_node(0);
+    until_dropped_with_marks(&c, &shared).await;
 }

@@ -426,3 +426,57 @@ async fn a_caller_without_a_certificate_from_the_ca_is_refused_in_the_handshake(
         e.message()
     );
 }
+
+/// Deletion marks (docs/backups.md, docs/security.md): a node honours a mark of a backup only with
+/// the controller's seal of that backup's id. A seal made with a node's key (every node holds the
+/// repository's key, so it can write a mark), by a controller of another CA, for another backup,
+/// or none at all does not count.
+#[test]
+fn only_the_controllers_seal_of_that_backup_makes_a_deletion_mark_count() {
+    use cellar::agent::seal::MarkSeals;
+    use cellar::backup::{MarkAuthority, MarkTrust};
+    use cellar::storage::id::BackupId;
+    let sealed = |t: MarkTrust| -> Arc<dyn MarkAuthority> {
+        match t {
+            MarkTrust::Sealed(a) => a,
+            _ => panic!("over TLS, marks are sealed"),
+        }
+    };
+    let ca = Authority::new("cellar marks CA");
+    let controller = sealed(MarkSeals::controller(tls(&ca, &ca.issue(&[CONTROLLER]))));
+    let node_1 = sealed(MarkSeals::node(tls(&ca, &ca.issue(&[&own_name("node-1")])), CONTROLLER));
+    let node_2 = sealed(MarkSeals::node(tls(&ca, &ca.issue(&[&own_name("node-2")])), CONTROLLER));
+    let elsewhere = Authority::new("another CA");
+    let foreign = sealed(MarkSeals::controller(tls(&elsewhere, &elsewhere.issue(&[CONTROLLER]))));
+    let id = BackupId::parse("backup:offsite:0f3c-11aa").expect("id");
+    let other = BackupId::parse("backup:offsite:9d2e-77bb").expect("id");
+
+    let seal = controller.seal(&id).expect("the controller seals");
+    node_1
+        .check(&id, Some(&seal))
+        .expect("a node honours the controller's seal");
+    controller
+        .check(&id, Some(&seal))
+        .expect("the controller honours its own (shared pools' backups)");
+    let refused = |who: &Arc<dyn MarkAuthority>, seal: Option<&str>, id: &BackupId, says: &str| {
+        let why = who.check(id, seal).expect_err("refused");
+        assert!(why.contains(says), "'{why}' does not say '{says}'");
+    };
+    refused(&node_1, Some(&seal), &other, "does not match");
+    refused(&node_1, None, &id, "no seal");
+    refused(&node_1, Some("!!not base64"), &id, "not base64");
+    let by_node = node_2.seal(&id).expect("a node's key signs too");
+    refused(&node_1, Some(&by_node), &id, "does not name the controller");
+    refused(&controller, Some(&by_node), &id, "does not name the controller");
+    refused(&node_1, Some(&foreign.seal(&id).expect("seal")), &id, "not from the CA");
+    // A seal with its signature cut short.
+    let mut cut = seal.clone();
+    cut.truncate(seal.len() / 2);
+    assert!(node_1.check(&id, Some(&cut)).is_err());
+
+    assert!(matches!(
+        MarkSeals::node(Tls::Insecure, CONTROLLER),
+        MarkTrust::Unsealed
+    ));
+    assert!(matches!(MarkSeals::controller(Tls::Insecure), MarkTrust::Unsealed));
+}

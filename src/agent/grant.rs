@@ -28,7 +28,7 @@ use prost::Message;
 use rustls::SignatureScheme;
 use rustls_pki_types::{CertificateDer, UnixTime};
 
-use super::tls::{self, Tls};
+use super::tls::{self, Signing, Tls};
 use super::wire::{self, v1};
 use crate::storage::engine::Source;
 use crate::storage::id::NodeId;
@@ -166,8 +166,87 @@ impl TryFrom<v1::GrantClaims> for Claims {
     }
 }
 
-fn signed_message(claims: &[u8]) -> Vec<u8> {
-    [CONTEXT, claims].concat()
+/// A signature by a process's TLS key over a context string and a message, with the signer's
+/// certificate chain: what grants and sealed deletion marks (`seal`) carry.
+pub(crate) struct Signature {
+    pub scheme: u32,
+    pub signature: Vec<u8>,
+    pub signer: Vec<Vec<u8>>,
+}
+
+/// Signs `context` then `message` with this process's key. Each use has its own context, so
+/// that no signature made for one is accepted as another (nor is any TLS signature).
+pub(crate) fn sign_bytes(signing: &Signing, context: &[u8], message: &[u8]) -> Result<Signature, GrantError> {
+    let signer = signing
+        .key
+        .choose_scheme(&SCHEMES)
+        .ok_or_else(|| GrantError::Sign(format!("a {:?} key signs none of {SCHEMES:?}", signing.key.algorithm())))?;
+    let signature = signer
+        .sign(&[context, message].concat())
+        .map_err(|e| GrantError::Sign(e.to_string()))?;
+    Ok(Signature {
+        scheme: u16::from(signer.scheme()) as u32,
+        signature,
+        signer: signing.chain.iter().map(|c| c.to_vec()).collect(),
+    })
+}
+
+/// Ok when `sig` signs `context` then `message` with the key of a certificate from the CA that
+/// names one of `names` (the controller's); else [`GrantError::NotSigned`] saying why.
+pub(crate) fn check_bytes(
+    signing: &Signing,
+    names: &[String],
+    context: &[u8],
+    message: &[u8],
+    sig: &Signature,
+) -> Result<(), GrantError> {
+    let not_signed = |why: String| GrantError::NotSigned(why);
+    let (end, intermediates) = sig
+        .signer
+        .split_first()
+        .ok_or_else(|| not_signed("it carries no signer certificate".into()))?;
+    if intermediates.len() >= MAX_SIGNER_CHAIN {
+        return Err(not_signed(format!(
+            "its signer chain has {} certificates, more than {MAX_SIGNER_CHAIN}",
+            sig.signer.len()
+        )));
+    }
+    let end = CertificateDer::from(end.as_slice());
+    let intermediates: Vec<CertificateDer<'_>> = intermediates
+        .iter()
+        .map(|c| CertificateDer::from(c.as_slice()))
+        .collect();
+    signing
+        .verifier
+        .verify_client_cert(&end, &intermediates, UnixTime::now())
+        .map_err(|e| not_signed(format!("its signer's certificate is not from the CA ({e})")))?;
+    if !names.iter().any(|n| tls::certificate_names(&end, n)) {
+        return Err(not_signed(format!(
+            "its signer's certificate does not name the controller '{}'",
+            names.join("' or '")
+        )));
+    }
+    let scheme = u16::try_from(sig.scheme)
+        .map(SignatureScheme::from)
+        .map_err(|_| not_signed(format!("{} is no signature scheme", sig.scheme)))?;
+    let algorithms = rustls::crypto::ring::default_provider()
+        .signature_verification_algorithms
+        .mapping
+        .iter()
+        .find(|(s, _)| *s == scheme)
+        .map(|(_, a)| *a)
+        .ok_or_else(|| not_signed(format!("{scheme:?} is not a scheme this node checks")))?;
+    let cert = webpki::EndEntityCert::try_from(&end)
+        .map_err(|e| not_signed(format!("its signer's certificate does not parse ({e})")))?;
+    let signed = [context, message].concat();
+    if algorithms
+        .iter()
+        .any(|alg| cert.verify_signature(*alg, &signed, &sig.signature).is_ok())
+    {
+        Ok(())
+    } else {
+        Err(not_signed("the signature does not match its claims".into()))
+    }
 }
 
 /// The grant for `claims`, signed with this process's TLS key (the controller's); unsigned over
@@ -180,18 +259,12 @@ pub fn sign(tls: &Tls, claims: &Claims) -> Result<v1::TransferGrant, GrantError>
             ..Default::default()
         });
     };
-    let signer = signing
-        .key
-        .choose_scheme(&SCHEMES)
-        .ok_or_else(|| GrantError::Sign(format!("a {:?} key signs none of {SCHEMES:?}", signing.key.algorithm())))?;
-    let signature = signer
-        .sign(&signed_message(&bytes))
-        .map_err(|e| GrantError::Sign(e.to_string()))?;
+    let sig = sign_bytes(signing, CONTEXT, &bytes)?;
     Ok(v1::TransferGrant {
         claims: bytes,
-        scheme: u16::from(signer.scheme()) as u32,
-        signature,
-        signer: signing.chain.iter().map(|c| c.to_vec()).collect(),
+        scheme: sig.scheme,
+        signature: sig.signature,
+        signer: sig.signer,
     })
 }
 
@@ -333,53 +406,18 @@ impl Gatekeeper {
         let Some(signing) = self.tls.signing() else {
             return Ok(());
         };
-        let not_signed = |why: String| GrantError::NotSigned(why);
-        let (end, intermediates) = grant
-            .signer
-            .split_first()
-            .ok_or_else(|| not_signed("it carries no signer certificate".into()))?;
-        if intermediates.len() >= MAX_SIGNER_CHAIN {
-            return Err(not_signed(format!(
-                "its signer chain has {} certificates, more than {MAX_SIGNER_CHAIN}",
-                grant.signer.len()
-            )));
-        }
-        let end = CertificateDer::from(end.as_slice());
-        let intermediates: Vec<CertificateDer<'_>> = intermediates
-            .iter()
-            .map(|c| CertificateDer::from(c.as_slice()))
-            .collect();
-        signing
-            .verifier
-            .verify_client_cert(&end, &intermediates, UnixTime::now())
-            .map_err(|e| not_signed(format!("its signer's certificate is not from the CA ({e})")))?;
-        if !tls::certificate_names(&end, &self.controller) {
-            return Err(not_signed(format!(
-                "its signer's certificate does not name the controller '{}'",
-                self.controller
-            )));
-        }
-        let scheme = u16::try_from(grant.scheme)
-            .map(SignatureScheme::from)
-            .map_err(|_| not_signed(format!("{} is no signature scheme", grant.scheme)))?;
-        let algorithms = rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .mapping
-            .iter()
-            .find(|(s, _)| *s == scheme)
-            .map(|(_, a)| *a)
-            .ok_or_else(|| not_signed(format!("{scheme:?} is not a scheme this node checks")))?;
-        let cert = webpki::EndEntityCert::try_from(&end)
-            .map_err(|e| not_signed(format!("its signer's certificate does not parse ({e})")))?;
-        let message = signed_message(&grant.claims);
-        if algorithms
-            .iter()
-            .any(|alg| cert.verify_signature(*alg, &message, &grant.signature).is_ok())
-        {
-            Ok(())
-        } else {
-            Err(not_signed("the signature does not match its claims".into()))
-        }
+        let sig = Signature {
+            scheme: grant.scheme,
+            signature: grant.signature.clone(),
+            signer: grant.signer.clone(),
+        };
+        check_bytes(
+            signing,
+            std::slice::from_ref(&self.controller),
+            CONTEXT,
+            &grant.claims,
+            &sig,
+        )
     }
 
     /// Remembers the grant's id until it expires; an id seen before is refused.

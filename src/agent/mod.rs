@@ -6,6 +6,7 @@ pub mod grant;
 pub mod heartbeat;
 pub mod registry;
 pub mod remote;
+pub mod seal;
 pub mod server;
 pub mod tls;
 pub mod wire;

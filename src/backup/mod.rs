@@ -508,7 +508,36 @@ pub struct Backups {
     /// Each repository's snapshot files as last listed: a listing then reads only the new ones
     /// (one request each on S3) instead of every one.
     listed: Mutex<std::collections::HashMap<PoolName, Vec<SnapshotFile>>>,
+    /// Which deletion marks this process writes and honours ([`MarkTrust`]).
+    marks: std::sync::RwLock<MarkTrust>,
 }
+
+/// Who vouches for deletion marks: a mark is a restic snapshot anyone holding the repository's
+/// key can write, so in split mode over TLS the controller seals each mark it writes (signs the
+/// backup id with its TLS key) and nodes honour only marks whose seal checks
+/// (`agent::seal`, docs/security.md).
+pub trait MarkAuthority: Send + Sync {
+    /// The seal to write into a mark of backup `id`.
+    fn seal(&self, id: &BackupId) -> Result<String, String>;
+    /// Ok when `seal`, found on a mark of backup `id`, is the controller's; else why not.
+    fn check(&self, id: &BackupId, seal: Option<&str>) -> Result<(), String>;
+}
+
+/// Which deletion marks count.
+#[derive(Clone)]
+pub enum MarkTrust {
+    /// Marks are written unsealed and every mark counts: all-in-one, and split mode over
+    /// plaintext (`--insecure`), where no party proves who it is.
+    Unsealed,
+    /// Not known yet (a node whose certificate is still to be enrolled): whether a mark counts
+    /// cannot be told, and a look for one fails (UNAVAILABLE) until it is.
+    NotYet,
+    /// Only marks whose seal this authority accepts count; marks written carry its seal.
+    Sealed(Arc<dyn MarkAuthority>),
+}
+
+/// The line of a mark's description that holds its seal.
+const SEAL_LINE: &str = "cellar-seal: ";
 
 impl Backups {
     pub fn new(repos: Vec<RepositoryConfig>, throttle: Arc<Throttle>) -> Backups {
@@ -518,6 +547,41 @@ impl Backups {
             init: Mutex::new(()),
             keys: Mutex::new(std::collections::HashMap::new()),
             listed: Mutex::new(std::collections::HashMap::new()),
+            marks: std::sync::RwLock::new(MarkTrust::Unsealed),
+        }
+    }
+
+    /// Sets which deletion marks this process writes and honours (unsealed until set).
+    pub fn trust_marks(&self, trust: MarkTrust) {
+        *self.marks.write().unwrap_or_else(|p| p.into_inner()) = trust;
+    }
+
+    fn mark_trust(&self) -> MarkTrust {
+        self.marks.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether `mark`, a snapshot tagged as backup `id`'s deletion mark, counts; a mark whose
+    /// seal does not check is logged and passed over.
+    fn honours(&self, trust: &MarkTrust, id: &BackupId, mark: &SnapshotFile) -> Result<bool, StorageError> {
+        let authority = match trust {
+            MarkTrust::Unsealed => return Ok(true),
+            MarkTrust::NotYet => {
+                return Err(StorageError::Unavailable(format!(
+                    "cannot tell whether backup {id} was deleted yet: the controller's deletion marks are checked with this node's certificate, which is not enrolled yet"
+                )))
+            }
+            MarkTrust::Sealed(a) => a,
+        };
+        let seal = mark
+            .description
+            .as_deref()
+            .and_then(|d| d.lines().find_map(|l| l.strip_prefix(SEAL_LINE)));
+        match authority.check(id, seal) {
+            Ok(()) => Ok(true),
+            Err(why) => {
+                tracing::warn!(backup = %id, mark = %mark.id, reason = %why, "a deletion mark not sealed by the controller passed over");
+                Ok(false)
+            }
         }
     }
 
@@ -745,8 +809,28 @@ impl Backups {
             return Ok(());
         };
         let tag = format!("{TAG_DELETED}{}", id.key());
-        if snaps.iter().any(|s| s.tags.iter().any(|t| *t == tag)) {
-            return Ok(());
+        let trust = self.mark_trust();
+        // A mark someone else wrote, which nodes would pass over, is no reason not to write one.
+        for s in snaps.iter().filter(|s| s.tags.iter().any(|t| *t == tag)) {
+            if self.honours(&trust, id, s)? {
+                return Ok(());
+            }
+        }
+        let mut description =
+            format!("cellar: backup {id} was deleted while a node that may hold part of it could not be told");
+        match &trust {
+            MarkTrust::Unsealed => {}
+            MarkTrust::NotYet => {
+                return Err(StorageError::Unavailable(format!(
+                    "cannot mark backup {id} deleted yet: this process's certificate is not loaded"
+                )))
+            }
+            MarkTrust::Sealed(a) => {
+                let seal = a.seal(id).map_err(|e| {
+                    StorageError::Unavailable(format!("cannot seal the deletion mark of backup {id}: {e}"))
+                })?;
+                description.push_str(&format!("\n{SEAL_LINE}{seal}"));
+            }
         }
         // A snapshot needs a tree every tool can read: the empty one.
         let be = self.write_backend(id.repository())?;
@@ -755,12 +839,7 @@ impl Backups {
         let mut mark = SnapshotOptions::default()
             .label("cellar".to_string())
             .add_tags(&tag)
-            .and_then(|o| {
-                o.description(format!(
-                    "cellar: backup {id} was deleted while a node that may hold part of it could not be told"
-                ))
-                .to_snapshot()
-            })
+            .and_then(|o| o.description(description).to_snapshot())
             .map_err(|e| cfg.error(e))?;
         mark.tree = trees[0];
         image::write_snapshot(&*be, &repo.key(), &mut mark).map_err(|e| cfg.error(e))?;
@@ -768,15 +847,21 @@ impl Backups {
         Ok(())
     }
 
-    /// Whether backup `id` carries a deletion mark. A node asks about a backup it holds, so
-    /// its repository was initialised: one that looks uninitialised (a share not mounted yet)
-    /// cannot tell, and is an error.
+    /// Whether backup `id` carries a deletion mark that counts ([`MarkTrust`]). A node asks
+    /// about a backup it holds, so its repository was initialised: one that looks uninitialised
+    /// (a share not mounted yet) cannot tell, and is an error.
     pub fn is_marked_deleted(&self, id: &BackupId) -> Result<bool, StorageError> {
         let cfg = self.config(id.repository())?;
         let repo = self.open(id.repository())?;
         let tag = format!("{TAG_DELETED}{}", id.key());
         let snaps = self.snapshots(id.repository(), &repo).map_err(|e| cfg.error(e))?;
-        Ok(snaps.iter().any(|s| s.tags.iter().any(|t| *t == tag)))
+        let trust = self.mark_trust();
+        for s in snaps.iter().filter(|s| s.tags.iter().any(|t| *t == tag)) {
+            if self.honours(&trust, id, s)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Removes backup `id`'s deletion marks (the node that held its part has dropped it), and
@@ -1317,5 +1402,91 @@ mod tests {
             denied
         )));
         assert!(!is_not_found(&RusticError::new(ErrorKind::Backend, "reading")));
+    }
+
+    /// Seals the way the tests' controller does: a seal names the backup it was made for.
+    struct TestSeal;
+
+    impl MarkAuthority for TestSeal {
+        fn seal(&self, id: &BackupId) -> Result<String, String> {
+            Ok(format!("sealed for {id}"))
+        }
+        fn check(&self, id: &BackupId, seal: Option<&str>) -> Result<(), String> {
+            match seal {
+                Some(s) if s == format!("sealed for {id}") => Ok(()),
+                Some(s) => Err(format!("'{s}' is not the controller's seal of {id}")),
+                None => Err("no seal".into()),
+            }
+        }
+    }
+
+    /// Seals every mark with the seal of another backup: a node copying a genuine seal.
+    struct CopiedSeal(BackupId);
+
+    impl MarkAuthority for CopiedSeal {
+        fn seal(&self, _: &BackupId) -> Result<String, String> {
+            TestSeal.seal(&self.0)
+        }
+        fn check(&self, _: &BackupId, _: Option<&str>) -> Result<(), String> {
+            Err("writes a mark whatever is there".into())
+        }
+    }
+
+    /// Where marks are sealed, a mark someone else wrote with the repository's key (no seal, or a
+    /// seal made for another backup) does not count, and does not keep the controller from
+    /// writing its own; a process that cannot check seals yet cannot tell.
+    #[test]
+    fn only_marks_sealed_for_their_backup_count_where_marks_are_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (forger, name) = testing::backups(dir.path());
+        forger.open_or_init(&name, true).unwrap();
+        let trusting = |trust: MarkTrust| {
+            let (b, _) = testing::backups(dir.path());
+            b.trust_marks(trust);
+            b
+        };
+        let controller = trusting(MarkTrust::Sealed(Arc::new(TestSeal)));
+        let node = trusting(MarkTrust::Sealed(Arc::new(TestSeal)));
+        let id = BackupId::new(name.clone(), "1234-abcd").unwrap();
+        let other = BackupId::new(name.clone(), "5678-ef01").unwrap();
+        let marks = || {
+            let (_, snaps) = forger.any_snapshots(&name).unwrap().unwrap();
+            snaps
+                .iter()
+                .filter(|s| s.tags.iter().any(|t| t.starts_with(TAG_DELETED)))
+                .count()
+        };
+
+        forger.mark_deleted(&id).unwrap();
+        assert!(forger.is_marked_deleted(&id).unwrap(), "unsealed, every mark counts");
+        assert!(!node.is_marked_deleted(&id).unwrap(), "an unsealed mark is passed over");
+        trusting(MarkTrust::Sealed(Arc::new(CopiedSeal(other.clone()))))
+            .mark_deleted(&id)
+            .unwrap();
+        assert_eq!(marks(), 2);
+        assert!(
+            !node.is_marked_deleted(&id).unwrap(),
+            "a seal made for another backup is passed over"
+        );
+
+        controller.mark_deleted(&id).unwrap();
+        assert_eq!(marks(), 3, "the controller writes its own mark beside the others");
+        assert!(node.is_marked_deleted(&id).unwrap());
+        assert!(!node.is_marked_deleted(&other).unwrap());
+        controller.mark_deleted(&id).unwrap();
+        assert_eq!(marks(), 3, "and only one");
+
+        let pending = trusting(MarkTrust::NotYet);
+        assert!(matches!(
+            pending.is_marked_deleted(&id),
+            Err(StorageError::Unavailable(_))
+        ));
+        assert!(matches!(
+            pending.mark_deleted(&other),
+            Err(StorageError::Unavailable(_))
+        ));
+
+        node.clear_deleted_marks(Some(&id), &name).unwrap();
+        assert_eq!(marks(), 0, "a node that dropped its part removes every mark of it");
     }
 }
