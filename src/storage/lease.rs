@@ -218,7 +218,14 @@ impl Leases {
     /// is not to be touched.
     fn take_over(&self, path: &Path, stale: &[u8]) -> Result<Option<Vec<u8>>, SysError> {
         lock(&self.watched).remove(path);
-        let aside = path.with_extension(format!("lease.stale-{}", uuid::Uuid::new_v4().simple()));
+        // Named as a temporary file: a process killed before it removes the file below leaves it
+        // for the pool's sweep of old temporary files, not for good.
+        let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+        let aside = path.with_file_name(format!(
+            ".{name}.stale-{}{}",
+            uuid::Uuid::new_v4().simple(),
+            crate::sys::files::TMP_SUFFIX
+        ));
         if !self.files.rename_if_exists(path, &aside)? {
             // Another node moved it first, and may have made its own lease since.
             return self.files.read_optional(path);
@@ -454,16 +461,22 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_lease_left_unrenewed_is_taken_over_and_the_old_holder_learns_it() {
-        let (d, p) = setup();
+    /// `a` holds the lease at `p`, and `b` has watched it go unrenewed for a whole lease time.
+    fn left_unrenewed(p: &Path) -> (Leases, Leases) {
         let (a, b) = (
             Leases::new("a", Arc::new(LinuxFiles)),
             Leases::new("b", Arc::new(LinuxFiles)),
         );
-        a.acquire(&p, "v", TTL).unwrap();
-        assert!(matches!(b.acquire(&p, "v", TTL).unwrap(), Claim::HeldBy { .. }));
+        a.acquire(p, "v", TTL).unwrap();
+        assert!(matches!(b.acquire(p, "v", TTL).unwrap(), Claim::HeldBy { .. }));
         std::thread::sleep(TTL + Duration::from_millis(50));
+        (a, b)
+    }
+
+    #[test]
+    fn a_lease_left_unrenewed_is_taken_over_and_the_old_holder_learns_it() {
+        let (d, p) = setup();
+        let (a, b) = left_unrenewed(&p);
         assert_eq!(b.acquire(&p, "v", TTL).unwrap(), Claim::Held);
         assert_eq!(a.renew(&p, "v").unwrap(), Renewal::Lost("b".into()));
         assert_eq!(a.lost("v").as_deref(), Some("b"));
@@ -709,6 +722,29 @@ mod tests {
     #[test]
     fn a_renewal_landing_after_a_deletes_rename_wins() {
         renewal_racing_a_deletes_clear_at("lease:moved-aside");
+    }
+
+    /// A take-over killed just after it moved the stale lease aside: the next try takes the lease,
+    /// and the aside file is a temporary file the pool's sweep removes (it stayed for good).
+    #[test]
+    fn a_take_over_killed_after_its_rename_leaves_only_what_the_sweep_removes() {
+        let (d, p) = setup();
+        let (_a, b) = left_unrenewed(&p);
+        crate::crash::in_thread::crash_at(Some("lease:moved-aside"));
+        let killed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.acquire(&p, "v", TTL)));
+        crate::crash::in_thread::crash_at(None);
+        assert!(killed.is_err(), "b was killed at lease:moved-aside");
+        assert!(!p.exists(), "the stale lease was moved aside");
+        assert_eq!(b.acquire(&p, "v", TTL).unwrap(), Claim::Held, "b's next try takes it");
+        let f: LeaseFile = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        assert_eq!(f.node, "b");
+        assert_eq!(LinuxFiles.remove_stale_temps(d.path(), Duration::ZERO).unwrap(), 1);
+        let left: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert_eq!(left, vec![p], "only the lease is left");
     }
 
     /// Leases watched while others held them are forgotten once they are gone: a controller or a
