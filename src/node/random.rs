@@ -1,6 +1,6 @@
 //! The randomized crash tester, in process: seeded sequences of create (empty, clone, restore),
-//! snapshot, expand, stage, publish (read-write or read-only), unpublish, unstage, delete and node
-//! reboots on every layout (`dir`, `btrfs`, `image`, raw block images), against the engine and the Node service over the recording fakes of `sys` (mounts,
+//! snapshot, expand, stage, publish (read-write or read-only), unpublish, unstage, delete, node
+//! reboots and lease take-overs from a dead node on every layout (`dir`, `btrfs`, `image`, raw block images), against the engine and the Node service over the recording fakes of `sys` (mounts,
 //! loop devices, filesystems, btrfs), so it needs no root and runs hundreds of steps a second.
 //!
 //! Before some calls it arms a fault for that one call: a crash at one of the named crash points
@@ -45,6 +45,7 @@ use crate::storage::engine::{CapacityRange, LocalEngine, NewVolume, Source};
 use crate::storage::id::{NodeId, PoolName, SnapshotId, VolumeId};
 use crate::storage::pool::Kind;
 use crate::storage::record::Layout;
+use crate::sys::clock::SteppedClock;
 use crate::sys::devices::{Devices, RecordingDevices};
 use crate::sys::files::{self, Files, LinuxFiles, RecordingFiles};
 use crate::sys::filesystems::RecordingFilesystems;
@@ -55,8 +56,10 @@ use crate::sys::StorageSys;
 mod races;
 
 /// 1-16, and regressions: 131 (a loop number recorded before a reboot, the stage's after it),
-/// 355 (a stage that found its image moved aside by a delete that then lost answered NOT_FOUND).
-const SEEDS: [u64; 18] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 131, 355];
+/// 355 (a stage that found its image moved aside by a delete that then lost answered NOT_FOUND),
+/// 25 (a lease take-over killed after its rename left the stale lease for good), 32 (a failed
+/// rename of a take-over made the node watch the lease a whole lease time again).
+const SEEDS: [u64; 20] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 25, 32, 131, 355];
 const STEPS: usize = 80;
 /// Attempts of one call, after its faulted one, before it counts as not converging.
 const ATTEMPTS: usize = 5;
@@ -191,6 +194,14 @@ const FILE_POINTS: [&str; 8] = [
 ];
 
 const ERRNOS: [i32; 3] = [libc::ENOSPC, libc::EIO, libc::EINTR];
+
+/// When `faulted`, one of the faults `choices` makes with an errno drawn first.
+fn draw_fault<const N: usize>(rng: &mut Rng, faulted: bool, choices: impl Fn(i32) -> [Fault; N]) -> Option<Fault> {
+    faulted.then(|| {
+        let e = *rng.pick(&ERRNOS);
+        rng.pick(&choices(e)).clone()
+    })
+}
 /// What may go wrong in a DeleteVolume or DeleteSnapshot.
 const DELETE_FAULTS: [Fault; 2] = [
     Fault::Crash("delete:after-trash"),
@@ -217,6 +228,8 @@ struct Proc {
     subvolumes: Arc<RecordingSubvolumes>,
     mounter: Arc<RecordingMounter>,
     devices: Arc<RecordingDevices>,
+    /// The machine's monotonic clock, which a step moves on (a lease's time passing).
+    clock: Arc<SteppedClock>,
     engine: Arc<LocalEngine>,
     svc: Option<NodeService>,
     dir: PathBuf,
@@ -240,13 +253,15 @@ impl Proc {
         let mounter = Arc::new(RecordingMounter::default());
         let devices = Arc::new(RecordingDevices::default());
         let files = Arc::new(RecordingFiles::default());
-        let sys = StorageSys::fakes(
+        let mut sys = StorageSys::fakes(
             files.clone(),
             filesystems.clone(),
             subvolumes.clone(),
             devices.clone(),
             mounter.clone(),
         );
+        let clock = Arc::new(SteppedClock::default());
+        sys.clock = clock.clone();
         let name = NodeId::parse(name).expect("node id");
         let (engine, svc) = Self::open(&name, node, &config, &sys, &dir, &mounter, &devices);
         Proc {
@@ -260,6 +275,7 @@ impl Proc {
             subvolumes,
             mounter,
             devices,
+            clock,
             engine,
             svc,
             dir,
@@ -789,14 +805,12 @@ fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
         }
         4 if !m.vols.is_empty() => {
             let n = any(rng).expect("a volume");
-            let f = faulted.then(|| {
-                let e = *rng.pick(&ERRNOS);
-                rng.pick(&[
+            let f = draw_fault(rng, faulted, |e| {
+                [
                     Fault::Crash("expand:before-record"),
                     Fault::Point("record:write", e),
                     Fault::Subvolumes("limit", e),
-                ])
-                .clone()
+                ]
             });
             expand(c, m, rng, &n, f, log)
         }
@@ -892,41 +906,148 @@ fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
             .values()
             .any(|v| v.home == Home::Shared && v.layout == Layout::Image && v.staged.is_some()) =>
         {
+            // Drawn from a generator of its own, so that every seed's sequence of calls stays as
+            // it was unless a take-over comes.
+            if Rng(log.len() as u64 ^ (m.next as u64).rotate_left(17)).chance(30) {
+                return take_over(c, m, rng, faulted, log);
+            }
             // The other node asks for a shared image volume staged on one node: its lease refuses.
             let held = names_where(m, |v| {
                 v.home == Home::Shared && v.layout == Layout::Image && v.staged.is_some()
             });
             let name = rng.pick(&held).clone();
-            let v = m.vols[&name].clone();
-            let (on, _) = v.staged.clone().expect("staged");
-            let other = (on + 1) % NODES;
-            let staging = c.procs[other].dir.join(format!("kubelet/staging/{name}"));
-            std::fs::create_dir_all(&staging).expect("staging dir");
-            log.push(format!("stage {name} on n{other} too, while n{on} holds it"));
-            let r = c.converge(
-                log,
-                m,
-                other,
-                Some(&name),
-                None,
-                |p| {
-                    p.svc()
-                        .stage(NodeStageVolumeRequest {
-                            volume_id: v.id.clone(),
-                            staging_target_path: staging.display().to_string(),
-                            volume_capability: Some(cap(&v)),
-                            ..Default::default()
-                        })
-                        .map_err(tonic::Status::from)
-                },
-                |r| matches!(r, Err(s) if s.code() == Code::FailedPrecondition),
-            );
-            let msg = r.expect_err("refused").message().to_string();
-            assert!(msg.contains(&format!("n{on}")), "the refusal names the holder: {msg}");
+            let on = m.vols[&name].staged.as_ref().expect("staged").0;
+            refused_elsewhere(c, m, &name, (on + 1) % NODES, log);
         }
         _ if m.vols.len() < MAX_VOLUMES => create(c, m, rng, faulted, log),
         _ => {}
     }
+}
+
+/// Node `other` asks to stage shared image volume `name`, which another node holds staged: its
+/// lease refuses (FAILED_PRECONDITION naming the holder).
+fn refused_elsewhere(c: &mut Cluster, m: &mut Model, name: &str, other: usize, log: &mut Vec<String>) {
+    let v = m.vols[name].clone();
+    let (on, _) = v.staged.clone().expect("staged");
+    let staging = c.procs[other].dir.join(format!("kubelet/staging/{name}"));
+    std::fs::create_dir_all(&staging).expect("staging dir");
+    log.push(format!("stage {name} on n{other} too, while n{on} holds it"));
+    let r = c.converge(
+        log,
+        m,
+        other,
+        Some(name),
+        None,
+        |p| {
+            p.svc()
+                .stage(NodeStageVolumeRequest {
+                    volume_id: v.id.clone(),
+                    staging_target_path: staging.display().to_string(),
+                    volume_capability: Some(cap(&v)),
+                    ..Default::default()
+                })
+                .map_err(tonic::Status::from)
+        },
+        |r| matches!(r, Err(s) if s.code() == Code::FailedPrecondition),
+    );
+    let msg = r.expect_err("refused").message().to_string();
+    assert!(msg.contains(&format!("n{on}")), "the refusal names the holder: {msg}");
+}
+
+/// A node dies holding a shared image volume staged (its machine is gone: no mounts, no devices,
+/// no renewals) and the volume's pod moves to the other node. That node's kubelet is refused while
+/// the lease is fresh, then takes it over once its own clock has watched the lease unrenewed for
+/// the pool's whole lease time (maybe killed, or failed by the share, on the way). The dead node
+/// starts again: its renewal finds the lease lost and must not take it back; kubelet's unpublish
+/// and unstage there (the pod is gone) succeed and leave the new holder's lease alone; then its
+/// reconciler stages again what else the node had.
+fn take_over(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mut Vec<String>) {
+    let held = names_where(m, |v| {
+        v.home == Home::Shared && v.layout == Layout::Image && v.staged.is_some()
+    });
+    let name = rng.pick(&held).clone();
+    let v = m.vols[&name].clone();
+    let (on, old_staging) = v.staged.clone().expect("staged");
+    let other = (on + 1) % NODES;
+    log.push(format!("n{on} dies holding {name}; its pod moves to n{other}"));
+    c.procs[on].devices.reboot(Some(rng.below(1 << 30) as u64));
+    c.procs[on].mounter.reboot();
+    refused_elsewhere(c, m, &name, other, log);
+    let (lease, ttl) = c.procs[other]
+        .engine
+        .shared_lease(&vid(&v.id))
+        .expect("a shared image volume has a lease");
+    c.procs[other].clock.advance(ttl);
+    log.push(format!("    n{other} watched the lease for {} s", ttl.as_secs()));
+    let fault = draw_fault(rng, faulted, |e| {
+        [
+            Fault::Crash("lease:moved-aside"),
+            Fault::Files("rename_if_exists", e),
+            Fault::Files("create_exclusive", e),
+        ]
+    });
+    kubelet(c, m, &name, Kubelet::Stage(other), fault, log);
+    let holder = || {
+        let bytes = std::fs::read(&lease).expect("the lease");
+        serde_json::from_slice::<crate::storage::lease::LeaseFile>(&bytes)
+            .expect("a lease")
+            .node
+    };
+    assert_eq!(holder(), format!("n{other}"), "n{other} took the lease over");
+
+    // The dead node starts again, its state still naming the stage and the publish.
+    log.push(format!("n{on} starts again"));
+    c.procs[on].restart();
+    c.restarts += 1;
+    let p = &c.procs[on];
+    super::renew_leases(&p.engine, &p.svc().state, &PoolName::parse(SHARE).expect("pool"));
+    assert_eq!(
+        p.engine.leases.lost(&v.id).as_deref(),
+        Some(format!("n{other}").as_str()),
+        "n{on} learns its lease was taken over"
+    );
+    assert_eq!(holder(), format!("n{other}"), "n{on}'s renewal does not take it back");
+    let (id, staging) = (v.id.clone(), old_staging.display().to_string());
+    if let Some(target) = &v.published {
+        let target = target.display().to_string();
+        log.push(format!("    unpublish {name} on n{on}"));
+        until_ok(c, m, on, log, |p| {
+            p.svc()
+                .unpublish(NodeUnpublishVolumeRequest {
+                    volume_id: id.clone(),
+                    target_path: target.clone(),
+                })
+                .map(|_| ())
+        });
+    }
+    log.push(format!("    unstage {name} on n{on}"));
+    until_ok(c, m, on, log, |p| {
+        p.svc()
+            .unstage(NodeUnstageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging.clone(),
+            })
+            .map(|_| ())
+    });
+    assert_eq!(
+        holder(),
+        format!("n{other}"),
+        "n{on}'s unstage leaves the new lease alone"
+    );
+    m.vols.get_mut(&name).expect("volume").published = None;
+    restage(c, m, rng, on, log);
+}
+
+/// Runs a node call on process `at`, with no fault, until it succeeds (as kubelet retries it).
+fn until_ok<E: Into<tonic::Status>>(
+    c: &mut Cluster,
+    m: &Model,
+    at: usize,
+    log: &mut Vec<String>,
+    call: impl Fn(&Proc) -> Result<(), E>,
+) {
+    c.converge(log, m, at, None, None, |p| call(p).map_err(Into::into), ok)
+        .expect("converged");
 }
 
 /// Calls `call` until it answers something `again` does not retry, as a sidecar or kubelet would,
@@ -1520,6 +1641,12 @@ fn reboot(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Vec<String>) 
     p.mounter.reboot();
     p.restart();
     c.restarts += 1;
+    restage(c, m, rng, n, log);
+}
+
+/// kubelet's reconciler on node `n` after it started again: it stages and publishes again what the
+/// model has there.
+fn restage(c: &mut Cluster, m: &mut Model, rng: &mut Rng, n: usize, log: &mut Vec<String>) {
     let mut names = names_where(m, |v| v.staged.as_ref().is_some_and(|(on, _)| *on == n));
     // In whatever order the reconciler finds them.
     for i in (1..names.len()).rev() {

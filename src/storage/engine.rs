@@ -339,7 +339,7 @@ impl LocalEngine {
             in_flight: InFlight::default(),
             purge_wake: Mutex::new(None),
             promised: Mutex::new(BTreeMap::new()),
-            leases: super::lease::Leases::new(node.as_str(), sys.files.clone()),
+            leases: super::lease::Leases::new(node.as_str(), sys.files.clone()).with_clock(sys.clock.clone()),
             files: sys.files.clone(),
             dir_usage: Mutex::new(std::collections::HashMap::new()),
             mounted_here: std::sync::OnceLock::new(),

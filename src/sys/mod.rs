@@ -7,6 +7,7 @@
 //! file operation of a call and read what a call did.
 
 pub mod btrfs;
+pub mod clock;
 pub mod copy;
 pub mod devices;
 pub mod extents;
@@ -40,6 +41,8 @@ pub struct StorageSys {
     pub subvolumes: Arc<dyn subvolumes::Subvolumes>,
     pub devices: Arc<dyn devices::Devices>,
     pub mounter: Arc<dyn mount::Mounter>,
+    /// The monotonic clock lease times are measured on.
+    pub clock: Arc<dyn clock::Clock>,
 }
 
 impl StorageSys {
@@ -51,6 +54,7 @@ impl StorageSys {
             subvolumes: Arc::new(subvolumes::LinuxSubvolumes),
             devices: Arc::new(devices::LinuxDevices),
             mounter: Arc::new(mount::LinuxMounter::default()),
+            clock: Arc::new(clock::MonotonicClock),
         }
     }
 
@@ -69,6 +73,7 @@ impl StorageSys {
             subvolumes,
             devices,
             mounter,
+            clock: Arc::new(clock::MonotonicClock),
         }
     }
 }
