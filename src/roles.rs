@@ -514,7 +514,7 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
     // Deletion marks this controller writes carry its seal; those it finds count only with one.
     engine
         .backups()
-        .trust_marks(crate::agent::seal::MarkSeals::controller(tls.clone()));
+        .trust_marks(crate::agent::seal::MarkSeals::for_controller(tls.clone()).trust());
     engine.start_purger();
     engine.start_uploads();
     engine.backups().start_pruner(o.prune);
@@ -647,7 +647,7 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     // now, or once this node has enrolled (until then a look for a mark waits).
     let controller_name = controller.bare_host().to_string();
     engine.backups().trust_marks(match &identity {
-        NodeIdentity::Ready(tls, _) => crate::agent::seal::MarkSeals::node(tls.clone(), &controller_name),
+        NodeIdentity::Ready(tls, _) => crate::agent::seal::MarkSeals::for_node(tls.clone(), &controller_name).trust(),
         NodeIdentity::Pending(_) => crate::backup::MarkTrust::NotYet,
     });
     engine.start_uploads();
@@ -694,10 +694,9 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
                     }
                 }
             };
-            engine.backups().trust_marks(crate::agent::seal::MarkSeals::node(
-                tls.clone(),
-                &beat_config.server_name,
-            ));
+            engine
+                .backups()
+                .trust_marks(crate::agent::seal::MarkSeals::for_node(tls.clone(), &beat_config.server_name).trust());
             let _ = enrolled_tx.send(());
             let _renewer = renewal.map(|(e, at)| AbortOnDrop(tokio::spawn(e.renew_from(at))));
             // The agent serves only a caller whose certificate names the controller as this node

@@ -13,13 +13,16 @@ use std::time::{Duration, SystemTime};
 
 use cellar::agent::grant::{self, Claims};
 use cellar::agent::remote::{HostPort, RemoteAgent, Timeouts, NODE_HEADER};
+use cellar::agent::seal::MarkSeals;
 use cellar::agent::server::{serve, AgentService, TransferService};
 use cellar::agent::tls::Tls;
 use cellar::agent::tls::AGENT_SERVER_NAME;
 use cellar::agent::wire::v1;
 use cellar::agent::LocalAgent;
+use cellar::backup::{MarkAuthority, MarkTrust};
 use cellar::storage::config::Config;
 use cellar::storage::engine::{LocalEngine, NewVolume, Source};
+use cellar::storage::id::BackupId;
 use cellar::storage::id::{NodeId, SnapshotId};
 use cellar::storage::transfer::{Frame, Verifier};
 use common::certs::{Authority, Pair};
@@ -433,21 +436,21 @@ async fn a_caller_without_a_certificate_from_the_ca_is_refused_in_the_handshake(
 /// or none at all does not count.
 #[test]
 fn only_the_controllers_seal_of_that_backup_makes_a_deletion_mark_count() {
-    use cellar::agent::seal::MarkSeals;
-    use cellar::backup::{MarkAuthority, MarkTrust};
-    use cellar::storage::id::BackupId;
-    let sealed = |t: MarkTrust| -> Arc<dyn MarkAuthority> {
-        match t {
-            MarkTrust::Sealed(a) => a,
-            _ => panic!("over TLS, marks are sealed"),
-        }
-    };
     let ca = Authority::new("cellar marks CA");
-    let controller = sealed(MarkSeals::controller(tls(&ca, &ca.issue(&[CONTROLLER]))));
-    let node_1 = sealed(MarkSeals::node(tls(&ca, &ca.issue(&[&own_name("node-1")])), CONTROLLER));
-    let node_2 = sealed(MarkSeals::node(tls(&ca, &ca.issue(&[&own_name("node-2")])), CONTROLLER));
+    let controller = sealed(MarkSeals::for_controller(tls(&ca, &ca.issue(&[CONTROLLER]))));
+    let node_1 = sealed(MarkSeals::for_node(
+        tls(&ca, &ca.issue(&[&own_name("node-1")])),
+        CONTROLLER,
+    ));
+    let node_2 = sealed(MarkSeals::for_node(
+        tls(&ca, &ca.issue(&[&own_name("node-2")])),
+        CONTROLLER,
+    ));
     let elsewhere = Authority::new("another CA");
-    let foreign = sealed(MarkSeals::controller(tls(&elsewhere, &elsewhere.issue(&[CONTROLLER]))));
+    let foreign = sealed(MarkSeals::for_controller(tls(
+        &elsewhere,
+        &elsewhere.issue(&[CONTROLLER]),
+    )));
     let id = BackupId::parse("backup:offsite:0f3c-11aa").expect("id");
     let other = BackupId::parse("backup:offsite:9d2e-77bb").expect("id");
 
@@ -458,25 +461,73 @@ fn only_the_controllers_seal_of_that_backup_makes_a_deletion_mark_count() {
     controller
         .check(&id, Some(&seal))
         .expect("the controller honours its own (shared pools' backups)");
-    let refused = |who: &Arc<dyn MarkAuthority>, seal: Option<&str>, id: &BackupId, says: &str| {
-        let why = who.check(id, seal).expect_err("refused");
-        assert!(why.contains(says), "'{why}' does not say '{says}'");
-    };
-    refused(&node_1, Some(&seal), &other, "does not match");
-    refused(&node_1, None, &id, "no seal");
-    refused(&node_1, Some("!!not base64"), &id, "not base64");
+    mark_refused(&node_1, Some(&seal), &other, "does not match");
+    mark_refused(&node_1, None, &id, "no seal");
+    mark_refused(&node_1, Some("!!not base64"), &id, "not base64");
     let by_node = node_2.seal(&id).expect("a node's key signs too");
-    refused(&node_1, Some(&by_node), &id, "does not name the controller");
-    refused(&controller, Some(&by_node), &id, "does not name the controller");
-    refused(&node_1, Some(&foreign.seal(&id).expect("seal")), &id, "not from the CA");
+    mark_refused(&node_1, Some(&by_node), &id, "does not name the controller");
+    mark_refused(&controller, Some(&by_node), &id, "does not name the controller");
+    mark_refused(&node_1, Some(&foreign.seal(&id).expect("seal")), &id, "not from the CA");
     // A seal with its signature cut short.
     let mut cut = seal.clone();
     cut.truncate(seal.len() / 2);
     assert!(node_1.check(&id, Some(&cut)).is_err());
 
     assert!(matches!(
-        MarkSeals::node(Tls::Insecure, CONTROLLER),
+        MarkSeals::for_node(Tls::Insecure, CONTROLLER).trust(),
         MarkTrust::Unsealed
     ));
-    assert!(matches!(MarkSeals::controller(Tls::Insecure), MarkTrust::Unsealed));
+    assert!(matches!(
+        MarkSeals::for_controller(Tls::Insecure).trust(),
+        MarkTrust::Unsealed
+    ));
+}
+
+/// A mark is read up to 90 days after it was sealed (its node was down), long after the
+/// controller's certificate that sealed it was renewed (a week by default): it counts when that
+/// certificate was valid at the seal's time, which the signature covers. A seal dated when the
+/// certificate was not valid, or ahead of the node's clock, does not count.
+#[test]
+fn a_mark_sealed_while_the_controllers_certificate_was_valid_counts_after_it_expired() {
+    use std::time::SystemTime;
+    let ca = Authority::new("cellar marks CA");
+    let now = time::OffsetDateTime::now_utc();
+    let expired = tls(
+        &ca,
+        &ca.issue_valid(
+            &[CONTROLLER],
+            now - time::Duration::days(10),
+            now - time::Duration::days(1),
+        ),
+    );
+    let old_controller = MarkSeals::for_controller(expired);
+    let node = sealed(MarkSeals::for_node(
+        tls(&ca, &ca.issue(&[&own_name("node-1")])),
+        CONTROLLER,
+    ));
+    let id = BackupId::parse("backup:offsite:0f3c-11aa").expect("id");
+    let day = Duration::from_secs(86_400);
+
+    let then = old_controller.seal_at(&id, SystemTime::now() - 5 * day).expect("seal");
+    node.check(&id, Some(&then))
+        .expect("sealed while the certificate was valid");
+    let late = old_controller.seal_at(&id, SystemTime::now()).expect("seal");
+    mark_refused(&node, Some(&late), &id, "not from the CA");
+    let early = old_controller.seal_at(&id, SystemTime::now() - 20 * day).expect("seal");
+    mark_refused(&node, Some(&early), &id, "not from the CA");
+    let current = MarkSeals::for_controller(tls(&ca, &ca.issue(&[CONTROLLER])));
+    let ahead = current.seal_at(&id, SystemTime::now() + day).expect("seal");
+    mark_refused(&node, Some(&ahead), &id, "ahead of this node's clock");
+}
+
+fn sealed(seals: MarkSeals) -> Arc<dyn MarkAuthority> {
+    match seals.trust() {
+        MarkTrust::Sealed(a) => a,
+        _ => panic!("over TLS, marks are sealed"),
+    }
+}
+
+fn mark_refused(who: &Arc<dyn MarkAuthority>, seal: Option<&str>, id: &BackupId, says: &str) {
+    let why = who.check(id, seal).expect_err("refused");
+    assert!(why.contains(says), "'{why}' does not say '{says}'");
 }

@@ -191,14 +191,16 @@ pub(crate) fn sign_bytes(signing: &Signing, context: &[u8], message: &[u8]) -> R
     })
 }
 
-/// Ok when `sig` signs `context` then `message` with the key of a certificate from the CA that
-/// names one of `names` (the controller's); else [`GrantError::NotSigned`] saying why.
+/// Ok when `sig` signs `context` then `message` with the key of a certificate that names one of
+/// `names` (the controller's) and that comes from the CA, valid at `at`; else
+/// [`GrantError::NotSigned`] saying why.
 pub(crate) fn check_bytes(
     signing: &Signing,
     names: &[String],
     context: &[u8],
     message: &[u8],
     sig: &Signature,
+    at: UnixTime,
 ) -> Result<(), GrantError> {
     let not_signed = |why: String| GrantError::NotSigned(why);
     let (end, intermediates) = sig
@@ -218,7 +220,7 @@ pub(crate) fn check_bytes(
         .collect();
     signing
         .verifier
-        .verify_client_cert(&end, &intermediates, UnixTime::now())
+        .verify_client_cert(&end, &intermediates, at)
         .map_err(|e| not_signed(format!("its signer's certificate is not from the CA ({e})")))?;
     if !names.iter().any(|n| tls::certificate_names(&end, n)) {
         return Err(not_signed(format!(
@@ -417,6 +419,7 @@ impl Gatekeeper {
             CONTEXT,
             &grant.claims,
             &sig,
+            UnixTime::now(),
         )
     }
 

@@ -32,8 +32,27 @@ impl Authority {
     /// A certificate for serverAuth and clientAuth naming `sans` (DNS names or IP addresses); the
     /// first is also its common name.
     pub fn issue(&self, sans: &[&str]) -> Pair {
+        self.issue_with(sans, |_| {})
+    }
+
+    /// As [`Authority::issue`], valid only from `not_before` to `not_after`.
+    #[allow(dead_code)]
+    pub fn issue_valid(
+        &self,
+        sans: &[&str],
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Pair {
+        self.issue_with(sans, |p| {
+            p.not_before = not_before;
+            p.not_after = not_after;
+        })
+    }
+
+    fn issue_with(&self, sans: &[&str], adjust: impl FnOnce(&mut CertificateParams)) -> Pair {
         let names: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
         let mut p = CertificateParams::new(names).expect("leaf params");
+        adjust(&mut p);
         p.distinguished_name.push(DnType::CommonName, sans[0]);
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let key = KeyPair::generate().expect("leaf key");
