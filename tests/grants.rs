@@ -473,6 +473,17 @@ fn only_the_controllers_seal_of_that_backup_makes_a_deletion_mark_count() {
     cut.truncate(seal.len() / 2);
     assert!(node_1.check(&id, Some(&cut)).is_err());
 
+    // A controller known by an IP address only honours its own seals too.
+    let by_ip = MarkSeals::for_controller(tls(&ca, &ca.issue(&["10.96.0.15"])));
+    let seal = by_ip.seal(&id).expect("seal");
+    sealed(by_ip).check(&id, Some(&seal)).expect("its own seal");
+    sealed(MarkSeals::for_node(
+        tls(&ca, &ca.issue(&[&own_name("node-1")])),
+        "10.96.0.15",
+    ))
+    .check(&id, Some(&seal))
+    .expect("a node dialling it by that address honours it");
+
     assert!(matches!(
         MarkSeals::for_node(Tls::Insecure, CONTROLLER).trust(),
         MarkTrust::Unsealed

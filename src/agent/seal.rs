@@ -74,7 +74,7 @@ impl MarkSeals {
     }
 
     /// The controller's: it seals the marks it writes, and honours (for the shared pools' backups
-    /// it holds) marks sealed by a certificate naming one of the DNS names of its own.
+    /// it holds) marks sealed by a certificate naming one of the names (DNS or IP) of its own.
     pub fn for_controller(tls: Tls) -> MarkSeals {
         let controller = tls
             .signing()
@@ -107,7 +107,7 @@ impl MarkSeals {
     }
 }
 
-/// The DNS names a certificate (DER) carries in its subjectAltName.
+/// The DNS names and IP addresses a certificate (DER) carries in its subjectAltName.
 fn dns_names(cert: &[u8]) -> Vec<String> {
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {
         return Vec::new();
@@ -120,6 +120,11 @@ fn dns_names(cert: &[u8]) -> Vec<String> {
         .iter()
         .filter_map(|n| match n {
             x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+            x509_parser::extensions::GeneralName::IPAddress(ip) => match ip.len() {
+                4 => Some(std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).ok()?).to_string()),
+                16 => Some(std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*ip).ok()?).to_string()),
+                _ => None,
+            },
             _ => None,
         })
         .collect()
