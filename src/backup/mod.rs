@@ -560,6 +560,17 @@ impl Backups {
         self.marks.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Whether `snaps` hold a deletion mark of backup `id` that counts.
+    fn honoured_mark(&self, trust: &MarkTrust, id: &BackupId, snaps: &[SnapshotFile]) -> Result<bool, StorageError> {
+        let tag = format!("{TAG_DELETED}{}", id.key());
+        for s in snaps.iter().filter(|s| s.tags.iter().any(|t| *t == tag)) {
+            if self.honours(trust, id, s)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Whether `mark`, a snapshot tagged as backup `id`'s deletion mark, counts; a mark whose
     /// seal does not check is logged and passed over.
     fn honours(&self, trust: &MarkTrust, id: &BackupId, mark: &SnapshotFile) -> Result<bool, StorageError> {
@@ -811,10 +822,8 @@ impl Backups {
         let tag = format!("{TAG_DELETED}{}", id.key());
         let trust = self.mark_trust();
         // A mark someone else wrote, which nodes would pass over, is no reason not to write one.
-        for s in snaps.iter().filter(|s| s.tags.iter().any(|t| *t == tag)) {
-            if self.honours(&trust, id, s)? {
-                return Ok(());
-            }
+        if self.honoured_mark(&trust, id, &snaps)? {
+            return Ok(());
         }
         let mut description =
             format!("cellar: backup {id} was deleted while a node that may hold part of it could not be told");
@@ -853,15 +862,8 @@ impl Backups {
     pub fn is_marked_deleted(&self, id: &BackupId) -> Result<bool, StorageError> {
         let cfg = self.config(id.repository())?;
         let repo = self.open(id.repository())?;
-        let tag = format!("{TAG_DELETED}{}", id.key());
         let snaps = self.snapshots(id.repository(), &repo).map_err(|e| cfg.error(e))?;
-        let trust = self.mark_trust();
-        for s in snaps.iter().filter(|s| s.tags.iter().any(|t| *t == tag)) {
-            if self.honours(&trust, id, s)? {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        self.honoured_mark(&self.mark_trust(), id, &snaps)
     }
 
     /// Removes backup `id`'s deletion marks (the node that held its part has dropped it), and
