@@ -1462,3 +1462,54 @@ fn a_block_unstage_unmounts_nothing_at_its_staging_path() {
     );
     n.unstage(&other, &staging).expect("unstage the directory volume");
 }
+
+#[test]
+fn a_publish_binds_only_from_the_stage_it_names_and_only_in_the_volumes_own_mode() {
+    let n = Node::new();
+    let id = n.volume("pvc-modes");
+    let (staging, other, target) = (n.path("stage-a"), n.path("stage-b"), n.path("pod/mount"));
+    // A block capability for a filesystem volume, at stage and at publish: INVALID_ARGUMENT.
+    let err = stage_block(&n.svc, &id, &staging).expect_err("block stage of a filesystem volume");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(n.svc.state.get(&id).staged.is_none(), "a refused stage records nothing");
+    n.stage(&id, &staging).expect("stage");
+    let err = block_publish(&n.svc, &id, &staging, &target, false).expect_err("block publish");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // A multi-node writer mode of a volume on a local pool: INVALID_ARGUMENT.
+    let err = n
+        .publish(&id, &staging, &target, Mode::MultiNodeMultiWriter, false)
+        .expect_err("RWX of a local volume");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // A publish naming another staging path than the one staged: FAILED_PRECONDITION, and its
+    // target is not even made.
+    let err = n
+        .publish(&id, &other, &target, Mode::SingleNodeWriter, false)
+        .expect_err("publish from a staging path never staged");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(!target.exists(), "a refused publish makes no target");
+    assert_eq!(n.mounter.mounted().len(), 1, "only the stage is mounted");
+    // An unstage of the other path is of nothing of ours: OK, and the stage stays.
+    n.unstage(&id, &other).expect("unstage of a path never staged");
+    assert_eq!(n.mounter.mounted().len(), 1, "the stage stays mounted");
+    assert_eq!(n.svc.state.get(&id).staged.map(|s| s.path), Some(staging.clone()));
+    // The other way round: a filesystem capability for a block volume.
+    let block = block_volume(&n.svc, "pvc-raw", &n.path("stage-raw"));
+    let err = n
+        .publish(
+            &block,
+            &n.path("stage-raw"),
+            &n.path("pod/raw"),
+            Mode::SingleNodeWriter,
+            false,
+        )
+        .expect_err("filesystem publish of a block volume");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = n
+        .stage(&block, &n.path("stage-raw"))
+        .expect_err("filesystem stage of a block volume");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // Nothing either refusal did stays: the block stage is as it was.
+    assert!(n.svc.state.get(&block).published.is_empty());
+    n.publish(&id, &staging, &target, Mode::SingleNodeWriter, false)
+        .expect("the right publish still works");
+}
