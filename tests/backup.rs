@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use cellar::backup::{Backups, Location, RepositoryConfig, Throttle, S3};
 use cellar::csi::v1::*;
+use cellar::storage::id::PoolName;
+use cellar::storage::StorageError;
 use common::fs::TestFs;
 use common::tree::{assert_is_the_built_tree, assert_same_tree, build_tree, finish, scan};
 use common::{from_snapshot, Driver, MIB};
@@ -1105,4 +1108,140 @@ async fn a_backup_is_never_not_found_while_its_upload_ends() {
         }
     }
     d.unmount_all(&v.volume_id, &st, &tg).await;
+}
+
+/// Repository `name` at `prefix` of the S3 test server, as a controller process is given it.
+fn s3_repository(s3: &common::s3::S3Server, s: &Setup, name: &PoolName, prefix: &str) -> RepositoryConfig {
+    RepositoryConfig {
+        name: name.clone(),
+        location: Location::S3(S3 {
+            endpoint: s3.endpoint(),
+            bucket: s3.bucket().to_string(),
+            region: s3.region().to_string(),
+            credentials_file: s3.credentials_file(),
+            prefix: Some(prefix.to_string()),
+        }),
+        password_file: s.password_file(),
+    }
+}
+
+/// Two controller processes initialising one new S3 repository at the same instant (a snapshotter
+/// leader change during the first backup): S3 has no lock file, so each writes a claim under
+/// `cellar-init/` and goes on only when it sees no other. At most one initialises; the other opens
+/// what it made or answers ABORTED (the CO retries). Never two keys with two master keys, which would
+/// leave the repository readable with one of them only.
+#[test]
+fn two_controllers_initialising_one_new_s3_repository_leave_one_key() {
+    let s3 = common::s3::S3Server::start();
+    let s = Setup::new();
+    let name = PoolName::parse("offsite").expect("name");
+    for round in 0..8 {
+        let prefix = format!("race-{round}");
+        let cfg = s3_repository(&s3, &s, &name, &prefix);
+        let controllers: Vec<Backups> = (0..2)
+            .map(|_| Backups::new(vec![cfg.clone()], Throttle::unlimited()))
+            .collect();
+        let start = std::sync::Barrier::new(2);
+        let outcomes: Vec<Result<(), StorageError>> = std::thread::scope(|sc| {
+            let runs: Vec<_> = controllers
+                .iter()
+                .map(|b| {
+                    let (start, name) = (&start, &name);
+                    sc.spawn(move || {
+                        start.wait();
+                        b.open_or_init(name, true).map(drop)
+                    })
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().expect("init thread")).collect()
+        });
+        for o in &outcomes {
+            assert!(
+                matches!(o, Ok(()) | Err(StorageError::Busy(_))),
+                "round {round}: an initialisation answered {o:?}"
+            );
+        }
+        // The CO's retry: each controller opens the repository in the end.
+        for b in &controllers {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match b.open_or_init(&name, true) {
+                    Ok(_) => break,
+                    Err(StorageError::Busy(_)) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    Err(e) => panic!("round {round}: the retry answered {e:?}"),
+                }
+            }
+        }
+        let root = s3.bucket_dir().join(&prefix);
+        let keys: Vec<_> = std::fs::read_dir(root.join("keys"))
+            .expect("keys")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(keys.len(), 1, "round {round}: one key, not {keys:?}");
+        assert!(
+            !root.join("cellar-init").exists()
+                || std::fs::read_dir(root.join("cellar-init"))
+                    .expect("claims")
+                    .next()
+                    .is_none(),
+            "round {round}: no claim is left behind"
+        );
+        // A third process, a node, opens it with the password too.
+        Backups::new(vec![cfg], Throttle::unlimited())
+            .open(&name)
+            .unwrap_or_else(|e| panic!("round {round}: a node cannot open it: {e:?}"));
+    }
+}
+
+/// Another process's claim on initialising an S3 repository holds a first backup off (ABORTED,
+/// nothing written) while it is recent; one left by a killed process is removed once it is stale.
+#[test]
+fn an_s3_init_claim_holds_others_off_until_it_is_stale() {
+    let s3 = common::s3::S3Server::start();
+    let s = Setup::new();
+    let name = PoolName::parse("offsite").expect("name");
+    let cfg = s3_repository(&s3, &s, &name, "claimed");
+    let claims = s3.bucket_dir().join("claimed").join("cellar-init");
+    std::fs::create_dir_all(&claims).expect("claims");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_millis();
+    let recent = claims.join(format!("{now:020}-another"));
+    std::fs::write(&recent, b"x").expect("claim");
+    let b = Backups::new(vec![cfg], Throttle::unlimited());
+    match b.open_or_init(&name, true) {
+        Err(StorageError::Busy(m)) => assert!(m.contains("another process is initialising"), "{m}"),
+        other => panic!(
+            "a recent claim of another process: want ABORTED, got {:?}",
+            other.map(drop)
+        ),
+    }
+    let left: Vec<_> = std::fs::read_dir(&claims)
+        .expect("claims")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(
+        left,
+        vec![recent.clone()],
+        "the refused claimant takes its own claim back"
+    );
+    assert!(
+        !s3.bucket_dir().join("claimed").join("config").exists(),
+        "nothing initialised"
+    );
+    // The same claim eleven minutes older: a killed process's, removed, and the init goes on.
+    std::fs::remove_file(&recent).expect("remove");
+    let stale = claims.join(format!("{:020}-killed", now - 11 * 60 * 1000));
+    std::fs::write(&stale, b"x").expect("claim");
+    b.open_or_init(&name, true).expect("a stale claim is passed over");
+    assert!(s3.bucket_dir().join("claimed").join("config").exists(), "initialised");
+    let left: Vec<_> = std::fs::read_dir(&claims)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "no claim left: {left:?}");
 }

@@ -188,26 +188,31 @@ impl RepositoryConfig {
     fn backend_options(&self) -> Result<BackendOptions, StorageError> {
         Ok(match &self.location {
             Location::Path(p) => BackendOptions::default().repository(p.display().to_string()),
-            Location::S3(s) => {
-                let (key, secret) = read_s3_credentials(&s.credentials_file).map_err(|e| self.refused(e))?;
-                let mut o = BTreeMap::new();
-                o.insert("bucket".to_string(), s.bucket.clone());
-                o.insert("endpoint".to_string(), s.endpoint.clone());
-                o.insert("region".to_string(), s.region.clone());
-                o.insert("access_key_id".to_string(), key);
-                o.insert("secret_access_key".to_string(), secret);
-                o.insert("root".to_string(), format!("/{}", s.prefix.clone().unwrap_or_default()));
-                // Only what the configuration says: no credentials from the environment, the
-                // instance metadata service or ~/.aws.
-                o.insert("disable_config_load".to_string(), "true".to_string());
-                o.insert("disable_ec2_metadata".to_string(), "true".to_string());
-                o.insert("enable_virtual_host_style".to_string(), "false".to_string());
-                // A few quick retries: an endpoint that is down answers UNAVAILABLE in seconds
-                // (the CO retries the call), not after rustic's default minute of backoff.
-                o.insert("retry".to_string(), "2".to_string());
-                BackendOptions::default().repository("opendal:s3").options(o)
-            }
+            Location::S3(s) => BackendOptions::default()
+                .repository("opendal:s3")
+                .options(self.s3_options(s)?),
         })
+    }
+
+    /// What opendal's S3 service is given: rustic's backend and the init claim use the same.
+    fn s3_options(&self, s: &S3) -> Result<BTreeMap<String, String>, StorageError> {
+        let (key, secret) = read_s3_credentials(&s.credentials_file).map_err(|e| self.refused(e))?;
+        let mut o = BTreeMap::new();
+        o.insert("bucket".to_string(), s.bucket.clone());
+        o.insert("endpoint".to_string(), s.endpoint.clone());
+        o.insert("region".to_string(), s.region.clone());
+        o.insert("access_key_id".to_string(), key);
+        o.insert("secret_access_key".to_string(), secret);
+        o.insert("root".to_string(), format!("/{}", s.prefix.clone().unwrap_or_default()));
+        // Only what the configuration says: no credentials from the environment, the
+        // instance metadata service or ~/.aws.
+        o.insert("disable_config_load".to_string(), "true".to_string());
+        o.insert("disable_ec2_metadata".to_string(), "true".to_string());
+        o.insert("enable_virtual_host_style".to_string(), "false".to_string());
+        // A few quick retries: an endpoint that is down answers UNAVAILABLE in seconds
+        // (the CO retries the call), not after rustic's default minute of backoff.
+        o.insert("retry".to_string(), "2".to_string());
+        Ok(o)
     }
 
     /// A repository that cannot be used as configured: FAILED_PRECONDITION naming it.
@@ -723,8 +728,8 @@ impl Backups {
             return repo.open(&credentials).map_err(|e| cfg.error(e));
         }
         let _claim = match &cfg.location {
-            Location::Path(p) => Some(claim_init(cfg, p)?),
-            Location::S3(_) => None,
+            Location::Path(p) => InitClaim::Path(claim_init(cfg, p)?),
+            Location::S3(s3) => InitClaim::S3(S3InitClaim::take(cfg, s3)?),
         };
         // Another process may have finished between the look above and the claim.
         if repo.config_id().map_err(|e| cfg.error(e))?.is_some() {
@@ -1119,6 +1124,103 @@ fn claim_init(cfg: &RepositoryConfig, repo: &Path) -> Result<crate::sys::files::
             "backup repository '{}': {e}",
             cfg.name.as_str(),
         ))),
+    }
+}
+
+/// What keeps two processes from initialising one repository at once, held until the init ends.
+enum InitClaim {
+    Path(#[allow(dead_code)] crate::sys::files::HeldLockFile),
+    S3(#[allow(dead_code)] S3InitClaim),
+}
+
+/// A claim on initialising an S3 repository. S3 has no lock, and two initialisations would
+/// each write a key with a master key of its own (the config only matches one of them). So an
+/// initialiser writes an object `cellar-init/<ms since the epoch>-<random>` under the repository's
+/// prefix, then lists `cellar-init/`: it goes on only when no other claim younger than
+/// [`S3_CLAIM_STALE`] is there, else it takes its claim back and answers ABORTED. With S3's
+/// read-after-write listing two claimants never both go on: whichever lists second sees the
+/// first's claim. Both may back off; the CO retries. A claim left by a killed process is removed
+/// by the next claimant once it is stale.
+struct S3InitClaim {
+    op: opendal::blocking::Operator,
+    path: String,
+}
+
+/// How old (by its name) another process's claim must be before it no longer counts: far more
+/// than an initialisation takes (a few small objects).
+const S3_CLAIM_STALE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The runtime opendal's blocking operator of the init claim runs on (as rustic's own backend does).
+fn s3_claim_runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("cellar-s3-claim")
+            .enable_all()
+            .build()
+            .expect("a runtime for the S3 init claim")
+    })
+}
+
+impl S3InitClaim {
+    const DIR: &'static str = "cellar-init/";
+
+    fn take(cfg: &RepositoryConfig, s3: &S3) -> Result<S3InitClaim, StorageError> {
+        let unreachable = |what: &str, e: opendal::Error| {
+            StorageError::Unavailable(format!(
+                "backup repository '{}' ({}): {what} its init claim: {e}",
+                cfg.name.as_str(),
+                cfg.describe()
+            ))
+        };
+        let op = {
+            let _in = s3_claim_runtime().enter();
+            let op = opendal::Operator::via_iter("s3", cfg.s3_options(s3)?).map_err(|e| unreachable("making", e))?;
+            opendal::blocking::Operator::new(op).map_err(|e| unreachable("making", e))?
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let path = format!("{}{:020}-{}", Self::DIR, now.as_millis(), uuid::Uuid::new_v4().simple());
+        op.write(&path, "a cellar process initialising this repository\n")
+            .map_err(|e| unreachable("writing", e))?;
+        let claim = S3InitClaim { op, path };
+        let listed = claim.op.list(Self::DIR).map_err(|e| unreachable("listing", e))?;
+        for entry in listed {
+            if entry.path() == claim.path || !entry.metadata().is_file() {
+                continue;
+            }
+            let written = entry
+                .name()
+                .split_once('-')
+                .and_then(|(ms, _)| ms.parse::<u64>().ok())
+                .map(std::time::Duration::from_millis);
+            if written.is_some_and(|w| now.saturating_sub(w) > S3_CLAIM_STALE) {
+                tracing::warn!(
+                    repository = cfg.name.as_str(),
+                    claim = entry.path(),
+                    "removing a stale init claim"
+                );
+                let _ = claim.op.delete(entry.path());
+                continue;
+            }
+            // Dropping ours takes it back.
+            return Err(StorageError::Busy(format!(
+                "backup repository '{}' (another process is initialising it; {} is its claim)",
+                cfg.name.as_str(),
+                entry.path()
+            )));
+        }
+        Ok(claim)
+    }
+}
+
+impl Drop for S3InitClaim {
+    fn drop(&mut self) {
+        if let Err(e) = self.op.delete(&self.path) {
+            tracing::warn!(claim = self.path, error = %e, "could not remove the init claim; the next claimant removes it once it is stale");
+        }
     }
 }
 
