@@ -1210,8 +1210,20 @@ fn an_s3_init_claim_holds_others_off_until_it_is_stale() {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("time")
         .as_millis();
+    // Something not cellar's there is no one's claim, and stays.
+    let junk = claims.join("notes.txt");
+    std::fs::write(&junk, b"x").expect("junk");
     let recent = claims.join(format!("{now:020}-another"));
     std::fs::write(&recent, b"x").expect("claim");
+    let claims_left = || -> Vec<PathBuf> {
+        let mut left: Vec<_> = std::fs::read_dir(&claims)
+            .expect("claims")
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        left.sort();
+        left
+    };
     let b = Backups::new(vec![cfg], Throttle::unlimited());
     match b.open_or_init(&name, true) {
         Err(StorageError::Busy(m)) => assert!(m.contains("another process is initialising"), "{m}"),
@@ -1220,14 +1232,9 @@ fn an_s3_init_claim_holds_others_off_until_it_is_stale() {
             other.map(drop)
         ),
     }
-    let left: Vec<_> = std::fs::read_dir(&claims)
-        .expect("claims")
-        .flatten()
-        .map(|e| e.path())
-        .collect();
     assert_eq!(
-        left,
-        vec![recent.clone()],
+        claims_left(),
+        vec![recent.clone(), junk.clone()],
         "the refused claimant takes its own claim back"
     );
     assert!(
@@ -1240,8 +1247,5 @@ fn an_s3_init_claim_holds_others_off_until_it_is_stale() {
     std::fs::write(&stale, b"x").expect("claim");
     b.open_or_init(&name, true).expect("a stale claim is passed over");
     assert!(s3.bucket_dir().join("claimed").join("config").exists(), "initialised");
-    let left: Vec<_> = std::fs::read_dir(&claims)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "no claim left: {left:?}");
+    assert_eq!(claims_left(), vec![junk], "no claim left, and nothing else removed");
 }

@@ -1191,12 +1191,16 @@ impl S3InitClaim {
             if entry.path() == claim.path || !entry.metadata().is_file() {
                 continue;
             }
-            let written = entry
+            // Only cellar's claims count: anything else put there is no one's claim.
+            let Some(written) = entry
                 .name()
                 .split_once('-')
                 .and_then(|(ms, _)| ms.parse::<u64>().ok())
-                .map(std::time::Duration::from_millis);
-            if written.is_some_and(|w| now.saturating_sub(w) > S3_CLAIM_STALE) {
+                .map(std::time::Duration::from_millis)
+            else {
+                continue;
+            };
+            if now.saturating_sub(written) > S3_CLAIM_STALE {
                 tracing::warn!(
                     repository = cfg.name.as_str(),
                     claim = entry.path(),
