@@ -1249,3 +1249,122 @@ fn an_s3_init_claim_holds_others_off_until_it_is_stale() {
     assert!(s3.bucket_dir().join("claimed").join("config").exists(), "initialised");
     assert_eq!(claims_left(), vec![junk], "no claim left, and nothing else removed");
 }
+
+/// A backup restores only as what it holds: a raw block image as a block volume, a filesystem
+/// image as a filesystem of the same type, neither into a pool without its layout nor into less
+/// than its capacity; each refusal with its code and nothing made. Then the right restores work.
+#[tokio::test]
+async fn a_backup_restores_only_into_its_own_layout_mode_and_filesystem() {
+    use cellar::csi::v1::volume_capability::access_mode::Mode;
+    let s = Setup::new();
+    let fs = TestFs::new("xfs", 1024);
+    let pools = format!(
+        "  - name: img\n    path: {}\n    layout: image\n    fsType: ext4\n{}",
+        fs.path("pool").display(),
+        s.dir_pool()
+    );
+    let mut d = s.driver(&pools).await;
+    let block = || cellar::client::block_capability(Mode::SingleNodeWriter);
+    let mount = |fs_type: &str| {
+        let mut c = cellar::client::mount_capability(Mode::SingleNodeWriter, vec![]);
+        if let Some(volume_capability::AccessType::Mount(m)) = c.access_type.as_mut() {
+            m.fs_type = fs_type.into();
+        }
+        c
+    };
+    let request = |name: &str, pool: &str, cap: VolumeCapability, limit: i64| {
+        let mut r = common::create_req(name, 64 * MIB);
+        r.capacity_range = Some(CapacityRange {
+            required_bytes: if limit > 0 { limit } else { 64 * MIB },
+            limit_bytes: limit,
+        });
+        r.parameters.insert("pool".into(), pool.into());
+        r.volume_capabilities = vec![cap];
+        r
+    };
+    let raw = d
+        .ctl
+        .create_volume(request("pvc-raw", "img", block(), 0))
+        .await
+        .expect("block volume")
+        .into_inner()
+        .volume
+        .expect("volume");
+    let ext4 = d
+        .ctl
+        .create_volume(request("pvc-ext4", "img", mount(""), 0))
+        .await
+        .expect("filesystem volume")
+        .into_inner()
+        .volume
+        .expect("volume");
+    let raw_backup = backup(&mut d, "snap-raw", &raw.volume_id, false).await.expect("backup");
+    let ext4_backup = backup(&mut d, "snap-ext4", &ext4.volume_id, false)
+        .await
+        .expect("backup");
+    until_ready(&mut d, &raw_backup.snapshot_id).await;
+    until_ready(&mut d, &ext4_backup.snapshot_id).await;
+    let from = |mut r: CreateVolumeRequest, snapshot: &Snapshot| {
+        r.volume_content_source = Some(VolumeContentSource {
+            r#type: Some(from_snapshot(&snapshot.snapshot_id)),
+        });
+        r
+    };
+    use tonic::Code;
+    for (what, r, code) in [
+        (
+            "a block backup as a filesystem",
+            from(request("r1", "img", mount(""), 0), &raw_backup),
+            Code::InvalidArgument,
+        ),
+        (
+            "a block backup into a dir pool",
+            from(request("r2", "default", block(), 0), &raw_backup),
+            Code::InvalidArgument,
+        ),
+        (
+            "a block backup into half its capacity",
+            from(request("r3", "img", block(), 32 * MIB), &raw_backup),
+            Code::OutOfRange,
+        ),
+        (
+            "a filesystem backup as a block volume",
+            from(request("r4", "img", block(), 0), &ext4_backup),
+            Code::InvalidArgument,
+        ),
+        (
+            "an ext4 backup as xfs",
+            from(request("r5", "img", mount("xfs"), 0), &ext4_backup),
+            Code::InvalidArgument,
+        ),
+        (
+            "an image backup into a dir pool",
+            from(request("r6", "default", mount(""), 0), &ext4_backup),
+            Code::InvalidArgument,
+        ),
+    ] {
+        let e = d.ctl.create_volume(r).await.expect_err(what);
+        assert_eq!(e.code(), code, "{what}: {}", e.message());
+    }
+    let listed = d
+        .ctl
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert_eq!(listed.entries.len(), 2, "no refused restore made a volume");
+    for (r, snapshot) in [
+        (request("pvc-raw-back", "img", block(), 0), &raw_backup),
+        (request("pvc-ext4-back", "img", mount("ext4"), 0), &ext4_backup),
+    ] {
+        let v = d
+            .ctl
+            .create_volume(from(r, snapshot))
+            .await
+            .expect("the right restore")
+            .into_inner()
+            .volume
+            .expect("volume");
+        assert_eq!(v.capacity_bytes, 64 * MIB);
+    }
+}

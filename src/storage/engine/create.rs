@@ -436,7 +436,8 @@ pub(super) fn same_kind(
 ) -> Result<(), StorageError> {
     if from_layout != layout || from_mode != mode {
         return Err(StorageError::Unsupported(format!(
-            "a {} {mode:?} volume can only be made from a source of the same layout and mode; the source is a {} {from_mode:?} volume",
+            "a {mode:?} volume of layout '{}' can only be made from a source of the same layout and \
+             mode; the source is a {from_mode:?} volume of layout '{}'",
             layout.as_str(),
             from_layout.as_str(),
         )));
