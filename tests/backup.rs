@@ -765,26 +765,36 @@ async fn a_dir_backup_restores_into_a_btrfs_volume() {
         fs.path("pool").display()
     );
     let mut d = s.driver(&pools).await;
-    let v = d.create("pvc-tree").await;
-    let (st, tg) = d.mount_rw(&v.volume_id, "tree").await;
-    fill(&tg.join("data"), 1 << 20, 9);
-    std::fs::create_dir(tg.join("sub")).expect("mkdir");
-    std::fs::write(tg.join("sub/note"), b"into btrfs").expect("write");
-    let want = std::fs::read(tg.join("data")).expect("read");
-    d.unmount_all(&v.volume_id, &st, &tg).await;
-    let snap = backup(&mut d, "snap-tree-bt", &v.volume_id, false)
+    // Also one kept locally: its local copy is a `dir` snapshot, which cannot become a btrfs
+    // subvolume, so that restore reads the repository (it answered INVALID_ARGUMENT before).
+    for keep_local in [false, true] {
+        let v = d.create(&format!("pvc-tree-{keep_local}")).await;
+        let (st, tg) = d.mount_rw(&v.volume_id, "tree").await;
+        fill(&tg.join("data"), 1 << 20, 9);
+        std::fs::create_dir(tg.join("sub")).expect("mkdir");
+        std::fs::write(tg.join("sub/note"), b"into btrfs").expect("write");
+        let want = std::fs::read(tg.join("data")).expect("read");
+        d.unmount_all(&v.volume_id, &st, &tg).await;
+        let snap = backup(&mut d, &format!("snap-tree-bt-{keep_local}"), &v.volume_id, keep_local)
+            .await
+            .expect("backup");
+        until_ready(&mut d, &snap.snapshot_id).await;
+        let back = restore_into(
+            &mut d,
+            &format!("pvc-bt-{keep_local}"),
+            64 * MIB,
+            Some("bt"),
+            &snap.snapshot_id,
+        )
         .await
-        .expect("backup");
-    until_ready(&mut d, &snap.snapshot_id).await;
-    let back = restore_into(&mut d, "pvc-bt", 64 * MIB, Some("bt"), &snap.snapshot_id)
-        .await
-        .expect("restore into btrfs");
-    assert_eq!(back.volume_context.get("layout").map(String::as_str), Some("btrfs"));
-    let (st2, tg2) = d.mount_rw(&back.volume_id, "bt").await;
-    assert!(std::fs::read(tg2.join("data")).expect("data") == want, "restored bytes");
-    assert_eq!(std::fs::read(tg2.join("sub/note")).expect("note"), b"into btrfs");
-    d.unmount_all(&back.volume_id, &st2, &tg2).await;
-    d.delete(&back.volume_id).await.expect("delete");
+        .unwrap_or_else(|e| panic!("restore into btrfs (kept locally: {keep_local}): {e:?}"));
+        assert_eq!(back.volume_context.get("layout").map(String::as_str), Some("btrfs"));
+        let (st2, tg2) = d.mount_rw(&back.volume_id, "bt").await;
+        assert!(std::fs::read(tg2.join("data")).expect("data") == want, "restored bytes");
+        assert_eq!(std::fs::read(tg2.join("sub/note")).expect("note"), b"into btrfs");
+        d.unmount_all(&back.volume_id, &st2, &tg2).await;
+        d.delete(&back.volume_id).await.expect("delete");
+    }
 }
 
 /// The second backup of a `dir` volume takes the first as its parent (unchanged files are not read

@@ -23,8 +23,11 @@
 //! - a read-only publish is read-only (a read-only bind, or a block device the kernel refuses
 //!   writes through, never the stage's writable device).
 //!
+//! Seeds of a run of their own also take backups (cut, upload, restore, forget, prune; see
+//! `random/backups.rs`).
+//!
 //! A failure names its seed and step and prints the step log; rerun one seed with
-//! `CELLAR_ENGINE_SEEDS=N cargo test --lib node::random`. The through-the-driver tester with real
+//! `CELLAR_ENGINE_SEEDS=N cargo test --lib node::random` (`CELLAR_BACKUP_SEEDS=N` for the backup run). The through-the-driver tester with real
 //! mounts and kill -9 is `tests/random_crash.rs`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -53,6 +56,7 @@ use crate::sys::mount::RecordingMounter;
 use crate::sys::subvolumes::RecordingSubvolumes;
 use crate::sys::StorageSys;
 
+mod backups;
 mod races;
 
 /// 1-16, and regressions: 131 (a loop number recorded before a reboot, the stage's after it),
@@ -60,6 +64,10 @@ mod races;
 /// 25 (a lease take-over killed after its rename left the stale lease for good), 32 (a failed
 /// rename of a take-over made the node watch the lease a whole lease time again).
 const SEEDS: [u64; 20] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 25, 32, 131, 355];
+/// The seeds of the backup run (`random_sequences_with_backups_keep_every_invariant`): 1-8, and
+/// regressions: 18 (a forget whose purge failed left the copy in the trash for its retry, which
+/// found no record), 24 (the same of an upload removing its copy).
+const BACKUP_SEEDS: [u64; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 18, 24];
 const STEPS: usize = 80;
 /// Attempts of one call, after its faulted one, before it counts as not converging.
 const ATTEMPTS: usize = 5;
@@ -246,6 +254,8 @@ impl Proc {
         shared.backend = Backend::Shared;
         shared.layouts = vec![Layout::Dir, Layout::Image];
         config.pools.push(shared);
+        // Every process reads the one repository (used only by seeds that take backups).
+        config.repositories = vec![crate::backup::testing::repository(root)];
         let filesystems = Arc::new(RecordingFilesystems::default());
         // btrfs is a node's own disk; the share is not btrfs.
         let subvolumes = Arc::new(RecordingSubvolumes::over(&dir));
@@ -548,6 +558,11 @@ struct Model {
     vols: BTreeMap<String, Vol>,
     snaps: BTreeMap<String, Snap>,
     groups: BTreeMap<String, Group>,
+    /// Backups by their CSI name, in seeds that take them ([`backups`]).
+    backups: BTreeMap<String, backups::Bk>,
+    with_backups: bool,
+    /// The backup repository has been initialised (by the first backup).
+    repository_made: bool,
     next: usize,
 }
 
@@ -655,10 +670,13 @@ fn create_faults(rng: &mut Rng, layout: Layout, copy: bool) -> Fault {
     rng.pick(&choices).clone()
 }
 
-fn run_seed(seed: u64, log: &mut Vec<String>) -> CrashTally {
+fn run_seed(seed: u64, with_backups: bool, log: &mut Vec<String>) -> CrashTally {
     let mut rng = Rng(seed);
     let mut c = Cluster::new();
-    let mut m = Model::default();
+    let mut m = Model {
+        with_backups,
+        ..Model::default()
+    };
     for step in 0..STEPS {
         let mut faulted = rng.chance(45);
         if faulted && rng.chance(35) {
@@ -703,6 +721,7 @@ fn run_seed(seed: u64, log: &mut Vec<String>) -> CrashTally {
         delete_snapshot(&mut c, &mut m, &mut rng, &name, None, log);
         check(&c, &m);
     }
+    backups::forget_all(&mut c, &mut m, &mut rng, log);
     // The shared pool's trash is purged in the background (its trees may be huge), and so are
     // temporary files a failed unlink left there once ten minutes old: as that purge would, now.
     let share = c.procs[NODES].pool(SHARE).expect("the shared pool");
@@ -739,6 +758,9 @@ fn names_where(m: &Model, f: impl Fn(&Vol) -> bool) -> Vec<String> {
 }
 
 fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &mut Vec<String>) {
+    if m.with_backups && rng.chance(25) {
+        return backups::step(c, m, rng, faulted, log);
+    }
     let names: Vec<String> = m.vols.keys().cloned().collect();
     let any = |rng: &mut Rng| (!names.is_empty()).then(|| rng.pick(&names).clone());
     match rng.below(22) {
@@ -1953,10 +1975,13 @@ fn check(c: &Cluster, m: &Model) {
                 Layout::Dir => {}
             }
         }
+        // Backups' local copies are held to what the model expects of them apart.
+        let copies: BTreeSet<&str> = m.backups.values().map(|b| b.snap()).collect();
         let snaps: BTreeMap<String, String> = p
             .engine
             .snapshots()
             .iter()
+            .filter(|s| !copies.contains(s.id.to_string().as_str()))
             .map(|s| (s.id.to_string(), s.source_volume_id.to_string()))
             .collect();
         let want: BTreeMap<String, String> = m
@@ -1966,6 +1991,7 @@ fn check(c: &Cluster, m: &Model) {
             .map(|s| (s.id.clone(), s.source.clone()))
             .collect();
         assert_eq!(snaps, want, "each snapshot {} knows names its own source", p.label);
+        backups::check_copies(p, m, sees, &want.keys().cloned().collect());
         for (name, g) in &m.groups {
             let Home::Node(n) = m.snaps[&g.members[0]].home else {
                 continue;
@@ -2058,7 +2084,8 @@ fn check(c: &Cluster, m: &Model) {
             + m.snaps
                 .values()
                 .filter(|s| s.home == Home::Node(i) && s.layout == Layout::Btrfs)
-                .count();
+                .count()
+            + backups::btrfs_copies(p, i, m);
         assert_eq!(
             subvols, want,
             "{}: one subvolume per btrfs volume and snapshot",
@@ -2144,15 +2171,33 @@ fn seeds() -> Vec<u64> {
 
 #[test]
 fn random_sequences_with_crashes_and_failures_keep_every_invariant() {
+    run_seeds(seeds(), false, "CELLAR_ENGINE_SEEDS");
+}
+
+/// The same with backups among the calls (cut, upload, restore, forget, prune). Seeds of their
+/// own: the sequences of the seeds above stay as they were.
+#[test]
+fn random_sequences_with_backups_keep_every_invariant() {
+    let seeds = match std::env::var("CELLAR_BACKUP_SEEDS") {
+        Ok(s) => s
+            .split(',')
+            .map(|x| x.trim().parse().expect("CELLAR_BACKUP_SEEDS: comma-separated numbers"))
+            .collect(),
+        Err(_) => BACKUP_SEEDS.to_vec(),
+    };
+    run_seeds(seeds, true, "CELLAR_BACKUP_SEEDS");
+}
+
+fn run_seeds(seeds: Vec<u64>, with_backups: bool, knob: &str) {
     in_thread::quiet_crashes();
     let mut crashes = CrashTally::new();
-    for seed in seeds() {
+    for seed in seeds {
         let mut log = Vec::new();
-        let r = catch_unwind(AssertUnwindSafe(|| run_seed(seed, &mut log)));
+        let r = catch_unwind(AssertUnwindSafe(|| run_seed(seed, with_backups, &mut log)));
         match r {
             Err(panic) => {
                 eprintln!("seed {seed} failed; its steps:\n{}", log.join("\n"));
-                eprintln!("rerun with CELLAR_ENGINE_SEEDS={seed} cargo test --lib node::random");
+                eprintln!("rerun with {knob}={seed} cargo test --lib --features crash-points node::random");
                 std::panic::resume_unwind(panic);
             }
             Ok(tally) => {

@@ -322,6 +322,24 @@ impl Pool {
         Ok(removed)
     }
 
+    /// The keys of objects of `kind` whose data waits in the trash with no record left: what a
+    /// delete moved there and then failed to purge.
+    pub fn trashed_unrecorded(&self, kind: Kind) -> Result<Vec<Key>, StorageError> {
+        let mut keys = Vec::new();
+        for p in self.sys.files.list_dir(&self.trash_dir())? {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if let Some((k, key)) = trashed(&name) {
+                if k == kind && !self.present(kind, key.as_str()) && !keys.contains(&key) {
+                    keys.push(key);
+                }
+            }
+        }
+        Ok(keys)
+    }
+
     /// Removes what deletes of this object moved into the trash (`<kind>-<key>-<32 hex digits>`),
     /// and nothing of another object's, whose delete may be purging it now or may put it back. An
     /// earlier release's `<key>-<uuid>` is not matched (key `volumes-a` would take volume `a`'s

@@ -172,11 +172,16 @@ impl LocalEngine {
 
     /// Uploads a snapshot (if it is not yet), marks it uploaded, and removes the local copy unless
     /// it is kept. Ok when there is nothing (left) to do: the snapshot was deleted meanwhile.
-    fn upload_step(&self, id: &SnapshotId) -> Result<(), StorageError> {
+    pub(crate) fn upload_step(&self, id: &SnapshotId) -> Result<(), StorageError> {
         let Some(pool) = self.locate(&id.0) else { return Ok(()) };
         let key = &id.0.key;
         let held = self.take(Kind::Snapshot, &id.0.pool, key, &id.to_string())?;
         let Some(mut rec) = self.snapshot(id) else {
+            // Its copy removed after the upload, or deleted: what a failed purge of it left in
+            // a node pool's trash goes now (a shared pool's trash has its purge thread).
+            if !pool.shared() {
+                pool.purge_trash_of(Kind::Snapshot, key)?;
+            }
             return Ok(());
         };
         let Some(mark) = rec.backup.clone() else { return Ok(()) };
@@ -438,7 +443,19 @@ impl LocalEngine {
                 .locate(&rec.id.0)
                 .ok_or_else(|| StorageError::SnapshotNotFound(rec.id.to_string()))?;
             let _held = self.take(Kind::Snapshot, &rec.id.0.pool, &rec.id.0.key, &rec.id.to_string())?;
-            self.remove_object(pool, Kind::Snapshot, &rec.id.0.key, &rec.id.to_string())?;
+            return self.remove_object(pool, Kind::Snapshot, &rec.id.0.key, &rec.id.to_string());
+        }
+        // The retry of a forget whose purge failed finds no record (only the backup id, not the
+        // copy's key, names what it forgets): the snapshots left unrecorded in the trash of this
+        // node's pools go now, each under its lock (one a delete is purging is its own), rather
+        // than at the next start. A shared pool's trash has its purge thread.
+        for (name, pool) in self.pools.iter().filter(|(_, p)| p.owner && !p.shared()) {
+            for key in pool.trashed_unrecorded(Kind::Snapshot)? {
+                let shown = format!("snapshot {} in the trash", key.as_str());
+                if let Ok(_held) = self.take(Kind::Snapshot, name, &key, &shown) {
+                    pool.purge_trash_of(Kind::Snapshot, &key)?;
+                }
+            }
         }
         Ok(())
     }
@@ -452,9 +469,12 @@ impl LocalEngine {
         id: &BackupId,
     ) -> Result<VolumeRecord, StorageError> {
         // Only a kept copy whose backup is complete: a copy being removed is not waited for.
+        // And only one of the new volume's layout: a tree backup restores into either tree
+        // layout from the repository, where a copy of a `dir` snapshot cannot be a subvolume.
         let kept = self
             .local_of_backup(id)
-            .filter(|r| r.backup.as_ref().is_some_and(|m| m.keep_local && m.uploaded));
+            .filter(|r| r.backup.as_ref().is_some_and(|m| m.keep_local && m.uploaded))
+            .filter(|r| r.layout == p.layout);
         if let Some(local) = kept {
             let mut copy = req.clone();
             copy.source = Some(Source::Snapshot(local.id.clone()));
