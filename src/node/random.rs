@@ -66,8 +66,12 @@ mod races;
 const SEEDS: [u64; 20] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 25, 32, 131, 355];
 /// The seeds of the backup run (`random_sequences_with_backups_keep_every_invariant`): 1-8, and
 /// regressions: 18 (a forget whose purge failed left the copy in the trash for its retry, which
-/// found no record), 24 (the same of an upload removing its copy).
-const BACKUP_SEEDS: [u64; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 18, 24];
+/// found no record), 24 (the same of an upload removing its copy), 63 (an older image base whose
+/// removal failed stayed beside the new one: the upload answered OK), 32 (the same once the
+/// failure is an error: its retry found the old base's record gone and left its data in the trash),
+/// 85 (the same of a kept copy that a node back from away dropped for its deletion mark), 124 (a
+/// restore whose last rename failed left its whole copy in `.work`).
+const BACKUP_SEEDS: [u64; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 18, 24, 32, 63, 85, 124];
 const STEPS: usize = 80;
 /// Attempts of one call, after its faulted one, before it counts as not converging.
 const ATTEMPTS: usize = 5;
@@ -560,6 +564,9 @@ struct Model {
     groups: BTreeMap<String, Group>,
     /// Backups by their CSI name, in seeds that take them ([`backups`]).
     backups: BTreeMap<String, backups::Bk>,
+    /// Local copies of backups forgotten while their node was away (its index, the backup's
+    /// id), by snapshot id: the node drops each once it is back.
+    doomed: BTreeMap<String, (usize, String)>,
     with_backups: bool,
     /// The backup repository has been initialised (by the first backup).
     repository_made: bool,
@@ -1976,12 +1983,12 @@ fn check(c: &Cluster, m: &Model) {
             }
         }
         // Backups' local copies are held to what the model expects of them apart.
-        let copies: BTreeSet<&str> = m.backups.values().map(|b| b.snap()).collect();
+        let copies = backups::copy_ids(m);
         let snaps: BTreeMap<String, String> = p
             .engine
             .snapshots()
             .iter()
-            .filter(|s| !copies.contains(s.id.to_string().as_str()))
+            .filter(|s| !copies.contains(&s.id.to_string()))
             .map(|s| (s.id.to_string(), s.source_volume_id.to_string()))
             .collect();
         let want: BTreeMap<String, String> = m
@@ -2085,7 +2092,7 @@ fn check(c: &Cluster, m: &Model) {
                 .values()
                 .filter(|s| s.home == Home::Node(i) && s.layout == Layout::Btrfs)
                 .count()
-            + backups::btrfs_copies(p, i, m);
+            + backups::btrfs_copies(p, m);
         assert_eq!(
             subvols, want,
             "{}: one subvolume per btrfs volume and snapshot",

@@ -36,13 +36,6 @@ pub(super) struct Bk {
     uploaded: bool,
 }
 
-impl Bk {
-    /// Its local snapshot's id.
-    pub(super) fn snap(&self) -> &str {
-        &self.snap
-    }
-}
-
 fn repository() -> PoolName {
     PoolName::parse(REPOSITORY).expect("repository name")
 }
@@ -87,8 +80,75 @@ pub(super) fn step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool,
             forget(c, m, rng, &b, faulted, log)
         }
         6 => prune(c, m, rng, faulted, log),
+        _ if !m.doomed.is_empty() => {
+            let copies: Vec<String> = m.doomed.keys().cloned().collect();
+            let copy = rng.pick(&copies).clone();
+            back(c, m, rng, &copy, faulted, log)
+        }
         _ => {}
     }
+}
+
+/// A node that was away when a backup was forgotten is back: its upload of the backup resumes, or
+/// (a kept copy already uploaded) its look for deletion marks runs, as at its start. Either must
+/// drop the copy and leave the backup forgotten, whatever crashes on the way.
+fn back(c: &mut Cluster, m: &mut Model, rng: &mut Rng, copy: &str, faulted: bool, log: &mut Vec<String>) {
+    let (n, backup) = m.doomed[copy].clone();
+    let snap = SnapshotId::parse(copy).expect("snapshot id");
+    let Some(rec) = c.procs[n].engine.snapshot(&snap) else {
+        // Dropped meanwhile as a base its volume no longer needs.
+        m.doomed.remove(copy);
+        return;
+    };
+    let kept = rec.backup.as_ref().is_some_and(|b| b.uploaded && b.keep_local);
+    let fault = draw_fault(rng, faulted, |e| {
+        [
+            Fault::Crash("backup:before-upload"),
+            Fault::Crash("backup:after-upload"),
+            Fault::Crash("delete:after-trash"),
+            Fault::Point("record:write", e),
+            Fault::Subvolumes("delete", libc::EIO),
+        ]
+    });
+    log.push(format!(
+        "n{n} is back: {} of {copy}",
+        if kept {
+            "its look for deletion marks"
+        } else {
+            "its upload"
+        }
+    ));
+    c.converge(
+        log,
+        m,
+        n,
+        None,
+        fault,
+        |p| match kept {
+            true => match p.engine.drop_kept_copies_marked_deleted() {
+                true => Ok(()),
+                false => Err(tonic::Status::unavailable("the repository could not tell")),
+            },
+            false => p.engine.upload_step(&snap).map_err(tonic::Status::from),
+        },
+        ok,
+    )
+    .expect("converged");
+    assert!(
+        c.procs[n].engine.snapshot(&snap).is_none(),
+        "n{n} keeps {copy}, the copy of forgotten {backup}"
+    );
+    let id = BackupId::parse(&backup).expect("backup id");
+    assert!(
+        c.procs[NODES]
+            .engine
+            .backups()
+            .find(&id)
+            .expect("the repository answers")
+            .is_none(),
+        "{backup}, forgotten while n{n} was away, is back in the repository"
+    );
+    m.doomed.remove(copy);
 }
 
 fn cut(c: &mut Cluster, m: &mut Model, rng: &mut Rng, vol: &str, faulted: bool, log: &mut Vec<String>) {
@@ -268,8 +328,21 @@ fn forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, name: &str, faulted: bo
     let id = backup_id(&b);
     let faulted_at = rng.below(c.procs.len());
     let mut fault = faulted.then(|| rng.pick(&DELETE_FAULTS).clone());
-    log.push(format!("forget {name} ({})", b.id));
+    // Sometimes the node holding the copy cannot be told (it is down): the controller goes on
+    // without it and writes a deletion mark, which the node must honour once it is back.
+    let away = match b.home {
+        Home::Node(n) if rng.chance(30) => Some(n),
+        _ => None,
+    };
+    log.push(format!(
+        "forget {name} ({}){}",
+        b.id,
+        away.map(|n| format!(" while n{n} is away")).unwrap_or_default()
+    ));
     for at in 0..c.procs.len() {
+        if Some(at) == away {
+            continue;
+        }
         let f = if at == faulted_at { fault.take() } else { None };
         c.converge(
             log,
@@ -286,7 +359,7 @@ fn forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, name: &str, faulted: bo
     let replica = NODES + rng.below(REPLICAS);
     let forget_stored = |p: &Proc| -> Result<(), StorageError> {
         let backups = p.engine.backups();
-        if backups.find(&id)?.is_none() {
+        if away.is_some() || backups.find(&id)?.is_none() {
             backups.mark_deleted(&id)?;
         }
         backups.forget(&id)
@@ -302,6 +375,9 @@ fn forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, name: &str, faulted: bo
     )
     .expect("converged");
     m.backups.remove(name);
+    if let Some(n) = away {
+        m.doomed.insert(b.snap.clone(), (n, b.id.clone()));
+    }
     assert!(
         c.procs[rng.below(c.procs.len())]
             .engine
@@ -311,8 +387,13 @@ fn forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, name: &str, faulted: bo
             .is_none(),
         "{name} is still in the repository once forgotten"
     );
-    // A restore of it is NOT_FOUND and makes nothing.
-    let home = Home::Node(rng.below(NODES));
+    // A restore of it is NOT_FOUND and makes nothing. (Not asked of the node that was away: it
+    // still holds its copy until it is back, and the controller's check of the repository, not
+    // the engine, refuses a restore of a backup the repository does not hold.)
+    let home = Home::Node(match away {
+        Some(n) => (n + 1) % NODES,
+        None => rng.below(NODES),
+    });
     let layout = restore_layout(&b, home, rng);
     let r = c.procs[c.controller(home, rng)]
         .engine
@@ -413,7 +494,7 @@ pub(super) fn check_copies(p: &Proc, m: &Model, sees: impl Fn(Home) -> bool, pla
     }
     for (id, rec) in &copies {
         assert!(
-            m.backups.values().any(|b| b.snap == *id),
+            m.backups.values().any(|b| b.snap == *id) || m.doomed.contains_key(id),
             "{}: snapshot {id} of {} is no one's",
             p.label,
             rec.source_volume_id
@@ -421,13 +502,25 @@ pub(super) fn check_copies(p: &Proc, m: &Model, sees: impl Fn(Home) -> bool, pla
     }
 }
 
-/// The btrfs subvolumes a process's backup copies hold.
-pub(super) fn btrfs_copies(p: &Proc, i: usize, m: &Model) -> usize {
+/// The btrfs subvolumes a process's backup copies hold (those of forgotten backups waiting for
+/// their node included).
+pub(super) fn btrfs_copies(p: &Proc, m: &Model) -> usize {
+    let copies = copy_ids(m);
+    p.engine
+        .snapshots()
+        .iter()
+        .filter(|r| r.layout == Layout::Btrfs && copies.contains(&r.id.to_string()))
+        .count()
+}
+
+/// The snapshot ids of every local copy of a backup the model knows: of live backups, and of
+/// forgotten ones whose node was away.
+pub(super) fn copy_ids(m: &Model) -> BTreeSet<String> {
     m.backups
         .values()
-        .filter(|b| b.home == Home::Node(i) && b.layout == Layout::Btrfs)
-        .filter(|b| p.engine.snapshots().iter().any(|r| r.id.to_string() == b.snap))
-        .count()
+        .map(|b| b.snap.clone())
+        .chain(m.doomed.keys().cloned())
+        .collect()
 }
 
 /// The end of a backup seed: every backup forgotten, the repository pruned, and nothing left in
@@ -436,6 +529,11 @@ pub(super) fn forget_all(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mu
     let names: Vec<String> = m.backups.keys().cloned().collect();
     for name in names {
         forget(c, m, rng, &name, false, log);
+        check(c, m);
+    }
+    let copies: Vec<String> = m.doomed.keys().cloned().collect();
+    for copy in copies {
+        back(c, m, rng, &copy, false, log);
         check(c, m);
     }
     if !m.repository_made {

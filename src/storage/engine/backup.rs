@@ -243,13 +243,17 @@ impl LocalEngine {
             // upload, or the volume's delete, that could not take it meanwhile finds it free, or
             // is seen by the check below.
             drop(held);
-            self.drop_bases(&rec.source_volume_id, Some(&rec));
+            let dropped = self.drop_bases(&rec.source_volume_id, Some(&rec));
             if !self.is_base(&rec) {
-                if let Err(e) = self.forget_local_backup(&mark.id) {
-                    tracing::info!(snapshot = %id, error = %e, "local copy of an uploaded backup left for now");
+                match self.forget_local_backup(&mark.id) {
+                    Err(e @ StorageError::Busy(_)) => {
+                        tracing::info!(snapshot = %id, error = %e, "local copy of an uploaded backup left to whoever holds it")
+                    }
+                    other => other?,
                 }
             }
-            return Ok(());
+            // An older base not removed: this step's retry (its upload thread's) removes it.
+            return dropped;
         }
         // The repository holds it now: the local copy and its record go (a restart that finds
         // an uploaded record finishes this).
@@ -304,7 +308,7 @@ impl LocalEngine {
 
     /// One look at every kept copy: those whose backup is marked deleted go. Whether every one
     /// could be told.
-    fn drop_kept_copies_marked_deleted(&self) -> bool {
+    pub(crate) fn drop_kept_copies_marked_deleted(&self) -> bool {
         let mut answered = true;
         for rec in self.owned_snapshots() {
             if !rec.backup.as_ref().is_some_and(|m| m.uploaded && m.keep_local) {
@@ -314,6 +318,11 @@ impl LocalEngine {
                 tracing::warn!(snapshot = %rec.id, error = %e, "cannot tell whether a kept backup copy was deleted; looking again");
                 answered = false;
             }
+        }
+        // A copy an earlier look dropped but failed to purge has no record left to find.
+        if let Err(e) = self.purge_unrecorded_copies() {
+            tracing::warn!(error = %e, "dropped backup copies left in the trash; looking again");
+            answered = false;
         }
         answered
     }
@@ -355,8 +364,11 @@ impl LocalEngine {
     }
 
     /// Removes the bases of `volume` older than `newest` (all of them without one). One that is
-    /// busy (its own upload thread, a restore reading it) is left to its thread or to a restart.
-    pub(super) fn drop_bases(&self, volume: &VolumeId, newest: Option<&SnapshotRecord>) {
+    /// busy (its own upload thread, a restore reading it) is left to its thread or to a restart;
+    /// one whose removal failed is the caller's error, so that its retry removes it (else the
+    /// copy, as large as the volume, would stay until the volume's next backup or a restart).
+    pub(super) fn drop_bases(&self, volume: &VolumeId, newest: Option<&SnapshotRecord>) -> Result<(), StorageError> {
+        let mut first = None;
         for old in self.bases_of(volume) {
             if newest.is_some_and(|n| n.id == old.id || created(&old) > created(n)) {
                 continue;
@@ -370,11 +382,20 @@ impl LocalEngine {
                 Ok(()) => {
                     tracing::info!(snapshot = %old.id, "local copy of an earlier backup removed (a newer one is the base)")
                 }
+                Err(e @ StorageError::Busy(_)) => {
+                    tracing::info!(snapshot = %old.id, error = %e, "local copy of an earlier backup left to whoever holds it")
+                }
                 Err(e) => {
-                    tracing::info!(snapshot = %old.id, error = %e, "local copy of an earlier backup left for now")
+                    tracing::warn!(snapshot = %old.id, error = %e, "local copy of an earlier backup not removed");
+                    first.get_or_insert(e);
                 }
             }
         }
+        // And what an earlier removal left in the trash (its retry finds no record to name it).
+        if let Err(e) = self.purge_unrecorded_copies() {
+            first.get_or_insert(e);
+        }
+        first.map_or(Ok(()), Err)
     }
 
     /// The base an image snapshot's upload compares with: the newest uploaded local copy of the
@@ -446,9 +467,15 @@ impl LocalEngine {
             return self.remove_object(pool, Kind::Snapshot, &rec.id.0.key, &rec.id.to_string());
         }
         // The retry of a forget whose purge failed finds no record (only the backup id, not the
-        // copy's key, names what it forgets): the snapshots left unrecorded in the trash of this
-        // node's pools go now, each under its lock (one a delete is purging is its own), rather
-        // than at the next start. A shared pool's trash has its purge thread.
+        // copy's key, names what it forgets).
+        self.purge_unrecorded_copies()
+    }
+
+    /// The snapshots left unrecorded in the trash of this node's pools (a removal of a backup's
+    /// copy that failed to purge, whose retry cannot name it) go now rather than at the next
+    /// start, each under its lock (one a delete is purging is that delete's). A shared pool's
+    /// trash has its purge thread.
+    fn purge_unrecorded_copies(&self) -> Result<(), StorageError> {
         for (name, pool) in self.pools.iter().filter(|(_, p)| p.owner && !p.shared()) {
             for key in pool.trashed_unrecorded(Kind::Snapshot)? {
                 let shown = format!("snapshot {} in the trash", key.as_str());

@@ -299,19 +299,31 @@ impl LocalEngine {
             // btrfs compresses): it may bring that much, or half the pool's free room if more.
             // Past that the source (another node, or a restore) is refused before it fills the pool.
             let budget = p.capacity.max(self.room(p.pool, p.layout).unwrap_or(0) / 2);
-            let mut import = Import::start(&header, budget, &work, &p.pool.sys)?;
-            loop {
-                let f = frames.next().ok_or_else(|| cut("end"))??;
-                let end = matches!(f, Frame::End { .. });
-                import.frame(f)?;
-                if end {
-                    break;
+            let imported = (|| -> Result<(), StorageError> {
+                let mut import = Import::start(&header, budget, &work, &p.pool.sys)?;
+                loop {
+                    let f = frames.next().ok_or_else(|| cut("end"))??;
+                    let end = matches!(f, Frame::End { .. });
+                    import.frame(f)?;
+                    if end {
+                        break;
+                    }
                 }
+                import.finish(header.length)?;
+                crash::point("import:before-rename");
+                p.pool.sys.files.rename(&work, &data)?;
+                Ok(p.pool.sys.files.sync_dir(&p.pool.collection_dir(Kind::Volume))?)
+            })();
+            if let Err(e) = imported {
+                // What came so far goes with the failure: a caller that gives up never retries,
+                // and the copy may be as large as the volume (a crash leaves it to the start's sweep).
+                if p.pool.sys.files.entry(&work).ok() != Some(files::Entry::Missing) {
+                    if let Err(left) = layout::purge(&p.pool.sys, &work) {
+                        tracing::warn!(path = %work.display(), error = %left, "a failed import's copy is left for the next import of that name or the next start");
+                    }
+                }
+                return Err(e);
             }
-            import.finish(header.length)?;
-            crash::point("import:before-rename");
-            p.pool.sys.files.rename(&work, &data)?;
-            p.pool.sys.files.sync_dir(&p.pool.collection_dir(Kind::Volume))?;
             tracing::info!(volume = %p.id, "import from another node checked and in place");
         }
         if layout::of(p.layout).has_filesystem() && req.mode == VolumeMode::Filesystem {

@@ -46,9 +46,9 @@ impl LocalEngine {
             }
             _ => self.remove_object_guarded(pool, Kind::Volume, &id.0.key, &shown, &guard)?,
         }
-        // Its backups' base goes with it: nothing is compared with it any more.
-        self.drop_bases(id, None);
-        Ok(())
+        // Its backups' base goes with it: nothing is compared with it any more (a failed
+        // removal fails the delete, whose retry, finding no volume, removes it).
+        self.drop_bases(id, None)
     }
 
     /// Moves the data into the trash, removes the record durably, then purges the trash. A crash
