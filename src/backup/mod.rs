@@ -1176,7 +1176,10 @@ impl S3InitClaim {
         };
         let op = {
             let _in = s3_claim_runtime().enter();
-            let op = opendal::Operator::via_iter("s3", cfg.s3_options(s3)?).map_err(|e| unreachable("making", e))?;
+            let op = opendal::Operator::via_iter("s3", cfg.s3_options(s3)?)
+                .map_err(|e| unreachable("making", e))?
+                // A store's passing failure (500, 503) is tried again, as rustic's backend does.
+                .layer(opendal::layers::RetryLayer::new().with_max_times(2).with_jitter());
             opendal::blocking::Operator::new(op).map_err(|e| unreachable("making", e))?
         };
         let now = std::time::SystemTime::now()

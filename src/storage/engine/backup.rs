@@ -392,9 +392,7 @@ impl LocalEngine {
             }
         }
         // And what an earlier removal left in the trash (its retry finds no record to name it).
-        if let Err(e) = self.purge_unrecorded_copies() {
-            first.get_or_insert(e);
-        }
+        self.sweep_unrecorded_copies();
         first.map_or(Ok(()), Err)
     }
 
@@ -468,7 +466,16 @@ impl LocalEngine {
         }
         // The retry of a forget whose purge failed finds no record (only the backup id, not the
         // copy's key, names what it forgets).
-        self.purge_unrecorded_copies()
+        self.sweep_unrecorded_copies();
+        Ok(())
+    }
+
+    /// [`Self::purge_unrecorded_copies`] where it only tidies up: what it cannot remove (maybe
+    /// another copy's, stuck) is logged and fails no call; the next sweep tries again.
+    fn sweep_unrecorded_copies(&self) {
+        if let Err(e) = self.purge_unrecorded_copies() {
+            tracing::warn!(error = %e, "backup copies left in the trash by a failed removal are not removed yet; the next sweep tries again");
+        }
     }
 
     /// The snapshots left unrecorded in the trash of this node's pools (a removal of a backup's
