@@ -177,6 +177,23 @@ impl Pool {
         self.config.is_shared()
     }
 
+    /// What the trash holds, each entry with its file name.
+    fn trash_entries(&self) -> Result<Vec<(PathBuf, String)>, StorageError> {
+        Ok(self
+            .sys
+            .files
+            .list_dir(&self.trash_dir())?
+            .into_iter()
+            .map(|p| {
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                (p, name)
+            })
+            .collect())
+    }
+
     /// Removes what is in the trash (deleted volumes and snapshots); a purge cut short by a restart
     /// resumes. An entry whose object still has a record (or whose record cannot be read) is kept:
     /// its delete failed or is still running, and may put it back (on a shared pool, another
@@ -184,11 +201,7 @@ impl Pool {
     /// root may not unlink) does not keep the others; the first failure is returned.
     pub fn purge_trash(&self) -> Result<(), StorageError> {
         let mut first = None;
-        for p in self.sys.files.list_dir(&self.trash_dir())? {
-            let name = p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+        for (p, name) in self.trash_entries()? {
             if !self.recorded(&name) {
                 if let Err(e) = super::layout::purge(&self.sys, &p) {
                     first.get_or_insert(e);
@@ -204,11 +217,7 @@ impl Pool {
     /// the record names its data again; the delete's retry moves it once more. Every other entry
     /// (and one whose place is taken) is purged unless recorded, as [`Pool::purge_trash`] does.
     fn reopen_trash(&self) -> Result<(), StorageError> {
-        for p in self.sys.files.list_dir(&self.trash_dir())? {
-            let name = p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+        for (p, name) in self.trash_entries()? {
             if let Some((kind, key)) = trashed(&name) {
                 let data = self.data_path(kind, &key);
                 let recorded = self.sys.files.entry(&self.record_path(kind, &key))? != files::Entry::Missing;
@@ -326,11 +335,7 @@ impl Pool {
     /// delete moved there and then failed to purge.
     pub fn trashed_unrecorded(&self, kind: Kind) -> Result<Vec<Key>, StorageError> {
         let mut keys = Vec::new();
-        for p in self.sys.files.list_dir(&self.trash_dir())? {
-            let name = p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+        for (_, name) in self.trash_entries()? {
             if let Some((k, key)) = trashed(&name) {
                 if k == kind && !self.present(kind, key.as_str()) && !keys.contains(&key) {
                     keys.push(key);
@@ -346,8 +351,7 @@ impl Pool {
     /// entry): the purge at the pool's next open, or a shared pool's background purge, takes it.
     pub fn purge_trash_of(&self, kind: Kind, key: &Key) -> Result<(), StorageError> {
         let stem = format!("{}-{}", kind.dir(), key.as_str());
-        for p in self.sys.files.list_dir(&self.trash_dir())? {
-            let name = p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+        for (p, name) in self.trash_entries()? {
             let ours = name
                 .strip_prefix(stem.as_str())
                 .and_then(|rest| rest.strip_prefix('-'))
