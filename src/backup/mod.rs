@@ -981,8 +981,17 @@ impl Backups {
         if let Err(e) = self.clear_deleted_marks(None, name) {
             tracing::warn!(repository = name.as_str(), error = %e, "old deletion marks not removed; the next prune tries again");
         }
-        let repo = self.open(name)?;
-        let plan = repo.prune_plan(&opts).map_err(|e| cfg.error(e))?;
+        // A snapshot file going away while the plan reads them (an upload's pending copy, replaced
+        // by its checked one): plan again, as the recover passes below do.
+        let mut tries = 1;
+        let (repo, plan) = loop {
+            let repo = self.open(name)?;
+            match repo.prune_plan(&opts) {
+                Ok(plan) => break (repo, plan),
+                Err(e) if tries < 10 && is_not_found(&e) => tries += 1,
+                Err(e) => return Err(cfg.error(e)),
+            }
+        };
         let stats = &plan.stats;
         let mut done = Pruned {
             packs_marked: stats.packs.unused,
@@ -997,7 +1006,8 @@ impl Backups {
         // packs no time protects (written by a tool that records none) that nothing uses. A pass
         // that marked such packs has the first pass's window, so another pass follows it.
         let recover = recover_options(span).map_err(|e| cfg.error(e))?;
-        let (mut marked, mut tries) = (done.packs_marked + done.packs_repacked > 0, 1);
+        let mut marked = done.packs_marked + done.packs_repacked > 0;
+        tries = 1;
         while marked {
             let repo = self.open(name)?;
             let planned = repo.prune_plan(&recover).and_then(|plan| {
@@ -1329,6 +1339,46 @@ mod tests {
                 reads += 1;
             }
             assert!(reads > 0);
+        });
+    }
+
+    /// The same while a prune plans: it lists the snapshot files, then reads each, and an
+    /// upload's pending copy replaced by its checked one meanwhile failed the whole prune
+    /// UNAVAILABLE (found by the randomized tester's racing backup run, seed 38).
+    #[test]
+    fn a_snapshot_removed_while_a_prune_plans_does_not_fail_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = testing::backups(dir.path());
+        b.open_or_init(&name, true).unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("f"), b"kept").unwrap();
+        let kept = BackupId::new(name.clone(), "1111-aaaa").unwrap();
+        upload::upload(&b, &kept, &testing::dir_meta("kept"), &data, None).unwrap();
+        let stored = b.snapshots(&name, &b.open(&name).unwrap()).unwrap()[0].clone();
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let repo = b.open(&name).unwrap();
+                for i in 0..600 {
+                    let before: Vec<SnapshotId> = repo.list().unwrap().collect();
+                    let churn = SnapshotFile {
+                        description: Some(format!("churn {i}")),
+                        ..stored.clone()
+                    };
+                    repo.save_snapshots(vec![churn]).unwrap();
+                    let new: Vec<SnapshotId> = repo.list().unwrap().filter(|id| !before.contains(id)).collect();
+                    repo.delete_snapshots(&new).unwrap();
+                }
+                done.store(true, Ordering::SeqCst);
+            });
+            let mut prunes = 0;
+            while !done.load(Ordering::SeqCst) {
+                b.prune(&name, std::time::Duration::from_secs(3600))
+                    .expect("a prune while snapshots come and go");
+                prunes += 1;
+            }
+            assert!(prunes > 0);
         });
     }
 

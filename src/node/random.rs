@@ -72,6 +72,8 @@ const SEEDS: [u64; 20] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
 /// 85 (the same of a kept copy that a node back from away dropped for its deletion mark), 124 (a
 /// restore whose last rename failed left its whole copy in `.work`).
 const BACKUP_SEEDS: [u64; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 18, 24, 32, 63, 85, 124];
+/// The seeds of the racing backup run (`random_sequences_with_racing_backups_keep_every_invariant`).
+const BACKUP_RACE_SEEDS: [u64; 6] = [1, 2, 3, 4, 5, 6];
 const STEPS: usize = 80;
 /// Attempts of one call, after its faulted one, before it counts as not converging.
 const ATTEMPTS: usize = 5;
@@ -568,6 +570,8 @@ struct Model {
     /// id), by snapshot id: the node drops each once it is back.
     doomed: BTreeMap<String, (usize, String)>,
     with_backups: bool,
+    /// Backup seeds that also race backup calls with each other ([`backups::racing`]).
+    backup_races: bool,
     /// The backup repository has been initialised (by the first backup).
     repository_made: bool,
     next: usize,
@@ -677,11 +681,20 @@ fn create_faults(rng: &mut Rng, layout: Layout, copy: bool) -> Fault {
     rng.pick(&choices).clone()
 }
 
-fn run_seed(seed: u64, with_backups: bool, log: &mut Vec<String>) -> CrashTally {
+/// Which calls a seed draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    Engine,
+    Backups,
+    BackupRaces,
+}
+
+fn run_seed(seed: u64, run: Run, log: &mut Vec<String>) -> CrashTally {
     let mut rng = Rng(seed);
     let mut c = Cluster::new();
     let mut m = Model {
-        with_backups,
+        with_backups: run != Run::Engine,
+        backup_races: run == Run::BackupRaces,
         ..Model::default()
     };
     for step in 0..STEPS {
@@ -753,11 +766,26 @@ fn run_seed(seed: u64, with_backups: bool, log: &mut Vec<String>) -> CrashTally 
         .iter()
         .map(|p| p.filesystems.calls().iter().filter(|x| x.starts_with("freeze")).count())
         .sum();
+    let races = log.iter().filter(|l| l.contains("race: ")).count();
     log.push(format!(
-        "seed {seed}: {STEPS} steps, {} restarts, {freezes} filesystem freezes",
+        "seed {seed}: {STEPS} steps, {} restarts, {freezes} filesystem freezes, {races} backup races",
         c.restarts
     ));
     std::mem::take(&mut c.crashes)
+}
+
+/// A pod writes: the volume's data changes, and what snapshots of it must hold with it.
+fn pod_writes(c: &Cluster, m: &mut Model, rng: &mut Rng, n: &str, log: &mut Vec<String>) {
+    let at = c.controller(m.vols[n].home, rng);
+    let v = m.vols.get_mut(n).expect("volume");
+    let (_, data) = c.procs[at].engine.volume_data(&vid(&v.id)).expect("the volume's data");
+    v.marker = format!("{n}@{}", m.next);
+    m.next += 1;
+    write_marker(v.layout, &data, &v.marker);
+    if v.layout != Layout::Image {
+        plant_hostile(&data);
+    }
+    log.push(format!("write {n}: {}", v.marker));
 }
 
 fn names_where(m: &Model, f: impl Fn(&Vol) -> bool) -> Vec<String> {
@@ -917,18 +945,8 @@ fn one_step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool, log: &
             delete(c, m, rng, &n, f, log)
         }
         10 if !m.vols.is_empty() => {
-            // A pod writes: the volume's data changes, and what snapshots of it must hold with it.
             let n = any(rng).expect("a volume");
-            let at = c.controller(m.vols[&n].home, rng);
-            let v = m.vols.get_mut(&n).expect("volume");
-            let (_, data) = c.procs[at].engine.volume_data(&vid(&v.id)).expect("the volume's data");
-            v.marker = format!("{n}@{}", m.next);
-            m.next += 1;
-            write_marker(v.layout, &data, &v.marker);
-            if v.layout != Layout::Image {
-                plant_hostile(&data);
-            }
-            log.push(format!("write {n}: {}", v.marker));
+            pod_writes(c, m, rng, &n, log)
         }
         11 if m
             .vols
@@ -2178,7 +2196,7 @@ fn seeds() -> Vec<u64> {
 
 #[test]
 fn random_sequences_with_crashes_and_failures_keep_every_invariant() {
-    run_seeds(seeds(), false, "CELLAR_ENGINE_SEEDS");
+    run_seeds(seeds(), Run::Engine, "CELLAR_ENGINE_SEEDS");
 }
 
 /// The same with backups among the calls (cut, upload, restore, forget, prune). Seeds of their
@@ -2192,15 +2210,34 @@ fn random_sequences_with_backups_keep_every_invariant() {
             .collect(),
         Err(_) => BACKUP_SEEDS.to_vec(),
     };
-    run_seeds(seeds, true, "CELLAR_BACKUP_SEEDS");
+    run_seeds(seeds, Run::Backups, "CELLAR_BACKUP_SEEDS");
 }
 
-fn run_seeds(seeds: Vec<u64>, with_backups: bool, knob: &str) {
+/// The same with racing backup calls among them (an upload or a restore with a prune, two uploads
+/// of one volume, an upload or a restore with the backup's forget, a node's start resuming its
+/// uploads while a prune runs). Seeds of their own, for the same reason.
+#[test]
+fn random_sequences_with_racing_backups_keep_every_invariant() {
+    let seeds = match std::env::var("CELLAR_BACKUP_RACE_SEEDS") {
+        Ok(s) => s
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse()
+                    .expect("CELLAR_BACKUP_RACE_SEEDS: comma-separated numbers")
+            })
+            .collect(),
+        Err(_) => BACKUP_RACE_SEEDS.to_vec(),
+    };
+    run_seeds(seeds, Run::BackupRaces, "CELLAR_BACKUP_RACE_SEEDS");
+}
+
+fn run_seeds(seeds: Vec<u64>, run: Run, knob: &str) {
     in_thread::quiet_crashes();
     let mut crashes = CrashTally::new();
     for seed in seeds {
         let mut log = Vec::new();
-        let r = catch_unwind(AssertUnwindSafe(|| run_seed(seed, with_backups, &mut log)));
+        let r = catch_unwind(AssertUnwindSafe(|| run_seed(seed, run, &mut log)));
         match r {
             Err(panic) => {
                 eprintln!("seed {seed} failed; its steps:\n{}", log.join("\n"));

@@ -12,6 +12,8 @@
 use std::time::Duration;
 
 use super::*;
+
+pub(super) mod racing;
 use crate::storage::engine::BackupRequest;
 use crate::storage::id::BackupId;
 use crate::storage::StorageError;
@@ -58,6 +60,9 @@ pub(super) fn step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool,
     let names = |f: fn(&Bk) -> bool| -> Vec<String> {
         m.backups.iter().filter(|(_, b)| f(b)).map(|(k, _)| k.clone()).collect()
     };
+    if m.backup_races && rng.chance(50) {
+        return racing::race(c, m, rng, log);
+    }
     let pending = names(|b| !b.uploaded);
     let uploaded = names(|b| b.uploaded);
     let all = names(|_| true);
@@ -357,20 +362,13 @@ fn forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, name: &str, faulted: bo
     }
     // The repository's part has no fault of its own: rustic writes it, not `sys`.
     let replica = NODES + rng.below(REPLICAS);
-    let forget_stored = |p: &Proc| -> Result<(), StorageError> {
-        let backups = p.engine.backups();
-        if away.is_some() || backups.find(&id)?.is_none() {
-            backups.mark_deleted(&id)?;
-        }
-        backups.forget(&id)
-    };
     c.converge(
         log,
         m,
         replica,
         None,
         None,
-        |p| forget_stored(p).map_err(tonic::Status::from),
+        |p| forget_stored(p, &id, away.is_some()).map_err(tonic::Status::from),
         ok,
     )
     .expect("converged");
@@ -405,6 +403,16 @@ fn forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, name: &str, faulted: bo
         "a restore of forgotten {name}: {}",
         brief(&r)
     );
+}
+
+/// The repository's part of a forget, as the controller does it: a deletion mark first when a node
+/// could not be told (`untold`) or the repository does not hold the backup (yet), then the forget.
+fn forget_stored(p: &Proc, id: &BackupId, untold: bool) -> Result<(), StorageError> {
+    let backups = p.engine.backups();
+    if untold || backups.find(id)?.is_none() {
+        backups.mark_deleted(id)?;
+    }
+    backups.forget(id)
 }
 
 /// A prune through a replica, then every backup the model holds uploaded restores its data (into

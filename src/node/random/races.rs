@@ -16,7 +16,11 @@ use crate::storage::record::{SnapshotRecord, VolumeRecord};
 
 /// Runs `a` and `b` from two threads released together; `b` starts `delay_us` later (drawn from
 /// the seed, to vary which part of `a` it meets).
-fn together<A: Send, B: Send>(delay_us: u64, a: impl FnOnce() -> A + Send, b: impl FnOnce() -> B + Send) -> (A, B) {
+pub(super) fn together<A: Send, B: Send>(
+    delay_us: u64,
+    a: impl FnOnce() -> A + Send,
+    b: impl FnOnce() -> B + Send,
+) -> (A, B) {
     let start = Barrier::new(2);
     std::thread::scope(|s| {
         let ta = s.spawn(|| {
@@ -33,7 +37,7 @@ fn together<A: Send, B: Send>(delay_us: u64, a: impl FnOnce() -> A + Send, b: im
 }
 
 /// As a sidecar retries: while another call holds the object.
-fn sidecar<T>(call: impl Fn() -> Result<T, tonic::Status>) -> Result<T, tonic::Status> {
+pub(super) fn sidecar<T>(call: impl Fn() -> Result<T, tonic::Status>) -> Result<T, tonic::Status> {
     retrying(call, |c| c == Code::Aborted)
 }
 

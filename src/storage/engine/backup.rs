@@ -170,6 +170,12 @@ impl LocalEngine {
         }
     }
 
+    /// Whether an upload thread of this process runs (the randomized tester waits for them).
+    #[cfg(test)]
+    pub(crate) fn uploads_running(&self) -> bool {
+        !lock(&self.uploading).is_empty()
+    }
+
     /// Uploads a snapshot (if it is not yet), marks it uploaded, and removes the local copy unless
     /// it is kept. Ok when there is nothing (left) to do: the snapshot was deleted meanwhile.
     pub(crate) fn upload_step(&self, id: &SnapshotId) -> Result<(), StorageError> {
