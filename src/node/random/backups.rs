@@ -95,8 +95,10 @@ pub(super) fn step(c: &mut Cluster, m: &mut Model, rng: &mut Rng, faulted: bool,
 }
 
 /// A node that was away when a backup was forgotten is back: its upload of the backup resumes, or
-/// (a kept copy already uploaded) its look for deletion marks runs, as at its start. Either must
-/// drop the copy and leave the backup forgotten, whatever crashes on the way.
+/// (a kept copy already uploaded) its look for deletion marks runs, as at its start; an uploaded
+/// image's base copy is dropped by either (every other time by the look, drawn without the seed's
+/// generator so that the seeds keep their sequences). Either must drop the copy and leave the
+/// backup forgotten, whatever crashes on the way.
 fn back(c: &mut Cluster, m: &mut Model, rng: &mut Rng, copy: &str, faulted: bool, log: &mut Vec<String>) {
     let (n, backup) = m.doomed[copy].clone();
     let snap = SnapshotId::parse(copy).expect("snapshot id");
@@ -105,7 +107,10 @@ fn back(c: &mut Cluster, m: &mut Model, rng: &mut Rng, copy: &str, faulted: bool
         m.doomed.remove(copy);
         return;
     };
-    let kept = rec.backup.as_ref().is_some_and(|b| b.uploaded && b.keep_local);
+    let look = rec
+        .backup
+        .as_ref()
+        .is_some_and(|b| b.uploaded && (b.keep_local || m.next % 2 == 0));
     let fault = draw_fault(rng, faulted, |e| {
         [
             Fault::Crash("backup:before-upload"),
@@ -117,7 +122,7 @@ fn back(c: &mut Cluster, m: &mut Model, rng: &mut Rng, copy: &str, faulted: bool
     });
     log.push(format!(
         "n{n} is back: {} of {copy}",
-        if kept {
+        if look {
             "its look for deletion marks"
         } else {
             "its upload"
@@ -129,8 +134,8 @@ fn back(c: &mut Cluster, m: &mut Model, rng: &mut Rng, copy: &str, faulted: bool
         n,
         None,
         fault,
-        |p| match kept {
-            true => match p.engine.drop_kept_copies_marked_deleted() {
+        |p| match look {
+            true => match p.engine.drop_copies_marked_deleted() {
                 true => Ok(()),
                 false => Err(tonic::Status::unavailable("the repository could not tell")),
             },

@@ -49,8 +49,9 @@ fn add_chunked(ranges: &mut Vec<(u64, u64)>, off: u64, len: u64) {
 /// The longest wait between two tries of a failing upload.
 const RETRY_CAP: Duration = Duration::from_secs(300);
 
-/// How often a node looks again whether the backups of its kept local copies were deleted.
-const KEPT_RECHECK: Duration = Duration::from_secs(3600);
+/// How often a node looks again whether the backups of its uploaded local copies (kept, or its
+/// volumes' bases) were deleted.
+const COPIES_RECHECK: Duration = Duration::from_secs(3600);
 
 impl LocalEngine {
     pub fn backups(&self) -> &Arc<Backups> {
@@ -121,7 +122,7 @@ impl LocalEngine {
                 }
             }
         }
-        self.watch_kept_copies();
+        self.watch_uploaded_copies();
     }
 
     /// The snapshots of the pools this process owns: a node also opens the shared pools, whose
@@ -280,12 +281,13 @@ impl LocalEngine {
         self.backups.clear_deleted_marks(Some(backup), backup.repository())
     }
 
-    /// The kept local copies of backups marked deleted go: looked at from start, one after the
-    /// other in one background thread, and again every [`KEPT_RECHECK`] (a node cut off from the
+    /// The uploaded local copies (kept, or an image volume's base) of backups marked deleted go:
+    /// looked at from start, one after the
+    /// other in one background thread, and again every [`COPIES_RECHECK`] (a node cut off from the
     /// controller and never restarted learns of a delete too); when the repository cannot tell
     /// (slow, not mounted yet, unreachable) the next look comes sooner, backing off as uploads do.
     /// The thread ends with the engine.
-    fn watch_kept_copies(self: &Arc<Self>) {
+    fn watch_uploaded_copies(self: &Arc<Self>) {
         if self.backups.names().is_empty() {
             return;
         }
@@ -296,11 +298,11 @@ impl LocalEngine {
                 let mut wait = Duration::from_secs(2);
                 loop {
                     let Some(engine) = me.upgrade() else { return };
-                    let answered = engine.drop_kept_copies_marked_deleted();
+                    let answered = engine.drop_copies_marked_deleted();
                     drop(engine);
                     if answered {
                         wait = Duration::from_secs(2);
-                        std::thread::sleep(KEPT_RECHECK);
+                        std::thread::sleep(COPIES_RECHECK);
                     } else {
                         std::thread::sleep(wait);
                         wait = (wait * 2).min(RETRY_CAP);
@@ -308,20 +310,21 @@ impl LocalEngine {
                 }
             });
         if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start the deletion-mark check of kept backup copies");
+            tracing::warn!(error = %e, "cannot start the deletion-mark check of uploaded backup copies");
         }
     }
 
-    /// One look at every kept copy: those whose backup is marked deleted go. Whether every one
-    /// could be told.
-    pub(crate) fn drop_kept_copies_marked_deleted(&self) -> bool {
+    /// One look at every uploaded copy, kept or a volume's base: those whose backup is marked
+    /// deleted go (a base stayed, as large as its volume, until the volume's next backup or
+    /// delete). Whether every one could be told.
+    pub(crate) fn drop_copies_marked_deleted(&self) -> bool {
         let mut answered = true;
         for rec in self.owned_snapshots() {
-            if !rec.backup.as_ref().is_some_and(|m| m.uploaded && m.keep_local) {
+            if !rec.backup.as_ref().is_some_and(|m| m.uploaded) {
                 continue;
             }
-            if let Err(e) = self.drop_kept_if_marked(&rec) {
-                tracing::warn!(snapshot = %rec.id, error = %e, "cannot tell whether a kept backup copy was deleted; looking again");
+            if let Err(e) = self.drop_copy_if_marked(&rec) {
+                tracing::warn!(snapshot = %rec.id, error = %e, "cannot tell whether an uploaded backup copy was deleted; looking again");
                 answered = false;
             }
         }
@@ -333,8 +336,8 @@ impl LocalEngine {
         answered
     }
 
-    /// Drops kept copy `rec` if its backup is marked deleted.
-    fn drop_kept_if_marked(&self, rec: &SnapshotRecord) -> Result<(), StorageError> {
+    /// Drops uploaded copy `rec` if its backup is marked deleted.
+    fn drop_copy_if_marked(&self, rec: &SnapshotRecord) -> Result<(), StorageError> {
         let Some(backup) = rec.backup.as_ref().map(|m| m.id.clone()) else {
             return Ok(());
         };
@@ -593,11 +596,11 @@ mod tests {
     fn a_later_look_drops_a_kept_copy_deleted_meanwhile() {
         let (_dir, engine, rec, backup) = cut_backup(true);
         engine.upload_step(&rec.id).expect("upload");
-        assert!(engine.drop_kept_copies_marked_deleted(), "the repository answers");
+        assert!(engine.drop_copies_marked_deleted(), "the repository answers");
         assert!(engine.snapshot(&rec.id).is_some(), "a live backup's copy stays");
         engine.backups().mark_deleted(&backup).unwrap();
         engine.backups().forget(&backup).unwrap();
-        assert!(engine.drop_kept_copies_marked_deleted());
+        assert!(engine.drop_copies_marked_deleted());
         assert!(engine.snapshot(&rec.id).is_none(), "the deleted backup's copy goes");
         assert!(
             !engine.backups().is_marked_deleted(&backup).unwrap(),

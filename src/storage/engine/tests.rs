@@ -205,10 +205,16 @@ struct Faked {
 }
 
 fn faked(fs: FsType) -> Faked {
+    faked_with(fs, |_, _| {})
+}
+
+/// [`faked`], its configuration changed by `tweak` (given the test's directory) before it opens.
+fn faked_with(fs: FsType, tweak: impl FnOnce(&mut Config, &std::path::Path)) -> Faked {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = Config::default_for(dir.path());
     config.pools[0].layouts.extend([Layout::Image, Layout::Btrfs]);
     config.pools[0].fs_type = fs;
+    tweak(&mut config, dir.path());
     let files = Arc::new(RecordingFiles::default());
     let filesystems = Arc::new(RecordingFilesystems::default());
     let subvolumes = Arc::new(RecordingSubvolumes::over(dir.path()));
@@ -1649,4 +1655,45 @@ fn a_delete_between_a_creates_key_reads_never_hands_it_the_deleted_id() {
             "the create took the deleted volume's id (paused between its reads: {paused})"
         );
     });
+}
+
+/// An uploaded image backup's local copy stays as its volume's base (the next backup reads only
+/// what changed since). A backup deleted while its node was cut off is marked deleted, and the
+/// node's look for marks (at start, then hourly) now drops such a base copy as it drops a kept
+/// one: it stayed, as large as the volume, until the volume's next backup or delete.
+#[test]
+fn a_base_copy_of_a_backup_deleted_meanwhile_goes_at_the_next_look() {
+    let f = faked_with(FsType::Ext4, |c, dir| {
+        std::fs::create_dir(dir.join("offsite")).expect("dir");
+        c.repositories = vec![crate::backup::testing::repository(&dir.join("offsite"))];
+    });
+    let repository = PoolName::parse("offsite").expect("name");
+    f.engine.backups().open_or_init(&repository, true).expect("init");
+    let vol = f
+        .engine
+        .create_volume(NewVolume::plain("pvc-base", Some(Layout::Image), 32 << 20))
+        .expect("volume");
+    let req = crate::storage::engine::BackupRequest {
+        repository,
+        keep_local: false,
+    };
+    let rec = f.engine.create_backup("snap-base", &vol.id, false, &req).expect("cut");
+    let backup = rec.backup.clone().expect("a backup").id;
+    f.engine.upload_step(&rec.id).expect("upload");
+    let base = || f.engine.snapshot(&rec.id);
+    assert!(
+        base().is_some_and(|r| r.backup.is_some_and(|m| m.uploaded && !m.keep_local)),
+        "the uploaded copy stays as the volume's base"
+    );
+    assert!(f.engine.drop_copies_marked_deleted(), "the repository answers");
+    assert!(base().is_some(), "a live backup's base stays");
+    f.engine.backups().mark_deleted(&backup).expect("mark");
+    f.engine.backups().forget(&backup).expect("forget");
+    assert!(f.engine.drop_copies_marked_deleted(), "the repository answers");
+    assert!(base().is_none(), "the base copy of a deleted backup stayed");
+    assert!(
+        !f.engine.backups().is_marked_deleted(&backup).expect("answers"),
+        "the mark is consumed"
+    );
+    assert!(f.leftovers().is_empty(), "{:?}", f.leftovers());
 }
