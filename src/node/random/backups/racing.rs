@@ -1,10 +1,11 @@
 //! Racing backup calls, in the backup seeds of their own run (`CELLAR_BACKUP_RACE_SEEDS`): two
 //! calls on one backup, or on the repository, at the same moment from two threads, as a node's
 //! upload thread, the controller's pruner and the CO's DeleteSnapshot or CreateVolume meet in a
-//! cluster. No fault is armed: what is tested is the interleaving. The prune racing a call keeps
-//! marked packs (`--backup-keep-delete` longer than any upload, as docs/backups.md asks); a prune
-//! that removes them at once follows every race an upload was in, and every live backup must then
-//! restore its data.
+//! cluster. No failure is armed; in half the races of an upload with a prune or another upload,
+//! the upload's process dies at one of its crash points and starts again. The prune racing a call
+//! keeps marked packs (`--backup-keep-delete` longer than any upload, as docs/backups.md asks); a
+//! prune that removes them at once follows every race an upload was in, and every live backup must
+//! then restore its data.
 //!
 //! The answers must be those of some serial order of the two calls: an upload racing its forget
 //! leaves the backup forgotten (never back in the repository, never a local copy but one a node
@@ -27,6 +28,61 @@ pub(super) fn race(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Vec<
         3 => upload_and_forget(c, m, rng, log),
         4 => restore_and_forget(c, m, rng, log),
         _ => start_resumes_uploads(c, m, rng, log),
+    }
+}
+
+/// Where an upload's process may die mid-race: half the time, one of the upload's crash points.
+/// Never chosen (`None`) when the upload runs on a process the other side of the race uses
+/// (`others`): a process that died answers nothing more, while this one would go on answering.
+fn crash_unless(rng: &mut Rng, at: usize, others: &[usize]) -> Option<&'static str> {
+    const POINTS: [&str; 4] = [
+        "backup:before-upload",
+        "backup:after-upload",
+        "backup:checked-copy-written",
+        "backup:before-mark",
+    ];
+    rng.chance(50)
+        .then(|| *rng.pick(&POINTS))
+        .filter(|_| !others.contains(&at))
+}
+
+/// Runs `call` with this thread's crash point armed at `point`: Err names the point it died at.
+fn crashing<T>(point: Option<&'static str>, call: impl FnOnce() -> T) -> Result<T, String> {
+    crate::crash::in_thread::crash_at(point);
+    let r = catch_unwind(AssertUnwindSafe(call));
+    crate::crash::in_thread::crash_at(None);
+    match r {
+        Ok(t) => Ok(t),
+        Err(panic) => match panic.downcast::<Crashed>() {
+            Ok(c) => Err(c.0),
+            Err(other) => std::panic::resume_unwind(other),
+        },
+    }
+}
+
+/// After a race: a process that died in it starts again (kill -9: its disk and the fakes'
+/// mounts and devices stay) and `resume` runs there, as its start's upload thread would.
+fn started_again<T: std::fmt::Debug>(
+    c: &mut Cluster,
+    log: &mut Vec<String>,
+    at: usize,
+    crash: Option<&'static str>,
+    outcome: Result<Result<T, tonic::Status>, String>,
+    resume: impl Fn(&Cluster) -> Result<T, tonic::Status>,
+) -> Result<T, tonic::Status> {
+    if let Some(point) = crash {
+        let tally = c.crashes.entry(point).or_default();
+        tally.0 += 1;
+        tally.1 += usize::from(outcome.is_err());
+    }
+    match outcome {
+        Ok(r) => r,
+        Err(point) => {
+            log.push(format!("    {} died at {point}; starting again", c.procs[at].label));
+            c.procs[at].restart();
+            c.restarts += 1;
+            resume(c)
+        }
     }
 }
 
@@ -143,11 +199,13 @@ fn upload_and_prune(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Vec
         c.procs[at].label, c.procs[replica].label
     ));
     let snap = snap_of(&b);
+    let crash = crash_unless(rng, at, &[replica]);
     let (up, pruned) = together(
         us,
-        || upload_until_done(&c.procs[at], &snap),
+        || crashing(crash, || upload_until_done(&c.procs[at], &snap)),
         || prune_keeping(&c.procs[replica]),
     );
+    let up = started_again(c, log, at, crash, up, |c| upload_until_done(&c.procs[at], &snap));
     log.push(format!("    {:?}, {:?}", up.as_ref().err(), pruned.as_ref().err()));
     up.unwrap_or_else(|e| panic!("the upload of {name} racing a prune: {e}"));
     pruned.unwrap_or_else(|e| panic!("a prune racing the upload of {name}: {e}"));
@@ -271,11 +329,15 @@ fn two_uploads_of_one_volume(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log:
         c.procs[at_a].label, c.procs[at_b].label
     ));
     let (snap_a, snap_b) = (snap_of(&a), snap_of(&b));
+    let crash = crash_unless(rng, at_a, &[at_b]);
     let (up_a, up_b) = together(
         us,
-        || upload_until_done(&c.procs[at_a], &snap_a),
+        || crashing(crash, || upload_until_done(&c.procs[at_a], &snap_a)),
         || upload_until_done(&c.procs[at_b], &snap_b),
     );
+    let up_a = started_again(c, log, at_a, crash, up_a, |c| {
+        upload_until_done(&c.procs[at_a], &snap_a)
+    });
     log.push(format!("    {:?}, {:?}", up_a.as_ref().err(), up_b.as_ref().err()));
     up_a.unwrap_or_else(|e| panic!("the upload of {first} racing {second}'s: {e}"));
     up_b.unwrap_or_else(|e| panic!("the upload of {second} racing {first}'s: {e}"));
