@@ -1465,65 +1465,6 @@ mod split {
         }
     }
 
-    /// Nor is the delete of a backup still uploading: the repository does not hold it, so it names
-    /// no node, and one lying node answering ABORTED to every forget held up the delete of every
-    /// backup uploading in the cluster. A deletion mark is written instead, the delete answers at
-    /// once, and the uploader drops its copy (and what it uploaded) when its upload ends.
-    #[tokio::test]
-    async fn no_node_holds_up_the_delete_of_a_backup_still_uploading() {
-        let (_dir, repositories) = offsite();
-        let mut n = nodes_with(&["node-1", "node-2"], &repositories).await;
-        let cutter = n.engines[0].clone();
-        n.agents[1] = Arc::new(LostAnswer {
-            inner: n.agents[1].clone(),
-            lose: Lose::Forget,
-            lost: Default::default(),
-        });
-        let ctl = ControllerService::new(Arc::new(n))
-            .with_backups(Arc::new(Backups::new(repositories.clone(), Throttle::unlimited())));
-        let v = volume(&ctl, "pvc-slow", "node-1").await;
-        let (_, data) = cutter
-            .volume_data(&cellar::storage::id::VolumeId::parse(&v).expect("id"))
-            .expect("data");
-        // 1 MiB that does not compress, at 64 KiB/s: the upload runs some 16 s.
-        let bytes: Vec<u8> = (0..1u32 << 20)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect();
-        std::fs::write(data.join("f"), &bytes).expect("write");
-        cutter.backups().throttle().set_bytes_per_sec(64 * 1024);
-        let made = backed_up(&ctl, "backup-slow", &v).await;
-        let copy = || {
-            cutter
-                .snapshots()
-                .into_iter()
-                .any(|s| s.backup.is_some_and(|m| m.id.to_string() == made.snapshot_id))
-        };
-        ctl.delete_snapshot(Request::new(DeleteSnapshotRequest {
-            snapshot_id: made.snapshot_id.clone(),
-            ..Default::default()
-        }))
-        .await
-        .expect("no node's refusal holds the delete of a backup the repository does not hold");
-        assert!(copy(), "the delete answered while the upload ran");
-        cutter.backups().throttle().set_bytes_per_sec(0);
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while copy() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the uploader kept the copy of a deleted backup"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let id = cellar::storage::id::BackupId::parse(&made.snapshot_id).expect("id");
-        let b = Backups::new(repositories.clone(), Throttle::unlimited());
-        let found = tokio::task::spawn_blocking(move || b.find(&id)).await.expect("task");
-        assert!(
-            found.expect("the repository answers").is_none(),
-            "the deleted backup was uploaded all the same"
-        );
-        assert!(listed(&ctl, &made.snapshot_id).await.is_empty());
-    }
-
     /// A node that answers every group name lookup with an error (not UNAVAILABLE) does not stop a
     /// group of another node's volumes (the lookup stopped at any such error, so one broken or
     /// lying node failed every group snapshot in the cluster).

@@ -31,7 +31,7 @@ const MARKER: &str = "marker";
 const REPOSITORY: &str = "offsite";
 const PASSWORD: &str = "random crash tester";
 /// How long a call that waits on an upload (DeleteSnapshot of a backup answers ABORTED while it
-/// ends, between its save and its check; a restore from a backup not yet ready answers FAILED_PRECONDITION) is retried, and how long
+/// runs; a restore from a backup not yet ready answers FAILED_PRECONDITION) is retried, and how long
 /// the uploads of a step may take before they count as not converging.
 const UPLOAD_WAIT: Duration = Duration::from_secs(120);
 /// The chance, after each step, that the tester waits for every upload and checks the backups
@@ -391,7 +391,7 @@ impl Call {
     }
 
     /// Whether the call may have to wait for an upload: DeleteSnapshot of a backup (ABORTED while
-    /// its upload ends) and a restore from a backup (FAILED_PRECONDITION until it is ready).
+    /// it uploads) and a restore from a backup (FAILED_PRECONDITION until it is ready).
     fn waits_on_upload(&self) -> bool {
         match self {
             Call::DeleteSnapshot { id } => id.starts_with("backup:"),

@@ -221,11 +221,10 @@ impl ControllerService {
 
     /// DeleteSnapshot of a backup: each node forgets its part (a local copy, or an upload in
     /// progress, which answers ABORTED until it ends), then the repository forgets it; its data
-    /// goes at the next prune. When a node could not be told (it did not answer, it refused a
-    /// backup the repository does not hold yet, or the backup is not in the repository, so that
-    /// a node this controller does not know may hold an unfinished upload), a deletion mark is
-    /// written first: that node drops its part when it sees the mark instead of uploading a
-    /// backup nobody can delete (docs/backups.md).
+    /// goes at the next prune. When a node could not be told (it did not answer, or the backup
+    /// is not in the repository, so that a node this controller does not know may hold an
+    /// unfinished upload), a deletion mark is written first: that node drops its part when it
+    /// sees the mark instead of uploading a backup nobody can delete (docs/backups.md).
     pub(super) async fn delete_backup(&self, id: &BackupId) -> Result<(), ControllerError> {
         let agents = self.directory.all();
         let answers = super::ask_all(&agents, |a| {
@@ -263,15 +262,7 @@ impl ControllerService {
                 Some(node) if node != a.node().as_str() && !shared => {
                     tracing::warn!(node = a.node().as_str(), uploader = node.as_str(), backup = %id, error = %e, "refusal of a node that did not cut the backup passed over");
                 }
-                Some(_) => return Err(e.into()),
-                // Not in the repository: only an upload holds it (a restore needs it stored), and
-                // an uploader drops its part when it sees the deletion mark, at its upload's end
-                // or its start. So no node's refusal holds the delete (one answering ABORTED to
-                // every forget held up the delete of every backup uploading in the cluster).
-                None => {
-                    tracing::info!(node = a.node().as_str(), backup = %id, error = %e, "node refused to forget a backup the repository does not hold yet; a deletion mark tells it");
-                    untold = true;
-                }
+                _ => return Err(e.into()),
             }
         }
         if !configured {
