@@ -746,10 +746,40 @@ impl Backups {
         let cfg = self.config(name)?;
         let repo = self.open(name)?;
         let snaps = self.snapshots(name, &repo).map_err(|e| cfg.error(e))?;
-        let mut out: Vec<BackupInfo> = snaps.iter().filter_map(|s| info_of(name, s)).collect();
+        // A backup marked deleted is deleted: its uploader may still write its checked copy
+        // after the controller's forget, until it sees the mark and forgets it itself (a
+        // DeleteSnapshot answered OK must not list it meanwhile).
+        let deleted = self.marked(name, &snaps);
+        let mut out: Vec<BackupInfo> = snaps
+            .iter()
+            .filter_map(|s| info_of(name, s))
+            .filter(|b| !deleted.contains(&b.id))
+            .collect();
         out.sort_by_key(|b| b.id.to_string());
         out.dedup_by(|a, b| a.id == b.id);
         Ok(out)
+    }
+
+    /// The backups of repository `name` marked deleted (by marks that count): an upload of one
+    /// may still run on its node, which drops it when it sees the mark. Neither it nor what it
+    /// writes is a backup any more.
+    pub fn deleted(&self, name: &PoolName) -> Result<std::collections::HashSet<BackupId>, StorageError> {
+        let Some((_, snaps)) = self.any_snapshots(name)? else {
+            return Ok(Default::default());
+        };
+        Ok(self.marked(name, &snaps))
+    }
+
+    fn marked(&self, name: &PoolName, snaps: &[SnapshotFile]) -> std::collections::HashSet<BackupId> {
+        let trust = self.mark_trust();
+        snaps
+            .iter()
+            .filter_map(|s| {
+                let key = s.tags.iter().find_map(|t| t.strip_prefix(TAG_DELETED))?;
+                let id = BackupId::new(name.clone(), key).ok()?;
+                self.honours(&trust, &id, s).unwrap_or(false).then_some(id)
+            })
+            .collect()
     }
 
     /// Every backup of a repository with whether it is still pending its completeness check (an
@@ -1380,6 +1410,40 @@ mod tests {
             }
             assert!(prunes > 0);
         });
+    }
+
+    /// A backup whose deletion mark is written is no longer listed nor found, though the
+    /// uploader that could not be told may still write its checked copy after the controller's
+    /// forget, until it sees the mark and forgets it itself (ListSnapshots listed a deleted backup
+    /// for that moment).
+    #[test]
+    fn a_backup_marked_deleted_is_neither_listed_nor_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = testing::backups(dir.path());
+        b.open_or_init(&name, true).unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("f"), b"deleted while it uploads").unwrap();
+        let (gone, kept) = (
+            BackupId::new(name.clone(), "1111-aaaa").unwrap(),
+            BackupId::new(name.clone(), "2222-bbbb").unwrap(),
+        );
+        upload::upload(&b, &gone, &testing::dir_meta("gone"), &data, None).unwrap();
+        upload::upload(&b, &kept, &testing::dir_meta("kept"), &data, None).unwrap();
+        b.mark_deleted(&gone).unwrap();
+        let listed: Vec<BackupId> = b.list(&name).unwrap().into_iter().map(|i| i.id).collect();
+        assert_eq!(
+            listed,
+            std::slice::from_ref(&kept),
+            "only the backup not marked is listed"
+        );
+        assert!(b.find(&gone).unwrap().is_none(), "a marked backup is not found");
+        assert!(b.find(&kept).unwrap().is_some());
+        // Its uploader forgets it and removes the mark: nothing of it is left to list.
+        b.forget(&gone).unwrap();
+        b.clear_deleted_marks(Some(&gone), &name).unwrap();
+        assert!(b.find(&gone).unwrap().is_none());
+        assert_eq!(b.list(&name).unwrap().len(), 1);
     }
 
     /// A listing reads only the snapshot files an earlier one did not (they never change), and

@@ -146,22 +146,27 @@ impl ControllerService {
         Ok(())
     }
 
-    /// Every backup of every repository, and the backups still uploading on the nodes. A
-    /// repository that cannot be read now is left out of the listing (and logged).
-    pub(super) async fn backup_snapshots(&self) -> Vec<Snapshot> {
-        let mut out = Vec::new();
+    /// Every backup of every repository, and the ids of those marked deleted (whose uploads
+    /// may still run on their nodes: they are not listed either). A repository that cannot be
+    /// read now is left out of the listing (and logged).
+    pub(super) async fn backup_snapshots(&self) -> (Vec<Snapshot>, std::collections::HashSet<String>) {
+        let (mut out, mut deleted) = (Vec::new(), std::collections::HashSet::new());
         let names: Vec<PoolName> = self.backups.names().into_iter().cloned().collect();
         for name in names {
             let n = name.clone();
-            match blocking(&self.backups, move |b| b.list(&n)).await {
-                Ok(list) => out.extend(list.iter().map(csi_backup)),
+            let listed = blocking(&self.backups, move |b| Ok((b.list(&n)?, b.deleted(&n)?))).await;
+            match listed {
+                Ok((list, marked)) => {
+                    out.extend(list.iter().map(csi_backup));
+                    deleted.extend(marked.iter().map(|id| id.to_string()));
+                }
                 Err(ControllerError::Storage(StorageError::PoolUnusable(m))) if m.contains("not been initialised") => {}
                 Err(e) => {
                     tracing::warn!(repository = name.as_str(), error = %e, "backup repository left out of the snapshot listing");
                 }
             }
         }
-        out
+        (out, deleted)
     }
 
     /// GetSnapshot of a backup: the repository's, else a node's upload in progress. The
@@ -191,7 +196,11 @@ impl ControllerService {
         }
         tokio::time::sleep(crate::crash::delay("get-backup:between-looks")).await;
         if let Some((node, s)) = self.upload_in_progress(id).await {
-            return Ok(Some(Located::Uploading(node, s)));
+            // Deleted while it uploads: its node drops it once the upload ends.
+            let i = id.clone();
+            if !blocking(&self.backups, move |b| b.is_marked_deleted(&i)).await? {
+                return Ok(Some(Located::Uploading(node, s)));
+            }
         }
         Ok(in_repository().await?.map(Located::Stored))
     }

@@ -748,10 +748,11 @@ impl ControllerService {
             return Ok(agent.snapshots().await?.iter().map(csi_snapshot).collect());
         }
         let mut all: Vec<Snapshot> = self.all_snapshots().await.iter().map(csi_snapshot).collect();
-        let backups = self.backup_snapshots().await;
-        // The repository's answer wins for a backup both hold (uploaded, local copy kept).
+        let (backups, deleted) = self.backup_snapshots().await;
+        // The repository's answer wins for a backup both hold (uploaded, local copy kept); a
+        // backup marked deleted is listed by neither (its upload may still run).
         let in_repo: std::collections::HashSet<String> = backups.iter().map(|b| b.snapshot_id.clone()).collect();
-        all.retain(|s| !in_repo.contains(&s.snapshot_id));
+        all.retain(|s| !in_repo.contains(&s.snapshot_id) && !deleted.contains(&s.snapshot_id));
         all.extend(backups);
         all.sort_by(|a, b| a.snapshot_id.cmp(&b.snapshot_id));
         Ok(all)
