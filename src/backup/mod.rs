@@ -743,12 +743,20 @@ impl Backups {
 
     /// cellar's backups in a repository (other snapshots there are left alone).
     pub fn list(&self, name: &PoolName) -> Result<Vec<BackupInfo>, StorageError> {
+        self.listing(name).map(|(listed, _)| listed)
+    }
+
+    /// [`Self::list`], and the backups marked deleted (by marks that count), from one read of
+    /// the repository. A backup marked deleted is deleted: its uploader, not told, may still run
+    /// and write its checked copy after the controller's forget, until it sees the mark and
+    /// forgets it itself; neither it nor what it writes is listed.
+    pub fn listing(
+        &self,
+        name: &PoolName,
+    ) -> Result<(Vec<BackupInfo>, std::collections::HashSet<BackupId>), StorageError> {
         let cfg = self.config(name)?;
         let repo = self.open(name)?;
         let snaps = self.snapshots(name, &repo).map_err(|e| cfg.error(e))?;
-        // A backup marked deleted is deleted: its uploader may still write its checked copy
-        // after the controller's forget, until it sees the mark and forgets it itself (a
-        // DeleteSnapshot answered OK must not list it meanwhile).
         let deleted = self.marked(name, &snaps);
         let mut out: Vec<BackupInfo> = snaps
             .iter()
@@ -757,17 +765,7 @@ impl Backups {
             .collect();
         out.sort_by_key(|b| b.id.to_string());
         out.dedup_by(|a, b| a.id == b.id);
-        Ok(out)
-    }
-
-    /// The backups of repository `name` marked deleted (by marks that count): an upload of one
-    /// may still run on its node, which drops it when it sees the mark. Neither it nor what it
-    /// writes is a backup any more.
-    pub fn deleted(&self, name: &PoolName) -> Result<std::collections::HashSet<BackupId>, StorageError> {
-        let Some((_, snaps)) = self.any_snapshots(name)? else {
-            return Ok(Default::default());
-        };
-        Ok(self.marked(name, &snaps))
+        Ok((out, deleted))
     }
 
     fn marked(&self, name: &PoolName, snaps: &[SnapshotFile]) -> std::collections::HashSet<BackupId> {
@@ -1330,6 +1328,23 @@ mod tests {
 
     use super::*;
 
+    /// Saves `rounds` snapshots like `like` one after the other, each removed right after it is
+    /// saved (as an upload replaces its pending copy), then sets `done`.
+    fn churn(b: &Backups, name: &PoolName, rounds: usize, like: &SnapshotFile, done: &AtomicBool) {
+        let repo = b.open(name).unwrap();
+        for i in 0..rounds {
+            let before: Vec<SnapshotId> = repo.list().unwrap().collect();
+            let churn = SnapshotFile {
+                description: Some(format!("churn {i}")),
+                ..like.clone()
+            };
+            repo.save_snapshots(vec![churn]).unwrap();
+            let new: Vec<SnapshotId> = repo.list().unwrap().filter(|id| !before.contains(id)).collect();
+            repo.delete_snapshots(&new).unwrap();
+        }
+        done.store(true, Ordering::SeqCst);
+    }
+
     /// An upload removes its pending snapshot when it is checked, and a forget removes snapshots,
     /// while other calls list the repository: a snapshot file removed between the listing and its
     /// read is skipped, not an error (GetSnapshot answered UNAVAILABLE before).
@@ -1345,20 +1360,7 @@ mod tests {
         b.open(&name).unwrap().save_snapshots(vec![keep]).unwrap();
         let done = AtomicBool::new(false);
         std::thread::scope(|s| {
-            s.spawn(|| {
-                let repo = b.open(&name).unwrap();
-                for i in 0..150 {
-                    let before: Vec<SnapshotId> = repo.list().unwrap().collect();
-                    let churn = SnapshotFile {
-                        description: Some(format!("churn {i}")),
-                        ..Default::default()
-                    };
-                    repo.save_snapshots(vec![churn]).unwrap();
-                    let new: Vec<SnapshotId> = repo.list().unwrap().filter(|id| !before.contains(id)).collect();
-                    repo.delete_snapshots(&new).unwrap();
-                }
-                done.store(true, Ordering::SeqCst);
-            });
+            s.spawn(|| churn(&b, &name, 150, &SnapshotFile::default(), &done));
             let repo = b.open(&name).unwrap();
             let mut reads = 0;
             while !done.load(Ordering::SeqCst) {
@@ -1388,20 +1390,7 @@ mod tests {
         let stored = b.snapshots(&name, &b.open(&name).unwrap()).unwrap()[0].clone();
         let done = AtomicBool::new(false);
         std::thread::scope(|s| {
-            s.spawn(|| {
-                let repo = b.open(&name).unwrap();
-                for i in 0..600 {
-                    let before: Vec<SnapshotId> = repo.list().unwrap().collect();
-                    let churn = SnapshotFile {
-                        description: Some(format!("churn {i}")),
-                        ..stored.clone()
-                    };
-                    repo.save_snapshots(vec![churn]).unwrap();
-                    let new: Vec<SnapshotId> = repo.list().unwrap().filter(|id| !before.contains(id)).collect();
-                    repo.delete_snapshots(&new).unwrap();
-                }
-                done.store(true, Ordering::SeqCst);
-            });
+            s.spawn(|| churn(&b, &name, 600, &stored, &done));
             let mut prunes = 0;
             while !done.load(Ordering::SeqCst) {
                 b.prune(&name, std::time::Duration::from_secs(3600))

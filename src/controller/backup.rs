@@ -154,7 +154,7 @@ impl ControllerService {
         let names: Vec<PoolName> = self.backups.names().into_iter().cloned().collect();
         for name in names {
             let n = name.clone();
-            let listed = blocking(&self.backups, move |b| Ok((b.list(&n)?, b.deleted(&n)?))).await;
+            let listed = blocking(&self.backups, move |b| b.listing(&n)).await;
             match listed {
                 Ok((list, marked)) => {
                     out.extend(list.iter().map(csi_backup));
