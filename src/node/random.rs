@@ -979,6 +979,10 @@ fn refused_elsewhere(c: &mut Cluster, m: &mut Model, name: &str, other: usize, l
     let staging = c.procs[other].dir.join(format!("kubelet/staging/{name}"));
     std::fs::create_dir_all(&staging).expect("staging dir");
     log.push(format!("stage {name} on n{other} too, while n{on} holds it"));
+    // The holder renews as its renewal thread does (none runs here): the lease time passes in
+    // real time, and a slow run would otherwise let `other` take a live holder's lease over.
+    let p = &c.procs[on];
+    super::renew_leases(&p.engine, &p.svc().state, &PoolName::parse(SHARE).expect("pool"));
     let r = c.converge(
         log,
         m,
