@@ -1531,7 +1531,8 @@ mod lying_node {
             root: None,
             chunk_bytes: None,
         };
-        cellar::backup::upload::upload(&backups, &victim, &meta, &data, None).expect("node-2's backup");
+        cellar::backup::upload::upload(&backups, &victim, &meta, &data, None, &Default::default())
+            .expect("node-2's backup");
         let controller = c.controller.with_backups(backups.clone());
         c.liar
             .engine

@@ -1120,6 +1120,63 @@ async fn a_backup_is_never_not_found_while_its_upload_ends() {
     d.unmount_all(&v.volume_id, &st, &tg).await;
 }
 
+/// DeleteSnapshot of a backup whose upload runs (here at 4 KiB/s, minutes for its 2 MiB) calls
+/// the upload off and answers OK at once: it answered ABORTED until the whole upload had run.
+/// Nothing of it is left: not listed, no local copy, no restic snapshot (not even a deletion mark,
+/// which no node would consume), and a prune leaves a repository that checks.
+#[tokio::test]
+async fn deleting_a_backup_calls_its_upload_off() {
+    let s = Setup::new();
+    let cfg = s.config(&s.dir_pool(), &s.repo(), &s.password_file());
+    let mut d = Driver::start_with(
+        &["--config", cfg.to_str().expect("utf-8"), "--backup-bandwidth", "4K"],
+        &[],
+    )
+    .await;
+    let v = d.create("pvc-slow").await;
+    let (st, tg) = d.mount_rw(&v.volume_id, "slow").await;
+    fill(&tg.join("data"), 2 << 20, 7);
+    d.unmount_all(&v.volume_id, &st, &tg).await;
+    let b = backup(&mut d, "slow-backup", &v.volume_id, false)
+        .await
+        .expect("backup");
+    assert!(!b.ready_to_use, "the upload runs");
+    d.ctl
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: b.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("DeleteSnapshot answers OK while the backup uploads");
+    let listed = d
+        .ctl
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .expect("ListSnapshots")
+        .into_inner();
+    assert!(
+        listed
+            .entries
+            .iter()
+            .all(|e| e.snapshot.as_ref().map(|s| &s.snapshot_id) != Some(&b.snapshot_id)),
+        "the deleted backup is not listed"
+    );
+    assert!(
+        snapshot_entries(&s.dir.path().join("pool")).is_empty(),
+        "no local copy is left: {:?}",
+        snapshot_entries(&s.dir.path().join("pool"))
+    );
+    // Not even a deletion mark: the node said it held the backup, so no other node may.
+    let left = s.restic_snapshots();
+    assert!(left.is_empty(), "no restic snapshot of it, nor a mark: {left:?}");
+    for _ in 0..2 {
+        let out = cellar_backup(&cfg, &["prune", "--keep-delete-secs", "0"], &[]);
+        assert!(out.status.success(), "prune: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    s.restic_ok(&["check", "--read-data"]);
+    d.delete(&v.volume_id).await.expect("DeleteVolume");
+}
+
 /// Repository `name` at `prefix` of the S3 test server, as a controller process is given it.
 fn s3_repository(s3: &common::s3::S3Server, s: &Setup, name: &PoolName, prefix: &str) -> RepositoryConfig {
     RepositoryConfig {

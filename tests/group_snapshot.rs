@@ -1112,7 +1112,7 @@ mod split {
         async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError> {
             self.inner.delete_snapshot(id).await
         }
-        async fn forget_backup(&self, id: BackupId) -> Result<(), StorageError> {
+        async fn forget_backup(&self, id: BackupId) -> Result<bool, StorageError> {
             if self.lose == Lose::Forget {
                 return Err(StorageError::Busy(format!("{id} is uploading, says a broken node")));
             }

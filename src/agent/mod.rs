@@ -73,10 +73,11 @@ pub trait Agent: Send + Sync {
         backup: Option<BackupRequest>,
     ) -> Result<SnapshotRecord, StorageError>;
     async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError>;
-    /// Forgets this node's part of a backup (its local snapshot, kept or still uploading); the
-    /// controller forgets it in the repository. Nothing here is OK.
-    async fn forget_backup(&self, _id: BackupId) -> Result<(), StorageError> {
-        Ok(())
+    /// Forgets this node's part of a backup (its local snapshot, kept or still uploading: an
+    /// upload is called off); the controller forgets it in the repository. Whether this node
+    /// held a part. Nothing here is OK.
+    async fn forget_backup(&self, _id: BackupId) -> Result<bool, StorageError> {
+        Ok(false)
     }
     async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError>;
     async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError>;
@@ -279,7 +280,7 @@ impl Agent for LocalAgent {
         .await
     }
 
-    async fn forget_backup(&self, id: BackupId) -> Result<(), StorageError> {
+    async fn forget_backup(&self, id: BackupId) -> Result<bool, StorageError> {
         self.blocking(move |e| e.forget_local_backup(&id)).await
     }
 

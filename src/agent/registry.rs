@@ -780,7 +780,7 @@ impl Agent for RegisteredAgent {
     async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError> {
         self.seen(self.remote()?.delete_snapshot(id).await)
     }
-    async fn forget_backup(&self, id: BackupId) -> Result<(), StorageError> {
+    async fn forget_backup(&self, id: BackupId) -> Result<bool, StorageError> {
         self.seen(self.remote()?.forget_backup(id).await)
     }
     async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError> {

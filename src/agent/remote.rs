@@ -620,13 +620,15 @@ impl RemoteAgent {
 
 impl RemoteAgent {
     /// DeleteSnapshot on the node: a snapshot's id, or a backup's for the node's part of it.
-    async fn delete_snapshot_named(&self, snapshot_id: String) -> Result<(), StorageError> {
+    /// The node's DeleteSnapshot; whether it held a part of the backup `snapshot_id` names.
+    async fn delete_snapshot_named(&self, snapshot_id: String) -> Result<bool, StorageError> {
         let msg = v1::DeleteSnapshotRequest { snapshot_id };
-        self.call("DeleteSnapshot", self.timeouts.storage, msg, |mut c, r| async move {
-            c.delete_snapshot(r).await
-        })
-        .await?;
-        Ok(())
+        let r = self
+            .call("DeleteSnapshot", self.timeouts.storage, msg, |mut c, r| async move {
+                c.delete_snapshot(r).await
+            })
+            .await?;
+        Ok(r.held)
     }
 
     /// A failed BlockRanges. The agent sends its metadata refusals by their code alone (a storage
@@ -843,10 +845,10 @@ impl Agent for RemoteAgent {
     }
 
     async fn delete_snapshot(&self, id: SnapshotId) -> Result<(), StorageError> {
-        self.delete_snapshot_named(id.to_string()).await
+        self.delete_snapshot_named(id.to_string()).await.map(drop)
     }
 
-    async fn forget_backup(&self, id: BackupId) -> Result<(), StorageError> {
+    async fn forget_backup(&self, id: BackupId) -> Result<bool, StorageError> {
         // The node's DeleteSnapshot takes a backup id for its part of the backup.
         self.delete_snapshot_named(id.to_string()).await
     }

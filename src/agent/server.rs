@@ -405,12 +405,12 @@ impl v1::agent_server::Agent for AgentService {
         let raw = req.into_inner().snapshot_id;
         if raw.starts_with("backup:") {
             let id = wire::backup_id("snapshot_id", &raw).map_err(invalid)?;
-            self.agent.forget_backup(id).await.map_err(wire::status)?;
-            return Ok(Response::new(v1::DeleteSnapshotResponse {}));
+            let held = self.agent.forget_backup(id).await.map_err(wire::status)?;
+            return Ok(Response::new(v1::DeleteSnapshotResponse { held }));
         }
         let id = wire::snapshot_id("snapshot_id", &raw).map_err(invalid)?;
         self.agent.delete_snapshot(id).await.map_err(wire::status)?;
-        Ok(Response::new(v1::DeleteSnapshotResponse {}))
+        Ok(Response::new(v1::DeleteSnapshotResponse { held: false }))
     }
 
     async fn list_snapshots(&self, req: Request<v1::ListSnapshotsRequest>) -> Reply<v1::ListSnapshotsResponse> {

@@ -642,7 +642,13 @@ impl Backups {
         &self.throttle
     }
 
-    fn backends(&self, cfg: &RepositoryConfig) -> Result<RepositoryBackends, StorageError> {
+    /// The repository's backends: paced, counted, bounded, and (given an upload's `stop`)
+    /// refusing writes once the upload is called off.
+    fn backends(
+        &self,
+        cfg: &RepositoryConfig,
+        stop: Option<&upload::Stop>,
+    ) -> Result<RepositoryBackends, StorageError> {
         if let Location::Path(p) = &cfg.location {
             // The directory may be made, never its parent: a share that is not mounted must
             // not turn into a backup on the node's own disk.
@@ -657,13 +663,18 @@ impl Backups {
         }
         let be = cfg.backend_options()?.to_backends().map_err(|e| cfg.error(e))?;
         // Paced inside, so that the guard's own reads of key files are paced and counted too.
-        let be = self.throttle.wrap(be, cfg.name.as_str());
+        let be = self.throttle.wrap(be, cfg.name.as_str(), stop);
         Ok(guard::wrap(be, cfg.name.as_str()))
     }
 
-    /// The repository's files, for writing them directly (`image`); paced like rustic's writes.
-    pub(crate) fn write_backend(&self, name: &PoolName) -> Result<Arc<dyn rustic_core::WriteBackend>, StorageError> {
-        Ok(self.backends(self.config(name)?)?.repository())
+    /// The repository's files, for writing them directly (`image`); paced like rustic's writes,
+    /// and refused once `stop` is pulled.
+    pub(crate) fn write_backend(
+        &self,
+        name: &PoolName,
+        stop: Option<&upload::Stop>,
+    ) -> Result<Arc<dyn rustic_core::WriteBackend>, StorageError> {
+        Ok(self.backends(self.config(name)?, stop)?.repository())
     }
 
     fn options() -> RepositoryOptions {
@@ -677,9 +688,19 @@ impl Backups {
         self.open_or_init(name, false)
     }
 
+    /// [`Self::open`] for an upload: every write through what it opens is refused once `stop`
+    /// is pulled.
+    pub fn open_stoppable(&self, name: &PoolName, stop: &upload::Stop) -> Result<Open, StorageError> {
+        self.open_with(name, false, Some(stop))
+    }
+
     /// Opens a repository, initialising it when it has no config yet.
     pub fn open_or_init(&self, name: &PoolName, init: bool) -> Result<Open, StorageError> {
-        let opened = self.open_or_init_with_password(name, init)?;
+        self.open_with(name, init, None)
+    }
+
+    fn open_with(&self, name: &PoolName, init: bool, stop: Option<&upload::Stop>) -> Result<Open, StorageError> {
+        let opened = self.open_or_init_with_password(name, init, stop)?;
         self.keys
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -689,10 +710,10 @@ impl Backups {
 
     /// Opens with the master key a password already gave, when there is one; a key that no
     /// longer opens the repository (it was made anew) is dropped and the password asked again.
-    fn open_with_known_key(&self, name: &PoolName) -> Option<Open> {
+    fn open_with_known_key(&self, name: &PoolName, stop: Option<&upload::Stop>) -> Option<Open> {
         let cfg = self.config(name).ok()?;
         let key = self.keys.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned()?;
-        let opened = Repository::new(&Self::options(), &self.backends(cfg).ok()?)
+        let opened = Repository::new(&Self::options(), &self.backends(cfg, stop).ok()?)
             .and_then(|r| r.open(&Credentials::Masterkey(key)));
         match opened {
             Ok(o) => Some(o),
@@ -703,8 +724,13 @@ impl Backups {
         }
     }
 
-    fn open_or_init_with_password(&self, name: &PoolName, init: bool) -> Result<Open, StorageError> {
-        if let Some(o) = self.open_with_known_key(name) {
+    fn open_or_init_with_password(
+        &self,
+        name: &PoolName,
+        init: bool,
+        stop: Option<&upload::Stop>,
+    ) -> Result<Open, StorageError> {
+        if let Some(o) = self.open_with_known_key(name, stop) {
             return Ok(o);
         }
         let cfg = self.config(name)?;
@@ -715,7 +741,7 @@ impl Backups {
             return Err(cfg.refused(format!("passwordFile {} is empty", cfg.password_file.display())));
         }
         let credentials = Credentials::password(&password);
-        let repo = Repository::new(&Self::options(), &self.backends(cfg)?).map_err(|e| cfg.error(e))?;
+        let repo = Repository::new(&Self::options(), &self.backends(cfg, stop)?).map_err(|e| cfg.error(e))?;
         if repo.config_id().map_err(|e| cfg.error(e))?.is_some() {
             return repo.open(&credentials).map_err(|e| cfg.error(e));
         }
@@ -723,7 +749,7 @@ impl Backups {
             return Err(cfg.refused("it has not been initialised yet (the first backup into it does that)"));
         }
         let _one = self.init.lock().unwrap_or_else(|p| p.into_inner());
-        let repo = Repository::new(&Self::options(), &self.backends(cfg)?).map_err(|e| cfg.error(e))?;
+        let repo = Repository::new(&Self::options(), &self.backends(cfg, stop)?).map_err(|e| cfg.error(e))?;
         if repo.config_id().map_err(|e| cfg.error(e))?.is_some() {
             return repo.open(&credentials).map_err(|e| cfg.error(e));
         }
@@ -875,7 +901,7 @@ impl Backups {
             }
         }
         // A snapshot needs a tree every tool can read: the empty one.
-        let be = self.write_backend(id.repository())?;
+        let be = self.write_backend(id.repository(), None)?;
         let trees = image::store(be.clone(), &repo.key(), &[], &[rustic_core::repofile::Tree::default()])
             .map_err(|e| cfg.error(e))?;
         let mut mark = SnapshotOptions::default()
@@ -1386,7 +1412,7 @@ mod tests {
         std::fs::create_dir(&data).unwrap();
         std::fs::write(data.join("f"), b"kept").unwrap();
         let kept = BackupId::new(name.clone(), "1111-aaaa").unwrap();
-        upload::upload(&b, &kept, &testing::dir_meta("kept"), &data, None).unwrap();
+        upload::upload(&b, &kept, &testing::dir_meta("kept"), &data, None, &Default::default()).unwrap();
         let stored = b.snapshots(&name, &b.open(&name).unwrap()).unwrap()[0].clone();
         let done = AtomicBool::new(false);
         std::thread::scope(|s| {
@@ -1417,8 +1443,8 @@ mod tests {
             BackupId::new(name.clone(), "1111-aaaa").unwrap(),
             BackupId::new(name.clone(), "2222-bbbb").unwrap(),
         );
-        upload::upload(&b, &gone, &testing::dir_meta("gone"), &data, None).unwrap();
-        upload::upload(&b, &kept, &testing::dir_meta("kept"), &data, None).unwrap();
+        upload::upload(&b, &gone, &testing::dir_meta("gone"), &data, None, &Default::default()).unwrap();
+        upload::upload(&b, &kept, &testing::dir_meta("kept"), &data, None, &Default::default()).unwrap();
         b.mark_deleted(&gone).unwrap();
         let listed: Vec<BackupId> = b.list(&name).unwrap().into_iter().map(|i| i.id).collect();
         assert_eq!(
@@ -1501,7 +1527,7 @@ mod tests {
             .collect();
         std::fs::write(data.join("f"), &bytes).unwrap();
         let old = BackupId::new(name.clone(), "1111-aaaa").unwrap();
-        upload::upload(&b, &old, &testing::dir_meta("old"), &data, None).unwrap();
+        upload::upload(&b, &old, &testing::dir_meta("old"), &data, None, &Default::default()).unwrap();
         b.forget(&old).unwrap();
         // The prune lists no backup, so every pack is unused; it waits before it writes.
         let pause = std::sync::Arc::new(in_thread::Pause::default());
@@ -1514,7 +1540,8 @@ mod tests {
         };
         assert!(pause.reached(std::time::Duration::from_secs(60)), "the prune planned");
         let new = BackupId::new(name.clone(), "2222-bbbb").unwrap();
-        upload::upload(&b, &new, &testing::dir_meta("new"), &data, None).expect("upload beside the prune");
+        upload::upload(&b, &new, &testing::dir_meta("new"), &data, None, &Default::default())
+            .expect("upload beside the prune");
         pause.release();
         let pruned = pruning.join().unwrap().expect("prune");
         assert!(
@@ -1578,7 +1605,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (b, name) = testing::backups(dir.path());
         let repo = b.open_or_init(&name, true).unwrap();
-        let be = b.write_backend(&name).unwrap();
+        let be = b.write_backend(&name, None).unwrap();
         // Chunks and a tree indexed, the snapshot naming them not written yet.
         let data = vec![vec![1u8; 70_000], vec![2u8; 90_000]];
         image::store(be, &repo.key(), &data, &[rustic_core::repofile::Tree::default()])

@@ -469,7 +469,7 @@ mod tests {
         let name = PoolName::parse("offsite").unwrap();
         let opened = backups.open_or_init(&name, true).unwrap();
         let master = opened.key();
-        let be = backups.write_backend(&name).unwrap();
+        let be = backups.write_backend(&name, None).unwrap();
         let inner = Tree { nodes };
         let (_, inner_id) = inner.serialize().unwrap();
         let mut volume = Node::new_node(std::ffi::OsStr::new("volume"), NodeType::Dir, Metadata::default());
@@ -563,7 +563,7 @@ mod tests {
             std::fs::write(data.join("f"), &content).unwrap();
             let id = BackupId::new(name.clone(), "5555-eeee").unwrap();
             let meta = crate::backup::testing::dir_meta("lost");
-            let info = crate::backup::upload::upload(&backups, &id, &meta, &data, None).unwrap();
+            let info = crate::backup::upload::upload(&backups, &id, &meta, &data, None, &Default::default()).unwrap();
             let repo = backups.open(&name).unwrap().to_indexed().unwrap();
             let pack = if lost == "data" {
                 let blob = rustic_core::DataId::from(rustic_core::Id::new(Sha256::digest(&content).into()));

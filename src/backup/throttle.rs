@@ -1,14 +1,22 @@
 //! A node's backup bandwidth (`--backup-bandwidth`): every byte written to or read from a
 //! repository's backend passes one token bucket per process, so uploads and restores together
 //! never take more than the configured rate from the workloads' disks and network. The same
-//! wrapper counts the bytes for the metrics.
+//! wrapper counts the bytes for the metrics, and refuses the writes of an upload that was called
+//! off ([`super::upload::Stop`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rustic_core::{BytesList, FileType, Id, ReadBackend, RepositoryBackends, RusticResult, WriteBackend};
+use rustic_core::{
+    BytesList, ErrorKind, FileType, Id, ReadBackend, RepositoryBackends, RusticError, RusticResult, WriteBackend,
+};
+
+use super::upload::Stop;
+
+/// How often a write waiting for its turn looks whether its upload was called off.
+const STOP_LOOK: Duration = Duration::from_millis(50);
 
 /// The per-process limit; 0 bytes per second is no limit.
 pub struct Throttle {
@@ -40,29 +48,41 @@ impl Throttle {
 
     /// Waits until `bytes` fit in the rate. A burst of up to one second's worth passes at once.
     pub fn take(&self, bytes: u64) {
-        let rate = self.bytes_per_sec();
-        if rate == 0 || bytes == 0 {
-            return;
-        }
-        let cost = Duration::from_secs_f64(bytes as f64 / rate as f64);
-        let wait = {
-            let mut paid = self.paid_until.lock().unwrap_or_else(|p| p.into_inner());
-            let (until, wait) = reserve(*paid, Instant::now(), cost);
-            *paid = until;
-            wait
-        };
+        let wait = self.claim(bytes);
         if !wait.is_zero() {
             std::thread::sleep(wait);
         }
     }
 
-    /// The repository's backends, with every transfer paced and counted under `repository`.
-    pub fn wrap(self: &Arc<Self>, be: RepositoryBackends, repository: &str) -> RepositoryBackends {
+    /// Gives back `unused`, paid by a transfer that was called off before it waited it all.
+    fn refund(&self, unused: Duration) {
+        let mut paid = self.paid_until.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        *paid = paid.checked_sub(unused).map_or(now, |p| p.max(now));
+    }
+
+    /// Pays for `bytes` now: how long the caller must wait before it moves them.
+    fn claim(&self, bytes: u64) -> Duration {
+        let rate = self.bytes_per_sec();
+        if rate == 0 || bytes == 0 {
+            return Duration::ZERO;
+        }
+        let cost = Duration::from_secs_f64(bytes as f64 / rate as f64);
+        let mut paid = self.paid_until.lock().unwrap_or_else(|p| p.into_inner());
+        let (until, wait) = reserve(*paid, Instant::now(), cost);
+        *paid = until;
+        wait
+    }
+
+    /// The repository's backends, with every transfer paced and counted under `repository`, and
+    /// every write refused once `stop` (the upload these backends serve) is pulled.
+    pub fn wrap(self: &Arc<Self>, be: RepositoryBackends, repository: &str, stop: Option<&Stop>) -> RepositoryBackends {
         let paced = |inner: Arc<dyn WriteBackend>| -> Arc<dyn WriteBackend> {
             Arc::new(Paced {
                 inner,
                 throttle: self.clone(),
                 repository: repository.to_string(),
+                stop: stop.cloned(),
             })
         };
         RepositoryBackends::new(paced(be.repository()), be.repo_hot().map(paced))
@@ -81,16 +101,39 @@ struct Paced {
     inner: Arc<dyn WriteBackend>,
     throttle: Arc<Throttle>,
     repository: String,
+    stop: Option<Stop>,
 }
 
 impl Paced {
-    fn read(&self, b: RusticResult<Bytes>) -> RusticResult<Bytes> {
+    /// Fails once the upload is called off: checked before the write and through its pacing
+    /// wait, so that a stop pulled while a write waits for its turn ends it at once.
+    fn going(&self) -> RusticResult<()> {
+        match &self.stop {
+            Some(s) if s.pulled() => Err(RusticError::new(
+                ErrorKind::Backend,
+                "the upload was called off: its backup is being deleted",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn read(&self, tpe: FileType, b: RusticResult<Bytes>) -> RusticResult<Bytes> {
         if let Ok(b) = &b {
-            self.throttle.take(b.len() as u64);
+            let wait = self.throttle.claim(b.len() as u64);
+            if bulk(tpe) {
+                std::thread::sleep(wait);
+            }
             crate::metrics::record_backup_bytes(&self.repository, "downloaded", b.len() as u64);
         }
         b
     }
+}
+
+/// Whether files of this type wait for their turn. Packs and indexes are the bulk of every
+/// transfer; the small files that say what is there (config, keys, snapshots: a look for a
+/// deletion mark, a listing) are paid for but never wait behind a long upload's turn.
+fn bulk(tpe: FileType) -> bool {
+    matches!(tpe, FileType::Pack | FileType::Index)
 }
 
 impl ReadBackend for Paced {
@@ -107,11 +150,11 @@ impl ReadBackend for Paced {
     }
 
     fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<Bytes> {
-        self.read(self.inner.read_full(tpe, id))
+        self.read(tpe, self.inner.read_full(tpe, id))
     }
 
     fn read_partial(&self, tpe: FileType, id: &Id, cacheable: bool, offset: u32, length: u32) -> RusticResult<Bytes> {
-        self.read(self.inner.read_partial(tpe, id, cacheable, offset, length))
+        self.read(tpe, self.inner.read_partial(tpe, id, cacheable, offset, length))
     }
 
     fn warmup_path(&self, tpe: FileType, id: &Id) -> String {
@@ -134,7 +177,20 @@ impl WriteBackend for Paced {
 
     fn write_bytes(&self, tpe: FileType, id: &Id, cacheable: bool, content: BytesList) -> RusticResult<()> {
         let n = content.size() as u64;
-        self.throttle.take(n);
+        self.going()?;
+        let mut wait = self.throttle.claim(n);
+        if !bulk(tpe) {
+            wait = Duration::ZERO;
+        }
+        while !wait.is_zero() {
+            let slice = wait.min(STOP_LOOK);
+            std::thread::sleep(slice);
+            wait -= slice;
+            if let Err(e) = self.going() {
+                self.throttle.refund(wait);
+                return Err(e);
+            }
+        }
         self.inner.write_bytes(tpe, id, cacheable, content)?;
         crate::metrics::record_backup_bytes(&self.repository, "uploaded", n);
         Ok(())
@@ -166,6 +222,20 @@ mod tests {
         );
         let (_, wait) = reserve(paid, now + Duration::from_secs(1), half);
         assert_eq!(wait, Duration::from_millis(1500), "debts add up");
+    }
+
+    #[test]
+    fn a_refund_gives_back_time_paid_but_never_reaches_into_the_past() {
+        let t = Throttle::new(1024);
+        let wait = t.claim(1024 * 100);
+        assert!(wait > Duration::from_secs(98), "a hundred seconds' worth waits");
+        t.refund(Duration::from_secs(90));
+        let paid = *t.paid_until.lock().unwrap_or_else(|p| p.into_inner());
+        assert!(paid < Instant::now() + Duration::from_secs(11), "90 s given back");
+        t.refund(Duration::from_secs(3600));
+        let paid = *t.paid_until.lock().unwrap_or_else(|p| p.into_inner());
+        assert!(paid <= Instant::now(), "nothing is owed");
+        assert!(paid + Duration::from_secs(1) >= Instant::now(), "nor saved up past now");
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! again; every chunk is deduplicated against the whole repository.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use rustic_core::repofile::{Node, NodeType, SnapshotFile, SnapshotSummary, StringList};
@@ -31,18 +33,50 @@ pub struct Base {
     pub changed: Vec<(u64, u64)>,
 }
 
+/// An upload's off switch: once pulled, every later write of the upload to its repository is
+/// refused, so that an upload whose backup is being deleted ends within one pack instead of
+/// running to its end (and holding the delete up until then). What it wrote before is in no
+/// index or listed snapshot: a prune removes it.
+#[derive(Clone, Default)]
+pub struct Stop(Arc<AtomicBool>);
+
+impl Stop {
+    pub fn pull(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn pulled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Whether `other` is this switch (not merely one in the same position).
+    pub fn same(&self, other: &Stop) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
 /// Uploads `data` (the snapshot's image file or tree root) as backup `id`, then checks that the
 /// repository holds every blob it references. Returns the backup as the repository lists it.
+/// An upload called off by `stop` answers [`StorageError::Aborted`].
 pub fn upload(
     backups: &Backups,
     id: &BackupId,
     meta: &BackupMeta,
     data: &Path,
     base: Option<Base>,
+    stop: &Stop,
 ) -> Result<BackupInfo, StorageError> {
     let started = Instant::now();
     let repo_name = id.repository().as_str().to_string();
-    let result = upload_inner(backups, id, meta, data, base);
+    let result = upload_inner(backups, id, meta, data, base, stop).map_err(|e| {
+        if stop.pulled() {
+            StorageError::Aborted(format!(
+                "the upload of backup {id} was called off (its backup is being deleted): {e}"
+            ))
+        } else {
+            e
+        }
+    });
     crate::metrics::record_backup_end(&repo_name, "upload", result.is_ok(), started.elapsed());
     match &result {
         Ok(b) => {
@@ -59,9 +93,10 @@ fn upload_inner(
     meta: &BackupMeta,
     data: &Path,
     base: Option<Base>,
+    stop: &Stop,
 ) -> Result<BackupInfo, StorageError> {
     let cfg = backups.config(id.repository())?;
-    let mut opened = backups.open(id.repository())?;
+    let mut opened = backups.open_stoppable(id.repository(), stop)?;
     let mut snaps = backups.snapshots(id.repository(), &opened).map_err(|e| cfg.error(e))?;
     // A snapshot saved before a crash (or a failed check) counts only once it checks complete:
     // a prune running meanwhile may have marked a pack it reuses. Otherwise it is forgotten and
@@ -74,12 +109,12 @@ fn upload_inner(
         .cloned()
     {
         match check_complete(backups, opened, id, meta, &saved) {
-            Ok(()) => return ready(backups, id, &saved, &snaps),
+            Ok(()) => return ready(backups, id, &saved, &snaps, stop),
             Err(e) if e.is_unavailable() => return Err(e),
             Err(e) => {
                 tracing::warn!(backup = %id, error = %e, "a saved backup is not complete in the index; uploading it again");
                 backups.forget(id)?;
-                opened = backups.open(id.repository())?;
+                opened = backups.open_stoppable(id.repository(), stop)?;
                 snaps = backups.snapshots(id.repository(), &opened).map_err(|e| cfg.error(e))?;
             }
         }
@@ -99,7 +134,7 @@ fn upload_inner(
         .and_then(|o| o.description(description).to_snapshot())
         .map_err(|e| cfg.error(e))?;
     if meta.layout == Layout::Image {
-        return upload_image(backups, opened, snaps, id, meta, data, base, snap);
+        return upload_image(backups, opened, snaps, id, meta, data, base, snap, stop);
     }
     let parent = snaps
         .into_iter()
@@ -139,7 +174,7 @@ fn upload_inner(
     crash::point("backup:after-upload");
     let read = saved.summary.as_ref().map_or(0, |s| s.total_bytes_processed);
     crate::metrics::record_backup_bytes(id.repository().as_str(), "read", read);
-    finish(backups, repo.drop_index(), id, meta, &saved)
+    finish(backups, repo.drop_index(), id, meta, &saved, stop)
 }
 
 /// An image's upload: its chunks through [`image::write`], with the parent's unchanged chunks
@@ -154,6 +189,7 @@ fn upload_image(
     data: &Path,
     base: Option<Base>,
     mut snap: SnapshotFile,
+    stop: &Stop,
 ) -> Result<BackupInfo, StorageError> {
     let cfg = backups.config(id.repository())?;
     let key = opened.key();
@@ -177,7 +213,7 @@ fn upload_image(
             )
         })
     });
-    let be = backups.write_backend(id.repository())?;
+    let be = backups.write_backend(id.repository(), Some(stop))?;
     let name = meta.path.trim_start_matches('/');
     crash::point("backup:before-upload");
     let written =
@@ -197,7 +233,7 @@ fn upload_image(
     crash::point("backup:after-upload");
     crate::metrics::record_backup_bytes(id.repository().as_str(), "read", written.read);
     tracing::info!(backup = %id, chunks = written.chunks, from_parent = written.reused, read_bytes = written.read, new_bytes = written.added, "image chunks written");
-    finish(backups, repo.drop_index(), id, meta, &snap)
+    finish(backups, repo.drop_index(), id, meta, &snap, stop)
 }
 
 /// The end of an upload: ready only when [`check_complete`] finds every blob in the index.
@@ -207,6 +243,7 @@ fn finish(
     id: &BackupId,
     meta: &BackupMeta,
     saved: &SnapshotFile,
+    stop: &Stop,
 ) -> Result<BackupInfo, StorageError> {
     if let Err(e) = check_complete(backups, opened, id, meta, saved) {
         // Not ready: forgotten, so that the retry uploads again instead of finding it.
@@ -216,7 +253,7 @@ fn finish(
         }
         return Err(e);
     }
-    ready(backups, id, saved, std::slice::from_ref(saved))
+    ready(backups, id, saved, std::slice::from_ref(saved), stop)
 }
 
 /// A backup checked complete becomes one: a pending `saved` is written again without its
@@ -228,15 +265,16 @@ fn ready(
     id: &BackupId,
     saved: &SnapshotFile,
     seen: &[SnapshotFile],
+    stop: &Stop,
 ) -> Result<BackupInfo, StorageError> {
     let cfg = backups.config(id.repository())?;
-    let opened = backups.open(id.repository())?;
+    let opened = backups.open_stoppable(id.repository(), stop)?;
     let mut done = saved.clone();
     if is_pending(saved) {
         done.tags.remove_all(&[TAG_PENDING
             .parse()
             .map_err(|e| cfg.error(RusticFailure::io(format!("{e}"))))?]);
-        let be = backups.write_backend(id.repository())?;
+        let be = backups.write_backend(id.repository(), Some(stop))?;
         image::write_snapshot(&*be, &opened.key(), &mut done).map_err(|e| cfg.error(e))?;
         crash::point("backup:checked-copy-written");
     }
@@ -347,7 +385,7 @@ mod tests {
             let (b, id, data, pause) = (b.clone(), id.clone(), data.clone(), pause.clone());
             std::thread::spawn(move || {
                 in_thread::pause_at(Some(("backup:after-upload", pause)));
-                upload(&b, &id, &meta("snap-a"), &data, None)
+                upload(&b, &id, &meta("snap-a"), &data, None, &Default::default())
             })
         };
         assert!(pause.reached(Duration::from_secs(60)), "the upload came to its check");
@@ -393,7 +431,7 @@ mod tests {
             let (b, id, data) = (b.clone(), id.clone(), data.clone());
             std::thread::spawn(move || {
                 in_thread::crash_at(Some("backup:checked-copy-written"));
-                upload(&b, &id, &meta("snap-b"), &data, None)
+                upload(&b, &id, &meta("snap-b"), &data, None, &Default::default())
             })
             .join()
         };
@@ -406,7 +444,7 @@ mod tests {
             vec![(listed[0].clone(), false)],
             "held checked and pending: shown once, ready"
         );
-        let again = upload(&b, &id, &meta("snap-b"), &data, None).expect("retry");
+        let again = upload(&b, &id, &meta("snap-b"), &data, None, &Default::default()).expect("retry");
         assert_eq!(again, listed[0], "the retry answers the checked copy");
         assert_eq!(copies(&b, &id), (1, 0));
     }

@@ -229,11 +229,12 @@ impl ControllerService {
     }
 
     /// DeleteSnapshot of a backup: each node forgets its part (a local copy, or an upload in
-    /// progress, which answers ABORTED until it ends), then the repository forgets it; its data
-    /// goes at the next prune. When a node could not be told (it did not answer, or the backup
-    /// is not in the repository, so that a node this controller does not know may hold an
-    /// unfinished upload), a deletion mark is written first: that node drops its part when it
-    /// sees the mark instead of uploading a backup nobody can delete (docs/backups.md).
+    /// progress, which it calls off, answering ABORTED if the upload has not ended in time), then
+    /// the repository forgets it; its data goes at the next prune. When a node could not be told
+    /// (it did not answer, or the backup is neither in the repository nor held by a node that
+    /// answered, so that a node this controller does not know may hold an unfinished upload), a
+    /// deletion mark is written first: that node drops its part when it sees the mark instead of
+    /// uploading a backup nobody can delete (docs/backups.md).
     pub(super) async fn delete_backup(&self, id: &BackupId) -> Result<(), ControllerError> {
         let agents = self.directory.all();
         let answers = super::ask_all(&agents, |a| {
@@ -254,8 +255,15 @@ impl ControllerService {
         // refusal stands (another node's cannot hold every backup's delete hostage).
         let mut stored: Option<Option<BackupInfo>> = None;
         let mut untold = false;
+        let mut held = false;
         for (a, answer) in agents.iter().zip(answers) {
-            let Err(e) = answer else { continue };
+            let e = match answer {
+                Ok(had) => {
+                    held |= had;
+                    continue;
+                }
+                Err(e) => e,
+            };
             if e.is_unavailable() {
                 tracing::warn!(node = a.node().as_str(), backup = %id, error = %e, "node unreachable; a deletion mark tells it once it is back");
                 untold = true;
@@ -283,7 +291,7 @@ impl ControllerService {
             None => find().await?,
         };
         let i = id.clone();
-        if untold || stored.is_none() {
+        if untold || (stored.is_none() && !held) {
             // Before the forget: a node that finishes an upload after it looks for the mark.
             blocking(&self.backups, move |b| b.mark_deleted(&i)).await?;
         }

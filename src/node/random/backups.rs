@@ -349,21 +349,23 @@ fn forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, name: &str, faulted: bo
         b.id,
         away.map(|n| format!(" while n{n} is away")).unwrap_or_default()
     ));
+    let mut held = false;
     for at in 0..c.procs.len() {
         if Some(at) == away {
             continue;
         }
         let f = if at == faulted_at { fault.take() } else { None };
-        c.converge(
-            log,
-            m,
-            at,
-            None,
-            f,
-            |p| p.engine.forget_local_backup(&id).map_err(tonic::Status::from),
-            ok,
-        )
-        .expect("converged");
+        held |= c
+            .converge(
+                log,
+                m,
+                at,
+                None,
+                f,
+                |p| p.engine.forget_local_backup(&id).map_err(tonic::Status::from),
+                ok,
+            )
+            .expect("converged");
     }
     // The repository's part has no fault of its own: rustic writes it, not `sys`.
     let replica = NODES + rng.below(REPLICAS);
@@ -373,7 +375,7 @@ fn forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, name: &str, faulted: bo
         replica,
         None,
         None,
-        |p| forget_stored(p, &id, away.is_some()).map_err(tonic::Status::from),
+        |p| forget_stored(p, &id, away.is_some(), held).map_err(tonic::Status::from),
         ok,
     )
     .expect("converged");
@@ -411,10 +413,11 @@ fn forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, name: &str, faulted: bo
 }
 
 /// The repository's part of a forget, as the controller does it: a deletion mark first when a node
-/// could not be told (`untold`) or the repository does not hold the backup (yet), then the forget.
-fn forget_stored(p: &Proc, id: &BackupId, untold: bool) -> Result<(), StorageError> {
+/// could not be told (`untold`), or the repository does not hold the backup (yet) and no node
+/// answered that it `held` a part, then the forget.
+fn forget_stored(p: &Proc, id: &BackupId, untold: bool, held: bool) -> Result<(), StorageError> {
     let backups = p.engine.backups();
-    if untold || backups.find(id)?.is_none() {
+    if untold || (!held && backups.find(id)?.is_none()) {
         backups.mark_deleted(id)?;
     }
     backups.forget(id)

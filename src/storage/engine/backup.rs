@@ -26,6 +26,25 @@ pub struct BackupRequest {
     pub keep_local: bool,
 }
 
+/// How long a backup's delete waits for the upload it called off to end.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// An upload's off switch registered under its snapshot's id, unregistered when dropped.
+struct StopRegistered<'a> {
+    stops: &'a Mutex<std::collections::HashMap<String, backup::upload::Stop>>,
+    key: String,
+    stop: backup::upload::Stop,
+}
+
+impl Drop for StopRegistered<'_> {
+    fn drop(&mut self) {
+        let mut stops = lock(self.stops);
+        if stops.get(&self.key).is_some_and(|s| s.same(&self.stop)) {
+            stops.remove(&self.key);
+        }
+    }
+}
+
 /// When a snapshot was cut, for ordering.
 fn created(r: &SnapshotRecord) -> (i64, i32) {
     (r.created_unix_secs, r.created_nanos)
@@ -48,6 +67,14 @@ fn add_chunked(ranges: &mut Vec<(u64, u64)>, off: u64, len: u64) {
 
 /// The longest wait between two tries of a failing upload.
 const RETRY_CAP: Duration = Duration::from_secs(300);
+
+/// How often a running upload looks whether its backup was marked deleted (by a controller
+/// that could not tell this node), to call itself off.
+const MARK_LOOK: Duration = if cfg!(test) {
+    Duration::from_millis(100)
+} else {
+    Duration::from_secs(30)
+};
 
 /// How often a node looks again whether the backups of its uploaded local copies (kept, or its
 /// volumes' bases) were deleted.
@@ -156,6 +183,12 @@ impl LocalEngine {
                 loop {
                     match me.upload_step(&id) {
                         Ok(()) => break,
+                        // Called off by the backup's delete, which removes the snapshot (or
+                        // its retry does); a restart resumes it if neither ever comes.
+                        Err(e @ StorageError::Aborted(_)) => {
+                            tracing::info!(snapshot = %id, error = %e, "backup upload called off");
+                            break;
+                        }
                         Err(e) => {
                             tracing::warn!(snapshot = %id, error = %e, retry_in_s = wait.as_secs(), "backup upload failed; retrying");
                             std::thread::sleep(wait);
@@ -177,12 +210,23 @@ impl LocalEngine {
         !lock(&self.uploading).is_empty()
     }
 
+    /// Whether the upload of `snap` under way has been called off (tests wait for it).
+    #[cfg(test)]
+    pub(crate) fn upload_called_off(&self, snap: &SnapshotId) -> bool {
+        lock(&self.stops).get(&snap.to_string()).is_some_and(|s| s.pulled())
+    }
+
     /// Uploads a snapshot (if it is not yet), marks it uploaded, and removes the local copy unless
     /// it is kept. Ok when there is nothing (left) to do: the snapshot was deleted meanwhile.
+    /// An upload the backup's delete calls off answers Aborted.
     pub(crate) fn upload_step(&self, id: &SnapshotId) -> Result<(), StorageError> {
         let Some(pool) = self.locate(&id.0) else { return Ok(()) };
         let key = &id.0.key;
+        let stop;
+        // Dropped after `held`: a delete that finds the snapshot taken finds its off switch.
+        let registered;
         let held = self.take(Kind::Snapshot, &id.0.pool, key, &id.to_string())?;
+        (stop, registered) = self.register_stop(id);
         let Some(mut rec) = self.snapshot(id) else {
             // Its copy removed after the upload, or deleted: what a failed purge of it left in
             // a node pool's trash goes now (a shared pool's trash has its purge thread).
@@ -228,7 +272,13 @@ impl LocalEngine {
                 Layout::Image => self.backup_base(&rec, meta.length),
                 _ => None,
             };
-            backup::upload::upload(&self.backups, &mark.id, &meta, &data, base)?;
+            match self.upload_watching_marks(&mark.id, &meta, &data, base, &stop) {
+                // Called off by the mark: what it wrote goes as for an upload that finished.
+                Err(StorageError::Aborted(_)) if self.backups.is_marked_deleted(&mark.id)? => {
+                    return self.drop_deleted(pool, &rec, &mark.id)
+                }
+                other => drop(other?),
+            }
             // Deleted meanwhile by a controller that could not tell this node: it wrote its mark
             // before it forgot the backup, so either it forgot this upload or the mark is seen.
             if self.backups.is_marked_deleted(&mark.id)? {
@@ -250,13 +300,14 @@ impl LocalEngine {
             // upload, or the volume's delete, that could not take it meanwhile finds it free, or
             // is seen by the check below.
             drop(held);
+            drop(registered);
             let dropped = self.drop_bases(&rec.source_volume_id, Some(&rec));
             if !self.is_base(&rec) {
-                match self.forget_local_backup(&mark.id) {
+                match self.forget_local(&mark.id, false) {
                     Err(e @ StorageError::Busy(_)) => {
                         tracing::info!(snapshot = %id, error = %e, "local copy of an uploaded backup left to whoever holds it")
                     }
-                    other => other?,
+                    other => drop(other?),
                 }
             }
             // An older base not removed: this step's retry (its upload thread's) removes it.
@@ -268,6 +319,38 @@ impl LocalEngine {
         tracing::info!(snapshot = %id, backup = %mark.id, "local copy of an uploaded backup removed");
         drop(held);
         Ok(())
+    }
+
+    /// Uploads backup `id`, calling the upload off if a deletion mark of it appears meanwhile
+    /// (looked for every [`MARK_LOOK`]): a node the controller could not tell stops its upload
+    /// soon after the delete instead of at its end.
+    fn upload_watching_marks(
+        &self,
+        id: &BackupId,
+        meta: &BackupMeta,
+        data: &std::path::Path,
+        base: Option<backup::upload::Base>,
+        stop: &backup::upload::Stop,
+    ) -> Result<backup::BackupInfo, StorageError> {
+        let (ended, end) = std::sync::mpsc::channel::<()>();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = end.recv_timeout(MARK_LOOK) {
+                    match self.backups.is_marked_deleted(id) {
+                        Ok(true) => {
+                            tracing::info!(backup = %id, "backup marked deleted while it uploads; calling the upload off");
+                            stop.pull();
+                            return;
+                        }
+                        Ok(false) => {}
+                        Err(e) => tracing::debug!(backup = %id, error = %e, "cannot look for a deletion mark now"),
+                    }
+                }
+            });
+            let done = backup::upload::upload(&self.backups, id, meta, data, base, stop);
+            drop(ended);
+            done
+        })
     }
 
     /// Forgets backup `backup` (deleted while this node could not be told) in its repository,
@@ -463,20 +546,62 @@ impl LocalEngine {
             .find(|r| r.backup.as_ref().is_some_and(|m| m.id == *id))
     }
 
-    /// Forgets this node's part of a backup: its local snapshot, if one is kept or still
-    /// uploading. An upload in progress answers Busy (the CO retries the delete).
-    pub fn forget_local_backup(&self, id: &BackupId) -> Result<(), StorageError> {
+    /// Makes `id`'s upload stoppable: its off switch, and what unregisters it when dropped.
+    fn register_stop(&self, id: &SnapshotId) -> (backup::upload::Stop, StopRegistered<'_>) {
+        let stop = backup::upload::Stop::default();
+        lock(&self.stops).insert(id.to_string(), stop.clone());
+        let registered = StopRegistered {
+            stops: &self.stops,
+            key: id.to_string(),
+            stop: stop.clone(),
+        };
+        (stop, registered)
+    }
+
+    /// Forgets this node's part of a backup (the backup's DeleteSnapshot): its local snapshot,
+    /// if one is kept or still uploading. An upload under way in this process is called off and
+    /// waited for (it ends within one pack); one that does not end within [`STOP_WAIT`], or
+    /// another operation on the snapshot, answers Busy (the CO retries the delete). Whether this
+    /// node held a part of the backup (the controller then needs no deletion mark for it).
+    pub fn forget_local_backup(&self, id: &BackupId) -> Result<bool, StorageError> {
+        self.forget_local(id, true)
+    }
+
+    /// [`Self::forget_local_backup`]; `stop_upload` false only takes the snapshot if it is free.
+    fn forget_local(&self, id: &BackupId, stop_upload: bool) -> Result<bool, StorageError> {
         if let Some(rec) = self.local_of_backup(id) {
             let pool = self
                 .locate(&rec.id.0)
                 .ok_or_else(|| StorageError::SnapshotNotFound(rec.id.to_string()))?;
-            let _held = self.take(Kind::Snapshot, &rec.id.0.pool, &rec.id.0.key, &rec.id.to_string())?;
-            return self.remove_object(pool, Kind::Snapshot, &rec.id.0.key, &rec.id.to_string());
+            let take = || self.take(Kind::Snapshot, &rec.id.0.pool, &rec.id.0.key, &rec.id.to_string());
+            let deadline = std::time::Instant::now() + STOP_WAIT;
+            let _held = loop {
+                match take() {
+                    Err(busy @ StorageError::Busy(_)) => {
+                        let stop = lock(&self.stops).get(&rec.id.to_string()).cloned();
+                        match stop {
+                            Some(s) if stop_upload && std::time::Instant::now() < deadline => {
+                                s.pull();
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            _ => return Err(busy),
+                        }
+                    }
+                    other => break other?,
+                }
+            };
+            // The upload may have ended meanwhile and removed its copy itself.
+            if self.snapshot(&rec.id).is_none() {
+                self.sweep_unrecorded_copies();
+                return Ok(true);
+            }
+            self.remove_object(pool, Kind::Snapshot, &rec.id.0.key, &rec.id.to_string())?;
+            return Ok(true);
         }
         // The retry of a forget whose purge failed finds no record (only the backup id, not the
         // copy's key, names what it forgets).
         self.sweep_unrecorded_copies();
-        Ok(())
+        Ok(false)
     }
 
     /// [`Self::purge_unrecorded_copies`] where it only tidies up: what it cannot remove (maybe
@@ -539,6 +664,14 @@ mod tests {
     /// directory, and a backup of a new volume cut there. Uploads are not started in this
     /// engine: the record waits, as after a restart, until a test calls `upload_step`.
     fn cut_backup(keep_local: bool) -> (tempfile::TempDir, Arc<LocalEngine>, SnapshotRecord, BackupId) {
+        cut_backup_of(keep_local, &[])
+    }
+
+    /// [`cut_backup`] of a volume holding `bytes` in one file.
+    fn cut_backup_of(
+        keep_local: bool,
+        bytes: &[u8],
+    ) -> (tempfile::TempDir, Arc<LocalEngine>, SnapshotRecord, BackupId) {
         let dir = tempfile::tempdir().unwrap();
         let mut config = crate::storage::config::Config::default_for(&dir.path().join("node"));
         config.repositories = vec![crate::backup::testing::repository(dir.path())];
@@ -546,8 +679,12 @@ mod tests {
         let repository = PoolName::parse("offsite").unwrap();
         engine.backups().open_or_init(&repository, true).unwrap();
         let vol = engine
-            .create_volume(NewVolume::plain("pvc-1", Some(Layout::Dir), 1 << 20))
+            .create_volume(NewVolume::plain("pvc-1", Some(Layout::Dir), 4 << 20))
             .expect("volume");
+        if !bytes.is_empty() {
+            let pool = engine.pool(&vol.id.0.pool).unwrap();
+            std::fs::write(pool.data_path(Kind::Volume, &vol.id.0.key).join("file"), bytes).unwrap();
+        }
         let req = BackupRequest { repository, keep_local };
         let rec = engine.create_backup("snap-1", &vol.id, false, &req).expect("cut");
         let backup = rec.backup.clone().unwrap().id;
@@ -646,6 +783,120 @@ mod tests {
             "no backup comes back"
         );
         assert!(engine.snapshot(&rec.id).is_none(), "the local snapshot is gone");
+        assert!(
+            !engine.backups().is_marked_deleted(&backup).unwrap(),
+            "the mark is consumed"
+        );
+    }
+
+    /// Nothing of a backup whose delete called its upload off is left: not its local snapshot,
+    /// not a snapshot file in the repository (pending or checked), not a stoppable upload.
+    fn nothing_left_of(engine: &LocalEngine, rec: &SnapshotRecord, backup: &BackupId) {
+        assert!(engine.snapshot(&rec.id).is_none(), "the local snapshot is gone");
+        let pool = engine.pool(&rec.id.0.pool).unwrap();
+        assert!(
+            !pool.data_path(Kind::Snapshot, &rec.id.0.key).exists(),
+            "its data is gone"
+        );
+        assert_eq!(
+            engine.backups().find_even_pending(backup).unwrap(),
+            None,
+            "the repository holds no copy of it"
+        );
+        assert!(lock(&engine.stops).is_empty(), "no off switch is left registered");
+    }
+
+    /// The backup's delete while its upload runs calls the upload off and answers OK once it has
+    /// ended (it answered Busy until the whole upload had run, holding the delete up).
+    #[test]
+    fn a_delete_calls_off_the_upload_of_its_backup() {
+        use crate::crash::in_thread;
+        let (_dir, engine, rec, backup) = cut_backup(false);
+        let pause = Arc::new(in_thread::Pause::default());
+        let uploading = {
+            let (engine, id, pause) = (engine.clone(), rec.id.clone(), pause.clone());
+            std::thread::spawn(move || {
+                in_thread::pause_at(Some(("backup:before-upload", pause)));
+                engine.upload_step(&id)
+            })
+        };
+        assert!(pause.reached(Duration::from_secs(60)), "the upload started");
+        let forgetting = {
+            let (engine, backup) = (engine.clone(), backup.clone());
+            std::thread::spawn(move || engine.forget_local_backup(&backup))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !engine.upload_called_off(&rec.id) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the delete never called the upload off"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        pause.release();
+        let ended = uploading.join().unwrap();
+        assert!(
+            matches!(ended, Err(StorageError::Aborted(_))),
+            "the upload ends called off: {ended:?}"
+        );
+        forgetting.join().unwrap().expect("the delete answers OK");
+        nothing_left_of(&engine, &rec, &backup);
+        // What the upload thread does next: nothing left to upload.
+        engine.upload_step(&rec.id).expect("nothing to do");
+        assert_eq!(engine.backups().find_even_pending(&backup).unwrap(), None);
+    }
+
+    /// A backup of 1 MiB that does not compress, its upload started in the background at 1 KiB/s
+    /// (its first pack waits hours for its turn).
+    fn slow_upload_started() -> (tempfile::TempDir, Arc<LocalEngine>, SnapshotRecord, BackupId) {
+        let bytes: Vec<u8> = (0..1u32 << 20)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let (dir, engine, rec, backup) = cut_backup_of(false, &bytes);
+        engine.backups().throttle().set_bytes_per_sec(1024);
+        engine.start_uploads();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !lock(&engine.stops).contains_key(&rec.id.to_string()) {
+            assert!(std::time::Instant::now() < deadline, "the upload never started");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (dir, engine, rec, backup)
+    }
+
+    /// An upload waiting for its turn under the node's bandwidth limit (here a 1 MiB file at 1
+    /// KiB/s: hours) is called off without writing on, and its upload thread ends.
+    #[test]
+    fn a_delete_calls_off_an_upload_paced_by_the_bandwidth_limit() {
+        let (_dir, engine, rec, backup) = slow_upload_started();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        engine.forget_local_backup(&backup).expect("the delete answers OK");
+        while engine.uploads_running() {
+            assert!(std::time::Instant::now() < deadline, "the upload thread runs on");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        nothing_left_of(&engine, &rec, &backup);
+    }
+
+    /// A node the controller could not tell uploads on: the deletion mark the controller writes
+    /// calls the upload off at the node's next look (it ran to its end, which at the bandwidth
+    /// limit here is hours), and the node drops its part and consumes the mark.
+    #[test]
+    fn a_deletion_mark_calls_off_a_running_upload() {
+        let (dir, engine, rec, backup) = slow_upload_started();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        // The controller (its own process and bandwidth), which could not tell the node: mark,
+        // then forget.
+        let controller = crate::backup::Backups::new(
+            vec![crate::backup::testing::repository(dir.path())],
+            crate::backup::Throttle::unlimited(),
+        );
+        controller.mark_deleted(&backup).unwrap();
+        controller.forget(&backup).unwrap();
+        while engine.uploads_running() {
+            assert!(std::time::Instant::now() < deadline, "the upload runs on past the mark");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        nothing_left_of(&engine, &rec, &backup);
         assert!(
             !engine.backups().is_marked_deleted(&backup).unwrap(),
             "the mark is consumed"

@@ -12,6 +12,7 @@
 //! that was not told drops once back), a restore racing its forget restores the whole data or is
 //! NOT_FOUND and makes nothing, and a node's start resumes every upload it had.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::super::races::{sidecar, together};
@@ -31,18 +32,20 @@ pub(super) fn race(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Vec<
     }
 }
 
+/// The crash points of an upload, in its order.
+const UPLOAD_STEPS: [&str; 4] = [
+    "backup:before-upload",
+    "backup:after-upload",
+    "backup:checked-copy-written",
+    "backup:before-mark",
+];
+
 /// Where an upload's process may die mid-race: half the time, one of the upload's crash points.
 /// Never chosen (`None`) when the upload runs on a process the other side of the race uses
 /// (`others`): a process that died answers nothing more, while this one would go on answering.
 fn crash_unless(rng: &mut Rng, at: usize, others: &[usize]) -> Option<&'static str> {
-    const POINTS: [&str; 4] = [
-        "backup:before-upload",
-        "backup:after-upload",
-        "backup:checked-copy-written",
-        "backup:before-mark",
-    ];
     rng.chance(50)
-        .then(|| *rng.pick(&POINTS))
+        .then(|| *rng.pick(&UPLOAD_STEPS))
         .filter(|_| !others.contains(&at))
 }
 
@@ -120,9 +123,14 @@ fn snap_of(b: &Bk) -> SnapshotId {
     SnapshotId::parse(&b.snap).expect("snapshot id")
 }
 
-/// An upload, as its thread runs it: again after any failure, until it answers OK.
+/// An upload, as its thread runs it: again after any failure, until it answers OK or is called
+/// off by its backup's delete (which then removes its snapshot).
 fn upload_until_done(p: &Proc, snap: &SnapshotId) -> Result<(), tonic::Status> {
-    retrying(|| p.engine.upload_step(snap).map_err(tonic::Status::from), |_| true)
+    let step = || match p.engine.upload_step(snap) {
+        Err(StorageError::Aborted(_)) => Ok(()),
+        other => other.map_err(tonic::Status::from),
+    };
+    retrying(step, |_| true)
 }
 
 /// The pruner's run, keeping what it marks.
@@ -135,17 +143,25 @@ fn prune_keeping(p: &Proc) -> Result<(), tonic::Status> {
 }
 
 /// The controller's DeleteSnapshot of a backup: every process told forgets its part (a node
-/// uploading it answers ABORTED until the upload ends, and the CO sends the delete again), then
-/// the repository's part.
+/// uploading it calls the upload off, or answers ABORTED if it does not end in time, and the CO
+/// sends the delete again), then the repository's part.
 fn forget_everywhere(c: &Cluster, id: &BackupId, away: Option<usize>, replica: usize) -> Result<(), tonic::Status> {
-    for (at, p) in c.procs.iter().enumerate() {
-        if Some(at) != away {
-            sidecar(|| p.engine.forget_local_backup(id).map_err(tonic::Status::from))?;
-        }
-    }
+    // All at once, as the controller asks its agents: the one uploading it calls the upload off
+    // while another process that finds the snapshot taken retries.
+    let told: Vec<Result<bool, tonic::Status>> = std::thread::scope(|s| {
+        let asked: Vec<_> = c
+            .procs
+            .iter()
+            .enumerate()
+            .filter(|(at, _)| Some(*at) != away)
+            .map(|(_, p)| s.spawn(|| sidecar(|| p.engine.forget_local_backup(id).map_err(tonic::Status::from))))
+            .collect();
+        asked.into_iter().map(|t| t.join().expect("a forget thread")).collect()
+    });
+    let held = told.into_iter().collect::<Result<Vec<bool>, _>>()?.contains(&true);
     let p = &c.procs[replica];
     retrying(
-        || forget_stored(p, id, away.is_some()).map_err(tonic::Status::from),
+        || forget_stored(p, id, away.is_some(), held).map_err(tonic::Status::from),
         |code| code == Code::Unavailable,
     )
 }
@@ -372,9 +388,41 @@ fn upload_and_forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Ve
     ));
     let snap = snap_of(&b);
     let id = backup_id(&b);
-    let upload = || upload_until_done(&c.procs[at], &snap);
-    let forget = || forget_everywhere(c, &id, away, replica);
-    let (up, forgot) = match upload_first {
+    // Half the time the upload stands at one of its steps when the forget comes (the small
+    // uploads here rarely overlap it by timing alone), and goes on once it is called off.
+    let held_at = rng.chance(50).then(|| *rng.pick(&UPLOAD_STEPS));
+    if let Some(point) = held_at {
+        log.push(format!("    the upload stands at {point} when the forget comes"));
+    }
+    let pause = Arc::new(crate::crash::in_thread::Pause::default());
+    let ended = AtomicBool::new(false);
+    let upload = || {
+        crate::crash::in_thread::pause_at(held_at.map(|p| (p, pause.clone())));
+        let r = upload_until_done(&c.procs[at], &snap);
+        crate::crash::in_thread::pause_at(None);
+        ended.store(true, Ordering::SeqCst);
+        r
+    };
+    let forget = || match held_at {
+        None => forget_everywhere(c, &id, away, replica),
+        Some(_) => {
+            // An upload with nothing left to do never comes to the step: then no wait.
+            while !pause.reached(Duration::from_millis(10)) && !ended.load(Ordering::SeqCst) {}
+            let done = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    while !c.procs[at].engine.upload_called_off(&snap) && !done.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    pause.release();
+                });
+                let r = forget_everywhere(c, &id, away, replica);
+                done.store(true, Ordering::SeqCst);
+                r
+            })
+        }
+    };
+    let (up, forgot) = match upload_first || held_at.is_some() {
         true => together(us, upload, forget),
         false => {
             let (f, u) = together(us, forget, upload);
