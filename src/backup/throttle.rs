@@ -48,30 +48,33 @@ impl Throttle {
 
     /// Waits until `bytes` fit in the rate. A burst of up to one second's worth passes at once.
     pub fn take(&self, bytes: u64) {
-        let wait = self.claim(bytes);
+        let (wait, _) = self.claim(bytes);
         if !wait.is_zero() {
             std::thread::sleep(wait);
         }
     }
 
-    /// Gives back `unused`, paid by a transfer that was called off before it waited it all.
-    fn refund(&self, unused: Duration) {
+    /// Gives back what a transfer called off with `left` of its wait to go had paid and will
+    /// not use: its own cost at most (the rest of its wait is the turns of transfers queued
+    /// before it, still to come), never reaching before now.
+    fn refund(&self, left: Duration, cost: Duration) {
         let mut paid = self.paid_until.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        *paid = paid.checked_sub(unused).map_or(now, |p| p.max(now));
+        *paid = paid.checked_sub(left.min(cost)).map_or(now, |p| p.max(now));
     }
 
-    /// Pays for `bytes` now: how long the caller must wait before it moves them.
-    fn claim(&self, bytes: u64) -> Duration {
+    /// Pays for `bytes` now: how long the caller must wait before it moves them, and what they
+    /// cost.
+    fn claim(&self, bytes: u64) -> (Duration, Duration) {
         let rate = self.bytes_per_sec();
         if rate == 0 || bytes == 0 {
-            return Duration::ZERO;
+            return (Duration::ZERO, Duration::ZERO);
         }
         let cost = Duration::from_secs_f64(bytes as f64 / rate as f64);
         let mut paid = self.paid_until.lock().unwrap_or_else(|p| p.into_inner());
         let (until, wait) = reserve(*paid, Instant::now(), cost);
         *paid = until;
-        wait
+        (wait, cost)
     }
 
     /// The repository's backends, with every transfer paced and counted under `repository`, and
@@ -119,7 +122,7 @@ impl Paced {
 
     fn read(&self, tpe: FileType, b: RusticResult<Bytes>) -> RusticResult<Bytes> {
         if let Ok(b) = &b {
-            let wait = self.throttle.claim(b.len() as u64);
+            let (wait, _) = self.throttle.claim(b.len() as u64);
             if bulk(tpe) {
                 std::thread::sleep(wait);
             }
@@ -178,7 +181,7 @@ impl WriteBackend for Paced {
     fn write_bytes(&self, tpe: FileType, id: &Id, cacheable: bool, content: BytesList) -> RusticResult<()> {
         let n = content.size() as u64;
         self.going()?;
-        let mut wait = self.throttle.claim(n);
+        let (mut wait, cost) = self.throttle.claim(n);
         if !bulk(tpe) {
             wait = Duration::ZERO;
         }
@@ -187,7 +190,7 @@ impl WriteBackend for Paced {
             std::thread::sleep(slice);
             wait -= slice;
             if let Err(e) = self.going() {
-                self.throttle.refund(wait);
+                self.throttle.refund(wait, cost);
                 return Err(e);
             }
         }
@@ -224,18 +227,36 @@ mod tests {
         assert_eq!(wait, Duration::from_millis(1500), "debts add up");
     }
 
+    fn paid(t: &Throttle) -> Instant {
+        *t.paid_until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     #[test]
-    fn a_refund_gives_back_time_paid_but_never_reaches_into_the_past() {
+    fn a_refund_gives_back_only_the_called_off_transfers_own_cost() {
         let t = Throttle::new(1024);
-        let wait = t.claim(1024 * 100);
-        assert!(wait > Duration::from_secs(98), "a hundred seconds' worth waits");
-        t.refund(Duration::from_secs(90));
-        let paid = *t.paid_until.lock().unwrap_or_else(|p| p.into_inner());
-        assert!(paid < Instant::now() + Duration::from_secs(11), "90 s given back");
-        t.refund(Duration::from_secs(3600));
-        let paid = *t.paid_until.lock().unwrap_or_else(|p| p.into_inner());
-        assert!(paid <= Instant::now(), "nothing is owed");
-        assert!(paid + Duration::from_secs(1) >= Instant::now(), "nor saved up past now");
+        let (first, cost) = t.claim(1024 * 100);
+        assert_eq!(cost, Duration::from_secs(100));
+        assert!(first > Duration::from_secs(98), "a hundred seconds' worth waits");
+        // A second transfer queues behind the first, then is called off at once: only its own
+        // hundred seconds come back, not the first's turn, which is still to come.
+        let (second, cost) = t.claim(1024 * 100);
+        assert!(second > Duration::from_secs(198));
+        t.refund(second, cost);
+        let owed = paid(&t).saturating_duration_since(Instant::now());
+        assert!(
+            owed > Duration::from_secs(97) && owed < Duration::from_secs(101),
+            "the first transfer's turn stays paid: {owed:?}"
+        );
+        // The first called off with 90 s of its wait left: 90 s come back, never past now.
+        t.refund(Duration::from_secs(90), Duration::from_secs(100));
+        let owed = paid(&t).saturating_duration_since(Instant::now());
+        assert!(owed < Duration::from_secs(11), "90 s given back: {owed:?}");
+        t.refund(Duration::from_secs(3600), Duration::from_secs(3600));
+        assert!(paid(&t) <= Instant::now(), "nothing is owed");
+        assert!(
+            paid(&t) + Duration::from_secs(1) >= Instant::now(),
+            "nor saved up past now"
+        );
     }
 
     #[test]

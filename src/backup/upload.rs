@@ -9,7 +9,7 @@
 //! again; every chunk is deduplicated against the whole repository.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -38,15 +38,32 @@ pub struct Base {
 /// running to its end (and holding the delete up until then). What it wrote before is in no
 /// index or listed snapshot: a prune removes it.
 #[derive(Clone, Default)]
-pub struct Stop(Arc<AtomicBool>);
+pub struct Stop(Arc<AtomicU8>);
+
+/// Why a [`Stop`] was pulled (0: it was not).
+const BY_DELETE: u8 = 1;
+const BY_MARK: u8 = 2;
 
 impl Stop {
+    /// Calls the upload off for its backup's delete.
     pub fn pull(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        let _ = self
+            .0
+            .compare_exchange(0, BY_DELETE, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// Calls the upload off for a deletion mark of its backup, found by the upload itself.
+    pub fn pull_for_mark(&self) {
+        let _ = self.0.compare_exchange(0, BY_MARK, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     pub fn pulled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.load(Ordering::SeqCst) != 0
+    }
+
+    /// Whether it was pulled for a deletion mark (and not first by a delete).
+    pub fn pulled_for_mark(&self) -> bool {
+        self.0.load(Ordering::SeqCst) == BY_MARK
     }
 
     /// Whether `other` is this switch (not merely one in the same position).

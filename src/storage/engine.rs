@@ -273,6 +273,8 @@ pub struct LocalEngine {
     uploading: Mutex<std::collections::HashSet<String>>,
     /// The off switch of each upload under way, by snapshot id: the backup's delete pulls it.
     stops: Mutex<std::collections::HashMap<String, crate::backup::upload::Stop>>,
+    /// Backups whose part this node dropped for their deletes, newest last.
+    forgotten: Mutex<std::collections::VecDeque<crate::storage::id::BackupId>>,
     /// Room promised to creates and expands of this process that passed their room check and
     /// have not recorded their new size yet, by pool: taken from the room every later check sees.
     /// One lock per pool, held while its room is read: a hung share stalls only its own pool.
@@ -352,6 +354,7 @@ impl LocalEngine {
             me: std::sync::OnceLock::new(),
             uploading: Mutex::new(std::collections::HashSet::new()),
             stops: Mutex::new(std::collections::HashMap::new()),
+            forgotten: Mutex::new(std::collections::VecDeque::new()),
         };
         engine.store = PoolStore::load(engine.pools.values())?;
         engine.thaw_left_frozen();

@@ -26,6 +26,9 @@ pub struct BackupRequest {
     pub keep_local: bool,
 }
 
+/// How many backups a node remembers having dropped for their deletes (ids of ~100 bytes).
+const FORGOTTEN_KEPT: usize = 1024;
+
 /// How long a backup's delete waits for the upload it called off to end.
 const STOP_WAIT: Duration = Duration::from_secs(5);
 
@@ -274,9 +277,10 @@ impl LocalEngine {
             };
             match self.upload_watching_marks(&mark.id, &meta, &data, base, &stop) {
                 // Called off by the mark: what it wrote goes as for an upload that finished.
-                Err(StorageError::Aborted(_)) if self.backups.is_marked_deleted(&mark.id)? => {
+                Err(StorageError::Aborted(_)) if stop.pulled_for_mark() => {
                     return self.drop_deleted(pool, &rec, &mark.id)
                 }
+                // Called off by a delete, which waits for the lock: let it go at once.
                 other => drop(other?),
             }
             // Deleted meanwhile by a controller that could not tell this node: it wrote its mark
@@ -334,19 +338,24 @@ impl LocalEngine {
     ) -> Result<backup::BackupInfo, StorageError> {
         let (ended, end) = std::sync::mpsc::channel::<()>();
         std::thread::scope(|s| {
-            s.spawn(move || {
-                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = end.recv_timeout(MARK_LOOK) {
-                    match self.backups.is_marked_deleted(id) {
-                        Ok(true) => {
-                            tracing::info!(backup = %id, "backup marked deleted while it uploads; calling the upload off");
-                            stop.pull();
-                            return;
+            let watcher = std::thread::Builder::new()
+                .name("cellar-upload-marks".into())
+                .spawn_scoped(s, move || {
+                    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = end.recv_timeout(MARK_LOOK) {
+                        match self.backups.is_marked_deleted(id) {
+                            Ok(true) => {
+                                tracing::info!(backup = %id, "backup marked deleted while it uploads; calling the upload off");
+                                stop.pull_for_mark();
+                                return;
+                            }
+                            Ok(false) => {}
+                            Err(e) => tracing::debug!(backup = %id, error = %e, "cannot look for a deletion mark now"),
                         }
-                        Ok(false) => {}
-                        Err(e) => tracing::debug!(backup = %id, error = %e, "cannot look for a deletion mark now"),
                     }
-                }
-            });
+                });
+            if let Err(e) = watcher {
+                tracing::warn!(backup = %id, error = %e, "cannot start the look for deletion marks; the upload looks once it ends");
+            }
             let done = backup::upload::upload(&self.backups, id, meta, data, base, stop);
             drop(ended);
             done
@@ -569,7 +578,12 @@ impl LocalEngine {
 
     /// [`Self::forget_local_backup`]; `stop_upload` false only takes the snapshot if it is free.
     fn forget_local(&self, id: &BackupId, stop_upload: bool) -> Result<bool, StorageError> {
-        if let Some(rec) = self.local_of_backup(id) {
+        // Only the owner of the pool holds a part: a node that opens a shared pool finds the
+        // records of the controller's snapshots there, but neither uploads nor removes them.
+        let local = self
+            .local_of_backup(id)
+            .filter(|r| self.locate(&r.id.0).is_some_and(|p| p.owner));
+        if let Some(rec) = local {
             let pool = self
                 .locate(&rec.id.0)
                 .ok_or_else(|| StorageError::SnapshotNotFound(rec.id.to_string()))?;
@@ -591,17 +605,33 @@ impl LocalEngine {
                 }
             };
             // The upload may have ended meanwhile and removed its copy itself.
-            if self.snapshot(&rec.id).is_none() {
+            if self.snapshot(&rec.id).is_some() {
+                self.remove_object(pool, Kind::Snapshot, &rec.id.0.key, &rec.id.to_string())?;
+            } else {
                 self.sweep_unrecorded_copies();
-                return Ok(true);
             }
-            self.remove_object(pool, Kind::Snapshot, &rec.id.0.key, &rec.id.to_string())?;
+            self.remember_forgotten(id);
             return Ok(true);
         }
         // The retry of a forget whose purge failed finds no record (only the backup id, not the
         // copy's key, names what it forgets).
         self.sweep_unrecorded_copies();
-        Ok(false)
+        // The retry of a delete that another node refused, or whose repository part failed:
+        // this node still held the part the first try removed.
+        Ok(lock(&self.forgotten).iter().any(|f| f == id))
+    }
+
+    /// Remembers that this node held backup `id` and dropped it, for the delete's retries (the
+    /// last [`FORGOTTEN_KEPT`]; a restart forgets them, and the controller then writes a
+    /// deletion mark no node consumes, which expires).
+    fn remember_forgotten(&self, id: &BackupId) {
+        let mut forgotten = lock(&self.forgotten);
+        if !forgotten.contains(id) {
+            if forgotten.len() >= FORGOTTEN_KEPT {
+                forgotten.pop_front();
+            }
+            forgotten.push_back(id.clone());
+        }
     }
 
     /// [`Self::purge_unrecorded_copies`] where it only tidies up: what it cannot remove (maybe
@@ -839,8 +869,17 @@ mod tests {
             matches!(ended, Err(StorageError::Aborted(_))),
             "the upload ends called off: {ended:?}"
         );
-        forgetting.join().unwrap().expect("the delete answers OK");
+        assert!(
+            forgetting.join().unwrap().expect("the delete answers OK"),
+            "the node says it held the backup"
+        );
         nothing_left_of(&engine, &rec, &backup);
+        // The delete's retry (another node refused the first) still hears that this node held
+        // it, so the controller writes no mark that nothing would consume; another backup was
+        // never held here.
+        assert!(engine.forget_local_backup(&backup).expect("retry"), "held, said again");
+        let other = BackupId::fresh(backup.repository().clone());
+        assert!(!engine.forget_local_backup(&other).expect("forget"), "never held");
         // What the upload thread does next: nothing left to upload.
         engine.upload_step(&rec.id).expect("nothing to do");
         assert_eq!(engine.backups().find_even_pending(&backup).unwrap(), None);
