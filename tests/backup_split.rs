@@ -518,6 +518,63 @@ async fn until_dropped_with_marks(c: &Cluster, shared: &Shared) {
     }
 }
 
+/// Over TLS, as the chart runs it: DeleteSnapshot of a backup node-1 still uploads (2 MiB at
+/// 4 KiB/s: minutes) answers OK at once; node-1 calls the upload off and answers that it held the
+/// backup, so the controller writes no deletion mark (one no node would ever consume), and
+/// nothing of the backup is left on the node or in the repository.
+#[tokio::test]
+async fn a_delete_calls_off_a_nodes_upload_and_leaves_no_mark() {
+    let shared = Shared::new();
+    let c = Cluster::start(Spec {
+        repositories: Some(shared.repositories()),
+        node_args: vec!["--backup-bandwidth".into(), "4K".into()],
+        ..Spec::nodes(vec![None])
+    })
+    .await;
+    let v = c
+        .ctl()
+        .await
+        .create_volume(common::create_req("pvc-slow", 16 * MIB))
+        .await
+        .expect("CreateVolume")
+        .into_inner()
+        .volume
+        .expect("volume");
+    let key = v.volume_id.rsplit(':').next().expect("key");
+    let data: Vec<u8> = (0..2u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(c.pool_dir(0).join("volumes").join(key).join("data"), data).expect("data");
+    let snap = c
+        .ctl()
+        .await
+        .create_snapshot(backup_req("snap-slow", &v.volume_id, false))
+        .await
+        .expect("CreateSnapshot")
+        .into_inner()
+        .snapshot
+        .expect("snapshot");
+    assert!(!snap.ready_to_use, "the upload runs");
+    c.ctl()
+        .await
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("DeleteSnapshot while the backup uploads: {e:?}\n{}", c.logs()));
+    assert!(
+        local_snapshots(&c, 0).iter().all(|e| e.starts_with('.')),
+        "node-1 keeps {:?}",
+        local_snapshots(&c, 0)
+    );
+    assert_eq!(
+        backups_and_marks(&shared),
+        (0, 0),
+        "no backup and no mark in the repository"
+    );
+}
+
 /// A backup deleted while the node holding part of it is down: an upload the node had not
 /// finished, and a copy it keeps locally. DeleteSnapshot answers OK (a backup outlives its
 /// node), and when the node is back it drops both instead of uploading the first again, which

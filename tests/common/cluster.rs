@@ -30,6 +30,8 @@ pub struct Spec {
     pub config: Option<String>,
     /// Flags the controller gets besides the usual ones.
     pub controller_args: Vec<String>,
+    /// Flags every node gets besides the usual ones.
+    pub node_args: Vec<String>,
     /// Run without TLS (`--insecure`) instead of with the chart's certificates.
     pub insecure: bool,
     /// A `repositories:` section (YAML, from that key on) added to every node's pools.yaml and
@@ -211,6 +213,7 @@ impl Cluster {
             args.extend(["--config".into(), cfg.display().to_string()]);
         }
         args.extend(self.tls_args("node"));
+        args.extend(self.spec.node_args.iter().cloned());
         self.nodes[i].1 = Some(self.spawn(&name, args, envs));
     }
 
