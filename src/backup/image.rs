@@ -111,7 +111,9 @@ pub struct Written {
 
 /// Writes the image at `data` as the single file `name` of a new tree into the repository and
 /// returns that tree. `repo` is the repository's index as it was before (what it holds is not
-/// written again); `be` and `key` write and seal the new files.
+/// written again); `be` and `key` write and seal the new files. Once `stop` is pulled it stops
+/// at the next chunk, also through chunks the repository holds (which write nothing, so the
+/// backend's refusal alone would not end it).
 pub fn write(
     repo: &Indexed,
     be: Arc<dyn WriteBackend>,
@@ -119,6 +121,7 @@ pub fn write(
     data: &Path,
     name: &str,
     parent: Option<&Parent>,
+    stop: &super::upload::Stop,
 ) -> Result<Written, RusticFailure> {
     let io = |what: &str, e: std::io::Error| RusticFailure::io(format!("{what} {}: {e}", data.display()));
     let file = File::open(data).map_err(|e| io("open", e))?;
@@ -149,6 +152,9 @@ pub fn write(
     let mut buf = vec![0u8; CHUNK as usize];
     let fed = (|| -> Result<(), RusticFailure> {
         for i in 0..chunks_of(length) {
+            if stop.pulled() {
+                return Err(RusticFailure::io("the upload was called off".to_string()));
+            }
             if let Some(b) = parent.and_then(|p| p.blob(i, length)) {
                 if repo.get_index_entry(b).is_ok() {
                     content.push(*b);
@@ -451,6 +457,29 @@ mod tests {
             Parent::changed_chunks(len, [(2 * CHUNK, CHUNK)]),
             vec![false, false, true, false, false]
         );
+    }
+
+    /// An upload called off stops at its next chunk, also where it would write nothing (here a
+    /// backend that refuses nothing: only the chunk loop's own look stops it).
+    #[test]
+    fn a_called_off_image_write_stops_at_its_next_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = crate::backup::testing::backups(dir.path());
+        let opened = b.open_or_init(&name, true).unwrap();
+        let key = opened.key();
+        let repo = opened.to_indexed().unwrap();
+        let image = dir.path().join("image");
+        std::fs::write(&image, vec![5u8; 4 * CHUNK as usize]).unwrap();
+        let be = b.write_backend(&name, None).unwrap();
+        let going = crate::backup::upload::Stop::default();
+        let whole = write(&repo, be.clone(), &key, &image, "image", None, &going);
+        assert!(whole.is_ok_and(|w| w.chunks == 4), "a write runs whole");
+        let stop = crate::backup::upload::Stop::default();
+        stop.pull();
+        let e = write(&repo, be, &key, &image, "image", None, &stop)
+            .err()
+            .expect("a called-off write stops");
+        assert!(e.text.contains("called off"), "{}", e.text);
     }
 
     #[test]

@@ -233,8 +233,16 @@ fn upload_image(
     let be = backups.write_backend(id.repository(), Some(stop))?;
     let name = meta.path.trim_start_matches('/');
     crash::point("backup:before-upload");
-    let written =
-        image::write(&repo, be.clone(), &key, data, name, parent.as_ref().map(|(_, p)| p)).map_err(|e| cfg.error(e))?;
+    let written = image::write(
+        &repo,
+        be.clone(),
+        &key,
+        data,
+        name,
+        parent.as_ref().map(|(_, p)| p),
+        stop,
+    )
+    .map_err(|e| cfg.error(e))?;
     snap.tree = written.tree;
     snap.paths = StringList::default();
     snap.paths.add(meta.path.clone());
