@@ -271,12 +271,7 @@ async fn a_tree_backup_is_restic_readable_restores_whole_elsewhere_and_is_forgot
 
     // ListSnapshots shows it; DeleteSnapshot forgets it in the repository; a prune keeps the
     // repository clean for restic.
-    let listed = d
-        .ctl
-        .list_snapshots(ListSnapshotsRequest::default())
-        .await
-        .expect("ListSnapshots")
-        .into_inner();
+    let listed = listed_snapshots(&mut d).await;
     assert!(listed.entries.iter().any(|e| e
         .snapshot
         .as_ref()
@@ -341,16 +336,7 @@ async fn image_volume(s: &Setup, name: &str) -> (TestFs, Driver, Volume) {
         fs.path("pool").display()
     );
     let mut d = s.driver(&pool).await;
-    let mut req = common::create_req(name, 64 * MIB);
-    req.parameters.insert("pool".into(), "img".into());
-    let v = d
-        .ctl
-        .create_volume(req)
-        .await
-        .expect("create")
-        .into_inner()
-        .volume
-        .expect("volume");
+    let v = d.create_in(name, "img").await;
     (fs, d, v)
 }
 
@@ -1148,19 +1134,7 @@ async fn deleting_a_backup_calls_its_upload_off() {
         })
         .await
         .expect("DeleteSnapshot answers OK while the backup uploads");
-    let listed = d
-        .ctl
-        .list_snapshots(ListSnapshotsRequest::default())
-        .await
-        .expect("ListSnapshots")
-        .into_inner();
-    assert!(
-        listed
-            .entries
-            .iter()
-            .all(|e| e.snapshot.as_ref().map(|s| &s.snapshot_id) != Some(&b.snapshot_id)),
-        "the deleted backup is not listed"
-    );
+    assert_not_listed(&mut d, &b.snapshot_id).await;
     assert!(
         snapshot_entries(&s.dir.path().join("pool")).is_empty(),
         "no local copy is left: {:?}",
@@ -1175,6 +1149,112 @@ async fn deleting_a_backup_calls_its_upload_off() {
     }
     s.restic_ok(&["check", "--read-data"]);
     d.delete(&v.volume_id).await.expect("DeleteVolume");
+}
+
+/// A shared volume's backup uploading in one controller replica, deleted through the other (a
+/// leader change while it uploads): the other replica cannot reach the upload's off switch, so
+/// it answers ABORTED and writes a deletion mark, which the uploading replica's upload sees within
+/// its look (30 s) and is called off by. The delete's retry then answers OK, and nothing stays: no
+/// local copy on the share, no backup, no mark, and a prune leaves a checked repository.
+#[tokio::test]
+async fn a_delete_through_another_replica_calls_the_upload_off() {
+    let s = Setup::new();
+    let share = s.dir.path().join("share");
+    std::fs::create_dir_all(&share).expect("share");
+    let pools = format!(
+        "  - name: default\n  - name: share\n    backend: shared\n    path: {}\n    layout: dir\n",
+        share.display()
+    );
+    let cfg_a = s.config(&pools, &s.repo(), &s.password_file());
+    let cfg_b = s.config(&pools, &s.repo(), &s.password_file());
+    let mut a = Driver::start_with(
+        &[
+            "--config",
+            cfg_a.to_str().expect("utf-8"),
+            "--node-id",
+            "node-a",
+            "--backup-bandwidth",
+            "4K",
+        ],
+        &[],
+    )
+    .await;
+    let mut b = Driver::start_with(
+        &["--config", cfg_b.to_str().expect("utf-8"), "--node-id", "node-b"],
+        &[],
+    )
+    .await;
+    let v = a.create_in("pvc-shared-slow", "share").await;
+    let (st, tg) = a.mount_rw(&v.volume_id, "slow").await;
+    // Data that does not compress: its upload runs over four minutes at 4 KiB/s.
+    std::fs::write(tg.join("data"), common::noise(1 << 20)).expect("write");
+    a.unmount_all(&v.volume_id, &st, &tg).await;
+    let snap = backup(&mut a, "shared-slow-backup", &v.volume_id, false)
+        .await
+        .expect("backup");
+    assert!(!snap.ready_to_use, "the upload runs");
+    let delete = || DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        ..Default::default()
+    };
+    let first = b
+        .ctl
+        .delete_snapshot(delete())
+        .await
+        .expect_err("the other replica's upload holds the snapshot");
+    assert_eq!(first.code(), tonic::Code::Aborted, "{first:?}");
+    assert!(first.message().contains("another controller replica"), "{first:?}");
+    // The CO retries; the upload sees the mark within its look and lets the snapshot go.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match b.ctl.delete_snapshot(delete()).await {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::Aborted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Err(e) => panic!("the delete's retry: {e:?} (the whole upload would take over four minutes)"),
+        }
+    }
+    for d in [&mut a, &mut b] {
+        assert_not_listed(d, &snap.snapshot_id).await;
+    }
+    assert!(
+        snapshot_entries(&share).is_empty(),
+        "no copy is left on the share: {:?}",
+        snapshot_entries(&share)
+    );
+    let left = s.restic_snapshots();
+    assert!(
+        left.is_empty(),
+        "no restic snapshot of it, nor a deletion mark: {left:?}"
+    );
+    for _ in 0..2 {
+        let out = cellar_backup(&cfg_b, &["prune", "--keep-delete-secs", "0"], &[]);
+        assert!(out.status.success(), "prune: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    s.restic_ok(&["check", "--read-data"]);
+    b.delete(&v.volume_id).await.expect("DeleteVolume");
+}
+
+/// ListSnapshots through `d`, whole.
+async fn listed_snapshots(d: &mut Driver) -> ListSnapshotsResponse {
+    d.ctl
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .expect("ListSnapshots")
+        .into_inner()
+}
+
+/// Asserts that ListSnapshots through `d` does not list snapshot `id` (deleted).
+async fn assert_not_listed(d: &mut Driver, id: &str) {
+    let listed = listed_snapshots(d).await;
+    assert!(
+        listed
+            .entries
+            .iter()
+            .all(|e| e.snapshot.as_ref().is_none_or(|s| s.snapshot_id != id)),
+        "the deleted snapshot {id} is not listed"
+    );
 }
 
 /// Repository `name` at `prefix` of the S3 test server, as a controller process is given it.

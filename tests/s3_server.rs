@@ -83,15 +83,7 @@ fn restic_backs_up_to_and_restores_from_the_s3_test_server() {
     std::fs::write(src.join("hello.txt"), b"hello from cellar\n").expect("write");
     std::fs::write(src.join("empty"), b"").expect("write");
     std::fs::write(src.join("nested/deeper/notes.txt"), "line\n".repeat(1000)).expect("write");
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let noise: Vec<u8> = (0..3 << 20)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let noise = common::noise(3 << 20);
     std::fs::write(src.join("nested/noise.bin"), &noise).expect("write");
 
     // Version 2 (compression) is what restic 0.14 makes by default and what rustic_core writes;

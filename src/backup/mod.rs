@@ -62,6 +62,27 @@ fn snapshots_after(repo: &Open, known: Vec<SnapshotFile>) -> rustic_core::Rustic
     }
 }
 
+/// Removes the snapshot files `ids`. One another process removed meanwhile (two forgets of one
+/// backup, a mark cleared by the node that consumed it and by the replica that wrote it) is
+/// gone as asked, not a failure.
+fn remove_snapshot_files(repo: &Open, ids: &[rustic_core::repofile::SnapshotId]) -> rustic_core::RusticResult<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    match repo.delete_snapshots(ids) {
+        Err(e) if is_not_found(&e) => {
+            for id in ids {
+                match repo.delete_snapshots(std::slice::from_ref(id)) {
+                    Err(e) if !is_not_found(&e) => return Err(e),
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+        done => done,
+    }
+}
+
 /// Whether a failure's cause is a file that is not there (local directory or S3).
 fn is_not_found(e: &RusticError) -> bool {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -945,10 +966,7 @@ impl Backups {
             })
             .map(|s| s.id)
             .collect();
-        if !ids.is_empty() {
-            repo.delete_snapshots(&ids).map_err(|e| cfg.error(e))?;
-        }
-        Ok(())
+        remove_snapshot_files(&repo, &ids).map_err(|e| cfg.error(e))
     }
 
     /// Forgets a backup: removes every restic snapshot carrying its key. Its data stays until a
@@ -965,7 +983,7 @@ impl Backups {
             .map(|s| s.id)
             .collect();
         if !ids.is_empty() {
-            repo.delete_snapshots(&ids).map_err(|e| cfg.error(e))?;
+            remove_snapshot_files(&repo, &ids).map_err(|e| cfg.error(e))?;
             tracing::info!(backup = %id, snapshots = ids.len(), "backup forgotten; its data goes at the next prune");
         }
         Ok(())
@@ -1517,6 +1535,32 @@ mod tests {
         b.clear_deleted_marks(Some(&gone), &name).unwrap();
         assert!(b.find(&gone).unwrap().is_none());
         assert_eq!(b.list(&name).unwrap().len(), 1);
+    }
+
+    /// Two processes removing one snapshot file (a mark cleared by the uploader that consumed it
+    /// and by the controller replica that wrote it, found by the racing backup run): the one
+    /// that comes second finds it gone as asked, and still removes the others it names.
+    #[test]
+    fn a_snapshot_file_another_process_removed_is_gone_as_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = testing::backups(dir.path());
+        b.open_or_init(&name, true).unwrap();
+        let repo = b.open(&name).unwrap();
+        let file = |d: &str| SnapshotFile {
+            description: Some(d.into()),
+            ..Default::default()
+        };
+        repo.save_snapshots(vec![file("first"), file("second")]).unwrap();
+        let ids: Vec<SnapshotId> = repo.list().unwrap().collect();
+        assert_eq!(ids.len(), 2);
+        repo.delete_snapshots(&ids[..1]).unwrap();
+        remove_snapshot_files(&repo, &ids).expect("one already gone is no failure");
+        assert_eq!(
+            repo.list::<SnapshotId>().unwrap().count(),
+            0,
+            "the other is removed too"
+        );
+        remove_snapshot_files(&repo, &ids).expect("all gone already");
     }
 
     /// A listing reads only the snapshot files an earlier one did not (they never change), and

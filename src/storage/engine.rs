@@ -275,6 +275,9 @@ pub struct LocalEngine {
     stops: Mutex<std::collections::HashMap<String, crate::backup::upload::Stop>>,
     /// Backups whose part this node dropped for their deletes, newest last.
     forgotten: Mutex<std::collections::VecDeque<crate::storage::id::BackupId>>,
+    /// Backups this process marked deleted to call off an upload another controller replica
+    /// runs, newest last: the mark goes once the snapshot has.
+    marked_for_others: Mutex<std::collections::VecDeque<crate::storage::id::BackupId>>,
     /// Room promised to creates and expands of this process that passed their room check and
     /// have not recorded their new size yet, by pool: taken from the room every later check sees.
     /// One lock per pool, held while its room is read: a hung share stalls only its own pool.
@@ -355,6 +358,7 @@ impl LocalEngine {
             uploading: Mutex::new(std::collections::HashSet::new()),
             stops: Mutex::new(std::collections::HashMap::new()),
             forgotten: Mutex::new(std::collections::VecDeque::new()),
+            marked_for_others: Mutex::new(std::collections::VecDeque::new()),
         };
         engine.store = PoolStore::load(engine.pools.values())?;
         engine.thaw_left_frozen();
@@ -445,10 +449,9 @@ impl LocalEngine {
     /// call of this process has it, or, in a shared pool, while another process (a second
     /// controller replica) has it, through the object's lock file on the share.
     fn take(&self, kind: Kind, pool: &PoolName, key: &Key, shown: &str) -> Result<Held, StorageError> {
-        let k = format!("{:?}/{}/{}", kind, pool.as_str(), key.as_str());
         let held = self
             .in_flight
-            .try_take(k)
+            .try_take(flight_key(kind, pool, key))
             .ok_or_else(|| StorageError::Busy(shown.to_string()))?;
         match self.pools.get(pool).filter(|p| p.shared()) {
             None => Ok(held),
@@ -457,6 +460,12 @@ impl LocalEngine {
                 None => Err(StorageError::Busy(format!("{shown} (by another controller replica)"))),
             },
         }
+    }
+
+    /// Whether an operation of this process holds the object (not another process sharing its
+    /// pool).
+    fn taken_here(&self, kind: Kind, pool: &PoolName, key: &Key) -> bool {
+        self.in_flight.holds(&flight_key(kind, pool, key))
     }
 
     fn volume_id(&self, pool: &PoolName, key: &Key) -> VolumeId {
@@ -615,6 +624,11 @@ impl LocalEngine {
     pub fn default_pool(&self) -> &PoolName {
         &self.default_pool
     }
+}
+
+/// The in-process lock key of an object.
+fn flight_key(kind: Kind, pool: &PoolName, key: &Key) -> String {
+    format!("{:?}/{}/{}", kind, pool.as_str(), key.as_str())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -32,6 +32,11 @@ impl Held {
 }
 
 impl InFlight {
+    /// Whether an operation of this process holds `key` now.
+    pub fn holds(&self, key: &str) -> bool {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).contains(key)
+    }
+
     /// Takes `key`, or `None` when another operation holds it.
     pub fn try_take(&self, key: String) -> Option<Held> {
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());

@@ -299,6 +299,19 @@ pub fn from_volume(id: &str) -> volume_content_source::Type {
     })
 }
 
+/// `bytes` of data that does not compress (xorshift, the same every call).
+pub fn noise(bytes: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..bytes)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 pub fn create_req(name: &str, bytes: i64) -> CreateVolumeRequest {
     CreateVolumeRequest {
         name: name.to_string(),
@@ -321,8 +334,19 @@ pub fn code<T>(r: Result<tonic::Response<T>, tonic::Status>) -> tonic::Code {
 
 impl Driver {
     pub async fn create(&mut self, name: &str) -> Volume {
+        self.create_with(create_req(name, 64 * MIB)).await
+    }
+
+    /// A 64 MiB volume in pool `pool`.
+    pub async fn create_in(&mut self, name: &str, pool: &str) -> Volume {
+        let mut req = create_req(name, 64 * MIB);
+        req.parameters.insert("pool".into(), pool.into());
+        self.create_with(req).await
+    }
+
+    async fn create_with(&mut self, req: CreateVolumeRequest) -> Volume {
         self.ctl
-            .create_volume(create_req(name, 64 * MIB))
+            .create_volume(req)
             .await
             .expect("CreateVolume")
             .into_inner()

@@ -598,6 +598,16 @@ impl LocalEngine {
                                 s.pull();
                                 std::thread::sleep(Duration::from_millis(20));
                             }
+                            // Another controller replica holds it (a shared volume's upload it
+                            // resumed, or cut before this one took over): told by a deletion
+                            // mark, which its upload looks for while it runs.
+                            None if stop_upload
+                                && pool.shared()
+                                && !self.taken_here(Kind::Snapshot, &rec.id.0.pool, &rec.id.0.key) =>
+                            {
+                                self.mark_for_other_replica(id)?;
+                                return Err(busy);
+                            }
                             _ => return Err(busy),
                         }
                     }
@@ -611,14 +621,49 @@ impl LocalEngine {
                 self.sweep_unrecorded_copies();
             }
             self.remember_forgotten(id);
+            self.clear_mark_for_other_replica(id)?;
             return Ok(true);
         }
         // The retry of a forget whose purge failed finds no record (only the backup id, not the
         // copy's key, names what it forgets).
         self.sweep_unrecorded_copies();
+        // Another replica's upload this process marked off has ended, called off or not.
+        self.clear_mark_for_other_replica(id)?;
         // The retry of a delete that another node refused, or whose repository part failed:
         // this node still held the part the first try removed.
         Ok(lock(&self.forgotten).iter().any(|f| f == id))
+    }
+
+    /// Marks backup `id` deleted (once) so that the other controller replica holding its
+    /// snapshot calls its upload off within [`MARK_LOOK`], as a node the controller could not
+    /// tell does; the delete answers Busy until that replica has let the snapshot go. Counted
+    /// as held by this process: once the snapshot is gone, no other mark is needed.
+    fn mark_for_other_replica(&self, id: &BackupId) -> Result<(), StorageError> {
+        if lock(&self.marked_for_others).contains(id) {
+            return Ok(());
+        }
+        self.backups.mark_deleted(id)?;
+        tracing::info!(backup = %id, "its snapshot is held by another controller replica; deletion mark written to call its upload off");
+        let mut marked = lock(&self.marked_for_others);
+        if marked.len() >= FORGOTTEN_KEPT {
+            marked.pop_front();
+        }
+        marked.push_back(id.clone());
+        drop(marked);
+        self.remember_forgotten(id);
+        Ok(())
+    }
+
+    /// Removes the deletion mark [`Self::mark_for_other_replica`] wrote, now that the snapshot
+    /// has gone (the other replica removes it too when its upload was called off by it; an
+    /// upload that ended first never saw it). A restart between leaves the mark to expire.
+    fn clear_mark_for_other_replica(&self, id: &BackupId) -> Result<(), StorageError> {
+        if !lock(&self.marked_for_others).contains(id) {
+            return Ok(());
+        }
+        self.backups.clear_deleted_marks(Some(id), id.repository())?;
+        lock(&self.marked_for_others).retain(|m| m != id);
+        Ok(())
     }
 
     /// Remembers that this node held backup `id` and dropped it, for the delete's retries (the

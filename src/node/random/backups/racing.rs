@@ -142,9 +142,12 @@ fn prune_keeping(p: &Proc) -> Result<(), tonic::Status> {
         .map_err(tonic::Status::from)
 }
 
-/// The controller's DeleteSnapshot of a backup: every process told forgets its part (a node
-/// uploading it calls the upload off, or answers ABORTED if it does not end in time, and the CO
-/// sends the delete again), then the repository's part.
+/// The controller's DeleteSnapshot of a backup through controller replica `replica`: every node
+/// told and that replica (for the shared pool) forget their part (a node uploading it calls the
+/// upload off, or answers ABORTED if it does not end in time, and the CO sends the delete again),
+/// then the repository's part. The other replica is not asked, as the controller's directory
+/// does not hold it: an upload it runs is called off by the deletion mark the replica asked
+/// writes.
 fn forget_everywhere(c: &Cluster, id: &BackupId, away: Option<usize>, replica: usize) -> Result<(), tonic::Status> {
     // All at once, as the controller asks its agents: the one uploading it calls the upload off
     // while another process that finds the snapshot taken retries.
@@ -153,7 +156,7 @@ fn forget_everywhere(c: &Cluster, id: &BackupId, away: Option<usize>, replica: u
             .procs
             .iter()
             .enumerate()
-            .filter(|(at, _)| Some(*at) != away)
+            .filter(|(at, _)| Some(*at) != away && (*at < NODES || *at == replica))
             .map(|(_, p)| s.spawn(|| sidecar(|| p.engine.forget_local_backup(id).map_err(tonic::Status::from))))
             .collect();
         asked.into_iter().map(|t| t.join().expect("a forget thread")).collect()
@@ -192,6 +195,17 @@ fn gone(c: &Cluster, m: &mut Model, rng: &mut Rng, name: &str, b: &Bk, away: Opt
             .is_none(),
         "{name} is in the repository once forgotten"
     );
+    if away.is_none() {
+        // Every holder was told: no deletion mark stays for nobody to consume.
+        assert!(
+            !c.procs[at]
+                .engine
+                .backups()
+                .is_marked_deleted(&id)
+                .expect("the repository answers"),
+            "{name}: a deletion mark stays once forgotten with every node told"
+        );
+    }
     m.backups.remove(name);
     let snap = snap_of(b);
     for (i, p) in c.procs.iter().enumerate() {
@@ -411,7 +425,14 @@ fn upload_and_forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Ve
             let done = AtomicBool::new(false);
             std::thread::scope(|s| {
                 s.spawn(|| {
-                    while !c.procs[at].engine.upload_called_off(&snap) && !done.load(Ordering::SeqCst) {
+                    // Another replica's delete calls the upload off through a deletion mark,
+                    // which an upload past its last look (at `backup:before-mark`) never sees.
+                    let marked = || {
+                        at >= NODES
+                            && at != replica
+                            && c.procs[at].engine.backups().is_marked_deleted(&id).unwrap_or(false)
+                    };
+                    while !c.procs[at].engine.upload_called_off(&snap) && !done.load(Ordering::SeqCst) && !marked() {
                         std::thread::sleep(Duration::from_millis(2));
                     }
                     pause.release();
