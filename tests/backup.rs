@@ -1272,6 +1272,26 @@ fn s3_repository(s3: &common::s3::S3Server, s: &Setup, name: &PoolName, prefix: 
     }
 }
 
+/// A pack left in an S3 repository that has no index yet (an upload killed, or called off, before
+/// any upload into it wrote one): rustic's prune does nothing without an index, so the prune
+/// removes such packs itself once older than keep-delete, by the time the S3 listing carries.
+#[test]
+fn a_pack_left_in_an_s3_repository_without_an_index_is_pruned() {
+    let s3 = common::s3::S3Server::start();
+    let s = Setup::new();
+    let name = PoolName::parse("offsite").expect("name");
+    let b = Backups::new(vec![s3_repository(&s3, &s, &name, "orphans")], Throttle::unlimited());
+    b.open_or_init(&name, true).expect("init");
+    let bucket = s3.bucket_dir().join("orphans").join("data").join("ab");
+    std::fs::create_dir_all(&bucket).expect("pack directory");
+    let pack = bucket.join(format!("ab{}", "0".repeat(62)));
+    std::fs::write(&pack, vec![1u8; 4096]).expect("pack");
+    b.prune(&name, Duration::from_secs(3600)).expect("prune");
+    assert!(pack.exists(), "a young pack stays (an upload may be writing its index)");
+    b.prune(&name, Duration::ZERO).expect("prune");
+    assert!(!pack.exists(), "a pack no index names goes: {}", s3.log());
+}
+
 /// Two controller processes initialising one new S3 repository at the same instant (a snapshotter
 /// leader change during the first backup): S3 has no lock file, so each writes a claim under
 /// `cellar-init/` and goes on only when it sees no other. At most one initialises; the other opens

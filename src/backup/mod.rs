@@ -1104,9 +1104,12 @@ impl Backups {
             }
             tries += 1;
         }
-        if let Location::Path(root) = &cfg.location {
-            remove_stale_temps(root, keep_delete);
-            remove_orphan_packs(root, keep_delete);
+        match &cfg.location {
+            Location::Path(root) => {
+                remove_stale_temps(root, keep_delete);
+                remove_orphan_packs(root, keep_delete);
+            }
+            Location::S3(s3) => remove_orphan_s3_packs(cfg, s3, keep_delete),
         }
         tracing::info!(
             repository = name.as_str(),
@@ -1162,8 +1165,8 @@ impl Backups {
 /// marks the packs no index names: the packs of uploads killed or called off before any upload
 /// into it wrote its index would stay for good. With no index nothing can use them, so those
 /// older than `keep_delete` (an upload under way writes its index within that time, as the
-/// two-phase prune already asks) go here. A `path` repository only (file times); on S3 they wait
-/// for the first index, after which rustic's prune removes them.
+/// two-phase prune already asks) go here. A `path` repository by its file times; S3 in
+/// [`remove_orphan_s3_packs`].
 fn remove_orphan_packs(root: &Path, keep_delete: std::time::Duration) {
     let has_index = std::fs::read_dir(root.join("index")).is_ok_and(|mut d| d.next().is_some());
     if has_index {
@@ -1191,6 +1194,59 @@ fn remove_orphan_packs(root: &Path, keep_delete: std::time::Duration) {
                     tracing::info!(pack = %e.path().display(), "removed a pack no index names, in a repository without one")
                 }
                 Err(err) => tracing::warn!(pack = %e.path().display(), error = %err, "cannot remove an orphan pack"),
+            }
+        }
+    }
+}
+
+/// [`remove_orphan_packs`] of an S3 repository, by the times its listing carries (an object
+/// listed without one is asked for it). What cannot be listed or removed is logged and left to
+/// the next prune.
+fn remove_orphan_s3_packs(cfg: &RepositoryConfig, s3: &S3, keep_delete: std::time::Duration) {
+    let name = cfg.name.as_str();
+    let op = match s3_operator(cfg, s3) {
+        Ok(op) => op,
+        Err(e) => return tracing::warn!(repository = name, error = %e, "cannot look for orphan packs"),
+    };
+    let files = |dir: &str| {
+        let all = opendal::options::ListOptions {
+            recursive: true,
+            ..Default::default()
+        };
+        op.list_options(dir, all)
+            .map(|l| l.into_iter().filter(|e| e.metadata().is_file()).collect::<Vec<_>>())
+    };
+    match files("index/") {
+        Ok(index) if index.is_empty() => {}
+        Ok(_) => return,
+        Err(e) => return tracing::warn!(repository = name, error = %e, "cannot look for orphan packs"),
+    }
+    let packs = match files("data/") {
+        Ok(p) => p,
+        Err(e) => return tracing::warn!(repository = name, error = %e, "cannot look for orphan packs"),
+    };
+    for e in packs {
+        let written = e
+            .metadata()
+            .last_modified()
+            .or_else(|| op.stat(e.path()).ok().and_then(|m| m.last_modified()));
+        let old = written
+            .map(std::time::SystemTime::from)
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= keep_delete);
+        if !old {
+            continue;
+        }
+        match op.delete(e.path()) {
+            Ok(()) => {
+                tracing::info!(
+                    repository = name,
+                    pack = e.path(),
+                    "removed a pack no index names, in a repository without one"
+                )
+            }
+            Err(err) => {
+                tracing::warn!(repository = name, pack = e.path(), error = %err, "cannot remove an orphan pack")
             }
         }
     }
@@ -1271,17 +1327,37 @@ struct S3InitClaim {
 /// than an initialisation takes (a few small objects).
 const S3_CLAIM_STALE: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// The runtime opendal's blocking operator of the init claim runs on (as rustic's own backend does).
-fn s3_claim_runtime() -> &'static tokio::runtime::Runtime {
+/// The runtime opendal's blocking operators of cellar's own S3 reads run on (as rustic's own backend does).
+fn s3_runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     RUNTIME.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
-            .thread_name("cellar-s3-claim")
+            .thread_name("cellar-s3")
             .enable_all()
             .build()
-            .expect("a runtime for the S3 init claim")
+            .expect("a runtime for cellar's S3 reads")
     })
+}
+
+/// An S3 repository's objects, as cellar reads them itself (its init claim, orphan packs),
+/// below the repository's prefix.
+fn s3_operator(cfg: &RepositoryConfig, s3: &S3) -> Result<opendal::blocking::Operator, StorageError> {
+    let options = cfg.s3_options(s3)?;
+    let _in = s3_runtime().enter();
+    opendal::Operator::via_iter("s3", options)
+        .and_then(|op| {
+            // A store's passing failure (500, 503) is tried again, as rustic's backend does.
+            let op = op.layer(opendal::layers::RetryLayer::new().with_max_times(2).with_jitter());
+            opendal::blocking::Operator::new(op)
+        })
+        .map_err(|e| {
+            StorageError::Unavailable(format!(
+                "backup repository '{}' ({}) cannot be reached: {e}",
+                cfg.name.as_str(),
+                cfg.describe()
+            ))
+        })
 }
 
 impl S3InitClaim {
@@ -1295,14 +1371,7 @@ impl S3InitClaim {
                 cfg.describe()
             ))
         };
-        let op = {
-            let _in = s3_claim_runtime().enter();
-            let op = opendal::Operator::via_iter("s3", cfg.s3_options(s3)?)
-                .map_err(|e| unreachable("making", e))?
-                // A store's passing failure (500, 503) is tried again, as rustic's backend does.
-                .layer(opendal::layers::RetryLayer::new().with_max_times(2).with_jitter());
-            opendal::blocking::Operator::new(op).map_err(|e| unreachable("making", e))?
-        };
+        let op = s3_operator(cfg, s3)?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
