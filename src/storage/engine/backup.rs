@@ -246,6 +246,14 @@ impl LocalEngine {
         }
         if !mark.uploaded {
             let data = pool.data_path(Kind::Snapshot, key);
+            // A delete moved the data out and has not removed the record yet (it died or failed
+            // between; its retry removes both): nothing is left to upload, and the thread ends
+            // as when called off, rather than failing on the missing copy until the retry.
+            if matches!(pool.sys.files.entry(&data)?, crate::sys::files::Entry::Missing) {
+                return Err(StorageError::Aborted(format!(
+                    "snapshot {id} is being deleted: its data has left its place"
+                )));
+            }
             let (path, root) = match rec.layout {
                 Layout::Image => (format!("/{}", key.as_str()), None),
                 _ => (
@@ -799,6 +807,33 @@ mod tests {
         assert!(
             !engine.backups().is_marked_deleted(&backup).unwrap(),
             "the mark is consumed"
+        );
+    }
+
+    /// A delete that died after it moved the snapshot's data out, before its record went (a
+    /// controller replica killed mid-delete, found by the racing backup run): the upload thread
+    /// ends at once instead of failing INTERNAL on the missing copy until the delete's retry, and
+    /// that retry removes the snapshot.
+    #[test]
+    fn an_upload_of_a_snapshot_whose_delete_died_midway_ends() {
+        use crate::crash::in_thread;
+        let (_dir, engine, rec, backup) = cut_backup(false);
+        in_thread::crash_at(Some("delete:after-trash"));
+        let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.forget_local_backup(&backup)));
+        in_thread::crash_at(None);
+        assert!(died.is_err(), "the delete died after the data left its place");
+        assert!(engine.snapshot(&rec.id).is_some(), "its record is still there");
+        let ended = engine.upload_step(&rec.id);
+        assert!(
+            matches!(ended, Err(StorageError::Aborted(ref m)) if m.contains("being deleted")),
+            "{ended:?}"
+        );
+        assert!(engine.forget_local_backup(&backup).expect("the delete's retry"));
+        assert!(engine.snapshot(&rec.id).is_none(), "the retry removes it");
+        engine.upload_step(&rec.id).expect("nothing is left to upload");
+        assert!(
+            engine.backups().find(&backup).unwrap().is_none(),
+            "nothing was uploaded"
         );
     }
 

@@ -2,10 +2,11 @@
 //! calls on one backup, or on the repository, at the same moment from two threads, as a node's
 //! upload thread, the controller's pruner and the CO's DeleteSnapshot or CreateVolume meet in a
 //! cluster. No failure is armed; in half the races of an upload with a prune or another upload,
-//! the upload's process dies at one of its crash points and starts again. The prune racing a call
-//! keeps marked packs (`--backup-keep-delete` longer than any upload, as docs/backups.md asks); a
-//! prune that removes them at once follows every race an upload was in, and every live backup must
-//! then restore its data.
+//! the upload's process dies at one of its crash points and starts again, and so does a restore's
+//! in half the races of a restore (through a process the other side does not use). The prune
+//! racing a call keeps marked packs (`--backup-keep-delete` longer than any upload, as
+//! docs/backups.md asks); a prune that removes them at once follows every race an upload was in,
+//! and every live backup must then restore its data.
 //!
 //! The answers must be those of some serial order of the two calls: an upload racing its forget
 //! leaves the backup forgotten (never back in the repository, never a local copy but one a node
@@ -40,12 +41,27 @@ const UPLOAD_STEPS: [&str; 4] = [
     "backup:before-mark",
 ];
 
+/// The crash points a restore may pass, in its order (from the repository: the stream, its
+/// rename, the record; from a kept copy: its copy's rename, the record).
+const RESTORE_STEPS: [&str; 5] = [
+    "import:mid-stream",
+    "import:before-rename",
+    "copy:before-rename",
+    "image:before-rename",
+    "create-volume:before-record",
+];
+
 /// Where an upload's process may die mid-race: half the time, one of the upload's crash points.
 /// Never chosen (`None`) when the upload runs on a process the other side of the race uses
 /// (`others`): a process that died answers nothing more, while this one would go on answering.
 fn crash_unless(rng: &mut Rng, at: usize, others: &[usize]) -> Option<&'static str> {
+    crash_at_step(rng, &UPLOAD_STEPS, at, others)
+}
+
+/// [`crash_unless`] at one of `steps`.
+fn crash_at_step(rng: &mut Rng, steps: &[&'static str], at: usize, others: &[usize]) -> Option<&'static str> {
     rng.chance(50)
-        .then(|| *rng.pick(&UPLOAD_STEPS))
+        .then(|| *rng.pick(steps))
         .filter(|_| !others.contains(&at))
 }
 
@@ -149,24 +165,50 @@ fn prune_keeping(p: &Proc) -> Result<(), tonic::Status> {
 /// does not hold it: an upload it runs is called off by the deletion mark the replica asked
 /// writes.
 fn forget_everywhere(c: &Cluster, id: &BackupId, away: Option<usize>, replica: usize) -> Result<(), tonic::Status> {
+    forget_dying(c, id, away, replica, None).unwrap_or_else(|point| unreachable!("no crash was armed, yet {point}"))
+}
+
+/// [`forget_everywhere`], with the replica's process dying at `crash` (Err names the point; the
+/// CO sends the delete again once it is back).
+fn forget_dying(
+    c: &Cluster,
+    id: &BackupId,
+    away: Option<usize>,
+    replica: usize,
+    crash: Option<&'static str>,
+) -> Result<Result<(), tonic::Status>, String> {
     // All at once, as the controller asks its agents: the one uploading it calls the upload off
     // while another process that finds the snapshot taken retries.
-    let told: Vec<Result<bool, tonic::Status>> = std::thread::scope(|s| {
+    let told: Vec<Result<Result<bool, tonic::Status>, String>> = std::thread::scope(|s| {
         let asked: Vec<_> = c
             .procs
             .iter()
             .enumerate()
             .filter(|(at, _)| Some(*at) != away && (*at < NODES || *at == replica))
-            .map(|(_, p)| s.spawn(|| sidecar(|| p.engine.forget_local_backup(id).map_err(tonic::Status::from))))
+            .map(|(at, p)| {
+                s.spawn(move || {
+                    let ask = || sidecar(|| p.engine.forget_local_backup(id).map_err(tonic::Status::from));
+                    match at == replica {
+                        true => crashing(crash, ask),
+                        false => Ok(ask()),
+                    }
+                })
+            })
             .collect();
         asked.into_iter().map(|t| t.join().expect("a forget thread")).collect()
     });
-    let held = told.into_iter().collect::<Result<Vec<bool>, _>>()?.contains(&true);
+    let mut held = false;
+    for answer in told {
+        match answer? {
+            Ok(had) => held |= had,
+            Err(e) => return Ok(Err(e)),
+        }
+    }
     let p = &c.procs[replica];
-    retrying(
+    Ok(retrying(
         || forget_stored(p, id, away.is_some(), held).map_err(tonic::Status::from),
         |code| code == Code::Unavailable,
-    )
+    ))
 }
 
 /// The repository holds an uploaded backup, naming its source.
@@ -254,7 +296,15 @@ fn restore_and_prune(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Ve
         r.shown(c),
         c.procs[replica].label
     ));
-    let (made, pruned) = together(us, || r.call(c), || prune_keeping(&c.procs[replica]));
+    // Half the time the restore's process dies at one of its steps; the provisioner's retry
+    // after its start must make the whole volume.
+    let crash = crash_at_step(rng, &RESTORE_STEPS, r.at, &[replica]);
+    let (made, pruned) = together(
+        us,
+        || crashing(crash, || r.call(c)),
+        || prune_keeping(&c.procs[replica]),
+    );
+    let made = started_again(c, log, r.at, crash, made, |c| r.call(c));
     log.push(format!("    {}, {:?}", brief(&made), pruned.as_ref().err()));
     let rec = made.unwrap_or_else(|e| panic!("a restore of {} racing a prune: {e}", r.name));
     pruned.unwrap_or_else(|e| panic!("a prune racing a restore of {}: {e}", r.name));
@@ -417,8 +467,11 @@ fn upload_and_forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Ve
         ended.store(true, Ordering::SeqCst);
         r
     };
+    // Half the time the replica the delete goes through dies while it removes a shared
+    // snapshot (unless it is the uploader); the CO sends the delete again once it is back.
+    let forget_crash = crash_at_step(rng, &["delete:after-trash"], replica, &[at]);
     let forget = || match held_at {
-        None => forget_everywhere(c, &id, away, replica),
+        None => forget_dying(c, &id, away, replica, forget_crash),
         Some(_) => {
             // An upload with nothing left to do never comes to the step: then no wait.
             while !pause.reached(Duration::from_millis(10)) && !ended.load(Ordering::SeqCst) {}
@@ -437,7 +490,7 @@ fn upload_and_forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Ve
                     }
                     pause.release();
                 });
-                let r = forget_everywhere(c, &id, away, replica);
+                let r = forget_dying(c, &id, away, replica, forget_crash);
                 done.store(true, Ordering::SeqCst);
                 r
             })
@@ -450,6 +503,9 @@ fn upload_and_forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Ve
             (u, f)
         }
     };
+    let forgot = started_again(c, log, replica, forget_crash, forgot, |c| {
+        forget_everywhere(c, &id, away, replica)
+    });
     log.push(format!("    {:?}, {:?}", up.as_ref().err(), forgot.as_ref().err()));
     up.unwrap_or_else(|e| panic!("the upload of {name} racing its forget: {e}"));
     forgot.unwrap_or_else(|e| panic!("the forget of {name} racing its upload: {e}"));
@@ -468,7 +524,15 @@ fn restore_and_forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut V
         c.procs[replica].label
     ));
     let id = backup_id(&r.b);
-    let (made, forgot) = together(us, || r.call(c), || forget_everywhere(c, &id, None, replica));
+    // The forget asks every node, so only a restore through the other replica may die.
+    let nodes: Vec<usize> = (0..NODES).chain([replica]).collect();
+    let crash = crash_at_step(rng, &RESTORE_STEPS, r.at, &nodes);
+    let (made, forgot) = together(
+        us,
+        || crashing(crash, || r.call(c)),
+        || forget_everywhere(c, &id, None, replica),
+    );
+    let made = started_again(c, log, r.at, crash, made, |c| r.call(c));
     log.push(format!("    {}, {:?}", brief(&made), forgot.as_ref().err()));
     forgot.unwrap_or_else(|e| panic!("the forget of {} racing a restore: {e}", r.name));
     match made {
