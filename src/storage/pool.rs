@@ -350,17 +350,26 @@ impl Pool {
     /// earlier release's `<key>-<uuid>` is not matched (key `volumes-a` would take volume `a`'s
     /// entry): the purge at the pool's next open, or a shared pool's background purge, takes it.
     pub fn purge_trash_of(&self, kind: Kind, key: &Key) -> Result<(), StorageError> {
-        let stem = format!("{}-{}", kind.dir(), key.as_str());
-        for (p, name) in self.trash_entries()? {
-            let ours = name
-                .strip_prefix(stem.as_str())
-                .and_then(|rest| rest.strip_prefix('-'))
-                .is_some_and(is_tag);
-            if ours {
-                super::layout::purge(&self.sys, &p)?;
-            }
+        for p in self.trash_of(kind, key)? {
+            super::layout::purge(&self.sys, &p)?;
         }
         Ok(())
+    }
+
+    /// What deletes of this object moved into the trash (`<kind>-<key>-<32 hex digits>`).
+    pub fn trash_of(&self, kind: Kind, key: &Key) -> Result<Vec<PathBuf>, StorageError> {
+        let stem = format!("{}-{}", kind.dir(), key.as_str());
+        let ours = |name: &str| {
+            name.strip_prefix(stem.as_str())
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(is_tag)
+        };
+        Ok(self
+            .trash_entries()?
+            .into_iter()
+            .filter(|(_, name)| ours(name))
+            .map(|(p, _)| p)
+            .collect())
     }
 
     /// Removes the half-built copies in `.work` a crash left. In a shared pool another controller

@@ -246,10 +246,13 @@ impl LocalEngine {
         }
         if !mark.uploaded {
             let data = pool.data_path(Kind::Snapshot, key);
-            // A delete moved the data out and has not removed the record yet (it died or failed
-            // between; its retry removes both): nothing is left to upload, and the thread ends
-            // as when called off, rather than failing on the missing copy until the retry.
-            if matches!(pool.sys.files.entry(&data)?, crate::sys::files::Entry::Missing) {
+            // A delete moved the data into the trash and has not removed the record yet (it
+            // died or failed between; its retry removes both): nothing is left to upload, and
+            // the thread ends as when called off, rather than failing on the missing copy until
+            // the retry. Only then: data missing for any other reason is an error, retried.
+            if matches!(pool.sys.files.entry(&data)?, crate::sys::files::Entry::Missing)
+                && !pool.trash_of(Kind::Snapshot, key)?.is_empty()
+            {
                 return Err(StorageError::Aborted(format!(
                     "snapshot {id} is being deleted: its data has left its place"
                 )));
