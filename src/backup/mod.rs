@@ -77,7 +77,13 @@ fn remove_snapshot_files(repo: &Open, ids: &[rustic_core::repofile::SnapshotId])
                     _ => {}
                 }
             }
-            Ok(())
+            // Gone as asked only if the listing agrees (a share unmounted meanwhile finds every
+            // file missing while they stay on the share).
+            let left: Vec<rustic_core::repofile::SnapshotId> = repo.list()?.collect();
+            match ids.iter().any(|id| left.contains(id)) {
+                true => Err(e),
+                false => Ok(()),
+            }
         }
         done => done,
     }
@@ -1163,13 +1169,16 @@ impl Backups {
 /// it, as for marked packs) and goes.
 /// rustic's prune stops early ("nothing to do") in a repository without an index file, before it
 /// marks the packs no index names: the packs of uploads killed or called off before any upload
-/// into it wrote its index would stay for good. With no index nothing can use them, so those
-/// older than `keep_delete` (an upload under way writes its index within that time, as the
+/// into it wrote its index would stay for good. With no index (and no snapshot file, so that a
+/// repository that lost its index files keeps its data for a repair) nothing can use them, so
+/// those older than `keep_delete` (an upload under way writes its index within that time, as the
 /// two-phase prune already asks) go here. A `path` repository by its file times; S3 in
 /// [`remove_orphan_s3_packs`].
 fn remove_orphan_packs(root: &Path, keep_delete: std::time::Duration) {
-    let has_index = std::fs::read_dir(root.join("index")).is_ok_and(|mut d| d.next().is_some());
-    if has_index {
+    // Nor a snapshot file: a repository whose index files went (restic's `repair index` can
+    // rebuild them) keeps every pack.
+    let holds = |dir: &str| std::fs::read_dir(root.join(dir)).is_ok_and(|mut d| d.next().is_some());
+    if holds("index") || holds("snapshots") {
         return;
     }
     let Ok(buckets) = std::fs::read_dir(root.join("data")) else {
@@ -1216,10 +1225,12 @@ fn remove_orphan_s3_packs(cfg: &RepositoryConfig, s3: &S3, keep_delete: std::tim
         op.list_options(dir, all)
             .map(|l| l.into_iter().filter(|e| e.metadata().is_file()).collect::<Vec<_>>())
     };
-    match files("index/") {
-        Ok(index) if index.is_empty() => {}
-        Ok(_) => return,
-        Err(e) => return tracing::warn!(repository = name, error = %e, "cannot look for orphan packs"),
+    for dir in ["index/", "snapshots/"] {
+        match files(dir) {
+            Ok(found) if found.is_empty() => {}
+            Ok(_) => return,
+            Err(e) => return tracing::warn!(repository = name, error = %e, "cannot look for orphan packs"),
+        }
     }
     let packs = match files("data/") {
         Ok(p) => p,
@@ -1546,6 +1557,37 @@ mod tests {
         assert!(pack.exists(), "a young pack stays (an upload may be writing its index)");
         b.prune(&name, std::time::Duration::ZERO).expect("prune");
         assert!(!pack.exists(), "a pack no index names goes");
+    }
+
+    /// A repository that holds snapshot files but lost its index files keeps every pack: a
+    /// `restic repair index` can rebuild the index from them. rustic's prune refuses it (a tree
+    /// in no index), and the orphan rule above also stands aside whenever a snapshot file exists
+    /// (a review asked for both: with the rule alone it would take every backup's data).
+    #[test]
+    fn a_repository_with_snapshots_but_no_index_keeps_its_packs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = testing::backups(dir.path());
+        b.open_or_init(&name, true).unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("f"), b"a live backup").unwrap();
+        let id = BackupId::new(name.clone(), "3333-cccc").unwrap();
+        upload::upload(&b, &id, &testing::dir_meta("live"), &data, None, &Default::default()).unwrap();
+        let repo = dir.path().join("repo");
+        for index in std::fs::read_dir(repo.join("index")).unwrap() {
+            std::fs::remove_file(index.unwrap().path()).unwrap();
+        }
+        let packs = |root: &Path| -> usize {
+            std::fs::read_dir(root.join("data"))
+                .unwrap()
+                .map(|d| std::fs::read_dir(d.unwrap().path()).unwrap().count())
+                .sum()
+        };
+        let before = packs(&repo);
+        assert!(before > 0, "the backup wrote packs");
+        let refused = b.prune(&name, std::time::Duration::ZERO);
+        assert!(refused.is_err(), "the prune says the index is missing: {refused:?}");
+        assert_eq!(packs(&repo), before, "no pack goes while snapshot files name the data");
     }
 
     #[test]

@@ -277,7 +277,7 @@ pub struct LocalEngine {
     forgotten: Mutex<std::collections::VecDeque<crate::storage::id::BackupId>>,
     /// Backups this process marked deleted to call off an upload another controller replica
     /// runs, newest last: the mark goes once the snapshot has.
-    marked_for_others: Mutex<std::collections::VecDeque<crate::storage::id::BackupId>>,
+    marked_for_others: Mutex<std::collections::VecDeque<(crate::storage::id::BackupId, SnapshotId)>>,
     /// Room promised to creates and expands of this process that passed their room check and
     /// have not recorded their new size yet, by pool: taken from the room every later check sees.
     /// One lock per pool, held while its room is read: a hung share stalls only its own pool.

@@ -380,6 +380,8 @@ impl LocalEngine {
         // look for the mark) goes too.
         self.backups.forget(backup)?;
         self.remove_object(pool, Kind::Snapshot, &rec.id.0.key, &rec.id.to_string())?;
+        // A delete's retry asking this process hears that it held the part (no mark needed).
+        self.remember_forgotten(backup);
         tracing::info!(snapshot = %rec.id, backup = %backup, "backup deleted while this node was away: local snapshot removed");
         self.backups.clear_deleted_marks(Some(backup), backup.repository())
     }
@@ -616,7 +618,7 @@ impl LocalEngine {
                                 && pool.shared()
                                 && !self.taken_here(Kind::Snapshot, &rec.id.0.pool, &rec.id.0.key) =>
                             {
-                                self.mark_for_other_replica(id)?;
+                                self.mark_for_other_replica(id, &rec.id);
                                 return Err(busy);
                             }
                             _ => return Err(busy),
@@ -632,49 +634,85 @@ impl LocalEngine {
                 self.sweep_unrecorded_copies();
             }
             self.remember_forgotten(id);
-            self.clear_mark_for_other_replica(id)?;
+            self.clear_mark_for_other_replica(id);
+            return Ok(true);
+        }
+        if let Some(snap) = self.marked_snapshot(id) {
+            // The retry of a delete that marked another replica's upload off: done once the
+            // snapshot is gone, seen under its lock (the other replica may still hold it, and a
+            // record a glitch of the share left out of the listing is not gone).
+            if let Some(pool) = self.locate(&snap.0) {
+                let _held = self.take(Kind::Snapshot, &snap.0.pool, &snap.0.key, &snap.to_string())?;
+                if self.snapshot(&snap).is_some() {
+                    self.remove_object(pool, Kind::Snapshot, &snap.0.key, &snap.to_string())?;
+                }
+            }
+            self.remember_forgotten(id);
+            self.clear_mark_for_other_replica(id);
             return Ok(true);
         }
         // The retry of a forget whose purge failed finds no record (only the backup id, not the
         // copy's key, names what it forgets).
         self.sweep_unrecorded_copies();
-        // Another replica's upload this process marked off has ended, called off or not.
-        self.clear_mark_for_other_replica(id)?;
         // The retry of a delete that another node refused, or whose repository part failed:
         // this node still held the part the first try removed.
         Ok(lock(&self.forgotten).iter().any(|f| f == id))
     }
 
     /// Marks backup `id` deleted (once) so that the other controller replica holding its
-    /// snapshot calls its upload off within [`MARK_LOOK`], as a node the controller could not
-    /// tell does; the delete answers Busy until that replica has let the snapshot go. Counted
-    /// as held by this process: once the snapshot is gone, no other mark is needed.
-    fn mark_for_other_replica(&self, id: &BackupId) -> Result<(), StorageError> {
-        if lock(&self.marked_for_others).contains(id) {
-            return Ok(());
+    /// snapshot `snap` calls its upload off within [`MARK_LOOK`], as a node the controller could
+    /// not tell does; the delete answers Busy until that replica has let the snapshot go. A mark
+    /// that cannot be written is logged: the delete answers Busy all the same, and its retry
+    /// tries again (never UNAVAILABLE, which the controller would read as a node not told).
+    fn mark_for_other_replica(&self, id: &BackupId, snap: &SnapshotId) {
+        if self.marked_snapshot(id).is_some() {
+            return;
         }
-        self.backups.mark_deleted(id)?;
-        tracing::info!(backup = %id, "its snapshot is held by another controller replica; deletion mark written to call its upload off");
-        let mut marked = lock(&self.marked_for_others);
-        if marked.len() >= FORGOTTEN_KEPT {
-            marked.pop_front();
+        // Only a mark that is there counts (a repository not initialised writes none).
+        match self
+            .backups
+            .mark_deleted(id)
+            .and_then(|()| self.backups.is_marked_deleted(id))
+        {
+            Ok(true) => {
+                tracing::info!(backup = %id, snapshot = %snap, "its snapshot is held by another controller replica; deletion mark written to call its upload off");
+                let mut marked = lock(&self.marked_for_others);
+                if marked.len() >= FORGOTTEN_KEPT {
+                    marked.pop_front();
+                }
+                marked.push_back((id.clone(), snap.clone()));
+            }
+            Ok(false) => {
+                tracing::warn!(backup = %id, "no deletion mark could be written to call another controller replica's upload off; the delete's retry tries again")
+            }
+            Err(e) => {
+                tracing::warn!(backup = %id, error = %e, "cannot write the deletion mark that calls another controller replica's upload off; the delete's retry tries again")
+            }
         }
-        marked.push_back(id.clone());
-        drop(marked);
-        self.remember_forgotten(id);
-        Ok(())
+    }
+
+    /// The snapshot of backup `id` whose holder [`Self::mark_for_other_replica`] marked off.
+    fn marked_snapshot(&self, id: &BackupId) -> Option<SnapshotId> {
+        lock(&self.marked_for_others)
+            .iter()
+            .find(|(m, _)| m == id)
+            .map(|(_, s)| s.clone())
     }
 
     /// Removes the deletion mark [`Self::mark_for_other_replica`] wrote, now that the snapshot
     /// has gone (the other replica removes it too when its upload was called off by it; an
-    /// upload that ended first never saw it). A restart between leaves the mark to expire.
-    fn clear_mark_for_other_replica(&self, id: &BackupId) -> Result<(), StorageError> {
-        if !lock(&self.marked_for_others).contains(id) {
-            return Ok(());
+    /// upload that ended first never saw it). Tidying only: a failure is logged, and the mark,
+    /// like one a restart between leaves, expires.
+    fn clear_mark_for_other_replica(&self, id: &BackupId) {
+        if self.marked_snapshot(id).is_none() {
+            return;
         }
-        self.backups.clear_deleted_marks(Some(id), id.repository())?;
-        lock(&self.marked_for_others).retain(|m| m != id);
-        Ok(())
+        match self.backups.clear_deleted_marks(Some(id), id.repository()) {
+            Ok(()) => lock(&self.marked_for_others).retain(|(m, _)| m != id),
+            Err(e) => {
+                tracing::warn!(backup = %id, error = %e, "cannot remove the deletion mark written for another controller replica; it expires")
+            }
+        }
     }
 
     /// Remembers that this node held backup `id` and dropped it, for the delete's retries (the
