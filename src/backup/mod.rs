@@ -1164,9 +1164,11 @@ impl Backups {
     }
 }
 
-/// Files a killed write left in a path repository: the local backend writes `<name>-tmp-` and
-/// renames it. One older than `keep_delete` belongs to no running upload (uploads finish within
-/// it, as for marked packs) and goes.
+/// Whether something written at `written` is at least `age` old (an unknown time is not).
+fn aged(written: Option<std::time::SystemTime>, age: std::time::Duration) -> bool {
+    written.and_then(|t| t.elapsed().ok()).is_some_and(|a| a >= age)
+}
+
 /// rustic's prune stops early ("nothing to do") in a repository without an index file, before it
 /// marks the packs no index names: the packs of uploads killed or called off before any upload
 /// into it wrote its index would stay for good. With no index (and no snapshot file, so that a
@@ -1189,13 +1191,7 @@ fn remove_orphan_packs(root: &Path, keep_delete: std::time::Duration) {
             continue;
         };
         for e in packs.flatten() {
-            let old = e
-                .metadata()
-                .ok()
-                .and_then(|m| m.modified().ok())
-                .and_then(|m| m.elapsed().ok())
-                .is_some_and(|age| age >= keep_delete);
-            if !old {
+            if !aged(e.metadata().ok().and_then(|m| m.modified().ok()), keep_delete) {
                 continue;
             }
             match std::fs::remove_file(e.path()) {
@@ -1241,11 +1237,7 @@ fn remove_orphan_s3_packs(cfg: &RepositoryConfig, s3: &S3, keep_delete: std::tim
             .metadata()
             .last_modified()
             .or_else(|| op.stat(e.path()).ok().and_then(|m| m.last_modified()));
-        let old = written
-            .map(std::time::SystemTime::from)
-            .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age >= keep_delete);
-        if !old {
+        if !aged(written.map(std::time::SystemTime::from), keep_delete) {
             continue;
         }
         match op.delete(e.path()) {
@@ -1263,6 +1255,9 @@ fn remove_orphan_s3_packs(cfg: &RepositoryConfig, s3: &S3, keep_delete: std::tim
     }
 }
 
+/// Files a killed write left in a path repository: the local backend writes `<name>-tmp-` and
+/// renames it. One older than `keep_delete` belongs to no running upload (uploads finish within
+/// it, as for marked packs) and goes.
 fn remove_stale_temps(root: &Path, keep_delete: std::time::Duration) {
     let mut dirs = vec![root.to_path_buf()];
     while let Some(dir) = dirs.pop() {
@@ -1272,13 +1267,7 @@ fn remove_stale_temps(root: &Path, keep_delete: std::time::Duration) {
             let name = e.file_name();
             if meta.is_dir() {
                 dirs.push(e.path());
-            } else if name.to_string_lossy().ends_with("-tmp-")
-                && meta
-                    .modified()
-                    .ok()
-                    .and_then(|m| m.elapsed().ok())
-                    .is_some_and(|age| age >= keep_delete)
-            {
+            } else if name.to_string_lossy().ends_with("-tmp-") && aged(meta.modified().ok(), keep_delete) {
                 match std::fs::remove_file(e.path()) {
                     Ok(()) => tracing::info!(file = %e.path().display(), "removed a write a killed upload left"),
                     Err(err) => {

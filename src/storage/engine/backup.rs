@@ -71,6 +71,17 @@ fn add_chunked(ranges: &mut Vec<(u64, u64)>, off: u64, len: u64) {
 /// The longest wait between two tries of a failing upload.
 const RETRY_CAP: Duration = Duration::from_secs(300);
 
+/// Remembers `item` among the last [`FORGOTTEN_KEPT`] of `list` (once), newest last.
+fn keep_last<T: PartialEq>(list: &mut std::collections::VecDeque<T>, item: T) {
+    if list.contains(&item) {
+        return;
+    }
+    if list.len() >= FORGOTTEN_KEPT {
+        list.pop_front();
+    }
+    list.push_back(item);
+}
+
 /// How often a running upload looks whether its backup was marked deleted (by a controller
 /// that could not tell this node), to call itself off.
 const MARK_LOOK: Duration = if cfg!(test) {
@@ -676,11 +687,7 @@ impl LocalEngine {
         {
             Ok(true) => {
                 tracing::info!(backup = %id, snapshot = %snap, "its snapshot is held by another controller replica; deletion mark written to call its upload off");
-                let mut marked = lock(&self.marked_for_others);
-                if marked.len() >= FORGOTTEN_KEPT {
-                    marked.pop_front();
-                }
-                marked.push_back((id.clone(), snap.clone()));
+                keep_last(&mut lock(&self.marked_for_others), (id.clone(), snap.clone()));
             }
             Ok(false) => {
                 tracing::warn!(backup = %id, "no deletion mark could be written to call another controller replica's upload off; the delete's retry tries again")
@@ -719,13 +726,7 @@ impl LocalEngine {
     /// last [`FORGOTTEN_KEPT`]; a restart forgets them, and the controller then writes a
     /// deletion mark no node consumes, which expires).
     fn remember_forgotten(&self, id: &BackupId) {
-        let mut forgotten = lock(&self.forgotten);
-        if !forgotten.contains(id) {
-            if forgotten.len() >= FORGOTTEN_KEPT {
-                forgotten.pop_front();
-            }
-            forgotten.push_back(id.clone());
-        }
+        keep_last(&mut lock(&self.forgotten), id.clone());
     }
 
     /// [`Self::purge_unrecorded_copies`] where it only tidies up: what it cannot remove (maybe
