@@ -1151,6 +1151,94 @@ async fn deleting_a_backup_calls_its_upload_off() {
     d.delete(&v.volume_id).await.expect("DeleteVolume");
 }
 
+/// An all-in-one driver on a `dir` pool, a volume `pvc` and its `keepLocal` backup `name`, uploaded.
+async fn kept_backup(s: &Setup, pvc: &str, name: &str) -> (Driver, Volume, Snapshot) {
+    let mut d = s.driver(&s.dir_pool()).await;
+    let v = d.create(pvc).await;
+    let b = backup(&mut d, name, &v.volume_id, true).await.expect("backup");
+    until_ready(&mut d, &b.snapshot_id).await;
+    (d, v, b)
+}
+
+/// A node that answers a backup's delete but cannot drop its kept copy (an I/O error on its pool)
+/// was told: its error stands (UNAVAILABLE, retried) and no deletion mark is written, which would
+/// have answered OK with the copy still on disk and the backup still listed until the node's next
+/// look. The retry, the pool sound again, drops the copy at once and leaves nothing.
+#[tokio::test]
+async fn a_node_that_cannot_drop_its_copy_fails_the_delete_and_marks_nothing() {
+    let s = Setup::new();
+    let (mut d, v, b) = kept_backup(&s, "pvc-kept", "kept-backup").await;
+    let pool = s.dir.path().join("pool");
+    assert!(!snapshot_entries(&pool).is_empty(), "the copy is kept");
+
+    d.kill();
+    d.spawn(&[("CELLAR_FAIL_AT", "file:rename=EIO")]).await;
+    let delete = DeleteSnapshotRequest {
+        snapshot_id: b.snapshot_id.clone(),
+        ..Default::default()
+    };
+    let err = d
+        .ctl
+        .delete_snapshot(delete.clone())
+        .await
+        .expect_err("the copy cannot be dropped");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        s.restic_snapshots()
+            .iter()
+            .all(|snap| !snap.to_string().contains("cellar-deleted=")),
+        "no deletion mark: {:?}",
+        s.restic_snapshots()
+    );
+    let listed = listed_snapshots(&mut d).await;
+    assert!(
+        listed
+            .entries
+            .iter()
+            .any(|e| e.snapshot.as_ref().is_some_and(|x| x.snapshot_id == b.snapshot_id)),
+        "the backup stays listed while its delete fails: {listed:?}"
+    );
+
+    d.kill();
+    d.spawn(&[]).await;
+    d.ctl.delete_snapshot(delete).await.expect("DeleteSnapshot retried");
+    assert!(snapshot_entries(&pool).is_empty(), "{:?}", snapshot_entries(&pool));
+    assert_not_listed(&mut d, &b.snapshot_id).await;
+    let left = s.restic_snapshots();
+    assert!(left.is_empty(), "no restic snapshot of it, nor a mark: {left:?}");
+    d.delete(&v.volume_id).await.expect("DeleteVolume");
+}
+
+/// An uploaded backup is listed from its repository alone: a node's kept copy of a backup the
+/// repository no longer holds (its node drops it on seeing the deletion mark, then clears the
+/// mark, so a listing that reads the nodes before the marks saw it) is not listed. Here restic
+/// forgets the backup behind cellar's back; DeleteSnapshot still drops the copy.
+#[tokio::test]
+async fn a_kept_copy_of_a_backup_its_repository_no_longer_holds_is_not_listed() {
+    let s = Setup::new();
+    let (mut d, v, b) = kept_backup(&s, "pvc-copy", "copy-backup").await;
+    let pool = s.dir.path().join("pool");
+    let restic_ids: Vec<String> = s
+        .restic_snapshots()
+        .iter()
+        .map(|snap| snap["id"].as_str().expect("restic id").to_string())
+        .collect();
+    assert_eq!(restic_ids.len(), 1, "one restic snapshot: {restic_ids:?}");
+    s.restic_ok(&["forget", &restic_ids[0]]);
+    assert!(!snapshot_entries(&pool).is_empty(), "the node still keeps its copy");
+    assert_not_listed(&mut d, &b.snapshot_id).await;
+    d.ctl
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: b.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("DeleteSnapshot");
+    assert!(snapshot_entries(&pool).is_empty(), "{:?}", snapshot_entries(&pool));
+    assert!(s.restic_snapshots().is_empty(), "no mark: {:?}", s.restic_snapshots());
+    d.delete(&v.volume_id).await.expect("DeleteVolume");
+}
+
 /// A shared volume's backup uploading in one controller replica, deleted through the other (a
 /// leader change while it uploads): the other replica cannot reach the upload's off switch, so
 /// it answers ABORTED and writes a deletion mark, which the uploading replica's upload sees within

@@ -417,10 +417,20 @@ async fn split_mode_with_tls_starts_with_the_backup_dependencies_linked() {
 
 /// Two nodes (no TLS) configured with the repository, and a 16 MiB volume `pvc` on node-1.
 async fn two_nodes_and_a_volume_on_node_1(pvc: &str, insecure: bool) -> (Shared, Cluster, Volume) {
+    two_nodes_and_a_volume_on_node_1_with(pvc, insecure, vec![]).await
+}
+
+/// As [`two_nodes_and_a_volume_on_node_1`], the controller started with `controller_args`.
+async fn two_nodes_and_a_volume_on_node_1_with(
+    pvc: &str,
+    insecure: bool,
+    controller_args: Vec<String>,
+) -> (Shared, Cluster, Volume) {
     let shared = Shared::new();
     let c = Cluster::start(Spec {
         insecure,
         repositories: Some(shared.repositories()),
+        controller_args,
         ..Spec::nodes(vec![None, None])
     })
     .await;
@@ -472,6 +482,47 @@ async fn an_uploaded_backup_answers_get_snapshot_while_its_node_is_unreachable()
             .is_ok_and(|g| g.get_ref().snapshot.as_ref().is_some_and(|s| s.ready_to_use)),
         "GetSnapshot of an uploaded backup with its node unreachable: {got:?}"
     );
+}
+
+/// DeleteSnapshot of `id` through the controller.
+async fn delete_snapshot(c: &Cluster, id: &str) -> Result<(), tonic::Status> {
+    c.ctl()
+        .await
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+/// Asserts that ListSnapshots through the controller lists nothing.
+async fn assert_nothing_listed(c: &Cluster) {
+    let listed = c
+        .ctl()
+        .await
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .expect("ListSnapshots")
+        .into_inner();
+    assert!(listed.entries.is_empty(), "{:?}", listed.entries);
+}
+
+/// A `keepLocal` backup of `volume`, once uploaded.
+async fn kept_backup(c: &Cluster, name: &str, volume: &str) -> Snapshot {
+    let mut req = backup_req(name, volume, false);
+    req.parameters.insert("keepLocal".into(), "true".into());
+    let kept = c
+        .ctl()
+        .await
+        .create_snapshot(req)
+        .await
+        .expect("CreateSnapshot")
+        .into_inner()
+        .snapshot
+        .expect("snapshot");
+    until_ready(c, &kept.snapshot_id, || {}).await;
+    kept
 }
 
 /// The backups a restic listing of the repository holds as cellar backups, and cellar's
@@ -555,12 +606,7 @@ async fn a_delete_calls_off_a_nodes_upload_and_leaves_no_mark() {
         .snapshot
         .expect("snapshot");
     assert!(!snap.ready_to_use, "the upload runs");
-    c.ctl()
-        .await
-        .delete_snapshot(DeleteSnapshotRequest {
-            snapshot_id: snap.snapshot_id.clone(),
-            ..Default::default()
-        })
+    delete_snapshot(&c, &snap.snapshot_id)
         .await
         .unwrap_or_else(|e| panic!("DeleteSnapshot while the backup uploads: {e:?}\n{}", c.logs()));
     assert!(
@@ -629,12 +675,7 @@ async fn a_backup_deleted_while_its_node_is_down_is_not_uploaded_when_it_returns
         local_snapshots(&c, 0)
     );
     for id in [&cut.snapshot_id, &kept.snapshot_id] {
-        c.ctl()
-            .await
-            .delete_snapshot(DeleteSnapshotRequest {
-                snapshot_id: id.clone(),
-                ..Default::default()
-            })
+        delete_snapshot(&c, id)
             .await
             .unwrap_or_else(|e| panic!("DeleteSnapshot {id} with its node down: {e:?}"));
     }
@@ -650,14 +691,33 @@ async fn a_backup_deleted_while_its_node_is_down_is_not_uploaded_when_it_returns
         "no backup uploaded again\n{}",
         c.logs()
     );
-    let listed = c
-        .ctl()
+    assert_nothing_listed(&c).await;
+}
+
+/// A kept backup deleted once the controller counts its node as down: the controller no longer
+/// asks that node at all (it asks only nodes that heartbeat), yet the node keeps a copy. The
+/// repository names the node that cut the backup, so a deletion mark is written for it, and when
+/// the node is back it drops its copy and the mark; without the mark the copy stayed on its disk
+/// for good, a backup nobody lists or deletes.
+#[tokio::test]
+async fn a_kept_backup_deleted_after_its_node_counts_as_down_is_dropped_when_it_returns() {
+    // node-1 counts as down 1.5 s after it dies, not 30 s.
+    let heartbeat = vec!["--heartbeat-interval".into(), "500ms".into()];
+    let (shared, mut c, v) = two_nodes_and_a_volume_on_node_1_with("pvc-gone", false, heartbeat).await;
+    let kept = kept_backup(&c, "snap-kept", &v.volume_id).await;
+    c.kill_node(0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !c.logs().contains("node missed its heartbeats") {
+        assert!(Instant::now() < deadline, "node-1 never counted as down\n{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    delete_snapshot(&c, &kept.snapshot_id)
         .await
-        .list_snapshots(ListSnapshotsRequest::default())
-        .await
-        .expect("ListSnapshots")
-        .into_inner();
-    assert!(listed.entries.is_empty(), "{:?}", listed.entries);
+        .unwrap_or_else(|e| panic!("DeleteSnapshot with its node down: {e:?}\n{}", c.logs()));
+    assert_eq!(backups_and_marks(&shared), (0, 1), "forgotten, and a mark for node-1");
+    c.start_node(0);
+    until_dropped_with_marks(&c, &shared).await;
+    assert_nothing_listed(&c).await;
 }
 
 /// Every node holds the repository's key, so any node can write a snapshot tagged as a deletion
@@ -668,18 +728,7 @@ async fn a_backup_deleted_while_its_node_is_down_is_not_uploaded_when_it_returns
 #[tokio::test]
 async fn a_deletion_mark_the_controller_did_not_seal_drops_nothing() {
     let (shared, mut c, v) = two_nodes_and_a_volume_on_node_1("pvc-forged", false).await;
-    let mut req = backup_req("snap-forged", &v.volume_id, false);
-    req.parameters.insert("keepLocal".into(), "true".into());
-    let kept = c
-        .ctl()
-        .await
-        .create_snapshot(req)
-        .await
-        .expect("CreateSnapshot")
-        .into_inner()
-        .snapshot
-        .expect("snapshot");
-    until_ready(&c, &kept.snapshot_id, || {}).await;
+    let kept = kept_backup(&c, "snap-forged", &v.volume_id).await;
     let key = kept.snapshot_id.rsplit(':').next().expect("key").to_string();
     let empty = tempfile::tempdir().expect("tempdir");
     restic(
@@ -713,12 +762,7 @@ async fn a_deletion_mark_the_controller_did_not_seal_drops_nothing() {
     assert!(get_snapshot(&c, &kept.snapshot_id).await.ready_to_use);
 
     c.kill_node(0);
-    c.ctl()
-        .await
-        .delete_snapshot(DeleteSnapshotRequest {
-            snapshot_id: kept.snapshot_id.clone(),
-            ..Default::default()
-        })
+    delete_snapshot(&c, &kept.snapshot_id)
         .await
         .expect("DeleteSnapshot with its node down");
     assert_eq!(

@@ -20,7 +20,10 @@ use common::fs::{loops_under, TestFs};
 use common::*;
 use tonic::Code;
 
-const SEEDS: [u64; 12] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
+/// Seeds 1-12, then seeds that once failed: 213 (a node's I/O error on a kept backup copy's
+/// delete was taken for an unreachable node; the copy stayed, and a listing showed it after the
+/// backup was forgotten).
+const SEEDS: [u64; 13] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 213];
 const STEPS: usize = 50;
 /// Attempts of one call before it counts as not converging.
 const ATTEMPTS: usize = 20;

@@ -24,7 +24,7 @@ use rustls_pki_types::CertificateDer;
 use tonic::{Request, Response, Status};
 
 use super::grant::{self, Claims};
-use super::remote::{unavailable, HostPort, PullFrom, RemoteAgent, Timeouts};
+use super::remote::{is_unreachable, unavailable, HostPort, PullFrom, RemoteAgent, Timeouts};
 use super::tls::{self, Tls, AGENT_SERVER_NAME};
 use super::wire::{self, v1};
 use super::{Agent, Directory, Frames, RangeBatches};
@@ -731,12 +731,6 @@ impl RegisteredAgent {
         }
         r
     }
-}
-
-/// Whether a failure is the transport's (the node could not be reached, or did not answer in time),
-/// as [`unavailable`] words it for this node, rather than the node's own answer.
-fn is_unreachable(node: &NodeId, e: &StorageError) -> bool {
-    matches!(e, StorageError::Unavailable(m) if m.starts_with(&format!("node {} is unavailable (", node.as_str())))
 }
 
 #[tonic::async_trait]

@@ -156,6 +156,13 @@ pub fn unavailable(node: &NodeId, why: impl fmt::Display) -> StorageError {
     StorageError::Unavailable(format!("node {} is unavailable ({why})", node.as_str()))
 }
 
+/// Whether a failure is the transport's or the registry's (the node could not be reached, did
+/// not answer in time, or is not heartbeating), as [`unavailable`] words it for this node, rather
+/// than the node's own answer (which may be UNAVAILABLE too, for an I/O error on its pool).
+pub fn is_unreachable(node: &NodeId, e: &StorageError) -> bool {
+    matches!(e, StorageError::Unavailable(m) if m.starts_with(&format!("node {} is unavailable (", node.as_str())))
+}
+
 /// The status and the chain of errors under it, in one line.
 fn status_text(s: &Status) -> String {
     let mut text = s.message().to_string();

@@ -231,10 +231,13 @@ impl ControllerService {
     /// DeleteSnapshot of a backup: each node forgets its part (a local copy, or an upload in
     /// progress, which it calls off, answering ABORTED if the upload has not ended in time), then
     /// the repository forgets it; its data goes at the next prune. When a node could not be told
-    /// (it did not answer, or the backup is neither in the repository nor held by a node that
+    /// (it could not be reached; the node that cut the stored backup was not asked, being down
+    /// or forgotten; or the backup is neither in the repository nor held by a node that
     /// answered, so that a node this controller does not know may hold an unfinished upload), a
     /// deletion mark is written first: that node drops its part when it sees the mark instead of
-    /// uploading a backup nobody can delete (docs/backups.md).
+    /// uploading a backup nobody can delete, or keeping a copy nobody lists (docs/backups.md). A
+    /// node that answered with an error (an I/O error on its pool) was reached: its error
+    /// stands, and the retry asks it again.
     pub(super) async fn delete_backup(&self, id: &BackupId) -> Result<(), ControllerError> {
         let agents = self.directory.all();
         let answers = super::ask_all(&agents, |a| {
@@ -256,15 +259,17 @@ impl ControllerService {
         let mut stored: Option<Option<BackupInfo>> = None;
         let mut untold = false;
         let mut held = false;
+        let mut told: std::collections::HashSet<&NodeId> = std::collections::HashSet::new();
         for (a, answer) in agents.iter().zip(answers) {
             let e = match answer {
                 Ok(had) => {
                     held |= had;
+                    told.insert(a.node());
                     continue;
                 }
                 Err(e) => e,
             };
-            if e.is_unavailable() {
+            if crate::agent::remote::is_unreachable(a.node(), &e) {
                 tracing::warn!(node = a.node().as_str(), backup = %id, error = %e, "node unreachable; a deletion mark tells it once it is back");
                 untold = true;
                 continue;
@@ -290,8 +295,14 @@ impl ControllerService {
             Some(s) => s,
             None => find().await?,
         };
+        // A node is asked only while it heartbeats: the one that cut a stored backup may keep a
+        // copy of it (keepLocal, or an image's base) and not have been asked at all.
+        let cutter_untold = stored
+            .as_ref()
+            .and_then(|b| VolumeId::parse(&b.meta.source_volume_id).ok())
+            .is_some_and(|v| v.0.node().is_some_and(|n| !told.contains(n)));
         let i = id.clone();
-        if untold || (stored.is_none() && !held) {
+        if untold || cutter_untold || (stored.is_none() && !held) {
             // Before the forget: a node that finishes an upload after it looks for the mark.
             blocking(&self.backups, move |b| b.mark_deleted(&i)).await?;
         }

@@ -747,7 +747,17 @@ impl ControllerService {
             };
             return Ok(agent.snapshots().await?.iter().map(csi_snapshot).collect());
         }
-        let mut all: Vec<Snapshot> = self.all_snapshots().await.iter().map(csi_snapshot).collect();
+        // An uploaded backup is listed from its repository alone. A node's copy of one (kept, or
+        // an image's base) that the repository no longer holds is being dropped: the node drops
+        // it on seeing the backup's deletion mark, then clears the mark, so the mark read below
+        // may be gone already.
+        let mut all: Vec<Snapshot> = self
+            .all_snapshots()
+            .await
+            .iter()
+            .filter(|r| !r.backup.as_ref().is_some_and(|b| b.uploaded))
+            .map(csi_snapshot)
+            .collect();
         let (backups, deleted) = self.backup_snapshots().await;
         // The repository's answer wins for a backup both hold (uploaded, local copy kept); a
         // backup marked deleted is listed by neither (its upload may still run).
