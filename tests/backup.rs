@@ -1211,7 +1211,8 @@ async fn a_node_that_cannot_drop_its_copy_fails_the_delete_and_marks_nothing() {
 
 /// An uploaded backup is listed from its repository alone: a node's kept copy of a backup the
 /// repository no longer holds (its node drops it on seeing the deletion mark, then clears the
-/// mark, so a listing that reads the nodes before the marks saw it) is not listed. Here restic
+/// mark, so a listing that reads the nodes before the marks saw it) is not listed, nor found by
+/// its id. Here restic
 /// forgets the backup behind cellar's back; DeleteSnapshot still drops the copy.
 #[tokio::test]
 async fn a_kept_copy_of_a_backup_its_repository_no_longer_holds_is_not_listed() {
@@ -1227,6 +1228,17 @@ async fn a_kept_copy_of_a_backup_its_repository_no_longer_holds_is_not_listed() 
     s.restic_ok(&["forget", &restic_ids[0]]);
     assert!(!snapshot_entries(&pool).is_empty(), "the node still keeps its copy");
     assert_not_listed(&mut d, &b.snapshot_id).await;
+    // Nor found by its id, as the snapshotter asks (ListSnapshots filtered).
+    let one = d
+        .ctl
+        .list_snapshots(ListSnapshotsRequest {
+            snapshot_id: b.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("ListSnapshots of one id")
+        .into_inner();
+    assert!(one.entries.is_empty(), "{:?}", one.entries);
     d.ctl
         .delete_snapshot(DeleteSnapshotRequest {
             snapshot_id: b.snapshot_id.clone(),

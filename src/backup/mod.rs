@@ -33,7 +33,7 @@ use rustic_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::storage::id::{BackupId, PoolName, VolumeId};
+use crate::storage::id::{BackupId, NodeId, PoolName, VolumeId};
 use crate::storage::record::{Layout, VolumeMode};
 use crate::storage::StorageError;
 
@@ -405,6 +405,28 @@ pub struct BackupMeta {
     /// that rustic's archiver chunked, before cellar wrote images itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chunk_bytes: Option<u64>,
+}
+
+/// Whether a backup's delete writes a deletion mark before it forgets the backup (docs/backups.md,
+/// "A node that cannot be told"), given what the repository holds of it (`stored`), whether a
+/// node asked could not be reached (`unreached`), which nodes answered the forget (`told`), and
+/// whether one of them answered that it held a part (`held`). A mark is needed when a node could
+/// not be reached; when the node that cut the stored backup was not asked (it may keep a copy, or
+/// hold the record of an upload that a crash stopped after the repository held it, which it would
+/// resume: even a backup not kept needs the mark); or when the repository does not hold the
+/// backup (yet) and no node answered that it held a part, as a node nobody asked may hold its
+/// unfinished upload.
+pub fn delete_needs_mark(
+    stored: Option<&BackupInfo>,
+    unreached: bool,
+    told: impl Fn(&NodeId) -> bool,
+    held: bool,
+) -> bool {
+    // A shared pool's volume names no node: whoever serves the shared pools holds its copies.
+    let cutter_untold = stored
+        .and_then(source_of)
+        .is_some_and(|v| v.0.node().is_some_and(|n| !told(n)));
+    unreached || cutter_untold || (stored.is_none() && !held)
 }
 
 /// A directory's metadata in the snapshot's description (names and values of xattrs in hex).
@@ -1479,6 +1501,45 @@ mod tests {
     use rustic_core::repofile::SnapshotId;
 
     use super::*;
+
+    /// A delete marks for a node not reached, for the unasked node that cut a stored backup
+    /// (never for a shared volume's, which names no node), and for a backup nothing stores or
+    /// holds; not when every node that may hold a part was told.
+    #[test]
+    fn a_delete_marks_exactly_when_a_node_that_may_hold_a_part_was_not_told() {
+        let info = |source: &str| BackupInfo {
+            id: BackupId::parse("backup:offsite:191afa53-364c-48b7-9db1-c979c83f3c1c").unwrap(),
+            meta: BackupMeta {
+                source_volume_id: source.into(),
+                ..testing::dir_meta("snap")
+            },
+            snapshot: "0".into(),
+            created_unix_secs: 0,
+            bytes: 0,
+        };
+        let local = info("local:node-1:default:pvc-1");
+        let shared = info("shared:share:pvc-1");
+        let node_1 = |n: &NodeId| n.as_str() == "node-1";
+        let nobody = |_: &NodeId| false;
+        assert!(!delete_needs_mark(Some(&local), false, node_1, false));
+        assert!(
+            delete_needs_mark(Some(&local), true, node_1, false),
+            "a node not reached"
+        );
+        assert!(
+            delete_needs_mark(Some(&local), false, nobody, true),
+            "its cutter not asked"
+        );
+        assert!(
+            !delete_needs_mark(Some(&shared), false, nobody, false),
+            "a shared volume's"
+        );
+        assert!(
+            delete_needs_mark(None, false, node_1, false),
+            "nothing stored, nothing held"
+        );
+        assert!(!delete_needs_mark(None, false, nobody, true), "nothing stored, held");
+    }
 
     /// Saves `rounds` snapshots like `like` one after the other, each removed right after it is
     /// saved (as an upload replaces its pending copy), then sets `done`.

@@ -206,7 +206,9 @@ impl ControllerService {
     }
 
     /// A backup's upload in progress, asked of every node at once: the node cutting it and its
-    /// snapshot record. Nodes that do not answer are passed over (and logged).
+    /// snapshot record. Nodes that do not answer are passed over (and logged). A node's copy of
+    /// an uploaded backup is not an upload: the repository answers for that backup, and a copy it
+    /// no longer holds is being dropped (its deletion mark may already be cleared).
     async fn upload_in_progress(&self, id: &BackupId) -> Option<(NodeId, SnapshotRecord)> {
         let agents = self.directory.all();
         let answers = super::ask_all(&agents, |a| async move { a.snapshots().await }).await;
@@ -215,7 +217,7 @@ impl ControllerService {
                 Ok(snaps) => {
                     if let Some(s) = snaps
                         .into_iter()
-                        .find(|s| s.backup.as_ref().is_some_and(|m| m.id == *id))
+                        .find(|s| s.backup.as_ref().is_some_and(|m| m.id == *id && !m.uploaded))
                     {
                         return Some((a.node().clone(), s));
                     }
@@ -296,13 +298,9 @@ impl ControllerService {
             None => find().await?,
         };
         // A node is asked only while it heartbeats: the one that cut a stored backup may keep a
-        // copy of it (keepLocal, or an image's base) and not have been asked at all.
-        let cutter_untold = stored
-            .as_ref()
-            .and_then(|b| VolumeId::parse(&b.meta.source_volume_id).ok())
-            .is_some_and(|v| v.0.node().is_some_and(|n| !told.contains(n)));
+        // copy of it and not have been asked at all.
         let i = id.clone();
-        if untold || cutter_untold || (stored.is_none() && !held) {
+        if crate::backup::delete_needs_mark(stored.as_ref(), untold, |n| told.contains(n), held) {
             // Before the forget: a node that finishes an upload after it looks for the mark.
             blocking(&self.backups, move |b| b.mark_deleted(&i)).await?;
         }

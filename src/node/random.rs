@@ -569,6 +569,9 @@ struct Model {
     /// Local copies of backups forgotten while their node was away (its index, the backup's
     /// id), by snapshot id: the node drops each once it is back.
     doomed: BTreeMap<String, (usize, String)>,
+    /// Forgets made while a node was away: every other one its agent could not be reached (a
+    /// node still counted alive), the others the controller did not ask it (counted down).
+    aways: usize,
     with_backups: bool,
     /// Backup seeds that also race backup calls with each other ([`backups::racing`]).
     backup_races: bool,

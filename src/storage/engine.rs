@@ -249,6 +249,8 @@ pub struct LocalEngine {
     pools: BTreeMap<PoolName, Pool>,
     /// Pools that could not be opened, with the reason; Probe is not ready while there are any.
     broken: BTreeMap<PoolName, String>,
+    /// Those of them this process would own: what it holds there is unknown until they open.
+    broken_owned: Vec<PoolName>,
     default_pool: PoolName,
     /// The records of every pool here: the only reader and writer of them.
     store: PoolStore,
@@ -325,6 +327,7 @@ impl LocalEngine {
     ) -> Result<LocalEngine, StorageError> {
         let mut pools = BTreeMap::new();
         let mut broken = BTreeMap::new();
+        let mut broken_owned = Vec::new();
         for pc in &config.pools {
             let Some(owner) = pick(pc) else { continue };
             match Pool::open_as(pc.clone(), owner, sys.clone()) {
@@ -334,6 +337,9 @@ impl LocalEngine {
                 Err(e) => {
                     tracing::error!(pool = pc.name.as_str(), error = %e, "pool cannot be opened; not ready");
                     broken.insert(pc.name.clone(), e.to_string());
+                    if owner {
+                        broken_owned.push(pc.name.clone());
+                    }
                 }
             }
         }
@@ -341,6 +347,7 @@ impl LocalEngine {
             node: node.clone(),
             pools,
             broken,
+            broken_owned,
             default_pool: config.default_pool.clone(),
             store: PoolStore::default(),
             in_flight: InFlight::default(),
@@ -400,6 +407,19 @@ impl LocalEngine {
     /// True when every configured pool is open.
     pub fn ready(&self) -> bool {
         self.broken.is_empty()
+    }
+
+    /// Fails when a pool this process owns could not be opened: whether it holds `what` there
+    /// cannot be told until it opens.
+    pub(crate) fn every_owned_pool_open(&self, what: &str) -> Result<(), StorageError> {
+        match self.broken_owned.first() {
+            None => Ok(()),
+            Some(p) => Err(StorageError::Unavailable(format!(
+                "pool {} could not be opened ({}); whether it holds {what} cannot be told until it opens",
+                p.as_str(),
+                self.broken.get(p).map_or("", String::as_str)
+            ))),
+        }
     }
 
     pub fn broken_pools(&self) -> Vec<(PoolName, String)> {

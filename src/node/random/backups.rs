@@ -344,16 +344,25 @@ fn forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, name: &str, faulted: bo
         Home::Node(n) if rng.chance(30) => Some(n),
         _ => None,
     };
+    // Counted, not drawn, so that every seed draws what it drew before.
+    m.aways += usize::from(away.is_some());
+    let unreached = away.is_some() && m.aways % 2 == 1;
     log.push(format!(
         "forget {name} ({}){}",
         b.id,
-        away.map(|n| format!(" while n{n} is away")).unwrap_or_default()
+        away.map(|n| format!(
+            " while n{n} is away ({})",
+            if unreached { "unreachable" } else { "not asked" }
+        ))
+        .unwrap_or_default()
     ));
     let mut held = false;
+    let mut told = Vec::new();
     for at in 0..c.procs.len() {
         if Some(at) == away {
             continue;
         }
+        told.push(c.procs[at].engine.node().clone());
         let f = if at == faulted_at { fault.take() } else { None };
         held |= c
             .converge(
@@ -375,7 +384,7 @@ fn forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, name: &str, faulted: bo
         replica,
         None,
         None,
-        |p| forget_stored(p, &id, away.is_some(), held).map_err(tonic::Status::from),
+        |p| forget_stored(p, &id, unreached, &told, held).map_err(tonic::Status::from),
         ok,
     )
     .expect("converged");
@@ -412,12 +421,14 @@ fn forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, name: &str, faulted: bo
     );
 }
 
-/// The repository's part of a forget, as the controller does it: a deletion mark first when a node
-/// could not be told (`untold`), or the repository does not hold the backup (yet) and no node
-/// answered that it `held` a part, then the forget.
-fn forget_stored(p: &Proc, id: &BackupId, untold: bool, held: bool) -> Result<(), StorageError> {
+/// The repository's part of a forget, as the controller does it: a deletion mark first when
+/// [`crate::backup::delete_needs_mark`] says so (a node could not be reached, `unreached`; the
+/// node that cut the stored backup is not among those `told`; or the repository does not hold
+/// the backup yet and no node answered that it `held` a part), then the forget.
+fn forget_stored(p: &Proc, id: &BackupId, unreached: bool, told: &[NodeId], held: bool) -> Result<(), StorageError> {
     let backups = p.engine.backups();
-    if untold || (!held && backups.find(id)?.is_none()) {
+    let stored = backups.find(id)?;
+    if crate::backup::delete_needs_mark(stored.as_ref(), unreached, |n| told.contains(n), held) {
         backups.mark_deleted(id)?;
     }
     backups.forget(id)

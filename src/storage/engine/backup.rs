@@ -607,6 +607,11 @@ impl LocalEngine {
         let local = self
             .local_of_backup(id)
             .filter(|r| self.locate(&r.id.0).is_some_and(|p| p.owner));
+        if local.is_none() {
+            // "Held nothing" from a node whose pool did not open would spare the deletion mark
+            // its copy there needs once the pool is back.
+            self.every_owned_pool_open(&format!("part of backup {id}"))?;
+        }
         if let Some(rec) = local {
             let pool = self
                 .locate(&rec.id.0)
@@ -814,6 +819,31 @@ mod tests {
         let rec = engine.create_backup("snap-1", &vol.id, false, &req).expect("cut");
         let backup = rec.backup.clone().unwrap().id;
         (dir, engine, rec, backup)
+    }
+
+    /// A node with a pool of its own that did not open cannot say it holds nothing of a backup:
+    /// its copy may be there. Its forget answers UNAVAILABLE (so the delete is retried rather
+    /// than answered OK without the deletion mark that copy needs); with every pool open, a backup
+    /// it never had is nothing held.
+    #[test]
+    fn a_node_whose_pool_did_not_open_cannot_say_it_holds_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::storage::config::Config::default_for(&dir.path().join("node"));
+        config.repositories = vec![crate::backup::testing::repository(dir.path())];
+        let id = BackupId::parse("backup:offsite:191afa53-364c-48b7-9db1-c979c83f3c1c").unwrap();
+        let open = LocalEngine::open(NodeId::parse("n1").unwrap(), &config).expect("engine");
+        assert!(!open.forget_local_backup(&id).expect("every pool open"));
+        let mut gone = config.pools[0].clone();
+        gone.name = PoolName::parse("gone").unwrap();
+        std::fs::write(dir.path().join("a-file"), b"").unwrap();
+        gone.path = dir.path().join("a-file").join("pool");
+        config.pools.push(gone);
+        let engine = LocalEngine::open(NodeId::parse("n1").unwrap(), &config).expect("engine");
+        assert!(!engine.ready());
+        match engine.forget_local_backup(&id) {
+            Err(StorageError::Unavailable(m)) => assert!(m.contains("pool gone"), "{m}"),
+            other => panic!("a forget with a pool not open: {other:?}"),
+        }
     }
 
     /// A kept copy of a backup deleted while its node was away goes once the node can read the

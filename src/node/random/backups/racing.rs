@@ -177,6 +177,7 @@ fn forget_dying(
     replica: usize,
     crash: Option<&'static str>,
 ) -> Result<Result<(), tonic::Status>, String> {
+    let asks = |at: usize| Some(at) != away && (at < NODES || at == replica);
     // All at once, as the controller asks its agents: the one uploading it calls the upload off
     // while another process that finds the snapshot taken retries.
     let told: Vec<Result<Result<bool, tonic::Status>, String>> = std::thread::scope(|s| {
@@ -184,7 +185,7 @@ fn forget_dying(
             .procs
             .iter()
             .enumerate()
-            .filter(|(at, _)| Some(*at) != away && (*at < NODES || *at == replica))
+            .filter(|(at, _)| asks(*at))
             .map(|(at, p)| {
                 s.spawn(move || {
                     let ask = || sidecar(|| p.engine.forget_local_backup(id).map_err(tonic::Status::from));
@@ -204,9 +205,14 @@ fn forget_dying(
             Err(e) => return Ok(Err(e)),
         }
     }
+    // A node away here could not be reached (one not asked at all is the in-order run's).
+    let answered: Vec<NodeId> = (0..c.procs.len())
+        .filter(|at| asks(*at))
+        .map(|at| c.procs[at].engine.node().clone())
+        .collect();
     let p = &c.procs[replica];
     Ok(retrying(
-        || forget_stored(p, id, away.is_some(), held).map_err(tonic::Status::from),
+        || forget_stored(p, id, away.is_some(), &answered, held).map_err(tonic::Status::from),
         |code| code == Code::Unavailable,
     ))
 }
