@@ -643,13 +643,16 @@ impl LocalEngine {
                     other => break other?,
                 }
             };
+            // Remembered before the removal: one that fails after the record went (a failed
+            // sync of the directory) leaves the retry no record to find, and the retry must still
+            // hear that this process held the part, or the controller writes a mark nobody clears.
+            self.remember_forgotten(id);
             // The upload may have ended meanwhile and removed its copy itself.
             if self.snapshot(&rec.id).is_some() {
                 self.remove_object(pool, Kind::Snapshot, &rec.id.0.key, &rec.id.to_string())?;
             } else {
                 self.sweep_unrecorded_copies();
             }
-            self.remember_forgotten(id);
             self.clear_mark_for_other_replica(id);
             return Ok(true);
         }
@@ -657,13 +660,17 @@ impl LocalEngine {
             // The retry of a delete that marked another replica's upload off: done once the
             // snapshot is gone, seen under its lock (the other replica may still hold it, and a
             // record a glitch of the share left out of the listing is not gone).
-            if let Some(pool) = self.locate(&snap.0) {
-                let _held = self.take(Kind::Snapshot, &snap.0.pool, &snap.0.key, &snap.to_string())?;
-                if self.snapshot(&snap).is_some() {
-                    self.remove_object(pool, Kind::Snapshot, &snap.0.key, &snap.to_string())?;
+            match self.locate(&snap.0) {
+                Some(pool) => {
+                    let _held = self.take(Kind::Snapshot, &snap.0.pool, &snap.0.key, &snap.to_string())?;
+                    // Remembered before the removal, as above.
+                    self.remember_forgotten(id);
+                    if self.snapshot(&snap).is_some() {
+                        self.remove_object(pool, Kind::Snapshot, &snap.0.key, &snap.to_string())?;
+                    }
                 }
+                None => self.remember_forgotten(id),
             }
-            self.remember_forgotten(id);
             self.clear_mark_for_other_replica(id);
             return Ok(true);
         }
@@ -844,6 +851,21 @@ mod tests {
             Err(StorageError::Unavailable(m)) => assert!(m.contains("pool gone"), "{m}"),
             other => panic!("a forget with a pool not open: {other:?}"),
         }
+    }
+
+    /// A forget whose removal fails after the copy's record went (its directory's sync, EIO)
+    /// answers the error; its retry finds no record, and must still answer that this process
+    /// held the part, or the controller writes a deletion mark nobody would ever clear.
+    #[test]
+    fn a_forget_retried_after_its_record_went_still_held_the_part() {
+        let (_dir, engine, rec, backup) = cut_backup(true);
+        engine.upload_step(&rec.id).expect("upload");
+        crate::crash::in_thread::fail_once_at("file:fsync", libc::EIO);
+        let first = engine.forget_local_backup(&backup);
+        crate::crash::in_thread::fail_at(None);
+        assert!(first.is_err(), "the failed sync is the answer: {first:?}");
+        assert!(engine.snapshot(&rec.id).is_none(), "the record went before the sync");
+        assert!(engine.forget_local_backup(&backup).expect("retry"), "held");
     }
 
     /// A kept copy of a backup deleted while its node was away goes once the node can read the
