@@ -409,10 +409,10 @@ impl LocalEngine {
         self.broken.is_empty()
     }
 
-    /// Fails when a pool this process owns could not be opened: whether it holds `what` there
-    /// cannot be told until it opens.
-    pub(crate) fn every_owned_pool_open(&self, what: &str) -> Result<(), StorageError> {
-        match self.broken_owned.first() {
+    /// Fails when pool `only` (any pool, without one) is a pool this process owns that could not
+    /// be opened: whether it holds `what` there cannot be told until it opens.
+    pub(crate) fn owned_pools_open(&self, only: Option<&PoolName>, what: &str) -> Result<(), StorageError> {
+        match self.broken_owned.iter().find(|p| only.is_none_or(|o| o == *p)) {
             None => Ok(()),
             Some(p) => Err(StorageError::Unavailable(format!(
                 "pool {} could not be opened ({}); whether it holds {what} cannot be told until it opens",
@@ -420,6 +420,11 @@ impl LocalEngine {
                 self.broken.get(p).map_or("", String::as_str)
             ))),
         }
+    }
+
+    /// Whether a pool this process owns could not be opened.
+    pub(crate) fn owned_pool_broken(&self) -> bool {
+        !self.broken_owned.is_empty()
     }
 
     pub fn broken_pools(&self) -> Vec<(PoolName, String)> {

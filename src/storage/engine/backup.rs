@@ -607,10 +607,19 @@ impl LocalEngine {
         let local = self
             .local_of_backup(id)
             .filter(|r| self.locate(&r.id.0).is_some_and(|p| p.owner));
-        if local.is_none() {
+        if local.is_none() && self.owned_pool_broken() {
             // "Held nothing" from a node whose pool did not open would spare the deletion mark
-            // its copy there needs once the pool is back.
-            self.every_owned_pool_open(&format!("part of backup {id}"))?;
+            // its copy there needs once the pool is back. A copy is beside its source volume:
+            // only that pool counts when the repository names it (an unrelated pool that did not
+            // open holds no delete up); any pool when it does not.
+            let pool = self
+                .backups
+                .find_even_pending(id)
+                .ok()
+                .flatten()
+                .and_then(|b| backup::source_of(&b))
+                .map(|v| v.0.pool);
+            self.owned_pools_open(pool.as_ref(), &format!("part of backup {id}"))?;
         }
         if let Some(rec) = local {
             let pool = self
@@ -828,18 +837,35 @@ mod tests {
         (dir, engine, rec, backup)
     }
 
-    /// A node with a pool of its own that did not open cannot say it holds nothing of a backup:
-    /// its copy may be there. Its forget answers UNAVAILABLE (so the delete is retried rather
-    /// than answered OK without the deletion mark that copy needs); with every pool open, a backup
-    /// it never had is nothing held.
+    /// A node with a pool of its own that did not open cannot say it holds nothing of a backup
+    /// whose copy may be there: its forget answers UNAVAILABLE (so the delete is retried rather
+    /// than answered OK without the deletion mark that copy needs). A backup the repository
+    /// names with its source in another pool is not held up; with every pool open, a backup it
+    /// never had is nothing held.
     #[test]
     fn a_node_whose_pool_did_not_open_cannot_say_it_holds_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = crate::storage::config::Config::default_for(&dir.path().join("node"));
         config.repositories = vec![crate::backup::testing::repository(dir.path())];
-        let id = BackupId::parse("backup:offsite:191afa53-364c-48b7-9db1-c979c83f3c1c").unwrap();
+        let repository = PoolName::parse("offsite").unwrap();
+        let unknown = BackupId::parse("backup:offsite:191afa53-364c-48b7-9db1-c979c83f3c1c").unwrap();
         let open = LocalEngine::open(NodeId::parse("n1").unwrap(), &config).expect("engine");
-        assert!(!open.forget_local_backup(&id).expect("every pool open"));
+        open.backups().open_or_init(&repository, true).unwrap();
+        assert!(!open.forget_local_backup(&unknown).expect("every pool open"));
+        // Backups the repository holds, one of a volume in each pool.
+        let stored = |pool: &str, key: &str| {
+            let id = BackupId::new(repository.clone(), key).unwrap();
+            let meta = BackupMeta {
+                source_volume_id: format!("local:n1:{pool}:pvc-1"),
+                ..crate::backup::testing::dir_meta(key)
+            };
+            let data = dir.path().join(key);
+            std::fs::create_dir(&data).unwrap();
+            backup::upload::upload(open.backups(), &id, &meta, &data, None, &Default::default()).unwrap();
+            id
+        };
+        let beside_default = stored("default", "0b8c3a2e-51c4-4a4e-9d0e-6f1f0c2f8a11");
+        let beside_gone = stored("gone", "5d2e8f7a-0c1b-4b7e-8a9d-3e4f5a6b7c8d");
         let mut gone = config.pools[0].clone();
         gone.name = PoolName::parse("gone").unwrap();
         std::fs::write(dir.path().join("a-file"), b"").unwrap();
@@ -847,10 +873,13 @@ mod tests {
         config.pools.push(gone);
         let engine = LocalEngine::open(NodeId::parse("n1").unwrap(), &config).expect("engine");
         assert!(!engine.ready());
-        match engine.forget_local_backup(&id) {
-            Err(StorageError::Unavailable(m)) => assert!(m.contains("pool gone"), "{m}"),
-            other => panic!("a forget with a pool not open: {other:?}"),
+        for id in [&unknown, &beside_gone] {
+            match engine.forget_local_backup(id) {
+                Err(StorageError::Unavailable(m)) => assert!(m.contains("pool gone"), "{m}"),
+                other => panic!("a forget of {id} with its pool not open: {other:?}"),
+            }
         }
+        assert!(!engine.forget_local_backup(&beside_default).expect("its pool is open"));
     }
 
     /// A forget whose removal fails after the copy's record went (its directory's sync, EIO)
