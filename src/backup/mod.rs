@@ -1476,6 +1476,22 @@ pub(crate) mod testing {
         }
     }
 
+    /// A directory `data` under `dir` holding one file `f` of `bytes`: a volume's data to back up.
+    pub fn data_dir(dir: &Path, bytes: &[u8]) -> PathBuf {
+        let data = dir.join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("f"), bytes).unwrap();
+        data
+    }
+
+    /// Uploads `data` into repository `name` as backup `key` of a `dir` volume's snapshot named
+    /// `csi_name`.
+    pub fn upload_dir(b: &Backups, name: &PoolName, key: &str, csi_name: &str, data: &Path) -> BackupId {
+        let id = BackupId::new(name.clone(), key).unwrap();
+        upload::upload(b, &id, &dir_meta(csi_name), data, None, &Default::default()).unwrap();
+        id
+    }
+
     /// The meta of a `dir` volume's backup named `name`.
     pub fn dir_meta(name: &str) -> BackupMeta {
         BackupMeta {
@@ -1618,11 +1634,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (b, name) = testing::backups(dir.path());
         b.open_or_init(&name, true).unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        std::fs::write(data.join("f"), b"a live backup").unwrap();
-        let id = BackupId::new(name.clone(), "3333-cccc").unwrap();
-        upload::upload(&b, &id, &testing::dir_meta("live"), &data, None, &Default::default()).unwrap();
+        let data = testing::data_dir(dir.path(), b"a live backup");
+        testing::upload_dir(&b, &name, "3333-cccc", "live", &data);
         let repo = dir.path().join("repo");
         for index in std::fs::read_dir(repo.join("index")).unwrap() {
             std::fs::remove_file(index.unwrap().path()).unwrap();
@@ -1645,11 +1658,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (b, name) = testing::backups(dir.path());
         b.open_or_init(&name, true).unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        std::fs::write(data.join("f"), b"kept").unwrap();
-        let kept = BackupId::new(name.clone(), "1111-aaaa").unwrap();
-        upload::upload(&b, &kept, &testing::dir_meta("kept"), &data, None, &Default::default()).unwrap();
+        let data = testing::data_dir(dir.path(), b"kept");
+        testing::upload_dir(&b, &name, "1111-aaaa", "kept", &data);
         let stored = b.snapshots(&name, &b.open(&name).unwrap()).unwrap()[0].clone();
         let done = AtomicBool::new(false);
         std::thread::scope(|s| {
@@ -1673,15 +1683,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (b, name) = testing::backups(dir.path());
         b.open_or_init(&name, true).unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        std::fs::write(data.join("f"), b"deleted while it uploads").unwrap();
-        let (gone, kept) = (
-            BackupId::new(name.clone(), "1111-aaaa").unwrap(),
-            BackupId::new(name.clone(), "2222-bbbb").unwrap(),
-        );
-        upload::upload(&b, &gone, &testing::dir_meta("gone"), &data, None, &Default::default()).unwrap();
-        upload::upload(&b, &kept, &testing::dir_meta("kept"), &data, None, &Default::default()).unwrap();
+        let data = testing::data_dir(dir.path(), b"deleted while it uploads");
+        let gone = testing::upload_dir(&b, &name, "1111-aaaa", "gone", &data);
+        let kept = testing::upload_dir(&b, &name, "2222-bbbb", "kept", &data);
         b.mark_deleted(&gone).unwrap();
         let listed: Vec<BackupId> = b.list(&name).unwrap().into_iter().map(|i| i.id).collect();
         assert_eq!(
