@@ -198,8 +198,8 @@ pub mod in_thread {
     thread_local! {
         static PAUSE_AT: RefCell<Option<(String, Arc<Pause>)>> = const { RefCell::new(None) };
         static CRASH_AT: RefCell<Option<String>> = const { RefCell::new(None) };
-        /// The point, its errno, and whether it fires only once.
-        static FAIL_AT: RefCell<Option<(String, i32, bool)>> = const { RefCell::new(None) };
+        /// The point, its errno, whether it fires only once, and how many passes it lets by first.
+        static FAIL_AT: RefCell<Option<(String, i32, bool, u32)>> = const { RefCell::new(None) };
     }
 
     /// The next time this thread reaches `point`, it unwinds with [`Crashed`].
@@ -209,13 +209,18 @@ pub mod in_thread {
 
     /// Every time this thread reaches the failure point `point`, it fails with `errno`.
     pub fn fail_at(point: Option<(&str, i32)>) {
-        FAIL_AT.with(|f| *f.borrow_mut() = point.map(|(p, e)| (p.to_string(), e, false)));
+        FAIL_AT.with(|f| *f.borrow_mut() = point.map(|(p, e)| (p.to_string(), e, false, 0)));
     }
 
     /// The next time this thread reaches the failure point `point`, it fails with `errno`; later
     /// passes succeed (a disk that failed one operation, as EIO on one rename).
     pub fn fail_once_at(point: &str, errno: i32) {
-        FAIL_AT.with(|f| *f.borrow_mut() = Some((point.to_string(), errno, true)));
+        fail_once_at_nth(point, 1, errno);
+    }
+
+    /// As [`fail_once_at`], at the `nth` pass of `point` (1 is the next).
+    pub fn fail_once_at_nth(point: &str, nth: u32, errno: i32) {
+        FAIL_AT.with(|f| *f.borrow_mut() = Some((point.to_string(), errno, true, nth.saturating_sub(1))));
     }
 
     /// Whether the crash armed for this thread has fired (and so is no longer armed).
@@ -251,8 +256,12 @@ pub mod in_thread {
     pub(super) fn fail(name: &str) -> std::io::Result<()> {
         FAIL_AT.with(|f| {
             let mut f = f.borrow_mut();
-            match f.as_ref() {
-                Some((p, errno, once)) if p == name => {
+            match f.as_mut() {
+                Some((p, _, _, skip)) if p == name && *skip > 0 => {
+                    *skip -= 1;
+                    Ok(())
+                }
+                Some((p, errno, once, _)) if p == name => {
                     let e = std::io::Error::from_raw_os_error(*errno);
                     if *once {
                         *f = None;

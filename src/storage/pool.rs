@@ -29,7 +29,7 @@ use super::config::PoolConfig;
 /// that guard them). Nothing else may name them: a static volume handle below one of them would
 /// hand a pod another volume's data, a snapshot, or the stage marks and leases that keep a
 /// mounted volume from being deleted.
-const MANAGED: [&str; 9] = [
+const MANAGED: [&str; 10] = [
     "volumes",
     "snapshots",
     "groups",
@@ -39,6 +39,7 @@ const MANAGED: [&str; 9] = [
     ".leases",
     ".locks",
     ".retired",
+    ".forgotten",
 ];
 
 /// Whether a path relative to a pool's root reaches into what cellar manages there: one of
@@ -310,6 +311,7 @@ impl Pool {
             self.groups_dir(),
             self.config.path.join(".leases"),
             self.config.path.join(".retired"),
+            self.forgotten_dir(),
         ];
         dirs.extend(
             self.sys
@@ -444,6 +446,14 @@ impl Pool {
     /// (its answer lost) finds nothing there instead of the new volume.
     pub fn retired_path(&self, key: &Key) -> PathBuf {
         self.config.path.join(".retired").join(key.as_str())
+    }
+
+    /// Where the owner of the pool notes the backups whose copy here it dropped for their deletes
+    /// (one small file each, named by when and by the backup's key, holding the backup's id): the
+    /// retry of a delete that failed after the copy's record went still hears, across a restart,
+    /// that this pool held the backup's part.
+    pub fn forgotten_dir(&self) -> PathBuf {
+        self.config.path.join(".forgotten")
     }
 
     /// Where the lease of an image volume of a shared pool lives: apart from the volumes, so no

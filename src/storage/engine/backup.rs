@@ -29,6 +29,59 @@ pub struct BackupRequest {
 /// How many backups a node remembers having dropped for their deletes (ids of ~100 bytes).
 const FORGOTTEN_KEPT: usize = 1024;
 
+/// Notes durably in `pool` that its copy of backup `id` is being dropped for the backup's
+/// delete: a file named by the time and the backup's key, holding the id. Only the newest
+/// [`FORGOTTEN_KEPT`] notes stay; removing older ones is tidying (logged, tried again next time).
+fn note_forgotten(pool: &Pool, id: &BackupId) -> Result<(), StorageError> {
+    let dir = pool.forgotten_dir();
+    if !forgotten_notes(pool, id)?.is_empty() {
+        return Ok(());
+    }
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let note = dir.join(format!("{since:020}-{}", id.key()));
+    pool.sys
+        .files
+        .write_atomic(&note, id.to_string().as_bytes(), files::Durability::PowerLoss)?;
+    let tidy = || -> Result<(), StorageError> {
+        let mut notes = note_names(pool)?;
+        notes.sort();
+        let extra = notes.len().saturating_sub(FORGOTTEN_KEPT);
+        for old in &notes[..extra] {
+            pool.sys.files.remove_file_if_exists(&dir.join(old))?;
+        }
+        Ok(())
+    };
+    if let Err(e) = tidy() {
+        tracing::warn!(pool = pool.config.name.as_str(), error = %e, "cannot remove old notes of forgotten backups; the next note tries again");
+    }
+    Ok(())
+}
+
+/// The names of the notes in `pool`'s [`Pool::forgotten_dir`] (temporary files left out).
+fn note_names(pool: &Pool) -> Result<Vec<String>, StorageError> {
+    Ok(pool
+        .sys
+        .files
+        .list_dir(&pool.forgotten_dir())?
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .filter(|n| !n.starts_with('.'))
+        .collect())
+}
+
+/// The notes in `pool` that may be of backup `id` (named by its key).
+fn forgotten_notes(pool: &Pool, id: &BackupId) -> Result<Vec<std::path::PathBuf>, StorageError> {
+    let tail = format!("-{}", id.key());
+    Ok(note_names(pool)?
+        .into_iter()
+        .filter(|n| n.ends_with(&tail))
+        .map(|n| pool.forgotten_dir().join(n))
+        .collect())
+}
+
 /// How long a backup's delete waits for the upload it called off to end.
 const STOP_WAIT: Duration = Duration::from_secs(5);
 
@@ -390,9 +443,9 @@ impl LocalEngine {
         // A copy this node wrote after the controller's forget (and then crashed before its own
         // look for the mark) goes too.
         self.backups.forget(backup)?;
+        // A delete's retry asking this node hears that it held the part (no mark needed).
+        self.remember_forgotten(backup, Some(pool))?;
         self.remove_object(pool, Kind::Snapshot, &rec.id.0.key, &rec.id.to_string())?;
-        // A delete's retry asking this process hears that it held the part (no mark needed).
-        self.remember_forgotten(backup);
         tracing::info!(snapshot = %rec.id, backup = %backup, "backup deleted while this node was away: local snapshot removed");
         self.backups.clear_deleted_marks(Some(backup), backup.repository())
     }
@@ -652,10 +705,11 @@ impl LocalEngine {
                     other => break other?,
                 }
             };
-            // Remembered before the removal: one that fails after the record went (a failed
-            // sync of the directory) leaves the retry no record to find, and the retry must still
-            // hear that this process held the part, or the controller writes a mark nobody clears.
-            self.remember_forgotten(id);
+            // Noted before the removal: one that fails after the record went (a failed sync of
+            // the directory) leaves the retry no record to find, and the retry (after a restart
+            // too) must still hear that this node held the part, or the controller writes a mark
+            // nobody clears.
+            self.remember_forgotten(id, Some(pool))?;
             // The upload may have ended meanwhile and removed its copy itself.
             if self.snapshot(&rec.id).is_some() {
                 self.remove_object(pool, Kind::Snapshot, &rec.id.0.key, &rec.id.to_string())?;
@@ -672,13 +726,13 @@ impl LocalEngine {
             match self.locate(&snap.0) {
                 Some(pool) => {
                     let _held = self.take(Kind::Snapshot, &snap.0.pool, &snap.0.key, &snap.to_string())?;
-                    // Remembered before the removal, as above.
-                    self.remember_forgotten(id);
+                    // Noted before the removal, as above.
+                    self.remember_forgotten(id, Some(pool))?;
                     if self.snapshot(&snap).is_some() {
                         self.remove_object(pool, Kind::Snapshot, &snap.0.key, &snap.to_string())?;
                     }
                 }
-                None => self.remember_forgotten(id),
+                None => self.remember_forgotten(id, None)?,
             }
             self.clear_mark_for_other_replica(id);
             return Ok(true);
@@ -688,7 +742,10 @@ impl LocalEngine {
         self.sweep_unrecorded_copies();
         // The retry of a delete that another node refused, or whose repository part failed:
         // this node still held the part the first try removed.
-        Ok(lock(&self.forgotten).iter().any(|f| f == id))
+        if lock(&self.forgotten).iter().any(|f| f == id) {
+            return Ok(true);
+        }
+        self.noted_forgotten(id)
     }
 
     /// Marks backup `id` deleted (once) so that the other controller replica holding its
@@ -743,11 +800,30 @@ impl LocalEngine {
         }
     }
 
-    /// Remembers that this node held backup `id` and dropped it, for the delete's retries (the
-    /// last [`FORGOTTEN_KEPT`]; a restart forgets them, and the controller then writes a
-    /// deletion mark no node consumes, which expires).
-    fn remember_forgotten(&self, id: &BackupId) {
+    /// Remembers that this node held backup `id` and is dropping it, for the delete's retries:
+    /// in this process (the last [`FORGOTTEN_KEPT`]) and, durably, in `pool`, the pool of the
+    /// copy ([`Pool::forgotten_dir`], the last [`FORGOTTEN_KEPT`] there), so that a restart
+    /// between the attempts does not make the retry answer that it held nothing. A note that
+    /// cannot be written fails the forget before anything is removed.
+    fn remember_forgotten(&self, id: &BackupId, pool: Option<&Pool>) -> Result<(), StorageError> {
+        if let Some(pool) = pool {
+            note_forgotten(pool, id)?;
+        }
         keep_last(&mut lock(&self.forgotten), id.clone());
+        Ok(())
+    }
+
+    /// Whether a pool this process owns noted backup `id` as dropped ([`note_forgotten`]). A
+    /// pool whose notes cannot be read fails the answer: "held nothing" would spare a mark.
+    fn noted_forgotten(&self, id: &BackupId) -> Result<bool, StorageError> {
+        for pool in self.pools.values().filter(|p| p.owner) {
+            for note in forgotten_notes(pool, id)? {
+                if pool.sys.files.read_optional(&note)?.as_deref() == Some(id.to_string().as_bytes()) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
     }
 
     /// [`Self::purge_unrecorded_copies`] where it only tidies up: what it cannot remove (maybe
@@ -883,18 +959,40 @@ mod tests {
     }
 
     /// A forget whose removal fails after the copy's record went (its directory's sync, EIO)
-    /// answers the error; its retry finds no record, and must still answer that this process
-    /// held the part, or the controller writes a deletion mark nobody would ever clear.
+    /// answers the error; its retry finds no record, and must still answer that this node held
+    /// the part, or the controller writes a deletion mark nobody would ever clear: in the same
+    /// process, and after a restart between the attempts (the note in the pool). A backup this
+    /// node never held is still nothing held.
     #[test]
     fn a_forget_retried_after_its_record_went_still_held_the_part() {
-        let (_dir, engine, rec, backup) = cut_backup(true);
+        let (dir, engine, rec, backup) = cut_backup(true);
         engine.upload_step(&rec.id).expect("upload");
-        crate::crash::in_thread::fail_once_at("file:fsync", libc::EIO);
+        // The note's own write syncs twice (file, directory); the removal's record sync is next.
+        let syncs = |engine: &LocalEngine| {
+            let pool = engine.pool(&rec.id.0.pool).unwrap();
+            pool.sys.files.list_dir(&pool.forgotten_dir()).unwrap().len()
+        };
+        assert_eq!(syncs(&engine), 0, "no note before the forget");
+        crate::crash::in_thread::fail_once_at_nth("file:fsync", 3, libc::EIO);
         let first = engine.forget_local_backup(&backup);
         crate::crash::in_thread::fail_at(None);
         assert!(first.is_err(), "the failed sync is the answer: {first:?}");
         assert!(engine.snapshot(&rec.id).is_none(), "the record went before the sync");
+        assert_eq!(syncs(&engine), 1, "the note was written before the removal");
         assert!(engine.forget_local_backup(&backup).expect("retry"), "held");
+        drop(engine);
+        let mut config = crate::storage::config::Config::default_for(&dir.path().join("node"));
+        config.repositories = vec![crate::backup::testing::repository(dir.path())];
+        let restarted = LocalEngine::open(NodeId::parse("n1").unwrap(), &config).expect("engine");
+        assert!(
+            restarted.forget_local_backup(&backup).expect("retry after a restart"),
+            "held"
+        );
+        let never = BackupId::parse("backup:offsite:191afa53-364c-48b7-9db1-c979c83f3c1c").unwrap();
+        assert!(
+            !restarted.forget_local_backup(&never).expect("never held"),
+            "nothing held"
+        );
     }
 
     /// A kept copy of a backup deleted while its node was away goes once the node can read the
