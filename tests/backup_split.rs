@@ -484,8 +484,22 @@ async fn an_uploaded_backup_answers_get_snapshot_while_its_node_is_unreachable()
     );
 }
 
-/// DeleteSnapshot of `id` through the controller.
+/// DeleteSnapshot of `id` through the controller, retried as the CO does while the controller
+/// waits for its nodes to report after its start (two heartbeats; a minute at most).
 async fn delete_snapshot(c: &Cluster, id: &str) -> Result<(), tonic::Status> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match delete_snapshot_once(c, id).await {
+            Err(e) if e.message().contains("not every node has reported") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// DeleteSnapshot of `id` through the controller, asked once.
+async fn delete_snapshot_once(c: &Cluster, id: &str) -> Result<(), tonic::Status> {
     c.ctl()
         .await
         .delete_snapshot(DeleteSnapshotRequest {
@@ -523,6 +537,15 @@ async fn kept_backup(c: &Cluster, name: &str, volume: &str) -> Snapshot {
         .expect("snapshot");
     until_ready(c, &kept.snapshot_id, || {}).await;
     kept
+}
+
+/// Two nodes (no TLS), the controller heartbeating every `heartbeat`, and an uploaded
+/// `keepLocal` backup `snap-<name>` of volume `pvc-<name>` on node-1.
+async fn a_kept_backup_on_node_1(name: &str, heartbeat: &str) -> (Shared, Cluster, Snapshot) {
+    let args = vec!["--heartbeat-interval".into(), heartbeat.into()];
+    let (shared, c, v) = two_nodes_and_a_volume_on_node_1_with(&format!("pvc-{name}"), false, args).await;
+    let kept = kept_backup(&c, &format!("snap-{name}"), &v.volume_id).await;
+    (shared, c, kept)
 }
 
 /// The backups a restic listing of the repository holds as cellar backups, and cellar's
@@ -702,9 +725,7 @@ async fn a_backup_deleted_while_its_node_is_down_is_not_uploaded_when_it_returns
 #[tokio::test]
 async fn a_kept_backup_deleted_after_its_node_counts_as_down_is_dropped_when_it_returns() {
     // node-1 counts as down 1.5 s after it dies, not 30 s.
-    let heartbeat = vec!["--heartbeat-interval".into(), "500ms".into()];
-    let (shared, mut c, v) = two_nodes_and_a_volume_on_node_1_with("pvc-gone", false, heartbeat).await;
-    let kept = kept_backup(&c, "snap-kept", &v.volume_id).await;
+    let (shared, mut c, kept) = a_kept_backup_on_node_1("gone", "500ms").await;
     c.kill_node(0);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !c.logs().contains("node missed its heartbeats") {
@@ -772,4 +793,36 @@ async fn a_deletion_mark_the_controller_did_not_seal_drops_nothing() {
     );
     c.start_node(0);
     until_dropped_with_marks(&c, &shared).await;
+}
+
+/// Right after a controller start, a node that is up may not have called in yet. A delete of a
+/// backup whose node has not reported answers UNAVAILABLE then rather than write a deletion mark
+/// for it (a mark nobody clears when the node holds nothing, kept 90 days); the CO's retry, once
+/// the node is back, asks it, and the node drops its kept copy with no mark at all.
+#[tokio::test]
+async fn a_delete_right_after_a_controller_start_waits_for_the_nodes_to_report() {
+    // The controller settles for two heartbeats (10 s here) after it starts.
+    let (shared, mut c, kept) = a_kept_backup_on_node_1("restart", "5s").await;
+    c.kill_node(0);
+    c.kill_controller();
+    c.start_controller();
+    let early = delete_snapshot_once(&c, &kept.snapshot_id).await;
+    assert!(
+        early.as_ref().is_err_and(|e| e.code() == tonic::Code::Unavailable && e.message().contains("not every node has reported")),
+        "a delete before node-1 reported: {early:?}\n{}",
+        c.logs()
+    );
+    assert_eq!(backups_and_marks(&shared), (1, 0), "the backup stays, and no mark");
+    c.start_node(0);
+    c.wait_registered().await;
+    delete_snapshot_once(&c, &kept.snapshot_id)
+        .await
+        .unwrap_or_else(|e| panic!("DeleteSnapshot with node-1 back: {e:?}\n{}", c.logs()));
+    assert_eq!(backups_and_marks(&shared), (0, 0), "forgotten, with no mark");
+    assert!(
+        local_snapshots(&c, 0).iter().all(|e| e.starts_with('.')),
+        "node-1 keeps {:?}",
+        local_snapshots(&c, 0)
+    );
+    assert_nothing_listed(&c).await;
 }

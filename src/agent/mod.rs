@@ -473,6 +473,11 @@ pub trait Directory: Send + Sync {
     fn answers(&self, _node: &NodeId) -> bool {
         true
     }
+    /// True right after the controller started, while a node that is up may simply not have
+    /// called in yet: a node missing from [`Directory::all`] then says nothing about the node.
+    fn settling(&self) -> bool {
+        false
+    }
 }
 
 /// All-in-one: exactly one node, in-process.

@@ -658,6 +658,10 @@ impl Directory for Registry {
         self.shared.shared_pools.clone()
     }
 
+    fn settling(&self) -> bool {
+        !self.settled()
+    }
+
     /// An available node's pools from its last heartbeat.
     fn reported_pools(&self, node: &NodeId) -> Option<Vec<PoolStatus>> {
         let s = &self.shared;

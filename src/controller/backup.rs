@@ -301,6 +301,14 @@ impl ControllerService {
         // copy of it and not have been asked at all.
         let i = id.clone();
         if crate::backup::delete_needs_mark(stored.as_ref(), untold, |n| told.contains(n), held) {
+            // Right after a start the nodes not asked may just not have called in yet: the CO's
+            // retry asks them once they have, and a mark goes only to a node still missing then.
+            if self.directory.settling() {
+                return Err(ControllerError::NodeUnreachable(format!(
+                    "backup {id}: the controller has just started and not every node has reported yet; \
+                     retry the delete shortly (a node still silent then gets a deletion mark)"
+                )));
+            }
             // Before the forget: a node that finishes an upload after it looks for the mark.
             blocking(&self.backups, move |b| b.mark_deleted(&i)).await?;
         }
