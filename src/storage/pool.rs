@@ -29,7 +29,7 @@ use super::config::PoolConfig;
 /// that guard them). Nothing else may name them: a static volume handle below one of them would
 /// hand a pod another volume's data, a snapshot, or the stage marks and leases that keep a
 /// mounted volume from being deleted.
-const MANAGED: [&str; 10] = [
+const MANAGED: [&str; 9] = [
     "volumes",
     "snapshots",
     "groups",
@@ -39,7 +39,6 @@ const MANAGED: [&str; 10] = [
     ".leases",
     ".locks",
     ".retired",
-    ".forgotten",
 ];
 
 /// Whether a path relative to a pool's root reaches into what cellar manages there: one of
@@ -311,8 +310,11 @@ impl Pool {
             self.groups_dir(),
             self.config.path.join(".leases"),
             self.config.path.join(".retired"),
-            self.forgotten_dir(),
         ];
+        // Made at a pool's first note only.
+        if self.sys.files.entry(&self.forgotten_dir())? == files::Entry::Dir {
+            dirs.push(self.forgotten_dir());
+        }
         dirs.extend(
             self.sys
                 .files
@@ -449,7 +451,8 @@ impl Pool {
     }
 
     /// Where the owner of the pool notes the backups whose copy here it dropped for their deletes
-    /// (one small file each, named by when and by the backup's key, holding the backup's id): the
+    /// (made at the first; one small file each, named by when and by the backup's key, holding
+    /// the backup's id): the
     /// retry of a delete that failed after the copy's record went still hears, across a restart,
     /// that this pool held the backup's part.
     pub fn forgotten_dir(&self) -> PathBuf {

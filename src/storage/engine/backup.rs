@@ -30,23 +30,27 @@ pub struct BackupRequest {
 const FORGOTTEN_KEPT: usize = 1024;
 
 /// Notes durably in `pool` that its copy of backup `id` is being dropped for the backup's
-/// delete: a file named by the time and the backup's key, holding the id. Only the newest
-/// [`FORGOTTEN_KEPT`] notes stay; removing older ones is tidying (logged, tried again next time).
+/// delete: a file in [`Pool::forgotten_dir`] named by the time and the backup's key, holding the
+/// id; only the newest [`FORGOTTEN_KEPT`] stay. A note that cannot be written fails the forget
+/// before anything is removed (the pool's next write, the record's removal, would most likely
+/// fail the same way, after the record went), except on a full pool: the note only spares a
+/// deletion mark nobody would clear, and a full pool must still free the room its copy takes.
 fn note_forgotten(pool: &Pool, id: &BackupId) -> Result<(), StorageError> {
-    let dir = pool.forgotten_dir();
-    if !forgotten_notes(pool, id)?.is_empty() {
-        return Ok(());
-    }
-    let since = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos();
-    let note = dir.join(format!("{since:020}-{}", id.key()));
-    pool.sys
-        .files
-        .write_atomic(&note, id.to_string().as_bytes(), files::Durability::PowerLoss)?;
-    let tidy = || -> Result<(), StorageError> {
-        let mut notes = note_names(pool)?;
+    let write = || -> Result<(), crate::sys::SysError> {
+        let dir = pool.forgotten_dir();
+        pool.sys.files.ensure_dir(&dir, 0o700)?;
+        if note_of(&*pool.sys.files, &dir, id)?.is_some() {
+            return Ok(());
+        }
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let note = dir.join(format!("{since:020}-{}", id.key()));
+        pool.sys
+            .files
+            .write_atomic(&note, id.to_string().as_bytes(), files::Durability::PowerLoss)?;
+        let mut notes = note_names(&*pool.sys.files, &dir)?;
         notes.sort();
         let extra = notes.len().saturating_sub(FORGOTTEN_KEPT);
         for old in &notes[..extra] {
@@ -54,31 +58,60 @@ fn note_forgotten(pool: &Pool, id: &BackupId) -> Result<(), StorageError> {
         }
         Ok(())
     };
-    if let Err(e) = tidy() {
-        tracing::warn!(pool = pool.config.name.as_str(), error = %e, "cannot remove old notes of forgotten backups; the next note tries again");
+    match write() {
+        Err(e) if matches!(e.errno(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) => {
+            tracing::warn!(pool = pool.config.name.as_str(), backup = %id, error = %e, "no room to note the backup whose copy is dropped; a retry of its delete after a restart may have the controller write a deletion mark that expires");
+            Ok(())
+        }
+        done => Ok(done?),
     }
-    Ok(())
 }
 
-/// The names of the notes in `pool`'s [`Pool::forgotten_dir`] (temporary files left out).
-fn note_names(pool: &Pool) -> Result<Vec<String>, StorageError> {
-    Ok(pool
-        .sys
-        .files
-        .list_dir(&pool.forgotten_dir())?
+/// Whether `pool` noted backup `id` as dropped ([`note_forgotten`]); on a share, bounded in time.
+fn noted_in(pool: &Pool, id: &BackupId) -> Result<bool, crate::sys::SysError> {
+    let (files, dir, id) = (pool.sys.files.clone(), pool.forgotten_dir(), id.clone());
+    let find = move || Ok(note_of(&*files, &dir, &id)?.is_some());
+    if pool.shared() {
+        crate::sys::share::within(
+            crate::sys::share::SHARE_TIMEOUT,
+            "read notes of dropped backups",
+            pool.root(),
+            find,
+        )
+    } else {
+        find()
+    }
+}
+
+/// The note in `dir` of backup `id`: a name ending in its key, holding its id.
+fn note_of(
+    files: &dyn crate::sys::files::Files,
+    dir: &std::path::Path,
+    id: &BackupId,
+) -> Result<Option<std::path::PathBuf>, crate::sys::SysError> {
+    let (tail, whole) = (format!("-{}", id.key()), id.to_string());
+    for name in note_names(files, dir)?.into_iter().filter(|n| n.ends_with(&tail)) {
+        let note = dir.join(name);
+        if files.read_optional(&note)?.as_deref() == Some(whole.as_bytes()) {
+            return Ok(Some(note));
+        }
+    }
+    Ok(None)
+}
+
+/// The names of the notes in `dir` (none before the first; temporary files left out).
+fn note_names(
+    files: &dyn crate::sys::files::Files,
+    dir: &std::path::Path,
+) -> Result<Vec<String>, crate::sys::SysError> {
+    if files.entry(dir)? == files::Entry::Missing {
+        return Ok(Vec::new());
+    }
+    Ok(files
+        .list_dir(dir)?
         .iter()
         .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .filter(|n| !n.starts_with('.'))
-        .collect())
-}
-
-/// The notes in `pool` that may be of backup `id` (named by its key).
-fn forgotten_notes(pool: &Pool, id: &BackupId) -> Result<Vec<std::path::PathBuf>, StorageError> {
-    let tail = format!("-{}", id.key());
-    Ok(note_names(pool)?
-        .into_iter()
-        .filter(|n| n.ends_with(&tail))
-        .map(|n| pool.forgotten_dir().join(n))
         .collect())
 }
 
@@ -443,8 +476,9 @@ impl LocalEngine {
         // A copy this node wrote after the controller's forget (and then crashed before its own
         // look for the mark) goes too.
         self.backups.forget(backup)?;
-        // A delete's retry asking this node hears that it held the part (no mark needed).
-        self.remember_forgotten(backup, Some(pool))?;
+        // A delete's retry asking this process hears that it held the part (the mark it
+        // consumes is there already).
+        self.remember_forgotten(backup, None)?;
         self.remove_object(pool, Kind::Snapshot, &rec.id.0.key, &rec.id.to_string())?;
         tracing::info!(snapshot = %rec.id, backup = %backup, "backup deleted while this node was away: local snapshot removed");
         self.backups.clear_deleted_marks(Some(backup), backup.repository())
@@ -708,8 +742,9 @@ impl LocalEngine {
             // Noted before the removal: one that fails after the record went (a failed sync of
             // the directory) leaves the retry no record to find, and the retry (after a restart
             // too) must still hear that this node held the part, or the controller writes a mark
-            // nobody clears.
-            self.remember_forgotten(id, Some(pool))?;
+            // nobody clears. Durably for a delete only: an upload removing its own copy deletes
+            // no backup, and the repository holds it then.
+            self.remember_forgotten(id, stop_upload.then_some(pool))?;
             // The upload may have ended meanwhile and removed its copy itself.
             if self.snapshot(&rec.id).is_some() {
                 self.remove_object(pool, Kind::Snapshot, &rec.id.0.key, &rec.id.to_string())?;
@@ -742,10 +777,7 @@ impl LocalEngine {
         self.sweep_unrecorded_copies();
         // The retry of a delete that another node refused, or whose repository part failed:
         // this node still held the part the first try removed.
-        if lock(&self.forgotten).iter().any(|f| f == id) {
-            return Ok(true);
-        }
-        self.noted_forgotten(id)
+        Ok(lock(&self.forgotten).iter().any(|f| f == id) || self.noted_forgotten(id))
     }
 
     /// Marks backup `id` deleted (once) so that the other controller replica holding its
@@ -801,10 +833,9 @@ impl LocalEngine {
     }
 
     /// Remembers that this node held backup `id` and is dropping it, for the delete's retries:
-    /// in this process (the last [`FORGOTTEN_KEPT`]) and, durably, in `pool`, the pool of the
-    /// copy ([`Pool::forgotten_dir`], the last [`FORGOTTEN_KEPT`] there), so that a restart
-    /// between the attempts does not make the retry answer that it held nothing. A note that
-    /// cannot be written fails the forget before anything is removed.
+    /// in this process (the last [`FORGOTTEN_KEPT`]) and, when `pool` (the copy's) is given, in
+    /// a note there ([`note_forgotten`]), so that a restart between the attempts does not make
+    /// the retry answer that it held nothing.
     fn remember_forgotten(&self, id: &BackupId, pool: Option<&Pool>) -> Result<(), StorageError> {
         if let Some(pool) = pool {
             note_forgotten(pool, id)?;
@@ -813,17 +844,16 @@ impl LocalEngine {
         Ok(())
     }
 
-    /// Whether a pool this process owns noted backup `id` as dropped ([`note_forgotten`]). A
-    /// pool whose notes cannot be read fails the answer: "held nothing" would spare a mark.
-    fn noted_forgotten(&self, id: &BackupId) -> Result<bool, StorageError> {
-        for pool in self.pools.values().filter(|p| p.owner) {
-            for note in forgotten_notes(pool, id)? {
-                if pool.sys.files.read_optional(&note)?.as_deref() == Some(id.to_string().as_bytes()) {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
+    /// Whether a pool this process owns noted backup `id` as dropped ([`note_forgotten`]). Notes
+    /// that cannot be read count as none: the controller then writes a mark that expires, where
+    /// failing the answer would hold every backup's delete up on one pool's error.
+    fn noted_forgotten(&self, id: &BackupId) -> bool {
+        self.pools.values().filter(|p| p.owner).any(|pool| {
+            noted_in(pool, id).unwrap_or_else(|e| {
+                tracing::warn!(pool = pool.config.name.as_str(), backup = %id, error = %e, "cannot read the notes of dropped backups; answering that this pool held nothing of it");
+                false
+            })
+        })
     }
 
     /// [`Self::purge_unrecorded_copies`] where it only tidies up: what it cannot remove (maybe
@@ -958,6 +988,28 @@ mod tests {
         assert!(!engine.forget_local_backup(&beside_default).expect("its pool is open"));
     }
 
+    /// How many notes of dropped backups the pool of `rec` holds.
+    fn notes(engine: &LocalEngine, rec: &SnapshotRecord) -> usize {
+        let pool = engine.pool(&rec.id.0.pool).unwrap();
+        std::fs::read_dir(pool.forgotten_dir()).map_or(0, |d| d.count())
+    }
+
+    /// A note that cannot be written for want of room (a full pool) does not keep the forget
+    /// from removing the copy and freeing that room, and the same process still remembers it
+    /// held it. (Any other failure fails the forget before the removal: seed 333.)
+    #[test]
+    fn a_note_that_cannot_be_written_does_not_stop_the_forget() {
+        let (_dir, engine, rec, backup) = cut_backup(true);
+        engine.upload_step(&rec.id).expect("upload");
+        crate::crash::in_thread::fail_once_at("file:create", libc::ENOSPC);
+        let forgot = engine.forget_local_backup(&backup);
+        crate::crash::in_thread::fail_at(None);
+        assert!(forgot.expect("the forget with a full pool"), "held");
+        assert_eq!(notes(&engine, &rec), 0, "the note's write was the one that failed");
+        assert!(engine.snapshot(&rec.id).is_none(), "the copy went");
+        assert!(engine.forget_local_backup(&backup).expect("retry"), "held");
+    }
+
     /// A forget whose removal fails after the copy's record went (its directory's sync, EIO)
     /// answers the error; its retry finds no record, and must still answer that this node held
     /// the part, or the controller writes a deletion mark nobody would ever clear: in the same
@@ -967,18 +1019,14 @@ mod tests {
     fn a_forget_retried_after_its_record_went_still_held_the_part() {
         let (dir, engine, rec, backup) = cut_backup(true);
         engine.upload_step(&rec.id).expect("upload");
+        assert_eq!(notes(&engine, &rec), 0, "no note before the forget");
         // The note's own write syncs twice (file, directory); the removal's record sync is next.
-        let syncs = |engine: &LocalEngine| {
-            let pool = engine.pool(&rec.id.0.pool).unwrap();
-            pool.sys.files.list_dir(&pool.forgotten_dir()).unwrap().len()
-        };
-        assert_eq!(syncs(&engine), 0, "no note before the forget");
         crate::crash::in_thread::fail_once_at_nth("file:fsync", 3, libc::EIO);
         let first = engine.forget_local_backup(&backup);
         crate::crash::in_thread::fail_at(None);
         assert!(first.is_err(), "the failed sync is the answer: {first:?}");
         assert!(engine.snapshot(&rec.id).is_none(), "the record went before the sync");
-        assert_eq!(syncs(&engine), 1, "the note was written before the removal");
+        assert_eq!(notes(&engine, &rec), 1, "the note was written before the removal");
         assert!(engine.forget_local_backup(&backup).expect("retry"), "held");
         drop(engine);
         let mut config = crate::storage::config::Config::default_for(&dir.path().join("node"));
