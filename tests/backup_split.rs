@@ -801,8 +801,9 @@ async fn a_deletion_mark_the_controller_did_not_seal_drops_nothing() {
 /// the node is back, asks it, and the node drops its kept copy with no mark at all.
 #[tokio::test]
 async fn a_delete_right_after_a_controller_start_waits_for_the_nodes_to_report() {
-    // The controller settles for two heartbeats (10 s here) after it starts.
-    let (shared, mut c, kept) = a_kept_backup_on_node_1("restart", "5s").await;
+    // The controller settles for two heartbeats (20 s here) after it starts: room for the first
+    // delete to arrive before, on a loaded machine too.
+    let (shared, mut c, kept) = a_kept_backup_on_node_1("restart", "10s").await;
     c.kill_node(0);
     c.kill_controller();
     c.start_controller();
