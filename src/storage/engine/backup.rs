@@ -1010,6 +1010,18 @@ mod tests {
         assert!(engine.forget_local_backup(&backup).expect("retry"), "held");
     }
 
+    /// Notes that cannot be read (here `.forgotten` is a file) count as none: a forget of a
+    /// backup this node never held answers "held nothing" rather than fail, so one pool's error
+    /// does not hold every backup's delete up.
+    #[test]
+    fn notes_that_cannot_be_read_count_as_none() {
+        let (_dir, engine, rec, _backup) = cut_backup(true);
+        let pool = engine.pool(&rec.id.0.pool).unwrap();
+        std::fs::write(pool.forgotten_dir(), b"not a directory").unwrap();
+        let never = BackupId::parse("backup:offsite:191afa53-364c-48b7-9db1-c979c83f3c1c").unwrap();
+        assert!(!engine.forget_local_backup(&never).expect("never held"), "nothing held");
+    }
+
     /// A forget whose removal fails after the copy's record went (its directory's sync, EIO)
     /// answers the error; its retry finds no record, and must still answer that this node held
     /// the part, or the controller writes a deletion mark nobody would ever clear: in the same
