@@ -452,9 +452,8 @@ impl Pool {
 
     /// Where the owner of the pool notes the backups whose copy here it dropped for their deletes
     /// (made at the first; one small file each, named by when and by the backup's key, holding
-    /// the backup's id): the
-    /// retry of a delete that failed after the copy's record went still hears, across a restart,
-    /// that this pool held the backup's part.
+    /// the backup's id): the retry of a delete that failed after the copy's record went still
+    /// hears, across a restart, that this pool held the backup's part.
     pub fn forgotten_dir(&self) -> PathBuf {
         self.config.path.join(".forgotten")
     }
