@@ -40,6 +40,7 @@ RUN set -eu; \
 # Only what the build reads, so edits to docs, charts or tests do not rebuild the binary.
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
+COPY link ./link
 COPY src ./src
 # protoc comes vendored (protoc-bin-vendored) and runs on the build machine: no system protobuf
 # compiler is needed, for any target. One target cache serves every platform: cargo keeps each

@@ -263,11 +263,14 @@ fn dockerfile_cross_compiles_instead_of_emulating() {
     }
 }
 
+/// What `cargo build --release` reads: the sources, and build.rs's protos and link order.
+const BUILD_READS: [&str; 6] = ["Cargo.toml", "Cargo.lock", "build.rs", "proto", "src", "link"];
+
 #[test]
 fn dockerfile_build_stage_copies_what_the_build_reads() {
     let stages = dockerfile_stages(&read("Dockerfile"));
     let build = stages[0].join("\n");
-    for needed in ["Cargo.toml", "Cargo.lock", "build.rs", "proto", "src"] {
+    for needed in BUILD_READS {
         assert!(
             build
                 .lines()
@@ -293,10 +296,7 @@ fn dockerfile_build_stage_copies_what_the_build_reads() {
     let ignore = read(".dockerignore");
     for l in ignore.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
         let l = l.trim().trim_end_matches('/');
-        assert!(
-            !["Cargo.toml", "Cargo.lock", "build.rs", "proto", "src"].contains(&l),
-            ".dockerignore excludes {l}"
-        );
+        assert!(!BUILD_READS.contains(&l), ".dockerignore excludes {l}");
     }
 }
 
