@@ -40,33 +40,26 @@ if [ -n "${THEN_BIN:-}" ]; then
   [ -x "$then_bin" ] || { echo "THEN_BIN $THEN_BIN is not an executable" >&2; exit 1; }
 fi
 command -v python3 >/dev/null || { echo "python3 is missing" >&2; exit 1; }
+# shellcheck source=bench/split-lib.sh
+. bench/split-lib.sh
 pids=()
 stop() { for p in "$@"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
 trap 'stop "${pids[@]}"; rm -rf "$dir"' EXIT
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 now() { date +%s.%N; }
 rate() { python3 -c "import sys; print(f'{float(sys.argv[1]) / (float(sys.argv[3]) - float(sys.argv[2])):.0f}')" "$SIZE_MIB" "$1" "$2"; }
 median() { tr ' ' '\n' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
-# The CA and one certificate per node (deploy/gen-certs.sh), and the controller's named localhost,
-# the host the nodes dial.
+# The CA, one certificate per node and the controller's (bench/split-lib.sh).
 certs=$dir/certs
-deploy/gen-certs.sh --out "$certs" --node node-1 --node node-2 2>/dev/null
-openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$certs/bench.key" 2>/dev/null
-openssl req -new -key "$certs/bench.key" -subj /CN=localhost -out "$certs/bench.csr" 2>/dev/null
-printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
-  "extendedKeyUsage=serverAuth,clientAuth" "subjectAltName=DNS:localhost" >"$certs/bench.ext"
-openssl x509 -req -in "$certs/bench.csr" -CA "$certs/ca.crt" -CAkey "$certs/ca.key" -CAcreateserial -days 2 \
-  -extfile "$certs/bench.ext" -out "$certs/bench.crt" 2>/dev/null
-tls() { echo --tls-ca "$certs/ca.crt" --tls-cert "$certs/$1.crt" --tls-key "$certs/$1.key"; }
+split_certs "$certs" node-1 node-2
 
 registry=$(port)
 controller_pid=
 start_controller() {
   # shellcheck disable=SC2046
   CELLAR_LOG=warn "$bin" controller --endpoint "unix://$dir/controller.sock" --agent-listen "127.0.0.1:$registry" \
-    --data-dir "$dir/controller" --require-node-certificates --node-transfers "$1" $(tls bench) \
+    --data-dir "$dir/controller" --require-node-certificates --node-transfers "$1" $(tls controller) \
     2>>"$dir/controller.log" &
   controller_pid=$!
   pids+=("$controller_pid")
@@ -95,14 +88,6 @@ csi() { "$bin" csi --endpoint "unix://$dir/controller.sock" -o json "$@"; }
 on() { echo "--topology=topology.cellar.csi.dev/node=$1"; }
 # The id a create or snapshot printed.
 id_of() { python3 -c 'import json, sys; d = json.load(sys.stdin); print(d.get("volume_id") or d["snapshot_id"])'; }
-# Retries until the nodes have registered with a (re)started controller.
-until_registered() {
-  for _ in $(seq 200); do
-    if out=$("$@" 2>/dev/null); then echo "$out"; return; fi
-    sleep 0.1
-  done
-  "$@"
-}
 
 start_controller direct
 src=$(until_registered csi create src --size 2G "$(on node-1)" | id_of)
@@ -118,7 +103,7 @@ if [ -n "$then_bin" ]; then
   then_registry=$(port)
   # shellcheck disable=SC2046
   CELLAR_LOG=warn "$then_bin" controller --endpoint "unix://$then_dir/controller.sock" \
-    --agent-listen "127.0.0.1:$then_registry" --data-dir "$then_dir/controller" $(tls bench) \
+    --agent-listen "127.0.0.1:$then_registry" --data-dir "$then_dir/controller" $(tls controller) \
     2>>"$dir/then-controller.log" &
   then_controller_pid=$!
   pids+=("$then_controller_pid")
