@@ -43,10 +43,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 ///   volume life cycle then sits in a few hundred pages instead of being spread over the whole
 ///   text, where the kernel's fault-around maps 64 KiB around every page touched. Names missing
 ///   from the build (code changed since the file was made) are skipped. `CELLAR_LINK_ORDER=0`
-///   turns it off, e.g. for a build with another linker; `bench/link-order.sh` makes the file.
+///   turns it off, e.g. for a linker set in a cargo config file, which a build script cannot see;
+///   a linker set by `CARGO_TARGET_<triple>_LINKER` or by rustflags turns it off by itself.
+///   `bench/link-order.sh` makes the file.
 fn link_args() {
     let var = |name: &str| std::env::var(name).unwrap_or_default();
     println!("cargo:rerun-if-env-changed=CELLAR_LINK_ORDER");
+    println!("cargo:rerun-if-env-changed=CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER");
     if var("CARGO_CFG_TARGET_OS") == "linux" && var("CARGO_CFG_TARGET_ENV") == "gnu" {
         println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
     }
@@ -64,8 +67,14 @@ fn link_args() {
             version.split('.').nth(1)?.parse::<u32>().ok()
         })
         .unwrap_or(0);
+    // A linker chosen by flags may not be lld (e.g. `-Clink-self-contained=-linker` for GNU ld).
+    let flags = var("CARGO_ENCODED_RUSTFLAGS");
+    let flags_choose_linker = ["linker", "link-self-contained", "fuse-ld"]
+        .iter()
+        .any(|f| flags.contains(f));
     let own_lld = var("TARGET") == "x86_64-unknown-linux-gnu"
         && rustc_minor >= 90
+        && !flags_choose_linker
         && std::env::var_os("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_LINKER").is_none();
     if var("PROFILE") == "release" && own_lld && var("CELLAR_LINK_ORDER") != "0" && order.exists() {
         println!(
