@@ -277,9 +277,6 @@ pub struct LocalEngine {
     stops: Mutex<std::collections::HashMap<String, crate::backup::upload::Stop>>,
     /// Backups whose part this node dropped for their deletes, newest last.
     forgotten: Mutex<std::collections::VecDeque<crate::storage::id::BackupId>>,
-    /// Backups this process marked deleted to call off an upload another controller replica
-    /// runs, newest last: the mark goes once the snapshot has.
-    marked_for_others: Mutex<std::collections::VecDeque<(crate::storage::id::BackupId, SnapshotId)>>,
     /// Room promised to creates and expands of this process that passed their room check and
     /// have not recorded their new size yet, by pool: taken from the room every later check sees.
     /// One lock per pool, held while its room is read: a hung share stalls only its own pool.
@@ -365,7 +362,6 @@ impl LocalEngine {
             uploading: Mutex::new(std::collections::HashSet::new()),
             stops: Mutex::new(std::collections::HashMap::new()),
             forgotten: Mutex::new(std::collections::VecDeque::new()),
-            marked_for_others: Mutex::new(std::collections::VecDeque::new()),
         };
         engine.store = PoolStore::load(engine.pools.values())?;
         engine.thaw_left_frozen();

@@ -312,8 +312,10 @@ impl Pool {
             self.config.path.join(".retired"),
         ];
         // Made at a pool's first note only.
-        if self.sys.files.entry(&self.forgotten_dir())? == files::Entry::Dir {
-            dirs.push(self.forgotten_dir());
+        for notes in [self.forgotten_dir(), self.marked_off_dir()] {
+            if self.sys.files.entry(&notes)? == files::Entry::Dir {
+                dirs.push(notes);
+            }
         }
         dirs.extend(
             self.sys
@@ -462,6 +464,15 @@ impl Pool {
     /// volume's name can ever be another volume's lease.
     pub fn lease_path(&self, key: &Key) -> PathBuf {
         self.leases_dir().join(key.as_str())
+    }
+
+    /// Where a controller replica notes the backups it marked deleted to call off an upload the
+    /// other replica runs on a snapshot of this shared pool (made at the first; one small file
+    /// each, named by when and by the backup's key, holding the backup's id and the snapshot's):
+    /// the delete's retry, from either replica and after a restart, removes the mark once the
+    /// snapshot is gone.
+    pub fn marked_off_dir(&self) -> PathBuf {
+        self.config.path.join(".marked-off")
     }
 
     /// Where a shared pool's leases live (see `storage::lease`).

@@ -30,35 +30,13 @@ pub struct BackupRequest {
 const FORGOTTEN_KEPT: usize = 1024;
 
 /// Notes durably in `pool` that its copy of backup `id` is being dropped for the backup's
-/// delete: a file in [`Pool::forgotten_dir`] named by the time and the backup's key, holding the
-/// id; only the newest [`FORGOTTEN_KEPT`] stay. A note that cannot be written fails the forget
-/// before anything is removed (the pool's next write, the record's removal, would most likely
-/// fail the same way, after the record went), except on a full pool: the note only spares a
-/// deletion mark nobody would clear, and a full pool must still free the room its copy takes.
+/// delete: a note in [`Pool::forgotten_dir`] ([`write_note`]). A note that cannot be written
+/// fails the forget before anything is removed (the pool's next write, the record's removal,
+/// would most likely fail the same way, after the record went), except on a full pool: the note
+/// only spares a deletion mark nobody would clear, and a full pool must still free the room its
+/// copy takes.
 fn note_forgotten(pool: &Pool, id: &BackupId) -> Result<(), StorageError> {
-    let write = || -> Result<(), crate::sys::SysError> {
-        let dir = pool.forgotten_dir();
-        pool.sys.files.ensure_dir(&dir, 0o700)?;
-        if note_of(&*pool.sys.files, &dir, id)?.is_some() {
-            return Ok(());
-        }
-        let since = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        let note = dir.join(format!("{since:020}-{}", id.key()));
-        pool.sys
-            .files
-            .write_atomic(&note, id.to_string().as_bytes(), files::Durability::PowerLoss)?;
-        let mut notes = note_names(&*pool.sys.files, &dir)?;
-        notes.sort();
-        let extra = notes.len().saturating_sub(FORGOTTEN_KEPT);
-        for old in &notes[..extra] {
-            pool.sys.files.remove_file_if_exists(&dir.join(old))?;
-        }
-        Ok(())
-    };
-    match write() {
+    match write_note(pool, &pool.forgotten_dir(), id, "") {
         Err(e) if matches!(e.errno(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) => {
             tracing::warn!(pool = pool.config.name.as_str(), backup = %id, error = %e, "no room to note the backup whose copy is dropped; a retry of its delete after a restart may have the controller write a deletion mark that expires");
             Ok(())
@@ -67,14 +45,54 @@ fn note_forgotten(pool: &Pool, id: &BackupId) -> Result<(), StorageError> {
     }
 }
 
+/// Writes durably in `dir` (made at the first) a note of backup `id`: a file named by the time
+/// and the backup's key, holding the id on its first line and `more` on the next; once per
+/// backup, and only the newest [`FORGOTTEN_KEPT`] stay.
+fn write_note(pool: &Pool, dir: &std::path::Path, id: &BackupId, more: &str) -> Result<(), crate::sys::SysError> {
+    pool.sys.files.ensure_dir(dir, 0o700)?;
+    if note_of(&*pool.sys.files, dir, id)?.is_some() {
+        return Ok(());
+    }
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let note = dir.join(format!("{since:020}-{}", id.key()));
+    let body = if more.is_empty() {
+        id.to_string()
+    } else {
+        format!("{id}\n{more}")
+    };
+    pool.sys
+        .files
+        .write_atomic(&note, body.as_bytes(), files::Durability::PowerLoss)?;
+    let mut notes = note_names(&*pool.sys.files, dir)?;
+    notes.sort();
+    let extra = notes.len().saturating_sub(FORGOTTEN_KEPT);
+    for old in &notes[..extra] {
+        pool.sys.files.remove_file_if_exists(&dir.join(old))?;
+    }
+    Ok(())
+}
+
 /// Whether `pool` noted backup `id` as dropped ([`note_forgotten`]); on a share, bounded in time.
 fn noted_in(pool: &Pool, id: &BackupId) -> Result<bool, crate::sys::SysError> {
-    let (files, dir, id) = (pool.sys.files.clone(), pool.forgotten_dir(), id.clone());
-    let find = move || Ok(note_of(&*files, &dir, &id)?.is_some());
+    Ok(read_note(pool, &pool.forgotten_dir(), id)?.is_some())
+}
+
+/// The note of backup `id` in `dir` of `pool` and what it holds after the id
+/// ([`write_note`]); on a share, bounded in time.
+fn read_note(
+    pool: &Pool,
+    dir: &std::path::Path,
+    id: &BackupId,
+) -> Result<Option<(std::path::PathBuf, String)>, crate::sys::SysError> {
+    let (files, dir, id) = (pool.sys.files.clone(), dir.to_path_buf(), id.clone());
+    let find = move || note_of(&*files, &dir, &id);
     if pool.shared() {
         crate::sys::share::within(
             crate::sys::share::SHARE_TIMEOUT,
-            "read notes of dropped backups",
+            "read notes of backups",
             pool.root(),
             find,
         )
@@ -83,17 +101,23 @@ fn noted_in(pool: &Pool, id: &BackupId) -> Result<bool, crate::sys::SysError> {
     }
 }
 
-/// The note in `dir` of backup `id`: a name ending in its key, holding its id.
+/// The note in `dir` of backup `id` (a name ending in its key, its id on the first line) and
+/// what follows that line.
 fn note_of(
     files: &dyn crate::sys::files::Files,
     dir: &std::path::Path,
     id: &BackupId,
-) -> Result<Option<std::path::PathBuf>, crate::sys::SysError> {
+) -> Result<Option<(std::path::PathBuf, String)>, crate::sys::SysError> {
     let (tail, whole) = (format!("-{}", id.key()), id.to_string());
     for name in note_names(files, dir)?.into_iter().filter(|n| n.ends_with(&tail)) {
         let note = dir.join(name);
-        if files.read_optional(&note)?.as_deref() == Some(whole.as_bytes()) {
-            return Ok(Some(note));
+        let Some(body) = files.read_optional(&note)? else {
+            continue;
+        };
+        let body = String::from_utf8_lossy(&body);
+        let (first, more) = body.split_once('\n').unwrap_or((&body, ""));
+        if first == whole {
+            return Ok(Some((note, more.to_string())));
         }
     }
     Ok(None)
@@ -730,7 +754,7 @@ impl LocalEngine {
                                 && pool.shared()
                                 && !self.taken_here(Kind::Snapshot, &rec.id.0.pool, &rec.id.0.key) =>
                             {
-                                self.mark_for_other_replica(id, &rec.id);
+                                self.mark_for_other_replica(pool, id, &rec.id);
                                 return Err(busy);
                             }
                             _ => return Err(busy),
@@ -781,12 +805,19 @@ impl LocalEngine {
     }
 
     /// Marks backup `id` deleted (once) so that the other controller replica holding its
-    /// snapshot `snap` calls its upload off within [`MARK_LOOK`], as a node the controller could
-    /// not tell does; the delete answers Busy until that replica has let the snapshot go. A mark
-    /// that cannot be written is logged: the delete answers Busy all the same, and its retry
-    /// tries again (never UNAVAILABLE, which the controller would read as a node not told).
-    fn mark_for_other_replica(&self, id: &BackupId, snap: &SnapshotId) {
+    /// snapshot `snap` in the shared `pool` calls its upload off within [`MARK_LOOK`], as a node
+    /// the controller could not tell does; the delete answers Busy until that replica has let
+    /// the snapshot go. The mark is noted in the pool first ([`Pool::marked_off_dir`]), so that
+    /// the delete's retry removes it once the snapshot is gone, after a restart of this process
+    /// too, and from either replica. A note or a mark that cannot be written is logged: the
+    /// delete answers Busy all the same, and its retry tries again (never UNAVAILABLE, which the
+    /// controller would read as a node not told).
+    fn mark_for_other_replica(&self, pool: &Pool, id: &BackupId, snap: &SnapshotId) {
         if self.marked_snapshot(id).is_some() {
+            return;
+        }
+        if let Err(e) = write_note(pool, &pool.marked_off_dir(), id, &snap.to_string()) {
+            tracing::warn!(backup = %id, error = %e, "cannot note the deletion mark that would call another controller replica's upload off, so none is written; the delete's retry tries again");
             return;
         }
         // Only a mark that is there counts (a repository not initialised writes none).
@@ -796,8 +827,7 @@ impl LocalEngine {
             .and_then(|()| self.backups.is_marked_deleted(id))
         {
             Ok(true) => {
-                tracing::info!(backup = %id, snapshot = %snap, "its snapshot is held by another controller replica; deletion mark written to call its upload off");
-                keep_last(&mut lock(&self.marked_for_others), (id.clone(), snap.clone()));
+                tracing::info!(backup = %id, snapshot = %snap, "its snapshot is held by another controller replica; deletion mark written to call its upload off")
             }
             Ok(false) => {
                 tracing::warn!(backup = %id, "no deletion mark could be written to call another controller replica's upload off; the delete's retry tries again")
@@ -808,26 +838,49 @@ impl LocalEngine {
         }
     }
 
+    /// The notes of [`Self::mark_for_other_replica`] of backup `id`, in the shared pools this
+    /// process owns, each with the snapshot its mark calls off. Notes that cannot be read
+    /// (bounded in time) count as none: the worst is a mark that expires.
+    fn mark_notes(&self, id: &BackupId) -> Vec<(&Pool, std::path::PathBuf, SnapshotId)> {
+        let mut found = Vec::new();
+        for pool in self.pools.values().filter(|p| p.owner && p.shared()) {
+            match read_note(pool, &pool.marked_off_dir(), id) {
+                Ok(Some((note, snap))) => match SnapshotId::parse(&snap) {
+                    Ok(snap) => found.push((pool, note, snap)),
+                    Err(e) => {
+                        tracing::warn!(pool = pool.config.name.as_str(), backup = %id, error = %e, "a note of a deletion mark names no snapshot; left alone")
+                    }
+                },
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(pool = pool.config.name.as_str(), backup = %id, error = %e, "cannot read the notes of deletion marks written for another controller replica; a mark this pool noted may expire instead")
+                }
+            }
+        }
+        found
+    }
+
     /// The snapshot of backup `id` whose holder [`Self::mark_for_other_replica`] marked off.
     fn marked_snapshot(&self, id: &BackupId) -> Option<SnapshotId> {
-        lock(&self.marked_for_others)
-            .iter()
-            .find(|(m, _)| m == id)
-            .map(|(_, s)| s.clone())
+        self.mark_notes(id).into_iter().next().map(|(_, _, snap)| snap)
     }
 
     /// Removes the deletion mark [`Self::mark_for_other_replica`] wrote, now that the snapshot
     /// has gone (the other replica removes it too when its upload was called off by it; an
-    /// upload that ended first never saw it). Tidying only: a failure is logged, and the mark,
-    /// like one a restart between leaves, expires.
+    /// upload that ended first never saw it), then its note. Tidying only: a failure is logged,
+    /// the note stays and the delete's next retry (if any) tries again; a mark left expires.
     fn clear_mark_for_other_replica(&self, id: &BackupId) {
-        if self.marked_snapshot(id).is_none() {
+        let notes = self.mark_notes(id);
+        if notes.is_empty() {
             return;
         }
-        match self.backups.clear_deleted_marks(Some(id), id.repository()) {
-            Ok(()) => lock(&self.marked_for_others).retain(|(m, _)| m != id),
-            Err(e) => {
-                tracing::warn!(backup = %id, error = %e, "cannot remove the deletion mark written for another controller replica; it expires")
+        if let Err(e) = self.backups.clear_deleted_marks(Some(id), id.repository()) {
+            tracing::warn!(backup = %id, error = %e, "cannot remove the deletion mark written for another controller replica; it expires");
+            return;
+        }
+        for (pool, note, _) in notes {
+            if let Err(e) = pool.sys.files.remove_file_if_exists(&note) {
+                tracing::warn!(backup = %id, error = %e, "cannot remove the note of a deletion mark already removed");
             }
         }
     }

@@ -534,9 +534,18 @@ fn a_delete_whose_disk_fails_once_leaves_no_trash_once_retried() {
 
 /// Two controller replicas (`ctl-a`, `ctl-b`) owning one shared pool `share`, in `dir`.
 fn replicas(dir: &std::path::Path) -> (LocalEngine, LocalEngine) {
+    (replica(dir, "ctl-a", false), replica(dir, "ctl-b", false))
+}
+
+/// The controller replica `name` of [`replicas`], with the repository `offsite` (in `dir`,
+/// not initialised) when `repository`.
+fn replica(dir: &std::path::Path, name: &str, repository: bool) -> LocalEngine {
     let share = dir.join("share");
     let open = |name: &str| {
         let mut config = Config::default_for(&dir.join(name));
+        if repository {
+            config.repositories = vec![crate::backup::testing::repository(dir)];
+        }
         let mut shared = config.pools[0].clone();
         shared.name = PoolName::parse("share").expect("pool");
         shared.path = share.clone();
@@ -547,7 +556,7 @@ fn replicas(dir: &std::path::Path) -> (LocalEngine, LocalEngine) {
         })
         .expect("engine")
     };
-    (open("ctl-a"), open("ctl-b"))
+    open(name)
 }
 
 #[test]
@@ -576,6 +585,59 @@ fn replicas_never_work_on_one_shared_volume_at_once() {
     assert!(
         LinuxFiles.list_dir(&locks).expect("locks").is_empty(),
         "lock files exist only while held"
+    );
+}
+
+/// A backup's delete through the replica that does not upload it writes a deletion mark to call
+/// the other's upload off. When that upload ended without seeing it and the deleting replica
+/// died midway through its removal of the snapshot, the delete's retry after the restart still
+/// removes the mark (found by racing backup seed 368: the mark was remembered in memory only).
+#[test]
+fn a_mark_for_the_other_replica_goes_with_a_retry_after_a_restart() {
+    use crate::crash::in_thread;
+    use crate::storage::engine::backup::BackupRequest;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (replica(dir.path(), "ctl-a", true), replica(dir.path(), "ctl-b", true));
+    let offsite = PoolName::parse("offsite").expect("repository");
+    a.backups().open_or_init(&offsite, true).expect("init");
+    let share = PoolName::parse("share").expect("pool");
+    let mut req = NewVolume::plain("pvc-m", None, MIB);
+    req.pool = Some(share.clone());
+    let vol = a.create_volume(req).expect("volume");
+    let backup = BackupRequest {
+        repository: offsite,
+        keep_local: true,
+    };
+    let snap = a.create_backup("snap-m", &vol.id, false, &backup).expect("cut");
+    let id = snap.backup.clone().expect("a backup").id;
+    // a's upload, past its last look for marks, still holds the snapshot: b can only mark it
+    // off, and the upload ends without seeing the mark.
+    a.upload_step(&snap.id).expect("upload");
+    let uploading = a
+        .take(Kind::Snapshot, &share, &snap.id.0.key, "snap-m")
+        .expect("a holds it");
+    match b.forget_local_backup(&id) {
+        Err(StorageError::Busy(_)) => {}
+        other => panic!("b's forget while a uploads: {other:?}"),
+    }
+    assert!(b.backups().is_marked_deleted(&id).expect("repository"), "marked");
+    drop(uploading);
+    in_thread::crash_at(Some("delete:after-trash"));
+    let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.forget_local_backup(&id)));
+    in_thread::crash_at(None);
+    assert!(died.is_err(), "b died while it removed the snapshot");
+    drop(b);
+    let b = replica(dir.path(), "ctl-b", true);
+    assert!(b.forget_local_backup(&id).expect("the retry after the restart"), "held");
+    assert!(b.snapshot(&snap.id).is_none(), "the snapshot is gone");
+    assert!(
+        !b.backups().is_marked_deleted(&id).expect("repository"),
+        "no mark stays once the snapshot is gone"
+    );
+    let notes = dir.path().join("share/.marked-off");
+    assert_eq!(
+        LinuxFiles.list_dir(&notes).expect("notes"),
+        Vec::<std::path::PathBuf>::new()
     );
 }
 
