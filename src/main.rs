@@ -229,6 +229,11 @@ struct RegistryArgs {
     /// again until it answers.
     #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
     agent_call_timeout: Duration,
+    /// Refuse (PERMISSION_DENIED) a heartbeat whose agent address is not the IP address it came
+    /// from, so a node cannot have the controller dial a host of its choosing. Only where nodes
+    /// reach the registry with their own address (no NAT, no proxy sidecar between).
+    #[arg(long)]
+    agent_address_is_peer: bool,
 }
 
 impl RegistryArgs {
@@ -236,6 +241,7 @@ impl RegistryArgs {
         let defaults = cellar::agent::registry::RegistryConfig::default();
         let config = cellar::agent::registry::RegistryConfig {
             require_node_certificates: self.require_node_certificates,
+            agent_address_is_peer: self.agent_address_is_peer,
             transfers: match self.node_transfers.as_str() {
                 "via-controller" => cellar::agent::registry::TransferPath::ViaController,
                 _ => cellar::agent::registry::TransferPath::Direct,
@@ -714,6 +720,12 @@ mod tests {
         assert_eq!(c.max_heartbeat_bytes, 64 << 10);
         assert_eq!(c.forget_after, Duration::from_secs(3600));
         assert!(!c.require_node_certificates);
+        assert!(!c.agent_address_is_peer);
+        assert!(
+            controller_args(&["--agent-address-is-peer"])
+                .expect("flag")
+                .agent_address_is_peer
+        );
         let e = controller_args(&["--heartbeat-interval", "10s", "--forget-nodes-after", "30s"]).unwrap_err();
         assert!(e.contains("must be longer than"), "{e}");
         let e = controller_args(&["--max-nodes", "0"]).unwrap_err();

@@ -789,6 +789,34 @@ async fn a_registry_requiring_node_certificates_refuses_the_shared_one() {
         .expect("its own certificate");
 }
 
+/// With `--agent-address-is-peer` a node cannot have the controller dial a host of its choosing:
+/// a heartbeat over real TLS from 127.0.0.1 advertising 127.0.0.2 is refused, and registers
+/// nothing; its own address is taken. Without the flag the same heartbeat is taken.
+#[tokio::test]
+async fn an_agent_address_other_than_the_heartbeats_is_refused_when_asked() {
+    let ca = Authority::new("cellar test CA");
+    let leaf = ca.issue(&["node-1.cellar-agent"]);
+    let elsewhere: SocketAddr = "127.0.0.2:9".parse().expect("addr");
+    let config = RegistryConfig {
+        agent_address_is_peer: true,
+        ..Default::default()
+    };
+    let r = start_registry(&ca, config).await;
+    let e = register(&ca, &leaf, r.addr, "node-1", elsewhere)
+        .await
+        .expect_err("another host");
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    assert!(e.message().contains("advertise 127.0.0.1:9"), "{}", e.message());
+    assert!(r.registry.nodes().is_empty(), "nothing registered");
+    register(&ca, &leaf, r.addr, "node-1", "127.0.0.1:9".parse().expect("addr"))
+        .await
+        .expect("its own address");
+    let open = start_registry(&ca, RegistryConfig::default()).await;
+    register(&ca, &leaf, open.addr, "node-1", elsewhere)
+        .await
+        .expect("not asked to check");
+}
+
 /// A node that registered with its own certificate is dialled expecting that certificate: another
 /// node answering at its address (a reused IP, a forged advertise address) is refused by the
 /// controller, and the real node is served.

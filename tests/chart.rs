@@ -2246,6 +2246,13 @@ fn require_node_certificates_reaches_the_controller_only_when_asked() {
     .contains(&flag));
 }
 
+#[test]
+fn agent_address_is_peer_reaches_the_controller_only_when_asked() {
+    let flag = "--agent-address-is-peer".to_owned();
+    assert!(!controller_args(&[]).contains(&flag), "off by default");
+    assert!(controller_args(&["--set", "controller.agentAddressIsPeer=true"]).contains(&flag));
+}
+
 /// Enrolment from the chart with no manual step: the node plugin gets a projected token for
 /// cellar alone and a memory-backed directory for its key; the controller reviews tokens of that
 /// very service account, for that audience, and keeps its CA in the Secret its Role names; both

@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -74,6 +75,10 @@ pub struct RegistryConfig {
     pub agent_timeouts: Timeouts,
     /// How a restore or clone onto another node moves its data (`--node-transfers`).
     pub transfers: TransferPath,
+    /// Refuse a heartbeat whose agent address is not the IP address the heartbeat came from
+    /// (`--agent-address-is-peer`): a node cannot have the controller dial a host of its
+    /// choosing. Only where nodes reach the controller without NAT or a proxy between.
+    pub agent_address_is_peer: bool,
 }
 
 /// How a copy between nodes moves its data.
@@ -101,6 +106,7 @@ impl Default for RegistryConfig {
             forget_after: Duration::from_secs(3600),
             agent_timeouts: Timeouts::default(),
             transfers: TransferPath::Direct,
+            agent_address_is_peer: false,
         }
     }
 }
@@ -409,6 +415,28 @@ impl Registry {
             )));
         }
         Ok(NodeIdentity::Shared)
+    }
+
+    /// Whether a heartbeat that came from `peer` may give `address` as its agent's: always, unless
+    /// [`RegistryConfig::agent_address_is_peer`]; then only an IP address that is the peer's.
+    pub fn check_agent_address(&self, address: &HostPort, peer: Option<SocketAddr>) -> Result<(), RegistryError> {
+        if !self.shared.config.agent_address_is_peer {
+            return Ok(());
+        }
+        let Some(peer) = peer.map(|p| p.ip().to_canonical()) else {
+            return Err(RegistryError::Denied(
+                "the address the heartbeat came from is not known, and this controller dials a node only at that address (--agent-address-is-peer)".into(),
+            ));
+        };
+        match address.bare_host().parse::<IpAddr>() {
+            Ok(ip) if ip.to_canonical() == peer => Ok(()),
+            _ => Err(RegistryError::Denied(format!(
+                "agent address {address} is not the address the heartbeat came from ({peer}); this controller dials a node only there (--agent-address-is-peer): advertise {}",
+                HostPort::parse(&SocketAddr::new(peer, address.port()).to_string())
+                    .map(|h| h.to_string())
+                    .unwrap_or_default()
+            ))),
+        }
     }
 
     /// Records a heartbeat (or a registration: they are the same upsert) from a node that
@@ -849,11 +877,19 @@ pub struct RegistryService {
 
 impl RegistryService {
     fn record(&self, rpc: &str, req: Request<v1::NodeStatus>) -> Result<Response<v1::RegistryAck>, Status> {
-        let cert = tls::peer_certificate(&req);
+        let (cert, peer) = (tls::peer_certificate(&req), req.remote_addr());
         let report = NodeReport::try_from(req.into_inner()).map_err(RegistryError::from)?;
-        let identity = self.registry.identify(cert.as_ref(), &report.node).inspect_err(|e| {
-            tracing::warn!(node = report.node.as_str(), rpc, error = %e, "heartbeat refused");
-        })?;
+        let identity = self
+            .registry
+            .identify(cert.as_ref(), &report.node)
+            .and_then(|identity| {
+                self.registry
+                    .check_agent_address(&report.agent_address, peer)
+                    .map(|()| identity)
+            })
+            .inspect_err(|e| {
+                tracing::warn!(node = report.node.as_str(), rpc, error = %e, "heartbeat refused");
+            })?;
         let (node, address) = (report.node.clone(), report.agent_address.clone());
         let change = self.registry.heartbeat_as(report, identity)?;
         let (node, address) = (node.as_str(), address.to_string());
@@ -1192,6 +1228,48 @@ mod tests {
         assert!(!r.is_forgotten(&node("node-1")), "the oldest forgotten id is dropped");
         assert!(r.is_forgotten(&node("node-2")));
         assert!(r.is_forgotten(&node("node-3")));
+    }
+
+    /// With `--agent-address-is-peer` a node's agent address must be the IP address its
+    /// heartbeat came from (an IPv4 peer seen as IPv4-mapped IPv6 too); another address, a DNS
+    /// name or an unknown peer is refused, naming the address to advertise. Without it any
+    /// address is taken, as before.
+    #[test]
+    fn an_agent_address_that_is_not_the_peers_is_refused_when_asked() {
+        let (peer, mapped): (SocketAddr, SocketAddr) = (
+            "10.0.0.5:40000".parse().unwrap(),
+            "[::ffff:10.0.0.5]:40000".parse().unwrap(),
+        );
+        let addr = |a: &str| HostPort::parse(a).unwrap();
+        let open = Registry::new(RegistryConfig::default(), Tls::Insecure, None);
+        open.check_agent_address(&addr("10.9.9.9:7070"), Some(peer))
+            .expect("not asked");
+        open.check_agent_address(&addr("agent.example:7070"), None)
+            .expect("not asked");
+        let config = RegistryConfig {
+            agent_address_is_peer: true,
+            ..Default::default()
+        };
+        let strict = Registry::new(config, Tls::Insecure, None);
+        for from in [peer, mapped] {
+            strict
+                .check_agent_address(&addr("10.0.0.5:7070"), Some(from))
+                .expect("its own address");
+        }
+        for (given, from) in [
+            ("10.0.0.6:7070", Some(peer)),
+            ("agent.example:7070", Some(peer)),
+            ("[::1]:7070", Some(peer)),
+            ("10.0.0.5:7070", None),
+        ] {
+            let e = strict.check_agent_address(&addr(given), from).expect_err(given);
+            let m = e.to_string();
+            assert_eq!(Status::from(e).code(), tonic::Code::PermissionDenied, "{given}");
+            assert!(m.contains("--agent-address-is-peer"), "{m}");
+            if from.is_some() {
+                assert!(m.contains("advertise 10.0.0.5:7070"), "{m}");
+            }
+        }
     }
 
     #[tokio::test]
