@@ -787,7 +787,10 @@ impl LocalEngine {
                     let _held = self.take(Kind::Snapshot, &snap.0.pool, &snap.0.key, &snap.to_string())?;
                     // Noted before the removal, as above.
                     self.remember_forgotten(id, Some(pool))?;
-                    if self.snapshot(&snap).is_some() {
+                    // Only the copy of this backup: the note is on the share, where anyone with
+                    // the share could have written another snapshot's id.
+                    let this_backup = |r: SnapshotRecord| r.backup.is_some_and(|m| m.id == *id);
+                    if self.snapshot(&snap).is_some_and(this_backup) {
                         self.remove_object(pool, Kind::Snapshot, &snap.0.key, &snap.to_string())?;
                     }
                 }
@@ -846,9 +849,9 @@ impl LocalEngine {
         for pool in self.pools.values().filter(|p| p.owner && p.shared()) {
             match read_note(pool, &pool.marked_off_dir(), id) {
                 Ok(Some((note, snap))) => match SnapshotId::parse(&snap) {
-                    Ok(snap) => found.push((pool, note, snap)),
-                    Err(e) => {
-                        tracing::warn!(pool = pool.config.name.as_str(), backup = %id, error = %e, "a note of a deletion mark names no snapshot; left alone")
+                    Ok(snap) if snap.0.pool == pool.config.name => found.push((pool, note, snap)),
+                    _ => {
+                        tracing::warn!(pool = pool.config.name.as_str(), backup = %id, note = %note.display(), "a note of a deletion mark names no snapshot of its pool; left alone")
                     }
                 },
                 Ok(None) => {}
@@ -878,9 +881,18 @@ impl LocalEngine {
             tracing::warn!(backup = %id, error = %e, "cannot remove the deletion mark written for another controller replica; it expires");
             return;
         }
+        // Every note of it: both replicas may have noted one at the same moment.
         for (pool, note, _) in notes {
-            if let Err(e) = pool.sys.files.remove_file_if_exists(&note) {
-                tracing::warn!(backup = %id, error = %e, "cannot remove the note of a deletion mark already removed");
+            let mut next = Some(note);
+            while let Some(note) = next.take() {
+                if let Err(e) = pool.sys.files.remove_file_if_exists(&note) {
+                    tracing::warn!(backup = %id, error = %e, "cannot remove the note of a deletion mark already removed");
+                    break;
+                }
+                next = read_note(pool, &pool.marked_off_dir(), id)
+                    .ok()
+                    .flatten()
+                    .map(|(n, _)| n);
             }
         }
     }

@@ -641,6 +641,31 @@ fn a_mark_for_the_other_replica_goes_with_a_retry_after_a_restart() {
     );
 }
 
+/// The notes of deletion marks lie on the share, which every node mounts: a note someone planted
+/// there, naming a live snapshot under a backup being deleted, does not make that backup's
+/// delete remove the snapshot; nor does one in another pool's notes naming it.
+#[test]
+fn a_planted_mark_note_removes_no_other_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = replica(dir.path(), "ctl-b", true);
+    let offsite = PoolName::parse("offsite").expect("repository");
+    b.backups().open_or_init(&offsite, true).expect("init");
+    let mut req = NewVolume::plain("pvc-p", None, MIB);
+    req.pool = Some(PoolName::parse("share").expect("pool"));
+    let vol = b.create_volume(req).expect("volume");
+    let live = b.create_snapshot("snap-live", &vol.id, false).expect("snapshot");
+    let deleted = BackupId::parse("backup:offsite:191afa53-364c-48b7-9db1-c979c83f3c1c").expect("id");
+    let notes = dir.path().join("share/.marked-off");
+    std::fs::create_dir_all(&notes).expect("notes");
+    std::fs::write(
+        notes.join(format!("{:020}-{}", 1, deleted.key())),
+        format!("{deleted}\n{}", live.id),
+    )
+    .expect("plant");
+    b.forget_local_backup(&deleted).expect("the delete");
+    assert_eq!(b.snapshot(&live.id).as_ref(), Some(&live), "the live snapshot stays");
+}
+
 /// A create whose caller gave up (its PVC deleted) after a crash or a failed undo left data no
 /// record names: a node pool's start removes it; a record file there that cannot be read keeps
 /// its data, and a shared pool's start leaves data alone (another replica may be creating it).
