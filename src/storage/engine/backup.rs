@@ -47,10 +47,10 @@ fn note_forgotten(pool: &Pool, id: &BackupId) -> Result<(), StorageError> {
 
 /// Writes durably in `dir` (made at the first) a note of backup `id`: a file named by the time
 /// and the backup's key, holding the id on its first line and `more` on the next; once per
-/// backup, and only the newest [`FORGOTTEN_KEPT`] stay.
+/// backup and `more`, and only the newest [`FORGOTTEN_KEPT`] stay.
 fn write_note(pool: &Pool, dir: &std::path::Path, id: &BackupId, more: &str) -> Result<(), crate::sys::SysError> {
     pool.sys.files.ensure_dir(dir, 0o700)?;
-    if note_of(&*pool.sys.files, dir, id)?.is_some() {
+    if notes_of(&*pool.sys.files, dir, id)?.iter().any(|(_, m)| m == more) {
         return Ok(());
     }
     let since = std::time::SystemTime::now()
@@ -77,18 +77,18 @@ fn write_note(pool: &Pool, dir: &std::path::Path, id: &BackupId, more: &str) -> 
 
 /// Whether `pool` noted backup `id` as dropped ([`note_forgotten`]); on a share, bounded in time.
 fn noted_in(pool: &Pool, id: &BackupId) -> Result<bool, crate::sys::SysError> {
-    Ok(read_note(pool, &pool.forgotten_dir(), id)?.is_some())
+    Ok(!read_notes(pool, &pool.forgotten_dir(), id)?.is_empty())
 }
 
-/// The note of backup `id` in `dir` of `pool` and what it holds after the id
+/// The notes of backup `id` in `dir` of `pool`, each with what it holds after the id
 /// ([`write_note`]); on a share, bounded in time.
-fn read_note(
+fn read_notes(
     pool: &Pool,
     dir: &std::path::Path,
     id: &BackupId,
-) -> Result<Option<(std::path::PathBuf, String)>, crate::sys::SysError> {
+) -> Result<Vec<(std::path::PathBuf, String)>, crate::sys::SysError> {
     let (files, dir, id) = (pool.sys.files.clone(), dir.to_path_buf(), id.clone());
-    let find = move || note_of(&*files, &dir, &id);
+    let find = move || notes_of(&*files, &dir, &id);
     if pool.shared() {
         crate::sys::share::within(
             crate::sys::share::SHARE_TIMEOUT,
@@ -101,14 +101,15 @@ fn read_note(
     }
 }
 
-/// The note in `dir` of backup `id` (a name ending in its key, its id on the first line) and
-/// what follows that line.
-fn note_of(
+/// The notes in `dir` of backup `id` (a name ending in its key, its id on the first line), each
+/// with what follows that line.
+fn notes_of(
     files: &dyn crate::sys::files::Files,
     dir: &std::path::Path,
     id: &BackupId,
-) -> Result<Option<(std::path::PathBuf, String)>, crate::sys::SysError> {
+) -> Result<Vec<(std::path::PathBuf, String)>, crate::sys::SysError> {
     let (tail, whole) = (format!("-{}", id.key()), id.to_string());
+    let mut found = Vec::new();
     for name in note_names(files, dir)?.into_iter().filter(|n| n.ends_with(&tail)) {
         let note = dir.join(name);
         let Some(body) = files.read_optional(&note)? else {
@@ -117,10 +118,10 @@ fn note_of(
         let body = String::from_utf8_lossy(&body);
         let (first, more) = body.split_once('\n').unwrap_or((&body, ""));
         if first == whole {
-            return Ok(Some((note, more.to_string())));
+            found.push((note, more.to_string()));
         }
     }
-    Ok(None)
+    Ok(found)
 }
 
 /// The names of the notes in `dir` (none before the first; temporary files left out).
@@ -816,11 +817,13 @@ impl LocalEngine {
     /// delete answers Busy all the same, and its retry tries again (never UNAVAILABLE, which the
     /// controller would read as a node not told).
     fn mark_for_other_replica(&self, pool: &Pool, id: &BackupId, snap: &SnapshotId) {
-        if self.marked_snapshot(id).is_some() {
-            return;
-        }
+        // Noted at every try (once), and the mark written at every try until it is there: a
+        // try that noted it and then could not write the mark (or died) must not stop the next.
         if let Err(e) = write_note(pool, &pool.marked_off_dir(), id, &snap.to_string()) {
             tracing::warn!(backup = %id, error = %e, "cannot note the deletion mark that would call another controller replica's upload off, so none is written; the delete's retry tries again");
+            return;
+        }
+        if self.backups.is_marked_deleted(id).unwrap_or(false) {
             return;
         }
         // Only a mark that is there counts (a repository not initialised writes none).
@@ -842,19 +845,22 @@ impl LocalEngine {
     }
 
     /// The notes of [`Self::mark_for_other_replica`] of backup `id`, in the shared pools this
-    /// process owns, each with the snapshot its mark calls off. Notes that cannot be read
-    /// (bounded in time) count as none: the worst is a mark that expires.
-    fn mark_notes(&self, id: &BackupId) -> Vec<(&Pool, std::path::PathBuf, SnapshotId)> {
+    /// process owns, each with the snapshot its mark calls off when it names one of its pool
+    /// (the share is every node's: a note is a hint). Notes that cannot be read (bounded in
+    /// time) count as none: the worst is a mark that expires.
+    fn mark_notes(&self, id: &BackupId) -> Vec<(&Pool, std::path::PathBuf, Option<SnapshotId>)> {
         let mut found = Vec::new();
         for pool in self.pools.values().filter(|p| p.owner && p.shared()) {
-            match read_note(pool, &pool.marked_off_dir(), id) {
-                Ok(Some((note, snap))) => match SnapshotId::parse(&snap) {
-                    Ok(snap) if snap.0.pool == pool.config.name => found.push((pool, note, snap)),
-                    _ => {
-                        tracing::warn!(pool = pool.config.name.as_str(), backup = %id, note = %note.display(), "a note of a deletion mark names no snapshot of its pool; left alone")
+            match read_notes(pool, &pool.marked_off_dir(), id) {
+                Ok(notes) => found.extend(notes.into_iter().map(|(note, snap)| {
+                    let snap = SnapshotId::parse(&snap)
+                        .ok()
+                        .filter(|s| s.0.pool == pool.config.name);
+                    if snap.is_none() {
+                        tracing::warn!(pool = pool.config.name.as_str(), backup = %id, note = %note.display(), "a note of a deletion mark names no snapshot of its pool; not followed");
                     }
-                },
-                Ok(None) => {}
+                    (pool, note, snap)
+                })),
                 Err(e) => {
                     tracing::warn!(pool = pool.config.name.as_str(), backup = %id, error = %e, "cannot read the notes of deletion marks written for another controller replica; a mark this pool noted may expire instead")
                 }
@@ -865,34 +871,26 @@ impl LocalEngine {
 
     /// The snapshot of backup `id` whose holder [`Self::mark_for_other_replica`] marked off.
     fn marked_snapshot(&self, id: &BackupId) -> Option<SnapshotId> {
-        self.mark_notes(id).into_iter().next().map(|(_, _, snap)| snap)
+        self.mark_notes(id).into_iter().find_map(|(_, _, snap)| snap)
     }
 
     /// Removes the deletion mark [`Self::mark_for_other_replica`] wrote, now that the snapshot
     /// has gone (the other replica removes it too when its upload was called off by it; an
-    /// upload that ended first never saw it), then its note. Tidying only: a failure is logged,
-    /// the note stays and the delete's next retry (if any) tries again; a mark left expires.
+    /// upload that ended first never saw it), then every note of it. Tidying only: a failure is
+    /// logged, the notes stay and the delete's next retry (if any) tries again; a mark left
+    /// expires.
     fn clear_mark_for_other_replica(&self, id: &BackupId) {
         let notes = self.mark_notes(id);
-        if notes.is_empty() {
+        if notes.iter().all(|(_, _, snap)| snap.is_none()) {
             return;
         }
         if let Err(e) = self.backups.clear_deleted_marks(Some(id), id.repository()) {
             tracing::warn!(backup = %id, error = %e, "cannot remove the deletion mark written for another controller replica; it expires");
             return;
         }
-        // Every note of it: both replicas may have noted one at the same moment.
         for (pool, note, _) in notes {
-            let mut next = Some(note);
-            while let Some(note) = next.take() {
-                if let Err(e) = pool.sys.files.remove_file_if_exists(&note) {
-                    tracing::warn!(backup = %id, error = %e, "cannot remove the note of a deletion mark already removed");
-                    break;
-                }
-                next = read_note(pool, &pool.marked_off_dir(), id)
-                    .ok()
-                    .flatten()
-                    .map(|(n, _)| n);
+            if let Err(e) = pool.sys.files.remove_file_if_exists(&note) {
+                tracing::warn!(backup = %id, error = %e, "cannot remove the note of a deletion mark already removed");
             }
         }
     }

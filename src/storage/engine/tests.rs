@@ -588,6 +588,41 @@ fn replicas_never_work_on_one_shared_volume_at_once() {
     );
 }
 
+/// Two replicas with the repository `offsite` ([`replica`]) and a backup, kept locally, of a
+/// volume of the share, cut and uploaded by `ctl-a`.
+fn kept_backup_on_the_share(
+    dir: &std::path::Path,
+) -> (LocalEngine, LocalEngine, SnapshotRecord, crate::storage::id::BackupId) {
+    let (a, b) = (replica(dir, "ctl-a", true), replica(dir, "ctl-b", true));
+    let offsite = PoolName::parse("offsite").expect("repository");
+    a.backups().open_or_init(&offsite, true).expect("init");
+    let mut req = NewVolume::plain("pvc-m", None, MIB);
+    req.pool = Some(PoolName::parse("share").expect("pool"));
+    let vol = a.create_volume(req).expect("volume");
+    let backup = crate::storage::engine::backup::BackupRequest {
+        repository: offsite,
+        keep_local: true,
+    };
+    let snap = a.create_backup("snap-m", &vol.id, false, &backup).expect("cut");
+    let id = snap.backup.clone().expect("a backup").id;
+    a.upload_step(&snap.id).expect("upload");
+    (a, b, snap, id)
+}
+
+/// `a`'s upload, past its last look for marks, still holds `snap` when the backup's delete comes
+/// to `b`: `b` can only mark it off (Busy), and the upload ends without seeing the mark.
+fn marked_off_by_the_other(a: &LocalEngine, b: &LocalEngine, snap: &SnapshotRecord, id: &crate::storage::id::BackupId) {
+    let uploading = a
+        .take(Kind::Snapshot, &snap.id.0.pool, &snap.id.0.key, "snap-m")
+        .expect("a holds it");
+    match b.forget_local_backup(id) {
+        Err(StorageError::Busy(_)) => {}
+        other => panic!("b's forget while a uploads: {other:?}"),
+    }
+    assert!(b.backups().is_marked_deleted(id).expect("repository"), "marked");
+    drop(uploading);
+}
+
 /// A backup's delete through the replica that does not upload it writes a deletion mark to call
 /// the other's upload off. When that upload ended without seeing it and the deleting replica
 /// died midway through its removal of the snapshot, the delete's retry after the restart still
@@ -595,33 +630,9 @@ fn replicas_never_work_on_one_shared_volume_at_once() {
 #[test]
 fn a_mark_for_the_other_replica_goes_with_a_retry_after_a_restart() {
     use crate::crash::in_thread;
-    use crate::storage::engine::backup::BackupRequest;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (a, b) = (replica(dir.path(), "ctl-a", true), replica(dir.path(), "ctl-b", true));
-    let offsite = PoolName::parse("offsite").expect("repository");
-    a.backups().open_or_init(&offsite, true).expect("init");
-    let share = PoolName::parse("share").expect("pool");
-    let mut req = NewVolume::plain("pvc-m", None, MIB);
-    req.pool = Some(share.clone());
-    let vol = a.create_volume(req).expect("volume");
-    let backup = BackupRequest {
-        repository: offsite,
-        keep_local: true,
-    };
-    let snap = a.create_backup("snap-m", &vol.id, false, &backup).expect("cut");
-    let id = snap.backup.clone().expect("a backup").id;
-    // a's upload, past its last look for marks, still holds the snapshot: b can only mark it
-    // off, and the upload ends without seeing the mark.
-    a.upload_step(&snap.id).expect("upload");
-    let uploading = a
-        .take(Kind::Snapshot, &share, &snap.id.0.key, "snap-m")
-        .expect("a holds it");
-    match b.forget_local_backup(&id) {
-        Err(StorageError::Busy(_)) => {}
-        other => panic!("b's forget while a uploads: {other:?}"),
-    }
-    assert!(b.backups().is_marked_deleted(&id).expect("repository"), "marked");
-    drop(uploading);
+    let (a, b, snap, id) = kept_backup_on_the_share(dir.path());
+    marked_off_by_the_other(&a, &b, &snap, &id);
     in_thread::crash_at(Some("delete:after-trash"));
     let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.forget_local_backup(&id)));
     in_thread::crash_at(None);
@@ -635,6 +646,35 @@ fn a_mark_for_the_other_replica_goes_with_a_retry_after_a_restart() {
         "no mark stays once the snapshot is gone"
     );
     let notes = dir.path().join("share/.marked-off");
+    assert_eq!(
+        LinuxFiles.list_dir(&notes).expect("notes"),
+        Vec::<std::path::PathBuf>::new()
+    );
+}
+
+/// A try that noted its deletion mark and died (or failed) before it wrote the mark does not stop
+/// the next try from writing it; nor does a note of the backup naming another pool's snapshot
+/// stop the replica from noting its own: the retry once the snapshot is free clears the mark
+/// and every note of it.
+#[test]
+fn a_mark_note_left_without_its_mark_does_not_stop_the_mark() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b, snap, id) = kept_backup_on_the_share(dir.path());
+    let notes = dir.path().join("share/.marked-off");
+    std::fs::create_dir_all(&notes).expect("notes");
+    for (n, named) in [
+        (1, snap.id.to_string()),
+        (2, "snap:local:n1:default:snap-x".to_string()),
+    ] {
+        std::fs::write(notes.join(format!("{n:020}-{}", id.key())), format!("{id}\n{named}")).expect("note");
+    }
+    marked_off_by_the_other(&a, &b, &snap, &id);
+    assert!(b.forget_local_backup(&id).expect("the retry"), "held");
+    assert!(b.snapshot(&snap.id).is_none(), "the snapshot is gone");
+    assert!(
+        !b.backups().is_marked_deleted(&id).expect("repository"),
+        "no mark stays"
+    );
     assert_eq!(
         LinuxFiles.list_dir(&notes).expect("notes"),
         Vec::<std::path::PathBuf>::new()
