@@ -251,6 +251,22 @@ fn plain_path(field: &'static str, p: &str) -> Result<PathBuf, NodeError> {
 }
 
 impl NodeService {
+    /// A staging or target path (`field`) that a mount may take: none in what cellar manages in a
+    /// pool of this node, nor one holding a pool, symbolic links followed (a mount there would
+    /// show one volume's data inside another's, or hide a pool). INVALID_ARGUMENT otherwise.
+    fn outside_pools(&self, field: &'static str, path: &Path) -> Result<(), NodeError> {
+        let real = self.files.resolve(path)?;
+        match self.engine.pool_managing(&real) {
+            Some(pool) => Err(NodeError::invalid(format!(
+                "{field} {} is {} of pool '{}', which cellar manages; give a path outside it (kubelet's are under /var/lib/kubelet)",
+                path.display(),
+                if real == path { "in or above the data".to_string() } else { format!("(resolved to {}) in or above the data", real.display()) },
+                pool.as_str()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Only a path this node staged or published the volume at: any other path would report (or
     /// grow) whatever filesystem happens to be there, such as the node's own root.
     fn require_ours(&self, volume_id: &str, path: &Path) -> Result<(), NodeError> {
@@ -487,6 +503,7 @@ impl NodeService {
             return Err(NodeError::missing("volume_id"));
         }
         let staging = co_path("staging_target_path", &r.staging_target_path)?;
+        self.outside_pools("staging_target_path", &staging)?;
         let cap = caps::capability(
             r.volume_capability
                 .as_ref()
@@ -848,6 +865,7 @@ impl NodeService {
             return Err(NodeError::missing("volume_id"));
         }
         let target = co_path("target_path", &r.target_path)?;
+        self.outside_pools("target_path", &target)?;
         let cap = caps::capability(
             r.volume_capability
                 .as_ref()

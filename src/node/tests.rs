@@ -189,6 +189,57 @@ fn stage_records_its_intent_then_binds_the_volume_once() {
     assert_eq!(n.mounter.calls().len(), 1);
 }
 
+/// A staging or target path in what cellar manages in a pool (a volume's data, another
+/// collection, the stage marks), the pool's root, or a path holding a pool, through a symbolic
+/// link too, is INVALID_ARGUMENT: a mount there would show this volume's data inside another's,
+/// or hide the pool. Nothing is made or mounted.
+#[test]
+fn a_stage_or_publish_into_a_pool_is_refused() {
+    let n = Node::new();
+    let (a, _b) = (n.volume("pvc-a"), n.volume("pvc-b"));
+    let pool = n.path("pools/default");
+    let inside_b = pool.join("volumes/pvc-b/evil");
+    std::os::unix::fs::symlink(pool.join("volumes"), n.path("link")).expect("symlink");
+    let bad = [
+        inside_b.clone(),
+        pool.join(".staged/x"),
+        pool.clone(),
+        n.path("pools"),
+        n.path("share/snapshots/s"),
+        n.path("link/pvc-b/evil"),
+    ];
+    let refused = |path: &Path, answer: Result<(), tonic::Status>| {
+        let err = answer.expect_err("a path into a pool");
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{}: {}",
+            path.display(),
+            err.message()
+        );
+        assert!(err.message().contains("pool '"), "{}", err.message());
+    };
+    for path in &bad {
+        refused(path, n.stage(&a, path));
+    }
+    let staging = n.path("stage-a");
+    n.stage(&a, &staging).expect("stage");
+    for path in &bad {
+        refused(path, n.publish(&a, &staging, path, Mode::SingleNodeWriter, false));
+    }
+    assert!(!inside_b.exists(), "nothing made inside another volume");
+    assert_eq!(n.mounter.calls().len(), 1, "only the good stage mounted");
+    // A path beside a pool's collections is not the pool's.
+    n.publish(
+        &a,
+        &staging,
+        &pool.join("not-managed/pod"),
+        Mode::SingleNodeWriter,
+        false,
+    )
+    .expect("a path in the pool's root that cellar does not manage");
+}
+
 #[test]
 fn publish_needs_the_stage_and_binds_from_it_read_only_as_asked() {
     let n = Node::new();

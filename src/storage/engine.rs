@@ -21,7 +21,7 @@ mod snapshot;
 mod tests;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -425,6 +425,11 @@ impl LocalEngine {
 
     pub fn broken_pools(&self) -> Vec<(PoolName, String)> {
         self.broken.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// The pool whose managed part `real` (a resolved path) reaches into ([`Pool::manages`]).
+    pub fn pool_managing(&self, real: &Path) -> Option<&PoolName> {
+        self.pools.iter().find(|(_, p)| p.manages(real)).map(|(n, _)| n)
     }
 
     pub fn pool_names(&self) -> Vec<PoolName> {

@@ -70,6 +70,8 @@ pub struct Pool {
     pub owner: bool,
     /// The filesystem and btrfs calls its layouts make, real or recorded.
     pub sys: StorageSys,
+    /// Its root with symbolic links resolved, as when it opened.
+    real_root: PathBuf,
 }
 
 /// Which of the pool's two collections an object belongs to.
@@ -125,11 +127,13 @@ impl Pool {
         sys.files.mkdir_all(&config.path)?;
         sys.files.require_real_dir(&config.path)?;
         let features = super::layout::check_pool(&config, &sys)?;
+        let real_root = sys.files.resolve(&config.path)?;
         let pool = Pool {
             config,
             features,
             owner,
             sys,
+            real_root,
         };
         for d in MANAGED {
             pool.sys.files.ensure_dir(&pool.config.path.join(d), 0o700)?;
@@ -404,6 +408,13 @@ impl Pool {
 
     pub fn root(&self) -> &Path {
         &self.config.path
+    }
+
+    /// Whether `real` (a path with its symbolic links resolved: `Files::resolve`) reaches into
+    /// what cellar manages in this pool ([`is_managed`]), or holds the pool: a mount there would
+    /// hide the pool, or show a volume's data inside another's.
+    pub fn manages(&self, real: &Path) -> bool {
+        self.real_root.starts_with(real) || real.strip_prefix(&self.real_root).is_ok_and(is_managed)
     }
 
     pub fn data_path(&self, kind: Kind, key: &Key) -> PathBuf {

@@ -57,6 +57,9 @@ pub trait Files: Send + Sync {
     fn require_real_dir(&self, path: &Path) -> Result<(), SysError>;
     /// What is at a path, without following a symlink there.
     fn entry(&self, path: &Path) -> Result<Entry, SysError>;
+    /// `path` with the symbolic links of its existing part resolved, and the part that does not
+    /// exist yet as given: where a directory made and mounted there would land.
+    fn resolve(&self, path: &Path) -> Result<PathBuf, SysError>;
     /// Removes a whole tree without following symlinks; a tree already gone is fine.
     fn remove_tree(&self, path: &Path) -> Result<(), SysError>;
     /// Bytes the files of a tree occupy on disk (allocated blocks, so holes do not count).
@@ -127,6 +130,9 @@ impl Files for LinuxFiles {
     }
     fn entry(&self, path: &Path) -> Result<Entry, SysError> {
         entry(path)
+    }
+    fn resolve(&self, path: &Path) -> Result<PathBuf, SysError> {
+        resolve(path)
     }
     fn remove_tree(&self, path: &Path) -> Result<(), SysError> {
         remove_tree(path)
@@ -302,6 +308,10 @@ impl Files for RecordingFiles {
     fn entry(&self, path: &Path) -> Result<Entry, SysError> {
         self.enter("entry", path, None)?;
         entry(path)
+    }
+    fn resolve(&self, path: &Path) -> Result<PathBuf, SysError> {
+        self.enter("resolve", path, None)?;
+        resolve(path)
     }
     fn remove_tree(&self, path: &Path) -> Result<(), SysError> {
         self.enter("remove_tree", path, None)?;
@@ -546,6 +556,26 @@ pub enum Entry {
     File,
     Symlink,
     Other,
+}
+
+fn resolve(path: &Path) -> Result<PathBuf, SysError> {
+    let (mut existing, mut rest) = (path.to_path_buf(), Vec::new());
+    loop {
+        match fs::canonicalize(&existing) {
+            Ok(mut real) => {
+                real.extend(rest.iter().rev());
+                return Ok(real);
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => match (existing.parent(), existing.file_name()) {
+                (Some(parent), Some(name)) => {
+                    rest.push(name.to_os_string());
+                    existing = parent.to_path_buf();
+                }
+                _ => return Ok(path.to_path_buf()),
+            },
+            Err(e) => return Err(SysError::io("resolve", path, e)),
+        }
+    }
 }
 
 fn entry(path: &Path) -> Result<Entry, SysError> {
