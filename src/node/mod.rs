@@ -256,6 +256,24 @@ impl NodeService {
     /// show one volume's data inside another's, or hide a pool). INVALID_ARGUMENT otherwise.
     fn outside_pools(&self, field: &'static str, path: &Path) -> Result<(), NodeError> {
         let real = self.files.resolve(path)?;
+        // Inside a volume staged or published here (a bind of its data), or in or above the
+        // node's own mount records, as bad.
+        if let Some((volume, at)) = self.state.mounted_above(&[path, &real]) {
+            return Err(NodeError::invalid(format!(
+                "{field} {} is inside {}, where volume {} is mounted; give a path of its own",
+                path.display(),
+                at.display(),
+                crate::csi::status::bounded(&volume)
+            )));
+        }
+        let records = self.files.resolve(self.state.dir())?;
+        if real.starts_with(&records) || records.starts_with(&real) {
+            return Err(NodeError::invalid(format!(
+                "{field} {} is in or above {}, where this node keeps its mount records; give a path outside it",
+                path.display(),
+                records.display()
+            )));
+        }
         match self.engine.pool_managing(&real) {
             Some(pool) => Err(NodeError::invalid(format!(
                 "{field} {} is {} of pool '{}', which cellar manages; give a path outside it (kubelet's are under /var/lib/kubelet)",

@@ -130,6 +130,25 @@ impl NodeState {
 }
 
 impl NodeState {
+    /// Where the state files live.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A volume staged or published at a path strictly above `path` (one of `paths`, the given
+    /// and the resolved spelling): a mount at `path` would land inside that volume's data.
+    pub fn mounted_above(&self, paths: &[&Path]) -> Option<(String, PathBuf)> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.values().find_map(|m| {
+            m.staged
+                .iter()
+                .map(|s| &s.path)
+                .chain(m.published.keys())
+                .find(|at| paths.iter().any(|p| p != at && p.starts_with(at)))
+                .map(|at| (m.volume_id.clone(), at.clone()))
+        })
+    }
+
     /// Where a volume is staged or published on this node.
     pub fn mounted_at(&self, volume_id: &str) -> Vec<PathBuf> {
         let m = self.get(volume_id);

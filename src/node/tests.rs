@@ -196,7 +196,7 @@ fn stage_records_its_intent_then_binds_the_volume_once() {
 #[test]
 fn a_stage_or_publish_into_a_pool_is_refused() {
     let n = Node::new();
-    let (a, _b) = (n.volume("pvc-a"), n.volume("pvc-b"));
+    let (a, b) = (n.volume("pvc-a"), n.volume("pvc-b"));
     let pool = n.path("pools/default");
     let inside_b = pool.join("volumes/pvc-b/evil");
     std::os::unix::fs::symlink(pool.join("volumes"), n.path("link")).expect("symlink");
@@ -217,7 +217,7 @@ fn a_stage_or_publish_into_a_pool_is_refused() {
             path.display(),
             err.message()
         );
-        assert!(err.message().contains("pool '"), "{}", err.message());
+        assert!(err.message().contains(" is "), "{}", err.message());
     };
     for path in &bad {
         refused(path, n.stage(&a, path));
@@ -227,6 +227,13 @@ fn a_stage_or_publish_into_a_pool_is_refused() {
     for path in &bad {
         refused(path, n.publish(&a, &staging, path, Mode::SingleNodeWriter, false));
     }
+    // Inside a volume mounted here (its bind shows its data), or over the node's mount records.
+    let under_stage = staging.join("evil");
+    refused(&under_stage, n.stage(&b, &under_stage));
+    for path in [n.path("node"), n.path("node/x")] {
+        refused(&path, n.stage(&b, &path));
+    }
+    assert!(!under_stage.exists(), "nothing made inside the staged volume");
     assert!(!inside_b.exists(), "nothing made inside another volume");
     assert_eq!(n.mounter.calls().len(), 1, "only the good stage mounted");
     // A path beside a pool's collections is not the pool's.
