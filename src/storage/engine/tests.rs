@@ -623,6 +623,26 @@ fn marked_off_by_the_other(a: &LocalEngine, b: &LocalEngine, snap: &SnapshotReco
     drop(uploading);
 }
 
+/// After the delete's retry on `b`: the snapshot is gone, no deletion mark stays for nobody to
+/// consume, and no note of it is left on the share (in `dir`).
+fn gone_with_its_mark_and_notes(
+    b: &LocalEngine,
+    snap: &SnapshotRecord,
+    id: &crate::storage::id::BackupId,
+    dir: &std::path::Path,
+) {
+    assert!(b.snapshot(&snap.id).is_none(), "the snapshot is gone");
+    assert!(
+        !b.backups().is_marked_deleted(id).expect("repository"),
+        "no mark stays once the snapshot is gone"
+    );
+    let notes = dir.join("share/.marked-off");
+    assert_eq!(
+        LinuxFiles.list_dir(&notes).expect("notes"),
+        Vec::<std::path::PathBuf>::new()
+    );
+}
+
 /// A backup's delete through the replica that does not upload it writes a deletion mark to call
 /// the other's upload off. When that upload ended without seeing it and the deleting replica
 /// died midway through its removal of the snapshot, the delete's retry after the restart still
@@ -640,16 +660,7 @@ fn a_mark_for_the_other_replica_goes_with_a_retry_after_a_restart() {
     drop(b);
     let b = replica(dir.path(), "ctl-b", true);
     assert!(b.forget_local_backup(&id).expect("the retry after the restart"), "held");
-    assert!(b.snapshot(&snap.id).is_none(), "the snapshot is gone");
-    assert!(
-        !b.backups().is_marked_deleted(&id).expect("repository"),
-        "no mark stays once the snapshot is gone"
-    );
-    let notes = dir.path().join("share/.marked-off");
-    assert_eq!(
-        LinuxFiles.list_dir(&notes).expect("notes"),
-        Vec::<std::path::PathBuf>::new()
-    );
+    gone_with_its_mark_and_notes(&b, &snap, &id, dir.path());
 }
 
 /// A try that noted its deletion mark and died (or failed) before it wrote the mark does not stop
@@ -670,20 +681,12 @@ fn a_mark_note_left_without_its_mark_does_not_stop_the_mark() {
     }
     marked_off_by_the_other(&a, &b, &snap, &id);
     assert!(b.forget_local_backup(&id).expect("the retry"), "held");
-    assert!(b.snapshot(&snap.id).is_none(), "the snapshot is gone");
-    assert!(
-        !b.backups().is_marked_deleted(&id).expect("repository"),
-        "no mark stays"
-    );
-    assert_eq!(
-        LinuxFiles.list_dir(&notes).expect("notes"),
-        Vec::<std::path::PathBuf>::new()
-    );
+    gone_with_its_mark_and_notes(&b, &snap, &id, dir.path());
 }
 
 /// The notes of deletion marks lie on the share, which every node mounts: a note someone planted
 /// there, naming a live snapshot under a backup being deleted, does not make that backup's
-/// delete remove the snapshot; nor does one in another pool's notes naming it.
+/// delete remove the snapshot.
 #[test]
 fn a_planted_mark_note_removes_no_other_snapshot() {
     let dir = tempfile::tempdir().expect("tempdir");
