@@ -255,7 +255,14 @@ impl NodeService {
     /// pool of this node, nor one holding a pool, symbolic links followed (a mount there would
     /// show one volume's data inside another's, or hide a pool). INVALID_ARGUMENT otherwise.
     fn outside_pools(&self, field: &'static str, path: &Path) -> Result<(), NodeError> {
-        let real = self.files.resolve(path)?;
+        let real = self.files.resolve(path).map_err(|e| match e.errno() {
+            // A part of the path that is a file, a loop of symbolic links, a name too long: the
+            // path is wrong, not the node.
+            Some(libc::ENOTDIR | libc::ELOOP | libc::ENAMETOOLONG) => {
+                NodeError::invalid(format!("{field} {} cannot be a directory here: {e}", path.display()))
+            }
+            _ => NodeError::Sys(e),
+        })?;
         // Inside a volume staged or published here (a bind of its data), or in or above the
         // node's own mount records, as bad.
         if let Some((volume, at)) = self.state.mounted_above(&[path, &real]) {
@@ -274,7 +281,7 @@ impl NodeService {
                 records.display()
             )));
         }
-        match self.engine.pool_managing(&real) {
+        match self.engine.pool_managing(path, &real) {
             Some(pool) => Err(NodeError::invalid(format!(
                 "{field} {} is {} of pool '{}', which cellar manages; give a path outside it (kubelet's are under /var/lib/kubelet)",
                 path.display(),

@@ -30,6 +30,11 @@ struct Node {
 
 impl Node {
     fn new() -> Node {
+        Node::with(|_, _| {})
+    }
+
+    /// A node whose configuration `change` adds to (given the test's directory).
+    fn with(change: impl FnOnce(&Path, &mut Config)) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
         let node = NodeId::parse("n1").expect("node id");
         let mut config = Config::default_for(dir.path());
@@ -41,6 +46,7 @@ impl Node {
         shared.backend = crate::storage::config::Backend::Shared;
         shared.layouts = vec![Layout::Dir, Layout::Image];
         config.pools.push(shared);
+        change(dir.path(), &mut config);
         let engine = Arc::new(LocalEngine::open(node.clone(), &config).expect("engine"));
         let files = Arc::new(RecordingFiles::default());
         let state = Arc::new(NodeState::open(&dir.path().join("node"), files.clone()).expect("state"));
@@ -200,6 +206,8 @@ fn a_stage_or_publish_into_a_pool_is_refused() {
     let pool = n.path("pools/default");
     let inside_b = pool.join("volumes/pvc-b/evil");
     std::os::unix::fs::symlink(pool.join("volumes"), n.path("link")).expect("symlink");
+    // Spelled in other case, as a share that folds case (SMB) would still resolve it.
+    let shouted = PathBuf::from(n.path("share/snapshots/s").to_string_lossy().to_uppercase());
     let bad = [
         inside_b.clone(),
         pool.join(".staged/x"),
@@ -207,18 +215,9 @@ fn a_stage_or_publish_into_a_pool_is_refused() {
         n.path("pools"),
         n.path("share/snapshots/s"),
         n.path("link/pvc-b/evil"),
+        shouted,
     ];
-    let refused = |path: &Path, answer: Result<(), tonic::Status>| {
-        let err = answer.expect_err("a path into a pool");
-        assert_eq!(
-            err.code(),
-            Code::InvalidArgument,
-            "{}: {}",
-            path.display(),
-            err.message()
-        );
-        assert!(err.message().contains(" is "), "{}", err.message());
-    };
+    let refused = |path: &Path, answer| refused_path(path, answer, " is ");
     for path in &bad {
         refused(path, n.stage(&a, path));
     }
@@ -245,6 +244,63 @@ fn a_stage_or_publish_into_a_pool_is_refused() {
         false,
     )
     .expect("a path in the pool's root that cellar does not manage");
+}
+
+/// `answer`, for a stage or publish at `path`, is INVALID_ARGUMENT saying `says`.
+fn refused_path(path: &Path, answer: Result<(), tonic::Status>, says: &str) {
+    let err = answer.expect_err("a path refused");
+    assert_eq!(
+        err.code(),
+        Code::InvalidArgument,
+        "{}: {}",
+        path.display(),
+        err.message()
+    );
+    assert!(err.message().contains(says), "{}", err.message());
+}
+
+#[test]
+fn a_path_that_cannot_be_a_directory_is_a_client_error() {
+    let n = Node::new();
+    let a = n.volume("pvc-a");
+    std::fs::write(n.path("file"), b"").expect("file");
+    std::os::unix::fs::symlink(n.path("loop"), n.path("loop")).expect("symlink loop");
+    let long = n.path(&"x".repeat(300));
+    for path in [n.path("file/stage"), n.path("loop/stage"), long.join("stage")] {
+        refused_path(&path, n.stage(&a, &path), "cannot be a directory here");
+    }
+    assert!(n.mounter.calls().is_empty(), "nothing mounted");
+}
+
+#[test]
+fn a_pool_that_failed_to_open_is_guarded_too() {
+    // A btrfs-only pool on a directory that is not btrfs does not open; it may open after a
+    // restart, and must then not find a volume mounted in its managed part.
+    let n = Node::with(|dir, config| {
+        let mut fast = config.pools[0].clone();
+        fast.name = crate::storage::id::PoolName::parse("fast").expect("pool name");
+        fast.path = dir.join("disks/fast");
+        fast.layouts = vec![Layout::Btrfs];
+        config.pools.push(fast);
+        std::fs::create_dir_all(dir.join("disks/fast")).expect("pool dir");
+        std::os::unix::fs::symlink(dir.join("disks"), dir.join("disks-link")).expect("symlink");
+    });
+    assert!(
+        n.svc.engine.broken_pools().iter().any(|(p, _)| p.as_str() == "fast"),
+        "the btrfs-only pool is broken here"
+    );
+    let a = n.volume("pvc-a");
+    for path in [
+        n.path("disks/fast/volumes/pvc-x"),
+        n.path("disks-link/fast/.staged/x"),
+        n.path("disks/FAST/Volumes/pvc-x"),
+        n.path("disks"),
+    ] {
+        refused_path(&path, n.stage(&a, &path), "pool 'fast'");
+    }
+    assert!(n.mounter.calls().is_empty(), "nothing mounted");
+    n.stage(&a, &n.path("disks/fast/not-managed"))
+        .expect("a path in the broken pool's root that cellar does not manage");
 }
 
 #[test]

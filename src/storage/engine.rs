@@ -251,6 +251,9 @@ pub struct LocalEngine {
     broken: BTreeMap<PoolName, String>,
     /// Those of them this process would own: what it holds there is unknown until they open.
     broken_owned: Vec<PoolName>,
+    /// Their roots, as configured and resolved, for [`LocalEngine::pool_managing`]: a pool that
+    /// opens later must not find a volume's mount in its managed part.
+    broken_roots: Vec<(PoolName, Vec<PathBuf>)>,
     default_pool: PoolName,
     /// The records of every pool here: the only reader and writer of them.
     store: PoolStore,
@@ -325,6 +328,7 @@ impl LocalEngine {
         let mut pools = BTreeMap::new();
         let mut broken = BTreeMap::new();
         let mut broken_owned = Vec::new();
+        let mut broken_roots = Vec::new();
         for pc in &config.pools {
             let Some(owner) = pick(pc) else { continue };
             match Pool::open_as(pc.clone(), owner, sys.clone()) {
@@ -337,6 +341,7 @@ impl LocalEngine {
                     if owner {
                         broken_owned.push(pc.name.clone());
                     }
+                    broken_roots.push((pc.name.clone(), Self::roots_of_broken(&sys, pc)));
                 }
             }
         }
@@ -345,6 +350,7 @@ impl LocalEngine {
             pools,
             broken,
             broken_owned,
+            broken_roots,
             default_pool: config.default_pool.clone(),
             store: PoolStore::default(),
             in_flight: InFlight::default(),
@@ -427,9 +433,33 @@ impl LocalEngine {
         self.broken.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
-    /// The pool whose managed part `real` (a resolved path) reaches into ([`Pool::manages`]).
-    pub fn pool_managing(&self, real: &Path) -> Option<&PoolName> {
-        self.pools.iter().find(|(_, p)| p.manages(real)).map(|(n, _)| n)
+    /// The pool whose managed part `path`, or `real` (the same path resolved), reaches into
+    /// ([`Pool::manages`]); a pool that could not be opened counts with its root as configured
+    /// and as it resolved then.
+    pub fn pool_managing(&self, path: &Path, real: &Path) -> Option<&PoolName> {
+        let open = self.pools.iter().find(|(_, p)| p.manages(real)).map(|(n, _)| n);
+        open.or_else(|| {
+            self.broken_roots
+                .iter()
+                .find(|(_, roots)| {
+                    roots
+                        .iter()
+                        .any(|r| [path, real].iter().any(|p| super::pool::reaches_into(r, p)))
+                })
+                .map(|(n, _)| n)
+        })
+    }
+
+    /// A pool's root as configured and as far as it resolves without touching the root itself
+    /// when the pool is shared (its server may be gone: only the local parent is resolved).
+    fn roots_of_broken(sys: &StorageSys, pc: &super::config::PoolConfig) -> Vec<PathBuf> {
+        let resolved = match (pc.is_shared(), pc.path.parent(), pc.path.file_name()) {
+            (true, Some(parent), Some(name)) => sys.files.resolve(parent).map(|p| p.join(name)),
+            _ => sys.files.resolve(&pc.path),
+        };
+        let mut roots = vec![pc.path.clone()];
+        roots.extend(resolved.ok().filter(|r| *r != pc.path));
+        roots
     }
 
     pub fn pool_names(&self) -> Vec<PoolName> {

@@ -55,6 +55,29 @@ pub fn is_managed(rel: &Path) -> bool {
     }
 }
 
+/// A name as a share that folds case may see it: `VOLUMES`, `Volumes` and `volumeſ` are one.
+fn folded(name: &std::ffi::OsStr) -> String {
+    name.to_string_lossy().to_uppercase().to_lowercase()
+}
+
+/// Whether `path` reaches into what cellar manages in the pool at `root` ([`is_managed`]), or
+/// holds the pool: a mount there would hide the pool, or show a volume's data inside another's.
+/// Names are compared folded, root included, as a share that folds case (SMB) would resolve them:
+/// `/mnt/Share/volumes` is `/mnt/share/volumes` there. On a filesystem that keeps case apart this
+/// refuses a few paths that would have been harmless, never one that is not.
+pub fn reaches_into(root: &Path, path: &Path) -> bool {
+    let (mut root, mut path) = (root.components(), path.components());
+    loop {
+        match (root.next(), path.next()) {
+            // The pool's root itself, or a path above it.
+            (_, None) => return true,
+            (None, Some(first)) => return is_managed(Path::new(first.as_os_str())),
+            (Some(r), Some(p)) if folded(r.as_os_str()) != folded(p.as_os_str()) => return false,
+            (Some(_), Some(_)) => {}
+        }
+    }
+}
+
 /// How long opening a shared pool (mounting it included) may take before it counts as unreachable.
 const SHARE_OPEN: std::time::Duration = std::time::Duration::from_secs(60);
 use super::id::Key;
@@ -411,10 +434,9 @@ impl Pool {
     }
 
     /// Whether `real` (a path with its symbolic links resolved: `Files::resolve`) reaches into
-    /// what cellar manages in this pool ([`is_managed`]), or holds the pool: a mount there would
-    /// hide the pool, or show a volume's data inside another's.
+    /// this pool ([`reaches_into`]), its root resolved when it opened.
     pub fn manages(&self, real: &Path) -> bool {
-        self.real_root.starts_with(real) || real.strip_prefix(&self.real_root).is_ok_and(is_managed)
+        reaches_into(&self.real_root, real)
     }
 
     pub fn data_path(&self, kind: Kind, key: &Key) -> PathBuf {
