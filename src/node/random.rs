@@ -1753,6 +1753,11 @@ fn kubelet(c: &mut Cluster, m: &mut Model, vol: &str, call: Kubelet, fault: Opti
     std::fs::create_dir_all(target.parent().unwrap_or(&staging)).expect("pod dir");
     log.push(format!("{call:?} {vol} on {}", c.procs[on].label).to_lowercase());
     let (staging_s, target_s) = (staging.display().to_string(), target.display().to_string());
+    // Drawn from a generator of its own, so that every seed's sequence of calls stays as it was.
+    let mut side = Rng(log.len() as u64 ^ (m.next as u64).rotate_left(32) ^ 0x9a7e_u64);
+    if matches!(call, Kubelet::Stage(_) | Kubelet::Publish(_)) && side.chance(15) {
+        hostile_path(c, m, &mut side, on, vol, call, &staging_s, log);
+    }
     c.converge(
         log,
         m,
@@ -1809,6 +1814,73 @@ fn kubelet(c: &mut Cluster, m: &mut Model, vol: &str, call: Kubelet, fault: Opti
         Kubelet::Unpublish => v.published = None,
         Kubelet::Unstage => v.staged = None,
     }
+}
+
+/// A stage or publish of `vol` on node `on` at a path a hand-run client could give, before the
+/// real one: inside another volume's data, over a pool's stage marks or root (spelled in other
+/// case too, as a share that folds case resolves it), or inside another volume staged here. It
+/// must be INVALID_ARGUMENT with nothing made there; `check`'s mount comparison then shows that
+/// nothing was mounted either.
+#[allow(clippy::too_many_arguments)]
+fn hostile_path(
+    c: &Cluster,
+    m: &Model,
+    side: &mut Rng,
+    on: usize,
+    vol: &str,
+    call: Kubelet,
+    staging: &str,
+    log: &mut Vec<String>,
+) {
+    let p = &c.procs[on];
+    let (pool, share) = (p.pool("default").expect("pool"), p.pool(SHARE).expect("share"));
+    let other = m.vols.values().nth(side.below(m.vols.len())).expect("a volume");
+    let staged_here: Vec<&PathBuf> = m
+        .vols
+        .values()
+        .filter_map(|v| v.staged.as_ref().filter(|s| s.0 == on).map(|s| &s.1))
+        .collect();
+    let path = match side.below(5) {
+        0 => pool.data_path(Kind::Volume, &vid(&other.id).0.key).join("x"),
+        1 => pool.root().join(".staged").join(vol),
+        2 => share.root().to_path_buf(),
+        3 if !staged_here.is_empty() => staged_here[side.below(staged_here.len())].join("x"),
+        _ => pool.root().join("Volumes").join(vol),
+    };
+    let (id, cap) = (m.vols[vol].id.clone(), cap(&m.vols[vol]));
+    let r = match call {
+        Kubelet::Stage(_) => p
+            .svc()
+            .stage(NodeStageVolumeRequest {
+                volume_id: id,
+                staging_target_path: path.display().to_string(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .map(|_| ()),
+        _ => p
+            .svc()
+            .publish(NodePublishVolumeRequest {
+                volume_id: id,
+                staging_target_path: staging.to_string(),
+                target_path: path.display().to_string(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .map(|_| ()),
+    }
+    .map_err(tonic::Status::from);
+    log.push(format!("  at {} -> {}", path.display(), brief(&r)));
+    assert!(
+        matches!(&r, Err(s) if s.code() == Code::InvalidArgument),
+        "{call:?} of {vol} at {} answered {r:?}, not INVALID_ARGUMENT",
+        path.display()
+    );
+    assert!(
+        path == share.root() || !path.exists(),
+        "{call:?} of {vol} at {} made the path",
+        path.display()
+    );
 }
 
 fn delete(c: &mut Cluster, m: &mut Model, rng: &mut Rng, vol: &str, fault: Option<Fault>, log: &mut Vec<String>) {
