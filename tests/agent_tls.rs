@@ -1087,7 +1087,24 @@ mod lying_node {
         /// Its backups are cut honestly, but it answers them with the id of node-2's backup
         /// [`VICTIM_BACKUP`].
         ForeignBackup,
+        /// Its changed block answers are the `n`th of [`BAD_RANGES`].
+        BadRanges(usize),
     }
+
+    /// One message of ranges, (offset, length) each.
+    type Batch = &'static [(u64, u64)];
+
+    /// Answers to a query of at most 2 ranges per message that no honest walk gives: a capacity
+    /// past 2^63, a range of no bytes, one overlapping the last, one past the capacity, one out of
+    /// order in a later message, and a message of 3 ranges.
+    const BAD_RANGES: [(u64, &[Batch]); 6] = [
+        (u64::MAX, &[&[(0, 4096)]]),
+        (1 << 20, &[&[(0, 4096), (8192, 0)]]),
+        (1 << 20, &[&[(0, 4096), (2048, 4096)]]),
+        (1 << 20, &[&[((1 << 20) - 4096, 8192)]]),
+        (1 << 20, &[&[(8192, 4096)], &[(0, 4096)]]),
+        (1 << 20, &[&[(0, 4096), (8192, 4096), (16384, 4096)]]),
+    ];
 
     /// node-2's backup, which node-1 answers as its own.
     const VICTIM_BACKUP: &str = "backup:offsite:0123-4567";
@@ -1224,7 +1241,9 @@ mod lying_node {
                 Lie::EveryName => Some(volume_record(&name, &format!("local:node-1:default:{}", key.as_str()))),
                 Lie::Misnamed => Some(volume_record("pvc-other", "local:node-1:default:pvc-other")),
                 Lie::SharedToo => Some(volume_record(&name, &format!("shared:share:{}", key.as_str()))),
-                Lie::Many | Lie::OtherSource | Lie::ForeignBackup => self.honest.volume_named(name).await?,
+                Lie::Many | Lie::OtherSource | Lie::ForeignBackup | Lie::BadRanges(_) => {
+                    self.honest.volume_named(name).await?
+                }
             })
         }
         async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError> {
@@ -1315,7 +1334,12 @@ mod lying_node {
             self.honest.group_named(name).await
         }
         async fn block_ranges(&self, q: Query, max: usize) -> Result<(u64, RangeBatches), MetadataError> {
-            self.honest.block_ranges(q, max).await
+            let Lie::BadRanges(n) = self.lie else {
+                return self.honest.block_ranges(q, max).await;
+            };
+            let (capacity, batches) = BAD_RANGES[n];
+            let batches: Vec<Result<Vec<(u64, u64)>, MetadataError>> = batches.iter().map(|b| Ok(b.to_vec())).collect();
+            Ok((capacity, Box::pin(tokio_stream::iter(batches))))
         }
         async fn cut_group_part(
             &self,
@@ -1429,6 +1453,37 @@ mod lying_node {
     /// A snapshot is cut in its source volume's pool: a node's snapshot record naming another
     /// node's volume as its source is a bad answer, never handed to the CO (which would show a
     /// snapshot of node-2's volume that node-2 never cut, and restore it as such).
+    /// A node's changed block ranges reach a backup tool only as the spec has them: in order,
+    /// none empty or overlapping, within the capacity, no more per message than asked for.
+    #[tokio::test]
+    async fn changed_block_ranges_a_node_answers_out_of_shape_are_refused() {
+        use tokio_stream::StreamExt;
+        let ca = Authority::new("cellar test CA");
+        for n in 0..BAD_RANGES.len() {
+            let liar = start_liar(&ca, Lie::BadRanges(n)).await;
+            let c = client(&ca, &liar);
+            let q = Query {
+                base: None,
+                target: SnapshotId::parse("snap:local:node-1:default:any").expect("id"),
+                starting_offset: 0,
+            };
+            let e = match c.block_ranges(q, 2).await {
+                Err(e) => e,
+                Ok((_, mut batches)) => loop {
+                    match batches.next().await {
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => break e,
+                        None => panic!("answer {n} of BAD_RANGES passed whole"),
+                    }
+                },
+            };
+            let MetadataError::Storage(e) = e else {
+                panic!("answer {n}: {e}")
+            };
+            refused(e, "bad answer");
+        }
+    }
+
     #[tokio::test]
     async fn a_snapshot_a_node_says_it_cut_of_another_nodes_volume_is_refused() {
         let ca = Authority::new("cellar test CA");

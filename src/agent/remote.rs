@@ -684,15 +684,42 @@ impl Agent for RemoteAgent {
             Err(_) => return Err(self.silent(RPC, idle).into()),
         };
         let capacity = first.capacity_bytes;
-        let ranges =
-            |m: v1::BlockRangesResponse| -> Vec<Range> { m.ranges.into_iter().map(|r| (r.offset, r.length)).collect() };
+        if i64::try_from(capacity).is_err() || q.starting_offset >= capacity {
+            let why = format!("a capacity of {capacity} bytes for ranges from {}", q.starting_offset);
+            return Err(MetadataError::Storage(self.malformed(RPC, why)));
+        }
+        // Every range as the spec has them, or the answer is a bad one: the client (a backup
+        // tool) must never be handed ranges out of order, overlapping or past the end.
+        let mut next = q.starting_offset;
+        let me = self.clone();
+        let mut ranges = move |m: v1::BlockRangesResponse| -> Result<Vec<Range>, MetadataError> {
+            if m.ranges.len() > max {
+                let why = format!("{} ranges in one message, {max} asked for", m.ranges.len());
+                return Err(MetadataError::Storage(me.malformed(RPC, why)));
+            }
+            let mut batch = Vec::with_capacity(m.ranges.len());
+            for r in m.ranges {
+                let end = r.offset.checked_add(r.length).filter(|e| *e <= capacity);
+                if r.length == 0 || r.offset < next || end.is_none() {
+                    let why = format!(
+                        "range of {} bytes at {} after the last one ended at {next}, in a snapshot of {capacity} bytes",
+                        r.length, r.offset
+                    );
+                    return Err(MetadataError::Storage(me.malformed(RPC, why)));
+                }
+                next = end.unwrap_or(capacity);
+                batch.push((r.offset, r.length));
+            }
+            Ok(batch)
+        };
+        let first = ranges(first)?;
         let me = self.clone();
         let rest = stream.timeout(idle).map(move |item| match item {
             Err(_) => Err(me.silent(RPC, idle).into()),
             Ok(Err(s)) => Err(me.metadata_failed(RPC, idle, s)),
-            Ok(Ok(m)) => Ok(ranges(m)),
+            Ok(Ok(m)) => ranges(m),
         });
-        let batches = tokio_stream::once(Ok(ranges(first)))
+        let batches = tokio_stream::once(Ok(first))
             .chain(rest)
             .filter(|b| !matches!(b, Ok(v) if v.is_empty()));
         Ok((capacity, Box::pin(batches)))

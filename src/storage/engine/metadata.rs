@@ -41,13 +41,20 @@ impl LocalEngine {
                 q.starting_offset, target.id
             )));
         }
-        let base = q.base.as_ref().map(|b| self.open_snapshot(b)).transpose()?;
-        Ok(RangeWalk::new(
-            capacity,
-            base,
-            self.open_snapshot(&q.target)?,
-            q.starting_offset,
-        ))
+        let base_file = q.base.as_ref().map(|b| self.open_snapshot(b)).transpose()?;
+        let target_file = self.open_snapshot(&q.target)?;
+        crate::crash::point("metadata:opened");
+        // The files opened are those of the records checked: a snapshot deleted meanwhile and
+        // its name cut again (of another volume) has a record of its own, told apart here.
+        let unchanged = |id: &SnapshotId, was: &SnapshotRecord| match self.snapshot_record(id) {
+            Ok(now) if now == *was => Ok(()),
+            _ => Err(StorageError::SnapshotNotFound(id.to_string())),
+        };
+        unchanged(&q.target, &target)?;
+        if let (Some(id), Some(was)) = (&q.base, &base) {
+            unchanged(id, was)?;
+        }
+        Ok(RangeWalk::new(capacity, base_file, target_file, q.starting_offset))
     }
 
     fn snapshot_record(&self, id: &SnapshotId) -> Result<SnapshotRecord, StorageError> {

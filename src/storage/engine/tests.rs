@@ -1032,6 +1032,54 @@ fn a_failed_create_removes_what_it_made_while_it_still_holds_the_name() {
 }
 
 #[test]
+fn block_ranges_never_walk_a_snapshot_cut_again_under_the_name_they_checked() {
+    // A delta is checked on the records (one volume), then walks the files: a snapshot deleted
+    // between the two and its name cut again from another volume must not be walked.
+    use crate::crash::in_thread;
+    use crate::storage::cbt::{MetadataError, Query};
+    let f = engine(FsType::Ext4);
+    let image = |name: &str| {
+        f.engine
+            .create_volume(NewVolume::plain(name, Some(Layout::Image), 32 * MIB))
+            .expect("volume")
+            .id
+    };
+    let (a, b) = (image("pvc-a"), image("pvc-b"));
+    let base = f.engine.create_snapshot("snap-a1", &a, false).expect("base").id;
+    let target = f.engine.create_snapshot("snap-a2", &a, false).expect("target").id;
+    let pause = Arc::new(in_thread::Pause::default());
+    std::thread::scope(|s| {
+        let (held, engine) = (pause.clone(), &f.engine);
+        let q = Query {
+            base: Some(base.clone()),
+            target: target.clone(),
+            starting_offset: 0,
+        };
+        let walk = s.spawn(move || {
+            in_thread::pause_at(Some(("metadata:opened", held.clone())));
+            let r = engine.block_ranges(&q).map(|_| ());
+            in_thread::pause_at(None);
+            r
+        });
+        assert!(
+            pause.reached(std::time::Duration::from_secs(30)),
+            "the query opens its files"
+        );
+        f.engine.delete_snapshot(&target).expect("delete");
+        let again = f
+            .engine
+            .create_snapshot("snap-a2", &b, false)
+            .expect("the name cut from pvc-b");
+        assert_eq!(again.id, target, "the same id, of another volume");
+        pause.release();
+        match walk.join().expect("no panic") {
+            Err(MetadataError::Storage(StorageError::SnapshotNotFound(id))) => assert_eq!(id, target.to_string()),
+            r => panic!("a walk of a snapshot that changed under it: {r:?}"),
+        }
+    });
+}
+
+#[test]
 fn two_creates_at_once_never_both_take_the_same_free_space() {
     // The first create has passed its room check and made its image, not its record yet (stopped
     // there): the room it was promised is not the second's to take, nor an expand's.
