@@ -574,6 +574,26 @@ impl NodeService {
                         if read_only { "read-only" } else { "read-write" },
                     )));
                 }
+                // Nor another `subdir` or mount options (two PVs of one static handle: kubelet
+                // gives them one staging path), whose publishes would show what this stage bound.
+                let asked = StagedBind {
+                    subdir: attrs.subdir.clone(),
+                    flags: BindFlags {
+                        read_only: mount_ro,
+                        ..attrs.flags
+                    },
+                };
+                if let Some(bound) = s.bound.as_ref().filter(|b| **b != asked) {
+                    return Err(NodeError::Conflict(format!(
+                        "volume {} is already staged at {} with subdir '{}' and options {}; this request asks for subdir '{}' and options {}: give each subdir a volume handle of its own (static:<pool>:<path>/<subdir>)",
+                        r.volume_id,
+                        staging.display(),
+                        bound.subdir.display(),
+                        bound.flags,
+                        asked.subdir.display(),
+                        asked.flags,
+                    )));
+                }
                 return Ok(NodeStageVolumeResponse {});
             }
         }
@@ -949,6 +969,7 @@ impl NodeService {
                 }
             }
         } else {
+            Self::publishes_what_was_staged(&r.volume_id, &m, &r.volume_context)?;
             if !(staged_here && self.staging_alive(&r.volume_id, &rec, &data, &staging, &r.volume_context)?) {
                 return Err(NodeError::NotReady(format!(
                     "volume {} is not staged at {}; call NodeStageVolume first",
@@ -1050,6 +1071,30 @@ impl NodeService {
     /// static volume's `subdir`, never the handle's whole path) with the same flags. A stage
     /// recorded by an earlier release, which kept neither, takes them from the publish's
     /// `volume_context` (the PV's volumeAttributes, the same the stage had).
+    /// A static volume's publish shows what its stage bound: kubelet stages a handle once per
+    /// node, so a second PV of the handle naming another `subdir` comes straight to its publish,
+    /// which would show the first PV's directory. An empty volume context (a client run by hand;
+    /// kubelet always sends the PV's attributes) says nothing and is taken as the stage's.
+    fn publishes_what_was_staged(
+        volume_id: &str,
+        m: &state::VolumeMounts,
+        context: &std::collections::HashMap<String, String>,
+    ) -> Result<(), NodeError> {
+        let bound = m.staged.as_ref().and_then(|s| s.bound.as_ref());
+        let (Some(bound), false) = (bound, context.is_empty()) else {
+            return Ok(());
+        };
+        let attrs = StaticAttrs::parse(StaticId::parse(volume_id).is_ok(), context)?;
+        if attrs.subdir != bound.subdir {
+            return Err(NodeError::NotReady(format!(
+                "volume {volume_id} is staged on this node with subdir '{}', and this publish asks for subdir '{}': give each subdir a volume handle of its own (static:<pool>:<path>/<subdir>)",
+                bound.subdir.display(),
+                attrs.subdir.display()
+            )));
+        }
+        Ok(())
+    }
+
     fn staging_alive(
         &self,
         volume_id: &str,

@@ -1440,6 +1440,64 @@ fn a_stale_static_staging_is_bound_again_from_its_subdir_with_its_options() {
     want(&n);
 }
 
+/// Two PVs of one static handle with other `subdir`s (one team's directory each): kubelet gives
+/// them one staging path, and stages the handle once. The second PV's stage, and its publish
+/// (which kubelet sends without a stage of its own), are refused: they would show the first
+/// team's directory in the second team's pod.
+#[test]
+fn one_static_handle_is_staged_with_one_subdir_per_node() {
+    let n = Node::new();
+    for team in ["team-a", "team-b"] {
+        std::fs::create_dir_all(n.path(&format!("share/tenants/{team}"))).expect("subdir");
+    }
+    let id = "static:share:tenants";
+    let context = |subdir: &str, options: &str| -> std::collections::HashMap<String, String> {
+        [
+            ("subdir".to_string(), subdir.to_string()),
+            ("mountOptions".to_string(), options.to_string()),
+        ]
+        .into()
+    };
+    let staging = n.path("staging");
+    let stage = |ctx| {
+        n.svc.stage(NodeStageVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.display().to_string(),
+            volume_capability: Some(cap(Mode::SingleNodeWriter)),
+            volume_context: ctx,
+            ..Default::default()
+        })
+    };
+    let publish = |ctx, pod: &str| {
+        n.svc.publish(NodePublishVolumeRequest {
+            volume_id: id.into(),
+            staging_target_path: staging.display().to_string(),
+            target_path: n.path(pod).display().to_string(),
+            volume_capability: Some(cap(Mode::SingleNodeWriter)),
+            volume_context: ctx,
+            ..Default::default()
+        })
+    };
+    stage(context("team-a", "nodev")).expect("stage");
+    stage(context("team-a", "nodev")).expect("the same stage again");
+    for other in [context("team-b", "nodev"), context("team-a", "noexec")] {
+        let err = tonic::Status::from(stage(other).expect_err("another stage of the handle"));
+        assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
+        assert!(err.message().contains("volume handle of its own"), "{}", err.message());
+    }
+    let err = tonic::Status::from(publish(context("team-b", "nodev"), "pod-b").expect_err("team-b's publish"));
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(err.message().contains("subdir 'team-a'"), "{}", err.message());
+    assert!(!n.path("pod-b").exists(), "nothing made for team-b's pod");
+    publish(context("team-a", "nodev"), "pod-a").expect("team-a's publish");
+    let binds: Vec<_> = n.mounter.mounted().into_iter().map(|m| m.1).collect();
+    assert_eq!(
+        binds,
+        vec![staging.clone(), n.path("pod-a")],
+        "team-a's stage and publish only"
+    );
+}
+
 /// A publish whose bind fails takes back only what it made, and never what it did not write: the
 /// files a pod wrote into the bare target while its mount was lost stay (the undo removed the
 /// whole target tree when an earlier publish had made the directory).

@@ -24,6 +24,25 @@ pub struct BindFlags {
     pub strictatime: bool,
 }
 
+impl std::fmt::Display for BindFlags {
+    /// The flags set, as mount options (`ro,noexec`), or `defaults`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = [
+            (self.read_only, "ro"),
+            (self.nosuid, "nosuid"),
+            (self.nodev, "nodev"),
+            (self.noexec, "noexec"),
+            (self.noatime, "noatime"),
+            (self.nodiratime, "nodiratime"),
+            (self.relatime, "relatime"),
+            (self.strictatime, "strictatime"),
+        ];
+        let names: Vec<&str> = set.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
+        f.write_str(if names.is_empty() { "defaults" } else { "" })?;
+        f.write_str(&names.join(","))
+    }
+}
+
 impl BindFlags {
     /// True when a remount is needed after the bind to apply these flags.
     pub fn needs_remount(&self) -> bool {
