@@ -252,8 +252,8 @@ pub struct LocalEngine {
     /// Those of them this process would own: what it holds there is unknown until they open.
     broken_owned: Vec<PoolName>,
     /// Their roots, as configured and resolved, for [`LocalEngine::pool_managing`]: a pool that
-    /// opens later must not find a volume's mount in its managed part.
-    broken_roots: Vec<(PoolName, Vec<PathBuf>)>,
+    /// opens later must not find a volume's mount in its managed part; and whether each is shared.
+    broken_roots: Vec<(PoolName, bool, Vec<PathBuf>)>,
     default_pool: PoolName,
     /// The records of every pool here: the only reader and writer of them.
     store: PoolStore,
@@ -341,7 +341,7 @@ impl LocalEngine {
                     if owner {
                         broken_owned.push(pc.name.clone());
                     }
-                    broken_roots.push((pc.name.clone(), Self::roots_of_broken(&sys, pc)));
+                    broken_roots.push((pc.name.clone(), pc.is_shared(), Self::roots_of_broken(&sys, pc)));
                 }
             }
         }
@@ -441,12 +441,12 @@ impl LocalEngine {
         open.or_else(|| {
             self.broken_roots
                 .iter()
-                .find(|(_, roots)| {
+                .find(|(_, _, roots)| {
                     roots
                         .iter()
                         .any(|r| [path, real].iter().any(|p| super::pool::reaches_into(r, p)))
                 })
-                .map(|(n, _)| n)
+                .map(|(n, _, _)| n)
         })
     }
 
@@ -491,6 +491,21 @@ impl LocalEngine {
             Location::Local(n) if *n == self.node && !pool.shared() => Some(pool),
             Location::Shared if pool.shared() => Some(pool),
             _ => None,
+        }
+    }
+
+    /// [`Self::locate`] for a call that would change or remove the object: an object of a pool
+    /// here that could not be opened is FAILED_PRECONDITION (with the reason), not "nothing
+    /// here". A delete answering OK there would have Kubernetes forget an object whose data
+    /// stays, found again once the pool opens.
+    fn locate_to_change(&self, id: &ObjectId) -> Result<Option<&Pool>, StorageError> {
+        let ours = |shared: bool| match &id.location {
+            Location::Local(n) => *n == self.node && !shared,
+            Location::Shared => shared,
+        };
+        match self.broken_roots.iter().find(|(name, _, _)| *name == id.pool) {
+            Some((_, shared, _)) if ours(*shared) => self.pool(&id.pool).map(Some),
+            _ => Ok(self.locate(id)),
         }
     }
 

@@ -257,7 +257,7 @@ impl LocalEngine {
     /// undoing a cut that failed elsewhere): each named snapshot that says it belongs to `id`.
     pub fn delete_group_part(&self, id: &GroupId, members: &[SnapshotId]) -> Result<(), StorageError> {
         for sid in members {
-            let Some(pool) = self.locate(&sid.0) else {
+            let Some(pool) = self.locate_to_change(&sid.0)? else {
                 continue;
             };
             let shown = sid.to_string();
@@ -467,7 +467,7 @@ impl LocalEngine {
 
     /// Deletes a group snapshot with its members; a group already gone is OK.
     pub fn delete_group(&self, id: &GroupId) -> Result<(), StorageError> {
-        let Some(pool) = self.locate(&id.0) else {
+        let Some(pool) = self.locate_to_change(&id.0)? else {
             return Ok(());
         };
         let shown = id.to_string();
@@ -481,7 +481,7 @@ impl LocalEngine {
         let mut held = Vec::new();
         for m in &rec.members {
             let sid = &m.snapshot_id;
-            let Some(mpool) = self.locate(&sid.0) else {
+            let Some(mpool) = self.locate_to_change(&sid.0)? else {
                 continue;
             };
             let shown = sid.to_string();
@@ -508,7 +508,7 @@ impl LocalEngine {
 
     /// A group snapshot's record.
     pub fn group(&self, id: &GroupId) -> Result<Option<GroupRecord>, StorageError> {
-        let Some(pool) = self.locate(&id.0) else {
+        let Some(pool) = self.locate_to_change(&id.0)? else {
             return Ok(None);
         };
         Ok(self.store.group(pool, &id.0.key)?.filter(|r| r.id == *id))

@@ -105,7 +105,7 @@ impl LocalEngine {
     }
 
     pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), StorageError> {
-        let Some(pool) = self.locate(&id.0) else {
+        let Some(pool) = self.locate_to_change(&id.0)? else {
             return Ok(());
         };
         let _held = self.take(Kind::Snapshot, &id.0.pool, &id.0.key, &id.to_string())?;

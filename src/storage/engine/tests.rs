@@ -1875,3 +1875,42 @@ fn a_base_copy_of_a_backup_deleted_meanwhile_goes_at_the_next_look() {
     );
     assert!(f.leftovers().is_empty(), "{:?}", f.leftovers());
 }
+
+#[test]
+fn deletes_in_a_pool_that_failed_to_open_are_failed_precondition_not_ok() {
+    // An OK would have Kubernetes forget the object while its data stays, found again (and
+    // leaked) once the pool opens.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::default_for(dir.path());
+    let mut fast = config.pools[0].clone();
+    fast.name = PoolName::parse("fast").expect("pool name");
+    fast.path = dir.path().join("fast");
+    fast.layouts = vec![Layout::Btrfs]; // not btrfs here: the pool does not open
+    config.pools.push(fast);
+    let engine = LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("engine");
+    assert!(!engine.ready(), "the btrfs-only pool is broken here");
+    let broken = |r: Result<(), StorageError>, what: &str| match r {
+        Err(e @ StorageError::PoolBroken { .. }) => {
+            assert_eq!(tonic::Status::from(e).code(), tonic::Code::FailedPrecondition, "{what}")
+        }
+        r => panic!("{what} in the broken pool answered {r:?}"),
+    };
+    let volume = VolumeId::parse("local:n1:fast:pvc-x").expect("id");
+    let snapshot = SnapshotId::parse("snap:local:n1:fast:snap-x").expect("id");
+    let group = GroupId::parse("group:local:n1:fast:g-x").expect("id");
+    broken(engine.delete_volume(&volume), "DeleteVolume");
+    broken(engine.delete_snapshot(&snapshot), "DeleteSnapshot");
+    broken(engine.delete_group(&group), "DeleteVolumeGroupSnapshot");
+    broken(engine.group(&group).map(|_| ()), "GetVolumeGroupSnapshot");
+    broken(
+        engine.delete_group_part(&group, std::slice::from_ref(&snapshot)),
+        "the delete of a group's part",
+    );
+    // Another node's ids, and the open pool's, are as before: nothing here to delete.
+    engine
+        .delete_volume(&VolumeId::parse("local:n2:fast:pvc-x").expect("id"))
+        .expect("another node's volume");
+    engine
+        .delete_volume(&VolumeId::parse("local:n1:default:pvc-gone").expect("id"))
+        .expect("a volume that is not there");
+}
