@@ -677,6 +677,8 @@ mod split {
         engines: Vec<Arc<LocalEngine>>,
         /// The shared pools' agent (the controller's own engine), when a test has one.
         shared: Option<Arc<dyn Agent>>,
+        /// A node the registry does not list now (not seen lately), though it knows its agent.
+        unlisted: Arc<std::sync::Mutex<Option<NodeId>>>,
         _dirs: Vec<tempfile::TempDir>,
         _stops: Vec<tokio::sync::oneshot::Sender<()>>,
     }
@@ -692,7 +694,9 @@ mod split {
             self.shared.clone()
         }
         fn all(&self) -> Vec<Arc<dyn Agent>> {
-            self.agents.iter().chain(&self.shared).cloned().collect()
+            let unlisted = self.unlisted.lock().expect("unlisted").clone();
+            let listed = self.agents.iter().filter(|a| Some(a.node()) != unlisted.as_ref());
+            listed.chain(&self.shared).cloned().collect()
         }
     }
 
@@ -706,6 +710,7 @@ mod split {
             agents: Vec::new(),
             engines: Vec::new(),
             shared: None,
+            unlisted: Default::default(),
             _dirs: Vec::new(),
             _stops: Vec::new(),
         };
@@ -1252,6 +1257,35 @@ mod split {
         }
     }
 
+    /// A retry of a group spanning nodes while the registry does not list its home node (not
+    /// seen lately, or not yet again after the controller started) asks the home all the same,
+    /// and answers the group: skipped, the lookup found nothing, and every node removed the
+    /// group's members to cut them again.
+    #[tokio::test]
+    async fn a_retried_group_whose_home_is_not_listed_now_answers_the_group() {
+        let n = nodes(&["node-1", "node-2"]).await;
+        let (engines, unlisted) = (n.engines.clone(), n.unlisted.clone());
+        let ctl = ControllerService::new(Arc::new(n));
+        let a = volume(&ctl, "pvc-listed-a", "node-1").await;
+        let b = volume(&ctl, "pvc-listed-b", "node-2").await;
+        let made = cut(&ctl, group_req("group-listed", &[&a, &b], true)).await;
+        let members = || -> Vec<SnapshotRecord> {
+            let mut all: Vec<SnapshotRecord> = engines.iter().flat_map(|e| e.snapshots()).collect();
+            all.sort_by_key(|r| r.id.to_string());
+            all
+        };
+        let before = members();
+        assert_eq!(before.len(), 2, "one member on each node");
+        *unlisted.lock().expect("unlisted") = Some(NodeId::parse("node-1").expect("node"));
+        let again = cut(&ctl, group_req("group-listed", &[&a, &b], true)).await;
+        assert_eq!(again, made, "the retry answers the group that was cut");
+        assert_eq!(
+            members(),
+            before,
+            "the members cut first, neither removed nor cut again"
+        );
+    }
+
     /// The retry of a group spanning nodes whose ids sort one way as text and another as ids
     /// (`node-1` and `node-10`) answers the group it made, not ALREADY_EXISTS.
     #[tokio::test]
@@ -1403,6 +1437,7 @@ mod split {
                 lose: Lose::Forget,
                 lost: Default::default(),
             })),
+            unlisted: Default::default(),
             _dirs: Vec::new(),
             _stops: Vec::new(),
         };

@@ -212,7 +212,13 @@ impl ControllerService {
         // cannot answer now, or answers what it may not, is skipped, as CreateVolume and
         // CreateSnapshot do (one node must not stop every group snapshot): the node that cuts
         // this group checks the name again.
-        let all = self.directory.all();
+        let mut all = self.directory.all();
+        // The group's home (its first member's node) holds the group's record: it is asked even
+        // when the registry does not list it now (not seen lately, or not yet again after this
+        // controller started), and must answer (below).
+        if !all.iter().any(|a| a.node() == parts[0].0.node()) {
+            all.push(parts[0].0.clone());
+        }
         let name = r.name.clone();
         let answers = super::ask_all(&all, |a| {
             let name = name.clone();
