@@ -823,6 +823,7 @@ impl LocalEngine {
             tracing::warn!(backup = %id, error = %e, "cannot note the deletion mark that would call another controller replica's upload off, so none is written; the delete's retry tries again");
             return;
         }
+        crash::point("backup:mark-noted");
         if self.backups.is_marked_deleted(id).unwrap_or(false) {
             return;
         }

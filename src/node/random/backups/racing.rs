@@ -253,6 +253,17 @@ fn gone(c: &Cluster, m: &mut Model, rng: &mut Rng, name: &str, b: &Bk, away: Opt
                 .expect("the repository answers"),
             "{name}: a deletion mark stays once forgotten with every node told"
         );
+        // Nor a note of one written for the other controller replica.
+        let share = c.procs[NODES].pool(SHARE).expect("the shared pool");
+        let tail = format!("-{}", id.key());
+        let notes: Vec<_> = std::fs::read_dir(share.marked_off_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(&tail))
+            .map(|e| e.path())
+            .collect();
+        assert!(notes.is_empty(), "{name}: notes of its deletion mark stay: {notes:?}");
     }
     m.backups.remove(name);
     let snap = snap_of(b);
@@ -474,8 +485,9 @@ fn upload_and_forget(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Ve
         r
     };
     // Half the time the replica the delete goes through dies while it removes a shared
-    // snapshot (unless it is the uploader); the CO sends the delete again once it is back.
-    let forget_crash = crash_at_step(rng, &["delete:after-trash"], replica, &[at]);
+    // snapshot, or between noting and writing the deletion mark that calls the other replica's
+    // upload off (unless it is the uploader); the CO sends the delete again once it is back.
+    let forget_crash = crash_at_step(rng, &["delete:after-trash", "backup:mark-noted"], replica, &[at]);
     let forget = || match held_at {
         None => forget_dying(c, &id, away, replica, forget_crash),
         Some(_) => {
