@@ -1056,6 +1056,9 @@ mod split {
         /// Not a lost answer: every forget of a backup answers ABORTED, as the node cutting it
         /// does while it uploads (a broken or lying node, for a backup it did not cut).
         Forget,
+        /// Not a lost answer: the node's member is deleted alone (DeleteSnapshot, the id taken
+        /// from ListSnapshots) after its part was cut and before the group's record is written.
+        MemberDeleted,
     }
 
     struct LostAnswer {
@@ -1168,6 +1171,17 @@ mod split {
             Ok(cut)
         }
         async fn put_group(&self, rec: GroupRecord) -> Result<(), StorageError> {
+            if self.lose == Lose::MemberDeleted {
+                let here = rec
+                    .members
+                    .iter()
+                    .find(|m| m.snapshot_id.0.node() == Some(self.inner.node()));
+                let here = here.expect("a member on the group's home").snapshot_id.clone();
+                self.inner
+                    .delete_snapshot(here)
+                    .await
+                    .expect("no record yet: deleted alone");
+            }
             self.inner.put_group(rec).await?;
             self.lost(Lose::PutGroup)
         }
@@ -1221,6 +1235,45 @@ mod split {
                     s.snapshot_id
                 );
             }
+        }
+    }
+
+    /// A member on the group's home deleted alone while the other nodes still cut (no record
+    /// keeps it yet): the group's record is not written naming it; the cut fails whole (ABORTED)
+    /// and its retry is whole.
+    #[tokio::test]
+    async fn a_member_deleted_before_its_group_is_recorded_fails_the_cut_whole() {
+        let mut n = nodes(&["node-1", "node-2"]).await;
+        let engines = n.engines.clone();
+        n.agents[0] = Arc::new(LostAnswer {
+            inner: n.agents[0].clone(),
+            lose: Lose::MemberDeleted,
+            lost: Default::default(),
+        });
+        let ctl = ControllerService::new(Arc::new(n));
+        let a = volume(&ctl, "pvc-gone-a", "node-1").await;
+        let b = volume(&ctl, "pvc-gone-b", "node-2").await;
+        let e = ctl
+            .create_volume_group_snapshot(group_req("group-gone", &[&a, &b], true))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Aborted, "{}", e.message());
+        assert!(
+            e.message().contains("was deleted while the group was cut"),
+            "{}",
+            e.message()
+        );
+        for (i, engine) in engines.iter().enumerate() {
+            assert!(
+                engine.group_named("group-gone").expect("lookup").is_none(),
+                "no group record names the deleted member on node-{}",
+                i + 1
+            );
+            assert!(
+                engine.snapshots().is_empty(),
+                "nothing of the group left on node-{}",
+                i + 1
+            );
         }
     }
 

@@ -34,19 +34,37 @@ struct Frozen {
 
 impl Frozen {
     /// Thaws every filesystem frozen (each tried a few times); the first that stayed frozen.
+    /// Those stay in the list: whoever thaws next (the cut's release after the watchdog) tries
+    /// them again and answers that they stayed frozen, so the caller keeps its freeze mark.
     fn thaw_all(&self) -> Result<(), SysError> {
         let taken = std::mem::take(&mut *self.mountpoints.lock().unwrap_or_else(|p| p.into_inner()));
         let mut first = Ok(());
-        for m in taken.iter().rev() {
-            if let Err(e) = (self.thaw)(m) {
+        let mut stuck = Vec::new();
+        for m in taken.into_iter().rev() {
+            if let Err(e) = (self.thaw)(&m) {
                 tracing::error!(mountpoint = %m.display(), error = %e, "could not thaw after a group snapshot");
                 if first.is_ok() {
                     first = Err(e);
                 }
+                stuck.push(m);
             }
         }
+        stuck.reverse();
+        self.mountpoints.lock().unwrap_or_else(|p| p.into_inner()).extend(stuck);
         first
     }
+
+    fn expired(&self) -> bool {
+        self.expired.load(Ordering::Acquire)
+    }
+}
+
+/// A barrier that could not freeze everything: why, and whether a filesystem it froze stayed
+/// frozen (its thaw failed: the caller keeps its freeze mark for the next start).
+#[derive(Debug)]
+pub struct FreezeFailed {
+    pub error: StorageError,
+    pub stuck: bool,
 }
 
 /// Filesystems frozen together until released, dropped, or their deadline.
@@ -66,7 +84,7 @@ impl Barrier {
         filesystems: &Arc<dyn Filesystems>,
         mountpoints: Vec<PathBuf>,
         within: Duration,
-    ) -> Result<Barrier, StorageError> {
+    ) -> Result<Barrier, FreezeFailed> {
         let thawing = filesystems.clone();
         Self::with(
             mountpoints,
@@ -81,7 +99,7 @@ impl Barrier {
         within: Duration,
         freeze: impl Fn(&Path) -> Result<(), SysError>,
         thaw: impl Fn(&Path) -> Result<(), SysError> + Send + Sync + 'static,
-    ) -> Result<Barrier, StorageError> {
+    ) -> Result<Barrier, FreezeFailed> {
         let frozen = Arc::new(Frozen {
             mountpoints: Mutex::new(Vec::new()),
             thaw: Box::new(thaw),
@@ -103,7 +121,10 @@ impl Barrier {
                         let _ = watched.thaw_all();
                     }
                 })
-                .map_err(|e| SysError::io("start the thaw watchdog", "", e))?;
+                .map_err(|e| FreezeFailed {
+                    error: SysError::io("start the thaw watchdog", "", e).into(),
+                    stuck: false,
+                })?;
         }
         // Built before the first freeze: an error below drops it, which thaws what was frozen.
         let barrier = Barrier {
@@ -114,18 +135,33 @@ impl Barrier {
             any,
         };
         for m in mountpoints {
-            if barrier.frozen.expired.load(Ordering::Acquire) {
+            if barrier.frozen.expired() {
                 break; // the watchdog already gave up; release() answers for it
             }
-            freeze(&m)?;
+            if let Err(e) = freeze(&m) {
+                let stuck = barrier.frozen.thaw_all().is_err();
+                return Err(FreezeFailed { error: e.into(), stuck });
+            }
             barrier
                 .frozen
                 .mountpoints
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(m);
+            // A freeze still running when the watchdog thawed (FIFREEZE flushes dirty data, and
+            // may take long) was not in its list: thawed here, not left frozen until the release.
+            if barrier.frozen.expired() {
+                let _ = barrier.frozen.thaw_all();
+                break;
+            }
         }
         Ok(barrier)
+    }
+
+    /// Whether the deadline passed and the watchdog thawed: a cut still to make is not one point
+    /// in time any more.
+    pub fn expired(&self) -> bool {
+        self.frozen.expired()
     }
 
     /// Thaws now; `Err(Aborted)` when the deadline passed first (the members are not one point in
@@ -136,7 +172,7 @@ impl Barrier {
         if let Err(e) = self.frozen.thaw_all() {
             return Err(StorageError::Sys(e));
         }
-        let late = self.frozen.expired.load(Ordering::Acquire) || Instant::now() >= self.deadline;
+        let late = self.frozen.expired() || Instant::now() >= self.deadline;
         if self.any && late {
             return Err(StorageError::Aborted(format!(
                 "the group's filesystems were frozen for longer than the {} s allowed \
@@ -214,8 +250,78 @@ mod tests {
             }
         };
         let r = Barrier::with(points(&["/a", "/b", "/c"]), Duration::from_secs(3600), freeze, thaw);
-        assert!(r.is_err());
+        let e = r.err().expect("a freeze failed");
+        assert!(!e.stuck, "everything frozen was thawed");
         assert_eq!(*thawed.lock().unwrap(), ["/a"]);
+    }
+
+    #[test]
+    fn a_failed_freeze_whose_thaw_fails_says_so() {
+        let freeze = |p: &Path| match p == Path::new("/b") {
+            true => Err(SysError::io(
+                "freeze (FIFREEZE)",
+                p,
+                std::io::Error::from_raw_os_error(libc::EBUSY),
+            )),
+            false => Ok(()),
+        };
+        let thaw = |p: &Path| {
+            Err(SysError::io(
+                "thaw (FITHAW)",
+                p,
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ))
+        };
+        let e = Barrier::with(points(&["/a", "/b"]), Duration::from_secs(3600), freeze, thaw)
+            .err()
+            .expect("a freeze failed");
+        assert!(e.stuck, "/a stayed frozen: the caller keeps its mark");
+    }
+
+    #[test]
+    fn a_watchdog_thaw_that_failed_is_the_answer_of_release() {
+        // The watchdog's thaw fails; the release must not answer only "too late" (which would
+        // have the caller drop its freeze mark), but that a filesystem stayed frozen.
+        let (_, freeze) = recorder();
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let thaw = move |p: &Path| {
+            let _ = tx.lock().unwrap().send(p.to_path_buf());
+            Err(SysError::io(
+                "thaw (FITHAW)",
+                p,
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ))
+        };
+        let b = Barrier::with(points(&["/a"]), Duration::from_millis(1), freeze, thaw).unwrap();
+        assert_eq!(rx.recv().unwrap(), PathBuf::from("/a"), "the watchdog tried");
+        let e = b.release().unwrap_err();
+        assert!(matches!(e, StorageError::Sys(_)), "{e}");
+        assert_eq!(rx.recv().unwrap(), PathBuf::from("/a"), "the release tried again");
+    }
+
+    #[test]
+    fn a_freeze_that_ends_after_the_watchdog_thawed_is_thawed_at_once() {
+        // Each FIFREEZE takes far longer than the deadline: the watchdog fires while one still
+        // runs, when its list does not hold that filesystem yet. Whenever it fires, nothing the
+        // barrier froze may stay frozen after it (until the release, minutes later).
+        let (frozen, record) = recorder();
+        let (thawed, thaw) = recorder();
+        let freeze = move |p: &Path| {
+            std::thread::sleep(Duration::from_millis(300));
+            record(p)
+        };
+        let b = Barrier::with(points(&["/a", "/b"]), Duration::from_millis(50), freeze, thaw).unwrap();
+        let waited = Instant::now();
+        while !b.expired() && waited.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(b.expired(), "the watchdog fired");
+        let thawed = thawed.lock().unwrap().clone();
+        for m in frozen.lock().unwrap().iter() {
+            assert!(thawed.contains(m), "{m} stayed frozen after the deadline: {thawed:?}");
+        }
+        assert!(matches!(b.release(), Err(StorageError::Aborted(_))));
     }
 
     #[test]

@@ -238,7 +238,8 @@ impl RecordingFiles {
         self.state.fail_next_at(op, path, errno);
     }
 
-    /// Forgets every failure armed with `fail_next` and not yet reached.
+    /// Forgets every failure armed with `fail_next` and not yet reached. (`write_atomic:after`
+    /// armed with [`Self::fail_next_at`] fails a write after it is done.)
     pub fn disarm(&self) {
         self.state.disarm();
     }
@@ -275,7 +276,10 @@ impl Files for RecordingFiles {
     }
     fn write_atomic(&self, path: &Path, bytes: &[u8], durability: Durability) -> Result<(), SysError> {
         self.enter("write_atomic", path, None)?;
-        write_atomic(path, bytes, durability)
+        write_atomic(path, bytes, durability)?;
+        // Armed as "write_atomic:after": the file is in place, yet the call fails (its
+        // directory's fsync failed, or a share's answer to the rename was lost).
+        self.state.armed("write_atomic:after", path)
     }
     fn sync_dir(&self, dir: &Path) -> Result<(), SysError> {
         self.enter("sync_dir", dir, None)?;

@@ -155,6 +155,14 @@ impl LocalEngine {
             created_nanos: at.1,
         };
         if let Err(e) = self.store.put_group(pool, &key, &rec) {
+            // The record may be there though its write failed (its directory's fsync, or a share
+            // whose rename answer was lost): it goes first, so that no record ever names a
+            // removed member. If it cannot, everything stays: a whole group, or members without
+            // a record that the retry removes.
+            if let Err(left) = self.store.remove_group(pool, &key) {
+                tracing::warn!(group = %rec.id, error = %left, "could not make sure a failed group snapshot left no record; its members stay for the retry");
+                return Err(e);
+            }
             self.undo_members(&cuts);
             return Err(e);
         }
@@ -250,6 +258,22 @@ impl LocalEngine {
             }
             return Ok(());
         }
+        // Until the record is written, a member here has no group to keep it (it counts as
+        // one a group's delete left) and may be deleted alone while the other nodes still cut:
+        // each is locked and must still be the group's, so that no record names a removed one.
+        let mut held = Vec::new();
+        for m in &rec.members {
+            let sid = &m.snapshot_id;
+            if self.locate(&sid.0).is_none() {
+                continue; // another node's: checked there before it answered its part
+            }
+            held.push(self.take(Kind::Snapshot, &sid.0.pool, &sid.0.key, &sid.to_string())?);
+            if self.snapshot(sid).is_none_or(|s| s.group.as_ref() != Some(&rec.id)) {
+                return Err(StorageError::Aborted(format!(
+                    "member {sid} of group snapshot {shown} was deleted while the group was cut;                      nothing of the group is kept, and its retry cuts it again"
+                )));
+            }
+        }
         self.store.put_group(pool, &rec.id.0.key, rec)
     }
 
@@ -340,13 +364,26 @@ impl LocalEngine {
             points.extend(layout::of(c.from.layout).freeze_points(&pool.sys, &c.from.path)?);
         }
         let marker = self.mark_frozen(pool, &points)?;
-        let barrier = Barrier::freeze(&pool.sys.filesystems, points, within)?;
+        let barrier = match Barrier::freeze(&pool.sys.filesystems, points, within) {
+            Ok(b) => b,
+            Err(failed) => {
+                // Nothing stayed frozen: the mark goes (else every retry left one, and the next
+                // start would thaw what another froze since, on purpose).
+                if let Some(m) = marker.as_ref().filter(|_| !failed.stuck) {
+                    if let Err(e) = pool.sys.files.remove_file_if_exists(m) {
+                        tracing::warn!(error = %e, "could not remove a freeze mark; the next start removes it");
+                    }
+                }
+                return Err(failed.error);
+            }
+        };
         let at = now();
         crash::point("group:frozen");
         let mut made = Vec::new();
         let mut cut = go();
         for c in cuts {
-            if cut.is_err() {
+            // Past the deadline the members are not one point in time: none is cut in vain.
+            if cut.is_err() || barrier.expired() {
                 break;
             }
             let key = &c.snapshot.0.key;

@@ -859,18 +859,26 @@ fn temporary_files_left_beside_leases_and_stage_marks_are_swept_once_stale() {
     assert!(!root.join(".locks/volumes-pvc-e").exists(), "released, it is gone");
 }
 
+/// A 1 MiB `dir` volume of each name.
+fn dir_volumes(engine: &LocalEngine, names: &[&str]) -> Vec<VolumeId> {
+    let make = |n: &&str| engine.create_volume(NewVolume::plain(n, None, MIB)).expect("create").id;
+    names.iter().map(make).collect()
+}
+
+/// The freeze marks in a pool's `groups/`.
+fn freeze_marks(pool: &Pool) -> Vec<std::path::PathBuf> {
+    let listed = LinuxFiles.list_dir(&pool.groups_dir()).expect("groups");
+    let mark = |p: &std::path::PathBuf| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(".frozen-"))
+    };
+    listed.into_iter().filter(mark).collect()
+}
+
 #[test]
 fn a_group_snapshot_whose_records_fail_leaves_no_member_behind() {
     let f = engine(FsType::Ext4);
-    let vols: Vec<VolumeId> = ["pvc-g1", "pvc-g2"]
-        .iter()
-        .map(|n| {
-            f.engine
-                .create_volume(NewVolume::plain(n, None, MIB))
-                .expect("create")
-                .id
-        })
-        .collect();
+    let vols = dir_volumes(&f.engine, &["pvc-g1", "pvc-g2"]);
     let req = per_volume_group("group-a", vols.clone());
     crate::crash::in_thread::fail_at(Some(("record:write", libc::ENOSPC)));
     let failed = f.engine.create_group(&req);
@@ -885,6 +893,63 @@ fn a_group_snapshot_whose_records_fail_leaves_no_member_behind() {
     assert!(f.engine.snapshots().is_empty());
     let rec = f.engine.create_group(&req).expect("the retry");
     assert_eq!(rec.members.len(), 2);
+}
+
+#[test]
+fn a_group_whose_record_write_failed_after_the_rename_names_no_removed_member() {
+    // The write of the group's record failed once its file was in place (the directory's fsync,
+    // or a share's lost answer): the members go, so the record must go first, or the retry finds
+    // it and answers a ready group whose members are gone.
+    let f = faked(FsType::Ext4);
+    let vols = dir_volumes(&f.engine, &["pvc-r1", "pvc-r2"]);
+    let req = per_volume_group("group-r", vols);
+    let record = f.pool().group_record_path(&Key::from_name("group-r"));
+    f.files.fail_next_at("write_atomic:after", &record, libc::EIO);
+    let failed = f.engine.create_group(&req);
+    assert!(failed.is_err(), "{failed:?}");
+    assert!(!record.exists(), "the record written before the failure is gone");
+    assert!(f.engine.snapshots().is_empty(), "and so are the members");
+    let rec = f.engine.create_group(&req).expect("the retry");
+    for m in &rec.members {
+        assert!(
+            f.engine.snapshot(&m.snapshot_id).is_some(),
+            "member {} is there",
+            m.snapshot_id
+        );
+    }
+}
+
+#[test]
+fn a_group_whose_freeze_fails_leaves_no_freeze_mark() {
+    // A freeze refused (EBUSY: another froze it on purpose) thaws what it froze and keeps no
+    // mark: else every retry left one, and the next start would thaw the other's freeze.
+    use crate::sys::devices::Devices;
+    use crate::sys::mount::{BindFlags, Mounter};
+    let f = faked(FsType::Ext4);
+    let vol = f
+        .engine
+        .create_volume(NewVolume::plain("pvc-busy", Some(Layout::Image), 32 * MIB))
+        .expect("create");
+    let (_, image) = f.engine.volume_data(&vol.id).expect("data");
+    let (dev, _) = f.devices.attach(&image, false).expect("attach");
+    f.mounter
+        .mount_fs(&dev.path, &f.dir.path().join("staging"), "ext4", BindFlags::default())
+        .expect("mount");
+    let req = NewGroup {
+        per_volume: false,
+        ..per_volume_group("group-busy", vec![vol.id.clone()])
+    };
+    for _ in 0..3 {
+        f.filesystems.fail_next("freeze", libc::EBUSY);
+        let failed = f.engine.create_group(&req);
+        assert!(failed.is_err(), "{failed:?}");
+    }
+    let marks = freeze_marks(f.pool());
+    let tries = f.filesystems.calls().iter().filter(|c| c.starts_with("freeze")).count();
+    assert_eq!(tries, 3, "each try froze (and was refused)");
+    assert!(marks.is_empty(), "failed freezes left marks: {marks:?}");
+    assert!(f.filesystems.frozen().is_empty(), "nothing stays frozen");
+    f.engine.create_group(&req).expect("the retry once it can freeze");
 }
 
 #[test]
@@ -914,17 +979,7 @@ fn a_consistent_snapshot_that_fails_mid_copy_leaves_a_mark_the_next_start_thaws(
     assert!(failed.is_err(), "{failed:?}");
     // (The fake arms one failure per operation: the second thaw try succeeds. What matters here:
     // the mark outlives the failed call, and a start thaws what it names.)
-    let marks = || {
-        LinuxFiles
-            .list_dir(&f.pool().groups_dir())
-            .expect("groups")
-            .into_iter()
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with(".frozen-"))
-            })
-            .count()
-    };
+    let marks = || freeze_marks(f.pool()).len();
     assert_eq!(marks(), 1, "a failed consistent copy keeps its freeze mark");
     f.filesystems
         .freeze(&at)
