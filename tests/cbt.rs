@@ -558,6 +558,27 @@ async fn snapshots_of_dir_volumes_are_failed_precondition() {
     assert_eq!(r.code(), Code::FailedPrecondition);
 }
 
+/// A backup's handle names a snapshot that exists (in its repository): FAILED_PRECONDITION (back
+/// it up in full), not NOT_FOUND ("re-check that it exists").
+#[tokio::test]
+async fn a_backups_handle_is_failed_precondition_not_not_found() {
+    let fs = TestFs::new("xfs", 512);
+    let (mut d, _cfg) = driver(&fs).await;
+    let (_, base, _) = small_pair(&mut d, "pvc-bk").await;
+    let mut c = metadata(&d).await;
+    let backup = "backup:offsite:0a1b2c3d-0000-4000-8000-000000000001";
+    let answers = [
+        allocated(&mut c, backup, 0, 0).await.err(),
+        delta(&mut c, &base, backup, 0, 0).await.err(),
+        delta(&mut c, backup, &base, 0, 0).await.err(),
+    ];
+    for r in answers {
+        let r = r.expect("refused");
+        assert_eq!(r.code(), Code::FailedPrecondition, "{}", r.message());
+        assert!(r.message().contains("is a backup"), "{}", r.message());
+    }
+}
+
 // ------------------------------------------------------------------ the capability
 
 #[tokio::test]

@@ -35,6 +35,14 @@ impl SnapshotMetadataService {
             return Err(ControllerError::missing(field));
         }
         let not_found = || ControllerError::not_found(format!("snapshot {raw} not found"));
+        if crate::storage::id::BackupId::parse(raw).is_ok() {
+            // It may well exist: its blocks are in its repository, which this service does not read.
+            return Err(MetadataError::NotTracked(format!(
+                "{field} {} is a backup: changed block tracking serves the snapshots of image volumes kept on a node; back it up in full, or ask about the local snapshot it was cut from",
+                crate::csi::status::bounded(raw)
+            ))
+            .into());
+        }
         let id = SnapshotId::parse(raw).map_err(|_| not_found())?;
         let agent = match id.0.node() {
             Some(n) => self.directory.agent(n),

@@ -1498,6 +1498,58 @@ fn one_static_handle_is_staged_with_one_subdir_per_node() {
     );
 }
 
+/// A pool configured inside a shared pool's directory: a static handle of the shared pool must
+/// not reach into it (its volumes, its stage marks, or the whole pool), nor name a path part
+/// longer than a name can be (INVALID_ARGUMENT, not INTERNAL).
+#[test]
+fn a_static_handle_does_not_reach_into_a_pool_inside_its_pool() {
+    let n = Node::with(|dir, config| {
+        let mut team = config.pools[0].clone();
+        team.name = crate::storage::id::PoolName::parse("team").expect("pool name");
+        team.path = dir.join("share/team");
+        config.pools.push(team);
+    });
+    let mut req = NewVolume::plain("pvc-inner", None, 1 << 20);
+    req.pool = Some(crate::storage::id::PoolName::parse("team").expect("pool"));
+    let inner = n
+        .svc
+        .engine
+        .create_volume(req)
+        .expect("a volume of the inner pool")
+        .id
+        .to_string();
+    assert!(inner.contains(":team:"), "{inner}");
+    std::fs::create_dir_all(n.path("share/data")).expect("a directory of the share's own");
+    let long = "x".repeat(300);
+    for handle in [
+        "static:share:team/volumes/pvc-inner".to_string(),
+        "static:share:team".to_string(),
+        "static:share:TEAM/Volumes".to_string(),
+        format!("static:share:{long}"),
+    ] {
+        let err = n
+            .svc
+            .stage(NodeStageVolumeRequest {
+                volume_id: handle.clone(),
+                staging_target_path: n.path("staging").display().to_string(),
+                volume_capability: Some(cap(Mode::SingleNodeWriter)),
+                ..Default::default()
+            })
+            .expect_err("a handle into another pool");
+        let err = tonic::Status::from(err);
+        assert_eq!(err.code(), Code::InvalidArgument, "{handle}: {}", err.message());
+    }
+    assert!(n.mounter.calls().is_empty(), "nothing mounted");
+    n.svc
+        .stage(NodeStageVolumeRequest {
+            volume_id: "static:share:data".into(),
+            staging_target_path: n.path("staging").display().to_string(),
+            volume_capability: Some(cap(Mode::SingleNodeWriter)),
+            ..Default::default()
+        })
+        .expect("a directory of the share's own");
+}
+
 /// A publish whose bind fails takes back only what it made, and never what it did not write: the
 /// files a pod wrote into the bare target while its mount was lost stay (the undo removed the
 /// whole target tree when an earlier publish had made the directory).

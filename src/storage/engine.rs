@@ -729,6 +729,24 @@ impl LocalEngine {
                 pool.as_str()
             )));
         }
+        // Nor into another pool configured inside this one's directory (its volumes would be
+        // reachable through this pool's handles).
+        let joined = p.root().join(rel);
+        let inner = self
+            .pools
+            .values()
+            .find(|q| q.config.name != *pool && super::pool::reaches_into(&q.config.path, &joined));
+        if let Some(other) = inner
+            .map(|q| &q.config.name)
+            .or_else(|| self.pool_managing(&joined, &joined))
+        {
+            return Err(StorageError::Unsupported(format!(
+                "static volume path '{}' in pool '{}' reaches into pool '{}', which lies inside it: name a directory outside that pool",
+                crate::csi::status::bounded(&shown),
+                pool.as_str(),
+                other.as_str()
+            )));
+        }
         let root = p.root().to_path_buf();
         let rel = rel.to_path_buf();
         crate::sys::share::within(
@@ -740,7 +758,10 @@ impl LocalEngine {
         .map_err(|e| {
             if e.is_not_found() {
                 StorageError::VolumeNotFound(format!("static:{}:{}", pool.as_str(), e))
-            } else if matches!(e.errno(), Some(libc::ELOOP) | Some(libc::ENOTDIR) | Some(libc::EINVAL)) {
+            } else if matches!(
+                e.errno(),
+                Some(libc::ELOOP) | Some(libc::ENOTDIR) | Some(libc::EINVAL) | Some(libc::ENAMETOOLONG)
+            ) {
                 StorageError::Unsupported(format!(
                     "static volume path '{}' in pool '{}' must name a directory below the pool; symlinks \
                      are not followed ({e})",
