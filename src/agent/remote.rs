@@ -719,6 +719,7 @@ impl Agent for RemoteAgent {
             Ok(Err(s)) => Err(me.metadata_failed(RPC, idle, s)),
             Ok(Ok(m)) => ranges(m),
         });
+        // (Empty messages kept the answer alive through a long stretch without a difference.)
         let batches = tokio_stream::once(Ok(first))
             .chain(rest)
             .filter(|b| !matches!(b, Ok(v) if v.is_empty()));

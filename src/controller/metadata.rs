@@ -124,7 +124,10 @@ async fn messages<T: Send + 'static>(
             .collect();
         make(style, capacity, blocks)
     };
-    let rest = batches.map(move |b| b.map(message).map_err(Status::from));
+    // Empty batches after the first only kept a node's answer alive: no client sees them.
+    let rest = batches
+        .filter(|b| !matches!(b, Ok(v) if v.is_empty()))
+        .map(move |b| b.map(message).map_err(Status::from));
     Ok(Box::pin(tokio_stream::once(Ok(message(first))).chain(rest)))
 }
 
@@ -162,5 +165,40 @@ impl SnapshotMetadata for SnapshotMetadataService {
         let (base, target) = (Some(r.base_snapshot_id.as_str()), &r.target_snapshot_id);
         let answer = self.answer(base, target, r.starting_offset, r.max_results, make);
         super::answer(answer).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Empty batches (a node's walk keeping its answer alive through a stretch without a
+    /// difference) reach no client after the first message, which always goes (the capacity).
+    #[tokio::test]
+    async fn empty_batches_after_the_first_reach_no_client() {
+        let batches: Vec<Result<Vec<Range>, MetadataError>> = vec![
+            Ok(Vec::new()),
+            Ok(Vec::new()),
+            Ok(vec![(0, 4096)]),
+            Ok(Vec::new()),
+            Ok(vec![(8192, 4096)]),
+        ];
+        let answer = messages(1 << 20, Box::pin(tokio_stream::iter(batches)), |_, capacity, blocks| {
+            (
+                capacity,
+                blocks.iter().map(|b| (b.byte_offset, b.size_bytes)).collect::<Vec<_>>(),
+            )
+        })
+        .await
+        .expect("answer");
+        let sent: Vec<(i64, Vec<(i64, i64)>)> = answer.map(|m| m.expect("message")).collect().await;
+        assert_eq!(
+            sent,
+            vec![
+                (1 << 20, vec![]),
+                (1 << 20, vec![(0, 4096)]),
+                (1 << 20, vec![(8192, 4096)])
+            ]
+        );
     }
 }

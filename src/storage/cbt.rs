@@ -64,6 +64,13 @@ pub const MAX_BATCH: usize = 4096;
 /// How much of the volume is compared at once.
 pub const WINDOW: u64 = 64 << 20;
 
+/// The most windows one batch compares (16 GiB). A long stretch without a difference (two nearly
+/// identical snapshots of a large volume) then yields empty batches on the way: each is a message
+/// that keeps the answer alive (the controller waits 120 s at most between a node's
+/// messages), and each lets a client that went away end the walk. Empty batches after the first
+/// reach no client.
+pub const WINDOWS_PER_BATCH: u32 = 256;
+
 /// A snapshot's file, open for its extents.
 pub struct Mapped {
     pub fd: OwnedFd,
@@ -105,10 +112,16 @@ impl RangeWalk {
         self.capacity
     }
 
-    /// The next ranges, at most `max` (at least 1); `None` once every range has been given.
+    /// The next ranges, at most `max` (at least 1), from at most [`WINDOWS_PER_BATCH`] windows
+    /// (so possibly none); `None` once every range has been given.
     pub fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Range>>, MetadataError> {
         let max = max.max(1);
+        let mut windows = 0;
         while self.ready.len() < max && self.pos < self.capacity {
+            if windows == WINDOWS_PER_BATCH {
+                return Ok(Some(Vec::new()));
+            }
+            windows += 1;
             let to = self.pos.saturating_add(WINDOW).min(self.capacity);
             let target = self.target.extents(self.pos, to)?;
             let base = match &self.base {
@@ -311,6 +324,20 @@ mod tests {
             path: p,
         };
         (dir, RangeWalk::new(len, None, target, 0))
+    }
+
+    #[test]
+    fn a_long_stretch_without_data_yields_empty_batches_on_the_way() {
+        // One block at the very end of a sparse volume of 2.5 batches' worth of windows: the
+        // walk answers in bounded steps, not one scan of the whole volume.
+        let len = (5 * WINDOWS_PER_BATCH as u64 / 2) * WINDOW;
+        let (_d, mut walk) = walk_of(len, &[(len - 8 * K, 8 * K)]);
+        assert_eq!(walk.next_batch(10).expect("walk"), Some(Vec::new()));
+        assert_eq!(walk.next_batch(10).expect("walk"), Some(Vec::new()));
+        let last = walk.next_batch(10).expect("walk").expect("the range");
+        assert_eq!(last.len(), 1);
+        assert!(last[0].0 <= len - 8 * K && last[0].0 + last[0].1 == len, "{last:?}");
+        assert!(walk.next_batch(10).expect("walk").is_none());
     }
 
     #[test]
