@@ -273,8 +273,8 @@ impl NodeService {
                 crate::csi::status::bounded(&volume)
             )));
         }
-        let records = self.files.resolve(self.state.dir())?;
-        if real.starts_with(&records) || records.starts_with(&real) {
+        let records = self.state.real_dir();
+        if real.starts_with(records) || records.starts_with(&real) {
             return Err(NodeError::invalid(format!(
                 "{field} {} is in or above {}, where this node keeps its mount records; give a path outside it",
                 path.display(),

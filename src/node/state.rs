@@ -68,6 +68,8 @@ impl VolumeMounts {
 
 pub struct NodeState {
     dir: PathBuf,
+    /// `dir` with its symbolic links resolved, once, at open (the path guard's, on every call).
+    real_dir: PathBuf,
     /// Where the state files are read and written (real, or a test's recording fake).
     files: Arc<dyn Files>,
     cache: Mutex<HashMap<String, VolumeMounts>>,
@@ -88,6 +90,7 @@ impl NodeState {
         }
         Ok(NodeState {
             dir: dir.to_path_buf(),
+            real_dir: files.resolve(dir)?,
             files,
             cache: Mutex::new(cache),
         })
@@ -131,8 +134,9 @@ impl NodeState {
 
 impl NodeState {
     /// Where the state files live.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// The directory of the mount records, its symbolic links resolved when it was opened.
+    pub fn real_dir(&self) -> &Path {
+        &self.real_dir
     }
 
     /// A volume staged or published at a path strictly above `path` (one of `paths`, the given
