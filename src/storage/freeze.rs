@@ -72,6 +72,9 @@ pub struct Barrier {
     frozen: Arc<Frozen>,
     /// Dropped to stop the watchdog.
     stop: Option<mpsc::Sender<()>>,
+    /// The watchdog, joined before the barrier thaws: a thaw it is still trying puts what stayed
+    /// frozen back in the list only when it ends, and that must be seen.
+    watchdog: Option<std::thread::JoinHandle<()>>,
     deadline: Instant,
     within: Duration,
     /// Something was frozen (an empty barrier has no deadline to miss).
@@ -107,9 +110,10 @@ impl Barrier {
         });
         let any = !mountpoints.is_empty();
         let (tx, rx) = mpsc::channel::<()>();
+        let mut watchdog = None;
         if any {
             let watched = frozen.clone();
-            std::thread::Builder::new()
+            let started = std::thread::Builder::new()
                 .name("cellar-thaw".into())
                 .spawn(move || {
                     if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(within) {
@@ -125,11 +129,13 @@ impl Barrier {
                     error: SysError::io("start the thaw watchdog", "", e).into(),
                     stuck: false,
                 })?;
+            watchdog = Some(started);
         }
         // Built before the first freeze: an error below drops it, which thaws what was frozen.
-        let barrier = Barrier {
+        let mut barrier = Barrier {
             frozen,
             stop: Some(tx),
+            watchdog,
             deadline: Instant::now() + within,
             within,
             any,
@@ -139,6 +145,7 @@ impl Barrier {
                 break; // the watchdog already gave up; release() answers for it
             }
             if let Err(e) = freeze(&m) {
+                barrier.stop_watchdog();
                 let stuck = barrier.frozen.thaw_all().is_err();
                 return Err(FreezeFailed { error: e.into(), stuck });
             }
@@ -168,7 +175,7 @@ impl Barrier {
     /// time: the caller drops them), and the thaw's error when a filesystem stayed frozen (the
     /// caller keeps its freeze mark, so the next start thaws it).
     pub fn release(mut self) -> Result<(), StorageError> {
-        self.stop.take();
+        self.stop_watchdog();
         if let Err(e) = self.frozen.thaw_all() {
             return Err(StorageError::Sys(e));
         }
@@ -185,9 +192,19 @@ impl Barrier {
     }
 }
 
+impl Barrier {
+    /// Stops the watchdog, and waits for a thaw it is doing to end.
+    fn stop_watchdog(&mut self) {
+        self.stop.take();
+        if let Some(w) = self.watchdog.take() {
+            let _ = w.join();
+        }
+    }
+}
+
 impl Drop for Barrier {
     fn drop(&mut self) {
-        self.stop.take();
+        self.stop_watchdog();
         let _ = self.frozen.thaw_all();
     }
 }
@@ -298,6 +315,28 @@ mod tests {
         let e = b.release().unwrap_err();
         assert!(matches!(e, StorageError::Sys(_)), "{e}");
         assert_eq!(rx.recv().unwrap(), PathBuf::from("/a"), "the release tried again");
+    }
+
+    #[test]
+    fn a_release_waits_for_a_watchdog_thaw_still_under_way() {
+        // The watchdog's thaw takes a while and fails: a release that came meanwhile found an
+        // empty list, answered "too late" only, and the caller removed its freeze mark.
+        let (_, freeze) = recorder();
+        let (tx, rx) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let thaw = move |p: &Path| {
+            let _ = tx.lock().unwrap().send(());
+            std::thread::sleep(Duration::from_millis(200));
+            Err(SysError::io(
+                "thaw (FITHAW)",
+                p,
+                std::io::Error::from_raw_os_error(libc::EIO),
+            ))
+        };
+        let b = Barrier::with(points(&["/a"]), Duration::from_millis(1), freeze, thaw).unwrap();
+        rx.recv().unwrap(); // the watchdog's thaw has begun
+        let e = b.release().unwrap_err();
+        assert!(matches!(e, StorageError::Sys(_)), "{e}");
     }
 
     #[test]
