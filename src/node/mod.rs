@@ -574,24 +574,16 @@ impl NodeService {
                         if read_only { "read-only" } else { "read-write" },
                     )));
                 }
-                // Nor another `subdir` or mount options (two PVs of one static handle: kubelet
-                // gives them one staging path), whose publishes would show what this stage bound.
-                let asked = StagedBind {
-                    subdir: attrs.subdir.clone(),
-                    flags: BindFlags {
-                        read_only: mount_ro,
-                        ..attrs.flags
-                    },
-                };
-                if let Some(bound) = s.bound.as_ref().filter(|b| **b != asked) {
+                // Nor another `subdir` (two PVs of one static handle: kubelet gives them one
+                // staging path), whose publishes would show what this stage bound. Other mount
+                // options are fine: each publish binds with its own PV's.
+                if let Some(bound) = s.bound.as_ref().filter(|b| b.subdir != attrs.subdir) {
                     return Err(NodeError::Conflict(format!(
-                        "volume {} is already staged at {} with subdir '{}' and options {}; this request asks for subdir '{}' and options {}: give each subdir a volume handle of its own (static:<pool>:<path>/<subdir>)",
+                        "volume {} is already staged at {} with subdir '{}'; this request asks for subdir '{}': give each subdir a volume handle of its own (static:<pool>:<path>/<subdir>)",
                         r.volume_id,
                         staging.display(),
                         bound.subdir.display(),
-                        bound.flags,
-                        asked.subdir.display(),
-                        asked.flags,
+                        attrs.subdir.display(),
                     )));
                 }
                 return Ok(NodeStageVolumeResponse {});
@@ -932,8 +924,20 @@ impl NodeService {
             read_only: flags.read_only || m.staged.as_ref().is_some_and(|s| s.path == staging && s.read_only),
             ..flags
         };
+        // A static volume's publish carries its own PV's `readOnly` and `mountOptions` (kubelet
+        // stages a handle once per node, so the stage may have been made for another PV of it).
+        let attrs = StaticAttrs::parse(StaticId::parse(&r.volume_id).is_ok(), &r.volume_context)?;
+        let (before, flags) = (
+            flags,
+            flags.and(BindFlags {
+                read_only: attrs.read_only,
+                ..attrs.flags
+            }),
+        );
         if let Some(p) = m.published.get(&target) {
-            if p.flags != flags || p.access != cap.access {
+            // (A publish recorded by an earlier release, which left the PV's options out, is the
+            // same publish.)
+            if (p.flags != flags && p.flags != before) || p.access != cap.access {
                 return Err(NodeError::Conflict(format!(
                     "volume {} is already published at {} with other options (read-only {}, access {:?})",
                     r.volume_id,
@@ -969,7 +973,7 @@ impl NodeService {
                 }
             }
         } else {
-            Self::publishes_what_was_staged(&r.volume_id, &m, &r.volume_context)?;
+            Self::publishes_what_was_staged(&r.volume_id, &m, &r.volume_context, &attrs)?;
             if !(staged_here && self.staging_alive(&r.volume_id, &rec, &data, &staging, &r.volume_context)?) {
                 return Err(NodeError::NotReady(format!(
                     "volume {} is not staged at {}; call NodeStageVolume first",
@@ -1066,26 +1070,20 @@ impl NodeService {
         }
     }
 
-    /// Whether the staging mount is usable; one gone stale (its share was remounted or came back)
-    /// is bound again, as the stage bound it, before publishing from it: the same directory (a
-    /// static volume's `subdir`, never the handle's whole path) with the same flags. A stage
-    /// recorded by an earlier release, which kept neither, takes them from the publish's
-    /// `volume_context` (the PV's volumeAttributes, the same the stage had).
     /// A static volume's publish shows what its stage bound: kubelet stages a handle once per
     /// node, so a second PV of the handle naming another `subdir` comes straight to its publish,
-    /// which would show the first PV's directory. An empty volume context (a client run by hand;
-    /// kubelet always sends the PV's attributes) says nothing and is taken as the stage's.
+    /// which would show the first PV's directory. An empty volume context (a client run by hand)
+    /// says nothing and is taken as the stage's: what it gets is no more than the handle names.
     fn publishes_what_was_staged(
         volume_id: &str,
         m: &state::VolumeMounts,
         context: &std::collections::HashMap<String, String>,
+        attrs: &StaticAttrs,
     ) -> Result<(), NodeError> {
-        let bound = m.staged.as_ref().and_then(|s| s.bound.as_ref());
-        let (Some(bound), false) = (bound, context.is_empty()) else {
+        let Some(bound) = m.staged.as_ref().and_then(|s| s.bound.as_ref()) else {
             return Ok(());
         };
-        let attrs = StaticAttrs::parse(StaticId::parse(volume_id).is_ok(), context)?;
-        if attrs.subdir != bound.subdir {
+        if StaticId::parse(volume_id).is_ok() && !context.is_empty() && attrs.subdir != bound.subdir {
             return Err(NodeError::NotReady(format!(
                 "volume {volume_id} is staged on this node with subdir '{}', and this publish asks for subdir '{}': give each subdir a volume handle of its own (static:<pool>:<path>/<subdir>)",
                 bound.subdir.display(),
@@ -1095,6 +1093,11 @@ impl NodeService {
         Ok(())
     }
 
+    /// Whether the staging mount is usable; one gone stale (its share was remounted or came back)
+    /// is bound again, as the stage bound it, before publishing from it: the same directory (a
+    /// static volume's `subdir`, never the handle's whole path) with the same flags. A stage
+    /// recorded by an earlier release, which kept neither, takes them from the publish's
+    /// `volume_context` (the PV's volumeAttributes, the same the stage had).
     fn staging_alive(
         &self,
         volume_id: &str,

@@ -1419,9 +1419,15 @@ fn a_stale_static_staging_is_bound_again_from_its_subdir_with_its_options() {
             })
             .expect("publish");
     };
-    // The share went stale under the staging mount: the publish binds it again from the state.
+    // The share went stale under the staging mount: the publish binds it again from the state
+    // (the stage's options, not the ones this PV's context names).
+    let fewer_options: std::collections::HashMap<String, String> = [
+        ("subdir".to_string(), "team-a".to_string()),
+        ("mountOptions".to_string(), "nosuid".to_string()),
+    ]
+    .into();
     n.mounter.fail_next("is_mountpoint", libc::ESTALE);
-    publish(&n, &n.path("pod-1"), &Default::default());
+    publish(&n, &n.path("pod-1"), &fewer_options);
     assert!(
         n.mounter
             .calls()
@@ -1443,7 +1449,10 @@ fn a_stale_static_staging_is_bound_again_from_its_subdir_with_its_options() {
 /// Two PVs of one static handle with other `subdir`s (one team's directory each): kubelet gives
 /// them one staging path, and stages the handle once. The second PV's stage, and its publish
 /// (which kubelet sends without a stage of its own), are refused: they would show the first
-/// team's directory in the second team's pod.
+/// team's directory in the second team's pod; so is a PV naming the whole directory (with other
+/// attributes: an empty volume context says nothing). A PV of the
+/// same subdir with other options may stage again (kubelet's retry after its restart, with any
+/// pod's PV) and its publish carries its own options.
 #[test]
 fn one_static_handle_is_staged_with_one_subdir_per_node() {
     let n = Node::new();
@@ -1480,21 +1489,34 @@ fn one_static_handle_is_staged_with_one_subdir_per_node() {
     };
     stage(context("team-a", "nodev")).expect("stage");
     stage(context("team-a", "nodev")).expect("the same stage again");
-    for other in [context("team-b", "nodev"), context("team-a", "noexec")] {
-        let err = tonic::Status::from(stage(other).expect_err("another stage of the handle"));
-        assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
-        assert!(err.message().contains("volume handle of its own"), "{}", err.message());
+    stage(context("team-a", "noexec")).expect("a PV of the same subdir with other options");
+    let err = tonic::Status::from(stage(context("team-b", "nodev")).expect_err("team-b's stage"));
+    assert_eq!(err.code(), Code::AlreadyExists, "{}", err.message());
+    assert!(err.message().contains("volume handle of its own"), "{}", err.message());
+    for (other, pod) in [
+        (context("team-b", "nodev"), "pod-b"),
+        (context("", "nodev"), "pod-whole"),
+    ] {
+        let err = tonic::Status::from(publish(other, pod).expect_err("another subdir's publish"));
+        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+        assert!(err.message().contains("subdir 'team-a'"), "{}", err.message());
+        assert!(!n.path(pod).exists(), "nothing made for {pod}");
     }
-    let err = tonic::Status::from(publish(context("team-b", "nodev"), "pod-b").expect_err("team-b's publish"));
-    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
-    assert!(err.message().contains("subdir 'team-a'"), "{}", err.message());
-    assert!(!n.path("pod-b").exists(), "nothing made for team-b's pod");
     publish(context("team-a", "nodev"), "pod-a").expect("team-a's publish");
-    let binds: Vec<_> = n.mounter.mounted().into_iter().map(|m| m.1).collect();
+    let mut read_only = context("team-a", "noexec");
+    read_only.insert("readOnly".into(), "true".into());
+    publish(read_only, "pod-a-ro").expect("a read-only PV of team-a");
+    let binds = n.mounter.mounted();
+    let at: Vec<_> = binds.iter().map(|m| m.1.clone()).collect();
     assert_eq!(
-        binds,
-        vec![staging.clone(), n.path("pod-a")],
-        "team-a's stage and publish only"
+        at,
+        vec![staging.clone(), n.path("pod-a"), n.path("pod-a-ro")],
+        "team-a's stage and publishes only"
+    );
+    let flags = binds[2].2;
+    assert!(
+        flags.read_only && flags.noexec,
+        "the publish carries its own PV's options: {flags:?}"
     );
 }
 

@@ -24,26 +24,21 @@ pub struct BindFlags {
     pub strictatime: bool,
 }
 
-impl std::fmt::Display for BindFlags {
-    /// The flags set, as mount options (`ro,noexec`), or `defaults`.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let set = [
-            (self.read_only, "ro"),
-            (self.nosuid, "nosuid"),
-            (self.nodev, "nodev"),
-            (self.noexec, "noexec"),
-            (self.noatime, "noatime"),
-            (self.nodiratime, "nodiratime"),
-            (self.relatime, "relatime"),
-            (self.strictatime, "strictatime"),
-        ];
-        let names: Vec<&str> = set.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
-        f.write_str(if names.is_empty() { "defaults" } else { "" })?;
-        f.write_str(&names.join(","))
-    }
-}
-
 impl BindFlags {
+    /// Every flag either sets.
+    pub fn and(self, other: BindFlags) -> BindFlags {
+        BindFlags {
+            read_only: self.read_only || other.read_only,
+            nosuid: self.nosuid || other.nosuid,
+            nodev: self.nodev || other.nodev,
+            noexec: self.noexec || other.noexec,
+            noatime: self.noatime || other.noatime,
+            nodiratime: self.nodiratime || other.nodiratime,
+            relatime: self.relatime || other.relatime,
+            strictatime: self.strictatime || other.strictatime,
+        }
+    }
+
     /// True when a remount is needed after the bind to apply these flags.
     pub fn needs_remount(&self) -> bool {
         *self != BindFlags::default()
