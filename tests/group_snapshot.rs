@@ -1059,6 +1059,8 @@ mod split {
         /// Not a lost answer: the node's member is deleted alone (DeleteSnapshot, the id taken
         /// from ListSnapshots) after its part was cut and before the group's record is written.
         MemberDeleted,
+        /// Not a lost answer: the agent's pool figures never come (a share whose server is gone).
+        Pools,
     }
 
     struct LostAnswer {
@@ -1130,7 +1132,13 @@ mod split {
             self.inner.snapshots().await
         }
         async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError> {
+            if self.lose == Lose::Pools {
+                return Err(StorageError::Unavailable("the share does not answer".into()));
+            }
             self.inner.pools().await
+        }
+        fn pool_is_shared(&self, pool: Option<&PoolName>) -> Option<bool> {
+            self.inner.pool_is_shared(pool)
         }
         async fn static_exists(&self, id: StaticId) -> Result<bool, StorageError> {
             self.inner.static_exists(id).await
@@ -1236,6 +1244,42 @@ mod split {
                 );
             }
         }
+    }
+
+    /// A share that does not answer (the shared pools' agent cannot give its figures) holds up
+    /// no create in a node's own pool: whether the pool asked for is shared is told from the
+    /// configuration.
+    #[tokio::test]
+    async fn a_share_that_does_not_answer_holds_up_no_create_in_a_nodes_pool() {
+        use cellar::agent::LocalAgent;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::default_for(dir.path());
+        config.pools[0].backend = cellar::storage::config::Backend::Shared;
+        config.pools[0].name = PoolName::parse("share").expect("name");
+        config.default_pool = PoolName::parse("share").expect("name");
+        let engine = Arc::new(LocalEngine::open(NodeId::parse("ctl").expect("name"), &config).expect("engine"));
+        let mut n = nodes(&["node-1"]).await;
+        n.shared = Some(Arc::new(LostAnswer {
+            inner: Arc::new(LocalAgent::new(engine)),
+            lose: Lose::Pools,
+            lost: Default::default(),
+        }));
+        let ctl = ControllerService::new(Arc::new(n));
+        let at = Topology {
+            segments: [(cellar::csi::TOPOLOGY_NODE_KEY.to_string(), "node-1".to_string())].into(),
+        };
+        let mut r = super::create_req("pvc-local", super::MIB);
+        r.parameters.insert("pool".into(), "default".into());
+        r.accessibility_requirements = Some(TopologyRequirement {
+            requisite: vec![at.clone()],
+            preferred: vec![at],
+        });
+        let made = ctl
+            .create_volume(Request::new(r))
+            .await
+            .expect("a create in node-1's own pool");
+        let id = made.into_inner().volume.expect("volume").volume_id;
+        assert!(id.starts_with("local:node-1:default:"), "{id}");
     }
 
     /// A member on the group's home deleted alone while the other nodes still cut (no record

@@ -20,7 +20,7 @@ use crate::storage::cbt::{MetadataError, Query, Range};
 use crate::storage::engine::{
     BackupRequest, CapacityRange, Condition, LocalEngine, Mutable, NewGroup, NewVolume, PoolStatus, Source,
 };
-use crate::storage::id::{BackupId, GroupId, NodeId, SnapshotId, StaticId, VolumeId};
+use crate::storage::id::{BackupId, GroupId, NodeId, PoolName, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{GroupRecord, SnapshotRecord, VolumeRecord};
 use crate::storage::transfer::Frame;
 use crate::storage::StorageError;
@@ -81,6 +81,12 @@ pub trait Agent: Send + Sync {
     }
     async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError>;
     async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError>;
+    /// Whether pool `pool` (the default pool, without one) is a shared pool this agent serves,
+    /// told from its configuration alone (no share is touched); `None` when this agent cannot
+    /// tell that way (then [`Agent::pools`] does).
+    fn pool_is_shared(&self, _pool: Option<&PoolName>) -> Option<bool> {
+        None
+    }
     /// Whether a static volume's directory exists (and is reachable without symlinks).
     async fn static_exists(&self, id: StaticId) -> Result<bool, StorageError>;
     /// Streams a volume's or snapshot's data of this node, for a copy on another node. Dropping
@@ -294,6 +300,10 @@ impl Agent for LocalAgent {
 
     async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError> {
         self.blocking(|e| e.pool_status()).await
+    }
+
+    fn pool_is_shared(&self, pool: Option<&PoolName>) -> Option<bool> {
+        Some(self.engine.pool_is_shared(pool))
     }
 
     async fn static_exists(&self, id: StaticId) -> Result<bool, StorageError> {

@@ -246,6 +246,11 @@ impl ControllerService {
         let Some(agent) = self.directory.shared() else {
             return Ok(None);
         };
+        // From the configuration when the agent can tell so: a share that does not answer must
+        // not hold up creates in other pools (its figures are asked for only where it is used).
+        if let Some(shared) = agent.pool_is_shared(pool) {
+            return Ok(shared.then_some(agent));
+        }
         let pools = agent.pools().await?;
         let target = match pool {
             Some(name) => pools.iter().find(|p| p.name == *name),

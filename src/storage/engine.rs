@@ -462,6 +462,13 @@ impl LocalEngine {
         roots
     }
 
+    /// Whether pool `name` (the default pool, without one) is an open shared pool here: from the
+    /// configuration, touching no share.
+    pub fn pool_is_shared(&self, name: Option<&PoolName>) -> bool {
+        let name = name.unwrap_or(&self.default_pool);
+        self.pools.get(name).is_some_and(|p| p.shared())
+    }
+
     pub fn pool_names(&self) -> Vec<PoolName> {
         self.pools.keys().cloned().collect()
     }
