@@ -1061,6 +1061,8 @@ mod split {
         MemberDeleted,
         /// Not a lost answer: the agent's pool figures never come (a share whose server is gone).
         Pools,
+        /// Not a lost answer: the agent notes (in `lost`) that it was asked for a listing.
+        Listed,
     }
 
     struct LostAnswer {
@@ -1102,6 +1104,8 @@ mod split {
             self.inner.volume(id).await
         }
         async fn volumes(&self) -> Result<Vec<(VolumeRecord, Condition)>, StorageError> {
+            self.lost
+                .fetch_or(self.lose == Lose::Listed, std::sync::atomic::Ordering::SeqCst);
             self.inner.volumes().await
         }
         async fn volume_named(&self, name: String) -> Result<Option<VolumeRecord>, StorageError> {
@@ -1129,6 +1133,8 @@ mod split {
             self.inner.forget_backup(id).await
         }
         async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError> {
+            self.lost
+                .fetch_or(self.lose == Lose::Listed, std::sync::atomic::Ordering::SeqCst);
             self.inner.snapshots().await
         }
         async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError> {
@@ -1280,6 +1286,44 @@ mod split {
             .expect("a create in node-1's own pool");
         let id = made.into_inner().volume.expect("volume").volume_id;
         assert!(id.starts_with("local:node-1:default:"), "{id}");
+    }
+
+    /// Paging arguments are checked before anything is listed: a bad one costs no listing of
+    /// every node (nor replaces the listing other pagers page through).
+    #[tokio::test]
+    async fn bad_paging_arguments_are_refused_before_any_node_is_asked() {
+        let mut n = nodes(&["node-1"]).await;
+        let asked = Arc::new(LostAnswer {
+            inner: n.agents[0].clone(),
+            lose: Lose::Listed,
+            lost: Default::default(),
+        });
+        n.agents[0] = asked.clone();
+        let ctl = ControllerService::new(Arc::new(n));
+        for (token, max) in [("", -1), ("not a token", 0)] {
+            let v = ctl
+                .list_volumes(Request::new(ListVolumesRequest {
+                    max_entries: max,
+                    starting_token: token.into(),
+                }))
+                .await
+                .unwrap_err();
+            let s = ctl
+                .list_snapshots(Request::new(ListSnapshotsRequest {
+                    max_entries: max,
+                    starting_token: token.into(),
+                    ..Default::default()
+                }))
+                .await
+                .unwrap_err();
+            for e in [v, s] {
+                assert!(matches!(e.code(), Code::InvalidArgument | Code::Aborted), "{e:?}");
+            }
+        }
+        assert!(
+            !asked.lost.load(std::sync::atomic::Ordering::SeqCst),
+            "a node was asked for a listing"
+        );
     }
 
     /// A member on the group's home deleted alone while the other nodes still cut (no record

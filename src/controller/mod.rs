@@ -902,6 +902,7 @@ impl Controller for ControllerService {
     async fn list_volumes(&self, req: Request<ListVolumesRequest>) -> Result<Response<ListVolumesResponse>, Status> {
         let r = req.into_inner();
         answer(async {
+            page::check(&r.starting_token, r.max_entries)?;
             let all = self.listing(!r.starting_token.is_empty()).await?;
             let (items, next_token) =
                 page::page_sorted(&all, |l| l.volume().id().to_string(), &r.starting_token, r.max_entries)?;
@@ -1104,6 +1105,7 @@ impl Controller for ControllerService {
         note(&req, &req.get_ref().snapshot_id);
         let r = req.into_inner();
         answer(async {
+            page::check(&r.starting_token, r.max_entries)?;
             // One backup by its id: its repository answers, whichever node is down.
             let mut all = match BackupId::parse(&r.snapshot_id) {
                 Ok(id) => self.get_backup(&id).await?.into_iter().collect(),

@@ -28,6 +28,17 @@ pub fn parse_token(token: &str) -> Result<Option<String>, ControllerError> {
     String::from_utf8(bytes).map(Some).map_err(|_| bad())
 }
 
+/// Checks a listing's paging arguments before anything is listed (arguments before existence):
+/// the id the token names, if any.
+pub fn check(token: &str, max: i32) -> Result<Option<String>, ControllerError> {
+    if max < 0 {
+        return Err(ControllerError::invalid(format!(
+            "max_entries must not be negative, got {max}"
+        )));
+    }
+    parse_token(token)
+}
+
 /// One page of `items` (sorted by the text of their `id`): those after the token, at most `max` (0: all).
 pub fn page<T>(
     items: Vec<T>,
@@ -35,12 +46,7 @@ pub fn page<T>(
     token: &str,
     max: i32,
 ) -> Result<(Vec<T>, String), ControllerError> {
-    if max < 0 {
-        return Err(ControllerError::invalid(format!(
-            "max_entries must not be negative, got {max}"
-        )));
-    }
-    let after = parse_token(token)?;
+    let after = check(token, max)?;
     let mut rest: Vec<T> = match after {
         Some(a) => items.into_iter().filter(|t| id(t).as_str() > a.as_str()).collect(),
         None => items,
@@ -61,12 +67,7 @@ pub fn page_sorted<'a, T>(
     token: &str,
     max: i32,
 ) -> Result<(&'a [T], String), ControllerError> {
-    if max < 0 {
-        return Err(ControllerError::invalid(format!(
-            "max_entries must not be negative, got {max}"
-        )));
-    }
-    let start = match parse_token(token)? {
+    let start = match check(token, max)? {
         Some(a) => items.partition_point(|t| id(t).as_str() <= a.as_str()),
         None => 0,
     };
