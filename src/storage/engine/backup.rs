@@ -143,6 +143,10 @@ fn note_names(
 /// How long a backup's delete waits for the upload it called off to end.
 const STOP_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a forget waits for the holder of a snapshot that has no off switch (yet) before it
+/// answers that the snapshot is busy ([`LocalEngine::forget_local_backup`]).
+const SWITCH_GRACE: Duration = Duration::from_millis(500);
+
 /// An upload's off switch registered under its snapshot's id, unregistered when dropped.
 struct StopRegistered<'a> {
     stops: &'a Mutex<std::collections::HashMap<String, backup::upload::Stop>>,
@@ -739,6 +743,11 @@ impl LocalEngine {
                 .ok_or_else(|| StorageError::SnapshotNotFound(rec.id.to_string()))?;
             let take = || self.take(Kind::Snapshot, &rec.id.0.pool, &rec.id.0.key, &rec.id.to_string());
             let deadline = std::time::Instant::now() + STOP_WAIT;
+            // A holder without an off switch may be an upload between taking the snapshot and
+            // registering its switch, or one that has just ended (its switch gone, its hold
+            // about to go): it is given a moment before the answer is "busy", or a mark for
+            // another replica is written.
+            let unswitched = std::time::Instant::now() + SWITCH_GRACE;
             let _held = loop {
                 match take() {
                     Err(busy @ StorageError::Busy(_)) => {
@@ -751,6 +760,10 @@ impl LocalEngine {
                             // Another controller replica holds it (a shared volume's upload it
                             // resumed, or cut before this one took over): told by a deletion
                             // mark, which its upload looks for while it runs.
+                            None if stop_upload && std::time::Instant::now() < unswitched => {
+                                crash::point("forget:unswitched");
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
                             None if stop_upload
                                 && pool.shared()
                                 && !self.taken_here(Kind::Snapshot, &rec.id.0.pool, &rec.id.0.key) =>
@@ -1308,6 +1321,34 @@ mod tests {
         // What the upload thread does next: nothing left to upload.
         engine.upload_step(&rec.id).expect("nothing to do");
         assert_eq!(engine.backups().find_even_pending(&backup).unwrap(), None);
+    }
+
+    /// A forget that finds the snapshot held by a holder without an off switch (an upload that
+    /// has just ended: its switch gone, its hold about to go) waits for it a moment rather than
+    /// answer "busy" at once (seen once in CI as a flaky `a_delete_calls_off_the_upload_of_its_backup`).
+    #[test]
+    fn a_forget_waits_a_moment_for_a_holder_without_an_off_switch() {
+        use crate::crash::in_thread;
+        let (_dir, engine, rec, backup) = cut_backup(false);
+        let held = engine
+            .take(Kind::Snapshot, &rec.id.0.pool, &rec.id.0.key, &rec.id.to_string())
+            .expect("held, no switch registered");
+        let pause = Arc::new(in_thread::Pause::default());
+        let forgetting = {
+            let (engine, backup, pause) = (engine.clone(), backup.clone(), pause.clone());
+            std::thread::spawn(move || {
+                in_thread::pause_at(Some(("forget:unswitched", pause)));
+                engine.forget_local_backup(&backup)
+            })
+        };
+        assert!(
+            pause.reached(Duration::from_secs(60)),
+            "the forget waits for the holder"
+        );
+        drop(held);
+        pause.release();
+        assert!(forgetting.join().unwrap().expect("the forget answers OK"), "held here");
+        nothing_left_of(&engine, &rec, &backup);
     }
 
     /// A backup of 1 MiB that does not compress, its upload started in the background at 1 KiB/s
