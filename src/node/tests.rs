@@ -1522,14 +1522,30 @@ fn one_static_handle_is_staged_with_one_subdir_per_node() {
 
 /// A pool configured inside a shared pool's directory: a static handle of the shared pool must
 /// not reach into it (its volumes, its stage marks, or the whole pool), nor name a path part
-/// longer than a name can be (INVALID_ARGUMENT, not INTERNAL).
+/// longer than a name can be (INVALID_ARGUMENT, not INTERNAL). Also when the shared pool is
+/// configured through a symbolic link above its directory.
 #[test]
 fn a_static_handle_does_not_reach_into_a_pool_inside_its_pool() {
+    static_handles_stay_out_of_an_inner_pool(false);
+    static_handles_stay_out_of_an_inner_pool(true);
+}
+
+fn static_handles_stay_out_of_an_inner_pool(share_through_a_link: bool) {
     let n = Node::with(|dir, config| {
         let mut team = config.pools[0].clone();
         team.name = crate::storage::id::PoolName::parse("team").expect("pool name");
         team.path = dir.join("share/team");
         config.pools.push(team);
+        if share_through_a_link {
+            // (A pool's root itself must be a real directory; a link above it is allowed.)
+            std::os::unix::fs::symlink(dir, dir.join("mnt")).expect("link");
+            let share = config
+                .pools
+                .iter_mut()
+                .find(|p| p.name.as_str() == "share")
+                .expect("share");
+            share.path = dir.join("mnt/share");
+        }
     });
     let mut req = NewVolume::plain("pvc-inner", None, 1 << 20);
     req.pool = Some(crate::storage::id::PoolName::parse("team").expect("pool"));

@@ -738,14 +738,18 @@ impl LocalEngine {
         }
         // Nor into another pool configured inside this one's directory (its volumes would be
         // reachable through this pool's handles).
-        let joined = p.root().join(rel);
-        let inner = self
-            .pools
-            .values()
-            .find(|q| q.config.name != *pool && super::pool::reaches_into(&q.config.path, &joined));
+        // Both as configured and through the root's symbolic links (a share's mount point may be
+        // a link), so that neither spelling of a pool inside it is missed.
+        let (joined, joined_real) = (p.root().join(rel), p.real_root().join(rel));
+        let inner = self.pools.values().find(|q| {
+            q.config.name != *pool
+                && [&joined, &joined_real]
+                    .iter()
+                    .any(|j| super::pool::reaches_into(&q.config.path, j))
+        });
         if let Some(other) = inner
             .map(|q| &q.config.name)
-            .or_else(|| self.pool_managing(&joined, &joined))
+            .or_else(|| self.pool_managing(&joined, &joined_real))
         {
             return Err(StorageError::Unsupported(format!(
                 "static volume path '{}' in pool '{}' reaches into pool '{}', which lies inside it: name a directory outside that pool",

@@ -433,6 +433,11 @@ impl Pool {
         &self.config.path
     }
 
+    /// The pool's root with its symbolic links resolved, when it opened.
+    pub fn real_root(&self) -> &Path {
+        &self.real_root
+    }
+
     /// Whether `real` (a path with its symbolic links resolved: `Files::resolve`) reaches into
     /// this pool ([`reaches_into`]), its root resolved when it opened.
     pub fn manages(&self, real: &Path) -> bool {
