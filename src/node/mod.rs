@@ -1083,7 +1083,8 @@ impl NodeService {
         let Some(bound) = m.staged.as_ref().and_then(|s| s.bound.as_ref()) else {
             return Ok(());
         };
-        if StaticId::parse(volume_id).is_ok() && !context.is_empty() && attrs.subdir != bound.subdir {
+        // (Not a static volume: its attributes and its stage's subdir are both empty.)
+        if !context.is_empty() && attrs.subdir != bound.subdir {
             return Err(NodeError::NotReady(format!(
                 "volume {volume_id} is staged on this node with subdir '{}', and this publish asks for subdir '{}': give each subdir a volume handle of its own (static:<pool>:<path>/<subdir>)",
                 bound.subdir.display(),

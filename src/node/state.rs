@@ -133,7 +133,6 @@ impl NodeState {
 }
 
 impl NodeState {
-    /// Where the state files live.
     /// The directory of the mount records, its symbolic links resolved when it was opened.
     pub fn real_dir(&self) -> &Path {
         &self.real_dir

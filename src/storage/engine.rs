@@ -737,20 +737,11 @@ impl LocalEngine {
             )));
         }
         // Nor into another pool configured inside this one's directory (its volumes would be
-        // reachable through this pool's handles).
-        // Both as configured and through the root's symbolic links (a share's mount point may be
-        // a link), so that neither spelling of a pool inside it is missed.
+        // reachable through this pool's handles), its root taken as resolved when it opened (a
+        // link above the share's mount point spells the pools inside it otherwise). The parts
+        // below the root are opened without following links, so they resolve to themselves.
         let (joined, joined_real) = (p.root().join(rel), p.real_root().join(rel));
-        let inner = self.pools.values().find(|q| {
-            q.config.name != *pool
-                && [&joined, &joined_real]
-                    .iter()
-                    .any(|j| super::pool::reaches_into(&q.config.path, j))
-        });
-        if let Some(other) = inner
-            .map(|q| &q.config.name)
-            .or_else(|| self.pool_managing(&joined, &joined_real))
-        {
+        if let Some(other) = self.pool_managing(&joined, &joined_real) {
             return Err(StorageError::Unsupported(format!(
                 "static volume path '{}' in pool '{}' reaches into pool '{}', which lies inside it: name a directory outside that pool",
                 crate::csi::status::bounded(&shown),

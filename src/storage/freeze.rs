@@ -225,6 +225,11 @@ mod tests {
         })
     }
 
+    /// A freeze or thaw of `p` that fails with `errno`.
+    fn refused(op: &'static str, p: &Path, errno: i32) -> Result<(), SysError> {
+        Err(SysError::io(op, p, std::io::Error::from_raw_os_error(errno)))
+    }
+
     fn points(names: &[&str]) -> Vec<PathBuf> {
         names.iter().map(PathBuf::from).collect()
     }
@@ -257,11 +262,7 @@ mod tests {
         let (thawed, thaw) = recorder();
         let freeze = |p: &Path| {
             if p == Path::new("/b") {
-                Err(SysError::io(
-                    "freeze (FIFREEZE)",
-                    p,
-                    std::io::Error::from_raw_os_error(libc::EBUSY),
-                ))
+                refused("freeze (FIFREEZE)", p, libc::EBUSY)
             } else {
                 Ok(())
             }
@@ -275,20 +276,10 @@ mod tests {
     #[test]
     fn a_failed_freeze_whose_thaw_fails_says_so() {
         let freeze = |p: &Path| match p == Path::new("/b") {
-            true => Err(SysError::io(
-                "freeze (FIFREEZE)",
-                p,
-                std::io::Error::from_raw_os_error(libc::EBUSY),
-            )),
+            true => refused("freeze (FIFREEZE)", p, libc::EBUSY),
             false => Ok(()),
         };
-        let thaw = |p: &Path| {
-            Err(SysError::io(
-                "thaw (FITHAW)",
-                p,
-                std::io::Error::from_raw_os_error(libc::EIO),
-            ))
-        };
+        let thaw = |p: &Path| refused("thaw (FITHAW)", p, libc::EIO);
         let e = Barrier::with(points(&["/a", "/b"]), Duration::from_secs(3600), freeze, thaw)
             .err()
             .expect("a freeze failed");
@@ -304,11 +295,7 @@ mod tests {
         let tx = Mutex::new(tx);
         let thaw = move |p: &Path| {
             let _ = tx.lock().unwrap().send(p.to_path_buf());
-            Err(SysError::io(
-                "thaw (FITHAW)",
-                p,
-                std::io::Error::from_raw_os_error(libc::EIO),
-            ))
+            refused("thaw (FITHAW)", p, libc::EIO)
         };
         let b = Barrier::with(points(&["/a"]), Duration::from_millis(1), freeze, thaw).unwrap();
         assert_eq!(rx.recv().unwrap(), PathBuf::from("/a"), "the watchdog tried");
@@ -327,11 +314,7 @@ mod tests {
         let thaw = move |p: &Path| {
             let _ = tx.lock().unwrap().send(());
             std::thread::sleep(Duration::from_millis(200));
-            Err(SysError::io(
-                "thaw (FITHAW)",
-                p,
-                std::io::Error::from_raw_os_error(libc::EIO),
-            ))
+            refused("thaw (FITHAW)", p, libc::EIO)
         };
         let b = Barrier::with(points(&["/a"]), Duration::from_millis(1), freeze, thaw).unwrap();
         rx.recv().unwrap(); // the watchdog's thaw has begun
@@ -383,13 +366,7 @@ mod tests {
     #[test]
     fn a_thaw_that_keeps_failing_is_the_answer_of_release() {
         let (_, freeze) = recorder();
-        let thaw = |p: &Path| {
-            Err(SysError::io(
-                "thaw (FITHAW)",
-                p,
-                std::io::Error::from_raw_os_error(libc::EIO),
-            ))
-        };
+        let thaw = |p: &Path| refused("thaw (FITHAW)", p, libc::EIO);
         let b = Barrier::with(points(&["/a"]), Duration::from_secs(3600), freeze, thaw).unwrap();
         let e = b.release().unwrap_err();
         assert!(matches!(e, StorageError::Sys(_)), "{e}");

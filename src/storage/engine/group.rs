@@ -270,7 +270,8 @@ impl LocalEngine {
             held.push(self.take(Kind::Snapshot, &sid.0.pool, &sid.0.key, &sid.to_string())?);
             if self.snapshot(sid).is_none_or(|s| s.group.as_ref() != Some(&rec.id)) {
                 return Err(StorageError::Aborted(format!(
-                    "member {sid} of group snapshot {shown} was deleted while the group was cut;                      nothing of the group is kept, and its retry cuts it again"
+                    "member {sid} of group snapshot {shown} was deleted while the group was cut; \
+                     nothing of the group is kept, and its retry cuts it again"
                 )));
             }
         }

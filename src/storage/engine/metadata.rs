@@ -45,9 +45,15 @@ impl LocalEngine {
         let target_file = self.open_snapshot(&q.target)?;
         crate::crash::point("metadata:opened");
         // The files opened are those of the records checked: a snapshot deleted meanwhile and
-        // its name cut again (of another volume) has a record of its own, told apart here.
+        // its name cut again (of another volume) has a record of its own, told apart here by its
+        // source and the time it was cut (a record rewritten in place, as a backup's upload
+        // marks it, is the same snapshot).
+        let same = |a: &SnapshotRecord, b: &SnapshotRecord| {
+            (&a.source_volume_id, a.created_unix_secs, a.created_nanos)
+                == (&b.source_volume_id, b.created_unix_secs, b.created_nanos)
+        };
         let unchanged = |id: &SnapshotId, was: &SnapshotRecord| match self.snapshot_record(id) {
-            Ok(now) if now == *was => Ok(()),
+            Ok(now) if same(&now, was) => Ok(()),
             _ => Err(StorageError::SnapshotNotFound(id.to_string())),
         };
         unchanged(&q.target, &target)?;

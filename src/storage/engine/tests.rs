@@ -247,6 +247,24 @@ impl Faked {
         default_pool(&self.engine)
     }
 
+    /// A 32 MiB image volume staged on this node: attached, its filesystem mounted at `staging`
+    /// (what a consistent snapshot or a group freezes). Its id and the mount point.
+    fn staged_image(&self, name: &str) -> (VolumeId, std::path::PathBuf) {
+        use crate::sys::devices::Devices;
+        use crate::sys::mount::{BindFlags, Mounter};
+        let vol = self
+            .engine
+            .create_volume(NewVolume::plain(name, Some(Layout::Image), 32 * MIB))
+            .expect("create");
+        let (_, image) = self.engine.volume_data(&vol.id).expect("data");
+        let (dev, _) = self.devices.attach(&image, false).expect("attach");
+        let at = self.dir.path().join("staging");
+        self.mounter
+            .mount_fs(&dev.path, &at, "ext4", BindFlags::default())
+            .expect("mount");
+        (vol.id, at)
+    }
+
     /// What a failed call may have left: anything in `.work`, half-written records, subvolumes.
     fn leftovers(&self) -> Vec<String> {
         let pool = self.pool();
@@ -923,21 +941,11 @@ fn a_group_whose_record_write_failed_after_the_rename_names_no_removed_member() 
 fn a_group_whose_freeze_fails_leaves_no_freeze_mark() {
     // A freeze refused (EBUSY: another froze it on purpose) thaws what it froze and keeps no
     // mark: else every retry left one, and the next start would thaw the other's freeze.
-    use crate::sys::devices::Devices;
-    use crate::sys::mount::{BindFlags, Mounter};
     let f = faked(FsType::Ext4);
-    let vol = f
-        .engine
-        .create_volume(NewVolume::plain("pvc-busy", Some(Layout::Image), 32 * MIB))
-        .expect("create");
-    let (_, image) = f.engine.volume_data(&vol.id).expect("data");
-    let (dev, _) = f.devices.attach(&image, false).expect("attach");
-    f.mounter
-        .mount_fs(&dev.path, &f.dir.path().join("staging"), "ext4", BindFlags::default())
-        .expect("mount");
+    let (vol, _) = f.staged_image("pvc-busy");
     let req = NewGroup {
         per_volume: false,
-        ..per_volume_group("group-busy", vec![vol.id.clone()])
+        ..per_volume_group("group-busy", vec![vol])
     };
     for _ in 0..3 {
         f.filesystems.fail_next("freeze", libc::EBUSY);
@@ -954,27 +962,16 @@ fn a_group_whose_freeze_fails_leaves_no_freeze_mark() {
 
 #[test]
 fn a_consistent_snapshot_that_fails_mid_copy_leaves_a_mark_the_next_start_thaws() {
-    use crate::sys::devices::Devices;
     use crate::sys::filesystems::Filesystems;
-    use crate::sys::mount::{BindFlags, Mounter};
     let f = faked(FsType::Ext4);
-    let vol = f
-        .engine
-        .create_volume(NewVolume::plain("pvc-f", Some(Layout::Image), 32 * MIB))
-        .expect("create");
-    let (_, image) = f.engine.volume_data(&vol.id).expect("data");
     // Staged on this node: attached and its filesystem mounted.
-    let (dev, _) = f.devices.attach(&image, false).expect("attach");
-    let at = f.dir.path().join("staging");
-    f.mounter
-        .mount_fs(&dev.path, &at, "ext4", BindFlags::default())
-        .expect("mount");
+    let (vol, at) = f.staged_image("pvc-f");
     // The copy fails while the filesystem is frozen, and its thaw fails too, every try.
     crate::crash::in_thread::fail_at(Some(("copy:data", libc::EIO)));
     for _ in 0..5 {
         f.filesystems.fail_next("thaw", libc::EIO);
     }
-    let failed = f.engine.create_snapshot("snap-f", &vol.id, true);
+    let failed = f.engine.create_snapshot("snap-f", &vol, true);
     crate::crash::in_thread::fail_at(None);
     assert!(failed.is_err(), "{failed:?}");
     // (The fake arms one failure per operation: the second thaw try succeeds. What matters here:
@@ -991,7 +988,7 @@ fn a_consistent_snapshot_that_fails_mid_copy_leaves_a_mark_the_next_start_thaws(
     assert!(f.filesystems.frozen().is_empty(), "the start thawed it");
     assert_eq!(marks(), 0, "and dropped the mark");
     // A consistent snapshot that succeeds thaws and leaves no mark.
-    restarted.create_snapshot("snap-g", &vol.id, true).expect("snapshot");
+    restarted.create_snapshot("snap-g", &vol, true).expect("snapshot");
     assert!(f.filesystems.frozen().is_empty());
     assert_eq!(marks(), 0);
     assert!(
