@@ -369,6 +369,53 @@ async fn static_volume_publishes_an_existing_directory_and_delete_keeps_it() {
     );
 }
 
+/// Two PVs of one static handle naming other subdirs, with real bind mounts: kubelet gives them
+/// one staging path and stages the handle once, so the second PV's stage is ALREADY_EXISTS and
+/// its publish FAILED_PRECONDITION; its pod never sees the first team's files.
+#[tokio::test]
+async fn two_pvs_of_one_static_handle_with_other_subdirs_never_share_a_stage() {
+    let share = Share::new();
+    for team in ["team-a", "team-b"] {
+        std::fs::create_dir_all(share.path().join("tenants").join(team)).unwrap();
+        std::fs::write(share.path().join("tenants").join(team).join("owner"), team).unwrap();
+    }
+    let (mut d, _c) = driver(share.path(), "").await;
+    let id = "static:share:tenants";
+    let st = d.path("tenants-st");
+    std::fs::create_dir_all(&st).unwrap();
+    let cap = mount_cap(Mode::MultiNodeMultiWriter);
+    let subdir =
+        |team: &str| -> std::collections::HashMap<String, String> { [("subdir".to_string(), team.to_string())].into() };
+    let stage = |team: &str| NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: st.display().to_string(),
+        volume_capability: Some(cap.clone()),
+        volume_context: subdir(team),
+        ..Default::default()
+    };
+    d.node.node_stage_volume(stage("team-a")).await.unwrap();
+    assert_eq!(
+        code(d.node.node_stage_volume(stage("team-b")).await),
+        Code::AlreadyExists
+    );
+    let publish = |team: &str, tg: &std::path::Path| NodePublishVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: st.display().to_string(),
+        target_path: tg.display().to_string(),
+        volume_capability: Some(cap.clone()),
+        volume_context: subdir(team),
+        ..Default::default()
+    };
+    let (tg_a, tg_b) = (d.path("pod-a"), d.path("pod-b"));
+    let refused = d.node.node_publish_volume(publish("team-b", &tg_b)).await;
+    assert_eq!(code(refused), Code::FailedPrecondition);
+    assert!(!tg_b.join("owner").exists(), "team-b's pod sees nothing of team-a");
+    d.node.node_publish_volume(publish("team-a", &tg_a)).await.unwrap();
+    assert_eq!(std::fs::read(tg_a.join("owner")).unwrap(), b"team-a");
+    d.unmount_all(id, &st, &tg_a).await;
+    assert!(mounts_under(d.dir.path()).is_empty(), "nothing left mounted");
+}
+
 #[tokio::test]
 async fn static_handles_that_leave_the_pool_or_follow_symlinks_are_refused() {
     let share = Share::new();
