@@ -55,6 +55,21 @@ pub(super) fn pick(
     } else {
         // The scheduler chose: only a preferred node may take the volume, in the order given.
         rooms.retain(|(n, _)| chosen(req, n));
+        if rooms.is_empty() {
+            // The node the scheduler chose is not registered here (its agent is not running or
+            // not yet enrolled) or outside the requisite topology: the scheduler must choose
+            // again, which RESOURCE_EXHAUSTED asks of the provisioner.
+            let named: Vec<&str> = req
+                .map(|r| r.preferred.iter().filter_map(request::topology_node).collect())
+                .unwrap_or_default();
+            // (A preferred segment without a node key admits every node, so `named` is not empty.)
+            return Err(ControllerError::NoRoom(format!(
+                "no node in the preferred topology can take the volume: {} {} not registered with \
+                 the controller or not in the requisite topology",
+                named.join(", "),
+                if named.len() == 1 { "is" } else { "are" },
+            )));
+        }
     }
     if let Some((n, _)) = rooms.iter().find(|(_, room)| room.is_some_and(|r| r >= wanted)) {
         return Ok(n.clone());
@@ -172,6 +187,21 @@ mod tests {
         let msg = e.to_string();
         assert!(matches!(e, ControllerError::NoRoom(_)), "{msg}");
         assert!(msg.contains("a: 536870912") && msg.contains("b: 0"), "{msg}");
+    }
+
+    #[test]
+    fn a_preferred_node_that_is_not_a_candidate_is_named_in_the_refusal() {
+        // The scheduler chose c, which has no agent here: no other node may take the volume, and
+        // the refusal says which node was asked for instead of listing nothing.
+        let r = rooms(&[("a", Some(9 * GIB)), ("b", Some(9 * GIB))]);
+        let e = pick(r, Some(&preferring(&["c"])), GIB, everyone).expect_err("c is not a candidate");
+        let msg = e.to_string();
+        assert!(matches!(e, ControllerError::NoRoom(_)), "{msg}");
+        assert!(
+            msg.contains("preferred topology") && msg.contains("c is not registered"),
+            "{msg}"
+        );
+        assert!(!msg.contains("()"), "{msg}");
     }
 
     #[test]
