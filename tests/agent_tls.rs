@@ -943,6 +943,23 @@ async fn get_capacity_reads_heartbeats_and_asks_only_the_node_in_question() {
         .expect("the cluster's capacity")
         .into_inner();
     assert!(all.available_capacity > 1 << 40, "{all:?}");
+    // A topology without the node key names no node: it is taken as none, as placement takes it,
+    // not as a node that has nothing.
+    let zone_only = GetCapacityRequest {
+        accessible_topology: Some(Topology {
+            segments: [("topology.kubernetes.io/zone".to_string(), "a".to_string())].into(),
+        }),
+        ..Default::default()
+    };
+    let zone = c
+        .controller
+        .get_capacity(tonic::Request::new(zone_only))
+        .await
+        .expect("a zone-only topology's capacity")
+        .into_inner();
+    // (node-1's figure moves with its heartbeats, node-2's claimed room is what passes 2^40.)
+    assert!(zone.available_capacity > 1 << 40, "every node counts: {zone:?}");
+    assert!(zone.maximum_volume_size >= Some(1 << 40), "{zone:?}");
     let node1 = c
         .controller
         .get_capacity(tonic::Request::new(on("node-1")))
