@@ -36,6 +36,11 @@ case "$release" in *cellar*) fullname=$release ;; *) fullname=$release-cellar ;;
 fullname=${fullname:0:40}; fullname=${fullname%-}
 svc=$fullname-controller
 
+# A node name becomes a DNS name in the certificate: a comma or a `*` would add names or a wildcard.
+for n in "${nodes[@]}"; do
+  [[ $n =~ ^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$ && ${#n} -le 253 ]] ||
+    { echo "--node $n: not a Kubernetes node name (lower-case letters, digits, '-' and '.')" >&2; exit 2; }
+done
 dir=${out:-$(mktemp -d)}
 mkdir -p "$dir"
 [ -n "$out" ] || trap 'rm -rf "$dir"' EXIT

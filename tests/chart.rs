@@ -279,6 +279,15 @@ fn values_schema_refuses_mistyped_values() {
         "backups.repositories[0].nam=offsite",
         "backups.repositories[0].name=Offsite",
         "backups.snapshotClasses[0].name=x",
+        // Names and directories the API server or the driver would refuse only after the render.
+        "nameOverride=Cellar",
+        "fullnameOverride=my.cellar",
+        "storageClasses[0].name=Fast",
+        "dataDir=/",
+        "kubeletDir=//",
+        // The host-path mount is chosen by comparing the path as written with dataDir: `..`
+        // would put the pool in the container's own filesystem, lost with the container.
+        "config.pools[0].path=/var/lib/cellar/../../srv/data",
     ] {
         let mut cmd = Command::new(helm());
         cmd.args(["template", RELEASE]).arg(chart()).args(["--set", set]);
@@ -288,6 +297,60 @@ fn values_schema_refuses_mistyped_values() {
             "--set {set} was accepted: {err}"
         );
     }
+}
+
+/// A certificate validity the controller would refuse at start fails the render instead; the
+/// bounds themselves pass.
+#[test]
+fn certificate_validities_out_of_the_controllers_range_fail_the_render() {
+    for (set, ok) in [
+        ("tls.controllerCertificateValidity=9s", false),
+        ("tls.controllerCertificateValidity=9999ms", false),
+        ("tls.controllerCertificateValidity=10s", true),
+        ("enrolment.certificateValidity=8785h", false),
+        ("enrolment.certificateValidity=8784h", true),
+        ("enrolment.certificateValidity=527041m", false),
+        ("enrolment.certificateValidity=3600s", true),
+    ] {
+        let mut cmd = Command::new(helm());
+        cmd.args(["template", RELEASE]).arg(chart()).args(["--set", set]);
+        let (rendered, _, err) = run(&mut cmd);
+        assert_eq!(rendered, ok, "--set {set}: {err}");
+        if !ok {
+            assert!(err.contains("between 10s and 366 days"), "--set {set}: {err}");
+        }
+    }
+}
+
+/// Pools outside dataDir are each mounted under a volume name of their own, even when their names
+/// share the first 63 characters a volume name can hold.
+#[test]
+fn pools_with_long_names_get_volumes_of_their_own() {
+    let a = format!("{}a", "p".repeat(60));
+    let b = format!("{}b", "p".repeat(60));
+    let out = render(&[
+        "--set",
+        &format!("config.pools[0].name={a}"),
+        "--set",
+        "config.pools[0].path=/srv/one",
+        "--set",
+        &format!("config.pools[1].name={b}"),
+        "--set",
+        "config.pools[1].path=/srv/two",
+    ]);
+    let docs = split_docs(&out);
+    let ds = docs
+        .iter()
+        .find(|d| d.kind() == "DaemonSet")
+        .expect("the node DaemonSet");
+    let names: Vec<&str> = seq(&ds.value["spec"]["template"]["spec"]["volumes"])
+        .iter()
+        .filter(|v| v["hostPath"]["path"] == "/srv/one" || v["hostPath"]["path"] == "/srv/two")
+        .map(|v| v["name"].as_str().expect("volume name"))
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert_ne!(names[0], names[1]);
+    assert!(names.iter().all(|n| n.len() <= 63), "{names:?}");
 }
 
 #[test]
@@ -1827,6 +1890,24 @@ async fn check_handshakes(dir: &Path, other: &Path, label: &str) {
 fn gen_certs(dir: &Path) {
     let (ok, _, err) = run(Command::new(repo().join("deploy/gen-certs.sh")).arg("--out").arg(dir));
     assert!(ok, "gen-certs.sh --out: {err}");
+}
+
+/// A node name becomes a DNS name in its certificate: one that would add names or a wildcard is
+/// refused before any key is made.
+#[test]
+fn gen_certs_refuses_a_node_name_that_is_not_one() {
+    for bad in ["a,DNS:cellar-controller", "*", "Node-1", "a b"] {
+        let dir = tempfile::Builder::new()
+            .prefix("cellar-test-chart-")
+            .tempdir()
+            .expect("tempdir");
+        let (ok, _, err) = run(Command::new(repo().join("deploy/gen-certs.sh"))
+            .arg("--out")
+            .arg(dir.path())
+            .args(["--node", bad]));
+        assert!(!ok && err.contains("not a Kubernetes node name"), "--node {bad}: {err}");
+        assert!(!dir.path().join("ca.key").exists(), "--node {bad}: keys were made");
+    }
 }
 
 fn b64decode(s: &str) -> Vec<u8> {

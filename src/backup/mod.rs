@@ -162,10 +162,10 @@ impl RepositoryConfig {
                 return Err(format!("repository '{}' is listed twice", r.name));
             }
             let location = match (r.path, r.s3) {
-                (Some(p), None) if p.is_absolute() => Location::Path(p),
+                (Some(p), None) if crate::storage::config::plain_absolute(&p) => Location::Path(p),
                 (Some(p), None) => {
                     return Err(format!(
-                        "repository '{}': path '{}' must be absolute",
+                        "repository '{}': path '{}' must be absolute, without '..'",
                         r.name,
                         p.display()
                     ))

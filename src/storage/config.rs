@@ -139,6 +139,14 @@ fn local() -> Backend {
     Backend::Local
 }
 
+/// Whether a configured path is absolute and has no `..`: the chart mounts a pool's directory from
+/// the host when its path lies under the data directory, compared as written, so
+/// `/var/lib/cellar/../../srv/data` would pass that test and put the pool in the container's own
+/// filesystem, gone with the container.
+pub fn plain_absolute(path: &Path) -> bool {
+    path.is_absolute() && !path.components().any(|c| c == std::path::Component::ParentDir)
+}
+
 impl Config {
     pub fn default_for(data_dir: &Path) -> Config {
         let name = PoolName::parse("default").expect("'default' is a valid pool name");
@@ -248,10 +256,10 @@ impl Config {
                 )));
             }
             let path = match p.path {
-                Some(path) if path.is_absolute() => path,
+                Some(path) if plain_absolute(&path) => path,
                 Some(path) => {
                     return Err(invalid(format!(
-                        "pool '{}': path '{}' must be absolute",
+                        "pool '{}': path '{}' must be absolute, without '..'",
                         p.name,
                         path.display()
                     )))
@@ -389,6 +397,20 @@ mod tests {
     #[test]
     fn relative_paths_and_duplicates_are_refused() {
         assert!(parse("pools:\n  - name: a\n    path: rel\n").is_err());
+        let e = parse("pools:\n  - name: a\n    path: /var/lib/cellar/../../srv/data\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("without '..'"), "{e}");
+        assert!(parse("pools:\n  - name: a\n    path: /srv/data..old\n").is_ok());
+        let e =
+            parse("pools:\n  - name: a\nrepositories:\n  - name: r\n    path: /backups/../etc\n    passwordFile: /k\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("repository 'r'") && e.contains("without '..'"), "{e}");
+        assert!(
+            parse("pools:\n  - name: a\nrepositories:\n  - name: r\n    path: /backups\n    passwordFile: /k\n")
+                .is_ok()
+        );
         assert!(parse("pools:\n  - name: a\n  - name: a\n").is_err());
         assert!(parse("pools:\n  - name: a\n    layout: zfs\n").is_err());
         assert!(parse("pools:\n  - name: a\n    deletePolicy: keep\n").is_err());

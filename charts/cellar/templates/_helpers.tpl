@@ -254,7 +254,8 @@ filling the root disk); a shared pool that cellar mounts at its path may be crea
 {{- if not (or (eq $p $data) (hasPrefix (printf "%s/" $data) $p) (hasKey $seen $p)) -}}
 {{- $_ := set $seen $p true -}}
 {{- $type := ternary "DirectoryOrCreate" "Directory" (and $shared (not (empty .source))) -}}
-{{- $out = append $out (dict "name" (printf "pool-%s" .name | trunc 63 | trimSuffix "-") "path" $p "type" $type) -}}
+{{- /* The index keeps two long names that share their first 63 characters apart. */ -}}
+{{- $out = append $out (dict "name" (printf "pool-%d-%s" (len $out) .name | trunc 63 | trimSuffix "-") "path" $p "type" $type) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
@@ -320,7 +321,7 @@ prometheus.io/path: /metrics
 {{- range include "cellar.controllerDNSNames" . | fromJsonArray }}
 - --controller-name={{ . }}
 {{- end }}
-- --controller-certificate-validity={{ .Values.tls.controllerCertificateValidity }}
+- --controller-certificate-validity={{ include "cellar.validity" (list "tls.controllerCertificateValidity" .Values.tls.controllerCertificateValidity) }}
 {{- else -}}
 {{- include "cellar.tlsArgs" . }}
 {{- end -}}
@@ -378,4 +379,21 @@ every upgrade, like cellar.tlsMaterial. Values: base64 "cert" and "key".
 {{- $_ := set .Values "__cellarSnapshotMetadataTls" $m -}}
 {{- end -}}
 {{- toJson .Values.__cellarSnapshotMetadataTls -}}
+{{- end -}}
+
+{{/*
+A certificate validity the controller accepts (10s to 366 days; the schema has checked its form:
+digits and ms, s, m or h, none meaning seconds), else the render fails instead of the controller
+failing at start. Call with (list "the value's name" value); renders the value.
+*/}}
+{{- define "cellar.validity" -}}
+{{- $name := index . 0 -}}
+{{- $v := toString (index . 1) -}}
+{{- $n := regexFind "^[0-9]+" $v | atoi -}}
+{{- $unit := trimPrefix (regexFind "^[0-9]+" $v) $v -}}
+{{- $ms := mul $n (get (dict "ms" 1 "s" 1000 "" 1000 "m" 60000 "h" 3600000) $unit) -}}
+{{- if or (lt $ms 10000) (gt $ms 31622400000) -}}
+{{- fail (printf "%s=%s: a certificate validity must be between 10s and 366 days (8784h)" $name $v) -}}
+{{- end -}}
+{{- $v -}}
 {{- end -}}
