@@ -260,6 +260,140 @@ impl WriteBackend for Guarded {
     }
 }
 
+/// A path repository's files as cellar reads them: each one opened without following a symlink,
+/// and read only when it is a regular file. rustic's local backend opens by path: a FIFO in a
+/// pack's place (anyone who can write the share, no key needed) held a restore in open(2) for
+/// ever, with its volume's lock, and a symlink there made a privileged node open whatever it
+/// names (a device, say). A file read whole is read up to its kind's bound, however large it has
+/// grown since the listing that let it through.
+pub fn local_reads(be: RepositoryBackends, root: &std::path::Path) -> RepositoryBackends {
+    let wrapped = |inner: Arc<dyn WriteBackend>| -> Arc<dyn WriteBackend> {
+        Arc::new(LocalReads {
+            inner,
+            root: root.to_path_buf(),
+        })
+    };
+    RepositoryBackends::new(wrapped(be.repository()), be.repo_hot().map(wrapped))
+}
+
+struct LocalReads {
+    inner: Arc<dyn WriteBackend>,
+    root: std::path::PathBuf,
+}
+
+impl LocalReads {
+    /// Where rustic's local backend keeps a file (its layout, which restic's is too).
+    fn path(&self, tpe: FileType, id: &Id) -> std::path::PathBuf {
+        let hex = id.to_hex();
+        match tpe {
+            FileType::Config => self.root.join("config"),
+            FileType::Pack => self.root.join("data").join(&hex[0..2]).join(hex.as_str()),
+            _ => self.root.join(tpe.dirname()).join(hex.as_str()),
+        }
+    }
+
+    /// The file, opened for reading when it is a regular file (an `O_PATH` descriptor looks
+    /// first, so nothing else is ever opened), and its length.
+    fn open(&self, tpe: FileType, id: &Id) -> RusticResult<(std::fs::File, u64)> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.path(tpe, id);
+        let failed = |what: &str, e: std::io::Error| {
+            RusticError::with_source(ErrorKind::Backend, format!("cannot {what} `{{path}}`"), e)
+                .attach_context("path", path.to_string_lossy())
+        };
+        let pinned = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| failed("open", e))?;
+        let meta = pinned.metadata().map_err(|e| failed("stat", e))?;
+        if !meta.file_type().is_file() {
+            return Err(failed(
+                "read",
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "not a regular file (a symlink, FIFO, device or directory in a repository file's place)",
+                ),
+            ));
+        }
+        let file = std::fs::File::open(crate::sys::files::reopen_path(&pinned)).map_err(|e| failed("open", e))?;
+        Ok((file, meta.len()))
+    }
+}
+
+impl ReadBackend for LocalReads {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+
+    fn list_with_size(&self, tpe: FileType) -> RusticResult<Vec<(Id, u32)>> {
+        self.inner.list_with_size(tpe)
+    }
+
+    fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<Bytes> {
+        use std::io::Read;
+        let (file, len) = self.open(tpe, id)?;
+        let max = u64::from(max_bytes(tpe).unwrap_or(u32::MAX));
+        let too_long = |n: u64| {
+            RusticError::new(
+                ErrorKind::InvalidInput,
+                format!("{tpe} file {id} of the repository is {n} bytes long: at most {max} are read"),
+            )
+        };
+        if len > max {
+            return Err(too_long(len));
+        }
+        let mut data = Vec::with_capacity(len as usize);
+        file.take(max + 1)
+            .read_to_end(&mut data)
+            .map_err(|e| RusticError::with_source(ErrorKind::Backend, format!("cannot read {tpe} file {id}"), e))?;
+        if data.len() as u64 > max {
+            return Err(too_long(data.len() as u64));
+        }
+        Ok(Bytes::from(data))
+    }
+
+    fn read_partial(&self, tpe: FileType, id: &Id, _cacheable: bool, offset: u32, length: u32) -> RusticResult<Bytes> {
+        use std::os::unix::fs::FileExt;
+        let (file, _) = self.open(tpe, id)?;
+        let mut data = vec![0u8; length as usize];
+        file.read_exact_at(&mut data, u64::from(offset)).map_err(|e| {
+            RusticError::with_source(
+                ErrorKind::Backend,
+                format!("cannot read {length} bytes at {offset} of {tpe} file {id}"),
+                e,
+            )
+        })?;
+        Ok(Bytes::from(data))
+    }
+
+    fn warmup_path(&self, tpe: FileType, id: &Id) -> String {
+        self.inner.warmup_path(tpe, id)
+    }
+
+    fn needs_warm_up(&self) -> bool {
+        self.inner.needs_warm_up()
+    }
+
+    fn warm_up(&self, tpe: FileType, id: &Id) -> RusticResult<()> {
+        self.inner.warm_up(tpe, id)
+    }
+}
+
+impl WriteBackend for LocalReads {
+    fn create(&self) -> RusticResult<()> {
+        self.inner.create()
+    }
+
+    fn write_bytes(&self, tpe: FileType, id: &Id, cacheable: bool, content: BytesList) -> RusticResult<()> {
+        self.inner.write_bytes(tpe, id, cacheable, content)
+    }
+
+    fn remove(&self, tpe: FileType, id: &Id, cacheable: bool) -> RusticResult<()> {
+        self.inner.remove(tpe, id, cacheable)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,6 +401,74 @@ mod tests {
     use crate::storage::StorageError;
     use std::path::Path;
     use std::time::Duration;
+
+    /// A snapshot file listed small and grown before its read (anyone who can write the share)
+    /// is not read past its kind's bound: the listing's check alone let 100 MiB through.
+    #[test]
+    fn a_file_grown_after_its_listing_is_not_read_past_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = backups(dir.path());
+        b.open_or_init(&name, true).unwrap();
+        let be = b.write_backend(&name, None).unwrap();
+        let id = Id::new([7u8; 32]);
+        let path = dir.path().join("repo/snapshots").join(id.to_hex().as_str());
+        std::fs::write(&path, b"small").unwrap();
+        let listed = be.list_with_size(FileType::Snapshot).unwrap();
+        assert!(listed.contains(&(id, 5)), "{listed:?}");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(100 << 20)
+            .unwrap();
+        let e = be
+            .read_full(FileType::Snapshot, &id)
+            .expect_err("read whole past its bound");
+        assert!(e.to_string().contains("at most"), "{e}");
+    }
+
+    /// A FIFO, a symlink or a directory in a repository file's place is an error at once, never
+    /// a read that waits for a writer (a restore held its volume's lock for ever) nor a read of
+    /// what a symlink names.
+    #[test]
+    fn only_regular_files_of_a_path_repository_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = backups(dir.path());
+        b.open_or_init(&name, true).unwrap();
+        let be = b.write_backend(&name, None).unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"a file outside the repository").unwrap();
+        let pack = |n: u8| {
+            let id = Id::new([n; 32]);
+            let hex = id.to_hex();
+            (id, dir.path().join("repo/data").join(&hex[..2]).join(hex.as_str()))
+        };
+        let (fifo, fifo_path) = pack(0x11);
+        nix::unistd::mkfifo(&fifo_path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let (link, link_path) = pack(0x22);
+        std::os::unix::fs::symlink(&secret, &link_path).unwrap();
+        let (sub, sub_path) = pack(0x33);
+        std::fs::create_dir(&sub_path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = be.clone();
+        std::thread::spawn(move || {
+            let answers: Vec<bool> = [fifo, link, sub]
+                .iter()
+                .map(|id| reader.read_partial(FileType::Pack, id, false, 0, 4).is_err())
+                .collect();
+            let _ = tx.send(answers);
+        });
+        let got = rx.recv_timeout(Duration::from_secs(60));
+        if got.is_err() {
+            // Let a reader stuck in open(2) go: a writer opens the FIFO.
+            drop(std::fs::OpenOptions::new().write(true).open(&fifo_path));
+        }
+        assert_eq!(got.expect("the reads answered"), vec![true, true, true]);
+        let e = be
+            .read_full(FileType::Snapshot, &link)
+            .expect_err("no snapshot file there");
+        assert!(!e.to_string().contains("outside"), "{e}");
+    }
 
     /// Opens the repository in a fresh process's state (no key remembered), giving up after
     /// `secs`: `None` when it did not finish.

@@ -497,25 +497,78 @@ const TAG_DELETED: &str = "cellar-deleted=";
 pub const DELETED_MARK_DAYS: i64 = 90;
 
 /// The node of a backup's data in its snapshot's tree; `None` for an empty tree (rustic saves no
-/// node for a source directory with no entries).
-pub(crate) fn data_node<S: rustic_core::IndexedTree>(
+/// node for a source directory with no entries). Every tree on the way is checked against its id.
+pub(crate) fn data_node<S: rustic_core::IndexedFull>(
     repo: &Repository<S>,
     cfg: &RepositoryConfig,
     tree: rustic_core::TreeId,
     meta: &BackupMeta,
 ) -> Result<Option<rustic_core::repofile::Node>, StorageError> {
-    match repo.node_from_path(tree, Path::new(&meta.path)) {
-        Ok(n) => Ok(Some(n)),
-        Err(e) => {
-            let empty =
-                meta.layout != Layout::Image && repo.get_tree(&tree).map_err(|e| cfg.read_error(e))?.nodes.is_empty();
-            if empty {
-                Ok(None)
-            } else {
-                Err(cfg.read_error(e))
-            }
+    let names: Vec<&std::ffi::OsStr> = Path::new(&meta.path)
+        .components()
+        .filter_map(|c| match c {
+            std::path::Component::Normal(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    let mut current = checked_tree(repo, cfg, tree)?;
+    if current.nodes.is_empty() && meta.layout != Layout::Image {
+        return Ok(None);
+    }
+    let mut found = None;
+    for (i, name) in names.iter().enumerate() {
+        let node = current.nodes.into_iter().find(|n| n.name() == *name).ok_or_else(|| {
+            cfg.error(RusticFailure::data_loss(format!(
+                "the backup's tree has no {}",
+                meta.path
+            )))
+        })?;
+        if i + 1 < names.len() {
+            let sub = node
+                .subtree
+                .ok_or_else(|| cfg.error(RusticFailure::data_loss(format!("{} is not a directory", node.name))))?;
+            current = checked_tree(repo, cfg, sub)?;
+            found = None;
+        } else {
+            current = rustic_core::repofile::Tree::default();
+            found = Some(node);
         }
     }
+    found.map(Some).ok_or_else(|| {
+        cfg.error(RusticFailure::data_loss(format!(
+            "the backup's tree has no {}",
+            meta.path
+        )))
+    })
+}
+
+/// A tree of the repository, read and checked against its id: a tree's MAC only proves the
+/// repository's key sealed it, so without this check a writer of the repository's storage (no key
+/// needed) could swap two sealed trees of equal length and a restore would write one directory's
+/// entries, or another backup's, under another's name. rustic's own `get_tree` does not check.
+pub(crate) fn checked_tree<S: rustic_core::IndexedFull>(
+    repo: &Repository<S>,
+    cfg: &RepositoryConfig,
+    id: rustic_core::TreeId,
+) -> Result<rustic_core::repofile::Tree, StorageError> {
+    use sha2::Digest;
+    let data = repo
+        .get_blob_cached(&rustic_core::BlobId::from(id), rustic_core::repofile::BlobType::Tree)
+        .map_err(|e| cfg.read_error(e))?;
+    let sum: [u8; 32] = sha2::Sha256::digest(&data).into();
+    if hex::encode(sum) != id.to_hex().as_str() {
+        return Err(StorageError::DataLoss(format!(
+            "backup repository '{}': tree {} does not match its id",
+            cfg.name.as_str(),
+            id.to_hex().as_str()
+        )));
+    }
+    serde_json::from_slice(&data).map_err(|e| {
+        cfg.error(RusticFailure::data_loss(format!(
+            "tree {} cannot be read: {e}",
+            id.to_hex().as_str()
+        )))
+    })
 }
 
 /// The path a tree's data has inside its restic snapshot: `restic restore <id> --target T`
@@ -710,7 +763,10 @@ impl Backups {
                 )));
             }
         }
-        let be = cfg.backend_options()?.to_backends().map_err(|e| cfg.error(e))?;
+        let mut be = cfg.backend_options()?.to_backends().map_err(|e| cfg.error(e))?;
+        if let Location::Path(p) = &cfg.location {
+            be = guard::local_reads(be, p);
+        }
         // Paced inside, so that the guard's own reads of key files are paced and counted too.
         let be = self.throttle.wrap(be, cfg.name.as_str(), stop);
         Ok(guard::wrap(be, cfg.name.as_str()))
@@ -1205,22 +1261,41 @@ fn remove_orphan_packs(root: &Path, keep_delete: std::time::Duration) {
     if holds("index") || holds("snapshots") {
         return;
     }
-    let Ok(buckets) = std::fs::read_dir(root.join("data")) else {
+    // Whoever can write the share can put a symlink in a bucket's or a pack's place: each
+    // directory is opened without following one (and read through that descriptor), and only
+    // regular files named as packs are removed, so nothing outside the repository is.
+    use crate::sys::files::PinnedDir;
+    let Ok(data) = PinnedDir::open_beneath(root, Path::new("data")) else {
+        return;
+    };
+    let Ok(buckets) = std::fs::read_dir(data.proc_path()) else {
         return;
     };
     for bucket in buckets.flatten() {
-        let Ok(packs) = std::fs::read_dir(bucket.path()) else {
+        let Ok(pinned) = PinnedDir::open_beneath(root, &Path::new("data").join(bucket.file_name())) else {
+            continue;
+        };
+        let Ok(packs) = std::fs::read_dir(pinned.proc_path()) else {
             continue;
         };
         for e in packs.flatten() {
+            let pack_name = e
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()));
+            if !pack_name || !e.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
             if !aged(e.metadata().ok().and_then(|m| m.modified().ok()), keep_delete) {
                 continue;
             }
-            match std::fs::remove_file(e.path()) {
+            match std::fs::remove_file(pinned.proc_path().join(e.file_name())) {
                 Ok(()) => {
-                    tracing::info!(pack = %e.path().display(), "removed a pack no index names, in a repository without one")
+                    tracing::info!(pack = %root.join("data").join(bucket.file_name()).join(e.file_name()).display(), "removed a pack no index names, in a repository without one")
                 }
-                Err(err) => tracing::warn!(pack = %e.path().display(), error = %err, "cannot remove an orphan pack"),
+                Err(err) => {
+                    tracing::warn!(pack = %root.join("data").join(bucket.file_name()).join(e.file_name()).display(), error = %err, "cannot remove an orphan pack")
+                }
             }
         }
     }
@@ -1281,19 +1356,31 @@ fn remove_orphan_s3_packs(cfg: &RepositoryConfig, s3: &S3, keep_delete: std::tim
 /// renames it. One older than `keep_delete` belongs to no running upload (uploads finish within
 /// it, as for marked packs) and goes.
 fn remove_stale_temps(root: &Path, keep_delete: std::time::Duration) {
-    let mut dirs = vec![root.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+    // Directories are opened without following a symlink, at every step from the root: one
+    // swapped for a symlink mid-walk is not entered (as in `remove_orphan_packs`).
+    let mut dirs = vec![PathBuf::new()];
+    while let Some(rel) = dirs.pop() {
+        let Ok(pinned) = crate::sys::files::PinnedDir::open_beneath(root, &rel) else {
+            continue;
+        };
+        let Ok(entries) = std::fs::read_dir(pinned.proc_path()) else {
+            continue;
+        };
         for e in entries.flatten() {
             let Ok(meta) = e.metadata() else { continue };
             let name = e.file_name();
             if meta.is_dir() {
-                dirs.push(e.path());
-            } else if name.to_string_lossy().ends_with("-tmp-") && aged(meta.modified().ok(), keep_delete) {
-                match std::fs::remove_file(e.path()) {
-                    Ok(()) => tracing::info!(file = %e.path().display(), "removed a write a killed upload left"),
+                dirs.push(rel.join(&name));
+            } else if meta.is_file()
+                && name.to_string_lossy().ends_with("-tmp-")
+                && aged(meta.modified().ok(), keep_delete)
+            {
+                match std::fs::remove_file(pinned.proc_path().join(&name)) {
+                    Ok(()) => {
+                        tracing::info!(file = %root.join(&rel).join(&name).display(), "removed a write a killed upload left")
+                    }
                     Err(err) => {
-                        tracing::warn!(file = %e.path().display(), error = %err, "cannot remove a stale temporary file")
+                        tracing::warn!(file = %root.join(&rel).join(&name).display(), error = %err, "cannot remove a stale temporary file")
                     }
                 }
             }
@@ -1623,6 +1710,45 @@ mod tests {
         assert!(pack.exists(), "a young pack stays (an upload may be writing its index)");
         b.prune(&name, std::time::Duration::ZERO).expect("prune");
         assert!(!pack.exists(), "a pack no index names goes");
+    }
+
+    /// Whoever can write the share (no key needed) puts symlinks in a bucket's, a pack's or a
+    /// directory's place: the prune's sweeps remove nothing they lead to (the bucket link used to
+    /// be followed and every file behind it removed, as root), and no FIFO or foreign name.
+    #[test]
+    fn the_prunes_sweeps_never_follow_a_symlink_out_of_the_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = testing::backups(dir.path());
+        b.open_or_init(&name, true).unwrap();
+        let repo = dir.path().join("repo");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let precious = outside.join(format!("cd{}", "1".repeat(62)));
+        let precious_temp = outside.join("notes-tmp-");
+        std::fs::write(&precious, b"not the repository's").unwrap();
+        std::fs::write(&precious_temp, b"not the repository's").unwrap();
+        std::fs::create_dir_all(repo.join("data").join("ab")).unwrap();
+        // (The repository's init made every bucket.)
+        std::fs::remove_dir(repo.join("data").join("cd")).unwrap();
+        std::os::unix::fs::symlink(&outside, repo.join("data").join("cd")).unwrap();
+        std::os::unix::fs::symlink(
+            &precious,
+            repo.join("data").join("ab").join(format!("ab{}", "2".repeat(62))),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(&outside, repo.join("index-link")).unwrap();
+        let fifo = repo.join("data").join("ab").join(format!("ab{}", "3".repeat(62)));
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let honest = repo.join("data").join("ab").join(format!("ab{}", "4".repeat(62)));
+        std::fs::write(&honest, vec![1u8; 4096]).unwrap();
+        b.prune(&name, std::time::Duration::ZERO).expect("prune");
+        assert!(precious.exists(), "a file behind a bucket's or a pack's symlink stays");
+        assert!(
+            precious_temp.exists(),
+            "a temporary name behind a directory's symlink stays"
+        );
+        assert!(fifo.exists(), "only regular files are packs");
+        assert!(!honest.exists(), "the orphan pack itself goes");
     }
 
     /// A repository that holds snapshot files but lost its index files keeps every pack: a

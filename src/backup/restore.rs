@@ -148,7 +148,7 @@ impl Frames {
             self.cfg
                 .error(RusticFailure::data_loss(format!("directory {} has no tree", node.name)))
         })?;
-        let tree = self.repo.get_tree(&sub).map_err(|e| self.read_error(e))?;
+        let tree = super::checked_tree(&self.repo, &self.cfg, sub)?;
         if let Some(n) = name {
             self.push(Frame::Dir { name: n.to_vec() });
         }
@@ -501,6 +501,75 @@ mod tests {
                 .collect(),
         );
         n
+    }
+
+    /// A tree's MAC proves only that the repository's key sealed it. Whoever can write the storage
+    /// (no key) swaps two sealed trees of one length in their packs: without a check of each tree
+    /// against its id the restore answered OK with `a/` and `b/` exchanged (or, the same way,
+    /// another backup's directory under this one's name).
+    #[test]
+    fn a_tree_swapped_in_its_pack_is_data_loss() {
+        let found = (0..200u32).find_map(|i| {
+            let dir = tempfile::tempdir().unwrap();
+            let (backups, _) = crate::backup::testing::backups(dir.path());
+            let (one, other) = (b"1111".to_vec(), format!("{i:04}").into_bytes());
+            let sub = |content: &Vec<u8>| Tree {
+                nodes: vec![file("x", 4, std::slice::from_ref(content))],
+            };
+            let (ta, tb) = (sub(&one), sub(&other));
+            let (_, a_id) = ta.serialize().unwrap();
+            let (_, b_id) = tb.serialize().unwrap();
+            let named_dir = |name: &str, id| {
+                let mut d = Node::new_node(std::ffi::OsStr::new(name), NodeType::Dir, Metadata::default());
+                d.subtree = Some(id);
+                d
+            };
+            let id = hostile_backup(
+                &backups,
+                "dddd-0004",
+                &[one.clone(), other.clone()],
+                vec![named_dir("a", a_id), named_dir("b", b_id)],
+            );
+            // The subtrees are stored as extra trees of the backup.
+            let name = PoolName::parse("offsite").unwrap();
+            let opened = backups.open(&name).unwrap();
+            let master = opened.key();
+            let be = backups.write_backend(&name, None).unwrap();
+            image::store(be, &master, &[], &[ta, tb]).unwrap_or_else(|e| panic!("store: {}", e.text));
+            let repo = backups.open(&name).unwrap().to_indexed().unwrap();
+            let (ea, eb) = (
+                repo.get_index_entry(&a_id).unwrap(),
+                repo.get_index_entry(&b_id).unwrap(),
+            );
+            (ea.location.length == eb.location.length).then_some((dir, id, ea, eb))
+        });
+        let (dir, id, ea, eb) = found.expect("two sealed trees of one length");
+        // The edit needs no key: bytes moved within the packs.
+        let pack = |hex: &str| dir.path().join("repo/data").join(&hex[..2]).join(hex);
+        let (pa, pb) = (pack(ea.pack.to_hex().as_str()), pack(eb.pack.to_hex().as_str()));
+        let len = ea.location.length as usize;
+        let (oa, ob) = (ea.location.offset as usize, eb.location.offset as usize);
+        let mut a = std::fs::read(&pa).unwrap();
+        let xa = a[oa..oa + len].to_vec();
+        if pa == pb {
+            let xb = a[ob..ob + len].to_vec();
+            a[oa..oa + len].copy_from_slice(&xb);
+            a[ob..ob + len].copy_from_slice(&xa);
+            std::fs::write(&pa, &a).unwrap();
+        } else {
+            let mut b = std::fs::read(&pb).unwrap();
+            let xb = b[ob..ob + len].to_vec();
+            a[oa..oa + len].copy_from_slice(&xb);
+            b[ob..ob + len].copy_from_slice(&xa);
+            std::fs::write(&pa, &a).unwrap();
+            std::fs::write(&pb, &b).unwrap();
+        }
+        let (fresh, _) = crate::backup::testing::backups(dir.path());
+        match frames(&fresh, &id, Layout::Dir).and_then(|f| f.collect::<Result<Vec<Frame>, _>>()) {
+            Err(StorageError::DataLoss(m)) => assert!(m.contains("does not match its id"), "{m}"),
+            Err(e) => panic!("want DATA_LOSS, got {e:?}"),
+            Ok(frames) => panic!("swapped trees were restored: {} frames", frames.len()),
+        }
     }
 
     #[test]

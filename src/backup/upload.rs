@@ -344,7 +344,7 @@ fn check_complete(
                     return Err(cfg.error(RusticFailure::data_loss(format!("directory {} has no tree", node.name))));
                 };
                 repo.get_index_entry(&sub).map_err(|e| cfg.error(e))?;
-                let tree = repo.get_tree(&sub).map_err(|e| cfg.error(e))?;
+                let tree = super::checked_tree(&repo, cfg, sub)?;
                 pending.extend(tree.nodes);
             }
             NodeType::File => {

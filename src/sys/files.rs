@@ -798,9 +798,14 @@ impl PinnedDir {
     }
 
     pub fn proc_path(&self) -> std::path::PathBuf {
-        use std::os::fd::AsRawFd;
-        std::path::PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+        reopen_path(&self.fd)
     }
+}
+
+/// A path that opens again exactly the file an `O_PATH` descriptor holds (its `/proc/self/fd`
+/// entry), for the read or write that `O_PATH` does not allow.
+pub fn reopen_path(pinned: &impl std::os::fd::AsRawFd) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/proc/self/fd/{}", pinned.as_raw_fd()))
 }
 
 /// Whether an exclusive advisory lock (flock) on a file could be taken.
