@@ -493,6 +493,9 @@ fn hostname() -> String {
 
 fn main() -> ExitCode {
     cellar::sys::memory::limit_malloc_arenas();
+    if let Err(e) = cellar::sys::memory::raise_open_file_limit() {
+        eprintln!("cellar: cannot raise the open file limit (deep trees may fail with EMFILE): {e}");
+    }
     cellar::agent::tls::use_ring();
     let cli = Cli::parse();
     // The report reads the disk and the kernel's tables; it needs no async runtime.
