@@ -153,6 +153,115 @@ async fn btrfs_volume_is_a_subvolume_whose_limit_stops_writes() {
     assert!(!data.exists());
 }
 
+/// A pod may make btrfs subvolumes inside a `dir` volume on a btrfs pool, read-only snapshots among
+/// them, whose files no unlink removes: DeleteVolume failed INTERNAL (EROFS) on every retry and the
+/// data stayed in the pool's trash for good. They are deleted as subvolumes now, and nothing is left.
+#[tokio::test]
+async fn a_dir_volume_holding_read_only_subvolumes_is_deleted_whole() {
+    let fs = TestFs::new("btrfs", 512);
+    let (mut d, _c) = driver(&[("plain", &fs.path("pool"), "dir", "")]).await;
+    let v = d
+        .ctl
+        .create_volume(req("pvc-nest", 64 * MIB, "plain"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let (st, tg) = d.mount_rw(&v.volume_id, "nest").await;
+    cellar::sys::btrfs::create_subvolume(&tg.join("s")).unwrap();
+    write_synced(&tg.join("s/f"), b"a pod's file");
+    cellar::sys::btrfs::create_subvolume(&tg.join("s/inner")).unwrap();
+    std::fs::create_dir(tg.join("deeper")).unwrap();
+    cellar::sys::btrfs::snapshot(&tg.join("s"), &tg.join("deeper/ro"), true).unwrap();
+    cellar::sys::btrfs::snapshot(&tg.join("s"), &tg.join("ro"), true).unwrap();
+    d.unmount_all(&v.volume_id, &st, &tg).await;
+    d.delete(&v.volume_id).await.expect("DeleteVolume");
+    let left: Vec<_> = ["pool/volumes/pvc-nest", "pool/.trash"]
+        .iter()
+        .filter_map(|p| std::fs::read_dir(fs.path(p)).ok().map(|d| (p, d.count())))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(!fs.path("pool/volumes/pvc-nest").exists());
+}
+
+/// A pod makes a btrfs subvolume inside its btrfs volume (no privileges needed): btrfs counts it
+/// in a qgroup of its own, outside the volume's limit, and a snapshot of the volume holds it as an
+/// empty directory. The volume is reported abnormal, saying so, and a snapshot (or clone) is
+/// FAILED_PRECONDITION instead of a copy silently without that data; once it is gone, both work.
+#[tokio::test]
+async fn a_btrfs_volume_holding_a_nested_subvolume_is_abnormal_and_not_copied_without_it() {
+    let fs = TestFs::new("btrfs", 512);
+    let (mut d, _c) = driver(&[("fast", &fs.path("pool"), "btrfs", "")]).await;
+    let v = d
+        .ctl
+        .create_volume(req("pvc-n1", 32 * MIB, "fast"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let condition = |d: &mut Driver| {
+        let id = v.volume_id.clone();
+        let mut ctl = d.ctl.clone();
+        async move {
+            ctl.controller_get_volume(ControllerGetVolumeRequest { volume_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .unwrap()
+                .volume_condition
+                .unwrap()
+        }
+    };
+    let (st, tg) = d.mount_rw(&v.volume_id, "n1").await;
+    assert!(!condition(&mut d).await.abnormal);
+    cellar::sys::btrfs::create_subvolume(&tg.join("engine")).unwrap();
+    write_synced(&tg.join("engine/layer"), &vec![7u8; 4 << 20]);
+    let c = condition(&mut d).await;
+    assert!(c.abnormal && c.message.contains("nested btrfs subvolume"), "{c:?}");
+    let e = d
+        .snapshot("snap-n1", &v.volume_id)
+        .await
+        .expect_err("a snapshot without the nested data");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("nested btrfs subvolume"), "{}", e.message());
+    let clone = d
+        .ctl
+        .create_volume({
+            let mut r = req("pvc-n1-clone", 32 * MIB, "fast");
+            r.volume_content_source = Some(VolumeContentSource {
+                r#type: Some(volume_content_source::Type::Volume(
+                    volume_content_source::VolumeSource {
+                        volume_id: v.volume_id.clone(),
+                    },
+                )),
+            });
+            r
+        })
+        .await
+        .expect_err("a clone without the nested data");
+    assert_eq!(clone.code(), Code::FailedPrecondition, "{}", clone.message());
+    assert!(!fs.path("pool/snapshots/snap-n1").exists() && !fs.path("pool/volumes/pvc-n1-clone").exists());
+    cellar::sys::btrfs::delete_subvolume(&tg.join("engine")).unwrap();
+    assert!(!condition(&mut d).await.abnormal);
+    let s = d
+        .snapshot("snap-n1", &v.volume_id)
+        .await
+        .expect("a snapshot once it is gone");
+    d.unmount_all(&v.volume_id, &st, &tg).await;
+    d.ctl
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: s.snapshot_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    d.delete(&v.volume_id).await.unwrap();
+}
+
 #[tokio::test]
 async fn btrfs_expansion_raises_the_limit_online() {
     let fs = TestFs::new("btrfs", 512);

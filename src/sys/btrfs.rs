@@ -369,6 +369,13 @@ fn child_subvolumes(fd: &File, path: &Path, parent: u64) -> Result<Vec<u64>, Sys
     }
 }
 
+/// The ids of the subvolumes made directly inside the subvolume at `path`.
+pub fn nested_subvolumes(path: &Path) -> Result<Vec<u64>, SysError> {
+    let v = open_dir(path, true)?;
+    let id = fd_subvolume_id(&v, path)?;
+    child_subvolumes(&v, path, id)
+}
+
 /// The id of the subvolume that holds `path` (its tree id): 5 for the top level, ≥ 256 for the
 /// others. BTRFS_IOC_INO_LOOKUP with objectid 256 answers this without privileges.
 pub fn subvolume_id(path: &Path) -> Result<u64, SysError> {

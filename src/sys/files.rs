@@ -610,10 +610,50 @@ fn remove_tree(path: &Path) -> Result<(), SysError> {
         Entry::Dir => match fs::remove_dir_all(path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            // On btrfs a tenant may make subvolumes inside a `dir` volume, read-only snapshots
+            // among them, whose files no unlink removes (EROFS): the delete failed on every retry
+            // and the data stayed in the trash for good. They go as subvolumes, then the rest.
+            Err(_) if remove_nested_subvolumes(path)? => fs::remove_dir_all(path).or_else(|e| {
+                if e.kind() == ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(SysError::io("remove tree (after its nested subvolumes)", path, e))
+                }
+            }),
             Err(e) => Err(SysError::io("remove tree", path, e)),
         },
         _ => remove_file_if_exists(path),
     }
+}
+
+/// Deletes every btrfs subvolume below `path` (each with what it nests), walking directories
+/// without following symlinks; whether there was any. A tree on another filesystem has none.
+fn remove_nested_subvolumes(path: &Path) -> Result<bool, SysError> {
+    if !super::btrfs::is_btrfs(path)? {
+        return Ok(false);
+    }
+    let mut found = false;
+    let mut dirs = vec![path.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(SysError::io("list", &dir, e)),
+        };
+        for e in entries.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let child = e.path();
+            if super::btrfs::is_subvolume(&child)? {
+                super::btrfs::delete_subvolume(&child)?;
+                found = true;
+            } else {
+                dirs.push(child);
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// Bytes the files of a tree occupy on disk (allocated blocks, so holes do not count).

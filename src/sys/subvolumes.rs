@@ -33,6 +33,10 @@ pub trait Subvolumes: Send + Sync {
     fn usage(&self, path: &Path) -> Result<QgroupUsage, SysError>;
     /// Sets (`Some`) or removes (`None`) the compression property of `path`.
     fn set_compression(&self, path: &Path, algo: Option<&str>) -> Result<(), SysError>;
+    /// The subvolumes made directly inside the subvolume at `path` (a workload may make them):
+    /// their ids. Its qgroup limit does not cover them, and its snapshots hold them as empty
+    /// directories.
+    fn nested(&self, path: &Path) -> Result<Vec<u64>, SysError>;
 }
 
 /// The real thing: btrfs ioctls, sysfs and the compression xattr.
@@ -69,6 +73,9 @@ impl Subvolumes for LinuxSubvolumes {
     }
     fn set_compression(&self, path: &Path, algo: Option<&str>) -> Result<(), SysError> {
         btrfs::set_compression(path, algo)
+    }
+    fn nested(&self, path: &Path) -> Result<Vec<u64>, SysError> {
+        btrfs::nested_subvolumes(path)
     }
 }
 
@@ -344,6 +351,26 @@ impl Subvolumes for RecordingSubvolumes {
             }
         }
         Ok(())
+    }
+    fn nested(&self, path: &Path) -> Result<Vec<u64>, SysError> {
+        let s = self.state.enter("nested", format!("nested {}", path.display()), path)?;
+        s.require(path, "list nested subvolumes (not a btrfs subvolume)")?;
+        // Those whose nearest enclosing subvolume is `path`: the fake's ids are inode numbers.
+        let mut found = Vec::new();
+        let mut pending = vec![path.to_path_buf()];
+        while let Some(d) = pending.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                match s.key(&e.path()) {
+                    Some((_, ino)) => found.push(ino),
+                    None => pending.push(e.path()),
+                }
+            }
+        }
+        found.sort_unstable();
+        Ok(found)
     }
 }
 

@@ -64,6 +64,7 @@ impl LayoutOps for Btrfs {
         writable: bool,
         _: bool,
     ) -> Result<(), StorageError> {
+        refuse_nested(pool, src)?;
         pool.sys
             .subvolumes
             .snapshot(src, &pool.data_path(kind, key), !writable)?;
@@ -77,6 +78,7 @@ impl LayoutOps for Btrfs {
     }
 
     fn frozen_view(&self, pool: &Pool, data: &Path, at: &Path) -> Result<Option<std::path::PathBuf>, StorageError> {
+        refuse_nested(pool, data)?;
         pool.sys.subvolumes.snapshot(data, at, true)?;
         Ok(Some(at.to_path_buf()))
     }
@@ -88,7 +90,37 @@ impl LayoutOps for Btrfs {
     }
 
     fn fault(&self, pool: &Pool, data: &Path) -> Option<String> {
-        (!pool.sys.subvolumes.is_subvolume(data).unwrap_or(false))
-            .then(|| format!("volume data {} is not a btrfs subvolume", data.display()))
+        if !pool.sys.subvolumes.is_subvolume(data).unwrap_or(false) {
+            return Some(format!("volume data {} is not a btrfs subvolume", data.display()));
+        }
+        match pool.sys.subvolumes.nested(data) {
+            Ok(ids) if !ids.is_empty() => Some(nested_message(data, &ids)),
+            _ => None,
+        }
     }
+}
+
+/// What a volume holding subvolumes of its own is told: a workload in the pod (a container engine
+/// on btrfs, say) can make them without privileges, and btrfs counts each in a qgroup of its own.
+fn nested_message(data: &Path, ids: &[u64]) -> String {
+    format!(
+        "volume data {} holds {} nested btrfs subvolume(s) (ids {}): the volume's quota does not \
+         limit them and its snapshots would leave them out (`btrfs subvolume list -o` shows them)",
+        data.display(),
+        ids.len(),
+        ids.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+    )
+}
+
+/// A btrfs snapshot holds a nested subvolume as an empty directory: a snapshot, clone or backup of
+/// a volume holding one would silently lack its data, so it is refused (FAILED_PRECONDITION).
+fn refuse_nested(pool: &Pool, src: &Path) -> Result<(), StorageError> {
+    let ids = pool.sys.subvolumes.nested(src)?;
+    if ids.is_empty() {
+        return Ok(());
+    }
+    Err(StorageError::InUse(format!(
+        "cannot copy it: {}",
+        nested_message(src, &ids)
+    )))
 }
