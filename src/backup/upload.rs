@@ -113,6 +113,13 @@ fn upload_inner(
     stop: &Stop,
 ) -> Result<BackupInfo, StorageError> {
     let cfg = backups.config(id.repository())?;
+    // What a tree's backup must hold: rustic reads the tree by path and leaves out, with only a
+    // warning, an entry it cannot reach (one deeper than PATH_MAX), and the backup was still
+    // listed ready, short of those entries.
+    let entries = match meta.layout {
+        Layout::Image => None,
+        _ => Some(crate::sys::tree::count_entries(data)?),
+    };
     let mut opened = backups.open_stoppable(id.repository(), stop)?;
     let mut snaps = backups.snapshots(id.repository(), &opened).map_err(|e| cfg.error(e))?;
     // A snapshot saved before a crash (or a failed check) counts only once it checks complete:
@@ -125,7 +132,7 @@ fn upload_inner(
         .min_by_key(|s| is_pending(s))
         .cloned()
     {
-        match check_complete(backups, opened, id, meta, &saved) {
+        match check_complete(backups, opened, id, meta, &saved, entries) {
             Ok(()) => return ready(backups, id, &saved, &snaps, stop),
             Err(e) if e.is_unavailable() => return Err(e),
             Err(e) => {
@@ -191,7 +198,7 @@ fn upload_inner(
     crash::point("backup:after-upload");
     let read = saved.summary.as_ref().map_or(0, |s| s.total_bytes_processed);
     crate::metrics::record_backup_bytes(id.repository().as_str(), "read", read);
-    finish(backups, repo.drop_index(), id, meta, &saved, stop)
+    finish(backups, repo.drop_index(), id, meta, &saved, entries, stop)
 }
 
 /// An image's upload: its chunks through [`image::write`], with the parent's unchanged chunks
@@ -258,19 +265,22 @@ fn upload_image(
     crash::point("backup:after-upload");
     crate::metrics::record_backup_bytes(id.repository().as_str(), "read", written.read);
     tracing::info!(backup = %id, chunks = written.chunks, from_parent = written.reused, read_bytes = written.read, new_bytes = written.added, "image chunks written");
-    finish(backups, repo.drop_index(), id, meta, &snap, stop)
+    finish(backups, repo.drop_index(), id, meta, &snap, None, stop)
 }
 
-/// The end of an upload: ready only when [`check_complete`] finds every blob in the index.
+/// The end of an upload: ready only when [`check_complete`] finds every blob in the index (and,
+/// for a tree, the `entries` its source held).
+#[allow(clippy::too_many_arguments)]
 fn finish(
     backups: &Backups,
     opened: super::Open,
     id: &BackupId,
     meta: &BackupMeta,
     saved: &SnapshotFile,
+    entries: Option<u64>,
     stop: &Stop,
 ) -> Result<BackupInfo, StorageError> {
-    if let Err(e) = check_complete(backups, opened, id, meta, saved) {
+    if let Err(e) = check_complete(backups, opened, id, meta, saved, entries) {
         // Not ready: forgotten, so that the retry uploads again instead of finding it.
         if !e.is_unavailable() {
             tracing::warn!(backup = %id, error = %e, "a saved backup is not complete in the index (a prune ran meanwhile?); forgetting it to upload again");
@@ -319,24 +329,36 @@ fn ready(
         .ok_or_else(|| StorageError::DataLoss(format!("backup {id} was saved without the tags that name it")))
 }
 
-/// Every blob the saved snapshot references is in the repository's index, and its data has the
-/// length the source had: the backup is complete.
+/// Every blob the saved snapshot references is in the repository's index, its data has the
+/// length the source had, and a tree holds as many entries as its source (`entries`): the backup
+/// is complete.
 fn check_complete(
     backups: &Backups,
     opened: super::Open,
     id: &BackupId,
     meta: &BackupMeta,
     saved: &SnapshotFile,
+    entries: Option<u64>,
 ) -> Result<(), StorageError> {
     let cfg = backups.config(id.repository())?;
     // The index is read again: it now holds the packs this upload wrote.
     let repo = opened.to_indexed().map_err(|e| cfg.error(e))?;
     repo.get_index_entry(&saved.tree).map_err(|e| cfg.error(e))?;
+    let short = |held: u64| match entries {
+        Some(want) if want != held => Err(StorageError::Transfer(format!(
+            "backup {id} holds {held} entries but its source has {want}: the backup tool could not \
+             read some (a path longer than PATH_MAX, 4096 bytes?); it is not kept"
+        ))),
+        _ => Ok(()),
+    };
     let Some(root) = super::data_node(&repo, cfg, saved.tree, meta)? else {
-        return Ok(()); // an empty tree: the root tree (checked above) is all there is
+        // An empty tree: the root tree (checked above) is all there is.
+        return short(0);
     };
     let mut pending: Vec<Node> = vec![root];
     let (mut files, mut blobs) = (0u64, 0u64);
+    // Every node but the root (the source directory itself) is an entry below it.
+    let mut held = 0u64;
     while let Some(node) = pending.pop() {
         match node.node_type {
             NodeType::Dir => {
@@ -345,6 +367,7 @@ fn check_complete(
                 };
                 repo.get_index_entry(&sub).map_err(|e| cfg.error(e))?;
                 let tree = super::checked_tree(&repo, cfg, sub)?;
+                held += tree.nodes.len() as u64;
                 pending.extend(tree.nodes);
             }
             NodeType::File => {
@@ -363,7 +386,8 @@ fn check_complete(
             _ => {}
         }
     }
-    tracing::debug!(backup = %id, files, blobs, "backup complete in the index");
+    short(held)?;
+    tracing::debug!(backup = %id, files, blobs, entries = held, "backup complete in the index");
     Ok(())
 }
 
@@ -401,6 +425,57 @@ mod tests {
 
     /// Between the snapshot file's write and the completeness check, the backup is neither
     /// listed, found by name, nor restorable; once checked it is, as one restic snapshot.
+    /// Makes `depth` directories of 250-byte names below `dir` through descriptors (their paths
+    /// pass PATH_MAX) and a file at the bottom.
+    fn deep_tree(dir: &std::path::Path, depth: usize) {
+        use nix::fcntl::{openat, OFlag};
+        use nix::sys::stat::{mkdirat, Mode};
+        let name = "d".repeat(250);
+        let mut fd = openat(
+            nix::fcntl::AT_FDCWD,
+            dir,
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY,
+            Mode::empty(),
+        )
+        .unwrap();
+        for _ in 0..depth {
+            mkdirat(&fd, name.as_str(), Mode::from_bits_truncate(0o755)).unwrap();
+            fd = openat(&fd, name.as_str(), OFlag::O_DIRECTORY | OFlag::O_RDONLY, Mode::empty()).unwrap();
+        }
+        let f = openat(
+            &fd,
+            "deep-file",
+            OFlag::O_CREAT | OFlag::O_WRONLY,
+            Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        nix::unistd::write(&f, b"at the bottom").unwrap();
+    }
+
+    /// rustic walks the tree by path and leaves out, with a warning only, what lies deeper than
+    /// PATH_MAX: such a backup was listed ready and restored without those entries. Its entries
+    /// are now counted against the source's, so it is refused and never listed; a tree of every
+    /// kind of entry (hard links, a symlink, a FIFO, an empty directory) counts the same as its
+    /// backup.
+    #[test]
+    fn a_backup_missing_entries_its_source_holds_is_never_ready() {
+        let (_dir, b, data) = setup(b"a file");
+        std::fs::create_dir(data.join("empty")).unwrap();
+        std::os::unix::fs::symlink("f", data.join("link")).unwrap();
+        std::fs::hard_link(data.join("f"), data.join("second-name")).unwrap();
+        nix::unistd::mkfifo(&data.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let whole = BackupId::new(PoolName::parse("offsite").unwrap(), "5678-abcd").unwrap();
+        upload(&b, &whole, &meta("snap-whole"), &data, None, &Default::default()).expect("every kind counts alike");
+        assert_eq!(crate::sys::tree::count_entries(&data).unwrap(), 5);
+        deep_tree(&data, 20);
+        let short = BackupId::new(PoolName::parse("offsite").unwrap(), "5679-abcd").unwrap();
+        let e = upload(&b, &short, &meta("snap-short"), &data, None, &Default::default())
+            .expect_err("a backup short of entries");
+        assert!(e.to_string().contains("entries but its source has"), "{e}");
+        assert_eq!(copies(&b, &short), (0, 0), "nothing of it is kept");
+        assert!(b.list(short.repository()).unwrap().iter().all(|i| i.id != short));
+    }
+
     #[test]
     fn a_backup_is_listed_only_once_checked_complete() {
         let (_dir, b, data) = setup(&[7u8; 100_000]);
