@@ -299,6 +299,49 @@ fn values_schema_refuses_mistyped_values() {
     }
 }
 
+/// The notes after an install warn of the two set-ups that hand a stranger the controller's
+/// identity: an issuer others may use, and controller replicas on any node. Neither warning shows
+/// once the set-up is safe.
+#[test]
+fn the_install_notes_warn_of_a_shared_issuer_and_an_unpinned_controller() {
+    let notes = |extra: &[&str]| {
+        let mut cmd = Command::new(helm());
+        cmd.args(["install", "--dry-run=client", RELEASE])
+            .arg(chart())
+            .args(extra);
+        let (ok, out, err) = run(&mut cmd);
+        assert!(ok, "helm install --dry-run {extra:?}: {err}");
+        out[out.find("NOTES:").expect("notes")..].to_string()
+    };
+    let shared = notes(&[
+        "--set",
+        "certManager.enabled=true",
+        "--set",
+        "certManager.issuerRef.kind=ClusterIssuer",
+        "--set",
+        "certManager.issuerRef.name=org-ca",
+    ]);
+    assert!(
+        shared.contains("WARNING: certManager.issuerRef names the ClusterIssuer org-ca"),
+        "{shared}"
+    );
+    assert!(shared.contains("may run on any node"), "{shared}");
+    let own = notes(&[
+        "--set",
+        "certManager.enabled=true",
+        "--set",
+        "certManager.issuerRef.kind=Issuer",
+        "--set",
+        "certManager.issuerRef.name=cellar-ca",
+        "--set",
+        "controller.nodeSelector.node-role\\.kubernetes\\.io/control-plane=",
+    ]);
+    assert!(
+        !own.contains("WARNING") && !own.contains("may run on any node"),
+        "{own}"
+    );
+}
+
 /// A certificate validity the controller would refuse at start fails the render instead; the
 /// bounds themselves pass.
 #[test]
