@@ -658,39 +658,23 @@ fn remove_nested_subvolumes(path: &Path) -> Result<bool, SysError> {
 
 /// Bytes the files of a tree occupy on disk (allocated blocks, so holes do not count).
 fn allocated_bytes(path: &Path) -> Result<u64, SysError> {
-    let mut total = 0u64;
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let md = fs::symlink_metadata(&p).step("lstat", &p)?;
-        total += md.blocks() * 512;
-        if md.file_type().is_dir() {
-            for e in fs::read_dir(&p).step("readdir", &p)? {
-                stack.push(e.step("readdir", &p)?.path());
-            }
-        }
+    let md = fs::symlink_metadata(path).step("lstat", path)?;
+    if md.is_dir() {
+        return super::tree::allocated_bytes(path, u64::MAX, false);
     }
-    Ok(total)
+    Ok(md.blocks() * 512)
 }
 
 /// Allocated bytes of the tree at `path` (a file, or a directory and all below it), counted until
 /// they reach `stop`: a walk can be long and a caller may only need to know whether a bound is
-/// passed. Symlinks are not followed; what cannot be read counts nothing.
+/// passed. Walked by descriptors (`tree::allocated_bytes`): symlinks are not followed, even one a
+/// workload swaps in mid-walk; what cannot be read counts nothing.
 fn allocated_upto(path: &Path, stop: u64) -> u64 {
-    let mut total = 0u64;
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let Ok(meta) = fs::symlink_metadata(&p) else {
-            continue;
-        };
-        total = total.saturating_add(meta.blocks() * 512);
-        if total >= stop {
-            return total;
-        }
-        if meta.is_dir() {
-            stack.extend(fs::read_dir(&p).into_iter().flatten().flatten().map(|e| e.path()));
-        }
+    match fs::symlink_metadata(path) {
+        Ok(md) if md.is_dir() => super::tree::allocated_bytes(path, stop, true).unwrap_or(0),
+        Ok(md) => md.blocks() * 512,
+        Err(_) => 0,
     }
-    total
 }
 
 /// Renames `from` to `to` (atomically, on one filesystem).
@@ -937,6 +921,54 @@ fn try_lock(path: &Path, create: bool) -> Result<FileLock, SysError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a dir volume holds is counted by descriptors: data a workload puts deeper than
+    /// PATH_MAX counts (the path walk skipped it, so an over-full volume read as within its size),
+    /// a symlink to a large tree outside counts as the link only, and the count stops at its bound.
+    #[test]
+    fn allocated_bytes_count_deep_data_and_never_what_a_symlink_names() {
+        use nix::fcntl::{openat, OFlag};
+        use nix::sys::stat::{mkdirat, Mode};
+        let root = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        std::fs::write(outside.path().join("big"), vec![1u8; 8 << 20]).expect("write");
+        std::os::unix::fs::symlink(outside.path(), root.path().join("out")).expect("symlink");
+        let name = "d".repeat(250);
+        let mut fd = openat(
+            nix::fcntl::AT_FDCWD,
+            root.path(),
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY,
+            Mode::empty(),
+        )
+        .expect("open");
+        for _ in 0..20 {
+            mkdirat(&fd, name.as_str(), Mode::from_bits_truncate(0o755)).expect("mkdir");
+            fd = openat(&fd, name.as_str(), OFlag::O_DIRECTORY | OFlag::O_RDONLY, Mode::empty()).expect("open");
+        }
+        let f = openat(
+            &fd,
+            "deep",
+            OFlag::O_CREAT | OFlag::O_WRONLY,
+            Mode::from_bits_truncate(0o644),
+        )
+        .expect("create");
+        nix::unistd::write(&f, &vec![2u8; 2 << 20]).expect("write");
+        nix::unistd::fsync(&f).expect("fsync");
+        let held = allocated_bytes(root.path()).expect("count");
+        assert!(held >= 2 << 20, "the deep file counts: {held}");
+        assert!(held < 8 << 20, "what the symlink names does not: {held}");
+        assert_eq!(allocated_upto(root.path(), u64::MAX), held);
+        assert!(
+            allocated_upto(root.path(), 4096) < 2 << 20,
+            "the count stops at its bound"
+        );
+        assert_eq!(
+            allocated_upto(&outside.path().join("big"), u64::MAX),
+            8 << 20,
+            "a file is its own blocks"
+        );
+        assert_eq!(allocated_upto(&root.path().join("nothing"), u64::MAX), 0);
+    }
 
     /// A directory named below a root is reached one plain component at a time: never through a
     /// symlink (even one pointing inside the root), never by `..` or an absolute part.

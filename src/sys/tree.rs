@@ -73,44 +73,100 @@ pub fn walk(src: &Path, v: &mut impl TreeVisitor) -> Result<(), SysError> {
 /// symlink, so a name deeper than PATH_MAX counts like any other. What a backup is checked
 /// against: a tool that walks by path leaves such entries out and still succeeds.
 pub fn count_entries(path: &Path) -> Result<u64, SysError> {
-    let root = SourceTree::open(path)?;
     let mut count = 0u64;
-    // Directories still to read: the descriptor of the parent (shared), the name, the depth.
-    let mut pending: Vec<(std::rc::Rc<OwnedFd>, CString, PathBuf, usize)> = Vec::new();
-    let mut read = |fd: std::rc::Rc<OwnedFd>,
-                    rel: &Path,
-                    depth: usize,
-                    pending: &mut Vec<(std::rc::Rc<OwnedFd>, CString, PathBuf, usize)>|
-     -> Result<(), SysError> {
-        let err = |step: &'static str, e: io::Error| SysError::io(step, path.join(rel), e);
-        if depth > MAX_DEPTH {
-            return Err(err(
-                "count (tree deeper than 1000 levels)",
-                io::Error::from_raw_os_error(libc::ELOOP),
-            ));
-        }
-        let list =
-            std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|e| err("read directory", e))?;
-        for entry in list {
-            let entry = entry.map_err(|e| err("read directory", e))?;
-            count += 1;
-            let name = entry.file_name();
-            let cname = cstr(&name).map_err(|e| err("name", e))?;
-            let st = fstatat(&*fd, &cname, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| err("stat", e))?;
-            if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-                pending.push((fd.clone(), cname, rel.join(&name), depth + 1));
-            }
-        }
-        Ok(())
-    };
-    read(std::rc::Rc::new(root.fd), Path::new(""), 0, &mut pending)?;
-    while let Some((parent, name, rel, depth)) = pending.pop() {
-        let fd = open_dir_at(&*parent, Path::new(OsStr::from_bytes(name.as_bytes())))
-            .map_err(|e| SysError::io("open", path.join(&rel), e))?;
-        drop(parent);
-        read(std::rc::Rc::new(fd), &rel, depth, &mut pending)?;
-    }
+    visit_entries(path, false, |_| {
+        count += 1;
+        std::ops::ControlFlow::Continue(())
+    })?;
     Ok(count)
+}
+
+/// Bytes the tree at `path` occupies (allocated blocks, so holes do not count: the root's and
+/// every entry's below it), counted until they reach `stop`. Read by descriptors without following
+/// a symlink, so a workload swapping a directory for a symlink mid-walk cannot make it count
+/// another tree, and data deeper than PATH_MAX counts too. `lenient`: a directory that cannot be
+/// read counts nothing, instead of failing the count.
+pub fn allocated_bytes(path: &Path, stop: u64, lenient: bool) -> Result<u64, SysError> {
+    let root = SourceTree::open(path)?;
+    let st = nix::sys::stat::fstat(&root.fd).map_err(|e| SysError::io("stat", path, e.into()))?;
+    let mut total = (st.st_blocks as u64).saturating_mul(512);
+    if total >= stop {
+        return Ok(total);
+    }
+    visit_entries(path, lenient, |st| {
+        total = total.saturating_add((st.st_blocks as u64).saturating_mul(512));
+        if total >= stop {
+            std::ops::ControlFlow::Break(())
+        } else {
+            std::ops::ControlFlow::Continue(())
+        }
+    })?;
+    Ok(total)
+}
+
+/// Calls `each` with the status of every entry below the directory `path` (not the root itself),
+/// in no particular order, until it breaks. Directories are opened by descriptor from their
+/// parent's, never following a symlink, and read as a stream: only one descriptor per level is
+/// open and only directories still to read are remembered. `lenient`: a directory that cannot be
+/// opened or read is skipped.
+fn visit_entries(
+    path: &Path,
+    lenient: bool,
+    mut each: impl FnMut(&FileStat) -> std::ops::ControlFlow<()>,
+) -> Result<(), SysError> {
+    type Pending = Vec<(std::rc::Rc<OwnedFd>, CString, PathBuf, usize)>;
+    let root = SourceTree::open(path)?;
+    let mut pending: Pending = Vec::new();
+    // One directory's entries; `Ok(true)` when `each` asked to stop.
+    let mut read =
+        |fd: std::rc::Rc<OwnedFd>, rel: &Path, depth: usize, pending: &mut Pending| -> Result<bool, SysError> {
+            let err = |step: &'static str, e: io::Error| SysError::io(step, path.join(rel), e);
+            if depth > MAX_DEPTH {
+                return Err(err(
+                    "walk (tree deeper than 1000 levels)",
+                    io::Error::from_raw_os_error(libc::ELOOP),
+                ));
+            }
+            let list =
+                std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|e| err("read directory", e))?;
+            for entry in list {
+                let entry = entry.map_err(|e| err("read directory", e))?;
+                let name = entry.file_name();
+                let cname = cstr(&name).map_err(|e| err("name", e))?;
+                let st = match fstatat(&*fd, &cname, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                    Ok(st) => st,
+                    // Removed since the listing.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(err("stat", e)),
+                };
+                if each(&st).is_break() {
+                    return Ok(true);
+                }
+                if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                    pending.push((fd.clone(), cname, rel.join(&name), depth + 1));
+                }
+            }
+            Ok(false)
+        };
+    let outcome = |r: Result<bool, SysError>| match r {
+        Err(_) if lenient => Ok(false),
+        other => other,
+    };
+    if outcome(read(std::rc::Rc::new(root.fd), Path::new(""), 0, &mut pending))? {
+        return Ok(());
+    }
+    while let Some((parent, name, rel, depth)) = pending.pop() {
+        let fd = match open_dir_at(&*parent, Path::new(OsStr::from_bytes(name.as_bytes()))) {
+            Ok(fd) => fd,
+            Err(_) if lenient => continue,
+            Err(e) => return Err(SysError::io("open", path.join(&rel), e)),
+        };
+        drop(parent);
+        if outcome(read(std::rc::Rc::new(fd), &rel, depth, &mut pending))? {
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 /// A tree opened for reading: its root is pinned (and known not to be a symlink) before anything
