@@ -1514,7 +1514,10 @@ fn an_s3_init_claim_holds_others_off_until_it_is_stale() {
     std::fs::remove_file(&recent).expect("remove");
     let stale = claims.join(format!("{:020}-killed", now - 11 * 60 * 1000));
     std::fs::write(&stale, b"x").expect("claim");
-    b.open_or_init(&name, true).expect("a stale claim is passed over");
+    // And one dated a year ahead: no clock is that far off; it would otherwise never go stale.
+    let ahead = claims.join(format!("{:020}-planted", now + 365 * 24 * 3600 * 1000));
+    std::fs::write(&ahead, b"x").expect("claim");
+    b.open_or_init(&name, true).expect("stale claims are passed over");
     assert!(s3.bucket_dir().join("claimed").join("config").exists(), "initialised");
     assert_eq!(claims_left(), vec![junk], "no claim left, and nothing else removed");
 }

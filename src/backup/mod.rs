@@ -1502,7 +1502,10 @@ impl S3InitClaim {
             else {
                 continue;
             };
-            if now.saturating_sub(written) > S3_CLAIM_STALE {
+            // A claim dated further ahead than a stale one is old (clocks differ by less): one
+            // named for the year 5000 (anyone who can write the bucket, no key) kept every
+            // repository's first backup ABORTED for good.
+            if now.abs_diff(written) > S3_CLAIM_STALE {
                 tracing::warn!(
                     repository = cfg.name.as_str(),
                     claim = entry.path(),
