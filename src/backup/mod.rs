@@ -57,9 +57,39 @@ fn snapshots_after(repo: &Open, known: Vec<SnapshotFile>) -> rustic_core::Rustic
                 tracing::debug!(error = %e, "a snapshot file went away while the repository was listed; listing again");
                 tries += 1;
             }
+            // One file that fails its MAC: rustic fails the whole listing for
+            // it, and then every listing, lookup and delete of every backup of the repository
+            // failed while it was there (anyone who can write the storage can put it there, no
+            // key needed). The files are read one by one and such a file is left out (logged).
+            Err(e) if matches!(kind_of(&e), Kind::DataLoss) => {
+                return snapshots_one_by_one(repo, known);
+            }
             done => return done,
         }
     }
+}
+
+/// [`snapshots_after`], one snapshot file at a time, leaving out those that fail their MAC; any
+/// other failure (a repository that cannot be reached) is still the answer.
+fn snapshots_one_by_one(repo: &Open, known: Vec<SnapshotFile>) -> rustic_core::RusticResult<Vec<SnapshotFile>> {
+    use rustic_core::repofile::SnapshotId;
+    let ids: std::collections::HashSet<SnapshotId> = repo.list::<SnapshotId>()?.collect();
+    let mut out: Vec<SnapshotFile> = known.into_iter().filter(|s| ids.contains(&s.id)).collect();
+    let have: std::collections::HashSet<SnapshotId> = out.iter().map(|s| s.id).collect();
+    for id in ids.into_iter().filter(|id| !have.contains(id)) {
+        match repo.get_file::<SnapshotFile>(&id) {
+            Ok(mut snap) => {
+                snap.id = id;
+                out.push(snap);
+            }
+            Err(e) if is_not_found(&e) => {} // removed since the listing
+            Err(e) if matches!(kind_of(&e), Kind::DataLoss) => {
+                tracing::warn!(snapshot_file = %id, error = %one_line(&e.display_log()), "a snapshot file of the backup repository is left out: it fails its check");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
 }
 
 /// Removes the snapshot files `ids`. One another process removed meanwhile (two forgets of one
@@ -308,23 +338,29 @@ enum Kind {
     DataLoss,
 }
 
+/// What kind of failure rustic reports, in cellar's terms.
+fn kind_of(e: &RusticError) -> Kind {
+    let full = e.to_string();
+    // rustic keeps the kind private; its message names it ("related to `the backend`").
+    let is = |k: ErrorKind| full.contains(&format!("related to `{k}`"));
+    if e.is_incorrect_password() || is(ErrorKind::Credentials) || is(ErrorKind::Key) {
+        Kind::Key
+    } else if is(ErrorKind::Backend) || is(ErrorKind::InputOutput) {
+        Kind::Unreachable
+    } else if is(ErrorKind::Cryptography) || is(ErrorKind::Verification) {
+        Kind::DataLoss
+    } else {
+        Kind::Refused
+    }
+}
+
 impl From<Box<RusticError>> for RusticFailure {
     fn from(e: Box<RusticError>) -> Self {
-        let full = e.to_string();
-        // display_log: the message without the backtrace and bug-report text Display adds.
-        let text = one_line(&e.display_log());
-        // rustic keeps the kind private; its message names it ("related to `the backend`").
-        let is = |k: ErrorKind| full.contains(&format!("related to `{k}`"));
-        let kind = if e.is_incorrect_password() || is(ErrorKind::Credentials) || is(ErrorKind::Key) {
-            Kind::Key
-        } else if is(ErrorKind::Backend) || is(ErrorKind::InputOutput) {
-            Kind::Unreachable
-        } else if is(ErrorKind::Cryptography) || is(ErrorKind::Verification) {
-            Kind::DataLoss
-        } else {
-            Kind::Refused
-        };
-        RusticFailure { kind, text }
+        RusticFailure {
+            kind: kind_of(&e),
+            // display_log: the message without the backtrace and bug-report text Display adds.
+            text: one_line(&e.display_log()),
+        }
     }
 }
 
@@ -1608,6 +1644,30 @@ mod tests {
 
     use super::*;
 
+    /// One junk file in `snapshots/` (anyone who can write the storage, no key) fails its MAC:
+    /// rustic failed the whole listing for it, and every lookup of every backup with it. It is
+    /// left out now, by a process that knew the repository's snapshots before and by a fresh one.
+    #[test]
+    fn a_junk_snapshot_file_is_left_out_not_fatal_to_every_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = testing::backups(dir.path());
+        b.open_or_init(&name, true).unwrap();
+        let data = testing::data_dir(dir.path(), b"kept");
+        let id = testing::upload_dir(&b, &name, "aaaa-0001", "snap-1", &data);
+        let junk = dir.path().join("repo/snapshots").join(format!("{:064x}", 1));
+        std::fs::write(&junk, b"written by someone without the key").unwrap();
+        let (fresh, _) = testing::backups(dir.path());
+        assert!(
+            matches!(fresh.find(&id), Ok(Some(_))),
+            "a fresh process finds the backup"
+        );
+        assert!(matches!(b.find(&id), Ok(Some(_))), "one that listed before finds it");
+        assert_eq!(fresh.list(&name).unwrap().len(), 1);
+        // Once removed, the listing is rustic's own again.
+        std::fs::remove_file(&junk).unwrap();
+        assert_eq!(fresh.list(&name).unwrap().len(), 1);
+    }
+
     /// A delete marks for a node not reached, for the unasked node that cut a stored backup
     /// (never for a shared volume's, which names no node), and for a backup nothing stores or
     /// holds; not when every node that may hold a part was told.
@@ -1889,10 +1949,13 @@ mod tests {
         got.sort();
         assert_eq!(got, ["first", "second"]);
         let (fresh, _) = testing::backups(dir.path());
-        assert!(
-            fresh.snapshots(&name, &repo).is_err(),
-            "a listing of its own reads every file"
-        );
+        let theirs: Vec<String> = fresh
+            .snapshots(&name, &repo)
+            .expect("a file failing its check is left out")
+            .into_iter()
+            .filter_map(|s| s.description)
+            .collect();
+        assert_eq!(theirs, ["second"], "a listing of its own reads every file");
         for f in &files {
             std::fs::remove_file(f).unwrap();
         }
