@@ -340,6 +340,9 @@ fn the_install_notes_warn_of_a_shared_issuer_and_an_unpinned_controller() {
         !own.contains("WARNING") && !own.contains("may run on any node"),
         "{own}"
     );
+    for n in [&shared, &own] {
+        assert!(n.contains(".\n\nThe node pods run privileged"), "{n}");
+    }
 }
 
 /// A certificate validity the controller would refuse at start fails the render instead; the

@@ -284,12 +284,72 @@ struct LocalReads {
 impl LocalReads {
     /// Where rustic's local backend keeps a file (its layout, which restic's is too).
     fn path(&self, tpe: FileType, id: &Id) -> std::path::PathBuf {
+        let (dir, name) = Self::place(tpe, id);
+        self.root.join(dir).join(name)
+    }
+
+    /// A file's directory below the root, and its name.
+    fn place(tpe: FileType, id: &Id) -> (std::path::PathBuf, String) {
         let hex = id.to_hex();
         match tpe {
-            FileType::Config => self.root.join("config"),
-            FileType::Pack => self.root.join("data").join(&hex[0..2]).join(hex.as_str()),
-            _ => self.root.join(tpe.dirname()).join(hex.as_str()),
+            FileType::Config => (std::path::PathBuf::new(), "config".into()),
+            FileType::Pack => (std::path::Path::new("data").join(&hex[0..2]), hex.to_string()),
+            _ => (std::path::PathBuf::from(tpe.dirname()), hex.to_string()),
         }
+    }
+
+    /// The directory a file of `tpe` goes in, made when missing, reached from the root one
+    /// component at a time without following a symlink: a bucket a writer of the share replaced
+    /// with a symlink used to take the packs written into it out of the repository.
+    fn directory(&self, dir: &std::path::Path) -> std::io::Result<crate::sys::files::PinnedDir> {
+        use crate::sys::files::PinnedDir;
+        let mut reached = std::path::PathBuf::new();
+        for part in dir.components() {
+            let next = reached.join(part);
+            match PinnedDir::open_beneath(&self.root, &next) {
+                Ok(_) => {}
+                Err(e) if e.errno() == Some(libc::ENOENT) => {
+                    let parent = PinnedDir::open_beneath(&self.root, &reached).map_err(std::io::Error::other)?;
+                    match std::fs::create_dir(parent.proc_path().join(part)) {
+                        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+                        _ => {}
+                    }
+                }
+                Err(e) => return Err(std::io::Error::other(e)),
+            }
+            reached = next;
+        }
+        PinnedDir::open_beneath(&self.root, &reached).map_err(std::io::Error::other)
+    }
+
+    /// rustic's local write (a temporary file, synced, renamed into place), in a directory
+    /// reached without following a symlink and never through a symlink at the file's name.
+    fn write(&self, tpe: FileType, id: &Id, content: BytesList) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let (dir, name) = Self::place(tpe, id);
+        let pinned = self.directory(&dir)?;
+        let (tmp, target) = (
+            pinned.proc_path().join(format!("{name}-tmp-")),
+            pinned.proc_path().join(&name),
+        );
+        let written = (|| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)?;
+            for piece in content.slice() {
+                f.write_all(piece)?;
+            }
+            f.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        std::fs::rename(&tmp, &target)
     }
 
     /// The file, opened for reading when it is a regular file (an `O_PATH` descriptor looks
@@ -308,13 +368,17 @@ impl LocalReads {
             .map_err(|e| failed("open", e))?;
         let meta = pinned.metadata().map_err(|e| failed("stat", e))?;
         if !meta.file_type().is_file() {
-            return Err(failed(
-                "read",
+            // Not the repository's file: its data is lost (DATA_LOSS), not out of reach (which
+            // would be retried for ever).
+            return Err(RusticError::with_source(
+                ErrorKind::Verification,
+                "cannot read `{path}`",
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     "not a regular file (a symlink, FIFO, device or directory in a repository file's place)",
                 ),
-            ));
+            )
+            .attach_context("path", path.to_string_lossy()));
         }
         let file = std::fs::File::open(crate::sys::files::reopen_path(&pinned)).map_err(|e| failed("open", e))?;
         Ok((file, meta.len()))
@@ -385,12 +449,22 @@ impl WriteBackend for LocalReads {
         self.inner.create()
     }
 
-    fn write_bytes(&self, tpe: FileType, id: &Id, cacheable: bool, content: BytesList) -> RusticResult<()> {
-        self.inner.write_bytes(tpe, id, cacheable, content)
+    fn write_bytes(&self, tpe: FileType, id: &Id, _cacheable: bool, content: BytesList) -> RusticResult<()> {
+        self.write(tpe, id, content).map_err(|e| {
+            RusticError::with_source(ErrorKind::InputOutput, "cannot write `{path}`", e)
+                .attach_context("path", self.path(tpe, id).to_string_lossy())
+        })
     }
 
-    fn remove(&self, tpe: FileType, id: &Id, cacheable: bool) -> RusticResult<()> {
-        self.inner.remove(tpe, id, cacheable)
+    fn remove(&self, tpe: FileType, id: &Id, _cacheable: bool) -> RusticResult<()> {
+        let (dir, name) = Self::place(tpe, id);
+        crate::sys::files::PinnedDir::open_beneath(&self.root, &dir)
+            .map_err(std::io::Error::other)
+            .and_then(|pinned| std::fs::remove_file(pinned.proc_path().join(name)))
+            .map_err(|e| {
+                RusticError::with_source(ErrorKind::Backend, "cannot remove `{path}`", e)
+                    .attach_context("path", self.path(tpe, id).to_string_lossy())
+            })
     }
 }
 

@@ -476,6 +476,51 @@ mod tests {
         assert!(b.list(short.repository()).unwrap().iter().all(|i| i.id != short));
     }
 
+    /// Every bucket of a path repository replaced by a symlink to a directory outside (anyone who
+    /// can write the share): the upload wrote its packs there, as root. Now nothing is written
+    /// outside; and a pack replaced by a symlink (to an honest copy, even) is DATA_LOSS at the
+    /// restore, not UNAVAILABLE retried for ever.
+    #[test]
+    fn a_path_repository_is_written_and_read_only_inside_itself() {
+        let (dir, b, data) = setup(&[3u8; 200_000]);
+        let id = |n: u32| BackupId::new(PoolName::parse("offsite").unwrap(), &format!("{n:04}-abcd")).unwrap();
+        let kept = id(1);
+        upload(&b, &kept, &meta("kept"), &data, None, &Default::default()).expect("upload");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let copies = dir.path().join("copies");
+        std::fs::create_dir(&copies).unwrap();
+        for bucket in std::fs::read_dir(dir.path().join("repo/data")).unwrap().flatten() {
+            for pack in std::fs::read_dir(bucket.path()).unwrap().flatten() {
+                let copy = copies.join(pack.file_name());
+                std::fs::copy(pack.path(), &copy).unwrap();
+                std::fs::remove_file(pack.path()).unwrap();
+                std::os::unix::fs::symlink(&copy, pack.path()).unwrap();
+            }
+        }
+        let (fresh, _) = testing::backups(dir.path());
+        match crate::backup::restore::frames(&fresh, &kept, Layout::Dir).and_then(|f| f.collect::<Result<Vec<_>, _>>())
+        {
+            Err(StorageError::DataLoss(m)) => assert!(m.contains("not a regular file"), "{m}"),
+            other => panic!(
+                "a pack that is a symlink: want DATA_LOSS, got {:?}",
+                other.map(|f| f.len())
+            ),
+        }
+        for bucket in std::fs::read_dir(dir.path().join("repo/data")).unwrap().flatten() {
+            std::fs::remove_dir_all(bucket.path()).unwrap();
+            std::os::unix::fs::symlink(&outside, bucket.path()).unwrap();
+        }
+        std::fs::write(data.join("g"), vec![4u8; 150_000]).unwrap();
+        let refused = upload(&b, &id(2), &meta("other"), &data, None, &Default::default());
+        assert!(refused.is_err(), "no bucket to write into");
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "nothing written outside"
+        );
+    }
+
     #[test]
     fn a_backup_is_listed_only_once_checked_complete() {
         let (_dir, b, data) = setup(&[7u8; 100_000]);

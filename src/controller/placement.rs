@@ -62,13 +62,18 @@ pub(super) fn pick(
             let named: Vec<&str> = req
                 .map(|r| r.preferred.iter().filter_map(request::topology_node).collect())
                 .unwrap_or_default();
-            // (A preferred segment without a node key admits every node, so `named` is not empty.)
-            return Err(ControllerError::NoRoom(format!(
-                "no node in the preferred topology can take the volume: {} {} not registered with \
-                 the controller or not in the requisite topology",
-                named.join(", "),
-                if named.len() == 1 { "is" } else { "are" },
-            )));
+            return Err(ControllerError::NoRoom(if named.is_empty() {
+                "no node in the preferred topology can take the volume: no registered node is in \
+                 the requisite topology"
+                    .to_string()
+            } else {
+                format!(
+                    "no node in the preferred topology can take the volume: {} {} not registered \
+                     with the controller or not in the requisite topology",
+                    named.join(", "),
+                    if named.len() == 1 { "is" } else { "are" },
+                )
+            }));
         }
     }
     if let Some((n, _)) = rooms.iter().find(|(_, room)| room.is_some_and(|r| r >= wanted)) {
@@ -202,6 +207,15 @@ mod tests {
             "{msg}"
         );
         assert!(!msg.contains("()"), "{msg}");
+        // No candidate at all and a preferred segment that names no node: still a sentence.
+        let zone = TopologyRequirement {
+            preferred: vec![Topology {
+                segments: [("topology.kubernetes.io/zone".to_string(), "a".to_string())].into(),
+            }],
+            ..Default::default()
+        };
+        let e = pick(Vec::new(), Some(&zone), GIB, everyone).expect_err("no candidate");
+        assert!(e.to_string().contains("no registered node"), "{e}");
     }
 
     #[test]

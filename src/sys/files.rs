@@ -626,30 +626,34 @@ fn remove_tree(path: &Path) -> Result<(), SysError> {
     }
 }
 
-/// Deletes every btrfs subvolume below `path` (each with what it nests), walking directories
-/// without following symlinks; whether there was any. A tree on another filesystem has none.
+/// Deletes every btrfs subvolume below `path` (each with what it nests); whether there was any.
+/// Each directory is reached from `path` one component at a time without following a symlink
+/// (`PinnedDir::open_beneath`), and a subvolume is checked and deleted by its name in that pinned
+/// directory: a directory swapped for a symlink meanwhile leads nowhere else. A tree on another
+/// filesystem has none.
 fn remove_nested_subvolumes(path: &Path) -> Result<bool, SysError> {
     if !super::btrfs::is_btrfs(path)? {
         return Ok(false);
     }
     let mut found = false;
-    let mut dirs = vec![path.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        let entries = match fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == ErrorKind::NotFound => continue,
-            Err(e) => return Err(SysError::io("list", &dir, e)),
+    let mut dirs = vec![PathBuf::new()];
+    while let Some(rel) = dirs.pop() {
+        let pinned = match PinnedDir::open_beneath(path, &rel) {
+            Ok(p) => p,
+            Err(e) if e.errno() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e),
         };
+        let entries = fs::read_dir(pinned.proc_path()).step("list", &path.join(&rel))?;
         for e in entries.flatten() {
             if !e.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
-            let child = e.path();
-            if super::btrfs::is_subvolume(&child)? {
-                super::btrfs::delete_subvolume(&child)?;
+            let here = pinned.proc_path().join(e.file_name());
+            if super::btrfs::is_subvolume(&here)? {
+                super::btrfs::delete_subvolume(&here)?;
                 found = true;
             } else {
-                dirs.push(child);
+                dirs.push(rel.join(e.file_name()));
             }
         }
     }

@@ -15,13 +15,17 @@ pub fn limit_malloc_arenas() {
 /// level, down to 1,000 levels; container runtimes start processes with a soft limit of 1,024, at
 /// which one deep tree made the walk fail with EMFILE, and every other call of the process with
 /// it while the walk held them. The hard limit is the runtime's word on what the driver may hold.
+/// Capped at 2^20: the tools the driver runs (mkfs, mount, btrfs) inherit the limit, and some
+/// close or poll every descriptor up to it, which `LimitNOFILE=infinity` would make endless.
 pub fn raise_open_file_limit() -> std::io::Result<u64> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    const CAP: u64 = 1 << 20;
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
-    if soft < hard {
-        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    let want = hard.min(CAP).max(soft);
+    if soft < want {
+        setrlimit(Resource::RLIMIT_NOFILE, want, hard)?;
     }
-    Ok(hard)
+    Ok(want)
 }
 
 /// Gives the pages of freed memory back to the kernel. glibc returns only the top of its heap on
@@ -36,13 +40,13 @@ pub fn release_free_memory() {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    fn the_open_file_limit_is_raised_to_the_hard_limit_within_its_cap() {
         use nix::sys::resource::{getrlimit, setrlimit, Resource};
         let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-        // Just under the hard limit: the other tests of this process never notice the change.
-        setrlimit(Resource::RLIMIT_NOFILE, hard - 1, hard).unwrap();
-        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard - 1, hard));
-        assert_eq!(super::raise_open_file_limit().unwrap(), hard);
-        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
+        let want = hard.min(1 << 20);
+        // Just under what it is raised to: the other tests of this process never notice.
+        setrlimit(Resource::RLIMIT_NOFILE, want - 1, hard).unwrap();
+        assert_eq!(super::raise_open_file_limit().unwrap(), want);
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (want, hard));
     }
 }

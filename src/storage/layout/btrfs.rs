@@ -65,9 +65,13 @@ impl LayoutOps for Btrfs {
         _: bool,
     ) -> Result<(), StorageError> {
         refuse_nested(pool, src)?;
-        pool.sys
-            .subvolumes
-            .snapshot(src, &pool.data_path(kind, key), !writable)?;
+        let copy = pool.data_path(kind, key);
+        pool.sys.subvolumes.snapshot(src, &copy, !writable)?;
+        // One made while the snapshot was cut is not in it either.
+        if let Err(e) = refuse_nested(pool, src) {
+            pool.sys.subvolumes.delete(&copy)?;
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -80,6 +84,10 @@ impl LayoutOps for Btrfs {
     fn frozen_view(&self, pool: &Pool, data: &Path, at: &Path) -> Result<Option<std::path::PathBuf>, StorageError> {
         refuse_nested(pool, data)?;
         pool.sys.subvolumes.snapshot(data, at, true)?;
+        if let Err(e) = refuse_nested(pool, data) {
+            pool.sys.subvolumes.delete(at)?;
+            return Err(e);
+        }
         Ok(Some(at.to_path_buf()))
     }
 
