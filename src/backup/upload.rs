@@ -423,35 +423,6 @@ mod tests {
         (mine.len(), mine.iter().filter(|s| is_pending(s)).count())
     }
 
-    /// Between the snapshot file's write and the completeness check, the backup is neither
-    /// listed, found by name, nor restorable; once checked it is, as one restic snapshot.
-    /// Makes `depth` directories of 250-byte names below `dir` through descriptors (their paths
-    /// pass PATH_MAX) and a file at the bottom.
-    fn deep_tree(dir: &std::path::Path, depth: usize) {
-        use nix::fcntl::{openat, OFlag};
-        use nix::sys::stat::{mkdirat, Mode};
-        let name = "d".repeat(250);
-        let mut fd = openat(
-            nix::fcntl::AT_FDCWD,
-            dir,
-            OFlag::O_DIRECTORY | OFlag::O_RDONLY,
-            Mode::empty(),
-        )
-        .unwrap();
-        for _ in 0..depth {
-            mkdirat(&fd, name.as_str(), Mode::from_bits_truncate(0o755)).unwrap();
-            fd = openat(&fd, name.as_str(), OFlag::O_DIRECTORY | OFlag::O_RDONLY, Mode::empty()).unwrap();
-        }
-        let f = openat(
-            &fd,
-            "deep-file",
-            OFlag::O_CREAT | OFlag::O_WRONLY,
-            Mode::from_bits_truncate(0o644),
-        )
-        .unwrap();
-        nix::unistd::write(&f, b"at the bottom").unwrap();
-    }
-
     /// rustic walks the tree by path and leaves out, with a warning only, what lies deeper than
     /// PATH_MAX: such a backup was listed ready and restored without those entries. Its entries
     /// are now counted against the source's, so it is refused and never listed; a tree of every
@@ -467,7 +438,8 @@ mod tests {
         let whole = BackupId::new(PoolName::parse("offsite").unwrap(), "5678-abcd").unwrap();
         upload(&b, &whole, &meta("snap-whole"), &data, None, &Default::default()).expect("every kind counts alike");
         assert_eq!(crate::sys::tree::count_entries(&data).unwrap(), 5);
-        deep_tree(&data, 20);
+        let deepest = crate::sys::tree::testing::deep_dirs(&data, 20);
+        crate::sys::tree::testing::file_at(&deepest, "deep-file", b"at the bottom");
         let short = BackupId::new(PoolName::parse("offsite").unwrap(), "5679-abcd").unwrap();
         let e = upload(&b, &short, &meta("snap-short"), &data, None, &Default::default())
             .expect_err("a backup short of entries");
@@ -521,6 +493,8 @@ mod tests {
         );
     }
 
+    /// Between the snapshot file's write and the completeness check, the backup is neither
+    /// listed, found by name, nor restorable; once checked it is, as one restic snapshot.
     #[test]
     fn a_backup_is_listed_only_once_checked_complete() {
         let (_dir, b, data) = setup(&[7u8; 100_000]);

@@ -264,6 +264,41 @@ mod tests {
     use super::*;
     use crate::crash::in_thread::{pause_at, Pause};
 
+    /// A file with two names deeper than PATH_MAX (a workload's own tree): the second name was
+    /// linked by its full path, and every snapshot or clone of the volume failed ENAMETOOLONG.
+    #[test]
+    fn hard_links_deeper_than_path_max_are_copied_as_links() {
+        use nix::fcntl::{openat, OFlag};
+        use nix::sys::stat::{fstatat, Mode};
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        let name = "d".repeat(250);
+        let open = |at: &OwnedFd, n: &str| openat(at, n, OFlag::O_DIRECTORY | OFlag::O_RDONLY, Mode::empty()).unwrap();
+        let fd = crate::sys::tree::testing::deep_dirs(&src, 20);
+        crate::sys::tree::testing::file_at(&fd, "first", b"one file, two names");
+        nix::unistd::linkat(&fd, "first", &fd, "second", nix::fcntl::AtFlags::empty()).unwrap();
+        let dst = dir.path().join("dst");
+        copy_tree(&src, &dst).expect("a deep tree with hard links copies");
+        let mut fd = openat(
+            nix::fcntl::AT_FDCWD,
+            &dst,
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY,
+            Mode::empty(),
+        )
+        .unwrap();
+        for _ in 0..20 {
+            fd = open(&fd, &name);
+        }
+        let flags = nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW;
+        let (a, b) = (
+            fstatat(&fd, "first", flags).unwrap(),
+            fstatat(&fd, "second", flags).unwrap(),
+        );
+        assert_eq!((a.st_ino, a.st_nlink), (b.st_ino, 2), "one file with two names");
+        assert_eq!(a.st_size, 19);
+    }
+
     /// Copies a tree of one file, `data`, that `swap` replaces once the copy has seen a regular file
     /// there and before it opens it. `None`: no answer within a minute (`unstick` then lets the
     /// copy end, so that the test does too).

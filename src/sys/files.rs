@@ -931,33 +931,12 @@ mod tests {
     /// a symlink to a large tree outside counts as the link only, and the count stops at its bound.
     #[test]
     fn allocated_bytes_count_deep_data_and_never_what_a_symlink_names() {
-        use nix::fcntl::{openat, OFlag};
-        use nix::sys::stat::{mkdirat, Mode};
         let root = tempfile::tempdir().expect("tempdir");
         let outside = tempfile::tempdir().expect("tempdir");
         std::fs::write(outside.path().join("big"), vec![1u8; 8 << 20]).expect("write");
         std::os::unix::fs::symlink(outside.path(), root.path().join("out")).expect("symlink");
-        let name = "d".repeat(250);
-        let mut fd = openat(
-            nix::fcntl::AT_FDCWD,
-            root.path(),
-            OFlag::O_DIRECTORY | OFlag::O_RDONLY,
-            Mode::empty(),
-        )
-        .expect("open");
-        for _ in 0..20 {
-            mkdirat(&fd, name.as_str(), Mode::from_bits_truncate(0o755)).expect("mkdir");
-            fd = openat(&fd, name.as_str(), OFlag::O_DIRECTORY | OFlag::O_RDONLY, Mode::empty()).expect("open");
-        }
-        let f = openat(
-            &fd,
-            "deep",
-            OFlag::O_CREAT | OFlag::O_WRONLY,
-            Mode::from_bits_truncate(0o644),
-        )
-        .expect("create");
-        nix::unistd::write(&f, &vec![2u8; 2 << 20]).expect("write");
-        nix::unistd::fsync(&f).expect("fsync");
+        let deepest = super::super::tree::testing::deep_dirs(root.path(), 20);
+        super::super::tree::testing::file_at(&deepest, "deep", &vec![2u8; 2 << 20]);
         let held = allocated_bytes(root.path()).expect("count");
         assert!(held >= 2 << 20, "the deep file counts: {held}");
         assert!(held < 8 << 20, "what the symlink names does not: {held}");

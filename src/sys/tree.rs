@@ -520,8 +520,21 @@ impl TreeVisitor for TreeWriter {
         let Some(first) = self.links.get(&link) else {
             return Err(self.err("link (to a file not in the tree)", &rel, einval()));
         };
-        let first_c = cstr(self.root.join(first).as_os_str()).map_err(|e| self.err("link", &rel, e))?;
-        nix::unistd::linkat(AT_FDCWD, first_c.as_c_str(), dir, name, AtFlags::empty())
+        // The first name's directory is reached from the root's descriptor one component at a
+        // time: its full path may be longer than PATH_MAX (a workload's deep tree), which failed
+        // every copy of the volume with ENAMETOOLONG.
+        let first = first.clone();
+        let Some((root, _)) = self.stack.first() else {
+            return Err(self.err("copy (entry after the end of the tree)", &rel, einval()));
+        };
+        let mut parent: Option<OwnedFd> = None;
+        for part in first.parent().into_iter().flat_map(Path::components) {
+            let from = parent.as_ref().map_or(root.as_fd(), |p| p.as_fd());
+            parent = Some(open_dir_at(from, Path::new(part.as_os_str())).map_err(|e| self.err("link", &rel, e))?);
+        }
+        let base = cstr(first.file_name().unwrap_or_default()).map_err(|e| self.err("link", &rel, e))?;
+        let from = parent.as_ref().map_or(root.as_fd(), |p| p.as_fd());
+        nix::unistd::linkat(from, base.as_c_str(), dir, name, AtFlags::empty())
             .map_err(|e| self.err("link", &rel, e.into()))?;
         Ok(())
     }
@@ -696,4 +709,45 @@ pub(super) fn fstatat(dir: impl AsFd, name: &CStr, flags: AtFlags) -> io::Result
 
 pub(super) fn cstr(s: &OsStr) -> io::Result<CString> {
     CString::new(s.as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+/// Trees for tests that no path can name whole.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::os::fd::OwnedFd;
+    use std::path::Path;
+
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::{mkdirat, Mode};
+
+    /// Makes `depth` nested directories of 250-byte names below `dir` through descriptors (their
+    /// paths pass PATH_MAX from depth 17 on), and answers the deepest one's descriptor.
+    pub fn deep_dirs(dir: &Path, depth: usize) -> OwnedFd {
+        let name = "d".repeat(250);
+        let mut fd = openat(
+            nix::fcntl::AT_FDCWD,
+            dir,
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY,
+            Mode::empty(),
+        )
+        .unwrap();
+        for _ in 0..depth {
+            mkdirat(&fd, name.as_str(), Mode::from_bits_truncate(0o755)).unwrap();
+            fd = openat(&fd, name.as_str(), OFlag::O_DIRECTORY | OFlag::O_RDONLY, Mode::empty()).unwrap();
+        }
+        fd
+    }
+
+    /// A new file `name` in the directory `at`, holding `bytes`.
+    pub fn file_at(at: &OwnedFd, name: &str, bytes: &[u8]) {
+        let f = openat(
+            at,
+            name,
+            OFlag::O_CREAT | OFlag::O_WRONLY,
+            Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        nix::unistd::write(&f, bytes).unwrap();
+        nix::unistd::fsync(&f).unwrap();
+    }
 }
