@@ -578,6 +578,32 @@ pub(crate) fn data_node<S: rustic_core::IndexedFull>(
     })
 }
 
+/// A blob of the repository (data or tree), read and checked against its id: the SHA-256 of its
+/// plaintext. The MAC rustic checks proves only that the repository's key sealed it.
+pub(crate) fn checked_blob<S: rustic_core::IndexedFull>(
+    repo: &Repository<S>,
+    cfg: &RepositoryConfig,
+    id: rustic_core::BlobId,
+    tpe: rustic_core::repofile::BlobType,
+) -> Result<bytes::Bytes, StorageError> {
+    use sha2::Digest;
+    let data = repo.get_blob_cached(&id, tpe).map_err(|e| cfg.read_error(e))?;
+    let sum: [u8; 32] = sha2::Sha256::digest(&data).into();
+    if hex::encode(sum) != id.to_hex().as_str() {
+        let what = if tpe == rustic_core::repofile::BlobType::Tree {
+            "tree"
+        } else {
+            "blob"
+        };
+        return Err(StorageError::DataLoss(format!(
+            "backup repository '{}': {what} {} does not match its id",
+            cfg.name.as_str(),
+            id.to_hex().as_str()
+        )));
+    }
+    Ok(data)
+}
+
 /// A tree of the repository, read and checked against its id: a tree's MAC only proves the
 /// repository's key sealed it, so without this check a writer of the repository's storage (no key
 /// needed) could swap two sealed trees of equal length and a restore would write one directory's
@@ -587,18 +613,12 @@ pub(crate) fn checked_tree<S: rustic_core::IndexedFull>(
     cfg: &RepositoryConfig,
     id: rustic_core::TreeId,
 ) -> Result<rustic_core::repofile::Tree, StorageError> {
-    use sha2::Digest;
-    let data = repo
-        .get_blob_cached(&rustic_core::BlobId::from(id), rustic_core::repofile::BlobType::Tree)
-        .map_err(|e| cfg.read_error(e))?;
-    let sum: [u8; 32] = sha2::Sha256::digest(&data).into();
-    if hex::encode(sum) != id.to_hex().as_str() {
-        return Err(StorageError::DataLoss(format!(
-            "backup repository '{}': tree {} does not match its id",
-            cfg.name.as_str(),
-            id.to_hex().as_str()
-        )));
-    }
+    let data = checked_blob(
+        repo,
+        cfg,
+        rustic_core::BlobId::from(id),
+        rustic_core::repofile::BlobType::Tree,
+    )?;
     serde_json::from_slice(&data).map_err(|e| {
         cfg.error(RusticFailure::data_loss(format!(
             "tree {} cannot be read: {e}",

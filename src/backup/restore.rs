@@ -11,7 +11,6 @@ use std::time::Instant;
 
 use rustic_core::repofile::{BlobType, Node, NodeType};
 use rustic_core::{BlobId, IndexedFullStatus, Repository};
-use sha2::{Digest, Sha256};
 
 use super::{info_of, Backups, RepositoryConfig, RusticFailure};
 use crate::storage::id::BackupId;
@@ -160,12 +159,6 @@ impl Frames {
         Ok(())
     }
 
-    /// A failure reading data: a backend that cannot be reached is retried; anything else
-    /// (a MAC or hash that does not match, a blob the index lost) is data loss.
-    fn read_error(&self, e: Box<rustic_core::RusticError>) -> StorageError {
-        self.cfg.read_error(e)
-    }
-
     /// A backup whose tree restic and cellar would never write: DATA_LOSS, before its entry is
     /// sent (the repository is corrupt, or written by someone else than cellar and restic).
     fn corrupt(&self, why: String) -> StorageError {
@@ -246,18 +239,7 @@ impl Frames {
     /// The next blob of the file on top of the stack (`name`, `size` bytes), checked, as chunks
     /// (zeros left out).
     fn blob(&mut self, id: rustic_core::DataId, offset: u64, size: u64, name: &str) -> Result<u64, StorageError> {
-        let data = self
-            .repo
-            .get_blob_cached(&BlobId::from(id), BlobType::Data)
-            .map_err(|e| self.read_error(e))?;
-        let sum: [u8; 32] = Sha256::digest(&data).into();
-        if hex::encode(sum) != id.to_hex().as_str() {
-            return Err(StorageError::DataLoss(format!(
-                "backup repository '{}': blob {} does not match its id",
-                self.repository,
-                id.to_hex().as_str()
-            )));
-        }
+        let data = super::checked_blob(&self.repo, &self.cfg, BlobId::from(id), BlobType::Data)?;
         if data.len() as u64 > size.saturating_sub(offset) {
             return Err(self.corrupt(format!("file {name:?} is {size} bytes but its blobs hold more")));
         }
@@ -437,6 +419,7 @@ fn meta_of(node: &Node) -> Meta {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     #[test]
     fn zeros_stay_holes_and_data_is_cut_into_bounded_runs() {

@@ -74,7 +74,7 @@ pub fn walk(src: &Path, v: &mut impl TreeVisitor) -> Result<(), SysError> {
 /// against: a tool that walks by path leaves such entries out and still succeeds.
 pub fn count_entries(path: &Path) -> Result<u64, SysError> {
     let mut count = 0u64;
-    visit_entries(path, false, |_| {
+    visit_entries(SourceTree::open(path)?, false, |_| {
         count += 1;
         std::ops::ControlFlow::Continue(())
     })?;
@@ -93,7 +93,7 @@ pub fn allocated_bytes(path: &Path, stop: u64, lenient: bool) -> Result<u64, Sys
     if total >= stop {
         return Ok(total);
     }
-    visit_entries(path, lenient, |st| {
+    visit_entries(root, lenient, |st| {
         total = total.saturating_add((st.st_blocks as u64).saturating_mul(512));
         if total >= stop {
             std::ops::ControlFlow::Break(())
@@ -104,18 +104,18 @@ pub fn allocated_bytes(path: &Path, stop: u64, lenient: bool) -> Result<u64, Sys
     Ok(total)
 }
 
-/// Calls `each` with the status of every entry below the directory `path` (not the root itself),
+/// Calls `each` with the status of every entry below the opened directory `root` (not the root itself),
 /// in no particular order, until it breaks. Directories are opened by descriptor from their
 /// parent's, never following a symlink, and read as a stream: only one descriptor per level is
 /// open and only directories still to read are remembered. `lenient`: a directory that cannot be
 /// opened or read is skipped.
 fn visit_entries(
-    path: &Path,
+    root: SourceTree,
     lenient: bool,
     mut each: impl FnMut(&FileStat) -> std::ops::ControlFlow<()>,
 ) -> Result<(), SysError> {
     type Pending = Vec<(std::rc::Rc<OwnedFd>, CString, PathBuf, usize)>;
-    let root = SourceTree::open(path)?;
+    let path = root.path.as_path();
     let mut pending: Pending = Vec::new();
     // One directory's entries; `Ok(true)` when `each` asked to stop.
     let mut read =
