@@ -43,6 +43,109 @@ const CLUSTER_CA: &str = "cellar-cluster-ca";
 const CONTROLLER_TOKEN: &str = "controller-sa-token";
 const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 
+/// A token of these tests: its short name, service account, node, audience, exp, and whether the
+/// fake API server authenticates it and as which node.
+type TokenRow = (
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    &'static str,
+    u64,
+    Known,
+);
+
+const TOKENS: &[TokenRow] = &[
+    (
+        "token-node-1",
+        NODE_SA,
+        Some("node-1"),
+        "cellar",
+        FAR,
+        Known::As(Some("node-1")),
+    ),
+    (
+        "token-node-2",
+        NODE_SA,
+        Some("node-2"),
+        "cellar",
+        FAR,
+        Known::As(Some("node-2")),
+    ),
+    (
+        "token-other-sa",
+        "default",
+        Some("node-1"),
+        "cellar",
+        FAR,
+        Known::As(Some("node-1")),
+    ),
+    ("token-no-node", NODE_SA, None, "cellar", FAR, Known::As(None)),
+    (
+        "token-for-the-api-server",
+        NODE_SA,
+        Some("node-1"),
+        "https://kubernetes.default.svc",
+        FAR,
+        Known::As(Some("node-1")),
+    ),
+    (
+        "token-expired",
+        NODE_SA,
+        Some("node-1"),
+        "cellar",
+        1_600_000_000,
+        Known::Not,
+    ),
+    // Claims a node pod's token would have, and a signature the API server does not accept.
+    ("token-forged", NODE_SA, Some("node-1"), "cellar", FAR, Known::Not),
+    // Claims that say node-2, on a token the API server knows as node-1's.
+    (
+        "token-node-1-claiming-node-2",
+        NODE_SA,
+        Some("node-2"),
+        "cellar",
+        FAR,
+        Known::As(Some("node-1")),
+    ),
+];
+
+/// An expiry far ahead (2100-01-01).
+const FAR: u64 = 4_102_444_800;
+
+/// Whether the fake API server authenticates a token, and the node it names in its answer.
+#[derive(Clone, Copy)]
+enum Known {
+    As(Option<&'static str>),
+    Not,
+}
+
+/// The text of the token `handle` (one of [`TOKENS`]), shaped as Kubernetes issues them: a JWT
+/// whose claims name the audience, expiry, service account and node. Its signature is not one:
+/// cellar only reads the claims, to screen, and the (fake) API server alone authenticates. Any
+/// other handle is taken as the token's text itself.
+fn token(handle: &str) -> String {
+    use base64::Engine as _;
+    let Some((_, sa, node, aud, exp, _)) = TOKENS.iter().find(|t| t.0 == handle) else {
+        return handle.to_string();
+    };
+    let enc = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let mut k8s = json!({"namespace": NAMESPACE, "serviceaccount": {"name": sa, "uid": "sa-uid"}});
+    if let Some(n) = node {
+        k8s["node"] = json!({"name": n, "uid": "node-uid"});
+    }
+    let claims = json!({
+        "aud": [aud], "exp": exp, "iat": exp - 3600, "nbf": exp - 3600,
+        "iss": "https://kubernetes.default.svc.cluster.local",
+        "sub": user(sa), "kubernetes.io": k8s,
+    });
+    format!(
+        "{}.{}.{}",
+        enc(br#"{"alg":"RS256","kid":"fake"}"#),
+        enc(claims.to_string().as_bytes()),
+        enc(handle.as_bytes())
+    )
+}
+
 fn names(cert_pem: &str, name: &str) -> bool {
     let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("certificate");
     cellar::agent::tls::certificate_names(&cert, name)
@@ -77,8 +180,10 @@ struct ApiState {
     /// token → (service account user name, node name, audiences it was issued for); a token
     /// absent here is not authenticated.
     tokens: BTreeMap<String, (String, Option<String>, Vec<String>)>,
-    /// Tokens that were valid once and have expired.
-    expired: Vec<String>,
+    /// While set, token reviews wait for a permit of it (or for it to close) before answering.
+    review_gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// Token reviews that have arrived, answered or not.
+    reviews_arrived: usize,
     secrets: BTreeMap<String, Value>,
     config_maps: BTreeMap<String, Value>,
     reviews: usize,
@@ -151,26 +256,13 @@ impl FakeApi {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let mut state = ApiState::default();
-        let audiences = vec!["cellar".to_string()];
-        for (token, sa, node) in [
-            ("token-node-1", NODE_SA, Some("node-1")),
-            ("token-node-2", NODE_SA, Some("node-2")),
-            ("token-other-sa", "default", Some("node-1")),
-            ("token-no-node", NODE_SA, None),
-        ] {
-            state
-                .tokens
-                .insert(token.into(), (user(sa), node.map(Into::into), audiences.clone()));
+        for (handle, sa, _, aud, _, known) in TOKENS {
+            if let Known::As(node) = known {
+                state
+                    .tokens
+                    .insert(token(handle), (user(sa), node.map(Into::into), vec![aud.to_string()]));
+            }
         }
-        state.tokens.insert(
-            "token-for-the-api-server".into(),
-            (
-                user(NODE_SA),
-                Some("node-1".into()),
-                vec!["https://kubernetes.default.svc".into()],
-            ),
-        );
-        state.expired.push("token-expired".into());
         let state = Arc::new(Mutex::new(state));
         let shared = state.clone();
         let task = tokio::spawn(async move {
@@ -249,6 +341,14 @@ async fn answer(
         ("POST", "/apis/authentication.k8s.io/v1/tokenreviews") => {
             let token = body["spec"]["token"].as_str().unwrap_or_default().to_string();
             let wanted: Vec<String> = serde_json::from_value(body["spec"]["audiences"].clone()).unwrap_or_default();
+            let gate = {
+                let mut s = state.lock().expect("state");
+                s.reviews_arrived += 1;
+                s.review_gate.clone()
+            };
+            if let Some(gate) = gate {
+                let _ = gate.acquire().await;
+            }
             let mut s = state.lock().expect("state");
             s.reviews += 1;
             let status = match s.tokens.get(&token) {
@@ -267,9 +367,6 @@ async fn answer(
                         }
                         json!({"authenticated": true, "audiences": valid, "user": {"username": user, "uid": "u", "groups": ["system:serviceaccounts"], "extra": extra}})
                     }
-                }
-                None if s.expired.contains(&token) => {
-                    json!({"authenticated": false, "error": "[invalid bearer token, service account token has expired]"})
                 }
                 None => {
                     json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"})
@@ -392,14 +489,8 @@ impl Env {
         Authority::new("cellar install CA").write(d, &[("controller", &["localhost"])]);
         let install_ca = d.join("ca.pem");
         std::fs::write(d.join("sa-token"), format!("{CONTROLLER_TOKEN}\n")).expect("token");
-        for token in [
-            "token-node-1",
-            "token-node-2",
-            "token-expired",
-            "token-other-sa",
-            "token-no-node",
-        ] {
-            std::fs::write(d.join(token), token).expect("token");
+        for (handle, ..) in TOKENS {
+            std::fs::write(d.join(handle), token(handle)).expect("token");
         }
         Env {
             dir,
@@ -569,11 +660,12 @@ impl Env {
     }
 }
 
+/// Calls Enrol at `port` as node `node`, with the token `handle` names (see [`token`]).
 async fn enrol_at(
     install_ca: &Path,
     port: u16,
     node: &str,
-    token: &str,
+    handle: &str,
 ) -> Result<(EnrolResponse, String), tonic::Status> {
     let ca = std::fs::read(install_ca).expect("ca");
     let tls = ClientTlsConfig::new()
@@ -594,7 +686,7 @@ async fn enrol_at(
     EnrolmentClient::new(channel)
         .enrol(EnrolRequest {
             node_id: node.into(),
-            token: token.into(),
+            token: token(handle),
             csr: csr.der().to_vec(),
         })
         .await
@@ -761,6 +853,25 @@ async fn a_token_of_node_1_cannot_enrol_as_node_2() {
         "{}",
         e.message()
     );
+    assert_eq!(
+        env.api.state().reviews_arrived,
+        0,
+        "its own claims say node-1: no review"
+    );
+    // A token whose claims say node-2 is still only what the API server says it is.
+    let e = env
+        .enrol(&controller, "node-2", "token-node-1-claiming-node-2")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    assert!(
+        e.message()
+            .contains("the token is of a pod on node 'node-1', not on node 'node-2'")
+            && !e.message().contains("own claims"),
+        "refused by the review: {}",
+        e.message()
+    );
+    assert_eq!(env.api.state().reviews_arrived, 1);
 
     // The real node binary says the same in its log, and never registers.
     let node = env.start_node(&controller, "node-2", "token-node-1", &[]);
@@ -801,10 +912,18 @@ async fn tokens_that_are_not_a_node_pods_own_are_refused_saying_why() {
     let controller = env.start_controller("controller", &[]);
     wait_ready(&controller).await;
     let cases = [
-        ("token-expired", Code::Unauthenticated, "service account token has expired"),
-        ("not-a-token-at-all", Code::Unauthenticated, "invalid bearer token"),
+        ("token-expired", Code::Unauthenticated, "it expired"),
+        (
+            "not-a-token-at-all",
+            Code::Unauthenticated,
+            "it is not a service-account token (1 parts; a JWT",
+        ),
         ("", Code::Unauthenticated, "the request carries no token"),
-        ("token-for-the-api-server", Code::Unauthenticated, "is invalid for the target audiences"),
+        (
+            "token-for-the-api-server",
+            Code::Unauthenticated,
+            "it is not valid for the audience 'cellar' (valid for: [\"https://kubernetes.default.svc\"])",
+        ),
         (
             "token-other-sa",
             Code::PermissionDenied,
@@ -816,11 +935,22 @@ async fn tokens_that_are_not_a_node_pods_own_are_refused_saying_why() {
             "the token names no node (authentication.kubernetes.io/node-name)",
         ),
     ];
-    for (token, code, says) in cases {
-        let e = env.enrol(&controller, "node-1", token).await.unwrap_err();
-        assert_eq!(e.code(), code, "{token}: {}", e.message());
-        assert!(e.message().contains(says), "{token}: {}", e.message());
+    for (handle, code, says) in cases {
+        let e = env.enrol(&controller, "node-1", handle).await.unwrap_err();
+        assert_eq!(e.code(), code, "{handle}: {}", e.message());
+        assert!(e.message().contains(says), "{handle}: {}", e.message());
     }
+    // Each of them says itself that it cannot enrol node-1: none cost a review.
+    assert_eq!(
+        env.api.state().reviews_arrived,
+        0,
+        "no review for a token that refuses itself"
+    );
+    // Claims as a node pod's token has them are not enough: the API server decides.
+    let e = env.enrol(&controller, "node-1", "token-forged").await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{}", e.message());
+    assert!(e.message().contains("invalid bearer token"), "{}", e.message());
+    assert_eq!(env.api.state().reviews_arrived, 1, "the forged token was reviewed");
     // A request that is not one is refused before any token is reviewed.
     let reviews = env.api.state().reviews;
     let e = env.enrol(&controller, "Node_1!", "token-node-1").await.unwrap_err();
@@ -829,15 +959,69 @@ async fn tokens_that_are_not_a_node_pods_own_are_refused_saying_why() {
     // And the token itself never reaches the log.
     let text = log(&controller.log);
     assert!(text.contains("enrolment refused"), "{text}");
-    assert!(
-        !text.contains("token-expired") && !text.contains("token-other-sa"),
-        "{text}"
-    );
+    for handle in ["token-expired", "token-other-sa", "token-forged"] {
+        let jwt = token(handle);
+        let signature = jwt.rsplit('.').next().expect("three parts");
+        assert!(!text.contains(signature), "{handle} is in the log: {text}");
+    }
     // The right token still enrols.
     let ok = env
         .enrol(&controller, "node-1", "token-node-1")
         .await
         .expect("node-1 enrols");
+    assert!(names(&ok.certificate, "node-1.cellar-agent"));
+}
+
+/// One address has at most two token reviews in flight: a third request from it is turned away
+/// (UNAVAILABLE, so a real node retries) without a review, until one of them is answered.
+#[tokio::test]
+async fn one_address_holds_at_most_two_token_reviews_in_flight() {
+    let mut env = Env::new().await;
+    let controller = env.start_controller("controller", &[]);
+    wait_ready(&controller).await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    env.api.state().review_gate = Some(gate.clone());
+    let held: Vec<_> = (0..2)
+        .map(|_| {
+            let (ca, port) = (env.install_ca.clone(), controller.enrol);
+            tokio::spawn(async move { enrol_at(&ca, port, "node-1", "token-forged").await })
+        })
+        .collect();
+    until(
+        "two reviews held at the API server",
+        Duration::from_secs(20),
+        || env.api.state().reviews_arrived == 2,
+        || log(&controller.log),
+    )
+    .await;
+    let e = tokio::time::timeout(
+        Duration::from_secs(30),
+        env.enrol(&controller, "node-1", "token-node-1"),
+    )
+    .await
+    .expect("answered, not held behind the API server")
+    .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(
+        e.message().contains("2 token reviews from 127.0.0.1 are in flight"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(env.api.state().reviews_arrived, 2, "the third was not sent for review");
+    // A token that refuses itself is still refused at once, saying why.
+    let e = env.enrol(&controller, "node-1", "token-other-sa").await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+
+    gate.close();
+    for h in held {
+        let e = h.await.expect("task").unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{}", e.message());
+    }
+    // Their places are given back: the node's own token enrols.
+    let ok = env
+        .enrol(&controller, "node-1", "token-node-1")
+        .await
+        .expect("enrols once the reviews are answered");
     assert!(names(&ok.certificate, "node-1.cellar-agent"));
 }
 

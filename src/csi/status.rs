@@ -190,7 +190,7 @@ impl From<crate::agent::enrol::EnrolError> for Status {
             E::Unauthenticated(_) => Code::Unauthenticated,
             E::Denied(_) => Code::PermissionDenied,
             // The API server could not answer (or refused the controller itself): retry later.
-            E::Api(_) | E::Busy(_) => Code::Unavailable,
+            E::Api(_) | E::Busy(_) | E::PeerBusy(..) => Code::Unavailable,
             E::Ca(_) => Code::Internal,
         };
         Status::new(code, bounded(&e.to_string()).into_owned())

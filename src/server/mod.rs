@@ -269,15 +269,16 @@ impl<S> Connection<S> {
     }
 }
 
-/// How many connections each peer address holds now.
+/// How many places (connections, or calls in flight) each peer address holds now.
 #[derive(Default, Clone)]
-struct Peers(Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>);
+pub struct Peers(Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>);
 
-/// One connection's place among its peer's, given back when it closes.
+/// One place among its peer's, given back when dropped.
 pub struct PeerPlace(Peers, IpAddr);
 
 impl Peers {
-    fn take(&self, ip: IpAddr, max: usize) -> Option<PeerPlace> {
+    /// A place for `ip`, if it holds fewer than `max`.
+    pub fn take(&self, ip: IpAddr, max: usize) -> Option<PeerPlace> {
         let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let n = held.entry(ip).or_insert(0);
         if *n >= max {

@@ -19,6 +19,7 @@
 //! rules for a node's own certificate, `registry::NodeIdentity::Own`).
 
 pub mod ca;
+pub mod claims;
 pub mod kube;
 pub mod node;
 
@@ -29,7 +30,9 @@ use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use self::ca::{Ca, CaError};
+use self::claims::Claims;
 use self::kube::{Kube, KubeError, Review};
+use crate::server::Peers;
 use crate::storage::id::NodeId;
 
 pub mod v1 {
@@ -45,6 +48,8 @@ const MAX_TOKEN_BYTES: usize = 16 << 10;
 const MAX_CSR_BYTES: usize = 16 << 10;
 /// Token reviews in flight at once: anyone who reaches the port can ask for one.
 const MAX_REVIEWS: usize = 16;
+/// Token reviews in flight at once for one peer address: one pod cannot take every place.
+pub const MAX_REVIEWS_PER_PEER: usize = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrolError {
@@ -60,6 +65,20 @@ pub enum EnrolError {
     Ca(#[from] CaError),
     #[error("enrolment busy: {0} token reviews are in flight; retry shortly")]
     Busy(usize),
+    #[error("enrolment busy: {1} token reviews from {0} are in flight; retry shortly")]
+    PeerBusy(std::net::IpAddr, usize),
+}
+
+impl EnrolError {
+    /// The same refusal, saying it was made from the token's own claims, with no review.
+    fn by_claims(self) -> EnrolError {
+        const BY_CLAIMS: &str = " (by the token's own claims; it was not sent for review)";
+        match self {
+            EnrolError::Unauthenticated(why) => EnrolError::Unauthenticated(why + BY_CLAIMS),
+            EnrolError::Denied(why) => EnrolError::Denied(why + BY_CLAIMS),
+            other => other,
+        }
+    }
 }
 
 /// The service account whose tokens may enrol: `system:serviceaccount:<namespace>:<name>`.
@@ -113,8 +132,9 @@ impl EnrolPolicy {
         // (an authenticator that ignores audiences) is not taken as a yes.
         if !review.audiences.iter().any(|a| a == &self.audience) {
             return Err(EnrolError::Unauthenticated(format!(
-                "it is not valid for the audience '{}' (valid for: {:?})",
-                self.audience, review.audiences
+                "it is not valid for the audience '{}' (valid for: {})",
+                self.audience,
+                bounded(&format!("{:?}", review.audiences))
             )));
         }
         let want = self.service_account.username();
@@ -178,6 +198,7 @@ pub struct EnrolService {
     ca: Arc<Ca>,
     policy: EnrolPolicy,
     reviews: Arc<Semaphore>,
+    reviews_by_peer: Peers,
 }
 
 impl EnrolService {
@@ -187,6 +208,7 @@ impl EnrolService {
             ca,
             policy,
             reviews: Arc::new(Semaphore::new(MAX_REVIEWS)),
+            reviews_by_peer: Peers::default(),
         }
     }
 
@@ -196,8 +218,19 @@ impl EnrolService {
             .max_decoding_message_size(MAX_TOKEN_BYTES + MAX_CSR_BYTES + 1024)
     }
 
-    /// Checks a request and issues its certificate: the node and its certificate (PEM).
-    pub async fn issue(&self, req: v1::EnrolRequest) -> Result<(NodeId, String), EnrolError> {
+    /// Checks a request from `peer` and issues its certificate: the node and its certificate
+    /// (PEM).
+    ///
+    /// What costs nothing is checked first: the request's shape, the token's own claims (read,
+    /// not trusted: a token that says it is for another audience, account or node, or expired,
+    /// is refused without asking the API server) and the CSR's signature. Only then is the token
+    /// reviewed, at most [`MAX_REVIEWS`] at once and [`MAX_REVIEWS_PER_PEER`] per peer address;
+    /// the review's answer alone admits.
+    pub async fn issue(
+        &self,
+        req: v1::EnrolRequest,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<(NodeId, String), EnrolError> {
         let node = NodeId::parse(&req.node_id).map_err(|e| EnrolError::Invalid(format!("node_id: {}", e.0)))?;
         if req.token.is_empty() {
             return Err(EnrolError::Unauthenticated("the request carries no token".into()));
@@ -215,9 +248,22 @@ impl EnrolService {
             )));
         }
         let name = format!("{}.{}", node.as_str(), self.policy.agent_server_name);
+        let claims = Claims::read(&req.token)?;
+        claims
+            .check_expiry(SystemTime::now())
+            .and_then(|()| self.policy.admit(&claims.as_review(), &node))
+            .map_err(EnrolError::by_claims)?;
         // The request's own signature is checked before anyone is asked about the token.
         ca::check_request(&req.csr)?;
         let review = {
+            let _place = match peer {
+                Some(ip) => Some(
+                    self.reviews_by_peer
+                        .take(ip, MAX_REVIEWS_PER_PEER)
+                        .ok_or(EnrolError::PeerBusy(ip, MAX_REVIEWS_PER_PEER))?,
+                ),
+                None => None,
+            };
             let _permit = self.reviews.try_acquire().map_err(|_| EnrolError::Busy(MAX_REVIEWS))?;
             self.kube.token_review(&req.token, &self.policy.audience).await?
         };
@@ -235,7 +281,7 @@ impl v1::enrolment_server::Enrolment for EnrolService {
         let peer = req.remote_addr();
         let req = req.into_inner();
         let claimed = crate::csi::status::bounded(&req.node_id).into_owned();
-        match self.issue(req).await {
+        match self.issue(req, peer.map(|a| a.ip())).await {
             Ok((node, certificate)) => {
                 tracing::info!(
                     node = node.as_str(),
