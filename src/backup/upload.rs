@@ -72,6 +72,30 @@ impl Stop {
     }
 }
 
+/// The holes a tree backup may read as zeros, for a volume of `capacity` bytes: 16 times its
+/// capacity, at least 16 GiB. The backup format has no holes (restic stores a file as the chunks
+/// of all its bytes), so a sparse file is read and chunked whole: a tenant's `truncate -s 8E f`
+/// would keep its volume's uploads reading for ever. Image backups skip holes and have no bound.
+pub fn max_hole_bytes(capacity: u64) -> u64 {
+    capacity.saturating_mul(16).max(16 << 30)
+}
+
+/// Refuses a tree whose holes ([`crate::sys::tree::count_tree`]) are more than a backup of a
+/// volume of `capacity` bytes reads ([`max_hole_bytes`]).
+pub fn refuse_holes(count: &crate::sys::tree::TreeCount, capacity: u64, what: &str) -> Result<(), StorageError> {
+    let max = max_hole_bytes(capacity);
+    if count.hole_bytes <= max {
+        return Ok(());
+    }
+    Err(StorageError::InUse(format!(
+        "{what} holds sparse files whose holes total {} bytes, more than the {max} a backup of a \
+         {capacity}-byte volume reads (16 times its capacity, at least 16 GiB): a tree backup reads \
+         holes as zeros. Make those files dense, or keep them in an image volume, whose backups \
+         skip holes",
+        count.hole_bytes
+    )))
+}
+
 /// Uploads `data` (the snapshot's image file or tree root) as backup `id`, then checks that the
 /// repository holds every blob it references. Returns the backup as the repository lists it.
 /// An upload called off by `stop` answers [`StorageError::Aborted`].
@@ -118,7 +142,11 @@ fn upload_inner(
     // listed ready, short of those entries.
     let entries = match meta.layout {
         Layout::Image => None,
-        _ => Some(crate::sys::tree::count_entries(data)?),
+        _ => {
+            let count = crate::sys::tree::count_tree(data)?;
+            refuse_holes(&count, meta.capacity_bytes, &format!("the snapshot of backup {id}"))?;
+            Some(count.entries)
+        }
     };
     let mut opened = backups.open_stoppable(id.repository(), stop)?;
     let mut snaps = backups.snapshots(id.repository(), &opened).map_err(|e| cfg.error(e))?;

@@ -73,12 +73,67 @@ pub fn walk(src: &Path, v: &mut impl TreeVisitor) -> Result<(), SysError> {
 /// symlink, so a name deeper than PATH_MAX counts like any other. What a backup is checked
 /// against: a tool that walks by path leaves such entries out and still succeeds.
 pub fn count_entries(path: &Path) -> Result<u64, SysError> {
-    let mut count = 0u64;
-    visit_entries(SourceTree::open(path)?, false, |_| {
-        count += 1;
+    Ok(count_tree(path)?.entries)
+}
+
+/// What reading a tree whole costs: its entries below the root, and the bytes of the holes in
+/// its regular files, which a tool that does not skip holes (a tree backup) reads as zeros.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TreeCount {
+    pub entries: u64,
+    pub hole_bytes: u64,
+}
+
+/// Counts the tree at `path` as [`count_entries`] does, and the holes of its regular files: a file
+/// that has fewer blocks than its length is opened (without following a symlink, never blocking)
+/// and its data ranges asked for (SEEK_DATA/SEEK_HOLE), so compressed data is not taken for a hole.
+pub fn count_tree(path: &Path) -> Result<TreeCount, SysError> {
+    let mut count = TreeCount::default();
+    let mut failed = None;
+    visit_entries(SourceTree::open(path)?, false, |st, dir, name| {
+        count.entries += 1;
+        let size = st.st_size.max(0) as u64;
+        let sparse = st.st_mode & libc::S_IFMT == libc::S_IFREG && (st.st_blocks.max(0) as u64) * 512 < size;
+        if sparse {
+            match hole_bytes(dir, name, size) {
+                Ok(holes) => count.hole_bytes = count.hole_bytes.saturating_add(holes),
+                Err(e) => {
+                    failed = Some(SysError::io(
+                        "look for holes",
+                        path.join(OsStr::from_bytes(name.to_bytes())),
+                        e,
+                    ));
+                    return std::ops::ControlFlow::Break(());
+                }
+            }
+        }
         std::ops::ControlFlow::Continue(())
     })?;
-    Ok(count)
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(count),
+    }
+}
+
+/// The bytes of the first `size` of file `name` in `dir` that are holes; 0 when it is no longer a
+/// regular file (replaced since its listing).
+fn hole_bytes(dir: BorrowedFd<'_>, name: &CStr, size: u64) -> io::Result<u64> {
+    let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+    let fd = match nix::fcntl::openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ELOOP) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    let st = nix::sys::stat::fstat(&fd)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Ok(0);
+    }
+    let mut data = 0u64;
+    super::copy::data_extents(&fd, size, |start, end| {
+        data += end - start;
+        Ok(())
+    })?;
+    Ok(size.saturating_sub(data))
 }
 
 /// Bytes the tree at `path` occupies (allocated blocks, so holes do not count: the root's and
@@ -93,7 +148,7 @@ pub fn allocated_bytes(path: &Path, stop: u64, lenient: bool) -> Result<u64, Sys
     if total >= stop {
         return Ok(total);
     }
-    visit_entries(root, lenient, |st| {
+    visit_entries(root, lenient, |st, _, _| {
         total = total.saturating_add((st.st_blocks as u64).saturating_mul(512));
         if total >= stop {
             std::ops::ControlFlow::Break(())
@@ -104,15 +159,15 @@ pub fn allocated_bytes(path: &Path, stop: u64, lenient: bool) -> Result<u64, Sys
     Ok(total)
 }
 
-/// Calls `each` with the status of every entry below the opened directory `root` (not the root itself),
-/// in no particular order, until it breaks. Directories are opened by descriptor from their
+/// Calls `each` with the status of every entry below the opened directory `root` (not the root
+/// itself), its directory and its name, in no particular order, until it breaks. Directories are opened by descriptor from their
 /// parent's, never following a symlink, and read as a stream: only one descriptor per level is
 /// open and only directories still to read are remembered. `lenient`: a directory that cannot be
 /// opened or read is skipped.
 fn visit_entries(
     root: SourceTree,
     lenient: bool,
-    mut each: impl FnMut(&FileStat) -> std::ops::ControlFlow<()>,
+    mut each: impl FnMut(&FileStat, BorrowedFd<'_>, &CStr) -> std::ops::ControlFlow<()>,
 ) -> Result<(), SysError> {
     type Pending = Vec<(std::rc::Rc<OwnedFd>, CString, PathBuf, usize)>;
     let path = root.path.as_path();
@@ -139,7 +194,7 @@ fn visit_entries(
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     Err(e) => return Err(err("stat", e)),
                 };
-                if each(&st).is_break() {
+                if each(&st, fd.as_fd(), &cname).is_break() {
                     return Ok(true);
                 }
                 if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
@@ -749,5 +804,39 @@ pub(crate) mod testing {
         .unwrap();
         nix::unistd::write(&f, bytes).unwrap();
         nix::unistd::fsync(&f).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    /// The holes of a tree's files are counted by their data ranges: a 1 GiB file with one
+    /// written block holds 1 GiB less that block of holes, a dense file none, and a FIFO or a
+    /// symlink to a sparse file outside count as entries only (never opened, never followed).
+    #[test]
+    fn count_tree_counts_entries_and_the_holes_of_files() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let outside = tempfile::tempdir().expect("tempdir");
+        let sparse = std::fs::File::create(root.path().join("sparse")).expect("file");
+        sparse.write_all_at(&[7u8; 4096], 0).expect("write");
+        sparse.set_len(1 << 30).expect("length");
+        sparse.sync_all().expect("sync");
+        std::fs::write(root.path().join("dense"), vec![1u8; 1 << 20]).expect("write");
+        std::fs::create_dir(root.path().join("sub")).expect("mkdir");
+        nix::unistd::mkfifo(&root.path().join("sub/fifo"), Mode::from_bits_truncate(0o600)).expect("fifo");
+        let far = std::fs::File::create(outside.path().join("far")).expect("file");
+        far.set_len(1 << 40).expect("length");
+        std::os::unix::fs::symlink(outside.path().join("far"), root.path().join("sub/link")).expect("symlink");
+        let count = count_tree(root.path()).expect("count");
+        assert_eq!(count.entries, 5);
+        // One filesystem block of data at least (a filesystem may allocate more around a write).
+        assert!(
+            count.hole_bytes <= (1 << 30) - 4096 && count.hole_bytes >= (1 << 30) - (1 << 20),
+            "{count:?}"
+        );
+        assert_eq!(count_entries(root.path()).expect("count"), 5);
     }
 }

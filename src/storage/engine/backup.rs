@@ -996,11 +996,9 @@ mod tests {
         cut_backup_of(keep_local, &[])
     }
 
-    /// [`cut_backup`] of a volume holding `bytes` in one file.
-    fn cut_backup_of(
-        keep_local: bool,
-        bytes: &[u8],
-    ) -> (tempfile::TempDir, Arc<LocalEngine>, SnapshotRecord, BackupId) {
+    /// An engine with one `dir` pool and the repository `offsite` (initialised) under a new
+    /// directory, and a new 4 MiB `dir` volume in it.
+    fn engine_with_volume() -> (tempfile::TempDir, Arc<LocalEngine>, PoolName, VolumeRecord) {
         let dir = tempfile::tempdir().unwrap();
         let mut config = crate::storage::config::Config::default_for(&dir.path().join("node"));
         config.repositories = vec![crate::backup::testing::repository(dir.path())];
@@ -1010,6 +1008,15 @@ mod tests {
         let vol = engine
             .create_volume(NewVolume::plain("pvc-1", Some(Layout::Dir), 4 << 20))
             .expect("volume");
+        (dir, engine, repository, vol)
+    }
+
+    /// [`cut_backup`] of a volume holding `bytes` in one file.
+    fn cut_backup_of(
+        keep_local: bool,
+        bytes: &[u8],
+    ) -> (tempfile::TempDir, Arc<LocalEngine>, SnapshotRecord, BackupId) {
+        let (dir, engine, repository, vol) = engine_with_volume();
         if !bytes.is_empty() {
             let pool = engine.pool(&vol.id.0.pool).unwrap();
             std::fs::write(pool.data_path(Kind::Volume, &vol.id.0.key).join("file"), bytes).unwrap();
@@ -1018,6 +1025,48 @@ mod tests {
         let rec = engine.create_backup("snap-1", &vol.id, false, &req).expect("cut");
         let backup = rec.backup.clone().unwrap().id;
         (dir, engine, rec, backup)
+    }
+
+    /// A tenant's `truncate -s 1T` in a tree volume used to keep its backup's upload reading
+    /// zeros (for ever, at 8 EiB). The cut refuses it (FAILED_PRECONDITION, saying why) and keeps
+    /// nothing of it; the upload refuses such a tree too. Holes within the bound back up.
+    #[test]
+    fn a_tree_whose_holes_a_backup_would_read_for_ever_is_refused_at_the_cut() {
+        let (_dir, engine, repository, vol) = engine_with_volume();
+        let pool = engine.pool(&vol.id.0.pool).unwrap();
+        let data = pool.data_path(Kind::Volume, &vol.id.0.key);
+        std::fs::File::create(data.join("huge"))
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        let req = BackupRequest {
+            repository,
+            keep_local: false,
+        };
+        let e = engine
+            .create_backup("snap-1", &vol.id, false, &req)
+            .expect_err("refused");
+        assert!(matches!(e, StorageError::InUse(_)), "{e:?}");
+        assert!(e.to_string().contains("holes total 1099511627776 bytes"), "{e}");
+        assert!(engine.snapshot_named("snap-1").is_none(), "no record");
+        let snaps = pool.data_path(Kind::Snapshot, &crate::storage::id::Key::from_name("snap-1"));
+        assert!(!snaps.exists(), "no data of it is kept");
+        // The upload refuses the same tree (one cut before this release, say).
+        let meta = BackupMeta {
+            capacity_bytes: 4 << 20,
+            ..crate::backup::testing::dir_meta("0b8c3a2e-51c4-4a4e-9d0e-6f1f0c2f8a11")
+        };
+        let id = BackupId::new(req.repository.clone(), "0b8c3a2e-51c4-4a4e-9d0e-6f1f0c2f8a11").unwrap();
+        let e = backup::upload::upload(engine.backups(), &id, &meta, &data, None, &Default::default())
+            .expect_err("refused");
+        assert!(e.to_string().contains("reads holes as zeros"), "{e}");
+        // Holes within the bound: the volume backs up.
+        std::fs::File::create(data.join("huge"))
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let rec = engine.create_backup("snap-1", &vol.id, false, &req).expect("cut");
+        engine.upload_step(&rec.id).expect("uploaded");
     }
 
     /// A node with a pool of its own that did not open cannot say it holds nothing of a backup
