@@ -430,7 +430,7 @@ async fn a_crash_before_the_group_record_leaves_members_the_retry_removes() {
 
 #[tokio::test]
 async fn a_driver_killed_while_the_group_is_frozen_thaws_on_its_next_start() {
-    use cellar::sys::fstools::{freeze, thaw};
+    use cellar::sys::fstools::{freeze_on, thaw};
     let fs = TestFs::new("xfs", 512);
     let (mut d, _c) = driver(&[("img", &fs.path("pool"), "image", IMAGE_EXT4)]).await;
     let a = volume(&mut d, "pvc-kf", "img").await;
@@ -448,10 +448,20 @@ async fn a_driver_killed_while_the_group_is_frozen_thaws_on_its_next_start() {
         }
     }
     let _thaw = ThawOnDrop(tg.clone());
+    let device = cellar::sys::mountinfo::read(Path::new(cellar::sys::mountinfo::SELF))
+        .unwrap()
+        .into_iter()
+        .find(|m| m.mount_point == tg)
+        .map(|m| std::path::PathBuf::from(m.source))
+        .expect("the target is a mount");
     // Killed between freeze and thaw: nothing in the process is left to thaw it.
-    assert_eq!(freeze(&tg).unwrap_err().errno(), Some(libc::EBUSY), "still frozen");
+    assert_eq!(
+        freeze_on(&tg, &device).unwrap_err().errno(),
+        Some(libc::EBUSY),
+        "still frozen"
+    );
     d.spawn(&[]).await;
-    freeze(&tg).expect("thawed by the restart, so it freezes again");
+    drop(freeze_on(&tg, &device).expect("thawed by the restart, so it freezes again"));
     thaw(&tg).unwrap();
     std::fs::write(tg.join("after"), b"written after the restart").unwrap();
     let mut g = groups(&d).await;

@@ -9,25 +9,139 @@
 //!   not one point in time any more (the watchdog let writes through mid-cut): the caller drops
 //!   what it cut and answers ABORTED, and the retry starts over.
 //!
+//! - each FIFREEZE runs on a thread of its own and is waited for only until the deadline
+//!   ([`freeze_within`]): a workload can keep it waiting in the kernel for as long as it likes;
+//! - each filesystem is frozen and thawed through one descriptor of its mountpoint, checked to be
+//!   on the volume's device ([`crate::sys::filesystems::FrozenFs`]): a volume unmounted meanwhile
+//!   is still thawed, and a plain directory left at its mountpoint is never frozen in its place.
+//!
 //! A filesystem that fails to freeze thaws the ones frozen before it.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::sys::filesystems::Filesystems;
+use crate::sys::filesystems::{Filesystems, FreezePoint};
 use crate::sys::SysError;
 
 use super::StorageError;
 
-type Thaw = dyn Fn(&Path) -> Result<(), SysError> + Send + Sync;
+/// What thaws one frozen filesystem: it tries a few times ([`crate::sys::filesystems::thaw_persistently`]).
+pub type Thawer = Box<dyn Fn() -> Result<(), SysError> + Send + Sync>;
+
+/// Freezes one filesystem, answering what thaws it.
+pub type FreezeFn<P> = dyn Fn(&P) -> Result<Thawer, SysError> + Send + Sync;
+
+/// The freeze of `filesystems`: through the mountpoint's descriptor, thawed through the same one.
+pub fn freezer(filesystems: &Arc<dyn Filesystems>) -> Arc<FreezeFn<FreezePoint>> {
+    let filesystems = filesystems.clone();
+    Arc::new(move |point: &FreezePoint| {
+        let frozen = filesystems.freeze(point)?;
+        let fs = filesystems.clone();
+        let thaw: Thawer = Box::new(move || crate::sys::filesystems::thaw_persistently(fs.as_ref(), &frozen));
+        Ok(thaw)
+    })
+}
+
+/// Mountpoints whose FIFREEZE has been called and has not returned.
+pub type InFlight = Arc<Mutex<HashSet<PathBuf>>>;
+
+/// This process's freezes in flight.
+pub fn in_flight() -> InFlight {
+    static FLYING: std::sync::OnceLock<InFlight> = std::sync::OnceLock::new();
+    FLYING.get_or_init(InFlight::default).clone()
+}
+
+/// What a freeze's thread and its caller share.
+#[derive(Default)]
+struct Handover {
+    answer: Option<Result<Thawer, SysError>>,
+    /// The caller stopped waiting: the thread thaws what it froze itself.
+    abandoned: bool,
+}
+
+/// Freezes `point` on a thread of its own and waits for it until `deadline`.
+///
+/// FIFREEZE waits until the filesystem's writers are done, and a workload can keep a write going
+/// for as long as it likes (a `splice` from an empty pipe into a file needs no privilege); the
+/// call then sleeps in the kernel, where nothing can interrupt it. So the caller stops waiting at
+/// the deadline (ABORTED, saying why), and the thread, when its freeze returns at last, thaws it
+/// at once. One freeze per mountpoint is in flight at a time: another, while one still waits, is
+/// ABORTED at once instead of leaving one more thread asleep.
+pub fn freeze_within<P: AsRef<Path> + Clone + Send + 'static>(
+    point: &P,
+    deadline: Instant,
+    freeze: &Arc<FreezeFn<P>>,
+    flying: &InFlight,
+) -> Result<Thawer, StorageError> {
+    let mountpoint = point.as_ref().to_path_buf();
+    {
+        if !flying
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(mountpoint.clone())
+        {
+            return Err(StorageError::Aborted(format!(
+                "an earlier freeze of the filesystem at {} has not returned yet: a writer keeps it \
+                 busy (FIFREEZE waits for writes under way to finish); retry later",
+                mountpoint.display()
+            )));
+        }
+    }
+    let shared = Arc::new((Mutex::new(Handover::default()), Condvar::new()));
+    let (theirs, f, p, m) = (shared.clone(), freeze.clone(), point.clone(), mountpoint.clone());
+    let landed = flying.clone();
+    let started = std::thread::Builder::new().name("cellar-freeze".into()).spawn(move || {
+        let answer = f(&p);
+        landed.lock().unwrap_or_else(|p| p.into_inner()).remove(&m);
+        let (lock, ready) = &*theirs;
+        let mut h = lock.lock().unwrap_or_else(|p| p.into_inner());
+        if !h.abandoned {
+            h.answer = Some(answer);
+            ready.notify_all();
+            return;
+        }
+        drop(h);
+        if let Ok(thaw) = answer {
+            match thaw() {
+                Ok(()) => tracing::warn!(mountpoint = %m.display(), "a freeze returned after its deadline; thawed it"),
+                Err(e) => tracing::error!(mountpoint = %m.display(), error = %e, "a freeze returned after its deadline and could not be thawed"),
+            }
+        }
+    });
+    if let Err(e) = started {
+        flying.lock().unwrap_or_else(|p| p.into_inner()).remove(&mountpoint);
+        return Err(SysError::io("start a freeze", &mountpoint, e).into());
+    }
+    let (lock, ready) = &*shared;
+    let mut h = lock.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        if let Some(answer) = h.answer.take() {
+            return answer.map_err(StorageError::from);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            h.abandoned = true;
+            return Err(StorageError::Aborted(format!(
+                "the filesystem at {} did not freeze in time: a writer keeps it busy (FIFREEZE \
+                 waits for writes under way to finish); it is thawed as soon as its freeze returns. \
+                 Retry, or allow more time (parameter freezeTimeoutSeconds)",
+                mountpoint.display()
+            )));
+        }
+        h = ready
+            .wait_timeout(h, deadline - now)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+}
 
 /// What the cut and the watchdog share: the frozen filesystems (taken by whoever thaws first).
 struct Frozen {
-    mountpoints: Mutex<Vec<PathBuf>>,
-    thaw: Box<Thaw>,
+    mountpoints: Mutex<Vec<(PathBuf, Thawer)>>,
     /// The watchdog thawed: the deadline passed before the cut ended.
     expired: AtomicBool,
 }
@@ -40,13 +154,13 @@ impl Frozen {
         let taken = std::mem::take(&mut *self.mountpoints.lock().unwrap_or_else(|p| p.into_inner()));
         let mut first = Ok(());
         let mut stuck = Vec::new();
-        for m in taken.into_iter().rev() {
-            if let Err(e) = (self.thaw)(&m) {
+        for (m, thaw) in taken.into_iter().rev() {
+            if let Err(e) = thaw() {
                 tracing::error!(mountpoint = %m.display(), error = %e, "could not thaw after a group snapshot");
                 if first.is_ok() {
                     first = Err(e);
                 }
-                stuck.push(m);
+                stuck.push((m, thaw));
             }
         }
         stuck.reverse();
@@ -60,7 +174,8 @@ impl Frozen {
 }
 
 /// A barrier that could not freeze everything: why, and whether a filesystem it froze stayed
-/// frozen (its thaw failed: the caller keeps its freeze mark for the next start).
+/// frozen (its thaw failed, or a freeze not yet returned may still freeze one: the caller keeps
+/// its freeze mark for the next start).
 #[derive(Debug)]
 pub struct FreezeFailed {
     pub error: StorageError,
@@ -82,33 +197,26 @@ pub struct Barrier {
 }
 
 impl Barrier {
-    /// Freezes the filesystems mounted at `mountpoints` for at most `within`.
+    /// Freezes the filesystems at `points` for at most `within`.
     pub fn freeze(
         filesystems: &Arc<dyn Filesystems>,
-        mountpoints: Vec<PathBuf>,
+        points: Vec<FreezePoint>,
         within: Duration,
     ) -> Result<Barrier, FreezeFailed> {
-        let thawing = filesystems.clone();
-        Self::with(
-            mountpoints,
-            within,
-            |m| filesystems.freeze(m),
-            move |m| crate::sys::filesystems::thaw_persistently(thawing.as_ref(), m),
-        )
+        Self::with(points, within, freezer(filesystems), in_flight())
     }
 
-    fn with(
-        mountpoints: Vec<PathBuf>,
+    fn with<P: AsRef<Path> + Clone + Send + 'static>(
+        points: Vec<P>,
         within: Duration,
-        freeze: impl Fn(&Path) -> Result<(), SysError>,
-        thaw: impl Fn(&Path) -> Result<(), SysError> + Send + Sync + 'static,
+        freeze: Arc<FreezeFn<P>>,
+        flying: InFlight,
     ) -> Result<Barrier, FreezeFailed> {
         let frozen = Arc::new(Frozen {
             mountpoints: Mutex::new(Vec::new()),
-            thaw: Box::new(thaw),
             expired: AtomicBool::new(false),
         });
-        let any = !mountpoints.is_empty();
+        let any = !points.is_empty();
         let (tx, rx) = mpsc::channel::<()>();
         let mut watchdog = None;
         if any {
@@ -140,21 +248,27 @@ impl Barrier {
             within,
             any,
         };
-        for m in mountpoints {
+        for p in points {
             if barrier.frozen.expired() {
                 break; // the watchdog already gave up; release() answers for it
             }
-            if let Err(e) = freeze(&m) {
-                barrier.stop_watchdog();
-                let stuck = barrier.frozen.thaw_all().is_err();
-                return Err(FreezeFailed { error: e.into(), stuck });
-            }
+            let thaw = match freeze_within(&p, barrier.deadline, &freeze, &flying) {
+                Ok(thaw) => thaw,
+                Err(error) => {
+                    barrier.stop_watchdog();
+                    // A freeze given up on may still freeze its filesystem (and thaw it); until
+                    // it has, a killed process leaves it frozen: the caller keeps its mark.
+                    let abandoned = matches!(error, StorageError::Aborted(_));
+                    let stuck = barrier.frozen.thaw_all().is_err() || abandoned;
+                    return Err(FreezeFailed { error, stuck });
+                }
+            };
             barrier
                 .frozen
                 .mountpoints
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push(m);
+                .push((p.as_ref().to_path_buf(), thaw));
             // A freeze still running when the watchdog thawed (FIFREEZE flushes dirty data, and
             // may take long) was not in its list: thawed here, not left frozen until the release.
             if barrier.frozen.expired() {
@@ -230,6 +344,30 @@ mod tests {
         Err(SysError::io(op, p, std::io::Error::from_raw_os_error(errno)))
     }
 
+    /// A barrier over `points` frozen by `freeze` and thawed by `thaw` (each called once per try),
+    /// with freezes in flight of its own.
+    fn with_paths(
+        points: Vec<PathBuf>,
+        within: Duration,
+        freeze: impl Fn(&Path) -> Result<(), SysError> + Send + Sync + 'static,
+        thaw: impl Fn(&Path) -> Result<(), SysError> + Send + Sync + 'static,
+    ) -> Result<Barrier, FreezeFailed> {
+        Barrier::with(points, within, freeze_by(freeze, thaw), InFlight::default())
+    }
+
+    fn freeze_by(
+        freeze: impl Fn(&Path) -> Result<(), SysError> + Send + Sync + 'static,
+        thaw: impl Fn(&Path) -> Result<(), SysError> + Send + Sync + 'static,
+    ) -> Arc<FreezeFn<PathBuf>> {
+        let thaw = Arc::new(thaw);
+        Arc::new(move |p: &PathBuf| {
+            freeze(p)?;
+            let (t, p) = (thaw.clone(), p.clone());
+            let thawer: Thawer = Box::new(move || t(&p));
+            Ok(thawer)
+        })
+    }
+
     fn points(names: &[&str]) -> Vec<PathBuf> {
         names.iter().map(PathBuf::from).collect()
     }
@@ -238,7 +376,7 @@ mod tests {
     fn release_within_the_deadline_thaws_every_filesystem_once() {
         let (frozen, freeze) = recorder();
         let (thawed, thaw) = recorder();
-        let b = Barrier::with(points(&["/a", "/b"]), Duration::from_secs(3600), freeze, thaw).unwrap();
+        let b = with_paths(points(&["/a", "/b"]), Duration::from_secs(3600), freeze, thaw).unwrap();
         assert_eq!(*frozen.lock().unwrap(), ["/a", "/b"]);
         assert!(thawed.lock().unwrap().is_empty());
         b.release().unwrap();
@@ -250,7 +388,7 @@ mod tests {
         let (_, freeze) = recorder();
         let (thawed, thaw) = recorder();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let _b = Barrier::with(points(&["/a"]), Duration::from_secs(3600), freeze, thaw).unwrap();
+            let _b = with_paths(points(&["/a"]), Duration::from_secs(3600), freeze, thaw).unwrap();
             panic!("a cut that panics");
         }));
         assert!(r.is_err());
@@ -267,7 +405,7 @@ mod tests {
                 Ok(())
             }
         };
-        let r = Barrier::with(points(&["/a", "/b", "/c"]), Duration::from_secs(3600), freeze, thaw);
+        let r = with_paths(points(&["/a", "/b", "/c"]), Duration::from_secs(3600), freeze, thaw);
         let e = r.err().expect("a freeze failed");
         assert!(!e.stuck, "everything frozen was thawed");
         assert_eq!(*thawed.lock().unwrap(), ["/a"]);
@@ -280,7 +418,7 @@ mod tests {
             false => Ok(()),
         };
         let thaw = |p: &Path| refused("thaw (FITHAW)", p, libc::EIO);
-        let e = Barrier::with(points(&["/a", "/b"]), Duration::from_secs(3600), freeze, thaw)
+        let e = with_paths(points(&["/a", "/b"]), Duration::from_secs(3600), freeze, thaw)
             .err()
             .expect("a freeze failed");
         assert!(e.stuck, "/a stayed frozen: the caller keeps its mark");
@@ -297,7 +435,7 @@ mod tests {
             let _ = tx.lock().unwrap().send(p.to_path_buf());
             refused("thaw (FITHAW)", p, libc::EIO)
         };
-        let b = Barrier::with(points(&["/a"]), Duration::from_millis(1), freeze, thaw).unwrap();
+        let b = with_paths(points(&["/a"]), Duration::from_millis(500), freeze, thaw).unwrap();
         assert_eq!(rx.recv().unwrap(), PathBuf::from("/a"), "the watchdog tried");
         let e = b.release().unwrap_err();
         assert!(matches!(e, StorageError::Sys(_)), "{e}");
@@ -316,34 +454,74 @@ mod tests {
             std::thread::sleep(Duration::from_millis(200));
             refused("thaw (FITHAW)", p, libc::EIO)
         };
-        let b = Barrier::with(points(&["/a"]), Duration::from_millis(1), freeze, thaw).unwrap();
+        let b = with_paths(points(&["/a"]), Duration::from_millis(500), freeze, thaw).unwrap();
         rx.recv().unwrap(); // the watchdog's thaw has begun
         let e = b.release().unwrap_err();
         assert!(matches!(e, StorageError::Sys(_)), "{e}");
     }
 
     #[test]
-    fn a_freeze_that_ends_after_the_watchdog_thawed_is_thawed_at_once() {
-        // Each FIFREEZE takes far longer than the deadline: the watchdog fires while one still
-        // runs, when its list does not hold that filesystem yet. Whenever it fires, nothing the
-        // barrier froze may stay frozen after it (until the release, minutes later).
+    fn a_freeze_that_ends_after_the_deadline_is_thawed_at_once() {
+        // Each FIFREEZE takes far longer than the deadline (a workload keeps a write going): the
+        // barrier stops waiting at the deadline, ABORTED, and whenever the freeze returns, nothing
+        // it froze stays frozen.
         let (frozen, record) = recorder();
         let (thawed, thaw) = recorder();
+        let (go, wait) = mpsc::channel::<()>();
+        let wait = Mutex::new(wait);
         let freeze = move |p: &Path| {
-            std::thread::sleep(Duration::from_millis(300));
+            let _ = wait.lock().unwrap().recv_timeout(Duration::from_secs(60));
             record(p)
         };
-        let b = Barrier::with(points(&["/a", "/b"]), Duration::from_millis(50), freeze, thaw).unwrap();
+        let started = Instant::now();
+        let e = with_paths(points(&["/a", "/b"]), Duration::from_millis(50), freeze, thaw)
+            .err()
+            .expect("not frozen in time");
+        assert!(matches!(e.error, StorageError::Aborted(_)), "{:?}", e.error);
+        assert!(e.error.to_string().contains("did not freeze in time"), "{}", e.error);
+        assert!(e.stuck, "a freeze may still land: the caller keeps its mark");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the caller did not wait for the freeze"
+        );
+        go.send(()).unwrap();
         let waited = Instant::now();
-        while !b.expired() && waited.elapsed() < Duration::from_secs(60) {
+        while thawed.lock().unwrap().is_empty() && waited.elapsed() < Duration::from_secs(60) {
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert!(b.expired(), "the watchdog fired");
-        let thawed = thawed.lock().unwrap().clone();
-        for m in frozen.lock().unwrap().iter() {
-            assert!(thawed.contains(m), "{m} stayed frozen after the deadline: {thawed:?}");
+        assert_eq!(*frozen.lock().unwrap(), ["/a"], "the second was never asked for");
+        assert_eq!(*thawed.lock().unwrap(), ["/a"], "the late freeze thawed itself");
+    }
+
+    #[test]
+    fn one_freeze_of_a_filesystem_is_in_flight_at_a_time() {
+        // A retry while an earlier freeze of the same filesystem still waits in the kernel is
+        // refused at once, rather than leaving one more thread asleep per retry.
+        let flying = InFlight::default();
+        let (go, wait) = mpsc::channel::<()>();
+        let wait = Mutex::new(wait);
+        let (_, thaw) = recorder();
+        let freeze = freeze_by(
+            move |_: &Path| {
+                let _ = wait.lock().unwrap().recv_timeout(Duration::from_secs(60));
+                Ok(())
+            },
+            thaw,
+        );
+        let a = PathBuf::from("/a");
+        let soon = || Instant::now() + Duration::from_millis(50);
+        assert!(freeze_within(&a, soon(), &freeze, &flying).is_err(), "held");
+        let e = freeze_within(&a, soon(), &freeze, &flying).err().expect("refused");
+        assert!(e.to_string().contains("has not returned yet"), "{e}");
+        go.send(()).unwrap();
+        let waited = Instant::now();
+        while !flying.lock().unwrap().is_empty() && waited.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(10));
         }
-        assert!(matches!(b.release(), Err(StorageError::Aborted(_))));
+        go.send(()).unwrap();
+        let thaw = freeze_within(&a, Instant::now() + Duration::from_secs(60), &freeze, &flying)
+            .expect("frozen once the first returned");
+        thaw().unwrap();
     }
 
     #[test]
@@ -355,7 +533,7 @@ mod tests {
             let _ = tx.lock().unwrap().send(p.to_path_buf());
             Ok(())
         };
-        let b = Barrier::with(points(&["/a"]), Duration::from_millis(1), freeze, thaw).unwrap();
+        let b = with_paths(points(&["/a"]), Duration::from_millis(500), freeze, thaw).unwrap();
         // The cut is still running: the watchdog thaws without being asked.
         assert_eq!(rx.recv().unwrap(), PathBuf::from("/a"));
         let e = b.release().unwrap_err();
@@ -367,7 +545,7 @@ mod tests {
     fn a_thaw_that_keeps_failing_is_the_answer_of_release() {
         let (_, freeze) = recorder();
         let thaw = |p: &Path| refused("thaw (FITHAW)", p, libc::EIO);
-        let b = Barrier::with(points(&["/a"]), Duration::from_secs(3600), freeze, thaw).unwrap();
+        let b = with_paths(points(&["/a"]), Duration::from_secs(3600), freeze, thaw).unwrap();
         let e = b.release().unwrap_err();
         assert!(matches!(e, StorageError::Sys(_)), "{e}");
     }
@@ -376,9 +554,14 @@ mod tests {
     fn a_thaw_that_fails_once_is_tried_again() {
         use crate::sys::filesystems::{thaw_persistently, RecordingFilesystems};
         let fs = RecordingFilesystems::default();
-        fs.freeze(Path::new("/m")).unwrap();
+        let frozen = fs
+            .freeze(&FreezePoint {
+                mountpoint: PathBuf::from("/m"),
+                device: PathBuf::from("/dev/loop7"),
+            })
+            .unwrap();
         fs.fail_next("thaw", libc::EIO);
-        thaw_persistently(&fs, Path::new("/m")).unwrap();
+        thaw_persistently(&fs, &frozen).unwrap();
         assert!(fs.frozen().is_empty(), "thawed on the second try");
     }
 
@@ -386,7 +569,7 @@ mod tests {
     fn an_empty_barrier_has_no_deadline_to_miss() {
         let (_, freeze) = recorder();
         let (_, thaw) = recorder();
-        let b = Barrier::with(Vec::new(), Duration::ZERO, freeze, thaw).unwrap();
+        let b = with_paths(Vec::new(), Duration::ZERO, freeze, thaw).unwrap();
         b.release().unwrap();
     }
 }

@@ -17,10 +17,14 @@ pub trait Filesystems: Send + Sync {
     /// Which filesystem the unmounted file or device `target` holds; `None` when it holds nothing
     /// recognisable, an error when it holds something that is neither ext4 nor xfs.
     fn probe(&self, target: &Path) -> Result<Option<FsType>, SysError>;
-    /// Freezes the filesystem mounted at `mountpoint` until [`Filesystems::thaw`]; one already
-    /// frozen fails with EBUSY.
-    fn freeze(&self, mountpoint: &Path) -> Result<(), SysError>;
-    /// Thaws the filesystem mounted at `mountpoint`; one that is not frozen is fine.
+    /// Freezes the filesystem mounted at `point.mountpoint`, which must be on `point.device`,
+    /// until [`Filesystems::thaw_frozen`]; one already frozen fails with EBUSY.
+    fn freeze(&self, point: &FreezePoint) -> Result<FrozenFs, SysError>;
+    /// Thaws what [`Filesystems::freeze`] froze, through what it answered; one that is not frozen
+    /// any more is fine.
+    fn thaw_frozen(&self, frozen: &FrozenFs) -> Result<(), SysError>;
+    /// Thaws the filesystem mounted at `mountpoint` now, for a freeze made by a process that is
+    /// gone (its freeze mark); one that is not frozen is fine.
     fn thaw(&self, mountpoint: &Path) -> Result<(), SysError>;
     /// Guards the ext4 filesystem on the unmounted `target` against two nodes mounting it, as
     /// `mkfs` with `Reach::Shared` does (for copies that land on a share); `true` when it changed
@@ -28,14 +32,56 @@ pub trait Filesystems: Send + Sync {
     fn guard_shared(&self, target: &Path) -> Result<bool, SysError>;
 }
 
-/// Thaws the filesystem at `mountpoint`, trying again a few times over about a third of a second
-/// when the thaw fails (EINTR, a transient EIO): a filesystem left frozen stops every writer of the
-/// pod, so one failed FITHAW must not be the last word. The last error when every try failed.
-pub fn thaw_persistently(filesystems: &dyn Filesystems, mountpoint: &Path) -> Result<(), SysError> {
+/// A filesystem to freeze: where it is mounted, and the block device it is mounted from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FreezePoint {
+    pub mountpoint: PathBuf,
+    pub device: PathBuf,
+}
+
+impl AsRef<Path> for FreezePoint {
+    fn as_ref(&self) -> &Path {
+        &self.mountpoint
+    }
+}
+
+/// A filesystem [`Filesystems::freeze`] froze, held by the descriptor it was frozen through, so
+/// that its thaw reaches that very filesystem: an unmount meanwhile, or a path that leads
+/// elsewhere by then, can neither make the thaw miss it nor thaw another one.
+#[derive(Debug)]
+pub struct FrozenFs {
+    pub mountpoint: PathBuf,
+    /// `None` for a fake's freeze.
+    fd: Option<std::os::fd::OwnedFd>,
+}
+
+impl FrozenFs {
+    /// A freeze a fake made: only its mountpoint.
+    pub fn recorded(mountpoint: &Path) -> FrozenFs {
+        FrozenFs {
+            mountpoint: mountpoint.to_path_buf(),
+            fd: None,
+        }
+    }
+}
+
+/// Thaws `frozen`, trying again a few times over about a third of a second when the thaw fails
+/// (EINTR, a transient EIO): a filesystem left frozen stops every writer of the pod, so one failed
+/// FITHAW must not be the last word. The last error when every try failed.
+pub fn thaw_persistently(filesystems: &dyn Filesystems, frozen: &FrozenFs) -> Result<(), SysError> {
+    persistently(&frozen.mountpoint, || filesystems.thaw_frozen(frozen))
+}
+
+/// [`thaw_persistently`] for a freeze known only by its mountpoint (a freeze mark read at start).
+pub fn thaw_path_persistently(filesystems: &dyn Filesystems, mountpoint: &Path) -> Result<(), SysError> {
+    persistently(mountpoint, || filesystems.thaw(mountpoint))
+}
+
+fn persistently(mountpoint: &Path, thaw: impl Fn() -> Result<(), SysError>) -> Result<(), SysError> {
     let mut wait = std::time::Duration::from_millis(20);
     let mut tries = 1;
     loop {
-        match filesystems.thaw(mountpoint) {
+        match thaw() {
             Ok(()) => return Ok(()),
             Err(e) if tries >= 5 => return Err(e),
             Err(e) => {
@@ -59,8 +105,18 @@ impl Filesystems for LinuxFilesystems {
     fn probe(&self, target: &Path) -> Result<Option<FsType>, SysError> {
         fstools::probe(target)
     }
-    fn freeze(&self, mountpoint: &Path) -> Result<(), SysError> {
-        fstools::freeze(mountpoint)
+    fn freeze(&self, point: &FreezePoint) -> Result<FrozenFs, SysError> {
+        let fd = fstools::freeze_on(&point.mountpoint, &point.device)?;
+        Ok(FrozenFs {
+            mountpoint: point.mountpoint.clone(),
+            fd: Some(fd),
+        })
+    }
+    fn thaw_frozen(&self, frozen: &FrozenFs) -> Result<(), SysError> {
+        match &frozen.fd {
+            Some(fd) => fstools::thaw_frozen(fd, &frozen.mountpoint),
+            None => fstools::thaw(&frozen.mountpoint),
+        }
     }
     fn thaw(&self, mountpoint: &Path) -> Result<(), SysError> {
         fstools::thaw(mountpoint)
@@ -142,7 +198,8 @@ impl Filesystems for RecordingFilesystems {
         // Reading a superblock needs no privilege: the fake reads what its mkfs wrote.
         fstools::probe(target)
     }
-    fn freeze(&self, mountpoint: &Path) -> Result<(), SysError> {
+    fn freeze(&self, point: &FreezePoint) -> Result<FrozenFs, SysError> {
+        let mountpoint = point.mountpoint.as_path();
         let mut s = self
             .state
             .enter("freeze", format!("freeze {}", mountpoint.display()), mountpoint)?;
@@ -153,7 +210,10 @@ impl Filesystems for RecordingFilesystems {
                 std::io::Error::from_raw_os_error(libc::EBUSY),
             ));
         }
-        Ok(())
+        Ok(FrozenFs::recorded(mountpoint))
+    }
+    fn thaw_frozen(&self, frozen: &FrozenFs) -> Result<(), SysError> {
+        self.thaw(&frozen.mountpoint)
     }
     fn thaw(&self, mountpoint: &Path) -> Result<(), SysError> {
         let mut s = self
@@ -228,10 +288,14 @@ mod tests {
     fn a_recorded_freeze_holds_until_thawed() {
         let fs = RecordingFilesystems::default();
         let m = Path::new("/mnt/vol");
-        fs.freeze(m).expect("freeze");
-        assert_eq!(fs.freeze(m).unwrap_err().errno(), Some(libc::EBUSY));
+        let point = FreezePoint {
+            mountpoint: m.to_path_buf(),
+            device: PathBuf::from("/dev/loop7"),
+        };
+        let frozen = fs.freeze(&point).expect("freeze");
+        assert_eq!(fs.freeze(&point).unwrap_err().errno(), Some(libc::EBUSY));
         assert_eq!(fs.frozen(), vec![m.to_path_buf()]);
-        fs.thaw(m).expect("thaw");
+        fs.thaw_frozen(&frozen).expect("thaw");
         fs.thaw(m).expect("thaw again is fine");
         assert!(fs.frozen().is_empty());
     }

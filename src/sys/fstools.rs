@@ -5,7 +5,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::process::Command;
@@ -348,33 +348,53 @@ fn read_at(f: &File, target: &Path, offset: u64, len: usize) -> Result<Option<Ve
     }
 }
 
-/// Freezes the filesystem mounted at `mountpoint` (FIFREEZE): writes block until [`thaw`], and the
-/// filesystem on disk is consistent, so a copy of the image taken now is too.
-/// Freezing a filesystem that is already frozen fails with EBUSY: someone else holds that freeze.
-pub fn freeze(mountpoint: &Path) -> Result<(), SysError> {
+/// Freezes the filesystem mounted at `mountpoint` from the block device `device` (FIFREEZE): writes
+/// block until [`thaw_frozen`], and the filesystem on disk is consistent, so a copy of the image
+/// taken now is too. Answers the descriptor it was frozen through, which the thaw must use.
+///
+/// The mountpoint is opened without following a symlink and must be on `device` (its `st_dev` is
+/// the device's `st_rdev`): a volume unmounted since its mountpoint was looked up leaves a plain
+/// directory there, and freezing through it would freeze whatever filesystem holds that directory
+/// (the host's). Freezing a filesystem that is already frozen fails with EBUSY: someone else holds
+/// that freeze.
+pub fn freeze_on(mountpoint: &Path, device: &Path) -> Result<OwnedFd, SysError> {
     let d = open_dir(mountpoint)?;
+    let at = nix::sys::stat::fstat(&d).step("stat", mountpoint)?;
+    let dev = nix::sys::stat::stat(device).step("stat", device)?;
+    if dev.st_mode & libc::S_IFMT != libc::S_IFBLK || at.st_dev != dev.st_rdev {
+        return Err(SysError::io(
+            "freeze (the mountpoint is no longer on the volume's device; it was unmounted)",
+            mountpoint,
+            io::Error::from_raw_os_error(libc::EXDEV),
+        ));
+    }
     // SAFETY: FIFREEZE ignores its argument; `d` is an open fd.
-    cvt(unsafe { libc::ioctl(d.as_raw_fd(), FIFREEZE, 0) })
-        .step("freeze (FIFREEZE)", mountpoint)
-        .map(|_| ())
+    cvt(unsafe { libc::ioctl(d.as_raw_fd(), FIFREEZE, 0) }).step("freeze (FIFREEZE)", mountpoint)?;
+    Ok(d.into())
 }
 
-/// Thaws a filesystem frozen by [`freeze`] (FITHAW). One that is not frozen is fine, so a thaw
-/// can be repeated after a crash.
-pub fn thaw(mountpoint: &Path) -> Result<(), SysError> {
-    let d = open_dir(mountpoint)?;
-    // SAFETY: FITHAW ignores its argument; `d` is an open fd.
-    match cvt(unsafe { libc::ioctl(d.as_raw_fd(), FITHAW, 0) }) {
+/// Thaws the filesystem `frozen` (the descriptor [`freeze_on`] answered) was frozen through
+/// (FITHAW): the same superblock, wherever it is mounted now or if it is not mounted any more.
+/// One that is not frozen (thawed already) is fine.
+pub fn thaw_frozen(frozen: &OwnedFd, mountpoint: &Path) -> Result<(), SysError> {
+    // SAFETY: FITHAW ignores its argument; `frozen` is an open fd.
+    match cvt(unsafe { libc::ioctl(frozen.as_raw_fd(), FITHAW, 0) }) {
         Ok(_) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
         Err(e) => Err(SysError::io("thaw (FITHAW)", mountpoint, e)),
     }
 }
 
+/// Thaws the filesystem mounted at `mountpoint` now (FITHAW), for a freeze whose descriptor is gone
+/// with the process that made it (a freeze mark read at start). One that is not frozen is fine.
+pub fn thaw(mountpoint: &Path) -> Result<(), SysError> {
+    thaw_frozen(&open_dir(mountpoint)?.into(), mountpoint)
+}
+
 fn open_dir(path: &Path) -> Result<File, SysError> {
     OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_CLOEXEC | libc::O_DIRECTORY)
+        .custom_flags(libc::O_CLOEXEC | libc::O_DIRECTORY | libc::O_NOFOLLOW)
         .open(path)
         .step("open", path)
 }
@@ -624,14 +644,47 @@ mod tests {
         assert!(err.to_string().contains("only while mounted"), "{err}");
     }
 
+    /// A volume unmounted while a cut had it frozen (an unstage racing a group snapshot) leaves
+    /// a plain directory at its mountpoint: a freeze through it is refused (it froze the
+    /// filesystem holding that directory, the host's), and the thaw of the freeze made before
+    /// reaches the volume's filesystem through its descriptor (by path it thawed nothing, and the
+    /// volume stayed frozen with no mount for good).
+    #[test]
+    fn a_freeze_reaches_only_the_volumes_filesystem_and_its_thaw_follows_it() {
+        let mut img = Image::new(256 * MIB);
+        img.attach();
+        mkfs(FsType::Ext4, &img.dev_path(), Reach::OneNode).unwrap();
+        img.mount("ext4");
+        let frozen = freeze_on(&img.mnt, &img.dev_path()).unwrap();
+        nix::mount::umount2(&img.mnt, nix::mount::MntFlags::MNT_DETACH).unwrap();
+        let e = freeze_on(&img.mnt, &img.dev_path()).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EXDEV), "{e}");
+        thaw_frozen(&frozen, &img.mnt).unwrap();
+        drop(frozen);
+        // Mounted again: the superblock is the one thawed, so a write goes through.
+        img.mount("ext4");
+        let (tx, rx) = mpsc::channel();
+        let file = img.mnt.join("written-after-thaw");
+        std::thread::spawn(move || {
+            let _ = tx.send(std::fs::write(&file, b"x").and_then(|()| std::fs::File::open(&file)?.sync_all()));
+        });
+        rx.recv_timeout(Duration::from_secs(20))
+            .expect("the filesystem stayed frozen")
+            .expect("write");
+        img.finish();
+    }
+
     #[test]
     fn freeze_blocks_writes_until_thaw() {
         let mut img = Image::new(256 * MIB);
         img.attach();
         mkfs(FsType::Ext4, &img.dev_path(), Reach::OneNode).unwrap();
         img.mount("ext4");
-        freeze(&img.mnt).unwrap();
-        assert_eq!(freeze(&img.mnt).unwrap_err().errno(), Some(libc::EBUSY));
+        let frozen = freeze_on(&img.mnt, &img.dev_path()).unwrap();
+        assert_eq!(
+            freeze_on(&img.mnt, &img.dev_path()).unwrap_err().errno(),
+            Some(libc::EBUSY)
+        );
         let (tx, rx) = mpsc::channel();
         let file = img.mnt.join("written-while-frozen");
         let writer = std::thread::spawn(move || {
@@ -643,7 +696,8 @@ mod tests {
             "a write went through a frozen filesystem"
         );
         let thawed = Instant::now();
-        thaw(&img.mnt).unwrap();
+        thaw_frozen(&frozen, &img.mnt).unwrap();
+        drop(frozen);
         let done = rx
             .recv_timeout(Duration::from_secs(10))
             .expect("write still blocked after thaw");

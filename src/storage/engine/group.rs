@@ -25,6 +25,7 @@ use crate::storage::pool::{Kind, Pool};
 use crate::storage::record::{GroupMember, GroupRecord, SnapshotRecord, RECORD_VERSION};
 use crate::storage::StorageError;
 use crate::sys::files;
+use crate::sys::filesystems::FreezePoint;
 
 /// The start of the name of a freeze mark in a pool's `groups/` (never a record: keys never
 /// start with '.').
@@ -417,7 +418,7 @@ impl LocalEngine {
     /// Writes down the filesystems a cut is about to freeze (`<pool>/groups/.frozen-<node>-<uuid>`):
     /// the barrier thaws them whatever the cut does, but not when this process is killed mid-cut
     /// (SIGKILL, OOM); then its next start thaws them ([`LocalEngine::thaw_left_frozen`]).
-    pub(super) fn mark_frozen(&self, pool: &Pool, points: &[PathBuf]) -> Result<Option<PathBuf>, StorageError> {
+    pub(super) fn mark_frozen(&self, pool: &Pool, points: &[FreezePoint]) -> Result<Option<PathBuf>, StorageError> {
         if points.is_empty() {
             return Ok(None);
         }
@@ -426,7 +427,7 @@ impl LocalEngine {
             self.node.as_str(),
             uuid::Uuid::new_v4().simple()
         ));
-        let text: Vec<String> = points.iter().map(|p| p.display().to_string()).collect();
+        let text: Vec<String> = points.iter().map(|p| p.mountpoint.display().to_string()).collect();
         // A reboot thaws everything: the mark need only outlive the process.
         pool.sys
             .files
@@ -438,14 +439,20 @@ impl LocalEngine {
     /// the process was killed before it could thaw them, and drops their marks. Run at start,
     /// before any call is served.
     pub(super) fn thaw_left_frozen(&self) {
-        let mine = format!("{FROZEN_MARK}{}-", self.node.as_str());
+        // `<mark><node>-<32 hex>`: the name of a node that begins with this node's name and a
+        // dash (node-1 and node-1-b) is not this node's.
+        let prefix = format!("{FROZEN_MARK}{}-", self.node.as_str());
+        let mine = |name: &str| {
+            name.strip_prefix(&prefix)
+                .is_some_and(|rest| rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit()))
+        };
         for pool in self.pools.values() {
             let dir = pool.groups_dir();
             let Ok(entries) = pool.sys.files.list_dir(&dir) else {
                 continue;
             };
             for path in entries {
-                if !path.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&mine)) {
+                if !path.file_name().is_some_and(|n| mine(&n.to_string_lossy())) {
                     continue;
                 }
                 let listed = pool
@@ -457,7 +464,7 @@ impl LocalEngine {
                     .map(|b| String::from_utf8_lossy(&b).into_owned())
                     .unwrap_or_default();
                 for m in listed.lines().filter(|l| !l.is_empty()) {
-                    match crate::sys::filesystems::thaw_persistently(pool.sys.filesystems.as_ref(), Path::new(m)) {
+                    match crate::sys::filesystems::thaw_path_persistently(pool.sys.filesystems.as_ref(), Path::new(m)) {
                         Ok(()) => tracing::warn!(
                             mountpoint = m,
                             "thawed a filesystem a killed group snapshot left frozen"

@@ -960,6 +960,37 @@ fn a_group_whose_freeze_fails_leaves_no_freeze_mark() {
     f.engine.create_group(&req).expect("the retry once it can freeze");
 }
 
+/// A shared pool's `groups/` holds every node's freeze marks. node `n1` took `.frozen-n1-b-<id>`
+/// (node n1-b's) for its own: it thawed what n1-b froze and removed the mark n1-b's restart needed.
+#[test]
+fn a_start_thaws_only_the_freeze_marks_of_its_own_node() {
+    use crate::sys::filesystems::{Filesystems, FreezePoint};
+    let f = faked(FsType::Ext4);
+    let theirs = f
+        .pool()
+        .groups_dir()
+        .join(format!(".frozen-n1-b-{}", uuid::Uuid::new_v4().simple()));
+    LinuxFiles
+        .write_atomic(&theirs, b"/mnt/of-n1-b", files::Durability::ProcessCrash)
+        .unwrap();
+    f.filesystems
+        .freeze(&FreezePoint {
+            mountpoint: PathBuf::from("/mnt/of-n1-b"),
+            device: PathBuf::from("/dev/loop-any"),
+        })
+        .unwrap();
+    LocalEngine::open_with(f.sys.clone(), NodeId::parse("n1").expect("node"), &f.config, |_| {
+        Some(true)
+    })
+    .expect("engine");
+    assert_eq!(freeze_marks(f.pool()), vec![theirs], "n1-b's mark stays");
+    assert_eq!(
+        f.filesystems.frozen(),
+        vec![PathBuf::from("/mnt/of-n1-b")],
+        "and what it froze"
+    );
+}
+
 #[test]
 fn a_consistent_snapshot_that_fails_mid_copy_leaves_a_mark_the_next_start_thaws() {
     use crate::sys::filesystems::Filesystems;
@@ -979,7 +1010,10 @@ fn a_consistent_snapshot_that_fails_mid_copy_leaves_a_mark_the_next_start_thaws(
     let marks = || freeze_marks(f.pool()).len();
     assert_eq!(marks(), 1, "a failed consistent copy keeps its freeze mark");
     f.filesystems
-        .freeze(&at)
+        .freeze(&crate::sys::filesystems::FreezePoint {
+            mountpoint: at.clone(),
+            device: PathBuf::from("/dev/loop-any"),
+        })
         .expect("frozen again, as a killed process would leave it");
     let restarted = LocalEngine::open_with(f.sys.clone(), NodeId::parse("n1").expect("node"), &f.config, |_| {
         Some(true)

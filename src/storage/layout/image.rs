@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use crate::crash;
+use crate::sys::filesystems::FreezePoint;
 use crate::sys::fstools::{FsType, Reach};
 use crate::sys::{copy, StorageSys};
 
@@ -52,7 +53,7 @@ impl LayoutOps for Image {
         mode == VolumeMode::Filesystem
     }
 
-    fn freeze_points(&self, sys: &StorageSys, data: &Path) -> Result<Vec<std::path::PathBuf>, StorageError> {
+    fn freeze_points(&self, sys: &StorageSys, data: &Path) -> Result<Vec<FreezePoint>, StorageError> {
         image_mounts(sys, data)
     }
 

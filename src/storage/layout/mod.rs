@@ -18,10 +18,9 @@ mod dir;
 mod image;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use crate::crash;
-use crate::sys::filesystems::Filesystems;
+use crate::sys::filesystems::FreezePoint;
 use crate::sys::fstools::FsType;
 use crate::sys::{copy, files, StorageSys};
 
@@ -100,7 +99,7 @@ pub trait LayoutOps: Sync {
     }
     /// The mounted filesystems to freeze for a group snapshot of the volume at `data` (none when
     /// nothing has it mounted: then nothing writes to it).
-    fn freeze_points(&self, _sys: &StorageSys, _data: &Path) -> Result<Vec<std::path::PathBuf>, StorageError> {
+    fn freeze_points(&self, _sys: &StorageSys, _data: &Path) -> Result<Vec<FreezePoint>, StorageError> {
         Ok(Vec::new())
     }
     /// Bytes of the pool an existing volume of `capacity` may still grow into (room held back from
@@ -345,22 +344,25 @@ pub fn allocated(pool: &Pool, data: &Path) -> u64 {
     pool.sys.files.allocated_upto(data, u64::MAX)
 }
 
+/// How long a consistent snapshot waits for the FIFREEZE of one filesystem (a workload can keep
+/// it waiting: [`crate::storage::freeze::freeze_within`]).
+const FREEZE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Every filesystem mounted from a loop device of `image`, frozen for as long as this lives, so a
 /// copy of a volume in use is consistent. Thawed on drop, also on error.
 struct Frozen {
-    mountpoints: Vec<std::path::PathBuf>,
-    filesystems: Arc<dyn Filesystems>,
+    frozen: Vec<(std::path::PathBuf, crate::storage::freeze::Thawer)>,
 }
 
 impl Frozen {
     fn image(pool: &Pool, image: &Path) -> Result<Frozen, StorageError> {
-        let mut frozen = Frozen {
-            mountpoints: Vec::new(),
-            filesystems: pool.sys.filesystems.clone(),
-        };
-        for m in image_mounts(&pool.sys, image)? {
-            frozen.filesystems.freeze(&m)?;
-            frozen.mountpoints.push(m);
+        let freeze = crate::storage::freeze::freezer(&pool.sys.filesystems);
+        let flying = crate::storage::freeze::in_flight();
+        let mut frozen = Frozen { frozen: Vec::new() };
+        for p in image_mounts(&pool.sys, image)? {
+            let deadline = std::time::Instant::now() + FREEZE_WAIT;
+            let thaw = crate::storage::freeze::freeze_within(&p, deadline, &freeze, &flying)?;
+            frozen.frozen.push((p.mountpoint, thaw));
         }
         Ok(frozen)
     }
@@ -373,8 +375,8 @@ impl Frozen {
 
     fn thaw_all(&mut self) -> Result<(), StorageError> {
         let mut first = Ok(());
-        for m in std::mem::take(&mut self.mountpoints) {
-            if let Err(e) = crate::sys::filesystems::thaw_persistently(self.filesystems.as_ref(), &m) {
+        for (m, thaw) in std::mem::take(&mut self.frozen) {
+            if let Err(e) = thaw() {
                 tracing::error!(mountpoint = %m.display(), error = %e, "could not thaw after a snapshot");
                 if first.is_ok() {
                     first = Err(e.into());
@@ -386,11 +388,20 @@ impl Frozen {
 }
 
 /// One mountpoint of each filesystem mounted from a loop device of `image` (a freeze holds the
-/// whole filesystem, whichever of its mounts it is asked through).
-fn image_mounts(sys: &StorageSys, image: &Path) -> Result<Vec<std::path::PathBuf>, StorageError> {
+/// whole filesystem, whichever of its mounts it is asked through), with that device.
+fn image_mounts(sys: &StorageSys, image: &Path) -> Result<Vec<FreezePoint>, StorageError> {
     let mut points = Vec::new();
     for d in sys.devices.find_by_backing(image)? {
-        points.extend(sys.mounter.mounted_from(&d.path)?.into_iter().next());
+        points.extend(
+            sys.mounter
+                .mounted_from(&d.path)?
+                .into_iter()
+                .next()
+                .map(|mountpoint| FreezePoint {
+                    mountpoint,
+                    device: d.path.clone(),
+                }),
+        );
     }
     Ok(points)
 }
