@@ -36,10 +36,12 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tonic::Code;
 
 use crate::health::Readiness;
 use crate::node::state::NodeState;
+use crate::server::SocketLimits;
 use crate::storage::engine::{LocalEngine, PoolStatus};
 use crate::storage::id::VolumeId;
 use crate::storage::record::Layout;
@@ -105,15 +107,33 @@ struct AgentErrorLabels {
 /// Failed calls from the controller to node agents (bounded by nodes × calls × codes).
 static AGENT_ERRORS: LazyLock<Family<AgentErrorLabels, Counter>> = LazyLock::new(Family::default);
 
+/// The label sets of [`AGENT_ERRORS`] by node, so a node's series can be removed when the
+/// registry forgets it (a `Family` cannot list its own): the nodes counted stay those the registry
+/// knows, however many come and go.
+static AGENT_ERROR_SERIES: LazyLock<Mutex<HashMap<String, Vec<AgentErrorLabels>>>> = LazyLock::new(Mutex::default);
+
 /// Counts one failed agent call (controller side).
 pub fn record_agent_error(node: &str, call: &'static str, code: Code) {
-    AGENT_ERRORS
-        .get_or_create(&AgentErrorLabels {
-            node: node.to_string(),
-            call,
-            code: code_name(code),
-        })
-        .inc();
+    let labels = AgentErrorLabels {
+        node: node.to_string(),
+        call,
+        code: code_name(code),
+    };
+    // Held while counting: a node forgotten meanwhile loses this series too.
+    let mut series = AGENT_ERROR_SERIES.lock().unwrap_or_else(|p| p.into_inner());
+    let known = series.entry(labels.node.clone()).or_default();
+    if !known.contains(&labels) {
+        known.push(labels.clone());
+    }
+    AGENT_ERRORS.get_or_create(&labels).inc();
+}
+
+/// Removes the agent error series of a node the registry has forgotten.
+pub fn forget_agent_errors(node: &str) {
+    let mut series = AGENT_ERROR_SERIES.lock().unwrap_or_else(|p| p.into_inner());
+    for labels in series.remove(node).unwrap_or_default() {
+        AGENT_ERRORS.remove(&labels);
+    }
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -503,28 +523,25 @@ impl NodeFigures {
             let pool = snap.id.0.pool.as_str().to_string();
             *f.snapshots.entry((pool, snap.layout.as_str().to_string())).or_default() += 1;
         }
-        let statuses = match src.engine.pool_status() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics: reading pool usage");
-                Vec::new()
-            }
-        };
-        for name in src.engine.pool_names() {
+        for (name, status) in src.engine.pool_statuses() {
+            // A pool whose filesystem cannot be read loses its usage series, and only it.
+            let status = status
+                .inspect_err(|e| tracing::warn!(pool = name.as_str(), error = %e, "metrics: reading pool usage"))
+                .ok();
+            let layouts = src
+                .engine
+                .pool_config(&name)
+                .map(|c| c.layouts.clone())
+                .unwrap_or_default();
             let name = name.as_str().to_string();
-            let status = statuses.iter().find(|s| s.name.as_str() == name);
-            for layout in status.map(|s| s.layouts.as_slice()).unwrap_or_default() {
-                f.volumes
-                    .entry((name.clone(), layout.as_str().to_string()))
-                    .or_default();
-            }
-            for layout in status.map(|s| s.layouts.as_slice()).unwrap_or_default() {
-                f.snapshots
-                    .entry((name.clone(), layout.as_str().to_string()))
-                    .or_default();
+            for layout in &layouts {
+                let key = (name.clone(), layout.as_str().to_string());
+                f.volumes.entry(key.clone()).or_default();
+                f.snapshots.entry(key).or_default();
             }
             f.abnormal.entry(name.clone()).or_default();
             let allocatable: BTreeMap<String, u64> = status
+                .as_ref()
                 .map(|s| {
                     s.layouts
                         .iter()
@@ -533,7 +550,7 @@ impl NodeFigures {
                 })
                 .unwrap_or_default();
             f.pools.push(PoolFigures {
-                total_bytes: status.map(|s| s.total_bytes),
+                total_bytes: status.as_ref().map(|s| s.total_bytes),
                 free_bytes: status.map(|s| allocatable.values().copied().min().unwrap_or(s.available_bytes)),
                 allocatable_bytes: allocatable,
                 provisioned_bytes: provisioned.get(&name).copied().unwrap_or(0),
@@ -732,36 +749,37 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
 
 /// How long a client may take to send its request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served at once; Prometheus needs one or two.
-const MAX_CONNECTIONS: usize = 32;
 
-/// Serves `/metrics`, `/healthz` and `/readyz` over HTTP/1 until the task is dropped.
+/// The connection limits of the metrics port, kept by the accept loop of the CSI and agent ports
+/// ([`crate::server::incoming_tcp`]). The port is unauthenticated and kubelet's liveness probe
+/// needs a place on it: Prometheus needs one or two and each probe one, so one address holds at
+/// most a quarter of the places and whoever else is let in (the probe) still finds one; a
+/// connection that sends nothing for 30 s (left open, or sending requests and never reading the
+/// answers) gives its place back. Connections past the total wait in the listen backlog and are
+/// taken in turn as places free. A scrape takes well under the idle timeout.
+pub const PORT_LIMITS: SocketLimits = SocketLimits {
+    idle_timeout: Duration::from_secs(30),
+    max_connections: 32,
+    max_per_peer: 8,
+};
+
+/// Serves `/metrics`, `/healthz` and `/readyz` over HTTP/1 within [`PORT_LIMITS`] until the task
+/// is dropped.
 pub async fn serve(listener: TcpListener, exporter: Arc<Exporter>) {
-    let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "metrics: accepting a connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        // Beyond the cap a connection is closed at once: the port is unauthenticated, and every
-        // connection holds a descriptor the CSI socket needs too.
-        let Ok(place) = places.clone().try_acquire_owned() else {
-            tracing::debug!("metrics: connection closed, {MAX_CONNECTIONS} are open");
-            drop(stream);
-            continue;
-        };
+    serve_within(listener, PORT_LIMITS, exporter).await
+}
+
+async fn serve_within(listener: TcpListener, limits: SocketLimits, exporter: Arc<Exporter>) {
+    let mut incoming = crate::server::incoming_tcp(listener, limits, "the metrics port");
+    // The accept loop waits out running out of descriptors itself.
+    while let Some(conn) = incoming.next().await {
+        let Ok(conn) = conn else { continue };
         let exporter = exporter.clone();
         tokio::spawn(async move {
-            let _place = place;
             let service = hyper::service::service_fn(move |req| respond(req, exporter.clone()));
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
-            if let Err(e) = http.serve_connection(TokioIo::new(stream), service).await {
+            if let Err(e) = http.serve_connection(TokioIo::new(conn), service).await {
                 tracing::debug!(error = %e, "metrics: connection ended");
             }
         });
@@ -904,13 +922,11 @@ mod tests {
         out
     }
 
-    /// The unauthenticated port cannot take the threads or descriptors the CSI calls need: one
-    /// scrape is encoded at a time (others wait, holding no blocking thread; 64 scrapes at once
-    /// took every blocking thread and stalled NodePublish), and connections past the cap are
-    /// closed as soon as accepted.
+    /// The unauthenticated port cannot take the threads the CSI calls need: one scrape is encoded
+    /// at a time (others wait, holding no blocking thread; 64 scrapes at once took every blocking
+    /// thread and stalled NodePublish).
     #[tokio::test]
-    async fn scrapes_take_turns_and_connections_past_the_cap_are_closed() {
-        use tokio::io::AsyncReadExt;
+    async fn scrapes_take_turns() {
         let exporter = Arc::new(Exporter::new("test", Readiness::starting()));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -922,27 +938,123 @@ mod tests {
         drop(turn);
         let answer = scrape.await.unwrap();
         assert!(answer.contains("cellar_build_info"), "{answer}");
+    }
 
-        let mut open = Vec::new();
-        for _ in 0..MAX_CONNECTIONS {
-            open.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    /// A connection to `addr` from the loopback address `from`.
+    async fn connect_from(from: &str, addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(std::net::SocketAddr::new(from.parse().unwrap(), 0)).unwrap();
+        s.connect(addr).await.unwrap()
+    }
+
+    /// Sends `GET /metrics` on `c` for as long as the server reads, and never reads an answer.
+    fn pipeline_and_never_read(mut c: tokio::net::TcpStream) -> tokio::task::JoinHandle<()> {
+        use tokio::io::AsyncWriteExt;
+        tokio::spawn(async move {
+            let req = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(64);
+            while c.write_all(&req).await.is_ok() {}
+        })
+    }
+
+    /// GET /healthz as kubelet's probe does, from `from`: the status line, or why there was none
+    /// within `limit`.
+    async fn probe(from: &str, addr: std::net::SocketAddr, limit: Duration) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let answer = tokio::time::timeout(limit, async {
+            let mut c = connect_from(from, addr).await;
+            c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await?;
+            let mut out = String::new();
+            c.read_to_string(&mut out).await?;
+            Ok::<_, std::io::Error>(out)
+        })
+        .await;
+        match answer {
+            Ok(Ok(out)) => out.lines().next().unwrap_or("closed without an answer").to_string(),
+            Ok(Err(e)) => format!("failed: {e}"),
+            Err(_) => format!("no answer within {limit:?}"),
         }
-        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let mut buf = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(30), extra.read(&mut buf))
-            .await
-            .expect("the connection past the cap is closed, not left waiting");
-        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
-        let mut byte = [0u8; 1];
-        assert!(
-            matches!(open[0].try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
-            "the connections within the cap are still open (the one past it was closed at once, not timed out)"
+    }
+
+    /// The liveness probe is answered however one address attacks the port: connections that
+    /// pipeline scrapes and never read the answers, and connections left open saying nothing, take
+    /// at most that address's share of the places (and the ones past it are closed at once).
+    #[tokio::test]
+    async fn healthz_answers_while_one_address_holds_connections_that_never_read_or_idle() {
+        let exporter = Arc::new(Exporter::new("test", Readiness::starting()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _server = tokio::spawn(serve(listener, exporter));
+        let mut attack = Vec::new();
+        let mut idle = Vec::new();
+        for i in 0..2 * PORT_LIMITS.max_connections {
+            let c = connect_from("127.0.0.2", addr).await;
+            match i % 2 {
+                0 => attack.push(pipeline_and_never_read(c)),
+                _ => idle.push(c),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for _ in 0..3 {
+            assert_eq!(
+                probe("127.0.0.1", addr, Duration::from_secs(5)).await,
+                "HTTP/1.1 200 OK"
+            );
+        }
+        attack.iter().for_each(|a| a.abort());
+    }
+
+    /// A client that sends requests and never reads the answers, once the server's side of its
+    /// socket is full, gives its place back after the idle timeout, as one that says nothing does:
+    /// a probe waiting behind it in the listen backlog is then answered.
+    #[tokio::test]
+    async fn a_client_that_never_reads_its_answers_gives_its_place_back() {
+        let exporter = Arc::new(Exporter::new("test", Readiness::starting()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = SocketLimits {
+            idle_timeout: Duration::from_secs(1),
+            max_connections: 2,
+            max_per_peer: 0,
+        };
+        let _server = tokio::spawn(serve_within(listener, limits, exporter));
+        let mut attack = Vec::new();
+        for _ in 0..limits.max_connections {
+            attack.push(pipeline_and_never_read(connect_from("127.0.0.2", addr).await));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            probe("127.0.0.2", addr, Duration::from_secs(30)).await,
+            "HTTP/1.1 200 OK"
         );
-        drop(open);
-        let answer = get(addr, "/readyz").await;
-        assert!(
-            answer.contains("HTTP/1.1"),
-            "served again once connections close: {answer}"
+        attack.iter().for_each(|a| a.abort());
+    }
+
+    #[test]
+    fn a_pool_whose_filesystem_cannot_be_read_loses_only_its_own_usage_figures() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default_for(dir.path());
+        let mut other = config.pools[0].clone();
+        other.name = crate::storage::id::PoolName::parse("other").unwrap();
+        other.path = dir.path().join("pools/other");
+        config.pools.push(other);
+        let engine = Arc::new(LocalEngine::open(NodeId::parse("n1").unwrap(), &config).unwrap());
+        let state = Arc::new(NodeState::open(&dir.path().join("node"), engine.files()).unwrap());
+        std::fs::rename(dir.path().join("pools/other"), dir.path().join("moved-away")).unwrap();
+
+        let src = NodeSources { engine, state };
+        let f = NodeFigures::gather(&src, &Mutex::default(), &RecordingMounter::default());
+        let pool = |name: &str| f.pools.iter().find(|p| p.name == name).unwrap();
+        assert!(pool("default").total_bytes.is_some(), "{f:?}");
+        assert!(pool("default").free_bytes.is_some(), "{f:?}");
+        assert_eq!(pool("default").allocatable_bytes.len(), 1, "{f:?}");
+        assert_eq!((pool("other").total_bytes, pool("other").free_bytes), (None, None));
+        assert!(pool("other").allocatable_bytes.is_empty(), "{f:?}");
+        let key = |p: &str| (p.to_string(), "dir".to_string());
+        assert_eq!(
+            f.volumes,
+            BTreeMap::from([(key("default"), 0), (key("other"), 0)]),
+            "both pools keep their record counts"
         );
     }
 

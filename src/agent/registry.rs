@@ -252,9 +252,10 @@ impl Shared {
     }
 
     /// Moves a node from the registry to the forgotten ids, dropping the oldest forgotten id when
-    /// there are too many.
+    /// there are too many, and its agent error series with it (they would pile up with churn).
     fn forget(&self, nodes: &mut BTreeMap<NodeId, Entry>, node: &NodeId) {
         let Some(e) = nodes.remove(node) else { return };
+        crate::metrics::forget_agent_errors(node.as_str());
         let mut forgotten = self.forgotten();
         forgotten.insert(node.clone(), e.last_heartbeat);
         while forgotten.len() > self.config.max_nodes {
@@ -1209,6 +1210,37 @@ mod tests {
         );
         assert!(!r.is_forgotten(&node("node-1")));
         assert!(r.is_available(&node("node-1")));
+    }
+
+    /// Nodes that come and go do not grow the controller's metrics for ever: a node's agent call
+    /// error series go when the registry forgets it, and only its.
+    #[tokio::test]
+    async fn a_forgotten_nodes_agent_error_series_are_removed() {
+        let clock = ManualClock::new();
+        let r = bounded(&clock, 100, 20 * INTERVAL);
+        let port = closed_port();
+        let (gone, kept) = ("churned-node", "staying-node");
+        for n in [gone, kept] {
+            r.heartbeat(report(n, port, 40)).unwrap();
+            r.agent(&node(n)).unwrap().pools().await.unwrap_err();
+        }
+        let series = |n: &str| {
+            let out = crate::metrics::Exporter::new("controller", crate::health::Readiness::starting())
+                .encode()
+                .unwrap();
+            let label = format!("node=\"{n}\"");
+            out.lines()
+                .filter(|l| l.starts_with("cellar_agent_call_errors_total{") && l.contains(&label))
+                .count()
+        };
+        assert_eq!((series(gone), series(kept)), (1, 1));
+
+        clock.advance(20 * INTERVAL);
+        r.heartbeat(report(kept, port, 40)).unwrap();
+        clock.advance(Duration::from_millis(1));
+        r.sweep();
+        assert!(r.is_forgotten(&node(gone)));
+        assert_eq!((series(gone), series(kept)), (0, 1));
     }
 
     #[tokio::test]

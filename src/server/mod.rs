@@ -76,9 +76,10 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
 /// connections alive by answering the server's HTTP/2 pings; anything else must not pile up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SocketLimits {
-    /// A connection from which nothing has been read for this long is closed. The server pings
-    /// every quarter of it, so a live gRPC client, which answers, is never idle, even while a long
-    /// call runs; a socket that says nothing (or stopped answering) is dropped.
+    /// A connection from which nothing has been read for this long is closed, whether the server
+    /// waits to read from it or to write to it (a peer that never reads its answers). The server
+    /// pings every quarter of it, so a live gRPC client, which answers, is never idle, even while a
+    /// long call runs; a socket that says nothing (or stopped answering) is dropped.
     pub idle_timeout: Duration,
     /// At most this many connections at once; more wait in the listen backlog until one closes.
     pub max_connections: usize,
@@ -241,7 +242,8 @@ fn out_of_resources(e: &io::Error) -> bool {
 }
 
 /// One accepted connection: holds its place among the `max_connections` until it closes, reads
-/// as closed (EOF) once nothing has been read from it for the idle timeout, and (a CSI socket's)
+/// as closed (EOF) and fails a blocked write once nothing has been read from it for the idle
+/// timeout, and (a CSI socket's)
 /// hands h2 the client's bytes with any `:authority` made acceptable.
 pub struct Connection<S> {
     stream: S,
@@ -372,13 +374,32 @@ impl<S: AsyncRead + Unpin> AsyncRead for Connection<S> {
     }
 }
 
+impl<S> Connection<S> {
+    /// A write that cannot go on while nothing has been read for the idle timeout fails: a peer
+    /// that sends requests and never reads the answers gives its place back, however full its
+    /// socket keeps the server's side.
+    fn stalled<T>(&mut self, cx: &mut Context<'_>, write: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match write {
+            Poll::Pending if self.idle.over(cx) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the peer read nothing and said nothing for {:?}", self.idle.timeout),
+            ))),
+            other => other,
+        }
+    }
+}
+
 impl<S: AsyncWrite + Unpin> AsyncWrite for Connection<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        let write = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.stalled(cx, write)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        let flush = Pin::new(&mut this.stream).poll_flush(cx);
+        this.stalled(cx, flush)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -390,7 +411,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Connection<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let write = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.stalled(cx, write)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -233,28 +233,36 @@ impl LocalEngine {
             .collect()
     }
 
+    /// Every pool's status; the first pool whose filesystem cannot be read fails the whole.
     pub fn pool_status(&self) -> Result<Vec<PoolStatus>, StorageError> {
+        self.pools.values().map(|p| self.status(p)).collect()
+    }
+
+    /// Each pool's status on its own, by name: one pool whose filesystem cannot be read (its
+    /// directory moved away, its share gone) costs only its own figures, not the others'.
+    pub fn pool_statuses(&self) -> Vec<(PoolName, Result<PoolStatus, StorageError>)> {
         self.pools
             .values()
-            .map(|p| {
-                let u = usage(p)?;
-                let prefix = self.id_prefix(p);
-                let provisioned = self
-                    .store
-                    .fold_prefix(&prefix, 0u64, |sum, _, r| sum + r.capacity_bytes);
-                Ok(PoolStatus {
-                    name: p.config.name.clone(),
-                    is_default: p.config.name == self.default_pool,
-                    default_layout: p.config.default_layout,
-                    layouts: p.config.layouts.clone(),
-                    total_bytes: u.total_bytes,
-                    available_bytes: u.available_bytes,
-                    image_allocatable_bytes: u.available_bytes.saturating_sub(self.held_back(p)),
-                    provisioned_bytes: provisioned,
-                    shared: p.shared(),
-                })
-            })
+            .map(|p| (p.config.name.clone(), self.status(p)))
             .collect()
+    }
+
+    fn status(&self, p: &Pool) -> Result<PoolStatus, StorageError> {
+        let u = usage(p)?;
+        let provisioned = self
+            .store
+            .fold_prefix(&self.id_prefix(p), 0u64, |sum, _, r| sum + r.capacity_bytes);
+        Ok(PoolStatus {
+            name: p.config.name.clone(),
+            is_default: p.config.name == self.default_pool,
+            default_layout: p.config.default_layout,
+            layouts: p.config.layouts.clone(),
+            total_bytes: u.total_bytes,
+            available_bytes: u.available_bytes,
+            image_allocatable_bytes: u.available_bytes.saturating_sub(self.held_back(p)),
+            provisioned_bytes: provisioned,
+            shared: p.shared(),
+        })
     }
 }
 
