@@ -355,6 +355,31 @@ async fn storage_health_names_a_pool_that_cannot_be_opened() {
     assert!(broken[0].message.contains("pool 'fast'"), "{}", broken[0].message);
 }
 
+/// A pool whose room can no longer be read (its directory moved away after the start) is named;
+/// before, NodeGetStorageHealth failed whole and named nothing, not even the other findings.
+#[tokio::test]
+async fn storage_health_names_a_pool_whose_room_cannot_be_read() {
+    let cfgdir = tempfile::tempdir().unwrap();
+    let cfg = cfgdir.path().join("pools.yaml");
+    let path = cfgdir.path().join("other");
+    let yaml = format!(
+        "pools:\n  - name: default\n  - name: other\n    path: {}\n",
+        path.display()
+    );
+    std::fs::write(&cfg, yaml).unwrap();
+    let mut d = Driver::start_with(&["--config", cfg.to_str().unwrap()], &[]).await;
+    std::fs::rename(&path, cfgdir.path().join("moved-away")).unwrap();
+    let got = storage_health(&mut d).await;
+    let unreadable: Vec<_> = got.iter().filter(|b| b.reason == "PoolUnreadable").collect();
+    assert_eq!(unreadable.len(), 1, "{got:?}");
+    assert_eq!(unreadable[0].status, StorageHealthErrorType::StorageUnreachable as i32);
+    assert!(
+        unreadable[0].message.contains("pool 'other'"),
+        "{}",
+        unreadable[0].message
+    );
+}
+
 // ---------------------------------------------------------------- capabilities
 
 async fn health_capabilities(d: &mut Driver) -> (bool, bool, bool, bool) {

@@ -201,7 +201,18 @@ impl NodeService {
         }
         // Free space is measured only when every share answers: a dead one would hang statfs.
         if !unreachable {
-            for p in self.engine.pool_status()? {
+            for (name, status) in self.engine.pool_statuses() {
+                let p = match status {
+                    Ok(p) => p,
+                    Err(e) => {
+                        backend_health.push(health::backend(
+                            StorageHealthErrorType::StorageUnreachable,
+                            "PoolUnreadable",
+                            &format!("the room of pool '{}' cannot be read: {e}", name.as_str()),
+                        ));
+                        continue;
+                    }
+                };
                 if p.total_bytes > 0 && p.available_bytes * 100 < p.total_bytes * LOW_SPACE_PERCENT {
                     backend_health.push(health::backend(
                         StorageHealthErrorType::StorageDegraded,
