@@ -627,6 +627,39 @@ pub(crate) fn checked_tree<S: rustic_core::IndexedFull>(
     })
 }
 
+/// Checks every tree below `root` (and `root`) against its id, reading them as rustic does
+/// (`get_tree`, which needs only the trees' index) and hashing each one's serialization, which is
+/// the bytes rustic wrote for it. Answers how many trees were read. For a parent backup, whose
+/// trees rustic reads unchecked during an upload: trees swapped in their packs (no key needed)
+/// would make a file whose name, size and modification time match reuse another file's chunks.
+pub(crate) fn trees_check<S: rustic_core::IndexedTree>(
+    repo: &Repository<S>,
+    cfg: &RepositoryConfig,
+    root: rustic_core::TreeId,
+) -> Result<u64, StorageError> {
+    let mut pending = vec![root];
+    let mut read = 0u64;
+    while let Some(id) = pending.pop() {
+        let tree = repo.get_tree(&id).map_err(|e| cfg.read_error(e))?;
+        let (_, actual) = tree.serialize().map_err(|e| {
+            cfg.error(RusticFailure::data_loss(format!(
+                "tree {} cannot be written back: {e}",
+                id.to_hex().as_str()
+            )))
+        })?;
+        if actual != id {
+            return Err(StorageError::DataLoss(format!(
+                "backup repository '{}': tree {} does not match its id",
+                cfg.name.as_str(),
+                id.to_hex().as_str()
+            )));
+        }
+        read += 1;
+        pending.extend(tree.nodes.iter().filter_map(|n| n.subtree));
+    }
+    Ok(read)
+}
+
 /// The path a tree's data has inside its restic snapshot: `restic restore <id> --target T`
 /// writes `T/volume`. (An image keeps its file's name: rustic names a single file by it.)
 pub const TREE_PATH: &str = "/volume";

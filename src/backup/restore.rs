@@ -548,6 +548,20 @@ mod tests {
             std::fs::write(&pb, &b).unwrap();
         }
         let (fresh, _) = crate::backup::testing::backups(dir.path());
+        // An upload taking this backup as its parent checks its trees first, as rustic does not.
+        let name = PoolName::parse("offsite").unwrap();
+        let opened = fresh.open(&name).unwrap();
+        let snap = fresh
+            .snapshots(&name, &opened)
+            .unwrap()
+            .into_iter()
+            .find(|s| s.tags.iter().any(|t| t == &format!("{TAG_KEY}{}", id.key())))
+            .expect("the backup");
+        let repo = opened.to_indexed_ids().unwrap();
+        match crate::backup::trees_check(&repo, fresh.config(&name).unwrap(), snap.tree) {
+            Err(StorageError::DataLoss(m)) => assert!(m.contains("does not match its id"), "{m}"),
+            other => panic!("a parent with swapped trees would be used: {other:?}"),
+        }
         match frames(&fresh, &id, Layout::Dir).and_then(|f| f.collect::<Result<Vec<Frame>, _>>()) {
             Err(StorageError::DataLoss(m)) => assert!(m.contains("does not match its id"), "{m}"),
             Err(e) => panic!("want DATA_LOSS, got {e:?}"),

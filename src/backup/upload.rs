@@ -198,6 +198,21 @@ fn upload_inner(
         })
         .max_by_key(|s| s.time.timestamp());
     let repo = opened.to_indexed_ids().map_err(|e| cfg.error(e))?;
+    // rustic reads the parent's trees without checking them against their ids: trees swapped in
+    // their packs (no key needed) would make a file whose name, size and modification time match
+    // reuse another file's chunks. A parent whose trees do not check is not used: the upload then
+    // reads every file.
+    let parent = match parent {
+        Some(p) => match super::trees_check(&repo, cfg, p.tree) {
+            Ok(_) => Some(p),
+            Err(e) if e.is_unavailable() => return Err(e),
+            Err(e) => {
+                tracing::warn!(backup = %id, parent = %p.id, error = %e, "the parent backup's trees do not check; uploading without it");
+                None
+            }
+        },
+        None => None,
+    };
     let mut parents = ParentOptions::default();
     match &parent {
         Some(p) => parents.parents = vec![p.id.to_string()],
@@ -474,6 +489,28 @@ mod tests {
         assert!(e.to_string().contains("entries but its source has"), "{e}");
         assert_eq!(copies(&b, &short), (0, 0), "nothing of it is kept");
         assert!(b.list(short.repository()).unwrap().iter().all(|i| i.id != short));
+    }
+
+    /// The trees rustic writes check against their ids as `trees_check` reads them (else every
+    /// upload would go without its parent, reading every file again).
+    #[test]
+    fn the_trees_of_an_honest_backup_check() {
+        let (_dir, b, data) = setup(b"a file");
+        std::fs::create_dir_all(data.join("sub/deeper")).unwrap();
+        std::fs::write(data.join("sub/deeper/g"), b"another").unwrap();
+        std::os::unix::fs::symlink("f", data.join("sub/link")).unwrap();
+        let id = BackupId::new(PoolName::parse("offsite").unwrap(), "5680-abcd").unwrap();
+        upload(&b, &id, &meta("snap-honest"), &data, None, &Default::default()).expect("upload");
+        let opened = b.open(id.repository()).unwrap();
+        let snap = b
+            .snapshots(id.repository(), &opened)
+            .unwrap()
+            .into_iter()
+            .find(|s| any_info_of(id.repository(), s).is_some_and(|i| i.id == id))
+            .expect("the backup");
+        let repo = opened.to_indexed_ids().unwrap();
+        let trees = super::super::trees_check(&repo, b.config(id.repository()).unwrap(), snap.tree).expect("checks");
+        assert!(trees >= 4, "the root, /volume, sub and sub/deeper: {trees}");
     }
 
     /// Every bucket of a path repository replaced by a symlink to a directory outside (anyone who
