@@ -27,7 +27,9 @@ pub struct BenchArgs {
     /// Volumes created, staged and published before measuring, and cleaned up after.
     #[arg(long, default_value_t = 0)]
     pub background: usize,
-    /// Where staging and target directories are made (a fresh directory under it is used).
+    /// Where staging and target directories are made: a fresh private directory is made under it
+    /// for each run. It must belong to root or to the caller, and be writable by others only if
+    /// sticky (as /tmp is).
     #[arg(long, default_value = "/tmp")]
     pub work_dir: PathBuf,
     /// Size of each volume, in bytes or with a K/M/G/T suffix.
@@ -215,6 +217,44 @@ fn write_fill(path: &std::path::Path, bytes: u64) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Makes a new directory, mode 0700, under `parent` for this run's staging and target paths.
+///
+/// The driver mounts volumes wherever these paths lead, as root. A name anyone can predict (the
+/// pid) in a shared directory such as /tmp could be made first by another user, with symlinks in
+/// it that send the mounts elsewhere; so the name is random and the directory must be new
+/// (mkdtemp), and no one else can then write in it. The parent is checked too: whoever owns it,
+/// or can write in it without the sticky bit, could rename our directory and put theirs in its
+/// place. mkdtemp rather than `tempfile::TempDir`, whose drop removes everything under it,
+/// reaching into volumes a failed run may leave mounted there.
+fn private_dir(parent: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(parent).map_err(|e| format!("--work-dir {}: {e}", parent.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("--work-dir {}: not a directory", parent.display()));
+    }
+    if let Some(why) = unsafe_parent(meta.uid(), meta.mode(), nix::unistd::geteuid().as_raw()) {
+        return Err(format!("--work-dir {}: {why}", parent.display()));
+    }
+    nix::unistd::mkdtemp(&parent.join("cellar-bench-XXXXXX"))
+        .map_err(|e| format!("cannot make a directory under --work-dir {}: {e}", parent.display()))
+}
+
+/// Why a directory owned by `uid` with `mode` is no safe parent for a process running as `me`:
+/// someone other than root and `me` could replace what is made in it.
+fn unsafe_parent(uid: u32, mode: u32, me: u32) -> Option<String> {
+    const STICKY: u32 = 0o1000;
+    if uid != 0 && uid != me {
+        return Some(format!("owned by uid {uid}, not by root or by this user"));
+    }
+    if mode & 0o022 != 0 && mode & STICKY == 0 {
+        return Some(format!(
+            "writable by others without the sticky bit (mode {:o})",
+            mode & 0o7777
+        ));
+    }
+    None
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -234,8 +274,7 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 /// Each client gets its own connection, as kubelet and each sidecar have theirs.
 pub async fn run(endpoint: &str, a: BenchArgs, out: super::Format) -> Result<(), String> {
     let channel = super::connect(endpoint).await?;
-    let dir = a.work_dir.join(format!("cellar-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let dir = private_dir(&a.work_dir)?;
     let base = Lifecycle {
         ctl: ControllerClient::new(channel.clone()),
         node: NodeClient::new(channel),
@@ -345,4 +384,64 @@ async fn measure(base: &Lifecycle, a: &BenchArgs, channels: Vec<Channel>, out: s
         text
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn a_directory_planted_under_the_old_predictable_name_is_never_used() {
+        let parent = tempfile::Builder::new().prefix("cellar-test-").tempdir().unwrap();
+        let outside = parent.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        // What another user could make in /tmp before the run: the old name, a symlink inside.
+        let planted = parent.path().join(format!("cellar-bench-{}", std::process::id()));
+        std::fs::create_dir(&planted).unwrap();
+        std::os::unix::fs::symlink(&outside, planted.join("bench-0")).unwrap();
+
+        let dir = private_dir(parent.path()).unwrap();
+        assert_ne!(dir, planted);
+        assert_eq!(dir.parent(), Some(parent.path()));
+        assert!(dir.file_name().unwrap().to_str().unwrap().starts_with("cellar-bench-"));
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "a new, empty directory");
+        let meta = std::fs::symlink_metadata(&dir).unwrap();
+        assert!(meta.is_dir(), "a directory, not a link");
+        assert_eq!(meta.mode() & 0o7777, 0o700, "private to its owner");
+        assert_ne!(private_dir(parent.path()).unwrap(), dir, "each run gets its own");
+    }
+
+    #[test]
+    fn a_work_dir_others_could_swap_directories_in_is_refused() {
+        let parent = tempfile::Builder::new().prefix("cellar-test-").tempdir().unwrap();
+        std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = private_dir(parent.path()).unwrap_err();
+        assert!(
+            err.contains("writable by others without the sticky bit (mode 777)"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read_dir(parent.path()).unwrap().count(),
+            0,
+            "nothing made in it"
+        );
+
+        let file = parent.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(private_dir(&file).unwrap_err().ends_with("not a directory"));
+
+        // Owner and mode alone decide, so every case is checked without root or other users.
+        assert_eq!(unsafe_parent(0, 0o41777, 0), None, "/tmp: world-writable but sticky");
+        assert_eq!(unsafe_parent(1000, 0o40700, 1000), None, "the caller's own directory");
+        assert_eq!(
+            unsafe_parent(0, 0o40755, 1000),
+            None,
+            "root's directory, for any caller"
+        );
+        assert!(unsafe_parent(1000, 0o40700, 0).unwrap().contains("owned by uid 1000"));
+        assert!(unsafe_parent(0, 0o40775, 0).unwrap().contains("mode 775"));
+        assert!(unsafe_parent(0, 0o40757, 0).unwrap().contains("mode 757"));
+    }
 }
