@@ -426,17 +426,25 @@ impl NodeEnrolArgs {
 }
 
 /// A duration such as `500ms`, `5s`, `30m`, `1h` (a bare number is seconds).
+///
+/// Minutes and hours are multiplied checked: unchecked, a number near 2^64 / 60 panicked in a debug
+/// build and wrapped in a release one, a year asked for becoming seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let at = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (n, unit) = s.split_at(at);
     let n: u64 = n
         .parse()
         .map_err(|_| format!("'{s}' is not a duration such as 500ms, 5s, 30m or 1h"))?;
+    let secs = |per: u64| {
+        n.checked_mul(per)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("'{s}' is too long a duration (at most {} s)", u64::MAX))
+    };
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
+        "m" => secs(60),
+        "h" => secs(3600),
         _ => Err(format!("'{s}': unit must be ms, s, m or h")),
     }
 }
@@ -704,6 +712,38 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert!(parse_duration("1d").unwrap_err().contains("unit must be"));
         assert!(parse_duration("s").unwrap_err().contains("not a duration"));
+    }
+
+    #[test]
+    fn durations_too_long_for_a_u64_of_seconds_are_refused_not_wrapped() {
+        // 307445734561825861 minutes is 2^64 + 44 seconds: unchecked, it wrapped to 44 s.
+        let err = parse_duration("307445734561825861m").unwrap_err();
+        assert!(err.contains("'307445734561825861m' is too long a duration"), "{err}");
+        assert!(parse_duration("5124095576030432h").unwrap_err().contains("too long"));
+        assert!(parse_duration("99999999999999999999")
+            .unwrap_err()
+            .contains("not a duration"));
+        // The largest that fit are still taken.
+        assert_eq!(
+            parse_duration("307445734561825860m"),
+            Ok(Duration::from_secs(307445734561825860 * 60))
+        );
+        assert_eq!(
+            parse_duration("5124095576030431h"),
+            Ok(Duration::from_secs(5124095576030431 * 3600))
+        );
+        // And reach the flags: the controller refuses to start rather than forget nodes at once.
+        let err = Cli::try_parse_from([
+            "cellar",
+            "controller",
+            "--insecure",
+            "--forget-nodes-after",
+            "307445734561825861m",
+        ])
+        .err()
+        .expect("refused")
+        .to_string();
+        assert!(err.contains("too long a duration"), "{err}");
     }
 
     fn controller_args(extra: &[&str]) -> Result<cellar::agent::registry::RegistryConfig, String> {
