@@ -290,6 +290,121 @@ async fn bench_drives_volumes_and_reports_percentiles_leaving_nothing() {
     assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0, "bench left directories");
 }
 
+/// `cellar ARGS...` with its stdout going to `stdout`: exit code (None: killed by a signal) and stderr.
+fn cellar_into(stdout: std::process::Stdio, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .stdout(stdout)
+        .output()
+        .expect("run cellar");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn dev_full() -> std::process::Stdio {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full")
+        .into()
+}
+
+/// A pipe whose reader is already gone, as `cellar ... | head -0` once head has exited.
+fn closed_pipe() -> std::process::Stdio {
+    let (reader, writer) = nix::unistd::pipe().expect("pipe");
+    drop(reader);
+    writer.into()
+}
+
+#[tokio::test]
+async fn an_answer_that_cannot_be_written_is_an_error_saying_the_call_was_done_not_a_crash() {
+    let d = Driver::start().await;
+    let endpoint = d.endpoint();
+    for out in ["table", "json"] {
+        let name = format!("pvc-full-{out}");
+        let (code, err) = cellar_into(
+            dev_full(),
+            &[
+                "csi",
+                "--endpoint",
+                &endpoint,
+                "-o",
+                out,
+                "create",
+                &name,
+                "--size",
+                "16M",
+            ],
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(code, Some(1), "a plain failure, not a panic (101) or an abort: {err}");
+        assert!(
+            err.contains("cellar: the command ran to completion, but its output could not be written to stdout: No space left on device"),
+            "{err}"
+        );
+        let id = format!("local:node-1:default:{name}");
+        let (ok, list) = csi(&d, &["list"]);
+        assert!(ok && list.contains(&id), "the volume was created all the same: {list}");
+        assert!(csi(&d, &["delete", &id]).0);
+    }
+}
+
+#[tokio::test]
+async fn a_reader_that_closed_the_pipe_ends_the_command_quietly() {
+    let d = Driver::start().await;
+    let endpoint = d.endpoint();
+    let (code, err) = cellar_into(closed_pipe(), &["csi", "--endpoint", &endpoint, "create", "pvc-pipe"]);
+    assert_eq!(
+        (code, err.as_str()),
+        (Some(0), ""),
+        "the volume is made, nothing more to say"
+    );
+    let id = "local:node-1:default:pvc-pipe";
+    let (code, err) = cellar_into(closed_pipe(), &["csi", "--endpoint", &endpoint, "list"]);
+    assert_eq!((code, err.as_str()), (Some(0), ""));
+    let (ok, list) = csi(&d, &["list"]);
+    assert!(ok && list.contains(id), "{list}");
+    assert!(csi(&d, &["delete", id]).0);
+}
+
+/// `cellar backup` needs no driver: its answers go through the same checked write.
+#[test]
+fn backup_answers_that_cannot_be_written_are_errors_and_a_closed_pipe_is_quiet() {
+    let dir = tempfile::Builder::new().prefix("cellar-test-").tempdir().unwrap();
+    let password = dir.path().join("password");
+    std::fs::write(&password, "secret\n").unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "pools:\n  - name: default\n    path: {}\n    layout: dir\nrepositories:\n  - name: offsite\n    path: {}\n    passwordFile: {}\n",
+            dir.path().join("pool").display(),
+            dir.path().join("repo").display(),
+            password.display()
+        ),
+    )
+    .unwrap();
+    let args = [
+        "backup",
+        "list",
+        "--repository",
+        "offsite",
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    for json in [false, true] {
+        let args: Vec<&str> = args.iter().copied().chain(json.then_some("--json")).collect();
+        let (code, err) = cellar_into(dev_full(), &args);
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(code, Some(1), "{err}");
+        assert!(
+            err.contains("cellar backup: the command ran to completion, but its output could not be written to stdout"),
+            "{err}"
+        );
+        let (code, err) = cellar_into(closed_pipe(), &args);
+        assert_eq!((code, err.as_str()), (Some(0), ""));
+    }
+}
+
 #[tokio::test]
 async fn csi_client_to_a_missing_socket_says_no_driver_listens_there() {
     require_root();

@@ -90,12 +90,9 @@ pub fn run(args: BackupArgs) -> Result<bool, String> {
     let backups = Backups::new(config.repositories, Throttle::unlimited());
     let name = PoolName::parse(&args.repository).map_err(|e| format!("--repository: {}", e.0))?;
     backups.config(&name).map_err(|e| e.to_string())?;
-    let print = |v: serde_json::Value, text: String| {
-        if args.json {
-            println!("{v}");
-        } else {
-            print!("{text}");
-        }
+    let print = |v: serde_json::Value, text: String| match args.json {
+        true => crate::client::output::print(&format!("{v}\n")),
+        false => crate::client::output::print(&text),
     };
     match args.command {
         BackupCommand::List => {
@@ -119,7 +116,7 @@ pub fn run(args: BackupArgs) -> Result<bool, String> {
             print(
                 serde_json::Value::Array(all.iter().map(|(b, pending)| row(b, *pending)).collect()),
                 text,
-            );
+            )?;
             Ok(true)
         }
         BackupCommand::Show { id } => {
@@ -143,7 +140,7 @@ pub fn run(args: BackupArgs) -> Result<bool, String> {
             };
             let v = row(&b, pending);
             let text = serde_json::to_string_pretty(&v).unwrap_or_default() + "\n";
-            print(v, text);
+            print(v, text)?;
             Ok(true)
         }
         BackupCommand::Verify { read_data } => {
@@ -161,7 +158,7 @@ pub fn run(args: BackupArgs) -> Result<bool, String> {
                 v.errors.len(),
                 v.warnings.len()
             );
-            print(serde_json::json!({"errors": v.errors, "warnings": v.warnings}), text);
+            print(serde_json::json!({"errors": v.errors, "warnings": v.warnings}), text)?;
             Ok(v.errors.is_empty())
         }
         BackupCommand::Prune { keep_delete_secs } => {
@@ -174,7 +171,7 @@ pub fn run(args: BackupArgs) -> Result<bool, String> {
                     "pruned: {} packs marked unused, {} removed, {} repacked, {} recovered\n",
                     p.packs_marked, p.packs_removed, p.packs_repacked, p.packs_recovered
                 ),
-            );
+            )?;
             Ok(true)
         }
     }

@@ -382,7 +382,7 @@ async fn measure(base: &Lifecycle, a: &BenchArgs, channels: Vec<Channel>, out: s
             None => {}
         }
         text
-    });
+    })?;
     Ok(())
 }
 

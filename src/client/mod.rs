@@ -361,7 +361,7 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
                 .into_inner()
                 .volume
                 .unwrap_or_default();
-            output::emit(out, output::volume(&v), || format!("{}\n", v.volume_id));
+            output::emit(out, output::volume(&v), || format!("{}\n", v.volume_id))?;
             Ok(())
         }
         CsiCommand::Delete { volume_id } => {
@@ -371,7 +371,7 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
             })
             .await
             .map_err(failed)?;
-            done(out, "deleted", "volume_id", &volume_id);
+            done(out, "deleted", "volume_id", &volume_id)?;
             Ok(())
         }
         CsiCommand::List => {
@@ -415,7 +415,7 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
                     ]);
                 }
                 t.render()
-            });
+            })?;
             Ok(())
         }
         CsiCommand::Get { volume_id } => {
@@ -440,7 +440,7 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
                     ("condition", output::condition_text(status.volume_condition.as_ref())),
                     ("context", list_or_dash(&context)),
                 ])
-            });
+            })?;
             Ok(())
         }
         CsiCommand::Capacity { params } => {
@@ -464,7 +464,7 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
                     ("largest volume", opt(r.maximum_volume_size)),
                     ("smallest volume", opt(r.minimum_volume_size)),
                 ])
-            });
+            })?;
             Ok(())
         }
         CsiCommand::Stage {
@@ -480,7 +480,7 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
             })
             .await
             .map_err(failed)?;
-            done(out, "staged", "volume_id", &volume_id);
+            done(out, "staged", "volume_id", &volume_id)?;
             Ok(())
         }
         CsiCommand::Unstage {
@@ -493,7 +493,7 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
             })
             .await
             .map_err(failed)?;
-            done(out, "unstaged", "volume_id", &volume_id);
+            done(out, "unstaged", "volume_id", &volume_id)?;
             Ok(())
         }
         CsiCommand::Publish {
@@ -513,7 +513,7 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
             })
             .await
             .map_err(failed)?;
-            done(out, "published", "volume_id", &volume_id);
+            done(out, "published", "volume_id", &volume_id)?;
             Ok(())
         }
         CsiCommand::Unpublish { volume_id, target } => {
@@ -523,7 +523,7 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
             })
             .await
             .map_err(failed)?;
-            done(out, "unpublished", "volume_id", &volume_id);
+            done(out, "unpublished", "volume_id", &volume_id)?;
             Ok(())
         }
         CsiCommand::Stats { volume_id, path } => {
@@ -557,7 +557,7 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
                     t.render(),
                     output::condition_text(r.volume_condition.as_ref())
                 )
-            });
+            })?;
             Ok(())
         }
         CsiCommand::Expand { volume_id, size, path } => {
@@ -600,7 +600,7 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
                     ""
                 };
                 format!("expanded {volume_id} to {}{pending}\n", output::size(capacity))
-            });
+            })?;
             Ok(())
         }
         CsiCommand::Modify { volume_id, params } => {
@@ -611,7 +611,7 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
             })
             .await
             .map_err(failed)?;
-            done(out, "modified", "volume_id", &volume_id);
+            done(out, "modified", "volume_id", &volume_id)?;
             Ok(())
         }
         CsiCommand::Snapshot {
@@ -631,7 +631,7 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
                 .into_inner()
                 .snapshot
                 .unwrap_or_default();
-            output::emit(out, output::snapshot(&s), || format!("{}\n", s.snapshot_id));
+            output::emit(out, output::snapshot(&s), || format!("{}\n", s.snapshot_id))?;
             Ok(())
         }
         CsiCommand::GetSnapshot { snapshot_id } => {
@@ -647,7 +647,7 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
                 .unwrap_or_default();
             output::emit(out, output::snapshot(&s), || {
                 output::snapshot_table(std::slice::from_ref(&s))
-            });
+            })?;
             Ok(())
         }
         CsiCommand::DeleteSnapshot { snapshot_id } => {
@@ -657,7 +657,7 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
             })
             .await
             .map_err(failed)?;
-            done(out, "deleted", "snapshot_id", &snapshot_id);
+            done(out, "deleted", "snapshot_id", &snapshot_id)?;
             Ok(())
         }
         CsiCommand::Snapshots { source_volume_id } => {
@@ -681,7 +681,7 @@ pub async fn run(args: CsiArgs) -> Result<(), String> {
                 token = r.next_token;
             }
             let json = serde_json::Value::Array(snaps.iter().map(output::snapshot).collect());
-            output::emit(out, json, || output::snapshot_table(&snaps));
+            output::emit(out, json, || output::snapshot_table(&snaps))?;
             Ok(())
         }
         CsiCommand::Blocks {
@@ -757,13 +757,13 @@ async fn blocks(
             output::size(total),
             output::size(capacity)
         )
-    });
+    })?;
     Ok(())
 }
 
 /// The answer of a call that returns nothing: `<verb> <id>`, or `{"<key>": "<id>"}`.
-fn done(out: output::Format, verb: &str, key: &str, id: &str) {
-    output::emit(out, serde_json::json!({ key: id }), || format!("{verb} {id}\n"));
+fn done(out: output::Format, verb: &str, key: &str, id: &str) -> Result<(), String> {
+    output::emit(out, serde_json::json!({ key: id }), || format!("{verb} {id}\n"))
 }
 
 fn list_or_dash(items: &[String]) -> String {
@@ -884,6 +884,6 @@ async fn info(
             pairs.push(("max volumes", max));
         }
         output::fields(&pairs)
-    });
+    })?;
     Ok(())
 }

@@ -206,11 +206,30 @@ pub fn usage(u: &VolumeUsage) -> Value {
     json!({ "unit": unit, "total": u.total, "used": u.used, "available": u.available })
 }
 
-/// Prints JSON (pretty, one document) or the human text.
-pub fn emit(format: Format, json: Value, human: impl FnOnce() -> String) {
+/// Prints JSON (pretty, one document) or the human text; see [`print`] for its errors.
+pub fn emit(format: Format, json: Value, human: impl FnOnce() -> String) -> Result<(), String> {
     match format {
-        Format::Json => println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default()),
-        Format::Table => print!("{}", human()),
+        Format::Json => print(&(serde_json::to_string_pretty(&json).unwrap_or_default() + "\n")),
+        Format::Table => print(&human()),
+    }
+}
+
+/// Writes a command's answer to stdout, once what it asked for is done.
+///
+/// `print!` panics when the write fails, and a release build aborts on a panic: a script reading
+/// `cellar csi create | head -c0` or writing to a full disk saw a crash (exit 101, or SIGABRT) for a
+/// volume that was in fact created. A reader that closed the pipe wanted no more, so that is not an
+/// error (Rust ignores SIGPIPE, so it is EPIPE here); any other failure is returned, to be printed
+/// on stderr with a non-zero exit, and says the command was done so that it is not blindly retried.
+pub fn print(text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(format!(
+            "the command ran to completion, but its output could not be written to stdout: {e}"
+        )),
     }
 }
 
