@@ -80,9 +80,27 @@ pub fn max_hole_bytes(capacity: u64) -> u64 {
     capacity.saturating_mul(16).max(16 << 30)
 }
 
-/// Refuses a tree whose holes ([`crate::sys::tree::count_tree`]) are more than a backup of a
-/// volume of `capacity` bytes reads ([`max_hole_bytes`]).
-pub fn refuse_holes(count: &crate::sys::tree::TreeCount, capacity: u64, what: &str) -> Result<(), StorageError> {
+/// Refuses a tree at `root` that a tree backup cannot hold whole ([`crate::sys::tree::count_tree`]):
+/// holes more than a backup of a volume of `capacity` bytes reads ([`max_hole_bytes`]), or a path
+/// longer than the backup tool can open (it reads by path, and skips with only a warning what lies
+/// past PATH_MAX: such a backup would never check complete, and its upload was retried for ever).
+pub fn refuse_unbackupable(
+    count: &crate::sys::tree::TreeCount,
+    root: &Path,
+    capacity: u64,
+    what: &str,
+) -> Result<(), StorageError> {
+    let longest = root.as_os_str().len() + 1 + count.longest_path;
+    if longest >= libc::PATH_MAX as usize {
+        return Err(StorageError::InUse(format!(
+            "{what} holds a path {} bytes long below its root, too deep for a tree backup, which \
+             reads files by path (at most {} bytes below {}): make the tree shallower, or keep it \
+             in an image volume, whose backups read the image file",
+            count.longest_path,
+            (libc::PATH_MAX as usize).saturating_sub(root.as_os_str().len() + 2),
+            root.display()
+        )));
+    }
     let max = max_hole_bytes(capacity);
     if count.hole_bytes <= max {
         return Ok(());
@@ -144,7 +162,12 @@ fn upload_inner(
         Layout::Image => None,
         _ => {
             let count = crate::sys::tree::count_tree(data)?;
-            refuse_holes(&count, meta.capacity_bytes, &format!("the snapshot of backup {id}"))?;
+            refuse_unbackupable(
+                &count,
+                data,
+                meta.capacity_bytes,
+                &format!("the snapshot of backup {id}"),
+            )?;
             Some(count.entries)
         }
     };
@@ -468,9 +491,10 @@ mod tests {
 
     /// rustic walks the tree by path and leaves out, with a warning only, what lies deeper than
     /// PATH_MAX: such a backup was listed ready and restored without those entries. Its entries
-    /// are now counted against the source's, so it is refused and never listed; a tree of every
-    /// kind of entry (hard links, a symlink, a FIFO, an empty directory) counts the same as its
-    /// backup.
+    /// are counted against the source's, so a backup short of some is refused and never listed; a
+    /// tree of every kind of entry (hard links, a symlink, a FIFO, an empty directory) counts the
+    /// same as its backup. A tree that deep is now refused before its upload (which was retried
+    /// for ever, each time short), saying why.
     #[test]
     fn a_backup_missing_entries_its_source_holds_is_never_ready() {
         let (_dir, b, data) = setup(b"a file");
@@ -481,12 +505,24 @@ mod tests {
         let whole = BackupId::new(PoolName::parse("offsite").unwrap(), "5678-abcd").unwrap();
         upload(&b, &whole, &meta("snap-whole"), &data, None, &Default::default()).expect("every kind counts alike");
         assert_eq!(crate::sys::tree::count_entries(&data).unwrap(), 5);
+        // The same backup held against a source of one entry more is short.
+        let opened = b.open(whole.repository()).unwrap();
+        let saved = b
+            .snapshots(whole.repository(), &opened)
+            .unwrap()
+            .into_iter()
+            .find(|s| any_info_of(whole.repository(), s).is_some_and(|i| i.id == whole))
+            .expect("the backup");
+        let e = check_complete(&b, opened, &whole, &meta("snap-whole"), &saved, Some(6)).expect_err("short");
+        assert!(e.to_string().contains("holds 5 entries but its source has 6"), "{e}");
+
         let deepest = crate::sys::tree::testing::deep_dirs(&data, 20);
         crate::sys::tree::testing::file_at(&deepest, "deep-file", b"at the bottom");
         let short = BackupId::new(PoolName::parse("offsite").unwrap(), "5679-abcd").unwrap();
         let e = upload(&b, &short, &meta("snap-short"), &data, None, &Default::default())
-            .expect_err("a backup short of entries");
-        assert!(e.to_string().contains("entries but its source has"), "{e}");
+            .expect_err("a tree too deep for the backup tool");
+        assert!(matches!(e, StorageError::InUse(_)), "{e:?}");
+        assert!(e.to_string().contains("too deep for a tree backup"), "{e}");
         assert_eq!(copies(&b, &short), (0, 0), "nothing of it is kept");
         assert!(b.list(short.repository()).unwrap().iter().all(|i| i.id != short));
     }

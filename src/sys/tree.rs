@@ -76,12 +76,15 @@ pub fn count_entries(path: &Path) -> Result<u64, SysError> {
     Ok(count_tree(path)?.entries)
 }
 
-/// What reading a tree whole costs: its entries below the root, and the bytes of the holes in
-/// its regular files, which a tool that does not skip holes (a tree backup) reads as zeros.
+/// What reading a tree whole costs: its entries below the root, the bytes of the holes in its
+/// regular files, which a tool that does not skip holes (a tree backup) reads as zeros, and its
+/// longest path, past which a tool that reads by path (a tree backup) cannot reach.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct TreeCount {
     pub entries: u64,
     pub hole_bytes: u64,
+    /// The longest path below the root, in bytes (`a/b/c` is 5).
+    pub longest_path: usize,
 }
 
 /// Counts the tree at `path` as [`count_entries`] does, and the holes of its regular files: a file
@@ -90,8 +93,9 @@ pub struct TreeCount {
 pub fn count_tree(path: &Path) -> Result<TreeCount, SysError> {
     let mut count = TreeCount::default();
     let mut failed = None;
-    visit_entries(SourceTree::open(path)?, false, |st, dir, name| {
+    visit_entries(SourceTree::open(path)?, false, |st, dir, name, path_len| {
         count.entries += 1;
+        count.longest_path = count.longest_path.max(path_len);
         let size = st.st_size.max(0) as u64;
         let sparse = st.st_mode & libc::S_IFMT == libc::S_IFREG && (st.st_blocks.max(0) as u64) * 512 < size;
         if sparse {
@@ -148,7 +152,7 @@ pub fn allocated_bytes(path: &Path, stop: u64, lenient: bool) -> Result<u64, Sys
     if total >= stop {
         return Ok(total);
     }
-    visit_entries(root, lenient, |st, _, _| {
+    visit_entries(root, lenient, |st, _, _, _| {
         total = total.saturating_add((st.st_blocks as u64).saturating_mul(512));
         if total >= stop {
             std::ops::ControlFlow::Break(())
@@ -160,14 +164,15 @@ pub fn allocated_bytes(path: &Path, stop: u64, lenient: bool) -> Result<u64, Sys
 }
 
 /// Calls `each` with the status of every entry below the opened directory `root` (not the root
-/// itself), its directory and its name, in no particular order, until it breaks. Directories are opened by descriptor from their
+/// itself), its directory, its name and the length of its path below the root, in no particular
+/// order, until it breaks. Directories are opened by descriptor from their
 /// parent's, never following a symlink, and read as a stream: only one descriptor per level is
 /// open and only directories still to read are remembered. `lenient`: a directory that cannot be
 /// opened or read is skipped.
 fn visit_entries(
     root: SourceTree,
     lenient: bool,
-    mut each: impl FnMut(&FileStat, BorrowedFd<'_>, &CStr) -> std::ops::ControlFlow<()>,
+    mut each: impl FnMut(&FileStat, BorrowedFd<'_>, &CStr, usize) -> std::ops::ControlFlow<()>,
 ) -> Result<(), SysError> {
     type Pending = Vec<(std::rc::Rc<OwnedFd>, CString, PathBuf, usize)>;
     let path = root.path.as_path();
@@ -194,7 +199,11 @@ fn visit_entries(
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     Err(e) => return Err(err("stat", e)),
                 };
-                if each(&st, fd.as_fd(), &cname).is_break() {
+                let path_len = match rel.as_os_str().len() {
+                    0 => name.len(),
+                    n => n + 1 + name.len(),
+                };
+                if each(&st, fd.as_fd(), &cname, path_len).is_break() {
                     return Ok(true);
                 }
                 if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
@@ -832,6 +841,7 @@ mod tests {
         std::os::unix::fs::symlink(outside.path().join("far"), root.path().join("sub/link")).expect("symlink");
         let count = count_tree(root.path()).expect("count");
         assert_eq!(count.entries, 5);
+        assert_eq!(count.longest_path, "sub/fifo".len());
         // One filesystem block of data at least (a filesystem may allocate more around a write).
         assert!(
             count.hole_bytes <= (1 << 30) - 4096 && count.hole_bytes >= (1 << 30) - (1 << 20),

@@ -93,12 +93,14 @@ impl LocalEngine {
         // The data (a copy of the source), then its record: a backup's mark is in the record
         // from its first write, so a crash never leaves a backup as a plain snapshot.
         let made = copied.and_then(|()| {
-            // A tree whose backup would read more holes than it may is refused here, where it
-            // can be said to the caller and nothing is kept, rather than by its upload (which
-            // checks too: the snapshot's data cannot change in between).
+            // A tree a backup cannot hold whole (holes it would read for ever, paths it cannot
+            // open) is refused here, where it can be said to the caller and nothing is kept,
+            // rather than by its upload (which checks too: the snapshot's data cannot change in
+            // between).
             if backup.is_some() && layout::of(from.layout).is_tree() {
-                let count = crate::sys::tree::count_tree(&pool.data_path(Kind::Snapshot, &key))?;
-                crate::backup::upload::refuse_holes(&count, from.size, &format!("volume {shown_src}"))?;
+                let data = pool.data_path(Kind::Snapshot, &key);
+                let count = crate::sys::tree::count_tree(&data)?;
+                crate::backup::upload::refuse_unbackupable(&count, &data, from.size, &format!("volume {shown_src}"))?;
             }
             crash::point("create-snapshot:before-record");
             let rec = SnapshotRecord {
