@@ -95,8 +95,17 @@ pub fn freeze_within<P: AsRef<Path> + Clone + Send + 'static>(
     let (theirs, f, p, m) = (shared.clone(), freeze.clone(), point.clone(), mountpoint.clone());
     let landed = flying.clone();
     let started = std::thread::Builder::new().name("cellar-freeze".into()).spawn(move || {
+        // Its place is given back however the freeze ends, a panic too: else that filesystem
+        // could never be frozen again by this process.
+        struct Landed(InFlight, PathBuf);
+        impl Drop for Landed {
+            fn drop(&mut self) {
+                self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
+            }
+        }
+        let landed = Landed(landed, m.clone());
         let answer = f(&p);
-        landed.lock().unwrap_or_else(|p| p.into_inner()).remove(&m);
+        drop(landed);
         let (lock, ready) = &*theirs;
         let mut h = lock.lock().unwrap_or_else(|p| p.into_inner());
         if !h.abandoned {
@@ -563,6 +572,24 @@ mod tests {
         fs.fail_next("thaw", libc::EIO);
         thaw_persistently(&fs, &frozen).unwrap();
         assert!(fs.frozen().is_empty(), "thawed on the second try");
+    }
+
+    #[test]
+    fn a_freeze_that_panics_gives_its_place_back() {
+        let flying = InFlight::default();
+        let (_, thaw) = recorder();
+        let panics = freeze_by(|_: &Path| panic!("a freeze that panics"), thaw.clone());
+        let a = PathBuf::from("/a");
+        let soon = || Instant::now() + Duration::from_millis(300);
+        assert!(freeze_within(&a, soon(), &panics, &flying).is_err());
+        let waited = Instant::now();
+        while !flying.lock().unwrap().is_empty() && waited.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let works = freeze_by(|_: &Path| Ok(()), thaw);
+        let thawer = freeze_within(&a, Instant::now() + Duration::from_secs(60), &works, &flying)
+            .expect("the filesystem can be frozen again");
+        thawer().unwrap();
     }
 
     #[test]

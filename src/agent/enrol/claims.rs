@@ -34,8 +34,10 @@ const BASE64URL: GeneralPurpose = GeneralPurpose::new(
 pub struct Claims {
     #[serde(default)]
     aud: Audiences,
+    /// A NumericDate: seconds, which JWT libraries also take written as a float (`1.9e9`); what is
+    /// not a number is left to the API server.
     #[serde(default)]
-    exp: Option<u64>,
+    exp: serde_json::Value,
     #[serde(default)]
     sub: String,
     #[serde(default, rename = "kubernetes.io")]
@@ -91,12 +93,16 @@ impl Claims {
         };
         object(header, "header")?;
         let payload = object(payload, "payload")?;
-        serde_json::from_value(payload).map_err(|e| not_one(&format!("its claims do not parse: {e}")))
+        serde_json::from_value(payload).map_err(|e| not_one(&super::bounded(&format!("its claims do not parse: {e}"))))
     }
 
     /// Refuses a token whose stated expiry is more than [`CLOCK_SKEW`] before `now`.
     pub fn check_expiry(&self, now: SystemTime) -> Result<(), EnrolError> {
-        let Some(exp) = self.exp else { return Ok(()) };
+        let Some(exp) = self.exp.as_f64().filter(|e| e.is_finite() && *e >= 0.0) else {
+            return Ok(());
+        };
+        // Whole seconds, rounded up: a token is taken as expired only once it surely is.
+        let exp = exp.ceil().min(u64::MAX as f64) as u64;
         let now = now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
         if exp.saturating_add(CLOCK_SKEW.as_secs()) < now {
             return Err(EnrolError::Unauthenticated(format!(
@@ -184,7 +190,7 @@ mod tests {
                 "header is not a JSON object",
             ),
             (
-                format!("{}.{}.sig", enc(b"{}"), enc(br#"{"exp":"soon"}"#)),
+                format!("{}.{}.sig", enc(b"{}"), enc(br#"{"sub":5}"#)),
                 "claims do not parse",
             ),
         ];
@@ -203,7 +209,15 @@ mod tests {
         claims.check_expiry(at(1_000 + CLOCK_SKEW.as_secs())).unwrap();
         let e = claims.check_expiry(at(1_001 + CLOCK_SKEW.as_secs())).unwrap_err();
         assert!(e.to_string().contains("expired 61 s ago"), "{e}");
-        // No exp claim: the API server decides.
+        // Written as a float, as JWT libraries take it too.
+        let float = Claims::read(&jwt(&serde_json::json!({"exp": 1.0e3}))).unwrap();
+        float.check_expiry(at(1_000 + CLOCK_SKEW.as_secs())).unwrap();
+        assert!(float.check_expiry(at(1_001 + CLOCK_SKEW.as_secs())).is_err());
+        // Not a number, or none: the API server decides.
+        Claims::read(&jwt(&serde_json::json!({"exp": "soon"})))
+            .unwrap()
+            .check_expiry(at(u64::MAX / 2))
+            .unwrap();
         Claims::read(&jwt(&serde_json::json!({})))
             .unwrap()
             .check_expiry(at(u64::MAX / 2))
