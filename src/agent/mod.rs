@@ -298,23 +298,8 @@ impl Agent for LocalAgent {
         self.blocking(|e| Ok(e.snapshots())).await
     }
 
-    /// The pools whose room can be read: one that cannot (its directory gone, its share
-    /// unmounted) is left out, so placement passes it over, rather than taking every other pool
-    /// of the node out of the heartbeat with it. NodeGetStorageHealth names it.
     async fn pools(&self) -> Result<Vec<PoolStatus>, StorageError> {
-        self.blocking(|e| {
-            let mut readable = Vec::new();
-            for (name, status) in e.pool_statuses() {
-                match status {
-                    Ok(p) => readable.push(p),
-                    Err(err) => {
-                        tracing::warn!(pool = name.as_str(), error = %err, "a pool's room cannot be read; it is left out of this node's pools")
-                    }
-                }
-            }
-            Ok(readable)
-        })
-        .await
+        self.blocking(|e| e.pool_status()).await
     }
 
     fn pool_is_shared(&self, pool: Option<&PoolName>) -> Option<bool> {
@@ -527,29 +512,6 @@ impl Directory for SingleNode {
 mod tests {
     use super::Rendezvous;
     use std::time::Duration;
-
-    /// A pool whose room cannot be read (its directory moved away) is left out of the node's
-    /// pools; the others are still reported. Before, the whole listing failed, and the node's
-    /// heartbeat carried no pool at all.
-    #[tokio::test]
-    async fn a_pool_whose_room_cannot_be_read_is_left_out_not_all_of_them() {
-        use super::{Agent, LocalAgent};
-        use crate::storage::config::Config;
-        use crate::storage::engine::LocalEngine;
-        use crate::storage::id::{NodeId, PoolName};
-        use std::sync::Arc;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config::default_for(dir.path());
-        let mut other = config.pools[0].clone();
-        other.name = PoolName::parse("other").expect("name");
-        other.path = dir.path().join("pools/other");
-        config.pools.push(other);
-        let engine = Arc::new(LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("engine"));
-        std::fs::rename(dir.path().join("pools/other"), dir.path().join("moved-away")).expect("move");
-        let pools = LocalAgent::new(engine).pools().await.expect("pools");
-        let names: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
-        assert_eq!(names, ["default"]);
-    }
 
     /// A reader that keeps an export's stream open but takes nothing from it: the export stops
     /// after [`super::EXPORT_STALL`] and lets go of its source, which can then be deleted.

@@ -233,7 +233,9 @@ impl LocalEngine {
             .collect()
     }
 
-    /// Every pool's status; the first pool whose filesystem cannot be read fails the whole.
+    /// Every pool's status; the first pool whose filesystem cannot be read fails the whole (what
+    /// the controller's calls about pools want: GetCapacity of a dead share is UNAVAILABLE, and a
+    /// heartbeat then sends the last figures it read).
     pub fn pool_status(&self) -> Result<Vec<PoolStatus>, StorageError> {
         self.pools.values().map(|p| self.status(p)).collect()
     }
