@@ -169,6 +169,10 @@ enum Place {
     Unknown,
 }
 
+/// The most data one compressed (encoded) extent holds: btrfs compresses in pieces of at most
+/// 128 KiB (`BTRFS_MAX_UNCOMPRESSED`).
+const MAX_ENCODED_EXTENT: u64 = 128 << 10;
+
 fn place(e: &Extent) -> Place {
     use extents::*;
     if e.flags & FLAG_UNWRITTEN != 0 {
@@ -176,6 +180,10 @@ fn place(e: &Extent) -> Place {
     } else if e.flags & (FLAG_UNKNOWN | FLAG_DELALLOC | FLAG_INLINE | FLAG_TAIL | FLAG_NOT_ALIGNED) != 0
         || e.physical == 0
     {
+        Place::Unknown
+    } else if e.flags & FLAG_ENCODED != 0 && e.length > MAX_ENCODED_EXTENT {
+        // Longer than one compressed extent can be: FIEMAP merged several that looked
+        // contiguous, and two different sets could look alike merged (review). Never the same.
         Place::Unknown
     } else if e.flags & FLAG_ENCODED != 0 {
         Place::Encoded {
@@ -295,6 +303,14 @@ mod tests {
         let a = [ext(0, 1000 * K, 4 * K, FLAG_ENCODED)];
         let b = [ext(0, 1000 * K, 4 * K, FLAG_ENCODED)];
         assert!(all(&a, &b, 0, 4 * K).is_empty(), "one compressed extent shared by both");
+        // Longer than one compressed extent can be: several merged by FIEMAP, never the same.
+        let merged = [ext(0, 1000 * K, 64 * K, FLAG_ENCODED)];
+        assert_eq!(all(&merged, &merged, 0, 64 * K), [(0, 64 * K)]);
+        let whole = [ext(0, 1000 * K, 32 * K, FLAG_ENCODED)];
+        assert!(
+            all(&whole, &whole, 0, 32 * K).is_empty(),
+            "128 KiB is one extent's most"
+        );
         let c = [
             ext(0, 1000 * K, 2 * K, FLAG_ENCODED),
             ext(2 * K, 1000 * K, 2 * K, FLAG_ENCODED),
