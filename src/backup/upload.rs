@@ -504,7 +504,7 @@ mod tests {
         nix::unistd::mkfifo(&data.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         let whole = BackupId::new(PoolName::parse("offsite").unwrap(), "5678-abcd").unwrap();
         upload(&b, &whole, &meta("snap-whole"), &data, None, &Default::default()).expect("every kind counts alike");
-        assert_eq!(crate::sys::tree::count_entries(&data).unwrap(), 5);
+        assert_eq!(crate::sys::tree::count_tree(&data).unwrap().entries, 5);
         // The same backup held against a source of one entry more is short.
         let opened = b.open(whole.repository()).unwrap();
         let saved = b
