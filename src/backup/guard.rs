@@ -59,6 +59,7 @@ pub fn wrap(be: RepositoryBackends, repository: &str) -> RepositoryBackends {
             inner,
             repository: repository.to_string(),
             keys: Mutex::new(HashMap::new()),
+            listed: Mutex::new(HashMap::new()),
         })
     };
     RepositoryBackends::new(guarded(be.repository()), be.repo_hot().map(guarded))
@@ -70,6 +71,9 @@ struct Guarded {
     /// Key files as they were when checked: rustic reads these bytes, not the file again (which
     /// its writer may have changed since).
     keys: Mutex<HashMap<Id, Bytes>>,
+    /// The length each file read whole had when a listing let it through (by kind): it is read
+    /// up to that length and no further, however large it has grown since.
+    listed: Mutex<HashMap<(u8, Id), u32>>,
 }
 
 /// Why a key file is not tried, or the work deriving its key takes.
@@ -116,7 +120,8 @@ impl Guarded {
                 self.skip_key(&id, &format!("it is {size} bytes long"));
                 continue;
             }
-            let data = self.inner.read_full(FileType::Key, &id)?;
+            // Up to its listed length: an object grown since is not read whole.
+            let data = self.inner.read_partial(FileType::Key, &id, false, 0, size)?;
             match kdf_work(&data) {
                 Ok(work) => {
                     usable.push((work, id, size));
@@ -169,9 +174,10 @@ impl Guarded {
                     ),
                 ));
             }
+            self.remember(tpe, &all);
             return Ok(all);
         }
-        Ok(all
+        let kept: Vec<(Id, u32)> = all
             .into_iter()
             .filter(|(id, size)| {
                 let ok = *size <= max;
@@ -187,7 +193,57 @@ impl Guarded {
                 }
                 ok
             })
-            .collect())
+            .collect();
+        self.remember(tpe, &kept);
+        Ok(kept)
+    }
+
+    fn remember(&self, tpe: FileType, files: &[(Id, u32)]) {
+        let mut listed = self.listed.lock().unwrap_or_else(|p| p.into_inner());
+        listed.retain(|(t, _), _| *t != tpe as u8);
+        listed.extend(files.iter().map(|(id, size)| ((tpe as u8, *id), *size)));
+    }
+
+    /// A file of a kind read whole, read up to the length its listing gave (listed again when
+    /// it was not). An object store answers a plain read with the whole object as it is now: a
+    /// snapshot file listed small and grown meanwhile by whoever can write the bucket was read
+    /// whole into memory before its MAC was checked.
+    fn read_listed(&self, tpe: FileType, max: u32, id: &Id) -> RusticResult<Bytes> {
+        let known = |s: &Self| {
+            s.listed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&(tpe as u8, *id))
+                .copied()
+        };
+        let size = match known(self) {
+            Some(size) => size,
+            None => {
+                self.bounded(tpe, max)?;
+                known(self).ok_or_else(|| {
+                    RusticError::new(
+                        ErrorKind::Backend,
+                        format!(
+                            "{tpe} file {id} of the repository is not listed (or is larger than the {max} bytes read)"
+                        ),
+                    )
+                })?
+            }
+        };
+        if size == 0 {
+            return Ok(Bytes::new());
+        }
+        let data = self.inner.read_partial(tpe, id, false, 0, size)?;
+        if data.len() > size as usize {
+            return Err(RusticError::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{tpe} file {id} of the repository answered {} bytes for {size}",
+                    data.len()
+                ),
+            ));
+        }
+        Ok(data)
     }
 }
 
@@ -212,21 +268,25 @@ impl ReadBackend for Guarded {
     }
 
     fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<Bytes> {
-        if tpe != FileType::Key {
-            return self.inner.read_full(tpe, id);
+        match (tpe, max_bytes(tpe)) {
+            (FileType::Key, _) => {}
+            (_, Some(max)) => return self.read_listed(tpe, max, id),
+            (_, None) => return self.inner.read_full(tpe, id),
         }
         if let Some(data) = self.keys.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
             return Ok(data.clone());
         }
-        // A key file read without being listed first is checked the same way.
-        let data = self.inner.read_full(tpe, id)?;
-        kdf_work(&data).map_err(|why| {
+        // A key file read without being listed first is listed and checked the same way.
+        self.keys()?;
+        let data = self.keys.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
+        data.ok_or_else(|| {
             RusticError::new(
                 ErrorKind::InvalidInput,
-                format!("key file {id} of the repository is not tried: {why}"),
+                format!(
+                    "key file {id} of the repository is not tried: it is not listed, or not usable (the log says why)"
+                ),
             )
-        })?;
-        Ok(data)
+        })
     }
 
     fn read_partial(&self, tpe: FileType, id: &Id, cacheable: bool, offset: u32, length: u32) -> RusticResult<Bytes> {
@@ -477,7 +537,8 @@ mod tests {
     use std::time::Duration;
 
     /// A snapshot file listed small and grown before its read (anyone who can write the share)
-    /// is not read past its kind's bound: the listing's check alone let 100 MiB through.
+    /// is not read past its listed length, nor (read unlisted) past its kind's bound: the
+    /// listing's check alone let 100 MiB through.
     #[test]
     fn a_file_grown_after_its_listing_is_not_read_past_its_bound() {
         let dir = tempfile::tempdir().unwrap();
@@ -495,10 +556,126 @@ mod tests {
             .unwrap()
             .set_len(100 << 20)
             .unwrap();
-        let e = be
+        let read = be
             .read_full(FileType::Snapshot, &id)
-            .expect_err("read whole past its bound");
+            .expect("read to its listed length");
+        assert_eq!(&read[..], b"small", "read to its listed length, not whole");
+        // Read without the listing, the path repository's own bound refuses it.
+        let e = LocalReads {
+            inner: be.clone(),
+            root: dir.path().join("repo"),
+        }
+        .read_full(FileType::Snapshot, &id)
+        .expect_err("read whole past its bound");
         assert!(e.to_string().contains("at most"), "{e}");
+    }
+
+    /// An object store's files as lengths: a read answers what the object holds now (zeros), and
+    /// every byte a read hands out is counted.
+    #[derive(Default)]
+    struct Bucket {
+        files: Mutex<HashMap<(u8, Id), u64>>,
+        handed_out: std::sync::atomic::AtomicU64,
+    }
+
+    impl Bucket {
+        fn put(&self, tpe: FileType, id: Id, len: u64) {
+            self.files.lock().unwrap().insert((tpe as u8, id), len);
+        }
+
+        fn hand_out(&self, n: u64) -> RusticResult<Bytes> {
+            self.handed_out.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+            Ok(Bytes::from(vec![0u8; n as usize]))
+        }
+
+        fn len(&self, tpe: FileType, id: &Id) -> RusticResult<u64> {
+            self.files
+                .lock()
+                .unwrap()
+                .get(&(tpe as u8, *id))
+                .copied()
+                .ok_or_else(|| RusticError::new(ErrorKind::Backend, "no such object"))
+        }
+    }
+
+    impl ReadBackend for Bucket {
+        fn location(&self) -> String {
+            "bucket".into()
+        }
+        fn list_with_size(&self, tpe: FileType) -> RusticResult<Vec<(Id, u32)>> {
+            let files = self.files.lock().unwrap();
+            Ok(files
+                .iter()
+                .filter(|((t, _), _)| *t == tpe as u8)
+                .map(|((_, id), len)| (*id, u32::try_from(*len).unwrap_or(0)))
+                .collect())
+        }
+        fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<Bytes> {
+            self.hand_out(self.len(tpe, id)?)
+        }
+        fn read_partial(&self, tpe: FileType, id: &Id, _: bool, offset: u32, length: u32) -> RusticResult<Bytes> {
+            let len = self.len(tpe, id)?;
+            self.hand_out(len.saturating_sub(u64::from(offset)).min(u64::from(length)))
+        }
+        fn warmup_path(&self, _: FileType, _: &Id) -> String {
+            String::new()
+        }
+    }
+
+    impl WriteBackend for Bucket {
+        fn create(&self) -> RusticResult<()> {
+            Ok(())
+        }
+        fn write_bytes(&self, _: FileType, _: &Id, _: bool, _: BytesList) -> RusticResult<()> {
+            Ok(())
+        }
+        fn remove(&self, _: FileType, _: &Id, _: bool) -> RusticResult<()> {
+            Ok(())
+        }
+    }
+
+    /// The same on an object store, where a plain read answers the whole object as it is now:
+    /// a snapshot, index, config or key file is read only up to the length the listing that let
+    /// it through gave (listed first when it was not), so one grown to 3 GiB in between costs
+    /// nothing; one listed past its bound is never read.
+    #[test]
+    fn an_object_grown_after_its_listing_is_read_only_to_its_listed_length() {
+        let bucket = Arc::new(Bucket::default());
+        let be = wrap(RepositoryBackends::new(bucket.clone(), None), "offsite").repository();
+        let (snap, index, unlisted, huge) = (Id::new([1; 32]), Id::new([2; 32]), Id::new([3; 32]), Id::new([4; 32]));
+        bucket.put(FileType::Snapshot, snap, 300);
+        bucket.put(FileType::Index, index, 4000);
+        bucket.put(FileType::Snapshot, huge, 65 << 20);
+        bucket.put(FileType::Config, Id::default(), 200);
+        let listed = be.list_with_size(FileType::Snapshot).unwrap();
+        assert_eq!(listed, vec![(snap, 300)], "the one past its bound is left out");
+        be.list_with_size(FileType::Index).unwrap();
+        be.list_with_size(FileType::Config).unwrap();
+        for (tpe, id) in [
+            (FileType::Snapshot, snap),
+            (FileType::Index, index),
+            (FileType::Config, Id::default()),
+        ] {
+            bucket.put(tpe, id, 3 << 30);
+        }
+        bucket.put(FileType::Snapshot, unlisted, 500);
+        assert_eq!(be.read_full(FileType::Snapshot, &snap).unwrap().len(), 300);
+        assert_eq!(be.read_full(FileType::Index, &index).unwrap().len(), 4000);
+        assert_eq!(be.read_full(FileType::Config, &Id::default()).unwrap().len(), 200);
+        assert_eq!(
+            be.read_full(FileType::Snapshot, &unlisted).unwrap().len(),
+            500,
+            "a file read before any listing is listed first"
+        );
+        let e = be.read_full(FileType::Snapshot, &huge).expect_err("past its bound");
+        assert!(e.to_string().contains("not listed"), "{e}");
+        let e = be.read_full(FileType::Key, &Id::new([5; 32])).expect_err("no such key");
+        assert!(e.to_string().contains("not tried"), "{e}");
+        assert_eq!(
+            bucket.handed_out.load(std::sync::atomic::Ordering::SeqCst),
+            300 + 4000 + 200 + 500,
+            "no byte past a listed length was read"
+        );
     }
 
     /// A FIFO, a symlink or a directory in a repository file's place is an error at once, never

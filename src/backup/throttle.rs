@@ -13,7 +13,7 @@ use rustic_core::{
     BytesList, ErrorKind, FileType, Id, ReadBackend, RepositoryBackends, RusticError, RusticResult, WriteBackend,
 };
 
-use super::upload::Stop;
+use super::upload::{Stop, StopWriter};
 
 /// How often a write waiting for its turn looks whether its upload was called off.
 const STOP_LOOK: Duration = Duration::from_millis(50);
@@ -85,7 +85,7 @@ impl Throttle {
                 inner,
                 throttle: self.clone(),
                 repository: repository.to_string(),
-                stop: stop.cloned(),
+                stop: stop.map(Stop::writer),
             })
         };
         RepositoryBackends::new(paced(be.repository()), be.repo_hot().map(paced))
@@ -104,7 +104,8 @@ struct Paced {
     inner: Arc<dyn WriteBackend>,
     throttle: Arc<Throttle>,
     repository: String,
-    stop: Option<Stop>,
+    /// The upload these backends serve, which counts them while they are held.
+    stop: Option<StopWriter>,
 }
 
 impl Paced {
@@ -112,9 +113,13 @@ impl Paced {
     /// wait, so that a stop pulled while a write waits for its turn ends it at once.
     fn going(&self) -> RusticResult<()> {
         match &self.stop {
-            Some(s) if s.pulled() => Err(RusticError::new(
+            Some(w) if w.stop().pulled() => Err(RusticError::new(
                 ErrorKind::Backend,
                 "the upload was called off: its backup is being deleted",
+            )),
+            Some(w) if w.stop().refuses_writes() => Err(RusticError::new(
+                ErrorKind::Backend,
+                "the upload has already answered: nothing more is written for it",
             )),
             _ => Ok(()),
         }

@@ -9,9 +9,9 @@
 //! again; every chunk is deduplicated against the whole repository.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rustic_core::repofile::{Node, NodeType, SnapshotFile, SnapshotSummary, StringList};
 use rustic_core::{BackupOptions, LocalSourceSaveOptions, ParentOptions, PathList, SnapshotOptions, TimeOption};
@@ -37,38 +37,106 @@ pub struct Base {
 /// refused, so that an upload whose backup is being deleted ends within one pack instead of
 /// running to its end (and holding the delete up until then). What it wrote before is in no
 /// index or listed snapshot: a prune removes it.
+///
+/// It also counts the repository backends opened for the upload ([`Stop::writer`]). rustic's
+/// packer writes its last pack from a thread of its own that a failed backup does not wait for;
+/// [`upload`] ends the switch (every later write refused) and returns only once no such backend
+/// is held, so that nothing is written for an upload after it answered.
 #[derive(Clone, Default)]
-pub struct Stop(Arc<AtomicU8>);
+pub struct Stop(Arc<StopState>);
+
+#[derive(Default)]
+struct StopState {
+    /// Why it was pulled (0: it was not).
+    why: AtomicU8,
+    /// The upload has answered: nothing more may be written for it.
+    ended: AtomicBool,
+    /// Backends opened for the upload and not yet dropped.
+    writers: AtomicUsize,
+}
 
 /// Why a [`Stop`] was pulled (0: it was not).
 const BY_DELETE: u8 = 1;
 const BY_MARK: u8 = 2;
+
+/// How long an answered upload waits for rustic's threads to let go of its backends. Their
+/// writes are refused by then, so only a write already under way (one pack) can hold them.
+const WRITERS_WAIT: Duration = Duration::from_secs(60);
 
 impl Stop {
     /// Calls the upload off for its backup's delete.
     pub fn pull(&self) {
         let _ = self
             .0
+            .why
             .compare_exchange(0, BY_DELETE, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     /// Calls the upload off for a deletion mark of its backup, found by the upload itself.
     pub fn pull_for_mark(&self) {
-        let _ = self.0.compare_exchange(0, BY_MARK, Ordering::SeqCst, Ordering::SeqCst);
+        let _ = self
+            .0
+            .why
+            .compare_exchange(0, BY_MARK, Ordering::SeqCst, Ordering::SeqCst);
     }
 
     pub fn pulled(&self) -> bool {
-        self.0.load(Ordering::SeqCst) != 0
+        self.0.why.load(Ordering::SeqCst) != 0
     }
 
     /// Whether it was pulled for a deletion mark (and not first by a delete).
     pub fn pulled_for_mark(&self) -> bool {
-        self.0.load(Ordering::SeqCst) == BY_MARK
+        self.0.why.load(Ordering::SeqCst) == BY_MARK
+    }
+
+    /// Whether a write for the upload must be refused: it was called off, or it has answered.
+    pub fn refuses_writes(&self) -> bool {
+        self.pulled() || self.0.ended.load(Ordering::SeqCst)
     }
 
     /// Whether `other` is this switch (not merely one in the same position).
     pub fn same(&self, other: &Stop) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
+    }
+
+    /// Counts a backend opened for the upload until the returned guard is dropped.
+    pub fn writer(&self) -> StopWriter {
+        self.0.writers.fetch_add(1, Ordering::SeqCst);
+        StopWriter(self.clone())
+    }
+
+    /// Backends opened for the upload and still held.
+    pub fn writers(&self) -> usize {
+        self.0.writers.load(Ordering::SeqCst)
+    }
+
+    /// Refuses every later write, then waits up to `limit` for the backends opened for the
+    /// upload to be dropped; whether they were.
+    pub fn end(&self, limit: Duration) -> bool {
+        self.0.ended.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + limit;
+        while self.writers() > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+}
+
+/// A backend opened for an upload: the switch it obeys, counted while it is held.
+pub struct StopWriter(Stop);
+
+impl StopWriter {
+    pub fn stop(&self) -> &Stop {
+        &self.0
+    }
+}
+
+impl Drop for StopWriter {
+    fn drop(&mut self) {
+        self.0 .0.writers.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -136,6 +204,11 @@ pub fn upload(
             e
         }
     });
+    // rustic's packer thread may still be writing the failed upload's last pack: nothing is
+    // written for an upload once it answered, and it answers once nothing can be.
+    if !stop.end(WRITERS_WAIT) {
+        tracing::warn!(backup = %id, waited_s = WRITERS_WAIT.as_secs(), writers = stop.writers(), "a write of the upload is still under way after it ended; it is refused when it ends");
+    }
     crate::metrics::record_backup_end(&repo_name, "upload", result.is_ok(), started.elapsed());
     match &result {
         Ok(b) => {
@@ -585,13 +658,55 @@ mod tests {
             std::os::unix::fs::symlink(&outside, bucket.path()).unwrap();
         }
         std::fs::write(data.join("g"), vec![4u8; 150_000]).unwrap();
-        let refused = upload(&b, &id(2), &meta("other"), &data, None, &Default::default());
+        let stop = Stop::default();
+        let refused = upload(&b, &id(2), &meta("other"), &data, None, &stop);
         assert!(refused.is_err(), "no bucket to write into");
+        assert_eq!(
+            stop.writers(),
+            0,
+            "the failed upload answered only once rustic's threads let go of its backends"
+        );
         assert_eq!(
             std::fs::read_dir(&outside).unwrap().count(),
             0,
             "nothing written outside"
         );
+    }
+
+    /// A backend opened for an upload is counted until dropped, wherever it is held (rustic's
+    /// packer keeps one in a thread of its own); ending the upload refuses its later writes at
+    /// once and waits for every such backend to be let go.
+    #[test]
+    fn an_ended_upload_refuses_writes_and_waits_for_its_backends() {
+        let (_dir, b, _data) = setup(b"x");
+        let name = PoolName::parse("offsite").unwrap();
+        let stop = Stop::default();
+        let be = b.write_backend(&name, Some(&stop)).unwrap();
+        assert_eq!(stop.writers(), 1, "one backend opened for the upload");
+        let file = rustic_core::Id::default();
+        be.write_bytes(rustic_core::FileType::Pack, &file, false, vec![1u8; 10].into())
+            .expect("a write before the end");
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            rx.recv().unwrap();
+            let refused = be.write_bytes(rustic_core::FileType::Pack, &file, false, vec![2u8; 10].into());
+            drop(be);
+            refused
+        });
+        let ending = {
+            let stop = stop.clone();
+            std::thread::spawn(move || stop.end(Duration::from_secs(600)))
+        };
+        while !stop.refuses_writes() {
+            std::thread::yield_now();
+        }
+        assert!(!ending.is_finished(), "the end waits while a backend is held");
+        tx.send(()).unwrap();
+        let refused = holder.join().unwrap().expect_err("a write after the end");
+        assert!(refused.to_string().contains("already answered"), "{refused}");
+        assert!(ending.join().unwrap(), "the end saw the backend let go");
+        assert_eq!(stop.writers(), 0);
+        assert!(!stop.pulled(), "an ended upload was not called off");
     }
 
     /// Between the snapshot file's write and the completeness check, the backup is neither
