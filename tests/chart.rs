@@ -1778,6 +1778,132 @@ fn backup_values_the_driver_would_refuse_fail_the_render() {
     }
 }
 
+/// The pod template labels of a workload, as a NetworkPolicy's podSelector would match them.
+fn pod_labels(workload: &Value) -> &serde_yaml_ng::Mapping {
+    workload["spec"]["template"]["metadata"]["labels"]
+        .as_mapping()
+        .expect("pod labels")
+}
+
+/// Whether a `matchLabels` selector selects pods carrying `labels`.
+fn selects(selector: &Value, labels: &serde_yaml_ng::Mapping) -> bool {
+    selector["matchLabels"]
+        .as_mapping()
+        .is_some_and(|m| m.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+/// The NetworkPolicies keep every port of the controller's and the nodes' pods reachable by the
+/// peers that need it, and the agent protocol's ports by cellar's own pods only: the controller's
+/// registry and enrolment ports from the node pods (or, with host networking, the nodes' CIDRs),
+/// the nodes' agent port from the controller and the other nodes (pulls). A selector that matched
+/// no pod would cut the nodes off from the controller; one rule without peers on those ports would
+/// open them to every pod in the cluster. Metrics admit what `metricsFrom` names.
+#[test]
+fn network_policies_admit_each_port_to_the_pods_that_need_it_and_no_more() {
+    for r in renderings() {
+        let policies = r.all("NetworkPolicy");
+        assert_eq!(policies.len(), 2, "{}: one policy for each kind of pod", r.set);
+        let controller = r.get("Deployment", "cellar-controller");
+        let node = r.get("DaemonSet", "cellar-node");
+        let host_network = node["spec"]["template"]["spec"]["hostNetwork"] == Value::Bool(true);
+        let cidrs: Vec<&Value> = seq(r.value("networkPolicy.nodeCIDRs")).iter().collect();
+        let internal = |pod: &str, port: &str| -> bool {
+            matches!((pod, port), ("controller", "agent" | "enrol") | ("node", "agent"))
+        };
+        for (pod, workload) in [("controller", controller), ("node", node)] {
+            let labels = pod_labels(workload);
+            let mine: Vec<&&Value> = policies
+                .iter()
+                .filter(|p| selects(&p["spec"]["podSelector"], labels))
+                .collect();
+            assert_eq!(mine.len(), 1, "{}: one policy selects the {pod} pods", r.set);
+            let rules = seq(&mine[0]["spec"]["ingress"]);
+            for c in seq(&workload["spec"]["template"]["spec"]["containers"]) {
+                for p in seq(&c["ports"]) {
+                    let (name, number) = (p["name"].as_str().expect("port name"), &p["containerPort"]);
+                    let admitting: Vec<&Value> = rules
+                        .iter()
+                        .filter(|rule| seq(&rule["ports"]).iter().any(|rp| rp["port"] == *number))
+                        .collect();
+                    assert!(
+                        !admitting.is_empty(),
+                        "{}: the {pod} pods' port {name} is admitted",
+                        r.set
+                    );
+                    for rule in admitting {
+                        let from = seq(&rule["from"]);
+                        if !internal(pod, name) {
+                            let want = if name == "snapshot-meta" {
+                                r.value("networkPolicy.snapshotMetadataFrom")
+                            } else {
+                                r.value("networkPolicy.metricsFrom")
+                            };
+                            assert_eq!(from, seq(want), "{}: the {pod} pods' port {name}", r.set);
+                            continue;
+                        }
+                        assert!(
+                            !from.is_empty(),
+                            "{}: the {pod} pods' port {name} is not open to all",
+                            r.set
+                        );
+                        let node_labels = pod_labels(node);
+                        let controller_labels = pod_labels(controller);
+                        for peer in from {
+                            let ok = if let Some(cidr) = peer.get("ipBlock") {
+                                pod == "controller" && cidrs.contains(&&cidr["cidr"])
+                            } else {
+                                selects(&peer["podSelector"], node_labels)
+                                    || (pod == "node" && selects(&peer["podSelector"], controller_labels))
+                            };
+                            assert!(
+                                ok && peer.get("namespaceSelector").is_none(),
+                                "{}: the {pod} pods' port {name} admits {peer:?}",
+                                r.set
+                            );
+                        }
+                        let admits =
+                            |labels: &serde_yaml_ng::Mapping| from.iter().any(|p| selects(&p["podSelector"], labels));
+                        assert!(
+                            admits(node_labels),
+                            "{}: node pods reach the {pod} pods' port {name}",
+                            r.set
+                        );
+                        if pod == "node" {
+                            assert!(
+                                admits(controller_labels),
+                                "{}: the controller reaches the agents",
+                                r.set
+                            );
+                        }
+                        if host_network && pod == "controller" {
+                            for cidr in &cidrs {
+                                assert!(
+                                    from.iter().any(|p| p["ipBlock"]["cidr"] == **cidr),
+                                    "{}: host-network nodes reach the controller from {cidr:?}",
+                                    r.set
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Host-network nodes with no CIDRs would be cut off from the controller: the render says so.
+    let mut cmd = Command::new(helm());
+    cmd.args(["template", RELEASE])
+        .arg(chart())
+        .args(["--set", "node.hostNetwork=true"]);
+    let (ok, _, err) = run(&mut cmd);
+    assert!(!ok && err.contains("networkPolicy.nodeCIDRs"), "{err}");
+    let mut cmd = Command::new(helm());
+    cmd.args(["template", RELEASE])
+        .arg(chart())
+        .args(["--set", "networkPolicy.enabled=false"]);
+    let (ok, out, err) = run(&mut cmd);
+    assert!(ok && !out.contains("kind: NetworkPolicy"), "{err}");
+}
+
 /// Group snapshot values the sidecars could not serve fail the render: classes or groups without
 /// csi-snapshotter, classes without its group gate, and a class whose cut (its freeze timeout plus
 /// the nodes' 120 s, and a margin) csi-snapshotter would give up on before it ends; and the
@@ -2118,6 +2244,7 @@ impl FakeApiServer {
                 &[("deployments", "Deployment", true), ("daemonsets", "DaemonSet", true)],
             ),
             ("policy/v1", &[("poddisruptionbudgets", "PodDisruptionBudget", true)]),
+            ("networking.k8s.io/v1", &[("networkpolicies", "NetworkPolicy", true)]),
             (
                 "storage.k8s.io/v1",
                 &[
