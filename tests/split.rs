@@ -362,12 +362,7 @@ async fn a_node_never_listed_does_not_fail_the_listing_of_the_others() {
 /// it, and its next heartbeat brings it back.
 #[tokio::test]
 async fn a_forgotten_node_keeps_its_volumes_listed_as_abnormal_and_its_calls_unavailable() {
-    let flags = ["--heartbeat-interval", "200ms", "--forget-nodes-after", "2s"];
-    let mut c = Cluster::start(Spec {
-        controller_args: flags.iter().map(|f| f.to_string()).collect(),
-        ..Spec::nodes(vec![None, None])
-    })
-    .await;
+    let mut c = two_nodes(&["--heartbeat-interval", "200ms", "--forget-nodes-after", "2s"]).await;
     let mut ctl = c.ctl().await;
     let on2 = made(&mut ctl, wffc("pvc-2", 16 * MIB, "node-2", &["node-2"])).await;
     assert_eq!(listed_conditions(&mut ctl).await, vec![(on2.volume_id.clone(), false)]);
@@ -1425,4 +1420,106 @@ async fn a_restore_onto_another_node_never_passes_through_the_controller() {
         relayed >= 9 << 20,
         "the controller counted what it relayed: {relayed} bytes"
     );
+}
+
+/// A node down across a controller restart is one the new process has never heard of. Its
+/// volumes' DeleteVolume answered OK (the data stayed on the node with no PV naming it) and
+/// ModifyVolume and ExpandVolume NOT_FOUND (final for the resizer), as for "no such node". Every
+/// call naming an object on it now answers UNAVAILABLE until it comes back; then the delete
+/// goes through and removes the data.
+#[tokio::test]
+async fn a_node_down_across_a_controller_restart_is_unavailable_never_absent() {
+    let mut c = two_nodes(&["--heartbeat-interval", "200ms"]).await;
+    let mut ctl = c.ctl().await;
+    let on2 = made(&mut ctl, wffc("pvc-2", 16 * MIB, "node-2", &["node-2"])).await;
+    let snap = ctl
+        .create_snapshot(CreateSnapshotRequest {
+            source_volume_id: on2.volume_id.clone(),
+            name: "snap-2".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("snapshot on node-2")
+        .into_inner()
+        .snapshot
+        .expect("snapshot");
+    c.kill_node(1);
+    c.kill_controller();
+    c.start_controller();
+    let mut ctl = c.ctl().await;
+    // node-1 back (it heartbeats every 200 ms), and the settle period (two intervals) over.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ctl
+        .create_volume(wffc("pvc-1", 16 * MIB, "node-1", &["node-1"]))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "node-1 never came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let data = c.dir.path().join("node-2/pools/default/volumes/pvc-2");
+    assert!(data.is_dir(), "the data is on node-2");
+    let code = |r: Result<(), tonic::Status>| r.map_err(|s| (s.code(), s.message().to_string()));
+    let unavailable = |what: &str, r: Result<(), (Code, String)>| match r {
+        Err((Code::Unavailable, m)) => assert!(m.contains("node-2"), "{what}: {m}"),
+        other => panic!("{what} of an object on the absent node: want UNAVAILABLE, got {other:?}"),
+    };
+    let modify = ctl
+        .controller_modify_volume(ControllerModifyVolumeRequest {
+            volume_id: on2.volume_id.clone(),
+            mutable_parameters: [("deletePolicy".to_string(), "retain".to_string())].into(),
+            ..Default::default()
+        })
+        .await;
+    unavailable("ModifyVolume", code(modify.map(|_| ())));
+    let expand = ctl
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: on2.volume_id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 32 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await;
+    unavailable("ExpandVolume", code(expand.map(|_| ())));
+    let delete_volume = || DeleteVolumeRequest {
+        volume_id: on2.volume_id.clone(),
+        ..Default::default()
+    };
+    let delete_snapshot = || DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        ..Default::default()
+    };
+    let deleted = ctl.delete_volume(delete_volume()).await;
+    unavailable("DeleteVolume", code(deleted.map(|_| ())));
+    let deleted = ctl.delete_snapshot(delete_snapshot()).await;
+    unavailable("DeleteSnapshot", code(deleted.map(|_| ())));
+    assert!(data.is_dir(), "nothing was deleted");
+    c.start_node(1);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let vol_gone = match ctl.delete_snapshot(delete_snapshot()).await {
+            Ok(_) => ctl.delete_volume(delete_volume()).await,
+            Err(e) => Err(e),
+        };
+        match vol_gone {
+            Ok(_) => break,
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(s) => panic!("the delete once node-2 is back: {s:?}"),
+        }
+    }
+    assert!(!data.exists(), "the delete removed the data once its node answered");
+}
+
+/// A controller run with `flags` and two nodes.
+async fn two_nodes(flags: &[&str]) -> Cluster {
+    Cluster::start(Spec {
+        controller_args: flags.iter().map(|f| f.to_string()).collect(),
+        ..Spec::nodes(vec![None, None])
+    })
+    .await
 }

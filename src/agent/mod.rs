@@ -463,6 +463,14 @@ impl Agent for LocalAgent {
 /// The nodes the controller can reach, by node id, and the agent of the shared pools.
 pub trait Directory: Send + Sync {
     fn agent(&self, node: &NodeId) -> Option<Arc<dyn Agent>>;
+    /// The agent that answers for an object on `node`, named by a request: [`Directory::agent`],
+    /// else, where nodes come and go (split mode), one whose every call answers UNAVAILABLE
+    /// naming the node. A node this process has not heard from (it restarted while the node was
+    /// down, or forgot its id) may still hold the object: a DeleteVolume answered OK for it, or a
+    /// ModifyVolume answered NOT_FOUND, would leave its data behind for good.
+    fn owner(&self, node: &NodeId) -> Option<Arc<dyn Agent>> {
+        self.agent(node)
+    }
     /// The nodes, for local volumes.
     fn agents(&self) -> Vec<Arc<dyn Agent>>;
     /// Who serves the shared pools (the controller itself in split mode).

@@ -5,7 +5,9 @@
 //! UNAVAILABLE naming it, until a heartbeat revives it. Nothing is persisted: after a controller
 //! restart every live node is back within one heartbeat, and until then (the settling window) an
 //! unknown node is "not registered yet" (UNAVAILABLE), never "no such node" (NOT_FOUND), so no
-//! DeleteVolume succeeds for a volume whose node simply has not called in yet.
+//! DeleteVolume succeeds for a volume whose node simply has not called in yet. After it, an
+//! unknown node is no candidate and is not listed, but a call naming an object on it still answers
+//! UNAVAILABLE ([`Directory::owner`]): it may be down since before the restart.
 //!
 //! Only a node may register, and a node holding a certificate of its own may speak only for
 //! itself ([`NodeIdentity`], docs/security.md).
@@ -671,6 +673,12 @@ impl Directory for Registry {
         (known || !self.settled()).then(|| self.gated(node.clone()))
     }
 
+    /// Any node, known or not: one never heard of answers UNAVAILABLE ("it has not registered
+    /// with this controller since it started").
+    fn owner(&self, node: &NodeId) -> Option<Arc<dyn Agent>> {
+        Some(self.gated(node.clone()))
+    }
+
     /// The available nodes, by node id.
     fn agents(&self) -> Vec<Arc<dyn Agent>> {
         let s = &self.shared;
@@ -1094,7 +1102,17 @@ mod tests {
         assert!(!r.settled());
         clock.advance(2 * INTERVAL);
         assert!(r.settled());
-        assert!(r.agent(&node("node-9")).is_none());
+        assert!(r.agent(&node("node-9")).is_none(), "not a candidate, not listed");
+        // A request naming an object on it is still answered UNAVAILABLE, never "no such node".
+        let owner = r.owner(&node("node-9")).expect("answers for its objects");
+        let s = Status::from(
+            owner
+                .delete_volume(VolumeId::parse("local:node-9:default:pvc-1").unwrap())
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(s.message().contains("has not registered"), "{}", s.message());
     }
 
     #[tokio::test]

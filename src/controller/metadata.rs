@@ -45,7 +45,7 @@ impl SnapshotMetadataService {
         }
         let id = SnapshotId::parse(raw).map_err(|_| not_found())?;
         let agent = match id.0.node() {
-            Some(n) => self.directory.agent(n),
+            Some(n) => self.directory.owner(n),
             None => self.directory.shared(),
         };
         Ok((id, agent.ok_or_else(not_found)?))

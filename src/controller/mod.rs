@@ -238,6 +238,15 @@ impl ControllerService {
         }
     }
 
+    /// The agent answering for an object a request names ([`Directory::owner`]): on a node the
+    /// registry does not know, UNAVAILABLE, never "no such node".
+    fn owner_of(&self, node: Option<&NodeId>) -> Option<Arc<dyn Agent>> {
+        match node {
+            Some(n) => self.directory.owner(n),
+            None => self.directory.shared(),
+        }
+    }
+
     /// The agent of the shared pool a request names (or defaults to), if it names a shared pool.
     async fn shared_pool_agent(
         &self,
@@ -334,7 +343,7 @@ impl ControllerService {
         let ranked = request::rank_nodes(r.accessibility_requirements.as_ref(), &nodes);
         let source_agent = match &source {
             Some(Source::Backup(_)) => None,
-            Some(s) => match self.agent_of(s.node()) {
+            Some(s) => match self.owner_of(s.node()) {
                 Some(a) => Some(a),
                 None => {
                     return Err(ControllerError::not_found(
@@ -545,7 +554,7 @@ impl ControllerService {
     fn volume_owner(&self, raw: &str) -> Result<(VolumeId, Arc<dyn Agent>), ControllerError> {
         let id = VolumeId::parse(raw).map_err(|_| ControllerError::not_found(format!("volume {raw} not found")))?;
         let agent = self
-            .agent_of(id.0.node())
+            .owner_of(id.0.node())
             .ok_or_else(|| ControllerError::not_found(format!("volume {raw} not found (no such node)")))?;
         Ok((id, agent))
     }
@@ -747,7 +756,7 @@ impl ControllerService {
     /// node is asked, and its failure is the answer.
     async fn csi_snapshots(&self, one: Option<&SnapshotId>) -> Result<Vec<Snapshot>, ControllerError> {
         if let Some(id) = one {
-            let Some(agent) = self.agent_of(id.0.node()) else {
+            let Some(agent) = self.owner_of(id.0.node()) else {
                 return Ok(Vec::new());
             };
             return Ok(agent.snapshots().await?.iter().map(csi_snapshot).collect());
@@ -1084,7 +1093,7 @@ impl Controller for ControllerService {
             if let Ok(id) = BackupId::parse(&r.snapshot_id) {
                 self.delete_backup(&id).await?;
             } else if let Ok(id) = SnapshotId::parse(&r.snapshot_id) {
-                if let Some(agent) = self.agent_of(id.0.node()) {
+                if let Some(agent) = self.owner_of(id.0.node()) {
                     match agent.delete_snapshot(id.clone()).await {
                         Err(refused @ StorageError::Unsupported(_)) => {
                             self.delete_left_member(agent.as_ref(), &id, refused).await?
@@ -1146,7 +1155,7 @@ impl Controller for ControllerService {
                 });
             }
             let id = SnapshotId::parse(&r.snapshot_id).map_err(|_| not_found())?;
-            let agent = self.agent_of(id.0.node()).ok_or_else(not_found)?;
+            let agent = self.owner_of(id.0.node()).ok_or_else(not_found)?;
             let snap = agent
                 .snapshots()
                 .await?
