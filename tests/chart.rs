@@ -288,6 +288,8 @@ fn values_schema_refuses_mistyped_values() {
         // The host-path mount is chosen by comparing the path as written with dataDir: `..`
         // would put the pool in the container's own filesystem, lost with the container.
         "config.pools[0].path=/var/lib/cellar/../../srv/data",
+        // A pool at the host's root rendered null mount paths: the upgrade failed part-way.
+        "config.pools[0].path=/",
     ] {
         let mut cmd = Command::new(helm());
         cmd.args(["template", RELEASE]).arg(chart()).args(["--set", set]);
@@ -1902,6 +1904,65 @@ fn network_policies_admit_each_port_to_the_pods_that_need_it_and_no_more() {
         .args(["--set", "networkPolicy.enabled=false"]);
     let (ok, out, err) = run(&mut cmd);
     assert!(ok && !out.contains("kind: NetworkPolicy"), "{err}");
+}
+
+/// A pool inside the kubelet's directory was mounted (HostToContainer) inside its Bidirectional
+/// mount: publish mounts made there would not reach the host, and pods would write to the node's
+/// root disk; one holding the kubelet directory would show every pod's volumes to the pool. Both
+/// fail the render, naming the pool; a pool beside it renders.
+#[test]
+fn pools_overlapping_the_kubelet_directory_fail_the_render() {
+    for (path, ok) in [
+        ("/var/lib/kubelet/pods/p", false),
+        ("/var/lib/kubelet", false),
+        ("/var", false),
+        ("/var/lib/kubelet-disks", true),
+        ("/srv/cellar", true),
+    ] {
+        let mut cmd = Command::new(helm());
+        cmd.args(["template", RELEASE]).arg(chart()).args([
+            "--set",
+            &format!("config.pools[0].name=fast,config.pools[0].path={path}"),
+        ]);
+        let (rendered, _, err) = run(&mut cmd);
+        assert_eq!(rendered, ok, "pool at {path}: {err}");
+        if !ok {
+            assert!(
+                err.contains("pool fast's path") && err.contains("overlaps kubeletDir"),
+                "{err}"
+            );
+        }
+    }
+}
+
+/// YAML reads a StorageClass's unquoted `mode: 0770` as the number 504, which reached the driver
+/// as "504" and was read as octal 0o504 (`02775` gave 0o1533: others could create files). The
+/// schema wants a string; the quoted mode renders as written.
+#[test]
+fn a_storage_class_mode_must_be_a_quoted_octal_string() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (mode, ok) in [
+        ("0770", false),
+        ("02775", false),
+        ("\"0770\"", true),
+        ("\"abc\"", false),
+    ] {
+        let values = dir.path().join("values.yaml");
+        std::fs::write(
+            &values,
+            format!("storageClasses:\n  - name: a\n    parameters: {{mode: {mode}}}\n"),
+        )
+        .unwrap();
+        let mut cmd = Command::new(helm());
+        cmd.args(["template", RELEASE]).arg(chart()).arg("-f").arg(&values);
+        let (rendered, out, err) = run(&mut cmd);
+        assert_eq!(rendered, ok, "mode: {mode}: {err}");
+        if ok {
+            assert!(out.contains("mode: \"0770\""), "the mode as written");
+        } else {
+            assert!(err.contains("parameters/mode"), "mode: {mode}: {err}");
+        }
+    }
 }
 
 /// Group snapshot values the sidecars could not serve fail the render: classes or groups without

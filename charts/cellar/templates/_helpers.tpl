@@ -251,6 +251,13 @@ filling the root disk); a shared pool that cellar mounts at its path may be crea
 {{- $shared := eq (default "local" .backend) "shared" -}}
 {{- if and .path (or $shared (not $.sharedOnly)) -}}
 {{- $p := trimSuffix "/" .path -}}
+{{- $kubelet := trimSuffix "/" $root.Values.kubeletDir -}}
+{{- /* A pool inside the kubelet dir is mounted inside its Bidirectional mount with other propagation:
+publish mounts made there would not reach the host. One holding the kubelet dir would show the pods'
+volumes to the pool. */ -}}
+{{- if or (eq $p $kubelet) (hasPrefix (printf "%s/" $kubelet) $p) (hasPrefix (printf "%s/" $p) $kubelet) -}}
+{{- fail (printf "config.pools: pool %s's path %s overlaps kubeletDir %s; put pools outside the kubelet's directory" .name .path $root.Values.kubeletDir) -}}
+{{- end -}}
 {{- if not (or (eq $p $data) (hasPrefix (printf "%s/" $data) $p) (hasKey $seen $p)) -}}
 {{- $_ := set $seen $p true -}}
 {{- $type := ternary "DirectoryOrCreate" "Directory" (and $shared (not (empty .source))) -}}
