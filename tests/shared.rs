@@ -369,6 +369,44 @@ async fn static_volume_publishes_an_existing_directory_and_delete_keeps_it() {
     );
 }
 
+/// ModifyVolume of a static volume answered NOT_FOUND although GetVolume found it. A static
+/// volume is a directory cellar mounts but does not manage: a modify with parameters is
+/// INVALID_ARGUMENT saying so, an empty one checks the directory is there.
+#[tokio::test]
+async fn a_static_volume_has_no_mutable_parameters_but_is_found() {
+    let share = Share::new();
+    std::fs::create_dir_all(share.path().join("datasets/x")).unwrap();
+    let (mut d, _c) = driver(share.path(), "").await;
+    let modify = |id: &str, params: &[(&str, &str)]| ControllerModifyVolumeRequest {
+        volume_id: id.into(),
+        mutable_parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    };
+    let id = "static:share:datasets/x";
+    let refused = d
+        .ctl
+        .controller_modify_volume(modify(id, &[("deletePolicy", "retain")]))
+        .await
+        .expect_err("a static volume has no record to modify");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("no mutable parameters"),
+        "{}",
+        refused.message()
+    );
+    d.ctl
+        .controller_modify_volume(modify(id, &[]))
+        .await
+        .expect("an empty modify of a static volume that is there");
+    let missing = d
+        .ctl
+        .controller_modify_volume(modify("static:share:datasets/gone", &[]))
+        .await
+        .expect_err("no such directory");
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    assert!(share.path().join("datasets/x").is_dir(), "nothing changed");
+}
+
 /// Two PVs of one static handle naming other subdirs, with real bind mounts: kubelet gives them
 /// one staging path and stages the handle once, so the second PV's stage is ALREADY_EXISTS and
 /// its publish FAILED_PRECONDITION; its pod never sees the first team's files.

@@ -707,19 +707,25 @@ impl ControllerService {
         Some(v.with_condition(unreachable(why, at)))
     }
 
+    /// NOT_FOUND unless the static volume's directory is there.
+    async fn static_found(&self, sid: StaticId, raw: &str) -> Result<(), ControllerError> {
+        let agent = self
+            .directory
+            .shared()
+            .ok_or_else(|| ControllerError::not_found("no shared pools here"))?;
+        if !agent.static_exists(sid).await? {
+            return Err(ControllerError::not_found(format!("volume {raw} not found")));
+        }
+        Ok(())
+    }
+
     /// A volume and its condition; ControllerGetVolumeHealth answers from the same condition.
     async fn get_volume(&self, r: &ControllerGetVolumeRequest) -> Result<ControllerGetVolumeResponse, ControllerError> {
         if r.volume_id.is_empty() {
             return Err(ControllerError::missing("volume_id"));
         }
         if let Ok(sid) = StaticId::parse(&r.volume_id) {
-            let agent = self
-                .directory
-                .shared()
-                .ok_or_else(|| ControllerError::not_found("no shared pools here"))?;
-            if !agent.static_exists(sid).await? {
-                return Err(ControllerError::not_found(format!("volume {} not found", r.volume_id)));
-            }
+            self.static_found(sid, &r.volume_id).await?;
             return Ok(ControllerGetVolumeResponse {
                 volume: Some(Volume {
                     volume_id: r.volume_id.clone(),
@@ -824,7 +830,8 @@ impl Controller for ControllerService {
                 tracing::info!(volume = r.volume_id, "static volume released; its data is kept");
                 return Ok(DeleteVolumeResponse {});
             }
-            // An id that is not ours, or names no node we know, has nothing here to delete.
+            // An id that is not ours has nothing here to delete (one naming a node the registry
+            // does not know is UNAVAILABLE: Directory::owner).
             if let Ok((id, agent)) = self.volume_owner(&r.volume_id) {
                 let deleted = agent.delete_volume(id).await;
                 self.changed();
@@ -1223,6 +1230,17 @@ impl Controller for ControllerService {
             // Arguments before existence (docs/design.md): bad parameters are INVALID_ARGUMENT
             // whether or not the volume, or its node, is there.
             let m = request::mutable_params(&r.mutable_parameters)?;
+            if let Ok(sid) = StaticId::parse(&r.volume_id) {
+                // A static volume is a directory cellar only mounts: it has no record to modify.
+                if !m.is_empty() {
+                    return Err(ControllerError::invalid(format!(
+                        "static volume {} has no mutable parameters: cellar mounts its directory but does not manage it",
+                        r.volume_id
+                    )));
+                }
+                self.static_found(sid, &r.volume_id).await?;
+                return Ok(ControllerModifyVolumeResponse {});
+            }
             let (id, agent) = self.volume_owner(&r.volume_id)?;
             if agent.volume(id.clone()).await?.is_none() {
                 return Err(ControllerError::not_found(format!("volume {} not found", r.volume_id)));

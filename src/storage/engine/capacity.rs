@@ -150,10 +150,22 @@ impl LocalEngine {
                 )));
             }
             let data = pool.data_path(Kind::Volume, &id.0.key);
+            let before = rec.compression.clone();
             pool.sys
                 .subvolumes
                 .set_compression(&data, Some(c.as_str()).filter(|c| *c != "none"))?;
             rec.compression = Some(c.clone()).filter(|c| c != "none");
+            if let Some(p) = m.delete_policy {
+                rec.delete_policy = Some(p);
+            }
+            // A modify that fails changes nothing: the property goes back as the record has it.
+            if let Err(e) = self.save(pool, id, &rec) {
+                if let Err(undo) = pool.sys.subvolumes.set_compression(&data, before.as_deref()) {
+                    tracing::warn!(volume = %shown, error = %undo, "could not set the volume's compression back after its record failed to save");
+                }
+                return Err(e);
+            }
+            return Ok(rec);
         }
         if let Some(p) = m.delete_policy {
             rec.delete_policy = Some(p);

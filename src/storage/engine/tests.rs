@@ -2000,3 +2000,45 @@ fn deletes_in_a_pool_that_failed_to_open_are_failed_precondition_not_ok() {
         .delete_volume(&VolumeId::parse("local:n1:default:pvc-gone").expect("id"))
         .expect("a volume that is not there");
 }
+
+/// A ControllerModifyVolume whose record write fails (ENOSPC, EIO) leaves the volume as it was.
+/// The compression property was set on the subvolume first and never put back, so the record
+/// and the data disagreed from then on.
+#[test]
+fn a_modify_whose_record_write_fails_leaves_the_compression_as_it_was() {
+    let f = faked(FsType::Ext4);
+    let vol = f
+        .engine
+        .create_volume(NewVolume::plain("pvc-mod", Some(Layout::Btrfs), 32 * MIB))
+        .expect("create");
+    let before = f.engine.volume(&vol.id).expect("record");
+    assert_eq!(before.compression, None);
+    f.files.fail_next("write_atomic", libc::ENOSPC);
+    let r = f.engine.modify_volume(
+        &vol.id,
+        &Mutable {
+            compression: Some("zstd".into()),
+            delete_policy: Some(DeletePolicy::Retain),
+        },
+    );
+    f.files.disarm();
+    assert!(failed_with(r, libc::ENOSPC), "the modify fails");
+    // The record, in memory and on disk, is as before ...
+    let reopened = LocalEngine::open_with(f.sys.clone(), NodeId::parse("n1").expect("node"), &f.config, |_| {
+        Some(true)
+    })
+    .expect("reopen");
+    assert_eq!(reopened.volume(&vol.id).expect("record"), before, "record unchanged");
+    // ... and so is the data's compression.
+    let subvol = f
+        .subvolumes
+        .below(f.dir.path())
+        .into_iter()
+        .find(|(p, _)| p.ends_with("volumes/pvc-mod"))
+        .expect("the subvolume")
+        .1;
+    assert_eq!(
+        subvol.compression, None,
+        "a failed modify changed the volume's compression while its record says none"
+    );
+}
