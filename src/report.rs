@@ -1000,7 +1000,7 @@ pub fn run_with(
 ) -> Result<Outcome, ReportError> {
     let mut report = scan(args, host, driver_running(&args.data_dir)?)?;
     if !args.json {
-        write!(out, "{}", human(&report)).map_err(ReportError::Output)?;
+        shown(write!(out, "{}", human(&report)))?;
     }
     let fixable: Vec<Finding> = report.findings.iter().filter(|f| f.fixable()).cloned().collect();
     let mut remaining = report.findings.len();
@@ -1020,7 +1020,7 @@ pub fn run_with(
                         FixOutcome::Skipped => "skipped: ",
                         FixOutcome::Failed => "FAILED: ",
                     };
-                    writeln!(out, "{word}{} ({})", r.message, r.path.display()).map_err(ReportError::Output)?;
+                    shown(writeln!(out, "{word}{} ({})", r.message, r.path.display()))?;
                 }
             }
             report.fix = Some(results);
@@ -1029,14 +1029,24 @@ pub fn run_with(
         }
     }
     if args.json {
-        serde_json::to_writer_pretty(&mut *out, &report)?;
-        writeln!(out).map_err(ReportError::Output)?;
+        shown(serde_json::to_writer_pretty(&mut *out, &report).map_err(std::io::Error::from))?;
+        shown(writeln!(out))?;
     }
     Ok(if remaining == 0 {
         Outcome::Clean
     } else {
         Outcome::FindingsRemain
     })
+}
+
+/// A write of the report: a reader that closed the pipe (`cellar report | head`) wanted no more,
+/// which is not a failure of the report (its exit code still says what was found, and a `--fix`
+/// goes on); any other write error is.
+fn shown(written: std::io::Result<()>) -> Result<(), ReportError> {
+    match written {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.map_err(ReportError::Output),
+    }
 }
 
 fn confirm(n: usize, input: &mut dyn BufRead) -> Result<bool, ReportError> {

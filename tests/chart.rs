@@ -1796,7 +1796,8 @@ fn selects(selector: &Value, labels: &serde_yaml_ng::Mapping) -> bool {
 
 /// The NetworkPolicies keep every port of the controller's and the nodes' pods reachable by the
 /// peers that need it, and the agent protocol's ports by cellar's own pods only: the controller's
-/// registry and enrolment ports from the node pods (or, with host networking, the nodes' CIDRs),
+/// registry and enrolment ports from the node pods (with host networking, from `nodeCIDRs`, or
+/// anyone when it names none),
 /// the nodes' agent port from the controller and the other nodes (pulls). A selector that matched
 /// no pod would cut the nodes off from the controller; one rule without peers on those ports would
 /// open them to every pod in the cluster. Metrics admit what `metricsFrom` names.
@@ -1891,13 +1892,27 @@ fn network_policies_admit_each_port_to_the_pods_that_need_it_and_no_more() {
             }
         }
     }
-    // Host-network nodes with no CIDRs would be cut off from the controller: the render says so.
+    // Host-network nodes call the controller from addresses no pod selector matches (the node's,
+    // or an overlay's tunnel address): with no CIDRs named, the registry and enrolment ports stay
+    // open rather than cut every node off; the nodes' own policy is unchanged.
     let mut cmd = Command::new(helm());
     cmd.args(["template", RELEASE])
         .arg(chart())
         .args(["--set", "node.hostNetwork=true"]);
-    let (ok, _, err) = run(&mut cmd);
-    assert!(!ok && err.contains("networkPolicy.nodeCIDRs"), "{err}");
+    let (ok, out, err) = run(&mut cmd);
+    assert!(ok, "{err}");
+    let docs = split_docs(&out);
+    let policy = |name: &str| {
+        docs.iter()
+            .find(|d| d.kind() == "NetworkPolicy" && d.name() == name)
+            .map(|d| d.value.clone())
+            .unwrap_or_else(|| panic!("no NetworkPolicy {name}"))
+    };
+    let (controller, node) = (policy("cellar-controller"), policy("cellar-node"));
+    let registry = &seq(&controller["spec"]["ingress"])[0];
+    assert!(registry.get("from").is_none(), "open to all: {registry:?}");
+    let agent = &seq(&node["spec"]["ingress"])[0];
+    assert_eq!(seq(&agent["from"]).len(), 2, "controller and node pods only: {agent:?}");
     let mut cmd = Command::new(helm());
     cmd.args(["template", RELEASE])
         .arg(chart())
@@ -1937,7 +1952,8 @@ fn pools_overlapping_the_kubelet_directory_fail_the_render() {
 
 /// YAML reads a StorageClass's unquoted `mode: 0770` as the number 504, which reached the driver
 /// as "504" and was read as octal 0o504 (`02775` gave 0o1533: others could create files). The
-/// schema wants a string; the quoted mode renders as written.
+/// schema wants a string (setgid and sticky modes such as "02775" too); the quoted mode renders as
+/// written.
 #[test]
 fn a_storage_class_mode_must_be_a_quoted_octal_string() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1945,6 +1961,7 @@ fn a_storage_class_mode_must_be_a_quoted_octal_string() {
         ("0770", false),
         ("02775", false),
         ("\"0770\"", true),
+        ("\"02775\"", true),
         ("\"abc\"", false),
     ] {
         let values = dir.path().join("values.yaml");
@@ -1958,10 +1975,25 @@ fn a_storage_class_mode_must_be_a_quoted_octal_string() {
         let (rendered, out, err) = run(&mut cmd);
         assert_eq!(rendered, ok, "mode: {mode}: {err}");
         if ok {
-            assert!(out.contains("mode: \"0770\""), "the mode as written");
+            assert!(out.contains(&format!("mode: {mode}")), "the mode as written");
         } else {
             assert!(err.contains("parameters/mode"), "mode: {mode}: {err}");
         }
+    }
+    // Other numbers are written as whole numbers: YAML's 1000680000 reached the template as a
+    // float and was rendered "1.00068e+09", which the driver refuses as a uid.
+    let values = dir.path().join("values.yaml");
+    std::fs::write(
+        &values,
+        "storageClasses:\n  - name: a\n    parameters: {uid: 1000680000, gid: 2000000, ratio: 1.5}\n",
+    )
+    .unwrap();
+    let mut cmd = Command::new(helm());
+    cmd.args(["template", RELEASE]).arg(chart()).arg("-f").arg(&values);
+    let (rendered, out, err) = run(&mut cmd);
+    assert!(rendered, "{err}");
+    for line in ["uid: \"1000680000\"", "gid: \"2000000\"", "ratio: \"1.5\""] {
+        assert!(out.contains(line), "{line} rendered: {out}");
     }
 }
 

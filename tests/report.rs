@@ -318,6 +318,43 @@ async fn fix_yes_removes_exactly_the_orphans_and_the_volumes_keep_working() {
     d.delete(&s.live).await.expect("delete the live volume");
 }
 
+/// A reader that closed the pipe (`cellar report --fix --yes | head -1`) wanted no more output:
+/// the report used to fail (exit 1) at its first write, before the fix it was asked for. It now
+/// goes on, fixes, and its exit code says what is left.
+#[tokio::test]
+async fn a_closed_output_pipe_neither_fails_the_report_nor_stops_its_fix() {
+    let mut d = Driver::start().await;
+    let s = scene(&mut d).await;
+    d.kill();
+    let p = plant(&d, &s);
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let status = Command::new(bin())
+        .arg("report")
+        .arg("--data-dir")
+        .arg(d.data_dir())
+        .arg("--kubelet-dir")
+        .arg(d.path("kubelet"))
+        .args(["--fix", "--yes"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run cellar report");
+    assert_eq!(
+        status.status.code(),
+        Some(0),
+        "every finding fixed, though nothing could be shown: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let again = report(&d, &["--json"], "");
+    assert_eq!((again.code, findings(&again.json()).len()), (0, 0), "{}", again.stdout);
+    drop(p);
+    d.spawn(&[]).await;
+    finish(&mut d, &s, false).await;
+    d.delete(&s.live).await.expect("delete the live volume");
+}
+
 #[tokio::test]
 async fn fix_asks_first_and_an_answer_other_than_yes_changes_nothing() {
     let mut d = Driver::start().await;

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cellar::csi::v1::controller_client::ControllerClient;
+use cellar::csi::v1::group_controller_client::GroupControllerClient;
 use cellar::csi::v1::node_client::NodeClient;
 use cellar::csi::v1::volume_content_source::Type;
 use cellar::csi::v1::*;
@@ -1424,9 +1425,10 @@ async fn a_restore_onto_another_node_never_passes_through_the_controller() {
 
 /// A node down across a controller restart is one the new process has never heard of. Its
 /// volumes' DeleteVolume answered OK (the data stayed on the node with no PV naming it) and
-/// ModifyVolume and ExpandVolume NOT_FOUND (final for the resizer), as for "no such node". Every
-/// call naming an object on it now answers UNAVAILABLE until it comes back; then the delete
-/// goes through and removes the data.
+/// ModifyVolume and ExpandVolume NOT_FOUND (final for the resizer), as for "no such node"; a
+/// DeleteVolumeGroupSnapshot answered OK and left its members on the node. Every call naming an
+/// object on it now answers UNAVAILABLE until it comes back; then the deletes go through and
+/// remove the data.
 #[tokio::test]
 async fn a_node_down_across_a_controller_restart_is_unavailable_never_absent() {
     let mut c = two_nodes(&["--heartbeat-interval", "200ms"]).await;
@@ -1443,6 +1445,20 @@ async fn a_node_down_across_a_controller_restart_is_unavailable_never_absent() {
         .into_inner()
         .snapshot
         .expect("snapshot");
+    let mut g = GroupControllerClient::new(c.channel("controller.sock").await);
+    let group = g
+        .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
+            name: "group-2".into(),
+            source_volume_ids: vec![on2.volume_id.clone()],
+            parameters: [("consistency".to_string(), "per-volume".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .expect("group snapshot on node-2")
+        .into_inner()
+        .group_snapshot
+        .expect("group");
+    let members: Vec<String> = group.snapshots.iter().map(|s| s.snapshot_id.clone()).collect();
     c.kill_node(1);
     c.kill_controller();
     c.start_controller();
@@ -1496,12 +1512,32 @@ async fn a_node_down_across_a_controller_restart_is_unavailable_never_absent() {
     unavailable("DeleteVolume", code(deleted.map(|_| ())));
     let deleted = ctl.delete_snapshot(delete_snapshot()).await;
     unavailable("DeleteSnapshot", code(deleted.map(|_| ())));
+    let mut g = GroupControllerClient::new(c.channel("controller.sock").await);
+    let get_group = GetVolumeGroupSnapshotRequest {
+        group_snapshot_id: group.group_snapshot_id.clone(),
+        snapshot_ids: members.clone(),
+        ..Default::default()
+    };
+    let got = g.get_volume_group_snapshot(get_group).await;
+    unavailable("GetVolumeGroupSnapshot", code(got.map(|_| ())));
+    let delete_group = || DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: group.group_snapshot_id.clone(),
+        snapshot_ids: members.clone(),
+        ..Default::default()
+    };
+    let deleted = g.delete_volume_group_snapshot(delete_group()).await;
+    unavailable("DeleteVolumeGroupSnapshot", code(deleted.map(|_| ())));
     assert!(data.is_dir(), "nothing was deleted");
     c.start_node(1);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let vol_gone = match ctl.delete_snapshot(delete_snapshot()).await {
-            Ok(_) => ctl.delete_volume(delete_volume()).await,
+        let group_gone = g.delete_volume_group_snapshot(delete_group()).await.map(|_| ());
+        let snap_gone = match group_gone {
+            Ok(()) => ctl.delete_snapshot(delete_snapshot()).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        let vol_gone = match snap_gone {
+            Ok(()) => ctl.delete_volume(delete_volume()).await.map(|_| ()),
             Err(e) => Err(e),
         };
         match vol_gone {
@@ -1513,6 +1549,18 @@ async fn a_node_down_across_a_controller_restart_is_unavailable_never_absent() {
         }
     }
     assert!(!data.exists(), "the delete removed the data once its node answered");
+    let left = ctl
+        .list_snapshots(ListSnapshotsRequest {
+            snapshot_id: members[0].clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("list the member")
+        .into_inner();
+    assert!(
+        left.entries.is_empty(),
+        "the group's delete removed its member: {left:?}"
+    );
 }
 
 /// A controller run with `flags` and two nodes.

@@ -165,10 +165,12 @@ impl Drop for CuttingName<'_> {
 }
 
 impl ControllerService {
-    /// The agent that holds a group snapshot, if the id is cellar's and its node is known.
+    /// The agent that holds a group snapshot, if the id is cellar's: on a node the registry does
+    /// not know, one that answers UNAVAILABLE ([`crate::agent::Directory::owner`]), so that a
+    /// delete is retried rather than answered OK with the members left on the node.
     fn group_owner(&self, raw: &str) -> Option<(GroupId, Arc<dyn Agent>)> {
         let id = GroupId::parse(raw).ok()?;
-        let agent = self.agent_of(id.0.node())?;
+        let agent = self.owner_of(id.0.node())?;
         Some((id, agent))
     }
 
@@ -200,7 +202,7 @@ impl ControllerService {
         let mut parts: Vec<(Arc<dyn Agent>, Vec<VolumeId>)> = Vec::new();
         for m in &members {
             let a = self
-                .agent_of(m.0.node())
+                .owner_of(m.0.node())
                 .ok_or_else(|| ControllerError::not_found(format!("volume {m} not found (its node is not known)")))?;
             match parts.iter_mut().find(|(p, _)| p.node() == a.node()) {
                 Some((_, vols)) => vols.push(m.clone()),
@@ -473,7 +475,7 @@ impl GroupController for ControllerService {
                 .cloned()
                 .collect();
             for m in &elsewhere {
-                let a = self.agent_of(m.snapshot_id.0.node()).ok_or_else(|| {
+                let a = self.owner_of(m.snapshot_id.0.node()).ok_or_else(|| {
                     ControllerError::NodeUnreachable(format!(
                         "member {} of group snapshot {id} is on a node that is not known now; retry",
                         m.snapshot_id

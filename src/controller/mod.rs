@@ -240,7 +240,7 @@ impl ControllerService {
 
     /// The agent answering for an object a request names ([`Directory::owner`]): on a node the
     /// registry does not know, UNAVAILABLE, never "no such node".
-    fn owner_of(&self, node: Option<&NodeId>) -> Option<Arc<dyn Agent>> {
+    pub(crate) fn owner_of(&self, node: Option<&NodeId>) -> Option<Arc<dyn Agent>> {
         match node {
             Some(n) => self.directory.owner(n),
             None => self.directory.shared(),

@@ -404,3 +404,16 @@ failing at start. Call with (list "the value's name" value); renders the value.
 {{- end -}}
 {{- $v -}}
 {{- end -}}
+
+{{/*
+A class parameter as the string the API takes. YAML numbers reach a template as float64, which
+toString writes in exponent form past 6 digits (uid 1000680000 became "1.00068e+09", refused by
+the driver): a whole number is written as one.
+*/}}
+{{- define "cellar.parameter" -}}
+{{- if and (kindIs "float64" .) (eq (. | int64 | float64) .) -}}
+{{- . | int64 | toString | quote -}}
+{{- else -}}
+{{- . | toString | quote -}}
+{{- end -}}
+{{- end -}}
