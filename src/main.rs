@@ -229,6 +229,11 @@ struct RegistryArgs {
     /// again until it answers.
     #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
     agent_call_timeout: Duration,
+    /// The deadline of a node's whole listing (ListVolumes, ListSnapshots: every page of it): a
+    /// node that has not ended its listing by then is unavailable for that listing. Default: 4 x
+    /// --agent-call-timeout.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    agent_list_timeout: Option<Duration>,
     /// Refuse (PERMISSION_DENIED) a heartbeat whose agent address is not the IP address it came
     /// from, so a node cannot have the controller dial a host of its choosing. Only where nodes
     /// reach the registry with their own address (no NAT, no proxy sidecar between).
@@ -253,12 +258,18 @@ impl RegistryArgs {
             forget_after: self.forget_nodes_after,
             agent_timeouts: cellar::agent::remote::Timeouts {
                 call: self.agent_call_timeout,
+                listing: self
+                    .agent_list_timeout
+                    .unwrap_or(cellar::agent::remote::Timeouts::LISTING_CALLS * self.agent_call_timeout),
                 ..defaults.agent_timeouts
             },
             ..defaults
         };
         if config.agent_timeouts.call < Duration::from_millis(100) {
             return Err("--agent-call-timeout must be at least 100ms".into());
+        }
+        if config.agent_timeouts.listing < config.agent_timeouts.call {
+            return Err("--agent-list-timeout must be at least --agent-call-timeout (one page)".into());
         }
         if config.forget_after <= config.expiry() {
             return Err(format!(

@@ -79,6 +79,7 @@ fn timeouts() -> Timeouts {
         connect: Duration::from_secs(2),
         call: Duration::from_secs(3),
         storage: Duration::from_secs(10),
+        listing: Timeouts::LISTING_CALLS * Duration::from_secs(3),
     }
 }
 
@@ -315,6 +316,7 @@ async fn a_hung_node_is_unavailable_within_the_call_timeout() {
         connect: Duration::from_secs(1),
         call: Duration::from_secs(1),
         storage: Duration::from_secs(2),
+        listing: Timeouts::LISTING_CALLS * Duration::from_secs(1),
     };
     let controller = remote(NODE, addr, &ca.tls(&ca.issue(&[CONTROLLER])), t);
 
@@ -871,6 +873,7 @@ async fn hung_node_cluster() -> HungNodeCluster {
         connect: Duration::from_secs(1),
         call: Duration::from_secs(1),
         storage: Duration::from_secs(2),
+        listing: Timeouts::LISTING_CALLS * Duration::from_secs(1),
     };
     let config = RegistryConfig {
         agent_timeouts: t,
@@ -1043,6 +1046,7 @@ async fn silent_connections_beyond_the_agents_cap_are_dropped_and_the_controller
             connect: Duration::from_secs(30),
             call: Duration::from_secs(30),
             storage: Duration::from_secs(30),
+            listing: Timeouts::LISTING_CALLS * Duration::from_secs(30),
         },
     );
     assert!(controller.volumes().await.expect("served").is_empty());
@@ -1106,6 +1110,30 @@ mod lying_node {
         ForeignBackup,
         /// Its changed block answers are the `n`th of [`BAD_RANGES`].
         BadRanges(usize),
+        /// Honest until [`DRIPPING`] is set; then each page of its volume listing comes just
+        /// within the call timeout, and there is always more ([`drip`]).
+        Drip,
+        /// Each page of its snapshot listing comes just within the call timeout, and there is
+        /// always more ([`drip`]).
+        DripSnapshots,
+    }
+
+    /// Whether the [`Lie::Drip`] node drips now.
+    static DRIPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    /// How many volume listing calls a dripping node has answered.
+    static DRIPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    /// How many snapshot listing calls a dripping node has answered.
+    static SNAPSHOT_DRIPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// A listing of a node that never ends: each call comes just within the call timeout
+    /// ([`timeouts`]) with records further on than the last call's, more than a page of them, so
+    /// that whatever page is asked, more remain (each record's id is its own and in order, as the
+    /// controller checks).
+    async fn drip<T>(calls: &std::sync::atomic::AtomicUsize, record: impl Fn(usize) -> T) -> Vec<T> {
+        const PER_CALL: usize = 6000; // more than a page of 256 KiB holds
+        let call = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(timeouts().call - Duration::from_millis(500)).await;
+        (call * PER_CALL..(call + 2) * PER_CALL).map(record).collect()
     }
 
     /// One message of ranges, (offset, length) each.
@@ -1227,6 +1255,17 @@ mod lying_node {
             Ok(found.map(|(r, c)| (self.volume(r), c)))
         }
         async fn volumes(&self) -> Result<Vec<(VolumeRecord, Condition)>, StorageError> {
+            if self.lie == Lie::Drip && DRIPPING.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(drip(&DRIPS, |i| {
+                    let name = format!("pvc-drip-{i:08}");
+                    let healthy = Condition {
+                        abnormal: false,
+                        message: String::new(),
+                    };
+                    (volume_record(&name, &format!("local:node-1:default:{name}")), healthy)
+                })
+                .await);
+            }
             let mut all: Vec<_> = self
                 .honest
                 .volumes()
@@ -1258,9 +1297,12 @@ mod lying_node {
                 Lie::EveryName => Some(volume_record(&name, &format!("local:node-1:default:{}", key.as_str()))),
                 Lie::Misnamed => Some(volume_record("pvc-other", "local:node-1:default:pvc-other")),
                 Lie::SharedToo => Some(volume_record(&name, &format!("shared:share:{}", key.as_str()))),
-                Lie::Many | Lie::OtherSource | Lie::ForeignBackup | Lie::BadRanges(_) => {
-                    self.honest.volume_named(name).await?
-                }
+                Lie::Many
+                | Lie::OtherSource
+                | Lie::ForeignBackup
+                | Lie::BadRanges(_)
+                | Lie::Drip
+                | Lie::DripSnapshots => self.honest.volume_named(name).await?,
             })
         }
         async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError> {
@@ -1303,6 +1345,13 @@ mod lying_node {
             self.honest.delete_snapshot(id).await
         }
         async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError> {
+            if self.lie == Lie::DripSnapshots {
+                return Ok(drip(&SNAPSHOT_DRIPS, |i| {
+                    let id = format!("snap:local:node-1:default:snap-drip-{i:08}");
+                    snapshot_record(&format!("snap-drip-{i:08}"), &id, "local:node-1:default:pvc-src")
+                })
+                .await);
+            }
             let mut all: Vec<_> = self
                 .honest
                 .snapshots()
@@ -1742,5 +1791,104 @@ mod lying_node {
         assert_eq!(made.volume_id, "local:node-2:default:pvc-w");
         assert_eq!(made.accessible_topology, vec![on("node-2")]);
         assert!(c.liar.engine.volumes().is_empty(), "nothing on node-1");
+    }
+
+    /// What a CO's ListVolumes answers, asked once with no paging, within a generous bound that
+    /// fails the test instead of hanging it.
+    async fn listed_volumes(controller: &ControllerService) -> Vec<cellar::csi::v1::list_volumes_response::Entry> {
+        tokio::time::timeout(
+            Duration::from_secs(120),
+            controller.list_volumes(tonic::Request::new(ListVolumesRequest::default())),
+        )
+        .await
+        .expect("ListVolumes answers although node-1's listing never ends")
+        .expect("ListVolumes")
+        .into_inner()
+        .entries
+    }
+
+    /// Each page of a node's listing had the call deadline, but the listing as a whole had none:
+    /// node-1 answering every page just in time, always with more to come, held ListVolumes for
+    /// every node of the cluster (up to MAX_LISTED_PER_NODE pages of 15 s each: weeks). Its whole
+    /// listing now has a deadline of its own; past it node-1 counts as not answering, and its
+    /// volumes are answered from its last listing, abnormal, as for a node that cannot be
+    /// reached.
+    #[tokio::test]
+    async fn a_node_dripping_its_listing_does_not_hold_up_list_volumes() {
+        let c = cluster(Lie::Drip).await;
+        c.liar
+            .engine
+            .create_volume(new_volume("pvc-own", 1 << 20))
+            .expect("a volume of node-1");
+        let condition_of = |entries: &[cellar::csi::v1::list_volumes_response::Entry], id: &str| {
+            let e = entries
+                .iter()
+                .find(|e| e.volume.as_ref().is_some_and(|v| v.volume_id == id))
+                .unwrap_or_else(|| panic!("{id} listed: {entries:?}"));
+            e.status.clone().and_then(|s| s.volume_condition).expect("a condition")
+        };
+        let honest = listed_volumes(&c.controller).await;
+        assert!(!condition_of(&honest, "local:node-1:default:pvc-own").abnormal);
+
+        DRIPPING.store(true, std::sync::atomic::Ordering::SeqCst);
+        let dripped = listed_volumes(&c.controller).await;
+        assert!(
+            DRIPS.load(std::sync::atomic::Ordering::SeqCst) > 1,
+            "node-1 dripped pages"
+        );
+        assert!(!condition_of(&dripped, VICTIM).abnormal, "node-2 answers for itself");
+        let own = condition_of(&dripped, "local:node-1:default:pvc-own");
+        assert!(own.abnormal, "{own:?}");
+        assert!(
+            own.message.contains("cannot be checked") && own.message.contains("did not end within"),
+            "{}",
+            own.message
+        );
+        assert!(
+            dripped
+                .iter()
+                .all(|e| !e.volume.as_ref().is_some_and(|v| v.volume_id.contains("drip"))),
+            "nothing of the listing that never ended is shown"
+        );
+    }
+
+    /// The same for ListSnapshots, which lists every node again for each page a CO asks: node-1
+    /// dripping its snapshots held up every node's. Its listing now ends at the deadline, and node-1
+    /// is left out (as a node that cannot be listed is); until it answers again it is not waited
+    /// for at all.
+    #[tokio::test]
+    async fn a_node_dripping_its_snapshots_is_left_out_of_list_snapshots() {
+        use cellar::csi::v1::ListSnapshotsRequest;
+        let c = cluster(Lie::DripSnapshots).await;
+        let victim = VolumeId::parse(VICTIM).expect("id");
+        let kept = c
+            .node2
+            .engine
+            .create_snapshot("snap-kept", &victim, false)
+            .expect("node-2's snapshot");
+        let list = || async {
+            tokio::time::timeout(
+                Duration::from_secs(120),
+                c.controller
+                    .list_snapshots(tonic::Request::new(ListSnapshotsRequest::default())),
+            )
+            .await
+            .expect("ListSnapshots answers although node-1's listing never ends")
+            .expect("ListSnapshots")
+            .into_inner()
+            .entries
+            .into_iter()
+            .filter_map(|e| e.snapshot.map(|s| s.snapshot_id))
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(list().await, vec![kept.id.to_string()]);
+        let dripped = SNAPSHOT_DRIPS.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(dripped > 1, "node-1 dripped pages");
+        assert_eq!(list().await, vec![kept.id.to_string()]);
+        assert_eq!(
+            SNAPSHOT_DRIPS.load(std::sync::atomic::Ordering::SeqCst),
+            dripped,
+            "a node whose listing ran out of time is not asked again until it answers"
+        );
     }
 }

@@ -675,6 +675,7 @@ async fn callers_without_a_certificate_or_from_another_ca_are_refused() {
                     connect: Duration::from_secs(5),
                     call: Duration::from_secs(10),
                     storage: Duration::from_secs(10),
+                    listing: Timeouts::LISTING_CALLS * Duration::from_secs(10),
                 };
                 let node = NodeId::parse("node-1").expect("node id");
                 let at = HostPort::parse(&agent).expect("address");

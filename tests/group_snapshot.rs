@@ -759,6 +759,7 @@ mod split {
             connect: Duration::from_secs(5),
             call: Duration::from_secs(15),
             storage: Duration::from_secs(60),
+            listing: Timeouts::LISTING_CALLS * Duration::from_secs(15),
         };
         let address = HostPort::parse(&addr.to_string()).expect("address");
         RemoteAgent::new(node, address, &Tls::Insecure, AGENT_SERVER_NAME, timeouts).expect("client")

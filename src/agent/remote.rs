@@ -139,14 +139,25 @@ pub struct Timeouts {
     /// When one runs out the node still finishes the work; the retry finds it done (or ABORTED
     /// while it is still running).
     pub storage: Duration,
+    /// A node's whole listing (ListVolumes, ListSnapshots), every page of it: each page has the
+    /// `call` deadline, and a node answering each just in time, always saying more remain, would
+    /// otherwise hold its listing (and every listing of the cluster waiting for it) for ever.
+    pub listing: Duration,
+}
+
+impl Timeouts {
+    /// How many read calls' time a node's whole listing may take by default.
+    pub const LISTING_CALLS: u32 = 4;
 }
 
 impl Default for Timeouts {
     fn default() -> Self {
+        let call = Duration::from_secs(15);
         Timeouts {
             connect: Duration::from_secs(5),
-            call: Duration::from_secs(15),
+            call,
             storage: Duration::from_secs(120),
+            listing: Timeouts::LISTING_CALLS * call,
         }
     }
 }
@@ -522,31 +533,45 @@ impl RemoteAgent {
     /// an answer that does not decode does: nothing else in it can be believed either.
     /// Every page of a listing, asked with the last id seen, until the node says no more remain:
     /// each page's ids must come after the last one's, in order (so a node cannot keep a listing
-    /// going for ever), and at most [`MAX_LISTED_PER_NODE`] records in all.
-    async fn pages<T, F, Fut>(&self, rpc: &str, mut ask: F) -> Result<Vec<T>, StorageError>
+    /// going for ever), and at most [`MAX_LISTED_PER_NODE`] records in all. The whole listing must
+    /// end within [`Timeouts::listing`]: past it the node counts as not answering (UNAVAILABLE
+    /// naming it, as for a call that timed out), whatever it answered so far.
+    async fn pages<T, F, Fut>(&self, rpc: &'static str, mut ask: F) -> Result<Vec<T>, StorageError>
     where
         T: Answered,
         F: FnMut(String) -> Fut,
         Fut: Future<Output = Result<(Vec<T>, bool), StorageError>>,
     {
-        let mut all: Vec<T> = Vec::new();
-        let mut after = String::new();
-        loop {
-            let (page, more) = ask(after.clone()).await?;
-            for r in &page {
-                let id = r.shown();
-                if id <= after {
-                    return Err(self.malformed(rpc, format!("listed {id} after {after}: out of order")));
+        let limit = self.timeouts.listing;
+        let mut pages = 0usize;
+        let listing = async {
+            let mut all: Vec<T> = Vec::new();
+            let mut after = String::new();
+            loop {
+                let (page, more) = ask(after.clone()).await?;
+                pages += 1;
+                for r in &page {
+                    let id = r.shown();
+                    if id <= after {
+                        return Err(self.malformed(rpc, format!("listed {id} after {after}: out of order")));
+                    }
+                    after = id;
                 }
-                after = id;
+                if all.len() + page.len() > MAX_LISTED_PER_NODE {
+                    return Err(self.malformed(rpc, format!("it lists more than {MAX_LISTED_PER_NODE} records")));
+                }
+                let done = !more || page.is_empty();
+                all.extend(page);
+                if done {
+                    return Ok(all);
+                }
             }
-            if all.len() + page.len() > MAX_LISTED_PER_NODE {
-                return Err(self.malformed(rpc, format!("it lists more than {MAX_LISTED_PER_NODE} records")));
-            }
-            let done = !more || page.is_empty();
-            all.extend(page);
-            if done {
-                return Ok(all);
+        };
+        match tokio::time::timeout(limit, listing).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                crate::metrics::record_agent_error(self.node.as_str(), rpc, Code::Unavailable);
+                Err(self.unreachable(rpc, format!("its listing did not end within {limit:?} ({pages} pages)")))
             }
         }
     }

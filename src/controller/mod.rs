@@ -789,10 +789,22 @@ impl ControllerService {
     }
 
     /// Every node's snapshots, asked at once. A node that fails, answers what it may not (another
-    /// node's snapshot) or does not answer in time is left out, logged, as ListVolumes leaves out
-    /// a node it cannot list: one node, hung or compromised, does not fail every node's listing.
+    /// node's snapshot) or does not end its listing in time is left out, logged, as ListVolumes
+    /// leaves out a node it cannot list: one node, hung or compromised, does not fail every node's
+    /// listing. A node that did not answer its last call is left out without being asked (as
+    /// ListVolumes answers for it from its last listing), until the registry's probe gets through.
     async fn all_snapshots(&self) -> Vec<SnapshotRecord> {
-        let agents = self.directory.all();
+        let (agents, silent): (Vec<_>, Vec<_>) = self
+            .directory
+            .all()
+            .into_iter()
+            .partition(|a| self.directory.answers(a.node()));
+        for a in &silent {
+            tracing::warn!(
+                node = a.node().as_str(),
+                "snapshot listing without a node that did not answer its last call"
+            );
+        }
         let answers = ask_all(&agents, |a| async move { a.snapshots().await }).await;
         let mut all = Vec::new();
         for (agent, answer) in agents.iter().zip(answers) {
