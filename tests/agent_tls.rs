@@ -4,6 +4,65 @@
 
 mod common;
 
+/// What each thread's allocations hold now, and the most they held since [`counting::start`]: a
+/// test's runtime (its controller, and the agents it starts) runs on the test's own thread, so
+/// this tells what a call cost there, whatever the other tests do meanwhile.
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static HELD: Cell<isize> = const { Cell::new(0) };
+        static PEAK: Cell<isize> = const { Cell::new(0) };
+    }
+
+    fn count(bytes: isize) {
+        let _ = HELD.try_with(|held| {
+            let now = held.get() + bytes;
+            held.set(now);
+            let _ = PEAK.try_with(|peak| peak.set(peak.get().max(now)));
+        });
+    }
+
+    /// Starts a measure: what the thread holds now.
+    pub fn start() -> isize {
+        let now = HELD.with(Cell::get);
+        PEAK.with(|peak| peak.set(now));
+        now
+    }
+
+    /// The most the thread held above `start` since then.
+    pub fn peak_since(start: isize) -> usize {
+        (PEAK.with(Cell::get) - start).max(0) as usize
+    }
+
+    pub struct Counting;
+
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let p = unsafe { System.alloc(layout) };
+            if !p.is_null() {
+                count(layout.size() as isize);
+            }
+            p
+        }
+        unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(p, layout) };
+            count(-(layout.size() as isize));
+        }
+        unsafe fn realloc(&self, p: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+            let q = unsafe { System.realloc(p, layout, new) };
+            if !q.is_null() {
+                count(new as isize - layout.size() as isize);
+            }
+            q
+        }
+    }
+
+    #[global_allocator]
+    static COUNTING: Counting = Counting;
+}
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -1116,6 +1175,24 @@ mod lying_node {
         /// Each page of its snapshot listing comes just within the call timeout, and there is
         /// always more ([`drip`]).
         DripSnapshots,
+        /// Lists page after page of its own volumes, each record at the bounds of its
+        /// parameters: more than the controller may hold of one node's listing.
+        Fat,
+        /// Not a lie: 5,000 volumes of its own, each abnormal with a 2 KiB message.
+        Loud,
+    }
+
+    /// What a [`Lie::Fat`] node lists: `FAT_PER_CALL` records a call, further on each call, up to
+    /// `FAT_RECORDS`.
+    const FAT_PER_CALL: usize = 20;
+    const FAT_RECORDS: usize = 8000;
+    static FAT_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// Parameters at their bounds: as many as a record may carry, as long as they may be.
+    fn fat_parameters() -> BTreeMap<String, String> {
+        let n = cellar::agent::wire::MAX_PARAMETERS;
+        let value = cellar::agent::wire::MAX_PARAMETER_BYTES / n - 8;
+        (0..n).map(|i| (format!("p{i:02}"), "v".repeat(value))).collect()
     }
 
     /// Whether the [`Lie::Drip`] node drips now.
@@ -1255,14 +1332,44 @@ mod lying_node {
             Ok(found.map(|(r, c)| (self.volume(r), c)))
         }
         async fn volumes(&self) -> Result<Vec<(VolumeRecord, Condition)>, StorageError> {
+            let healthy = Condition {
+                abnormal: false,
+                message: String::new(),
+            };
+            if self.lie == Lie::Fat {
+                let call = FAT_CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let parameters = fat_parameters();
+                return Ok((call * FAT_PER_CALL..((call + 2) * FAT_PER_CALL).min(FAT_RECORDS))
+                    .map(|i| {
+                        let name = format!("pvc-fat-{i:08}");
+                        let mut r = volume_record(&name, &format!("local:node-1:default:{name}"));
+                        r.parameters = parameters.clone();
+                        (r, healthy.clone())
+                    })
+                    .collect());
+            }
+            if self.lie == Lie::Loud {
+                let loud = Condition {
+                    abnormal: true,
+                    message: "y".repeat(2 << 10),
+                };
+                return Ok((0..5000)
+                    .map(|i| {
+                        let name = format!("pvc-loud-{i:05}");
+                        (
+                            volume_record(&name, &format!("local:node-1:default:{name}")),
+                            loud.clone(),
+                        )
+                    })
+                    .collect());
+            }
             if self.lie == Lie::Drip && DRIPPING.load(std::sync::atomic::Ordering::SeqCst) {
                 return Ok(drip(&DRIPS, |i| {
                     let name = format!("pvc-drip-{i:08}");
-                    let healthy = Condition {
-                        abnormal: false,
-                        message: String::new(),
-                    };
-                    (volume_record(&name, &format!("local:node-1:default:{name}")), healthy)
+                    (
+                        volume_record(&name, &format!("local:node-1:default:{name}")),
+                        healthy.clone(),
+                    )
                 })
                 .await);
             }
@@ -1302,7 +1409,9 @@ mod lying_node {
                 | Lie::ForeignBackup
                 | Lie::BadRanges(_)
                 | Lie::Drip
-                | Lie::DripSnapshots => self.honest.volume_named(name).await?,
+                | Lie::DripSnapshots
+                | Lie::Fat
+                | Lie::Loud => self.honest.volume_named(name).await?,
             })
         }
         async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError> {
@@ -1890,5 +1999,93 @@ mod lying_node {
             dripped,
             "a node whose listing ran out of time is not asked again until it answers"
         );
+    }
+
+    /// A node's listing was kept whole, every record as decoded, until its last page, bounded only
+    /// by MAX_LISTED_PER_NODE records: 60 pages of 430 KiB made the controller hold 254 MiB. Each
+    /// record's fields are bounded now, and a listing that would hold more than
+    /// MAX_LISTING_BYTES is refused: here a node listing thousands of records at the bounds of
+    /// their parameters (some 120 MiB of them) costs the controller no more than the budget and a
+    /// page.
+    #[tokio::test]
+    async fn a_nodes_listing_past_what_the_controller_keeps_of_one_node_is_refused() {
+        use cellar::agent::remote::MAX_LISTING_BYTES;
+        let ca = Authority::new("cellar test CA");
+        let liar = start_liar(&ca, Lie::Fat).await;
+        let c = client(&ca, &liar);
+        let start = counting::start();
+        let e = match c.volumes().await {
+            Ok(all) => panic!("a listing of {} records kept whole", all.len()),
+            Err(e) => e,
+        };
+        let peak = counting::peak_since(start);
+        refused(e, &format!("holds more than {} MiB", MAX_LISTING_BYTES >> 20));
+        assert!(
+            FAT_CALLS.load(std::sync::atomic::Ordering::SeqCst) > 100,
+            "pages listed"
+        );
+        assert!(
+            peak <= MAX_LISTING_BYTES + (16 << 20),
+            "one node's listing cost the controller {} MiB at its peak",
+            peak >> 20
+        );
+    }
+
+    /// A node's condition messages reached ListVolumes as they came, and an unpaged ListVolumes
+    /// as large as the cluster: 12 volumes with 400 KiB messages made it larger than a gRPC client
+    /// takes by default (4 MiB: the sidecars, csi-sanity), failing the listing of every node.
+    /// Messages are now cut to MAX_MESSAGE as they are decoded, and every answer is cut by bytes
+    /// with a token for the rest, asked for pages or not.
+    #[tokio::test]
+    async fn a_listing_larger_than_a_client_takes_comes_in_pages_even_unasked() {
+        use cellar::csi::v1::controller_client::ControllerClient;
+        use cellar::csi::v1::controller_server::ControllerServer;
+        let c = cluster(Lie::Loud).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ControllerServer::new(c.controller))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut co = ControllerClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        let (mut seen, mut token, mut answers) = (Vec::new(), String::new(), 0);
+        loop {
+            let page = co
+                .list_volumes(ListVolumesRequest {
+                    starting_token: token,
+                    ..Default::default()
+                })
+                .await
+                .expect("each answer within what a default client takes")
+                .into_inner();
+            answers += 1;
+            for e in page.entries {
+                let message = e
+                    .status
+                    .and_then(|s| s.volume_condition)
+                    .map(|c| c.message)
+                    .unwrap_or_default();
+                assert!(
+                    message.len() <= cellar::csi::status::MAX_MESSAGE + 64,
+                    "{} bytes",
+                    message.len()
+                );
+                seen.push(e.volume.expect("volume").volume_id);
+            }
+            if page.next_token.is_empty() {
+                break;
+            }
+            token = page.next_token;
+        }
+        assert!(answers > 1, "cut into pages unasked");
+        let mut want: Vec<String> = (0..5000)
+            .map(|i| format!("local:node-1:default:pvc-loud-{i:05}"))
+            .chain([VICTIM.to_string()])
+            .collect();
+        want.sort();
+        assert_eq!(seen, want, "every volume once, in order");
     }
 }

@@ -47,6 +47,11 @@ const MAX_ANSWER_BYTES: usize = 2 * LIST_PAGE_BYTES as usize;
 /// The most records a node's listing may hold (far above what a node holds: 1,000 nodes of 100
 /// volumes is the scale cellar is measured at); past it the listing is refused.
 pub const MAX_LISTED_PER_NODE: usize = 200_000;
+/// What a node's listing may cost the controller until its last page, counted as the records hold
+/// it ([`Answered::held`]); past it the listing is refused (a bad answer). Some 100,000 volumes as
+/// Kubernetes makes them; each record is bounded on its own (`wire::MAX_NAME` and the rest), but
+/// 200,000 of them at their bounds would be gigabytes.
+pub const MAX_LISTING_BYTES: usize = 64 << 20;
 
 /// `HOST:PORT` where a peer listens: a DNS name, an IPv4 address or a bracketed IPv6 address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -398,6 +403,10 @@ trait Answered {
     fn object(&self) -> &ObjectId;
     fn shown(&self) -> String;
     fn name(&self) -> &str;
+    /// About the bytes the record holds in memory, its strings and maps included.
+    fn held(&self) -> usize {
+        std::mem::size_of_val(self)
+    }
     /// What in the record contradicts where the object is, if anything.
     fn contradiction(&self) -> Option<String> {
         None
@@ -415,6 +424,19 @@ impl Answered for VolumeRecord {
     fn name(&self) -> &str {
         &self.name
     }
+    fn held(&self) -> usize {
+        // A map entry: its two strings and a share of the tree's node.
+        let entry = 2 * std::mem::size_of::<String>() + 16;
+        std::mem::size_of::<Self>()
+            + self.name.len()
+            + self.fs_type.len()
+            + self.access_modes.len()
+            + self
+                .parameters
+                .iter()
+                .map(|(k, v)| entry + k.len() + v.len())
+                .sum::<usize>()
+    }
 }
 
 impl Answered for (VolumeRecord, Condition) {
@@ -428,6 +450,9 @@ impl Answered for (VolumeRecord, Condition) {
     fn name(&self) -> &str {
         self.0.name()
     }
+    fn held(&self) -> usize {
+        self.0.held() + std::mem::size_of::<Condition>() + self.1.message.len()
+    }
 }
 
 impl Answered for SnapshotRecord {
@@ -440,6 +465,9 @@ impl Answered for SnapshotRecord {
     }
     fn name(&self) -> &str {
         &self.name
+    }
+    fn held(&self) -> usize {
+        std::mem::size_of::<Self>() + self.name.len()
     }
     /// A snapshot is cut in its source volume's pool: a record naming a source elsewhere (another
     /// node's volume) would hand the CO a snapshot of a volume that node never held.
@@ -533,7 +561,8 @@ impl RemoteAgent {
     /// an answer that does not decode does: nothing else in it can be believed either.
     /// Every page of a listing, asked with the last id seen, until the node says no more remain:
     /// each page's ids must come after the last one's, in order (so a node cannot keep a listing
-    /// going for ever), and at most [`MAX_LISTED_PER_NODE`] records in all. The whole listing must
+    /// going for ever), and at most [`MAX_LISTED_PER_NODE`] records, holding at most
+    /// [`MAX_LISTING_BYTES`], in all (it is kept whole until its last page). The whole listing must
     /// end within [`Timeouts::listing`]: past it the node counts as not answering (UNAVAILABLE
     /// naming it, as for a call that timed out), whatever it answered so far.
     async fn pages<T, F, Fut>(&self, rpc: &'static str, mut ask: F) -> Result<Vec<T>, StorageError>
@@ -547,6 +576,7 @@ impl RemoteAgent {
         let listing = async {
             let mut all: Vec<T> = Vec::new();
             let mut after = String::new();
+            let mut held = 0usize;
             loop {
                 let (page, more) = ask(after.clone()).await?;
                 pages += 1;
@@ -559,6 +589,11 @@ impl RemoteAgent {
                 }
                 if all.len() + page.len() > MAX_LISTED_PER_NODE {
                     return Err(self.malformed(rpc, format!("it lists more than {MAX_LISTED_PER_NODE} records")));
+                }
+                held += page.iter().map(Answered::held).sum::<usize>();
+                if held > MAX_LISTING_BYTES {
+                    let why = format!("its listing holds more than {} MiB", MAX_LISTING_BYTES >> 20);
+                    return Err(self.malformed(rpc, why));
                 }
                 let done = !more || page.is_empty();
                 all.extend(page);

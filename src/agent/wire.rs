@@ -184,10 +184,48 @@ pub fn name(field: &str, raw: String) -> Result<String, WireError> {
     if raw.is_empty() {
         return Err(bad(field, "is required"));
     }
-    Ok(raw)
+    short(field, raw, MAX_NAME)
 }
 
 // --- records -----------------------------------------------------------------------------------
+
+/// The longest CSI name a record may carry. CSI allows 128 bytes, Kubernetes names 253: a record
+/// naming more is a bad answer, never a name the controller keeps (its listings hold each name).
+pub const MAX_NAME: usize = 1024;
+/// The longest filesystem type a record may carry (`ext4`, `xfs`; CSI's strings are 128 bytes).
+pub const MAX_FS_TYPE: usize = 128;
+/// The most parameters a record may carry, and their bytes (keys and values) in all: the
+/// controller takes only its own few keys and the sidecars' (`csi.storage.k8s.io/*`). Protobuf
+/// decodes each map entry of a few bytes into two strings in a tree: unbounded, one record of
+/// 44,000 tiny entries cost the controller 4 MiB.
+pub const MAX_PARAMETERS: usize = 64;
+pub const MAX_PARAMETER_BYTES: usize = 16 << 10;
+
+/// A text field of a record, at most `max` bytes.
+fn short(field: &str, raw: String, max: usize) -> Result<String, WireError> {
+    if raw.len() > max {
+        return Err(bad(field, format!("is {} bytes, more than {max}", raw.len())));
+    }
+    Ok(raw)
+}
+
+/// A record's parameters, within [`MAX_PARAMETERS`] and [`MAX_PARAMETER_BYTES`].
+fn parameters(
+    field: &str,
+    p: std::collections::BTreeMap<String, String>,
+) -> Result<std::collections::BTreeMap<String, String>, WireError> {
+    let bytes: usize = p.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if p.len() > MAX_PARAMETERS || bytes > MAX_PARAMETER_BYTES {
+        return Err(bad(
+            field,
+            format!(
+                "holds {} entries of {bytes} bytes, more than {MAX_PARAMETERS} or {MAX_PARAMETER_BYTES}",
+                p.len()
+            ),
+        ));
+    }
+    Ok(p)
+}
 
 impl From<&ContentSource> for v1::ContentSource {
     fn from(s: &ContentSource) -> Self {
@@ -244,10 +282,10 @@ impl TryFrom<v1::VolumeRecord> for VolumeRecord {
             source: m.source.map(|s| content_source("volume.source", s)).transpose()?,
             delete_policy: delete_policy("volume.delete_policy", m.delete_policy)?,
             id: volume_id("volume.id", &m.id)?,
-            name: m.name,
+            name: short("volume.name", m.name, MAX_NAME)?,
             capacity_bytes: m.capacity_bytes,
-            fs_type: m.fs_type,
-            parameters: m.parameters,
+            fs_type: short("volume.fs_type", m.fs_type, MAX_FS_TYPE)?,
+            parameters: parameters("volume.parameters", m.parameters)?,
             created_unix_secs: m.created_unix_secs,
             compression: m.compression,
             fs_bytes: m.fs_bytes,
@@ -298,7 +336,7 @@ impl TryFrom<v1::SnapshotRecord> for SnapshotRecord {
                     keep_local: m.backup_keep_local,
                     uploaded: m.backup_uploaded,
                 }),
-            name: m.name,
+            name: short("snapshot.name", m.name, MAX_NAME)?,
             size_bytes: m.size_bytes,
             created_unix_secs: m.created_unix_secs,
             created_nanos: m.created_nanos,
@@ -335,7 +373,7 @@ impl TryFrom<v1::GroupRecord> for GroupRecord {
         Ok(GroupRecord {
             version: m.version,
             id: group_id("group.id", &m.id)?,
-            name: m.name,
+            name: short("group.name", m.name, MAX_NAME)?,
             members: m
                 .members
                 .into_iter()
@@ -347,7 +385,7 @@ impl TryFrom<v1::GroupRecord> for GroupRecord {
                     })
                 })
                 .collect::<Result<_, WireError>>()?,
-            parameters: m.parameters,
+            parameters: parameters("group.parameters", m.parameters)?,
             created_unix_secs: m.created_unix_secs,
             created_nanos: m.created_nanos,
         })
@@ -383,7 +421,7 @@ impl TryFrom<v1::CreateGroupRequest> for NewGroup {
         Ok(NewGroup {
             name: name("name", m.name)?,
             members,
-            parameters: m.parameters,
+            parameters: parameters("parameters", m.parameters)?,
             per_volume: m.per_volume,
             freeze_timeout: std::time::Duration::from_millis(m.freeze_timeout_millis),
         })
@@ -399,11 +437,17 @@ impl From<&Condition> for v1::Condition {
     }
 }
 
+/// A node's condition of a volume: its message is cut to [`crate::csi::status::MAX_MESSAGE`], as
+/// every message the controller passes on is (it reaches ListVolumes and the health monitor).
 impl From<v1::Condition> for Condition {
     fn from(c: v1::Condition) -> Self {
+        let message = match crate::csi::status::bounded(&c.message) {
+            std::borrow::Cow::Borrowed(_) => c.message,
+            cut => cut.into_owned(),
+        };
         Condition {
             abnormal: c.abnormal,
-            message: c.message,
+            message,
         }
     }
 }
@@ -573,8 +617,8 @@ impl TryFrom<v1::CreateVolumeRequest> for NewVolume {
             capacity: capacity(m.capacity),
             mode: volume_mode("mode", m.mode)?,
             access_modes: access_modes("access_modes", &m.access_modes)?,
-            fs_type: m.fs_type,
-            parameters: m.parameters,
+            fs_type: short("fs_type", m.fs_type, MAX_FS_TYPE)?,
+            parameters: parameters("parameters", m.parameters)?,
             source: m.source.map(source).transpose()?,
             delete_policy: delete_policy("delete_policy", m.delete_policy)?,
             mutable: mutable(m.mutable_parameters)?,
@@ -1008,6 +1052,53 @@ mod tests {
         };
         let (r2, c2) = volume_and_condition(volume_with_condition(&r, &c)).unwrap();
         assert_eq!((r2, c2), (r, c));
+    }
+
+    /// A node's record was decoded whatever its fields held: one record's parameters map of
+    /// 44,000 tiny entries cost the controller some 4 MiB, and a condition message of 400 KiB went
+    /// on whole into ListVolumes. Past its bounds a record is a bad answer; a message is cut.
+    #[test]
+    fn a_record_past_the_bounds_of_its_fields_is_refused_and_a_long_condition_is_cut() {
+        let within = full_volume();
+        assert!(VolumeRecord::try_from(v1::VolumeRecord::from(&within)).is_ok());
+        let past = |change: &dyn Fn(&mut VolumeRecord)| {
+            let mut r = within.clone();
+            change(&mut r);
+            VolumeRecord::try_from(v1::VolumeRecord::from(&r)).unwrap_err().0
+        };
+        let e = past(&|r| r.name = "n".repeat(MAX_NAME + 1));
+        assert!(e.starts_with("volume.name"), "{e}");
+        let e = past(&|r| r.fs_type = "f".repeat(MAX_FS_TYPE + 1));
+        assert!(e.starts_with("volume.fs_type"), "{e}");
+        let e = past(&|r| r.parameters = (0..=MAX_PARAMETERS).map(|i| (i.to_string(), String::new())).collect());
+        assert!(e.starts_with("volume.parameters"), "{e}");
+        let e = past(&|r| r.parameters = [("k".to_string(), "v".repeat(MAX_PARAMETER_BYTES))].into());
+        assert!(e.starts_with("volume.parameters"), "{e}");
+        let snap = v1::SnapshotRecord {
+            name: "s".repeat(MAX_NAME + 1),
+            id: "snap:local:node-1:fast:s".into(),
+            source_volume_id: "local:node-1:fast:pvc-1".into(),
+            layout: v1::Layout::Dir as i32,
+            mode: v1::VolumeMode::from(VolumeMode::Filesystem) as i32,
+            ..Default::default()
+        };
+        assert!(SnapshotRecord::try_from(snap)
+            .unwrap_err()
+            .0
+            .starts_with("snapshot.name"));
+
+        let loud = v1::Condition {
+            abnormal: true,
+            message: "y".repeat(400 << 10),
+        };
+        let cut = Condition::from(loud);
+        assert!(cut.abnormal);
+        assert!(
+            cut.message.len() <= crate::csi::status::MAX_MESSAGE + 64,
+            "{}",
+            cut.message.len()
+        );
+        assert!(cut.message.ends_with(&format!("({} bytes in all)", 400 << 10)));
     }
 
     #[test]

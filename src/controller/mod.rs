@@ -934,7 +934,7 @@ impl Controller for ControllerService {
             let all = self.listing(!r.starting_token.is_empty()).await?;
             let (items, next_token) =
                 page::page_sorted(&all, |l| l.volume().id().to_string(), &r.starting_token, r.max_entries)?;
-            let entries = items
+            let mut entries = items
                 .iter()
                 .map(|l| list_volumes_response::Entry {
                     volume: Some(csi_volume(l.volume(), l.node())),
@@ -944,6 +944,9 @@ impl Controller for ControllerService {
                     }),
                 })
                 .collect();
+            let next_token = page::fit(&mut entries, next_token, |e| {
+                e.volume.as_ref().map(|v| v.volume_id.clone()).unwrap_or_default()
+            });
             Ok(ListVolumesResponse { entries, next_token })
         })
         .await
@@ -1149,13 +1152,14 @@ impl Controller for ControllerService {
                 all.retain(|s| s.source_volume_id == r.source_volume_id);
             }
             let (items, next_token) = page::page(all, |s| s.snapshot_id.clone(), &r.starting_token, r.max_entries)?;
-            Ok(ListSnapshotsResponse {
-                entries: items
-                    .into_iter()
-                    .map(|s| list_snapshots_response::Entry { snapshot: Some(s) })
-                    .collect(),
-                next_token,
-            })
+            let mut entries = items
+                .into_iter()
+                .map(|s| list_snapshots_response::Entry { snapshot: Some(s) })
+                .collect();
+            let next_token = page::fit(&mut entries, next_token, |e| {
+                e.snapshot.as_ref().map(|s| s.snapshot_id.clone()).unwrap_or_default()
+            });
+            Ok(ListSnapshotsResponse { entries, next_token })
         })
         .await
     }

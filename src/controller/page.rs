@@ -39,6 +39,30 @@ pub fn check(token: &str, max: i32) -> Result<Option<String>, ControllerError> {
     parse_token(token)
 }
 
+/// The most bytes of entries one ListVolumes or ListSnapshots answer carries, whatever
+/// `max_entries` asked (0 included, which CSI lets a plugin page anyway): a gRPC client takes
+/// answers of 4 MiB by default (the sidecars, csi-sanity), and one larger fails the whole call.
+pub const MAX_ANSWER_BYTES: usize = 3 << 20;
+
+/// Cuts a page's entries, built in id order, to [`MAX_ANSWER_BYTES`] (at least one entry stays),
+/// and answers the next token: after the last entry kept when some were cut, else `next` as it was.
+pub fn fit<E: prost::Message>(entries: &mut Vec<E>, next: String, id: impl Fn(&E) -> String) -> String {
+    let mut bytes = 0usize;
+    let kept = entries
+        .iter()
+        .position(|e| {
+            let len = e.encoded_len();
+            bytes += len + prost::length_delimiter_len(len) + 1;
+            bytes > MAX_ANSWER_BYTES
+        })
+        .map_or(entries.len(), |i| i.max(1));
+    if kept == entries.len() {
+        return next;
+    }
+    entries.truncate(kept);
+    token_after(&id(&entries[kept - 1]))
+}
+
 /// One page of `items` (sorted by the text of their `id`): those after the token, at most `max` (0: all).
 pub fn page<T>(
     items: Vec<T>,
@@ -122,6 +146,39 @@ mod tests {
         assert_eq!(
             page_sorted(&all, |s| s.clone(), "", -1).unwrap_err().code(),
             tonic::Code::InvalidArgument
+        );
+    }
+
+    /// An unpaged answer of a large cluster outgrew what a gRPC client takes (4 MiB by default),
+    /// failing the whole call; it is now cut by bytes, with a token for the rest.
+    #[test]
+    fn an_answer_is_cut_by_bytes_with_a_token_for_the_rest_whatever_was_asked() {
+        use prost::Message;
+        let entry = "e".repeat(64 << 10);
+        let all: Vec<String> = (0..100).map(|i| format!("{i:03}{entry}")).collect();
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        loop {
+            let (page, next) = page(all.clone(), |s| s.clone(), &token, 0).unwrap();
+            let mut entries = page;
+            let next = fit(&mut entries, next, |s| s.clone());
+            let bytes: usize = entries.iter().map(|e| e.encoded_len() + 4).sum();
+            assert!(bytes <= MAX_ANSWER_BYTES, "{bytes}");
+            seen.extend(entries);
+            if next.is_empty() {
+                break;
+            }
+            token = next;
+        }
+        assert_eq!(seen, all, "every entry once, in order");
+        let mut small = ids(&["a", "b"]);
+        assert_eq!(fit(&mut small, "kept".into(), |s| s.clone()), "kept");
+        assert_eq!(small.len(), 2);
+        let mut huge = vec!["x".repeat(MAX_ANSWER_BYTES + 1), "y".into()];
+        let next = fit(&mut huge, String::new(), |s| s.clone());
+        assert_eq!(
+            (huge.len(), parse_token(&next).unwrap()),
+            (1, Some("x".repeat(MAX_ANSWER_BYTES + 1)))
         );
     }
 
