@@ -166,8 +166,10 @@ impl Listing {
 #[derive(Default)]
 struct Inner {
     by_agent: HashMap<String, Listing>,
-    /// CSI name → the agent whose listing holds it.
-    names: HashMap<Box<str>, Arc<str>>,
+    /// CSI name → the agents whose listings hold it, the first to list it first. A node can list
+    /// a volume of its own under another node's name: it joins that name's holders, and it never
+    /// takes the entry over or drops the other holders.
+    names: HashMap<Box<str>, Vec<Arc<str>>>,
     /// Agents being listed again in the background.
     relisting: HashSet<String>,
     /// Per agent, how many creates, deletes and doubts this controller recorded: a listing asked
@@ -181,11 +183,29 @@ impl Inner {
     }
 
     fn unindex(&mut self, key: &str) {
-        if let Some(old) = self.by_agent.get(key) {
-            for v in old.volumes.iter() {
-                if self.names.get(v.name()).is_some_and(|k| &**k == key) {
-                    self.names.remove(v.name());
-                }
+        let names: Vec<Box<str>> = match self.by_agent.get(key) {
+            Some(old) => old.volumes.iter().map(|v| v.name.clone()).collect(),
+            None => return,
+        };
+        for name in names {
+            self.unname(&name, key);
+        }
+    }
+
+    /// `key` holds a volume named `name` (after the holders before it).
+    fn name(&mut self, name: Box<str>, key: &Arc<str>) {
+        let holders = self.names.entry(name).or_default();
+        if !holders.iter().any(|k| k == key) {
+            holders.push(key.clone());
+        }
+    }
+
+    /// `key` no longer holds a volume named `name`; the other holders stay.
+    fn unname(&mut self, name: &str, key: &str) {
+        if let Some(holders) = self.names.get_mut(name) {
+            holders.retain(|k| &**k != key);
+            if holders.is_empty() {
+                self.names.remove(name);
             }
         }
     }
@@ -222,7 +242,7 @@ impl Listings {
         inner.unindex(key);
         let shared: Arc<str> = Arc::from(key);
         for v in listing.volumes.iter() {
-            inner.names.insert(v.name.clone(), shared.clone());
+            inner.name(v.name.clone(), &shared);
         }
         inner.by_agent.insert(key.to_string(), listing.clone());
         listing
@@ -250,7 +270,7 @@ impl Listings {
             l.provision(&old, false);
         }
         l.provision(&made, true);
-        inner.names.insert(made.name, Arc::from(key));
+        inner.name(made.name, &Arc::from(key));
     }
 
     /// A volume deleted through this controller leaves every listing.
@@ -265,7 +285,7 @@ impl Listings {
             }
         }
         for (key, name) in gone {
-            inner.names.remove(&name);
+            inner.unname(&name, &key);
             inner.edited(&key);
         }
     }
@@ -306,10 +326,12 @@ impl Listings {
         self.lock().relisting.remove(key);
     }
 
-    /// The listed agent holding a volume of this name (its listing key), with the volume.
+    /// The listed agent holding a volume of this name (its listing key), with the volume. When
+    /// several list one name (a node listing a volume of its own under another's name), the one
+    /// that listed it first answers: a later claim cannot take a name over.
     pub fn named(&self, name: &str) -> Option<(String, VolumeSummary)> {
         let inner = self.lock();
-        let key = inner.names.get(name)?;
+        let key = inner.names.get(name)?.first()?;
         let l = inner.by_agent.get(&**key)?;
         let v = l.volumes.iter().find(|v| v.name() == name)?;
         Some((key.to_string(), v.clone()))
@@ -515,6 +537,48 @@ mod tests {
         assert!(l.named("b").is_some());
         l.retain(|_, _| false);
         assert!(l.named("b").is_none());
+    }
+
+    /// The name index believed the last listing naming a name: node-1 listing a volume of its
+    /// own under node-2's name took the entry over, and once node-1 listed it no more the name was
+    /// not indexed at all, though node-2 (whole, so never asked) still held it; a retried
+    /// CreateVolume then placed a second volume of that name.
+    #[test]
+    fn a_node_listing_another_nodes_name_neither_takes_it_over_nor_drops_it() {
+        let l = Listings::default();
+        l.replace(
+            "n2",
+            Instant::now(),
+            l.edits("n2"),
+            vec![(rec("n2", "victim", 1), ok())],
+        );
+        l.replace(
+            "n1",
+            Instant::now(),
+            l.edits("n1"),
+            vec![(rec("n1", "victim", 1), ok())],
+        );
+        assert!(
+            matches!(l.named("victim"), Some((k, _)) if k == "n2"),
+            "the first holder answers"
+        );
+        l.replace("n1", Instant::now(), l.edits("n1"), vec![]);
+        assert!(matches!(l.named("victim"), Some((k, _)) if k == "n2"), "still node-2's");
+        l.replace(
+            "n1",
+            Instant::now(),
+            l.edits("n1"),
+            vec![(rec("n1", "victim", 1), ok())],
+        );
+        l.remove("local:n1:default:victim");
+        assert!(
+            matches!(l.named("victim"), Some((k, _)) if k == "n2"),
+            "a delete on n1 leaves n2's"
+        );
+        l.retain(|k, _| k != "n1");
+        assert!(matches!(l.named("victim"), Some((k, _)) if k == "n2"));
+        l.remove("local:n2:default:victim");
+        assert!(l.named("victim").is_none());
     }
 
     fn summary(node: &str, name: &str) -> VolumeSummary {
