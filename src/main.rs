@@ -234,11 +234,6 @@ struct RegistryArgs {
     /// --agent-call-timeout.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     agent_list_timeout: Option<Duration>,
-    /// The deadline of a look-up by name on a node (VolumeNamed, SnapshotNamed, asked on a create
-    /// to find what an earlier try made): a node that has not answered by then is passed over
-    /// and not asked again until a call gets through (at most --agent-call-timeout).
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
-    agent_lookup_timeout: Duration,
     /// Refuse (PERMISSION_DENIED) a heartbeat whose agent address is not the IP address it came
     /// from, so a node cannot have the controller dial a host of its choosing. Only where nodes
     /// reach the registry with their own address (no NAT, no proxy sidecar between).
@@ -266,16 +261,12 @@ impl RegistryArgs {
                 listing: self
                     .agent_list_timeout
                     .unwrap_or(cellar::agent::remote::Timeouts::LISTING_CALLS * self.agent_call_timeout),
-                lookup: self.agent_lookup_timeout,
                 ..defaults.agent_timeouts
             },
             ..defaults
         };
         if config.agent_timeouts.call < Duration::from_millis(100) {
             return Err("--agent-call-timeout must be at least 100ms".into());
-        }
-        if config.agent_timeouts.lookup < Duration::from_millis(100) {
-            return Err("--agent-lookup-timeout must be at least 100ms".into());
         }
         if config.agent_timeouts.listing < config.agent_timeouts.call {
             return Err("--agent-list-timeout must be at least --agent-call-timeout (one page)".into());

@@ -139,7 +139,6 @@ fn timeouts() -> Timeouts {
         call: Duration::from_secs(3),
         storage: Duration::from_secs(10),
         listing: Timeouts::LISTING_CALLS * Duration::from_secs(3),
-        lookup: Timeouts::LOOKUP,
     }
 }
 
@@ -377,7 +376,6 @@ async fn a_hung_node_is_unavailable_within_the_call_timeout() {
         call: Duration::from_secs(1),
         storage: Duration::from_secs(2),
         listing: Timeouts::LISTING_CALLS * Duration::from_secs(1),
-        lookup: Timeouts::LOOKUP,
     };
     let controller = remote(NODE, addr, &ca.tls(&ca.issue(&[CONTROLLER])), t);
 
@@ -935,7 +933,6 @@ async fn hung_node_cluster() -> HungNodeCluster {
         call: Duration::from_secs(1),
         storage: Duration::from_secs(2),
         listing: Timeouts::LISTING_CALLS * Duration::from_secs(1),
-        lookup: Timeouts::LOOKUP,
     };
     let config = RegistryConfig {
         agent_timeouts: t,
@@ -1109,7 +1106,6 @@ async fn silent_connections_beyond_the_agents_cap_are_dropped_and_the_controller
             call: Duration::from_secs(30),
             storage: Duration::from_secs(30),
             listing: Timeouts::LISTING_CALLS * Duration::from_secs(30),
-            lookup: Timeouts::LOOKUP,
         },
     );
     assert!(controller.volumes().await.expect("served").is_empty());
@@ -1184,13 +1180,7 @@ mod lying_node {
         Fat,
         /// Not a lie: 5,000 volumes of its own, each abnormal with a 2 KiB message.
         Loud,
-        /// Answers every look-up by name just within the read deadline ([`SLOW_NAMED`] counts
-        /// them), otherwise honest.
-        SlowNamed,
     }
-
-    /// How many look-ups by name a [`Lie::SlowNamed`] node was asked.
-    static SLOW_NAMED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
     /// What a [`Lie::Fat`] node lists: `FAT_PER_CALL` records a call, further on each call, up to
     /// `FAT_RECORDS`.
@@ -1422,11 +1412,6 @@ mod lying_node {
                 | Lie::DripSnapshots
                 | Lie::Fat
                 | Lie::Loud => self.honest.volume_named(name).await?,
-                Lie::SlowNamed => {
-                    SLOW_NAMED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    tokio::time::sleep(timeouts().call - Duration::from_millis(500)).await;
-                    self.honest.volume_named(name).await?
-                }
             })
         }
         async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError> {
@@ -1845,42 +1830,6 @@ mod lying_node {
             }),
             ..csi_create(name)
         }
-    }
-
-    /// A node that answers each look-up by name just inside the read deadline, and whose
-    /// listing never agrees with its heartbeat (so the index never answers for it), was asked on
-    /// every CreateVolume its topology admitted and delayed each by that long (15 s by default,
-    /// past the provisioner's own timeout): provisioning stopped for the whole cluster. A
-    /// look-up has a deadline of its own (`Timeouts::lookup`); a node that misses it counts as
-    /// not answering and is not asked again until a call gets through.
-    #[tokio::test]
-    async fn a_node_answering_name_lookups_slowly_is_asked_once_not_on_every_create() {
-        let c = cluster(Lie::SlowNamed).await;
-        // A volume its heartbeat above does not count: its listing and heartbeat disagree.
-        c.liar
-            .engine
-            .create_volume(new_volume("pvc-unreported", 1 << 20))
-            .expect("a volume of its own");
-        for i in 0..4 {
-            let made = c
-                .controller
-                .create_volume(tonic::Request::new(placed(
-                    &format!("pvc-{i}"),
-                    "node-2",
-                    &["node-1", "node-2"],
-                )))
-                .await
-                .expect("created")
-                .into_inner()
-                .volume
-                .expect("volume");
-            assert!(made.volume_id.contains(":node-2:"), "{}", made.volume_id);
-        }
-        let asked = SLOW_NAMED.load(std::sync::atomic::Ordering::SeqCst);
-        assert!(
-            (1..=2).contains(&asked),
-            "node-1 was asked {asked} look-ups for 4 creates: once it missed the deadline it is passed over"
-        );
     }
 
     #[tokio::test]

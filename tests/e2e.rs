@@ -676,7 +676,6 @@ async fn callers_without_a_certificate_or_from_another_ca_are_refused() {
                     call: Duration::from_secs(10),
                     storage: Duration::from_secs(10),
                     listing: Timeouts::LISTING_CALLS * Duration::from_secs(10),
-                    lookup: Timeouts::LOOKUP,
                 };
                 let node = NodeId::parse("node-1").expect("node id");
                 let at = HostPort::parse(&agent).expect("address");

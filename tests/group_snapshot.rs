@@ -760,7 +760,6 @@ mod split {
             call: Duration::from_secs(15),
             storage: Duration::from_secs(60),
             listing: Timeouts::LISTING_CALLS * Duration::from_secs(15),
-            lookup: Timeouts::LOOKUP,
         };
         let address = HostPort::parse(&addr.to_string()).expect("address");
         RemoteAgent::new(node, address, &Tls::Insecure, AGENT_SERVER_NAME, timeouts).expect("client")

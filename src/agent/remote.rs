@@ -148,19 +148,11 @@ pub struct Timeouts {
     /// `call` deadline, and a node answering each just in time, always saying more remain, would
     /// otherwise hold its listing (and every listing of the cluster waiting for it) for ever.
     pub listing: Duration,
-    /// A look-up by name (VolumeNamed, SnapshotNamed): an index look-up on the node, asked of
-    /// several nodes at once on a CreateVolume or CreateSnapshot. A node answering each just
-    /// inside the read deadline delayed every create of the cluster by that much, past the
-    /// provisioner's own timeout; one that misses this deadline counts as not answering (it is
-    /// not asked again until a call gets through) and the create goes on as without it.
-    pub lookup: Duration,
 }
 
 impl Timeouts {
     /// How many read calls' time a node's whole listing may take by default.
     pub const LISTING_CALLS: u32 = 4;
-    /// The default deadline of a look-up by name.
-    pub const LOOKUP: Duration = Duration::from_secs(2);
 }
 
 impl Default for Timeouts {
@@ -171,7 +163,6 @@ impl Default for Timeouts {
             call,
             storage: Duration::from_secs(120),
             listing: Timeouts::LISTING_CALLS * call,
-            lookup: Timeouts::LOOKUP,
         }
     }
 }
@@ -900,7 +891,7 @@ impl Agent for RemoteAgent {
         let r = self
             .call(
                 RPC,
-                self.timeouts.lookup.min(self.timeouts.call),
+                self.timeouts.call,
                 v1::VolumeNamedRequest { name: name.clone() },
                 |mut c, r| async move { c.volume_named(r).await },
             )
@@ -914,7 +905,7 @@ impl Agent for RemoteAgent {
         let r = self
             .call(
                 RPC,
-                self.timeouts.lookup.min(self.timeouts.call),
+                self.timeouts.call,
                 v1::SnapshotNamedRequest { name: name.clone() },
                 |mut c, r| async move { c.snapshot_named(r).await },
             )
