@@ -48,9 +48,10 @@ const MAX_ANSWER_BYTES: usize = 2 * LIST_PAGE_BYTES as usize;
 /// volumes is the scale cellar is measured at); past it the listing is refused.
 pub const MAX_LISTED_PER_NODE: usize = 200_000;
 /// What a node's listing may cost the controller until its last page, counted as the records hold
-/// it ([`Answered::held`]); past it the listing is refused (a bad answer). Some 100,000 volumes as
-/// Kubernetes makes them; each record is bounded on its own (`wire::MAX_NAME` and the rest), but
-/// 200,000 of them at their bounds would be gigabytes.
+/// it ([`Answered::held`]); past it the listing is refused (a bad answer). Some 70,000 volumes as
+/// external-provisioner makes them with its metadata (about 900 bytes each); each record is
+/// bounded on its own (`wire::MAX_NAME` and the rest), but 200,000 of them at their bounds would be
+/// gigabytes.
 pub const MAX_LISTING_BYTES: usize = 64 << 20;
 
 /// `HOST:PORT` where a peer listens: a DNS name, an IPv4 address or a bracketed IPv6 address.

@@ -239,7 +239,22 @@ impl Listings {
         let mut listing = Listing::new(at, volumes);
         let mut inner = self.lock();
         listing.unsure = inner.edits.get(key).copied().unwrap_or(0) != edits;
-        inner.unindex(key);
+        // Only the names it no longer lists leave, and only new ones join at the back: a holder
+        // that keeps listing a name keeps its place, so the true holder's next listing does not
+        // hand the name to another node that lists it too.
+        let listed: std::collections::HashSet<&str> = listing.volumes.iter().map(|v| v.name()).collect();
+        let dropped: Vec<Box<str>> = match inner.by_agent.get(key) {
+            Some(old) => old
+                .volumes
+                .iter()
+                .filter(|v| !listed.contains(v.name()))
+                .map(|v| v.name.clone())
+                .collect(),
+            None => Vec::new(),
+        };
+        for name in dropped {
+            inner.unname(&name, key);
+        }
         let shared: Arc<str> = Arc::from(key);
         for v in listing.volumes.iter() {
             inner.name(v.name.clone(), &shared);
@@ -561,6 +576,18 @@ mod tests {
         assert!(
             matches!(l.named("victim"), Some((k, _)) if k == "n2"),
             "the first holder answers"
+        );
+        // Every listing used to unindex a node's names and add them again at the back: the true
+        // holder's next listing (a relist, any ListVolumes) put node-1 first.
+        l.replace(
+            "n2",
+            Instant::now(),
+            l.edits("n2"),
+            vec![(rec("n2", "victim", 1), ok())],
+        );
+        assert!(
+            matches!(l.named("victim"), Some((k, _)) if k == "n2"),
+            "node-2 listed again keeps its place"
         );
         l.replace("n1", Instant::now(), l.edits("n1"), vec![]);
         assert!(matches!(l.named("victim"), Some((k, _)) if k == "n2"), "still node-2's");
