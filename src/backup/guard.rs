@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use rustic_core::repofile::KeyFile;
+use rustic_core::repofile::{KeyFile, MasterKey};
 use rustic_core::{
     BytesList, ErrorKind, FileType, Id, ReadBackend, RepositoryBackends, RusticError, RusticResult, WriteBackend,
 };
@@ -52,11 +52,16 @@ fn max_bytes(tpe: FileType) -> Option<u32> {
     }
 }
 
+/// The repository's master key once an open has found it: snapshot and index files are then
+/// checked for what they expand to before rustic reads them.
+pub type KeySlot = Arc<std::sync::OnceLock<MasterKey>>;
+
 /// The repository's backends, with listings and key files bounded as above.
-pub fn wrap(be: RepositoryBackends, repository: &str) -> RepositoryBackends {
+pub fn wrap(be: RepositoryBackends, repository: &str, key: &KeySlot) -> RepositoryBackends {
     let guarded = |inner: Arc<dyn WriteBackend>| -> Arc<dyn WriteBackend> {
         Arc::new(Guarded {
             inner,
+            key: key.clone(),
             repository: repository.to_string(),
             keys: Mutex::new(HashMap::new()),
             listed: Mutex::new(HashMap::new()),
@@ -67,6 +72,7 @@ pub fn wrap(be: RepositoryBackends, repository: &str) -> RepositoryBackends {
 
 struct Guarded {
     inner: Arc<dyn WriteBackend>,
+    key: KeySlot,
     repository: String,
     /// Key files as they were when checked: rustic reads these bytes, not the file again (which
     /// its writer may have changed since).
@@ -74,6 +80,21 @@ struct Guarded {
     /// The length each file read whole had when a listing let it through (by kind): it is read
     /// up to that length and no further, however large it has grown since.
     listed: Mutex<HashMap<(u8, Id), u32>>,
+}
+
+/// How far a sealed snapshot or index file decompresses, if past `limit` (counted, never held).
+/// rustic decompresses the whole file into memory after its MAC checks, so a file the key sealed
+/// (any node holds the key) of a few KiB could expand to gigabytes there. A file whose MAC does
+/// not check under `key`, or that is not compressed, is left to rustic, which refuses or reads it
+/// as it always did.
+pub fn expands_past(key: &MasterKey, sealed: &[u8], limit: u64) -> Option<u64> {
+    use std::io::Read;
+    let plain = super::image::Sealer::new(key).ok()?.open(sealed)?;
+    // restic's format: 2 then zstd for a compressed file; `{` or `[` for plain JSON.
+    let compressed = plain.strip_prefix(&[2u8])?;
+    let decoder = zstd::stream::read::Decoder::new(compressed).ok()?;
+    let n = std::io::copy(&mut decoder.take(limit + 1), &mut std::io::sink()).unwrap_or(0);
+    (n > limit).then_some(n)
 }
 
 /// Why a key file is not tried, or the work deriving its key takes.
@@ -242,6 +263,19 @@ impl Guarded {
                     data.len()
                 ),
             ));
+        }
+        if matches!(tpe, FileType::Snapshot | FileType::Index) {
+            if let Some(key) = self.key.get() {
+                if let Some(n) = expands_past(key, &data, u64::from(max)) {
+                    return Err(RusticError::new(
+                        ErrorKind::InvalidInput,
+                        format!(
+                            "{tpe} file {id} of the repository expands to more than {max} bytes ({n} read): \
+                             restic and rustic never make one; whoever holds the repository's key did"
+                        ),
+                    ));
+                }
+            }
         }
         Ok(data)
     }
@@ -641,7 +675,12 @@ mod tests {
     #[test]
     fn an_object_grown_after_its_listing_is_read_only_to_its_listed_length() {
         let bucket = Arc::new(Bucket::default());
-        let be = wrap(RepositoryBackends::new(bucket.clone(), None), "offsite").repository();
+        let be = wrap(
+            RepositoryBackends::new(bucket.clone(), None),
+            "offsite",
+            &KeySlot::default(),
+        )
+        .repository();
         let (snap, index, unlisted, huge) = (Id::new([1; 32]), Id::new([2; 32]), Id::new([3; 32]), Id::new([4; 32]));
         bucket.put(FileType::Snapshot, snap, 300);
         bucket.put(FileType::Index, index, 4000);
@@ -675,6 +714,70 @@ mod tests {
             bucket.handed_out.load(std::sync::atomic::Ordering::SeqCst),
             300 + 4000 + 200 + 500,
             "no byte past a listed length was read"
+        );
+    }
+
+    /// A snapshot or index file sealed with the repository's key (any node holds it) that
+    /// expands to gigabytes: a few KiB stored, within every stored bound, but rustic decompresses
+    /// it whole into memory once its MAC checks. Its expansion is counted first (never held) and
+    /// the read refused past the kind's bound; an honest file, and one sealed under another key
+    /// (left to rustic, which refuses it as before), are read as they are.
+    #[test]
+    fn a_sealed_file_that_expands_past_its_bound_is_refused_before_rustic_reads_it() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = backups(dir.path());
+        let key = b.open_or_init(&name, true).unwrap().key();
+        let sealer = crate::backup::image::Sealer::new(&key).ok().expect("sealer");
+        let compressed = |bytes: u64| {
+            use std::io::Read;
+            let mut plain = vec![2u8];
+            plain.extend(zstd::encode_all(std::io::repeat(b' ').take(bytes), 3).unwrap());
+            plain
+        };
+        let put = |sealed: &[u8]| {
+            let id = Id::new(sha2::Sha256::digest(sealed).into());
+            std::fs::write(dir.path().join("repo/snapshots").join(id.to_hex().as_str()), sealed).unwrap();
+            id
+        };
+        let bomb = put(&sealer.seal(&compressed((64 << 20) + 1)).ok().expect("sealed"));
+        let honest = put(&sealer.seal(&compressed(4096)).ok().expect("sealed"));
+        let other_key = {
+            let mut k = key.clone();
+            k.encrypt[0] ^= 1;
+            let other = crate::backup::image::Sealer::new(&k).ok().expect("sealer");
+            put(&other.seal(&compressed(1 << 30)).ok().expect("sealed"))
+        };
+        let stored = std::fs::metadata(dir.path().join("repo/snapshots").join(bomb.to_hex().as_str()))
+            .unwrap()
+            .len();
+        assert!(stored < 64 << 10, "a few KiB stored: {stored}");
+        let be = b.write_backend(&name, None).unwrap();
+        let listed = be.list_with_size(FileType::Snapshot).unwrap();
+        assert!(
+            listed.iter().any(|(id, _)| *id == bomb),
+            "within the stored bound, listed"
+        );
+        let e = be
+            .read_full(FileType::Snapshot, &bomb)
+            .expect_err("expands past 64 MiB");
+        assert!(e.to_string().contains("expands to more than"), "{e}");
+        assert!(
+            be.read_full(FileType::Snapshot, &honest).is_ok(),
+            "an honest file reads"
+        );
+        assert!(
+            be.read_full(FileType::Snapshot, &other_key).is_ok(),
+            "another key's file is left to rustic, which refuses it as before"
+        );
+        assert_eq!(
+            expands_past(&key, &sealer.seal(&compressed(100)).ok().expect("sealed"), 1000),
+            None
+        );
+        assert_eq!(
+            expands_past(&key, &sealer.seal(b"{}").ok().expect("sealed"), 1),
+            None,
+            "not compressed"
         );
     }
 

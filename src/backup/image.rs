@@ -238,12 +238,12 @@ fn is_hole(file: &File, start: u64, end: u64) -> bool {
     }
 }
 
-/// Seals files and blobs with the repository's master key.
+/// Seals files and blobs with the repository's master key (and opens them).
 #[derive(Clone)]
-struct Sealer(Arc<Aes256CtrPoly1305Aes>);
+pub(crate) struct Sealer(Arc<Aes256CtrPoly1305Aes>);
 
 impl Sealer {
-    fn new(key: &MasterKey) -> Result<Sealer, RusticFailure> {
+    pub(crate) fn new(key: &MasterKey) -> Result<Sealer, RusticFailure> {
         if key.encrypt.len() != 32 || key.mac.k.len() != 16 || key.mac.r.len() != 16 {
             return Err(RusticFailure::io(
                 "the repository's master key has an unexpected shape".to_string(),
@@ -258,7 +258,7 @@ impl Sealer {
     }
 
     /// IV, ciphertext, MAC.
-    fn seal(&self, plain: &[u8]) -> Result<Vec<u8>, RusticFailure> {
+    pub(crate) fn seal(&self, plain: &[u8]) -> Result<Vec<u8>, RusticFailure> {
         let mut out = Vec::with_capacity(plain.len() + 32);
         let mut iv = [0u8; 16];
         getrandom::fill(&mut iv).map_err(|e| RusticFailure::io(format!("random IV: {e}")))?;
@@ -270,6 +270,20 @@ impl Sealer {
             .map_err(|_| RusticFailure::io("encryption failed".to_string()))?;
         out.extend_from_slice(&tag);
         Ok(out)
+    }
+
+    /// What `sealed` (IV, ciphertext, MAC) holds, if its MAC checks under this key.
+    pub(crate) fn open(&self, sealed: &[u8]) -> Option<Vec<u8>> {
+        if sealed.len() < 32 {
+            return None;
+        }
+        let (iv, rest) = sealed.split_at(16);
+        let (ciphertext, tag) = rest.split_at(rest.len() - 16);
+        let mut plain = ciphertext.to_vec();
+        self.0
+            .decrypt_in_place_detached(iv.into(), &[], &mut plain, tag.into())
+            .ok()?;
+        Some(plain)
     }
 }
 

@@ -840,6 +840,16 @@ impl Backups {
         cfg: &RepositoryConfig,
         stop: Option<&upload::Stop>,
     ) -> Result<RepositoryBackends, StorageError> {
+        Ok(self.keyed_backends(cfg, stop)?.0)
+    }
+
+    /// [`Self::backends`], and the slot their guard reads the master key from: filled with the
+    /// key a password already gave, else by the caller once its open has found it.
+    fn keyed_backends(
+        &self,
+        cfg: &RepositoryConfig,
+        stop: Option<&upload::Stop>,
+    ) -> Result<(RepositoryBackends, guard::KeySlot), StorageError> {
         if let Location::Path(p) = &cfg.location {
             // The directory may be made, never its parent: a share that is not mounted must
             // not turn into a backup on the node's own disk.
@@ -858,7 +868,11 @@ impl Backups {
         }
         // Paced inside, so that the guard's own reads of key files are paced and counted too.
         let be = self.throttle.wrap(be, cfg.name.as_str(), stop);
-        Ok(guard::wrap(be, cfg.name.as_str()))
+        let slot = guard::KeySlot::default();
+        if let Some(key) = self.keys.lock().unwrap_or_else(|p| p.into_inner()).get(&cfg.name) {
+            let _ = slot.set(key.clone());
+        }
+        Ok((guard::wrap(be, cfg.name.as_str(), &slot), slot))
     }
 
     /// The repository's files, for writing them directly (`image`); paced like rustic's writes,
@@ -935,17 +949,22 @@ impl Backups {
             return Err(cfg.refused(format!("passwordFile {} is empty", cfg.password_file.display())));
         }
         let credentials = Credentials::password(&password);
-        let repo = Repository::new(&Self::options(), &self.backends(cfg, stop)?).map_err(|e| cfg.error(e))?;
+        let (be, slot) = self.keyed_backends(cfg, stop)?;
+        let keyed = |o: Open| {
+            let _ = slot.set(o.key());
+            o
+        };
+        let repo = Repository::new(&Self::options(), &be).map_err(|e| cfg.error(e))?;
         if repo.config_id().map_err(|e| cfg.error(e))?.is_some() {
-            return repo.open(&credentials).map_err(|e| cfg.error(e));
+            return repo.open(&credentials).map(keyed).map_err(|e| cfg.error(e));
         }
         if !init {
             return Err(cfg.refused("it has not been initialised yet (the first backup into it does that)"));
         }
         let _one = self.init.lock().unwrap_or_else(|p| p.into_inner());
-        let repo = Repository::new(&Self::options(), &self.backends(cfg, stop)?).map_err(|e| cfg.error(e))?;
+        let repo = Repository::new(&Self::options(), &be).map_err(|e| cfg.error(e))?;
         if repo.config_id().map_err(|e| cfg.error(e))?.is_some() {
-            return repo.open(&credentials).map_err(|e| cfg.error(e));
+            return repo.open(&credentials).map(keyed).map_err(|e| cfg.error(e));
         }
         let _claim = match &cfg.location {
             Location::Path(p) => InitClaim::Path(claim_init(cfg, p)?),
@@ -953,11 +972,12 @@ impl Backups {
         };
         // Another process may have finished between the look above and the claim.
         if repo.config_id().map_err(|e| cfg.error(e))?.is_some() {
-            return repo.open(&credentials).map_err(|e| cfg.error(e));
+            return repo.open(&credentials).map(keyed).map_err(|e| cfg.error(e));
         }
         tracing::info!(repository = cfg.name.as_str(), at = %cfg.describe(), "initialising the backup repository");
         let config = ConfigOptions::default().set_version(2u32);
         repo.init(&credentials, &KeyOptions::default(), &config)
+            .map(keyed)
             .map_err(|e| cfg.error(e))
     }
 
