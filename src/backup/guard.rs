@@ -82,6 +82,9 @@ struct Guarded {
     listed: Mutex<HashMap<(u8, Id), u32>>,
 }
 
+/// How many times its stored size a snapshot or index file may expand to, past its kind's bound.
+pub const EXPANSION_RATIO: u64 = 8;
+
 /// How far a sealed snapshot or index file decompresses, if past `limit` (counted, never held).
 /// rustic decompresses the whole file into memory after its MAC checks, so a file the key sealed
 /// (any node holds the key) of a few KiB could expand to gigabytes there. A file whose MAC does
@@ -266,12 +269,18 @@ impl Guarded {
         }
         if matches!(tpe, FileType::Snapshot | FileType::Index) {
             if let Some(key) = self.key.get() {
-                if let Some(n) = expands_past(key, &data, u64::from(max)) {
+                // Honest JSON compresses some 3 times: past the kind's bound and 8 times its
+                // stored size, a file is no index or snapshot anyone wrote to be read. (cellar's
+                // image backups write one index file per backup, unsplit: a backup of about
+                // 1 TiB of new data makes one that expands past 256 MiB.)
+                let bound = u64::from(max).max(EXPANSION_RATIO * data.len() as u64);
+                if let Some(n) = expands_past(key, &data, bound) {
                     return Err(RusticError::new(
                         ErrorKind::InvalidInput,
                         format!(
-                            "{tpe} file {id} of the repository expands to more than {max} bytes ({n} read): \
-                             restic and rustic never make one; whoever holds the repository's key did"
+                            "{tpe} file {id} of the repository expands to more than {bound} bytes ({n} read) from {} stored: \
+                             restic, rustic and cellar never make one; whoever holds the repository's key did",
+                            data.len()
                         ),
                     ));
                 }
@@ -743,8 +752,9 @@ mod tests {
         let bomb = put(&sealer.seal(&compressed((64 << 20) + 1)).ok().expect("sealed"));
         let honest = put(&sealer.seal(&compressed(4096)).ok().expect("sealed"));
         let other_key = {
+            // Another MAC key: the MAC fails (a changed encryption key alone still checks).
             let mut k = key.clone();
-            k.encrypt[0] ^= 1;
+            k.mac.k[0] ^= 1;
             let other = crate::backup::image::Sealer::new(&k).ok().expect("sealer");
             put(&other.seal(&compressed(1 << 30)).ok().expect("sealed"))
         };
@@ -769,6 +779,34 @@ mod tests {
         assert!(
             be.read_full(FileType::Snapshot, &other_key).is_ok(),
             "another key's file is left to rustic, which refuses it as before"
+        );
+        let file = std::fs::read(dir.path().join("repo/snapshots").join(other_key.to_hex().as_str())).unwrap();
+        assert!(sealer.open(&file).is_none(), "its MAC does not check under the key");
+        // A large honest index (cellar's image backups write one per backup, unsplit) expands
+        // past the kind's bound but by what JSON compresses: read.
+        let mut json = Vec::with_capacity(300 << 20);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..3_000_000u32 {
+            // Blob ids are SHA-256 hashes: random hex, as JSON compresses it.
+            let mut id = String::with_capacity(64);
+            for _ in 0..4 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                id.push_str(&format!("{x:016x}"));
+            }
+            json.extend_from_slice(format!("{{\"id\":\"{id}\",\"offset\":{i}}},").as_bytes());
+        }
+        let mut plain = vec![2u8];
+        plain.extend(zstd::encode_all(&json[..], 3).unwrap());
+        let sealed = sealer.seal(&plain).ok().expect("sealed");
+        let index = Id::new(sha2::Sha256::digest(&sealed).into());
+        std::fs::write(dir.path().join("repo/index").join(index.to_hex().as_str()), &sealed).unwrap();
+        assert!(json.len() > 256 << 20 && (json.len() as u64) < EXPANSION_RATIO * sealed.len() as u64);
+        be.list_with_size(FileType::Index).unwrap();
+        assert!(
+            be.read_full(FileType::Index, &index).is_ok(),
+            "an honest large index reads"
         );
         assert_eq!(
             expands_past(&key, &sealer.seal(&compressed(100)).ok().expect("sealed"), 1000),
