@@ -271,8 +271,8 @@ impl Guarded {
             if let Some(key) = self.key.get() {
                 // Honest JSON compresses some 3 times: past the kind's bound and 8 times its
                 // stored size, a file is no index or snapshot anyone wrote to be read. (cellar's
-                // image backups write one index file per backup, unsplit: a backup of about
-                // 1 TiB of new data makes one that expands past 256 MiB.)
+                // image backups wrote one index file per backup, unsplit, before 2026-12-07: one
+                // of about 1 TiB of new data expands past 256 MiB.)
                 let bound = u64::from(max).max(EXPANSION_RATIO * data.len() as u64);
                 if let Some(n) = expands_past(key, &data, bound) {
                     return Err(RusticError::new(

@@ -439,7 +439,31 @@ pub(crate) fn store(
 }
 
 /// Writes an index file naming `packs`.
+/// The most blobs one index file lists, as rustic and restic split theirs: an image backup of
+/// 1 TiB has two million chunks, and one file of them all expanded to some 300 MiB, past what a
+/// reader takes of one file (`guard`).
+const INDEX_BLOBS: usize = 50_000;
+
+/// Writes the packs' index, in files of at most [`INDEX_BLOBS`] blobs. A crash between two files
+/// leaves packs no file lists: the snapshot is written after the index, so the upload is made again.
 fn write_index(be: &dyn WriteBackend, sealer: &Sealer, packs: Vec<IndexPack>) -> Result<(), RusticFailure> {
+    let mut batch: Vec<IndexPack> = Vec::new();
+    let mut blobs = 0;
+    for pack in packs {
+        if !batch.is_empty() && blobs + pack.blobs.len() > INDEX_BLOBS {
+            write_index_file(be, sealer, std::mem::take(&mut batch))?;
+            blobs = 0;
+        }
+        blobs += pack.blobs.len();
+        batch.push(pack);
+    }
+    if !batch.is_empty() {
+        write_index_file(be, sealer, batch)?;
+    }
+    Ok(())
+}
+
+fn write_index_file(be: &dyn WriteBackend, sealer: &Sealer, packs: Vec<IndexPack>) -> Result<(), RusticFailure> {
     let json = serde_json::to_vec(&IndexFile { packs }).map_err(|e| RusticFailure::io(format!("index: {e}")))?;
     write_file(be, sealer, FileType::Index, &json).map(drop)
 }
@@ -459,6 +483,53 @@ fn write_file(be: &dyn WriteBackend, sealer: &Sealer, tpe: FileType, json: &[u8]
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An image backup's index is written in files of at most 50,000 blobs, as rustic's and
+    /// restic's are: one file of all of a 1 TiB backup's two million chunks expanded past what a
+    /// reader takes of one index file, which made the whole repository unreadable.
+    #[test]
+    fn an_index_is_written_in_files_of_at_most_50000_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = crate::backup::testing::backups(dir.path());
+        let key = b.open_or_init(&name, true).unwrap().key();
+        let be = b.write_backend(&name, None).unwrap();
+        let before = be.list(FileType::Index).unwrap().len();
+        let blob = |i: usize| IndexBlob {
+            id: format!("{i:064x}"),
+            kind: "data",
+            offset: 0,
+            length: 1,
+            uncompressed_length: None,
+        };
+        // 3,200 packs of 32 blobs: 102,400 blobs, three files.
+        let packs: Vec<IndexPack> = (0..3200)
+            .map(|p| IndexPack {
+                id: format!("{p:064x}"),
+                blobs: (0..32).map(|i| blob(p * 32 + i)).collect(),
+                time: String::new(),
+            })
+            .collect();
+        let sealer = Sealer::new(&key).ok().expect("sealer");
+        write_index(&*be, &sealer, packs).ok().expect("written");
+        let files = be.list(FileType::Index).unwrap();
+        assert_eq!(files.len() - before, 3, "102,400 blobs in files of at most 50,000");
+        let mut listed = 0;
+        for id in files {
+            let sealed = be.read_full(FileType::Index, &id).unwrap();
+            let plain = sealer.open(&sealed).expect("sealed with the key");
+            let json = zstd::decode_all(&plain[1..]).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+            let n: usize = v["packs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["blobs"].as_array().unwrap().len())
+                .sum();
+            assert!(n <= INDEX_BLOBS, "{n} blobs in one file");
+            listed += n;
+        }
+        assert_eq!(listed, 102_400, "every blob listed once");
+    }
 
     #[test]
     fn changed_ranges_mark_every_chunk_they_touch_and_no_other() {
