@@ -13,7 +13,10 @@ pub struct InFlight {
 pub struct Held {
     keys: Arc<Mutex<HashSet<String>>>,
     key: String,
-    /// What else the operation holds for as long (a shared pool's lock file), released after the key.
+    /// What else the operation holds for as long (a shared pool's lock file), released before the
+    /// key: the next call of this process that takes the key then finds the lock file free too
+    /// (released after it, the lock file was still held for a moment, and that call answered
+    /// ABORTED "by another controller replica" with no other replica there).
     also: Option<Box<dyn Send + Sync>>,
 }
 
@@ -53,6 +56,7 @@ impl InFlight {
 
 impl Drop for Held {
     fn drop(&mut self) {
+        drop(self.also.take());
         let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
         keys.remove(&self.key);
     }
@@ -61,6 +65,28 @@ impl Drop for Held {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a key holds as well is let go before the key: once the key can be taken again, so
+    /// can the shared pool's lock file it held.
+    #[test]
+    fn what_a_key_also_holds_is_released_before_the_key() {
+        struct Watch(InFlight, Arc<Mutex<Option<bool>>>);
+        impl Drop for Watch {
+            fn drop(&mut self) {
+                *self.1.lock().unwrap() = Some(self.0.holds("v1"));
+            }
+        }
+        let f = InFlight::default();
+        let seen = Arc::new(Mutex::new(None));
+        let held = f.try_take("v1".into()).unwrap().also(Watch(f.clone(), seen.clone()));
+        drop(held);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            Some(true),
+            "released while the key was still held"
+        );
+        assert!(!f.holds("v1"));
+    }
 
     #[test]
     fn second_taker_is_refused_until_release() {
