@@ -142,6 +142,7 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
     node_svc.advertise_health = o.advertise_volume_health;
     // The socket appears only now: whoever finds it (kubelet's registrar, a test) finds a driver
     // whose pools and node state are open.
+    server::listen_for_shutdown();
     let listener = server::bind(&socket)?;
     metrics.serving(&socket);
     let router = o
@@ -574,6 +575,7 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
             .advertising_health(o.advertise_volume_health)
             .with_backups(engine.backups().clone()),
     );
+    server::listen_for_shutdown();
     let listener = server::bind(&socket)?;
     metrics.serving(&socket);
     let router = o
@@ -738,6 +740,7 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
     crate::node::start_lease_renewer(engine.clone(), state.clone());
     let mut node_svc = NodeService::new(node, engine, state, o.max_volumes_per_node);
     node_svc.advertise_health = o.advertise_volume_health;
+    server::listen_for_shutdown();
     let listener = server::bind(&socket)?;
     metrics.serving(&socket);
     let router = o

@@ -421,10 +421,34 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Connection<S> {
     }
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+type ShutdownSignals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal);
+
+/// The handlers [`listen_for_shutdown`] installed, until [`shutdown_signal`] takes them.
+static SIGNALS: std::sync::Mutex<Option<ShutdownSignals>> = std::sync::Mutex::new(None);
+
+fn shutdown_signals() -> Option<ShutdownSignals> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(term), Ok(int)) => Some((term, int)),
+        _ => None,
+    }
+}
+
+/// Installs the SIGTERM and SIGINT handlers now, before the socket is bound: a handler installed
+/// only when the server first ran left a moment after the socket appeared in which a SIGTERM
+/// (kubelet, a test, an operator) killed the process outright, socket and all. Called in a Tokio
+/// runtime; a signal that arrives from now on ends [`shutdown_signal`].
+pub fn listen_for_shutdown() {
+    let mut held = SIGNALS.lock().unwrap_or_else(|p| p.into_inner());
+    if held.is_none() {
+        *held = shutdown_signals();
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT (since [`listen_for_shutdown`], when it was called).
+pub async fn shutdown_signal() {
+    let taken = SIGNALS.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let Some((mut term, mut int)) = taken.or_else(shutdown_signals) else {
         // Without signal handlers we can only run until killed.
         std::future::pending::<()>().await;
         return;
@@ -472,4 +496,20 @@ pub async fn serve_until_signal(
     let _ = std::fs::remove_file(socket);
     tracing::info!(socket = %socket.display(), "stopped; socket removed");
     result.map_err(ServeError::from)
+}
+
+#[cfg(test)]
+mod tests {
+    /// A SIGTERM that arrives after [`super::listen_for_shutdown`] but before anything waits for
+    /// it (the moment between binding the socket and the server's first run) ends the wait that
+    /// comes later. Without the early handler the default action kills the process (this test
+    /// binary with it).
+    #[tokio::test]
+    async fn a_sigterm_before_the_server_runs_is_kept_for_it() {
+        super::listen_for_shutdown();
+        nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM).expect("raise");
+        tokio::time::timeout(std::time::Duration::from_secs(60), super::shutdown_signal())
+            .await
+            .expect("the SIGTERM sent before the wait ends it");
+    }
 }
