@@ -1434,17 +1434,7 @@ async fn a_node_down_across_a_controller_restart_is_unavailable_never_absent() {
     let mut c = two_nodes(&["--heartbeat-interval", "200ms"]).await;
     let mut ctl = c.ctl().await;
     let on2 = made(&mut ctl, wffc("pvc-2", 16 * MIB, "node-2", &["node-2"])).await;
-    let snap = ctl
-        .create_snapshot(CreateSnapshotRequest {
-            source_volume_id: on2.volume_id.clone(),
-            name: "snap-2".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("snapshot on node-2")
-        .into_inner()
-        .snapshot
-        .expect("snapshot");
+    let snap = snapshot(&mut ctl, "snap-2", &on2.volume_id).await;
     let mut g = GroupControllerClient::new(c.channel("controller.sock").await);
     let group = g
         .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
