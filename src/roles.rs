@@ -705,7 +705,7 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
             // dials it (the name the node checks on the registry's certificate), which no node
             // certificate carries.
             let only_controller = tls.callers(&beat_config.server_name);
-            let local: Arc<dyn crate::agent::Agent> = Arc::new(LocalAgent::new(engine.clone()));
+            let local: Arc<dyn crate::agent::Agent> = Arc::new(LocalAgent::listed_by_controller(engine.clone()));
             let agent_service = crate::agent::server::AgentService::over(local.clone())
                 .pulling_with(tls.clone(), crate::agent::remote::Timeouts::default());
             // Other nodes may read one object each with a grant the controller signed, and call

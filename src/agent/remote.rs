@@ -54,6 +54,60 @@ pub const MAX_LISTED_PER_NODE: usize = 200_000;
 /// gigabytes.
 pub const MAX_LISTING_BYTES: usize = 64 << 20;
 
+/// What a node in split mode lets each of its listings (volumes, snapshots) grow to. By default
+/// three quarters of what the controller takes of a node ([`MAX_LISTED_PER_NODE`],
+/// [`MAX_LISTING_BYTES`]), so that conditions longer than foreseen and creates racing the check
+/// stay within the controller's bound. Past it a new volume or snapshot is RESOURCE_EXHAUSTED
+/// naming the bound (some 40,000 volumes as external-provisioner makes them): a node whose
+/// listing the controller refused would leave every volume on it unlisted.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeListing {
+    pub records: usize,
+    pub bytes: usize,
+}
+
+impl NodeListing {
+    pub const DEFAULT: NodeListing = NodeListing {
+        records: MAX_LISTED_PER_NODE / 4 * 3,
+        bytes: MAX_LISTING_BYTES / 4 * 3,
+    };
+
+    /// Whether `adding` more `what` (each weighing about as much as those held) fit beside
+    /// `(records, bytes)` held.
+    pub fn admits(&self, what: &str, (records, bytes): (usize, usize), adding: usize) -> Result<(), StorageError> {
+        let each = bytes.checked_div(records).unwrap_or(0);
+        let records_after = records.saturating_add(adding);
+        let bytes_after = bytes.saturating_add(each.saturating_mul(adding));
+        if records_after <= self.records && bytes_after <= self.bytes {
+            return Ok(());
+        }
+        Err(StorageError::Exhausted(format!(
+            "this node holds {records} {what} ({} KiB as the controller lists them); a node in split mode \
+             holds at most {} {what} or {} MiB of them, so that the controller can list it whole: delete \
+             some, or create on another node",
+            bytes >> 10,
+            self.records,
+            self.bytes >> 20,
+        )))
+    }
+}
+
+/// What a volume weighs in the controller's listing of its node: its record and what its
+/// condition may add ([`Answered::held`]).
+pub fn volume_listed(r: &VolumeRecord) -> usize {
+    r.held() + std::mem::size_of::<Condition>() + CONDITION_ALLOWANCE
+}
+
+/// What a snapshot weighs in the controller's listing of its node.
+pub fn snapshot_held(r: &SnapshotRecord) -> usize {
+    r.held()
+}
+
+/// The condition message a volume's listing is counted with ahead of time: the longest the
+/// node's own conditions say (a volume over its capacity, a missing image; about 250 bytes), with
+/// room to spare.
+const CONDITION_ALLOWANCE: usize = 384;
+
 /// `HOST:PORT` where a peer listens: a DNS name, an IPv4 address or a bracketed IPv6 address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HostPort {

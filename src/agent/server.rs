@@ -57,7 +57,7 @@ pub struct AgentService {
 
 impl AgentService {
     pub fn new(engine: Arc<LocalEngine>) -> AgentService {
-        AgentService::over(Arc::new(LocalAgent::new(engine)))
+        AgentService::over(Arc::new(LocalAgent::listed_by_controller(engine)))
     }
 
     /// Serves any agent (tests, or a wrapper around the local one).
@@ -352,14 +352,12 @@ impl v1::agent_server::Agent for AgentService {
 
     async fn list_volumes(&self, req: Request<v1::ListVolumesRequest>) -> Reply<v1::ListVolumesResponse> {
         let r = req.into_inner();
-        let all = self.agent.volumes().await.map_err(wire::status)?;
-        let (volumes, more) = page(
-            &all,
-            |(v, _)| v.id.to_string(),
-            |(v, c)| wire::volume_with_condition(v, c),
-            &r.after_id,
-            r.max_bytes,
-        );
+        let (page, more) = self
+            .agent
+            .volumes_page(r.after_id, r.max_bytes)
+            .await
+            .map_err(wire::status)?;
+        let volumes = page.iter().map(|(v, c)| wire::volume_with_condition(v, c)).collect();
         Ok(Response::new(v1::ListVolumesResponse { volumes, more }))
     }
 
@@ -415,8 +413,12 @@ impl v1::agent_server::Agent for AgentService {
 
     async fn list_snapshots(&self, req: Request<v1::ListSnapshotsRequest>) -> Reply<v1::ListSnapshotsResponse> {
         let r = req.into_inner();
-        let all = self.agent.snapshots().await.map_err(wire::status)?;
-        let (snapshots, more) = page(&all, |s| s.id.to_string(), |s| s.into(), &r.after_id, r.max_bytes);
+        let (page, more) = self
+            .agent
+            .snapshots_page(r.after_id, r.max_bytes)
+            .await
+            .map_err(wire::status)?;
+        let snapshots = page.iter().map(Into::into).collect();
         Ok(Response::new(v1::ListSnapshotsResponse { snapshots, more }))
     }
 
@@ -548,35 +550,6 @@ impl v1::agent_server::Agent for AgentService {
     }
 }
 
-/// One page of a listing: the records whose ids come after `after`, in id order, up to
-/// `max_bytes` encoded (at least one; 0: all), and whether any remain. Only the page's records
-/// are converted for the wire.
-fn page<R, T: prost::Message>(
-    records: &[R],
-    id: impl Fn(&R) -> String,
-    wire: impl Fn(&R) -> T,
-    after: &str,
-    max_bytes: u32,
-) -> (Vec<T>, bool) {
-    let mut rest: Vec<(String, &R)> = records
-        .iter()
-        .map(|r| (id(r), r))
-        .filter(|(i, _)| i.as_str() > after)
-        .collect();
-    rest.sort_by(|a, b| a.0.cmp(&b.0));
-    let (mut taken, mut bytes) = (Vec::new(), 0usize);
-    for (_, r) in &rest {
-        let t = wire(r);
-        let len = t.encoded_len() + 8; // with its field's tag and length
-        if max_bytes != 0 && !taken.is_empty() && bytes + len > max_bytes as usize {
-            return (taken, true);
-        }
-        bytes += len;
-        taken.push(t);
-    }
-    (taken, false)
-}
-
 /// The connection limits of the agent's and the registry's ports unless told otherwise: callers
 /// that say nothing (not even the TLS handshake) are dropped after two minutes; live peers answer
 /// the server's pings (every 30 s) and stay; one peer address holds at most a quarter of them (a
@@ -621,34 +594,86 @@ pub async fn serve_within(
 
 #[cfg(test)]
 mod tests {
-    use super::page;
+    use crate::agent::LIST_READ;
 
-    /// A record of the wire whose encoded size is its text's.
-    fn rec(id: &str, pad: usize) -> (String, String) {
-        (id.to_string(), "x".repeat(pad))
-    }
-
-    #[test]
-    fn a_listing_comes_in_id_order_in_pages_of_bounded_size_with_at_least_one_record() {
-        let all = vec![rec("c", 100), rec("a", 100), rec("b", 100), rec("d", 5000)];
-        let id = |r: &(String, String)| r.0.clone();
-        let wire = |r: &(String, String)| format!("{}{}", r.0, r.1);
-        // 250 bytes hold two records of ~110 encoded bytes, not three.
-        let (p1, more) = page(&all, id, wire, "", 250);
-        assert_eq!(p1.iter().map(|s| &s[..1]).collect::<Vec<_>>(), ["a", "b"]);
-        assert!(more);
-        let (p2, more) = page(&all, id, wire, "b", 250);
-        assert_eq!(p2.iter().map(|s| &s[..1]).collect::<Vec<_>>(), ["c"]);
-        assert!(more);
-        // A record larger than a page still goes, alone.
-        let (p3, more) = page(&all, id, wire, "c", 250);
-        assert_eq!(p3.iter().map(|s| &s[..1]).collect::<Vec<_>>(), ["d"]);
-        assert!(!more);
-        let (none, more) = page(&all, id, wire, "d", 250);
-        assert!(none.is_empty() && !more);
-        // 0: everything at once, as a controller before paging asks.
-        let (whole, more) = page(&all, id, wire, "", 0);
-        assert_eq!(whole.len(), 4);
-        assert!(!more);
+    /// The agent's own listing, page after page as the controller asks it, names every volume and
+    /// snapshot of the node once, in id order, across reads of its index.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_agent_lists_its_objects_in_pages_each_once_in_order() {
+        use super::wire::v1::agent_server::Agent as _;
+        use super::{v1, AgentService};
+        use crate::storage::config::Config;
+        use crate::storage::engine::{LocalEngine, NewVolume};
+        use crate::storage::id::NodeId;
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = Arc::new(
+            LocalEngine::open(NodeId::parse("n1").expect("node"), &Config::default_for(dir.path())).expect("engine"),
+        );
+        let count = 2 * LIST_READ + 40;
+        for i in 0..count {
+            let v = engine
+                .create_volume(NewVolume::plain(&format!("pvc-{i}"), None, 1 << 20))
+                .expect("create");
+            if i % 50 == 0 {
+                engine
+                    .create_snapshot(&format!("snap-{i}"), &v.id, false)
+                    .expect("snapshot");
+            }
+        }
+        let service = AgentService::new(engine.clone());
+        let (mut ids, mut after, mut pages) = (Vec::new(), String::new(), 0);
+        loop {
+            let r = v1::ListVolumesRequest {
+                max_bytes: 4096,
+                after_id: after.clone(),
+            };
+            let answer = service
+                .list_volumes(tonic::Request::new(r))
+                .await
+                .expect("list")
+                .into_inner();
+            pages += 1;
+            assert!(
+                !answer.volumes.is_empty() || !answer.more,
+                "a page holds at least one volume"
+            );
+            ids.extend(
+                answer
+                    .volumes
+                    .iter()
+                    .map(|v| v.volume.as_ref().expect("record").id.clone()),
+            );
+            after = ids.last().cloned().unwrap_or_default();
+            if !answer.more {
+                break;
+            }
+        }
+        let mut expected: Vec<String> = engine.volumes().iter().map(|v| v.id.to_string()).collect();
+        expected.sort();
+        assert_eq!(ids.len(), count);
+        assert_eq!(ids, expected, "each volume once, in id order");
+        assert!(pages > 2, "pages of 4 KiB: {pages}");
+        let (mut snaps, mut after) = (Vec::new(), String::new());
+        loop {
+            let r = v1::ListSnapshotsRequest {
+                max_bytes: 1,
+                after_id: after.clone(),
+            };
+            let answer = service
+                .list_snapshots(tonic::Request::new(r))
+                .await
+                .expect("list")
+                .into_inner();
+            snaps.extend(answer.snapshots.iter().map(|s| s.id.clone()));
+            after = snaps.last().cloned().unwrap_or_default();
+            if !answer.more {
+                break;
+            }
+        }
+        let mut expected: Vec<String> = engine.snapshots().iter().map(|s| s.id.to_string()).collect();
+        expected.sort();
+        assert_eq!(snaps.len(), count.div_ceil(50));
+        assert_eq!(snaps, expected, "each snapshot once, in id order, one per page");
     }
 }

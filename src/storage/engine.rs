@@ -699,6 +699,25 @@ impl LocalEngine {
         self.store.snapshots()
     }
 
+    /// A page of the snapshots' listing, as [`LocalEngine::volumes_after`].
+    pub fn snapshots_after(&self, after: &str, n: usize) -> Vec<SnapshotRecord> {
+        if after.is_empty() {
+            self.refresh_shared();
+        }
+        self.store.snapshots_after(after, n)
+    }
+
+    /// How many volumes this node holds records of (shared pools' included, as its listing has
+    /// them), and what `size` says they weigh; read from the index, no record is copied.
+    pub fn volumes_weigh(&self, size: impl Fn(&VolumeRecord) -> usize) -> (usize, usize) {
+        self.store.volumes_weigh(size)
+    }
+
+    /// As [`LocalEngine::volumes_weigh`], for snapshots.
+    pub fn snapshots_weigh(&self, size: impl Fn(&SnapshotRecord) -> usize) -> (usize, usize) {
+        self.store.snapshots_weigh(size)
+    }
+
     pub fn default_pool(&self) -> &PoolName {
         &self.default_pool
     }

@@ -33,6 +33,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn after_in<R: Clone>(index: &BTreeMap<String, R>, after: &str, n: usize) -> Vec<R> {
+    use std::ops::Bound::{Excluded, Unbounded};
+    index
+        .range::<str, _>((Excluded(after), Unbounded))
+        .take(n)
+        .map(|(_, r)| r.clone())
+        .collect()
+}
+
 /// What the store needs of a record: its own id, as the text the index is ordered by.
 pub trait Record: Clone + Serialize + for<'de> Deserialize<'de> + Send + 'static {
     fn id(&self) -> String;
@@ -184,6 +193,29 @@ impl PoolStore {
 
     pub fn snapshots(&self) -> Vec<SnapshotRecord> {
         lock(&self.snapshots).values().cloned().collect()
+    }
+
+    /// At most `n` volumes whose ids come after `after`, in id order: a page of a listing, read
+    /// from the index without copying the rest.
+    pub fn volumes_after(&self, after: &str, n: usize) -> Vec<VolumeRecord> {
+        after_in(&lock(&self.volumes), after, n)
+    }
+
+    /// At most `n` snapshots whose ids come after `after`, in id order.
+    pub fn snapshots_after(&self, after: &str, n: usize) -> Vec<SnapshotRecord> {
+        after_in(&lock(&self.snapshots), after, n)
+    }
+
+    /// How many snapshots the index holds, and what `size` says they weigh.
+    pub fn snapshots_weigh(&self, size: impl Fn(&SnapshotRecord) -> usize) -> (usize, usize) {
+        let snaps = lock(&self.snapshots);
+        (snaps.len(), snaps.values().map(size).sum())
+    }
+
+    /// How many volumes the index holds, and what `size` says they weigh.
+    pub fn volumes_weigh(&self, size: impl Fn(&VolumeRecord) -> usize) -> (usize, usize) {
+        let vols = lock(&self.volumes);
+        (vols.len(), vols.values().map(size).sum())
     }
 
     /// Folds `f` over the volumes whose id starts with `prefix` (one pool's), in id order.

@@ -235,6 +235,23 @@ impl LocalEngine {
         bytes
     }
 
+    /// A page of the listing: at most `n` volumes whose ids come after `after`, in id order, with
+    /// their conditions (only theirs are worked out). The first page (`after` empty) reads the
+    /// shared pools' records again, as a whole listing does.
+    pub fn volumes_after(&self, after: &str, n: usize) -> Vec<(VolumeRecord, Condition)> {
+        if after.is_empty() {
+            self.refresh_shared();
+        }
+        self.store
+            .volumes_after(after, n)
+            .into_iter()
+            .map(|r| {
+                let c = self.condition(&r.id);
+                (r, c)
+            })
+            .collect()
+    }
+
     pub fn volumes_with_condition(&self) -> Vec<(VolumeRecord, Condition)> {
         self.volumes()
             .into_iter()
