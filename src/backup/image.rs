@@ -356,11 +356,17 @@ impl Packs {
         let plain_len = u32::try_from(plain.len()).map_err(|_| too_big())?;
         let compressed =
             zstd::bulk::compress(plain, ZSTD_LEVEL).map_err(|e| RusticFailure::io(format!("zstd: {e}")))?;
-        let (sealed, uncompressed) = if compressed.len() < plain.len() {
-            (self.sealer.seal(&compressed)?, Some(plain_len))
+        if compressed.len() < plain.len() {
+            self.add_stored(id, &compressed, Some(plain_len))
         } else {
-            (self.sealer.seal(plain)?, None)
-        };
+            self.add_stored(id, plain, None)
+        }
+    }
+
+    /// Adds a blob as it is stored: zstd-compressed when `uncompressed` gives its plain length.
+    fn add_stored(&mut self, id: [u8; 32], stored: &[u8], uncompressed: Option<u32>) -> Result<(), RusticFailure> {
+        let too_big = || RusticFailure::io("a blob larger than 4 GiB".to_string());
+        let sealed = self.sealer.seal(stored)?;
         let length = u32::try_from(sealed.len()).map_err(|_| too_big())?;
         // Types: 0 data, 1 tree, 2 compressed data, 3 compressed tree.
         self.header
@@ -438,7 +444,29 @@ pub(crate) fn store(
     Ok(ids)
 }
 
-/// Writes an index file naming `packs`.
+/// For tests: stores one data blob `id` whose index entry (and pack header) says it decompresses
+/// to `claimed` bytes, and whose stored zstd stream holds `expands_to` zero bytes: what no
+/// writer makes, but anyone holding the key can.
+#[cfg(test)]
+pub(crate) fn store_bomb(
+    be: Arc<dyn WriteBackend>,
+    key: &MasterKey,
+    id: [u8; 32],
+    claimed: u32,
+    expands_to: u64,
+) -> Result<(), RusticFailure> {
+    use std::io::Read;
+    let failed = |e: std::io::Error| RusticFailure::io(format!("zstd: {e}"));
+    let mut enc = zstd::stream::write::Encoder::new(Vec::new(), ZSTD_LEVEL).map_err(failed)?;
+    std::io::copy(&mut std::io::repeat(0).take(expands_to), &mut enc).map_err(failed)?;
+    let compressed = enc.finish().map_err(failed)?;
+    let sealer = Sealer::new(key)?;
+    let mut packs = Packs::new(be.clone(), sealer.clone(), false);
+    packs.add_stored(id, &compressed, Some(claimed))?;
+    packs.flush()?;
+    write_index(&*be, &sealer, std::mem::take(&mut packs.written))
+}
+
 /// The most blobs one index file lists, as rustic and restic split theirs: an image backup of
 /// 1 TiB has two million chunks, and one file of them all expanded to some 300 MiB, past what a
 /// reader takes of one file (`guard`).

@@ -539,6 +539,7 @@ pub(crate) fn data_node<S: rustic_core::IndexedFull>(
     cfg: &RepositoryConfig,
     tree: rustic_core::TreeId,
     meta: &BackupMeta,
+    raw: Option<&BlobReader>,
 ) -> Result<Option<rustic_core::repofile::Node>, StorageError> {
     let names: Vec<&std::ffi::OsStr> = Path::new(&meta.path)
         .components()
@@ -547,7 +548,7 @@ pub(crate) fn data_node<S: rustic_core::IndexedFull>(
             _ => None,
         })
         .collect();
-    let mut current = checked_tree(repo, cfg, tree)?;
+    let mut current = checked_tree(repo, cfg, tree, raw)?;
     if current.nodes.is_empty() && meta.layout != Layout::Image {
         return Ok(None);
     }
@@ -563,7 +564,7 @@ pub(crate) fn data_node<S: rustic_core::IndexedFull>(
             let sub = node
                 .subtree
                 .ok_or_else(|| cfg.error(RusticFailure::data_loss(format!("{} is not a directory", node.name))))?;
-            current = checked_tree(repo, cfg, sub)?;
+            current = checked_tree(repo, cfg, sub, raw)?;
             found = None;
         } else {
             current = rustic_core::repofile::Tree::default();
@@ -578,16 +579,125 @@ pub(crate) fn data_node<S: rustic_core::IndexedFull>(
     })
 }
 
+/// The most a data blob may decompress to: restic's and rustic's chunks are at most 8 MiB,
+/// cellar's image chunks 512 KiB.
+pub const MAX_DATA_BLOB_BYTES: u32 = 16 << 20;
+/// The most a tree blob may decompress to, past [`TREE_EXPANSION_RATIO`] times its stored size.
+pub const MAX_TREE_BLOB_BYTES: u32 = 64 << 20;
+/// How many times its stored size a tree blob may decompress to, past [`MAX_TREE_BLOB_BYTES`]:
+/// a directory's JSON compresses a few times, never a thousand.
+pub const TREE_EXPANSION_RATIO: u64 = 16;
+
+/// Reads blobs from their packs itself, for a restore. rustic decompresses a compressed blob whole
+/// (`zstd::decode_all`) before it compares the length with the one the index gives, so one
+/// sealed with the repository's key (every node holds it) of a few KiB could expand to any
+/// number of GiB in the restoring node's memory. Here a blob is decompressed into a buffer of the
+/// length its index entry claims, no further, and that claim is bounded by the blob's kind.
+pub(crate) struct BlobReader {
+    be: Arc<dyn rustic_core::WriteBackend>,
+    sealer: image::Sealer,
+}
+
+impl BlobReader {
+    pub(crate) fn new(
+        be: Arc<dyn rustic_core::WriteBackend>,
+        key: &rustic_core::repofile::MasterKey,
+        cfg: &RepositoryConfig,
+    ) -> Result<BlobReader, StorageError> {
+        let sealer = image::Sealer::new(key).map_err(|e| cfg.error(e))?;
+        Ok(BlobReader { be, sealer })
+    }
+
+    /// The plaintext of blob `id`, its MAC checked and decompressed within its bound.
+    fn read<S: rustic_core::IndexedFull>(
+        &self,
+        repo: &Repository<S>,
+        cfg: &RepositoryConfig,
+        id: rustic_core::BlobId,
+        tpe: rustic_core::repofile::BlobType,
+    ) -> Result<bytes::Bytes, StorageError> {
+        use rustic_core::repofile::BlobType;
+        use rustic_core::ReadBackend;
+        let entry = match tpe {
+            BlobType::Data => repo.get_index_entry(&rustic_core::DataId::from(id)),
+            BlobType::Tree => repo.get_index_entry(&rustic_core::TreeId::from(id)),
+        }
+        .map_err(|e| cfg.read_error(e))?;
+        let loc = entry.location;
+        let sealed = self
+            .be
+            .read_partial(
+                rustic_core::FileType::Pack,
+                &entry.pack,
+                tpe == BlobType::Tree,
+                loc.offset,
+                loc.length,
+            )
+            .map_err(|e| cfg.read_error(e))?;
+        let lost = |why: String| {
+            StorageError::DataLoss(format!(
+                "backup repository '{}': blob {} {why}",
+                cfg.name.as_str(),
+                id.to_hex().as_str()
+            ))
+        };
+        if sealed.len() != loc.length as usize {
+            return Err(lost(format!(
+                "is {} bytes in its pack, not {}",
+                sealed.len(),
+                loc.length
+            )));
+        }
+        let plain = self
+            .sealer
+            .open(&sealed)
+            .ok_or_else(|| lost("fails its MAC".to_string()))?;
+        let Some(claimed) = loc.uncompressed_length else {
+            return Ok(plain.into());
+        };
+        let bound = match tpe {
+            BlobType::Data => u64::from(MAX_DATA_BLOB_BYTES),
+            BlobType::Tree => u64::from(MAX_TREE_BLOB_BYTES).max(TREE_EXPANSION_RATIO * u64::from(loc.length)),
+        };
+        if u64::from(claimed.get()) > bound {
+            return Err(lost(format!(
+                "decompresses to {} bytes, its index says: more than the {bound} restic, rustic or cellar \
+                 ever write (whoever holds the repository's key made it)",
+                claimed.get()
+            )));
+        }
+        let data = zstd::bulk::decompress(&plain, claimed.get() as usize).map_err(|e| {
+            lost(format!(
+                "does not decompress to the {} bytes its index says: {e}",
+                claimed.get()
+            ))
+        })?;
+        if data.len() != claimed.get() as usize {
+            return Err(lost(format!(
+                "decompresses to {} bytes, its index says {}",
+                data.len(),
+                claimed.get()
+            )));
+        }
+        Ok(data.into())
+    }
+}
+
 /// A blob of the repository (data or tree), read and checked against its id: the SHA-256 of its
-/// plaintext. The MAC rustic checks proves only that the repository's key sealed it.
+/// plaintext. The MAC rustic checks proves only that the repository's key sealed it. With `raw`
+/// (a restore) the blob is read by [`BlobReader`], its decompression bounded; else by rustic.
 pub(crate) fn checked_blob<S: rustic_core::IndexedFull>(
     repo: &Repository<S>,
     cfg: &RepositoryConfig,
     id: rustic_core::BlobId,
     tpe: rustic_core::repofile::BlobType,
+    raw: Option<&BlobReader>,
 ) -> Result<bytes::Bytes, StorageError> {
     use sha2::Digest;
-    let data = repo.get_blob_cached(&id, tpe).map_err(|e| cfg.read_error(e))?;
+    let data = match raw {
+        Some(r) => r.read(repo, cfg, id, tpe)?,
+        None => repo.get_blob_cached(&id, tpe).map_err(|e| cfg.read_error(e))?,
+    };
     let sum: [u8; 32] = sha2::Sha256::digest(&data).into();
     if hex::encode(sum) != id.to_hex().as_str() {
         let what = if tpe == rustic_core::repofile::BlobType::Tree {
@@ -612,12 +722,14 @@ pub(crate) fn checked_tree<S: rustic_core::IndexedFull>(
     repo: &Repository<S>,
     cfg: &RepositoryConfig,
     id: rustic_core::TreeId,
+    raw: Option<&BlobReader>,
 ) -> Result<rustic_core::repofile::Tree, StorageError> {
     let data = checked_blob(
         repo,
         cfg,
         rustic_core::BlobId::from(id),
         rustic_core::repofile::BlobType::Tree,
+        raw,
     )?;
     serde_json::from_slice(&data).map_err(|e| {
         cfg.error(RusticFailure::data_loss(format!(

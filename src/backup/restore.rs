@@ -12,7 +12,7 @@ use std::time::Instant;
 use rustic_core::repofile::{BlobType, Node, NodeType};
 use rustic_core::{BlobId, IndexedFullStatus, Repository};
 
-use super::{info_of, Backups, RepositoryConfig, RusticFailure};
+use super::{info_of, Backups, BlobReader, RepositoryConfig, RusticFailure};
 use crate::storage::id::BackupId;
 use crate::storage::record::Layout;
 use crate::storage::transfer::{chunk_checksum, Frame, Header, Tally, CHUNK_BYTES};
@@ -36,7 +36,9 @@ pub fn frames(backups: &Backups, id: &BackupId, target: Layout) -> Result<Frames
     };
     let info = &info;
     let repo = repo.to_indexed().map_err(|e| cfg.error(e))?;
-    let root = super::data_node(&repo, &cfg, snap.tree, &info.meta)?;
+    // Blobs are read and decompressed here, within bounds, not by rustic (`BlobReader`).
+    let raw = BlobReader::new(backups.write_backend(id.repository(), None)?, &repo.key(), &cfg)?;
+    let root = super::data_node(&repo, &cfg, snap.tree, &info.meta, Some(&raw))?;
     let tree = |l: Layout| l != Layout::Image;
     let header = Header {
         layout: if tree(info.meta.layout) && tree(target) {
@@ -60,6 +62,7 @@ pub fn frames(backups: &Backups, id: &BackupId, target: Layout) -> Result<Frames
     }
     let mut f = Frames {
         repo,
+        raw,
         cfg,
         repository: info.id.repository().as_str().to_string(),
         backup: info.id.clone(),
@@ -123,6 +126,7 @@ enum State {
 /// The stream: an iterator of frames, ending with `End` (or with the first error).
 pub struct Frames {
     repo: Indexed,
+    raw: BlobReader,
     cfg: RepositoryConfig,
     repository: String,
     backup: BackupId,
@@ -147,7 +151,7 @@ impl Frames {
             self.cfg
                 .error(RusticFailure::data_loss(format!("directory {} has no tree", node.name)))
         })?;
-        let tree = super::checked_tree(&self.repo, &self.cfg, sub)?;
+        let tree = super::checked_tree(&self.repo, &self.cfg, sub, Some(&self.raw))?;
         if let Some(n) = name {
             self.push(Frame::Dir { name: n.to_vec() });
         }
@@ -239,7 +243,7 @@ impl Frames {
     /// The next blob of the file on top of the stack (`name`, `size` bytes), checked, as chunks
     /// (zeros left out).
     fn blob(&mut self, id: rustic_core::DataId, offset: u64, size: u64, name: &str) -> Result<u64, StorageError> {
-        let data = super::checked_blob(&self.repo, &self.cfg, BlobId::from(id), BlobType::Data)?;
+        let data = super::checked_blob(&self.repo, &self.cfg, BlobId::from(id), BlobType::Data, Some(&self.raw))?;
         if data.len() as u64 > size.saturating_sub(offset) {
             return Err(self.corrupt(format!("file {name:?} is {size} bytes but its blobs hold more")));
         }
@@ -612,6 +616,59 @@ mod tests {
         assert!(all
             .iter()
             .any(|f| matches!(f, Frame::File { name, size: 4, .. } if name == b"ok")));
+    }
+
+    /// The most memory this process has held so far, in bytes.
+    fn peak_rss() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
+    }
+
+    /// A data blob that decompresses past what any writer's chunk holds (restic's and rustic's
+    /// are at most 8 MiB, cellar's 512 KiB) is DATA_LOSS, before it is decompressed: one blob
+    /// of a few KiB sealed with the key could otherwise expand to GiBs in the node's memory.
+    #[test]
+    fn a_data_blob_larger_than_any_chunk_is_data_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backups, _) = crate::backup::testing::backups(dir.path());
+        let big = vec![vec![0u8; 32 << 20]];
+        let id = hostile_backup(&backups, "b0b0-0001", &big, vec![file("big", 32 << 20, &big)]);
+        match frames(&backups, &id, Layout::Dir).and_then(|f| f.collect::<Result<Vec<Frame>, _>>()) {
+            Err(StorageError::DataLoss(m)) => assert!(m.contains("decompresses to"), "{m}"),
+            other => panic!("want DATA_LOSS, got {:?}", other.map(|f| f.len())),
+        }
+    }
+
+    /// A blob whose index entry says 4 KiB but whose stored stream expands to 2 GiB is refused
+    /// once it passes 4 KiB: rustic decompressed it whole (into memory) before it compared the
+    /// lengths.
+    #[test]
+    fn a_blob_expanding_past_its_indexed_length_is_refused_within_that_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backups, _) = crate::backup::testing::backups(dir.path());
+        let name = PoolName::parse("offsite").unwrap();
+        let key = backups.open_or_init(&name, true).unwrap().key();
+        let be = backups.write_backend(&name, None).unwrap();
+        let small = vec![0u8; 4096];
+        let blob: [u8; 32] = Sha256::digest(&small).into();
+        image::store_bomb(be, &key, blob, 4096, 2 << 30).unwrap_or_else(|e| panic!("store: {}", e.text));
+        let mut node = file("bomb", 4096, &[]);
+        node.content = Some(vec![rustic_core::DataId::from(rustic_core::Id::new(blob))]);
+        let id = hostile_backup(&backups, "b0b0-0002", &[], vec![node]);
+        let before = peak_rss();
+        let got = frames(&backups, &id, Layout::Dir).and_then(|f| f.collect::<Result<Vec<Frame>, _>>());
+        let grew = peak_rss().saturating_sub(before);
+        match got {
+            Err(StorageError::DataLoss(_)) => {}
+            other => panic!("want DATA_LOSS, got {:?}", other.map(|f| f.len())),
+        }
+        assert!(
+            grew < 256 << 20,
+            "reading a 4 KiB blob took {} MiB more memory",
+            grew >> 20
+        );
     }
 
     /// A pack the index names that is gone from the repository is lost data, not a backend to

@@ -364,7 +364,9 @@ fn upload_image(
         if pinfo.meta.chunk_bytes != Some(image::CHUNK) || pinfo.meta.source_volume_id != meta.source_volume_id {
             return None;
         }
-        let blobs = super::data_node(&repo, cfg, psnap.tree, &pinfo.meta).ok()??.content?;
+        let blobs = super::data_node(&repo, cfg, psnap.tree, &pinfo.meta, None)
+            .ok()??
+            .content?;
         (blobs.len() == image::chunks_of(pinfo.meta.length)).then(|| {
             (
                 psnap.id,
@@ -490,7 +492,7 @@ fn check_complete(
         ))),
         _ => Ok(()),
     };
-    let Some(root) = super::data_node(&repo, cfg, saved.tree, meta)? else {
+    let Some(root) = super::data_node(&repo, cfg, saved.tree, meta, None)? else {
         // An empty tree: the root tree (checked above) is all there is.
         return short(0);
     };
@@ -505,7 +507,7 @@ fn check_complete(
                     return Err(cfg.error(RusticFailure::data_loss(format!("directory {} has no tree", node.name))));
                 };
                 repo.get_index_entry(&sub).map_err(|e| cfg.error(e))?;
-                let tree = super::checked_tree(&repo, cfg, sub)?;
+                let tree = super::checked_tree(&repo, cfg, sub, None)?;
                 held += tree.nodes.len() as u64;
                 pending.extend(tree.nodes);
             }
