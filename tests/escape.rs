@@ -788,3 +788,60 @@ async fn node_publish_onto_a_symlink_is_invalid_argument_and_mounts_nothing() {
     s.assert_intact();
     d.unstage(&id, &staging).await.expect("NodeUnstageVolume");
 }
+
+/// A publish whose target's parent is then moved aside (its mount goes with it) and replaced by
+/// a symlink to another directory holding a mount of the same name: the unpublish must not
+/// unmount or remove that other mount (umount2 and rmdir follow the symlink on the way).
+#[tokio::test]
+async fn node_unpublish_through_a_parent_swapped_for_a_symlink_unmounts_nothing_else() {
+    let mut d = Driver::start().await;
+    let (id, staging) = staged_volume(&mut d).await;
+    let pod = d.path("pod");
+    fs::create_dir(&pod).expect("mkdir pod");
+    let target = pod.join("mount");
+    d.publish(&id, &staging, &target, rwo(), false)
+        .await
+        .expect("NodePublishVolume");
+    // Someone else's mount, under the same name in another directory.
+    let s = sentinel(&d);
+    let other = d.path("other");
+    fs::create_dir_all(other.join("mount")).expect("mkdir other");
+    let bind = |from: &Path, to: &Path| {
+        let ok = std::process::Command::new("mount")
+            .arg("--bind")
+            .arg(from)
+            .arg(to)
+            .status()
+            .expect("mount");
+        assert!(ok.success(), "mount --bind");
+    };
+    bind(&s.dir, &other.join("mount"));
+    let moved = d.path("pod-moved");
+    fs::rename(&pod, &moved).expect("move the pod directory aside");
+    std::os::unix::fs::symlink(&other, &pod).expect("symlink");
+    let r = d.unpublish(&id, &target).await;
+    let mounts = mounts_under(d.dir.path());
+    let other_kept = mounts.contains(&other.join("mount"));
+    let other_dir_kept = other.join("mount").is_dir();
+    // Put things back, whatever happened, so that the driver can be cleaned up.
+    if mounts_under(d.dir.path()).contains(&other.join("mount")) {
+        let _ = std::process::Command::new("umount").arg(other.join("mount")).status();
+    }
+    fs::remove_file(&pod).expect("remove symlink");
+    fs::rename(&moved, &pod).expect("move back");
+    if r.is_ok() {
+        // The driver forgot its publish: its mount is left for the test to remove.
+        let _ = std::process::Command::new("umount").arg(&target).status();
+    }
+    assert!(
+        other_kept,
+        "the unpublish unmounted a mount it did not make ({r:?}); mounts: {mounts:?}"
+    );
+    assert!(other_dir_kept, "the unpublish removed a directory it did not make");
+    assert_eq!(code_of(r), Code::FailedPrecondition);
+    s.assert_intact();
+    d.unpublish(&id, &target)
+        .await
+        .expect("NodeUnpublishVolume once the path is back");
+    d.unstage(&id, &staging).await.expect("NodeUnstageVolume");
+}

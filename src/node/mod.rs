@@ -1007,6 +1007,7 @@ impl NodeService {
                 flags,
                 created,
                 device: kept,
+                real: self.files.resolve(&target).ok(),
             },
         );
         self.state.put(m.clone())?;
@@ -1182,6 +1183,23 @@ impl NodeService {
         let Some(p) = m.published.get(&target).cloned() else {
             return Ok(NodeUnpublishVolumeResponse {}); // not published there by us: nothing to undo
         };
+        // umount2 and rmdir follow symbolic links on the way: a directory above the target
+        // replaced by one since the publish would lead them to another mount, not ours.
+        if let Some(real) = &p.real {
+            if self.files.entry(&target)? != Entry::Missing {
+                let now = self.files.resolve(&target)?;
+                if now != *real {
+                    return Err(NodeError::NotReady(format!(
+                        "target path {} now leads to {}, not to {} where volume {} was published \
+                         (a directory on the way was replaced); nothing is unmounted",
+                        target.display(),
+                        now.display(),
+                        real.display(),
+                        r.volume_id
+                    )));
+                }
+            }
+        }
         self.unmount_all(&target)?;
         crash::point("unpublish:after-unmount");
         // The read-only device of a read-only block publish goes with it (only while it is still

@@ -51,6 +51,11 @@ pub struct Published {
     /// for it alone (a read-only bind of a device node does not stop writes to the device).
     #[serde(default)]
     pub device: Option<PathBuf>,
+    /// The target with its symbolic links resolved when it was published: an unpublish whose
+    /// target resolves elsewhere by then (a directory on the way replaced by a symlink) unmounts
+    /// nothing. `None` in a state written by an earlier release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub real: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
