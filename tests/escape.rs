@@ -792,6 +792,56 @@ async fn node_publish_onto_a_symlink_is_invalid_argument_and_mounts_nothing() {
 /// A publish whose target's parent is then moved aside (its mount goes with it) and replaced by
 /// a symlink to another directory holding a mount of the same name: the unpublish must not
 /// unmount or remove that other mount (umount2 and rmdir follow the symlink on the way).
+/// As the publish's case below, for a stage: with a directory above the staging path moved
+/// aside and replaced by a symlink, NodeUnstage unmounted another mount of the same name there
+/// and forgot its own stage, which stayed mounted.
+#[tokio::test]
+async fn node_unstage_through_a_parent_swapped_for_a_symlink_unmounts_nothing_else() {
+    let mut d = Driver::start().await;
+    let v = d.create("pvc-1").await;
+    let plugin = d.path("plugin");
+    let staging = plugin.join("globalmount");
+    fs::create_dir_all(&staging).expect("mkdir staging");
+    d.stage(&v.volume_id, &staging).await.expect("NodeStageVolume");
+    let s = sentinel(&d);
+    let other = d.path("other");
+    fs::create_dir_all(other.join("globalmount")).expect("mkdir other");
+    let ok = std::process::Command::new("mount")
+        .arg("--bind")
+        .arg(&s.dir)
+        .arg(other.join("globalmount"))
+        .status()
+        .expect("mount");
+    assert!(ok.success(), "mount --bind");
+    let moved = d.path("plugin-moved");
+    fs::rename(&plugin, &moved).expect("move the staging directory's parent aside");
+    std::os::unix::fs::symlink(&other, &plugin).expect("symlink");
+    let r = d.unstage(&v.volume_id, &staging).await;
+    let mounts = mounts_under(d.dir.path());
+    let other_kept = mounts.contains(&other.join("globalmount"));
+    if other_kept {
+        let _ = std::process::Command::new("umount")
+            .arg(other.join("globalmount"))
+            .status();
+    }
+    fs::remove_file(&plugin).expect("remove symlink");
+    fs::rename(&moved, &plugin).expect("move back");
+    if r.is_ok() {
+        // The driver forgot its stage: its mount is left for the test to remove.
+        let _ = std::process::Command::new("umount").arg(&staging).status();
+    }
+    assert!(
+        other_kept,
+        "the unstage unmounted a mount it did not make ({r:?}); mounts: {mounts:?}"
+    );
+    assert_eq!(code_of(r), Code::FailedPrecondition);
+    s.assert_intact();
+    d.unstage(&v.volume_id, &staging)
+        .await
+        .expect("NodeUnstageVolume once the path is back");
+    assert!(!mounts_under(d.dir.path()).contains(&staging), "the stage is undone");
+}
+
 #[tokio::test]
 async fn node_unpublish_through_a_parent_swapped_for_a_symlink_unmounts_nothing_else() {
     let mut d = Driver::start().await;

@@ -468,6 +468,31 @@ impl NodeService {
     }
 
     /// Removes every mount stacked at `path`.
+    /// Refuses to undo a stage or publish at `path` when it now resolves elsewhere than `real`,
+    /// where it resolved when it was made (a directory on the way replaced by a symlink since):
+    /// umount2 and rmdir follow such links, and would unmount another mount of the same name
+    /// while ours stayed, forgotten. A path that is gone, or a state of an earlier release (no
+    /// `real`), is not checked.
+    fn still_leads_to(&self, path: &Path, real: Option<&Path>, volume_id: &str) -> Result<(), NodeError> {
+        let Some(real) = real else {
+            return Ok(());
+        };
+        if self.files.entry(path)? == Entry::Missing {
+            return Ok(());
+        }
+        let now = self.files.resolve(path)?;
+        if now == real {
+            return Ok(());
+        }
+        Err(NodeError::NotReady(format!(
+            "{} now leads to {}, not to {} where volume {volume_id} was mounted (a directory on the \
+             way was replaced); nothing is unmounted",
+            path.display(),
+            now.display(),
+            real.display(),
+        )))
+    }
+
     fn unmount_all(&self, path: &Path) -> Result<(), NodeError> {
         for _ in 0..MAX_STACKED {
             match self.mounter.is_mountpoint(path) {
@@ -617,6 +642,7 @@ impl NodeService {
                     flags,
                 }),
                 block: false,
+                real: self.files.resolve(&staging).ok(),
             });
             self.state.put(m)?;
             // A shared directory volume is deleted by a controller that cannot see this node's
@@ -666,6 +692,7 @@ impl NodeService {
             backing: Some(data.clone()),
             bound: None,
             block,
+            real: self.files.resolve(&staging).ok(),
         });
         // The devices as they are, before the lease is taken (nothing to give back if this fails).
         let found = self.image_devices(&data, &m)?;
@@ -866,6 +893,7 @@ impl NodeService {
                 )));
             }
         }
+        self.still_leads_to(&staging, staged.real.as_deref(), &r.volume_id)?;
         if let Some(backing) = &staged.backing {
             // A state of an earlier release does not say it was a block stage: the record does.
             let block = staged.block
@@ -1183,23 +1211,7 @@ impl NodeService {
         let Some(p) = m.published.get(&target).cloned() else {
             return Ok(NodeUnpublishVolumeResponse {}); // not published there by us: nothing to undo
         };
-        // umount2 and rmdir follow symbolic links on the way: a directory above the target
-        // replaced by one since the publish would lead them to another mount, not ours.
-        if let Some(real) = &p.real {
-            if self.files.entry(&target)? != Entry::Missing {
-                let now = self.files.resolve(&target)?;
-                if now != *real {
-                    return Err(NodeError::NotReady(format!(
-                        "target path {} now leads to {}, not to {} where volume {} was published \
-                         (a directory on the way was replaced); nothing is unmounted",
-                        target.display(),
-                        now.display(),
-                        real.display(),
-                        r.volume_id
-                    )));
-                }
-            }
-        }
+        self.still_leads_to(&target, p.real.as_deref(), &r.volume_id)?;
         self.unmount_all(&target)?;
         crash::point("unpublish:after-unmount");
         // The read-only device of a read-only block publish goes with it (only while it is still

@@ -32,6 +32,11 @@ pub struct Staged {
     /// nothing there is ever unmounted). `false` in a state written by an earlier release.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub block: bool,
+    /// The staging path with its symbolic links resolved when it was staged: an unstage whose
+    /// path resolves elsewhere by then unmounts nothing (as [`Published::real`]). `None` in a
+    /// state written by an earlier release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub real: Option<PathBuf>,
 }
 
 /// The directory below a tree volume's data that a stage bound, and the flags it bound it with.

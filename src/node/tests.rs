@@ -1158,6 +1158,7 @@ fn a_share_that_hangs_holds_up_no_other_shares_lease_renewals() {
                     backing: Some(backing),
                     bound: None,
                     block: false,
+                    real: None,
                 }),
                 ..Default::default()
             })
