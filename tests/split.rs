@@ -971,7 +971,7 @@ mod import {
     use std::path::{Path, PathBuf};
 
     use cellar::storage::config::Config;
-    use cellar::storage::engine::{LocalEngine, NewVolume, Source};
+    use cellar::storage::engine::{CapacityRange, LocalEngine, NewVolume, Source};
     use cellar::storage::id::{NodeId, VolumeId};
     use cellar::storage::record::{Layout, VolumeMode};
     use cellar::storage::transfer::{Frame, Header};
@@ -1072,6 +1072,55 @@ mod import {
             assert_nothing_of(&pool, "copy");
             assert!(!pool.join("volumes/escaped").exists(), "{what}");
         }
+    }
+
+    /// An image that comes from another node (or a backup) is recorded as not yet grown, whatever
+    /// size its header says its filesystem has: its first read-write stage then checks it
+    /// (`e2fsck -f -p`) before the kernel mounts it. A sender claiming the filesystem already
+    /// fills the volume made the stage mount it unchecked.
+    #[test]
+    fn an_imported_image_is_checked_at_its_first_stage_whatever_its_header_claims() {
+        require_root();
+        let dir = tempfile::Builder::new()
+            .prefix("cellar-test-")
+            .tempdir()
+            .expect("tempdir");
+        let mut config = Config::default_for(dir.path());
+        config.pools[0].layouts = vec![Layout::Dir, Layout::Image];
+        let engine = LocalEngine::open(NodeId::parse("node-1").expect("node"), &config).expect("engine");
+        let mut spec = request("img", None);
+        spec.layout = Some(Layout::Image);
+        spec.capacity = CapacityRange {
+            required: 64 << 20,
+            limit: 0,
+        };
+        let src = engine.create_volume(spec).expect("an image volume");
+        assert_eq!(src.fs_bytes, 64 << 20, "a new image's filesystem fills it");
+        let src = Source::Volume(src.id.clone());
+        let mut frames = Vec::new();
+        engine
+            .export(&src, &mut |f| {
+                frames.push(f);
+                Ok(())
+            })
+            .expect("export");
+        let Some(Frame::Header(h)) = frames.first() else {
+            panic!("a header first");
+        };
+        assert_eq!(h.fs_bytes, 64 << 20);
+        let mut copy = request("copy", Some(src.clone()));
+        copy.layout = Some(Layout::Image);
+        let id = engine
+            .import_volume(copy, &mut frames.into_iter().map(Ok))
+            .expect("import")
+            .id
+            .to_string();
+        let copy = engine.volume(&VolumeId::parse(&id).expect("id")).expect("the copy");
+        assert_eq!(copy.fs_bytes, 0, "checked and grown at its first stage");
+        assert_eq!(
+            copy.fs_type, "ext4",
+            "the source's filesystem, found in the image itself"
+        );
     }
 
     #[test]

@@ -330,7 +330,11 @@ impl LocalEngine {
             p.fs_type = copy_fs_type(p.pool, &data, &req.fs_type)?;
         }
         layout::of(p.layout).set_capacity(p.pool, &data, p.capacity)?;
-        self.record_new(p, req, header.fs_bytes)
+        // The filesystem came from another node or a backup: whoever sent it chose its contents and
+        // the size its header claims. Recorded as not yet grown, its first read-write stage checks
+        // an ext4 filesystem (`e2fsck -f -p`, which also replays its journal) and grows it to the
+        // volume before the kernel mounts it, whatever the header said.
+        self.record_new(p, req, 0)
     }
 
     /// Streams a volume's or snapshot's data to `send` (see `transfer`), holding its lock so that
