@@ -1421,6 +1421,104 @@ async fn a_nodes_snapshots_get_their_changed_blocks_through_the_controller() {
     );
 }
 
+/// A SnapshotMetadata client on the controller's socket whose streams take at most 64 KiB before
+/// they are read (grpc-go's window, as the csi-snapshot-metadata sidecar's), and whose connection
+/// would hold far more (it is never the one that gives up).
+async fn metadata_client(c: &Cluster) -> cellar::csi::v1::snapshot_metadata_client::SnapshotMetadataClient<Channel> {
+    let path = c.dir.path().join("controller.sock");
+    let channel = tonic::transport::Endpoint::try_from("http://[::]:50051")
+        .expect("endpoint")
+        .initial_stream_window_size(65535)
+        .initial_connection_window_size(1 << 30)
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connect");
+    cellar::csi::v1::snapshot_metadata_client::SnapshotMetadataClient::new(channel)
+}
+
+/// A GetMetadataAllocated of one range a message (`max_results` 1, as any client may ask).
+async fn one_range_a_message(c: &Cluster, snapshot_id: &str) -> tonic::Streaming<GetMetadataAllocatedResponse> {
+    let req = GetMetadataAllocatedRequest {
+        snapshot_id: snapshot_id.into(),
+        max_results: 1,
+        ..Default::default()
+    };
+    metadata_client(c)
+        .await
+        .get_metadata_allocated(req)
+        .await
+        .expect("GetMetadataAllocated")
+        .into_inner()
+}
+
+/// A backup tool that holds its changed block answer open without reading it (hung, or slow: it
+/// reads each range's data before it takes the next message) must cost nobody else anything. The
+/// node sent one small message a batch, and the controller's HTTP/2 client, holding thousands
+/// of them unread, closed its connection to the node (ENHANCE_YOUR_CALM, "too_many_data_frames"):
+/// every call in flight to that node failed with it, here another client's answer read as it
+/// should be.
+#[tokio::test]
+async fn an_unread_metadata_answer_breaks_no_other_call_to_the_node() {
+    const BYTES: i64 = 256 * MIB;
+    const RANGES: usize = (BYTES / 8192) as usize;
+    let c = Cluster::start(Spec {
+        pools: vec![None],
+        layouts: Some("dir, image"),
+        ..Spec::default()
+    })
+    .await;
+    let mut ctl = c.ctl().await;
+    let src = made(&mut ctl, image(wffc("frag", BYTES, "node-1", &["node-1"]))).await;
+    {
+        // Every other 4 KiB block: 32768 ranges.
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.pool_dir(0).join("volumes/frag"))
+            .expect("open image");
+        let block = [7u8; 4096];
+        for i in 0..RANGES as u64 {
+            f.write_all_at(&block, i * 8192).expect("write image");
+        }
+        f.sync_all().expect("fsync");
+    }
+    let snap = snapshot(&mut ctl, "snap-frag", &src.volume_id).await.snapshot_id;
+
+    // A client that reads its answer to the end, steadily, for several seconds.
+    let mut good = one_range_a_message(&c, &snap).await;
+    let reader = tokio::spawn(async move {
+        let mut ranges = 0;
+        while let Some(m) = good.message().await? {
+            ranges += m.block_metadata.len();
+            if ranges % 1000 == 0 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok::<usize, tonic::Status>(ranges)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Meanwhile another takes its first message and no more.
+    let mut held = one_range_a_message(&c, &snap).await;
+    held.message().await.expect("first message").expect("a message");
+    let read = tokio::time::timeout(Duration::from_secs(120), reader)
+        .await
+        .expect("the good answer ends")
+        .expect("reader");
+    assert_eq!(
+        read.map_err(|s| format!("{:?}: {}", s.code(), s.message())),
+        Ok(RANGES),
+        "the answer read as it should be, while another stays unread"
+    );
+    drop(held);
+}
+
 /// A restore onto another node flows node to node: the target pulls the snapshot from the source
 /// with the controller's grant, and the controller's relay counter stays at 0. The same counter
 /// sees every byte when the controller relays (`--node-transfers=via-controller`), so it would

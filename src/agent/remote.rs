@@ -18,7 +18,7 @@ use tonic::{Code, Request, Response, Status};
 use super::tls::{Tls, TlsError};
 use super::wire::{self, v1, v1::agent_client::AgentClient, v1::transfer_client::TransferClient};
 use super::{Agent, Frames, RangeBatches, Rendezvous, FRAMES_IN_FLIGHT};
-use crate::storage::cbt::{MetadataError, Query, Range};
+use crate::storage::cbt::{MetadataError, Query, Range, MAX_BATCH};
 use crate::storage::engine::{
     BackupRequest, CapacityRange, Condition, Mutable, NewGroup, NewVolume, PoolStatus, Source,
 };
@@ -775,6 +775,32 @@ impl RemoteAgent {
     }
 }
 
+/// A node's range batches cut to at most `max` ranges each, in order.
+struct Cut {
+    batches: RangeBatches,
+    max: usize,
+    left: std::collections::VecDeque<Range>,
+}
+
+impl tokio_stream::Stream for Cut {
+    type Item = Result<Vec<Range>, MetadataError>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.left.is_empty() {
+            match std::task::ready!(this.batches.as_mut().poll_next(cx)) {
+                Some(Ok(batch)) if batch.len() > this.max => this.left.extend(batch),
+                other => return std::task::Poll::Ready(other),
+            }
+        }
+        let n = this.left.len().min(this.max);
+        std::task::Poll::Ready(Some(Ok(this.left.drain(..n).collect())))
+    }
+}
+
 #[tonic::async_trait]
 impl Agent for RemoteAgent {
     async fn block_ranges(&self, q: Query, max: usize) -> Result<(u64, RangeBatches), MetadataError> {
@@ -784,8 +810,14 @@ impl Agent for RemoteAgent {
             base_snapshot_id: q.base.map(|b| b.to_string()).unwrap_or_default(),
             target_snapshot_id: q.target.to_string(),
             starting_offset: q.starting_offset,
-            max_results: u32::try_from(max).unwrap_or(u32::MAX),
+            // Whatever the client asked: the node's batches come as large as they may be, and are
+            // cut to `max` here. A message per range or few (`max_results` 1, say) held unread
+            // (a client reading slowly, or not at all) would be thousands of small HTTP/2 frames
+            // waiting here, and this client's HTTP/2 library closes the connection that holds
+            // too many of them (ENHANCE_YOUR_CALM): every call in flight to the node with it.
+            max_results: MAX_BATCH as u32,
         };
+        let max = max.max(1);
         let req = self.request(msg, None);
         let mut stream = match tokio::time::timeout(start, self.bulk.clone().block_ranges(req)).await {
             Ok(r) => r.map_err(|s| self.metadata_failed(RPC, start, s))?.into_inner(),
@@ -808,8 +840,8 @@ impl Agent for RemoteAgent {
         let mut next = q.starting_offset;
         let me = self.clone();
         let mut ranges = move |m: v1::BlockRangesResponse| -> Result<Vec<Range>, MetadataError> {
-            if m.ranges.len() > max {
-                let why = format!("{} ranges in one message, {max} asked for", m.ranges.len());
+            if m.ranges.len() > MAX_BATCH {
+                let why = format!("{} ranges in one message, {MAX_BATCH} asked for", m.ranges.len());
                 return Err(MetadataError::Storage(me.malformed(RPC, why)));
             }
             let mut batch = Vec::with_capacity(m.ranges.len());
@@ -835,10 +867,15 @@ impl Agent for RemoteAgent {
             Ok(Ok(m)) => ranges(m),
         });
         // (Empty messages kept the answer alive through a long stretch without a difference.)
-        let batches = tokio_stream::once(Ok(first))
-            .chain(rest)
-            .filter(|b| !matches!(b, Ok(v) if v.is_empty()));
-        Ok((capacity, Box::pin(batches)))
+        let batches = Cut {
+            batches: Box::pin(tokio_stream::once(Ok(first)).chain(rest)),
+            max,
+            left: std::collections::VecDeque::new(),
+        };
+        Ok((
+            capacity,
+            Box::pin(batches.filter(|b| !matches!(b, Ok(v) if v.is_empty()))),
+        ))
     }
 
     fn node(&self) -> &NodeId {
