@@ -1151,6 +1151,49 @@ async fn an_enrolled_certificate_registers_only_its_own_node() {
         .expect("node-1's certificate registers node-1");
 }
 
+/// Revocation is by expiry (docs/security.md): a node certificate past its end speaks for its node
+/// no more, not even over a connection its handshake opened while it was valid (a peer that
+/// answers the server's pings keeps a connection for as long as it likes).
+#[tokio::test]
+async fn an_expired_certificate_registers_nothing_even_over_a_connection_opened_before() {
+    use cellar::agent::wire::v1::{registry_client::RegistryClient, NodeStatus};
+    let mut env = Env::new().await;
+    let controller = env.start_controller("controller", &["--enrol-certificate-validity", "10s"]);
+    wait_ready(&controller).await;
+    let (answer, key) = env
+        .enrol_with_key(&controller, "node-1", "token-node-1")
+        .await
+        .expect("node-1 enrols");
+    let expires = not_after(&answer.certificate);
+    let mut ca = std::fs::read(&env.install_ca).expect("ca");
+    ca.extend_from_slice(answer.ca.as_bytes());
+    let tls = cellar::agent::tls::Tls::from_pem(&ca, answer.certificate.as_bytes(), key.as_bytes()).expect("tls");
+    let channel = tls
+        .endpoint(&format!("127.0.0.1:{}", controller.registry), "localhost")
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("the registry accepts the certificate while it is valid");
+    let mut registry = RegistryClient::new(channel);
+    let status = NodeStatus {
+        node_id: "node-1".into(),
+        topology: [("topology.cellar.csi.dev/node".to_string(), "node-1".to_string())].into(),
+        agent_address: "127.0.0.1:1".into(),
+        pools: vec![],
+        version: "test".into(),
+    };
+    registry.register(status.clone()).await.expect("registers while valid");
+    // Heartbeats on the one connection, as a node that never lets it go, until past the end.
+    while SystemTime::now() < expires + Duration::from_secs(2) {
+        let _ = registry.heartbeat(status.clone()).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let late = registry.heartbeat(status).await;
+    let e = late.expect_err("an expired certificate must not keep its node registered");
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    assert!(e.message().contains("expired"), "{}", e.message());
+}
+
 #[tokio::test]
 async fn enrolled_nodes_pull_a_restore_from_each_other() {
     pull_a_restore_between_enrolled_nodes(false).await;

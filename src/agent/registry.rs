@@ -401,6 +401,13 @@ impl Registry {
                 Tls::Mutual(_) => Err(RegistryError::Denied("the caller presented no certificate".into())),
             };
         };
+        // Revocation is by expiry: a certificate past its end speaks for no node, even over a
+        // connection its handshake opened while it was valid.
+        if let Some(why) = tls::certificate_ended(cert, std::time::SystemTime::now()) {
+            return Err(RegistryError::Denied(format!(
+                "the caller's certificate {why}; a connection opened while it was valid speaks for no node after its end"
+            )));
+        }
         let own = config.node_server_name(node);
         if tls::certificate_names(cert, &own) {
             return Ok(NodeIdentity::Own(own));

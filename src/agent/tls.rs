@@ -482,6 +482,31 @@ pub fn certificate_names(cert: &CertificateDer<'_>, name: &str) -> bool {
     webpki::EndEntityCert::try_from(cert).is_ok_and(|c| c.verify_is_valid_for_subject_name(&name).is_ok())
 }
 
+/// Why a certificate (DER) no longer vouches for anyone at `now`: past its end (or before its
+/// start, or its validity unreadable); `None` while it is valid. The handshake checked this once,
+/// when the connection opened, and a connection lasts as long as its peer answers the pings.
+pub fn certificate_ended(cert: &CertificateDer<'_>, now: std::time::SystemTime) -> Option<String> {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {
+        return Some("has a validity that cannot be read".into());
+    };
+    let secs = |t: std::time::SystemTime| match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(_) => 0,
+    };
+    let (from, until) = (
+        parsed.validity().not_before.timestamp(),
+        parsed.validity().not_after.timestamp(),
+    );
+    let now = secs(now);
+    if now > until {
+        Some(format!("expired {} s ago", now - until))
+    } else if now < from {
+        Some(format!("is not valid for another {} s", from - now))
+    } else {
+        None
+    }
+}
+
 /// The client certificate of a call on a mutual-TLS server (the first of its chain, which the
 /// handshake checked against the CA); `None` over plaintext.
 pub fn peer_certificate<T>(req: &Request<T>) -> Option<CertificateDer<'static>> {
