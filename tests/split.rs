@@ -1519,6 +1519,58 @@ async fn an_unread_metadata_answer_breaks_no_other_call_to_the_node() {
     drop(held);
 }
 
+/// Answers held unread must not stall the node's other calls either: the controller takes up to
+/// a stream's HTTP/2 window (2 MiB) of each answer from the node, and three such answers held
+/// filled the window of the one connection every call to the node shares (5 MiB): a CreateVolume's
+/// answer could not come back.
+#[tokio::test]
+async fn unread_metadata_answers_do_not_stall_the_controllers_other_calls_to_the_node() {
+    const BYTES: i64 = 2048 * MIB;
+    let c = Cluster::start(Spec {
+        pools: vec![None],
+        layouts: Some("dir, image"),
+        ..Spec::default()
+    })
+    .await;
+    let mut ctl = c.ctl().await;
+    let src = made(&mut ctl, image(wffc("frag", BYTES, "node-1", &["node-1"]))).await;
+    {
+        // Every other 4 KiB block: 262144 ranges, about 3 MiB of answer.
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.pool_dir(0).join("volumes/frag"))
+            .expect("open image");
+        let block = [7u8; 4096];
+        for i in 0..(BYTES as u64 / 8192) {
+            f.write_all_at(&block, i * 8192).expect("write image");
+        }
+        f.sync_all().expect("fsync");
+    }
+    let snap = snapshot(&mut ctl, "snap-frag", &src.volume_id).await.snapshot_id;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut a = one_range_a_message(&c, &snap).await;
+        a.message().await.expect("first message").expect("a message");
+        held.push(a);
+    }
+    // The node sends what the windows let it.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let started = Instant::now();
+    let other = tokio::time::timeout(
+        Duration::from_secs(30),
+        ctl.create_volume(wffc("pvc-after", 16 * MIB, "node-1", &["node-1"])),
+    )
+    .await;
+    assert!(
+        matches!(other, Ok(Ok(_))),
+        "a CreateVolume on the node while {} metadata answers are held: {other:?} after {:?}",
+        held.len(),
+        started.elapsed()
+    );
+    drop(held);
+}
+
 /// A restore onto another node flows node to node: the target pulls the snapshot from the source
 /// with the controller's grant, and the controller's relay counter stays at 0. The same counter
 /// sees every byte when the controller relays (`--node-transfers=via-controller`), so it would

@@ -258,8 +258,16 @@ pub struct RemoteAgent {
     bulk: AgentClient<Channel>,
     /// The same connection, for a node pulling another node's data with a grant.
     transfer: TransferClient<Channel>,
+    /// A connection of its own for changed block answers ([`METADATA_STREAM_WINDOW`]).
+    metadata: AgentClient<Channel>,
     timeouts: Timeouts,
 }
+
+/// What the controller takes of one changed block answer from its node before its own client
+/// reads it. An answer a client holds unread keeps that much in the connection's window; the
+/// answers have a connection of their own, so even many held answers (each under this) never
+/// hold up the node's other calls, whose answers need room in their connection's window.
+const METADATA_STREAM_WINDOW: u32 = 64 << 10;
 
 /// Where a node pulls a copy from, and the grant the controller signed for it.
 #[derive(Debug, Clone)]
@@ -294,12 +302,21 @@ impl RemoteAgent {
         let transfer = TransferClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let metadata = tls.lazy_channel(&address.to_string(), server_name, timeouts.connect, |e| {
+            e.http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .initial_stream_window_size(METADATA_STREAM_WINDOW)
+        })?;
+        let metadata = AgentClient::new(metadata)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(RemoteAgent {
             node,
             address,
             client,
             bulk,
             transfer,
+            metadata,
             timeouts,
         })
     }
@@ -819,7 +836,7 @@ impl Agent for RemoteAgent {
         };
         let max = max.max(1);
         let req = self.request(msg, None);
-        let mut stream = match tokio::time::timeout(start, self.bulk.clone().block_ranges(req)).await {
+        let mut stream = match tokio::time::timeout(start, self.metadata.clone().block_ranges(req)).await {
             Ok(r) => r.map_err(|s| self.metadata_failed(RPC, start, s))?.into_inner(),
             Err(_) => return Err(self.silent(RPC, start).into()),
         };
