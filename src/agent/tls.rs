@@ -529,7 +529,14 @@ impl Callers {
         match self {
             Callers::Anyone => Ok(()),
             Callers::Named(name) => match peer_certificate(req) {
-                Some(cert) if certificate_names(&cert, name) => Ok(()),
+                // A certificate past its end vouches for no one, even over a connection its
+                // handshake opened while it was valid (revocation is by expiry).
+                Some(cert) if certificate_names(&cert, name) => {
+                    match certificate_ended(&cert, std::time::SystemTime::now()) {
+                        None => Ok(()),
+                        Some(why) => Err(Refused::Ended { role, why }),
+                    }
+                }
                 Some(_) => Err(Refused::NotNamed {
                     role,
                     name: name.clone(),
@@ -548,6 +555,8 @@ pub enum Refused {
     NotNamed { role: &'static str, name: String },
     #[error("only {role} may call this service: the caller presented no certificate")]
     NoCertificate { role: &'static str },
+    #[error("only {role} may call this service: the caller's certificate {why}")]
+    Ended { role: &'static str, why: String },
     #[error("the {header} header is required: it names the node the call is meant for ({node})", header = super::remote::NODE_HEADER)]
     NoNode { node: String },
     #[error("this agent serves node {serves}, not {asked}")]
@@ -556,6 +565,32 @@ pub enum Refused {
 
 #[cfg(test)]
 mod tests {
+
+    /// A certificate vouches for its holder only between its start and its end, checked at each
+    /// call (`Callers::admit`, the registry), not only when the connection opened.
+    #[test]
+    fn a_certificate_is_ended_outside_its_validity_only() {
+        use std::time::{Duration, SystemTime};
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(vec!["cellar-controller".to_string()]).expect("params");
+        let start = SystemTime::now() - Duration::from_secs(3600);
+        params.not_before = start.into();
+        params.not_after = (start + Duration::from_secs(1800)).into();
+        let cert = params.self_signed(&key).expect("cert");
+        let der = cert.der().clone();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        assert_eq!(super::certificate_ended(&der, at(60)), None, "valid in its window");
+        let late = super::certificate_ended(&der, at(1800 + 120)).expect("past its end");
+        assert!(late.contains("expired 120 s ago"), "{late}");
+        let early = super::certificate_ended(&der, start - Duration::from_secs(30)).expect("before its start");
+        assert!(early.contains("not valid for another 30 s"), "{early}");
+        assert!(
+            super::certificate_ended(&der, SystemTime::now()).is_some(),
+            "ended an hour after it began"
+        );
+        let garbage = rustls_pki_types::CertificateDer::from(vec![1u8, 2, 3]);
+        assert!(super::certificate_ended(&garbage, SystemTime::now()).is_some());
+    }
     use super::*;
 
     #[test]

@@ -66,7 +66,7 @@ impl From<crate::agent::tls::Refused> for Status {
     fn from(e: crate::agent::tls::Refused) -> Status {
         use crate::agent::tls::Refused as E;
         let code = match &e {
-            E::NotNamed { .. } | E::NoCertificate { .. } => Code::PermissionDenied,
+            E::NotNamed { .. } | E::NoCertificate { .. } | E::Ended { .. } => Code::PermissionDenied,
             E::NoNode { .. } => Code::InvalidArgument,
             E::OtherNode { .. } => Code::Unavailable,
         };
