@@ -1216,17 +1216,20 @@ mod lying_node {
     /// One message of ranges, (offset, length) each.
     type Batch = &'static [(u64, u64)];
 
-    /// Answers to a query of at most 2 ranges per message that no honest walk gives: a capacity
-    /// past 2^63, a range of no bytes, one overlapping the last, one past the capacity, one out of
-    /// order in a later message, and a message of 3 ranges.
+    /// Answers no honest walk gives: a capacity past 2^63, a range of no bytes, one overlapping
+    /// the last, one past the capacity, one out of order in a later message, and (the last, made
+    /// by the liar: [`TOO_MANY_RANGES`]) a message of more ranges than the controller asks a node
+    /// for (it asks for full batches and cuts them to the client's `max_results` itself).
     const BAD_RANGES: [(u64, &[Batch]); 6] = [
         (u64::MAX, &[&[(0, 4096)]]),
         (1 << 20, &[&[(0, 4096), (8192, 0)]]),
         (1 << 20, &[&[(0, 4096), (2048, 4096)]]),
         (1 << 20, &[&[((1 << 20) - 4096, 8192)]]),
         (1 << 20, &[&[(8192, 4096)], &[(0, 4096)]]),
-        (1 << 20, &[&[(0, 4096), (8192, 4096), (16384, 4096)]]),
+        (1 << 40, &[]),
     ];
+    /// The entry of [`BAD_RANGES`] whose one message holds `MAX_BATCH + 1` ranges.
+    const TOO_MANY_RANGES: usize = 5;
 
     /// node-2's backup, which node-1 answers as its own.
     const VICTIM_BACKUP: &str = "backup:offsite:0123-4567";
@@ -1513,7 +1516,12 @@ mod lying_node {
                 return self.honest.block_ranges(q, max).await;
             };
             let (capacity, batches) = BAD_RANGES[n];
-            let batches: Vec<Result<Vec<(u64, u64)>, MetadataError>> = batches.iter().map(|b| Ok(b.to_vec())).collect();
+            let mut batches: Vec<Result<Vec<(u64, u64)>, MetadataError>> =
+                batches.iter().map(|b| Ok(b.to_vec())).collect();
+            if n == TOO_MANY_RANGES {
+                let many = (0..=cellar::storage::cbt::MAX_BATCH as u64).map(|i| (i * 8192, 4096));
+                batches.push(Ok(many.collect()));
+            }
             Ok((capacity, Box::pin(tokio_stream::iter(batches))))
         }
         async fn cut_group_part(
