@@ -70,7 +70,7 @@ use std::time::{Duration, Instant};
 
 use cellar::agent::heartbeat::{Heartbeat, HeartbeatConfig, Resolve};
 use cellar::agent::registry::{Registry, RegistryConfig};
-use cellar::agent::remote::{HostPort, RemoteAgent, Timeouts};
+use cellar::agent::remote::{HostPort, NodeListing, RemoteAgent, Timeouts};
 use cellar::agent::server::{serve, AgentService};
 use cellar::agent::tls::{Tls, TlsOptions, AGENT_SERVER_NAME};
 use cellar::agent::wire::v1;
@@ -1180,6 +1180,9 @@ mod lying_node {
         Fat,
         /// Not a lie: 5,000 volumes of its own, each abnormal with a 2 KiB message.
         Loud,
+        /// Not a lie: a node whose listing is at its bound (`NodeListing` of no volume), which
+        /// refuses every new volume as full.
+        Full,
     }
 
     /// What a [`Lie::Fat`] node lists: `FAT_PER_CALL` records a call, further on each call, up to
@@ -1414,7 +1417,8 @@ mod lying_node {
                 | Lie::Drip
                 | Lie::DripSnapshots
                 | Lie::Fat
-                | Lie::Loud => self.honest.volume_named(name).await?,
+                | Lie::Loud
+                | Lie::Full => self.honest.volume_named(name).await?,
             })
         }
         async fn snapshot_named(&self, name: String) -> Result<Option<SnapshotRecord>, StorageError> {
@@ -1547,10 +1551,11 @@ mod lying_node {
             .tempdir()
             .expect("tempdir");
         let engine = Arc::new(LocalEngine::open(node(), &Config::default_for(dir.path())).expect("engine"));
-        let liar = Liar {
-            honest: LocalAgent::new(engine.clone()),
-            lie,
+        let honest = match lie {
+            Lie::Full => LocalAgent::listed_within(engine.clone(), NodeListing { records: 0, bytes: 0 }),
+            _ => LocalAgent::new(engine.clone()),
         };
+        let liar = Liar { honest, lie };
         let tls = ca.tls(&ca.issue(&["node-1.cellar-agent"]));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -1726,6 +1731,7 @@ mod lying_node {
     /// `pvc-victim`), each registered with its own certificate.
     struct Cluster {
         controller: ControllerService,
+        registry: Arc<Registry>,
         liar: AgentUnderTest,
         node2: AgentUnderTest,
     }
@@ -1742,7 +1748,7 @@ mod lying_node {
             agent_timeouts: timeouts(),
             ..Default::default()
         };
-        let registry = Registry::new(config, ca.tls(&ca.issue(&[CONTROLLER])), None);
+        let registry = Arc::new(Registry::new(config, ca.tls(&ca.issue(&[CONTROLLER])), None));
         for (name, agent) in [("node-1", &liar), ("node-2", &node2)] {
             let report = NodeReport {
                 node: node_id(name),
@@ -1756,10 +1762,62 @@ mod lying_node {
                 .expect("heartbeat");
         }
         Cluster {
-            controller: ControllerService::new(Arc::new(registry)),
+            controller: ControllerService::new(registry.clone()),
+            registry,
             liar,
             node2,
         }
+    }
+
+    /// A node at its listing bound answers a create RESOURCE_EXHAUSTED: free to choose, the
+    /// controller passes over it for the next candidate (though node-1 reports the most room);
+    /// the scheduler's choice of it is answered RESOURCE_EXHAUSTED, so the scheduler chooses
+    /// another node.
+    #[tokio::test]
+    async fn a_full_node_is_passed_over_when_the_controller_may_choose() {
+        let c = cluster(Lie::Full).await;
+        let mut pools = c.liar.engine.pool_status().expect("pools");
+        for p in &mut pools {
+            p.available_bytes = u64::MAX / 4;
+            p.image_allocatable_bytes = u64::MAX / 4;
+        }
+        c.registry
+            .heartbeat_as(
+                NodeReport {
+                    node: node_id("node-1"),
+                    topology: BTreeMap::from([(cellar::csi::TOPOLOGY_NODE_KEY.to_string(), "node-1".to_string())]),
+                    agent_address: HostPort::parse(&c.liar.addr.to_string()).expect("address"),
+                    pools,
+                    version: "test".into(),
+                },
+                NodeIdentity::Own("node-1.cellar-agent".into()),
+            )
+            .expect("heartbeat");
+        let free = c
+            .controller
+            .create_volume(tonic::Request::new(csi_create("pvc-free")))
+            .await
+            .expect("made on the node that is not full")
+            .into_inner()
+            .volume
+            .expect("volume");
+        assert_eq!(free.volume_id, "local:node-2:default:pvc-free");
+        assert!(c.liar.engine.volumes().is_empty(), "nothing on the full node");
+        let e = c
+            .controller
+            .create_volume(tonic::Request::new(placed(
+                "pvc-pinned",
+                "node-1",
+                &["node-1", "node-2"],
+            )))
+            .await
+            .expect_err("the scheduler chose the full node");
+        assert_eq!(e.code(), Code::ResourceExhausted, "{}", e.message());
+        assert!(e.message().contains("at most 0 volumes"), "{}", e.message());
+        assert!(
+            c.node2.engine.volume_named("pvc-pinned").is_none(),
+            "not made elsewhere"
+        );
     }
 
     /// node-1 answers a backup's CreateSnapshot with node-2's backup id: refused before the id

@@ -372,29 +372,52 @@ impl ControllerService {
                 "no node in the requisite topology can hold this volume".into(),
             ));
         }
-        let node = self
-            .place(&ranked, r.accessibility_requirements.as_ref(), &spec)
-            .await?;
-        let agent = self
-            .directory
-            .agent(&node)
-            .ok_or_else(|| ControllerError::NodeUnreachable(format!("node {} is not reachable", node.as_str())))?;
-        let rec = match (&source_agent, &spec.source) {
-            (Some(from), Some(_)) if from.node() != agent.node() => {
-                tracing::info!(
-                    volume = r.name,
-                    from = from.node().as_str(),
-                    to = agent.node().as_str(),
-                    "copying the content source to another node"
-                );
-                let made = agent.copy_from(spec, from.as_ref()).await;
-                self.made(&agent, made)?
+        // Free to choose (no node preferred by the scheduler), a node that answers it is full (its
+        // listing at its bound, or its pool's room gone since its last heartbeat) is passed over
+        // for the next candidate; nothing of the volume was made there.
+        let free = r
+            .accessibility_requirements
+            .as_ref()
+            .is_none_or(|t| t.preferred.is_empty());
+        let mut candidates = ranked;
+        loop {
+            let node = self
+                .place(&candidates, r.accessibility_requirements.as_ref(), &spec)
+                .await?;
+            let agent = self
+                .directory
+                .agent(&node)
+                .ok_or_else(|| ControllerError::NodeUnreachable(format!("node {} is not reachable", node.as_str())))?;
+            let made = match (&source_agent, &spec.source) {
+                (Some(from), Some(_)) if from.node() != agent.node() => {
+                    tracing::info!(
+                        volume = r.name,
+                        from = from.node().as_str(),
+                        to = agent.node().as_str(),
+                        "copying the content source to another node"
+                    );
+                    let made = agent.copy_from(spec.clone(), from.as_ref()).await;
+                    self.made(&agent, made)
+                }
+                _ => self.create_on(&agent, spec.clone()).await,
+            };
+            match made {
+                Err(ControllerError::Storage(StorageError::Exhausted(why))) if free && candidates.len() > 1 => {
+                    tracing::info!(
+                        volume = r.name,
+                        node = node.as_str(),
+                        reason = why,
+                        "node full; trying another"
+                    );
+                    candidates.retain(|n| *n != node);
+                }
+                made => {
+                    return Ok(CreateVolumeResponse {
+                        volume: Some(csi_record(&made?, agent.node())),
+                    })
+                }
             }
-            _ => self.create_on(&agent, spec).await?,
-        };
-        Ok(CreateVolumeResponse {
-            volume: Some(csi_record(&rec, agent.node())),
-        })
+        }
     }
 
     /// The volume created under a CSI name, and its agent. The index of the listings answers for
