@@ -539,7 +539,7 @@ pub(crate) fn data_node<S: rustic_core::IndexedFull>(
     cfg: &RepositoryConfig,
     tree: rustic_core::TreeId,
     meta: &BackupMeta,
-    raw: Option<&BlobReader>,
+    raw: &BlobReader,
 ) -> Result<Option<rustic_core::repofile::Node>, StorageError> {
     let names: Vec<&std::ffi::OsStr> = Path::new(&meta.path)
         .components()
@@ -684,20 +684,17 @@ impl BlobReader {
 }
 
 /// A blob of the repository (data or tree), read and checked against its id: the SHA-256 of its
-/// plaintext. The MAC rustic checks proves only that the repository's key sealed it. With `raw`
-/// (a restore) the blob is read by [`BlobReader`], its decompression bounded; else by rustic.
+/// plaintext. The MAC rustic checks proves only that the repository's key sealed it. The blob is
+/// read by [`BlobReader`], its decompression bounded (rustic's own read is not).
 pub(crate) fn checked_blob<S: rustic_core::IndexedFull>(
     repo: &Repository<S>,
     cfg: &RepositoryConfig,
     id: rustic_core::BlobId,
     tpe: rustic_core::repofile::BlobType,
-    raw: Option<&BlobReader>,
+    raw: &BlobReader,
 ) -> Result<bytes::Bytes, StorageError> {
     use sha2::Digest;
-    let data = match raw {
-        Some(r) => r.read(repo, cfg, id, tpe)?,
-        None => repo.get_blob_cached(&id, tpe).map_err(|e| cfg.read_error(e))?,
-    };
+    let data = raw.read(repo, cfg, id, tpe)?;
     let sum: [u8; 32] = sha2::Sha256::digest(&data).into();
     if hex::encode(sum) != id.to_hex().as_str() {
         let what = if tpe == rustic_core::repofile::BlobType::Tree {
@@ -722,7 +719,7 @@ pub(crate) fn checked_tree<S: rustic_core::IndexedFull>(
     repo: &Repository<S>,
     cfg: &RepositoryConfig,
     id: rustic_core::TreeId,
-    raw: Option<&BlobReader>,
+    raw: &BlobReader,
 ) -> Result<rustic_core::repofile::Tree, StorageError> {
     let data = checked_blob(
         repo,

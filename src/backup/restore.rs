@@ -38,7 +38,7 @@ pub fn frames(backups: &Backups, id: &BackupId, target: Layout) -> Result<Frames
     let repo = repo.to_indexed().map_err(|e| cfg.error(e))?;
     // Blobs are read and decompressed here, within bounds, not by rustic (`BlobReader`).
     let raw = BlobReader::new(backups.write_backend(id.repository(), None)?, &repo.key(), &cfg)?;
-    let root = super::data_node(&repo, &cfg, snap.tree, &info.meta, Some(&raw))?;
+    let root = super::data_node(&repo, &cfg, snap.tree, &info.meta, &raw)?;
     let tree = |l: Layout| l != Layout::Image;
     let header = Header {
         layout: if tree(info.meta.layout) && tree(target) {
@@ -151,7 +151,7 @@ impl Frames {
             self.cfg
                 .error(RusticFailure::data_loss(format!("directory {} has no tree", node.name)))
         })?;
-        let tree = super::checked_tree(&self.repo, &self.cfg, sub, Some(&self.raw))?;
+        let tree = super::checked_tree(&self.repo, &self.cfg, sub, &self.raw)?;
         if let Some(n) = name {
             self.push(Frame::Dir { name: n.to_vec() });
         }
@@ -243,7 +243,7 @@ impl Frames {
     /// The next blob of the file on top of the stack (`name`, `size` bytes), checked, as chunks
     /// (zeros left out).
     fn blob(&mut self, id: rustic_core::DataId, offset: u64, size: u64, name: &str) -> Result<u64, StorageError> {
-        let data = super::checked_blob(&self.repo, &self.cfg, BlobId::from(id), BlobType::Data, Some(&self.raw))?;
+        let data = super::checked_blob(&self.repo, &self.cfg, BlobId::from(id), BlobType::Data, &self.raw)?;
         if data.len() as u64 > size.saturating_sub(offset) {
             return Err(self.corrupt(format!("file {name:?} is {size} bytes but its blobs hold more")));
         }

@@ -357,6 +357,8 @@ fn upload_image(
     let cfg = backups.config(id.repository())?;
     let key = opened.key();
     let repo = opened.to_indexed().map_err(|e| cfg.error(e))?;
+    // The parent's trees are read within bounds, as a restore reads them (`BlobReader`).
+    let raw = super::BlobReader::new(backups.write_backend(id.repository(), None)?, &key, cfg)?;
     let parent = base.and_then(|b| {
         let (psnap, pinfo) = snaps
             .iter()
@@ -364,7 +366,7 @@ fn upload_image(
         if pinfo.meta.chunk_bytes != Some(image::CHUNK) || pinfo.meta.source_volume_id != meta.source_volume_id {
             return None;
         }
-        let blobs = super::data_node(&repo, cfg, psnap.tree, &pinfo.meta, None)
+        let blobs = super::data_node(&repo, cfg, psnap.tree, &pinfo.meta, &raw)
             .ok()??
             .content?;
         (blobs.len() == image::chunks_of(pinfo.meta.length)).then(|| {
@@ -482,6 +484,7 @@ fn check_complete(
     entries: Option<u64>,
 ) -> Result<(), StorageError> {
     let cfg = backups.config(id.repository())?;
+    let raw = super::BlobReader::new(backups.write_backend(id.repository(), None)?, &opened.key(), cfg)?;
     // The index is read again: it now holds the packs this upload wrote.
     let repo = opened.to_indexed().map_err(|e| cfg.error(e))?;
     repo.get_index_entry(&saved.tree).map_err(|e| cfg.error(e))?;
@@ -492,7 +495,7 @@ fn check_complete(
         ))),
         _ => Ok(()),
     };
-    let Some(root) = super::data_node(&repo, cfg, saved.tree, meta, None)? else {
+    let Some(root) = super::data_node(&repo, cfg, saved.tree, meta, &raw)? else {
         // An empty tree: the root tree (checked above) is all there is.
         return short(0);
     };
@@ -507,7 +510,7 @@ fn check_complete(
                     return Err(cfg.error(RusticFailure::data_loss(format!("directory {} has no tree", node.name))));
                 };
                 repo.get_index_entry(&sub).map_err(|e| cfg.error(e))?;
-                let tree = super::checked_tree(&repo, cfg, sub, None)?;
+                let tree = super::checked_tree(&repo, cfg, sub, &raw)?;
                 held += tree.nodes.len() as u64;
                 pending.extend(tree.nodes);
             }
