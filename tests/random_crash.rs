@@ -1887,38 +1887,10 @@ async fn prune(config: &Path, keep_delete_secs: u64, crash_at: Option<&str>) -> 
     cmd.output().await.expect("cellar backup prune")
 }
 
-fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .map(|e| e.expect("dir entry").file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// `CELLAR_CRASH_SEEDS`: a comma-separated list of seeds (one seed reruns as it failed), or
-/// `count:N` for the seeds 1 to N.
+/// `CELLAR_CRASH_SEEDS`: a comma-separated list of seeds or ranges (one seed reruns as it
+/// failed), or `count:N` for the seeds 1 to N.
 fn seeds() -> Vec<u64> {
-    let Ok(s) = std::env::var("CELLAR_CRASH_SEEDS") else {
-        return SEEDS.to_vec();
-    };
-    if let Some(n) = s.trim().strip_prefix("count:") {
-        let n: u64 = n.parse().expect("CELLAR_CRASH_SEEDS=count:N takes a number");
-        return (1..=n).collect();
-    }
-    s.split(',')
-        .map(|x| {
-            x.trim()
-                .parse()
-                .expect("CELLAR_CRASH_SEEDS: a comma-separated list of u64 seeds, or count:N")
-        })
-        .collect()
+    seeds_from_env("CELLAR_CRASH_SEEDS", &SEEDS)
 }
 
 /// Runs one seed; a violation panics with the report while the driver and filesystems still exist,

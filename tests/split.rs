@@ -12,23 +12,12 @@ use cellar::csi::v1::group_controller_client::GroupControllerClient;
 use cellar::csi::v1::node_client::NodeClient;
 use cellar::csi::v1::volume_content_source::Type;
 use cellar::csi::v1::*;
-use common::cluster::{capacity_on, node_topology, Cluster, Spec};
+use common::cluster::{capacity_on, node_topology, wffc, Cluster, Spec};
 use common::fs::{loops_under, TestFs};
 use common::tree::{assert_is_the_built_tree, assert_same_tree, build_tree, finish, observe, scan};
 use common::*;
 use tonic::transport::Channel;
 use tonic::Code;
-
-/// A CreateVolume as external-provisioner sends it under WaitForFirstConsumer: the selected node
-/// preferred, every node requisite.
-fn wffc(name: &str, bytes: i64, selected: &str, all: &[&str]) -> CreateVolumeRequest {
-    let mut r = create_req(name, bytes);
-    r.accessibility_requirements = Some(TopologyRequirement {
-        requisite: all.iter().map(|n| node_topology(n)).collect(),
-        preferred: vec![node_topology(selected)],
-    });
-    r
-}
 
 async fn stage(node: &mut NodeClient<Channel>, id: &str, staging: &Path) -> Result<(), tonic::Status> {
     stage_rwo(node, id, staging).await

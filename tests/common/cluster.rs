@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use cellar::csi::v1::controller_client::ControllerClient;
 use cellar::csi::v1::node_client::NodeClient;
-use cellar::csi::v1::{GetCapacityRequest, Topology};
+use cellar::csi::v1::{CreateVolumeRequest, GetCapacityRequest, Topology, TopologyRequirement};
 use tonic::transport::Channel;
 
 use super::{bin, connect_socket, kill_child, mounts_under, require_root};
@@ -241,24 +241,31 @@ impl Cluster {
 
     /// Waits until the controller reports capacity for every node (each has heartbeated).
     pub async fn wait_registered(&self) {
+        for i in 0..self.nodes.len() {
+            self.wait_node_registered(i).await;
+        }
+    }
+
+    /// Waits until the controller reports capacity for node `i`: it has heartbeated, and its agent
+    /// answered the controller (GetCapacity about one node asks it live).
+    pub async fn wait_node_registered(&self, i: usize) {
+        let name = &self.nodes[i].0;
         let mut ctl = self.ctl().await;
         let deadline = Instant::now() + Duration::from_secs(40);
-        for (name, _, _) in &self.nodes {
-            loop {
-                let r = ctl
-                    .get_capacity(capacity_on(name))
-                    .await
-                    .map(|r| r.into_inner().available_capacity);
-                if matches!(r, Ok(n) if n > 0) {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{name} did not register: {r:?}\n{}",
-                    self.logs()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
+        loop {
+            let r = ctl
+                .get_capacity(capacity_on(name))
+                .await
+                .map(|r| r.into_inner().available_capacity);
+            if matches!(r, Ok(n) if n > 0) {
+                return;
             }
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not register: {r:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -276,6 +283,10 @@ impl Cluster {
 
     pub fn log_of(&self, i: usize) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.nodes[i].0))).unwrap_or_default()
+    }
+
+    pub fn controller_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("controller.log")).unwrap_or_default()
     }
 
     pub fn logs(&self) -> String {
@@ -322,6 +333,17 @@ pub fn node_topology(node: &str) -> Topology {
     Topology {
         segments: [("topology.cellar.csi.dev/node".to_string(), node.to_string())].into(),
     }
+}
+
+/// A CreateVolume as external-provisioner sends it under WaitForFirstConsumer: the selected node
+/// preferred, every node requisite.
+pub fn wffc(name: &str, bytes: i64, selected: &str, all: &[&str]) -> CreateVolumeRequest {
+    let mut r = super::create_req(name, bytes);
+    r.accessibility_requirements = Some(TopologyRequirement {
+        requisite: all.iter().map(|n| node_topology(n)).collect(),
+        preferred: vec![node_topology(selected)],
+    });
+    r
 }
 
 pub fn capacity_on(node: &str) -> GetCapacityRequest {

@@ -483,6 +483,46 @@ pub async fn start_with_pools(pools: &[(&str, &Path, &str, &str)]) -> (Driver, t
     (d, cfgdir)
 }
 
+/// The names in `dir`, sorted (none when it cannot be read).
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .map(|e| e.expect("dir entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The last `lines` lines of `text`.
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The seeds of a randomized tester from the environment variable `var`: a comma-separated list
+/// of seeds and ranges (`3,17`, `1-20`; one seed reruns as it failed), or `count:N` for the seeds
+/// 1 to N; `default` when it is not set.
+pub fn seeds_from_env(var: &str, default: &[u64]) -> Vec<u64> {
+    let Ok(s) = std::env::var(var) else {
+        return default.to_vec();
+    };
+    let number = |x: &str| -> u64 {
+        x.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{var}: a comma-separated list of u64 seeds or ranges A-B, or count:N"))
+    };
+    if let Some(n) = s.trim().strip_prefix("count:") {
+        return (1..=number(n)).collect();
+    }
+    s.split(',')
+        .flat_map(|x| match x.split_once('-') {
+            Some((a, b)) => (number(a)..=number(b)).collect::<Vec<_>>(),
+            None => vec![number(x)],
+        })
+        .collect()
+}
+
 /// SIGKILLs the process in `slot`, if there is one, and reaps it; the slot is left empty.
 pub fn kill_child(slot: &mut Option<Child>) {
     if let Some(mut c) = slot.take() {
