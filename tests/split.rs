@@ -1741,6 +1741,27 @@ async fn a_node_down_across_a_controller_restart_is_unavailable_never_absent() {
     );
 }
 
+/// A CreateVolume the scheduler placed on a node that is not available is RESOURCE_EXHAUSTED
+/// naming that node, also when no node at all is available (every agent down, or none registered
+/// yet with a controller that just started): that refusal said "no node in the requisite
+/// topology can hold this volume" and named none (tests/random_split.rs, seed 1).
+#[tokio::test]
+async fn a_create_placed_on_a_node_is_refused_naming_it_when_no_node_is_available() {
+    let mut c = two_nodes(&["--heartbeat-interval", "200ms"]).await;
+    c.kill_node(0);
+    c.kill_node(1);
+    c.kill_controller();
+    c.start_controller();
+    let mut ctl = c.ctl().await;
+    let e = ctl
+        .create_volume(wffc("pvc-1", 16 * MIB, "node-2", BOTH))
+        .await
+        .expect_err("every node is down");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.message().contains("node-2"), "{}", e.message());
+    assert_nothing_of(&c.pool_dir(1), "pvc-1");
+}
+
 /// A controller run with `flags` and two nodes.
 async fn two_nodes(flags: &[&str]) -> Cluster {
     Cluster::start(Spec {

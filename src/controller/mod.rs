@@ -367,11 +367,6 @@ impl ControllerService {
                 });
             }
         }
-        if ranked.is_empty() {
-            return Err(ControllerError::NoRoom(
-                "no node in the requisite topology can hold this volume".into(),
-            ));
-        }
         // Free to choose (no node preferred by the scheduler), a node that answers it is full (its
         // listing at its bound, or its pool's room gone since its last heartbeat) is passed over
         // for the next candidate; nothing of the volume was made there.

@@ -46,6 +46,11 @@ pub(super) fn pick(
     answers: impl Fn(&NodeId) -> bool,
 ) -> Result<NodeId, ControllerError> {
     if req.is_none_or(|r| r.preferred.is_empty()) {
+        if rooms.is_empty() {
+            return Err(ControllerError::NoRoom(
+                "no node in the requisite topology can hold this volume".into(),
+            ));
+        }
         // Free to choose: a node whose agent did not answer its last call is passed over
         // while another can take the volume (its heartbeat's figures say nothing of that).
         if rooms.iter().any(|(n, _)| answers(n)) {
@@ -57,8 +62,9 @@ pub(super) fn pick(
         rooms.retain(|(n, _)| chosen(req, n));
         if rooms.is_empty() {
             // The node the scheduler chose is not registered here (its agent is not running or
-            // not yet enrolled) or outside the requisite topology: the scheduler must choose
-            // again, which RESOURCE_EXHAUSTED asks of the provisioner.
+            // not yet enrolled; also when no node is available at all) or outside the requisite
+            // topology: the scheduler must choose again, which RESOURCE_EXHAUSTED asks of the
+            // provisioner.
             let named: Vec<&str> = req
                 .map(|r| r.preferred.iter().filter_map(request::topology_node).collect())
                 .unwrap_or_default();
@@ -216,6 +222,16 @@ mod tests {
         };
         let e = pick(Vec::new(), Some(&zone), GIB, everyone).expect_err("no candidate");
         assert!(e.to_string().contains("no registered node"), "{e}");
+    }
+
+    #[test]
+    fn no_candidate_at_all_names_the_chosen_node_or_says_none_can_hold_the_volume() {
+        let e = pick(Vec::new(), Some(&preferring(&["c"])), GIB, everyone).expect_err("no candidate");
+        assert!(matches!(e, ControllerError::NoRoom(_)), "{e}");
+        assert!(e.to_string().contains("c is not registered"), "{e}");
+        let e = pick(Vec::new(), None, GIB, everyone).expect_err("no candidate");
+        assert!(matches!(e, ControllerError::NoRoom(_)), "{e}");
+        assert!(e.to_string().contains("no node in the requisite topology"), "{e}");
     }
 
     #[test]
