@@ -895,3 +895,56 @@ async fn node_unpublish_through_a_parent_swapped_for_a_symlink_unmounts_nothing_
         .expect("NodeUnpublishVolume once the path is back");
     d.unstage(&id, &staging).await.expect("NodeUnstageVolume");
 }
+
+/// kubelet's directory moved to another disk and left behind as a symlink, across a reboot (which
+/// took every mount with it): the publish recorded before is mounted nowhere any more, and its
+/// unpublish must answer, or kubelet retries it for ever and the pod never goes. Where the target
+/// led in another boot says nothing now (found by a review: FAILED_PRECONDITION for good).
+#[tokio::test]
+async fn node_unpublish_after_a_reboot_with_kubelets_directory_moved_behind_a_symlink_answers() {
+    let mut d = Driver::start().await;
+    let (id, staging) = staged_volume(&mut d).await;
+    let kubelet = d.path("kubelet");
+    fs::create_dir_all(kubelet.join("pods/p1")).expect("mkdir pod");
+    let target = kubelet.join("pods/p1/mount");
+    d.publish(&id, &staging, &target, rwo(), false)
+        .await
+        .expect("NodePublishVolume");
+    // The reboot: the driver stops, the mounts go, the driver's state stays on its disk, written
+    // in a boot that is over.
+    d.kill();
+    for m in [&target, &staging] {
+        let ok = std::process::Command::new("umount").arg(m).status().expect("umount");
+        assert!(ok.success(), "umount {}", m.display());
+    }
+    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot id");
+    let mut rewritten = 0;
+    for entry in fs::read_dir(d.data_dir().join("node")).expect("node state") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|x| x == "json") {
+            let text = fs::read_to_string(&path).expect("state");
+            if text.contains(boot.trim()) {
+                fs::write(&path, text.replace(boot.trim(), "00000000-0000-0000-0000-000000000000")).expect("write");
+                rewritten += 1;
+            }
+        }
+    }
+    assert_eq!(
+        rewritten, 1,
+        "the volume's state names the boot its paths were resolved in"
+    );
+    // kubelet's directory, now on another disk, its old path a symlink to it.
+    let disk2 = d.path("disk2");
+    fs::create_dir_all(&disk2).expect("mkdir disk2");
+    fs::rename(&kubelet, disk2.join("kubelet")).expect("move kubelet's directory");
+    std::os::unix::fs::symlink(disk2.join("kubelet"), &kubelet).expect("symlink");
+    d.spawn(&[]).await;
+    let r = d.unpublish(&id, &target).await;
+    fs::remove_file(&kubelet).expect("remove symlink");
+    fs::rename(disk2.join("kubelet"), &kubelet).expect("move back");
+    r.expect("NodeUnpublishVolume after the reboot");
+    d.unstage(&id, &staging)
+        .await
+        .expect("NodeUnstageVolume after the reboot");
+    assert!(mounts_under(d.dir.path()).is_empty(), "nothing left mounted");
+}

@@ -471,17 +471,17 @@ impl NodeService {
     /// Refuses to undo a stage or publish at `path` when it now resolves elsewhere than `real`,
     /// where it resolved when it was made (a directory on the way replaced by a symlink since):
     /// umount2 and rmdir follow such links, and would unmount another mount of the same name
-    /// while ours stayed, forgotten. A path that is gone, or a state of an earlier release (no
-    /// `real`), is not checked.
-    fn still_leads_to(&self, path: &Path, real: Option<&Path>, volume_id: &str) -> Result<(), NodeError> {
-        let Some(real) = real else {
+    /// while ours stayed, forgotten. A path that is gone, a record of an earlier boot (none of its
+    /// mounts is left) or of an earlier release (no `real`) is not checked.
+    fn still_leads_to(&self, path: &Path, real: Option<&state::Resolved>, volume_id: &str) -> Result<(), NodeError> {
+        let Some(real) = real.filter(|r| r.this_boot()) else {
             return Ok(());
         };
         if self.files.entry(path)? == Entry::Missing {
             return Ok(());
         }
         let now = self.files.resolve(path)?;
-        if now == real {
+        if now == real.path {
             return Ok(());
         }
         Err(NodeError::NotReady(format!(
@@ -489,7 +489,7 @@ impl NodeService {
              way was replaced); nothing is unmounted",
             path.display(),
             now.display(),
-            real.display(),
+            real.path.display(),
         )))
     }
 
@@ -642,7 +642,7 @@ impl NodeService {
                     flags,
                 }),
                 block: false,
-                real: self.files.resolve(&staging).ok(),
+                real: state::Resolved::now(&*self.files, &staging),
             });
             self.state.put(m)?;
             // A shared directory volume is deleted by a controller that cannot see this node's
@@ -692,7 +692,7 @@ impl NodeService {
             backing: Some(data.clone()),
             bound: None,
             block,
-            real: self.files.resolve(&staging).ok(),
+            real: state::Resolved::now(&*self.files, &staging),
         });
         // The devices as they are, before the lease is taken (nothing to give back if this fails).
         let found = self.image_devices(&data, &m)?;
@@ -893,7 +893,10 @@ impl NodeService {
                 )));
             }
         }
-        self.still_leads_to(&staging, staged.real.as_deref(), &r.volume_id)?;
+        if !staged.block {
+            // (A block stage mounts nothing at its staging path: nothing there is unmounted.)
+            self.still_leads_to(&staging, staged.real.as_ref(), &r.volume_id)?;
+        }
         if let Some(backing) = &staged.backing {
             // A state of an earlier release does not say it was a block stage: the record does.
             let block = staged.block
@@ -1035,7 +1038,7 @@ impl NodeService {
                 flags,
                 created,
                 device: kept,
-                real: self.files.resolve(&target).ok(),
+                real: state::Resolved::now(&*self.files, &target),
             },
         );
         self.state.put(m.clone())?;
@@ -1211,7 +1214,7 @@ impl NodeService {
         let Some(p) = m.published.get(&target).cloned() else {
             return Ok(NodeUnpublishVolumeResponse {}); // not published there by us: nothing to undo
         };
-        self.still_leads_to(&target, p.real.as_deref(), &r.volume_id)?;
+        self.still_leads_to(&target, p.real.as_ref(), &r.volume_id)?;
         self.unmount_all(&target)?;
         crash::point("unpublish:after-unmount");
         // The read-only device of a read-only block publish goes with it (only while it is still

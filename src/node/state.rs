@@ -36,7 +36,35 @@ pub struct Staged {
     /// path resolves elsewhere by then unmounts nothing (as [`Published::real`]). `None` in a
     /// state written by an earlier release.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub real: Option<PathBuf>,
+    pub real: Option<Resolved>,
+}
+
+/// A path with its symbolic links resolved, in the boot it was resolved in. After a reboot
+/// nothing the driver mounted is mounted any more, so where the path led then says nothing (a
+/// kubelet directory moved to another disk behind a symlink must not make an unpublish fail for
+/// ever).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resolved {
+    pub path: PathBuf,
+    /// [`crate::sys::boot_id`] when it was resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<String>,
+}
+
+impl Resolved {
+    /// `path` as it resolves now, in this boot.
+    pub fn now(files: &dyn Files, path: &Path) -> Option<Resolved> {
+        Some(Resolved {
+            path: files.resolve(path).ok()?,
+            boot: crate::sys::boot_id(),
+        })
+    }
+
+    /// Whether it was resolved in this boot (a record of another boot, or of an unknown one,
+    /// says nothing of the mounts now).
+    pub fn this_boot(&self) -> bool {
+        self.boot.is_some() && self.boot == crate::sys::boot_id()
+    }
 }
 
 /// The directory below a tree volume's data that a stage bound, and the flags it bound it with.
@@ -60,7 +88,7 @@ pub struct Published {
     /// target resolves elsewhere by then (a directory on the way replaced by a symlink) unmounts
     /// nothing. `None` in a state written by an earlier release.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub real: Option<PathBuf>,
+    pub real: Option<Resolved>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -256,6 +256,14 @@ impl<T> Step<T> for nix::Result<T> {
 
 /// Runs a tool that has no syscall equivalent (mkfs, btrfs, resize2fs ...), capturing stderr into the
 /// error so the caller's message says why it failed.
+/// This boot of the machine (the kernel's random boot id), or `None` when it cannot be read: what
+/// was mounted in another boot is mounted no more.
+pub fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = id.trim();
+    (!id.is_empty()).then(|| id.to_string())
+}
+
 pub fn run_tool(tool: &str, args: &[&str]) -> Result<String, SysError> {
     let out = Command::new(tool).args(args).output().map_err(|e| SysError::Tool {
         tool: tool.to_string(),
