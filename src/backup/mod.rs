@@ -582,11 +582,12 @@ pub(crate) fn data_node<S: rustic_core::IndexedFull>(
 /// The most a data blob may decompress to: restic's and rustic's chunks are at most 8 MiB,
 /// cellar's image chunks 512 KiB.
 pub const MAX_DATA_BLOB_BYTES: u32 = 16 << 20;
-/// The most a tree blob may decompress to, past [`TREE_EXPANSION_RATIO`] times its stored size.
-pub const MAX_TREE_BLOB_BYTES: u32 = 64 << 20;
-/// How many times its stored size a tree blob may decompress to, past [`MAX_TREE_BLOB_BYTES`]:
-/// a directory's JSON compresses a few times, never a thousand.
-pub const TREE_EXPANSION_RATIO: u64 = 16;
+/// The most a tree blob may decompress to, whatever its stored size: a directory's JSON is about
+/// 300 bytes an entry, so this holds some 1.8 million entries in one directory. No ratio to its
+/// stored size bounds an honest tree: the entries of a directory of empty files differ in a few
+/// bytes each, and zstd stores 300,000 of them (82 MiB) in 4 MiB, 20 times less
+/// (`a_large_honest_tree_restores`).
+pub const MAX_TREE_BLOB_BYTES: u32 = 512 << 20;
 
 /// Reads blobs from their packs itself, for a restore. rustic decompresses a compressed blob whole
 /// (`zstd::decode_all`) before it compares the length with the one the index gives, so one
@@ -657,7 +658,7 @@ impl BlobReader {
         };
         let bound = match tpe {
             BlobType::Data => u64::from(MAX_DATA_BLOB_BYTES),
-            BlobType::Tree => u64::from(MAX_TREE_BLOB_BYTES).max(TREE_EXPANSION_RATIO * u64::from(loc.length)),
+            BlobType::Tree => u64::from(MAX_TREE_BLOB_BYTES),
         };
         if u64::from(claimed.get()) > bound {
             return Err(lost(format!(

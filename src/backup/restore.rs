@@ -727,3 +727,32 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod honest_trees {
+    use super::*;
+
+    /// A directory of many empty files, backed up by cellar's own upload (rustic writes the tree):
+    /// its one tree blob is some 80 MiB of JSON that zstd stores in about 4 MiB. The restore must
+    /// read it back: an honest writer made it.
+    #[test]
+    fn a_large_honest_tree_restores() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backups, name) = crate::backup::testing::backups(dir.path());
+        backups.open_or_init(&name, true).unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let count = 300_000;
+        for i in 0..count {
+            std::fs::File::create(data.join(format!("img_{i:07}.jpg"))).unwrap();
+        }
+        let id = crate::backup::testing::upload_dir(&backups, &name, "aaaa-0001", "snap-big", &data);
+        let files = frames(&backups, &id, Layout::Dir)
+            .and_then(|f| f.collect::<Result<Vec<Frame>, _>>())
+            .unwrap_or_else(|e| panic!("the restore of an honest backup fails: {e}"))
+            .into_iter()
+            .filter(|f| matches!(f, Frame::File { .. }))
+            .count();
+        assert_eq!(files, count);
+    }
+}
