@@ -471,16 +471,17 @@ impl NodeService {
     /// Refuses to undo a stage or publish at `path` when it now resolves elsewhere than `real`,
     /// where it resolved when it was made (a directory on the way replaced by a symlink since):
     /// umount2 and rmdir follow such links, and would unmount another mount of the same name
-    /// while ours stayed, forgotten. A path that is gone, a record of an earlier boot (none of its
-    /// mounts is left) or of an earlier release (no `real`) is not checked.
+    /// while ours stayed, forgotten. The path's directory is resolved, not the path (a mountpoint,
+    /// perhaps of a share that is gone: ENOTCONN). A path whose directory is gone, a record of an
+    /// earlier boot (none of its mounts is left) or of an earlier release (no `real`) is not
+    /// checked.
     fn still_leads_to(&self, path: &Path, real: Option<&state::Resolved>, volume_id: &str) -> Result<(), NodeError> {
         let Some(real) = real.filter(|r| r.this_boot()) else {
             return Ok(());
         };
-        if self.files.entry(path)? == Entry::Missing {
-            return Ok(());
-        }
-        let now = self.files.resolve(path)?;
+        let Some(now) = state::Resolved::of(&*self.files, path)? else {
+            return Ok(()); // its directory is gone: nothing can be mounted there
+        };
         if now == real.path {
             return Ok(());
         }

@@ -52,12 +52,25 @@ pub struct Resolved {
 }
 
 impl Resolved {
-    /// `path` as it resolves now, in this boot.
+    /// `path` as it resolves now, in this boot: its parent resolved, its own name kept (the path
+    /// is a mountpoint, which may be a dead share's that cannot be looked at; what is swapped for
+    /// a symlink is a directory on the way to it).
     pub fn now(files: &dyn Files, path: &Path) -> Option<Resolved> {
         Some(Resolved {
-            path: files.resolve(path).ok()?,
+            path: Resolved::of(files, path).ok()??,
             boot: crate::sys::boot_id(),
         })
+    }
+
+    /// `path` with its parent resolved; `None` when it has no parent or the parent is gone.
+    pub fn of(files: &dyn Files, path: &Path) -> Result<Option<PathBuf>, SysError> {
+        let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+            return Ok(None);
+        };
+        if files.entry(parent)? == crate::sys::files::Entry::Missing {
+            return Ok(None);
+        }
+        Ok(Some(files.resolve(parent)?.join(name)))
     }
 
     /// Whether it was resolved in this boot (a record of another boot, or of an unknown one,
