@@ -1304,7 +1304,7 @@ pub struct Verified {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pruned {
     /// Packs found unused now, and so marked (removed by a later prune, once `keep_delete` has
-    /// passed) unless their time is ahead of this process's clock.
+    /// passed) unless written less than `keep_delete` ago (an upload under way may use them).
     pub packs_marked: u64,
     /// Packs removed now.
     pub packs_removed: u64,
@@ -1352,7 +1352,11 @@ impl Backups {
     pub fn prune(&self, name: &PoolName, keep_delete: std::time::Duration) -> Result<Pruned, StorageError> {
         let cfg = self.config(name)?;
         let span = rustic_core::jiff::Span::new().seconds(keep_delete.as_secs() as i64);
-        let opts = rustic_core::PruneOptions::default().keep_delete(span);
+        // Packs younger than `keep_delete` are not marked either: an upload running meanwhile on
+        // another node has indexed packs its snapshot does not name yet, and a marked blob is in
+        // no index its check reads (it would start over, and one longer than the prune interval
+        // would never end).
+        let opts = rustic_core::PruneOptions::default().keep_delete(span).keep_pack(span);
         if let Err(e) = self.clear_deleted_marks(None, name) {
             tracing::warn!(repository = name.as_str(), error = %e, "old deletion marks not removed; the next prune tries again");
         }
@@ -2260,6 +2264,40 @@ mod tests {
             .unwrap();
         assert_eq!(plan.stats.blobs_sum().remove, 0, "nothing an upload wrote is marked");
         assert!(plan.repack_packs().is_empty(), "nothing is repacked");
+    }
+
+    /// A prune while an upload runs on another node must not mark what that upload has written
+    /// so far (its packs are indexed, its snapshot not written yet): a marked blob is in no index
+    /// the upload's check reads, so the upload is forgotten and made again, and one that takes
+    /// longer than the prune interval never becomes ready (each prune marks what it wrote).
+    #[test]
+    fn a_prune_marks_nothing_an_upload_in_flight_wrote() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = testing::backups(dir.path());
+        let repo = b.open_or_init(&name, true).unwrap();
+        // A backup forgotten: the prune has work to do.
+        let data_dir = testing::data_dir(dir.path(), b"old data");
+        let old = testing::upload_dir(&b, &name, "1111-aaaa", "old", &data_dir);
+        b.forget(&old).unwrap();
+        // An upload in flight: chunks and a tree indexed, the snapshot naming them not written yet.
+        let be = b.write_backend(&name, None).unwrap();
+        let chunk = vec![7u8; 70_000];
+        image::store(
+            be,
+            &repo.key(),
+            std::slice::from_ref(&chunk),
+            &[rustic_core::repofile::Tree::default()],
+        )
+        .unwrap_or_else(|e| panic!("store: {}", e.text));
+        let pruned = b.prune(&name, std::time::Duration::from_secs(3600)).unwrap();
+        assert!(pruned.packs_marked > 0, "the prune found unused packs: {pruned:?}");
+        let blob = rustic_core::DataId::from(rustic_core::Id::new(sha2::Sha256::digest(&chunk).into()));
+        let indexed = b.open(&name).unwrap().to_indexed().unwrap();
+        assert!(
+            indexed.get_index_entry(&blob).is_ok(),
+            "the in-flight upload's chunk was marked by the prune: its check fails and it starts over"
+        );
     }
 
     /// The S3 backend's "not found" is recognised as the local one is; other failures are not
