@@ -2175,13 +2175,16 @@ mod tests {
         let old = BackupId::new(name.clone(), "1111-aaaa").unwrap();
         upload::upload(&b, &old, &testing::dir_meta("old"), &data, None, &Default::default()).unwrap();
         b.forget(&old).unwrap();
-        // The prune lists no backup, so every pack is unused; it waits before it writes.
+        // The prune lists no backup, so every pack is unused; it waits before it writes. It marks
+        // only packs older than its keep-delete (younger ones may be an upload's under way): the
+        // old backup's are made older than that first.
+        std::thread::sleep(std::time::Duration::from_secs(3));
         let pause = std::sync::Arc::new(in_thread::Pause::default());
         let pruning = {
             let (b, name, pause) = (b.clone(), name.clone(), pause.clone());
             std::thread::spawn(move || {
                 in_thread::pause_at(Some(("backup:prune-planned", pause)));
-                b.prune(&name, std::time::Duration::from_secs(3600))
+                b.prune(&name, std::time::Duration::from_secs(2))
             })
         };
         assert!(pause.reached(std::time::Duration::from_secs(60)), "the prune planned");
@@ -2213,6 +2216,10 @@ mod tests {
                 bytes.len()
             );
         };
+        assert!(
+            pruned.packs_recovered > 0,
+            "the prune marked a pack the new backup uses, then brought it back: {pruned:?}"
+        );
         restored("right after the prune");
         // Later prunes, even with nothing kept marked, leave it whole.
         b.prune(&name, std::time::Duration::ZERO).unwrap();
