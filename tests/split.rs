@@ -1447,6 +1447,30 @@ async fn one_range_a_message(c: &Cluster, snapshot_id: &str) -> tonic::Streaming
         .into_inner()
 }
 
+/// A one-node cluster with an image volume `frag` of `bytes` whose every other 4 KiB block is
+/// written: a changed block answer of `bytes / 8192` ranges.
+async fn fragmented_image(bytes: i64) -> (Cluster, ControllerClient<Channel>, Volume) {
+    let c = Cluster::start(Spec {
+        pools: vec![None],
+        layouts: Some("dir, image"),
+        ..Spec::default()
+    })
+    .await;
+    let mut ctl = c.ctl().await;
+    let src = made(&mut ctl, image(wffc("frag", bytes, "node-1", &["node-1"]))).await;
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(c.pool_dir(0).join("volumes/frag"))
+        .expect("open image");
+    let block = [7u8; 4096];
+    for i in 0..(bytes as u64 / 8192) {
+        f.write_all_at(&block, i * 8192).expect("write image");
+    }
+    f.sync_all().expect("fsync");
+    (c, ctl, src)
+}
+
 /// A backup tool that holds its changed block answer open without reading it (hung, or slow: it
 /// reads each range's data before it takes the next message) must cost nobody else anything. The
 /// node sent one small message a batch, and the controller's HTTP/2 client, holding thousands
@@ -1457,27 +1481,8 @@ async fn one_range_a_message(c: &Cluster, snapshot_id: &str) -> tonic::Streaming
 async fn an_unread_metadata_answer_breaks_no_other_call_to_the_node() {
     const BYTES: i64 = 256 * MIB;
     const RANGES: usize = (BYTES / 8192) as usize;
-    let c = Cluster::start(Spec {
-        pools: vec![None],
-        layouts: Some("dir, image"),
-        ..Spec::default()
-    })
-    .await;
-    let mut ctl = c.ctl().await;
-    let src = made(&mut ctl, image(wffc("frag", BYTES, "node-1", &["node-1"]))).await;
-    {
-        // Every other 4 KiB block: 32768 ranges.
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(c.pool_dir(0).join("volumes/frag"))
-            .expect("open image");
-        let block = [7u8; 4096];
-        for i in 0..RANGES as u64 {
-            f.write_all_at(&block, i * 8192).expect("write image");
-        }
-        f.sync_all().expect("fsync");
-    }
+    // Every other 4 KiB block: 32768 ranges.
+    let (c, mut ctl, src) = fragmented_image(BYTES).await;
     let snap = snapshot(&mut ctl, "snap-frag", &src.volume_id).await.snapshot_id;
 
     // A client that reads its answer to the end, steadily, for several seconds.
@@ -1515,27 +1520,8 @@ async fn an_unread_metadata_answer_breaks_no_other_call_to_the_node() {
 #[tokio::test]
 async fn unread_metadata_answers_do_not_stall_the_controllers_other_calls_to_the_node() {
     const BYTES: i64 = 2048 * MIB;
-    let c = Cluster::start(Spec {
-        pools: vec![None],
-        layouts: Some("dir, image"),
-        ..Spec::default()
-    })
-    .await;
-    let mut ctl = c.ctl().await;
-    let src = made(&mut ctl, image(wffc("frag", BYTES, "node-1", &["node-1"]))).await;
-    {
-        // Every other 4 KiB block: 262144 ranges, about 3 MiB of answer.
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(c.pool_dir(0).join("volumes/frag"))
-            .expect("open image");
-        let block = [7u8; 4096];
-        for i in 0..(BYTES as u64 / 8192) {
-            f.write_all_at(&block, i * 8192).expect("write image");
-        }
-        f.sync_all().expect("fsync");
-    }
+    // Every other 4 KiB block: 262144 ranges, about 3 MiB of answer.
+    let (c, mut ctl, src) = fragmented_image(BYTES).await;
     let snap = snapshot(&mut ctl, "snap-frag", &src.volume_id).await.snapshot_id;
     let mut held = Vec::new();
     for _ in 0..4 {
