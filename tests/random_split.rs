@@ -1,4 +1,5 @@
-//! The randomized tester of split mode: seeded, reproducible sequences of controller calls on a
+//! The randomized tester of split mode: seeded, reproducible sequences of controller calls (group
+//! snapshots included) and of kubelet's stage and publish, on `dir` and `image` volumes, on a
 //! real `cellar controller` and two or three real `cellar node` agents over mutual TLS (the one
 //! multi-node launcher, `common::cluster`), with node agents killed and started again and the
 //! controller restarted (a new process with an empty registry, the same certificates) between
@@ -6,7 +7,9 @@
 //! naming an object on a node that is down, or that the restarted controller has not heard of,
 //! answers UNAVAILABLE naming that node, never OK or NOT_FOUND (docs/design.md, invariant 1);
 //! ListVolumes never drops a volume of a node it has listed and never reports one that is
-//! gone; every call on objects of live nodes converges; and nothing is left behind. A failure
+//! gone; a published volume is never deleted (the same invariant); the mounts and loop
+//! devices are exactly the published volumes'; every call on objects of live nodes converges; and
+//! nothing is left behind. A failure
 //! prints `seed N failed at step K` with the step log and a one-line command that reruns it
 //! (docs/design.md, "Randomized crash tester", "Split mode").
 
@@ -18,6 +21,7 @@ use std::time::Duration;
 
 use cellar::crash::Rng;
 use cellar::csi::v1::controller_client::ControllerClient;
+use cellar::csi::v1::group_controller_client::GroupControllerClient;
 use cellar::csi::v1::*;
 use common::cluster::{wffc, Cluster, Spec};
 use common::*;
@@ -43,8 +47,12 @@ struct Vol {
     id: String,
     node: usize,
     bytes: i64,
-    /// What the volume's marker file holds.
+    /// What the volume's marker file holds ("": none yet, for an image volume).
     marker: String,
+    /// An `image` volume (an ext4 filesystem in a file), else `dir`.
+    image: bool,
+    /// Staged and published on its node (at [`Run::staging`] and [`Run::target`]).
+    mounted: bool,
 }
 
 struct Snap {
@@ -52,7 +60,18 @@ struct Snap {
     node: usize,
     bytes: i64,
     marker: String,
+    image: bool,
     source_id: String,
+    /// The group snapshot it is a member of.
+    group: Option<String>,
+}
+
+struct Group {
+    id: String,
+    /// The node of its record (its first member's, by volume id).
+    home: usize,
+    /// Its members' names (snapshots of the model).
+    members: Vec<String>,
 }
 
 /// A CreateVolume refused while a node it needs was down, which the provisioner retries: the
@@ -68,6 +87,7 @@ struct Model {
     vols: BTreeMap<String, Vol>,
     snaps: BTreeMap<String, Snap>,
     pending: BTreeMap<String, Pending>,
+    groups: BTreeMap<String, Group>,
 }
 
 #[derive(Debug)]
@@ -78,6 +98,23 @@ enum Call {
     DeleteSnapshot(String),
     Expand { id: String, bytes: i64 },
     Get(String),
+    Group { name: String, sources: Vec<String> },
+    DeleteGroup(String),
+}
+
+/// The controller's Controller and GroupController services.
+struct Api {
+    ctl: ControllerClient<Channel>,
+    groups: GroupControllerClient<Channel>,
+}
+
+impl Api {
+    async fn connect(c: &Cluster) -> Api {
+        Api {
+            ctl: c.ctl().await,
+            groups: GroupControllerClient::new(c.channel("controller.sock").await),
+        }
+    }
 }
 
 enum Answer {
@@ -85,11 +122,13 @@ enum Answer {
     Snapshot(Snapshot),
     Expanded(i64),
     Got(Box<ControllerGetVolumeResponse>),
+    Group(VolumeGroupSnapshot),
     Done,
 }
 
 impl Call {
-    async fn send(&self, ctl: &mut ControllerClient<Channel>) -> Result<Answer, tonic::Status> {
+    async fn send(&self, api: &mut Api) -> Result<Answer, tonic::Status> {
+        let ctl = &mut api.ctl;
         Ok(match self {
             Call::Create(r) => Answer::Volume(
                 ctl.create_volume(*r.clone())
@@ -143,6 +182,28 @@ impl Call {
                     .await?
                     .into_inner(),
             )),
+            Call::Group { name, sources } => Answer::Group(
+                api.groups
+                    .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
+                        name: name.clone(),
+                        source_volume_ids: sources.clone(),
+                        parameters: [("consistency".to_string(), "per-volume".to_string())].into(),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner()
+                    .group_snapshot
+                    .expect("group_snapshot"),
+            ),
+            Call::DeleteGroup(id) => {
+                api.groups
+                    .delete_volume_group_snapshot(DeleteVolumeGroupSnapshotRequest {
+                        group_snapshot_id: id.clone(),
+                        ..Default::default()
+                    })
+                    .await?;
+                Answer::Done
+            }
         })
     }
 }
@@ -152,7 +213,7 @@ type Checked = Result<(), String>;
 struct Run {
     rng: Rng,
     c: Cluster,
-    ctl: ControllerClient<Channel>,
+    api: Api,
     names: Vec<String>,
     up: Vec<bool>,
     /// Whether the running controller has listed the node (ListVolumes while it answered): from
@@ -172,15 +233,16 @@ impl Run {
         let nodes = 2 + (seed % 2) as usize;
         let c = Cluster::start(Spec {
             controller_args: vec!["--heartbeat-interval".into(), format!("{}ms", HEARTBEAT.as_millis())],
+            layouts: Some("dir, image"),
             ..Spec::nodes(vec![None; nodes])
         })
         .await;
-        let ctl = c.ctl().await;
+        let api = Api::connect(&c).await;
         Run {
             rng: Rng(seed),
             names: c.nodes.iter().map(|n| n.0.clone()).collect(),
             c,
-            ctl,
+            api,
             up: vec![true; nodes],
             listed: vec![false; nodes],
             model: Model::default(),
@@ -210,7 +272,7 @@ impl Run {
     async fn converge(&mut self, call: &Call) -> Result<Answer, String> {
         let mut last = None;
         for attempt in 0..ATTEMPTS {
-            match call.send(&mut self.ctl).await {
+            match call.send(&mut self.api).await {
                 Ok(a) => {
                     if attempt > 0 {
                         self.retries += 1;
@@ -235,7 +297,7 @@ impl Run {
     /// does not offer).
     async fn refused(&mut self, call: &Call, down: &[usize]) -> Checked {
         let names: Vec<&str> = down.iter().map(|&i| self.names[i].as_str()).collect();
-        match call.send(&mut self.ctl).await {
+        match call.send(&mut self.api).await {
             Ok(_) => Err(format!("{call:?} answered OK while {names:?} is down")),
             Err(s) => {
                 let create = matches!(call, Call::Create(_));
@@ -272,7 +334,15 @@ impl Run {
             ops.extend(["create"; 4]);
         }
         if vols > 0 {
-            ops.extend(["snapshot", "snapshot", "delete-volume", "expand", "write", "get"]);
+            ops.extend([
+                "snapshot",
+                "snapshot",
+                "group",
+                "delete-volume",
+                "expand",
+                "write",
+                "get",
+            ]);
             if vols >= MAX_VOLUMES {
                 ops.extend(["delete-volume"; 3]);
             }
@@ -285,6 +355,15 @@ impl Run {
         }
         if !self.model.pending.is_empty() {
             ops.extend(["retry", "retry"]);
+        }
+        if !self.model.groups.is_empty() {
+            ops.push("delete-group");
+        }
+        if self.model.vols.values().any(|v| self.up[v.node] && !v.mounted) {
+            ops.extend(["publish", "publish"]);
+        }
+        if self.model.vols.values().any(|v| self.up[v.node] && v.mounted) {
+            ops.push("unpublish");
         }
         if self.up.iter().any(|u| *u) {
             ops.extend(["down", "down"]);
@@ -299,8 +378,15 @@ impl Run {
                 let node = self.rng.below(n);
                 let name = self.fresh("vol");
                 let bytes = (1 + self.rng.below(4) as i64) * 16 * MIB;
-                let req = wffc(&name, bytes, &self.names[node], &self.all());
-                self.note(format!("{k}: create {name} ({} MiB) on {}", bytes / MIB, self.at(node)));
+                let image = self.rng.chance(33);
+                let mut req = wffc(&name, bytes, &self.names[node], &self.all());
+                req.parameters = layout(image);
+                self.note(format!(
+                    "{k}: create {name} ({} MiB{}) on {}",
+                    bytes / MIB,
+                    if image { ", image" } else { "" },
+                    self.at(node)
+                ));
                 self.create(req, node, None).await
             }
             "restore" => {
@@ -310,6 +396,7 @@ impl Run {
                 let s = &self.model.snaps[&snap];
                 let bytes = s.bytes + self.rng.below(2) as i64 * 16 * MIB;
                 let mut req = wffc(&name, bytes, &self.names[node], &self.all());
+                req.parameters = layout(s.image);
                 req.volume_content_source = Some(VolumeContentSource {
                     r#type: Some(from_snapshot(&s.id)),
                 });
@@ -358,11 +445,39 @@ impl Run {
                         node,
                         bytes: v.bytes,
                         marker: v.marker.clone(),
+                        image: v.image,
                         source_id: source,
+                        group: None,
                     };
                     self.model.snaps.insert(name, snap);
                 }
                 Ok(())
+            }
+            "group" => {
+                let mut names: Vec<String> = self.model.vols.keys().cloned().collect();
+                let size = 1 + self.rng.below(names.len().min(3));
+                let mut picked = Vec::new();
+                for _ in 0..size {
+                    let i = self.rng.below(names.len());
+                    picked.push(names.remove(i));
+                }
+                let name = self.fresh("grp");
+                self.note(format!(
+                    "{k}: group snapshot {name} of {}",
+                    picked
+                        .iter()
+                        .map(|v| format!("{v} on {}", self.at(self.model.vols[v].node)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+                self.group(name, picked).await
+            }
+            "delete-group" => {
+                let name = self
+                    .rng
+                    .pick(&self.model.groups.keys().cloned().collect::<Vec<_>>())
+                    .clone();
+                self.delete_group(k.to_string(), &name).await
             }
             "delete-volume" | "delete-snapshot" => {
                 let volume = op == "delete-volume";
@@ -383,6 +498,23 @@ impl Run {
                 }
                 Ok(())
             }
+            "publish" | "unpublish" => {
+                let publish = op == "publish";
+                let names: Vec<String> = self
+                    .model
+                    .vols
+                    .iter()
+                    .filter(|(_, v)| self.up[v.node] && v.mounted != publish)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                let vol = self.rng.pick(&names).clone();
+                self.note(format!("{k}: {op} {vol} on {}", self.at(self.model.vols[&vol].node)));
+                if publish {
+                    self.publish(&vol).await
+                } else {
+                    self.unpublish(&vol).await
+                }
+            }
             "get" => {
                 let vol = self.pick_vol();
                 self.note(format!("{k}: get {vol}"));
@@ -391,12 +523,30 @@ impl Run {
             "write" => {
                 // The pod writes a new marker (its node's disk is there whether the agent runs
                 // or not): snapshots from now on hold it, earlier ones the old one.
-                let vol = self.pick_vol();
+                let names: Vec<String> = self
+                    .model
+                    .vols
+                    .iter()
+                    .filter(|(_, v)| v.mounted || !v.image)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                if names.is_empty() {
+                    return Ok(());
+                }
+                let vol = self.rng.pick(&names).clone();
                 let marker = format!("{vol} at step {k}");
                 let v = &self.model.vols[&vol];
-                let path = self.c.pool_dir(v.node).join("volumes").join(&vol).join(MARKER);
-                self.note(format!("{k}: write {vol}'s marker"));
-                std::fs::write(&path, &marker).map_err(|e| format!("write {}: {e}", path.display()))?;
+                // Through the pod's mount when it is published, so that the mount is its data.
+                let path = if v.mounted {
+                    self.target(&vol).join(MARKER)
+                } else {
+                    self.c.pool_dir(v.node).join("volumes").join(&vol).join(MARKER)
+                };
+                self.note(format!(
+                    "{k}: write {vol}'s marker{}",
+                    if v.mounted { " through its mount" } else { "" }
+                ));
+                write_synced(&path, &marker)?;
                 self.model.vols.get_mut(&vol).expect("vol").marker = marker;
                 Ok(())
             }
@@ -444,6 +594,16 @@ impl Run {
         } else {
             Call::DeleteSnapshot(id)
         };
+        if volume && self.model.vols[name].mounted && self.up[node] {
+            // Data mounted into a pod is never deleted: its node refuses, naming where.
+            return self
+                .converge_to(&call, Code::FailedPrecondition, "a published volume")
+                .await;
+        }
+        if !volume && self.model.snaps[name].group.is_some() && self.up[node] {
+            // A group's member goes with its group only.
+            return self.converge_to(&call, Code::InvalidArgument, "a group's member").await;
+        }
         if self.call_on(call, &[node]).await?.is_some() {
             if volume {
                 self.model.vols.remove(name);
@@ -452,6 +612,242 @@ impl Run {
             }
         }
         Ok(())
+    }
+
+    /// Sends `call` on live nodes until it answers other than UNAVAILABLE, ABORTED or
+    /// RESOURCE_EXHAUSTED, and wants `want` (a refusal of `what`).
+    async fn converge_to(&mut self, call: &Call, want: Code, what: &str) -> Checked {
+        for _ in 0..ATTEMPTS {
+            match call.send(&mut self.api).await {
+                Err(s) if s.code() == want => {
+                    self.note(format!("   refused: {}", first_line(s.message())));
+                    return Ok(());
+                }
+                Err(s) if matches!(s.code(), Code::Unavailable | Code::Aborted | Code::ResourceExhausted) => {
+                    tokio::time::sleep(HEARTBEAT).await;
+                }
+                other => {
+                    return Err(format!(
+                        "{call:?} of {what}: want {want:?}, got {:?}",
+                        other.map(|_| ())
+                    ))
+                }
+            }
+        }
+        Err(format!("{call:?} of {what} did not converge"))
+    }
+
+    /// CreateVolumeGroupSnapshot `name` of the volumes `vols` (per-volume consistency, as `dir`
+    /// volumes need): cut when all their nodes are up, each member a snapshot of its volume on
+    /// its node, the group recorded on the node of its first member by volume id; refused naming a
+    /// node that is down otherwise, leaving nothing (the name is then given up, as if the
+    /// VolumeGroupSnapshot were deleted).
+    async fn group(&mut self, name: String, vols: Vec<String>) -> Checked {
+        let mut by_id: Vec<(String, String)> = vols
+            .iter()
+            .map(|v| (self.model.vols[v].id.clone(), v.clone()))
+            .collect();
+        by_id.sort();
+        let nodes: Vec<usize> = vols.iter().map(|v| self.model.vols[v].node).collect();
+        let call = Call::Group {
+            name: name.clone(),
+            sources: by_id.iter().map(|(id, _)| id.clone()).collect(),
+        };
+        let Some(Answer::Group(g)) = self.call_on(call, &nodes).await? else {
+            return Ok(());
+        };
+        let home = self.model.vols[&by_id[0].1].node;
+        let want = format!("group:local:{}:{POOL}:{name}", self.names[home]);
+        if g.group_snapshot_id != want || !g.ready_to_use || g.snapshots.len() != vols.len() {
+            return Err(format!(
+                "CreateVolumeGroupSnapshot answered {} ready {} with {} members; want {want}, ready, {} members",
+                g.group_snapshot_id,
+                g.ready_to_use,
+                g.snapshots.len(),
+                vols.len()
+            ));
+        }
+        let mut members = Vec::new();
+        for s in g.snapshots {
+            let Some((_, vol)) = by_id.iter().find(|(id, _)| *id == s.source_volume_id) else {
+                return Err(format!(
+                    "group {name} holds {} of {}, not a member's",
+                    s.snapshot_id, s.source_volume_id
+                ));
+            };
+            let v = &self.model.vols[vol];
+            let prefix = format!("snap:local:{}:{POOL}:", self.names[v.node]);
+            let Some(member) = s.snapshot_id.strip_prefix(&prefix) else {
+                return Err(format!(
+                    "{vol}'s member {} is not on its node ({prefix}…)",
+                    s.snapshot_id
+                ));
+            };
+            if s.group_snapshot_id != want || !s.ready_to_use {
+                return Err(format!(
+                    "member {} names group {:?}, ready {}",
+                    s.snapshot_id, s.group_snapshot_id, s.ready_to_use
+                ));
+            }
+            let snap = Snap {
+                id: s.snapshot_id.clone(),
+                node: v.node,
+                bytes: v.bytes,
+                marker: v.marker.clone(),
+                image: v.image,
+                source_id: s.source_volume_id,
+                group: Some(name.clone()),
+            };
+            members.push(member.to_string());
+            self.model.snaps.insert(member.to_string(), snap);
+        }
+        self.model.groups.insert(
+            name,
+            Group {
+                id: want,
+                home,
+                members,
+            },
+        );
+        Ok(())
+    }
+
+    /// DeleteVolumeGroupSnapshot of a modelled group: with every node it spans up, the group and
+    /// its members go; otherwise refused naming a node that is down, and only members on other
+    /// nodes than the group's record may have gone (docs/group-snapshots.md).
+    async fn delete_group(&mut self, k: String, name: &str) -> Checked {
+        let g = &self.model.groups[name];
+        let (id, home) = (g.id.clone(), g.home);
+        let mut nodes = vec![home];
+        nodes.extend(g.members.iter().map(|m| self.model.snaps[m].node));
+        self.note(format!("{k}: delete group {name} (recorded on {})", self.at(home)));
+        let deleted = self.call_on(Call::DeleteGroup(id), &nodes).await?.is_some();
+        let g = &self.model.groups[name];
+        let mut kept = Vec::new();
+        for m in g.members.clone() {
+            let s = &self.model.snaps[&m];
+            let on_disk = self.c.pool_dir(s.node).join("snapshots").join(&m).exists();
+            if deleted || (!on_disk && s.node != home) {
+                self.model.snaps.remove(&m);
+            } else {
+                kept.push(m);
+            }
+        }
+        if deleted {
+            self.model.groups.remove(name);
+        } else {
+            self.note(format!("   members kept: {kept:?}"));
+            self.model.groups.get_mut(name).expect("group").members = kept;
+        }
+        Ok(())
+    }
+
+    fn staging(&self, vol: &str) -> std::path::PathBuf {
+        self.c.dir.path().join("kubelet").join(vol).join("staging")
+    }
+
+    fn target(&self, vol: &str) -> std::path::PathBuf {
+        self.c.dir.path().join("kubelet").join(vol).join("target")
+    }
+
+    /// NodeStageVolume and NodePublishVolume of `vol` on its (live) node, as kubelet does for a
+    /// pod; both must answer OK, and the pod then sees the volume's marker.
+    async fn publish(&mut self, vol: &str) -> Checked {
+        let (id, node) = (self.model.vols[vol].id.clone(), self.model.vols[vol].node);
+        let (staging, target) = (self.staging(vol), self.target(vol));
+        std::fs::create_dir_all(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+        let mut n = self.c.node(node).await;
+        stage_rwo(&mut n, &id, &staging)
+            .await
+            .map_err(|s| format!("NodeStageVolume of {vol}: {:?} {}", s.code(), s.message()))?;
+        n.node_publish_volume(NodePublishVolumeRequest {
+            volume_id: id,
+            staging_target_path: staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(rwo()),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| format!("NodePublishVolume of {vol}: {:?} {}", s.code(), s.message()))?;
+        self.model.vols.get_mut(vol).expect("vol").mounted = true;
+        Ok(())
+    }
+
+    /// NodeUnpublishVolume and NodeUnstageVolume of `vol` on its (live) node: both answer OK.
+    async fn unpublish(&mut self, vol: &str) -> Checked {
+        let (id, node) = (self.model.vols[vol].id.clone(), self.model.vols[vol].node);
+        let (staging, target) = (self.staging(vol), self.target(vol));
+        let mut n = self.c.node(node).await;
+        n.node_unpublish_volume(NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target.display().to_string(),
+        })
+        .await
+        .map_err(|s| format!("NodeUnpublishVolume of {vol}: {:?} {}", s.code(), s.message()))?;
+        unstage_from(&mut n, &id, &staging)
+            .await
+            .map_err(|s| format!("NodeUnstageVolume of {vol}: {:?} {}", s.code(), s.message()))?;
+        self.model.vols.get_mut(vol).expect("vol").mounted = false;
+        Ok(())
+    }
+
+    /// The mounts under the cluster's directory are exactly the staging and target mounts of the
+    /// published volumes, and each shows its volume's marker (whether its node's agent runs or not).
+    fn check_mounts(&self) -> Checked {
+        let mut want: Vec<std::path::PathBuf> = Vec::new();
+        for (name, v) in self.model.vols.iter().filter(|(_, v)| v.mounted) {
+            for at in [self.staging(name), self.target(name)] {
+                let got = read_marker(&at)?;
+                if got != v.marker {
+                    return Err(format!(
+                        "{name} mounted at {} shows {got:?}, want {:?}",
+                        at.display(),
+                        v.marker
+                    ));
+                }
+                want.push(at);
+            }
+        }
+        want.sort();
+        let mut got = mounts_under(self.c.dir.path());
+        got.sort();
+        if got != want {
+            return Err(format!("mounted: {got:?}; the published volumes' mounts are {want:?}"));
+        }
+        let mut loops = loop_files_under(self.c.dir.path());
+        loops.sort();
+        let mut want: Vec<std::path::PathBuf> = self
+            .model
+            .vols
+            .iter()
+            .filter(|(_, v)| v.mounted && v.image)
+            .map(|(n, v)| self.c.pool_dir(v.node).join("volumes").join(n))
+            .collect();
+        want.sort();
+        if loops != want {
+            return Err(format!(
+                "loop devices over {loops:?}; the published image volumes are {want:?}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The marker of the image volume `id` on (live) `node`, read through a stage of its own.
+    async fn peek(&mut self, id: &str, node: usize, vol: &str) -> Result<String, String> {
+        let staging = self.c.dir.path().join("kubelet").join(vol).join("peek");
+        let mut n = self.c.node(node).await;
+        stage_rwo(&mut n, id, &staging)
+            .await
+            .map_err(|s| format!("NodeStageVolume of {vol} to read it: {:?} {}", s.code(), s.message()))?;
+        let got = read_marker(&staging);
+        unstage_from(&mut n, id, &staging).await.map_err(|s| {
+            format!(
+                "NodeUnstageVolume of {vol} after reading it: {:?} {}",
+                s.code(),
+                s.message()
+            )
+        })?;
+        got
     }
 
     fn all(&self) -> Vec<&str> {
@@ -473,7 +869,7 @@ impl Run {
     async fn restart_controller(&mut self, settle: bool) {
         self.c.kill_controller();
         self.c.start_controller();
-        self.ctl = self.c.ctl().await;
+        self.api = Api::connect(&self.c).await;
         self.listed = vec![false; self.names.len()];
         for i in 0..self.names.len() {
             if self.up[i] {
@@ -495,7 +891,7 @@ impl Run {
         if let Some((snap, at)) = &source {
             if !self.model.snaps.contains_key(snap) {
                 // The VolumeSnapshot was deleted while the create was pending.
-                let r = Call::Create(Box::new(req)).send(&mut self.ctl).await;
+                let r = Call::Create(Box::new(req)).send(&mut self.api).await;
                 let down: Vec<&str> = nodes
                     .iter()
                     .filter(|&&i| !self.up[i])
@@ -530,7 +926,9 @@ impl Run {
                     ));
                 }
                 let data = self.c.pool_dir(node).join("volumes").join(&name);
+                let image = req.parameters.get("layout").is_some_and(|l| l == "image");
                 let marker = match &source {
+                    None if image => String::new(),
                     None => {
                         let marker = format!("{name} as made");
                         std::fs::write(data.join(MARKER), &marker).map_err(|e| format!("write marker: {e}"))?;
@@ -538,7 +936,11 @@ impl Run {
                     }
                     Some((snap, _)) => {
                         let marker = self.model.snaps[snap].marker.clone();
-                        let got = read_marker(&data)?;
+                        let got = if image {
+                            self.peek(&v.volume_id, node, &name).await?
+                        } else {
+                            read_marker(&data)?
+                        };
                         if got != marker {
                             return Err(format!("{name} restored from {snap} holds {got:?}, want {marker:?}"));
                         }
@@ -550,6 +952,8 @@ impl Run {
                     node,
                     bytes: v.capacity_bytes,
                     marker,
+                    image,
+                    mounted: false,
                 };
                 self.model.vols.insert(name, vol);
             }
@@ -581,7 +985,7 @@ impl Run {
             }
             return Ok(());
         }
-        match Call::Get(id.clone()).send(&mut self.ctl).await {
+        match Call::Get(id.clone()).send(&mut self.api).await {
             Ok(Answer::Got(got)) => {
                 let cond = got.status.and_then(|s| s.volume_condition);
                 match cond {
@@ -602,6 +1006,7 @@ impl Run {
     /// Every check, after every step.
     async fn check(&mut self) -> Checked {
         self.check_disks()?;
+        self.check_mounts()?;
         // A live node's object left out of a listing, or listed abnormal, may be a heartbeat
         // missed under load: listed again (at most ATTEMPTS times, a guard); anything else
         // fails at once.
@@ -662,9 +1067,29 @@ impl Run {
                     ));
                 }
             }
+            let mut groups: Vec<String> = self
+                .model
+                .groups
+                .iter()
+                .filter(|(_, g)| g.home == i)
+                .map(|(n, _)| format!("{n}.json"))
+                .collect();
+            groups.sort();
+            let got = entries(&pool.join("groups"));
+            if got != groups {
+                return Err(format!(
+                    "{}'s groups/ holds {got:?}; the model's groups recorded there are {groups:?}",
+                    self.names[i]
+                ));
+            }
             for n in vols {
                 let v = &self.model.vols[n];
-                let got = read_marker(&pool.join("volumes").join(n))?;
+                // An image volume's files are inside its filesystem: check_mounts reads them.
+                let got = if v.image {
+                    v.marker.clone()
+                } else {
+                    read_marker(&pool.join("volumes").join(n))?
+                };
                 if got != v.marker {
                     return Err(format!("{n} on {} holds {got:?}, want {:?}", self.names[i], v.marker));
                 }
@@ -676,7 +1101,7 @@ impl Run {
                     ));
                 }
             }
-            for n in snaps {
+            for n in snaps.into_iter().filter(|n| !self.model.snaps[*n].image) {
                 let got = read_marker(&pool.join("snapshots").join(n))?;
                 if got != self.model.snaps[n].marker {
                     return Err(format!("{n} holds {got:?}, want {:?}", self.model.snaps[n].marker));
@@ -695,6 +1120,7 @@ impl Run {
         let mut token = String::new();
         loop {
             let page = self
+                .api
                 .ctl
                 .list_volumes(ListVolumesRequest {
                     max_entries: 4,
@@ -765,22 +1191,30 @@ impl Run {
     /// comes back as `Some`, to list again.
     async fn list_snapshots_once(&mut self) -> Result<Option<String>, String> {
         let entries = self
+            .api
             .ctl
             .list_snapshots(ListSnapshotsRequest::default())
             .await
             .map_err(|s| format!("ListSnapshots: {:?} {}", s.code(), s.message()))?
             .into_inner()
             .entries;
-        let mut listed: BTreeMap<String, String> = entries
+        let mut listed: BTreeMap<String, (String, String)> = entries
             .into_iter()
             .filter_map(|e| e.snapshot)
-            .map(|s| (s.snapshot_id, s.source_volume_id))
+            .map(|s| (s.snapshot_id, (s.source_volume_id, s.group_snapshot_id)))
             .collect();
         let mut live = None;
         for (name, s) in &self.model.snaps {
+            let group = s
+                .group
+                .as_ref()
+                .map_or(String::new(), |g| self.model.groups[g].id.clone());
             match listed.remove(&s.id) {
-                Some(source) if source != s.source_id => {
-                    return Err(format!("ListSnapshots: {name} of {source}, want of {}", s.source_id))
+                Some((source, of)) if source != s.source_id || of != group => {
+                    return Err(format!(
+                        "ListSnapshots: {name} of {source} in group {of:?}, want of {} in {group:?}",
+                        s.source_id
+                    ))
                 }
                 None if self.up[s.node] => {
                     live.get_or_insert(format!(
@@ -816,6 +1250,23 @@ impl Run {
             self.create(p.req, p.node, p.source).await?;
             self.check().await?;
         }
+        let mounted: Vec<String> = self
+            .model
+            .vols
+            .iter()
+            .filter(|(_, v)| v.mounted)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in mounted {
+            self.note(format!("end: unpublish {name}"));
+            self.unpublish(&name).await?;
+            self.check().await?;
+        }
+        let groups: Vec<String> = self.model.groups.keys().cloned().collect();
+        for name in groups {
+            self.delete_group("end".into(), &name).await?;
+            self.check().await?;
+        }
         let snaps: Vec<String> = self.model.snaps.keys().cloned().collect();
         let vols: Vec<String> = self.model.vols.keys().cloned().collect();
         for (volume, names) in [(false, snaps), (true, vols)] {
@@ -824,7 +1275,7 @@ impl Run {
                 self.check().await?;
             }
         }
-        if !self.model.snaps.is_empty() || !self.model.vols.is_empty() {
+        if !self.model.snaps.is_empty() || !self.model.vols.is_empty() || !self.model.groups.is_empty() {
             return Err("a delete with every node up did not delete".into());
         }
         self.note("end: restart the controller".into());
@@ -873,8 +1324,47 @@ fn walk(dir: &Path, files: &mut Vec<String>) {
     }
 }
 
+/// The marker in `data` ("" when there is none: an image volume no pod has written).
 fn read_marker(data: &Path) -> Result<String, String> {
-    std::fs::read_to_string(data.join(MARKER)).map_err(|e| format!("marker of {}: {e}", data.display()))
+    match std::fs::read_to_string(data.join(MARKER)) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        r => r.map_err(|e| format!("marker of {}: {e}", data.display())),
+    }
+}
+
+/// Writes `marker` to `path` and syncs it and its directory, as a database commits: a snapshot of
+/// an image volume cut after holds it.
+fn write_synced(path: &Path, marker: &str) -> Checked {
+    let sync = || -> std::io::Result<()> {
+        std::fs::write(path, marker)?;
+        std::fs::File::open(path)?.sync_all()?;
+        std::fs::File::open(path.parent().expect("parent"))?.sync_all()
+    };
+    sync().map_err(|e| format!("write {}: {e}", path.display()))
+}
+
+/// The StorageClass parameters asking for an image volume, or for the pool's default (dir).
+fn layout(image: bool) -> std::collections::HashMap<String, String> {
+    if image {
+        [("layout".to_string(), "image".to_string())].into()
+    } else {
+        Default::default()
+    }
+}
+
+/// The backing files under `dir` of the loop devices attached now.
+fn loop_files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for e in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        let backing = e.path().join("loop/backing_file");
+        if let Ok(f) = std::fs::read_to_string(&backing) {
+            let f = std::path::PathBuf::from(f.trim_end());
+            if f.starts_with(dir) {
+                files.push(f);
+            }
+        }
+    }
+    files
 }
 
 fn recorded_capacity(record: &Path) -> Result<i64, String> {
