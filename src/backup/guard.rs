@@ -18,6 +18,8 @@
 //! make (memory and work bounded per file, and in all), cheapest first, and exactly the bytes that
 //! were checked are what rustic then reads; config, snapshot and index files larger than any
 //! restic or rustic writes are left out of listings (a config file that is, is FAILED_PRECONDITION).
+//! Once the key is known, a snapshot or index file, and a tree blob rustic reads from its pack, is
+//! refused if it decompresses past its bound (counted before rustic decompresses it whole).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -91,10 +93,27 @@ pub const EXPANSION_RATIO: u64 = 8;
 /// not check under `key`, or that is not compressed, is left to rustic, which refuses or reads it
 /// as it always did.
 pub fn expands_past(key: &MasterKey, sealed: &[u8], limit: u64) -> Option<u64> {
-    use std::io::Read;
     let plain = super::image::Sealer::new(key).ok()?.open(sealed)?;
     // restic's format: 2 then zstd for a compressed file; `{` or `[` for plain JSON.
-    let compressed = plain.strip_prefix(&[2u8])?;
+    zstd_past(plain.strip_prefix(&[2u8])?, limit)
+}
+
+/// How far a sealed tree blob, read from its pack, decompresses, if past `limit` (counted, never
+/// held). rustic's `get_tree` (the parent backup's trees an upload reads, and cellar's check of
+/// them) decompresses a blob whole into memory before it compares the length with its index
+/// entry's. A compressed blob is a bare zstd stream (its index entry says so, not a prefix).
+pub fn blob_expands_past(key: &MasterKey, sealed: &[u8], limit: u64) -> Option<u64> {
+    let plain = super::image::Sealer::new(key).ok()?.open(sealed)?;
+    zstd_past(&plain, limit)
+}
+
+/// How many bytes the zstd stream `compressed` holds, if more than `limit` (counted up to one
+/// past it). Not zstd, or broken: None (the reader refuses it as it would have).
+fn zstd_past(compressed: &[u8], limit: u64) -> Option<u64> {
+    use std::io::Read;
+    if !compressed.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        return None;
+    }
     let decoder = zstd::stream::read::Decoder::new(compressed).ok()?;
     let n = std::io::copy(&mut decoder.take(limit + 1), &mut std::io::sink()).unwrap_or(0);
     (n > limit).then_some(n)
@@ -333,7 +352,25 @@ impl ReadBackend for Guarded {
     }
 
     fn read_partial(&self, tpe: FileType, id: &Id, cacheable: bool, offset: u32, length: u32) -> RusticResult<Bytes> {
-        self.inner.read_partial(tpe, id, cacheable, offset, length)
+        let data = self.inner.read_partial(tpe, id, cacheable, offset, length)?;
+        // rustic reads a tree blob as `cacheable` (and data blobs not): its expansion is counted
+        // first, as a snapshot's or index file's is, and refused past what any tree may hold.
+        if tpe == FileType::Pack && cacheable {
+            if let Some(key) = self.key.get() {
+                let bound = u64::from(super::MAX_TREE_BLOB_BYTES);
+                if let Some(n) = blob_expands_past(key, &data, bound) {
+                    return Err(RusticError::new(
+                        ErrorKind::InvalidInput,
+                        format!(
+                            "the tree blob at {offset} in pack {id} of the repository expands to more than {bound} bytes \
+                             ({n} read) from {length} stored: restic, rustic and cellar never make one; whoever holds \
+                             the repository's key did"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(data)
     }
 
     fn warmup_path(&self, tpe: FileType, id: &Id) -> String {

@@ -444,9 +444,9 @@ pub(crate) fn store(
     Ok(ids)
 }
 
-/// For tests: stores one data blob `id` whose index entry (and pack header) says it decompresses
-/// to `claimed` bytes, and whose stored zstd stream holds `expands_to` zero bytes: what no
-/// writer makes, but anyone holding the key can.
+/// For tests: stores one blob `id` (a tree blob if `tree`, else data) whose index entry (and
+/// pack header) says it decompresses to `claimed` bytes, and whose stored zstd stream holds
+/// `expands_to` zero bytes: what no writer makes, but anyone holding the key can.
 #[cfg(test)]
 pub(crate) fn store_bomb(
     be: Arc<dyn WriteBackend>,
@@ -454,6 +454,7 @@ pub(crate) fn store_bomb(
     id: [u8; 32],
     claimed: u32,
     expands_to: u64,
+    tree: bool,
 ) -> Result<(), RusticFailure> {
     use std::io::Read;
     let failed = |e: std::io::Error| RusticFailure::io(format!("zstd: {e}"));
@@ -461,7 +462,7 @@ pub(crate) fn store_bomb(
     std::io::copy(&mut std::io::repeat(0).take(expands_to), &mut enc).map_err(failed)?;
     let compressed = enc.finish().map_err(failed)?;
     let sealer = Sealer::new(key)?;
-    let mut packs = Packs::new(be.clone(), sealer.clone(), false);
+    let mut packs = Packs::new(be.clone(), sealer.clone(), tree);
     packs.add_stored(id, &compressed, Some(claimed))?;
     packs.flush()?;
     write_index(&*be, &sealer, std::mem::take(&mut packs.written))

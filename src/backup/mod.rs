@@ -630,7 +630,9 @@ impl BlobReader {
             .read_partial(
                 rustic_core::FileType::Pack,
                 &entry.pack,
-                tpe == BlobType::Tree,
+                // Not `cacheable`: the guard counts the expansion of the tree blobs rustic reads
+                // (which it marks so); this reader bounds its own.
+                false,
                 loc.offset,
                 loc.length,
             )

@@ -645,7 +645,7 @@ mod tests {
         let be = backups.write_backend(&name, None).unwrap();
         let small = vec![0u8; 4096];
         let blob: [u8; 32] = Sha256::digest(&small).into();
-        image::store_bomb(be, &key, blob, 4096, 2 << 30).unwrap_or_else(|e| panic!("store: {}", e.text));
+        image::store_bomb(be, &key, blob, 4096, 2 << 30, false).unwrap_or_else(|e| panic!("store: {}", e.text));
         let mut node = file("bomb", 4096, &[]);
         node.content = Some(vec![rustic_core::DataId::from(rustic_core::Id::new(blob))]);
         let id = hostile_backup(&backups, "b0b0-0002", &[], vec![node]);
@@ -660,6 +660,29 @@ mod tests {
                 )
             }
             other => panic!("want DATA_LOSS, got {:?}", other.map(|f| f.len())),
+        }
+    }
+
+    /// A tree blob that expands past what any tree holds, read by rustic itself (`get_tree`: an
+    /// upload's parent, and cellar's check of that parent's trees), is refused once its
+    /// decompression passes the bound, counted before rustic decompresses it whole into memory
+    /// (rustic would hold all 600 MiB, then find the length wrong).
+    #[test]
+    fn a_tree_blob_rustic_reads_is_refused_once_it_expands_past_any_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backups, _) = crate::backup::testing::backups(dir.path());
+        let name = PoolName::parse("offsite").unwrap();
+        let opened = backups.open_or_init(&name, true).unwrap();
+        let be = backups.write_backend(&name, None).unwrap();
+        let tree: [u8; 32] = Sha256::digest(b"a tree that is not there").into();
+        let past = u64::from(crate::backup::MAX_TREE_BLOB_BYTES) + (64 << 20);
+        image::store_bomb(be, &opened.key(), tree, 4096, past, true).unwrap_or_else(|e| panic!("store: {}", e.text));
+        let opened = backups.open(&name).unwrap();
+        let repo = opened.to_indexed_ids().unwrap();
+        let root = rustic_core::TreeId::from(rustic_core::Id::new(tree));
+        match crate::backup::trees_check(&repo, backups.config(&name).unwrap(), root) {
+            Err(e) => assert!(e.to_string().contains("expands to more than"), "{e}"),
+            Ok(n) => panic!("a tree of {past} bytes read ({n} trees)"),
         }
     }
 
