@@ -3,7 +3,8 @@
 //! real `cellar controller` and two or three real `cellar node` agents over mutual TLS (the one
 //! multi-node launcher, `common::cluster`), with node agents killed and started again and the
 //! controller restarted (a new process with an empty registry, the same certificates) between
-//! the calls. After every step it checks, against its model and against each node's disk: a call
+//! the calls, and node agents killed in the middle of one at an armed crash point (then started
+//! again and the call retried until it converges). After every step it checks, against its model and against each node's disk: a call
 //! naming an object on a node that is down, or that the restarted controller has not heard of,
 //! answers UNAVAILABLE naming that node, never OK or NOT_FOUND (docs/design.md, invariant 1);
 //! ListVolumes never drops a volume of a node it has listed and never reports one that is
@@ -66,6 +67,41 @@ struct Snap {
     group: Option<String>,
 }
 
+/// A call to a node's Node service: the volume id and paths.
+#[derive(Debug)]
+enum NodeOp {
+    Stage(String, std::path::PathBuf),
+    Publish(String, std::path::PathBuf, std::path::PathBuf),
+    Unpublish(String, std::path::PathBuf),
+    Unstage(String, std::path::PathBuf),
+}
+
+/// The crash points an `arm` step may set on a node (every one a call in this tester can reach;
+/// the backup and lease points are the other testers').
+const CRASH_POINTS: [&str; 21] = [
+    "create-volume:before-record",
+    "create-snapshot:before-record",
+    "delete:after-trash",
+    "expand:before-record",
+    "copy:before-rename",
+    "image:before-rename",
+    "import:before-rename",
+    "import:mid-stream",
+    "export:mid-stream",
+    "transfer:mid-pipe",
+    "stage:before-attach",
+    "stage:after-attach",
+    "stage:before-mount",
+    "publish:before-mount",
+    "unpublish:after-unmount",
+    "unstage:before-detach",
+    "group:frozen",
+    "group:before-records",
+    "group:before-group-record",
+    "group-part:before-records",
+    "delete-group:before-record",
+];
+
 struct Group {
     id: String,
     /// The node of its record (its first member's, by volume id).
@@ -88,6 +124,9 @@ struct Model {
     snaps: BTreeMap<String, Snap>,
     pending: BTreeMap<String, Pending>,
     groups: BTreeMap<String, Group>,
+    /// Group snapshots refused while a node was down or crashed, which the snapshotter retries:
+    /// their volumes. Until then, members of such a name may be on disk.
+    pending_groups: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug)]
@@ -224,6 +263,10 @@ struct Run {
     next: u32,
     /// Calls and listings on live nodes that needed more than one attempt.
     retries: usize,
+    /// A node started with a crash point armed, and the point: it dies when a call reaches it.
+    armed: Option<(usize, &'static str)>,
+    /// Crash points reached.
+    crashes: usize,
     /// The step running (`steps` during the teardown).
     at_step: usize,
 }
@@ -249,6 +292,8 @@ impl Run {
             log: Vec::new(),
             next: 0,
             retries: 0,
+            armed: None,
+            crashes: 0,
             at_step: 0,
         }
     }
@@ -280,6 +325,7 @@ impl Run {
                     }
                     return Ok(a);
                 }
+                Err(s) if self.revive(self.names_armed(&s)).await => last = Some(s),
                 Err(s) if matches!(s.code(), Code::Unavailable | Code::Aborted | Code::ResourceExhausted) => {
                     last = Some(s);
                     tokio::time::sleep(HEARTBEAT).await;
@@ -296,9 +342,14 @@ impl Run {
     /// UNAVAILABLE answer (or RESOURCE_EXHAUSTED, for a create placed on a node the registry
     /// does not offer).
     async fn refused(&mut self, call: &Call, down: &[usize]) -> Checked {
-        let names: Vec<&str> = down.iter().map(|&i| self.names[i].as_str()).collect();
+        let names: Vec<String> = down.iter().map(|&i| self.names[i].clone()).collect();
         match call.send(&mut self.api).await {
             Ok(_) => Err(format!("{call:?} answered OK while {names:?} is down")),
+            Err(s) if self.revive(self.names_armed(&s)).await => {
+                // A live node the call reached died at its crash point: any refusal will do.
+                self.note(format!("   refused: {:?} {}", s.code(), first_line(s.message())));
+                Ok(())
+            }
             Err(s) => {
                 let create = matches!(call, Call::Create(_));
                 let code_ok = s.code() == Code::Unavailable || (create && s.code() == Code::ResourceExhausted);
@@ -359,6 +410,12 @@ impl Run {
         if !self.model.groups.is_empty() {
             ops.push("delete-group");
         }
+        if !self.model.pending_groups.is_empty() {
+            ops.push("retry-group");
+        }
+        if self.armed.is_none() && self.up.iter().any(|u| *u) {
+            ops.extend(["arm", "arm"]);
+        }
         if self.model.vols.values().any(|v| self.up[v.node] && !v.mounted) {
             ops.extend(["publish", "publish"]);
         }
@@ -375,7 +432,7 @@ impl Run {
         let op = *self.rng.pick(&ops);
         match op {
             "create" => {
-                let node = self.rng.below(n);
+                let node = self.pick_node();
                 let name = self.fresh("vol");
                 let bytes = (1 + self.rng.below(4) as i64) * 16 * MIB;
                 let image = self.rng.chance(33);
@@ -391,7 +448,7 @@ impl Run {
             }
             "restore" => {
                 let snap = self.pick_snap();
-                let node = self.rng.below(n);
+                let node = self.pick_node();
                 let name = self.fresh("vol");
                 let s = &self.model.snaps[&snap];
                 let bytes = s.bytes + self.rng.below(2) as i64 * 16 * MIB;
@@ -472,6 +529,25 @@ impl Run {
                 ));
                 self.group(name, picked).await
             }
+            "retry-group" => {
+                let name = self
+                    .rng
+                    .pick(&self.model.pending_groups.keys().cloned().collect::<Vec<_>>())
+                    .clone();
+                self.note(format!("{k}: retry group snapshot {name}"));
+                self.retry_group(name).await
+            }
+            "arm" => {
+                let live: Vec<usize> = (0..n).filter(|&i| self.up[i]).collect();
+                let node = *self.rng.pick(&live);
+                let point = *self.rng.pick(&CRASH_POINTS);
+                self.note(format!("{k}: {} started again to crash at {point}", self.names[node]));
+                self.c.kill_node(node);
+                self.c.start_node_with(node, &[("CELLAR_CRASH_AT", point)]);
+                self.c.wait_node_registered(node).await;
+                self.armed = Some((node, point));
+                Ok(())
+            }
             "delete-group" => {
                 let name = self
                     .rng
@@ -500,14 +576,14 @@ impl Run {
             }
             "publish" | "unpublish" => {
                 let publish = op == "publish";
-                let names: Vec<String> = self
+                let names: Vec<(String, usize)> = self
                     .model
                     .vols
                     .iter()
                     .filter(|(_, v)| self.up[v.node] && v.mounted != publish)
-                    .map(|(n, _)| n.clone())
+                    .map(|(n, v)| (n.clone(), v.node))
                     .collect();
-                let vol = self.rng.pick(&names).clone();
+                let vol = self.pick_near_armed(names);
                 self.note(format!("{k}: {op} {vol} on {}", self.at(self.model.vols[&vol].node)));
                 if publish {
                     self.publish(&vol).await
@@ -556,6 +632,9 @@ impl Run {
                 self.note(format!("{k}: {} down", self.names[node]));
                 self.c.kill_node(node);
                 self.up[node] = false;
+                if self.armed.is_some_and(|(i, _)| i == node) {
+                    self.armed = None;
+                }
                 Ok(())
             }
             "up" => {
@@ -623,6 +702,7 @@ impl Run {
                     self.note(format!("   refused: {}", first_line(s.message())));
                     return Ok(());
                 }
+                Err(s) if self.revive(self.names_armed(&s)).await => {}
                 Err(s) if matches!(s.code(), Code::Unavailable | Code::Aborted | Code::ResourceExhausted) => {
                     tokio::time::sleep(HEARTBEAT).await;
                 }
@@ -654,8 +734,10 @@ impl Run {
             sources: by_id.iter().map(|(id, _)| id.clone()).collect(),
         };
         let Some(Answer::Group(g)) = self.call_on(call, &nodes).await? else {
+            self.model.pending_groups.insert(name, vols);
             return Ok(());
         };
+        self.model.pending_groups.remove(&name);
         let home = self.model.vols[&by_id[0].1].node;
         let want = format!("group:local:{}:{POOL}:{name}", self.names[home]);
         if g.group_snapshot_id != want || !g.ready_to_use || g.snapshots.len() != vols.len() {
@@ -756,19 +838,8 @@ impl Run {
         let (id, node) = (self.model.vols[vol].id.clone(), self.model.vols[vol].node);
         let (staging, target) = (self.staging(vol), self.target(vol));
         std::fs::create_dir_all(&target).map_err(|e| format!("{}: {e}", target.display()))?;
-        let mut n = self.c.node(node).await;
-        stage_rwo(&mut n, &id, &staging)
-            .await
-            .map_err(|s| format!("NodeStageVolume of {vol}: {:?} {}", s.code(), s.message()))?;
-        n.node_publish_volume(NodePublishVolumeRequest {
-            volume_id: id,
-            staging_target_path: staging.display().to_string(),
-            target_path: target.display().to_string(),
-            volume_capability: Some(rwo()),
-            ..Default::default()
-        })
-        .await
-        .map_err(|s| format!("NodePublishVolume of {vol}: {:?} {}", s.code(), s.message()))?;
+        self.node_call(node, NodeOp::Stage(id.clone(), staging.clone())).await?;
+        self.node_call(node, NodeOp::Publish(id, staging, target)).await?;
         self.model.vols.get_mut(vol).expect("vol").mounted = true;
         Ok(())
     }
@@ -777,17 +848,98 @@ impl Run {
     async fn unpublish(&mut self, vol: &str) -> Checked {
         let (id, node) = (self.model.vols[vol].id.clone(), self.model.vols[vol].node);
         let (staging, target) = (self.staging(vol), self.target(vol));
-        let mut n = self.c.node(node).await;
-        n.node_unpublish_volume(NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: target.display().to_string(),
-        })
-        .await
-        .map_err(|s| format!("NodeUnpublishVolume of {vol}: {:?} {}", s.code(), s.message()))?;
-        unstage_from(&mut n, &id, &staging)
-            .await
-            .map_err(|s| format!("NodeUnstageVolume of {vol}: {:?} {}", s.code(), s.message()))?;
+        self.node_call(node, NodeOp::Unpublish(id.clone(), target)).await?;
+        self.node_call(node, NodeOp::Unstage(id, staging)).await?;
         self.model.vols.get_mut(vol).expect("vol").mounted = false;
+        Ok(())
+    }
+
+    /// Sends `op` to `node`'s Node service, as kubelet does: it must answer OK, also when its
+    /// process died at its armed crash point on the way (started again, kubelet retries).
+    async fn node_call(&mut self, node: usize, op: NodeOp) -> Checked {
+        loop {
+            let mut n = self.c.node(node).await;
+            let r = match &op {
+                NodeOp::Stage(id, staging) => stage_rwo(&mut n, id, staging).await,
+                NodeOp::Publish(id, staging, target) => n
+                    .node_publish_volume(NodePublishVolumeRequest {
+                        volume_id: id.clone(),
+                        staging_target_path: staging.display().to_string(),
+                        target_path: target.display().to_string(),
+                        volume_capability: Some(rwo()),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|_| ()),
+                NodeOp::Unpublish(id, target) => n
+                    .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                        volume_id: id.clone(),
+                        target_path: target.display().to_string(),
+                    })
+                    .await
+                    .map(|_| ()),
+                NodeOp::Unstage(id, staging) => unstage_from(&mut n, id, staging).await,
+            };
+            match r {
+                Ok(()) => return Ok(()),
+                Err(_) if self.revive(self.armed.is_some_and(|(i, _)| i == node)).await => {}
+                Err(s) => {
+                    return Err(format!(
+                        "{op:?} on {}: {:?} {}",
+                        self.names[node],
+                        s.code(),
+                        s.message()
+                    ))
+                }
+            }
+        }
+    }
+
+    /// If the armed node died at its crash point, starts it again (disarmed) as its DaemonSet
+    /// would, waits until it registered, and answers true. `hint`: an answer named the node, so
+    /// it may be on its way out (the connection breaks as the process exits): wait a moment.
+    async fn revive(&mut self, hint: bool) -> bool {
+        let Some((node, point)) = self.armed else {
+            return false;
+        };
+        let mut exited = false;
+        for _ in 0..if hint { 20 } else { 1 } {
+            exited = self.c.nodes[node]
+                .1
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        if !exited {
+            return false;
+        }
+        self.note(format!("   {} crashed at {point}; started again", self.names[node]));
+        self.armed = None;
+        self.crashes += 1;
+        self.c.start_node(node);
+        self.c.wait_node_registered(node).await;
+        true
+    }
+
+    /// Whether `s` names the armed node.
+    fn names_armed(&self, s: &tonic::Status) -> bool {
+        self.armed
+            .is_some_and(|(i, _)| s.message().contains(self.names[i].as_str()))
+    }
+
+    /// Retries a group snapshot refused earlier, as the snapshotter does while its
+    /// VolumeGroupSnapshot exists; one of whose volumes was deleted since is given up (its
+    /// VolumeGroupSnapshot deleted too).
+    async fn retry_group(&mut self, name: String) -> Checked {
+        let vols = self.model.pending_groups[&name].clone();
+        if vols.iter().all(|v| self.model.vols.contains_key(v)) {
+            return self.group(name, vols).await;
+        }
+        self.note("   a volume of it is gone: given up".into());
+        self.model.pending_groups.remove(&name);
         Ok(())
     }
 
@@ -835,18 +987,9 @@ impl Run {
     /// The marker of the image volume `id` on (live) `node`, read through a stage of its own.
     async fn peek(&mut self, id: &str, node: usize, vol: &str) -> Result<String, String> {
         let staging = self.c.dir.path().join("kubelet").join(vol).join("peek");
-        let mut n = self.c.node(node).await;
-        stage_rwo(&mut n, id, &staging)
-            .await
-            .map_err(|s| format!("NodeStageVolume of {vol} to read it: {:?} {}", s.code(), s.message()))?;
+        self.node_call(node, NodeOp::Stage(id.into(), staging.clone())).await?;
         let got = read_marker(&staging);
-        unstage_from(&mut n, id, &staging).await.map_err(|s| {
-            format!(
-                "NodeUnstageVolume of {vol} after reading it: {:?} {}",
-                s.code(),
-                s.message()
-            )
-        })?;
+        self.node_call(node, NodeOp::Unstage(id.into(), staging)).await?;
         got
     }
 
@@ -855,13 +998,33 @@ impl Run {
     }
 
     fn pick_vol(&mut self) -> String {
-        let names: Vec<String> = self.model.vols.keys().cloned().collect();
-        self.rng.pick(&names).clone()
+        let names: Vec<(String, usize)> = self.model.vols.iter().map(|(n, v)| (n.clone(), v.node)).collect();
+        self.pick_near_armed(names)
     }
 
     fn pick_snap(&mut self) -> String {
-        let names: Vec<String> = self.model.snaps.keys().cloned().collect();
-        self.rng.pick(&names).clone()
+        let names: Vec<(String, usize)> = self.model.snaps.iter().map(|(n, s)| (n.clone(), s.node)).collect();
+        self.pick_near_armed(names)
+    }
+
+    /// One of `names` (each with its node), more often one on the armed node, so that its crash
+    /// point is reached.
+    fn pick_near_armed(&mut self, names: Vec<(String, usize)>) -> String {
+        if let Some((node, _)) = self.armed {
+            let near: Vec<&(String, usize)> = names.iter().filter(|(_, i)| *i == node).collect();
+            if !near.is_empty() && self.rng.chance(60) {
+                return self.rng.pick(&near).0.clone();
+            }
+        }
+        self.rng.pick(&names).0.clone()
+    }
+
+    /// A node for a create, more often the armed one.
+    fn pick_node(&mut self) -> usize {
+        match self.armed {
+            Some((node, _)) if self.rng.chance(50) => node,
+            _ => self.rng.below(self.names.len()),
+        }
     }
 
     /// A new controller process, with an empty registry; it waits for the live nodes to
@@ -1020,6 +1183,7 @@ impl Run {
                 Some(l) if attempt < ATTEMPTS => {
                     self.retries += 1;
                     self.note(format!("   listed again after: {l}"));
+                    self.revive(true).await;
                     tokio::time::sleep(HEARTBEAT).await;
                 }
                 Some(l) => return Err(l),
@@ -1059,7 +1223,19 @@ impl Run {
                     .flat_map(|n| [n.to_string(), format!("{n}.json")])
                     .collect();
                 want.sort();
-                let got = entries(&pool.join(kind));
+                // A group refused while a node crashed may have left members, which its retry
+                // takes or removes.
+                let got: Vec<String> = entries(&pool.join(kind))
+                    .into_iter()
+                    .filter(|e| {
+                        kind == "volumes"
+                            || !self
+                                .model
+                                .pending_groups
+                                .keys()
+                                .any(|g| e.starts_with(&format!("{g}-")))
+                    })
+                    .collect();
                 if got != want {
                     return Err(format!(
                         "{}'s {kind}/ holds {got:?}; the records and data of the model are {want:?}",
@@ -1225,7 +1401,13 @@ impl Run {
                 _ => {}
             }
         }
-        if let Some(id) = listed.keys().next() {
+        let pending = |id: &str| {
+            self.model
+                .pending_groups
+                .keys()
+                .any(|g| id.rsplit(':').next().is_some_and(|n| n.starts_with(&format!("{g}-"))))
+        };
+        if let Some(id) = listed.keys().find(|id| !pending(id)) {
             return Err(format!("ListSnapshots reports {id}, which does not exist"));
         }
         Ok(live)
@@ -1260,6 +1442,12 @@ impl Run {
         for name in mounted {
             self.note(format!("end: unpublish {name}"));
             self.unpublish(&name).await?;
+            self.check().await?;
+        }
+        let pending: Vec<String> = self.model.pending_groups.keys().cloned().collect();
+        for name in pending {
+            self.note(format!("end: retry group snapshot {name}"));
+            self.retry_group(name).await?;
             self.check().await?;
         }
         let groups: Vec<String> = self.model.groups.keys().cloned().collect();
@@ -1375,13 +1563,15 @@ fn recorded_capacity(record: &Path) -> Result<i64, String> {
         .ok_or(format!("{}: no capacity_bytes", record.display()))
 }
 
-async fn run_seed(seed: u64, steps: usize) -> (usize, usize) {
+async fn run_seed(seed: u64, steps: usize) -> (usize, usize, usize) {
     let mut r = Run::new(seed).await;
     for k in 0..steps {
         r.at_step = k;
         if let Err(e) = r.step(k).await {
             panic!("{}", r.fail(seed, steps, e));
         }
+        // A crash no call waited for: the node starts again.
+        r.revive(false).await;
         if let Err(e) = r.check().await {
             panic!("{}", r.fail(seed, steps, e));
         }
@@ -1393,7 +1583,7 @@ async fn run_seed(seed: u64, steps: usize) -> (usize, usize) {
     if std::env::var("CELLAR_SPLIT_LOG").is_ok() {
         eprintln!("seed {seed} step log:\n{}", r.log.join("\n"));
     }
-    (r.names.len(), r.retries)
+    (r.names.len(), r.retries, r.crashes)
 }
 
 #[tokio::test]
@@ -1404,9 +1594,9 @@ async fn random_split_calls_with_nodes_and_controller_down_keep_every_invariant(
         .unwrap_or(STEPS);
     for seed in seeds_from_env("CELLAR_SPLIT_SEEDS", &SEEDS) {
         let started = std::time::Instant::now();
-        let (nodes, retries) = run_seed(seed, steps).await;
+        let (nodes, retries, crashes) = run_seed(seed, steps).await;
         eprintln!(
-            "seed {seed}: {steps} steps on {nodes} nodes in {:?} ({retries} calls or listings on live nodes retried)",
+            "seed {seed}: {steps} steps on {nodes} nodes in {:?} ({retries} calls or listings on live nodes retried, {crashes} crash points reached)",
             started.elapsed()
         );
     }
