@@ -1640,3 +1640,104 @@ async fn a_backup_restores_only_into_its_own_layout_mode_and_filesystem() {
         assert_eq!(v.capacity_bytes, 64 * MIB);
     }
 }
+
+/// A `dir` backup's meta, for uploads made through the library in the S3 fault tests.
+fn s3_dir_meta(name: &str) -> cellar::backup::BackupMeta {
+    cellar::backup::BackupMeta {
+        name: name.into(),
+        source_volume_id: "local:node-1:default:pvc-1".into(),
+        layout: cellar::storage::record::Layout::Dir,
+        mode: cellar::storage::record::VolumeMode::Filesystem,
+        capacity_bytes: 1 << 20,
+        fs_bytes: 0,
+        length: 0,
+        node: "node-1".into(),
+        path: cellar::backup::TREE_PATH.into(),
+        root: None,
+        chunk_bytes: None,
+    }
+}
+
+/// Repository `name` at `prefix`, reached through `proxy` in front of the S3 test server.
+fn s3_repository_via(
+    s3: &common::s3::S3Server,
+    proxy: &common::s3::FaultProxy,
+    s: &Setup,
+    name: &PoolName,
+    prefix: &str,
+) -> RepositoryConfig {
+    let mut cfg = s3_repository(s3, s, name, prefix);
+    if let Location::S3(loc) = &mut cfg.location {
+        loc.endpoint = proxy.endpoint();
+    }
+    cfg
+}
+
+/// Reads a backup whole, as a restore does; the first failure.
+fn restore_whole(b: &Backups, id: &cellar::storage::id::BackupId) -> Result<(), StorageError> {
+    let frames = cellar::backup::restore::frames(b, id, cellar::storage::record::Layout::Dir)?;
+    for f in frames {
+        f?;
+    }
+    Ok(())
+}
+
+/// Uploads a `dir` backup of one 300 kB file into repository `name` of `b`, as key `key`.
+fn s3_upload(b: &Backups, s: &Setup, name: &PoolName, key: &str) -> cellar::storage::id::BackupId {
+    let data = s.dir.path().join(format!("data-{key}"));
+    std::fs::create_dir(&data).expect("data");
+    std::fs::write(data.join("f"), vec![7u8; 300_000]).expect("file");
+    let id = cellar::storage::id::BackupId::new(name.clone(), key).expect("id");
+    cellar::backup::upload::upload(b, &id, &s3_dir_meta(key), &data, None, &Default::default()).expect("upload");
+    id
+}
+
+/// An S3 store that fails every listing of `snapshots/` (after its retries: throttling, an
+/// outage of its listing service, a page cut off): rustic's S3 backend answered such a listing
+/// as an empty one. The prune then took every backup for gone and marked every pack, so that
+/// each backup restored DATA_LOSS until the next prune with a whole listing (and its packs were
+/// removed for good by a prune `keep-delete` later that failed the same way); a listing answered
+/// no backup; a delete forgot nothing and answered OK. Each now answers UNAVAILABLE and changes
+/// nothing.
+#[test]
+fn a_failed_s3_listing_fails_the_prune_list_and_delete_instead_of_reading_as_empty() {
+    use common::s3::{Fault, FaultProxy};
+    let s3 = common::s3::S3Server::start();
+    let proxy = FaultProxy::start(s3.port());
+    let s = Setup::new();
+    let name = PoolName::parse("offsite").expect("name");
+    let cfg = s3_repository_via(&s3, &proxy, &s, &name, "listing");
+    let b = Backups::new(vec![cfg.clone()], Throttle::unlimited());
+    b.open_or_init(&name, true).expect("init");
+    let id = s3_upload(&b, &s, &name, "0123456789abcdef");
+    restore_whole(&b, &id).expect("restore");
+    // The backup's packs are older than the prune's keep-delete below.
+    std::thread::sleep(Duration::from_millis(1100));
+    proxy.set(|r| {
+        let listing = r.method == "GET" && r.target.contains("list-type=2");
+        match listing && r.target.contains("listing/snapshots/") {
+            true => Fault::Fail,
+            false => Fault::Pass,
+        }
+    });
+    let other = Backups::new(vec![cfg], Throttle::unlimited());
+    match other.prune(&name, Duration::from_secs(1)) {
+        Err(StorageError::Unavailable(_)) => {}
+        done => panic!("a prune that cannot list the backups: want UNAVAILABLE, got {done:?}"),
+    }
+    assert!(!proxy.failed().is_empty(), "the listings were failed");
+    match other.list(&name) {
+        Err(StorageError::Unavailable(_)) => {}
+        listed => panic!(
+            "a listing that failed: want UNAVAILABLE, got {:?}",
+            listed.map(|l| l.len())
+        ),
+    }
+    match other.forget(&id) {
+        Err(StorageError::Unavailable(_)) => {}
+        done => panic!("a delete that cannot list the backups: want UNAVAILABLE, got {done:?}"),
+    }
+    proxy.heal();
+    restore_whole(&other, &id).expect("the backup restores: nothing of it was marked");
+    assert_eq!(other.list(&name).expect("list").len(), 1, "the backup is still there");
+}

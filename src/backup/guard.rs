@@ -608,6 +608,99 @@ impl WriteBackend for LocalReads {
     }
 }
 
+/// An S3 repository's listings, with their failures: rustic's S3 backend drops an error met
+/// while it lists (a page the store answered 500 or 503 to after its retries, a connection cut
+/// mid-listing) and answers what it had listed so far, often nothing, as the whole listing. A
+/// prune then planned as if the backups it had not listed were gone and marked every pack only
+/// they use (restores of them were DATA_LOSS until the next prune with a whole listing), and
+/// removed those packs for good when the listing failed again `keep-delete` later; a delete
+/// found nothing to forget and answered OK, leaving the backup listed again once the store
+/// answered. Here a listing is read through cellar's own client and a failure is the answer.
+pub fn s3_listings(be: RepositoryBackends, op: opendal::blocking::Operator) -> RepositoryBackends {
+    let wrapped =
+        |inner: Arc<dyn WriteBackend>| -> Arc<dyn WriteBackend> { Arc::new(S3Listings { inner, op: op.clone() }) };
+    RepositoryBackends::new(wrapped(be.repository()), be.repo_hot().map(wrapped))
+}
+
+struct S3Listings {
+    inner: Arc<dyn WriteBackend>,
+    op: opendal::blocking::Operator,
+}
+
+impl ReadBackend for S3Listings {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+
+    fn list_with_size(&self, tpe: FileType) -> RusticResult<Vec<(Id, u32)>> {
+        if tpe == FileType::Config {
+            // One stat, whose failure rustic does answer.
+            return self.inner.list_with_size(tpe);
+        }
+        let all = opendal::options::ListOptions {
+            recursive: true,
+            ..Default::default()
+        };
+        let dir = format!("{}/", tpe.dirname());
+        let entries = self.op.list_options(&dir, all).map_err(|e| {
+            RusticError::with_source(ErrorKind::Backend, "listing `{dir}` of the repository failed", e)
+                .attach_context("dir", dir.clone())
+        })?;
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries.into_iter().filter(|e| e.metadata().is_file()) {
+            // As rustic lists: a name that is no id is not the repository's file.
+            let Ok(id) = e.name().parse::<Id>() else { continue };
+            match u32::try_from(e.metadata().content_length()) {
+                Ok(size) => out.push((id, size)),
+                Err(_) => tracing::warn!(
+                    file = e.path(),
+                    bytes = e.metadata().content_length(),
+                    "a file of the backup repository is left out: 4 GiB or larger"
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    fn list(&self, tpe: FileType) -> RusticResult<Vec<Id>> {
+        Ok(self.list_with_size(tpe)?.into_iter().map(|(id, _)| id).collect())
+    }
+
+    fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<Bytes> {
+        self.inner.read_full(tpe, id)
+    }
+
+    fn read_partial(&self, tpe: FileType, id: &Id, cacheable: bool, offset: u32, length: u32) -> RusticResult<Bytes> {
+        self.inner.read_partial(tpe, id, cacheable, offset, length)
+    }
+
+    fn warmup_path(&self, tpe: FileType, id: &Id) -> String {
+        self.inner.warmup_path(tpe, id)
+    }
+
+    fn needs_warm_up(&self) -> bool {
+        self.inner.needs_warm_up()
+    }
+
+    fn warm_up(&self, tpe: FileType, id: &Id) -> RusticResult<()> {
+        self.inner.warm_up(tpe, id)
+    }
+}
+
+impl WriteBackend for S3Listings {
+    fn create(&self) -> RusticResult<()> {
+        self.inner.create()
+    }
+
+    fn write_bytes(&self, tpe: FileType, id: &Id, cacheable: bool, content: BytesList) -> RusticResult<()> {
+        self.inner.write_bytes(tpe, id, cacheable, content)
+    }
+
+    fn remove(&self, tpe: FileType, id: &Id, cacheable: bool) -> RusticResult<()> {
+        self.inner.remove(tpe, id, cacheable)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -975,8 +975,9 @@ impl Backups {
             }
         }
         let mut be = cfg.backend_options()?.to_backends().map_err(|e| cfg.error(e))?;
-        if let Location::Path(p) = &cfg.location {
-            be = guard::local_reads(be, p);
+        match &cfg.location {
+            Location::Path(p) => be = guard::local_reads(be, p),
+            Location::S3(s3) => be = guard::s3_listings(be, s3_operator(cfg, s3)?),
         }
         // Paced inside, so that the guard's own reads of key files are paced and counted too.
         let be = self.throttle.wrap(be, cfg.name.as_str(), stop);

@@ -187,3 +187,193 @@ impl Drop for S3Server {
         kill_child(&mut self.child);
     }
 }
+
+/// What [`FaultProxy`] does with one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Hands it to the server and its answer back.
+    Pass,
+    /// Answers 500 without asking the server (a store failing before it did anything).
+    Fail,
+    /// Hands it to the server, then answers 500 instead of the server's answer (a store that
+    /// did the work and then failed to say so).
+    FailAfter,
+}
+
+/// The head of one request as [`FaultProxy`] sees it: `GET /bucket/key?query HTTP/1.1`.
+pub struct Seen<'a> {
+    pub method: &'a str,
+    /// The target, percent-encoded as sent (path and query).
+    pub target: &'a str,
+}
+
+type Rule = dyn Fn(&Seen<'_>) -> Fault + Send + Sync;
+
+/// An HTTP proxy on 127.0.0.1 in front of an [`S3Server`] that fails the requests a rule picks:
+/// cellar's S3 client talks to it as to the store (its requests are forwarded byte for byte, so
+/// their signatures still check). One connection to the server per request. Stops on drop.
+pub struct FaultProxy {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    rule: std::sync::Arc<std::sync::Mutex<std::sync::Arc<Rule>>>,
+    /// Requests that were failed, as `METHOD target`.
+    pub failed: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: u16) -> FaultProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("addr").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let pass: Arc<Rule> = Arc::new(|_: &Seen<'_>| Fault::Pass);
+        let rule = Arc::new(Mutex::new(pass));
+        let failed = Arc::new(Mutex::new(Vec::new()));
+        let (stop2, rule2, failed2) = (stop.clone(), rule.clone(), failed.clone());
+        std::thread::spawn(move || {
+            while !stop2.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (rule, failed) = (rule2.clone(), failed2.clone());
+                        std::thread::spawn(move || {
+                            let _ = serve(conn, upstream, &rule, &failed);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        FaultProxy {
+            port,
+            stop,
+            rule,
+            failed,
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`: give it as the repository's endpoint.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// From now on each request gets what `rule` says.
+    pub fn set(&self, rule: impl Fn(&Seen<'_>) -> Fault + Send + Sync + 'static) {
+        *self.rule.lock().expect("rule") = std::sync::Arc::new(rule);
+    }
+
+    /// Every request passes again.
+    pub fn heal(&self) {
+        self.set(|_| Fault::Pass);
+    }
+
+    pub fn failed(&self) -> Vec<String> {
+        self.failed.lock().expect("failed").clone()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Reads one HTTP message head (through the blank line) and its body, when it has a
+/// Content-Length or is chunked; `None` at a clean end of the connection.
+fn read_message(r: &mut impl std::io::BufRead, has_body: bool) -> std::io::Result<Option<(String, Vec<u8>)>> {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(if head.is_empty() {
+                None
+            } else {
+                Some((head, Vec::new()))
+            });
+        }
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    };
+    let mut body = Vec::new();
+    // A HEAD's answer and a 204 name a length but carry nothing.
+    let status = head.split(' ').nth(1).unwrap_or("");
+    if !has_body || status == "204" || status == "304" {
+        return Ok(Some((head, body)));
+    }
+    if let Some(n) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        body.resize(n, 0);
+        std::io::Read::read_exact(r, &mut body)?;
+    } else if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size)?;
+            body.extend_from_slice(size.as_bytes());
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16).unwrap_or(0);
+            let mut chunk = vec![0u8; n + 2];
+            std::io::Read::read_exact(r, &mut chunk)?;
+            body.extend_from_slice(&chunk);
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    Ok(Some((head, body)))
+}
+
+fn serve(
+    conn: TcpStream,
+    upstream: u16,
+    rule: &std::sync::Mutex<std::sync::Arc<Rule>>,
+    failed: &std::sync::Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut reader = std::io::BufReader::new(conn.try_clone()?);
+    let mut out = conn;
+    while let Some((head, body)) = read_message(&mut reader, true)? {
+        let first = head.lines().next().unwrap_or_default().to_string();
+        let mut parts = first.split(' ');
+        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let rule = rule.lock().expect("rule").clone();
+        let fault = rule(&Seen { method, target });
+        if fault != Fault::Pass {
+            failed.lock().expect("failed").push(format!("{method} {target}"));
+        }
+        let answer = match fault {
+            Fault::Fail => None,
+            Fault::Pass | Fault::FailAfter => {
+                let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+                up.write_all(head.as_bytes())?;
+                up.write_all(&body)?;
+                let mut up_reader = std::io::BufReader::new(up);
+                let answer = read_message(&mut up_reader, method != "HEAD")?;
+                (fault == Fault::Pass).then_some(answer).flatten()
+            }
+        };
+        match answer {
+            Some((h, b)) => {
+                out.write_all(h.as_bytes())?;
+                out.write_all(&b)?;
+            }
+            None => {
+                let text = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>InternalError</Code>\
+                            <Message>injected by the test's proxy</Message></Error>";
+                write!(
+                    out,
+                    "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/xml\r\ncontent-length: {}\r\n\r\n{text}",
+                    text.len()
+                )?;
+            }
+        }
+        out.flush()?;
+    }
+    Ok(())
+}
