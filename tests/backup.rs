@@ -1367,6 +1367,7 @@ fn s3_repository(s3: &common::s3::S3Server, s: &Setup, name: &PoolName, prefix: 
             region: s3.region().to_string(),
             credentials_file: s3.credentials_file(),
             prefix: Some(prefix.to_string()),
+            timeout_seconds: None,
         }),
         password_file: s.password_file(),
     }
@@ -1740,4 +1741,57 @@ fn a_failed_s3_listing_fails_the_prune_list_and_delete_instead_of_reading_as_emp
     proxy.heal();
     restore_whole(&other, &id).expect("the backup restores: nothing of it was marked");
     assert_eq!(other.list(&name).expect("list").len(), 1, "the backup is still there");
+}
+
+/// A store that takes a request and never answers (a stuck server, a network that drops the
+/// replies of a connection it let open): S3's client had no time bound, so a restore waited for
+/// ever (holding its volume's lock: every retry of the CreateVolume was ABORTED), and so did a
+/// listing, an upload, and the background prune, which then pruned no repository again. Now a
+/// request unanswered for the repository's `timeoutSeconds` is tried again, and then the call
+/// answers UNAVAILABLE.
+#[test]
+fn an_s3_store_that_never_answers_fails_a_restore_and_a_listing_instead_of_holding_them() {
+    use common::s3::{Fault, FaultProxy};
+    let s3 = common::s3::S3Server::start();
+    let proxy = FaultProxy::start(s3.port());
+    let s = Setup::new();
+    let name = PoolName::parse("offsite").expect("name");
+    let mut cfg = s3_repository_via(&s3, &proxy, &s, &name, "silent");
+    if let Location::S3(loc) = &mut cfg.location {
+        loc.timeout_seconds = Some(1);
+    }
+    let b = std::sync::Arc::new(Backups::new(vec![cfg], Throttle::unlimited()));
+    b.open_or_init(&name, true).expect("init");
+    let id = s3_upload(&b, &s, &name, "0123456789abcdef");
+    restore_whole(&b, &id).expect("restore");
+    // Each call runs beside the test, which gives up on it after a minute: without a bound it
+    // never answers (the proxy holds the request until it is dropped).
+    let answer = |what: &'static str, call: Box<dyn FnOnce() -> Result<(), StorageError> + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(call());
+        });
+        rx.recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("{what} still waits on a store that never answers"))
+    };
+    proxy.set(|r| match r.target.contains("/silent/data/") {
+        true => Fault::Hang,
+        false => Fault::Pass,
+    });
+    let (b2, id2) = (b.clone(), id.clone());
+    match answer("a restore", Box::new(move || restore_whole(&b2, &id2))) {
+        Err(StorageError::Unavailable(_)) => {}
+        other => panic!("a restore from a store that never answers: want UNAVAILABLE, got {other:?}"),
+    }
+    proxy.set(|r| match r.target.contains("list-type=2") {
+        true => Fault::Hang,
+        false => Fault::Pass,
+    });
+    let (b2, name2) = (b.clone(), name.clone());
+    match answer("a listing", Box::new(move || b2.list(&name2).map(drop))) {
+        Err(StorageError::Unavailable(_)) => {}
+        other => panic!("a listing of a store that never answers: want UNAVAILABLE, got {other:?}"),
+    }
+    proxy.heal();
+    restore_whole(&b, &id).expect("the backup restores once the store answers");
 }

@@ -608,44 +608,74 @@ impl WriteBackend for LocalReads {
     }
 }
 
-/// An S3 repository's listings, with their failures: rustic's S3 backend drops an error met
-/// while it lists (a page the store answered 500 or 503 to after its retries, a connection cut
-/// mid-listing) and answers what it had listed so far, often nothing, as the whole listing. A
-/// prune then planned as if the backups it had not listed were gone and marked every pack only
-/// they use (restores of them were DATA_LOSS until the next prune with a whole listing), and
-/// removed those packs for good when the listing failed again `keep-delete` later; a delete
-/// found nothing to forget and answered OK, leaving the backup listed again once the store
-/// answered. Here a listing is read through cellar's own client and a failure is the answer.
-pub fn s3_listings(be: RepositoryBackends, op: opendal::blocking::Operator) -> RepositoryBackends {
+/// An S3 repository's files, read and written through cellar's own client: `op` (its retries
+/// and its time bound on each request, [`super::s3_operator`]). rustic's S3 backend keeps only
+/// the repository's creation and its name here.
+///
+/// - Listings keep their failures: rustic's backend drops an error met while it lists (a page
+///   the store answered 500 or 503 to after its retries, a connection cut mid-listing) and
+///   answers what it had listed so far, often nothing, as the whole listing. A prune then
+///   planned as if the backups it had not listed were gone and marked every pack only they use
+///   (restores of them were DATA_LOSS until the next prune with a whole listing), and removed
+///   those packs for good when the listing failed again `keep-delete` later; a delete found
+///   nothing to forget and answered OK, leaving the backup listed again once the store answered.
+/// - No request waits for ever: rustic's client has no time bound, so a store that took a
+///   request and never answered held an upload, a restore (with its volume's lock), a listing
+///   or the background prune (and so every repository's prune) for good.
+pub fn s3_backends(be: RepositoryBackends, op: opendal::blocking::Operator) -> RepositoryBackends {
     let wrapped =
-        |inner: Arc<dyn WriteBackend>| -> Arc<dyn WriteBackend> { Arc::new(S3Listings { inner, op: op.clone() }) };
+        |inner: Arc<dyn WriteBackend>| -> Arc<dyn WriteBackend> { Arc::new(S3Files { inner, op: op.clone() }) };
     RepositoryBackends::new(wrapped(be.repository()), be.repo_hot().map(wrapped))
 }
 
-struct S3Listings {
+struct S3Files {
     inner: Arc<dyn WriteBackend>,
     op: opendal::blocking::Operator,
 }
 
-impl ReadBackend for S3Listings {
+impl S3Files {
+    /// Where a file is below the repository's prefix (restic's layout, as rustic writes it).
+    fn path(tpe: FileType, id: &Id) -> String {
+        let hex = id.to_hex();
+        match tpe {
+            FileType::Config => "config".to_string(),
+            FileType::Pack => format!("data/{}/{}", &hex[0..2], &hex[..]),
+            _ => format!("{}/{}", tpe.dirname(), &hex[..]),
+        }
+    }
+
+    fn failed(what: &str, path: &str, e: opendal::Error) -> Box<RusticError> {
+        RusticError::with_source(
+            ErrorKind::Backend,
+            format!("{what} `{{path}}` of the repository failed"),
+            e,
+        )
+        .attach_context("path", path.to_string())
+    }
+}
+
+impl ReadBackend for S3Files {
     fn location(&self) -> String {
         self.inner.location()
     }
 
     fn list_with_size(&self, tpe: FileType) -> RusticResult<Vec<(Id, u32)>> {
         if tpe == FileType::Config {
-            // One stat, whose failure rustic does answer.
-            return self.inner.list_with_size(tpe);
+            return match self.op.stat("config") {
+                Ok(m) => Ok(vec![(Id::default(), u32::try_from(m.content_length()).unwrap_or(0))]),
+                Err(e) if e.kind() == opendal::ErrorKind::NotFound => Ok(Vec::new()),
+                Err(e) => Err(Self::failed("looking for", "config", e)),
+            };
         }
         let all = opendal::options::ListOptions {
             recursive: true,
             ..Default::default()
         };
         let dir = format!("{}/", tpe.dirname());
-        let entries = self.op.list_options(&dir, all).map_err(|e| {
-            RusticError::with_source(ErrorKind::Backend, "listing `{dir}` of the repository failed", e)
-                .attach_context("dir", dir.clone())
-        })?;
+        let entries = self
+            .op
+            .list_options(&dir, all)
+            .map_err(|e| Self::failed("listing", &dir, e))?;
         let mut out = Vec::with_capacity(entries.len());
         for e in entries.into_iter().filter(|e| e.metadata().is_file()) {
             // As rustic lists: a name that is no id is not the repository's file.
@@ -667,11 +697,24 @@ impl ReadBackend for S3Listings {
     }
 
     fn read_full(&self, tpe: FileType, id: &Id) -> RusticResult<Bytes> {
-        self.inner.read_full(tpe, id)
+        let path = Self::path(tpe, id);
+        self.op
+            .read(&path)
+            .map(|b| b.to_bytes())
+            .map_err(|e| Self::failed("reading", &path, e))
     }
 
-    fn read_partial(&self, tpe: FileType, id: &Id, cacheable: bool, offset: u32, length: u32) -> RusticResult<Bytes> {
-        self.inner.read_partial(tpe, id, cacheable, offset, length)
+    fn read_partial(&self, tpe: FileType, id: &Id, _cacheable: bool, offset: u32, length: u32) -> RusticResult<Bytes> {
+        let path = Self::path(tpe, id);
+        let range = u64::from(offset)..u64::from(offset) + u64::from(length);
+        let read = opendal::options::ReadOptions {
+            range: range.into(),
+            ..Default::default()
+        };
+        self.op
+            .read_options(&path, read)
+            .map(|b| b.to_bytes())
+            .map_err(|e| Self::failed("reading", &path, e))
     }
 
     fn warmup_path(&self, tpe: FileType, id: &Id) -> String {
@@ -687,17 +730,22 @@ impl ReadBackend for S3Listings {
     }
 }
 
-impl WriteBackend for S3Listings {
+impl WriteBackend for S3Files {
     fn create(&self) -> RusticResult<()> {
         self.inner.create()
     }
 
-    fn write_bytes(&self, tpe: FileType, id: &Id, cacheable: bool, content: BytesList) -> RusticResult<()> {
-        self.inner.write_bytes(tpe, id, cacheable, content)
+    fn write_bytes(&self, tpe: FileType, id: &Id, _cacheable: bool, content: BytesList) -> RusticResult<()> {
+        let path = Self::path(tpe, id);
+        self.op
+            .write(&path, content.into_vec())
+            .map(drop)
+            .map_err(|e| Self::failed("writing", &path, e))
     }
 
-    fn remove(&self, tpe: FileType, id: &Id, cacheable: bool) -> RusticResult<()> {
-        self.inner.remove(tpe, id, cacheable)
+    fn remove(&self, tpe: FileType, id: &Id, _cacheable: bool) -> RusticResult<()> {
+        let path = Self::path(tpe, id);
+        self.op.delete(&path).map_err(|e| Self::failed("removing", &path, e))
     }
 }
 

@@ -156,7 +156,14 @@ pub struct S3 {
     /// A prefix inside the bucket (default: the bucket's root).
     #[serde(default)]
     pub prefix: Option<String>,
+    /// How long one request to the store may go unanswered, or one pack take to send, before
+    /// it is given up (and tried again, twice): default [`S3_TIMEOUT_SECONDS`].
+    #[serde(default)]
+    pub timeout_seconds: Option<u64>,
 }
+
+/// How long one S3 request may take by default: a 16 MiB pack at 60 kB/s.
+pub const S3_TIMEOUT_SECONDS: u64 = 300;
 
 fn default_region() -> String {
     "us-east-1".into()
@@ -977,7 +984,7 @@ impl Backups {
         let mut be = cfg.backend_options()?.to_backends().map_err(|e| cfg.error(e))?;
         match &cfg.location {
             Location::Path(p) => be = guard::local_reads(be, p),
-            Location::S3(s3) => be = guard::s3_listings(be, s3_operator(cfg, s3)?),
+            Location::S3(s3) => be = guard::s3_backends(be, s3_operator(cfg, s3)?),
         }
         // Paced inside, so that the guard's own reads of key files are paced and counted too.
         let be = self.throttle.wrap(be, cfg.name.as_str(), stop);
@@ -1682,8 +1689,17 @@ fn s3_operator(cfg: &RepositoryConfig, s3: &S3) -> Result<opendal::blocking::Ope
     let _in = s3_runtime().enter();
     opendal::Operator::via_iter("s3", options)
         .and_then(|op| {
-            // A store's passing failure (500, 503) is tried again, as rustic's backend does.
-            let op = op.layer(opendal::layers::RetryLayer::new().with_max_times(2).with_jitter());
+            // No request waits for ever on a store that took it and never answers; one that
+            // did not answer in time is tried again like a store's passing failure (500, 503),
+            // as rustic's backend does those.
+            let bound = std::time::Duration::from_secs(s3.timeout_seconds.unwrap_or(S3_TIMEOUT_SECONDS).max(1));
+            let op = op
+                .layer(
+                    opendal::layers::TimeoutLayer::new()
+                        .with_timeout(bound)
+                        .with_io_timeout(bound),
+                )
+                .layer(opendal::layers::RetryLayer::new().with_max_times(2).with_jitter());
             opendal::blocking::Operator::new(op)
         })
         .map_err(|e| {

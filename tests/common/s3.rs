@@ -198,6 +198,9 @@ pub enum Fault {
     /// Hands it to the server, then answers 500 instead of the server's answer (a store that
     /// did the work and then failed to say so).
     FailAfter,
+    /// Takes the request and never answers (a store or a network that holds it): the
+    /// connection stays open, silent, until the proxy is dropped.
+    Hang,
 }
 
 /// The head of one request as [`FaultProxy`] sees it: `GET /bucket/key?query HTTP/1.1`.
@@ -329,6 +332,16 @@ fn read_message(r: &mut impl std::io::BufRead, has_body: bool) -> std::io::Resul
     Ok(Some((head, body)))
 }
 
+/// Whether a held connection can be let go: its client closed it.
+fn hang_over(conn: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    conn.set_nonblocking(true).ok();
+    let over = matches!(conn.peek(&mut byte), Ok(0))
+        || matches!(conn.peek(&mut byte), Err(e) if e.kind() != std::io::ErrorKind::WouldBlock);
+    conn.set_nonblocking(false).ok();
+    over
+}
+
 fn serve(
     conn: TcpStream,
     upstream: u16,
@@ -348,6 +361,12 @@ fn serve(
             failed.lock().expect("failed").push(format!("{method} {target}"));
         }
         let answer = match fault {
+            Fault::Hang => {
+                while !hang_over(&out) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                return Ok(());
+            }
             Fault::Fail => None,
             Fault::Pass | Fault::FailAfter => {
                 let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
