@@ -662,7 +662,8 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
         .await
         .map_err(|e| RoleError::Split(format!("--agent-listen {}: {e}", o.agent_listen)))?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let (enrolled_tx, enrolled_rx) = tokio::sync::oneshot::channel::<()>();
+    let (enrolled_tx, enrolled_rx) =
+        tokio::sync::oneshot::channel::<Option<crate::agent::enrol::node::NodeEnrolment>>();
     let topology = [(crate::csi::TOPOLOGY_NODE_KEY.to_string(), node.as_str().to_string())].into();
     let beat_config = HeartbeatConfig::new(controller, node.clone(), topology, advertise);
     // Ready while the pools are open and a controller replica acknowledges this node: a node that
@@ -699,7 +700,9 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
             engine
                 .backups()
                 .trust_marks(crate::agent::seal::MarkSeals::for_node(tls.clone(), &beat_config.server_name).trust());
-            let _ = enrolled_tx.send(());
+            // With enrolment, the CA of the controller's certificate (--tls-ca) is watched too: a
+            // rotated one restarts the node, which then enrols trusting it.
+            let _ = enrolled_tx.send(renewal.as_ref().map(|(e, _)| e.clone()));
             let _renewer = renewal.map(|(e, at)| AbortOnDrop(tokio::spawn(e.renew_from(at))));
             // The agent serves only a caller whose certificate names the controller as this node
             // dials it (the name the node checks on the registry's certificate), which no node
@@ -748,10 +751,17 @@ pub async fn node(o: NodeRole) -> Result<(), RoleError> {
         .server_builder()
         .add_service(IdentityServer::new(identity))
         .add_service(NodeGrpc::new(NodeServer(Arc::new(node_svc))));
-    // Rotated TLS files (a renewal included) restart the process; watched once there are some.
+    // Rotated TLS files (a renewal included), or a rotated CA of the controller's certificate
+    // for an enrolled node, restart the process; watched once there are some.
     let rotated = async move {
         match enrolled_rx.await {
-            Ok(()) => tls_flags.rotated().await,
+            Ok(None) => tls_flags.rotated().await,
+            Ok(Some(enrolment)) => {
+                tokio::select! {
+                    _ = tls_flags.rotated() => {}
+                    _ = enrolment.install_ca_replaced(crate::agent::tls::rotation_check()) => {}
+                }
+            }
             Err(_) => std::future::pending().await,
         }
     };

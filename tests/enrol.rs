@@ -1479,3 +1479,63 @@ async fn a_controller_renews_its_own_certificate_by_restarting_before_it_expires
     let s = env.api.state();
     assert_eq!((s.secret_creates, s.config_map_creates), (2, 1), "nothing made anew");
 }
+
+/// The cluster CA rotated as docs/security.md says (its Secret deleted, the controller restarted):
+/// a node enrolled under the old CA notices the published CA change in its ConfigMap volume and
+/// restarts, and started again with its kept directory (a container restart, not a new pod) it
+/// enrols afresh trusting the new CA instead of reusing a certificate and CA file of the old one.
+#[tokio::test]
+async fn a_node_enrols_again_when_the_published_cluster_ca_is_rotated() {
+    let mut env = Env::new().await;
+    let (registry, enrol) = (free_port(), free_port());
+    let start = |env: &mut Env, name: &str| {
+        let log = env.path(&format!("{name}.log"));
+        let child = common::cluster::spawn_logged(&log, env.controller_args(name, registry, enrol, true, &[]), &[]);
+        env.children.push(child);
+        Controller {
+            registry,
+            enrol,
+            socket: env.path(&format!("{name}.sock")),
+            log,
+        }
+    };
+    let first = start(&mut env, "controller");
+    wait_ready(&first).await;
+    let ca_file = mount_published(&env);
+    let check = [("CELLAR_TLS_CHECK_SECONDS", "1")];
+    let mut node = env.start_node_trusting(&first, "node-1", "token-node-1", &ca_file, &check);
+    wait_registered(&first, &node).await;
+    let old_ca = published_ca(&env.api).expect("published");
+
+    // Rotation: the Secret deleted, the controller replaced; it makes a new CA and publishes it.
+    let mut old = env.children.pop().expect("the controller");
+    let _ = old.kill();
+    let _ = old.wait();
+    env.api.state().secrets.remove(CLUSTER_CA);
+    let second = start(&mut env, "controller-2");
+    wait_ready(&second).await;
+    let new_ca = published_ca(&env.api).expect("published again");
+    assert_ne!(new_ca, old_ca, "a new cluster CA");
+    // kubelet updates the node pod's ConfigMap volume.
+    std::fs::write(&ca_file, &new_ca).expect("mount");
+    let child = node.child.as_mut().expect("the node");
+    let status = exit_within(child, Duration::from_secs(15), &node.log).await;
+    assert!(status.success(), "a graceful restart: {status:?}\n{}", log(&node.log));
+    assert!(
+        log(&node.log).contains("the CA of the controller's certificate changed"),
+        "{}",
+        log(&node.log)
+    );
+    let kept = identity(&node);
+    assert!(!kept.is_empty(), "the directory outlives the process");
+    // Started again in the same pod: the kept certificate was enrolled trusting the old CA.
+    env.restart_node(&second, &mut node, "token-node-1", &check);
+    wait_registered(&second, &node).await;
+    assert_ne!(identity(&node), kept, "enrolled afresh");
+    let ca = std::fs::read_to_string(node.identity_dir.join("ca.crt")).expect("ca.crt");
+    assert!(ca.starts_with(new_ca.trim_end()), "{ca}");
+    assert_eq!(
+        create_on(&second, "node-1", "pvc-after-rotation").await,
+        "local:node-1:default:pvc-after-rotation"
+    );
+}

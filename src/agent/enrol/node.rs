@@ -97,17 +97,60 @@ impl NodeEnrolment {
         format!("{}.{}", self.node.as_str(), self.agent_server_name)
     }
 
-    /// When the certificate already in the directory is due for renewal, if it names this node
-    /// and that time has not come yet; `None`: enrol now.
+    /// When the certificate already in the directory is due for renewal, if it names this node,
+    /// that time has not come yet, and it was enrolled trusting the CA `--tls-ca` holds now;
+    /// `None`: enrol now. A directory kept across a container restart after the controller's CA
+    /// was replaced (docs/security.md, "Rotating the CAs") would otherwise keep the old CA, and
+    /// the node could not reach a controller of the new one until its renewal point.
     pub fn current(&self) -> Option<SystemTime> {
         let pem = std::fs::read(self.identity_file()).ok()?;
-        std::fs::metadata(self.ca_file()).ok()?;
+        if !self.holds_install_ca() {
+            return None;
+        }
         let cert = CertificateDer::pem_slice_iter(&pem).next()?.ok()?;
         if !certificate_names(&cert, &self.name()) || !String::from_utf8_lossy(&pem).contains("PRIVATE KEY-----") {
             return None;
         }
         let at = renewal_point(&cert)?;
         (SystemTime::now() < at).then_some(at)
+    }
+
+    /// The install CA as `keep` puts it at the head of the CA file (ending with a newline);
+    /// `None` when it cannot be read or holds no certificate.
+    fn install_ca_head(&self) -> Option<Vec<u8>> {
+        let mut ca = std::fs::read(&self.install_ca).ok()?;
+        CertificateDer::pem_slice_iter(&ca).next()?.ok()?;
+        if !ca.ends_with(b"\n") {
+            ca.push(b'\n');
+        }
+        Some(ca)
+    }
+
+    /// Whether the CA file this node's TLS uses begins with the install CA as it is now.
+    fn holds_install_ca(&self) -> bool {
+        match (std::fs::read(self.ca_file()), self.install_ca_head()) {
+            (Ok(kept), Some(now)) => kept.starts_with(&now),
+            _ => false,
+        }
+    }
+
+    /// Resolves once `--tls-ca` holds certificates other than those this node enrolled with:
+    /// the controller's CA was rotated and published again (the chart's ConfigMap, which kubelet
+    /// updates in the pod). The node then restarts, as for a renewal, and enrols anew trusting it
+    /// (`current` refuses the kept certificate). An unreadable or empty file is not acted on: the
+    /// certificates in use are kept. Checked every `every`.
+    pub async fn install_ca_replaced(self, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if self.install_ca_head().is_some() && !self.holds_install_ca() {
+                tracing::warn!(
+                    node = self.node.as_str(),
+                    ca = %self.install_ca.display(),
+                    "the CA of the controller's certificate changed: restarting to enrol again trusting it"
+                );
+                return;
+            }
+        }
     }
 
     /// One enrolment with the first replica that answers: writes the files, returns when the new
