@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use cellar::server::Stopped;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -553,7 +554,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result: Result<(), String> = match command {
+    let result: Result<Stopped, String> = match command {
         Command::AllInOne {
             endpoint,
             node_id,
@@ -584,6 +585,7 @@ fn main() -> ExitCode {
                 };
                 runtime
                     .block_on(cellar::roles::all_in_one(opts))
+                    .map(|()| Stopped::Signalled)
                     .map_err(|e| e.to_string())
             })
         }
@@ -668,18 +670,40 @@ fn main() -> ExitCode {
                 runtime.block_on(cellar::roles::node(opts)).map_err(|e| e.to_string())
             })
         }
-        Command::Csi(args) => runtime.block_on(cellar::client::run(args)),
-        Command::Report(_) | Command::Backup(_) => Ok(()), // answered above
+        Command::Csi(args) => runtime.block_on(cellar::client::run(args)).map(|()| Stopped::Signalled),
+        Command::Report(_) | Command::Backup(_) => Ok(Stopped::Signalled), // answered above
     };
     // Blocking storage work still running after the grace period is abandoned, not awaited.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Stopped::Signalled) => ExitCode::SUCCESS,
+        Ok(Stopped::Restart) => restart_in_place(),
         Err(e) => {
             eprintln!("cellar: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Starts this program again in this process (`exec`, the same process id and arguments) for
+/// rotated or renewed certificates. Exiting instead would end the container: kubelet starts it
+/// again only after its restart back-off, and every process it started goes with it, among them
+/// the FUSE daemon serving a share this node mounted, whose staged and published volumes would
+/// then fail with ENOTCONN until their pods restart (docs/shared.md). Every descriptor the process
+/// keeps is close-on-exec (Rust's and tokio's default): the socket, the listeners and the data
+/// directory's lock go with the old image.
+fn restart_in_place() -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| "cellar".into());
+    tracing::info!("restarting in place (the same process) for the rotated or renewed certificates");
+    // /proc/self/exe is this program's file even when its path was replaced or removed since.
+    let e = std::process::Command::new("/proc/self/exe")
+        .arg0(arg0)
+        .args(args)
+        .exec();
+    eprintln!("cellar: cannot start again in place ({e}); exiting for the container to be restarted");
+    ExitCode::SUCCESS
 }
 
 /// `--backup-bandwidth`: a size per second (`50M`, `1G`, `1048576`).

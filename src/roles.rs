@@ -155,7 +155,8 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
         .add_service(NodeGrpc::new(NodeServer(Arc::new(node_svc))));
     let served = server::serve_until_signal(router, listener, o.socket, &socket, std::future::pending()).await;
     drop(metrics);
-    Ok(served?)
+    served?;
+    Ok(())
 }
 
 /// Takes the data dir's lock, retrying briefly: `cellar report` tries it for an instant to learn
@@ -499,7 +500,7 @@ enum NodeIdentity {
 
 /// `cellar controller`: Identity + Controller for the sidecars, the registry the nodes report to,
 /// and the shared pools, which it creates and deletes volumes in itself.
-pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
+pub async fn controller(o: ControllerRole) -> Result<server::Stopped, RoleError> {
     let ControllerTls { tls, enrol, renewal } = controller_tls(&o).await?;
     let name = NodeId::parse(&o.name).map_err(|e| RoleError::NodeId(e.0))?;
     let config = load_config(o.config.as_ref(), &o.data_dir)?;
@@ -607,7 +608,7 @@ pub async fn controller(o: ControllerRole) -> Result<(), RoleError> {
 
 /// `cellar node`: Identity + Node for kubelet, the agent the controller calls, and the heartbeat
 /// that keeps this node in the controller's registry.
-pub async fn node(o: NodeRole) -> Result<(), RoleError> {
+pub async fn node(o: NodeRole) -> Result<server::Stopped, RoleError> {
     use crate::agent::heartbeat::{Heartbeat, HeartbeatConfig};
     use crate::agent::remote::HostPort;
     let node = NodeId::parse(&o.node_id).map_err(|e| RoleError::NodeId(e.0))?;

@@ -772,12 +772,14 @@ async fn create_on(controller: &Controller, node: &str, name: &str) -> String {
     v.volume.expect("volume").volume_id
 }
 
-/// How `child` exits (to renew its certificate), within `limit`; its log otherwise.
-async fn exit_within(child: &mut Child, limit: Duration, log_file: &Path) -> std::process::ExitStatus {
+/// Waits, within `limit`, until `child` has stopped and started again in place (to renew its
+/// certificate, or for a rotated CA): the same process, which never exits (its container and
+/// the processes it started carry on). Its log otherwise.
+async fn restart_within(child: &mut Child, limit: Duration, log_file: &Path) {
     let started = Instant::now();
-    loop {
+    while !log(log_file).contains("restarting in place") {
         if let Some(s) = child.try_wait().expect("wait") {
-            return s;
+            panic!("it exited ({s:?}) instead of starting again in place\n{}", log(log_file));
         }
         assert!(
             started.elapsed() < limit,
@@ -786,6 +788,7 @@ async fn exit_within(child: &mut Child, limit: Duration, log_file: &Path) -> std
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(child.try_wait().expect("wait").is_none(), "{}", log(log_file));
 }
 
 /// Two controllers started together (`own`: each issuing its own certificate), each finding every
@@ -1073,16 +1076,15 @@ async fn a_node_renews_its_certificate_before_it_expires() {
     let first = identity(&node);
     let expires = not_after(&first);
 
-    // Two thirds into its life the node enrols again, and restarts (exit 0) to use the new one.
-    let status = exit_within(
+    // Two thirds into its life the node enrols again, and starts again in place to use the new one.
+    restart_within(
         node.child.as_mut().expect("running"),
         Duration::from_secs(45),
         &node.log,
     )
     .await;
-    let exited = SystemTime::now();
-    assert!(status.success(), "{status:?}\n{}", log(&node.log));
-    assert!(exited < expires, "renewed before the first certificate expired");
+    let restarted = SystemTime::now();
+    assert!(restarted < expires, "renewed before the first certificate expired");
     let second = identity(&node);
     assert_ne!(second, first, "a new certificate and key");
     assert!(not_after(&second) > expires, "valid for longer than the first");
@@ -1092,9 +1094,7 @@ async fn a_node_renews_its_certificate_before_it_expires() {
     assert!(text.contains("renewing this node's certificate"), "{text}");
     assert!(text.contains("certificate rotation"), "{text}");
 
-    // Started again (as kubelet restarts the container), it uses the renewed certificate.
-    node.child = None;
-    env.restart_node(&controller, &mut node, "token-node-1", &[]);
+    // Started again (in place: the same process), it uses the renewed certificate.
     wait_registered(&controller, &node).await;
     assert!(
         log(&node.log).contains("using this node's certificate from its earlier enrolment"),
@@ -1463,10 +1463,9 @@ async fn a_controller_renews_its_own_certificate_by_restarting_before_it_expires
     let (mut env, controller) = own_controller(&["--controller-certificate-validity", "15s"]).await;
     let started = Instant::now();
     let child = env.children.last_mut().expect("the controller");
-    // Two thirds into its life (10 s) it stops gracefully (exit 0) for Kubernetes to start it
-    // again with a new certificate.
-    let status = exit_within(child, Duration::from_secs(30), &controller.log).await;
-    assert!(status.success(), "{status:?}\n{}", log(&controller.log));
+    // Two thirds into its life (10 s) it stops gracefully and starts again in place with a new
+    // certificate.
+    restart_within(child, Duration::from_secs(30), &controller.log).await;
     assert!(started.elapsed() < Duration::from_secs(15), "before it expired");
     assert!(
         log(&controller.log).contains("the controller's certificate is due for renewal"),
@@ -1474,15 +1473,14 @@ async fn a_controller_renews_its_own_certificate_by_restarting_before_it_expires
         log(&controller.log)
     );
     // Started again, it keeps the CA and issues itself a new certificate from it.
-    let again = env.start_own_controller("controller-again", &[]);
-    wait_ready(&again).await;
+    wait_ready(&controller).await;
     let s = env.api.state();
     assert_eq!((s.secret_creates, s.config_map_creates), (2, 1), "nothing made anew");
 }
 
 /// The cluster CA rotated as docs/security.md says (its Secret deleted, the controller restarted):
 /// a node enrolled under the old CA notices the published CA change in its ConfigMap volume and
-/// restarts, and started again with its kept directory (a container restart, not a new pod) it
+/// restarts in place, and started again with its kept directory it
 /// enrols afresh trusting the new CA instead of reusing a certificate and CA file of the old one.
 #[tokio::test]
 async fn a_node_enrols_again_when_the_published_cluster_ca_is_rotated() {
@@ -1505,6 +1503,7 @@ async fn a_node_enrols_again_when_the_published_cluster_ca_is_rotated() {
     let check = [("CELLAR_TLS_CHECK_SECONDS", "1")];
     let mut node = env.start_node_trusting(&first, "node-1", "token-node-1", &ca_file, &check);
     wait_registered(&first, &node).await;
+    let kept = identity(&node);
     let old_ca = published_ca(&env.api).expect("published");
 
     // Rotation: the Secret deleted, the controller replaced; it makes a new CA and publishes it.
@@ -1519,17 +1518,13 @@ async fn a_node_enrols_again_when_the_published_cluster_ca_is_rotated() {
     // kubelet updates the node pod's ConfigMap volume.
     std::fs::write(&ca_file, &new_ca).expect("mount");
     let child = node.child.as_mut().expect("the node");
-    let status = exit_within(child, Duration::from_secs(15), &node.log).await;
-    assert!(status.success(), "a graceful restart: {status:?}\n{}", log(&node.log));
+    restart_within(child, Duration::from_secs(15), &node.log).await;
     assert!(
         log(&node.log).contains("the CA of the controller's certificate changed"),
         "{}",
         log(&node.log)
     );
-    let kept = identity(&node);
-    assert!(!kept.is_empty(), "the directory outlives the process");
-    // Started again in the same pod: the kept certificate was enrolled trusting the old CA.
-    env.restart_node(&second, &mut node, "token-node-1", &check);
+    // Started again in place: the kept certificate was enrolled trusting the old CA.
     wait_registered(&second, &node).await;
     assert_ne!(identity(&node), kept, "enrolled afresh");
     let ca = std::fs::read_to_string(node.identity_dir.join("ca.crt")).expect("ca.crt");

@@ -473,7 +473,7 @@ pub async fn serve_until_signal(
     limits: SocketLimits,
     socket: &Path,
     restart: impl Future<Output = ()>,
-) -> Result<(), ServeError> {
+) -> Result<Stopped, ServeError> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     crate::crash::serving();
     let server = router.serve_with_incoming_shutdown(incoming(listener, limits), async {
@@ -481,14 +481,14 @@ pub async fn serve_until_signal(
     });
     tokio::pin!(server);
     let result = tokio::select! {
-        r = &mut server => r,
-        _ = async { tokio::select! { _ = shutdown_signal() => {}, _ = restart => {} } } => {
+        r = &mut server => r.map(|_| Stopped::Signalled),
+        why = async { tokio::select! { _ = shutdown_signal() => Stopped::Signalled, _ = restart => Stopped::Restart } } => {
             let _ = stop_tx.send(());
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
-                Ok(r) => r,
+                Ok(r) => r.map(|_| why),
                 Err(_) => {
                     tracing::warn!("in-flight calls did not finish within {SHUTDOWN_GRACE:?}; exiting");
-                    Ok(())
+                    Ok(why)
                 }
             }
         }
@@ -496,6 +496,17 @@ pub async fn serve_until_signal(
     let _ = std::fs::remove_file(socket);
     tracing::info!(socket = %socket.display(), "stopped; socket removed");
     result.map_err(ServeError::from)
+}
+
+/// Why a server stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// SIGTERM or SIGINT (or the server ended by itself): the process exits.
+    Signalled,
+    /// Rotated or renewed certificates: the process starts again in place (`exec` of itself, the
+    /// same process id), so that its container, and the processes it started (the FUSE daemon
+    /// of a share it mounted), carry on, and kubelet's restart back-off is not paid.
+    Restart,
 }
 
 #[cfg(test)]
