@@ -130,6 +130,9 @@ impl crate::storage::engine::MountedHere for NodeMounts {
         let Some(held) = self.in_flight.try_take(volume_id.to_string()) else {
             return NodeUse::Busy;
         };
+        if let Some(why) = self.state.unreadable(volume_id) {
+            return NodeUse::Unknown(why);
+        }
         let at = self.state.mounted_at(volume_id);
         if at.is_empty() {
             NodeUse::Free(held)
@@ -306,12 +309,19 @@ impl NodeService {
         Ok(())
     }
 
+    /// The volume's lock for a node call, which needs to know where the volume is mounted here:
+    /// refused while its state file cannot be read (an unpublish or unstage answering OK would
+    /// leave its mounts for good, and a stage or publish would write over what it recorded).
     fn hold(&self, volume_id: &str) -> Result<Held, NodeError> {
-        self.in_flight.try_take(volume_id.to_string()).ok_or_else(|| {
+        let held = self.in_flight.try_take(volume_id.to_string()).ok_or_else(|| {
             NodeError::InProgress(format!(
                 "an operation on volume {volume_id} is already in progress; retry later"
             ))
-        })
+        })?;
+        if let Some(why) = self.state.unreadable(volume_id) {
+            return Err(NodeError::NotReady(why));
+        }
+        Ok(held)
     }
 
     fn volume(&self, raw: &str) -> Result<(NodeVolume, PathBuf), NodeError> {

@@ -124,27 +124,155 @@ pub struct NodeState {
     /// Where the state files are read and written (real, or a test's recording fake).
     files: Arc<dyn Files>,
     cache: Mutex<HashMap<String, VolumeMounts>>,
+    /// State files found at open that could not be read as a volume's mounts, by path. Each is
+    /// kept as it is, and the volume it belongs to counts as mounted where nobody knows: see
+    /// [`NodeState::unreadable`].
+    unreadable: Mutex<BTreeMap<PathBuf, Unreadable>>,
+}
+
+/// The boot id of the machine when the state was last opened (see [`NodeState::open`]).
+const BOOT_MARK: &str = "boot";
+
+/// A state file that could not be read (an I/O error, not JSON, or JSON this release cannot read
+/// as a volume's mounts: a later release's, or edited by hand).
+#[derive(Debug, Clone)]
+struct Unreadable {
+    /// Why, as the reader said.
+    why: String,
+    /// The volume it names, when its JSON still has a `volume_id` string. Otherwise its name, the
+    /// hash of the volume id, still tells which volume it belongs to.
+    volume_id: Option<String>,
+}
+
+/// What reading one state file found.
+enum Read {
+    Gone,
+    Mounts(VolumeMounts),
+    Unreadable(Unreadable),
 }
 
 impl NodeState {
+    /// Reads every state file in `dir`. One that cannot be read is not skipped: forgetting it
+    /// would forget that its volume is staged or published here, and a DeleteVolume would then
+    /// remove data mounted into a pod, and an unpublish or unstage would answer OK unmounting
+    /// nothing. It is kept as it is, logged, and its volume is refused every node call and every
+    /// delete until the file is repaired or removed by hand ([`NodeState::unreadable`]).
+    ///
+    /// Except at the first open since the machine booted (the boot id in `dir/boot` is another's):
+    /// then what any file records is mounted no more, and a file torn by the crash that ended that
+    /// boot (the state is written without fsync) is renamed `<name>.json.unreadable` and logged,
+    /// not held against its volume.
     pub fn open(dir: &Path, files: Arc<dyn Files>) -> Result<NodeState, SysError> {
         files.mkdir_all(dir)?;
+        // Whether a process has opened the state since the machine booted: if not, every file
+        // was written in an earlier boot, and the mounts it describes went with that boot.
+        let mark = dir.join(BOOT_MARK);
+        let boot = crate::sys::boot_id();
+        let earlier_boot = boot.is_some()
+            && files
+                .read_optional(&mark)?
+                .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+                != boot;
         let mut cache = HashMap::new();
+        let mut unreadable = BTreeMap::new();
         for p in files.list_dir(dir)? {
-            if p.extension().is_some_and(|x| x == "json") {
-                if let Some(bytes) = files.read_optional(&p)? {
-                    if let Ok(m) = serde_json::from_slice::<VolumeMounts>(&bytes) {
-                        cache.insert(m.volume_id.clone(), m);
-                    }
+            if p.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            match read(&*files, &p) {
+                Read::Gone => {}
+                Read::Mounts(m) => {
+                    cache.insert(m.volume_id.clone(), m);
+                }
+                Read::Unreadable(u) if earlier_boot => {
+                    // Torn by a machine crash (the state is written without fsync), or spoiled
+                    // otherwise: what it recorded is mounted no more. Set aside for the operator,
+                    // out of the way of the volume's next stage.
+                    let aside = p.with_extension("json.unreadable");
+                    files.rename(&p, &aside)?;
+                    tracing::warn!(
+                        file = %aside.display(),
+                        volume = u.volume_id.as_deref().unwrap_or("unknown"),
+                        error = u.why,
+                        "a mount state file written before the machine's last boot cannot be read; \
+                         the mounts it recorded are gone with that boot: set aside"
+                    );
+                }
+                Read::Unreadable(u) => {
+                    tracing::error!(
+                        file = %p.display(),
+                        volume = u.volume_id.as_deref().unwrap_or("unknown"),
+                        error = u.why,
+                        "cannot read this node's mount state of a volume: the volume is refused \
+                         deletes and node calls until the file is repaired or removed (after \
+                         unmounting what it recorded by hand)"
+                    );
+                    unreadable.insert(p, u);
                 }
             }
+        }
+        if let Some(b) = boot.filter(|_| earlier_boot) {
+            files.write_atomic(&mark, b.as_bytes(), Durability::ProcessCrash)?;
         }
         Ok(NodeState {
             dir: dir.to_path_buf(),
             real_dir: files.resolve(dir)?,
             files,
             cache: Mutex::new(cache),
+            unreadable: Mutex::new(unreadable),
         })
+    }
+
+    /// Why `volume_id` cannot be worked on: its state file was found unreadable at open and still
+    /// is, so this node does not know where the volume is staged or published (a message for
+    /// FAILED_PRECONDITION, naming the file and what to do). Read again at every ask: a file
+    /// removed since is forgotten, and one repaired is taken in, without a restart.
+    pub fn unreadable(&self, volume_id: &str) -> Option<String> {
+        let own = self.file(volume_id);
+        let mut bad = self.unreadable.lock().unwrap_or_else(|p| p.into_inner());
+        let path = bad
+            .iter()
+            .find(|(p, u)| **p == own || u.volume_id.as_deref() == Some(volume_id))
+            .map(|(p, _)| p.clone())?;
+        match read(&*self.files, &path) {
+            Read::Gone => {
+                tracing::info!(file = %path.display(), volume = volume_id, "unreadable mount state removed; the volume is usable again");
+                bad.remove(&path);
+                None
+            }
+            Read::Mounts(m) if m.volume_id == volume_id && path == own => {
+                tracing::info!(file = %path.display(), volume = volume_id, "mount state repaired; read again");
+                bad.remove(&path);
+                let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                cache.insert(m.volume_id.clone(), m);
+                None
+            }
+            Read::Mounts(m) => Some(Self::refusal(
+                volume_id,
+                &path,
+                &format!(
+                    "it now names volume {}, and volume {volume_id}'s state belongs in {}",
+                    m.volume_id,
+                    own.display()
+                ),
+            )),
+            Read::Unreadable(u) => {
+                let message = Self::refusal(volume_id, &path, &u.why);
+                bad.insert(path, u);
+                Some(message)
+            }
+        }
+    }
+
+    fn refusal(volume_id: &str, path: &Path, why: &str) -> String {
+        format!(
+            "this node's record of where volume {volume_id} is staged and published, {}, cannot be \
+             read ({why}): the node does not know whether the volume is mounted, so it neither \
+             deletes it nor stages, publishes, unpublishes or unstages it. Unmount what is left of \
+             it on this node by hand (findmnt, losetup -j on its image) once no pod uses it, then \
+             remove the file (or repair it); the next call reads it again",
+            path.display()
+        )
     }
 
     fn file(&self, volume_id: &str) -> PathBuf {
@@ -167,6 +295,19 @@ impl NodeState {
 
     pub fn put(&self, m: VolumeMounts) -> Result<(), SysError> {
         let path = self.file(&m.volume_id);
+        // Never over a file that could not be read: what it recorded would be lost for good.
+        if self
+            .unreadable
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&path)
+        {
+            return Err(SysError::io(
+                "write mount state (the file there could not be read; repair or remove it first)",
+                &path,
+                std::io::Error::from_raw_os_error(libc::EUCLEAN),
+            ));
+        }
         if m.is_empty() {
             self.files.remove_file_if_exists(&path)?;
         } else {
@@ -207,5 +348,105 @@ impl NodeState {
     pub fn mounted_at(&self, volume_id: &str) -> Vec<PathBuf> {
         let m = self.get(volume_id);
         m.published.keys().cloned().chain(m.staged.map(|s| s.path)).collect()
+    }
+}
+
+/// One state file, read: gone meanwhile, a volume's mounts, or why it cannot be read.
+fn read(files: &dyn Files, path: &Path) -> Read {
+    let bytes = match files.read_optional(path) {
+        Ok(None) => return Read::Gone,
+        Ok(Some(b)) => b,
+        Err(e) => {
+            return Read::Unreadable(Unreadable {
+                why: e.to_string(),
+                volume_id: None,
+            })
+        }
+    };
+    match serde_json::from_slice::<VolumeMounts>(&bytes) {
+        Ok(m) => Read::Mounts(m),
+        Err(e) => Read::Unreadable(Unreadable {
+            why: format!("{} bytes that are not this release's mount state: {e}", bytes.len()),
+            volume_id: serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("volume_id")?.as_str().map(str::to_string)),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::files::RecordingFiles;
+
+    fn staged(volume_id: &str) -> VolumeMounts {
+        VolumeMounts {
+            volume_id: volume_id.into(),
+            staged: Some(Staged {
+                path: "/stage".into(),
+                read_only: false,
+                backing: None,
+                bound: None,
+                block: false,
+                real: None,
+            }),
+            published: BTreeMap::new(),
+        }
+    }
+
+    /// A state file that cannot be read at start (EIO here) does not stop the node (it stopped
+    /// every volume's calls), nor is it forgotten: its volume is refused while the file still
+    /// cannot be read, the file is neither written over nor removed, and once it reads again its
+    /// mounts are taken in.
+    #[test]
+    fn a_state_file_that_fails_to_read_is_kept_and_read_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = Arc::new(RecordingFiles::default());
+        let state = NodeState::open(dir.path(), files.clone()).expect("open");
+        state.put(staged("local:n1:default:a")).expect("put");
+        state.put(staged("local:n1:default:b")).expect("put");
+        let a = state.file("local:n1:default:a");
+        files.fail_next_at("read_optional", &a, libc::EIO);
+        let state = NodeState::open(dir.path(), files.clone()).expect("the node starts");
+        assert!(state.get("local:n1:default:b").staged.is_some(), "the others are read");
+        assert_eq!(state.unreadable("local:n1:default:b"), None);
+        files.fail_next_at("read_optional", &a, libc::EIO);
+        let why = state.unreadable("local:n1:default:a").expect("refused");
+        assert!(why.contains(&a.display().to_string()), "{why}");
+        let mut cleared = staged("local:n1:default:a");
+        cleared.staged = None;
+        state.put(cleared).expect_err("never written over");
+        assert!(a.exists(), "nor removed");
+        // The disk answers again: the next ask reads it and takes it in.
+        assert_eq!(state.unreadable("local:n1:default:a"), None, "it reads again");
+        assert!(state.get("local:n1:default:a").staged.is_some(), "and is taken in");
+    }
+
+    /// At the first start after a reboot, a torn state file (a machine crash: the state is written
+    /// without fsync) describes mounts the reboot removed: it is set aside, not held against its
+    /// volume. Without a reboot between, the same file is held.
+    #[test]
+    fn a_state_file_torn_before_the_last_boot_is_set_aside() {
+        if crate::sys::boot_id().is_none() {
+            return; // no boot id to tell boots apart: every unreadable file is held
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = Arc::new(RecordingFiles::default());
+        let state = NodeState::open(dir.path(), files.clone()).expect("open");
+        state.put(staged("local:n1:default:a")).expect("put");
+        let a = state.file("local:n1:default:a");
+        std::fs::write(&a, b"").expect("torn");
+        let state = NodeState::open(dir.path(), files.clone()).expect("open");
+        assert!(state.unreadable("local:n1:default:a").is_some(), "same boot: held");
+        std::fs::write(dir.path().join(BOOT_MARK), b"another-boot").expect("mark");
+        let state = NodeState::open(dir.path(), files.clone()).expect("open");
+        assert_eq!(state.unreadable("local:n1:default:a"), None, "earlier boot: set aside");
+        assert!(!a.exists());
+        assert!(a.with_extension("json.unreadable").exists(), "kept for the operator");
+        state
+            .put(staged("local:n1:default:a"))
+            .expect("the volume stages again");
+        let again = NodeState::open(dir.path(), files).expect("open");
+        assert!(again.get("local:n1:default:a").staged.is_some());
     }
 }

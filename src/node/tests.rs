@@ -26,6 +26,7 @@ struct Node {
     devices: Arc<RecordingDevices>,
     /// The Node service's own file operations (its mount state, staging and target paths).
     files: Arc<RecordingFiles>,
+    config: Config,
 }
 
 impl Node {
@@ -36,7 +37,6 @@ impl Node {
     /// A node whose configuration `change` adds to (given the test's directory).
     fn with(change: impl FnOnce(&Path, &mut Config)) -> Node {
         let dir = tempfile::tempdir().expect("tempdir");
-        let node = NodeId::parse("n1").expect("node id");
         let mut config = Config::default_for(dir.path());
         config.pools[0].layouts.push(Layout::Image);
         // A shared pool too (a plain directory here), whose directory volumes carry stage marks.
@@ -47,11 +47,33 @@ impl Node {
         shared.layouts = vec![Layout::Dir, Layout::Image];
         config.pools.push(shared);
         change(dir.path(), &mut config);
+        Node::open(
+            dir,
+            config,
+            Arc::new(RecordingMounter::default()),
+            Arc::new(RecordingDevices::default()),
+        )
+    }
+
+    /// The node's process started again over the same pools and mount state; the machine's
+    /// mounts and devices (the fakes) are the same ones.
+    fn restart(self) -> Node {
+        let config = self.config.clone();
+        let (mounter, devices) = (self.mounter.clone(), self.devices.clone());
+        drop(self.svc);
+        Node::open(self.dir, config, mounter, devices)
+    }
+
+    fn open(
+        dir: tempfile::TempDir,
+        config: Config,
+        mounter: Arc<RecordingMounter>,
+        devices: Arc<RecordingDevices>,
+    ) -> Node {
+        let node = NodeId::parse("n1").expect("node id");
         let engine = Arc::new(LocalEngine::open(node.clone(), &config).expect("engine"));
         let files = Arc::new(RecordingFiles::default());
         let state = Arc::new(NodeState::open(&dir.path().join("node"), files.clone()).expect("state"));
-        let mounter = Arc::new(RecordingMounter::default());
-        let devices = Arc::new(RecordingDevices::default());
         let mut svc = NodeService::new(node, engine, state, 0);
         svc.mounter = mounter.clone();
         svc.devices = devices.clone();
@@ -62,6 +84,7 @@ impl Node {
             mounter,
             devices,
             files,
+            config,
         }
     }
 
@@ -474,6 +497,96 @@ fn a_delete_waits_for_no_node_call_and_refuses_what_is_mounted() {
         .expect("unstage");
     n.svc.engine.delete_volume(&vid).expect("delete once unstaged");
     assert!(n.svc.engine.volume(&vid).is_none());
+}
+
+/// A state file the node cannot read (torn, or JSON it cannot read as a volume's mounts) was
+/// skipped at start: the node forgot the volume was staged and published, a DeleteVolume removed
+/// the data under the pod, and the unpublish and unstage answered OK unmounting nothing. It is
+/// kept, and its volume is refused deletes and node calls (FAILED_PRECONDITION naming the file)
+/// until the file is repaired or removed; the next call reads it again, no restart needed.
+#[test]
+fn a_state_file_that_cannot_be_read_keeps_its_volume_from_deletes_and_node_calls() {
+    use crate::storage::id::VolumeId;
+    use crate::storage::StorageError;
+    let mut n = Node::new();
+    let id = n.volume("pvc-kept");
+    let vid = VolumeId::parse(&id).expect("id");
+    let (staging, target) = (n.path("stage"), n.path("pod/mount"));
+    n.stage(&id, &staging).expect("stage");
+    n.publish(&id, &staging, &target, Mode::SingleNodeWriter, false)
+        .expect("publish");
+    let files: Vec<PathBuf> = std::fs::read_dir(n.path("node"))
+        .expect("state dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    let [file] = files.as_slice() else {
+        panic!("one state file: {files:?}");
+    };
+    let good = std::fs::read(file).expect("state");
+    let torn = good[..good.len() / 2].to_vec();
+    let other_shape = format!(r#"{{"volume_id":"{id}","staged":7,"published":[]}}"#).into_bytes();
+    for bad in [torn, other_shape] {
+        std::fs::write(file, &bad).expect("spoil the state");
+        n = n.restart();
+        let mounts = n.mounter.calls().len();
+        match n.svc.engine.delete_volume(&vid) {
+            Err(StorageError::InUse(m)) => assert!(m.contains(&file.display().to_string()), "{m}"),
+            other => panic!("the delete of a volume whose state is unreadable: {other:?}"),
+        }
+        let (_, data) = n.svc.engine.volume_data(&vid).expect("the volume is kept");
+        assert!(data.is_dir(), "and its data");
+        let unpublished = n.svc.unpublish(NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target.display().to_string(),
+        });
+        let unstaged = n.unstage(&id, &staging);
+        let staged = n.stage(&id, &staging);
+        let published = n.publish(&id, &staging, &target, Mode::SingleNodeWriter, false);
+        for r in [
+            unpublished.map(|_| ()).map_err(tonic::Status::from),
+            unstaged,
+            staged,
+            published,
+        ] {
+            let e = r.expect_err("a node call on a volume whose state is unreadable");
+            assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+            assert!(e.message().contains(&file.display().to_string()), "{e:?}");
+        }
+        assert_eq!(n.mounter.calls().len(), mounts, "nothing mounted or unmounted");
+        assert_eq!(std::fs::read(file).expect("kept"), bad, "the file is kept as it is");
+    }
+    // Repaired by hand: the next call reads it again and goes on where the node left off.
+    std::fs::write(file, &good).expect("repair");
+    n.svc
+        .unpublish(NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target.display().to_string(),
+        })
+        .expect("unpublish");
+    n.unstage(&id, &staging).expect("unstage");
+    assert!(n.mounter.mounted().is_empty(), "{:?}", n.mounter.calls());
+    n.svc.engine.delete_volume(&vid).expect("delete once unstaged");
+    // Removed by hand (after unmounting by hand): the volume is usable again.
+    let other = n.volume("pvc-other");
+    n.stage(&other, &staging).expect("stage");
+    let file = std::fs::read_dir(n.path("node"))
+        .expect("state dir")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .expect("a state file");
+    std::fs::write(&file, b"{").expect("spoil the state");
+    n = n.restart();
+    assert!(n
+        .svc
+        .engine
+        .delete_volume(&VolumeId::parse(&other).expect("id"))
+        .is_err());
+    std::fs::remove_file(&file).expect("remove");
+    n.svc
+        .engine
+        .delete_volume(&VolumeId::parse(&other).expect("id"))
+        .expect("delete once the file is gone");
 }
 
 #[test]

@@ -189,6 +189,7 @@ impl LocalEngine {
             Some(NodeUse::Free(held)) => (Vec::new(), Some(held)),
             Some(NodeUse::Busy) => return Err(StorageError::Busy(id.to_string())),
             Some(NodeUse::MountedAt(at)) => (at, None),
+            Some(NodeUse::Unknown(why)) => return Err(StorageError::InUse(why)),
             None if pool.sys.files.entry(data)? == files::Entry::Dir => {
                 let table = mountinfo::read(std::path::Path::new(mountinfo::SELF))?;
                 (mountinfo::mounts_of(&table, data), None)
@@ -306,6 +307,9 @@ pub enum NodeUse {
     Busy,
     /// Staged or published at these paths.
     MountedAt(Vec<PathBuf>),
+    /// The node's record of where it is mounted cannot be read (why, and what to do): it may be
+    /// mounted anywhere, so it counts as in use.
+    Unknown(String),
 }
 
 /// The nodes that hold a directory volume of a shared pool staged, from their marks on the share.
