@@ -774,11 +774,18 @@ impl NodeService {
             ))
         })?;
         let grow = rec.capacity_bytes > rec.fs_bytes && !mount_ro;
+        // A filesystem that came from another node or a backup is recorded as never grown here:
+        // whoever sent it chose it, so it is checked before the kernel mounts it, at every stage
+        // until one grows it (an ext4 grown offline is checked by that: `e2fsck -f -p`).
+        let check_first = rec.fs_bytes == 0 && !(grow && fs == FsType::Ext4);
         let flags = BindFlags {
             read_only: mount_ro,
             ..cap.flags
         };
         let mounted = (|| {
+            if check_first {
+                self.check_first(&r.volume_id, fs, &device.path, &staging, read_only)?;
+            }
             if grow && fs == FsType::Ext4 {
                 // ext4 cannot always grow online (it needs CAP_SYS_RESOURCE); unmounted it always can.
                 self.devices.grow_offline(fs, &device.path)?;
@@ -812,6 +819,62 @@ impl NodeService {
             }
         }
         Ok(NodeStageVolumeResponse {})
+    }
+
+    /// Checks the unmounted filesystem of a volume that came from another node or a backup before
+    /// the kernel mounts it for its stage, without repairing anything (`fstools::check`; ext4
+    /// read-write stages are checked by the offline grow instead). A journal or log left to
+    /// replay (every crash-consistent copy of a mounted filesystem has one) is replayed first,
+    /// as the kernel's mount would: an ext4 journal by e2fsck, an xfs log by the kernel alone,
+    /// through a read-only, nosuid, nodev, noexec mount at the staging path (nobody uses it
+    /// before the stage answers), unmounted at once; then the filesystem is checked again.
+    /// Through the read-only device of a reader-only stage nothing can be replayed (nor can the
+    /// kernel mount it): FAILED_PRECONDITION.
+    fn check_first(
+        &self,
+        volume_id: &str,
+        fs: FsType,
+        device: &Path,
+        staging: &Path,
+        device_ro: bool,
+    ) -> Result<(), NodeError> {
+        use fstools::Checked;
+        if self.devices.check(fs, device, !device_ro)? == Checked::Clean {
+            return Ok(());
+        }
+        let log = match fs {
+            FsType::Ext4 => "journal",
+            FsType::Xfs => "log",
+        };
+        if device_ro {
+            return Err(NodeError::NotReady(format!(
+                "volume {volume_id} came from another node or a backup, and its {fs} filesystem is \
+                 checked before its first mount, but its {log} holds changes to replay, which \
+                 neither the check nor the kernel can do through the read-only device of a \
+                 reader-only stage: stage it once with a writer access mode (that replays, checks \
+                 and grows it)"
+            )));
+        }
+        let replay = BindFlags {
+            read_only: true,
+            nosuid: true,
+            nodev: true,
+            noexec: true,
+            ..Default::default()
+        };
+        self.mounter.mount_fs(device, staging, fs.as_str(), replay)?;
+        if let Err(e) = self.mounter.unmount(staging) {
+            // Nothing may stay mounted of a filesystem that has not passed its check.
+            self.mounter.detach(staging)?;
+            return Err(e.into());
+        }
+        match self.devices.check(fs, device, true)? {
+            Checked::Clean => Ok(()),
+            Checked::LogDirty => Err(NodeError::Broken(format!(
+                "volume {volume_id}'s {fs} {log} still holds changes after the kernel replayed it; \
+                 its filesystem is not mounted"
+            ))),
+        }
     }
 
     /// After a failed mount or offline check at stage, this node does not hold the volume: neither

@@ -1111,6 +1111,146 @@ fn a_failed_stage_under_a_live_publish_undoes_nothing() {
     assert!(n.svc.state.get(&id).staged.is_some(), "and the stage's intent stays");
 }
 
+/// A volume that came from another node or a backup (recorded as never grown here, fs_bytes 0)
+/// is checked before the kernel first mounts it, xfs and read-only stages too: 17edb70 checked
+/// only ext4 on a read-write stage (by its offline grow), and mounted an xfs, or any read-only
+/// first stage, as whoever sent it made it.
+#[test]
+fn a_filesystem_from_elsewhere_is_checked_before_every_first_mount() {
+    use crate::storage::id::VolumeId;
+    let n = Node::new();
+    let stage = |id: &str, mode: Mode, flags: &[&str]| {
+        n.svc
+            .stage(NodeStageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: n.path("stage").display().to_string(),
+                volume_capability: Some(crate::client::mount_capability(
+                    mode,
+                    flags.iter().map(|f| f.to_string()).collect(),
+                )),
+                ..Default::default()
+            })
+            .map(|_| ())
+            .map_err(tonic::Status::from)
+    };
+    let imported = |name: &str, fs: &str| {
+        let mut req = NewVolume::plain(name, Some(Layout::Image), 300 << 20);
+        req.fs_type = fs.into();
+        let id = n.svc.engine.create_volume(req).expect("create").id;
+        n.svc.engine.set_fs_bytes(&id, 0).expect("as an import records it");
+        id.to_string()
+    };
+    let fs_bytes = |id: &str| {
+        n.svc
+            .engine
+            .volume(&VolumeId::parse(id).expect("id"))
+            .expect("record")
+            .fs_bytes
+    };
+    // Each case: the device calls from the first check on, and the mounts made.
+    let after_check = |devices: &[String]| -> Vec<String> {
+        let at = devices
+            .iter()
+            .position(|c| c.starts_with("check "))
+            .unwrap_or(devices.len());
+        devices[at..]
+            .iter()
+            .filter(|c| !c.starts_with("find ") && !c.starts_with("ro "))
+            .map(|c| c.split(" /dev/").next().unwrap_or(c).to_string() + c.split_once(" replay").map_or("", |(_, r)| r))
+            .collect()
+    };
+    let staging = n.path("stage");
+    let unstage_all = |id: &str| n.unstage(id, &staging).expect("unstage");
+
+    // xfs, read-write, clean: checked, mounted, grown; never again once grown.
+    let x = imported("pvc-xfs", "xfs");
+    let (d0, m0) = (n.devices.calls().len(), n.mounter.calls().len());
+    stage(&x, Mode::SingleNodeWriter, &[]).expect("stage");
+    assert_eq!(
+        after_check(&n.devices.calls()[d0..]),
+        ["check xfs=true", "grow-online xfs"],
+        "{:?}",
+        n.devices.calls()
+    );
+    let mounts = &n.mounter.calls()[m0..];
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    assert_eq!(fs_bytes(&x), 300 << 20);
+    unstage_all(&x);
+    let d1 = n.devices.calls().len();
+    stage(&x, Mode::SingleNodeWriter, &[]).expect("stage again");
+    assert!(
+        !n.devices.calls()[d1..].iter().any(|c| c.starts_with("check ")),
+        "checked once"
+    );
+    unstage_all(&x);
+
+    // xfs with a dirty log (a crash-consistent copy): the kernel replays it through a read-only
+    // nosuid,nodev,noexec mount, unmounted at once, then it is checked again and mounted.
+    let y = imported("pvc-xfs-dirty", "xfs");
+    n.devices.dirty_logs(1);
+    let (d0, m0) = (n.devices.calls().len(), n.mounter.calls().len());
+    stage(&y, Mode::SingleNodeWriter, &[]).expect("stage");
+    assert_eq!(
+        after_check(&n.devices.calls()[d0..]),
+        ["check xfs=true", "check xfs=true", "grow-online xfs"]
+    );
+    let mounts = n.mounter.calls()[m0..].to_vec();
+    assert_eq!(mounts.len(), 3, "{mounts:?}");
+    assert!(
+        mounts[0].starts_with("mount /dev/loop")
+            && mounts[0].contains("read_only: true, nosuid: true, nodev: true, noexec: true"),
+        "{mounts:?}"
+    );
+    assert!(mounts[1].starts_with("unmount "), "{mounts:?}");
+    assert!(mounts[2].contains("read_only: false"), "{mounts:?}");
+    unstage_all(&y);
+
+    // A log still dirty after the replay, or a check that finds the filesystem inconsistent:
+    // the stage fails and leaves nothing mounted, attached or intended.
+    let z = imported("pvc-xfs-bad", "xfs");
+    for (dirty, fail) in [(2, None), (0, Some(libc::EUCLEAN))] {
+        n.devices.dirty_logs(dirty);
+        if let Some(errno) = fail {
+            n.devices.fail_next("check", errno);
+        }
+        let e = stage(&z, Mode::SingleNodeWriter, &[]).expect_err("not mounted");
+        assert_eq!(e.code(), Code::Internal, "{e:?}");
+        assert!(n.mounter.mounted().is_empty(), "{:?}", n.mounter.calls());
+        assert!(n.devices.attached().is_empty());
+        assert!(n.svc.state.get(&z).staged.is_none());
+        assert_eq!(fs_bytes(&z), 0, "to be checked again");
+    }
+
+    // Read-only first stages: under an `ro` mount option (a writable device) checked with the
+    // journal replayed, grown never; through a reader-only stage's read-only device checked
+    // without replay, and refused when there is a journal to replay.
+    let e = imported("pvc-ext4", "ext4");
+    let d0 = n.devices.calls().len();
+    stage(&e, Mode::SingleNodeWriter, &["ro"]).expect("stage ro");
+    assert_eq!(after_check(&n.devices.calls()[d0..]), ["check ext4=true"]);
+    assert_eq!(fs_bytes(&e), 0, "not grown: checked again at the next first stage");
+    unstage_all(&e);
+    let d0 = n.devices.calls().len();
+    stage(&e, Mode::SingleNodeReaderOnly, &[]).expect("stage reader-only");
+    assert_eq!(after_check(&n.devices.calls()[d0..]), ["check ext4=false"]);
+    unstage_all(&e);
+    n.devices.dirty_logs(1);
+    let m0 = n.mounter.calls().len();
+    let err = stage(&e, Mode::SingleNodeReaderOnly, &[]).expect_err("cannot replay");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("writer access mode"), "{err:?}");
+    assert_eq!(n.mounter.calls().len(), m0, "nothing mounted");
+    assert!(n.devices.attached().is_empty());
+    // ext4 read-write: its offline grow checks it (e2fsck -f -p), as before.
+    let d0 = n.devices.calls().len();
+    stage(&e, Mode::SingleNodeWriter, &[]).expect("stage");
+    assert_eq!(after_check(&n.devices.calls()[d0..]), Vec::<String>::new());
+    assert!(n.devices.calls()[d0..]
+        .iter()
+        .any(|c| c.starts_with("grow-offline ext4")));
+    assert_eq!(fs_bytes(&e), 300 << 20);
+}
+
 #[test]
 fn a_stage_that_cannot_read_its_devices_takes_no_lease() {
     let n = Node::new();

@@ -25,6 +25,9 @@ pub trait Devices: Send + Sync {
     fn grow_offline(&self, fs: FsType, device: &Path) -> Result<(), SysError>;
     /// Grows the filesystem on `device`, mounted at `mountpoint`, to the device's size.
     fn grow_online(&self, fs: FsType, device: &Path, mountpoint: &Path) -> Result<(), SysError>;
+    /// Checks the unmounted filesystem on `device` without repairing it (`replay`: an ext4
+    /// journal may be replayed first): [`fstools::check`].
+    fn check(&self, fs: FsType, device: &Path, replay: bool) -> Result<fstools::Checked, SysError>;
 }
 
 /// The real thing: loop ioctls and the filesystems' own tools.
@@ -56,6 +59,9 @@ impl Devices for LinuxDevices {
     fn grow_online(&self, fs: FsType, device: &Path, mountpoint: &Path) -> Result<(), SysError> {
         fstools::grow_online(fs, device, mountpoint)
     }
+    fn check(&self, fs: FsType, device: &Path, replay: bool) -> Result<fstools::Checked, SysError> {
+        fstools::check(fs, device, replay)
+    }
 }
 
 /// Devices that exist only in memory: each attach makes a `/dev/loopN` that "exists" until it is
@@ -72,6 +78,8 @@ struct DeviceState {
     attached: BTreeMap<u32, PathBuf>,
     /// The devices attached read-only.
     read_only: std::collections::BTreeSet<u32>,
+    /// How many of the next checks find a dirty log (see [`RecordingDevices::dirty_logs`]).
+    dirty_logs: usize,
     /// Since a reboot with a seed: numbers come in an order of their own (as when other software
     /// on the machine takes and gives back loop devices), from this generator's state.
     scramble: Option<u64>,
@@ -96,6 +104,12 @@ impl RecordingDevices {
     /// Forgets every failure armed with `fail_next` and not yet reached.
     pub fn disarm(&self) {
         self.state.disarm();
+    }
+
+    /// The next `n` checks find the filesystem's journal or log dirty (a crash-consistent copy),
+    /// the ones after find it clean. A check can be made to fail with `fail_next("check", ..)`.
+    pub fn dirty_logs(&self, n: usize) {
+        self.state.lock().dirty_logs = n;
     }
 
     /// The device over `backing` disappears, as when someone ran `losetup -d` behind our back.
@@ -223,6 +237,20 @@ impl Devices for RecordingDevices {
                 device,
             )
             .map(|_| ())
+    }
+    fn check(&self, fs: FsType, device: &Path, replay: bool) -> Result<fstools::Checked, SysError> {
+        let mut s = self.state.enter(
+            "check",
+            format!("check {} {} replay={replay}", fs.as_str(), device.display()),
+            device,
+        )?;
+        Ok(match s.dirty_logs {
+            0 => fstools::Checked::Clean,
+            _ => {
+                s.dirty_logs -= 1;
+                fstools::Checked::LogDirty
+            }
+        })
     }
     fn grow_online(&self, fs: FsType, device: &Path, mountpoint: &Path) -> Result<(), SysError> {
         self.state

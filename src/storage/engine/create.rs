@@ -331,9 +331,11 @@ impl LocalEngine {
         }
         layout::of(p.layout).set_capacity(p.pool, &data, p.capacity)?;
         // The filesystem came from another node or a backup: whoever sent it chose its contents and
-        // the size its header claims. Recorded as not yet grown, its first read-write stage checks
-        // an ext4 filesystem (`e2fsck -f -p`, which also replays its journal) and grows it to the
-        // volume before the kernel mounts it, whatever the header said.
+        // the size its header claims. Recorded as not yet grown (fs_bytes 0), it is checked before
+        // the kernel mounts it, at every stage until a read-write one grows it: an ext4 grown
+        // offline by `e2fsck -f -p` (which also replays its journal), an xfs or a read-only stage
+        // by `xfs_repair -n` / `e2fsck -f -n` after its journal or log is replayed
+        // (`NodeService::check_first`), whatever the header said.
         self.record_new(p, req, 0)
     }
 
