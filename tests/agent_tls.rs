@@ -564,7 +564,10 @@ fn a_controller_restarts_when_its_certificates_are_rotated() {
     let deadline = Instant::now() + Duration::from_secs(20);
     while !read_log().contains("restarting in place") {
         if let Some(s) = child.try_wait().expect("wait") {
-            panic!("the controller exited ({s:?}) instead of starting again in place:\n{}", read_log());
+            panic!(
+                "the controller exited ({s:?}) instead of starting again in place:\n{}",
+                read_log()
+            );
         }
         if Instant::now() > deadline {
             let _ = child.kill();
@@ -584,7 +587,11 @@ fn a_controller_restarts_when_its_certificates_are_rotated() {
             "the controller exited after its restart:\n{}",
             read_log()
         );
-        assert!(Instant::now() < deadline, "no socket after the restart:\n{}", read_log());
+        assert!(
+            Instant::now() < deadline,
+            "no socket after the restart:\n{}",
+            read_log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // The same process serves on, with the new certificate: no rotation seen again.

@@ -779,7 +779,10 @@ async fn restart_within(child: &mut Child, limit: Duration, log_file: &Path) {
     let started = Instant::now();
     while !log(log_file).contains("restarting in place") {
         if let Some(s) = child.try_wait().expect("wait") {
-            panic!("it exited ({s:?}) instead of starting again in place\n{}", log(log_file));
+            panic!(
+                "it exited ({s:?}) instead of starting again in place\n{}",
+                log(log_file)
+            );
         }
         assert!(
             started.elapsed() < limit,

@@ -216,3 +216,122 @@ fn two_clients_making_one_directory_at_once_both_see_it() {
         assert!(mine.is_ok() && theirs.is_ok(), "round {i}: {mine:?} / {theirs:?}");
     }
 }
+
+/// A node plugin that restarts for rotated certificates (cert-manager renewing them; with
+/// enrolment, every renewal) starts again in place: run as process 1 of its own process namespace,
+/// as in a container, the FUSE daemon of the share it mounted (glusterfs) carries on, and a pod's
+/// volume on that share stays readable and writable through the restart. A node that exited for
+/// kubelet to start it again took the daemon with it, and every such volume failed with ENOTCONN
+/// ("Transport endpoint is not connected") until its pod restarted.
+#[tokio::test]
+async fn a_share_on_a_fuse_client_outlives_a_node_restarting_for_rotated_certificates() {
+    use common::cluster::{Cluster, Spec};
+    let g = Gluster::start();
+    let config = format!(
+        "pools:\n  - name: default\n  - name: share\n    backend: shared\n    source: \"{}\"\n    fsType: {}\n    mountOptions: [\"{}\"]\n",
+        g.source(),
+        g.fs_type(),
+        g.options()
+    );
+    let mut c = Cluster::start(Spec {
+        config: Some(config),
+        node_wrapper: ["unshare", "--pid", "--fork", "--kill-child"]
+            .map(String::from)
+            .to_vec(),
+        ..Spec::nodes(vec![None])
+    })
+    .await;
+    c.kill_node(0);
+    c.start_node_with(0, &[("CELLAR_TLS_CHECK_SECONDS", "1")]);
+    c.wait_node_registered(0).await;
+    let mut ctl = c.ctl().await;
+    let id = ctl
+        .create_volume(rwx("pvc-fuse", "fuse"))
+        .await
+        .unwrap_or_else(|s| panic!("create: {s:?}\n{}", c.logs()))
+        .into_inner()
+        .volume
+        .expect("volume")
+        .volume_id;
+    let (st, tg) = (c.dir.path().join("fuse-st"), c.dir.path().join("fuse-tg"));
+    std::fs::create_dir_all(&st).expect("staging");
+    let cap = mount_cap(Mode::MultiNodeMultiWriter);
+    let mut node = c.node(0).await;
+    // The node opens the share in the background of its start: until it has, its volumes are not
+    // found there (kubelet retries).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let staged = node
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: st.display().to_string(),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            })
+            .await;
+        match staged {
+            Ok(_) => break,
+            Err(s) if s.code() == Code::NotFound && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(s) => panic!("stage: {s:?}\n{}", c.logs()),
+        }
+    }
+    node.node_publish_volume(NodePublishVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: st.display().to_string(),
+        target_path: tg.display().to_string(),
+        volume_capability: Some(cap),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|s| panic!("publish: {s:?}\n{}", c.logs()));
+    std::fs::write(tg.join("before"), "written before the restart").expect("write through the publish");
+
+    // The node's certificate file rewritten (the same certificate, new bytes: a renewal).
+    let cert = c.dir.path().join("node.pem");
+    let mut pem = std::fs::read(&cert).expect("node.pem");
+    pem.extend_from_slice(b"\n");
+    std::fs::write(&cert, pem).expect("rotate");
+    // Restarted in place, or (were it to exit) started again as kubelet restarts a container.
+    let mut exited = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while exited.is_none() && !c.log_of(0).contains("restarting in place") {
+        assert!(Instant::now() < deadline, "the node did not restart\n{}", c.log_of(0));
+        exited = c.nodes[0].1.as_mut().expect("node").try_wait().expect("wait");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    exited = exited.or(c.nodes[0].1.as_mut().expect("node").try_wait().expect("wait"));
+    if exited.is_some() {
+        c.start_node_with(0, &[("CELLAR_TLS_CHECK_SECONDS", "1")]);
+    }
+    c.wait_node_registered(0).await;
+    assert_eq!(
+        std::fs::read_to_string(tg.join("before"))
+            .unwrap_or_else(|e| panic!("read through the publish after the restart: {e}\n{}", c.log_of(0))),
+        "written before the restart"
+    );
+    std::fs::write(tg.join("after"), "written after it").expect("write through the publish after the restart");
+    assert_eq!(exited, None, "the node's process, its namespace's first, lives on");
+
+    let mut node = c.node(0).await;
+    node.node_unpublish_volume(NodeUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        target_path: tg.display().to_string(),
+    })
+    .await
+    .expect("unpublish");
+    node.node_unstage_volume(NodeUnstageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: st.display().to_string(),
+    })
+    .await
+    .expect("unstage");
+    ctl.delete_volume(DeleteVolumeRequest {
+        volume_id: id,
+        ..Default::default()
+    })
+    .await
+    .expect("delete");
+}

@@ -139,10 +139,25 @@ impl Pool {
 
     fn open_here(config: PoolConfig, owner: bool, sys: StorageSys) -> Result<Pool, StorageError> {
         if let Some(share) = &config.share {
-            let mounted = crate::sys::mount::statx_mount_root(&config.path)
-                .ok()
-                .flatten()
-                .unwrap_or(false);
+            let mounted = match crate::sys::mount::statx_mount_root(&config.path) {
+                Ok(root) => root.unwrap_or(false),
+                // A mount whose client is gone (ENOTCONN: the FUSE daemon of the share died with the
+                // plugin's container, or was killed): left there, it made the mkdir below fail
+                // with EEXIST and the pool unusable until someone unmounted it by hand. Detached
+                // and mounted afresh; the publishes of the dead mount stay dead until their pods
+                // restart (docs/shared.md).
+                Err(e) if crate::sys::share::is_stale(&e) => {
+                    tracing::warn!(
+                        pool = config.name.as_str(),
+                        path = %config.path.display(),
+                        error = %e,
+                        "the share's mount is dead (its client went away): detaching it and mounting the share again"
+                    );
+                    crate::sys::share::detach(&config.path)?;
+                    false
+                }
+                Err(_) => false,
+            };
             if !mounted {
                 crate::sys::share::mount(&share.source, &share.fs_type, &share.options, &config.path)?;
             }

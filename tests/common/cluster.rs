@@ -37,6 +37,10 @@ pub struct Spec {
     /// A `repositories:` section (YAML, from that key on) added to every node's pools.yaml and
     /// given to the controller in a config of its own (with the per-node pools, not with `config`).
     pub repositories: Option<String>,
+    /// A command every node runs under (its program and arguments, before the `cellar` binary),
+    /// e.g. `unshare --pid --fork --kill-child`: the node then is process 1 of its own process
+    /// namespace, as in a container, and every process it started dies when it exits.
+    pub node_wrapper: Vec<String>,
 }
 
 impl Spec {
@@ -214,7 +218,19 @@ impl Cluster {
         }
         args.extend(self.tls_args("node"));
         args.extend(self.spec.node_args.iter().cloned());
-        self.nodes[i].1 = Some(self.spawn(&name, args, envs));
+        let child = match self.spec.node_wrapper.split_first() {
+            None => self.spawn(&name, args, envs),
+            Some((program, wrapper)) => {
+                let mut all = wrapper.to_vec();
+                all.push(super::bin().display().to_string());
+                all.extend(args);
+                let mut envs = envs.to_vec();
+                envs.insert(0, ("CELLAR_LOG", "info"));
+                let log = self.dir.path().join(format!("{name}.log"));
+                spawn_program_logged(Path::new(program), &log, all, &envs)
+            }
+        };
+        self.nodes[i].1 = Some(child);
     }
 
     /// SIGKILL a node process: its mounts and loop devices stay, as they would on a machine whose
