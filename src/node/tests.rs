@@ -326,6 +326,26 @@ fn a_pool_that_failed_to_open_is_guarded_too() {
         .expect("a path in the broken pool's root that cellar does not manage");
 }
 
+/// A volume of a pool that failed to open here is FAILED_PRECONDITION naming the pool and why
+/// (docs/pools.md), not NOT_FOUND: its record is there, on a disk or share this node could not
+/// open (a share whose mount failed at the start), and kubelet must not take it for gone.
+#[test]
+fn a_volume_of_a_pool_that_failed_to_open_is_not_called_missing() {
+    let n = Node::with(|dir, config| {
+        let mut fast = config.pools[0].clone();
+        fast.name = crate::storage::id::PoolName::parse("fast").expect("pool name");
+        fast.path = dir.join("disks/fast");
+        fast.layouts = vec![Layout::Btrfs];
+        config.pools.push(fast);
+        std::fs::create_dir_all(dir.join("disks/fast")).expect("pool dir");
+    });
+    let id = format!("local:{}:fast:pvc-x", n.svc.engine.node().as_str());
+    let err = n.stage(&id, &n.path("stage")).expect_err("its pool is not open");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("fast"), "{}", err.message());
+    assert!(n.mounter.calls().is_empty(), "nothing mounted");
+}
+
 #[test]
 fn publish_needs_the_stage_and_binds_from_it_read_only_as_asked() {
     let n = Node::new();

@@ -667,8 +667,10 @@ impl LocalEngine {
     /// The record and data path of a volume of this node, for staging.
     pub fn volume_data(&self, id: &VolumeId) -> Result<(VolumeRecord, PathBuf), StorageError> {
         let shown = id.to_string();
+        // A volume of a pool here that could not be opened (a share whose mount failed at the
+        // start) is FAILED_PRECONDITION with the reason, as docs/pools.md says, not "not found".
         let pool = self
-            .locate(&id.0)
+            .locate_to_change(&id.0)?
             .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
         let rec = self.volume(id).ok_or(StorageError::VolumeNotFound(shown))?;
         Ok((rec, pool.data_path(Kind::Volume, &id.0.key)))
