@@ -295,17 +295,22 @@ fn a_path_that_cannot_be_a_directory_is_a_client_error() {
     assert!(n.mounter.calls().is_empty(), "nothing mounted");
 }
 
+/// Adds a btrfs-only pool `fast` on `dir/disks/fast`, a directory that is not btrfs: it does not open.
+fn add_pool_that_cannot_open(dir: &Path, config: &mut crate::storage::config::Config) {
+    let mut fast = config.pools[0].clone();
+    fast.name = crate::storage::id::PoolName::parse("fast").expect("pool name");
+    fast.path = dir.join("disks/fast");
+    fast.layouts = vec![Layout::Btrfs];
+    config.pools.push(fast);
+    std::fs::create_dir_all(dir.join("disks/fast")).expect("pool dir");
+}
+
 #[test]
 fn a_pool_that_failed_to_open_is_guarded_too() {
     // A btrfs-only pool on a directory that is not btrfs does not open; it may open after a
     // restart, and must then not find a volume mounted in its managed part.
     let n = Node::with(|dir, config| {
-        let mut fast = config.pools[0].clone();
-        fast.name = crate::storage::id::PoolName::parse("fast").expect("pool name");
-        fast.path = dir.join("disks/fast");
-        fast.layouts = vec![Layout::Btrfs];
-        config.pools.push(fast);
-        std::fs::create_dir_all(dir.join("disks/fast")).expect("pool dir");
+        add_pool_that_cannot_open(dir, config);
         std::os::unix::fs::symlink(dir.join("disks"), dir.join("disks-link")).expect("symlink");
     });
     assert!(
@@ -331,14 +336,7 @@ fn a_pool_that_failed_to_open_is_guarded_too() {
 /// open (a share whose mount failed at the start), and kubelet must not take it for gone.
 #[test]
 fn a_volume_of_a_pool_that_failed_to_open_is_not_called_missing() {
-    let n = Node::with(|dir, config| {
-        let mut fast = config.pools[0].clone();
-        fast.name = crate::storage::id::PoolName::parse("fast").expect("pool name");
-        fast.path = dir.join("disks/fast");
-        fast.layouts = vec![Layout::Btrfs];
-        config.pools.push(fast);
-        std::fs::create_dir_all(dir.join("disks/fast")).expect("pool dir");
-    });
+    let n = Node::with(add_pool_that_cannot_open);
     let id = format!("local:{}:fast:pvc-x", n.svc.engine.node().as_str());
     let err = n.stage(&id, &n.path("stage")).expect_err("its pool is not open");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");

@@ -163,31 +163,8 @@ pub fn grow_offline(fs: FsType, device: &Path) -> Result<(), SysError> {
 /// `e2fsck -f -p`: exit status 0 is clean and 1 is "errors corrected"; both are fine. Anything
 /// else (4: left uncorrected, 8: operational error ...) fails with e2fsck's output.
 fn e2fsck_preen(device: &str) -> Result<(), SysError> {
-    let args = ["-f", "-p", device];
-    let out = Command::new("e2fsck").args(args).output().map_err(|e| SysError::Tool {
-        tool: "e2fsck".into(),
-        status: "not started".into(),
-        stderr: e.to_string(),
-    })?;
-    match out.status.code() {
-        Some(0) | Some(1) => Ok(()),
-        _ => {
-            // e2fsck -p explains itself on stdout as much as on stderr.
-            let mut msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            if !stdout.trim().is_empty() {
-                if !msg.is_empty() {
-                    msg.push('\n');
-                }
-                msg.push_str(stdout.trim());
-            }
-            Err(SysError::Tool {
-                tool: format!("e2fsck {}", args.join(" ")),
-                status: out.status.to_string(),
-                stderr: msg,
-            })
-        }
-    }
+    // e2fsck -p explains itself on stdout as much as on stderr: `tool_output` keeps both.
+    tool_output("e2fsck", &["-f", "-p", device], &[0, 1]).map(drop)
 }
 
 /// What a check of an unmounted filesystem found ([`check`]).
