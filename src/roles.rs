@@ -23,7 +23,7 @@ use crate::node::{NodeServer, NodeService};
 use crate::server::{self, ServeError};
 use crate::storage::config::{Config, ConfigError};
 use crate::storage::engine::LocalEngine;
-use crate::storage::id::NodeId;
+use crate::storage::id::{NodeId, PoolName};
 use crate::storage::StorageError;
 
 #[derive(Debug, Clone)]
@@ -175,15 +175,19 @@ async fn hold_data_dir(data_dir: &Path) -> Result<Flock<File>, RoleError> {
     ))
 }
 
-/// Clears the start-up reason and sets one per pool that could not be opened (logged once each).
-fn report_pools(readiness: &Readiness, engine: &LocalEngine) {
+/// Clears the start-up reason and sets one per pool that could not be opened (logged once each),
+/// cleared when it opens: the engine tries them again in the background.
+fn report_pools(readiness: &Arc<Readiness>, engine: &Arc<LocalEngine>) {
+    let reason = |pool: &PoolName| format!("pool/{}", pool.as_str());
     for (pool, why) in engine.broken_pools() {
         readiness.set(
-            &format!("pool/{}", pool.as_str()),
+            &reason(&pool),
             Some(format!("pool '{}' cannot be used: {why}", pool.as_str())),
         );
     }
     readiness.set(STARTING, None);
+    let readiness = readiness.clone();
+    engine.start_reopener(move |pool| readiness.set(&reason(pool), None));
 }
 
 /// The node's registration as a reason: `None` once a controller replica acknowledged this node,

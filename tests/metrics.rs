@@ -154,6 +154,59 @@ async fn readyz_is_unavailable_while_a_pool_cannot_be_opened() {
     assert!(warned[0].contains("WARN"), "{}", warned[0]);
 }
 
+/// A pool that cannot be opened at start (its disk not mounted yet, its share's server down) is
+/// tried again in the background: once it can be opened the driver is ready and serves it, with
+/// no restart.
+#[tokio::test]
+async fn a_pool_that_could_not_be_opened_is_served_once_it_can_be() {
+    let cfgdir = tempfile::tempdir().unwrap();
+    let cfg = cfgdir.path().join("pools.yaml");
+    let path = cfgdir.path().join("late");
+    std::fs::write(&path, b"the disk is not mounted yet").unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "pools:\n  - name: default\n  - name: late\n    path: {}\n",
+            path.display()
+        ),
+    )
+    .unwrap();
+    let (mut d, port) = start(&["--config", cfg.to_str().unwrap()]).await;
+    let in_late = || {
+        let mut r = create_req("pvc-late", 1 << 20);
+        r.parameters.insert("pool".into(), "late".into());
+        r
+    };
+    let r = get(port, "/readyz");
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("pool 'late' cannot be used"), "{}", r.body);
+    let refused = d.ctl.create_volume(in_late()).await.expect_err("its pool is not open");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    // A guard, not a timing: the driver tries every 10 s.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get(port, "/readyz").status != 200 {
+        assert!(Instant::now() < deadline, "never ready:\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let probe = d.id.probe(ProbeRequest {}).await.expect("probe").into_inner();
+    assert_eq!(probe.ready, Some(true));
+    let made = d
+        .ctl
+        .create_volume(in_late())
+        .await
+        .expect("a volume in the pool")
+        .into_inner();
+    let id = made.volume.expect("volume").volume_id;
+    assert!(id.contains(":late:"), "{id}");
+    assert!(path.join("volumes").is_dir(), "the pool's directories are made");
+    let log = d.log();
+    assert!(log.contains("pool opened"), "{log}");
+    assert!(log.contains("recovered") && log.contains("pool/late"), "{log}");
+}
+
 #[tokio::test]
 async fn healthz_fails_once_the_csi_socket_is_gone() {
     let (d, port) = start(&[]).await;

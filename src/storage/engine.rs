@@ -16,6 +16,7 @@ mod create;
 mod delete;
 mod group;
 mod metadata;
+mod pools;
 mod snapshot;
 #[cfg(test)]
 mod tests;
@@ -246,14 +247,13 @@ impl SourceData {
 
 pub struct LocalEngine {
     node: NodeId,
-    pools: BTreeMap<PoolName, Pool>,
-    /// Pools that could not be opened, with the reason; Probe is not ready while there are any.
-    broken: BTreeMap<PoolName, String>,
-    /// Those of them this process would own: what it holds there is unknown until they open.
-    broken_owned: Vec<PoolName>,
-    /// Their roots, as configured and resolved, for [`LocalEngine::pool_managing`]: a pool that
-    /// opens later must not find a volume's mount in its managed part; and whether each is shared.
-    broken_roots: Vec<(PoolName, bool, Vec<PathBuf>)>,
+    /// The pools of this process, open or not yet: Probe is not ready while one is not open, and
+    /// one this process owns holds what is unknown until it opens.
+    pools: pools::Pools,
+    /// The calls the pools open with, for those that open later.
+    sys: StorageSys,
+    /// Held by a try to open the pools that are not open.
+    reopening: Mutex<()>,
     default_pool: PoolName,
     /// The records of every pool here: the only reader and writer of them.
     store: PoolStore,
@@ -325,32 +325,23 @@ impl LocalEngine {
         config: &Config,
         pick: impl Fn(&super::config::PoolConfig) -> Option<bool>,
     ) -> Result<LocalEngine, StorageError> {
-        let mut pools = BTreeMap::new();
-        let mut broken = BTreeMap::new();
-        let mut broken_owned = Vec::new();
-        let mut broken_roots = Vec::new();
+        let mut pools = pools::Pools::default();
         for pc in &config.pools {
             let Some(owner) = pick(pc) else { continue };
-            match Pool::open_as(pc.clone(), owner, sys.clone()) {
-                Ok(p) => {
-                    pools.insert(pc.name.clone(), p);
-                }
+            let slot = match Pool::open_as(pc.clone(), owner, sys.clone()) {
+                Ok(p) => pools::Slot::opened(pc.clone(), owner, p),
                 Err(e) => {
-                    tracing::error!(pool = pc.name.as_str(), error = %e, "pool cannot be opened; not ready");
-                    broken.insert(pc.name.clone(), e.to_string());
-                    if owner {
-                        broken_owned.push(pc.name.clone());
-                    }
-                    broken_roots.push((pc.name.clone(), pc.is_shared(), Self::roots_of_broken(&sys, pc)));
+                    tracing::error!(pool = pc.name.as_str(), error = %e, "pool cannot be opened; not ready until it opens");
+                    pools::Slot::broken(pc.clone(), owner, e.to_string(), Self::roots_of_broken(&sys, pc))
                 }
-            }
+            };
+            pools.0.insert(pc.name.clone(), slot);
         }
         let mut engine = LocalEngine {
             node: node.clone(),
             pools,
-            broken,
-            broken_owned,
-            broken_roots,
+            sys: sys.clone(),
+            reopening: Mutex::new(()),
             default_pool: config.default_pool.clone(),
             store: PoolStore::default(),
             in_flight: InFlight::default(),
@@ -408,29 +399,32 @@ impl LocalEngine {
 
     /// True when every configured pool is open.
     pub fn ready(&self) -> bool {
-        self.broken.is_empty()
+        self.pools.broken().next().is_none()
     }
 
     /// Fails when pool `only` (any pool, without one) is a pool this process owns that could not
     /// be opened: whether it holds `what` there cannot be told until it opens.
     pub(crate) fn owned_pools_open(&self, only: Option<&PoolName>, what: &str) -> Result<(), StorageError> {
-        match self.broken_owned.iter().find(|p| only.is_none_or(|o| o == *p)) {
+        match self
+            .pools
+            .broken()
+            .find(|(p, slot, _)| slot.owner && only.is_none_or(|o| o == *p))
+        {
             None => Ok(()),
-            Some(p) => Err(StorageError::Unavailable(format!(
-                "pool {} could not be opened ({}); whether it holds {what} cannot be told until it opens",
+            Some((p, _, why)) => Err(StorageError::Unavailable(format!(
+                "pool {} could not be opened ({why}); whether it holds {what} cannot be told until it opens",
                 p.as_str(),
-                self.broken.get(p).map_or("", String::as_str)
             ))),
         }
     }
 
     /// Whether a pool this process owns could not be opened.
     pub(crate) fn owned_pool_broken(&self) -> bool {
-        !self.broken_owned.is_empty()
+        self.pools.broken().any(|(_, slot, _)| slot.owner)
     }
 
     pub fn broken_pools(&self) -> Vec<(PoolName, String)> {
-        self.broken.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        self.pools.broken().map(|(p, _, why)| (p.clone(), why)).collect()
     }
 
     /// The pool whose managed part `path`, or `real` (the same path resolved), reaches into
@@ -439,10 +433,10 @@ impl LocalEngine {
     pub fn pool_managing(&self, path: &Path, real: &Path) -> Option<&PoolName> {
         let open = self.pools.iter().find(|(_, p)| p.manages(real)).map(|(n, _)| n);
         open.or_else(|| {
-            self.broken_roots
-                .iter()
-                .find(|(_, _, roots)| {
-                    roots
+            self.pools
+                .broken()
+                .find(|(_, slot, _)| {
+                    slot.roots
                         .iter()
                         .any(|r| [path, real].iter().any(|p| super::pool::reaches_into(r, p)))
                 })
@@ -478,16 +472,16 @@ impl LocalEngine {
     }
 
     pub(crate) fn pool(&self, name: &PoolName) -> Result<&Pool, StorageError> {
-        if let Some(reason) = self.broken.get(name) {
-            return Err(StorageError::PoolBroken {
+        match self.pools.0.get(name) {
+            Some(slot) => slot.pool().ok_or_else(|| StorageError::PoolBroken {
                 pool: name.as_str().to_string(),
-                reason: reason.clone(),
-            });
+                reason: slot.why().unwrap_or_default(),
+            }),
+            None => Err(StorageError::UnknownPool {
+                name: name.as_str().to_string(),
+                known: self.known_pools(),
+            }),
         }
-        self.pools.get(name).ok_or_else(|| StorageError::UnknownPool {
-            name: name.as_str().to_string(),
-            known: self.known_pools(),
-        })
     }
 
     /// The pool of an object ID, if the ID names one of this engine's pools: a local pool of this
@@ -510,8 +504,8 @@ impl LocalEngine {
             Location::Local(n) => *n == self.node && !shared,
             Location::Shared => shared,
         };
-        match self.broken_roots.iter().find(|(name, _, _)| *name == id.pool) {
-            Some((_, shared, _)) if ours(*shared) => self.pool(&id.pool).map(Some),
+        match self.pools.0.get(&id.pool) {
+            Some(slot) if slot.pool().is_none() && ours(slot.config.is_shared()) => self.pool(&id.pool).map(Some),
             _ => Ok(self.locate(id)),
         }
     }
@@ -802,12 +796,15 @@ impl LocalEngine {
         self.pools.get(pool).map(|p| &p.config)
     }
 
-    /// The pools whose volumes can need a lease: every shared pool. Not only those whose config
-    /// offers images: one that stopped offering them still holds (and stages) the images it made.
+    /// The pools whose volumes can need a lease: every shared pool, open or not yet (images staged
+    /// before a restart stay mounted while their share is down; their leases are renewed once it
+    /// opens). Not only those whose config offers images: one that stopped offering them still
+    /// holds (and stages) the images it made.
     pub fn leasing_pools(&self) -> Vec<PoolName> {
         self.pools
+            .0
             .iter()
-            .filter(|(_, p)| p.shared())
+            .filter(|(_, s)| s.config.is_shared())
             .map(|(name, _)| name.clone())
             .collect()
     }

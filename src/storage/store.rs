@@ -67,19 +67,34 @@ impl PoolStore {
     pub fn load<'a>(pools: impl Iterator<Item = &'a Pool>) -> Result<PoolStore, StorageError> {
         let store = PoolStore::default();
         for pool in pools {
-            for key in pool.record_keys(Kind::Volume)? {
-                if let Some(r) = readable::<VolumeRecord>(pool, &pool.record_path(Kind::Volume, &key))? {
-                    lock(&store.names).insert(r.name.clone(), r.id.to_string());
-                    lock(&store.volumes).insert(r.id.to_string(), r);
-                }
-            }
-            for key in pool.record_keys(Kind::Snapshot)? {
-                if let Some(r) = readable::<SnapshotRecord>(pool, &pool.record_path(Kind::Snapshot, &key))? {
-                    lock(&store.snapshots).insert(r.id.to_string(), r);
-                }
-            }
+            store.add(pool)?;
         }
         Ok(store)
+    }
+
+    /// Reads every record of `pool`, one that opened after the others, as [`PoolStore::load`]
+    /// does. Nothing is taken into the index unless all of its records could be listed.
+    pub fn add(&self, pool: &Pool) -> Result<(), StorageError> {
+        let (volume_keys, snapshot_keys) = (pool.record_keys(Kind::Volume)?, pool.record_keys(Kind::Snapshot)?);
+        let mut volumes = Vec::new();
+        for key in volume_keys {
+            volumes.extend(readable::<VolumeRecord>(pool, &pool.record_path(Kind::Volume, &key))?);
+        }
+        let mut snapshots = Vec::new();
+        for key in snapshot_keys {
+            snapshots.extend(readable::<SnapshotRecord>(
+                pool,
+                &pool.record_path(Kind::Snapshot, &key),
+            )?);
+        }
+        for r in volumes {
+            lock(&self.names).insert(r.name.clone(), r.id.to_string());
+            lock(&self.volumes).insert(r.id.to_string(), r);
+        }
+        for r in snapshots {
+            lock(&self.snapshots).insert(r.id.to_string(), r);
+        }
+        Ok(())
     }
 
     /// A volume's record (`shown` is its id as text).

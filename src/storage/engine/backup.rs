@@ -271,6 +271,13 @@ impl LocalEngine {
     /// while this node was away.
     pub fn start_uploads(self: &Arc<Self>) {
         let _ = self.me.set(Arc::downgrade(self));
+        self.resume_uploads();
+        self.watch_uploaded_copies();
+    }
+
+    /// Starts the uploads left to do of the snapshots in the pools this process owns (those
+    /// running already go on).
+    pub(super) fn resume_uploads(&self) {
         for rec in self.owned_snapshots() {
             if let Some(m) = &rec.backup {
                 if !m.uploaded || !m.keep_local {
@@ -278,7 +285,6 @@ impl LocalEngine {
                 }
             }
         }
-        self.watch_uploaded_copies();
     }
 
     /// The snapshots of the pools this process owns: a node also opens the shared pools, whose

@@ -439,6 +439,14 @@ impl LocalEngine {
     /// the process was killed before it could thaw them, and drops their marks. Run at start,
     /// before any call is served.
     pub(super) fn thaw_left_frozen(&self) {
+        for pool in self.pools.values() {
+            self.thaw_left_frozen_in(pool);
+        }
+    }
+
+    /// [`LocalEngine::thaw_left_frozen`] for one pool (one that opens after the start, before any
+    /// call can see it).
+    pub(super) fn thaw_left_frozen_in(&self, pool: &Pool) {
         // `<mark><node>-<32 hex>`: the name of a node that begins with this node's name and a
         // dash (node-1 and node-1-b) is not this node's.
         let prefix = format!("{FROZEN_MARK}{}-", self.node.as_str());
@@ -446,37 +454,35 @@ impl LocalEngine {
             name.strip_prefix(&prefix)
                 .is_some_and(|rest| rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit()))
         };
-        for pool in self.pools.values() {
-            let dir = pool.groups_dir();
-            let Ok(entries) = pool.sys.files.list_dir(&dir) else {
+        let dir = pool.groups_dir();
+        let Ok(entries) = pool.sys.files.list_dir(&dir) else {
+            return;
+        };
+        for path in entries {
+            if !path.file_name().is_some_and(|n| mine(&n.to_string_lossy())) {
                 continue;
-            };
-            for path in entries {
-                if !path.file_name().is_some_and(|n| mine(&n.to_string_lossy())) {
-                    continue;
-                }
-                let listed = pool
-                    .sys
-                    .files
-                    .read_optional(&path)
-                    .ok()
-                    .flatten()
-                    .map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .unwrap_or_default();
-                for m in listed.lines().filter(|l| !l.is_empty()) {
-                    match crate::sys::filesystems::thaw_path_persistently(pool.sys.filesystems.as_ref(), Path::new(m)) {
-                        Ok(()) => tracing::warn!(
-                            mountpoint = m,
-                            "thawed a filesystem a killed group snapshot left frozen"
-                        ),
-                        Err(err) => {
-                            tracing::error!(mountpoint = m, error = %err, "could not thaw a filesystem a killed group snapshot left frozen")
-                        }
+            }
+            let listed = pool
+                .sys
+                .files
+                .read_optional(&path)
+                .ok()
+                .flatten()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            for m in listed.lines().filter(|l| !l.is_empty()) {
+                match crate::sys::filesystems::thaw_path_persistently(pool.sys.filesystems.as_ref(), Path::new(m)) {
+                    Ok(()) => tracing::warn!(
+                        mountpoint = m,
+                        "thawed a filesystem a killed group snapshot left frozen"
+                    ),
+                    Err(err) => {
+                        tracing::error!(mountpoint = m, error = %err, "could not thaw a filesystem a killed group snapshot left frozen")
                     }
                 }
-                if let Err(err) = pool.sys.files.remove_file_if_exists(&path) {
-                    tracing::warn!(path = %path.display(), error = %err, "could not remove a freeze mark");
-                }
+            }
+            if let Err(err) = pool.sys.files.remove_file_if_exists(&path) {
+                tracing::warn!(path = %path.display(), error = %err, "could not remove a freeze mark");
             }
         }
     }

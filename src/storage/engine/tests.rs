@@ -1962,17 +1962,28 @@ fn a_base_copy_of_a_backup_deleted_meanwhile_goes_at_the_next_look() {
     assert!(f.leftovers().is_empty(), "{:?}", f.leftovers());
 }
 
+/// The default configuration in `dir` and a second pool `name` at `dir/<name>` allowing `layouts`.
+fn with_second_pool(
+    dir: &std::path::Path,
+    name: &str,
+    layouts: Vec<Layout>,
+) -> (Config, crate::storage::config::PoolConfig) {
+    let mut config = Config::default_for(dir);
+    let mut pool = config.pools[0].clone();
+    pool.name = PoolName::parse(name).expect("pool name");
+    pool.path = dir.join(name);
+    pool.layouts = layouts;
+    config.pools.push(pool.clone());
+    (config, pool)
+}
+
 #[test]
 fn deletes_in_a_pool_that_failed_to_open_are_failed_precondition_not_ok() {
     // An OK would have Kubernetes forget the object while its data stays, found again (and
     // leaked) once the pool opens.
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config::default_for(dir.path());
-    let mut fast = config.pools[0].clone();
-    fast.name = PoolName::parse("fast").expect("pool name");
-    fast.path = dir.path().join("fast");
-    fast.layouts = vec![Layout::Btrfs]; // not btrfs here: the pool does not open
-    config.pools.push(fast);
+    // Not btrfs here: the pool does not open.
+    let (config, _) = with_second_pool(dir.path(), "fast", vec![Layout::Btrfs]);
     let engine = LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("engine");
     assert!(!engine.ready(), "the btrfs-only pool is broken here");
     let broken = |r: Result<(), StorageError>, what: &str| match r {
@@ -1999,6 +2010,74 @@ fn deletes_in_a_pool_that_failed_to_open_are_failed_precondition_not_ok() {
     engine
         .delete_volume(&VolumeId::parse("local:n1:default:pvc-gone").expect("id"))
         .expect("a volume that is not there");
+}
+
+/// A pool that could not be opened at start (its disk not mounted yet, its share's server down)
+/// opens once it can, without a restart: with its records, so that its volumes are found again,
+/// and cleared as its start would have (a half-made copy in `.work` is gone).
+#[test]
+fn a_pool_that_failed_to_open_opens_later_with_its_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, late) = with_second_pool(dir.path(), "late", vec![Layout::Dir]);
+    let node = NodeId::parse("n1").expect("node");
+    let in_late = |name: &str| NewVolume {
+        pool: Some(late.name.clone()),
+        ..NewVolume::plain(name, Some(Layout::Dir), MIB)
+    };
+    let (volume, snapshot) = {
+        let first = LocalEngine::open(node.clone(), &config).expect("engine");
+        let v = first.create_volume(in_late("pvc-late")).expect("create");
+        let s = first.create_snapshot("snap-late", &v.id, false).expect("snapshot");
+        (v, s)
+    };
+    // The pool's disk is away: a file stands where its root should be.
+    let away = dir.path().join("late.away");
+    std::fs::rename(&late.path, &away).expect("move the pool away");
+    std::fs::write(&late.path, b"not a directory").expect("file");
+    let engine = LocalEngine::open(node, &config).expect("engine");
+    assert!(!engine.ready());
+    assert!(engine.broken_pools().iter().any(|(p, _)| *p == late.name));
+    assert!(matches!(
+        engine.create_volume(in_late("pvc-new")),
+        Err(StorageError::PoolBroken { .. })
+    ));
+    assert!(matches!(
+        engine.delete_volume(&volume.id),
+        Err(StorageError::PoolBroken { .. })
+    ));
+    assert!(engine.reopen_broken().is_empty(), "the root is still a file");
+    assert!(!engine.ready());
+
+    // The disk is back, with a copy a crash left half made.
+    std::fs::remove_file(&late.path).expect("remove the file");
+    std::fs::rename(&away, &late.path).expect("the pool is back");
+    let half_made = late.path.join(".work").join("copy-left-by-a-crash");
+    std::fs::create_dir_all(&half_made).expect("half-made copy");
+    assert_eq!(engine.reopen_broken(), vec![late.name.clone()]);
+    assert!(engine.ready(), "{:?}", engine.broken_pools());
+    assert!(engine.broken_pools().is_empty());
+    assert!(
+        !half_made.exists(),
+        "the pool's opening clears its .work as a start does"
+    );
+    assert_eq!(
+        engine.volume(&volume.id),
+        Some(volume.clone()),
+        "its volume is found again"
+    );
+    assert!(engine.volumes().contains(&volume), "and listed");
+    assert_eq!(
+        engine.volume_named("pvc-late"),
+        Some(volume.clone()),
+        "and found by name"
+    );
+    assert_eq!(engine.snapshot(&snapshot.id), Some(snapshot.clone()));
+    let again = engine.create_volume(in_late("pvc-late")).expect("a create retried");
+    assert_eq!(again, volume, "a retried create finds the record, not a new volume");
+    engine.create_volume(in_late("pvc-new")).expect("a new volume");
+    assert!(engine.reopen_broken().is_empty(), "nothing left to open");
+    engine.delete_snapshot(&snapshot.id).expect("delete the snapshot");
+    engine.delete_volume(&volume.id).expect("delete the volume");
 }
 
 /// A ControllerModifyVolume whose record write fails (ENOSPC, EIO) leaves the volume as it was.

@@ -1,0 +1,162 @@
+//! The pools of an engine: every configured pool this process uses, open or not yet. A pool that
+//! could not be opened at start (a share whose server was down, a disk not mounted yet) is tried
+//! again in the background ([`LocalEngine::start_reopener`]) and, once open, stays open for the
+//! life of the process. The set of pools never changes and an open pool is never replaced, so a
+//! `&Pool` lives as long as the engine and no call holds a lock to use one.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use super::{lock, LocalEngine};
+use crate::storage::config::PoolConfig;
+use crate::storage::id::PoolName;
+use crate::storage::pool::Pool;
+use crate::storage::StorageError;
+
+/// How long a pool that could not be opened waits before the next try.
+pub(super) const REOPEN_EVERY: Duration = Duration::from_secs(10);
+
+pub(super) struct Slot {
+    pub(super) config: PoolConfig,
+    /// Whether this process owns the pool (see [`Pool::open_as`]).
+    pub(super) owner: bool,
+    open: OnceLock<Pool>,
+    /// Why the last try to open it failed, while it is not open.
+    why: Mutex<String>,
+    /// Its root as configured and as it resolved at start, while it is not open
+    /// ([`LocalEngine::pool_managing`]); empty for a pool that opened at start.
+    pub(super) roots: Vec<PathBuf>,
+}
+
+impl Slot {
+    pub(super) fn opened(config: PoolConfig, owner: bool, pool: Pool) -> Slot {
+        let open = OnceLock::new();
+        let _ = open.set(pool);
+        Slot {
+            config,
+            owner,
+            open,
+            why: Mutex::new(String::new()),
+            roots: Vec::new(),
+        }
+    }
+
+    pub(super) fn broken(config: PoolConfig, owner: bool, why: String, roots: Vec<PathBuf>) -> Slot {
+        Slot {
+            config,
+            owner,
+            open: OnceLock::new(),
+            why: Mutex::new(why),
+            roots,
+        }
+    }
+
+    pub(super) fn pool(&self) -> Option<&Pool> {
+        self.open.get()
+    }
+
+    /// Why it is not open; `None` once it is.
+    pub(super) fn why(&self) -> Option<String> {
+        match self.open.get() {
+            Some(_) => None,
+            None => Some(lock(&self.why).clone()),
+        }
+    }
+}
+
+/// The pools by name; the lookups see open pools only.
+#[derive(Default)]
+pub(super) struct Pools(pub(super) BTreeMap<PoolName, Slot>);
+
+impl Pools {
+    pub(super) fn get(&self, name: &PoolName) -> Option<&Pool> {
+        self.0.get(name).and_then(Slot::pool)
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&PoolName, &Pool)> {
+        self.0.iter().filter_map(|(n, s)| s.pool().map(|p| (n, p)))
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &Pool> {
+        self.iter().map(|(_, p)| p)
+    }
+
+    pub(super) fn keys(&self) -> impl Iterator<Item = &PoolName> {
+        self.iter().map(|(n, _)| n)
+    }
+
+    /// The pools not open (yet), with why.
+    pub(super) fn broken(&self) -> impl Iterator<Item = (&PoolName, &Slot, String)> {
+        self.0.iter().filter_map(|(n, s)| s.why().map(|why| (n, s, why)))
+    }
+}
+
+impl LocalEngine {
+    /// Tries once more to open each pool that is not open, as its start would have: its records
+    /// are read into the store before any call can see it. Answers the pools that opened now.
+    pub fn reopen_broken(&self) -> Vec<PoolName> {
+        let _one_at_a_time = lock(&self.reopening);
+        let mut opened = Vec::new();
+        for (name, slot) in self.pools.0.iter().filter(|(_, s)| s.pool().is_none()) {
+            match self.open_later(slot) {
+                Ok(pool) => {
+                    if slot.open.set(pool).is_ok() {
+                        tracing::info!(pool = name.as_str(), "pool opened; its volumes are served again");
+                        opened.push(name.clone());
+                    }
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    let mut last = lock(&slot.why);
+                    if *last != why {
+                        tracing::warn!(
+                            pool = name.as_str(),
+                            error = why,
+                            "pool still cannot be opened; trying again"
+                        );
+                        *last = why;
+                    }
+                }
+            }
+        }
+        if !opened.is_empty() && self.me.get().is_some() {
+            // Uploads of snapshots in the pools that opened, as a start would resume them.
+            self.resume_uploads();
+        }
+        opened
+    }
+
+    fn open_later(&self, slot: &Slot) -> Result<Pool, StorageError> {
+        let pool = Pool::open_as(slot.config.clone(), slot.owner, self.sys.clone())?;
+        self.store.add(&pool)?;
+        self.thaw_left_frozen_in(&pool);
+        Ok(pool)
+    }
+
+    /// Tries to open the pools that are not open every [`REOPEN_EVERY`], in the background, and
+    /// calls `opened` with each that opens; it ends when they all are open or the engine is
+    /// dropped.
+    pub fn start_reopener(self: &std::sync::Arc<Self>, opened: impl Fn(&PoolName) + Send + 'static) {
+        if self.pools.broken().next().is_none() {
+            return;
+        }
+        let weak = std::sync::Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("cellar-reopen".into())
+            .spawn(move || loop {
+                std::thread::sleep(REOPEN_EVERY);
+                let Some(engine) = weak.upgrade() else { return };
+                for name in engine.reopen_broken() {
+                    opened(&name);
+                }
+                if engine.pools.broken().next().is_none() {
+                    return;
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start retrying the pools that did not open; a restart opens them");
+        }
+    }
+}
