@@ -181,6 +181,80 @@ async fn a_share_that_goes_away_gives_errors_in_bounded_time_and_comes_back() {
     unmount_share(&d);
 }
 
+/// A share whose server is down when the driver starts leaves its pool shut, not the driver: the
+/// pool is tried again in the background and, once the server is back, opens by itself (no
+/// restart) and serves the volumes made before.
+#[tokio::test]
+async fn a_share_down_at_the_start_opens_once_its_server_is_back() {
+    let g = Gluster::start();
+    let (mut first, cfg) = driver(&g).await;
+    let early = first
+        .ctl
+        .create_volume(rwx("pvc-early", "early"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    first.kill();
+    unmount_share(&first);
+    g.stop_server();
+    let config = cfg.path().join("pools.yaml");
+    let mut d = Driver::start_with(&["--config", config.to_str().expect("utf-8")], &[]).await;
+    let probe = d.id.probe(ProbeRequest {}).await.expect("probe").into_inner();
+    assert_eq!(
+        probe.ready,
+        Some(false),
+        "not ready while the share is shut:\n{}",
+        d.log()
+    );
+    let st = d.path("early-st");
+    std::fs::create_dir_all(&st).expect("staging");
+    let cap = mount_cap(Mode::MultiNodeMultiWriter);
+    let refused = d
+        .stage_as(&early, &st, cap.clone())
+        .await
+        .expect_err("its pool is shut");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("share"), "names the pool: {refused:?}");
+
+    g.restart_server();
+    // A guard, not a timing: the pool is tried every 10 s.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while d.id.probe(ProbeRequest {}).await.expect("probe").into_inner().ready != Some(true) {
+        assert!(Instant::now() < deadline, "the share never opened:\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let listed = d
+        .ctl
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .expect("list")
+        .into_inner();
+    assert!(
+        listed
+            .entries
+            .iter()
+            .any(|e| e.volume.as_ref().is_some_and(|v| v.volume_id == early)),
+        "the volume made before is listed again"
+    );
+    let tg = d.path("early-tg");
+    d.stage_as(&early, &st, cap.clone())
+        .await
+        .expect("stage once the share is open");
+    d.publish(&early, &st, &tg, cap, false).await.expect("publish");
+    std::fs::write(tg.join("after"), b"the share opened late").expect("write through the publish");
+    d.ctl
+        .create_volume(rwx("pvc-late", "late"))
+        .await
+        .expect("a new volume on the share");
+    assert!(d.log().contains("pool opened"), "{}", d.log());
+    d.unmount_all(&early, &st, &tg).await;
+    d.kill();
+    unmount_share(&d);
+}
+
 /// The share cellar mounted for its pool lives under the driver's data dir; it goes before the fixture.
 fn unmount_share(d: &Driver) {
     let share = d.data_dir().join("shares/share");
