@@ -141,11 +141,13 @@ async fn a_share_that_goes_away_gives_errors_in_bounded_time_and_comes_back() {
             .await;
         assert!(r.is_err(), "a publish on a dead share fails");
     }
+    // Once per outage: a second line only after the share was seen usable again in between (the
+    // GlusterFS mount helper has been seen to succeed once just after its server was killed).
+    let log = d.log();
     assert_eq!(
-        d.log().matches("share unusable").count(),
-        1,
-        "once per cause:\n{}",
-        d.log()
+        log.matches("share unusable").count(),
+        1 + log.matches("share usable again").count(),
+        "once per cause:\n{log}"
     );
     g.restart_server();
     // Publishing again after the outage works: a stale share or staging is mounted again, not stacked.
@@ -331,9 +333,10 @@ async fn a_share_on_a_fuse_client_outlives_a_node_restarting_for_rotated_certifi
     std::fs::create_dir_all(&st).expect("staging");
     let cap = mount_cap(Mode::MultiNodeMultiWriter);
     let mut node = c.node(0).await;
-    // The node opens the share in the background of its start: until it has, its volumes are not
-    // found there (kubelet retries).
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Until the node has opened the share its volumes are not found there, or (a share it could
+    // not open at its start, such as one whose FUSE daemon was still dying: it is tried again
+    // every 10 s) not usable; kubelet retries.
+    let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         let staged = node
             .node_stage_volume(NodeStageVolumeRequest {
@@ -345,7 +348,7 @@ async fn a_share_on_a_fuse_client_outlives_a_node_restarting_for_rotated_certifi
             .await;
         match staged {
             Ok(_) => break,
-            Err(s) if s.code() == Code::NotFound && Instant::now() < deadline => {
+            Err(s) if matches!(s.code(), Code::NotFound | Code::FailedPrecondition) && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(200)).await
             }
             Err(s) => panic!("stage: {s:?}\n{}", c.logs()),

@@ -97,6 +97,12 @@ pub struct Pool {
     real_root: PathBuf,
 }
 
+/// Whether this process's mount table lists `path` as a mount point.
+fn listed_as_mount_point(path: &Path) -> bool {
+    crate::sys::mountinfo::read(Path::new(crate::sys::mountinfo::SELF))
+        .is_ok_and(|table| table.iter().any(|m| m.mount_point == path))
+}
+
 /// Which of the pool's two collections an object belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -146,7 +152,9 @@ impl Pool {
                 // with EEXIST and the pool unusable until someone unmounted it by hand. Detached
                 // and mounted afresh; the publishes of the dead mount stay dead until their pods
                 // restart (docs/shared.md).
-                Err(e) if crate::sys::share::is_stale(&e) => {
+                // Any other failure to look at a path the mount table lists as a mount point
+                // (a FUSE daemon dying as the process starts again) is treated the same way.
+                Err(e) if crate::sys::share::is_stale(&e) || listed_as_mount_point(&config.path) => {
                     tracing::warn!(
                         pool = config.name.as_str(),
                         path = %config.path.display(),
