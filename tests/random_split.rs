@@ -1,5 +1,6 @@
 //! The randomized tester of split mode: seeded, reproducible sequences of controller calls (group
-//! snapshots included) and of kubelet's stage and publish, on `dir` and `image` volumes, on a
+//! snapshots included) and of kubelet's stage and publish, on `dir` and `image` volumes (and
+//! `btrfs` ones, for a third of the seeds, whose pools are on a btrfs filesystem), on a
 //! real `cellar controller` and two or three real `cellar node` agents over mutual TLS (the one
 //! multi-node launcher, `common::cluster`), with node agents killed and started again and the
 //! controller restarted (a new process with an empty registry, the same certificates) between
@@ -25,6 +26,7 @@ use cellar::csi::v1::controller_client::ControllerClient;
 use cellar::csi::v1::group_controller_client::GroupControllerClient;
 use cellar::csi::v1::*;
 use common::cluster::{wffc, Cluster, Spec};
+use common::fs::TestFs;
 use common::*;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -50,10 +52,14 @@ struct Vol {
     bytes: i64,
     /// What the volume's marker file holds ("": none yet, for an image volume).
     marker: String,
-    /// An `image` volume (an ext4 filesystem in a file), else `dir`.
+    /// An `image` volume (an ext4 filesystem in a file), else `dir` or `btrfs`.
     image: bool,
+    /// A `btrfs` volume (a subvolume with a quota).
+    btrfs: bool,
     /// Staged and published on its node (at [`Run::staging`] and [`Run::target`]).
     mounted: bool,
+    /// Published read-only (a pod's `readOnly: true`), when mounted.
+    read_only: bool,
 }
 
 struct Snap {
@@ -62,6 +68,7 @@ struct Snap {
     bytes: i64,
     marker: String,
     image: bool,
+    btrfs: bool,
     source_id: String,
     /// The group snapshot it is a member of.
     group: Option<String>,
@@ -71,7 +78,8 @@ struct Snap {
 #[derive(Debug)]
 enum NodeOp {
     Stage(String, std::path::PathBuf),
-    Publish(String, std::path::PathBuf, std::path::PathBuf),
+    /// The volume id, staging and target paths, and whether read-only.
+    Publish(String, std::path::PathBuf, std::path::PathBuf, bool),
     Unpublish(String, std::path::PathBuf),
     Unstage(String, std::path::PathBuf),
 }
@@ -269,15 +277,27 @@ struct Run {
     crashes: usize,
     /// The step running (`steps` during the teardown).
     at_step: usize,
+    /// The btrfs filesystem every node's pool is on, for a third of the seeds (they then make
+    /// `btrfs` volumes too); dropped after the cluster.
+    btrfs: Option<TestFs>,
 }
 
 impl Run {
     async fn new(seed: u64) -> Run {
         let nodes = 2 + (seed % 2) as usize;
+        let btrfs = (seed % 3 == 2).then(|| TestFs::new("btrfs", 2048));
+        let pools = match &btrfs {
+            Some(fs) => (0..nodes).map(|i| Some(fs.path(&format!("node-{i}")))).collect(),
+            None => vec![None; nodes],
+        };
         let c = Cluster::start(Spec {
             controller_args: vec!["--heartbeat-interval".into(), format!("{}ms", HEARTBEAT.as_millis())],
-            layouts: Some("dir, image"),
-            ..Spec::nodes(vec![None; nodes])
+            layouts: Some(if btrfs.is_some() {
+                "dir, image, btrfs"
+            } else {
+                "dir, image"
+            }),
+            ..Spec::nodes(pools)
         })
         .await;
         let api = Api::connect(&c).await;
@@ -295,6 +315,7 @@ impl Run {
             armed: None,
             crashes: 0,
             at_step: 0,
+            btrfs,
         }
     }
 
@@ -436,12 +457,19 @@ impl Run {
                 let name = self.fresh("vol");
                 let bytes = (1 + self.rng.below(4) as i64) * 16 * MIB;
                 let image = self.rng.chance(33);
+                let btrfs = !image && self.btrfs.is_some() && self.rng.chance(50);
                 let mut req = wffc(&name, bytes, &self.names[node], &self.all());
-                req.parameters = layout(image);
+                req.parameters = layout(image, btrfs);
                 self.note(format!(
                     "{k}: create {name} ({} MiB{}) on {}",
                     bytes / MIB,
-                    if image { ", image" } else { "" },
+                    if image {
+                        ", image"
+                    } else if btrfs {
+                        ", btrfs"
+                    } else {
+                        ""
+                    },
                     self.at(node)
                 ));
                 self.create(req, node, None).await
@@ -453,7 +481,7 @@ impl Run {
                 let s = &self.model.snaps[&snap];
                 let bytes = s.bytes + self.rng.below(2) as i64 * 16 * MIB;
                 let mut req = wffc(&name, bytes, &self.names[node], &self.all());
-                req.parameters = layout(s.image);
+                req.parameters = layout(s.image, s.btrfs);
                 req.volume_content_source = Some(VolumeContentSource {
                     r#type: Some(from_snapshot(&s.id)),
                 });
@@ -503,6 +531,7 @@ impl Run {
                         bytes: v.bytes,
                         marker: v.marker.clone(),
                         image: v.image,
+                        btrfs: v.btrfs,
                         source_id: source,
                         group: None,
                     };
@@ -584,9 +613,14 @@ impl Run {
                     .map(|(n, v)| (n.clone(), v.node))
                     .collect();
                 let vol = self.pick_near_armed(names);
-                self.note(format!("{k}: {op} {vol} on {}", self.at(self.model.vols[&vol].node)));
+                let read_only = publish && self.rng.chance(25);
+                self.note(format!(
+                    "{k}: {op} {vol} on {}{}",
+                    self.at(self.model.vols[&vol].node),
+                    if read_only { " read-only" } else { "" }
+                ));
                 if publish {
-                    self.publish(&vol).await
+                    self.publish(&vol, read_only).await
                 } else {
                     self.unpublish(&vol).await
                 }
@@ -612,15 +646,32 @@ impl Run {
                 let vol = self.rng.pick(&names).clone();
                 let marker = format!("{vol} at step {k}");
                 let v = &self.model.vols[&vol];
+                if v.mounted && v.read_only {
+                    // The pod cannot write through a read-only publish; the volume's own data
+                    // (not an image's, inside its filesystem) is written beside it.
+                    let through = self.target(&vol).join(MARKER);
+                    match std::fs::write(&through, "written through a read-only publish") {
+                        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
+                        r => return Err(format!("a write through {vol}'s read-only publish answered {r:?}")),
+                    }
+                    if v.image {
+                        self.note(format!("{k}: {vol}'s read-only publish refuses a write"));
+                        return Ok(());
+                    }
+                }
                 // Through the pod's mount when it is published, so that the mount is its data.
-                let path = if v.mounted {
+                let path = if v.mounted && !v.read_only {
                     self.target(&vol).join(MARKER)
                 } else {
                     self.c.pool_dir(v.node).join("volumes").join(&vol).join(MARKER)
                 };
                 self.note(format!(
                     "{k}: write {vol}'s marker{}",
-                    if v.mounted { " through its mount" } else { "" }
+                    if v.mounted && !v.read_only {
+                        " through its mount"
+                    } else {
+                        ""
+                    }
                 ));
                 write_synced(&path, &marker)?;
                 self.model.vols.get_mut(&vol).expect("vol").marker = marker;
@@ -777,6 +828,7 @@ impl Run {
                 bytes: v.bytes,
                 marker: v.marker.clone(),
                 image: v.image,
+                btrfs: v.btrfs,
                 source_id: s.source_volume_id,
                 group: Some(name.clone()),
             };
@@ -832,15 +884,17 @@ impl Run {
         self.c.dir.path().join("kubelet").join(vol).join("target")
     }
 
-    /// NodeStageVolume and NodePublishVolume of `vol` on its (live) node, as kubelet does for a
-    /// pod; both must answer OK, and the pod then sees the volume's marker.
-    async fn publish(&mut self, vol: &str) -> Checked {
+    /// NodeStageVolume and NodePublishVolume (`read_only` or not) of `vol` on its (live) node, as
+    /// kubelet does for a pod; both must answer OK, and the pod then sees the volume's marker.
+    async fn publish(&mut self, vol: &str, read_only: bool) -> Checked {
         let (id, node) = (self.model.vols[vol].id.clone(), self.model.vols[vol].node);
         let (staging, target) = (self.staging(vol), self.target(vol));
         std::fs::create_dir_all(&target).map_err(|e| format!("{}: {e}", target.display()))?;
         self.node_call(node, NodeOp::Stage(id.clone(), staging.clone())).await?;
-        self.node_call(node, NodeOp::Publish(id, staging, target)).await?;
-        self.model.vols.get_mut(vol).expect("vol").mounted = true;
+        self.node_call(node, NodeOp::Publish(id, staging, target, read_only))
+            .await?;
+        let v = self.model.vols.get_mut(vol).expect("vol");
+        (v.mounted, v.read_only) = (true, read_only);
         Ok(())
     }
 
@@ -861,12 +915,13 @@ impl Run {
             let mut n = self.c.node(node).await;
             let r = match &op {
                 NodeOp::Stage(id, staging) => stage_rwo(&mut n, id, staging).await,
-                NodeOp::Publish(id, staging, target) => n
+                NodeOp::Publish(id, staging, target, read_only) => n
                     .node_publish_volume(NodePublishVolumeRequest {
                         volume_id: id.clone(),
                         staging_target_path: staging.display().to_string(),
                         target_path: target.display().to_string(),
                         volume_capability: Some(rwo()),
+                        readonly: *read_only,
                         ..Default::default()
                     })
                     .await
@@ -966,7 +1021,27 @@ impl Run {
         if got != want {
             return Err(format!("mounted: {got:?}; the published volumes' mounts are {want:?}"));
         }
+        let table = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("mountinfo: {e}"))?;
+        let table = cellar::sys::mountinfo::parse(&table);
+        for (name, v) in self.model.vols.iter().filter(|(_, v)| v.mounted) {
+            let target = self.target(name);
+            let read_only = table
+                .iter()
+                .rev()
+                .find(|m| m.mount_point == target)
+                .is_some_and(|m| m.read_only());
+            if read_only != v.read_only {
+                return Err(format!(
+                    "{name}'s publish is {}read-only; the pod asked for {}",
+                    if read_only { "" } else { "not " },
+                    if v.read_only { "read-only" } else { "read-write" }
+                ));
+            }
+        }
         let mut loops = loop_files_under(self.c.dir.path());
+        if let Some(fs) = &self.btrfs {
+            loops.extend(loop_files_under(&fs.mnt));
+        }
         loops.sort();
         let mut want: Vec<std::path::PathBuf> = self
             .model
@@ -1090,6 +1165,7 @@ impl Run {
                 }
                 let data = self.c.pool_dir(node).join("volumes").join(&name);
                 let image = req.parameters.get("layout").is_some_and(|l| l == "image");
+                let btrfs = req.parameters.get("layout").is_some_and(|l| l == "btrfs");
                 let marker = match &source {
                     None if image => String::new(),
                     None => {
@@ -1116,7 +1192,9 @@ impl Run {
                     bytes: v.capacity_bytes,
                     marker,
                     image,
+                    btrfs,
                     mounted: false,
+                    read_only: false,
                 };
                 self.model.vols.insert(name, vol);
             }
@@ -1269,6 +1347,9 @@ impl Run {
                 if got != v.marker {
                     return Err(format!("{n} on {} holds {got:?}, want {:?}", self.names[i], v.marker));
                 }
+                if self.btrfs.is_some() && !v.image {
+                    subvolume_as_modelled(&pool.join("volumes").join(n), v.btrfs)?;
+                }
                 let bytes = recorded_capacity(&pool.join("volumes").join(format!("{n}.json")))?;
                 if bytes != v.bytes {
                     return Err(format!(
@@ -1278,6 +1359,9 @@ impl Run {
                 }
             }
             for n in snaps.into_iter().filter(|n| !self.model.snaps[*n].image) {
+                if self.model.snaps[n].btrfs {
+                    subvolume_as_modelled(&pool.join("snapshots").join(n), true)?;
+                }
                 let got = read_marker(&pool.join("snapshots").join(n))?;
                 if got != self.model.snaps[n].marker {
                     return Err(format!("{n} holds {got:?}, want {:?}", self.model.snaps[n].marker));
@@ -1531,13 +1615,33 @@ fn write_synced(path: &Path, marker: &str) -> Checked {
     sync().map_err(|e| format!("write {}: {e}", path.display()))
 }
 
-/// The StorageClass parameters asking for an image volume, or for the pool's default (dir).
-fn layout(image: bool) -> std::collections::HashMap<String, String> {
-    if image {
-        [("layout".to_string(), "image".to_string())].into()
-    } else {
-        Default::default()
+/// The StorageClass parameters asking for an image or a btrfs volume, or for the pool's default
+/// (dir).
+fn layout(image: bool, btrfs: bool) -> std::collections::HashMap<String, String> {
+    match (image, btrfs) {
+        (true, _) => [("layout".to_string(), "image".to_string())].into(),
+        (false, true) => [("layout".to_string(), "btrfs".to_string())].into(),
+        (false, false) => Default::default(),
     }
+}
+
+/// Whether `data` is a btrfs subvolume (the root directory of one has inode 256) exactly when the
+/// model says it holds a `btrfs` volume or snapshot: a `dir` volume made, restored or moved as a
+/// subvolume, or a `btrfs` one as a plain directory, is the wrong layout.
+fn subvolume_as_modelled(data: &Path, btrfs: bool) -> Checked {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(data)
+        .map_err(|e| format!("{}: {e}", data.display()))?
+        .ino();
+    if (ino == 256) != btrfs {
+        return Err(format!(
+            "{} is {}a subvolume (inode {ino}), but it holds a {} volume",
+            data.display(),
+            if ino == 256 { "" } else { "not " },
+            if btrfs { "btrfs" } else { "dir" }
+        ));
+    }
+    Ok(())
 }
 
 /// The backing files under `dir` of the loop devices attached now.
