@@ -456,11 +456,12 @@ impl LocalEngine {
         roots
     }
 
-    /// Whether pool `name` (the default pool, without one) is an open shared pool here: from the
-    /// configuration, touching no share.
+    /// Whether pool `name` (the default pool, without one) is a shared pool here, open or not yet:
+    /// from the configuration, touching no share. One not open yet answers its calls here
+    /// (FAILED_PRECONDITION), not on a node that reports the share open.
     pub fn pool_is_shared(&self, name: Option<&PoolName>) -> bool {
         let name = name.unwrap_or(&self.default_pool);
-        self.pools.get(name).is_some_and(|p| p.shared())
+        self.pools.0.get(name).is_some_and(|s| s.config.is_shared())
     }
 
     pub fn pool_names(&self) -> Vec<PoolName> {

@@ -2121,3 +2121,112 @@ fn a_modify_whose_record_write_fails_leaves_the_compression_as_it_was() {
         "a failed modify changed the volume's compression while its record says none"
     );
 }
+
+/// Review of the background reopen: a late pool's freeze marks are thawed while calls are served.
+/// A cut running now (here a group snapshot of a volume of the open pool, paused while its
+/// filesystem is frozen) must keep its freeze: the late open thawed it, so the members are no
+/// longer one point in time, and the cut's own thaw then finds nothing frozen.
+#[test]
+fn a_late_pools_freeze_mark_does_not_thaw_a_cut_running_now() {
+    use crate::crash::in_thread;
+    let f = faked_with(FsType::Ext4, |config, dir| {
+        let mut late = config.pools[0].clone();
+        late.name = PoolName::parse("late").expect("pool name");
+        late.path = dir.join("late");
+        late.layouts = vec![Layout::Dir];
+        late.default_layout = Layout::Dir;
+        config.pools.push(late);
+        std::fs::write(dir.join("late"), b"not a directory").expect("file");
+    });
+    assert!(!f.engine.ready(), "the late pool did not open");
+    let (vol, at) = f.staged_image("pvc-frozen-now");
+    // What an earlier process of this node, killed mid-cut, left in the late pool: a mark naming
+    // the same mount point (the group's home was the late pool).
+    let late = f.dir.path().join("late");
+    std::fs::remove_file(&late).expect("the disk is back");
+    std::fs::create_dir_all(late.join("groups")).expect("groups");
+    std::fs::write(
+        late.join("groups").join(format!(".frozen-n1-{}", uuid::Uuid::new_v4().simple())),
+        at.display().to_string(),
+    )
+    .expect("mark");
+    let pause = Arc::new(in_thread::Pause::default());
+    let req = NewGroup {
+        per_volume: false,
+        ..per_volume_group("group-now", vec![vol])
+    };
+    std::thread::scope(|s| {
+        let cut = s.spawn(|| {
+            in_thread::pause_at(Some(("group:frozen", pause.clone())));
+            let r = f.engine.create_group(&req);
+            in_thread::pause_at(None);
+            r
+        });
+        assert!(pause.reached(std::time::Duration::from_secs(20)), "the cut froze");
+        assert_eq!(f.filesystems.frozen(), vec![at.clone()]);
+        assert_eq!(f.engine.reopen_broken().len(), 1, "the late pool opens");
+        let still = f.filesystems.frozen();
+        pause.release();
+        let _ = cut.join().expect("cut thread");
+        assert_eq!(
+            still,
+            vec![at.clone()],
+            "the late open thawed a filesystem a cut running now holds frozen"
+        );
+    });
+}
+
+/// Review of the background reopen, split mode: the controller asks its shared-pools agent
+/// whether a pool is shared from the configuration (`pool_is_shared`); a shared pool that has
+/// not opened yet answered `false`, so a CreateVolume for it went to node placement (where nodes
+/// report the share open, as non-owners) instead of answering FAILED_PRECONDITION here.
+#[test]
+fn a_shared_pool_not_open_yet_is_still_told_shared() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut config, mut share) = with_second_pool(dir.path(), "share", vec![Layout::Dir]);
+    share.backend = crate::storage::config::Backend::Shared;
+    config.pools[1] = share.clone();
+    std::fs::write(&share.path, b"not a directory").expect("file");
+    let engine = LocalEngine::open_pools(NodeId::parse("ctl").expect("node"), &config, |pc| {
+        pc.is_shared().then_some(true)
+    })
+    .expect("engine");
+    assert!(!engine.ready());
+    assert!(
+        engine.pool_is_shared(Some(&share.name)),
+        "a configured shared pool is shared whether or not it is open yet"
+    );
+}
+
+/// Review of the background reopen: a name created in an open pool while a late pool was shut
+/// (the late pool holding an older volume of that name) kept answering for the volume the CO was
+/// given; once the late pool opens, its record took the name index over, and the retry of the
+/// create the CO knows answers ALREADY_EXISTS.
+#[test]
+fn a_late_pool_does_not_take_over_a_name_made_while_it_was_shut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, late) = with_second_pool(dir.path(), "late", vec![Layout::Dir]);
+    let node = NodeId::parse("n1").expect("node");
+    let in_late = NewVolume {
+        pool: Some(late.name.clone()),
+        ..NewVolume::plain("pvc-x", Some(Layout::Dir), MIB)
+    };
+    {
+        let first = LocalEngine::open(node.clone(), &config).expect("engine");
+        first.create_volume(in_late).expect("create in late");
+    }
+    let away = dir.path().join("late.away");
+    std::fs::rename(&late.path, &away).expect("move the pool away");
+    std::fs::write(&late.path, b"not a directory").expect("file");
+    let engine = LocalEngine::open(node, &config).expect("engine");
+    let in_default = NewVolume::plain("pvc-x", Some(Layout::Dir), MIB);
+    let made = engine.create_volume(in_default.clone()).expect("made in the default pool");
+    std::fs::remove_file(&late.path).expect("remove the file");
+    std::fs::rename(&away, &late.path).expect("the pool is back");
+    assert_eq!(engine.reopen_broken(), vec![late.name.clone()]);
+    assert_eq!(engine.volume_named("pvc-x").map(|r| r.id), Some(made.id.clone()));
+    assert_eq!(
+        engine.create_volume(in_default).expect("the retry of the create the CO knows"),
+        made
+    );
+}
