@@ -252,8 +252,8 @@ pub struct LocalEngine {
     pools: pools::Pools,
     /// The calls the pools open with, for those that open later.
     sys: StorageSys,
-    /// Held by a try to open the pools that are not open.
-    reopening: Mutex<()>,
+    /// The mount points freezes of this process hold now ([`LocalEngine::mark_frozen`]).
+    live_freezes: Mutex<Vec<PathBuf>>,
     default_pool: PoolName,
     /// The records of every pool here: the only reader and writer of them.
     store: PoolStore,
@@ -341,7 +341,7 @@ impl LocalEngine {
             node: node.clone(),
             pools,
             sys: sys.clone(),
-            reopening: Mutex::new(()),
+            live_freezes: Mutex::new(Vec::new()),
             default_pool: config.default_pool.clone(),
             store: PoolStore::default(),
             in_flight: InFlight::default(),
@@ -420,7 +420,12 @@ impl LocalEngine {
 
     /// Whether a pool this process owns could not be opened.
     pub(crate) fn owned_pool_broken(&self) -> bool {
-        self.pools.broken().any(|(_, slot, _)| slot.owner)
+        self.owned_pools_shut() > 0
+    }
+
+    /// How many pools this process owns are not open (yet): a count that only falls.
+    pub(crate) fn owned_pools_shut(&self) -> usize {
+        self.pools.broken().filter(|(_, slot, _)| slot.owner).count()
     }
 
     pub fn broken_pools(&self) -> Vec<(PoolName, String)> {

@@ -90,7 +90,9 @@ impl PoolStore {
         for r in volumes {
             // A name already indexed was made here while this pool was shut (the volume the CO
             // was given): an older record of that name in a pool opening late does not take it.
-            lock(&self.names).entry(r.name.clone()).or_insert_with(|| r.id.to_string());
+            lock(&self.names)
+                .entry(r.name.clone())
+                .or_insert_with(|| r.id.to_string());
             lock(&self.volumes).insert(r.id.to_string(), r);
         }
         for r in snapshots {

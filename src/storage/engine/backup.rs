@@ -726,9 +726,17 @@ impl LocalEngine {
     fn forget_local(&self, id: &BackupId, stop_upload: bool) -> Result<bool, StorageError> {
         // Only the owner of the pool holds a part: a node that opens a shared pool finds the
         // records of the controller's snapshots there, but neither uploads nor removes them.
-        let local = self
-            .local_of_backup(id)
-            .filter(|r| self.locate(&r.id.0).is_some_and(|p| p.owner));
+        let look = || {
+            self.local_of_backup(id)
+                .filter(|r| self.locate(&r.id.0).is_some_and(|p| p.owner))
+        };
+        // A pool opening during the look may have had its records read but not be open yet: the
+        // look is made again once it is, not answered "held nothing".
+        let shut_before = self.owned_pools_shut();
+        let mut local = look();
+        if local.is_none() && self.owned_pools_shut() != shut_before {
+            local = look();
+        }
         if local.is_none() && self.owned_pool_broken() {
             // "Held nothing" from a node whose pool did not open would spare the deletion mark
             // its copy there needs once the pool is back. A copy is beside its source volume:

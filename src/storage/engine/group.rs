@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::{now, LocalEngine, Source};
+use super::{lock, now, LocalEngine, Source};
 use crate::crash;
 use crate::storage::freeze::Barrier;
 use crate::storage::id::{GroupId, Key, ObjectId, SnapshotId, VolumeId};
@@ -100,6 +100,31 @@ pub fn member_snapshot_id(group: &str, volume: &VolumeId) -> SnapshotId {
         pool: volume.0.pool.clone(),
         key: Key::from_name(&member_name(group, volume)),
     })
+}
+
+/// Mount points a freeze of this process holds, or is about to take, registered for as long as
+/// it lives ([`LocalEngine::mark_frozen`]).
+pub(super) struct LiveFreeze<'a> {
+    live: &'a std::sync::Mutex<Vec<PathBuf>>,
+    points: Vec<PathBuf>,
+}
+
+impl<'a> LiveFreeze<'a> {
+    fn hold(live: &'a std::sync::Mutex<Vec<PathBuf>>, points: Vec<PathBuf>) -> LiveFreeze<'a> {
+        lock(live).extend(points.iter().cloned());
+        LiveFreeze { live, points }
+    }
+}
+
+impl Drop for LiveFreeze<'_> {
+    fn drop(&mut self) {
+        let mut live = lock(self.live);
+        for p in &self.points {
+            if let Some(i) = live.iter().position(|l| l == p) {
+                live.swap_remove(i);
+            }
+        }
+    }
 }
 
 impl LocalEngine {
@@ -365,7 +390,7 @@ impl LocalEngine {
         for c in cuts {
             points.extend(layout::of(c.from.layout).freeze_points(&pool.sys, &c.from.path)?);
         }
-        let marker = self.mark_frozen(pool, &points)?;
+        let (marker, _live) = self.mark_frozen(pool, &points)?;
         let barrier = match Barrier::freeze(&pool.sys.filesystems, points, within) {
             Ok(b) => b,
             Err(failed) => {
@@ -417,10 +442,20 @@ impl LocalEngine {
 
     /// Writes down the filesystems a cut is about to freeze (`<pool>/groups/.frozen-<node>-<uuid>`):
     /// the barrier thaws them whatever the cut does, but not when this process is killed mid-cut
-    /// (SIGKILL, OOM); then its next start thaws them ([`LocalEngine::thaw_left_frozen`]).
-    pub(super) fn mark_frozen(&self, pool: &Pool, points: &[FreezePoint]) -> Result<Option<PathBuf>, StorageError> {
+    /// (SIGKILL, OOM); then its next start thaws them ([`LocalEngine::thaw_left_frozen`]). The
+    /// points count as held by this process for as long as the answered [`LiveFreeze`] lives: a
+    /// pool opening late does not thaw them for its own marks.
+    pub(super) fn mark_frozen(
+        &self,
+        pool: &Pool,
+        points: &[FreezePoint],
+    ) -> Result<(Option<PathBuf>, LiveFreeze<'_>), StorageError> {
+        let live = LiveFreeze::hold(
+            &self.live_freezes,
+            points.iter().map(|p| p.mountpoint.clone()).collect(),
+        );
         if points.is_empty() {
-            return Ok(None);
+            return Ok((None, live));
         }
         let marker = pool.groups_dir().join(format!(
             "{FROZEN_MARK}{}-{}",
@@ -432,12 +467,13 @@ impl LocalEngine {
         pool.sys
             .files
             .write_atomic(&marker, text.join("\n").as_bytes(), files::Durability::ProcessCrash)?;
-        Ok(Some(marker))
+        Ok((Some(marker), live))
     }
 
     /// Thaws the filesystems a cut of this node (a group's, or a consistent snapshot's) froze when
     /// the process was killed before it could thaw them, and drops their marks. Run at start,
-    /// before any call is served.
+    /// before any call is served, and for a pool that opens later, when a cut of this process may
+    /// be running: a mount point it holds frozen is left to it.
     pub(super) fn thaw_left_frozen(&self) {
         for pool in self.pools.values() {
             self.thaw_left_frozen_in(pool);
@@ -458,6 +494,8 @@ impl LocalEngine {
         let Ok(entries) = pool.sys.files.list_dir(&dir) else {
             return;
         };
+        // Held while thawing: a cut registers its points here before it freezes them.
+        let live = lock(&self.live_freezes);
         for path in entries {
             if !path.file_name().is_some_and(|n| mine(&n.to_string_lossy())) {
                 continue;
@@ -471,6 +509,13 @@ impl LocalEngine {
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_default();
             for m in listed.lines().filter(|l| !l.is_empty()) {
+                if live.iter().any(|p| p == Path::new(m)) {
+                    tracing::info!(
+                        mountpoint = m,
+                        "a freeze mark names a filesystem a cut running now holds: left to it"
+                    );
+                    continue;
+                }
                 match crate::sys::filesystems::thaw_path_persistently(pool.sys.filesystems.as_ref(), Path::new(m)) {
                     Ok(()) => tracing::warn!(
                         mountpoint = m,

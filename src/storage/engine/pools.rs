@@ -25,6 +25,8 @@ pub(super) struct Slot {
     open: OnceLock<Pool>,
     /// Why the last try to open it failed, while it is not open.
     why: Mutex<String>,
+    /// Held by a try to open it.
+    trying: Mutex<()>,
     /// Its root as configured and as it resolved at start, while it is not open
     /// ([`LocalEngine::pool_managing`]); empty for a pool that opened at start.
     pub(super) roots: Vec<PathBuf>,
@@ -39,6 +41,7 @@ impl Slot {
             owner,
             open,
             why: Mutex::new(String::new()),
+            trying: Mutex::new(()),
             roots: Vec::new(),
         }
     }
@@ -49,6 +52,7 @@ impl Slot {
             owner,
             open: OnceLock::new(),
             why: Mutex::new(why),
+            trying: Mutex::new(()),
             roots,
         }
     }
@@ -97,35 +101,50 @@ impl LocalEngine {
     /// Tries once more to open each pool that is not open, as its start would have: its records
     /// are read into the store before any call can see it. Answers the pools that opened now.
     pub fn reopen_broken(&self) -> Vec<PoolName> {
-        let _one_at_a_time = lock(&self.reopening);
-        let mut opened = Vec::new();
-        for (name, slot) in self.pools.0.iter().filter(|(_, s)| s.pool().is_none()) {
-            match self.open_later(slot) {
-                Ok(pool) => {
-                    if slot.open.set(pool).is_ok() {
-                        tracing::info!(pool = name.as_str(), "pool opened; its volumes are served again");
-                        opened.push(name.clone());
-                    }
-                }
-                Err(e) => {
-                    let why = e.to_string();
-                    let mut last = lock(&slot.why);
-                    if *last != why {
-                        tracing::warn!(
-                            pool = name.as_str(),
-                            error = why,
-                            "pool still cannot be opened; trying again"
-                        );
-                        *last = why;
-                    }
-                }
-            }
-        }
-        if !opened.is_empty() && self.me.get().is_some() {
-            // Uploads of snapshots in the pools that opened, as a start would resume them.
-            self.resume_uploads();
+        let opened: Vec<PoolName> = self
+            .pools
+            .0
+            .iter()
+            .filter(|(name, slot)| self.reopen(name, slot))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if !opened.is_empty() {
+            self.resume_uploads_if_started();
         }
         opened
+    }
+
+    /// One try to open the pool of `slot`, unless it is open or another try runs: whether it
+    /// opened now.
+    fn reopen(&self, name: &PoolName, slot: &Slot) -> bool {
+        let Ok(_one_at_a_time) = slot.trying.try_lock() else {
+            return false;
+        };
+        if slot.pool().is_some() {
+            return false;
+        }
+        match self.open_later(slot) {
+            Ok(pool) => {
+                let opened = slot.open.set(pool).is_ok();
+                if opened {
+                    tracing::info!(pool = name.as_str(), "pool opened; its volumes are served again");
+                }
+                opened
+            }
+            Err(e) => {
+                let why = e.to_string();
+                let mut last = lock(&slot.why);
+                if *last != why {
+                    tracing::warn!(
+                        pool = name.as_str(),
+                        error = why,
+                        "pool still cannot be opened; trying again"
+                    );
+                    *last = why;
+                }
+                false
+            }
+        }
     }
 
     fn open_later(&self, slot: &Slot) -> Result<Pool, StorageError> {
@@ -135,28 +154,40 @@ impl LocalEngine {
         Ok(pool)
     }
 
-    /// Tries to open the pools that are not open every [`REOPEN_EVERY`], in the background, and
-    /// calls `opened` with each that opens; it ends when they all are open or the engine is
-    /// dropped.
-    pub fn start_reopener(self: &std::sync::Arc<Self>, opened: impl Fn(&PoolName) + Send + 'static) {
-        if self.pools.broken().next().is_none() {
-            return;
+    /// Uploads of snapshots in pools that opened late, as a start would resume them (only in a
+    /// process that started its uploads).
+    fn resume_uploads_if_started(&self) {
+        if self.me.get().is_some() {
+            self.resume_uploads();
         }
-        let weak = std::sync::Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name("cellar-reopen".into())
-            .spawn(move || loop {
-                std::thread::sleep(REOPEN_EVERY);
-                let Some(engine) = weak.upgrade() else { return };
-                for name in engine.reopen_broken() {
-                    opened(&name);
-                }
-                if engine.pools.broken().next().is_none() {
-                    return;
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start retrying the pools that did not open; a restart opens them");
+    }
+
+    /// Tries to open each pool that is not open every [`REOPEN_EVERY`], in the background, each
+    /// on a thread of its own (a share whose server hangs a try holds up only its own pool), and
+    /// calls `opened` with each that opens; each thread ends when its pool is open or the engine
+    /// is dropped.
+    pub fn start_reopener(self: &std::sync::Arc<Self>, opened: impl Fn(&PoolName) + Send + Sync + 'static) {
+        let opened = std::sync::Arc::new(opened);
+        for (name, _, _) in self.pools.broken() {
+            let (weak, name, opened) = (std::sync::Arc::downgrade(self), name.clone(), opened.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("cellar-reopen-{}", name.as_str()))
+                .spawn(move || loop {
+                    let name = &name;
+                    std::thread::sleep(REOPEN_EVERY);
+                    let Some(engine) = weak.upgrade() else { return };
+                    let Some(slot) = engine.pools.0.get(name) else { return };
+                    if engine.reopen(name, slot) {
+                        engine.resume_uploads_if_started();
+                        opened(name);
+                    }
+                    if slot.pool().is_some() {
+                        return;
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start retrying a pool that did not open; a restart opens it");
+            }
         }
     }
 }

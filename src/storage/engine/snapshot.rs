@@ -83,7 +83,7 @@ impl LocalEngine {
             true => layout::of(from.layout).freeze_points(&pool.sys, &from.path)?,
             false => Vec::new(),
         };
-        let mark = self.mark_frozen(pool, &points)?;
+        let (mark, _live) = self.mark_frozen(pool, &points)?;
         let copied = layout::create_copy(pool, Kind::Snapshot, &key, from.layout, &from.path, false, freeze);
         if let (Ok(()), Some(m)) = (&copied, &mark) {
             if let Err(e) = pool.sys.files.remove_file_if_exists(m) {

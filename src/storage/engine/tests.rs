@@ -2146,7 +2146,8 @@ fn a_late_pools_freeze_mark_does_not_thaw_a_cut_running_now() {
     std::fs::remove_file(&late).expect("the disk is back");
     std::fs::create_dir_all(late.join("groups")).expect("groups");
     std::fs::write(
-        late.join("groups").join(format!(".frozen-n1-{}", uuid::Uuid::new_v4().simple())),
+        late.join("groups")
+            .join(format!(".frozen-n1-{}", uuid::Uuid::new_v4().simple())),
         at.display().to_string(),
     )
     .expect("mark");
@@ -2220,13 +2221,17 @@ fn a_late_pool_does_not_take_over_a_name_made_while_it_was_shut() {
     std::fs::write(&late.path, b"not a directory").expect("file");
     let engine = LocalEngine::open(node, &config).expect("engine");
     let in_default = NewVolume::plain("pvc-x", Some(Layout::Dir), MIB);
-    let made = engine.create_volume(in_default.clone()).expect("made in the default pool");
+    let made = engine
+        .create_volume(in_default.clone())
+        .expect("made in the default pool");
     std::fs::remove_file(&late.path).expect("remove the file");
     std::fs::rename(&away, &late.path).expect("the pool is back");
     assert_eq!(engine.reopen_broken(), vec![late.name.clone()]);
     assert_eq!(engine.volume_named("pvc-x").map(|r| r.id), Some(made.id.clone()));
     assert_eq!(
-        engine.create_volume(in_default).expect("the retry of the create the CO knows"),
+        engine
+            .create_volume(in_default)
+            .expect("the retry of the create the CO knows"),
         made
     );
 }
