@@ -1393,6 +1393,25 @@ fn a_pack_left_in_an_s3_repository_without_an_index_is_pruned() {
     assert!(!pack.exists(), "a pack no index names goes: {}", s3.log());
 }
 
+/// `call` through each of `processes` in a thread of its own, all started at one instant; the
+/// answers in their order.
+fn at_once<T: Send>(processes: &[Backups], call: impl Fn(&Backups) -> T + Sync) -> Vec<T> {
+    let start = std::sync::Barrier::new(processes.len());
+    std::thread::scope(|sc| {
+        let runs: Vec<_> = processes
+            .iter()
+            .map(|b| {
+                let (start, call) = (&start, &call);
+                sc.spawn(move || {
+                    start.wait();
+                    call(b)
+                })
+            })
+            .collect();
+        runs.into_iter().map(|r| r.join().expect("call thread")).collect()
+    })
+}
+
 /// Two controller processes initialising one new S3 repository at the same instant (a snapshotter
 /// leader change during the first backup): S3 has no lock file, so each writes a claim under
 /// `cellar-init/` and goes on only when it sees no other. At most one initialises; the other opens
@@ -1409,20 +1428,7 @@ fn two_controllers_initialising_one_new_s3_repository_leave_one_key() {
         let controllers: Vec<Backups> = (0..2)
             .map(|_| Backups::new(vec![cfg.clone()], Throttle::unlimited()))
             .collect();
-        let start = std::sync::Barrier::new(2);
-        let outcomes: Vec<Result<(), StorageError>> = std::thread::scope(|sc| {
-            let runs: Vec<_> = controllers
-                .iter()
-                .map(|b| {
-                    let (start, name) = (&start, &name);
-                    sc.spawn(move || {
-                        start.wait();
-                        b.open_or_init(name, true).map(drop)
-                    })
-                })
-                .collect();
-            runs.into_iter().map(|r| r.join().expect("init thread")).collect()
-        });
+        let outcomes = at_once(&controllers, |b| b.open_or_init(&name, true).map(drop));
         // Each opened it, or answered what the CO retries: ABORTED (the other's claim), or
         // UNAVAILABLE (the test server answers a listing racing a write with a passing 500).
         for o in &outcomes {
@@ -1794,4 +1800,162 @@ fn an_s3_store_that_never_answers_fails_a_restore_and_a_listing_instead_of_holdi
     }
     proxy.heal();
     restore_whole(&b, &id).expect("the backup restores once the store answers");
+}
+
+/// Bytes that repeat nowhere (and hold no run of zeros a restore would leave as a hole).
+fn varied(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (((i ^ seed.wrapping_mul(0x9e37_79b9)).wrapping_mul(2_654_435_761) >> 11) as u8) | 1)
+        .collect()
+}
+
+/// Backup `id` restored as a restore reads it: each top-level file's bytes by name.
+fn restored_files(
+    b: &Backups,
+    id: &cellar::storage::id::BackupId,
+) -> Result<std::collections::BTreeMap<String, Vec<u8>>, StorageError> {
+    use cellar::storage::transfer::Frame;
+    let mut files = std::collections::BTreeMap::new();
+    let mut current: Option<String> = None;
+    for f in cellar::backup::restore::frames(b, id, cellar::storage::record::Layout::Dir)? {
+        match f? {
+            Frame::File { name, size, .. } => {
+                let name = String::from_utf8_lossy(&name).into_owned();
+                files.insert(name.clone(), vec![0u8; size as usize]);
+                current = Some(name);
+            }
+            Frame::Chunk { offset, data, .. } => {
+                let file = files
+                    .get_mut(current.as_deref().expect("a chunk follows its file"))
+                    .expect("file");
+                file[offset as usize..offset as usize + data.len()].copy_from_slice(&data);
+            }
+            _ => {}
+        }
+    }
+    Ok(files)
+}
+
+/// Uploads a `dir` backup holding `files` (name, bytes) into repository `name` as key `key`.
+fn upload_files(
+    b: &Backups,
+    s: &Setup,
+    name: &PoolName,
+    key: &str,
+    files: &std::collections::BTreeMap<String, Vec<u8>>,
+) -> cellar::storage::id::BackupId {
+    let data = s.dir.path().join(format!("data-{key}"));
+    std::fs::create_dir(&data).expect("data");
+    for (file, bytes) in files {
+        std::fs::write(data.join(file), bytes).expect("file");
+    }
+    let id = cellar::storage::id::BackupId::new(name.clone(), key).expect("id");
+    cellar::backup::upload::upload(b, &id, &s3_dir_meta(key), &data, None, &Default::default()).expect("upload");
+    id
+}
+
+/// Two prunes of one repository at once, round after round, through two processes' views of it
+/// (two controller replicas, or the background pruner and `cellar backup prune`), with backups
+/// made and forgotten between the rounds so that each prune marks, repacks and removes packs. A
+/// prune either does its work or is told to retry (ABORTED: another prune holds the
+/// repository); the prune after each round succeeds; every kept backup is still listed and
+/// restores byte for byte; and `check --read-data` finds every pack the index names.
+/// (UNAVAILABLE is allowed on S3 only: the test server answers a listing racing a write with a
+/// passing 500.)
+fn two_prunes_at_once_keep_every_kept_backup(cfg: RepositoryConfig, s: &Setup, store_may_fail: bool) {
+    let name = cfg.name.clone();
+    let replicas: Vec<Backups> = (0..2)
+        .map(|_| Backups::new(vec![cfg.clone()], Throttle::unlimited()))
+        .collect();
+    replicas[0].open_or_init(&name, true).expect("init");
+    let mut kept: Vec<(
+        cellar::storage::id::BackupId,
+        std::collections::BTreeMap<String, Vec<u8>>,
+    )> = Vec::new();
+    for round in 0..4u32 {
+        // Two backups share a file: forgetting one leaves its pack half used (repacked), and its
+        // trees unused (marked, then removed).
+        let shared = varied(300_000, round * 10 + 1);
+        let made: Vec<_> = ["aaaa", "bbbb"]
+            .iter()
+            .enumerate()
+            .map(|(i, suffix)| {
+                let files = std::collections::BTreeMap::from([
+                    ("shared".to_string(), shared.clone()),
+                    ("own".to_string(), varied(200_000, round * 10 + 2 + i as u32)),
+                ]);
+                let key = format!("{round:04}-{suffix}");
+                (
+                    upload_files(&replicas[round as usize % 2], s, &name, &key, &files),
+                    files,
+                )
+            })
+            .collect();
+        let (forgotten, _) = &made[0];
+        replicas[0].forget(forgotten).expect("forget");
+        kept.push(made[1].clone());
+        if round == 2 {
+            // A kept backup of an earlier round goes too: its packs are marked while others stay.
+            let (old, _) = kept.remove(0);
+            replicas[1].forget(&old).expect("forget");
+        }
+        let outcomes = at_once(&replicas, |b| b.prune(&name, Duration::ZERO));
+        for o in &outcomes {
+            match o {
+                Ok(_) => {}
+                Err(StorageError::Busy(m)) if m.contains("another process is pruning it") => {}
+                Err(StorageError::Unavailable(_)) if store_may_fail => {}
+                other => panic!("round {round}: a prune beside another answered {other:?}"),
+            }
+        }
+        assert!(
+            outcomes.iter().any(|o| o.is_ok()) || store_may_fail,
+            "round {round}: one of two prunes does its work: {outcomes:?}"
+        );
+        let after = replicas[round as usize % 2].prune(&name, Duration::ZERO);
+        assert!(
+            after.is_ok(),
+            "round {round}: the prune after the race answered {after:?}"
+        );
+        let listed: Vec<_> = replicas[0]
+            .list(&name)
+            .expect("list")
+            .into_iter()
+            .map(|b| b.id)
+            .collect();
+        for (id, files) in &kept {
+            assert!(
+                listed.contains(id),
+                "round {round}: kept backup {id} is listed: {listed:?}"
+            );
+            let restored =
+                restored_files(&replicas[1], id).unwrap_or_else(|e| panic!("round {round}: restore {id}: {e:?}"));
+            assert!(restored == *files, "round {round}: backup {id} restores byte for byte");
+        }
+        let checked = replicas[1].verify(&name, true).expect("verify");
+        assert!(
+            checked.errors.is_empty(),
+            "round {round}: the repository checks clean: {:?}",
+            checked.errors
+        );
+    }
+}
+
+#[test]
+fn two_prunes_at_once_on_a_path_repository_keep_every_kept_backup() {
+    let s = Setup::new();
+    let cfg = RepositoryConfig {
+        name: PoolName::parse("offsite").expect("name"),
+        location: Location::Path(s.repo()),
+        password_file: s.password_file(),
+    };
+    two_prunes_at_once_keep_every_kept_backup(cfg, &s, false);
+}
+
+#[test]
+fn two_prunes_at_once_on_an_s3_repository_keep_every_kept_backup() {
+    let s3 = common::s3::S3Server::start();
+    let s = Setup::new();
+    let name = PoolName::parse("offsite").expect("name");
+    two_prunes_at_once_keep_every_kept_backup(s3_repository(&s3, &s, &name, "pruned"), &s, true);
 }

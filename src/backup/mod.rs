@@ -14,6 +14,7 @@
 //! - [`throttle`]: a per-node bandwidth limit and the byte counters, around the repository's
 //!   backend.
 
+mod claim;
 pub mod cli;
 pub mod guard;
 pub mod image;
@@ -1086,10 +1087,7 @@ impl Backups {
         if repo.config_id().map_err(|e| cfg.error(e))?.is_some() {
             return repo.open(&credentials).map(keyed).map_err(|e| cfg.error(e));
         }
-        let _claim = match &cfg.location {
-            Location::Path(p) => InitClaim::Path(claim_init(cfg, p)?),
-            Location::S3(s3) => InitClaim::S3(S3InitClaim::take(cfg, s3)?),
-        };
+        let _claim = claim::Claim::take(cfg, claim::Job::Init)?;
         // Another process may have finished between the look above and the claim.
         if repo.config_id().map_err(|e| cfg.error(e))?.is_some() {
             return repo.open(&credentials).map(keyed).map_err(|e| cfg.error(e));
@@ -1359,8 +1357,17 @@ impl Backups {
     /// more, with every unmarked pack kept: that pass only brings back marked packs a backup
     /// listed by now uses (an upload checked after the first pass's index finds its blobs
     /// missing and uploads them again).
+    ///
+    /// One prune at a time per repository, in any process on any machine ([`claim`]): one
+    /// beside another worked from an index the other had rewritten, failed UNAVAILABLE removing
+    /// files the other had removed, and left entries of packs already gone that failed the next
+    /// prune too. Another prune of the repository under way is ABORTED; nothing is changed.
     pub fn prune(&self, name: &PoolName, keep_delete: std::time::Duration) -> Result<Pruned, StorageError> {
         let cfg = self.config(name)?;
+        // Opened first: a repository not initialised yet is refused as before, with no claim
+        // written into it.
+        self.open(name)?;
+        let _claim = claim::Claim::take(cfg, claim::Job::Prune)?;
         let span = rustic_core::jiff::Span::new().seconds(keep_delete.as_secs() as i64);
         // Packs younger than `keep_delete` are not marked either: an upload running meanwhile on
         // another node has indexed packs its snapshot does not name yet, and a marked blob is in
@@ -1466,6 +1473,10 @@ impl Backups {
                     match backups.prune(&r.name, keep) {
                         Ok(_) => {}
                         Err(StorageError::PoolUnusable(m)) if m.contains("not been initialised") => {}
+                        // Another replica's pruner, or `cellar backup prune`, is at it.
+                        Err(StorageError::Busy(m)) => {
+                            tracing::info!(repository = r.name.as_str(), reason = %m, "background prune left to the other prune")
+                        }
                         Err(e) => {
                             tracing::warn!(repository = r.name.as_str(), error = %e, "background prune failed; next time")
                         }
@@ -1621,54 +1632,6 @@ fn remove_stale_temps(root: &Path, keep_delete: std::time::Duration) {
     }
 }
 
-/// A claim on initialising a path repository, so that two processes (two controller replicas;
-/// nodes never initialise) never both write a config: an exclusive flock on a file beside the
-/// repository, removed when done. A process killed while initialising leaves the file but not
-/// its lock: the next one takes it over (a leftover file made every backup ABORTED before).
-fn claim_init(cfg: &RepositoryConfig, repo: &Path) -> Result<crate::sys::files::HeldLockFile, StorageError> {
-    use crate::sys::files::Files;
-    let name = repo
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let path = repo.with_file_name(format!(".{name}.cellar-init"));
-    match crate::sys::files::LinuxFiles.lock_while_held(&path) {
-        Ok(Some(held)) => Ok(held),
-        Ok(None) => Err(StorageError::Busy(format!(
-            "backup repository '{}' (another process is initialising it; {} is its claim)",
-            cfg.name.as_str(),
-            path.display()
-        ))),
-        Err(e) => Err(StorageError::Unavailable(format!(
-            "backup repository '{}': {e}",
-            cfg.name.as_str(),
-        ))),
-    }
-}
-
-/// What keeps two processes from initialising one repository at once, held until the init ends.
-enum InitClaim {
-    Path(#[allow(dead_code)] crate::sys::files::HeldLockFile),
-    S3(#[allow(dead_code)] S3InitClaim),
-}
-
-/// A claim on initialising an S3 repository. S3 has no lock, and two initialisations would
-/// each write a key with a master key of its own (the config only matches one of them). So an
-/// initialiser writes an object `cellar-init/<ms since the epoch>-<random>` under the repository's
-/// prefix, then lists `cellar-init/`: it goes on only when no other claim younger than
-/// [`S3_CLAIM_STALE`] is there, else it takes its claim back and answers ABORTED. With S3's
-/// read-after-write listing two claimants never both go on: whichever lists second sees the
-/// first's claim. Both may back off; the CO retries. A claim left by a killed process is removed
-/// by the next claimant once it is stale.
-struct S3InitClaim {
-    op: opendal::blocking::Operator,
-    path: String,
-}
-
-/// How old (by its name) another process's claim must be before it no longer counts: far more
-/// than an initialisation takes (a few small objects).
-const S3_CLAIM_STALE: std::time::Duration = std::time::Duration::from_secs(600);
-
 /// The runtime opendal's blocking operators of cellar's own S3 reads run on (as rustic's own backend does).
 fn s3_runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
@@ -1709,70 +1672,6 @@ fn s3_operator(cfg: &RepositoryConfig, s3: &S3) -> Result<opendal::blocking::Ope
                 cfg.describe()
             ))
         })
-}
-
-impl S3InitClaim {
-    const DIR: &'static str = "cellar-init/";
-
-    fn take(cfg: &RepositoryConfig, s3: &S3) -> Result<S3InitClaim, StorageError> {
-        let unreachable = |what: &str, e: opendal::Error| {
-            StorageError::Unavailable(format!(
-                "backup repository '{}' ({}): {what} its init claim: {e}",
-                cfg.name.as_str(),
-                cfg.describe()
-            ))
-        };
-        let op = s3_operator(cfg, s3)?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        let path = format!("{}{:020}-{}", Self::DIR, now.as_millis(), uuid::Uuid::new_v4().simple());
-        op.write(&path, "a cellar process initialising this repository\n")
-            .map_err(|e| unreachable("writing", e))?;
-        let claim = S3InitClaim { op, path };
-        let listed = claim.op.list(Self::DIR).map_err(|e| unreachable("listing", e))?;
-        for entry in listed {
-            if entry.path() == claim.path || !entry.metadata().is_file() {
-                continue;
-            }
-            // Only cellar's claims count: anything else put there is no one's claim.
-            let Some(written) = entry
-                .name()
-                .split_once('-')
-                .and_then(|(ms, _)| ms.parse::<u64>().ok())
-                .map(std::time::Duration::from_millis)
-            else {
-                continue;
-            };
-            // A claim dated further ahead than a stale one is old (clocks differ by less): one
-            // named for the year 5000 (anyone who can write the bucket, no key) kept every
-            // repository's first backup ABORTED for good.
-            if now.abs_diff(written) > S3_CLAIM_STALE {
-                tracing::warn!(
-                    repository = cfg.name.as_str(),
-                    claim = entry.path(),
-                    "removing a stale init claim"
-                );
-                let _ = claim.op.delete(entry.path());
-                continue;
-            }
-            // Dropping ours takes it back.
-            return Err(StorageError::Busy(format!(
-                "backup repository '{}' (another process is initialising it; {} is its claim)",
-                cfg.name.as_str(),
-                entry.path()
-            )));
-        }
-        Ok(claim)
-    }
-}
-
-impl Drop for S3InitClaim {
-    fn drop(&mut self) {
-        if let Err(e) = self.op.delete(&self.path) {
-            tracing::warn!(claim = self.path, error = %e, "could not remove the init claim; the next claimant removes it once it is stale");
-        }
-    }
 }
 
 /// The id a snapshot gets when it is also a backup.
@@ -2244,6 +2143,65 @@ mod tests {
         b.prune(&name, std::time::Duration::ZERO).unwrap();
         b.prune(&name, std::time::Duration::ZERO).unwrap();
         restored("after two more prunes");
+    }
+
+    /// Two prunes of one repository at once (two controller replicas' pruners, or one and
+    /// `cellar backup prune`): the second worked from an index the first had rewritten, failed
+    /// UNAVAILABLE ("cannot be reached") removing what the first had removed, and left entries
+    /// of packs already gone that failed the next prune too. Now the one that comes second while
+    /// the other holds the repository is ABORTED and changes nothing.
+    #[test]
+    fn a_prune_while_another_prunes_is_aborted_and_changes_nothing() {
+        use crate::crash::in_thread;
+        let dir = tempfile::tempdir().unwrap();
+        let (b, name) = testing::backups(dir.path());
+        let b = Arc::new(b);
+        b.open_or_init(&name, true).unwrap();
+        let data = testing::data_dir(dir.path(), b"forgotten data");
+        let old = testing::upload_dir(&b, &name, "1111-aaaa", "old", &data);
+        b.forget(&old).unwrap();
+        let pause = Arc::new(in_thread::Pause::default());
+        let first = {
+            let (b, name, pause) = (b.clone(), name.clone(), pause.clone());
+            std::thread::spawn(move || {
+                in_thread::pause_at(Some(("backup:prune-planned", pause)));
+                b.prune(&name, std::time::Duration::ZERO)
+            })
+        };
+        assert!(
+            pause.reached(std::time::Duration::from_secs(60)),
+            "the first prune planned"
+        );
+        let files = || {
+            let mut all = Vec::new();
+            let mut dirs = vec![dir.path().join("repo")];
+            while let Some(d) = dirs.pop() {
+                for e in std::fs::read_dir(&d).unwrap().flatten() {
+                    match e.file_type().unwrap().is_dir() {
+                        true => dirs.push(e.path()),
+                        false => all.push(e.path()),
+                    }
+                }
+            }
+            all.sort();
+            all
+        };
+        let before = files();
+        // Another process's view of the repository.
+        let (other, _) = testing::backups(dir.path());
+        match other.prune(&name, std::time::Duration::ZERO) {
+            Err(StorageError::Busy(m)) => assert!(m.contains("another process is pruning it"), "{m}"),
+            done => panic!("a prune while another prunes: want ABORTED, got {done:?}"),
+        }
+        assert_eq!(files(), before, "the refused prune changed nothing");
+        pause.release();
+        let pruned = first.join().unwrap().expect("the first prune");
+        assert!(pruned.packs_marked > 0, "the first prune did its work: {pruned:?}");
+        other.prune(&name, std::time::Duration::ZERO).expect("the next prune");
+        assert!(
+            other.verify(&name, true).unwrap().errors.is_empty(),
+            "the repository checks clean"
+        );
     }
 
     /// A process killed while initialising a path repository leaves its claim file: the next
