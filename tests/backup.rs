@@ -1854,6 +1854,15 @@ fn upload_files(
     id
 }
 
+/// Repository `offsite` in the setup's directory, as a process is given it.
+fn path_repository(s: &Setup) -> RepositoryConfig {
+    RepositoryConfig {
+        name: PoolName::parse("offsite").expect("name"),
+        location: Location::Path(s.repo()),
+        password_file: s.password_file(),
+    }
+}
+
 /// Two prunes of one repository at once, round after round, through two processes' views of it
 /// (two controller replicas, or the background pruner and `cellar backup prune`), with backups
 /// made and forgotten between the rounds so that each prune marks, repacks and removes packs. A
@@ -1944,12 +1953,7 @@ fn two_prunes_at_once_keep_every_kept_backup(cfg: RepositoryConfig, s: &Setup, s
 #[test]
 fn two_prunes_at_once_on_a_path_repository_keep_every_kept_backup() {
     let s = Setup::new();
-    let cfg = RepositoryConfig {
-        name: PoolName::parse("offsite").expect("name"),
-        location: Location::Path(s.repo()),
-        password_file: s.password_file(),
-    };
-    two_prunes_at_once_keep_every_kept_backup(cfg, &s, false);
+    two_prunes_at_once_keep_every_kept_backup(path_repository(&s), &s, false);
 }
 
 #[test]
@@ -1958,4 +1962,97 @@ fn two_prunes_at_once_on_an_s3_repository_keep_every_kept_backup() {
     let s = Setup::new();
     let name = PoolName::parse("offsite").expect("name");
     two_prunes_at_once_keep_every_kept_backup(s3_repository(&s3, &s, &name, "pruned"), &s, true);
+}
+
+/// Cuts every pack file below `data` (a repository's `data/`, on disk) to its first 16 bytes:
+/// packs really shorter than their index says. Answers how many were cut.
+fn cut_packs(data: &Path) -> usize {
+    let mut cut = 0;
+    for bucket in files_under(data) {
+        for pack in files_under(&bucket) {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&pack)
+                .and_then(|f| f.set_len(16))
+                .expect("cut a pack");
+            cut += 1;
+        }
+    }
+    cut
+}
+
+/// A read of a pack that comes back short is the way to the store's doing (a proxy that truncates
+/// an answer, a connection cut mid-body) until the pack itself is short: it is read again (one
+/// short answer failed the restore at once before), a restore that keeps getting short answers
+/// is UNAVAILABLE (the CO retries), never DATA_LOSS; and a pack really shorter than its index
+/// says is DATA_LOSS (it was UNAVAILABLE, retried for ever).
+#[test]
+fn a_short_read_from_s3_is_retried_or_unavailable_and_only_a_short_pack_is_data_loss() {
+    use common::s3::{Fault, FaultProxy};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let s3 = common::s3::S3Server::start();
+    let proxy = FaultProxy::start(s3.port());
+    let s = Setup::new();
+    let name = PoolName::parse("offsite").expect("name");
+    let b = Backups::new(
+        vec![s3_repository_via(&s3, &proxy, &s, &name, "short")],
+        Throttle::unlimited(),
+    );
+    b.open_or_init(&name, true).expect("init");
+    let id = s3_upload(&b, &s, &name, "0123456789abcdef");
+    restore_whole(&b, &id).expect("restore");
+    let pack_read = |r: &common::s3::Seen<'_>| r.method == "GET" && r.target.contains("/short/data/");
+    for fault in [Fault::Truncate, Fault::Cut] {
+        // One answer cut short: read again, and the restore goes through.
+        let left = std::sync::Arc::new(AtomicUsize::new(1));
+        let once = left.clone();
+        proxy.set(move |r| {
+            match pack_read(r)
+                && once
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                true => fault,
+                false => Fault::Pass,
+            }
+        });
+        restore_whole(&b, &id).unwrap_or_else(|e| panic!("{fault:?} once: the read again restores, got {e:?}"));
+        assert_eq!(left.load(Ordering::SeqCst), 0, "{fault:?}: a pack's read was cut short");
+        // Every answer cut short: UNAVAILABLE, the pack is whole.
+        proxy.set(move |r| match pack_read(r) {
+            true => fault,
+            false => Fault::Pass,
+        });
+        match restore_whole(&b, &id) {
+            Err(StorageError::Unavailable(m)) => assert!(!m.is_empty()),
+            other => panic!("{fault:?} every time: want UNAVAILABLE, got {other:?}"),
+        }
+    }
+    proxy.heal();
+    restore_whole(&b, &id).expect("the backup restores once answers are whole");
+    assert!(
+        cut_packs(&s3.bucket_dir().join("short").join("data")) > 0,
+        "packs to cut"
+    );
+    match restore_whole(&b, &id) {
+        Err(StorageError::DataLoss(m)) => assert!(m.contains("bytes long"), "{m}"),
+        other => panic!("a pack shorter than its index says: want DATA_LOSS, got {other:?}"),
+    }
+}
+
+/// A pack of a `path` repository really shorter than its index says (a share that lost its
+/// tail) is DATA_LOSS, not a repository that cannot be reached (UNAVAILABLE, retried for ever).
+#[test]
+fn a_pack_shorter_than_its_index_in_a_path_repository_is_data_loss() {
+    let s = Setup::new();
+    let name = PoolName::parse("offsite").expect("name");
+    let b = Backups::new(vec![path_repository(&s)], Throttle::unlimited());
+    b.open_or_init(&name, true).expect("init");
+    let id = s3_upload(&b, &s, &name, "0123456789abcdef");
+    restore_whole(&b, &id).expect("restore");
+    assert!(cut_packs(&s.repo().join("data")) > 0, "packs to cut");
+    match restore_whole(&b, &id) {
+        Err(StorageError::DataLoss(m)) => assert!(m.contains("bytes long"), "{m}"),
+        other => panic!("a pack shorter than its index says: want DATA_LOSS, got {other:?}"),
+    }
 }

@@ -559,7 +559,10 @@ impl ReadBackend for LocalReads {
 
     fn read_partial(&self, tpe: FileType, id: &Id, _cacheable: bool, offset: u32, length: u32) -> RusticResult<Bytes> {
         use std::os::unix::fs::FileExt;
-        let (file, _) = self.open(tpe, id)?;
+        let (file, held) = self.open(tpe, id)?;
+        if held < u64::from(offset) + u64::from(length) {
+            return Err(shorter_than_indexed(tpe, id, held, offset, length));
+        }
         let mut data = vec![0u8; length as usize];
         file.read_exact_at(&mut data, u64::from(offset)).map_err(|e| {
             RusticError::with_source(
@@ -654,6 +657,72 @@ impl S3Files {
     }
 }
 
+/// How many times a ranged read that came back short (a connection cut mid-body, a proxy that
+/// truncates; opendal tells "got too little data") is made before the object's length is asked.
+const SHORT_READ_TRIES: usize = 3;
+
+/// A file really shorter than a read its index asks for: its content is wrong (DATA_LOSS), not
+/// the way to it.
+fn shorter_than_indexed(tpe: FileType, id: &Id, held: u64, offset: u32, length: u32) -> Box<RusticError> {
+    RusticError::with_source(
+        ErrorKind::Verification,
+        format!(
+            "{tpe} file {id} of the repository is {held} bytes long: its index says {length} bytes lie at {offset}"
+        ),
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "a pack shorter than its index says"),
+    )
+}
+
+impl S3Files {
+    /// Bytes `offset..offset + length` of the object at `path`. An answer shorter than asked is
+    /// the network's or a proxy's doing until the object itself is shorter: it is read again,
+    /// and when it stays short the object's length decides between a retryable failure
+    /// (UNAVAILABLE) and a pack that is not what its index says (DATA_LOSS). One short answer
+    /// failed the read at once before, and a pack really short was UNAVAILABLE, retried for ever.
+    fn read_range(&self, tpe: FileType, id: &Id, offset: u32, length: u32) -> RusticResult<Bytes> {
+        let path = Self::path(tpe, id);
+        let range = u64::from(offset)..u64::from(offset) + u64::from(length);
+        let mut short = String::new();
+        for _ in 0..SHORT_READ_TRIES {
+            let read = opendal::options::ReadOptions {
+                range: range.clone().into(),
+                ..Default::default()
+            };
+            match self.op.read_options(&path, read) {
+                Ok(b) if b.len() == length as usize => return Ok(b.to_bytes()),
+                Ok(b) => short = format!("{} bytes", b.len()),
+                // opendal's own check of an answer's length ("got too little data"), and a
+                // range past the object's end.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        opendal::ErrorKind::Unexpected | opendal::ErrorKind::RangeNotSatisfied
+                    ) =>
+                {
+                    short = e.to_string()
+                }
+                Err(e) => return Err(Self::failed("reading", &path, e)),
+            }
+        }
+        let held = self
+            .op
+            .stat(&path)
+            .map_err(|e| Self::failed("looking at", &path, e))?
+            .content_length();
+        if held < range.end {
+            return Err(shorter_than_indexed(tpe, id, held, offset, length));
+        }
+        Err(RusticError::new(
+            ErrorKind::Backend,
+            format!(
+                "reading {length} bytes at {offset} of `{path}` of the repository failed {SHORT_READ_TRIES} times \
+                 though it holds {held} bytes (an answer cut short on the way?): {{short}}"
+            ),
+        )
+        .attach_context("short", short))
+    }
+}
+
 impl ReadBackend for S3Files {
     fn location(&self) -> String {
         self.inner.location()
@@ -705,16 +774,7 @@ impl ReadBackend for S3Files {
     }
 
     fn read_partial(&self, tpe: FileType, id: &Id, _cacheable: bool, offset: u32, length: u32) -> RusticResult<Bytes> {
-        let path = Self::path(tpe, id);
-        let range = u64::from(offset)..u64::from(offset) + u64::from(length);
-        let read = opendal::options::ReadOptions {
-            range: range.into(),
-            ..Default::default()
-        };
-        self.op
-            .read_options(&path, read)
-            .map(|b| b.to_bytes())
-            .map_err(|e| Self::failed("reading", &path, e))
+        self.read_range(tpe, id, offset, length)
     }
 
     fn warmup_path(&self, tpe: FileType, id: &Id) -> String {

@@ -652,9 +652,13 @@ impl BlobReader {
                 id.to_hex().as_str()
             ))
         };
+        // The backends answer what was asked or fail (a pack really shorter than its index
+        // says is DATA_LOSS there): another length is the way to the store, not its content.
         if sealed.len() != loc.length as usize {
-            return Err(lost(format!(
-                "is {} bytes in its pack, not {}",
+            return Err(StorageError::Unavailable(format!(
+                "backup repository '{}': reading blob {} answered {} bytes, not its {}",
+                cfg.name.as_str(),
+                id.to_hex().as_str(),
                 sealed.len(),
                 loc.length
             )));

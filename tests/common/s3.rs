@@ -198,6 +198,13 @@ pub enum Fault {
     /// Hands it to the server, then answers 500 instead of the server's answer (a store that
     /// did the work and then failed to say so).
     FailAfter,
+    /// Hands it to the server, then answers the server's head and the first half of its body,
+    /// with a Content-Length saying that half is all (a proxy or middlebox truncating): a
+    /// well-formed answer, short of what was asked.
+    Truncate,
+    /// Hands it to the server, then answers the server's head and the first half of its body,
+    /// and closes the connection (a connection cut mid-body).
+    Cut,
     /// Takes the request and never answers (a store or a network that holds it): the
     /// connection stays open, silent, until the proxy is dropped.
     Hang,
@@ -332,6 +339,16 @@ fn read_message(r: &mut impl std::io::BufRead, has_body: bool) -> std::io::Resul
     Ok(Some((head, body)))
 }
 
+/// An HTTP message head with its Content-Length set to `len`.
+fn with_length(head: &str, len: usize) -> String {
+    head.split_inclusive("\r\n")
+        .map(|line| match line.split_once(':') {
+            Some((k, _)) if k.trim().eq_ignore_ascii_case("content-length") => format!("{k}: {len}\r\n"),
+            _ => line.to_string(),
+        })
+        .collect()
+}
+
 /// Whether a held connection can be let go: its client closed it.
 fn hang_over(conn: &TcpStream) -> bool {
     let mut byte = [0u8; 1];
@@ -368,13 +385,26 @@ fn serve(
                 return Ok(());
             }
             Fault::Fail => None,
-            Fault::Pass | Fault::FailAfter => {
+            _ => {
                 let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
                 up.write_all(head.as_bytes())?;
                 up.write_all(&body)?;
                 let mut up_reader = std::io::BufReader::new(up);
                 let answer = read_message(&mut up_reader, method != "HEAD")?;
-                (fault == Fault::Pass).then_some(answer).flatten()
+                match (fault, answer) {
+                    (Fault::Truncate, Some((h, mut b))) => {
+                        b.truncate(b.len() / 2);
+                        Some((with_length(&h, b.len()), b))
+                    }
+                    (Fault::Cut, Some((h, b))) => {
+                        out.write_all(h.as_bytes())?;
+                        out.write_all(&b[..b.len() / 2])?;
+                        out.flush()?;
+                        return Ok(());
+                    }
+                    (Fault::Pass, answer) => answer,
+                    _ => None,
+                }
             }
         };
         match answer {
