@@ -661,6 +661,15 @@ impl S3Files {
 /// truncates; opendal tells "got too little data") is made before the object's length is asked.
 const SHORT_READ_TRIES: usize = 3;
 
+/// Whether a read failed for an answer shorter than asked: opendal's own check of an answer's
+/// length (it has no kind of its own: "got too little data", after its retries), or a range
+/// past the object's end. Other failures (a timeout, a 500 after the retries) are not read
+/// again: the store's time bound already counts its tries.
+fn cut_short(e: &opendal::Error) -> bool {
+    e.kind() == opendal::ErrorKind::RangeNotSatisfied
+        || (e.kind() == opendal::ErrorKind::Unexpected && e.to_string().contains("too little data"))
+}
+
 /// A file really shorter than a read its index asks for: its content is wrong (DATA_LOSS), not
 /// the way to it.
 fn shorter_than_indexed(tpe: FileType, id: &Id, held: u64, offset: u32, length: u32) -> Box<RusticError> {
@@ -691,16 +700,7 @@ impl S3Files {
             match self.op.read_options(&path, read) {
                 Ok(b) if b.len() == length as usize => return Ok(b.to_bytes()),
                 Ok(b) => short = format!("{} bytes", b.len()),
-                // opendal's own check of an answer's length ("got too little data"), and a
-                // range past the object's end.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        opendal::ErrorKind::Unexpected | opendal::ErrorKind::RangeNotSatisfied
-                    ) =>
-                {
-                    short = e.to_string()
-                }
+                Err(e) if cut_short(&e) => short = e.to_string(),
                 Err(e) => return Err(Self::failed("reading", &path, e)),
             }
         }
