@@ -142,64 +142,132 @@ impl crate::storage::engine::MountedHere for NodeMounts {
     }
 }
 
-/// The last renewal failure of each leased volume, so a share that stays gone is logged once.
+/// The last renewal failure of each leased volume (and search of a pool's leases, by its
+/// directory), so a share that stays gone is logged once.
 static RENEW_ERRORS: std::sync::Mutex<std::collections::BTreeMap<String, String>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
 
+/// A lease the renewer keeps: of a volume staged here, or of one whose state file cannot be read.
+struct Kept {
+    volume_id: String,
+    lease: PathBuf,
+    ttl: std::time::Duration,
+    /// The image file of a stage this node knows of; `None` for a volume whose state cannot be
+    /// read (which may be staged and in use here all the same).
+    backing: Option<PathBuf>,
+}
+
 /// Renews the leases of the image volumes of shared pool `pool` that this node has staged, each
-/// once a third of its lease time has passed.
+/// once a third of its lease time has passed; and, while a volume's state file cannot be read,
+/// the lease this node holds of it: it may still be staged and written here, and a lapsed lease
+/// would let another node mount the image at the same time.
 pub fn renew_leases(engine: &LocalEngine, state: &NodeState, pool: &PoolName) {
-    let mut staged = Vec::new();
+    let lease_of = |volume_id: &str| {
+        VolumeId::parse(volume_id)
+            .ok()
+            .filter(|id| id.0.pool == *pool)
+            .and_then(|id| engine.shared_lease(&id))
+    };
+    let mut kept = Vec::new();
     for m in state.all() {
         let Some(backing) = m.staged.as_ref().and_then(|s| s.backing.clone()) else {
             continue;
         };
-        let Some((lease, ttl)) = VolumeId::parse(&m.volume_id)
-            .ok()
-            .filter(|id| id.0.pool == *pool)
-            .and_then(|id| engine.shared_lease(&id))
-        else {
+        let Some((lease, ttl)) = lease_of(&m.volume_id) else {
             continue;
         };
-        staged.push((m, backing, lease, ttl));
+        kept.push(Kept {
+            volume_id: m.volume_id,
+            lease,
+            ttl,
+            backing: Some(backing),
+        });
+    }
+    name_unreadable(engine, state, pool);
+    for volume_id in state.unreadable_volumes() {
+        let Some((lease, ttl)) = lease_of(&volume_id) else {
+            continue;
+        };
+        // Read again: a file repaired or removed since no longer counts.
+        if state.unreadable(&volume_id).is_some() {
+            kept.push(Kept {
+                volume_id,
+                lease,
+                ttl,
+                backing: None,
+            });
+        }
     }
     // What this pass does not list it does not renew: releases and errors of others are history.
     if let Ok(p) = engine.pool(pool) {
-        let listed = staged.iter().map(|s| s.2.clone()).collect();
+        let listed = kept.iter().map(|k| k.lease.clone()).collect();
         engine.leases.forget_released(&p.leases_dir(), &listed);
     }
     RENEW_ERRORS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .retain(|volume, _| {
-            VolumeId::parse(volume).map_or(true, |id| id.0.pool != *pool)
-                || staged.iter().any(|s| s.0.volume_id == *volume)
+            VolumeId::parse(volume).map_or(true, |id| id.0.pool != *pool) || kept.iter().any(|k| k.volume_id == *volume)
         });
-    for (m, backing, lease, ttl) in staged {
-        if !engine.leases.due(&lease, ttl) {
+    for k in kept {
+        if !engine.leases.due(&k.lease, k.ttl) {
             continue;
         }
-        // A volume deleted under a stage has nothing left to lease.
-        if !matches!(engine.files().entry(&backing), Ok(Entry::File)) {
-            continue;
-        }
-        let renewed = engine.leases.renew(&lease, &m.volume_id);
+        let renewed = match &k.backing {
+            // A volume deleted under a stage has nothing left to lease.
+            Some(backing) if !matches!(engine.files().entry(backing), Ok(Entry::File)) => continue,
+            Some(_) => engine.leases.renew(&k.lease, &k.volume_id),
+            None => engine.leases.renew_existing(&k.lease, &k.volume_id),
+        };
         // A share that is gone fails every renewal: say so when the cause appears or changes.
-        let cause = renewed.as_ref().err().map(|e| e.to_string());
-        let mut last = RENEW_ERRORS.lock().unwrap_or_else(|p| p.into_inner());
-        match (&cause, last.get(&m.volume_id)) {
-            (Some(c), Some(before)) if c == before => {}
-            (Some(c), _) => {
-                tracing::warn!(volume = m.volume_id, error = c, "cannot renew lease; retrying");
-                last.insert(m.volume_id.clone(), c.clone());
-            }
-            (None, Some(_)) => {
-                tracing::info!(volume = m.volume_id, "lease renewed again");
-                last.remove(&m.volume_id);
-            }
-            (None, None) => {}
-        }
+        note_failure(
+            &k.volume_id,
+            renewed.err().map(|e| e.to_string()),
+            "cannot renew lease; retrying",
+            "lease renewed again",
+        );
         // A lost lease is logged once by the lease itself and shown as the volume's condition.
+    }
+}
+
+/// Looks among the leases of `pool` for those this node holds of volumes whose state files cannot
+/// be read and name no volume (torn): the file's name, the hash of the volume id, tells them.
+/// Once per pool, as no new lease of such a volume is taken; a search that fails is tried again.
+fn name_unreadable(engine: &LocalEngine, state: &NodeState, pool: &PoolName) {
+    let Ok(p) = engine.pool(pool) else {
+        return;
+    };
+    let dir = p.leases_dir();
+    if !state.unnamed_unreadable(&dir) {
+        return;
+    }
+    let found = engine.leases.held_in(&dir);
+    if let Ok(held) = &found {
+        state.name_unreadable(&dir, held);
+    }
+    note_failure(
+        &dir.display().to_string(),
+        found.err().map(|e| e.to_string()),
+        "cannot list this node's leases for volumes whose state cannot be read; retrying",
+        "listed this node's leases again",
+    );
+}
+
+/// Logs a renewer's failure (of a volume's lease, or a pool's search) when it appears or its cause
+/// changes, and its end, once each.
+fn note_failure(subject: &str, cause: Option<String>, failing: &str, recovered: &str) {
+    let mut last = RENEW_ERRORS.lock().unwrap_or_else(|p| p.into_inner());
+    match (&cause, last.get(subject)) {
+        (Some(c), Some(before)) if c == before => {}
+        (Some(c), _) => {
+            tracing::warn!(subject, error = c, "{failing}");
+            last.insert(subject.to_string(), c.clone());
+        }
+        (None, Some(_)) => {
+            tracing::info!(subject, "{recovered}");
+            last.remove(subject);
+        }
+        (None, None) => {}
     }
 }
 

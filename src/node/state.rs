@@ -4,7 +4,7 @@
 //! state the retried call converges from, and nothing is ever unmounted that we did not mount.
 //! Durable against a crash of the process only: a reboot clears the mounts it describes anyway.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -127,7 +127,7 @@ pub struct NodeState {
     /// State files found at open that could not be read as a volume's mounts, by path. Each is
     /// kept as it is, and the volume it belongs to counts as mounted where nobody knows: see
     /// [`NodeState::unreadable`].
-    unreadable: Mutex<BTreeMap<PathBuf, Unreadable>>,
+    unreadable: Mutex<BTreeMap<PathBuf, Held>>,
 }
 
 /// The boot id of the machine when the state was last opened (see [`NodeState::open`]).
@@ -142,6 +142,34 @@ struct Unreadable {
     /// The volume it names, when its JSON still has a `volume_id` string. Otherwise its name, the
     /// hash of the volume id, still tells which volume it belongs to.
     volume_id: Option<String>,
+}
+
+/// An unreadable state file as the node holds it, with what it learned of its volume since.
+#[derive(Debug, Clone)]
+struct Held {
+    file: Unreadable,
+    /// The volume whose id the file's name is the hash of, found in a lease this node holds (see
+    /// [`NodeState::name_unreadable`]): a torn file names no volume, but its volume's lease must
+    /// be renewed all the same.
+    leased: Option<String>,
+    /// The lease directories already searched for that lease. This node takes no new lease of a
+    /// volume whose state cannot be read, so one search of each directory is enough.
+    searched: BTreeSet<PathBuf>,
+}
+
+impl Held {
+    fn new(file: Unreadable) -> Held {
+        Held {
+            file,
+            leased: None,
+            searched: BTreeSet::new(),
+        }
+    }
+
+    /// The volume the file belongs to, when known.
+    fn volume_id(&self) -> Option<&str> {
+        self.file.volume_id.as_deref().or(self.leased.as_deref())
+    }
 }
 
 /// What reading one state file found.
@@ -207,7 +235,7 @@ impl NodeState {
                          deletes and node calls until the file is repaired or removed (after \
                          unmounting what it recorded by hand)"
                     );
-                    unreadable.insert(p, u);
+                    unreadable.insert(p, Held::new(u));
                 }
             }
         }
@@ -232,7 +260,7 @@ impl NodeState {
         let mut bad = self.unreadable.lock().unwrap_or_else(|p| p.into_inner());
         let path = bad
             .iter()
-            .find(|(p, u)| **p == own || u.volume_id.as_deref() == Some(volume_id))
+            .find(|(p, h)| **p == own || h.file.volume_id.as_deref() == Some(volume_id))
             .map(|(p, _)| p.clone())?;
         match read(&*self.files, &path) {
             Read::Gone => {
@@ -258,7 +286,10 @@ impl NodeState {
             )),
             Read::Unreadable(u) => {
                 let message = Self::refusal(volume_id, &path, &u.why);
-                bad.insert(path, u);
+                // What was learned of its volume stays: the file is still the same volume's.
+                if let Some(held) = bad.get_mut(&path) {
+                    held.file = u;
+                }
                 Some(message)
             }
         }
@@ -278,6 +309,35 @@ impl NodeState {
     fn file(&self, volume_id: &str) -> PathBuf {
         let h = hex::encode(Sha256::digest(volume_id.as_bytes()));
         self.dir.join(format!("{}.json", &h[..32]))
+    }
+
+    /// The volumes whose state files cannot be read, as far as they are known: named by the
+    /// file's JSON, or by a lease this node holds ([`NodeState::name_unreadable`]). What a file
+    /// says is not read again here: ask [`NodeState::unreadable`] whether it still holds.
+    pub fn unreadable_volumes(&self) -> Vec<String> {
+        let bad = self.unreadable.lock().unwrap_or_else(|p| p.into_inner());
+        bad.values().filter_map(|h| h.volume_id().map(str::to_string)).collect()
+    }
+
+    /// Whether an unreadable file that names no volume has yet to be looked for among the leases
+    /// in `dir` (one shared pool's).
+    pub fn unnamed_unreadable(&self, dir: &Path) -> bool {
+        let bad = self.unreadable.lock().unwrap_or_else(|p| p.into_inner());
+        bad.values()
+            .any(|h| h.volume_id().is_none() && !h.searched.contains(dir))
+    }
+
+    /// Takes in what a search of lease directory `dir` found: `held`, the volumes whose leases
+    /// there name this node. An unreadable file named by the hash of one of them is that volume's
+    /// (which may still be staged here, so its lease is kept); the others are not looked for in
+    /// `dir` again.
+    pub fn name_unreadable(&self, dir: &Path, held: &[String]) {
+        let named: Vec<(PathBuf, &String)> = held.iter().map(|v| (self.file(v), v)).collect();
+        let mut bad = self.unreadable.lock().unwrap_or_else(|p| p.into_inner());
+        for (path, h) in bad.iter_mut().filter(|(_, h)| h.volume_id().is_none()) {
+            h.leased = named.iter().find(|(p, _)| p == path).map(|(_, v)| v.to_string());
+            h.searched.insert(dir.to_path_buf());
+        }
     }
 
     pub fn get(&self, volume_id: &str) -> VolumeMounts {

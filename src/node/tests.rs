@@ -533,15 +533,8 @@ fn a_state_file_that_cannot_be_read_keeps_its_volume_from_deletes_and_node_calls
     n.stage(&id, &staging).expect("stage");
     n.publish(&id, &staging, &target, Mode::SingleNodeWriter, false)
         .expect("publish");
-    let files: Vec<PathBuf> = std::fs::read_dir(n.path("node"))
-        .expect("state dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    let [file] = files.as_slice() else {
-        panic!("one state file: {files:?}");
-    };
-    let good = std::fs::read(file).expect("state");
+    let (file, good) = the_state_file(&n);
+    let file = &file;
     let torn = good[..good.len() / 2].to_vec();
     let other_shape = format!(r#"{{"volume_id":"{id}","staged":7,"published":[]}}"#).into_bytes();
     for bad in [torn, other_shape] {
@@ -1521,6 +1514,79 @@ fn a_renewal_pass_forgets_the_leases_given_back_before_it() {
         !n.svc.engine.leases.remembers_release(&lease),
         "a node staging and unstaging volume after volume keeps nothing of those given back"
     );
+}
+
+/// The one state file of the node's volumes, and its bytes.
+fn the_state_file(n: &Node) -> (PathBuf, Vec<u8>) {
+    let files: Vec<PathBuf> = std::fs::read_dir(n.path("node"))
+        .expect("state dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    let [file] = files.as_slice() else {
+        panic!("one state file: {files:?}");
+    };
+    let bytes = std::fs::read(file).expect("state");
+    (file.clone(), bytes)
+}
+
+/// A shared image whose state file cannot be read may still be staged and written here: the
+/// lease this node holds of it is renewed all the same (it lapsed, and another node could then
+/// mount the image at once), whether the file still names the volume or is torn and known by its
+/// name alone. A lease that is gone is not made again (nothing says the volume is staged), one of
+/// another node is left alone, and a file removed by hand no longer counts.
+#[test]
+fn the_lease_of_a_volume_whose_state_cannot_be_read_is_still_renewed() {
+    use crate::storage::id::{PoolName, VolumeId};
+    use crate::storage::lease::LeaseFile;
+    let mut n = Node::new();
+    let id = n.shared("pvc-leased", Layout::Image, 32 << 20);
+    n.stage(&id, &n.path("stage")).expect("stage");
+    let (lease, _) = n
+        .svc
+        .engine
+        .shared_lease(&VolumeId::parse(&id).expect("id"))
+        .expect("a shared image's lease");
+    let held = || -> LeaseFile { serde_json::from_slice(&std::fs::read(&lease).expect("lease")).expect("lease JSON") };
+    let share = PoolName::parse("share").expect("pool name");
+    let (file, good) = the_state_file(&n);
+    let torn = good[..good.len() / 2].to_vec();
+    let named = format!(r#"{{"volume_id":"{id}","staged":7,"published":[]}}"#).into_bytes();
+    for bad in [&torn, &named] {
+        std::fs::write(&file, bad).expect("spoil the state");
+        n = n.restart();
+        let before = held();
+        super::renew_leases(&n.svc.engine, &n.svc.state, &share);
+        let after = held();
+        assert_eq!(after.node, "n1");
+        assert_eq!(
+            after.renewals,
+            before.renewals + 1,
+            "renewed: {}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    // Gone from the share: not made again.
+    std::fs::remove_file(&lease).expect("remove the lease");
+    n = n.restart();
+    super::renew_leases(&n.svc.engine, &n.svc.state, &share);
+    assert!(!lease.exists(), "a lease of a volume not known to be staged was made");
+    // Another node's: left as it is, whichever way the file names its volume.
+    let theirs = serde_json::to_vec(&LeaseFile::new("n2", &id)).expect("encode");
+    for bad in [&torn, &named] {
+        std::fs::write(&file, bad).expect("spoil the state");
+        std::fs::write(&lease, &theirs).expect("another node's lease");
+        n = n.restart();
+        super::renew_leases(&n.svc.engine, &n.svc.state, &share);
+        assert_eq!(std::fs::read(&lease).expect("lease"), theirs);
+    }
+    // The file removed by hand (after unmounting by hand): its lease is this node's no more.
+    std::fs::write(&lease, serde_json::to_vec(&LeaseFile::new("n1", &id)).expect("encode")).expect("lease");
+    n = n.restart();
+    std::fs::remove_file(&file).expect("remove the state file");
+    let before = held();
+    super::renew_leases(&n.svc.engine, &n.svc.state, &share);
+    assert_eq!(held(), before, "renewed after its state file was removed");
 }
 
 #[test]

@@ -269,13 +269,24 @@ impl Leases {
     /// while this node could not renew, or it was removed by hand) is taken again at once, unless
     /// another node has taken it meanwhile; else any node could stage the volume with no wait.
     pub fn renew(&self, path: &Path, volume: &str) -> Result<Renewal, SysError> {
+        self.renew_as(path, volume, true)
+    }
+
+    /// Renews a lease this node holds for a volume it may have staged but has lost its record of
+    /// (the node's state file of it cannot be read): unlike [`Leases::renew`], a lease that is
+    /// gone is not made again, since nothing says the volume is staged here or still exists.
+    pub fn renew_existing(&self, path: &Path, volume: &str) -> Result<Renewal, SysError> {
+        self.renew_as(path, volume, false)
+    }
+
+    fn renew_as(&self, path: &Path, volume: &str, retake: bool) -> Result<Renewal, SysError> {
         let turn = self.turn(path);
         let _turn = lock(&turn.lock);
         if lock(&self.released).contains(path) {
             return Ok(Renewal::Gone);
         }
         let renewed = match self.renew_held(path, volume)? {
-            Renewal::Gone => self.retake(path, volume)?,
+            Renewal::Gone if retake => self.retake(path, volume)?,
             r => r,
         };
         Ok(match renewed {
@@ -335,6 +346,28 @@ impl Leases {
             );
         }
         Renewal::Lost(holder)
+    }
+
+    /// The volumes whose leases in `dir` (one pool's) name this node, as their files say: what a
+    /// node that lost its record of a stage still holds. A file that is no lease of this node
+    /// (moved aside by a take-over, unreadable, another node's) is passed over.
+    pub fn held_in(&self, dir: &Path) -> Result<Vec<String>, SysError> {
+        if self.files.entry(dir)? != crate::sys::files::Entry::Dir {
+            return Ok(Vec::new());
+        }
+        let mut held = Vec::new();
+        for p in self.files.list_dir(dir)? {
+            if p.file_name().is_none_or(|n| n.as_encoded_bytes().starts_with(b".")) {
+                continue;
+            }
+            let lease = self.files.read_optional(&p)?;
+            if let Some(f) = lease.and_then(|b| serde_json::from_slice::<LeaseFile>(&b).ok()) {
+                if f.node == self.node {
+                    held.push(f.volume);
+                }
+            }
+        }
+        Ok(held)
     }
 
     /// Whether a lease held here is due for renewal (a third of its time has passed).
