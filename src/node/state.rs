@@ -142,6 +142,10 @@ struct Unreadable {
     /// The volume it names, when its JSON still has a `volume_id` string. Otherwise its name, the
     /// hash of the volume id, still tells which volume it belongs to.
     volume_id: Option<String>,
+    /// Where its JSON still says the volume is staged and published (a later release's file, or
+    /// one edited by hand), for the path guard. Nothing for a file that is not JSON: torn, or
+    /// failing to read.
+    paths: Vec<PathBuf>,
 }
 
 /// An unreadable state file as the node holds it, with what it learned of its volume since.
@@ -392,15 +396,29 @@ impl NodeState {
 
     /// A volume staged or published at a path strictly above `path` (one of `paths`, the given
     /// and the resolved spelling): a mount at `path` would land inside that volume's data.
+    /// A file that cannot be read counts with the paths its JSON still names (the volume named as
+    /// its id, or as the file where that is not known); of one that is not JSON nothing is known.
     pub fn mounted_above(&self, paths: &[&Path]) -> Option<(String, PathBuf)> {
+        let inside = |at: &&PathBuf| paths.iter().any(|p| p != at && p.starts_with(at));
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.values().find_map(|m| {
+        let readable = cache.values().find_map(|m| {
             m.staged
                 .iter()
                 .map(|s| &s.path)
                 .chain(m.published.keys())
-                .find(|at| paths.iter().any(|p| p != at && p.starts_with(at)))
+                .find(inside)
                 .map(|at| (m.volume_id.clone(), at.clone()))
+        });
+        drop(cache);
+        readable.or_else(|| {
+            let bad = self.unreadable.lock().unwrap_or_else(|p| p.into_inner());
+            bad.iter().find_map(|(file, h)| {
+                let volume = h.volume_id().map_or_else(
+                    || format!("<the one of unreadable state file {}>", file.display()),
+                    str::to_string,
+                );
+                h.file.paths.iter().find(inside).map(|at| (volume, at.clone()))
+            })
         })
     }
 
@@ -420,18 +438,37 @@ fn read(files: &dyn Files, path: &Path) -> Read {
             return Read::Unreadable(Unreadable {
                 why: e.to_string(),
                 volume_id: None,
+                paths: Vec::new(),
             })
         }
     };
     match serde_json::from_slice::<VolumeMounts>(&bytes) {
         Ok(m) => Read::Mounts(m),
-        Err(e) => Read::Unreadable(Unreadable {
-            why: format!("{} bytes that are not this release's mount state: {e}", bytes.len()),
-            volume_id: serde_json::from_slice::<serde_json::Value>(&bytes)
-                .ok()
-                .and_then(|v| v.get("volume_id")?.as_str().map(str::to_string)),
-        }),
+        Err(e) => {
+            let json = serde_json::from_slice::<serde_json::Value>(&bytes).ok();
+            Read::Unreadable(Unreadable {
+                why: format!("{} bytes that are not this release's mount state: {e}", bytes.len()),
+                volume_id: json
+                    .as_ref()
+                    .and_then(|v| v.get("volume_id")?.as_str().map(str::to_string)),
+                paths: json.as_ref().map(recorded_paths).unwrap_or_default(),
+            })
+        }
     }
+}
+
+/// The mount paths a state file's JSON names where this release keeps them (`staged.path`, the
+/// keys of `published`), read from JSON this release cannot otherwise read. Only absolute paths:
+/// anything else is no path the node could have mounted at.
+fn recorded_paths(json: &serde_json::Value) -> Vec<PathBuf> {
+    let staged = json.get("staged").and_then(|s| s.get("path")?.as_str());
+    let published = json.get("published").and_then(|p| p.as_object());
+    staged
+        .into_iter()
+        .chain(published.into_iter().flat_map(|p| p.keys().map(String::as_str)))
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .collect()
 }
 
 #[cfg(test)]

@@ -282,6 +282,40 @@ fn refused_path(path: &Path, answer: Result<(), tonic::Status>, says: &str) {
     assert!(err.message().contains(says), "{}", err.message());
 }
 
+/// A state file this release cannot read as a volume's mounts (a later release's, edited by hand)
+/// still names, in JSON, where the volume is staged and published: a stage or publish of another
+/// volume inside those paths is refused as inside a readable state's would be. (Of a file that is
+/// not JSON nothing is known; docs/design.md says so.)
+#[test]
+fn a_path_inside_the_mounts_an_unreadable_state_file_still_names_is_refused() {
+    let mut n = Node::new();
+    let (a, b) = (n.volume("pvc-a"), n.volume("pvc-b"));
+    let (staging, target) = (n.path("stage-a"), n.path("pod-a/mount"));
+    n.stage(&a, &staging).expect("stage");
+    n.publish(&a, &staging, &target, Mode::SingleNodeWriter, false)
+        .expect("publish");
+    let (file, _) = the_state_file(&n);
+    let later = serde_json::json!({
+        "volume_id": a,
+        "staged": {"path": staging, "kind": "from-a-later-release"},
+        "published": {target.display().to_string(): {"access": "from-a-later-release"}},
+    });
+    std::fs::write(&file, serde_json::to_vec(&later).expect("encode")).expect("spoil the state");
+    n = n.restart();
+    let mounts = n.mounter.calls().len();
+    let (under_stage, under_target) = (staging.join("evil"), target.join("evil"));
+    let refused = |path: &Path, answer| refused_path(path, answer, &format!("where volume {a} is mounted"));
+    refused(&under_stage, n.stage(&b, &under_stage));
+    refused(&under_target, n.stage(&b, &under_target));
+    let staging_b = n.path("stage-b");
+    n.stage(&b, &staging_b).expect("a path of its own");
+    refused(
+        &under_target,
+        n.publish(&b, &staging_b, &under_target, Mode::SingleNodeWriter, false),
+    );
+    assert_eq!(n.mounter.calls().len(), mounts + 1, "only the good stage mounted");
+}
+
 #[test]
 fn a_path_that_cannot_be_a_directory_is_a_client_error() {
     let n = Node::new();
