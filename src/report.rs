@@ -7,7 +7,7 @@
 //! data dir's lock ([`crate::roles::LOCK_FILE`]); while it runs, what may belong to a call in progress is
 //! listed but left alone.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{BufRead, Write};
 use std::os::unix::fs::MetadataExt;
@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::node::state::NodeState;
+use crate::node::state::Survey;
 use crate::roles::{self, DataDirLock};
 use crate::storage::config::{Backend, ConfigError, PoolConfig};
 use crate::storage::id::{Key, VolumeId};
@@ -185,6 +185,10 @@ pub enum FindingKind {
     StrayLoopDevice,
     /// A mount of pool data that no node state explains.
     StrayMount,
+    /// A node state file the driver cannot read: its volume is refused deletes and node calls.
+    UnreadableNodeState,
+    /// A node state file that could not be read at the first start after a reboot, set aside.
+    SetAsideNodeState,
 }
 
 impl FindingKind {
@@ -203,6 +207,8 @@ impl FindingKind {
             FindingKind::TrashLeftover => "trash-leftover",
             FindingKind::StrayLoopDevice => "stray-loop-device",
             FindingKind::StrayMount => "stray-mount",
+            FindingKind::UnreadableNodeState => "unreadable-node-state",
+            FindingKind::SetAsideNodeState => "set-aside-node-state",
         }
     }
 }
@@ -394,6 +400,8 @@ struct Scan<'a> {
     /// Where volume data is, resolved, for every volume record (parsed or not): a loop device backed by
     /// one of these is a volume's.
     volume_data: BTreeSet<PathBuf>,
+    /// The id of each volume whose record parsed, by pool and key.
+    volume_ids: BTreeMap<(String, String), String>,
 }
 
 fn io<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SysError + 'a {
@@ -407,9 +415,10 @@ pub fn scan(args: &ReportArgs, host: &Host, running: bool) -> Result<Report, Rep
     // every mount seen here is already in the state read next.
     let mounts = mountinfo::read(&host.mountinfo)?;
     let node_dir = args.data_dir.join("node");
+    // Read as it is: opening it as the driver does would set files aside after a reboot.
     let state = match LinuxFiles.entry(&node_dir)? {
-        files::Entry::Dir => NodeState::open(&node_dir, std::sync::Arc::new(LinuxFiles))?.all(),
-        _ => Vec::new(),
+        files::Entry::Dir => Some(Survey::read(&node_dir, &LinuxFiles)?),
+        _ => None,
     };
     let sites = sites(&config.pools, &mounts);
     let mut s = Scan {
@@ -420,19 +429,23 @@ pub fn scan(args: &ReportArgs, host: &Host, running: bool) -> Result<Report, Rep
         sites,
         findings: Vec::new(),
         volume_data: BTreeSet::new(),
+        volume_ids: BTreeMap::new(),
     };
     let mut pools = Vec::new();
     for i in 0..s.sites.len() {
         pools.push(s.pool(i)?);
     }
-    s.stray_mounts(&state);
+    if let Some(survey) = &state {
+        s.node_state(survey);
+    }
+    s.stray_mounts(state.as_ref());
     s.stray_loops()?;
     s.keep_what_holds_mounts();
 
     let mounted: BTreeSet<&Path> = s.mounts.iter().map(|m| m.mount_point.as_path()).collect();
     let is_mounted = |p: &Path| mounted.contains(p) || fs::canonicalize(p).is_ok_and(|r| mounted.contains(r.as_path()));
     let mut stale_mounts = Vec::new();
-    for m in &state {
+    for m in state.iter().flat_map(|s| &s.mounts) {
         let staged = m.staged.iter().map(|st| &st.path);
         stale_mounts.extend(staged.chain(m.published.keys()).filter(|p| !is_mounted(p)).cloned());
     }
@@ -644,6 +657,10 @@ impl Scan<'_> {
                 }
                 DataState::Present => {}
             }
+            if let Record::Volume(v) = &rec {
+                self.volume_ids
+                    .insert((name.clone(), stem.to_string()), v.id.to_string());
+            }
             match rec {
                 Record::Volume(v) => report.volumes.push(VolumeLine {
                     id: v.id.to_string(),
@@ -688,8 +705,57 @@ impl Scan<'_> {
         Ok(())
     }
 
-    /// Mounts of pool data under a pool or kubelet's CSI paths that no node state explains.
-    fn stray_mounts(&mut self, state: &[crate::node::state::VolumeMounts]) {
+    /// The node's state files that cannot be read, and those set aside after a reboot: nothing
+    /// `--fix` touches (what they record is known to nobody), each saying what to do by hand.
+    fn node_state(&mut self, survey: &Survey) {
+        const DOC: &str = "docs/design.md, \"Node mount state\"";
+        for (path, u) in &survey.unreadable {
+            let volume = u.volume_id.as_deref().map_or_else(
+                || "the volume whose id hashes to this file's name".to_string(),
+                |v| format!("volume {v}"),
+            );
+            let detail = if survey.earlier_boot {
+                format!(
+                    "cannot be read ({}); written before the machine's last boot, so the mounts it recorded of \
+                     {volume} are gone: the driver sets it aside at its next start",
+                    u.why
+                )
+            } else {
+                format!(
+                    "cannot be read ({}); it records where {volume} is staged and published, and the driver \
+                     refuses that volume's deletes and node calls until it is repaired or removed: unmount what \
+                     is left of the volume by hand (findmnt, losetup -j on its image) once no pod uses it, then \
+                     remove the file, or repair it ({DOC})",
+                    u.why
+                )
+            };
+            self.node_finding(FindingKind::UnreadableNodeState, path, detail);
+        }
+        for path in &survey.set_aside {
+            let detail = format!(
+                "could not be read at the driver's first start after a reboot, and was set aside; the mounts it \
+                 recorded went with that boot: look at it if you wish, then remove it ({DOC})"
+            );
+            self.node_finding(FindingKind::SetAsideNodeState, path, detail);
+        }
+    }
+
+    fn node_finding(&mut self, kind: FindingKind, path: &Path, detail: String) {
+        self.findings.push(Finding {
+            kind,
+            pool: None,
+            path: path.to_path_buf(),
+            detail,
+            action: Action::None,
+            mount_id: None,
+            kept: None,
+        });
+    }
+
+    /// Mounts of pool data under a pool or kubelet's CSI paths that no node state explains. One
+    /// that may be of a volume whose state file cannot be read is kept: a pod may be using it.
+    fn stray_mounts(&mut self, survey: Option<&Survey>) {
+        let state = survey.map_or(&[][..], |s| &s.mounts[..]);
         let mounts = self.mounts.clone();
         // The kernel names mount points with symlinks resolved; kubelet's paths may hold some.
         let kubelet = fs::canonicalize(&self.args.kubelet_dir).unwrap_or_else(|_| self.args.kubelet_dir.clone());
@@ -737,7 +803,31 @@ impl Scan<'_> {
                 );
                 let i = self.finding(FindingKind::StrayMount, &name, &m.mount_point, detail, Action::Unmount);
                 self.findings[i].mount_id = Some(m.mount_id);
+                self.findings[i].kept = survey.and_then(|s| self.unreadable_holder(s, &name, &rel)).map(|file| {
+                    format!(
+                        "it may be a mount of the volume whose node state {} cannot be read: repair or remove that \
+                         file first",
+                        file.display()
+                    )
+                });
             }
+        }
+    }
+
+    /// The unreadable node state file of the volume whose data (`rel` in pool `pool`) a mount
+    /// shows; when that volume cannot be told (no record read), any unreadable file.
+    fn unreadable_holder<'s>(&self, survey: &'s Survey, pool: &str, rel: &Path) -> Option<&'s Path> {
+        let key = rel.strip_prefix("volumes").ok()?.components().next()?;
+        let id = self
+            .volume_ids
+            .get(&(pool.to_string(), key.as_os_str().to_string_lossy().into_owned()));
+        match id {
+            Some(id) => survey.unreadable_of(id),
+            None => survey
+                .unreadable
+                .keys()
+                .find(|_| !survey.earlier_boot)
+                .map(PathBuf::as_path),
         }
     }
 
@@ -771,7 +861,7 @@ impl Scan<'_> {
         let strays: BTreeSet<PathBuf> = self
             .findings
             .iter()
-            .filter(|f| f.kind == FindingKind::StrayMount)
+            .filter(|f| f.kind == FindingKind::StrayMount && f.kept.is_none())
             .map(|f| f.path.clone())
             .collect();
         for f in self.findings.iter_mut().filter(|f| f.action == Action::Remove) {

@@ -448,3 +448,73 @@ async fn fix_removes_a_planted_symlink_and_never_what_it_points_to() {
     assert!(std::fs::symlink_metadata(&link).is_err(), "the symlink is still there");
     assert_eq!(std::fs::read(outside.join("keep")).unwrap(), b"not the pool's");
 }
+
+/// A node state file the driver cannot read keeps its volume from deletes and node calls until an
+/// operator repairs or removes it, and one set aside after a reboot waits for the operator too:
+/// both are listed, naming the file and what to do, and `--fix` touches neither. The volume's
+/// mounts, which no readable state explains any more, are listed as stray but kept: a pod may be
+/// using them (`--fix` unmounted them from under it).
+#[tokio::test]
+async fn unreadable_node_state_files_are_listed_and_their_volumes_mounts_are_kept() {
+    let mut d = Driver::start().await;
+    let s = scene(&mut d).await;
+    d.kill();
+    let node = d.data_dir().join("node");
+    let hash = hex::encode(Sha256::digest(s.live.as_bytes()));
+    let file = node.join(format!("{}.json", &hash[..32]));
+    let good = std::fs::read(&file).expect("the live volume's state");
+    std::fs::write(&file, &good[..good.len() / 2]).expect("tear it");
+    let aside = node.join("0123456789abcdef0123456789abcdef.json.unreadable");
+    std::fs::write(&aside, b"{\"volume_id\":").expect("a file set aside after a reboot");
+
+    let r = report(&d, &["--json"], "");
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let v = r.json();
+    let e = |kind: &str, p: &Path| (kind.to_string(), p.to_path_buf());
+    assert_eq!(
+        findings(&v),
+        BTreeSet::from([
+            e("unreadable-node-state", &file),
+            e("set-aside-node-state", &aside),
+            e("stray-mount", &s.staging),
+            e("stray-mount", &s.target),
+        ])
+    );
+    for f in v["findings"].as_array().expect("findings") {
+        let (kind, detail) = (f["kind"].as_str().expect("kind"), f["detail"].as_str().expect("detail"));
+        match kind {
+            "unreadable-node-state" => assert!(
+                detail.contains("remove the file, or repair it") && detail.contains("docs/design.md"),
+                "{detail}"
+            ),
+            "set-aside-node-state" => assert!(detail.contains("then remove it"), "{detail}"),
+            _ => assert!(
+                f["kept"]
+                    .as_str()
+                    .is_some_and(|k| k.contains(&file.display().to_string())),
+                "a mount of the volume whose state cannot be read, not kept: {f}"
+            ),
+        }
+        if kind != "stray-mount" {
+            assert_eq!(f["action"], "none", "{f}");
+        }
+    }
+
+    let r = report(&d, &["--fix", "--yes", "--json"], "");
+    assert_eq!(r.code, 2, "findings remain: {}\n{}", r.stdout, r.stderr);
+    assert_eq!(
+        mounts_under(&s.kubelet).into_iter().collect::<BTreeSet<_>>(),
+        BTreeSet::from([s.staging.clone(), s.target.clone()]),
+        "--fix unmounted a volume a pod may be using"
+    );
+    assert_eq!(
+        std::fs::read(s.target.join("greeting")).expect("the pod's data"),
+        b"hello"
+    );
+    assert_eq!(std::fs::read(&file).expect("kept"), &good[..good.len() / 2]);
+    assert!(aside.exists(), "kept");
+
+    std::fs::write(&file, &good).expect("repair");
+    std::fs::remove_file(&aside).expect("remove");
+    finish(&mut d, &s, true).await;
+}

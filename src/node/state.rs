@@ -136,16 +136,16 @@ const BOOT_MARK: &str = "boot";
 /// A state file that could not be read (an I/O error, not JSON, or JSON this release cannot read
 /// as a volume's mounts: a later release's, or edited by hand).
 #[derive(Debug, Clone)]
-struct Unreadable {
+pub struct Unreadable {
     /// Why, as the reader said.
-    why: String,
+    pub why: String,
     /// The volume it names, when its JSON still has a `volume_id` string. Otherwise its name, the
     /// hash of the volume id, still tells which volume it belongs to.
-    volume_id: Option<String>,
+    pub volume_id: Option<String>,
     /// Where its JSON still says the volume is staged and published (a later release's file, or
     /// one edited by hand), for the path guard. Nothing for a file that is not JSON: torn, or
     /// failing to read.
-    paths: Vec<PathBuf>,
+    pub paths: Vec<PathBuf>,
 }
 
 /// An unreadable state file as the node holds it, with what it learned of its volume since.
@@ -176,6 +176,77 @@ impl Held {
     }
 }
 
+/// The extension a state file that could not be read at the first start after a reboot is given.
+const SET_ASIDE: &str = "json.unreadable";
+
+/// What a node's state directory holds, read without changing anything: what
+/// [`NodeState::open`] starts from, and what `cellar report` lists.
+pub struct Survey {
+    pub mounts: Vec<VolumeMounts>,
+    /// The files that cannot be read, by path.
+    pub unreadable: BTreeMap<PathBuf, Unreadable>,
+    /// Files set aside at a first start after a reboot (`<name>.json.unreadable`).
+    pub set_aside: Vec<PathBuf>,
+    /// No process has opened the state since the machine booted: the mounts every file records
+    /// went with an earlier boot, and the next open sets the unreadable files aside.
+    pub earlier_boot: bool,
+    boot: Option<String>,
+}
+
+impl Survey {
+    pub fn read(dir: &Path, files: &dyn Files) -> Result<Survey, SysError> {
+        let boot = crate::sys::boot_id();
+        let earlier_boot = boot.is_some()
+            && files
+                .read_optional(&dir.join(BOOT_MARK))?
+                .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+                != boot;
+        let mut survey = Survey {
+            mounts: Vec::new(),
+            unreadable: BTreeMap::new(),
+            set_aside: Vec::new(),
+            earlier_boot,
+            boot,
+        };
+        for p in files.list_dir(dir)? {
+            let name = p.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+            if name.ends_with(&format!(".{SET_ASIDE}")) {
+                survey.set_aside.push(p);
+                continue;
+            }
+            if p.extension().is_none_or(|x| x != "json") {
+                continue;
+            }
+            match read(files, &p) {
+                Read::Gone => {}
+                Read::Mounts(m) => survey.mounts.push(m),
+                Read::Unreadable(u) => {
+                    survey.unreadable.insert(p, u);
+                }
+            }
+        }
+        survey.set_aside.sort();
+        Ok(survey)
+    }
+
+    /// The file that cannot be read that keeps `volume_id` from deletes and node calls, if any
+    /// (as [`NodeState::unreadable`] finds it; none after a reboot, which sets them aside).
+    pub fn unreadable_of(&self, volume_id: &str) -> Option<&Path> {
+        let own = file_name(volume_id);
+        self.unreadable
+            .iter()
+            .filter(|_| !self.earlier_boot)
+            .find(|(p, u)| p.file_name().is_some_and(|n| *n == *own) || u.volume_id.as_deref() == Some(volume_id))
+            .map(|(p, _)| p.as_path())
+    }
+}
+
+/// The name of a volume's state file: the hash of its id (which may hold any character).
+fn file_name(volume_id: &str) -> String {
+    let h = hex::encode(Sha256::digest(volume_id.as_bytes()));
+    format!("{}.json", &h[..32])
+}
+
 /// What reading one state file found.
 enum Read {
     Gone,
@@ -196,55 +267,37 @@ impl NodeState {
     /// not held against its volume.
     pub fn open(dir: &Path, files: Arc<dyn Files>) -> Result<NodeState, SysError> {
         files.mkdir_all(dir)?;
-        // Whether a process has opened the state since the machine booted: if not, every file
-        // was written in an earlier boot, and the mounts it describes went with that boot.
-        let mark = dir.join(BOOT_MARK);
-        let boot = crate::sys::boot_id();
-        let earlier_boot = boot.is_some()
-            && files
-                .read_optional(&mark)?
-                .map(|b| String::from_utf8_lossy(&b).trim().to_string())
-                != boot;
-        let mut cache = HashMap::new();
+        let survey = Survey::read(dir, &*files)?;
+        let cache = survey.mounts.into_iter().map(|m| (m.volume_id.clone(), m)).collect();
         let mut unreadable = BTreeMap::new();
-        for p in files.list_dir(dir)? {
-            if p.extension().is_none_or(|x| x != "json") {
-                continue;
-            }
-            match read(&*files, &p) {
-                Read::Gone => {}
-                Read::Mounts(m) => {
-                    cache.insert(m.volume_id.clone(), m);
-                }
-                Read::Unreadable(u) if earlier_boot => {
-                    // Torn by a machine crash (the state is written without fsync), or spoiled
-                    // otherwise: what it recorded is mounted no more. Set aside for the operator,
-                    // out of the way of the volume's next stage.
-                    let aside = p.with_extension("json.unreadable");
-                    files.rename(&p, &aside)?;
-                    tracing::warn!(
-                        file = %aside.display(),
-                        volume = u.volume_id.as_deref().unwrap_or("unknown"),
-                        error = u.why,
-                        "a mount state file written before the machine's last boot cannot be read; \
-                         the mounts it recorded are gone with that boot: set aside"
-                    );
-                }
-                Read::Unreadable(u) => {
-                    tracing::error!(
-                        file = %p.display(),
-                        volume = u.volume_id.as_deref().unwrap_or("unknown"),
-                        error = u.why,
-                        "cannot read this node's mount state of a volume: the volume is refused \
-                         deletes and node calls until the file is repaired or removed (after \
-                         unmounting what it recorded by hand)"
-                    );
-                    unreadable.insert(p, Held::new(u));
-                }
+        for (p, u) in survey.unreadable {
+            if survey.earlier_boot {
+                // Torn by a machine crash (the state is written without fsync), or spoiled
+                // otherwise: what it recorded is mounted no more. Set aside for the operator,
+                // out of the way of the volume's next stage.
+                let aside = p.with_extension(SET_ASIDE);
+                files.rename(&p, &aside)?;
+                tracing::warn!(
+                    file = %aside.display(),
+                    volume = u.volume_id.as_deref().unwrap_or("unknown"),
+                    error = u.why,
+                    "a mount state file written before the machine's last boot cannot be read; \
+                     the mounts it recorded are gone with that boot: set aside"
+                );
+            } else {
+                tracing::error!(
+                    file = %p.display(),
+                    volume = u.volume_id.as_deref().unwrap_or("unknown"),
+                    error = u.why,
+                    "cannot read this node's mount state of a volume: the volume is refused \
+                     deletes and node calls until the file is repaired or removed (after \
+                     unmounting what it recorded by hand)"
+                );
+                unreadable.insert(p, Held::new(u));
             }
         }
-        if let Some(b) = boot.filter(|_| earlier_boot) {
-            files.write_atomic(&mark, b.as_bytes(), Durability::ProcessCrash)?;
+        if let Some(b) = survey.boot.filter(|_| survey.earlier_boot) {
+            files.write_atomic(&dir.join(BOOT_MARK), b.as_bytes(), Durability::ProcessCrash)?;
         }
         Ok(NodeState {
             dir: dir.to_path_buf(),
@@ -311,8 +364,7 @@ impl NodeState {
     }
 
     fn file(&self, volume_id: &str) -> PathBuf {
-        let h = hex::encode(Sha256::digest(volume_id.as_bytes()));
-        self.dir.join(format!("{}.json", &h[..32]))
+        self.dir.join(file_name(volume_id))
     }
 
     /// The volumes whose state files cannot be read, as far as they are known: named by the
@@ -491,18 +543,24 @@ mod tests {
         }
     }
 
-    /// A state file that cannot be read at start (EIO here) does not stop the node (it stopped
-    /// every volume's calls), nor is it forgotten: its volume is refused while the file still
-    /// cannot be read, the file is neither written over nor removed, and once it reads again its
-    /// mounts are taken in.
-    #[test]
-    fn a_state_file_that_fails_to_read_is_kept_and_read_again() {
+    /// A state dir where volumes `a` and `b` are staged; and `a`'s file.
+    fn a_and_b_staged() -> (tempfile::TempDir, Arc<RecordingFiles>, PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let files = Arc::new(RecordingFiles::default());
         let state = NodeState::open(dir.path(), files.clone()).expect("open");
         state.put(staged("local:n1:default:a")).expect("put");
         state.put(staged("local:n1:default:b")).expect("put");
         let a = state.file("local:n1:default:a");
+        (dir, files, a)
+    }
+
+    /// A state file that cannot be read at start (EIO here) does not stop the node (it stopped
+    /// every volume's calls), nor is it forgotten: its volume is refused while the file still
+    /// cannot be read, the file is neither written over nor removed, and once it reads again its
+    /// mounts are taken in.
+    #[test]
+    fn a_state_file_that_fails_to_read_is_kept_and_read_again() {
+        let (dir, files, a) = a_and_b_staged();
         files.fail_next_at("read_optional", &a, libc::EIO);
         let state = NodeState::open(dir.path(), files.clone()).expect("the node starts");
         assert!(state.get("local:n1:default:b").staged.is_some(), "the others are read");
@@ -545,5 +603,37 @@ mod tests {
             .expect("the volume stages again");
         let again = NodeState::open(dir.path(), files).expect("open");
         assert!(again.get("local:n1:default:a").staged.is_some());
+    }
+
+    /// A survey (`cellar report`) reads the state as it is: after a reboot it sets no torn file
+    /// aside and marks no boot, which are the driver's to do at its next start.
+    #[test]
+    fn a_survey_changes_nothing() {
+        let (dir, files, a) = a_and_b_staged();
+        std::fs::write(&a, b"{").expect("torn");
+        let aside = dir.path().join("0123.json.unreadable");
+        std::fs::write(&aside, b"").expect("set aside earlier");
+        let survey = Survey::read(dir.path(), &*files).expect("survey");
+        assert_eq!(survey.mounts, vec![staged("local:n1:default:b")]);
+        assert_eq!(survey.unreadable.keys().collect::<Vec<_>>(), vec![&a]);
+        assert_eq!(survey.set_aside, vec![aside.clone()]);
+        assert_eq!(survey.unreadable_of("local:n1:default:a"), Some(a.as_path()));
+        assert_eq!(survey.unreadable_of("local:n1:default:b"), None);
+        if crate::sys::boot_id().is_none() {
+            return; // no boot id to tell boots apart
+        }
+        std::fs::write(dir.path().join(BOOT_MARK), b"another-boot").expect("mark");
+        let survey = Survey::read(dir.path(), &*files).expect("survey");
+        assert!(survey.earlier_boot);
+        assert_eq!(
+            survey.unreadable_of("local:n1:default:a"),
+            None,
+            "its mounts went with the boot"
+        );
+        assert!(a.exists() && aside.exists(), "nothing renamed or removed");
+        assert_eq!(
+            std::fs::read(dir.path().join(BOOT_MARK)).expect("mark"),
+            b"another-boot"
+        );
     }
 }
