@@ -8,7 +8,8 @@
 //! shares; each call family has a file of its own: `create` (the plan, the making, imports and
 //! exports), `delete` (and the guards that keep mounted data), `snapshot`, `capacity` (room,
 //! expand, modify, conditions), `group` (group snapshots), `metadata` (changed block tracking)
-//! and `backup` (snapshots uploaded into repositories, and restores from them).
+//! and `backup` (snapshots uploaded into repositories, and restores from them); `pools` holds the
+//! engine's pools, open or not yet, and opens late the ones that could not open at start.
 
 mod backup;
 mod capacity;
