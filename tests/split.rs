@@ -1546,6 +1546,102 @@ async fn unread_metadata_answers_do_not_stall_the_controllers_other_calls_to_the
     drop(held);
 }
 
+/// The files of a pool's snapshots, and what is still being made or thrown away (`.work`,
+/// `.trash`): all of it, by path, for a pool that should hold none.
+fn pool_leftovers(pool: &Path) -> Vec<PathBuf> {
+    ["snapshots", "volumes", ".work", ".trash"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(pool.join(d)).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .collect()
+}
+
+/// A snapshot deleted while a client reads its changed block answer slowly: nothing locks it
+/// (docs/cbt.md), so the delete succeeds at once, and the answer goes on to its very end from the
+/// file it opened, the snapshot as it was cut (its blocks stay until the answer ends), never from
+/// a snapshot cut again under the same name. Once the answer ends and the rest is deleted, the
+/// pool holds nothing.
+#[tokio::test]
+async fn a_snapshot_deleted_while_its_answer_streams_answers_to_the_end_from_what_was_opened() {
+    // Every other 4 KiB block of 512 MiB: 65536 ranges, 16 of the node's full batches, of which
+    // only a few are read before the delete (the walk reads ahead of its client by two).
+    const BYTES: i64 = 512 * MIB;
+    let (c, mut ctl, src) = fragmented_image(BYTES).await;
+    let snap = snapshot(&mut ctl, "snap-frag", &src.volume_id).await.snapshot_id;
+    let want: Vec<(u64, u64)> = (0..BYTES as u64 / 8192).map(|i| (i * 8192, 4096)).collect();
+    let req = GetMetadataAllocatedRequest {
+        snapshot_id: snap.clone(),
+        max_results: 64,
+        ..Default::default()
+    };
+    let mut answer = metadata_client(&c)
+        .await
+        .get_metadata_allocated(req)
+        .await
+        .expect("GetMetadataAllocated")
+        .into_inner();
+    let first = answer.message().await.expect("first message").expect("a message");
+    let mut got: Vec<(u64, u64)> = first
+        .block_metadata
+        .iter()
+        .map(|b| (b.byte_offset as u64, b.size_bytes as u64))
+        .collect();
+
+    ctl.delete_snapshot(DeleteSnapshotRequest {
+        snapshot_id: snap.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("DeleteSnapshot while its answer streams");
+    // The name cut again, from a volume with one block written where the first has a hole.
+    let other = made(&mut ctl, image(wffc("other", BYTES, "node-1", &["node-1"]))).await;
+    write_at(&c.pool_dir(0).join("volumes/other"), 4096, &pattern(4096, 9));
+    let again = snapshot(&mut ctl, "snap-frag", &other.volume_id).await.snapshot_id;
+    assert_eq!(again, snap, "the same id names the new snapshot");
+
+    let rest = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Some(m) = answer.message().await? {
+            got.extend(
+                m.block_metadata
+                    .iter()
+                    .map(|b| (b.byte_offset as u64, b.size_bytes as u64)),
+            );
+        }
+        Ok::<(), tonic::Status>(())
+    })
+    .await
+    .expect("the answer ends");
+    assert_eq!(rest.map_err(|s| format!("{:?}: {}", s.code(), s.message())), Ok(()));
+    assert!(
+        got == want,
+        "{} ranges, not the deleted snapshot's {}",
+        got.len(),
+        want.len()
+    );
+
+    for snapshot_id in [again] {
+        ctl.delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id,
+            ..Default::default()
+        })
+        .await
+        .expect("DeleteSnapshot");
+    }
+    for volume_id in [src.volume_id, other.volume_id] {
+        ctl.delete_volume(DeleteVolumeRequest {
+            volume_id,
+            ..Default::default()
+        })
+        .await
+        .expect("DeleteVolume");
+    }
+    let pool = c.pool_dir(0);
+    eventually("the pool holds nothing once everything is deleted", || {
+        pool_leftovers(&pool).is_empty()
+    })
+    .await;
+}
+
 /// A restore onto another node flows node to node: the target pulls the snapshot from the source
 /// with the controller's grant, and the controller's relay counter stays at 0. The same counter
 /// sees every byte when the controller relays (`--node-transfers=via-controller`), so it would
