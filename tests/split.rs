@@ -1642,6 +1642,100 @@ async fn a_snapshot_deleted_while_its_answer_streams_answers_to_the_end_from_wha
     .await;
 }
 
+/// The descriptors process `pid` holds open on a file whose path contains `name`.
+fn open_on(pid: u32, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|p| p.to_string_lossy().contains(name))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Answers a client holds open and never reads cost the node nothing past the cut-off
+/// (`CELLAR_METADATA_STALL_SECONDS`, 1 s here): the node closes the snapshot's files, and the
+/// controller lets go of its call to the node. The controller held each such call for as long as
+/// its client held the answer, and its connection to the node carries 256 calls at once: 256
+/// answers so held left every later answer about the node's snapshots UNAVAILABLE.
+#[tokio::test]
+async fn answers_nobody_reads_let_go_of_their_calls_to_the_node_after_the_cut_off() {
+    // 65536 ranges: each answer is far more than the 64 KiB the controller takes unread.
+    const BYTES: i64 = 512 * MIB;
+    const HELD: usize = 256;
+    let (mut c, _, src) = fragmented_image(BYTES).await;
+    let stall = [("CELLAR_METADATA_STALL_SECONDS", "1")];
+    c.kill_controller();
+    c.start_controller_with(&stall);
+    c.kill_node(0);
+    c.start_node_with(0, &stall);
+    c.wait_registered().await;
+    let mut ctl = c.ctl().await;
+    let snap = snapshot(&mut ctl, "snap-frag", &src.volume_id).await.snapshot_id;
+    let req = GetMetadataAllocatedRequest {
+        snapshot_id: snap.clone(),
+        max_results: 1,
+        ..Default::default()
+    };
+    // Each client connection carries at most 256 calls too: a few connections hold them.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let client = metadata_client(&c).await;
+        for _ in 0..HELD / 4 {
+            let mut a = client
+                .clone()
+                .get_metadata_allocated(req.clone())
+                .await
+                .expect("GetMetadataAllocated")
+                .into_inner();
+            a.message().await.expect("first message").expect("a message");
+            held.push(a);
+        }
+    }
+    let node = c.nodes[0].1.as_ref().expect("node-1 runs").id();
+    eventually("the node closes the snapshot's files of answers nobody reads", || {
+        open_on(node, "snapshots/snap-frag") == 0
+    })
+    .await;
+
+    // A new answer about the node's snapshots, read to its end, while the others stay held.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let mut client = metadata_client(&c).await;
+        let whole = async {
+            let mut s = client.get_metadata_allocated(req.clone()).await?.into_inner();
+            let mut ranges = 0;
+            while let Some(m) = s.message().await? {
+                ranges += m.block_metadata.len();
+            }
+            Ok::<usize, tonic::Status>(ranges)
+        };
+        match whole.await {
+            Ok(ranges) => {
+                assert_eq!(ranges, (BYTES / 8192) as usize);
+                break;
+            }
+            Err(s) => assert!(
+                Instant::now() < deadline,
+                "a new answer while {HELD} are held unread past the cut-off: {:?}: {}",
+                s.code(),
+                s.message()
+            ),
+        }
+    }
+    // A held answer, read at last, ends with ABORTED after what was waiting, never as complete.
+    let mut ranges = 0;
+    let end = loop {
+        match held[0].message().await {
+            Ok(Some(m)) => ranges += m.block_metadata.len(),
+            Ok(None) => break None,
+            Err(s) => break Some(s.code()),
+        }
+    };
+    assert!(ranges < (BYTES / 8192) as usize, "{ranges} ranges");
+    assert_eq!(end, Some(Code::Aborted));
+}
+
 /// A restore onto another node flows node to node: the target pulls the snapshot from the source
 /// with the controller's grant, and the controller's relay counter stays at 0. The same counter
 /// sees every byte when the controller relays (`--node-transfers=via-controller`), so it would

@@ -41,13 +41,27 @@ const EXPORT_STALL: std::time::Duration = std::time::Duration::from_secs(120);
 const EXPORT_STALL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long a snapshot metadata answer waits for its client to take the next batch before it lets
-/// go of the snapshots' files and ends with ABORTED: a client that holds the answer open without
-/// reading (through the sidecar, a backup tool that stopped) would otherwise keep them open, and a
-/// deleted snapshot's space taken, for good.
-#[cfg(not(test))]
-const METADATA_STALL: std::time::Duration = std::time::Duration::from_secs(120);
-#[cfg(test)]
-const METADATA_STALL: std::time::Duration = std::time::Duration::from_secs(1);
+/// go of what it holds and ends with ABORTED: a client that holds the answer open without reading
+/// (through the sidecar, a backup tool that stopped) would otherwise keep, for good, the snapshots'
+/// files open (a deleted snapshot's space taken) on a node, and in split mode the controller's call
+/// to the node (one of the few its connection to the node carries at once).
+/// `CELLAR_METADATA_STALL_SECONDS` sets it (tests), else two minutes.
+pub fn metadata_stall() -> std::time::Duration {
+    #[cfg(not(test))]
+    const METADATA_STALL: std::time::Duration = std::time::Duration::from_secs(120);
+    #[cfg(test)]
+    const METADATA_STALL: std::time::Duration = std::time::Duration::from_secs(1);
+    seconds_from_env("CELLAR_METADATA_STALL_SECONDS").unwrap_or(METADATA_STALL)
+}
+
+/// A positive number of seconds an environment variable sets (tests shorten waits so), if any.
+pub(crate) fn seconds_from_env(var: &str) -> Option<std::time::Duration> {
+    std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map(std::time::Duration::from_secs)
+}
 
 #[tonic::async_trait]
 pub trait Agent: Send + Sync {
@@ -216,6 +230,51 @@ pub type RangeBatches = Pin<Box<dyn Stream<Item = Result<Vec<Range>, MetadataErr
 
 /// Batches waiting between the walk and the client.
 const BATCHES_IN_FLIGHT: usize = 2;
+
+/// An answer's batches taken from `source` only as its client takes them, at most `in_flight`
+/// ahead. A client that goes away ends it; one that stays but takes nothing for
+/// [`metadata_stall`] ends it too: `source` is dropped at once (the walk's files closed, the call
+/// to a node reset) and, after the batches already waiting, the answer ends with ABORTED, never
+/// as a clean end of a partial answer.
+pub(crate) fn cut_off_when_unread(mut source: RangeBatches, in_flight: usize) -> RangeBatches {
+    let stall = metadata_stall();
+    let (tx, rx) = tokio::sync::mpsc::channel(in_flight);
+    // The ABORTED goes apart from the batches: queued behind them, it would wait (and the task
+    // with it) for a client that may never read again. It comes after them all.
+    let (abort_tx, mut abort_rx) = tokio::sync::oneshot::channel::<MetadataError>();
+    tokio::spawn(async move {
+        loop {
+            // A place for the next batch first: waiting for the client holds no batch here.
+            let place = match tokio::time::timeout(stall, tx.reserve()).await {
+                Ok(Ok(place)) => place,
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    drop(source);
+                    let why = StorageError::Aborted(format!(
+                        "the client of this snapshot metadata answer took nothing for {} s; the answer \
+                         stops here: ask again from the end of the last range received (starting_offset)",
+                        stall.as_secs()
+                    ));
+                    let _ = abort_tx.send(why.into());
+                    break;
+                }
+            };
+            let batch = tokio::select! {
+                b = source.next() => b,
+                _ = tx.closed() => None,
+            };
+            let Some(batch) = batch else { break };
+            let failed = batch.is_err();
+            place.send(batch);
+            if failed {
+                break;
+            }
+        }
+    });
+    // Asked only once the batches are all taken and the task has ended (its end closes them).
+    let aborted = tokio_stream::iter(std::iter::from_fn(move || abort_rx.try_recv().ok().map(Err)));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx).chain(aborted))
+}
 
 /// A copy between nodes through the caller: the source's export piped into the target's import.
 pub async fn relay<A: Agent + ?Sized>(
@@ -572,51 +631,22 @@ impl Agent for LocalAgent {
             .await
             .map_err(|e| StorageError::Unavailable(format!("snapshot metadata task: {e}")))??;
         let capacity = walk.capacity();
-        let (tx, rx) = tokio::sync::mpsc::channel(BATCHES_IN_FLIGHT);
-        // A stalled answer's ABORTED goes apart from the batches: queued behind them, it would wait
-        // (and the task with it) for a client that may never read again. It comes after them all.
-        let (abort_tx, mut abort_rx) = tokio::sync::oneshot::channel::<MetadataError>();
         // Each batch is read on the blocking pool, and only that: waiting for a slow client holds
-        // no blocking thread. A client that goes away closes the channel and ends the walk; one
-        // that stays but takes nothing for METADATA_STALL ends it too (the walk's open files would
-        // otherwise keep deleted snapshots' space for good), and is told so after what it has not
-        // read yet: ABORTED, never a clean end of a partial answer.
-        tokio::spawn(async move {
-            let mut walk = Some(walk);
-            while let Some(mut w) = walk.take() {
-                let step = tokio::task::spawn_blocking(move || {
-                    let next = w.next_batch(max);
-                    (w, next)
-                });
-                let next = match step.await {
-                    Ok((w, next)) => {
-                        walk = Some(w);
-                        next
-                    }
-                    Err(e) => Err(walk_failed(e)),
-                };
-                let Some(batch) = next.transpose() else { break };
-                let failed = batch.is_err();
-                match tokio::time::timeout(METADATA_STALL, tx.send(batch)).await {
-                    Ok(Ok(())) if !failed => {}
-                    Ok(_) => break,
-                    Err(_) => {
-                        drop(walk.take());
-                        let why = StorageError::Aborted(format!(
-                            "the client of this snapshot metadata answer took nothing for {} s; the answer \
-                             stops here: ask again from the end of the last range received (starting_offset)",
-                            METADATA_STALL.as_secs()
-                        ));
-                        let _ = abort_tx.send(why.into());
-                        break;
-                    }
+        // no blocking thread.
+        let walk = Arc::new(std::sync::Mutex::new(walk));
+        let steps = tokio_stream::iter(std::iter::repeat(()))
+            .then(move |()| {
+                let walk = walk.clone();
+                async move {
+                    let step = tokio::task::spawn_blocking(move || match walk.lock() {
+                        Ok(mut w) => w.next_batch(max),
+                        Err(poisoned) => poisoned.into_inner().next_batch(max),
+                    });
+                    step.await.map_err(walk_failed).and_then(|next| next)
                 }
-            }
-        });
-        // Asked only once the batches are all taken and the task has ended (its end closes them).
-        let aborted = tokio_stream::iter(std::iter::from_fn(move || abort_rx.try_recv().ok().map(Err)));
-        let batches = tokio_stream::wrappers::ReceiverStream::new(rx).chain(aborted);
-        Ok((capacity, Box::pin(batches)))
+            })
+            .map_while(|next| next.transpose());
+        Ok((capacity, cut_off_when_unread(Box::pin(steps), BATCHES_IN_FLIGHT)))
     }
 
     async fn cut_group_part(
@@ -824,7 +854,7 @@ mod tests {
 
     /// A client of changed block tracking that keeps its answer open but takes nothing from it
     /// (through the sidecar: a backup tool that stopped reading): the walk lets go of the snapshot's
-    /// file after [`super::METADATA_STALL`] (a deleted snapshot's space comes back), and the
+    /// file after [`super::metadata_stall`] (a deleted snapshot's space comes back), and the
     /// answer ends with ABORTED, never as if it were complete.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_metadata_answer_whose_reader_stops_reading_lets_go_of_its_snapshot() {

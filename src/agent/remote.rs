@@ -883,9 +883,13 @@ impl Agent for RemoteAgent {
             Ok(Err(s)) => Err(me.metadata_failed(RPC, idle, s)),
             Ok(Ok(m)) => ranges(m),
         });
+        // The node's cut-off frees its files, not this call: a client that holds its answer
+        // unread would hold the call, one of the few the connection to the node carries at once
+        // (a few hundred so held made every later answer of the node UNAVAILABLE), so it has a
+        // cut-off of its own. One batch waits here, beside the one `Cut` is handing out.
         // (Empty messages kept the answer alive through a long stretch without a difference.)
         let batches = Cut {
-            batches: Box::pin(tokio_stream::once(Ok(first)).chain(rest)),
+            batches: super::cut_off_when_unread(Box::pin(tokio_stream::once(Ok(first)).chain(rest)), 1),
             max,
             left: std::collections::VecDeque::new(),
         };

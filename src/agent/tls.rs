@@ -175,12 +175,7 @@ impl TlsOptions {
 
 /// The interval of the rotation check: `CELLAR_TLS_CHECK_SECONDS`, else [`ROTATION_CHECK`].
 pub fn rotation_check() -> std::time::Duration {
-    std::env::var("CELLAR_TLS_CHECK_SECONDS")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .filter(|s| *s > 0)
-        .map(std::time::Duration::from_secs)
-        .unwrap_or(ROTATION_CHECK)
+    super::seconds_from_env("CELLAR_TLS_CHECK_SECONDS").unwrap_or(ROTATION_CHECK)
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
