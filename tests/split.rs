@@ -1653,6 +1653,82 @@ fn open_on(pid: u32, name: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// Restarts the controller and node-1 with a cut-off of `seconds` for answers nobody reads.
+async fn with_metadata_stall(c: &mut Cluster, seconds: &str) -> ControllerClient<Channel> {
+    let stall = [("CELLAR_METADATA_STALL_SECONDS", seconds)];
+    c.kill_controller();
+    c.start_controller_with(&stall);
+    c.kill_node(0);
+    c.start_node_with(0, &stall);
+    c.wait_registered().await;
+    c.ctl().await
+}
+
+/// `n` answers to `req`, their first message taken and nothing more, over a few connections
+/// (each carries at most 256 calls).
+async fn held_unread(
+    c: &Cluster,
+    req: &GetMetadataAllocatedRequest,
+    n: usize,
+) -> Vec<tonic::Streaming<GetMetadataAllocatedResponse>> {
+    let mut held = Vec::new();
+    while held.len() < n {
+        let client = metadata_client(c).await;
+        for _ in 0..(n - held.len()).min(64) {
+            let mut a = client
+                .clone()
+                .get_metadata_allocated(req.clone())
+                .await
+                .unwrap_or_else(|s| panic!("GetMetadataAllocated with {} held: {s}", held.len()))
+                .into_inner();
+            a.message().await.expect("first message").expect("a message");
+            held.push(a);
+        }
+    }
+    held
+}
+
+/// The number of ranges of a whole answer to `req`, read on a connection of its own.
+async fn read_whole(c: &Cluster, req: &GetMetadataAllocatedRequest) -> Result<usize, tonic::Status> {
+    let mut s = metadata_client(c)
+        .await
+        .get_metadata_allocated(req.clone())
+        .await?
+        .into_inner();
+    let mut ranges = 0;
+    while let Some(m) = s.message().await? {
+        ranges += m.block_metadata.len();
+    }
+    Ok(ranges)
+}
+
+/// Answers held unread, before any cut-off, must not stall the node's other answers: each holds
+/// its stream's 64 KiB of the controller's connection to the node, whose window was 5 MiB, so
+/// 80 of them filled it and every later answer about the node's snapshots waited for the two
+/// minutes' cut-off to fail UNAVAILABLE.
+#[tokio::test]
+async fn unread_metadata_answers_do_not_stall_a_new_answer_about_the_node() {
+    const BYTES: i64 = 512 * MIB;
+    let (mut c, _, src) = fragmented_image(BYTES).await;
+    // No cut-off frees a thing while the test runs.
+    let mut ctl = with_metadata_stall(&mut c, "3600").await;
+    let snap = snapshot(&mut ctl, "snap-frag", &src.volume_id).await.snapshot_id;
+    let req = GetMetadataAllocatedRequest {
+        snapshot_id: snap,
+        max_results: 1,
+        ..Default::default()
+    };
+    let held = held_unread(&c, &req, 128).await;
+    let whole = tokio::time::timeout(Duration::from_secs(100), read_whole(&c, &req))
+        .await
+        .expect("a new answer while 128 are held unread ends");
+    assert_eq!(
+        whole.map_err(|s| format!("{:?}: {}", s.code(), s.message())),
+        Ok((BYTES / 8192) as usize)
+    );
+    drop(held);
+}
+
 /// Answers a client holds open and never reads cost the node nothing past the cut-off
 /// (`CELLAR_METADATA_STALL_SECONDS`, 1 s here): the node closes the snapshot's files, and the
 /// controller lets go of its call to the node. The controller held each such call for as long as
@@ -1664,34 +1740,14 @@ async fn answers_nobody_reads_let_go_of_their_calls_to_the_node_after_the_cut_of
     const BYTES: i64 = 512 * MIB;
     const HELD: usize = 256;
     let (mut c, _, src) = fragmented_image(BYTES).await;
-    let stall = [("CELLAR_METADATA_STALL_SECONDS", "1")];
-    c.kill_controller();
-    c.start_controller_with(&stall);
-    c.kill_node(0);
-    c.start_node_with(0, &stall);
-    c.wait_registered().await;
-    let mut ctl = c.ctl().await;
+    let mut ctl = with_metadata_stall(&mut c, "1").await;
     let snap = snapshot(&mut ctl, "snap-frag", &src.volume_id).await.snapshot_id;
     let req = GetMetadataAllocatedRequest {
         snapshot_id: snap.clone(),
         max_results: 1,
         ..Default::default()
     };
-    // Each client connection carries at most 256 calls too: a few connections hold them.
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        let client = metadata_client(&c).await;
-        for _ in 0..HELD / 4 {
-            let mut a = client
-                .clone()
-                .get_metadata_allocated(req.clone())
-                .await
-                .expect("GetMetadataAllocated")
-                .into_inner();
-            a.message().await.expect("first message").expect("a message");
-            held.push(a);
-        }
-    }
+    let mut held = held_unread(&c, &req, HELD).await;
     let node = c.nodes[0].1.as_ref().expect("node-1 runs").id();
     eventually("the node closes the snapshot's files of answers nobody reads", || {
         open_on(node, "snapshots/snap-frag") == 0
@@ -1701,16 +1757,7 @@ async fn answers_nobody_reads_let_go_of_their_calls_to_the_node_after_the_cut_of
     // A new answer about the node's snapshots, read to its end, while the others stay held.
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let mut client = metadata_client(&c).await;
-        let whole = async {
-            let mut s = client.get_metadata_allocated(req.clone()).await?.into_inner();
-            let mut ranges = 0;
-            while let Some(m) = s.message().await? {
-                ranges += m.block_metadata.len();
-            }
-            Ok::<usize, tonic::Status>(ranges)
-        };
-        match whole.await {
+        match read_whole(&c, &req).await {
             Ok(ranges) => {
                 assert_eq!(ranges, (BYTES / 8192) as usize);
                 break;

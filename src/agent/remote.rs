@@ -306,6 +306,9 @@ impl RemoteAgent {
             e.http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(5))
                 .initial_stream_window_size(METADATA_STREAM_WINDOW)
+                // Room for every stream the node lets it carry: at the default 5 MiB, 80 answers
+                // held unread filled the window and every other answer waited for their cut-off.
+                .initial_connection_window_size(METADATA_STREAM_WINDOW * crate::server::MAX_STREAMS_PER_CONNECTION)
         })?;
         let metadata = AgentClient::new(metadata)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
