@@ -179,9 +179,10 @@ impl LocalEngine {
                     let Some(slot) = engine.pools.0.get(name) else { return };
                     if engine.reopen(name, slot) {
                         engine.resume_uploads_if_started();
-                        opened(name);
                     }
+                    // Open, by this try or another (`reopen_broken`): told once, then done.
                     if slot.pool().is_some() {
+                        opened(name);
                         return;
                     }
                 });
