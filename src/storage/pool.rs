@@ -99,8 +99,7 @@ pub struct Pool {
 
 /// Whether this process's mount table lists `path` as a mount point.
 fn listed_as_mount_point(path: &Path) -> bool {
-    crate::sys::mountinfo::read(Path::new(crate::sys::mountinfo::SELF))
-        .is_ok_and(|table| table.iter().any(|m| m.mount_point == path))
+    crate::sys::mountinfo::lists_mount_point(Path::new(crate::sys::mountinfo::SELF), path).unwrap_or(false)
 }
 
 /// Which of the pool's two collections an object belongs to.

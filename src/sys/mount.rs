@@ -136,7 +136,7 @@ impl Mounter for LinuxMounter {
                     .mountinfo
                     .clone()
                     .unwrap_or_else(|| PathBuf::from(super::mountinfo::SELF));
-                Ok(super::mountinfo::read(&table)?.iter().any(|m| m.mount_point == path))
+                super::mountinfo::lists_mount_point(&table, path)
             }
         }
     }

@@ -30,6 +30,11 @@ pub fn read(path: &Path) -> Result<Vec<MountEntry>, SysError> {
     Ok(parse(&text))
 }
 
+/// Whether the mount table at `table` lists `path` as a mount point.
+pub fn lists_mount_point(table: &Path, path: &Path) -> Result<bool, SysError> {
+    Ok(read(table)?.iter().any(|m| m.mount_point == path))
+}
+
 pub fn parse(text: &str) -> Vec<MountEntry> {
     text.lines().filter_map(parse_line).collect()
 }
