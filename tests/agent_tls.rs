@@ -765,6 +765,7 @@ async fn register_with(
             agent_address: agent.to_string(),
             pools: vec![],
             version: "test".into(),
+            shut_pools: vec![],
         })
         .await
         .map(|_| ())
@@ -982,6 +983,7 @@ async fn hung_node_cluster() -> HungNodeCluster {
                 agent_address: HostPort::parse(&addr.to_string()).expect("address"),
                 pools,
                 version: "test".into(),
+                shut_pools: Vec::new(),
             })
             .expect("heartbeat");
     }
@@ -1783,6 +1785,7 @@ mod lying_node {
                 agent_address: HostPort::parse(&agent.addr.to_string()).expect("address"),
                 pools: agent.engine.pool_status().expect("pools"),
                 version: "test".into(),
+                shut_pools: Vec::new(),
             };
             registry
                 .heartbeat_as(report, NodeIdentity::Own(format!("{name}.cellar-agent")))
@@ -1816,6 +1819,7 @@ mod lying_node {
                     agent_address: HostPort::parse(&c.liar.addr.to_string()).expect("address"),
                     pools,
                     version: "test".into(),
+                    shut_pools: Vec::new(),
                 },
                 NodeIdentity::Own("node-1.cellar-agent".into()),
             )

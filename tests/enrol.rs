@@ -1131,6 +1131,7 @@ async fn register_as(
         agent_address: "127.0.0.1:1".into(),
         pools: vec![],
         version: "test".into(),
+        shut_pools: vec![],
     };
     RegistryClient::new(channel).register(status).await.map(|_| ())
 }
@@ -1184,6 +1185,7 @@ async fn an_expired_certificate_registers_nothing_even_over_a_connection_opened_
         agent_address: "127.0.0.1:1".into(),
         pools: vec![],
         version: "test".into(),
+        shut_pools: vec![],
     };
     registry.register(status.clone()).await.expect("registers while valid");
     // Heartbeats on the one connection, as a node that never lets it go, until past the end.

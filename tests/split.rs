@@ -1993,3 +1993,154 @@ async fn two_nodes(flags: &[&str]) -> Cluster {
     })
     .await
 }
+
+/// Retries `req` while the answer is UNAVAILABLE or FAILED_PRECONDITION (a pool not open yet);
+/// every refusal is checked by `refused`.
+async fn retried_while_refused(c: &Cluster, req: &CreateVolumeRequest, refused: impl Fn(&tonic::Status)) -> Volume {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match c.ctl().await.create_volume(req.clone()).await {
+            Ok(r) => return r.into_inner().volume.expect("volume"),
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{e}\n{}", c.logs());
+                refused(&e);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// How often node `i` has registered since its log began.
+fn registrations(c: &Cluster, i: usize) -> usize {
+    c.log_of(i).matches("registered with controller").count()
+}
+
+/// Kills node-1 (if it runs), turns its pool into a file and starts it again: its pool is shut.
+async fn restart_node_1_with_its_pool_shut(c: &mut Cluster, pool: &Path, away: &Path) {
+    c.kill_node(0);
+    pool_unmountable(pool, away, true);
+    let before = registrations(c, 0);
+    c.start_node(0);
+    eventually("node-1 registers again", || registrations(c, 0) > before).await;
+}
+
+/// Turns a pool directory into a file, as a disk not mounted yet would leave it, or back.
+fn pool_unmountable(pool: &Path, away: &Path, unmountable: bool) {
+    if unmountable {
+        std::fs::rename(pool, away).expect("move the pool away");
+        std::fs::write(pool, b"the disk is not mounted").expect("a file in its place");
+    } else {
+        std::fs::remove_file(pool).expect("remove the file");
+        std::fs::rename(away, pool).expect("move the pool back");
+    }
+}
+
+/// A create whose answer was lost (its node died right after the record) is retried while that
+/// node's pool cannot be opened. The retry must not be made on the other node: the first volume
+/// would be left behind, an orphan nobody deletes, once the pool opens. It waits (UNAVAILABLE,
+/// naming the node), then answers the volume made the first time.
+#[tokio::test]
+async fn a_create_whose_answer_was_lost_is_not_made_again_elsewhere_while_its_pool_is_shut() {
+    if !cfg!(feature = "crash-points") {
+        panic!("this test needs the crash points: run it with `cargo test --features crash-points`");
+    }
+    // Immediate binding: the first create goes to node-1 (more room), a retry could go anywhere.
+    let (base, small) = (tempfile::tempdir().expect("tempdir"), TestFs::new("ext4", 96));
+    let (p1, p2, away) = (base.path().join("p1"), small.path("pool"), base.path().join("p1.away"));
+    let mut c = Cluster::start(Spec::nodes(vec![Some(p1.clone()), Some(p2.clone())])).await;
+    let req = create_req("lost", 16 * MIB);
+    let before = registrations(&c, 0);
+    c.kill_node(0);
+    c.start_node_with(0, &[("CELLAR_CRASH_AT", "create-volume:after-record")]);
+    eventually("node-1 registers again", || registrations(&c, 0) > before).await;
+    let lost = crashed_by(&c, 0, "create-volume:after-record", &req).await;
+    assert_eq!(lost.code(), Code::Unavailable, "{lost}");
+    assert!(
+        p1.join("volumes/lost.json").is_file(),
+        "the record was written before the crash"
+    );
+
+    restart_node_1_with_its_pool_shut(&mut c, &p1, &away).await;
+    for _ in 0..3 {
+        let e = c
+            .ctl()
+            .await
+            .create_volume(req.clone())
+            .await
+            .expect_err("node-1 may hold the volume and cannot tell");
+        assert_eq!(e.code(), Code::Unavailable, "{e}\n{}", c.logs());
+        assert!(e.message().contains("node-1"), "{}", e.message());
+        assert!(nothing_of(&p2, "lost"), "made again on node-2:\n{}", c.logs());
+    }
+
+    pool_unmountable(&p1, &away, false);
+    let made = retried_while_refused(&c, &req, |e| {
+        assert_eq!(e.code(), Code::Unavailable, "{e}");
+        assert!(nothing_of(&p2, "lost"), "made again on node-2");
+    })
+    .await;
+    assert_eq!(
+        made.volume_id, "local:node-1:default:lost",
+        "the volume made the first time"
+    );
+    assert!(nothing_of(&p2, "lost"));
+}
+
+/// A node restarted with a pool that cannot be opened (its disk not mounted yet): the volumes the
+/// pool holds stay listed, abnormal and naming the pool, rather than vanishing as if deleted; a
+/// retried create of one of their names (its first answer lost on the CO's side) is not made on
+/// another node; once the pool opens they are healthy again and the retry answers the volume.
+#[tokio::test]
+async fn the_volumes_of_a_pool_that_is_not_open_stay_listed_and_keep_their_names() {
+    let (base, small) = (tempfile::tempdir().expect("tempdir"), TestFs::new("ext4", 96));
+    let (p1, p2, away) = (base.path().join("p1"), small.path("pool"), base.path().join("p1.away"));
+    let mut c = Cluster::start(Spec::nodes(vec![Some(p1.clone()), Some(p2.clone())])).await;
+    let mut ctl = c.ctl().await;
+    let req = create_req("known", 16 * MIB);
+    let v = made(&mut ctl, req.clone()).await;
+    assert_eq!(v.volume_id, "local:node-1:default:known", "node-1 has more room");
+    wait_listed(&mut ctl, vec![(v.volume_id.clone(), false)]).await;
+
+    restart_node_1_with_its_pool_shut(&mut c, &p1, &away).await;
+    // Every ListVolumes asks node-1 (it answers): its answer lacks the pool's volumes.
+    for _ in 0..3 {
+        let entries = ctl
+            .list_volumes(ListVolumesRequest::default())
+            .await
+            .expect("ListVolumes")
+            .into_inner()
+            .entries;
+        assert_eq!(entries.len(), 1, "{entries:?}\n{}", c.logs());
+        let e = &entries[0];
+        assert_eq!(e.volume.as_ref().expect("volume").volume_id, v.volume_id);
+        let condition = e
+            .status
+            .as_ref()
+            .and_then(|s| s.volume_condition.as_ref())
+            .expect("condition");
+        assert!(condition.abnormal, "{condition:?}");
+        assert!(
+            condition.message.contains("pool 'default' of node node-1 is not open"),
+            "{condition:?}"
+        );
+        let e = ctl
+            .create_volume(req.clone())
+            .await
+            .expect_err("node-1 holds the volume and its pool is not open");
+        assert!(
+            matches!(e.code(), Code::FailedPrecondition | Code::Unavailable),
+            "{e}\n{}",
+            c.logs()
+        );
+        assert!(nothing_of(&p2, "known"), "made again on node-2:\n{}", c.logs());
+    }
+
+    pool_unmountable(&p1, &away, false);
+    wait_listed(&mut ctl, vec![(v.volume_id.clone(), false)]).await;
+    let again = retried_while_refused(&c, &req, |e| {
+        assert!(matches!(e.code(), Code::FailedPrecondition | Code::Unavailable), "{e}");
+    })
+    .await;
+    assert_eq!(again.volume_id, v.volume_id);
+    assert!(nothing_of(&p2, "known"));
+}

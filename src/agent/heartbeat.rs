@@ -283,6 +283,7 @@ impl Heartbeat {
             agent_address: self.config.agent_address.clone(),
             pools: self.last_pools.clone(),
             version: self.config.version.clone(),
+            shut_pools: self.agent.shut_pools(),
         };
         v1::NodeStatus::from(&report)
     }

@@ -131,6 +131,11 @@ pub trait Agent: Send + Sync {
     fn pool_is_shared(&self, _pool: Option<&PoolName>) -> Option<bool> {
         None
     }
+    /// This node's own pools that are not open (they failed to open and are tried again), each
+    /// with why: their volumes are missing from [`Agent::volumes`] until they open.
+    fn shut_pools(&self) -> Vec<(PoolName, String)> {
+        Vec::new()
+    }
     /// Whether a static volume's directory exists (and is reachable without symlinks).
     async fn static_exists(&self, id: StaticId) -> Result<bool, StorageError>;
     /// Streams a volume's or snapshot's data of this node, for a copy on another node. Dropping
@@ -537,6 +542,12 @@ impl Agent for LocalAgent {
         Some(self.engine.pool_is_shared(pool))
     }
 
+    fn shut_pools(&self) -> Vec<(PoolName, String)> {
+        let mut shut = self.engine.broken_pools();
+        shut.retain(|(p, _)| !self.engine.pool_is_shared(Some(p)));
+        shut
+    }
+
     async fn static_exists(&self, id: StaticId) -> Result<bool, StorageError> {
         self.blocking(move |e| match e.static_dir(&id.pool, &id.path) {
             Ok(_) => Ok(true),
@@ -700,6 +711,10 @@ pub trait Directory: Send + Sync {
     /// capacity need no call to it; `None`: ask the agent.
     fn reported_pools(&self, _node: &NodeId) -> Option<Vec<PoolStatus>> {
         None
+    }
+    /// A node's own pools that its last heartbeat reports not open, with why.
+    fn shut_pools(&self, _node: &NodeId) -> Vec<(PoolName, String)> {
+        Vec::new()
     }
     /// Whether the node's agent answered the last call made to it (placement passes over one
     /// that did not, when it may choose).

@@ -35,7 +35,7 @@ use crate::storage::cbt::{MetadataError, Query};
 use crate::storage::engine::{
     BackupRequest, CapacityRange, Condition, Mutable, NewGroup, NewVolume, PoolStatus, Source,
 };
-use crate::storage::id::{BackupId, GroupId, NodeId, SnapshotId, StaticId, VolumeId};
+use crate::storage::id::{BackupId, GroupId, NodeId, PoolName, SnapshotId, StaticId, VolumeId};
 use crate::storage::record::{GroupRecord, SnapshotRecord, VolumeRecord};
 use crate::storage::StorageError;
 
@@ -133,6 +133,8 @@ pub struct NodeReport {
     pub agent_address: HostPort,
     pub pools: Vec<PoolStatus>,
     pub version: String,
+    /// The node's own pools that are not open, each with why.
+    pub shut_pools: Vec<(PoolName, String)>,
 }
 
 impl TryFrom<v1::NodeStatus> for NodeReport {
@@ -145,6 +147,11 @@ impl TryFrom<v1::NodeStatus> for NodeReport {
             pools: wire::pools(m.pools)?,
             topology: m.topology,
             version: m.version,
+            shut_pools: m
+                .shut_pools
+                .into_iter()
+                .map(|p| Ok((wire::pool_name("shut_pools.name", &p.name)?, p.reason)))
+                .collect::<Result<_, wire::WireError>>()?,
         })
     }
 }
@@ -157,6 +164,14 @@ impl From<&NodeReport> for v1::NodeStatus {
             agent_address: r.agent_address.to_string(),
             pools: r.pools.iter().map(Into::into).collect(),
             version: r.version.clone(),
+            shut_pools: r
+                .shut_pools
+                .iter()
+                .map(|(name, reason)| v1::ShutPool {
+                    name: name.as_str().to_string(),
+                    reason: reason.chars().take(256).collect(),
+                })
+                .collect(),
         }
     }
 }
@@ -715,6 +730,14 @@ impl Directory for Registry {
             .map(|e| e.report.pools.clone())
     }
 
+    fn shut_pools(&self, node: &NodeId) -> Vec<(PoolName, String)> {
+        self.shared
+            .read()
+            .get(node)
+            .map(|e| e.report.shut_pools.clone())
+            .unwrap_or_default()
+    }
+
     /// The available nodes, then the shared pools' agent.
     fn all(&self) -> Vec<Arc<dyn Agent>> {
         let mut all = self.agents();
@@ -950,7 +973,6 @@ mod tests {
     use tonic::Code;
 
     use super::*;
-    use crate::storage::id::PoolName;
     use crate::storage::record::Layout;
 
     /// A clock the test moves by hand.
@@ -1005,6 +1027,7 @@ mod tests {
                 shared: false,
             }],
             version: "0.1.0".into(),
+            shut_pools: Vec::new(),
         }
     }
 

@@ -175,7 +175,7 @@ pub fn node_id(field: &str, raw: &str) -> Result<NodeId, WireError> {
     NodeId::parse(raw).map_err(|e| bad(field, e))
 }
 
-fn pool_name(field: &str, raw: &str) -> Result<PoolName, WireError> {
+pub fn pool_name(field: &str, raw: &str) -> Result<PoolName, WireError> {
     PoolName::parse(raw).map_err(|e| bad(field, e))
 }
 

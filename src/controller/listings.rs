@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::storage::engine::{Condition, PoolStatus};
-use crate::storage::id::NodeId;
+use crate::storage::id::{NodeId, PoolName};
 use crate::storage::record::{ContentSource, Layout, VolumeRecord};
 
 /// A listing that disagrees with the node's heartbeat is taken again at most this often: right
@@ -121,6 +121,9 @@ pub struct Listing {
     provisioned: BTreeMap<String, u64>,
     /// A call to the agent ended without an answer since: it may hold a volume not listed here.
     unsure: bool,
+    /// The node's own pools that were not open when it was listed: their volumes are kept from
+    /// the listing before, and their figures are not compared with the heartbeat's.
+    shut: Vec<Box<str>>,
 }
 
 impl Listing {
@@ -130,6 +133,7 @@ impl Listing {
             volumes: Arc::new(Vec::new()),
             provisioned: BTreeMap::new(),
             unsure: false,
+            shut: Vec::new(),
         };
         for v in &volumes {
             listing.provision(v, true);
@@ -154,10 +158,9 @@ impl Listing {
     /// Whether the node's heartbeat provisions what this listing holds, local pool by local pool.
     fn agrees_with(&self, reported: &[PoolStatus]) -> bool {
         let local = || reported.iter().filter(|p| !p.shared);
-        let listed_pools_reported = self
-            .provisioned
-            .iter()
-            .all(|(pool, bytes)| *bytes == 0 || local().any(|p| p.name.as_str() == pool));
+        let listed_pools_reported = self.provisioned.iter().all(|(pool, bytes)| {
+            *bytes == 0 || local().any(|p| p.name.as_str() == pool) || self.shut.iter().any(|s| **s == **pool)
+        });
         listed_pools_reported
             && local().all(|p| self.provisioned.get(p.name.as_str()).copied().unwrap_or(0) == p.provisioned_bytes)
     }
@@ -175,7 +178,13 @@ struct Inner {
     /// Per agent, how many creates, deletes and doubts this controller recorded: a listing asked
     /// for before one of them may miss it, and is stored as unsure.
     edits: HashMap<String, u64>,
+    /// CSI name → the agent a create of it was sent to and that gave no answer (at most
+    /// [`MAX_LOST`]): the retry goes back there (see [`Listings::lost_on`]).
+    lost: HashMap<Box<str>, Arc<str>>,
 }
+
+/// Bound on the creates remembered as unanswered: each holds a name and a node's name.
+pub const MAX_LOST: usize = 4096;
 
 impl Inner {
     fn edited(&mut self, key: &str) {
@@ -230,14 +239,43 @@ impl Listings {
 
     /// Stores a complete listing of an agent, asked for when its edits stood at `edits`, in place
     /// of the one before. An edit since (a create or delete through this controller that the
-    /// answer may or may not show) leaves it unsure.
-    pub fn replace(&self, key: &str, at: Instant, edits: u64, volumes: Vec<(VolumeRecord, Condition)>) -> Listing {
+    /// answer may or may not show) leaves it unsure. The volumes of the node's pools that are
+    /// `shut` (not open, so not in the answer) stay as the listing before had them, abnormal:
+    /// they exist, and a retried create of one of their names must find it, not make another.
+    pub fn replace(
+        &self,
+        key: &str,
+        at: Instant,
+        edits: u64,
+        volumes: Vec<(VolumeRecord, Condition)>,
+        shut: &[(PoolName, String)],
+    ) -> Listing {
         // Collected from a borrow, not `into_iter`: an in-place collect would keep the records'
         // allocation (five times the summaries' size) for as long as the listing lives.
         let mut volumes: Vec<VolumeSummary> = volumes.iter().map(|(r, c)| VolumeSummary::new(r, c)).collect();
+        let mut inner = self.lock();
+        if let Some(old) = inner.by_agent.get(key).filter(|_| !shut.is_empty()) {
+            let listed: std::collections::HashSet<&str> = volumes.iter().map(|v| v.id()).collect();
+            let kept: Vec<VolumeSummary> = old
+                .volumes
+                .iter()
+                .filter(|v| !v.is_shared() && !listed.contains(v.id()))
+                .filter_map(|v| {
+                    let (pool, why) = shut.iter().find(|(p, _)| p.as_str() == v.pool())?;
+                    Some(v.clone().with_condition(Condition {
+                        abnormal: true,
+                        message: format!(
+                            "pool '{}' of node {key} is not open ({why}); the volume is shown as last listed until it opens",
+                            pool.as_str()
+                        ),
+                    }))
+                })
+                .collect();
+            volumes.extend(kept);
+        }
         volumes.sort_by(|a, b| a.id.cmp(&b.id));
         let mut listing = Listing::new(at, volumes);
-        let mut inner = self.lock();
+        listing.shut = shut.iter().map(|(p, _)| p.as_str().into()).collect();
         listing.unsure = inner.edits.get(key).copied().unwrap_or(0) != edits;
         // Only the names it no longer lists leave, and only new ones join at the back: a holder
         // that keeps listing a name keeps its place, so the true holder's next listing does not
@@ -313,6 +351,33 @@ impl Listings {
         if let Some(l) = inner.by_agent.get_mut(key) {
             l.unsure = true;
         }
+    }
+
+    /// A create of `name` sent to the agent `key` ended without an answer: the agent may have
+    /// made the volume. Remembered (the oldest is not kept apart: past [`MAX_LOST`] an arbitrary
+    /// one is forgotten, logged) until a create of that name is answered.
+    pub fn lost_create(&self, name: &str, key: &str) {
+        let mut inner = self.lock();
+        if inner.lost.len() >= MAX_LOST && !inner.lost.contains_key(name) {
+            if let Some(old) = inner.lost.keys().next().cloned() {
+                tracing::warn!(
+                    volume = &*old,
+                    "too many creates without an answer to remember; a retry of this one is placed anew"
+                );
+                inner.lost.remove(&old);
+            }
+        }
+        inner.lost.insert(name.into(), Arc::from(key));
+    }
+
+    /// The agent a create of `name` was last sent to without an answer, if any.
+    pub fn lost_on(&self, name: &str) -> Option<String> {
+        self.lock().lost.get(name).map(|k| k.to_string())
+    }
+
+    /// A create of `name` was answered (made, or refused for good): nothing is in doubt about it.
+    pub fn answered(&self, name: &str) {
+        self.lock().lost.remove(name);
     }
 
     /// Whether the index answers for this agent's names: it was listed, nothing is in doubt since,
@@ -429,7 +494,6 @@ impl Listed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::id::PoolName;
     use crate::storage::record::{Layout, VolumeMode};
 
     fn rec(node: &str, name: &str, bytes: u64) -> VolumeRecord {
@@ -449,6 +513,17 @@ mod tests {
             compression: None,
             fs_bytes: 0,
         }
+    }
+
+    /// A whole listing of healthy volumes, taken now.
+    fn listed(l: &Listings, key: &str, recs: Vec<VolumeRecord>) -> Listing {
+        l.replace(
+            key,
+            Instant::now(),
+            l.edits(key),
+            recs.into_iter().map(|r| (r, ok())).collect(),
+            &[],
+        )
     }
 
     fn ok() -> Condition {
@@ -473,6 +548,77 @@ mod tests {
     }
 
     #[test]
+    fn a_shut_pools_volumes_stay_listed_abnormal_and_named_while_the_listing_is_whole() {
+        let l = Listings::default();
+        let (a, b) = (rec("n1", "a", 10), rec("n1", "b", 20));
+        l.replace(
+            "n1",
+            Instant::now(),
+            l.edits("n1"),
+            vec![(a.clone(), ok()), (b, ok())],
+            &[],
+        );
+        // The node restarts with pool `default` shut: its answer holds none of the pool's volumes.
+        let shut = [(
+            PoolName::parse("default").unwrap(),
+            "the disk is not mounted".to_string(),
+        )];
+        let listing = l.replace("n1", Instant::now(), l.edits("n1"), vec![], &shut);
+        let kept: Vec<(&str, bool)> = listing
+            .volumes
+            .iter()
+            .map(|v| (v.id(), v.condition().abnormal))
+            .collect();
+        assert_eq!(kept, [("local:n1:default:a", true), ("local:n1:default:b", true)]);
+        let why = &listing.volumes[0].condition().message;
+        assert!(
+            why.contains("pool 'default' of node n1 is not open (the disk is not mounted)"),
+            "{why}"
+        );
+        assert!(
+            matches!(l.named("b"), Some((k, _)) if k == "n1"),
+            "the name stays taken"
+        );
+        assert!(
+            l.whole("n1", Some(&[])),
+            "the heartbeat reports no figure for a shut pool"
+        );
+        // Listed again while still shut: kept again, not twice.
+        let listing = l.replace("n1", Instant::now(), l.edits("n1"), vec![], &shut);
+        assert_eq!(listing.volumes.len(), 2);
+        // The pool opened: the node's answer is the listing, healthy again.
+        let listing = l.replace("n1", Instant::now(), l.edits("n1"), vec![(a, ok())], &[]);
+        assert_eq!(listing.volumes.len(), 1);
+        assert!(!listing.volumes[0].condition().abnormal);
+        assert!(l.named("b").is_none());
+        assert!(l.whole("n1", Some(&reported(10))));
+    }
+
+    #[test]
+    fn a_create_without_an_answer_is_remembered_by_name_within_a_bound() {
+        let l = Listings::default();
+        l.lost_create("pvc-1", "n1");
+        assert_eq!(l.lost_on("pvc-1").as_deref(), Some("n1"));
+        l.lost_create("pvc-1", "n2");
+        assert_eq!(
+            l.lost_on("pvc-1").as_deref(),
+            Some("n2"),
+            "the last node it was sent to"
+        );
+        l.answered("pvc-1");
+        assert_eq!(l.lost_on("pvc-1"), None);
+        for i in 0..MAX_LOST + 10 {
+            l.lost_create(&format!("pvc-{i}"), "n1");
+        }
+        assert_eq!(l.lock().lost.len(), MAX_LOST);
+        assert_eq!(
+            l.lost_on(&format!("pvc-{}", MAX_LOST + 9)).as_deref(),
+            Some("n1"),
+            "the newest is kept"
+        );
+    }
+
+    #[test]
     fn a_listing_answers_for_names_while_the_heartbeat_agrees() {
         let l = Listings::default();
         l.replace(
@@ -480,6 +626,7 @@ mod tests {
             Instant::now(),
             l.edits("n1"),
             vec![(rec("n1", "a", 10), ok()), (rec("n1", "b", 20), ok())],
+            &[],
         );
         assert!(l.whole("n1", Some(&reported(30))));
         assert!(matches!(l.named("b"), Some((k, r)) if k == "n1" && r.capacity_bytes == 20));
@@ -494,7 +641,7 @@ mod tests {
     #[test]
     fn a_shared_pools_figure_does_not_count_against_a_nodes_listing() {
         let l = Listings::default();
-        l.replace("n1", Instant::now(), l.edits("n1"), vec![(rec("n1", "a", 10), ok())]);
+        listed(&l, "n1", vec![rec("n1", "a", 10)]);
         let mut pools = reported(10);
         let mut share = pools[0].clone();
         share.name = PoolName::parse("nfs").unwrap();
@@ -507,7 +654,7 @@ mod tests {
     #[test]
     fn own_creates_and_deletes_keep_the_listing_and_the_index_current() {
         let l = Listings::default();
-        l.replace("n1", Instant::now(), l.edits("n1"), vec![(rec("n1", "a", 10), ok())]);
+        listed(&l, "n1", vec![rec("n1", "a", 10)]);
         l.add("n1", &rec("n1", "b", 5));
         assert!(matches!(l.named("b"), Some((k, _)) if k == "n1"));
         assert!(l.whole("n1", Some(&reported(15))));
@@ -520,12 +667,12 @@ mod tests {
     #[test]
     fn a_call_in_doubt_stops_the_index_answering_until_the_node_is_listed_again() {
         let l = Listings::default();
-        l.replace("n1", Instant::now(), l.edits("n1"), vec![]);
+        l.replace("n1", Instant::now(), l.edits("n1"), vec![], &[]);
         l.doubt("n1");
         assert!(!l.whole("n1", Some(&reported(0))));
         assert!(l.start_relisting("n1"));
         assert!(!l.start_relisting("n1"), "one listing at a time");
-        l.replace("n1", Instant::now(), l.edits("n1"), vec![]);
+        l.replace("n1", Instant::now(), l.edits("n1"), vec![], &[]);
         l.relisted("n1");
         assert!(l.whole("n1", Some(&reported(0))));
         assert!(!l.start_relisting("n1"), "fresh and certain: nothing to do");
@@ -536,7 +683,7 @@ mod tests {
         let l = Listings::default();
         let before = l.edits("n1");
         l.add("n1", &rec("n1", "a", 1));
-        l.replace("n1", Instant::now(), before, vec![]);
+        l.replace("n1", Instant::now(), before, vec![], &[]);
         assert!(
             !l.whole("n1", Some(&reported(0))),
             "the answer may have missed the create"
@@ -546,8 +693,20 @@ mod tests {
     #[test]
     fn a_new_listing_drops_the_names_of_the_old_one() {
         let l = Listings::default();
-        l.replace("n1", Instant::now(), l.edits("n1"), vec![(rec("n1", "a", 1), ok())]);
-        l.replace("n1", Instant::now(), l.edits("n1"), vec![(rec("n1", "b", 1), ok())]);
+        l.replace(
+            "n1",
+            Instant::now(),
+            l.edits("n1"),
+            vec![(rec("n1", "a", 1), ok())],
+            &[],
+        );
+        l.replace(
+            "n1",
+            Instant::now(),
+            l.edits("n1"),
+            vec![(rec("n1", "b", 1), ok())],
+            &[],
+        );
         assert!(l.named("a").is_none());
         assert!(l.named("b").is_some());
         l.retain(|_, _| false);
@@ -566,12 +725,14 @@ mod tests {
             Instant::now(),
             l.edits("n2"),
             vec![(rec("n2", "victim", 1), ok())],
+            &[],
         );
         l.replace(
             "n1",
             Instant::now(),
             l.edits("n1"),
             vec![(rec("n1", "victim", 1), ok())],
+            &[],
         );
         assert!(
             matches!(l.named("victim"), Some((k, _)) if k == "n2"),
@@ -584,18 +745,20 @@ mod tests {
             Instant::now(),
             l.edits("n2"),
             vec![(rec("n2", "victim", 1), ok())],
+            &[],
         );
         assert!(
             matches!(l.named("victim"), Some((k, _)) if k == "n2"),
             "node-2 listed again keeps its place"
         );
-        l.replace("n1", Instant::now(), l.edits("n1"), vec![]);
+        l.replace("n1", Instant::now(), l.edits("n1"), vec![], &[]);
         assert!(matches!(l.named("victim"), Some((k, _)) if k == "n2"), "still node-2's");
         l.replace(
             "n1",
             Instant::now(),
             l.edits("n1"),
             vec![(rec("n1", "victim", 1), ok())],
+            &[],
         );
         l.remove("local:n1:default:victim");
         assert!(
@@ -653,7 +816,13 @@ mod tests {
             .map(|(node, recs)| Part {
                 node: NodeId::parse(node).unwrap(),
                 volumes: l
-                    .replace(node, Instant::now(), 0, recs.into_iter().map(|r| (r, ok())).collect())
+                    .replace(
+                        node,
+                        Instant::now(),
+                        0,
+                        recs.into_iter().map(|r| (r, ok())).collect(),
+                        &[],
+                    )
                     .volumes,
                 condition: None,
             })

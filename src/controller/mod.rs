@@ -326,7 +326,7 @@ impl ControllerService {
                 (None, has) => spec.pool = has,
                 _ => {}
             }
-            let rec = self.create_on(&agent, spec).await?;
+            let rec = self.make_on(&agent, None, &spec).await?;
             return Ok(CreateVolumeResponse {
                 volume: Some(csi_record(&rec, agent.node())),
             });
@@ -339,8 +339,6 @@ impl ControllerService {
                 volume: Some(csi_record(&rec, agent.node())),
             });
         }
-        let nodes: Vec<NodeId> = self.directory.agents().iter().map(|a| a.node().clone()).collect();
-        let ranked = request::rank_nodes(r.accessibility_requirements.as_ref(), &nodes);
         let source_agent = match &source {
             Some(Source::Backup(_)) => None,
             Some(s) => match self.owner_of(s.node()) {
@@ -353,6 +351,32 @@ impl ControllerService {
             },
             None => None,
         };
+        // A create of this name that ended without an answer goes back to the node it was sent
+        // to: that node may have made the volume, and one made a second time elsewhere would be
+        // left behind, an orphan nobody deletes. While that node cannot tell (it is down, or the
+        // pool is not open), the create waits for it.
+        if let Some(agent) = self.lost_on(&r.name, r.accessibility_requirements.as_ref()) {
+            match self.make_on(&agent, source_agent.as_ref(), &spec).await {
+                Ok(rec) => {
+                    return Ok(CreateVolumeResponse {
+                        volume: Some(csi_record(&rec, agent.node())),
+                    })
+                }
+                Err(e) if self.listings.lost_on(&r.name).is_some() => {
+                    return Err(ControllerError::NodeUnreachable(format!(
+                        "an earlier CreateVolume of '{}' on node {} ended without an answer, and the node cannot tell \
+                         now whether it made the volume: {e}; the volume is not made elsewhere meanwhile",
+                        r.name,
+                        agent.node().as_str()
+                    )))
+                }
+                // The node answered that it holds no such volume and has no room: placed anew.
+                Err(ControllerError::Storage(StorageError::Exhausted(_))) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let nodes: Vec<NodeId> = self.directory.agents().iter().map(|a| a.node().clone()).collect();
+        let ranked = request::rank_nodes(r.accessibility_requirements.as_ref(), &nodes);
         // A copy is made where its source lives when that node may take it and has room: there it
         // is a reflink, a btrfs snapshot or a local copy. Otherwise it is streamed to the node the
         // placement chooses.
@@ -361,7 +385,7 @@ impl ControllerService {
                 .source_node_fits(a, &ranked, r.accessibility_requirements.as_ref(), &spec)
                 .await
             {
-                let rec = self.create_on(a, spec).await?;
+                let rec = self.make_on(a, source_agent.as_ref(), &spec).await?;
                 return Ok(CreateVolumeResponse {
                     volume: Some(csi_record(&rec, a.node())),
                 });
@@ -383,20 +407,7 @@ impl ControllerService {
                 .directory
                 .agent(&node)
                 .ok_or_else(|| ControllerError::NodeUnreachable(format!("node {} is not reachable", node.as_str())))?;
-            let made = match (&source_agent, &spec.source) {
-                (Some(from), Some(_)) if from.node() != agent.node() => {
-                    tracing::info!(
-                        volume = r.name,
-                        from = from.node().as_str(),
-                        to = agent.node().as_str(),
-                        "copying the content source to another node"
-                    );
-                    let made = agent.copy_from(spec.clone(), from.as_ref()).await;
-                    self.made(&agent, made)
-                }
-                _ => self.create_on(&agent, spec.clone()).await,
-            };
-            match made {
+            match self.make_on(&agent, source_agent.as_ref(), &spec).await {
                 Err(ControllerError::Storage(StorageError::Exhausted(why))) if free && candidates.len() > 1 => {
                     tracing::info!(
                         volume = r.name,
@@ -486,14 +497,61 @@ impl ControllerService {
         if !self.listings.start_relisting(&key) {
             return;
         }
-        let (listings, agent) = (self.listings.clone(), agent.clone());
+        let (listings, agent, directory) = (self.listings.clone(), agent.clone(), self.directory.clone());
         tokio::spawn(async move {
             let (at, edits) = (std::time::Instant::now(), listings.edits(&key));
             if let Ok(volumes) = agent.volumes().await {
-                listings.replace(&key, at, edits, volumes);
+                let shut = directory.shut_pools(agent.node());
+                listings.replace(&key, at, edits, volumes, &shut);
             }
             listings.relisted(&key);
         });
+    }
+
+    /// The agent a create of `name` was last sent to without an answer, while the registry still
+    /// knows its node and the request's topology admits it.
+    fn lost_on(&self, name: &str, topology: Option<&TopologyRequirement>) -> Option<Arc<dyn Agent>> {
+        let key = self.listings.lost_on(name)?;
+        let Some(agent) = NodeId::parse(&key).ok().and_then(|n| self.directory.agent(&n)) else {
+            // Forgotten by the registry: it will not answer for the name again.
+            self.listings.answered(name);
+            return None;
+        };
+        request::admits(topology, agent.node()).then_some(agent)
+    }
+
+    /// Makes a volume on a node's agent (a copy streamed from `source` when that is another node),
+    /// recorded in its listing; a create that ended without an answer is remembered under its
+    /// name until a create of that name is answered (see [`Self::lost_on`]).
+    async fn make_on(
+        &self,
+        agent: &Arc<dyn Agent>,
+        source: Option<&Arc<dyn Agent>>,
+        spec: &NewVolume,
+    ) -> Result<VolumeRecord, ControllerError> {
+        let made = match (source, &spec.source) {
+            (Some(from), Some(_)) if from.node() != agent.node() => {
+                tracing::info!(
+                    volume = spec.name,
+                    from = from.node().as_str(),
+                    to = agent.node().as_str(),
+                    "copying the content source to another node"
+                );
+                let made = agent.copy_from(spec.clone(), from.as_ref()).await;
+                self.made(agent, made)
+            }
+            _ => self.create_on(agent, spec.clone()).await,
+        };
+        match &made {
+            Err(
+                ControllerError::NodeUnreachable(_)
+                | ControllerError::Storage(StorageError::Unavailable(_) | StorageError::Busy(_)),
+            ) => self.listings.lost_create(&spec.name, &self.listing_key(agent)),
+            // A pool not open cannot say whether it holds the volume: what was known stays.
+            Err(ControllerError::Storage(StorageError::PoolBroken { .. } | StorageError::PoolUnusable(_))) => {}
+            _ => self.listings.answered(&spec.name),
+        }
+        made
     }
 
     /// Creates a volume on an agent and records the outcome in its listing.
@@ -633,13 +691,14 @@ impl ControllerService {
             .collect();
         // Each answer replaces its agent's listing as it comes, so that the old listings and
         // the new are not all held at once.
-        let listings = self.listings.clone();
+        let (listings, directory) = (self.listings.clone(), self.directory.clone());
         let mut answers = ask_all(&asked, |(a, key)| {
-            let listings = listings.clone();
+            let (listings, directory) = (listings.clone(), directory.clone());
             async move {
                 let (at, edits) = (std::time::Instant::now(), listings.edits(&key));
                 let volumes = a.volumes().await?;
-                Ok::<_, StorageError>(listings.replace(&key, at, edits, volumes))
+                let shut = directory.shut_pools(a.node());
+                Ok::<_, StorageError>(listings.replace(&key, at, edits, volumes, &shut))
             }
         })
         .await

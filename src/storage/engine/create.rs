@@ -238,6 +238,7 @@ impl LocalEngine {
             fs_bytes,
         };
         self.store.put_volume(p.pool, &p.key, &rec)?;
+        crash::point("create-volume:after-record");
         Ok(rec)
     }
 
