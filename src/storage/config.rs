@@ -196,10 +196,11 @@ impl Config {
                 && (p.source.is_some()
                     || !p.mount_options.is_empty()
                     || p.name_template.is_some()
+                    || p.image_fs_type.is_some()
                     || p.lease_seconds.is_some())
             {
                 return Err(invalid(format!(
-                    "pool '{}': source, mountOptions, nameTemplate and leaseSeconds belong to shared pools (backend: shared)",
+                    "pool '{}': source, mountOptions, nameTemplate, imageFsType and leaseSeconds belong to shared pools (backend: shared); a local pool's image filesystem is fsType",
                     p.name
                 )));
             }
@@ -383,6 +384,19 @@ mod tests {
             parse("pools:\n  - name: s\n    backend: shared\n    path: /x\n    nameTemplate: \"a/${pvc.name}\"\n")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn image_fs_type_on_a_local_pool_is_refused() {
+        // docs/pools.md: the shared pools' keys are errors on a local pool. A local pool's image
+        // filesystem is `fsType`; `imageFsType` there was once ignored, making ext4 where xfs was meant.
+        let e = parse("pools:\n  - name: s\n    path: /x\n    layout: image\n    imageFsType: xfs\n")
+            .err()
+            .expect("imageFsType on a local pool")
+            .to_string();
+        assert!(e.contains("imageFsType"), "{e}");
+        let c = parse("pools:\n  - name: s\n    backend: shared\n    path: /x\n    imageFsType: xfs\n").unwrap();
+        assert_eq!(c.pools[0].fs_type, FsType::Xfs);
     }
 
     #[test]
