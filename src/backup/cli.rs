@@ -26,8 +26,8 @@ pub struct PruneSchedule {
 pub struct BackupArgs {
     #[command(subcommand)]
     pub command: BackupCommand,
-    /// The driver's pool configuration (its `repositories:`).
-    #[arg(long, global = true, default_value = "/etc/cellar/config.yaml")]
+    /// The driver's pool configuration (its `repositories:`); the default is where the chart mounts it.
+    #[arg(long, global = true, default_value = "/etc/cellar/pools.yaml")]
     pub config: PathBuf,
     /// The repository, by its name in the configuration.
     #[arg(long, global = true, default_value = "")]
@@ -173,6 +173,31 @@ pub fn run(args: BackupArgs) -> Result<bool, String> {
                 ),
             )?;
             Ok(true)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/backups.md runs `cellar backup list --repository offsite` in the controller pod with no
+    /// --config: the default must be the file the chart mounts there (and in the node pods).
+    #[test]
+    fn the_default_config_is_the_one_the_chart_mounts() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            backup: BackupArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from(["cellar-backup", "list", "--repository", "offsite"])
+            .expect("parses");
+        assert_eq!(cli.backup.config, PathBuf::from("/etc/cellar/pools.yaml"));
+        for template in [
+            include_str!("../../charts/cellar/templates/controller-deployment.yaml"),
+            include_str!("../../charts/cellar/templates/node-daemonset.yaml"),
+        ] {
+            assert!(template.contains("--config=/etc/cellar/pools.yaml"));
         }
     }
 }
