@@ -58,7 +58,8 @@ enum Command {
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_listen: Option<SocketAddr>,
         /// Name the CSI 1.13 health RPCs in GetCapabilities. They are served either way; off by
-        /// default because csi-sanity v5.4 and older sidecars refuse capability values they do not know.
+        /// default because csi-sanity (v5.5 vendors CSI 1.12) and sidecars built before CSI 1.13 refuse
+        /// capability values they do not know (docs/health.md).
         #[arg(long)]
         advertise_volume_health: bool,
         /// Backup uploads and restores of this node share this bandwidth, in bytes per second
@@ -102,7 +103,8 @@ enum Command {
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_listen: Option<SocketAddr>,
         /// Name the CSI 1.13 health RPCs in GetCapabilities. They are served either way; off by
-        /// default because csi-sanity v5.4 and older sidecars refuse capability values they do not know.
+        /// default because csi-sanity (v5.5 vendors CSI 1.12) and sidecars built before CSI 1.13 refuse
+        /// capability values they do not know (docs/health.md).
         #[arg(long)]
         advertise_volume_health: bool,
         #[command(flatten)]
@@ -148,7 +150,8 @@ enum Command {
         #[arg(long, value_name = "ADDR:PORT")]
         metrics_listen: Option<SocketAddr>,
         /// Name the CSI 1.13 health RPCs in GetCapabilities. They are served either way; off by
-        /// default because csi-sanity v5.4 and older sidecars refuse capability values they do not know.
+        /// default because csi-sanity (v5.5 vendors CSI 1.12) and sidecars built before CSI 1.13 refuse
+        /// capability values they do not know (docs/health.md).
         #[arg(long)]
         advertise_volume_health: bool,
         /// Backup uploads and restores of this node share this bandwidth, in bytes per second
