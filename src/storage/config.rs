@@ -391,8 +391,7 @@ mod tests {
         // docs/pools.md: the shared pools' keys are errors on a local pool. A local pool's image
         // filesystem is `fsType`; `imageFsType` there was once ignored, making ext4 where xfs was meant.
         let e = parse("pools:\n  - name: s\n    path: /x\n    layout: image\n    imageFsType: xfs\n")
-            .err()
-            .expect("imageFsType on a local pool")
+            .expect_err("imageFsType on a local pool")
             .to_string();
         assert!(e.contains("imageFsType"), "{e}");
         let c = parse("pools:\n  - name: s\n    backend: shared\n    path: /x\n    imageFsType: xfs\n").unwrap();
