@@ -25,7 +25,7 @@ use cellar::crash::Rng;
 use cellar::csi::v1::controller_client::ControllerClient;
 use cellar::csi::v1::group_controller_client::GroupControllerClient;
 use cellar::csi::v1::*;
-use common::cluster::{wffc, Cluster, Spec};
+use common::cluster::{node_topology, wffc, Cluster, Spec};
 use common::fs::TestFs;
 use common::*;
 use tonic::transport::Channel;
@@ -86,8 +86,9 @@ enum NodeOp {
 
 /// The crash points an `arm` step may set on a node (every one a call in this tester can reach;
 /// the backup and lease points are the other testers').
-const CRASH_POINTS: [&str; 21] = [
+const CRASH_POINTS: [&str; 22] = [
     "create-volume:before-record",
+    "create-volume:after-record",
     "create-snapshot:before-record",
     "delete:after-trash",
     "expand:before-record",
@@ -119,10 +120,11 @@ struct Group {
 }
 
 /// A CreateVolume refused while a node it needs was down, which the provisioner retries: the
-/// node it was placed on and the snapshot it restores, if any.
+/// node it was placed on (None: immediate binding, any node) and the snapshot it restores, if
+/// any. A node that died in it after the record holds its volume until the retry answers it.
 struct Pending {
     req: CreateVolumeRequest,
-    node: usize,
+    node: Option<usize>,
     source: Option<(String, usize)>,
 }
 
@@ -135,6 +137,13 @@ struct Model {
     /// Group snapshots refused while a node was down or crashed, which the snapshotter retries:
     /// their volumes. Until then, members of such a name may be on disk.
     pending_groups: BTreeMap<String, Vec<String>>,
+}
+
+impl Model {
+    /// Whether a pending create of `name` may have left its volume on `node`.
+    fn pending_on(&self, name: &str, node: usize) -> bool {
+        self.pending.get(name).is_some_and(|p| p.node.is_none_or(|n| n == node))
+    }
 }
 
 #[derive(Debug)]
@@ -346,7 +355,13 @@ impl Run {
                     }
                     return Ok(a);
                 }
-                Err(s) if self.revive(self.names_armed(&s)).await => last = Some(s),
+                Err(s) if self.crashed(self.names_armed(&s)).await => {
+                    if matches!(call, Call::Create(_)) {
+                        self.resent_while_crashed(call).await?;
+                    }
+                    self.restart_crashed().await;
+                    last = Some(s)
+                }
                 Err(s) if matches!(s.code(), Code::Unavailable | Code::Aborted | Code::ResourceExhausted) => {
                     last = Some(s);
                     tokio::time::sleep(HEARTBEAT).await;
@@ -357,6 +372,49 @@ impl Run {
         Err(format!(
             "{call:?} on live nodes did not converge in {ATTEMPTS} attempts: {last:?}"
         ))
+    }
+
+    /// A create whose node died in it, sent again before the node is back (as the provisioner
+    /// retries at once; half the time after the scheduler chose another node): the node may
+    /// have made the volume, so the create must not be made on another node; UNAVAILABLE naming
+    /// the dead node.
+    async fn resent_while_crashed(&mut self, call: &Call) -> Checked {
+        let (node, _) = self.armed.expect("a crashed node is armed");
+        let name = self.names[node].clone();
+        let mut call = match call {
+            Call::Create(req) => Call::Create(req.clone()),
+            _ => unreachable!("only creates are sent again"),
+        };
+        if let Call::Create(req) = &mut call {
+            if let Some(t) = req.accessibility_requirements.as_mut().filter(|_| self.rng.chance(50)) {
+                let other = (node + 1 + self.rng.below(self.names.len() - 1)) % self.names.len();
+                t.preferred = vec![node_topology(&self.names[other])];
+                self.note(format!("   the scheduler chose {} instead", self.names[other]));
+            }
+        }
+        match call.send(&mut self.api).await {
+            Err(s) if s.code() == Code::Unavailable && s.message().contains(&name) => {
+                self.note(format!(
+                    "   sent again while {name} is dead: {}",
+                    first_line(s.message())
+                ));
+                Ok(())
+            }
+            Err(s) => Err(format!(
+                "{call:?} sent again while {name} lay dead in it: want UNAVAILABLE naming it, got {:?} {}",
+                s.code(),
+                s.message()
+            )),
+            Ok(a) => {
+                let id = match a {
+                    Answer::Volume(v) => v.volume_id,
+                    _ => String::new(),
+                };
+                Err(format!(
+                    "{call:?} sent again while {name} lay dead in it answered OK with {id}: a second volume, the first left behind"
+                ))
+            }
+        }
     }
 
     /// Sends `call` once; one of `down` (nodes it needs that are down) must be named in an
@@ -449,7 +507,12 @@ impl Run {
         if self.up.iter().any(|u| !*u) {
             ops.extend(["up"; 3]);
         }
-        ops.push("restart-controller");
+        // A restarted controller has forgotten which node a create without an answer went to: a
+        // retry with immediate binding may then be placed on another node (docs/split-mode.md
+        // names this limit), so the controller is not restarted while one is pending.
+        if self.model.pending.values().all(|p| p.node.is_some()) {
+            ops.push("restart-controller");
+        }
         let op = *self.rng.pick(&ops);
         match op {
             "create" => {
@@ -458,7 +521,15 @@ impl Run {
                 let bytes = (1 + self.rng.below(4) as i64) * 16 * MIB;
                 let image = self.rng.chance(33);
                 let btrfs = !image && self.btrfs.is_some() && self.rng.chance(50);
+                // A quarter with immediate binding: every node requisite, none preferred, the
+                // controller chooses (the one with most room).
+                let immediate = self.rng.chance(25);
                 let mut req = wffc(&name, bytes, &self.names[node], &self.all());
+                if immediate {
+                    if let Some(t) = req.accessibility_requirements.as_mut() {
+                        t.preferred.clear();
+                    }
+                }
                 req.parameters = layout(image, btrfs);
                 self.note(format!(
                     "{k}: create {name} ({} MiB{}) on {}",
@@ -470,9 +541,13 @@ impl Run {
                     } else {
                         ""
                     },
-                    self.at(node)
+                    if immediate {
+                        "any node".to_string()
+                    } else {
+                        self.at(node)
+                    }
                 ));
-                self.create(req, node, None).await
+                self.create(req, (!immediate).then_some(node), None).await
             }
             "restore" => {
                 let snap = self.pick_snap();
@@ -491,7 +566,7 @@ impl Run {
                     self.at(from),
                     self.at(node)
                 ));
-                self.create(req, node, Some((snap, from))).await
+                self.create(req, Some(node), Some((snap, from))).await
             }
             "retry" => {
                 let name = self
@@ -501,7 +576,7 @@ impl Run {
                 let p = self.model.pending.remove(&name).expect("pending");
                 self.note(format!(
                     "{k}: retry the create of {name} on {}{}",
-                    self.at(p.node),
+                    p.node.map_or("any node".to_string(), |n| self.at(n)),
                     match &p.source {
                         Some((s, at)) => format!(" from {s} on {}", self.at(*at)),
                         None => String::new(),
@@ -954,7 +1029,16 @@ impl Run {
     /// would, waits until it registered, and answers true. `hint`: an answer named the node, so
     /// it may be on its way out (the connection breaks as the process exits): wait a moment.
     async fn revive(&mut self, hint: bool) -> bool {
-        let Some((node, point)) = self.armed else {
+        let crashed = self.crashed(hint).await;
+        if crashed {
+            self.restart_crashed().await;
+        }
+        crashed
+    }
+
+    /// Whether the armed node died at its crash point (`hint` as for [`Run::revive`]).
+    async fn crashed(&mut self, hint: bool) -> bool {
+        let Some((node, _)) = self.armed else {
             return false;
         };
         let mut exited = false;
@@ -968,15 +1052,17 @@ impl Run {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        if !exited {
-            return false;
-        }
+        exited
+    }
+
+    /// Starts the armed node, which died at its crash point, again.
+    async fn restart_crashed(&mut self) {
+        let (node, point) = self.armed.expect("a crashed node is armed");
         self.note(format!("   {} crashed at {point}; started again", self.names[node]));
         self.armed = None;
         self.crashes += 1;
         self.c.start_node(node);
         self.c.wait_node_registered(node).await;
-        true
     }
 
     /// Whether `s` names the armed node.
@@ -1119,12 +1205,19 @@ impl Run {
         }
     }
 
-    /// CreateVolume `req` placed on `node`, restoring `source` (a snapshot's name and node): made
-    /// there when every node it needs is up, refused naming one that is down (and then pending),
-    /// NOT_FOUND when the snapshot is gone and its node answers.
-    async fn create(&mut self, req: CreateVolumeRequest, node: usize, source: Option<(String, usize)>) -> Checked {
+    /// CreateVolume `req` placed on `node` (None: immediate binding, the controller chooses),
+    /// restoring `source` (a snapshot's name and node): made there when every node it needs is
+    /// up, refused naming one that is down (and then pending), NOT_FOUND when the snapshot is
+    /// gone and its node answers. With immediate binding and a node down it is made on a live
+    /// node, or refused naming a down node (the one an earlier attempt got no answer from).
+    async fn create(
+        &mut self,
+        req: CreateVolumeRequest,
+        node: Option<usize>,
+        source: Option<(String, usize)>,
+    ) -> Checked {
         let name = req.name.clone();
-        let mut nodes = vec![node];
+        let mut nodes: Vec<usize> = node.into_iter().collect();
         nodes.extend(source.as_ref().map(|s| s.1));
         if let Some((snap, at)) = &source {
             if !self.model.snaps.contains_key(snap) {
@@ -1153,8 +1246,28 @@ impl Run {
                 };
             }
         }
-        match self.call_on(Call::Create(Box::new(req.clone())), &nodes).await? {
+        let call = Call::Create(Box::new(req.clone()));
+        let answer = match node {
+            None if self.up.iter().any(|u| !*u) => self.anywhere_once(&call).await?,
+            _ => self.call_on(call, &nodes).await?,
+        };
+        match answer {
             Some(Answer::Volume(v)) => {
+                let node = match node {
+                    Some(n) => n,
+                    None => {
+                        let on = v.volume_id.split(':').nth(1).unwrap_or_default();
+                        match self.names.iter().position(|n| n == on) {
+                            Some(i) if self.up[i] => i,
+                            _ => {
+                                return Err(format!(
+                                    "CreateVolume of {name} answered {}: not a live node's",
+                                    v.volume_id
+                                ))
+                            }
+                        }
+                    }
+                };
                 let want = format!("local:{}:{POOL}:{name}", self.names[node]);
                 let bytes = req.capacity_range.as_ref().map_or(0, |r| r.required_bytes);
                 if v.volume_id != want || v.capacity_bytes < bytes {
@@ -1204,6 +1317,37 @@ impl Run {
             }
         }
         Ok(())
+    }
+
+    /// Sends a create the controller places (immediate binding) once while a node is down: made on
+    /// a live node, or UNAVAILABLE naming a node that is down, or (every node down)
+    /// RESOURCE_EXHAUSTED (None: pending).
+    async fn anywhere_once(&mut self, call: &Call) -> Result<Option<Answer>, String> {
+        let down: Vec<String> = (0..self.names.len())
+            .filter(|&i| !self.up[i])
+            .map(|i| self.names[i].clone())
+            .collect();
+        match call.send(&mut self.api).await {
+            Ok(a) => Ok(Some(a)),
+            Err(s) if self.revive(self.names_armed(&s)).await => {
+                self.note(format!("   refused: {:?} {}", s.code(), first_line(s.message())));
+                Ok(None)
+            }
+            Err(s) if s.code() == Code::Unavailable && down.iter().any(|n| s.message().contains(n.as_str())) => {
+                self.note(format!("   refused: {:?} {}", s.code(), first_line(s.message())));
+                Ok(None)
+            }
+            // No node up: no node can hold it.
+            Err(s) if s.code() == Code::ResourceExhausted && self.up.iter().all(|u| !*u) => {
+                self.note(format!("   refused: {:?} {}", s.code(), first_line(s.message())));
+                Ok(None)
+            }
+            Err(s) => Err(format!(
+                "{call:?} placed by the controller with {down:?} down: want OK on a live node or UNAVAILABLE naming a node that is down, got {:?} {}",
+                s.code(),
+                s.message()
+            )),
+        }
     }
 
     /// ControllerGetVolume of a modelled volume: as it is on a live node; on a node that is
@@ -1302,16 +1446,17 @@ impl Run {
                     .collect();
                 want.sort();
                 // A group refused while a node crashed may have left members, which its retry
-                // takes or removes.
+                // takes or removes; a create refused while its node died after the record left
+                // its volume, which its retry answers.
                 let got: Vec<String> = entries(&pool.join(kind))
                     .into_iter()
-                    .filter(|e| {
-                        kind == "volumes"
-                            || !self
-                                .model
-                                .pending_groups
-                                .keys()
-                                .any(|g| e.starts_with(&format!("{g}-")))
+                    .filter(|e| match kind {
+                        "volumes" => !self.model.pending_on(e.trim_end_matches(".json"), i),
+                        _ => !self
+                            .model
+                            .pending_groups
+                            .keys()
+                            .any(|g| e.starts_with(&format!("{g}-"))),
                     })
                     .collect();
                 if got != want {
@@ -1433,6 +1578,13 @@ impl Run {
                 ));
             }
         }
+        // A create refused while its node died after the record left its volume there.
+        listed.retain(|id, _| {
+            let mut parts = id.split(':').skip(1);
+            let (node, name) = (parts.next().unwrap_or_default(), parts.nth(1).unwrap_or_default());
+            let node = self.names.iter().position(|n| n == node);
+            !node.is_some_and(|i| self.model.pending_on(name, i))
+        });
         if let Some(id) = listed.keys().next() {
             return Err(format!(
                 "ListVolumes reports {id}, which does not exist (deleted, or never made)"

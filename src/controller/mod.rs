@@ -353,26 +353,13 @@ impl ControllerService {
         };
         // A create of this name that ended without an answer goes back to the node it was sent
         // to: that node may have made the volume, and one made a second time elsewhere would be
-        // left behind, an orphan nobody deletes. While that node cannot tell (it is down, or the
-        // pool is not open), the create waits for it.
-        if let Some(agent) = self.lost_on(&r.name, r.accessibility_requirements.as_ref()) {
-            match self.make_on(&agent, source_agent.as_ref(), &spec).await {
-                Ok(rec) => {
-                    return Ok(CreateVolumeResponse {
-                        volume: Some(csi_record(&rec, agent.node())),
-                    })
-                }
-                Err(e) if self.listings.lost_on(&r.name).is_some() => {
-                    return Err(ControllerError::NodeUnreachable(format!(
-                        "an earlier CreateVolume of '{}' on node {} ended without an answer, and the node cannot tell \
-                         now whether it made the volume: {e}; the volume is not made elsewhere meanwhile",
-                        r.name,
-                        agent.node().as_str()
-                    )))
-                }
-                // The node answered that it holds no such volume and has no room: placed anew.
-                Err(ControllerError::Storage(StorageError::Exhausted(_))) => {}
-                Err(e) => return Err(e),
+        // left behind, an orphan nobody deletes.
+        let topology = r.accessibility_requirements.as_ref();
+        if let Some(agent) = self.lost_on(&r.name, topology) {
+            if let Some(rec) = self.retry_lost(&agent, source_agent.as_ref(), &spec, topology).await? {
+                return Ok(CreateVolumeResponse {
+                    volume: Some(csi_record(&rec, agent.node())),
+                });
             }
         }
         let nodes: Vec<NodeId> = self.directory.agents().iter().map(|a| a.node().clone()).collect();
@@ -518,6 +505,50 @@ impl ControllerService {
             return None;
         };
         request::admits(topology, agent.node()).then_some(agent)
+    }
+
+    /// The retry of a create that got no answer from `agent`'s node. Where the request would still
+    /// choose that node (nothing preferred, or that node), it is made there: the node answers the
+    /// volume it made, makes it, or refuses as the earlier call is still running (ABORTED). Where
+    /// the scheduler has since chosen another node, the node is only asked whether it holds the
+    /// volume. While the node cannot tell (it is down, or a pool of it is not open) the retry
+    /// waits: UNAVAILABLE. `None`: the node holds no such volume; place the create anew.
+    async fn retry_lost(
+        &self,
+        agent: &Arc<dyn Agent>,
+        source: Option<&Arc<dyn Agent>>,
+        spec: &NewVolume,
+        topology: Option<&TopologyRequirement>,
+    ) -> Result<Option<VolumeRecord>, ControllerError> {
+        let waits = |why: String| {
+            ControllerError::NodeUnreachable(format!(
+                "an earlier CreateVolume of '{}' on node {} ended without an answer, and the node cannot tell now \
+                 whether it made the volume: {why}; the volume is not made elsewhere meanwhile",
+                spec.name,
+                agent.node().as_str()
+            ))
+        };
+        if !placement::chosen(topology, agent.node()) {
+            let shut = self.directory.shut_pools(agent.node());
+            match agent.volume_named(spec.name.clone()).await {
+                Ok(Some(_)) => {}
+                Ok(None) => match shut.first() {
+                    None => {
+                        self.listings.answered(&spec.name);
+                        return Ok(None);
+                    }
+                    Some((pool, why)) => return Err(waits(format!("pool '{}' is not open ({why})", pool.as_str()))),
+                },
+                Err(e) => return Err(waits(e.to_string())),
+            }
+        }
+        match self.make_on(agent, source, spec).await {
+            Ok(rec) => Ok(Some(rec)),
+            Err(e) if self.listings.lost_on(&spec.name).is_some() => Err(waits(e.to_string())),
+            // The node holds no such volume and has no room.
+            Err(ControllerError::Storage(StorageError::Exhausted(_))) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Makes a volume on a node's agent (a copy streamed from `source` when that is another node),
