@@ -2144,3 +2144,47 @@ async fn the_volumes_of_a_pool_that_is_not_open_stay_listed_and_keep_their_names
     assert_eq!(again.volume_id, v.volume_id);
     assert!(nothing_of(&p2, "known"));
 }
+
+/// A create whose node died before its record, retried after the scheduler chose another node:
+/// while the first node is dead the retry waits (it may have made the volume); once it is back
+/// holding nothing, the volume is made on the node the scheduler chose, not on the first.
+#[tokio::test]
+async fn a_lost_create_rescheduled_elsewhere_waits_for_its_first_node_then_goes_where_the_scheduler_chose() {
+    if !cfg!(feature = "crash-points") {
+        panic!("this test needs the crash points: run it with `cargo test --features crash-points`");
+    }
+    let mut c = Cluster::start(Spec::nodes(vec![None, None])).await;
+    let before = registrations(&c, 0);
+    c.kill_node(0);
+    c.start_node_with(0, &[("CELLAR_CRASH_AT", "create-volume:before-record")]);
+    eventually("node-1 registers again", || registrations(&c, 0) > before).await;
+    let lost = crashed_by(
+        &c,
+        0,
+        "create-volume:before-record",
+        &wffc("moved", 16 * MIB, "node-1", BOTH),
+    )
+    .await;
+    assert_eq!(lost.code(), Code::Unavailable, "{lost}");
+
+    let rescheduled = wffc("moved", 16 * MIB, "node-2", BOTH);
+    let e = c
+        .ctl()
+        .await
+        .create_volume(rescheduled.clone())
+        .await
+        .expect_err("node-1 is dead and may hold the volume");
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.message().contains("node node-1"), "{}", e.message());
+    assert!(nothing_of(&c.pool_dir(1), "moved"));
+
+    let before = registrations(&c, 0);
+    c.start_node(0);
+    eventually("node-1 registers again", || registrations(&c, 0) > before).await;
+    let made = retried(&c, rescheduled).await;
+    assert_eq!(
+        made.volume_id, "local:node-2:default:moved",
+        "where the scheduler chose"
+    );
+    assert!(nothing_of(&c.pool_dir(0), "moved"), "nothing on node-1");
+}
