@@ -833,3 +833,112 @@ async fn a_static_handle_cannot_name_what_cellar_manages_on_the_share() {
         .await
         .expect("delete");
 }
+
+/// Concurrent CreateVolume calls of one name: a second pool (or the shared pool) named by the
+/// other call must not give the name a second volume. Sequentially the second call is
+/// ALREADY_EXISTS ("already exists in pool"); at once, both answers must name one volume (or
+/// one of them is refused), and exactly one volume of the name is left.
+async fn same_name_in_two_pools_at_once(d: &mut Driver, pools: [(&str, &Path); 2], rounds: usize) {
+    for round in 0..rounds {
+        let name = format!("pvc-twin-{round}");
+        let (mut ca, mut cb) = (d.ctl.clone(), d.ctl.clone());
+        let (ra, rb) = tokio::join!(
+            ca.create_volume(in_pool(&name, 8 * MIB, pools[0].0)),
+            cb.create_volume(in_pool(&name, 8 * MIB, pools[1].0))
+        );
+        let ids: Vec<String> = [&ra, &rb]
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|r| r.get_ref().volume.as_ref().expect("volume").volume_id.clone())
+            .collect();
+        for r in [&ra, &rb] {
+            if let Err(e) = r {
+                assert!(
+                    matches!(e.code(), Code::AlreadyExists | Code::Aborted),
+                    "round {round}: {e:?}"
+                );
+            }
+        }
+        let recorded: Vec<&Path> = pools
+            .iter()
+            .map(|(_, dir)| *dir)
+            .filter(|dir| dir.join(format!("volumes/{name}.json")).exists())
+            .collect();
+        assert!(
+            recorded.len() <= 1,
+            "round {round}: name {name} has a volume in each pool: {ra:?} / {rb:?}"
+        );
+        if ids.len() == 2 {
+            assert_eq!(ids[0], ids[1], "round {round}: one name, two volumes");
+        }
+    }
+}
+
+#[tokio::test]
+async fn one_name_created_in_two_local_pools_at_once_makes_one_volume() {
+    let other = tempfile::Builder::new().prefix("cellar-test-").tempdir().expect("pool");
+    let (mut d, _cfg) = driver_with(
+        &format!(
+            "  - name: default\n  - name: other\n    path: {}\n",
+            other.path().display()
+        ),
+        None,
+    )
+    .await;
+    let default = d.pool_dir();
+    same_name_in_two_pools_at_once(&mut d, [("default", &default), ("other", other.path())], 30).await;
+}
+
+#[tokio::test]
+async fn one_name_created_in_a_local_and_a_shared_pool_at_once_makes_one_volume() {
+    let (share, mut d, _cfg) = shared_driver().await;
+    let default = d.pool_dir();
+    same_name_in_two_pools_at_once(&mut d, [("default", &default), ("share", share.path())], 30).await;
+}
+
+/// Concurrent CreateSnapshot calls of one name from volumes of two pools: sequentially the second
+/// is ALREADY_EXISTS; at once, exactly one snapshot of the name may be left.
+#[tokio::test]
+async fn one_snapshot_name_cut_from_volumes_of_two_pools_at_once_makes_one_snapshot() {
+    let other = tempfile::Builder::new().prefix("cellar-test-").tempdir().expect("pool");
+    let (mut d, _cfg) = driver_with(
+        &format!(
+            "  - name: default\n  - name: other\n    path: {}\n",
+            other.path().display()
+        ),
+        None,
+    )
+    .await;
+    let a = create(&mut d, in_pool("pvc-snap-twin-a", 8 * MIB, "default")).await;
+    let b = create(&mut d, in_pool("pvc-snap-twin-b", 8 * MIB, "other")).await;
+    let default = d.pool_dir();
+    for round in 0..30 {
+        let name = format!("snap-twin-{round}");
+        let (mut ca, mut cb) = (d.ctl.clone(), d.ctl.clone());
+        let req = |src: &str| CreateSnapshotRequest {
+            name: name.clone(),
+            source_volume_id: src.to_string(),
+            ..Default::default()
+        };
+        let (ra, rb) = tokio::join!(
+            ca.create_snapshot(req(&a.volume_id)),
+            cb.create_snapshot(req(&b.volume_id))
+        );
+        for r in [&ra, &rb] {
+            if let Err(e) = r {
+                assert!(
+                    matches!(e.code(), Code::AlreadyExists | Code::Aborted),
+                    "round {round}: {e:?}"
+                );
+            }
+        }
+        let recorded = [default.as_path(), other.path()]
+            .iter()
+            .filter(|dir| dir.join(format!("snapshots/{name}.json")).exists())
+            .count();
+        assert!(
+            recorded <= 1,
+            "round {round}: snapshot {name} was cut from both volumes: {ra:?} / {rb:?}"
+        );
+    }
+}

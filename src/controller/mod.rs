@@ -45,6 +45,10 @@ pub struct ControllerService {
     backups: Arc<crate::backup::Backups>,
     /// Names of group snapshots being cut through this controller now (group.rs).
     cutting: group::Cutting,
+    /// CSI names of volumes and snapshots being created through this controller now. A name is
+    /// the cluster's, but each node (and each pool of one) locks only its own key: two calls of
+    /// one name in two pools or on two nodes would both find the name free and both make it.
+    naming: crate::storage::locks::InFlight,
 }
 
 struct PagedListing {
@@ -69,7 +73,19 @@ impl ControllerService {
                 crate::backup::Throttle::unlimited(),
             )),
             cutting: Default::default(),
+            naming: Default::default(),
         }
+    }
+
+    /// Claims a CSI name (`what`: volume or snapshot) for one create at a time through this
+    /// controller: a second call of the name while the first runs is ABORTED, and its retry finds
+    /// what the first made.
+    fn claim_name(&self, what: &str, name: &str) -> Result<crate::storage::locks::Held, ControllerError> {
+        self.naming.try_take(format!("{what}:{name}")).ok_or_else(|| {
+            ControllerError::Storage(StorageError::Aborted(format!(
+                "{what} '{name}' is being created by another call now; retry"
+            )))
+        })
     }
 
     /// The backup repositories of the configuration (the engine's, in every role that has one).
@@ -272,6 +288,7 @@ impl ControllerService {
         if r.name.is_empty() {
             return Err(ControllerError::missing("name"));
         }
+        let _name = self.claim_name("volume", &r.name)?;
         let capabilities = caps::capabilities(&r.volume_capabilities)?;
         let (mode, access_modes, cap_fs_type) = caps::summarize(&capabilities)?;
         let params = request::volume_params(&r.parameters)?;
@@ -1171,6 +1188,7 @@ impl Controller for ControllerService {
             let freeze = request::snapshot_params(&r.parameters)?;
             let wants_backup = backup::backup_request(&r.parameters)?;
             let (source, agent) = self.volume_owner(&r.source_volume_id)?;
+            let _name = self.claim_name("snapshot", &r.name)?;
             // A name is the cluster's: asked of every node at once, each within its deadline. The
             // source's node must answer (the snapshot is cut there); another node that cannot (or
             // answers nonsense) is skipped, so one broken node never stops every snapshot.
