@@ -2188,3 +2188,116 @@ async fn a_lost_create_rescheduled_elsewhere_waits_for_its_first_node_then_goes_
     );
     assert!(nothing_of(&c.pool_dir(0), "moved"), "nothing on node-1");
 }
+
+/// DeleteVolume through the controller sent at the same moment as NodeStageVolume and
+/// NodePublishVolume on the node, for a local volume (the node's agent deletes it) and for
+/// shared dir and image volumes (the controller deletes them itself and sees the node's use only
+/// through the marks and leases on the share): a mount that answered OK keeps the volume whole, a
+/// delete that answered OK leaves nothing, and the calls converge on retry.
+#[tokio::test]
+async fn delete_racing_stage_and_publish_in_split_mode() {
+    let fs = TestFs::new("ext4", 512);
+    let c = Cluster::start(Spec {
+        config: Some(format!(
+            "pools:\n  - name: default\n  - name: share\n    backend: shared\n    path: {}\n    layouts: [dir, image]\n",
+            fs.mnt.display()
+        )),
+        ..Spec::nodes(vec![None])
+    })
+    .await;
+    let mut ctl = c.ctl().await;
+    let mut node = c.node(0).await;
+    let local = c.dir.path().join("node-1/pools/default");
+    for (kind, pool_dir) in [("local", local), ("dir", fs.mnt.clone()), ("image", fs.mnt.clone())] {
+        for round in 0..40 {
+            let name = format!("pvc-race-{kind}-{round}");
+            let mut r = wffc(&name, 16 * MIB, "node-1", &["node-1"]);
+            if kind != "local" {
+                r.parameters.insert("pool".into(), "share".into());
+                r.parameters.insert("layout".into(), kind.into());
+            }
+            let id = made(&mut ctl, r).await.volume_id;
+            let staging = c.dir.path().join(format!("{name}-staging"));
+            let target = c.dir.path().join(format!("{name}-target"));
+            std::fs::create_dir_all(&staging).expect("staging");
+            // Written first, read back through the mount.
+            stage(&mut node, &id, &staging).await.expect("first stage");
+            std::fs::write(staging.join("who"), name.as_bytes()).expect("write");
+            unstage(&mut node, &id, &staging).await;
+            let (mut n2, mut c2) = (node.clone(), ctl.clone());
+            let mount = async {
+                stage_rwo(&mut n2, &id, &staging).await?;
+                n2.node_publish_volume(NodePublishVolumeRequest {
+                    volume_id: id.clone(),
+                    staging_target_path: staging.display().to_string(),
+                    target_path: target.display().to_string(),
+                    volume_capability: Some(rwo()),
+                    ..Default::default()
+                })
+                .await?;
+                Ok::<(), tonic::Status>(())
+            };
+            // The delete starts a little later each round, to meet the mount at another step.
+            let delete = async {
+                tokio::time::sleep(Duration::from_millis(round % 10 * 3)).await;
+                c2.delete_volume(DeleteVolumeRequest {
+                    volume_id: id.clone(),
+                    ..Default::default()
+                })
+                .await
+            };
+            let (mounted, deleted) = tokio::join!(mount, delete);
+            let deleted = deleted.map(|_| ());
+            let ctx = format!("{kind} round {round}: mount {mounted:?}, delete {deleted:?}");
+            eprintln!(
+                "OUTCOME {kind} {:?} {:?}",
+                mounted.as_ref().map_err(|e| e.code()),
+                deleted.as_ref().map_err(|e| e.code())
+            );
+            assert!(!(mounted.is_ok() && deleted.is_ok()), "{ctx}: both answered OK");
+            if mounted.is_ok() {
+                assert_eq!(
+                    std::fs::read(target.join("who")).ok().as_deref(),
+                    Some(name.as_bytes()),
+                    "{ctx}"
+                );
+            }
+            if deleted.is_ok() {
+                assert!(mounts_under(c.dir.path()).is_empty(), "{ctx}: mounts left");
+                assert!(loops_under(&fs.mnt).is_empty(), "{ctx}: loop devices left");
+            }
+            let _ = node
+                .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                    volume_id: id.clone(),
+                    target_path: target.display().to_string(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{ctx}: unpublish: {e:?}"));
+            unstage_from(&mut node, &id, &staging)
+                .await
+                .unwrap_or_else(|e| panic!("{ctx}: unstage: {e:?}"));
+            if mounted.is_ok() {
+                stage(&mut node, &id, &staging).await.expect("stage again");
+                assert_eq!(
+                    std::fs::read(staging.join("who")).ok().as_deref(),
+                    Some(name.as_bytes()),
+                    "{ctx}: the volume that was mounted is whole"
+                );
+                unstage(&mut node, &id, &staging).await;
+            }
+            ctl.delete_volume(DeleteVolumeRequest {
+                volume_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{ctx}: delete once unmounted: {e:?}"));
+            assert!(mounts_under(c.dir.path()).is_empty(), "{ctx}: mounts left");
+            assert!(loops_under(&fs.mnt).is_empty(), "{ctx}: loop devices left");
+            assert!(
+                entries(&pool_dir.join("volumes")).is_empty(),
+                "{ctx}: left in the pool: {:?}",
+                entries(&pool_dir.join("volumes"))
+            );
+        }
+    }
+}

@@ -942,3 +942,422 @@ async fn one_snapshot_name_cut_from_volumes_of_two_pools_at_once_makes_one_snaps
         );
     }
 }
+
+/// DeleteVolume sent at the same moment as NodeStageVolume (and, every other round,
+/// NodePublishVolume) of the same volume, `rounds` times: a stage or publish that answered OK
+/// keeps the volume whole (its file reads back through a fresh mount once it is unmounted, and
+/// its delete is refused until then); a delete that answered OK leaves nothing mounted, attached
+/// or in the pool. Whatever both answered, the calls converge on retry and nothing leaks.
+async fn delete_races_stage_and_publish(
+    d: &mut Driver,
+    req: impl Fn(&str) -> CreateVolumeRequest,
+    pool_dir: &Path,
+    shared: bool,
+    rounds: usize,
+) {
+    for round in 0..rounds {
+        let name = format!("pvc-race-{round}");
+        let v = create(d, req(&name)).await;
+        let id = v.volume_id.clone();
+        write_file(d, &id, "who", name.as_bytes()).await;
+        let staging = d.path(&format!("race-{round}-staging"));
+        let target = d.path(&format!("race-{round}-target"));
+        std::fs::create_dir_all(&staging).expect("staging");
+        let publish = round % 2 == 1;
+        let (mut node, mut ctl) = (d.node.clone(), d.ctl.clone());
+        let mount = async {
+            stage_rwo(&mut node, &id, &staging).await?;
+            if publish {
+                node.node_publish_volume(NodePublishVolumeRequest {
+                    volume_id: id.clone(),
+                    staging_target_path: staging.display().to_string(),
+                    target_path: target.display().to_string(),
+                    volume_capability: Some(rwo()),
+                    ..Default::default()
+                })
+                .await?;
+            }
+            Ok::<(), tonic::Status>(())
+        };
+        let delete = ctl.delete_volume(DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        });
+        let (mounted, deleted) = tokio::join!(mount, delete);
+        let deleted = deleted.map(|_| ());
+        let ctx = format!("round {round} (publish {publish}): mount {mounted:?}, delete {deleted:?}");
+        assert!(!(mounted.is_ok() && deleted.is_ok()), "{ctx}: both answered OK");
+        if deleted.is_ok() {
+            assert!(mounts_under(d.dir.path()).is_empty(), "{ctx}: mounts left");
+            assert!(common::fs::loops_under(pool_dir).is_empty(), "{ctx}: loop devices left");
+            assert!(
+                !pool_dir.join(format!("volumes/{name}")).exists()
+                    && !pool_dir.join(format!("volumes/{name}.json")).exists(),
+                "{ctx}: the volume is left in the pool"
+            );
+        }
+        if mounted.is_ok() {
+            let seen = if publish { &target } else { &staging };
+            assert_eq!(
+                std::fs::read(seen.join("who")).ok().as_deref(),
+                Some(name.as_bytes()),
+                "{ctx}: data through the mount"
+            );
+            let err = d.delete(&id).await.expect_err("a mounted volume is not deleted");
+            assert!(
+                matches!(err.code(), Code::FailedPrecondition | Code::Aborted),
+                "{ctx}: {err:?}"
+            );
+        }
+        // Converge: whatever was mounted is unmounted, and the delete finishes.
+        if publish {
+            d.unpublish(&id, &target)
+                .await
+                .unwrap_or_else(|e| panic!("{ctx}: unpublish: {e:?}"));
+        }
+        d.unstage(&id, &staging)
+            .await
+            .unwrap_or_else(|e| panic!("{ctx}: unstage: {e:?}"));
+        if mounted.is_ok() {
+            assert_eq!(
+                read_back(d, &id, "who").await.as_deref(),
+                Some(name.as_bytes()),
+                "{ctx}: the data of a volume that was mounted is whole"
+            );
+        }
+        d.delete(&id)
+            .await
+            .unwrap_or_else(|e| panic!("{ctx}: delete once unmounted: {e:?}"));
+        assert!(mounts_under(d.dir.path()).is_empty(), "{ctx}: mounts left");
+        assert!(common::fs::loops_under(pool_dir).is_empty(), "{ctx}: loop devices left");
+        assert!(
+            entries(&pool_dir.join("volumes")).is_empty(),
+            "{ctx}: volumes left in the pool: {:?}",
+            entries(&pool_dir.join("volumes"))
+        );
+        assert!(entries(&pool_dir.join(".work")).is_empty(), "{ctx}: .work not empty");
+        if !shared {
+            assert!(entries(&pool_dir.join(".trash")).is_empty(), "{ctx}: .trash not empty");
+        }
+    }
+}
+
+#[tokio::test]
+async fn delete_racing_stage_and_publish_of_a_dir_volume() {
+    let mut d = Driver::start().await;
+    let pool = d.pool_dir();
+    delete_races_stage_and_publish(&mut d, |n| create_req(n, 8 * MIB), &pool, false, 60).await;
+}
+
+#[tokio::test]
+async fn delete_racing_stage_and_publish_of_a_btrfs_volume() {
+    let fs = TestFs::new("btrfs", 512);
+    let (mut d, _cfg) = driver_with(
+        &format!("  - name: b\n    path: {}\n    layout: btrfs\n", fs.mnt.display()),
+        None,
+    )
+    .await;
+    delete_races_stage_and_publish(&mut d, |n| in_pool(n, 16 * MIB, "b"), &fs.mnt, false, 60).await;
+}
+
+#[tokio::test]
+async fn delete_racing_stage_and_publish_of_an_image_volume() {
+    let fs = TestFs::new("ext4", 512);
+    let (mut d, _cfg) = driver_with(
+        &format!(
+            "  - name: img\n    path: {}\n    layout: image\n    fsType: ext4\n",
+            fs.mnt.display()
+        ),
+        None,
+    )
+    .await;
+    delete_races_stage_and_publish(&mut d, |n| in_pool(n, 16 * MIB, "img"), &fs.mnt, false, 60).await;
+}
+
+#[tokio::test]
+async fn delete_racing_stage_and_publish_of_a_shared_dir_volume() {
+    let (share, mut d, _cfg) = shared_driver().await;
+    let dir = share.path().to_path_buf();
+    delete_races_stage_and_publish(&mut d, |n| in_pool(n, 8 * MIB, "share"), &dir, true, 60).await;
+}
+
+#[tokio::test]
+async fn delete_racing_stage_and_publish_of_a_shared_image_volume() {
+    let fs = TestFs::new("ext4", 512);
+    let (mut d, _cfg) = driver_with(&shared_pool(&fs.mnt, "    layouts: [dir, image]\n"), None).await;
+    let req = |n: &str| {
+        let mut r = in_pool(n, 16 * MIB, "share");
+        r.parameters.insert("layout".into(), "image".into());
+        r
+    };
+    delete_races_stage_and_publish(&mut d, req, &fs.mnt, true, 60).await;
+}
+
+/// The answers of calls spawned at once, in order.
+async fn all_of<T>(calls: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for c in calls {
+        out.push(c.await.expect("call task"));
+    }
+    out
+}
+
+/// What GetCapacity says `pool` can still give to `layout` volumes.
+async fn capacity_of(d: &mut Driver, pool: &str, layout: &str) -> i64 {
+    d.ctl
+        .get_capacity(GetCapacityRequest {
+            volume_capabilities: vec![rwo()],
+            parameters: [
+                ("pool".to_string(), pool.to_string()),
+                ("layout".to_string(), layout.to_string()),
+            ]
+            .into(),
+            ..Default::default()
+        })
+        .await
+        .expect("capacity")
+        .into_inner()
+        .available_capacity
+}
+
+/// Creates and expands sent at once never take more room than a pool of image volumes has:
+/// of eight volumes (or growths) of a quarter of its room and a bit, at most three are made.
+#[tokio::test]
+async fn image_creates_and_expands_at_once_never_overcommit_the_pool() {
+    let fs = TestFs::new("ext4", 512);
+    let (mut d, _cfg) = driver_with(
+        &format!(
+            "  - name: img\n    path: {}\n    layout: image\n    fsType: ext4\n",
+            fs.mnt.display()
+        ),
+        None,
+    )
+    .await;
+    let room = capacity_of(&mut d, "img", "image").await;
+    let size = room / 4 + MIB;
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let mut c = d.ctl.clone();
+            tokio::spawn(async move { c.create_volume(in_pool(&format!("pvc-room-{i}"), size, "img")).await })
+        })
+        .collect();
+    let made: Vec<String> = all_of(calls)
+        .await
+        .into_iter()
+        .filter_map(|r| match r {
+            Ok(r) => Some(r.into_inner().volume.expect("volume").volume_id),
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                None
+            }
+        })
+        .collect();
+    assert!(
+        made.len() <= 3,
+        "{} volumes of {size} bytes in a room of {room}",
+        made.len()
+    );
+    for id in &made {
+        d.delete(id).await.expect("delete");
+    }
+
+    let small: Vec<String> = {
+        let mut v = Vec::new();
+        for i in 0..8 {
+            v.push(
+                create(&mut d, in_pool(&format!("pvc-grow-{i}"), 8 * MIB, "img"))
+                    .await
+                    .volume_id,
+            );
+        }
+        v
+    };
+    let room = capacity_of(&mut d, "img", "image").await;
+    let more = room / 4 + MIB;
+    let calls: Vec<_> = small
+        .iter()
+        .map(|id| {
+            let mut c = d.ctl.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                c.controller_expand_volume(ControllerExpandVolumeRequest {
+                    volume_id: id,
+                    capacity_range: Some(CapacityRange {
+                        required_bytes: 8 * MIB + more,
+                        limit_bytes: 0,
+                    }),
+                    ..Default::default()
+                })
+                .await
+            })
+        })
+        .collect();
+    let grown = all_of(calls)
+        .await
+        .into_iter()
+        .filter(|r| match r {
+            Ok(_) => true,
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                false
+            }
+        })
+        .count();
+    assert!(grown <= 3, "{grown} volumes grown by {more} bytes in a room of {room}");
+}
+
+/// A copy sent at the same moment as the delete of its source, `rounds` times for each of:
+/// CreateSnapshot against DeleteVolume of its volume, CreateVolume from a snapshot against
+/// DeleteSnapshot of it, and a clone against DeleteVolume of its source. A copy that answered OK
+/// holds the source's data, whatever the delete answered; nothing is left once everything is
+/// deleted.
+async fn copies_race_deletes_of_their_source(
+    d: &mut Driver,
+    req: impl Fn(&str) -> CreateVolumeRequest,
+    pool_dir: &Path,
+    rounds: usize,
+) {
+    let delete_snapshot = |ctl: &mut cellar::csi::v1::controller_client::ControllerClient<_>, id: String| {
+        let mut ctl = ctl.clone();
+        async move {
+            ctl.delete_snapshot(DeleteSnapshotRequest {
+                snapshot_id: id,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+        }
+    };
+    for round in 0..rounds {
+        let name = format!("pvc-src-{round}");
+        let v = create(d, req(&name)).await.volume_id;
+        write_file(d, &v, "who", name.as_bytes()).await;
+        let snap = d
+            .snapshot(&format!("snap-src-{round}"), &v)
+            .await
+            .expect("snapshot")
+            .snapshot_id;
+        let mut made: Vec<String> = Vec::new(); // volumes made from the source, to read back
+        let mut snaps: Vec<String> = vec![snap.clone()];
+
+        // 1. CreateSnapshot against DeleteVolume of its source.
+        let (mut a, mut b) = (d.ctl.clone(), d.ctl.clone());
+        let (cut, deleted) = tokio::join!(
+            a.create_snapshot(CreateSnapshotRequest {
+                name: format!("snap-race-{round}"),
+                source_volume_id: v.clone(),
+                ..Default::default()
+            }),
+            b.delete_volume(DeleteVolumeRequest {
+                volume_id: v.clone(),
+                ..Default::default()
+            })
+        );
+        let ctx = format!("round {round}: snapshot {cut:?}, delete {deleted:?}");
+        if let Ok(s) = &cut {
+            let s = s.get_ref().snapshot.clone().expect("snapshot");
+            assert_eq!(s.source_volume_id, v, "{ctx}");
+            snaps.push(s.snapshot_id.clone());
+            let mut r = req(&format!("pvc-from-cut-{round}"));
+            r.volume_content_source = Some(VolumeContentSource {
+                r#type: Some(from_snapshot(&s.snapshot_id)),
+            });
+            made.push(create(d, r).await.volume_id);
+        }
+        let source_gone = deleted.is_ok();
+
+        // 2. CreateVolume from a snapshot against DeleteSnapshot of it.
+        let mut r = req(&format!("pvc-restore-race-{round}"));
+        r.volume_content_source = Some(VolumeContentSource {
+            r#type: Some(from_snapshot(&snap)),
+        });
+        let mut a = d.ctl.clone();
+        let (restored, snap_deleted) = tokio::join!(a.create_volume(r), delete_snapshot(&mut d.ctl, snap.clone()));
+        let ctx2 = format!("round {round}: restore {restored:?}, delete snapshot {snap_deleted:?}");
+        if let Ok(r) = &restored {
+            made.push(r.get_ref().volume.clone().expect("volume").volume_id);
+        }
+        for r in [restored.as_ref().err(), snap_deleted.as_ref().err()]
+            .into_iter()
+            .flatten()
+        {
+            assert!(matches!(r.code(), Code::Aborted | Code::NotFound), "{ctx2}");
+        }
+
+        // 3. A clone against DeleteVolume of its source (when the source is still there).
+        if !source_gone {
+            let mut r = req(&format!("pvc-clone-race-{round}"));
+            r.volume_content_source = Some(VolumeContentSource {
+                r#type: Some(from_volume(&v)),
+            });
+            let (mut a, mut b) = (d.ctl.clone(), d.ctl.clone());
+            let (cloned, deleted) = tokio::join!(
+                a.create_volume(r),
+                b.delete_volume(DeleteVolumeRequest {
+                    volume_id: v.clone(),
+                    ..Default::default()
+                })
+            );
+            let ctx3 = format!("round {round}: clone {cloned:?}, delete {deleted:?}");
+            if let Ok(r) = &cloned {
+                made.push(r.get_ref().volume.clone().expect("volume").volume_id);
+            }
+            for r in [cloned.as_ref().err(), deleted.as_ref().err()].into_iter().flatten() {
+                assert!(matches!(r.code(), Code::Aborted | Code::NotFound), "{ctx3}");
+            }
+        }
+        for id in &made {
+            assert_eq!(
+                read_back(d, id, "who").await.as_deref(),
+                Some(name.as_bytes()),
+                "{ctx}: copy {id} holds its source's data"
+            );
+            d.delete(id).await.expect("delete copy");
+        }
+        for s in &snaps {
+            delete_snapshot(&mut d.ctl, s.clone()).await.expect("delete snapshot");
+        }
+        d.delete(&v).await.expect("delete source");
+        assert!(mounts_under(d.dir.path()).is_empty(), "{ctx}: mounts left");
+        assert!(common::fs::loops_under(pool_dir).is_empty(), "{ctx}: loop devices left");
+        for sub in ["volumes", "snapshots", ".work", ".trash"] {
+            assert!(
+                entries(&pool_dir.join(sub)).is_empty(),
+                "{ctx}: {sub} not empty: {:?}",
+                entries(&pool_dir.join(sub))
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn copies_racing_deletes_of_their_dir_source() {
+    let mut d = Driver::start().await;
+    let pool = d.pool_dir();
+    copies_race_deletes_of_their_source(&mut d, |n| create_req(n, 8 * MIB), &pool, 25).await;
+}
+
+#[tokio::test]
+async fn copies_racing_deletes_of_their_btrfs_source() {
+    let fs = TestFs::new("btrfs", 512);
+    let (mut d, _cfg) = driver_with(
+        &format!("  - name: b\n    path: {}\n    layout: btrfs\n", fs.mnt.display()),
+        None,
+    )
+    .await;
+    copies_race_deletes_of_their_source(&mut d, |n| in_pool(n, 16 * MIB, "b"), &fs.mnt, 25).await;
+}
+
+#[tokio::test]
+async fn copies_racing_deletes_of_their_image_source() {
+    let fs = TestFs::new("xfs", 1024);
+    let (mut d, _cfg) = driver_with(
+        &format!(
+            "  - name: img\n    path: {}\n    layout: image\n    fsType: ext4\n",
+            fs.mnt.display()
+        ),
+        None,
+    )
+    .await;
+    copies_race_deletes_of_their_source(&mut d, |n| in_pool(n, 16 * MIB, "img"), &fs.mnt, 25).await;
+}
