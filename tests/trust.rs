@@ -1361,3 +1361,62 @@ async fn copies_racing_deletes_of_their_image_source() {
     .await;
     copies_race_deletes_of_their_source(&mut d, |n| in_pool(n, 16 * MIB, "img"), &fs.mnt, 25).await;
 }
+
+/// Two volumes staged at once, one at a path inside the other's staging path: sequentially the
+/// inner one is refused once the outer one is staged (INVALID_ARGUMENT, nothing made inside its
+/// data). At once, the inner stage must not make its directory inside the other volume's data,
+/// nor mount there.
+#[tokio::test]
+async fn a_stage_inside_another_volumes_stage_made_at_the_same_time_is_refused() {
+    // Each stage waits a moment between its path check and its mounts: the outer stage, sent
+    // first, mounts while the inner one, sent a little later, waits past its check.
+    let mut d = Driver::start_with(&[], &[("CELLAR_DELAY_AT", "stage:after-path-check=100")]).await;
+    let a = d.create("pvc-outer").await.volume_id;
+    let b = d.create("pvc-inner").await.volume_id;
+    let data_a = d.pool_dir().join("volumes/pvc-outer");
+    for round in 0..5 {
+        let outer = d.path(&format!("nest-{round}"));
+        let inner = outer.join("sub");
+        std::fs::create_dir_all(&outer).expect("outer");
+        let (mut na, mut nb) = (d.node.clone(), d.node.clone());
+        let (ra, rb) = tokio::join!(
+            async {
+                na.node_stage_volume(NodeStageVolumeRequest {
+                    volume_id: a.clone(),
+                    staging_target_path: outer.display().to_string(),
+                    volume_capability: Some(rwo()),
+                    ..Default::default()
+                })
+                .await
+            },
+            async {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                nb.node_stage_volume(NodeStageVolumeRequest {
+                    volume_id: b.clone(),
+                    staging_target_path: inner.display().to_string(),
+                    volume_capability: Some(rwo()),
+                    ..Default::default()
+                })
+                .await
+            }
+        );
+        let ctx = format!(
+            "round {round}: outer {:?}, inner {:?}",
+            ra.as_ref().map(|_| ()),
+            rb.as_ref().map(|_| ())
+        );
+        assert!(
+            entries(&data_a).is_empty(),
+            "{ctx}: the inner stage made {:?} inside the outer volume's data",
+            entries(&data_a)
+        );
+        // Whatever both answered, both converge.
+        d.unstage(&a, &outer)
+            .await
+            .unwrap_or_else(|e| panic!("{ctx}: unstage outer: {e:?}"));
+        d.unstage(&b, &inner)
+            .await
+            .unwrap_or_else(|e| panic!("{ctx}: unstage inner: {e:?}"));
+        assert!(mounts_under(d.dir.path()).is_empty(), "{ctx}: mounts left");
+    }
+}

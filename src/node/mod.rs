@@ -84,6 +84,50 @@ pub struct NodeService {
     share_down: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
     /// Whether NodeGetCapabilities names the CSI 1.13 health RPCs (served either way).
     pub advertise_health: bool,
+    /// The paths that stages and publishes running now are to mount (see [`PathClaims`]).
+    claims: PathClaims,
+}
+
+/// The staging and target paths (as given and resolved) of the stages and publishes running now.
+/// The path guard reads the mount state, which a call writes only once it has made its path: two
+/// volumes' calls at once, one at a path inside (or at) the other's, both passed the guard, and
+/// the inner one made its directory inside the other volume's data and mounted there (or both
+/// mounted at one path). A call claims its paths when the guard passes; another volume's call at
+/// a path inside, at or above a claimed one is ABORTED until the first ends, and its retry meets
+/// the mount state as a call made after it would.
+#[derive(Default)]
+struct PathClaims(std::sync::Mutex<Vec<PathBuf>>);
+
+/// Paths claimed in [`PathClaims`], given back on drop.
+struct PathClaim<'a>(&'a PathClaims, Vec<PathBuf>);
+
+impl PathClaims {
+    fn claim(&self, field: &str, paths: Vec<PathBuf>) -> Result<PathClaim<'_>, NodeError> {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = held
+            .iter()
+            .find(|c| paths.iter().any(|p| p.starts_with(c) || c.starts_with(p)))
+        {
+            return Err(NodeError::InProgress(format!(
+                "{field} {} meets {}, where another stage or publish is mounting now; retry",
+                paths[0].display(),
+                c.display()
+            )));
+        }
+        held.extend(paths.iter().cloned());
+        Ok(PathClaim(self, paths))
+    }
+}
+
+impl Drop for PathClaim<'_> {
+    fn drop(&mut self) {
+        let mut held = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        for p in &self.1 {
+            if let Some(i) = held.iter().position(|c| c == p) {
+                held.swap_remove(i);
+            }
+        }
+    }
 }
 
 pub const CAPABILITIES: &[rpc::Type] = &[
@@ -113,6 +157,7 @@ impl NodeService {
             max_volumes,
             share_down: Default::default(),
             advertise_health: false,
+            claims: Default::default(),
         }
     }
 }
@@ -325,7 +370,9 @@ impl NodeService {
     /// A staging or target path (`field`) that a mount may take: none in what cellar manages in a
     /// pool of this node, nor one holding a pool, symbolic links followed (a mount there would
     /// show one volume's data inside another's, or hide a pool). INVALID_ARGUMENT otherwise.
-    fn outside_pools(&self, field: &'static str, path: &Path) -> Result<(), NodeError> {
+    ///
+    /// The paths are claimed until the returned guard drops ([`PathClaims`]).
+    fn outside_pools(&self, field: &'static str, path: &Path) -> Result<PathClaim<'_>, NodeError> {
         let real = self.files.resolve(path).map_err(|e| match e.errno() {
             // A part of the path that is a file, a loop of symbolic links, a name too long: the
             // path is wrong, not the node.
@@ -359,7 +406,7 @@ impl NodeService {
                 if real == path { "in or above the data".to_string() } else { format!("(resolved to {}) in or above the data", real.display()) },
                 pool.as_str()
             ))),
-            None => Ok(()),
+            None => self.claims.claim(field, vec![path.to_path_buf(), real.clone()]),
         }
     }
 
@@ -632,13 +679,15 @@ impl NodeService {
             return Err(NodeError::missing("volume_id"));
         }
         let staging = co_path("staging_target_path", &r.staging_target_path)?;
-        self.outside_pools("staging_target_path", &staging)?;
+        let _claim = self.outside_pools("staging_target_path", &staging)?;
         let cap = caps::capability(
             r.volume_capability
                 .as_ref()
                 .ok_or_else(|| NodeError::missing("volume_capability"))?,
         )?;
         let _held = self.hold(&r.volume_id)?;
+        // Race tests hold a stage here, its paths checked and nothing made yet.
+        std::thread::sleep(crash::delay("stage:after-path-check"));
         // The share first: a volume's record lives on it, and a share that is gone is UNAVAILABLE,
         // not a volume that is not found.
         self.ensure_share(&r.volume_id)?;
@@ -1075,7 +1124,7 @@ impl NodeService {
             return Err(NodeError::missing("volume_id"));
         }
         let target = co_path("target_path", &r.target_path)?;
-        self.outside_pools("target_path", &target)?;
+        let _claim = self.outside_pools("target_path", &target)?;
         let cap = caps::capability(
             r.volume_capability
                 .as_ref()
