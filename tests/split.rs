@@ -2301,3 +2301,45 @@ async fn delete_racing_stage_and_publish_in_split_mode() {
         }
     }
 }
+
+/// Two CreateVolume calls of one name at once, the scheduler having picked node-1 for one and
+/// node-2 for the other (both admitted by its topology): sequentially the second finds the
+/// first's volume and answers it; at once, the name must not get a volume on each node.
+#[tokio::test]
+async fn one_name_created_on_two_nodes_at_once_makes_one_volume() {
+    let c = Cluster::start(Spec::nodes(vec![None, None])).await;
+    let ctl = c.ctl().await;
+    let pools = [c.pool_dir(0), c.pool_dir(1)];
+    for round in 0..20 {
+        let name = format!("pvc-twin-{round}");
+        let (mut a, mut b) = (ctl.clone(), ctl.clone());
+        let (ra, rb) = tokio::join!(
+            a.create_volume(wffc(&name, 16 * MIB, "node-1", &["node-1", "node-2"])),
+            b.create_volume(wffc(&name, 16 * MIB, "node-2", &["node-1", "node-2"]))
+        );
+        let ids: Vec<String> = [&ra, &rb]
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|r| r.get_ref().volume.as_ref().expect("volume").volume_id.clone())
+            .collect();
+        for r in [&ra, &rb] {
+            if let Err(e) = r {
+                assert!(
+                    matches!(e.code(), Code::AlreadyExists | Code::Aborted),
+                    "round {round}: {e:?}"
+                );
+            }
+        }
+        let recorded = pools
+            .iter()
+            .filter(|p| p.join(format!("volumes/{name}.json")).exists())
+            .count();
+        assert!(
+            recorded <= 1,
+            "round {round}: {name} has a volume on each node: {ids:?}"
+        );
+        if ids.len() == 2 {
+            assert_eq!(ids[0], ids[1], "round {round}: one name, two volumes");
+        }
+    }
+}
