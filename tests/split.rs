@@ -2343,3 +2343,124 @@ async fn one_name_created_on_two_nodes_at_once_makes_one_volume() {
         }
     }
 }
+
+/// One image volume of a shared pool staged on two nodes at once, `rounds` times: an image is
+/// mounted on one node at a time, so at most one stage answers OK, the other leaves nothing
+/// mounted or attached, and both converge (the volume is then deleted, nothing left).
+#[tokio::test]
+async fn a_shared_image_staged_on_two_nodes_at_once_is_mounted_on_one() {
+    let fs = TestFs::new("ext4", 512);
+    let c = Cluster::start(Spec {
+        config: Some(format!(
+            "pools:\n  - name: default\n  - name: share\n    backend: shared\n    path: {}\n    layouts: [dir, image]\n",
+            fs.mnt.display()
+        )),
+        ..Spec::nodes(vec![None, None])
+    })
+    .await;
+    let mut ctl = c.ctl().await;
+    let (n1, n2) = (c.node(0).await, c.node(1).await);
+    for round in 0..20 {
+        let name = format!("pvc-two-{round}");
+        let mut r = create_req(&name, 16 * MIB);
+        r.parameters.insert("pool".into(), "share".into());
+        r.parameters.insert("layout".into(), "image".into());
+        let id = made(&mut ctl, r).await.volume_id;
+        let s1 = c.dir.path().join(format!("{name}-on-1"));
+        let s2 = c.dir.path().join(format!("{name}-on-2"));
+        let (mut a, mut b) = (n1.clone(), n2.clone());
+        let (r1, r2) = tokio::join!(stage(&mut a, &id, &s1), stage(&mut b, &id, &s2));
+        let ctx = format!("round {round}: node-1 {r1:?}, node-2 {r2:?}");
+        assert!(!(r1.is_ok() && r2.is_ok()), "{ctx}: mounted on both nodes");
+        let mounted = mounts_under(c.dir.path());
+        assert!(mounted.len() <= 1, "{ctx}: {mounted:?}");
+        assert!(loops_under(&fs.mnt).len() <= 1, "{ctx}: {:?}", loops_under(&fs.mnt));
+        unstage_from(&mut a, &id, &s1)
+            .await
+            .unwrap_or_else(|e| panic!("{ctx}: unstage 1: {e:?}"));
+        unstage_from(&mut b, &id, &s2)
+            .await
+            .unwrap_or_else(|e| panic!("{ctx}: unstage 2: {e:?}"));
+        ctl.delete_volume(DeleteVolumeRequest {
+            volume_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{ctx}: delete: {e:?}"));
+        assert!(mounts_under(c.dir.path()).is_empty(), "{ctx}: mounts left");
+        assert!(loops_under(&fs.mnt).is_empty(), "{ctx}: loop devices left");
+    }
+}
+
+/// Copies onto another node sent at the same moment as the delete of their source: a clone
+/// against DeleteVolume of its source, and a restore against DeleteSnapshot of its snapshot.
+/// A copy that answered OK holds the source's data on node-2, whatever the delete answered;
+/// a failed one leaves nothing there; everything converges.
+#[tokio::test]
+async fn copies_onto_another_node_racing_deletes_of_their_source() {
+    let c = Cluster::start(Spec::nodes(vec![None, None])).await;
+    let mut ctl = c.ctl().await;
+    for round in 0..15 {
+        let name = format!("src-{round}");
+        let v = made(&mut ctl, wffc(&name, 16 * MIB, "node-1", BOTH)).await.volume_id;
+        std::fs::write(c.pool_dir(0).join(format!("volumes/{name}/who")), name.as_bytes()).expect("write");
+        let s = snapshot(&mut ctl, &format!("snap-{round}"), &v).await.snapshot_id;
+        let (mut a, mut b) = (ctl.clone(), ctl.clone());
+        let restore = format!("restored-{round}");
+        let (restored, snap_deleted) = tokio::join!(
+            a.create_volume(copy_req(&restore, 16 * MIB, "node-2", from_snapshot(&s))),
+            b.delete_snapshot(DeleteSnapshotRequest {
+                snapshot_id: s.clone(),
+                ..Default::default()
+            })
+        );
+        let clone = format!("cloned-{round}");
+        let (cloned, deleted) = tokio::join!(
+            a.create_volume(copy_req(&clone, 16 * MIB, "node-2", from_volume(&v))),
+            b.delete_volume(DeleteVolumeRequest {
+                volume_id: v.clone(),
+                ..Default::default()
+            })
+        );
+        let ctx = format!("round {round}: restore {restored:?}, delete snapshot {snap_deleted:?}, clone {cloned:?}, delete {deleted:?}");
+        for (copy, answer) in [(&restore, restored.is_ok()), (&clone, cloned.is_ok())] {
+            let data = c.pool_dir(1).join(format!("volumes/{copy}"));
+            if answer {
+                assert_eq!(
+                    std::fs::read(data.join("who")).ok().as_deref(),
+                    Some(name.as_bytes()),
+                    "{ctx}: {copy}"
+                );
+                ctl.delete_volume(DeleteVolumeRequest {
+                    volume_id: format!("local:node-2:default:{copy}"),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{ctx}: delete {copy}: {e:?}"));
+            }
+            assert_nothing_of(&c.pool_dir(1), copy);
+        }
+        ctl.delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: s.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{ctx}: delete snapshot: {e:?}"));
+        ctl.delete_volume(DeleteVolumeRequest {
+            volume_id: v.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{ctx}: delete source: {e:?}"));
+        for i in 0..2 {
+            for sub in ["volumes", "snapshots", ".work"] {
+                assert!(
+                    entries(&c.pool_dir(i).join(sub)).is_empty(),
+                    "{ctx}: node-{} {sub}: {:?}",
+                    i + 1,
+                    entries(&c.pool_dir(i).join(sub))
+                );
+            }
+        }
+    }
+}
