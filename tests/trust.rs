@@ -1420,3 +1420,71 @@ async fn a_stage_inside_another_volumes_stage_made_at_the_same_time_is_refused()
         assert!(mounts_under(d.dir.path()).is_empty(), "{ctx}: mounts left");
     }
 }
+
+/// A filesystem-consistent snapshot (freeze) of a staged image volume sent at the same moment as
+/// its NodeUnstageVolume, `rounds` times: the snapshot's freeze and the unstage's unmount meet on
+/// one filesystem. Whatever both answer, the unstage converges on retry, nothing stays frozen,
+/// mounted or attached, and a snapshot that answered OK restores the volume's data.
+#[tokio::test]
+async fn a_frozen_snapshot_racing_the_unstage_of_its_volume_converges() {
+    let fs = TestFs::new("xfs", 1024);
+    let (mut d, _cfg) = driver_with(
+        &format!(
+            "  - name: img\n    path: {}\n    layout: image\n    fsType: ext4\n",
+            fs.mnt.display()
+        ),
+        None,
+    )
+    .await;
+    let v = create(&mut d, in_pool("pvc-freeze-race", 16 * MIB, "img"))
+        .await
+        .volume_id;
+    write_file(&mut d, &v, "who", b"frozen").await;
+    let staging = d.path("freeze-staging");
+    for round in 0..20 {
+        stage_rwo(&mut d.node, &v, &staging).await.expect("stage");
+        let (mut ctl, mut node) = (d.ctl.clone(), d.node.clone());
+        let (cut, unstaged) = tokio::join!(
+            ctl.create_snapshot(CreateSnapshotRequest {
+                name: format!("snap-freeze-{round}"),
+                source_volume_id: v.clone(),
+                parameters: [("freeze".to_string(), "true".to_string())].into(),
+                ..Default::default()
+            }),
+            async {
+                // A little later each round, to meet the snapshot at another step.
+                tokio::time::sleep(std::time::Duration::from_micros(round * 500)).await;
+                unstage_from(&mut node, &v, &staging).await
+            }
+        );
+        let ctx = format!("round {round}: snapshot {cut:?}, unstage {unstaged:?}");
+        let mut tries = 0;
+        while let Err(e) = d.unstage(&v, &staging).await {
+            tries += 1;
+            assert!(tries < 50, "{ctx}: unstage does not converge: {e:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(mounts_under(d.dir.path()).is_empty(), "{ctx}: mounts left");
+        assert!(common::fs::loops_under(&fs.mnt).is_empty(), "{ctx}: loop devices left");
+        if let Ok(s) = cut {
+            let s = s.into_inner().snapshot.expect("snapshot").snapshot_id;
+            let r = create(&mut d, restore_of(&format!("pvc-thawed-{round}"), &s, 16 * MIB, "img")).await;
+            assert_eq!(
+                read_back(&mut d, &r.volume_id, "who").await.as_deref(),
+                Some(&b"frozen"[..]),
+                "{ctx}"
+            );
+            d.delete(&r.volume_id).await.expect("delete restore");
+            d.ctl
+                .delete_snapshot(DeleteSnapshotRequest {
+                    snapshot_id: s,
+                    ..Default::default()
+                })
+                .await
+                .expect("delete snapshot");
+        }
+    }
+    // The volume's filesystem is not left frozen: it stages and takes a write.
+    write_file(&mut d, &v, "after", b"thawed").await;
+    d.delete(&v).await.expect("delete");
+}
