@@ -1488,3 +1488,47 @@ async fn a_frozen_snapshot_racing_the_unstage_of_its_volume_converges() {
     write_file(&mut d, &v, "after", b"thawed").await;
     d.delete(&v).await.expect("delete");
 }
+
+/// A snapshot of an image volume copies what the image holds; that room must not be taken from
+/// what existing images hold back to grow into within their capacity (their writes would fail
+/// with ENOSPC on the pool): once the room is gone, snapshots are RESOURCE_EXHAUSTED and
+/// GetCapacity never has to go below what the pool's free space leaves.
+#[tokio::test]
+async fn image_snapshots_never_take_the_room_images_hold_back() {
+    let fs = TestFs::new("ext4", 512);
+    let (mut d, _cfg) = driver_with(
+        &format!(
+            "  - name: img\n    path: {}\n    layout: image\n    fsType: ext4\n",
+            fs.mnt.display()
+        ),
+        None,
+    )
+    .await;
+    let room = capacity_of(&mut d, "img", "image").await;
+    let size = room * 6 / 10;
+    let v = create(&mut d, in_pool("pvc-holds-back", size, "img")).await.volume_id;
+    write_file(&mut d, &v, "data", &noise(100 << 20)).await;
+    for i in 0..6 {
+        match d.snapshot(&format!("snap-eat-{i}"), &v).await {
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.code(), Code::ResourceExhausted, "snapshot {i}: {e:?}"),
+        }
+    }
+    // The image can still grow into all of its capacity: the pool's free space covers it.
+    let image = fs.mnt.join("volumes/pvc-holds-back");
+    let allocated = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&image).expect("image").blocks() * 512
+    };
+    let st = nix::sys::statvfs::statvfs(&fs.mnt).expect("statvfs");
+    let free = st.blocks_available() as i64 * st.fragment_size() as i64;
+    assert!(
+        free >= size - allocated as i64,
+        "the image may still grow by {} bytes but the pool has {free} free",
+        size - allocated as i64
+    );
+    assert!(
+        entries(&fs.mnt.join(".work")).is_empty(),
+        "a refused snapshot leaves nothing"
+    );
+}

@@ -65,6 +65,23 @@ impl LocalEngine {
             )));
         }
         let from = self.source_data(&Source::Volume(source.clone()))?;
+        // Invariant 3: a copy of an image takes as much room as the image holds, which must not
+        // come out of the room existing images hold back to grow into (their writes inside their
+        // capacity would then fail with ENOSPC on the pool); promised until recorded, as a create.
+        let _promised = match layout::of(from.layout).reserves_capacity() {
+            true => {
+                let bytes = pool.sys.files.allocated_upto(&from.path, u64::MAX);
+                Some(self.promise(pool, from.layout, bytes, 0, |room| {
+                    StorageError::Exhausted(format!(
+                        "pool '{}' can give {room} more bytes to {} data; a snapshot of {shown_src} copies {bytes}{}",
+                        source.0.pool.as_str(),
+                        from.layout.as_str(),
+                        super::capacity::room_hint(from.layout)
+                    ))
+                })?)
+            }
+            false => None,
+        };
         if freeze && layout::of(from.layout).has_filesystem() {
             // Frozen only where it is mounted: from here a shared image staged on a node would be
             // cut unfrozen while the request asked for a consistent snapshot.
