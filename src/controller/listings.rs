@@ -355,8 +355,12 @@ impl Listings {
 
     /// A create of `name` sent to the agent `key` ended without an answer: the agent may have
     /// made the volume. Remembered (the oldest is not kept apart: past [`MAX_LOST`] an arbitrary
-    /// one is forgotten, logged) until a create of that name is answered.
+    /// one is forgotten, logged) until a create of that name is answered. A name longer than any
+    /// agent takes ([`crate::agent::wire::MAX_NAME`]) names no volume and is not kept.
     pub fn lost_create(&self, name: &str, key: &str) {
+        if name.len() > crate::agent::wire::MAX_NAME {
+            return;
+        }
         let mut inner = self.lock();
         if inner.lost.len() >= MAX_LOST && !inner.lost.contains_key(name) {
             if let Some(old) = inner.lost.keys().next().cloned() {
@@ -616,6 +620,9 @@ mod tests {
             Some("n1"),
             "the newest is kept"
         );
+        let long = "x".repeat(crate::agent::wire::MAX_NAME + 1);
+        l.lost_create(&long, "n1");
+        assert_eq!(l.lost_on(&long), None, "a name no agent takes is not kept");
     }
 
     #[test]
