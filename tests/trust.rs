@@ -742,14 +742,7 @@ async fn failed_creates_and_copies_leave_no_data_behind() {
 async fn image_volumes_unstaged_at_once_each_detach_cleanly() {
     // Every unstage looks its own loop device up while the other's is being detached.
     let fs = TestFs::new("ext4", 1024);
-    let (mut d, _cfg) = driver_with(
-        &format!(
-            "  - name: img\n    path: {}\n    layout: image\n    fsType: ext4\n",
-            fs.mnt.display()
-        ),
-        None,
-    )
-    .await;
+    let (mut d, _cfg) = image_pool_driver(&fs).await;
     let a = create(&mut d, in_pool("pvc-unstage-a", 16 * MIB, "img")).await;
     let b = create(&mut d, in_pool("pvc-unstage-b", 16 * MIB, "img")).await;
     let (sa, sb) = (d.path("stage-a"), d.path("stage-b"));
@@ -1063,14 +1056,7 @@ async fn delete_racing_stage_and_publish_of_a_btrfs_volume() {
 #[tokio::test]
 async fn delete_racing_stage_and_publish_of_an_image_volume() {
     let fs = TestFs::new("ext4", 512);
-    let (mut d, _cfg) = driver_with(
-        &format!(
-            "  - name: img\n    path: {}\n    layout: image\n    fsType: ext4\n",
-            fs.mnt.display()
-        ),
-        None,
-    )
-    .await;
+    let (mut d, _cfg) = image_pool_driver(&fs).await;
     delete_races_stage_and_publish(&mut d, |n| in_pool(n, 16 * MIB, "img"), &fs.mnt, false, 60).await;
 }
 
@@ -1102,6 +1088,15 @@ async fn all_of<T>(calls: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
     out
 }
 
+/// The driver with one pool, `img`, of image volumes (ext4 inside) on `fs`.
+async fn image_pool_driver(fs: &TestFs) -> (Driver, tempfile::TempDir) {
+    let pool = format!(
+        "  - name: img\n    path: {}\n    layout: image\n    fsType: ext4\n",
+        fs.mnt.display()
+    );
+    driver_with(&pool, None).await
+}
+
 /// What GetCapacity says `pool` can still give to `layout` volumes.
 async fn capacity_of(d: &mut Driver, pool: &str, layout: &str) -> i64 {
     d.ctl
@@ -1125,14 +1120,7 @@ async fn capacity_of(d: &mut Driver, pool: &str, layout: &str) -> i64 {
 #[tokio::test]
 async fn image_creates_and_expands_at_once_never_overcommit_the_pool() {
     let fs = TestFs::new("ext4", 512);
-    let (mut d, _cfg) = driver_with(
-        &format!(
-            "  - name: img\n    path: {}\n    layout: image\n    fsType: ext4\n",
-            fs.mnt.display()
-        ),
-        None,
-    )
-    .await;
+    let (mut d, _cfg) = image_pool_driver(&fs).await;
     let room = capacity_of(&mut d, "img", "image").await;
     let size = room / 4 + MIB;
     let calls: Vec<_> = (0..8)
@@ -1351,14 +1339,7 @@ async fn copies_racing_deletes_of_their_btrfs_source() {
 #[tokio::test]
 async fn copies_racing_deletes_of_their_image_source() {
     let fs = TestFs::new("xfs", 1024);
-    let (mut d, _cfg) = driver_with(
-        &format!(
-            "  - name: img\n    path: {}\n    layout: image\n    fsType: ext4\n",
-            fs.mnt.display()
-        ),
-        None,
-    )
-    .await;
+    let (mut d, _cfg) = image_pool_driver(&fs).await;
     copies_race_deletes_of_their_source(&mut d, |n| in_pool(n, 16 * MIB, "img"), &fs.mnt, 25).await;
 }
 
@@ -1428,14 +1409,7 @@ async fn a_stage_inside_another_volumes_stage_made_at_the_same_time_is_refused()
 #[tokio::test]
 async fn a_frozen_snapshot_racing_the_unstage_of_its_volume_converges() {
     let fs = TestFs::new("xfs", 1024);
-    let (mut d, _cfg) = driver_with(
-        &format!(
-            "  - name: img\n    path: {}\n    layout: image\n    fsType: ext4\n",
-            fs.mnt.display()
-        ),
-        None,
-    )
-    .await;
+    let (mut d, _cfg) = image_pool_driver(&fs).await;
     let v = create(&mut d, in_pool("pvc-freeze-race", 16 * MIB, "img"))
         .await
         .volume_id;
@@ -1496,14 +1470,7 @@ async fn a_frozen_snapshot_racing_the_unstage_of_its_volume_converges() {
 #[tokio::test]
 async fn image_snapshots_never_take_the_room_images_hold_back() {
     let fs = TestFs::new("ext4", 512);
-    let (mut d, _cfg) = driver_with(
-        &format!(
-            "  - name: img\n    path: {}\n    layout: image\n    fsType: ext4\n",
-            fs.mnt.display()
-        ),
-        None,
-    )
-    .await;
+    let (mut d, _cfg) = image_pool_driver(&fs).await;
     let room = capacity_of(&mut d, "img", "image").await;
     let size = room * 6 / 10;
     let v = create(&mut d, in_pool("pvc-holds-back", size, "img")).await.volume_id;
