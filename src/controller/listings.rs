@@ -253,8 +253,9 @@ impl Listings {
         // Collected from a borrow, not `into_iter`: an in-place collect would keep the records'
         // allocation (five times the summaries' size) for as long as the listing lives.
         let mut volumes: Vec<VolumeSummary> = volumes.iter().map(|(r, c)| VolumeSummary::new(r, c)).collect();
-        let mut inner = self.lock();
-        if let Some(old) = inner.by_agent.get(key).filter(|_| !shut.is_empty()) {
+        // The old listing is read under the lock only for a node with a shut pool; the summaries
+        // are built and sorted outside it (a full ListVolumes replaces every node's at once).
+        if let Some(old) = self.get(key).filter(|_| !shut.is_empty()) {
             let listed: std::collections::HashSet<&str> = volumes.iter().map(|v| v.id()).collect();
             let kept: Vec<VolumeSummary> = old
                 .volumes
@@ -276,6 +277,7 @@ impl Listings {
         volumes.sort_by(|a, b| a.id.cmp(&b.id));
         let mut listing = Listing::new(at, volumes);
         listing.shut = shut.iter().map(|(p, _)| p.as_str().into()).collect();
+        let mut inner = self.lock();
         listing.unsure = inner.edits.get(key).copied().unwrap_or(0) != edits;
         // Only the names it no longer lists leave, and only new ones join at the back: a holder
         // that keeps listing a name keeps its place, so the true holder's next listing does not
