@@ -454,7 +454,7 @@ impl Agent for LocalAgent {
     }
 
     async fn volume(&self, id: VolumeId) -> Result<Option<(VolumeRecord, Condition)>, StorageError> {
-        self.blocking(move |e| Ok(e.volume(&id).map(|r| (r, e.condition(&id)))))
+        self.blocking(move |e| Ok(e.volume_for_call(&id)?.map(|r| (r, e.condition(&id)))))
             .await
     }
 

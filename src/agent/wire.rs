@@ -862,9 +862,10 @@ pub fn storage_error(node: &NodeId, f: v1::StorageFailure) -> Option<StorageErro
             owner: w.owner,
         },
         Kind::PoolUnusable(s) => StorageError::PoolUnusable(s),
+        // Named, as a failed syscall is: the operator reads it far from the node.
         Kind::PoolBroken(p) => StorageError::PoolBroken {
             pool: p.pool,
-            reason: p.reason,
+            reason: format!("{} (node {})", p.reason, node.as_str()),
         },
         Kind::InUse(s) => StorageError::InUse(s),
         Kind::Unavailable(s) => StorageError::Unavailable(s),
@@ -1358,7 +1359,7 @@ mod tests {
             assert_eq!(again.code(), sent.code(), "{shown}");
             if !matches!(
                 failure(&sent).and_then(|f| f.kind),
-                Some(Kind::SysIo(_) | Kind::SysTool(_))
+                Some(Kind::SysIo(_) | Kind::SysTool(_) | Kind::PoolBroken(_))
             ) {
                 assert_eq!(again.message(), shown);
             } else {

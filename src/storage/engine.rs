@@ -502,11 +502,12 @@ impl LocalEngine {
         }
     }
 
-    /// [`Self::locate`] for a call that would change or remove the object: an object of a pool
-    /// here that could not be opened is FAILED_PRECONDITION (with the reason), not "nothing
-    /// here". A delete answering OK there would have Kubernetes forget an object whose data
-    /// stays, found again once the pool opens.
-    fn locate_to_change(&self, id: &ObjectId) -> Result<Option<&Pool>, StorageError> {
+    /// [`Self::locate`] for a call on one object, which reads, changes or removes it: an object
+    /// of a pool here that could not be opened is FAILED_PRECONDITION (with the reason), not
+    /// "nothing here". A delete answering OK there would have Kubernetes forget an object whose
+    /// data stays, found again once the pool opens; a snapshot, copy or look-up answering
+    /// NOT_FOUND would call an object gone that is only out of reach.
+    fn locate_for_call(&self, id: &ObjectId) -> Result<Option<&Pool>, StorageError> {
         let ours = |shared: bool| match &id.location {
             Location::Local(n) => *n == self.node && !shared,
             Location::Shared => shared,
@@ -591,7 +592,7 @@ impl LocalEngine {
             Source::Snapshot(s) => {
                 let shown = s.to_string();
                 let pool = self
-                    .locate(&s.0)
+                    .locate_for_call(&s.0)?
                     .ok_or_else(|| StorageError::SnapshotNotFound(shown.clone()))?;
                 let held = self.take(Kind::Snapshot, &s.0.pool, &s.0.key, &shown)?;
                 let rec = self
@@ -609,7 +610,7 @@ impl LocalEngine {
             Source::Volume(v) => {
                 let shown = v.to_string();
                 let pool = self
-                    .locate(&v.0)
+                    .locate_for_call(&v.0)?
                     .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
                 let held = self.take(Kind::Volume, &v.0.pool, &v.0.key, &shown)?;
                 let rec = self
@@ -631,6 +632,15 @@ impl LocalEngine {
     /// controller replicas and nodes change them).
     pub fn volume(&self, id: &VolumeId) -> Option<VolumeRecord> {
         self.store.volume(self.locate(&id.0)?, &id.0, &id.to_string())
+    }
+
+    /// [`Self::volume`] for a call that asks for one volume (ControllerGetVolume): one of a pool
+    /// here that is not open is FAILED_PRECONDITION, not "no such volume".
+    pub fn volume_for_call(&self, id: &VolumeId) -> Result<Option<VolumeRecord>, StorageError> {
+        match self.locate_for_call(&id.0)? {
+            Some(pool) => Ok(self.store.volume(pool, &id.0, &id.to_string())),
+            None => Ok(None),
+        }
     }
 
     fn is_shared_id(&self, id: &str) -> bool {
@@ -671,7 +681,7 @@ impl LocalEngine {
         // A volume of a pool here that could not be opened (a share whose mount failed at the
         // start) is FAILED_PRECONDITION with the reason, as docs/pools.md says, not "not found".
         let pool = self
-            .locate_to_change(&id.0)?
+            .locate_for_call(&id.0)?
             .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
         let rec = self.volume(id).ok_or(StorageError::VolumeNotFound(shown))?;
         Ok((rec, pool.data_path(Kind::Volume, &id.0.key)))

@@ -47,7 +47,7 @@ pub enum StorageError {
     WrongNode { pool: String, owner: String },
     #[error("{0}")]
     PoolUnusable(String),
-    #[error("pool '{pool}' is not usable: {reason}")]
+    #[error("pool '{pool}' is not open: {reason}")]
     PoolBroken { pool: String, reason: String },
     #[error("{0}")]
     InUse(String),

@@ -71,7 +71,7 @@ impl LocalEngine {
     pub(super) fn for_change(&self, id: &VolumeId) -> Result<(&Pool, Held, VolumeRecord), StorageError> {
         let shown = id.to_string();
         let pool = self
-            .locate(&id.0)
+            .locate_for_call(&id.0)?
             .ok_or_else(|| StorageError::VolumeNotFound(shown.clone()))?;
         let held = self.take(Kind::Volume, &id.0.pool, &id.0.key, &shown)?;
         // A shared pool's record is read now, and a failed read fails the change: a cached copy
@@ -185,11 +185,20 @@ impl LocalEngine {
     }
 
     pub fn condition(&self, id: &VolumeId) -> Condition {
-        let Ok((rec, data)) = self.volume_data(id) else {
-            return Condition {
-                abnormal: true,
-                message: format!("volume {id} {NO_RECORD} {}", self.node.as_str()),
-            };
+        let (rec, data) = match self.volume_data(id) {
+            Ok(found) => found,
+            Err(e @ StorageError::PoolBroken { .. }) => {
+                return Condition {
+                    abnormal: true,
+                    message: e.to_string(),
+                }
+            }
+            Err(_) => {
+                return Condition {
+                    abnormal: true,
+                    message: format!("volume {id} {NO_RECORD} {}", self.node.as_str()),
+                }
+            }
         };
         let pool = self.locate(&id.0);
         if let Some(message) = pool.and_then(|pool| layout::fault(pool, rec.layout, &data)) {

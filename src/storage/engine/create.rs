@@ -357,7 +357,7 @@ impl LocalEngine {
             return transfer::export(header, &from.path, send);
         };
         let pool = self
-            .locate(&v.0)
+            .locate_for_call(&v.0)?
             .ok_or_else(|| StorageError::VolumeNotFound(v.to_string()))?;
         let at = pool
             .work_dir()

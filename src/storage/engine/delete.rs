@@ -4,7 +4,7 @@ use super::*;
 
 impl LocalEngine {
     pub fn delete_volume(&self, id: &VolumeId) -> Result<(), StorageError> {
-        let Some(pool) = self.locate_to_change(&id.0)? else {
+        let Some(pool) = self.locate_for_call(&id.0)? else {
             return Ok(()); // not ours and not a pool here: nothing to delete
         };
         let shown = id.to_string();

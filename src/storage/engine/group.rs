@@ -270,10 +270,12 @@ impl LocalEngine {
     /// Writes the record of a group whose members (on several nodes) are all cut, in this node's
     /// pool that its id names; the same record again is OK.
     pub fn put_group(&self, rec: &GroupRecord) -> Result<(), StorageError> {
-        let pool = self.locate(&rec.id.0).ok_or_else(|| StorageError::WrongNode {
-            pool: rec.id.0.pool.as_str().to_string(),
-            owner: rec.id.0.node().map(|n| n.as_str().to_string()).unwrap_or_default(),
-        })?;
+        let pool = self
+            .locate_for_call(&rec.id.0)?
+            .ok_or_else(|| StorageError::WrongNode {
+                pool: rec.id.0.pool.as_str().to_string(),
+                owner: rec.id.0.node().map(|n| n.as_str().to_string()).unwrap_or_default(),
+            })?;
         let shown = rec.id.to_string();
         let _held = self.take(Kind::Snapshot, &rec.id.0.pool, &Key::from_name(&shown), &shown)?;
         if let Some(existing) = self.store.group(pool, &rec.id.0.key)? {
@@ -308,7 +310,7 @@ impl LocalEngine {
     /// undoing a cut that failed elsewhere): each named snapshot that says it belongs to `id`.
     pub fn delete_group_part(&self, id: &GroupId, members: &[SnapshotId]) -> Result<(), StorageError> {
         for sid in members {
-            let Some(pool) = self.locate_to_change(&sid.0)? else {
+            let Some(pool) = self.locate_for_call(&sid.0)? else {
                 continue;
             };
             let shown = sid.to_string();
@@ -563,7 +565,7 @@ impl LocalEngine {
 
     /// Deletes a group snapshot with its members; a group already gone is OK.
     pub fn delete_group(&self, id: &GroupId) -> Result<(), StorageError> {
-        let Some(pool) = self.locate_to_change(&id.0)? else {
+        let Some(pool) = self.locate_for_call(&id.0)? else {
             return Ok(());
         };
         let shown = id.to_string();
@@ -577,7 +579,7 @@ impl LocalEngine {
         let mut held = Vec::new();
         for m in &rec.members {
             let sid = &m.snapshot_id;
-            let Some(mpool) = self.locate_to_change(&sid.0)? else {
+            let Some(mpool) = self.locate_for_call(&sid.0)? else {
                 continue;
             };
             let shown = sid.to_string();
@@ -604,7 +606,7 @@ impl LocalEngine {
 
     /// A group snapshot's record.
     pub fn group(&self, id: &GroupId) -> Result<Option<GroupRecord>, StorageError> {
-        let Some(pool) = self.locate_to_change(&id.0)? else {
+        let Some(pool) = self.locate_for_call(&id.0)? else {
             return Ok(None);
         };
         Ok(self.store.group(pool, &id.0.key)?.filter(|r| r.id == *id))

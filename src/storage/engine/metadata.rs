@@ -64,6 +64,7 @@ impl LocalEngine {
     }
 
     fn snapshot_record(&self, id: &SnapshotId) -> Result<SnapshotRecord, StorageError> {
+        self.locate_for_call(&id.0)?;
         self.snapshot(id)
             .ok_or_else(|| StorageError::SnapshotNotFound(id.to_string()))
     }
@@ -71,7 +72,7 @@ impl LocalEngine {
     /// A snapshot's file, open for its extents (never through a symlink).
     fn open_snapshot(&self, id: &SnapshotId) -> Result<Mapped, StorageError> {
         let not_found = || StorageError::SnapshotNotFound(id.to_string());
-        let pool = self.locate(&id.0).ok_or_else(not_found)?;
+        let pool = self.locate_for_call(&id.0)?.ok_or_else(not_found)?;
         let path = pool.data_path(Kind::Snapshot, &id.0.key);
         match copy::open_image(&path) {
             Ok((fd, _)) => Ok(Mapped { fd, path }),

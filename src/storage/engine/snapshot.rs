@@ -38,7 +38,7 @@ impl LocalEngine {
     ) -> Result<SnapshotRecord, StorageError> {
         let shown_src = source.to_string();
         let pool = self
-            .locate(&source.0)
+            .locate_for_call(&source.0)?
             .ok_or_else(|| StorageError::VolumeNotFound(shown_src.clone()))?;
         let key = Key::from_name(name);
         let id = SnapshotId(ObjectId {
@@ -131,7 +131,7 @@ impl LocalEngine {
     }
 
     pub fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), StorageError> {
-        let Some(pool) = self.locate_to_change(&id.0)? else {
+        let Some(pool) = self.locate_for_call(&id.0)? else {
             return Ok(());
         };
         let _held = self.take(Kind::Snapshot, &id.0.pool, &id.0.key, &id.to_string())?;

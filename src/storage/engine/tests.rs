@@ -2080,6 +2080,88 @@ fn a_pool_that_failed_to_open_opens_later_with_its_records() {
     engine.delete_volume(&volume.id).expect("delete the volume");
 }
 
+/// Every call on one object of a pool here that is not open (its disk not mounted) says so,
+/// FAILED_PRECONDITION with the reason: the object is out of reach, not gone. A snapshot, expand,
+/// look-up, copy or changed-block query used to answer NOT_FOUND, as for an object that never was.
+#[test]
+fn calls_on_objects_of_a_pool_that_is_not_open_are_refused_never_not_found() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, late) = with_second_pool(dir.path(), "late", vec![Layout::Dir]);
+    let node = NodeId::parse("n1").expect("node");
+    let (volume, snapshot) = {
+        let first = LocalEngine::open(node.clone(), &config).expect("engine");
+        let v = first
+            .create_volume(NewVolume {
+                pool: Some(late.name.clone()),
+                ..NewVolume::plain("pvc-late", Some(Layout::Dir), MIB)
+            })
+            .expect("create");
+        let s = first.create_snapshot("snap-late", &v.id, false).expect("snapshot");
+        (v, s)
+    };
+    std::fs::rename(&late.path, dir.path().join("late.away")).expect("move the pool away");
+    std::fs::write(&late.path, b"not a directory").expect("file");
+    let engine = LocalEngine::open(node, &config).expect("engine");
+    let broken = |what: &str, r: Result<(), StorageError>| match r {
+        Err(e @ StorageError::PoolBroken { .. }) => {
+            let shown = e.to_string();
+            assert!(shown.contains("pool 'late' is not open"), "{what}: {shown}");
+            let status = tonic::Status::from(e);
+            assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{what}: {status:?}");
+        }
+        other => panic!("{what}: want the pool's refusal, got {other:?}"),
+    };
+    broken("look-up", engine.volume_for_call(&volume.id).map(|_| ()));
+    broken(
+        "snapshot",
+        engine.create_snapshot("snap-new", &volume.id, false).map(|_| ()),
+    );
+    broken(
+        "expand",
+        engine
+            .expand_volume(
+                &volume.id,
+                CapacityRange {
+                    required: 2 * MIB,
+                    limit: 0,
+                },
+            )
+            .map(|_| ()),
+    );
+    for (what, source) in [
+        ("restore", Source::Snapshot(snapshot.id.clone())),
+        ("clone", Source::Volume(volume.id.clone())),
+    ] {
+        let into_default = NewVolume {
+            source: Some(source),
+            ..NewVolume::plain(&format!("pvc-{what}"), Some(Layout::Dir), MIB)
+        };
+        broken(what, engine.create_volume(into_default).map(|_| ()));
+    }
+    match engine.block_ranges(&crate::storage::cbt::Query {
+        base: None,
+        target: snapshot.id.clone(),
+        starting_offset: 0,
+    }) {
+        Err(crate::storage::cbt::MetadataError::Storage(e)) => broken("changed blocks", Err(e)),
+        Err(other) => panic!("changed blocks: want the pool's refusal, got {other:?}"),
+        Ok(_) => panic!("changed blocks: want the pool's refusal, got ranges"),
+    }
+    broken("delete snapshot", engine.delete_snapshot(&snapshot.id).map(|_| ()));
+    let cond = engine.condition(&volume.id);
+    assert!(
+        cond.abnormal && cond.message.contains("pool 'late' is not open"),
+        "{cond:?}"
+    );
+    assert!(
+        matches!(
+            engine.volume_for_call(&VolumeId::parse("local:n1:default:pvc-none").expect("id")),
+            Ok(None)
+        ),
+        "an open pool's answer is as before"
+    );
+}
+
 /// A ControllerModifyVolume whose record write fails (ENOSPC, EIO) leaves the volume as it was.
 /// The compression property was set on the subvolume first and never put back, so the record
 /// and the data disagreed from then on.
