@@ -5,9 +5,13 @@
 //! multi-node launcher, `common::cluster`), with node agents killed and started again and the
 //! controller restarted (a new process with an empty registry, the same certificates) between
 //! the calls, and node agents killed in the middle of one at an armed crash point (then started
-//! again and the call retried until it converges). After every step it checks, against its model and against each node's disk: a call
+//! again and the call retried until it converges), and pools that do not open (a node's disk not
+//! mounted when its agent starts; later mounted, the agent restarted or finding it by itself).
+//! After every step it checks, against its model and against each node's disk: a call
 //! naming an object on a node that is down, or that the restarted controller has not heard of,
-//! answers UNAVAILABLE naming that node, never OK or NOT_FOUND (docs/design.md, invariant 1);
+//! answers UNAVAILABLE naming that node, and one naming an object of a pool that is not open
+//! answers FAILED_PRECONDITION saying so, never OK or NOT_FOUND (docs/design.md, invariant 1);
+//! the agent writes nothing where its pool should be;
 //! ListVolumes never drops a volume of a node it has listed and never reports one that is
 //! gone; a published volume is never deleted (the same invariant); the mounts and loop
 //! devices are exactly the published volumes'; every call on objects of live nodes converges; and
@@ -32,8 +36,9 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 /// The seeds CI runs (2 nodes for even seeds, 3 for odd ones); seed 1 found the refusal that named
-/// no node (`a_create_placed_on_a_node_is_refused_naming_it_when_no_node_is_available`).
-const SEEDS: [u64; 6] = [1, 2, 3, 4, 5, 6];
+/// no node (`a_create_placed_on_a_node_is_refused_naming_it_when_no_node_is_available`); seed 23
+/// has an agent open its pool by itself while it runs.
+const SEEDS: [u64; 7] = [1, 2, 3, 4, 5, 6, 23];
 const STEPS: usize = 40;
 /// The heartbeat interval the controller asks for: a node is unavailable after three missed
 /// beats, and the registry settles two intervals after a start.
@@ -272,6 +277,9 @@ struct Run {
     api: Api,
     names: Vec<String>,
     up: Vec<bool>,
+    /// Nodes whose pool does not open (its disk is not mounted: the pool's directory was moved
+    /// aside, a file left in its place), whether their agent runs or not.
+    shut: Vec<bool>,
     /// Whether the running controller has listed the node (ListVolumes while it answered): from
     /// then on its volumes stay listed while it is down.
     listed: Vec<bool>,
@@ -316,6 +324,7 @@ impl Run {
             c,
             api,
             up: vec![true; nodes],
+            shut: vec![false; nodes],
             listed: vec![false; nodes],
             model: Model::default(),
             log: Vec::new(),
@@ -335,7 +344,110 @@ impl Run {
 
     /// A node and whether it is up, for the step log.
     fn at(&self, node: usize) -> String {
-        format!("{} ({})", self.names[node], if self.up[node] { "up" } else { "down" })
+        format!(
+            "{} ({}{})",
+            self.names[node],
+            if self.up[node] { "up" } else { "down" },
+            if self.shut[node] { ", pool shut" } else { "" }
+        )
+    }
+
+    /// Whether node `i` serves its pool's objects: its agent runs and its pool is open.
+    fn serves(&self, i: usize) -> bool {
+        self.up[i] && !self.shut[i]
+    }
+
+    /// Where node `i`'s pool is now: its directory, or where it was moved while it does not open.
+    fn pool_of(&self, i: usize) -> std::path::PathBuf {
+        let pool = self.c.pool_dir(i);
+        if self.shut[i] {
+            aside(&pool)
+        } else {
+            pool
+        }
+    }
+
+    /// Whether `s` is how a call that needs the nodes `blocked` (not serving) is refused: UNAVAILABLE
+    /// naming one, or, for a create, RESOURCE_EXHAUSTED naming one (the registry does not offer
+    /// it); FAILED_PRECONDITION for one that is up with its pool shut, naming the node or saying
+    /// the pool is not open. Never OK, never NOT_FOUND.
+    fn refusal_of(&self, s: &tonic::Status, blocked: &[usize], create: bool) -> bool {
+        blocked.iter().any(|&i| {
+            let named = s.message().contains(self.names[i].as_str());
+            match s.code() {
+                Code::Unavailable => named,
+                Code::ResourceExhausted => create && named,
+                Code::FailedPrecondition => self.up[i] && (named || s.message().contains("not open")),
+                _ => false,
+            }
+        })
+    }
+
+    /// Whether node `i`'s pool may be shut: it is open and nothing of it is published.
+    fn may_shut(&self, i: usize) -> bool {
+        !self.shut[i] && !self.model.vols.values().any(|v| v.node == i && v.mounted)
+    }
+
+    /// Puts node `i`'s shut pool back in its place, and restarts its agent if it runs (`live`: lets
+    /// the agent find the pool itself, as it tries again every ten seconds, and waits for that).
+    async fn open(&mut self, i: usize, live: bool) -> Checked {
+        let pool = self.c.pool_dir(i);
+        let log = "pool opened; its volumes are served again";
+        let before = self.c.log_of(i).matches(log).count();
+        if self.up[i] && !live {
+            self.c.kill_node(i);
+            if self.armed.is_some_and(|(a, _)| a == i) {
+                self.armed = None;
+            }
+        }
+        std::fs::remove_file(&pool).map_err(|e| format!("{}: {e}", pool.display()))?;
+        std::fs::rename(aside(&pool), &pool).map_err(|e| format!("move {} back: {e}", pool.display()))?;
+        self.shut[i] = false;
+        if !self.up[i] {
+            return Ok(());
+        }
+        if !live {
+            self.start(i).await;
+            return Ok(());
+        }
+        for _ in 0..160 {
+            if self.c.log_of(i).matches(log).count() > before {
+                // Its next heartbeat tells the controller.
+                tokio::time::sleep(2 * HEARTBEAT).await;
+                return Ok(());
+            }
+            tokio::time::sleep(HEARTBEAT).await;
+        }
+        Err(format!(
+            "{}'s agent did not open its pool again within 40 s",
+            self.names[i]
+        ))
+    }
+
+    /// Starts node `i` (down) and waits until the controller reaches it.
+    async fn start(&mut self, i: usize) {
+        self.c.start_node(i);
+        self.reached(i).await;
+    }
+
+    /// Waits until the controller reaches node `i`'s agent: registered with room to offer, or, with
+    /// its pool shut, answering for its pool (a call naming it is no longer UNAVAILABLE).
+    async fn reached(&mut self, i: usize) {
+        if !self.shut[i] {
+            return self.c.wait_node_registered(i).await;
+        }
+        let probe = format!("local:{}:{POOL}:never-made", self.names[i]);
+        for _ in 0..160 {
+            match Call::Get(probe.clone()).send(&mut self.api).await {
+                Err(s) if s.code() == Code::Unavailable => tokio::time::sleep(HEARTBEAT).await,
+                _ => return,
+            }
+        }
+        panic!(
+            "{} with its pool shut was not reached\n{}",
+            self.names[i],
+            self.c.logs()
+        );
     }
 
     fn note(&mut self, line: String) {
@@ -417,24 +529,21 @@ impl Run {
         }
     }
 
-    /// Sends `call` once; one of `down` (nodes it needs that are down) must be named in an
-    /// UNAVAILABLE answer (or RESOURCE_EXHAUSTED, for a create placed on a node the registry
-    /// does not offer).
+    /// Sends `call` once; it must be refused as [`Run::refusal_of`] says, for one of `down` (nodes
+    /// it needs that do not serve).
     async fn refused(&mut self, call: &Call, down: &[usize]) -> Checked {
-        let names: Vec<String> = down.iter().map(|&i| self.names[i].clone()).collect();
+        let names: Vec<String> = down.iter().map(|&i| self.at(i)).collect();
         match call.send(&mut self.api).await {
-            Ok(_) => Err(format!("{call:?} answered OK while {names:?} is down")),
+            Ok(_) => Err(format!("{call:?} answered OK while {names:?} does not serve")),
             Err(s) if self.revive(self.names_armed(&s)).await => {
                 // A live node the call reached died at its crash point: any refusal will do.
                 self.note(format!("   refused: {:?} {}", s.code(), first_line(s.message())));
                 Ok(())
             }
             Err(s) => {
-                let create = matches!(call, Call::Create(_));
-                let code_ok = s.code() == Code::Unavailable || (create && s.code() == Code::ResourceExhausted);
-                if !code_ok || !names.iter().any(|n| s.message().contains(n)) {
+                if !self.refusal_of(&s, down, matches!(call, Call::Create(_))) {
                     return Err(format!(
-                        "{call:?} with {names:?} down: want UNAVAILABLE naming it, got {:?} {}",
+                        "{call:?} with {names:?}: want UNAVAILABLE naming it (FAILED_PRECONDITION with its pool shut), got {:?} {}",
                         s.code(),
                         s.message()
                     ));
@@ -445,10 +554,10 @@ impl Run {
         }
     }
 
-    /// Sends `call` on the nodes `nodes`: converges when all are up, is refused naming one that
-    /// is down otherwise (None).
+    /// Sends `call` on the nodes `nodes`: converges when all serve, is refused naming one that
+    /// does not otherwise (None).
     async fn call_on(&mut self, call: Call, nodes: &[usize]) -> Result<Option<Answer>, String> {
-        let down: Vec<usize> = nodes.iter().copied().filter(|&i| !self.up[i]).collect();
+        let down: Vec<usize> = nodes.iter().copied().filter(|&i| !self.serves(i)).collect();
         if down.is_empty() {
             self.converge(&call).await.map(Some)
         } else {
@@ -506,6 +615,14 @@ impl Run {
         }
         if self.up.iter().any(|u| !*u) {
             ops.extend(["up"; 3]);
+        }
+        // A pool whose disk is not mounted when its agent starts; only on a node with nothing
+        // published (its pods would not run without the disk either).
+        if (0..n).any(|i| self.may_shut(i)) {
+            ops.push("shut");
+        }
+        if self.shut.iter().any(|s| *s) {
+            ops.extend(["open", "open"]);
         }
         // A restarted controller has forgotten which node a create without an answer went to: a
         // retry with immediate binding may then be placed on another node (docs/split-mode.md
@@ -648,7 +765,7 @@ impl Run {
                 self.note(format!("{k}: {} started again to crash at {point}", self.names[node]));
                 self.c.kill_node(node);
                 self.c.start_node_with(node, &[("CELLAR_CRASH_AT", point)]);
-                self.c.wait_node_registered(node).await;
+                self.reached(node).await;
                 self.armed = Some((node, point));
                 Ok(())
             }
@@ -738,7 +855,7 @@ impl Run {
                 let path = if v.mounted && !v.read_only {
                     self.target(&vol).join(MARKER)
                 } else {
-                    self.c.pool_dir(v.node).join("volumes").join(&vol).join(MARKER)
+                    self.pool_of(v.node).join("volumes").join(&vol).join(MARKER)
                 };
                 self.note(format!(
                     "{k}: write {vol}'s marker{}",
@@ -766,11 +883,50 @@ impl Run {
             "up" => {
                 let dead: Vec<usize> = (0..n).filter(|&i| !self.up[i]).collect();
                 let node = *self.rng.pick(&dead);
-                self.note(format!("{k}: {} up", self.names[node]));
-                self.c.start_node(node);
-                self.c.wait_node_registered(node).await;
+                self.note(format!("{k}: {} up", self.at(node)));
+                self.start(node).await;
                 self.up[node] = true;
                 Ok(())
+            }
+            "shut" => {
+                let open: Vec<usize> = (0..n).filter(|&i| self.may_shut(i)).collect();
+                let node = *self.rng.pick(&open);
+                self.note(format!(
+                    "{k}: {}'s pool does not open (its disk is not mounted){}",
+                    self.at(node),
+                    if self.up[node] { "; its agent restarts" } else { "" }
+                ));
+                if self.up[node] {
+                    self.c.kill_node(node);
+                    if self.armed.is_some_and(|(i, _)| i == node) {
+                        self.armed = None;
+                    }
+                }
+                let pool = self.c.pool_dir(node);
+                std::fs::rename(&pool, aside(&pool)).map_err(|e| format!("move {} aside: {e}", pool.display()))?;
+                std::fs::write(&pool, NOT_MOUNTED).map_err(|e| format!("{}: {e}", pool.display()))?;
+                self.shut[node] = true;
+                if self.up[node] {
+                    self.start(node).await;
+                }
+                Ok(())
+            }
+            "open" => {
+                let shut: Vec<usize> = (0..n).filter(|&i| self.shut[i]).collect();
+                let node = *self.rng.pick(&shut);
+                // Now and then the agent runs on and opens the pool itself (it tries again every
+                // ten seconds); else it is restarted, as once the disk is mounted.
+                let live = self.up[node] && self.rng.chance(25);
+                self.note(format!(
+                    "{k}: {}'s pool opens again{}",
+                    self.at(node),
+                    match (self.up[node], live) {
+                        (true, true) => ", its agent running on",
+                        (true, false) => "; its agent restarts",
+                        _ => "",
+                    }
+                ));
+                self.open(node, live).await
             }
             "restart-controller" => {
                 let settle = self.rng.chance(50);
@@ -799,13 +955,13 @@ impl Run {
         } else {
             Call::DeleteSnapshot(id)
         };
-        if volume && self.model.vols[name].mounted && self.up[node] {
+        if volume && self.model.vols[name].mounted && self.serves(node) {
             // Data mounted into a pod is never deleted: its node refuses, naming where.
             return self
                 .converge_to(&call, Code::FailedPrecondition, "a published volume")
                 .await;
         }
-        if !volume && self.model.snaps[name].group.is_some() && self.up[node] {
+        if !volume && self.model.snaps[name].group.is_some() && self.serves(node) {
             // A group's member goes with its group only.
             return self.converge_to(&call, Code::InvalidArgument, "a group's member").await;
         }
@@ -935,7 +1091,7 @@ impl Run {
         let mut kept = Vec::new();
         for m in g.members.clone() {
             let s = &self.model.snaps[&m];
-            let on_disk = self.c.pool_dir(s.node).join("snapshots").join(&m).exists();
+            let on_disk = self.pool_of(s.node).join("snapshots").join(&m).exists();
             if deleted || (!on_disk && s.node != home) {
                 self.model.snaps.remove(&m);
             } else {
@@ -965,6 +1121,20 @@ impl Run {
         let (id, node) = (self.model.vols[vol].id.clone(), self.model.vols[vol].node);
         let (staging, target) = (self.staging(vol), self.target(vol));
         std::fs::create_dir_all(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+        if self.shut[node] {
+            // Its pool is not open: kubelet's stage is refused, saying so, and mounts nothing.
+            let mut n = self.c.node(node).await;
+            return match stage_rwo(&mut n, &id, &staging).await {
+                Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::Unavailable) && s.message().contains("not open") => {
+                    self.note(format!("   refused: {:?} {}", s.code(), first_line(s.message())));
+                    Ok(())
+                }
+                other => Err(format!(
+                    "NodeStage of {vol} while its pool is shut: want FAILED_PRECONDITION saying the pool is not open, got {:?}",
+                    other.map_err(|s| format!("{:?} {}", s.code(), s.message()))
+                )),
+            };
+        }
         self.node_call(node, NodeOp::Stage(id.clone(), staging.clone())).await?;
         self.node_call(node, NodeOp::Publish(id, staging, target, read_only))
             .await?;
@@ -1061,8 +1231,7 @@ impl Run {
         self.note(format!("   {} crashed at {point}; started again", self.names[node]));
         self.armed = None;
         self.crashes += 1;
-        self.c.start_node(node);
-        self.c.wait_node_registered(node).await;
+        self.start(node).await;
     }
 
     /// Whether `s` names the armed node.
@@ -1134,7 +1303,7 @@ impl Run {
             .vols
             .iter()
             .filter(|(_, v)| v.mounted && v.image)
-            .map(|(n, v)| self.c.pool_dir(v.node).join("volumes").join(n))
+            .map(|(n, v)| self.pool_of(v.node).join("volumes").join(n))
             .collect();
         want.sort();
         if loops != want {
@@ -1197,7 +1366,7 @@ impl Run {
         self.listed = vec![false; self.names.len()];
         for i in 0..self.names.len() {
             if self.up[i] {
-                self.c.wait_node_registered(i).await;
+                self.reached(i).await;
             }
         }
         if settle {
@@ -1223,21 +1392,12 @@ impl Run {
             if !self.model.snaps.contains_key(snap) {
                 // The VolumeSnapshot was deleted while the create was pending.
                 let r = Call::Create(Box::new(req)).send(&mut self.api).await;
-                let down: Vec<&str> = nodes
-                    .iter()
-                    .filter(|&&i| !self.up[i])
-                    .map(|&i| self.names[i].as_str())
-                    .collect();
+                let down: Vec<usize> = nodes.iter().copied().filter(|&i| !self.serves(i)).collect();
                 return match r {
-                    Err(s) if s.code() == Code::NotFound && self.up[*at] => Ok(()),
-                    Err(s)
-                        if matches!(s.code(), Code::Unavailable | Code::ResourceExhausted)
-                            && down.iter().any(|n| s.message().contains(n)) =>
-                    {
-                        Ok(())
-                    }
+                    Err(s) if s.code() == Code::NotFound && self.serves(*at) => Ok(()),
+                    Err(s) if self.refusal_of(&s, &down, true) => Ok(()),
                     Err(s) => Err(format!(
-                        "a restore from the deleted {snap} ({:?} down): want NOT_FOUND, or UNAVAILABLE naming a node that is down; got {:?} {}",
+                        "a restore from the deleted {snap} ({:?} not serving): want NOT_FOUND, or UNAVAILABLE naming a node that is down; got {:?} {}",
                         down,
                         s.code(),
                         s.message()
@@ -1248,7 +1408,7 @@ impl Run {
         }
         let call = Call::Create(Box::new(req.clone()));
         let answer = match node {
-            None if self.up.iter().any(|u| !*u) => self.anywhere_once(&call).await?,
+            None if (0..self.names.len()).any(|i| !self.serves(i)) => self.anywhere_once(&call).await?,
             _ => self.call_on(call, &nodes).await?,
         };
         match answer {
@@ -1258,7 +1418,7 @@ impl Run {
                     None => {
                         let on = v.volume_id.split(':').nth(1).unwrap_or_default();
                         match self.names.iter().position(|n| n == on) {
-                            Some(i) if self.up[i] => i,
+                            Some(i) if self.serves(i) => i,
                             _ => {
                                 return Err(format!(
                                     "CreateVolume of {name} answered {}: not a live node's",
@@ -1276,7 +1436,7 @@ impl Run {
                         v.volume_id, v.capacity_bytes
                     ));
                 }
-                let data = self.c.pool_dir(node).join("volumes").join(&name);
+                let data = self.pool_of(node).join("volumes").join(&name);
                 let image = req.parameters.get("layout").is_some_and(|l| l == "image");
                 let btrfs = req.parameters.get("layout").is_some_and(|l| l == "btrfs");
                 let marker = match &source {
@@ -1319,44 +1479,49 @@ impl Run {
         Ok(())
     }
 
-    /// Sends a create the controller places (immediate binding) once while a node is down: made on
-    /// a live node, or UNAVAILABLE naming a node that is down, or (every node down)
-    /// RESOURCE_EXHAUSTED (None: pending).
+    /// Sends a create the controller places (immediate binding) once while a node does not serve
+    /// (down, or its pool shut): made on a node that serves, or UNAVAILABLE naming one that does
+    /// not, or (no node serves) RESOURCE_EXHAUSTED (None: pending).
     async fn anywhere_once(&mut self, call: &Call) -> Result<Option<Answer>, String> {
-        let down: Vec<String> = (0..self.names.len())
-            .filter(|&i| !self.up[i])
-            .map(|i| self.names[i].clone())
-            .collect();
+        let blocked: Vec<usize> = (0..self.names.len()).filter(|&i| !self.serves(i)).collect();
+        let down: Vec<String> = blocked.iter().map(|&i| self.at(i)).collect();
         match call.send(&mut self.api).await {
             Ok(a) => Ok(Some(a)),
             Err(s) if self.revive(self.names_armed(&s)).await => {
                 self.note(format!("   refused: {:?} {}", s.code(), first_line(s.message())));
                 Ok(None)
             }
-            Err(s) if s.code() == Code::Unavailable && down.iter().any(|n| s.message().contains(n.as_str())) => {
+            // Only a node that does not serve may be named (or a node whose pool is shut asked,
+            // when none serves: it explains its pool).
+            Err(s)
+                if s.code() != Code::ResourceExhausted
+                    && self.refusal_of(&s, &blocked, true)
+                    && (s.code() != Code::FailedPrecondition || blocked.len() == self.names.len()) =>
+            {
                 self.note(format!("   refused: {:?} {}", s.code(), first_line(s.message())));
                 Ok(None)
             }
-            // No node up: no node can hold it.
-            Err(s) if s.code() == Code::ResourceExhausted && self.up.iter().all(|u| !*u) => {
+            // No node serves: no node can hold it.
+            Err(s) if s.code() == Code::ResourceExhausted && (0..self.names.len()).all(|i| !self.serves(i)) => {
                 self.note(format!("   refused: {:?} {}", s.code(), first_line(s.message())));
                 Ok(None)
             }
             Err(s) => Err(format!(
-                "{call:?} placed by the controller with {down:?} down: want OK on a live node or UNAVAILABLE naming a node that is down, got {:?} {}",
+                "{call:?} placed by the controller with {down:?}: want OK on a node that serves or UNAVAILABLE naming one that does not, got {:?} {}",
                 s.code(),
                 s.message()
             )),
         }
     }
 
-    /// ControllerGetVolume of a modelled volume: as it is on a live node; on a node that is
-    /// down, abnormal naming it (from the last listing) or UNAVAILABLE naming it, never NOT_FOUND.
+    /// ControllerGetVolume of a modelled volume: as it is on a node that serves; on a node that is
+    /// down or whose pool is shut, abnormal naming it (from the last listing) or refused naming it,
+    /// never NOT_FOUND.
     async fn get(&mut self, vol: &str) -> Checked {
         let v = &self.model.vols[vol];
         let (id, node, bytes) = (v.id.clone(), v.node, v.bytes);
         let name = self.names[node].clone();
-        if self.up[node] {
+        if self.serves(node) {
             let Answer::Got(got) = self.converge(&Call::Get(id.clone())).await? else {
                 unreachable!("a get answers a volume")
             };
@@ -1374,14 +1539,18 @@ impl Run {
             Ok(Answer::Got(got)) => {
                 let cond = got.status.and_then(|s| s.volume_condition);
                 match cond {
-                    Some(c) if c.abnormal && c.message.contains(&name) => Ok(()),
-                    other => Err(format!("ControllerGetVolume of {id} on {name}, down: condition {other:?}")),
+                    Some(c) if c.abnormal && (c.message.contains(&name) || c.message.contains("not open")) => Ok(()),
+                    other => Err(format!(
+                        "ControllerGetVolume of {id} on {}: condition {other:?}",
+                        self.at(node)
+                    )),
                 }
             }
             Ok(_) => unreachable!("a get answers a volume"),
-            Err(s) if s.code() == Code::Unavailable && s.message().contains(&name) => Ok(()),
+            Err(s) if self.refusal_of(&s, &[node], false) => Ok(()),
             Err(s) => Err(format!(
-                "ControllerGetVolume of {id} on {name}, down: want UNAVAILABLE naming it or an abnormal condition, got {:?} {}",
+                "ControllerGetVolume of {id} on {}: want UNAVAILABLE naming it or an abnormal condition, got {:?} {}",
+                self.at(node),
                 s.code(),
                 s.message()
             )),
@@ -1415,10 +1584,24 @@ impl Run {
     }
 
     /// Each node's pool holds a record and the data of exactly the model's objects on it (with
-    /// their markers and sizes), and nothing in `.work` or `.trash`, whether its agent runs or not.
+    /// their markers and sizes), and nothing in `.work` or `.trash`, whether its agent runs or not;
+    /// a pool that does not open is where it was moved, and its agent wrote nothing in its place.
     fn check_disks(&self) -> Checked {
         for i in 0..self.names.len() {
-            let pool = self.c.pool_dir(i);
+            if self.shut[i] {
+                let place = self.c.pool_dir(i);
+                match std::fs::read(&place) {
+                    Ok(b) if b == NOT_MOUNTED.as_bytes() => {}
+                    other => {
+                        return Err(format!(
+                            "{}'s pool is shut, but its place {} holds {other:?}",
+                            self.names[i],
+                            place.display()
+                        ))
+                    }
+                }
+            }
+            let pool = self.pool_of(i);
             for scratch in [".work", ".trash"] {
                 let left = entries(&pool.join(scratch));
                 if !left.is_empty() {
@@ -1549,7 +1732,7 @@ impl Run {
         for (name, v) in &self.model.vols {
             let node = &self.names[v.node];
             let Some(e) = listed.remove(&v.id) else {
-                if self.up[v.node] {
+                if self.serves(v.node) {
                     live.get_or_insert(format!("ListVolumes leaves out {name} of live {node}"));
                 } else if self.listed[v.node] {
                     return Err(format!(
@@ -1565,7 +1748,7 @@ impl Run {
                 .and_then(|s| s.volume_condition)
                 .ok_or(format!("{name}: no condition"))?;
             let capacity = e.volume.map_or(0, |v| v.capacity_bytes);
-            if self.up[v.node] {
+            if self.serves(v.node) {
                 if cond.abnormal || capacity != v.bytes {
                     live.get_or_insert(format!(
                         "ListVolumes: {name} of live {node}: {capacity} bytes, {cond:?}; want {} bytes and normal",
@@ -1574,7 +1757,8 @@ impl Run {
                 }
             } else if !cond.abnormal || !cond.message.contains(node.as_str()) {
                 return Err(format!(
-                    "ListVolumes: {name} of {node}, down: want abnormal naming it, got {cond:?}"
+                    "ListVolumes: {name} of {}: want abnormal naming it, got {cond:?}",
+                    self.at(v.node)
                 ));
             }
         }
@@ -1592,7 +1776,7 @@ impl Run {
         }
         if live.is_none() {
             for i in 0..self.names.len() {
-                self.listed[i] |= self.up[i];
+                self.listed[i] |= self.serves(i);
             }
         }
         Ok(live)
@@ -1628,7 +1812,7 @@ impl Run {
                         s.source_id
                     ))
                 }
-                None if self.up[s.node] => {
+                None if self.serves(s.node) => {
                     live.get_or_insert(format!(
                         "ListSnapshots leaves out {name} of live {}",
                         self.names[s.node]
@@ -1652,11 +1836,13 @@ impl Run {
     /// Brings every node up (and sometimes restarts the controller), retries the pending creates,
     /// deletes everything and checks that nothing is left anywhere.
     async fn teardown(&mut self) -> Checked {
-        self.note("end: every node up".into());
+        self.note("end: every node up, every pool open".into());
         for i in 0..self.names.len() {
+            if self.shut[i] {
+                self.open(i, false).await?;
+            }
             if !self.up[i] {
-                self.c.start_node(i);
-                self.c.wait_node_registered(i).await;
+                self.start(i).await;
                 self.up[i] = true;
             }
         }
@@ -1730,6 +1916,17 @@ impl Run {
             self.log.join("\n")
         )
     }
+}
+
+/// What stands in a shut pool's place: a disk not mounted leaves its mount point's directory
+/// empty; a file makes sure that the agent cannot take the place for the pool.
+const NOT_MOUNTED: &str = "the disk is not mounted";
+
+/// Where a shut pool's directory is kept meanwhile.
+fn aside(pool: &Path) -> std::path::PathBuf {
+    let mut p = pool.as_os_str().to_owned();
+    p.push(".aside");
+    p.into()
 }
 
 fn first_line(s: &str) -> &str {
