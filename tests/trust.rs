@@ -1481,8 +1481,13 @@ async fn image_snapshots_never_take_the_room_images_hold_back() {
             Err(e) => assert_eq!(e.code(), Code::ResourceExhausted, "snapshot {i}: {e:?}"),
         }
     }
-    // The image can still grow into all of its capacity: the pool's free space covers it.
-    let image = fs.mnt.join("volumes/pvc-holds-back");
+    assert_image_may_still_grow(&fs, "pvc-holds-back", size);
+}
+
+/// The image volume `name` of `size` bytes can still grow into all of its capacity (the pool's
+/// free space covers it), and refused copies left nothing in `.work`.
+fn assert_image_may_still_grow(fs: &TestFs, name: &str, size: i64) {
+    let image = fs.mnt.join("volumes").join(name);
     let allocated = {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(&image).expect("image").blocks() * 512
@@ -1496,6 +1501,43 @@ async fn image_snapshots_never_take_the_room_images_hold_back() {
     );
     assert!(
         entries(&fs.mnt.join(".work")).is_empty(),
-        "a refused snapshot leaves nothing"
+        "a refused copy leaves nothing"
     );
+}
+
+/// The image members of a group snapshot are held to the same room as single snapshots: a group
+/// of an image volume used to copy it whatever room the image held back to grow into, and its
+/// writes within its capacity could then fail with ENOSPC on the pool.
+#[tokio::test]
+async fn group_snapshots_of_images_never_take_the_room_images_hold_back() {
+    use cellar::csi::v1::group_controller_client::GroupControllerClient;
+    let fs = TestFs::new("ext4", 512);
+    let (mut d, _cfg) = image_pool_driver(&fs).await;
+    let room = capacity_of(&mut d, "img", "image").await;
+    let size = room * 6 / 10;
+    let v = create(&mut d, in_pool("pvc-group-holds-back", size, "img"))
+        .await
+        .volume_id;
+    write_file(&mut d, &v, "data", &noise(100 << 20)).await;
+    let mut groups = GroupControllerClient::new(cellar::client::connect(&d.endpoint()).await.expect("connect"));
+    let mut refused = 0;
+    for i in 0..6 {
+        let cut = groups
+            .create_volume_group_snapshot(CreateVolumeGroupSnapshotRequest {
+                name: format!("grp-eat-{i}"),
+                source_volume_ids: vec![v.clone()],
+                ..Default::default()
+            })
+            .await;
+        if let Err(e) = cut {
+            assert_eq!(e.code(), Code::ResourceExhausted, "group {i}: {e:?}");
+            assert!(e.message().contains("a snapshot of"), "{e:?}");
+            refused += 1;
+        }
+    }
+    assert!(
+        refused > 0,
+        "six copies of 100 MiB cannot fit beside a {size}-byte image in {room}"
+    );
+    assert_image_may_still_grow(&fs, "pvc-group-holds-back", size);
 }

@@ -84,6 +84,8 @@ struct Member<'a> {
     snapshot: SnapshotId,
     from: super::SourceData,
     _held: crate::storage::locks::Held,
+    /// The room its copy takes, for an image (invariant 3), until its record is written.
+    _promised: Option<super::capacity::Promise<'a>>,
 }
 
 /// The CSI name of a member snapshot: the group's name and the volume's key.
@@ -213,7 +215,7 @@ impl LocalEngine {
             .first()
             .ok_or_else(|| StorageError::Unsupported("a part of a group snapshot needs a volume".into()))?;
         let pool = self
-            .locate(&first.0)
+            .locate_for_call(&first.0)?
             .ok_or_else(|| StorageError::VolumeNotFound(first.to_string()))?;
         let shown = id.to_string();
         let cuts = req
@@ -332,7 +334,7 @@ impl LocalEngine {
     /// group left under that name, and checks that the member can be cut as the request asks.
     fn prepare_member<'a>(&'a self, req: &NewGroup, group: &str, v: &'a VolumeId) -> Result<Member<'a>, StorageError> {
         let pool = self
-            .locate(&v.0)
+            .locate_for_call(&v.0)?
             .ok_or_else(|| StorageError::VolumeNotFound(v.to_string()))?;
         let snapshot = member_snapshot_id(&req.name, v);
         let held = self.take(Kind::Snapshot, &snapshot.0.pool, &snapshot.0.key, &snapshot.to_string())?;
@@ -350,6 +352,7 @@ impl LocalEngine {
             tracing::info!(snapshot = %snapshot, group, "removed a member a failed group snapshot left");
         }
         let from = self.source_data(&Source::Volume(v.clone()))?;
+        let promised = self.promise_copy(pool, &from, v)?;
         let together = layout::of(from.layout).cuts_together(from.mode);
         if !req.per_volume && !together {
             return Err(StorageError::NotTogether(format!(
@@ -374,6 +377,7 @@ impl LocalEngine {
             snapshot,
             from,
             _held: held,
+            _promised: promised,
         })
     }
 

@@ -26,6 +26,31 @@ impl LocalEngine {
         }
     }
 
+    /// Invariant 3 for a snapshot's copy of volume `source` (alone, or a group's member): a copy of
+    /// an image takes as much room as the image holds, which must not come out of the room
+    /// existing images hold back to grow into (their writes inside their capacity would then fail
+    /// with ENOSPC on the pool). Promised until the copy is recorded, as a create's room.
+    pub(super) fn promise_copy(
+        &self,
+        pool: &Pool,
+        from: &SourceData,
+        source: &VolumeId,
+    ) -> Result<Option<super::capacity::Promise<'_>>, StorageError> {
+        if !layout::of(from.layout).reserves_capacity() {
+            return Ok(None);
+        }
+        let bytes = pool.sys.files.allocated_upto(&from.path, u64::MAX);
+        self.promise(pool, from.layout, bytes, 0, |room| {
+            StorageError::Exhausted(format!(
+                "pool '{}' can give {room} more bytes to {} data; a snapshot of {source} copies {bytes}{}",
+                source.0.pool.as_str(),
+                from.layout.as_str(),
+                super::capacity::room_hint(from.layout)
+            ))
+        })
+        .map(Some)
+    }
+
     /// Cuts a snapshot, with `backup` in its record when it is also a backup (backup.rs). A
     /// retry answers the snapshot already cut under the name, whatever its mark (the caller
     /// checks it).
@@ -65,23 +90,7 @@ impl LocalEngine {
             )));
         }
         let from = self.source_data(&Source::Volume(source.clone()))?;
-        // Invariant 3: a copy of an image takes as much room as the image holds, which must not
-        // come out of the room existing images hold back to grow into (their writes inside their
-        // capacity would then fail with ENOSPC on the pool); promised until recorded, as a create.
-        let _promised = match layout::of(from.layout).reserves_capacity() {
-            true => {
-                let bytes = pool.sys.files.allocated_upto(&from.path, u64::MAX);
-                Some(self.promise(pool, from.layout, bytes, 0, |room| {
-                    StorageError::Exhausted(format!(
-                        "pool '{}' can give {room} more bytes to {} data; a snapshot of {shown_src} copies {bytes}{}",
-                        source.0.pool.as_str(),
-                        from.layout.as_str(),
-                        super::capacity::room_hint(from.layout)
-                    ))
-                })?)
-            }
-            false => None,
-        };
+        let _promised = self.promise_copy(pool, &from, source)?;
         if freeze && layout::of(from.layout).has_filesystem() {
             // Frozen only where it is mounted: from here a shared image staged on a node would be
             // cut unfrozen while the request asked for a consistent snapshot.
