@@ -1484,6 +1484,36 @@ async fn image_snapshots_never_take_the_room_images_hold_back() {
     assert_image_may_still_grow(&fs, "pvc-holds-back", size);
 }
 
+/// On a pool that shares blocks between files (xfs with reflink, btrfs) a snapshot of an image
+/// takes no room at once: it shares the image's blocks, which the image writes anew when it
+/// overwrites them. That room is held back as well, so GetCapacity never offers what the image may
+/// need to rewrite its data and fill its capacity (it used to, and a volume made in that room
+/// could then make the image's writes fail with ENOSPC).
+#[tokio::test]
+async fn on_a_reflink_pool_images_keep_the_room_to_rewrite_what_their_snapshots_share() {
+    let fs = TestFs::new("xfs", 1024);
+    let (mut d, _cfg) = image_pool_driver(&fs).await;
+    let size = capacity_of(&mut d, "img", "image").await / 2;
+    let v = create(&mut d, in_pool("pvc-shared-blocks", size, "img"))
+        .await
+        .volume_id;
+    write_file(&mut d, &v, "data", &noise(100 << 20)).await;
+    let before = capacity_of(&mut d, "img", "image").await;
+    d.snapshot("snap-shares-blocks", &v).await.expect("snapshot");
+    let after = capacity_of(&mut d, "img", "image").await;
+    let st = nix::sys::statvfs::statvfs(&fs.mnt).expect("statvfs");
+    let free = st.blocks_available() as i64 * st.fragment_size() as i64;
+    // (Within a MiB: the few blocks of the image that no snapshot shares are its own already.)
+    assert!(
+        after + size <= free + MIB,
+        "GetCapacity offers {after} bytes beside a {size}-byte image whose data a snapshot shares, with {free} free"
+    );
+    assert!(
+        before - after >= 90 * MIB,
+        "the blocks the snapshot shares are held back: {before} before, {after} after"
+    );
+}
+
 /// The image volume `name` of `size` bytes can still grow into all of its capacity (the pool's
 /// free space covers it), and refused copies left nothing in `.work`.
 fn assert_image_may_still_grow(fs: &TestFs, name: &str, size: i64) {

@@ -85,6 +85,21 @@ const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
 /// for its data ranges instead (SEEK_DATA/SEEK_HOLE), reported with [`FLAG_UNKNOWN`] placement;
 /// one that cannot tell holes either gives one unknown extent over the whole window.
 pub fn extents_in(f: &OwnedFd, start: u64, end: u64) -> io::Result<Vec<Extent>> {
+    extents_flagged(f, start, end, FIEMAP_FLAG_SYNC)
+}
+
+/// Bytes of `f`'s first `len` that share their blocks with another file (a reflink or snapshot),
+/// as the filesystem reports them now (not synced: data not yet written back is not shared).
+pub fn shared_bytes(f: &OwnedFd, len: u64) -> io::Result<u64> {
+    Ok(extents_flagged(f, 0, len, 0)?
+        .iter()
+        .filter(|e| e.flags & FLAG_SHARED != 0)
+        .map(|e| e.end().min(len).saturating_sub(e.logical))
+        .sum())
+}
+
+/// [`extents_in`] with FIEMAP's `fm_flags`.
+fn extents_flagged(f: &OwnedFd, start: u64, end: u64, fm_flags: u32) -> io::Result<Vec<Extent>> {
     let mut out = Vec::new();
     let mut at = start;
     while at < end {
@@ -92,7 +107,7 @@ pub fn extents_in(f: &OwnedFd, start: u64, end: u64) -> io::Result<Vec<Extent>> 
             head: FiemapHeader {
                 fm_start: at,
                 fm_length: end - at,
-                fm_flags: FIEMAP_FLAG_SYNC,
+                fm_flags,
                 fm_extent_count: BATCH as u32,
                 ..Default::default()
             },

@@ -67,6 +67,10 @@ pub trait Files: Send + Sync {
     /// Allocated bytes of the tree at `path`, counted until they reach `stop`; what cannot be read
     /// counts nothing.
     fn allocated_upto(&self, path: &Path, stop: u64) -> u64;
+    /// Allocated bytes of the file at `path` that no other file shares (a reflinked copy shares
+    /// its source's blocks until either writes them): what it holds that a rewrite of its data
+    /// would not need anew. What cannot be read counts nothing.
+    fn unshared_bytes(&self, path: &Path) -> u64;
     /// Renames `from` to `to` (atomically, on one filesystem).
     fn rename(&self, from: &Path, to: &Path) -> Result<(), SysError>;
     /// Makes a directory and its missing parents.
@@ -142,6 +146,9 @@ impl Files for LinuxFiles {
     }
     fn allocated_upto(&self, path: &Path, stop: u64) -> u64 {
         allocated_upto(path, stop)
+    }
+    fn unshared_bytes(&self, path: &Path) -> u64 {
+        unshared_bytes(path)
     }
     fn rename(&self, from: &Path, to: &Path) -> Result<(), SysError> {
         rename(from, to)
@@ -329,6 +336,12 @@ impl Files for RecordingFiles {
         // Infallible by contract: an armed failure reads as nothing counted.
         match self.enter("allocated_upto", path, None) {
             Ok(()) => allocated_upto(path, stop),
+            Err(_) => 0,
+        }
+    }
+    fn unshared_bytes(&self, path: &Path) -> u64 {
+        match self.enter("unshared_bytes", path, None) {
+            Ok(()) => unshared_bytes(path),
             Err(_) => 0,
         }
     }
@@ -677,6 +690,22 @@ fn allocated_upto(path: &Path, stop: u64) -> u64 {
     match fs::symlink_metadata(path) {
         Ok(md) if md.is_dir() => super::tree::allocated_bytes(path, stop, true).unwrap_or(0),
         Ok(md) => md.blocks() * 512,
+        Err(_) => 0,
+    }
+}
+
+/// Allocated bytes of the file at `path` (not followed if a symlink) less those its extents share
+/// with other files (FIEMAP's shared flag); nothing when it cannot be read.
+fn unshared_bytes(path: &Path) -> u64 {
+    let opened = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path);
+    let Ok(file) = opened else { return 0 };
+    let Ok(md) = file.metadata() else { return 0 };
+    let allocated = md.blocks() * 512;
+    match super::extents::shared_bytes(&file.into(), md.len()) {
+        Ok(shared) => allocated.saturating_sub(shared),
         Err(_) => 0,
     }
 }

@@ -58,7 +58,13 @@ impl LayoutOps for Image {
     }
 
     fn holds_back(&self, pool: &Pool, capacity: u64, data: &Path) -> u64 {
-        capacity.saturating_sub(allocated(pool, data))
+        // Where the pool shares blocks between files, an image's blocks that a snapshot or clone
+        // shares are written anew when the image overwrites them: only its own count as held.
+        let held = match pool.features.reflink {
+            true => pool.sys.files.unshared_bytes(data),
+            false => allocated(pool, data),
+        };
+        capacity.saturating_sub(held)
     }
 
     fn make_empty(
