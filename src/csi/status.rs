@@ -148,7 +148,7 @@ impl From<crate::node::NodeError> for Status {
             E::NotFound(_) => Code::NotFound,
             E::InProgress(_) => Code::Aborted,
             E::Conflict(_) => Code::AlreadyExists,
-            E::NotReady(_) => Code::FailedPrecondition,
+            E::NotReady(_) | E::Exceeds(_) => Code::FailedPrecondition,
             E::ShareGone(_) => Code::Unavailable,
             E::Broken(_) => Code::Internal,
         };

@@ -19,6 +19,11 @@ pub enum NodeError {
     /// Already published at that path with other options.
     #[error("{0}")]
     Conflict(String),
+    /// The capability asks for what the volume cannot serve (another volume mode, filesystem, or an
+    /// access mode its pool does not offer): the spec's "Exceeds capabilities" of NodeStageVolume
+    /// and NodePublishVolume, FAILED_PRECONDITION.
+    #[error("{0}")]
+    Exceeds(String),
     /// The volume is not in the state the call needs (not staged, staged elsewhere, published,
     /// held by another node).
     #[error("{0}")]

@@ -575,18 +575,30 @@ impl NodeService {
         }
     }
 
+    /// Whether the volume can serve the capability a stage or publish asks for. One it cannot is
+    /// the spec's "Exceeds capabilities": FAILED_PRECONDITION (the request itself is well formed).
     fn check_mode(rec: &NodeVolume, cap: &Capability) -> Result<(), NodeError> {
         if rec.mode != cap.mode {
-            return Err(NodeError::invalid(format!(
+            return Err(NodeError::Exceeds(format!(
                 "volume {} is a {:?} volume; the capability asks for {:?}",
                 rec.id, rec.mode, cap.mode
             )));
         }
         let shared = rec.shared;
         if !shared && !cap.access.served_by_local_pool() {
-            return Err(NodeError::invalid(format!(
+            return Err(NodeError::Exceeds(format!(
                 "access mode {:?} needs a shared pool; volume {} is on a local pool",
                 cap.access, rec.id
+            )));
+        }
+        // An image volume holds one filesystem: a capability naming another would be mounted as
+        // what the image holds, not as what was asked. (Tree layouts take their pool's
+        // filesystem and ignore the name.)
+        let own_fs = crate::storage::layout::of(rec.layout).has_filesystem() && rec.mode == VolumeMode::Filesystem;
+        if own_fs && !cap.fs_type.is_empty() && !rec.fs_type.is_empty() && cap.fs_type != rec.fs_type {
+            return Err(NodeError::Exceeds(format!(
+                "volume {} holds a {} filesystem; the capability asks for {}",
+                rec.id, rec.fs_type, cap.fs_type
             )));
         }
         Ok(())

@@ -658,6 +658,58 @@ fn an_image_is_attached_once_mounted_with_its_filesystem_and_detached_on_unstage
     assert!(n.svc.state.get(&id).staged.is_none());
 }
 
+/// A stage or publish naming another filesystem than the image holds would mount it as the image's
+/// anyway: the spec's "Exceeds capabilities", FAILED_PRECONDITION, and nothing is attached or
+/// mounted. No filesystem named, or the image's own, is served.
+#[test]
+fn an_image_asked_for_as_another_filesystem_is_failed_precondition() {
+    let n = Node::new();
+    let id = n.image("pvc-img-fs");
+    let (staging, target) = (n.path("stage"), n.path("pod/mount"));
+    let as_fs = |fs: &str| VolumeCapability {
+        access_mode: Some(volume_capability::AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+        access_type: Some(volume_capability::AccessType::Mount(volume_capability::MountVolume {
+            fs_type: fs.into(),
+            ..Default::default()
+        })),
+    };
+    let stage = |fs: &str| {
+        n.svc
+            .stage(NodeStageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(as_fs(fs)),
+                ..Default::default()
+            })
+            .map_err(tonic::Status::from)
+    };
+    let err = stage("xfs").expect_err("an ext4 image staged as xfs");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("ext4"), "{}", err.message());
+    assert!(n.devices.attached().is_empty(), "nothing attached");
+    assert!(n.mounter.mounted().is_empty(), "nothing mounted");
+    assert!(n.svc.state.get(&id).staged.is_none(), "nothing recorded");
+    stage("ext4").expect("staged as its own filesystem");
+    stage("").expect("staged without a filesystem named");
+    std::fs::create_dir_all(target.parent().expect("parent")).expect("pod dir");
+    let err = n
+        .svc
+        .publish(NodePublishVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.display().to_string(),
+            target_path: target.display().to_string(),
+            volume_capability: Some(as_fs("xfs")),
+            ..Default::default()
+        })
+        .map_err(tonic::Status::from)
+        .expect_err("an ext4 image published as xfs");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(n.svc.state.get(&id).published.is_empty(), "no publish recorded");
+    n.unstage(&id, &staging).expect("unstage");
+}
+
 #[test]
 fn a_stage_after_its_mount_was_lost_reuses_the_device_it_attached() {
     let n = Node::new();
@@ -2102,18 +2154,19 @@ fn a_publish_binds_only_from_the_stage_it_names_and_only_in_the_volumes_own_mode
     let n = Node::new();
     let id = n.volume("pvc-modes");
     let (staging, other, target) = (n.path("stage-a"), n.path("stage-b"), n.path("pod/mount"));
-    // A block capability for a filesystem volume, at stage and at publish: INVALID_ARGUMENT.
+    // A block capability for a filesystem volume, at stage and at publish: the spec's "Exceeds
+    // capabilities", FAILED_PRECONDITION.
     let err = stage_block(&n.svc, &id, &staging).expect_err("block stage of a filesystem volume");
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     assert!(n.svc.state.get(&id).staged.is_none(), "a refused stage records nothing");
     n.stage(&id, &staging).expect("stage");
     let err = block_publish(&n.svc, &id, &staging, &target, false).expect_err("block publish");
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    // A multi-node writer mode of a volume on a local pool: INVALID_ARGUMENT.
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // A multi-node writer mode of a volume on a local pool: FAILED_PRECONDITION too.
     let err = n
         .publish(&id, &staging, &target, Mode::MultiNodeMultiWriter, false)
         .expect_err("RWX of a local volume");
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     // A publish naming another staging path than the one staged: FAILED_PRECONDITION, and its
     // target is not even made.
     let err = n
@@ -2137,11 +2190,11 @@ fn a_publish_binds_only_from_the_stage_it_names_and_only_in_the_volumes_own_mode
             false,
         )
         .expect_err("filesystem publish of a block volume");
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let err = n
         .stage(&block, &n.path("stage-raw"))
         .expect_err("filesystem stage of a block volume");
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     // Nothing either refusal did stays: the block stage is as it was.
     assert!(n.svc.state.get(&block).published.is_empty());
     n.publish(&id, &staging, &target, Mode::SingleNodeWriter, false)
