@@ -1203,23 +1203,21 @@ async fn stats_report_bytes_and_inodes_and_missing_things_are_not_found() {
     d.unmount_all(&v.volume_id, &staging, &target).await;
 }
 
+/// A path that exists but where the volume was never staged or published: the spec's "volume does
+/// not exist on specified volume_path", NOT_FOUND (not an abnormal condition of the volume).
 #[tokio::test]
-async fn stats_of_an_unmounted_path_report_abnormal() {
+async fn stats_of_a_path_the_volume_was_never_at_are_not_found() {
     let mut d = Driver::start().await;
     let v = d.create("pvc-stats2").await;
     let plain = d.path("plain-dir");
     std::fs::create_dir_all(&plain).unwrap();
-    let r = d
-        .node
-        .node_get_volume_stats(NodeGetVolumeStatsRequest {
-            volume_id: v.volume_id,
-            volume_path: plain.display().to_string(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(r.volume_condition.unwrap().abnormal);
+    let err = d.stats(&v.volume_id, &plain).await.expect_err("not the volume's path");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // The volume staged elsewhere changes nothing.
+    let (staging, target) = d.mount_rw(&v.volume_id, "stats2").await;
+    let err = d.stats(&v.volume_id, &plain).await.expect_err("still not its path");
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    d.unmount_all(&v.volume_id, &staging, &target).await;
 }
 
 #[tokio::test]

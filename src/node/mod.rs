@@ -1472,16 +1472,10 @@ impl NodeService {
                 crate::csi::status::bounded(&r.volume_path)
             )));
         }
-        if let Err(e) = self.require_ours(&r.volume_id, &path) {
-            // No figures of whatever filesystem is at a path that is not the volume's.
-            return Ok(NodeGetVolumeStatsResponse {
-                usage: vec![],
-                volume_condition: Some(VolumeCondition {
-                    abnormal: true,
-                    message: e.to_string(),
-                }),
-            });
-        }
+        // A path this node never staged or published the volume at: the spec's "volume does not
+        // exist on the specified volume_path", NOT_FOUND (and no figures of whatever filesystem is
+        // there). A path of its own whose mount is gone is measured below: abnormal, no figures.
+        self.require_ours(&r.volume_id, &path)?;
         let usage = |unit: volume_usage::Unit, total: u64, avail: u64, used: u64| VolumeUsage {
             available: avail as i64,
             total: total as i64,
