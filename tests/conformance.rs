@@ -450,6 +450,84 @@ async fn validate_confirms_local_modes_and_refuses_rwx() {
     assert!(!no.message.is_empty());
 }
 
+fn fs_cap(mode: Mode, fs_type: &str, flags: &[&str]) -> VolumeCapability {
+    let mut c = cellar::client::mount_capability(mode, flags.iter().map(|f| f.to_string()).collect());
+    if let Some(volume_capability::AccessType::Mount(m)) = c.access_type.as_mut() {
+        m.fs_type = fs_type.into();
+    }
+    c
+}
+
+/// The spec: `confirmed` only if every capability is supported; one cellar does not offer (a
+/// filesystem or mount option it cannot honour) is not confirmed, with a message, not an error. The
+/// parameters and context it confirms are the volume's: others are not confirmed either.
+#[tokio::test]
+async fn validate_confirms_only_what_the_volume_was_made_with() {
+    let mut d = Driver::start().await;
+    let mut req = create_req("pvc-val3", 64 * MIB);
+    req.parameters.insert("deletePolicy".into(), "retain".into());
+    let v = d.ctl.create_volume(req).await.unwrap().into_inner().volume.unwrap();
+    let validate = |caps: Vec<VolumeCapability>, params: &[(&str, &str)], ctx: &[(&str, &str)]| {
+        ValidateVolumeCapabilitiesRequest {
+            volume_id: v.volume_id.clone(),
+            volume_capabilities: caps,
+            parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            volume_context: ctx.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        }
+    };
+    for (what, caps) in [
+        (
+            "an unknown filesystem",
+            vec![fs_cap(Mode::SingleNodeWriter, "ntfs", &[])],
+        ),
+        (
+            "a mount option no bind mount honours",
+            vec![fs_cap(Mode::SingleNodeWriter, "", &["sync"])],
+        ),
+        (
+            "one of two",
+            vec![rwo(), fs_cap(Mode::SingleNodeWriter, "", &["uid=3"])],
+        ),
+    ] {
+        let r = d.ctl.validate_volume_capabilities(validate(caps, &[], &[])).await;
+        let r = r.unwrap_or_else(|e| panic!("{what}: {e:?}")).into_inner();
+        assert!(r.confirmed.is_none(), "{what}: {r:?}");
+        assert!(!r.message.is_empty(), "{what}");
+    }
+    for (what, params, ctx) in [
+        ("another pool", vec![("pool", "other")], vec![]),
+        ("another layout", vec![("layout", "btrfs")], vec![]),
+        ("another delete policy", vec![("deletePolicy", "delete")], vec![]),
+        ("a parameter it was not made with", vec![("uid", "1000")], vec![]),
+        ("another context", vec![], vec![("pool", "other")]),
+    ] {
+        let r = d
+            .ctl
+            .validate_volume_capabilities(validate(vec![rwo()], &params, &ctx))
+            .await;
+        let r = r.unwrap_or_else(|e| panic!("{what}: {e:?}")).into_inner();
+        assert!(r.confirmed.is_none(), "{what}: {r:?}");
+        assert!(!r.message.is_empty(), "{what}");
+    }
+    // Its own parameters (the pool and layout it got by default included), the context CreateVolume
+    // answered and the sidecars' keys are confirmed.
+    let ctx: Vec<(&str, &str)> = v.volume_context.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let params = [
+        ("deletePolicy", "retain"),
+        ("pool", v.volume_context["pool"].as_str()),
+        ("layout", v.volume_context["layout"].as_str()),
+        ("csi.storage.k8s.io/pvc/name", "anything"),
+    ];
+    let r = d
+        .ctl
+        .validate_volume_capabilities(validate(vec![rwo()], &params, &ctx))
+        .await;
+    let confirmed = r.unwrap().into_inner().confirmed.expect("confirmed");
+    assert_eq!(confirmed.parameters.len(), params.len());
+    assert_eq!(confirmed.volume_context, v.volume_context);
+}
+
 // ---------------------------------------------------------------- ListVolumes / GetVolume / Capacity
 
 #[tokio::test]

@@ -194,11 +194,7 @@ fn csi_volume(r: &VolumeSummary, node: &NodeId) -> Volume {
     Volume {
         capacity_bytes: r.capacity_bytes as i64,
         volume_id: r.id().to_string(),
-        volume_context: [
-            ("pool".to_string(), r.pool().to_string()),
-            ("layout".to_string(), r.layout.as_str().to_string()),
-        ]
-        .into(),
+        volume_context: volume_context(r.pool(), r.layout),
         content_source,
         // A shared volume is reachable from every node: no topology pins it.
         accessible_topology: if r.is_shared() {
@@ -209,18 +205,67 @@ fn csi_volume(r: &VolumeSummary, node: &NodeId) -> Volume {
     }
 }
 
+/// The volume_context CreateVolume answers (and ValidateVolumeCapabilities compares).
+fn volume_context(pool: &str, layout: crate::storage::record::Layout) -> std::collections::HashMap<String, String> {
+    [
+        ("pool".to_string(), pool.to_string()),
+        ("layout".to_string(), layout.as_str().to_string()),
+    ]
+    .into()
+}
+
 /// Whether a volume (its record; `None` for a static volume) can serve a capability: local pools
-/// serve one node, image volumes one node at a time, shared directories every mode.
+/// serve one node, image volumes one node at a time, shared directories every mode; an image
+/// volume's filesystem is the one it holds (tree layouts take their pool's and ignore the name).
 fn serves(rec: Option<&VolumeRecord>, c: &caps::Capability) -> bool {
     use crate::storage::record::VolumeMode;
     let multi_node =
         !c.access.served_by_local_pool() || c.access == crate::storage::record::AccessMode::MultiNodeReaderOnly;
+    let other_fs = |r: &VolumeRecord| {
+        crate::storage::layout::of(r.layout).has_filesystem()
+            && r.mode == VolumeMode::Filesystem
+            && !c.fs_type.is_empty()
+            && !r.fs_type.is_empty()
+            && c.fs_type != r.fs_type
+    };
     match rec {
         None => c.mode == VolumeMode::Filesystem,
-        Some(r) if r.mode != c.mode => false,
+        Some(r) if r.mode != c.mode || other_fs(r) => false,
         Some(r) if r.id.is_shared() => !(multi_node && crate::storage::layout::of(r.layout).single_node()),
         Some(_) => c.access.served_by_local_pool(),
     }
+}
+
+/// Why the parameters or volume context a ValidateVolumeCapabilities names are not the volume's,
+/// if they are not: each given key must hold what the volume was made with (its pool and layout
+/// as they came out, even where the create left them to the default) or what CreateVolume
+/// answered in its context. The sidecars' metadata keys are not compared.
+fn other_parameters(
+    rec: &VolumeRecord,
+    parameters: &std::collections::HashMap<String, String>,
+    context: &std::collections::HashMap<String, String>,
+) -> Option<String> {
+    let own = |k: &str| match k {
+        request::PARAM_POOL => Some(rec.id.0.pool.as_str().to_string()),
+        request::PARAM_LAYOUT => Some(rec.layout.as_str().to_string()),
+        k => rec.parameters.get(k).cloned(),
+    };
+    let mut given: Vec<(&String, &String)> = parameters.iter().collect();
+    given.sort();
+    for (k, v) in given.into_iter().filter(|(k, _)| !request::is_sidecar_key(k)) {
+        if own(k).as_ref() != Some(v) {
+            return Some(format!("volume {} was not made with parameter {k}={v}", rec.id));
+        }
+    }
+    let ctx = volume_context(rec.id.0.pool.as_str(), rec.layout);
+    let mut given: Vec<(&String, &String)> = context.iter().collect();
+    given.sort();
+    for (k, v) in given {
+        if ctx.get(k) != Some(v) {
+            return Some(format!("volume {}'s context has no {k}={v}", rec.id));
+        }
+    }
+    None
 }
 
 fn csi_snapshot(r: &SnapshotRecord) -> Snapshot {
@@ -1013,7 +1058,6 @@ impl Controller for ControllerService {
             if r.volume_capabilities.is_empty() {
                 return Err(ControllerError::missing("volume_capabilities"));
             }
-            let wanted = caps::capabilities(&r.volume_capabilities)?;
             let rec = match StaticId::parse(&r.volume_id) {
                 Ok(sid) => {
                     let agent = self.directory.shared().ok_or_else(|| ControllerError::not_found("no shared pools here"))?;
@@ -1030,15 +1074,28 @@ impl Controller for ControllerService {
                     Some(rec)
                 }
             };
+            let unconfirmed = |message: String| ValidateVolumeCapabilitiesResponse {
+                confirmed: None,
+                message,
+            };
+            // A capability cellar cannot parse (a filesystem or mount option it does not offer, an
+            // access mode of a later spec) is one it does not support: not confirmed, not an error.
+            let wanted = match caps::capabilities(&r.volume_capabilities) {
+                Ok(w) => w,
+                Err(e) => return Ok(unconfirmed(format!("volume {}: {e}", r.volume_id))),
+            };
             let refused = wanted.iter().find(|c| !serves(rec.as_ref(), c));
             if let Some(c) = refused {
-                return Ok(ValidateVolumeCapabilitiesResponse {
-                    confirmed: None,
-                    message: format!(
-                        "volume {} cannot serve {:?} with access {:?} (local pools serve one node, image volumes one node at a time, static volumes Filesystem only)",
-                        r.volume_id, c.mode, c.access
-                    ),
-                });
+                return Ok(unconfirmed(format!(
+                    "volume {} cannot serve {:?} with access {:?}{} (local pools serve one node, image volumes one node at a time and hold one filesystem, static volumes Filesystem only)",
+                    r.volume_id,
+                    c.mode,
+                    c.access,
+                    if c.fs_type.is_empty() { String::new() } else { format!(" and filesystem {}", c.fs_type) },
+                )));
+            }
+            if let Some(why) = rec.as_ref().and_then(|rec| other_parameters(rec, &r.parameters, &r.volume_context)) {
+                return Ok(unconfirmed(why));
             }
             Ok(ValidateVolumeCapabilitiesResponse {
                 confirmed: Some(validate_volume_capabilities_response::Confirmed {

@@ -36,6 +36,11 @@ pub struct VolumeParams {
     pub all: BTreeMap<String, String>,
 }
 
+/// A key the sidecars add to the parameters (kept, not interpreted).
+pub fn is_sidecar_key(k: &str) -> bool {
+    k.starts_with(SIDECAR_PREFIX)
+}
+
 pub fn volume_params(p: &HashMap<String, String>) -> Result<VolumeParams, ControllerError> {
     let mut out = VolumeParams {
         all: p.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
