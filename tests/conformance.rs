@@ -528,6 +528,59 @@ async fn validate_confirms_only_what_the_volume_was_made_with() {
     assert_eq!(confirmed.volume_context, v.volume_context);
 }
 
+/// ControllerExpandVolume and NodeExpandVolume with a capability the volume cannot serve: the
+/// spec's "Exceeds capabilities", INVALID_ARGUMENT for both; nothing grows.
+#[tokio::test]
+async fn expand_with_a_capability_the_volume_cannot_serve_is_invalid_argument() {
+    let mut d = Driver::start().await;
+    let v = d.create("pvc-expcap").await;
+    let (staging, target) = d.mount_rw(&v.volume_id, "expcap").await;
+    for cap in [block_cap(Mode::SingleNodeWriter), mount_cap(Mode::MultiNodeMultiWriter)] {
+        let r = d.ctl.controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 128 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        });
+        assert_eq!(code(r.await), Code::InvalidArgument, "{cap:?}");
+        let r = d.node.node_expand_volume(NodeExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            volume_path: target.display().to_string(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 64 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        });
+        assert_eq!(code(r.await), Code::InvalidArgument, "{cap:?}");
+    }
+    let got = d
+        .ctl
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: v.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.volume.unwrap().capacity_bytes, 64 * MIB, "nothing grew");
+    // Its own capability: grown.
+    let r = d.ctl.controller_expand_volume(ControllerExpandVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: 128 * MIB,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(rwo()),
+        ..Default::default()
+    });
+    assert_eq!(r.await.unwrap().into_inner().capacity_bytes, 128 * MIB);
+    d.unmount_all(&v.volume_id, &staging, &target).await;
+}
+
 // ---------------------------------------------------------------- ListVolumes / GetVolume / Capacity
 
 #[tokio::test]

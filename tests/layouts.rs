@@ -508,6 +508,67 @@ async fn image_ext4_volume_stops_writes_at_capacity_and_grows() {
     assert!(!data.exists());
 }
 
+/// An image volume holds one filesystem: ValidateVolumeCapabilities does not confirm another, and
+/// ControllerExpandVolume with a capability naming another is INVALID_ARGUMENT ("Exceeds
+/// capabilities"); its own, or none named, is served.
+#[tokio::test]
+async fn image_volume_is_not_confirmed_or_grown_as_another_filesystem() {
+    let fs = TestFs::new("xfs", 512);
+    let (mut d, _c) = driver(&[("img", &fs.path("pool"), "image", IMAGE_EXT4)]).await;
+    let v = d
+        .ctl
+        .create_volume(req("pvc-ifs", 64 * MIB, "img"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let as_fs = |fs_type: &str| {
+        let mut c = rwo();
+        if let Some(volume_capability::AccessType::Mount(m)) = c.access_type.as_mut() {
+            m.fs_type = fs_type.into();
+        }
+        c
+    };
+    for (fs_type, confirmed) in [("xfs", false), ("ext4", true), ("", true)] {
+        let r = d
+            .ctl
+            .validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
+                volume_id: v.volume_id.clone(),
+                volume_capabilities: vec![as_fs(fs_type)],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.confirmed.is_some(), confirmed, "{fs_type}: {r:?}");
+    }
+    let grow = |fs_type: &str, bytes: i64| ControllerExpandVolumeRequest {
+        volume_id: v.volume_id.clone(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(as_fs(fs_type)),
+        ..Default::default()
+    };
+    let err = d.ctl.controller_expand_volume(grow("xfs", 96 * MIB)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(
+        std::fs::metadata(fs.path("pool/volumes/pvc-ifs")).unwrap().len(),
+        64 << 20,
+        "not grown"
+    );
+    let r = d
+        .ctl
+        .controller_expand_volume(grow("ext4", 96 * MIB))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.capacity_bytes, 96 * MIB);
+    d.delete(&v.volume_id).await.unwrap();
+}
+
 #[tokio::test]
 async fn image_xfs_volume_grows_online() {
     let fs = TestFs::new("xfs", 2048);

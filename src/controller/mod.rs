@@ -1394,7 +1394,34 @@ impl Controller for ControllerService {
                 ));
             }
             let range = request::capacity(Some(range))?;
+            let wanted = r.volume_capability.as_ref().map(caps::capability).transpose()?;
             let (id, agent) = self.volume_owner(&r.volume_id)?;
+            if let Some(c) = &wanted {
+                // The spec's "Exceeds capabilities": a capability the volume cannot serve is
+                // INVALID_ARGUMENT, and nothing grows.
+                let Some((rec, _)) = agent.volume(id.clone()).await? else {
+                    return Err(ControllerError::not_found(format!("volume {} not found", r.volume_id)));
+                };
+                if !serves(Some(&rec), c) {
+                    return Err(ControllerError::invalid(format!(
+                        "volume {} is a {:?} volume{} and cannot serve the capability {:?} with access {:?}{}",
+                        r.volume_id,
+                        rec.mode,
+                        if rec.fs_type.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" of {}", rec.fs_type)
+                        },
+                        c.mode,
+                        c.access,
+                        if c.fs_type.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" and filesystem {}", c.fs_type)
+                        },
+                    )));
+                }
+            }
             let grown = agent.expand_volume(id, range).await;
             self.changed();
             let (rec, node_step) = grown?;

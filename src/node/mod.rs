@@ -1557,7 +1557,13 @@ impl NodeService {
             return Err(NodeError::missing("volume_path"));
         }
         let path = plain_path("volume_path", &r.volume_path)?;
+        let wanted = r.volume_capability.as_ref().map(caps::capability).transpose()?;
         let (rec, data) = self.volume(&r.volume_id)?;
+        if let Some(c) = &wanted {
+            // The spec's "Exceeds capabilities" of NodeExpandVolume is INVALID_ARGUMENT (at stage
+            // and publish it is FAILED_PRECONDITION).
+            Self::check_mode(&rec, c).map_err(|e| NodeError::invalid(e.to_string()))?;
+        }
         self.require_ours(&r.volume_id, &path)?;
         if self.files.entry(&path)? == Entry::Missing {
             return Err(NodeError::NotFound(format!(
