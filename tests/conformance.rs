@@ -535,49 +535,34 @@ async fn expand_with_a_capability_the_volume_cannot_serve_is_invalid_argument() 
     let mut d = Driver::start().await;
     let v = d.create("pvc-expcap").await;
     let (staging, target) = d.mount_rw(&v.volume_id, "expcap").await;
-    for cap in [block_cap(Mode::SingleNodeWriter), mount_cap(Mode::MultiNodeMultiWriter)] {
-        let r = d.ctl.controller_expand_volume(ControllerExpandVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 128 * MIB,
-                limit_bytes: 0,
-            }),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        });
-        assert_eq!(code(r.await), Code::InvalidArgument, "{cap:?}");
-        let r = d.node.node_expand_volume(NodeExpandVolumeRequest {
-            volume_id: v.volume_id.clone(),
-            volume_path: target.display().to_string(),
-            capacity_range: Some(CapacityRange {
-                required_bytes: 64 * MIB,
-                limit_bytes: 0,
-            }),
-            volume_capability: Some(cap.clone()),
-            ..Default::default()
-        });
-        assert_eq!(code(r.await), Code::InvalidArgument, "{cap:?}");
-    }
-    let got = d
-        .ctl
-        .controller_get_volume(ControllerGetVolumeRequest {
-            volume_id: v.volume_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(got.volume.unwrap().capacity_bytes, 64 * MIB, "nothing grew");
-    // Its own capability: grown.
-    let r = d.ctl.controller_expand_volume(ControllerExpandVolumeRequest {
+    let grow = |cap: &VolumeCapability| ControllerExpandVolumeRequest {
         volume_id: v.volume_id.clone(),
         capacity_range: Some(CapacityRange {
             required_bytes: 128 * MIB,
             limit_bytes: 0,
         }),
-        volume_capability: Some(rwo()),
+        volume_capability: Some(cap.clone()),
         ..Default::default()
+    };
+    for cap in [block_cap(Mode::SingleNodeWriter), mount_cap(Mode::MultiNodeMultiWriter)] {
+        let r = d.ctl.controller_expand_volume(grow(&cap));
+        assert_eq!(code(r.await), Code::InvalidArgument, "{cap:?}");
+        let r = d.node.node_expand_volume(NodeExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            volume_path: target.display().to_string(),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        });
+        assert_eq!(code(r.await), Code::InvalidArgument, "{cap:?}");
+    }
+    let got = d.ctl.controller_get_volume(ControllerGetVolumeRequest {
+        volume_id: v.volume_id.clone(),
     });
-    assert_eq!(r.await.unwrap().into_inner().capacity_bytes, 128 * MIB);
+    let got = got.await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(got.capacity_bytes, 64 * MIB, "nothing grew");
+    // Its own capability: grown.
+    let r = d.ctl.controller_expand_volume(grow(&rwo())).await;
+    assert_eq!(r.unwrap().into_inner().capacity_bytes, 128 * MIB);
     d.unmount_all(&v.volume_id, &staging, &target).await;
 }
 

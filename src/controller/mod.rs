@@ -205,6 +205,15 @@ fn csi_volume(r: &VolumeSummary, node: &NodeId) -> Volume {
     }
 }
 
+/// ` <lead> <fs>` for a message, or nothing when no filesystem is named.
+fn fs_named(lead: &str, fs: &str) -> String {
+    if fs.is_empty() {
+        String::new()
+    } else {
+        format!("{lead} {fs}")
+    }
+}
+
 /// The volume_context CreateVolume answers (and ValidateVolumeCapabilities compares).
 fn volume_context(pool: &str, layout: crate::storage::record::Layout) -> std::collections::HashMap<String, String> {
     [
@@ -1091,7 +1100,7 @@ impl Controller for ControllerService {
                     r.volume_id,
                     c.mode,
                     c.access,
-                    if c.fs_type.is_empty() { String::new() } else { format!(" and filesystem {}", c.fs_type) },
+                    fs_named(" and filesystem", &c.fs_type),
                 )));
             }
             if let Some(why) = rec.as_ref().and_then(|rec| other_parameters(rec, &r.parameters, &r.volume_context)) {
@@ -1407,18 +1416,10 @@ impl Controller for ControllerService {
                         "volume {} is a {:?} volume{} and cannot serve the capability {:?} with access {:?}{}",
                         r.volume_id,
                         rec.mode,
-                        if rec.fs_type.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" of {}", rec.fs_type)
-                        },
+                        fs_named(" of", &rec.fs_type),
                         c.mode,
                         c.access,
-                        if c.fs_type.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" and filesystem {}", c.fs_type)
-                        },
+                        fs_named(" and filesystem", &c.fs_type),
                     )));
                 }
             }
