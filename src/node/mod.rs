@@ -1605,10 +1605,21 @@ impl NodeService {
                 })
             }
             Err(e) if fs == FsType::Ext4 => {
-                // The response carries the size the filesystem really has now; it grows offline
-                // at the next stage (the record still says it is smaller than its capacity).
+                // It grows offline at the next stage (the record still says it is smaller than
+                // its capacity). A read-write stage answers the spec's "Volume in use":
+                // FAILED_PRECONDITION, so kubelet does not mark the resize done while the
+                // filesystem is its old size, and tries again (after a restage it has nothing left
+                // to grow: OK). A read-only stage grows nothing anyway: the size it has now.
                 let now = statfs::usage(&path)?.total_bytes;
                 tracing::warn!(volume = r.volume_id, error = %e, size = now, "ext4 cannot grow online here; it will grow at the next stage");
+                if m.staged.as_ref().is_some_and(|s| !s.read_only) {
+                    return Err(NodeError::NotReady(format!(
+                        "volume {}'s ext4 filesystem cannot grow while it is mounted on this node \
+                         ({e}); it has {now} bytes and grows to {} at its next stage: restart the \
+                         pods that use it",
+                        r.volume_id, rec.capacity_bytes
+                    )));
+                }
                 Ok(NodeExpandVolumeResponse {
                     capacity_bytes: now as i64,
                 })

@@ -929,6 +929,25 @@ fn expand_grows_a_staged_images_filesystem_through_its_device() {
     n.unstage(&id, &staging).expect("unstage");
 }
 
+/// An ext4 filesystem the kernel will not grow while mounted (resize2fs: "Permission denied to
+/// resize filesystem") has not grown: NodeExpandVolume is FAILED_PRECONDITION (the spec's "Volume
+/// in use"), not OK with a smaller size, which kubelet would take as the resize done. Once it can
+/// grow (here: the next call), it is OK with the capacity.
+#[test]
+fn an_ext4_image_that_cannot_grow_online_is_failed_precondition() {
+    let n = Node::new();
+    let id = n.image("pvc-grow-later");
+    let staging = n.path("stage");
+    n.stage(&id, &staging).expect("stage");
+    n.devices.fail_next("grow-online", libc::EPERM);
+    let err = n.expand(&id, &staging).expect_err("not grown");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("next stage"), "{err}");
+    let grown = n.expand(&id, &staging).expect("grown");
+    assert_eq!(grown.capacity_bytes, 32 << 20);
+    n.unstage(&id, &staging).expect("unstage");
+}
+
 #[test]
 fn an_unstage_under_a_live_publish_is_refused_for_every_layout() {
     let n = Node::new();
