@@ -739,6 +739,14 @@ async fn get_capacity_reports_pool_free_space_and_zero_elsewhere() {
         .unwrap()
         .into_inner();
     assert_eq!(rwx.available_capacity, 0, "no local pool serves RWX");
+    // The default pool is a dir pool: it makes no Block volume, so it has no room for one.
+    let block = d.ctl.get_capacity(GetCapacityRequest {
+        volume_capabilities: vec![block_cap(Mode::SingleNodeWriter)],
+        ..Default::default()
+    });
+    let block = block.await.unwrap().into_inner();
+    assert_eq!(block.available_capacity, 0, "a dir pool serves no Block volume");
+    assert_eq!(block.maximum_volume_size, Some(0));
     let bad = d.ctl.get_capacity(GetCapacityRequest {
         parameters: [("pool".to_string(), "nope".to_string())].into(),
         ..Default::default()

@@ -573,6 +573,13 @@ async fn image_volume_is_not_confirmed_or_grown_as_another_filesystem() {
         .unwrap()
         .into_inner();
     assert_eq!(r.capacity_bytes, 96 * MIB);
+    // An image pool has room for Block volumes (a dir pool has none: tests/conformance.rs).
+    let cap = d.ctl.get_capacity(GetCapacityRequest {
+        volume_capabilities: vec![block_cap(Mode::SingleNodeWriter)],
+        parameters: [("pool".to_string(), "img".to_string())].into(),
+        ..Default::default()
+    });
+    assert!(cap.await.unwrap().into_inner().available_capacity > 0);
     d.delete(&v.volume_id).await.unwrap();
 }
 

@@ -1153,6 +1153,8 @@ impl Controller for ControllerService {
                 .map(caps::capability)
                 .collect::<Result<Vec<_>, _>>()?;
             let multi_node = wanted.iter().any(|c| !c.access.served_by_local_pool());
+            // A Block capability counts only the layouts that make raw devices (image).
+            let block = wanted.iter().any(|c| c.mode == crate::storage::record::VolumeMode::Block);
             let mut total: u64 = 0;
             let mut largest: u64 = 0;
             let asked = r.accessible_topology.as_ref().and_then(request::topology_node);
@@ -1203,9 +1205,11 @@ impl Controller for ControllerService {
                         None => p.is_default,
                     };
                     let layout = params.layout.unwrap_or(p.default_layout);
-                    let layout_ok =
-                        p.layouts.contains(&layout) && !(multi_node && crate::storage::layout::of(layout).single_node());
-                    let room = if crate::storage::layout::of(layout).reserves_capacity() {
+                    let kind = crate::storage::layout::of(layout);
+                    let layout_ok = p.layouts.contains(&layout)
+                        && !(multi_node && kind.single_node())
+                        && (!block || kind.serves_block());
+                    let room = if kind.reserves_capacity() {
                         p.image_allocatable_bytes
                     } else {
                         p.available_bytes
