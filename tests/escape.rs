@@ -948,3 +948,88 @@ async fn node_unpublish_after_a_reboot_with_kubelets_directory_moved_behind_a_sy
         .expect("NodeUnstageVolume after the reboot");
     assert!(mounts_under(d.dir.path()).is_empty(), "nothing left mounted");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Content a workload owns: flags that make the kernel refuse root
+
+/// `chattr <flags> <path>`: what a workload with CAP_LINUX_IMMUTABLE does to its own files.
+fn chattr(flags: &str, path: &Path) {
+    let out = std::process::Command::new("chattr")
+        .arg(flags)
+        .arg(path)
+        .output()
+        .expect("run chattr");
+    assert!(
+        out.status.success(),
+        "chattr {flags} {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Clears the immutable and append-only flags below a test's directory when the test ends, so that
+/// a failed test still leaves nothing behind that no `rm` could remove.
+struct ClearFlagsOnDrop(PathBuf);
+
+impl Drop for ClearFlagsOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .args(["-R", "-f", "-i", "-a"])
+            .arg(&self.0)
+            .output();
+    }
+}
+
+/// A volume whose workload made a file immutable, a directory append-only and another immutable;
+/// with `root`, the volume's own directory immutable too (the mount's root is the workload's).
+async fn protected_volume(d: &mut Driver, root: bool) -> String {
+    let v = d.create("protected").await;
+    let (staging, target) = d.mount_rw(&v.volume_id, "protected").await;
+    fs::create_dir_all(target.join("logs/sealed")).expect("mkdir");
+    fs::write(target.join("logs/sealed/kept"), b"never to change\n").expect("write");
+    fs::write(target.join("logs/journal"), b"only to grow\n").expect("write");
+    chattr("+i", &target.join("logs/sealed/kept"));
+    chattr("+i", &target.join("logs/sealed"));
+    chattr("+a", &target.join("logs/journal"));
+    chattr("+a", &target.join("logs"));
+    if root {
+        chattr("+i", &target);
+    }
+    d.unmount_all(&v.volume_id, &staging, &target).await;
+    v.volume_id
+}
+
+fn assert_deleted_whole(d: &Driver) {
+    assert_eq!(
+        entries(&d.pool_dir().join("volumes")),
+        Vec::<String>::new(),
+        "volume data left"
+    );
+    assert_eq!(
+        entries(&d.pool_dir().join(".trash")),
+        Vec::<String>::new(),
+        "data left in the trash"
+    );
+}
+
+/// The kernel refuses even root to unlink an immutable file or an append-only directory's
+/// entries: the purge failed on every retry and the data stayed in the trash for good.
+#[tokio::test]
+async fn delete_volume_removes_files_its_workload_made_immutable_or_append_only() {
+    let mut d = Driver::start().await;
+    let _clear = ClearFlagsOnDrop(d.dir.path().to_path_buf());
+    let id = protected_volume(&mut d, false).await;
+    assert_eq!(code_of(d.delete(&id).await), Code::Ok);
+    assert_deleted_whole(&d);
+    assert_eq!(code_of(d.delete(&id).await), Code::Ok, "a retry is still fine");
+}
+
+/// An immutable volume directory cannot be renamed: its move into the trash failed every delete.
+#[tokio::test]
+async fn delete_volume_removes_a_volume_whose_root_its_workload_made_immutable() {
+    let mut d = Driver::start().await;
+    let _clear = ClearFlagsOnDrop(d.dir.path().to_path_buf());
+    let id = protected_volume(&mut d, true).await;
+    assert_eq!(code_of(d.delete(&id).await), Code::Ok);
+    assert_deleted_whole(&d);
+}

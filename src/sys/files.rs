@@ -623,6 +623,22 @@ fn remove_tree(path: &Path) -> Result<(), SysError> {
         Entry::Dir => match fs::remove_dir_all(path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            // A workload may make its files immutable or append-only (`chattr +i`, `+a`), which
+            // even root cannot unlink: the purge failed on every retry and the data stayed in the
+            // trash for good. The flags go (the data is being deleted), then the rest.
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) && super::tree::clear_protection(path)? > 0 => {
+                fs::remove_dir_all(path).or_else(|e| {
+                    if e.kind() == ErrorKind::NotFound {
+                        Ok(())
+                    } else {
+                        Err(SysError::io(
+                            "remove tree (after clearing its immutable flags)",
+                            path,
+                            e,
+                        ))
+                    }
+                })
+            }
             // On btrfs a tenant may make subvolumes inside a `dir` volume, read-only snapshots
             // among them, whose files no unlink removes (EROFS): the delete failed on every retry
             // and the data stayed in the trash for good. They go as subvolumes, then the rest.
@@ -711,9 +727,22 @@ fn unshared_bytes(path: &Path) -> u64 {
 }
 
 /// Renames `from` to `to` (atomically, on one filesystem).
+/// A directory or file its workload made immutable or append-only (`chattr +i`, `+a`) cannot be
+/// renamed, even by root: its flags are cleared and the rename tried once more, so that a volume
+/// can always be moved out of its place (into the trash, or kept) by the driver that owns it.
 fn rename(from: &Path, to: &Path) -> Result<(), SysError> {
     fault("file:rename", to)?;
-    fs::rename(from, to).map_err(|e| SysError::io("rename", to, e))
+    match fs::rename(from, to) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) && unprotect_one(from) => fs::rename(from, to),
+        other => other,
+    }
+    .map_err(|e| SysError::io("rename", to, e))
+}
+
+/// Clears the immutable and append-only flags of `path` alone; whether it had any.
+fn unprotect_one(path: &Path) -> bool {
+    super::tree::cstr(path.as_os_str())
+        .is_ok_and(|c| super::tree::unprotect_at(nix::fcntl::AT_FDCWD, &c).unwrap_or(false))
 }
 
 /// Makes a directory and its missing parents.

@@ -158,6 +158,52 @@ pub fn allocated_bytes(path: &Path, stop: u64, lenient: bool) -> Result<u64, Sys
     Ok(total)
 }
 
+/// The inode flags a workload may set on its own files and directories (`chattr +i`, `+a`, given
+/// CAP_LINUX_IMMUTABLE) that make the kernel refuse even root to unlink or rename them, or to
+/// remove a directory's entries: FS_IMMUTABLE_FL and FS_APPEND_FL of `linux/fs.h`.
+const PROTECTION_FLAGS: libc::c_int = 0x10 | 0x20;
+
+/// Clears the immutable and append-only flags of `path` (a directory or a regular file) and, when
+/// it is a directory, of every directory and regular file below it, so that the tree can be
+/// removed or moved; answers how many entries had them. Walked by descriptors without following a
+/// symlink; symlinks and special files are never opened (their flags cannot be set through an
+/// open descriptor anyway). Best effort: an entry whose flags cannot be read or cleared is left
+/// as it is, and the removal that follows tells why it fails.
+pub fn clear_protection(path: &Path) -> Result<u64, SysError> {
+    let c = cstr(path.as_os_str()).map_err(|e| SysError::io("name", path, e))?;
+    let mut cleared = u64::from(unprotect_at(AT_FDCWD, &c).unwrap_or(false));
+    let Ok(root) = SourceTree::open(path) else {
+        return Ok(cleared); // a regular file, or gone
+    };
+    visit_entries(root, true, |_, dir, name, _| {
+        cleared += u64::from(unprotect_at(dir, name).unwrap_or(false));
+        std::ops::ControlFlow::Continue(())
+    })?;
+    Ok(cleared)
+}
+
+/// Clears the protection flags of the directory or regular file `name` in `dir`; whether it had any.
+pub(super) fn unprotect_at(dir: impl AsFd, name: &CStr) -> io::Result<bool> {
+    // O_PATH opens nothing behind the name (no device's driver, no wait for a FIFO's writer).
+    let pinned = openat(dir, name, OFlag::O_PATH | OFlag::O_NOFOLLOW, Mode::empty())?;
+    let kind = nix::sys::stat::fstat(&pinned)?.st_mode & libc::S_IFMT;
+    if kind != libc::S_IFREG && kind != libc::S_IFDIR {
+        return Ok(false);
+    }
+    // Non-blocking: a file under a lease is left as it is rather than waited for.
+    let f = reopen(&pinned, OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY)?;
+    let mut flags: libc::c_int = 0;
+    // SAFETY: FS_IOC_GETFLAGS writes one int through the pointer, which points at one.
+    super::cvt(unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) })?;
+    if flags & PROTECTION_FLAGS == 0 {
+        return Ok(false);
+    }
+    flags &= !PROTECTION_FLAGS;
+    // SAFETY: FS_IOC_SETFLAGS reads one int through the pointer, which points at one.
+    super::cvt(unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_SETFLAGS, &flags) })?;
+    Ok(true)
+}
+
 /// Calls `each` with the status of every entry below the opened directory `root` (not the root
 /// itself), its directory, its name and the length of its path below the root, in no particular
 /// order, until it breaks. Directories are opened by descriptor from their
