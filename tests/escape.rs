@@ -1033,3 +1033,44 @@ async fn delete_volume_removes_a_volume_whose_root_its_workload_made_immutable()
     assert_eq!(code_of(d.delete(&id).await), Code::Ok);
     assert_deleted_whole(&d);
 }
+
+/// `depth` nested directories `d` below `dir`, made through descriptors (no path could name the
+/// deepest), the deepest holding a file.
+fn deep_tree(dir: &Path, depth: usize) {
+    use nix::fcntl::{openat, OFlag, AT_FDCWD};
+    use nix::sys::stat::{mkdirat, Mode};
+    let flags = OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+    let mut fd = openat(AT_FDCWD, dir, flags, Mode::empty()).expect("open");
+    for _ in 0..depth {
+        mkdirat(&fd, "d", Mode::from_bits_truncate(0o755)).expect("mkdir");
+        fd = openat(&fd, "d", flags, Mode::empty()).expect("open");
+    }
+    let f = openat(
+        &fd,
+        "bottom",
+        OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )
+    .expect("create");
+    nix::unistd::write(&f, b"at the bottom\n").expect("write");
+}
+
+/// A workload's tree 100,000 levels deep: the removal recursed once per level on a thread with a
+/// small stack and held a descriptor per level, so a delete overflowed the stack (the whole driver
+/// died) or ran out of descriptors, and failed on every retry.
+#[tokio::test]
+async fn delete_volume_removes_a_tree_100000_levels_deep_and_the_driver_lives() {
+    let mut d = Driver::start().await;
+    let v = d.create("deep").await;
+    let (staging, target) = d.mount_rw(&v.volume_id, "deep").await;
+    deep_tree(&target, 100_000);
+    d.unmount_all(&v.volume_id, &staging, &target).await;
+    let r = d.delete(&v.volume_id).await;
+    if r.is_err() {
+        // rm walks iteratively: the test's directory goes whatever the driver did.
+        let _ = std::process::Command::new("rm").arg("-rf").arg(d.pool_dir()).output();
+    }
+    assert_eq!(code_of(r), Code::Ok, "{}", tail(&d.log(), 5));
+    assert_deleted_whole(&d);
+    d.create("after").await;
+}

@@ -614,41 +614,25 @@ fn entry(path: &Path) -> Result<Entry, SysError> {
     }
 }
 
-/// Removes a whole tree without following symlinks (std's remove_dir_all never follows them).
-/// A tree that is already gone is fine.
+/// Removes a whole tree without following symlinks, at any depth, clearing the immutable and
+/// append-only flags its workload may have set (`tree::remove_tree`). A tree that is already gone
+/// is fine.
 fn remove_tree(path: &Path) -> Result<(), SysError> {
     fault("file:remove", path)?;
+    let remove = |path: &Path| match super::tree::remove_tree(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        other => other,
+    };
     match entry(path)? {
         Entry::Missing => Ok(()),
-        Entry::Dir => match fs::remove_dir_all(path) {
+        Entry::Dir => match remove(path) {
             Ok(()) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            // A workload may make its files immutable or append-only (`chattr +i`, `+a`), which
-            // even root cannot unlink: the purge failed on every retry and the data stayed in the
-            // trash for good. The flags go (the data is being deleted), then the rest.
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) && super::tree::clear_protection(path)? > 0 => {
-                fs::remove_dir_all(path).or_else(|e| {
-                    if e.kind() == ErrorKind::NotFound {
-                        Ok(())
-                    } else {
-                        Err(SysError::io(
-                            "remove tree (after clearing its immutable flags)",
-                            path,
-                            e,
-                        ))
-                    }
-                })
-            }
             // On btrfs a tenant may make subvolumes inside a `dir` volume, read-only snapshots
             // among them, whose files no unlink removes (EROFS): the delete failed on every retry
             // and the data stayed in the trash for good. They go as subvolumes, then the rest.
-            Err(_) if remove_nested_subvolumes(path)? => fs::remove_dir_all(path).or_else(|e| {
-                if e.kind() == ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(SysError::io("remove tree (after its nested subvolumes)", path, e))
-                }
-            }),
+            Err(_) if remove_nested_subvolumes(path)? => {
+                remove(path).map_err(|e| SysError::io("remove tree (after its nested subvolumes)", path, e))
+            }
             Err(e) => Err(SysError::io("remove tree", path, e)),
         },
         _ => remove_file_if_exists(path),

@@ -163,23 +163,116 @@ pub fn allocated_bytes(path: &Path, stop: u64, lenient: bool) -> Result<u64, Sys
 /// remove a directory's entries: FS_IMMUTABLE_FL and FS_APPEND_FL of `linux/fs.h`.
 const PROTECTION_FLAGS: libc::c_int = 0x10 | 0x20;
 
-/// Clears the immutable and append-only flags of `path` (a directory or a regular file) and, when
-/// it is a directory, of every directory and regular file below it, so that the tree can be
-/// removed or moved; answers how many entries had them. Walked by descriptors without following a
-/// symlink; symlinks and special files are never opened (their flags cannot be set through an
-/// open descriptor anyway). Best effort: an entry whose flags cannot be read or cleared is left
-/// as it is, and the removal that follows tells why it fails.
-pub fn clear_protection(path: &Path) -> Result<u64, SysError> {
-    let c = cstr(path.as_os_str()).map_err(|e| SysError::io("name", path, e))?;
-    let mut cleared = u64::from(unprotect_at(AT_FDCWD, &c).unwrap_or(false));
-    let Ok(root) = SourceTree::open(path) else {
-        return Ok(cleared); // a regular file, or gone
+/// Removes the directory `path` and everything below it, at any depth, never following a symlink.
+/// The tree is a workload's: std's `remove_dir_all` recursed once per level, holding a descriptor
+/// per level, so a tree 100,000 levels deep overflowed the stack of the thread removing it (the
+/// whole driver died) or ran out of descriptors. Here the tree is flattened instead: each
+/// directory directly below the root is emptied of its files and its subdirectories are moved up
+/// into the root (under new names), then it is removed; the root is listed again until no
+/// directory is left. Two directories are open at a time, nothing is remembered per level, and
+/// every directory is listed once. An entry its workload made immutable or append-only (`chattr
+/// +i`, `+a`), or whose directory it made so, which even root cannot unlink or move, has those
+/// flags cleared and is tried once more.
+pub fn remove_tree(path: &Path) -> io::Result<()> {
+    let root = open_dir_at(AT_FDCWD, path)?;
+    // The root takes every directory moved up: it must accept new entries.
+    let _ = unprotect(&root);
+    let mut moved = 0u64;
+    loop {
+        let mut dirs = false;
+        for entry in std::fs::read_dir(format!("/proc/self/fd/{}", root.as_raw_fd()))? {
+            let name = cstr(&entry?.file_name())?;
+            if !is_dir_at(&root, &name)? {
+                unlink_unprotected(&root, &name, nix::unistd::UnlinkatFlags::NoRemoveDir)?;
+                continue;
+            }
+            dirs = true;
+            move_up_and_empty(&root, &name, &mut moved)?;
+            unlink_unprotected(&root, &name, nix::unistd::UnlinkatFlags::RemoveDir)?;
+        }
+        if !dirs {
+            break;
+        }
+    }
+    drop(root);
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = cstr(path.file_name().unwrap_or_default())?;
+    let parent = open_dir_at(AT_FDCWD, parent)?;
+    unlink_unprotected(&parent, &name, nix::unistd::UnlinkatFlags::RemoveDir)
+}
+
+/// Whether `name` in `dir` is a directory (not following a symlink); an entry gone is not.
+fn is_dir_at(dir: &OwnedFd, name: &CStr) -> io::Result<bool> {
+    match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(st.st_mode & libc::S_IFMT == libc::S_IFDIR),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Unlinks the files of the directory `name` in `root` and moves its subdirectories into `root`,
+/// as `.cellar-removing-<n>`, numbered from `moved` on, never replacing an entry.
+fn move_up_and_empty(root: &OwnedFd, name: &CStr, moved: &mut u64) -> io::Result<()> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW;
+    let dir = match openat(root, name, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        Err(e) => return Err(e),
     };
-    visit_entries(root, true, |_, dir, name, _| {
-        cleared += u64::from(unprotect_at(dir, name).unwrap_or(false));
-        std::ops::ControlFlow::Continue(())
-    })?;
-    Ok(cleared)
+    for entry in std::fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))? {
+        let child = cstr(&entry?.file_name())?;
+        if !is_dir_at(&dir, &child)? {
+            unlink_unprotected(&dir, &child, nix::unistd::UnlinkatFlags::NoRemoveDir)?;
+            continue;
+        }
+        loop {
+            let to = CString::new(format!(".cellar-removing-{moved}")).map_err(io::Error::other)?;
+            *moved += 1;
+            let rename = || {
+                nix::fcntl::renameat2(
+                    &dir,
+                    child.as_c_str(),
+                    root,
+                    to.as_c_str(),
+                    nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+                )
+            };
+            let done = match rename() {
+                // Moving a directory out of an append-only one, or an immutable one at all.
+                Err(nix::errno::Errno::EPERM)
+                    if unprotect(&dir).unwrap_or(false) | unprotect_at(&dir, &child).unwrap_or(false) =>
+                {
+                    rename()
+                }
+                other => other,
+            };
+            match done {
+                Ok(()) | Err(nix::errno::Errno::ENOENT) => break,
+                Err(nix::errno::Errno::EEXIST) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `unlinkat(2)`; after EPERM, the immutable and append-only flags of `dir` and of the entry are
+/// cleared and it is tried once more. An entry already gone is fine.
+fn unlink_unprotected(dir: &OwnedFd, name: &CStr, flags: nix::unistd::UnlinkatFlags) -> io::Result<()> {
+    let unlink = || match nix::unistd::unlinkat(dir, name, flags) {
+        Err(nix::errno::Errno::ENOENT) => Ok(()),
+        other => other,
+    };
+    match unlink() {
+        // Both, whichever holds the flag: `|` does not stop at the first.
+        Err(nix::errno::Errno::EPERM) if unprotect(dir).unwrap_or(false) | unprotect_at(dir, name).unwrap_or(false) => {
+            Ok(unlink()?)
+        }
+        other => Ok(other?),
+    }
 }
 
 /// Clears the protection flags of the directory or regular file `name` in `dir`; whether it had any.
@@ -191,7 +284,11 @@ pub(super) fn unprotect_at(dir: impl AsFd, name: &CStr) -> io::Result<bool> {
         return Ok(false);
     }
     // Non-blocking: a file under a lease is left as it is rather than waited for.
-    let f = reopen(&pinned, OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY)?;
+    unprotect(&reopen(&pinned, OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY)?)
+}
+
+/// Clears the protection flags of an open directory or regular file; whether it had any.
+fn unprotect(f: &OwnedFd) -> io::Result<bool> {
     let mut flags: libc::c_int = 0;
     // SAFETY: FS_IOC_GETFLAGS writes one int through the pointer, which points at one.
     super::cvt(unsafe { libc::ioctl(f.as_raw_fd(), libc::FS_IOC_GETFLAGS, &mut flags) })?;
@@ -862,6 +959,36 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     use super::*;
+
+    /// A removal takes a tree of any depth and width on a small stack, with few descriptors, and
+    /// never anything a symlink in it names.
+    #[test]
+    fn remove_tree_takes_deep_and_wide_trees_and_never_follows_a_symlink() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (root, outside) = (dir.path().join("root"), dir.path().join("outside"));
+        std::fs::create_dir_all(root.join("wide")).expect("mkdir");
+        std::fs::create_dir(&outside).expect("mkdir");
+        std::fs::write(outside.join("keep"), b"keep").expect("write");
+        std::os::unix::fs::symlink(&outside, root.join("wide/link")).expect("symlink");
+        std::os::unix::fs::symlink("../../outside", root.join("relative")).expect("symlink");
+        nix::unistd::mkfifo(&root.join("fifo"), Mode::from_bits_truncate(0o600)).expect("fifo");
+        for i in 0..1000 {
+            std::fs::create_dir(root.join(format!("wide/{i}"))).expect("mkdir");
+            std::fs::write(root.join(format!("wide/{i}/f")), b"f").expect("write");
+        }
+        let bottom = testing::deep_dirs(&root, 5000);
+        testing::file_at(&bottom, "bottom", b"bottom");
+        drop(bottom);
+        let remover = std::thread::Builder::new().stack_size(64 << 10);
+        let r = remover
+            .spawn(move || remove_tree(&root))
+            .expect("spawn")
+            .join()
+            .expect("no overflow");
+        r.expect("removed");
+        assert!(!dir.path().join("root").exists());
+        assert_eq!(std::fs::read(outside.join("keep")).expect("kept"), b"keep");
+    }
 
     /// The holes of a tree's files are counted by their data ranges: a 1 GiB file with one
     /// written block holds 1 GiB less that block of holes, a dense file none, and a FIFO or a
