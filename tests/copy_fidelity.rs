@@ -261,3 +261,19 @@ async fn xattrs_of_symlinks_fifos_and_device_nodes_survive_a_snapshot() {
     unmount_and_delete(&mut d, src).await;
     assert!(lost.is_empty(), "trusted.cellar lost on {lost:?}");
 }
+
+/// A tree as deep as a copy takes (1,000 levels) is snapshotted whole: the copy recursed once per
+/// level on a thread with a 2 MiB stack, overflowed it and aborted the whole driver.
+#[tokio::test]
+async fn a_snapshot_of_a_tree_1000_levels_deep_is_whole_and_the_driver_lives() {
+    let mut d = Driver::start().await;
+    let src = create_mounted(&mut d, "src").await;
+    let deep: PathBuf = std::iter::repeat_n("d", 1000).collect();
+    fs::create_dir_all(src.target.join(&deep)).expect("mkdir");
+    fs::write(src.target.join(&deep).join("bottom"), b"at the bottom\n").expect("write");
+    let snap = d.snapshot("snap", &src.id).await.expect("CreateSnapshot");
+    let copied = d.pool_dir().join("snapshots/snap").join(&deep).join("bottom");
+    assert_eq!(fs::read(&copied).expect("the bottom was copied"), b"at the bottom\n");
+    delete_snapshot(&mut d, &snap.snapshot_id).await;
+    unmount_and_delete(&mut d, src).await;
+}

@@ -299,6 +299,26 @@ mod tests {
         assert_eq!(a.st_size, 19);
     }
 
+    /// A tree as deep as a copy takes ([`tree::MAX_DEPTH`]) copies on a thread with the stack a
+    /// Tokio thread has (2 MiB): the walk recurses once per level; one level deeper is refused.
+    #[test]
+    fn the_deepest_tree_a_copy_takes_copies_on_a_tokio_threads_stack_and_deeper_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for (depth, copies) in [(tree::MAX_DEPTH, true), (tree::MAX_DEPTH + 1, false)] {
+            let src = dir.path().join(format!("src-{depth}"));
+            std::fs::create_dir(&src).unwrap();
+            drop(crate::sys::tree::testing::deep_dirs(&src, depth));
+            let dst = dir.path().join(format!("dst-{depth}"));
+            let copier = std::thread::Builder::new().stack_size(2 << 20);
+            let r = copier
+                .spawn(move || copy_tree(&src, &dst))
+                .unwrap()
+                .join()
+                .expect("no overflow");
+            assert_eq!(r.is_ok(), copies, "{depth} levels: {r:?}");
+        }
+    }
+
     /// Copies a tree of one file, `data`, that `swap` replaces once the copy has seen a regular file
     /// there and before it opens it. `None`: no answer within a minute (`unstick` then lets the
     /// copy end, so that the test does too).

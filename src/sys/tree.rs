@@ -407,7 +407,7 @@ impl SourceTree {
             links: HashMap::new(),
             lease_waited: Duration::ZERO,
         };
-        w.dir(&fd, Path::new(""), 0, v)?;
+        w.dir(&fd, v)?;
         let meta = w.meta_of(&st, Xattrs::Fd(fd.as_fd()), Path::new(""))?;
         v.leave(meta)
     }
@@ -446,77 +446,121 @@ impl Walker {
         SysError::io(step, self.root.join(rel), e)
     }
 
-    fn dir(&mut self, fd: &OwnedFd, rel: &Path, depth: usize, v: &mut impl TreeVisitor) -> Result<(), SysError> {
-        if depth > MAX_DEPTH {
-            return Err(self.err(
-                "copy (tree deeper than 1000 levels)",
-                rel,
-                io::Error::from_raw_os_error(libc::ELOOP),
-            ));
+    /// Reports every entry below the directory `root` to `v`, depth first, and each directory's
+    /// `leave` once its entries are done (not the root's). Without recursion: one frame per level
+    /// of a workload's tree as deep as [`MAX_DEPTH`] overflowed the 2 MiB stack of a Tokio thread,
+    /// which aborts the whole driver. Each level entered keeps its listing, its descriptor, its
+    /// path and its status until it is left.
+    fn dir(&mut self, root: &OwnedFd, v: &mut impl TreeVisitor) -> Result<(), SysError> {
+        struct Level {
+            list: std::fs::ReadDir,
+            /// None for the root, which the caller holds.
+            dir: Option<(OwnedFd, FileStat)>,
+            rel: PathBuf,
         }
         // The fd pins the directory; /proc/self/fd names that very directory, not a path to re-resolve.
-        let list = std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-            .map_err(|e| self.err("read directory", rel, e))?;
-        for entry in list {
-            let entry = entry.map_err(|e| self.err("read directory", rel, e))?;
-            let name = entry.file_name();
-            let child = rel.join(&name);
-            let cname = cstr(&name).map_err(|e| self.err("name", &child, e))?;
-            let st = fstatat(fd, &cname, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| self.err("stat", &child, e))?;
-            match st.st_mode & libc::S_IFMT {
-                libc::S_IFDIR => {
-                    let d = open_dir_at(fd, Path::new(&name)).map_err(|e| self.err("open", &child, e))?;
-                    v.dir(&cname)?;
-                    self.dir(&d, &child, depth + 1, v)?;
-                    let meta = self.meta_of(&st, Xattrs::Fd(d.as_fd()), &child)?;
+        let list = |fd: &OwnedFd, rel: &Path, w: &Walker| {
+            std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|e| w.err("read directory", rel, e))
+        };
+        let mut levels = vec![Level {
+            list: list(root, Path::new(""), self)?,
+            dir: None,
+            rel: PathBuf::new(),
+        }];
+        while let Some(top) = levels.last_mut() {
+            let Some(entry) = top.list.next() else {
+                let Some(Level { dir, rel, .. }) = levels.pop() else {
+                    break;
+                };
+                if let Some((fd, st)) = dir {
+                    let meta = self.meta_of(&st, Xattrs::Fd(fd.as_fd()), &rel)?;
                     v.leave(meta)?;
                 }
-                libc::S_IFREG => {
-                    // The workload may put a FIFO or a device in the file's place between the stat
-                    // and the open. O_PATH opens nothing behind the name (no device's driver, no
-                    // wait for a FIFO's writer); only a regular file is then opened for reading,
-                    // waiting for a lease held on it to break within the walk's budget.
-                    crate::crash::point("tree:before-open");
-                    let pinned = openat(fd, &cname, OFlag::O_PATH | OFlag::O_NOFOLLOW, Mode::empty())
-                        .map_err(|e| self.err("open", &child, e))?;
-                    let st = nix::sys::stat::fstat(&pinned).map_err(|e| self.err("stat", &child, e.into()))?;
-                    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
-                        return Err(self.err(
-                            "read",
-                            &child,
-                            io::Error::other("it stopped being a regular file while the tree was read; try again"),
-                        ));
-                    }
-                    let f = self.open_leased(&pinned, &child)?;
-                    let key = (st.st_dev, st.st_ino);
-                    if st.st_nlink > 1 {
-                        if let Some(&n) = self.links.get(&key) {
-                            v.hard_link(&cname, n)?;
-                            continue;
-                        }
-                    }
-                    let link = (st.st_nlink > 1).then(|| {
-                        let n = self.links.len() as u64;
-                        self.links.insert(key, n);
-                        n
-                    });
-                    let meta = self.meta_of(&st, Xattrs::Fd(f.as_fd()), &child)?;
-                    v.file(&cname, meta, &f, st.st_size as u64, link)?;
+                continue;
+            };
+            let entry = entry.map_err(|e| self.err("read directory", &top.rel, e))?;
+            let fd = top.dir.as_ref().map_or(root, |(fd, _)| fd);
+            if let Some((d, st, child)) = self.entry(fd, &top.rel, &entry.file_name(), v)? {
+                if levels.len() > MAX_DEPTH {
+                    return Err(self.err(
+                        "copy (tree deeper than 1000 levels)",
+                        &child,
+                        io::Error::from_raw_os_error(libc::ELOOP),
+                    ));
                 }
-                libc::S_IFLNK => {
-                    let target = readlinkat(fd, &cname).map_err(|e| self.err("readlink", &child, e))?;
-                    let path = entry_path(fd, &cname).map_err(|e| self.err("name", &child, e))?;
-                    let meta = self.meta_of(&st, Xattrs::Path(&path), &child)?;
-                    v.symlink(&cname, &target, meta)?;
-                }
-                _ => {
-                    let path = entry_path(fd, &cname).map_err(|e| self.err("name", &child, e))?;
-                    let meta = self.meta_of(&st, Xattrs::Path(&path), &child)?;
-                    v.special(&cname, st.st_mode, st.st_rdev, meta)?;
-                }
+                levels.push(Level {
+                    list: list(&d, &child, self)?,
+                    dir: Some((d, st)),
+                    rel: child,
+                });
             }
         }
         Ok(())
+    }
+
+    /// Reports the entry `name` of the directory `fd` (at `rel`) to `v`. A directory is opened and
+    /// entered (`v.dir`) and answered, with its status and path, for the caller to read.
+    fn entry(
+        &mut self,
+        fd: &OwnedFd,
+        rel: &Path,
+        name: &OsStr,
+        v: &mut impl TreeVisitor,
+    ) -> Result<Option<(OwnedFd, FileStat, PathBuf)>, SysError> {
+        let child = rel.join(name);
+        let cname = cstr(name).map_err(|e| self.err("name", &child, e))?;
+        let st = fstatat(fd, &cname, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| self.err("stat", &child, e))?;
+        match st.st_mode & libc::S_IFMT {
+            libc::S_IFDIR => {
+                let d = open_dir_at(fd, Path::new(name)).map_err(|e| self.err("open", &child, e))?;
+                v.dir(&cname)?;
+                return Ok(Some((d, st, child)));
+            }
+            libc::S_IFREG => {
+                // The workload may put a FIFO or a device in the file's place between the stat
+                // and the open. O_PATH opens nothing behind the name (no device's driver, no
+                // wait for a FIFO's writer); only a regular file is then opened for reading,
+                // waiting for a lease held on it to break within the walk's budget.
+                crate::crash::point("tree:before-open");
+                let pinned = openat(fd, &cname, OFlag::O_PATH | OFlag::O_NOFOLLOW, Mode::empty())
+                    .map_err(|e| self.err("open", &child, e))?;
+                let st = nix::sys::stat::fstat(&pinned).map_err(|e| self.err("stat", &child, e.into()))?;
+                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                    return Err(self.err(
+                        "read",
+                        &child,
+                        io::Error::other("it stopped being a regular file while the tree was read; try again"),
+                    ));
+                }
+                let f = self.open_leased(&pinned, &child)?;
+                let key = (st.st_dev, st.st_ino);
+                if st.st_nlink > 1 {
+                    if let Some(&n) = self.links.get(&key) {
+                        v.hard_link(&cname, n)?;
+                        return Ok(None);
+                    }
+                }
+                let link = (st.st_nlink > 1).then(|| {
+                    let n = self.links.len() as u64;
+                    self.links.insert(key, n);
+                    n
+                });
+                let meta = self.meta_of(&st, Xattrs::Fd(f.as_fd()), &child)?;
+                v.file(&cname, meta, &f, st.st_size as u64, link)?;
+            }
+            libc::S_IFLNK => {
+                let target = readlinkat(fd, &cname).map_err(|e| self.err("readlink", &child, e))?;
+                let path = entry_path(fd, &cname).map_err(|e| self.err("name", &child, e))?;
+                let meta = self.meta_of(&st, Xattrs::Path(&path), &child)?;
+                v.symlink(&cname, &target, meta)?;
+            }
+            _ => {
+                let path = entry_path(fd, &cname).map_err(|e| self.err("name", &child, e))?;
+                let meta = self.meta_of(&st, Xattrs::Path(&path), &child)?;
+                v.special(&cname, st.st_mode, st.st_rdev, meta)?;
+            }
+        }
+        Ok(None)
     }
 
     /// Opens the regular file `pinned` (an O_PATH descriptor) for reading. A lease another holds
