@@ -136,7 +136,7 @@ fn hole_bytes(dir: BorrowedFd<'_>, name: &CStr, size: u64) -> io::Result<u64> {
 }
 
 /// Bytes the tree at `path` occupies (allocated blocks, so holes do not count: the root's and
-/// every entry's below it), counted until they reach `stop`. Read by descriptors without following
+/// every entry's below it, a file with several names once), counted until they reach `stop`. Read by descriptors without following
 /// a symlink, so a workload swapping a directory for a symlink mid-walk cannot make it count
 /// another tree, and data deeper than PATH_MAX counts too. `lenient`: a directory that cannot be
 /// read counts nothing, instead of failing the count.
@@ -148,7 +148,16 @@ pub fn allocated_bytes(path: &Path, stop: u64, lenient: bool) -> Result<u64, Sys
         return Ok(total);
     }
     visit_entries(root, lenient, |st, _, _, _| {
-        total = total.saturating_add((st.st_blocks as u64).saturating_mul(512));
+        let blocks = (st.st_blocks as u64).saturating_mul(512);
+        // A file with several names counts its share at each: once in all when every name is in
+        // the tree (a workload's names all are), as a copy makes it once. Counted whole at each
+        // name, a 1 GiB file with 1,000 names made its volume hold "1 TiB": reported over its
+        // capacity, and every snapshot refused for want of room.
+        let share = match st.st_nlink {
+            n if n > 1 && st.st_mode & libc::S_IFMT != libc::S_IFDIR => blocks / n,
+            _ => blocks,
+        };
+        total = total.saturating_add(share);
         if total >= stop {
             std::ops::ControlFlow::Break(())
         } else {
@@ -1003,6 +1012,19 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     use super::*;
+
+    /// A file with many names occupies its blocks once: counted at every name, a workload's hard
+    /// links made its volume look a hundred times fuller than it is.
+    #[test]
+    fn allocated_bytes_count_a_file_with_many_names_once() {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::write(root.path().join("data"), vec![1u8; 1 << 20]).expect("write");
+        for i in 0..99 {
+            std::fs::hard_link(root.path().join("data"), root.path().join(format!("name-{i}"))).expect("link");
+        }
+        let bytes = allocated_bytes(root.path(), u64::MAX, false).expect("count");
+        assert!((1 << 20..2 << 20).contains(&bytes), "{bytes} bytes for one 1 MiB file");
+    }
 
     /// A removal takes a tree of any depth and width on a small stack, with few descriptors, and
     /// never anything a symlink in it names.
