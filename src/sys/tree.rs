@@ -829,6 +829,11 @@ fn mode_bits(mode: u32) -> Mode {
     Mode::from_bits_truncate(mode & 0o7777)
 }
 
+/// The most xattr bytes (names and values) a copy reads for one entry. The kernel allows 64 KiB of
+/// names with up to 64 KiB per value: a workload's file on xfs could make a copy hold hundreds of
+/// MiB at once; real labels, ACLs and capabilities take a few KiB.
+pub const MAX_XATTR_BYTES: usize = 16 << 20;
+
 /// Where xattrs are read or written: an open file, or (for entries that cannot be opened) a path
 /// that is never followed if it is a symlink.
 #[derive(Clone, Copy)]
@@ -874,7 +879,8 @@ impl Xattrs<'_> {
         }
     }
 
-    /// Every xattr; none where the filesystem has no xattrs.
+    /// Every xattr; none where the filesystem has no xattrs. At most [`MAX_XATTR_BYTES`] of
+    /// names and values: an entry holding more is refused before its values are read.
     fn read(self) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let size = self.list(&mut []);
         if size < 0 {
@@ -890,11 +896,19 @@ impl Xattrs<'_> {
         }
         names.truncate(size as usize);
         let mut out = Vec::new();
+        let mut total = 0usize;
         for name in names.split(|b| *b == 0).filter(|n| !n.is_empty()) {
             let cname = CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             let len = self.get(&cname, &mut []);
             if len < 0 {
                 return Err(io::Error::last_os_error());
+            }
+            total += name.len() + len as usize;
+            if total > MAX_XATTR_BYTES {
+                return Err(io::Error::other(format!(
+                    "it holds more than {} MiB of extended attributes, more than a copy carries for one entry",
+                    MAX_XATTR_BYTES >> 20
+                )));
             }
             let mut value = vec![0u8; len as usize];
             let len = self.get(&cname, &mut value);
@@ -1024,6 +1038,39 @@ mod tests {
         }
         let bytes = allocated_bytes(root.path(), u64::MAX, false).expect("count");
         assert!((1 << 20..2 << 20).contains(&bytes), "{bytes} bytes for one 1 MiB file");
+    }
+
+    /// A file whose xattrs pass [`MAX_XATTR_BYTES`] is refused before their values are read (on
+    /// xfs, which holds values of 64 KiB): a copy held them all in memory at once.
+    #[test]
+    fn a_copy_refuses_an_entry_with_more_xattrs_than_it_carries() {
+        crate::sys::loopdev::fixture::require_root();
+        let mut img = crate::sys::loopdev::fixture::Image::new(512 << 20);
+        img.attach();
+        crate::sys::fstools::mkfs(
+            crate::sys::fstools::FsType::Xfs,
+            &img.dev_path(),
+            crate::sys::fstools::Reach::OneNode,
+        )
+        .expect("mkfs");
+        img.mount("xfs");
+        let src = img.mnt.join("src");
+        std::fs::create_dir(&src).expect("mkdir");
+        std::fs::write(src.join("f"), b"f").expect("write");
+        let path = cstr(src.join("f").as_os_str()).expect("path");
+        let value = vec![7u8; 65536];
+        for i in 0..(MAX_XATTR_BYTES / value.len() + 1) {
+            let name = CString::new(format!("user.x{i}")).expect("name");
+            assert_eq!(
+                Xattrs::Path(&path).set(&name, &value),
+                0,
+                "{}",
+                io::Error::last_os_error()
+            );
+        }
+        let e = crate::sys::copy::copy_tree(&src, &img.mnt.join("dst")).expect_err("refused");
+        assert!(e.to_string().contains("extended attributes"), "{e}");
+        img.finish();
     }
 
     /// A removal takes a tree of any depth and width on a small stack, with few descriptors, and
