@@ -369,15 +369,15 @@ impl Run {
 
     /// Whether `s` is how a call that needs the nodes `blocked` (not serving) is refused: UNAVAILABLE
     /// naming one, or, for a create, RESOURCE_EXHAUSTED naming one (the registry does not offer
-    /// it); FAILED_PRECONDITION for one that is up with its pool shut, naming the node or saying
-    /// the pool is not open. Never OK, never NOT_FOUND.
+    /// it); FAILED_PRECONDITION for one that is up with its pool shut, saying the pool is not
+    /// open. Never OK, never NOT_FOUND.
     fn refusal_of(&self, s: &tonic::Status, blocked: &[usize], create: bool) -> bool {
         blocked.iter().any(|&i| {
             let named = s.message().contains(self.names[i].as_str());
             match s.code() {
                 Code::Unavailable => named,
                 Code::ResourceExhausted => create && named,
-                Code::FailedPrecondition => self.up[i] && (named || s.message().contains("not open")),
+                Code::FailedPrecondition => self.up[i] && self.shut[i] && s.message().contains("not open"),
                 _ => false,
             }
         })

@@ -1472,6 +1472,17 @@ impl NodeService {
                 crate::csi::status::bounded(&r.volume_path)
             )));
         }
+        // Where this node does not know where the volume is (its state file is unreadable), the
+        // path may well be its: abnormal with why, never NOT_FOUND, and no figures.
+        if let Some(why) = self.state.unreadable(&r.volume_id) {
+            return Ok(NodeGetVolumeStatsResponse {
+                usage: vec![],
+                volume_condition: Some(VolumeCondition {
+                    abnormal: true,
+                    message: why,
+                }),
+            });
+        }
         // A path this node never staged or published the volume at: the spec's "volume does not
         // exist on the specified volume_path", NOT_FOUND (and no figures of whatever filesystem is
         // there). A path of its own whose mount is gone is measured below: abnormal, no figures.
@@ -1604,12 +1615,14 @@ impl NodeService {
                     capacity_bytes: rec.capacity_bytes as i64,
                 })
             }
-            Err(e) if fs == FsType::Ext4 => {
+            Err(e) if fs == FsType::Ext4 && cannot_grow_online(&e) => {
                 // It grows offline at the next stage (the record still says it is smaller than
                 // its capacity). A read-write stage answers the spec's "Volume in use":
                 // FAILED_PRECONDITION, so kubelet does not mark the resize done while the
-                // filesystem is its old size, and tries again (after a restage it has nothing left
-                // to grow: OK). A read-only stage grows nothing anyway: the size it has now.
+                // filesystem is its old size; it asks again once the volume is mounted anew (after
+                // a restage it has nothing left to grow: OK). A read-only stage grows nothing
+                // anyway: the size it has now. Any other failure is the error itself, which kubelet
+                // retries.
                 let now = statfs::usage(&path)?.total_bytes;
                 tracing::warn!(volume = r.volume_id, error = %e, size = now, "ext4 cannot grow online here; it will grow at the next stage");
                 if m.staged.as_ref().is_some_and(|s| !s.read_only) {
@@ -1627,6 +1640,20 @@ impl NodeService {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// Whether an online grow failed because this kernel or process may not grow a mounted filesystem
+/// (no CAP_SYS_RESOURCE, no online resize support), not because of a passing fault.
+fn cannot_grow_online(e: &crate::sys::SysError) -> bool {
+    let said = e.to_string();
+    [
+        "Permission denied",
+        "Operation not permitted",
+        "not supported",
+        "does not support",
+    ]
+    .iter()
+    .any(|s| said.contains(s))
 }
 
 /// The loop devices attached to a volume's image, told apart by what the node recorded and by the

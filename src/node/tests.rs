@@ -943,6 +943,10 @@ fn an_ext4_image_that_cannot_grow_online_is_failed_precondition() {
     let err = n.expand(&id, &staging).expect_err("not grown");
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
     assert!(err.message().contains("next stage"), "{err}");
+    // A passing fault of the grow is not "in use": its own error, which kubelet retries.
+    n.devices.fail_next("grow-online", libc::EIO);
+    let err = n.expand(&id, &staging).expect_err("not grown");
+    assert_ne!(err.code(), Code::FailedPrecondition, "{err}");
     let grown = n.expand(&id, &staging).expect("grown");
     assert_eq!(grown.capacity_bytes, 32 << 20);
     n.unstage(&id, &staging).expect("unstage");
@@ -2218,4 +2222,32 @@ fn a_publish_binds_only_from_the_stage_it_names_and_only_in_the_volumes_own_mode
     assert!(n.svc.state.get(&block).published.is_empty());
     n.publish(&id, &staging, &target, Mode::SingleNodeWriter, false)
         .expect("the right publish still works");
+}
+
+/// A volume whose state file cannot be read (kept, and its volume refused node calls with
+/// FAILED_PRECONDITION) is staged and published for all the node knows: NodeGetVolumeStats of its
+/// publish path must not answer NOT_FOUND ("not staged or published at ... on this node").
+#[test]
+fn stats_of_a_volume_whose_state_is_unreadable_are_abnormal_never_not_found() {
+    let mut n = Node::new();
+    let id = n.volume("pvc-stats-unreadable");
+    let (staging, target) = (n.path("stage"), n.path("pod/mount"));
+    n.stage(&id, &staging).expect("stage");
+    n.publish(&id, &staging, &target, Mode::SingleNodeWriter, false)
+        .expect("publish");
+    let (file, good) = the_state_file(&n);
+    std::fs::write(&file, &good[..good.len() / 2]).expect("spoil the state");
+    n = n.restart();
+    let r = n
+        .svc
+        .stats(NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: target.display().to_string(),
+            ..Default::default()
+        })
+        .map_err(tonic::Status::from);
+    match r {
+        Err(e) => assert_ne!(e.code(), Code::NotFound, "{e:?}"),
+        Ok(s) => assert!(s.volume_condition.as_ref().is_some_and(|c| c.abnormal), "{s:?}"),
+    }
 }

@@ -85,21 +85,23 @@ const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
 /// for its data ranges instead (SEEK_DATA/SEEK_HOLE), reported with [`FLAG_UNKNOWN`] placement;
 /// one that cannot tell holes either gives one unknown extent over the whole window.
 pub fn extents_in(f: &OwnedFd, start: u64, end: u64) -> io::Result<Vec<Extent>> {
-    extents_flagged(f, start, end, FIEMAP_FLAG_SYNC)
+    extents_flagged(f, start, end, FIEMAP_FLAG_SYNC, true)
 }
 
 /// Bytes of `f`'s first `len` that share their blocks with another file (a reflink or snapshot),
-/// as the filesystem reports them now (not synced: data not yet written back is not shared).
+/// as the filesystem reports them now (not synced: data not yet written back is not shared). A
+/// filesystem without FIEMAP cannot say (an NFS share that clones): an error, not "none".
 pub fn shared_bytes(f: &OwnedFd, len: u64) -> io::Result<u64> {
-    Ok(extents_flagged(f, 0, len, 0)?
+    Ok(extents_flagged(f, 0, len, 0, false)?
         .iter()
         .filter(|e| e.flags & FLAG_SHARED != 0)
         .map(|e| e.end().min(len).saturating_sub(e.logical))
         .sum())
 }
 
-/// [`extents_in`] with FIEMAP's `fm_flags`.
-fn extents_flagged(f: &OwnedFd, start: u64, end: u64, fm_flags: u32) -> io::Result<Vec<Extent>> {
+/// [`extents_in`] with FIEMAP's `fm_flags`; `fallback`: a filesystem without FIEMAP is asked for
+/// its data ranges instead (else it is an error).
+fn extents_flagged(f: &OwnedFd, start: u64, end: u64, fm_flags: u32, fallback: bool) -> io::Result<Vec<Extent>> {
     let mut out = Vec::new();
     let mut at = start;
     while at < end {
@@ -119,7 +121,7 @@ fn extents_flagged(f: &OwnedFd, start: u64, end: u64, fm_flags: u32) -> io::Resu
         if rc < 0 {
             let e = io::Error::last_os_error();
             return match e.raw_os_error() {
-                Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL) if out.is_empty() => {
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) | Some(libc::EINVAL) if out.is_empty() && fallback => {
                     data_ranges(f, start, end)
                 }
                 _ => Err(e),

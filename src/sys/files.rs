@@ -694,15 +694,19 @@ fn allocated_upto(path: &Path, stop: u64) -> u64 {
     }
 }
 
-/// Allocated bytes of the file at `path` (not followed if a symlink) less those its extents share
-/// with other files (FIEMAP's shared flag); nothing when it cannot be read.
+/// Allocated bytes of the regular file at `path` (not followed if a symlink, never waited on if a
+/// FIFO) less those its extents share with other files (FIEMAP's shared flag); nothing when it
+/// cannot be read or its filesystem cannot say which blocks are shared.
 fn unshared_bytes(path: &Path) -> u64 {
     let opened = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path);
     let Ok(file) = opened else { return 0 };
     let Ok(md) = file.metadata() else { return 0 };
+    if !md.is_file() {
+        return 0;
+    }
     let allocated = md.blocks() * 512;
     match super::extents::shared_bytes(&file.into(), md.len()) {
         Ok(shared) => allocated.saturating_sub(shared),
@@ -1024,5 +1028,31 @@ mod tests {
                 "{rel}: {err}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod fifo_tests {
+    use super::*;
+
+    /// A FIFO left where an image's data should be (a shared pool's files are written by others)
+    /// must not block the room count for good: `unshared_bytes` never waits on it.
+    #[test]
+    fn unshared_bytes_of_a_fifo_answers_without_waiting_on_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("image");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let at = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(LinuxFiles.unshared_bytes(&at));
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(3));
+        // Unblock the thread's open before failing.
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo);
+        assert!(got.is_ok(), "unshared_bytes blocked on a FIFO for 3 s");
     }
 }

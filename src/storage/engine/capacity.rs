@@ -54,17 +54,21 @@ impl LocalEngine {
 
     /// What existing volumes of a pool may still grow into, held back from new ones.
     pub(super) fn held_back(&self, pool: &Pool) -> u64 {
-        self.store.fold_prefix(&self.id_prefix(pool), 0u64, |sum, id, r| {
-            let ops = layout::of(r.layout);
-            let Some(key) = VolumeId::parse(id)
-                .ok()
-                .filter(|_| ops.reserves_capacity())
-                .map(|v| v.0.key)
-            else {
-                return sum;
-            };
-            sum + ops.holds_back(pool, r.capacity_bytes, &pool.data_path(Kind::Volume, &key))
-        })
+        // The volumes are gathered under the records' lock and measured after it (on a pool with
+        // reflinks each image's extents are read): no record look-up waits on the disk.
+        let reserving = self
+            .store
+            .fold_prefix(&self.id_prefix(pool), Vec::new(), |mut all, id, r| {
+                let ops = layout::of(r.layout);
+                if let Some(v) = VolumeId::parse(id).ok().filter(|_| ops.reserves_capacity()) {
+                    all.push((r.layout, r.capacity_bytes, v.0.key));
+                }
+                all
+            });
+        reserving
+            .into_iter()
+            .map(|(l, capacity, key)| layout::of(l).holds_back(pool, capacity, &pool.data_path(Kind::Volume, &key)))
+            .sum()
     }
 
     /// A volume of this node, locked for a change: its pool, the lock, and its record.

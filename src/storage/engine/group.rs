@@ -145,7 +145,7 @@ impl LocalEngine {
             .first()
             .ok_or_else(|| StorageError::Unsupported("a group snapshot needs at least one volume".into()))?;
         let pool = self
-            .locate(&home.0)
+            .locate_for_call(&home.0)?
             .ok_or_else(|| StorageError::VolumeNotFound(home.to_string()))?;
         let key = Key::from_name(&req.name);
         let id = self.group_id(pool, &key);

@@ -2317,3 +2317,28 @@ fn a_late_pool_does_not_take_over_a_name_made_while_it_was_shut() {
         made
     );
 }
+
+/// A group snapshot whose first (home) volume is in a pool that is not open is refused with the
+/// pool's reason, as every call on one object is (it answered NOT_FOUND).
+#[test]
+fn a_group_of_a_volume_in_a_pool_that_is_not_open_is_refused_never_not_found() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (config, late) = with_second_pool(dir.path(), "late", vec![Layout::Dir]);
+    let node = NodeId::parse("n1").expect("node");
+    let volume = {
+        let first = LocalEngine::open(node.clone(), &config).expect("engine");
+        first
+            .create_volume(NewVolume {
+                pool: Some(late.name.clone()),
+                ..NewVolume::plain("pvc-late-group", Some(Layout::Dir), MIB)
+            })
+            .expect("create")
+    };
+    std::fs::rename(&late.path, dir.path().join("late.away")).expect("move the pool away");
+    std::fs::write(&late.path, b"not a directory").expect("file");
+    let engine = LocalEngine::open(node, &config).expect("engine");
+    match engine.create_group(&per_volume_group("group-late", vec![volume.id.clone()])) {
+        Err(StorageError::PoolBroken { .. }) => {}
+        other => panic!("want the pool's refusal, got {other:?}"),
+    }
+}
