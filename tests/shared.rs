@@ -407,6 +407,37 @@ async fn a_static_volume_has_no_mutable_parameters_but_is_found() {
     assert!(share.path().join("datasets/x").is_dir(), "nothing changed");
 }
 
+/// ValidateVolumeCapabilities of a static volume confirms only what such a volume has: no
+/// parameters, and a context of the attributes a static PV may set. Any parameter or context was
+/// echoed back as validated (`pool=other` too).
+#[tokio::test]
+async fn validate_of_a_static_volume_confirms_only_its_attributes() {
+    let share = Share::new();
+    std::fs::create_dir_all(share.path().join("datasets/v")).unwrap();
+    let (mut d, _c) = driver(share.path(), "").await;
+    let validate = |params: &[(&str, &str)], context: &[(&str, &str)]| ValidateVolumeCapabilitiesRequest {
+        volume_id: "static:share:datasets/v".into(),
+        volume_capabilities: vec![rwo()],
+        parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        volume_context: context.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    };
+    for (params, context, confirmed) in [
+        (&[][..], &[("subdir", "train"), ("readOnly", "true")][..], true),
+        (&[("csi.storage.k8s.io/pvc/name", "p")][..], &[][..], true),
+        (&[("pool", "other")][..], &[][..], false),
+        (&[][..], &[("layout", "image")][..], false),
+    ] {
+        let r = d
+            .ctl
+            .validate_volume_capabilities(validate(params, context))
+            .await
+            .expect("validate answers")
+            .into_inner();
+        assert_eq!(r.confirmed.is_some(), confirmed, "{params:?} {context:?}: {r:?}");
+    }
+}
+
 /// Two PVs of one static handle naming other subdirs, with real bind mounts: kubelet gives them
 /// one staging path and stages the handle once, so the second PV's stage is ALREADY_EXISTS and
 /// its publish FAILED_PRECONDITION; its pod never sees the first team's files.

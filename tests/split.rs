@@ -2100,8 +2100,50 @@ async fn the_volumes_of_a_pool_that_is_not_open_stay_listed_and_keep_their_names
     let v = made(&mut ctl, req.clone()).await;
     assert_eq!(v.volume_id, "local:node-1:default:known", "node-1 has more room");
     wait_listed(&mut ctl, vec![(v.volume_id.clone(), false)]).await;
+    let snap = snapshot(&mut ctl, "known-snap", &v.volume_id).await;
 
     restart_node_1_with_its_pool_shut(&mut c, &p1, &away).await;
+    // A call on one of the pool's objects says the pool is not open, on which node: never
+    // NOT_FOUND (the object is out of reach, not gone).
+    let refused = |what: &str, e: tonic::Status| {
+        assert_eq!(e.code(), Code::FailedPrecondition, "{what}: {e}");
+        assert!(
+            e.message().contains("is not open") && e.message().contains("node-1"),
+            "{what}: {e}"
+        );
+    };
+    let get = ctl
+        .get_snapshot(GetSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await;
+    refused("GetSnapshot", get.expect_err("its pool is not open"));
+    let get = ctl
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: v.volume_id.clone(),
+        })
+        .await;
+    refused("ControllerGetVolume", get.expect_err("its pool is not open"));
+    let cut = ctl
+        .create_snapshot(CreateSnapshotRequest {
+            name: "known-snap-2".into(),
+            source_volume_id: v.volume_id.clone(),
+            ..Default::default()
+        })
+        .await;
+    refused("CreateSnapshot", cut.expect_err("its pool is not open"));
+    let grow = ctl
+        .controller_expand_volume(ControllerExpandVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: 32 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await;
+    refused("ControllerExpandVolume", grow.expect_err("its pool is not open"));
     // Every ListVolumes asks node-1 (it answers): its answer lacks the pool's volumes.
     for _ in 0..3 {
         let entries = ctl

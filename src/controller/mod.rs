@@ -263,7 +263,12 @@ fn other_parameters(
     given.sort();
     for (k, v) in given.into_iter().filter(|(k, _)| !request::is_sidecar_key(k)) {
         if own(k).as_ref() != Some(v) {
-            return Some(format!("volume {} was not made with parameter {k}={v}", rec.id));
+            return Some(format!(
+                "volume {} was not made with parameter {}={}",
+                rec.id,
+                crate::csi::status::bounded(k),
+                crate::csi::status::bounded(v)
+            ));
         }
     }
     let ctx = volume_context(rec.id.0.pool.as_str(), rec.layout);
@@ -271,10 +276,44 @@ fn other_parameters(
     given.sort();
     for (k, v) in given {
         if ctx.get(k) != Some(v) {
-            return Some(format!("volume {}'s context has no {k}={v}", rec.id));
+            return Some(format!(
+                "volume {}'s context has no {}={}",
+                rec.id,
+                crate::csi::status::bounded(k),
+                crate::csi::status::bounded(v)
+            ));
         }
     }
     None
+}
+
+/// [`other_parameters`] for a static volume (a PV naming a directory, made by no CreateVolume):
+/// it has no parameters, and its context holds only the attributes a static PV may set.
+fn static_other_parameters(
+    volume_id: &str,
+    parameters: &std::collections::HashMap<String, String>,
+    context: &std::collections::HashMap<String, String>,
+) -> Option<String> {
+    const ATTRIBUTES: [&str; 3] = ["subdir", "readOnly", "mountOptions"];
+    let mut given: Vec<&String> = parameters.keys().filter(|k| !request::is_sidecar_key(k)).collect();
+    given.sort();
+    if let Some(k) = given.first() {
+        return Some(format!(
+            "static volume {} has no parameters (not {})",
+            crate::csi::status::bounded(volume_id),
+            crate::csi::status::bounded(k)
+        ));
+    }
+    let mut given: Vec<&String> = context.keys().filter(|k| !ATTRIBUTES.contains(&k.as_str())).collect();
+    given.sort();
+    given.first().map(|k| {
+        format!(
+            "static volume {}'s context holds only {}, not {}",
+            crate::csi::status::bounded(volume_id),
+            ATTRIBUTES.join(", "),
+            crate::csi::status::bounded(k)
+        )
+    })
 }
 
 fn csi_snapshot(r: &SnapshotRecord) -> Snapshot {
@@ -1103,7 +1142,11 @@ impl Controller for ControllerService {
                     fs_named(" and filesystem", &c.fs_type),
                 )));
             }
-            if let Some(why) = rec.as_ref().and_then(|rec| other_parameters(rec, &r.parameters, &r.volume_context)) {
+            let other = match rec.as_ref() {
+                Some(rec) => other_parameters(rec, &r.parameters, &r.volume_context),
+                None => static_other_parameters(&r.volume_id, &r.parameters, &r.volume_context),
+            };
+            if let Some(why) = other {
                 return Ok(unconfirmed(why));
             }
             Ok(ValidateVolumeCapabilitiesResponse {
@@ -1375,12 +1418,20 @@ impl Controller for ControllerService {
             }
             let id = SnapshotId::parse(&r.snapshot_id).map_err(|_| not_found())?;
             let agent = self.owner_of(id.0.node()).ok_or_else(not_found)?;
-            let snap = agent
-                .snapshots()
-                .await?
-                .into_iter()
-                .find(|s| s.id == id)
-                .ok_or_else(not_found)?;
+            let Some(snap) = agent.snapshots().await?.into_iter().find(|s| s.id == id) else {
+                // A snapshot of a pool that is not open is out of reach, not gone.
+                // (A node's from its heartbeat; this process's own pools from the engine.)
+                let mut shut = self.directory.shut_pools(agent.node());
+                shut.extend(agent.shut_pools());
+                if let Some((_, why)) = shut.into_iter().find(|(p, _)| *p == id.0.pool) {
+                    return Err(StorageError::PoolBroken {
+                        pool: id.0.pool.as_str().to_string(),
+                        reason: format!("{why} (node {})", agent.node().as_str()),
+                    }
+                    .into());
+                }
+                return Err(not_found());
+            };
             Ok(GetSnapshotResponse {
                 snapshot: Some(csi_snapshot(&snap)),
             })
