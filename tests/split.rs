@@ -2119,12 +2119,19 @@ async fn the_volumes_of_a_pool_that_is_not_open_stay_listed_and_keep_their_names
         })
         .await;
     refused("GetSnapshot", get.expect_err("its pool is not open"));
-    let get = ctl
+    // ControllerGetVolume answers as last listed, abnormal, saying so (the health monitor's event).
+    let got = ctl
         .controller_get_volume(ControllerGetVolumeRequest {
             volume_id: v.volume_id.clone(),
         })
-        .await;
-    refused("ControllerGetVolume", get.expect_err("its pool is not open"));
+        .await
+        .expect("as last listed")
+        .into_inner();
+    let condition = got.status.and_then(|s| s.volume_condition).expect("condition");
+    assert!(
+        condition.abnormal && condition.message.contains("is not open") && condition.message.contains("node-1"),
+        "{condition:?}"
+    );
     let cut = ctl
         .create_snapshot(CreateSnapshotRequest {
             name: "known-snap-2".into(),

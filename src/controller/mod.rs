@@ -961,6 +961,15 @@ impl ControllerService {
         let (id, agent) = self.volume_owner(&r.volume_id)?;
         let answer = match agent.volume(id).await {
             Err(e) if e.is_unavailable() => Some(self.last_listed(&r.volume_id, &e.to_string()).ok_or(e)?),
+            // Its pool is not open: as last listed, abnormal, saying so (the health monitor shows
+            // it on the PV); refused when this controller never listed it.
+            Err(e @ StorageError::PoolBroken { .. }) => match self.listings.find(&r.volume_id) {
+                Some((v, _)) => Some(v.with_condition(Condition {
+                    abnormal: true,
+                    message: crate::csi::status::bounded(&e.to_string()).into_owned(),
+                })),
+                None => return Err(e.into()),
+            },
             other => other?.map(|(rec, cond)| VolumeSummary::new(&rec, &cond)),
         };
         let Some(v) = answer else {
