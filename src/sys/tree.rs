@@ -240,14 +240,27 @@ fn move_up_and_empty(root: &OwnedFd, name: &CStr, moved: &mut u64) -> io::Result
         loop {
             let to = CString::new(format!(".cellar-removing-{moved}")).map_err(io::Error::other)?;
             *moved += 1;
-            let rename = || {
-                nix::fcntl::renameat2(
-                    &dir,
-                    child.as_c_str(),
-                    root,
-                    to.as_c_str(),
-                    nix::fcntl::RenameFlags::RENAME_NOREPLACE,
-                )
+            let rename = || match nix::fcntl::renameat2(
+                &dir,
+                child.as_c_str(),
+                root,
+                to.as_c_str(),
+                nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+            ) {
+                // A filesystem without RENAME_NOREPLACE (NFS, most FUSE shares, gluster among
+                // them): the name is checked free first. Only a purge of this tree makes such
+                // names in it; two purges of it at once (two replicas) can at worst replace an
+                // empty directory of it, which goes anyway (a full one fails: the purge retries).
+                Err(nix::errno::Errno::EINVAL) => match fstatat(root, &to, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                    Ok(_) => Err(nix::errno::Errno::EEXIST),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        nix::fcntl::renameat(&dir, child.as_c_str(), root, to.as_c_str())
+                    }
+                    Err(e) => Err(e
+                        .raw_os_error()
+                        .map_or(nix::errno::Errno::EIO, nix::errno::Errno::from_raw)),
+                },
+                other => other,
             };
             let done = match rename() {
                 // Moving a directory out of an append-only one, or an immutable one at all.
