@@ -862,11 +862,7 @@ pub fn storage_error(node: &NodeId, f: v1::StorageFailure) -> Option<StorageErro
             owner: w.owner,
         },
         Kind::PoolUnusable(s) => StorageError::PoolUnusable(s),
-        // Named, as a failed syscall is: the operator reads it far from the node.
-        Kind::PoolBroken(p) => StorageError::PoolBroken {
-            pool: p.pool,
-            reason: format!("{} (node {})", p.reason, node.as_str()),
-        },
+        Kind::PoolBroken(p) => StorageError::pool_shut_on(p.pool, &p.reason, node),
         Kind::InUse(s) => StorageError::InUse(s),
         Kind::Unavailable(s) => StorageError::Unavailable(s),
         Kind::NotTogether(s) => StorageError::NotTogether(s),

@@ -259,32 +259,27 @@ fn other_parameters(
         request::PARAM_LAYOUT => Some(rec.layout.as_str().to_string()),
         k => rec.parameters.get(k).cloned(),
     };
-    let mut given: Vec<(&String, &String)> = parameters.iter().collect();
-    given.sort();
-    for (k, v) in given.into_iter().filter(|(k, _)| !request::is_sidecar_key(k)) {
-        if own(k).as_ref() != Some(v) {
-            return Some(format!(
-                "volume {} was not made with parameter {}={}",
-                rec.id,
-                crate::csi::status::bounded(k),
-                crate::csi::status::bounded(v)
-            ));
-        }
+    let shown = |k: &str, v: &str| format!("{}={}", crate::csi::status::bounded(k), crate::csi::status::bounded(v));
+    if let Some((k, v)) = first_where(parameters, |k, v| {
+        !request::is_sidecar_key(k) && own(k).as_deref() != Some(v)
+    }) {
+        return Some(format!("volume {} was not made with parameter {}", rec.id, shown(k, v)));
     }
     let ctx = volume_context(rec.id.0.pool.as_str(), rec.layout);
-    let mut given: Vec<(&String, &String)> = context.iter().collect();
-    given.sort();
-    for (k, v) in given {
-        if ctx.get(k) != Some(v) {
-            return Some(format!(
-                "volume {}'s context has no {}={}",
-                rec.id,
-                crate::csi::status::bounded(k),
-                crate::csi::status::bounded(v)
-            ));
-        }
-    }
-    None
+    first_where(context, |k, v| ctx.get(k).map(String::as_str) != Some(v))
+        .map(|(k, v)| format!("volume {}'s context has no {}", rec.id, shown(k, v)))
+}
+
+/// The first entry of `map` in key order for which `f` holds (so that a message names the same
+/// one every time).
+fn first_where(
+    map: &std::collections::HashMap<String, String>,
+    f: impl Fn(&str, &str) -> bool,
+) -> Option<(&str, &str)> {
+    map.iter()
+        .filter(|(k, v)| f(k, v))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .min()
 }
 
 /// [`other_parameters`] for a static volume (a PV naming a directory, made by no CreateVolume):
@@ -295,18 +290,14 @@ fn static_other_parameters(
     context: &std::collections::HashMap<String, String>,
 ) -> Option<String> {
     const ATTRIBUTES: [&str; 3] = ["subdir", "readOnly", "mountOptions"];
-    let mut given: Vec<&String> = parameters.keys().filter(|k| !request::is_sidecar_key(k)).collect();
-    given.sort();
-    if let Some(k) = given.first() {
+    if let Some((k, _)) = first_where(parameters, |k, _| !request::is_sidecar_key(k)) {
         return Some(format!(
             "static volume {} has no parameters (not {})",
             crate::csi::status::bounded(volume_id),
             crate::csi::status::bounded(k)
         ));
     }
-    let mut given: Vec<&String> = context.keys().filter(|k| !ATTRIBUTES.contains(&k.as_str())).collect();
-    given.sort();
-    given.first().map(|k| {
+    first_where(context, |k, _| !ATTRIBUTES.contains(&k)).map(|(k, _)| {
         format!(
             "static volume {}'s context holds only {}, not {}",
             crate::csi::status::bounded(volume_id),
@@ -1433,11 +1424,7 @@ impl Controller for ControllerService {
                 let mut shut = self.directory.shut_pools(agent.node());
                 shut.extend(agent.shut_pools());
                 if let Some((_, why)) = shut.into_iter().find(|(p, _)| *p == id.0.pool) {
-                    return Err(StorageError::PoolBroken {
-                        pool: id.0.pool.as_str().to_string(),
-                        reason: format!("{why} (node {})", agent.node().as_str()),
-                    }
-                    .into());
+                    return Err(StorageError::pool_shut_on(id.0.pool.as_str().to_string(), &why, agent.node()).into());
                 }
                 return Err(not_found());
             };

@@ -75,6 +75,15 @@ pub enum StorageError {
 }
 
 impl StorageError {
+    /// A pool of `node` that is not open, as the controller words it: the node named, since the
+    /// operator reads it far from the node.
+    pub fn pool_shut_on(pool: String, reason: &str, node: &id::NodeId) -> StorageError {
+        StorageError::PoolBroken {
+            pool,
+            reason: format!("{reason} (node {})", node.as_str()),
+        }
+    }
+
     /// A node or share that cannot be reached now, rather than an answer about the request.
     pub fn is_unavailable(&self) -> bool {
         match self {
