@@ -106,9 +106,18 @@ pub async fn all_in_one(o: AllInOne) -> Result<(), RoleError> {
 
     let engine = {
         let node = node.clone();
-        tokio::task::spawn_blocking(move || LocalEngine::open(node, &config))
-            .await
-            .map_err(|e| RoleError::Task(e.to_string()))??
+        let rosters = o.data_dir.join("rosters");
+        tokio::task::spawn_blocking(move || {
+            LocalEngine::open_keeping(
+                crate::sys::StorageSys::linux(),
+                node,
+                &config,
+                |_| Some(true),
+                Some(&rosters),
+            )
+        })
+        .await
+        .map_err(|e| RoleError::Task(e.to_string()))??
     };
     let engine = Arc::new(engine);
     engine.start_purger();
@@ -644,9 +653,13 @@ pub async fn node(o: NodeRole) -> Result<server::Stopped, RoleError> {
     let metrics = serve_metrics(o.metrics_listen, "node", readiness.clone(), node_metrics.clone()).await?;
     let engine = {
         let node = node.clone();
-        tokio::task::spawn_blocking(move || LocalEngine::open_pools(node, &config, |pc| Some(!pc.is_shared())))
-            .await
-            .map_err(|e| RoleError::Task(e.to_string()))??
+        let rosters = o.data_dir.join("rosters");
+        tokio::task::spawn_blocking(move || {
+            let pick = |pc: &crate::storage::config::PoolConfig| Some(!pc.is_shared());
+            LocalEngine::open_keeping(crate::sys::StorageSys::linux(), node, &config, pick, Some(&rosters))
+        })
+        .await
+        .map_err(|e| RoleError::Task(e.to_string()))??
     };
     let engine = Arc::new(engine);
     engine.backups().throttle().set_bytes_per_sec(o.backup_bandwidth);

@@ -278,8 +278,11 @@ struct Run {
     names: Vec<String>,
     up: Vec<bool>,
     /// Nodes whose pool does not open (its disk is not mounted: the pool's directory was moved
-    /// aside, a file left in its place), whether their agent runs or not.
+    /// aside, a file or an empty directory left in its place), whether their agent runs or not.
     shut: Vec<bool>,
+    /// What is in a shut pool's place: an empty directory (the mount point of a disk not mounted,
+    /// where the pool must not open: it lacks the pool's mark) or a file.
+    shut_as_dir: Vec<bool>,
     /// Whether the running controller has listed the node (ListVolumes while it answered): from
     /// then on its volumes stay listed while it is down.
     listed: Vec<bool>,
@@ -325,6 +328,7 @@ impl Run {
             api,
             up: vec![true; nodes],
             shut: vec![false; nodes],
+            shut_as_dir: vec![false; nodes],
             listed: vec![false; nodes],
             model: Model::default(),
             log: Vec::new(),
@@ -400,7 +404,11 @@ impl Run {
                 self.armed = None;
             }
         }
-        std::fs::remove_file(&pool).map_err(|e| format!("{}: {e}", pool.display()))?;
+        let cleared = match self.shut_as_dir[i] {
+            true => std::fs::remove_dir(&pool),
+            false => std::fs::remove_file(&pool),
+        };
+        cleared.map_err(|e| format!("{}: {e}", pool.display()))?;
         std::fs::rename(aside(&pool), &pool).map_err(|e| format!("move {} back: {e}", pool.display()))?;
         self.shut[i] = false;
         if !self.up[i] {
@@ -904,7 +912,14 @@ impl Run {
                 }
                 let pool = self.c.pool_dir(node);
                 std::fs::rename(&pool, aside(&pool)).map_err(|e| format!("move {} aside: {e}", pool.display()))?;
-                std::fs::write(&pool, NOT_MOUNTED).map_err(|e| format!("{}: {e}", pool.display()))?;
+                // Every other step an empty directory (no draw: the seeds' sequences stay), else a
+                // file.
+                self.shut_as_dir[node] = k % 2 == 0;
+                let placed = match self.shut_as_dir[node] {
+                    true => std::fs::create_dir(&pool),
+                    false => std::fs::write(&pool, NOT_MOUNTED),
+                };
+                placed.map_err(|e| format!("{}: {e}", pool.display()))?;
                 self.shut[node] = true;
                 if self.up[node] {
                     self.start(node).await;
@@ -1590,8 +1605,13 @@ impl Run {
         for i in 0..self.names.len() {
             if self.shut[i] {
                 let place = self.c.pool_dir(i);
-                match std::fs::read(&place) {
-                    Ok(b) if b == NOT_MOUNTED.as_bytes() => {}
+                // Nothing written there: the directory empty, the file as it was.
+                let untouched = match self.shut_as_dir[i] {
+                    true => std::fs::read_dir(&place).map(|d| d.count() == 0),
+                    false => std::fs::read(&place).map(|b| b == NOT_MOUNTED.as_bytes()),
+                };
+                match untouched {
+                    Ok(true) => {}
                     other => {
                         return Err(format!(
                             "{}'s pool is shut, but its place {} holds {other:?}",
@@ -1700,9 +1720,10 @@ impl Run {
     }
 
     /// ListVolumes reports no volume the model does not hold; every volume of a live node as it
-    /// is; every volume of a node that is down, abnormal naming it, once this controller has
-    /// listed that node (before, the node is left out: docs/split-mode.md). A live node's volume
-    /// left out or not as it is comes back as `Some`, to list again.
+    /// is; every volume of a node whose pool is shut, abnormal naming it (the agent lists it from
+    /// its roster); every volume of a node that is down, abnormal naming it, once this controller
+    /// has listed that node (before, the node is left out: docs/split-mode.md). A running node's
+    /// volume left out, or a live one not as it is, comes back as `Some`, to list again.
     async fn list_volumes_once(&mut self) -> Result<Option<String>, String> {
         let mut listed: BTreeMap<String, list_volumes_response::Entry> = BTreeMap::new();
         let mut token = String::new();
@@ -1732,8 +1753,10 @@ impl Run {
         for (name, v) in &self.model.vols {
             let node = &self.names[v.node];
             let Some(e) = listed.remove(&v.id) else {
-                if self.serves(v.node) {
-                    live.get_or_insert(format!("ListVolumes leaves out {name} of live {node}"));
+                // A running agent lists its shut pool's volumes itself, from its roster, whether
+                // this controller listed the node before or not.
+                if self.up[v.node] {
+                    live.get_or_insert(format!("ListVolumes leaves out {name} of {}", self.at(v.node)));
                 } else if self.listed[v.node] {
                     return Err(format!(
                         "ListVolumes leaves out {name} of {} (listed by this controller: {})",
@@ -1895,6 +1918,8 @@ impl Run {
             let pool = self.c.pool_dir(i);
             let mut left = Vec::new();
             walk(&pool, &mut left);
+            // The pool's mark of which pool it is stays (docs/pools.md).
+            left.retain(|p| *p != pool.join(".cellar-pool").display().to_string());
             if !left.is_empty() {
                 return Err(format!(
                     "{} keeps files after everything was deleted: {left:?}",

@@ -2024,6 +2024,26 @@ async fn restart_node_1_with_its_pool_shut(c: &mut Cluster, pool: &Path, away: &
     eventually("node-1 registers again", || registrations(c, 0) > before).await;
 }
 
+/// A retried create of a volume node-1 holds in its shut pool: refused, and not made on node-2
+/// (whose pool is `p2`).
+async fn create_refused_not_made_elsewhere(
+    c: &Cluster,
+    ctl: &mut ControllerClient<Channel>,
+    req: &CreateVolumeRequest,
+    p2: &Path,
+) {
+    let e = ctl
+        .create_volume(req.clone())
+        .await
+        .expect_err("node-1 holds the volume and its pool is not open");
+    assert!(
+        matches!(e.code(), Code::FailedPrecondition | Code::Unavailable),
+        "{e}\n{}",
+        c.logs()
+    );
+    assert!(nothing_of(p2, &req.name), "made again on node-2:\n{}", c.logs());
+}
+
 /// Turns a pool directory into a file, as a disk not mounted yet would leave it, or back.
 fn pool_unmountable(pool: &Path, away: &Path, unmountable: bool) {
     if unmountable {
@@ -2089,7 +2109,8 @@ async fn a_create_whose_answer_was_lost_is_not_made_again_elsewhere_while_its_po
 /// A node restarted with a pool that cannot be opened (its disk not mounted yet): the volumes the
 /// pool holds stay listed, abnormal and naming the pool, rather than vanishing as if deleted; a
 /// retried create of one of their names (its first answer lost on the CO's side) is not made on
-/// another node; once the pool opens they are healthy again and the retry answers the volume.
+/// another node, also by a controller that started since; once the pool opens they are healthy
+/// again and the retry answers the volume.
 #[tokio::test]
 async fn the_volumes_of_a_pool_that_is_not_open_stay_listed_and_keep_their_names() {
     let (base, small) = (tempfile::tempdir().expect("tempdir"), TestFs::new("ext4", 96));
@@ -2151,7 +2172,8 @@ async fn the_volumes_of_a_pool_that_is_not_open_stay_listed_and_keep_their_names
         })
         .await;
     refused("ControllerExpandVolume", grow.expect_err("its pool is not open"));
-    // Every ListVolumes asks node-1 (it answers): its answer lacks the pool's volumes.
+    // Every ListVolumes asks node-1 (it answers): its answer has the pool's volumes from its
+    // roster, abnormal.
     for _ in 0..3 {
         let entries = ctl
             .list_volumes(ListVolumesRequest::default())
@@ -2172,17 +2194,17 @@ async fn the_volumes_of_a_pool_that_is_not_open_stay_listed_and_keep_their_names
             condition.message.contains("pool 'default' of node node-1 is not open"),
             "{condition:?}"
         );
-        let e = ctl
-            .create_volume(req.clone())
-            .await
-            .expect_err("node-1 holds the volume and its pool is not open");
-        assert!(
-            matches!(e.code(), Code::FailedPrecondition | Code::Unavailable),
-            "{e}\n{}",
-            c.logs()
-        );
-        assert!(nothing_of(&p2, "known"), "made again on node-2:\n{}", c.logs());
+        create_refused_not_made_elsewhere(&c, &mut ctl, &req, &p2).await;
     }
+    // A controller that starts while the pool is shut never listed those volumes: node-1 lists
+    // them itself, from its roster, so they stay listed and their names taken.
+    c.kill_controller();
+    c.start_controller();
+    c.wait_node_registered(1).await;
+    let mut ctl = c.ctl().await;
+    // Until node-1 calls in, its volumes are not listed.
+    wait_listed(&mut ctl, vec![(v.volume_id.clone(), true)]).await;
+    create_refused_not_made_elsewhere(&c, &mut ctl, &req, &p2).await;
 
     pool_unmountable(&p1, &away, false);
     wait_listed(&mut ctl, vec![(v.volume_id.clone(), false)]).await;

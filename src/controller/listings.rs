@@ -263,13 +263,7 @@ impl Listings {
                 .filter(|v| !v.is_shared() && !listed.contains(v.id()))
                 .filter_map(|v| {
                     let (pool, why) = shut.iter().find(|(p, _)| p.as_str() == v.pool())?;
-                    Some(v.clone().with_condition(Condition {
-                        abnormal: true,
-                        message: format!(
-                            "pool '{}' of node {key} is not open ({why}); the volume is shown as last listed until it opens",
-                            pool.as_str()
-                        ),
-                    }))
+                    Some(v.clone().with_condition(Condition::shown_while_shut(pool, key, why)))
                 })
                 .collect();
             volumes.extend(kept);

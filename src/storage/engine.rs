@@ -191,6 +191,20 @@ pub struct Condition {
     pub message: String,
 }
 
+impl Condition {
+    /// The condition of a volume of a local pool that is not open, listed as last known (its
+    /// node's roster, or the controller's last listing of the node).
+    pub fn shown_while_shut(pool: &PoolName, node: &str, why: &str) -> Condition {
+        Condition {
+            abnormal: true,
+            message: format!(
+                "pool '{}' of node {node} is not open ({why}); the volume is shown as last known until it opens",
+                pool.as_str()
+            ),
+        }
+    }
+}
+
 /// What a pool reports for scheduling and for GetCapacity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolStatus {
@@ -326,10 +340,34 @@ impl LocalEngine {
         config: &Config,
         pick: impl Fn(&super::config::PoolConfig) -> Option<bool>,
     ) -> Result<LocalEngine, StorageError> {
+        Self::open_keeping(sys, node, config, pick, None)
+    }
+
+    /// As [`LocalEngine::open_with`], keeping a roster of each local pool in `rosters` (the node's
+    /// data directory, `storage/roster.rs`): a pool's directory that is not the pool this node
+    /// opened there before does not open, and the volumes of a pool that is not open are listed as
+    /// its roster last recorded them.
+    pub fn open_keeping(
+        sys: StorageSys,
+        node: NodeId,
+        config: &Config,
+        pick: impl Fn(&super::config::PoolConfig) -> Option<bool>,
+        rosters: Option<&Path>,
+    ) -> Result<LocalEngine, StorageError> {
+        let roster = match rosters {
+            Some(dir) => {
+                if let Some(parent) = dir.parent() {
+                    sys.files.mkdir_all(parent)?;
+                }
+                sys.files.ensure_dir(dir, 0o700)?;
+                Some(super::roster::Roster::new(dir, sys.files.clone()))
+            }
+            None => None,
+        };
         let mut pools = pools::Pools::default();
         for pc in &config.pools {
             let Some(owner) = pick(pc) else { continue };
-            let slot = match Pool::open_as(pc.clone(), owner, sys.clone()) {
+            let slot = match pools::open_pool(pc, owner, &sys, roster.as_ref()) {
                 Ok(p) => pools::Slot::opened(pc.clone(), owner, p),
                 Err(e) => {
                     tracing::error!(pool = pc.name.as_str(), error = %e, "pool cannot be opened; not ready until it opens");
@@ -362,6 +400,15 @@ impl LocalEngine {
             forgotten: Mutex::new(std::collections::VecDeque::new()),
         };
         engine.store = PoolStore::load(engine.pools.values())?;
+        if let Some(roster) = roster {
+            let shut: Vec<PoolName> = engine
+                .pools
+                .broken()
+                .filter(|(_, slot, _)| !slot.config.is_shared())
+                .map(|(name, _, _)| name.clone())
+                .collect();
+            engine.store.keep_rosters(roster, engine.pools.values(), &shut);
+        }
         engine.thaw_left_frozen();
         Ok(engine)
     }
@@ -659,7 +706,9 @@ impl LocalEngine {
         self.store.volumes()
     }
 
-    /// The volume created under a CSI name, in any pool.
+    /// The volume created under a CSI name, in any pool; in a local pool that is not open, as its
+    /// roster last recorded it (a create of that name is then refused while the pool is shut, not
+    /// made again in another pool or on another node).
     pub fn volume_named(&self, name: &str) -> Option<VolumeRecord> {
         let cached = self.store.id_named(name);
         let found = |id: &str| {
@@ -671,8 +720,15 @@ impl LocalEngine {
         }
         // Not known here (or gone): another replica may have made it on a share.
         self.refresh_shared();
-        let id = self.store.id_named(name)?;
-        found(&id)
+        match self.store.id_named(name) {
+            Some(id) => found(&id),
+            None => self.store.shut_named(name),
+        }
+    }
+
+    /// Whether a roster misses a change (its write failed; the next change writes it whole).
+    pub fn roster_behind(&self) -> bool {
+        self.store.roster_behind()
     }
 
     /// The record and data path of a volume of this node, for staging.

@@ -11,6 +11,7 @@ pub mod locks;
 pub mod naming;
 pub mod pool;
 pub mod record;
+pub mod roster;
 pub mod store;
 pub mod transfer;
 

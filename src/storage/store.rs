@@ -9,13 +9,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
-use super::id::{Key, ObjectId};
+use super::id::{Key, ObjectId, PoolName};
 use super::pool::{Kind, Pool};
 use super::record::{self, GroupRecord, SnapshotRecord, VolumeRecord};
+use super::roster::{Roster, RosterGuard};
 use super::StorageError;
 use crate::sys::files::{Entry, Files};
 use crate::sys::SysError;
@@ -27,6 +28,11 @@ pub struct PoolStore {
     /// CSI name → volume id (names whose key is not derived from the name alone: templates).
     names: Mutex<HashMap<String, String>>,
     snapshots: Mutex<BTreeMap<String, SnapshotRecord>>,
+    /// Each local pool's roster, once the process keeps them ([`PoolStore::keep_rosters`]).
+    roster: OnceLock<Roster>,
+    /// The volumes of local pools that are not open, as their rosters last recorded them, by id:
+    /// listed (abnormal), never called on. A pool's leave when it opens.
+    shut: Mutex<BTreeMap<String, VolumeRecord>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -98,7 +104,64 @@ impl PoolStore {
         for r in snapshots {
             lock(&self.snapshots).insert(r.id.to_string(), r);
         }
+        if !pool.shared() {
+            if let Some(roster) = self.roster.get() {
+                self.rewrite_roster(roster, &pool.config.name);
+                lock(&self.shut).retain(|_, r| r.id.0.pool != pool.config.name);
+            }
+        }
         Ok(())
+    }
+
+    /// Keeps a roster of each local pool in `roster`'s directory from now on
+    /// (`storage/roster.rs`): those of the `open` pools are written whole from their records, those
+    /// of the `shut` ones are read into the listing.
+    pub fn keep_rosters<'a>(&self, roster: Roster, open: impl Iterator<Item = &'a Pool>, shut: &[PoolName]) {
+        let roster = self.roster.get_or_init(|| roster);
+        for pool in open.filter(|p| !p.shared()) {
+            self.rewrite_roster(roster, &pool.config.name);
+        }
+        let mut listed = lock(&self.shut);
+        for name in shut {
+            listed.extend(roster.read(name));
+        }
+    }
+
+    /// The node's rosters, when it keeps them.
+    pub fn roster(&self) -> Option<&Roster> {
+        self.roster.get()
+    }
+
+    /// Whether a roster misses a change ([`Roster::behind`]).
+    pub fn roster_behind(&self) -> bool {
+        self.roster.get().is_some_and(Roster::behind)
+    }
+
+    /// Writes pool `name`'s roster whole from the index.
+    fn rewrite_roster(&self, roster: &Roster, name: &PoolName) {
+        self.rewrite_held(&mut roster.hold(), name);
+    }
+
+    /// Writes pool `name`'s roster whole from the index, its files held (the index is read under
+    /// that hold, and let go before the file is written).
+    fn rewrite_held(&self, held: &mut RosterGuard<'_>, name: &PoolName) {
+        let records: Vec<VolumeRecord> = lock(&self.volumes)
+            .values()
+            .filter(|r| r.id.0.pool == *name)
+            .cloned()
+            .collect();
+        held.rewrite(name, records.iter());
+    }
+
+    /// Adds a change of a local pool's volume (`put`, or the removal of `gone`) to its roster.
+    fn note(&self, pool: &Pool, put: Option<&VolumeRecord>, gone: &str) {
+        let Some(roster) = self.roster.get().filter(|_| !pool.shared()) else {
+            return;
+        };
+        let mut held = roster.hold();
+        if held.append(&pool.config.name, put, gone) {
+            self.rewrite_held(&mut held, &pool.config.name);
+        }
     }
 
     /// A volume's record (`shown` is its id as text).
@@ -151,6 +214,7 @@ impl PoolStore {
         record::store(&*pool.sys.files, &pool.record_path(Kind::Volume, key), rec)?;
         lock(&self.names).insert(rec.name.clone(), rec.id.to_string());
         lock(&self.volumes).insert(rec.id.to_string(), rec.clone());
+        self.note(pool, Some(rec), "");
         Ok(())
     }
 
@@ -170,6 +234,7 @@ impl PoolStore {
                 if let Some(r) = lock(&self.volumes).remove(shown) {
                     lock(&self.names).remove(&r.name);
                 }
+                self.note(pool, None, shown);
             }
             Kind::Snapshot => {
                 lock(&self.snapshots).remove(shown);
@@ -210,6 +275,21 @@ impl PoolStore {
         lock(&self.volumes).values().cloned().collect()
     }
 
+    /// The volumes of local pools that are not open, as last recorded (see [`PoolStore::keep_rosters`]).
+    pub fn shut_volumes(&self) -> Vec<VolumeRecord> {
+        lock(&self.shut).values().cloned().collect()
+    }
+
+    /// At most `n` volumes of shut pools whose ids come after `after`, in id order.
+    pub fn shut_volumes_after(&self, after: &str, n: usize) -> Vec<VolumeRecord> {
+        after_in(&lock(&self.shut), after, n)
+    }
+
+    /// The volume of a shut pool last recorded under a CSI name.
+    pub fn shut_named(&self, name: &str) -> Option<VolumeRecord> {
+        lock(&self.shut).values().find(|r| r.name == name).cloned()
+    }
+
     pub fn snapshots(&self) -> Vec<SnapshotRecord> {
         lock(&self.snapshots).values().cloned().collect()
     }
@@ -233,8 +313,11 @@ impl PoolStore {
 
     /// How many volumes the index holds, and what `size` says they weigh.
     pub fn volumes_weigh(&self, size: impl Fn(&VolumeRecord) -> usize) -> (usize, usize) {
-        let vols = lock(&self.volumes);
-        (vols.len(), vols.values().map(size).sum())
+        let (vols, shut) = (lock(&self.volumes), lock(&self.shut));
+        (
+            vols.len() + shut.len(),
+            vols.values().chain(shut.values()).map(size).sum(),
+        )
     }
 
     /// Folds `f` over the volumes whose id starts with `prefix` (one pool's), in id order.

@@ -40,6 +40,9 @@ pub trait Files: Send + Sync {
     fn remove_stale_temps(&self, dir: &Path, age: Duration) -> Result<usize, SysError>;
     /// Replaces `path` with `bytes` atomically: temp file, (fsync), rename, (fsync of the directory).
     fn write_atomic(&self, path: &Path, bytes: &[u8], durability: Durability) -> Result<(), SysError>;
+    /// Adds `bytes` at the end of `path` (made, mode 0600, when missing) in one write, unsynced:
+    /// survives a crash of the process, not of the machine.
+    fn append(&self, path: &Path, bytes: &[u8]) -> Result<(), SysError>;
     /// fsyncs a directory so that entries created, renamed or removed in it are durable.
     fn sync_dir(&self, dir: &Path) -> Result<(), SysError>;
     /// Reads a file, `None` when it does not exist.
@@ -110,6 +113,9 @@ impl Files for LinuxFiles {
     }
     fn write_atomic(&self, path: &Path, bytes: &[u8], durability: Durability) -> Result<(), SysError> {
         write_atomic(path, bytes, durability)
+    }
+    fn append(&self, path: &Path, bytes: &[u8]) -> Result<(), SysError> {
+        append(path, bytes)
     }
     fn sync_dir(&self, dir: &Path) -> Result<(), SysError> {
         sync_dir(dir)
@@ -193,9 +199,10 @@ impl Files for LinuxFiles {
 
 /// The operations of [`Files`] that can fail (`allocated_upto` and `remove_dir_if_empty` answer no
 /// error): what [`RecordingFiles::fail_next`] takes.
-pub const FALLIBLE_OPS: [&str; 24] = [
+pub const FALLIBLE_OPS: [&str; 25] = [
     "remove_stale_temps",
     "write_atomic",
+    "append",
     "sync_dir",
     "read_optional",
     "create_exclusive",
@@ -287,6 +294,10 @@ impl Files for RecordingFiles {
         // Armed as "write_atomic:after": the file is in place, yet the call fails (its
         // directory's fsync failed, or a share's answer to the rename was lost).
         self.state.armed("write_atomic:after", path)
+    }
+    fn append(&self, path: &Path, bytes: &[u8]) -> Result<(), SysError> {
+        self.enter("append", path, None)?;
+        append(path, bytes)
     }
     fn sync_dir(&self, dir: &Path) -> Result<(), SysError> {
         self.enter("sync_dir", dir, None)?;
@@ -457,6 +468,19 @@ fn write_atomic(path: &Path, bytes: &[u8], durability: Durability) -> Result<(),
         sync_dir(dir)?;
     }
     Ok(())
+}
+
+/// Adds `bytes` at the end of a file in one `write` (O_APPEND: concurrent appends do not mix).
+fn append(path: &Path, bytes: &[u8]) -> Result<(), SysError> {
+    fault("file:append", path)?;
+    let mut f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .step("open", path)?;
+    f.write_all(bytes).step("write", path)
 }
 
 /// fsyncs a directory so that entries created, renamed or removed in it are durable.

@@ -250,29 +250,40 @@ impl LocalEngine {
 
     /// A page of the listing: at most `n` volumes whose ids come after `after`, in id order, with
     /// their conditions (only theirs are worked out). The first page (`after` empty) reads the
-    /// shared pools' records again, as a whole listing does.
+    /// shared pools' records again, as a whole listing does. The volumes of local pools that are
+    /// not open are in it as their rosters last recorded them, abnormal.
     pub fn volumes_after(&self, after: &str, n: usize) -> Vec<(VolumeRecord, Condition)> {
         if after.is_empty() {
             self.refresh_shared();
         }
-        self.store
-            .volumes_after(after, n)
+        let mut page = merged(
+            self.store.volumes_after(after, n),
+            self.store.shut_volumes_after(after, n),
+        );
+        page.truncate(n);
+        page.into_iter().map(|r| self.with_condition(r)).collect()
+    }
+
+    /// Every volume with its condition, in id order: those of shut pools as last recorded.
+    pub fn volumes_with_condition(&self) -> Vec<(VolumeRecord, Condition)> {
+        merged(self.volumes(), self.store.shut_volumes())
             .into_iter()
-            .map(|r| {
-                let c = self.condition(&r.id);
-                (r, c)
-            })
+            .map(|r| self.with_condition(r))
             .collect()
     }
 
-    pub fn volumes_with_condition(&self) -> Vec<(VolumeRecord, Condition)> {
-        self.volumes()
-            .into_iter()
-            .map(|r| {
-                let c = self.condition(&r.id);
-                (r, c)
-            })
-            .collect()
+    /// A listed volume with its condition; one of a local pool that is not open (listed from its
+    /// roster) says so, naming this node.
+    fn with_condition(&self, r: VolumeRecord) -> (VolumeRecord, Condition) {
+        let shut = match &r.id.0.location {
+            Location::Local(_) => self.pools.0.get(&r.id.0.pool).and_then(|slot| slot.why()),
+            Location::Shared => None,
+        };
+        let c = match shut {
+            Some(why) => Condition::shown_while_shut(&r.id.0.pool, self.node.as_str(), &why),
+            None => self.condition(&r.id),
+        };
+        (r, c)
     }
 
     /// Every pool's status; the first pool whose filesystem cannot be read fails the whole (what
@@ -343,4 +354,18 @@ impl Drop for Promise<'_> {
         let mut promised = lock(&self.promised);
         *promised = promised.saturating_sub(self.bytes);
     }
+}
+
+/// The records of open pools and the volumes of shut pools from their rosters, in id order; an id
+/// in both (its pool opened while they were read) is its record's.
+fn merged(records: Vec<VolumeRecord>, shut: Vec<VolumeRecord>) -> Vec<VolumeRecord> {
+    if shut.is_empty() {
+        return records;
+    }
+    let mut all = records;
+    all.extend(shut);
+    // Stable: a record stays before the roster's copy of itself, which `dedup` drops.
+    all.sort_by_cached_key(|r| r.id.to_string());
+    all.dedup_by(|later, earlier| later.id == earlier.id);
+    all
 }

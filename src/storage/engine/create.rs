@@ -376,7 +376,12 @@ impl LocalEngine {
     /// is its name's; a shared volume's comes from the pool's name template, told apart from any
     /// other volume's that the template would give the same name.
     pub(super) fn key_for(&self, pool: &Pool, req: &NewVolume) -> Result<Key, StorageError> {
-        let known = self.store.id_named(&req.name);
+        // A name of a pool that is not open is taken too: made again in another pool, the name
+        // would have two volumes once that pool opens.
+        let known = self
+            .store
+            .id_named(&req.name)
+            .or_else(|| self.store.shut_named(&req.name).map(|r| r.id.to_string()));
         if let Some(id) = known.filter(|id| !self.is_shared_id(id) || self.volume_named(&req.name).is_some()) {
             let id = VolumeId::parse(&id).map_err(|e| StorageError::Conflict(e.0))?;
             if id.0.pool != pool.config.name {

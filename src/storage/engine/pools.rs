@@ -13,6 +13,7 @@ use super::{lock, LocalEngine};
 use crate::storage::config::PoolConfig;
 use crate::storage::id::PoolName;
 use crate::storage::pool::Pool;
+use crate::storage::roster::Roster;
 use crate::storage::StorageError;
 
 /// How long a pool that could not be opened waits before the next try.
@@ -148,7 +149,7 @@ impl LocalEngine {
     }
 
     fn open_later(&self, slot: &Slot) -> Result<Pool, StorageError> {
-        let pool = Pool::open_as(slot.config.clone(), slot.owner, self.sys.clone())?;
+        let pool = open_pool(&slot.config, slot.owner, &self.sys, self.store.roster())?;
         self.store.add(&pool)?;
         self.thaw_left_frozen_in(&pool);
         Ok(pool)
@@ -191,4 +192,24 @@ impl LocalEngine {
             }
         }
     }
+}
+
+/// Opens a pool ([`Pool::open_as`]); a local one, with the node's rosters kept, only where its
+/// directory is the pool this node opened there before, and marked as such once open
+/// (`storage/roster.rs`).
+pub(super) fn open_pool(
+    config: &PoolConfig,
+    owner: bool,
+    sys: &crate::sys::StorageSys,
+    roster: Option<&Roster>,
+) -> Result<Pool, StorageError> {
+    let roster = roster.filter(|_| !config.is_shared());
+    if let Some(r) = roster {
+        r.check_identity(&config.name, &config.path)?;
+    }
+    let pool = Pool::open_as(config.clone(), owner, sys.clone())?;
+    if let Some(r) = roster {
+        r.settle_identity(&config.name, &config.path)?;
+    }
+    Ok(pool)
 }

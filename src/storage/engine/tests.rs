@@ -2342,3 +2342,222 @@ fn a_group_of_a_volume_in_a_pool_that_is_not_open_is_refused_never_not_found() {
         other => panic!("want the pool's refusal, got {other:?}"),
     }
 }
+
+/// An engine of every pool of `config`, keeping rosters in `rosters`, as a node's start opens it.
+fn keeping(node: &NodeId, config: &Config, rosters: &std::path::Path) -> LocalEngine {
+    LocalEngine::open_keeping(StorageSys::linux(), node.clone(), config, |_| Some(true), Some(rosters)).expect("engine")
+}
+
+#[test]
+fn a_shut_pools_volumes_stay_listed_from_its_roster_and_keep_their_names() {
+    // A pool whose disk is not mounted at start: its volumes used to be left out of every listing
+    // (as if deleted), and their names were free for a create in another pool.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rosters = dir.path().join("rosters");
+    let (config, late) = with_second_pool(dir.path(), "late", vec![Layout::Dir]);
+    let node = NodeId::parse("n1").expect("node");
+    let in_late = |name: &str| NewVolume {
+        pool: Some(late.name.clone()),
+        ..NewVolume::plain(name, Some(Layout::Dir), MIB)
+    };
+    let (kept, expanded) = {
+        let first = keeping(&node, &config, &rosters);
+        let kept = first.create_volume(in_late("pvc-kept")).expect("create");
+        let gone = first.create_volume(in_late("pvc-gone")).expect("create");
+        let grown = first.create_volume(in_late("pvc-grown")).expect("create");
+        first
+            .create_volume(NewVolume::plain("pvc-default", Some(Layout::Dir), MIB))
+            .expect("create");
+        first.delete_volume(&gone.id).expect("delete");
+        let range = CapacityRange {
+            required: 3 * MIB,
+            limit: 0,
+        };
+        let (expanded, _) = first.expand_volume(&grown.id, range).expect("expand");
+        (kept, expanded)
+    };
+    std::fs::rename(&late.path, dir.path().join("late.away")).expect("move the pool away");
+    std::fs::write(&late.path, b"not a directory").expect("file");
+
+    let engine = keeping(&node, &config, &rosters);
+    assert!(!engine.ready(), "pool 'late' is shut");
+    let listed = engine.volumes_with_condition();
+    let names: Vec<&str> = listed.iter().map(|(r, _)| r.name.as_str()).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    for want in ["pvc-kept", "pvc-grown", "pvc-default"] {
+        assert!(names.contains(&want), "{want} is listed: {names:?}");
+    }
+    for (r, c) in &listed {
+        if r.id.0.pool == late.name {
+            assert!(c.abnormal, "{}: {c:?}", r.name);
+            assert!(
+                c.message.contains("pool 'late' of node n1 is not open"),
+                "{}",
+                c.message
+            );
+            assert!(c.message.contains("shown as last known"), "{}", c.message);
+        } else {
+            assert!(!c.abnormal, "{}: {c:?}", r.name);
+        }
+    }
+    let grown = listed.iter().find(|(r, _)| r.id == expanded.id).expect("listed");
+    assert_eq!(
+        grown.0.capacity_bytes, expanded.capacity_bytes,
+        "the roster has the expand"
+    );
+    // Pages cut from the roster and the records together: every volume once, in id order.
+    let mut paged = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page = engine.volumes_after(&after, 1);
+        let Some((r, _)) = page.last() else { break };
+        after = r.id.to_string();
+        paged.push(after.clone());
+    }
+    let whole: Vec<String> = listed.iter().map(|(r, _)| r.id.to_string()).collect();
+    assert_eq!(paged, whole);
+
+    // The name is taken: found, and a create of it in another pool is refused.
+    assert_eq!(engine.volume_named("pvc-kept").map(|r| r.id), Some(kept.id.clone()));
+    match engine.create_volume(NewVolume::plain("pvc-kept", Some(Layout::Dir), MIB)) {
+        Err(e @ StorageError::Conflict(_)) => assert!(e.to_string().contains("pool 'late'"), "{e}"),
+        other => panic!("want the name refused, got {other:?}"),
+    }
+    // Calls on it are refused as before, never answered from the roster.
+    assert!(matches!(
+        engine.volume_for_call(&kept.id),
+        Err(StorageError::PoolBroken { .. })
+    ));
+
+    // The pool opens: its records take over, nothing twice.
+    std::fs::remove_file(&late.path).expect("remove the file");
+    std::fs::rename(dir.path().join("late.away"), &late.path).expect("move the pool back");
+    assert_eq!(engine.reopen_broken(), vec![late.name.clone()]);
+    let listed = engine.volumes_with_condition();
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(listed.iter().all(|(_, c)| !c.abnormal), "{listed:?}");
+    assert!(engine.store.shut_volumes().is_empty());
+}
+
+#[test]
+fn a_roster_is_written_whole_again_before_it_grows_past_twice_its_volumes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rosters = dir.path().join("rosters");
+    let config = Config::default_for(dir.path());
+    let engine = keeping(&NodeId::parse("n1").expect("node"), &config, &rosters);
+    let file = rosters.join("default.volumes");
+    let lines = || std::fs::read_to_string(&file).expect("roster").lines().count();
+    let v = engine
+        .create_volume(NewVolume::plain("pvc-churn", Some(Layout::Dir), MIB))
+        .expect("create");
+    for _ in 0..crate::storage::roster::REWRITE_AFTER {
+        engine.delete_volume(&v.id).expect("delete");
+        engine
+            .create_volume(NewVolume::plain("pvc-churn", Some(Layout::Dir), MIB))
+            .expect("create");
+    }
+    assert!(
+        lines() <= crate::storage::roster::REWRITE_AFTER + 1,
+        "{} lines for one volume",
+        lines()
+    );
+    let read = crate::storage::roster::Roster::new(&rosters, engine.files()).read(&config.pools[0].name);
+    assert_eq!(read.keys().collect::<Vec<_>>(), vec![&v.id.to_string()]);
+}
+
+#[test]
+fn a_pool_directory_without_its_mark_does_not_open_until_its_disk_is_back() {
+    // A pool's disk not mounted at start leaves an empty directory in its place. Opened there, its
+    // volumes looked deleted and new ones were made on the root disk, hidden once the disk came.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rosters = dir.path().join("rosters");
+    let (config, late) = with_second_pool(dir.path(), "late", vec![Layout::Dir]);
+    let node = NodeId::parse("n1").expect("node");
+    let made = {
+        let first = keeping(&node, &config, &rosters);
+        assert!(
+            late.path.join(crate::storage::roster::MARK).is_file(),
+            "marked at its first opening"
+        );
+        assert!(rosters.join("late.id").is_file(), "and remembered");
+        first
+            .create_volume(NewVolume {
+                pool: Some(late.name.clone()),
+                ..NewVolume::plain("pvc-on-disk", Some(Layout::Dir), MIB)
+            })
+            .expect("create")
+    };
+    let disk = dir.path().join("late.disk");
+    std::fs::rename(&late.path, &disk).expect("unmount the disk");
+    std::fs::create_dir(&late.path).expect("the empty mount point");
+
+    let engine = keeping(&node, &config, &rosters);
+    assert!(!engine.ready());
+    let why = engine.broken_pools();
+    assert_eq!(why.len(), 1, "{why:?}");
+    assert!(why[0].1.contains("lacks the mark"), "{}", why[0].1);
+    assert!(why[0].1.contains("late.id"), "names the way out: {}", why[0].1);
+    let listed = engine.volumes_with_condition();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(listed[0].1.abnormal && listed[0].0.id == made.id, "{listed:?}");
+    match engine.create_volume(NewVolume {
+        pool: Some(late.name.clone()),
+        ..NewVolume::plain("pvc-new", Some(Layout::Dir), MIB)
+    }) {
+        Err(e @ StorageError::PoolBroken { .. }) => {
+            assert_eq!(tonic::Status::from(e).code(), tonic::Code::FailedPrecondition)
+        }
+        other => panic!("want the pool's refusal, got {other:?}"),
+    }
+    assert_eq!(
+        std::fs::read_dir(&late.path).expect("mount point").count(),
+        0,
+        "nothing is written on the root disk"
+    );
+    assert!(engine.reopen_broken().is_empty(), "still not its disk");
+
+    std::fs::remove_dir(&late.path).expect("remove the mount point");
+    std::fs::rename(&disk, &late.path).expect("mount the disk");
+    assert_eq!(engine.reopen_broken(), vec![late.name.clone()]);
+    let listed = engine.volumes_with_condition();
+    assert!(listed.iter().all(|(_, c)| !c.abnormal), "{listed:?}");
+}
+
+#[test]
+fn another_pools_disk_in_a_pools_place_does_not_open_and_forgetting_the_mark_lets_an_emptied_pool_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rosters = dir.path().join("rosters");
+    let (config, late) = with_second_pool(dir.path(), "late", vec![Layout::Dir]);
+    let node = NodeId::parse("n1").expect("node");
+    drop(keeping(&node, &config, &rosters));
+    let default = &config.pools[0];
+    // The disks of the two pools swapped.
+    let swap = dir.path().join("swap");
+    std::fs::rename(&late.path, &swap).expect("move");
+    std::fs::rename(&default.path, &late.path).expect("move");
+    std::fs::rename(&swap, &default.path).expect("move");
+    let engine = keeping(&node, &config, &rosters);
+    let why = engine.broken_pools();
+    assert_eq!(why.len(), 2, "{why:?}");
+    assert!(
+        why.iter().all(|(_, w)| w.contains("another disk is mounted there")),
+        "{why:?}"
+    );
+    assert!(why[0].1.contains("is marked as pool 'late'"), "{why:?}");
+    drop(engine);
+
+    // An emptied pool, on purpose: the operator forgets the node's memory of it.
+    std::fs::remove_dir_all(&late.path).expect("empty the pool");
+    std::fs::create_dir(&late.path).expect("an empty directory");
+    let engine = keeping(&node, &config, &rosters);
+    assert!(engine
+        .broken_pools()
+        .iter()
+        .any(|(p, w)| *p == late.name && w.contains("lacks the mark")));
+    drop(engine);
+    std::fs::remove_file(rosters.join("late.id")).expect("forget");
+    std::fs::remove_dir_all(&default.path).expect("empty the other");
+    std::fs::remove_file(rosters.join("default.id")).expect("forget");
+    let engine = keeping(&node, &config, &rosters);
+    assert!(engine.ready(), "{:?}", engine.broken_pools());
+}

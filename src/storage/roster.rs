@@ -1,0 +1,320 @@
+//! The roster: what volumes each local pool held, kept outside the pool, in the node's data
+//! directory. A pool whose disk is not mounted when the process starts does not open (its records
+//! are on that disk); the roster lets the node list its volumes meanwhile, abnormal, as last
+//! recorded, rather than leave them out of ListVolumes as if they were deleted, and lets a
+//! controller that restarted meanwhile learn their names (a retried create of one of them goes to
+//! this node, which refuses it while the pool is shut, instead of making the volume again
+//! elsewhere).
+//!
+//! The roster also remembers **which pool** it lists. A local pool marks its root with
+//! `.cellar-pool` (a random id) the first time it opens, and the node keeps that id beside the
+//! roster (`<pool>.id`). A pool's directory that lacks the mark the node remembers (its disk is not
+//! mounted, and the directory below it is empty) or holds another mark (another pool's disk is
+//! mounted there) does not open: opened there, its volumes would look deleted and new ones would be
+//! made on the wrong disk, hidden once the right one is mounted. It is tried again every 10 s, and
+//! opens once its disk is there.
+//!
+//! The records on the pool's disk stay the truth: the roster is only read for a pool that did not
+//! open, and is written again from the records each time a pool opens. Between those, every
+//! record written or removed adds one line to the pool's roster file (`<pool>.volumes`, JSON
+//! lines: `{"put":<record>}` or `{"gone":"<id>"}`), in one unsynced append: a crash of the process
+//! loses nothing, a crash of the machine may lose the last lines (the volumes they name are then
+//! missing from the listing, or shown though deleted, only while their pool stays shut). A
+//! roster that grew to more lines than a rewrite would hold (twice its records, and at least
+//! [`REWRITE_AFTER`]) is written again whole. A line that does not parse (a torn last append) is
+//! skipped. A roster that cannot be written costs the listing of a shut pool, never a call: the
+//! failure is logged and the roster is written whole at the next chance.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+
+use super::id::PoolName;
+use super::record::VolumeRecord;
+use super::StorageError;
+use crate::sys::files::{Durability, Files};
+
+/// The mark a local pool's root holds: which pool it is.
+pub const MARK: &str = ".cellar-pool";
+
+/// A pool's identity, as its mark and the node's memory of it hold it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub id: String,
+    /// The pool's name when the mark was made (for the operator; the id decides).
+    pub pool: String,
+}
+
+/// Appends a roster takes before it is written again whole, at the least.
+pub const REWRITE_AFTER: usize = 1024;
+
+/// One line of a roster, as read.
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Line {
+    Put(Box<VolumeRecord>),
+    Gone(String),
+}
+
+/// One line of a roster, as written (borrowing what it names).
+#[derive(Serialize)]
+#[serde(rename_all = "lowercase")]
+enum LineOut<'a> {
+    Put(&'a VolumeRecord),
+    Gone(&'a str),
+}
+
+fn line(out: LineOut<'_>, bytes: &mut Vec<u8>) {
+    if serde_json::to_writer(&mut *bytes, &out).is_ok() {
+        bytes.push(b'\n');
+    }
+}
+
+/// Per pool: appends since the roster was last written whole, how many it may take before it is
+/// written whole again (as many as it held then, at least [`REWRITE_AFTER`]), and whether it must
+/// be written whole at the next chance (an append failed: the file misses a change).
+struct Written {
+    appends: usize,
+    limit: usize,
+    stale: bool,
+}
+
+impl Default for Written {
+    fn default() -> Written {
+        Written {
+            appends: 0,
+            limit: REWRITE_AFTER,
+            stale: false,
+        }
+    }
+}
+
+pub struct Roster {
+    dir: PathBuf,
+    files: Arc<dyn Files>,
+    /// Held while a roster file is written (appended to, or written whole): an append never
+    /// lands between the records a rewrite read and its rename.
+    written: Mutex<HashMap<PoolName, Written>>,
+}
+
+impl Roster {
+    pub fn new(dir: &Path, files: Arc<dyn Files>) -> Roster {
+        Roster {
+            dir: dir.to_path_buf(),
+            files,
+            written: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn path(&self, pool: &PoolName) -> PathBuf {
+        self.dir.join(format!("{}.volumes", pool.as_str()))
+    }
+
+    /// Holds the roster files for one write: the guard passes to [`Roster::append`] and
+    /// [`Roster::rewrite`].
+    pub fn hold(&self) -> RosterGuard<'_> {
+        RosterGuard {
+            roster: self,
+            written: self.written.lock().unwrap_or_else(|p| p.into_inner()),
+        }
+    }
+
+    fn identity_path(&self, pool: &PoolName) -> PathBuf {
+        self.dir.join(format!("{}.id", pool.as_str()))
+    }
+
+    /// Refuses a local pool's directory that is not the pool this node opened there before: it
+    /// lacks the pool's mark, or holds another pool's. Nothing is written; a directory that cannot
+    /// be read is left to the pool's opening to refuse.
+    pub fn check_identity(&self, pool: &PoolName, root: &Path) -> Result<(), StorageError> {
+        let known = match self.files.read_optional(&self.identity_path(pool)) {
+            Ok(Some(b)) => serde_json::from_slice::<Identity>(&b).ok(),
+            _ => None,
+        };
+        let Some(known) = known else { return Ok(()) };
+        let marked = match self.files.read_optional(&root.join(MARK)) {
+            Ok(found) => found.map(|b| serde_json::from_slice::<Identity>(&b).ok()),
+            Err(_) => return Ok(()),
+        };
+        let remedy = format!(
+            "mount the pool's disk at {} (the pool opens by itself within 10 s); if the pool was emptied or replaced on purpose, remove {}",
+            root.display(),
+            self.identity_path(pool).display()
+        );
+        match marked {
+            Some(Some(m)) if m.id == known.id => Ok(()),
+            None => Err(StorageError::PoolUnusable(format!(
+                "{} lacks the mark ({MARK}) pool '{}' made there when it first opened (id {}): its disk is not mounted, and opening the empty directory below would show its volumes as deleted; {remedy}",
+                root.display(),
+                pool.as_str(),
+                known.id
+            ))),
+            Some(m) => Err(StorageError::PoolUnusable(format!(
+                "{} is marked as {}, not as pool '{}' this node opened there before (id {}): another disk is mounted there; {remedy}",
+                root.display(),
+                m.map(|m| format!("pool '{}' (id {})", m.pool, m.id))
+                    .unwrap_or_else(|| format!("something else ({MARK} does not parse)")),
+                pool.as_str(),
+                known.id
+            ))),
+        }
+    }
+
+    /// After pool `pool` opened at `root`: marks it there when it has no mark yet, and remembers its
+    /// mark when the node does not yet (a pool's first opening, or its first under a release with
+    /// marks).
+    pub fn settle_identity(&self, pool: &PoolName, root: &Path) -> Result<(), StorageError> {
+        let mark = root.join(MARK);
+        let marked = self
+            .files
+            .read_optional(&mark)?
+            .and_then(|b| serde_json::from_slice::<Identity>(&b).ok());
+        let identity = match marked {
+            Some(m) => m,
+            None => {
+                let fresh = Identity {
+                    id: uuid::Uuid::new_v4().simple().to_string(),
+                    pool: pool.as_str().to_string(),
+                };
+                let bytes = serde_json::to_vec(&fresh).unwrap_or_default();
+                self.files.write_atomic(&mark, &bytes, Durability::PowerLoss)?;
+                fresh
+            }
+        };
+        let known = self.identity_path(pool);
+        if self.files.read_optional(&known)?.is_none() {
+            let bytes = serde_json::to_vec(&identity).unwrap_or_default();
+            self.files.write_atomic(&known, &bytes, Durability::PowerLoss)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a roster misses a change (its write failed; it is written whole with the next one).
+    pub fn behind(&self) -> bool {
+        self.hold().written.values().any(|w| w.stale)
+    }
+
+    /// The volumes pool `pool` held when its roster was last written, by id.
+    pub fn read(&self, pool: &PoolName) -> BTreeMap<String, VolumeRecord> {
+        let mut volumes = BTreeMap::new();
+        let bytes = match self.files.read_optional(&self.path(pool)) {
+            Ok(Some(b)) => b,
+            Ok(None) => return volumes,
+            Err(e) => {
+                tracing::warn!(pool = pool.as_str(), error = %e, "the pool's roster cannot be read; its volumes are not listed while it is shut");
+                return volumes;
+            }
+        };
+        for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            match serde_json::from_slice::<Line>(line) {
+                // Only the pool's own volumes: a roster copied by hand under another pool's name
+                // names none of this one's.
+                Ok(Line::Put(r)) if r.id.0.pool == *pool => {
+                    volumes.insert(r.id.to_string(), *r);
+                }
+                Ok(Line::Gone(id)) => {
+                    volumes.remove(&id);
+                }
+                _ => {}
+            }
+        }
+        volumes
+    }
+}
+
+/// The roster files, held for one write.
+pub struct RosterGuard<'a> {
+    roster: &'a Roster,
+    written: MutexGuard<'a, HashMap<PoolName, Written>>,
+}
+
+impl RosterGuard<'_> {
+    /// Adds a change of pool `pool` to its roster. Whether the roster is now due to be written
+    /// whole ([`RosterGuard::rewrite`] with the pool's records).
+    pub fn append(&mut self, pool: &PoolName, put: Option<&VolumeRecord>, gone: &str) -> bool {
+        let w = self.written.entry(pool.clone()).or_default();
+        if !w.stale {
+            let mut bytes = Vec::new();
+            match put {
+                Some(r) => line(LineOut::Put(r), &mut bytes),
+                None => line(LineOut::Gone(gone), &mut bytes),
+            }
+            if let Err(e) = self.roster.files.append(&self.roster.path(pool), &bytes) {
+                tracing::warn!(pool = pool.as_str(), error = %e, "the pool's roster cannot be written; trying again with the next change");
+                w.stale = true;
+            }
+            w.appends += 1;
+        }
+        w.stale || w.appends >= w.limit
+    }
+
+    /// Writes pool `pool`'s roster whole from its `records` (every volume it holds).
+    pub fn rewrite<'r>(&mut self, pool: &PoolName, records: impl Iterator<Item = &'r VolumeRecord>) {
+        let mut bytes = Vec::new();
+        let mut count = 0;
+        for r in records {
+            line(LineOut::Put(r), &mut bytes);
+            count += 1;
+        }
+        let w = self.written.entry(pool.clone()).or_default();
+        match self
+            .roster
+            .files
+            .write_atomic(&self.roster.path(pool), &bytes, Durability::ProcessCrash)
+        {
+            Ok(()) => {
+                *w = Written {
+                    appends: 0,
+                    limit: count.max(REWRITE_AFTER),
+                    stale: false,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(pool = pool.as_str(), error = %e, "the pool's roster cannot be written; trying again with the next change");
+                w.stale = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::engine::{LocalEngine, NewVolume};
+    use crate::storage::id::NodeId;
+
+    #[test]
+    fn a_torn_last_line_and_another_pools_lines_are_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = crate::storage::config::Config::default_for(dir.path());
+        let engine = LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("engine");
+        let a = engine
+            .create_volume(NewVolume::plain("pvc-a", None, 1 << 20))
+            .expect("create");
+        let b = engine
+            .create_volume(NewVolume::plain("pvc-b", None, 1 << 20))
+            .expect("create");
+        let roster = Roster::new(dir.path(), engine.files());
+        let (default, other) = (config.pools[0].name.clone(), PoolName::parse("other").expect("pool"));
+        let mut held = roster.hold();
+        held.rewrite(&default, [&a, &b].into_iter());
+        assert!(
+            !held.append(&default, None, &a.id.to_string()),
+            "not due after one line"
+        );
+        drop(held);
+        let path = dir.path().join("default.volumes");
+        let mut bytes = std::fs::read(&path).expect("roster");
+        // A line naming another pool's volume (a file copied by hand), then a torn append.
+        let mut foreign = b.clone();
+        foreign.id.0.pool = other.clone();
+        line(LineOut::Put(&foreign), &mut bytes);
+        bytes.extend(b"\n{\"put\":{\"name\":\"pvc-c");
+        std::fs::write(&path, bytes).expect("write");
+        let read = roster.read(&default);
+        assert_eq!(read.keys().collect::<Vec<_>>(), vec![&b.id.to_string()]);
+        assert!(roster.read(&other).is_empty(), "no roster of its own");
+    }
+}
