@@ -15,6 +15,7 @@
 //!                              templated key (no other volume takes that id again)
 //! <pool>/retained/<key>[.json] volumes deleted under the `retain` policy
 //! <pool>/archive/<key>-<time>  volumes deleted under the `archive` policy
+//! <pool>/.cellar-pool          which pool the directory holds (its name and backend)
 //! ```
 //!
 //! For the `image` layout the data is a file, `<pool>/volumes/<key>`; for `btrfs` a subvolume.
@@ -23,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use crate::sys::{files, StorageSys};
 
-use super::config::PoolConfig;
+use super::config::{Backend, PoolConfig};
 
 /// The directories of a pool that cellar manages (its volumes' data and records, and the files
 /// that guard them). Nothing else may name them: a static volume handle below one of them would
@@ -75,6 +76,38 @@ pub fn reaches_into(root: &Path, path: &Path) -> bool {
             (Some(r), Some(p)) if folded(r.as_os_str()) != folded(p.as_os_str()) => return false,
             (Some(_), Some(_)) => {}
         }
+    }
+}
+
+/// The file at a pool's root naming the pool that holds the directory ([`Pool::claim`]).
+const MARK: &str = ".cellar-pool";
+
+/// The places a pool's start clears, which every release made at a pool's first open: a
+/// directory holding them all and no mark is an earlier release's pool.
+const CLEARED: [&str; 4] = ["volumes", "snapshots", ".work", ".trash"];
+
+/// What a pool's mark says: the pool its volumes' ids name, and whether they are local or shared.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Mark {
+    pool: String,
+    backend: Backend,
+}
+
+impl Mark {
+    fn of(config: &PoolConfig) -> Mark {
+        Mark {
+            pool: config.name.as_str().to_string(),
+            backend: config.backend.clone(),
+        }
+    }
+
+    /// The pool as an operator names it: `the local pool 'fast'`.
+    fn described(&self) -> String {
+        let backend = match self.backend {
+            Backend::Local => "local",
+            Backend::Shared => "shared",
+        };
+        format!("the {backend} pool '{}'", self.pool)
     }
 }
 
@@ -180,6 +213,7 @@ impl Pool {
             sys,
             real_root,
         };
+        pool.claim()?;
         for d in MANAGED {
             pool.sys.files.ensure_dir(&pool.config.path.join(d), 0o700)?;
         }
@@ -193,6 +227,120 @@ impl Pool {
             pool.clear_unrecorded()?;
         }
         Ok(pool)
+    }
+
+    /// Makes sure the directory holds this pool and no other before its start clears anything
+    /// there (the configuration compares paths as written; this sees through symbolic links and
+    /// bind mounts). Its mark names the pool and backend that first opened it, which its volumes'
+    /// ids name too: another pool at the same directory, the pool renamed or its backend changed
+    /// would list those volumes as another pool's and answer their deletes without deleting, or
+    /// clear a share's copies in progress as a node's leftovers. With no mark, a directory holding
+    /// none of the places a start clears is new; one holding them all is an earlier release's pool,
+    /// whose records are checked; one holding some holds what cellar did not make (a user's
+    /// `volumes`), which the start would remove. A pool inside what another manages is refused too
+    /// (in its root beside those it is kept apart: see `reaches_into`).
+    fn claim(&self) -> Result<(), StorageError> {
+        let files = &self.sys.files;
+        let ours = Mark::of(&self.config);
+        let refuse = |why: String| {
+            Err(StorageError::PoolUnusable(format!(
+                "pool '{}' cannot use the directory '{}': {why}",
+                ours.pool,
+                self.config.path.display()
+            )))
+        };
+        for above in self.real_root.ancestors().skip(1) {
+            if reaches_into(above, &self.real_root) && files.entry(&above.join(MARK))? != files::Entry::Missing {
+                return refuse(format!(
+                    "it lies in what the pool at '{}' manages (its volumes, snapshots or dot-directories), whose start removes what it did not record; give each pool a directory of its own",
+                    above.display()
+                ));
+            }
+        }
+        let mark = self.config.path.join(MARK);
+        if let Some(bytes) = files.read_optional(&mark)? {
+            let found = serde_json::from_slice::<Mark>(&bytes)
+                .ok()
+                .filter(|m| super::id::PoolName::parse(&m.pool).is_ok());
+            return match found {
+                Some(m) if m == ours => Ok(()),
+                Some(m) => refuse(format!(
+                    "it holds {}, whose volumes' ids name that pool, not {}; give the pool its name and backend back (a pool cannot be renamed or change backend), or give this one an empty directory",
+                    m.described(),
+                    ours.described()
+                )),
+                None => refuse(format!(
+                    "its mark {MARK}, which names the pool the directory holds, cannot be read; repair it (such as {})",
+                    serde_json::to_string(&ours).unwrap_or_default()
+                )),
+            };
+        }
+        let mut present = Vec::new();
+        for d in CLEARED {
+            if files.entry(&self.config.path.join(d))? != files::Entry::Missing {
+                present.push(d);
+            }
+        }
+        if !present.is_empty() {
+            let (own, another) = self.recorded_pools()?;
+            if let Some(other) = another {
+                return refuse(format!(
+                    "it holds another pool's objects ({other}), not {}'s; give the pool its name and backend back (a pool cannot be renamed or change backend)",
+                    ours.described()
+                ));
+            }
+            if !own && present.len() < CLEARED.len() {
+                return refuse(format!(
+                    "it holds {} that no cellar pool made (no {MARK} mark, no record of this pool), and a pool's start removes what no record names there; give the pool an empty directory, or move them away",
+                    present.iter().map(|d| format!("'{d}'")).collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+        let bytes = serde_json::to_vec(&ours).map_err(|e| StorageError::PoolUnusable(e.to_string()))?;
+        files.write_atomic(&mark, &bytes, files::Durability::PowerLoss)?;
+        Ok(())
+    }
+
+    /// What the readable records here name: whether one names this pool (and backend), and the
+    /// id of the first that names another. A record that cannot be read is dealt with when the
+    /// records are loaded.
+    fn recorded_pools(&self) -> Result<(bool, Option<String>), StorageError> {
+        use super::record::{SnapshotRecord, VolumeRecord};
+        let (own, another) = self.named_by::<VolumeRecord>(Kind::Volume, |r| &r.id.0)?;
+        if another.is_some() {
+            return Ok((own, another));
+        }
+        let (own_snapshot, another) = self.named_by::<SnapshotRecord>(Kind::Snapshot, |r| &r.id.0)?;
+        Ok((own || own_snapshot, another))
+    }
+
+    /// [`Pool::recorded_pools`] for the records of `kind`.
+    fn named_by<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: Kind,
+        id: impl Fn(&T) -> &super::id::ObjectId,
+    ) -> Result<(bool, Option<String>), StorageError> {
+        let mut own = false;
+        if self.sys.files.entry(&self.collection_dir(kind))? == files::Entry::Missing {
+            return Ok((own, None));
+        }
+        for key in self.record_keys(kind)? {
+            let Ok(Some(r)) = super::record::load::<T>(&*self.sys.files, &self.record_path(kind, &key)) else {
+                continue;
+            };
+            let id = id(&r);
+            let shared = matches!(id.location, super::id::Location::Shared);
+            if id.pool == self.config.name && shared == self.shared() {
+                own = true;
+                continue;
+            }
+            let what = match kind {
+                Kind::Volume => "volume",
+                Kind::Snapshot => "snapshot",
+            };
+            return Ok((own, Some(format!("{what} {id}"))));
+        }
+        Ok((own, None))
     }
 
     /// Data at an object's place that no record names (invariant 2): what a create left whose
@@ -596,4 +744,165 @@ fn trashed(name: &str) -> Option<(Kind, Key)> {
 
 fn is_tag(tag: &str) -> bool {
     tag.len() == 32 && tag.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::config::Config;
+    use crate::storage::engine::{LocalEngine, NewVolume};
+    use crate::storage::id::{NodeId, PoolName};
+
+    /// A local `dir` pool named `name` at `path`.
+    fn local(name: &str, path: &Path) -> PoolConfig {
+        let mut c = Config::default_for(Path::new("/unused")).pools.remove(0);
+        c.name = PoolName::parse(name).expect("pool name");
+        c.path = path.to_path_buf();
+        c
+    }
+
+    fn shared(name: &str, path: &Path) -> PoolConfig {
+        PoolConfig {
+            backend: Backend::Shared,
+            ..local(name, path)
+        }
+    }
+
+    fn open(config: PoolConfig) -> Result<Pool, StorageError> {
+        Pool::open_as(config, true, StorageSys::linux())
+    }
+
+    /// Why `config` does not open.
+    fn refused(config: PoolConfig) -> String {
+        match open(config) {
+            Err(StorageError::PoolUnusable(why)) => why,
+            r => panic!("the pool must not open: {r:?}"),
+        }
+    }
+
+    /// A volume of pool `name` at `path`, made by an engine holding that pool alone.
+    fn volume_in(name: &str, path: &Path) -> PathBuf {
+        let config = Config {
+            default_pool: PoolName::parse(name).expect("pool name"),
+            pools: vec![local(name, path)],
+            repositories: Vec::new(),
+        };
+        let e = LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("engine");
+        let rec = e
+            .create_volume(NewVolume::plain("pvc-1", None, 1 << 20))
+            .expect("create");
+        let data = path.join("volumes").join(rec.id.0.key.as_str());
+        std::fs::write(data.join("precious"), b"data").expect("write");
+        data.join("precious")
+    }
+
+    #[test]
+    fn a_directory_holding_another_pool_is_refused_and_left_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("a");
+        let precious = volume_in("a", &root);
+        // Another pool at the same directory, and the same pool renamed or turned shared.
+        let why = refused(local("b", &root));
+        assert!(
+            why.contains("pool 'b' cannot use the directory") && why.contains("it holds the local pool 'a'"),
+            "{why}"
+        );
+        let why = refused(shared("a", &root));
+        assert!(
+            why.contains("the local pool 'a'") && why.contains("not the shared pool 'a'"),
+            "{why}"
+        );
+        // The same directory through a symbolic link above it.
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("alias")).expect("symlink");
+        let why = refused(local("b", &dir.path().join("alias").join("a")));
+        assert!(why.contains("it holds the local pool 'a'"), "{why}");
+        assert!(precious.exists(), "the pool's volume is untouched");
+        open(local("a", &root)).expect("the pool itself still opens");
+        assert!(precious.exists());
+    }
+
+    #[test]
+    fn a_pool_inside_what_another_pool_manages_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outer = dir.path().join("outer");
+        let precious = volume_in("outer", &outer);
+        // `volumes` of the outer pool, reached through a link so the paths as written differ.
+        std::os::unix::fs::symlink(outer.join("volumes"), dir.path().join("link")).expect("symlink");
+        let why = refused(local("inner", &dir.path().join("link").join("inner")));
+        assert!(
+            why.contains("lies in what the pool at") && why.contains("outer"),
+            "{why}"
+        );
+        assert!(!outer.join("volumes").join("inner").join(MARK).exists());
+        assert!(precious.exists());
+        // In the outer pool's root beside what it manages, the inner pool is its own.
+        open(local("beside", &outer.join("beside"))).expect("opens");
+    }
+
+    #[test]
+    fn a_directory_of_files_cellar_did_not_make_is_refused_and_left_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = dir.path().join("home");
+        for f in ["volumes/alice/thesis", ".trash/old/photo", "docs/letter"] {
+            let f = home.join(f);
+            std::fs::create_dir_all(f.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&f, b"theirs").expect("write");
+        }
+        let why = refused(local("h", &home));
+        assert!(
+            why.contains(
+                "holds 'volumes', '.trash' that no cellar pool made (no .cellar-pool mark, no record of this pool)"
+            ),
+            "{why}"
+        );
+        assert!(home.join("volumes/alice/thesis").exists() && home.join(".trash/old/photo").exists());
+        assert!(!home.join(MARK).exists(), "nothing is claimed");
+        // Unrelated files alone are no place a start clears: the pool opens beside them.
+        std::fs::remove_dir_all(home.join("volumes")).expect("rm");
+        std::fs::remove_dir_all(home.join(".trash")).expect("rm");
+        open(local("h", &home)).expect("opens");
+        assert!(home.join("docs/letter").exists());
+    }
+
+    #[test]
+    fn an_earlier_releases_pool_is_marked_unless_its_records_name_another_pool() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("p");
+        let precious = volume_in("old", &root);
+        // As an earlier release left it, no mark (and no trash: an operator emptied it by hand).
+        std::fs::remove_file(root.join(MARK)).expect("unmark");
+        std::fs::remove_dir(root.join(".trash")).expect("no trash");
+        let why = refused(local("new", &root));
+        assert!(
+            why.contains("another pool's objects (volume local:n1:old:pvc-1)")
+                && why.contains("a pool cannot be renamed"),
+            "{why}"
+        );
+        let why = refused(shared("old", &root));
+        assert!(why.contains("not the shared pool 'old''s"), "{why}");
+        assert!(!root.join(MARK).exists());
+        open(local("old", &root)).expect("its own name opens it");
+        assert!(root.join(MARK).exists(), "and marks it");
+        assert!(precious.exists());
+        // An earlier release's pool that holds nothing yet: every place a start clears, no record.
+        let empty = dir.path().join("empty");
+        for d in CLEARED {
+            std::fs::create_dir_all(empty.join(d)).expect("mkdir");
+        }
+        open(local("any", &empty)).expect("opens");
+        assert!(empty.join(MARK).exists());
+    }
+
+    #[test]
+    fn an_unreadable_mark_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("p");
+        open(local("p", &root)).expect("opens");
+        std::fs::write(root.join(MARK), b"{ torn").expect("spoil");
+        let why = refused(local("p", &root));
+        assert!(
+            why.contains("cannot be read") && why.contains(r#"{"pool":"p","backend":"local"}"#),
+            "{why}"
+        );
+    }
 }
