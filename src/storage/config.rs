@@ -9,7 +9,7 @@ use super::id::PoolName;
 use super::record::Layout;
 use crate::sys::fstools::FsType;
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Backend {
     Local,
@@ -145,6 +145,55 @@ fn local() -> Backend {
 /// filesystem, gone with the container.
 pub fn plain_absolute(path: &Path) -> bool {
     path.is_absolute() && !path.components().any(|c| c == std::path::Component::ParentDir)
+}
+
+/// Refuses pools whose directories overlap, and pools that hold the data dir or lie in its node
+/// state, compared as written (a pool's open compares the real directories: [`super::pool`]'s
+/// mark). A pool's start removes what no record of its own names in its `volumes`, `snapshots`,
+/// `.work` and `.trash`: a pool at the same path, holding another, or inside what another
+/// manages ([`super::pool::reaches_into`]) loses that pool's volumes, copies in progress or whole
+/// root there, and where it does not, each lists and answers for the other's volumes. A pool in
+/// another's root beside those (`/data` and `/data/fast`) is kept apart by the static volumes'
+/// checks and allowed.
+fn separate_places(pools: &[PoolConfig], data_dir: &Path) -> Result<(), String> {
+    let node_state = data_dir.join("node");
+    for (i, p) in pools.iter().enumerate() {
+        let (name, path) = (p.name.as_str(), p.path.display());
+        for q in &pools[..i] {
+            let other = q.name.as_str();
+            if p.path == q.path {
+                return Err(format!(
+                    "pools '{other}' and '{name}' have the same path '{path}': give each pool a directory of its own"
+                ));
+            }
+            let (outer, inner) = match (p.path.starts_with(&q.path), q.path.starts_with(&p.path)) {
+                (true, _) => (&q.path, &p.path),
+                (_, true) => (&p.path, &q.path),
+                _ => continue,
+            };
+            if super::pool::reaches_into(outer, inner) {
+                return Err(format!(
+                    "pools '{other}' and '{name}' overlap ('{}' and '{path}'): one holds the other in its volumes, snapshots or dot-directories, which its start clears of what it did not record; give each pool a directory of its own, beside the other",
+                    q.path.display()
+                ));
+            }
+        }
+        if data_dir.starts_with(&p.path) {
+            return Err(format!(
+                "pool '{name}': path '{path}' holds the data dir '{}' (this node's state, the default place of other pools): give the pool a directory beside it, such as '{}'",
+                data_dir.display(),
+                data_dir.join("pools").join(name).display()
+            ));
+        }
+        if p.path.starts_with(&node_state) {
+            return Err(format!(
+                "pool '{name}': path '{path}' lies in '{}', this node's state: give the pool a directory outside it, such as '{}'",
+                node_state.display(),
+                data_dir.join("pools").join(name).display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Config {
@@ -294,6 +343,7 @@ impl Config {
                 delete_policy: p.delete_policy,
             });
         }
+        separate_places(&pools, data_dir).map_err(invalid)?;
         let default_pool = match file.default_pool {
             Some(d) => {
                 let d = PoolName::parse(&d).map_err(|e| invalid(e.0))?;
@@ -396,6 +446,65 @@ mod tests {
         assert!(e.contains("imageFsType"), "{e}");
         let c = parse("pools:\n  - name: s\n    backend: shared\n    path: /x\n    imageFsType: xfs\n").unwrap();
         assert_eq!(c.pools[0].fs_type, FsType::Xfs);
+    }
+
+    #[test]
+    fn pools_sharing_a_directory_are_refused() {
+        for (a, b, why) in [
+            ("/data", "/data", "have the same path '/data'"),
+            ("/data/", "/data", "have the same path"),
+            ("/data", "/data/./volumes", "overlap"),
+            ("/data/volumes/x", "/data", "overlap"),
+            ("/data", "/data/.trash/x", "overlap"),
+            ("/data", "/data/Snapshots", "overlap"),
+        ] {
+            let e = parse(&format!(
+                "pools:\n  - name: a\n    path: {a}\n  - name: b\n    backend: shared\n    path: {b}\n"
+            ))
+            .expect_err("one directory, two pools")
+            .to_string();
+            assert!(e.contains("pools 'a' and 'b'") && e.contains(why), "{e}");
+        }
+        // A pool without a path has its place under the data dir, compared the same.
+        let e = parse("pools:\n  - name: a\n  - name: b\n    path: /var/lib/cellar/pools/a/snapshots/b\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("overlap ('/var/lib/cellar/pools/a' and"), "{e}");
+        // Beside each other, or one in the other's root outside what that one manages.
+        for (a, b) in [
+            ("/data/a", "/data/ab"),
+            ("/data", "/data/fast"),
+            ("/data", "/data/retained-not"),
+        ] {
+            assert!(
+                parse(&format!(
+                    "pools:\n  - name: a\n    path: {a}\n  - name: b\n    path: {b}\n"
+                ))
+                .is_ok(),
+                "{a} {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pool_holding_the_data_dir_or_inside_its_node_state_is_refused() {
+        for path in ["/", "/var/lib", "/var/lib/cellar"] {
+            let e = parse(&format!("pools:\n  - name: a\n    path: {path}\n"))
+                .expect_err(path)
+                .to_string();
+            assert!(
+                e.contains("holds the data dir '/var/lib/cellar'") && e.contains("'/var/lib/cellar/pools/a'"),
+                "{e}"
+            );
+        }
+        for path in ["/var/lib/cellar/node", "/var/lib/cellar/node/pool"] {
+            let e = parse(&format!("pools:\n  - name: a\n    path: {path}\n"))
+                .expect_err(path)
+                .to_string();
+            assert!(e.contains("this node's state"), "{e}");
+        }
+        assert!(parse("pools:\n  - name: a\n    path: /var/lib/cellar/nodes\n").is_ok());
+        assert!(parse("pools:\n  - name: a\n    path: /var/lib/cellar-pools\n").is_ok());
     }
 
     #[test]
