@@ -156,7 +156,8 @@ pub fn plain_absolute(path: &Path) -> bool {
 /// another's root beside those (`/data` and `/data/fast`) is kept apart by the static volumes'
 /// checks and allowed.
 fn separate_places(pools: &[PoolConfig], data_dir: &Path) -> Result<(), String> {
-    let node_state = data_dir.join("node");
+    // The node's mount state, and its pools' rosters and the marks it remembers.
+    let node_state = [data_dir.join("node"), data_dir.join("rosters")];
     for (i, p) in pools.iter().enumerate() {
         let (name, path) = (p.name.as_str(), p.path.display());
         for q in &pools[..i] {
@@ -185,10 +186,10 @@ fn separate_places(pools: &[PoolConfig], data_dir: &Path) -> Result<(), String> 
                 data_dir.join("pools").join(name).display()
             ));
         }
-        if p.path.starts_with(&node_state) {
+        if let Some(state) = node_state.iter().find(|s| p.path.starts_with(s)) {
             return Err(format!(
                 "pool '{name}': path '{path}' lies in '{}', this node's state: give the pool a directory outside it, such as '{}'",
-                node_state.display(),
+                state.display(),
                 data_dir.join("pools").join(name).display()
             ));
         }
@@ -497,7 +498,11 @@ mod tests {
                 "{e}"
             );
         }
-        for path in ["/var/lib/cellar/node", "/var/lib/cellar/node/pool"] {
+        for path in [
+            "/var/lib/cellar/node",
+            "/var/lib/cellar/node/pool",
+            "/var/lib/cellar/rosters/p",
+        ] {
             let e = parse(&format!("pools:\n  - name: a\n    path: {path}\n"))
                 .expect_err(path)
                 .to_string();

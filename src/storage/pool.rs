@@ -80,25 +80,47 @@ pub fn reaches_into(root: &Path, path: &Path) -> bool {
 }
 
 /// The file at a pool's root naming the pool that holds the directory ([`Pool::claim`]).
-const MARK: &str = ".cellar-pool";
+pub const MARK: &str = ".cellar-pool";
 
 /// The places a pool's start clears, which every release made at a pool's first open: a
 /// directory holding them all and no mark is an earlier release's pool.
 const CLEARED: [&str; 4] = ["volumes", "snapshots", ".work", ".trash"];
 
-/// What a pool's mark says: the pool its volumes' ids name, and whether they are local or shared.
+/// What a pool's mark says: the pool its volumes' ids name, whether they are local or shared, and
+/// a random id told apart from any other directory's: a node remembers a local pool's, and opens
+/// the pool only where it finds it (`storage/roster.rs`: a disk not mounted leaves an empty
+/// directory, another disk another id).
 #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-struct Mark {
-    pool: String,
-    backend: Backend,
+pub struct Mark {
+    pub pool: String,
+    pub backend: Backend,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 impl Mark {
+    /// A new mark of the pool of `config`, with an id of its own.
     fn of(config: &PoolConfig) -> Mark {
         Mark {
             pool: config.name.as_str().to_string(),
             backend: config.backend.clone(),
+            id: Some(uuid::Uuid::new_v4().simple().to_string()),
         }
+    }
+
+    /// Whether it names the same pool as `other` (whatever their ids).
+    fn names(&self, other: &Mark) -> bool {
+        self.pool == other.pool && self.backend == other.backend
+    }
+
+    /// The mark at a pool's root `root`: `None` when there is none, `Some(None)` for one that
+    /// does not parse.
+    pub fn read(files: &dyn files::Files, root: &Path) -> Result<Option<Option<Mark>>, crate::sys::SysError> {
+        Ok(files.read_optional(&root.join(MARK))?.map(|bytes| {
+            serde_json::from_slice::<Mark>(&bytes)
+                .ok()
+                .filter(|m| super::id::PoolName::parse(&m.pool).is_ok())
+        }))
     }
 
     /// The pool as an operator names it: `the local pool 'fast'`.
@@ -258,12 +280,14 @@ impl Pool {
             }
         }
         let mark = self.config.path.join(MARK);
-        if let Some(bytes) = files.read_optional(&mark)? {
-            let found = serde_json::from_slice::<Mark>(&bytes)
-                .ok()
-                .filter(|m| super::id::PoolName::parse(&m.pool).is_ok());
+        if let Some(found) = Mark::read(&**files, &self.config.path)? {
             return match found {
-                Some(m) if m == ours => Ok(()),
+                Some(m) if m.names(&ours) && m.id.is_some() => Ok(()),
+                // A mark without an id (written by hand) gets one.
+                Some(m) if m.names(&ours) => {
+                    let bytes = serde_json::to_vec(&Mark { id: ours.id, ..m }).unwrap_or_default();
+                    Ok(files.write_atomic(&mark, &bytes, files::Durability::PowerLoss)?)
+                }
                 Some(m) => refuse(format!(
                     "it holds {}, whose volumes' ids name that pool, not {}; give the pool its name and backend back (a pool cannot be renamed or change backend), or give this one an empty directory",
                     m.described(),
@@ -271,7 +295,7 @@ impl Pool {
                 )),
                 None => refuse(format!(
                     "its mark {MARK}, which names the pool the directory holds, cannot be read; repair it (such as {})",
-                    serde_json::to_string(&ours).unwrap_or_default()
+                    serde_json::to_string(&Mark { id: None, pool: ours.pool.clone(), backend: ours.backend.clone() }).unwrap_or_default()
                 )),
             };
         }

@@ -6,9 +6,9 @@
 //! this node, which refuses it while the pool is shut, instead of making the volume again
 //! elsewhere).
 //!
-//! The roster also remembers **which pool** it lists. A local pool marks its root with
-//! `.cellar-pool` (a random id) the first time it opens, and the node keeps that id beside the
-//! roster (`<pool>.id`). A pool's directory that lacks the mark the node remembers (its disk is not
+//! The roster also remembers **which pool** it lists. A pool's root holds its mark, `.cellar-pool`
+//! (its name, backend and a random id, made at its first opening: `storage/pool.rs`), and the node
+//! keeps a local pool's id beside the roster (`<pool>.id`). A pool's directory that lacks the mark the node remembers (its disk is not
 //! mounted, and the directory below it is empty) or holds another mark (another pool's disk is
 //! mounted there) does not open: opened there, its volumes would look deleted and new ones would be
 //! made on the wrong disk, hidden once the right one is mounted. It is tried again every 10 s, and
@@ -32,19 +32,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 
 use super::id::PoolName;
+use super::pool::{Mark, MARK};
 use super::record::VolumeRecord;
 use super::StorageError;
 use crate::sys::files::{Durability, Files};
 
-/// The mark a local pool's root holds: which pool it is.
-pub const MARK: &str = ".cellar-pool";
-
-/// A pool's identity, as its mark and the node's memory of it hold it.
+/// What a node remembers of a local pool's mark.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Identity {
-    pub id: String,
-    /// The pool's name when the mark was made (for the operator; the id decides).
-    pub pool: String,
+struct Remembered {
+    id: String,
 }
 
 /// Appends a roster takes before it is written again whole, at the least.
@@ -130,13 +126,12 @@ impl Roster {
     /// be read is left to the pool's opening to refuse.
     pub fn check_identity(&self, pool: &PoolName, root: &Path) -> Result<(), StorageError> {
         let known = match self.files.read_optional(&self.identity_path(pool)) {
-            Ok(Some(b)) => serde_json::from_slice::<Identity>(&b).ok(),
+            Ok(Some(b)) => serde_json::from_slice::<Remembered>(&b).ok(),
             _ => None,
         };
         let Some(known) = known else { return Ok(()) };
-        let marked = match self.files.read_optional(&root.join(MARK)) {
-            Ok(found) => found.map(|b| serde_json::from_slice::<Identity>(&b).ok()),
-            Err(_) => return Ok(()),
+        let Ok(marked) = Mark::read(&*self.files, root) else {
+            return Ok(());
         };
         let remedy = format!(
             "mount the pool's disk at {} (the pool opens by itself within 10 s); if the pool was emptied or replaced on purpose, remove {}",
@@ -144,51 +139,50 @@ impl Roster {
             self.identity_path(pool).display()
         );
         match marked {
-            Some(Some(m)) if m.id == known.id => Ok(()),
+            Some(Some(m)) if m.id.as_deref() == Some(known.id.as_str()) => Ok(()),
+            // Repaired by hand as the refusal of an unreadable mark says (its name and backend
+            // only): the pool's opening checks those, and gives it an id the node remembers.
+            Some(Some(m)) if m.id.is_none() && m.pool == pool.as_str() => Ok(()),
             None => Err(StorageError::PoolUnusable(format!(
                 "{} lacks the mark ({MARK}) pool '{}' made there when it first opened (id {}): its disk is not mounted, and opening the empty directory below would show its volumes as deleted; {remedy}",
                 root.display(),
                 pool.as_str(),
                 known.id
             ))),
-            Some(m) => Err(StorageError::PoolUnusable(format!(
-                "{} is marked as {}, not as pool '{}' this node opened there before (id {}): another disk is mounted there; {remedy}",
+            // One that does not parse: the pool's opening refuses it, saying how to repair it.
+            Some(None) => Ok(()),
+            Some(Some(m)) => Err(StorageError::PoolUnusable(format!(
+                "{} is marked as pool '{}' (id {}), not as pool '{}' this node opened there before (id {}): another disk is mounted there; {remedy}",
                 root.display(),
-                m.map(|m| format!("pool '{}' (id {})", m.pool, m.id))
-                    .unwrap_or_else(|| format!("something else ({MARK} does not parse)")),
+                m.pool,
+                m.id.unwrap_or_default(),
                 pool.as_str(),
                 known.id
             ))),
         }
     }
 
-    /// After pool `pool` opened at `root`: marks it there when it has no mark yet, and remembers its
-    /// mark when the node does not yet (a pool's first opening, or its first under a release with
-    /// marks).
+    /// After pool `pool` opened at `root` (which marked it, if it had no mark, and gave a mark
+    /// without an id one): remembers its mark's id when the node does not yet (a pool's first
+    /// opening, or its first under a release with marks), or remembers another (one repaired by
+    /// hand, which [`Roster::check_identity`] let through).
     pub fn settle_identity(&self, pool: &PoolName, root: &Path) -> Result<(), StorageError> {
-        let mark = root.join(MARK);
-        let marked = self
-            .files
-            .read_optional(&mark)?
-            .and_then(|b| serde_json::from_slice::<Identity>(&b).ok());
-        let identity = match marked {
-            Some(m) => m,
-            None => {
-                let fresh = Identity {
-                    id: uuid::Uuid::new_v4().simple().to_string(),
-                    pool: pool.as_str().to_string(),
-                };
-                let bytes = serde_json::to_vec(&fresh).unwrap_or_default();
-                self.files.write_atomic(&mark, &bytes, Durability::PowerLoss)?;
-                fresh
-            }
-        };
         let known = self.identity_path(pool);
-        if self.files.read_optional(&known)?.is_none() {
-            let bytes = serde_json::to_vec(&identity).unwrap_or_default();
-            self.files.write_atomic(&known, &bytes, Durability::PowerLoss)?;
+        let remembered = self
+            .files
+            .read_optional(&known)?
+            .and_then(|b| serde_json::from_slice::<Remembered>(&b).ok());
+        let Some(Some(Mark { id: Some(id), .. })) = Mark::read(&*self.files, root)? else {
+            return Err(StorageError::PoolUnusable(format!(
+                "{} has no mark ({MARK}) with an id after the pool opened",
+                root.display()
+            )));
+        };
+        if remembered.is_some_and(|r| r.id == id) {
+            return Ok(());
         }
-        Ok(())
+        let bytes = serde_json::to_vec(&Remembered { id }).unwrap_or_default();
+        Ok(self.files.write_atomic(&known, &bytes, Durability::PowerLoss)?)
     }
 
     /// Whether a roster misses a change (its write failed; it is written whole with the next one).

@@ -2476,7 +2476,7 @@ fn a_pool_directory_without_its_mark_does_not_open_until_its_disk_is_back() {
     let made = {
         let first = keeping(&node, &config, &rosters);
         assert!(
-            late.path.join(crate::storage::roster::MARK).is_file(),
+            late.path.join(crate::storage::pool::MARK).is_file(),
             "marked at its first opening"
         );
         assert!(rosters.join("late.id").is_file(), "and remembered");
@@ -2560,4 +2560,24 @@ fn another_pools_disk_in_a_pools_place_does_not_open_and_forgetting_the_mark_let
     std::fs::remove_file(rosters.join("default.id")).expect("forget");
     let engine = keeping(&node, &config, &rosters);
     assert!(engine.ready(), "{:?}", engine.broken_pools());
+}
+
+#[test]
+fn a_mark_repaired_by_hand_as_its_refusal_says_opens_and_stays_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rosters = dir.path().join("rosters");
+    let config = Config::default_for(dir.path());
+    let node = NodeId::parse("n1").expect("node");
+    drop(keeping(&node, &config, &rosters));
+    let mark = config.pools[0].path.join(crate::storage::pool::MARK);
+    std::fs::write(&mark, b"{ torn").expect("spoil");
+    let engine = keeping(&node, &config, &rosters);
+    let why = engine.broken_pools();
+    assert!(why.len() == 1 && why[0].1.contains("cannot be read"), "{why:?}");
+    drop(engine);
+    std::fs::write(&mark, br#"{"pool":"default","backend":"local"}"#).expect("repair");
+    for start in ["after the repair", "and at the next start"] {
+        let engine = keeping(&node, &config, &rosters);
+        assert!(engine.ready(), "{start}: {:?}", engine.broken_pools());
+    }
 }
