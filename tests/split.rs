@@ -932,6 +932,77 @@ async fn a_copy_to_a_node_without_room_is_resource_exhausted_and_leaves_nothing(
     assert_nothing_of(&c.pool_dir(1), "big");
 }
 
+/// What of snapshot `name` a node's pool holds: its data, its record, anything in `.work`.
+fn snapshot_leftovers(pool: &Path, name: &str) -> Vec<String> {
+    let mut left: Vec<String> = [format!("snapshots/{name}"), format!("snapshots/{name}.json")]
+        .into_iter()
+        .filter(|p| pool.join(p).exists())
+        .collect();
+    let work = std::fs::read_dir(pool.join(".work")).expect(".work").flatten();
+    left.extend(work.map(|e| format!(".work/{}", e.file_name().to_string_lossy())));
+    left
+}
+
+/// A volume whose tree is deeper than a copy takes is the caller's to fix, through the controller
+/// as on one node: CreateSnapshot (answered by the volume's node over the agent wire) and a clone
+/// onto another node (the source node's walk fails mid-stream; its error crosses two agent calls)
+/// answer FAILED_PRECONDITION, not INTERNAL, leave nothing on either node, and succeed once the
+/// workload flattens the tree.
+#[tokio::test]
+async fn a_copy_of_a_tree_too_deep_is_failed_precondition_through_the_controller_and_leaves_nothing() {
+    let c = Cluster::start(Spec::nodes(vec![None, None])).await;
+    let mut ctl = c.ctl().await;
+    let src = made(&mut ctl, wffc("src", 16 * MIB, "node-1", BOTH)).await;
+    let deepest = c
+        .pool_dir(0)
+        .join("volumes/src")
+        .join(std::iter::repeat_n("d", 1000).collect::<PathBuf>());
+    std::fs::create_dir_all(deepest.join("too-deep")).expect("mkdir");
+    std::fs::write(deepest.join("too-deep/file"), b"deep").expect("write");
+    // The source's refusal, naming its volume: not the target's, naming where it built the copy.
+    let refused = |e: tonic::Status, what: &str| {
+        assert_eq!(e.code(), Code::FailedPrecondition, "{what}: {e}");
+        for words in [
+            "deeper than 1000 levels",
+            "flatten it",
+            "/node-1/pools/default/volumes/src",
+        ] {
+            assert!(e.message().contains(words), "{what}: {e}");
+        }
+    };
+
+    let snap = CreateSnapshotRequest {
+        name: "snap".into(),
+        source_volume_id: src.volume_id.clone(),
+        ..Default::default()
+    };
+    refused(
+        ctl.create_snapshot(snap.clone()).await.expect_err("too deep"),
+        "CreateSnapshot",
+    );
+    assert_eq!(snapshot_leftovers(&c.pool_dir(0), "snap"), Vec::<String>::new());
+    let clone = copy_req("cloned", 16 * MIB, "node-2", from_volume(&src.volume_id));
+    refused(
+        ctl.create_volume(clone.clone()).await.expect_err("too deep"),
+        "the clone",
+    );
+    assert_nothing_of(&c.pool_dir(1), "cloned");
+    assert_eq!(snapshot_leftovers(&c.pool_dir(0), "cloned"), Vec::<String>::new());
+
+    std::fs::rename(deepest.join("too-deep/file"), deepest.join("file")).expect("flatten");
+    std::fs::remove_dir(deepest.join("too-deep")).expect("flatten");
+    ctl.create_snapshot(snap).await.expect("CreateSnapshot once flattened");
+    made(&mut ctl, clone).await;
+    let copied = c
+        .pool_dir(1)
+        .join("volumes/cloned")
+        .join(deepest.strip_prefix(c.pool_dir(0).join("volumes/src")).expect("below"));
+    assert_eq!(
+        std::fs::read(copied.join("file")).expect("the bottom was copied"),
+        b"deep"
+    );
+}
+
 #[tokio::test]
 async fn a_copy_from_an_unreachable_node_is_unavailable_naming_it_and_leaves_nothing() {
     let mut c = Cluster::start(Spec::nodes(vec![None, None])).await;

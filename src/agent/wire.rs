@@ -831,6 +831,8 @@ impl From<&StorageError> for v1::StorageFailure {
                 status: status.clone(),
                 stderr: stderr.clone(),
             }),
+            StorageError::ContentRefused(s) => Kind::ContentRefused(s.clone()),
+            StorageError::Sys(SysError::TooLarge(t)) => Kind::ContentRefused(t.to_string()),
         };
         v1::StorageFailure { kind: Some(kind) }
     }
@@ -868,6 +870,7 @@ pub fn storage_error(node: &NodeId, f: v1::StorageFailure) -> Option<StorageErro
         Kind::NotTogether(s) => StorageError::NotTogether(s),
         Kind::Aborted(s) => StorageError::Aborted(s),
         Kind::DataLoss(s) => StorageError::DataLoss(s),
+        Kind::ContentRefused(s) => StorageError::ContentRefused(s),
         Kind::Corrupt(c) => StorageError::Corrupt {
             path: PathBuf::from(c.path),
             reason: c.reason,
@@ -1342,7 +1345,31 @@ mod tests {
                 status: "exit status: 1".into(),
                 stderr: "bad".into(),
             }),
+            StorageError::ContentRefused("the tree at /data/v is deeper than 1000 levels".into()),
+            StorageError::Sys(SysError::TooLarge(crate::sys::tree::TooLarge::Xattrs {
+                root: "/data/v".into(),
+                entry: "f".into(),
+            })),
         ]
+    }
+
+    /// Content a copy does not take is the caller's to change, on the node and at the controller
+    /// alike: INTERNAL (a driver bug, retried for ever) nowhere on the way.
+    #[test]
+    fn content_a_copy_refuses_is_failed_precondition_across_the_wire() {
+        let deep = crate::sys::tree::TooLarge::Depth {
+            root: "/data/v".into(),
+            entry: std::iter::repeat_n("d".repeat(250), 1001).collect(),
+        };
+        let sent = status(StorageError::from(SysError::from(deep)));
+        assert_eq!(sent.code(), Code::FailedPrecondition, "{}", sent.message());
+        let back = storage_error(&node(), failure(&sent).expect("failure in details")).unwrap();
+        assert!(matches!(back, StorageError::ContentRefused(_)), "{back:?}");
+        let answered = Status::from(back);
+        assert_eq!(answered.code(), Code::FailedPrecondition);
+        assert!(answered.message().contains("flatten it"), "{}", answered.message());
+        // The path 250 KB long is cut: the message fits in the header that carries it.
+        assert!(sent.details().len() < 4096, "{} bytes of details", sent.details().len());
     }
 
     #[test]

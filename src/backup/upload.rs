@@ -160,7 +160,7 @@ pub fn refuse_unbackupable(
 ) -> Result<(), StorageError> {
     let longest = root.as_os_str().len() + 1 + count.longest_path;
     if longest >= libc::PATH_MAX as usize {
-        return Err(StorageError::InUse(format!(
+        return Err(StorageError::ContentRefused(format!(
             "{what} holds a path {} bytes long below its root, too deep for a tree backup, which \
              reads files by path (at most {} bytes below {}): make the tree shallower, or keep it \
              in an image volume, whose backups read the image file",
@@ -173,7 +173,7 @@ pub fn refuse_unbackupable(
     if count.hole_bytes <= max {
         return Ok(());
     }
-    Err(StorageError::InUse(format!(
+    Err(StorageError::ContentRefused(format!(
         "{what} holds sparse files whose holes total {} bytes, more than the {max} a backup of a \
          {capacity}-byte volume reads (16 times its capacity, at least 16 GiB): a tree backup reads \
          holes as zeros. Make those files dense, or keep them in an image volume, whose backups \
@@ -599,7 +599,7 @@ mod tests {
         let short = BackupId::new(PoolName::parse("offsite").unwrap(), "5679-abcd").unwrap();
         let e = upload(&b, &short, &meta("snap-short"), &data, None, &Default::default())
             .expect_err("a tree too deep for the backup tool");
-        assert!(matches!(e, StorageError::InUse(_)), "{e:?}");
+        assert!(matches!(e, StorageError::ContentRefused(_)), "{e:?}");
         assert!(e.to_string().contains("too deep for a tree backup"), "{e}");
         assert_eq!(copies(&b, &short), (0, 0), "nothing of it is kept");
         assert!(b.list(short.repository()).unwrap().iter().all(|i| i.id != short));

@@ -44,6 +44,9 @@ pub const NO_RECORD: Fault = Fault::inaccessible("VolumeNotFound");
 pub const DATA_MISSING: Fault = Fault::inaccessible("DataMissing");
 /// A dir volume holds more than its capacity (dir does not enforce it).
 pub const OVER_CAPACITY: Fault = Fault::degraded("OverCapacity");
+/// A dir volume's tree is deeper than a copy takes: its snapshots and clones are refused, and its
+/// use is counted down to that depth only.
+pub const TREE_TOO_DEEP: Fault = Fault::degraded("TreeTooDeep");
 /// The node that holds the volume does not answer; the answer is its last listing.
 pub const NODE_UNREACHABLE: Fault = Fault::inaccessible("NodeUnreachable");
 
@@ -104,6 +107,8 @@ pub fn engine_fault(c: &Condition) -> Option<Fault> {
         Some(NO_RECORD)
     } else if c.message.contains(engine::UNENFORCED_CAPACITY) {
         Some(OVER_CAPACITY)
+    } else if c.message.contains(engine::TOO_DEEP_TO_COPY) {
+        Some(TREE_TOO_DEEP)
     } else {
         Some(DATA_MISSING)
     }
@@ -173,6 +178,8 @@ mod tests {
         assert_eq!(engine_fault(&over), Some(OVER_CAPACITY));
         let gone = abnormal(format!("volume x {} n1", engine::NO_RECORD));
         assert_eq!(engine_fault(&gone), Some(NO_RECORD));
+        let deep = abnormal(format!("volume x {} (1000 levels at most)", engine::TOO_DEEP_TO_COPY));
+        assert_eq!(engine_fault(&deep), Some(TREE_TOO_DEEP));
         assert_eq!(
             engine_fault(&abnormal("directory /p/x is missing".into())),
             Some(DATA_MISSING)

@@ -19,7 +19,9 @@ impl From<StorageError> for Status {
             StorageError::WrongNode { .. } => Code::NotFound,
             StorageError::Corrupt { .. } => Code::Internal,
             StorageError::PoolUnusable(_) | StorageError::PoolBroken { .. } => Code::FailedPrecondition,
-            StorageError::InUse(_) | StorageError::NotTogether(_) => Code::FailedPrecondition,
+            StorageError::InUse(_) | StorageError::NotTogether(_) | StorageError::ContentRefused(_) => {
+                Code::FailedPrecondition
+            }
             StorageError::Unavailable(_) => Code::Unavailable,
             StorageError::DataLoss(_) => Code::DataLoss,
             StorageError::Sys(s) => return sys_status(s),
@@ -29,9 +31,11 @@ impl From<StorageError> for Status {
 }
 
 /// A failed syscall: a vanished network share or device is UNAVAILABLE (the CO retries), the rest
-/// is INTERNAL with the step and path in the message.
+/// is INTERNAL with the step and path in the message. Content a copy does not take is no failure
+/// of the driver's: FAILED_PRECONDITION, which the CO does not retry as it is.
 pub fn sys_status(e: &SysError) -> Status {
     let code = match e.errno() {
+        _ if matches!(e, SysError::TooLarge(_)) => Code::FailedPrecondition,
         _ if e.is_unavailable() => Code::Unavailable,
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => Code::ResourceExhausted,
         _ => Code::Internal,

@@ -179,10 +179,12 @@ pub struct Ownership {
     pub mode: Option<u32>,
 }
 
-/// Words in every condition of a volume with no record, and of a dir volume over its capacity:
-/// only the message crosses the agent wire, and csi/health.rs tells the faults apart by them.
+/// Words in every condition of a volume with no record, of a dir volume over its capacity, and of
+/// one whose tree is too deep to copy: only the message crosses the agent wire, and csi/health.rs
+/// tells the faults apart by them.
 pub const NO_RECORD: &str = "has no record on node";
 pub const UNENFORCED_CAPACITY: &str = "dir volumes do not enforce capacity";
+pub const TOO_DEEP_TO_COPY: &str = "holds a tree too deep to copy";
 
 /// Whether a volume's data is where its record says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,7 +286,7 @@ pub struct LocalEngine {
     /// process serves the Node service: asked before every delete.
     mounted_here: std::sync::OnceLock<std::sync::Arc<dyn MountedHere>>,
     /// What each dir volume held when last counted (for its over-capacity condition).
-    dir_usage: Mutex<std::collections::HashMap<String, (std::time::Instant, u64)>>,
+    dir_usage: Mutex<std::collections::HashMap<String, (std::time::Instant, crate::sys::tree::Allocated)>>,
     /// The backup repositories of the configuration (docs/backups.md).
     backups: std::sync::Arc<crate::backup::Backups>,
     /// This engine, for the background uploads it starts (set by [`LocalEngine::start_uploads`]).

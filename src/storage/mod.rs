@@ -71,8 +71,22 @@ pub enum StorageError {
     DataLoss(String),
     #[error("corrupt record {path}: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    /// A volume's content that the call cannot take (a tree too deep to copy, an entry with more
+    /// xattrs than a copy carries): the workload made it, and only a change to it lets a retry
+    /// through.
+    #[error("{0}")]
+    ContentRefused(String),
     #[error(transparent)]
-    Sys(#[from] SysError),
+    Sys(SysError),
+}
+
+impl From<SysError> for StorageError {
+    fn from(e: SysError) -> StorageError {
+        match e {
+            SysError::TooLarge(t) => StorageError::ContentRefused(t.to_string()),
+            other => StorageError::Sys(other),
+        }
+    }
 }
 
 impl StorageError {

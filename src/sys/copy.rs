@@ -316,6 +316,9 @@ mod tests {
                 .join()
                 .expect("no overflow");
             assert_eq!(r.is_ok(), copies, "{depth} levels: {r:?}");
+            if let Err(e) = r {
+                assert!(matches!(e, SysError::TooLarge(tree::TooLarge::Depth { .. })), "{e:?}");
+            }
         }
     }
 

@@ -6,6 +6,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::tree::Allocated;
 use super::{Recorded, Step, SysError};
 
 /// How much a write must survive.
@@ -67,9 +68,9 @@ pub trait Files: Send + Sync {
     fn remove_tree(&self, path: &Path) -> Result<(), SysError>;
     /// Bytes the files of a tree occupy on disk (allocated blocks, so holes do not count).
     fn allocated_bytes(&self, path: &Path) -> Result<u64, SysError>;
-    /// Allocated bytes of the tree at `path`, counted until they reach `stop`; what cannot be read
-    /// counts nothing.
-    fn allocated_upto(&self, path: &Path, stop: u64) -> u64;
+    /// Allocated bytes of the tree at `path`, counted until they reach `stop`; what cannot be read,
+    /// or lies deeper than a walk goes, counts nothing (and the answer says a tree went that deep).
+    fn allocated_upto(&self, path: &Path, stop: u64) -> Allocated;
     /// Allocated bytes of the file at `path` that no other file shares (a reflinked copy shares
     /// its source's blocks until either writes them): what it holds that a rewrite of its data
     /// would not need anew. What cannot be read counts nothing.
@@ -150,7 +151,7 @@ impl Files for LinuxFiles {
     fn allocated_bytes(&self, path: &Path) -> Result<u64, SysError> {
         allocated_bytes(path)
     }
-    fn allocated_upto(&self, path: &Path, stop: u64) -> u64 {
+    fn allocated_upto(&self, path: &Path, stop: u64) -> Allocated {
         allocated_upto(path, stop)
     }
     fn unshared_bytes(&self, path: &Path) -> u64 {
@@ -343,11 +344,11 @@ impl Files for RecordingFiles {
         self.enter("allocated_bytes", path, None)?;
         allocated_bytes(path)
     }
-    fn allocated_upto(&self, path: &Path, stop: u64) -> u64 {
+    fn allocated_upto(&self, path: &Path, stop: u64) -> Allocated {
         // Infallible by contract: an armed failure reads as nothing counted.
         match self.enter("allocated_upto", path, None) {
             Ok(()) => allocated_upto(path, stop),
-            Err(_) => 0,
+            Err(_) => Allocated::default(),
         }
     }
     fn unshared_bytes(&self, path: &Path) -> u64 {
@@ -701,7 +702,7 @@ fn remove_nested_subvolumes(path: &Path) -> Result<bool, SysError> {
 fn allocated_bytes(path: &Path) -> Result<u64, SysError> {
     let md = fs::symlink_metadata(path).step("lstat", path)?;
     if md.is_dir() {
-        return super::tree::allocated_bytes(path, u64::MAX, false);
+        return Ok(super::tree::allocated_bytes(path, u64::MAX, false)?.bytes);
     }
     Ok(md.blocks() * 512)
 }
@@ -710,12 +711,13 @@ fn allocated_bytes(path: &Path) -> Result<u64, SysError> {
 /// they reach `stop`: a walk can be long and a caller may only need to know whether a bound is
 /// passed. Walked by descriptors (`tree::allocated_bytes`): symlinks are not followed, even one a
 /// workload swaps in mid-walk; what cannot be read counts nothing.
-fn allocated_upto(path: &Path, stop: u64) -> u64 {
-    match fs::symlink_metadata(path) {
-        Ok(md) if md.is_dir() => super::tree::allocated_bytes(path, stop, true).unwrap_or(0),
+fn allocated_upto(path: &Path, stop: u64) -> Allocated {
+    let bytes = match fs::symlink_metadata(path) {
+        Ok(md) if md.is_dir() => return super::tree::allocated_bytes(path, stop, true).unwrap_or_default(),
         Ok(md) => md.blocks() * 512,
         Err(_) => 0,
-    }
+    };
+    Allocated { bytes, too_deep: false }
 }
 
 /// Allocated bytes of the regular file at `path` (not followed if a symlink, never waited on if a
@@ -1010,17 +1012,17 @@ mod tests {
         let held = allocated_bytes(root.path()).expect("count");
         assert!(held >= 2 << 20, "the deep file counts: {held}");
         assert!(held < 8 << 20, "what the symlink names does not: {held}");
-        assert_eq!(allocated_upto(root.path(), u64::MAX), held);
+        assert_eq!(allocated_upto(root.path(), u64::MAX).bytes, held);
         assert!(
-            allocated_upto(root.path(), 4096) < 2 << 20,
+            allocated_upto(root.path(), 4096).bytes < 2 << 20,
             "the count stops at its bound"
         );
         assert_eq!(
-            allocated_upto(&outside.path().join("big"), u64::MAX),
+            allocated_upto(&outside.path().join("big"), u64::MAX).bytes,
             8 << 20,
             "a file is its own blocks"
         );
-        assert_eq!(allocated_upto(&root.path().join("nothing"), u64::MAX), 0);
+        assert_eq!(allocated_upto(&root.path().join("nothing"), u64::MAX).bytes, 0);
     }
 
     /// A directory named below a root is reached one plain component at a time: never through a

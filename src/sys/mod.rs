@@ -189,6 +189,10 @@ pub enum SysError {
         status: String,
         stderr: String,
     },
+    /// Content of a workload's tree past what a copy carries: nothing failed, and only a change
+    /// to the content lets the copy through.
+    #[error(transparent)]
+    TooLarge(#[from] tree::TooLarge),
 }
 
 impl SysError {
@@ -204,7 +208,7 @@ impl SysError {
     pub fn errno(&self) -> Option<i32> {
         match self {
             SysError::Io { source, .. } => source.raw_os_error(),
-            SysError::Tool { .. } => None,
+            SysError::Tool { .. } | SysError::TooLarge(_) => None,
         }
     }
 

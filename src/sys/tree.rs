@@ -32,6 +32,57 @@ use super::SysError;
 /// Deeper trees are refused rather than risk running out of file descriptors.
 pub const MAX_DEPTH: usize = 1000;
 
+/// Content of a tree that a copy does not take. The workload made it so and only a change to it
+/// lets a copy through: a retry as it is fails the same way.
+#[derive(Debug, thiserror::Error)]
+pub enum TooLarge {
+    /// The directory `entry` lies more than [`MAX_DEPTH`] levels below `root`.
+    #[error(
+        "the tree at {} is deeper than {MAX_DEPTH} levels, more than a copy takes: flatten it, or keep \
+         such data in an image volume, whose copy is a file copy (the first directory too deep: {})",
+        root.display(),
+        shown(entry)
+    )]
+    Depth { root: PathBuf, entry: PathBuf },
+    /// The entry `entry` below `root` holds more than [`MAX_XATTR_BYTES`] of xattrs.
+    #[error(
+        "an entry of the tree at {} holds more than {} MiB of extended attributes (names and values), \
+         more than a copy carries for one entry: remove some of them, or keep such data in an image \
+         volume, whose copy is a file copy (the entry: {})",
+        root.display(),
+        MAX_XATTR_BYTES >> 20,
+        shown(entry)
+    )]
+    Xattrs { root: PathBuf, entry: PathBuf },
+}
+
+/// A path below a tree's root as a message shows it: a deep one (250 KB at 1,000 levels of long
+/// names) by its last 200 bytes, so that what to do comes before where a status is cut, and the
+/// message fits in the header that carries it between nodes.
+fn shown(entry: &Path) -> String {
+    const MAX: usize = 200;
+    let s = entry.to_string_lossy();
+    if s.is_empty() {
+        return ".".into();
+    }
+    if s.len() <= MAX {
+        return s.into_owned();
+    }
+    let mut start = s.len() - MAX;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("...{} ({} bytes in all)", &s[start..], s.len())
+}
+
+fn too_deep(root: &Path, entry: PathBuf) -> SysError {
+    TooLarge::Depth {
+        root: root.to_path_buf(),
+        entry,
+    }
+    .into()
+}
+
 /// What an entry carries besides its data.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Meta {
@@ -135,19 +186,31 @@ fn hole_bytes(dir: BorrowedFd<'_>, name: &CStr, size: u64) -> io::Result<u64> {
     Ok(size.saturating_sub(data))
 }
 
+/// What a tree occupies, as [`allocated_bytes`] counts it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Allocated {
+    pub bytes: u64,
+    /// The tree goes deeper than [`MAX_DEPTH`] levels: a lenient count left out what lies below
+    /// (a walk there costs a descriptor per level), and no copy of the tree can be made.
+    pub too_deep: bool,
+}
+
 /// Bytes the tree at `path` occupies (allocated blocks, so holes do not count: the root's and
 /// every entry's below it, a file with several names once), counted until they reach `stop`. Read by descriptors without following
 /// a symlink, so a workload swapping a directory for a symlink mid-walk cannot make it count
 /// another tree, and data deeper than PATH_MAX counts too. `lenient`: a directory that cannot be
-/// read counts nothing, instead of failing the count.
-pub fn allocated_bytes(path: &Path, stop: u64, lenient: bool) -> Result<u64, SysError> {
+/// read, or lies deeper than [`MAX_DEPTH`], counts nothing, instead of failing the count.
+pub fn allocated_bytes(path: &Path, stop: u64, lenient: bool) -> Result<Allocated, SysError> {
     let root = SourceTree::open(path)?;
     let st = nix::sys::stat::fstat(&root.fd).map_err(|e| SysError::io("stat", path, e.into()))?;
     let mut total = (st.st_blocks as u64).saturating_mul(512);
     if total >= stop {
-        return Ok(total);
+        return Ok(Allocated {
+            bytes: total,
+            too_deep: false,
+        });
     }
-    visit_entries(root, lenient, |st, _, _, _| {
+    let too_deep = visit_entries(root, lenient, |st, _, _, _| {
         let blocks = (st.st_blocks as u64).saturating_mul(512);
         // A file with several names counts its share at each: once in all when every name is in
         // the tree (a workload's names all are), as a copy makes it once. Counted whole at each
@@ -164,7 +227,7 @@ pub fn allocated_bytes(path: &Path, stop: u64, lenient: bool) -> Result<u64, Sys
             std::ops::ControlFlow::Continue(())
         }
     })?;
-    Ok(total)
+    Ok(Allocated { bytes: total, too_deep })
 }
 
 /// The inode flags a workload may set on its own files and directories (`chattr +i`, `+a`, given
@@ -328,12 +391,13 @@ fn unprotect(f: &OwnedFd) -> io::Result<bool> {
 /// order, until it breaks. Directories are opened by descriptor from their
 /// parent's, never following a symlink, and read as a stream: only one descriptor per level is
 /// open and only directories still to read are remembered. `lenient`: a directory that cannot be
-/// opened or read is skipped.
+/// opened or read, or lies deeper than [`MAX_DEPTH`], is skipped; then `Ok(true)` when one lay
+/// that deep.
 fn visit_entries(
     root: SourceTree,
     lenient: bool,
     mut each: impl FnMut(&FileStat, BorrowedFd<'_>, &CStr, usize) -> std::ops::ControlFlow<()>,
-) -> Result<(), SysError> {
+) -> Result<bool, SysError> {
     type Pending = Vec<(std::rc::Rc<OwnedFd>, CString, PathBuf, usize)>;
     let path = root.path.as_path();
     let mut pending: Pending = Vec::new();
@@ -342,10 +406,7 @@ fn visit_entries(
         |fd: std::rc::Rc<OwnedFd>, rel: &Path, depth: usize, pending: &mut Pending| -> Result<bool, SysError> {
             let err = |step: &'static str, e: io::Error| SysError::io(step, path.join(rel), e);
             if depth > MAX_DEPTH {
-                return Err(err(
-                    "walk (tree deeper than 1000 levels)",
-                    io::Error::from_raw_os_error(libc::ELOOP),
-                ));
+                return Err(too_deep(path, rel.to_path_buf()));
             }
             let list =
                 std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|e| err("read directory", e))?;
@@ -372,12 +433,17 @@ fn visit_entries(
             }
             Ok(false)
         };
-    let outcome = |r: Result<bool, SysError>| match r {
+    let mut too_deep = false;
+    let mut outcome = |r: Result<bool, SysError>| match r {
+        Err(SysError::TooLarge(_)) if lenient => {
+            too_deep = true;
+            Ok(false)
+        }
         Err(_) if lenient => Ok(false),
         other => other,
     };
     if outcome(read(std::rc::Rc::new(root.fd), Path::new(""), 0, &mut pending))? {
-        return Ok(());
+        return Ok(too_deep);
     }
     while let Some((parent, name, rel, depth)) = pending.pop() {
         let fd = match open_dir_at(&*parent, Path::new(OsStr::from_bytes(name.as_bytes()))) {
@@ -387,10 +453,10 @@ fn visit_entries(
         };
         drop(parent);
         if outcome(read(std::rc::Rc::new(fd), &rel, depth, &mut pending))? {
-            return Ok(());
+            break;
         }
     }
-    Ok(())
+    Ok(too_deep)
 }
 
 /// A tree opened for reading: its root is pinned (and known not to be a symlink) before anything
@@ -489,7 +555,8 @@ impl Walker {
             dir: None,
             rel: PathBuf::new(),
         }];
-        while let Some(top) = levels.last_mut() {
+        while let Some(depth) = levels.len().checked_sub(1) {
+            let top = &mut levels[depth];
             let Some(entry) = top.list.next() else {
                 let Some(Level { dir, rel, .. }) = levels.pop() else {
                     break;
@@ -502,14 +569,7 @@ impl Walker {
             };
             let entry = entry.map_err(|e| self.err("read directory", &top.rel, e))?;
             let fd = top.dir.as_ref().map_or(root, |(fd, _)| fd);
-            if let Some((d, st, child)) = self.entry(fd, &top.rel, &entry.file_name(), v)? {
-                if levels.len() > MAX_DEPTH {
-                    return Err(self.err(
-                        "copy (tree deeper than 1000 levels)",
-                        &child,
-                        io::Error::from_raw_os_error(libc::ELOOP),
-                    ));
-                }
+            if let Some((d, st, child)) = self.entry(fd, &top.rel, &entry.file_name(), depth + 1, v)? {
                 levels.push(Level {
                     list: list(&d, &child, self)?,
                     dir: Some((d, st)),
@@ -520,19 +580,24 @@ impl Walker {
         Ok(())
     }
 
-    /// Reports the entry `name` of the directory `fd` (at `rel`) to `v`. A directory is opened and
-    /// entered (`v.dir`) and answered, with its status and path, for the caller to read.
+    /// Reports the entry `name` of the directory `fd` (at `rel`, `depth` levels below the root) to
+    /// `v`. A directory is opened and entered (`v.dir`) and answered, with its status and path,
+    /// for the caller to read; one deeper than [`MAX_DEPTH`] is refused.
     fn entry(
         &mut self,
         fd: &OwnedFd,
         rel: &Path,
         name: &OsStr,
+        depth: usize,
         v: &mut impl TreeVisitor,
     ) -> Result<Option<(OwnedFd, FileStat, PathBuf)>, SysError> {
         let child = rel.join(name);
         let cname = cstr(name).map_err(|e| self.err("name", &child, e))?;
         let st = fstatat(fd, &cname, AtFlags::AT_SYMLINK_NOFOLLOW).map_err(|e| self.err("stat", &child, e))?;
         match st.st_mode & libc::S_IFMT {
+            // Refused before it is reported: a copy to another node would otherwise send it, and
+            // the target's refusal, naming its own `.work`, would answer in place of the source's.
+            libc::S_IFDIR if depth > MAX_DEPTH => return Err(too_deep(&self.root, child)),
             libc::S_IFDIR => {
                 let d = open_dir_at(fd, Path::new(name)).map_err(|e| self.err("open", &child, e))?;
                 v.dir(&cname)?;
@@ -630,7 +695,13 @@ impl Walker {
             mode: st.st_mode & 0o7777,
             atime: (st.st_atime, st.st_atime_nsec),
             mtime: (st.st_mtime, st.st_mtime_nsec),
-            xattrs: x.read().map_err(|e| self.err("read xattrs", rel, e))?,
+            xattrs: x
+                .read()
+                .map_err(|e| self.err("read xattrs", rel, e))?
+                .ok_or_else(|| TooLarge::Xattrs {
+                    root: self.root.clone(),
+                    entry: rel.to_path_buf(),
+                })?,
         })
     }
 }
@@ -748,11 +819,7 @@ impl TreeVisitor for TreeWriter {
     fn dir(&mut self, name: &CStr) -> Result<(), SysError> {
         let (dir, rel) = self.at(name)?;
         if self.stack.len() > MAX_DEPTH {
-            return Err(self.err(
-                "copy (tree deeper than 1000 levels)",
-                &rel,
-                io::Error::from_raw_os_error(libc::ELOOP),
-            ));
+            return Err(too_deep(&self.root, rel));
         }
         nix::sys::stat::mkdirat(dir, name, Mode::S_IRWXU).map_err(|e| self.err("mkdir", &rel, e.into()))?;
         let fd = openat(
@@ -847,6 +914,9 @@ fn mode_bits(mode: u32) -> Mode {
 /// MiB at once; real labels, ACLs and capabilities take a few KiB.
 pub const MAX_XATTR_BYTES: usize = 16 << 20;
 
+/// (name, value) pairs of an entry's xattrs, as [`Meta::xattrs`] holds them.
+type XattrPairs = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Where xattrs are read or written: an open file, or (for entries that cannot be opened) a path
 /// that is never followed if it is a symlink.
 #[derive(Clone, Copy)]
@@ -893,12 +963,12 @@ impl Xattrs<'_> {
     }
 
     /// Every xattr; none where the filesystem has no xattrs. At most [`MAX_XATTR_BYTES`] of
-    /// names and values: an entry holding more is refused before its values are read.
-    fn read(self) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    /// names and values: for an entry holding more, `None`, before its values are read.
+    fn read(self) -> io::Result<Option<XattrPairs>> {
         let size = self.list(&mut []);
         if size < 0 {
             return match io::Error::last_os_error().raw_os_error() {
-                Some(libc::ENOTSUP) => Ok(Vec::new()),
+                Some(libc::ENOTSUP) => Ok(Some(Vec::new())),
                 _ => Err(io::Error::last_os_error()),
             };
         }
@@ -918,10 +988,7 @@ impl Xattrs<'_> {
             }
             total += name.len() + len as usize;
             if total > MAX_XATTR_BYTES {
-                return Err(io::Error::other(format!(
-                    "it holds more than {} MiB of extended attributes, more than a copy carries for one entry",
-                    MAX_XATTR_BYTES >> 20
-                )));
+                return Ok(None);
             }
             let mut value = vec![0u8; len as usize];
             let len = self.get(&cname, &mut value);
@@ -931,7 +998,7 @@ impl Xattrs<'_> {
             value.truncate(len as usize);
             out.push((name.to_vec(), value));
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// Sets every xattr; one the target filesystem does not support is skipped.
@@ -1020,6 +1087,29 @@ pub(crate) mod testing {
         fd
     }
 
+    /// Gives the file at `path` one value of 64 KiB more than [`super::MAX_XATTR_BYTES`] of
+    /// xattrs (on a filesystem that holds that much on one file, as xfs does); their names.
+    pub fn too_many_xattrs(path: &Path) -> Vec<std::ffi::CString> {
+        let path = super::cstr(path.as_os_str()).expect("path");
+        let value = vec![7u8; 65536];
+        let names: Vec<_> = (0..super::MAX_XATTR_BYTES / value.len() + 1)
+            .map(|i| std::ffi::CString::new(format!("user.x{i}")).expect("name"))
+            .collect();
+        for name in &names {
+            let set = super::Xattrs::Path(&path).set(name, &value);
+            assert_eq!(set, 0, "{}", std::io::Error::last_os_error());
+        }
+        names
+    }
+
+    /// Removes the xattr `name` of the file at `path`.
+    pub fn remove_xattr(path: &Path, name: &std::ffi::CStr) {
+        let path = super::cstr(path.as_os_str()).expect("path");
+        // SAFETY: both strings are NUL-terminated.
+        let rc = unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    }
+
     /// A new file `name` in the directory `at`, holding `bytes`.
     pub fn file_at(at: &OwnedFd, name: &str, bytes: &[u8]) {
         let f = openat(
@@ -1049,7 +1139,7 @@ mod tests {
         for i in 0..99 {
             std::fs::hard_link(root.path().join("data"), root.path().join(format!("name-{i}"))).expect("link");
         }
-        let bytes = allocated_bytes(root.path(), u64::MAX, false).expect("count");
+        let bytes = allocated_bytes(root.path(), u64::MAX, false).expect("count").bytes;
         assert!((1 << 20..2 << 20).contains(&bytes), "{bytes} bytes for one 1 MiB file");
     }
 
@@ -1070,18 +1160,9 @@ mod tests {
         let src = img.mnt.join("src");
         std::fs::create_dir(&src).expect("mkdir");
         std::fs::write(src.join("f"), b"f").expect("write");
-        let path = cstr(src.join("f").as_os_str()).expect("path");
-        let value = vec![7u8; 65536];
-        for i in 0..(MAX_XATTR_BYTES / value.len() + 1) {
-            let name = CString::new(format!("user.x{i}")).expect("name");
-            assert_eq!(
-                Xattrs::Path(&path).set(&name, &value),
-                0,
-                "{}",
-                io::Error::last_os_error()
-            );
-        }
+        testing::too_many_xattrs(&src.join("f"));
         let e = crate::sys::copy::copy_tree(&src, &img.mnt.join("dst")).expect_err("refused");
+        assert!(matches!(e, SysError::TooLarge(TooLarge::Xattrs { .. })), "{e:?}");
         assert!(e.to_string().contains("extended attributes"), "{e}");
         img.finish();
     }

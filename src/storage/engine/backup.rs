@@ -1060,7 +1060,7 @@ mod tests {
         let e = engine
             .create_backup("snap-1", &vol.id, false, &req)
             .expect_err("refused");
-        assert!(matches!(e, StorageError::InUse(_)), "{e:?}");
+        assert!(matches!(e, StorageError::ContentRefused(_)), "{e:?}");
         assert!(e.to_string().contains("holes total 1099511627776 bytes"), "{e}");
         assert!(engine.snapshot_named("snap-1").is_none(), "no record");
         let snaps = pool.data_path(Kind::Snapshot, &crate::storage::id::Key::from_name("snap-1"));

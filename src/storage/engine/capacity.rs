@@ -212,7 +212,20 @@ impl LocalEngine {
             };
         }
         if let (Some(pool), false) = (pool, layout::of(rec.layout).enforces_capacity()) {
-            let held = self.dir_bytes(pool, id, &data, rec.capacity_bytes);
+            let counted = self.dir_bytes(pool, id, &data, rec.capacity_bytes);
+            let held = counted.bytes;
+            if counted.too_deep {
+                return Condition {
+                    abnormal: true,
+                    message: format!(
+                        "volume {id} {TOO_DEEP_TO_COPY} ({} levels at most): a snapshot, clone or backup \
+                         of it is refused until the tree is flattened, and its use is counted down to that \
+                         depth only ({held} bytes of its {} capacity)",
+                        crate::sys::tree::MAX_DEPTH,
+                        rec.capacity_bytes
+                    ),
+                };
+            }
             if held > rec.capacity_bytes {
                 return Condition {
                     abnormal: true,
@@ -231,8 +244,14 @@ impl LocalEngine {
     }
 
     /// Bytes a dir volume holds, counted at most every `DIR_USAGE_TTL` per volume (a walk of the
-    /// whole tree) and only until it passes the capacity.
-    pub(super) fn dir_bytes(&self, pool: &Pool, id: &VolumeId, data: &std::path::Path, capacity: u64) -> u64 {
+    /// whole tree) and only until it passes the capacity, or down to the depth a walk goes.
+    pub(super) fn dir_bytes(
+        &self,
+        pool: &Pool,
+        id: &VolumeId,
+        data: &std::path::Path,
+        capacity: u64,
+    ) -> crate::sys::tree::Allocated {
         let key = id.to_string();
         if let Some((at, bytes)) = lock(&self.dir_usage).get(&key) {
             if at.elapsed() < DIR_USAGE_TTL {

@@ -164,10 +164,12 @@ impl LocalEngine {
             .sys
             .files
             .allocated_upto(&pool.data_path(Kind::Volume, &key), u64::MAX)
+            .bytes
             + pool
                 .sys
                 .files
-                .allocated_upto(&pool.work_path(Kind::Volume, &key), u64::MAX);
+                .allocated_upto(&pool.work_path(Kind::Volume, &key), u64::MAX)
+                .bytes;
         // Named with its node: in split mode this answer reaches the scheduler through the
         // controller, and says which node is full.
         let place = match self.location_of(&pool_name) {

@@ -39,7 +39,7 @@ impl LocalEngine {
         if !layout::of(from.layout).reserves_capacity() {
             return Ok(None);
         }
-        let bytes = pool.sys.files.allocated_upto(&from.path, u64::MAX);
+        let bytes = pool.sys.files.allocated_upto(&from.path, u64::MAX).bytes;
         self.promise(pool, from.layout, bytes, 0, |room| {
             StorageError::Exhausted(format!(
                 "pool '{}' can give {room} more bytes to {} data; a snapshot of {source} copies {bytes}{}",

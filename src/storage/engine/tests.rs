@@ -190,6 +190,161 @@ fn a_delete_removes_the_data_and_the_record_and_is_repeatable() {
         .expect("a delete of a volume already gone is OK");
 }
 
+/// A dir volume `name` whose tree goes one level deeper than a copy takes: `MAX_DEPTH` levels of
+/// long names, then `too-deep/file`. Its id, and the deepest level a copy takes (to flatten it).
+fn too_deep_volume(f: &Faked, name: &str) -> (VolumeId, std::os::fd::OwnedFd) {
+    let v = f
+        .engine
+        .create_volume(NewVolume::plain(name, Some(Layout::Dir), 32 * MIB))
+        .expect("create")
+        .id;
+    let data = f.pool().data_path(Kind::Volume, &Key::from_name(name));
+    let deepest = crate::sys::tree::testing::deep_dirs(&data, crate::sys::tree::MAX_DEPTH);
+    nix::sys::stat::mkdirat(&deepest, "too-deep", nix::sys::stat::Mode::from_bits_truncate(0o755)).expect("mkdir");
+    let below = nix::fcntl::openat(
+        &deepest,
+        "too-deep",
+        nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_RDONLY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .expect("open");
+    crate::sys::tree::testing::file_at(&below, "file", b"deep");
+    (v, deepest)
+}
+
+/// Moves the level below the deepest a copy takes up into it, as a workload flattens its tree.
+fn flatten(deepest: &std::os::fd::OwnedFd) {
+    nix::fcntl::renameat(deepest, "too-deep/file", deepest, "file").expect("move the file up");
+    nix::unistd::unlinkat(deepest, "too-deep", nix::unistd::UnlinkatFlags::RemoveDir).expect("rmdir");
+}
+
+/// A call refused for the volume's content: FAILED_PRECONDITION (not INTERNAL, which says "driver
+/// bug" and is retried for ever) in `words` that say what is wrong and what would fix it, and
+/// nothing of the `kind` object `name` made or left (no data, no record, nothing in `.work`).
+fn assert_refused_for_content(
+    f: &Faked,
+    r: Result<impl std::fmt::Debug, StorageError>,
+    kind: Kind,
+    name: &str,
+    words: &[&str],
+) {
+    let s = tonic::Status::from(r.expect_err(name));
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{name}: {}", s.message());
+    for w in words {
+        assert!(s.message().contains(w), "{name}: {}", s.message());
+    }
+    assert_eq!(
+        f.leftovers(),
+        Vec::<String>::new(),
+        "{name}: nothing in .work, no half record"
+    );
+    let key = Key::from_name(name);
+    assert!(!f.pool().record_path(kind, &key).exists(), "{name}: no record");
+    assert!(!f.pool().data_path(kind, &key).exists(), "{name}: no data");
+}
+
+const TOO_DEEP: &[&str] = &["deeper than 1000 levels", "flatten it", "image volume"];
+
+/// A snapshot or clone of a dir volume whose tree is deeper than a copy takes is refused as the
+/// volume's content, leaving nothing (no copy in `.work`, no data, no record); once the workload
+/// flattens the tree the same calls succeed.
+#[test]
+fn a_copy_of_a_tree_too_deep_is_failed_precondition_leaves_nothing_and_succeeds_once_flattened() {
+    let f = faked(FsType::Ext4);
+    let (v, deepest) = too_deep_volume(&f, "pvc-deep");
+    let snapshot = || f.engine.create_snapshot("snap", &v, false);
+    let clone = || {
+        f.engine.create_volume(NewVolume {
+            source: Some(Source::Volume(v.clone())),
+            ..NewVolume::plain("pvc-clone", Some(Layout::Dir), 32 * MIB)
+        })
+    };
+    assert_refused_for_content(&f, snapshot(), Kind::Snapshot, "snap", TOO_DEEP);
+    assert_refused_for_content(&f, clone(), Kind::Volume, "pvc-clone", TOO_DEEP);
+    assert_eq!(f.engine.snapshot_named("snap"), None);
+    assert_eq!(f.engine.volume_named("pvc-clone"), None);
+
+    flatten(&deepest);
+    let snap = snapshot().expect("the snapshot once the tree is flattened");
+    clone().expect("the clone once the tree is flattened");
+    made_or_nothing(&f, Kind::Snapshot, "snap", "CreateSnapshot", &Ok(()));
+    made_or_nothing(&f, Kind::Volume, "pvc-clone", "the clone", &Ok(()));
+    assert_eq!(snap.source_volume_id, v);
+}
+
+/// The condition of a dir volume whose tree is too deep to copy says so, with what it costs (its
+/// snapshots refused, its use counted down to that depth only), and the count stops there: the
+/// bottom of a workload's tree 5,000 levels deep is not reached.
+#[test]
+fn the_condition_of_a_dir_volume_too_deep_to_copy_says_so_and_its_count_stops_at_the_limit() {
+    let f = faked(FsType::Ext4);
+    let (v, deepest) = too_deep_volume(&f, "pvc-deep");
+    let at = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&deepest));
+    let bottom = crate::sys::tree::testing::deep_dirs(std::path::Path::new(&at), 4000);
+    crate::sys::tree::testing::file_at(&bottom, "bottom", &vec![7u8; 8 << 20]);
+    drop(bottom);
+    let c = f.engine.condition(&v);
+    assert!(c.abnormal, "{c:?}");
+    assert!(c.message.contains(TOO_DEEP_TO_COPY), "{}", c.message);
+    assert!(c.message.contains("1000 levels at most"), "{}", c.message);
+    assert!(c.message.contains("flattened"), "{}", c.message);
+    assert_eq!(
+        crate::csi::health::engine_fault(&c),
+        Some(crate::csi::health::TREE_TOO_DEEP)
+    );
+    let data = f.pool().data_path(Kind::Volume, &Key::from_name("pvc-deep"));
+    let counted = crate::sys::tree::allocated_bytes(&data, u64::MAX, true).expect("count");
+    assert!(counted.too_deep, "{counted:?}");
+    assert!(counted.bytes < 8 << 20, "the walk went below the limit: {counted:?}");
+    // std's removal of the test's directory recurses once per level.
+    crate::sys::tree::remove_tree(&data).expect("remove");
+}
+
+/// A snapshot of a dir volume holding a file with more xattrs than a copy carries is refused as
+/// the volume's content, leaving nothing; once the workload removes some, it is made. On xfs,
+/// which holds values of 64 KiB (tmpfs and ext4 hold far less than 16 MiB on one file).
+#[test]
+fn a_snapshot_of_a_file_with_more_xattrs_than_a_copy_carries_is_failed_precondition_and_leaves_nothing() {
+    let mut img = crate::sys::loopdev::fixture::Image::new(512 << 20);
+    img.attach();
+    crate::sys::fstools::mkfs(FsType::Xfs, &img.dev_path(), crate::sys::fstools::Reach::OneNode).expect("mkfs");
+    img.mount("xfs");
+    let pool = img.mnt.join("pool");
+    let f = faked_with(FsType::Ext4, |config, _| {
+        config.pools[0].path = pool.clone();
+        config.pools[0].layouts = vec![Layout::Dir];
+    });
+    let v = f
+        .engine
+        .create_volume(NewVolume::plain("pvc-x", Some(Layout::Dir), 32 * MIB))
+        .expect("create")
+        .id;
+    let file = f
+        .pool()
+        .data_path(Kind::Volume, &Key::from_name("pvc-x"))
+        .join("labelled");
+    std::fs::write(&file, b"f").expect("write");
+    let names = crate::sys::tree::testing::too_many_xattrs(&file);
+    assert_refused_for_content(
+        &f,
+        f.engine.create_snapshot("snap", &v, false),
+        Kind::Snapshot,
+        "snap",
+        &["16 MiB of extended attributes", "labelled", "image volume"],
+    );
+
+    // With their names, 256 values of 64 KiB are still more than 16 MiB.
+    for name in &names[..2] {
+        crate::sys::tree::testing::remove_xattr(&file, name);
+    }
+    f.engine
+        .create_snapshot("snap", &v, false)
+        .expect("made once within the bound");
+    made_or_nothing(&f, Kind::Snapshot, "snap", "CreateSnapshot", &Ok(()));
+    drop(f);
+    img.finish();
+}
+
 /// An engine over one pool (`default`) allowing dir, image and btrfs volumes, whose filesystem and
 /// btrfs calls are recorded fakes: the pool's directory counts as btrfs, and nothing needs root.
 struct Faked {

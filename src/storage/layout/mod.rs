@@ -341,7 +341,7 @@ pub fn fault(pool: &Pool, layout: Layout, data: &Path) -> Option<String> {
 
 /// Allocated bytes of an image file: what it already uses of its capacity.
 pub fn allocated(pool: &Pool, data: &Path) -> u64 {
-    pool.sys.files.allocated_upto(data, u64::MAX)
+    pool.sys.files.allocated_upto(data, u64::MAX).bytes
 }
 
 /// How long a consistent snapshot waits for the FIFREEZE of one filesystem (a workload can keep
