@@ -454,8 +454,7 @@ impl Agent for LocalAgent {
     }
 
     async fn volume(&self, id: VolumeId) -> Result<Option<(VolumeRecord, Condition)>, StorageError> {
-        self.blocking(move |e| Ok(e.volume_for_call(&id)?.map(|r| (r, e.condition(&id)))))
-            .await
+        self.blocking(move |e| e.volume_with_condition(&id)).await
     }
 
     async fn volumes(&self) -> Result<Vec<(VolumeRecord, Condition)>, StorageError> {

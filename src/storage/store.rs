@@ -285,6 +285,11 @@ impl PoolStore {
         after_in(&lock(&self.shut), after, n)
     }
 
+    /// A volume of a shut pool as last recorded, by its id.
+    pub fn shut_volume(&self, id: &str) -> Option<VolumeRecord> {
+        lock(&self.shut).get(id).cloned()
+    }
+
     /// The volume of a shut pool last recorded under a CSI name.
     pub fn shut_named(&self, name: &str) -> Option<VolumeRecord> {
         lock(&self.shut).values().find(|r| r.name == name).cloned()

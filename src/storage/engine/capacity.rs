@@ -291,6 +291,20 @@ impl LocalEngine {
             .collect()
     }
 
+    /// A volume for a look-up (ControllerGetVolume), with its condition: one of a local pool that
+    /// is not open as its roster last recorded it, abnormal, saying so; FAILED_PRECONDITION for
+    /// one the roster does not hold.
+    pub fn volume_with_condition(&self, id: &VolumeId) -> Result<Option<(VolumeRecord, Condition)>, StorageError> {
+        match self.volume_for_call(id) {
+            Ok(found) => Ok(found.map(|r| (r, self.condition(id)))),
+            Err(e @ StorageError::PoolBroken { .. }) => match self.store.shut_volume(&id.to_string()) {
+                Some(r) => Ok(Some(self.with_condition(r))),
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
     /// A listed volume with its condition; one of a local pool that is not open (listed from its
     /// roster) says so, naming this node.
     fn with_condition(&self, r: VolumeRecord) -> (VolumeRecord, Condition) {

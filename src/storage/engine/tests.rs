@@ -2578,9 +2578,23 @@ fn a_shut_pools_volumes_stay_listed_from_its_roster_and_keep_their_names() {
         Err(e @ StorageError::Conflict(_)) => assert!(e.to_string().contains("pool 'late'"), "{e}"),
         other => panic!("want the name refused, got {other:?}"),
     }
-    // Calls on it are refused as before, never answered from the roster.
+    // Calls on it are refused as before, never answered from the roster; a look-up answers it as
+    // listed.
     assert!(matches!(
         engine.volume_for_call(&kept.id),
+        Err(StorageError::PoolBroken { .. })
+    ));
+    let (r, c) = engine
+        .volume_with_condition(&kept.id)
+        .expect("look-up")
+        .expect("as last known");
+    assert!(
+        r == kept && c.abnormal && c.message.contains("shown as last known"),
+        "{c:?}"
+    );
+    let unknown = VolumeId::parse("local:n1:late:pvc-unknown").expect("id");
+    assert!(matches!(
+        engine.volume_with_condition(&unknown),
         Err(StorageError::PoolBroken { .. })
     ));
 
