@@ -369,7 +369,7 @@ impl LocalEngine {
         let mut pools = pools::Pools::default();
         for pc in &config.pools {
             let Some(owner) = pick(pc) else { continue };
-            let slot = match pools::open_pool(pc, owner, &sys, roster.as_ref()) {
+            let slot = match pools::open_pool(pc, &node, owner, &sys, roster.as_ref()) {
                 Ok(p) => pools::Slot::opened(pc.clone(), owner, p),
                 Err(e) => {
                     tracing::error!(pool = pc.name.as_str(), error = %e, "pool cannot be opened; not ready until it opens");

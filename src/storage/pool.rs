@@ -94,23 +94,29 @@ const CLEARED: [&str; 4] = ["volumes", "snapshots", ".work", ".trash"];
 pub struct Mark {
     pub pool: String,
     pub backend: Backend,
+    /// A local pool's node: its volumes' ids name it, and a local pool is that node's alone (two
+    /// nodes given one share as `backend: local` would clear each other's copies in progress).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
 }
 
 impl Mark {
-    /// A new mark of the pool of `config`, with an id of its own.
-    fn of(config: &PoolConfig) -> Mark {
+    /// A new mark of the pool of `config` opened by `node`, with an id of its own.
+    fn of(config: &PoolConfig, node: &super::id::NodeId) -> Mark {
         Mark {
             pool: config.name.as_str().to_string(),
             backend: config.backend.clone(),
+            node: (!config.is_shared()).then(|| node.as_str().to_string()),
             id: Some(uuid::Uuid::new_v4().simple().to_string()),
         }
     }
 
-    /// Whether it names the same pool as `other` (whatever their ids).
+    /// Whether it names the same pool as `other` (whatever their ids; one that names no node, as
+    /// one repaired by hand, names any).
     fn names(&self, other: &Mark) -> bool {
-        self.pool == other.pool && self.backend == other.backend
+        self.pool == other.pool && self.backend == other.backend && (self.node.is_none() || self.node == other.node)
     }
 
     /// The mark at a pool's root `root`: `None` when there is none, `Some(None)` for one that
@@ -129,7 +135,10 @@ impl Mark {
             Backend::Local => "local",
             Backend::Shared => "shared",
         };
-        format!("the {backend} pool '{}'", self.pool)
+        match &self.node {
+            Some(node) => format!("the {backend} pool '{}' of node {node}", self.pool),
+            None => format!("the {backend} pool '{}'", self.pool),
+        }
     }
 }
 
@@ -179,13 +188,19 @@ impl Pool {
     /// neither of which any record points at. Every local pool is its node's owner; a shared pool is
     /// the controller's, and a node that opens it to publish its volumes must not touch a copy the
     /// controller is making.
-    pub fn open_as(config: PoolConfig, owner: bool, sys: StorageSys) -> Result<Pool, StorageError> {
+    pub fn open_as(
+        config: PoolConfig,
+        node: &super::id::NodeId,
+        owner: bool,
+        sys: StorageSys,
+    ) -> Result<Pool, StorageError> {
+        let node = node.clone();
         if config.is_shared() {
             // Every step on a share may hang when its server is gone: bound the whole opening.
             let path = config.path.clone();
             return crate::sys::share::within(SHARE_OPEN, "open shared pool", &path, move || {
                 Ok(
-                    Self::open_here(config, owner, sys).map_err(|e| crate::sys::SysError::Tool {
+                    Self::open_here(config, &node, owner, sys).map_err(|e| crate::sys::SysError::Tool {
                         tool: "open shared pool".into(),
                         status: "failed".into(),
                         stderr: e.to_string(),
@@ -194,10 +209,15 @@ impl Pool {
             })?
             .map_err(|e| StorageError::PoolUnusable(e.to_string()));
         }
-        Self::open_here(config, owner, sys)
+        Self::open_here(config, &node, owner, sys)
     }
 
-    fn open_here(config: PoolConfig, owner: bool, sys: StorageSys) -> Result<Pool, StorageError> {
+    fn open_here(
+        config: PoolConfig,
+        node: &super::id::NodeId,
+        owner: bool,
+        sys: StorageSys,
+    ) -> Result<Pool, StorageError> {
         if let Some(share) = &config.share {
             let mounted = match crate::sys::mount::statx_mount_root(&config.path) {
                 Ok(root) => root.unwrap_or(false),
@@ -235,7 +255,7 @@ impl Pool {
             sys,
             real_root,
         };
-        pool.claim()?;
+        pool.claim(node)?;
         for d in MANAGED {
             pool.sys.files.ensure_dir(&pool.config.path.join(d), 0o700)?;
         }
@@ -261,9 +281,9 @@ impl Pool {
     /// whose records are checked; one holding some holds what cellar did not make (a user's
     /// `volumes`), which the start would remove. A pool inside what another manages is refused too
     /// (in its root beside those it is kept apart: see `reaches_into`).
-    fn claim(&self) -> Result<(), StorageError> {
+    fn claim(&self, node: &super::id::NodeId) -> Result<(), StorageError> {
         let files = &self.sys.files;
-        let ours = Mark::of(&self.config);
+        let ours = Mark::of(&self.config, node);
         let refuse = |why: String| {
             Err(StorageError::PoolUnusable(format!(
                 "pool '{}' cannot use the directory '{}': {why}",
@@ -282,12 +302,21 @@ impl Pool {
         let mark = self.config.path.join(MARK);
         if let Some(found) = Mark::read(&**files, &self.config.path)? {
             return match found {
-                Some(m) if m.names(&ours) && m.id.is_some() => Ok(()),
-                // A mark without an id (written by hand) gets one.
+                Some(m) if m.names(&ours) && m.id.is_some() && m.node == ours.node => Ok(()),
+                // A mark without an id or node (written by hand) gets them.
                 Some(m) if m.names(&ours) => {
-                    let bytes = serde_json::to_vec(&Mark { id: ours.id, ..m }).unwrap_or_default();
+                    let whole = Mark {
+                        id: m.id.or(ours.id),
+                        node: ours.node,
+                        ..m
+                    };
+                    let bytes = serde_json::to_vec(&whole).unwrap_or_default();
                     Ok(files.write_atomic(&mark, &bytes, files::Durability::PowerLoss)?)
                 }
+                Some(m) if m.pool == ours.pool && m.backend == ours.backend => refuse(format!(
+                    "it holds {}, whose volumes' ids name that node: a local pool is one node's (a share that several nodes mount needs backend: shared, and a renamed node cannot take over its pools); give this node's pool a directory of its own",
+                    m.described()
+                )),
                 Some(m) => refuse(format!(
                     "it holds {}, whose volumes' ids name that pool, not {}; give the pool its name and backend back (a pool cannot be renamed or change backend), or give this one an empty directory",
                     m.described(),
@@ -295,7 +324,13 @@ impl Pool {
                 )),
                 None => refuse(format!(
                     "its mark {MARK}, which names the pool the directory holds, cannot be read; repair it (such as {})",
-                    serde_json::to_string(&Mark { id: None, pool: ours.pool.clone(), backend: ours.backend.clone() }).unwrap_or_default()
+                    serde_json::to_string(&Mark {
+                        id: None,
+                        pool: ours.pool.clone(),
+                        backend: ours.backend.clone(),
+                        node: ours.node.clone(),
+                    })
+                    .unwrap_or_default()
                 )),
             };
         }
@@ -793,7 +828,7 @@ mod tests {
     }
 
     fn open(config: PoolConfig) -> Result<Pool, StorageError> {
-        Pool::open_as(config, true, StorageSys::linux())
+        Pool::open_as(config, &NodeId::parse("n1").expect("node"), true, StorageSys::linux())
     }
 
     /// Why `config` does not open.
@@ -925,7 +960,7 @@ mod tests {
         std::fs::write(root.join(MARK), b"{ torn").expect("spoil");
         let why = refused(local("p", &root));
         assert!(
-            why.contains("cannot be read") && why.contains(r#"{"pool":"p","backend":"local"}"#),
+            why.contains("cannot be read") && why.contains(r#"{"pool":"p","backend":"local","node":"n1"}"#),
             "{why}"
         );
     }

@@ -149,7 +149,7 @@ impl LocalEngine {
     }
 
     fn open_later(&self, slot: &Slot) -> Result<Pool, StorageError> {
-        let pool = open_pool(&slot.config, slot.owner, &self.sys, self.store.roster())?;
+        let pool = open_pool(&slot.config, &self.node, slot.owner, &self.sys, self.store.roster())?;
         self.store.add(&pool)?;
         self.thaw_left_frozen_in(&pool);
         Ok(pool)
@@ -199,6 +199,7 @@ impl LocalEngine {
 /// (`storage/roster.rs`).
 pub(super) fn open_pool(
     config: &PoolConfig,
+    node: &crate::storage::id::NodeId,
     owner: bool,
     sys: &crate::sys::StorageSys,
     roster: Option<&Roster>,
@@ -207,7 +208,7 @@ pub(super) fn open_pool(
     if let Some(r) = roster {
         r.check_identity(&config.name, &config.path)?;
     }
-    let pool = Pool::open_as(config.clone(), owner, sys.clone())?;
+    let pool = Pool::open_as(config.clone(), node, owner, sys.clone())?;
     if let Some(r) = roster {
         r.settle_identity(&config.name, &config.path)?;
     }

@@ -2744,9 +2744,31 @@ fn a_mark_repaired_by_hand_as_its_refusal_says_opens_and_stays_open() {
     let why = engine.broken_pools();
     assert!(why.len() == 1 && why[0].1.contains("cannot be read"), "{why:?}");
     drop(engine);
-    std::fs::write(&mark, br#"{"pool":"default","backend":"local"}"#).expect("repair");
+    std::fs::write(&mark, br#"{"pool":"default","backend":"local","node":"n1"}"#).expect("repair");
     for start in ["after the repair", "and at the next start"] {
         let engine = keeping(&node, &config, &rosters);
         assert!(engine.ready(), "{start}: {:?}", engine.broken_pools());
     }
+}
+
+#[test]
+fn a_local_pool_on_a_directory_another_node_uses_does_not_open() {
+    // Two nodes given one share as `backend: local`: the second node's start cleared the first
+    // one's copies in progress and listed its volumes as its own.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = Config::default_for(dir.path());
+    let n1 = LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("engine");
+    let v = n1.create_volume(NewVolume::plain("pvc-n1", None, MIB)).expect("create");
+    let copy_in_progress = config.pools[0].path.join("volumes").join("pvc-copying");
+    std::fs::create_dir(&copy_in_progress).expect("n1's copy in progress");
+    let n2 = LocalEngine::open(NodeId::parse("n2").expect("node"), &config).expect("engine");
+    let why = n2.broken_pools();
+    assert_eq!(why.len(), 1, "{why:?}");
+    assert!(
+        why[0].1.contains("the local pool 'default' of node n1") && why[0].1.contains("backend: shared"),
+        "{why:?}"
+    );
+    assert!(n2.volumes_with_condition().is_empty());
+    assert!(copy_in_progress.is_dir(), "n2 cleared nothing of n1's");
+    assert!(n1.volume(&v.id).is_some());
 }
