@@ -150,6 +150,7 @@ async fn hostile_and_colliding_pvc_names_stay_inside_the_pool_and_apart() {
     assert_eq!(
         entries(share.path()),
         vec![
+            ".cellar-pool",
             ".leases",
             ".locks",
             ".retired",
