@@ -300,63 +300,83 @@ impl Pool {
             }
         }
         let mark = self.config.path.join(MARK);
-        if let Some(found) = Mark::read(&**files, &self.config.path)? {
-            return match found {
-                Some(m) if m.names(&ours) && m.id.is_some() && m.node == ours.node => Ok(()),
-                // A mark without an id or node (written by hand) gets them.
-                Some(m) if m.names(&ours) => {
-                    let whole = Mark {
-                        id: m.id.or(ours.id),
-                        node: ours.node,
-                        ..m
-                    };
-                    let bytes = serde_json::to_vec(&whole).unwrap_or_default();
-                    Ok(files.write_atomic(&mark, &bytes, files::Durability::PowerLoss)?)
+        let bytes = serde_json::to_vec(&ours).map_err(|e| StorageError::PoolUnusable(e.to_string()))?;
+        // Twice at most: the processes sharing a pool (controller replicas, the nodes) open it at
+        // once, and one may mark it, or make its directories, between another's look and write.
+        for _ in 0..2 {
+            if let Some(found) = Mark::read(&**files, &self.config.path)? {
+                return match found {
+                    Some(m) if m.names(&ours) && m.id.is_some() && m.node == ours.node => Ok(()),
+                    // A mark without an id or node (written by hand) gets them.
+                    Some(m) if m.names(&ours) => {
+                        let whole = Mark {
+                            id: m.id.or(ours.id),
+                            node: ours.node,
+                            ..m
+                        };
+                        let bytes = serde_json::to_vec(&whole).unwrap_or_default();
+                        Ok(files.write_atomic(&mark, &bytes, files::Durability::PowerLoss)?)
+                    }
+                    Some(m) if m.pool == ours.pool && m.backend == ours.backend => refuse(format!(
+                        "it holds {}, whose volumes' ids name that node: a local pool is one node's (a share that several nodes mount needs backend: shared, and a renamed node cannot take over its pools); give this node's pool a directory of its own",
+                        m.described()
+                    )),
+                    Some(m) => refuse(format!(
+                        "it holds {}, whose volumes' ids name that pool, not {}; give the pool its name and backend back (a pool cannot be renamed or change backend), or give this one an empty directory",
+                        m.described(),
+                        ours.described()
+                    )),
+                    None => refuse(format!(
+                        "its mark {MARK}, which names the pool the directory holds, cannot be read; repair it (such as {})",
+                        serde_json::to_string(&Mark {
+                            id: None,
+                            pool: ours.pool.clone(),
+                            backend: ours.backend.clone(),
+                            node: ours.node.clone(),
+                        })
+                        .unwrap_or_default()
+                    )),
+                };
+            }
+            if let Err(why) = self.unmarked_is_new(&ours) {
+                match files.entry(&mark)? {
+                    files::Entry::Missing => return refuse(why),
+                    _ => continue,
                 }
-                Some(m) if m.pool == ours.pool && m.backend == ours.backend => refuse(format!(
-                    "it holds {}, whose volumes' ids name that node: a local pool is one node's (a share that several nodes mount needs backend: shared, and a renamed node cannot take over its pools); give this node's pool a directory of its own",
-                    m.described()
-                )),
-                Some(m) => refuse(format!(
-                    "it holds {}, whose volumes' ids name that pool, not {}; give the pool its name and backend back (a pool cannot be renamed or change backend), or give this one an empty directory",
-                    m.described(),
-                    ours.described()
-                )),
-                None => refuse(format!(
-                    "its mark {MARK}, which names the pool the directory holds, cannot be read; repair it (such as {})",
-                    serde_json::to_string(&Mark {
-                        id: None,
-                        pool: ours.pool.clone(),
-                        backend: ours.backend.clone(),
-                        node: ours.node.clone(),
-                    })
-                    .unwrap_or_default()
-                )),
-            };
+            }
+            if files.create_exclusive(&mark, &bytes)? {
+                return Ok(());
+            }
         }
+        refuse(format!("its mark {MARK} changed while it was read; try again"))
+    }
+
+    /// Whether a directory without a mark may be marked as `ours`: it holds none of the places a
+    /// start clears (new), or all of them with no record of another pool (an earlier release's);
+    /// else why not.
+    fn unmarked_is_new(&self, ours: &Mark) -> Result<(), String> {
+        let files = &self.sys.files;
         let mut present = Vec::new();
         for d in CLEARED {
-            if files.entry(&self.config.path.join(d))? != files::Entry::Missing {
+            if files.entry(&self.config.path.join(d)).map_err(|e| e.to_string())? != files::Entry::Missing {
                 present.push(d);
             }
         }
         if !present.is_empty() {
-            let (own, another) = self.recorded_pools()?;
+            let (own, another) = self.recorded_pools().map_err(|e| e.to_string())?;
             if let Some(other) = another {
-                return refuse(format!(
+                return Err(format!(
                     "it holds another pool's objects ({other}), not {}'s; give the pool its name and backend back (a pool cannot be renamed or change backend)",
                     ours.described()
                 ));
             }
             if !own && present.len() < CLEARED.len() {
-                return refuse(format!(
+                return Err(format!(
                     "it holds {} that no cellar pool made (no {MARK} mark, no record of this pool), and a pool's start removes what no record names there; give the pool an empty directory, or move them away",
                     present.iter().map(|d| format!("'{d}'")).collect::<Vec<_>>().join(", ")
                 ));
             }
         }
-        let bytes = serde_json::to_vec(&ours).map_err(|e| StorageError::PoolUnusable(e.to_string()))?;
-        files.write_atomic(&mark, &bytes, files::Durability::PowerLoss)?;
         Ok(())
     }
 
@@ -950,6 +970,34 @@ mod tests {
         }
         open(local("any", &empty)).expect("opens");
         assert!(empty.join(MARK).exists());
+    }
+
+    #[test]
+    fn processes_opening_one_shared_pool_at_once_all_open_it() {
+        // The controller replicas and every node open a shared pool at their start: on a new
+        // share they all find no mark, and each wrote its own (one temporary name, renamed away
+        // under the others: ENOENT, the pool not open on that node).
+        for round in 0..20 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let root = dir.path().join("s");
+            let opened: Vec<Result<Pool, StorageError>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..8)
+                    .map(|i| {
+                        let config = shared("s", &root);
+                        s.spawn(move || {
+                            let node = NodeId::parse(&format!("n{i}")).expect("node");
+                            Pool::open_as(config, &node, i == 0, StorageSys::linux())
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().expect("thread")).collect()
+            });
+            for r in opened {
+                if let Err(e) = r {
+                    panic!("round {round}: {e}");
+                }
+            }
+        }
     }
 
     #[test]
