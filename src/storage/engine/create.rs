@@ -57,6 +57,25 @@ impl LocalEngine {
     /// room; the volume's key, id and lock; or the volume already made under that name.
     pub(super) fn plan(&self, req: &NewVolume) -> Result<Plan<'_>, StorageError> {
         let pool_name = req.pool.clone().unwrap_or_else(|| self.default_pool.clone());
+        // A volume of this name in a pool that is not open, as its roster recorded it: the create
+        // answers it once the pool opens. Until then UNAVAILABLE, which the provisioner retries
+        // and keeps tracking (a final error would have it forget the volume, left behind if the
+        // PVC is deleted meanwhile).
+        if let Some(r) = self.store.shut_named(&req.name).filter(|r| r.id.0.pool == pool_name) {
+            let why = self
+                .pools
+                .0
+                .get(&pool_name)
+                .and_then(|slot| slot.why())
+                .unwrap_or_default();
+            return Err(StorageError::Unavailable(format!(
+                "volume '{}' ({}) is in pool '{}' of node {}, which is not open ({why}): its create answers once the pool opens",
+                crate::csi::status::bounded(&req.name),
+                r.id,
+                pool_name.as_str(),
+                self.node.as_str()
+            )));
+        }
         let pool = self.pool(&pool_name)?;
         let layout = req.layout.unwrap_or(pool.config.default_layout);
         let ops = layout::of(layout);

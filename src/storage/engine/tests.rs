@@ -2572,8 +2572,19 @@ fn a_shut_pools_volumes_stay_listed_from_its_roster_and_keep_their_names() {
     let whole: Vec<String> = listed.iter().map(|(r, _)| r.id.to_string()).collect();
     assert_eq!(paged, whole);
 
-    // The name is taken: found, and a create of it in another pool is refused.
+    // The name is taken: found, a create of it in its pool waits for the pool (UNAVAILABLE, which
+    // the provisioner retries and keeps tracking), and one in another pool is refused.
     assert_eq!(engine.volume_named("pvc-kept").map(|r| r.id), Some(kept.id.clone()));
+    match engine.create_volume(in_late("pvc-kept")) {
+        Err(e @ StorageError::Unavailable(_)) => {
+            assert!(
+                e.to_string().contains("pool 'late' of node n1, which is not open"),
+                "{e}"
+            );
+            assert_eq!(tonic::Status::from(e).code(), tonic::Code::Unavailable);
+        }
+        other => panic!("want the create to wait for the pool, got {other:?}"),
+    }
     match engine.create_volume(NewVolume::plain("pvc-kept", Some(Layout::Dir), MIB)) {
         Err(e @ StorageError::Conflict(_)) => assert!(e.to_string().contains("pool 'late'"), "{e}"),
         other => panic!("want the name refused, got {other:?}"),
