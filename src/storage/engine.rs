@@ -267,6 +267,11 @@ pub struct LocalEngine {
     /// The pools of this process, open or not yet: Probe is not ready while one is not open, and
     /// one this process owns holds what is unknown until it opens.
     pools: pools::Pools,
+    /// Local pools this node had (it keeps their rosters) that its configuration no longer names,
+    /// with the reason calls on their objects are refused: a pool left out of the configuration by
+    /// mistake must not have its volumes' deletes answered OK (Kubernetes would forget them while
+    /// their data stays on the disk).
+    unconfigured: BTreeMap<PoolName, String>,
     /// The calls the pools open with, for those that open later.
     sys: StorageSys,
     /// The mount points freezes of this process hold now ([`LocalEngine::mark_frozen`]).
@@ -381,6 +386,7 @@ impl LocalEngine {
         let mut engine = LocalEngine {
             node: node.clone(),
             pools,
+            unconfigured: BTreeMap::new(),
             sys: sys.clone(),
             live_freezes: Mutex::new(Vec::new()),
             default_pool: config.default_pool.clone(),
@@ -403,12 +409,24 @@ impl LocalEngine {
         };
         engine.store = PoolStore::load(engine.pools.values())?;
         if let Some(roster) = roster {
-            let shut: Vec<PoolName> = engine
+            let mut shut: Vec<PoolName> = engine
                 .pools
                 .broken()
                 .filter(|(_, slot, _)| !slot.config.is_shared())
                 .map(|(name, _, _)| name.clone())
                 .collect();
+            for name in roster.pools() {
+                if config.pools.iter().all(|p| p.name != name) {
+                    let why = format!(
+                        "it is no longer in the configuration of node {}; add it back to reach its volumes, or, if it is gone for good, remove {} and restart the node to forget it",
+                        node.as_str(),
+                        roster.files_of(&name)
+                    );
+                    tracing::warn!(pool = name.as_str(), "{why}");
+                    engine.unconfigured.insert(name.clone(), why);
+                    shut.push(name);
+                }
+            }
             engine.store.keep_rosters(roster, engine.pools.values(), &shut);
         }
         engine.thaw_left_frozen();
@@ -555,7 +573,9 @@ impl LocalEngine {
     /// of a pool here that could not be opened is FAILED_PRECONDITION (with the reason), not
     /// "nothing here". A delete answering OK there would have Kubernetes forget an object whose
     /// data stays, found again once the pool opens; a snapshot, copy or look-up answering
-    /// NOT_FOUND would call an object gone that is only out of reach.
+    /// NOT_FOUND would call an object gone that is only out of reach. The same holds for an object
+    /// of a local pool this node had and its configuration no longer names (it keeps the pool's
+    /// roster): until the operator adds the pool back or has the node forget it.
     fn locate_for_call(&self, id: &ObjectId) -> Result<Option<&Pool>, StorageError> {
         let ours = |shared: bool| match &id.location {
             Location::Local(n) => *n == self.node && !shared,
@@ -563,6 +583,13 @@ impl LocalEngine {
         };
         match self.pools.0.get(&id.pool) {
             Some(slot) if slot.pool().is_none() && ours(slot.config.is_shared()) => self.pool(&id.pool).map(Some),
+            None if ours(false) => match self.unconfigured.get(&id.pool) {
+                Some(why) => Err(StorageError::PoolBroken {
+                    pool: id.pool.as_str().to_string(),
+                    reason: why.clone(),
+                }),
+                None => Ok(None),
+            },
             _ => Ok(self.locate(id)),
         }
     }

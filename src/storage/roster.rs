@@ -117,6 +117,36 @@ impl Roster {
         }
     }
 
+    /// The pools this node keeps a roster or a remembered mark of (by the files' names), in name
+    /// order: those its configuration no longer names are the pools it had and was told to stop
+    /// using. None when the directory cannot be read.
+    pub fn pools(&self) -> Vec<PoolName> {
+        let Ok(paths) = self.files.list_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut names: Vec<PoolName> = paths
+            .iter()
+            .filter_map(|p| {
+                let file = p.file_name()?.to_str()?;
+                let stem = file.strip_suffix(".volumes").or_else(|| file.strip_suffix(".id"))?;
+                PoolName::parse(stem).ok()
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// What an operator removes to have the node forget pool `pool` (its roster and remembered
+    /// mark), for the messages that say so.
+    pub fn files_of(&self, pool: &PoolName) -> String {
+        format!(
+            "{} and {}",
+            self.path(pool).display(),
+            self.identity_path(pool).display()
+        )
+    }
+
     fn identity_path(&self, pool: &PoolName) -> PathBuf {
         self.dir.join(format!("{}.id", pool.as_str()))
     }

@@ -309,7 +309,10 @@ impl LocalEngine {
     /// roster) says so, naming this node.
     fn with_condition(&self, r: VolumeRecord) -> (VolumeRecord, Condition) {
         let shut = match &r.id.0.location {
-            Location::Local(_) => self.pools.0.get(&r.id.0.pool).and_then(|slot| slot.why()),
+            Location::Local(_) => match self.pools.0.get(&r.id.0.pool) {
+                Some(slot) => slot.why(),
+                None => self.unconfigured.get(&r.id.0.pool).cloned(),
+            },
             Location::Shared => None,
         };
         let c = match shut {

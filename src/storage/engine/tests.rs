@@ -2620,6 +2620,99 @@ fn a_shut_pools_volumes_stay_listed_from_its_roster_and_keep_their_names() {
 }
 
 #[test]
+fn a_pool_left_out_of_the_configuration_keeps_its_volumes_listed_and_their_deletes_refused() {
+    // A pool taken out of the node's configuration (by mistake, or before its disk is moved):
+    // DeleteVolume of its volumes answered OK, and Kubernetes forgot volumes whose data stayed on
+    // the disk; they were also left out of every listing, as if deleted.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rosters = dir.path().join("rosters");
+    let (config, old) = with_second_pool(dir.path(), "old", vec![Layout::Dir]);
+    let node = NodeId::parse("n1").expect("node");
+    let (kept, snap) = {
+        let first = keeping(&node, &config, &rosters);
+        let in_old = NewVolume {
+            pool: Some(old.name.clone()),
+            ..NewVolume::plain("pvc-old", Some(Layout::Dir), MIB)
+        };
+        let v = first.create_volume(in_old).expect("create");
+        let s = first.create_snapshot("snap-old", &v.id, false).expect("snapshot");
+        (v, s)
+    };
+    let data = old.path.join("volumes").join(kept.id.0.key.as_str());
+    assert!(data.is_dir(), "{}", data.display());
+    let without = Config::default_for(dir.path());
+
+    let engine = keeping(&node, &without, &rosters);
+    assert!(
+        engine.ready(),
+        "a pool that is not configured does not hold the node back"
+    );
+    let listed = engine.volumes_with_condition();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    let (r, c) = &listed[0];
+    assert_eq!(r, &kept);
+    assert!(c.abnormal, "{c:?}");
+    assert!(
+        c.message.contains("no longer in the configuration of node n1"),
+        "{}",
+        c.message
+    );
+    let forget = format!("remove {}", rosters.join("old.volumes").display());
+    assert!(c.message.contains(&forget), "{}", c.message);
+    let refused = |r: Result<(), StorageError>, what: &str| match r {
+        Err(e @ StorageError::PoolBroken { .. }) => {
+            assert!(e.to_string().contains("no longer in the configuration"), "{what}: {e}");
+            assert_eq!(tonic::Status::from(e).code(), tonic::Code::FailedPrecondition, "{what}");
+        }
+        other => panic!("{what} of an object of the pool left out answered {other:?}"),
+    };
+    refused(engine.delete_volume(&kept.id), "DeleteVolume");
+    refused(engine.delete_snapshot(&snap.id), "DeleteSnapshot");
+    let unlisted = VolumeId::parse("local:n1:old:pvc-unlisted").expect("id");
+    refused(
+        engine.delete_volume(&unlisted),
+        "DeleteVolume of an id the roster does not list",
+    );
+    assert!(data.is_dir(), "the data stays");
+    let (r, c) = engine
+        .volume_with_condition(&kept.id)
+        .expect("look-up")
+        .expect("as last known");
+    assert!(r == kept && c.abnormal, "{c:?}");
+    // Its name stays taken.
+    match engine.create_volume(NewVolume::plain("pvc-old", Some(Layout::Dir), MIB)) {
+        Err(e @ StorageError::Conflict(_)) => assert!(e.to_string().contains("pool 'old'"), "{e}"),
+        other => panic!("want the name refused, got {other:?}"),
+    }
+    // Another node's ids, and pools this node never had, are as before: nothing here to delete.
+    engine
+        .delete_volume(&VolumeId::parse("local:n2:old:pvc-old").expect("id"))
+        .expect("another node's volume");
+    engine
+        .delete_volume(&VolumeId::parse("local:n1:never:pvc-x").expect("id"))
+        .expect("a pool this node never had");
+    drop(engine);
+
+    // Told to forget the pool, the node answers as for a pool it never had.
+    std::fs::remove_file(rosters.join("old.volumes")).expect("forget the roster");
+    std::fs::remove_file(rosters.join("old.id")).expect("forget the mark");
+    let engine = keeping(&node, &without, &rosters);
+    assert!(engine.volumes_with_condition().is_empty());
+    engine.delete_volume(&kept.id).expect("nothing here to delete");
+    assert!(data.is_dir(), "a forgotten pool's data is left alone");
+    drop(engine);
+
+    // Added back, the pool opens with its volume, as it was.
+    let engine = keeping(&node, &config, &rosters);
+    let listed = engine.volumes_with_condition();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(!listed[0].1.abnormal, "{listed:?}");
+    engine.delete_snapshot(&snap.id).expect("delete the snapshot");
+    engine.delete_volume(&kept.id).expect("delete the volume");
+    assert!(!data.exists(), "deleted once its pool is back");
+}
+
+#[test]
 fn a_roster_is_written_whole_again_before_it_grows_past_twice_its_volumes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rosters = dir.path().join("rosters");
