@@ -1695,12 +1695,61 @@ enum Kubelet {
 fn reboot(c: &mut Cluster, m: &mut Model, rng: &mut Rng, log: &mut Vec<String>) {
     let n = rng.below(NODES);
     log.push(format!("reboot n{n}"));
+    // Every other restart (no draw: the seeds' sequences stay), the node first starts with its
+    // own pool left out of its configuration, as after an operator's slip.
+    if c.restarts % 2 == 0 {
+        left_out(c, m, n, log);
+    }
     let p = &mut c.procs[n];
     p.devices.reboot(Some(rng.below(1 << 30) as u64));
     p.mounter.reboot();
     p.restart();
     c.restarts += 1;
     restage(c, m, rng, n, log);
+}
+
+/// Node `n` started with its own pool left out of its configuration: every volume the model has
+/// there is listed, abnormal, saying so, and every delete of its volumes and snapshots is refused
+/// (FAILED_PRECONDITION), never answered OK while the data stays. The step's checks then find the
+/// data as it was.
+fn left_out(c: &Cluster, m: &Model, n: usize, log: &mut Vec<String>) {
+    log.push(format!(
+        "n{n} starts with its pool left out of its configuration, then as configured"
+    ));
+    let p = &c.procs[n];
+    let mut config = p.config.clone();
+    config.pools.retain(|pc| pc.is_shared());
+    let pick = |pc: &crate::storage::config::PoolConfig| Some(!pc.is_shared());
+    let rosters = p.dir.join("rosters");
+    let engine = LocalEngine::open_keeping(p.sys.clone(), p.name.clone(), &config, pick, Some(rosters.as_path()))
+        .expect("the engine opens without the pool");
+    let listed: BTreeMap<String, crate::storage::engine::Condition> = engine
+        .volumes_with_condition()
+        .into_iter()
+        .map(|(r, c)| (r.id.to_string(), c))
+        .collect();
+    let refused = |r: Result<(), crate::storage::StorageError>, what: &str| match r {
+        Err(e @ crate::storage::StorageError::PoolBroken { .. }) => {
+            let s = tonic::Status::from(e);
+            assert_eq!(s.code(), Code::FailedPrecondition, "{what}: {s:?}");
+            assert!(s.message().contains("no longer in the configuration"), "{what}: {s:?}");
+        }
+        other => panic!("{what} in the pool left out of the configuration answered {other:?}"),
+    };
+    for (name, v) in m.vols.iter().filter(|(_, v)| v.home == Home::Node(n)) {
+        let c = listed
+            .get(&v.id)
+            .unwrap_or_else(|| panic!("{name} ({}) is not listed with its pool left out: {listed:?}", v.id));
+        assert!(
+            c.abnormal && c.message.contains("no longer in the configuration"),
+            "{name}: {c:?}"
+        );
+        refused(engine.delete_volume(&vid(&v.id)), &format!("DeleteVolume of {name}"));
+    }
+    for (name, s) in m.snaps.iter().filter(|(_, s)| s.home == Home::Node(n)) {
+        let id = SnapshotId::parse(&s.id).expect("snapshot id");
+        refused(engine.delete_snapshot(&id), &format!("DeleteSnapshot of {name}"));
+    }
 }
 
 /// kubelet's reconciler on node `n` after it started again: it stages and publishes again what the
