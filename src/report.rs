@@ -20,8 +20,9 @@ use crate::node::state::Survey;
 use crate::roles::{self, DataDirLock};
 use crate::storage::config::{Backend, ConfigError, PoolConfig};
 use crate::storage::id::{Key, VolumeId};
-use crate::storage::pool::Kind;
+use crate::storage::pool::{Kind, Mark, MARK};
 use crate::storage::record::{self, Layout, SnapshotRecord, VolumeRecord};
+use crate::storage::roster::Roster;
 use crate::storage::StorageError;
 use crate::sys::files::{self, Files, LinuxFiles};
 use crate::sys::mountinfo::{self, MountEntry};
@@ -296,6 +297,9 @@ struct PoolSite {
     real_root: PathBuf,
     /// The mount holding the pool, and the pool's path inside that filesystem.
     mount: Option<(MountEntry, PathBuf)>,
+    /// Why the directory is not the pool this node opened there, when it is not: its findings are
+    /// listed and kept.
+    not_ours: Option<String>,
 }
 
 impl PoolSite {
@@ -420,7 +424,7 @@ pub fn scan(args: &ReportArgs, host: &Host, running: bool) -> Result<Report, Rep
         files::Entry::Dir => Some(Survey::read(&node_dir, &LinuxFiles)?),
         _ => None,
     };
-    let sites = sites(&config.pools, &mounts);
+    let sites = sites(&config.pools, &mounts, &rosters(args));
     let mut s = Scan {
         args,
         host,
@@ -461,7 +465,50 @@ pub fn scan(args: &ReportArgs, host: &Host, running: bool) -> Result<Report, Rep
     })
 }
 
-fn sites(pools: &[PoolConfig], mounts: &[MountEntry]) -> Vec<PoolSite> {
+/// The node's rosters, where it remembers the pools it opened.
+fn rosters(args: &ReportArgs) -> Roster {
+    Roster::new(&args.data_dir.join("rosters"), std::sync::Arc::new(LinuxFiles))
+}
+
+/// Why pool `pc`'s directory is not the pool this node opened there, if it is not: it must hold
+/// the pool's mark with the id the node remembers (`storage/roster.rs`). A disk that is not
+/// mounted leaves the empty directory below; another program's directory, another disk or another
+/// node's pool holds what looks like orphans to `--fix`, and is none of this node's to remove.
+fn not_ours(pc: &PoolConfig, roster: &Roster) -> Option<String> {
+    let root = pc.path.display();
+    let name = pc.name.as_str();
+    let leave = "--fix removes nothing there; start the driver, which opens the pool there or says why it does not";
+    let remembered = roster.remembered(&pc.name);
+    let mark = match Mark::read(&LinuxFiles, &pc.path) {
+        Ok(Some(Some(m))) => m,
+        Ok(Some(None)) => return Some(format!("{root}/{MARK} does not parse; {leave}")),
+        Ok(None) => {
+            return Some(format!(
+                "{root} lacks pool '{name}''s mark ({MARK}): it is not a pool this node opened (its disk may not be mounted, or the directory is another program's); {leave}"
+            ))
+        }
+        Err(e) => return Some(format!("{root}/{MARK} cannot be read ({e}); {leave}")),
+    };
+    if mark.pool != name || mark.backend != Backend::Local {
+        return Some(format!(
+            "{root} is marked as pool '{}' ({:?}), not as the local pool '{name}'; {leave}",
+            mark.pool, mark.backend
+        ));
+    }
+    match (remembered, mark.id) {
+        (Some(known), Some(id)) if known == id => None,
+        (Some(known), id) => Some(format!(
+            "{root} holds pool '{name}''s mark with id {}, not the id {known} this node remembers: another disk is mounted there; {leave}",
+            id.unwrap_or_default()
+        )),
+        (None, _) => Some(format!(
+            "this node has not opened pool '{name}' at {root} (it remembers no id for it: {} is missing); {leave}",
+            roster.identity_path(&pc.name).display()
+        )),
+    }
+}
+
+fn sites(pools: &[PoolConfig], mounts: &[MountEntry], roster: &Roster) -> Vec<PoolSite> {
     pools
         .iter()
         .filter(|p| p.backend == Backend::Local)
@@ -472,6 +519,7 @@ fn sites(pools: &[PoolConfig], mounts: &[MountEntry]) -> Vec<PoolSite> {
                 Some((m.clone(), m.root.join(rel)))
             });
             PoolSite {
+                not_ours: not_ours(pc, roster),
                 config: pc.clone(),
                 real_root,
                 mount,
@@ -514,6 +562,12 @@ fn list(dir: &Path) -> Result<Vec<Listed>, SysError> {
 
 impl Scan<'_> {
     fn finding(&mut self, kind: FindingKind, pool: &str, path: &Path, detail: String, action: Action) -> usize {
+        // Nothing is removed from a directory that is not this node's pool.
+        let kept = self
+            .sites
+            .iter()
+            .find(|s| s.name() == pool)
+            .and_then(|s| s.not_ours.clone());
         self.findings.push(Finding {
             kind,
             pool: Some(pool.to_string()),
@@ -521,7 +575,7 @@ impl Scan<'_> {
             detail,
             action,
             mount_id: None,
-            kept: None,
+            kept,
         });
         self.findings.len() - 1
     }
@@ -985,7 +1039,7 @@ fn act(f: &Finding, sites: &[PoolSite]) -> Result<String, String> {
 /// was shown, never something that appeared or changed since.
 fn fix(listed: &[Finding], fresh: &Report, args: &ReportArgs, host: &Host) -> Vec<FixResult> {
     let pools = match roles::load_config(args.config.as_ref(), &args.data_dir) {
-        Ok(c) => sites(&c.pools, &[]),
+        Ok(c) => sites(&c.pools, &[], &rosters(args)),
         Err(_) => Vec::new(), // then nothing is inside a pool, and nothing is removed
     };
     let order = |f: &Finding| match f.action {

@@ -518,3 +518,62 @@ async fn unreadable_node_state_files_are_listed_and_their_volumes_mounts_are_kep
     std::fs::remove_file(&aside).expect("remove");
     finish(&mut d, &s, true).await;
 }
+
+/// `--fix` removes only from the pool this node opened: a directory in the pool's place that lacks
+/// its mark (the disk not mounted, and the mount point holding someone's files) or holds another
+/// disk's mark had its "orphans" removed, as the driver's own start no longer would.
+#[tokio::test]
+async fn fix_removes_nothing_from_a_directory_that_is_not_the_pool_this_node_opened() {
+    let mut d = Driver::start().await;
+    let kept = d.create("pvc-kept").await.volume_id;
+    d.kill();
+    let pool = d.pool_dir();
+    let away = d.path("pool-away");
+    let kept_as = |r: &Run, path: &Path, why: &str| {
+        assert_eq!(r.code, 2, "findings remain: {}\n{}", r.stdout, r.stderr);
+        let v = r.json();
+        let f = v["findings"]
+            .as_array()
+            .expect("findings")
+            .iter()
+            .find(|f| f["path"].as_str() == Some(path.to_str().expect("utf-8")))
+            .unwrap_or_else(|| panic!("{} is not listed: {}", path.display(), r.stdout))
+            .clone();
+        let kept = f["kept"].as_str().unwrap_or_else(|| panic!("not kept: {f}"));
+        assert!(kept.contains(why), "{kept}");
+        assert!(kept.contains("--fix removes nothing there"), "{kept}");
+    };
+
+    // The disk is not mounted: its mount point holds a user's files in a `volumes` directory.
+    std::fs::rename(&pool, &away).expect("move the pool away");
+    std::fs::create_dir_all(pool.join("volumes/photos")).expect("a user's directory");
+    std::fs::write(pool.join("volumes/photos/cat.jpg"), b"a user's photo").expect("a user's file");
+    let r = report(&d, &["--fix", "--yes", "--json"], "");
+    kept_as(&r, &pool.join("volumes/photos"), "lacks pool 'default''s mark");
+    assert_eq!(
+        std::fs::read(pool.join("volumes/photos/cat.jpg")).expect("the user's file"),
+        b"a user's photo"
+    );
+    std::fs::remove_dir_all(&pool).expect("clear the mount point");
+    std::fs::rename(&away, &pool).expect("mount the disk again");
+
+    // Another disk with this pool's name: its mark holds another id.
+    let mark = pool.join(".cellar-pool");
+    let ours = std::fs::read(&mark).expect("the pool's mark");
+    let mut other: Value = serde_json::from_slice(&ours).expect("mark JSON");
+    other["id"] = Value::from("0123456789abcdef0123456789abcdef");
+    std::fs::write(&mark, serde_json::to_vec(&other).expect("JSON")).expect("another disk's mark");
+    let orphan = pool.join("volumes/orphan-dir");
+    std::fs::create_dir(&orphan).expect("an orphan");
+    let r = report(&d, &["--fix", "--yes", "--json"], "");
+    kept_as(&r, &orphan, "another disk is mounted there");
+    assert!(orphan.is_dir(), "removed from another disk");
+
+    // The pool's own disk: the same orphan goes.
+    std::fs::write(&mark, &ours).expect("the pool's mark back");
+    let r = report(&d, &["--fix", "--yes", "--json"], "");
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    assert!(!orphan.exists(), "an orphan of the pool itself is removed");
+    d.spawn(&[]).await;
+    d.delete(&kept).await.expect("the pool opens and serves its volume");
+}

@@ -147,19 +147,24 @@ impl Roster {
         )
     }
 
-    fn identity_path(&self, pool: &PoolName) -> PathBuf {
+    /// Where the node remembers the id of pool `pool`'s mark.
+    pub fn identity_path(&self, pool: &PoolName) -> PathBuf {
         self.dir.join(format!("{}.id", pool.as_str()))
+    }
+
+    /// The id of pool `pool`'s mark this node remembers (it opened the pool), if it does.
+    pub fn remembered(&self, pool: &PoolName) -> Option<String> {
+        let bytes = self.files.read_optional(&self.identity_path(pool)).ok()??;
+        serde_json::from_slice::<Remembered>(&bytes).ok().map(|r| r.id)
     }
 
     /// Refuses a local pool's directory that is not the pool this node opened there before: it
     /// lacks the pool's mark, or holds another pool's. Nothing is written; a directory that cannot
     /// be read is left to the pool's opening to refuse.
     pub fn check_identity(&self, pool: &PoolName, root: &Path) -> Result<(), StorageError> {
-        let known = match self.files.read_optional(&self.identity_path(pool)) {
-            Ok(Some(b)) => serde_json::from_slice::<Remembered>(&b).ok(),
-            _ => None,
+        let Some(known) = self.remembered(pool) else {
+            return Ok(());
         };
-        let Some(known) = known else { return Ok(()) };
         let Ok(marked) = Mark::read(&*self.files, root) else {
             return Ok(());
         };
@@ -169,7 +174,7 @@ impl Roster {
             self.identity_path(pool).display()
         );
         match marked {
-            Some(Some(m)) if m.id.as_deref() == Some(known.id.as_str()) => Ok(()),
+            Some(Some(m)) if m.id.as_deref() == Some(known.as_str()) => Ok(()),
             // Repaired by hand as the refusal of an unreadable mark says (its name and backend
             // only): the pool's opening checks those, and gives it an id the node remembers.
             Some(Some(m)) if m.id.is_none() && m.pool == pool.as_str() => Ok(()),
@@ -177,7 +182,7 @@ impl Roster {
                 "{} lacks the mark ({MARK}) pool '{}' made there when it first opened (id {}): its disk is not mounted, and opening the empty directory below would show its volumes as deleted; {remedy}",
                 root.display(),
                 pool.as_str(),
-                known.id
+                known
             ))),
             // One that does not parse: the pool's opening refuses it, saying how to repair it.
             Some(None) => Ok(()),
@@ -187,7 +192,7 @@ impl Roster {
                 m.pool,
                 m.id.unwrap_or_default(),
                 pool.as_str(),
-                known.id
+                known
             ))),
         }
     }
