@@ -416,9 +416,10 @@ impl LocalEngine {
                 .map(|(name, _, _)| name.clone())
                 .collect();
             for name in roster.pools() {
-                if config.pools.iter().all(|p| p.name != name) {
+                // Gone from the configuration, or there now as a shared pool (whose ids differ).
+                if config.pools.iter().all(|p| p.name != name || p.is_shared()) {
                     let why = format!(
-                        "it is no longer in the configuration of node {}; add it back to reach its volumes, or, if it is gone for good, remove {} and restart the node to forget it",
+                        "it is no longer in the configuration of node {} as a local pool; add it back to reach its volumes, or, if it is gone for good, remove {} and restart the node to forget it",
                         node.as_str(),
                         roster.files_of(&name)
                     );
@@ -583,13 +584,10 @@ impl LocalEngine {
         };
         match self.pools.0.get(&id.pool) {
             Some(slot) if slot.pool().is_none() && ours(slot.config.is_shared()) => self.pool(&id.pool).map(Some),
-            None if ours(false) => match self.unconfigured.get(&id.pool) {
-                Some(why) => Err(StorageError::PoolBroken {
-                    pool: id.pool.as_str().to_string(),
-                    reason: why.clone(),
-                }),
-                None => Ok(None),
-            },
+            _ if ours(false) && self.unconfigured.contains_key(&id.pool) => Err(StorageError::PoolBroken {
+                pool: id.pool.as_str().to_string(),
+                reason: self.unconfigured[&id.pool].clone(),
+            }),
             _ => Ok(self.locate(id)),
         }
     }

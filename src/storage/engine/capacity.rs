@@ -309,9 +309,9 @@ impl LocalEngine {
     /// roster) says so, naming this node.
     fn with_condition(&self, r: VolumeRecord) -> (VolumeRecord, Condition) {
         let shut = match &r.id.0.location {
-            Location::Local(_) => match self.pools.0.get(&r.id.0.pool) {
-                Some(slot) => slot.why(),
-                None => self.unconfigured.get(&r.id.0.pool).cloned(),
+            Location::Local(_) => match self.unconfigured.get(&r.id.0.pool) {
+                Some(why) => Some(why.clone()),
+                None => self.pools.0.get(&r.id.0.pool).and_then(|slot| slot.why()),
             },
             Location::Shared => None,
         };

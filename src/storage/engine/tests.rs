@@ -2693,6 +2693,22 @@ fn a_pool_left_out_of_the_configuration_keeps_its_volumes_listed_and_their_delet
         .expect("a pool this node never had");
     drop(engine);
 
+    // The name given to a shared pool instead: the local pool's ids are still refused.
+    let mut shared = without.clone();
+    let mut share = old.clone();
+    share.path = dir.path().join("old-share");
+    share.backend = crate::storage::config::Backend::Shared;
+    shared.pools.push(share);
+    let engine = keeping(&node, &shared, &rosters);
+    refused(
+        engine.delete_volume(&kept.id),
+        "DeleteVolume with the name a shared pool's",
+    );
+    let listed = engine.volumes_with_condition();
+    assert!(listed.iter().any(|(r, c)| r.id == kept.id && c.abnormal), "{listed:?}");
+    assert!(data.is_dir(), "the data stays");
+    drop(engine);
+
     // Told to forget the pool, the node answers as for a pool it never had.
     std::fs::remove_file(rosters.join("old.volumes")).expect("forget the roster");
     std::fs::remove_file(rosters.join("old.id")).expect("forget the mark");
