@@ -747,10 +747,12 @@ impl LocalEngine {
         }
         // Not known here (or gone): another replica may have made it on a share.
         self.refresh_shared();
-        match self.store.id_named(name) {
-            Some(id) => found(&id),
-            None => self.store.shut_named(name),
-        }
+        // Indexed but not found: its pool's records are read, yet it takes no calls until it opens.
+        self.store
+            .id_named(name)
+            .as_deref()
+            .and_then(found)
+            .or_else(|| self.store.shut_named(name))
     }
 
     /// Whether a roster misses a change (its write failed; the next change writes it whole).

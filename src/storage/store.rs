@@ -107,10 +107,15 @@ impl PoolStore {
         if !pool.shared() {
             if let Some(roster) = self.roster.get() {
                 self.rewrite_roster(roster, &pool.config.name);
-                lock(&self.shut).retain(|_, r| r.id.0.pool != pool.config.name);
             }
         }
         Ok(())
+    }
+
+    /// Forgets the roster's volumes of pool `name`, which now answers for them: only once calls
+    /// reach it (a name dropped while its records are read, before then, was found nowhere).
+    pub fn opened(&self, name: &PoolName) {
+        lock(&self.shut).retain(|_, r| r.id.0.pool != *name);
     }
 
     /// Keeps a roster of each local pool in `roster`'s directory from now on

@@ -127,6 +127,7 @@ impl LocalEngine {
         match self.open_later(slot) {
             Ok(pool) => {
                 let opened = slot.open.set(pool).is_ok();
+                self.store.opened(name);
                 if opened {
                     tracing::info!(pool = name.as_str(), "pool opened; its volumes are served again");
                 }
@@ -152,6 +153,7 @@ impl LocalEngine {
         let pool = open_pool(&slot.config, &self.node, slot.owner, &self.sys, self.store.roster())?;
         self.store.add(&pool)?;
         self.thaw_left_frozen_in(&pool);
+        crate::crash::point("reopen:before-open");
         Ok(pool)
     }
 

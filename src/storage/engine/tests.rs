@@ -2892,3 +2892,57 @@ fn a_local_pool_on_a_directory_another_node_uses_does_not_open() {
     assert!(copy_in_progress.is_dir(), "n2 cleared nothing of n1's");
     assert!(n1.volume(&v.id).is_some());
 }
+
+#[test]
+fn a_shut_pools_names_stay_taken_while_it_opens() {
+    // The roster's entries of a pool opening late were dropped once its records were read, before
+    // the pool could be called on: a look-up of a name in between answered "no such volume" (the
+    // controller then made it on another node) and a create of it FAILED_PRECONDITION, a final
+    // error the provisioner forgets its volume on.
+    use crate::crash::in_thread;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rosters = dir.path().join("rosters");
+    let (config, late) = with_second_pool(dir.path(), "late", vec![Layout::Dir]);
+    let node = NodeId::parse("n1").expect("node");
+    let in_late = NewVolume {
+        pool: Some(late.name.clone()),
+        ..NewVolume::plain("pvc-kept", Some(Layout::Dir), MIB)
+    };
+    let kept = keeping(&node, &config, &rosters)
+        .create_volume(in_late.clone())
+        .expect("create");
+    let away = dir.path().join("late.away");
+    std::fs::rename(&late.path, &away).expect("unmount the disk");
+    std::fs::write(&late.path, b"not a directory").expect("file");
+    let engine = keeping(&node, &config, &rosters);
+    assert!(!engine.ready());
+    std::fs::remove_file(&late.path).expect("remove the file");
+    std::fs::rename(&away, &late.path).expect("mount the disk");
+
+    let pause = Arc::new(in_thread::Pause::default());
+    std::thread::scope(|s| {
+        let (held, engine) = (pause.clone(), &engine);
+        let opening = s.spawn(move || {
+            in_thread::pause_at(Some(("reopen:before-open", held.clone())));
+            let opened = engine.reopen_broken();
+            in_thread::pause_at(None);
+            held.release();
+            opened
+        });
+        assert!(
+            pause.reached(std::time::Duration::from_secs(30)),
+            "the pool's records are read"
+        );
+        let named = engine.volume_named("pvc-kept").map(|r| r.id);
+        let created = engine.create_volume(in_late.clone());
+        pause.release();
+        assert_eq!(named, Some(kept.id.clone()), "the name is still found");
+        assert!(
+            matches!(created, Err(StorageError::Unavailable(_))),
+            "the create still waits for the pool: {created:?}"
+        );
+        assert_eq!(opening.join().expect("no panic"), vec![late.name.clone()]);
+    });
+    assert_eq!(engine.create_volume(in_late).expect("answered").id, kept.id);
+    assert!(engine.store.shut_volumes().is_empty());
+}
