@@ -16,9 +16,12 @@
 //!
 //! The records on the pool's disk stay the truth: the roster is only read for a pool that did not
 //! open, and is written again from the records each time a pool opens. Between those, every
-//! record written or removed adds one line to the pool's roster file (`<pool>.volumes`, JSON
-//! lines: `{"put":<record>}` or `{"gone":"<id>"}`), in one unsynced append: a crash of the process
-//! loses nothing, a crash of the machine may lose the last lines (the volumes they name are then
+//! record written or removed adds a line to the pool's roster file (`<pool>.volumes`, JSON
+//! lines: `{"put":<record>}` or `{"gone":"<id>"}`), each an unsynced append: a record written
+//! adds its line before the record and again after it (a crash between them lists it, never
+//! leaves it out; a record that fails has the roster written whole again from the others), a
+//! record removed after it. A crash of the process loses nothing, a crash of the machine may lose
+//! the last lines (the volumes they name are then
 //! missing from the listing, or shown though deleted, only while their pool stays shut). A
 //! roster that grew to more lines than a rewrite would hold (twice its records, and at least
 //! [`REWRITE_AFTER`]) is written again whole. A line that does not parse (a torn last append) is

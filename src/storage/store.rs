@@ -216,9 +216,21 @@ impl PoolStore {
 
     /// Writes a volume's record durably, then indexes it.
     pub fn put_volume(&self, pool: &Pool, key: &Key, rec: &VolumeRecord) -> Result<(), StorageError> {
-        record::store(&*pool.sys.files, &pool.record_path(Kind::Volume, key), rec)?;
+        // Its roster line before the record too: a restart between the two would leave the volume
+        // out of its pool's listing while the pool is shut, its name free for a create elsewhere.
+        // A line without a record only lists it (its name waiting for the pool) until the pool opens.
+        self.note(pool, Some(rec), "");
+        if let Err(e) = record::store(&*pool.sys.files, &pool.record_path(Kind::Volume, key), rec) {
+            // Back to what the index holds: the line names a change that may not have been made.
+            if let Some(roster) = self.roster.get().filter(|_| !pool.shared()) {
+                self.rewrite_roster(roster, &pool.config.name);
+            }
+            return Err(e);
+        }
+        crate::crash::point("volume-record:stored");
         lock(&self.names).insert(rec.name.clone(), rec.id.to_string());
         lock(&self.volumes).insert(rec.id.to_string(), rec.clone());
+        // And after the index: a rewrite since the first line read an index without it.
         self.note(pool, Some(rec), "");
         Ok(())
     }

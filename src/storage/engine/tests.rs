@@ -2946,3 +2946,54 @@ fn a_shut_pools_names_stay_taken_while_it_opens() {
     assert_eq!(engine.create_volume(in_late).expect("answered").id, kept.id);
     assert!(engine.store.shut_volumes().is_empty());
 }
+
+#[test]
+fn a_volume_recorded_just_before_a_restart_is_on_its_pools_roster() {
+    // Its roster line came after its record: a restart between the two, then a start with the
+    // pool's disk not mounted, left the volume out and its name free for a create elsewhere.
+    use crate::crash::in_thread;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rosters = dir.path().join("rosters");
+    let (config, late) = with_second_pool(dir.path(), "late", vec![Layout::Dir]);
+    let node = NodeId::parse("n1").expect("node");
+    let first = keeping(&node, &config, &rosters);
+    in_thread::crash_at(Some("volume-record:stored"));
+    let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        first.create_volume(NewVolume {
+            pool: Some(late.name.clone()),
+            ..NewVolume::plain("pvc-cut", Some(Layout::Dir), MIB)
+        })
+    }));
+    in_thread::crash_at(None);
+    assert!(died.is_err(), "the driver died once the record was written");
+    drop(first);
+    std::fs::rename(&late.path, dir.path().join("late.away")).expect("unmount the disk");
+    std::fs::write(&late.path, b"not a directory").expect("file");
+
+    let engine = keeping(&node, &config, &rosters);
+    assert!(!engine.ready());
+    let id = VolumeId::parse("local:n1:late:pvc-cut").expect("id");
+    assert_eq!(engine.volume_named("pvc-cut").map(|r| r.id), Some(id));
+    match engine.create_volume(NewVolume::plain("pvc-cut", Some(Layout::Dir), MIB)) {
+        Err(e @ StorageError::Conflict(_)) => assert!(e.to_string().contains("pool 'late'"), "{e}"),
+        other => panic!("want the name refused in another pool, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_create_whose_record_fails_leaves_its_pools_roster_without_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rosters = dir.path().join("rosters");
+    let config = Config::default_for(dir.path());
+    let engine = keeping(&NodeId::parse("n1").expect("node"), &config, &rosters);
+    // Once: the roster's rewrite after it writes through the same step.
+    crate::crash::in_thread::fail_once_at("record:write", libc::ENOSPC);
+    let made = engine.create_volume(NewVolume::plain("pvc-full", Some(Layout::Dir), MIB));
+    crate::crash::in_thread::fail_at(None);
+    assert!(made.is_err(), "{made:?}");
+    let roster = crate::storage::roster::Roster::new(&rosters, engine.files());
+    assert!(
+        roster.read(&config.pools[0].name).is_empty(),
+        "a volume without a record is not on the roster"
+    );
+}
