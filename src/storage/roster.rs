@@ -282,7 +282,9 @@ impl RosterGuard<'_> {
         w.stale || w.appends >= w.limit
     }
 
-    /// Writes pool `pool`'s roster whole from its `records` (every volume it holds).
+    /// Writes pool `pool`'s roster whole from its `records` (every volume it holds), synced: the
+    /// file it replaces may be lost whole to a crash of the machine (an empty file after the
+    /// rename, on filesystems that do not order it), not only its last lines.
     pub fn rewrite<'r>(&mut self, pool: &PoolName, records: impl Iterator<Item = &'r VolumeRecord>) {
         let mut bytes = Vec::new();
         let mut count = 0;
@@ -294,7 +296,7 @@ impl RosterGuard<'_> {
         match self
             .roster
             .files
-            .write_atomic(&self.roster.path(pool), &bytes, Durability::ProcessCrash)
+            .write_atomic(&self.roster.path(pool), &bytes, Durability::PowerLoss)
         {
             Ok(()) => {
                 *w = Written {
@@ -348,5 +350,21 @@ mod tests {
         let read = roster.read(&default);
         assert_eq!(read.keys().collect::<Vec<_>>(), vec![&b.id.to_string()]);
         assert!(roster.read(&other).is_empty(), "no roster of its own");
+    }
+
+    #[test]
+    fn a_roster_written_whole_is_synced() {
+        // Unsynced, a rewrite (at every opening of the pool) lost to a crash of the machine could
+        // leave an empty roster: every volume of the pool unlisted, their names free, if its disk
+        // then is not mounted at the boot.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let roster = Roster::new(dir.path(), Arc::new(crate::sys::files::LinuxFiles));
+        let pool = PoolName::parse("default").expect("pool");
+        crate::crash::in_thread::fail_at(Some(("file:fsync", libc::EIO)));
+        roster.hold().rewrite(&pool, std::iter::empty());
+        crate::crash::in_thread::fail_at(None);
+        assert!(roster.behind(), "a rewrite whose fsync fails is written again");
+        roster.hold().rewrite(&pool, std::iter::empty());
+        assert!(!roster.behind());
     }
 }
