@@ -336,10 +336,13 @@ impl PoolStore {
     /// How many volumes the index holds, and what `size` says they weigh.
     pub fn volumes_weigh(&self, size: impl Fn(&VolumeRecord) -> usize) -> (usize, usize) {
         let (vols, shut) = (lock(&self.volumes), lock(&self.shut));
-        (
-            vols.len() + shut.len(),
-            vols.values().chain(shut.values()).map(size).sum(),
-        )
+        // A pool that opens has its records read before its roster's volumes leave: once each.
+        let unread: Vec<&VolumeRecord> = shut
+            .iter()
+            .filter(|(id, _)| !vols.contains_key(*id))
+            .map(|(_, r)| r)
+            .collect();
+        (vols.len() + unread.len(), vols.values().chain(unread).map(size).sum())
     }
 
     /// Folds `f` over the volumes whose id starts with `prefix` (one pool's), in id order.

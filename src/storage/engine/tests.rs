@@ -2935,7 +2935,9 @@ fn a_shut_pools_names_stay_taken_while_it_opens() {
         );
         let named = engine.volume_named("pvc-kept").map(|r| r.id);
         let created = engine.create_volume(in_late.clone());
+        let weighed = engine.volumes_weigh(|_| 1);
         pause.release();
+        assert_eq!(weighed, (1, 1), "counted once for the node's listing bound");
         assert_eq!(named, Some(kept.id.clone()), "the name is still found");
         assert!(
             matches!(created, Err(StorageError::Unavailable(_))),
