@@ -18,9 +18,10 @@
 //! open, and is written again from the records each time a pool opens. Between those, every
 //! record written or removed adds a line to the pool's roster file (`<pool>.volumes`, JSON
 //! lines: `{"put":<record>}` or `{"gone":"<id>"}`), each an unsynced append: a record written
-//! adds its line before the record and again after it (a crash between them lists it, never
-//! leaves it out; a record that fails has the roster written whole again from the others), a
-//! record removed after it. A crash of the process loses nothing, a crash of the machine may lose
+//! adds its line before the record (a crash between them lists it, never leaves it out; a record
+//! that fails has the roster written whole again from the others), and again after it only when
+//! the roster was written whole from the records in between (which did not hold it yet); a record
+//! removed adds its line after it. A crash of the process loses nothing, a crash of the machine may lose
 //! the last lines (the volumes they name are then
 //! missing from the listing, or shown though deleted, only while their pool stays shut). A
 //! roster that grew to more lines than a rewrite would hold (twice its records, and at least
@@ -78,6 +79,9 @@ struct Written {
     appends: usize,
     limit: usize,
     stale: bool,
+    /// How many times the roster was written whole (or tried): a line added before then may be
+    /// gone, if the records it was written from did not hold its change yet.
+    rewrites: u64,
 }
 
 impl Default for Written {
@@ -86,6 +90,7 @@ impl Default for Written {
             appends: 0,
             limit: REWRITE_AFTER,
             stale: false,
+            rewrites: 0,
         }
     }
 }
@@ -282,6 +287,11 @@ impl RosterGuard<'_> {
         w.stale || w.appends >= w.limit
     }
 
+    /// How many times pool `pool`'s roster was written whole (or tried) by this process.
+    pub fn rewrites(&self, pool: &PoolName) -> u64 {
+        self.written.get(pool).map_or(0, |w| w.rewrites)
+    }
+
     /// Writes pool `pool`'s roster whole from its `records` (every volume it holds), synced: the
     /// file it replaces may be lost whole to a crash of the machine (an empty file after the
     /// rename, on filesystems that do not order it), not only its last lines.
@@ -293,6 +303,7 @@ impl RosterGuard<'_> {
             count += 1;
         }
         let w = self.written.entry(pool.clone()).or_default();
+        w.rewrites += 1;
         match self
             .roster
             .files
@@ -303,6 +314,7 @@ impl RosterGuard<'_> {
                     appends: 0,
                     limit: count.max(REWRITE_AFTER),
                     stale: false,
+                    rewrites: w.rewrites,
                 }
             }
             Err(e) => {

@@ -159,14 +159,18 @@ impl PoolStore {
     }
 
     /// Adds a change of a local pool's volume (`put`, or the removal of `gone`) to its roster.
-    fn note(&self, pool: &Pool, put: Option<&VolumeRecord>, gone: &str) {
-        let Some(roster) = self.roster.get().filter(|_| !pool.shared()) else {
-            return;
-        };
+    /// Returns how many times the roster had been written whole when the change was added (`None`
+    /// for a pool without one): a rewrite after that, this call's own included, may have dropped
+    /// its line.
+    fn note(&self, pool: &Pool, put: Option<&VolumeRecord>, gone: &str) -> Option<u64> {
+        let roster = self.roster.get().filter(|_| !pool.shared())?;
         let mut held = roster.hold();
-        if held.append(&pool.config.name, put, gone) {
+        let due = held.append(&pool.config.name, put, gone);
+        let at = held.rewrites(&pool.config.name);
+        if due {
             self.rewrite_held(&mut held, &pool.config.name);
         }
+        Some(at)
     }
 
     /// A volume's record (`shown` is its id as text).
@@ -219,7 +223,7 @@ impl PoolStore {
         // Its roster line before the record too: a restart between the two would leave the volume
         // out of its pool's listing while the pool is shut, its name free for a create elsewhere.
         // A line without a record only lists it (its name waiting for the pool) until the pool opens.
-        self.note(pool, Some(rec), "");
+        let noted = self.note(pool, Some(rec), "");
         if let Err(e) = record::store(&*pool.sys.files, &pool.record_path(Kind::Volume, key), rec) {
             // Back to what the index holds: the line names a change that may not have been made.
             if let Some(roster) = self.roster.get().filter(|_| !pool.shared()) {
@@ -230,8 +234,12 @@ impl PoolStore {
         crate::crash::point("volume-record:stored");
         lock(&self.names).insert(rec.name.clone(), rec.id.to_string());
         lock(&self.volumes).insert(rec.id.to_string(), rec.clone());
-        // And after the index: a rewrite since the first line read an index without it.
-        self.note(pool, Some(rec), "");
+        // Again once indexed, if the roster was written whole since its line (from an index
+        // without it). Checked after the index holds it: a rewrite from now on has it.
+        let rewritten = |roster: &Roster| roster.hold().rewrites(&pool.config.name);
+        if noted.is_some() && noted != self.roster.get().map(rewritten) {
+            self.note(pool, Some(rec), "");
+        }
         Ok(())
     }
 

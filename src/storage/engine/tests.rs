@@ -2755,6 +2755,36 @@ fn a_roster_is_written_whole_again_before_it_grows_past_twice_its_volumes() {
 }
 
 #[test]
+fn a_roster_written_whole_at_a_creates_first_line_gets_the_line_again() {
+    // A create's roster line goes before its record; a rewrite due at that line reads the index,
+    // which does not hold the volume yet, and drops it: the create adds it again once indexed.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rosters = dir.path().join("rosters");
+    let config = Config::default_for(dir.path());
+    let engine = keeping(&NodeId::parse("n1").expect("node"), &config, &rosters);
+    let file = rosters.join("default.volumes");
+    let churn = || NewVolume::plain("pvc-churn", Some(Layout::Dir), MIB);
+    // One line per create and per delete: 1 + 2 * 511 = 1,023 since the pool opened.
+    let mut v = engine.create_volume(churn()).expect("create");
+    for _ in 0..511 {
+        engine.delete_volume(&v.id).expect("delete");
+        v = engine.create_volume(churn()).expect("create");
+    }
+    let last = engine
+        .create_volume(NewVolume::plain("pvc-last", Some(Layout::Dir), MIB))
+        .expect("create");
+    let lines = std::fs::read_to_string(&file).expect("roster").lines().count();
+    assert_eq!(
+        lines, 2,
+        "written whole at the last create's first line, then its line again"
+    );
+    let read = crate::storage::roster::Roster::new(&rosters, engine.files()).read(&config.pools[0].name);
+    let mut want = vec![v.id.to_string(), last.id.to_string()];
+    want.sort();
+    assert_eq!(read.keys().cloned().collect::<Vec<_>>(), want);
+}
+
+#[test]
 fn a_pool_directory_without_its_mark_does_not_open_until_its_disk_is_back() {
     // A pool's disk not mounted at start leaves an empty directory in its place. Opened there, its
     // volumes looked deleted and new ones were made on the root disk, hidden once the disk came.
