@@ -208,24 +208,26 @@ impl Roster {
     /// After pool `pool` opened at `root` (which marked it, if it had no mark, and gave a mark
     /// without an id one): remembers its mark's id when the node does not yet (a pool's first
     /// opening, or its first under a release with marks), or remembers another (one repaired by
-    /// hand, which [`Roster::check_identity`] let through).
+    /// hand, which [`Roster::check_identity`] let through). A node that cannot remember it (its
+    /// data dir's disk full) opens the pool all the same, as before marks, and logs why: the pool
+    /// is checked from its next opening that remembers it.
     pub fn settle_identity(&self, pool: &PoolName, root: &Path) -> Result<(), StorageError> {
         let known = self.identity_path(pool);
-        let remembered = self
-            .files
-            .read_optional(&known)?
-            .and_then(|b| serde_json::from_slice::<Remembered>(&b).ok());
+        let remembered = self.remembered(pool);
         let Some(Some(Mark { id: Some(id), .. })) = Mark::read(&*self.files, root)? else {
             return Err(StorageError::PoolUnusable(format!(
                 "{} has no mark ({MARK}) with an id after the pool opened",
                 root.display()
             )));
         };
-        if remembered.is_some_and(|r| r.id == id) {
+        if remembered.is_some_and(|r| r == id) {
             return Ok(());
         }
         let bytes = serde_json::to_vec(&Remembered { id }).unwrap_or_default();
-        Ok(self.files.write_atomic(&known, &bytes, Durability::PowerLoss)?)
+        if let Err(e) = self.files.write_atomic(&known, &bytes, Durability::PowerLoss) {
+            tracing::warn!(pool = pool.as_str(), error = %e, "the pool's mark cannot be remembered; it opens, and is checked from its next opening that remembers it");
+        }
+        Ok(())
     }
 
     /// Whether a roster misses a change (its write failed; it is written whole with the next one).

@@ -2785,6 +2785,31 @@ fn a_roster_written_whole_at_a_creates_first_line_gets_the_line_again() {
 }
 
 #[test]
+fn a_pool_whose_mark_cannot_be_remembered_opens_all_the_same() {
+    // A full data-dir disk at the first start under a release with marks: the node could not
+    // write `<pool>.id`, and the pool, whose volumes are all there, did not open.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rosters = dir.path().join("rosters");
+    let config = Config::default_for(dir.path());
+    let node = NodeId::parse("n1").expect("node");
+    // Where the id goes, a directory that no rename can replace.
+    let known = rosters.join("default.id");
+    std::fs::create_dir_all(known.join("x")).expect("a directory in the id's place");
+    let engine = keeping(&node, &config, &rosters);
+    assert!(engine.ready(), "{:?}", engine.broken_pools());
+    let v = engine
+        .create_volume(NewVolume::plain("pvc-open", Some(Layout::Dir), MIB))
+        .expect("create");
+    drop(engine);
+    // Remembered at the next opening that can.
+    std::fs::remove_dir_all(&known).expect("room again");
+    let engine = keeping(&node, &config, &rosters);
+    assert!(engine.ready());
+    assert!(known.is_file(), "remembered now");
+    assert!(engine.volume_for_call(&v.id).expect("look-up").is_some());
+}
+
+#[test]
 fn a_pool_directory_without_its_mark_does_not_open_until_its_disk_is_back() {
     // A pool's disk not mounted at start leaves an empty directory in its place. Opened there, its
     // volumes looked deleted and new ones were made on the root disk, hidden once the disk came.
