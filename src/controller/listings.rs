@@ -257,10 +257,14 @@ impl Listings {
         // are built and sorted outside it (a full ListVolumes replaces every node's at once).
         if let Some(old) = self.get(key).filter(|_| !shut.is_empty()) {
             let listed: std::collections::HashSet<&str> = volumes.iter().map(|v| v.id()).collect();
+            // A shut pool the node lists volumes of itself (from its roster) is listed as the
+            // node says: a volume deleted since through another replica is not brought back.
+            let rostered: std::collections::HashSet<&str> =
+                volumes.iter().filter(|v| !v.is_shared()).map(|v| v.pool()).collect();
             let kept: Vec<VolumeSummary> = old
                 .volumes
                 .iter()
-                .filter(|v| !v.is_shared() && !listed.contains(v.id()))
+                .filter(|v| !v.is_shared() && !listed.contains(v.id()) && !rostered.contains(v.pool()))
                 .filter_map(|v| {
                     let (pool, why) = shut.iter().find(|(p, _)| p.as_str() == v.pool())?;
                     Some(v.clone().with_condition(Condition::shown_while_shut(pool, key, why)))
@@ -586,6 +590,13 @@ mod tests {
         // Listed again while still shut: kept again, not twice.
         let listing = l.replace("n1", Instant::now(), l.edits("n1"), vec![], &shut);
         assert_eq!(listing.volumes.len(), 2);
+        // A node that lists the shut pool's volumes itself (from its roster) is believed: `b`,
+        // deleted meanwhile through another replica, does not come back from the listing before.
+        let shown = Condition::shown_while_shut(&shut[0].0, "n1", &shut[0].1);
+        let listing = l.replace("n1", Instant::now(), l.edits("n1"), vec![(a.clone(), shown)], &shut);
+        let ids: Vec<&str> = listing.volumes.iter().map(|v| v.id()).collect();
+        assert_eq!(ids, ["local:n1:default:a"]);
+        assert!(l.named("b").is_none(), "its name is free");
         // The pool opened: the node's answer is the listing, healthy again.
         let listing = l.replace("n1", Instant::now(), l.edits("n1"), vec![(a, ok())], &[]);
         assert_eq!(listing.volumes.len(), 1);
