@@ -857,13 +857,17 @@ impl Scan<'_> {
                 );
                 let i = self.finding(FindingKind::StrayMount, &name, &m.mount_point, detail, Action::Unmount);
                 self.findings[i].mount_id = Some(m.mount_id);
-                self.findings[i].kept = survey.and_then(|s| self.unreadable_holder(s, &name, &rel)).map(|file| {
+                let unreadable = survey.and_then(|s| self.unreadable_holder(s, &name, &rel)).map(|file| {
                     format!(
                         "it may be a mount of the volume whose node state {} cannot be read: repair or remove that \
                          file first",
                         file.display()
                     )
                 });
+                // Kept also when it is in a directory that is not this node's pool.
+                if unreadable.is_some() {
+                    self.findings[i].kept = unreadable;
+                }
             }
         }
     }

@@ -548,8 +548,26 @@ async fn fix_removes_nothing_from_a_directory_that_is_not_the_pool_this_node_ope
     std::fs::rename(&pool, &away).expect("move the pool away");
     std::fs::create_dir_all(pool.join("volumes/photos")).expect("a user's directory");
     std::fs::write(pool.join("volumes/photos/cat.jpg"), b"a user's photo").expect("a user's file");
+    // And a mount of it at a kubelet path, which no node state explains.
+    let shown = d.path("kubelet/pods/pod-9/volumes/kubernetes.io~csi/pv-photos/mount");
+    std::fs::create_dir_all(&shown).expect("mount point");
+    nix::mount::mount(
+        Some(&pool.join("volumes/photos")),
+        &shown,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .expect("bind mount");
+    let guard = MountGuard(shown.clone());
     let r = report(&d, &["--fix", "--yes", "--json"], "");
     kept_as(&r, &pool.join("volumes/photos"), "lacks pool 'default''s mark");
+    kept_as(&r, &shown, "lacks pool 'default''s mark");
+    assert!(
+        mounts_under(&shown).contains(&shown),
+        "unmounted from another program's directory"
+    );
+    drop(guard);
     assert_eq!(
         std::fs::read(pool.join("volumes/photos/cat.jpg")).expect("the user's file"),
         b"a user's photo"

@@ -474,13 +474,20 @@ impl LocalEngine {
     /// Fails when pool `only` (any pool, without one) is a pool this process owns that could not
     /// be opened: whether it holds `what` there cannot be told until it opens.
     pub(crate) fn owned_pools_open(&self, only: Option<&PoolName>, what: &str) -> Result<(), StorageError> {
+        let left_out = self
+            .unconfigured
+            .iter()
+            .find(|(p, _)| only.is_none_or(|o| o == *p))
+            .map(|(p, why)| (p, why.clone()));
         match self
             .pools
             .broken()
             .find(|(p, slot, _)| slot.owner && only.is_none_or(|o| o == *p))
+            .map(|(p, _, why)| (p, why))
+            .or(left_out)
         {
             None => Ok(()),
-            Some((p, _, why)) => Err(StorageError::Unavailable(format!(
+            Some((p, why)) => Err(StorageError::Unavailable(format!(
                 "pool {} could not be opened ({why}); whether it holds {what} cannot be told until it opens",
                 p.as_str(),
             ))),
@@ -494,11 +501,24 @@ impl LocalEngine {
 
     /// How many pools this process owns are not open (yet): a count that only falls.
     pub(crate) fn owned_pools_shut(&self) -> usize {
-        self.pools.broken().filter(|(_, slot, _)| slot.owner).count()
+        self.pools.broken().filter(|(_, slot, _)| slot.owner).count() + self.unconfigured.len()
     }
 
+    /// The pools that are not open, with why: those that could not be opened, and local pools this
+    /// node had that its configuration no longer names (which do not hold its readiness back).
     pub fn broken_pools(&self) -> Vec<(PoolName, String)> {
-        self.pools.broken().map(|(p, _, why)| (p.clone(), why)).collect()
+        let mut shut: Vec<(PoolName, String)> = self.pools.broken().map(|(p, _, why)| (p.clone(), why)).collect();
+        shut.extend(self.unconfigured.iter().map(|(p, why)| (p.clone(), why.clone())));
+        shut
+    }
+
+    /// Why local pool `pool` is not open, if it is not: left out of the configuration, or not
+    /// opened (yet).
+    fn shut_why(&self, pool: &PoolName) -> Option<String> {
+        match self.unconfigured.get(pool) {
+            Some(why) => Some(why.clone()),
+            None => self.pools.0.get(pool).and_then(|slot| slot.why()),
+        }
     }
 
     /// The pool whose managed part `path`, or `real` (the same path resolved), reaches into

@@ -18,7 +18,8 @@
 //! open, and is written again from the records each time a pool opens. Between those, every
 //! record written or removed adds a line to the pool's roster file (`<pool>.volumes`, JSON
 //! lines: `{"put":<record>}` or `{"gone":"<id>"}`), each an unsynced append: a record written
-//! adds its line before the record (a crash between them lists it, never leaves it out; a record
+//! adds its line before the record (a crash between them lists it rather than leaves it out, unless
+//! another change's rewrite of the roster came between them, one in about a thousand; a record
 //! that fails has the roster written whole again from the others), and again after it only when
 //! the roster was written whole from the records in between (which did not hold it yet); a record
 //! removed adds its line after it. A crash of the process loses nothing, a crash of the machine may lose
@@ -127,10 +128,15 @@ impl Roster {
 
     /// The pools this node keeps a roster or a remembered mark of (by the files' names), in name
     /// order: those its configuration no longer names are the pools it had and was told to stop
-    /// using. None when the directory cannot be read.
+    /// using. None when the directory cannot be read (logged: pools left out of the configuration
+    /// are then not known).
     pub fn pools(&self) -> Vec<PoolName> {
-        let Ok(paths) = self.files.list_dir(&self.dir) else {
-            return Vec::new();
+        let paths = match self.files.list_dir(&self.dir) {
+            Ok(paths) => paths,
+            Err(e) => {
+                tracing::warn!(error = %e, "the rosters cannot be listed; volumes of pools left out of the configuration are not known");
+                return Vec::new();
+            }
         };
         let mut names: Vec<PoolName> = paths
             .iter()

@@ -309,10 +309,7 @@ impl LocalEngine {
     /// roster) says so, naming this node.
     fn with_condition(&self, r: VolumeRecord) -> (VolumeRecord, Condition) {
         let shut = match &r.id.0.location {
-            Location::Local(_) => match self.unconfigured.get(&r.id.0.pool) {
-                Some(why) => Some(why.clone()),
-                None => self.pools.0.get(&r.id.0.pool).and_then(|slot| slot.why()),
-            },
+            Location::Local(_) => self.shut_why(&r.id.0.pool),
             Location::Shared => None,
         };
         let c = match shut {

@@ -61,13 +61,14 @@ impl LocalEngine {
         // answers it once the pool opens. Until then UNAVAILABLE, which the provisioner retries
         // and keeps tracking (a final error would have it forget the volume, left behind if the
         // PVC is deleted meanwhile).
-        if let Some(r) = self.store.shut_named(&req.name).filter(|r| r.id.0.pool == pool_name) {
-            let why = self
-                .pools
-                .0
-                .get(&pool_name)
-                .and_then(|slot| slot.why())
-                .unwrap_or_default();
+        // (Not a shared pool that now has the local pool's name: the name is another pool's.)
+        let asked_local = self.pools.0.get(&pool_name).is_none_or(|slot| !slot.config.is_shared());
+        if let Some(r) = self
+            .store
+            .shut_named(&req.name)
+            .filter(|r| r.id.0.pool == pool_name && asked_local)
+        {
+            let why = self.shut_why(&pool_name).unwrap_or_default();
             return Err(StorageError::Unavailable(format!(
                 "volume '{}' ({}) is in pool '{}' of node {}, which is not open ({why}): its create answers once the pool opens",
                 crate::csi::status::bounded(&req.name),
@@ -405,7 +406,9 @@ impl LocalEngine {
             .or_else(|| self.store.shut_named(&req.name).map(|r| r.id.to_string()));
         if let Some(id) = known.filter(|id| !self.is_shared_id(id) || self.volume_named(&req.name).is_some()) {
             let id = VolumeId::parse(&id).map_err(|e| StorageError::Conflict(e.0))?;
-            if id.0.pool != pool.config.name {
+            // (A local pool left out of the configuration may have its name on a shared one.)
+            let shared_id = matches!(id.0.location, crate::storage::id::Location::Shared);
+            if id.0.pool != pool.config.name || shared_id != pool.shared() {
                 return Err(StorageError::Conflict(format!(
                     "volume '{}' already exists in pool '{}'",
                     req.name,

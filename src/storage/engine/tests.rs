@@ -2679,11 +2679,38 @@ fn a_pool_left_out_of_the_configuration_keeps_its_volumes_listed_and_their_delet
         .expect("look-up")
         .expect("as last known");
     assert!(r == kept && c.abnormal, "{c:?}");
-    // Its name stays taken.
+    // Its name stays taken: in another pool refused, in its own waiting for the pool, saying why.
     match engine.create_volume(NewVolume::plain("pvc-old", Some(Layout::Dir), MIB)) {
         Err(e @ StorageError::Conflict(_)) => assert!(e.to_string().contains("pool 'old'"), "{e}"),
         other => panic!("want the name refused, got {other:?}"),
     }
+    let again = NewVolume {
+        pool: Some(old.name.clone()),
+        ..NewVolume::plain("pvc-old", Some(Layout::Dir), MIB)
+    };
+    match engine.create_volume(again.clone()) {
+        Err(e @ StorageError::Unavailable(_)) => {
+            assert!(e.to_string().contains("no longer in the configuration"), "{e}")
+        }
+        other => panic!("want the retried create to wait for the pool, got {other:?}"),
+    }
+    // Reported as not open (the heartbeat's shut pools, the node's storage health), and a
+    // backup's delete that finds no copy of its own cannot tell whether the pool holds one.
+    assert!(
+        engine
+            .broken_pools()
+            .iter()
+            .any(|(p, why)| *p == old.name && why.contains("no longer")),
+        "{:?}",
+        engine.broken_pools()
+    );
+    assert!(matches!(
+        engine.owned_pools_open(Some(&old.name), "part of a backup"),
+        Err(StorageError::Unavailable(_))
+    ));
+    engine
+        .owned_pools_open(Some(&config.pools[0].name), "part of a backup")
+        .expect("another pool");
     // Another node's ids, and pools this node never had, are as before: nothing here to delete.
     engine
         .delete_volume(&VolumeId::parse("local:n2:old:pvc-old").expect("id"))
@@ -2704,6 +2731,10 @@ fn a_pool_left_out_of_the_configuration_keeps_its_volumes_listed_and_their_delet
         engine.delete_volume(&kept.id),
         "DeleteVolume with the name a shared pool's",
     );
+    match engine.create_volume(again) {
+        Err(StorageError::Conflict(_)) => {}
+        other => panic!("the name is the local pool's, not the shared one's: got {other:?}"),
+    }
     let listed = engine.volumes_with_condition();
     assert!(listed.iter().any(|(r, c)| r.id == kept.id && c.abnormal), "{listed:?}");
     assert!(data.is_dir(), "the data stays");
