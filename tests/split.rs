@@ -2276,6 +2276,36 @@ async fn the_volumes_of_a_pool_that_is_not_open_stay_listed_and_keep_their_names
     // Until node-1 calls in, its volumes are not listed.
     wait_listed(&mut ctl, vec![(v.volume_id.clone(), true)]).await;
     create_refused_not_made_elsewhere(&c, &mut ctl, &req, &p2).await;
+    // Its snapshot too (this controller never saw it): listed from node-1's roster, its name
+    // taken for another source, and its retry waiting for the pool (the snapshotter retries).
+    let listed = ctl
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .expect("ListSnapshots")
+        .into_inner()
+        .entries;
+    let ids: Vec<&str> = listed
+        .iter()
+        .filter_map(|e| e.snapshot.as_ref())
+        .map(|s| s.snapshot_id.as_str())
+        .collect();
+    assert_eq!(ids, [snap.snapshot_id.as_str()], "{}", c.logs());
+    let cut = |source: &str| CreateSnapshotRequest {
+        name: "known-snap".into(),
+        source_volume_id: source.into(),
+        ..Default::default()
+    };
+    let taken = ctl
+        .create_snapshot(cut("local:node-2:default:other"))
+        .await
+        .expect_err("the name is node-1's snapshot's");
+    assert_eq!(taken.code(), Code::AlreadyExists, "{taken}");
+    let retry = ctl
+        .create_snapshot(cut(&v.volume_id))
+        .await
+        .expect_err("waits for the pool");
+    assert_eq!(retry.code(), Code::Unavailable, "{retry}");
+    assert!(retry.message().contains("not open"), "{retry}");
 
     pool_unmountable(&p1, &away, false);
     wait_listed(&mut ctl, vec![(v.volume_id.clone(), false)]).await;
@@ -2285,6 +2315,12 @@ async fn the_volumes_of_a_pool_that_is_not_open_stay_listed_and_keep_their_names
     .await;
     assert_eq!(again.volume_id, v.volume_id);
     assert!(nothing_of(&p2, "known"));
+    let cut_again = ctl.create_snapshot(cut(&v.volume_id)).await.expect("the snapshot");
+    let cut_again = cut_again.into_inner().snapshot.expect("snapshot");
+    assert_eq!(
+        cut_again.snapshot_id, snap.snapshot_id,
+        "the snapshot made the first time"
+    );
 }
 
 /// A create whose node died before its record, retried after the scheduler chose another node:

@@ -517,13 +517,13 @@ impl Agent for LocalAgent {
     }
 
     async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, StorageError> {
-        self.blocking(|e| Ok(e.snapshots())).await
+        self.blocking(|e| Ok(e.listed_snapshots())).await
     }
 
     async fn snapshots_page(&self, after: String, max_bytes: u32) -> Result<(Vec<SnapshotRecord>, bool), StorageError> {
         self.blocking(move |e| {
             fill_page(
-                |a, n| Ok(e.snapshots_after(a, n)),
+                |a, n| Ok(e.listed_snapshots_after(a, n)),
                 snapshot_id,
                 snapshot_size,
                 after,

@@ -1418,14 +1418,18 @@ impl Controller for ControllerService {
             }
             let id = SnapshotId::parse(&r.snapshot_id).map_err(|_| not_found())?;
             let agent = self.owner_of(id.0.node()).ok_or_else(not_found)?;
-            let Some(snap) = agent.snapshots().await?.into_iter().find(|s| s.id == id) else {
-                // A snapshot of a pool that is not open is out of reach, not gone.
-                // (A node's from its heartbeat; this process's own pools from the engine.)
+            let found = agent.snapshots().await?.into_iter().find(|s| s.id == id);
+            // A snapshot of a local pool that is not open is out of reach, not gone, and not
+            // ready either (its node lists it as its roster last recorded it).
+            // (A node's from its heartbeat; this process's own pools from the engine.)
+            if matches!(id.0.location, crate::storage::id::Location::Local(_)) {
                 let mut shut = self.directory.shut_pools(agent.node());
                 shut.extend(agent.shut_pools());
                 if let Some((_, why)) = shut.into_iter().find(|(p, _)| *p == id.0.pool) {
                     return Err(StorageError::pool_shut_on(id.0.pool.as_str().to_string(), &why, agent.node()).into());
                 }
+            }
+            let Some(snap) = found else {
                 return Err(not_found());
             };
             Ok(GetSnapshotResponse {

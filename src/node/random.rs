@@ -1746,7 +1746,20 @@ fn left_out(c: &Cluster, m: &Model, n: usize, log: &mut Vec<String>) {
         );
         refused(engine.delete_volume(&vid(&v.id)), &format!("DeleteVolume of {name}"));
     }
+    let snapshots: BTreeMap<String, crate::storage::record::SnapshotRecord> = engine
+        .listed_snapshots()
+        .into_iter()
+        .map(|r| (r.id.to_string(), r))
+        .collect();
     for (name, s) in m.snaps.iter().filter(|(_, s)| s.home == Home::Node(n)) {
+        // Listed as its roster last recorded it, its name taken.
+        let r = snapshots
+            .get(&s.id)
+            .unwrap_or_else(|| panic!("snapshot {name} ({}) is not listed with its pool left out", s.id));
+        assert!(r.source_volume_id.to_string() == s.source, "{name}: {r:?}");
+        // (A group's member is recorded under a name of its own.)
+        let found = engine.snapshot_named(&r.name).map(|r| r.id.to_string());
+        assert_eq!(found, Some(s.id.clone()), "{name}");
         let id = SnapshotId::parse(&s.id).expect("snapshot id");
         refused(engine.delete_snapshot(&id), &format!("DeleteSnapshot of {name}"));
     }
@@ -2094,13 +2107,17 @@ fn check(c: &Cluster, m: &Model) {
         // is shut), unless a write of one failed just now (the next change writes it whole).
         if p.node && !p.engine.roster_behind() {
             let roster = crate::storage::roster::Roster::new(&p.dir.join("rosters"), p.engine.files());
-            let listed: BTreeMap<String, u64> = p
+            let read: Vec<crate::storage::roster::Listed> = p
                 .config
                 .pools
                 .iter()
                 .filter(|pc| !pc.is_shared())
-                .flat_map(|pc| roster.read(&pc.name))
-                .map(|(id, r)| (id, r.capacity_bytes))
+                .map(|pc| roster.read(&pc.name))
+                .collect();
+            let listed: BTreeMap<String, u64> = read
+                .iter()
+                .flat_map(|l| &l.volumes)
+                .map(|(id, r)| (id.clone(), r.capacity_bytes))
                 .collect();
             let want: BTreeMap<String, u64> = m
                 .vols
@@ -2109,6 +2126,19 @@ fn check(c: &Cluster, m: &Model) {
                 .map(|v| (v.id.clone(), v.bytes))
                 .collect();
             assert_eq!(listed, want, "{}'s rosters name its volumes at their sizes", p.label);
+            // And its snapshots (backups' local copies too), as recorded.
+            let listed: BTreeMap<String, &crate::storage::record::SnapshotRecord> = read
+                .iter()
+                .flat_map(|l| &l.snapshots)
+                .map(|(id, r)| (id.clone(), r))
+                .collect();
+            let records = p.engine.snapshots();
+            let want: BTreeMap<String, &crate::storage::record::SnapshotRecord> = records
+                .iter()
+                .filter(|r| matches!(r.id.0.location, crate::storage::id::Location::Local(_)))
+                .map(|r| (r.id.to_string(), r))
+                .collect();
+            assert_eq!(listed, want, "{}'s rosters name its snapshots as recorded", p.label);
         }
         for (name, v) in m.vols.iter().filter(|(_, v)| sees(v.home)) {
             let (rec, data) = p.engine.volume_data(&vid(&v.id)).expect("a recorded volume's data");

@@ -300,6 +300,9 @@ pub struct LocalEngine {
     uploading: Mutex<std::collections::HashSet<String>>,
     /// The off switch of each upload under way, by snapshot id: the backup's delete pulls it.
     stops: Mutex<std::collections::HashMap<String, crate::backup::upload::Stop>>,
+    /// How often an upload looks for its backup's deletion mark, where a test set it (else
+    /// `backup::MARK_LOOK`).
+    mark_look: Mutex<Option<std::time::Duration>>,
     /// Backups whose part this node dropped for their deletes, newest last.
     forgotten: Mutex<std::collections::VecDeque<crate::storage::id::BackupId>>,
     /// Room promised to creates and expands of this process that passed their room check and
@@ -405,6 +408,7 @@ impl LocalEngine {
             me: std::sync::OnceLock::new(),
             uploading: Mutex::new(std::collections::HashSet::new()),
             stops: Mutex::new(std::collections::HashMap::new()),
+            mark_look: Mutex::new(None),
             forgotten: Mutex::new(std::collections::VecDeque::new()),
         };
         engine.store = PoolStore::load(engine.pools.values())?;
@@ -825,6 +829,23 @@ impl LocalEngine {
         self.store.snapshots_after(after, n)
     }
 
+    /// Every snapshot this node lists (ListSnapshots): [`LocalEngine::snapshots`] and those of
+    /// local pools that are not open, as their rosters last recorded them (only listed: every
+    /// call on them waits for their pool).
+    pub fn listed_snapshots(&self) -> Vec<SnapshotRecord> {
+        with_shut(self.snapshots(), self.store.shut_snapshots())
+    }
+
+    /// A page of [`LocalEngine::listed_snapshots`], as [`LocalEngine::volumes_after`].
+    pub fn listed_snapshots_after(&self, after: &str, n: usize) -> Vec<SnapshotRecord> {
+        let mut page = with_shut(
+            self.snapshots_after(after, n),
+            self.store.shut_snapshots_after(after, n),
+        );
+        page.truncate(n);
+        page
+    }
+
     /// How many volumes this node holds records of (shared pools' included, as its listing has
     /// them), and what `size` says they weigh; read from the index, no record is copied.
     pub fn volumes_weigh(&self, size: impl Fn(&VolumeRecord) -> usize) -> (usize, usize) {
@@ -842,6 +863,20 @@ impl LocalEngine {
 }
 
 /// The in-process lock key of an object.
+/// The records of open pools and those of shut pools from their rosters, in id order; an id in
+/// both (its pool opened while they were read) is its record's.
+fn with_shut<T: crate::storage::store::Record>(records: Vec<T>, shut: Vec<T>) -> Vec<T> {
+    if shut.is_empty() {
+        return records;
+    }
+    let mut all = records;
+    all.extend(shut);
+    // Stable: a record stays before the roster's copy of itself, which `dedup` drops.
+    all.sort_by_cached_key(|r| r.id());
+    all.dedup_by(|later, earlier| later.id() == earlier.id());
+    all
+}
+
 fn flight_key(kind: Kind, pool: &PoolName, key: &Key) -> String {
     format!("{:?}/{}/{}", kind, pool.as_str(), key.as_str())
 }

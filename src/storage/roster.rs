@@ -1,4 +1,4 @@
-//! The roster: what volumes each local pool held, kept outside the pool, in the node's data
+//! The roster: what volumes and snapshots each local pool held, kept outside the pool, in the node's data
 //! directory. A pool whose disk is not mounted when the process starts does not open (its records
 //! are on that disk); the roster lets the node list its volumes meanwhile, abnormal, as last
 //! recorded, rather than leave them out of ListVolumes as if they were deleted, and lets a
@@ -17,7 +17,8 @@
 //! The records on the pool's disk stay the truth: the roster is only read for a pool that did not
 //! open, and is written again from the records each time a pool opens. Between those, every
 //! record written or removed adds a line to the pool's roster file (`<pool>.volumes`, JSON
-//! lines: `{"put":<record>}` or `{"gone":"<id>"}`), each an unsynced append: a record written
+//! lines: `{"put":<volume record>}`, `{"snap":<snapshot record>}` or `{"gone":"<id>"}`), each an
+//! unsynced append: a record written
 //! adds its line before the record (a crash between them lists it rather than leaves it out, unless
 //! another change's rewrite of the roster came between them, one in about a thousand; a record
 //! that fails has the roster written whole again from the others), and again after it only when
@@ -38,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use super::id::PoolName;
 use super::pool::{Mark, MARK};
-use super::record::VolumeRecord;
+use super::record::{SnapshotRecord, VolumeRecord};
 use super::StorageError;
 use crate::sys::files::{Durability, Files};
 
@@ -51,23 +52,37 @@ struct Remembered {
 /// Appends a roster takes before it is written again whole, at the least.
 pub const REWRITE_AFTER: usize = 1024;
 
-/// One line of a roster, as read.
+/// One line of a roster, as read: a volume's record, a snapshot's, or the id of either removed
+/// (a snapshot's id starts with `snap:`, a volume's never does). A release before snapshot lines
+/// skips them as lines it cannot parse.
 #[derive(Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum Line {
     Put(Box<VolumeRecord>),
+    Snap(Box<SnapshotRecord>),
     Gone(String),
 }
 
-/// One line of a roster, as written (borrowing what it names).
-#[derive(Serialize)]
+/// A change of a pool's objects, as a roster line is written (borrowing what it names).
+#[derive(Serialize, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
-enum LineOut<'a> {
+pub enum Change<'a> {
+    /// A volume's record written.
     Put(&'a VolumeRecord),
+    /// A snapshot's record written.
+    Snap(&'a SnapshotRecord),
+    /// The record of the volume or snapshot with this id removed.
     Gone(&'a str),
 }
 
-fn line(out: LineOut<'_>, bytes: &mut Vec<u8>) {
+/// What a pool's roster lists: its volumes and its snapshots, each by id.
+#[derive(Default, Debug)]
+pub struct Listed {
+    pub volumes: BTreeMap<String, VolumeRecord>,
+    pub snapshots: BTreeMap<String, SnapshotRecord>,
+}
+
+fn line(out: Change<'_>, bytes: &mut Vec<u8>) {
     if serde_json::to_writer(&mut *bytes, &out).is_ok() {
         bytes.push(b'\n');
     }
@@ -241,31 +256,35 @@ impl Roster {
         self.hold().written.values().any(|w| w.stale)
     }
 
-    /// The volumes pool `pool` held when its roster was last written, by id.
-    pub fn read(&self, pool: &PoolName) -> BTreeMap<String, VolumeRecord> {
-        let mut volumes = BTreeMap::new();
+    /// The volumes and snapshots pool `pool` held when its roster was last written, by id.
+    pub fn read(&self, pool: &PoolName) -> Listed {
+        let mut listed = Listed::default();
         let bytes = match self.files.read_optional(&self.path(pool)) {
             Ok(Some(b)) => b,
-            Ok(None) => return volumes,
+            Ok(None) => return listed,
             Err(e) => {
-                tracing::warn!(pool = pool.as_str(), error = %e, "the pool's roster cannot be read; its volumes are not listed while it is shut");
-                return volumes;
+                tracing::warn!(pool = pool.as_str(), error = %e, "the pool's roster cannot be read; its volumes and snapshots are not listed while it is shut");
+                return listed;
             }
         };
         for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             match serde_json::from_slice::<Line>(line) {
-                // Only the pool's own volumes: a roster copied by hand under another pool's name
+                // Only the pool's own objects: a roster copied by hand under another pool's name
                 // names none of this one's.
                 Ok(Line::Put(r)) if r.id.0.pool == *pool => {
-                    volumes.insert(r.id.to_string(), *r);
+                    listed.volumes.insert(r.id.to_string(), *r);
+                }
+                Ok(Line::Snap(r)) if r.id.0.pool == *pool => {
+                    listed.snapshots.insert(r.id.to_string(), *r);
                 }
                 Ok(Line::Gone(id)) => {
-                    volumes.remove(&id);
+                    listed.volumes.remove(&id);
+                    listed.snapshots.remove(&id);
                 }
                 _ => {}
             }
         }
-        volumes
+        listed
     }
 }
 
@@ -278,14 +297,11 @@ pub struct RosterGuard<'a> {
 impl RosterGuard<'_> {
     /// Adds a change of pool `pool` to its roster. Whether the roster is now due to be written
     /// whole ([`RosterGuard::rewrite`] with the pool's records).
-    pub fn append(&mut self, pool: &PoolName, put: Option<&VolumeRecord>, gone: &str) -> bool {
+    pub fn append(&mut self, pool: &PoolName, change: Change<'_>) -> bool {
         let w = self.written.entry(pool.clone()).or_default();
         if !w.stale {
             let mut bytes = Vec::new();
-            match put {
-                Some(r) => line(LineOut::Put(r), &mut bytes),
-                None => line(LineOut::Gone(gone), &mut bytes),
-            }
+            line(change, &mut bytes);
             if let Err(e) = self.roster.files.append(&self.roster.path(pool), &bytes) {
                 tracing::warn!(pool = pool.as_str(), error = %e, "the pool's roster cannot be written; trying again with the next change");
                 w.stale = true;
@@ -300,14 +316,14 @@ impl RosterGuard<'_> {
         self.written.get(pool).map_or(0, |w| w.rewrites)
     }
 
-    /// Writes pool `pool`'s roster whole from its `records` (every volume it holds), synced: the
-    /// file it replaces may be lost whole to a crash of the machine (an empty file after the
-    /// rename, on filesystems that do not order it), not only its last lines.
-    pub fn rewrite<'r>(&mut self, pool: &PoolName, records: impl Iterator<Item = &'r VolumeRecord>) {
+    /// Writes pool `pool`'s roster whole from its `records` (every volume and snapshot it holds),
+    /// synced: the file it replaces may be lost whole to a crash of the machine (an empty file
+    /// after the rename, on filesystems that do not order it), not only its last lines.
+    pub fn rewrite<'r>(&mut self, pool: &PoolName, records: impl Iterator<Item = Change<'r>>) {
         let mut bytes = Vec::new();
         let mut count = 0;
         for r in records {
-            line(LineOut::Put(r), &mut bytes);
+            line(r, &mut bytes);
             count += 1;
         }
         let w = self.written.entry(pool.clone()).or_default();
@@ -353,9 +369,9 @@ mod tests {
         let roster = Roster::new(dir.path(), engine.files());
         let (default, other) = (config.pools[0].name.clone(), PoolName::parse("other").expect("pool"));
         let mut held = roster.hold();
-        held.rewrite(&default, [&a, &b].into_iter());
+        held.rewrite(&default, [Change::Put(&a), Change::Put(&b)].into_iter());
         assert!(
-            !held.append(&default, None, &a.id.to_string()),
+            !held.append(&default, Change::Gone(&a.id.to_string())),
             "not due after one line"
         );
         drop(held);
@@ -364,12 +380,12 @@ mod tests {
         // A line naming another pool's volume (a file copied by hand), then a torn append.
         let mut foreign = b.clone();
         foreign.id.0.pool = other.clone();
-        line(LineOut::Put(&foreign), &mut bytes);
+        line(Change::Put(&foreign), &mut bytes);
         bytes.extend(b"\n{\"put\":{\"name\":\"pvc-c");
         std::fs::write(&path, bytes).expect("write");
         let read = roster.read(&default);
-        assert_eq!(read.keys().collect::<Vec<_>>(), vec![&b.id.to_string()]);
-        assert!(roster.read(&other).is_empty(), "no roster of its own");
+        assert_eq!(read.volumes.keys().collect::<Vec<_>>(), vec![&b.id.to_string()]);
+        assert!(roster.read(&other).volumes.is_empty(), "no roster of its own");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::id::{Key, ObjectId, PoolName};
 use super::pool::{Kind, Pool};
 use super::record::{self, GroupRecord, SnapshotRecord, VolumeRecord};
-use super::roster::{Roster, RosterGuard};
+use super::roster::{Change, Roster, RosterGuard};
 use super::StorageError;
 use crate::sys::files::{Entry, Files};
 use crate::sys::SysError;
@@ -33,6 +33,8 @@ pub struct PoolStore {
     /// The volumes of local pools that are not open, as their rosters last recorded them, by id:
     /// listed (abnormal), never called on. A pool's leave when it opens.
     shut: Mutex<BTreeMap<String, VolumeRecord>>,
+    /// The snapshots of local pools that are not open, as `shut` holds their volumes.
+    shut_snapshots: Mutex<BTreeMap<String, SnapshotRecord>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -116,6 +118,7 @@ impl PoolStore {
     /// reach it (a name dropped while its records are read, before then, was found nowhere).
     pub fn opened(&self, name: &PoolName) {
         lock(&self.shut).retain(|_, r| r.id.0.pool != *name);
+        lock(&self.shut_snapshots).retain(|_, r| r.id.0.pool != *name);
     }
 
     /// Keeps a roster of each local pool in `roster`'s directory from now on
@@ -126,9 +129,11 @@ impl PoolStore {
         for pool in open.filter(|p| !p.shared()) {
             self.rewrite_roster(roster, &pool.config.name);
         }
-        let mut listed = lock(&self.shut);
+        let (mut volumes, mut snapshots) = (lock(&self.shut), lock(&self.shut_snapshots));
         for name in shut {
-            listed.extend(roster.read(name));
+            let listed = roster.read(name);
+            volumes.extend(listed.volumes);
+            snapshots.extend(listed.snapshots);
         }
     }
 
@@ -150,22 +155,30 @@ impl PoolStore {
     /// Writes pool `name`'s roster whole from the index, its files held (the index is read under
     /// that hold, and let go before the file is written).
     fn rewrite_held(&self, held: &mut RosterGuard<'_>, name: &PoolName) {
-        let records: Vec<VolumeRecord> = lock(&self.volumes)
+        let volumes: Vec<VolumeRecord> = lock(&self.volumes)
             .values()
             .filter(|r| r.id.0.pool == *name)
             .cloned()
             .collect();
-        held.rewrite(name, records.iter());
+        let snapshots: Vec<SnapshotRecord> = lock(&self.snapshots)
+            .values()
+            .filter(|r| r.id.0.pool == *name)
+            .cloned()
+            .collect();
+        let records = volumes
+            .iter()
+            .map(Change::Put)
+            .chain(snapshots.iter().map(Change::Snap));
+        held.rewrite(name, records);
     }
 
-    /// Adds a change of a local pool's volume (`put`, or the removal of `gone`) to its roster.
-    /// Returns how many times the roster had been written whole when the change was added (`None`
-    /// for a pool without one): a rewrite after that, this call's own included, may have dropped
-    /// its line.
-    fn note(&self, pool: &Pool, put: Option<&VolumeRecord>, gone: &str) -> Option<u64> {
+    /// Adds a change of a local pool's volume or snapshot to its roster. Returns how many times
+    /// the roster had been written whole when the change was added (`None` for a pool without
+    /// one): a rewrite after that, this call's own included, may have dropped its line.
+    fn note(&self, pool: &Pool, change: Change<'_>) -> Option<u64> {
         let roster = self.roster.get().filter(|_| !pool.shared())?;
         let mut held = roster.hold();
-        let due = held.append(&pool.config.name, put, gone);
+        let due = held.append(&pool.config.name, change);
         let at = held.rewrites(&pool.config.name);
         if due {
             self.rewrite_held(&mut held, &pool.config.name);
@@ -223,29 +236,46 @@ impl PoolStore {
         // Its roster line before the record too: a restart between the two would leave the volume
         // out of its pool's listing while the pool is shut, its name free for a create elsewhere.
         // A line without a record only lists it (its name waiting for the pool) until the pool opens.
-        let noted = self.note(pool, Some(rec), "");
-        if let Err(e) = record::store(&*pool.sys.files, &pool.record_path(Kind::Volume, key), rec) {
+        self.put_noted(pool, Kind::Volume, key, rec, Change::Put(rec), || {
+            crate::crash::point("volume-record:stored");
+            lock(&self.names).insert(rec.name.clone(), rec.id.to_string());
+            lock(&self.volumes).insert(rec.id.to_string(), rec.clone());
+        })
+    }
+
+    /// Writes a snapshot's record durably, then indexes it (its roster line as a volume's).
+    pub fn put_snapshot(&self, pool: &Pool, key: &Key, rec: &SnapshotRecord) -> Result<(), StorageError> {
+        self.put_noted(pool, Kind::Snapshot, key, rec, Change::Snap(rec), || {
+            crate::crash::point("snapshot-record:stored");
+            lock(&self.snapshots).insert(rec.id.to_string(), rec.clone());
+        })
+    }
+
+    /// Writes record `rec` durably between its roster lines (`change`), and has `index` take it.
+    fn put_noted<T: Record>(
+        &self,
+        pool: &Pool,
+        kind: Kind,
+        key: &Key,
+        rec: &T,
+        change: Change<'_>,
+        index: impl FnOnce(),
+    ) -> Result<(), StorageError> {
+        let noted = self.note(pool, change);
+        if let Err(e) = record::store(&*pool.sys.files, &pool.record_path(kind, key), rec) {
             // Back to what the index holds: the line names a change that may not have been made.
             if let Some(roster) = self.roster.get().filter(|_| !pool.shared()) {
                 self.rewrite_roster(roster, &pool.config.name);
             }
             return Err(e);
         }
-        crate::crash::point("volume-record:stored");
-        lock(&self.names).insert(rec.name.clone(), rec.id.to_string());
-        lock(&self.volumes).insert(rec.id.to_string(), rec.clone());
+        index();
         // Again once indexed, if the roster was written whole since its line (from an index
         // without it). Checked after the index holds it: a rewrite from now on has it.
         let rewritten = |roster: &Roster| roster.hold().rewrites(&pool.config.name);
         if noted.is_some() && noted != self.roster.get().map(rewritten) {
-            self.note(pool, Some(rec), "");
+            self.note(pool, change);
         }
-        Ok(())
-    }
-
-    pub fn put_snapshot(&self, pool: &Pool, key: &Key, rec: &SnapshotRecord) -> Result<(), StorageError> {
-        record::store(&*pool.sys.files, &pool.record_path(Kind::Snapshot, key), rec)?;
-        lock(&self.snapshots).insert(rec.id.to_string(), rec.clone());
         Ok(())
     }
 
@@ -259,12 +289,12 @@ impl PoolStore {
                 if let Some(r) = lock(&self.volumes).remove(shown) {
                     lock(&self.names).remove(&r.name);
                 }
-                self.note(pool, None, shown);
             }
             Kind::Snapshot => {
                 lock(&self.snapshots).remove(shown);
             }
         }
+        self.note(pool, Change::Gone(shown));
         Ok(synced?)
     }
 
@@ -322,6 +352,21 @@ impl PoolStore {
 
     pub fn snapshots(&self) -> Vec<SnapshotRecord> {
         lock(&self.snapshots).values().cloned().collect()
+    }
+
+    /// The snapshots of local pools that are not open, as last recorded.
+    pub fn shut_snapshots(&self) -> Vec<SnapshotRecord> {
+        lock(&self.shut_snapshots).values().cloned().collect()
+    }
+
+    /// At most `n` snapshots of shut pools whose ids come after `after`, in id order.
+    pub fn shut_snapshots_after(&self, after: &str, n: usize) -> Vec<SnapshotRecord> {
+        after_in(&lock(&self.shut_snapshots), after, n)
+    }
+
+    /// The snapshot of a shut pool last recorded under a CSI name.
+    pub fn shut_snapshot_named(&self, name: &str) -> Option<SnapshotRecord> {
+        lock(&self.shut_snapshots).values().find(|r| r.name == name).cloned()
     }
 
     /// At most `n` volumes whose ids come after `after`, in id order: a page of a listing, read

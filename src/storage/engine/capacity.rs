@@ -275,7 +275,7 @@ impl LocalEngine {
         if after.is_empty() {
             self.refresh_shared();
         }
-        let mut page = merged(
+        let mut page = super::with_shut(
             self.store.volumes_after(after, n),
             self.store.shut_volumes_after(after, n),
         );
@@ -285,7 +285,7 @@ impl LocalEngine {
 
     /// Every volume with its condition, in id order: those of shut pools as last recorded.
     pub fn volumes_with_condition(&self) -> Vec<(VolumeRecord, Condition)> {
-        merged(self.volumes(), self.store.shut_volumes())
+        super::with_shut(self.volumes(), self.store.shut_volumes())
             .into_iter()
             .map(|r| self.with_condition(r))
             .collect()
@@ -387,18 +387,4 @@ impl Drop for Promise<'_> {
         let mut promised = lock(&self.promised);
         *promised = promised.saturating_sub(self.bytes);
     }
-}
-
-/// The records of open pools and the volumes of shut pools from their rosters, in id order; an id
-/// in both (its pool opened while they were read) is its record's.
-fn merged(records: Vec<VolumeRecord>, shut: Vec<VolumeRecord>) -> Vec<VolumeRecord> {
-    if shut.is_empty() {
-        return records;
-    }
-    let mut all = records;
-    all.extend(shut);
-    // Stable: a record stays before the roster's copy of itself, which `dedup` drops.
-    all.sort_by_cached_key(|r| r.id.to_string());
-    all.dedup_by(|later, earlier| later.id == earlier.id);
-    all
 }

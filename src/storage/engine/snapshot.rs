@@ -62,6 +62,22 @@ impl LocalEngine {
         backup: Option<crate::storage::record::BackupMark>,
     ) -> Result<SnapshotRecord, StorageError> {
         let shown_src = source.to_string();
+        // A retry of a snapshot that a shut pool's roster lists (as a create's, create.rs): it
+        // answers once the pool opens; until then UNAVAILABLE, which the snapshotter retries.
+        if let Some(r) = self
+            .store
+            .shut_snapshot_named(name)
+            .filter(|r| r.source_volume_id == *source)
+        {
+            let why = self.shut_why(&r.id.0.pool).unwrap_or_default();
+            return Err(StorageError::Unavailable(format!(
+                "snapshot '{}' ({}) is in pool '{}' of node {}, which is not open ({why}): its create answers once the pool opens",
+                crate::csi::status::bounded(name),
+                r.id,
+                r.id.0.pool.as_str(),
+                self.node.as_str()
+            )));
+        }
         let pool = self
             .locate_for_call(&source.0)?
             .ok_or_else(|| StorageError::VolumeNotFound(shown_src.clone()))?;
@@ -152,15 +168,20 @@ impl LocalEngine {
         Ok(())
     }
 
+    /// The snapshot of this node under CSI name `name`: one of a local pool that is not open as
+    /// its roster last recorded it (its name stays taken while the pool is shut).
     pub fn snapshot_named(&self, name: &str) -> Option<SnapshotRecord> {
         let key = Key::from_name(name);
-        self.pools.keys().find_map(|p| {
-            let id = SnapshotId(ObjectId {
-                location: self.location_of(p),
-                pool: p.clone(),
-                key: key.clone(),
-            });
-            self.snapshot(&id).filter(|r| r.name == name)
-        })
+        self.pools
+            .keys()
+            .find_map(|p| {
+                let id = SnapshotId(ObjectId {
+                    location: self.location_of(p),
+                    pool: p.clone(),
+                    key: key.clone(),
+                });
+                self.snapshot(&id).filter(|r| r.name == name)
+            })
+            .or_else(|| self.store.shut_snapshot_named(name))
     }
 }

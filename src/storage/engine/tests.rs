@@ -2620,6 +2620,111 @@ fn a_shut_pools_volumes_stay_listed_from_its_roster_and_keep_their_names() {
 }
 
 #[test]
+fn a_shut_pools_snapshots_stay_listed_from_its_roster_and_keep_their_names() {
+    // A pool whose disk is not mounted at start: its snapshots were left out of ListSnapshots (as
+    // if deleted), and their names were free for a snapshot of another volume.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rosters = dir.path().join("rosters");
+    let (mut config, late) = with_second_pool(dir.path(), "late", vec![Layout::Dir]);
+    config.repositories = vec![crate::backup::testing::repository(dir.path())];
+    let req = crate::storage::engine::BackupRequest {
+        repository: PoolName::parse("offsite").expect("name"),
+        keep_local: false,
+    };
+    let node = NodeId::parse("n1").expect("node");
+    let (source, kept) = {
+        let first = keeping(&node, &config, &rosters);
+        first.backups().open_or_init(&req.repository, true).expect("init");
+        let source = first
+            .create_volume(NewVolume {
+                pool: Some(late.name.clone()),
+                ..NewVolume::plain("pvc-late", Some(Layout::Dir), MIB)
+            })
+            .expect("create");
+        let other = first
+            .create_volume(NewVolume::plain("pvc-default", Some(Layout::Dir), MIB))
+            .expect("create");
+        let kept = first.create_snapshot("snap-kept", &source.id, false).expect("snapshot");
+        let gone = first.create_snapshot("snap-gone", &source.id, false).expect("snapshot");
+        first
+            .create_snapshot("snap-default", &other.id, false)
+            .expect("snapshot");
+        first
+            .create_backup("bk-late", &source.id, false, &req)
+            .expect("backup, not uploaded yet");
+        first.delete_snapshot(&gone.id).expect("delete");
+        (source, kept)
+    };
+    std::fs::rename(&late.path, dir.path().join("late.away")).expect("move the pool away");
+    std::fs::write(&late.path, b"not a directory").expect("file");
+
+    let engine = keeping(&node, &config, &rosters);
+    assert!(!engine.ready(), "pool 'late' is shut");
+    let names =
+        |all: Vec<crate::storage::record::SnapshotRecord>| -> Vec<String> { all.into_iter().map(|r| r.name).collect() };
+    assert_eq!(
+        names(engine.snapshots()),
+        ["snap-default"],
+        "open pools only, for calls"
+    );
+    let listed = engine.listed_snapshots();
+    assert!(listed.contains(&kept), "listed as recorded: {listed:?}");
+    let mut listed = names(listed);
+    listed.sort();
+    assert_eq!(listed, ["bk-late", "snap-default", "snap-kept"]);
+    // Pages of the records and the roster together: every snapshot once, in id order.
+    let (mut paged, mut after) = (Vec::new(), String::new());
+    while let Some(r) = engine.listed_snapshots_after(&after, 1).pop() {
+        after = r.id.to_string();
+        paged.push(after.clone());
+    }
+    let whole: Vec<String> = engine.listed_snapshots().iter().map(|r| r.id.to_string()).collect();
+    assert_eq!(paged, whole);
+
+    // The name is taken: found (the controller refuses it for another source), a retry of it
+    // waits for the pool (UNAVAILABLE, which the snapshotter retries), its delete is refused.
+    assert_eq!(engine.snapshot_named("snap-kept").map(|r| r.id), Some(kept.id.clone()));
+    match engine.create_snapshot("snap-kept", &source.id, false) {
+        Err(e @ StorageError::Unavailable(_)) => {
+            assert!(
+                e.to_string().contains("pool 'late' of node n1, which is not open"),
+                "{e}"
+            );
+            assert_eq!(tonic::Status::from(e).code(), tonic::Code::Unavailable);
+        }
+        other => panic!("want the retry to wait for the pool, got {other:?}"),
+    }
+    // A backup's retry too (it answered the recorded backup, whose upload cannot run).
+    match engine.create_backup("bk-late", &source.id, false, &req) {
+        Err(e @ StorageError::Unavailable(_)) => assert!(e.to_string().contains("not open"), "{e}"),
+        other => panic!("want the backup's retry to wait for the pool, got {other:?}"),
+    }
+    assert!(matches!(
+        engine.delete_snapshot(&kept.id),
+        Err(StorageError::PoolBroken { .. })
+    ));
+    assert!(
+        engine.snapshot_named("snap-gone").is_none(),
+        "a deleted snapshot stays deleted"
+    );
+
+    // The pool opens: its records take over, nothing twice; the snapshot takes calls again.
+    std::fs::remove_file(&late.path).expect("remove the file");
+    std::fs::rename(dir.path().join("late.away"), &late.path).expect("move the pool back");
+    assert_eq!(engine.reopen_broken(), vec![late.name.clone()]);
+    assert_eq!(engine.listed_snapshots(), engine.snapshots());
+    assert_eq!(engine.snapshots().len(), 3);
+    assert_eq!(
+        engine
+            .create_snapshot("snap-kept", &source.id, false)
+            .expect("retry")
+            .id,
+        kept.id
+    );
+    engine.delete_snapshot(&kept.id).expect("delete");
+}
+
+#[test]
 fn a_pool_left_out_of_the_configuration_keeps_its_volumes_listed_and_their_deletes_refused() {
     // A pool taken out of the node's configuration (by mistake, or before its disk is moved):
     // DeleteVolume of its volumes answered OK, and Kubernetes forgot volumes whose data stayed on
@@ -2782,7 +2887,7 @@ fn a_roster_is_written_whole_again_before_it_grows_past_twice_its_volumes() {
         lines()
     );
     let read = crate::storage::roster::Roster::new(&rosters, engine.files()).read(&config.pools[0].name);
-    assert_eq!(read.keys().collect::<Vec<_>>(), vec![&v.id.to_string()]);
+    assert_eq!(read.volumes.keys().collect::<Vec<_>>(), vec![&v.id.to_string()]);
 }
 
 #[test]
@@ -2812,7 +2917,7 @@ fn a_roster_written_whole_at_a_creates_first_line_gets_the_line_again() {
     let read = crate::storage::roster::Roster::new(&rosters, engine.files()).read(&config.pools[0].name);
     let mut want = vec![v.id.to_string(), last.id.to_string()];
     want.sort();
-    assert_eq!(read.keys().cloned().collect::<Vec<_>>(), want);
+    assert_eq!(read.volumes.keys().cloned().collect::<Vec<_>>(), want);
 }
 
 #[test]
@@ -3081,7 +3186,7 @@ fn a_create_whose_record_fails_leaves_its_pools_roster_without_it() {
     assert!(made.is_err(), "{made:?}");
     let roster = crate::storage::roster::Roster::new(&rosters, engine.files());
     assert!(
-        roster.read(&config.pools[0].name).is_empty(),
+        roster.read(&config.pools[0].name).volumes.is_empty(),
         "a volume without a record is not on the roster"
     );
 }
