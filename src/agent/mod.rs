@@ -542,9 +542,7 @@ impl Agent for LocalAgent {
     }
 
     fn shut_pools(&self) -> Vec<(PoolName, String)> {
-        let mut shut = self.engine.broken_pools();
-        shut.retain(|(p, _)| !self.engine.pool_is_shared(Some(p)));
-        shut
+        self.engine.shut_local_pools()
     }
 
     async fn static_exists(&self, id: StaticId) -> Result<bool, StorageError> {

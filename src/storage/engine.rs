@@ -516,6 +516,19 @@ impl LocalEngine {
         shut
     }
 
+    /// The local pools that are not open, with why: [`Self::broken_pools`] but the shared ones (a
+    /// left-out local pool whose name a shared pool now has is local, and shut).
+    pub fn shut_local_pools(&self) -> Vec<(PoolName, String)> {
+        let mut shut: Vec<(PoolName, String)> = self
+            .pools
+            .broken()
+            .filter(|(_, slot, _)| !slot.config.is_shared())
+            .map(|(p, _, why)| (p.clone(), why))
+            .collect();
+        shut.extend(self.unconfigured.iter().map(|(p, why)| (p.clone(), why.clone())));
+        shut
+    }
+
     /// Why local pool `pool` is not open, if it is not: left out of the configuration, or not
     /// opened (yet).
     fn shut_why(&self, pool: &PoolName) -> Option<String> {

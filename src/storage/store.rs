@@ -381,21 +381,15 @@ impl PoolStore {
     }
 
     /// How many snapshots the index holds, and what `size` says they weigh.
+    /// (Those of shut pools included, as the listing has them.)
     pub fn snapshots_weigh(&self, size: impl Fn(&SnapshotRecord) -> usize) -> (usize, usize) {
-        let snaps = lock(&self.snapshots);
-        (snaps.len(), snaps.values().map(size).sum())
+        weigh(&lock(&self.snapshots), &lock(&self.shut_snapshots), size)
     }
 
-    /// How many volumes the index holds, and what `size` says they weigh.
+    /// How many volumes the index holds, and what `size` says they weigh (those of shut pools
+    /// included, as the listing has them).
     pub fn volumes_weigh(&self, size: impl Fn(&VolumeRecord) -> usize) -> (usize, usize) {
-        let (vols, shut) = (lock(&self.volumes), lock(&self.shut));
-        // A pool that opens has its records read before its roster's volumes leave: once each.
-        let unread: Vec<&VolumeRecord> = shut
-            .iter()
-            .filter(|(id, _)| !vols.contains_key(*id))
-            .map(|(_, r)| r)
-            .collect();
-        (vols.len() + unread.len(), vols.values().chain(unread).map(size).sum())
+        weigh(&lock(&self.volumes), &lock(&self.shut), size)
     }
 
     /// Folds `f` over the volumes whose id starts with `prefix` (one pool's), in id order.
@@ -454,6 +448,17 @@ impl PoolStore {
         cache.retain(|id, _| !id.starts_with(&snap_prefix));
         cache.extend(snaps.into_iter().map(|r| (r.id.to_string(), r)));
     }
+}
+
+/// How many records `index` and `shut` hold, and what `size` says they weigh: a pool that opens
+/// has its records read before its roster's leave, so an id in both counts once.
+fn weigh<T>(index: &BTreeMap<String, T>, shut: &BTreeMap<String, T>, size: impl Fn(&T) -> usize) -> (usize, usize) {
+    let unread: Vec<&T> = shut
+        .iter()
+        .filter(|(id, _)| !index.contains_key(*id))
+        .map(|(_, r)| r)
+        .collect();
+    (index.len() + unread.len(), index.values().chain(unread).map(size).sum())
 }
 
 /// Every record in a pool's collection directory (records that do not parse are skipped; the

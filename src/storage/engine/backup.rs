@@ -235,15 +235,18 @@ impl LocalEngine {
                 ))),
             }
         };
-        // A retry while the upload runs must not wait for the upload's lock. (One a shut pool's
-        // roster lists waits for the pool: `cut_snapshot` says so.)
-        if let Some(existing) = self
-            .snapshot_named(name)
-            .filter(|r| r.source_volume_id == *source && self.locate(&r.id.0).is_some())
-        {
-            want(&existing)?;
-            self.spawn_upload(&existing);
-            return Ok(existing);
+        // A retry while the upload runs must not wait for the upload's lock. One a shut pool's
+        // roster lists is answered when it is uploaded (the repository holds it; the controller
+        // checks that), and waits for the pool otherwise (`cut_snapshot` says so).
+        if let Some(existing) = self.snapshot_named(name).filter(|r| r.source_volume_id == *source) {
+            let open = self.locate(&existing.id.0).is_some();
+            if open || existing.backup.as_ref().is_some_and(|m| m.uploaded) {
+                want(&existing)?;
+                if open {
+                    self.spawn_upload(&existing);
+                }
+                return Ok(existing);
+            }
         }
         drop(self.backups.open(&req.repository)?);
         // No record here, but the backup may have finished uploading since the controller saw

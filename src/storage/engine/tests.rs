@@ -3190,3 +3190,138 @@ fn a_create_whose_record_fails_leaves_its_pools_roster_without_it() {
         "a volume without a record is not on the roster"
     );
 }
+
+/// A node with pool `late` shut at start, whose roster lists two snapshots (one a kept-local
+/// backup, uploaded) and one snapshot in the open default pool.
+fn shut_with_an_uploaded_backup(
+    dir: &std::path::Path,
+) -> (
+    LocalEngine,
+    Config,
+    crate::storage::config::PoolConfig,
+    VolumeRecord,
+    crate::storage::record::SnapshotRecord,
+) {
+    let rosters = dir.join("rosters");
+    let (mut config, late) = with_second_pool(dir, "late", vec![Layout::Dir]);
+    config.repositories = vec![crate::backup::testing::repository(dir)];
+    let req = crate::storage::engine::BackupRequest {
+        repository: PoolName::parse("offsite").expect("name"),
+        keep_local: true,
+    };
+    let node = NodeId::parse("n1").expect("node");
+    let (source, bk) = {
+        let first = keeping(&node, &config, &rosters);
+        first.backups().open_or_init(&req.repository, true).expect("init");
+        let source = first
+            .create_volume(NewVolume {
+                pool: Some(late.name.clone()),
+                ..NewVolume::plain("pvc-late", Some(Layout::Dir), MIB)
+            })
+            .expect("create");
+        let other = first
+            .create_volume(NewVolume::plain("pvc-default", Some(Layout::Dir), MIB))
+            .expect("create");
+        first.create_snapshot("snap-kept", &source.id, false).expect("snapshot");
+        first
+            .create_snapshot("snap-default", &other.id, false)
+            .expect("snapshot");
+        let bk = first.create_backup("bk-late", &source.id, false, &req).expect("backup");
+        first.upload_step(&bk.id).expect("uploaded");
+        let bk = first.snapshot(&bk.id).expect("kept locally");
+        assert!(bk.backup.as_ref().is_some_and(|m| m.uploaded), "{bk:?}");
+        (source, bk)
+    };
+    std::fs::rename(&late.path, dir.join("late.away")).expect("move the pool away");
+    std::fs::write(&late.path, b"not a directory").expect("file");
+    let engine = keeping(&node, &config, &rosters);
+    assert!(!engine.ready(), "pool 'late' is shut");
+    (engine, config, late, source, bk)
+}
+
+#[test]
+fn a_shut_pools_snapshots_count_toward_the_nodes_listing_bound() {
+    // The node's listing bound (room_for_snapshots, split mode) keeps a node's ListSnapshots
+    // within what the controller accepts; the listing now has the shut pools' snapshots too.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (engine, ..) = shut_with_an_uploaded_backup(dir.path());
+    let listed = engine.listed_snapshots().len();
+    let (counted, _) = engine.snapshots_weigh(|_| 1);
+    assert_eq!(
+        counted, listed,
+        "snapshots_weigh counts {counted} while ListSnapshots lists {listed} (volumes_weigh counts shut volumes)"
+    );
+}
+
+#[test]
+fn an_uploaded_backups_retry_answers_while_its_pool_is_shut() {
+    // The controller answers a backup's retry from the repository only when the node's
+    // snapshot_named finds nothing; it now finds the roster's record.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (engine, _config, _late, source, bk) = shut_with_an_uploaded_backup(dir.path());
+    let req = crate::storage::engine::BackupRequest {
+        repository: PoolName::parse("offsite").expect("name"),
+        keep_local: true,
+    };
+    assert!(
+        engine
+            .backups()
+            .find_named(&req.repository, "bk-late")
+            .expect("repo")
+            .is_some(),
+        "the repository holds it"
+    );
+    let retry = engine.create_backup("bk-late", &source.id, false, &req);
+    // (It was ABORTED, "retry to get it", until the pool opened: for ever for one left out.)
+    match retry {
+        Ok(r) => assert_eq!(r, bk, "the backup as recorded, uploaded"),
+        other => panic!(
+            "the retry of backup {} (uploaded, in the repository) answered {other:?}",
+            bk.id
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_snapshot_of_a_left_out_pool_whose_name_is_now_shared_is_refused() {
+    use crate::csi::v1::controller_server::Controller;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rosters = dir.path().join("rosters");
+    let (config, old) = with_second_pool(dir.path(), "old", vec![Layout::Dir]);
+    let node = NodeId::parse("n1").expect("node");
+    let snap = {
+        let first = keeping(&node, &config, &rosters);
+        let v = first
+            .create_volume(NewVolume {
+                pool: Some(old.name.clone()),
+                ..NewVolume::plain("pvc-old", Some(Layout::Dir), MIB)
+            })
+            .expect("create");
+        first.create_snapshot("snap-old", &v.id, false).expect("snapshot")
+    };
+    // The name given to a shared pool instead.
+    let mut shared = Config::default_for(dir.path());
+    let mut share = old.clone();
+    share.path = dir.path().join("old-share");
+    share.backend = crate::storage::config::Backend::Shared;
+    shared.pools.push(share);
+    let engine = Arc::new(keeping(&node, &shared, &rosters));
+    assert!(engine.delete_snapshot(&snap.id).is_err(), "out of reach");
+    let agent: Arc<dyn crate::agent::Agent> = Arc::new(crate::agent::LocalAgent::new(engine.clone()));
+    assert!(
+        agent.shut_pools().iter().any(|(p, _)| *p == old.name),
+        "reported shut (the heartbeat's list): {:?}",
+        agent.shut_pools()
+    );
+    let ctl = crate::controller::ControllerService::new(Arc::new(crate::agent::SingleNode(agent)));
+    let got = ctl
+        .get_snapshot(tonic::Request::new(crate::csi::v1::GetSnapshotRequest {
+            snapshot_id: snap.id.to_string(),
+            ..Default::default()
+        }))
+        .await;
+    match got {
+        Err(s) if s.code() == tonic::Code::FailedPrecondition => {}
+        other => panic!("GetSnapshot of an out-of-reach snapshot answered {other:?}"),
+    }
+}
