@@ -43,6 +43,15 @@ pub fn point(name: &str) {
     let _ = name;
 }
 
+/// A read of the file at `path` whole ([`crate::sys::files::Files::read_optional`]): where a unit
+/// test holds the reads of one path, in whatever thread, as a share whose server is gone holds
+/// them in the kernel ([`in_thread::hold_reads_of`]).
+pub fn reading(path: &std::path::Path) {
+    #[cfg(test)]
+    in_thread::reading(path);
+    let _ = path;
+}
+
 /// Named failure points for the fault tests: with the `crash-points` feature, `fail(name)` returns
 /// the error named for it in `CELLAR_FAIL_AT` (`point=ERRNO[,point=ERRNO...]`, ERRNO one of ENOSPC,
 /// EIO, EINTR, ENXIO, EDQUOT), every time it is reached once the CSI socket serves ([`serving`]),
@@ -187,6 +196,26 @@ pub mod in_thread {
         pub fn release(&self) {
             *self.state.lock().unwrap_or_else(|p| p.into_inner()) = 2;
             self.turn.notify_all();
+        }
+    }
+
+    /// Reads held by [`hold_reads_of`].
+    static HELD: Mutex<Vec<(std::path::PathBuf, Arc<Pause>)>> = Mutex::new(Vec::new());
+
+    /// The first read of `path` from now on, in any thread, stops until `pause` is released (later
+    /// ones go on): a share that hangs, for a thread the test does not start itself.
+    pub fn hold_reads_of(path: &std::path::Path, pause: Arc<Pause>) {
+        HELD.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((path.to_path_buf(), pause));
+    }
+
+    pub(super) fn reading(path: &std::path::Path) {
+        let held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+        let pause = held.iter().find(|(p, _)| p == path).map(|(_, pause)| pause.clone());
+        drop(held);
+        if let Some(pause) = pause {
+            pause.stop_here();
         }
     }
 

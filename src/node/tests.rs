@@ -1490,7 +1490,7 @@ fn an_unpublish_whose_target_holds_files_not_ours_converges_and_keeps_them() {
 }
 
 /// Two shared pools on two shares; the first share's server is gone and a call on it blocks in the
-/// kernel (a FIFO in its lease's place plays that). The second share's leases must still be renewed:
+/// kernel (a held read of its lease plays that: a FIFO no longer waits, files.rs). The second share's leases must still be renewed:
 /// a renewal held up past the lease time lets another node stage and mount, a second time, an image
 /// this node still has mounted and writes.
 #[test]
@@ -1538,8 +1538,8 @@ fn a_share_that_hangs_holds_up_no_other_shares_lease_renewals() {
             .expect("state");
         leases.push(lease);
     }
-    std::fs::remove_file(&leases[0]).expect("rm");
-    nix::unistd::mkfifo(&leases[0], nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("fifo");
+    let hung = Arc::new(crate::crash::in_thread::Pause::default());
+    crate::crash::in_thread::hold_reads_of(&leases[0], hung.clone());
     let renewals = || {
         serde_json::from_slice::<LeaseFile>(&std::fs::read(&leases[1]).expect("lease"))
             .expect("json")
@@ -1552,18 +1552,12 @@ fn a_share_that_hangs_holds_up_no_other_shares_lease_renewals() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let renewed = renewals();
-    // The share comes back: the stuck call goes on (it reads nothing: that lease is lost), and the
-    // next reads find a plain file.
-    let back = dir.path().join("hung/.leases/back");
-    std::fs::write(&back, b"{}").expect("write");
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let _ = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&leases[0]);
-    }
-    std::fs::rename(&back, &leases[0]).expect("rename");
+    assert!(
+        hung.reached(std::time::Duration::from_secs(1)),
+        "the hung share's renewer is stuck on its lease"
+    );
+    // The share comes back: the stuck call goes on.
+    hung.release();
     assert!(
         renewed >= 3,
         "the live share's lease was renewed {renewed} times in 8 s with a 3 s lease"

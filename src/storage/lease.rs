@@ -631,21 +631,24 @@ mod tests {
     }
 
     /// A share whose server is gone blocks a call on it in the kernel (a hard NFS mount): here a
-    /// FIFO in the lease's place, whose open waits for a writer. The leases of another share must
-    /// still be taken, renewed and given back meanwhile: a renewal held up past the lease time lets
-    /// another node stage a volume this node still has mounted.
+    /// read of the lease held at its start (a FIFO in its place no longer waits: files.rs). The
+    /// leases of another share must still be taken, renewed and given back meanwhile: a renewal
+    /// held up past the lease time lets another node stage a volume this node still has mounted.
     #[test]
     fn a_lease_stuck_on_its_share_holds_up_no_other_lease() {
+        use crate::crash::in_thread;
         let (d, p) = setup();
         let hung = d.path().join("hung.lease");
-        nix::unistd::mkfifo(&hung, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        std::fs::write(&hung, b"").unwrap();
         let a = Arc::new(Leases::new("a", Arc::new(LinuxFiles)));
         a.acquire(&p, "v", TTL).unwrap();
+        let pause = Arc::new(in_thread::Pause::default());
+        in_thread::hold_reads_of(&hung, pause.clone());
         let stuck = {
             let (a, hung) = (a.clone(), hung.clone());
             std::thread::spawn(move || a.renew(&hung, "w"))
         };
-        std::thread::sleep(Duration::from_millis(100));
+        assert!(pause.reached(Duration::from_secs(60)), "the renewal reads its lease");
         let other = {
             let (a, p) = (a.clone(), p.clone());
             std::thread::spawn(move || {
@@ -660,8 +663,8 @@ mod tests {
             std::thread::sleep(Duration::from_millis(20));
         }
         let done = other.is_finished();
-        // Lets the stuck call go (a writer opens the FIFO and closes it: it reads nothing).
-        drop(std::fs::OpenOptions::new().write(true).open(&hung).unwrap());
+        // Lets the stuck call go (it reads nothing: that lease is lost).
+        pause.release();
         assert!(done, "a call on another lease waited for the stuck share");
         let (renewed, released, taken) = other.join().unwrap();
         assert_eq!(renewed.unwrap(), Renewal::Renewed);

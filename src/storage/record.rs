@@ -179,8 +179,20 @@ fn dir_layout() -> Layout {
     Layout::Dir
 }
 
+/// A record, if one is at `path`. What is there that cellar does not write (a FIFO, a device, a
+/// file past `READ_LIMIT`: on a share, put there by another node) is a record that does not
+/// parse ([`StorageError::Corrupt`]), never a read that waits or fills the memory.
 pub fn load<T: for<'de> Deserialize<'de>>(files: &dyn Files, path: &Path) -> Result<Option<T>, StorageError> {
-    match files.read_optional(path)? {
+    let read = match files.read_optional(path) {
+        Err(crate::sys::SysError::Io { source, .. }) if source.kind() == std::io::ErrorKind::InvalidData => {
+            return Err(StorageError::Corrupt {
+                path: path.to_path_buf(),
+                reason: source.to_string(),
+            })
+        }
+        other => other?,
+    };
+    match read {
         None => Ok(None),
         Some(bytes) => serde_json::from_slice(&bytes)
             .map(Some)

@@ -491,12 +491,56 @@ fn sync_dir(dir: &Path) -> Result<(), SysError> {
 }
 
 /// Reads a file, `None` when it does not exist.
+/// The most a file read whole ([`Files::read_optional`]: records, marks, rosters, leases, node
+/// state) may hold. The largest written is a roster of a node at its listing bound (150,000
+/// volumes and as many snapshots, well under this); a file past it was not written by cellar.
+pub const READ_LIMIT: u64 = 256 << 20;
+
+/// A file read whole that is not one cellar writes there: not a regular file (a FIFO, a device,
+/// a directory), or larger than [`READ_LIMIT`]. `InvalidData`, which a record's reader takes as
+/// a record that does not parse.
+fn not_ours(what: String) -> std::io::Error {
+    std::io::Error::new(ErrorKind::InvalidData, what)
+}
+
 fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, SysError> {
-    match fs::read(path) {
-        Ok(b) => Ok(Some(b)),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(SysError::io("read", path, e)),
+    use std::io::Read;
+    // Where a test holds a read, as a share whose server is gone holds it in the kernel.
+    crate::crash::reading(path);
+    // O_NONBLOCK: the open of a FIFO put in the file's place (on a share, by another node) does
+    // not wait for a writer for ever; no effect on a regular file.
+    let f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(SysError::io("read", path, e)),
+    };
+    let meta = f.metadata().map_err(|e| SysError::io("read", path, e))?;
+    if !meta.file_type().is_file() {
+        return Err(SysError::io("read", path, not_ours("not a regular file".into())));
     }
+    let too_large = || {
+        SysError::io(
+            "read",
+            path,
+            not_ours(format!("larger than the {READ_LIMIT} bytes such a file may hold")),
+        )
+    };
+    if meta.len() > READ_LIMIT {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // Bounded too while it is read (it may grow meanwhile).
+    f.take(READ_LIMIT + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| SysError::io("read", path, e))?;
+    if bytes.len() as u64 > READ_LIMIT {
+        return Err(too_large());
+    }
+    Ok(Some(bytes))
 }
 
 /// Creates `path` holding `bytes` only if nothing is there yet, atomically even on a network
@@ -997,6 +1041,36 @@ fn try_lock(path: &Path, create: bool) -> Result<FileLock, SysError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file read whole that cellar did not write there is refused at once, as data that is not
+    /// its own (`InvalidData`): a FIFO (its open used to wait for a writer for ever), a device, a
+    /// directory, and a file past the bound (it used to be read whole into memory, however large).
+    #[test]
+    fn a_file_read_whole_refuses_fifos_devices_and_files_past_the_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let invalid = |path: &Path| match read_optional(path) {
+            Err(SysError::Io { source, .. }) => {
+                assert_eq!(source.kind(), ErrorKind::InvalidData, "{}: {source}", path.display())
+            }
+            other => panic!("{}: {other:?}", path.display()),
+        };
+        let fifo = dir.path().join("fifo.json");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+        invalid(&fifo);
+        invalid(Path::new("/dev/zero"));
+        invalid(dir.path());
+        let huge = dir.path().join("huge.json");
+        File::create(&huge)
+            .expect("create")
+            .set_len(READ_LIMIT + 1)
+            .expect("sparse");
+        invalid(&huge);
+        // What cellar writes reads as before.
+        let record = dir.path().join("record.json");
+        fs::write(&record, b"{}").expect("write");
+        assert_eq!(read_optional(&record).expect("read"), Some(b"{}".to_vec()));
+        assert_eq!(read_optional(&dir.path().join("none")).expect("read"), None);
+    }
 
     /// What a dir volume holds is counted by descriptors: data a workload puts deeper than
     /// PATH_MAX counts (the path walk skipped it, so an over-full volume read as within its size),

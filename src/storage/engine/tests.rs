@@ -1529,6 +1529,56 @@ fn an_unreadable_record_keeps_its_data_and_does_not_stop_the_pool() {
     }
 }
 
+/// A FIFO or a huge sparse file put in a record's place on a share (any node that mounts it can):
+/// the open of the FIFO waited for a writer for ever (a replica's start, or a create of its
+/// name, hung), and a huge file was read whole into memory. Both now read as a record that does
+/// not parse: the pool opens, the name is refused, nothing there is removed.
+#[test]
+fn a_fifo_or_huge_file_in_a_records_place_reads_as_an_unreadable_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::default_for(dir.path());
+    config.pools[0].backend = crate::storage::config::Backend::Shared;
+    let node = NodeId::parse("n1").expect("node");
+    let e = LocalEngine::open(node.clone(), &config).expect("engine");
+    let vol = e
+        .create_volume(NewVolume::plain("pvc-real", None, MIB))
+        .expect("create");
+    let (fifo, huge) = (Key::from_name("pvc-fifo"), Key::from_name("pvc-huge"));
+    let record = |kind: Kind, k: &Key| default_pool(&e).record_path(kind, k);
+    let (fifo_at, huge_at) = (record(Kind::Volume, &fifo), record(Kind::Volume, &huge));
+    let mode = nix::sys::stat::Mode::from_bits_truncate(0o600);
+    nix::unistd::mkfifo(&fifo_at, mode).expect("mkfifo");
+    nix::unistd::mkfifo(&record(Kind::Snapshot, &fifo), mode).expect("mkfifo");
+    std::fs::File::create(&huge_at)
+        .and_then(|f| f.set_len(crate::sys::files::READ_LIMIT + 1))
+        .expect("sparse");
+    drop(e);
+    // In a thread: a hang is reported as one, not as a test that never ends.
+    let (done, end) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let e = LocalEngine::open(node, &config).expect("another replica opens the pool");
+        let mut answers = Vec::new();
+        for name in ["pvc-fifo", "pvc-huge"] {
+            answers.push(e.create_volume(NewVolume::plain(name, None, MIB)).map(|r| r.id));
+        }
+        let listed: Vec<String> = e.volumes().iter().map(|r| r.name.clone()).collect();
+        let snapped = e.create_snapshot("pvc-fifo", &vol.id, false).map(|r| r.id);
+        let _ = done.send((answers, listed, snapped));
+    });
+    let (answers, listed, snapped) = end
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the replica's start and calls end (a FIFO's open waits for ever)");
+    for a in answers {
+        assert!(matches!(a, Err(StorageError::Corrupt { .. })), "{a:?}");
+    }
+    assert_eq!(listed, ["pvc-real"]);
+    assert!(matches!(snapped, Err(StorageError::Corrupt { .. })), "{snapped:?}");
+    let kind = |at: &std::path::Path| std::fs::symlink_metadata(at).expect("kept").file_type();
+    use std::os::unix::fs::FileTypeExt;
+    assert!(kind(&fifo_at).is_fifo(), "left where it is");
+    assert!(kind(&huge_at).is_file());
+}
+
 /// A controller replica whose name a node also bears (both "controller"): the node's live lease
 /// on a staged shared image is that node's, not a leftover of the replica's own, and the delete
 /// is refused (it answered OK and the image went to the trash under the running pod).
