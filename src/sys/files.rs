@@ -497,7 +497,7 @@ fn sync_dir(dir: &Path) -> Result<(), SysError> {
 pub const READ_LIMIT: u64 = 256 << 20;
 
 /// A file read whole that is not one cellar writes there: not a regular file (a FIFO, a device,
-/// a directory), or larger than [`READ_LIMIT`]. `InvalidData`, which a record's reader takes as
+/// a directory, a symbolic link), or larger than [`READ_LIMIT`]. `InvalidData`, which a record's reader takes as
 /// a record that does not parse.
 fn not_ours(what: String) -> std::io::Error {
     std::io::Error::new(ErrorKind::InvalidData, what)
@@ -508,14 +508,19 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, SysError> {
     // Where a test holds a read, as a share whose server is gone holds it in the kernel.
     crate::crash::reading(path);
     // O_NONBLOCK: the open of a FIFO put in the file's place (on a share, by another node) does
-    // not wait for a writer for ever; no effect on a regular file.
+    // not wait for a writer for ever; no effect on a regular file. O_NOFOLLOW: cellar writes
+    // these files itself, never as symbolic links; one there (planted on a share) could name any
+    // file the process can read (a share's listing skips them too).
     let f = match OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
     {
         Ok(f) => f,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(SysError::io("read", path, not_ours("a symbolic link".into())))
+        }
         Err(e) => return Err(SysError::io("read", path, e)),
     };
     let meta = f.metadata().map_err(|e| SysError::io("read", path, e))?;
@@ -1044,7 +1049,8 @@ mod tests {
 
     /// A file read whole that cellar did not write there is refused at once, as data that is not
     /// its own (`InvalidData`): a FIFO (its open used to wait for a writer for ever), a device, a
-    /// directory, and a file past the bound (it used to be read whole into memory, however large).
+    /// directory, a symbolic link (it named any file the process can read), and a file past the
+    /// bound (it used to be read whole into memory, however large).
     #[test]
     fn a_file_read_whole_refuses_fifos_devices_and_files_past_the_bound() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1059,6 +1065,9 @@ mod tests {
         invalid(&fifo);
         invalid(Path::new("/dev/zero"));
         invalid(dir.path());
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink("/etc/hostname", &link).expect("symlink");
+        invalid(&link);
         let huge = dir.path().join("huge.json");
         File::create(&huge)
             .expect("create")
