@@ -2669,20 +2669,28 @@ fn a_shut_pools_volumes_stay_listed_from_its_roster_and_keep_their_names() {
     assert!(engine.store.shut_volumes().is_empty());
 }
 
-#[test]
-fn a_shut_pools_snapshots_stay_listed_from_its_roster_and_keep_their_names() {
-    // A pool whose disk is not mounted at start: its snapshots were left out of ListSnapshots (as
-    // if deleted), and their names were free for a snapshot of another volume.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let rosters = dir.path().join("rosters");
-    let (mut config, late) = with_second_pool(dir.path(), "late", vec![Layout::Dir]);
-    config.repositories = vec![crate::backup::testing::repository(dir.path())];
+/// A node with pool `late` shut at start. Its roster lists the snapshot `snap-kept` and the
+/// backup `bk-late` (keepLocal, `uploaded` or not yet) of volume `pvc-late`, not `snap-gone`
+/// (deleted); the open default pool holds `snap-default`.
+struct ShutPool {
+    engine: LocalEngine,
+    late: crate::storage::config::PoolConfig,
+    source: VolumeRecord,
+    kept: crate::storage::record::SnapshotRecord,
+    bk: crate::storage::record::SnapshotRecord,
+    req: crate::storage::engine::BackupRequest,
+}
+
+fn shut_pool_with_snapshots(dir: &std::path::Path, uploaded: bool) -> ShutPool {
+    let rosters = dir.join("rosters");
+    let (mut config, late) = with_second_pool(dir, "late", vec![Layout::Dir]);
+    config.repositories = vec![crate::backup::testing::repository(dir)];
     let req = crate::storage::engine::BackupRequest {
         repository: PoolName::parse("offsite").expect("name"),
-        keep_local: false,
+        keep_local: true,
     };
     let node = NodeId::parse("n1").expect("node");
-    let (source, kept) = {
+    let (source, kept, bk) = {
         let first = keeping(&node, &config, &rosters);
         first.backups().open_or_init(&req.repository, true).expect("init");
         let source = first
@@ -2699,17 +2707,42 @@ fn a_shut_pools_snapshots_stay_listed_from_its_roster_and_keep_their_names() {
         first
             .create_snapshot("snap-default", &other.id, false)
             .expect("snapshot");
-        first
-            .create_backup("bk-late", &source.id, false, &req)
-            .expect("backup, not uploaded yet");
+        let bk = first.create_backup("bk-late", &source.id, false, &req).expect("backup");
+        if uploaded {
+            first.upload_step(&bk.id).expect("uploaded");
+        }
+        let bk = first.snapshot(&bk.id).expect("kept locally");
+        assert_eq!(bk.backup.as_ref().map(|m| m.uploaded), Some(uploaded), "{bk:?}");
         first.delete_snapshot(&gone.id).expect("delete");
-        (source, kept)
+        (source, kept, bk)
     };
-    std::fs::rename(&late.path, dir.path().join("late.away")).expect("move the pool away");
+    std::fs::rename(&late.path, dir.join("late.away")).expect("move the pool away");
     std::fs::write(&late.path, b"not a directory").expect("file");
-
     let engine = keeping(&node, &config, &rosters);
     assert!(!engine.ready(), "pool 'late' is shut");
+    ShutPool {
+        engine,
+        late,
+        source,
+        kept,
+        bk,
+        req,
+    }
+}
+
+#[test]
+fn a_shut_pools_snapshots_stay_listed_from_its_roster_and_keep_their_names() {
+    // A pool whose disk is not mounted at start: its snapshots were left out of ListSnapshots (as
+    // if deleted), and their names were free for a snapshot of another volume.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ShutPool {
+        engine,
+        late,
+        source,
+        kept,
+        req,
+        ..
+    } = shut_pool_with_snapshots(dir.path(), false);
     let names =
         |all: Vec<crate::storage::record::SnapshotRecord>| -> Vec<String> { all.into_iter().map(|r| r.name).collect() };
     assert_eq!(
@@ -3241,60 +3274,12 @@ fn a_create_whose_record_fails_leaves_its_pools_roster_without_it() {
     );
 }
 
-/// A node with pool `late` shut at start, whose roster lists two snapshots (one a kept-local
-/// backup, uploaded) and one snapshot in the open default pool.
-fn shut_with_an_uploaded_backup(
-    dir: &std::path::Path,
-) -> (
-    LocalEngine,
-    Config,
-    crate::storage::config::PoolConfig,
-    VolumeRecord,
-    crate::storage::record::SnapshotRecord,
-) {
-    let rosters = dir.join("rosters");
-    let (mut config, late) = with_second_pool(dir, "late", vec![Layout::Dir]);
-    config.repositories = vec![crate::backup::testing::repository(dir)];
-    let req = crate::storage::engine::BackupRequest {
-        repository: PoolName::parse("offsite").expect("name"),
-        keep_local: true,
-    };
-    let node = NodeId::parse("n1").expect("node");
-    let (source, bk) = {
-        let first = keeping(&node, &config, &rosters);
-        first.backups().open_or_init(&req.repository, true).expect("init");
-        let source = first
-            .create_volume(NewVolume {
-                pool: Some(late.name.clone()),
-                ..NewVolume::plain("pvc-late", Some(Layout::Dir), MIB)
-            })
-            .expect("create");
-        let other = first
-            .create_volume(NewVolume::plain("pvc-default", Some(Layout::Dir), MIB))
-            .expect("create");
-        first.create_snapshot("snap-kept", &source.id, false).expect("snapshot");
-        first
-            .create_snapshot("snap-default", &other.id, false)
-            .expect("snapshot");
-        let bk = first.create_backup("bk-late", &source.id, false, &req).expect("backup");
-        first.upload_step(&bk.id).expect("uploaded");
-        let bk = first.snapshot(&bk.id).expect("kept locally");
-        assert!(bk.backup.as_ref().is_some_and(|m| m.uploaded), "{bk:?}");
-        (source, bk)
-    };
-    std::fs::rename(&late.path, dir.join("late.away")).expect("move the pool away");
-    std::fs::write(&late.path, b"not a directory").expect("file");
-    let engine = keeping(&node, &config, &rosters);
-    assert!(!engine.ready(), "pool 'late' is shut");
-    (engine, config, late, source, bk)
-}
-
 #[test]
 fn a_shut_pools_snapshots_count_toward_the_nodes_listing_bound() {
     // The node's listing bound (room_for_snapshots, split mode) keeps a node's ListSnapshots
     // within what the controller accepts; the listing now has the shut pools' snapshots too.
     let dir = tempfile::tempdir().expect("tempdir");
-    let (engine, ..) = shut_with_an_uploaded_backup(dir.path());
+    let engine = shut_pool_with_snapshots(dir.path(), true).engine;
     let listed = engine.listed_snapshots().len();
     let (counted, _) = engine.snapshots_weigh(|_| 1);
     assert_eq!(
@@ -3308,11 +3293,13 @@ fn an_uploaded_backups_retry_answers_while_its_pool_is_shut() {
     // The controller answers a backup's retry from the repository only when the node's
     // snapshot_named finds nothing; it now finds the roster's record.
     let dir = tempfile::tempdir().expect("tempdir");
-    let (engine, _config, _late, source, bk) = shut_with_an_uploaded_backup(dir.path());
-    let req = crate::storage::engine::BackupRequest {
-        repository: PoolName::parse("offsite").expect("name"),
-        keep_local: true,
-    };
+    let ShutPool {
+        engine,
+        source,
+        bk,
+        req,
+        ..
+    } = shut_pool_with_snapshots(dir.path(), true);
     assert!(
         engine
             .backups()
