@@ -160,6 +160,19 @@ impl Leases {
         }
     }
 
+    /// The lease file at `path`. One cellar did not write there (a FIFO, a symbolic link, a huge
+    /// file: put on the share by a node) reads as empty, a lease that does not parse: held by
+    /// `<unreadable lease>`, taken over once it has stood unrenewed for the lease time, as any.
+    fn read_lease(&self, path: &Path) -> Result<Option<Vec<u8>>, SysError> {
+        match self.files.read_optional(path) {
+            Err(e) if e.is_not_ours() => {
+                tracing::warn!(lease = %path.display(), error = %e, "a lease that is not cellar's reads as unreadable");
+                Ok(Some(Vec::new()))
+            }
+            read => read,
+        }
+    }
+
     /// Takes the lease at `path` for `volume`, renews it when it is already ours, or says who holds it.
     pub fn acquire(&self, path: &Path, volume: &str, ttl: Duration) -> Result<Claim, SysError> {
         let turn = self.turn(path);
@@ -167,7 +180,7 @@ impl Leases {
         lock(&self.released).remove(path);
         // A few rounds at most: each one loses only to another node acting at the same moment.
         for _ in 0..4 {
-            let Some(bytes) = self.files.read_optional(path)? else {
+            let Some(bytes) = self.read_lease(path)? else {
                 // Whatever this process watched there is gone: nothing to remember of it.
                 lock(&self.watched).remove(path);
                 let mine = LeaseFile::new(&self.node, volume);
@@ -241,10 +254,10 @@ impl Leases {
         lock(&self.watched).remove(path);
         if !moved {
             // Another node moved it first, and may have made its own lease since.
-            return self.files.read_optional(path);
+            return self.read_lease(path);
         }
         crate::crash::point("lease:moved-aside");
-        let moved = self.files.read_optional(&aside)?.unwrap_or_default();
+        let moved = self.read_lease(&aside)?.unwrap_or_default();
         if moved != stale {
             // Renewed just before the rename: put back as it was, unless a lease is there again.
             self.files.create_exclusive(path, &moved)?;
@@ -252,7 +265,7 @@ impl Leases {
         self.files.remove_file_if_exists(&aside)?;
         // A renewal just after the rename finds no lease and makes it again (or replaces it whole):
         // whatever stands there now was not judged stale.
-        let now = self.files.read_optional(path)?;
+        let now = self.read_lease(path)?;
         if now.is_none() {
             tracing::warn!(lease = %path.display(), holder = holder_of(stale), "lease not renewed in time; taking it over");
         }
@@ -303,7 +316,7 @@ impl Leases {
             self.hold(path, volume);
             return Ok(Renewal::Renewed);
         }
-        Ok(match self.files.read_optional(path)? {
+        Ok(match self.read_lease(path)? {
             Some(bytes) if holder_of(&bytes) == self.node => self.renew_held(path, volume)?,
             Some(bytes) => Renewal::Lost(holder_of(&bytes)),
             None => Renewal::Gone,
@@ -313,7 +326,7 @@ impl Leases {
     /// Renews the lease at `path` if this node holds it; `Lost` names the node that holds it
     /// instead (recorded as lost by the caller that has the volume staged).
     fn renew_held(&self, path: &Path, volume: &str) -> Result<Renewal, SysError> {
-        let current = match self.files.read_optional(path)? {
+        let current = match self.read_lease(path)? {
             Some(bytes) => serde_json::from_slice::<LeaseFile>(&bytes).ok(),
             None => return Ok(Renewal::Gone),
         };
@@ -360,7 +373,7 @@ impl Leases {
             if p.file_name().is_none_or(|n| n.as_encoded_bytes().starts_with(b".")) {
                 continue;
             }
-            let lease = self.files.read_optional(&p)?;
+            let lease = self.read_lease(&p)?;
             if let Some(f) = lease.and_then(|b| serde_json::from_slice::<LeaseFile>(&b).ok()) {
                 if f.node == self.node {
                     held.push(f.volume);
@@ -399,7 +412,7 @@ impl Leases {
         lock(&self.released).insert(path.to_path_buf());
         lock(&self.renewed).remove(path);
         lock(&self.lost).remove(volume);
-        if let Some(bytes) = self.files.read_optional(path)? {
+        if let Some(bytes) = self.read_lease(path)? {
             if holder_of(&bytes) == self.node {
                 self.files.remove_file_if_exists(path)?;
             }
@@ -423,7 +436,7 @@ impl Leases {
         ttl: Duration,
         mine_checked: bool,
     ) -> Result<Result<(), String>, SysError> {
-        let Some(bytes) = self.files.read_optional(path)? else {
+        let Some(bytes) = self.read_lease(path)? else {
             lock(&self.watched).remove(path);
             return Ok(Ok(()));
         };
@@ -453,6 +466,36 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("v.lease");
         (d, p)
+    }
+
+    /// What a node puts in a lease's place that cellar never writes there (a FIFO, a symbolic
+    /// link) reads as an unreadable lease: held by nobody this node knows, taken over once stale as
+    /// any, and a node's look for its own leases passes over it (it used to stop there, every
+    /// lease of the share then unknown to a node whose state file was torn).
+    #[test]
+    fn a_fifo_or_link_in_a_leases_place_reads_as_an_unreadable_lease() {
+        let (d, p) = setup();
+        let a = Leases::new("a", Arc::new(LinuxFiles));
+        assert_eq!(a.acquire(&p, "v", TTL).unwrap(), Claim::Held);
+        let (fifo, link) = (d.path().join("fifo.lease"), d.path().join("link.lease"));
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert_eq!(a.held_in(d.path()).unwrap(), vec!["v".to_string()]);
+        for planted in [&fifo, &link] {
+            match a.acquire(planted, "w", TTL).unwrap() {
+                Claim::HeldBy { node, .. } => assert_eq!(node, "<unreadable lease>", "{}", planted.display()),
+                other => panic!("{}: {other:?}", planted.display()),
+            }
+        }
+        // Stale once watched unrenewed for the lease time, as any lease: the delete clears it.
+        assert!(
+            a.clear_if_stale(&link, TTL, false).unwrap().is_err(),
+            "watched from now"
+        );
+        std::thread::sleep(TTL + Duration::from_millis(50));
+        assert_eq!(a.clear_if_stale(&link, TTL, false).unwrap(), Ok(()));
+        assert!(std::fs::symlink_metadata(&link).is_err(), "the link is gone");
+        assert!(p.is_file(), "what it named is left alone");
     }
 
     #[test]

@@ -184,10 +184,10 @@ fn dir_layout() -> Layout {
 /// parse ([`StorageError::Corrupt`]), never a read that waits or fills the memory.
 pub fn load<T: for<'de> Deserialize<'de>>(files: &dyn Files, path: &Path) -> Result<Option<T>, StorageError> {
     let read = match files.read_optional(path) {
-        Err(crate::sys::SysError::Io { source, .. }) if source.kind() == std::io::ErrorKind::InvalidData => {
+        Err(e) if e.is_not_ours() => {
             return Err(StorageError::Corrupt {
                 path: path.to_path_buf(),
-                reason: source.to_string(),
+                reason: e.to_string(),
             })
         }
         other => other?,

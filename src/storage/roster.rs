@@ -259,7 +259,10 @@ impl Roster {
     /// The volumes and snapshots pool `pool` held when its roster was last written, by id.
     pub fn read(&self, pool: &PoolName) -> Listed {
         let mut listed = Listed::default();
-        let bytes = match self.files.read_optional(&self.path(pool)) {
+        let bytes = match self
+            .files
+            .read_optional_upto(&self.path(pool), crate::sys::files::ROSTER_LIMIT)
+        {
             Ok(Some(b)) => b,
             Ok(None) => return listed,
             Err(e) => {

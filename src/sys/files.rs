@@ -46,8 +46,14 @@ pub trait Files: Send + Sync {
     fn append(&self, path: &Path, bytes: &[u8]) -> Result<(), SysError>;
     /// fsyncs a directory so that entries created, renamed or removed in it are durable.
     fn sync_dir(&self, dir: &Path) -> Result<(), SysError>;
-    /// Reads a file, `None` when it does not exist.
-    fn read_optional(&self, path: &Path) -> Result<Option<Vec<u8>>, SysError>;
+    /// Reads a file whole, `None` when it does not exist; what cellar never writes there (not a
+    /// regular file, a symbolic link, past [`READ_LIMIT`]) is an `InvalidData` error
+    /// ([`SysError::is_not_ours`]).
+    fn read_optional(&self, path: &Path) -> Result<Option<Vec<u8>>, SysError> {
+        self.read_optional_upto(path, READ_LIMIT)
+    }
+    /// [`Files::read_optional`] of a file that may hold up to `limit` bytes.
+    fn read_optional_upto(&self, path: &Path, limit: u64) -> Result<Option<Vec<u8>>, SysError>;
     /// Creates `path` holding `bytes` only if nothing is there yet, atomically even on a network
     /// filesystem; `true` when this call created it.
     fn create_exclusive(&self, path: &Path, bytes: &[u8]) -> Result<bool, SysError>;
@@ -121,8 +127,8 @@ impl Files for LinuxFiles {
     fn sync_dir(&self, dir: &Path) -> Result<(), SysError> {
         sync_dir(dir)
     }
-    fn read_optional(&self, path: &Path) -> Result<Option<Vec<u8>>, SysError> {
-        read_optional(path)
+    fn read_optional_upto(&self, path: &Path, limit: u64) -> Result<Option<Vec<u8>>, SysError> {
+        read_optional(path, limit)
     }
     fn create_exclusive(&self, path: &Path, bytes: &[u8]) -> Result<bool, SysError> {
         create_exclusive(path, bytes)
@@ -304,9 +310,9 @@ impl Files for RecordingFiles {
         self.enter("sync_dir", dir, None)?;
         sync_dir(dir)
     }
-    fn read_optional(&self, path: &Path) -> Result<Option<Vec<u8>>, SysError> {
+    fn read_optional_upto(&self, path: &Path, limit: u64) -> Result<Option<Vec<u8>>, SysError> {
         self.enter("read_optional", path, None)?;
-        read_optional(path)
+        read_optional(path, limit)
     }
     fn create_exclusive(&self, path: &Path, bytes: &[u8]) -> Result<bool, SysError> {
         self.enter("create_exclusive", path, None)?;
@@ -491,10 +497,16 @@ fn sync_dir(dir: &Path) -> Result<(), SysError> {
 }
 
 /// Reads a file, `None` when it does not exist.
-/// The most a file read whole ([`Files::read_optional`]: records, marks, rosters, leases, node
-/// state) may hold. The largest written is a roster of a node at its listing bound (150,000
-/// volumes and as many snapshots, well under this); a file past it was not written by cellar.
-pub const READ_LIMIT: u64 = 256 << 20;
+/// The most a file read whole ([`Files::read_optional`]: records, marks, leases, notes, node
+/// state) may hold: each is a few KiB at most, and a file past this was not written by cellar
+/// (the rosters, larger, are read up to [`ROSTER_LIMIT`]). Bounded so that a file another node
+/// puts on a share cannot fill the reader's memory.
+pub const READ_LIMIT: u64 = 16 << 20;
+
+/// The most a roster may hold when it is read (a root-only file of the node's own): a node at its
+/// listing bound (150,000 volumes and as many snapshots, about 1 KiB a line with long names) has
+/// one of about 300 MiB, twice that just before it is written whole again.
+pub const ROSTER_LIMIT: u64 = 4 << 30;
 
 /// A file read whole that is not one cellar writes there: not a regular file (a FIFO, a device,
 /// a directory, a symbolic link), or larger than [`READ_LIMIT`]. `InvalidData`, which a record's reader takes as
@@ -503,7 +515,7 @@ fn not_ours(what: String) -> std::io::Error {
     std::io::Error::new(ErrorKind::InvalidData, what)
 }
 
-fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, SysError> {
+fn read_optional(path: &Path, limit: u64) -> Result<Option<Vec<u8>>, SysError> {
     use std::io::Read;
     // Where a test holds a read, as a share whose server is gone holds it in the kernel.
     crate::crash::reading(path);
@@ -531,18 +543,18 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>, SysError> {
         SysError::io(
             "read",
             path,
-            not_ours(format!("larger than the {READ_LIMIT} bytes such a file may hold")),
+            not_ours(format!("larger than the {limit} bytes such a file may hold")),
         )
     };
-    if meta.len() > READ_LIMIT {
+    if meta.len() > limit {
         return Err(too_large());
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     // Bounded too while it is read (it may grow meanwhile).
-    f.take(READ_LIMIT + 1)
+    f.take(limit.saturating_add(1))
         .read_to_end(&mut bytes)
         .map_err(|e| SysError::io("read", path, e))?;
-    if bytes.len() as u64 > READ_LIMIT {
+    if bytes.len() as u64 > limit {
         return Err(too_large());
     }
     Ok(Some(bytes))
@@ -1054,7 +1066,7 @@ mod tests {
     #[test]
     fn a_file_read_whole_refuses_fifos_devices_and_files_past_the_bound() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let invalid = |path: &Path| match read_optional(path) {
+        let invalid = |path: &Path| match read_optional(path, READ_LIMIT) {
             Err(SysError::Io { source, .. }) => {
                 assert_eq!(source.kind(), ErrorKind::InvalidData, "{}: {source}", path.display())
             }
@@ -1077,8 +1089,8 @@ mod tests {
         // What cellar writes reads as before.
         let record = dir.path().join("record.json");
         fs::write(&record, b"{}").expect("write");
-        assert_eq!(read_optional(&record).expect("read"), Some(b"{}".to_vec()));
-        assert_eq!(read_optional(&dir.path().join("none")).expect("read"), None);
+        assert_eq!(read_optional(&record, READ_LIMIT).expect("read"), Some(b"{}".to_vec()));
+        assert_eq!(read_optional(&dir.path().join("none"), READ_LIMIT).expect("read"), None);
     }
 
     /// What a dir volume holds is counted by descriptors: data a workload puts deeper than

@@ -212,6 +212,12 @@ impl SysError {
         }
     }
 
+    /// A file read whole that cellar never writes where it was read (`read_optional`: a FIFO, a
+    /// device, a symbolic link, one past its bound): on a share, another node may have put it.
+    pub fn is_not_ours(&self) -> bool {
+        matches!(self, SysError::Io { source, .. } if source.kind() == io::ErrorKind::InvalidData)
+    }
+
     pub fn is_not_found(&self) -> bool {
         self.errno() == Some(libc::ENOENT)
     }

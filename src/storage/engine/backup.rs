@@ -112,8 +112,15 @@ fn notes_of(
     let mut found = Vec::new();
     for name in note_names(files, dir)?.into_iter().filter(|n| n.ends_with(&tail)) {
         let note = dir.join(name);
-        let Some(body) = files.read_optional(&note)? else {
-            continue;
+        // A note is a hint: one cellar did not write (put on the share by a node) is passed over.
+        let body = match files.read_optional(&note) {
+            Ok(Some(body)) => body,
+            Ok(None) => continue,
+            Err(e) if e.is_not_ours() => {
+                tracing::warn!(note = %note.display(), error = %e, "a note that is not cellar's is passed over");
+                continue;
+            }
+            Err(e) => return Err(e),
         };
         let body = String::from_utf8_lossy(&body);
         let (first, more) = body.split_once('\n').unwrap_or((&body, ""));
@@ -1031,6 +1038,23 @@ mod tests {
             .create_volume(NewVolume::plain("pvc-1", Some(Layout::Dir), 4 << 20))
             .expect("volume");
         (dir, engine, repository, vol)
+    }
+
+    /// A note of a dropped backup that cellar did not write (a FIFO, a symbolic link: on a share,
+    /// put there by a node) is passed over: the note is written all the same (the backup's
+    /// delete failed on every retry).
+    #[test]
+    fn a_planted_note_of_a_dropped_backup_is_passed_over() {
+        let (_dir, engine, _, vol) = engine_with_volume();
+        let pool = engine.pool(&vol.id.0.pool).unwrap();
+        let id = BackupId::parse("backup:offsite:191afa53-364c-48b7-9db1-c979c83f3c1c").unwrap();
+        let dir = pool.forgotten_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let mode = nix::sys::stat::Mode::from_bits_truncate(0o600);
+        nix::unistd::mkfifo(&dir.join(format!("{:020}-{}", 1, id.key())), mode).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", dir.join(format!("{:020}-{}", 2, id.key()))).unwrap();
+        note_forgotten(pool, &id).expect("noted");
+        assert_eq!(notes_of(&*pool.sys.files, &dir, &id).unwrap().len(), 1, "its own note");
     }
 
     /// [`cut_backup`] of a volume holding `bytes` in one file.

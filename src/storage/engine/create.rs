@@ -433,7 +433,11 @@ impl LocalEngine {
                 return Ok(true);
             }
             crash::point("create:between-key-reads");
-            let retired = pool.sys.files.read_optional(&pool.retired_path(k))?;
+            // What cellar did not write there (put on the share by a node) takes the key too.
+            let retired = match pool.sys.files.read_optional(&pool.retired_path(k)) {
+                Err(e) if e.is_not_ours() => return Ok(true),
+                read => read?,
+            };
             Ok(retired.is_some_and(|by| by != req.name.as_bytes()))
         };
         Ok(if taken(&key)? {

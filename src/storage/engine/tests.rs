@@ -859,7 +859,8 @@ fn a_mark_note_left_without_its_mark_does_not_stop_the_mark() {
 
 /// The notes of deletion marks lie on the share, which every node mounts: a note someone planted
 /// there, naming a live snapshot under a backup being deleted, does not make that backup's
-/// delete remove the snapshot.
+/// delete remove the snapshot; a FIFO or a symbolic link planted as a note is passed over (the
+/// delete failed on every retry).
 #[test]
 fn a_planted_mark_note_removes_no_other_snapshot() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -878,6 +879,9 @@ fn a_planted_mark_note_removes_no_other_snapshot() {
         format!("{deleted}\n{}", live.id),
     )
     .expect("plant");
+    let mode = nix::sys::stat::Mode::from_bits_truncate(0o600);
+    nix::unistd::mkfifo(&notes.join(format!("{:020}-{}", 2, deleted.key())), mode).expect("fifo");
+    std::os::unix::fs::symlink("/etc/hostname", notes.join(format!("{:020}-{}", 3, deleted.key()))).expect("link");
     b.forget_local_backup(&deleted).expect("the delete");
     assert_eq!(b.snapshot(&live.id).as_ref(), Some(&live), "the live snapshot stays");
 }
@@ -1577,6 +1581,24 @@ fn a_fifo_or_huge_file_in_a_records_place_reads_as_an_unreadable_record() {
     use std::os::unix::fs::FileTypeExt;
     assert!(kind(&fifo_at).is_fifo(), "left where it is");
     assert!(kind(&huge_at).is_file());
+}
+
+/// A FIFO put where a deleted volume's key is retired (`.retired/<key>` on a share) takes the key,
+/// as a retirement note does: the create of that name gets another key (it failed on every retry).
+#[test]
+fn a_fifo_in_a_retired_keys_place_takes_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::default_for(dir.path());
+    config.pools[0].backend = crate::storage::config::Backend::Shared;
+    let e = LocalEngine::open(NodeId::parse("n1").expect("node"), &config).expect("engine");
+    let key = Key::from_name("pvc-next");
+    let retired = default_pool(&e).retired_path(&key);
+    std::fs::create_dir_all(retired.parent().expect("dir")).expect("dir");
+    nix::unistd::mkfifo(&retired, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let v = e
+        .create_volume(NewVolume::plain("pvc-next", None, MIB))
+        .expect("made under another key");
+    assert_ne!(v.id.0.key, key);
 }
 
 /// A controller replica whose name a node also bears (both "controller"): the node's live lease
