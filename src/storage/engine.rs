@@ -511,18 +511,22 @@ impl LocalEngine {
     /// The pools that are not open, with why: those that could not be opened, and local pools this
     /// node had that its configuration no longer names (which do not hold its readiness back).
     pub fn broken_pools(&self) -> Vec<(PoolName, String)> {
-        let mut shut: Vec<(PoolName, String)> = self.pools.broken().map(|(p, _, why)| (p.clone(), why)).collect();
-        shut.extend(self.unconfigured.iter().map(|(p, why)| (p.clone(), why.clone())));
-        shut
+        self.not_open(true)
     }
 
     /// The local pools that are not open, with why: [`Self::broken_pools`] but the shared ones (a
     /// left-out local pool whose name a shared pool now has is local, and shut).
     pub fn shut_local_pools(&self) -> Vec<(PoolName, String)> {
+        self.not_open(false)
+    }
+
+    /// The configured pools that could not be opened (the shared ones only `with_shared`), then
+    /// the local pools left out of the configuration.
+    fn not_open(&self, with_shared: bool) -> Vec<(PoolName, String)> {
         let mut shut: Vec<(PoolName, String)> = self
             .pools
             .broken()
-            .filter(|(_, slot, _)| !slot.config.is_shared())
+            .filter(|(_, slot, _)| with_shared || !slot.config.is_shared())
             .map(|(p, _, why)| (p.clone(), why))
             .collect();
         shut.extend(self.unconfigured.iter().map(|(p, why)| (p.clone(), why.clone())));
